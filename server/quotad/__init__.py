@@ -1,0 +1,1 @@
+"""quotad: a per-end-user quota authority for AI products."""

@@ -1,0 +1,58 @@
+"""`quotad`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from . import logs
+from .plans_file import PlansFileError
+from .server import Config, serve
+from .wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="quotad",
+        description="quotad: a per-end-user quota authority for AI products, over gRPC.",
+    )
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "serve", help="run the server",
+        description="Run the quota server. It replays its log from --data-dir, loads --plans, "
+                    "then serves QuotaService and AdminService until SIGTERM.",
+    )
+    run.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
+                     help="address to serve on; port 0 picks a free one (default: %(default)s). "
+                          "Without API keys only a loopback address is allowed.")
+    run.add_argument("--data-dir", type=Path, default=Path("./quotad-data"), metavar="DIR",
+                     help="LMDB directory holding the log; one server per directory "
+                          "(default: %(default)s)")
+    run.add_argument("--plans", type=Path, metavar="FILE.toml",
+                     help="plans to load at start-up, idempotently (see examples/plans.toml)")
+    run.add_argument("--map-size-gib", type=float, default=MAP_SIZE_BYTES_DEFAULT / 1024**3,
+                     metavar="GIB", help="largest size the LMDB file may grow to "
+                                         "(default: %(default)s)")
+    run.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+    run.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"], help="(default: %(default)s)")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.configure(args.log_level)
+    try:
+        config = Config(listen=args.listen, data_dir=args.data_dir, plans=args.plans,
+                        map_size_bytes=int(args.map_size_gib * 1024**3),
+                        reflection=args.reflection)
+        return asyncio.run(serve(config))
+    except (ValueError, PlansFileError, DataDirLocked) as error:
+        print(f"quotad: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

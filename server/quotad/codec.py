@@ -1,0 +1,122 @@
+"""Log records to bytes and back, with a checksum checked on every read.
+
+A record's LMDB key is its sequence number (8 bytes, big-endian, so keys sort by sequence).
+Its value is a fixed header and a JSON payload of the command:
+
+    checksum  16 bytes  BLAKE2b over everything after it
+    sequence   8 bytes  must equal the key
+    now_ns     8 bytes  the server time the command was applied at
+    payload             {"type": "Reserve", "fields": {...}}, UTF-8 JSON
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import struct
+import types
+import typing
+from functools import cache
+from typing import Any
+
+from .commands import COMMAND_TYPES, Command, Record
+
+_HEADER = struct.Struct(">16sQQ")
+_KEY = struct.Struct(">Q")
+CHECKSUM_BYTES = 16
+
+
+class CorruptRecord(Exception):
+    def __init__(self, sequence: int, reason: str) -> None:
+        super().__init__(f"log record {sequence}: {reason}")
+        self.sequence = sequence
+        self.reason = reason
+
+
+def record_key(sequence: int) -> bytes:
+    return _KEY.pack(sequence)
+
+
+def key_sequence(key: bytes) -> int:
+    return _KEY.unpack(key)[0]
+
+
+def encode_record(record: Record) -> bytes:
+    payload = json.dumps(
+        {"type": type(record.command).__name__, "fields": to_plain(record.command)},
+        separators=(",", ":"), ensure_ascii=False,
+    ).encode("utf-8")
+    body = _HEADER.pack(b"", record.sequence, record.now_ns)[CHECKSUM_BYTES:] + payload
+    return _checksum(body) + body
+
+
+def decode_record(key: bytes, value: bytes) -> Record:
+    sequence = key_sequence(key)
+    if len(value) < _HEADER.size:
+        raise CorruptRecord(sequence, f"{len(value)} bytes, shorter than a header")
+    checksum, stored_sequence, now_ns = _HEADER.unpack_from(value)
+    if _checksum(value[CHECKSUM_BYTES:]) != checksum:
+        raise CorruptRecord(sequence, "checksum mismatch")
+    if stored_sequence != sequence:
+        raise CorruptRecord(sequence, f"holds sequence {stored_sequence}")
+    try:
+        document = json.loads(value[_HEADER.size:].decode("utf-8"))
+        command_type = COMMAND_TYPES[document["type"]]
+        command = from_plain(document["fields"], command_type)
+    except Exception as error:  # a checksummed payload we cannot read is corruption too
+        raise CorruptRecord(sequence, f"unreadable payload: {error!r}") from error
+    return Record(sequence, now_ns, command)
+
+
+def _checksum(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=CHECKSUM_BYTES).digest()
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, enums, tuples, dicts and sorted containers as JSON-able values.
+    Dicts become [key, value] pairs sorted by key, so equal states give equal output."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, dict):
+        pairs = [[to_plain(k), to_plain(v)] for k, v in value.items()]
+        return sorted(pairs, key=lambda pair: json.dumps(pair[0], sort_keys=True))
+    if isinstance(value, (tuple, list)) or type(value).__name__ == "SortedList":
+        return [to_plain(item) for item in value]
+    assert value is None or isinstance(value, (str, int, float, bool)), type(value)
+    return value
+
+
+def from_plain(value: Any, hint: Any) -> Any:
+    """The inverse of to_plain for commands and the values in them, led by type hints."""
+    if dataclasses.is_dataclass(hint):
+        hints = _hints(hint)
+        return hint(**{name: from_plain(value[name], hints[name]) for name in value})
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint[value]
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(from_plain(item, args[0]) for item in value)
+        return tuple(from_plain(item, arg) for item, arg in zip(value, args, strict=True))
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return from_plain(value, inner)
+    assert hint in (str, int, bool), hint
+    assert type(value) is hint, (value, hint)
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def encode_command(command: Command) -> Any:
+    return {"type": type(command).__name__, "fields": to_plain(command)}

@@ -1,0 +1,352 @@
+"""Commands the core applies, and the results it answers with: immutable values.
+
+Each command validates its own fields when built (InvalidArgument names each bad field), so an
+invalid command never exists and the core only checks what depends on the state. Field names
+in violations are the contract's. A command that changes the state becomes a log record.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from . import limits
+from .errors import Violations
+from .plans import Metadata, Plan, Subscription, Window, load_time_zone
+
+RESERVATION_ID_PATTERN = re.compile(r"rsv_[0-9a-f]{24}")
+
+
+def _text(v: Violations, value: str, name: str, bytes_max: int, bytes_min: int = 1) -> None:
+    v.text(value, name, bytes_min=bytes_min, bytes_max=bytes_max)
+
+
+def _common(v: Violations, app: str, idempotency_key: str) -> None:
+    _text(v, app, "app", limits.APP_ID_BYTES_MAX)
+    _text(v, idempotency_key, "idempotency_key", limits.IDEMPOTENCY_KEY_BYTES_MAX, bytes_min=0)
+
+
+def _event(v: Violations, user_id: str, event_type: str, metadata: Metadata) -> None:
+    _text(v, user_id, "user_id", limits.USER_ID_BYTES_MAX)
+    _text(v, event_type, "event_type", limits.EVENT_TYPE_BYTES_MAX)
+    if len(metadata) > limits.METADATA_ENTRIES_MAX:
+        v.add("metadata", f"at most {limits.METADATA_ENTRIES_MAX} entries, got {len(metadata)}")
+    keys = [key for key, _ in metadata]
+    if keys != sorted(set(keys)):
+        v.add("metadata", "keys must be unique and sorted")
+    for key, value in metadata[: limits.METADATA_ENTRIES_MAX]:
+        _text(v, key, "metadata", limits.METADATA_KEY_BYTES_MAX)
+        _text(v, value, "metadata", limits.METADATA_VALUE_BYTES_MAX, bytes_min=0)
+
+
+def _reservation_id(v: Violations, reservation_id: str) -> None:
+    if not RESERVATION_ID_PATTERN.fullmatch(reservation_id):
+        v.add("reservation_id", "must be a reservation id as Reserve returns it")
+
+
+def _ttl(v: Violations, ttl_ns: int, name: str = "ttl") -> None:
+    if not limits.TTL_NS_MIN <= ttl_ns <= limits.TTL_NS_MAX:
+        v.add(name, f"must be {limits.TTL_NS_MIN // limits.NS_PER_S} s to "
+                    f"{limits.TTL_NS_MAX // limits.NS_PER_S} s")
+
+
+def _int(value: object) -> bool:
+    return type(value) is int
+
+
+# --- the hot path -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reserve:
+    app: str
+    user_id: str
+    event_type: str
+    amount: int
+    metadata: Metadata = ()
+    ttl_ns: int = limits.TTL_NS_DEFAULT
+    idempotency_key: str = ""
+    reservation_id: str
+    """Chosen by the server before the command is applied, so that replay makes the same."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _common(v, self.app, self.idempotency_key)
+        _event(v, self.user_id, self.event_type, self.metadata)
+        v.check(_int(self.amount) and 1 <= self.amount <= limits.AMOUNT_MAX,
+                "amount", f"must be 1 to {limits.AMOUNT_MAX}")
+        _ttl(v, self.ttl_ns)
+        _reservation_id(v, self.reservation_id)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Commit:
+    app: str
+    reservation_id: str
+    amount: int | None = None
+    """None: the reserved amount."""
+    idempotency_key: str = ""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _common(v, self.app, self.idempotency_key)
+        _reservation_id(v, self.reservation_id)
+        v.check(self.amount is None or (_int(self.amount) and 0 <= self.amount <= limits.AMOUNT_MAX),
+                "amount", f"must be 0 to {limits.AMOUNT_MAX}")
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release:
+    app: str
+    reservation_id: str
+    idempotency_key: str = ""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _common(v, self.app, self.idempotency_key)
+        _reservation_id(v, self.reservation_id)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Extend:
+    app: str
+    reservation_id: str
+    ttl_ns: int
+    idempotency_key: str = ""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _common(v, self.app, self.idempotency_key)
+        _reservation_id(v, self.reservation_id)
+        _ttl(v, self.ttl_ns)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Track:
+    app: str
+    user_id: str
+    event_type: str
+    amount: int
+    metadata: Metadata = ()
+    idempotency_key: str = ""
+    enforce: bool = False
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _common(v, self.app, self.idempotency_key)
+        _event(v, self.user_id, self.event_type, self.metadata)
+        v.check(_int(self.amount) and self.amount != 0 and abs(self.amount) <= limits.AMOUNT_MAX,
+                "amount", f"must be non-zero, at most {limits.AMOUNT_MAX} either way")
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetUsage:
+    app: str
+    user_id: str
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
+        v.raise_if_any()
+
+
+# --- administration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpsertPlan:
+    app: str
+    plan: Plan  # validated when built
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeletePlan:
+    app: str
+    plan_id: str
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _text(v, self.plan_id, "id", limits.PLAN_ID_BYTES_MAX)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetPlan:
+    app: str
+    plan_id: str
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _text(v, self.plan_id, "id", limits.PLAN_ID_BYTES_MAX)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListPlans:
+    app: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpsertSubscription:
+    app: str
+    user_id: str
+    plan_id: str
+    time_zone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
+        _text(v, self.plan_id, "plan_id", limits.PLAN_ID_BYTES_MAX)
+        _text(v, self.time_zone, "time_zone", limits.TIME_ZONE_BYTES_MAX)
+        if self.time_zone and load_time_zone(self.time_zone) is None:
+            v.add("time_zone", f"unknown IANA time zone {self.time_zone!r}")
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetSubscription:
+    app: str
+    user_id: str
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
+        v.raise_if_any()
+
+
+# --- internal ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpiredHold:
+    app: str
+    reservation_id: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpireHolds:
+    """Releases every hold whose expires_at <= now. The core makes this command itself, before
+    any other at the same time; the list is what expired, checked again on replay."""
+
+    expired: tuple[ExpiredHold, ...] = ()
+
+
+Command = (Reserve | Commit | Release | Extend | Track | GetUsage | UpsertPlan | DeletePlan
+           | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ExpireHolds)
+
+COMMAND_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (Reserve, Commit, Release, Extend, Track, GetUsage, UpsertPlan, DeletePlan,
+                GetPlan, ListPlans, UpsertSubscription, GetSubscription, ExpireHolds)
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One entry of the write-ahead log: the command, applied at now_ns, as number sequence."""
+
+    sequence: int
+    now_ns: int
+    command: Command
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CounterView:
+    key: str
+    label: str
+    unit: str
+    window: Window
+    quota: int
+    used: int
+    held: int
+    remaining: int
+    window_start_ns: int
+    resets_at_ns: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReserveResult:
+    allowed: bool
+    reservation_id: str
+    expires_at_ns: int
+    counters: tuple[CounterView, ...]
+    denied_by: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommitResult:
+    counters: tuple[CounterView, ...]
+    committed: int
+    returned: int
+    expired: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseResult:
+    counters: tuple[CounterView, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExtendResult:
+    expires_at_ns: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrackResult:
+    allowed: bool
+    counters: tuple[CounterView, ...]
+    denied_by: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageResult:
+    user_id: str
+    plan_id: str
+    counters: tuple[CounterView, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanResult:
+    plan: Plan
+    changed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlansResult:
+    plans: tuple[Plan, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeletePlanResult:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionResult:
+    subscription: Subscription
+    changed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpireResult:
+    expired: tuple[ExpiredHold, ...] = ()
+

@@ -1,0 +1,161 @@
+"""Requests (proto) to commands (core) and results (core) to responses (proto).
+
+Everything a request can get wrong that the core's commands do not check themselves is
+checked here (durations, enums), and reported with the contract's field names.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from . import commands as c
+from . import limits
+from .errors import FieldViolation, InvalidArgument, Violations
+from .plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
+from .v1 import quotad_pb2 as pb
+
+
+def new_reservation_id() -> str:
+    return "rsv_" + secrets.token_hex(12)
+
+
+def _metadata(v: Violations, metadata) -> c.Metadata:
+    if len(metadata) > limits.METADATA_ENTRIES_MAX:
+        v.add("metadata", f"at most {limits.METADATA_ENTRIES_MAX} entries, got {len(metadata)}")
+        return ()
+    return tuple(sorted(metadata.items()))
+
+
+def _ttl_ns(v: Violations, ttl: duration_pb2.Duration, field: str) -> int:
+    if ttl.seconds < 0 or ttl.nanos < 0 or ttl.nanos >= limits.NS_PER_S:
+        v.add(field, "must be a positive duration")
+        return limits.TTL_NS_DEFAULT
+    return ttl.seconds * limits.NS_PER_S + ttl.nanos
+
+
+def _build(v: Violations, factory, **fields):
+    """Builds a command, reporting conversion and command violations together."""
+    try:
+        command = factory(**fields)
+    except InvalidArgument as error:
+        v.items.extend(error.violations)
+        v.raise_if_any()
+        raise
+    v.raise_if_any()
+    return command
+
+
+def reserve(app: str, request: pb.ReserveRequest) -> c.Reserve:
+    v = Violations()
+    ttl_ns = limits.TTL_NS_DEFAULT
+    if request.HasField("ttl"):
+        ttl_ns = _ttl_ns(v, request.ttl, "ttl")
+    return _build(v, c.Reserve, app=app, user_id=request.user_id, event_type=request.event_type,
+                  amount=request.amount, metadata=_metadata(v, request.metadata), ttl_ns=ttl_ns,
+                  idempotency_key=request.idempotency_key, reservation_id=new_reservation_id())
+
+
+def commit(app: str, request: pb.CommitRequest) -> c.Commit:
+    amount = request.amount if request.HasField("amount") else None
+    return _build(Violations(), c.Commit, app=app, reservation_id=request.reservation_id,
+                  amount=amount, idempotency_key=request.idempotency_key)
+
+
+def release(app: str, request: pb.ReleaseRequest) -> c.Release:
+    return _build(Violations(), c.Release, app=app, reservation_id=request.reservation_id,
+                  idempotency_key=request.idempotency_key)
+
+
+def extend(app: str, request: pb.ExtendRequest) -> c.Extend:
+    v = Violations()
+    if request.HasField("ttl"):
+        ttl_ns = _ttl_ns(v, request.ttl, "ttl")
+    else:
+        v.add("ttl", "is required")
+        ttl_ns = limits.TTL_NS_DEFAULT
+    return _build(v, c.Extend, app=app, reservation_id=request.reservation_id, ttl_ns=ttl_ns,
+                  idempotency_key=request.idempotency_key)
+
+
+def track(app: str, request: pb.TrackRequest) -> c.Track:
+    v = Violations()
+    return _build(v, c.Track, app=app, user_id=request.user_id, event_type=request.event_type,
+                  amount=request.amount, metadata=_metadata(v, request.metadata),
+                  idempotency_key=request.idempotency_key, enforce=request.enforce)
+
+
+def get_usage(app: str, request: pb.GetUsageRequest) -> c.GetUsage:
+    return _build(Violations(), c.GetUsage, app=app, user_id=request.user_id)
+
+
+def plan_from_proto(plan: pb.Plan) -> Plan:
+    v = Violations()
+    groups = []
+    for index, group in enumerate(plan.limit_groups):
+        if group.window not in Window._value2member_map_:
+            v.add(f"plan.limit_groups[{index}].window", "must be one of MINUTE, HOUR, DAY, "
+                                                         "WEEK, MONTH, LIFETIME")
+            continue
+        groups.append(LimitGroup(
+            key=group.key, label=group.label, unit=group.unit, quota=group.quota,
+            window=Window(group.window),
+            match=Match(
+                event_types=tuple(group.match.event_types),
+                metadata=tuple(MetadataMatch(key=m.key, values=tuple(m.values))
+                               for m in group.match.metadata),
+            ),
+        ))
+    return _build(v, Plan, id=plan.id, name=plan.name, limit_groups=tuple(groups))
+
+
+def plan_to_proto(plan: Plan) -> pb.Plan:
+    return pb.Plan(id=plan.id, name=plan.name, limit_groups=[
+        pb.LimitGroup(
+            key=g.key, label=g.label, unit=g.unit, quota=g.quota, window=int(g.window),
+            match=pb.Match(event_types=g.match.event_types, metadata=[
+                pb.MetadataMatch(key=m.key, values=m.values) for m in g.match.metadata
+            ]),
+        )
+        for g in plan.limit_groups
+    ])
+
+
+def upsert_plan(app: str, request: pb.UpsertPlanRequest) -> c.UpsertPlan:
+    if not request.HasField("plan"):
+        raise InvalidArgument([FieldViolation("plan", "is required")])
+    return c.UpsertPlan(app=app, plan=plan_from_proto(request.plan))
+
+
+def subscription_to_proto(subscription: Subscription) -> pb.Subscription:
+    return pb.Subscription(user_id=subscription.user_id, plan_id=subscription.plan_id,
+                           time_zone=subscription.time_zone)
+
+
+def timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
+    seconds, nanos = divmod(at_ns, limits.NS_PER_S)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+def counter(view: c.CounterView) -> pb.Counter:
+    message = pb.Counter(
+        key=view.key, label=view.label, unit=view.unit, quota=view.quota, used=view.used,
+        held=view.held, remaining=view.remaining, window=int(view.window),
+        window_start=timestamp(view.window_start_ns),
+    )
+    if view.resets_at_ns is not None:
+        message.resets_at.CopyFrom(timestamp(view.resets_at_ns))
+    return message
+
+
+def counters(views: tuple[c.CounterView, ...]) -> list[pb.Counter]:
+    return [counter(view) for view in views]
+
+
+def reserve_response(result: c.ReserveResult) -> pb.ReserveResponse:
+    response = pb.ReserveResponse(allowed=result.allowed, reservation_id=result.reservation_id,
+                                  counters=counters(result.counters), denied_by=result.denied_by)
+    if result.allowed:
+        response.expires_at.CopyFrom(timestamp(result.expires_at_ns))
+    return response

@@ -1,0 +1,461 @@
+"""The quota state machine: pure, synchronous, deterministic.
+
+It imports nothing from asyncio, grpc or lmdb and owns no clock: `apply(command, now_ns)` is
+the only way in, for a live command and for one replayed from the log alike. A command is
+checked completely before anything changes, so a refused one leaves the state as it was.
+Every change yields a log record; replaying the records rebuilds the same state.
+
+Expiry is a command too: before applying anything at `now_ns`, the core expires every hold
+with `expires_at_ns <= now_ns` and records that as an ExpireHolds record of its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter as Tally
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from sortedcontainers import SortedList
+
+from . import limits
+from .commands import (
+    Command, Commit, CommitResult, CounterView, DeletePlan, DeletePlanResult, ExpiredHold,
+    ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
+    ListPlans, PlanResult, PlansResult, Record, Release, ReleaseResult, Reserve, ReserveResult,
+    SubscriptionResult, Track, TrackResult, UpsertPlan, UpsertSubscription, UsageResult,
+)
+from .errors import AlreadyExists, FailedPrecondition, NotFound, QuotaError, ResourceExhausted
+from .plans import LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone
+from .windows import window_bounds
+
+
+class Status(enum.Enum):
+    LIVE = "live"
+    COMMITTED = "committed"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+@dataclass(slots=True)
+class CounterState:
+    """Usage of one limit group in one window. Only the latest window is kept."""
+
+    window_start_ns: int
+    window_end_ns: int | None
+    used: int = 0
+    held: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRef:
+    """Which counter (group and window) a hold counts in, for as long as it lives."""
+
+    key: str
+    window: Window
+    window_start_ns: int
+
+
+@dataclass(slots=True)
+class Reservation:
+    app: str
+    reservation_id: str
+    user_id: str
+    event_type: str
+    amount: int
+    metadata: Metadata
+    holds: tuple[HoldRef, ...]
+    sequence: int
+    created_at_ns: int
+    expires_at_ns: int
+    status: Status = Status.LIVE
+    finished_at_ns: int = 0
+
+
+@dataclass(slots=True)
+class UserState:
+    subscription: Subscription
+    counters: dict[tuple[str, Window], CounterState] = field(default_factory=dict)
+    live_holds: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyEntry:
+    request: Command
+    result: Any
+    created_at_ns: int
+
+
+@dataclass(slots=True)
+class AppState:
+    plans: dict[str, Plan] = field(default_factory=dict)
+    users: dict[str, UserState] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+    idempotency: dict[tuple[str, str], IdempotencyEntry] = field(default_factory=dict)
+    plan_subscribers: Tally[str] = field(default_factory=Tally)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What apply() gives back: a result or an error, and the records to make durable."""
+
+    result: Any
+    error: QuotaError | None
+    records: tuple[Record, ...]
+
+
+_EMPTY_APP = AppState()
+_RESERVATION_FIELDS_GENERATED = {"reservation_id": ""}
+
+
+class Core:
+    def __init__(self) -> None:
+        self.apps: dict[str, AppState] = {}
+        self.sequence = 0
+        """Sequence number of the last record made."""
+        self.last_record_ns = 0
+        self.expiry: SortedList = SortedList()
+        """(expires_at_ns, sequence, app, reservation_id) of every live hold."""
+        self.forget: SortedList = SortedList()
+        """(forget_at_ns, sequence, kind, app, key): finished holds and idempotency keys."""
+        self._handlers: dict[type, Callable[[Any, int], tuple[Any, bool]]] = {
+            Reserve: self._reserve, Commit: self._commit, Release: self._release,
+            Extend: self._extend, Track: self._track, GetUsage: self._get_usage,
+            UpsertPlan: self._upsert_plan, DeletePlan: self._delete_plan,
+            GetPlan: self._get_plan, ListPlans: self._list_plans,
+            UpsertSubscription: self._upsert_subscription,
+            GetSubscription: self._get_subscription,
+        }
+
+    # --- the way in -----------------------------------------------------------------------
+
+    def apply(self, command: Command, now_ns: int) -> Outcome:
+        assert now_ns >= self.last_record_ns, (now_ns, self.last_record_ns)
+        records = self._expire_due(now_ns)
+        if isinstance(command, ExpireHolds):
+            expired = records[0].command.expired if records else ()
+            return Outcome(ExpireResult(expired=expired), None, tuple(records))
+        handler = self._handlers[type(command)]
+        try:
+            if getattr(command, "idempotency_key", ""):
+                result, changed = self._idempotent(command, now_ns, handler)
+            else:
+                result, changed = handler(command, now_ns)
+        except QuotaError as error:
+            return Outcome(None, error, tuple(records))
+        if changed:
+            records.append(self._emit(command, now_ns))
+        return Outcome(result, None, tuple(records))
+
+    def replay(self, record: Record) -> None:
+        """Applies a record read back from the log; it must make exactly that record again."""
+        outcome = self.apply(record.command, record.now_ns)
+        if outcome.records != (record,):
+            raise AssertionError(
+                f"replay diverged at sequence {record.sequence}: the log holds {record!r}, "
+                f"applying it made {outcome.records!r} ({outcome.error!r})"
+            )
+
+    def next_expiry_ns(self) -> int | None:
+        return self.expiry[0][0] if self.expiry else None
+
+    # --- records, expiry, forgetting ------------------------------------------------------
+
+    def _emit(self, command: Command, now_ns: int) -> Record:
+        self.sequence += 1
+        self.last_record_ns = now_ns
+        self._forget_due(now_ns)
+        return Record(self.sequence, now_ns, command)
+
+    def _expire_due(self, now_ns: int) -> list[Record]:
+        if not self.expiry or self.expiry[0][0] > now_ns:
+            return []
+        expired = []
+        while self.expiry and self.expiry[0][0] <= now_ns:
+            _, _, app_id, reservation_id = self.expiry.pop(0)
+            reservation = self.apps[app_id].reservations[reservation_id]
+            self._end_live_hold(reservation, Status.EXPIRED, now_ns, in_index=False)
+            expired.append(ExpiredHold(app=app_id, reservation_id=reservation_id,
+                                       user_id=reservation.user_id))
+        return [self._emit(ExpireHolds(expired=tuple(expired)), now_ns)]
+
+    def _forget_due(self, now_ns: int) -> None:
+        while self.forget and self.forget[0][0] <= now_ns:
+            _, _, kind, app_id, key = self.forget.pop(0)
+            app = self.apps[app_id]
+            if kind == "idempotency":
+                del app.idempotency[key]
+            else:
+                assert kind == "reservation", kind
+                assert app.reservations[key].status is not Status.LIVE
+                del app.reservations[key]
+
+    def _end_live_hold(self, reservation: Reservation, status: Status, now_ns: int, *,
+                       in_index: bool) -> None:
+        """Returns a live hold's amount to its counters and marks how it ended."""
+        assert reservation.status is Status.LIVE and status is not Status.LIVE
+        if in_index:
+            self.expiry.remove(self._expiry_entry(reservation))
+        user = self.apps[reservation.app].users[reservation.user_id]
+        for hold in reservation.holds:
+            counter = self._counter_of(user, hold)
+            if counter is not None:
+                counter.held -= reservation.amount
+                assert counter.held >= 0, (hold, counter)
+        user.live_holds -= 1
+        assert user.live_holds >= 0
+        reservation.status = status
+        reservation.finished_at_ns = now_ns
+        self.forget.add((now_ns + limits.RESERVATION_RETENTION_NS, reservation.sequence,
+                         "reservation", reservation.app, reservation.reservation_id))
+
+    @staticmethod
+    def _expiry_entry(reservation: Reservation) -> tuple[int, int, str, str]:
+        return (reservation.expires_at_ns, reservation.sequence, reservation.app,
+                reservation.reservation_id)
+
+    @staticmethod
+    def _counter_of(user: UserState, hold: HoldRef) -> CounterState | None:
+        """The counter a hold counts in, unless its window has since been replaced."""
+        counter = user.counters.get((hold.key, hold.window))
+        if counter is None or counter.window_start_ns != hold.window_start_ns:
+            return None
+        return counter
+
+    # --- idempotency ----------------------------------------------------------------------
+
+    def _idempotent(self, command: Any, now_ns: int,
+                    handler: Callable[[Any, int], tuple[Any, bool]]) -> tuple[Any, bool]:
+        """Same key, same request: the first answer, nothing changed. Same key, another
+        request: ALREADY_EXISTS. A key belongs to one app and one RPC."""
+        slot = (type(command).__name__, command.idempotency_key)
+        request = replace(command, idempotency_key="")
+        if isinstance(command, Reserve):
+            request = replace(request, **_RESERVATION_FIELDS_GENERATED)
+        entry = self.apps.get(command.app, _EMPTY_APP).idempotency.get(slot)
+        if entry is not None:
+            if entry.request != request:
+                raise AlreadyExists(
+                    f"idempotency key {command.idempotency_key!r} was used for another "
+                    f"{slot[0]} request"
+                )
+            return entry.result, False
+        result, _ = handler(command, now_ns)
+        self._app(command.app).idempotency[slot] = IdempotencyEntry(request, result, now_ns)
+        self.forget.add((now_ns + limits.IDEMPOTENCY_RETENTION_NS, self.sequence + 1,
+                         "idempotency", command.app, slot))
+        return result, True
+
+    # --- lookups --------------------------------------------------------------------------
+
+    def _app(self, app_id: str) -> AppState:
+        app = self.apps.get(app_id)
+        if app is None:
+            app = self.apps[app_id] = AppState()
+        return app
+
+    def _subscriber(self, app_id: str, user_id: str) -> tuple[UserState, Plan]:
+        user = self.apps.get(app_id, _EMPTY_APP).users.get(user_id)
+        if user is None:
+            raise FailedPrecondition("NO_PLAN", f"user {user_id!r} has no subscription")
+        return user, self.apps[app_id].plans[user.subscription.plan_id]
+
+    def _reservation(self, app_id: str, reservation_id: str) -> Reservation:
+        reservation = self.apps.get(app_id, _EMPTY_APP).reservations.get(reservation_id)
+        if reservation is None:
+            raise NotFound(f"no reservation {reservation_id!r}")
+        return reservation
+
+    @staticmethod
+    def _current(user: UserState, group: LimitGroup, now_ns: int) -> CounterState:
+        """The group's counter for the window holding now. A new window's counter is not
+        stored here: only a change stores it, so that reads change nothing."""
+        counter = user.counters.get((group.key, group.window))
+        if counter is not None and (counter.window_end_ns is None
+                                    or now_ns < counter.window_end_ns):
+            return counter
+        zone = load_time_zone(user.subscription.time_zone)
+        assert zone is not None, user.subscription
+        start_ns, end_ns = window_bounds(group.window, zone, now_ns)
+        return CounterState(start_ns, end_ns)
+
+    @staticmethod
+    def _view(group: LimitGroup, counter: CounterState) -> CounterView:
+        return CounterView(
+            key=group.key, label=group.label, unit=group.unit, window=group.window,
+            quota=group.quota, used=counter.used, held=counter.held,
+            remaining=max(0, group.quota - counter.used - counter.held),
+            window_start_ns=counter.window_start_ns, resets_at_ns=counter.window_end_ns,
+        )
+
+    def _hold_views(self, reservation: Reservation, now_ns: int) -> tuple[CounterView, ...]:
+        """The counters of the groups a hold was taken on, as the plan has them now."""
+        user = self.apps[reservation.app].users[reservation.user_id]
+        plan = self.apps[reservation.app].plans[user.subscription.plan_id]
+        views = []
+        for hold in reservation.holds:
+            group = plan.group(hold.key)
+            if group is not None and group.window is hold.window:
+                views.append(self._view(group, self._current(user, group, now_ns)))
+        return tuple(views)
+
+    @staticmethod
+    def _first_without_room(groups: tuple[LimitGroup, ...], counters: list[CounterState],
+                            amount: int) -> str:
+        for group, counter in zip(groups, counters):
+            if counter.used + counter.held + amount > group.quota:
+                return group.key
+        return ""
+
+    # --- the hot path ---------------------------------------------------------------------
+
+    def _reserve(self, command: Reserve, now_ns: int) -> tuple[ReserveResult, bool]:
+        user, plan = self._subscriber(command.app, command.user_id)
+        if user.live_holds >= limits.LIVE_HOLDS_PER_USER_MAX:
+            raise ResourceExhausted(
+                "TOO_MANY_HOLDS",
+                f"user {command.user_id!r} has {user.live_holds} live holds, the most allowed",
+            )
+        app = self.apps[command.app]
+        assert command.reservation_id not in app.reservations, command.reservation_id
+        groups = plan.matched_groups(command.event_type, command.metadata)
+        counters = [self._current(user, group, now_ns) for group in groups]
+        denied_by = self._first_without_room(groups, counters, command.amount)
+        if denied_by:
+            views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+            return ReserveResult(allowed=False, reservation_id="", expires_at_ns=0,
+                                 counters=views, denied_by=denied_by), False
+        for group, counter in zip(groups, counters):
+            counter.held += command.amount
+            user.counters[(group.key, group.window)] = counter
+        reservation = Reservation(
+            app=command.app, reservation_id=command.reservation_id, user_id=command.user_id,
+            event_type=command.event_type, amount=command.amount, metadata=command.metadata,
+            holds=tuple(HoldRef(g.key, g.window, c.window_start_ns)
+                        for g, c in zip(groups, counters)),
+            sequence=self.sequence + 1, created_at_ns=now_ns,
+            expires_at_ns=now_ns + command.ttl_ns,
+        )
+        app.reservations[reservation.reservation_id] = reservation
+        user.live_holds += 1
+        self.expiry.add(self._expiry_entry(reservation))
+        views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+        return ReserveResult(allowed=True, reservation_id=reservation.reservation_id,
+                             expires_at_ns=reservation.expires_at_ns, counters=views), True
+
+    def _commit(self, command: Commit, now_ns: int) -> tuple[CommitResult, bool]:
+        reservation = self._reservation(command.app, command.reservation_id)
+        if reservation.status is Status.RELEASED:
+            raise FailedPrecondition("RESERVATION_RELEASED",
+                                     "the hold was released: its caller said it was not used")
+        if reservation.status is Status.COMMITTED:
+            raise FailedPrecondition("RESERVATION_COMMITTED", "the hold is already committed")
+        amount = reservation.amount if command.amount is None else command.amount
+        expired = reservation.status is Status.EXPIRED
+        if not expired:
+            self._end_live_hold(reservation, Status.COMMITTED, now_ns, in_index=True)
+        reservation.status = Status.COMMITTED
+        user = self.apps[command.app].users[reservation.user_id]
+        for hold in reservation.holds:
+            counter = self._counter_of(user, hold)
+            if counter is not None:  # else its window is over: the usage counts there
+                counter.used += amount
+        returned = 0 if expired else max(0, reservation.amount - amount)
+        return CommitResult(counters=self._hold_views(reservation, now_ns), committed=amount,
+                            returned=returned, expired=expired), True
+
+    def _release(self, command: Release, now_ns: int) -> tuple[ReleaseResult, bool]:
+        reservation = self._reservation(command.app, command.reservation_id)
+        if reservation.status is Status.COMMITTED:
+            raise FailedPrecondition("RESERVATION_COMMITTED",
+                                     "the hold is committed: its usage stands")
+        changed = reservation.status is Status.LIVE
+        if changed:
+            self._end_live_hold(reservation, Status.RELEASED, now_ns, in_index=True)
+        return ReleaseResult(counters=self._hold_views(reservation, now_ns)), changed
+
+    def _extend(self, command: Extend, now_ns: int) -> tuple[ExtendResult, bool]:
+        reservation = self._reservation(command.app, command.reservation_id)
+        if reservation.status is not Status.LIVE:
+            status = reservation.status.name
+            raise FailedPrecondition(f"RESERVATION_{status}",
+                                     f"only a live hold can be extended; this one is {status.lower()}")
+        self.expiry.remove(self._expiry_entry(reservation))
+        reservation.expires_at_ns = now_ns + command.ttl_ns
+        self.expiry.add(self._expiry_entry(reservation))
+        return ExtendResult(expires_at_ns=reservation.expires_at_ns), True
+
+    def _track(self, command: Track, now_ns: int) -> tuple[TrackResult, bool]:
+        user, plan = self._subscriber(command.app, command.user_id)
+        groups = plan.matched_groups(command.event_type, command.metadata)
+        counters = [self._current(user, group, now_ns) for group in groups]
+        if command.enforce and command.amount > 0:
+            denied_by = self._first_without_room(groups, counters, command.amount)
+            if denied_by:
+                views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+                return TrackResult(allowed=False, counters=views, denied_by=denied_by), False
+        for group, counter in zip(groups, counters):
+            counter.used = max(0, counter.used + command.amount)
+            user.counters[(group.key, group.window)] = counter
+        views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+        return TrackResult(allowed=True, counters=views), True
+
+    def _get_usage(self, command: GetUsage, now_ns: int) -> tuple[UsageResult, bool]:
+        user, plan = self._subscriber(command.app, command.user_id)
+        views = tuple(self._view(g, self._current(user, g, now_ns)) for g in plan.limit_groups)
+        return UsageResult(user_id=command.user_id, plan_id=plan.id, counters=views), False
+
+    # --- administration -------------------------------------------------------------------
+
+    def _upsert_plan(self, command: UpsertPlan, now_ns: int) -> tuple[PlanResult, bool]:
+        plans = self.apps.get(command.app, _EMPTY_APP).plans
+        if plans.get(command.plan.id) == command.plan:
+            return PlanResult(plan=command.plan, changed=False), False
+        self._app(command.app).plans[command.plan.id] = command.plan
+        return PlanResult(plan=command.plan, changed=True), True
+
+    def _delete_plan(self, command: DeletePlan, now_ns: int) -> tuple[DeletePlanResult, bool]:
+        app = self.apps.get(command.app, _EMPTY_APP)
+        if command.plan_id not in app.plans:
+            raise NotFound(f"no plan {command.plan_id!r}")
+        subscribers = app.plan_subscribers[command.plan_id]
+        if subscribers:
+            raise FailedPrecondition("PLAN_IN_USE",
+                                     f"plan {command.plan_id!r} has {subscribers} subscribers")
+        del app.plans[command.plan_id]
+        return DeletePlanResult(), True
+
+    def _get_plan(self, command: GetPlan, now_ns: int) -> tuple[PlanResult, bool]:
+        plan = self.apps.get(command.app, _EMPTY_APP).plans.get(command.plan_id)
+        if plan is None:
+            raise NotFound(f"no plan {command.plan_id!r}")
+        return PlanResult(plan=plan), False
+
+    def _list_plans(self, command: ListPlans, now_ns: int) -> tuple[PlansResult, bool]:
+        plans = self.apps.get(command.app, _EMPTY_APP).plans
+        return PlansResult(plans=tuple(plans[key] for key in sorted(plans))), False
+
+    def _upsert_subscription(self, command: UpsertSubscription,
+                             now_ns: int) -> tuple[SubscriptionResult, bool]:
+        app = self.apps.get(command.app, _EMPTY_APP)
+        if command.plan_id not in app.plans:
+            raise NotFound(f"no plan {command.plan_id!r}")
+        subscription = Subscription(user_id=command.user_id, plan_id=command.plan_id,
+                                    time_zone=command.time_zone or "UTC")
+        user = app.users.get(command.user_id)
+        if user is not None and user.subscription == subscription:
+            return SubscriptionResult(subscription=subscription, changed=False), False
+        if user is None:
+            user = app.users[command.user_id] = UserState(subscription=subscription)
+        else:
+            app.plan_subscribers[user.subscription.plan_id] -= 1
+            user.subscription = subscription
+        app.plan_subscribers[subscription.plan_id] += 1
+        return SubscriptionResult(subscription=subscription, changed=True), True
+
+    def _get_subscription(self, command: GetSubscription,
+                          now_ns: int) -> tuple[SubscriptionResult, bool]:
+        user = self.apps.get(command.app, _EMPTY_APP).users.get(command.user_id)
+        if user is None:
+            raise NotFound(f"user {command.user_id!r} has no subscription")
+        return SubscriptionResult(subscription=user.subscription), False

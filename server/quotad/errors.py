@@ -1,0 +1,76 @@
+"""Errors the core raises for requests it refuses. Each maps to one gRPC status code.
+
+A refused request changes nothing. Field names in violations are the contract's (proto) names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class QuotaError(Exception):
+    """A request the core refuses; the state is unchanged."""
+
+    reason = ""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(QuotaError):
+    def __init__(self, violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
+        assert violations
+        self.violations = tuple(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+class NotFound(QuotaError):
+    pass
+
+
+class FailedPrecondition(QuotaError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class AlreadyExists(QuotaError):
+    pass
+
+
+class ResourceExhausted(QuotaError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Violations:
+    """Collects every field violation of a request, then raises them all at once."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def check(self, ok: bool, field: str, description: str) -> None:
+        if not ok:
+            self.add(field, description)
+
+    def text(self, value: str, field: str, *, bytes_min: int, bytes_max: int) -> None:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size < bytes_min or size > bytes_max:
+            self.add(field, f"must be {bytes_min} to {bytes_max} bytes, got {size}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)

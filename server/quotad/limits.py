@@ -1,0 +1,54 @@
+"""Every limit quotad enforces, named, in one place.
+
+Byte limits count UTF-8 bytes. Times are nanoseconds since the Unix epoch unless named
+otherwise. Each limit is validated at the edge of the core and tested at its edge.
+"""
+
+from __future__ import annotations
+
+NS_PER_S = 1_000_000_000
+
+USER_ID_BYTES_MAX = 256
+EVENT_TYPE_BYTES_MAX = 128
+METADATA_ENTRIES_MAX = 16
+METADATA_KEY_BYTES_MAX = 256
+METADATA_VALUE_BYTES_MAX = 256
+IDEMPOTENCY_KEY_BYTES_MAX = 128
+
+AMOUNT_MAX = 2**53
+"""Reserve amount 1 ... AMOUNT_MAX; Commit 0 ... AMOUNT_MAX; Track 0 < |amount| <= AMOUNT_MAX."""
+
+QUOTA_MAX = 2**53
+"""A limit group's quota is 0 ... QUOTA_MAX."""
+
+TTL_NS_MIN = 1 * NS_PER_S
+TTL_NS_MAX = 3600 * NS_PER_S
+TTL_NS_DEFAULT = 60 * NS_PER_S
+
+PLAN_ID_BYTES_MAX = 128
+PLAN_NAME_BYTES_MAX = 256
+GROUP_KEY_BYTES_MAX = 128
+GROUP_LABEL_BYTES_MAX = 256
+GROUP_UNIT_BYTES_MAX = 64
+LIMIT_GROUPS_PER_PLAN_MAX = 32
+EVENT_TYPE_PATTERNS_PER_GROUP_MAX = 32
+METADATA_MATCHES_PER_GROUP_MAX = 16
+METADATA_MATCH_VALUES_MAX = 64
+TIME_ZONE_BYTES_MAX = 64
+APP_ID_BYTES_MAX = 64
+
+LIVE_HOLDS_PER_USER_MAX = 10_000
+"""A user with this many live holds gets RESOURCE_EXHAUSTED on Reserve until some end."""
+
+IDEMPOTENCY_RETENTION_NS = 24 * 3600 * NS_PER_S
+"""An idempotency key is remembered at least this long after its first use."""
+
+RESERVATION_RETENTION_NS = 24 * 3600 * NS_PER_S
+"""A finished hold (committed, released, expired) is remembered this long; an expired hold
+still takes its commit within it. Past it, the reservation id is NOT_FOUND."""
+
+MESSAGE_BYTES_MAX = 64 * 1024
+"""gRPC receive limit per message."""
+
+BATCH_RECORDS_MAX = 8192
+"""Records written in one LMDB transaction at most; more wait for the next flush."""

@@ -1,0 +1,171 @@
+"""Plans, limit groups, match rules and subscriptions: immutable values, validated when built."""
+
+from __future__ import annotations
+
+import enum
+import zoneinfo
+from dataclasses import dataclass
+from functools import lru_cache
+
+from . import limits
+from .errors import Violations
+
+Metadata = tuple[tuple[str, str], ...]
+"""Event metadata as (key, value) pairs sorted by key: hashable and canonical."""
+
+
+class Window(enum.IntEnum):
+    """Numbered as in the proto enum."""
+
+    MINUTE = 1
+    HOUR = 2
+    DAY = 3
+    WEEK = 4
+    MONTH = 5
+    LIFETIME = 6
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetadataMatch:
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Match:
+    event_types: tuple[str, ...] = ()
+    metadata: tuple[MetadataMatch, ...] = ()
+
+    def matches(self, event_type: str, metadata: dict[str, str]) -> bool:
+        if self.event_types and not any(
+            event_type_matches(pattern, event_type) for pattern in self.event_types
+        ):
+            return False
+        return all(metadata.get(m.key) in m.values for m in self.metadata)
+
+
+def event_type_matches(pattern: str, event_type: str) -> bool:
+    """`*` matches all; `openai.*` matches `openai.chat` but not `openai`; else exact."""
+    if pattern == "*":
+        return True
+    if pattern.endswith(".*"):
+        prefix = pattern[:-1]  # keeps the dot
+        return len(event_type) > len(prefix) and event_type.startswith(prefix)
+    return pattern == event_type
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitGroup:
+    key: str
+    label: str = ""
+    unit: str = ""
+    quota: int
+    window: Window
+    match: Match = Match()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    id: str
+    name: str = ""
+    limit_groups: tuple[LimitGroup, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_plan(self)
+
+    def matched_groups(self, event_type: str, metadata: Metadata) -> tuple[LimitGroup, ...]:
+        metadata_dict = dict(metadata)
+        return tuple(g for g in self.limit_groups if g.match.matches(event_type, metadata_dict))
+
+    def group(self, key: str) -> LimitGroup | None:
+        for group in self.limit_groups:
+            if group.key == key:
+                return group
+        return None
+
+
+def validate_plan(plan: Plan) -> None:
+    v = Violations()
+    v.text(plan.id, "plan.id", bytes_min=1, bytes_max=limits.PLAN_ID_BYTES_MAX)
+    v.text(plan.name, "plan.name", bytes_min=0, bytes_max=limits.PLAN_NAME_BYTES_MAX)
+    groups = plan.limit_groups
+    v.check(
+        len(groups) <= limits.LIMIT_GROUPS_PER_PLAN_MAX,
+        "plan.limit_groups",
+        f"at most {limits.LIMIT_GROUPS_PER_PLAN_MAX} limit groups, got {len(groups)}",
+    )
+    keys = [g.key for g in groups]
+    v.check(len(set(keys)) == len(keys), "plan.limit_groups", "keys must be unique")
+    for index, group in enumerate(groups[: limits.LIMIT_GROUPS_PER_PLAN_MAX]):
+        _validate_group(v, group, f"plan.limit_groups[{index}]")
+    v.raise_if_any()
+
+
+def _validate_group(v: Violations, group: LimitGroup, field: str) -> None:
+    v.text(group.key, f"{field}.key", bytes_min=1, bytes_max=limits.GROUP_KEY_BYTES_MAX)
+    v.text(group.label, f"{field}.label", bytes_min=0, bytes_max=limits.GROUP_LABEL_BYTES_MAX)
+    v.text(group.unit, f"{field}.unit", bytes_min=0, bytes_max=limits.GROUP_UNIT_BYTES_MAX)
+    v.check(
+        type(group.quota) is int and 0 <= group.quota <= limits.QUOTA_MAX,
+        f"{field}.quota",
+        f"must be 0 to {limits.QUOTA_MAX}",
+    )
+    v.check(isinstance(group.window, Window), f"{field}.window", "must be a known window")
+    patterns = group.match.event_types
+    v.check(
+        len(patterns) <= limits.EVENT_TYPE_PATTERNS_PER_GROUP_MAX,
+        f"{field}.match.event_types",
+        f"at most {limits.EVENT_TYPE_PATTERNS_PER_GROUP_MAX} patterns",
+    )
+    for i, pattern in enumerate(patterns):
+        v.text(pattern, f"{field}.match.event_types[{i}]", bytes_min=1,
+               bytes_max=limits.EVENT_TYPE_BYTES_MAX)
+        v.check(
+            _pattern_is_valid(pattern),
+            f"{field}.match.event_types[{i}]",
+            "must be '*', an exact event type, or a prefix ending in '.*'",
+        )
+    constraints = group.match.metadata
+    v.check(
+        len(constraints) <= limits.METADATA_MATCHES_PER_GROUP_MAX,
+        f"{field}.match.metadata",
+        f"at most {limits.METADATA_MATCHES_PER_GROUP_MAX} constraints",
+    )
+    for i, constraint in enumerate(constraints):
+        where = f"{field}.match.metadata[{i}]"
+        v.text(constraint.key, f"{where}.key", bytes_min=1,
+               bytes_max=limits.METADATA_KEY_BYTES_MAX)
+        v.check(
+            1 <= len(constraint.values) <= limits.METADATA_MATCH_VALUES_MAX,
+            f"{where}.values",
+            f"must hold 1 to {limits.METADATA_MATCH_VALUES_MAX} values",
+        )
+        for value in constraint.values:
+            v.text(value, f"{where}.values", bytes_min=0,
+                   bytes_max=limits.METADATA_VALUE_BYTES_MAX)
+
+
+def _pattern_is_valid(pattern: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.endswith(".*"):
+        return len(pattern) > 2 and "*" not in pattern[:-2]
+    return "*" not in pattern
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscription:
+    user_id: str
+    plan_id: str
+    time_zone: str = "UTC"
+
+
+@lru_cache(maxsize=1024)
+def load_time_zone(name: str) -> zoneinfo.ZoneInfo | None:
+    """The zone for an IANA name, or None if there is no such zone."""
+    if not name or name.startswith(("/", ".")) or ".." in name:
+        return None
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return None

@@ -1,0 +1,125 @@
+"""Start-up, serving and shutdown of one quotad process.
+
+Start: lock the data directory, listen with health NOT_SERVING (calls get UNAVAILABLE),
+replay the log, expire holds that ran out while down, load --plans, then SERVING.
+SIGTERM or SIGINT: NOT_SERVING, drain in-flight calls, flush, exit 0. A storage failure:
+NOT_SERVING, stop at once, exit 1 (memory is ahead of disk and must never be served).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import limits
+from .commands import UpsertPlan
+from .plans_file import load_plans
+from .service import DEFAULT_APP, Gate, generic_handlers, is_loopback
+from .v1 import quotad_pb2
+from .wal import MAP_SIZE_BYTES_DEFAULT, Log
+from .writer import Writer, recover
+
+log = logging.getLogger("quotad.server")
+
+DRAIN_S = 5.0
+"""How long in-flight calls get to finish after SIGTERM."""
+SWITCH_INTERVAL_S = 0.0005
+"""The GIL hand-over interval: short, so the log thread gets the GIL back soon after a sync
+while the event loop is busy (Python's default of 5 ms throttles group commit)."""
+SERVICE_NAMES = ("quotad.v1.QuotaService", "quotad.v1.AdminService")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("./quotad-data")
+    plans: Path | None = None
+    map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
+    reflection: bool = False
+
+    def __post_init__(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
+        if not is_loopback(host):
+            raise ValueError(
+                f"--listen {self.listen!r}: without API keys quotad serves only a loopback "
+                "address (127.0.0.1, ::1, localhost)"
+            )
+        if self.map_size_bytes < 1024**2:
+            raise ValueError("--map-size must be at least 1 MiB")
+
+
+async def serve(config: Config) -> int:
+    """Runs until SIGTERM/SIGINT (returns 0) or a storage failure (returns 1)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    plans = load_plans(config.plans) if config.plans else []
+    log_ = Log(config.data_dir, map_size_bytes=config.map_size_bytes)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    failure: list[BaseException] = []
+
+    def fail(error: BaseException) -> None:
+        failure.append(error)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    gate = Gate()
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
+        ("grpc.max_send_message_length", 4 * 1024**2),
+        ("grpc.so_reuseport", 0),
+    ])
+    server.add_generic_rpc_handlers(generic_handlers(gate))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name
+                 for n in SERVICE_NAMES]
+        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(config.listen)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    address = f"{config.listen.rpartition(':')[0]}:{port}"
+    log.info("listening", extra={"address": address, "state": "starting"})
+
+    started = time.monotonic()
+    core = await loop.run_in_executor(None, recover, log_)
+    writer = Writer(core, log_, on_failure=fail)
+    writer.start()
+    await writer.expire_due()
+    for plan in plans:
+        await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
+    gate.writer, gate.state = writer, "serving"
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"address": address, "records": core.sequence,
+                               "recovery_s": round(time.monotonic() - started, 3),
+                               "plans_loaded": len(plans)})
+
+    await stop.wait()
+    gate.state = "failed" if failure else "draining"
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(0 if failure else DRAIN_S)
+    await writer.close()
+    log_.close()
+    if failure:
+        log.critical("stopped after a storage failure", extra={"error": repr(failure[0])})
+        return 1
+    log.info("stopped", extra={"records": core.sequence})
+    return 0
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", *SERVICE_NAMES):
+        await servicer.set(name, status)

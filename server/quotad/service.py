@@ -1,0 +1,187 @@
+"""The gRPC servicers: authenticate, map proto to commands, run them through the writer,
+map results and errors back. No quota logic lives here.
+
+Handlers are registered by hand (not through the generated add_*_to_server) so that a request
+the protobuf runtime cannot parse is answered INVALID_ARGUMENT rather than INTERNAL.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from . import commands as c
+from . import convert
+from .errors import (
+    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, QuotaError, ResourceExhausted,
+)
+from .v1 import quotad_pb2 as pb
+from .writer import StorageFailed, Writer
+
+log = logging.getLogger("quotad.service")
+
+DEFAULT_APP = "default"
+ERROR_DOMAIN = "quotad"
+
+
+class Malformed:
+    """What a request that protobuf could not parse becomes."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe_parser(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as error:  # protobuf's DecodeError and friends
+            return Malformed(error)
+    return parse
+
+
+def status_of(error: Exception) -> grpc.Status:
+    """The gRPC status, with google.rpc details, for a refusal."""
+    code, details = code_pb2.INTERNAL, []
+    if isinstance(error, InvalidArgument):
+        code = code_pb2.INVALID_ARGUMENT
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ]))
+    elif isinstance(error, NotFound):
+        code = code_pb2.NOT_FOUND
+    elif isinstance(error, FailedPrecondition):
+        code = code_pb2.FAILED_PRECONDITION
+        details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    elif isinstance(error, ResourceExhausted):
+        code = code_pb2.RESOURCE_EXHAUSTED
+        details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    elif isinstance(error, AlreadyExists):
+        code = code_pb2.ALREADY_EXISTS
+    elif isinstance(error, (StorageFailed, Unavailable)):
+        code = code_pb2.UNAVAILABLE
+    elif isinstance(error, Unauthenticated):
+        code = code_pb2.UNAUTHENTICATED
+    packed = []
+    for detail in details:
+        envelope = any_pb2.Any()
+        envelope.Pack(detail)
+        packed.append(envelope)
+    message = getattr(error, "message", None) or str(error)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+
+
+class Unavailable(Exception):
+    pass
+
+
+class Unauthenticated(Exception):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Gate:
+    """Whether the service takes calls: not while starting, draining, or after a failure."""
+
+    def __init__(self) -> None:
+        self.writer: Writer | None = None
+        self.state = "starting"
+
+    def open_writer(self) -> Writer:
+        if self.state != "serving" or self.writer is None or self.writer.failed:
+            raise Unavailable(f"quotad is {self.state}" if self.state != "serving"
+                              else "quotad storage failed")
+        return self.writer
+
+
+# (RPC name, request type, request -> command, result -> response)
+_Method = tuple[str, Any, Callable[[str, Any], Any], Callable[[Any], Any]]
+
+QUOTA_METHODS: list[_Method] = [
+    ("Reserve", pb.ReserveRequest, convert.reserve, convert.reserve_response),
+    ("Commit", pb.CommitRequest, convert.commit, lambda r: pb.CommitResponse(
+        counters=convert.counters(r.counters), committed=r.committed, returned=r.returned,
+        expired=r.expired)),
+    ("Release", pb.ReleaseRequest, convert.release, lambda r: pb.ReleaseResponse(
+        counters=convert.counters(r.counters))),
+    ("Extend", pb.ExtendRequest, convert.extend, lambda r: pb.ExtendResponse(
+        expires_at=convert.timestamp(r.expires_at_ns))),
+    ("Track", pb.TrackRequest, convert.track, lambda r: pb.TrackResponse(
+        allowed=r.allowed, counters=convert.counters(r.counters), denied_by=r.denied_by)),
+    ("GetUsage", pb.GetUsageRequest, convert.get_usage, lambda r: pb.GetUsageResponse(
+        user_id=r.user_id, plan_id=r.plan_id, counters=convert.counters(r.counters))),
+]
+
+ADMIN_METHODS: list[_Method] = [
+    ("UpsertPlan", pb.UpsertPlanRequest, convert.upsert_plan, lambda r: pb.UpsertPlanResponse(
+        plan=convert.plan_to_proto(r.plan), changed=r.changed)),
+    ("GetPlan", pb.GetPlanRequest, lambda app, q: c.GetPlan(app=app, plan_id=q.id),
+     lambda r: pb.GetPlanResponse(plan=convert.plan_to_proto(r.plan))),
+    ("ListPlans", pb.ListPlansRequest, lambda app, q: c.ListPlans(app=app),
+     lambda r: pb.ListPlansResponse(plans=[convert.plan_to_proto(p) for p in r.plans])),
+    ("DeletePlan", pb.DeletePlanRequest, lambda app, q: c.DeletePlan(app=app, plan_id=q.id),
+     lambda r: pb.DeletePlanResponse()),
+    ("UpsertSubscription", pb.UpsertSubscriptionRequest,
+     lambda app, q: c.UpsertSubscription(app=app, user_id=q.user_id, plan_id=q.plan_id,
+                                         time_zone=q.time_zone),
+     lambda r: pb.UpsertSubscriptionResponse(
+         subscription=convert.subscription_to_proto(r.subscription), changed=r.changed)),
+    ("GetSubscription", pb.GetSubscriptionRequest,
+     lambda app, q: c.GetSubscription(app=app, user_id=q.user_id),
+     lambda r: pb.GetSubscriptionResponse(
+         subscription=convert.subscription_to_proto(r.subscription))),
+]
+
+
+def _handler(gate: Gate, name: str, to_command: Callable[[str, Any], Any],
+             to_response: Callable[[Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument([_request_violation(request.error)])
+            writer = gate.open_writer()
+            command = to_command(DEFAULT_APP, request)
+            result = await writer.execute(command)
+        except (QuotaError, StorageFailed, Unavailable, Unauthenticated) as error:
+            status = status_of(error)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        return to_response(result)
+
+    handle.__name__ = name
+    return handle
+
+
+def _request_violation(error: Exception) -> FieldViolation:
+    return FieldViolation("request", f"cannot be parsed: {error}")
+
+
+def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
+    handlers = []
+    for service, methods in (("quotad.v1.QuotaService", QUOTA_METHODS),
+                             ("quotad.v1.AdminService", ADMIN_METHODS)):
+        table = {
+            name: grpc.unary_unary_rpc_method_handler(
+                _handler(gate, name, to_command, to_response),
+                request_deserializer=_safe_parser(request_type),
+                response_serializer=lambda message: message.SerializeToString(),
+            )
+            for name, request_type, to_command, to_response in methods
+        }
+        handlers.append(grpc.method_handlers_generic_handler(service, table))
+    return handlers

@@ -1,0 +1,75 @@
+"""Calendar windows, aligned in the subscriber's local time (correct across DST).
+
+A day starts at the first instant of the local date, a week on Monday, a month on the 1st;
+minutes and hours start where the local clock shows :00. Times are ns since the epoch.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from .limits import NS_PER_S
+from .plans import Window
+
+_UNIT_S = {Window.MINUTE: 60, Window.HOUR: 3600}
+
+
+def window_bounds(window: Window, zone: ZoneInfo, now_ns: int) -> tuple[int, int | None]:
+    """(start_ns, end_ns) of the window holding now_ns; end_ns is None for LIFETIME."""
+    if window is Window.LIFETIME:
+        return 0, None
+    if window in _UNIT_S:
+        return _clock_window(_UNIT_S[window], zone, now_ns)
+    local_date = datetime.fromtimestamp(now_ns // NS_PER_S, zone).date()
+    if window is Window.DAY:
+        first = local_date
+        after = first + timedelta(days=1)
+    elif window is Window.WEEK:
+        first = local_date - timedelta(days=local_date.weekday())
+        after = first + timedelta(days=7)
+    else:
+        assert window is Window.MONTH, window
+        first = local_date.replace(day=1)
+        after = (first + timedelta(days=32)).replace(day=1)
+    start_ns, end_ns = _first_instant_ns(first, zone), _first_instant_ns(after, zone)
+    assert start_ns <= now_ns < end_ns, (window, zone, now_ns)
+    return start_ns, end_ns
+
+
+def _first_instant_ns(day: date, zone: ZoneInfo) -> int:
+    """The first instant of a local date. If midnight is skipped by a DST gap, fold=0 maps
+    it past the gap, which is the first instant that date has."""
+    midnight = datetime.combine(day, time(0), zone)
+    return int(midnight.timestamp()) * NS_PER_S
+
+
+def _clock_window(unit_s: int, zone: ZoneInfo, now_ns: int) -> tuple[int, int]:
+    now_s, now_rest_ns = divmod(now_ns, NS_PER_S)
+    start_s = now_s - _local_elapsed_s(unit_s, zone, now_s)
+    end_s = _next_boundary_s(unit_s, zone, start_s)
+    assert start_s <= now_s < end_s
+    return start_s * NS_PER_S, end_s * NS_PER_S
+
+
+def _local_elapsed_s(unit_s: int, zone: ZoneInfo, at_s: int) -> int:
+    """Seconds since the local clock last showed the start of a minute or hour."""
+    local = datetime.fromtimestamp(at_s, zone)
+    return (local.minute * 60 + local.second) % unit_s
+
+
+def _next_boundary_s(unit_s: int, zone: ZoneInfo, start_s: int) -> int:
+    """The next instant after start_s where the local clock starts a minute or hour. Offsets
+    that change by a part of an hour (30 min DST) make that hour shorter or longer."""
+    candidate = start_s + unit_s
+    elapsed = _local_elapsed_s(unit_s, zone, candidate)
+    if elapsed == 0:
+        return candidate
+    for boundary in (candidate - elapsed, candidate - elapsed + unit_s):
+        if boundary > start_s and _local_elapsed_s(unit_s, zone, boundary) == 0:
+            return boundary
+    return candidate  # no local :00 near: the window keeps its elapsed length
+
+
+def ns_to_datetime(at_ns: int) -> datetime:
+    return datetime.fromtimestamp(at_ns / NS_PER_S, timezone.utc)
