@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
                      metavar="GIB", help="largest size the LMDB file may grow to "
                                          "(default: %(default)s)")
     run.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+    run.add_argument("--log-state-digest", action="store_true",
+                     help="log a digest of the whole state at start and stop, to verify that "
+                          "a restart recovers exactly the state the last run ended with")
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"], help="(default: %(default)s)")
     return root
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = Config(listen=args.listen, data_dir=args.data_dir, plans=args.plans,
                         map_size_bytes=int(args.map_size_gib * 1024**3),
-                        reflection=args.reflection)
+                        reflection=args.reflection, log_state_digest=args.log_state_digest)
         return asyncio.run(serve(config))
     except (ValueError, PlansFileError, DataDirLocked) as error:
         print(f"quotad: {error}", file=sys.stderr)

@@ -118,5 +118,10 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def encode_command(command: Command) -> Any:
-    return {"type": type(command).__name__, "fields": to_plain(command)}
+def state_digest(core: Any) -> str:
+    """A digest of everything the core holds: equal digests, equal states."""
+    plain = to_plain({"apps": core.apps, "sequence": core.sequence,
+                      "last_record_ns": core.last_record_ns, "expiry": core.expiry,
+                      "forget": core.forget})
+    text = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

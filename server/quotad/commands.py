@@ -211,7 +211,7 @@ class UpsertSubscription:
         _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
         _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
         _text(v, self.plan_id, "plan_id", limits.PLAN_ID_BYTES_MAX)
-        _text(v, self.time_zone, "time_zone", limits.TIME_ZONE_BYTES_MAX)
+        _text(v, self.time_zone, "time_zone", limits.TIME_ZONE_BYTES_MAX, bytes_min=0)
         if self.time_zone and load_time_zone(self.time_zone) is None:
             v.add("time_zone", f"unknown IANA time zone {self.time_zone!r}")
         v.raise_if_any()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter as Tally
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from sortedcontainers import SortedList
@@ -81,7 +81,7 @@ class UserState:
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyEntry:
-    request: Command
+    request: tuple[Any, ...]
     result: Any
     created_at_ns: int
 
@@ -105,7 +105,13 @@ class Outcome:
 
 
 _EMPTY_APP = AppState()
-_RESERVATION_FIELDS_GENERATED = {"reservation_id": ""}
+
+
+def _fingerprint(command: Any) -> tuple[Any, ...]:
+    """What makes two requests the same for idempotency: every field the caller chose."""
+    ignored = ("idempotency_key", "reservation_id") if isinstance(command, Reserve) else (
+        "idempotency_key",)
+    return tuple(getattr(command, f.name) for f in fields(command) if f.name not in ignored)
 
 
 class Core:
@@ -229,9 +235,7 @@ class Core:
         """Same key, same request: the first answer, nothing changed. Same key, another
         request: ALREADY_EXISTS. A key belongs to one app and one RPC."""
         slot = (type(command).__name__, command.idempotency_key)
-        request = replace(command, idempotency_key="")
-        if isinstance(command, Reserve):
-            request = replace(request, **_RESERVATION_FIELDS_GENERATED)
+        request = _fingerprint(command)
         entry = self.apps.get(command.app, _EMPTY_APP).idempotency.get(slot)
         if entry is not None:
             if entry.request != request:

@@ -21,7 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import limits
+from .codec import state_digest
 from .commands import UpsertPlan
+from .core import Core
 from .plans_file import load_plans
 from .service import DEFAULT_APP, Gate, generic_handlers, is_loopback
 from .v1 import quotad_pb2
@@ -45,6 +47,9 @@ class Config:
     plans: Path | None = None
     map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
     reflection: bool = False
+    log_state_digest: bool = False
+    """Log a digest of the whole state when serving starts and when stopped (costs a pass
+    over the state): a restart must start from the digest the last stop ended with."""
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -105,7 +110,7 @@ async def serve(config: Config) -> int:
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"address": address, "records": core.sequence,
                                "recovery_s": round(time.monotonic() - started, 3),
-                               "plans_loaded": len(plans)})
+                               "plans_loaded": len(plans), **_digest(config, core)})
 
     await stop.wait()
     gate.state = "failed" if failure else "draining"
@@ -116,8 +121,14 @@ async def serve(config: Config) -> int:
     if failure:
         log.critical("stopped after a storage failure", extra={"error": repr(failure[0])})
         return 1
-    log.info("stopped", extra={"records": core.sequence})
+    log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
+                               "records_written": writer.records_written,
+                               **_digest(config, core)})
     return 0
+
+
+def _digest(config: Config, core: Core) -> dict[str, str]:
+    return {"state_digest": state_digest(core)} if config.log_state_digest else {}
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:

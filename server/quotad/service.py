@@ -139,7 +139,7 @@ ADMIN_METHODS: list[_Method] = [
      lambda r: pb.DeletePlanResponse()),
     ("UpsertSubscription", pb.UpsertSubscriptionRequest,
      lambda app, q: c.UpsertSubscription(app=app, user_id=q.user_id, plan_id=q.plan_id,
-                                         time_zone=q.time_zone),
+                                         time_zone=q.time_zone or "UTC"),
      lambda r: pb.UpsertSubscriptionResponse(
          subscription=convert.subscription_to_proto(r.subscription), changed=r.changed)),
     ("GetSubscription", pb.GetSubscriptionRequest,

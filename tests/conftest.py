@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server_process import ServerProcess
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real quotad process with the example plans, on its own data directory."""
+    process = ServerProcess(tmp_path / "data").start()
+    try:
+        yield process
+    finally:
+        process.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator:
+    """Starts servers on demand (restarts included) and kills what is left at the end."""
+    started: list[ServerProcess] = []
+
+    def start(data_dir: Path | None = None, **kwargs) -> ServerProcess:
+        process = ServerProcess(data_dir or tmp_path / "data", **kwargs).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()

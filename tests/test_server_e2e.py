@@ -1,0 +1,294 @@
+"""The real server process, end to end: concurrency, restarts, kill -9, shutdown, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from quotad.v1 import quotad_pb2 as pb
+from quotad.v1 import quotad_pb2_grpc as stubs
+from server_process import ROOT, ServerProcess
+
+ONE_HOUR = {"seconds": 3600}
+
+
+def admin(address: str) -> stubs.AdminServiceStub:
+    return stubs.AdminServiceStub(grpc.insecure_channel(address))
+
+
+def quota(address: str) -> stubs.QuotaServiceStub:
+    return stubs.QuotaServiceStub(grpc.insecure_channel(address))
+
+
+def plan_with(quota_value: int, window: int = pb.LIFETIME, plan_id: str = "p") -> pb.Plan:
+    return pb.Plan(id=plan_id, name=plan_id, limit_groups=[pb.LimitGroup(
+        key="units", label="Units", unit="units", quota=quota_value, window=window,
+        match=pb.Match(event_types=["*"]),
+    )])
+
+
+def subscribe(address: str, user_id: str, plan: pb.Plan) -> None:
+    stub = admin(address)
+    stub.UpsertPlan(pb.UpsertPlanRequest(plan=plan))
+    stub.UpsertSubscription(pb.UpsertSubscriptionRequest(user_id=user_id, plan_id=plan.id))
+
+
+def usage(address: str, user_id: str) -> pb.GetUsageResponse:
+    return quota(address).GetUsage(pb.GetUsageRequest(user_id=user_id))
+
+
+def test_64_concurrent_callers_reserving_7_of_1000_get_exactly_142_holds(server):
+    subscribe(server.address, "hot", plan_with(1000))
+    attempts_per_caller = 3  # 192 attempts for 142 places
+
+    async def run() -> list[pb.ReserveResponse]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = stubs.QuotaServiceStub(channel)
+
+            async def caller() -> list[pb.ReserveResponse]:
+                return [await stub.Reserve(pb.ReserveRequest(
+                    user_id="hot", event_type="render", amount=7, ttl=ONE_HOUR))
+                    for _ in range(attempts_per_caller)]
+
+            batches = await asyncio.gather(*(caller() for _ in range(64)))
+            return [response for batch in batches for response in batch]
+
+    responses = asyncio.run(run())
+    allowed = [r for r in responses if r.allowed]
+    denied = [r for r in responses if not r.allowed]
+    print(f"\n64 callers x {attempts_per_caller}: {len(allowed)} holds, {len(denied)} denials")
+    assert len(allowed) == 142
+    assert len({r.reservation_id for r in allowed}) == 142
+    # No false denial: every denial saw no room for 7 more.
+    for response in denied:
+        (counter,) = response.counters
+        assert response.denied_by == "units"
+        assert counter.used + counter.held + 7 > 1000, counter
+    (counter,) = usage(server.address, "hot").counters
+    assert (counter.held, counter.used, counter.remaining) == (994, 0, 6)
+
+
+def test_kill_9_after_acknowledged_commits_then_restart_answers_usage_exactly_as_before(
+        start_server):
+    first = start_server()
+    subscribe(first.address, "u1", plan_with(10_000, pb.MONTH))
+    stub = quota(first.address)
+    for amount in (100, 250, 7):
+        hold = stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="chat", amount=amount,
+                                              ttl=ONE_HOUR))
+        stub.Commit(pb.CommitRequest(reservation_id=hold.reservation_id, amount=amount - 1))
+    live = stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="chat", amount=40,
+                                          ttl=ONE_HOUR))
+    stub.Track(pb.TrackRequest(user_id="u1", event_type="chat", amount=-5))
+    before = usage(first.address, "u1")
+    assert first.kill() == -signal.SIGKILL
+
+    second = start_server(first.data_dir)
+    after = usage(second.address, "u1")
+    assert after == before
+    assert after.counters[0].used == 99 + 249 + 6 - 5
+    assert after.counters[0].held == 40
+    # The live hold survived and can still be committed.
+    committed = quota(second.address).Commit(pb.CommitRequest(reservation_id=live.reservation_id))
+    assert committed.committed == 40 and not committed.expired
+
+
+def test_graceful_restart_recovers_exactly_the_state_the_last_run_ended_with(start_server):
+    first = start_server()
+    subscribe(first.address, "u1", plan_with(500, pb.DAY))
+    stub = quota(first.address)
+    hold = stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="x", amount=50,
+                                          idempotency_key="k1", ttl=ONE_HOUR))
+    stub.Release(pb.ReleaseRequest(reservation_id=hold.reservation_id))
+    stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=30, enforce=True))
+    assert first.stop() == 0
+    stopped_digest = first.last("stopped")["state_digest"]
+
+    second = start_server(first.data_dir)
+    assert second.last("serving")["state_digest"] == stopped_digest
+    # The idempotency key survived too: the same request gets the first answer.
+    again = quota(second.address).Reserve(pb.ReserveRequest(
+        user_id="u1", event_type="x", amount=50, idempotency_key="k1", ttl=ONE_HOUR))
+    assert again.reservation_id == hold.reservation_id
+
+
+def test_holds_survive_a_restart_and_still_expire_at_their_time(start_server):
+    first = start_server()
+    subscribe(first.address, "u1", plan_with(100))
+    hold = quota(first.address).Reserve(pb.ReserveRequest(
+        user_id="u1", event_type="x", amount=30, ttl={"seconds": 3}))
+    expires_at_s = hold.expires_at.seconds + hold.expires_at.nanos / 1e9
+    assert first.stop() == 0
+
+    second = start_server(first.data_dir)
+    if time.time() < expires_at_s - 0.2:
+        assert usage(second.address, "u1").counters[0].held == 30
+    while time.time() < expires_at_s + 0.05:
+        time.sleep(0.05)
+    assert usage(second.address, "u1").counters[0].held == 0
+    extend = quota(second.address)
+    with pytest.raises(grpc.RpcError) as error:
+        extend.Extend(pb.ExtendRequest(reservation_id=hold.reservation_id, ttl={"seconds": 5}))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # An expired hold still takes its commit, and says so.
+    late = extend.Commit(pb.CommitRequest(reservation_id=hold.reservation_id, amount=12))
+    assert late.expired and late.committed == 12 and late.returned == 0
+    assert usage(second.address, "u1").counters[0].used == 12
+
+
+def test_a_hold_that_expired_while_the_server_was_down_is_released_at_start(start_server):
+    first = start_server()
+    subscribe(first.address, "u1", plan_with(100))
+    quota(first.address).Reserve(pb.ReserveRequest(user_id="u1", event_type="x", amount=30,
+                                                   ttl={"seconds": 1}))
+    assert first.stop() == 0
+    time.sleep(1.1)
+    second = start_server(first.data_dir)
+    assert second.last("serving")["records"] > first.last("stopped")["records"]
+    assert usage(second.address, "u1").counters[0].held == 0
+
+
+def test_sigterm_drains_and_exits_zero_and_health_reports_serving_before(server):
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+    for service in ("", "quotad.v1.QuotaService"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert server.stop() == 0
+    assert server.last("stopped")
+
+
+def test_a_second_server_on_the_same_data_directory_refuses_to_start(server):
+    result = subprocess.run(
+        [sys.executable, "-m", "quotad", "serve", "--listen", "127.0.0.1:0",
+         "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "in use by another quotad process" in result.stderr
+
+
+def test_a_non_loopback_address_without_api_keys_is_refused(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "quotad", "serve", "--listen", "0.0.0.0:0",
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "loopback" in result.stderr
+
+
+def test_plans_file_loads_idempotently_across_restarts(start_server):
+    first = start_server()
+    assert first.stop() == 0
+    second = start_server(first.data_dir)
+    assert second.last("serving")["records"] == first.last("serving")["records"] == 2
+    plans = admin(second.address).ListPlans(pb.ListPlansRequest()).plans
+    assert [p.id for p in plans] == ["free", "pro"]
+    free = {g.key: g for g in plans[0].limit_groups}
+    assert free["premium_tokens"].quota == 0
+    assert list(free["premium_tokens"].match.metadata[0].values) == ["gpt-4o", "gpt-4-turbo"]
+
+
+def test_free_user_is_denied_premium_model_but_not_other_models(server):
+    admin(server.address).UpsertSubscription(
+        pb.UpsertSubscriptionRequest(user_id="f", plan_id="free"))
+    stub = quota(server.address)
+    premium = stub.Reserve(pb.ReserveRequest(user_id="f", event_type="openai.chat", amount=10,
+                                             metadata={"model": "gpt-4o"}))
+    assert not premium.allowed and premium.denied_by == "premium_tokens"
+    cheap = stub.Reserve(pb.ReserveRequest(user_id="f", event_type="openai.chat", amount=10,
+                                           metadata={"model": "gpt-4o-mini"}))
+    assert cheap.allowed and [c.key for c in cheap.counters] == ["tokens"]
+
+
+def test_map_full_stops_the_server_and_a_larger_map_recovers_every_acknowledged_change(
+        start_server, tmp_path: Path):
+    data_dir = tmp_path / "small"
+    small = start_server(data_dir, extra_args=("--map-size-gib", str(1 / 1024)))
+    subscribe(small.address, "u1", plan_with(10**12))
+    stub = quota(small.address)
+    acknowledged = 0
+    failure = None
+    for _ in range(20_000):  # 1 MiB fills long before this
+        try:
+            stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1,
+                                       metadata={"pad": "p" * 200}), timeout=10)
+            acknowledged += 1
+        except grpc.RpcError as error:
+            failure = error
+            break
+    assert failure is not None and failure.code() == grpc.StatusCode.UNAVAILABLE
+    assert small.process.wait(timeout=30) == 1
+    assert small.last("stopped after a storage failure")
+    print(f"\nmap full after {acknowledged} acknowledged tracks")
+
+    larger = start_server(data_dir, extra_args=("--map-size-gib", "0.1"))
+    assert usage(larger.address, "u1").counters[0].used == acknowledged
+
+
+def test_invalid_requests_name_their_fields_and_change_nothing(server):
+    subscribe(server.address, "u1", plan_with(100))
+    stub = quota(server.address)
+    before = usage(server.address, "u1")
+    cases = [
+        (pb.ReserveRequest(user_id="u" * 257, event_type="x", amount=1), {"user_id"}),
+        (pb.ReserveRequest(user_id="u1", event_type="x", amount=2**53 + 1), {"amount"}),
+        (pb.ReserveRequest(user_id="u1", event_type="x", amount=1, ttl={"seconds": 3601}),
+         {"ttl"}),
+        (pb.ReserveRequest(user_id="u1", event_type="x" * 129, amount=0),
+         {"event_type", "amount"}),
+        (pb.ReserveRequest(user_id="u1", event_type="x", amount=1,
+                           metadata={f"k{i}": "v" for i in range(17)}), {"metadata"}),
+        (pb.ReserveRequest(user_id="u1", event_type="x", amount=1, idempotency_key="k" * 129),
+         {"idempotency_key"}),
+    ]
+    for request, fields in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Reserve(request)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = rpc_status.from_call(error.value)
+        assert status is not None
+        from google.rpc import error_details_pb2
+        bad = error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(bad)
+        assert {v.field for v in bad.field_violations} == fields
+    # Just inside every limit is fine.
+    ok = stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="x" * 128, amount=1,
+                                        ttl={"seconds": 3600}, idempotency_key="k" * 128,
+                                        metadata={f"k{i}": "v" * 256 for i in range(16)}))
+    assert ok.allowed
+    stub.Release(pb.ReleaseRequest(reservation_id=ok.reservation_id))
+    after = usage(server.address, "u1")
+    assert [(c.used, c.held) for c in after.counters] == [(c.used, c.held) for c in before.counters]
+
+
+def test_unparseable_and_oversized_requests_are_refused_and_the_server_keeps_serving(server):
+    channel = grpc.insecure_channel(server.address)
+    raw = channel.unary_unary("/quotad.v1.QuotaService/Reserve")
+    with pytest.raises(grpc.RpcError) as error:
+        raw(b"\x0a\x02\xff\xfe")  # user_id holding invalid UTF-8
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as error:
+        raw(b"\x0a\x83\x80\x04" + b"u" * (64 * 1024 + 3))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    subscribe(server.address, "u1", plan_with(100))
+    assert usage(server.address, "u1").counters[0].quota == 100
+
+
+def test_unknown_and_malformed_reservation_ids(server):
+    stub = quota(server.address)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Commit(pb.CommitRequest(reservation_id="rsv_" + "0" * 24))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Release(pb.ReleaseRequest(reservation_id="nope"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
