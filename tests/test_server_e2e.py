@@ -292,3 +292,27 @@ def test_unknown_and_malformed_reservation_ids(server):
     with pytest.raises(grpc.RpcError) as error:
         stub.Release(pb.ReleaseRequest(reservation_id="nope"))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_corrupt_acknowledged_record_refuses_start_naming_the_record(start_server):
+    import lmdb
+
+    from quotad.codec import record_key
+
+    first = start_server()
+    subscribe(first.address, "u1", plan_with(100))
+    assert first.stop() == 0
+    env = lmdb.open(str(first.data_dir), max_dbs=4, map_size=64 * 1024**3)
+    log_db = env.open_db(b"log")
+    with env.begin(write=True, db=log_db) as txn:
+        value = bytearray(txn.get(record_key(3)))
+        value[-2] ^= 0x01
+        txn.put(record_key(3), bytes(value))
+    env.close()
+
+    broken = ServerProcess(first.data_dir)
+    with pytest.raises(RuntimeError, match="exited"):
+        broken.start()
+    refusal = broken.last("cannot recover the log, refusing to start")
+    assert "log record 3: checksum mismatch" in refusal["error"]
+    assert broken.process.returncode == 1

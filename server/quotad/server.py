@@ -100,7 +100,13 @@ async def serve(config: Config) -> int:
     log.info("listening", extra={"address": address, "state": "starting"})
 
     started = time.monotonic()
-    core = await loop.run_in_executor(None, recover, log_)
+    try:
+        core = await loop.run_in_executor(None, recover, log_)
+    except Exception as error:  # a log we cannot trust: refuse to serve anything
+        log.critical("cannot recover the log, refusing to start", extra={"error": str(error)})
+        await server.stop(0)
+        log_.close()
+        return 1
     writer = Writer(core, log_, on_failure=fail)
     writer.start()
     await writer.expire_due()

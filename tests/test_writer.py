@@ -1,0 +1,106 @@
+"""The single writer over a real LMDB log: group commit, durability before answers, fail-stop,
+recovery. No gRPC here; the server process is tested in test_server_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from quotad.codec import state_digest
+from quotad.commands import Track, UpsertPlan, UpsertSubscription
+from quotad.plans import LimitGroup, Plan, Window
+from quotad.wal import DataDirLocked, Log
+from quotad.writer import ServerClock, StorageFailed, Writer, recover
+
+PLAN = Plan(id="p", limit_groups=(LimitGroup(key="units", quota=10**15, window=Window.LIFETIME),))
+
+
+async def _writer_on(log_: Log, failures: list[BaseException]) -> Writer:
+    writer = Writer(recover(log_), log_, on_failure=failures.append)
+    writer.start()
+    await writer.execute(UpsertPlan(app="a", plan=PLAN))
+    await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+    return writer
+
+
+def _track(key: str, pad: str = "") -> Track:
+    return Track(app="a", user_id="u", event_type="e", amount=1, idempotency_key=key,
+                 metadata=(("pad", pad),) if pad else ())
+
+
+def test_concurrent_commands_share_transactions_and_each_is_on_disk_before_its_answer(
+        tmp_path: Path):
+    log_ = Log(tmp_path)
+
+    async def run() -> Writer:
+        writer = await _writer_on(log_, [])
+
+        async def one(index: int) -> None:
+            key = f"k{index}"
+            await writer.execute(_track(key))
+            on_disk = {getattr(r.command, "idempotency_key", "") for r in log_.records()}
+            assert key in on_disk, f"{key} answered before it was durable"
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+        await writer.close()
+        return writer
+
+    writer = asyncio.run(run())
+    print(f"\n{writer.records_written} records in {writer.batches} transactions")
+    assert writer.records_written == 202
+    assert writer.batches < writer.records_written
+    log_.close()
+
+
+def test_recovery_replays_the_log_into_the_same_state(tmp_path: Path):
+    log_ = Log(tmp_path)
+
+    async def run() -> str:
+        writer = await _writer_on(log_, [])
+        for index in range(50):
+            await writer.execute(_track(f"k{index}"))
+        await writer.close()
+        return state_digest(writer.core)
+
+    live_digest = asyncio.run(run())
+    assert state_digest(recover(log_)) == live_digest
+    log_.close()
+
+
+def test_a_full_map_stops_the_writer_and_nothing_after_it_is_answered(tmp_path: Path):
+    log_ = Log(tmp_path, map_size_bytes=1024**2)
+    failures: list[BaseException] = []
+
+    async def run() -> int:
+        writer = await _writer_on(log_, failures)
+        acknowledged = 0
+        with pytest.raises(StorageFailed):
+            for index in range(50_000):
+                await writer.execute(_track(f"k{index}", pad="p" * 200))
+                acknowledged += 1
+        with pytest.raises(StorageFailed):
+            await writer.execute(_track("after"))
+        await writer.close()
+        return acknowledged
+
+    acknowledged = asyncio.run(run())
+    assert len(failures) == 1
+    assert sum(1 for r in log_.records() if isinstance(r.command, Track)) == acknowledged
+    log_.close()
+
+
+def test_one_data_directory_takes_one_log_at_a_time(tmp_path: Path):
+    first = Log(tmp_path)
+    with pytest.raises(DataDirLocked):
+        Log(tmp_path)
+    first.close()
+    Log(tmp_path).close()
+
+
+def test_server_time_is_strictly_increasing_even_when_the_wall_clock_steps_back():
+    wall = iter([1_000, 2_000, 1_500, 1_500, 5_000])
+    clock = ServerClock(floor_ns=1_200, wall_ns=lambda: next(wall))
+    times = [clock.now_ns() for _ in range(5)]
+    assert times == [1_201, 2_000, 2_001, 2_002, 5_000]
