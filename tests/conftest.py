@@ -23,10 +23,11 @@ def start_server(tmp_path: Path) -> Iterator:
     """Starts servers on demand (restarts included) and kills what is left at the end."""
     started: list[ServerProcess] = []
 
-    def start(data_dir: Path | None = None, **kwargs) -> ServerProcess:
-        process = ServerProcess(data_dir or tmp_path / "data", **kwargs).start()
+    def start(data_dir: Path | None = None, listen: str = "127.0.0.1:0",
+              **kwargs) -> ServerProcess:
+        process = ServerProcess(data_dir or tmp_path / "data", **kwargs)
         started.append(process)
-        return process
+        return process.start(listen)
 
     yield start
     for process in started:

@@ -1,0 +1,149 @@
+"""Exceptions of the quotad client, and the mapping from gRPC errors to them.
+
+``QuotadError`` and its subclasses mean the call failed (the server refused it, or could not be
+reached). ``QuotaExceeded`` is deliberately NOT a ``QuotadError``: it means quotad answered and
+said no. Code that fails open on ``except QuotadError`` therefore never lets a denied user through.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import cast
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ._types import Counter, Reservation, TrackResult
+
+ERROR_DOMAIN = "quotad"
+
+
+class QuotadError(Exception):
+    """A quotad call that failed. ``code`` is the gRPC status code, ``message`` its text."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}" if message else code.name)
+        self.code = code
+        self.message = message
+
+
+class InvalidArgument(QuotadError):
+    """The request broke a limit; ``field_violations`` names each bad field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 field_violations: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(code, message)
+        self.field_violations: list[tuple[str, str]] = list(field_violations or [])
+
+
+class NotFound(QuotadError):
+    """Unknown reservation, plan or subscription."""
+
+
+class _WithReason(QuotadError):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
+        super().__init__(code, message)
+        self.reason = reason
+
+
+class FailedPrecondition(_WithReason):
+    """The state does not allow it; ``reason`` is machine-readable (``NO_PLAN``...)."""
+
+
+class ResourceExhausted(_WithReason):
+    """A server or transport limit; ``reason`` is set when quotad gave one."""
+
+
+class AlreadyExists(QuotadError):
+    """An idempotency key reused for a different request."""
+
+
+class PermissionDenied(QuotadError):
+    pass
+
+
+class Unauthenticated(QuotadError):
+    pass
+
+
+class Unavailable(QuotadError):
+    """The server is starting, draining, stopped, or unreachable (retried by the client)."""
+
+
+class DeadlineExceeded(QuotadError):
+    """No answer within the call's time budget."""
+
+
+_CLASSES: dict[grpc.StatusCode, type[QuotadError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+def error_from_status(code: grpc.StatusCode, message: str,
+                      status: status_pb2.Status | None = None) -> QuotadError:
+    """The exception for a gRPC status and its optional ``google.rpc.Status`` details."""
+    violations: list[tuple[str, str]] = []
+    reason = ""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend((v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if not reason or info.domain == ERROR_DOMAIN:
+                reason = info.reason
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(code, message, violations)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(code, message, reason)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(code, message, reason)
+    return _CLASSES.get(code, QuotadError)(code, message)
+
+
+def error_from_rpc_error(error: grpc.RpcError) -> QuotadError:
+    """Maps a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+    code_fn = getattr(error, "code", None)
+    details_fn = getattr(error, "details", None)
+    code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    message = (details_fn() if callable(details_fn) else None) or ""
+    status: status_pb2.Status | None = None
+    try:
+        status = rpc_status.from_call(cast(grpc.Call, error))  # sync and aio errors are Calls
+    except (ValueError, AttributeError, TypeError, DecodeError):
+        status = None  # malformed or inconsistent details: keep the plain code and message
+    return error_from_status(code, message, status)
+
+
+class QuotaExceeded(Exception):
+    """quotad denied the request: ``denied_by`` had no room for ``amount``.
+
+    ``remaining`` and ``resets_at`` are those of the denying group's counter; ``counters`` are
+    all matched groups' counters; ``result`` is the denied Reservation or TrackResult.
+    """
+
+    def __init__(self, *, user_id: str, event_type: str, amount: int,
+                 result: Reservation | TrackResult) -> None:
+        self.user_id = user_id
+        self.event_type = event_type
+        self.amount = amount
+        self.result = result
+        self.denied_by = result.denied_by
+        self.counters: tuple[Counter, ...] = result.counters
+        denying = result.counter(result.denied_by)
+        self.remaining: int = denying.remaining if denying is not None else 0
+        self.resets_at: datetime | None = denying.resets_at if denying is not None else None
+        when = f", resets at {self.resets_at.isoformat()}" if self.resets_at else ""
+        super().__init__(
+            f"quota exceeded for user {user_id!r}, event {event_type!r}, amount {amount}: "
+            f"limit group {self.denied_by!r} has {self.remaining} left{when}")

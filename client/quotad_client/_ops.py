@@ -1,0 +1,178 @@
+"""One description per RPC, shared by the sync and asyncio clients.
+
+An ``Op`` says which stub method to call with which request, whether a retry after UNAVAILABLE
+is safe, and how to turn the response into the client's Python type. The clients only run it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from google.protobuf.message import Message
+
+from quotad.v1 import quotad_pb2, quotad_pb2_grpc
+
+from . import _convert as cv
+from ._errors import QuotaExceeded
+from ._types import (
+    CommitResult,
+    EventPage,
+    Plan,
+    ReleaseResult,
+    Reservation,
+    Subscription,
+    TrackResult,
+    UpsertPlanResult,
+    UpsertSubscriptionResult,
+    Usage,
+)
+
+T = TypeVar("T")
+
+QUOTA = "quota"
+ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Op(Generic[T]):
+    service: str
+    """QUOTA or ADMIN."""
+    method: str
+    """The RPC name, e.g. "Reserve"."""
+    request: Message
+    retryable: bool
+    """Safe to send again after UNAVAILABLE (a read, an idempotent upsert, or a keyed mutation)."""
+    convert: Callable[[Any], T]
+
+
+def make_stubs(channel: Any) -> dict[str, Any]:
+    """The generated stubs of both services over a ``grpc.Channel`` or ``grpc.aio.Channel``."""
+    return {
+        QUOTA: quotad_pb2_grpc.QuotaServiceStub(channel),  # type: ignore[no-untyped-call]
+        ADMIN: quotad_pb2_grpc.AdminServiceStub(channel),  # type: ignore[no-untyped-call]
+    }
+
+
+def new_idempotency_key() -> str:
+    """A fresh key: 32 hex characters (the server allows up to 128 bytes)."""
+    return uuid.uuid4().hex
+
+
+def _key(given: str | None, auto: bool) -> tuple[str, bool]:
+    """The idempotency key to send and whether the mutation may be retried with it.
+
+    A key generated here is made once, before the first attempt, and sent on every retry.
+    """
+    if given:
+        return given, True
+    if auto:
+        return new_idempotency_key(), True
+    return "", False
+
+
+def reserve(user_id: str, event_type: str, amount: int, metadata: Mapping[str, str] | None,
+            ttl_s: float | timedelta | None, idempotency_key: str | None,
+            auto_key: bool) -> Op[Reservation]:
+    key, retryable = _key(idempotency_key, auto_key)
+    request = quotad_pb2.ReserveRequest(user_id=user_id, event_type=event_type, amount=amount,
+                                        metadata=dict(metadata or {}), idempotency_key=key)
+    if ttl_s is not None:
+        request.ttl.CopyFrom(cv.to_duration(ttl_s))
+    return Op(QUOTA, "Reserve", request, retryable,
+              lambda r: cv.reservation_from_proto(r, amount))
+
+
+def commit(reservation_id: str, amount: int | None, idempotency_key: str | None,
+           auto_key: bool) -> Op[CommitResult]:
+    key, retryable = _key(idempotency_key, auto_key)
+    request = quotad_pb2.CommitRequest(reservation_id=reservation_id, idempotency_key=key)
+    if amount is not None:
+        request.amount = amount
+    return Op(QUOTA, "Commit", request, retryable, cv.commit_from_proto)
+
+
+def release(reservation_id: str, idempotency_key: str | None,
+            auto_key: bool) -> Op[ReleaseResult]:
+    key, retryable = _key(idempotency_key, auto_key)
+    request = quotad_pb2.ReleaseRequest(reservation_id=reservation_id, idempotency_key=key)
+    return Op(QUOTA, "Release", request, retryable, cv.release_from_proto)
+
+
+def extend(reservation_id: str, ttl_s: float | timedelta, idempotency_key: str | None,
+           auto_key: bool) -> Op[datetime]:
+    key, retryable = _key(idempotency_key, auto_key)
+    request = quotad_pb2.ExtendRequest(reservation_id=reservation_id, idempotency_key=key)
+    request.ttl.CopyFrom(cv.to_duration(ttl_s))
+    return Op(QUOTA, "Extend", request, retryable, lambda r: cv.to_datetime(r.expires_at))
+
+
+def track(user_id: str, event_type: str, amount: int, metadata: Mapping[str, str] | None,
+          enforce: bool, idempotency_key: str | None, auto_key: bool) -> Op[TrackResult]:
+    key, retryable = _key(idempotency_key, auto_key)
+    request = quotad_pb2.TrackRequest(user_id=user_id, event_type=event_type, amount=amount,
+                                      metadata=dict(metadata or {}), enforce=enforce,
+                                      idempotency_key=key)
+    return Op(QUOTA, "Track", request, retryable, cv.track_from_proto)
+
+
+def usage(user_id: str) -> Op[Usage]:
+    return Op(QUOTA, "GetUsage", quotad_pb2.GetUsageRequest(user_id=user_id), True,
+              cv.usage_from_proto)
+
+
+def upsert_plan(plan: cv.PlanLike) -> Op[UpsertPlanResult]:
+    # Idempotent by nature: sending the same plan twice changes nothing the second time (a
+    # retried upsert may then report changed=False).
+    return Op(ADMIN, "UpsertPlan", quotad_pb2.UpsertPlanRequest(plan=cv.plan_to_proto(plan)),
+              True, cv.upsert_plan_from_proto)
+
+
+def get_plan(plan_id: str) -> Op[Plan]:
+    return Op(ADMIN, "GetPlan", quotad_pb2.GetPlanRequest(id=plan_id), True,
+              lambda r: cv.plan_from_proto(r.plan))
+
+
+def list_plans() -> Op[list[Plan]]:
+    return Op(ADMIN, "ListPlans", quotad_pb2.ListPlansRequest(), True,
+              lambda r: [cv.plan_from_proto(p) for p in r.plans])
+
+
+def delete_plan(plan_id: str) -> Op[None]:
+    # No idempotency key in the contract, and a repeat after a lost answer would say NOT_FOUND:
+    # not retried.
+    return Op(ADMIN, "DeletePlan", quotad_pb2.DeletePlanRequest(id=plan_id), False,
+              lambda r: None)
+
+
+def subscribe(user_id: str, plan_id: str, time_zone: str) -> Op[UpsertSubscriptionResult]:
+    request = quotad_pb2.UpsertSubscriptionRequest(user_id=user_id, plan_id=plan_id,
+                                                   time_zone=time_zone)
+    return Op(ADMIN, "UpsertSubscription", request, True, cv.upsert_subscription_from_proto)
+
+
+def get_subscription(user_id: str) -> Op[Subscription]:
+    return Op(ADMIN, "GetSubscription", quotad_pb2.GetSubscriptionRequest(user_id=user_id), True,
+              lambda r: cv.subscription_from_proto(r.subscription))
+
+
+def list_events(user_id: str, start: datetime | None, end: datetime | None, page_size: int,
+                page_token: str) -> Op[EventPage]:
+    request = quotad_pb2.ListEventsRequest(user_id=user_id, page_size=page_size,
+                                           page_token=page_token)
+    if start is not None:
+        request.start_time.CopyFrom(cv.to_timestamp(start))
+    if end is not None:
+        request.end_time.CopyFrom(cv.to_timestamp(end))
+    return Op(ADMIN, "ListEvents", request, True, cv.event_page_from_proto)
+
+
+def check_denial(result: T, *, user_id: str, event_type: str, amount: int,
+                 raise_on_deny: bool) -> T:
+    """Raises QuotaExceeded for a denied Reservation or TrackResult when asked to."""
+    if raise_on_deny and isinstance(result, (Reservation, TrackResult)) and not result.allowed:
+        raise QuotaExceeded(user_id=user_id, event_type=event_type, amount=amount, result=result)
+    return result

@@ -1,0 +1,57 @@
+"""When to retry a call, and how long to wait before the next attempt.
+
+Only UNAVAILABLE is retried (the server is starting, draining, or unreachable), and only for
+calls that are safe to send twice (see ``Op.retryable``). Waits grow exponentially with random
+jitter, and every attempt of one call shares one deadline: the call's ``timeout_s`` is the
+budget of the whole call, retries included.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 3
+    """Retries after the first attempt (0: never retry)."""
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    """Fraction of each wait that is random: a wait is base * (1 - jitter * U[0, 1))."""
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError("retries must be >= 0")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must be >= 0 and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be between 0 and 1")
+
+    def backoff(self, retry: int) -> float:
+        """The wait before retry number ``retry`` (0 for the first retry)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** retry)
+        return base * (1.0 - self.jitter * self.rng.random())
+
+    def next_wait(self, *, retry: int, code: grpc.StatusCode, retryable: bool,
+                  deadline: float, now: float | None = None) -> float | None:
+        """The wait before retry number ``retry``, or None when the call must fail now.
+
+        None when the code is not retried, the call is unsafe to repeat, the retries are used
+        up, or the wait would leave no time of the deadline (``time.monotonic()`` based).
+        """
+        if not retryable or code not in RETRYABLE_CODES or retry >= self.retries:
+            return None
+        wait = self.backoff(retry)
+        now = time.monotonic() if now is None else now
+        if now + wait >= deadline:
+            return None
+        return wait

@@ -1,0 +1,188 @@
+"""The blocking client, over a ``grpc.Channel``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from . import _ops as ops
+from ._config import ClientConfig, merged_channel_options
+from ._convert import PlanLike
+from ._errors import DeadlineExceeded, error_from_rpc_error
+from ._hold import Hold
+from ._retry import RetryPolicy
+from ._types import (
+    CommitResult,
+    Event,
+    EventPage,
+    Plan,
+    ReleaseResult,
+    Subscription,
+    TrackResult,
+    UpsertPlanResult,
+    UpsertSubscriptionResult,
+    Usage,
+)
+
+T = TypeVar("T")
+
+
+class QuotaClient:
+    """A blocking quotad client. Use as a context manager, or call ``close()``.
+
+    ``timeout_s`` is the default time budget of each call, retries included; every method takes
+    ``timeout_s=`` to override it. UNAVAILABLE is retried up to ``retries`` times with
+    exponential backoff and jitter, for reads and for mutations that carry an idempotency key;
+    with ``auto_idempotency_keys`` (the default) the client gives each mutation that has none a
+    fresh key, sent unchanged on every retry.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
+                 timeout_s: float = 2.0, retries: int = 3,
+                 retry_policy: RetryPolicy | None = None, auto_idempotency_keys: bool = True,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = (),
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self._config = ClientConfig.make(
+            api_key=api_key, timeout_s=timeout_s, retries=retries, retry_policy=retry_policy,
+            auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials,
+                                                options=merged_channel_options(channel_options))
+        else:
+            self._channel = grpc.insecure_channel(
+                target, options=merged_channel_options(channel_options))
+        self._stubs = ops.make_stubs(self._channel)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> QuotaClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- the call loop -----------------------------------------------------------------------
+
+    def _run(self, op: ops.Op[T], timeout_s: float | None) -> T:
+        config = self._config
+        method = getattr(self._stubs[op.service], op.method)
+        deadline = time.monotonic() + config.budget(timeout_s)
+        retry = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"{op.method}: no time left for another attempt")
+            try:
+                response = method(op.request, timeout=remaining, metadata=config.metadata)
+            except grpc.RpcError as rpc_error:
+                error = error_from_rpc_error(rpc_error)
+                wait = config.policy.next_wait(retry=retry, code=error.code,
+                                               retryable=op.retryable, deadline=deadline)
+                if wait is None:
+                    raise error from rpc_error
+                time.sleep(wait)
+                retry += 1
+                continue
+            return op.convert(response)
+
+    # --- QuotaService ------------------------------------------------------------------------
+
+    def reserve(self, user_id: str, event_type: str, amount: int, *,
+                metadata: Mapping[str, str] | None = None,
+                ttl_s: float | timedelta | None = None, idempotency_key: str | None = None,
+                raise_on_deny: bool = True, timeout_s: float | None = None) -> Hold:
+        """Holds ``amount`` on every limit group the event matches, or on none.
+
+        Denied: raises QuotaExceeded, or with ``raise_on_deny=False`` returns a hold with
+        ``allowed=False``. The result is a Reservation and a context manager.
+        """
+        op = ops.reserve(user_id, event_type, amount, metadata, ttl_s, idempotency_key,
+                         self._config.auto_idempotency_keys)
+        reservation = ops.check_denial(self._run(op, timeout_s), user_id=user_id,
+                                       event_type=event_type, amount=amount,
+                                       raise_on_deny=raise_on_deny)
+        return Hold(self, reservation, user_id=user_id, event_type=event_type)
+
+    def commit(self, reservation_id: str, amount: int | None = None, *,
+               idempotency_key: str | None = None,
+               timeout_s: float | None = None) -> CommitResult:
+        """Records what the hold really used (None: the reserved amount) and returns the rest."""
+        return self._run(ops.commit(reservation_id, amount, idempotency_key,
+                                    self._config.auto_idempotency_keys), timeout_s)
+
+    def release(self, reservation_id: str, *, idempotency_key: str | None = None,
+                timeout_s: float | None = None) -> ReleaseResult:
+        """Returns the whole hold (a no-op for a released or expired one)."""
+        return self._run(ops.release(reservation_id, idempotency_key,
+                                     self._config.auto_idempotency_keys), timeout_s)
+
+    def extend(self, reservation_id: str, ttl_s: float | timedelta, *,
+               idempotency_key: str | None = None, timeout_s: float | None = None) -> datetime:
+        """Moves a live hold's expiry to now + ttl; returns the new expiry."""
+        return self._run(ops.extend(reservation_id, ttl_s, idempotency_key,
+                                    self._config.auto_idempotency_keys), timeout_s)
+
+    def track(self, user_id: str, event_type: str, amount: int, *,
+              metadata: Mapping[str, str] | None = None, enforce: bool = False,
+              idempotency_key: str | None = None, raise_on_deny: bool = True,
+              timeout_s: float | None = None) -> TrackResult:
+        """Records usage directly (negative: a refund); ``enforce`` checks and records at once."""
+        op = ops.track(user_id, event_type, amount, metadata, enforce, idempotency_key,
+                       self._config.auto_idempotency_keys)
+        return ops.check_denial(self._run(op, timeout_s), user_id=user_id,
+                                event_type=event_type, amount=amount,
+                                raise_on_deny=raise_on_deny)
+
+    def usage(self, user_id: str, *, timeout_s: float | None = None) -> Usage:
+        return self._run(ops.usage(user_id), timeout_s)
+
+    # --- AdminService ------------------------------------------------------------------------
+
+    def upsert_plan(self, plan: PlanLike, *, timeout_s: float | None = None) -> UpsertPlanResult:
+        return self._run(ops.upsert_plan(plan), timeout_s)
+
+    def get_plan(self, plan_id: str, *, timeout_s: float | None = None) -> Plan:
+        return self._run(ops.get_plan(plan_id), timeout_s)
+
+    def list_plans(self, *, timeout_s: float | None = None) -> list[Plan]:
+        return self._run(ops.list_plans(), timeout_s)
+
+    def delete_plan(self, plan_id: str, *, timeout_s: float | None = None) -> None:
+        self._run(ops.delete_plan(plan_id), timeout_s)
+
+    def subscribe(self, user_id: str, plan_id: str, time_zone: str = "UTC", *,
+                  timeout_s: float | None = None) -> UpsertSubscriptionResult:
+        return self._run(ops.subscribe(user_id, plan_id, time_zone), timeout_s)
+
+    def get_subscription(self, user_id: str, *, timeout_s: float | None = None) -> Subscription:
+        return self._run(ops.get_subscription(user_id), timeout_s)
+
+    def list_events(self, user_id: str, *, start: datetime | None = None,
+                    end: datetime | None = None, page_size: int = 0, page_token: str = "",
+                    timeout_s: float | None = None) -> EventPage:
+        """One page of the user's audit trail in [start, end)."""
+        return self._run(ops.list_events(user_id, start, end, page_size, page_token), timeout_s)
+
+    def iter_events(self, user_id: str, *, start: datetime | None = None,
+                    end: datetime | None = None, page_size: int = 0,
+                    timeout_s: float | None = None) -> Iterator[Event]:
+        """Every event of the user in [start, end), fetching page after page."""
+        token = ""
+        while True:
+            page = self.list_events(user_id, start=start, end=end, page_size=page_size,
+                                    page_token=token, timeout_s=timeout_s)
+            yield from page.events
+            if not page.next_page_token:
+                return
+            token = page.next_page_token

@@ -1,0 +1,181 @@
+"""Plain, immutable Python results of quotad calls (no protobuf objects).
+
+Every time is a timezone-aware ``datetime`` in UTC. Windows are lower-case names
+("minute", "hour", "day", "week", "month", "lifetime").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+
+WINDOWS: tuple[str, ...] = ("minute", "hour", "day", "week", "month", "lifetime")
+"""The window names a limit group may use."""
+
+def _empty_mapping() -> Mapping[str, tuple[str, ...]]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One limit group's counter for one user in the current window."""
+
+    key: str
+    label: str
+    unit: str
+    window: str
+    quota: int
+    used: int
+    held: int
+    remaining: int
+    window_start: datetime
+    resets_at: datetime | None
+    """``None`` for lifetime windows."""
+
+
+def _find(counters: tuple[Counter, ...], key: str) -> Counter | None:
+    for counter in counters:
+        if counter.key == key:
+            return counter
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer to Reserve: a hold on every matched limit group, or a denial."""
+
+    allowed: bool
+    reservation_id: str
+    """Set when allowed (also when the event matched no limit group); empty when denied."""
+    expires_at: datetime | None
+    counters: tuple[Counter, ...]
+    """The matched groups' counters after the operation."""
+    denied_by: str
+    """The key of the first group that had no room, when denied."""
+    amount: int
+    """The amount that was asked for (and is held, when allowed)."""
+
+    def counter(self, key: str) -> Counter | None:
+        return _find(self.counters, key)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    counters: tuple[Counter, ...]
+    committed: int
+    returned: int
+    """What this commit gave back to the user (reserved - committed, when positive)."""
+    expired: bool
+    """The hold had expired before the commit; the usage was recorded all the same."""
+
+    def counter(self, key: str) -> Counter | None:
+        return _find(self.counters, key)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    counters: tuple[Counter, ...]
+
+    def counter(self, key: str) -> Counter | None:
+        return _find(self.counters, key)
+
+
+@dataclass(frozen=True, slots=True)
+class TrackResult:
+    allowed: bool
+    counters: tuple[Counter, ...]
+    denied_by: str
+
+    def counter(self, key: str) -> Counter | None:
+        return _find(self.counters, key)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A user's counters, one per limit group of their plan."""
+
+    user_id: str
+    plan_id: str
+    counters: tuple[Counter, ...]
+
+    def counter(self, key: str) -> Counter | None:
+        return _find(self.counters, key)
+
+    def __getitem__(self, key: str) -> Counter:
+        found = _find(self.counters, key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """Which events a limit group counts: event types and metadata constraints."""
+
+    event_types: tuple[str, ...] = ()
+    """Exact ("openai.chat"), prefix ("openai.*"), or "*". Empty: every event type."""
+    metadata: Mapping[str, tuple[str, ...]] = field(default_factory=_empty_mapping)
+    """metadata[key] must be one of the values, for every key."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitGroup:
+    key: str
+    label: str
+    unit: str
+    quota: int
+    window: str
+    match: Match = field(default_factory=Match)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    id: str
+    name: str
+    limit_groups: tuple[LimitGroup, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertPlanResult:
+    plan: Plan
+    changed: bool
+    """False when the stored plan was already identical."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    user_id: str
+    plan_id: str
+    time_zone: str
+    """IANA time zone that anchors calendar windows; empty means UTC."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertSubscriptionResult:
+    subscription: Subscription
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One audit record."""
+
+    sequence: int
+    time: datetime
+    kind: str
+    """"reserve", "commit", "release", "expire", "extend" or "track"."""
+    user_id: str
+    event_type: str
+    amount: int
+    metadata: Mapping[str, str]
+    reservation_id: str
+    allowed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: tuple[Event, ...]
+    next_page_token: str
+    """Empty on the last page."""

@@ -1,0 +1,152 @@
+"""The Python client against the real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import threading
+import time
+
+import pytest
+
+import quotad_client as qc
+
+PLAN = {
+    "id": "p", "name": "P",
+    "limit_groups": [
+        {"key": "tokens", "label": "Tokens", "unit": "tokens", "quota": 1000, "window": "month",
+         "match": {"event_types": ["openai.*"]}},
+        {"key": "premium", "label": "Premium", "unit": "tokens", "quota": 100, "window": "day",
+         "match": {"metadata": {"model": ["gpt-4o"]}}},
+    ],
+}
+
+
+@pytest.fixture
+def client(server):
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.upsert_plan(PLAN)
+        client.subscribe("u1", "p", time_zone="Europe/Paris")
+        yield client
+
+
+def test_a_hold_commits_what_the_work_really_used(client):
+    with client.reserve("u1", "openai.chat", 400, metadata={"model": "gpt-4o-mini"}) as hold:
+        assert hold.allowed and hold.reservation_id
+        hold.actual = 123
+    assert hold.commit_result is not None and hold.commit_result.returned == 277
+    assert client.usage("u1")["tokens"].used == 123
+
+
+def test_a_hold_without_an_actual_commits_the_reserved_amount(client):
+    with client.reserve("u1", "openai.chat", 40):
+        pass
+    assert client.usage("u1")["tokens"].used == 40
+
+
+def test_an_exception_inside_the_hold_releases_it_and_propagates(client):
+    with pytest.raises(ZeroDivisionError):
+        with client.reserve("u1", "openai.chat", 400):
+            1 / 0
+    tokens = client.usage("u1")["tokens"]
+    assert (tokens.used, tokens.held) == (0, 0)
+
+
+def test_a_denial_raises_quota_exceeded_with_the_denying_group_and_its_reset(client):
+    with pytest.raises(qc.QuotaExceeded) as denied:
+        with client.reserve("u1", "openai.chat", 101, metadata={"model": "gpt-4o"}):
+            raise AssertionError("the guarded work must not run")
+    assert denied.value.denied_by == "premium"
+    assert denied.value.remaining == 100
+    assert denied.value.resets_at is not None and denied.value.resets_at.tzinfo is not None
+    answer = client.reserve("u1", "openai.chat", 101, metadata={"model": "gpt-4o"},
+                            raise_on_deny=False)
+    assert not answer.allowed and answer.denied_by == "premium"
+    assert client.usage("u1")["tokens"].held == 0
+
+
+def test_a_hold_settled_by_hand_is_left_alone_and_its_fields_stay_read_only(client):
+    with client.reserve("u1", "openai.chat", 50) as hold:
+        hold.release()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            hold.allowed = False
+        with pytest.raises(TypeError):
+            hold.actual = "12"
+    assert hold.state == "released"
+    assert client.usage("u1")["tokens"].used == 0
+
+
+def test_track_enforce_and_refunds(client):
+    assert client.track("u1", "openai.image", 600, enforce=True).allowed
+    with pytest.raises(qc.QuotaExceeded):
+        client.track("u1", "openai.image", 600, enforce=True)
+    client.track("u1", "openai.image", -1000)
+    assert client.usage("u1")["tokens"].used == 0
+
+
+def test_server_errors_arrive_as_typed_exceptions_with_their_details(client):
+    with pytest.raises(qc.InvalidArgument) as invalid:
+        client.reserve("u1", "openai.chat", 0)
+    assert [field for field, _ in invalid.value.field_violations] == ["amount"]
+    with pytest.raises(qc.FailedPrecondition) as no_plan:
+        client.reserve("nobody", "openai.chat", 1)
+    assert no_plan.value.reason == "NO_PLAN"
+    with pytest.raises(qc.NotFound):
+        client.commit("rsv_" + "0" * 24)
+    with pytest.raises(qc.FailedPrecondition) as in_use:
+        client.delete_plan("p")
+    assert in_use.value.reason == "PLAN_IN_USE"
+
+
+def test_plan_and_subscription_helpers(client):
+    assert client.get_plan("p").limit_groups[1].quota == 100
+    assert "p" in [plan.id for plan in client.list_plans()]
+    assert client.upsert_plan(PLAN).changed is False
+    assert client.get_subscription("u1").time_zone == "Europe/Paris"
+
+
+def test_the_async_client_guards_work_the_same_way(server):
+    async def scenario() -> tuple[int, int]:
+        async with qc.AsyncQuotaClient(server.address, timeout_s=10) as client:
+            await client.upsert_plan(PLAN)
+            await client.subscribe("u2", "p")
+            async with client.reserve("u2", "openai.chat", 300) as hold:
+                hold.actual = 250
+            with pytest.raises(RuntimeError):
+                async with client.reserve("u2", "openai.chat", 300):
+                    raise RuntimeError("the model call failed")
+            tokens = (await client.usage("u2"))["tokens"]
+            return tokens.used, tokens.held
+
+    assert asyncio.run(scenario()) == (250, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_commit_retried_across_a_kill_and_restart_counts_once(start_server, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    first = start_server(tmp_path / "data", listen=address)
+    with qc.QuotaClient(address, timeout_s=20, retries=30) as client:
+        client.upsert_plan(PLAN)
+        client.subscribe("u1", "p")
+        hold = client.reserve("u1", "openai.chat", 70, ttl_s=600)
+        assert first.kill() != 0
+
+        def restart_soon() -> None:
+            time.sleep(0.5)
+            start_server(tmp_path / "data", listen=address)
+
+        restarter = threading.Thread(target=restart_soon)
+        restarter.start()
+        try:
+            result = client.commit(hold.reservation_id, 55)  # UNAVAILABLE until it is back
+        finally:
+            restarter.join(timeout=60)
+        assert result.committed == 55 and not result.expired
+        tokens = client.usage("u1")["tokens"]
+        assert (tokens.used, tokens.held) == (55, 0)
