@@ -190,7 +190,9 @@ class Core:
             _, _, kind, app_id, key = self.forget.pop(0)
             app = self.apps[app_id]
             if kind == "idempotency":
-                del app.idempotency[key]
+                entry = app.idempotency[key]
+                if entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns:
+                    del app.idempotency[key]  # else the key was used anew since: keep it
             else:
                 assert kind == "reservation", kind
                 assert app.reservations[key].status is not Status.LIVE
@@ -237,6 +239,8 @@ class Core:
         slot = (type(command).__name__, command.idempotency_key)
         request = _fingerprint(command)
         entry = self.apps.get(command.app, _EMPTY_APP).idempotency.get(slot)
+        if entry is not None and entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns:
+            entry = None  # past its retention; dropped with the next record
         if entry is not None:
             if entry.request != request:
                 raise AlreadyExists(
@@ -264,9 +268,11 @@ class Core:
             raise FailedPrecondition("NO_PLAN", f"user {user_id!r} has no subscription")
         return user, self.apps[app_id].plans[user.subscription.plan_id]
 
-    def _reservation(self, app_id: str, reservation_id: str) -> Reservation:
+    def _reservation(self, app_id: str, reservation_id: str, now_ns: int) -> Reservation:
         reservation = self.apps.get(app_id, _EMPTY_APP).reservations.get(reservation_id)
-        if reservation is None:
+        if reservation is None or (
+                reservation.status is not Status.LIVE
+                and reservation.finished_at_ns + limits.RESERVATION_RETENTION_NS <= now_ns):
             raise NotFound(f"no reservation {reservation_id!r}")
         return reservation
 
@@ -348,7 +354,7 @@ class Core:
                              expires_at_ns=reservation.expires_at_ns, counters=views), True
 
     def _commit(self, command: Commit, now_ns: int) -> tuple[CommitResult, bool]:
-        reservation = self._reservation(command.app, command.reservation_id)
+        reservation = self._reservation(command.app, command.reservation_id, now_ns)
         if reservation.status is Status.RELEASED:
             raise FailedPrecondition("RESERVATION_RELEASED",
                                      "the hold was released: its caller said it was not used")
@@ -369,7 +375,7 @@ class Core:
                             returned=returned, expired=expired), True
 
     def _release(self, command: Release, now_ns: int) -> tuple[ReleaseResult, bool]:
-        reservation = self._reservation(command.app, command.reservation_id)
+        reservation = self._reservation(command.app, command.reservation_id, now_ns)
         if reservation.status is Status.COMMITTED:
             raise FailedPrecondition("RESERVATION_COMMITTED",
                                      "the hold is committed: its usage stands")
@@ -379,7 +385,7 @@ class Core:
         return ReleaseResult(counters=self._hold_views(reservation, now_ns)), changed
 
     def _extend(self, command: Extend, now_ns: int) -> tuple[ExtendResult, bool]:
-        reservation = self._reservation(command.app, command.reservation_id)
+        reservation = self._reservation(command.app, command.reservation_id, now_ns)
         if reservation.status is not Status.LIVE:
             status = reservation.status.name
             raise FailedPrecondition(f"RESERVATION_{status}",

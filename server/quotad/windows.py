@@ -13,6 +13,8 @@ from .limits import NS_PER_S
 from .plans import Window
 
 _UNIT_S = {Window.MINUTE: 60, Window.HOUR: 3600}
+_BOUNDARY_STEPS_MAX = 4
+"""Steps back to the last local :00; offsets that change by part of an hour need two."""
 
 
 def window_bounds(window: Window, zone: ZoneInfo, now_ns: int) -> tuple[int, int | None]:
@@ -22,19 +24,27 @@ def window_bounds(window: Window, zone: ZoneInfo, now_ns: int) -> tuple[int, int
     if window in _UNIT_S:
         return _clock_window(_UNIT_S[window], zone, now_ns)
     local_date = datetime.fromtimestamp(now_ns // NS_PER_S, zone).date()
-    if window is Window.DAY:
-        first = local_date
-        after = first + timedelta(days=1)
-    elif window is Window.WEEK:
-        first = local_date - timedelta(days=local_date.weekday())
-        after = first + timedelta(days=7)
-    else:
-        assert window is Window.MONTH, window
-        first = local_date.replace(day=1)
-        after = (first + timedelta(days=32)).replace(day=1)
+    first, after = _period(window, local_date)
     start_ns, end_ns = _first_instant_ns(first, zone), _first_instant_ns(after, zone)
+    if end_ns <= now_ns:
+        # Clocks fell back across the period's end (St. John's 2009: 00:01 -> 23:01), so the
+        # old date is shown again: those instants belong to the period that already began.
+        first, after = _period(window, after)
+        start_ns, end_ns = end_ns, _first_instant_ns(after, zone)
     assert start_ns <= now_ns < end_ns, (window, zone, now_ns)
     return start_ns, end_ns
+
+
+def _period(window: Window, local_date: date) -> tuple[date, date]:
+    """The first local date of the day, week or month holding local_date, and the next one's."""
+    if window is Window.DAY:
+        return local_date, local_date + timedelta(days=1)
+    if window is Window.WEEK:
+        first = local_date - timedelta(days=local_date.weekday())
+        return first, first + timedelta(days=7)
+    assert window is Window.MONTH, window
+    first = local_date.replace(day=1)
+    return first, (first + timedelta(days=32)).replace(day=1)
 
 
 def _first_instant_ns(day: date, zone: ZoneInfo) -> int:
@@ -45,8 +55,16 @@ def _first_instant_ns(day: date, zone: ZoneInfo) -> int:
 
 
 def _clock_window(unit_s: int, zone: ZoneInfo, now_ns: int) -> tuple[int, int]:
-    now_s, now_rest_ns = divmod(now_ns, NS_PER_S)
-    start_s = now_s - _local_elapsed_s(unit_s, zone, now_s)
+    """Minutes and hours run from one instant where the local clock shows :00 to the next."""
+    now_s = now_ns // NS_PER_S
+    start_s = now_s
+    for _ in range(_BOUNDARY_STEPS_MAX):
+        elapsed = _local_elapsed_s(unit_s, zone, start_s)
+        if elapsed == 0:
+            break
+        start_s -= elapsed  # lands on :00 unless the offset changed in between: step again
+    else:
+        raise AssertionError(f"no local :00 found before {now_s} in {zone}")
     end_s = _next_boundary_s(unit_s, zone, start_s)
     assert start_s <= now_s < end_s
     return start_s * NS_PER_S, end_s * NS_PER_S
