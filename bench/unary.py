@@ -1,10 +1,12 @@
-"""Unary Reserve (+ Commit) throughput and latency against a real quotad process.
+"""Unary Reserve (+ Commit) throughput and latency against a real quotad process, beside a
+bare grpc.aio echo server answering the same messages (the transport's own cost).
 
-    .venv/bin/python -m bench.unary [--seconds 5] [--runs 3] [--concurrency 1,64]
+    .venv/bin/python -m bench.unary [--seconds 5] [--runs 3] [--concurrency 1,64] [--pairs]
 
-Starts its own server on a free loopback port and a fresh data directory for each run,
-drives it with one grpc.aio client process, and prints the median of the runs. Also prints
-how group commit behaved: records per LMDB transaction (from the server's stop line).
+Starts its own servers on free loopback ports (quotad on a fresh data directory each run),
+drives each with one grpc.aio client process in alternation, and prints medians of the runs
+and the quotad / echo ratio. Also prints how group commit behaved: records per LMDB
+transaction (from quotad's stop line).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +31,22 @@ from quotad.v1 import quotad_pb2_grpc as stubs  # noqa: E402
 USERS = 1000
 
 
-async def _drive(address: str, concurrency: int, seconds: float, pairs: bool) -> tuple[int, list[float]]:
+async def _set_up(channel: grpc.aio.Channel) -> None:
+    admin = stubs.AdminServiceStub(channel)
+    await admin.UpsertPlan(pb.UpsertPlanRequest(plan=pb.Plan(id="bench", limit_groups=[
+        pb.LimitGroup(key="tokens", quota=10**15, window=pb.MONTH,
+                      match=pb.Match(event_types=["*"]))])))
+    for user in range(USERS):
+        await admin.UpsertSubscription(pb.UpsertSubscriptionRequest(
+            user_id=f"u{user}", plan_id="bench"))
+
+
+async def _drive(address: str, concurrency: int, seconds: float, pairs: bool,
+                 set_up: bool) -> tuple[int, list[float]]:
     async with grpc.aio.insecure_channel(address) as channel:
         quota = stubs.QuotaServiceStub(channel)
-        admin = stubs.AdminServiceStub(channel)
-        await admin.UpsertPlan(pb.UpsertPlanRequest(plan=pb.Plan(id="bench", limit_groups=[
-            pb.LimitGroup(key="tokens", quota=10**15, window=pb.MONTH,
-                          match=pb.Match(event_types=["*"]))])))
-        for user in range(USERS):
-            await admin.UpsertSubscription(pb.UpsertSubscriptionRequest(
-                user_id=f"u{user}", plan_id="bench"))
+        if set_up:
+            await _set_up(channel)
         deadline = time.perf_counter() + seconds
         latencies_s: list[float] = []
 
@@ -60,21 +69,41 @@ async def _drive(address: str, concurrency: int, seconds: float, pairs: bool) ->
         return sum(counts), latencies_s
 
 
-def run_once(concurrency: int, seconds: float, pairs: bool) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = ServerProcess(Path(data_dir), plans=None, extra_args=()).start()
-        try:
-            calls, latencies_s = asyncio.run(_drive(server.address, concurrency, seconds, pairs))
-        finally:
-            server.stop()
-        stopped = server.last("stopped")
+def _figures(calls: int, latencies_s: list[float], seconds: float) -> dict[str, float]:
     latencies_s.sort()
     return {
         "calls_per_s": calls / seconds,
         "reserve_p50_ms": latencies_s[len(latencies_s) // 2] * 1e3,
         "reserve_p99_ms": latencies_s[int(len(latencies_s) * 0.99)] * 1e3,
-        "records_per_batch": stopped["records_written"] / max(1, stopped["batches"]),
     }
+
+
+def run_quotad(concurrency: int, seconds: float, pairs: bool) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = ServerProcess(Path(data_dir), plans=None, extra_args=()).start()
+        try:
+            calls, latencies_s = asyncio.run(
+                _drive(server.address, concurrency, seconds, pairs, set_up=True))
+        finally:
+            server.stop()
+        stopped = server.last("stopped")
+    figures = _figures(calls, latencies_s, seconds)
+    figures["records_per_txn"] = stopped["records_written"] / max(1, stopped["batches"])
+    return figures
+
+
+def run_echo(concurrency: int, seconds: float, pairs: bool) -> dict[str, float]:
+    echo = subprocess.Popen([sys.executable, "-m", "bench.echo_server"], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert echo.stdout is not None
+        port = int(echo.stdout.readline())
+        calls, latencies_s = asyncio.run(
+            _drive(f"127.0.0.1:{port}", concurrency, seconds, pairs, set_up=False))
+    finally:
+        echo.kill()
+        echo.wait(timeout=30)
+    return _figures(calls, latencies_s, seconds)
 
 
 def main() -> None:
@@ -84,13 +113,21 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--pairs", action="store_true", help="Reserve then Commit each time")
     args = parser.parse_args()
-    print(f"{'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'rec/txn':>8}"
-          f"   (median of {args.runs} runs of {args.seconds:g} s)")
+    what = "Reserve+Commit" if args.pairs else "Reserve"
+    print(f"{what}, median of {args.runs} runs of {args.seconds:g} s each, one client process")
+    print(f"{'in flight':>9} | {'quotad calls/s':>14} {'p50 ms':>7} {'p99 ms':>7} {'rec/txn':>8} |"
+          f" {'echo calls/s':>12} {'p50 ms':>7} | {'quotad/echo':>11}")
     for concurrency in (int(c) for c in args.concurrency.split(",")):
-        runs = [run_once(concurrency, args.seconds, args.pairs) for _ in range(args.runs)]
-        median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        print(f"{concurrency:>9} {median['calls_per_s']:>9.0f} {median['reserve_p50_ms']:>7.2f} "
-              f"{median['reserve_p99_ms']:>7.2f} {median['records_per_batch']:>8.1f}")
+        quotad_runs, echo_runs = [], []
+        for _ in range(args.runs):  # alternate, so drift on a shared machine hits both
+            quotad_runs.append(run_quotad(concurrency, args.seconds, args.pairs))
+            echo_runs.append(run_echo(concurrency, args.seconds, args.pairs))
+        q = {key: statistics.median(r[key] for r in quotad_runs) for key in quotad_runs[0]}
+        e = {key: statistics.median(r[key] for r in echo_runs) for key in echo_runs[0]}
+        print(f"{concurrency:>9} | {q['calls_per_s']:>14.0f} {q['reserve_p50_ms']:>7.2f} "
+              f"{q['reserve_p99_ms']:>7.2f} {q['records_per_txn']:>8.1f} |"
+              f" {e['calls_per_s']:>12.0f} {e['reserve_p50_ms']:>7.2f} |"
+              f" {q['calls_per_s'] / e['calls_per_s']:>11.2f}")
 
 
 if __name__ == "__main__":
