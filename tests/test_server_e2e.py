@@ -228,7 +228,7 @@ def test_map_full_stops_the_server_and_a_larger_map_recovers_every_acknowledged_
             break
     assert failure is not None and failure.code() == grpc.StatusCode.UNAVAILABLE
     assert small.process.wait(timeout=30) == 1
-    assert small.last("stopped after a storage failure")
+    assert small.last("stopped after a failure")
     print(f"\nmap full after {acknowledged} acknowledged tracks")
 
     larger = start_server(data_dir, extra_args=("--map-size-gib", "0.1"))
@@ -316,3 +316,24 @@ def test_a_corrupt_acknowledged_record_refuses_start_naming_the_record(start_ser
     refusal = broken.last("cannot recover the log, refusing to start")
     assert "log record 3: checksum mismatch" in refusal["error"]
     assert broken.process.returncode == 1
+    code, summary = _verify(first.data_dir)
+    assert code == 1 and not summary["clean"] and "log record 3" in summary["error"]
+
+
+def _verify(data_dir: Path) -> tuple[int, dict]:
+    import json
+
+    result = subprocess.run([sys.executable, "-m", "quotad", "verify", "--data-dir",
+                             str(data_dir)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return result.returncode, json.loads(result.stdout) if result.stdout else {}
+
+
+def test_verify_checks_a_stopped_data_directory_and_the_digest_rpc_agrees(server):
+    subscribe(server.address, "u1", plan_with(100))
+    quota(server.address).Track(pb.TrackRequest(user_id="u1", event_type="x", amount=3))
+    live = admin(server.address).GetStateDigest(pb.GetStateDigestRequest())
+    assert live.sequence == 5 and len(live.digest) == 32
+    assert server.stop() == 0
+    code, summary = _verify(server.data_dir)
+    assert code == 0 and summary["clean"] and summary["records"] == live.sequence
+    assert summary["state_digest"] == live.digest == server.last("stopped")["state_digest"]

@@ -125,7 +125,7 @@ async def serve(config: Config) -> int:
     await writer.close()
     log_.close()
     if failure:
-        log.critical("stopped after a storage failure", extra={"error": repr(failure[0])})
+        log.critical("stopped after a failure", extra={"error": repr(failure[0])})
         return 1
     log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
                                "records_written": writer.records_written,

@@ -23,7 +23,7 @@ from .errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, QuotaError, ResourceExhausted,
 )
 from .v1 import quotad_pb2 as pb
-from .writer import StorageFailed, Writer
+from .writer import Writer, WriterStopped
 
 log = logging.getLogger("quotad.service")
 
@@ -66,7 +66,7 @@ def status_of(error: Exception) -> grpc.Status:
         details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
     elif isinstance(error, AlreadyExists):
         code = code_pb2.ALREADY_EXISTS
-    elif isinstance(error, (StorageFailed, Unavailable)):
+    elif isinstance(error, (WriterStopped, Unavailable)):
         code = code_pb2.UNAVAILABLE
     elif isinstance(error, Unauthenticated):
         code = code_pb2.UNAUTHENTICATED
@@ -158,7 +158,7 @@ def _handler(gate: Gate, name: str, to_command: Callable[[str, Any], Any],
             writer = gate.open_writer()
             command = to_command(DEFAULT_APP, request)
             result = await writer.execute(command)
-        except (QuotaError, StorageFailed, Unavailable, Unauthenticated) as error:
+        except (QuotaError, WriterStopped, Unavailable, Unauthenticated) as error:
             status = status_of(error)
             await context.abort(status.code, status.details, status.trailing_metadata)
         return to_response(result)
@@ -169,6 +169,17 @@ def _handler(gate: Gate, name: str, to_command: Callable[[str, Any], Any],
 
 def _request_violation(error: Exception) -> FieldViolation:
     return FieldViolation("request", f"cannot be parsed: {error}")
+
+
+def _state_digest_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            digest, sequence = await gate.open_writer().state_digest()
+        except (WriterStopped, Unavailable) as error:
+            status = status_of(error)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        return pb.GetStateDigestResponse(digest=digest, sequence=sequence)
+    return handle
 
 
 def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
@@ -183,5 +194,11 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
             )
             for name, request_type, to_command, to_response in methods
         }
+        if service.endswith("AdminService"):
+            table["GetStateDigest"] = grpc.unary_unary_rpc_method_handler(
+                _state_digest_handler(gate),
+                request_deserializer=_safe_parser(pb.GetStateDigestRequest),
+                response_serializer=lambda message: message.SerializeToString(),
+            )
         handlers.append(grpc.method_handlers_generic_handler(service, table))
     return handlers

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import limits
+from .codec import state_digest
 from .commands import Command, ExpireHolds, Record
 from .core import Core
 from .wal import Log
@@ -27,8 +28,9 @@ EXPIRY_POLL_S_MAX = 1.0
 """The expiry task sleeps at most this long; every command expires what is due anyway."""
 
 
-class StorageFailed(Exception):
-    """The log could not be written: nothing more is served from this process."""
+class WriterStopped(Exception):
+    """The writer stopped (a storage failure, a broken invariant, or shutdown): nothing more
+    is served from this process."""
 
 
 class ServerClock:
@@ -80,11 +82,15 @@ class Writer:
 
     async def execute(self, command: Command) -> Any:
         """Applies the command and answers once all it saw is durable. Raises the command's
-        QuotaError, or StorageFailed."""
+        QuotaError, or WriterStopped."""
         if self._failure is not None or self._closing:
-            raise StorageFailed("the server is stopping" if self._closing else
+            raise WriterStopped("the server is stopping" if self._closing else
                                 f"storage failed: {self._failure!r}")
-        outcome = self.core.apply(command, self.clock.now_ns())
+        try:
+            outcome = self.core.apply(command, self.clock.now_ns())
+        except Exception as error:  # a broken invariant: the state can no longer be trusted
+            self._fail(error)
+            raise WriterStopped(f"internal invariant failed: {error!r}") from error
         if outcome.records:
             self._pending.extend(outcome.records)
             self._has_pending.set()
@@ -96,8 +102,17 @@ class Writer:
     async def wait_durable(self, sequence: int) -> None:
         while self.durable_sequence < sequence:
             if self._failure is not None:
-                raise StorageFailed(f"storage failed: {self._failure!r}")
+                raise WriterStopped(f"storage failed: {self._failure!r}")
             await self._flushed.wait()
+
+    async def state_digest(self) -> tuple[str, int]:
+        """A digest of the state and its last sequence, once all of it is durable."""
+        if self._failure is not None or self._closing:
+            raise WriterStopped("the server is stopping or failed")
+        sequence = self.core.sequence
+        digest = state_digest(self.core)  # no await since reading sequence: consistent
+        await self.wait_durable(sequence)
+        return digest, sequence
 
     async def expire_due(self) -> None:
         await self.execute(ExpireHolds())
@@ -122,7 +137,7 @@ class Writer:
                 flushed.set()
 
     def _fail(self, error: BaseException) -> None:
-        log.critical("log write failed, stopping: %r", error)
+        log.critical("stopping: %r", error)
         self._failure = error
         self._flushed.set()  # wakes every waiter, who then sees the failure
         self._on_failure(error)
@@ -138,7 +153,7 @@ class Writer:
             if next_ns is not None and next_ns <= time.time_ns() and not self._closing:
                 try:
                     await self.expire_due()
-                except StorageFailed:
+                except WriterStopped:
                     return
 
     async def close(self) -> None:
