@@ -12,7 +12,7 @@ from quotad.codec import state_digest
 from quotad.commands import Track, UpsertPlan, UpsertSubscription
 from quotad.plans import LimitGroup, Plan, Window
 from quotad.wal import DataDirLocked, Log
-from quotad.writer import ServerClock, StorageFailed, Writer, recover
+from quotad.writer import ServerClock, Writer, WriterStopped, recover
 
 PLAN = Plan(id="p", limit_groups=(LimitGroup(key="units", quota=10**15, window=Window.LIFETIME),))
 
@@ -76,11 +76,11 @@ def test_a_full_map_stops_the_writer_and_nothing_after_it_is_answered(tmp_path: 
     async def run() -> int:
         writer = await _writer_on(log_, failures)
         acknowledged = 0
-        with pytest.raises(StorageFailed):
+        with pytest.raises(WriterStopped):
             for index in range(50_000):
                 await writer.execute(_track(f"k{index}", pad="p" * 200))
                 acknowledged += 1
-        with pytest.raises(StorageFailed):
+        with pytest.raises(WriterStopped):
             await writer.execute(_track("after"))
         await writer.close()
         return acknowledged
