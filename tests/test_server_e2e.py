@@ -294,21 +294,32 @@ def test_unknown_and_malformed_reservation_ids(server):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_corrupt_acknowledged_record_refuses_start_naming_the_record(start_server):
+def _flip_a_byte_of_record(data_dir: Path, sequence: int) -> None:
     import lmdb
 
     from quotad.codec import record_key
 
-    first = start_server()
-    subscribe(first.address, "u1", plan_with(100))
-    assert first.stop() == 0
-    env = lmdb.open(str(first.data_dir), max_dbs=4, map_size=64 * 1024**3)
+    env = lmdb.open(str(data_dir), max_dbs=8, map_size=64 * 1024**3)
     log_db = env.open_db(b"log")
     with env.begin(write=True, db=log_db) as txn:
-        value = bytearray(txn.get(record_key(3)))
+        value = bytearray(txn.get(record_key(sequence)))
         value[-2] ^= 0x01
-        txn.put(record_key(3), bytes(value))
+        txn.put(record_key(sequence), bytes(value))
     env.close()
+
+
+def _two_batches_then_kill(start_server) -> ServerProcess:
+    """Records 1-2 (plans), 3 (a plan) and 4 (a subscription) in separate batches; no
+    snapshot covers them (kill -9: no final snapshot)."""
+    first = start_server()
+    subscribe(first.address, "u1", plan_with(100))
+    assert first.kill() == -signal.SIGKILL
+    return first
+
+
+def test_a_corrupt_acknowledged_record_refuses_start_naming_the_record(start_server):
+    first = _two_batches_then_kill(start_server)
+    _flip_a_byte_of_record(first.data_dir, 3)
 
     broken = ServerProcess(first.data_dir)
     with pytest.raises(RuntimeError, match="exited"):
@@ -318,6 +329,24 @@ def test_a_corrupt_acknowledged_record_refuses_start_naming_the_record(start_ser
     assert broken.process.returncode == 1
     code, summary = _verify(first.data_dir)
     assert code == 1 and not summary["clean"] and "log record 3" in summary["error"]
+
+
+def test_a_corrupt_record_in_the_last_batch_is_a_torn_tail_dropped_with_a_log_line(
+        start_server):
+    first = _two_batches_then_kill(start_server)
+    _flip_a_byte_of_record(first.data_dir, 4)
+    code, summary = _verify(first.data_dir)
+    assert code == 1 and "torn" in summary["error"]
+
+    second = start_server(first.data_dir)
+    dropped = second.last("dropped a torn log tail")
+    assert dropped["from_sequence"] == 4 and dropped["records"] == 1
+    with pytest.raises(grpc.RpcError) as error:  # the subscription was never acknowledged
+        usage(second.address, "u1")
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert second.stop() == 0
+    code, summary = _verify(first.data_dir)
+    assert code == 0 and summary["clean"]
 
 
 def _verify(data_dir: Path) -> tuple[int, dict]:
@@ -337,3 +366,39 @@ def test_verify_checks_a_stopped_data_directory_and_the_digest_rpc_agrees(server
     code, summary = _verify(server.data_dir)
     assert code == 0 and summary["clean"] and summary["records"] == live.sequence
     assert summary["state_digest"] == live.digest == server.last("stopped")["state_digest"]
+
+
+def test_snapshots_let_a_restart_replay_only_the_log_after_them(start_server):
+    args = ("--log-state-digest", "--snapshot-every-records", "10")
+    first = start_server(extra_args=args)
+    subscribe(first.address, "u1", plan_with(10**6))
+    stub = quota(first.address)
+    for _ in range(45):
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=2))
+    before = admin(first.address).GetStateDigest(pb.GetStateDigestRequest())
+    assert first.kill() == -signal.SIGKILL
+
+    second = start_server(first.data_dir, extra_args=args)
+    recovered = second.last("recovered")
+    assert recovered["snapshot_sequence"] > 0 and recovered["replayed"] < 10
+    after = admin(second.address).GetStateDigest(pb.GetStateDigestRequest())
+    assert (after.digest, after.sequence) == (before.digest, before.sequence)
+    assert usage(second.address, "u1").counters[0].used == 90
+    assert second.stop() == 0  # a final snapshot: the next start replays nothing
+    third = start_server(first.data_dir, extra_args=args)
+    assert third.last("recovered")["replayed"] == 0
+    assert third.last("serving")["state_digest"] == second.last("stopped")["state_digest"]
+
+
+def test_log_records_older_than_the_audit_retention_are_pruned_with_a_snapshot(start_server):
+    args = ("--snapshot-every-records", "5", "--audit-retention-days", "0")
+    first = start_server(extra_args=args)
+    subscribe(first.address, "u1", plan_with(10**6))
+    for _ in range(20):
+        quota(first.address).Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    assert first.stop() == 0
+    code, summary = _verify(first.data_dir)
+    assert code == 0 and summary["clean"]
+    second = start_server(first.data_dir, extra_args=args)
+    assert second.last("recovered")["log_first_sequence"] > 20
+    assert usage(second.address, "u1").counters[0].used == 20

@@ -14,7 +14,11 @@ from .plans_file import PlansFileError
 from .server import Config, serve
 from .codec import state_digest
 from .wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, Log
-from .writer import recover
+from .writer import (
+    AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, recover,
+)
+
+NS_PER_DAY = 24 * 3600 * 1_000_000_000
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +43,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--map-size-gib", type=float, default=MAP_SIZE_BYTES_DEFAULT / 1024**3,
                      metavar="GIB", help="largest size the LMDB file may grow to "
                                          "(default: %(default)s)")
+    run.add_argument("--snapshot-every-records", type=int,
+                     default=SNAPSHOT_EVERY_RECORDS_DEFAULT, metavar="N",
+                     help="write a snapshot of the state after this many log records "
+                          "(default: %(default)s)")
+    run.add_argument("--snapshot-every-s", type=float, default=SNAPSHOT_EVERY_S_DEFAULT,
+                     metavar="SECONDS", help="... or after this many seconds with new records "
+                                             "(default: %(default)s)")
+    run.add_argument("--audit-retention-days", type=float,
+                     default=AUDIT_RETENTION_NS_DEFAULT / NS_PER_DAY, metavar="DAYS",
+                     help="keep log records (the audit trail) at least this long "
+                          "(default: %(default)s)")
     run.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     run.add_argument("--log-state-digest", action="store_true",
                      help="log a digest of the whole state at start and stop, to verify that "
@@ -63,7 +78,7 @@ def verify(data_dir: Path) -> int:
     log_ = Log(data_dir)
     started = time.monotonic()
     try:
-        core = recover(log_)
+        core = recover(log_, repair=False)
     except Exception as error:
         print(json.dumps({"clean": False, "error": str(error)}))
         return 1
@@ -86,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = Config(listen=args.listen, data_dir=args.data_dir, plans=args.plans,
                         map_size_bytes=int(args.map_size_gib * 1024**3),
-                        reflection=args.reflection, log_state_digest=args.log_state_digest)
+                        reflection=args.reflection, log_state_digest=args.log_state_digest,
+                        snapshot_every_records=args.snapshot_every_records,
+                        snapshot_every_s=args.snapshot_every_s,
+                        audit_retention_ns=int(args.audit_retention_days * NS_PER_DAY))
         return asyncio.run(serve(config))
     except (ValueError, PlansFileError, DataDirLocked) as error:
         print(f"quotad: {error}", file=sys.stderr)

@@ -21,7 +21,7 @@ import typing
 from functools import cache
 from typing import Any
 
-from .commands import COMMAND_TYPES, Command, Record
+from .commands import COMMAND_TYPES, AuditEvent, Record
 
 _HEADER = struct.Struct(">16sQQ")
 _KEY = struct.Struct(">Q")
@@ -44,10 +44,11 @@ def key_sequence(key: bytes) -> int:
 
 
 def encode_record(record: Record) -> bytes:
-    payload = json.dumps(
-        {"type": type(record.command).__name__, "fields": to_plain(record.command)},
-        separators=(",", ":"), ensure_ascii=False,
-    ).encode("utf-8")
+    document: dict[str, Any] = {"type": type(record.command).__name__,
+                                "fields": to_plain(record.command)}
+    if record.events:
+        document["events"] = to_plain(record.events)
+    payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     body = _HEADER.pack(b"", record.sequence, record.now_ns)[CHECKSUM_BYTES:] + payload
     return _checksum(body) + body
 
@@ -65,9 +66,10 @@ def decode_record(key: bytes, value: bytes) -> Record:
         document = json.loads(value[_HEADER.size:].decode("utf-8"))
         command_type = COMMAND_TYPES[document["type"]]
         command = from_plain(document["fields"], command_type)
+        events = from_plain(document.get("events", []), tuple[AuditEvent, ...])
     except Exception as error:  # a checksummed payload we cannot read is corruption too
         raise CorruptRecord(sequence, f"unreadable payload: {error!r}") from error
-    return Record(sequence, now_ns, command)
+    return Record(sequence, now_ns, command, events)
 
 
 def _checksum(body: bytes) -> bytes:

@@ -257,13 +257,34 @@ COMMAND_TYPES: dict[str, type] = {
 }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditEvent:
+    """One entry of the audit trail: what changed for a user. Never any content beyond the
+    metadata the caller chose."""
+
+    kind: str
+    """reserve, commit, release, expire, extend or track."""
+    app: str
+    user_id: str
+    event_type: str
+    amount: int
+    metadata: Metadata = ()
+    reservation_id: str = ""
+    allowed: bool = True
+
+
+AUDIT_KINDS = ("reserve", "commit", "release", "expire", "extend", "track")
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One entry of the write-ahead log: the command, applied at now_ns, as number sequence."""
+    """One entry of the write-ahead log: the command, applied at now_ns, as number sequence,
+    with the audit events it made (checked again on replay)."""
 
     sequence: int
     now_ns: int
     command: Command
+    events: tuple[AuditEvent, ...] = ()
 
 
 # --- results ----------------------------------------------------------------------------
@@ -350,3 +371,10 @@ class SubscriptionResult:
 class ExpireResult:
     expired: tuple[ExpiredHold, ...] = ()
 
+
+RESULT_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (ReserveResult, CommitResult, ReleaseResult, ExtendResult, TrackResult,
+                UsageResult, PlanResult, PlansResult, DeletePlanResult, SubscriptionResult,
+                ExpireResult)
+}

@@ -12,6 +12,8 @@ with `expires_at_ns <= now_ns` and records that as an ExpireHolds record of its 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from collections import Counter as Tally
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -19,8 +21,9 @@ from typing import Any, Callable
 from sortedcontainers import SortedList
 
 from . import limits
+from .codec import to_plain
 from .commands import (
-    Command, Commit, CommitResult, CounterView, DeletePlan, DeletePlanResult, ExpiredHold,
+    AuditEvent, Command, Commit, CommitResult, CounterView, DeletePlan, DeletePlanResult, ExpiredHold,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
     ListPlans, PlanResult, PlansResult, Record, Release, ReleaseResult, Reserve, ReserveResult,
     SubscriptionResult, Track, TrackResult, UpsertPlan, UpsertSubscription, UsageResult,
@@ -81,7 +84,7 @@ class UserState:
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyEntry:
-    request: tuple[Any, ...]
+    request: str
     result: Any
     created_at_ns: int
 
@@ -107,11 +110,14 @@ class Outcome:
 _EMPTY_APP = AppState()
 
 
-def _fingerprint(command: Any) -> tuple[Any, ...]:
-    """What makes two requests the same for idempotency: every field the caller chose."""
+def _fingerprint(command: Any) -> str:
+    """What makes two requests the same for idempotency: a digest of every field the caller
+    chose (compact to keep for 24 h, and plain to put in a snapshot)."""
     ignored = ("idempotency_key", "reservation_id") if isinstance(command, Reserve) else (
         "idempotency_key",)
-    return tuple(getattr(command, f.name) for f in fields(command) if f.name not in ignored)
+    chosen = [to_plain(getattr(command, f.name)) for f in fields(command) if f.name not in ignored]
+    text = json.dumps([type(command).__name__, chosen], separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
 class Core:
@@ -124,6 +130,8 @@ class Core:
         """(expires_at_ns, sequence, app, reservation_id) of every live hold."""
         self.forget: SortedList = SortedList()
         """(forget_at_ns, sequence, kind, app, key): finished holds and idempotency keys."""
+        self._events: list[AuditEvent] = []
+        """Audit events of the command being applied; they go into its record."""
         self._handlers: dict[type, Callable[[Any, int], tuple[Any, bool]]] = {
             Reserve: self._reserve, Commit: self._commit, Release: self._release,
             Extend: self._extend, Track: self._track, GetUsage: self._get_usage,
@@ -142,6 +150,7 @@ class Core:
             expired = records[0].command.expired if records else ()
             return Outcome(ExpireResult(expired=expired), None, tuple(records))
         handler = self._handlers[type(command)]
+        self._events.clear()
         try:
             if getattr(command, "idempotency_key", ""):
                 result, changed = self._idempotent(command, now_ns, handler)
@@ -171,16 +180,29 @@ class Core:
         self.sequence += 1
         self.last_record_ns = now_ns
         self._forget_due(now_ns)
-        return Record(self.sequence, now_ns, command)
+        events, self._events = tuple(self._events), []
+        return Record(self.sequence, now_ns, command, events)
+
+    def _audit(self, kind: str, app: str, user_id: str, event_type: str, amount: int,
+               metadata: Metadata = (), reservation_id: str = "", allowed: bool = True) -> None:
+        self._events.append(AuditEvent(
+            kind=kind, app=app, user_id=user_id, event_type=event_type, amount=amount,
+            metadata=metadata, reservation_id=reservation_id, allowed=allowed))
+
+    def _audit_hold(self, kind: str, reservation: Reservation, amount: int) -> None:
+        self._audit(kind, reservation.app, reservation.user_id, reservation.event_type, amount,
+                    reservation.metadata, reservation.reservation_id)
 
     def _expire_due(self, now_ns: int) -> list[Record]:
         if not self.expiry or self.expiry[0][0] > now_ns:
             return []
         expired = []
+        self._events.clear()
         while self.expiry and self.expiry[0][0] <= now_ns:
             _, _, app_id, reservation_id = self.expiry.pop(0)
             reservation = self.apps[app_id].reservations[reservation_id]
             self._end_live_hold(reservation, Status.EXPIRED, now_ns, in_index=False)
+            self._audit_hold("expire", reservation, reservation.amount)
             expired.append(ExpiredHold(app=app_id, reservation_id=reservation_id,
                                        user_id=reservation.user_id))
         return [self._emit(ExpireHolds(expired=tuple(expired)), now_ns)]
@@ -333,6 +355,8 @@ class Core:
         denied_by = self._first_without_room(groups, counters, command.amount)
         if denied_by:
             views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+            self._audit("reserve", command.app, command.user_id, command.event_type,
+                        command.amount, command.metadata, allowed=False)
             return ReserveResult(allowed=False, reservation_id="", expires_at_ns=0,
                                  counters=views, denied_by=denied_by), False
         for group, counter in zip(groups, counters):
@@ -349,6 +373,7 @@ class Core:
         app.reservations[reservation.reservation_id] = reservation
         user.live_holds += 1
         self.expiry.add(self._expiry_entry(reservation))
+        self._audit_hold("reserve", reservation, reservation.amount)
         views = tuple(self._view(g, c) for g, c in zip(groups, counters))
         return ReserveResult(allowed=True, reservation_id=reservation.reservation_id,
                              expires_at_ns=reservation.expires_at_ns, counters=views), True
@@ -371,6 +396,7 @@ class Core:
             if counter is not None:  # else its window is over: the usage counts there
                 counter.used += amount
         returned = 0 if expired else max(0, reservation.amount - amount)
+        self._audit_hold("commit", reservation, amount)
         return CommitResult(counters=self._hold_views(reservation, now_ns), committed=amount,
                             returned=returned, expired=expired), True
 
@@ -382,6 +408,7 @@ class Core:
         changed = reservation.status is Status.LIVE
         if changed:
             self._end_live_hold(reservation, Status.RELEASED, now_ns, in_index=True)
+            self._audit_hold("release", reservation, reservation.amount)
         return ReleaseResult(counters=self._hold_views(reservation, now_ns)), changed
 
     def _extend(self, command: Extend, now_ns: int) -> tuple[ExtendResult, bool]:
@@ -393,6 +420,7 @@ class Core:
         self.expiry.remove(self._expiry_entry(reservation))
         reservation.expires_at_ns = now_ns + command.ttl_ns
         self.expiry.add(self._expiry_entry(reservation))
+        self._audit_hold("extend", reservation, 0)
         return ExtendResult(expires_at_ns=reservation.expires_at_ns), True
 
     def _track(self, command: Track, now_ns: int) -> tuple[TrackResult, bool]:
@@ -403,11 +431,15 @@ class Core:
             denied_by = self._first_without_room(groups, counters, command.amount)
             if denied_by:
                 views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+                self._audit("track", command.app, command.user_id, command.event_type,
+                            command.amount, command.metadata, allowed=False)
                 return TrackResult(allowed=False, counters=views, denied_by=denied_by), False
         for group, counter in zip(groups, counters):
             counter.used = max(0, counter.used + command.amount)
             user.counters[(group.key, group.window)] = counter
         views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+        self._audit("track", command.app, command.user_id, command.event_type, command.amount,
+                    command.metadata)
         return TrackResult(allowed=True, counters=views), True
 
     def _get_usage(self, command: GetUsage, now_ns: int) -> tuple[UsageResult, bool]:

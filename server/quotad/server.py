@@ -28,7 +28,10 @@ from .plans_file import load_plans
 from .service import DEFAULT_APP, Gate, generic_handlers, is_loopback
 from .v1 import quotad_pb2
 from .wal import MAP_SIZE_BYTES_DEFAULT, Log
-from .writer import Writer, recover
+from .writer import (
+    AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, Writer,
+    recover,
+)
 
 log = logging.getLogger("quotad.server")
 
@@ -47,6 +50,9 @@ class Config:
     plans: Path | None = None
     map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
     reflection: bool = False
+    snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS_DEFAULT
+    snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT
+    audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT
     log_state_digest: bool = False
     """Log a digest of the whole state when serving starts and when stopped (costs a pass
     over the state): a restart must start from the digest the last stop ended with."""
@@ -61,7 +67,11 @@ class Config:
                 "address (127.0.0.1, ::1, localhost)"
             )
         if self.map_size_bytes < 1024**2:
-            raise ValueError("--map-size must be at least 1 MiB")
+            raise ValueError("--map-size-gib must be at least 1 MiB")
+        if self.snapshot_every_records < 1 or self.snapshot_every_s <= 0:
+            raise ValueError("--snapshot-every-records and --snapshot-every-s must be positive")
+        if self.audit_retention_ns < 0:
+            raise ValueError("--audit-retention-days must not be negative")
 
 
 async def serve(config: Config) -> int:
@@ -107,7 +117,10 @@ async def serve(config: Config) -> int:
         await server.stop(0)
         log_.close()
         return 1
-    writer = Writer(core, log_, on_failure=fail)
+    writer = Writer(core, log_, on_failure=fail,
+                    snapshot_every_records=config.snapshot_every_records,
+                    snapshot_every_s=config.snapshot_every_s,
+                    audit_retention_ns=config.audit_retention_ns)
     writer.start()
     await writer.expire_due()
     for plan in plans:
@@ -129,6 +142,8 @@ async def serve(config: Config) -> int:
         return 1
     log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
                                "records_written": writer.records_written,
+                               "snapshots": writer.snapshots,
+                               "snapshot_stall_ms_max": round(writer.snapshot_stall_s_max * 1e3, 3),
                                **_digest(config, core)})
     return 0
 

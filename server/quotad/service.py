@@ -7,6 +7,7 @@ the protobuf runtime cannot parse is answered INVALID_ARGUMENT rather than INTER
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,11 +19,14 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from . import commands as c
-from . import convert
+from . import convert, limits
+from .commands import AUDIT_KINDS
 from .errors import (
-    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, QuotaError, ResourceExhausted,
+    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, QuotaError,
+    ResourceExhausted, Violations,
 )
 from .v1 import quotad_pb2 as pb
+from .wal import EVENT_CURSOR_BYTES
 from .writer import Writer, WriterStopped
 
 log = logging.getLogger("quotad.service")
@@ -182,6 +186,61 @@ def _state_digest_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
     return handle
 
 
+EVENTS_PAGE_SIZE_DEFAULT = 100
+EVENTS_PAGE_SIZE_MAX = 1000
+_EVENT_KINDS = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.upper()}") for kind in AUDIT_KINDS}
+_END_OF_TIME_NS = 2**63 - 1
+
+
+def _events_query(request: pb.ListEventsRequest) -> tuple[int, int, bytes, int]:
+    """(start_ns, end_ns, cursor, page_size) of a ListEvents request, or InvalidArgument."""
+    v = Violations()
+    v.text(request.user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
+    v.check(0 <= request.page_size <= EVENTS_PAGE_SIZE_MAX, "page_size",
+            f"must be 0 (meaning {EVENTS_PAGE_SIZE_DEFAULT}) to {EVENTS_PAGE_SIZE_MAX}")
+    start_ns = (request.start_time.seconds * limits.NS_PER_S + request.start_time.nanos
+                if request.HasField("start_time") else 0)
+    end_ns = (request.end_time.seconds * limits.NS_PER_S + request.end_time.nanos
+              if request.HasField("end_time") else _END_OF_TIME_NS)
+    v.check(start_ns >= 0, "start_time", "must not be before 1970")
+    v.check(end_ns > start_ns, "end_time", "must be after start_time")
+    try:
+        cursor = bytes.fromhex(request.page_token)
+    except ValueError:
+        cursor = b"?"
+    v.check(len(cursor) in (0, EVENT_CURSOR_BYTES), "page_token",
+            "must be a next_page_token from ListEvents")
+    v.raise_if_any()
+    return start_ns, end_ns, cursor, request.page_size or EVENTS_PAGE_SIZE_DEFAULT
+
+
+def _list_events_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument([_request_violation(request.error)])
+            start_ns, end_ns, cursor, page_size = _events_query(request)
+            log_ = gate.open_writer().log
+            found = await asyncio.get_running_loop().run_in_executor(
+                None, log_.list_events, DEFAULT_APP, request.user_id, start_ns, end_ns, cursor,
+                page_size + 1)
+        except (QuotaError, WriterStopped, Unavailable) as error:
+            status = status_of(error)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        page = found[:page_size]
+        return pb.ListEventsResponse(
+            events=[pb.Event(
+                sequence=stored.sequence, time=convert.timestamp(stored.now_ns),
+                kind=_EVENT_KINDS[stored.event.kind], user_id=stored.event.user_id,
+                event_type=stored.event.event_type, amount=stored.event.amount,
+                metadata=dict(stored.event.metadata),
+                reservation_id=stored.event.reservation_id, allowed=stored.event.allowed,
+            ) for stored in page],
+            next_page_token=page[-1].cursor.hex() if len(found) > page_size else "",
+        )
+    return handle
+
+
 def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
     handlers = []
     for service, methods in (("quotad.v1.QuotaService", QUOTA_METHODS),
@@ -195,10 +254,12 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
             for name, request_type, to_command, to_response in methods
         }
         if service.endswith("AdminService"):
-            table["GetStateDigest"] = grpc.unary_unary_rpc_method_handler(
-                _state_digest_handler(gate),
-                request_deserializer=_safe_parser(pb.GetStateDigestRequest),
-                response_serializer=lambda message: message.SerializeToString(),
-            )
+            for name, request_type, make in (
+                    ("GetStateDigest", pb.GetStateDigestRequest, _state_digest_handler),
+                    ("ListEvents", pb.ListEventsRequest, _list_events_handler)):
+                table[name] = grpc.unary_unary_rpc_method_handler(
+                    make(gate), request_deserializer=_safe_parser(request_type),
+                    response_serializer=lambda message: message.SerializeToString(),
+                )
         handlers.append(grpc.method_handlers_generic_handler(service, table))
     return handlers

@@ -3,27 +3,82 @@
 Every option is explicit: a large map, sync and metasync on, writemap off. py-lmdb write
 transactions belong to the thread that opened them: `append` is only ever called from the
 writer's one dedicated thread. The data directory is locked exclusively (one server each).
+
+Databases:
+    log        sequence (8 bytes BE) -> record (codec.py)
+    snapshot   b"latest" -> checksum, sequence, zlib(JSON of the core)   (snapshot.py)
+    events     app, user, time, sequence, index -> audit event JSON      (ListEvents)
+    meta       format_version; batch_first_sequence (where the last batch began)
+
+A snapshot is written in the same transaction that prunes the log records it makes
+redundant and that are older than the audit retention, so the log always reaches back to
+the snapshot and the audit trail keeps its retention.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
+import json
 import os
+import struct
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
-from .codec import decode_record, encode_record, key_sequence, record_key
-from .commands import Record
+from .codec import (
+    CorruptRecord, decode_record, encode_record, from_plain, key_sequence, record_key, to_plain,
+)
+from .commands import AuditEvent, Record
 
-FORMAT_VERSION = b"1"
+FORMAT_VERSION = b"2"
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
 LOCK_FILE_NAME = "quotad.lock"
+SNAPSHOT_KEY = b"latest"
+FAULT_ENV = "QUOTAD_FAULT_INJECT"
+"""Test hook: "write-error@N" fails the Nth append before its commit, "sync-error@N" after
+it (as a failed sync would). Unset in production."""
+
+_SNAPSHOT_HEADER = struct.Struct(">16sQ")
+_EVENT_TAIL = struct.Struct(">QQH")
+EVENT_CURSOR_BYTES = _EVENT_TAIL.size
 
 
 class DataDirLocked(Exception):
     pass
+
+
+class CorruptSnapshot(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    sequence: int
+    plain: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    now_ns: int
+    sequence: int
+    event: AuditEvent
+    cursor: bytes
+    """Where a page that ends with this event continues from."""
+
+
+def event_prefix(app: str, user_id: str) -> bytes:
+    app_bytes, user_bytes = app.encode("utf-8"), user_id.encode("utf-8")
+    return bytes([len(app_bytes)]) + app_bytes + len(user_bytes).to_bytes(2, "big") + user_bytes
+
+
+def _event_key(event: AuditEvent, now_ns: int, sequence: int, index: int) -> bytes:
+    return event_prefix(event.app, event.user_id) + _EVENT_TAIL.pack(now_ns, sequence, index)
 
 
 class Log:
@@ -32,66 +87,213 @@ class Log:
         self.data_dir = data_dir
         self._lock_file = _lock_exclusively(data_dir / LOCK_FILE_NAME)
         self.env = lmdb.open(
-            str(data_dir),
-            map_size=map_size_bytes,
-            subdir=True,
-            readonly=False,
-            create=True,
-            max_dbs=4,
-            max_readers=126,
-            sync=True,
-            metasync=True,
-            writemap=False,
-            map_async=False,
-            lock=True,
-            readahead=False,
-            meminit=False,
-            mode=0o600,
+            str(data_dir), map_size=map_size_bytes, subdir=True, readonly=False, create=True,
+            max_dbs=8, max_readers=126, sync=True, metasync=True, writemap=False,
+            map_async=False, lock=True, readahead=False, meminit=False, mode=0o600,
         )
         self.env.reader_check()  # clears reader slots left by a process that died
         self.meta_db = self.env.open_db(b"meta", create=True)
         self.log_db = self.env.open_db(b"log", create=True)
+        self.snapshot_db = self.env.open_db(b"snapshot", create=True)
+        self.events_db = self.env.open_db(b"events", create=True)
         with self.env.begin(write=True, db=self.meta_db) as txn:
             version = txn.get(b"format_version")
             if version is None:
                 txn.put(b"format_version", FORMAT_VERSION)
             elif version != FORMAT_VERSION:
-                raise RuntimeError(f"{data_dir}: log format {version!r}, this server reads "
+                raise RuntimeError(f"{data_dir}: data format {version!r}, this server reads "
                                    f"{FORMAT_VERSION!r}")
+        self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
+        self._appends = 0
 
-    def append(self, records: list[Record]) -> None:
-        """Writes the records in one transaction and syncs it. Raises on any failure; the
-        caller must then stop (what it holds in memory is ahead of the disk)."""
-        assert records
-        with self.env.begin(write=True, db=self.log_db) as txn:
+    # --- writing (the writer's thread only) -----------------------------------------------
+
+    def append(self, records: list[Record], snapshot: Snapshot | None = None,
+               prune_before_ns: int = 0) -> None:
+        """Writes the records (and a snapshot, pruning what it makes redundant) in one
+        transaction and syncs it. Raises on any failure; the caller must then stop."""
+        assert records or snapshot
+        self._appends += 1
+        fault_kind, fault_at = self._fault
+        with self.env.begin(write=True) as txn:
             for record in records:
                 stored = txn.put(record_key(record.sequence), encode_record(record),
-                                 append=True, overwrite=False)
+                                 append=True, overwrite=False, db=self.log_db)
                 assert stored, f"log already holds sequence {record.sequence}"
+                for index, event in enumerate(record.events):
+                    txn.put(_event_key(event, record.now_ns, record.sequence, index),
+                            _encode_event(event), db=self.events_db)
+            if records:
+                txn.put(b"batch_first_sequence", record_key(records[0].sequence),
+                        db=self.meta_db)
+            if snapshot is not None:
+                txn.put(SNAPSHOT_KEY, _encode_snapshot(snapshot), db=self.snapshot_db)
+                self._prune(txn, snapshot.sequence, prune_before_ns)
+            if fault_kind == "write-error" and self._appends == fault_at:
+                raise OSError(errno.EIO, "injected write error (QUOTAD_FAULT_INJECT)")
+        if fault_kind == "sync-error" and self._appends == fault_at:
+            raise OSError(errno.EIO, "injected sync error (QUOTAD_FAULT_INJECT)")
+
+    def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int) -> int:
+        """Deletes log records (and their events) at or below the snapshot's sequence and
+        older than the retention: the oldest first, so the log stays contiguous."""
+        cursor = txn.cursor(db=self.log_db)
+        pruned = 0
+        if not cursor.first():
+            return 0
+        while cursor.key():  # empty once the last record is deleted
+            record = decode_record(cursor.key(), cursor.value())
+            if record.sequence > up_to_sequence or record.now_ns >= before_ns:
+                break
+            for index, event in enumerate(record.events):
+                txn.delete(_event_key(event, record.now_ns, record.sequence, index),
+                           db=self.events_db)
+            cursor.delete()  # moves to the next record
+            pruned += 1
+        return pruned
+
+    def drop_tail(self, from_sequence: int) -> int:
+        """Deletes records from from_sequence on (a torn tail that was never acknowledged)."""
+        dropped = 0
+        with self.env.begin(write=True, db=self.log_db) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(record_key(from_sequence)):
+                while cursor.delete():
+                    dropped += 1
+        return dropped
+
+    # --- reading --------------------------------------------------------------------------
+
+    def load_snapshot(self) -> Snapshot | None:
+        with self.env.begin(db=self.snapshot_db, buffers=False) as txn:
+            value = txn.get(SNAPSHOT_KEY)
+        if value is None:
+            return None
+        if len(value) < _SNAPSHOT_HEADER.size:
+            raise CorruptSnapshot("the snapshot is shorter than its header")
+        checksum, sequence = _SNAPSHOT_HEADER.unpack_from(value)
+        body = value[_SNAPSHOT_HEADER.size:]
+        if hashlib.blake2b(value[16:], digest_size=16).digest() != checksum:
+            raise CorruptSnapshot(f"the snapshot at sequence {sequence} fails its checksum")
+        return Snapshot(sequence, json.loads(zlib.decompress(body)))
+
+    def snapshot_sequence(self) -> int:
+        """The sequence the latest snapshot covers (0: none), without reading it whole."""
+        with self.env.begin(db=self.snapshot_db) as txn:
+            value = txn.get(SNAPSHOT_KEY)
+        return _SNAPSHOT_HEADER.unpack_from(value)[1] if value else 0
 
     def records(self, after_sequence: int = 0) -> Iterator[Record]:
         """Every record after the given sequence, checked (checksum, order, no gaps)."""
         expected = after_sequence + 1
         with self.env.begin(db=self.log_db, buffers=False) as txn:
             cursor = txn.cursor()
+            if not cursor.first():
+                return
+            if key_sequence(cursor.key()) > expected:
+                raise RuntimeError(f"log gap: the log starts at {key_sequence(cursor.key())}, "
+                                   f"replay needs {expected}")
             if not cursor.set_range(record_key(expected)):
                 return
             for key, value in cursor:
-                record = decode_record(key, value)
-                if record.sequence != expected:
+                if key_sequence(key) != expected:
                     raise RuntimeError(f"log gap: expected sequence {expected}, "
                                        f"found {key_sequence(key)}")
-                yield record
+                yield decode_record(key, value)
                 expected += 1
+
+    def batch_first_sequence(self) -> int:
+        with self.env.begin(db=self.meta_db) as txn:
+            value = txn.get(b"batch_first_sequence")
+        return key_sequence(value) if value else 0
+
+    def first_sequence(self) -> int:
+        with self.env.begin(db=self.log_db) as txn:
+            cursor = txn.cursor()
+            return key_sequence(cursor.key()) if cursor.first() else 0
 
     def last_sequence(self) -> int:
         with self.env.begin(db=self.log_db) as txn:
             cursor = txn.cursor()
             return key_sequence(cursor.key()) if cursor.last() else 0
 
+    def list_events(self, app: str, user_id: str, start_ns: int, end_ns: int, after: bytes,
+                    limit: int) -> list[StoredEvent]:
+        """A user's audit events with start_ns <= time < end_ns, after the cursor, oldest
+        first, at most limit of them."""
+        prefix = event_prefix(app, user_id)
+        first = prefix + (after if after else _EVENT_TAIL.pack(start_ns, 0, 0))
+        found: list[StoredEvent] = []
+        with self.env.begin(db=self.events_db, buffers=False) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(first):
+                return found
+            for key, value in cursor:
+                if not key.startswith(prefix) or len(found) >= limit:
+                    break
+                tail = key[len(prefix):]
+                if after and tail == after:
+                    continue
+                now_ns, sequence, _ = _EVENT_TAIL.unpack(tail)
+                if now_ns >= end_ns:
+                    break
+                found.append(StoredEvent(now_ns, sequence, _decode_event(value), tail))
+        return found
+
     def close(self) -> None:
         self.env.close()
         self._lock_file.close()
+
+
+def recover_records(log_: Log, after_sequence: int, *, drop_torn_tail: bool) -> Iterator[Record]:
+    """The records to replay. A corrupt record inside the last batch written (which may never
+    have been acknowledged) is a torn tail: TornTail is raised, after dropping it and what
+    follows if asked to. A corrupt record before that was acknowledged: CorruptRecord."""
+    tail_start = log_.batch_first_sequence()
+    iterator = log_.records(after_sequence)
+    while True:
+        try:
+            record = next(iterator)
+        except StopIteration:
+            return
+        except CorruptRecord as error:
+            if error.sequence < tail_start:
+                raise
+            dropped = log_.drop_tail(error.sequence) if drop_torn_tail else 0
+            raise TornTail(error.sequence, dropped, error.reason) from error
+        yield record
+
+
+class TornTail(Exception):
+    def __init__(self, sequence: int, dropped: int, reason: str) -> None:
+        super().__init__(f"a torn, unacknowledged tail from sequence {sequence} ({reason}); "
+                         f"{dropped} records dropped")
+        self.sequence = sequence
+        self.dropped = dropped
+
+
+def _encode_event(event: AuditEvent) -> bytes:
+    return json.dumps(to_plain(event), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _decode_event(value: bytes) -> AuditEvent:
+    return from_plain(json.loads(value), AuditEvent)
+
+
+def _encode_snapshot(snapshot: Snapshot) -> bytes:
+    body = zlib.compress(json.dumps(snapshot.plain, separators=(",", ":"),
+                                    ensure_ascii=False).encode("utf-8"), 1)
+    unsigned = struct.pack(">Q", snapshot.sequence) + body
+    return hashlib.blake2b(unsigned, digest_size=16).digest() + unsigned
+
+
+def _parse_fault(text: str) -> tuple[str, int]:
+    if not text:
+        return "", 0
+    kind, _, at = text.partition("@")
+    if kind not in ("write-error", "sync-error") or not at.isdigit() or int(at) < 1:
+        raise ValueError(f"{FAULT_ENV}={text!r}: expected write-error@N or sync-error@N")
+    return kind, int(at)
 
 
 def _lock_exclusively(path: Path):

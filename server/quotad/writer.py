@@ -20,9 +20,16 @@ from . import limits
 from .codec import state_digest
 from .commands import Command, ExpireHolds, Record
 from .core import Core
-from .wal import Log
+from .snapshot import core_from_plain, core_to_plain
+from .wal import Log, Snapshot, TornTail, recover_records
 
 log = logging.getLogger("quotad.writer")
+
+SNAPSHOT_EVERY_RECORDS_DEFAULT = 100_000
+SNAPSHOT_EVERY_S_DEFAULT = 300.0
+AUDIT_RETENTION_NS_DEFAULT = 30 * 24 * 3600 * limits.NS_PER_S
+"""Log records (the audit trail) are kept at least this long; older ones that a snapshot
+covers are pruned when the next snapshot is written."""
 
 EXPIRY_POLL_S_MAX = 1.0
 """The expiry task sleeps at most this long; every command expires what is due anyway."""
@@ -45,17 +52,36 @@ class ServerClock:
         return self.last_ns
 
 
-def recover(log_: Log) -> Core:
-    """The core as the log left it: every record replayed and checked."""
-    core = Core()
-    for record in log_.records():
-        core.replay(record)
+def recover(log_: Log, *, repair: bool = True) -> Core:
+    """The core as the data directory left it: the latest snapshot, then every record after
+    it replayed and checked. A torn tail that was never acknowledged is dropped and logged
+    (with repair=False it is raised as TornTail and nothing is changed)."""
+    snapshot = log_.load_snapshot()
+    core = core_from_plain(snapshot.plain) if snapshot is not None else Core()
+    assert snapshot is None or core.sequence == snapshot.sequence
+    snapshot_sequence = core.sequence
+    try:
+        for record in recover_records(log_, core.sequence, drop_torn_tail=repair):
+            core.replay(record)
+    except TornTail as torn:
+        if not repair:
+            raise
+        log.warning("dropped a torn log tail", extra={"from_sequence": torn.sequence,
+                                                      "records": torn.dropped,
+                                                      "reason": str(torn)})
+    log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
+                                 "replayed": core.sequence - snapshot_sequence,
+                                 "log_first_sequence": log_.first_sequence()})
     return core
 
 
 class Writer:
     def __init__(self, core: Core, log_: Log, *, on_failure: Callable[[BaseException], None],
-                 batch_records_max: int = limits.BATCH_RECORDS_MAX) -> None:
+                 batch_records_max: int = limits.BATCH_RECORDS_MAX,
+                 snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS_DEFAULT,
+                 snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT,
+                 audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT) -> None:
+        assert snapshot_every_records >= 1 and snapshot_every_s > 0 and audit_retention_ns >= 0
         self.core = core
         self.clock = ServerClock(core.last_record_ns)
         self.durable_sequence = core.sequence
@@ -71,10 +97,22 @@ class Writer:
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
         self.records_written = 0
+        self._snapshot_every_records = snapshot_every_records
+        self._snapshot_every_s = snapshot_every_s
+        self._audit_retention_ns = audit_retention_ns
+        self._snapshot_sequence = log_.snapshot_sequence()
+        self._snapshot_at = time.monotonic()
+        self.snapshots = 0
+        self.snapshot_stall_s_max = 0.0
+        """Longest time the event loop spent copying the state for a snapshot."""
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._flush_loop(), name="quotad-flush"),
                        asyncio.create_task(self._expiry_loop(), name="quotad-expiry")]
+
+    @property
+    def log(self) -> Log:
+        return self._log
 
     @property
     def failed(self) -> bool:
@@ -123,10 +161,12 @@ class Writer:
             await self._has_pending.wait()
             self._has_pending.clear()
             while self._pending:
+                snapshot = self._snapshot_if_due()
                 batch = self._pending[: self._batch_records_max]
                 del self._pending[: self._batch_records_max]
                 try:
-                    await loop.run_in_executor(self._executor, self._log.append, batch)
+                    await loop.run_in_executor(self._executor, self._log.append, batch,
+                                               snapshot, self._prune_before_ns())
                 except BaseException as error:  # fail-stop: memory is ahead of disk
                     self._fail(error)
                     return
@@ -135,6 +175,27 @@ class Writer:
                 self.records_written += len(batch)
                 flushed, self._flushed = self._flushed, asyncio.Event()
                 flushed.set()
+
+    def _snapshot_if_due(self, force: bool = False) -> Snapshot | None:
+        """A copy of the state, every so many records or seconds. It must travel in the same
+        transaction as every record it includes that is not yet durable, so it waits while
+        more than one batch is pending."""
+        since = self.core.sequence - self._snapshot_sequence
+        if since <= 0 or len(self._pending) > self._batch_records_max:
+            return None
+        due = (since >= self._snapshot_every_records
+               or time.monotonic() - self._snapshot_at >= self._snapshot_every_s)
+        if not (due or force):
+            return None
+        started = time.perf_counter()
+        snapshot = Snapshot(self.core.sequence, core_to_plain(self.core))
+        self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, time.perf_counter() - started)
+        self._snapshot_sequence, self._snapshot_at = self.core.sequence, time.monotonic()
+        self.snapshots += 1
+        return snapshot
+
+    def _prune_before_ns(self) -> int:
+        return self.clock.last_ns - self._audit_retention_ns
 
     def _fail(self, error: BaseException) -> None:
         log.critical("stopping: %r", error)
@@ -161,6 +222,10 @@ class Writer:
         self._closing = True
         if self._failure is None:
             await self.wait_durable(self.core.sequence)
+            snapshot = self._snapshot_if_due(force=True)  # so that a restart replays nothing
+            if snapshot is not None:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._log.append, [], snapshot, self._prune_before_ns())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

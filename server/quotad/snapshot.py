@@ -1,0 +1,90 @@
+"""The whole core as plain JSON-able data and back: what a snapshot holds.
+
+Pure (no I/O). `core_to_plain` copies the state, so what it returns may be encoded later, on
+another thread, while the core moves on. Restoring and then replaying the log after the
+snapshot's sequence gives the same state as replaying the whole log.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from typing import Any
+
+from sortedcontainers import SortedList
+
+from .codec import from_plain, to_plain
+from .commands import RESULT_TYPES
+from .core import (
+    AppState, Core, CounterState, IdempotencyEntry, Reservation, UserState,
+)
+from .plans import Plan, Subscription, Window
+
+FORMAT_VERSION = 1
+
+
+def core_to_plain(core: Core) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "sequence": core.sequence,
+        "last_record_ns": core.last_record_ns,
+        "apps": {app_id: _app_to_plain(app) for app_id, app in sorted(core.apps.items())},
+        "expiry": to_plain(core.expiry),
+        "forget": to_plain(core.forget),
+    }
+
+
+def _app_to_plain(app: AppState) -> dict[str, Any]:
+    return {
+        "plans": [to_plain(plan) for _, plan in sorted(app.plans.items())],
+        "users": [
+            [user_id, to_plain(user.subscription), user.live_holds,
+             [[key, window.name, to_plain(counter)]
+              for (key, window), counter in user.counters.items()]]
+            for user_id, user in app.users.items()
+        ],
+        "reservations": [to_plain(r) for r in app.reservations.values()],
+        "idempotency": [
+            [rpc, key, entry.request, type(entry.result).__name__, to_plain(entry.result),
+             entry.created_at_ns]
+            for (rpc, key), entry in app.idempotency.items()
+        ],
+        "plan_subscribers": sorted([plan_id, n] for plan_id, n in app.plan_subscribers.items()),
+    }
+
+
+def core_from_plain(plain: dict[str, Any]) -> Core:
+    if plain.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"snapshot format {plain.get('format_version')!r}, this server reads "
+                         f"{FORMAT_VERSION}")
+    core = Core()
+    core.sequence = plain["sequence"]
+    core.last_record_ns = plain["last_record_ns"]
+    core.apps = {app_id: _app_from_plain(app) for app_id, app in plain["apps"].items()}
+    core.expiry = SortedList(tuple(entry) for entry in plain["expiry"])
+    core.forget = SortedList(_forget_entry(entry) for entry in plain["forget"])
+    return core
+
+
+def _forget_entry(entry: list[Any]) -> tuple[Any, ...]:
+    forget_at_ns, sequence, kind, app_id, key = entry
+    return (forget_at_ns, sequence, kind, app_id, tuple(key) if kind == "idempotency" else key)
+
+
+def _app_from_plain(plain: dict[str, Any]) -> AppState:
+    app = AppState()
+    for plan in plain["plans"]:
+        app.plans[plan["id"]] = from_plain(plan, Plan)
+    for user_id, subscription, live_holds, counters in plain["users"]:
+        user = UserState(subscription=from_plain(subscription, Subscription),
+                         live_holds=live_holds)
+        for key, window, counter in counters:
+            user.counters[(key, Window[window])] = CounterState(**counter)
+        app.users[user_id] = user
+    for reservation in plain["reservations"]:
+        restored = from_plain(reservation, Reservation)
+        app.reservations[restored.reservation_id] = restored
+    for rpc, key, request, result_type, result, created_at_ns in plain["idempotency"]:
+        app.idempotency[(rpc, key)] = IdempotencyEntry(
+            request, from_plain(result, RESULT_TYPES[result_type]), created_at_ns)
+    app.plan_subscribers = Tally({plan_id: n for plan_id, n in plain["plan_subscribers"]})
+    return app
