@@ -21,8 +21,10 @@ class ServerProcess:
     """One `quotad serve` process. Its JSON log lines are collected in `log_lines`."""
 
     def __init__(self, data_dir: Path, *, plans: Path | None = EXAMPLE_PLANS,
-                 extra_args: tuple[str, ...] = ("--log-state-digest",)) -> None:
+                 extra_args: tuple[str, ...] = ("--log-state-digest",),
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self.env = env
         self.plans = plans
         self.extra_args = extra_args
         self.process: subprocess.Popen[str] | None = None
@@ -36,7 +38,8 @@ class ServerProcess:
         if self.plans is not None:
             args += ["--plans", str(self.plans)]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                                        stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                        env={**os.environ, **(self.env or {})})
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
         self.address = self.wait_for("serving", START_TIMEOUT_S)["address"]
