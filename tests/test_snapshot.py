@@ -62,7 +62,7 @@ def test_a_restored_core_makes_the_same_records_as_the_original_from_then_on():
         again = restored.apply(command, h.now)
         assert (original.result, original.error, original.records) == (
             again.result, again.error, again.records)
-    h.advance(limits.RESERVATION_RETENTION_NS + 10 * S)  # past every retention and expiry
+    h.advance(limits.RESERVATION_RETENTION_NS + 10 * S)  # past every expiry and the holds' retention
     final = h.reserve_command("alice", 1)
     assert h.core.apply(final, h.now).records == restored.apply(final, h.now).records
     assert digest(restored) == digest(h.core)

@@ -76,20 +76,34 @@ def _checksum(body: bytes) -> bytes:
     return hashlib.blake2b(body, digest_size=CHECKSUM_BYTES).digest()
 
 
+_PRIMITIVE_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    if dataclasses.is_dataclass(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+    return None
+
+
 def to_plain(value: Any) -> Any:
     """Dataclasses, enums, tuples, dicts and sorted containers as JSON-able values.
     Dicts become [key, value] pairs sorted by key, so equal states give equal output."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    cls = type(value)
+    if cls in _PRIMITIVE_TYPES:
+        return value
+    if cls is tuple or cls is list:
+        return [to_plain(item) for item in value]
+    names = _field_names(cls)
+    if names is not None:
+        return {name: to_plain(getattr(value, name)) for name in names}
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, dict):
         pairs = [[to_plain(k), to_plain(v)] for k, v in value.items()]
         return sorted(pairs, key=lambda pair: json.dumps(pair[0], sort_keys=True))
-    if isinstance(value, (tuple, list)) or type(value).__name__ == "SortedList":
-        return [to_plain(item) for item in value]
-    assert value is None or isinstance(value, (str, int, float, bool)), type(value)
-    return value
+    assert cls.__name__ == "SortedList", cls
+    return [to_plain(item) for item in value]
 
 
 def from_plain(value: Any, hint: Any) -> Any:

@@ -43,9 +43,10 @@ LIVE_HOLDS_PER_USER_MAX = 10_000
 IDEMPOTENCY_RETENTION_NS = 24 * 3600 * NS_PER_S
 """An idempotency key is remembered at least this long after its first use."""
 
-RESERVATION_RETENTION_NS = 24 * 3600 * NS_PER_S
+RESERVATION_RETENTION_NS = 3600 * NS_PER_S
 """A finished hold (committed, released, expired) is remembered this long; an expired hold
-still takes its commit within it. Past it, the reservation id is NOT_FOUND."""
+still takes its commit within it. Past it, the reservation id is NOT_FOUND. Finished holds
+are kept in memory, so this bounds memory at about one hour of Reserve traffic."""
 
 MESSAGE_BYTES_MAX = 64 * 1024
 """gRPC receive limit per message."""
