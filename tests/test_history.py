@@ -1,0 +1,615 @@
+"""Concurrent history check against the real server, and the checker's own tests.
+
+C asyncio clients on a few hot users issue random Reserve / Commit / Release / Extend / Track
+calls; every call is recorded with its start, its end, its request and its outcome, and
+`history_checker.check` proves from the timings alone that no instant had the certainly held
+and used amounts above a quota, counts false denials, and checks every counter the answers
+carried. At the end GetUsage must equal what the history implies, exactly.
+
+Sizes: 64 clients, 10^4 calls by default; QUOTAD_LONG=1 runs 10^6; QUOTAD_HISTORY_OPS=N and
+QUOTAD_HISTORY_CLIENTS=C set them explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import os
+import random
+import time
+from collections import defaultdict
+
+import grpc
+import pytest
+
+from history_checker import LOAD_HI, Call, Observed, OutsideModel, check
+from quotad.v1 import quotad_pb2 as pb
+from quotad.v1 import quotad_pb2_grpc as stubs
+
+G, P = "all", "premium"  # limit groups: every event; premium events only
+
+
+# --- the checker on hand-built histories -----------------------------------------------------
+
+def quotas_for(*users: str, all_: int = 10, premium: int = 4) -> dict[tuple[str, str], int]:
+    return {key: value for user in users for key, value in (((user, G), all_),
+                                                             ((user, P), premium))}
+
+
+def reserve(client, start, end, amount, hold, *, allowed=True, groups=(G,), user="u",
+            counters=(), code="OK", denied_by=""):
+    return Call(client, "reserve", user, start, end, groups=groups, amount=amount, hold=hold,
+                allowed=allowed, code=code, counters=counters,
+                denied_by=denied_by or ("" if allowed else groups[-1]))
+
+
+def end_call(kind, client, start, end, hold, amount=None, *, code="OK", user="u", counters=()):
+    return Call(client, kind, user, start, end, amount=amount, hold=hold, code=code,
+                counters=counters)
+
+
+def track(client, start, end, amount, *, enforce=True, allowed=True, groups=(G,), user="u",
+          code="OK", counters=()):
+    return Call(client, "track", user, start, end, groups=groups, amount=amount,
+                enforce=enforce, allowed=allowed, code=code, counters=counters,
+                denied_by="" if allowed else groups[-1])
+
+
+def test_two_holds_certainly_held_together_above_the_quota_are_an_over_admission():
+    history = [
+        reserve(1, 0, 10, 6, "a"),
+        reserve(2, 20, 30, 6, "b"),  # starts after "a" was certainly held: no room for 6
+    ]
+    report = check(history, quotas_for("u"))
+    kinds = sorted(v.kind for v in report.over_admissions)
+    assert kinds == ["admission", "instant"], report.over_admissions
+    instant = next(v for v in report.over_admissions if v.kind == "instant")
+    assert (instant.user, instant.group, instant.time_ns, instant.value) == ("u", G, 30, 12)
+
+
+def test_usage_plus_a_hold_above_the_quota_is_an_over_admission_too():
+    history = [
+        reserve(1, 0, 10, 5, "a"),
+        end_call("commit", 1, 20, 30, "a", 5),
+        track(2, 40, 50, 6),  # 5 used + 6 > 10, certainly
+    ]
+    report = check(history, quotas_for("u"))
+    assert [v.kind for v in report.over_admissions] == ["instant", "admission"]
+
+
+def test_a_correct_sequential_history_passes_and_gives_the_exact_final_state():
+    history = [
+        reserve(1, 0, 10, 6, "a", counters=(Observed(G, 0, 6),)),
+        reserve(2, 20, 30, 6, "b", allowed=False, counters=(Observed(G, 0, 6),)),
+        end_call("extend", 1, 32, 34, "a"),
+        end_call("commit", 1, 40, 50, "a", 4, counters=(Observed(G, 4, 0),)),
+        track(2, 60, 70, 5, counters=(Observed(G, 9, 0),)),
+        track(2, 80, 90, -3, enforce=False, counters=(Observed(G, 6, 0),)),
+        reserve(3, 100, 110, 4, "c", counters=(Observed(G, 6, 4),)),
+        end_call("commit", 3, 120, 130, "c", counters=(Observed(G, 10, 0),)),  # all 4
+        track(1, 140, 150, 1, allowed=False, counters=(Observed(G, 10, 0),)),
+        Call(9, "usage", "u", 200, 210, groups=(G,), counters=(Observed(G, 10, 0),)),
+    ]
+    report = check(history, quotas_for("u"))
+    assert report.over_admissions == []
+    assert report.false_denials == [] and report.denials == 2 and report.justified_denials == 2
+    assert report.counter_mismatches == [] and report.anomalies == []
+    assert report.exact("u", G, 205) == (10, 0)
+    assert report.exact("u", G, 125) is None  # the commit is in flight
+    assert report.exact("u", G, 105) is None  # so is the reserve
+    assert report.ops == 9
+
+
+def test_a_release_racing_a_reserve_may_have_made_room_first():
+    history = [
+        reserve(1, 0, 10, 6, "a"),
+        end_call("release", 1, 15, 25, "a"),
+        reserve(2, 12, 20, 6, "b"),  # may have been applied after the release
+    ]
+    report = check(history, quotas_for("u"))
+    assert report.over_admissions == []
+
+
+def test_a_denial_while_even_the_possible_load_left_room_is_a_false_denial():
+    history = [
+        reserve(1, 0, 10, 6, "a"),
+        end_call("release", 1, 15, 20, "a"),
+        reserve(2, 30, 40, 6, "b", allowed=False, counters=(Observed(G, 0, 6),)),
+    ]
+    report = check(history, quotas_for("u"))
+    assert report.false_denials == [2] and report.denials == 1
+    assert report.false_denial_rate == 1.0
+    assert report.counter_mismatches  # held 6 is impossible after the release
+    assert "false denials 1 (100.00% of 1 denials" in report.summary(2)
+
+
+def test_a_denial_racing_a_release_is_not_false_but_undetermined():
+    history = [
+        reserve(1, 0, 10, 6, "a"),
+        end_call("release", 1, 15, 35, "a"),
+        reserve(2, 30, 40, 6, "b", allowed=False, counters=(Observed(G, 0, 6),)),
+    ]
+    report = check(history, quotas_for("u"))
+    assert report.false_denials == [] and report.undetermined_denials == 1
+    assert report.counter_mismatches == [] and report.anomalies == []
+
+
+def test_every_matched_group_counts_all_or_nothing():
+    quotas = quotas_for("u", all_=10, premium=4)
+    fine = [
+        reserve(1, 0, 10, 3, "a", groups=(G, P)),
+        reserve(2, 20, 30, 3, "b", groups=(G, P), allowed=False,
+                counters=(Observed(G, 0, 3), Observed(P, 0, 3))),
+        reserve(3, 40, 50, 3, "c", groups=(G,)),
+    ]
+    report = check(fine, quotas)
+    assert report.over_admissions == [] and report.false_denials == []
+    assert report.anomalies == [] and report.counter_mismatches == []
+    over = [*fine[:1], reserve(2, 20, 30, 3, "b", groups=(G, P))]
+    assert [(v.kind, v.group) for v in check(over, quotas).over_admissions] == [
+        ("instant", P), ("admission", P)]
+
+
+def test_an_ambiguous_outcome_is_possible_but_never_certain():
+    history = [
+        reserve(1, 0, 10, 6, "a", code="DEADLINE_EXCEEDED"),
+        reserve(2, 20, 30, 6, "b"),  # "a" may never have been applied: no over-admission
+        reserve(3, 40, 50, 6, "c", allowed=False, counters=(Observed(G, 0, 12),)),
+    ]
+    report = check(history, quotas_for("u"))
+    assert report.over_admissions == [] and report.false_denials == []
+    assert report.counter_mismatches == []  # 12 held is possible if "a" was applied
+    assert report.exact("u", G, 60) is None
+    # A definite refusal changed nothing: then 12 held is impossible.
+    refused = [reserve(1, 0, 10, 6, "a", code="INVALID_ARGUMENT"), *history[1:]]
+    assert check(refused, quotas_for("u")).counter_mismatches
+
+
+def test_a_hold_is_certain_only_until_its_earliest_possible_expiry():
+    def reserve_ttl(client, start, end, hold, ttl_ns, **kwargs):
+        return Call(client, "reserve", "u", start, end, groups=(G,), amount=6, hold=hold,
+                    ttl_ns=ttl_ns, **kwargs)
+
+    history = [
+        reserve_ttl(1, 0, 10, "a", 100),  # expires in [100, 110]
+        reserve(2, 200, 210, 6, "b"),
+        end_call("release", 2, 220, 230, "b"),
+        reserve_ttl(3, 300, 310, "c", 100),  # expires in [400, 410]
+        reserve(4, 405, 415, 6, "d"),  # "c" may still be held, but not certainly
+    ]
+    report = check(history, quotas_for("u"))
+    assert report.over_admissions == []
+    # A successful Extend keeps "c" certainly held until 320 + 10_000 at least.
+    extended = [*history[:4], Call(3, "extend", "u", 320, 330, hold="c", ttl_ns=10_000)]
+    denied = reserve(4, 500, 510, 6, "d", allowed=False, counters=(Observed(G, 0, 6),))
+    report = check([*extended, denied], quotas_for("u"))
+    assert report.false_denials == [] and report.justified_denials == 1
+    assert report.counter_mismatches == []
+    report = check([*extended, reserve(4, 500, 510, 6, "d")], quotas_for("u"))
+    assert [v.kind for v in report.over_admissions] == ["instant", "admission"]
+    # An Extend to 5 ns may have ended it at 325 already.
+    shortened = [*history[:4], Call(3, "extend", "u", 320, 330, hold="c", ttl_ns=5,
+                                    code="UNAVAILABLE"), reserve(4, 340, 350, 6, "d")]
+    assert check(shortened, quotas_for("u")).over_admissions == []
+
+
+def test_histories_outside_the_model_are_refused():
+    with pytest.raises(OutsideModel, match="above the reserved"):
+        check([reserve(1, 0, 10, 3, "a"), end_call("commit", 1, 20, 30, "a", 4)],
+              quotas_for("u"))
+    with pytest.raises(OutsideModel, match="without enforce"):
+        check([track(1, 0, 10, 3, enforce=False)], quotas_for("u"))
+    # A refund that may overlap the usage it refunds might have met the clamp at 0.
+    with pytest.raises(OutsideModel, match="clamp"):
+        check([track(1, 0, 10, 3), track(2, 5, 15, -3)], quotas_for("u"))
+    check([track(1, 0, 10, 3), track(2, 10, 15, -3)], quotas_for("u"))
+
+
+def test_answers_no_correct_server_gives_are_anomalies():
+    history = [
+        reserve(1, 0, 10, 3, "a"),
+        end_call("commit", 1, 20, 30, "a"),
+        end_call("release", 1, 40, 50, "a"),
+        reserve(2, 60, 70, 3, "b", allowed=False, counters=(Observed(G, 3, 0),)),
+        end_call("commit", 2, 80, 90, "b"),
+    ]
+    anomalies = check(history, quotas_for("u")).anomalies
+    assert len(anomalies) == 3, anomalies
+    assert "1 commits and 1 releases" in anomalies[0]
+    assert "never granted" in anomalies[1]
+    assert "shows room" in anomalies[2]
+
+
+# --- the checker against a simulated server, correct or broken -------------------------------
+
+def simulate(seed: int, *, bug: str = "", clients: int = 8, ops_per_client: int = 80,
+             quota_all: int = 40, quota_premium: int = 15) -> tuple[list[Call], dict, dict]:
+    """A single-writer model server under concurrent clients: each call is applied at a random
+    odd instant strictly between its even start and end. Returns the history, the quotas and
+    the model's final counters."""
+    rng = random.Random(seed)
+    quotas = {("u", G): quota_all, ("u", P): quota_premium}
+    state = {G: [0, 0], P: [0, 0]}  # used, held
+    holds: dict[str, tuple[tuple[str, ...], int, str]] = {}  # label -> groups, amount, status
+    live: dict[int, list[str]] = defaultdict(list)
+    net: dict[tuple[int, str], int] = defaultdict(int)
+    left = {c: ops_per_client for c in range(clients)}
+    history: list[Call] = []
+    queue: list[tuple[int, int, str, int, dict]] = []
+    serial = 0
+
+    def push(time_ns: int, what: str, client: int, call: dict) -> None:
+        nonlocal serial
+        serial += 1
+        heapq.heappush(queue, (time_ns, serial, what, client, call))
+
+    def counters(groups):
+        return tuple(Observed(g, *state[g]) for g in groups)
+
+    def room(groups, amount):
+        for g in groups:
+            used, held = state[g]
+            if bug == "ignore_held":
+                held = 0
+            if used + held + amount > quotas[("u", g)] - (3 if bug == "deny_early" else 0):
+                return g
+        return ""
+
+    def start(client: int, now: int) -> None:
+        if left[client] == 0:
+            return
+        left[client] -= 1
+        call: dict = {"start": now}
+        mine, r = live[client], rng.random()
+        if mine and (left[client] < len(mine) or r < 0.35):
+            call["kind"] = rng.choice(["commit", "commit", "release"])
+            call["hold"] = mine.pop(rng.randrange(len(mine)))
+            if call["kind"] == "commit":
+                call["amount"] = rng.choice([None, rng.randint(0, holds[call["hold"]][1])])
+        elif mine and r < 0.4:
+            call["kind"], call["hold"] = "extend", rng.choice(mine)
+        elif r < 0.55:
+            call.update(kind="track", amount=rng.randint(1, 8),
+                        groups=rng.choice([(G,), (G, P)]))
+        elif r < 0.7 and net[(client, G)] > 0:
+            groups = (G, P) if net[(client, P)] > 0 and rng.random() < 0.5 else (G,)
+            most = min(net[(client, g)] for g in groups)
+            call.update(kind="track", amount=-rng.randint(1, most), groups=groups)
+        else:
+            serial_label = f"{client}.{left[client]}"
+            call.update(kind="reserve", amount=rng.randint(1, 10), hold=serial_label,
+                        groups=rng.choice([(G,), (G, P)]))
+        apply_at = now + 2 * rng.randint(0, 6) + 1
+        push(apply_at, "apply", client, call)
+        call["end"] = apply_at + 2 * rng.randint(0, 6) + 1
+
+    def apply(client: int, call: dict) -> None:
+        kind = call["kind"]
+        if kind == "reserve":
+            groups, amount = call["groups"], call["amount"]
+            call["denied_by"] = room(groups, amount)
+            call["allowed"] = not call["denied_by"]
+            if call["allowed"]:
+                for g in groups:
+                    state[g][1] += amount
+                holds[call["hold"]] = (groups, amount, "live")
+            call["counters"] = counters(groups)
+        elif kind == "track":
+            groups, amount = call["groups"], call["amount"]
+            call["denied_by"] = room(groups, amount) if amount > 0 else ""
+            call["allowed"] = not call["denied_by"]
+            if call["allowed"]:
+                for g in groups:
+                    state[g][0] = max(0, state[g][0] + amount)
+            call["counters"] = counters(groups)
+        elif kind in ("commit", "release"):
+            groups, amount, _ = holds[call["hold"]]
+            used = amount if call.get("amount") is None else call["amount"]
+            for g in groups:
+                if not (bug == "lost_release" and kind == "release"):
+                    state[g][1] -= amount
+                if kind == "commit":
+                    state[g][0] += used
+            holds[call["hold"]] = (groups, amount, kind)
+            call["counters"] = counters(groups)
+
+    def end(client: int, call: dict) -> None:
+        kind = call["kind"]
+        groups = call.get("groups", ())
+        if kind in ("commit", "release", "extend"):
+            groups = holds[call["hold"]][0]
+        history.append(Call(
+            client, kind, "u", call["start"], call["end"], groups=call.get("groups", ()),
+            amount=call.get("amount"), hold=call.get("hold", ""),
+            allowed=call.get("allowed", True), denied_by=call.get("denied_by", ""),
+            counters=call.get("counters", ())))
+        if kind == "reserve" and call["allowed"]:
+            live[client].append(call["hold"])
+        elif kind == "commit":
+            used = holds[call["hold"]][1] if call["amount"] is None else call["amount"]
+            for g in groups:
+                net[(client, g)] += used
+        elif kind == "track" and call["allowed"]:
+            for g in groups:
+                net[(client, g)] += call["amount"]
+        push(call["end"] + 2 * rng.randint(0, 3), "start", client, {})
+
+    for client in range(clients):
+        push(2 * rng.randint(0, 5), "start", client, {})
+    while queue:
+        now, _, what, client, call = heapq.heappop(queue)
+        if what == "start":
+            start(client, now)
+        elif what == "apply":
+            apply(client, call)
+            push(call["end"], "end", client, call)
+        else:
+            end(client, call)
+    final = {g: tuple(state[g]) for g in (G, P)}
+    return history, quotas, final
+
+
+def test_the_checker_finds_nothing_wrong_with_a_correct_single_writer():
+    denials = 0
+    for seed in range(30):
+        history, quotas, final = simulate(seed)
+        report = check(history, quotas)
+        assert report.over_admissions == [], seed
+        assert report.false_denials == [] and report.anomalies == [], seed
+        assert report.counter_mismatches == [], (seed, report.counter_mismatches[:3])
+        last = max(call.end_ns for call in history)
+        assert {g: report.exact("u", g, last) for g in (G, P)} == final, seed
+        denials += report.denials
+    assert denials > 100  # the simulation does contend
+
+
+def test_the_checker_catches_a_server_that_ignores_holds():
+    found = sum(bool(check(*simulate(seed, bug="ignore_held")[:2]).over_admissions)
+                for seed in range(30))
+    assert found >= 25, found
+
+
+def test_the_checker_catches_a_server_that_denies_with_room_left():
+    found = 0
+    for seed in range(30):
+        report = check(*simulate(seed, bug="deny_early")[:2])
+        found += bool(report.false_denials) and bool(report.anomalies)
+    assert found >= 25, found
+
+
+def test_the_checker_catches_a_release_that_keeps_its_hold():
+    found = 0
+    for seed in range(30):
+        history, quotas, _ = simulate(seed, bug="lost_release")
+        report = check(history, quotas)
+        found += bool(report.counter_mismatches)
+    assert found >= 25, found
+
+
+# --- the real server -------------------------------------------------------------------------
+
+USERS = ("hot0", "hot1", "hot2", "hot3")
+EVENT_GROUPS = {"chat": (G,), "premium.chat": (G, P)}
+QUOTA_ALL, QUOTA_PREMIUM = 1000, 300
+TTL_S = 60
+LIVE_HOLDS_PER_CLIENT = 2
+CROWDED = 0.6
+RPC_TIMEOUT_S = 30.0
+HOLD_AGE_MAX_NS = TTL_S * 1_000_000_000 // 4
+"""A client ends a hold this old first: nothing comes near its expiry."""
+
+
+def workload_size() -> tuple[int, int, float]:
+    """(operations, clients, time limit in seconds)."""
+    long_run = os.environ.get("QUOTAD_LONG") == "1"
+    ops = int(os.environ.get("QUOTAD_HISTORY_OPS", 10**6 if long_run else 10**4))
+    clients = int(os.environ.get("QUOTAD_HISTORY_CLIENTS", 64))
+    return ops, clients, max(40.0, ops / 100)  # 10^4: 40 s; 10^6: 10^4 s
+
+
+PLAN = pb.Plan(id="history", name="History", limit_groups=[
+    pb.LimitGroup(key=G, label="All", unit="units", quota=QUOTA_ALL, window=pb.LIFETIME,
+                  match=pb.Match(event_types=["*"])),
+    pb.LimitGroup(key=P, label="Premium", unit="units", quota=QUOTA_PREMIUM,
+                  window=pb.LIFETIME, match=pb.Match(event_types=["premium.*"])),
+])
+
+
+def observed(response) -> tuple[Observed, ...]:
+    return tuple(Observed(c.key, c.used, c.held) for c in response.counters)
+
+
+class Client:
+    """One caller: its holds, what it has used per (user, group), its share of the calls."""
+
+    def __init__(self, index: int, stub: stubs.QuotaServiceStub, budget: int,
+                 deadline_ns: int, history: list[Call]) -> None:
+        self.index = index
+        self.stub = stub
+        self.budget = budget
+        self.deadline_ns = deadline_ns
+        self.history = history
+        self.rng = random.Random(index)
+        self.live: list[tuple[str, str, str, int, str, int]] = []
+        """(label, user, event type, amount, reservation id, reserved at)."""
+        self.net: dict[tuple[str, str], int] = defaultdict(int)
+        """Usage this client recorded and did not refund yet: what it may refund."""
+        self.serial = 0
+        self.seen: dict[tuple[str, str], int] = defaultdict(int)
+        """The `used` of each (user, group) in the last answer that showed it."""
+
+    async def call(self, method, request):
+        start = time.monotonic_ns()
+        try:
+            response, code = await method(request, timeout=RPC_TIMEOUT_S), "OK"
+        except grpc.aio.AioRpcError as error:
+            response, code = None, error.code().name
+        return start, time.monotonic_ns(), response, code
+
+    async def run(self) -> None:
+        rng = self.rng
+        for done in range(self.budget):
+            now = time.monotonic_ns()
+            left = self.budget - done  # this call included
+            closing = left <= len(self.live) or now > self.deadline_ns
+            if closing and not self.live:
+                return
+            may_hold = left >= len(self.live) + 2 and len(self.live) < LIVE_HOLDS_PER_CLIENT
+            r, user = rng.random(), rng.choice(USERS)
+            event_type = rng.choice(list(EVENT_GROUPS))
+            if self.live and (closing or r < 0.3 or now - self.live[0][5] > HOLD_AGE_MAX_NS):
+                oldest = now - self.live[0][5] > HOLD_AGE_MAX_NS
+                hold = self.live.pop(0 if oldest else rng.randrange(len(self.live)))
+                await (self.commit(hold) if rng.random() < 0.7 else self.release(hold))
+            elif self.live and r < 0.35:
+                await self.extend(rng.choice(self.live))
+            elif self.net[(user, G)] > 0 and (r < 0.45 or self.crowded(user) and r < 0.7):
+                await self.refund(user)
+            elif r < 0.55:
+                await self.track(user, event_type, rng.randint(1, 20))
+            elif may_hold:
+                await self.reserve(user, event_type, rng.randint(1, 40))
+            elif self.live:
+                await self.commit(self.live.pop(rng.randrange(len(self.live))))
+            else:
+                await self.track(user, event_type, rng.randint(1, 20))
+
+    def record(self, call: Call) -> None:
+        self.history.append(call)
+        for counter in call.counters:
+            self.seen[(call.user, counter.group)] = counter.used
+
+    def crowded(self, user: str) -> bool:
+        """The user's last seen usage is past CROWDED of a quota: time to give some back."""
+        return (self.seen[(user, G)] > CROWDED * QUOTA_ALL
+                or self.seen[(user, P)] > CROWDED * QUOTA_PREMIUM)
+
+    async def reserve(self, user: str, event_type: str, amount: int) -> None:
+        self.serial += 1
+        label = f"{self.index}.{self.serial}"
+        start, end, response, code = await self.call(self.stub.Reserve, pb.ReserveRequest(
+            user_id=user, event_type=event_type, amount=amount, ttl={"seconds": TTL_S}))
+        ok = response is not None
+        self.record(Call(
+            self.index, "reserve", user, start, end, groups=EVENT_GROUPS[event_type],
+            amount=amount, hold=label, ttl_ns=TTL_S * 10**9, code=code,
+            allowed=ok and response.allowed, denied_by=response.denied_by if ok else "",
+            counters=observed(response) if ok else ()))
+        if ok and response.allowed:
+            self.live.append((label, user, event_type, amount, response.reservation_id, start))
+
+    async def commit(self, hold) -> None:
+        label, user, event_type, reserved, reservation_id, _ = hold
+        amount = self.rng.choice([None, self.rng.randint(0, reserved)])
+        request = pb.CommitRequest(reservation_id=reservation_id)
+        if amount is not None:
+            request.amount = amount
+        start, end, response, code = await self.call(self.stub.Commit, request)
+        self.record(Call(self.index, "commit", user, start, end, amount=amount,
+                                 hold=label, code=code,
+                                 counters=observed(response) if response else ()))
+        if response is not None:
+            assert response.committed == (reserved if amount is None else amount)
+            for group in EVENT_GROUPS[event_type]:
+                self.net[(user, group)] += response.committed
+
+    async def release(self, hold) -> None:
+        label, user, _, _, reservation_id, _ = hold
+        start, end, response, code = await self.call(
+            self.stub.Release, pb.ReleaseRequest(reservation_id=reservation_id))
+        self.record(Call(self.index, "release", user, start, end, hold=label,
+                                 code=code, counters=observed(response) if response else ()))
+
+    async def extend(self, hold) -> None:
+        label, user, _, _, reservation_id, _ = hold
+        start, end, response, code = await self.call(self.stub.Extend, pb.ExtendRequest(
+            reservation_id=reservation_id, ttl={"seconds": TTL_S}))
+        self.record(Call(self.index, "extend", user, start, end, hold=label,
+                                 ttl_ns=TTL_S * 10**9, code=code))
+
+    async def track(self, user: str, event_type: str, amount: int, enforce: bool = True) -> None:
+        start, end, response, code = await self.call(self.stub.Track, pb.TrackRequest(
+            user_id=user, event_type=event_type, amount=amount, enforce=enforce))
+        ok = response is not None
+        self.record(Call(
+            self.index, "track", user, start, end, groups=EVENT_GROUPS[event_type],
+            amount=amount, enforce=enforce, code=code, allowed=ok and response.allowed,
+            denied_by=response.denied_by if ok else "",
+            counters=observed(response) if ok else ()))
+        if ok and response.allowed or amount < 0:  # a refund that may have applied counts
+            for group in EVENT_GROUPS[event_type]:
+                self.net[(user, group)] += amount
+
+    async def refund(self, user: str) -> None:
+        """Gives back part of what this client itself recorded: `used` never meets the 0
+        clamp, so the history stays exactly checkable."""
+        rng = self.rng
+        event_type = "premium.chat" if self.net[(user, P)] > 0 and rng.random() < 0.5 else "chat"
+        most = min(self.net[(user, g)] for g in EVENT_GROUPS[event_type])
+        amount = most if rng.random() < 0.5 else rng.randint(1, most)
+        await self.track(user, event_type, -amount, enforce=rng.random() < 0.5)
+
+
+async def run_history(address: str, ops: int, clients: int,
+                      limit_s: float) -> tuple[list[Call], float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        admin = stubs.AdminServiceStub(channel)
+        await admin.UpsertPlan(pb.UpsertPlanRequest(plan=PLAN))
+        for user in USERS:
+            await admin.UpsertSubscription(pb.UpsertSubscriptionRequest(
+                user_id=user, plan_id=PLAN.id))
+        stub = stubs.QuotaServiceStub(channel)
+        history: list[Call] = []
+        began = time.monotonic()
+        deadline_ns = time.monotonic_ns() + int(limit_s * 1e9)
+        workers = [Client(i, stub, ops // clients + (i < ops % clients), deadline_ns, history)
+                   for i in range(clients)]
+        await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)),
+                               timeout=limit_s + 2 * RPC_TIMEOUT_S)
+        elapsed = time.monotonic() - began
+        for user in USERS:  # the final state, after every call finished
+            start = time.monotonic_ns()
+            response = await stub.GetUsage(pb.GetUsageRequest(user_id=user),
+                                           timeout=RPC_TIMEOUT_S)
+            history.append(Call(-1, "usage", user, start, time.monotonic_ns(), groups=(G, P),
+                                counters=observed(response)))
+    return history, elapsed
+
+
+def test_concurrent_history_against_the_real_server_has_no_over_admission(server):
+    ops, clients, limit_s = workload_size()
+    history, elapsed = asyncio.run(run_history(server.address, ops, clients, limit_s))
+    quotas = {(u, G): QUOTA_ALL for u in USERS} | {(u, P): QUOTA_PREMIUM for u in USERS}
+    checked = time.monotonic()
+    report = check(history, quotas)
+    check_s = time.monotonic() - checked
+    attempts = sum(1 for c in history if c.kind == "reserve" or (
+        c.kind == "track" and c.amount > 0))
+    print(f"\n{report.summary(clients)}")
+    print(f"history: peak certain load {100 * report.peak(quotas):.1f}% of a quota, peak "
+          f"possible load {100 * report.peak(quotas, LOAD_HI):.1f}%")
+    print(f"history: {elapsed:.1f} s of calls ({report.ops / elapsed:.0f} calls/s), checked in "
+          f"{check_s:.1f} s; {attempts} reserve/track attempts, {report.denials} denied; "
+          f"codes {dict(report.codes)}")
+
+    assert report.ops == ops, f"only {report.ops} of {ops} calls within {limit_s} s"
+    assert set(report.codes) == {"OK"}, report.codes
+    assert report.anomalies == [], report.anomalies[:10]
+    assert report.counter_mismatches == [], report.counter_mismatches[:10]
+    assert report.over_admissions == [], report.over_admissions[:10]
+    # The server is a single writer: it denies only when the state it applies the call to
+    # has no room, and that state is within the possible bounds. So no denial can be false.
+    assert report.false_denials == [], [history[i] for i in report.false_denials[:10]]
+    # The run contended: denials happened, and most calls were admitted.
+    assert 0.02 * attempts < report.denials < 0.6 * attempts, (report.denials, attempts)
+    # The check has teeth on this very history: the certain load came close to a quota, so
+    # quotas 10% lower make it an over-admission.
+    assert report.peak(quotas) >= 0.9
+    tighter = {key: quota * 9 // 10 for key, quota in quotas.items()}
+    assert check(history, tighter).over_admissions
+    # GetUsage after the last call equals what the history implies, exactly.
+    for call in history[-len(USERS):]:
+        for counter in call.counters:
+            expected = report.exact(call.user, counter.group, call.start_ns)
+            assert expected == (counter.used, counter.held), (call.user, counter, expected)
+            assert counter.held == 0  # every client ended its holds
