@@ -402,3 +402,14 @@ def test_log_records_older_than_the_audit_retention_are_pruned_with_a_snapshot(s
     second = start_server(first.data_dir, extra_args=args)
     assert second.last("recovered")["log_first_sequence"] > 20
     assert usage(second.address, "u1").counters[0].used == 20
+
+
+def test_an_address_in_use_is_refused_with_one_clear_line(server):
+    result = subprocess.run(
+        [sys.executable, "-m", "quotad", "serve", "--listen", server.address,
+         "--data-dir", str(server.data_dir.parent / "other")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert f"--listen {server.address}: cannot listen there" in result.stderr
+    assert "Traceback" not in result.stderr

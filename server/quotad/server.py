@@ -103,7 +103,11 @@ async def serve(config: Config) -> int:
         names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name
                  for n in SERVICE_NAMES]
         reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.listen)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as error:  # grpc's way of saying the address is taken or invalid
+        log_.close()
+        raise ValueError(f"--listen {config.listen}: cannot listen there ({error})") from error
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     address = f"{config.listen.rpartition(':')[0]}:{port}"
