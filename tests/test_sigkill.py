@@ -1,0 +1,636 @@
+"""SIGKILL loop: the real server under concurrent load, killed with SIGKILL at random moments
+and restarted on the same data directory, must lose nothing it acknowledged.
+
+Several asyncio clients (each its own grpc.aio channel, kept across restarts: the server comes
+back on the same loopback port and the channels reconnect) run Reserve / Commit / Release /
+Extend / Track, every one with an idempotency key of its own, and keep every ACKNOWLEDGED
+answer. From the answers alone the test keeps the exact (used, held) each (user, group) must
+have. A call that fails at the kill is "in flight": its effect is unknown.
+
+A quarter of the restarts are first SIGKILLed during their own start-up (before listening,
+while recovering, or just after serving). The servers take a snapshot every 1000 records
+(when the server has --snapshot-every-records), so kills also land while a snapshot is written
+and restarts load a snapshot and replay the log after it.
+
+After every restart, before anything else runs:
+  - every operation acknowledged since the previous restart (and a sample of older ones) is
+    sent again with the same key: the answer must be the first answer, field for field, and
+    the state must not change at all: GetStateDigest then still gives the digest and sequence
+    of the "serving" log line. Nothing acknowledged was lost;
+  - every in-flight operation is sent again with the same key and the same request: it then
+    has exactly one effect (either it had landed before the kill and the retry changes
+    nothing, or it lands now, as ONE log record); a second retry answers the same again;
+  - GetUsage of every user equals the model exactly, and used + held <= quota everywhere
+    (the workload only uses enforced paths: Reserve, enforced Track, Commit <= reserved,
+    refunds bounded so that no counter clamps at 0).
+At the end the last server stops on SIGTERM, and `quotad verify` on its data directory is
+clean with the digest and record count of its "stopped" line.
+
+Sizes: 20 kills by default; QUOTAD_LONG=1 runs 200. QUOTAD_SIGKILL_SEED replays the same
+choices (not the same timing); QUOTAD_SIGKILL_VERBOSE=1 prints one line per kill.
+Holds get a 1 h TTL so none expires during a run (checked: the run must stay well below it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from google.protobuf import duration_pb2, text_format
+
+from quotad.v1 import quotad_pb2 as pb
+from quotad.v1 import quotad_pb2_grpc as stubs
+from server_process import ROOT, ServerProcess
+
+LONG = os.environ.get("QUOTAD_LONG") == "1"
+VERBOSE = os.environ.get("QUOTAD_SIGKILL_VERBOSE") == "1"  # one line per kill
+KILLS = 200 if LONG else 20
+WORKERS = 6
+USERS = tuple(f"sk-u{i}" for i in range(8))
+PLAN_ID = "sigkill"
+QUOTAS = {"units": 40_000, "chat": 15_000, "premium": 4_000}
+EVENT_TYPES = ("chat.gpt", "render")
+MODELS = ("big", "small")
+TTL_S = 3600  # the longest allowed: no hold may expire during the run
+RUN_S_MAX = 3000  # the model assumes no expiry: the run must end well before TTL_S
+LOAD_S_MAX = 0.25 if LONG else 0.5  # a kill lands 0 ... this long after the clients start
+SNAPSHOT_EVERY_RECORDS = 1000
+STARTUP_KILL_P = 0.25  # chance that a restart is first killed during its own start-up
+OPS_PER_WORKER_EPOCH_MAX = 5_000
+LIVE_HOLDS_PER_WORKER_MAX = 24
+CALL_TIMEOUT_S = 5.0
+CHECK_TIMEOUT_S = 15.0
+REPLAY_OLDER_SAMPLE = 25
+REPLAY_CONCURRENCY = 16
+IN_FLIGHT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                   grpc.StatusCode.CANCELLED)
+"""What a call the kill interrupts may end with. Before the kill, any error is a failure."""
+CHANNEL_OPTIONS = (
+    ("grpc.use_local_subchannel_pool", 1),  # each client its own connection
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 250),
+)
+
+PLAN = pb.Plan(id=PLAN_ID, name="SIGKILL loop", limit_groups=[
+    pb.LimitGroup(key="units", label="Units", unit="u", quota=QUOTAS["units"],
+                  window=pb.LIFETIME, match=pb.Match(event_types=["*"])),
+    pb.LimitGroup(key="chat", label="Chat", unit="u", quota=QUOTAS["chat"],
+                  window=pb.LIFETIME, match=pb.Match(event_types=["chat.*"])),
+    pb.LimitGroup(key="premium", label="Premium", unit="u", quota=QUOTAS["premium"],
+                  window=pb.LIFETIME,
+                  match=pb.Match(metadata=[pb.MetadataMatch(key="model", values=["big"])])),
+])
+
+
+def one_line(message) -> str:
+    return text_format.MessageToString(message, as_one_line=True)
+
+
+def matched_groups(event_type: str, model: str) -> tuple[str, ...]:
+    groups = ["units"]
+    if event_type.startswith("chat."):
+        groups.append("chat")
+    if model == "big":
+        groups.append("premium")
+    return tuple(groups)
+
+
+@dataclasses.dataclass(eq=False)
+class Hold:
+    reservation_id: str
+    user: str
+    groups: tuple[str, ...]
+    amount: int
+
+
+@dataclasses.dataclass(eq=False)
+class Op:
+    rpc: str
+    request: object
+    worker: "Worker"
+    user: str
+    groups: tuple[str, ...]
+    hold: Hold | None = None
+    response: object = None
+    in_flight: bool = False
+
+
+class Run:
+    """Everything the test knows: the model, the failures, the figures."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.expected = {(user, group): [0, 0] for user in USERS for group in QUOTAS}
+        self.failures: list[str] = []
+        self.acknowledged = 0
+        self.lost = 0
+        self.retried = 0
+        self.applied_before_kill = 0
+        self.verified_ops: list[Op] = []
+        self.outcomes = {"allowed": 0, "denied": 0}
+        self.in_flight_codes: dict[str, int] = {}
+
+    def fail(self, message: str) -> None:
+        if len(self.failures) < 200:
+            self.failures.append(message)
+
+    def change(self, op: Op, *, used: int = 0, held: int = 0) -> None:
+        for group in op.groups:
+            counter = self.expected[(op.user, group)]
+            counter[0] += used
+            counter[1] += held
+
+    def check_counters(self, where: str, counters) -> None:
+        for c in counters:
+            if not (0 <= c.used and 0 <= c.held and c.used + c.held <= c.quota
+                    and c.remaining == max(0, c.quota - c.used - c.held)):
+                self.fail(f"{where}: invariant broken on {c.key}: quota {c.quota} used {c.used} "
+                          f"held {c.held} remaining {c.remaining}")
+
+    def settle(self, op: Op, response) -> None:
+        """An answer arrived for op: check it and apply what it says to the model."""
+        op.response = response
+        worker, request = op.worker, op.request
+        where = f"{op.rpc} {request.idempotency_key}"
+        if op.rpc in ("Reserve", "Track", "Commit", "Release"):
+            self.check_counters(where, response.counters)
+        if op.rpc == "Reserve":
+            self.outcomes["allowed" if response.allowed else "denied"] += 1
+            if response.allowed:
+                if not response.reservation_id.startswith("rsv_"):
+                    self.fail(f"{where}: allowed without a reservation id: {one_line(response)}")
+                self.change(op, held=request.amount)
+                worker.live.append(Hold(response.reservation_id, op.user, op.groups,
+                                        request.amount))
+            elif response.denied_by not in op.groups:
+                self.fail(f"{where}: denied by {response.denied_by!r}, not one of {op.groups}")
+        elif op.rpc == "Commit":
+            hold = op.hold
+            if (response.committed, response.returned, response.expired) != (
+                    request.amount, hold.amount - request.amount, False):
+                self.fail(f"{where}: commit of {request.amount} of a {hold.amount} hold "
+                          f"answered {one_line(response)}")
+            self.change(op, used=request.amount, held=-hold.amount)
+            worker.add_credit(op.user, op.groups, request.amount)
+        elif op.rpc == "Release":
+            self.change(op, held=-op.hold.amount)
+        elif op.rpc == "Extend":
+            worker.live.append(op.hold)
+            if response.expires_at.seconds < time.time() + TTL_S - 120:
+                self.fail(f"{where}: extended to {one_line(response.expires_at)}")
+        elif op.rpc == "Track":
+            if request.amount < 0:
+                if not response.allowed:
+                    self.fail(f"{where}: a refund was denied: {one_line(response)}")
+                self.change(op, used=request.amount)
+            elif response.allowed:
+                self.outcomes["allowed"] += 1
+                self.change(op, used=request.amount)
+                worker.add_credit(op.user, op.groups, request.amount)
+            else:
+                self.outcomes["denied"] += 1
+                if response.denied_by not in op.groups:
+                    self.fail(f"{where}: denied by {response.denied_by!r}")
+        self.acknowledged += 1
+
+
+class Worker:
+    """One client: its own channel, its own holds, one call at a time."""
+
+    def __init__(self, index: int, rng: random.Random) -> None:
+        self.index = index
+        self.rng = rng
+        self.live: list[Hold] = []
+        self.credit = {(user, group): 0 for user in USERS for group in QUOTAS}
+        """What this worker added to each counter and did not refund: it may refund up to
+        this, so no refund can ever hit the clamp at 0 whatever the others do."""
+        self.serial = 0
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: stubs.QuotaServiceStub | None = None
+        self.in_flight: list[Op] = []
+        self.acknowledged: list[Op] = []
+
+    def connect(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = stubs.QuotaServiceStub(self.channel)
+
+    def add_credit(self, user: str, groups: tuple[str, ...], amount: int) -> None:
+        for group in groups:
+            self.credit[(user, group)] += amount
+
+    def next_op(self, epoch: int) -> Op:
+        rng = self.rng
+        self.serial += 1
+        key = f"sk-e{epoch}-w{self.index}-n{self.serial}"
+        if self.live and (len(self.live) >= LIVE_HOLDS_PER_WORKER_MAX or rng.random() < 0.4):
+            hold = self.live.pop(rng.randrange(len(self.live)))
+            draw = rng.random()
+            if draw < 0.6:
+                request = pb.CommitRequest(reservation_id=hold.reservation_id,
+                                           amount=rng.randint(0, hold.amount),
+                                           idempotency_key=key)
+                rpc = "Commit"
+            elif draw < 0.9:
+                request = pb.ReleaseRequest(reservation_id=hold.reservation_id,
+                                            idempotency_key=key)
+                rpc = "Release"
+            else:
+                request = pb.ExtendRequest(reservation_id=hold.reservation_id,
+                                           ttl=duration_pb2.Duration(seconds=TTL_S),
+                                           idempotency_key=key)
+                rpc = "Extend"
+            return Op(rpc, request, self, hold.user, hold.groups, hold=hold)
+        user = rng.choice(USERS)
+        event_type, model = rng.choice(EVENT_TYPES), rng.choice(MODELS)
+        groups = matched_groups(event_type, model)
+        metadata = {"model": model}
+        draw = rng.random()
+        refundable = min(self.credit[(user, group)] for group in groups)
+        if draw < 0.25 and refundable > 0:
+            amount = rng.randint(1, min(refundable, 300))
+            self.add_credit(user, groups, -amount)  # taken now: in flight or not, it lands
+            return Op("Track", pb.TrackRequest(user_id=user, event_type=event_type,
+                                               amount=-amount, metadata=metadata,
+                                               idempotency_key=key), self, user, groups)
+        if draw < 0.55:
+            return Op("Track", pb.TrackRequest(user_id=user, event_type=event_type,
+                                               amount=rng.randint(1, 300), metadata=metadata,
+                                               enforce=True, idempotency_key=key),
+                      self, user, groups)
+        return Op("Reserve", pb.ReserveRequest(user_id=user, event_type=event_type,
+                                               amount=rng.randint(1, 400), metadata=metadata,
+                                               ttl=duration_pb2.Duration(seconds=TTL_S),
+                                               idempotency_key=key), self, user, groups)
+
+    async def call(self, op: Op, *, timeout: float, wait_for_ready: bool = False):
+        assert self.stub is not None
+        return await getattr(self.stub, op.rpc)(op.request, timeout=timeout,
+                                                wait_for_ready=wait_for_ready)
+
+    async def load(self, run: Run, epoch: int, stop: asyncio.Event) -> None:
+        """Calls one after another until the kill; the call the kill interrupts (or the first
+        after it) is in flight. Any other error, and any error before the kill, is a failure.
+        (The kill blocks the event loop until the process is reaped, and `stop` is set right
+        after it: an error seen while `stop` is clear really came before the kill.)"""
+        for _ in range(OPS_PER_WORKER_EPOCH_MAX):
+            if stop.is_set():
+                return
+            op = self.next_op(epoch)
+            try:
+                response = await self.call(op, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                if stop.is_set() and error.code() in IN_FLIGHT_CODES:
+                    name = error.code().name
+                    run.in_flight_codes[name] = run.in_flight_codes.get(name, 0) + 1
+                    op.in_flight = True
+                    self.in_flight.append(op)
+                else:
+                    run.fail(f"{op.rpc} {op.request.idempotency_key} under load: "
+                             f"{error.code().name} {error.details()}")
+                return
+            run.settle(op, response)
+            self.acknowledged.append(op)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    rank = max(1, int(-(-fraction * len(ordered) // 1)))  # nearest rank
+    return ordered[rank - 1]
+
+
+def pick_port(rng: random.Random) -> int:
+    """A free loopback port below the ephemeral range, so that no port-0 server started by
+    another test takes it while ours is down."""
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port")
+
+
+class Servers:
+    """Starts, kills and restarts quotad on one data directory and (if it can) one port."""
+
+    def __init__(self, data_dir: Path, rng: random.Random, extra_args: tuple[str, ...]) -> None:
+        self.data_dir = data_dir
+        self.extra_args = extra_args
+        self.rng = rng
+        self.port = pick_port(rng)
+        self.spawned: list[ServerProcess] = []
+        self.recovery_ms: list[float] = []
+        self.wall_ms: list[float] = []
+        self.records: list[int] = []
+        self.replayed: list[int] = []
+        self.torn_tails = 0
+        self.startup_kills = {"before listening": 0, "while recovering": 0, "after serving": 0}
+        self.port_changes = 0
+
+    @property
+    def listen(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, *, restart: bool = True) -> ServerProcess:
+        for _ in range(3):
+            process = ServerProcess(self.data_dir, extra_args=self.extra_args)
+            self.spawned.append(process)
+            started = time.monotonic()
+            try:
+                process.start(self.listen)
+            except RuntimeError:
+                if not any("Failed to bind" in line.get("message", "")
+                           for line in process.log_lines):
+                    raise
+                self.port = pick_port(self.rng)  # someone took our port: move
+                self.port_changes += 1
+                continue
+            if not restart:
+                return process
+            self.wall_ms.append((time.monotonic() - started) * 1000)
+            serving = process.last("serving")
+            self.recovery_ms.append(serving["recovery_s"] * 1000)
+            self.records.append(serving["records"])
+            recovered = [line for line in process.log_lines
+                         if line.get("message") == "recovered"]
+            self.replayed.append(recovered[-1].get("replayed", -1) if recovered else -1)
+            self.torn_tails += sum(line.get("message") == "dropped a torn log tail"
+                                   for line in process.log_lines)
+            return process
+        raise RuntimeError(f"could not bind a loopback port: {self.spawned[-1].log_lines[-3:]}")
+
+    def start_and_kill_during_startup(self) -> None:
+        """Starts a server and SIGKILLs it at a random moment of its start-up."""
+        process = ServerProcess(self.data_dir, extra_args=self.extra_args)
+        self.spawned.append(process)
+        thread = threading.Thread(target=self._start_quietly, args=(process,), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while process.process is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert process.process is not None
+        # Up to a little past the time the last start took: kills before the process listens,
+        # while it recovers (reads the snapshot and the log, writes expiries and plans), and
+        # a few just after it serves.
+        typical_s = self.wall_ms[-1] / 1000 if self.wall_ms else 0.3
+        time.sleep(self.rng.uniform(0.0, 1.2 * typical_s))
+        try:
+            os.kill(process.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.process.wait(timeout=30)
+        thread.join(timeout=40)
+        assert not thread.is_alive()
+        said = {line.get("message") for line in process.log_lines}
+        phase = ("after serving" if "serving" in said else
+                 "while recovering" if "listening" in said else "before listening")
+        self.startup_kills[phase] += 1
+
+    @staticmethod
+    def _start_quietly(process: ServerProcess) -> None:
+        try:
+            process.start("127.0.0.1:0")
+        except (RuntimeError, TimeoutError):
+            pass
+
+    def close_all(self) -> None:
+        for process in self.spawned:
+            process.close()
+
+
+def server_args() -> tuple[str, ...]:
+    """ServerProcess's --log-state-digest, plus frequent snapshots when this server takes
+    them: kills then also land while a snapshot is written, and restarts load one."""
+    help_text = subprocess.run([sys.executable, "-m", "quotad", "serve", "--help"],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+    if "--snapshot-every-records" in help_text:
+        return ("--log-state-digest", "--snapshot-every-records", str(SNAPSHOT_EVERY_RECORDS))
+    return ("--log-state-digest",)
+
+
+def verify_data_dir(data_dir: Path) -> tuple[int, dict]:
+    result = subprocess.run([sys.executable, "-m", "quotad", "verify", "--data-dir",
+                             str(data_dir)], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    return result.returncode, json.loads(result.stdout) if result.stdout else {}
+
+
+async def gather_bounded(coroutines: list, limit: int) -> list:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(coroutine):
+        async with semaphore:
+            return await coroutine
+
+    return await asyncio.gather(*(one(c) for c in coroutines))
+
+
+class Checker:
+    """The test's own channel (kept across restarts too) for set-up and the checks."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.quota = stubs.QuotaServiceStub(self.channel)
+        self.admin = stubs.AdminServiceStub(self.channel)
+
+    async def digest(self) -> pb.GetStateDigestResponse:
+        return await self.admin.GetStateDigest(pb.GetStateDigestRequest(),
+                                               timeout=CHECK_TIMEOUT_S, wait_for_ready=True)
+
+    async def usage(self) -> dict[str, pb.GetUsageResponse]:
+        answers = await asyncio.gather(*(self.quota.GetUsage(
+            pb.GetUsageRequest(user_id=user), timeout=CHECK_TIMEOUT_S, wait_for_ready=True)
+            for user in USERS))
+        return dict(zip(USERS, answers))
+
+
+async def check_restart(run: Run, checker: Checker, workers: list[Worker],
+                        serving: dict, kill: int) -> None:
+    """Everything acknowledged is there, in-flight calls resolve once, the state is exact."""
+    where = f"restart after kill {kill}"
+    for user, answer in (await checker.usage()).items():
+        run.check_counters(f"{where}, {user} before retries", answer.counters)
+
+    # 1. Every operation acknowledged by the killed server answers its first answer again,
+    # and changes nothing: the state stays the one the "serving" line reported.
+    epoch_ops = [op for w in workers for op in w.acknowledged]
+    older = run.rng.sample(run.verified_ops, min(REPLAY_OLDER_SAMPLE, len(run.verified_ops)))
+
+    async def replay(op: Op) -> None:
+        try:
+            again = await op.worker.call(op, timeout=CHECK_TIMEOUT_S, wait_for_ready=True)
+        except grpc.aio.AioRpcError as error:
+            run.lost += 1
+            run.fail(f"{where}: acknowledged {op.rpc} {op.request.idempotency_key} "
+                     f"now fails: {error.code().name} {error.details()}")
+            return
+        if again != op.response:
+            run.lost += 1
+            run.fail(f"{where}: acknowledged {op.rpc} {op.request.idempotency_key} answered "
+                     f"{one_line(op.response)} before the kill, {one_line(again)} after")
+
+    await gather_bounded([replay(op) for op in epoch_ops + older], REPLAY_CONCURRENCY)
+    replayed = await checker.digest()
+    if (replayed.sequence, replayed.digest) != (serving["records"], serving["state_digest"]):
+        run.fail(f"{where}: serving logged {serving['records']} {serving['state_digest']}; "
+                 f"after replaying acknowledged operations: {replayed.sequence} "
+                 f"{replayed.digest}")
+
+    # 2. Every in-flight operation, again with the same key and request: one effect in all.
+    # Each retry makes one log record if the first attempt never landed, none if it did;
+    # a second retry must answer the same and make none.
+    in_flight = [op for w in workers for op in w.in_flight]
+
+    async def retry(op: Op) -> None:
+        try:
+            answer = await op.worker.call(op, timeout=CHECK_TIMEOUT_S, wait_for_ready=True)
+        except grpc.aio.AioRpcError as error:
+            run.fail(f"{where}: in-flight {op.rpc} {op.request.idempotency_key} retried: "
+                     f"{error.code().name} {error.details()}")
+            return
+        run.settle(op, answer)
+
+    async def retry_again(op: Op) -> None:
+        try:
+            again = await op.worker.call(op, timeout=CHECK_TIMEOUT_S, wait_for_ready=True)
+        except grpc.aio.AioRpcError as error:
+            run.fail(f"{where}: in-flight {op.rpc} {op.request.idempotency_key} answered "
+                     f"{one_line(op.response)} then {error.code().name} {error.details()}")
+            return
+        if again != op.response:
+            run.fail(f"{where}: in-flight {op.rpc} {op.request.idempotency_key} answered "
+                     f"{one_line(op.response)} then {one_line(again)}")
+
+    await asyncio.gather(*(retry(op) for op in in_flight))
+    await asyncio.gather(*(retry_again(op) for op in in_flight if op.response is not None))
+    retried = await checker.digest()
+    applied_now = retried.sequence - replayed.sequence
+    if not 0 <= applied_now <= len(in_flight):
+        run.fail(f"{where}: {len(in_flight)} in-flight retries made {applied_now} records")
+    run.retried += len(in_flight)
+    run.applied_before_kill += len(in_flight) - applied_now
+
+    # 3. The state is exactly what the acknowledged answers say, and within every quota.
+    for user, answer in (await checker.usage()).items():
+        run.check_counters(f"{where}, {user}", answer.counters)
+        if answer.plan_id != PLAN_ID or {c.key for c in answer.counters} != set(QUOTAS):
+            run.fail(f"{where}: {user} has plan {answer.plan_id}: {one_line(answer)}")
+        for counter in answer.counters:
+            expected = run.expected.get((user, counter.key))
+            if expected is not None and [counter.used, counter.held] != expected:
+                run.lost += 1
+                run.fail(f"{where}: {user}/{counter.key} is used {counter.used} held "
+                         f"{counter.held}, the acknowledged answers say used {expected[0]} "
+                         f"held {expected[1]}")
+
+    for worker in workers:
+        run.verified_ops.extend(worker.acknowledged)
+        # The retries were acknowledged by this server: the next kill puts them at risk too.
+        worker.acknowledged = [op for op in worker.in_flight if op.response is not None]
+        worker.in_flight = []
+
+
+async def sigkill_loop(run: Run, servers: Servers) -> ServerProcess:
+    started = time.monotonic()
+    server = servers.start(restart=False)
+    address = servers.listen
+    checker = Checker(address)
+    workers = [Worker(index, random.Random(run.rng.random())) for index in range(WORKERS)]
+    for worker in workers:
+        worker.connect(address)
+    await checker.admin.UpsertPlan(pb.UpsertPlanRequest(plan=PLAN), timeout=CHECK_TIMEOUT_S)
+    for user in USERS:
+        await checker.admin.UpsertSubscription(
+            pb.UpsertSubscriptionRequest(user_id=user, plan_id=PLAN_ID), timeout=CHECK_TIMEOUT_S)
+
+    for kill in range(1, KILLS + 1):
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(w.load(run, kill, stop)) for w in workers]
+        await asyncio.sleep(run.rng.uniform(0.0, LOAD_S_MAX))
+        assert server.kill() == -signal.SIGKILL
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), CALL_TIMEOUT_S + 10)
+
+        if run.rng.random() < STARTUP_KILL_P:
+            servers.start_and_kill_during_startup()
+        server = servers.start()
+        if servers.listen != address:  # the port was taken meanwhile: reconnect elsewhere
+            address = servers.listen
+            await checker.channel.close()
+            checker = Checker(address)
+            for worker in workers:
+                await worker.channel.close()
+                worker.connect(address)
+        checked = time.monotonic()
+        epoch_acked = sum(len(w.acknowledged) for w in workers)
+        epoch_in_flight = sum(len(w.in_flight) for w in workers)
+        await check_restart(run, checker, workers, server.last("serving"), kill)
+        if VERBOSE:
+            print(f"kill {kill}: acknowledged {epoch_acked} in flight {epoch_in_flight}; "
+                  f"restart: records {servers.records[-1]} (replayed {servers.replayed[-1]}) "
+                  f"recovery {servers.recovery_ms[-1]:.0f} ms wall {servers.wall_ms[-1]:.0f} ms; "
+                  f"checks {(time.monotonic() - checked) * 1000:.0f} ms")
+        if run.failures:
+            break
+        assert time.monotonic() - started < RUN_S_MAX, "holds would start to expire"
+
+    await checker.channel.close()
+    for worker in workers:
+        await worker.channel.close()
+    return server
+
+
+def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path):
+    seed = int(os.environ.get("QUOTAD_SIGKILL_SEED", random.randrange(2**32)))
+    run = Run(seed)
+    servers = Servers(tmp_path / "data", run.rng, server_args())
+    started = time.monotonic()
+    try:
+        last = asyncio.run(sigkill_loop(run, servers))
+        stop_code = last.stop()
+    finally:
+        servers.close_all()
+    stopped = last.last("stopped") if stop_code == 0 else {}
+    code, summary = verify_data_dir(servers.data_dir)
+    elapsed = time.monotonic() - started
+
+    kills = len(servers.recovery_ms)
+    recovery, wall = servers.recovery_ms, servers.wall_ms
+    print(f"\nsigkill: {kills} kills, acknowledged ops {run.acknowledged}, lost {run.lost}, "
+          f"in-flight retried {run.retried} (applied once {run.applied_before_kill}), "
+          f"recovery p50 {percentile(recovery, 0.5):.0f} ms "
+          f"p99 {percentile(recovery, 0.99):.0f} ms")
+    print(f"sigkill: seed {seed}; start-up wall time (Popen to serving) p50 "
+          f"{percentile(wall, 0.5):.0f} ms p99 {percentile(wall, 0.99):.0f} ms; "
+          f"log records at the first restart {servers.records[0]}, at the last "
+          f"{servers.records[-1]} (replayed {servers.replayed[-1]}); in-flight retries applied "
+          f"by the retry {run.retried - run.applied_before_kill}; "
+          f"reserve/track allowed {run.outcomes['allowed']} denied {run.outcomes['denied']}; "
+          f"in-flight errors {run.in_flight_codes}; kills during start-up "
+          f"{servers.startup_kills}; torn log tails dropped {servers.torn_tails}; "
+          f"server args {servers.extra_args}; port changes {servers.port_changes}; "
+          f"verify {summary.get('seconds')} s; total {elapsed:.1f} s")
+
+    assert not run.failures, f"seed {seed}:\n" + "\n".join(run.failures[:20])
+    assert run.lost == 0
+    assert kills == KILLS
+    assert run.retried > 0, "no kill caught a call in flight"
+    assert stop_code == 0
+    assert code == 0 and summary["clean"], summary
+    assert summary["records"] == stopped["records"]
+    assert summary["state_digest"] == stopped["state_digest"]
