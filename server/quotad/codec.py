@@ -18,6 +18,7 @@ import json
 import struct
 import types
 import typing
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -108,25 +109,35 @@ def to_plain(value: Any) -> Any:
 
 def from_plain(value: Any, hint: Any) -> Any:
     """The inverse of to_plain for commands and the values in them, led by type hints."""
+    return _decoder(hint)(value)
+
+
+@cache
+def _decoder(hint: Any) -> Callable[[Any], Any]:
+    """A function that rebuilds values of this type from plain data, made once per type."""
     if dataclasses.is_dataclass(hint):
-        hints = _hints(hint)
-        return hint(**{name: from_plain(value[name], hints[name]) for name in value})
+        fields = {name: _decoder(field_hint) for name, field_hint in _hints(hint).items()}
+        return lambda value: hint(**{name: fields[name](item) for name, item in value.items()})
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return hint[value]
+        return lambda value: hint[value]
     origin = typing.get_origin(hint)
     if origin is tuple:
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(from_plain(item, args[0]) for item in value)
-        return tuple(from_plain(item, arg) for item, arg in zip(value, args, strict=True))
+            item_decoder = _decoder(args[0])
+            return lambda value: tuple(item_decoder(item) for item in value)
+        decoders = [_decoder(arg) for arg in args]
+        return lambda value: tuple(d(item) for d, item in zip(decoders, value, strict=True))
     if origin in (types.UnionType, typing.Union):
-        if value is None:
-            return None
         (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return from_plain(value, inner)
+        inner_decoder = _decoder(inner)
+        return lambda value: None if value is None else inner_decoder(value)
     assert hint in (str, int, bool), hint
-    assert type(value) is hint, (value, hint)
-    return value
+
+    def primitive(value: Any) -> Any:
+        assert type(value) is hint, (value, hint)
+        return value
+    return primitive
 
 
 @cache
