@@ -998,3 +998,17 @@ def test_fresh_core_digest_differs_from_used_one() -> None:
     before = h.digest()
     h.track("alice", 1, "openai.chat")
     assert h.digest() != before
+
+
+def test_counters_stop_at_counter_max_and_the_refused_change_leaves_no_trace():
+    h = Harness().setup(plan("big", group("units", 1000, Window.LIFETIME)), "u1")
+    steps = limits.COUNTER_MAX // limits.AMOUNT_MAX
+    for _ in range(steps):
+        h.track("u1", limits.AMOUNT_MAX)  # Track without enforce: usage past the quota
+    assert h.counter("u1", "units").used == limits.COUNTER_MAX
+    before = h.digest()
+    with pytest.raises(ResourceExhausted) as refused:
+        h.track("u1", 1)
+    assert refused.value.reason == "COUNTER_LIMIT"
+    assert not h.reserve("u1", 1).allowed  # a denial, as for any user past the quota
+    assert h.digest() == before

@@ -93,14 +93,11 @@ def get_usage(app: str, request: pb.GetUsageRequest) -> c.GetUsage:
 def plan_from_proto(plan: pb.Plan) -> Plan:
     v = Violations()
     groups = []
-    for index, group in enumerate(plan.limit_groups):
-        if group.window not in Window._value2member_map_:
-            v.add(f"plan.limit_groups[{index}].window", "must be one of MINUTE, HOUR, DAY, "
-                                                         "WEEK, MONTH, LIFETIME")
-            continue
-        groups.append(LimitGroup(
+    for group in plan.limit_groups:
+        known = group.window in Window._value2member_map_
+        groups.append(LimitGroup(  # an unknown window stays an int: the plan names it
             key=group.key, label=group.label, unit=group.unit, quota=group.quota,
-            window=Window(group.window),
+            window=Window(group.window) if known else group.window,
             match=Match(
                 event_types=tuple(group.match.event_types),
                 metadata=tuple(MetadataMatch(key=m.key, values=tuple(m.values))

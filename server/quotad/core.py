@@ -332,6 +332,16 @@ class Core:
         return tuple(views)
 
     @staticmethod
+    def _check_counter_room(counters: list[CounterState] | list[CounterState | None],
+                            used_add: int, held_add: int) -> None:
+        """Refuses a change that would take a counter past COUNTER_MAX."""
+        for counter in counters:
+            if counter is not None and (counter.used + used_add > limits.COUNTER_MAX
+                                        or counter.held + held_add > limits.COUNTER_MAX):
+                raise ResourceExhausted("COUNTER_LIMIT",
+                                        f"a counter would pass {limits.COUNTER_MAX}")
+
+    @staticmethod
     def _first_without_room(groups: tuple[LimitGroup, ...], counters: list[CounterState],
                             amount: int) -> str:
         for group, counter in zip(groups, counters):
@@ -359,6 +369,7 @@ class Core:
                         command.amount, command.metadata, allowed=False)
             return ReserveResult(allowed=False, reservation_id="", expires_at_ns=0,
                                  counters=views, denied_by=denied_by), False
+        self._check_counter_room(counters, 0, command.amount)
         for group, counter in zip(groups, counters):
             counter.held += command.amount
             user.counters[(group.key, group.window)] = counter
@@ -387,10 +398,12 @@ class Core:
             raise FailedPrecondition("RESERVATION_COMMITTED", "the hold is already committed")
         amount = reservation.amount if command.amount is None else command.amount
         expired = reservation.status is Status.EXPIRED
+        user = self.apps[command.app].users[reservation.user_id]
+        self._check_counter_room([self._counter_of(user, hold) for hold in reservation.holds],
+                                 amount, 0)
         if not expired:
             self._end_live_hold(reservation, Status.COMMITTED, now_ns, in_index=True)
         reservation.status = Status.COMMITTED
-        user = self.apps[command.app].users[reservation.user_id]
         for hold in reservation.holds:
             counter = self._counter_of(user, hold)
             if counter is not None:  # else its window is over: the usage counts there
@@ -434,6 +447,7 @@ class Core:
                 self._audit("track", command.app, command.user_id, command.event_type,
                             command.amount, command.metadata, allowed=False)
                 return TrackResult(allowed=False, counters=views, denied_by=denied_by), False
+        self._check_counter_room(counters, command.amount, 0)
         for group, counter in zip(groups, counters):
             counter.used = max(0, counter.used + command.amount)
             user.counters[(group.key, group.window)] = counter

@@ -18,6 +18,10 @@ IDEMPOTENCY_KEY_BYTES_MAX = 128
 AMOUNT_MAX = 2**53
 """Reserve amount 1 ... AMOUNT_MAX; Commit 0 ... AMOUNT_MAX; Track 0 < |amount| <= AMOUNT_MAX."""
 
+COUNTER_MAX = 2**62
+"""used and held never exceed this (int64 with room to spare): a change that would push one
+past it is refused (RESOURCE_EXHAUSTED, COUNTER_LIMIT) and nothing changes."""
+
 QUOTA_MAX = 2**53
 """A limit group's quota is 0 ... QUOTA_MAX."""
 

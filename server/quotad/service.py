@@ -161,11 +161,10 @@ def _handler(gate: Gate, name: str, to_command: Callable[[str, Any], Any],
                 raise InvalidArgument([_request_violation(request.error)])
             writer = gate.open_writer()
             command = to_command(DEFAULT_APP, request)
-            result = await writer.execute(command)
+            return to_response(await writer.execute(command))
         except (QuotaError, WriterStopped, Unavailable, Unauthenticated) as error:
             status = status_of(error)
             await context.abort(status.code, status.details, status.trailing_metadata)
-        return to_response(result)
 
     handle.__name__ = name
     return handle
@@ -178,8 +177,10 @@ def _request_violation(error: Exception) -> FieldViolation:
 def _state_digest_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument([_request_violation(request.error)])
             digest, sequence = await gate.open_writer().state_digest()
-        except (WriterStopped, Unavailable) as error:
+        except (QuotaError, WriterStopped, Unavailable) as error:
             status = status_of(error)
             await context.abort(status.code, status.details, status.trailing_metadata)
         return pb.GetStateDigestResponse(digest=digest, sequence=sequence)
@@ -189,7 +190,19 @@ def _state_digest_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
 EVENTS_PAGE_SIZE_DEFAULT = 100
 EVENTS_PAGE_SIZE_MAX = 1000
 _EVENT_KINDS = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.upper()}") for kind in AUDIT_KINDS}
-_END_OF_TIME_NS = 2**63 - 1
+_END_OF_TIME_NS = 2**64 - 1
+"""The event index stores times as unsigned 64-bit ns (to the year 2554); later is clamped."""
+_TIMESTAMP_SECONDS_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z, protobuf's own bound
+
+
+def _time_ns(v: Violations, request: Any, field: str, default: int) -> int:
+    if not request.HasField(field):
+        return default
+    stamp = getattr(request, field)
+    if not (0 <= stamp.seconds <= _TIMESTAMP_SECONDS_MAX and 0 <= stamp.nanos < limits.NS_PER_S):
+        v.add(field, "must be a valid time from 1970 to 9999")
+        return default
+    return min(stamp.seconds * limits.NS_PER_S + stamp.nanos, _END_OF_TIME_NS - 1)
 
 
 def _events_query(request: pb.ListEventsRequest) -> tuple[int, int, bytes, int]:
@@ -198,12 +211,10 @@ def _events_query(request: pb.ListEventsRequest) -> tuple[int, int, bytes, int]:
     v.text(request.user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
     v.check(0 <= request.page_size <= EVENTS_PAGE_SIZE_MAX, "page_size",
             f"must be 0 (meaning {EVENTS_PAGE_SIZE_DEFAULT}) to {EVENTS_PAGE_SIZE_MAX}")
-    start_ns = (request.start_time.seconds * limits.NS_PER_S + request.start_time.nanos
-                if request.HasField("start_time") else 0)
-    end_ns = (request.end_time.seconds * limits.NS_PER_S + request.end_time.nanos
-              if request.HasField("end_time") else _END_OF_TIME_NS)
-    v.check(start_ns >= 0, "start_time", "must not be before 1970")
-    v.check(end_ns > start_ns, "end_time", "must be after start_time")
+    start_ns = _time_ns(v, request, "start_time", default=0)
+    end_ns = _time_ns(v, request, "end_time", default=_END_OF_TIME_NS)
+    if request.HasField("start_time") and request.HasField("end_time"):
+        v.check(end_ns > start_ns, "end_time", "must be after start_time")
     try:
         cursor = bytes.fromhex(request.page_token)
     except ValueError:
