@@ -53,6 +53,11 @@ def _safe_parser(message_type: Any) -> Callable[[bytes], Any]:
 
 def status_of(error: Exception) -> grpc.Status:
     """The gRPC status, with google.rpc details, for a refusal."""
+    return rpc_status.to_status(status_proto_of(error))
+
+
+def status_proto_of(error: Exception) -> status_pb2.Status:
+    """The google.rpc.Status for a refusal: code, message, and details naming the cause."""
     code, details = code_pb2.INTERNAL, []
     if isinstance(error, InvalidArgument):
         code = code_pb2.INVALID_ARGUMENT
@@ -80,7 +85,7 @@ def status_of(error: Exception) -> grpc.Status:
         envelope.Pack(detail)
         packed.append(envelope)
     message = getattr(error, "message", None) or str(error)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+    return status_pb2.Status(code=code, message=message, details=packed)
 
 
 class Unavailable(Exception):
@@ -252,6 +257,56 @@ def _list_events_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
     return handle
 
 
+BATCH_OPERATIONS_MAX = 1000
+_BATCH_KINDS = {
+    "reserve": "Reserve", "commit": "Commit", "release": "Release", "extend": "Extend",
+    "track": "Track", "get_usage": "GetUsage",
+}
+_QUOTA_TABLE = {name: (to_command, to_response) for name, _, to_command, to_response
+                in QUOTA_METHODS}
+
+
+def _error_result(error: Exception) -> pb.BatchResult:
+    return pb.BatchResult(error=status_proto_of(error))
+
+
+def _batch_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument([_request_violation(request.error)])
+            count = len(request.operations)
+            if not 1 <= count <= BATCH_OPERATIONS_MAX:
+                raise InvalidArgument([FieldViolation(
+                    "operations", f"must hold 1 to {BATCH_OPERATIONS_MAX} operations")])
+            writer = gate.open_writer()
+            results: list[pb.BatchResult | None] = [None] * count
+            accepted: list[tuple[int, str, Any]] = []
+            for index, operation in enumerate(request.operations):
+                kind = operation.WhichOneof("operation")
+                try:
+                    if kind is None:
+                        raise InvalidArgument([FieldViolation(
+                            f"operations[{index}]", "must hold one operation")])
+                    to_command = _QUOTA_TABLE[_BATCH_KINDS[kind]][0]
+                    accepted.append((index, kind, to_command(DEFAULT_APP,
+                                                             getattr(operation, kind))))
+                except InvalidArgument as error:
+                    results[index] = _error_result(error)
+            outcomes = await writer.execute_many([command for _, _, command in accepted])
+            for (index, kind, _), outcome in zip(accepted, outcomes):
+                if outcome.error is not None:
+                    results[index] = _error_result(outcome.error)
+                else:
+                    to_response = _QUOTA_TABLE[_BATCH_KINDS[kind]][1]
+                    results[index] = pb.BatchResult(**{kind: to_response(outcome.result)})
+            return pb.BatchResponse(results=results)
+        except (QuotaError, WriterStopped, Unavailable) as error:
+            status = status_of(error)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+    return handle
+
+
 def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
     handlers = []
     for service, methods in (("quotad.v1.QuotaService", QUOTA_METHODS),
@@ -264,13 +319,14 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
             )
             for name, request_type, to_command, to_response in methods
         }
-        if service.endswith("AdminService"):
-            for name, request_type, make in (
-                    ("GetStateDigest", pb.GetStateDigestRequest, _state_digest_handler),
-                    ("ListEvents", pb.ListEventsRequest, _list_events_handler)):
-                table[name] = grpc.unary_unary_rpc_method_handler(
-                    make(gate), request_deserializer=_safe_parser(request_type),
-                    response_serializer=lambda message: message.SerializeToString(),
-                )
+        specials = ((("GetStateDigest", pb.GetStateDigestRequest, _state_digest_handler),
+                     ("ListEvents", pb.ListEventsRequest, _list_events_handler))
+                    if service.endswith("AdminService")
+                    else (("Batch", pb.BatchRequest, _batch_handler),))
+        for name, request_type, make in specials:
+            table[name] = grpc.unary_unary_rpc_method_handler(
+                make(gate), request_deserializer=_safe_parser(request_type),
+                response_serializer=lambda message: message.SerializeToString(),
+            )
         handlers.append(grpc.method_handlers_generic_handler(service, table))
     return handlers

@@ -19,7 +19,7 @@ from typing import Any
 from . import limits
 from .codec import state_digest
 from .commands import Command, ExpireHolds, Record
-from .core import Core
+from .core import Core, Outcome
 from .snapshot import core_from_plain, core_to_plain
 from .wal import Log, Snapshot, TornTail, recover_records
 
@@ -136,6 +136,27 @@ class Writer:
         if outcome.error is not None:
             raise outcome.error
         return outcome.result
+
+    async def execute_many(self, commands: list[Command]) -> list[Outcome]:
+        """Applies the commands in order, one after another with no await between, then
+        answers them all once everything they saw is durable (one flush for all)."""
+        if self._failure is not None or self._closing:
+            raise WriterStopped("the server is stopping" if self._closing else
+                                f"storage failed: {self._failure!r}")
+        outcomes = []
+        for command in commands:
+            try:
+                outcome = self.core.apply(command, self.clock.now_ns())
+            except Exception as error:  # a broken invariant: the state can no longer be trusted
+                self._fail(error)
+                raise WriterStopped(f"internal invariant failed: {error!r}") from error
+            if outcome.records:
+                self._pending.extend(outcome.records)
+            outcomes.append(outcome)
+        if self._pending:
+            self._has_pending.set()
+        await self.wait_durable(self.core.sequence)
+        return outcomes
 
     async def wait_durable(self, sequence: int) -> None:
         while self.durable_sequence < sequence:
