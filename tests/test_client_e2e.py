@@ -150,3 +150,35 @@ def test_a_commit_retried_across_a_kill_and_restart_counts_once(start_server, tm
         assert result.committed == 55 and not result.expired
         tokens = client.usage("u1")["tokens"]
         assert (tokens.used, tokens.held) == (55, 0)
+
+
+def test_concurrent_async_calls_travel_in_batches_and_keep_their_own_results(server):
+    async def scenario(coalesce: bool) -> tuple[int, int, int, int]:
+        async with qc.AsyncQuotaClient(server.address, timeout_s=20,
+                                       coalesce=coalesce) as client:
+            await client.upsert_plan(PLAN)
+            user = f"c-{coalesce}"
+            await client.subscribe(user, "p")
+
+            async def guarded(amount: int) -> str:
+                try:
+                    async with client.reserve(user, "openai.chat", amount) as hold:
+                        hold.actual = amount - 1
+                    return "ok"
+                except qc.QuotaExceeded:
+                    return "denied"
+                except qc.InvalidArgument as invalid:
+                    assert [f for f, _ in invalid.field_violations] == ["amount"]
+                    return "invalid"
+
+            outcomes = await asyncio.gather(*(guarded(amount) for amount in
+                                              [5] * 150 + [0] + [10_000]))
+            tokens = (await client.usage(user))["tokens"]
+            batches = client._coalescer.batches_sent if coalesce else -1
+            return outcomes.count("ok"), outcomes.count("invalid"), tokens.used, batches
+
+    ok, invalid, used, batches = asyncio.run(scenario(coalesce=True))
+    assert (ok, invalid, used) == (150, 1, 150 * 4)
+    assert 0 < batches < 150, batches  # 303 calls in far fewer Batch RPCs
+    print(f"\n303 calls in {batches} batches")
+    assert asyncio.run(scenario(coalesce=False))[:3] == (150, 1, 150 * 4)

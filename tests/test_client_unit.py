@@ -433,7 +433,7 @@ def test_async_reserve_retries_unavailable_with_one_generated_key(double: Double
     double.servicer.script["Commit"] = [unavailable(), quotad_pb2.CommitResponse(committed=1200)]
 
     async def scenario() -> tuple[qc.AsyncHold, qc.AsyncHold]:
-        async with qc.AsyncQuotaClient(double.target, retry_policy=FAST) as client:
+        async with qc.AsyncQuotaClient(double.target, retry_policy=FAST, coalesce=False) as client:
             awaited = await client.reserve("u1", "openai.chat", 2000,
                                            metadata={"model": "gpt-4o"}, ttl_s=30)
             async with client.reserve("u1", "openai.chat", 2000) as entered:
@@ -487,7 +487,7 @@ def test_other_errors_are_not_retried_and_keep_their_details(double: DoubleServe
     assert len(double.servicer.requests["Commit"]) == 1
 
     async def scenario() -> None:
-        async with qc.AsyncQuotaClient(double.target, retry_policy=FAST) as client:
+        async with qc.AsyncQuotaClient(double.target, retry_policy=FAST, coalesce=False) as client:
             await client.extend("r1", 7200)
 
     with pytest.raises(qc.InvalidArgument) as invalid_caught:
@@ -548,7 +548,7 @@ def test_every_call_has_a_deadline(double: DoubleServer) -> None:
         assert time.monotonic() - started < 1.5
 
     async def scenario() -> None:
-        async with qc.AsyncQuotaClient(double.target, timeout_s=0.2) as client:
+        async with qc.AsyncQuotaClient(double.target, timeout_s=0.2, coalesce=False) as client:
             await client.usage("u1")
 
     with pytest.raises(qc.DeadlineExceeded):

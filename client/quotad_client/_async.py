@@ -22,7 +22,8 @@ import grpc
 from . import _ops as ops
 from ._config import ClientConfig, merged_channel_options
 from ._convert import PlanLike
-from ._errors import DeadlineExceeded, error_from_rpc_error
+from ._coalesce import BATCHABLE, Coalescer, OperationFailed
+from ._errors import DeadlineExceeded, error_from_rpc_error, error_from_status
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
 from ._types import (
@@ -39,6 +40,7 @@ from ._types import (
 )
 
 T = TypeVar("T")
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class PendingReserve(Awaitable[AsyncHold]):
@@ -73,6 +75,11 @@ class AsyncQuotaClient:
     exponential backoff and jitter, for reads and for mutations that carry an idempotency key;
     with ``auto_idempotency_keys`` (the default) the client gives each mutation that has none a
     fresh key, sent unchanged on every retry.
+
+    With ``coalesce`` (the default) the hot-path calls (reserve, commit, release, extend,
+    track, usage) made concurrently in this process travel together in Batch RPCs: what
+    accumulates while a batch is in flight goes in the next one. Each call keeps its own
+    result and errors; ``coalesce=False`` sends each as its own unary RPC.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
@@ -80,7 +87,7 @@ class AsyncQuotaClient:
                  retry_policy: RetryPolicy | None = None, auto_idempotency_keys: bool = True,
                  credentials: grpc.ChannelCredentials | None = None,
                  channel_options: Sequence[tuple[str, Any]] = (),
-                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+                 metadata: Sequence[tuple[str, str]] = (), coalesce: bool = True) -> None:
         self._config = ClientConfig.make(
             api_key=api_key, timeout_s=timeout_s, retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
@@ -91,6 +98,8 @@ class AsyncQuotaClient:
             self._channel = grpc.aio.insecure_channel(
                 target, options=merged_channel_options(channel_options))
         self._stubs = ops.make_stubs(self._channel)
+        self._coalescer = (Coalescer(self._stubs[ops.QUOTA].Batch, self._config.budget(None),
+                                     self._config.metadata) if coalesce else None)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -117,7 +126,12 @@ class AsyncQuotaClient:
                 raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"{op.method}: no time left for another attempt")
             try:
-                response = await method(op.request, timeout=remaining, metadata=config.metadata)
+                if self._coalescer is not None and op.method in BATCHABLE and (
+                        op.service == ops.QUOTA):
+                    response = await self._coalesced(op, remaining)
+                else:
+                    response = await method(op.request, timeout=remaining,
+                                            metadata=config.metadata)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
                 wait = config.policy.next_wait(retry=retry, code=error.code,
@@ -128,6 +142,18 @@ class AsyncQuotaClient:
                 retry += 1
                 continue
             return op.convert(response)
+
+    async def _coalesced(self, op: ops.Op[T], remaining_s: float) -> Any:
+        assert self._coalescer is not None
+        try:
+            return await asyncio.wait_for(self._coalescer.call(op.method, op.request),
+                                          remaining_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"{op.method}: deadline exceeded in a batch") from None
+        except OperationFailed as failed:
+            code = _CODES.get(failed.status.code, grpc.StatusCode.UNKNOWN)
+            raise error_from_status(code, failed.status.message, failed.status) from None
 
     # --- QuotaService ------------------------------------------------------------------------
 

@@ -1,0 +1,97 @@
+"""Coalescing: the asyncio client gathers the hot-path calls of one process into Batch RPCs.
+
+Calls made while a batch is in flight wait and go together in the next one (up to
+BATCH_OPERATIONS_MAX, at most IN_FLIGHT_BATCHES_MAX batches at a time), so under load one
+gRPC call and one group commit on the server carry many operations. Each caller still gets
+its own response or its own error; a failure of the whole batch (UNAVAILABLE) reaches every
+caller in it, whose retry loop then decides as for a unary call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+from quotad.v1 import quotad_pb2
+
+BATCHABLE = {"Reserve": "reserve", "Commit": "commit", "Release": "release",
+             "Extend": "extend", "Track": "track", "GetUsage": "get_usage"}
+BATCH_OPERATIONS_MAX = 1000
+IN_FLIGHT_BATCHES_MAX = 2
+
+
+class OperationFailed(Exception):
+    """One operation of a batch failed; the batch itself went through."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+
+class Coalescer:
+    def __init__(self, batch_method: Any, timeout_s: float,
+                 metadata: Sequence[tuple[str, str]]) -> None:
+        self._batch_method = batch_method
+        self._timeout_s = timeout_s
+        self._metadata = metadata
+        self._queue: list[tuple[str, Message, asyncio.Future[Message]]] = []
+        self._in_flight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches_sent = 0
+
+    async def call(self, method: str, request: Message) -> Message:
+        """The operation's response; raises OperationFailed or the batch's grpc.RpcError."""
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._queue.append((BATCHABLE[method], request, future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        if self._scheduled or self._in_flight >= IN_FLIGHT_BATCHES_MAX:
+            return
+        self._scheduled = True  # after this tick, so that calls made together go together
+        asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        if not self._queue or self._in_flight >= IN_FLIGHT_BATCHES_MAX:
+            return
+        items = self._queue[:BATCH_OPERATIONS_MAX]
+        del self._queue[:BATCH_OPERATIONS_MAX]
+        self._in_flight += 1
+        task = asyncio.ensure_future(self._run(items))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self._queue:
+            self._schedule()
+
+    async def _run(self, items: list[tuple[str, Message, asyncio.Future[Message]]]) -> None:
+        try:
+            request = quotad_pb2.BatchRequest(operations=[
+                quotad_pb2.BatchOperation(**{kind: message}) for kind, message, _ in items])
+            self.batches_sent += 1
+            response = await self._batch_method(request, timeout=self._timeout_s,
+                                                metadata=self._metadata)
+        except grpc.RpcError as error:
+            for _, _, future in items:
+                if not future.done():
+                    future.set_exception(error)
+        else:
+            for (_, _, future), result in zip(items, response.results, strict=True):
+                if future.done():  # its caller gave up
+                    continue
+                which = result.WhichOneof("result")
+                if which == "error":
+                    future.set_exception(OperationFailed(result.error))
+                else:
+                    future.set_result(getattr(result, which))
+        finally:
+            self._in_flight -= 1
+            if self._queue:
+                self._schedule()
