@@ -1,7 +1,13 @@
-"""A bare grpc.aio server answering Reserve and Commit with fixed responses of quotad's size:
-the transport's own cost, to compare quotad against in the same run.
+"""A bare grpc.aio server answering QuotaService's Reserve, Commit, Release, Extend, Track and
+GetUsage, one by one or in a Batch, with fixed responses of quotad's shape and size: the
+transport's own cost, to compare quotad against in the same run.
 
     python -m bench.echo_server --listen 127.0.0.1:0      (prints the bound port)
+
+It keeps no state and does no I/O. A Reserve for the bench's premium model is answered with
+a denial (two counters and denied_by, as quotad answers it), every other one is allowed, so
+the bench's mix workload sends the same messages to it as to quotad. A Batch (what the
+client's coalescing sends) is answered with one such response per operation, in order.
 """
 
 from __future__ import annotations
@@ -14,27 +20,74 @@ import grpc
 
 from quotad.v1 import quotad_pb2 as pb
 
-_COUNTER = pb.Counter(key="tokens", label="Tokens", unit="tokens", quota=10**15, used=7,
-                      held=10, remaining=10**15 - 17, window=pb.MONTH)
-_COUNTER.window_start.GetCurrentTime()
-_COUNTER.resets_at.GetCurrentTime()
+from .workloads import PREMIUM_MODEL, TOKENS_QUOTA
+
+_TOKENS = pb.Counter(key="tokens", label="Tokens", unit="tokens", quota=TOKENS_QUOTA,
+                     used=7_000_000, held=1500, remaining=TOKENS_QUOTA - 7_001_500,
+                     window=pb.MONTH)
+_TOKENS.window_start.GetCurrentTime()
+_TOKENS.resets_at.GetCurrentTime()
+_PREMIUM = pb.Counter(key="premium_tokens", label="Premium tokens", unit="tokens", quota=0,
+                      window=pb.MONTH)
+_PREMIUM.window_start.CopyFrom(_TOKENS.window_start)
+_PREMIUM.resets_at.CopyFrom(_TOKENS.resets_at)
+
+_ALLOWED = pb.ReserveResponse(allowed=True, reservation_id="rsv_" + "0" * 24,
+                              counters=[_TOKENS])
+_ALLOWED.expires_at.GetCurrentTime()
+_DENIED = pb.ReserveResponse(allowed=False, counters=[_TOKENS, _PREMIUM],
+                             denied_by="premium_tokens")
+_EXTENDED = pb.ExtendResponse(expires_at=_ALLOWED.expires_at)
 RESPONSES: dict[str, Any] = {
-    "Reserve": pb.ReserveResponse(allowed=True, reservation_id="rsv_" + "0" * 24,
-                                  counters=[_COUNTER]),
-    "Commit": pb.CommitResponse(counters=[_COUNTER], committed=7, returned=3),
+    "Reserve": _ALLOWED,
+    "Commit": pb.CommitResponse(counters=[_TOKENS], committed=1000, returned=500),
+    "Release": pb.ReleaseResponse(counters=[_TOKENS]),
+    "Extend": _EXTENDED,
+    "Track": pb.TrackResponse(allowed=True, counters=[_TOKENS]),
+    "GetUsage": pb.GetUsageResponse(user_id="user-0000000", plan_id="bench",
+                                    counters=[_TOKENS, _PREMIUM]),
 }
-REQUESTS = {"Reserve": pb.ReserveRequest, "Commit": pb.CommitRequest}
+REQUESTS = {"Reserve": pb.ReserveRequest, "Commit": pb.CommitRequest,
+            "Release": pb.ReleaseRequest, "Extend": pb.ExtendRequest,
+            "Track": pb.TrackRequest, "GetUsage": pb.GetUsageRequest}
+# Batch: the result of each kind of operation (field names of BatchOperation / BatchResult)
+_BATCH_KINDS = {"reserve": "Reserve", "commit": "Commit", "release": "Release",
+                "extend": "Extend", "track": "Track", "get_usage": "GetUsage"}
+_RESULTS = {kind: pb.BatchResult(**{kind: RESPONSES[name]})
+            for kind, name in _BATCH_KINDS.items()}
+_DENIED_RESULT = pb.BatchResult(reserve=_DENIED)
+
+
+def _batch_result(operation: Any) -> Any:
+    kind = operation.WhichOneof("operation")
+    if kind == "reserve" and operation.reserve.metadata.get("model") == PREMIUM_MODEL:
+        return _DENIED_RESULT
+    return _RESULTS[kind]
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()
 
 
 async def serve(listen: str) -> None:
     server = grpc.aio.server()
     handlers = {}
     for name, response in RESPONSES.items():
-        async def answer(request: Any, context: Any, response: Any = response) -> Any:
-            return response
+        if name == "Reserve":
+            async def answer(request: Any, context: Any) -> Any:
+                return _DENIED if request.metadata.get("model") == PREMIUM_MODEL else _ALLOWED
+        else:
+            async def answer(request: Any, context: Any, response: Any = response) -> Any:
+                return response
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             answer, request_deserializer=REQUESTS[name].FromString,
-            response_serializer=lambda message: message.SerializeToString())
+            response_serializer=_serialize)
+
+    async def batch(request: Any, context: Any) -> Any:
+        return pb.BatchResponse(results=[_batch_result(op) for op in request.operations])
+
+    handlers["Batch"] = grpc.unary_unary_rpc_method_handler(
+        batch, request_deserializer=pb.BatchRequest.FromString, response_serializer=_serialize)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("quotad.v1.QuotaService", handlers)])
     port = server.add_insecure_port(listen)
@@ -45,5 +98,6 @@ async def serve(listen: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="address to listen on (port 0: a free one; it is printed)")
     asyncio.run(serve(parser.parse_args().listen))

@@ -7,6 +7,9 @@ Starts its own servers on free loopback ports (quotad on a fresh data directory 
 drives each with one grpc.aio client process in alternation, and prints medians of the runs
 and the quotad / echo ratio. Also prints how group commit behaved: records per LMDB
 transaction (from quotad's stop line).
+
+The full harness (workloads, Redis peers, client processes, JSON and plots) is
+`python -m bench`; this one stays as the smallest raw-stub check of the transport.
 """
 
 from __future__ import annotations

@@ -1,0 +1,406 @@
+"""quotad's benchmark harness: `python -m bench --help`.
+
+Drives quotad through the project's own asyncio client (AsyncQuotaClient, as users would), and
+in the same run its peers: Redis running the same reserve / commit / release as atomic Lua
+scripts (once with appendfsync always, once with no persistence), and a bare grpc.aio echo
+server answering the same messages. Targets are measured in alternation, run after run, and
+every figure is the median of the runs; every comparison is a quotad / peer ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from . import redis_peer, report
+from .targets import (
+    DESCRIPTIONS,
+    PEERS,
+    ROOT,
+    EchoTarget,
+    QuotadTarget,
+    RedisTarget,
+    Target,
+    process_cpu_s,
+)
+from .worker import WorkerError, WorkerPool
+from .workloads import MIX_SHARES, WORKLOADS, ZipfUsers, parse_workloads
+
+MAX_SECONDS_WITH_OPS = 600.0
+DEFAULT_SECONDS = 10.0
+
+EPILOG = f"""\
+workloads (one unit = what one in-flight slot does before starting the next):
+  pairs    Reserve + Commit (2 operations, 1 pair)
+  release  Reserve + Release (2 operations, 1 pair)
+  track    one Track (1 operation; pairs/s is not reported)
+  mix      {', '.join(f'{share:.0%} {kind}' for kind, share in MIX_SHARES)} of units:
+           a denied unit asks for the premium model (quota 0 in the bench plan, so quotad
+           denies it); an expire unit reserves with a 1 s TTL and never settles. About 90 %
+           of reserves are allowed, 10 % denied, 1 % left to expire.
+  Every user has the same plan: tokens (10^12/month, matches openai.*) and premium_tokens
+  (0/month, matches model=gpt-4o), so the denial rate does not drift with throughput.
+
+targets:
+  quotad         started by the bench on a fresh data directory per run (or --target)
+  redis-always   redis-server, appendonly yes + appendfsync always, Lua scripts
+  redis-none     redis-server, save "" + appendonly no, the same scripts
+  echo           bench/echo_server.py: fixed responses of quotad's size, no state, no I/O
+  quotad and echo are driven by AsyncQuotaClient with its defaults (it coalesces the calls
+  in flight into Batch RPCs; --no-coalesce turns that off); Redis by redis.asyncio (one
+  connection pool per process, one script call per operation, no pipelining). A Redis peer is skipped, with the reason printed, when redis-server or redis-py
+  is missing.
+
+outputs (in --results DIR): results.json (config, machine, every run, medians, ratios),
+results.md (the table), latency-<workload>.png, throughput-<workload>.png.
+
+examples:
+  python -m bench --workload pairs --concurrency 64 --seconds 10 --runs 3
+  python -m bench --workload all --peers echo --seconds 5 --runs 1
+  python -m bench --target 127.0.0.1:50051 --peers none --workload mix --ops 100000
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _workloads(text: str) -> list[str]:
+    try:
+        return parse_workloads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _peers(text: str) -> list[str]:
+    if text.strip() in ("", "none"):
+        return []
+    if text.strip() == "all":
+        return list(PEERS)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {unknown}; choose from "
+                                         f"{', '.join(PEERS)}, all or none")
+    return list(dict.fromkeys(names))
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n\n")[1],
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--workload", type=_workloads, default=["pairs"], metavar="NAME[,NAME]",
+                      help=f"workload(s): {', '.join(WORKLOADS)}, a comma list, or all "
+                           "(default: pairs); see below")
+    what.add_argument("--target", type=_address, metavar="HOST:PORT",
+                      help="measure the quotad already serving there instead of starting one "
+                           "(the bench upserts its plan 'bench' and subscribes its users; no "
+                           "API key, so a loopback server without keys)")
+    what.add_argument("--peers", type=_peers, default=list(PEERS), metavar="LIST",
+                      help="peers measured in the same run, a comma list of "
+                           f"{', '.join(PEERS)}; all or none (default: all)")
+    what.add_argument("--redis-server", default="redis-server", metavar="PATH",
+                      help="the redis-server binary for the Redis peers (default: redis-server "
+                           "on PATH)")
+    load = parser.add_argument_group("the load")
+    load.add_argument("--users", type=_positive_int, default=1000, metavar="N",
+                      help="users, each subscribed to the bench plan before each run (on "
+                           "quotad that takes about 1 s per 1,000 users here; default: 1000)")
+    load.add_argument("--zipf-s", type=_non_negative_float, default=0.99, metavar="S",
+                      help="Zipf exponent of the users' hot/cold spread: P(k-th user) ~ 1/k^S; "
+                           "0 is uniform (default: 0.99)")
+    load.add_argument("--concurrency", type=_positive_int, default=64, metavar="N",
+                      help="units in flight per client process (default: 64)")
+    load.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                      help="client processes (multiprocessing, each with its own client and "
+                           "connection; default: 1)")
+    length = load.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=_positive_float, metavar="S",
+                        help=f"measured length of each run (default: {DEFAULT_SECONDS:g})")
+    length.add_argument("--ops", type=_positive_int, metavar="N",
+                        help="operations per run instead of a length in time (split over the "
+                             f"processes; a run still stops after {MAX_SECONDS_WITH_OPS:.0f} s)")
+    load.add_argument("--runs", type=_positive_int, default=3, metavar="N",
+                      help="runs per target, alternating targets; figures are medians "
+                           "(default: 3)")
+    load.add_argument("--track-enforce", action="store_true",
+                      help="track workload: Track with enforce (atomic check-and-record) "
+                           "instead of plain recording")
+    load.add_argument("--no-idempotency-keys", action="store_true",
+                      help="quotad and echo: turn off the client's automatic idempotency key "
+                           "on each mutation (on by default, as for users; quotad stores each "
+                           "key durably)")
+    load.add_argument("--no-coalesce", action="store_true",
+                      help="quotad and echo: send each call as its own unary RPC "
+                           "(AsyncQuotaClient(coalesce=False)) instead of the client's default, "
+                           "which gathers the calls in flight in a process into Batch RPCs")
+    load.add_argument("--call-timeout", type=_positive_float, default=2.0, metavar="S",
+                      help="deadline of one call, retries included (default: 2.0, the "
+                           "client's default)")
+    load.add_argument("--seed", type=int, default=1, metavar="N",
+                      help="seed of the users and amounts picked (default: 1)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--results", type=Path, metavar="DIR",
+                     help="where results.json, results.md and the plots go (default: "
+                          "bench/results/<timestamp>/, git-ignored)")
+    out.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    out.add_argument("--no-progress", action="store_true",
+                     help="no live progress bar on stderr (it is drawn only on a terminal "
+                          "anyway; otherwise one line per run)")
+    return parser
+
+
+class Progress:
+    """A live bar on stderr (on a terminal), then one line per run."""
+
+    def __init__(self, pool: WorkerPool, enabled: bool) -> None:
+        self._pool = pool
+        self._live = enabled and sys.stderr.isatty()
+        self._label = ""
+        self._history: deque[tuple[float, int]] = deque()
+        self._last_draw = 0.0
+
+    def begin(self, label: str, seconds: float | None, ops: int | None) -> None:
+        self._label, self._seconds, self._ops = label, seconds, ops
+        self._started = time.monotonic()
+        self._history.clear()
+        self._last_draw = 0.0
+
+    def tick(self) -> None:
+        if not self._live:
+            return
+        now = time.monotonic()
+        if now - self._last_draw < 0.2:
+            return
+        self._last_draw = now
+        done, errors = self._pool.progress()
+        elapsed = now - self._started
+        self._history.append((now, done))
+        while len(self._history) > 2 and now - self._history[0][0] > 2.0:
+            self._history.popleft()
+        then, before = self._history[0]
+        rate = (done - before) / (now - then) if now > then else 0.0
+        if self._ops:
+            fraction = done / self._ops
+        else:
+            fraction = elapsed / self._seconds if self._seconds else 0.0
+        fraction = min(1.0, max(0.0, fraction))
+        bar = "█" * int(fraction * 24) + "░" * (24 - int(fraction * 24))
+        sys.stderr.write(f"\r{self._label:<32} {bar} {fraction:4.0%} {elapsed:5.1f} s "
+                         f"{done:>10,} ops {rate:>9,.0f} ops/s {errors:,} errors\x1b[K")
+        sys.stderr.flush()
+
+    def status(self, text: str) -> None:
+        if self._live:
+            sys.stderr.write(f"\r{text}\x1b[K")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        if self._live:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _run_line(label: str, run: dict[str, Any]) -> str:
+    pairs = f" {run['pairs_per_s']:>9,.0f} pairs/s" if run["pairs_per_s"] is not None else ""
+    denied = (f"  denied {run['denied_share']:.1%}" if run.get("denied_share") else "")
+    cpu = (f"  server CPU {run['server_cpu_util']:.0%}"
+           if run.get("server_cpu_util") is not None else "")
+    if run.get("ops_per_batch_rpc"):
+        cpu += f"  {run['ops_per_batch_rpc']:.1f} ops/Batch RPC"
+    return (f"{label:<32} {run['ops_per_s']:>9,.0f} ops/s{pairs}  p50 {run['p50_ms']:7.2f} ms  "
+            f"p99 {run['p99_ms']:7.2f} ms  p99.9 {run['p999_ms']:7.2f} ms  "
+            f"{run['errors']:,} errors{denied}{cpu}")
+
+
+def _make_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
+    targets: list[Target] = [QuotadTarget(args.target)]
+    skipped: dict[str, str] = {}
+    redis_reason = redis_peer.unavailable_reason(args.redis_server)
+    for name in args.peers:
+        if name == "echo":
+            targets.append(EchoTarget())
+        elif redis_reason is not None:
+            skipped[name] = redis_reason
+        else:
+            targets.append(RedisTarget(name.split("-", 1)[1], args.redis_server))
+    return targets, skipped
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seconds is None and args.ops is None:
+        args.seconds = DEFAULT_SECONDS
+    workloads: list[str] = args.workload
+    targets, skipped = _make_targets(args)
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    results_dir = args.results or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / "results.json"
+    bucket_s = min(1.0, max(0.1, (args.seconds or 10.0) / 25))
+    redis_version = (redis_peer.server_version(args.redis_server)
+                     if any(t.name.startswith("redis") for t in targets) else None)
+    config = {
+        "workloads": workloads, "target": args.target, "peers": args.peers,
+        "users": args.users, "zipf_s": args.zipf_s, "concurrency": args.concurrency,
+        "processes": args.processes, "seconds": args.seconds, "ops": args.ops,
+        "runs": args.runs, "track_enforce": args.track_enforce,
+        "idempotency_keys": not args.no_idempotency_keys, "coalesce": not args.no_coalesce,
+        "call_timeout_s": args.call_timeout,
+        "seed": args.seed, "mix_shares": dict(MIX_SHARES),
+        "zipf_share_of_hottest_1pct": ZipfUsers(args.users, args.zipf_s,
+                                                random.Random(0)).share_of_top(0.01),
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    document: dict[str, Any] = {
+        "version": 1,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": False,
+        "config": config,
+        "machine": report.machine(redis_version),
+        "skipped": skipped,
+        "workloads": {w: {"targets": {t.name: {"description": t.description, "runs": [],
+                                                "server": []}
+                                       for t in targets},
+                          "ratios": {}}
+                      for w in workloads},
+    }
+    how = f"{args.seconds:g} s" if args.seconds is not None else f"{args.ops:,} operations"
+    print(f"bench: {', '.join(workloads)} on {', '.join(t.name for t in targets)}; "
+          f"{args.users:,} users (Zipf s={args.zipf_s:g}), {args.concurrency} in flight × "
+          f"{args.processes} process(es), {how} × {args.runs} run(s); results in {results_dir}",
+          flush=True)
+    pool = WorkerPool(args.processes)
+    progress = Progress(pool, not args.no_progress)
+    timeout_s = ((args.seconds if args.seconds is not None else MAX_SECONDS_WITH_OPS)
+                 + args.call_timeout * 4 + 60.0)
+    try:
+        for run_index in range(args.runs):
+            for target in targets:  # alternate: drift on a shared machine hits every target
+                progress.status(f"{target.name}: starting, setting up {args.users:,} users")
+                target.start()
+                try:
+                    target.set_up(args.users)
+                    progress.end()
+                    for workload in workloads:
+                        label = f"{target.name} run {run_index + 1}/{args.runs} {workload}"
+                        job = {
+                            "driver": target.driver(), "workload": workload,
+                            "users": args.users, "zipf_s": args.zipf_s,
+                            "concurrency": args.concurrency, "seconds": args.seconds,
+                            "ops": args.ops, "max_seconds": MAX_SECONDS_WITH_OPS,
+                            "bucket_s": bucket_s, "seed": args.seed,
+                            "call_timeout_s": args.call_timeout,
+                            "idempotency_keys": not args.no_idempotency_keys,
+                            "coalesce": not args.no_coalesce,
+                            "track_enforce": args.track_enforce,
+                        }
+                        progress.begin(label, args.seconds, args.ops)
+                        cpu_before = process_cpu_s(target.pid)
+                        try:
+                            parts = pool.run(job, timeout_s=timeout_s, tick=progress.tick)
+                        finally:
+                            progress.end()
+                        cpu_after = process_cpu_s(target.pid)
+                        server_cpu = (cpu_after - cpu_before
+                                      if cpu_before is not None and cpu_after is not None
+                                      else None)
+                        summary, _ = report.merge_run(parts, workload=workload,
+                                                      bucket_s=bucket_s,
+                                                      server_cpu_s=server_cpu)
+                        document["workloads"][workload]["targets"][target.name]["runs"].append(
+                            summary)
+                        print(_run_line(label, summary), flush=True)
+                        _write_json(json_path, document)
+                finally:
+                    progress.status(f"{target.name}: stopping")
+                    server_stats = {"covers_workloads": workloads, **target.stop()}
+                    progress.end()
+                for workload in workloads:
+                    document["workloads"][workload]["targets"][target.name]["server"].append(
+                        server_stats)
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped; partial results in " + str(json_path),
+              file=sys.stderr)
+        _write_json(json_path, document)
+        return 130
+    except (WorkerError, RuntimeError, TimeoutError, OSError) as error:
+        print(f"bench failed: {error}", file=sys.stderr)
+        _write_json(json_path, document)
+        return 1
+    finally:
+        pool.close()
+
+    for workload, entry in document["workloads"].items():
+        for target_entry in entry["targets"].values():
+            target_entry["median"] = report.medians(target_entry["runs"])
+            per_txn = [s["records_per_txn"] for s in target_entry["server"]
+                       if s.get("records_per_txn")]
+            if per_txn:
+                target_entry["median"]["records_per_txn"] = statistics.median(per_txn)
+        entry["ratios"] = report.ratios(entry["targets"])
+    table = report.markdown(document)
+    document["table_markdown"] = table
+    if not args.no_plots:
+        written, why = report.plots(document, results_dir)
+        document["plots"] = written
+        if why:
+            document["plots_skipped"] = why
+            print(f"plots skipped: {why}", file=sys.stderr)
+    document["machine"]["loadavg_at_end"] = report.loadavg()
+    document["finished"] = True
+    document["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_json(json_path, document)
+    (results_dir / "results.md").write_text(table)
+
+    print()
+    for workload, entry in document["workloads"].items():
+        for line in report.ratio_lines(workload, entry):
+            print(line)
+    print()
+    print(table, end="")
+    print(f"\nresults: {json_path}" + (f" (+ {len(document.get('plots', []))} plots)"
+                                        if document.get("plots") else ""))
+    return 0
+
+
+__all__ = ["DESCRIPTIONS", "build_parser", "main"]

@@ -1,0 +1,277 @@
+"""The servers a bench run measures, each started and stopped by the bench (or, for quotad,
+an external one given by --target), and the gRPC driver shared by quotad and the echo peer.
+
+A target gives the worker processes a `driver` spec (a plain dict that crosses the process
+boundary); `make_driver` turns it into an async driver with reserve / commit / release / track.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import redis_peer
+from .workloads import DEFAULT_TTL_S, EVENT_TYPE, PLAN, user_id
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 30.0
+SETUP_CONCURRENCY = 64
+
+DESCRIPTIONS = {
+    "quotad": "quotad (LMDB WAL, fsync per group commit)",
+    "redis-always": "Redis + Lua (AOF, appendfsync always)",
+    "redis-none": "Redis + Lua (no persistence)",
+    "echo": "echo (bare grpc.aio, same messages)",
+}
+PEERS = ("redis-always", "redis-none", "echo")
+
+
+def _server_process_class() -> Any:
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from server_process import ServerProcess
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    return ServerProcess
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), None when unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Target:
+    name: str
+    description: str
+
+    def start(self) -> None: ...
+    def set_up(self, users: int) -> None: ...
+    def driver(self) -> dict[str, Any]: ...
+    def stop(self) -> dict[str, Any]: ...
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+
+class QuotadTarget(Target):
+    """quotad on a fresh data directory each start (or an external server at `external`)."""
+
+    name = "quotad"
+
+    def __init__(self, external: str | None = None) -> None:
+        self.external = external
+        self.description = DESCRIPTIONS["quotad"] + (f" at {external}" if external else "")
+        self._server: Any = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.address = external or ""
+
+    @property
+    def pid(self) -> int | None:
+        if self._server is None or self._server.process is None:
+            return None
+        return int(self._server.process.pid)
+
+    def start(self) -> None:
+        if self.external:
+            return
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-quotad-")
+        server = _server_process_class()(Path(self._dir.name) / "data", plans=None,
+                                         extra_args=())
+        self._server = server
+        try:
+            server.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.address = server.address
+
+    def set_up(self, users: int) -> None:
+        asyncio.run(_set_up_quotad(self.address, users))
+
+    def driver(self) -> dict[str, Any]:
+        return {"kind": "grpc", "address": self.address}
+
+    def stop(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        if self._server is not None:
+            try:
+                if self._server.process is not None and self._server.process.poll() is None:
+                    stats["exit_code"] = self._server.stop()
+                stopped = [line for line in self._server.log_lines
+                           if line.get("message") == "stopped"]
+                if stopped:
+                    line = stopped[-1]
+                    stats["log_records_written"] = line.get("records_written")
+                    stats["log_batches"] = line.get("batches")
+                    if line.get("batches"):
+                        stats["records_per_txn"] = line["records_written"] / line["batches"]
+            finally:
+                self._server.close()
+                self._server = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+        return stats
+
+
+async def _set_up_quotad(address: str, users: int) -> None:
+    from quotad_client import AsyncQuotaClient
+
+    async with AsyncQuotaClient(address, timeout_s=30.0) as client:
+        await client.upsert_plan(PLAN)
+        next_user = 0
+
+        async def subscriber() -> None:
+            nonlocal next_user
+            while next_user < users:
+                index, next_user = next_user, next_user + 1
+                await client.subscribe(user_id(index), PLAN["id"])
+
+        await asyncio.gather(*(subscriber() for _ in range(min(users, SETUP_CONCURRENCY))))
+
+
+class EchoTarget(Target):
+    """bench/echo_server.py in its own process, driven through the same quotad client."""
+
+    name = "echo"
+    description = DESCRIPTIONS["echo"]
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[str] | None = None
+        self.address = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self._process.stdout is not None
+        ready, _, _ = select.select([self._process.stdout], [], [], START_TIMEOUT_S)
+        line = self._process.stdout.readline() if ready else ""
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"the echo server did not start (printed {line!r})")
+        self.address = f"127.0.0.1:{int(line)}"
+
+    def set_up(self, users: int) -> None:
+        pass
+
+    def driver(self) -> dict[str, Any]:
+        return {"kind": "grpc", "address": self.address}
+
+    def stop(self) -> dict[str, Any]:
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait(timeout=30)
+            if self._process.stdout is not None:
+                self._process.stdout.close()
+            self._process = None
+        return {}
+
+
+class RedisTarget(Target):
+    def __init__(self, mode: str, binary: str) -> None:
+        self.name = f"redis-{mode}"
+        self.description = DESCRIPTIONS[self.name]
+        self._server = redis_peer.RedisServer(mode, binary=binary)
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.pid
+
+    def start(self) -> None:
+        self._server.start()
+
+    def set_up(self, users: int) -> None:
+        self._server.set_up(users)
+
+    def driver(self) -> dict[str, Any]:
+        return {"kind": "redis", "address": self._server.address}
+
+    def stop(self) -> dict[str, Any]:
+        try:
+            stats = self._server.info() if self._server.process is not None else {}
+        except Exception as error:  # noqa: BLE001 - stats are a nicety; stopping matters
+            stats = {"info_error": str(error)}
+        self._server.stop()
+        return stats
+
+
+class GrpcDriver:
+    """quotad (or the echo peer) through the project's own AsyncQuotaClient."""
+
+    def __init__(self, address: str, call_timeout_s: float, idempotency_keys: bool,
+                 coalesce: bool) -> None:
+        self._address = address
+        self._timeout_s = call_timeout_s
+        self._keys = idempotency_keys
+        self._coalesce = coalesce
+        self._metadata: dict[str, dict[str, str]] = {}
+
+    async def open(self) -> None:
+        from quotad_client import AsyncQuotaClient
+
+        # the client's defaults (coalescing included), unless --no-coalesce
+        options: dict[str, Any] = {} if self._coalesce else {"coalesce": False}
+        self._client = AsyncQuotaClient(self._address, timeout_s=self._timeout_s,
+                                        auto_idempotency_keys=self._keys, **options)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def batches_sent(self) -> int | None:
+        """Batch RPCs the client's coalescing sent so far (None: not coalescing, or unknown)."""
+        coalescer = getattr(self._client, "_coalescer", None)
+        sent = getattr(coalescer, "batches_sent", None)
+        return sent if isinstance(sent, int) else None
+
+    def _meta(self, model: str) -> dict[str, str]:
+        meta = self._metadata.get(model)
+        if meta is None:
+            meta = self._metadata[model] = {"model": model}
+        return meta
+
+    async def reserve(self, user: str, amount: int, model: str, ttl_s: float,
+                      groups: tuple[str, ...]) -> tuple[bool, str]:
+        hold = await self._client.reserve(user, EVENT_TYPE, amount, metadata=self._meta(model),
+                                          ttl_s=None if ttl_s == DEFAULT_TTL_S else ttl_s,
+                                          raise_on_deny=False)
+        return hold.allowed, hold.reservation_id
+
+    async def commit(self, hold_id: str, actual: int) -> None:
+        await self._client.commit(hold_id, actual)
+
+    async def release(self, hold_id: str) -> None:
+        await self._client.release(hold_id)
+
+    async def track(self, user: str, amount: int, model: str, enforce: bool,
+                    groups: tuple[str, ...]) -> bool:
+        result = await self._client.track(user, EVENT_TYPE, amount, metadata=self._meta(model),
+                                          enforce=enforce, raise_on_deny=False)
+        return result.allowed
+
+
+def make_driver(spec: dict[str, Any], *, concurrency: int, call_timeout_s: float,
+                idempotency_keys: bool, coalesce: bool) -> Any:
+    if spec["kind"] == "grpc":
+        return GrpcDriver(spec["address"], call_timeout_s, idempotency_keys, coalesce)
+    if spec["kind"] == "redis":
+        return redis_peer.RedisDriver(spec["address"], concurrency, call_timeout_s)
+    raise ValueError(f"unknown driver kind {spec['kind']!r}")
