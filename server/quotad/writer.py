@@ -121,18 +121,7 @@ class Writer:
     async def execute(self, command: Command) -> Any:
         """Applies the command and answers once all it saw is durable. Raises the command's
         QuotaError, or WriterStopped."""
-        if self._failure is not None or self._closing:
-            raise WriterStopped("the server is stopping" if self._closing else
-                                f"storage failed: {self._failure!r}")
-        try:
-            outcome = self.core.apply(command, self.clock.now_ns())
-        except Exception as error:  # a broken invariant: the state can no longer be trusted
-            self._fail(error)
-            raise WriterStopped(f"internal invariant failed: {error!r}") from error
-        if outcome.records:
-            self._pending.extend(outcome.records)
-            self._has_pending.set()
-        await self.wait_durable(self.core.sequence)
+        (outcome,) = await self.execute_many([command])
         if outcome.error is not None:
             raise outcome.error
         return outcome.result
