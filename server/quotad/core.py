@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
+from functools import cache
 from collections import Counter as Tally
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -21,7 +21,6 @@ from typing import Any, Callable
 from sortedcontainers import SortedList
 
 from . import limits
-from .codec import to_plain
 from .commands import (
     AuditEvent, Command, Commit, CommitResult, CounterView, DeletePlan, DeletePlanResult, ExpiredHold,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
@@ -112,12 +111,18 @@ _EMPTY_APP = AppState()
 
 def _fingerprint(command: Any) -> str:
     """What makes two requests the same for idempotency: a digest of every field the caller
-    chose (compact to keep for 24 h, and plain to put in a snapshot)."""
-    ignored = ("idempotency_key", "reservation_id") if isinstance(command, Reserve) else (
-        "idempotency_key",)
-    chosen = [to_plain(getattr(command, f.name)) for f in fields(command) if f.name not in ignored]
-    text = json.dumps([type(command).__name__, chosen], separators=(",", ":"))
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+    chose (compact to keep for 24 h, and plain to put in a snapshot). The fields are str,
+    int, bool, None and tuples of those, whose repr is stable."""
+    chosen = tuple(getattr(command, name) for name in _chosen_fields(type(command)))
+    text = repr((type(command).__name__, chosen))
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+@cache
+def _chosen_fields(command_type: type) -> tuple[str, ...]:
+    ignored = {"idempotency_key", "reservation_id"} if command_type is Reserve else {
+        "idempotency_key"}
+    return tuple(f.name for f in fields(command_type) if f.name not in ignored)
 
 
 class Core:
