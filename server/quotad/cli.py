@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
                      default=AUDIT_RETENTION_NS_DEFAULT / NS_PER_DAY, metavar="DAYS",
                      help="keep log records (the audit trail) at least this long "
                           "(default: %(default)s)")
+    run.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                     help="serve Prometheus metrics over HTTP there (port 0 picks one); "
+                          "off by default")
     run.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     run.add_argument("--log-state-digest", action="store_true",
                      help="log a digest of the whole state at start and stop, to verify that "
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                         reflection=args.reflection, log_state_digest=args.log_state_digest,
                         snapshot_every_records=args.snapshot_every_records,
                         snapshot_every_s=args.snapshot_every_s,
-                        audit_retention_ns=int(args.audit_retention_days * NS_PER_DAY))
+                        audit_retention_ns=int(args.audit_retention_days * NS_PER_DAY),
+                        metrics_listen=args.metrics_listen)
         return asyncio.run(serve(config))
     except (ValueError, PlansFileError, DataDirLocked) as error:
         print(f"quotad: {error}", file=sys.stderr)

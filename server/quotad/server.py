@@ -24,6 +24,7 @@ from . import limits
 from .codec import state_digest
 from .commands import UpsertPlan
 from .core import Core
+from .metrics import Metrics, MetricsInterceptor
 from .plans_file import load_plans
 from .service import DEFAULT_APP, Gate, generic_handlers, is_loopback
 from .v1 import quotad_pb2
@@ -54,6 +55,8 @@ class Config:
     snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT
     audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT
     log_state_digest: bool = False
+    metrics_listen: str = ""
+    """HOST:PORT for Prometheus metrics over HTTP; empty: none."""
     """Log a digest of the whole state when serving starts and when stopped (costs a pass
     over the state): a restart must start from the digest the last stop ended with."""
 
@@ -70,6 +73,10 @@ class Config:
             raise ValueError("--map-size-gib must be at least 1 MiB")
         if self.snapshot_every_records < 1 or self.snapshot_every_s <= 0:
             raise ValueError("--snapshot-every-records and --snapshot-every-s must be positive")
+        if self.metrics_listen:
+            metrics_host, _, metrics_port = self.metrics_listen.rpartition(":")
+            if not metrics_host or not metrics_port.isdigit():
+                raise ValueError(f"--metrics-listen {self.metrics_listen!r}: expected HOST:PORT")
         if self.audit_retention_ns < 0:
             raise ValueError("--audit-retention-days must not be negative")
 
@@ -92,7 +99,8 @@ async def serve(config: Config) -> int:
 
     gate = Gate()
     health_servicer = health.aio.HealthServicer()
-    server = grpc.aio.server(options=[
+    metrics = Metrics()
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)], options=[
         ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
         ("grpc.max_send_message_length", 4 * 1024**2),
         ("grpc.so_reuseport", 0),
@@ -121,11 +129,17 @@ async def serve(config: Config) -> int:
         await server.stop(0)
         log_.close()
         return 1
-    writer = Writer(core, log_, on_failure=fail,
+    writer = Writer(core, log_, on_failure=fail, on_flush=metrics.observe_flush,
                     snapshot_every_records=config.snapshot_every_records,
                     snapshot_every_s=config.snapshot_every_s,
                     audit_retention_ns=config.audit_retention_ns)
     writer.start()
+    metrics.watch_live_holds(lambda: len(core.expiry))
+    metrics_address = ""
+    if config.metrics_listen:
+        metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
+        bound = metrics.serve(metrics_host, int(metrics_port))
+        metrics_address = f"{metrics_host}:{bound}"
     await writer.expire_due()
     for plan in plans:
         await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
@@ -133,7 +147,8 @@ async def serve(config: Config) -> int:
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"address": address, "records": core.sequence,
                                "recovery_s": round(time.monotonic() - started, 3),
-                               "plans_loaded": len(plans), **_digest(config, core)})
+                               "plans_loaded": len(plans), "metrics": metrics_address,
+                               **_digest(config, core)})
 
     await stop.wait()
     gate.state = "failed" if failure else "draining"

@@ -80,7 +80,8 @@ class Writer:
                  batch_records_max: int = limits.BATCH_RECORDS_MAX,
                  snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS_DEFAULT,
                  snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT,
-                 audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT) -> None:
+                 audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT,
+                 on_flush: Callable[[int, float, int], None] | None = None) -> None:
         assert snapshot_every_records >= 1 and snapshot_every_s > 0 and audit_retention_ns >= 0
         self.core = core
         self.clock = ServerClock(core.last_record_ns)
@@ -97,6 +98,8 @@ class Writer:
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
         self.records_written = 0
+        self._on_flush = on_flush
+        """Called with (records, seconds, last sequence) after each durable flush."""
         self._snapshot_every_records = snapshot_every_records
         self._snapshot_every_s = snapshot_every_s
         self._audit_retention_ns = audit_retention_ns
@@ -174,6 +177,7 @@ class Writer:
                 snapshot = self._snapshot_if_due()
                 batch = self._pending[: self._batch_records_max]
                 del self._pending[: self._batch_records_max]
+                started = time.perf_counter()
                 try:
                     await loop.run_in_executor(self._executor, self._log.append, batch,
                                                snapshot, self._prune_before_ns())
@@ -181,6 +185,9 @@ class Writer:
                     self._fail(error)
                     return
                 self.durable_sequence = batch[-1].sequence
+                if self._on_flush is not None:
+                    self._on_flush(len(batch), time.perf_counter() - started,
+                                   self.durable_sequence)
                 self.batches += 1
                 self.records_written += len(batch)
                 flushed, self._flushed = self._flushed, asyncio.Event()

@@ -1,0 +1,90 @@
+"""Prometheus metrics on their own port (`--metrics-listen`), served by prometheus-client's
+own HTTP thread, never by the event loop.
+
+    quotad_requests_total{method, code}     calls answered, by RPC and status code
+    quotad_request_seconds{method}          latency, request in to answer out
+    quotad_denials_total{group}             Reserve / Track denials, by the group that denied
+    quotad_live_holds                       holds not yet committed, released or expired
+    quotad_flush_records                    records per LMDB transaction (group commit size)
+    quotad_flush_seconds                    one LMDB transaction with its sync
+    quotad_log_sequence                     the last durable log sequence number
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+_FLUSH_BUCKETS_RECORDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 8192)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("quotad_requests", "Calls answered, by RPC and status code",
+                                ["method", "code"], registry=self.registry)
+        self.latency = Histogram("quotad_request_seconds", "Latency of a call, in to out",
+                                 ["method"], buckets=_LATENCY_BUCKETS_S, registry=self.registry)
+        self.denials = Counter("quotad_denials", "Denials, by the limit group that denied",
+                               ["group"], registry=self.registry)
+        self.live_holds = Gauge("quotad_live_holds", "Holds that are still live",
+                                registry=self.registry)
+        self.flush_records = Histogram("quotad_flush_records", "Records per LMDB transaction",
+                                       buckets=_FLUSH_BUCKETS_RECORDS, registry=self.registry)
+        self.flush_seconds = Histogram("quotad_flush_seconds", "One LMDB transaction and sync",
+                                       buckets=_LATENCY_BUCKETS_S, registry=self.registry)
+        self.log_sequence = Gauge("quotad_log_sequence", "Last durable log sequence number",
+                                  registry=self.registry)
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the HTTP endpoint; returns the port it listens on."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_address[1]
+
+    def observe_flush(self, records: int, seconds: float, last_sequence: int) -> None:
+        self.flush_records.observe(records)
+        self.flush_seconds.observe(seconds)
+        self.log_sequence.set(last_sequence)
+
+    def watch_live_holds(self, count: Callable[[], int]) -> None:
+        self.live_holds.set_function(count)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every unary call, and counts denials by group."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation: Callable[[Any], Any],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        metrics = self._metrics
+
+        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                response = await inner(request, context)
+                denied_by = getattr(response, "denied_by", "")
+                if denied_by:
+                    metrics.denials.labels(denied_by).inc()
+                return response
+            except BaseException:
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                metrics.requests.labels(method, code).inc()
+                metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+        return handler._replace(unary_unary=measured)

@@ -1,0 +1,42 @@
+"""Prometheus metrics from the real server, scraped over HTTP."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+
+from quotad.v1 import quotad_pb2 as pb
+from test_server_e2e import plan_with, quota, subscribe
+
+
+def _scrape(address: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_calls_codes_denials_holds_and_flushes(start_server):
+    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
+    subscribe(server.address, "u1", plan_with(10))
+    stub = quota(server.address)
+    held = stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="x", amount=4, ttl={"seconds": 600}))
+    assert not stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="x", amount=7)).allowed
+    with pytest.raises(grpc.RpcError):
+        stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="x", amount=0))
+    samples = _scrape(server.last("serving")["metrics"])
+    assert samples['quotad_requests_total{code="OK",method="Reserve"}'] == 2
+    assert samples['quotad_requests_total{code="INVALID_ARGUMENT",method="Reserve"}'] == 1
+    assert samples['quotad_denials_total{group="units"}'] == 1
+    assert samples["quotad_live_holds"] == 1
+    assert samples['quotad_request_seconds_count{method="Reserve"}'] == 3
+    assert samples["quotad_flush_records_count"] >= 3
+    assert samples["quotad_log_sequence"] >= 5
+    stub.Release(pb.ReleaseRequest(reservation_id=held.reservation_id))
+    assert _scrape(server.last("serving")["metrics"])["quotad_live_holds"] == 0
