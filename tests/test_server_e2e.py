@@ -413,3 +413,21 @@ def test_an_address_in_use_is_refused_with_one_clear_line(server):
     assert result.returncode == 2
     assert f"--listen {server.address}: cannot listen there" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_reflection_lists_the_services_only_when_asked_for(start_server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    def listed(address: str) -> set[str] | grpc.StatusCode:
+        stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(address))
+        try:
+            (answer,) = list(stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        except grpc.RpcError as error:
+            return error.code()
+        return {service.name for service in answer.list_services_response.service}
+
+    plain = start_server()
+    assert listed(plain.address) == grpc.StatusCode.UNIMPLEMENTED
+    reflective = start_server(plain.data_dir.parent / "other", extra_args=("--reflection",))
+    assert {"quotad.v1.QuotaService", "quotad.v1.AdminService"} <= listed(reflective.address)
