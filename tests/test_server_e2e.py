@@ -322,8 +322,11 @@ def test_a_corrupt_acknowledged_record_refuses_start_naming_the_record(start_ser
     _flip_a_byte_of_record(first.data_dir, 3)
 
     broken = ServerProcess(first.data_dir)
-    with pytest.raises(RuntimeError, match="exited"):
-        broken.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            broken.start()
+    finally:
+        broken.close()  # had it started after all, it must not outlive the test
     refusal = broken.last("cannot recover the log, refusing to start")
     assert "log record 3: checksum mismatch" in refusal["error"]
     assert broken.process.returncode == 1
