@@ -158,38 +158,38 @@ ADMIN_METHODS: list[_Method] = [
 ]
 
 
-def _handler(gate: Gate, name: str, to_command: Callable[[str, Any], Any],
-             to_response: Callable[[Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+_Handler = Callable[[Any, Any], Awaitable[Any]]
+_REFUSALS = (QuotaError, WriterStopped, Unavailable, Unauthenticated)
+
+
+def _answering(answer: Callable[[Any], Awaitable[Any]]) -> _Handler:
+    """A gRPC handler around answer(request): a request protobuf could not parse, and every
+    refusal on the way to the answer, become the status they map to."""
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             if isinstance(request, Malformed):
-                raise InvalidArgument([_request_violation(request.error)])
-            writer = gate.open_writer()
-            command = to_command(DEFAULT_APP, request)
-            return to_response(await writer.execute(command))
-        except (QuotaError, WriterStopped, Unavailable, Unauthenticated) as error:
+                raise InvalidArgument([FieldViolation(
+                    "request", f"cannot be parsed: {request.error}")])
+            return await answer(request)
+        except _REFUSALS as error:
             status = status_of(error)
             await context.abort(status.code, status.details, status.trailing_metadata)
-
-    handle.__name__ = name
     return handle
 
 
-def _request_violation(error: Exception) -> FieldViolation:
-    return FieldViolation("request", f"cannot be parsed: {error}")
+def _handler(gate: Gate, to_command: Callable[[str, Any], Any],
+             to_response: Callable[[Any], Any]) -> _Handler:
+    async def answer(request: Any) -> Any:
+        writer = gate.open_writer()
+        return to_response(await writer.execute(to_command(DEFAULT_APP, request)))
+    return _answering(answer)
 
 
-def _state_digest_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument([_request_violation(request.error)])
-            digest, sequence = await gate.open_writer().state_digest()
-        except (QuotaError, WriterStopped, Unavailable) as error:
-            status = status_of(error)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+def _state_digest_handler(gate: Gate) -> _Handler:
+    async def answer(request: Any) -> Any:
+        digest, sequence = await gate.open_writer().state_digest()
         return pb.GetStateDigestResponse(digest=digest, sequence=sequence)
-    return handle
+    return _answering(answer)
 
 
 EVENTS_PAGE_SIZE_DEFAULT = 100
@@ -230,19 +230,13 @@ def _events_query(request: pb.ListEventsRequest) -> tuple[int, int, bytes, int]:
     return start_ns, end_ns, cursor, request.page_size or EVENTS_PAGE_SIZE_DEFAULT
 
 
-def _list_events_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument([_request_violation(request.error)])
-            start_ns, end_ns, cursor, page_size = _events_query(request)
-            log_ = gate.open_writer().log
-            found = await asyncio.get_running_loop().run_in_executor(
-                None, log_.list_events, DEFAULT_APP, request.user_id, start_ns, end_ns, cursor,
-                page_size + 1)
-        except (QuotaError, WriterStopped, Unavailable) as error:
-            status = status_of(error)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+def _list_events_handler(gate: Gate) -> _Handler:
+    async def answer(request: Any) -> Any:
+        start_ns, end_ns, cursor, page_size = _events_query(request)
+        log_ = gate.open_writer().log
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, log_.list_events, DEFAULT_APP, request.user_id, start_ns, end_ns, cursor,
+            page_size + 1)
         page = found[:page_size]
         return pb.ListEventsResponse(
             events=[pb.Event(
@@ -254,7 +248,7 @@ def _list_events_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
             ) for stored in page],
             next_page_token=page[-1].cursor.hex() if len(found) > page_size else "",
         )
-    return handle
+    return _answering(answer)
 
 
 BATCH_OPERATIONS_MAX = 1000
@@ -270,41 +264,35 @@ def _error_result(error: Exception) -> pb.BatchResult:
     return pb.BatchResult(error=status_proto_of(error))
 
 
-def _batch_handler(gate: Gate) -> Callable[[Any, Any], Awaitable[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument([_request_violation(request.error)])
-            count = len(request.operations)
-            if not 1 <= count <= BATCH_OPERATIONS_MAX:
-                raise InvalidArgument([FieldViolation(
-                    "operations", f"must hold 1 to {BATCH_OPERATIONS_MAX} operations")])
-            writer = gate.open_writer()
-            results: list[pb.BatchResult | None] = [None] * count
-            accepted: list[tuple[int, str, Any]] = []
-            for index, operation in enumerate(request.operations):
-                kind = operation.WhichOneof("operation")
-                try:
-                    if kind is None:
-                        raise InvalidArgument([FieldViolation(
-                            f"operations[{index}]", "must hold one operation")])
-                    to_command = _QUOTA_TABLE[_BATCH_KINDS[kind]][0]
-                    accepted.append((index, kind, to_command(DEFAULT_APP,
-                                                             getattr(operation, kind))))
-                except InvalidArgument as error:
-                    results[index] = _error_result(error)
-            outcomes = await writer.execute_many([command for _, _, command in accepted])
-            for (index, kind, _), outcome in zip(accepted, outcomes):
-                if outcome.error is not None:
-                    results[index] = _error_result(outcome.error)
-                else:
-                    to_response = _QUOTA_TABLE[_BATCH_KINDS[kind]][1]
-                    results[index] = pb.BatchResult(**{kind: to_response(outcome.result)})
-            return pb.BatchResponse(results=results)
-        except (QuotaError, WriterStopped, Unavailable) as error:
-            status = status_of(error)
-            await context.abort(status.code, status.details, status.trailing_metadata)
-    return handle
+def _batch_handler(gate: Gate) -> _Handler:
+    async def answer(request: Any) -> Any:
+        count = len(request.operations)
+        if not 1 <= count <= BATCH_OPERATIONS_MAX:
+            raise InvalidArgument([FieldViolation(
+                "operations", f"must hold 1 to {BATCH_OPERATIONS_MAX} operations")])
+        writer = gate.open_writer()
+        results: list[pb.BatchResult | None] = [None] * count
+        accepted: list[tuple[int, str, Any]] = []
+        for index, operation in enumerate(request.operations):
+            kind = operation.WhichOneof("operation")
+            try:
+                if kind is None:
+                    raise InvalidArgument([FieldViolation(
+                        f"operations[{index}]", "must hold one operation")])
+                to_command = _QUOTA_TABLE[_BATCH_KINDS[kind]][0]
+                accepted.append((index, kind, to_command(DEFAULT_APP,
+                                                         getattr(operation, kind))))
+            except InvalidArgument as error:
+                results[index] = _error_result(error)
+        outcomes = await writer.execute_many([command for _, _, command in accepted])
+        for (index, kind, _), outcome in zip(accepted, outcomes):
+            if outcome.error is not None:
+                results[index] = _error_result(outcome.error)
+            else:
+                to_response = _QUOTA_TABLE[_BATCH_KINDS[kind]][1]
+                results[index] = pb.BatchResult(**{kind: to_response(outcome.result)})
+        return pb.BatchResponse(results=results)
+    return _answering(answer)
 
 
 def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
@@ -313,7 +301,7 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
                              ("quotad.v1.AdminService", ADMIN_METHODS)):
         table = {
             name: grpc.unary_unary_rpc_method_handler(
-                _handler(gate, name, to_command, to_response),
+                _handler(gate, to_command, to_response),
                 request_deserializer=_safe_parser(request_type),
                 response_serializer=lambda message: message.SerializeToString(),
             )
