@@ -100,7 +100,9 @@ async def serve(config: Config) -> int:
     gate = Gate()
     health_servicer = health.aio.HealthServicer()
     metrics = Metrics()
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)], options=[
+    measured = bool(config.metrics_listen)  # no per-call metrics work unless they are served
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)] if measured else [],
+                             options=[
         ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
         ("grpc.max_send_message_length", 4 * 1024**2),
         ("grpc.so_reuseport", 0),
@@ -129,7 +131,8 @@ async def serve(config: Config) -> int:
         await server.stop(0)
         log_.close()
         return 1
-    writer = Writer(core, log_, on_failure=fail, on_flush=metrics.observe_flush,
+    writer = Writer(core, log_, on_failure=fail,
+                    on_flush=metrics.observe_flush if measured else None,
                     snapshot_every_records=config.snapshot_every_records,
                     snapshot_every_s=config.snapshot_every_s,
                     audit_retention_ns=config.audit_retention_ns)
