@@ -8,8 +8,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from . import logs
+from . import config_file, logs
+from .config_file import ConfigFileError
 from .plans_file import PlansFileError
 from .server import Config, serve
 from .codec import state_digest
@@ -18,10 +20,25 @@ from .writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, recover,
 )
 
-NS_PER_DAY = 24 * 3600 * 1_000_000_000
+NS_PER_DAY = config_file.NS_PER_DAY
+SERVE_EPILOG = """\
+Every flag may also be set in a TOML file given with --config; keys are the flag names
+with underscores, flags on the command line win over the file, and relative paths in the
+file are relative to the file's folder. An unknown key or a wrong type is refused (exit 2).
+Example (examples/quotad.toml lists every key with its default):
+
+    listen = "127.0.0.1:50051"
+    data_dir = "quotad-data"
+    plans = "plans.toml"
+    metrics_listen = "127.0.0.1:9090"
+    log_level = "info"
+
+    quotad serve --config quotad.toml --log-level debug
+"""
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command line; file_defaults (from --config) replace the serve flags' defaults."""
     root = argparse.ArgumentParser(
         prog="quotad",
         description="quotad: a per-end-user quota authority for AI products, over gRPC.",
@@ -31,7 +48,10 @@ def parser() -> argparse.ArgumentParser:
         "serve", help="run the server",
         description="Run the quota server. It replays its log from --data-dir, loads --plans, "
                     "then serves QuotaService and AdminService until SIGTERM.",
+        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    run.add_argument("--config", type=Path, metavar="FILE.toml",
+                     help="read settings from this TOML file first (see below)")
     run.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
                      help="address to serve on; port 0 picks a free one (default: %(default)s). "
                           "Without API keys only a loopback address is allowed.")
@@ -57,12 +77,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                      help="serve Prometheus metrics over HTTP there (port 0 picks one); "
                           "off by default")
-    run.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
-    run.add_argument("--log-state-digest", action="store_true",
+    run.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=False,
+                     help="enable gRPC server reflection (default: off)")
+    run.add_argument("--log-state-digest", action=argparse.BooleanOptionalAction, default=False,
                      help="log a digest of the whole state at start and stop, to verify that "
                           "a restart recovers exactly the state the last run ended with")
-    run.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error"], help="(default: %(default)s)")
+    run.add_argument("--log-level", default="info", choices=config_file.LOG_LEVELS,
+                     help="debug logs one line per call (an access log); info logs one line "
+                          "per refused call (default: %(default)s)")
+    if file_defaults:
+        run.set_defaults(**file_defaults)
     check = commands.add_parser(
         "verify", help="check a stopped server's data directory",
         description="Check every log record of a data directory (checksum, sequence, no gaps) "
@@ -100,15 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         except DataDirLocked as error:
             print(f"quotad: {error}", file=sys.stderr)
             return 2
+    if args.config is not None:
+        try:
+            args = parser(config_file.load(args.config)).parse_args(argv)
+        except ConfigFileError as error:
+            print(f"quotad: --config {error}", file=sys.stderr)
+            return 2
     logs.configure(args.log_level)
     try:
-        config = Config(listen=args.listen, data_dir=args.data_dir, plans=args.plans,
-                        map_size_bytes=int(args.map_size_gib * 1024**3),
-                        reflection=args.reflection, log_state_digest=args.log_state_digest,
-                        snapshot_every_records=args.snapshot_every_records,
-                        snapshot_every_s=args.snapshot_every_s,
-                        audit_retention_ns=int(args.audit_retention_days * NS_PER_DAY),
-                        metrics_listen=args.metrics_listen)
+        config = Config(**config_file.config_kwargs(vars(args)))
         return asyncio.run(serve(config))
     except (ValueError, PlansFileError, DataDirLocked) as error:
         print(f"quotad: {error}", file=sys.stderr)
