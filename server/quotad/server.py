@@ -26,6 +26,7 @@ from .commands import UpsertPlan
 from .core import Core
 from .metrics import Metrics, MetricsInterceptor
 from .plans_file import load_plans
+from .requests import RequestIdInterceptor
 from .service import DEFAULT_APP, Gate, generic_handlers, is_loopback
 from .v1 import quotad_pb2
 from .wal import MAP_SIZE_BYTES_DEFAULT, Log
@@ -101,8 +102,8 @@ async def serve(config: Config) -> int:
     health_servicer = health.aio.HealthServicer()
     metrics = Metrics()
     measured = bool(config.metrics_listen)  # no per-call metrics work unless they are served
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)] if measured else [],
-                             options=[
+    interceptors = [RequestIdInterceptor(), *([MetricsInterceptor(metrics)] if measured else [])]
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
         ("grpc.max_send_message_length", 4 * 1024**2),
         ("grpc.so_reuseport", 0),
