@@ -40,3 +40,24 @@ def test_metrics_count_calls_codes_denials_holds_and_flushes(start_server):
     assert samples["quotad_log_sequence"] >= 5
     stub.Release(pb.ReleaseRequest(reservation_id=held.reservation_id))
     assert _scrape(server.last("serving")["metrics"])["quotad_live_holds"] == 0
+
+
+def test_metrics_show_batch_sizes_denials_inside_batches_and_the_log_size(start_server):
+    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
+    subscribe(server.address, "u1", plan_with(10))
+    stub = quota(server.address)
+    batch = stub.Batch(pb.BatchRequest(operations=[
+        pb.BatchOperation(reserve=pb.ReserveRequest(user_id="u1", event_type="x", amount=6)),
+        pb.BatchOperation(reserve=pb.ReserveRequest(user_id="u1", event_type="x", amount=6)),
+        pb.BatchOperation(track=pb.TrackRequest(user_id="u1", event_type="x", amount=9,
+                                                enforce=True)),
+    ]))
+    assert [r.reserve.allowed for r in batch.results[:2]] == [True, False]
+    assert not batch.results[2].track.allowed
+    samples = _scrape(server.last("serving")["metrics"])
+    assert samples["quotad_batch_operations_count"] == 1
+    assert samples["quotad_batch_operations_sum"] == 3
+    assert samples['quotad_denials_total{group="units"}'] == 2
+    assert samples["quotad_log_bytes"] >= 4096
+    assert samples["quotad_log_bytes"] <= samples["quotad_log_map_bytes"]
+    assert samples["quotad_log_map_bytes"] == 64 * 1024**3

@@ -8,6 +8,11 @@ own HTTP thread, never by the event loop.
     quotad_flush_records                    records per LMDB transaction (group commit size)
     quotad_flush_seconds                    one LMDB transaction with its sync
     quotad_log_sequence                     the last durable log sequence number
+    quotad_batch_operations                 operations per Batch call (client-side coalescing)
+    quotad_log_bytes                        bytes of the LMDB file in use (read when scraped)
+    quotad_log_map_bytes                    the most the LMDB file may grow to (--map-size-gib)
+
+Denials inside a Batch count too, by group, like those of Reserve and Track.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 _LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _FLUSH_BUCKETS_RECORDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 8192)
+_BATCH_BUCKETS_OPERATIONS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
 
 
 class Metrics:
@@ -40,6 +46,13 @@ class Metrics:
                                        buckets=_LATENCY_BUCKETS_S, registry=self.registry)
         self.log_sequence = Gauge("quotad_log_sequence", "Last durable log sequence number",
                                   registry=self.registry)
+        self.batch_operations = Histogram("quotad_batch_operations", "Operations per Batch call",
+                                          buckets=_BATCH_BUCKETS_OPERATIONS,
+                                          registry=self.registry)
+        self.log_bytes = Gauge("quotad_log_bytes", "Bytes of the LMDB file in use",
+                               registry=self.registry)
+        self.log_map_bytes = Gauge("quotad_log_map_bytes", "Most bytes the LMDB file may use",
+                                   registry=self.registry)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP endpoint; returns the port it listens on."""
@@ -53,6 +66,37 @@ class Metrics:
 
     def watch_live_holds(self, count: Callable[[], int]) -> None:
         self.live_holds.set_function(count)
+
+    def watch_log(self, env: Any) -> None:
+        """Reads the LMDB environment's size when scraped: two cheap meta-page reads."""
+        def used_bytes() -> float:
+            try:
+                return float((env.info()["last_pgno"] + 1) * env.stat()["psize"])
+            except Exception:  # closed at shutdown: no figure rather than a failed scrape
+                return float("nan")
+
+        def map_bytes() -> float:
+            try:
+                return float(env.info()["map_size"])
+            except Exception:
+                return float("nan")
+
+        self.log_bytes.set_function(used_bytes)
+        self.log_map_bytes.set_function(map_bytes)
+
+    def observe_response(self, method: str, request: Any, response: Any) -> None:
+        """Denials by group (Batch results included) and Batch sizes."""
+        denied_by = getattr(response, "denied_by", "")
+        if denied_by:
+            self.denials.labels(denied_by).inc()
+        elif method == "Batch":
+            self.batch_operations.observe(len(request.operations))
+            for result in response.results:
+                kind = result.WhichOneof("result")
+                if kind in ("reserve", "track"):
+                    denied_by = getattr(result, kind).denied_by
+                    if denied_by:
+                        self.denials.labels(denied_by).inc()
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -75,9 +119,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = "OK"
             try:
                 response = await inner(request, context)
-                denied_by = getattr(response, "denied_by", "")
-                if denied_by:
-                    metrics.denials.labels(denied_by).inc()
+                metrics.observe_response(method, request, response)
                 return response
             except BaseException:
                 status = context.code()

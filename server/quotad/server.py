@@ -139,6 +139,7 @@ async def serve(config: Config) -> int:
                     audit_retention_ns=config.audit_retention_ns)
     writer.start()
     metrics.watch_live_holds(lambda: len(core.expiry))
+    metrics.watch_log(log_.env)
     metrics_address = ""
     if config.metrics_listen:
         metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
