@@ -1,0 +1,501 @@
+"""`quotactl`: the admin command line, a thin shell over the quotad_client library.
+
+Exit codes: 0 done; 1 the server said no (one line on stderr: its code and message);
+2 a usage error, a bad plans file, or quotad could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from quotad_client import (
+    DeadlineExceeded, Event, InvalidArgument, NotFound, Plan, QuotaClient, QuotadError,
+    Unavailable, plan_to_proto,
+)
+from quotad_client import _ops
+
+from . import convert
+from .plans_file import PlansFileError, load_plans
+from .v1 import quotad_pb2 as pb
+
+T = TypeVar("T")
+
+TARGET_ENV = "QUOTAD_TARGET"
+API_KEY_ENV = "QUOTAD_API_KEY"
+TARGET_DEFAULT = "127.0.0.1:50051"
+TIMEOUT_S_DEFAULT = 5.0
+FOLLOW_INTERVAL_S_DEFAULT = 1.0
+FOLLOW_INTERVAL_S_MIN = 0.1
+FOLLOW_INTERVAL_S_MAX = 60.0
+EVENTS_PAGE_SIZE = 1000
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Something on our side of the wire: bad input, a bad file, no server there."""
+
+
+# --- the connection ----------------------------------------------------------------------------
+
+def connect(target: str, timeout_s: float) -> QuotaClient:
+    """The client for every call. The API key comes only from QUOTAD_API_KEY (never a flag,
+    which would show in `ps` and shell history) and travels as `authorization: Bearer`."""
+    api_key = os.environ.get(API_KEY_ENV) or None
+    return QuotaClient(target, api_key=api_key, timeout_s=timeout_s, retries=1)
+
+
+def _admin_call(client: QuotaClient, method: str, request: Any,
+                convert_response: Callable[[Any], T], *, retryable: bool = False) -> T:
+    """An AdminService RPC the client library has no method for yet (the key RPCs), run
+    through the client's own call loop: same deadline, retries, metadata and errors."""
+    return client._run(_ops.Op(_ops.ADMIN, method, request, retryable, convert_response),
+                       None)
+
+
+# --- output helpers ----------------------------------------------------------------------------
+
+def _out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        _out("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _time(when: datetime | None) -> str:
+    if when is None:
+        return "never"
+    return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _window_name(value: int) -> str:
+    return pb.Window.Name(value).lower() if value in pb.Window.values() else str(value)
+
+
+def _match_text(match: pb.Match) -> str:
+    parts = []
+    if match.event_types:
+        parts.append("events " + ", ".join(match.event_types))
+    for constraint in match.metadata:
+        parts.append(f"{constraint.key} in {', '.join(constraint.values)}")
+    return "; ".join(parts) or "every event"
+
+
+def _group_text(group: pb.LimitGroup) -> str:
+    unit = f" {group.unit}" if group.unit else ""
+    label = f" ({group.label})" if group.label else ""
+    return (f"{group.key}{label}: {group.quota}{unit} per {_window_name(group.window)}; "
+            f"{_match_text(group.match)}")
+
+
+def _plan_dict(plan: pb.Plan) -> dict[str, Any]:
+    """A plan in the shape of plans.toml."""
+    return {"id": plan.id, "name": plan.name, "limit_groups": [
+        {"key": g.key, "label": g.label, "unit": g.unit, "quota": g.quota,
+         "window": _window_name(g.window),
+         "match": {"event_types": list(g.match.event_types),
+                   "metadata": {m.key: list(m.values) for m in g.match.metadata}}}
+        for g in plan.limit_groups]}
+
+
+# --- plans -------------------------------------------------------------------------------------
+
+def _group_changes(old: pb.LimitGroup, new: pb.LimitGroup) -> str:
+    changes = []
+    for name in ("label", "unit", "quota"):
+        if getattr(old, name) != getattr(new, name):
+            changes.append(f"{name} {getattr(old, name)!r} -> {getattr(new, name)!r}")
+    if old.window != new.window:
+        changes.append(f"window {_window_name(old.window)} -> {_window_name(new.window)}")
+    if old.match != new.match:
+        changes.append(f"match {_match_text(old.match)!r} -> {_match_text(new.match)!r}")
+    return "; ".join(changes)
+
+
+def plan_diff(current: pb.Plan | None, wanted: pb.Plan) -> tuple[str, list[str]]:
+    """("new" | "changed" | "unchanged", readable lines) for putting `wanted` in place."""
+    if current is None:
+        return "new", [f"  + {_group_text(g)}" for g in wanted.limit_groups]
+    if current == wanted:
+        return "unchanged", []
+    lines = []
+    if current.name != wanted.name:
+        lines.append(f"  ~ name {current.name!r} -> {wanted.name!r}")
+    old_groups = {g.key: g for g in current.limit_groups}
+    old_keys = set(old_groups)
+    for group in wanted.limit_groups:
+        old = old_groups.pop(group.key, None)
+        if old is None:
+            lines.append(f"  + {_group_text(group)}")
+        elif old != group:
+            lines.append(f"  ~ {group.key}: {_group_changes(old, group)}")
+        else:
+            lines.append(f"  = {group.key}: unchanged")
+    lines.extend(f"  - {key}: removed (was {_group_text(old)})"
+                 for key, old in old_groups.items())
+    kept = [g.key for g in wanted.limit_groups if g.key in old_keys]
+    if kept != [g.key for g in current.limit_groups if g.key in kept]:
+        lines.append("  ~ order of limit groups (the first group with no room denies)")
+    return "changed", lines
+
+
+def _current_plan(client: QuotaClient, plan_id: str) -> pb.Plan | None:
+    try:
+        return plan_to_proto(client.get_plan(plan_id))
+    except NotFound:
+        return None
+
+
+def cmd_plans_apply(client: QuotaClient, args: argparse.Namespace) -> int:
+    try:
+        wanted = [convert.plan_to_proto(plan) for plan in load_plans(args.file)]
+    except PlansFileError as error:
+        raise UsageError(str(error)) from error
+    counts = {"new": 0, "changed": 0, "unchanged": 0}
+    to_apply = []
+    for plan in wanted:
+        state, lines = plan_diff(_current_plan(client, plan.id), plan)
+        counts[state] += 1
+        name = f" ({plan.name})" if plan.name else ""
+        _out(f"plan {plan.id}{name}: {state}")
+        for line in lines:
+            _out(line)
+        if state != "unchanged":
+            to_apply.append(plan)
+    listed = {plan.id for plan in wanted}
+    for other in client.list_plans():
+        if other.id not in listed:
+            _out(f"plan {other.id}: on the server, not in {args.file.name} (left as it is)")
+    summary = ", ".join(f"{count} {state}" for state, count in counts.items())
+    if args.dry_run:
+        _out(f"{summary}; dry run: nothing applied")
+        return 0
+    for plan in to_apply:
+        client.upsert_plan(plan)
+    _out(f"{summary}; applied {len(to_apply)}" if to_apply else f"{summary}; nothing to apply")
+    return 0
+
+
+def cmd_plans_list(client: QuotaClient, args: argparse.Namespace) -> int:
+    plans = client.list_plans()
+    if not plans:
+        _out("no plans")
+        return 0
+    _table(("ID", "NAME", "GROUPS"),
+           [(p.id, p.name, ", ".join(g.key for g in p.limit_groups) or "-") for p in plans])
+    return 0
+
+
+def cmd_plans_show(client: QuotaClient, args: argparse.Namespace) -> int:
+    plan = plan_to_proto(client.get_plan(args.plan_id))
+    if args.json:
+        _out(json.dumps(_plan_dict(plan), indent=2))
+        return 0
+    _out(f"plan {plan.id}" + (f" ({plan.name})" if plan.name else ""))
+    for group in plan.limit_groups:
+        _out(f"  {_group_text(group)}")
+    if not plan.limit_groups:
+        _out("  no limit groups: every event is admitted")
+    return 0
+
+
+# --- users -------------------------------------------------------------------------------------
+
+def cmd_subscribe(client: QuotaClient, args: argparse.Namespace) -> int:
+    result = client.subscribe(args.user_id, args.plan_id, args.time_zone)
+    subscription = result.subscription
+    state = "subscribed" if result.changed else "unchanged, already subscribed"
+    _out(f"{subscription.user_id}: {state} to plan {subscription.plan_id} "
+         f"(time zone {subscription.time_zone or 'UTC'})")
+    return 0
+
+
+def cmd_usage(client: QuotaClient, args: argparse.Namespace) -> int:
+    usage = client.usage(args.user_id)
+    _out(f"user {usage.user_id}, plan {usage.plan_id}")
+    if not usage.counters:
+        _out("no limit groups")
+        return 0
+    _table(("GROUP", "WINDOW", "USED", "HELD", "QUOTA", "REMAINING", "RESETS AT"),
+           [(c.key, c.window, str(c.used), str(c.held), str(c.quota), str(c.remaining),
+             _time(c.resets_at)) for c in usage.counters])
+    return 0
+
+
+_SINCE = re.compile(r"^(\d+)([smhdw])$")
+_SINCE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def since_time(text: str, now: datetime | None = None) -> datetime:
+    """"90s", "15m", "1h", "2d", "1w" ago, or an ISO 8601 time (UTC unless it says)."""
+    found = _SINCE.match(text.strip())
+    if found:
+        ago = timedelta(**{_SINCE_UNITS[found.group(2)]: int(found.group(1))})
+        return (now or datetime.now(timezone.utc)) - ago
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a duration such as 90s, 15m, 1h, 2d, 1w, or an ISO time "
+            "such as 2025-06-01T12:00:00Z") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _event_line(event: Event) -> str:
+    parts = [_time(event.time).replace("Z", f".{event.time.microsecond // 1000:03d}Z"),
+             event.kind, event.event_type or "-", f"amount={event.amount}"]
+    if event.kind in ("reserve", "track"):
+        parts.append("allowed" if event.allowed else "denied")
+    if event.reservation_id:
+        parts.append(f"reservation={event.reservation_id}")
+    parts.extend(f"{key}={value}" for key, value in sorted(event.metadata.items()))
+    return "  ".join(parts)
+
+
+def _events_after(client: QuotaClient, user_id: str, start: datetime | None,
+                  after_sequence: int) -> Iterator[Event]:
+    for event in client.iter_events(user_id, start=start, page_size=EVENTS_PAGE_SIZE):
+        if event.sequence > after_sequence:
+            yield event
+
+
+def cmd_events(client: QuotaClient, args: argparse.Namespace) -> int:
+    last_sequence, start = 0, args.since
+    for event in _events_after(client, args.user_id, start, last_sequence):
+        _out(_event_line(event))
+        last_sequence, start = event.sequence, event.time
+    if not args.follow:
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        # Event times only grow (the server's clock is strictly increasing), so each poll
+        # asks from the last time seen and skips what it already printed.
+        while not stop.wait(args.interval_s):
+            for event in _events_after(client, args.user_id, start, last_sequence):
+                _out(_event_line(event))
+                last_sequence, start = event.sequence, event.time
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+_KEY_KINDS = {"secret": pb.KEY_KIND_SECRET, "public": pb.KEY_KIND_PUBLIC}
+
+
+def _key_line(key: pb.ApiKey) -> str:
+    kind = pb.KeyKind.Name(key.kind).removeprefix("KEY_KIND_").lower()
+    created = _time(datetime.fromtimestamp(key.created_at.seconds, timezone.utc))
+    revoked = (f"  revoked {_time(datetime.fromtimestamp(key.revoked_at.seconds, timezone.utc))}"
+               if key.HasField("revoked_at") else "")
+    return f"{key.key_id}  {kind}  app={key.app}  name={key.name or '-'}  created {created}{revoked}"
+
+
+def cmd_keys_create(client: QuotaClient, args: argparse.Namespace) -> int:
+    request = pb.CreateKeyRequest(app=args.app, kind=_KEY_KINDS[args.kind], name=args.name)
+    response = _admin_call(client, "CreateKey", request, lambda r: r)
+    _out(_key_line(response.key))
+    _out(response.secret)
+    print("quotactl: the key above is shown only now; store it safely", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_revoke(client: QuotaClient, args: argparse.Namespace) -> int:
+    response = _admin_call(client, "RevokeKey", pb.RevokeKeyRequest(key_id=args.key_id),
+                           lambda r: r, retryable=True)
+    _out(_key_line(response.key))
+    return 0
+
+
+def cmd_keys_list(client: QuotaClient, args: argparse.Namespace) -> int:
+    response = _admin_call(client, "ListKeys", pb.ListKeysRequest(app=args.app), lambda r: r,
+                           retryable=True)
+    for key in response.keys:
+        _out(_key_line(key))
+    if not response.keys:
+        _out("no keys")
+    return 0
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def _interval_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not FOLLOW_INTERVAL_S_MIN <= value <= FOLLOW_INTERVAL_S_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be {FOLLOW_INTERVAL_S_MIN} to {FOLLOW_INTERVAL_S_MAX} seconds")
+    return value
+
+
+def _timeout_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 300:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and at most 300 seconds")
+    return value
+
+
+def _add(commands: Any, name: str, run: Callable[..., int], summary: str, description: str,
+         example: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=summary, description=textwrap.fill(description, 79),
+                                  epilog=f"example:\n  {example}",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.set_defaults(run=run)
+    return command
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="quotactl",
+        description=textwrap.fill(
+            "Administer a quotad server: plans, subscriptions, usage, the audit trail and API "
+            f"keys. The API key, if the server needs one, is read only from ${API_KEY_ENV}.",
+            79),
+        epilog="exit status: 0 done, 1 the server refused (its code and message on stderr),\n"
+               "2 bad usage or quotad unreachable.\n\nexample:\n"
+               "  QUOTAD_API_KEY=sk_... quotactl --target quotad.internal:50051 usage u1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    root.add_argument("--target", default=os.environ.get(TARGET_ENV) or TARGET_DEFAULT,
+                      metavar="HOST:PORT",
+                      help=f"the quotad server (default: ${TARGET_ENV}, else {TARGET_DEFAULT})")
+    root.add_argument("--timeout-s", type=_timeout_s, default=TIMEOUT_S_DEFAULT,
+                      metavar="SECONDS",
+                      help="time budget of each call, retries included (default: %(default)s)")
+    groups = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plans = groups.add_parser("plans", help="apply, list and show plans",
+                              description="Apply plans from a TOML file, list or show them.")
+    plan_commands = plans.add_subparsers(dest="plans_command", required=True, metavar="COMMAND")
+    apply = _add(plan_commands, "apply", cmd_plans_apply, "put the plans of a TOML file in place",
+                 "Compare each plan of FILE.toml (the format of examples/plans.toml) with the "
+                 "server's and print the difference per limit group (+ added, ~ changed, "
+                 "= unchanged, - removed), then apply the plans that differ. Running it again "
+                 "prints 'unchanged' and changes nothing. Plans on the server but not in the "
+                 "file are listed and left as they are.",
+                 "quotactl plans apply examples/plans.toml --dry-run")
+    apply.add_argument("file", type=Path, metavar="FILE.toml")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="print the difference, apply nothing")
+    _add(plan_commands, "list", cmd_plans_list, "list the plans",
+         "List every plan: id, name and the keys of its limit groups.", "quotactl plans list")
+    show = _add(plan_commands, "show", cmd_plans_show, "show one plan",
+                "Show one plan's limit groups: quota, unit, window and what each counts.",
+                "quotactl plans show pro --json")
+    show.add_argument("plan_id", metavar="ID")
+    show.add_argument("--json", action="store_true",
+                      help="print JSON in the shape of a plans.toml entry")
+
+    subscribe = _add(groups, "subscribe", cmd_subscribe, "put a user on a plan",
+                     "Subscribe USER to PLAN (replacing their plan, if any). Calendar windows "
+                     "(day, week, month) start at midnight in the user's time zone.",
+                     "quotactl subscribe u1 pro --time-zone Europe/Paris")
+    subscribe.add_argument("user_id", metavar="USER")
+    subscribe.add_argument("plan_id", metavar="PLAN")
+    subscribe.add_argument("--time-zone", default="UTC", metavar="TZ",
+                           help="IANA time zone name (default: %(default)s)")
+
+    usage = _add(groups, "usage", cmd_usage, "show a user's counters",
+                 "Show USER's counters, one row per limit group of their plan: used, held by "
+                 "live reservations, quota, remaining, and when the window resets (UTC).",
+                 "quotactl usage u1")
+    usage.add_argument("user_id", metavar="USER")
+
+    events = _add(groups, "events", cmd_events, "print a user's audit trail",
+                  "Print USER's events (reserve, commit, release, expire, extend, track), "
+                  "oldest first, one per line. With -f, keep polling for new ones until "
+                  "Ctrl-C or SIGTERM.",
+                  "quotactl events u1 --since 1h -f")
+    events.add_argument("user_id", metavar="USER")
+    events.add_argument("--since", type=since_time, metavar="1h|ISO-TIME",
+                        help="only events from then on: a duration ago (90s, 15m, 1h, 2d, 1w) "
+                             "or a time such as 2025-06-01T12:00:00Z (default: all)")
+    events.add_argument("-f", "--follow", action="store_true",
+                        help="keep printing new events as they come")
+    events.add_argument("--interval-s", type=_interval_s, default=FOLLOW_INTERVAL_S_DEFAULT,
+                        metavar="SECONDS",
+                        help=f"with -f, how often to poll ({FOLLOW_INTERVAL_S_MIN} to "
+                             f"{FOLLOW_INTERVAL_S_MAX}; default: %(default)s)")
+
+    keys = groups.add_parser("keys", help="create, revoke and list API keys",
+                             description="Manage API keys: sk_ (secret) keys may do everything "
+                                         "in their app; pk_ (public) keys may only read the "
+                                         "usage of the user a signed user token names.")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    create = _add(key_commands, "create", cmd_keys_create, "create a key",
+                  "Create a key and print its id, then the whole key on its own line: it is "
+                  "shown only this once.",
+                  "quotactl keys create --kind secret --name backend")
+    create.add_argument("--kind", required=True, choices=sorted(_KEY_KINDS))
+    create.add_argument("--app", default="", help="the app the key belongs to (default: the "
+                                                  "caller's own; another needs the admin key)")
+    create.add_argument("--name", default="", help="a name to tell keys apart")
+    revoke = _add(key_commands, "revoke", cmd_keys_revoke, "revoke a key at once",
+                  "Revoke a key: calls with it fail from now on.",
+                  "quotactl keys revoke 3f9a1c")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    listing = _add(key_commands, "list", cmd_keys_list, "list keys",
+                   "List the keys of an app (never their secrets).", "quotactl keys list")
+    listing.add_argument("--app", default="", help="(default: the caller's own app)")
+    return root
+
+
+def _refusal(error: QuotadError) -> str:
+    text = f"{error.code.name}: {error.message}" if error.message else error.code.name
+    if isinstance(error, InvalidArgument) and error.field_violations:
+        fields = "; ".join(f"{field}: {why}" for field, why in error.field_violations)
+        if fields not in text:
+            text += f" ({fields})"
+    return text.replace("\n", " ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        with connect(args.target, args.timeout_s) as client:
+            return int(args.run(client, args))
+    except (Unavailable, DeadlineExceeded) as error:
+        print(f"quotactl: cannot reach quotad at {args.target}: {_refusal(error)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except QuotadError as error:
+        print(f"quotactl: {_refusal(error)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (UsageError, ValueError, TypeError) as error:
+        print(f"quotactl: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.RpcError as error:  # anything the client did not map
+        print(f"quotactl: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `quotactl events u1 | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
