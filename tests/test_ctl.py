@@ -1,0 +1,221 @@
+"""`quotactl` as a real subprocess against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+import quotad_client as qc
+from quotad import ctl
+from quotad.v1 import quotad_pb2 as pb
+from quotad.v1 import quotad_pb2_grpc as stubs
+from server_process import EXAMPLE_PLANS, ROOT
+
+CTL_TIMEOUT_S = 60.0
+
+
+def quotactl(address: str, *args: str, env: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "quotad.ctl", "--target", address, *args],
+                          capture_output=True, text=True, timeout=CTL_TIMEOUT_S, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def sequence(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return stubs.AdminServiceStub(channel).GetStateDigest(
+            pb.GetStateDigestRequest(), timeout=10).sequence
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int,
+                          starts: str) -> None:
+    assert result.returncode == code, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(starts), result.stderr
+
+
+@pytest.fixture
+def bare_server(start_server):
+    """A real server with no plans loaded."""
+    return start_server(plans=None)
+
+
+def test_plans_apply_shows_a_diff_applies_and_a_second_run_is_unchanged(bare_server, tmp_path):
+    address = bare_server.address
+    first = quotactl(address, "plans", "apply", str(EXAMPLE_PLANS))
+    assert first.returncode == 0, first.stderr
+    assert "plan free (Free): new" in first.stdout
+    assert "  + tokens (Tokens): 100000 tokens per month; events openai.*" in first.stdout
+    assert "2 new, 0 changed, 0 unchanged; applied 2" in first.stdout
+
+    before = sequence(address)
+    second = quotactl(address, "plans", "apply", str(EXAMPLE_PLANS))
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == [
+        "plan free (Free): unchanged", "plan pro (Pro): unchanged",
+        "0 new, 0 changed, 2 unchanged; nothing to apply"]
+    assert sequence(address) == before
+
+    changed = tmp_path / "plans.toml"
+    text = EXAMPLE_PLANS.read_text().replace("2_000_000", "3_000_000")
+    changed.write_text(text[:text.rindex("  [[plans.limit_groups]]")])  # pro loses premium
+    dry = quotactl(address, "plans", "apply", str(changed), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "plan pro (Pro): changed" in dry.stdout
+    assert "  ~ tokens: quota 2000000 -> 3000000" in dry.stdout
+    assert "  - premium_tokens: removed (was premium_tokens" in dry.stdout
+    assert "dry run: nothing applied" in dry.stdout
+    assert sequence(address) == before
+
+    applied = quotactl(address, "plans", "apply", str(changed))
+    assert applied.returncode == 0 and "0 new, 1 changed, 1 unchanged; applied 1" in applied.stdout
+    with qc.QuotaClient(address, timeout_s=10) as client:
+        pro = client.get_plan("pro")
+    assert [(g.key, g.quota) for g in pro.limit_groups] == [("tokens", 3_000_000)]
+
+
+def test_plans_list_and_show_readable_and_as_json(server):
+    listed = quotactl(server.address, "plans", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == ["ID    NAME  GROUPS",
+                                          "free  Free  tokens, premium_tokens",
+                                          "pro   Pro   tokens, premium_tokens"]
+    shown = quotactl(server.address, "plans", "show", "pro")
+    assert shown.stdout.splitlines() == [
+        "plan pro (Pro)",
+        "  tokens (Tokens): 2000000 tokens per month; events openai.*",
+        "  premium_tokens (Premium tokens): 50000 tokens per month; model in gpt-4o, gpt-4-turbo",
+    ]
+    as_json = json.loads(quotactl(server.address, "plans", "show", "pro", "--json").stdout)
+    assert as_json["limit_groups"][1] == {
+        "key": "premium_tokens", "label": "Premium tokens", "unit": "tokens", "quota": 50000,
+        "window": "month", "match": {"event_types": [],
+                                     "metadata": {"model": ["gpt-4o", "gpt-4-turbo"]}}}
+
+
+def test_subscribe_then_usage_shows_used_held_and_remaining(server):
+    subscribed = quotactl(server.address, "subscribe", "u1", "pro", "--time-zone", "Asia/Tokyo")
+    assert subscribed.stdout == "u1: subscribed to plan pro (time zone Asia/Tokyo)\n"
+    again = quotactl(server.address, "subscribe", "u1", "pro", "--time-zone", "Asia/Tokyo")
+    assert "unchanged" in again.stdout
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.commit(client.reserve("u1", "openai.chat", 500).reservation_id, 300)
+        client.reserve("u1", "openai.chat", 200, metadata={"model": "gpt-4o"}, ttl_s=600)
+    usage = quotactl(server.address, "usage", "u1")
+    assert usage.returncode == 0, usage.stderr
+    lines = usage.stdout.splitlines()
+    assert lines[0] == "user u1, plan pro"
+    assert lines[1].split() == ["GROUP", "WINDOW", "USED", "HELD", "QUOTA", "REMAINING",
+                                "RESETS", "AT"]
+    tokens, premium = (line.split() for line in lines[2:])
+    assert tokens[:6] == ["tokens", "month", "300", "200", "2000000", "1999500"]
+    assert premium[:6] == ["premium_tokens", "month", "0", "200", "50000", "49800"]
+    assert tokens[6].endswith("T15:00:00Z")  # midnight in Tokyo, in UTC
+
+
+def _lines_of(process: subprocess.Popen[str]) -> queue.Queue[str]:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_events_lists_the_trail_and_follow_prints_new_events_until_sigterm(server):
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.subscribe("u1", "pro")
+        client.commit(client.reserve("u1", "openai.chat", 50).reservation_id)
+        listed = quotactl(server.address, "events", "u1", "--since", "1h")
+        assert listed.returncode == 0, listed.stderr
+        kinds = [line.split()[1] for line in listed.stdout.splitlines()]
+        assert kinds == ["reserve", "commit"]
+        assert "amount=50  allowed  reservation=" in listed.stdout.splitlines()[0]
+
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "quotad.ctl", "--target", server.address, "events", "u1",
+             "-f", "--interval-s", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=ROOT)
+        try:
+            lines = _lines_of(follow)
+            assert [lines.get(timeout=CTL_TIMEOUT_S).split()[1] for _ in range(2)] == [
+                "reserve", "commit"]
+            client.track("u1", "openai.embed", 7, metadata={"model": "small"})
+            new = lines.get(timeout=CTL_TIMEOUT_S).split()
+            assert new[1:4] == ["track", "openai.embed", "amount=7"] and "model=small" in new
+            follow.send_signal(signal.SIGTERM)
+            assert follow.wait(timeout=CTL_TIMEOUT_S) == 0
+            assert lines.empty()  # nothing printed twice
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait(timeout=CTL_TIMEOUT_S)
+
+
+def test_refusals_are_one_line_on_stderr_and_exit_1(server):
+    assert_one_line_error(quotactl(server.address, "plans", "show", "nope"), 1,
+                          "quotactl: NOT_FOUND: ")
+    assert_one_line_error(quotactl(server.address, "usage", "nobody"), 1,
+                          "quotactl: FAILED_PRECONDITION: ")
+    assert_one_line_error(quotactl(server.address, "subscribe", "u1", "pro", "--time-zone",
+                                   "Mars/Olympus"), 1, "quotactl: INVALID_ARGUMENT: time_zone")
+
+
+def test_key_commands_report_the_servers_answer_in_one_line(server):
+    """The key RPCs are in the contract but this server does not serve them yet."""
+    for args in (("keys", "create", "--kind", "secret", "--name", "ci"), ("keys", "list"),
+                 ("keys", "revoke", "3f9a1c")):
+        assert_one_line_error(quotactl(server.address, *args), 1, "quotactl: UNIMPLEMENTED")
+
+
+def test_bad_usage_a_bad_file_and_no_server_exit_2_without_a_traceback(server, tmp_path):
+    bad_plans = tmp_path / "bad.toml"
+    bad_plans.write_text('[[plans]]\nid = "x"\n[[plans.limit_groups]]\nkey = "k"\n'
+                         'quota = 1\nwindow = "fortnight"\n')
+    assert_one_line_error(quotactl(server.address, "plans", "apply", str(bad_plans)), 2,
+                          "quotactl: ")
+    assert_one_line_error(quotactl(server.address, "plans", "apply", str(tmp_path / "none")), 2,
+                          "quotactl: ")
+    unreachable = quotactl("127.0.0.1:1", "--timeout-s", "1", "plans", "list")
+    assert_one_line_error(unreachable, 2, "quotactl: cannot reach quotad at 127.0.0.1:1")
+    for args in ((), ("events",), ("events", "u1", "--since", "yesterday"),
+                 ("events", "u1", "-f", "--interval-s", "0"), ("keys", "create")):
+        result = quotactl(server.address, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result
+        assert "error:" in result.stderr
+
+
+@pytest.mark.parametrize("args", [(), ("plans",), ("plans", "apply"), ("plans", "list"),
+                                  ("plans", "show"), ("subscribe",), ("usage",), ("events",),
+                                  ("keys",), ("keys", "create"), ("keys", "revoke"),
+                                  ("keys", "list")])
+def test_every_help_explains_with_an_example(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ctl.main([*args, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: quotactl" in text
+    if args not in ((), ("plans",), ("keys",)):
+        assert "example:\n  quotactl " in text
+
+
+def test_the_api_key_comes_only_from_the_environment_as_a_bearer_token(monkeypatch):
+    monkeypatch.setenv(ctl.API_KEY_ENV, "sk_test")
+    with ctl.connect("127.0.0.1:1", 1.0) as client:
+        assert ("authorization", "Bearer sk_test") in client._config.metadata
+    monkeypatch.delenv(ctl.API_KEY_ENV)
+    with ctl.connect("127.0.0.1:1", 1.0) as client:
+        assert not any(key == "authorization" for key, _ in client._config.metadata)
+    assert "--api-key" not in ctl.parser().format_help()
