@@ -1,0 +1,155 @@
+"""`quotad serve --config FILE.toml`, and the request id of every call."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from quotad import cli, config_file
+from quotad.config_file import ConfigFileError
+from quotad.v1 import quotad_pb2 as pb
+from quotad.v1 import quotad_pb2_grpc as stubs
+from server_process import EXAMPLE_PLANS, ROOT, START_TIMEOUT_S, ServerProcess
+
+EXAMPLE_CONFIG = ROOT / "examples" / "quotad.toml"
+LOG_WAIT_S = 10.0
+
+
+class ConfiguredServer(ServerProcess):
+    """`quotad serve --config FILE` and nothing else unless given."""
+
+    def __init__(self, config: Path, *extra_args: str) -> None:
+        super().__init__(config.parent, plans=None, extra_args=extra_args)
+        self.config = config
+
+    def start(self, listen: str = "") -> ConfiguredServer:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "quotad", "serve", "--config", str(self.config),
+             *self.extra_args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ))
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        self.address = self.wait_for("serving", START_TIMEOUT_S)["address"]
+        return self
+
+
+@pytest.fixture
+def configured(tmp_path):
+    started: list[ConfiguredServer] = []
+
+    def start(text: str, *extra_args: str) -> ConfiguredServer:
+        folder = tmp_path / "etc"
+        folder.mkdir(exist_ok=True)
+        shutil.copy(EXAMPLE_PLANS, folder / "plans.toml")
+        (folder / "quotad.toml").write_text(text)
+        process = ConfiguredServer(folder / "quotad.toml", *extra_args)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def wait_for_line(server: ServerProcess, **fields: object) -> dict:
+    deadline = time.monotonic() + LOG_WAIT_S
+    while time.monotonic() < deadline:
+        for line in list(server.log_lines):
+            if all(line.get(key) == value for key, value in fields.items()):
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"no log line with {fields}: {server.log_lines[-5:]}")
+
+
+def test_a_server_started_with_only_a_config_file_takes_every_setting_from_it(configured):
+    server = configured('listen = "127.0.0.1:0"\ndata_dir = "data"\nplans = "plans.toml"\n'
+                        'metrics_listen = "127.0.0.1:0"\nlog_state_digest = true\n'
+                        'log_level = "debug"\nsnapshot_every_records = 10\n')
+    serving = server.last("serving")
+    assert serving["plans_loaded"] == 2 and serving["metrics"] and "state_digest" in serving
+    assert (server.config.parent / "data" / "data.mdb").exists()  # relative to the file
+    with grpc.insecure_channel(server.address) as channel:
+        plans = stubs.AdminServiceStub(channel).ListPlans(pb.ListPlansRequest(), timeout=10)
+    assert [p.id for p in plans.plans] == ["free", "pro"]
+    wait_for_line(server, message="call", method="/quotad.v1.AdminService/ListPlans")
+
+
+def test_command_line_flags_win_over_the_config_file(configured, tmp_path):
+    server = configured('listen = "127.0.0.1:0"\ndata_dir = "data"\nlog_state_digest = true\n',
+                        "--data-dir", str(tmp_path / "flag-data"), "--no-log-state-digest")
+    assert "state_digest" not in server.last("serving")
+    assert (tmp_path / "flag-data" / "data.mdb").exists()
+    assert not (server.config.parent / "data").exists()
+
+
+@pytest.mark.parametrize("text, named", [
+    ('lisen = "127.0.0.1:0"\n', "'lisen'"),
+    ('snapshot_every_records = "many"\n', "'snapshot_every_records' must be an integer"),
+    ("reflection = 1\n", "'reflection' must be true or false"),
+    ('log_level = "loud"\n', "'log_level' must be one of debug, info, warning, error"),
+    ("map_size_gib = true\n", "'map_size_gib' must be a number"),
+    ('data_dir = ""\n', "'data_dir' must be a non-empty path string"),
+    ("listen = [\n", "quotad.toml"),
+])
+def test_an_unknown_key_a_wrong_type_or_a_bad_file_exits_2_naming_it(tmp_path, text, named):
+    config = tmp_path / "quotad.toml"
+    config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "quotad", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("quotad: --config ") and named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_setting_this_build_lacks_is_refused_and_the_rest_reach_the_config(tmp_path):
+    config = tmp_path / "quotad.toml"
+    lacking = [s for s in config_file.SETTINGS if not config_file.supported(s)]
+    for setting in lacking:
+        config.write_text(f'{setting.key} = "x"\n')
+        with pytest.raises(ConfigFileError, match=f"'{setting.key}' is not supported"):
+            config_file.load(config)
+    config.write_text("map_size_gib = 2\naudit_retention_days = 1.5\n")
+    kwargs = config_file.config_kwargs(config_file.load(config))
+    assert kwargs["map_size_bytes"] == 2 * 1024**3
+    assert kwargs["audit_retention_ns"] == int(1.5 * config_file.NS_PER_DAY)
+
+
+def test_the_example_config_holds_every_setting_at_its_default():
+    values = config_file.load(EXAMPLE_CONFIG)
+    defaults = vars(cli.parser().parse_args(["serve"]))
+    supported = {s.key for s in config_file.SETTINGS if config_file.supported(s)}
+    assert set(values) == supported - {"plans"}  # no plans by default: commented out
+    for key, value in values.items():
+        if key != "data_dir":  # a path relative to the file, not to the working directory
+            assert value == defaults[key], key
+    assert values["data_dir"] == EXAMPLE_CONFIG.parent / "quotad-data"
+
+
+def test_a_callers_request_id_is_echoed_and_names_its_refused_call_in_the_log(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = stubs.QuotaServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="x", amount=0),
+                         metadata=(("x-request-id", "checkout-42"),), timeout=10)
+        assert ("x-request-id", "checkout-42") in [
+            (m.key, m.value) for m in refused.value.initial_metadata()]
+        line = wait_for_line(server, message="refused", request_id="checkout-42")
+        assert line["code"] == "INVALID_ARGUMENT" and line["level"] == "info"
+        assert line["method"] == "/quotad.v1.QuotaService/Reserve"
+        assert line["status_message"].startswith("amount:")
+
+        ids = []
+        for given in ((), (("x-request-id", "x" * 129),), (("x-request-id", ""),)):
+            _, call = stubs.AdminServiceStub(channel).ListPlans.with_call(
+                pb.ListPlansRequest(), metadata=given, timeout=10)
+            ids.append(dict((m.key, m.value) for m in call.initial_metadata())["x-request-id"])
+    assert len(set(ids)) == 3 and all(0 < len(i) <= 128 and i.isprintable() for i in ids)
+    assert not any(line.get("message") == "call" for line in server.log_lines)  # info: quiet
