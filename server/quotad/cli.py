@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,27 @@ from .writer import (
 )
 
 NS_PER_DAY = 24 * 3600 * 1_000_000_000
+ADMIN_KEY_ENV = "QUOTAD_ADMIN_KEY"
+
+
+def admin_key(key_file: Path | None, environ: dict[str, str]) -> str:
+    """The admin key from --admin-key-file or QUOTAD_ADMIN_KEY (not both); empty: none."""
+    from_env = environ.get(ADMIN_KEY_ENV, "")
+    if key_file is None:
+        return from_env
+    if from_env:
+        raise ValueError(f"--admin-key-file and {ADMIN_KEY_ENV} are both set: use one")
+    try:
+        mode = key_file.stat().st_mode
+        if mode & 0o077:
+            raise ValueError(f"--admin-key-file {key_file}: readable by others (mode "
+                             f"{mode & 0o777:o}); make it owner-only: chmod 600 {key_file}")
+        key = key_file.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ValueError(f"--admin-key-file {key_file}: {error.strerror}") from error
+    if not key:
+        raise ValueError(f"--admin-key-file {key_file}: the file is empty")
+    return key
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,6 +79,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                      help="serve Prometheus metrics over HTTP there (port 0 picks one); "
                           "off by default")
+    run.add_argument("--admin-key-file", type=Path, metavar="FILE",
+                     help="file holding only the admin key (at least 32 characters; readable "
+                          "by its owner only). The admin key turns API keys on: every call then "
+                          "needs 'authorization: Bearer <key>', and any --listen is allowed. "
+                          f"Or set {ADMIN_KEY_ENV}; never give a key on the command line")
+    run.add_argument("--tls-cert", type=Path, metavar="CERT.pem",
+                     help="serve TLS with this PEM certificate chain (with --tls-key)")
+    run.add_argument("--tls-key", type=Path, metavar="KEY.pem",
+                     help="the PEM private key of --tls-cert")
     run.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     run.add_argument("--log-state-digest", action="store_true",
                      help="log a digest of the whole state at start and stop, to verify that "
@@ -102,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logs.configure(args.log_level)
     try:
-        config = Config(listen=args.listen, data_dir=args.data_dir, plans=args.plans,
+        config = Config(admin_key=admin_key(args.admin_key_file, dict(os.environ)),
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, listen=args.listen, data_dir=args.data_dir, plans=args.plans,
                         map_size_bytes=int(args.map_size_gib * 1024**3),
                         reflection=args.reflection, log_state_digest=args.log_state_digest,
                         snapshot_every_records=args.snapshot_every_records,
