@@ -58,14 +58,14 @@ class Config:
     log_state_digest: bool = False
     metrics_listen: str = ""
     """HOST:PORT for Prometheus metrics over HTTP; empty: none."""
+    """Log a digest of the whole state when serving starts and when stopped (costs a pass
+    over the state): a restart must start from the digest the last stop ended with."""
     admin_key: str = field(default="", repr=False)
     """Empty: "open" mode (no keys, app "default", loopback only). Set: every call needs a
     key, and this one may create, list and revoke the keys of every app."""
     tls_cert: Path | None = None
     tls_key: Path | None = None
     """PEM certificate chain and private key: serve TLS (both, or neither)."""
-    """Log a digest of the whole state when serving starts and when stopped (costs a pass
-    over the state): a restart must start from the digest the last stop ended with."""
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
