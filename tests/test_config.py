@@ -126,7 +126,8 @@ def test_the_example_config_holds_every_setting_at_its_default():
     values = config_file.load(EXAMPLE_CONFIG)
     defaults = vars(cli.parser().parse_args(["serve"]))
     supported = {s.key for s in config_file.SETTINGS if config_file.supported(s)}
-    assert set(values) == supported - {"plans"}  # no plans by default: commented out
+    no_default = {"plans", "admin_key", "tls_cert", "tls_key"}  # commented out in the example
+    assert set(values) == supported - no_default
     for key, value in values.items():
         if key != "data_dir":  # a path relative to the file, not to the working directory
             assert value == defaults[key], key
@@ -153,3 +154,43 @@ def test_a_callers_request_id_is_echoed_and_names_its_refused_call_in_the_log(se
             ids.append(dict((m.key, m.value) for m in call.initial_metadata())["x-request-id"])
     assert len(set(ids)) == 3 and all(0 < len(i) <= 128 and i.isprintable() for i in ids)
     assert not any(line.get("message") == "call" for line in server.log_lines)  # info: quiet
+
+
+ADMIN_KEY = "ak_" + "k" * 40
+
+
+def test_an_admin_key_in_the_config_file_needs_an_owner_only_file(tmp_path):
+    config = tmp_path / "quotad.toml"
+    config.write_text(f'admin_key = "{ADMIN_KEY}"\n')
+    config.chmod(0o644)
+    with pytest.raises(ConfigFileError, match="chmod 600"):
+        config_file.load(config)
+    config.chmod(0o600)
+    assert config_file.config_kwargs(config_file.load(config))["admin_key"] == ADMIN_KEY
+
+
+def test_an_admin_key_from_the_config_file_turns_keys_on(configured, tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "quotad.toml").touch(mode=0o600)
+    server = configured(f'listen = "127.0.0.1:0"\nadmin_key = "{ADMIN_KEY}"\n')
+    with grpc.insecure_channel(server.address) as channel:
+        admin = stubs.AdminServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.ListKeys(pb.ListKeysRequest(app="acme"))
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        keys = admin.ListKeys(pb.ListKeysRequest(app="acme"),
+                              metadata=[("authorization", f"Bearer {ADMIN_KEY}")])
+        assert list(keys.keys) == []
+
+
+def test_the_admin_key_may_not_come_from_two_places(tmp_path):
+    config = tmp_path / "quotad.toml"
+    config.write_text(f'admin_key = "{ADMIN_KEY}"\nlisten = "127.0.0.1:0"\n')
+    config.chmod(0o600)
+    result = subprocess.run(
+        [sys.executable, "-m", "quotad", "serve", "--config", str(config),
+         "--data-dir", str(tmp_path / "data")],
+        env={**os.environ, "QUOTAD_ADMIN_KEY": ADMIN_KEY}, capture_output=True, text=True,
+        timeout=30, cwd=ROOT)
+    assert result.returncode == 2
+    assert "set twice" in result.stderr

@@ -21,7 +21,8 @@ from quotad.commands import (
 )
 from quotad.core import Core
 from quotad.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+    ResourceExhausted,
 )
 from quotad.plans import Plan, Window
 
@@ -592,7 +593,7 @@ def test_apps_are_isolated_even_for_the_same_user_id() -> None:
     assert h.usage("alice", app="other")["tokens"].used == 0
     assert h.reserve("alice", 10, "openai.chat", app="other").allowed
     held = h.reserve("alice", 1, "image.render", app="other")
-    with pytest.raises(NotFound):  # a reservation belongs to its app
+    with pytest.raises(PermissionDenied):  # a reservation belongs to its app: never touched
         h.commit(held.reservation_id)
 
 

@@ -173,11 +173,32 @@ def test_refusals_are_one_line_on_stderr_and_exit_1(server):
                                    "Mars/Olympus"), 1, "quotactl: INVALID_ARGUMENT: time_zone")
 
 
-def test_key_commands_report_the_servers_answer_in_one_line(server):
-    """The key RPCs are in the contract but this server does not serve them yet."""
-    for args in (("keys", "create", "--kind", "secret", "--name", "ci"), ("keys", "list"),
-                 ("keys", "revoke", "3f9a1c")):
-        assert_one_line_error(quotactl(server.address, *args), 1, "quotactl: UNIMPLEMENTED")
+def test_keys_create_list_and_revoke_with_the_key_from_the_environment(start_server):
+    admin_key = "ak_" + "q" * 40
+    server = start_server(env={"QUOTAD_ADMIN_KEY": admin_key})
+    as_admin = {"QUOTAD_API_KEY": admin_key}
+    created = quotactl(server.address, "keys", "create", "--kind", "secret", "--app", "acme",
+                       "--name", "backend", env=as_admin)
+    assert created.returncode == 0, created.stderr
+    line, secret = created.stdout.splitlines()
+    key_id = line.split()[0]
+    assert secret.startswith(f"sk_{key_id}_") and "secret  app=acme  name=backend" in line
+    assert "shown only now" in created.stderr
+
+    as_backend = {"QUOTAD_API_KEY": secret}
+    listed = quotactl(server.address, "keys", "list", env=as_backend)
+    assert listed.returncode == 0 and listed.stdout.startswith(key_id), listed
+    assert secret not in listed.stdout  # never the secret again
+
+    assert_one_line_error(quotactl(server.address, "keys", "list"), 1,
+                          "quotactl: UNAUTHENTICATED")
+    assert_one_line_error(quotactl(server.address, "keys", "list", "--app", "other",
+                                   env=as_backend), 1, "quotactl: PERMISSION_DENIED")
+
+    revoked = quotactl(server.address, "keys", "revoke", key_id, env=as_admin)
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked
+    assert_one_line_error(quotactl(server.address, "keys", "list", env=as_backend), 1,
+                          "quotactl: UNAUTHENTICATED")
 
 
 def test_bad_usage_a_bad_file_and_no_server_exit_2_without_a_traceback(server, tmp_path):

@@ -37,10 +37,13 @@ from ._hold import AsyncHold, Hold
 from ._ops import new_idempotency_key
 from ._retry import RetryPolicy
 from ._sync import QuotaClient
+from ._token import mint_user_token
 from ._types import (
     WINDOWS,
+    ApiKey,
     CommitResult,
     Counter,
+    CreatedKey,
     Event,
     EventPage,
     LimitGroup,
@@ -53,15 +56,18 @@ from ._types import (
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
+    UserToken,
 )
 
 __all__ = [
     "WINDOWS",
     "AlreadyExists",
+    "ApiKey",
     "AsyncHold",
     "AsyncQuotaClient",
     "CommitResult",
     "Counter",
+    "CreatedKey",
     "DeadlineExceeded",
     "Event",
     "EventPage",
@@ -89,8 +95,10 @@ __all__ = [
     "UpsertPlanResult",
     "UpsertSubscriptionResult",
     "Usage",
+    "UserToken",
     "error_from_rpc_error",
     "error_from_status",
+    "mint_user_token",
     "new_idempotency_key",
     "plan_to_proto",
 ]

@@ -20,14 +20,22 @@ from typing import Any, TypeVar
 import grpc
 
 from . import _ops as ops
-from ._config import ClientConfig, merged_channel_options
+from ._config import (
+    ClientConfig,
+    api_key_or_env,
+    channel_credentials,
+    merged_channel_options,
+)
 from ._convert import PlanLike
 from ._coalesce import BATCHABLE, Coalescer, OperationFailed
 from ._errors import DeadlineExceeded, error_from_rpc_error, error_from_status
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
 from ._types import (
+    ApiKey,
     CommitResult,
+    CreatedKey,
+    UserToken,
     Event,
     EventPage,
     Plan,
@@ -76,10 +84,15 @@ class AsyncQuotaClient:
     with ``auto_idempotency_keys`` (the default) the client gives each mutation that has none a
     fresh key, sent unchanged on every retry.
 
+    ``api_key`` (default: the QUOTAD_API_KEY environment variable, else none) and
+    ``user_token`` (with a pk_ key) go with every call. ``tls_root_cert`` (PEM bytes) or
+    ``tls=True`` (the system's roots) make the channel TLS.
+
     With ``coalesce`` (the default) the hot-path calls (reserve, commit, release, extend,
     track, usage) made concurrently in this process travel together in Batch RPCs: what
     accumulates while a batch is in flight goes in the next one. Each call keeps its own
-    result and errors; ``coalesce=False`` sends each as its own unary RPC.
+    result and errors; ``coalesce=False`` sends each as its own unary RPC (always so with a
+    pk_ key, which may not call Batch).
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
@@ -87,10 +100,14 @@ class AsyncQuotaClient:
                  retry_policy: RetryPolicy | None = None, auto_idempotency_keys: bool = True,
                  credentials: grpc.ChannelCredentials | None = None,
                  channel_options: Sequence[tuple[str, Any]] = (),
-                 metadata: Sequence[tuple[str, str]] = (), coalesce: bool = True) -> None:
+                 metadata: Sequence[tuple[str, str]] = (), user_token: str | None = None,
+                 tls_root_cert: bytes | None = None, tls: bool = False,
+                 coalesce: bool = True) -> None:
         self._config = ClientConfig.make(
-            api_key=api_key, timeout_s=timeout_s, retries=retries, retry_policy=retry_policy,
+            api_key=api_key_or_env(api_key), user_token=user_token, timeout_s=timeout_s,
+            retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
+        credentials = channel_credentials(credentials, tls_root_cert, tls)
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(target, credentials,
                                                     options=merged_channel_options(channel_options))
@@ -98,8 +115,11 @@ class AsyncQuotaClient:
             self._channel = grpc.aio.insecure_channel(
                 target, options=merged_channel_options(channel_options))
         self._stubs = ops.make_stubs(self._channel)
+        # A pk_ key may not call Batch (it reads one user's usage, nothing else): no coalescing.
+        public_key = (api_key_or_env(api_key) or "").startswith("pk_")
         self._coalescer = (Coalescer(self._stubs[ops.QUOTA].Batch, self._config.budget(None),
-                                     self._config.metadata) if coalesce else None)
+                                     self._config.metadata)
+                           if coalesce and not public_key else None)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -255,3 +275,24 @@ class AsyncQuotaClient:
             if not page.next_page_token:
                 return
             token = page.next_page_token
+
+    # --- API keys (the admin key, or an sk_ key for its own app) -----------------------------
+
+    async def create_key(self, kind: str = "secret", *, name: str = "", app: str = "",
+                   timeout_s: float | None = None) -> CreatedKey:
+        """A new key, "secret" (sk_) or "public" (pk_); ``app`` empty: the caller's own app
+        (the admin key must name one). The whole key is in ``.secret``, shown only this once."""
+        return await self._run(ops.create_key(kind, name, app), timeout_s)
+
+    async def revoke_key(self, key_id: str, *, timeout_s: float | None = None) -> ApiKey:
+        """Revokes a key at once (its user tokens too, for an sk_ key)."""
+        return await self._run(ops.revoke_key(key_id), timeout_s)
+
+    async def list_keys(self, *, app: str = "", timeout_s: float | None = None) -> list[ApiKey]:
+        return await self._run(ops.list_keys(app), timeout_s)
+
+    async def mint_user_token(self, user_id: str, *, ttl_s: float | timedelta | None = None,
+                        timeout_s: float | None = None) -> UserToken:
+        """A token for a pk_ key to read this user's usage (1 s to 24 h; default 1 h). The
+        module function ``quotad_client.mint_user_token`` makes one without a call."""
+        return await self._run(ops.mint_user_token(user_id, ttl_s), timeout_s)

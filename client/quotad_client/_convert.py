@@ -13,6 +13,9 @@ from quotad.v1 import quotad_pb2
 
 from ._types import (
     WINDOWS,
+    ApiKey,
+    CreatedKey,
+    UserToken,
     CommitResult,
     Counter,
     Event,
@@ -246,3 +249,27 @@ def event_from_proto(e: quotad_pb2.Event) -> Event:
 def event_page_from_proto(r: quotad_pb2.ListEventsResponse) -> EventPage:
     return EventPage(events=tuple(event_from_proto(e) for e in r.events),
                      next_page_token=r.next_page_token)
+
+
+KEY_KINDS = {"secret": quotad_pb2.KEY_KIND_SECRET, "public": quotad_pb2.KEY_KIND_PUBLIC}
+_KEY_KIND_NAMES = {value: name for name, value in KEY_KINDS.items()}
+
+
+def key_kind_value(kind: str) -> quotad_pb2.KeyKind:
+    if kind not in KEY_KINDS:
+        raise ValueError(f"key kind must be 'secret' or 'public', got {kind!r}")
+    return KEY_KINDS[kind]
+
+
+def api_key_from_proto(k: quotad_pb2.ApiKey) -> ApiKey:
+    return ApiKey(key_id=k.key_id, app=k.app, kind=_KEY_KIND_NAMES.get(k.kind, "unspecified"),
+                  name=k.name, created_at=to_datetime(k.created_at),
+                  revoked_at=to_datetime(k.revoked_at) if k.HasField("revoked_at") else None)
+
+
+def created_key_from_proto(r: quotad_pb2.CreateKeyResponse) -> CreatedKey:
+    return CreatedKey(key=api_key_from_proto(r.key), secret=r.secret)
+
+
+def user_token_from_proto(r: quotad_pb2.MintUserTokenResponse) -> UserToken:
+    return UserToken(token=r.token, expires_at=to_datetime(r.expires_at))

@@ -61,11 +61,13 @@ class AlreadyExists(QuotadError):
 
 
 class PermissionDenied(QuotadError):
-    pass
+    """The key may not do this: another app's data, or an RPC its kind may not call (a pk_
+    key reads usage only, of the user its user token names)."""
 
 
 class Unauthenticated(QuotadError):
-    pass
+    """No valid key came with the call (missing, unknown, revoked), or a pk_ key came without
+    a valid user token (missing, malformed, badly signed, expired)."""
 
 
 class Unavailable(QuotadError):

@@ -19,7 +19,10 @@ from quotad.v1 import quotad_pb2, quotad_pb2_grpc
 from . import _convert as cv
 from ._errors import QuotaExceeded
 from ._types import (
+    ApiKey,
     CommitResult,
+    CreatedKey,
+    UserToken,
     EventPage,
     Plan,
     ReleaseResult,
@@ -168,6 +171,30 @@ def list_events(user_id: str, start: datetime | None, end: datetime | None, page
     if end is not None:
         request.end_time.CopyFrom(cv.to_timestamp(end))
     return Op(ADMIN, "ListEvents", request, True, cv.event_page_from_proto)
+
+
+def create_key(kind: str, name: str, app: str) -> Op[CreatedKey]:
+    # Not retried: a repeat after a lost answer would make a second key.
+    request = quotad_pb2.CreateKeyRequest(app=app, kind=cv.key_kind_value(kind), name=name)
+    return Op(ADMIN, "CreateKey", request, False, cv.created_key_from_proto)
+
+
+def revoke_key(key_id: str) -> Op[ApiKey]:
+    # Revoking a revoked key changes nothing: safe to repeat.
+    return Op(ADMIN, "RevokeKey", quotad_pb2.RevokeKeyRequest(key_id=key_id), True,
+              lambda r: cv.api_key_from_proto(r.key))
+
+
+def list_keys(app: str) -> Op[list[ApiKey]]:
+    return Op(ADMIN, "ListKeys", quotad_pb2.ListKeysRequest(app=app), True,
+              lambda r: [cv.api_key_from_proto(k) for k in r.keys])
+
+
+def mint_user_token(user_id: str, ttl_s: float | timedelta | None) -> Op[UserToken]:
+    request = quotad_pb2.MintUserTokenRequest(user_id=user_id)
+    if ttl_s is not None:
+        request.ttl.CopyFrom(cv.to_duration(ttl_s))
+    return Op(ADMIN, "MintUserToken", request, True, cv.user_token_from_proto)
 
 
 def check_denial(result: T, *, user_id: str, event_type: str, amount: int,

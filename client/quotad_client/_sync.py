@@ -11,13 +11,21 @@ from typing import Any, TypeVar
 import grpc
 
 from . import _ops as ops
-from ._config import ClientConfig, merged_channel_options
+from ._config import (
+    ClientConfig,
+    api_key_or_env,
+    channel_credentials,
+    merged_channel_options,
+)
 from ._convert import PlanLike
 from ._errors import DeadlineExceeded, error_from_rpc_error
 from ._hold import Hold
 from ._retry import RetryPolicy
 from ._types import (
+    ApiKey,
     CommitResult,
+    CreatedKey,
+    UserToken,
     Event,
     EventPage,
     Plan,
@@ -40,6 +48,10 @@ class QuotaClient:
     exponential backoff and jitter, for reads and for mutations that carry an idempotency key;
     with ``auto_idempotency_keys`` (the default) the client gives each mutation that has none a
     fresh key, sent unchanged on every retry.
+
+    ``api_key`` (default: the QUOTAD_API_KEY environment variable, else none) and
+    ``user_token`` (with a pk_ key) go with every call. ``tls_root_cert`` (PEM bytes) or
+    ``tls=True`` (the system's roots) make the channel TLS.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
@@ -47,10 +59,13 @@ class QuotaClient:
                  retry_policy: RetryPolicy | None = None, auto_idempotency_keys: bool = True,
                  credentials: grpc.ChannelCredentials | None = None,
                  channel_options: Sequence[tuple[str, Any]] = (),
-                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+                 metadata: Sequence[tuple[str, str]] = (), user_token: str | None = None,
+                 tls_root_cert: bytes | None = None, tls: bool = False) -> None:
         self._config = ClientConfig.make(
-            api_key=api_key, timeout_s=timeout_s, retries=retries, retry_policy=retry_policy,
+            api_key=api_key_or_env(api_key), user_token=user_token, timeout_s=timeout_s,
+            retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
+        credentials = channel_credentials(credentials, tls_root_cert, tls)
         if credentials is not None:
             self._channel = grpc.secure_channel(target, credentials,
                                                 options=merged_channel_options(channel_options))
@@ -186,3 +201,24 @@ class QuotaClient:
             if not page.next_page_token:
                 return
             token = page.next_page_token
+
+    # --- API keys (the admin key, or an sk_ key for its own app) -----------------------------
+
+    def create_key(self, kind: str = "secret", *, name: str = "", app: str = "",
+                   timeout_s: float | None = None) -> CreatedKey:
+        """A new key, "secret" (sk_) or "public" (pk_); ``app`` empty: the caller's own app
+        (the admin key must name one). The whole key is in ``.secret``, shown only this once."""
+        return self._run(ops.create_key(kind, name, app), timeout_s)
+
+    def revoke_key(self, key_id: str, *, timeout_s: float | None = None) -> ApiKey:
+        """Revokes a key at once (its user tokens too, for an sk_ key)."""
+        return self._run(ops.revoke_key(key_id), timeout_s)
+
+    def list_keys(self, *, app: str = "", timeout_s: float | None = None) -> list[ApiKey]:
+        return self._run(ops.list_keys(app), timeout_s)
+
+    def mint_user_token(self, user_id: str, *, ttl_s: float | timedelta | None = None,
+                        timeout_s: float | None = None) -> UserToken:
+        """A token for a pk_ key to read this user's usage (1 s to 24 h; default 1 h). The
+        module function ``quotad_client.mint_user_token`` makes one without a call."""
+        return self._run(ops.mint_user_token(user_id, ttl_s), timeout_s)

@@ -179,3 +179,30 @@ class EventPage:
     events: tuple[Event, ...]
     next_page_token: str
     """Empty on the last page."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as the server shows it: never the secret."""
+
+    key_id: str
+    app: str
+    kind: str
+    """"secret" (sk_...) or "public" (pk_...)."""
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    key: ApiKey
+    secret: str
+    """The whole key ("sk_..." or "pk_..."): shown only once, store it now."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserToken:
+    token: str
+    """Send as ``x-quotad-user-token`` (``user_token=`` of the clients) with a pk_ key."""
+    expires_at: datetime

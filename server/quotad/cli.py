@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from .writer import (
 )
 
 NS_PER_DAY = config_file.NS_PER_DAY
+ADMIN_KEY_ENV = "QUOTAD_ADMIN_KEY"
 SERVE_EPILOG = """\
 Every flag may also be set in a TOML file given with --config; keys are the flag names
 with underscores, flags on the command line win over the file, and relative paths in the
@@ -35,6 +37,25 @@ Example (examples/quotad.toml lists every key with its default):
 
     quotad serve --config quotad.toml --log-level debug
 """
+
+def admin_key(key_file: Path | None, environ: dict[str, str]) -> str:
+    """The admin key from --admin-key-file or QUOTAD_ADMIN_KEY (not both); empty: none."""
+    from_env = environ.get(ADMIN_KEY_ENV, "")
+    if key_file is None:
+        return from_env
+    if from_env:
+        raise ValueError(f"--admin-key-file and {ADMIN_KEY_ENV} are both set: use one")
+    try:
+        mode = key_file.stat().st_mode
+        if mode & 0o077:
+            raise ValueError(f"--admin-key-file {key_file}: readable by others (mode "
+                             f"{mode & 0o777:o}); make it owner-only: chmod 600 {key_file}")
+        key = key_file.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ValueError(f"--admin-key-file {key_file}: {error.strerror}") from error
+    if not key:
+        raise ValueError(f"--admin-key-file {key_file}: the file is empty")
+    return key
 
 
 def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -77,6 +98,15 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
     run.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                      help="serve Prometheus metrics over HTTP there (port 0 picks one); "
                           "off by default")
+    run.add_argument("--admin-key-file", type=Path, metavar="FILE",
+                     help="file holding only the admin key (at least 32 characters; readable "
+                          "by its owner only). The admin key turns API keys on: every call then "
+                          "needs 'authorization: Bearer <key>', and any --listen is allowed. "
+                          f"Or set {ADMIN_KEY_ENV}; never give a key on the command line")
+    run.add_argument("--tls-cert", type=Path, metavar="CERT.pem",
+                     help="serve TLS with this PEM certificate chain (with --tls-key)")
+    run.add_argument("--tls-key", type=Path, metavar="KEY.pem",
+                     help="the PEM private key of --tls-cert")
     run.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=False,
                      help="enable gRPC server reflection (default: off)")
     run.add_argument("--log-state-digest", action=argparse.BooleanOptionalAction, default=False,
@@ -132,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logs.configure(args.log_level)
     try:
-        config = Config(**config_file.config_kwargs(vars(args)))
+        settings = config_file.config_kwargs(vars(args))
+        key = admin_key(args.admin_key_file, dict(os.environ))
+        if key and settings.get("admin_key"):
+            raise ValueError("the admin key is set twice (the --config file and "
+                             f"--admin-key-file or {ADMIN_KEY_ENV}): use one")
+        config = Config(**{**settings, **({"admin_key": key} if key else {})})
         return asyncio.run(serve(config))
     except (ValueError, PlansFileError, DataDirLocked) as error:
         print(f"quotad: {error}", file=sys.stderr)

@@ -149,6 +149,6 @@ def state_digest(core: Any) -> str:
     """A digest of everything the core holds: equal digests, equal states."""
     plain = to_plain({"apps": core.apps, "sequence": core.sequence,
                       "last_record_ns": core.last_record_ns, "expiry": core.expiry,
-                      "forget": core.forget})
+                      "forget": core.forget, "keys": core.keys})
     text = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

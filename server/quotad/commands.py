@@ -15,6 +15,10 @@ from .errors import Violations
 from .plans import Metadata, Plan, Subscription, Window, load_time_zone
 
 RESERVATION_ID_PATTERN = re.compile(r"rsv_[0-9a-f]{24}")
+KEY_ID_PATTERN = re.compile(r"[a-z2-7]{12}")
+"""The public part of an API key: 12 lowercase base32 characters (60 random bits)."""
+KEY_KINDS = ("secret", "public")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _text(v: Violations, value: str, name: str, bytes_max: int, bytes_min: int = 1) -> None:
@@ -229,6 +233,66 @@ class GetSubscription:
         v.raise_if_any()
 
 
+# --- API keys ---------------------------------------------------------------------------
+
+
+def _key_id(v: Violations, key_id: str) -> None:
+    if not KEY_ID_PATTERN.fullmatch(key_id):
+        v.add("key_id", "must be a key id as CreateKey returns it (12 characters a-z, 2-7)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateKey:
+    """A new API key of an app. The key itself is made by the service and never stored: only
+    its SHA-256, and for a secret key the HMAC key its user tokens are signed with."""
+
+    app: str
+    key_id: str
+    kind: str
+    """secret or public."""
+    name: str = ""
+    secret_sha256: str
+    """Hex SHA-256 of the whole key ("sk_<key_id>_<secret>")."""
+    token_signing_key: str = ""
+    """Hex HMAC-SHA256 key for user tokens (secret keys only; empty for public ones)."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _key_id(v, self.key_id)
+        v.check(self.kind in KEY_KINDS, "kind", "must be KEY_KIND_SECRET or KEY_KIND_PUBLIC")
+        _text(v, self.name, "name", limits.KEY_NAME_BYTES_MAX, bytes_min=0)
+        v.check(bool(_SHA256_HEX.fullmatch(self.secret_sha256)), "secret_sha256",
+                "must be 64 lowercase hex digits")
+        v.check(bool(_SHA256_HEX.fullmatch(self.token_signing_key)) if self.kind == "secret"
+                else self.token_signing_key == "", "token_signing_key",
+                "must be 64 lowercase hex digits for a secret key, empty for a public one")
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RevokeKey:
+    app: str
+    """The caller's app: only its own keys may be revoked. Empty: the admin key, any app."""
+    key_id: str
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX, bytes_min=0)
+        _key_id(v, self.key_id)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListKeys:
+    app: str
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        v.raise_if_any()
+
+
 # --- internal ---------------------------------------------------------------------------
 
 
@@ -248,12 +312,14 @@ class ExpireHolds:
 
 
 Command = (Reserve | Commit | Release | Extend | Track | GetUsage | UpsertPlan | DeletePlan
-           | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ExpireHolds)
+           | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ExpireHolds
+           | CreateKey | RevokeKey | ListKeys)
 
 COMMAND_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Reserve, Commit, Release, Extend, Track, GetUsage, UpsertPlan, DeletePlan,
-                GetPlan, ListPlans, UpsertSubscription, GetSubscription, ExpireHolds)
+                GetPlan, ListPlans, UpsertSubscription, GetSubscription, ExpireHolds,
+                CreateKey, RevokeKey, ListKeys)
 }
 
 
@@ -372,9 +438,31 @@ class ExpireResult:
     expired: tuple[ExpiredHold, ...] = ()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyView:
+    """What may be shown of a key: never its hash or signing key."""
+
+    key_id: str
+    app: str
+    kind: str
+    name: str
+    created_at_ns: int
+    revoked_at_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyResult:
+    key: KeyView
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeysResult:
+    keys: tuple[KeyView, ...]
+
+
 RESULT_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (ReserveResult, CommitResult, ReleaseResult, ExtendResult, TrackResult,
                 UsageResult, PlanResult, PlansResult, DeletePlanResult, SubscriptionResult,
-                ExpireResult)
+                ExpireResult, KeyResult, KeysResult)
 }

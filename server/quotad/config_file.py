@@ -90,6 +90,9 @@ def load(path: Path) -> dict[str, Any]:
         if not supported(setting):
             raise ConfigFileError(f"{path}: key {key!r} is not supported by this quotad build")
         values[key] = _checked(path, setting, value, folder)
+    if "admin_key" in values and path.stat().st_mode & 0o077:
+        raise ConfigFileError(f"{path}: holds admin_key but others may read it; make it "
+                              f"owner-only: chmod 600 {path}")
     return values
 
 

@@ -22,12 +22,15 @@ from sortedcontainers import SortedList
 
 from . import limits
 from .commands import (
-    AuditEvent, Command, Commit, CommitResult, CounterView, DeletePlan, DeletePlanResult, ExpiredHold,
+    AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
+    DeletePlanResult, ExpiredHold, KeyResult, KeysResult, KeyView, ListKeys, RevokeKey,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
     ListPlans, PlanResult, PlansResult, Record, Release, ReleaseResult, Reserve, ReserveResult,
     SubscriptionResult, Track, TrackResult, UpsertPlan, UpsertSubscription, UsageResult,
 )
-from .errors import AlreadyExists, FailedPrecondition, NotFound, QuotaError, ResourceExhausted
+from .errors import (
+    AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, QuotaError, ResourceExhausted,
+)
 from .plans import LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone
 from .windows import window_bounds
 
@@ -97,6 +100,25 @@ class AppState:
     plan_subscribers: Tally[str] = field(default_factory=Tally)
 
 
+@dataclass(slots=True)
+class KeyState:
+    """An API key as stored: its hash, never the key. Keys are global by key_id, each
+    belonging to one app; a revoked key is kept, with when it was revoked."""
+
+    key_id: str
+    app: str
+    kind: str
+    name: str
+    secret_sha256: str
+    token_signing_key: str
+    created_at_ns: int
+    revoked_at_ns: int | None = None
+
+    def view(self) -> KeyView:
+        return KeyView(key_id=self.key_id, app=self.app, kind=self.kind, name=self.name,
+                       created_at_ns=self.created_at_ns, revoked_at_ns=self.revoked_at_ns)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What apply() gives back: a result or an error, and the records to make durable."""
@@ -128,6 +150,8 @@ def _chosen_fields(command_type: type) -> tuple[str, ...]:
 class Core:
     def __init__(self) -> None:
         self.apps: dict[str, AppState] = {}
+        self.keys: dict[str, KeyState] = {}
+        """API keys by key_id, of every app."""
         self.sequence = 0
         """Sequence number of the last record made."""
         self.last_record_ns = 0
@@ -144,6 +168,7 @@ class Core:
             GetPlan: self._get_plan, ListPlans: self._list_plans,
             UpsertSubscription: self._upsert_subscription,
             GetSubscription: self._get_subscription,
+            CreateKey: self._create_key, RevokeKey: self._revoke_key, ListKeys: self._list_keys,
         }
 
     # --- the way in -----------------------------------------------------------------------
@@ -297,6 +322,9 @@ class Core:
 
     def _reservation(self, app_id: str, reservation_id: str, now_ns: int) -> Reservation:
         reservation = self.apps.get(app_id, _EMPTY_APP).reservations.get(reservation_id)
+        if reservation is None and any(reservation_id in other.reservations
+                                       for other in self.apps.values()):
+            raise PermissionDenied(f"reservation {reservation_id!r} belongs to another app")
         if reservation is None or (
                 reservation.status is not Status.LIVE
                 and reservation.finished_at_ns + limits.RESERVATION_RETENTION_NS <= now_ns):
@@ -520,3 +548,35 @@ class Core:
         if user is None:
             raise NotFound(f"user {command.user_id!r} has no subscription")
         return SubscriptionResult(subscription=user.subscription), False
+
+    # --- API keys -------------------------------------------------------------------------
+
+    def _create_key(self, command: CreateKey, now_ns: int) -> tuple[KeyResult, bool]:
+        if command.key_id in self.keys:
+            raise AlreadyExists(f"key id {command.key_id!r} is taken")
+        count = sum(1 for key in self.keys.values() if key.app == command.app)
+        if count >= limits.KEYS_PER_APP_MAX:
+            raise ResourceExhausted("TOO_MANY_KEYS",
+                                    f"app {command.app!r} has {count} keys, the most allowed "
+                                    "(revoked keys count too)")
+        key = self.keys[command.key_id] = KeyState(
+            key_id=command.key_id, app=command.app, kind=command.kind, name=command.name,
+            secret_sha256=command.secret_sha256, token_signing_key=command.token_signing_key,
+            created_at_ns=now_ns)
+        return KeyResult(key=key.view()), True
+
+    def _revoke_key(self, command: RevokeKey, now_ns: int) -> tuple[KeyResult, bool]:
+        key = self.keys.get(command.key_id)
+        if key is None:
+            raise NotFound(f"no key {command.key_id!r}")
+        if command.app and key.app != command.app:
+            raise PermissionDenied(f"key {command.key_id!r} belongs to another app")
+        if key.revoked_at_ns is not None:
+            return KeyResult(key=key.view()), False
+        key.revoked_at_ns = now_ns
+        return KeyResult(key=key.view()), True
+
+    def _list_keys(self, command: ListKeys, now_ns: int) -> tuple[KeysResult, bool]:
+        keys = sorted((key for key in self.keys.values() if key.app == command.app),
+                      key=lambda key: (key.created_at_ns, key.key_id))
+        return KeysResult(keys=tuple(key.view() for key in keys)), False

@@ -22,10 +22,9 @@ from typing import Any, TypeVar
 import grpc
 
 from quotad_client import (
-    DeadlineExceeded, Event, InvalidArgument, NotFound, Plan, QuotaClient, QuotadError,
+    ApiKey, DeadlineExceeded, Event, InvalidArgument, NotFound, QuotaClient, QuotadError,
     Unavailable, plan_to_proto,
 )
-from quotad_client import _ops
 
 from . import convert
 from .plans_file import PlansFileError, load_plans
@@ -56,14 +55,6 @@ def connect(target: str, timeout_s: float) -> QuotaClient:
     which would show in `ps` and shell history) and travels as `authorization: Bearer`."""
     api_key = os.environ.get(API_KEY_ENV) or None
     return QuotaClient(target, api_key=api_key, timeout_s=timeout_s, retries=1)
-
-
-def _admin_call(client: QuotaClient, method: str, request: Any,
-                convert_response: Callable[[Any], T], *, retryable: bool = False) -> T:
-    """An AdminService RPC the client library has no method for yet (the key RPCs), run
-    through the client's own call loop: same deadline, retries, metadata and errors."""
-    return client._run(_ops.Op(_ops.ADMIN, method, request, retryable, convert_response),
-                       None)
 
 
 # --- output helpers ----------------------------------------------------------------------------
@@ -298,39 +289,30 @@ def cmd_events(client: QuotaClient, args: argparse.Namespace) -> int:
 
 # --- keys --------------------------------------------------------------------------------------
 
-_KEY_KINDS = {"secret": pb.KEY_KIND_SECRET, "public": pb.KEY_KIND_PUBLIC}
-
-
-def _key_line(key: pb.ApiKey) -> str:
-    kind = pb.KeyKind.Name(key.kind).removeprefix("KEY_KIND_").lower()
-    created = _time(datetime.fromtimestamp(key.created_at.seconds, timezone.utc))
-    revoked = (f"  revoked {_time(datetime.fromtimestamp(key.revoked_at.seconds, timezone.utc))}"
-               if key.HasField("revoked_at") else "")
-    return f"{key.key_id}  {kind}  app={key.app}  name={key.name or '-'}  created {created}{revoked}"
+def _key_line(key: ApiKey) -> str:
+    revoked = f"  revoked {_time(key.revoked_at)}" if key.revoked_at is not None else ""
+    return (f"{key.key_id}  {key.kind}  app={key.app}  name={key.name or '-'}  "
+            f"created {_time(key.created_at)}{revoked}")
 
 
 def cmd_keys_create(client: QuotaClient, args: argparse.Namespace) -> int:
-    request = pb.CreateKeyRequest(app=args.app, kind=_KEY_KINDS[args.kind], name=args.name)
-    response = _admin_call(client, "CreateKey", request, lambda r: r)
-    _out(_key_line(response.key))
-    _out(response.secret)
+    created = client.create_key(args.kind, name=args.name, app=args.app)
+    _out(_key_line(created.key))
+    _out(created.secret)
     print("quotactl: the key above is shown only now; store it safely", file=sys.stderr)
     return 0
 
 
 def cmd_keys_revoke(client: QuotaClient, args: argparse.Namespace) -> int:
-    response = _admin_call(client, "RevokeKey", pb.RevokeKeyRequest(key_id=args.key_id),
-                           lambda r: r, retryable=True)
-    _out(_key_line(response.key))
+    _out(_key_line(client.revoke_key(args.key_id)))
     return 0
 
 
 def cmd_keys_list(client: QuotaClient, args: argparse.Namespace) -> int:
-    response = _admin_call(client, "ListKeys", pb.ListKeysRequest(app=args.app), lambda r: r,
-                           retryable=True)
-    for key in response.keys:
+    keys = client.list_keys(app=args.app)
+    for key in keys:
         _out(_key_line(key))
-    if not response.keys:
+    if not keys:
         _out("no keys")
     return 0
 
@@ -449,7 +431,7 @@ def parser() -> argparse.ArgumentParser:
                   "Create a key and print its id, then the whole key on its own line: it is "
                   "shown only this once.",
                   "quotactl keys create --kind secret --name backend")
-    create.add_argument("--kind", required=True, choices=sorted(_KEY_KINDS))
+    create.add_argument("--kind", required=True, choices=["public", "secret"])
     create.add_argument("--app", default="", help="the app the key belongs to (default: the "
                                                   "caller's own; another needs the admin key)")
     create.add_argument("--name", default="", help="a name to tell keys apart")

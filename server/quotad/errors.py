@@ -45,6 +45,15 @@ class AlreadyExists(QuotaError):
     pass
 
 
+class PermissionDenied(QuotaError):
+    """The caller's key may not do this (another app's data, or an RPC its kind may not call)."""
+
+
+class Unauthenticated(QuotaError):
+    """No valid key (or user token) came with the call: missing, unknown, revoked, malformed,
+    badly signed or expired."""
+
+
 class ResourceExhausted(QuotaError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

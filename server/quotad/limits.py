@@ -41,6 +41,17 @@ METADATA_MATCH_VALUES_MAX = 64
 TIME_ZONE_BYTES_MAX = 64
 APP_ID_BYTES_MAX = 64
 
+ADMIN_KEY_BYTES_MIN = 32
+ADMIN_KEY_BYTES_MAX = 256
+KEY_NAME_BYTES_MAX = 128
+KEYS_PER_APP_MAX = 1000
+"""Keys of one app, revoked ones included (they are kept, with when they were revoked)."""
+USER_TOKEN_TTL_NS_MIN = 1 * NS_PER_S
+USER_TOKEN_TTL_NS_MAX = 24 * 3600 * NS_PER_S
+USER_TOKEN_TTL_NS_DEFAULT = 3600 * NS_PER_S
+USER_TOKEN_BYTES_MAX = 2048
+"""A longer x-quotad-user-token is refused unread (UNAUTHENTICATED)."""
+
 LIVE_HOLDS_PER_USER_MAX = 10_000
 """A user with this many live holds gets RESOURCE_EXHAUSTED on Reserve until some end."""
 

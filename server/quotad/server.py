@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ from .core import Core
 from .metrics import Metrics, MetricsInterceptor
 from .plans_file import load_plans
 from .requests import RequestIdInterceptor
+from .auth import Authenticator
 from .service import DEFAULT_APP, Gate, generic_handlers, is_loopback
 from .v1 import quotad_pb2
 from .wal import MAP_SIZE_BYTES_DEFAULT, Log
@@ -60,16 +61,34 @@ class Config:
     """HOST:PORT for Prometheus metrics over HTTP; empty: none."""
     """Log a digest of the whole state when serving starts and when stopped (costs a pass
     over the state): a restart must start from the digest the last stop ended with."""
+    admin_key: str = field(default="", repr=False)
+    """Empty: "open" mode (no keys, app "default", loopback only). Set: every call needs a
+    key, and this one may create, list and revoke the keys of every app."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    """PEM certificate chain and private key: serve TLS (both, or neither)."""
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
-        if not is_loopback(host):
+        if not self.admin_key and not is_loopback(host):
             raise ValueError(
                 f"--listen {self.listen!r}: without API keys quotad serves only a loopback "
-                "address (127.0.0.1, ::1, localhost)"
+                "address (127.0.0.1, ::1, localhost); set an admin key (QUOTAD_ADMIN_KEY or "
+                "--admin-key-file) to serve other addresses"
             )
+        if self.admin_key and not (
+                limits.ADMIN_KEY_BYTES_MIN <= len(self.admin_key.encode("utf-8"))
+                <= limits.ADMIN_KEY_BYTES_MAX
+                and self.admin_key.isascii() and self.admin_key.isprintable()
+                and " " not in self.admin_key):
+            raise ValueError(
+                f"admin key: must be {limits.ADMIN_KEY_BYTES_MIN} to "
+                f"{limits.ADMIN_KEY_BYTES_MAX} printable ASCII characters without spaces "
+                "(for example the output of `openssl rand -hex 32`)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if self.map_size_bytes < 1024**2:
             raise ValueError("--map-size-gib must be at least 1 MiB")
         if self.snapshot_every_records < 1 or self.snapshot_every_s <= 0:
@@ -115,7 +134,15 @@ async def serve(config: Config) -> int:
                  for n in SERVICE_NAMES]
         reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(config.listen)
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            port = server.add_secure_port(config.listen, credentials)
+        else:
+            port = server.add_insecure_port(config.listen)
+    except OSError as error:
+        log_.close()
+        raise ValueError(f"--tls-cert/--tls-key: cannot read ({error})") from error
     except RuntimeError as error:  # grpc's way of saying the address is taken or invalid
         log_.close()
         raise ValueError(f"--listen {config.listen}: cannot listen there ({error})") from error
@@ -148,11 +175,14 @@ async def serve(config: Config) -> int:
     await writer.expire_due()
     for plan in plans:
         await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
+    gate.auth = Authenticator(config.admin_key, core.keys)
     gate.writer, gate.state = writer, "serving"
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"address": address, "records": core.sequence,
                                "recovery_s": round(time.monotonic() - started, 3),
                                "plans_loaded": len(plans), "metrics": metrics_address,
+                               "keys": "on" if config.admin_key else "off",
+                               "tls": config.tls_cert is not None,
                                **_digest(config, core)})
 
     await stop.wait()

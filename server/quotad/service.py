@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,11 +20,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from . import commands as c
-from . import convert, limits
-from .commands import AUDIT_KINDS
+from . import auth, convert, limits
+from .auth import DEFAULT_APP, Authenticator, Principal
+from .commands import AUDIT_KINDS, KeyView
 from .errors import (
-    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, QuotaError,
-    ResourceExhausted, Violations,
+    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
+    PermissionDenied, QuotaError, ResourceExhausted, Unauthenticated, Violations,
 )
 from .v1 import quotad_pb2 as pb
 from .wal import EVENT_CURSOR_BYTES
@@ -31,7 +33,6 @@ from .writer import Writer, WriterStopped
 
 log = logging.getLogger("quotad.service")
 
-DEFAULT_APP = "default"
 ERROR_DOMAIN = "quotad"
 
 
@@ -79,6 +80,8 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
         code = code_pb2.UNAVAILABLE
     elif isinstance(error, Unauthenticated):
         code = code_pb2.UNAUTHENTICATED
+    elif isinstance(error, PermissionDenied):
+        code = code_pb2.PERMISSION_DENIED
     packed = []
     for detail in details:
         envelope = any_pb2.Any()
@@ -89,10 +92,6 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
 
 
 class Unavailable(Exception):
-    pass
-
-
-class Unauthenticated(Exception):
     pass
 
 
@@ -110,6 +109,8 @@ class Gate:
 
     def __init__(self) -> None:
         self.writer: Writer | None = None
+        self.auth: Authenticator | None = None
+        """Set with the writer, once the core it reads keys from exists."""
         self.state = "starting"
 
     def open_writer(self) -> Writer:
@@ -158,38 +159,63 @@ ADMIN_METHODS: list[_Method] = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One authenticated call: the writer to run it through, who makes it, and its metadata."""
+
+    writer: Writer
+    principal: Principal
+    metadata: Any
+
+
 _Handler = Callable[[Any, Any], Awaitable[Any]]
-_REFUSALS = (QuotaError, WriterStopped, Unavailable, Unauthenticated)
+_REFUSALS = (QuotaError, WriterStopped, Unavailable)
 
 
-def _answering(answer: Callable[[Any], Awaitable[Any]]) -> _Handler:
-    """A gRPC handler around answer(request): a request protobuf could not parse, and every
-    refusal on the way to the answer, become the status they map to."""
+def open_call(gate: Gate, metadata: Any, rpc: str) -> Call:
+    """The call's writer and caller, once the caller may call this RPC; else the refusal
+    (UNAVAILABLE, UNAUTHENTICATED, PERMISSION_DENIED, or FAILED_PRECONDITION KEYS_DISABLED)."""
+    writer = gate.open_writer()
+    assert gate.auth is not None
+    principal = gate.auth.authenticate(metadata)
+    gate.auth.authorize(principal, rpc)
+    return Call(writer, principal, metadata)
+
+
+def _answering(gate: Gate, rpc: str,
+               answer: Callable[[Any, Call], Awaitable[Any]]) -> _Handler:
+    """A gRPC handler around answer(request, call): the caller is authenticated first, then a
+    request protobuf could not parse, and every refusal on the way to the answer, become the
+    status they map to."""
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            call = open_call(gate, context.invocation_metadata() or (), rpc)
             if isinstance(request, Malformed):
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {request.error}")])
-            return await answer(request)
+            return await answer(request, call)
         except _REFUSALS as error:
             status = status_of(error)
             await context.abort(status.code, status.details, status.trailing_metadata)
     return handle
 
 
-def _handler(gate: Gate, to_command: Callable[[str, Any], Any],
+def _handler(gate: Gate, rpc: str, to_command: Callable[[str, Any], Any],
              to_response: Callable[[Any], Any]) -> _Handler:
-    async def answer(request: Any) -> Any:
-        writer = gate.open_writer()
-        return to_response(await writer.execute(to_command(DEFAULT_APP, request)))
-    return _answering(answer)
+    async def answer(request: Any, call: Call) -> Any:
+        if rpc == "GetUsage":
+            assert gate.auth is not None
+            gate.auth.authorize_usage_read(call.principal, call.metadata, request.user_id)
+        command = to_command(call.principal.app, request)
+        return to_response(await call.writer.execute(command))
+    return _answering(gate, rpc, answer)
 
 
 def _state_digest_handler(gate: Gate) -> _Handler:
-    async def answer(request: Any) -> Any:
-        digest, sequence = await gate.open_writer().state_digest()
+    async def answer(request: Any, call: Call) -> Any:
+        digest, sequence = await call.writer.state_digest()
         return pb.GetStateDigestResponse(digest=digest, sequence=sequence)
-    return _answering(answer)
+    return _answering(gate, "GetStateDigest", answer)
 
 
 EVENTS_PAGE_SIZE_DEFAULT = 100
@@ -231,12 +257,11 @@ def _events_query(request: pb.ListEventsRequest) -> tuple[int, int, bytes, int]:
 
 
 def _list_events_handler(gate: Gate) -> _Handler:
-    async def answer(request: Any) -> Any:
+    async def answer(request: Any, call: Call) -> Any:
         start_ns, end_ns, cursor, page_size = _events_query(request)
-        log_ = gate.open_writer().log
         found = await asyncio.get_running_loop().run_in_executor(
-            None, log_.list_events, DEFAULT_APP, request.user_id, start_ns, end_ns, cursor,
-            page_size + 1)
+            None, call.writer.log.list_events, call.principal.app, request.user_id, start_ns,
+            end_ns, cursor, page_size + 1)
         page = found[:page_size]
         return pb.ListEventsResponse(
             events=[pb.Event(
@@ -248,7 +273,7 @@ def _list_events_handler(gate: Gate) -> _Handler:
             ) for stored in page],
             next_page_token=page[-1].cursor.hex() if len(found) > page_size else "",
         )
-    return _answering(answer)
+    return _answering(gate, "ListEvents", answer)
 
 
 BATCH_OPERATIONS_MAX = 1000
@@ -265,12 +290,11 @@ def _error_result(error: Exception) -> pb.BatchResult:
 
 
 def _batch_handler(gate: Gate) -> _Handler:
-    async def answer(request: Any) -> Any:
+    async def answer(request: Any, call: Call) -> Any:
         count = len(request.operations)
         if not 1 <= count <= BATCH_OPERATIONS_MAX:
             raise InvalidArgument([FieldViolation(
                 "operations", f"must hold 1 to {BATCH_OPERATIONS_MAX} operations")])
-        writer = gate.open_writer()
         results: list[pb.BatchResult | None] = [None] * count
         accepted: list[tuple[int, str, Any]] = []
         for index, operation in enumerate(request.operations):
@@ -280,11 +304,11 @@ def _batch_handler(gate: Gate) -> _Handler:
                     raise InvalidArgument([FieldViolation(
                         f"operations[{index}]", "must hold one operation")])
                 to_command = _QUOTA_TABLE[_BATCH_KINDS[kind]][0]
-                accepted.append((index, kind, to_command(DEFAULT_APP,
+                accepted.append((index, kind, to_command(call.principal.app,
                                                          getattr(operation, kind))))
             except InvalidArgument as error:
                 results[index] = _error_result(error)
-        outcomes = await writer.execute_many([command for _, _, command in accepted])
+        outcomes = await call.writer.execute_many([command for _, _, command in accepted])
         for (index, kind, _), outcome in zip(accepted, outcomes):
             if outcome.error is not None:
                 results[index] = _error_result(outcome.error)
@@ -292,7 +316,82 @@ def _batch_handler(gate: Gate) -> _Handler:
                 to_response = _QUOTA_TABLE[_BATCH_KINDS[kind]][1]
                 results[index] = pb.BatchResult(**{kind: to_response(outcome.result)})
         return pb.BatchResponse(results=results)
-    return _answering(answer)
+    return _answering(gate, "Batch", answer)
+
+
+_KEY_KINDS = {pb.KEY_KIND_SECRET: auth.SECRET, pb.KEY_KIND_PUBLIC: auth.PUBLIC}
+_KEY_KIND_VALUES = {kind: value for value, kind in _KEY_KINDS.items()}
+
+
+def _api_key(key: KeyView) -> pb.ApiKey:
+    api_key = pb.ApiKey(key_id=key.key_id, app=key.app, kind=_KEY_KIND_VALUES[key.kind],
+                        name=key.name, created_at=convert.timestamp(key.created_at_ns))
+    if key.revoked_at_ns is not None:
+        api_key.revoked_at.CopyFrom(convert.timestamp(key.revoked_at_ns))
+    return api_key
+
+
+def _target_app(principal: Principal, requested: str) -> str:
+    """The app a CreateKey or ListKeys acts on: the one named (admin key), or the caller's."""
+    if principal.kind == auth.ADMIN:
+        if not requested:
+            raise InvalidArgument([FieldViolation("app", "is required with the admin key")])
+        return requested
+    if requested and requested != principal.app:
+        raise PermissionDenied(f"this key belongs to app {principal.app!r}, not {requested!r}")
+    return principal.app
+
+
+def _create_key_handler(gate: Gate) -> _Handler:
+    async def answer(request: Any, call: Call) -> Any:
+        app = _target_app(call.principal, request.app)
+        kind = _KEY_KINDS.get(request.kind)
+        if kind is None:
+            v = Violations()
+            v.add("kind", "must be KEY_KIND_SECRET or KEY_KIND_PUBLIC")
+            v.text(request.name, "name", bytes_min=0, bytes_max=limits.KEY_NAME_BYTES_MAX)
+            v.raise_if_any()
+        new = auth.new_key(kind)
+        result = await call.writer.execute(c.CreateKey(
+            app=app, key_id=new.key_id, kind=kind, name=request.name,
+            secret_sha256=new.secret_sha256, token_signing_key=new.token_signing_key))
+        return pb.CreateKeyResponse(key=_api_key(result.key), secret=new.whole)
+    return _answering(gate, "CreateKey", answer)
+
+
+def _revoke_key_handler(gate: Gate) -> _Handler:
+    async def answer(request: Any, call: Call) -> Any:
+        result = await call.writer.execute(c.RevokeKey(app=call.principal.app,
+                                                       key_id=request.key_id))
+        return pb.RevokeKeyResponse(key=_api_key(result.key))
+    return _answering(gate, "RevokeKey", answer)
+
+
+def _list_keys_handler(gate: Gate) -> _Handler:
+    async def answer(request: Any, call: Call) -> Any:
+        app = _target_app(call.principal, request.app)
+        result = await call.writer.execute(c.ListKeys(app=app))
+        return pb.ListKeysResponse(keys=[_api_key(key) for key in result.keys])
+    return _answering(gate, "ListKeys", answer)
+
+
+def _mint_user_token_handler(gate: Gate) -> _Handler:
+    async def answer(request: Any, call: Call) -> Any:
+        v = Violations()
+        v.text(request.user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
+        ttl_ns = limits.USER_TOKEN_TTL_NS_DEFAULT
+        if request.HasField("ttl"):
+            ttl_ns = request.ttl.seconds * limits.NS_PER_S + request.ttl.nanos
+            v.check(request.ttl.nanos >= 0 and limits.USER_TOKEN_TTL_NS_MIN <= ttl_ns
+                    <= limits.USER_TOKEN_TTL_NS_MAX, "ttl",
+                    f"must be {limits.USER_TOKEN_TTL_NS_MIN // limits.NS_PER_S} s to "
+                    f"{limits.USER_TOKEN_TTL_NS_MAX // limits.NS_PER_S} s")
+        v.raise_if_any()
+        assert gate.auth is not None
+        token, expires_at_s = gate.auth.mint_user_token(call.principal, request.user_id, ttl_ns)
+        return pb.MintUserTokenResponse(
+            token=token, expires_at=convert.timestamp(expires_at_s * limits.NS_PER_S))
+    return _answering(gate, "MintUserToken", answer)
 
 
 def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
@@ -301,14 +400,18 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
                              ("quotad.v1.AdminService", ADMIN_METHODS)):
         table = {
             name: grpc.unary_unary_rpc_method_handler(
-                _handler(gate, to_command, to_response),
+                _handler(gate, name, to_command, to_response),
                 request_deserializer=_safe_parser(request_type),
                 response_serializer=lambda message: message.SerializeToString(),
             )
             for name, request_type, to_command, to_response in methods
         }
         specials = ((("GetStateDigest", pb.GetStateDigestRequest, _state_digest_handler),
-                     ("ListEvents", pb.ListEventsRequest, _list_events_handler))
+                     ("ListEvents", pb.ListEventsRequest, _list_events_handler),
+                     ("CreateKey", pb.CreateKeyRequest, _create_key_handler),
+                     ("RevokeKey", pb.RevokeKeyRequest, _revoke_key_handler),
+                     ("ListKeys", pb.ListKeysRequest, _list_keys_handler),
+                     ("MintUserToken", pb.MintUserTokenRequest, _mint_user_token_handler))
                     if service.endswith("AdminService")
                     else (("Batch", pb.BatchRequest, _batch_handler),))
         for name, request_type, make in specials:

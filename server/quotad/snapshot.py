@@ -15,7 +15,7 @@ from sortedcontainers import SortedList
 from .codec import from_plain, to_plain
 from .commands import RESULT_TYPES
 from .core import (
-    AppState, Core, CounterState, IdempotencyEntry, Reservation, UserState,
+    AppState, Core, CounterState, IdempotencyEntry, KeyState, Reservation, UserState,
 )
 from .plans import Plan, Subscription, Window
 
@@ -30,6 +30,7 @@ def core_to_plain(core: Core) -> dict[str, Any]:
         "apps": {app_id: _app_to_plain(app) for app_id, app in sorted(core.apps.items())},
         "expiry": to_plain(core.expiry),
         "forget": to_plain(core.forget),
+        "keys": [to_plain(key) for _, key in sorted(core.keys.items())],
     }
 
 
@@ -62,6 +63,9 @@ def core_from_plain(plain: dict[str, Any]) -> Core:
     core.apps = {app_id: _app_from_plain(app) for app_id, app in plain["apps"].items()}
     core.expiry = SortedList(tuple(entry) for entry in plain["expiry"])
     core.forget = SortedList(_forget_entry(entry) for entry in plain["forget"])
+    for key in plain.get("keys", []):  # absent in snapshots made before keys existed
+        restored = from_plain(key, KeyState)
+        core.keys[restored.key_id] = restored
     return core
 
 

@@ -1,0 +1,242 @@
+"""Who is calling, and what they may do: API keys, user tokens, permission rules.
+
+Two modes. Without an admin key ("open" mode) every call acts as app "default" and the server
+listens only on loopback. With one, every call carries `authorization: Bearer <key>`:
+
+- the admin key (configured, never stored) may create, list and revoke keys of any app, and
+  nothing else;
+- a secret key `sk_<key_id>_<secret>` may do everything within its own app;
+- a public key `pk_<key_id>_<secret>` may only read usage (GetUsage, WatchUsage) of the user
+  named by a user token of its app, sent as `x-quotad-user-token`.
+
+Keys are stored as SHA-256 only and compared in constant time. A user token is
+`ut1.<key_id>.<b64url(json {"app","user","exp"})>.<b64url(mac)>`, the MAC an HMAC-SHA256
+under HMAC-SHA256(key=the whole sk key, msg=b"quotad user token v1"), which the server keeps
+with the sk key; revoking that key invalidates its tokens. `exp` is Unix seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import limits
+from .core import KeyState
+from .errors import FailedPrecondition, PermissionDenied, Unauthenticated
+
+DEFAULT_APP = "default"
+ADMIN = "admin"
+SECRET = "secret"
+PUBLIC = "public"
+OPEN = "open"
+"""The kind of every caller when no admin key is configured."""
+
+AUTHORIZATION_HEADER = "authorization"
+USER_TOKEN_HEADER = "x-quotad-user-token"
+KEY_PREFIXES = {SECRET: "sk", PUBLIC: "pk"}
+KEY_SECRET_BYTES = 32
+USER_TOKEN_VERSION = "ut1"
+USER_TOKEN_CONTEXT = b"quotad user token v1"
+
+_KEY_PATTERN = re.compile(r"(sk|pk)_([a-z2-7]{12})_([A-Za-z0-9_-]{43,128})")
+_KINDS_BY_PREFIX = {prefix: kind for kind, prefix in KEY_PREFIXES.items()}
+
+KEY_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "MintUserToken"})
+ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys"})
+PUBLIC_RPCS = frozenset({"GetUsage", "WatchUsage"})
+"""RPCs a pk key may call, each for the user its user token names."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller: its app (empty for the admin key), its kind, and its key id."""
+
+    app: str
+    kind: str
+    key_id: str = ""
+
+
+OPEN_PRINCIPAL = Principal(app=DEFAULT_APP, kind=OPEN)
+ADMIN_PRINCIPAL = Principal(app="", kind=ADMIN)
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A key just made: the whole key (shown once) and what is stored of it."""
+
+    key_id: str
+    kind: str
+    whole: str
+    secret_sha256: str
+    token_signing_key: str
+
+
+def new_key(kind: str) -> NewKey:
+    """A fresh random key of this kind (secret or public)."""
+    key_id = base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()[:12]
+    whole = f"{KEY_PREFIXES[kind]}_{key_id}_{secrets.token_urlsafe(KEY_SECRET_BYTES)}"
+    return NewKey(key_id=key_id, kind=kind, whole=whole, secret_sha256=_sha256_hex(whole),
+                  token_signing_key=token_signing_key(whole).hex() if kind == SECRET else "")
+
+
+def token_signing_key(whole_key: str) -> bytes:
+    """The HMAC key user tokens of this sk key are signed with."""
+    return hmac.new(whole_key.encode("ascii"), USER_TOKEN_CONTEXT, hashlib.sha256).digest()
+
+
+def _sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_user_token(signing_key: bytes, key_id: str, app: str, user_id: str,
+                    expires_at_s: int) -> str:
+    claims = json.dumps({"app": app, "user": user_id, "exp": expires_at_s},
+                        separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    signed = f"{USER_TOKEN_VERSION}.{key_id}.{_b64(claims.encode('utf-8'))}"
+    return f"{signed}.{_b64(hmac.new(signing_key, signed.encode('ascii'), hashlib.sha256).digest())}"
+
+
+def header(metadata: Iterable[Any] | Mapping[str, str], name: str) -> str | None:
+    """The value of one header in gRPC metadata (key, value pairs) or an HTTP header mapping;
+    None when absent."""
+    pairs = metadata.items() if isinstance(metadata, Mapping) else metadata
+    for key, value in pairs:
+        if key.lower() == name:
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return None
+
+
+class Authenticator:
+    """Turns call metadata into a Principal and applies the permission rules.
+
+    `keys` is the core's key table, read on the event loop that owns the core, so a revoked
+    key fails on the very next call."""
+
+    def __init__(self, admin_key: str, keys: Mapping[str, KeyState],
+                 now_s: Callable[[], float] = time.time) -> None:
+        self.admin_key = admin_key
+        self.keys = keys
+        self._now_s = now_s
+
+    @property
+    def keys_enabled(self) -> bool:
+        return bool(self.admin_key)
+
+    def authenticate(self, metadata: Iterable[Any] | Mapping[str, str]) -> Principal:
+        """The caller, or Unauthenticated: missing, malformed, unknown or revoked key."""
+        if not self.admin_key:
+            return OPEN_PRINCIPAL
+        value = header(metadata, AUTHORIZATION_HEADER)
+        if value is None:
+            raise Unauthenticated("this server takes API keys: send "
+                                  "'authorization: Bearer <key>'")
+        scheme, _, candidate = value.strip().partition(" ")
+        candidate = candidate.strip()
+        if scheme.lower() != "bearer" or not candidate:
+            raise Unauthenticated("the authorization header must be 'Bearer <key>'")
+        if hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"),
+                               self.admin_key.encode("utf-8")):
+            return ADMIN_PRINCIPAL
+        match = _KEY_PATTERN.fullmatch(candidate)
+        if match is None:
+            raise Unauthenticated("not an API key of this server")
+        prefix, key_id, _ = match.groups()
+        key = self.keys.get(key_id)
+        if (key is None or key.kind != _KINDS_BY_PREFIX[prefix]
+                or not hmac.compare_digest(_sha256_hex(candidate), key.secret_sha256)):
+            raise Unauthenticated("unknown API key")
+        if key.revoked_at_ns is not None:
+            raise Unauthenticated(f"API key {key_id} is revoked")
+        return Principal(app=key.app, kind=key.kind, key_id=key_id)
+
+    def authorize(self, principal: Principal, rpc: str) -> None:
+        """May this caller call this RPC at all? (What it touches is checked later: the app
+        of a reservation by the core, the user of a usage read by authorize_usage_read.)"""
+        if principal.kind == OPEN:
+            if rpc in KEY_RPCS:
+                raise FailedPrecondition(
+                    "KEYS_DISABLED",
+                    "API keys are off: start quotad with an admin key (QUOTAD_ADMIN_KEY or "
+                    "--admin-key-file) to create and use them")
+            return
+        if principal.kind == ADMIN:
+            if rpc not in ADMIN_RPCS:
+                raise PermissionDenied(f"the admin key may only create, list and revoke keys, "
+                                       f"not call {rpc}; use an sk_ key of the app")
+            return
+        if principal.kind == PUBLIC and rpc not in PUBLIC_RPCS:
+            raise PermissionDenied(f"a pk_ key may only read usage, not call {rpc}")
+
+    def authorize_usage_read(self, principal: Principal,
+                             metadata: Iterable[Any] | Mapping[str, str], user_id: str) -> None:
+        """May this caller read this user's usage (GetUsage, WatchUsage, HTTP)? A pk key needs
+        a valid user token of its app naming exactly this user."""
+        self.authorize(principal, "GetUsage")
+        if principal.kind != PUBLIC:
+            return
+        app, token_user = self.verify_user_token(header(metadata, USER_TOKEN_HEADER))
+        if app != principal.app:
+            raise PermissionDenied("the user token belongs to another app")
+        if token_user != user_id:
+            raise PermissionDenied("the user token names another user")
+
+    def verify_user_token(self, token: str | None) -> tuple[str, str]:
+        """(app, user_id) of a valid user token, or Unauthenticated."""
+        if not token:
+            raise Unauthenticated(f"a pk_ key needs a user token in '{USER_TOKEN_HEADER}'")
+        if len(token) > limits.USER_TOKEN_BYTES_MAX:
+            raise Unauthenticated(f"the user token is longer than "
+                                  f"{limits.USER_TOKEN_BYTES_MAX} bytes")
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != USER_TOKEN_VERSION:
+            raise Unauthenticated("malformed user token")
+        _, key_id, claims_b64, mac_b64 = parts
+        key = self.keys.get(key_id)
+        if key is None or key.kind != SECRET or key.revoked_at_ns is not None:
+            raise Unauthenticated("the user token's signing key is unknown or revoked")
+        try:
+            mac = _unb64(mac_b64)
+            expected = hmac.new(bytes.fromhex(key.token_signing_key),
+                                f"{parts[0]}.{key_id}.{claims_b64}".encode("ascii"),
+                                hashlib.sha256).digest()
+        except (ValueError, binascii.Error, UnicodeEncodeError):
+            raise Unauthenticated("malformed user token") from None
+        if not hmac.compare_digest(mac, expected):
+            raise Unauthenticated("the user token's signature does not verify")
+        try:
+            claims = json.loads(_unb64(claims_b64).decode("utf-8"))
+            app, user_id, expires_at_s = claims["app"], claims["user"], claims["exp"]
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise Unauthenticated("malformed user token") from None
+        if not (isinstance(app, str) and isinstance(user_id, str)
+                and type(expires_at_s) is int) or app != key.app:
+            raise Unauthenticated("malformed user token")
+        if expires_at_s <= self._now_s():
+            raise Unauthenticated("the user token has expired")
+        return app, user_id
+
+    def mint_user_token(self, principal: Principal, user_id: str,
+                        ttl_ns: int) -> tuple[str, int]:
+        """(token, expires_at_s) for a user of the caller's app, signed with the caller's sk
+        key. Only an sk key (authorize rules out the rest)."""
+        key = self.keys[principal.key_id]
+        expires_at_s = int(self._now_s() + ttl_ns / limits.NS_PER_S)
+        return (sign_user_token(bytes.fromhex(key.token_signing_key), key.key_id, key.app,
+                                user_id, expires_at_s), expires_at_s)
