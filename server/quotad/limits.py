@@ -57,3 +57,7 @@ MESSAGE_BYTES_MAX = 64 * 1024
 
 BATCH_RECORDS_MAX = 8192
 """Records written in one LMDB transaction at most; more wait for the next flush."""
+
+WATCH_THRESHOLDS_PERCENT = (80, 100)
+"""A limit group's usage (used + held) reaching these percents of its quota is a threshold
+event, each at most once per user, group and window; ascending. Quota 0 groups have none."""

@@ -36,7 +36,8 @@ from .codec import (
 )
 from .commands import AuditEvent, Record
 
-FORMAT_VERSION = b"2"
+FORMAT_VERSION = b"3"
+"""3: records carry threshold audit events (a log of 2 would replay without them)."""
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
 LOCK_FILE_NAME = "quotad.lock"
 SNAPSHOT_KEY = b"latest"
