@@ -19,7 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from . import commands as c
-from . import convert, limits
+from . import convert, limits, watch
 from .commands import AUDIT_KINDS
 from .errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, QuotaError,
@@ -245,6 +245,10 @@ def _list_events_handler(gate: Gate) -> _Handler:
                 event_type=stored.event.event_type, amount=stored.event.amount,
                 metadata=dict(stored.event.metadata),
                 reservation_id=stored.event.reservation_id, allowed=stored.event.allowed,
+                limit_group_key=stored.event.limit_group_key,
+                threshold_percent=stored.event.threshold_percent,
+                window_start=(convert.timestamp(stored.event.window_start_ns)
+                              if stored.event.limit_group_key else None),
             ) for stored in page],
             next_page_token=page[-1].cursor.hex() if len(found) > page_size else "",
         )
@@ -316,5 +320,9 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
                 make(gate), request_deserializer=_safe_parser(request_type),
                 response_serializer=lambda message: message.SerializeToString(),
             )
+        if service.endswith("QuotaService"):
+            hub = watch.WatchHub(gate.open_writer, lambda: gate.state == "serving")
+            table["WatchUsage"] = watch.method_handler(
+                hub, DEFAULT_APP, _safe_parser(pb.WatchUsageRequest), status_of, _REFUSALS)
         handlers.append(grpc.method_handlers_generic_handler(service, table))
     return handlers
