@@ -49,10 +49,12 @@ from ._types import (
     ReleaseResult,
     Reservation,
     Subscription,
+    ThresholdCrossed,
     TrackResult,
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
+    WatchUpdate,
 )
 
 __all__ = [
@@ -83,12 +85,14 @@ __all__ = [
     "ResourceExhausted",
     "RetryPolicy",
     "Subscription",
+    "ThresholdCrossed",
     "TrackResult",
     "Unauthenticated",
     "Unavailable",
     "UpsertPlanResult",
     "UpsertSubscriptionResult",
     "Usage",
+    "WatchUpdate",
     "error_from_rpc_error",
     "error_from_status",
     "new_idempotency_key",
