@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 import quotad_client as qc
+from quotad_client._watch import RECONNECT_ATTEMPTS_MAX, Resume
 from core_helpers import DAY, HOUR, MINUTE, T0, Harness, group, plan
 from quotad import limits
 from quotad.commands import Track, UpsertPlan, UpsertSubscription
@@ -134,7 +135,7 @@ def test_a_watch_resumed_after_a_sequence_replays_only_the_thresholds_after_it(s
     assert list(nothing_new.thresholds) == []
 
 
-def test_an_unknown_user_is_not_found_and_a_bad_user_id_is_invalid_argument(shared_server):
+def test_an_unknown_user_is_not_found_and_a_bad_user_id_or_request_is_invalid_argument(shared_server):
     stub = quota(shared_server.address)
     with pytest.raises(grpc.RpcError) as unknown:
         next(stub.WatchUsage(pb.WatchUsageRequest(user_id="nobody"), timeout=WAIT_S))
@@ -146,6 +147,12 @@ def test_an_unknown_user_is_not_found_and_a_bad_user_id_is_invalid_argument(shar
     with qc.QuotaClient(shared_server.address, timeout_s=WAIT_S) as client:
         with pytest.raises(qc.NotFound):
             next(client.watch_usage("nobody"))
+    raw = grpc.insecure_channel(shared_server.address).unary_stream(
+        "/quotad.v1.QuotaService/WatchUsage", request_serializer=lambda data: data,
+        response_deserializer=pb.WatchUsageResponse.FromString)
+    with pytest.raises(grpc.RpcError) as malformed:
+        next(raw(b"\xff\xff", timeout=WAIT_S))  # not a protobuf message
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_a_reader_that_falls_behind_is_ended_resource_exhausted_watch_queue_full(
@@ -341,3 +348,34 @@ def test_the_hub_refuses_a_watch_past_its_limit_and_forgets_ended_ones(tmp_path:
             log_.close()
 
     asyncio.run(run())
+
+
+# --- the client's resume rules --------------------------------------------------------------
+
+
+def _error(error_type, code: grpc.StatusCode, reason: str = ""):
+    return error_type(code, "x", reason) if reason else error_type(code, "x")
+
+
+def test_the_client_reconnects_only_after_unavailable_or_its_own_queue_overflow():
+    resume = Resume("u", 5, qc.RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.02),
+                    reconnect=True)
+    assert resume.request().after_sequence == 5
+    unavailable = _error(qc.Unavailable, grpc.StatusCode.UNAVAILABLE)
+    queue_full = _error(qc.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "WATCH_QUEUE_FULL")
+    other_limit = _error(qc.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         "TOO_MANY_WATCHERS")
+    assert 0 <= resume.next_wait(unavailable) <= 0.02
+    assert resume.next_wait(queue_full) is not None
+    assert resume.next_wait(other_limit) is None
+    assert resume.next_wait(_error(qc.NotFound, grpc.StatusCode.NOT_FOUND)) is None
+    for _ in range(RECONNECT_ATTEMPTS_MAX):
+        resume.next_wait(unavailable)
+    assert resume.next_wait(unavailable) is None  # gave up
+    resume.saw(qc.WatchUpdate(reason="change", sequence=9, user_id="u", plan_id="p",
+                              counters=(), thresholds=()))
+    assert resume.request().after_sequence == 9 and resume.next_wait(unavailable) is not None
+    assert Resume("u", 0, qc.RetryPolicy(), reconnect=False).next_wait(unavailable) is None
+    with pytest.raises(ValueError):
+        Resume("u", -1, qc.RetryPolicy(), reconnect=True)
