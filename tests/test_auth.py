@@ -68,6 +68,12 @@ class Keyed:
         stub = (quotad_pb2_grpc.QuotaServiceStub if service == "quota"
                 else quotad_pb2_grpc.AdminServiceStub)(self.channel)
         try:
+            if rpc == "WatchUsage":  # a stream: its first message, or its refusal
+                stream = stub.WatchUsage(request, metadata=tuple(metadata),
+                                         timeout=CALL_TIMEOUT_S)
+                first = next(stream)
+                stream.cancel()
+                return OK, first
             return OK, getattr(stub, rpc)(request, metadata=tuple(metadata),
                                           timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as error:
@@ -108,7 +114,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
 
 # --- the permission table ---------------------------------------------------------------------
 
-QUOTA_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage", "Batch")
+QUOTA_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage", "Batch",
+              "WatchUsage")
 ADMIN_RPCS = ("UpsertPlan", "GetPlan", "ListPlans", "DeletePlan", "UpsertSubscription",
               "GetSubscription", "ListEvents", "GetStateDigest", "CreateKey", "RevokeKey",
               "ListKeys", "MintUserToken")
@@ -158,6 +165,7 @@ def request_for(env: Keyed, rpc: str) -> Any:
         "Reserve": pb.ReserveRequest(user_id="ann", event_type="chat", amount=1, ttl=ttl),
         "Track": pb.TrackRequest(user_id="ann", event_type="chat", amount=1),
         "GetUsage": pb.GetUsageRequest(user_id="ann"),
+        "WatchUsage": pb.WatchUsageRequest(user_id="ann"),
         "Batch": pb.BatchRequest(operations=[pb.BatchOperation(
             get_usage=pb.GetUsageRequest(user_id="ann"))]),
         "UpsertPlan": pb.UpsertPlanRequest(plan=pb.Plan(id="any-plan", name="any")),
@@ -177,7 +185,7 @@ SK_OTHER_APP = {
     # An sk key of app B acts in app B: A's users, plans and subscriptions do not exist there,
     # A's reservations and keys are refused outright.
     "Reserve": NO_PLAN, "Commit": DENIED, "Release": DENIED, "Extend": DENIED,
-    "Track": NO_PLAN, "GetUsage": NO_PLAN, "Batch": OK, "UpsertPlan": OK, "GetPlan": NOT_FOUND,
+    "Track": NO_PLAN, "GetUsage": NO_PLAN, "WatchUsage": NO_PLAN, "Batch": OK, "UpsertPlan": OK, "GetPlan": NOT_FOUND,
     "ListPlans": OK, "DeletePlan": NOT_FOUND, "UpsertSubscription": NOT_FOUND,
     "GetSubscription": NOT_FOUND, "ListEvents": OK, "GetStateDigest": OK, "CreateKey": DENIED,
     "RevokeKey": DENIED, "ListKeys": DENIED, "MintUserToken": OK,
@@ -196,7 +204,7 @@ def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
         return OK
     if caller == "sk other app":
         return SK_OTHER_APP[rpc]
-    return PK_USAGE_READ[caller] if rpc == "GetUsage" else DENIED
+    return PK_USAGE_READ[caller] if rpc in ("GetUsage", "WatchUsage") else DENIED
 
 
 @pytest.mark.parametrize("caller", CALLERS)

@@ -172,7 +172,7 @@ def test_an_admin_key_in_the_config_file_needs_an_owner_only_file(tmp_path):
 def test_an_admin_key_from_the_config_file_turns_keys_on(configured, tmp_path):
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "quotad.toml").touch(mode=0o600)
-    server = configured(f'listen = "127.0.0.1:0"\nadmin_key = "{ADMIN_KEY}"\n')
+    server = configured(f'listen = "127.0.0.1:0"\ndata_dir = "data"\nadmin_key = "{ADMIN_KEY}"\n')
     with grpc.insecure_channel(server.address) as channel:
         admin = stubs.AdminServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:

@@ -4,10 +4,17 @@ test_server_e2e.py.)"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import grpc
+import lmdb
 import pytest
 
 from quotad.v1 import quotad_pb2 as pb
+from quotad.wal import Log
+from server_process import ROOT
 from test_server_e2e import plan_with, quota, subscribe, usage
 
 
@@ -36,3 +43,21 @@ def test_a_failing_write_or_sync_stops_the_server_and_loses_nothing_acknowledged
     assert used == acknowledged if fault == "write-error" else used in (acknowledged,
                                                                          acknowledged + 1)
     print(f"\n{fault}: {acknowledged} acknowledged, {used} recovered")
+
+
+def test_data_of_another_format_version_is_refused_cleanly_and_left_as_it_was(tmp_path):
+    data_dir = tmp_path / "data"
+    Log(data_dir).close()
+    env = lmdb.open(str(data_dir), max_dbs=8)
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        txn.put(b"format_version", b"1")
+    env.close()
+    before = (data_dir / "data.mdb").read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "quotad", "serve", "--listen", "127.0.0.1:0", "--data-dir",
+         str(data_dir)], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env=dict(os.environ))
+    assert result.returncode == 2, result.stderr
+    assert "holds data format 1, this server reads format" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (data_dir / "data.mdb").read_bytes() == before

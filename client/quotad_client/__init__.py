@@ -52,11 +52,13 @@ from ._types import (
     ReleaseResult,
     Reservation,
     Subscription,
+    ThresholdCrossed,
     TrackResult,
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
     UserToken,
+    WatchUpdate,
 )
 
 __all__ = [
@@ -89,6 +91,7 @@ __all__ = [
     "ResourceExhausted",
     "RetryPolicy",
     "Subscription",
+    "ThresholdCrossed",
     "TrackResult",
     "Unauthenticated",
     "Unavailable",
@@ -96,6 +99,7 @@ __all__ = [
     "UpsertSubscriptionResult",
     "Usage",
     "UserToken",
+    "WatchUpdate",
     "error_from_rpc_error",
     "error_from_status",
     "mint_user_token",

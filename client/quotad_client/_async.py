@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from . import _convert as cv
 from . import _ops as ops
 from ._config import (
     ClientConfig,
@@ -31,6 +32,7 @@ from ._coalesce import BATCHABLE, Coalescer, OperationFailed
 from ._errors import DeadlineExceeded, error_from_rpc_error, error_from_status
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
+from ._watch import Resume
 from ._types import (
     ApiKey,
     CommitResult,
@@ -45,6 +47,7 @@ from ._types import (
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
+    WatchUpdate,
 )
 
 T = TypeVar("T")
@@ -231,6 +234,36 @@ class AsyncQuotaClient:
 
     async def usage(self, user_id: str, *, timeout_s: float | None = None) -> Usage:
         return await self._run(ops.usage(user_id), timeout_s)
+
+    async def watch_usage(self, user_id: str, *, after_sequence: int = 0,
+                          reconnect: bool = True) -> AsyncIterator[WatchUpdate]:
+        """The user's counters now ("initial"), then after every change and window reset, in
+        log order, each once durable; threshold crossings ride along, each once per window.
+
+        With ``reconnect`` a watch the server ended (UNAVAILABLE: draining, restarting,
+        unreachable; RESOURCE_EXHAUSTED WATCH_QUEUE_FULL: this reader fell behind) is opened
+        again, with backoff, after the last sequence seen: the next "initial" update carries
+        the crossings since, none lost, none repeated. Other errors are raised (NotFound: the
+        user has no subscription). ``after_sequence`` resumes a watch from an earlier run.
+        """
+        resume = Resume(user_id, after_sequence, self._config.policy, reconnect=reconnect)
+        stub = self._stubs[ops.QUOTA]
+        while True:
+            call = stub.WatchUsage(resume.request(), metadata=self._config.metadata)
+            try:
+                async for message in call:
+                    update = cv.watch_update_from_proto(message)
+                    resume.saw(update)
+                    yield update
+                return
+            except grpc.RpcError as rpc_error:
+                error = error_from_rpc_error(rpc_error)
+                wait = resume.next_wait(error)
+                if wait is None:
+                    raise error from rpc_error
+            finally:
+                call.cancel()
+            await asyncio.sleep(wait)
 
     # --- AdminService ------------------------------------------------------------------------
 

@@ -26,9 +26,11 @@ from ._types import (
     ReleaseResult,
     Reservation,
     Subscription,
+    ThresholdCrossed,
     TrackResult,
     UpsertPlanResult,
     UpsertSubscriptionResult,
+    WatchUpdate,
     Usage,
 )
 
@@ -243,7 +245,25 @@ def event_from_proto(e: quotad_pb2.Event) -> Event:
     return Event(sequence=e.sequence, time=to_datetime(e.time), kind=event_kind_name(e.kind),
                  user_id=e.user_id, event_type=e.event_type, amount=e.amount,
                  metadata=MappingProxyType(dict(e.metadata)), reservation_id=e.reservation_id,
-                 allowed=e.allowed)
+                 allowed=e.allowed, limit_group_key=e.limit_group_key,
+                 threshold_percent=e.threshold_percent,
+                 window_start=to_datetime(e.window_start) if e.HasField("window_start")
+                 else None)
+
+
+def watch_reason_name(value: int) -> str:
+    name = quotad_pb2.WatchReason.Name(value) if value in quotad_pb2.WatchReason.values() else ""
+    return name.removeprefix("WATCH_REASON_").lower() or "unspecified"
+
+
+def watch_update_from_proto(r: quotad_pb2.WatchUsageResponse) -> WatchUpdate:
+    return WatchUpdate(
+        reason=watch_reason_name(r.reason), sequence=r.sequence, user_id=r.user_id,
+        plan_id=r.plan_id, counters=counters_from_proto(r.counters),
+        thresholds=tuple(ThresholdCrossed(
+            limit_group_key=t.limit_group_key, percent=t.percent,
+            window_start=to_datetime(t.window_start), sequence=t.sequence)
+            for t in r.thresholds))
 
 
 def event_page_from_proto(r: quotad_pb2.ListEventsResponse) -> EventPage:

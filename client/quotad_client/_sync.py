@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from . import _convert as cv
 from . import _ops as ops
 from ._config import (
     ClientConfig,
@@ -21,6 +22,7 @@ from ._convert import PlanLike
 from ._errors import DeadlineExceeded, error_from_rpc_error
 from ._hold import Hold
 from ._retry import RetryPolicy
+from ._watch import Resume
 from ._types import (
     ApiKey,
     CommitResult,
@@ -35,6 +37,7 @@ from ._types import (
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
+    WatchUpdate,
 )
 
 T = TypeVar("T")
@@ -161,6 +164,30 @@ class QuotaClient:
 
     def usage(self, user_id: str, *, timeout_s: float | None = None) -> Usage:
         return self._run(ops.usage(user_id), timeout_s)
+
+    def watch_usage(self, user_id: str, *, after_sequence: int = 0,
+                    reconnect: bool = True) -> Iterator[WatchUpdate]:
+        """A generator of the user's counters: now ("initial"), then after every change and
+        window reset, in log order; the same as ``AsyncQuotaClient.watch_usage``, blocking.
+        Close the generator (or leave the loop) to end the watch."""
+        resume = Resume(user_id, after_sequence, self._config.policy, reconnect=reconnect)
+        stub = self._stubs[ops.QUOTA]
+        while True:
+            call = stub.WatchUsage(resume.request(), metadata=self._config.metadata)
+            try:
+                for message in call:
+                    update = cv.watch_update_from_proto(message)
+                    resume.saw(update)
+                    yield update
+                return
+            except grpc.RpcError as rpc_error:
+                error = error_from_rpc_error(rpc_error)
+                wait = resume.next_wait(error)
+                if wait is None:
+                    raise error from rpc_error
+            finally:
+                call.cancel()
+            time.sleep(wait)
 
     # --- AdminService ------------------------------------------------------------------------
 

@@ -165,13 +165,50 @@ class Event:
     sequence: int
     time: datetime
     kind: str
-    """"reserve", "commit", "release", "expire", "extend" or "track"."""
+    """"reserve", "commit", "release", "expire", "extend", "track" or "threshold"."""
     user_id: str
     event_type: str
     amount: int
     metadata: Mapping[str, str]
     reservation_id: str
     allowed: bool
+    limit_group_key: str = ""
+    """Threshold events: the limit group, the percent of its quota reached, and the window."""
+    threshold_percent: int = 0
+    window_start: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdCrossed:
+    """A limit group's used + held reached ``percent`` of its quota (once per window)."""
+
+    limit_group_key: str
+    percent: int
+    window_start: datetime
+    sequence: int
+    """The log record that crossed it."""
+
+
+WATCH_REASONS: tuple[str, ...] = ("initial", "change", "window_reset")
+
+
+@dataclass(frozen=True, slots=True)
+class WatchUpdate:
+    """One message of ``watch_usage``: the user's counters as of log record ``sequence``."""
+
+    reason: str
+    """"initial" (the counters when the watch (re)starts), "change" (a log record changed
+    them) or "window_reset" (a window of one of the user's limit groups rolled over)."""
+    sequence: int
+    user_id: str
+    plan_id: str
+    counters: tuple[Counter, ...]
+    thresholds: tuple[ThresholdCrossed, ...]
+    """Crossed by this change; in an "initial" update after a reconnect, those crossed since
+    the last update seen (each is delivered once)."""
+
+    def counter(self, key: str) -> Counter | None:
+        return _find(self.counters, key)
 
 
 @dataclass(frozen=True, slots=True)

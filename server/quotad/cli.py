@@ -16,7 +16,7 @@ from .config_file import ConfigFileError
 from .plans_file import PlansFileError
 from .server import Config, serve
 from .codec import state_digest
-from .wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, Log
+from .wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, Log
 from .writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, recover,
 )
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         try:
             return verify(args.data_dir)
-        except DataDirLocked as error:
+        except (DataDirLocked, DataFormatMismatch) as error:
             print(f"quotad: {error}", file=sys.stderr)
             return 2
     if args.config is not None:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"--admin-key-file or {ADMIN_KEY_ENV}): use one")
         config = Config(**{**settings, **({"admin_key": key} if key else {})})
         return asyncio.run(serve(config))
-    except (ValueError, PlansFileError, DataDirLocked) as error:
+    except (ValueError, PlansFileError, DataDirLocked, DataFormatMismatch) as error:
         print(f"quotad: {error}", file=sys.stderr)
         return 2
 

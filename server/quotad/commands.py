@@ -329,17 +329,28 @@ class AuditEvent:
     metadata the caller chose."""
 
     kind: str
-    """reserve, commit, release, expire, extend or track."""
+    """reserve, commit, release, expire, extend, track or threshold."""
     app: str
     user_id: str
     event_type: str
+    """For a threshold: the event type of the change that crossed it."""
     amount: int
+    """For a threshold: the group's used + held when it was crossed."""
     metadata: Metadata = ()
     reservation_id: str = ""
     allowed: bool = True
+    limit_group_key: str = ""
+    """Threshold events only, as are the two fields after it."""
+    threshold_percent: int = 0
+    window_start_ns: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.kind in AUDIT_KINDS, self.kind
+        is_threshold = self.kind == "threshold"
+        assert is_threshold == bool(self.limit_group_key) == (self.threshold_percent > 0), self
 
 
-AUDIT_KINDS = ("reserve", "commit", "release", "expire", "extend", "track")
+AUDIT_KINDS = ("reserve", "commit", "release", "expire", "extend", "track", "threshold")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import hashlib
 from functools import cache
 from collections import Counter as Tally
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from sortedcontainers import SortedList
 
@@ -50,6 +50,9 @@ class CounterState:
     window_end_ns: int | None
     used: int = 0
     held: int = 0
+    threshold_percent_fired: int = 0
+    """The highest of limits.WATCH_THRESHOLDS_PERCENT already recorded for this window (0:
+    none); a new window starts a new CounterState, so each threshold fires once per window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +207,11 @@ class Core:
     def next_expiry_ns(self) -> int | None:
         return self.expiry[0][0] if self.expiry else None
 
+    def usage(self, app_id: str, user_id: str, now_ns: int) -> UsageResult:
+        """GetUsage without applying anything (nothing expires, no record): what a watcher is
+        sent between commands. FailedPrecondition NO_PLAN for a user with no subscription."""
+        return self._get_usage(GetUsage(app=app_id, user_id=user_id), now_ns)[0]
+
     # --- records, expiry, forgetting ------------------------------------------------------
 
     def _emit(self, command: Command, now_ns: int) -> Record:
@@ -233,6 +241,7 @@ class Core:
             reservation = self.apps[app_id].reservations[reservation_id]
             self._end_live_hold(reservation, Status.EXPIRED, now_ns, in_index=False)
             self._audit_hold("expire", reservation, reservation.amount)
+            self._check_hold_thresholds(reservation)
             expired.append(ExpiredHold(app=app_id, reservation_id=reservation_id,
                                        user_id=reservation.user_id))
         return [self._emit(ExpireHolds(expired=tuple(expired)), now_ns)]
@@ -281,6 +290,44 @@ class Core:
         if counter is None or counter.window_start_ns != hold.window_start_ns:
             return None
         return counter
+
+    # --- thresholds ------------------------------------------------------------------------
+
+    def _check_thresholds(self, app_id: str, user_id: str, event_type: str,
+                          changed: Iterable[tuple[LimitGroup, CounterState]]) -> None:
+        """Records a "threshold" audit event for each of limits.WATCH_THRESHOLDS_PERCENT that
+        a changed counter's used + held now reaches and that has not fired in its window.
+
+        Used + held is what `remaining` is computed from, so a hold that fills the quota
+        already warns, before its commit. Quota 0 groups have no thresholds. Only a change of
+        the counter checks: a plan edit that lowers a quota below the usage fires nothing
+        until the counter next changes."""
+        for group, counter in changed:
+            if group.quota == 0:
+                continue
+            consumed = counter.used + counter.held
+            for percent in limits.WATCH_THRESHOLDS_PERCENT:
+                if percent > counter.threshold_percent_fired and consumed * 100 >= (
+                        percent * group.quota):
+                    counter.threshold_percent_fired = percent
+                    self._events.append(AuditEvent(
+                        kind="threshold", app=app_id, user_id=user_id, event_type=event_type,
+                        amount=consumed, limit_group_key=group.key, threshold_percent=percent,
+                        window_start_ns=counter.window_start_ns))
+
+    def _check_hold_thresholds(self, reservation: Reservation) -> None:
+        """Thresholds of the counters a hold counts in (in the window it was taken in)."""
+        app = self.apps[reservation.app]
+        user = app.users[reservation.user_id]
+        plan = app.plans[user.subscription.plan_id]
+        changed = []
+        for hold in reservation.holds:
+            counter = self._counter_of(user, hold)
+            group = plan.group(hold.key)
+            if counter is not None and group is not None and group.window is hold.window:
+                changed.append((group, counter))
+        self._check_thresholds(reservation.app, reservation.user_id, reservation.event_type,
+                               changed)
 
     # --- idempotency ----------------------------------------------------------------------
 
@@ -418,6 +465,8 @@ class Core:
         user.live_holds += 1
         self.expiry.add(self._expiry_entry(reservation))
         self._audit_hold("reserve", reservation, reservation.amount)
+        self._check_thresholds(command.app, command.user_id, command.event_type,
+                               zip(groups, counters))
         views = tuple(self._view(g, c) for g, c in zip(groups, counters))
         return ReserveResult(allowed=True, reservation_id=reservation.reservation_id,
                              expires_at_ns=reservation.expires_at_ns, counters=views), True
@@ -443,6 +492,7 @@ class Core:
                 counter.used += amount
         returned = 0 if expired else max(0, reservation.amount - amount)
         self._audit_hold("commit", reservation, amount)
+        self._check_hold_thresholds(reservation)
         return CommitResult(counters=self._hold_views(reservation, now_ns), committed=amount,
                             returned=returned, expired=expired), True
 
@@ -455,6 +505,7 @@ class Core:
         if changed:
             self._end_live_hold(reservation, Status.RELEASED, now_ns, in_index=True)
             self._audit_hold("release", reservation, reservation.amount)
+            self._check_hold_thresholds(reservation)
         return ReleaseResult(counters=self._hold_views(reservation, now_ns)), changed
 
     def _extend(self, command: Extend, now_ns: int) -> tuple[ExtendResult, bool]:
@@ -487,6 +538,8 @@ class Core:
         views = tuple(self._view(g, c) for g, c in zip(groups, counters))
         self._audit("track", command.app, command.user_id, command.event_type, command.amount,
                     command.metadata)
+        self._check_thresholds(command.app, command.user_id, command.event_type,
+                               zip(groups, counters))
         return TrackResult(allowed=True, counters=views), True
 
     def _get_usage(self, command: GetUsage, now_ns: int) -> tuple[UsageResult, bool]:

@@ -68,3 +68,18 @@ MESSAGE_BYTES_MAX = 64 * 1024
 
 BATCH_RECORDS_MAX = 8192
 """Records written in one LMDB transaction at most; more wait for the next flush."""
+
+WATCH_THRESHOLDS_PERCENT = (80, 100)
+"""A limit group's usage (used + held) reaching these percents of its quota is a threshold
+event, each at most once per user, group and window; ascending. Quota 0 groups have none."""
+
+WATCHERS_MAX = 1024
+"""Concurrent WatchUsage streams per server; one more is RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)."""
+
+WATCH_QUEUE_MESSAGES_MAX = 1024
+"""Messages a watcher may have waiting to be sent. A reader that falls this far behind gets
+RESOURCE_EXHAUSTED (WATCH_QUEUE_FULL) and resumes with after_sequence: the writer never waits
+for a reader, and memory stays bounded."""
+
+WATCH_REPLAY_THRESHOLDS_MAX = 1024
+"""Threshold events a resumed watch replays at most (the latest ones)."""

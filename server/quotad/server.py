@@ -27,8 +27,8 @@ from .core import Core
 from .metrics import Metrics, MetricsInterceptor
 from .plans_file import load_plans
 from .requests import RequestIdInterceptor
-from .auth import Authenticator
-from .service import DEFAULT_APP, Gate, generic_handlers, is_loopback
+from .auth import DEFAULT_APP, Authenticator
+from .service import Gate, generic_handlers, is_loopback
 from .v1 import quotad_pb2
 from .wal import MAP_SIZE_BYTES_DEFAULT, Log
 from .writer import (

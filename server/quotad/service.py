@@ -20,8 +20,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from . import commands as c
-from . import auth, convert, limits
-from .auth import DEFAULT_APP, Authenticator, Principal
+from . import auth, convert, limits, watch
+from .auth import Authenticator, Principal
 from .commands import AUDIT_KINDS, KeyView
 from .errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
@@ -270,6 +270,10 @@ def _list_events_handler(gate: Gate) -> _Handler:
                 event_type=stored.event.event_type, amount=stored.event.amount,
                 metadata=dict(stored.event.metadata),
                 reservation_id=stored.event.reservation_id, allowed=stored.event.allowed,
+                limit_group_key=stored.event.limit_group_key,
+                threshold_percent=stored.event.threshold_percent,
+                window_start=(convert.timestamp(stored.event.window_start_ns)
+                              if stored.event.limit_group_key else None),
             ) for stored in page],
             next_page_token=page[-1].cursor.hex() if len(found) > page_size else "",
         )
@@ -394,6 +398,18 @@ def _mint_user_token_handler(gate: Gate) -> _Handler:
     return _answering(gate, "MintUserToken", answer)
 
 
+def _watch_caller(gate: Gate) -> Callable[[Any, Any], str]:
+    """The app a WatchUsage call reads from, once its caller may read that user's usage: the
+    same rules as GetUsage (a pk_ key needs a user token naming the user)."""
+    def caller(metadata: Any, request: Any) -> str:
+        call = open_call(gate, metadata, "WatchUsage")
+        if isinstance(request, pb.WatchUsageRequest):
+            assert gate.auth is not None
+            gate.auth.authorize_usage_read(call.principal, metadata, request.user_id)
+        return call.principal.app
+    return caller
+
+
 def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
     handlers = []
     for service, methods in (("quotad.v1.QuotaService", QUOTA_METHODS),
@@ -419,5 +435,10 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
                 make(gate), request_deserializer=_safe_parser(request_type),
                 response_serializer=lambda message: message.SerializeToString(),
             )
+        if service.endswith("QuotaService"):
+            hub = watch.WatchHub(gate.open_writer, lambda: gate.state == "serving")
+            table["WatchUsage"] = watch.method_handler(
+                hub, _watch_caller(gate), _safe_parser(pb.WatchUsageRequest), status_of,
+                _REFUSALS)
         handlers.append(grpc.method_handlers_generic_handler(service, table))
     return handlers

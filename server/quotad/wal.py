@@ -36,7 +36,8 @@ from .codec import (
 )
 from .commands import AuditEvent, Record
 
-FORMAT_VERSION = b"2"
+FORMAT_VERSION = b"3"
+"""3: records carry threshold audit events (a log of 2 would replay without them)."""
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
 LOCK_FILE_NAME = "quotad.lock"
 SNAPSHOT_KEY = b"latest"
@@ -51,6 +52,10 @@ EVENT_CURSOR_BYTES = _EVENT_TAIL.size
 
 class DataDirLocked(Exception):
     pass
+
+
+class DataFormatMismatch(Exception):
+    """The directory holds data of another format version than this server reads."""
 
 
 class CorruptSnapshot(Exception):
@@ -101,8 +106,12 @@ class Log:
             if version is None:
                 txn.put(b"format_version", FORMAT_VERSION)
             elif version != FORMAT_VERSION:
-                raise RuntimeError(f"{data_dir}: data format {version!r}, this server reads "
-                                   f"{FORMAT_VERSION!r}")
+                mismatch = DataFormatMismatch(
+                    f"{data_dir}: holds data format {version.decode(errors='replace')}, this "
+                    f"server reads format {FORMAT_VERSION.decode()}; nothing was changed")
+        if version is not None and version != FORMAT_VERSION:
+            self.close()
+            raise mismatch
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
 

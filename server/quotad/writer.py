@@ -100,6 +100,10 @@ class Writer:
         self.records_written = 0
         self._on_flush = on_flush
         """Called with (records, seconds, last sequence) after each durable flush."""
+        self.on_applied: Callable[[tuple[Record, ...]], None] | None = None
+        """Called right after the core made records, with the core as of them (before they
+        are durable; no await in between): how WatchUsage reads the counters a record left.
+        It must not raise and must not block; None (nobody watches) costs nothing."""
         self._snapshot_every_records = snapshot_every_records
         self._snapshot_every_s = snapshot_every_s
         self._audit_retention_ns = audit_retention_ns
@@ -144,6 +148,8 @@ class Writer:
                 raise WriterStopped(f"internal invariant failed: {error!r}") from error
             if outcome.records:
                 self._pending.extend(outcome.records)
+                if self.on_applied is not None:
+                    self.on_applied(outcome.records)
             outcomes.append(outcome)
         if self._pending:
             self._has_pending.set()
