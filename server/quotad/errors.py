@@ -74,3 +74,7 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.items:
             raise InvalidArgument(self.items)
+
+
+class PermissionDenied(QuotaError):
+    """The caller is known but may not do this (a pk_ key reading another user's usage)."""

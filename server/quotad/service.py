@@ -22,8 +22,8 @@ from . import commands as c
 from . import convert, limits
 from .commands import AUDIT_KINDS
 from .errors import (
-    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, QuotaError,
-    ResourceExhausted, Violations,
+    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, PermissionDenied,
+    QuotaError, ResourceExhausted, Violations,
 )
 from .v1 import quotad_pb2 as pb
 from .wal import EVENT_CURSOR_BYTES
@@ -75,6 +75,8 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
         details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
     elif isinstance(error, AlreadyExists):
         code = code_pb2.ALREADY_EXISTS
+    elif isinstance(error, PermissionDenied):
+        code = code_pb2.PERMISSION_DENIED
     elif isinstance(error, (WriterStopped, Unavailable)):
         code = code_pb2.UNAVAILABLE
     elif isinstance(error, Unauthenticated):
