@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import logs
+from . import limits, logs
 from .plans_file import PlansFileError
 from .server import Config, serve
 from .codec import state_digest
@@ -57,6 +57,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                      help="serve Prometheus metrics over HTTP there (port 0 picks one); "
                           "off by default")
+    run.add_argument("--http-listen", default="", metavar="HOST:PORT",
+                     help="also serve GET /v1/usage?user_id=U as JSON over HTTP there, for web "
+                          "pages showing what a user has left (port 0 picks one); off by default")
+    run.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                     help="an origin such as https://app.example.com whose pages may read "
+                          "--http-listen (exact match; repeat for several); none by default, "
+                          "so browsers withhold the answers from every other site's pages")
+    run.add_argument("--http-read-timeout-s", type=float,
+                     default=limits.HTTP_REQUEST_READ_TIMEOUT_S, metavar="SECONDS",
+                     help="an HTTP request must arrive whole within this long of its first "
+                          "byte, else 408 and the connection is closed (default: %(default)s)")
     run.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     run.add_argument("--log-state-digest", action="store_true",
                      help="log a digest of the whole state at start and stop, to verify that "
@@ -108,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                         snapshot_every_records=args.snapshot_every_records,
                         snapshot_every_s=args.snapshot_every_s,
                         audit_retention_ns=int(args.audit_retention_days * NS_PER_DAY),
-                        metrics_listen=args.metrics_listen)
+                        metrics_listen=args.metrics_listen, http_listen=args.http_listen,
+                        cors_origins=tuple(args.cors_origin),
+                        http_read_timeout_s=args.http_read_timeout_s)
         return asyncio.run(serve(config))
     except (ValueError, PlansFileError, DataDirLocked) as error:
         print(f"quotad: {error}", file=sys.stderr)
