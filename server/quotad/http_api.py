@@ -32,7 +32,7 @@ import h11
 
 from . import limits
 from .commands import CounterView, GetUsage, UsageResult
-from .errors import FailedPrecondition, FieldViolation, InvalidArgument
+from .errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
 from .metrics import Metrics
 from .service import DEFAULT_APP, Gate
 
@@ -64,6 +64,16 @@ class Answer:
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
+
+
+class _Peer:
+    """One open connection: its writer, and whether a request on it is being answered."""
+
+    __slots__ = ("writer", "busy")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.busy = False
 
 
 class _BodyTooLarge(Exception):
@@ -141,8 +151,8 @@ def _bad(field: str, description: str) -> InvalidArgument:
 
 
 def query_user_id(query: str) -> str:
-    """The one user_id of a query string, or InvalidArgument. Other parameters are ignored
-    (pages add cache busters)."""
+    """The one valid user_id of a query string, or InvalidArgument. Other parameters are
+    ignored (pages add cache busters)."""
     try:
         fields = parse_qs(query, keep_blank_values=True, errors="strict",
                           max_num_fields=limits.HTTP_QUERY_FIELDS_MAX)
@@ -151,6 +161,9 @@ def query_user_id(query: str) -> str:
     values = fields.get("user_id", [])
     if len(values) != 1:
         raise _bad("user_id", "must be given exactly once")
+    v = Violations()
+    v.text(values[0], "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
+    v.raise_if_any()
     return values[0]
 
 
@@ -187,7 +200,7 @@ class HttpApi:
         self._read_timeout_s = read_timeout_s
         self._metrics = metrics
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[Any], bool] = {}  # task -> answering a request
+        self._connections: dict[asyncio.Task[Any], _Peer] = {}
         self._closing = False
 
     async def start(self, host: str, port: int) -> int:
@@ -203,18 +216,19 @@ class HttpApi:
 
     async def close(self) -> None:
         """Closes every connection: idle ones at once, busy ones after their answer (at most
-        CLOSE_GRACE_S)."""
+        CLOSE_GRACE_S). Their transports are closed, never their tasks cancelled: a handler
+        then ends by itself, seeing the end of its input."""
         self._closing = True
         self.stop_accepting()
-        for task, busy in list(self._connections.items()):
-            if not busy:
-                task.cancel()
+        for peer in list(self._connections.values()):
+            if not peer.busy:
+                peer.writer.transport.close()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=CLOSE_GRACE_S)
-        remaining = list(self._connections)
-        for task in remaining:
-            task.cancel()
-        await asyncio.gather(*remaining, return_exceptions=True)
+        for peer in list(self._connections.values()):
+            peer.writer.transport.abort()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=CLOSE_GRACE_S)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -233,19 +247,21 @@ class HttpApi:
             writer.write(_BUSY)
             await _close(reader, writer)
             return
-        self._connections[task] = False
+        peer = self._connections[task] = _Peer(writer)
         connection = h11.Connection(h11.SERVER,
                                     max_incomplete_event_size=limits.HTTP_REQUEST_HEAD_BYTES_MAX)
         try:
-            await self._converse(connection, reader, writer, task)
+            await self._converse(connection, reader, writer, peer)
         except (ConnectionError, TimeoutError, h11.LocalProtocolError):
             pass  # the peer went away or stopped reading; nothing left to tell it
         finally:
-            del self._connections[task]
-            await _close(reader, writer)
+            try:
+                await _close(reader, writer)
+            finally:
+                del self._connections[task]
 
     async def _converse(self, connection: h11.Connection, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter, task: asyncio.Task[Any]) -> None:
+                        writer: asyncio.StreamWriter, peer: _Peer) -> None:
         """Answers requests one after another until either side closes."""
         while not self._closing:
             try:
@@ -271,10 +287,10 @@ class HttpApi:
                 return
             if request is None:
                 return
-            self._connections[task] = True
+            peer.busy = True
             answer = self._with_cors(request, await self._answer(request))
             await self._send(connection, writer, answer, head_only=request.method == b"HEAD")
-            self._connections[task] = False
+            peer.busy = False
             if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                 return
             connection.start_next_cycle()
