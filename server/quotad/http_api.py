@@ -201,6 +201,8 @@ class HttpApi:
         self._metrics = metrics
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], _Peer] = {}
+        self._refused: set[asyncio.Task[Any]] = set()
+        """Connections beyond the limit, being told so (each for at most LINGER_S)."""
         self._closing = False
 
     async def start(self, host: str, port: int) -> int:
@@ -227,8 +229,8 @@ class HttpApi:
             await asyncio.wait(list(self._connections), timeout=CLOSE_GRACE_S)
         for peer in list(self._connections.values()):
             peer.writer.transport.abort()
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=CLOSE_GRACE_S)
+        if self._connections or self._refused:
+            await asyncio.wait([*self._connections, *self._refused], timeout=CLOSE_GRACE_S)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -243,9 +245,7 @@ class HttpApi:
         task = asyncio.current_task()
         assert task is not None
         if self._closing or len(self._connections) >= limits.HTTP_CONNECTIONS_MAX:
-            self._count(503)
-            writer.write(_BUSY)
-            await _close(reader, writer)
+            await self._refuse(reader, writer, task)
             return
         peer = self._connections[task] = _Peer(writer)
         connection = h11.Connection(h11.SERVER,
@@ -259,6 +259,20 @@ class HttpApi:
                 await _close(reader, writer)
             finally:
                 del self._connections[task]
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      task: asyncio.Task[Any]) -> None:
+        """503 to a connection beyond the limit; beyond as many again, a plain reset."""
+        self._count(503)
+        if len(self._refused) >= limits.HTTP_CONNECTIONS_MAX:
+            writer.transport.abort()
+            return
+        self._refused.add(task)
+        try:
+            writer.write(_BUSY)
+            await _close(reader, writer)
+        finally:
+            self._refused.discard(task)
 
     async def _converse(self, connection: h11.Connection, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter, peer: _Peer) -> None:
