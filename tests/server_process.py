@@ -29,6 +29,8 @@ class ServerProcess:
         self.extra_args = extra_args
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
+        self.http_address = ""
+        """HOST:PORT of the browser endpoint, when started with --http-listen."""
         self.log_lines: list[dict] = []
         self._reader: threading.Thread | None = None
 
@@ -42,7 +44,8 @@ class ServerProcess:
                                         env={**os.environ, **(self.env or {})})
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
-        self.address = self.wait_for("serving", START_TIMEOUT_S)["address"]
+        serving = self.wait_for("serving", START_TIMEOUT_S)
+        self.address, self.http_address = serving["address"], serving.get("http", "")
         return self
 
     def _read_log(self) -> None:

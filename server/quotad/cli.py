@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config_file, logs
+from . import config_file, limits, logs
 from .config_file import ConfigFileError
 from .plans_file import PlansFileError
 from .server import Config, serve
@@ -107,6 +107,18 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      help="serve TLS with this PEM certificate chain (with --tls-key)")
     run.add_argument("--tls-key", type=Path, metavar="KEY.pem",
                      help="the PEM private key of --tls-cert")
+    run.add_argument("--http-listen", default="", metavar="HOST:PORT",
+                     help="also serve GET /v1/usage?user_id=U as JSON over HTTP there, for web "
+                          "pages showing what a user has left (port 0 picks one); off by default")
+    run.add_argument("--cors-origin", dest="cors_origins", action="append", default=[],
+                     metavar="ORIGIN",
+                     help="an origin such as https://app.example.com whose pages may read "
+                          "--http-listen (exact match; repeat for several); none by default, "
+                          "so browsers withhold the answers from every other site's pages")
+    run.add_argument("--http-read-timeout-s", type=float,
+                     default=limits.HTTP_REQUEST_READ_TIMEOUT_S, metavar="SECONDS",
+                     help="an HTTP request must arrive whole within this long of its first "
+                          "byte, else 408 and the connection is closed (default: %(default)s)")
     run.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=False,
                      help="enable gRPC server reflection (default: off)")
     run.add_argument("--log-state-digest", action=argparse.BooleanOptionalAction, default=False,

@@ -59,6 +59,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_key", Path, "tls_key"),
     Setting("http_listen", str, "http_listen"),
     Setting("cors_origins", list, "cors_origins", tuple),
+    Setting("http_read_timeout_s", float, "http_read_timeout_s"),
 )
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Config))

@@ -83,3 +83,34 @@ for a reader, and memory stays bounded."""
 
 WATCH_REPLAY_THRESHOLDS_MAX = 1024
 """Threshold events a resumed watch replays at most (the latest ones)."""
+
+# --- the browser endpoint (`--http-listen`) ----------------------------------------------
+
+HTTP_REQUEST_HEAD_BYTES_MAX = 8 * 1024
+"""Request line and headers together; more: 431 and the connection is closed."""
+
+HTTP_REQUEST_BODY_BYTES_MAX = 1024
+"""A usage read carries no body; a larger one: 413 and the connection is closed."""
+
+HTTP_QUERY_FIELDS_MAX = 16
+"""Query parameters per request; more: 400."""
+
+HTTP_CONNECTIONS_MAX = 256
+"""Open HTTP connections at most; one more is answered 503 and closed at once."""
+
+HTTP_KEEP_ALIVE_IDLE_S = 30.0
+"""An idle keep-alive connection is closed after this long without a new request."""
+
+HTTP_REQUEST_READ_TIMEOUT_S = 10.0
+"""A request must arrive whole within this long of its first byte (408, closed), so a slow
+client cannot hold a connection; `--http-read-timeout-s` sets it within the bounds below."""
+HTTP_REQUEST_READ_TIMEOUT_S_MIN = 0.1
+HTTP_REQUEST_READ_TIMEOUT_S_MAX = 60.0
+
+HTTP_RESPONSE_WRITE_TIMEOUT_S = 10.0
+"""A client that does not read its answer within this long is disconnected."""
+
+HTTP_CORS_ORIGINS_MAX = 64
+HTTP_CORS_ORIGIN_BYTES_MAX = 256
+HTTP_CORS_MAX_AGE_S = 600
+"""How long a browser may cache a preflight answer."""

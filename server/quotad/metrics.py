@@ -8,6 +8,7 @@ own HTTP thread, never by the event loop.
     quotad_flush_records                    records per LMDB transaction (group commit size)
     quotad_flush_seconds                    one LMDB transaction with its sync
     quotad_log_sequence                     the last durable log sequence number
+    quotad_http_requests_total{status}      browser endpoint answers, by HTTP status
     quotad_batch_operations                 operations per Batch call (client-side coalescing)
     quotad_log_bytes                        bytes of the LMDB file in use (read when scraped)
     quotad_log_map_bytes                    the most the LMDB file may grow to (--map-size-gib)
@@ -44,6 +45,9 @@ class Metrics:
                                        buckets=_FLUSH_BUCKETS_RECORDS, registry=self.registry)
         self.flush_seconds = Histogram("quotad_flush_seconds", "One LMDB transaction and sync",
                                        buckets=_LATENCY_BUCKETS_S, registry=self.registry)
+        self.http_requests = Counter("quotad_http_requests",
+                                     "Browser endpoint answers, by HTTP status", ["status"],
+                                     registry=self.registry)
         self.log_sequence = Gauge("quotad_log_sequence", "Last durable log sequence number",
                                   registry=self.registry)
         self.batch_operations = Histogram("quotad_batch_operations", "Operations per Batch call",

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,11 +25,12 @@ from . import limits
 from .codec import state_digest
 from .commands import UpsertPlan
 from .core import Core
+from .http_api import HttpApi
 from .metrics import Metrics, MetricsInterceptor
 from .plans_file import load_plans
 from .requests import RequestIdInterceptor
 from .auth import DEFAULT_APP, Authenticator
-from .service import Gate, generic_handlers, is_loopback
+from .service import Gate, generic_handlers, http_usage_authorizer, is_loopback
 from .v1 import quotad_pb2
 from .wal import MAP_SIZE_BYTES_DEFAULT, Log
 from .writer import (
@@ -59,6 +61,12 @@ class Config:
     log_state_digest: bool = False
     metrics_listen: str = ""
     """HOST:PORT for Prometheus metrics over HTTP; empty: none."""
+    http_listen: str = ""
+    """HOST:PORT for the browser endpoint (GET /v1/usage); empty: none."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins (https://app.example.com) whose pages may read the browser endpoint."""
+    http_read_timeout_s: float = limits.HTTP_REQUEST_READ_TIMEOUT_S
+    """How long one HTTP request may take to arrive, from its first byte."""
     """Log a digest of the whole state when serving starts and when stopped (costs a pass
     over the state): a restart must start from the digest the last stop ended with."""
     admin_key: str = field(default="", repr=False)
@@ -99,6 +107,43 @@ class Config:
                 raise ValueError(f"--metrics-listen {self.metrics_listen!r}: expected HOST:PORT")
         if self.audit_retention_ns < 0:
             raise ValueError("--audit-retention-days must not be negative")
+        self._check_http()
+
+    def _check_http(self) -> None:
+        if self.http_listen:
+            http_host, _, http_port = self.http_listen.rpartition(":")
+            if not http_host or not http_port.isdigit() or not 0 <= int(http_port) <= 65535:
+                raise ValueError(f"--http-listen {self.http_listen!r}: expected HOST:PORT")
+            if not self.admin_key and not is_loopback(http_host):
+                raise ValueError(
+                    f"--http-listen {self.http_listen!r}: without API keys quotad serves only "
+                    "a loopback address (127.0.0.1, ::1, localhost)"
+                )
+        if len(self.cors_origins) > limits.HTTP_CORS_ORIGINS_MAX:
+            raise ValueError(f"--cors-origin: at most {limits.HTTP_CORS_ORIGINS_MAX} origins")
+        for origin in self.cors_origins:
+            check_origin(origin)
+        if not (limits.HTTP_REQUEST_READ_TIMEOUT_S_MIN <= self.http_read_timeout_s
+                <= limits.HTTP_REQUEST_READ_TIMEOUT_S_MAX):
+            raise ValueError("--http-read-timeout-s must be "
+                             f"{limits.HTTP_REQUEST_READ_TIMEOUT_S_MIN} to "
+                             f"{limits.HTTP_REQUEST_READ_TIMEOUT_S_MAX} seconds")
+
+
+def check_origin(origin: str) -> None:
+    """A CORS origin is exact: scheme://host[:port], as a browser sends it in Origin."""
+    problem = f"--cors-origin {origin!r}: expected an origin such as https://app.example.com"
+    if len(origin.encode()) > limits.HTTP_CORS_ORIGIN_BYTES_MAX:
+        raise ValueError(f"{problem} of at most {limits.HTTP_CORS_ORIGIN_BYTES_MAX} bytes")
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 -- raises on a bad port
+    except ValueError:
+        raise ValueError(problem) from None
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.path
+            or parts.query or parts.fragment or "@" in parts.netloc
+            or origin != f"{parts.scheme}://{parts.netloc}" or origin.lower() != origin):
+        raise ValueError(problem)
 
 
 async def serve(config: Config) -> int:
@@ -149,13 +194,28 @@ async def serve(config: Config) -> int:
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     address = f"{config.listen.rpartition(':')[0]}:{port}"
-    log.info("listening", extra={"address": address, "state": "starting"})
+    http_api = HttpApi(gate, authorize=http_usage_authorizer(gate),
+                       cors_origins=config.cors_origins,
+                       read_timeout_s=config.http_read_timeout_s,
+                       metrics=metrics if measured else None)
+    http_address = ""
+    if config.http_listen:
+        http_host, _, http_port = config.http_listen.rpartition(":")
+        try:
+            http_address = f"{http_host}:{await http_api.start(http_host, int(http_port))}"
+        except OSError as error:
+            await server.stop(0)
+            log_.close()
+            raise ValueError(f"--http-listen {config.http_listen}: cannot listen there "
+                             f"({error})") from error
+    log.info("listening", extra={"address": address, "http": http_address, "state": "starting"})
 
     started = time.monotonic()
     try:
         core = await loop.run_in_executor(None, recover, log_)
     except Exception as error:  # a log we cannot trust: refuse to serve anything
         log.critical("cannot recover the log, refusing to start", extra={"error": str(error)})
+        await http_api.close()
         await server.stop(0)
         log_.close()
         return 1
@@ -183,12 +243,15 @@ async def serve(config: Config) -> int:
                                "plans_loaded": len(plans), "metrics": metrics_address,
                                "keys": "on" if config.admin_key else "off",
                                "tls": config.tls_cert is not None,
+                               "http": http_address,
                                **_digest(config, core)})
 
     await stop.wait()
     gate.state = "failed" if failure else "draining"
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    http_api.stop_accepting()
     await server.stop(0 if failure else DRAIN_S)
+    await http_api.close()
     await writer.close()
     log_.close()
     if failure:

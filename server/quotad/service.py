@@ -76,6 +76,8 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
         details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
     elif isinstance(error, AlreadyExists):
         code = code_pb2.ALREADY_EXISTS
+    elif isinstance(error, PermissionDenied):
+        code = code_pb2.PERMISSION_DENIED
     elif isinstance(error, (WriterStopped, Unavailable)):
         code = code_pb2.UNAVAILABLE
     elif isinstance(error, Unauthenticated):
@@ -398,16 +400,32 @@ def _mint_user_token_handler(gate: Gate) -> _Handler:
     return _answering(gate, "MintUserToken", answer)
 
 
+def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> str:
+    """The app a usage read (GetUsage, WatchUsage, the HTTP endpoint) reads from, once its
+    caller may read this user's usage: a pk_ key needs a user token naming the user. With
+    user_id None (a request that did not parse) only the caller is checked."""
+    call = open_call(gate, metadata, rpc)
+    if user_id is not None:
+        assert gate.auth is not None
+        gate.auth.authorize_usage_read(call.principal, metadata, user_id)
+    return call.principal.app
+
+
 def _watch_caller(gate: Gate) -> Callable[[Any, Any], str]:
-    """The app a WatchUsage call reads from, once its caller may read that user's usage: the
-    same rules as GetUsage (a pk_ key needs a user token naming the user)."""
     def caller(metadata: Any, request: Any) -> str:
-        call = open_call(gate, metadata, "WatchUsage")
-        if isinstance(request, pb.WatchUsageRequest):
-            assert gate.auth is not None
-            gate.auth.authorize_usage_read(call.principal, metadata, request.user_id)
-        return call.principal.app
+        user_id = request.user_id if isinstance(request, pb.WatchUsageRequest) else None
+        return usage_reader(gate, metadata, "WatchUsage", user_id)
     return caller
+
+
+def http_usage_authorizer(gate: Gate) -> Callable[[str | None, str | None, str], str]:
+    """The browser endpoint's rule, the same as GetUsage's: its headers are the metadata."""
+    def authorize(authorization: str | None, user_token: str | None, user_id: str) -> str:
+        metadata = {name: value for name, value in ((auth.AUTHORIZATION_HEADER, authorization),
+                                                    (auth.USER_TOKEN_HEADER, user_token))
+                    if value is not None}
+        return usage_reader(gate, metadata, "GetUsage", user_id)
+    return authorize
 
 
 def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:

@@ -1,0 +1,421 @@
+"""The browser endpoint (`--http-listen`) of the real server, read with the standard library's
+HTTP client: the usage JSON, refusals, keep-alive, CORS, drain, and hostile clients."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import quotad_client as qc
+from quotad import limits
+from quotad.errors import PermissionDenied
+from quotad.http_api import HttpApi
+from quotad.server import Config
+from quotad.service import Gate, Unauthenticated
+from server_process import ServerProcess
+
+ORIGIN = "https://app.example.com"
+READ_TIMEOUT_S = 0.5
+SOCKET_TIMEOUT_S = 10.0
+"""Every socket read in these tests gives up after this long: a hang fails, never blocks."""
+PLAN = {
+    "id": "p", "name": "P",
+    "limit_groups": [
+        {"key": "tokens", "label": "Tokens", "unit": "tokens", "quota": 1000, "window": "month",
+         "match": {"event_types": ["openai.*"]}},
+        {"key": "renders", "label": "Renders", "unit": "renders", "quota": 5,
+         "window": "lifetime", "match": {"event_types": ["render"]}},
+    ],
+}
+HTTP_ARGS = ("--http-listen", "127.0.0.1:0", "--cors-origin", ORIGIN,
+             "--cors-origin", "http://localhost:8080",
+             "--http-read-timeout-s", str(READ_TIMEOUT_S), "--metrics-listen", "127.0.0.1:0")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    process = ServerProcess(tmp_path_factory.mktemp("http") / "data", extra_args=HTTP_ARGS)
+    try:
+        process.start()
+        with qc.QuotaClient(process.address, timeout_s=10) as client:
+            client.upsert_plan(PLAN)
+            client.subscribe("u1", "p", time_zone="Europe/Paris")
+        yield process
+    finally:
+        process.close()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[qc.QuotaClient]:
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        yield client
+
+
+def connect(server: ServerProcess) -> http.client.HTTPConnection:
+    host, _, port = server.http_address.rpartition(":")
+    return http.client.HTTPConnection(host, int(port), timeout=SOCKET_TIMEOUT_S)
+
+
+def request(server: ServerProcess, method: str, target: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[http.client.HTTPResponse, bytes]:
+    connection = connect(server)
+    try:
+        connection.request(method, target, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response, response.read()
+    finally:
+        connection.close()
+
+
+def get_json(server: ServerProcess, target: str,
+             headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    response, body = request(server, "GET", target, headers=headers)
+    assert response.getheader("content-type") == "application/json"
+    assert response.getheader("cache-control") == "no-store"
+    return response.status, json.loads(body)
+
+
+def raw_exchange(server: ServerProcess, data: bytes) -> bytes:
+    """Sends raw bytes, then reads until the server closes the connection."""
+    host, _, port = server.http_address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.sendall(data)
+        return read_until_closed(sock)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def instant(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def test_usage_json_equals_get_usage_after_reserve_and_commit(server, client):
+    with client.reserve("u1", "openai.chat", 400) as hold:
+        hold.actual = 123
+    held = client.reserve("u1", "openai.chat", 50, ttl_s=600)
+    client.track("u1", "render", 2)
+    status, document = get_json(server, "/v1/usage?user_id=u1")
+    expected = client.usage("u1")
+    held.release()
+    assert status == 200
+    assert (document["user_id"], document["plan_id"]) == ("u1", "p")
+    assert [c["key"] for c in document["counters"]] == ["tokens", "renders"]
+    for got, want in zip(document["counters"], expected.counters, strict=True):
+        assert {k: got[k] for k in ("key", "label", "unit", "window", "quota", "used", "held",
+                                    "remaining")} == {
+            "key": want.key, "label": want.label, "unit": want.unit, "window": want.window,
+            "quota": want.quota, "used": want.used, "held": want.held,
+            "remaining": want.remaining}
+        assert instant(got["window_start"]) == want.window_start
+        assert instant(got["resets_at"]) == want.resets_at
+    tokens, renders = document["counters"]
+    assert (tokens["used"], tokens["held"], tokens["remaining"]) == (123, 50, 827)
+    assert tokens["resets_at"].endswith("Z") and renders["resets_at"] is None
+    assert (renders["used"], renders["remaining"]) == (2, 3)
+
+
+def test_head_answers_the_headers_of_get_without_a_body(server):
+    response, body = request(server, "HEAD", "/v1/usage?user_id=u1")
+    assert response.status == 200 and body == b""
+    assert int(response.getheader("content-length")) > 0
+
+
+@pytest.mark.parametrize("target, field", [
+    ("/v1/usage", "user_id"),
+    ("/v1/usage?user_id=", "user_id"),
+    ("/v1/usage?user_id=a&user_id=b", "user_id"),
+    ("/v1/usage?user_id=" + "x" * (limits.USER_ID_BYTES_MAX + 1), "user_id"),
+    ("/v1/usage?user_id=%ff", "query"),
+])
+def test_a_bad_or_missing_user_id_is_400_naming_the_field(server, target, field):
+    status, document = get_json(server, target)
+    assert status == 400
+    assert document["error"]["code"] == "INVALID_ARGUMENT"
+    assert [v["field"] for v in document["error"]["field_violations"]] == [field]
+
+
+def test_an_unknown_user_and_an_unknown_path_are_404(server):
+    status, document = get_json(server, "/v1/usage?user_id=nobody")
+    assert (status, document["error"]["code"]) == (404, "NOT_FOUND")
+    status, document = get_json(server, "/v1/elsewhere?user_id=u1")
+    assert (status, document["error"]["code"]) == (404, "NOT_FOUND")
+
+
+def test_a_method_other_than_get_head_options_is_405_with_allow(server):
+    response, body = request(server, "POST", "/v1/usage?user_id=u1", body=b"{}")
+    assert response.status == 405
+    assert response.getheader("allow") == "GET, HEAD, OPTIONS"
+    assert json.loads(body)["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_an_oversized_body_is_413_and_an_oversized_head_431_then_closed(server, client):
+    body = b"x" * (limits.HTTP_REQUEST_BODY_BYTES_MAX + 1)
+    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\n"
+                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    head = b"X-Filler: " + b"y" * limits.HTTP_REQUEST_HEAD_BYTES_MAX + b"\r\n"
+    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\n" + head)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert client.usage("u1").user_id == "u1"  # the gRPC side is unharmed
+
+
+def test_two_requests_share_one_keep_alive_connection(server):
+    connection = connect(server)
+    try:
+        answers = []
+        for _ in range(2):
+            connection.request("GET", "/v1/usage?user_id=u1")
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())["user_id"]))
+            if not answers[1:]:
+                first_socket = connection.sock
+        assert answers == [(200, "u1"), (200, "u1")]
+        assert connection.sock is first_socket and first_socket is not None
+    finally:
+        connection.close()
+
+
+def test_an_allowed_origin_is_echoed_and_any_other_gets_no_cors_headers(server):
+    response, _ = request(server, "GET", "/v1/usage?user_id=u1", headers={"Origin": ORIGIN})
+    assert response.status == 200
+    assert response.getheader("access-control-allow-origin") == ORIGIN
+    assert response.getheader("vary") == "Origin"
+    response, _ = request(server, "GET", "/v1/usage?user_id=u1",
+                          headers={"Origin": "https://evil.example.com"})
+    assert response.status == 200  # answered, but the browser withholds it from the page
+    assert not [name for name, _ in response.getheaders()
+                if name.lower().startswith("access-control-")]
+
+
+def test_a_preflight_from_an_allowed_origin_is_204_and_from_another_403(server):
+    asks = {"Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, x-quotad-user-token"}
+    response, body = request(server, "OPTIONS", "/v1/usage?user_id=u1",
+                             headers={"Origin": ORIGIN, **asks})
+    assert (response.status, body) == (204, b"")
+    assert response.getheader("access-control-allow-origin") == ORIGIN
+    assert response.getheader("access-control-allow-methods") == "GET"
+    assert response.getheader("access-control-allow-headers") == (
+        "Authorization, X-Quotad-User-Token")
+    assert response.getheader("access-control-max-age") == str(limits.HTTP_CORS_MAX_AGE_S)
+    assert response.getheader("access-control-allow-credentials") is None
+    response, body = request(server, "OPTIONS", "/v1/usage",
+                             headers={"Origin": "https://evil.example.com", **asks})
+    assert response.status == 403
+    assert json.loads(body)["error"]["code"] == "PERMISSION_DENIED"
+    assert response.getheader("access-control-allow-origin") is None
+
+
+def test_a_slow_client_is_cut_off_by_the_read_timeout_while_grpc_answers(server, client):
+    host, _, port = server.http_address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.sendall(b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\nX-Half: ")
+        assert client.usage("u1").user_id == "u1"  # while the HTTP request stalls
+        answer = read_until_closed(sock)  # the server closes it; SOCKET_TIMEOUT_S bounds it
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert client.usage("u1").user_id == "u1"
+
+
+def test_http_answers_are_counted_by_status_in_the_metrics(server):
+    request(server, "GET", "/v1/usage?user_id=u1")
+    request(server, "GET", "/v1/usage?user_id=nobody")
+    host, _, port = server.last("serving")["metrics"].rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=SOCKET_TIMEOUT_S)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    counts = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line.startswith("quotad_http_requests_total{")}
+    assert counts['status="200"'] >= 1 and counts['status="404"'] >= 1
+
+
+def test_connections_beyond_the_limit_get_503_and_grpc_keeps_answering(start_server):
+    server = start_server(extra_args=("--http-listen", "127.0.0.1:0"))
+    host, _, port = server.http_address.rpartition(":")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(limits.HTTP_CONNECTIONS_MAX):
+            held.append(socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S))
+        # Connections are taken in order: once the last one is answered, all are counted.
+        held[-1].sendall(b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: q\r\n\r\n")
+        assert held[-1].recv(65536).startswith(b"HTTP/1.1 404 ")
+        answer = raw_exchange(server, b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: q\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert b"too many HTTP connections" in answer
+        with qc.QuotaClient(server.address, timeout_s=10) as client:
+            assert client.list_plans()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_draining_server_answers_http_with_503_or_a_closed_connection_never_a_hang(
+        start_server):
+    server = start_server(extra_args=("--http-listen", "127.0.0.1:0"))
+    kept = connect(server)
+    kept.request("GET", "/v1/usage?user_id=nobody")
+    assert kept.getresponse().read()
+    server.process.send_signal(signal.SIGTERM)
+    outcomes: list[int | str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "closed" not in outcomes[-1:]:
+        connection = kept if not outcomes else connect(server)
+        try:
+            connection.request("GET", "/v1/usage?user_id=nobody")
+            outcomes.append(connection.getresponse().status)
+        except (ConnectionError, http.client.RemoteDisconnected):
+            outcomes.append("closed")
+        finally:
+            connection.close()
+    print(f"\nafter SIGTERM: {outcomes}")
+    assert outcomes[-1] == "closed", outcomes
+    # Until the signal lands the user is merely unknown (404); from then on: 503 or closed.
+    draining = outcomes[next(i for i, o in enumerate(outcomes) if o != 404):]
+    assert set(draining) <= {503, "closed"}, outcomes
+    assert server.process.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("fields", [
+    {"http_listen": "0.0.0.0:8080"},
+    {"http_listen": "127.0.0.1"},
+    {"cors_origins": ("*",)},
+    {"cors_origins": ("https://app.example.com/",)},
+    {"cors_origins": ("app.example.com",)},
+    {"cors_origins": ("https://App.example.com",)},
+    {"cors_origins": ("ftp://app.example.com",)},
+    {"cors_origins": ("null",)},
+    {"cors_origins": tuple(f"https://a{i}.example.com"
+                           for i in range(limits.HTTP_CORS_ORIGINS_MAX + 1))},
+    {"http_read_timeout_s": 0.0},
+    {"http_read_timeout_s": limits.HTTP_REQUEST_READ_TIMEOUT_S_MAX + 1},
+])
+def test_config_refuses_a_bad_http_address_origin_or_timeout(fields):
+    with pytest.raises(ValueError):
+        Config(data_dir=Path("unused"), **fields)
+
+
+def test_config_takes_exact_origins_with_ports_and_a_loopback_http_address():
+    config = Config(data_dir=Path("unused"), http_listen="[::1]:0",
+                    cors_origins=("https://app.example.com", "http://localhost:8080"))
+    assert config.cors_origins == ("https://app.example.com", "http://localhost:8080")
+
+
+def _ask_in_process(authorize, target: str = "/v1/usage?user_id=u1",
+                    headers: bytes = b"") -> tuple[bytes, list]:
+    """Runs HttpApi on this process's own event loop (its gate still starting, so no writer)
+    and sends one request; returns the raw answer and what authorize was called with."""
+    calls: list = []
+
+    def recording(authorization, user_token, user_id):
+        calls.append((authorization, user_token, user_id))
+        return authorize(authorization, user_token, user_id)
+
+    async def run() -> bytes:
+        api = HttpApi(Gate(), authorize=recording)
+        port = await api.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: q\r\nConnection: close\r\n".encode()
+                         + headers + b"\r\n")
+            answer = await asyncio.wait_for(reader.read(), SOCKET_TIMEOUT_S)
+            writer.close()
+            return answer
+        finally:
+            await api.close()
+
+    return asyncio.run(run()), calls
+
+
+def _refuse(error: Exception):
+    def authorize(authorization, user_token, user_id):
+        raise error
+    return authorize
+
+
+@pytest.mark.parametrize("error, status, code", [
+    (Unauthenticated("a key is required"), 401, "UNAUTHENTICATED"),
+    (PermissionDenied("this token names another user"), 403, "PERMISSION_DENIED"),
+])
+def test_authorize_refusals_are_401_and_403_with_the_error_json(error, status, code):
+    answer, calls = _ask_in_process(_refuse(error), headers=(
+        b"Authorization: Bearer pk_test\r\nX-Quotad-User-Token: t0k3n\r\n"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert json.loads(body) == {"error": {"code": code, "message": error.args[0]}}
+    assert calls == [("Bearer pk_test", "t0k3n", "u1")]
+
+
+def test_an_authorized_read_before_serving_is_503_and_a_bad_user_id_never_reaches_authorize():
+    answer, calls = _ask_in_process(lambda authorization, user_token, user_id: "default")
+    assert answer.startswith(b"HTTP/1.1 503 ") and calls == [(None, None, "u1")]
+    answer, calls = _ask_in_process(_refuse(AssertionError("not called")),
+                                    target="/v1/usage?user_id=")
+    assert answer.startswith(b"HTTP/1.1 400 ") and calls == []
+
+
+def test_with_keys_on_a_pk_key_and_a_user_token_read_only_that_user(tmp_path: Path) -> None:
+    """The GetUsage rule, over HTTP: 401 without a valid key or token, 403 for a key that may
+    not read or a token naming someone else, 200 for the user the token names. With keys on,
+    the endpoint may listen on any address (here 0.0.0.0, reached over loopback)."""
+    admin_key = "ak_" + "h" * 40
+    process = ServerProcess(tmp_path / "data", plans=None, env={"QUOTAD_ADMIN_KEY": admin_key},
+                            extra_args=("--http-listen", "0.0.0.0:0"))
+    try:
+        process.start()
+        process.http_address = "127.0.0.1:" + process.http_address.rpartition(":")[2]
+        with qc.QuotaClient(process.address, api_key=admin_key, timeout_s=10) as admin:
+            secret = admin.create_key("secret", app="acme").secret
+            public = admin.create_key("public", app="acme").secret
+            other_secret = admin.create_key("secret", app="other").secret
+        with qc.QuotaClient(process.address, api_key=secret, timeout_s=10) as backend:
+            backend.upsert_plan(PLAN)
+            for user in ("u1", "u2"):
+                backend.subscribe(user, "p")
+            backend.track("u1", "render", 2)
+            expected = backend.usage("u1")
+        token = qc.mint_user_token(secret, "acme", "u1", ttl_s=600)
+        as_browser = {"Authorization": f"Bearer {public}", "X-Quotad-User-Token": token}
+
+        status, body = get_json(process, "/v1/usage?user_id=u1", as_browser)
+        assert status == 200, body
+        renders = next(c for c in body["counters"] if c["key"] == "renders")
+        assert renders["used"] == 2 and renders["remaining"] == 3
+        assert [c["used"] for c in body["counters"]] == [c.used for c in expected.counters]
+
+        refusals = {
+            401: [{}, {"Authorization": f"Bearer {public}"},
+                  {"Authorization": "Bearer pk_nothing", "X-Quotad-User-Token": token},
+                  {**as_browser, "X-Quotad-User-Token": qc.mint_user_token(
+                      secret, "acme", "u1", ttl_s=600)[:-3] + "AAA"}],
+            403: [{**as_browser, "X-Quotad-User-Token": qc.mint_user_token(
+                      secret, "acme", "u2", ttl_s=600)},
+                  {**as_browser, "X-Quotad-User-Token": qc.mint_user_token(
+                      other_secret, "other", "u1", ttl_s=600)},
+                  {"Authorization": f"Bearer {admin_key}"}],
+        }
+        for code, cases in refusals.items():
+            for headers in cases:
+                status, body = get_json(process, "/v1/usage?user_id=u1", headers)
+                assert status == code, (headers, body)
+                assert "counters" not in body
+        status, _ = get_json(process, "/v1/usage?user_id=u1",
+                             {"Authorization": f"Bearer {secret}"})
+        assert status == 200  # the app's own sk_ key reads any of its users
+    finally:
+        process.close()
