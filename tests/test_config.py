@@ -156,6 +156,20 @@ def test_a_callers_request_id_is_echoed_and_names_its_refused_call_in_the_log(se
     assert not any(line.get("message") == "call" for line in server.log_lines)  # info: quiet
 
 
+def test_a_watch_has_a_request_id_too(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stream = stubs.QuotaServiceStub(channel).WatchUsage(
+            pb.WatchUsageRequest(user_id="nobody"), metadata=(("x-request-id", "watch-7"),),
+            timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stream)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert ("x-request-id", "watch-7") in [
+            (m.key, m.value) for m in refused.value.initial_metadata()]
+    line = wait_for_line(server, message="refused", request_id="watch-7")
+    assert line["method"] == "/quotad.v1.QuotaService/WatchUsage"
+
+
 ADMIN_KEY = "ak_" + "k" * 40
 
 

@@ -13,11 +13,12 @@ that succeeds costs no logging work at info.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -51,7 +52,8 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Gives each unary call its request id and logs refused calls (and, at debug, all)."""
+    """Gives each call (unary, and WatchUsage's stream) its request id and logs refused calls
+    (and, at debug, all)."""
 
     def __init__(self) -> None:
         self._prefix = secrets.token_hex(4)
@@ -64,26 +66,54 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[Any], Any],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         method = details.method
         request_id = _given_request_id(details.invocation_metadata) or self.new_request_id()
-        inner = handler.unary_unary
         access_log = self._access_log
 
-        async def with_request_id(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            REQUEST_ID.set(request_id)  # this call's own task: other calls never see it
+        def refused(context: grpc.aio.ServicerContext) -> None:
+            log.info("refused", extra={"code": _code_name(context), "method": method,
+                                       "status_message": context.details() or ""})
+
+        def served(started: float) -> None:
+            log.debug("call", extra={"code": "OK", "method": method, "duration_ms": round(
+                (time.perf_counter() - started) * 1e3, 3)})
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def with_request_id(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                REQUEST_ID.set(request_id)  # this call's own task: other calls never see it
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+                started = time.perf_counter() if access_log else 0.0
+                try:
+                    response = await inner(request, context)
+                except BaseException:
+                    refused(context)
+                    raise
+                if access_log:
+                    served(started)
+                return response
+
+            return handler._replace(unary_unary=with_request_id)
+
+        streaming = handler.unary_stream
+
+        async def stream_with_request_id(request: Any,
+                                         context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            REQUEST_ID.set(request_id)
             await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
             started = time.perf_counter() if access_log else 0.0
             try:
-                response = await inner(request, context)
+                async for message in streaming(request, context):
+                    yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                raise  # the caller went away: not a refusal
             except BaseException:
-                log.info("refused", extra={"code": _code_name(context), "method": method,
-                                           "status_message": context.details() or ""})
+                refused(context)
                 raise
             if access_log:
-                log.debug("call", extra={"code": "OK", "method": method, "duration_ms": round(
-                    (time.perf_counter() - started) * 1e3, 3)})
-            return response
+                served(started)
 
-        return handler._replace(unary_unary=with_request_id)
+        return handler._replace(unary_stream=stream_with_request_id)
