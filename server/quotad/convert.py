@@ -17,8 +17,17 @@ from .plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
 from .v1 import quotad_pb2 as pb
 
 
+_RESERVATION_IDS_PER_READ = 256
+_reservation_ids: list[str] = []
+
+
 def new_reservation_id() -> str:
-    return "rsv_" + secrets.token_hex(12)
+    """rsv_ and 12 random bytes from the OS's CSPRNG, read for 256 ids at a time (one read
+    per id cost more than the rest of a Reserve's conversion)."""
+    if not _reservation_ids:
+        text = secrets.token_hex(12 * _RESERVATION_IDS_PER_READ)
+        _reservation_ids.extend("rsv_" + text[at: at + 24] for at in range(0, len(text), 24))
+    return _reservation_ids.pop()
 
 
 def _metadata(v: Violations, metadata) -> c.Metadata:
