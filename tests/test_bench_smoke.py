@@ -115,4 +115,5 @@ def test_the_unary_bench_runs_against_its_own_servers_and_prints_a_ratio():
     assert result.returncode == 0, result.stderr[-2000:]
     row = result.stdout.strip().splitlines()[-1].split("|")
     assert row[0].strip() == "2"
-    assert float(row[1].split()[0]) > 0 and float(row[-1]) > 0
+    ratio, cpu_ratio = (float(figure) for figure in row[-1].split())
+    assert float(row[1].split()[0]) > 0 and ratio > 0 and cpu_ratio > 0
