@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from .targets import _server_process_class, _set_up_quotad, process_cpu_s
+from .targets import EchoTarget, _server_process_class, _set_up_quotad, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
 
 USERS = 1000
@@ -106,6 +106,13 @@ def run_once(options: argparse.Namespace) -> dict[str, float]:
     server = None
     data_dir = None
     address = options.target
+    if options.echo:
+        echo = EchoTarget()
+        echo.start()
+        try:
+            return _measure(options, echo.address, echo.pid)
+        finally:
+            echo.stop()
     if address is None:
         data_dir = tempfile.TemporaryDirectory(prefix="bench-batch-")
         server = _server_process_class()(Path(data_dir.name) / "data", plans=None,
@@ -114,20 +121,7 @@ def run_once(options: argparse.Namespace) -> dict[str, float]:
         address = server.address
     try:
         asyncio.run(_set_up_quotad(address, USERS))
-        start_at = time.time() + 0.5
-        pid = server.process.pid if server is not None else None
-        jobs = [(address, index, options.batch, options.in_flight, start_at, options.seconds,
-                 options.idempotency_keys) for index in range(options.processes)]
-        with multiprocessing.get_context("spawn").Pool(options.processes) as pool:
-            pending = pool.map_async(_client, jobs)
-            time.sleep(max(0.0, start_at - time.time()))
-            cpu_before = process_cpu_s(pid)
-            wall_before = time.time()
-            while not pending.ready() and time.time() < wall_before + options.seconds:
-                time.sleep(0.05)
-            cpu_after = process_cpu_s(pid)
-            wall_s = time.time() - wall_before
-            clients = pending.get(timeout=options.seconds + 120)
+        figures = _measure(options, address, server.process.pid if server is not None else None)
     finally:
         if server is not None:
             server.stop()
@@ -135,6 +129,25 @@ def run_once(options: argparse.Namespace) -> dict[str, float]:
             server.close()
         if data_dir is not None:
             data_dir.cleanup()
+    if server is not None:
+        figures["records_per_txn"] = stopped["records_written"] / max(1, stopped["batches"])
+    return figures
+
+
+def _measure(options: argparse.Namespace, address: str, pid: int | None) -> dict[str, float]:
+    start_at = time.time() + 0.5
+    jobs = [(address, index, options.batch, options.in_flight, start_at, options.seconds,
+             options.idempotency_keys) for index in range(options.processes)]
+    with multiprocessing.get_context("spawn").Pool(options.processes) as pool:
+        pending = pool.map_async(_client, jobs)
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu_before = process_cpu_s(pid)
+        wall_before = time.time()
+        while not pending.ready() and time.time() < wall_before + options.seconds:
+            time.sleep(0.05)
+        cpu_after = process_cpu_s(pid)
+        wall_s = time.time() - wall_before
+        clients = pending.get(timeout=options.seconds + 120)
     pairs = sum(c["pairs"] for c in clients)
     seconds = max(c["seconds"] for c in clients)
     figures = {"pairs_per_s": pairs / seconds, "errors": sum(c["errors"] for c in clients),
@@ -143,8 +156,6 @@ def run_once(options: argparse.Namespace) -> dict[str, float]:
         server_cpu_s = cpu_after - cpu_before
         figures["server_cpu"] = server_cpu_s / wall_s
         figures["server_us_per_pair"] = server_cpu_s / max(1, pairs * wall_s / seconds) * 1e6
-    if server is not None:
-        figures["records_per_txn"] = stopped["records_written"] / max(1, stopped["batches"])
     return figures
 
 
@@ -168,6 +179,9 @@ def main() -> None:
                              "AsyncQuotaClient does by default (quotad stores each durably)")
     parser.add_argument("--target", metavar="HOST:PORT",
                         help="a running quotad (loopback, no API keys) instead of a fresh one")
+    parser.add_argument("--echo", action="store_true",
+                        help="measure bench/echo_server.py instead (fixed answers, no state, "
+                             "no I/O): the transport's own ceiling for the same messages")
     options = parser.parse_args()
     if not 1 <= options.batch <= BATCH_MAX:
         parser.error(f"--batch must be 1 to {BATCH_MAX}")
@@ -175,7 +189,8 @@ def main() -> None:
         parser.error("--in-flight, --processes and --runs must be >= 1")
     runs = [run_once(options) for _ in range(options.runs)]
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    print(f"Batch of {options.batch}, {options.in_flight} in flight x {options.processes} "
+    print(f"{'echo' if options.echo else 'quotad'}: Batch of {options.batch}, "
+          f"{options.in_flight} in flight x {options.processes} "
           f"processes, keys {'on' if options.idempotency_keys else 'off'}, median of "
           f"{options.runs} runs of {options.seconds:g} s")
     for key, value in median.items():
