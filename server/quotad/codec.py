@@ -62,9 +62,10 @@ def encode_record_and_events(record: Record) -> tuple[bytes, list[bytes]]:
     return _checksum(body) + body, events
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                          check_circular=False).encode
 """json.dumps(value, separators=(",", ":"), ensure_ascii=False), without making an encoder
-per call."""
+per call (and without its check for cycles: records are trees)."""
 
 
 def _plain_fields(value: Any) -> Any:
