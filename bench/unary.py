@@ -6,8 +6,8 @@ bare grpc.aio echo server answering the same messages (the transport's own cost)
 Starts its own servers on free loopback ports (quotad on a fresh data directory each run),
 drives each with one grpc.aio client process in alternation, and prints medians of the runs
 and the quotad / echo ratio, and each server's CPU time per call (user + system, from
-/proc) over the measured seconds, with its quotad / echo ratio. Also prints how group commit behaved: records per LMDB
-transaction (from quotad's stop line).
+/proc) over the measured seconds, with its quotad / echo ratio. Also prints how group
+commit behaved: records per LMDB transaction (from quotad's stop line).
 
 The full harness (workloads, Redis peers, client processes, JSON and plots) is
 `python -m bench`; this one stays as the smallest raw-stub check of the transport.
