@@ -5,8 +5,9 @@ bare grpc.aio echo server answering the same messages (the transport's own cost)
 
 Starts its own servers on free loopback ports (quotad on a fresh data directory each run),
 drives each with one grpc.aio client process in alternation, and prints medians of the runs
-and the quotad / echo ratio. Also prints how group commit behaved: records per LMDB
-transaction (from quotad's stop line).
+and the quotad / echo ratio, and each server's CPU time per call (user + system, from
+/proc) over the measured seconds, with its quotad / echo ratio. Also prints how group
+commit behaved: records per LMDB transaction (from quotad's stop line).
 
 The full harness (workloads, Redis peers, client processes, JSON and plots) is
 `python -m bench`; this one stays as the smallest raw-stub check of the transport.
@@ -28,6 +29,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from server_process import ServerProcess  # noqa: E402
 
+from bench.targets import process_cpu_s  # noqa: E402
+
 from quotad.v1 import quotad_pb2 as pb  # noqa: E402
 from quotad.v1 import quotad_pb2_grpc as stubs  # noqa: E402
 
@@ -45,11 +48,12 @@ async def _set_up(channel: grpc.aio.Channel) -> None:
 
 
 async def _drive(address: str, concurrency: int, seconds: float, pairs: bool,
-                 set_up: bool) -> tuple[int, list[float]]:
+                 set_up: bool, server_pid: int) -> tuple[int, list[float], float]:
     async with grpc.aio.insecure_channel(address) as channel:
         quota = stubs.QuotaServiceStub(channel)
         if set_up:
             await _set_up(channel)
+        cpu_started_s = process_cpu_s(server_pid) or 0.0
         deadline = time.perf_counter() + seconds
         latencies_s: list[float] = []
 
@@ -69,13 +73,16 @@ async def _drive(address: str, concurrency: int, seconds: float, pairs: bool,
             return done
 
         counts = await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        return sum(counts), latencies_s
+        server_cpu_s = (process_cpu_s(server_pid) or 0.0) - cpu_started_s
+        return sum(counts), latencies_s, server_cpu_s
 
 
-def _figures(calls: int, latencies_s: list[float], seconds: float) -> dict[str, float]:
+def _figures(calls: int, latencies_s: list[float], seconds: float,
+             server_cpu_s: float) -> dict[str, float]:
     latencies_s.sort()
     return {
         "calls_per_s": calls / seconds,
+        "server_cpu_us_per_call": server_cpu_s / max(1, calls) * 1e6,
         "reserve_p50_ms": latencies_s[len(latencies_s) // 2] * 1e3,
         "reserve_p99_ms": latencies_s[int(len(latencies_s) * 0.99)] * 1e3,
     }
@@ -85,12 +92,13 @@ def run_quotad(concurrency: int, seconds: float, pairs: bool) -> dict[str, float
     with tempfile.TemporaryDirectory() as data_dir:
         server = ServerProcess(Path(data_dir), plans=None, extra_args=()).start()
         try:
-            calls, latencies_s = asyncio.run(
-                _drive(server.address, concurrency, seconds, pairs, set_up=True))
+            calls, latencies_s, server_cpu_s = asyncio.run(_drive(
+                server.address, concurrency, seconds, pairs, set_up=True,
+                server_pid=server.process.pid))
         finally:
             server.stop()
         stopped = server.last("stopped")
-    figures = _figures(calls, latencies_s, seconds)
+    figures = _figures(calls, latencies_s, seconds, server_cpu_s)
     figures["records_per_txn"] = stopped["records_written"] / max(1, stopped["batches"])
     return figures
 
@@ -101,12 +109,13 @@ def run_echo(concurrency: int, seconds: float, pairs: bool) -> dict[str, float]:
     try:
         assert echo.stdout is not None
         port = int(echo.stdout.readline())
-        calls, latencies_s = asyncio.run(
-            _drive(f"127.0.0.1:{port}", concurrency, seconds, pairs, set_up=False))
+        calls, latencies_s, server_cpu_s = asyncio.run(_drive(
+            f"127.0.0.1:{port}", concurrency, seconds, pairs, set_up=False,
+            server_pid=echo.pid))
     finally:
         echo.kill()
         echo.wait(timeout=30)
-    return _figures(calls, latencies_s, seconds)
+    return _figures(calls, latencies_s, seconds, server_cpu_s)
 
 
 def main() -> None:
@@ -118,8 +127,9 @@ def main() -> None:
     args = parser.parse_args()
     what = "Reserve+Commit" if args.pairs else "Reserve"
     print(f"{what}, median of {args.runs} runs of {args.seconds:g} s each, one client process")
-    print(f"{'in flight':>9} | {'quotad calls/s':>14} {'p50 ms':>7} {'p99 ms':>7} {'rec/txn':>8} |"
-          f" {'echo calls/s':>12} {'p50 ms':>7} | {'quotad/echo':>11}")
+    print(f"{'in flight':>9} | {'quotad calls/s':>14} {'p50 ms':>7} {'p99 ms':>7} {'rec/txn':>8}"
+          f" {'CPU us':>7} | {'echo calls/s':>12} {'p50 ms':>7} {'CPU us':>7} |"
+          f" {'quotad/echo':>11} {'CPU ratio':>9}")
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         quotad_runs, echo_runs = [], []
         for _ in range(args.runs):  # alternate, so drift on a shared machine hits both
@@ -128,9 +138,12 @@ def main() -> None:
         q = {key: statistics.median(r[key] for r in quotad_runs) for key in quotad_runs[0]}
         e = {key: statistics.median(r[key] for r in echo_runs) for key in echo_runs[0]}
         print(f"{concurrency:>9} | {q['calls_per_s']:>14.0f} {q['reserve_p50_ms']:>7.2f} "
-              f"{q['reserve_p99_ms']:>7.2f} {q['records_per_txn']:>8.1f} |"
-              f" {e['calls_per_s']:>12.0f} {e['reserve_p50_ms']:>7.2f} |"
-              f" {q['calls_per_s'] / e['calls_per_s']:>11.2f}")
+              f"{q['reserve_p99_ms']:>7.2f} {q['records_per_txn']:>8.1f}"
+              f" {q['server_cpu_us_per_call']:>7.0f} |"
+              f" {e['calls_per_s']:>12.0f} {e['reserve_p50_ms']:>7.2f}"
+              f" {e['server_cpu_us_per_call']:>7.0f} |"
+              f" {q['calls_per_s'] / e['calls_per_s']:>11.2f}"
+              f" {q['server_cpu_us_per_call'] / e['server_cpu_us_per_call']:>9.2f}")
 
 
 if __name__ == "__main__":

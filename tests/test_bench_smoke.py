@@ -115,4 +115,31 @@ def test_the_unary_bench_runs_against_its_own_servers_and_prints_a_ratio():
     assert result.returncode == 0, result.stderr[-2000:]
     row = result.stdout.strip().splitlines()[-1].split("|")
     assert row[0].strip() == "2"
-    assert float(row[1].split()[0]) > 0 and float(row[-1]) > 0
+    ratio, cpu_ratio = (float(figure) for figure in row[-1].split())
+    assert float(row[1].split()[0]) > 0 and ratio > 0 and cpu_ratio > 0
+
+
+def _run_bench(module: str, *args: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout.strip().splitlines()
+
+
+def test_the_batch_bench_drives_quotad_and_reports_its_cpu_per_pair():
+    lines = _run_bench("bench.batch", "--seconds", "0.5", "--runs", "1", "--processes", "1",
+                       "--batch", "50", "--in-flight", "1", "--idempotency-keys")
+    figures = {line.split()[0]: float(line.split()[1].replace(",", "")) for line in lines[1:]}
+    assert figures["pairs_per_s"] > 0 and figures["errors"] == 0
+    assert figures["server_us_per_pair"] > 0 and figures["records_per_txn"] >= 1
+
+
+def test_the_fsync_and_stream_benches_run():
+    lines = _run_bench("bench.fsync", "--commits", "20", "--records", "1,10")
+    assert [line.split()[0] for line in lines[1:]] == ["1", "10"]
+    assert all(float(line.split()[1]) > 0 for line in lines[1:])
+    lines = _run_bench("bench.stream_vs_batch", "--seconds", "0.3", "--runs", "1",
+                       "--window", "64", "--batch", "32", "--stream-batch", "8")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[-3:]}
+    assert set(rows) == {"batch", "stream-1", "stream-N"}
+    assert all(float(row[0].replace(",", "")) > 0 for row in rows.values())

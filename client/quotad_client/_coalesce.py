@@ -73,8 +73,10 @@ class Coalescer:
 
     async def _run(self, items: list[tuple[str, Message, asyncio.Future[Message]]]) -> None:
         try:
-            request = quotad_pb2.BatchRequest(operations=[
-                quotad_pb2.BatchOperation(**{kind: message}) for kind, message, _ in items])
+            request = quotad_pb2.BatchRequest()
+            add = request.operations.add
+            for kind, message, _ in items:  # ~3x cheaper than BatchOperation(**{kind: ...})
+                getattr(add(), kind).CopyFrom(message)
             self.batches_sent += 1
             response = await self._batch_method(request, timeout=self._timeout_s,
                                                 metadata=self._metadata)

@@ -44,10 +44,12 @@ _MATCH_KEYS = frozenset({"event_types", "metadata"})
 
 # --- times -----------------------------------------------------------------------------------
 
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)
+
+
 def to_datetime(ts: timestamp_pb2.Timestamp) -> datetime:
     """A Timestamp as an aware UTC datetime."""
-    return datetime.fromtimestamp(0, timezone.utc) + timedelta(
-        seconds=ts.seconds, microseconds=ts.nanos // 1000)
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def to_timestamp(when: datetime) -> timestamp_pb2.Timestamp:
@@ -72,10 +74,13 @@ def to_duration(seconds: float | timedelta) -> duration_pb2.Duration:
 
 # --- windows ---------------------------------------------------------------------------------
 
+_WINDOW_NAMES = {value: name.lower() for name, value in quotad_pb2.Window.items()
+                 if name != "WINDOW_UNSPECIFIED"}
+
+
 def window_name(value: int) -> str:
-    """The lower-case name of a proto Window ("unspecified" for 0)."""
-    name = quotad_pb2.Window.Name(value) if value in quotad_pb2.Window.values() else ""
-    return "unspecified" if name in ("", "WINDOW_UNSPECIFIED") else name.lower()
+    """The lower-case name of a proto Window ("unspecified" for 0 or an unknown value)."""
+    return _WINDOW_NAMES.get(value, "unspecified")
 
 
 def window_value(window: str | int) -> quotad_pb2.Window:

@@ -45,13 +45,57 @@ def key_sequence(key: bytes) -> int:
 
 
 def encode_record(record: Record) -> bytes:
-    document: dict[str, Any] = {"type": type(record.command).__name__,
-                                "fields": to_plain(record.command)}
-    if record.events:
-        document["events"] = to_plain(record.events)
-    payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    body = _HEADER.pack(b"", record.sequence, record.now_ns)[CHECKSUM_BYTES:] + payload
-    return _checksum(body) + body
+    return encode_record_and_events(record)[0]
+
+
+def encode_record_and_events(record: Record) -> tuple[bytes, list[bytes]]:
+    """The record's value, and each of its audit events as JSON (for the events index).
+    Each event is encoded once and spliced into the record's payload, which comes out the
+    same as json.dumps of {"type", "fields", "events"} with compact separators."""
+    events = [_dumps(_plain_fields(event)).encode("utf-8") for event in record.events]
+    payload = b'{"type":"%s","fields":%s' % (
+        type(record.command).__name__.encode(),
+        _dumps(_plain_fields(record.command)).encode("utf-8"))
+    if events:
+        payload += b',"events":[' + b",".join(events) + b"]"
+    body = _HEADER.pack(b"", record.sequence, record.now_ns)[CHECKSUM_BYTES:] + payload + b"}"
+    return _checksum(body) + body, events
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                          check_circular=False).encode
+"""json.dumps(value, separators=(",", ":"), ensure_ascii=False), without making an encoder
+per call (and without its check for cycles: records are trees)."""
+
+
+def _plain_fields(value: Any) -> Any:
+    """to_plain(value), skipped for the dataclasses whose fields JSON takes as they are."""
+    names = _flat_field_names(type(value))
+    if names is None:
+        return to_plain(value)
+    return {name: getattr(value, name) for name in names}
+
+
+@cache
+def _flat_field_names(cls: type) -> tuple[str, ...] | None:
+    """The field names of a dataclass whose fields are all str, int, bool, None or tuples of
+    those (JSON writes a tuple as to_plain's list); None for any other type."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    hints = _hints(cls)
+    for name in (f.name for f in dataclasses.fields(cls)):
+        if not _is_flat(hints[name]):
+            return None
+    return _field_names(cls)
+
+
+def _is_flat(hint: Any) -> bool:
+    if hint in (str, int, bool, type(None)):
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (tuple, types.UnionType, typing.Union):
+        return all(arg is Ellipsis or _is_flat(arg) for arg in typing.get_args(hint))
+    return False
 
 
 def decode_record(key: bytes, value: bytes) -> Record:

@@ -17,8 +17,17 @@ from .plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
 from .v1 import quotad_pb2 as pb
 
 
+_RESERVATION_IDS_PER_READ = 256
+_reservation_ids: list[str] = []
+
+
 def new_reservation_id() -> str:
-    return "rsv_" + secrets.token_hex(12)
+    """rsv_ and 12 random bytes from the OS's CSPRNG, read for 256 ids at a time (one read
+    per id cost more than the rest of a Reserve's conversion)."""
+    if not _reservation_ids:
+        text = secrets.token_hex(12 * _RESERVATION_IDS_PER_READ)
+        _reservation_ids.extend("rsv_" + text[at: at + 24] for at in range(0, len(text), 24))
+    return _reservation_ids.pop()
 
 
 def _metadata(v: Violations, metadata) -> c.Metadata:
@@ -136,13 +145,8 @@ def timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
 
 
 def counter(view: c.CounterView) -> pb.Counter:
-    message = pb.Counter(
-        key=view.key, label=view.label, unit=view.unit, quota=view.quota, used=view.used,
-        held=view.held, remaining=view.remaining, window=int(view.window),
-        window_start=timestamp(view.window_start_ns),
-    )
-    if view.resets_at_ns is not None:
-        message.resets_at.CopyFrom(timestamp(view.resets_at_ns))
+    message = pb.Counter()
+    _fill_counter(message, view)
     return message
 
 
@@ -151,8 +155,69 @@ def counters(views: tuple[c.CounterView, ...]) -> list[pb.Counter]:
 
 
 def reserve_response(result: c.ReserveResult) -> pb.ReserveResponse:
-    response = pb.ReserveResponse(allowed=result.allowed, reservation_id=result.reservation_id,
-                                  counters=counters(result.counters), denied_by=result.denied_by)
-    if result.allowed:
-        response.expires_at.CopyFrom(timestamp(result.expires_at_ns))
+    response = pb.ReserveResponse()
+    fill_reserve_response(response, result)
     return response
+
+
+# Responses are filled in place, field by field: on the hot path that is about twice as fast
+# as building messages from keyword arguments, which copies every sub-message (and a Batch
+# would copy each response once more into its result).
+
+def _fill_timestamp(message: timestamp_pb2.Timestamp, at_ns: int) -> None:
+    message.seconds, message.nanos = divmod(at_ns, limits.NS_PER_S)
+
+
+def _fill_counter(message: pb.Counter, view: c.CounterView) -> None:
+    message.key = view.key
+    message.label = view.label
+    message.unit = view.unit
+    message.quota = view.quota
+    message.used = view.used
+    message.held = view.held
+    message.remaining = view.remaining
+    message.window = view.window
+    _fill_timestamp(message.window_start, view.window_start_ns)
+    if view.resets_at_ns is not None:
+        _fill_timestamp(message.resets_at, view.resets_at_ns)
+
+
+def _fill_counters(repeated, views: tuple[c.CounterView, ...]) -> None:
+    for view in views:
+        _fill_counter(repeated.add(), view)
+
+
+def fill_reserve_response(message: pb.ReserveResponse, result: c.ReserveResult) -> None:
+    message.allowed = result.allowed
+    message.reservation_id = result.reservation_id
+    message.denied_by = result.denied_by
+    _fill_counters(message.counters, result.counters)
+    if result.allowed:
+        _fill_timestamp(message.expires_at, result.expires_at_ns)
+
+
+def fill_commit_response(message: pb.CommitResponse, result: c.CommitResult) -> None:
+    _fill_counters(message.counters, result.counters)
+    message.committed = result.committed
+    message.returned = result.returned
+    message.expired = result.expired
+
+
+def fill_release_response(message: pb.ReleaseResponse, result: c.ReleaseResult) -> None:
+    _fill_counters(message.counters, result.counters)
+
+
+def fill_extend_response(message: pb.ExtendResponse, result: c.ExtendResult) -> None:
+    _fill_timestamp(message.expires_at, result.expires_at_ns)
+
+
+def fill_track_response(message: pb.TrackResponse, result: c.TrackResult) -> None:
+    message.allowed = result.allowed
+    _fill_counters(message.counters, result.counters)
+    message.denied_by = result.denied_by
+
+
+def fill_usage_response(message: pb.GetUsageResponse, result: c.UsageResult) -> None:
+    message.user_id = result.user_id
+    message.plan_id = result.plan_id
+    _fill_counters(message.counters, result.counters)

@@ -76,7 +76,7 @@ class Violations:
             self.add(field, description)
 
     def text(self, value: str, field: str, *, bytes_min: int, bytes_max: int) -> None:
-        size = len(value.encode("utf-8", "surrogatepass"))
+        size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
         if size < bytes_min or size > bytes_max:
             self.add(field, f"must be {bytes_min} to {bytes_max} bytes, got {size}")
 

@@ -127,18 +127,29 @@ _Method = tuple[str, Any, Callable[[str, Any], Any], Callable[[Any], Any]]
 
 QUOTA_METHODS: list[_Method] = [
     ("Reserve", pb.ReserveRequest, convert.reserve, convert.reserve_response),
-    ("Commit", pb.CommitRequest, convert.commit, lambda r: pb.CommitResponse(
-        counters=convert.counters(r.counters), committed=r.committed, returned=r.returned,
-        expired=r.expired)),
-    ("Release", pb.ReleaseRequest, convert.release, lambda r: pb.ReleaseResponse(
-        counters=convert.counters(r.counters))),
-    ("Extend", pb.ExtendRequest, convert.extend, lambda r: pb.ExtendResponse(
-        expires_at=convert.timestamp(r.expires_at_ns))),
-    ("Track", pb.TrackRequest, convert.track, lambda r: pb.TrackResponse(
-        allowed=r.allowed, counters=convert.counters(r.counters), denied_by=r.denied_by)),
-    ("GetUsage", pb.GetUsageRequest, convert.get_usage, lambda r: pb.GetUsageResponse(
-        user_id=r.user_id, plan_id=r.plan_id, counters=convert.counters(r.counters))),
+    ("Commit", pb.CommitRequest, convert.commit,
+     lambda r: _filled(pb.CommitResponse(), convert.fill_commit_response, r)),
+    ("Release", pb.ReleaseRequest, convert.release,
+     lambda r: _filled(pb.ReleaseResponse(), convert.fill_release_response, r)),
+    ("Extend", pb.ExtendRequest, convert.extend,
+     lambda r: _filled(pb.ExtendResponse(), convert.fill_extend_response, r)),
+    ("Track", pb.TrackRequest, convert.track,
+     lambda r: _filled(pb.TrackResponse(), convert.fill_track_response, r)),
+    ("GetUsage", pb.GetUsageRequest, convert.get_usage,
+     lambda r: _filled(pb.GetUsageResponse(), convert.fill_usage_response, r)),
 ]
+_FILL_BATCH_RESULT = {
+    "reserve": convert.fill_reserve_response, "commit": convert.fill_commit_response,
+    "release": convert.fill_release_response, "extend": convert.fill_extend_response,
+    "track": convert.fill_track_response, "get_usage": convert.fill_usage_response,
+}
+"""How each kind of Batch operation's result is written into its BatchResult field."""
+
+
+def _filled(message: Any, fill: Callable[[Any, Any], None], result: Any) -> Any:
+    fill(message, result)
+    return message
+
 
 ADMIN_METHODS: list[_Method] = [
     ("UpsertPlan", pb.UpsertPlanRequest, convert.upsert_plan, lambda r: pb.UpsertPlanResponse(
@@ -301,7 +312,7 @@ def _batch_handler(gate: Gate) -> _Handler:
         if not 1 <= count <= BATCH_OPERATIONS_MAX:
             raise InvalidArgument([FieldViolation(
                 "operations", f"must hold 1 to {BATCH_OPERATIONS_MAX} operations")])
-        results: list[pb.BatchResult | None] = [None] * count
+        results: list[Any] = [None] * count  # an error's BatchResult, or (kind, result)
         accepted: list[tuple[int, str, Any]] = []
         for index, operation in enumerate(request.operations):
             kind = operation.WhichOneof("operation")
@@ -316,12 +327,16 @@ def _batch_handler(gate: Gate) -> _Handler:
                 results[index] = _error_result(error)
         outcomes = await call.writer.execute_many([command for _, _, command in accepted])
         for (index, kind, _), outcome in zip(accepted, outcomes):
-            if outcome.error is not None:
-                results[index] = _error_result(outcome.error)
+            results[index] = (kind, outcome.result) if outcome.error is None else \
+                _error_result(outcome.error)
+        response = pb.BatchResponse()
+        for answer in results:  # filled in place, in order: no copies of the results
+            if isinstance(answer, tuple):
+                kind, result = answer
+                _FILL_BATCH_RESULT[kind](getattr(response.results.add(), kind), result)
             else:
-                to_response = _QUOTA_TABLE[_BATCH_KINDS[kind]][1]
-                results[index] = pb.BatchResult(**{kind: to_response(outcome.result)})
-        return pb.BatchResponse(results=results)
+                response.results.append(answer)
+        return response
     return _answering(gate, "Batch", answer)
 
 

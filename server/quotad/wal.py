@@ -32,7 +32,7 @@ from typing import Any
 import lmdb
 
 from .codec import (
-    CorruptRecord, decode_record, encode_record, from_plain, key_sequence, record_key, to_plain,
+    CorruptRecord, decode_record, encode_record_and_events, from_plain, key_sequence, record_key,
 )
 from .commands import AuditEvent, Record
 
@@ -126,12 +126,13 @@ class Log:
         fault_kind, fault_at = self._fault
         with self.env.begin(write=True) as txn:
             for record in records:
-                stored = txn.put(record_key(record.sequence), encode_record(record),
+                value, event_values = encode_record_and_events(record)
+                stored = txn.put(record_key(record.sequence), value,
                                  append=True, overwrite=False, db=self.log_db)
                 assert stored, f"log already holds sequence {record.sequence}"
-                for index, event in enumerate(record.events):
+                for index, (event, event_value) in enumerate(zip(record.events, event_values)):
                     txn.put(_event_key(event, record.now_ns, record.sequence, index),
-                            _encode_event(event), db=self.events_db)
+                            event_value, db=self.events_db)
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
@@ -279,10 +280,6 @@ class TornTail(Exception):
                          f"{dropped} records dropped")
         self.sequence = sequence
         self.dropped = dropped
-
-
-def _encode_event(event: AuditEvent) -> bytes:
-    return json.dumps(to_plain(event), separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _decode_event(value: bytes) -> AuditEvent:

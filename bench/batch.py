@@ -1,0 +1,202 @@
+"""Durable reserve + commit pairs/s that one quotad process sustains through Batch RPCs.
+
+    .venv/bin/python -m bench.batch [--batch 500] [--in-flight 2] [--processes 2]
+                                    [--seconds 5] [--runs 3] [--idempotency-keys]
+
+The server's own ceiling, with the client taken out of the way as far as Python allows: each
+client process keeps --in-flight loops, each sending a Batch of --batch Reserves (built once,
+sent as the same bytes every time: every Reserve still gets a fresh reservation id) and then a
+Batch committing the holds it got. A pair counts once its Commit is answered, i.e. durable.
+quotad is started on a fresh data directory per run; --target HOST:PORT measures a running one.
+
+Prints the median of the runs: pairs/s, records per LMDB transaction, the server's CPU per
+pair and its CPU use (1.0 = one core busy), and the clients' CPU use. A server at ~1.0 CPU is
+the bound; anything less means the clients or the disk are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .targets import EchoTarget, _server_process_class, _set_up_quotad, process_cpu_s
+from .workloads import EVENT_TYPE, MODEL, user_id
+
+USERS = 1000
+BATCH_DEFAULT = 500
+BATCH_MAX = 1000  # the server's BATCH_OPERATIONS_MAX
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+async def _drive(address: str, index: int, batch: int, in_flight: int, start_at: float,
+                 seconds: float, idempotency_keys: bool) -> dict[str, float]:
+    from quotad.v1 import quotad_pb2 as pb
+
+    async with grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024)]) as channel:
+        send = channel.unary_unary("/quotad.v1.QuotaService/Batch",
+                                   request_serializer=_identity,
+                                   response_deserializer=pb.BatchResponse.FromString)
+        reserves = [pb.BatchOperation(reserve=pb.ReserveRequest(
+            user_id=user_id((index * 7919 + i) % USERS), event_type=EVENT_TYPE, amount=1000,
+            metadata={"model": MODEL})) for i in range(batch)]
+        fixed = pb.BatchRequest(operations=reserves).SerializeToString()
+        serial = 0
+
+        def reserve_batch() -> bytes:
+            nonlocal serial
+            if not idempotency_keys:
+                return fixed
+            for operation in reserves:
+                serial += 1
+                operation.reserve.idempotency_key = f"r{index}-{serial}"
+            return pb.BatchRequest(operations=reserves).SerializeToString()
+
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        deadline = time.time() + seconds
+        cpu_started = time.process_time()
+        pairs = errors = 0
+
+        async def loop() -> None:
+            nonlocal pairs, errors, serial
+            while time.time() < deadline:
+                answer = await send(reserve_batch(), timeout=30)
+                commits = pb.BatchRequest()
+                for result in answer.results:
+                    if result.WhichOneof("result") != "reserve" or not result.reserve.allowed:
+                        errors += 1
+                        continue
+                    commit = commits.operations.add().commit
+                    commit.reservation_id = result.reserve.reservation_id
+                    commit.amount = 700
+                    if idempotency_keys:
+                        serial += 1
+                        commit.idempotency_key = f"c{index}-{serial}"
+                if not commits.operations:
+                    continue
+                answer = await send(commits.SerializeToString(), timeout=30)
+                for result in answer.results:
+                    if result.WhichOneof("result") == "commit":
+                        pairs += 1
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(loop() for _ in range(in_flight)))
+        elapsed_s = time.time() - deadline + seconds
+        return {"pairs": pairs, "errors": errors, "seconds": elapsed_s,
+                "cpu_s": time.process_time() - cpu_started}
+
+
+def _client(args: tuple[Any, ...]) -> dict[str, float]:
+    return asyncio.run(_drive(*args))
+
+
+def run_once(options: argparse.Namespace) -> dict[str, float]:
+    server = None
+    data_dir = None
+    address = options.target
+    if options.echo:
+        echo = EchoTarget()
+        echo.start()
+        try:
+            return _measure(options, echo.address, echo.pid)
+        finally:
+            echo.stop()
+    if address is None:
+        data_dir = tempfile.TemporaryDirectory(prefix="bench-batch-")
+        server = _server_process_class()(Path(data_dir.name) / "data", plans=None,
+                                         extra_args=())
+        server.start()
+        address = server.address
+    try:
+        asyncio.run(_set_up_quotad(address, USERS))
+        figures = _measure(options, address, server.process.pid if server is not None else None)
+    finally:
+        if server is not None:
+            server.stop()
+            stopped = server.last("stopped")
+            server.close()
+        if data_dir is not None:
+            data_dir.cleanup()
+    if server is not None:
+        figures["records_per_txn"] = stopped["records_written"] / max(1, stopped["batches"])
+    return figures
+
+
+def _measure(options: argparse.Namespace, address: str, pid: int | None) -> dict[str, float]:
+    start_at = time.time() + 0.5
+    jobs = [(address, index, options.batch, options.in_flight, start_at, options.seconds,
+             options.idempotency_keys) for index in range(options.processes)]
+    with multiprocessing.get_context("spawn").Pool(options.processes) as pool:
+        pending = pool.map_async(_client, jobs)
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu_before = process_cpu_s(pid)
+        wall_before = time.time()
+        while not pending.ready() and time.time() < wall_before + options.seconds:
+            time.sleep(0.05)
+        cpu_after = process_cpu_s(pid)
+        wall_s = time.time() - wall_before
+        clients = pending.get(timeout=options.seconds + 120)
+    pairs = sum(c["pairs"] for c in clients)
+    seconds = max(c["seconds"] for c in clients)
+    figures = {"pairs_per_s": pairs / seconds, "errors": sum(c["errors"] for c in clients),
+               "client_cpu": sum(c["cpu_s"] for c in clients) / seconds}
+    if cpu_before is not None and cpu_after is not None:
+        server_cpu_s = cpu_after - cpu_before
+        figures["server_cpu"] = server_cpu_s / wall_s
+        figures["server_us_per_pair"] = server_cpu_s / max(1, pairs * wall_s / seconds) * 1e6
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.batch", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=BATCH_DEFAULT, metavar="N",
+                        help=f"operations per Batch RPC, 1 to {BATCH_MAX} (default: "
+                             f"{BATCH_DEFAULT})")
+    parser.add_argument("--in-flight", type=int, default=2, metavar="N",
+                        help="Batch loops per client process (default: 2)")
+    parser.add_argument("--processes", type=int, default=2, metavar="N",
+                        help="client processes (default: 2)")
+    parser.add_argument("--seconds", type=float, default=5.0, metavar="S",
+                        help="measured length of each run (default: 5)")
+    parser.add_argument("--runs", type=int, default=3, metavar="N",
+                        help="runs; figures are medians (default: 3)")
+    parser.add_argument("--idempotency-keys", action="store_true",
+                        help="give every operation its own idempotency key, as "
+                             "AsyncQuotaClient does by default (quotad stores each durably)")
+    parser.add_argument("--target", metavar="HOST:PORT",
+                        help="a running quotad (loopback, no API keys) instead of a fresh one")
+    parser.add_argument("--echo", action="store_true",
+                        help="measure bench/echo_server.py instead (fixed answers, no state, "
+                             "no I/O): the transport's own ceiling for the same messages")
+    options = parser.parse_args()
+    if not 1 <= options.batch <= BATCH_MAX:
+        parser.error(f"--batch must be 1 to {BATCH_MAX}")
+    if options.in_flight < 1 or options.processes < 1 or options.runs < 1:
+        parser.error("--in-flight, --processes and --runs must be >= 1")
+    runs = [run_once(options) for _ in range(options.runs)]
+    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    print(f"{'echo' if options.echo else 'quotad'}: Batch of {options.batch}, "
+          f"{options.in_flight} in flight x {options.processes} "
+          f"processes, keys {'on' if options.idempotency_keys else 'off'}, median of "
+          f"{options.runs} runs of {options.seconds:g} s")
+    for key, value in median.items():
+        print(f"  {key:20} {value:>12,.2f}   runs: "
+              + ", ".join(f"{run[key]:,.1f}" for run in runs))
+
+
+if __name__ == "__main__":
+    main()
