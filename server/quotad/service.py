@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from . import commands as c
-from . import auth, convert, limits, watch
+from . import auth, convert, limits, requests, watch
 from .auth import Authenticator, Principal
 from .commands import AUDIT_KINDS, KeyView
 from .errors import (
@@ -138,6 +139,7 @@ QUOTA_METHODS: list[_Method] = [
     ("GetUsage", pb.GetUsageRequest, convert.get_usage,
      lambda r: _filled(pb.GetUsageResponse(), convert.fill_usage_response, r)),
 ]
+_QUOTA_RPCS = frozenset([name for name, *_ in QUOTA_METHODS] + ["Batch", "WatchUsage"])
 _FILL_BATCH_RESULT = {
     "reserve": convert.fill_reserve_response, "commit": convert.fill_commit_response,
     "release": convert.fill_release_response, "extend": convert.fill_extend_response,
@@ -195,21 +197,36 @@ def open_call(gate: Gate, metadata: Any, rpc: str) -> Call:
     return Call(writer, principal, metadata)
 
 
+def full_method(rpc: str) -> str:
+    service = "QuotaService" if rpc in _QUOTA_RPCS else "AdminService"
+    return f"/quotad.v1.{service}/{rpc}"
+
+
 def _answering(gate: Gate, rpc: str,
                answer: Callable[[Any, Call], Awaitable[Any]]) -> _Handler:
     """A gRPC handler around answer(request, call): the caller is authenticated first, then a
     request protobuf could not parse, and every refusal on the way to the answer, become the
     status they map to."""
+    method = full_method(rpc)
+
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = context.invocation_metadata() or ()
+        echo = ((requests.REQUEST_ID_HEADER, requests.begin(metadata)),)
+        started_s = time.perf_counter()
         try:
-            call = open_call(gate, context.invocation_metadata() or (), rpc)
+            call = open_call(gate, metadata, rpc)
             if isinstance(request, Malformed):
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {request.error}")])
-            return await answer(request, call)
+            response = await answer(request, call)
         except _REFUSALS as error:
             status = status_of(error)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            requests.refused(method, status.code.name, status.details)
+            await context.abort(status.code, status.details, (*status.trailing_metadata, *echo))
+        context.set_trailing_metadata(echo)
+        if requests.access_log_on():
+            requests.served(method, started_s)
+        return response
     return handle
 
 
@@ -472,6 +489,6 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
             hub = watch.WatchHub(gate.open_writer, lambda: gate.state == "serving")
             table["WatchUsage"] = watch.method_handler(
                 hub, _watch_caller(gate), _safe_parser(pb.WatchUsageRequest), status_of,
-                _REFUSALS)
+                _REFUSALS, full_method("WatchUsage"))
         handlers.append(grpc.method_handlers_generic_handler(service, table))
     return handlers

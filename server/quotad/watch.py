@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from . import convert, limits
+from . import convert, limits, requests
 from .commands import CounterView, Record, UpsertSubscription, UsageResult
 from .core import Core
 from .errors import (
@@ -322,13 +322,16 @@ def response(update: Update) -> pb.WatchUsageResponse:
 def method_handler(hub: WatchHub, caller: Callable[[Any, Any], str],
                    parse: Callable[[bytes], Any],
                    status_of: Callable[[Exception], grpc.Status],
-                   refusals: tuple[type[Exception], ...]) -> grpc.RpcMethodHandler:
+                   refusals: tuple[type[Exception], ...], method: str) -> grpc.RpcMethodHandler:
     """The WatchUsage gRPC handler: refusals (before or during the stream) end it with the
     status they map to, as every other handler's do. caller(metadata, request) authenticates
     the call first and gives the app it reads from."""
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        metadata = context.invocation_metadata() or ()
+        await context.send_initial_metadata(
+            ((requests.REQUEST_ID_HEADER, requests.begin(metadata)),))
         try:
-            app = caller(context.invocation_metadata() or (), request)
+            app = caller(metadata, request)
             if not isinstance(request, pb.WatchUsageRequest):  # protobuf could not parse it
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {getattr(request, 'error', request)}")])
@@ -336,6 +339,7 @@ def method_handler(hub: WatchHub, caller: Callable[[Any, Any], str],
                 yield message
         except refusals as error:
             status = status_of(error)
+            requests.refused(method, status.code.name, status.details)
             await context.abort(status.code, status.details, status.trailing_metadata)
     return grpc.unary_stream_rpc_method_handler(
         handle, request_deserializer=parse,
