@@ -9,6 +9,7 @@ NOT_SERVING, stop at once, exit 1 (memory is ahead of disk and must never be ser
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -28,7 +29,6 @@ from .core import Core
 from .http_api import HttpApi
 from .metrics import Metrics, MetricsInterceptor
 from .plans_file import load_plans
-from .requests import RequestIdInterceptor
 from .auth import DEFAULT_APP, Authenticator
 from .service import Gate, generic_handlers, http_usage_authorizer, is_loopback
 from .v1 import quotad_pb2
@@ -45,6 +45,11 @@ DRAIN_S = 5.0
 SWITCH_INTERVAL_S = 0.0005
 """The GIL hand-over interval: short, so the log thread gets the GIL back soon after a sync
 while the event loop is busy (Python's default of 5 ms throttles group commit)."""
+GC_THRESHOLDS = (20_000, 20, 100)
+"""Cyclic GC generation thresholds while serving. Python's default (700, 10, 10) collects
+the young generation every 700 allocations; each call allocates dozens of objects, and the
+state is acyclic (dataclasses, dicts, tuples), so collecting less often cut the p99 of
+coalesced pairs about in half (`python -m bench`) at no cost in memory worth measuring."""
 SERVICE_NAMES = ("quotad.v1.QuotaService", "quotad.v1.AdminService")
 
 
@@ -166,7 +171,7 @@ async def serve(config: Config) -> int:
     health_servicer = health.aio.HealthServicer()
     metrics = Metrics()
     measured = bool(config.metrics_listen)  # no per-call metrics work unless they are served
-    interceptors = [RequestIdInterceptor(), *([MetricsInterceptor(metrics)] if measured else [])]
+    interceptors = [MetricsInterceptor(metrics)] if measured else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
         ("grpc.max_send_message_length", 4 * 1024**2),
@@ -219,6 +224,8 @@ async def serve(config: Config) -> int:
         await server.stop(0)
         log_.close()
         return 1
+    gc.freeze()  # the recovered state is long-lived: cyclic GC never scans it again
+    gc.set_threshold(*GC_THRESHOLDS)
     writer = Writer(core, log_, on_failure=fail,
                     on_flush=metrics.observe_flush if measured else None,
                     snapshot_every_records=config.snapshot_every_records,
