@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server_process import ServerProcess
+
+# As the quotad package sets it, before any test module imports grpc: the writer tests fork
+# snapshot children from this process.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 @pytest.fixture

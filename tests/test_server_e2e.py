@@ -383,7 +383,10 @@ def test_snapshots_let_a_restart_replay_only_the_log_after_them(start_server):
 
     second = start_server(first.data_dir, extra_args=args)
     recovered = second.last("recovered")
-    assert recovered["snapshot_sequence"] > 0 and recovered["replayed"] < 10
+    # A child process makes each snapshot while serving goes on, so the latest one stored
+    # may lag the log by what was applied meanwhile: fewer records than all, not < 10.
+    assert recovered["snapshot_sequence"] >= 10
+    assert recovered["replayed"] == before.sequence - recovered["snapshot_sequence"]
     after = admin(second.address).GetStateDigest(pb.GetStateDigestRequest())
     assert (after.digest, after.sequence) == (before.digest, before.sequence)
     assert usage(second.address, "u1").counters[0].used == 90

@@ -4,6 +4,8 @@ recovery. No gRPC here; the server process is tested in test_server_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,71 @@ def test_server_time_is_strictly_increasing_even_when_the_wall_clock_steps_back(
     clock = ServerClock(floor_ns=1_200, wall_ns=lambda: next(wall))
     times = [clock.now_ns() for _ in range(5)]
     assert times == [1_201, 2_000, 2_001, 2_002, 5_000]
+
+
+def test_a_forked_child_makes_the_snapshots_while_the_writer_keeps_serving(tmp_path: Path):
+    """Periodic snapshots come from a child process: the writer goes on applying commands
+    meanwhile, stores each child's snapshot once the records it covers are durable, and a
+    restart from it (and the log after it) is the same state. No partial file is left."""
+    log_ = Log(tmp_path)
+
+    async def run() -> tuple[str, Writer]:
+        writer = Writer(recover(log_), log_, on_failure=pytest.fail, fork_snapshots=True,
+                        snapshot_every_records=50)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        for round_ in range(40):
+            await asyncio.gather(*(writer.execute(_track(f"k{round_}-{i}")) for i in range(20)))
+            if writer.snapshots >= 3:
+                break
+        for _ in range(500):  # bounded: the last child's snapshot reaches the log
+            if writer._child is None and writer._ready is None:
+                break
+            await writer.execute(_track(f"tail-{_}"))
+            await asyncio.sleep(0.01)
+        stored = log_.snapshot_sequence()
+        digest = state_digest(writer.core)
+        assert stored > 0 and writer.snapshots >= 3, (stored, writer.snapshots)
+        assert writer.snapshot_children_failed == 0
+        await writer.close()
+        return digest, writer
+
+    digest, writer = asyncio.run(run())
+    assert not list(tmp_path.glob("snapshot-*.partial"))
+    log_.close()
+    reopened = Log(tmp_path)
+    assert state_digest(recover(reopened)) == digest
+    reopened.close()
+
+
+def test_a_snapshot_child_that_is_killed_is_reported_and_the_next_one_is_due(tmp_path: Path):
+    log_ = Log(tmp_path)
+
+    async def run() -> Writer:
+        writer = Writer(recover(log_), log_, on_failure=pytest.fail, fork_snapshots=True,
+                        snapshot_every_records=10)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        killed: set[int] = set()
+        for i in range(3000):  # bounded: kill children until one dies at work, then let
+            await writer.execute(_track(f"k{i}"))  # a later one succeed
+            child = writer._child
+            if child is not None and not writer.snapshot_children_failed and \
+                    child[0] not in killed:
+                killed.add(child[0])
+                try:
+                    os.kill(child[0], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it ended (and was reaped) already: the next one, then
+            if writer.snapshot_children_failed and writer.snapshots:
+                break
+            await asyncio.sleep(0.002)
+        await writer.close()
+        return writer
+
+    writer = asyncio.run(run())
+    assert writer.snapshot_children_failed >= 1 and writer.snapshots >= 1
+    assert not list(tmp_path.glob("snapshot-*.partial"))
+    log_.close()

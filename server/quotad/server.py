@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import logging
 import signal
 import sys
@@ -22,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import limits
+from . import limits, snapshot_child
 from .codec import state_digest
 from .commands import UpsertPlan
 from .core import Core
@@ -226,7 +227,10 @@ async def serve(config: Config) -> int:
         return 1
     gc.freeze()  # the recovered state is long-lived: cyclic GC never scans it again
     gc.set_threshold(*GC_THRESHOLDS)
-    writer = Writer(core, log_, on_failure=fail,
+    leftovers = snapshot_child.remove_leftovers(config.data_dir)
+    if leftovers:
+        log.info("removed unfinished snapshot files", extra={"files": leftovers})
+    writer = Writer(core, log_, on_failure=fail, fork_snapshots=hasattr(os, "fork"),
                     on_flush=metrics.observe_flush if measured else None,
                     snapshot_every_records=config.snapshot_every_records,
                     snapshot_every_s=config.snapshot_every_s,
@@ -267,6 +271,7 @@ async def serve(config: Config) -> int:
     log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
                                "records_written": writer.records_written,
                                "snapshots": writer.snapshots,
+                               "snapshot_children_failed": writer.snapshot_children_failed,
                                "snapshot_stall_ms_max": round(writer.snapshot_stall_s_max * 1e3, 3),
                                **_digest(config, core)})
     return 0

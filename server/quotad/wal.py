@@ -65,7 +65,10 @@ class CorruptSnapshot(Exception):
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     sequence: int
-    plain: dict[str, Any]
+    plain: dict[str, Any] | None
+    encoded: bytes | None = None
+    """The stored form when it was made elsewhere (by a snapshot child process); else it is
+    encoded from plain on the log thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +140,11 @@ class Log:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
             if snapshot is not None:
-                txn.put(SNAPSHOT_KEY, _encode_snapshot(snapshot), db=self.snapshot_db)
+                encoded = snapshot.encoded
+                if encoded is None:
+                    assert snapshot.plain is not None
+                    encoded = encode_snapshot(snapshot.sequence, snapshot.plain)
+                txn.put(SNAPSHOT_KEY, encoded, db=self.snapshot_db)
                 self._prune(txn, snapshot.sequence, prune_before_ns)
             if fault_kind == "write-error" and self._appends == fault_at:
                 raise OSError(errno.EIO, "injected write error (QUOTAD_FAULT_INJECT)")
@@ -179,13 +186,8 @@ class Log:
             value = txn.get(SNAPSHOT_KEY)
         if value is None:
             return None
-        if len(value) < _SNAPSHOT_HEADER.size:
-            raise CorruptSnapshot("the snapshot is shorter than its header")
-        checksum, sequence = _SNAPSHOT_HEADER.unpack_from(value)
-        body = value[_SNAPSHOT_HEADER.size:]
-        if hashlib.blake2b(value[16:], digest_size=16).digest() != checksum:
-            raise CorruptSnapshot(f"the snapshot at sequence {sequence} fails its checksum")
-        return Snapshot(sequence, json.loads(zlib.decompress(body)))
+        sequence = verify_snapshot(value)
+        return Snapshot(sequence, json.loads(zlib.decompress(value[_SNAPSHOT_HEADER.size:])))
 
     def snapshot_sequence(self) -> int:
         """The sequence the latest snapshot covers (0: none), without reading it whole."""
@@ -286,10 +288,21 @@ def _decode_event(value: bytes) -> AuditEvent:
     return from_plain(json.loads(value), AuditEvent)
 
 
-def _encode_snapshot(snapshot: Snapshot) -> bytes:
-    body = zlib.compress(json.dumps(snapshot.plain, separators=(",", ":"),
+def verify_snapshot(value: bytes) -> int:
+    """The sequence an encoded snapshot covers, once its checksum holds; else CorruptSnapshot."""
+    if len(value) < _SNAPSHOT_HEADER.size:
+        raise CorruptSnapshot("the snapshot is shorter than its header")
+    checksum, sequence = _SNAPSHOT_HEADER.unpack_from(value)
+    if hashlib.blake2b(value[16:], digest_size=16).digest() != checksum:
+        raise CorruptSnapshot(f"the snapshot at sequence {sequence} fails its checksum")
+    return sequence
+
+
+def encode_snapshot(sequence: int, plain: dict[str, Any]) -> bytes:
+    """The stored form of a snapshot: checksum, sequence, zlib'd JSON."""
+    body = zlib.compress(json.dumps(plain, separators=(",", ":"),
                                     ensure_ascii=False).encode("utf-8"), 1)
-    unsigned = struct.pack(">Q", snapshot.sequence) + body
+    unsigned = struct.pack(">Q", sequence) + body
     return hashlib.blake2b(unsigned, digest_size=16).digest() + unsigned
 
 

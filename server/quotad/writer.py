@@ -14,12 +14,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from . import limits
 from .codec import state_digest
 from .commands import Command, ExpireHolds, Record
 from .core import Core, Outcome
+from . import snapshot_child
 from .snapshot import core_from_plain, core_to_plain
 from .wal import Log, Snapshot, TornTail, recover_records
 
@@ -81,7 +83,8 @@ class Writer:
                  snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS_DEFAULT,
                  snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT,
                  audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT,
-                 on_flush: Callable[[int, float, int], None] | None = None) -> None:
+                 on_flush: Callable[[int, float, int], None] | None = None,
+                 fork_snapshots: bool = False) -> None:
         assert snapshot_every_records >= 1 and snapshot_every_s > 0 and audit_retention_ns >= 0
         self.core = core
         self.clock = ServerClock(core.last_record_ns)
@@ -108,10 +111,24 @@ class Writer:
         self._snapshot_every_s = snapshot_every_s
         self._audit_retention_ns = audit_retention_ns
         self._snapshot_sequence = log_.snapshot_sequence()
+        """The sequence of the latest snapshot started (what "due" counts from)."""
+        self._stored_sequence = self._snapshot_sequence
+        """The sequence of the latest snapshot in the log: a later one never gives way to an
+        older one (the log records between them may be pruned already)."""
         self._snapshot_at = time.monotonic()
         self.snapshots = 0
         self.snapshot_stall_s_max = 0.0
-        """Longest time the event loop spent copying the state for a snapshot."""
+        """Longest time the event loop spent on a snapshot: copying the state in-process, or
+        forking the child that does (fork_snapshots)."""
+        self._fork_snapshots = fork_snapshots
+        """Periodic snapshots are made by a child process (snapshot_child); the one at a clean
+        stop is made in-process, nothing being served then."""
+        self._child: tuple[int, int, Path] | None = None
+        """(pid, sequence, file) of the snapshot child at work."""
+        self._child_task: asyncio.Task[None] | None = None
+        self._ready: Snapshot | None = None
+        """A child's snapshot waiting to be stored with the next flush."""
+        self.snapshot_children_failed = 0
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._flush_loop(), name="quotad-flush"),
@@ -179,10 +196,15 @@ class Writer:
         while True:
             await self._has_pending.wait()
             self._has_pending.clear()
-            while self._pending:
-                snapshot = self._snapshot_if_due()
+            while self._pending or self._ready is not None:
+                if self._fork_snapshots:
+                    self._start_child_if_due()
                 batch = self._pending[: self._batch_records_max]
                 del self._pending[: self._batch_records_max]
+                snapshot = (self._ready_snapshot(batch) if self._fork_snapshots
+                            else self._snapshot_if_due())
+                if not batch and snapshot is None:
+                    break  # a child's snapshot waits for records it covers to be written
                 started = time.perf_counter()
                 try:
                     await loop.run_in_executor(self._executor, self._log.append, batch,
@@ -190,6 +212,12 @@ class Writer:
                 except BaseException as error:  # fail-stop: memory is ahead of disk
                     self._fail(error)
                     return
+                if snapshot is not None:
+                    self._stored_sequence = snapshot.sequence
+                    if snapshot.encoded is not None:
+                        self.snapshots += 1
+                if not batch:
+                    continue
                 self.durable_sequence = batch[-1].sequence
                 if self._on_flush is not None:
                     self._on_flush(len(batch), time.perf_counter() - started,
@@ -199,23 +227,69 @@ class Writer:
                 flushed, self._flushed = self._flushed, asyncio.Event()
                 flushed.set()
 
+    def _due(self) -> bool:
+        since = self.core.sequence - self._snapshot_sequence
+        return since > 0 and (since >= self._snapshot_every_records
+                              or time.monotonic() - self._snapshot_at >= self._snapshot_every_s)
+
     def _snapshot_if_due(self, force: bool = False) -> Snapshot | None:
         """A copy of the state, every so many records or seconds. It must travel in the same
         transaction as every record it includes that is not yet durable, so it waits while
         more than one batch is pending."""
-        since = self.core.sequence - self._snapshot_sequence
-        if since <= 0 or len(self._pending) > self._batch_records_max:
+        if len(self._pending) > self._batch_records_max:
             return None
-        due = (since >= self._snapshot_every_records
-               or time.monotonic() - self._snapshot_at >= self._snapshot_every_s)
-        if not (due or force):
+        if not (self._due() or (force and self.core.sequence > self._stored_sequence)):
             return None
         started = time.perf_counter()
         snapshot = Snapshot(self.core.sequence, core_to_plain(self.core))
-        self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, time.perf_counter() - started)
+        if not force:  # the one at a clean stop stalls nothing: nothing is served then
+            self.snapshot_stall_s_max = max(self.snapshot_stall_s_max,
+                                            time.perf_counter() - started)
         self._snapshot_sequence, self._snapshot_at = self.core.sequence, time.monotonic()
         self.snapshots += 1
         return snapshot
+
+    def _start_child_if_due(self) -> None:
+        """Forks a snapshot child when one is due and none is at work. Between two commands
+        (no await since the last apply), so the child sees a whole state."""
+        if self._child is not None or self._ready is not None or not self._due():
+            return
+        started = time.perf_counter()
+        try:
+            self._child = snapshot_child.start(self.core, self._log.data_dir)
+        except OSError as error:  # no fork (memory, process limits): try again when due
+            log.warning("cannot fork a snapshot child", extra={"error": str(error)})
+            self._snapshot_at = time.monotonic()
+            return
+        self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, time.perf_counter() - started)
+        self._snapshot_sequence, self._snapshot_at = self._child[1], time.monotonic()
+        self._child_task = asyncio.create_task(self._await_child(), name="quotad-snapshot")
+
+    async def _await_child(self) -> None:
+        assert self._child is not None
+        pid, sequence, path = self._child
+        try:
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                None, snapshot_child.finish, pid, sequence, path)
+        except (snapshot_child.SnapshotChildFailed, OSError) as error:
+            if not self._closing:  # at close it was stopped on purpose
+                self.snapshot_children_failed += 1
+                log.warning("a snapshot child failed; the next one is due as usual",
+                            extra={"error": str(error)})
+        else:
+            self._ready = Snapshot(sequence, None, encoded=encoded)
+            self._has_pending.set()
+        finally:
+            self._child = None
+
+    def _ready_snapshot(self, batch: list[Record]) -> Snapshot | None:
+        """The child's snapshot, once every record it covers is durable or in this batch."""
+        ready = self._ready
+        if ready is None or ready.sequence > (batch[-1].sequence if batch
+                                              else self.durable_sequence):
+            return None
+        self._ready = None
+        return ready if ready.sequence > self._stored_sequence else None
 
     def _prune_before_ns(self) -> int:
         return self.clock.last_ns - self._audit_retention_ns
@@ -243,6 +317,11 @@ class Writer:
     async def close(self) -> None:
         """Flushes what is pending, then stops the tasks and the log thread."""
         self._closing = True
+        if self._child is not None:  # the final snapshot below makes it redundant
+            snapshot_child.stop(self._child[0])
+        if self._child_task is not None:
+            await asyncio.gather(self._child_task, return_exceptions=True)
+        self._ready = None
         if self._failure is None:
             await self.wait_durable(self.core.sequence)
             snapshot = self._snapshot_if_due(force=True)  # so that a restart replays nothing

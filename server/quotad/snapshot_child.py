@@ -1,0 +1,95 @@
+"""Snapshots made by a child process, so that serving never stalls while the state is copied.
+
+As Redis's BGSAVE does: os.fork() hands the child the core exactly as it is between two
+commands (copy-on-write), the child encodes it into a file in the data directory and exits,
+and the parent goes on serving. Once the child is done, the parent stores the encoded
+snapshot in the log like any other (wal.Log.append). The parent's pause is the fork itself:
+copying the page tables, milliseconds where an in-process copy took seconds at scale.
+
+The child touches nothing but the core and its own file. It first closes every descriptor
+it inherited (the data directory's lock, LMDB, gRPC's sockets), so it never holds them once
+the parent is gone, restores default signal handling, and leaves by os._exit: no atexit
+handlers, no gRPC shutdown, no logging.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from .core import Core
+from .snapshot import core_to_plain
+from .wal import CorruptSnapshot, encode_snapshot, verify_snapshot
+
+PARTIAL_GLOB = "snapshot-*.partial"
+_FD_MAX = 1 << 20
+
+
+class SnapshotChildFailed(Exception):
+    pass
+
+
+def start(core: Core, data_dir: Path) -> tuple[int, int, Path]:
+    """Forks the child that writes a snapshot of the core as it is now: (pid, the sequence
+    the snapshot covers, the file it writes). Call only between two commands."""
+    sequence = core.sequence
+    path = data_dir / f"snapshot-{os.getpid()}-{sequence}.partial"  # one writer per file
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.closerange(3, _FD_MAX)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            encoded = encode_snapshot(sequence, core_to_plain(core))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(encoded)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid, sequence, path
+
+
+def finish(pid: int, sequence: int, path: Path) -> bytes:
+    """Waits for the child (blocking: run it in a thread) and returns the encoded snapshot,
+    checked; the file is removed either way. SnapshotChildFailed if the child failed."""
+    try:
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SnapshotChildFailed(
+                f"the snapshot child {pid} ended with {os.waitstatus_to_exitcode(status)}")
+        encoded = path.read_bytes()
+        try:
+            covered = verify_snapshot(encoded)
+        except CorruptSnapshot as error:
+            raise SnapshotChildFailed(f"the snapshot child {pid} wrote {error}") from error
+        if covered != sequence:
+            raise SnapshotChildFailed(f"the snapshot child {pid} covered {covered}, "
+                                      f"not {sequence}")
+        return encoded
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def stop(pid: int) -> None:
+    """Kills a child that is no longer wanted (shutdown); finish() still reaps it and
+    removes its file."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def remove_leftovers(data_dir: Path) -> int:
+    """Files of children whose parent died (kill -9) before storing them: never valid."""
+    removed = 0
+    for path in data_dir.glob(PARTIAL_GLOB):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
