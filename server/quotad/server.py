@@ -83,15 +83,7 @@ class Config:
     """PEM certificate chain and private key: serve TLS (both, or neither)."""
 
     def __post_init__(self) -> None:
-        host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
-        if not self.admin_key and not is_loopback(host):
-            raise ValueError(
-                f"--listen {self.listen!r}: without API keys quotad serves only a loopback "
-                "address (127.0.0.1, ::1, localhost); set an admin key (QUOTAD_ADMIN_KEY or "
-                "--admin-key-file) to serve other addresses"
-            )
+        self._check_address("--listen", self.listen, callers=True)
         if self.admin_key and not (
                 limits.ADMIN_KEY_BYTES_MIN <= len(self.admin_key.encode("utf-8"))
                 <= limits.ADMIN_KEY_BYTES_MAX
@@ -108,23 +100,27 @@ class Config:
         if self.snapshot_every_records < 1 or self.snapshot_every_s <= 0:
             raise ValueError("--snapshot-every-records and --snapshot-every-s must be positive")
         if self.metrics_listen:
-            metrics_host, _, metrics_port = self.metrics_listen.rpartition(":")
-            if not metrics_host or not metrics_port.isdigit():
-                raise ValueError(f"--metrics-listen {self.metrics_listen!r}: expected HOST:PORT")
+            self._check_address("--metrics-listen", self.metrics_listen, callers=False)
         if self.audit_retention_ns < 0:
             raise ValueError("--audit-retention-days must not be negative")
         self._check_http()
 
+    def _check_address(self, flag: str, address: str, *, callers: bool) -> None:
+        """HOST:PORT (port 0 picks one). An address that takes callers' calls (gRPC, the
+        HTTP endpoint) must be loopback unless API keys are on."""
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{flag} {address!r}: expected HOST:PORT")
+        if callers and not self.admin_key and not is_loopback(host):
+            raise ValueError(
+                f"{flag} {address!r}: without API keys quotad serves only a loopback "
+                "address (127.0.0.1, ::1, localhost); set an admin key (QUOTAD_ADMIN_KEY or "
+                "--admin-key-file) to serve other addresses"
+            )
+
     def _check_http(self) -> None:
         if self.http_listen:
-            http_host, _, http_port = self.http_listen.rpartition(":")
-            if not http_host or not http_port.isdigit() or not 0 <= int(http_port) <= 65535:
-                raise ValueError(f"--http-listen {self.http_listen!r}: expected HOST:PORT")
-            if not self.admin_key and not is_loopback(http_host):
-                raise ValueError(
-                    f"--http-listen {self.http_listen!r}: without API keys quotad serves only "
-                    "a loopback address (127.0.0.1, ::1, localhost)"
-                )
+            self._check_address("--http-listen", self.http_listen, callers=True)
         if len(self.cors_origins) > limits.HTTP_CORS_ORIGINS_MAX:
             raise ValueError(f"--cors-origin: at most {limits.HTTP_CORS_ORIGINS_MAX} origins")
         for origin in self.cors_origins:
