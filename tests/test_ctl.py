@@ -164,6 +164,20 @@ def test_events_lists_the_trail_and_follow_prints_new_events_until_sigterm(serve
                 follow.wait(timeout=CTL_TIMEOUT_S)
 
 
+def test_events_show_a_threshold_crossing_with_its_group_and_percent(server):
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.upsert_plan({"id": "tiny", "name": "Tiny", "limit_groups": [
+            {"key": "renders", "label": "Renders", "unit": "renders", "quota": 10,
+             "window": "lifetime", "match": {"event_types": ["render"]}}]})
+        client.subscribe("t1", "tiny")
+        client.track("t1", "render", 8)
+    listed = quotactl(server.address, "events", "t1")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["track", "threshold"]
+    assert "renders reached 80% (window from " in lines[1]
+
+
 def test_refusals_are_one_line_on_stderr_and_exit_1(server):
     assert_one_line_error(quotactl(server.address, "plans", "show", "nope"), 1,
                           "quotactl: NOT_FOUND: ")

@@ -255,6 +255,9 @@ def _event_line(event: Event) -> str:
         parts.append("allowed" if event.allowed else "denied")
     if event.reservation_id:
         parts.append(f"reservation={event.reservation_id}")
+    if event.kind == "threshold":
+        parts.append(f"{event.limit_group_key} reached {event.threshold_percent}% "
+                     f"(window from {_time(event.window_start)})")
     parts.extend(f"{key}={value}" for key, value in sorted(event.metadata.items()))
     return "  ".join(parts)
 
@@ -407,7 +410,8 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("user_id", metavar="USER")
 
     events = _add(groups, "events", cmd_events, "print a user's audit trail",
-                  "Print USER's events (reserve, commit, release, expire, extend, track), "
+                  "Print USER's events (reserve, commit, release, expire, extend, track, "
+                  "threshold: a limit group reaching 80 % or 100 % of its quota), "
                   "oldest first, one per line. With -f, keep polling for new ones until "
                   "Ctrl-C or SIGTERM.",
                   "quotactl events u1 --since 1h -f")
