@@ -458,6 +458,18 @@ def test_tls_round_trip(tls_files: tuple[Path, Path],
         backend.subscribe("u", "p")
         assert backend.usage("u").counter("t").remaining == 5
 
+    def quotactl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "quotad.ctl", "--target", process.address, *args,
+             "usage", "u"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+            env={**os.environ, "QUOTAD_API_KEY": created.secret})
+
+    over_tls = quotactl("--tls-root-cert", str(cert))
+    assert over_tls.returncode == 0, over_tls.stderr
+    assert over_tls.stdout.splitlines()[-1].split()[0] == "t"  # the usage table's row
+    plaintext = quotactl("--timeout-s", "2")
+    assert plaintext.returncode == 2 and "cannot reach quotad" in plaintext.stderr
+
 
 # --- the pure core: keys replay and snapshot like everything else ------------------------------
 

@@ -34,6 +34,7 @@ T = TypeVar("T")
 
 TARGET_ENV = "QUOTAD_TARGET"
 API_KEY_ENV = "QUOTAD_API_KEY"
+TLS_ROOT_CERT_ENV = "QUOTAD_TLS_ROOT_CERT"
 TARGET_DEFAULT = "127.0.0.1:50051"
 TIMEOUT_S_DEFAULT = 5.0
 FOLLOW_INTERVAL_S_DEFAULT = 1.0
@@ -50,11 +51,19 @@ class UsageError(Exception):
 
 # --- the connection ----------------------------------------------------------------------------
 
-def connect(target: str, timeout_s: float) -> QuotaClient:
+def connect(target: str, timeout_s: float, tls_root_cert: Path | None = None,
+            tls: bool = False) -> QuotaClient:
     """The client for every call. The API key comes only from QUOTAD_API_KEY (never a flag,
     which would show in `ps` and shell history) and travels as `authorization: Bearer`."""
     api_key = os.environ.get(API_KEY_ENV) or None
-    return QuotaClient(target, api_key=api_key, timeout_s=timeout_s, retries=1)
+    root_cert = None
+    if tls_root_cert is not None:
+        try:
+            root_cert = tls_root_cert.read_bytes()
+        except OSError as error:
+            raise UsageError(f"--tls-root-cert {tls_root_cert}: {error.strerror}") from error
+    return QuotaClient(target, api_key=api_key, timeout_s=timeout_s, retries=1,
+                       tls_root_cert=root_cert, tls=tls)
 
 
 # --- output helpers ----------------------------------------------------------------------------
@@ -370,6 +379,13 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--timeout-s", type=_timeout_s, default=TIMEOUT_S_DEFAULT,
                       metavar="SECONDS",
                       help="time budget of each call, retries included (default: %(default)s)")
+    root.add_argument("--tls-root-cert", type=Path, metavar="CA.pem",
+                      default=Path(os.environ[TLS_ROOT_CERT_ENV])
+                      if os.environ.get(TLS_ROOT_CERT_ENV) else None,
+                      help="connect over TLS, trusting this PEM certificate (the server's own, "
+                           f"or its CA) (default: ${TLS_ROOT_CERT_ENV}, else plaintext)")
+    root.add_argument("--tls", action="store_true",
+                      help="connect over TLS, trusting the system's certificate authorities")
     groups = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plans = groups.add_parser("plans", help="apply, list and show plans",
@@ -461,7 +477,7 @@ def _refusal(error: QuotadError) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        with connect(args.target, args.timeout_s) as client:
+        with connect(args.target, args.timeout_s, args.tls_root_cert, args.tls) as client:
             return int(args.run(client, args))
     except (Unavailable, DeadlineExceeded) as error:
         print(f"quotactl: cannot reach quotad at {args.target}: {_refusal(error)}",
