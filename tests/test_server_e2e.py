@@ -437,3 +437,19 @@ def test_reflection_lists_the_services_only_when_asked_for(start_server):
     assert listed(plain.address) == grpc.StatusCode.UNIMPLEMENTED
     reflective = start_server(plain.data_dir.parent / "other", extra_args=("--reflection",))
     assert {"quotad.v1.QuotaService", "quotad.v1.AdminService"} <= listed(reflective.address)
+
+
+def test_a_snapshot_file_left_by_a_killed_server_is_removed_at_start(start_server, tmp_path):
+    first = start_server(extra_args=("--snapshot-every-records", "5"))
+    subscribe(first.address, "u1", plan_with(10**6))
+    stub = quota(first.address)
+    for _ in range(30):
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    assert first.kill() == -signal.SIGKILL
+    leftover = first.data_dir / "snapshot-999999-7.partial"  # as a child of a killed parent
+    leftover.write_bytes(b"half a snapshot")
+
+    second = start_server(first.data_dir, extra_args=("--snapshot-every-records", "5"))
+    assert second.last("removed unfinished snapshot files")["files"] >= 1
+    assert not list(first.data_dir.glob("snapshot-*.partial"))
+    assert usage(second.address, "u1").counters[0].used == 30
