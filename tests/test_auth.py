@@ -431,17 +431,6 @@ def test_an_admin_key_file_allows_any_listen_and_keys_survive_a_restart(
             old.list_plans()
 
 
-@pytest.fixture
-def tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
-    return cert, key
-
-
 def test_tls_round_trip(tls_files: tuple[Path, Path],
                         start_server: Callable[..., ServerProcess]) -> None:
     cert, key = tls_files

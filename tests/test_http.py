@@ -8,6 +8,7 @@ import http.client
 import json
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -417,5 +418,39 @@ def test_with_keys_on_a_pk_key_and_a_user_token_read_only_that_user(tmp_path: Pa
         status, _ = get_json(process, "/v1/usage?user_id=u1",
                              {"Authorization": f"Bearer {secret}"})
         assert status == 200  # the app's own sk_ key reads any of its users
+    finally:
+        process.close()
+
+
+def test_with_tls_the_browser_endpoint_serves_https(tls_files: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    """A page served over HTTPS may not fetch plain HTTP: with --tls-cert/--tls-key the
+    endpoint speaks HTTPS with the same certificate, and refuses plain HTTP."""
+    cert, key = tls_files
+    process = ServerProcess(tmp_path / "data", extra_args=(
+        "--tls-cert", str(cert), "--tls-key", str(key), "--http-listen", "127.0.0.1:0"))
+    try:
+        process.start()
+        with qc.QuotaClient(process.address, tls_root_cert=cert.read_bytes(),
+                            timeout_s=10) as client:
+            client.subscribe("u1", "free")
+        host, _, port = process.http_address.rpartition(":")
+        context = ssl.create_default_context(cafile=str(cert))
+        secure = http.client.HTTPSConnection(host, int(port), timeout=SOCKET_TIMEOUT_S,
+                                             context=context)
+        try:
+            secure.request("GET", "/v1/usage?user_id=u1")
+            response = secure.getresponse()
+            assert response.status == 200
+            assert json.loads(response.read())["plan_id"] == "free"
+        finally:
+            secure.close()
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            plain = connect(process)
+            try:
+                plain.request("GET", "/v1/usage?user_id=u1")
+                plain.getresponse().read()
+            finally:
+                plain.close()
     finally:
         process.close()

@@ -109,7 +109,8 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      help="the PEM private key of --tls-cert")
     run.add_argument("--http-listen", default="", metavar="HOST:PORT",
                      help="also serve GET /v1/usage?user_id=U as JSON over HTTP there, for web "
-                          "pages showing what a user has left (port 0 picks one); off by default")
+                          "pages showing what a user has left (HTTPS with --tls-cert/--tls-key; "
+                          "port 0 picks one); off by default")
     run.add_argument("--cors-origin", dest="cors_origins", action="append", default=[],
                      metavar="ORIGIN",
                      help="an origin such as https://app.example.com whose pages may read "

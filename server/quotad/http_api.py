@@ -22,6 +22,7 @@ import asyncio
 import http
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,10 +207,12 @@ class HttpApi:
         """Connections beyond the limit, being told so (each for at most LINGER_S)."""
         self._closing = False
 
-    async def start(self, host: str, port: int) -> int:
-        """Listens; returns the bound port. OSError if the address cannot be had."""
-        self._server = await asyncio.start_server(self._connection, host.strip("[]"), port,
-                                                  limit=READ_CHUNK_BYTES)
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listens (HTTPS with an ssl_context); returns the bound port. OSError if the
+        address cannot be had."""
+        self._server = await asyncio.start_server(
+            self._connection, host.strip("[]"), port, limit=READ_CHUNK_BYTES, ssl=ssl_context,
+            ssl_handshake_timeout=self._read_timeout_s if ssl_context is not None else None)
         return self._server.sockets[0].getsockname()[1]
 
     def stop_accepting(self) -> None:

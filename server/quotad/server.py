@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import logging
+import os
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -204,7 +205,8 @@ async def serve(config: Config) -> int:
     if config.http_listen:
         http_host, _, http_port = config.http_listen.rpartition(":")
         try:
-            http_address = f"{http_host}:{await http_api.start(http_host, int(http_port))}"
+            http_port = await http_api.start(http_host, int(http_port), _https_context(config))
+            http_address = f"{http_host}:{http_port}"
         except OSError as error:
             await server.stop(0)
             log_.close()
@@ -271,6 +273,19 @@ async def serve(config: Config) -> int:
                                "snapshot_stall_ms_max": round(writer.snapshot_stall_s_max * 1e3, 3),
                                **_digest(config, core)})
     return 0
+
+
+def _https_context(config: Config) -> ssl.SSLContext | None:
+    """With --tls-cert/--tls-key the browser endpoint serves HTTPS with the same certificate
+    (a page served over HTTPS may not fetch plain HTTP)."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"--tls-cert/--tls-key: cannot load for HTTPS ({error})") from error
+    return context
 
 
 def _digest(config: Config, core: Core) -> dict[str, str]:
