@@ -77,9 +77,12 @@ def test_a_server_started_with_only_a_config_file_takes_every_setting_from_it(co
     assert serving["plans_loaded"] == 2 and serving["metrics"] and "state_digest" in serving
     assert (server.config.parent / "data" / "data.mdb").exists()  # relative to the file
     with grpc.insecure_channel(server.address) as channel:
-        plans = stubs.AdminServiceStub(channel).ListPlans(pb.ListPlansRequest(), timeout=10)
+        plans, call = stubs.AdminServiceStub(channel).ListPlans.with_call(
+            pb.ListPlansRequest(), metadata=(("x-request-id", "list-1"),), timeout=10)
     assert [p.id for p in plans.plans] == ["free", "pro"]
-    wait_for_line(server, message="call", method="/quotad.v1.AdminService/ListPlans")
+    assert ("x-request-id", "list-1") in [(m.key, m.value) for m in call.trailing_metadata()]
+    wait_for_line(server, message="call", method="/quotad.v1.AdminService/ListPlans",
+                  request_id="list-1")  # debug: an access log, and the id to match it
 
 
 def test_command_line_flags_win_over_the_config_file(configured, tmp_path):
@@ -148,10 +151,17 @@ def test_a_callers_request_id_is_echoed_and_names_its_refused_call_in_the_log(se
         assert line["status_message"].startswith("amount:")
 
         ids = []
+        admin = stubs.AdminServiceStub(channel)
         for given in ((), (("x-request-id", "x" * 129),), (("x-request-id", ""),)):
-            _, call = stubs.AdminServiceStub(channel).ListPlans.with_call(
-                pb.ListPlansRequest(), metadata=given, timeout=10)
-            ids.append(dict((m.key, m.value) for m in call.trailing_metadata())["x-request-id"])
+            with pytest.raises(grpc.RpcError) as missing:
+                admin.GetPlan(pb.GetPlanRequest(id="nope"), metadata=given, timeout=10)
+            made = dict((m.key, m.value) for m in missing.value.trailing_metadata())
+            ids.append(made["x-request-id"])
+            assert wait_for_line(server, message="refused", request_id=ids[-1])["code"] == (
+                "NOT_FOUND")
+        _, served = admin.ListPlans.with_call(pb.ListPlansRequest(), timeout=10)
+        # At info a call that succeeds is logged nowhere, so no id comes back to match.
+        assert "x-request-id" not in dict((m.key, m.value) for m in served.trailing_metadata())
     assert len(set(ids)) == 3 and all(0 < len(i) <= 128 and i.isprintable() for i in ids)
     assert not any(line.get("message") == "call" for line in server.log_lines)  # info: quiet
 

@@ -223,8 +223,8 @@ def _answering(gate: Gate, rpc: str,
             status = status_of(error)
             requests.refused(method, status.code.name, status.details)
             await context.abort(status.code, status.details, (*status.trailing_metadata, *echo))
-        context.set_trailing_metadata(echo)
-        if requests.access_log_on():
+        if requests.access_log_on():  # a line names it: the caller gets it back to match
+            context.set_trailing_metadata(echo)
             requests.served(method, started_s)
         return response
     return handle
