@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from pathlib import Path
 
 from .core import Core
@@ -35,7 +36,9 @@ def start(core: Core, data_dir: Path) -> tuple[int, int, Path]:
     the snapshot covers, the file it writes). Call only between two commands."""
     sequence = core.sequence
     path = data_dir / f"snapshot-{os.getpid()}-{sequence}.partial"  # one writer per file
-    pid = os.fork()
+    with warnings.catch_warnings():  # Python 3.12+ warns of fork() beside threads; the
+        warnings.simplefilter("ignore", DeprecationWarning)  # child runs none of them
+        pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 1
         try:
