@@ -28,7 +28,12 @@ import quotad_client as qc
 from quotad.core import Core
 from quotad import commands as c
 from quotad.codec import state_digest
-from quotad.errors import InvalidArgument, NotFound, PermissionDenied
+from quotad import limits
+from quotad.auth import Authenticator
+from quotad.errors import (
+    InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
+)
+from quotad.server import Config
 from quotad.snapshot import core_from_plain, core_to_plain
 from quotad.v1 import quotad_pb2 as pb
 from quotad.v1 import quotad_pb2_grpc
@@ -485,3 +490,40 @@ def test_keys_in_the_core_replay_and_snapshot_to_the_same_state() -> None:
     assert core.keys["b" * 12].revoked_at_ns == 3
     with pytest.raises(InvalidArgument):
         c.CreateKey(app="a", key_id="A" * 12, kind="secret", secret_sha256=sha)
+
+
+# --- limits at their edges ---------------------------------------------------------------------
+
+def test_an_app_holds_at_most_keys_per_app_max_keys_revoked_ones_included() -> None:
+    core, sha, clock = Core(), "ab" * 32, iter(range(1, 10**6))
+
+    def create(app: str, index: int) -> Any:
+        key_id = f"{app}{index:011d}".translate(str.maketrans("0123456789", "abcdefghij"))
+        return core.apply(c.CreateKey(app=app, key_id=key_id, kind="public",
+                                      secret_sha256=sha), next(clock))
+
+    for index in range(limits.KEYS_PER_APP_MAX):
+        assert create("a", index).error is None
+    assert core.apply(c.RevokeKey(app="a", key_id="a" + "a" * 11), next(clock)).error is None
+    refused = create("a", limits.KEYS_PER_APP_MAX).error
+    assert isinstance(refused, ResourceExhausted) and refused.reason == "TOO_MANY_KEYS"
+    assert create("b", 0).error is None  # another app has its own allowance
+
+
+def test_key_names_and_admin_keys_and_user_tokens_at_their_edges(tmp_path: Path) -> None:
+    sha = "ab" * 32
+    c.CreateKey(app="a", key_id="a" * 12, kind="public", secret_sha256=sha,
+                name="n" * limits.KEY_NAME_BYTES_MAX)
+    with pytest.raises(InvalidArgument):
+        c.CreateKey(app="a", key_id="a" * 12, kind="public", secret_sha256=sha,
+                    name="n" * (limits.KEY_NAME_BYTES_MAX + 1))
+    for length in (limits.ADMIN_KEY_BYTES_MIN, limits.ADMIN_KEY_BYTES_MAX):
+        Config(admin_key="k" * length, data_dir=tmp_path)
+    for length in (limits.ADMIN_KEY_BYTES_MIN - 1, limits.ADMIN_KEY_BYTES_MAX + 1):
+        with pytest.raises(ValueError, match="admin key"):
+            Config(admin_key="k" * length, data_dir=tmp_path)
+    authenticator = Authenticator(ADMIN_KEY, {})
+    with pytest.raises(Unauthenticated, match="longer than"):
+        authenticator.verify_user_token("u" * (limits.USER_TOKEN_BYTES_MAX + 1))
+    with pytest.raises(Unauthenticated, match="malformed"):  # at the limit: parsed, refused
+        authenticator.verify_user_token("u" * limits.USER_TOKEN_BYTES_MAX)

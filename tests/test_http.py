@@ -19,7 +19,8 @@ import pytest
 import quotad_client as qc
 from quotad import limits
 from quotad.errors import PermissionDenied
-from quotad.http_api import HttpApi
+from quotad.errors import InvalidArgument
+from quotad.http_api import HttpApi, query_user_id
 from quotad.server import Config
 from quotad.service import Gate, Unauthenticated
 from server_process import ServerProcess
@@ -303,7 +304,9 @@ def test_a_draining_server_answers_http_with_503_or_a_closed_connection_never_a_
     {"cors_origins": ("null",)},
     {"cors_origins": tuple(f"https://a{i}.example.com"
                            for i in range(limits.HTTP_CORS_ORIGINS_MAX + 1))},
+    {"cors_origins": ("https://" + "a" * (limits.HTTP_CORS_ORIGIN_BYTES_MAX - 7),)},
     {"http_read_timeout_s": 0.0},
+    {"http_read_timeout_s": limits.HTTP_REQUEST_READ_TIMEOUT_S_MIN / 2},
     {"http_read_timeout_s": limits.HTTP_REQUEST_READ_TIMEOUT_S_MAX + 1},
 ])
 def test_config_refuses_a_bad_http_address_origin_or_timeout(fields):
@@ -315,6 +318,20 @@ def test_config_takes_exact_origins_with_ports_and_a_loopback_http_address():
     config = Config(data_dir=Path("unused"), http_listen="[::1]:0",
                     cors_origins=("https://app.example.com", "http://localhost:8080"))
     assert config.cors_origins == ("https://app.example.com", "http://localhost:8080")
+    longest = "https://" + "a" * (limits.HTTP_CORS_ORIGIN_BYTES_MAX - 8)
+    many = tuple(f"https://a{i}.example.com" for i in range(limits.HTTP_CORS_ORIGINS_MAX))
+    for origins in ((longest,), many):  # at the limits: taken
+        Config(data_dir=Path("unused"), cors_origins=origins)
+    for timeout_s in (limits.HTTP_REQUEST_READ_TIMEOUT_S_MIN,
+                      limits.HTTP_REQUEST_READ_TIMEOUT_S_MAX):
+        Config(data_dir=Path("unused"), http_read_timeout_s=timeout_s)
+
+
+def test_a_query_of_more_than_query_fields_max_fields_is_refused():
+    busters = "&".join(f"b{i}=1" for i in range(limits.HTTP_QUERY_FIELDS_MAX - 1))
+    assert query_user_id(f"user_id=u1&{busters}") == "u1"  # at the limit
+    with pytest.raises(InvalidArgument):
+        query_user_id(f"user_id=u1&{busters}&one=more")
 
 
 def _ask_in_process(authorize, target: str = "/v1/usage?user_id=u1",
