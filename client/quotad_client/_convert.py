@@ -74,8 +74,14 @@ def to_duration(seconds: float | timedelta) -> duration_pb2.Duration:
 
 # --- windows ---------------------------------------------------------------------------------
 
-_WINDOW_NAMES = {value: name.lower() for name, value in quotad_pb2.Window.items()
-                 if name != "WINDOW_UNSPECIFIED"}
+def _enum_names(enum: Any, prefix: str) -> dict[int, str]:
+    """value -> lower-case name without prefix, for every value but UNSPECIFIED (0)."""
+    return {value: name.removeprefix(prefix).lower() for name, value in enum.items() if value}
+
+
+_WINDOW_NAMES = _enum_names(quotad_pb2.Window, "")
+_EVENT_KIND_NAMES = _enum_names(quotad_pb2.EventKind, "EVENT_KIND_")
+_WATCH_REASON_NAMES = _enum_names(quotad_pb2.WatchReason, "WATCH_REASON_")
 
 
 def window_name(value: int) -> str:
@@ -242,8 +248,7 @@ def upsert_subscription_from_proto(
 
 
 def event_kind_name(value: int) -> str:
-    name = quotad_pb2.EventKind.Name(value) if value in quotad_pb2.EventKind.values() else ""
-    return name.removeprefix("EVENT_KIND_").lower() or "unspecified"
+    return _EVENT_KIND_NAMES.get(value, "unspecified")
 
 
 def event_from_proto(e: quotad_pb2.Event) -> Event:
@@ -257,8 +262,7 @@ def event_from_proto(e: quotad_pb2.Event) -> Event:
 
 
 def watch_reason_name(value: int) -> str:
-    name = quotad_pb2.WatchReason.Name(value) if value in quotad_pb2.WatchReason.values() else ""
-    return name.removeprefix("WATCH_REASON_").lower() or "unspecified"
+    return _WATCH_REASON_NAMES.get(value, "unspecified")
 
 
 def watch_update_from_proto(r: quotad_pb2.WatchUsageResponse) -> WatchUpdate:

@@ -189,9 +189,6 @@ class ThresholdCrossed:
     """The log record that crossed it."""
 
 
-WATCH_REASONS: tuple[str, ...] = ("initial", "change", "window_reset")
-
-
 @dataclass(frozen=True, slots=True)
 class WatchUpdate:
     """One message of ``watch_usage``: the user's counters as of log record ``sequence``."""

@@ -135,10 +135,6 @@ class Authenticator:
         self.keys = keys
         self._now_s = now_s
 
-    @property
-    def keys_enabled(self) -> bool:
-        return bool(self.admin_key)
-
     def authenticate(self, metadata: Iterable[Any] | Mapping[str, str]) -> Principal:
         """The caller, or Unauthenticated: missing, malformed, unknown or revoked key."""
         if not self.admin_key:

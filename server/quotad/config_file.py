@@ -62,16 +62,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_read_timeout_s", float, "http_read_timeout_s"),
 )
 BY_KEY = {setting.key: setting for setting in SETTINGS}
-CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Config))
+assert {s.field for s in SETTINGS if s.field} <= {f.name for f in dataclasses.fields(Config)}
 
 
 class ConfigFileError(Exception):
     pass
-
-
-def supported(setting: Setting) -> bool:
-    """Whether this build has what the setting sets."""
-    return not setting.field or setting.field in CONFIG_FIELDS
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -87,9 +82,7 @@ def load(path: Path) -> dict[str, Any]:
         if setting is None:
             raise ConfigFileError(
                 f"{path}: unknown key {key!r}; known keys: "
-                f"{', '.join(s.key for s in SETTINGS if supported(s))}")
-        if not supported(setting):
-            raise ConfigFileError(f"{path}: key {key!r} is not supported by this quotad build")
+                f"{', '.join(s.key for s in SETTINGS)}")
         values[key] = _checked(path, setting, value, folder)
     if "admin_key" in values and path.stat().st_mode & 0o077:
         raise ConfigFileError(f"{path}: holds admin_key but others may read it; make it "
@@ -121,7 +114,7 @@ def config_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     kwargs = {}
     for key, value in values.items():
         setting = BY_KEY.get(key)
-        if value is None or setting is None or not setting.field or not supported(setting):
+        if value is None or setting is None or not setting.field:
             continue  # not set: the Config default
         kwargs[setting.field] = setting.convert(value)
     return kwargs

@@ -66,6 +66,8 @@ class Config:
     snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT
     audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT
     log_state_digest: bool = False
+    """Log a digest of the whole state when serving starts and when stopped (costs a pass
+    over the state): a restart must start from the digest the last stop ended with."""
     metrics_listen: str = ""
     """HOST:PORT for Prometheus metrics over HTTP; empty: none."""
     http_listen: str = ""
@@ -74,8 +76,6 @@ class Config:
     """Origins (https://app.example.com) whose pages may read the browser endpoint."""
     http_read_timeout_s: float = limits.HTTP_REQUEST_READ_TIMEOUT_S
     """How long one HTTP request may take to arrive, from its first byte."""
-    """Log a digest of the whole state when serving starts and when stopped (costs a pass
-    over the state): a restart must start from the digest the last stop ended with."""
     admin_key: str = field(default="", repr=False)
     """Empty: "open" mode (no keys, app "default", loopback only). Set: every call needs a
     key, and this one may create, list and revoke the keys of every app."""

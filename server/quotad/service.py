@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +30,6 @@ from .errors import (
 from .v1 import quotad_pb2 as pb
 from .wal import EVENT_CURSOR_BYTES
 from .writer import Writer, WriterStopped
-
-log = logging.getLogger("quotad.service")
 
 ERROR_DOMAIN = "quotad"
 
@@ -83,8 +80,6 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
         code = code_pb2.UNAVAILABLE
     elif isinstance(error, Unauthenticated):
         code = code_pb2.UNAUTHENTICATED
-    elif isinstance(error, PermissionDenied):
-        code = code_pb2.PERMISSION_DENIED
     packed = []
     for detail in details:
         envelope = any_pb2.Any()
