@@ -7,9 +7,8 @@ between requests, a read timeout per request and a write timeout per answer, so 
 hostile client costs a socket and a little memory, never the gRPC side's time.
 
 Authorization is one injected callable, `authorize(authorization_header, user_token_header,
-user_id) -> app`, raising Unauthenticated (401) or PermissionDenied (403). The default,
-`open_authorize`, is the open mode: every read is of app "default", valid only while quotad
-listens on loopback addresses only (Config enforces that).
+user_id) -> app`, raising Unauthenticated (401) or PermissionDenied (403): the server passes
+service.http_usage_authorizer, GetUsage's own rule.
 
 CORS: an Origin in the allow-list gets `Access-Control-Allow-Origin: <that origin>`; any
 other origin gets no CORS header (the browser then withholds the answer from the page) and
@@ -30,18 +29,18 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import h11
+from google.rpc import code_pb2
 
 from . import limits
 from .commands import CounterView, GetUsage, UsageResult
 from .errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
 from .metrics import Metrics
-from .auth import DEFAULT_APP
-from .service import Gate
+from .auth import USER_TOKEN_HEADER
+from .service import Gate, status_proto_of
 
 log = logging.getLogger("quotad.http")
 
 USAGE_PATH = "/v1/usage"
-USER_TOKEN_HEADER = "x-quotad-user-token"
 ALLOWED_METHODS = "GET, HEAD, OPTIONS"
 READ_CHUNK_BYTES = 4096
 CLOSE_GRACE_S = 2.0
@@ -53,12 +52,6 @@ most LINGER_BYTES_MAX of what it still sends."""
 
 Authorize = Callable[[str | None, str | None, str], str]
 """(Authorization header, X-Quotad-User-Token header, user_id) -> the app to read from."""
-
-
-def open_authorize(authorization_header: str | None, user_token_header: str | None,
-                   user_id: str) -> str:
-    """The open mode: no keys, every caller reads app "default" (loopback-only servers)."""
-    return DEFAULT_APP
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,28 +81,24 @@ class _Idle(Exception):
 
 # A refusal's class name (anywhere in its MRO) -> (HTTP status, the gRPC code name it mirrors).
 # By name, so the key rules' own exception types map without this module importing them.
-_REFUSALS: tuple[tuple[str, int, str], ...] = (
-    ("InvalidArgument", 400, "INVALID_ARGUMENT"),
-    ("Unauthenticated", 401, "UNAUTHENTICATED"),
-    ("PermissionDenied", 403, "PERMISSION_DENIED"),
-    ("NotFound", 404, "NOT_FOUND"),
-    ("AlreadyExists", 409, "ALREADY_EXISTS"),
-    ("FailedPrecondition", 409, "FAILED_PRECONDITION"),
-    ("ResourceExhausted", 429, "RESOURCE_EXHAUSTED"),
-    ("Unavailable", 503, "UNAVAILABLE"),
-    ("WriterStopped", 503, "UNAVAILABLE"),
-)
+_HTTP_STATUS = {
+    code_pb2.INVALID_ARGUMENT: 400, code_pb2.UNAUTHENTICATED: 401,
+    code_pb2.PERMISSION_DENIED: 403, code_pb2.NOT_FOUND: 404, code_pb2.ALREADY_EXISTS: 409,
+    code_pb2.FAILED_PRECONDITION: 409, code_pb2.RESOURCE_EXHAUSTED: 429,
+    code_pb2.UNAVAILABLE: 503,
+}
+"""The HTTP status of each gRPC code a refusal maps to (service.status_proto_of)."""
 
 
 def refusal_status(error: BaseException) -> tuple[int, str] | None:
     """(HTTP status, code) of a refusal, or None for an error no caller caused."""
     if isinstance(error, FailedPrecondition) and error.reason == "NO_PLAN":
         return 404, "NOT_FOUND"  # an unknown user, as far as a browser can tell
-    names = {cls.__name__ for cls in type(error).__mro__}
-    for name, status, code in _REFUSALS:
-        if name in names:
-            return status, code
-    return None
+    if not isinstance(error, Exception):
+        return None
+    code = status_proto_of(error).code
+    status = _HTTP_STATUS.get(code)
+    return None if status is None else (status, code_pb2.Code.Name(code))
 
 
 def rfc3339(at_ns: int) -> str:
@@ -192,7 +181,7 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\
 class HttpApi:
     """The HTTP server: start(), stop_accepting() when draining, close() when stopping."""
 
-    def __init__(self, gate: Gate, *, authorize: Authorize = open_authorize,
+    def __init__(self, gate: Gate, *, authorize: Authorize,
                  cors_origins: tuple[str, ...] = (),
                  read_timeout_s: float = limits.HTTP_REQUEST_READ_TIMEOUT_S,
                  metrics: Metrics | None = None) -> None:
