@@ -174,3 +174,34 @@ def test_a_snapshot_child_that_is_killed_is_reported_and_the_next_one_is_due(tmp
     assert writer.snapshot_children_failed >= 1 and writer.snapshots >= 1
     assert not list(tmp_path.glob("snapshot-*.partial"))
     log_.close()
+
+
+def test_an_in_process_snapshot_never_covers_records_a_later_transaction_writes(tmp_path: Path):
+    """With more records pending than one transaction takes, the snapshot waits: a crash
+    between two transactions must never leave a snapshot ahead of the log."""
+    log_ = Log(tmp_path)
+    appended: list[tuple[int, int | None]] = []
+    append = log_.append
+
+    def recording_append(records, snapshot=None, prune_before_ns=0):
+        appended.append((records[-1].sequence if records else 0,
+                         snapshot.sequence if snapshot else None))
+        append(records, snapshot, prune_before_ns)
+
+    log_.append = recording_append
+
+    async def run() -> None:
+        writer = Writer(recover(log_), log_, on_failure=pytest.fail, batch_records_max=4,
+                        snapshot_every_records=3)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        for round_ in range(5):
+            await asyncio.gather(*(writer.execute(_track(f"k{round_}-{i}")) for i in range(9)))
+        await writer.close()
+
+    asyncio.run(run())
+    with_snapshot = [(last, covered) for last, covered in appended if covered is not None]
+    assert with_snapshot, appended
+    assert all(covered <= last for last, covered in with_snapshot if last), appended
+    log_.close()

@@ -199,10 +199,11 @@ class Writer:
             while self._pending or self._ready is not None:
                 if self._fork_snapshots:
                     self._start_child_if_due()
+                else:  # before the batch is cut: it must cover only what this one writes
+                    copied = self._snapshot_if_due()
                 batch = self._pending[: self._batch_records_max]
                 del self._pending[: self._batch_records_max]
-                snapshot = (self._ready_snapshot(batch) if self._fork_snapshots
-                            else self._snapshot_if_due())
+                snapshot = self._ready_snapshot(batch) if self._fork_snapshots else copied
                 if not batch and snapshot is None:
                     break  # a child's snapshot waits for records it covers to be written
                 started = time.perf_counter()
