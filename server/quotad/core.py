@@ -315,14 +315,15 @@ class Core:
                         amount=consumed, limit_group_key=group.key, threshold_percent=percent,
                         window_start_ns=counter.window_start_ns))
 
-    def _check_hold_thresholds(self, reservation: Reservation) -> None:
-        """Thresholds of the counters a hold counts in (in the window it was taken in)."""
-        app = self.apps[reservation.app]
-        user = app.users[reservation.user_id]
-        plan = app.plans[user.subscription.plan_id]
+    def _check_hold_thresholds(self, reservation: Reservation,
+                               counters: list[CounterState | None] | None = None) -> None:
+        """Thresholds of the counters a hold counts in (in the window it was taken in);
+        counters: those of reservation.holds, when the caller has them already."""
+        user, plan = self._subscriber(reservation.app, reservation.user_id)
+        if counters is None:
+            counters = [self._counter_of(user, hold) for hold in reservation.holds]
         changed = []
-        for hold in reservation.holds:
-            counter = self._counter_of(user, hold)
+        for hold, counter in zip(reservation.holds, counters):
             group = plan.group(hold.key)
             if counter is not None and group is not None and group.window is hold.window:
                 changed.append((group, counter))
@@ -481,18 +482,17 @@ class Core:
         amount = reservation.amount if command.amount is None else command.amount
         expired = reservation.status is Status.EXPIRED
         user = self.apps[command.app].users[reservation.user_id]
-        self._check_counter_room([self._counter_of(user, hold) for hold in reservation.holds],
-                                 amount, 0)
+        counters = [self._counter_of(user, hold) for hold in reservation.holds]
+        self._check_counter_room(counters, amount, 0)
         if not expired:
             self._end_live_hold(reservation, Status.COMMITTED, now_ns, in_index=True)
         reservation.status = Status.COMMITTED
-        for hold in reservation.holds:
-            counter = self._counter_of(user, hold)
+        for counter in counters:
             if counter is not None:  # else its window is over: the usage counts there
                 counter.used += amount
         returned = 0 if expired else max(0, reservation.amount - amount)
         self._audit_hold("commit", reservation, amount)
-        self._check_hold_thresholds(reservation)
+        self._check_hold_thresholds(reservation, counters)
         return CommitResult(counters=self._hold_views(reservation, now_ns), committed=amount,
                             returned=returned, expired=expired), True
 
