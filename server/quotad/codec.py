@@ -44,10 +44,6 @@ def key_sequence(key: bytes) -> int:
     return _KEY.unpack(key)[0]
 
 
-def encode_record(record: Record) -> bytes:
-    return encode_record_and_events(record)[0]
-
-
 def encode_record_and_events(record: Record) -> tuple[bytes, list[bytes]]:
     """The record's value, and each of its audit events as JSON (for the events index).
     Each event is encoded once and spliced into the record's payload, which comes out the

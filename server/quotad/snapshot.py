@@ -63,7 +63,7 @@ def core_from_plain(plain: dict[str, Any]) -> Core:
     core.apps = {app_id: _app_from_plain(app) for app_id, app in plain["apps"].items()}
     core.expiry = SortedList(tuple(entry) for entry in plain["expiry"])
     core.forget = SortedList(_forget_entry(entry) for entry in plain["forget"])
-    for key in plain.get("keys", []):  # absent in snapshots made before keys existed
+    for key in plain["keys"]:
         restored = from_plain(key, KeyState)
         core.keys[restored.key_id] = restored
     return core

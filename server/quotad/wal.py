@@ -37,7 +37,7 @@ from .codec import (
 from .commands import AuditEvent, Record
 
 FORMAT_VERSION = b"3"
-"""3: records carry threshold audit events (a log of 2 would replay without them)."""
+"""3: records carry threshold audit events (an older log would replay without them)."""
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
 LOCK_FILE_NAME = "quotad.lock"
 SNAPSHOT_KEY = b"latest"
@@ -191,9 +191,9 @@ class Log:
 
     def snapshot_sequence(self) -> int:
         """The sequence the latest snapshot covers (0: none), without reading it whole."""
-        with self.env.begin(db=self.snapshot_db) as txn:
-            value = txn.get(SNAPSHOT_KEY)
-        return _SNAPSHOT_HEADER.unpack_from(value)[1] if value else 0
+        with self.env.begin(db=self.snapshot_db, buffers=True) as txn:
+            value = txn.get(SNAPSHOT_KEY)  # a view into the map: the header alone is read
+            return _SNAPSHOT_HEADER.unpack_from(value)[1] if value is not None else 0
 
     def records(self, after_sequence: int = 0) -> Iterator[Record]:
         """Every record after the given sequence, checked (checksum, order, no gaps)."""
