@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from quotad.tokens import USER_TOKEN_HEADER
 
 from ._retry import RetryPolicy
 
 
 API_KEY_ENV = "QUOTAD_API_KEY"
-USER_TOKEN_HEADER = "x-quotad-user-token"
 
 
 def api_key_or_env(api_key: str | None) -> str | None:

@@ -32,6 +32,10 @@ from typing import Any
 from . import limits
 from .core import KeyState
 from .errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from .tokens import (
+    KEY_ID_PATTERN, KEY_SECRET_PATTERN, USER_TOKEN_HEADER, USER_TOKEN_VERSION, sign_user_token,
+    token_mac, token_signing_key, unb64,
+)
 
 DEFAULT_APP = "default"
 ADMIN = "admin"
@@ -41,13 +45,9 @@ OPEN = "open"
 """The kind of every caller when no admin key is configured."""
 
 AUTHORIZATION_HEADER = "authorization"
-USER_TOKEN_HEADER = "x-quotad-user-token"
 KEY_PREFIXES = {SECRET: "sk", PUBLIC: "pk"}
 KEY_SECRET_BYTES = 32
-USER_TOKEN_VERSION = "ut1"
-USER_TOKEN_CONTEXT = b"quotad user token v1"
-
-_KEY_PATTERN = re.compile(r"(sk|pk)_([a-z2-7]{12})_([A-Za-z0-9_-]{43,128})")
+_KEY_PATTERN = re.compile(rf"(sk|pk)_({KEY_ID_PATTERN})_({KEY_SECRET_PATTERN})")
 _KINDS_BY_PREFIX = {prefix: kind for kind, prefix in KEY_PREFIXES.items()}
 
 KEY_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "MintUserToken"})
@@ -88,29 +88,8 @@ def new_key(kind: str) -> NewKey:
                   token_signing_key=token_signing_key(whole).hex() if kind == SECRET else "")
 
 
-def token_signing_key(whole_key: str) -> bytes:
-    """The HMAC key user tokens of this sk key are signed with."""
-    return hmac.new(whole_key.encode("ascii"), USER_TOKEN_CONTEXT, hashlib.sha256).digest()
-
-
 def _sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def sign_user_token(signing_key: bytes, key_id: str, app: str, user_id: str,
-                    expires_at_s: int) -> str:
-    claims = json.dumps({"app": app, "user": user_id, "exp": expires_at_s},
-                        separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-    signed = f"{USER_TOKEN_VERSION}.{key_id}.{_b64(claims.encode('utf-8'))}"
-    return f"{signed}.{_b64(hmac.new(signing_key, signed.encode('ascii'), hashlib.sha256).digest())}"
 
 
 def header(metadata: Iterable[Any] | Mapping[str, str], name: str) -> str | None:
@@ -208,16 +187,15 @@ class Authenticator:
         if key is None or key.kind != SECRET or key.revoked_at_ns is not None:
             raise Unauthenticated("the user token's signing key is unknown or revoked")
         try:
-            mac = _unb64(mac_b64)
-            expected = hmac.new(bytes.fromhex(key.token_signing_key),
-                                f"{parts[0]}.{key_id}.{claims_b64}".encode("ascii"),
-                                hashlib.sha256).digest()
+            mac = unb64(mac_b64)
+            expected = token_mac(bytes.fromhex(key.token_signing_key),
+                                 f"{parts[0]}.{key_id}.{claims_b64}")
         except (ValueError, binascii.Error, UnicodeEncodeError):
             raise Unauthenticated("malformed user token") from None
         if not hmac.compare_digest(mac, expected):
             raise Unauthenticated("the user token's signature does not verify")
         try:
-            claims = json.loads(_unb64(claims_b64).decode("utf-8"))
+            claims = json.loads(unb64(claims_b64).decode("utf-8"))
             app, user_id, expires_at_s = claims["app"], claims["user"], claims["exp"]
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise Unauthenticated("malformed user token") from None
