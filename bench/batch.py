@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from quotad import limits
 
 from .targets import EchoTarget, _server_process_class, _set_up_quotad, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
 
 USERS = 1000
 BATCH_DEFAULT = 500
-BATCH_MAX = 1000  # the server's BATCH_OPERATIONS_MAX
+BATCH_MAX = limits.BATCH_OPERATIONS_MAX
 
 
 def _identity(data: bytes) -> bytes:

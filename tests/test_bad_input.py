@@ -94,7 +94,7 @@ QUOTA_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage")
 ADMIN_RPCS = ("UpsertPlan", "GetPlan", "ListPlans", "DeletePlan", "UpsertSubscription",
               "GetSubscription", "ListEvents", "GetStateDigest")
 ALL_RPCS = QUOTA_RPCS + ADMIN_RPCS
-EVENTS_PAGE_SIZE_MAX = 1000
+EVENTS_PAGE_SIZE_MAX = limits.EVENTS_PAGE_SIZE_MAX
 
 
 def path_of(rpc: str) -> str:

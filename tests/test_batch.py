@@ -7,6 +7,7 @@ import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2
 
+from quotad import limits
 from quotad.v1 import quotad_pb2 as pb
 from test_server_e2e import admin, plan_with, quota, subscribe, usage
 
@@ -47,7 +48,11 @@ def test_a_batch_is_applied_in_order_and_answered_one_by_one(server):
 
 def test_an_empty_or_oversized_batch_is_invalid(server):
     stub = quota(server.address)
-    for operations in ([], [pb.BatchOperation(get_usage=pb.GetUsageRequest(user_id="u"))] * 1001):
+    subscribe(server.address, "u", plan_with(10))
+    read = pb.BatchOperation(get_usage=pb.GetUsageRequest(user_id="u"))
+    largest = stub.Batch(pb.BatchRequest(operations=[read] * limits.BATCH_OPERATIONS_MAX))
+    assert len(largest.results) == limits.BATCH_OPERATIONS_MAX  # at the limit: taken
+    for operations in ([], [read] * (limits.BATCH_OPERATIONS_MAX + 1)):
         with pytest.raises(grpc.RpcError) as error:
             stub.Batch(pb.BatchRequest(operations=operations))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import quotad_client as qc
+from quotad import limits
 
 PLAN = {
     "id": "p", "name": "P",
@@ -182,3 +183,18 @@ def test_concurrent_async_calls_travel_in_batches_and_keep_their_own_results(ser
     assert 0 < batches < 150, batches  # 303 calls in far fewer Batch RPCs
     print(f"\n303 calls in {batches} batches")
     assert asyncio.run(scenario(coalesce=False))[:3] == (150, 1, 150 * 4)
+
+
+def test_more_concurrent_calls_than_one_batch_holds_go_in_two_batches(server):
+    async def scenario() -> tuple[int, int]:
+        async with qc.AsyncQuotaClient(server.address, timeout_s=30) as client:
+            await client.upsert_plan(PLAN)
+            await client.subscribe("wide", "p")
+            sent = client._coalescer.batches_sent
+            answers = await asyncio.gather(*(
+                client.usage("wide") for _ in range(limits.BATCH_OPERATIONS_MAX + 1)))
+            return len(answers), client._coalescer.batches_sent - sent
+
+    answered, batches = asyncio.run(scenario())
+    assert answered == limits.BATCH_OPERATIONS_MAX + 1
+    assert batches == 2  # a full batch, then the one left over

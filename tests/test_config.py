@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from quotad import cli, config_file
+from quotad import cli, config_file, limits
 from quotad.config_file import ConfigFileError
 from quotad.v1 import quotad_pb2 as pb
 from quotad.v1 import quotad_pb2_grpc as stubs
@@ -146,7 +146,14 @@ def test_a_callers_request_id_is_echoed_and_names_its_refused_call_in_the_log(se
 
         ids = []
         admin = stubs.AdminServiceStub(channel)
-        for given in ((), (("x-request-id", "x" * 129),), (("x-request-id", ""),)):
+        longest = "x" * limits.REQUEST_ID_BYTES_MAX
+        with pytest.raises(grpc.RpcError) as kept:  # at the limit: the caller's own
+            admin.GetPlan(pb.GetPlanRequest(id="nope"), metadata=(("x-request-id", longest),),
+                          timeout=10)
+        assert ("x-request-id", longest) in [
+            (m.key, m.value) for m in kept.value.trailing_metadata()]
+        for given in ((), (("x-request-id", "x" * (limits.REQUEST_ID_BYTES_MAX + 1)),),
+                      (("x-request-id", ""),)):
             with pytest.raises(grpc.RpcError) as missing:
                 admin.GetPlan(pb.GetPlanRequest(id="nope"), metadata=given, timeout=10)
             made = dict((m.key, m.value) for m in missing.value.trailing_metadata())

@@ -17,11 +17,12 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
+from quotad import limits
 from quotad.v1 import quotad_pb2
 
 BATCHABLE = {"Reserve": "reserve", "Commit": "commit", "Release": "release",
              "Extend": "extend", "Track": "track", "GetUsage": "get_usage"}
-BATCH_OPERATIONS_MAX = 1000
+BATCH_OPERATIONS_MAX = limits.BATCH_OPERATIONS_MAX
 IN_FLIGHT_BATCHES_MAX = 2
 
 

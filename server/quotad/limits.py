@@ -41,6 +41,15 @@ METADATA_MATCH_VALUES_MAX = 64
 TIME_ZONE_BYTES_MAX = 64
 APP_ID_BYTES_MAX = 64
 
+BATCH_OPERATIONS_MAX = 1000
+"""Operations in one Batch RPC (and so in one coalesced batch of the client)."""
+EVENTS_PAGE_SIZE_MAX = 1000
+"""Events in one ListEvents page; page_size 0 means EVENTS_PAGE_SIZE_DEFAULT."""
+EVENTS_PAGE_SIZE_DEFAULT = 100
+REQUEST_ID_BYTES_MAX = 128
+"""A caller's x-request-id up to this long is kept; longer (or not printable ASCII) is
+replaced by one the server makes."""
+
 ADMIN_KEY_BYTES_MIN = 32
 ADMIN_KEY_BYTES_MAX = 256
 KEY_NAME_BYTES_MAX = 128

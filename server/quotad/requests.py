@@ -25,13 +25,13 @@ import secrets
 import time
 from typing import Any
 
+from . import limits
 from .logs import REQUEST_ID
 
 log = logging.getLogger("quotad.requests")
 
 REQUEST_ID_HEADER = "x-request-id"
-REQUEST_ID_BYTES_MAX = 128
-"""Longer (or non-printable) caller ids are replaced by one made here."""
+REQUEST_ID_BYTES_MAX = limits.REQUEST_ID_BYTES_MAX
 
 
 def sane_request_id(value: Any) -> bool:

@@ -243,8 +243,8 @@ def _state_digest_handler(gate: Gate) -> _Handler:
     return _answering(gate, "GetStateDigest", answer)
 
 
-EVENTS_PAGE_SIZE_DEFAULT = 100
-EVENTS_PAGE_SIZE_MAX = 1000
+EVENTS_PAGE_SIZE_DEFAULT = limits.EVENTS_PAGE_SIZE_DEFAULT
+EVENTS_PAGE_SIZE_MAX = limits.EVENTS_PAGE_SIZE_MAX
 _EVENT_KINDS = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.upper()}") for kind in AUDIT_KINDS}
 _END_OF_TIME_NS = 2**64 - 1
 """The event index stores times as unsigned 64-bit ns (to the year 2554); later is clamped."""
@@ -305,7 +305,7 @@ def _list_events_handler(gate: Gate) -> _Handler:
     return _answering(gate, "ListEvents", answer)
 
 
-BATCH_OPERATIONS_MAX = 1000
+BATCH_OPERATIONS_MAX = limits.BATCH_OPERATIONS_MAX
 _BATCH_KINDS = {
     "reserve": "Reserve", "commit": "Commit", "release": "Release", "extend": "Extend",
     "track": "Track", "get_usage": "GetUsage",

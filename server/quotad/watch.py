@@ -43,7 +43,7 @@ log = logging.getLogger("quotad.watch")
 DRAIN_POLL_S = 0.2
 """How often the hub looks whether the server started draining (one check for all watchers,
 only while some watch): a drain ends every watch within this."""
-_EVENTS_PAGE = 1000
+_EVENTS_PAGE = limits.EVENTS_PAGE_SIZE_MAX
 _END_OF_TIME_NS = 2**64 - 1
 
 
