@@ -25,8 +25,9 @@ from quotad_client import (
     ApiKey, DeadlineExceeded, Event, InvalidArgument, NotFound, QuotaClient, QuotadError,
     Unavailable, plan_to_proto,
 )
+from quotad_client._convert import window_name
 
-from . import convert
+from . import convert, limits
 from .plans_file import PlansFileError, load_plans
 from .v1 import quotad_pb2 as pb
 
@@ -40,7 +41,7 @@ TIMEOUT_S_DEFAULT = 5.0
 FOLLOW_INTERVAL_S_DEFAULT = 1.0
 FOLLOW_INTERVAL_S_MIN = 0.1
 FOLLOW_INTERVAL_S_MAX = 60.0
-EVENTS_PAGE_SIZE = 1000
+EVENTS_PAGE_SIZE = limits.EVENTS_PAGE_SIZE_MAX
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
@@ -84,10 +85,6 @@ def _time(when: datetime | None) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _window_name(value: int) -> str:
-    return pb.Window.Name(value).lower() if value in pb.Window.values() else str(value)
-
-
 def _match_text(match: pb.Match) -> str:
     parts = []
     if match.event_types:
@@ -100,7 +97,7 @@ def _match_text(match: pb.Match) -> str:
 def _group_text(group: pb.LimitGroup) -> str:
     unit = f" {group.unit}" if group.unit else ""
     label = f" ({group.label})" if group.label else ""
-    return (f"{group.key}{label}: {group.quota}{unit} per {_window_name(group.window)}; "
+    return (f"{group.key}{label}: {group.quota}{unit} per {window_name(group.window)}; "
             f"{_match_text(group.match)}")
 
 
@@ -108,7 +105,7 @@ def _plan_dict(plan: pb.Plan) -> dict[str, Any]:
     """A plan in the shape of plans.toml."""
     return {"id": plan.id, "name": plan.name, "limit_groups": [
         {"key": g.key, "label": g.label, "unit": g.unit, "quota": g.quota,
-         "window": _window_name(g.window),
+         "window": window_name(g.window),
          "match": {"event_types": list(g.match.event_types),
                    "metadata": {m.key: list(m.values) for m in g.match.metadata}}}
         for g in plan.limit_groups]}
@@ -122,7 +119,7 @@ def _group_changes(old: pb.LimitGroup, new: pb.LimitGroup) -> str:
         if getattr(old, name) != getattr(new, name):
             changes.append(f"{name} {getattr(old, name)!r} -> {getattr(new, name)!r}")
     if old.window != new.window:
-        changes.append(f"window {_window_name(old.window)} -> {_window_name(new.window)}")
+        changes.append(f"window {window_name(old.window)} -> {window_name(new.window)}")
     if old.match != new.match:
         changes.append(f"match {_match_text(old.match)!r} -> {_match_text(new.match)!r}")
     return "; ".join(changes)
