@@ -195,6 +195,12 @@ class Log:
             value = txn.get(SNAPSHOT_KEY)  # a view into the map: the header alone is read
             return _SNAPSHOT_HEADER.unpack_from(value)[1] if value is not None else 0
 
+    def record_now_ns(self, sequence: int) -> int | None:
+        """The server time of one log record; None if there is none (pruned, or not yet)."""
+        with self.env.begin(db=self.log_db, buffers=False) as txn:
+            value = txn.get(record_key(sequence))
+        return None if value is None else decode_record(record_key(sequence), value).now_ns
+
     def records(self, after_sequence: int = 0) -> Iterator[Record]:
         """Every record after the given sequence, checked (checksum, order, no gaps)."""
         expected = after_sequence + 1

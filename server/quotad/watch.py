@@ -270,9 +270,9 @@ def replay_thresholds(log_: Log, app: str, user_id: str, after_sequence: int,
                       up_to_sequence: int) -> tuple[Crossing, ...]:
     """The user's threshold events with after_sequence < sequence <= up_to_sequence, oldest
     first, at most limits.WATCH_REPLAY_THRESHOLDS_MAX (the latest). Blocking: run it on a
-    thread. The events index is ordered by time, and time grows with sequence, so a binary
-    search over time finds where to start."""
-    start_ns = _time_of_sequence(log_, app, user_id, after_sequence)
+    thread. The events index is ordered by time, and time grows strictly with sequence, so
+    the time of record after_sequence is where to start (the start if it was pruned)."""
+    start_ns = (log_.record_now_ns(after_sequence) or 0) if after_sequence else 0
     found: deque[Crossing] = deque(maxlen=limits.WATCH_REPLAY_THRESHOLDS_MAX)
     cursor = b""
     while True:
@@ -287,26 +287,6 @@ def replay_thresholds(log_: Log, app: str, user_id: str, after_sequence: int,
         if len(page) < _EVENTS_PAGE:
             return tuple(found)
         cursor = page[-1].cursor
-
-
-def _time_of_sequence(log_: Log, app: str, user_id: str, sequence: int) -> int:
-    """A time at or before the user's first event after `sequence`, and after almost all of
-    the events up to it: the largest time whose next event still has a sequence <= it."""
-
-    def at_or_before(time_ns: int) -> bool:
-        first = log_.list_events(app, user_id, time_ns, _END_OF_TIME_NS, b"", 1)
-        return bool(first) and first[0].sequence <= sequence
-
-    low, high = 0, _END_OF_TIME_NS
-    if not at_or_before(low):
-        return 0
-    while high - low > 1:
-        middle = (low + high) // 2
-        if at_or_before(middle):
-            low = middle
-        else:
-            high = middle
-    return low
 
 
 def response(update: Update) -> pb.WatchUsageResponse:
