@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import lmdb
+from quotad.wal import LMDB_OPTIONS
 
 RECORD_BYTES = 400
 
 
 def measure(directory: Path, commits: int, records: int) -> dict[str, float]:
-    env = lmdb.open(str(directory), map_size=4 * 1024**3, subdir=True, max_dbs=4, sync=True,
-                    metasync=True, writemap=False, map_async=False, lock=True,
-                    readahead=False, meminit=False)
+    env = lmdb.open(str(directory), map_size=4 * 1024**3, **LMDB_OPTIONS)
     log_db = env.open_db(b"log")
     value = os.urandom(RECORD_BYTES)
     sequence = 0

@@ -39,6 +39,11 @@ from .commands import AuditEvent, Record
 FORMAT_VERSION = b"3"
 """3: records carry threshold audit events (an older log would replay without them)."""
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
+LMDB_OPTIONS: dict[str, Any] = dict(
+    subdir=True, readonly=False, create=True, max_dbs=8, max_readers=126, sync=True,
+    metasync=True, writemap=False, map_async=False, lock=True, readahead=False, meminit=False,
+    mode=0o600)
+"""Every lmdb.open option of the log, explicit: a synced commit is durable."""
 LOCK_FILE_NAME = "quotad.lock"
 SNAPSHOT_KEY = b"latest"
 FAULT_ENV = "QUOTAD_FAULT_INJECT"
@@ -94,11 +99,7 @@ class Log:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self._lock_file = _lock_exclusively(data_dir / LOCK_FILE_NAME)
-        self.env = lmdb.open(
-            str(data_dir), map_size=map_size_bytes, subdir=True, readonly=False, create=True,
-            max_dbs=8, max_readers=126, sync=True, metasync=True, writemap=False,
-            map_async=False, lock=True, readahead=False, meminit=False, mode=0o600,
-        )
+        self.env = lmdb.open(str(data_dir), map_size=map_size_bytes, **LMDB_OPTIONS)
         self.env.reader_check()  # clears reader slots left by a process that died
         self.meta_db = self.env.open_db(b"meta", create=True)
         self.log_db = self.env.open_db(b"log", create=True)
