@@ -46,10 +46,7 @@ def admin_key(key_file: Path | None, environ: dict[str, str]) -> str:
     if from_env:
         raise ValueError(f"--admin-key-file and {ADMIN_KEY_ENV} are both set: use one")
     try:
-        mode = key_file.stat().st_mode
-        if mode & 0o077:
-            raise ValueError(f"--admin-key-file {key_file}: readable by others (mode "
-                             f"{mode & 0o777:o}); make it owner-only: chmod 600 {key_file}")
+        config_file.require_owner_only(key_file, "the --admin-key-file, but")
         key = key_file.read_text(encoding="utf-8").strip()
     except OSError as error:
         raise ValueError(f"--admin-key-file {key_file}: {error.strerror}") from error

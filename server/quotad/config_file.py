@@ -84,10 +84,21 @@ def load(path: Path) -> dict[str, Any]:
                 f"{path}: unknown key {key!r}; known keys: "
                 f"{', '.join(s.key for s in SETTINGS)}")
         values[key] = _checked(path, setting, value, folder)
-    if "admin_key" in values and path.stat().st_mode & 0o077:
-        raise ConfigFileError(f"{path}: holds admin_key but others may read it; make it "
-                              f"owner-only: chmod 600 {path}")
+    if "admin_key" in values:
+        try:
+            require_owner_only(path, "holds admin_key, but")
+        except ValueError as error:
+            raise ConfigFileError(str(error)) from error
     return values
+
+
+def require_owner_only(path: Path, why: str) -> None:
+    """ValueError naming the file if anyone but its owner may read or write it: it holds a
+    secret (why: "holds admin_key, but", say)."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ValueError(f"{path}: {why} others may read it (mode {mode & 0o777:o}); make it "
+                         f"owner-only: chmod 600 {path}")
 
 
 def _checked(path: Path, setting: Setting, value: Any, folder: Path) -> Any:
