@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from quotad import limits
+from quotad.core import limits
 
 from .targets import EchoTarget, _server_process_class, _set_up_quotad, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
@@ -42,7 +42,7 @@ def _identity(data: bytes) -> bytes:
 
 async def _drive(address: str, index: int, batch: int, in_flight: int, start_at: float,
                  seconds: float, idempotency_keys: bool) -> dict[str, float]:
-    from quotad.v1 import quotad_pb2 as pb
+    from quotad_contract.v1 import quotad_pb2 as pb
 
     async with grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024)]) as channel:

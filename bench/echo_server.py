@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from quotad.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2 as pb
 
 from .workloads import PREMIUM_MODEL, TOKENS_QUOTA
 

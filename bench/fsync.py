@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import lmdb
-from quotad.wal import LMDB_OPTIONS
+from quotad.storage.wal import LMDB_OPTIONS
 
 RECORD_BYTES = 400
 

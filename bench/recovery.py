@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from quotad.codec import state_digest
-from quotad.commands import Commit, Reserve, UpsertPlan, UpsertSubscription
-from quotad import snapshot_child
-from quotad.core import Core
-from quotad.plans import LimitGroup, Match, Plan, Window
-from quotad.snapshot import core_to_plain
-from quotad.wal import Log, Snapshot
-from quotad.writer import recover
+from quotad.storage.codec import state_digest
+from quotad.core.commands import Commit, Reserve, UpsertPlan, UpsertSubscription
+from quotad.storage import snapshot_child
+from quotad.core.machine import Core
+from quotad.core.plans import LimitGroup, Match, Plan, Window
+from quotad.storage.snapshot import core_to_plain
+from quotad.storage.wal import Log, Snapshot
+from quotad.engine.writer import recover
 
 BATCH = 8192
 PLAN = Plan(id="pro", limit_groups=(

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from quotad.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2 as pb
 
 from .echo_server import _batch_result
 from .targets import ROOT, process_cpu_s

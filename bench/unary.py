@@ -31,8 +31,8 @@ from server_process import ServerProcess  # noqa: E402
 
 from bench.targets import process_cpu_s  # noqa: E402
 
-from quotad.v1 import quotad_pb2 as pb  # noqa: E402
-from quotad.v1 import quotad_pb2_grpc as stubs  # noqa: E402
+from quotad_contract.v1 import quotad_pb2 as pb  # noqa: E402
+from quotad_contract.v1 import quotad_pb2_grpc as stubs  # noqa: E402
 
 USERS = 1000
 

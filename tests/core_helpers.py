@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from quotad import limits
-from quotad.commands import (
+from quotad.core import limits
+from quotad.core.commands import (
     Commit, CommitResult, CounterView, DeletePlan, ExpireHolds, Extend, ExtendResult, GetUsage,
     Record, Release, ReleaseResult, Reserve, ReserveResult, Track, TrackResult, UpsertPlan,
     UpsertSubscription,
 )
-from quotad.core import Core, Outcome
-from quotad.plans import LimitGroup, Match, Metadata, MetadataMatch, Plan, Window
+from quotad.core.machine import Core, Outcome
+from quotad.core.plans import LimitGroup, Match, Metadata, MetadataMatch, Plan, Window
 
 S = limits.NS_PER_S
 MINUTE = 60 * S

@@ -25,18 +25,18 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 import quotad_client as qc
-from quotad.core import Core
-from quotad import commands as c
-from quotad.codec import state_digest
-from quotad import limits
-from quotad.auth import Authenticator
-from quotad.errors import (
+from quotad.core.machine import Core
+from quotad.core import commands as c
+from quotad.storage.codec import state_digest
+from quotad.core import limits
+from quotad.api.auth import Authenticator
+from quotad.core.errors import (
     InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
 )
 from quotad.server import Config
-from quotad.snapshot import core_from_plain, core_to_plain
-from quotad.v1 import quotad_pb2 as pb
-from quotad.v1 import quotad_pb2_grpc
+from quotad.storage.snapshot import core_from_plain, core_to_plain
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc
 from quotad_client._token import sign_user_token
 from server_process import ROOT, ServerProcess
 

@@ -40,8 +40,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from quotad import limits
-from quotad.v1 import quotad_pb2 as pb
+from quotad.core import limits
+from quotad_contract.v1 import quotad_pb2 as pb
 from server_process import ServerProcess
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"

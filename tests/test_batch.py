@@ -7,8 +7,8 @@ import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2
 
-from quotad import limits
-from quotad.v1 import quotad_pb2 as pb
+from quotad.core import limits
+from quotad_contract.v1 import quotad_pb2 as pb
 from test_server_e2e import admin, plan_with, quota, subscribe, usage
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import quotad_client as qc
-from quotad import limits
+from quotad.core import limits
 
 PLAN = {
     "id": "p", "name": "P",

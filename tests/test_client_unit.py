@@ -24,7 +24,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 import quotad_client as qc
-from quotad.v1 import quotad_pb2, quotad_pb2_grpc
+from quotad_contract.v1 import quotad_pb2, quotad_pb2_grpc
 from quotad_client import _convert as cv
 from quotad_client import _ops as ops
 from server_process import ROOT

@@ -9,8 +9,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quotad import commands as c
-from quotad.codec import (
+from quotad.core import commands as c
+from quotad.storage.codec import (
     CHECKSUM_BYTES, decode_record, encode_record_and_events, record_key, to_plain,
 )
 

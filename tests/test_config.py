@@ -13,10 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from quotad import cli, config_file, limits
+from quotad import cli, config_file
+from quotad.core import limits
 from quotad.config_file import ConfigFileError
-from quotad.v1 import quotad_pb2 as pb
-from quotad.v1 import quotad_pb2_grpc as stubs
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc as stubs
 from server_process import EXAMPLE_PLANS, ROOT, START_TIMEOUT_S, ServerProcess
 
 EXAMPLE_CONFIG = ROOT / "examples" / "quotad.toml"

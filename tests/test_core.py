@@ -14,17 +14,17 @@ from core_helpers import (
     APP, DAY, HOUR, MINUTE, S, T0, Harness, digest, fields_of, group, plan, replay_all, rid,
     view_tuple,
 )
-from quotad import limits
-from quotad.commands import (
+from quotad.core import limits
+from quotad.core.commands import (
     Commit, DeletePlan, ExpiredHold, ExpireHolds, Extend, GetUsage, Release, Reserve, UpsertPlan,
     UpsertSubscription,
 )
-from quotad.core import Core
-from quotad.errors import (
+from quotad.core.machine import Core
+from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
     ResourceExhausted,
 )
-from quotad.plans import Plan, Window
+from quotad.core.plans import Plan, Window
 
 TTL = limits.TTL_NS_DEFAULT
 

@@ -23,15 +23,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from core_helpers import (
     APP, DAY, HOUR, MINUTE, S, T0, digest, group, md, plan, replay_all, rid, view_tuple,
 )
-from quotad import limits
-from quotad.commands import (
+from quotad.core import limits
+from quotad.core.commands import (
     Commit, ExpiredHold, ExpireHolds, Extend, GetUsage, Release, Reserve, Track, UpsertPlan,
     UpsertSubscription,
 )
-from quotad.core import Core, Status
-from quotad.errors import AlreadyExists, FailedPrecondition, NotFound
-from quotad.plans import Window
-from quotad.snapshot import core_from_plain, core_to_plain
+from quotad.core.machine import Core, Status
+from quotad.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from quotad.core.plans import Window
+from quotad.storage.snapshot import core_from_plain, core_to_plain
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
 MAX_EXAMPLES = 2000 if LONG else 200

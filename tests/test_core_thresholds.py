@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 from core_helpers import MINUTE, S, Harness, digest, group, plan
-from quotad import limits
-from quotad.commands import AuditEvent, UpsertPlan
-from quotad.plans import Window
-from quotad.snapshot import core_from_plain, core_to_plain
+from quotad.core import limits
+from quotad.core.commands import AuditEvent, UpsertPlan
+from quotad.core.plans import Window
+from quotad.storage.snapshot import core_from_plain, core_to_plain
 
 
 def _minute_harness(quota: int = 10) -> Harness:

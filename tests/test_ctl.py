@@ -16,8 +16,8 @@ import pytest
 
 import quotad_client as qc
 from quotad import ctl
-from quotad.v1 import quotad_pb2 as pb
-from quotad.v1 import quotad_pb2_grpc as stubs
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc as stubs
 from server_process import EXAMPLE_PLANS, ROOT
 
 CTL_TIMEOUT_S = 60.0

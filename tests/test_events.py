@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 
-from quotad.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2 as pb
 from test_server_e2e import admin, plan_with, quota, subscribe
 
 KIND = pb.EventKind.Name

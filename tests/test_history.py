@@ -23,8 +23,8 @@ import grpc
 import pytest
 
 from history_checker import LOAD_HI, Call, Observed, OutsideModel, check
-from quotad.v1 import quotad_pb2 as pb
-from quotad.v1 import quotad_pb2_grpc as stubs
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc as stubs
 
 G, P = "all", "premium"  # limit groups: every event; premium events only
 

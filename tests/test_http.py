@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 
 import quotad_client as qc
-from quotad import limits
-from quotad.errors import PermissionDenied
-from quotad.errors import InvalidArgument
-from quotad.http_api import HttpApi, query_user_id
+from quotad.core import limits
+from quotad.core.errors import PermissionDenied, InvalidArgument
+from quotad.api.http_api import HttpApi, query_user_id
 from quotad.server import Config
-from quotad.service import Gate, Unauthenticated
+from quotad.api.service import Gate, Unauthenticated
 from server_process import ServerProcess
 
 ORIGIN = "https://app.example.com"

@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from quotad.v1 import quotad_pb2 as pb
-from quotad.v1 import quotad_pb2_grpc as stubs
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc as stubs
 from server_process import ROOT, ServerProcess
 
 ONE_HOUR = {"seconds": 3600}
@@ -297,7 +297,7 @@ def test_unknown_and_malformed_reservation_ids(server):
 def _flip_a_byte_of_record(data_dir: Path, sequence: int) -> None:
     import lmdb
 
-    from quotad.codec import record_key
+    from quotad.storage.codec import record_key
 
     env = lmdb.open(str(data_dir), max_dbs=8, map_size=64 * 1024**3)
     log_db = env.open_db(b"log")

@@ -49,8 +49,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import duration_pb2, text_format
 
-from quotad.v1 import quotad_pb2 as pb
-from quotad.v1 import quotad_pb2_grpc as stubs
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc as stubs
 from server_process import ROOT, ServerProcess
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 from core_helpers import Harness, digest, group, plan
-from quotad import limits
-from quotad.codec import state_digest
-from quotad.plans import Window
-from quotad.snapshot import core_from_plain, core_to_plain
+from quotad.core import limits
+from quotad.storage.codec import state_digest
+from quotad.core.plans import Window
+from quotad.storage.snapshot import core_from_plain, core_to_plain
 
 S = limits.NS_PER_S
 

@@ -12,8 +12,8 @@ import grpc
 import lmdb
 import pytest
 
-from quotad.v1 import quotad_pb2 as pb
-from quotad.wal import Log
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad.storage.wal import Log
 from server_process import ROOT
 from test_server_e2e import plan_with, quota, subscribe, usage
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import quotad.v1
+import quotad_contract.v1
 from quotad.protogen import generate_stubs
 from server_process import ROOT
 
 
 def test_installed_stubs_match_a_fresh_generation_from_protos(tmp_path: Path):
     fresh = generate_stubs(ROOT / "protos", tmp_path)
-    installed_dir = Path(quotad.v1.__file__).parent
+    installed_dir = Path(quotad_contract.v1.__file__).parent
     assert fresh
     for path in fresh:
         installed = installed_dir / path.name
@@ -22,7 +22,7 @@ def test_installed_stubs_match_a_fresh_generation_from_protos(tmp_path: Path):
 
 
 def test_every_contract_rpc_is_in_the_generated_services():
-    from quotad.v1 import quotad_pb2
+    from quotad_contract.v1 import quotad_pb2
 
     services = {s.name: {m.name for m in s.methods}
                 for s in quotad_pb2.DESCRIPTOR.services_by_name.values()}

@@ -17,15 +17,15 @@ from grpc_status import rpc_status
 import quotad_client as qc
 from quotad_client._watch import RECONNECT_ATTEMPTS_MAX, Resume
 from core_helpers import DAY, HOUR, MINUTE, T0, Harness, group, plan
-from quotad import limits
-from quotad.commands import Track, UpsertPlan, UpsertSubscription
-from quotad.core import Core
-from quotad.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from quotad.plans import Window
-from quotad.v1 import quotad_pb2 as pb
-from quotad.wal import Log
-from quotad.watch import Update, WatchHub, Watcher, next_reset_ns
-from quotad.writer import Writer
+from quotad.core import limits
+from quotad.core.commands import Track, UpsertPlan, UpsertSubscription
+from quotad.core.machine import Core
+from quotad.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from quotad.core.plans import Window
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad.storage.wal import Log
+from quotad.api.watch import Update, WatchHub, Watcher, next_reset_ns
+from quotad.engine.writer import Writer
 from server_process import ServerProcess
 from test_server_e2e import admin, plan_with, quota, subscribe
 

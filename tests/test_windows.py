@@ -15,9 +15,9 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from quotad.limits import NS_PER_S as S
-from quotad.plans import Window
-from quotad.windows import window_bounds
+from quotad.core.limits import NS_PER_S as S
+from quotad.core.plans import Window
+from quotad.core.windows import window_bounds
 
 UTC_ZONE = zoneinfo.ZoneInfo("UTC")
 NEW_YORK = zoneinfo.ZoneInfo("America/New_York")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from quotad.codec import state_digest
-from quotad.commands import Track, UpsertPlan, UpsertSubscription
-from quotad.plans import LimitGroup, Plan, Window
-from quotad.wal import DataDirLocked, Log
-from quotad.writer import ServerClock, Writer, WriterStopped, recover
+from quotad.storage.codec import state_digest
+from quotad.core.commands import Track, UpsertPlan, UpsertSubscription
+from quotad.core.plans import LimitGroup, Plan, Window
+from quotad.storage.wal import DataDirLocked, Log
+from quotad.engine.writer import ServerClock, Writer, WriterStopped, recover
 
 PLAN = Plan(id="p", limit_groups=(LimitGroup(key="units", quota=10**15, window=Window.LIFETIME),))
 

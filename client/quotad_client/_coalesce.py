@@ -17,8 +17,8 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from quotad import limits
-from quotad.v1 import quotad_pb2
+from quotad_contract import limits
+from quotad_contract.v1 import quotad_pb2
 
 BATCHABLE = {"Reserve": "reserve", "Commit": "commit", "Release": "release",
              "Extend": "extend", "Track": "track", "GetUsage": "get_usage"}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from quotad.tokens import USER_TOKEN_HEADER
+from quotad_contract.tokens import USER_TOKEN_HEADER
 
 from ._retry import RetryPolicy
 

@@ -9,7 +9,7 @@ from typing import Any, Union, cast
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from quotad.v1 import quotad_pb2
+from quotad_contract.v1 import quotad_pb2
 
 from ._types import (
     WINDOWS,

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
-from quotad.v1 import quotad_pb2, quotad_pb2_grpc
+from quotad_contract.v1 import quotad_pb2, quotad_pb2_grpc
 
 from . import _convert as cv
 from ._errors import QuotaExceeded

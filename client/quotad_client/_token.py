@@ -10,9 +10,9 @@ import re
 import time
 from datetime import timedelta
 
-from quotad import limits
-from quotad.tokens import KEY_ID_PATTERN, KEY_SECRET_PATTERN, sign_user_token as _sign
-from quotad.tokens import token_signing_key
+from quotad_contract import limits
+from quotad_contract.tokens import KEY_ID_PATTERN, KEY_SECRET_PATTERN, sign_user_token as _sign
+from quotad_contract.tokens import token_signing_key
 
 USER_TOKEN_TTL_S_MIN = limits.USER_TOKEN_TTL_NS_MIN // limits.NS_PER_S
 USER_TOKEN_TTL_S_MAX = limits.USER_TOKEN_TTL_NS_MAX // limits.NS_PER_S

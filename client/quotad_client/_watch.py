@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import grpc
 
-from quotad.v1 import quotad_pb2
+from quotad_contract.v1 import quotad_pb2
 
 from ._errors import QuotadError, ResourceExhausted
 from ._retry import RetryPolicy

@@ -11,13 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config_file, limits, logs
-from .config_file import ConfigFileError
-from .plans_file import PlansFileError
-from .server import Config, serve
-from .codec import state_digest
-from .wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, Log
-from .writer import (
+from quotad import config_file
+from quotad.core import limits
+from quotad import logs
+from quotad.config_file import ConfigFileError
+from quotad.plans_file import PlansFileError
+from quotad.server import Config, serve
+from quotad.storage.codec import state_digest
+from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, Log
+from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, recover,
 )
 

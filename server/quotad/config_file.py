@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .server import Config
+from quotad.server import Config
 
 NS_PER_DAY = 24 * 3600 * 1_000_000_000
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -27,9 +27,10 @@ from quotad_client import (
 )
 from quotad_client._convert import window_name
 
-from . import convert, limits
-from .plans_file import PlansFileError, load_plans
-from .v1 import quotad_pb2 as pb
+from quotad.api import convert
+from quotad.core import limits
+from quotad.plans_file import PlansFileError, load_plans
+from quotad_contract.v1 import quotad_pb2 as pb
 
 T = TypeVar("T")
 

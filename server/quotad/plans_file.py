@@ -18,8 +18,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument
-from .plans import LimitGroup, Match, MetadataMatch, Plan, Window
+from quotad.core.errors import InvalidArgument
+from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
 
 
 class PlansFileError(Exception):

@@ -1,14 +1,24 @@
-"""Generates the Python gRPC stubs from protos/ with grpcio-tools (used by the build)."""
+"""Generates the Python gRPC stubs from protos/ with grpcio-tools (used by the build).
+
+The stubs belong to the contract package, `quotad_contract.v1`, which server and client both
+import. protoc names Python modules after the .proto path (`quotad/v1/quotad.proto` ->
+`quotad.v1`), so the one import the gRPC module makes of its messages is rewritten to the
+contract package; the proto package, its file name and every message name stay as they are.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 PROTO_FILES = ("quotad/v1/quotad.proto",)
+PROTOC_PACKAGE = "quotad.v1"
+CONTRACT_PACKAGE = "quotad_contract.v1"
 
 
 def generate_stubs(proto_root: Path, out_dir: Path) -> list[Path]:
-    """Writes *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every proto under out_dir."""
+    """Writes *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every proto, flat, into out_dir (the
+    `quotad_contract/v1` folder)."""
     import google.rpc.status_pb2
     import grpc_tools
     from grpc_tools import protoc
@@ -16,25 +26,29 @@ def generate_stubs(proto_root: Path, out_dir: Path) -> list[Path]:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     google_apis = Path(google.rpc.status_pb2.__file__).parent.parent.parent  # google/rpc/*.proto
     out_dir.mkdir(parents=True, exist_ok=True)
-    for proto in PROTO_FILES:
-        args = [
-            "grpc_tools.protoc",
-            f"--proto_path={proto_root}",
-            f"--proto_path={well_known}",
-            f"--proto_path={google_apis}",
-            f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}",
-            str(proto_root / proto),
-        ]
-        exit_code = protoc.main(args)
-        if exit_code != 0:
-            raise RuntimeError(f"protoc failed ({exit_code}) on {proto_root / proto}")
     written = []
-    for proto in PROTO_FILES:
-        stem = proto.removesuffix(".proto")
-        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
-            path = out_dir / f"{stem}{suffix}"
-            assert path.exists(), path
-            written.append(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        for proto in PROTO_FILES:
+            args = [
+                "grpc_tools.protoc",
+                f"--proto_path={proto_root}",
+                f"--proto_path={well_known}",
+                f"--proto_path={google_apis}",
+                f"--python_out={scratch}",
+                f"--pyi_out={scratch}",
+                f"--grpc_python_out={scratch}",
+                str(proto_root / proto),
+            ]
+            exit_code = protoc.main(args)
+            if exit_code != 0:
+                raise RuntimeError(f"protoc failed ({exit_code}) on {proto_root / proto}")
+            stem = proto.removesuffix(".proto")
+            for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+                generated = Path(scratch) / f"{stem}{suffix}"
+                assert generated.exists(), generated
+                text = generated.read_text().replace(
+                    f"from {PROTOC_PACKAGE} import", f"from {CONTRACT_PACKAGE} import")
+                path = out_dir / generated.name
+                path.write_text(text)
+                written.append(path)
     return written

@@ -24,18 +24,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import limits, snapshot_child
-from .codec import state_digest
-from .commands import UpsertPlan
-from .core import Core
-from .http_api import HttpApi
-from .metrics import Metrics, MetricsInterceptor
-from .plans_file import load_plans
-from .auth import DEFAULT_APP, Authenticator
-from .service import Gate, generic_handlers, http_usage_authorizer, is_loopback
-from .v1 import quotad_pb2
-from .wal import MAP_SIZE_BYTES_DEFAULT, Log
-from .writer import (
+from quotad.core import limits
+from quotad.storage import snapshot_child
+from quotad.storage.codec import state_digest
+from quotad.core.commands import UpsertPlan
+from quotad.core.machine import Core
+from quotad.api.http_api import HttpApi
+from quotad.api.metrics import Metrics, MetricsInterceptor
+from quotad.plans_file import load_plans
+from quotad.api.auth import DEFAULT_APP, Authenticator
+from quotad.api.service import Gate, generic_handlers, http_usage_authorizer, is_loopback
+from quotad_contract.v1 import quotad_pb2
+from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, Log
+from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, Writer,
     recover,
 )

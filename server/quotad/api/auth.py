@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import limits
-from .core import KeyState
-from .errors import FailedPrecondition, PermissionDenied, Unauthenticated
-from .tokens import (
+from quotad.core import limits
+from quotad.core.machine import KeyState
+from quotad.core.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from quotad_contract.tokens import (
     KEY_ID_PATTERN, KEY_SECRET_PATTERN, USER_TOKEN_HEADER, USER_TOKEN_VERSION, sign_user_token,
     token_mac, token_signing_key, unb64,
 )

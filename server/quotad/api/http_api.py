@@ -31,12 +31,12 @@ from urllib.parse import parse_qs
 import h11
 from google.rpc import code_pb2
 
-from . import limits
-from .commands import CounterView, GetUsage, UsageResult
-from .errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
-from .metrics import Metrics
-from .auth import USER_TOKEN_HEADER
-from .service import Gate, status_proto_of
+from quotad.core import limits
+from quotad.core.commands import CounterView, GetUsage, UsageResult
+from quotad.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from quotad.api.metrics import Metrics
+from quotad.api.auth import USER_TOKEN_HEADER
+from quotad.api.service import Gate, status_proto_of
 
 log = logging.getLogger("quotad.http")
 

@@ -19,17 +19,19 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from . import commands as c
-from . import auth, convert, limits, requests, watch
-from .auth import Authenticator, Principal
-from .commands import AUDIT_KINDS, KeyView
-from .errors import (
+from quotad.core import commands as c
+from quotad.api import auth, convert
+from quotad.core import limits
+from quotad.api import requests, watch
+from quotad.api.auth import Authenticator, Principal
+from quotad.core.commands import AUDIT_KINDS, KeyView
+from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
     PermissionDenied, QuotaError, ResourceExhausted, Unauthenticated, Violations,
 )
-from .v1 import quotad_pb2 as pb
-from .wal import EVENT_CURSOR_BYTES
-from .writer import Writer, WriterStopped
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad.storage.wal import EVENT_CURSOR_BYTES
+from quotad.engine.writer import Writer, WriterStopped
 
 ERROR_DOMAIN = "quotad"
 

@@ -20,19 +20,19 @@ from typing import Any, Callable, Iterable
 
 from sortedcontainers import SortedList
 
-from . import limits
-from .commands import (
+from quotad.core import limits
+from quotad.core.commands import (
     AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
     DeletePlanResult, ExpiredHold, KeyResult, KeysResult, KeyView, ListKeys, RevokeKey,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
     ListPlans, PlanResult, PlansResult, Record, Release, ReleaseResult, Reserve, ReserveResult,
     SubscriptionResult, Track, TrackResult, UpsertPlan, UpsertSubscription, UsageResult,
 )
-from .errors import (
+from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, QuotaError, ResourceExhausted,
 )
-from .plans import LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone
-from .windows import window_bounds
+from quotad.core.plans import LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone
+from quotad.core.windows import window_bounds
 
 
 class Status(enum.Enum):

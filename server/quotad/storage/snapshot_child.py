@@ -19,9 +19,9 @@ import signal
 import warnings
 from pathlib import Path
 
-from .core import Core
-from .snapshot import core_to_plain
-from .wal import CorruptSnapshot, encode_snapshot, verify_snapshot
+from quotad.core.machine import Core
+from quotad.storage.snapshot import core_to_plain
+from quotad.storage.wal import CorruptSnapshot, encode_snapshot, verify_snapshot
 
 PARTIAL_GLOB = "snapshot-*.partial"
 _FD_MAX = 1 << 20

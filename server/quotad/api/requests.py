@@ -25,8 +25,8 @@ import secrets
 import time
 from typing import Any
 
-from . import limits
-from .logs import REQUEST_ID
+from quotad.core import limits
+from quotad.logs import REQUEST_ID
 
 log = logging.getLogger("quotad.requests")
 

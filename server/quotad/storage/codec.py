@@ -22,7 +22,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from .commands import COMMAND_TYPES, AuditEvent, Record
+from quotad.core.commands import COMMAND_TYPES, AuditEvent, Record
 
 _HEADER = struct.Struct(">16sQQ")
 _KEY = struct.Struct(">Q")

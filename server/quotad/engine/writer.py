@@ -17,13 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import limits
-from .codec import state_digest
-from .commands import Command, ExpireHolds, Record
-from .core import Core, Outcome
-from . import snapshot_child
-from .snapshot import core_from_plain, core_to_plain
-from .wal import Log, Snapshot, TornTail, recover_records
+from quotad.core import limits
+from quotad.storage.codec import state_digest
+from quotad.core.commands import Command, ExpireHolds, Record
+from quotad.core.machine import Core, Outcome
+from quotad.storage import snapshot_child
+from quotad.storage.snapshot import core_from_plain, core_to_plain
+from quotad.storage.wal import Log, Snapshot, TornTail, recover_records
 
 log = logging.getLogger("quotad.writer")
 

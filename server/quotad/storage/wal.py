@@ -31,10 +31,10 @@ from typing import Any
 
 import lmdb
 
-from .codec import (
+from quotad.storage.codec import (
     CorruptRecord, decode_record, encode_record_and_events, from_plain, key_sequence, record_key,
 )
-from .commands import AuditEvent, Record
+from quotad.core.commands import AuditEvent, Record
 
 FORMAT_VERSION = b"3"
 """3: records carry threshold audit events (an older log would replay without them)."""

@@ -1,4 +1,5 @@
-"""Every limit quotad enforces, named, in one place.
+"""Every limit quotad enforces, named, in one place: the wire contract's limits
+(`quotad_contract.limits`, shared with the client) and the server's own.
 
 Byte limits count UTF-8 bytes. Times are nanoseconds since the Unix epoch unless named
 otherwise. Each limit is validated at the edge of the core and tested at its edge.
@@ -6,60 +7,8 @@ otherwise. Each limit is validated at the edge of the core and tested at its edg
 
 from __future__ import annotations
 
-NS_PER_S = 1_000_000_000
-
-USER_ID_BYTES_MAX = 256
-EVENT_TYPE_BYTES_MAX = 128
-METADATA_ENTRIES_MAX = 16
-METADATA_KEY_BYTES_MAX = 256
-METADATA_VALUE_BYTES_MAX = 256
-IDEMPOTENCY_KEY_BYTES_MAX = 128
-
-AMOUNT_MAX = 2**53
-"""Reserve amount 1 ... AMOUNT_MAX; Commit 0 ... AMOUNT_MAX; Track 0 < |amount| <= AMOUNT_MAX."""
-
-COUNTER_MAX = 2**62
-"""used and held never exceed this (int64 with room to spare): a change that would push one
-past it is refused (RESOURCE_EXHAUSTED, COUNTER_LIMIT) and nothing changes."""
-
-QUOTA_MAX = 2**53
-"""A limit group's quota is 0 ... QUOTA_MAX."""
-
-TTL_NS_MIN = 1 * NS_PER_S
-TTL_NS_MAX = 3600 * NS_PER_S
-TTL_NS_DEFAULT = 60 * NS_PER_S
-
-PLAN_ID_BYTES_MAX = 128
-PLAN_NAME_BYTES_MAX = 256
-GROUP_KEY_BYTES_MAX = 128
-GROUP_LABEL_BYTES_MAX = 256
-GROUP_UNIT_BYTES_MAX = 64
-LIMIT_GROUPS_PER_PLAN_MAX = 32
-EVENT_TYPE_PATTERNS_PER_GROUP_MAX = 32
-METADATA_MATCHES_PER_GROUP_MAX = 16
-METADATA_MATCH_VALUES_MAX = 64
-TIME_ZONE_BYTES_MAX = 64
-APP_ID_BYTES_MAX = 64
-
-BATCH_OPERATIONS_MAX = 1000
-"""Operations in one Batch RPC (and so in one coalesced batch of the client)."""
-EVENTS_PAGE_SIZE_MAX = 1000
-"""Events in one ListEvents page; page_size 0 means EVENTS_PAGE_SIZE_DEFAULT."""
-EVENTS_PAGE_SIZE_DEFAULT = 100
-REQUEST_ID_BYTES_MAX = 128
-"""A caller's x-request-id up to this long is kept; longer (or not printable ASCII) is
-replaced by one the server makes."""
-
-ADMIN_KEY_BYTES_MIN = 32
-ADMIN_KEY_BYTES_MAX = 256
-KEY_NAME_BYTES_MAX = 128
-KEYS_PER_APP_MAX = 1000
-"""Keys of one app, revoked ones included (they are kept, with when they were revoked)."""
-USER_TOKEN_TTL_NS_MIN = 1 * NS_PER_S
-USER_TOKEN_TTL_NS_MAX = 24 * 3600 * NS_PER_S
-USER_TOKEN_TTL_NS_DEFAULT = 3600 * NS_PER_S
-USER_TOKEN_BYTES_MAX = 2048
-"""A longer x-quotad-user-token is refused unread (UNAUTHENTICATED)."""
+from quotad_contract.limits import *  # noqa: F401,F403  (the wire limits, re-exported)
+from quotad_contract.limits import NS_PER_S
 
 LIVE_HOLDS_PER_USER_MAX = 10_000
 """A user with this many live holds gets RESOURCE_EXHAUSTED on Reserve until some end."""
@@ -71,9 +20,6 @@ RESERVATION_RETENTION_NS = 3600 * NS_PER_S
 """A finished hold (committed, released, expired) is remembered this long; an expired hold
 still takes its commit within it. Past it, the reservation id is NOT_FOUND. Finished holds
 are kept in memory, so this bounds memory at about one hour of Reserve traffic."""
-
-MESSAGE_BYTES_MAX = 64 * 1024
-"""gRPC receive limit per message."""
 
 BATCH_RECORDS_MAX = 8192
 """Records written in one LMDB transaction at most; more wait for the next flush."""

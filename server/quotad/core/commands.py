@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import limits
-from .errors import Violations
-from .plans import Metadata, Plan, Subscription, Window, load_time_zone
+from quotad.core import limits
+from quotad.core.errors import Violations
+from quotad.core.plans import Metadata, Plan, Subscription, Window, load_time_zone
 
 RESERVATION_ID_PATTERN = re.compile(r"rsv_[0-9a-f]{24}")
 KEY_ID_PATTERN = re.compile(r"[a-z2-7]{12}")

@@ -12,12 +12,12 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from .codec import from_plain, to_plain
-from .commands import RESULT_TYPES
-from .core import (
+from quotad.storage.codec import from_plain, to_plain
+from quotad.core.commands import RESULT_TYPES
+from quotad.core.machine import (
     AppState, Core, CounterState, IdempotencyEntry, KeyState, Reservation, UserState,
 )
-from .plans import Plan, Subscription, Window
+from quotad.core.plans import Plan, Subscription, Window
 
 FORMAT_VERSION = 1
 

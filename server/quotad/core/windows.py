@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from .limits import NS_PER_S
-from .plans import Window
+from quotad.core.limits import NS_PER_S
+from quotad.core.plans import Window
 
 _UNIT_S = {Window.MINUTE: 60, Window.HOUR: 3600}
 _BOUNDARY_STEPS_MAX = 4

@@ -10,11 +10,11 @@ import secrets
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from . import commands as c
-from . import limits
-from .errors import FieldViolation, InvalidArgument, Violations
-from .plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
-from .v1 import quotad_pb2 as pb
+from quotad.core import commands as c
+from quotad.core import limits
+from quotad.core.errors import FieldViolation, InvalidArgument, Violations
+from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
+from quotad_contract.v1 import quotad_pb2 as pb
 
 
 _RESERVATION_IDS_PER_READ = 256

@@ -27,16 +27,18 @@ from typing import Any
 
 import grpc
 
-from . import convert, limits, requests
-from .commands import CounterView, Record, UpsertSubscription, UsageResult
-from .core import Core
-from .errors import (
+from quotad.api import convert
+from quotad.core import limits
+from quotad.api import requests
+from quotad.core.commands import CounterView, Record, UpsertSubscription, UsageResult
+from quotad.core.machine import Core
+from quotad.core.errors import (
     FieldViolation, InvalidArgument, QuotaError,
     ResourceExhausted, Violations,
 )
-from .v1 import quotad_pb2 as pb
-from .wal import Log
-from .writer import Writer, WriterStopped
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad.storage.wal import Log
+from quotad.engine.writer import Writer, WriterStopped
 
 log = logging.getLogger("quotad.watch")
 

@@ -7,8 +7,8 @@ import zoneinfo
 from dataclasses import dataclass
 from functools import lru_cache
 
-from . import limits
-from .errors import Violations
+from quotad.core import limits
+from quotad.core.errors import Violations
 
 Metadata = tuple[tuple[str, str], ...]
 """Event metadata as (key, value) pairs sorted by key: hashable and canonical."""

@@ -1,1 +1,0 @@
-"""Generated gRPC stubs for quotad.v1 (written by the build from protos/; never edit)."""
