@@ -32,7 +32,7 @@ from quotad.storage import snapshot_child
 from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.storage.snapshot import core_to_plain
-from quotad.storage.wal import Log, Snapshot
+from quotad.storage.wal import WriteAheadLog, Snapshot
 from quotad.engine.writer import recover
 
 BATCH = 8192
@@ -52,7 +52,7 @@ def _progress(label: str, done: int, total: int, started: float) -> None:
 
 def build(data_dir: Path, users: int, records: int, seed: int, spacing_ns: int) -> Core:
     rng = random.Random(seed)
-    log_ = Log(data_dir, map_size_bytes=256 * 1024**3)
+    wal = WriteAheadLog(data_dir, map_size_bytes=256 * 1024**3)
     core, now_ns, pending = Core(), time.time_ns(), []
     started = time.perf_counter()
 
@@ -63,7 +63,7 @@ def build(data_dir: Path, users: int, records: int, seed: int, spacing_ns: int) 
         assert outcome.error is None, outcome.error
         pending.extend(outcome.records)
         if len(pending) >= BATCH:
-            log_.append(pending[:])
+            wal.append(pending[:])
             pending.clear()
             _progress("build", min(core.sequence, records), records, started)
         return outcome.result
@@ -80,9 +80,9 @@ def build(data_dir: Path, users: int, records: int, seed: int, spacing_ns: int) 
         apply(Commit(app="default", reservation_id=held.reservation_id,
                      amount=rng.randrange(1001)))
     if pending:
-        log_.append(pending)
+        wal.append(pending)
     _progress("build", records, records, started)
-    log_.close()
+    wal.close()
     return core
 
 
@@ -114,9 +114,9 @@ def main() -> None:
         started = time.perf_counter()
         plain = core_to_plain(core)
         copy_s = time.perf_counter() - started
-        log_ = Log(data_dir, map_size_bytes=256 * 1024**3)
+        wal = WriteAheadLog(data_dir, map_size_bytes=256 * 1024**3)
         started = time.perf_counter()
-        log_.append([], Snapshot(core.sequence - 1000, plain), 0)  # 1,000 records after it
+        wal.append([], Snapshot(core.sequence - 1000, plain), 0)  # 1,000 records after it
         write_s = time.perf_counter() - started
         del core, plain
         # The snapshot claims sequence - 1000 but holds the final state; rebuild it honestly:
@@ -124,20 +124,20 @@ def main() -> None:
         started = time.perf_counter()
         replayed = Core()
         tail_from = None
-        for record in log_.records():
+        for record in wal.records():
             replayed.replay(record)
             if replayed.sequence == args.records - 1000:
                 tail_from = core_to_plain(replayed)
         full_replay_s = time.perf_counter() - started
         assert state_digest(replayed) == live_digest and tail_from is not None
-        log_.append([], Snapshot(args.records - 1000, tail_from), 0)
+        wal.append([], Snapshot(args.records - 1000, tail_from), 0)
         del replayed, tail_from
 
         started = time.perf_counter()
-        recovered = recover(log_)
+        recovered = recover(wal)
         recover_s = time.perf_counter() - started
         assert state_digest(recovered) == live_digest
-        log_.close()
+        wal.close()
         size_mb = sum(f.stat().st_size for f in data_dir.iterdir()) / 1e6
         print(f"users {args.users:,}, log records {args.records:,} over "
               f"{args.records * args.spacing_ms / 3.6e6:,.1f} h, data dir {size_mb:,.0f} MB")

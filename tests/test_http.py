@@ -21,7 +21,8 @@ from quotad.core import limits
 from quotad.core.errors import PermissionDenied, InvalidArgument
 from quotad.api.http_api import HttpApi, query_user_id
 from quotad.server import Config
-from quotad.api.service import Gate, Unauthenticated
+from quotad.api.gate import Gate
+from quotad.api.service import Unauthenticated
 from server_process import ServerProcess
 
 ORIGIN = "https://app.example.com"

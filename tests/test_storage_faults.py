@@ -13,7 +13,7 @@ import lmdb
 import pytest
 
 from quotad_contract.v1 import quotad_pb2 as pb
-from quotad.storage.wal import Log
+from quotad.storage.wal import WriteAheadLog
 from server_process import ROOT
 from test_server_e2e import plan_with, quota, subscribe, usage
 
@@ -47,7 +47,7 @@ def test_a_failing_write_or_sync_stops_the_server_and_loses_nothing_acknowledged
 
 def test_data_of_another_format_version_is_refused_cleanly_and_left_as_it_was(tmp_path):
     data_dir = tmp_path / "data"
-    Log(data_dir).close()
+    WriteAheadLog(data_dir).close()
     env = lmdb.open(str(data_dir), max_dbs=8)
     with env.begin(write=True, db=env.open_db(b"meta")) as txn:
         txn.put(b"format_version", b"1")

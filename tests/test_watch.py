@@ -23,7 +23,7 @@ from quotad.core.machine import Core
 from quotad.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from quotad.core.plans import Window
 from quotad_contract.v1 import quotad_pb2 as pb
-from quotad.storage.wal import Log
+from quotad.storage.wal import WriteAheadLog
 from quotad.api.watch import Update, WatchHub, Watcher, next_reset_ns
 from quotad.engine.writer import Writer
 from server_process import ServerProcess
@@ -316,8 +316,8 @@ def test_a_full_watcher_queue_ends_the_watch_and_frees_the_queue():
 
 def test_the_hub_refuses_a_watch_past_its_limit_and_forgets_ended_ones(tmp_path: Path):
     async def run() -> None:
-        log_ = Log(tmp_path / "data")
-        writer = Writer(Core(), log_, on_failure=lambda error: None)
+        wal = WriteAheadLog(tmp_path / "data")
+        writer = Writer(Core(), wal, on_failure=lambda error: None)
         writer.start()
         try:
             await writer.execute(UpsertPlan(app="a", plan=plan(
@@ -345,7 +345,7 @@ def test_the_hub_refuses_a_watch_past_its_limit_and_forgets_ended_ones(tmp_path:
             await second.aclose()
         finally:
             await writer.close()
-            log_.close()
+            wal.close()
 
     asyncio.run(run())
 

@@ -13,14 +13,14 @@ import pytest
 from quotad.storage.codec import state_digest
 from quotad.core.commands import Track, UpsertPlan, UpsertSubscription
 from quotad.core.plans import LimitGroup, Plan, Window
-from quotad.storage.wal import DataDirLocked, Log
+from quotad.storage.wal import DataDirLocked, WriteAheadLog
 from quotad.engine.writer import ServerClock, Writer, WriterStopped, recover
 
 PLAN = Plan(id="p", limit_groups=(LimitGroup(key="units", quota=10**15, window=Window.LIFETIME),))
 
 
-async def _writer_on(log_: Log, failures: list[BaseException]) -> Writer:
-    writer = Writer(recover(log_), log_, on_failure=failures.append)
+async def _writer_on(wal: WriteAheadLog, failures: list[BaseException]) -> Writer:
+    writer = Writer(recover(wal), wal, on_failure=failures.append)
     writer.start()
     await writer.execute(UpsertPlan(app="a", plan=PLAN))
     await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
@@ -34,15 +34,15 @@ def _track(key: str, pad: str = "") -> Track:
 
 def test_concurrent_commands_share_transactions_and_each_is_on_disk_before_its_answer(
         tmp_path: Path):
-    log_ = Log(tmp_path)
+    wal = WriteAheadLog(tmp_path)
 
     async def run() -> Writer:
-        writer = await _writer_on(log_, [])
+        writer = await _writer_on(wal, [])
 
         async def one(index: int) -> None:
             key = f"k{index}"
             await writer.execute(_track(key))
-            on_disk = {getattr(r.command, "idempotency_key", "") for r in log_.records()}
+            on_disk = {getattr(r.command, "idempotency_key", "") for r in wal.records()}
             assert key in on_disk, f"{key} answered before it was durable"
 
         await asyncio.gather(*(one(i) for i in range(200)))
@@ -53,30 +53,30 @@ def test_concurrent_commands_share_transactions_and_each_is_on_disk_before_its_a
     print(f"\n{writer.records_written} records in {writer.batches} transactions")
     assert writer.records_written == 202
     assert writer.batches < writer.records_written
-    log_.close()
+    wal.close()
 
 
 def test_recovery_replays_the_log_into_the_same_state(tmp_path: Path):
-    log_ = Log(tmp_path)
+    wal = WriteAheadLog(tmp_path)
 
     async def run() -> str:
-        writer = await _writer_on(log_, [])
+        writer = await _writer_on(wal, [])
         for index in range(50):
             await writer.execute(_track(f"k{index}"))
         await writer.close()
         return state_digest(writer.core)
 
     live_digest = asyncio.run(run())
-    assert state_digest(recover(log_)) == live_digest
-    log_.close()
+    assert state_digest(recover(wal)) == live_digest
+    wal.close()
 
 
 def test_a_full_map_stops_the_writer_and_nothing_after_it_is_answered(tmp_path: Path):
-    log_ = Log(tmp_path, map_size_bytes=1024**2)
+    wal = WriteAheadLog(tmp_path, map_size_bytes=1024**2)
     failures: list[BaseException] = []
 
     async def run() -> int:
-        writer = await _writer_on(log_, failures)
+        writer = await _writer_on(wal, failures)
         acknowledged = 0
         with pytest.raises(WriterStopped):
             for index in range(50_000):
@@ -89,16 +89,16 @@ def test_a_full_map_stops_the_writer_and_nothing_after_it_is_answered(tmp_path: 
 
     acknowledged = asyncio.run(run())
     assert len(failures) == 1
-    assert sum(1 for r in log_.records() if isinstance(r.command, Track)) == acknowledged
-    log_.close()
+    assert sum(1 for r in wal.records() if isinstance(r.command, Track)) == acknowledged
+    wal.close()
 
 
 def test_one_data_directory_takes_one_log_at_a_time(tmp_path: Path):
-    first = Log(tmp_path)
+    first = WriteAheadLog(tmp_path)
     with pytest.raises(DataDirLocked):
-        Log(tmp_path)
+        WriteAheadLog(tmp_path)
     first.close()
-    Log(tmp_path).close()
+    WriteAheadLog(tmp_path).close()
 
 
 def test_server_time_is_strictly_increasing_even_when_the_wall_clock_steps_back():
@@ -112,10 +112,10 @@ def test_a_forked_child_makes_the_snapshots_while_the_writer_keeps_serving(tmp_p
     """Periodic snapshots come from a child process: the writer goes on applying commands
     meanwhile, stores each child's snapshot once the records it covers are durable, and a
     restart from it (and the log after it) is the same state. No partial file is left."""
-    log_ = Log(tmp_path)
+    wal = WriteAheadLog(tmp_path)
 
     async def run() -> tuple[str, Writer]:
-        writer = Writer(recover(log_), log_, on_failure=pytest.fail, fork_snapshots=True,
+        writer = Writer(recover(wal), wal, on_failure=pytest.fail, fork_snapshots=True,
                         snapshot_every_records=50)
         writer.start()
         await writer.execute(UpsertPlan(app="a", plan=PLAN))
@@ -129,7 +129,7 @@ def test_a_forked_child_makes_the_snapshots_while_the_writer_keeps_serving(tmp_p
                 break
             await writer.execute(_track(f"tail-{_}"))
             await asyncio.sleep(0.01)
-        stored = log_.snapshot_sequence()
+        stored = wal.snapshot_sequence()
         digest = state_digest(writer.core)
         assert stored > 0 and writer.snapshots >= 3, (stored, writer.snapshots)
         assert writer.snapshot_children_failed == 0
@@ -138,17 +138,17 @@ def test_a_forked_child_makes_the_snapshots_while_the_writer_keeps_serving(tmp_p
 
     digest, writer = asyncio.run(run())
     assert not list(tmp_path.glob("snapshot-*.partial"))
-    log_.close()
-    reopened = Log(tmp_path)
+    wal.close()
+    reopened = WriteAheadLog(tmp_path)
     assert state_digest(recover(reopened)) == digest
     reopened.close()
 
 
 def test_a_snapshot_child_that_is_killed_is_reported_and_the_next_one_is_due(tmp_path: Path):
-    log_ = Log(tmp_path)
+    wal = WriteAheadLog(tmp_path)
 
     async def run() -> Writer:
-        writer = Writer(recover(log_), log_, on_failure=pytest.fail, fork_snapshots=True,
+        writer = Writer(recover(wal), wal, on_failure=pytest.fail, fork_snapshots=True,
                         snapshot_every_records=10)
         writer.start()
         await writer.execute(UpsertPlan(app="a", plan=PLAN))
@@ -173,25 +173,25 @@ def test_a_snapshot_child_that_is_killed_is_reported_and_the_next_one_is_due(tmp
     writer = asyncio.run(run())
     assert writer.snapshot_children_failed >= 1 and writer.snapshots >= 1
     assert not list(tmp_path.glob("snapshot-*.partial"))
-    log_.close()
+    wal.close()
 
 
 def test_an_in_process_snapshot_never_covers_records_a_later_transaction_writes(tmp_path: Path):
     """With more records pending than one transaction takes, the snapshot waits: a crash
     between two transactions must never leave a snapshot ahead of the log."""
-    log_ = Log(tmp_path)
+    wal = WriteAheadLog(tmp_path)
     appended: list[tuple[int, int | None]] = []
-    append = log_.append
+    append = wal.append
 
     def recording_append(records, snapshot=None, prune_before_ns=0):
         appended.append((records[-1].sequence if records else 0,
                          snapshot.sequence if snapshot else None))
         append(records, snapshot, prune_before_ns)
 
-    log_.append = recording_append
+    wal.append = recording_append
 
     async def run() -> None:
-        writer = Writer(recover(log_), log_, on_failure=pytest.fail, batch_records_max=4,
+        writer = Writer(recover(wal), wal, on_failure=pytest.fail, batch_records_max=4,
                         snapshot_every_records=3)
         writer.start()
         await writer.execute(UpsertPlan(app="a", plan=PLAN))
@@ -204,4 +204,4 @@ def test_an_in_process_snapshot_never_covers_records_a_later_transaction_writes(
     with_snapshot = [(last, covered) for last, covered in appended if covered is not None]
     assert with_snapshot, appended
     assert all(covered <= last for last, covered in with_snapshot if last), appended
-    log_.close()
+    wal.close()

@@ -18,7 +18,7 @@ from quotad.config_file import ConfigFileError
 from quotad.plans_file import PlansFileError
 from quotad.server import Config, serve
 from quotad.storage.codec import state_digest
-from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, Log
+from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog
 from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, recover,
 )
@@ -144,15 +144,15 @@ def verify(data_dir: Path) -> int:
     if not (data_dir / "data.mdb").exists():
         print(f"quotad: {data_dir} holds no quotad data", file=sys.stderr)
         return 2
-    log_ = Log(data_dir)
+    wal = WriteAheadLog(data_dir)
     started = time.monotonic()
     try:
-        core = recover(log_, repair=False)
+        core = recover(wal, repair=False)
     except Exception as error:
         print(json.dumps({"clean": False, "error": str(error)}))
         return 1
     finally:
-        log_.close()
+        wal.close()
     print(json.dumps({"clean": True, "records": core.sequence, "state_digest": state_digest(core),
                       "seconds": round(time.monotonic() - started, 3)}))
     return 0

@@ -33,9 +33,10 @@ from quotad.api.http_api import HttpApi
 from quotad.api.metrics import Metrics, MetricsInterceptor
 from quotad.plans_file import load_plans
 from quotad.api.auth import DEFAULT_APP, Authenticator
-from quotad.api.service import Gate, generic_handlers, http_usage_authorizer, is_loopback
+from quotad.api.gate import Gate, GateState, is_loopback
+from quotad.api.service import generic_handlers, http_usage_authorizer
 from quotad_contract.v1 import quotad_pb2
-from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, Log
+from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
 from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, Writer,
     recover,
@@ -154,7 +155,7 @@ async def serve(config: Config) -> int:
     """Runs until SIGTERM/SIGINT (returns 0) or a storage failure (returns 1)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     plans = load_plans(config.plans) if config.plans else []
-    log_ = Log(config.data_dir, map_size_bytes=config.map_size_bytes)
+    wal = WriteAheadLog(config.data_dir, map_size_bytes=config.map_size_bytes)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failure: list[BaseException] = []
@@ -190,10 +191,10 @@ async def serve(config: Config) -> int:
         else:
             port = server.add_insecure_port(config.listen)
     except OSError as error:
-        log_.close()
+        wal.close()
         raise ValueError(f"--tls-cert/--tls-key: cannot read ({error})") from error
     except RuntimeError as error:  # grpc's way of saying the address is taken or invalid
-        log_.close()
+        wal.close()
         raise ValueError(f"--listen {config.listen}: cannot listen there ({error})") from error
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
@@ -210,33 +211,33 @@ async def serve(config: Config) -> int:
             http_address = f"{http_host}:{http_port}"
         except OSError as error:
             await server.stop(0)
-            log_.close()
+            wal.close()
             raise ValueError(f"--http-listen {config.http_listen}: cannot listen there "
                              f"({error})") from error
     log.info("listening", extra={"address": address, "http": http_address, "state": "starting"})
 
     started = time.monotonic()
     try:
-        core = await loop.run_in_executor(None, recover, log_)
+        core = await loop.run_in_executor(None, recover, wal)
     except Exception as error:  # a log we cannot trust: refuse to serve anything
         log.critical("cannot recover the log, refusing to start", extra={"error": str(error)})
         await http_api.close()
         await server.stop(0)
-        log_.close()
+        wal.close()
         return 1
     gc.freeze()  # the recovered state is long-lived: cyclic GC never scans it again
     gc.set_threshold(*GC_THRESHOLDS)
     leftovers = snapshot_child.remove_leftovers(config.data_dir)
     if leftovers:
         log.info("removed unfinished snapshot files", extra={"files": leftovers})
-    writer = Writer(core, log_, on_failure=fail, fork_snapshots=hasattr(os, "fork"),
+    writer = Writer(core, wal, on_failure=fail, fork_snapshots=hasattr(os, "fork"),
                     on_flush=metrics.observe_flush if measured else None,
                     snapshot_every_records=config.snapshot_every_records,
                     snapshot_every_s=config.snapshot_every_s,
                     audit_retention_ns=config.audit_retention_ns)
     writer.start()
     metrics.watch_live_holds(lambda: len(core.expiry))
-    metrics.watch_log(log_.env)
+    metrics.watch_log(wal.env)
     metrics_address = ""
     if config.metrics_listen:
         metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
@@ -246,7 +247,7 @@ async def serve(config: Config) -> int:
     for plan in plans:
         await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
     gate.auth = Authenticator(config.admin_key, core.keys)
-    gate.writer, gate.state = writer, "serving"
+    gate.writer, gate.state = writer, GateState.SERVING
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"address": address, "records": core.sequence,
                                "recovery_s": round(time.monotonic() - started, 3),
@@ -257,13 +258,13 @@ async def serve(config: Config) -> int:
                                **_digest(config, core)})
 
     await stop.wait()
-    gate.state = "failed" if failure else "draining"
+    gate.state = GateState.FAILED if failure else GateState.DRAINING
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     http_api.stop_accepting()
     await server.stop(0 if failure else DRAIN_S)
     await http_api.close()
     await writer.close()
-    log_.close()
+    wal.close()
     if failure:
         log.critical("stopped after a failure", extra={"error": repr(failure[0])})
         return 1

@@ -36,7 +36,8 @@ from quotad.core.commands import CounterView, GetUsage, UsageResult
 from quotad.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
 from quotad.api.metrics import Metrics
 from quotad.api.auth import USER_TOKEN_HEADER
-from quotad.api.service import Gate, status_proto_of
+from quotad.api.gate import Gate
+from quotad.api.service import status_proto_of
 
 log = logging.getLogger("quotad.http")
 
@@ -62,12 +63,12 @@ class Answer:
 
 
 class _Peer:
-    """One open connection: its writer, and whether a request on it is being answered."""
+    """One open connection: its stream, and whether a request on it is being answered."""
 
-    __slots__ = ("writer", "busy")
+    __slots__ = ("stream", "busy")
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, stream: asyncio.StreamWriter) -> None:
+        self.stream = stream
         self.busy = False
 
 
@@ -217,11 +218,11 @@ class HttpApi:
         self.stop_accepting()
         for peer in list(self._connections.values()):
             if not peer.busy:
-                peer.writer.transport.close()
+                peer.stream.transport.close()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=CLOSE_GRACE_S)
         for peer in list(self._connections.values()):
-            peer.writer.transport.abort()
+            peer.stream.transport.abort()
         if self._connections or self._refused:
             await asyncio.wait([*self._connections, *self._refused], timeout=CLOSE_GRACE_S)
         if self._server is not None:
@@ -234,41 +235,41 @@ class HttpApi:
     # --- one connection ------------------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+                          stream: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         if self._closing or len(self._connections) >= limits.HTTP_CONNECTIONS_MAX:
-            await self._refuse(reader, writer, task)
+            await self._refuse(reader, stream, task)
             return
-        peer = self._connections[task] = _Peer(writer)
+        peer = self._connections[task] = _Peer(stream)
         connection = h11.Connection(h11.SERVER,
                                     max_incomplete_event_size=limits.HTTP_REQUEST_HEAD_BYTES_MAX)
         try:
-            await self._converse(connection, reader, writer, peer)
+            await self._converse(connection, reader, stream, peer)
         except (ConnectionError, TimeoutError, h11.LocalProtocolError):
             pass  # the peer went away or stopped reading; nothing left to tell it
         finally:
             try:
-                await _close(reader, writer)
+                await _close(reader, stream)
             finally:
                 del self._connections[task]
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    async def _refuse(self, reader: asyncio.StreamReader, stream: asyncio.StreamWriter,
                       task: asyncio.Task[Any]) -> None:
         """503 to a connection beyond the limit; beyond as many again, a plain reset."""
         self._count(503)
         if len(self._refused) >= limits.HTTP_CONNECTIONS_MAX:
-            writer.transport.abort()
+            stream.transport.abort()
             return
         self._refused.add(task)
         try:
-            writer.write(_BUSY)
-            await _close(reader, writer)
+            stream.write(_BUSY)
+            await _close(reader, stream)
         finally:
             self._refused.discard(task)
 
     async def _converse(self, connection: h11.Connection, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter, peer: _Peer) -> None:
+                        stream: asyncio.StreamWriter, peer: _Peer) -> None:
         """Answers requests one after another until either side closes."""
         while not self._closing:
             try:
@@ -277,17 +278,17 @@ class HttpApi:
                 return
             except h11.RemoteProtocolError as error:
                 status = error.error_status_hint
-                await self._send_refusal(connection, writer, error_answer(
+                await self._send_refusal(connection, stream, error_answer(
                     status, "INVALID_ARGUMENT" if status != 431 else "RESOURCE_EXHAUSTED",
                     f"bad HTTP request: {error}"))
                 return
             except TimeoutError:
-                await self._send_refusal(connection, writer, error_answer(
+                await self._send_refusal(connection, stream, error_answer(
                     408, "DEADLINE_EXCEEDED",
                     f"the request did not arrive within {self._read_timeout_s} s"))
                 return
             except _BodyTooLarge:
-                await self._send_refusal(connection, writer, error_answer(
+                await self._send_refusal(connection, stream, error_answer(
                     413, "RESOURCE_EXHAUSTED",
                     f"a request body may hold at most {limits.HTTP_REQUEST_BODY_BYTES_MAX} "
                     "bytes"))
@@ -296,7 +297,7 @@ class HttpApi:
                 return
             peer.busy = True
             answer = self._with_cors(request, await self._answer(request))
-            await self._send(connection, writer, answer, head_only=request.method == b"HEAD")
+            await self._send(connection, stream, answer, head_only=request.method == b"HEAD")
             peer.busy = False
             if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                 return
@@ -340,13 +341,13 @@ class HttpApi:
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
 
-    async def _send(self, connection: h11.Connection, writer: asyncio.StreamWriter,
+    async def _send(self, connection: h11.Connection, stream: asyncio.StreamWriter,
                     answer: Answer, *, head_only: bool = False) -> None:
         headers = [*answer.headers, ("cache-control", "no-store"),
                    ("x-content-type-options", "nosniff")]
         if answer.status != 204:
             headers.append(("content-length", str(len(answer.body))))
-        if self._closing or self._gate.state != "serving":
+        if self._closing or not self._gate.serving:
             headers.append(("connection", "close"))
         data = connection.send(h11.Response(status_code=answer.status, headers=headers,
                                             reason=http.HTTPStatus(answer.status).phrase))
@@ -355,14 +356,14 @@ class HttpApi:
             data += connection.send(h11.Data(data=answer.body)) or b""
         data += connection.send(h11.EndOfMessage()) or b""
         self._count(answer.status)
-        writer.write(data)
-        await asyncio.wait_for(writer.drain(), limits.HTTP_RESPONSE_WRITE_TIMEOUT_S)
+        stream.write(data)
+        await asyncio.wait_for(stream.drain(), limits.HTTP_RESPONSE_WRITE_TIMEOUT_S)
 
-    async def _send_refusal(self, connection: h11.Connection, writer: asyncio.StreamWriter,
+    async def _send_refusal(self, connection: h11.Connection, stream: asyncio.StreamWriter,
                             answer: Answer) -> None:
         """Answers a request that could not be read, if HTTP still allows an answer."""
         if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            await self._send(connection, writer, Answer(
+            await self._send(connection, stream, Answer(
                 answer.status, answer.body, (*answer.headers, ("connection", "close"))))
 
     # --- one request ---------------------------------------------------------------------
@@ -430,13 +431,13 @@ class HttpApi:
             *answer.headers, ("access-control-allow-origin", origin), ("vary", "Origin")))
 
 
-async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _close(reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:
     """Half-closes, drops what the peer still sends (bounded), then closes: closing with
     unread input makes the kernel reset the connection, which can destroy the answer (a 413
     or 503) before the peer has read it."""
     try:
-        if writer.can_write_eof():
-            writer.write_eof()
+        if stream.can_write_eof():
+            stream.write_eof()
         async with asyncio.timeout(LINGER_S):
             dropped_bytes = 0
             while dropped_bytes <= LINGER_BYTES_MAX:
@@ -446,11 +447,11 @@ async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 dropped_bytes += len(chunk)
     except (OSError, TimeoutError):
         pass
-    writer.close()
+    stream.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), LINGER_S)
+        await asyncio.wait_for(stream.wait_closed(), LINGER_S)
     except (OSError, TimeoutError):
-        writer.transport.abort()
+        stream.transport.abort()
     except BaseException:
-        writer.transport.abort()
+        stream.transport.abort()
         raise

@@ -8,7 +8,6 @@ the protobuf runtime cannot parse is answered INVALID_ARGUMENT rather than INTER
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from quotad.api import auth, convert
 from quotad.core import limits
 from quotad.api import requests, watch
 from quotad.api.auth import Authenticator, Principal
+from quotad.api.gate import Gate, Unavailable
 from quotad.core.commands import AUDIT_KINDS, KeyView
 from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
@@ -89,35 +89,6 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
         packed.append(envelope)
     message = getattr(error, "message", None) or str(error)
     return status_pb2.Status(code=code, message=message, details=packed)
-
-
-class Unavailable(Exception):
-    pass
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class Gate:
-    """Whether the service takes calls: not while starting, draining, or after a failure."""
-
-    def __init__(self) -> None:
-        self.writer: Writer | None = None
-        self.auth: Authenticator | None = None
-        """Set with the writer, once the core it reads keys from exists."""
-        self.state = "starting"
-
-    def open_writer(self) -> Writer:
-        if self.state != "serving" or self.writer is None or self.writer.failed:
-            raise Unavailable(f"quotad is {self.state}" if self.state != "serving"
-                              else "quotad storage failed")
-        return self.writer
 
 
 # (RPC name, request type, request -> command, result -> response)
@@ -287,7 +258,7 @@ def _list_events_handler(gate: Gate) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         start_ns, end_ns, cursor, page_size = _events_query(request)
         found = await asyncio.get_running_loop().run_in_executor(
-            None, call.writer.log.list_events, call.principal.app, request.user_id, start_ns,
+            None, call.writer.wal.list_events, call.principal.app, request.user_id, start_ns,
             end_ns, cursor, page_size + 1)
         page = found[:page_size]
         return pb.ListEventsResponse(
@@ -483,7 +454,7 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
                 response_serializer=lambda message: message.SerializeToString(),
             )
         if service.endswith("QuotaService"):
-            hub = watch.WatchHub(gate.open_writer, lambda: gate.state == "serving")
+            hub = watch.WatchHub(gate.open_writer, lambda: gate.serving)
             table["WatchUsage"] = watch.method_handler(
                 hub, _watch_caller(gate), _safe_parser(pb.WatchUsageRequest), status_of,
                 _REFUSALS, full_method("WatchUsage"))

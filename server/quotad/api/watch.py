@@ -37,7 +37,7 @@ from quotad.core.errors import (
     ResourceExhausted, Violations,
 )
 from quotad_contract.v1 import quotad_pb2 as pb
-from quotad.storage.wal import Log
+from quotad.storage.wal import WriteAheadLog
 from quotad.engine.writer import Writer, WriterStopped
 
 log = logging.getLogger("quotad.watch")
@@ -240,7 +240,7 @@ class WatchHub:
             replayed: tuple[Crossing, ...] = ()
             if request.after_sequence:
                 replayed = await asyncio.get_running_loop().run_in_executor(
-                    None, replay_thresholds, writer.log, app, request.user_id,
+                    None, replay_thresholds, writer.wal, app, request.user_id,
                     request.after_sequence, sequence)
             yield response(Update(pb.WATCH_REASON_INITIAL, sequence, usage, replayed))
             while True:
@@ -268,17 +268,17 @@ async def _wait(wake: asyncio.Event, until_ns: int | None) -> None:
         pass
 
 
-def replay_thresholds(log_: Log, app: str, user_id: str, after_sequence: int,
+def replay_thresholds(wal: WriteAheadLog, app: str, user_id: str, after_sequence: int,
                       up_to_sequence: int) -> tuple[Crossing, ...]:
     """The user's threshold events with after_sequence < sequence <= up_to_sequence, oldest
     first, at most limits.WATCH_REPLAY_THRESHOLDS_MAX (the latest). Blocking: run it on a
     thread. The events index is ordered by time, and time grows strictly with sequence, so
     the time of record after_sequence is where to start (the start if it was pruned)."""
-    start_ns = (log_.record_now_ns(after_sequence) or 0) if after_sequence else 0
+    start_ns = (wal.record_now_ns(after_sequence) or 0) if after_sequence else 0
     found: deque[Crossing] = deque(maxlen=limits.WATCH_REPLAY_THRESHOLDS_MAX)
     cursor = b""
     while True:
-        page = log_.list_events(app, user_id, start_ns, _END_OF_TIME_NS, cursor, _EVENTS_PAGE)
+        page = wal.list_events(app, user_id, start_ns, _END_OF_TIME_NS, cursor, _EVENTS_PAGE)
         for stored in page:
             if stored.sequence > up_to_sequence:
                 return tuple(found)

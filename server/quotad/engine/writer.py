@@ -23,7 +23,7 @@ from quotad.core.commands import Command, ExpireHolds, Record
 from quotad.core.machine import Core, Outcome
 from quotad.storage import snapshot_child
 from quotad.storage.snapshot import core_from_plain, core_to_plain
-from quotad.storage.wal import Log, Snapshot, TornTail, recover_records
+from quotad.storage.wal import WriteAheadLog, Snapshot, TornTail, recover_records
 
 log = logging.getLogger("quotad.writer")
 
@@ -54,16 +54,16 @@ class ServerClock:
         return self.last_ns
 
 
-def recover(log_: Log, *, repair: bool = True) -> Core:
+def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
     """The core as the data directory left it: the latest snapshot, then every record after
     it replayed and checked. A torn tail that was never acknowledged is dropped and logged
     (with repair=False it is raised as TornTail and nothing is changed)."""
-    snapshot = log_.load_snapshot()
+    snapshot = wal.load_snapshot()
     core = core_from_plain(snapshot.plain) if snapshot is not None else Core()
     assert snapshot is None or core.sequence == snapshot.sequence
     snapshot_sequence = core.sequence
     try:
-        for record in recover_records(log_, core.sequence, drop_torn_tail=repair):
+        for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
             core.replay(record)
     except TornTail as torn:
         if not repair:
@@ -73,12 +73,12 @@ def recover(log_: Log, *, repair: bool = True) -> Core:
                                                       "reason": str(torn)})
     log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
                                  "replayed": core.sequence - snapshot_sequence,
-                                 "log_first_sequence": log_.first_sequence()})
+                                 "log_first_sequence": wal.first_sequence()})
     return core
 
 
 class Writer:
-    def __init__(self, core: Core, log_: Log, *, on_failure: Callable[[BaseException], None],
+    def __init__(self, core: Core, wal: WriteAheadLog, *, on_failure: Callable[[BaseException], None],
                  batch_records_max: int = limits.BATCH_RECORDS_MAX,
                  snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS_DEFAULT,
                  snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT,
@@ -89,7 +89,7 @@ class Writer:
         self.core = core
         self.clock = ServerClock(core.last_record_ns)
         self.durable_sequence = core.sequence
-        self._log = log_
+        self._wal = wal
         self._on_failure = on_failure
         self._batch_records_max = batch_records_max
         self._pending: list[Record] = []
@@ -110,7 +110,7 @@ class Writer:
         self._snapshot_every_records = snapshot_every_records
         self._snapshot_every_s = snapshot_every_s
         self._audit_retention_ns = audit_retention_ns
-        self._snapshot_sequence = log_.snapshot_sequence()
+        self._snapshot_sequence = wal.snapshot_sequence()
         """The sequence of the latest snapshot started (what "due" counts from)."""
         self._stored_sequence = self._snapshot_sequence
         """The sequence of the latest snapshot in the log: a later one never gives way to an
@@ -135,8 +135,8 @@ class Writer:
                        asyncio.create_task(self._expiry_loop(), name="quotad-expiry")]
 
     @property
-    def log(self) -> Log:
-        return self._log
+    def wal(self) -> WriteAheadLog:
+        return self._wal
 
     @property
     def failed(self) -> bool:
@@ -208,7 +208,7 @@ class Writer:
                     break  # a child's snapshot waits for records it covers to be written
                 started = time.perf_counter()
                 try:
-                    await loop.run_in_executor(self._executor, self._log.append, batch,
+                    await loop.run_in_executor(self._executor, self._wal.append, batch,
                                                snapshot, self._prune_before_ns())
                 except BaseException as error:  # fail-stop: memory is ahead of disk
                     self._fail(error)
@@ -257,7 +257,7 @@ class Writer:
             return
         started = time.perf_counter()
         try:
-            self._child = snapshot_child.start(self.core, self._log.data_dir)
+            self._child = snapshot_child.start(self.core, self._wal.data_dir)
         except OSError as error:  # no fork (memory, process limits): try again when due
             log.warning("cannot fork a snapshot child", extra={"error": str(error)})
             self._snapshot_at = time.monotonic()
@@ -328,7 +328,7 @@ class Writer:
             snapshot = self._snapshot_if_due(force=True)  # so that a restart replays nothing
             if snapshot is not None:
                 await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._log.append, [], snapshot, self._prune_before_ns())
+                    self._executor, self._wal.append, [], snapshot, self._prune_before_ns())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -3,7 +3,7 @@
 As Redis's BGSAVE does: os.fork() hands the child the core exactly as it is between two
 commands (copy-on-write), the child encodes it into a file in the data directory and exits,
 and the parent goes on serving. Once the child is done, the parent stores the encoded
-snapshot in the log like any other (wal.Log.append). The parent's pause is the fork itself:
+snapshot in the log like any other (WriteAheadLog.append). The parent's pause is the fork itself:
 copying the page tables, milliseconds where an in-process copy took seconds at scale.
 
 The child touches nothing but the core and its own file. It first closes every descriptor

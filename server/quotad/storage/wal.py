@@ -94,7 +94,7 @@ def _event_key(event: AuditEvent, now_ns: int, sequence: int, index: int) -> byt
     return event_prefix(event.app, event.user_id) + _EVENT_TAIL.pack(now_ns, sequence, index)
 
 
-class Log:
+class WriteAheadLog:
     def __init__(self, data_dir: Path, *, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
@@ -264,12 +264,12 @@ class Log:
         self._lock_file.close()
 
 
-def recover_records(log_: Log, after_sequence: int, *, drop_torn_tail: bool) -> Iterator[Record]:
+def recover_records(wal: WriteAheadLog, after_sequence: int, *, drop_torn_tail: bool) -> Iterator[Record]:
     """The records to replay. A corrupt record inside the last batch written (which may never
     have been acknowledged) is a torn tail: TornTail is raised, after dropping it and what
     follows if asked to. A corrupt record before that was acknowledged: CorruptRecord."""
-    tail_start = log_.batch_first_sequence()
-    iterator = log_.records(after_sequence)
+    tail_start = wal.batch_first_sequence()
+    iterator = wal.records(after_sequence)
     while True:
         try:
             record = next(iterator)
@@ -278,7 +278,7 @@ def recover_records(log_: Log, after_sequence: int, *, drop_torn_tail: bool) -> 
         except CorruptRecord as error:
             if error.sequence < tail_start:
                 raise
-            dropped = log_.drop_tail(error.sequence) if drop_torn_tail else 0
+            dropped = wal.drop_tail(error.sequence) if drop_torn_tail else 0
             raise TornTail(error.sequence, dropped, error.reason) from error
         yield record
 
