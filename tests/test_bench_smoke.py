@@ -31,6 +31,8 @@ def _bench(tmp_path: Path, *args: str) -> dict:
     assert "| workload | target |" in result.stdout  # the final markdown table
     document = json.loads((results / "results.json").read_text())
     assert (results / "results.md").read_text() == document["table_markdown"]
+    assert document["asymmetries"] and all(line in document["table_markdown"]
+                                           for line in document["asymmetries"])
     if importlib.util.find_spec("matplotlib") is not None:
         for workload in document["workloads"]:
             for kind in ("latency", "throughput"):
@@ -90,6 +92,8 @@ def test_the_bench_runs_the_redis_peers_in_two_client_processes(tmp_path: Path):
     document = _bench(tmp_path, "--workload", "mix", "--ops", "1500", "--processes", "2",
                       "--peers", "redis-always,redis-none")
     _check(document, ["mix"], {"quotad", "redis-always", "redis-none"})
+    stated = " ".join(document["asymmetries"])
+    assert "Redis is not pipelined" in stated and "no idempotency keys" in stated
     assert document["machine"]["redis_server"]
 
 
