@@ -55,8 +55,11 @@ targets:
   echo           bench/echo_server.py: fixed responses of quotad's size, no state, no I/O
   quotad and echo are driven by AsyncQuotaClient with its defaults (it coalesces the calls
   in flight into Batch RPCs; --no-coalesce turns that off); Redis by redis.asyncio (one
-  connection pool per process, one script call per operation, no pipelining). A Redis peer is skipped, with the reason printed, when redis-server or redis-py
-  is missing.
+  connection pool per process, one script call per operation, no pipelining). The Redis
+  peer keeps no idempotency keys, no audit trail and no calendar windows; "server CPU" is
+  the server process's own and leaves out quotad's forked snapshot children. The table
+  states these under it. A Redis peer is skipped, with the reason printed, when
+  redis-server or redis-py is missing (bench/install_redis.sh installs redis-server).
 
 outputs (in --results DIR): results.json (config, machine, every run, medians, ratios),
 results.md (the table), latency-<workload>.png, throughput-<workload>.png.
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             if per_txn:
                 target_entry["median"]["records_per_txn"] = statistics.median(per_txn)
         entry["ratios"] = report.ratios(entry["targets"])
+    document["asymmetries"] = report.asymmetries(document)
     table = report.markdown(document)
     document["table_markdown"] = table
     if not args.no_plots:

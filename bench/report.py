@@ -220,10 +220,41 @@ def markdown(document: dict[str, Any]) -> str:
         "quotad is slower. CPU: share of one core (server process; all client processes). "
         "Ops per RPC: operations per Batch RPC when the client coalesces (— : one per call).",
     ]
+    lines += ["", *asymmetries(document)]
     if document.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{name}: {why}"
                                              for name, why in document["skipped"].items())]
     return "\n".join(lines) + "\n"
+
+
+def asymmetries(document: dict[str, Any]) -> list[str]:
+    """What differs between the targets besides their servers, as markdown bullets: how each
+    is driven, what work the Redis peer leaves out, and what "server CPU" leaves out."""
+    config = document["config"]
+    names = {name for entry in document["workloads"].values() for name in entry["targets"]}
+    grpc_targets = " and ".join(n for n in ("quotad", "echo") if n in names) or "quotad"
+    redis = any(name.startswith("redis") for name in names)
+    if config.get("coalesce", True):
+        driven = (f"- Driving: {grpc_targets} through AsyncQuotaClient, which coalesces the "
+                  "calls in flight into Batch RPCs (ops per RPC above)")
+    else:
+        driven = f"- Driving: {grpc_targets} through AsyncQuotaClient, one RPC per call"
+    lines = [driven + ("; Redis is not pipelined: one script call (EVALSHA), one round trip, "
+                       "per operation." if redis else ".")]
+    if redis:
+        keys = ("with an idempotency key on every mutation"
+                if config.get("idempotency_keys", True) else "here without idempotency keys")
+        lines.append(
+            "- Work: the Redis peer keeps no idempotency keys, no audit trail and no calendar "
+            "windows (one counter per group; its client tells it which groups an event "
+            f"matches); quotad ({keys}) records an audit event per change, counts per "
+            "window, and matches the plan's rules itself.")
+    lines.append(
+        "- Server CPU: the server process's own user + system time (/proc/PID/stat utime + "
+        "stime). What it forks is left out: quotad's snapshot children (one per 100,000 "
+        "records by default, encoding the whole state) do not count against quotad, nor "
+        "would a Redis AOF rewrite.")
+    return lines
 
 
 def ratio_lines(workload: str, entry: dict[str, Any]) -> list[str]:
