@@ -9,11 +9,12 @@ each bad field for INVALID_ARGUMENT, an ErrorInfo reason for FAILED_PRECONDITION
 UNKNOWN or INTERNAL, must leave the state unchanged (GetStateDigest before and after), and must
 leave the server serving.
 
-The expectation for a request comes from `expect()`, an oracle written from DESIGN.md's
-limits and error rules and from what the module fixture set up (plans, subscriptions, holds in
-each state, used idempotency keys). Hypothesis draws the requests; only those the oracle says
-are refused, or answered without a change (a denial, a read, an idempotent replay), are sent,
-so the state digest must never move while they run. One server serves the whole module.
+The expectation for a request comes from `expect()`, an oracle written from the error rules of
+protos/DESIGN.md, the limits it points to, and what the module fixture set up (plans,
+subscriptions, holds in each state, used idempotency keys). Hypothesis draws the requests; only
+those the oracle says are refused, or answered without a change (a denial, a read, an idempotent
+replay), are sent, so the state digest must never move while they run. One server serves the
+whole module.
 
 10**4 drawn requests by default; QUOTAD_LONG=1 draws 10**5.
 """
@@ -51,7 +52,7 @@ BATCH = 50
 CONCURRENCY = 16
 CALL_TIMEOUT_S = 30.0
 
-# --- the contract's limits (DESIGN.md "Limits"), spelled out independently ---------------
+# --- the contract's limits (the README's "Limits" table), spelled out independently -------
 
 USER_ID_MAX = 256
 EVENT_TYPE_MAX = 128
@@ -65,7 +66,7 @@ TTL_DEFAULT_NS = 60 * 10**9
 GROUPS_MAX = 32
 IDEMPOTENCY_KEY_MAX = 128
 MESSAGE_MAX = 64 * 1024
-# Named in quotad.limits (DESIGN.md only says "non-empty"):
+# Read from quotad.limits (the README's table does not list them):
 PLAN_ID_MAX = limits.PLAN_ID_BYTES_MAX
 PLAN_NAME_MAX = limits.PLAN_NAME_BYTES_MAX
 GROUP_KEY_MAX = limits.GROUP_KEY_BYTES_MAX
@@ -340,7 +341,7 @@ def _metadata(bad: set, metadata) -> None:
 
 
 def pattern_ok(pattern: str) -> bool:
-    """`*`, an exact event type, or a prefix `a.b.*` (DESIGN.md "match rule")."""
+    """`*`, an exact event type, or a prefix `a.b.*` (protos/DESIGN.md "Match rule")."""
     if not 1 <= blen(pattern) <= EVENT_TYPE_MAX:
         return False
     if pattern == "*":
@@ -1630,8 +1631,8 @@ def test_drawn_bad_input_on_every_rpc_gets_its_code_and_changes_nothing(env):
 
 
 def test_usage_past_int64_is_refused_or_answered_never_unknown(env):
-    """Track without enforce records usage past the quota (DESIGN.md): each of 1024 tracks of
-    2^53 is within every limit, but their sum is 2^63, past int64. Each call must be answered
+    """Track without enforce records usage past the quota (protos/DESIGN.md): each of 1024 tracks
+    of 2^53 is within every limit, but their sum is 2^63, past int64. Each call must be answered
     (OK) or refused with a documented code and no change, never UNKNOWN; reads keep working."""
     big = pb.Plan(id="big", name="Big", limit_groups=[pb.LimitGroup(
         key="units", quota=QUOTA_MAX, window=pb.LIFETIME, match=pb.Match(event_types=["*"]))])

@@ -1,7 +1,7 @@
 """Unit tests of the pure core (quotad.core.Core): real core, fake clock, no mocks.
 
 Each test drives the core through `apply(command, now_ns)` (via core_helpers.Harness) and
-checks the answers, the counters and the records against DESIGN.md's contract.
+checks the answers, the counters and the records against protos/DESIGN.md's contract.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def test_commit_after_expiry_records_usage_says_expired_and_returns_nothing(h: H
 
 def test_late_commit_of_expired_hold_counts_even_if_its_room_was_taken_meanwhile() -> None:
     """Per the contract usage is never dropped, so used + held may pass the quota this way
-    too (a path DESIGN.md's invariant does not list)."""
+    too (one of the recorded paths of protos/DESIGN.md's invariant)."""
     h = Harness().setup(chat_plan(tokens=100), "alice")
     late = h.reserve("alice", 100, "openai.chat", ttl_ns=1 * S)
     h.advance(1 * S)

@@ -1,11 +1,11 @@
 """The core against a small independent reference model, driven by a Hypothesis state machine.
 
-The model is plain dicts written from DESIGN.md: which groups each event hits is a hand-made
-table (not the core's matcher), windows are computed with modular arithmetic for fixed-offset
-zones (not zoneinfo), and every answer is predicted before the core gives it. After every step
-the invariants compare the core's state with the model and check the contract's invariants.
-Crashes are rules too: one drops every record after the last sync and rebuilds from the
-latest snapshot and the synced log, which must give exactly the state at that sync.
+The model is plain dicts written from protos/DESIGN.md: which groups each event hits is a
+hand-made table (not the core's matcher), windows are computed with modular arithmetic for
+fixed-offset zones (not zoneinfo), and every answer is predicted before the core gives it. After
+every step the invariants compare the core's state with the model and check the contract's
+invariants. Crashes are rules too: one drops every record after the last sync and rebuilds from
+the latest snapshot and the synced log, which must give exactly the state at that sync.
 
 QUOTAD_LONG=1 scales the run from 200 examples x 50 steps to 2000 x 100.
 """
@@ -183,7 +183,7 @@ class QuotaMachine(RuleBasedStateMachine):
         return [self.view(key, self.current(hold.user, key)) for key, _ in hold.holds]
 
     def known(self, reservation_id: str) -> bool:
-        """The spec's word: a finished hold is remembered RET after it finished."""
+        """As protos/DESIGN.md says, a finished hold is remembered RET after it finished."""
         hold = self.holds[reservation_id]
         return hold.status == "live" or self.now < hold.finished_at + RET
 
@@ -569,9 +569,9 @@ class QuotaMachine(RuleBasedStateMachine):
 
     @invariant()
     def used_plus_held_within_quota_unless_an_overage_path_touched_it(self) -> None:
-        """DESIGN.md names two overage paths (Track without enforce, a commit above the
-        reserved amount); two more follow from the rest of the contract and are flagged too:
-        a commit after expiry (its room may have been taken meanwhile) and a lowered quota."""
+        """protos/DESIGN.md's invariant names four overage paths, each flagged here: Track
+        without enforce, a commit above the reserved amount, a commit after expiry (its room
+        may have been taken meanwhile) and a lowered quota."""
         app = self.app()
         if app is None or "p" not in app.plans:
             return
