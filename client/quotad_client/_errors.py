@@ -15,9 +15,9 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ._types import Counter, Reservation, TrackResult
+from quotad_contract.errors import ERROR_DOMAIN
 
-ERROR_DOMAIN = "quotad"
+from ._types import Counter, Reservation, TrackResult
 
 
 class QuotadError(Exception):
@@ -49,11 +49,13 @@ class _WithReason(QuotadError):
 
 
 class FailedPrecondition(_WithReason):
-    """The state does not allow it; ``reason`` is machine-readable (``NO_PLAN``...)."""
+    """The state does not allow it; ``reason`` is machine-readable: a
+    ``quotad_contract.errors.ErrorReason`` (``NO_PLAN``...)."""
 
 
 class ResourceExhausted(_WithReason):
-    """A server or transport limit; ``reason`` is set when quotad gave one."""
+    """A server or transport limit; ``reason`` is set when quotad gave one (an ``ErrorReason``
+    such as ``TOO_MANY_HOLDS``)."""
 
 
 class AlreadyExists(QuotadError):

@@ -29,11 +29,10 @@ from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
     PermissionDenied, QuotaError, ResourceExhausted, Unauthenticated, Violations,
 )
+from quotad_contract.errors import ERROR_DOMAIN
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad.storage.wal import EVENT_CURSOR_BYTES
 from quotad.engine.writer import Writer, WriterStopped
-
-ERROR_DOMAIN = "quotad"
 
 
 class Malformed:

@@ -1,4 +1,5 @@
-"""Errors the core raises for requests it refuses. Each maps to one gRPC status code.
+"""Errors the core raises for requests it refuses. Each maps to one gRPC status code;
+FailedPrecondition and ResourceExhausted also carry an ErrorReason.
 
 A refused request changes nothing. Field names in violations are the contract's (proto) names.
 """
@@ -7,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quotad_contract.errors import ErrorReason
+
 
 class QuotaError(Exception):
     """A request the core refuses; the state is unchanged."""
 
-    reason = ""
+    reason: ErrorReason | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -36,7 +39,7 @@ class NotFound(QuotaError):
 
 
 class FailedPrecondition(QuotaError):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: ErrorReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -55,7 +58,7 @@ class Unauthenticated(QuotaError):
 
 
 class ResourceExhausted(QuotaError):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: ErrorReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
