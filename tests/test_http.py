@@ -18,11 +18,10 @@ import pytest
 
 import quotad_client as qc
 from quotad.core import limits
-from quotad.core.errors import PermissionDenied, InvalidArgument
+from quotad.core.errors import PermissionDenied, InvalidArgument, Unauthenticated
 from quotad.api.http_api import HttpApi, query_user_id
 from quotad.server import Config
 from quotad.api.gate import Gate
-from quotad.api.service import Unauthenticated
 from server_process import ServerProcess
 
 ORIGIN = "https://app.example.com"

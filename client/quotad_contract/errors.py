@@ -1,7 +1,9 @@
 """How quotad refuses a call, as data shared by the server and its clients.
 
-A refusal has a gRPC status code, and some also a reason: an `ErrorReason`, sent as the
-`reason` of a `google.rpc.ErrorInfo` in the domain `ERROR_DOMAIN`.
+A refusal has a code, the name of its gRPC status code, and some also a reason: an
+`ErrorReason`, sent as the `reason` of a `google.rpc.ErrorInfo` in the domain `ERROR_DOMAIN`.
+`ERRORS` is the one table from a code to what each side makes of it: the gRPC status, the
+HTTP status of the browser endpoint, and the client's exception class.
 
 Standard library only: the server's pure core imports this module too.
 """
@@ -9,6 +11,7 @@ Standard library only: the server's pure core imports this module too.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 ERROR_DOMAIN = "quotad"
 """The ErrorInfo domain of quotad's reasons."""
@@ -44,3 +47,34 @@ class ErrorReason(enum.StrEnum):
     """The server has WATCHERS_MAX usage watches."""
     WATCH_QUEUE_FULL = "WATCH_QUEUE_FULL"
     """The watcher fell behind; it resumes from its last sequence."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    """What one code of refusal becomes on each side."""
+
+    code: str
+    """The gRPC status code's name (grpc.StatusCode and google.rpc.Code name it alike)."""
+    http_status: int
+    """The browser endpoint's HTTP status for it."""
+    client_error: str
+    """The name of the quotad_client exception a client raises for it."""
+
+
+ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in (
+    ErrorKind("INVALID_ARGUMENT", 400, "InvalidArgument"),
+    ErrorKind("UNAUTHENTICATED", 401, "Unauthenticated"),
+    ErrorKind("PERMISSION_DENIED", 403, "PermissionDenied"),
+    ErrorKind("NOT_FOUND", 404, "NotFound"),
+    ErrorKind("ALREADY_EXISTS", 409, "AlreadyExists"),
+    ErrorKind("FAILED_PRECONDITION", 409, "FailedPrecondition"),
+    ErrorKind("RESOURCE_EXHAUSTED", 429, "ResourceExhausted"),
+    ErrorKind("UNAVAILABLE", 503, "Unavailable"),
+    ErrorKind("DEADLINE_EXCEEDED", 408, "DeadlineExceeded"),
+    ErrorKind("INTERNAL", 500, "QuotadError"),
+)}
+"""Every code a quotad refusal carries; DEADLINE_EXCEEDED (a call's deadline passed; over HTTP,
+a request that did not arrive in time) and INTERNAL (a fault, never anything a caller did)
+too."""
+
+INTERNAL = ERRORS["INTERNAL"]

@@ -1,5 +1,6 @@
-"""Errors the core raises for requests it refuses. Each maps to one gRPC status code;
-FailedPrecondition and ResourceExhausted also carry an ErrorReason.
+"""Errors the core raises for requests it refuses. Each class carries its code, the gRPC
+status code's name, looked up in quotad_contract.errors.ERRORS for the gRPC, HTTP and client
+answers; FailedPrecondition and ResourceExhausted also carry an ErrorReason.
 
 A refused request changes nothing. Field names in violations are the contract's (proto) names.
 """
@@ -11,10 +12,16 @@ from dataclasses import dataclass
 from quotad_contract.errors import ErrorReason
 
 
-class QuotaError(Exception):
-    """A request the core refuses; the state is unchanged."""
+class Refusal(Exception):
+    """A call the server refuses, whoever refuses it (the core, the keys, the gate, the
+    writer). Subclasses name their code; `reason`, when set, is sent as an ErrorInfo."""
 
+    code = "INTERNAL"
     reason: ErrorReason | None = None
+
+
+class QuotaError(Refusal):
+    """A request the core refuses; the state is unchanged."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -28,6 +35,8 @@ class FieldViolation:
 
 
 class InvalidArgument(QuotaError):
+    code = "INVALID_ARGUMENT"
+
     def __init__(self, violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
         assert violations
         self.violations = tuple(violations)
@@ -35,29 +44,37 @@ class InvalidArgument(QuotaError):
 
 
 class NotFound(QuotaError):
-    pass
+    code = "NOT_FOUND"
 
 
 class FailedPrecondition(QuotaError):
+    code = "FAILED_PRECONDITION"
+
     def __init__(self, reason: ErrorReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
 class AlreadyExists(QuotaError):
-    pass
+    code = "ALREADY_EXISTS"
 
 
 class PermissionDenied(QuotaError):
     """The caller's key may not do this (another app's data, or an RPC its kind may not call)."""
+
+    code = "PERMISSION_DENIED"
 
 
 class Unauthenticated(QuotaError):
     """No valid key (or user token) came with the call: missing, unknown, revoked, malformed,
     badly signed or expired."""
 
+    code = "UNAUTHENTICATED"
+
 
 class ResourceExhausted(QuotaError):
+    code = "RESOURCE_EXHAUSTED"
+
     def __init__(self, reason: ErrorReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
