@@ -18,11 +18,10 @@ import pytest
 
 import quotad_client as qc
 from quotad.core import limits
-from quotad.core.errors import PermissionDenied, InvalidArgument
+from quotad.core.errors import PermissionDenied, InvalidArgument, Unauthenticated
 from quotad.api.http_api import HttpApi, query_user_id
 from quotad.server import Config
 from quotad.api.gate import Gate
-from quotad.api.service import Unauthenticated
 from server_process import ServerProcess
 
 ORIGIN = "https://app.example.com"
@@ -150,11 +149,18 @@ def test_a_bad_or_missing_user_id_is_400_naming_the_field(server, target, field)
     assert [v["field"] for v in document["error"]["field_violations"]] == [field]
 
 
-def test_an_unknown_user_and_an_unknown_path_are_404(server):
+def test_an_unknown_user_is_409_no_plan_as_over_grpc_and_an_unknown_path_is_404(server, client):
     status, document = get_json(server, "/v1/usage?user_id=nobody")
-    assert (status, document["error"]["code"]) == (404, "NOT_FOUND")
+    with pytest.raises(qc.FailedPrecondition) as over_grpc:
+        client.usage("nobody")
+    assert (status, document["error"]["code"], document["error"]["reason"]) == (
+        409, "FAILED_PRECONDITION", "NO_PLAN")
+    assert (over_grpc.value.code.name, over_grpc.value.reason) == (
+        document["error"]["code"], document["error"]["reason"])
+    assert document["error"]["message"] == over_grpc.value.message
     status, document = get_json(server, "/v1/elsewhere?user_id=u1")
     assert (status, document["error"]["code"]) == (404, "NOT_FOUND")
+    assert "reason" not in document["error"]
 
 
 def test_a_method_other_than_get_head_options_is_405_with_allow(server):
@@ -244,7 +250,7 @@ def test_http_answers_are_counted_by_status_in_the_metrics(server):
         connection.close()
     counts = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
               for line in text.splitlines() if line.startswith("quotad_http_requests_total{")}
-    assert counts['status="200"'] >= 1 and counts['status="404"'] >= 1
+    assert counts['status="200"'] >= 1 and counts['status="409"'] >= 1
 
 
 def test_connections_beyond_the_limit_get_503_and_grpc_keeps_answering(start_server):
@@ -256,7 +262,7 @@ def test_connections_beyond_the_limit_get_503_and_grpc_keeps_answering(start_ser
             held.append(socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S))
         # Connections are taken in order: once the last one is answered, all are counted.
         held[-1].sendall(b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: q\r\n\r\n")
-        assert held[-1].recv(65536).startswith(b"HTTP/1.1 404 ")
+        assert held[-1].recv(65536).startswith(b"HTTP/1.1 409 ")
         answer = raw_exchange(server, b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: q\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503 ")
         assert b"too many HTTP connections" in answer
@@ -287,8 +293,8 @@ def test_a_draining_server_answers_http_with_503_or_a_closed_connection_never_a_
             connection.close()
     print(f"\nafter SIGTERM: {outcomes}")
     assert outcomes[-1] == "closed", outcomes
-    # Until the signal lands the user is merely unknown (404); from then on: 503 or closed.
-    draining = outcomes[next(i for i, o in enumerate(outcomes) if o != 404):]
+    # Until the signal lands the user merely has no plan (409); from then on: 503 or closed.
+    draining = outcomes[next(i for i, o in enumerate(outcomes) if o != 409):]
     assert set(draining) <= {503, "closed"}, outcomes
     assert server.process.wait(timeout=30) == 0
 

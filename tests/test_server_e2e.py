@@ -439,6 +439,33 @@ def test_reflection_lists_the_services_only_when_asked_for(start_server):
     assert {"quotad.v1.QuotaService", "quotad.v1.AdminService"} <= listed(reflective.address)
 
 
+def test_reflection_describes_every_service_it_lists_health_included(start_server):
+    """What grpcurl does: list the services, fetch each one's descriptor, call one built only
+    from what reflection gave."""
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase)
+
+    server = start_server(extra_args=("--reflection",))
+    with grpc.insecure_channel(server.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        listed = set(database.get_services())
+        assert {"quotad.v1.QuotaService", "quotad.v1.AdminService", "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection"} <= listed
+        pool = descriptor_pool.DescriptorPool(database)
+        for name in listed:
+            assert pool.FindServiceByName(name).methods
+        check = pool.FindMethodByName("grpc.health.v1.Health.Check")
+        request_class = message_factory.GetMessageClass(check.input_type)
+        response_class = message_factory.GetMessageClass(check.output_type)
+        answer = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString)(
+                request_class(service="quotad.v1.QuotaService"), timeout=10)
+    assert check.output_type.fields_by_name["status"].enum_type.values_by_number[
+        answer.status].name == "SERVING"
+
+
 def test_a_snapshot_file_left_by_a_killed_server_is_removed_at_start(start_server, tmp_path):
     first = start_server(extra_args=("--snapshot-every-records", "5"))
     subscribe(first.address, "u1", plan_with(10**6))

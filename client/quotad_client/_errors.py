@@ -15,9 +15,9 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ._types import Counter, Reservation, TrackResult
+from quotad_contract.errors import ERROR_DOMAIN, ERRORS
 
-ERROR_DOMAIN = "quotad"
+from ._types import Counter, Reservation, TrackResult
 
 
 class QuotadError(Exception):
@@ -49,11 +49,13 @@ class _WithReason(QuotadError):
 
 
 class FailedPrecondition(_WithReason):
-    """The state does not allow it; ``reason`` is machine-readable (``NO_PLAN``...)."""
+    """The state does not allow it; ``reason`` is machine-readable: a
+    ``quotad_contract.errors.ErrorReason`` (``NO_PLAN``...)."""
 
 
 class ResourceExhausted(_WithReason):
-    """A server or transport limit; ``reason`` is set when quotad gave one."""
+    """A server or transport limit; ``reason`` is set when quotad gave one (an ``ErrorReason``
+    such as ``TOO_MANY_HOLDS``)."""
 
 
 class AlreadyExists(QuotadError):
@@ -79,13 +81,8 @@ class DeadlineExceeded(QuotadError):
 
 
 _CLASSES: dict[grpc.StatusCode, type[QuotadError]] = {
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-}
+    grpc.StatusCode[kind.code]: globals()[kind.client_error] for kind in ERRORS.values()}
+"""The exception of each code, as quotad_contract.errors.ERRORS names it."""
 
 def error_from_status(code: grpc.StatusCode, message: str,
                       status: status_pb2.Status | None = None) -> QuotadError:
@@ -102,13 +99,12 @@ def error_from_status(code: grpc.StatusCode, message: str,
             detail.Unpack(info)
             if not reason or info.domain == ERROR_DOMAIN:
                 reason = info.reason
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(code, message, violations)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return FailedPrecondition(code, message, reason)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(code, message, reason)
-    return _CLASSES.get(code, QuotadError)(code, message)
+    error_class = _CLASSES.get(code, QuotadError)
+    if issubclass(error_class, InvalidArgument):
+        return error_class(code, message, violations)
+    if issubclass(error_class, _WithReason):
+        return error_class(code, message, reason)
+    return error_class(code, message)
 
 
 def error_from_rpc_error(error: grpc.RpcError) -> QuotadError:

@@ -182,7 +182,8 @@ async def serve(config: Config) -> int:
     if config.reflection:
         names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name
                  for n in SERVICE_NAMES]
-        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection(
+            (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         if config.tls_cert is not None and config.tls_key is not None:
             credentials = grpc.ssl_server_credentials(

@@ -32,6 +32,7 @@ from typing import Any
 from quotad.core import limits
 from quotad.core.machine import KeyState
 from quotad.core.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from quotad_contract.errors import ErrorReason
 from quotad_contract.tokens import (
     KEY_ID_PATTERN, KEY_SECRET_PATTERN, USER_TOKEN_HEADER, USER_TOKEN_VERSION, sign_user_token,
     token_mac, token_signing_key, unb64,
@@ -147,7 +148,7 @@ class Authenticator:
         if principal.kind == OPEN:
             if rpc in KEY_RPCS:
                 raise FailedPrecondition(
-                    "KEYS_DISABLED",
+                    ErrorReason.KEYS_DISABLED,
                     "API keys are off: start quotad with an admin key (QUOTAD_ADMIN_KEY or "
                     "--admin-key-file) to create and use them")
             return

@@ -6,11 +6,14 @@ import enum
 import ipaddress
 
 from quotad.api.auth import Authenticator
+from quotad.core.errors import Refusal
 from quotad.engine.writer import Writer
 
 
-class Unavailable(Exception):
-    pass
+class Unavailable(Refusal):
+    """The service takes no calls now: starting, draining, or its storage failed."""
+
+    code = "UNAVAILABLE"
 
 
 def is_loopback(host: str) -> bool:

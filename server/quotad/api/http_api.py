@@ -29,15 +29,14 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import h11
-from google.rpc import code_pb2
 
 from quotad.core import limits
 from quotad.core.commands import CounterView, GetUsage, UsageResult
-from quotad.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from quotad.core.errors import FieldViolation, InvalidArgument, Refusal, Violations
 from quotad.api.metrics import Metrics
 from quotad.api.auth import USER_TOKEN_HEADER
 from quotad.api.gate import Gate
-from quotad.api.service import status_proto_of
+from quotad_contract.errors import ERRORS
 
 log = logging.getLogger("quotad.http")
 
@@ -80,28 +79,6 @@ class _Idle(Exception):
     """No request began within the keep-alive idle timeout."""
 
 
-# A refusal's class name (anywhere in its MRO) -> (HTTP status, the gRPC code name it mirrors).
-# By name, so the key rules' own exception types map without this module importing them.
-_HTTP_STATUS = {
-    code_pb2.INVALID_ARGUMENT: 400, code_pb2.UNAUTHENTICATED: 401,
-    code_pb2.PERMISSION_DENIED: 403, code_pb2.NOT_FOUND: 404, code_pb2.ALREADY_EXISTS: 409,
-    code_pb2.FAILED_PRECONDITION: 409, code_pb2.RESOURCE_EXHAUSTED: 429,
-    code_pb2.UNAVAILABLE: 503,
-}
-"""The HTTP status of each gRPC code a refusal maps to (service.status_proto_of)."""
-
-
-def refusal_status(error: BaseException) -> tuple[int, str] | None:
-    """(HTTP status, code) of a refusal, or None for an error no caller caused."""
-    if isinstance(error, FailedPrecondition) and error.reason == "NO_PLAN":
-        return 404, "NOT_FOUND"  # an unknown user, as far as a browser can tell
-    if not isinstance(error, Exception):
-        return None
-    code = status_proto_of(error).code
-    status = _HTTP_STATUS.get(code)
-    return None if status is None else (status, code_pb2.Code.Name(code))
-
-
 def rfc3339(at_ns: int) -> str:
     seconds, nanos = divmod(at_ns, limits.NS_PER_S)
     text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
@@ -128,10 +105,12 @@ def json_answer(status: int, document: Any, headers: tuple[tuple[str, str], ...]
     return Answer(status, body, (("content-type", "application/json"), *headers))
 
 
-def error_answer(status: int, code: str, message: str, *,
+def error_answer(status: int, code: str, message: str, *, reason: str | None = None,
                  violations: tuple[FieldViolation, ...] = (),
                  headers: tuple[tuple[str, str], ...] = ()) -> Answer:
     error: dict[str, Any] = {"code": code, "message": message}
+    if reason is not None:
+        error["reason"] = reason
     if violations:
         error["field_violations"] = [{"field": v.field, "description": v.description}
                                      for v in violations]
@@ -382,16 +361,16 @@ class HttpApi:
                                 headers=(("allow", ALLOWED_METHODS),))
         try:
             return json_answer(200, usage_json(await self._usage(request, query)))
-        except Exception as error:
-            refused = refusal_status(error)
-            if refused is None:
-                log.exception("HTTP usage read failed")
-                return error_answer(500, "INTERNAL", "internal error")
-            status, code = refused
-            headers = (("www-authenticate", "Bearer"),) if status == 401 else (
-                (("retry-after", "1"),) if status == 503 else ())
-            return error_answer(status, code, getattr(error, "message", None) or str(error),
+        except Refusal as error:  # its status is its code's, in quotad_contract.errors.ERRORS
+            kind = ERRORS[error.code]
+            headers = (("www-authenticate", "Bearer"),) if kind.http_status == 401 else (
+                (("retry-after", "1"),) if kind.http_status == 503 else ())
+            return error_answer(kind.http_status, kind.code,
+                                getattr(error, "message", None) or str(error), reason=error.reason,
                                 violations=getattr(error, "violations", ()), headers=headers)
+        except Exception:
+            log.exception("HTTP usage read failed")
+            return error_answer(500, "INTERNAL", "internal error")
 
     async def _usage(self, request: h11.Request, query: str) -> UsageResult:
         user_id = query_user_id(query)

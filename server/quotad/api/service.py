@@ -23,17 +23,15 @@ from quotad.api import auth, convert
 from quotad.core import limits
 from quotad.api import requests, watch
 from quotad.api.auth import Authenticator, Principal
-from quotad.api.gate import Gate, Unavailable
+from quotad.api.gate import Gate
 from quotad.core.commands import AUDIT_KINDS, KeyView
 from quotad.core.errors import (
-    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
-    PermissionDenied, QuotaError, ResourceExhausted, Unauthenticated, Violations,
+    FieldViolation, InvalidArgument, PermissionDenied, Refusal, Violations,
 )
+from quotad_contract.errors import ERROR_DOMAIN, ERRORS, INTERNAL
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad.storage.wal import EVENT_CURSOR_BYTES
-from quotad.engine.writer import Writer, WriterStopped
-
-ERROR_DOMAIN = "quotad"
+from quotad.engine.writer import Writer
 
 
 class Malformed:
@@ -58,37 +56,27 @@ def status_of(error: Exception) -> grpc.Status:
 
 
 def status_proto_of(error: Exception) -> status_pb2.Status:
-    """The google.rpc.Status for a refusal: code, message, and details naming the cause."""
-    code, details = code_pb2.INTERNAL, []
-    if isinstance(error, InvalidArgument):
-        code = code_pb2.INVALID_ARGUMENT
-        details.append(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
-        ]))
-    elif isinstance(error, NotFound):
-        code = code_pb2.NOT_FOUND
-    elif isinstance(error, FailedPrecondition):
-        code = code_pb2.FAILED_PRECONDITION
-        details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
-    elif isinstance(error, ResourceExhausted):
-        code = code_pb2.RESOURCE_EXHAUSTED
-        details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
-    elif isinstance(error, AlreadyExists):
-        code = code_pb2.ALREADY_EXISTS
-    elif isinstance(error, PermissionDenied):
-        code = code_pb2.PERMISSION_DENIED
-    elif isinstance(error, (WriterStopped, Unavailable)):
-        code = code_pb2.UNAVAILABLE
-    elif isinstance(error, Unauthenticated):
-        code = code_pb2.UNAUTHENTICATED
+    """The google.rpc.Status for a refusal: its code, message, and details naming the cause
+    (a BadRequest of its field violations, an ErrorInfo of its reason). INTERNAL for
+    anything else."""
+    kind, details = INTERNAL, []
+    if isinstance(error, Refusal):
+        kind = ERRORS[error.code]
+        if isinstance(error, InvalidArgument):
+            details.append(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field,
+                                                            description=v.description)
+                for v in error.violations
+            ]))
+        if error.reason is not None:
+            details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
     packed = []
     for detail in details:
         envelope = any_pb2.Any()
         envelope.Pack(detail)
         packed.append(envelope)
     message = getattr(error, "message", None) or str(error)
-    return status_pb2.Status(code=code, message=message, details=packed)
+    return status_pb2.Status(code=code_pb2.Code.Value(kind.code), message=message, details=packed)
 
 
 # (RPC name, request type, request -> command, result -> response)
@@ -152,7 +140,7 @@ class Call:
 
 
 _Handler = Callable[[Any, Any], Awaitable[Any]]
-_REFUSALS = (QuotaError, WriterStopped, Unavailable)
+_REFUSALS = (Refusal,)
 
 
 def open_call(gate: Gate, metadata: Any, rpc: str) -> Call:

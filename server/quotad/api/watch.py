@@ -36,6 +36,7 @@ from quotad.core.errors import (
     FieldViolation, InvalidArgument, QuotaError,
     ResourceExhausted, Violations,
 )
+from quotad_contract.errors import ErrorReason
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad.storage.wal import WriteAheadLog
 from quotad.engine.writer import Writer, WriterStopped
@@ -97,7 +98,7 @@ class Watcher:
             return
         if len(self.queue) >= self.queue_messages_max:
             self.end(ResourceExhausted(
-                "WATCH_QUEUE_FULL", f"the watch fell {self.queue_messages_max} messages "
+                ErrorReason.WATCH_QUEUE_FULL, f"the watch fell {self.queue_messages_max} messages "
                 "behind; resume with after_sequence"))
             return
         self.queue.append(update)
@@ -186,7 +187,7 @@ class WatchHub:
 
     def _add(self, writer: Writer, watcher: Watcher) -> None:
         if self._count >= self._watchers_max:
-            raise ResourceExhausted("TOO_MANY_WATCHERS",
+            raise ResourceExhausted(ErrorReason.TOO_MANY_WATCHERS,
                                     f"this server has {self._count} watches, the most allowed")
         self._by_user.setdefault((watcher.app, watcher.user_id), []).append(watcher)
         self._count += 1

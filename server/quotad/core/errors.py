@@ -1,4 +1,6 @@
-"""Errors the core raises for requests it refuses. Each maps to one gRPC status code.
+"""Errors the core raises for requests it refuses. Each class carries its code, the gRPC
+status code's name, looked up in quotad_contract.errors.ERRORS for the gRPC, HTTP and client
+answers; FailedPrecondition and ResourceExhausted also carry an ErrorReason.
 
 A refused request changes nothing. Field names in violations are the contract's (proto) names.
 """
@@ -7,11 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quotad_contract.errors import ErrorReason
 
-class QuotaError(Exception):
+
+class Refusal(Exception):
+    """A call the server refuses, whoever refuses it (the core, the keys, the gate, the
+    writer). Subclasses name their code; `reason`, when set, is sent as an ErrorInfo."""
+
+    code = "INTERNAL"
+    reason: ErrorReason | None = None
+
+
+class QuotaError(Refusal):
     """A request the core refuses; the state is unchanged."""
-
-    reason = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -25,6 +35,8 @@ class FieldViolation:
 
 
 class InvalidArgument(QuotaError):
+    code = "INVALID_ARGUMENT"
+
     def __init__(self, violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
         assert violations
         self.violations = tuple(violations)
@@ -32,30 +44,38 @@ class InvalidArgument(QuotaError):
 
 
 class NotFound(QuotaError):
-    pass
+    code = "NOT_FOUND"
 
 
 class FailedPrecondition(QuotaError):
-    def __init__(self, reason: str, message: str) -> None:
+    code = "FAILED_PRECONDITION"
+
+    def __init__(self, reason: ErrorReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
 class AlreadyExists(QuotaError):
-    pass
+    code = "ALREADY_EXISTS"
 
 
 class PermissionDenied(QuotaError):
     """The caller's key may not do this (another app's data, or an RPC its kind may not call)."""
+
+    code = "PERMISSION_DENIED"
 
 
 class Unauthenticated(QuotaError):
     """No valid key (or user token) came with the call: missing, unknown, revoked, malformed,
     badly signed or expired."""
 
+    code = "UNAUTHENTICATED"
+
 
 class ResourceExhausted(QuotaError):
-    def __init__(self, reason: str, message: str) -> None:
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, reason: ErrorReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

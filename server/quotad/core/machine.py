@@ -33,6 +33,7 @@ from quotad.core.errors import (
 )
 from quotad.core.plans import LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone
 from quotad.core.windows import window_bounds
+from quotad_contract.errors import ErrorReason
 
 
 class Status(enum.Enum):
@@ -41,6 +42,11 @@ class Status(enum.Enum):
     RELEASED = "released"
     EXPIRED = "expired"
 
+
+_ENDED_REASONS = {Status.COMMITTED: ErrorReason.RESERVATION_COMMITTED,
+                  Status.RELEASED: ErrorReason.RESERVATION_RELEASED,
+                  Status.EXPIRED: ErrorReason.RESERVATION_EXPIRED}
+"""Why a hold that is no longer live cannot be extended."""
 
 @dataclass(slots=True)
 class CounterState:
@@ -365,7 +371,7 @@ class Core:
     def _subscriber(self, app_id: str, user_id: str) -> tuple[UserState, Plan]:
         user = self.apps.get(app_id, _EMPTY_APP).users.get(user_id)
         if user is None:
-            raise FailedPrecondition("NO_PLAN", f"user {user_id!r} has no subscription")
+            raise FailedPrecondition(ErrorReason.NO_PLAN, f"user {user_id!r} has no subscription")
         return user, self.apps[app_id].plans[user.subscription.plan_id]
 
     def _reservation(self, app_id: str, reservation_id: str, now_ns: int) -> Reservation:
@@ -419,7 +425,7 @@ class Core:
         for counter in counters:
             if counter is not None and (counter.used + used_add > limits.COUNTER_MAX
                                         or counter.held + held_add > limits.COUNTER_MAX):
-                raise ResourceExhausted("COUNTER_LIMIT",
+                raise ResourceExhausted(ErrorReason.COUNTER_LIMIT,
                                         f"a counter would pass {limits.COUNTER_MAX}")
 
     @staticmethod
@@ -436,7 +442,7 @@ class Core:
         user, plan = self._subscriber(command.app, command.user_id)
         if user.live_holds >= limits.LIVE_HOLDS_PER_USER_MAX:
             raise ResourceExhausted(
-                "TOO_MANY_HOLDS",
+                ErrorReason.TOO_MANY_HOLDS,
                 f"user {command.user_id!r} has {user.live_holds} live holds, the most allowed",
             )
         app = self.apps[command.app]
@@ -475,10 +481,11 @@ class Core:
     def _commit(self, command: Commit, now_ns: int) -> tuple[CommitResult, bool]:
         reservation = self._reservation(command.app, command.reservation_id, now_ns)
         if reservation.status is Status.RELEASED:
-            raise FailedPrecondition("RESERVATION_RELEASED",
+            raise FailedPrecondition(ErrorReason.RESERVATION_RELEASED,
                                      "the hold was released: its caller said it was not used")
         if reservation.status is Status.COMMITTED:
-            raise FailedPrecondition("RESERVATION_COMMITTED", "the hold is already committed")
+            raise FailedPrecondition(ErrorReason.RESERVATION_COMMITTED,
+                                     "the hold is already committed")
         amount = reservation.amount if command.amount is None else command.amount
         expired = reservation.status is Status.EXPIRED
         user = self.apps[command.app].users[reservation.user_id]
@@ -499,7 +506,7 @@ class Core:
     def _release(self, command: Release, now_ns: int) -> tuple[ReleaseResult, bool]:
         reservation = self._reservation(command.app, command.reservation_id, now_ns)
         if reservation.status is Status.COMMITTED:
-            raise FailedPrecondition("RESERVATION_COMMITTED",
+            raise FailedPrecondition(ErrorReason.RESERVATION_COMMITTED,
                                      "the hold is committed: its usage stands")
         changed = reservation.status is Status.LIVE
         if changed:
@@ -512,7 +519,7 @@ class Core:
         reservation = self._reservation(command.app, command.reservation_id, now_ns)
         if reservation.status is not Status.LIVE:
             status = reservation.status.name
-            raise FailedPrecondition(f"RESERVATION_{status}",
+            raise FailedPrecondition(_ENDED_REASONS[reservation.status],
                                      f"only a live hold can be extended; this one is {status.lower()}")
         self.expiry.remove(self._expiry_entry(reservation))
         reservation.expires_at_ns = now_ns + command.ttl_ns
@@ -562,7 +569,7 @@ class Core:
             raise NotFound(f"no plan {command.plan_id!r}")
         subscribers = app.plan_subscribers[command.plan_id]
         if subscribers:
-            raise FailedPrecondition("PLAN_IN_USE",
+            raise FailedPrecondition(ErrorReason.PLAN_IN_USE,
                                      f"plan {command.plan_id!r} has {subscribers} subscribers")
         del app.plans[command.plan_id]
         return DeletePlanResult(), True
@@ -609,7 +616,7 @@ class Core:
             raise AlreadyExists(f"key id {command.key_id!r} is taken")
         count = sum(1 for key in self.keys.values() if key.app == command.app)
         if count >= limits.KEYS_PER_APP_MAX:
-            raise ResourceExhausted("TOO_MANY_KEYS",
+            raise ResourceExhausted(ErrorReason.TOO_MANY_KEYS,
                                     f"app {command.app!r} has {count} keys, the most allowed "
                                     "(revoked keys count too)")
         key = self.keys[command.key_id] = KeyState(

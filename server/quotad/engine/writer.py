@@ -20,6 +20,7 @@ from typing import Any
 from quotad.core import limits
 from quotad.storage.codec import state_digest
 from quotad.core.commands import Command, ExpireHolds, Record
+from quotad.core.errors import Refusal
 from quotad.core.machine import Core, Outcome
 from quotad.storage import snapshot_child
 from quotad.storage.snapshot import core_from_plain, core_to_plain
@@ -37,9 +38,11 @@ EXPIRY_POLL_S_MAX = 1.0
 """The expiry task sleeps at most this long; every command expires what is due anyway."""
 
 
-class WriterStopped(Exception):
+class WriterStopped(Refusal):
     """The writer stopped (a storage failure, a broken invariant, or shutdown): nothing more
     is served from this process."""
+
+    code = "UNAVAILABLE"
 
 
 class ServerClock:
