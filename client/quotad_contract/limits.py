@@ -63,6 +63,9 @@ USER_TOKEN_BYTES_MAX = 2048
 """A longer x-quotad-user-token is refused unread (UNAUTHENTICATED)."""
 
 MESSAGE_BYTES_MAX = 64 * 1024
-"""gRPC receive limit per message."""
+"""gRPC receive limit per message: a request larger than this is RESOURCE_EXHAUSTED."""
+RESPONSE_BYTES_MAX = 4 * 1024**2
+"""gRPC send limit per message; gRPC's own default receive limit, so a client with default
+options takes every answer the server sends."""
 
 __all__ = [name for name in dir() if name.isupper()]
