@@ -83,3 +83,14 @@ HTTP_CORS_ORIGINS_MAX = 64
 HTTP_CORS_ORIGIN_BYTES_MAX = 256
 HTTP_CORS_MAX_AGE_S = 600
 """How long a browser may cache a preflight answer."""
+
+# --- the limits fit together (checked on import, as plain ifs so `python -O` checks them) --
+
+if not (0 < WATCH_THRESHOLDS_PERCENT[0]
+        and all(low < high for low, high in zip(WATCH_THRESHOLDS_PERCENT,
+                                                WATCH_THRESHOLDS_PERCENT[1:]))):
+    raise AssertionError("WATCH_THRESHOLDS_PERCENT are positive and ascending")
+if not (HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S
+        <= HTTP_REQUEST_READ_TIMEOUT_S_MAX):
+    raise AssertionError("HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S "
+                         "<= HTTP_REQUEST_READ_TIMEOUT_S_MAX")
