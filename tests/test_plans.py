@@ -162,3 +162,17 @@ def test_the_example_plans_file_means_the_same_through_every_entry_point(server)
     assert served == from_dicts == load_plans_file(EXAMPLE_PLANS)
     unchanged = quotactl(server.address, "plans", "apply", str(EXAMPLE_PLANS))
     assert unchanged.returncode == 0 and "2 unchanged; nothing to apply" in unchanged.stdout
+
+
+def test_quotactl_leaves_limits_to_the_server_which_refuses_naming_the_field(server, tmp_path):
+    """Plans are applied in file order until the first refusal: `free` (valid) is put in
+    place, `premium` (a quota below 0) is refused and not stored."""
+    path = tmp_path / "plans.toml"
+    path.write_text(WELL_SPELT.replace("quota = 10\n", "quota = -1\n"))
+    result = quotactl(server.address, "plans", "apply", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("quotactl: INVALID_ARGUMENT: plan.limit_groups[0].quota")
+    with qc.QuotaClient(server.address) as client:
+        assert client.get_plan("free").limit_groups[0].quota == 100
+        with pytest.raises(qc.NotFound):
+            client.get_plan("premium")
