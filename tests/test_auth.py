@@ -454,7 +454,7 @@ def test_tls_round_trip(tls_files: tuple[Path, Path],
 
     def quotactl(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "quotad.ctl", "--target", process.address, *args,
+            [sys.executable, "-m", "quotad_client.ctl", "--target", process.address, *args,
              "usage", "u"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
             env={**os.environ, "QUOTAD_API_KEY": created.secret})
 

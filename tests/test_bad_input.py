@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 
 from quotad.core import limits
 from quotad_contract.v1 import quotad_pb2 as pb
+from messages_at_limits import plan_of_bytes
 from server_process import ServerProcess
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
@@ -76,6 +77,7 @@ QUOTA_MAX = limits.QUOTA_MAX
 PATTERNS_MAX = limits.EVENT_TYPE_PATTERNS_PER_GROUP_MAX
 MATCHES_MAX = limits.METADATA_MATCHES_PER_GROUP_MAX
 MATCH_VALUES_MAX = limits.METADATA_MATCH_VALUES_MAX
+PLAN_BYTES_MAX = limits.PLAN_BYTES_MAX
 TIME_ZONE_MAX = limits.TIME_ZONE_BYTES_MAX
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -377,9 +379,11 @@ def group_violations(group: pb.LimitGroup, where: str) -> set[str]:
 
 def plan_violations(plan: pb.Plan) -> tuple[set[str], set[str]]:
     """(fields that must be named, fields that may be): groups past the 32nd may go unchecked
-    once the count itself is refused."""
+    once the count itself is refused; a plan over PLAN_BYTES_MAX is refused as a whole."""
     must: set[str] = set()
     may: set[str] = set()
+    if plan.ByteSize() > PLAN_BYTES_MAX:
+        return {"plan"}, may
     _text(must, "plan.id", plan.id, 1, PLAN_ID_MAX)
     _text(must, "plan.name", plan.name, 0, PLAN_NAME_MAX)
     keys = [group.key for group in plan.limit_groups]
@@ -1069,10 +1073,10 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
             ("key-empty", {"key": ""}, "key"), ("key-129-bytes", {"key": "k" * 129}, "key"),
             ("label-257-bytes", {"label": "l" * 257}, "label"),
             ("unit-65-bytes", {"unit": "u" * 65}, "unit"),
-            ("33-patterns", {"match": pb.Match(event_types=[f"e{i}" for i in range(33)])},
-             "match.event_types"),
-            ("17-metadata-constraints", {"match": pb.Match(metadata=[
-                pb.MetadataMatch(key=f"k{i}", values=["v"]) for i in range(17)])},
+            (f"{PATTERNS_MAX + 1}-patterns", {"match": pb.Match(
+                event_types=[f"e{i}" for i in range(PATTERNS_MAX + 1)])}, "match.event_types"),
+            (f"{MATCHES_MAX + 1}-metadata-constraints", {"match": pb.Match(metadata=[
+                pb.MetadataMatch(key=f"k{i}", values=["v"]) for i in range(MATCHES_MAX + 1)])},
              "match.metadata"),
             ("constraint-key-empty", {"match": pb.Match(metadata=[
                 pb.MetadataMatch(key="", values=["v"])])}, "match.metadata[0].key"),
@@ -1080,13 +1084,28 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
                 pb.MetadataMatch(key="k" * 257, values=["v"])])}, "match.metadata[0].key"),
             ("constraint-no-values", {"match": pb.Match(metadata=[
                 pb.MetadataMatch(key="k", values=[])])}, "match.metadata[0].values"),
-            ("constraint-65-values", {"match": pb.Match(metadata=[
-                pb.MetadataMatch(key="k", values=[f"v{i}" for i in range(65)])])},
+            (f"constraint-{MATCH_VALUES_MAX + 1}-values", {"match": pb.Match(metadata=[
+                pb.MetadataMatch(key="k",
+                                 values=[f"v{i}" for i in range(MATCH_VALUES_MAX + 1)])])},
              "match.metadata[0].values"),
             ("constraint-value-257-bytes", {"match": pb.Match(metadata=[
                 pb.MetadataMatch(key="k", values=["ok", "v" * 257])])},
              "match.metadata[0].values")):
         add(name, "UpsertPlan", plan(group(**fields)), invalid(f"plan.limit_groups[0].{where}"))
+    # At each count limit the group is taken: only its bad quota is named.
+    add(f"{PATTERNS_MAX}-patterns-and-a-bad-quota", "UpsertPlan", plan(group(
+        quota=-1, match=pb.Match(event_types=[f"e{i}" for i in range(PATTERNS_MAX)]))),
+        invalid("plan.limit_groups[0].quota"))
+    add(f"{MATCHES_MAX}-constraints-of-{MATCH_VALUES_MAX}-values-and-a-bad-quota", "UpsertPlan",
+        plan(group(quota=-1, match=pb.Match(metadata=[
+            pb.MetadataMatch(key=f"k{i}", values=[f"v{j}" for j in range(MATCH_VALUES_MAX)])
+            for i in range(MATCHES_MAX)]))), invalid("plan.limit_groups[0].quota"))
+    # A plan of PLAN_BYTES_MAX is taken (only its bad quota is named); one byte more is
+    # refused as a whole, before its fields are looked at.
+    for size_bytes, expected in ((PLAN_BYTES_MAX, invalid("plan.limit_groups[0].quota")),
+                                 (PLAN_BYTES_MAX + 1, invalid("plan"))):
+        add(f"plan-of-{size_bytes}-bytes-and-a-bad-quota", "UpsertPlan", pb.UpsertPlanRequest(
+            plan=plan_of_bytes(size_bytes, first_quota=-1)), expected)
     for pattern in BAD_PATTERNS:
         add(f"pattern-{pattern[:20]!r}", "UpsertPlan",
             plan(group(match=pb.Match(event_types=["ok.*", pattern]))),

@@ -829,6 +829,21 @@ def test_plan_holds_at_most_32_limit_groups() -> None:
     assert "plan.limit_groups" in fields_of(error.value)
 
 
+def test_a_group_matches_at_most_its_patterns_metadata_keys_and_values() -> None:
+    patterns = [f"e{i}" for i in range(limits.EVENT_TYPE_PATTERNS_PER_GROUP_MAX + 1)]
+    values = [f"v{i}" for i in range(limits.METADATA_MATCH_VALUES_MAX + 1)]
+    keys = [f"k{i}" for i in range(limits.METADATA_MATCHES_PER_GROUP_MAX + 1)]
+    plan("p", group("g", 1, event_types=patterns[:-1],
+                    metadata={key: values[:-1] for key in keys[:-1]}))
+    for over, field in (
+            (group("g", 1, event_types=patterns), "match.event_types"),
+            (group("g", 1, metadata={key: ["v"] for key in keys}), "match.metadata"),
+            (group("g", 1, metadata={"k": values}), "match.metadata[0].values")):
+        with pytest.raises(InvalidArgument) as error:
+            plan("p", over)
+        assert fields_of(error.value) == {f"plan.limit_groups[0].{field}"}
+
+
 def test_plan_and_group_ids_must_be_non_empty_and_group_keys_unique() -> None:
     with pytest.raises(InvalidArgument) as error:
         plan("")

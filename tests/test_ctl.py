@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 import quotad_client as qc
-from quotad import ctl
+from quotad_client import ctl
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
 from server_process import EXAMPLE_PLANS, ROOT
@@ -25,7 +25,7 @@ CTL_TIMEOUT_S = 60.0
 
 def quotactl(address: str, *args: str, env: dict[str, str] | None = None,
              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "quotad.ctl", "--target", address, *args],
+    return subprocess.run([sys.executable, "-m", "quotad_client.ctl", "--target", address, *args],
                           capture_output=True, text=True, timeout=CTL_TIMEOUT_S, cwd=ROOT,
                           env={**os.environ, **(env or {})})
 
@@ -145,7 +145,7 @@ def test_events_lists_the_trail_and_follow_prints_new_events_until_sigterm(serve
         assert "amount=50  allowed  reservation=" in listed.stdout.splitlines()[0]
 
         follow = subprocess.Popen(
-            [sys.executable, "-m", "quotad.ctl", "--target", server.address, "events", "u1",
+            [sys.executable, "-m", "quotad_client.ctl", "--target", server.address, "events", "u1",
              "-f", "--interval-s", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, cwd=ROOT)
         try:

@@ -1,7 +1,7 @@
 """Coalescing: the asyncio client gathers the hot-path calls of one process into Batch RPCs.
 
 Calls made while a batch is in flight wait and go together in the next one (up to
-BATCH_OPERATIONS_MAX, at most IN_FLIGHT_BATCHES_MAX batches at a time), so under load one
+limits.BATCH_OPERATIONS_MAX, at most IN_FLIGHT_BATCHES_MAX batches at a time), so under load one
 gRPC call and one group commit on the server carry many operations. Each caller still gets
 its own response or its own error; a failure of the whole batch (UNAVAILABLE) reaches every
 caller in it, whose retry loop then decides as for a unary call.
@@ -22,7 +22,6 @@ from quotad_contract.v1 import quotad_pb2
 
 BATCHABLE = {"Reserve": "reserve", "Commit": "commit", "Release": "release",
              "Extend": "extend", "Track": "track", "GetUsage": "get_usage"}
-BATCH_OPERATIONS_MAX = limits.BATCH_OPERATIONS_MAX
 IN_FLIGHT_BATCHES_MAX = 2
 
 
@@ -63,8 +62,8 @@ class Coalescer:
         self._scheduled = False
         if not self._queue or self._in_flight >= IN_FLIGHT_BATCHES_MAX:
             return
-        items = self._queue[:BATCH_OPERATIONS_MAX]
-        del self._queue[:BATCH_OPERATIONS_MAX]
+        items = self._queue[:limits.BATCH_OPERATIONS_MAX]
+        del self._queue[:limits.BATCH_OPERATIONS_MAX]
         self._in_flight += 1
         task = asyncio.ensure_future(self._run(items))
         self._tasks.add(task)

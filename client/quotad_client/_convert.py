@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import Any, Union, cast
+from typing import Any, Union
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from quotad_contract.plans import plan_from_dict
 from quotad_contract.v1 import quotad_pb2
 
 from ._types import (
-    WINDOWS,
     ApiKey,
     CreatedKey,
     UserToken,
@@ -36,11 +36,6 @@ from ._types import (
 
 PlanLike = Union[Mapping[str, Any], Plan, quotad_pb2.Plan]
 """What ``upsert_plan`` accepts: a dict (as in plans.toml), a ``Plan``, or a proto ``Plan``."""
-
-_PLAN_KEYS = frozenset({"id", "name", "limit_groups"})
-_GROUP_KEYS = frozenset({"key", "label", "unit", "quota", "window", "match"})
-_MATCH_KEYS = frozenset({"event_types", "metadata"})
-
 
 # --- times -----------------------------------------------------------------------------------
 
@@ -89,100 +84,43 @@ def window_name(value: int) -> str:
     return _WINDOW_NAMES.get(value, "unspecified")
 
 
-def window_value(window: str | int) -> quotad_pb2.Window:
-    """A window name ("month", case-insensitive) or proto enum value, as the proto enum."""
-    if isinstance(window, bool):
-        raise TypeError(f"window must be a name such as 'month', got {window!r}")
-    if isinstance(window, int):
-        if window not in quotad_pb2.Window.values():
-            raise ValueError(f"unknown window value {window}")
-        return cast(quotad_pb2.Window, window)
-    if isinstance(window, str) and window.lower() in WINDOWS:
-        return cast(quotad_pb2.Window, quotad_pb2.Window.Value(window.upper()))
-    raise ValueError(f"unknown window {window!r}; expected one of {', '.join(WINDOWS)}")
-
-
 # --- plans: Python -> proto ------------------------------------------------------------------
 
-def _check_keys(given: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                         f"expected some of {', '.join(sorted(allowed))}")
+def _plan_as_data(plan: Mapping[str, Any] | Plan) -> Mapping[str, Any]:
+    """A Plan, or a dict holding LimitGroup or Match values, as plain data for the parser."""
+    if isinstance(plan, Plan):
+        plan = {"id": plan.id, "name": plan.name, "limit_groups": plan.limit_groups}
+    groups = plan.get("limit_groups")
+    if not isinstance(groups, (list, tuple)):
+        return plan
+    return {**plan, "limit_groups": [_group_as_data(group) for group in groups]}
 
 
-def _strings(value: str | Iterable[str], where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    items = list(value)
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"{where}: expected strings, got {item!r}")
-    return items
-
-
-def _int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: expected an int, got {value!r}")
-    return value
-
-
-def _match_to_proto(match: Match | Mapping[str, Any], where: str) -> quotad_pb2.Match:
-    if isinstance(match, Match):
-        event_types: Any = match.event_types
-        metadata: Any = match.metadata
-    else:
-        _check_keys(match, _MATCH_KEYS, where)
-        event_types = match.get("event_types", ())
-        metadata = match.get("metadata", {})
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"{where}.metadata: expected a mapping of key -> values, got {metadata!r}")
-    return quotad_pb2.Match(
-        event_types=_strings(event_types, f"{where}.event_types"),
-        metadata=[quotad_pb2.MetadataMatch(key=key, values=_strings(values, f"{where}.{key}"))
-                  for key, values in metadata.items()],
-    )
-
-
-def _group_to_proto(group: LimitGroup | Mapping[str, Any], where: str) -> quotad_pb2.LimitGroup:
+def _group_as_data(group: Any) -> Any:
     if isinstance(group, LimitGroup):
         group = {"key": group.key, "label": group.label, "unit": group.unit,
                  "quota": group.quota, "window": group.window, "match": group.match}
-    elif not isinstance(group, Mapping):
-        raise TypeError(f"{where}: expected a mapping or LimitGroup, got {group!r}")
-    _check_keys(group, _GROUP_KEYS, where)
-    proto = quotad_pb2.LimitGroup(
-        key=group.get("key", ""), label=group.get("label", ""), unit=group.get("unit", ""),
-        quota=_int(group.get("quota", 0), f"{where}.quota"))
-    if "window" in group:
-        proto.window = window_value(group["window"])
-    if "match" in group:
-        proto.match.CopyFrom(_match_to_proto(group["match"], f"{where}.match"))
-    return proto
+    if isinstance(group, Mapping) and isinstance(group.get("match"), Match):
+        match = group["match"]
+        group = {**group, "match": {"event_types": match.event_types,
+                                    "metadata": match.metadata}}
+    return group
 
 
 def plan_to_proto(plan: PlanLike) -> quotad_pb2.Plan:
-    """A plan dict, ``Plan`` or proto ``Plan`` as a (new) proto ``Plan``.
+    """A plan dict (as in plans.toml), ``Plan`` or proto ``Plan`` as a (new) proto ``Plan``.
 
-    Unknown keys and unknown window names raise ValueError; wrong types raise TypeError.
-    Limits (empty ids, quotas below 0...) are the server's to check.
+    Read by the contract's parser, the one behind ``quotad serve --plans`` and ``quotactl``:
+    unknown keys (named with their path) and unknown windows raise ValueError, wrong types
+    TypeError. Limits (empty ids, quotas below 0...) are the server's to check.
     """
     if isinstance(plan, quotad_pb2.Plan):
         copy = quotad_pb2.Plan()
         copy.CopyFrom(plan)
         return copy
-    if isinstance(plan, Plan):
-        plan = {"id": plan.id, "name": plan.name, "limit_groups": plan.limit_groups}
-    elif not isinstance(plan, Mapping):
+    if not isinstance(plan, (Mapping, Plan)):
         raise TypeError(f"plan: expected a mapping, Plan or quotad_pb2.Plan, got {plan!r}")
-    _check_keys(plan, _PLAN_KEYS, "plan")
-    groups = plan.get("limit_groups", ())
-    if isinstance(groups, (str, Mapping)):
-        raise TypeError("plan.limit_groups: expected a list of limit groups")
-    return quotad_pb2.Plan(
-        id=plan.get("id", ""), name=plan.get("name", ""),
-        limit_groups=[_group_to_proto(g, f"plan.limit_groups[{i}]")
-                      for i, g in enumerate(groups)])
+    return plan_from_dict(_plan_as_data(plan))
 
 
 # --- proto -> Python -------------------------------------------------------------------------

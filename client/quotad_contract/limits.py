@@ -36,9 +36,24 @@ GROUP_KEY_BYTES_MAX = 128
 GROUP_LABEL_BYTES_MAX = 256
 GROUP_UNIT_BYTES_MAX = 64
 LIMIT_GROUPS_PER_PLAN_MAX = 32
-EVENT_TYPE_PATTERNS_PER_GROUP_MAX = 32
-METADATA_MATCHES_PER_GROUP_MAX = 16
-METADATA_MATCH_VALUES_MAX = 64
+EVENT_TYPE_PATTERNS_PER_GROUP_MAX = 16
+METADATA_MATCHES_PER_GROUP_MAX = 4
+METADATA_MATCH_VALUES_MAX = 32
+"""A group matches a handful of event-type patterns ("openai.*", "anthropic.chat") and a few
+metadata keys, each against a list of values (model names): room for any real plan, and
+little enough that a plan with one group at every limit fits in PLAN_BYTES_MAX. A match's
+key and values are event metadata, so they have its byte limits."""
+PLAN_BYTES_MAX = 60 * 1024
+"""A plan's protobuf encoding, at most; a larger `plan` is INVALID_ARGUMENT naming `plan`.
+
+The per-field limits bound one group, this bounds a plan: 32 groups at every limit would
+take about 1.2 MB (see PLAN_BYTES_AT_EVERY_LIMIT), and per-field limits small enough for
+32 of them to fit in MESSAGE_BYTES_MAX leave 2 KiB a group, about 4 patterns and 8 model
+names, too few for a real plan. So each field may use its limit, the plan as a whole may
+not, and whatever is accepted fits in one message: UpsertPlanRequest and its response,
+GetPlanResponse, one entry of ListPlansResponse. For scale: 32 groups, each with a 32-byte
+key and unit, a 64-byte label, 8 patterns of 32 bytes and 16 model names of 40 bytes, take
+36 KB."""
 TIME_ZONE_BYTES_MAX = 64
 APP_ID_BYTES_MAX = 64
 
@@ -63,6 +78,88 @@ USER_TOKEN_BYTES_MAX = 2048
 """A longer x-quotad-user-token is refused unread (UNAUTHENTICATED)."""
 
 MESSAGE_BYTES_MAX = 64 * 1024
-"""gRPC receive limit per message."""
+"""gRPC receive limit per message: a request larger than this is RESOURCE_EXHAUSTED."""
+RESPONSE_BYTES_MAX = 4 * 1024**2
+"""gRPC send limit per message; gRPC's own default receive limit, so a client with default
+options takes every answer the server sends."""
 
-__all__ = [name for name in dir() if name.isupper()]
+
+# --- the limits fit together ------------------------------------------------------------
+# Checked when this module is imported, as plain ifs so that `python -O` checks them too.
+
+if not TTL_NS_MIN <= TTL_NS_DEFAULT <= TTL_NS_MAX:
+    raise AssertionError("TTL_NS_MIN <= TTL_NS_DEFAULT <= TTL_NS_MAX")
+if not USER_TOKEN_TTL_NS_MIN <= USER_TOKEN_TTL_NS_DEFAULT <= USER_TOKEN_TTL_NS_MAX:
+    raise AssertionError(
+        "USER_TOKEN_TTL_NS_MIN <= USER_TOKEN_TTL_NS_DEFAULT <= USER_TOKEN_TTL_NS_MAX")
+if not 1 <= EVENTS_PAGE_SIZE_DEFAULT <= EVENTS_PAGE_SIZE_MAX:
+    raise AssertionError("1 <= EVENTS_PAGE_SIZE_DEFAULT <= EVENTS_PAGE_SIZE_MAX")
+if not ADMIN_KEY_BYTES_MIN <= ADMIN_KEY_BYTES_MAX:
+    raise AssertionError("ADMIN_KEY_BYTES_MIN <= ADMIN_KEY_BYTES_MAX")
+if not AMOUNT_MAX <= QUOTA_MAX <= COUNTER_MAX < 2**63:
+    raise AssertionError("AMOUNT_MAX <= QUOTA_MAX <= COUNTER_MAX < 2**63 (int64)")
+
+
+# Upper bounds of encoded sizes, from the protobuf wire format: every field of these messages
+# is numbered below 16, so its tag is one byte; a string or message adds a varint length.
+
+def _varint_bytes(value: int) -> int:
+    """A varint's bytes; a negative int64 always takes 10."""
+    return 10 if value < 0 else max(1, -(-value.bit_length() // 7))
+
+
+def _scalar_field_bytes(value: int) -> int:
+    return 1 + _varint_bytes(value)
+
+
+def _bytes_field_bytes(payload_bytes: int) -> int:
+    """A string, message or map entry of payload_bytes: tag, length, payload."""
+    return 1 + _varint_bytes(payload_bytes) + payload_bytes
+
+
+_METADATA_BYTES = METADATA_ENTRIES_MAX * _bytes_field_bytes(
+    _bytes_field_bytes(METADATA_KEY_BYTES_MAX) + _bytes_field_bytes(METADATA_VALUE_BYTES_MAX))
+_TTL_BYTES = _bytes_field_bytes(  # a Duration: seconds, then nanos
+    _scalar_field_bytes(TTL_NS_MAX // NS_PER_S) + _scalar_field_bytes(NS_PER_S - 1))
+
+RESERVE_REQUEST_BYTES_BOUND = (
+    _bytes_field_bytes(USER_ID_BYTES_MAX) + _bytes_field_bytes(EVENT_TYPE_BYTES_MAX)
+    + _scalar_field_bytes(AMOUNT_MAX) + _METADATA_BYTES + _TTL_BYTES
+    + _bytes_field_bytes(IDEMPOTENCY_KEY_BYTES_MAX))
+"""A ReserveRequest with every field at its limit is at most this long, encoded."""
+
+TRACK_REQUEST_BYTES_BOUND = (
+    _bytes_field_bytes(USER_ID_BYTES_MAX) + _bytes_field_bytes(EVENT_TYPE_BYTES_MAX)
+    + _scalar_field_bytes(-AMOUNT_MAX) + _METADATA_BYTES
+    + _bytes_field_bytes(IDEMPOTENCY_KEY_BYTES_MAX) + _scalar_field_bytes(1))
+"""A TrackRequest with every field at its limit (a refund: a negative amount) at most."""
+
+for _bound in (RESERVE_REQUEST_BYTES_BOUND, TRACK_REQUEST_BYTES_BOUND):
+    # alone, and as the one operation of a Batch
+    if not _bytes_field_bytes(_bytes_field_bytes(_bound)) <= MESSAGE_BYTES_MAX:
+        raise AssertionError("an operation with every field at its limit fits in a message")
+
+LIMIT_GROUP_BYTES_BOUND = (
+    _bytes_field_bytes(GROUP_KEY_BYTES_MAX) + _bytes_field_bytes(GROUP_LABEL_BYTES_MAX)
+    + _bytes_field_bytes(GROUP_UNIT_BYTES_MAX) + _scalar_field_bytes(QUOTA_MAX)
+    + _scalar_field_bytes(6)  # the window, LIFETIME the highest
+    + _bytes_field_bytes(  # the match
+        EVENT_TYPE_PATTERNS_PER_GROUP_MAX * _bytes_field_bytes(EVENT_TYPE_BYTES_MAX)
+        + METADATA_MATCHES_PER_GROUP_MAX * _bytes_field_bytes(
+            _bytes_field_bytes(METADATA_KEY_BYTES_MAX)
+            + METADATA_MATCH_VALUES_MAX * _bytes_field_bytes(METADATA_VALUE_BYTES_MAX))))
+"""A LimitGroup with every field at its limit is at most this long, encoded."""
+
+_PLAN_HEADER_BYTES = (_bytes_field_bytes(PLAN_ID_BYTES_MAX)
+                      + _bytes_field_bytes(PLAN_NAME_BYTES_MAX))
+PLAN_BYTES_AT_EVERY_LIMIT = (_PLAN_HEADER_BYTES + LIMIT_GROUPS_PER_PLAN_MAX
+                             * _bytes_field_bytes(LIMIT_GROUP_BYTES_BOUND))
+"""What a plan with every field at its limit would take, encoded: far past PLAN_BYTES_MAX."""
+
+if not _PLAN_HEADER_BYTES + _bytes_field_bytes(LIMIT_GROUP_BYTES_BOUND) <= PLAN_BYTES_MAX:
+    raise AssertionError("a plan with one group at every limit fits in PLAN_BYTES_MAX")
+if not _bytes_field_bytes(PLAN_BYTES_MAX) + _scalar_field_bytes(1) <= MESSAGE_BYTES_MAX:
+    # the largest envelope of a plan: UpsertPlanResponse (the plan and `changed`)
+    raise AssertionError("a plan of PLAN_BYTES_MAX fits in one message with its envelope")
+
+__all__ = [name for name in dir() if name.isupper() and not name.startswith("_")]

@@ -15,7 +15,7 @@ from quotad import config_file
 from quotad.core import limits
 from quotad import logs
 from quotad.config_file import ConfigFileError
-from quotad.plans_file import PlansFileError
+from quotad_contract.plans import PlansFileError
 from quotad.server import Config, serve
 from quotad.storage.codec import state_digest
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog

@@ -44,8 +44,6 @@ from quotad.engine.writer import (
 
 log = logging.getLogger("quotad.server")
 
-DRAIN_S = 5.0
-"""How long in-flight calls get to finish after SIGTERM."""
 SWITCH_INTERVAL_S = 0.0005
 """The GIL hand-over interval: short, so the log thread gets the GIL back soon after a sync
 while the event loop is busy (Python's default of 5 ms throttles group commit)."""
@@ -174,7 +172,7 @@ async def serve(config: Config) -> int:
     interceptors = [MetricsInterceptor(metrics)] if measured else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
-        ("grpc.max_send_message_length", 4 * 1024**2),
+        ("grpc.max_send_message_length", limits.RESPONSE_BYTES_MAX),
         ("grpc.so_reuseport", 0),
     ])
     server.add_generic_rpc_handlers(generic_handlers(gate))
@@ -262,7 +260,7 @@ async def serve(config: Config) -> int:
     gate.state = GateState.FAILED if failure else GateState.DRAINING
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     http_api.stop_accepting()
-    await server.stop(0 if failure else DRAIN_S)
+    await server.stop(0 if failure else limits.DRAIN_S)
     await http_api.close()
     await writer.close()
     wal.close()

@@ -100,6 +100,10 @@ def get_usage(app: str, request: pb.GetUsageRequest) -> c.GetUsage:
 
 
 def plan_from_proto(plan: pb.Plan) -> Plan:
+    size_bytes = plan.ByteSize()
+    if size_bytes > limits.PLAN_BYTES_MAX:
+        raise InvalidArgument([FieldViolation(
+            "plan", f"at most {limits.PLAN_BYTES_MAX} bytes encoded, got {size_bytes}")])
     v = Violations()
     groups = []
     for group in plan.limit_groups:

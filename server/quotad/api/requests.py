@@ -1,6 +1,6 @@
 """A request id for every call, sent back to the caller and carried by every log line.
 
-The id is the caller's `x-request-id` metadata when it is sane (1 to REQUEST_ID_BYTES_MAX
+The id is the caller's `x-request-id` metadata when it is sane (1 to limits.REQUEST_ID_BYTES_MAX
 printable ASCII characters), else one made here (a per-process random prefix and a counter:
 unique, and cheaper than a uuid). It is set in logs.REQUEST_ID for the task that handles the
 call, so any log line written while handling it names it. It is sent back as `x-request-id`
@@ -31,11 +31,10 @@ from quotad.logs import REQUEST_ID
 log = logging.getLogger("quotad.requests")
 
 REQUEST_ID_HEADER = "x-request-id"
-REQUEST_ID_BYTES_MAX = limits.REQUEST_ID_BYTES_MAX
 
 
 def sane_request_id(value: Any) -> bool:
-    return (isinstance(value, str) and 0 < len(value) <= REQUEST_ID_BYTES_MAX
+    return (isinstance(value, str) and 0 < len(value) <= limits.REQUEST_ID_BYTES_MAX
             and value.isascii() and value.isprintable())
 
 

@@ -204,11 +204,7 @@ def _state_digest_handler(gate: Gate) -> _Handler:
     return _answering(gate, "GetStateDigest", answer)
 
 
-EVENTS_PAGE_SIZE_DEFAULT = limits.EVENTS_PAGE_SIZE_DEFAULT
-EVENTS_PAGE_SIZE_MAX = limits.EVENTS_PAGE_SIZE_MAX
 _EVENT_KINDS = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.upper()}") for kind in AUDIT_KINDS}
-_END_OF_TIME_NS = 2**64 - 1
-"""The event index stores times as unsigned 64-bit ns (to the year 2554); later is clamped."""
 _TIMESTAMP_SECONDS_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z, protobuf's own bound
 
 
@@ -219,17 +215,18 @@ def _time_ns(v: Violations, request: Any, field: str, default: int) -> int:
     if not (0 <= stamp.seconds <= _TIMESTAMP_SECONDS_MAX and 0 <= stamp.nanos < limits.NS_PER_S):
         v.add(field, "must be a valid time from 1970 to 9999")
         return default
-    return min(stamp.seconds * limits.NS_PER_S + stamp.nanos, _END_OF_TIME_NS - 1)
+    return min(stamp.seconds * limits.NS_PER_S + stamp.nanos, limits.END_OF_TIME_NS - 1)
 
 
 def _events_query(request: pb.ListEventsRequest) -> tuple[int, int, bytes, int]:
     """(start_ns, end_ns, cursor, page_size) of a ListEvents request, or InvalidArgument."""
     v = Violations()
     v.text(request.user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
-    v.check(0 <= request.page_size <= EVENTS_PAGE_SIZE_MAX, "page_size",
-            f"must be 0 (meaning {EVENTS_PAGE_SIZE_DEFAULT}) to {EVENTS_PAGE_SIZE_MAX}")
+    v.check(0 <= request.page_size <= limits.EVENTS_PAGE_SIZE_MAX, "page_size",
+            f"must be 0 (meaning {limits.EVENTS_PAGE_SIZE_DEFAULT}) to "
+            f"{limits.EVENTS_PAGE_SIZE_MAX}")
     start_ns = _time_ns(v, request, "start_time", default=0)
-    end_ns = _time_ns(v, request, "end_time", default=_END_OF_TIME_NS)
+    end_ns = _time_ns(v, request, "end_time", default=limits.END_OF_TIME_NS)
     if request.HasField("start_time") and request.HasField("end_time"):
         v.check(end_ns > start_ns, "end_time", "must be after start_time")
     try:
@@ -239,7 +236,7 @@ def _events_query(request: pb.ListEventsRequest) -> tuple[int, int, bytes, int]:
     v.check(len(cursor) in (0, EVENT_CURSOR_BYTES), "page_token",
             "must be a next_page_token from ListEvents")
     v.raise_if_any()
-    return start_ns, end_ns, cursor, request.page_size or EVENTS_PAGE_SIZE_DEFAULT
+    return start_ns, end_ns, cursor, request.page_size or limits.EVENTS_PAGE_SIZE_DEFAULT
 
 
 def _list_events_handler(gate: Gate) -> _Handler:
@@ -266,7 +263,6 @@ def _list_events_handler(gate: Gate) -> _Handler:
     return _answering(gate, "ListEvents", answer)
 
 
-BATCH_OPERATIONS_MAX = limits.BATCH_OPERATIONS_MAX
 _BATCH_KINDS = {
     "reserve": "Reserve", "commit": "Commit", "release": "Release", "extend": "Extend",
     "track": "Track", "get_usage": "GetUsage",
@@ -282,9 +278,9 @@ def _error_result(error: Exception) -> pb.BatchResult:
 def _batch_handler(gate: Gate) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         count = len(request.operations)
-        if not 1 <= count <= BATCH_OPERATIONS_MAX:
+        if not 1 <= count <= limits.BATCH_OPERATIONS_MAX:
             raise InvalidArgument([FieldViolation(
-                "operations", f"must hold 1 to {BATCH_OPERATIONS_MAX} operations")])
+                "operations", f"must hold 1 to {limits.BATCH_OPERATIONS_MAX} operations")])
         results: list[Any] = [None] * count  # an error's BatchResult, or (kind, result)
         accepted: list[tuple[int, str, Any]] = []
         for index, operation in enumerate(request.operations):

@@ -43,12 +43,6 @@ from quotad.engine.writer import Writer, WriterStopped
 
 log = logging.getLogger("quotad.watch")
 
-DRAIN_POLL_S = 0.2
-"""How often the hub looks whether the server started draining (one check for all watchers,
-only while some watch): a drain ends every watch within this."""
-_EVENTS_PAGE = limits.EVENTS_PAGE_SIZE_MAX
-_END_OF_TIME_NS = 2**64 - 1
-
 
 @dataclass(frozen=True, slots=True)
 class Crossing:
@@ -216,7 +210,7 @@ class WatchHub:
 
     async def _watch_for_drain(self, writer: Writer) -> None:
         while self._by_user:
-            await asyncio.sleep(DRAIN_POLL_S)
+            await asyncio.sleep(limits.WATCH_DRAIN_POLL_S)
             if not self._serving() or writer.failed:
                 self._end_all(WriterStopped("the server is stopping; reconnect with "
                                             "after_sequence"))
@@ -279,7 +273,8 @@ def replay_thresholds(wal: WriteAheadLog, app: str, user_id: str, after_sequence
     found: deque[Crossing] = deque(maxlen=limits.WATCH_REPLAY_THRESHOLDS_MAX)
     cursor = b""
     while True:
-        page = wal.list_events(app, user_id, start_ns, _END_OF_TIME_NS, cursor, _EVENTS_PAGE)
+        page = wal.list_events(app, user_id, start_ns, limits.END_OF_TIME_NS, cursor,
+                               limits.EVENTS_PAGE_SIZE_MAX)
         for stored in page:
             if stored.sequence > up_to_sequence:
                 return tuple(found)
@@ -287,7 +282,7 @@ def replay_thresholds(wal: WriteAheadLog, app: str, user_id: str, after_sequence
             if stored.sequence > after_sequence and event.kind == "threshold":
                 found.append(Crossing(event.limit_group_key, event.threshold_percent,
                                       event.window_start_ns, stored.sequence))
-        if len(page) < _EVENTS_PAGE:
+        if len(page) < limits.EVENTS_PAGE_SIZE_MAX:
             return tuple(found)
         cursor = page[-1].cursor
 

@@ -24,6 +24,16 @@ are kept in memory, so this bounds memory at about one hour of Reserve traffic."
 BATCH_RECORDS_MAX = 8192
 """Records written in one LMDB transaction at most; more wait for the next flush."""
 
+EXPIRY_POLL_S_MAX = 1.0
+"""The expiry task sleeps at most this long; every command expires what is due anyway."""
+
+END_OF_TIME_NS = 2**64 - 1
+"""The event index stores times as unsigned 64-bit ns (to the year 2554): a ListEvents
+without end_time reads up to here, and a later time is clamped to just before it."""
+
+DRAIN_S = 5.0
+"""How long in-flight calls get to finish after SIGTERM."""
+
 WATCH_THRESHOLDS_PERCENT = (80, 100)
 """A limit group's usage (used + held) reaching these percents of its quota is a threshold
 event, each at most once per user, group and window; ascending. Quota 0 groups have none."""
@@ -38,6 +48,10 @@ for a reader, and memory stays bounded."""
 
 WATCH_REPLAY_THRESHOLDS_MAX = 1024
 """Threshold events a resumed watch replays at most (the latest ones)."""
+
+WATCH_DRAIN_POLL_S = 0.2
+"""How often the watch hub looks whether the server started draining (one check for all
+watchers, only while some watch): a drain ends every watch within this."""
 
 # --- the browser endpoint (`--http-listen`) ----------------------------------------------
 
@@ -69,3 +83,14 @@ HTTP_CORS_ORIGINS_MAX = 64
 HTTP_CORS_ORIGIN_BYTES_MAX = 256
 HTTP_CORS_MAX_AGE_S = 600
 """How long a browser may cache a preflight answer."""
+
+# --- the limits fit together (checked on import, as plain ifs so `python -O` checks them) --
+
+if not (0 < WATCH_THRESHOLDS_PERCENT[0]
+        and all(low < high for low, high in zip(WATCH_THRESHOLDS_PERCENT,
+                                                WATCH_THRESHOLDS_PERCENT[1:]))):
+    raise AssertionError("WATCH_THRESHOLDS_PERCENT are positive and ascending")
+if not (HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S
+        <= HTTP_REQUEST_READ_TIMEOUT_S_MAX):
+    raise AssertionError("HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S "
+                         "<= HTTP_REQUEST_READ_TIMEOUT_S_MAX")

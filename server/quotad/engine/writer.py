@@ -34,9 +34,6 @@ AUDIT_RETENTION_NS_DEFAULT = 30 * 24 * 3600 * limits.NS_PER_S
 """Log records (the audit trail) are kept at least this long; older ones that a snapshot
 covers are pruned when the next snapshot is written."""
 
-EXPIRY_POLL_S_MAX = 1.0
-"""The expiry task sleeps at most this long; every command expires what is due anyway."""
-
 
 class WriterStopped(Refusal):
     """The writer stopped (a storage failure, a broken invariant, or shutdown): nothing more
@@ -307,7 +304,7 @@ class Writer:
     async def _expiry_loop(self) -> None:
         while self._failure is None:
             next_ns = self.core.next_expiry_ns()
-            delay_s = EXPIRY_POLL_S_MAX
+            delay_s = limits.EXPIRY_POLL_S_MAX
             if next_ns is not None:
                 delay_s = min(delay_s, max(0.0, (next_ns - time.time_ns()) / 1e9))
             await asyncio.sleep(delay_s)

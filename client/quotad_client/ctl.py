@@ -1,5 +1,8 @@
 """`quotactl`: the admin command line, a thin shell over the quotad_client library.
 
+Client side only: it reads plans files with the contract's parser and leaves every limit to
+the server, so it needs nothing from the server package.
+
 Exit codes: 0 done; 1 the server said no (one line on stderr: its code and message);
 2 a usage error, a bad plans file, or quotad could not be reached.
 """
@@ -26,10 +29,8 @@ from quotad_client import (
     Unavailable, plan_to_proto,
 )
 from quotad_client._convert import window_name
-
-from quotad.api import convert
-from quotad.core import limits
-from quotad.plans_file import PlansFileError, load_plans
+from quotad_contract import limits
+from quotad_contract.plans import PlansFileError, load_plans_file
 from quotad_contract.v1 import quotad_pb2 as pb
 
 T = TypeVar("T")
@@ -42,7 +43,6 @@ TIMEOUT_S_DEFAULT = 5.0
 FOLLOW_INTERVAL_S_DEFAULT = 1.0
 FOLLOW_INTERVAL_S_MIN = 0.1
 FOLLOW_INTERVAL_S_MAX = 60.0
-EVENTS_PAGE_SIZE = limits.EVENTS_PAGE_SIZE_MAX
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
@@ -162,7 +162,7 @@ def _current_plan(client: QuotaClient, plan_id: str) -> pb.Plan | None:
 
 def cmd_plans_apply(client: QuotaClient, args: argparse.Namespace) -> int:
     try:
-        wanted = [convert.plan_to_proto(plan) for plan in load_plans(args.file)]
+        wanted = load_plans_file(args.file)
     except PlansFileError as error:
         raise UsageError(str(error)) from error
     counts = {"new": 0, "changed": 0, "unchanged": 0}
@@ -271,7 +271,7 @@ def _event_line(event: Event) -> str:
 
 def _events_after(client: QuotaClient, user_id: str, start: datetime | None,
                   after_sequence: int) -> Iterator[Event]:
-    for event in client.iter_events(user_id, start=start, page_size=EVENTS_PAGE_SIZE):
+    for event in client.iter_events(user_id, start=start, page_size=limits.EVENTS_PAGE_SIZE_MAX):
         if event.sequence > after_sequence:
             yield event
 

@@ -1,0 +1,151 @@
+"""Plans written as data (a TOML file, or a dict in Python) -> the contract's `Plan` message.
+
+The one parser of that shape: `quotad serve --plans`, `quotactl plans apply` and the client's
+`upsert_plan(dict)` all use it, so a plan means the same wherever it is written.
+
+    [[plans]]
+    id = "pro"
+    name = "Pro"
+      [[plans.limit_groups]]
+      key = "premium_tokens"    # unique within the plan
+      label = "Premium tokens"
+      unit = "tokens"
+      quota = 50_000
+      window = "month"          # minute, hour, day, week, month, lifetime
+      match = { event_types = ["openai.*"], metadata = { model = ["gpt-4o"] } }
+
+It is strict about the shape: an unknown key at any level is an error naming its path
+(`plans[1].limit_groups[0].match.metdata`: a misspelt key is never dropped, which would make
+a group count more than it says), and so is a value of the wrong type. A string stands for a
+list of one (`event_types = "openai.*"`). What the values may be (lengths, counts, quotas) is
+the server's to check, with the same answer however the plan came.
+
+Standard library and the generated messages only: the client and the server share it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from quotad_contract.v1 import quotad_pb2 as pb
+
+PLANS_FILE_KEYS = ("plans",)
+PLAN_KEYS = ("id", "name", "limit_groups")
+LIMIT_GROUP_KEYS = ("key", "label", "unit", "quota", "window", "match")
+MATCH_KEYS = ("event_types", "metadata")
+WINDOW_NAMES = tuple(name.lower() for name, value in pb.Window.items() if value)
+"""minute, hour, day, week, month, lifetime: a plan names its windows in lower case."""
+
+
+class PlansFileError(ValueError):
+    """A plans file that cannot be read, or holds a mistake; the message names the file and
+    the key."""
+
+
+def plan_from_dict(plan: Mapping[str, Any], where: str = "plan") -> pb.Plan:
+    """A plan written as data, as the contract's message. Unknown keys and unknown windows are
+    ValueError, values of the wrong type TypeError, each naming its path from `where`."""
+    _check_keys(plan, PLAN_KEYS, where)
+    message = pb.Plan(id=_text(plan, "id", where), name=_text(plan, "name", where))
+    groups = plan.get("limit_groups", [])
+    if not isinstance(groups, (list, tuple)):
+        raise TypeError(f"{where}.limit_groups: expected a list of limit groups, got {groups!r}")
+    for index, group in enumerate(groups):
+        message.limit_groups.append(_group(group, f"{where}.limit_groups[{index}]"))
+    return message
+
+
+def plans_from_toml(text: str) -> list[pb.Plan]:
+    """The plans of a plans file's text; errors name each key's path from `plans[i]`."""
+    document = tomllib.loads(text)
+    _check_keys(document, PLANS_FILE_KEYS, "")
+    entries = document.get("plans", [])
+    if not isinstance(entries, list):
+        raise TypeError("plans: expected [[plans]] tables")
+    plans = [plan_from_dict(entry, f"plans[{index}]") for index, entry in enumerate(entries)]
+    ids = [plan.id for plan in plans]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"plans: ids must be unique, got {ids}")
+    return plans
+
+
+def load_plans_file(path: Path) -> list[pb.Plan]:
+    """The plans of a TOML file; any mistake is a PlansFileError naming the file and key."""
+    try:
+        return plans_from_toml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlansFileError(f"{path}: cannot read it ({error})") from error
+    except (tomllib.TOMLDecodeError, TypeError, ValueError) as error:
+        raise PlansFileError(f"{path}: {error}") from error
+
+
+# --- one level at a time -------------------------------------------------------------------
+
+def _path(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _check_keys(given: Any, allowed: tuple[str, ...], where: str) -> None:
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{where or 'the file'}: expected a table of {', '.join(allowed)}, "
+                        f"got {given!r}")
+    unknown = [_path(where, str(key)) for key in given if key not in allowed]
+    if unknown:
+        raise ValueError(f"unknown key {', '.join(unknown)} (expected some of: "
+                         f"{', '.join(allowed)})")
+
+
+def _text(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table.get(key, "")
+    if not isinstance(value, str):
+        raise TypeError(f"{_path(where, key)}: expected a string, got {value!r}")
+    return value
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise TypeError(f"{where}: expected a string or a list of strings, got {value!r}")
+    return list(items)
+
+
+def _window(value: Any, where: str) -> int:
+    if isinstance(value, str) and value.lower() in WINDOW_NAMES:
+        return pb.Window.Value(value.upper())
+    if isinstance(value, int) and not isinstance(value, bool) and value in pb.Window.values():
+        return value
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        raise ValueError(f"{where}: unknown window {value!r}; expected one of "
+                         f"{', '.join(WINDOW_NAMES)}")
+    raise TypeError(f"{where}: expected a window name such as 'month', got {value!r}")
+
+
+def _group(group: Any, where: str) -> pb.LimitGroup:
+    _check_keys(group, LIMIT_GROUP_KEYS, where)
+    quota = group.get("quota", 0)
+    if isinstance(quota, bool) or not isinstance(quota, int):
+        raise TypeError(f"{where}.quota: expected an integer, got {quota!r}")
+    message = pb.LimitGroup(key=_text(group, "key", where), label=_text(group, "label", where),
+                            unit=_text(group, "unit", where), quota=quota)
+    if "window" in group:  # left out, it stays unspecified: the server names it
+        message.window = _window(group["window"], f"{where}.window")
+    if "match" in group:
+        message.match.CopyFrom(_match(group["match"], f"{where}.match"))
+    return message
+
+
+def _match(match: Any, where: str) -> pb.Match:
+    _check_keys(match, MATCH_KEYS, where)
+    metadata = match.get("metadata", {})
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"{where}.metadata: expected a table of key = [values], got {metadata!r}")
+    message = pb.Match(event_types=_strings(match.get("event_types", []),
+                                            f"{where}.event_types"))
+    for key, values in metadata.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{where}.metadata: expected string keys, got {key!r}")
+        message.metadata.add(key=key, values=_strings(values, f"{where}.metadata.{key}"))
+    return message
