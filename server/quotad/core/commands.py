@@ -13,34 +13,48 @@ from dataclasses import dataclass
 from quotad.core import limits
 from quotad.core.errors import Violations
 from quotad.core.plans import Metadata, Plan, Subscription, Window, load_time_zone
+from quotad_contract import tokens
 
 RESERVATION_ID_PATTERN = re.compile(r"rsv_[0-9a-f]{24}")
-KEY_ID_PATTERN = re.compile(r"[a-z2-7]{12}")
+KEY_ID_PATTERN = re.compile(tokens.KEY_ID_PATTERN)
 """The public part of an API key: 12 lowercase base32 characters (60 random bits)."""
 KEY_KINDS = ("secret", "public")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def _text(v: Violations, value: str, name: str, bytes_max: int, bytes_min: int = 1) -> None:
-    v.text(value, name, bytes_min=bytes_min, bytes_max=bytes_max)
+# --- the rules of the fields: each written once, for every request that carries the field ---
+
+
+def check_user_id(v: Violations, user_id: str) -> None:
+    """The one rule of a user id, wherever one arrives (gRPC, Batch, WatchUsage, HTTP)."""
+    v.text(user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
+
+
+def _app(v: Violations, app: str, bytes_min: int = 1) -> None:
+    v.text(app, "app", bytes_min=bytes_min, bytes_max=limits.APP_ID_BYTES_MAX)
+
+
+def _plan_id(v: Violations, plan_id: str, name: str) -> None:
+    v.text(plan_id, name, bytes_min=1, bytes_max=limits.PLAN_ID_BYTES_MAX)
 
 
 def _common(v: Violations, app: str, idempotency_key: str) -> None:
-    _text(v, app, "app", limits.APP_ID_BYTES_MAX)
-    _text(v, idempotency_key, "idempotency_key", limits.IDEMPOTENCY_KEY_BYTES_MAX, bytes_min=0)
+    _app(v, app)
+    v.text(idempotency_key, "idempotency_key", bytes_min=0,
+           bytes_max=limits.IDEMPOTENCY_KEY_BYTES_MAX)
 
 
 def _event(v: Violations, user_id: str, event_type: str, metadata: Metadata) -> None:
-    _text(v, user_id, "user_id", limits.USER_ID_BYTES_MAX)
-    _text(v, event_type, "event_type", limits.EVENT_TYPE_BYTES_MAX)
+    check_user_id(v, user_id)
+    v.text(event_type, "event_type", bytes_min=1, bytes_max=limits.EVENT_TYPE_BYTES_MAX)
     if len(metadata) > limits.METADATA_ENTRIES_MAX:
         v.add("metadata", f"at most {limits.METADATA_ENTRIES_MAX} entries, got {len(metadata)}")
     keys = [key for key, _ in metadata]
     if keys != sorted(set(keys)):
         v.add("metadata", "keys must be unique and sorted")
     for key, value in metadata[: limits.METADATA_ENTRIES_MAX]:
-        _text(v, key, "metadata", limits.METADATA_KEY_BYTES_MAX)
-        _text(v, value, "metadata", limits.METADATA_VALUE_BYTES_MAX, bytes_min=0)
+        v.text(key, "metadata", bytes_min=1, bytes_max=limits.METADATA_KEY_BYTES_MAX)
+        v.text(value, "metadata", bytes_min=0, bytes_max=limits.METADATA_VALUE_BYTES_MAX)
 
 
 def _reservation_id(v: Violations, reservation_id: str) -> None:
@@ -48,10 +62,18 @@ def _reservation_id(v: Violations, reservation_id: str) -> None:
         v.add("reservation_id", "must be a reservation id as Reserve returns it")
 
 
-def _ttl(v: Violations, ttl_ns: int, name: str = "ttl") -> None:
-    if not limits.TTL_NS_MIN <= ttl_ns <= limits.TTL_NS_MAX:
-        v.add(name, f"must be {limits.TTL_NS_MIN // limits.NS_PER_S} s to "
-                    f"{limits.TTL_NS_MAX // limits.NS_PER_S} s")
+def _duration(v: Violations, duration_ns: int | None, name: str, duration_ns_min: int,
+              duration_ns_max: int) -> None:
+    """A duration (a hold's or a user token's ttl): None is one the request left out."""
+    if duration_ns is None:
+        v.add(name, "is required")
+    elif not (type(duration_ns) is int and duration_ns_min <= duration_ns <= duration_ns_max):
+        v.add(name, f"must be {duration_ns_min // limits.NS_PER_S} s to "
+                    f"{duration_ns_max // limits.NS_PER_S} s")
+
+
+def _ttl(v: Violations, ttl_ns: int | None) -> None:
+    _duration(v, ttl_ns, "ttl", limits.TTL_NS_MIN, limits.TTL_NS_MAX)
 
 
 def _int(value: object) -> bool:
@@ -119,6 +141,7 @@ class Extend:
     app: str
     reservation_id: str
     ttl_ns: int
+    """None is refused: Extend has no default."""
     idempotency_key: str = ""
 
     def __post_init__(self) -> None:
@@ -155,8 +178,8 @@ class GetUsage:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
         v.raise_if_any()
 
 
@@ -170,7 +193,8 @@ class UpsertPlan:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _app(v, self.app)
+        v.check(isinstance(self.plan, Plan), "plan", "is required")
         v.raise_if_any()
 
 
@@ -181,8 +205,8 @@ class DeletePlan:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.plan_id, "id", limits.PLAN_ID_BYTES_MAX)
+        _app(v, self.app)
+        _plan_id(v, self.plan_id, "id")
         v.raise_if_any()
 
 
@@ -193,8 +217,8 @@ class GetPlan:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.plan_id, "id", limits.PLAN_ID_BYTES_MAX)
+        _app(v, self.app)
+        _plan_id(v, self.plan_id, "id")
         v.raise_if_any()
 
 
@@ -212,10 +236,10 @@ class UpsertSubscription:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
-        _text(v, self.plan_id, "plan_id", limits.PLAN_ID_BYTES_MAX)
-        _text(v, self.time_zone, "time_zone", limits.TIME_ZONE_BYTES_MAX, bytes_min=0)
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        _plan_id(v, self.plan_id, "plan_id")
+        v.text(self.time_zone, "time_zone", bytes_min=0, bytes_max=limits.TIME_ZONE_BYTES_MAX)
         if self.time_zone and load_time_zone(self.time_zone) is None:
             v.add("time_zone", f"unknown IANA time zone {self.time_zone!r}")
         v.raise_if_any()
@@ -228,8 +252,8 @@ class GetSubscription:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
         v.raise_if_any()
 
 
@@ -239,6 +263,11 @@ class GetSubscription:
 def _key_id(v: Violations, key_id: str) -> None:
     if not KEY_ID_PATTERN.fullmatch(key_id):
         v.add("key_id", "must be a key id as CreateKey returns it (12 characters a-z, 2-7)")
+
+
+def _key_kind_and_name(v: Violations, kind: str, name: str) -> None:
+    v.check(kind in KEY_KINDS, "kind", "must be KEY_KIND_SECRET or KEY_KIND_PUBLIC")
+    v.text(name, "name", bytes_min=0, bytes_max=limits.KEY_NAME_BYTES_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,10 +287,9 @@ class CreateKey:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _app(v, self.app)
         _key_id(v, self.key_id)
-        v.check(self.kind in KEY_KINDS, "kind", "must be KEY_KIND_SECRET or KEY_KIND_PUBLIC")
-        _text(v, self.name, "name", limits.KEY_NAME_BYTES_MAX, bytes_min=0)
+        _key_kind_and_name(v, self.kind, self.name)
         v.check(bool(_SHA256_HEX.fullmatch(self.secret_sha256)), "secret_sha256",
                 "must be 64 lowercase hex digits")
         v.check(bool(_SHA256_HEX.fullmatch(self.token_signing_key)) if self.kind == "secret"
@@ -278,7 +306,7 @@ class RevokeKey:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX, bytes_min=0)
+        _app(v, self.app, bytes_min=0)
         _key_id(v, self.key_id)
         v.raise_if_any()
 
@@ -289,7 +317,7 @@ class ListKeys:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _app(v, self.app)
         v.raise_if_any()
 
 
