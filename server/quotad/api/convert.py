@@ -1,7 +1,8 @@
-"""Requests (proto) to commands (core) and results (core) to responses (proto).
+"""Requests (proto) to values (core) and results (core) to responses (proto): shapes only.
 
-Everything a request can get wrong that the core's commands do not check themselves is
-checked here (durations, enums), and reported with the contract's field names.
+Every rule a request must keep is its value's own (quotad.core.commands): building the value
+checks every field and names each bad one. Here a field left out becomes what the contract
+says it means, and nothing is judged.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from quotad.core import commands as c
 from quotad.core import limits
-from quotad.core.errors import FieldViolation, InvalidArgument, Violations
 from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
 from quotad_contract.v1 import quotad_pb2 as pb
 
@@ -30,77 +30,54 @@ def new_reservation_id() -> str:
     return _reservation_ids.pop()
 
 
-def _metadata(v: Violations, metadata) -> c.Metadata:
-    if len(metadata) > limits.METADATA_ENTRIES_MAX:
-        v.add("metadata", f"at most {limits.METADATA_ENTRIES_MAX} entries, got {len(metadata)}")
-        return ()
-    return tuple(sorted(metadata.items()))
+_MALFORMED_NS = -1
+"""What a Duration or Timestamp whose nanos are not 0 ... 999,999,999 reads as: a negative
+time or duration (malformed or negative on the wire), which no field of a request takes."""
 
 
-def _ttl_ns(v: Violations, ttl: duration_pb2.Duration, field: str) -> int:
-    if ttl.seconds < 0 or ttl.nanos < 0 or ttl.nanos >= limits.NS_PER_S:
-        v.add(field, "must be a positive duration")
-        return limits.TTL_NS_DEFAULT
-    return ttl.seconds * limits.NS_PER_S + ttl.nanos
-
-
-def _build(v: Violations, factory, **fields):
-    """Builds a command, reporting conversion and command violations together."""
-    try:
-        command = factory(**fields)
-    except InvalidArgument as error:
-        v.items.extend(error.violations)
-        v.raise_if_any()
-        raise
-    v.raise_if_any()
-    return command
+def _ns(message: duration_pb2.Duration | timestamp_pb2.Timestamp) -> int:
+    nanos = message.nanos
+    if nanos < 0 or nanos >= limits.NS_PER_S:
+        return _MALFORMED_NS
+    return message.seconds * limits.NS_PER_S + nanos
 
 
 def reserve(app: str, request: pb.ReserveRequest) -> c.Reserve:
-    v = Violations()
-    ttl_ns = limits.TTL_NS_DEFAULT
-    if request.HasField("ttl"):
-        ttl_ns = _ttl_ns(v, request.ttl, "ttl")
-    return _build(v, c.Reserve, app=app, user_id=request.user_id, event_type=request.event_type,
-                  amount=request.amount, metadata=_metadata(v, request.metadata), ttl_ns=ttl_ns,
-                  idempotency_key=request.idempotency_key, reservation_id=new_reservation_id())
+    return c.Reserve(
+        app=app, user_id=request.user_id, event_type=request.event_type, amount=request.amount,
+        metadata=tuple(sorted(request.metadata.items())),
+        ttl_ns=_ns(request.ttl) if request.HasField("ttl") else limits.TTL_NS_DEFAULT,
+        idempotency_key=request.idempotency_key, reservation_id=new_reservation_id())
 
 
 def commit(app: str, request: pb.CommitRequest) -> c.Commit:
     amount = request.amount if request.HasField("amount") else None
-    return _build(Violations(), c.Commit, app=app, reservation_id=request.reservation_id,
-                  amount=amount, idempotency_key=request.idempotency_key)
+    return c.Commit(app=app, reservation_id=request.reservation_id, amount=amount,
+                    idempotency_key=request.idempotency_key)
 
 
 def release(app: str, request: pb.ReleaseRequest) -> c.Release:
-    return _build(Violations(), c.Release, app=app, reservation_id=request.reservation_id,
-                  idempotency_key=request.idempotency_key)
+    return c.Release(app=app, reservation_id=request.reservation_id,
+                     idempotency_key=request.idempotency_key)
 
 
 def extend(app: str, request: pb.ExtendRequest) -> c.Extend:
-    v = Violations()
-    if request.HasField("ttl"):
-        ttl_ns = _ttl_ns(v, request.ttl, "ttl")
-    else:
-        v.add("ttl", "is required")
-        ttl_ns = limits.TTL_NS_DEFAULT
-    return _build(v, c.Extend, app=app, reservation_id=request.reservation_id, ttl_ns=ttl_ns,
-                  idempotency_key=request.idempotency_key)
+    return c.Extend(app=app, reservation_id=request.reservation_id,
+                    ttl_ns=_ns(request.ttl) if request.HasField("ttl") else None,
+                    idempotency_key=request.idempotency_key)
 
 
 def track(app: str, request: pb.TrackRequest) -> c.Track:
-    v = Violations()
-    return _build(v, c.Track, app=app, user_id=request.user_id, event_type=request.event_type,
-                  amount=request.amount, metadata=_metadata(v, request.metadata),
-                  idempotency_key=request.idempotency_key, enforce=request.enforce)
+    return c.Track(app=app, user_id=request.user_id, event_type=request.event_type,
+                   amount=request.amount, metadata=tuple(sorted(request.metadata.items())),
+                   idempotency_key=request.idempotency_key, enforce=request.enforce)
 
 
 def get_usage(app: str, request: pb.GetUsageRequest) -> c.GetUsage:
-    return _build(Violations(), c.GetUsage, app=app, user_id=request.user_id)
+    return c.GetUsage(app=app, user_id=request.user_id)
 
 
 def plan_from_proto(plan: pb.Plan) -> Plan:
-    v = Violations()
     groups = []
     for group in plan.limit_groups:
         known = group.window in Window._value2member_map_
@@ -113,7 +90,7 @@ def plan_from_proto(plan: pb.Plan) -> Plan:
                                for m in group.match.metadata),
             ),
         ))
-    return _build(v, Plan, id=plan.id, name=plan.name, limit_groups=tuple(groups))
+    return Plan(id=plan.id, name=plan.name, limit_groups=tuple(groups))
 
 
 def plan_to_proto(plan: Plan) -> pb.Plan:
@@ -129,9 +106,8 @@ def plan_to_proto(plan: Plan) -> pb.Plan:
 
 
 def upsert_plan(app: str, request: pb.UpsertPlanRequest) -> c.UpsertPlan:
-    if not request.HasField("plan"):
-        raise InvalidArgument([FieldViolation("plan", "is required")])
-    return c.UpsertPlan(app=app, plan=plan_from_proto(request.plan))
+    plan = plan_from_proto(request.plan) if request.HasField("plan") else None
+    return c.UpsertPlan(app=app, plan=plan)  # type: ignore[arg-type]  # None: refused
 
 
 def subscription_to_proto(subscription: Subscription) -> pb.Subscription:
