@@ -8,12 +8,14 @@ says it means, and nothing is judged.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from quotad.core import commands as c
 from quotad.core import limits
 from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
+from quotad.storage.wal import StoredEvent
 from quotad_contract.v1 import quotad_pb2 as pb
 
 
@@ -75,6 +77,61 @@ def track(app: str, request: pb.TrackRequest) -> c.Track:
 
 def get_usage(app: str, request: pb.GetUsageRequest) -> c.GetUsage:
     return c.GetUsage(app=app, user_id=request.user_id)
+
+
+def list_events(app: str, request: pb.ListEventsRequest) -> c.ListEvents:
+    return c.ListEvents(
+        app=app, user_id=request.user_id,
+        start_time_ns=_ns(request.start_time) if request.HasField("start_time") else None,
+        end_time_ns=_ns(request.end_time) if request.HasField("end_time") else None,
+        page_size=request.page_size, page_token=request.page_token)
+
+
+def watch_usage(app: str, request: pb.WatchUsageRequest) -> c.WatchUsage:
+    return c.WatchUsage(app=app, user_id=request.user_id,
+                        after_sequence=request.after_sequence)
+
+
+def mint_user_token(app: str, request: pb.MintUserTokenRequest) -> c.MintUserToken:
+    ttl_ns = _ns(request.ttl) if request.HasField("ttl") else limits.USER_TOKEN_TTL_NS_DEFAULT
+    return c.MintUserToken(app=app, user_id=request.user_id, ttl_ns=ttl_ns)
+
+
+_KEY_KINDS = {pb.KEY_KIND_SECRET: "secret", pb.KEY_KIND_PUBLIC: "public"}
+_KEY_KIND_VALUES = {kind: value for value, kind in _KEY_KINDS.items()}
+
+
+def key_spec(app: str, request: pb.CreateKeyRequest) -> c.KeySpec:
+    """app: the app the key is for (the caller's, or the one the admin key names)."""
+    return c.KeySpec(app=app, kind=_KEY_KINDS.get(request.kind, ""), name=request.name)
+
+
+def api_key(key: c.KeyView) -> pb.ApiKey:
+    message = pb.ApiKey(key_id=key.key_id, app=key.app, kind=_KEY_KIND_VALUES[key.kind],
+                        name=key.name, created_at=timestamp(key.created_at_ns))
+    if key.revoked_at_ns is not None:
+        message.revoked_at.CopyFrom(timestamp(key.revoked_at_ns))
+    return message
+
+
+_EVENT_KINDS = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.upper()}") for kind in c.AUDIT_KINDS}
+
+
+def events_response(page: Sequence[StoredEvent], next_page_token: str) -> pb.ListEventsResponse:
+    return pb.ListEventsResponse(
+        events=[pb.Event(
+            sequence=stored.sequence, time=timestamp(stored.now_ns),
+            kind=_EVENT_KINDS[stored.event.kind], user_id=stored.event.user_id,
+            event_type=stored.event.event_type, amount=stored.event.amount,
+            metadata=dict(stored.event.metadata),
+            reservation_id=stored.event.reservation_id, allowed=stored.event.allowed,
+            limit_group_key=stored.event.limit_group_key,
+            threshold_percent=stored.event.threshold_percent,
+            window_start=(timestamp(stored.event.window_start_ns)
+                          if stored.event.limit_group_key else None),
+        ) for stored in page],
+        next_page_token=next_page_token,
+    )
 
 
 def plan_from_proto(plan: pb.Plan) -> Plan:

@@ -30,12 +30,11 @@ import grpc
 from quotad.api import convert
 from quotad.core import limits
 from quotad.api import requests
-from quotad.core.commands import CounterView, Record, UpsertSubscription, UsageResult
-from quotad.core.machine import Core
-from quotad.core.errors import (
-    FieldViolation, InvalidArgument, QuotaError,
-    ResourceExhausted, Violations,
+from quotad.core.commands import (
+    END_OF_TIME_NS, CounterView, Record, UpsertSubscription, UsageResult, WatchUsage,
 )
+from quotad.core.machine import Core
+from quotad.core.errors import FieldViolation, InvalidArgument, QuotaError, ResourceExhausted
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad.storage.wal import WriteAheadLog
 from quotad.engine.writer import Writer, WriterStopped
@@ -46,7 +45,6 @@ DRAIN_POLL_S = 0.2
 """How often the hub looks whether the server started draining (one check for all watchers,
 only while some watch): a drain ends every watch within this."""
 _EVENTS_PAGE = limits.EVENTS_PAGE_SIZE_MAX
-_END_OF_TIME_NS = 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,12 +220,9 @@ class WatchHub:
 
     # --- one stream -----------------------------------------------------------------------
 
-    async def watch(self, app: str, request: pb.WatchUsageRequest) -> AsyncIterator[
-            pb.WatchUsageResponse]:
+    async def watch(self, request: WatchUsage) -> AsyncIterator[pb.WatchUsageResponse]:
         """The messages of one watch; raises the refusal that ends it."""
-        v = Violations()
-        v.text(request.user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
-        v.raise_if_any()
+        app = request.app
         writer = self._open_writer()
         watcher = Watcher(app, request.user_id)
         # A user with no subscription: FailedPrecondition NO_PLAN, as GetUsage answers.
@@ -278,7 +273,7 @@ def replay_thresholds(wal: WriteAheadLog, app: str, user_id: str, after_sequence
     found: deque[Crossing] = deque(maxlen=limits.WATCH_REPLAY_THRESHOLDS_MAX)
     cursor = b""
     while True:
-        page = wal.list_events(app, user_id, start_ns, _END_OF_TIME_NS, cursor, _EVENTS_PAGE)
+        page = wal.list_events(app, user_id, start_ns, END_OF_TIME_NS, cursor, _EVENTS_PAGE)
         for stored in page:
             if stored.sequence > up_to_sequence:
                 return tuple(found)
@@ -317,7 +312,7 @@ def method_handler(hub: WatchHub, caller: Callable[[Any, Any], str],
             if not isinstance(request, pb.WatchUsageRequest):  # protobuf could not parse it
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {getattr(request, 'error', request)}")])
-            async for message in hub.watch(app, request):
+            async for message in hub.watch(convert.watch_usage(app, request)):
                 yield message
         except refusals as error:
             status = status_of(error)

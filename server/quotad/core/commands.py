@@ -271,6 +271,23 @@ def _key_kind_and_name(v: Violations, kind: str, name: str) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KeySpec:
+    """The key a CreateKey request asks for, checked before the service makes the key (and
+    then applies CreateKey with it). Never applied by the core itself."""
+
+    app: str
+    kind: str
+    """secret or public; any other value is refused."""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        _key_kind_and_name(v, self.kind, self.name)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CreateKey:
     """A new API key of an app. The key itself is made by the service and never stored: only
     its SHA-256, and for a secret key the HMAC key its user tokens are signed with."""
@@ -318,6 +335,120 @@ class ListKeys:
     def __post_init__(self) -> None:
         v = Violations()
         _app(v, self.app)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MintUserToken:
+    """A user token for a user of the caller's app. The service signs it; the core keeps no
+    state of tokens."""
+
+    app: str
+    user_id: str
+    ttl_ns: int = limits.USER_TOKEN_TTL_NS_DEFAULT
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        _duration(v, self.ttl_ns, "ttl", limits.USER_TOKEN_TTL_NS_MIN,
+                  limits.USER_TOKEN_TTL_NS_MAX)
+        v.raise_if_any()
+
+
+# --- reads the service answers from the log or the writer ------------------------------
+
+END_OF_TIME_NS = 2**64 - 1
+"""Where the events index ends: it stores times as unsigned 64-bit ns (to the year 2554), so
+a later time a request names reads as just before this."""
+EVENT_CURSOR_BYTES = 18
+"""An events index position (time, sequence, event): a ListEvents page token is its hex."""
+
+
+def _time(v: Violations, at_ns: int | None, name: str) -> bool:
+    """A time a request may leave out (None): when given, from 1970 to limits.TIME_NS_MAX.
+    True if it was given, and valid."""
+    if at_ns is None:
+        return False
+    if not (_int(at_ns) and 0 <= at_ns <= limits.TIME_NS_MAX):
+        v.add(name, "must be a valid time from 1970 to 9999")
+        return False
+    return True
+
+
+def _cursor(page_token: str) -> bytes | None:
+    """The events index position a page token names (empty: the first page); None if it is
+    not one a ListEvents page gave."""
+    try:
+        cursor = bytes.fromhex(page_token)
+    except ValueError:
+        return None
+    return cursor if len(cursor) in (0, EVENT_CURSOR_BYTES) else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListEvents:
+    """One page of a user's audit events, oldest first, with start_time <= time < end_time."""
+
+    app: str
+    user_id: str
+    start_time_ns: int | None = None
+    """None: from the first event kept."""
+    end_time_ns: int | None = None
+    """None: to the last."""
+    page_size: int = 0
+    """0: limits.EVENTS_PAGE_SIZE_DEFAULT."""
+    page_token: str = ""
+    """The next_page_token of the page before; empty for the first page."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        v.check(_int(self.page_size) and 0 <= self.page_size <= limits.EVENTS_PAGE_SIZE_MAX,
+                "page_size", f"must be 0 (meaning {limits.EVENTS_PAGE_SIZE_DEFAULT}) to "
+                             f"{limits.EVENTS_PAGE_SIZE_MAX}")
+        if (_time(v, self.start_time_ns, "start_time")
+                & _time(v, self.end_time_ns, "end_time")):  # both checked, whatever the first
+            start_ns, end_ns = self.range_ns
+            v.check(end_ns > start_ns, "end_time", "must be after start_time")
+        v.check(_cursor(self.page_token) is not None, "page_token",
+                "must be a next_page_token from ListEvents")
+        v.raise_if_any()
+
+    @property
+    def range_ns(self) -> tuple[int, int]:
+        """[start, end) in the events index's terms: clamped to what it can hold."""
+        last_ns = END_OF_TIME_NS - 1
+        return (0 if self.start_time_ns is None else min(self.start_time_ns, last_ns),
+                END_OF_TIME_NS if self.end_time_ns is None else min(self.end_time_ns, last_ns))
+
+    @property
+    def cursor(self) -> bytes:
+        cursor = _cursor(self.page_token)
+        assert cursor is not None
+        return cursor
+
+    @property
+    def events_per_page(self) -> int:
+        return self.page_size or limits.EVENTS_PAGE_SIZE_DEFAULT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WatchUsage:
+    """A stream of a user's counters as they change."""
+
+    app: str
+    user_id: str
+    after_sequence: int = 0
+    """Non-zero: the first message also carries the threshold events after this record."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        v.check(_int(self.after_sequence) and self.after_sequence >= 0, "after_sequence",
+                "must be a log sequence number (0 or more)")
         v.raise_if_any()
 
 
