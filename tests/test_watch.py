@@ -18,7 +18,7 @@ import quotad_client as qc
 from quotad_client._watch import RECONNECT_ATTEMPTS_MAX, Resume
 from core_helpers import DAY, HOUR, MINUTE, T0, Harness, group, plan
 from quotad.core import limits
-from quotad.core.commands import Track, UpsertPlan, UpsertSubscription
+from quotad.core.commands import Track, UpsertPlan, UpsertSubscription, WatchUsage
 from quotad.core.machine import Core
 from quotad.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from quotad.core.plans import Window
@@ -324,15 +324,15 @@ def test_the_hub_refuses_a_watch_past_its_limit_and_forgets_ended_ones(tmp_path:
                 "p", group("calls", 10, Window.MINUTE))))
             await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
             hub = WatchHub(lambda: writer, lambda: True, watchers_max=1)
-            first = hub.watch("a", pb.WatchUsageRequest(user_id="u"))
+            first = hub.watch(WatchUsage(app="a", user_id="u"))
             assert (await anext(first)).reason == pb.WATCH_REASON_INITIAL
             with pytest.raises(ResourceExhausted) as refused:
-                await anext(hub.watch("a", pb.WatchUsageRequest(user_id="u")))
+                await anext(hub.watch(WatchUsage(app="a", user_id="u")))
             assert refused.value.reason == "TOO_MANY_WATCHERS"
             with pytest.raises(FailedPrecondition):
-                await anext(hub.watch("a", pb.WatchUsageRequest(user_id="nobody")))
+                await anext(hub.watch(WatchUsage(app="a", user_id="nobody")))
             with pytest.raises(InvalidArgument):
-                await anext(hub.watch("a", pb.WatchUsageRequest(user_id="")))
+                await anext(hub.watch(WatchUsage(app="a", user_id="")))
             await writer.execute(Track(app="a", user_id="u", event_type="x", amount=9))
             change = await anext(first)
             assert (change.reason, change.counters[0].used,
@@ -340,7 +340,7 @@ def test_the_hub_refuses_a_watch_past_its_limit_and_forgets_ended_ones(tmp_path:
             assert writer.durable_sequence >= change.sequence
             await first.aclose()
             assert writer.on_applied is None  # nobody watches: the writer skips the hook
-            second = hub.watch("a", pb.WatchUsageRequest(user_id="u"))
+            second = hub.watch(WatchUsage(app="a", user_id="u"))
             assert (await anext(second)).sequence == change.sequence
             await second.aclose()
         finally:

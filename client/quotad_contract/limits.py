@@ -62,6 +62,9 @@ BATCH_OPERATIONS_MAX = 1000
 EVENTS_PAGE_SIZE_MAX = 1000
 """Events in one ListEvents page; page_size 0 means EVENTS_PAGE_SIZE_DEFAULT."""
 EVENTS_PAGE_SIZE_DEFAULT = 100
+TIME_NS_MAX = 253_402_300_800 * NS_PER_S - 1
+"""The latest time a request may name (ListEvents' start_time and end_time):
+9999-12-31T23:59:59.999999999Z, protobuf's own bound. The earliest is the Unix epoch."""
 REQUEST_ID_BYTES_MAX = 128
 """A caller's x-request-id up to this long is kept; longer (or not printable ASCII) is
 replaced by one the server makes."""

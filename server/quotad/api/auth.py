@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quotad.core import limits
+from quotad.core.commands import MintUserToken
 from quotad.core.machine import KeyState
 from quotad.core.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from quotad_contract.errors import ErrorReason
@@ -207,11 +208,11 @@ class Authenticator:
             raise Unauthenticated("the user token has expired")
         return app, user_id
 
-    def mint_user_token(self, principal: Principal, user_id: str,
-                        ttl_ns: int) -> tuple[str, int]:
+    def mint_user_token(self, principal: Principal, request: MintUserToken) -> tuple[str, int]:
         """(token, expires_at_s) for a user of the caller's app, signed with the caller's sk
-        key. Only an sk key (authorize rules out the rest)."""
+        key. Only an sk key (authorize rules out the rest), for a request of its own app."""
         key = self.keys[principal.key_id]
-        expires_at_s = int(self._now_s() + ttl_ns / limits.NS_PER_S)
+        assert request.app == key.app, (request.app, key.app)
+        expires_at_s = int(self._now_s() + request.ttl_ns / limits.NS_PER_S)
         return (sign_user_token(bytes.fromhex(key.token_signing_key), key.key_id, key.app,
-                                user_id, expires_at_s), expires_at_s)
+                                request.user_id, expires_at_s), expires_at_s)

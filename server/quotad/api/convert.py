@@ -1,19 +1,22 @@
-"""Requests (proto) to commands (core) and results (core) to responses (proto).
+"""Requests (proto) to values (core) and results (core) to responses (proto): shapes only.
 
-Everything a request can get wrong that the core's commands do not check themselves is
-checked here (durations, enums), and reported with the contract's field names.
+Every rule a request must keep is its value's own (quotad.core.commands): building the value
+checks every field and names each bad one. Here a field left out becomes what the contract
+says it means, and nothing is judged.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from quotad.core import commands as c
 from quotad.core import limits
-from quotad.core.errors import FieldViolation, InvalidArgument, Violations
+from quotad.core.errors import FieldViolation, InvalidArgument
 from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
+from quotad.storage.wal import StoredEvent
 from quotad_contract.v1 import quotad_pb2 as pb
 
 
@@ -30,81 +33,113 @@ def new_reservation_id() -> str:
     return _reservation_ids.pop()
 
 
-def _metadata(v: Violations, metadata) -> c.Metadata:
-    if len(metadata) > limits.METADATA_ENTRIES_MAX:
-        v.add("metadata", f"at most {limits.METADATA_ENTRIES_MAX} entries, got {len(metadata)}")
-        return ()
-    return tuple(sorted(metadata.items()))
+_MALFORMED_NS = -1
+"""What a Duration or Timestamp whose nanos are not 0 ... 999,999,999 reads as: a negative
+time or duration (malformed or negative on the wire), which no field of a request takes."""
 
 
-def _ttl_ns(v: Violations, ttl: duration_pb2.Duration, field: str) -> int:
-    if ttl.seconds < 0 or ttl.nanos < 0 or ttl.nanos >= limits.NS_PER_S:
-        v.add(field, "must be a positive duration")
-        return limits.TTL_NS_DEFAULT
-    return ttl.seconds * limits.NS_PER_S + ttl.nanos
-
-
-def _build(v: Violations, factory, **fields):
-    """Builds a command, reporting conversion and command violations together."""
-    try:
-        command = factory(**fields)
-    except InvalidArgument as error:
-        v.items.extend(error.violations)
-        v.raise_if_any()
-        raise
-    v.raise_if_any()
-    return command
+def _ns(message: duration_pb2.Duration | timestamp_pb2.Timestamp) -> int:
+    nanos = message.nanos
+    if nanos < 0 or nanos >= limits.NS_PER_S:
+        return _MALFORMED_NS
+    return message.seconds * limits.NS_PER_S + nanos
 
 
 def reserve(app: str, request: pb.ReserveRequest) -> c.Reserve:
-    v = Violations()
-    ttl_ns = limits.TTL_NS_DEFAULT
-    if request.HasField("ttl"):
-        ttl_ns = _ttl_ns(v, request.ttl, "ttl")
-    return _build(v, c.Reserve, app=app, user_id=request.user_id, event_type=request.event_type,
-                  amount=request.amount, metadata=_metadata(v, request.metadata), ttl_ns=ttl_ns,
-                  idempotency_key=request.idempotency_key, reservation_id=new_reservation_id())
+    return c.Reserve(
+        app=app, user_id=request.user_id, event_type=request.event_type, amount=request.amount,
+        metadata=tuple(sorted(request.metadata.items())),
+        ttl_ns=_ns(request.ttl) if request.HasField("ttl") else limits.TTL_NS_DEFAULT,
+        idempotency_key=request.idempotency_key, reservation_id=new_reservation_id())
 
 
 def commit(app: str, request: pb.CommitRequest) -> c.Commit:
     amount = request.amount if request.HasField("amount") else None
-    return _build(Violations(), c.Commit, app=app, reservation_id=request.reservation_id,
-                  amount=amount, idempotency_key=request.idempotency_key)
+    return c.Commit(app=app, reservation_id=request.reservation_id, amount=amount,
+                    idempotency_key=request.idempotency_key)
 
 
 def release(app: str, request: pb.ReleaseRequest) -> c.Release:
-    return _build(Violations(), c.Release, app=app, reservation_id=request.reservation_id,
-                  idempotency_key=request.idempotency_key)
+    return c.Release(app=app, reservation_id=request.reservation_id,
+                     idempotency_key=request.idempotency_key)
 
 
 def extend(app: str, request: pb.ExtendRequest) -> c.Extend:
-    v = Violations()
-    if request.HasField("ttl"):
-        ttl_ns = _ttl_ns(v, request.ttl, "ttl")
-    else:
-        v.add("ttl", "is required")
-        ttl_ns = limits.TTL_NS_DEFAULT
-    return _build(v, c.Extend, app=app, reservation_id=request.reservation_id, ttl_ns=ttl_ns,
-                  idempotency_key=request.idempotency_key)
+    return c.Extend(app=app, reservation_id=request.reservation_id,
+                    ttl_ns=_ns(request.ttl) if request.HasField("ttl") else None,
+                    idempotency_key=request.idempotency_key)
 
 
 def track(app: str, request: pb.TrackRequest) -> c.Track:
-    v = Violations()
-    return _build(v, c.Track, app=app, user_id=request.user_id, event_type=request.event_type,
-                  amount=request.amount, metadata=_metadata(v, request.metadata),
-                  idempotency_key=request.idempotency_key, enforce=request.enforce)
+    return c.Track(app=app, user_id=request.user_id, event_type=request.event_type,
+                   amount=request.amount, metadata=tuple(sorted(request.metadata.items())),
+                   idempotency_key=request.idempotency_key, enforce=request.enforce)
 
 
 def get_usage(app: str, request: pb.GetUsageRequest) -> c.GetUsage:
-    return _build(Violations(), c.GetUsage, app=app, user_id=request.user_id)
+    return c.GetUsage(app=app, user_id=request.user_id)
+
+
+def list_events(app: str, request: pb.ListEventsRequest) -> c.ListEvents:
+    return c.ListEvents(
+        app=app, user_id=request.user_id,
+        start_time_ns=_ns(request.start_time) if request.HasField("start_time") else None,
+        end_time_ns=_ns(request.end_time) if request.HasField("end_time") else None,
+        page_size=request.page_size, page_token=request.page_token)
+
+
+def watch_usage(app: str, request: pb.WatchUsageRequest) -> c.WatchUsage:
+    return c.WatchUsage(app=app, user_id=request.user_id,
+                        after_sequence=request.after_sequence)
+
+
+def mint_user_token(app: str, request: pb.MintUserTokenRequest) -> c.MintUserToken:
+    ttl_ns = _ns(request.ttl) if request.HasField("ttl") else limits.USER_TOKEN_TTL_NS_DEFAULT
+    return c.MintUserToken(app=app, user_id=request.user_id, ttl_ns=ttl_ns)
+
+
+_KEY_KINDS = {pb.KEY_KIND_SECRET: "secret", pb.KEY_KIND_PUBLIC: "public"}
+_KEY_KIND_VALUES = {kind: value for value, kind in _KEY_KINDS.items()}
+
+
+def key_spec(app: str, request: pb.CreateKeyRequest) -> c.KeySpec:
+    """app: the app the key is for (the caller's, or the one the admin key names)."""
+    return c.KeySpec(app=app, kind=_KEY_KINDS.get(request.kind, ""), name=request.name)
+
+
+def api_key(key: c.KeyView) -> pb.ApiKey:
+    message = pb.ApiKey(key_id=key.key_id, app=key.app, kind=_KEY_KIND_VALUES[key.kind],
+                        name=key.name, created_at=timestamp(key.created_at_ns))
+    if key.revoked_at_ns is not None:
+        message.revoked_at.CopyFrom(timestamp(key.revoked_at_ns))
+    return message
+
+
+_EVENT_KINDS = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.upper()}") for kind in c.AUDIT_KINDS}
+
+
+def events_response(page: Sequence[StoredEvent], next_page_token: str) -> pb.ListEventsResponse:
+    return pb.ListEventsResponse(
+        events=[pb.Event(
+            sequence=stored.sequence, time=timestamp(stored.now_ns),
+            kind=_EVENT_KINDS[stored.event.kind], user_id=stored.event.user_id,
+            event_type=stored.event.event_type, amount=stored.event.amount,
+            metadata=dict(stored.event.metadata),
+            reservation_id=stored.event.reservation_id, allowed=stored.event.allowed,
+            limit_group_key=stored.event.limit_group_key,
+            threshold_percent=stored.event.threshold_percent,
+            window_start=(timestamp(stored.event.window_start_ns)
+                          if stored.event.limit_group_key else None),
+        ) for stored in page],
+        next_page_token=next_page_token,
+    )
 
 
 def plan_from_proto(plan: pb.Plan) -> Plan:
-    size_bytes = plan.ByteSize()
+    size_bytes = plan.ByteSize()  # the one rule of the wire form itself: its encoded size
     if size_bytes > limits.PLAN_BYTES_MAX:
         raise InvalidArgument([FieldViolation(
             "plan", f"at most {limits.PLAN_BYTES_MAX} bytes encoded, got {size_bytes}")])
-    v = Violations()
     groups = []
     for group in plan.limit_groups:
         known = group.window in Window._value2member_map_
@@ -117,7 +152,7 @@ def plan_from_proto(plan: pb.Plan) -> Plan:
                                for m in group.match.metadata),
             ),
         ))
-    return _build(v, Plan, id=plan.id, name=plan.name, limit_groups=tuple(groups))
+    return Plan(id=plan.id, name=plan.name, limit_groups=tuple(groups))
 
 
 def plan_to_proto(plan: Plan) -> pb.Plan:
@@ -133,9 +168,8 @@ def plan_to_proto(plan: Plan) -> pb.Plan:
 
 
 def upsert_plan(app: str, request: pb.UpsertPlanRequest) -> c.UpsertPlan:
-    if not request.HasField("plan"):
-        raise InvalidArgument([FieldViolation("plan", "is required")])
-    return c.UpsertPlan(app=app, plan=plan_from_proto(request.plan))
+    plan = plan_from_proto(request.plan) if request.HasField("plan") else None
+    return c.UpsertPlan(app=app, plan=plan)  # type: ignore[arg-type]  # None: refused
 
 
 def subscription_to_proto(subscription: Subscription) -> pb.Subscription:

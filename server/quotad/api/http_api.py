@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 import h11
 
 from quotad.core import limits
-from quotad.core.commands import CounterView, GetUsage, UsageResult
+from quotad.core.commands import CounterView, GetUsage, UsageResult, check_user_id
 from quotad.core.errors import FieldViolation, InvalidArgument, Refusal, Violations
 from quotad.api.metrics import Metrics
 from quotad.api.auth import USER_TOKEN_HEADER
@@ -133,7 +133,7 @@ def query_user_id(query: str) -> str:
     if len(values) != 1:
         raise _bad("user_id", "must be given exactly once")
     v = Violations()
-    v.text(values[0], "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
+    check_user_id(v, values[0])
     v.raise_if_any()
     return values[0]
 

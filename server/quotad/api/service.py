@@ -22,15 +22,13 @@ from quotad.core import commands as c
 from quotad.api import auth, convert
 from quotad.core import limits
 from quotad.api import requests, watch
-from quotad.api.auth import Authenticator, Principal
+from quotad.api.auth import Principal
 from quotad.api.gate import Gate
-from quotad.core.commands import AUDIT_KINDS, KeyView
 from quotad.core.errors import (
-    FieldViolation, InvalidArgument, PermissionDenied, Refusal, Violations,
+    FieldViolation, InvalidArgument, PermissionDenied, Refusal,
 )
 from quotad_contract.errors import ERROR_DOMAIN, ERRORS, INTERNAL
 from quotad_contract.v1 import quotad_pb2 as pb
-from quotad.storage.wal import EVENT_CURSOR_BYTES
 from quotad.engine.writer import Writer
 
 
@@ -204,62 +202,17 @@ def _state_digest_handler(gate: Gate) -> _Handler:
     return _answering(gate, "GetStateDigest", answer)
 
 
-_EVENT_KINDS = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.upper()}") for kind in AUDIT_KINDS}
-_TIMESTAMP_SECONDS_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z, protobuf's own bound
-
-
-def _time_ns(v: Violations, request: Any, field: str, default: int) -> int:
-    if not request.HasField(field):
-        return default
-    stamp = getattr(request, field)
-    if not (0 <= stamp.seconds <= _TIMESTAMP_SECONDS_MAX and 0 <= stamp.nanos < limits.NS_PER_S):
-        v.add(field, "must be a valid time from 1970 to 9999")
-        return default
-    return min(stamp.seconds * limits.NS_PER_S + stamp.nanos, limits.END_OF_TIME_NS - 1)
-
-
-def _events_query(request: pb.ListEventsRequest) -> tuple[int, int, bytes, int]:
-    """(start_ns, end_ns, cursor, page_size) of a ListEvents request, or InvalidArgument."""
-    v = Violations()
-    v.text(request.user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
-    v.check(0 <= request.page_size <= limits.EVENTS_PAGE_SIZE_MAX, "page_size",
-            f"must be 0 (meaning {limits.EVENTS_PAGE_SIZE_DEFAULT}) to "
-            f"{limits.EVENTS_PAGE_SIZE_MAX}")
-    start_ns = _time_ns(v, request, "start_time", default=0)
-    end_ns = _time_ns(v, request, "end_time", default=limits.END_OF_TIME_NS)
-    if request.HasField("start_time") and request.HasField("end_time"):
-        v.check(end_ns > start_ns, "end_time", "must be after start_time")
-    try:
-        cursor = bytes.fromhex(request.page_token)
-    except ValueError:
-        cursor = b"?"
-    v.check(len(cursor) in (0, EVENT_CURSOR_BYTES), "page_token",
-            "must be a next_page_token from ListEvents")
-    v.raise_if_any()
-    return start_ns, end_ns, cursor, request.page_size or limits.EVENTS_PAGE_SIZE_DEFAULT
-
-
 def _list_events_handler(gate: Gate) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
-        start_ns, end_ns, cursor, page_size = _events_query(request)
+        query = convert.list_events(call.principal.app, request)
+        start_ns, end_ns = query.range_ns
+        page_size = query.events_per_page
         found = await asyncio.get_running_loop().run_in_executor(
-            None, call.writer.wal.list_events, call.principal.app, request.user_id, start_ns,
-            end_ns, cursor, page_size + 1)
+            None, call.writer.wal.list_events, query.app, query.user_id, start_ns, end_ns,
+            query.cursor, page_size + 1)
         page = found[:page_size]
-        return pb.ListEventsResponse(
-            events=[pb.Event(
-                sequence=stored.sequence, time=convert.timestamp(stored.now_ns),
-                kind=_EVENT_KINDS[stored.event.kind], user_id=stored.event.user_id,
-                event_type=stored.event.event_type, amount=stored.event.amount,
-                metadata=dict(stored.event.metadata),
-                reservation_id=stored.event.reservation_id, allowed=stored.event.allowed,
-                limit_group_key=stored.event.limit_group_key,
-                threshold_percent=stored.event.threshold_percent,
-                window_start=(convert.timestamp(stored.event.window_start_ns)
-                              if stored.event.limit_group_key else None),
-            ) for stored in page],
-            next_page_token=page[-1].cursor.hex() if len(found) > page_size else "",
-        )
+        return convert.events_response(
+            page, page[-1].cursor.hex() if len(found) > page_size else "")
     return _answering(gate, "ListEvents", answer)
 
 
@@ -309,24 +262,10 @@ def _batch_handler(gate: Gate) -> _Handler:
     return _answering(gate, "Batch", answer)
 
 
-_KEY_KINDS = {pb.KEY_KIND_SECRET: auth.SECRET, pb.KEY_KIND_PUBLIC: auth.PUBLIC}
-_KEY_KIND_VALUES = {kind: value for value, kind in _KEY_KINDS.items()}
-
-
-def _api_key(key: KeyView) -> pb.ApiKey:
-    api_key = pb.ApiKey(key_id=key.key_id, app=key.app, kind=_KEY_KIND_VALUES[key.kind],
-                        name=key.name, created_at=convert.timestamp(key.created_at_ns))
-    if key.revoked_at_ns is not None:
-        api_key.revoked_at.CopyFrom(convert.timestamp(key.revoked_at_ns))
-    return api_key
-
-
 def _target_app(principal: Principal, requested: str) -> str:
     """The app a CreateKey or ListKeys acts on: the one named (admin key), or the caller's."""
     if principal.kind == auth.ADMIN:
-        if not requested:
-            raise InvalidArgument([FieldViolation("app", "is required with the admin key")])
-        return requested
+        return requested  # none named: the request's value refuses the empty app
     if requested and requested != principal.app:
         raise PermissionDenied(f"this key belongs to app {principal.app!r}, not {requested!r}")
     return principal.app
@@ -334,18 +273,12 @@ def _target_app(principal: Principal, requested: str) -> str:
 
 def _create_key_handler(gate: Gate) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
-        app = _target_app(call.principal, request.app)
-        kind = _KEY_KINDS.get(request.kind)
-        if kind is None:
-            v = Violations()
-            v.add("kind", "must be KEY_KIND_SECRET or KEY_KIND_PUBLIC")
-            v.text(request.name, "name", bytes_min=0, bytes_max=limits.KEY_NAME_BYTES_MAX)
-            v.raise_if_any()
-        new = auth.new_key(kind)
+        spec = convert.key_spec(_target_app(call.principal, request.app), request)
+        new = auth.new_key(spec.kind)
         result = await call.writer.execute(c.CreateKey(
-            app=app, key_id=new.key_id, kind=kind, name=request.name,
+            app=spec.app, key_id=new.key_id, kind=spec.kind, name=spec.name,
             secret_sha256=new.secret_sha256, token_signing_key=new.token_signing_key))
-        return pb.CreateKeyResponse(key=_api_key(result.key), secret=new.whole)
+        return pb.CreateKeyResponse(key=convert.api_key(result.key), secret=new.whole)
     return _answering(gate, "CreateKey", answer)
 
 
@@ -353,7 +286,7 @@ def _revoke_key_handler(gate: Gate) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         result = await call.writer.execute(c.RevokeKey(app=call.principal.app,
                                                        key_id=request.key_id))
-        return pb.RevokeKeyResponse(key=_api_key(result.key))
+        return pb.RevokeKeyResponse(key=convert.api_key(result.key))
     return _answering(gate, "RevokeKey", answer)
 
 
@@ -361,24 +294,15 @@ def _list_keys_handler(gate: Gate) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         app = _target_app(call.principal, request.app)
         result = await call.writer.execute(c.ListKeys(app=app))
-        return pb.ListKeysResponse(keys=[_api_key(key) for key in result.keys])
+        return pb.ListKeysResponse(keys=[convert.api_key(key) for key in result.keys])
     return _answering(gate, "ListKeys", answer)
 
 
 def _mint_user_token_handler(gate: Gate) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
-        v = Violations()
-        v.text(request.user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
-        ttl_ns = limits.USER_TOKEN_TTL_NS_DEFAULT
-        if request.HasField("ttl"):
-            ttl_ns = request.ttl.seconds * limits.NS_PER_S + request.ttl.nanos
-            v.check(request.ttl.nanos >= 0 and limits.USER_TOKEN_TTL_NS_MIN <= ttl_ns
-                    <= limits.USER_TOKEN_TTL_NS_MAX, "ttl",
-                    f"must be {limits.USER_TOKEN_TTL_NS_MIN // limits.NS_PER_S} s to "
-                    f"{limits.USER_TOKEN_TTL_NS_MAX // limits.NS_PER_S} s")
-        v.raise_if_any()
+        mint = convert.mint_user_token(call.principal.app, request)
         assert gate.auth is not None
-        token, expires_at_s = gate.auth.mint_user_token(call.principal, request.user_id, ttl_ns)
+        token, expires_at_s = gate.auth.mint_user_token(call.principal, mint)
         return pb.MintUserTokenResponse(
             token=token, expires_at=convert.timestamp(expires_at_s * limits.NS_PER_S))
     return _answering(gate, "MintUserToken", answer)

@@ -30,12 +30,11 @@ import grpc
 from quotad.api import convert
 from quotad.core import limits
 from quotad.api import requests
-from quotad.core.commands import CounterView, Record, UpsertSubscription, UsageResult
-from quotad.core.machine import Core
-from quotad.core.errors import (
-    FieldViolation, InvalidArgument, QuotaError,
-    ResourceExhausted, Violations,
+from quotad.core.commands import (
+    CounterView, Record, UpsertSubscription, UsageResult, WatchUsage,
 )
+from quotad.core.machine import Core
+from quotad.core.errors import FieldViolation, InvalidArgument, QuotaError, ResourceExhausted
 from quotad_contract.errors import ErrorReason
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad.storage.wal import WriteAheadLog
@@ -217,12 +216,9 @@ class WatchHub:
 
     # --- one stream -----------------------------------------------------------------------
 
-    async def watch(self, app: str, request: pb.WatchUsageRequest) -> AsyncIterator[
-            pb.WatchUsageResponse]:
+    async def watch(self, request: WatchUsage) -> AsyncIterator[pb.WatchUsageResponse]:
         """The messages of one watch; raises the refusal that ends it."""
-        v = Violations()
-        v.text(request.user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
-        v.raise_if_any()
+        app = request.app
         writer = self._open_writer()
         watcher = Watcher(app, request.user_id)
         # A user with no subscription: FailedPrecondition NO_PLAN, as GetUsage answers.
@@ -313,7 +309,7 @@ def method_handler(hub: WatchHub, caller: Callable[[Any, Any], str],
             if not isinstance(request, pb.WatchUsageRequest):  # protobuf could not parse it
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {getattr(request, 'error', request)}")])
-            async for message in hub.watch(app, request):
+            async for message in hub.watch(convert.watch_usage(app, request)):
                 yield message
         except refusals as error:
             status = status_of(error)

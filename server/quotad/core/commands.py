@@ -13,34 +13,48 @@ from dataclasses import dataclass
 from quotad.core import limits
 from quotad.core.errors import Violations
 from quotad.core.plans import Metadata, Plan, Subscription, Window, load_time_zone
+from quotad_contract import tokens
 
 RESERVATION_ID_PATTERN = re.compile(r"rsv_[0-9a-f]{24}")
-KEY_ID_PATTERN = re.compile(r"[a-z2-7]{12}")
+KEY_ID_PATTERN = re.compile(tokens.KEY_ID_PATTERN)
 """The public part of an API key: 12 lowercase base32 characters (60 random bits)."""
 KEY_KINDS = ("secret", "public")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def _text(v: Violations, value: str, name: str, bytes_max: int, bytes_min: int = 1) -> None:
-    v.text(value, name, bytes_min=bytes_min, bytes_max=bytes_max)
+# --- the rules of the fields: each written once, for every request that carries the field ---
+
+
+def check_user_id(v: Violations, user_id: str) -> None:
+    """The one rule of a user id, wherever one arrives (gRPC, Batch, WatchUsage, HTTP)."""
+    v.text(user_id, "user_id", bytes_min=1, bytes_max=limits.USER_ID_BYTES_MAX)
+
+
+def _app(v: Violations, app: str, bytes_min: int = 1) -> None:
+    v.text(app, "app", bytes_min=bytes_min, bytes_max=limits.APP_ID_BYTES_MAX)
+
+
+def _plan_id(v: Violations, plan_id: str, name: str) -> None:
+    v.text(plan_id, name, bytes_min=1, bytes_max=limits.PLAN_ID_BYTES_MAX)
 
 
 def _common(v: Violations, app: str, idempotency_key: str) -> None:
-    _text(v, app, "app", limits.APP_ID_BYTES_MAX)
-    _text(v, idempotency_key, "idempotency_key", limits.IDEMPOTENCY_KEY_BYTES_MAX, bytes_min=0)
+    _app(v, app)
+    v.text(idempotency_key, "idempotency_key", bytes_min=0,
+           bytes_max=limits.IDEMPOTENCY_KEY_BYTES_MAX)
 
 
 def _event(v: Violations, user_id: str, event_type: str, metadata: Metadata) -> None:
-    _text(v, user_id, "user_id", limits.USER_ID_BYTES_MAX)
-    _text(v, event_type, "event_type", limits.EVENT_TYPE_BYTES_MAX)
+    check_user_id(v, user_id)
+    v.text(event_type, "event_type", bytes_min=1, bytes_max=limits.EVENT_TYPE_BYTES_MAX)
     if len(metadata) > limits.METADATA_ENTRIES_MAX:
         v.add("metadata", f"at most {limits.METADATA_ENTRIES_MAX} entries, got {len(metadata)}")
     keys = [key for key, _ in metadata]
     if keys != sorted(set(keys)):
         v.add("metadata", "keys must be unique and sorted")
     for key, value in metadata[: limits.METADATA_ENTRIES_MAX]:
-        _text(v, key, "metadata", limits.METADATA_KEY_BYTES_MAX)
-        _text(v, value, "metadata", limits.METADATA_VALUE_BYTES_MAX, bytes_min=0)
+        v.text(key, "metadata", bytes_min=1, bytes_max=limits.METADATA_KEY_BYTES_MAX)
+        v.text(value, "metadata", bytes_min=0, bytes_max=limits.METADATA_VALUE_BYTES_MAX)
 
 
 def _reservation_id(v: Violations, reservation_id: str) -> None:
@@ -48,10 +62,18 @@ def _reservation_id(v: Violations, reservation_id: str) -> None:
         v.add("reservation_id", "must be a reservation id as Reserve returns it")
 
 
-def _ttl(v: Violations, ttl_ns: int, name: str = "ttl") -> None:
-    if not limits.TTL_NS_MIN <= ttl_ns <= limits.TTL_NS_MAX:
-        v.add(name, f"must be {limits.TTL_NS_MIN // limits.NS_PER_S} s to "
-                    f"{limits.TTL_NS_MAX // limits.NS_PER_S} s")
+def _duration(v: Violations, duration_ns: int | None, name: str, duration_ns_min: int,
+              duration_ns_max: int) -> None:
+    """A duration (a hold's or a user token's ttl): None is one the request left out."""
+    if duration_ns is None:
+        v.add(name, "is required")
+    elif not (type(duration_ns) is int and duration_ns_min <= duration_ns <= duration_ns_max):
+        v.add(name, f"must be {duration_ns_min // limits.NS_PER_S} s to "
+                    f"{duration_ns_max // limits.NS_PER_S} s")
+
+
+def _ttl(v: Violations, ttl_ns: int | None) -> None:
+    _duration(v, ttl_ns, "ttl", limits.TTL_NS_MIN, limits.TTL_NS_MAX)
 
 
 def _int(value: object) -> bool:
@@ -119,6 +141,7 @@ class Extend:
     app: str
     reservation_id: str
     ttl_ns: int
+    """None is refused: Extend has no default."""
     idempotency_key: str = ""
 
     def __post_init__(self) -> None:
@@ -155,8 +178,8 @@ class GetUsage:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
         v.raise_if_any()
 
 
@@ -170,7 +193,8 @@ class UpsertPlan:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _app(v, self.app)
+        v.check(isinstance(self.plan, Plan), "plan", "is required")
         v.raise_if_any()
 
 
@@ -181,8 +205,8 @@ class DeletePlan:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.plan_id, "id", limits.PLAN_ID_BYTES_MAX)
+        _app(v, self.app)
+        _plan_id(v, self.plan_id, "id")
         v.raise_if_any()
 
 
@@ -193,8 +217,8 @@ class GetPlan:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.plan_id, "id", limits.PLAN_ID_BYTES_MAX)
+        _app(v, self.app)
+        _plan_id(v, self.plan_id, "id")
         v.raise_if_any()
 
 
@@ -212,10 +236,10 @@ class UpsertSubscription:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
-        _text(v, self.plan_id, "plan_id", limits.PLAN_ID_BYTES_MAX)
-        _text(v, self.time_zone, "time_zone", limits.TIME_ZONE_BYTES_MAX, bytes_min=0)
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        _plan_id(v, self.plan_id, "plan_id")
+        v.text(self.time_zone, "time_zone", bytes_min=0, bytes_max=limits.TIME_ZONE_BYTES_MAX)
         if self.time_zone and load_time_zone(self.time_zone) is None:
             v.add("time_zone", f"unknown IANA time zone {self.time_zone!r}")
         v.raise_if_any()
@@ -228,8 +252,8 @@ class GetSubscription:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
-        _text(v, self.user_id, "user_id", limits.USER_ID_BYTES_MAX)
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
         v.raise_if_any()
 
 
@@ -239,6 +263,28 @@ class GetSubscription:
 def _key_id(v: Violations, key_id: str) -> None:
     if not KEY_ID_PATTERN.fullmatch(key_id):
         v.add("key_id", "must be a key id as CreateKey returns it (12 characters a-z, 2-7)")
+
+
+def _key_kind_and_name(v: Violations, kind: str, name: str) -> None:
+    v.check(kind in KEY_KINDS, "kind", "must be KEY_KIND_SECRET or KEY_KIND_PUBLIC")
+    v.text(name, "name", bytes_min=0, bytes_max=limits.KEY_NAME_BYTES_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeySpec:
+    """The key a CreateKey request asks for, checked before the service makes the key (and
+    then applies CreateKey with it). Never applied by the core itself."""
+
+    app: str
+    kind: str
+    """secret or public; any other value is refused."""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        _key_kind_and_name(v, self.kind, self.name)
+        v.raise_if_any()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,10 +304,9 @@ class CreateKey:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _app(v, self.app)
         _key_id(v, self.key_id)
-        v.check(self.kind in KEY_KINDS, "kind", "must be KEY_KIND_SECRET or KEY_KIND_PUBLIC")
-        _text(v, self.name, "name", limits.KEY_NAME_BYTES_MAX, bytes_min=0)
+        _key_kind_and_name(v, self.kind, self.name)
         v.check(bool(_SHA256_HEX.fullmatch(self.secret_sha256)), "secret_sha256",
                 "must be 64 lowercase hex digits")
         v.check(bool(_SHA256_HEX.fullmatch(self.token_signing_key)) if self.kind == "secret"
@@ -278,7 +323,7 @@ class RevokeKey:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX, bytes_min=0)
+        _app(v, self.app, bytes_min=0)
         _key_id(v, self.key_id)
         v.raise_if_any()
 
@@ -289,7 +334,118 @@ class ListKeys:
 
     def __post_init__(self) -> None:
         v = Violations()
-        _text(v, self.app, "app", limits.APP_ID_BYTES_MAX)
+        _app(v, self.app)
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MintUserToken:
+    """A user token for a user of the caller's app. The service signs it; the core keeps no
+    state of tokens."""
+
+    app: str
+    user_id: str
+    ttl_ns: int = limits.USER_TOKEN_TTL_NS_DEFAULT
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        _duration(v, self.ttl_ns, "ttl", limits.USER_TOKEN_TTL_NS_MIN,
+                  limits.USER_TOKEN_TTL_NS_MAX)
+        v.raise_if_any()
+
+
+# --- reads the service answers from the log or the writer ------------------------------
+
+EVENT_CURSOR_BYTES = 18
+"""An events index position (time, sequence, event): a ListEvents page token is its hex."""
+
+
+def _time(v: Violations, at_ns: int | None, name: str) -> bool:
+    """A time a request may leave out (None): when given, from 1970 to limits.TIME_NS_MAX.
+    True if it was given, and valid."""
+    if at_ns is None:
+        return False
+    if not (_int(at_ns) and 0 <= at_ns <= limits.TIME_NS_MAX):
+        v.add(name, "must be a valid time from 1970 to 9999")
+        return False
+    return True
+
+
+def _cursor(page_token: str) -> bytes | None:
+    """The events index position a page token names (empty: the first page); None if it is
+    not one a ListEvents page gave."""
+    try:
+        cursor = bytes.fromhex(page_token)
+    except ValueError:
+        return None
+    return cursor if len(cursor) in (0, EVENT_CURSOR_BYTES) else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListEvents:
+    """One page of a user's audit events, oldest first, with start_time <= time < end_time."""
+
+    app: str
+    user_id: str
+    start_time_ns: int | None = None
+    """None: from the first event kept."""
+    end_time_ns: int | None = None
+    """None: to the last."""
+    page_size: int = 0
+    """0: limits.EVENTS_PAGE_SIZE_DEFAULT."""
+    page_token: str = ""
+    """The next_page_token of the page before; empty for the first page."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        v.check(_int(self.page_size) and 0 <= self.page_size <= limits.EVENTS_PAGE_SIZE_MAX,
+                "page_size", f"must be 0 (meaning {limits.EVENTS_PAGE_SIZE_DEFAULT}) to "
+                             f"{limits.EVENTS_PAGE_SIZE_MAX}")
+        if (_time(v, self.start_time_ns, "start_time")
+                & _time(v, self.end_time_ns, "end_time")):  # both checked, whatever the first
+            start_ns, end_ns = self.range_ns
+            v.check(end_ns > start_ns, "end_time", "must be after start_time")
+        v.check(_cursor(self.page_token) is not None, "page_token",
+                "must be a next_page_token from ListEvents")
+        v.raise_if_any()
+
+    @property
+    def range_ns(self) -> tuple[int, int]:
+        """[start, end) in the events index's terms: clamped to what it can hold."""
+        last_ns = limits.END_OF_TIME_NS - 1
+        return (0 if self.start_time_ns is None else min(self.start_time_ns, last_ns),
+                limits.END_OF_TIME_NS if self.end_time_ns is None else min(self.end_time_ns, last_ns))
+
+    @property
+    def cursor(self) -> bytes:
+        cursor = _cursor(self.page_token)
+        assert cursor is not None
+        return cursor
+
+    @property
+    def events_per_page(self) -> int:
+        return self.page_size or limits.EVENTS_PAGE_SIZE_DEFAULT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WatchUsage:
+    """A stream of a user's counters as they change."""
+
+    app: str
+    user_id: str
+    after_sequence: int = 0
+    """Non-zero: the first message also carries the threshold events after this record."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        v.check(_int(self.after_sequence) and self.after_sequence >= 0, "after_sequence",
+                "must be a log sequence number (0 or more)")
         v.raise_if_any()
 
 

@@ -34,7 +34,7 @@ import lmdb
 from quotad.storage.codec import (
     CorruptRecord, decode_record, encode_record_and_events, from_plain, key_sequence, record_key,
 )
-from quotad.core.commands import AuditEvent, Record
+from quotad.core.commands import EVENT_CURSOR_BYTES, AuditEvent, Record
 
 FORMAT_VERSION = b"3"
 """3: records carry threshold audit events (an older log would replay without them)."""
@@ -52,7 +52,7 @@ it (as a failed sync would). Unset in production."""
 
 _SNAPSHOT_HEADER = struct.Struct(">16sQ")
 _EVENT_TAIL = struct.Struct(">QQH")
-EVENT_CURSOR_BYTES = _EVENT_TAIL.size
+assert _EVENT_TAIL.size == EVENT_CURSOR_BYTES  # the size a ListEvents page token names
 
 
 class DataDirLocked(Exception):
