@@ -24,6 +24,7 @@ time, throughput below) into --results DIR.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -258,7 +259,7 @@ def _fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
     return "—" if value is None else f"{value:,.{digits}f}{unit}"
 
 
-def print_figures(figures: dict[str, Any], run: dict[str, Any],
+def print_figures(figures: dict[str, Any], run: dict[str, Any], server: dict[str, Any],
                   checks: list[dict[str, Any]]) -> None:
     print(f"operations/s        {_fmt(run['ops_per_s'])} (pairs/s {_fmt(run['pairs_per_s'])}; "
           f"after the warm-up {_fmt(figures.get('ops_per_s_after_warmup'))})")
@@ -281,11 +282,28 @@ def print_figures(figures: dict[str, Any], run: dict[str, Any],
             print(f"snapshot children   up to {figures['children_seen']} at a sample, their "
                   f"RSS up to {figures['children_rss_anon_peak_bytes'] / MB:,.1f} MB "
                   "(anonymous, shared copy-on-write with the server; not in the figures above)")
+    if server.get("stop_s") is not None:
+        print(f"server stop         {server['stop_s']:.1f} s from SIGTERM to exit")
+    elif server.get("stop_error"):
+        print(f"server stop         {server['stop_error']}")
     if run.get("server_cpu_util") is not None:
         print(f"server CPU          {run['server_cpu_util']:.0%} of one core")
     for check in checks:
         value = "—" if check["value"] is None else f"{check['value']:,.1f}"
         print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['text']}: {value}")
+
+
+def stop(target: QuotadTarget) -> dict[str, Any]:
+    """Stops the server the soak started: its stop line's figures and how long it took."""
+    if target.external:
+        return {}
+    started = time.monotonic()
+    try:
+        stats = target.stop()
+    except subprocess.TimeoutExpired as error:  # killed by now; its directory is still there
+        target.stop()
+        return {"stop_error": f"did not exit within {error.timeout:g} s of SIGTERM, killed"}
+    return {**stats, "stop_s": time.monotonic() - started}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if pool is not None:
             pool.close()
-        document["server"] = target.stop()
         document["samples"] = sampler.samples if sampler is not None else []
+        _write_json(json_path, document)  # before the stop, which may take long
+        document["server"] = stop(target)
         _write_json(json_path, document)
 
     for key in ("histogram_counts", "latency_ms_by_op"):  # no latencies kept in a soak
@@ -356,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                       rss_growth_from_s=args.rss_growth_from_minutes * 60)
     checks = verdicts(figures, args.max_rss_growth_pct, args.max_disk_bytes_per_op)
     document.update(run=run, figures=figures, verdicts=checks)
-    print_figures(figures, run, checks)
+    print_figures(figures, run, document["server"], checks)
     if not args.no_plots:
         why = plot(document["samples"], warmup_s, results_dir / "soak.png")
         document["plot"] = None if why else "soak.png"
