@@ -97,6 +97,7 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
     from quotad_contract.v1 import quotad_pb2_grpc as stubs
 
     codes: Counter[str] = Counter()
+    details: dict[str, str] = {}  # the first error message of each status code
     good_pair_latencies_s: list[float] = []
     denied = 0
     async with grpc.aio.insecure_channel(address) as channel:
@@ -122,6 +123,7 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
                     good_pair_latencies_s.append(time.monotonic() - started)
                 except grpc.aio.AioRpcError as error:
                     codes[error.code().name] += 1
+                    details.setdefault(error.code().name, error.details() or "")
                     await asyncio.sleep(FAILED_CALL_PAUSE_S)
 
         warm = await quota.Reserve(pb.ReserveRequest(user_id=user_id(index % users),
@@ -139,7 +141,7 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
         for loop in loops:  # calls still in flight at the end are neither good nor failed
             loop.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        return {"good_pairs": len(good_pair_latencies_s), "codes": dict(codes),
+        return {"good_pairs": len(good_pair_latencies_s), "codes": dict(codes), "details": details,
                 "denied": denied, "latencies_s": good_pair_latencies_s,
                 "seconds": max(1e-3, start_at + seconds - started),
                 "late_s": max(0.0, started - start_at),
@@ -190,6 +192,7 @@ def run_phase(pool: Any, target: Target, concurrency: int,
         "good_pair_p99_ms": stats.percentile(latencies, 0.99) * 1e3,
         "codes": {code: codes.get(code, 0) for code in CODES}
         | {code: count for code, count in codes.items() if code not in CODES},
+        "details": {code: text for client in clients for code, text in client["details"].items()},
         "denied": sum(client["denied"] for client in clients),
         "rss_peak_sampled_bytes": rss_peak or None,
         "server_cpu_util": ((cpu_after - cpu_before) / options.seconds
@@ -285,6 +288,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "survived_runs": sum(1 for run in runs if run["survived"]),
         "runs": len(runs),
         "overload_codes": dict(codes),
+        "overload_details": {code: text for run in runs
+                             for code, text in run["overload"]["details"].items()},
         "overload_server_cpu_util": statistics.median(
             run["overload"]["server_cpu_util"] or 0.0 for run in runs),
         "overload_client_cpu_util": statistics.median(
@@ -298,13 +303,15 @@ def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespac
           f"{options.concurrency:,} pairs in flight, calibration: {options.processes} x "
           f"{options.calibration_concurrency:,}; deadline {options.deadline_s:g} s per call")
     print(f"{'server':<7} {'capacity pairs/s':>16} {'overload goodput':>16} {'% of capacity':>13} "
-          f"{'peak RSS MB':>11} {'survived':>9} {'server CPU':>10}")
+          f"{'peak RSS MB':>11} {'survived':>9} {'server CPU':>10} {'client CPU':>10}")
     for name, m in medians.items():
         share = "—" if m["goodput_share"] is None else f"{m['goodput_share']:.0%}"
         rss = "—" if not m["peak_rss_bytes"] else f"{m['peak_rss_bytes'] / MB:,.0f}"
         survived = f"{m['survived_runs']}/{m['runs']}"
         print(f"{name:<7} {m['capacity_pairs_per_s']:>16,.0f} {m['goodput_pairs_per_s']:>16,.0f} "
-              f"{share:>13} {rss:>11} {survived:>9} {m['overload_server_cpu_util']:>10.0%}")
+              f"{share:>13} {rss:>11} {survived:>9} {m['overload_server_cpu_util']:>10.0%} "
+              f"{m['overload_client_cpu_util']:>10.0%}")
+    print("(CPU: in the overload phase, share of one core: the server; all client processes)")
     names = list(medians)
     print()
     print(f"overload status codes (calls, all runs): {'':<14}" + "".join(
@@ -314,6 +321,9 @@ def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespac
     for code in shown:
         print(f"  {code:<52}" + "".join(
             f"{medians[name]['overload_codes'].get(code, 0):>12,}" for name in names))
+    for name, m in medians.items():
+        for code, text in sorted(m["overload_details"].items()):
+            print(f"  {name} {code}: e.g. {text!r}")
     quotad, echo = medians.get("quotad"), medians.get("echo")
     if quotad and echo:
         ratio = stats.ratio(quotad["goodput_share"], echo["goodput_share"])
