@@ -270,14 +270,22 @@ def ratio_lines(workload: str, entry: dict[str, Any]) -> list[str]:
 
 # --- plots -------------------------------------------------------------------------------------
 
-def plots(document: dict[str, Any], directory: Path) -> tuple[list[str], str | None]:
-    """PNG files written (names), and why none were, if so."""
+def pyplot() -> tuple[Any, str | None]:
+    """matplotlib.pyplot on the Agg backend, or None and why it cannot be had."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], "matplotlib is not installed (pip install -e '.[bench]')"
+        return None, "matplotlib is not installed (pip install -e '.[bench]')"
+    return plt, None
+
+
+def plots(document: dict[str, Any], directory: Path) -> tuple[list[str], str | None]:
+    """PNG files written (names), and why none were, if so."""
+    plt, why = pyplot()
+    if plt is None:
+        return [], why
     written = []
     edges = stats.HISTOGRAM_EDGES_MS
     for workload, entry in document["workloads"].items():

@@ -84,6 +84,11 @@ class QuotadTarget(Target):
             return None
         return int(self._server.process.pid)
 
+    @property
+    def data_dir(self) -> Path | None:
+        """The data directory of the quotad this target started (None: external, or stopped)."""
+        return self._server.data_dir if self._server is not None else None
+
     def start(self) -> None:
         if self.external:
             return

@@ -60,6 +60,8 @@ async def run_job(job: dict[str, Any], index: int, conn: Any, progress_ops: Any,
     outcomes: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     inv_bucket = 1.0 / job["bucket_s"]
+    # long runs (a soak) keep no per-call latencies: they would grow the client without bound
+    keep_latencies = job.get("keep_latencies", True)
     measuring = False
     start = 0.0
     ops_done = pairs = claimed = error_count = 0
@@ -71,7 +73,8 @@ async def run_job(job: dict[str, Any], index: int, conn: Any, progress_ops: Any,
         if not measuring:
             return
         t1 = mono()
-        latencies[op].append(t1 - t0)
+        if keep_latencies:
+            latencies[op].append(t1 - t0)
         bucket = int((t1 - start) * inv_bucket)
         if bucket >= len(timeline):
             timeline.extend([0] * (bucket + 1 - len(timeline)))

@@ -152,3 +152,75 @@ def test_the_fsync_and_stream_benches_run():
     rows = {line.split()[0]: line.split()[1:] for line in lines[-3:]}
     assert set(rows) == {"batch", "stream-1", "stream-N"}
     assert all(float(row[0].replace(",", "")) > 0 for row in rows.values())
+
+
+def _run_json_bench(tmp_path: Path, module: str, *args: str) -> tuple[list[str], dict]:
+    results = tmp_path / "results"
+    lines = _run_bench(module, "--results", str(results), *args)
+    document = json.loads((results / "results.json").read_text())
+    assert document["finished"] is True and document["machine"]["nproc"] >= 1
+    return lines, document
+
+
+def test_the_soak_samples_the_server_and_fits_bytes_per_operation(tmp_path: Path):
+    lines, document = _run_json_bench(
+        tmp_path, "bench.soak", "--minutes", "0.1", "--sample-s", "1", "--users", "50",
+        "--concurrency", "8", "--warmup-minutes", "0.01")
+    samples = document["samples"]
+    assert len(samples) >= 4
+    assert [s["t_s"] for s in samples] == sorted(s["t_s"] for s in samples)
+    assert samples[-1]["ops"] > samples[0]["ops"] >= 0
+    assert all(s["rss_anon_bytes"] > 0 and s["disk_allocated_bytes"] > 0 for s in samples)
+    figures, run = document["figures"], document["run"]
+    assert run["ops_per_s"] > 0 and run["errors"] == 0
+    assert figures["rss_anon_bytes_per_op"] is not None
+    assert figures["disk_allocated_bytes_per_op"] > 0 and figures["disk_apparent_bytes_per_op"] > 0
+    assert figures["rss_growth_pct"] > -100
+    assert {check["name"] for check in document["verdicts"]} == {"rss_growth_pct",
+                                                                  "disk_bytes_per_op"}
+    text = "\n".join(lines)
+    for label in ("operations/s", "RSS per operation", "disk per operation", "RSS growth"):
+        assert label in text
+    assert sum(line.startswith(("PASS ", "FAIL ")) for line in lines) == 2
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "results" / "soak.png").stat().st_size > 0
+
+
+def test_the_soak_needs_the_pid_and_data_dir_of_a_server_it_did_not_start():
+    result = subprocess.run([sys.executable, "-m", "bench.soak", "--target", "127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "--pid" in result.stderr
+
+
+def test_the_overload_bench_measures_goodput_against_capacity_for_quotad_and_echo(
+        tmp_path: Path):
+    lines, document = _run_json_bench(
+        tmp_path, "bench.overload", "--processes", "2", "--concurrency", "50",
+        "--calibration-concurrency", "8", "--seconds", "2", "--runs", "1", "--users", "50")
+    assert set(document["targets"]) == {"quotad", "echo"}
+    for name, entry in document["targets"].items():
+        median = entry["median"]
+        assert median["capacity_pairs_per_s"] > 0, name
+        assert median["goodput_pairs_per_s"] >= 0 and median["goodput_share"] >= 0, name
+        assert median["survived_runs"] == 1 and median["peak_rss_bytes"] > 0, name
+        assert median["overload_codes"]["OK"] > 0, name
+        run = entry["runs"][0]
+        assert set(run["overload"]["codes"]) >= {"OK", "CANCELLED", "DEADLINE_EXCEEDED",
+                                                 "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+        assert run["calibration"]["in_flight"] == 16 and run["overload"]["in_flight"] == 100
+    text = "\n".join(lines)
+    assert "quotad / echo, goodput as a share of capacity:" in text
+    assert any(line.startswith("quotad ") and "%" in line for line in lines)
+    assert any(line.strip().startswith("DEADLINE_EXCEEDED") for line in lines)
+
+
+def test_the_soak_and_overload_help_explain_every_flag():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import overload, soak
+    finally:
+        sys.path.remove(str(ROOT))
+    for module in (soak, overload):
+        flags = [action for action in module.build_parser()._actions if action.option_strings]
+        for action in flags:
+            assert action.help and len(action.help) > 15, action.option_strings

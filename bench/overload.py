@@ -1,0 +1,387 @@
+"""Overload: what share of its capacity quotad still serves when offered far more calls than
+it can answer in time, beside a bare grpc.aio echo server offered the same.
+
+    python -m bench.overload [--processes 4] [--concurrency 2000] [--deadline-s 1]
+                             [--seconds 10] [--runs 3]
+
+Each client process keeps --concurrency loops, each sending a unary Reserve and, once it is
+answered, a unary Commit of its hold (raw stubs: no coalescing, no idempotency keys, no
+retries), every call with a deadline of --deadline-s; a loop starts its next pair as soon as
+the last one ends (after 10 ms when a call failed). A pair is *good* when both calls
+succeeded, each within its deadline; goodput is good pairs per second.
+
+Each run, for each server (quotad on a fresh data directory, then the echo peer): a
+calibration phase at --calibration-concurrency per process measures its capacity (goodput
+with few calls in flight), then the overload phase at --concurrency; the overload goodput is
+printed as a % of that capacity. After the overload phase the server must still answer
+(quotad: a health check saying SERVING; the echo peer, which has no health service: a
+Reserve) within --recovery-timeout-s. Figures are medians of the runs; status codes of the
+overload phase's calls are summed over the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from . import procfs, report, stats
+from .harness import _positive_float, _positive_int, _write_json
+from .targets import ROOT, EchoTarget, QuotadTarget, Target, process_cpu_s
+from .workloads import EVENT_TYPE, MODEL, user_id
+
+CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE")
+FAILED_CALL_PAUSE_S = 0.01
+START_DELAY_S = 2.0  # for the client processes to connect and warm up before the start
+PHASE_GRACE_S = 60.0
+PROBE_EVERY_S = 0.5
+MB = 1e6
+
+EPILOG = """\
+outputs (in --results DIR, default bench/results/overload-<timestamp>/, git-ignored):
+  results.json  the config, the machine, every phase of every run, the medians
+
+examples:
+  python -m bench.overload
+  python -m bench.overload --processes 2 --concurrency 500 --seconds 5 --runs 1
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.overload", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2] + "\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=_positive_int, default=4, metavar="N",
+                        help="client processes, each with its own channel (default: 4)")
+    parser.add_argument("--concurrency", type=_positive_int, default=2000, metavar="N",
+                        help="pairs in flight per client process in the overload phase "
+                             "(default: 2000)")
+    parser.add_argument("--calibration-concurrency", type=_positive_int, default=64,
+                        metavar="N",
+                        help="pairs in flight per client process in the calibration phase, "
+                             "which measures the capacity (default: 64)")
+    parser.add_argument("--deadline-s", type=_positive_float, default=1.0, metavar="S",
+                        help="deadline of each call (default: 1)")
+    parser.add_argument("--seconds", type=_positive_float, default=10.0, metavar="S",
+                        help="measured length of each phase (default: 10)")
+    parser.add_argument("--runs", type=_positive_int, default=3, metavar="N",
+                        help="runs, each measuring quotad then the echo peer; figures are "
+                             "medians (default: 3)")
+    parser.add_argument("--users", type=_positive_int, default=1000, metavar="N",
+                        help="users, subscribed to the bench plan before each run; each loop "
+                             "sticks to one (default: 1000)")
+    parser.add_argument("--recovery-timeout-s", type=_positive_float, default=30.0, metavar="S",
+                        help="how long the server has, after the overload phase, to answer "
+                             "again (default: 30)")
+    parser.add_argument("--results", type=Path, metavar="DIR",
+                        help="where results.json goes (default: "
+                             "bench/results/overload-<timestamp>/, git-ignored)")
+    return parser
+
+
+# --- the client processes ----------------------------------------------------------------------
+
+async def _drive(address: str, index: int, concurrency: int, deadline_s: float, users: int,
+                 start_at: float, seconds: float) -> dict[str, Any]:
+    from quotad_contract.v1 import quotad_pb2 as pb
+    from quotad_contract.v1 import quotad_pb2_grpc as stubs
+
+    codes: Counter[str] = Counter()
+    details: dict[str, str] = {}  # the first error message of each status code
+    good_pair_latencies_s: list[float] = []
+    denied = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), START_DELAY_S + PHASE_GRACE_S)
+        quota = stubs.QuotaServiceStub(channel)
+
+        async def pairs(slot: int) -> None:
+            nonlocal denied
+            request = pb.ReserveRequest(user_id=user_id((index * concurrency + slot) % users),
+                                        event_type=EVENT_TYPE, amount=1000,
+                                        metadata={"model": MODEL})
+            while True:
+                started = time.monotonic()
+                try:
+                    hold = await quota.Reserve(request, timeout=deadline_s)
+                    codes["OK"] += 1
+                    if not hold.allowed:
+                        denied += 1
+                        continue
+                    await quota.Commit(pb.CommitRequest(reservation_id=hold.reservation_id,
+                                                        amount=700), timeout=deadline_s)
+                    codes["OK"] += 1
+                    good_pair_latencies_s.append(time.monotonic() - started)
+                except grpc.aio.AioRpcError as error:
+                    codes[error.code().name] += 1
+                    details.setdefault(error.code().name, error.details() or "")
+                    await asyncio.sleep(FAILED_CALL_PAUSE_S)
+
+        warm = await quota.Reserve(pb.ReserveRequest(user_id=user_id(index % users),
+                                                     event_type=EVENT_TYPE, amount=1),
+                                   timeout=PHASE_GRACE_S)
+        if warm.allowed:
+            await quota.Commit(pb.CommitRequest(reservation_id=warm.reservation_id, amount=1),
+                               timeout=PHASE_GRACE_S)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        # a process that got here late (a loaded machine) measures a shorter window
+        started = time.time()
+        cpu_started = time.process_time()
+        loops = [asyncio.create_task(pairs(slot)) for slot in range(concurrency)]
+        await asyncio.sleep(max(0.0, start_at + seconds - time.time()))
+        for loop in loops:  # calls still in flight at the end are neither good nor failed
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        return {"good_pairs": len(good_pair_latencies_s), "codes": dict(codes), "details": details,
+                "denied": denied, "latencies_s": good_pair_latencies_s,
+                "seconds": max(1e-3, start_at + seconds - started),
+                "late_s": max(0.0, started - start_at),
+                "client_cpu_s": time.process_time() - cpu_started}
+
+
+def _client(args: tuple[Any, ...]) -> dict[str, Any]:
+    return asyncio.run(_drive(*args))
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+# --- one phase, one server ---------------------------------------------------------------------
+
+def run_phase(pool: Any, target: Target, concurrency: int,
+              options: argparse.Namespace) -> dict[str, Any]:
+    """Every client process runs `concurrency` pair loops for options.seconds."""
+    pid = target.pid
+    start_at = time.time() + START_DELAY_S
+    jobs = [(target.driver()["address"], index, concurrency, options.deadline_s, options.users,
+             start_at, options.seconds) for index in range(options.processes)]
+    pending = pool.map_async(_client, jobs)
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu_before = process_cpu_s(pid)
+    rss_peak = 0
+    end = start_at + options.seconds
+    while time.time() < end and not pending.ready():  # bounded by the phase's length
+        memory = procfs.memory_bytes(pid) if pid is not None else None
+        rss_peak = max(rss_peak, (memory or {}).get("VmRSS", 0))
+        time.sleep(min(0.2, max(0.0, end - time.time())))
+    cpu_after = process_cpu_s(pid)
+    clients = pending.get(timeout=options.seconds + options.deadline_s * 2 + PHASE_GRACE_S)
+    codes: Counter[str] = Counter()
+    for client in clients:
+        codes.update(client["codes"])
+    good = sum(client["good_pairs"] for client in clients)
+    latencies = sorted(value for client in clients for value in client["latencies_s"])
+    return {
+        "concurrency": concurrency,
+        "in_flight": concurrency * options.processes,
+        "good_pairs": good,
+        "goodput_pairs_per_s": sum(client["good_pairs"] / client["seconds"]
+                                   for client in clients),
+        "latest_client_start_s": max(client["late_s"] for client in clients),
+        "good_pair_p50_ms": stats.percentile(latencies, 0.5) * 1e3,
+        "good_pair_p99_ms": stats.percentile(latencies, 0.99) * 1e3,
+        "codes": {code: codes.get(code, 0) for code in CODES}
+        | {code: count for code, count in codes.items() if code not in CODES},
+        "details": {code: text for client in clients for code, text in client["details"].items()},
+        "denied": sum(client["denied"] for client in clients),
+        "rss_peak_sampled_bytes": rss_peak or None,
+        "server_cpu_util": ((cpu_after - cpu_before) / options.seconds
+                            if cpu_before is not None and cpu_after is not None else None),
+        "client_cpu_util": sum(client["client_cpu_s"] for client in clients) / options.seconds,
+    }
+
+
+async def _answers(target: Target, timeout_s: float) -> bool:
+    """quotad: its health service says SERVING; the echo peer: it answers a Reserve."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from quotad_contract.v1 import quotad_pb2 as pb
+    from quotad_contract.v1 import quotad_pb2_grpc as stubs
+
+    async with grpc.aio.insecure_channel(target.driver()["address"]) as channel:
+        try:
+            if target.name == "quotad":
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout_s)
+                return answer.status == health_pb2.HealthCheckResponse.SERVING
+            await stubs.QuotaServiceStub(channel).Reserve(pb.ReserveRequest(
+                user_id=user_id(0), event_type=EVENT_TYPE, amount=1), timeout=timeout_s)
+            return True
+        except grpc.aio.AioRpcError:
+            return False
+
+
+def recovery_s(target: Target, timeout_s: float) -> float | None:
+    """Seconds until the server answers again after the overload, None if it did not within
+    timeout_s (or its process is gone)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:  # bounded in time
+        if target.pid is None or procfs.memory_bytes(target.pid) is None:
+            return None
+        left = timeout_s - (time.monotonic() - started)
+        if asyncio.run(_answers(target, min(5.0, max(0.1, left)))):
+            return time.monotonic() - started
+        time.sleep(PROBE_EVERY_S)
+    return None
+
+
+def run_target(pool: Any, target: Target, options: argparse.Namespace) -> dict[str, Any]:
+    target.start()
+    try:
+        target.set_up(options.users)
+        calibration = run_phase(pool, target, options.calibration_concurrency, options)
+        overload = run_phase(pool, target, options.concurrency, options)
+        recovered_s = recovery_s(target, options.recovery_timeout_s)
+        memory = procfs.memory_bytes(target.pid) if target.pid is not None else None
+    finally:
+        server = target.stop()
+    capacity = calibration["goodput_pairs_per_s"]
+    return {
+        "capacity_pairs_per_s": capacity,
+        "goodput_pairs_per_s": overload["goodput_pairs_per_s"],
+        "goodput_share": overload["goodput_pairs_per_s"] / capacity if capacity else None,
+        "peak_rss_bytes": (memory or {}).get("VmHWM"),
+        "survived": recovered_s is not None,
+        "recovery_s": recovered_s,
+        "calibration": calibration,
+        "overload": overload,
+        "server": server,
+    }
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def _run_line(name: str, run_index: int, runs: int, run: dict[str, Any]) -> str:
+    share = run["goodput_share"]
+    codes = run["overload"]["codes"]
+    rss = run["peak_rss_bytes"]
+    return (f"{name:<7} run {run_index + 1}/{runs}: capacity {run['capacity_pairs_per_s']:,.0f} "
+            f"pairs/s, overload goodput {run['goodput_pairs_per_s']:,.0f} pairs/s "
+            f"({'—' if share is None else f'{share:.0%}'}); "
+            + " ".join(f"{code} {count:,}" for code, count in codes.items() if count)
+            + f"; peak RSS {'—' if rss is None else f'{rss / MB:,.0f} MB'}; "
+            + ("answered again" + (f" after {run['recovery_s']:.1f} s" if run["recovery_s"]
+                                   else "") if run["survived"] else "DID NOT ANSWER AGAIN"))
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(key: str) -> float | None:
+        return stats.median_of(runs, key)
+
+    codes: Counter[str] = Counter()
+    for run in runs:
+        codes.update(run["overload"]["codes"])
+    return {
+        "capacity_pairs_per_s": median("capacity_pairs_per_s"),
+        "goodput_pairs_per_s": median("goodput_pairs_per_s"),
+        "goodput_share": median("goodput_share"),
+        "peak_rss_bytes": max((run["peak_rss_bytes"] or 0 for run in runs), default=0) or None,
+        "survived_runs": sum(1 for run in runs if run["survived"]),
+        "runs": len(runs),
+        "overload_codes": dict(codes),
+        "overload_details": {code: text for run in runs
+                             for code, text in run["overload"]["details"].items()},
+        "overload_server_cpu_util": statistics.median(
+            run["overload"]["server_cpu_util"] or 0.0 for run in runs),
+        "overload_client_cpu_util": statistics.median(
+            run["overload"]["client_cpu_util"] for run in runs),
+    }
+
+
+def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespace) -> None:
+    print()
+    print(f"medians of {options.runs} run(s); overload: {options.processes} x "
+          f"{options.concurrency:,} pairs in flight, calibration: {options.processes} x "
+          f"{options.calibration_concurrency:,}; deadline {options.deadline_s:g} s per call")
+    print(f"{'server':<7} {'capacity pairs/s':>16} {'overload goodput':>16} {'% of capacity':>13} "
+          f"{'peak RSS MB':>11} {'survived':>9} {'server CPU':>10} {'client CPU':>10}")
+    for name, m in medians.items():
+        share = "—" if m["goodput_share"] is None else f"{m['goodput_share']:.0%}"
+        rss = "—" if not m["peak_rss_bytes"] else f"{m['peak_rss_bytes'] / MB:,.0f}"
+        survived = f"{m['survived_runs']}/{m['runs']}"
+        print(f"{name:<7} {m['capacity_pairs_per_s']:>16,.0f} {m['goodput_pairs_per_s']:>16,.0f} "
+              f"{share:>13} {rss:>11} {survived:>9} {m['overload_server_cpu_util']:>10.0%} "
+              f"{m['overload_client_cpu_util']:>10.0%}")
+    print("(CPU: in the overload phase, share of one core: the server; all client processes)")
+    names = list(medians)
+    print()
+    print(f"overload status codes (calls, all runs): {'':<14}" + "".join(
+        f"{name:>12}" for name in names))
+    shown = list(CODES) + sorted({code for m in medians.values() for code in m["overload_codes"]}
+                                 - set(CODES))
+    for code in shown:
+        print(f"  {code:<52}" + "".join(
+            f"{medians[name]['overload_codes'].get(code, 0):>12,}" for name in names))
+    for name, m in medians.items():
+        for code, text in sorted(m["overload_details"].items()):
+            print(f"  {name} {code}: e.g. {text!r}")
+    quotad, echo = medians.get("quotad"), medians.get("echo")
+    if quotad and echo:
+        ratio = stats.ratio(quotad["goodput_share"], echo["goodput_share"])
+        print()
+        print("quotad / echo, goodput as a share of capacity: "
+              + ("—" if ratio is None else f"{ratio:.2f}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    results_dir = options.results or ROOT / "bench" / "results" / time.strftime(
+        "overload-%Y%m%d-%H%M%S")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / "results.json"
+    config = {key: (str(value) if isinstance(value, Path) else value)
+              for key, value in vars(options).items()}
+    document: dict[str, Any] = {"version": 1, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                "finished": False, "config": config,
+                                "machine": report.machine(None),
+                                "targets": {"quotad": {"runs": []}, "echo": {"runs": []}}}
+    print(f"overload: unary Reserve + Commit pairs, {options.processes} x "
+          f"{options.calibration_concurrency:,} in flight to calibrate, then {options.processes} x "
+          f"{options.concurrency:,}; {options.deadline_s:g} s deadline per call, "
+          f"{options.seconds:g} s per phase, {options.runs} run(s); quotad, then the echo peer; "
+          f"results in {results_dir}", flush=True)
+    pool = multiprocessing.get_context("spawn").Pool(options.processes,
+                                                    initializer=_ignore_sigint)
+    try:
+        for run_index in range(options.runs):
+            for target in (QuotadTarget(), EchoTarget()):  # alternate: drift hits both
+                print(f"{target.name} run {run_index + 1}/{options.runs}: calibration, then "
+                      "overload ...", file=sys.stderr, flush=True)
+                run = run_target(pool, target, options)
+                document["targets"][target.name]["runs"].append(run)
+                _write_json(json_path, document)
+                print(_run_line(target.name, run_index, options.runs, run), flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped; partial results in " + str(json_path),
+              file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, OSError, multiprocessing.TimeoutError) as error:
+        print(f"overload failed: {error!r}", file=sys.stderr)
+        return 1
+    finally:
+        pool.terminate()
+        pool.join()
+        _write_json(json_path, document)
+    medians = {name: summarise(entry["runs"]) for name, entry in document["targets"].items()}
+    for name, summary in medians.items():
+        document["targets"][name]["median"] = summary
+    print_summary(medians, options)
+    document["machine"]["loadavg_at_end"] = report.loadavg()
+    document["finished"] = True
+    document["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_json(json_path, document)
+    print(f"\nresults: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
