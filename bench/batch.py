@@ -27,8 +27,9 @@ from typing import Any
 
 import grpc
 from quotad.core import limits
+from quotad.testing import ServerProcess
 
-from .targets import EchoTarget, _server_process_class, _set_up_quotad, process_cpu_s
+from .targets import EchoTarget, _set_up_quotad, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
 
 USERS = 1000
@@ -116,8 +117,7 @@ def run_once(options: argparse.Namespace) -> dict[str, float]:
             echo.stop()
     if address is None:
         data_dir = tempfile.TemporaryDirectory(prefix="bench-batch-")
-        server = _server_process_class()(Path(data_dir.name) / "data", plans=None,
-                                         extra_args=())
+        server = ServerProcess(Path(data_dir.name) / "data")
         server.start()
         address = server.address
     try:

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from quotad.testing import ServerProcess
+
 from . import redis_peer
 from .workloads import DEFAULT_TTL_S, EVENT_TYPE, PLAN, user_id
 
@@ -30,15 +32,6 @@ DESCRIPTIONS = {
     "echo": "echo (bare grpc.aio, same messages)",
 }
 PEERS = ("redis-always", "redis-none", "echo")
-
-
-def _server_process_class() -> Any:
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        from server_process import ServerProcess
-    finally:
-        sys.path.remove(str(ROOT / "tests"))
-    return ServerProcess
 
 
 def process_cpu_s(pid: int | None) -> float | None:
@@ -74,7 +67,7 @@ class QuotadTarget(Target):
     def __init__(self, external: str | None = None) -> None:
         self.external = external
         self.description = DESCRIPTIONS["quotad"] + (f" at {external}" if external else "")
-        self._server: Any = None
+        self._server: ServerProcess | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.address = external or ""
 
@@ -93,8 +86,7 @@ class QuotadTarget(Target):
         if self.external:
             return
         self._dir = tempfile.TemporaryDirectory(prefix="bench-quotad-")
-        server = _server_process_class()(Path(self._dir.name) / "data", plans=None,
-                                         extra_args=())
+        server = ServerProcess(Path(self._dir.name) / "data")
         self._server = server
         try:
             server.start()

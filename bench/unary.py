@@ -26,13 +26,11 @@ from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from server_process import ServerProcess  # noqa: E402
+from quotad.testing import ServerProcess
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc as stubs
 
-from bench.targets import process_cpu_s  # noqa: E402
-
-from quotad_contract.v1 import quotad_pb2 as pb  # noqa: E402
-from quotad_contract.v1 import quotad_pb2_grpc as stubs  # noqa: E402
+from bench.targets import process_cpu_s
 
 USERS = 1000
 
@@ -90,7 +88,7 @@ def _figures(calls: int, latencies_s: list[float], seconds: float,
 
 def run_quotad(concurrency: int, seconds: float, pairs: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as data_dir:
-        server = ServerProcess(Path(data_dir), plans=None, extra_args=()).start()
+        server = ServerProcess(Path(data_dir)).start()
         try:
             calls, latencies_s, server_cpu_s = asyncio.run(_drive(
                 server.address, concurrency, seconds, pairs, set_up=True,

@@ -9,8 +9,8 @@ import pytest
 
 from server_process import ServerProcess
 
-# As the quotad package sets it, before any test module imports grpc: the writer tests fork
-# snapshot children from this process.
+# As the server's entry point (quotad.cli.main) sets it, before any test module imports grpc:
+# the writer tests fork snapshot children from this process.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 

@@ -11,19 +11,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quotad import config_file
 from quotad.core import limits
 from quotad import logs
-from quotad.config_file import ConfigFileError
 from quotad_contract.plans import PlansFileError
-from quotad.server import Config, serve
 from quotad.storage.codec import state_digest
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog
 from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, recover,
 )
 
-NS_PER_DAY = config_file.NS_PER_DAY
+# Nothing above imports grpc, so that main() can set how grpc starts before it is imported:
+# the server (and config_file, which describes its Config) are imported in the functions.
+FORK_SUPPORT_ENV = "GRPC_ENABLE_FORK_SUPPORT"
 ADMIN_KEY_ENV = "QUOTAD_ADMIN_KEY"
 SERVE_EPILOG = """\
 Every flag may also be set in a TOML file given with --config; keys are the flag names
@@ -42,6 +41,7 @@ Example (examples/quotad.toml lists every key with its default):
 
 def admin_key(key_file: Path | None, environ: dict[str, str]) -> str:
     """The admin key from --admin-key-file or QUOTAD_ADMIN_KEY (not both); empty: none."""
+    from quotad import config_file
     from_env = environ.get(ADMIN_KEY_ENV, "")
     if key_file is None:
         return from_env
@@ -59,6 +59,7 @@ def admin_key(key_file: Path | None, environ: dict[str, str]) -> str:
 
 def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The command line; file_defaults (from --config) replace the serve flags' defaults."""
+    from quotad import config_file
     root = argparse.ArgumentParser(
         prog="quotad",
         description="quotad: a per-end-user quota authority for AI products, over gRPC.",
@@ -91,7 +92,7 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      metavar="SECONDS", help="... or after this many seconds with new records "
                                              "(default: %(default)s)")
     run.add_argument("--audit-retention-days", type=float,
-                     default=AUDIT_RETENTION_NS_DEFAULT / NS_PER_DAY, metavar="DAYS",
+                     default=AUDIT_RETENTION_NS_DEFAULT / config_file.NS_PER_DAY, metavar="DAYS",
                      help="keep log records (the audit trail) at least this long "
                           "(default: %(default)s)")
     run.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
@@ -159,6 +160,16 @@ def verify(data_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Snapshots are written by a forked child process (storage/snapshot_child.py) that never
+    # uses gRPC. gRPC's own fork handlers would restart its threads in that child, polling
+    # descriptors the parent still serves on. grpc reads this once, when it is first imported,
+    # which is below: the server is imported only now. Set here, in the server's process, and
+    # not on importing quotad, since a library must leave its user's process as it finds it.
+    os.environ.setdefault(FORK_SUPPORT_ENV, "false")
+    from quotad import config_file
+    from quotad.config_file import ConfigFileError
+    from quotad.server import Config, serve
+
     args = parser().parse_args(argv)
     if args.command == "verify":
         try:
