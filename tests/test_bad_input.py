@@ -42,6 +42,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from quotad.core import limits
+from quotad_contract.errors import ERROR_DOMAIN
 from quotad_contract.v1 import quotad_pb2 as pb
 from messages_at_limits import plan_of_bytes
 from server_process import ServerProcess
@@ -84,7 +85,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 TIMESTAMP_MIN_S, TIMESTAMP_MAX_S = -62_135_596_800, 253_402_300_799  # 0001-01-01 .. 9999-12-31
 NS = 10**9
-ERROR_DOMAIN = "quotad"
 RESERVATION_ID = re.compile(r"rsv_[0-9a-f]{24}")
 
 Code = grpc.StatusCode

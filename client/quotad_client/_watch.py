@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import grpc
 
+from quotad_contract.errors import ErrorReason
 from quotad_contract.v1 import quotad_pb2
 
 from ._errors import QuotadError, ResourceExhausted
@@ -21,7 +22,7 @@ from ._types import WatchUpdate
 RECONNECT_ATTEMPTS_MAX = 60
 """Consecutive reconnects without a message before the watch gives up (about a minute with
 the default backoff, enough for a server restart)."""
-QUEUE_FULL_REASON = "WATCH_QUEUE_FULL"
+QUEUE_FULL_REASON = ErrorReason.WATCH_QUEUE_FULL
 
 
 def reconnects_after(error: QuotadError) -> bool:
