@@ -16,8 +16,9 @@ from quotad import logs
 from quotad_contract.plans import PlansFileError
 from quotad.storage.codec import state_digest
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog
+from quotad.engine.recovery import recover
 from quotad.engine.writer import (
-    AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, recover,
+    AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT,
 )
 
 # Nothing above imports grpc, so that main() can set how grpc starts before it is imported:

@@ -37,9 +37,9 @@ from quotad.api.gate import Gate, GateState, is_loopback
 from quotad.api.service import generic_handlers, http_usage_authorizer
 from quotad_contract.v1 import quotad_pb2
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
+from quotad.engine.recovery import recover
 from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, Writer,
-    recover,
 )
 
 log = logging.getLogger("quotad.server")
