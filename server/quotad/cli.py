@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     from quotad.server import Config, serve
 
     args = parser().parse_args(argv)
+    if sys.flags.optimize:  # serve and verify both apply commands to the core
+        print("quotad: refusing to run under python -O or PYTHONOPTIMIZE (sys.flags.optimize="
+              f"{sys.flags.optimize}): it strips the asserts that check the core's invariants",
+              file=sys.stderr)
+        return 2
     if args.command == "verify":
         try:
             return verify(args.data_dir)
