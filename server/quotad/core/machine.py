@@ -171,7 +171,9 @@ class Core:
     # --- the way in -----------------------------------------------------------------------
 
     def apply(self, command: Command, now_ns: int) -> Outcome:
-        assert now_ns >= self.last_record_ns, (now_ns, self.last_record_ns)
+        if now_ns < self.last_record_ns:  # the caller's clock, checked even under python -O
+            raise ValueError(f"time went back: now_ns {now_ns} is before the last record's "
+                             f"{self.last_record_ns}")
         records = self._expire_due(now_ns)
         if isinstance(command, ExpireHolds):
             expired = records[0].command.expired if records else ()
@@ -435,7 +437,8 @@ class Core:
                 f"user {command.user_id!r} has {user.live_holds} live holds, the most allowed",
             )
         app = self.apps[command.app]
-        assert command.reservation_id not in app.reservations, command.reservation_id
+        if command.reservation_id in app.reservations:  # chosen by the caller, so checked
+            raise AlreadyExists(f"reservation id {command.reservation_id!r} is taken")
         groups = plan.matched_groups(command.event_type, command.metadata)
         counters = [self._current(user, group, now_ns) for group in groups]
         denied_by = self._first_without_room(groups, counters, command.amount)
