@@ -33,7 +33,7 @@ from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.storage.snapshot import core_to_plain
 from quotad.storage.wal import WriteAheadLog, Snapshot
-from quotad.engine.writer import recover
+from quotad.engine.recovery import recover
 
 BATCH = 8192
 PLAN = Plan(id="pro", limit_groups=(

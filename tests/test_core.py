@@ -80,6 +80,23 @@ def test_reserve_denied_by_first_group_without_room_holds_nothing_anywhere() -> 
     assert all(v.held == 0 for v in h.usage("alice").values())
 
 
+def test_reserve_with_a_reservation_id_in_use_is_already_exists_and_changes_nothing(
+        h: Harness) -> None:
+    held = h.reserve("alice", 10, "openai.chat")
+    before = h.digest()
+    outcome = h.apply(h.reserve_command("alice", 20, reservation_id=held.reservation_id))
+    assert isinstance(outcome.error, AlreadyExists) and outcome.records == ()
+    assert h.digest() == before and h.counter("alice", "tokens").held == 10
+
+
+def test_apply_refuses_a_time_before_the_last_record_and_changes_nothing(h: Harness) -> None:
+    h.reserve("alice", 10, "openai.chat")
+    before = h.digest()
+    with pytest.raises(ValueError, match="time went back"):
+        h.core.apply(h.reserve_command("alice", 20), h.now - 1)
+    assert h.digest() == before
+
+
 def test_reserve_allowed_up_to_exactly_the_quota_and_denied_one_past_it(h: Harness) -> None:
     h.track("alice", 60, "openai.chat", GPT4O)  # premium used 60
     held = h.reserve("alice", 30, "openai.chat", GPT4O)  # premium held 30

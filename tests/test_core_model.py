@@ -28,7 +28,8 @@ from quotad.core.commands import (
     Commit, ExpiredHold, ExpireHolds, Extend, GetUsage, Release, Reserve, Track, UpsertPlan,
     UpsertSubscription,
 )
-from quotad.core.machine import Core, Status
+from quotad.core.holds import HoldState
+from quotad.core.machine import Core
 from quotad.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from quotad.core.plans import Window
 from quotad.storage.snapshot import core_from_plain, core_to_plain
@@ -558,7 +559,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return
         expected: dict = {}
         for r in app.reservations.values():
-            if r.status is Status.LIVE:
+            if r.status is HoldState.LIVE:
                 for hold in r.holds:
                     slot = (r.user_id, hold.key, hold.window, hold.window_start_ns)
                     expected[slot] = expected.get(slot, 0) + r.amount
@@ -587,7 +588,7 @@ class QuotaMachine(RuleBasedStateMachine):
         if app is None:
             return
         live = sorted((r.expires_at_ns, r.sequence, APP, r.reservation_id)
-                      for r in app.reservations.values() if r.status is Status.LIVE)
+                      for r in app.reservations.values() if r.status is HoldState.LIVE)
         assert list(self.core.expiry) == live
         model_live = {r: h.expires_at for r, h in self.holds.items() if h.status == "live"}
         assert {e[3]: e[0] for e in self.core.expiry} == model_live

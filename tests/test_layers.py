@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-PURE_MODULES = ("quotad.core.machine", "quotad.core.commands", "quotad.core.plans",
-                "quotad.core.windows", "quotad.core.errors", "quotad.core.limits")
+PURE_MODULES = ("quotad.core.machine", "quotad.core.holds", "quotad.core.commands",
+                "quotad.core.plans", "quotad.core.windows", "quotad.core.errors",
+                "quotad.core.limits")
 IO_MODULES = ("asyncio", "grpc", "lmdb")
 
 

@@ -14,7 +14,9 @@ from quotad.storage.codec import state_digest
 from quotad.core.commands import Track, UpsertPlan, UpsertSubscription
 from quotad.core.plans import LimitGroup, Plan, Window
 from quotad.storage.wal import DataDirLocked, WriteAheadLog
-from quotad.engine.writer import ServerClock, Writer, WriterStopped, recover
+from quotad.engine.clock import ServerClock
+from quotad.engine.recovery import recover
+from quotad.engine.writer import Writer, WriterStopped
 
 PLAN = Plan(id="p", limit_groups=(LimitGroup(key="units", quota=10**15, window=Window.LIFETIME),))
 

@@ -16,8 +16,9 @@ from quotad import logs
 from quotad_contract.plans import PlansFileError
 from quotad.storage.codec import state_digest
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog
+from quotad.engine.recovery import recover
 from quotad.engine.writer import (
-    AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, recover,
+    AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT,
 )
 
 # Nothing above imports grpc, so that main() can set how grpc starts before it is imported:
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     from quotad.server import Config, serve
 
     args = parser().parse_args(argv)
+    if sys.flags.optimize:  # serve and verify both apply commands to the core
+        print("quotad: refusing to run under python -O or PYTHONOPTIMIZE (sys.flags.optimize="
+              f"{sys.flags.optimize}): it strips the asserts that check the core's invariants",
+              file=sys.stderr)
+        return 2
     if args.command == "verify":
         try:
             return verify(args.data_dir)

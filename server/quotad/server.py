@@ -37,9 +37,9 @@ from quotad.api.gate import Gate, GateState, is_loopback
 from quotad.api.service import generic_handlers, http_usage_authorizer
 from quotad_contract.v1 import quotad_pb2
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
+from quotad.engine.recovery import recover
 from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, Writer,
-    recover,
 )
 
 log = logging.getLogger("quotad.server")
@@ -153,127 +153,178 @@ async def serve(config: Config) -> int:
     """Runs until SIGTERM/SIGINT (returns 0) or a storage failure (returns 1)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     plans = load_plans(config.plans) if config.plans else []
-    wal = WriteAheadLog(config.data_dir, map_size_bytes=config.map_size_bytes)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    failure: list[BaseException] = []
-
-    def fail(error: BaseException) -> None:
-        failure.append(error)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    gate = Gate()
-    health_servicer = health.aio.HealthServicer()
-    metrics = Metrics()
-    measured = bool(config.metrics_listen)  # no per-call metrics work unless they are served
-    interceptors = [MetricsInterceptor(metrics)] if measured else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
-        ("grpc.max_send_message_length", limits.RESPONSE_BYTES_MAX),
-        ("grpc.so_reuseport", 0),
-    ])
-    server.add_generic_rpc_handlers(generic_handlers(gate))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if config.reflection:
-        names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name
-                 for n in SERVICE_NAMES]
-        reflection.enable_server_reflection(
-            (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    try:
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
-            port = server.add_secure_port(config.listen, credentials)
-        else:
-            port = server.add_insecure_port(config.listen)
-    except OSError as error:
-        wal.close()
-        raise ValueError(f"--tls-cert/--tls-key: cannot read ({error})") from error
-    except RuntimeError as error:  # grpc's way of saying the address is taken or invalid
-        wal.close()
-        raise ValueError(f"--listen {config.listen}: cannot listen there ({error})") from error
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
-    address = f"{config.listen.rpartition(':')[0]}:{port}"
-    http_api = HttpApi(gate, authorize=http_usage_authorizer(gate),
-                       cors_origins=config.cors_origins,
-                       read_timeout_s=config.http_read_timeout_s,
-                       metrics=metrics if measured else None)
-    http_address = ""
-    if config.http_listen:
-        http_host, _, http_port = config.http_listen.rpartition(":")
-        try:
-            http_port = await http_api.start(http_host, int(http_port), _https_context(config))
-            http_address = f"{http_host}:{http_port}"
-        except OSError as error:
-            await server.stop(0)
-            wal.close()
-            raise ValueError(f"--http-listen {config.http_listen}: cannot listen there "
-                             f"({error})") from error
-    log.info("listening", extra={"address": address, "http": http_address, "state": "starting"})
-
-    started = time.monotonic()
-    try:
-        core = await loop.run_in_executor(None, recover, wal)
-    except Exception as error:  # a log we cannot trust: refuse to serve anything
-        log.critical("cannot recover the log, refusing to start", extra={"error": str(error)})
-        await http_api.close()
-        await server.stop(0)
-        wal.close()
+    wal = WriteAheadLog(config.data_dir, map_size_bytes=config.map_size_bytes)  # locks the dir
+    process = _Process(config, wal)
+    await process.listen_not_serving()
+    core = await process.recover_core()
+    if core is None:
         return 1
-    gc.freeze()  # the recovered state is long-lived: cyclic GC never scans it again
-    gc.set_threshold(*GC_THRESHOLDS)
-    leftovers = snapshot_child.remove_leftovers(config.data_dir)
-    if leftovers:
-        log.info("removed unfinished snapshot files", extra={"files": leftovers})
-    writer = Writer(core, wal, on_failure=fail, fork_snapshots=hasattr(os, "fork"),
-                    on_flush=metrics.observe_flush if measured else None,
-                    snapshot_every_records=config.snapshot_every_records,
-                    snapshot_every_s=config.snapshot_every_s,
-                    audit_retention_ns=config.audit_retention_ns)
-    writer.start()
-    metrics.watch_live_holds(lambda: len(core.expiry))
-    metrics.watch_log(wal.env)
-    metrics_address = ""
-    if config.metrics_listen:
-        metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
-        bound = metrics.serve(metrics_host, int(metrics_port))
-        metrics_address = f"{metrics_host}:{bound}"
+    writer = process.start_writer(core)
     await writer.expire_due()
     for plan in plans:
         await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
-    gate.auth = Authenticator(config.admin_key, core.keys)
-    gate.writer, gate.state = writer, GateState.SERVING
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"address": address, "records": core.sequence,
-                               "recovery_s": round(time.monotonic() - started, 3),
-                               "plans_loaded": len(plans), "metrics": metrics_address,
-                               "keys": "on" if config.admin_key else "off",
-                               "tls": config.tls_cert is not None,
-                               "http": http_address,
-                               **_digest(config, core)})
+    await process.report_serving(plans_loaded=len(plans))
+    await process.stop.wait()
+    return await process.drain_flush_and_exit()
 
-    await stop.wait()
-    gate.state = GateState.FAILED if failure else GateState.DRAINING
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    http_api.stop_accepting()
-    await server.stop(0 if failure else limits.DRAIN_S)
-    await http_api.close()
-    await writer.close()
-    wal.close()
-    if failure:
-        log.critical("stopped after a failure", extra={"error": repr(failure[0])})
-        return 1
-    log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
-                               "records_written": writer.records_written,
-                               "snapshots": writer.snapshots,
-                               "snapshot_children_failed": writer.snapshot_children_failed,
-                               "snapshot_stall_ms_max": round(writer.snapshot_stall_s_max * 1e3, 3),
-                               **_digest(config, core)})
-    return 0
+
+class _Process:
+    """The parts of one serving process, which serve() starts one step after another."""
+
+    writer: Writer
+    core: Core
+
+    def __init__(self, config: Config, wal: WriteAheadLog) -> None:
+        self.config = config
+        self.wal = wal
+        self.stop = asyncio.Event()
+        """Set by SIGTERM, SIGINT or a storage failure."""
+        self.failure: list[BaseException] = []
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop.set)
+        self.gate = Gate()
+        self.health_servicer = health.aio.HealthServicer()
+        self.metrics = Metrics()
+        self.measured = bool(config.metrics_listen)  # no per-call metrics work unless served
+        self.server = self._grpc_server()
+        self.http_api = HttpApi(self.gate, authorize=http_usage_authorizer(self.gate),
+                                cors_origins=config.cors_origins,
+                                read_timeout_s=config.http_read_timeout_s,
+                                metrics=self.metrics if self.measured else None)
+        self.address = self.http_address = self.metrics_address = ""
+        self.recovery_started = 0.0
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server with every service on it, not yet listening."""
+        config = self.config
+        interceptors = [MetricsInterceptor(self.metrics)] if self.measured else []
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", limits.RESPONSE_BYTES_MAX),
+            ("grpc.so_reuseport", 0),
+        ])
+        server.add_generic_rpc_handlers(generic_handlers(self.gate))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        if config.reflection:
+            names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name
+                     for n in SERVICE_NAMES]
+            reflection.enable_server_reflection(
+                (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server
+
+    def _fail(self, error: BaseException) -> None:
+        self.failure.append(error)
+        self.stop.set()
+
+    async def listen_not_serving(self) -> None:
+        """Listens for gRPC (and HTTP) with health NOT_SERVING: calls get UNAVAILABLE until
+        the state is recovered. ValueError if an address or the TLS files cannot be had."""
+        config, server = self.config, self.server
+        try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+                port = server.add_secure_port(config.listen, credentials)
+            else:
+                port = server.add_insecure_port(config.listen)
+        except OSError as error:
+            self.wal.close()
+            raise ValueError(f"--tls-cert/--tls-key: cannot read ({error})") from error
+        except RuntimeError as error:  # grpc's way of saying the address is taken or invalid
+            self.wal.close()
+            raise ValueError(f"--listen {config.listen}: cannot listen there ({error})") from error
+        await _set_health(self.health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self.address = f"{config.listen.rpartition(':')[0]}:{port}"
+        if config.http_listen:
+            http_host, _, http_port = config.http_listen.rpartition(":")
+            try:
+                http_port = await self.http_api.start(http_host, int(http_port),
+                                                      _https_context(config))
+                self.http_address = f"{http_host}:{http_port}"
+            except OSError as error:
+                await server.stop(0)
+                self.wal.close()
+                raise ValueError(f"--http-listen {config.http_listen}: cannot listen there "
+                                 f"({error})") from error
+        log.info("listening", extra={"address": self.address, "http": self.http_address,
+                                     "state": "starting"})
+
+    async def recover_core(self) -> Core | None:
+        """The core from the snapshot and the log; None, having stopped listening, if the
+        log cannot be trusted."""
+        self.recovery_started = time.monotonic()
+        try:
+            core = await asyncio.get_running_loop().run_in_executor(None, recover, self.wal)
+        except Exception as error:  # a log we cannot trust: refuse to serve anything
+            log.critical("cannot recover the log, refusing to start",
+                         extra={"error": str(error)})
+            await self.http_api.close()
+            await self.server.stop(0)
+            self.wal.close()
+            return None
+        gc.freeze()  # the recovered state is long-lived: cyclic GC never scans it again
+        gc.set_threshold(*GC_THRESHOLDS)
+        return core
+
+    def start_writer(self, core: Core) -> Writer:
+        """The writer over the recovered core, and the metrics that watch it."""
+        config, metrics = self.config, self.metrics
+        leftovers = snapshot_child.remove_leftovers(config.data_dir)
+        if leftovers:
+            log.info("removed unfinished snapshot files", extra={"files": leftovers})
+        writer = Writer(core, self.wal, on_failure=self._fail, fork_snapshots=hasattr(os, "fork"),
+                        on_flush=metrics.observe_flush if self.measured else None,
+                        snapshot_every_records=config.snapshot_every_records,
+                        snapshot_every_s=config.snapshot_every_s,
+                        audit_retention_ns=config.audit_retention_ns)
+        writer.start()
+        metrics.watch_live_holds(lambda: len(core.expiry))
+        metrics.watch_log(self.wal.env)
+        if config.metrics_listen:
+            metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
+            bound = metrics.serve(metrics_host, int(metrics_port))
+            self.metrics_address = f"{metrics_host}:{bound}"
+        self.writer, self.core = writer, core
+        return writer
+
+    async def report_serving(self, *, plans_loaded: int) -> None:
+        """Opens the gate to calls and reports SERVING."""
+        config, core = self.config, self.core
+        self.gate.auth = Authenticator(config.admin_key, core.keys)
+        self.gate.writer, self.gate.state = self.writer, GateState.SERVING
+        await _set_health(self.health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"address": self.address, "records": core.sequence,
+                                   "recovery_s": round(time.monotonic() - self.recovery_started, 3),
+                                   "plans_loaded": plans_loaded, "metrics": self.metrics_address,
+                                   "keys": "on" if config.admin_key else "off",
+                                   "tls": config.tls_cert is not None,
+                                   "http": self.http_address,
+                                   **_digest(config, core)})
+
+    async def drain_flush_and_exit(self) -> int:
+        """NOT_SERVING, in-flight calls drained (at once after a failure), everything
+        flushed and closed: the exit status, 0 or 1 after a failure."""
+        failure, writer, core = self.failure, self.writer, self.core
+        self.gate.state = GateState.FAILED if failure else GateState.DRAINING
+        await _set_health(self.health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.http_api.stop_accepting()
+        await self.server.stop(0 if failure else limits.DRAIN_S)
+        await self.http_api.close()
+        await writer.close()
+        self.wal.close()
+        if failure:
+            log.critical("stopped after a failure", extra={"error": repr(failure[0])})
+            return 1
+        log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
+                                   "records_written": writer.records_written,
+                                   "snapshots": writer.snapshots,
+                                   "snapshot_children_failed": writer.snapshot_children_failed,
+                                   "snapshot_stall_ms_max": round(
+                                       writer.snapshot_stall_s_max * 1e3, 3),
+                                   **_digest(self.config, core)})
+        return 0
 
 
 def _https_context(config: Config) -> ssl.SSLContext | None:

@@ -11,7 +11,6 @@ with `expires_at_ns <= now_ns` and records that as an ExpireHolds record of its 
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from functools import cache
 from collections import Counter as Tally
@@ -31,22 +30,11 @@ from quotad.core.commands import (
 from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, QuotaError, ResourceExhausted,
 )
+from quotad.core.holds import HoldEvent, HoldState, next_state
 from quotad.core.plans import LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone
 from quotad.core.windows import window_bounds
 from quotad_contract.errors import ErrorReason
 
-
-class Status(enum.Enum):
-    LIVE = "live"
-    COMMITTED = "committed"
-    RELEASED = "released"
-    EXPIRED = "expired"
-
-
-_ENDED_REASONS = {Status.COMMITTED: ErrorReason.RESERVATION_COMMITTED,
-                  Status.RELEASED: ErrorReason.RESERVATION_RELEASED,
-                  Status.EXPIRED: ErrorReason.RESERVATION_EXPIRED}
-"""Why a hold that is no longer live cannot be extended."""
 
 @dataclass(slots=True)
 class CounterState:
@@ -82,7 +70,7 @@ class Reservation:
     sequence: int
     created_at_ns: int
     expires_at_ns: int
-    status: Status = Status.LIVE
+    status: HoldState = HoldState.LIVE
     finished_at_ns: int = 0
 
 
@@ -183,7 +171,9 @@ class Core:
     # --- the way in -----------------------------------------------------------------------
 
     def apply(self, command: Command, now_ns: int) -> Outcome:
-        assert now_ns >= self.last_record_ns, (now_ns, self.last_record_ns)
+        if now_ns < self.last_record_ns:  # the caller's clock, checked even under python -O
+            raise ValueError(f"time went back: now_ns {now_ns} is before the last record's "
+                             f"{self.last_record_ns}")
         records = self._expire_due(now_ns)
         if isinstance(command, ExpireHolds):
             expired = records[0].command.expired if records else ()
@@ -245,7 +235,8 @@ class Core:
         while self.expiry and self.expiry[0][0] <= now_ns:
             _, _, app_id, reservation_id = self.expiry.pop(0)
             reservation = self.apps[app_id].reservations[reservation_id]
-            self._end_live_hold(reservation, Status.EXPIRED, now_ns, in_index=False)
+            self._end_live_hold(reservation, next_state(reservation.status, HoldEvent.EXPIRE),
+                                now_ns, in_index=False)
             self._audit_hold("expire", reservation, reservation.amount)
             self._check_hold_thresholds(reservation)
             expired.append(ExpiredHold(app=app_id, reservation_id=reservation_id,
@@ -262,13 +253,13 @@ class Core:
                     del app.idempotency[key]  # else the key was used anew since: keep it
             else:
                 assert kind == "reservation", kind
-                assert app.reservations[key].status is not Status.LIVE
+                assert app.reservations[key].status is not HoldState.LIVE
                 del app.reservations[key]
 
-    def _end_live_hold(self, reservation: Reservation, status: Status, now_ns: int, *,
+    def _end_live_hold(self, reservation: Reservation, status: HoldState, now_ns: int, *,
                        in_index: bool) -> None:
         """Returns a live hold's amount to its counters and marks how it ended."""
-        assert reservation.status is Status.LIVE and status is not Status.LIVE
+        assert reservation.status is HoldState.LIVE and status is not HoldState.LIVE
         if in_index:
             self.expiry.remove(self._expiry_entry(reservation))
         user = self.apps[reservation.app].users[reservation.user_id]
@@ -380,7 +371,7 @@ class Core:
                                        for other in self.apps.values()):
             raise PermissionDenied(f"reservation {reservation_id!r} belongs to another app")
         if reservation is None or (
-                reservation.status is not Status.LIVE
+                reservation.status is not HoldState.LIVE
                 and reservation.finished_at_ns + limits.RESERVATION_RETENTION_NS <= now_ns):
             raise NotFound(f"no reservation {reservation_id!r}")
         return reservation
@@ -446,7 +437,8 @@ class Core:
                 f"user {command.user_id!r} has {user.live_holds} live holds, the most allowed",
             )
         app = self.apps[command.app]
-        assert command.reservation_id not in app.reservations, command.reservation_id
+        if command.reservation_id in app.reservations:  # chosen by the caller, so checked
+            raise AlreadyExists(f"reservation id {command.reservation_id!r} is taken")
         groups = plan.matched_groups(command.event_type, command.metadata)
         counters = [self._current(user, group, now_ns) for group in groups]
         denied_by = self._first_without_room(groups, counters, command.amount)
@@ -480,20 +472,15 @@ class Core:
 
     def _commit(self, command: Commit, now_ns: int) -> tuple[CommitResult, bool]:
         reservation = self._reservation(command.app, command.reservation_id, now_ns)
-        if reservation.status is Status.RELEASED:
-            raise FailedPrecondition(ErrorReason.RESERVATION_RELEASED,
-                                     "the hold was released: its caller said it was not used")
-        if reservation.status is Status.COMMITTED:
-            raise FailedPrecondition(ErrorReason.RESERVATION_COMMITTED,
-                                     "the hold is already committed")
+        status = next_state(reservation.status, HoldEvent.COMMIT)
         amount = reservation.amount if command.amount is None else command.amount
-        expired = reservation.status is Status.EXPIRED
+        expired = reservation.status is HoldState.EXPIRED
         user = self.apps[command.app].users[reservation.user_id]
         counters = [self._counter_of(user, hold) for hold in reservation.holds]
         self._check_counter_room(counters, amount, 0)
         if not expired:
-            self._end_live_hold(reservation, Status.COMMITTED, now_ns, in_index=True)
-        reservation.status = Status.COMMITTED
+            self._end_live_hold(reservation, status, now_ns, in_index=True)
+        reservation.status = status
         for counter in counters:
             if counter is not None:  # else its window is over: the usage counts there
                 counter.used += amount
@@ -505,22 +492,17 @@ class Core:
 
     def _release(self, command: Release, now_ns: int) -> tuple[ReleaseResult, bool]:
         reservation = self._reservation(command.app, command.reservation_id, now_ns)
-        if reservation.status is Status.COMMITTED:
-            raise FailedPrecondition(ErrorReason.RESERVATION_COMMITTED,
-                                     "the hold is committed: its usage stands")
-        changed = reservation.status is Status.LIVE
+        status = next_state(reservation.status, HoldEvent.RELEASE)
+        changed = status is not reservation.status
         if changed:
-            self._end_live_hold(reservation, Status.RELEASED, now_ns, in_index=True)
+            self._end_live_hold(reservation, status, now_ns, in_index=True)
             self._audit_hold("release", reservation, reservation.amount)
             self._check_hold_thresholds(reservation)
         return ReleaseResult(counters=self._hold_views(reservation, now_ns)), changed
 
     def _extend(self, command: Extend, now_ns: int) -> tuple[ExtendResult, bool]:
         reservation = self._reservation(command.app, command.reservation_id, now_ns)
-        if reservation.status is not Status.LIVE:
-            status = reservation.status.name
-            raise FailedPrecondition(_ENDED_REASONS[reservation.status],
-                                     f"only a live hold can be extended; this one is {status.lower()}")
+        next_state(reservation.status, HoldEvent.EXTEND)  # a live hold stays live
         self.expiry.remove(self._expiry_entry(reservation))
         reservation.expires_at_ns = now_ns + command.ttl_ns
         self.expiry.add(self._expiry_entry(reservation))

@@ -22,9 +22,10 @@ from quotad.storage.codec import state_digest
 from quotad.core.commands import Command, ExpireHolds, Record
 from quotad.core.errors import Refusal
 from quotad.core.machine import Core, Outcome
+from quotad.engine.clock import ServerClock
 from quotad.storage import snapshot_child
-from quotad.storage.snapshot import core_from_plain, core_to_plain
-from quotad.storage.wal import WriteAheadLog, Snapshot, TornTail, recover_records
+from quotad.storage.snapshot import core_to_plain
+from quotad.storage.wal import WriteAheadLog, Snapshot
 
 log = logging.getLogger("quotad.writer")
 
@@ -40,41 +41,6 @@ class WriterStopped(Refusal):
     is served from this process."""
 
     code = "UNAVAILABLE"
-
-
-class ServerClock:
-    """Strictly increasing ns timestamps, above every time already in the log."""
-
-    def __init__(self, floor_ns: int, wall_ns: Callable[[], int] = time.time_ns) -> None:
-        self.last_ns = floor_ns
-        self._wall_ns = wall_ns
-
-    def now_ns(self) -> int:
-        self.last_ns = max(self._wall_ns(), self.last_ns + 1)
-        return self.last_ns
-
-
-def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
-    """The core as the data directory left it: the latest snapshot, then every record after
-    it replayed and checked. A torn tail that was never acknowledged is dropped and logged
-    (with repair=False it is raised as TornTail and nothing is changed)."""
-    snapshot = wal.load_snapshot()
-    core = core_from_plain(snapshot.plain) if snapshot is not None else Core()
-    assert snapshot is None or core.sequence == snapshot.sequence
-    snapshot_sequence = core.sequence
-    try:
-        for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
-            core.replay(record)
-    except TornTail as torn:
-        if not repair:
-            raise
-        log.warning("dropped a torn log tail", extra={"from_sequence": torn.sequence,
-                                                      "records": torn.dropped,
-                                                      "reason": str(torn)})
-    log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
-                                 "replayed": core.sequence - snapshot_sequence,
-                                 "log_first_sequence": wal.first_sequence()})
-    return core
 
 
 class Writer:

@@ -1,0 +1,35 @@
+"""Start-up: the core as the data directory left it, from the latest snapshot and the log."""
+
+from __future__ import annotations
+
+import logging
+
+from quotad.core.machine import Core
+from quotad.storage.snapshot import core_from_plain
+from quotad.storage.wal import WriteAheadLog, TornTail, recover_records
+
+log = logging.getLogger("quotad.writer")
+"""The logger name its lines have always carried."""
+
+
+def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
+    """The core as the data directory left it: the latest snapshot, then every record after
+    it replayed and checked. A torn tail that was never acknowledged is dropped and logged
+    (with repair=False it is raised as TornTail and nothing is changed)."""
+    snapshot = wal.load_snapshot()
+    core = core_from_plain(snapshot.plain) if snapshot is not None else Core()
+    assert snapshot is None or core.sequence == snapshot.sequence
+    snapshot_sequence = core.sequence
+    try:
+        for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
+            core.replay(record)
+    except TornTail as torn:
+        if not repair:
+            raise
+        log.warning("dropped a torn log tail", extra={"from_sequence": torn.sequence,
+                                                      "records": torn.dropped,
+                                                      "reason": str(torn)})
+    log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
+                                 "replayed": core.sequence - snapshot_sequence,
+                                 "log_first_sequence": wal.first_sequence()})
+    return core
