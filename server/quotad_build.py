@@ -21,14 +21,13 @@ from setuptools.build_meta import (  # noqa: F401  (re-exported hooks)
 from quotad.protogen import generate_stubs
 
 ROOT = Path(__file__).resolve().parent.parent
-STUBS_DIR = ROOT / "client" / "quotad_contract" / "v1"
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    generate_stubs(ROOT / "protos", STUBS_DIR)
+    generate_stubs(ROOT / "protos", ROOT)
     return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    generate_stubs(ROOT / "protos", STUBS_DIR)
+    generate_stubs(ROOT / "protos", ROOT)
     return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)

@@ -207,9 +207,10 @@ def _list_events_handler(gate: Gate) -> _Handler:
         query = convert.list_events(call.principal.app, request)
         start_ns, end_ns = query.range_ns
         page_size = query.events_per_page
-        found = await asyncio.get_running_loop().run_in_executor(
-            None, call.writer.wal.list_events, query.app, query.user_id, start_ns, end_ns,
-            query.cursor, page_size + 1)
+        user_number = call.writer.core.user_number(query.app, query.user_id)
+        found = [] if user_number is None else await asyncio.get_running_loop().run_in_executor(
+            None, call.writer.wal.list_events, query.app, query.user_id, user_number, start_ns,
+            end_ns, query.cursor, page_size + 1)
         page = found[:page_size]
         return convert.events_response(
             page, page[-1].cursor.hex() if len(found) > page_size else "")

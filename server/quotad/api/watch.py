@@ -232,7 +232,8 @@ class WatchHub:
             if request.after_sequence:
                 replayed = await asyncio.get_running_loop().run_in_executor(
                     None, replay_thresholds, writer.wal, app, request.user_id,
-                    request.after_sequence, sequence)
+                    writer.core.user_number(app, request.user_id), request.after_sequence,
+                    sequence)
             yield response(Update(pb.WATCH_REASON_INITIAL, sequence, usage, replayed))
             while True:
                 if watcher.ended is not None:
@@ -259,18 +260,20 @@ async def _wait(wake: asyncio.Event, until_ns: int | None) -> None:
         pass
 
 
-def replay_thresholds(wal: WriteAheadLog, app: str, user_id: str, after_sequence: int,
-                      up_to_sequence: int) -> tuple[Crossing, ...]:
+def replay_thresholds(wal: WriteAheadLog, app: str, user_id: str, user_number: int | None,
+                      after_sequence: int, up_to_sequence: int) -> tuple[Crossing, ...]:
     """The user's threshold events with after_sequence < sequence <= up_to_sequence, oldest
     first, at most limits.WATCH_REPLAY_THRESHOLDS_MAX (the latest). Blocking: run it on a
     thread. The events index is ordered by time, and time grows strictly with sequence, so
     the time of record after_sequence is where to start (the start if it was pruned)."""
+    if user_number is None:  # never subscribed: no events
+        return ()
     start_ns = (wal.record_now_ns(after_sequence) or 0) if after_sequence else 0
     found: deque[Crossing] = deque(maxlen=limits.WATCH_REPLAY_THRESHOLDS_MAX)
     cursor = b""
     while True:
-        page = wal.list_events(app, user_id, start_ns, limits.END_OF_TIME_NS, cursor,
-                               limits.EVENTS_PAGE_SIZE_MAX)
+        page = wal.list_events(app, user_id, user_number, start_ns, limits.END_OF_TIME_NS,
+                               cursor, limits.EVENTS_PAGE_SIZE_MAX)
         for stored in page:
             if stored.sequence > up_to_sequence:
                 return tuple(found)

@@ -8,7 +8,7 @@ in violations are the contract's. A command that changes the state becomes a log
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quotad.core import limits
 from quotad.core.errors import Violations
@@ -512,12 +512,16 @@ AUDIT_KINDS = ("reserve", "commit", "release", "expire", "extend", "track", "thr
 @dataclass(frozen=True, slots=True)
 class Record:
     """One entry of the write-ahead log: the command, applied at now_ns, as number sequence,
-    with the audit events it made (checked again on replay)."""
+    with the audit events it made. The log stores the events once, in the events index, so a
+    record read back has none; what replay checks is the rest, the user number of each event
+    included."""
 
     sequence: int
     now_ns: int
     command: Command
-    events: tuple[AuditEvent, ...] = ()
+    events: tuple[AuditEvent, ...] = field(default=(), compare=False)
+    event_users: tuple[int, ...] = ()
+    """The user number (UserState.number) of each event: where the index files it."""
 
 
 # --- results ----------------------------------------------------------------------------

@@ -77,6 +77,9 @@ class Reservation:
 @dataclass(slots=True)
 class UserState:
     subscription: Subscription
+    number: int
+    """Given at the first subscription, once per (app, user) and never again: the audit
+    index's short name for the user."""
     counters: dict[tuple[str, Window], CounterState] = field(default_factory=dict)
     live_holds: int = 0
 
@@ -151,6 +154,8 @@ class Core:
         """API keys by key_id, of every app."""
         self.sequence = 0
         """Sequence number of the last record made."""
+        self.users_numbered = 0
+        """The number the latest new subscriber got (UserState.number)."""
         self.last_record_ns = 0
         self.expiry: SortedList = SortedList()
         """(expires_at_ns, sequence, app, reservation_id) of every live hold."""
@@ -203,6 +208,11 @@ class Core:
     def next_expiry_ns(self) -> int | None:
         return self.expiry[0][0] if self.expiry else None
 
+    def user_number(self, app_id: str, user_id: str) -> int | None:
+        """The audit index's number for a subscriber; None for a user that never subscribed."""
+        user = self.apps.get(app_id, _EMPTY_APP).users.get(user_id)
+        return None if user is None else user.number
+
     def usage(self, app_id: str, user_id: str, now_ns: int) -> UsageResult:
         """GetUsage without applying anything (nothing expires, no record): what a watcher is
         sent between commands. FailedPrecondition NO_PLAN for a user with no subscription."""
@@ -215,7 +225,9 @@ class Core:
         self.last_record_ns = now_ns
         self._forget_due(now_ns)
         events, self._events = tuple(self._events), []
-        return Record(self.sequence, now_ns, command, events)
+        apps = self.apps
+        event_users = tuple(apps[event.app].users[event.user_id].number for event in events)
+        return Record(self.sequence, now_ns, command, events, event_users)
 
     def _audit(self, kind: str, app: str, user_id: str, event_type: str, amount: int,
                metadata: Metadata = (), reservation_id: str = "", allowed: bool = True) -> None:
@@ -577,7 +589,9 @@ class Core:
         if user is not None and user.subscription == subscription:
             return SubscriptionResult(subscription=subscription, changed=False), False
         if user is None:
-            user = app.users[command.user_id] = UserState(subscription=subscription)
+            self.users_numbered += 1
+            user = app.users[command.user_id] = UserState(subscription=subscription,
+                                                          number=self.users_numbered)
         else:
             app.plan_subscribers[user.subscription.plan_id] -= 1
             user.subscription = subscription

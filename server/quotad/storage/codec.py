@@ -1,12 +1,13 @@
-"""Log records to bytes and back, with a checksum checked on every read.
+"""Log records and audit events to bytes and back, with a checksum checked on every read.
 
 A record's LMDB key is its sequence number (8 bytes, big-endian, so keys sort by sequence).
-Its value is a fixed header and a JSON payload of the command:
+Its value is a 12-byte header and a `quotad.internal.Record` (protos/quotad/internal/log.proto):
 
-    checksum  16 bytes  BLAKE2b over everything after it
-    sequence   8 bytes  must equal the key
+    checksum   4 bytes  CRC-32 of the key, the time and the message
     now_ns     8 bytes  the server time the command was applied at
-    payload             {"type": "Reserve", "fields": {...}}, UTF-8 JSON
+    message             the command as the request carried it, with what the server chose
+
+Audit events are stored once, in the events index (`event_key` -> `quotad.internal.Event`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,24 @@ import json
 import struct
 import types
 import typing
+import zlib
 from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from quotad.core.commands import COMMAND_TYPES, AuditEvent, Record
+from quotad.core.commands import (
+    AUDIT_KINDS, AuditEvent, Command, Commit, CreateKey, DeletePlan, ExpiredHold, ExpireHolds,
+    Extend, Record, Release, Reserve, RevokeKey, Track, UpsertPlan, UpsertSubscription,
+)
+from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
+from quotad.storage import log_pb2 as pb
 
-_HEADER = struct.Struct(">16sQQ")
+_HEADER = struct.Struct(">IQ")
 _KEY = struct.Struct(">Q")
-CHECKSUM_BYTES = 16
+_EVENT_KEY = struct.Struct(">IQQH")
+EVENT_TAIL_BYTES = 18
+"""What follows the user number in an event key (time, sequence, index): a page cursor."""
+RESERVATION_ID_PREFIX = "rsv_"
 
 
 class CorruptRecord(Exception):
@@ -44,78 +54,311 @@ def key_sequence(key: bytes) -> int:
     return _KEY.unpack(key)[0]
 
 
-def encode_record_and_events(record: Record) -> tuple[bytes, list[bytes]]:
-    """The record's value, and each of its audit events as JSON (for the events index).
-    Each event is encoded once and spliced into the record's payload, which comes out the
-    same as json.dumps of {"type", "fields", "events"} with compact separators."""
-    events = [_dumps(_plain_fields(event)).encode("utf-8") for event in record.events]
-    payload = b'{"type":"%s","fields":%s' % (
-        type(record.command).__name__.encode(),
-        _dumps(_plain_fields(record.command)).encode("utf-8"))
-    if events:
-        payload += b',"events":[' + b",".join(events) + b"]"
-    body = _HEADER.pack(b"", record.sequence, record.now_ns)[CHECKSUM_BYTES:] + payload + b"}"
-    return _checksum(body) + body, events
+def event_key(user_number: int, now_ns: int, sequence: int, index: int) -> bytes:
+    return _EVENT_KEY.pack(user_number, now_ns, sequence, index)
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
-                          check_circular=False).encode
-"""json.dumps(value, separators=(",", ":"), ensure_ascii=False), without making an encoder
-per call (and without its check for cycles: records are trees)."""
+def event_prefix(user_number: int) -> bytes:
+    return user_number.to_bytes(4, "big")
 
 
-def _plain_fields(value: Any) -> Any:
-    """to_plain(value), skipped for the dataclasses whose fields JSON takes as they are."""
-    names = _flat_field_names(type(value))
-    if names is None:
-        return to_plain(value)
-    return {name: getattr(value, name) for name in names}
+def event_tail(key: bytes) -> tuple[int, int, int]:
+    """(now_ns, sequence, index) of an event key."""
+    return _EVENT_KEY.unpack(key)[1:]
 
 
-@cache
-def _flat_field_names(cls: type) -> tuple[str, ...] | None:
-    """The field names of a dataclass whose fields are all str, int, bool, None or tuples of
-    those (JSON writes a tuple as to_plain's list); None for any other type."""
-    if not dataclasses.is_dataclass(cls):
-        return None
-    hints = _hints(cls)
-    for name in (f.name for f in dataclasses.fields(cls)):
-        if not _is_flat(hints[name]):
-            return None
-    return _field_names(cls)
+# --- records ------------------------------------------------------------------------------
 
 
-def _is_flat(hint: Any) -> bool:
-    if hint in (str, int, bool, type(None)):
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (tuple, types.UnionType, typing.Union):
-        return all(arg is Ellipsis or _is_flat(arg) for arg in typing.get_args(hint))
-    return False
+def encode_record(record: Record) -> bytes:
+    message = pb.Record()
+    _ENCODERS[type(record.command)](message, record.command)
+    message.event_users.extend(record.event_users)
+    body = message.SerializeToString()
+    time_bytes = record.now_ns.to_bytes(8, "big")
+    checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(_KEY.pack(record.sequence))))
+    return checksum.to_bytes(4, "big") + time_bytes + body
 
 
-def decode_record(key: bytes, value: bytes) -> Record:
+def _checked_message(key: bytes, value: bytes) -> tuple[int, int, Any]:
     sequence = key_sequence(key)
     if len(value) < _HEADER.size:
         raise CorruptRecord(sequence, f"{len(value)} bytes, shorter than a header")
-    checksum, stored_sequence, now_ns = _HEADER.unpack_from(value)
-    if _checksum(value[CHECKSUM_BYTES:]) != checksum:
+    checksum, now_ns = _HEADER.unpack_from(value)
+    if zlib.crc32(value[4:], zlib.crc32(key)) != checksum:
         raise CorruptRecord(sequence, "checksum mismatch")
-    if stored_sequence != sequence:
-        raise CorruptRecord(sequence, f"holds sequence {stored_sequence}")
     try:
-        document = json.loads(value[_HEADER.size:].decode("utf-8"))
-        command_type = COMMAND_TYPES[document["type"]]
-        command = from_plain(document["fields"], command_type)
-        events = from_plain(document.get("events", []), tuple[AuditEvent, ...])
+        message = pb.Record.FromString(value[_HEADER.size:])
     except Exception as error:  # a checksummed payload we cannot read is corruption too
         raise CorruptRecord(sequence, f"unreadable payload: {error!r}") from error
-    return Record(sequence, now_ns, command, events)
+    return sequence, now_ns, message
 
 
-def _checksum(body: bytes) -> bytes:
-    return hashlib.blake2b(body, digest_size=CHECKSUM_BYTES).digest()
+def decode_record(key: bytes, value: bytes) -> Record:
+    sequence, now_ns, message = _checked_message(key, value)
+    try:
+        command = _DECODERS[message.WhichOneof("command")](message)
+    except Exception as error:
+        raise CorruptRecord(sequence, f"unreadable command: {error!r}") from error
+    return Record(sequence, now_ns, command, (), tuple(message.event_users))
 
+
+def record_now_ns(value: bytes) -> int:
+    """The server time of a stored record, from its header alone."""
+    return _HEADER.unpack_from(value)[1]
+
+
+def record_event_keys(key: bytes, value: bytes) -> list[bytes]:
+    """The events index keys of a stored record's events (to delete them with it)."""
+    sequence, now_ns, message = _checked_message(key, value)
+    return [event_key(user, now_ns, sequence, index)
+            for index, user in enumerate(message.event_users)]
+
+
+def _reservation_bytes(reservation_id: str) -> bytes:
+    return bytes.fromhex(reservation_id[len(RESERVATION_ID_PREFIX):])
+
+
+def _reservation_id(raw: bytes) -> str:
+    return RESERVATION_ID_PREFIX + raw.hex()
+
+
+def _set_metadata(repeated: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+    for key, value in metadata:
+        entry = repeated.add()
+        entry.key = key
+        entry.value = value
+
+
+def _metadata(repeated: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((entry.key, entry.value) for entry in repeated)
+
+
+def _encode_reserve(message: Any, command: Reserve) -> None:
+    message.app = command.app
+    part = message.reserve
+    part.user_id = command.user_id
+    part.event_type = command.event_type
+    part.amount = command.amount
+    _set_metadata(part.metadata, command.metadata)
+    part.ttl_ns = command.ttl_ns
+    part.idempotency_key = command.idempotency_key
+    part.reservation_id = _reservation_bytes(command.reservation_id)
+
+
+def _decode_reserve(message: Any) -> Reserve:
+    part = message.reserve
+    return Reserve(app=message.app, user_id=part.user_id, event_type=part.event_type,
+                   amount=part.amount, metadata=_metadata(part.metadata), ttl_ns=part.ttl_ns,
+                   idempotency_key=part.idempotency_key,
+                   reservation_id=_reservation_id(part.reservation_id))
+
+
+def _encode_commit(message: Any, command: Commit) -> None:
+    message.app = command.app
+    part = message.commit
+    part.reservation_id = _reservation_bytes(command.reservation_id)
+    if command.amount is not None:
+        part.amount = command.amount
+    part.idempotency_key = command.idempotency_key
+
+
+def _decode_commit(message: Any) -> Commit:
+    part = message.commit
+    return Commit(app=message.app, reservation_id=_reservation_id(part.reservation_id),
+                  amount=part.amount if part.HasField("amount") else None,
+                  idempotency_key=part.idempotency_key)
+
+
+def _encode_release(message: Any, command: Release) -> None:
+    message.app = command.app
+    part = message.release
+    part.reservation_id = _reservation_bytes(command.reservation_id)
+    part.idempotency_key = command.idempotency_key
+
+
+def _decode_release(message: Any) -> Release:
+    part = message.release
+    return Release(app=message.app, reservation_id=_reservation_id(part.reservation_id),
+                   idempotency_key=part.idempotency_key)
+
+
+def _encode_extend(message: Any, command: Extend) -> None:
+    message.app = command.app
+    part = message.extend
+    part.reservation_id = _reservation_bytes(command.reservation_id)
+    part.ttl_ns = command.ttl_ns
+    part.idempotency_key = command.idempotency_key
+
+
+def _decode_extend(message: Any) -> Extend:
+    part = message.extend
+    return Extend(app=message.app, reservation_id=_reservation_id(part.reservation_id),
+                  ttl_ns=part.ttl_ns, idempotency_key=part.idempotency_key)
+
+
+def _encode_track(message: Any, command: Track) -> None:
+    message.app = command.app
+    part = message.track
+    part.user_id = command.user_id
+    part.event_type = command.event_type
+    part.amount = command.amount
+    _set_metadata(part.metadata, command.metadata)
+    part.idempotency_key = command.idempotency_key
+    part.enforce = command.enforce
+
+
+def _decode_track(message: Any) -> Track:
+    part = message.track
+    return Track(app=message.app, user_id=part.user_id, event_type=part.event_type,
+                 amount=part.amount, metadata=_metadata(part.metadata),
+                 idempotency_key=part.idempotency_key, enforce=part.enforce)
+
+
+def _encode_expire_holds(message: Any, command: ExpireHolds) -> None:
+    part = message.expire_holds
+    part.SetInParent()  # an empty sweep is still this command
+    for hold in command.expired:
+        entry = part.expired.add()
+        entry.app = hold.app
+        entry.reservation_id = _reservation_bytes(hold.reservation_id)
+        entry.user_id = hold.user_id
+
+
+def _decode_expire_holds(message: Any) -> ExpireHolds:
+    return ExpireHolds(expired=tuple(
+        ExpiredHold(app=hold.app, reservation_id=_reservation_id(hold.reservation_id),
+                    user_id=hold.user_id)
+        for hold in message.expire_holds.expired))
+
+
+def plan_to_message(plan: Plan, message: Any) -> None:
+    message.id = plan.id
+    message.name = plan.name
+    for group in plan.limit_groups:
+        part = message.limit_groups.add()
+        part.key, part.label, part.unit = group.key, group.label, group.unit
+        part.quota, part.window = group.quota, int(group.window)
+        part.event_types.extend(group.match.event_types)
+        for match in group.match.metadata:
+            entry = part.metadata.add()
+            entry.key = match.key
+            entry.values.extend(match.values)
+
+
+def plan_from_message(message: Any) -> Plan:
+    return Plan(id=message.id, name=message.name, limit_groups=tuple(
+        LimitGroup(key=group.key, label=group.label, unit=group.unit, quota=group.quota,
+                   window=Window(group.window), match=Match(
+                       event_types=tuple(group.event_types),
+                       metadata=tuple(MetadataMatch(key=m.key, values=tuple(m.values))
+                                      for m in group.metadata)))
+        for group in message.limit_groups))
+
+
+def _encode_upsert_plan(message: Any, command: UpsertPlan) -> None:
+    message.app = command.app
+    plan_to_message(command.plan, message.upsert_plan.plan)
+
+
+def _decode_upsert_plan(message: Any) -> UpsertPlan:
+    return UpsertPlan(app=message.app, plan=plan_from_message(message.upsert_plan.plan))
+
+
+def _encode_delete_plan(message: Any, command: DeletePlan) -> None:
+    message.app = command.app
+    message.delete_plan.plan_id = command.plan_id
+
+
+def _decode_delete_plan(message: Any) -> DeletePlan:
+    return DeletePlan(app=message.app, plan_id=message.delete_plan.plan_id)
+
+
+def _encode_upsert_subscription(message: Any, command: UpsertSubscription) -> None:
+    message.app = command.app
+    part = message.upsert_subscription
+    part.user_id, part.plan_id, part.time_zone = (command.user_id, command.plan_id,
+                                                  command.time_zone)
+
+
+def _decode_upsert_subscription(message: Any) -> UpsertSubscription:
+    part = message.upsert_subscription
+    return UpsertSubscription(app=message.app, user_id=part.user_id, plan_id=part.plan_id,
+                              time_zone=part.time_zone)
+
+
+def _encode_create_key(message: Any, command: CreateKey) -> None:
+    message.app = command.app
+    part = message.create_key
+    part.key_id, part.kind, part.name = command.key_id, command.kind, command.name
+    part.secret_sha256 = command.secret_sha256
+    part.token_signing_key = command.token_signing_key
+
+
+def _decode_create_key(message: Any) -> CreateKey:
+    part = message.create_key
+    return CreateKey(app=message.app, key_id=part.key_id, kind=part.kind, name=part.name,
+                     secret_sha256=part.secret_sha256, token_signing_key=part.token_signing_key)
+
+
+def _encode_revoke_key(message: Any, command: RevokeKey) -> None:
+    message.app = command.app
+    message.revoke_key.key_id = command.key_id
+
+
+def _decode_revoke_key(message: Any) -> RevokeKey:
+    return RevokeKey(app=message.app, key_id=message.revoke_key.key_id)
+
+
+_ENCODERS: dict[type, Callable[[Any, Any], None]] = {
+    Reserve: _encode_reserve, Commit: _encode_commit, Release: _encode_release,
+    Extend: _encode_extend, Track: _encode_track, ExpireHolds: _encode_expire_holds,
+    UpsertPlan: _encode_upsert_plan, DeletePlan: _encode_delete_plan,
+    UpsertSubscription: _encode_upsert_subscription, CreateKey: _encode_create_key,
+    RevokeKey: _encode_revoke_key,
+}
+"""Only commands that change the state are logged: reads never make a record."""
+_DECODERS: dict[str, Callable[[Any], Command]] = {
+    "reserve": _decode_reserve, "commit": _decode_commit, "release": _decode_release,
+    "extend": _decode_extend, "track": _decode_track, "expire_holds": _decode_expire_holds,
+    "upsert_plan": _decode_upsert_plan, "delete_plan": _decode_delete_plan,
+    "upsert_subscription": _decode_upsert_subscription, "create_key": _decode_create_key,
+    "revoke_key": _decode_revoke_key,
+}
+
+
+# --- audit events -------------------------------------------------------------------------
+
+_KIND_NUMBERS = {kind: number for number, kind in enumerate(AUDIT_KINDS)}
+
+
+def encode_event(event: AuditEvent) -> bytes:
+    """An event as the index stores it: without its app and user, which its key names."""
+    message = pb.Event()
+    message.kind = _KIND_NUMBERS[event.kind]
+    message.event_type = event.event_type
+    message.amount = event.amount
+    _set_metadata(message.metadata, event.metadata)
+    if event.reservation_id:
+        message.reservation_id = _reservation_bytes(event.reservation_id)
+    message.denied = not event.allowed
+    message.limit_group_key = event.limit_group_key
+    message.threshold_percent = event.threshold_percent
+    message.window_start_ns = event.window_start_ns
+    return message.SerializeToString()
+
+
+def decode_event(value: bytes, app: str, user_id: str) -> AuditEvent:
+    message = pb.Event.FromString(value)
+    return AuditEvent(
+        kind=AUDIT_KINDS[message.kind], app=app, user_id=user_id, event_type=message.event_type,
+        amount=message.amount, metadata=_metadata(message.metadata),
+        reservation_id=_reservation_id(message.reservation_id) if message.reservation_id else "",
+        allowed=not message.denied, limit_group_key=message.limit_group_key,
+        threshold_percent=message.threshold_percent, window_start_ns=message.window_start_ns)
+
+
+# --- plain data (snapshots, the state digest) ---------------------------------------------
 
 _PRIMITIVE_TYPES = frozenset({str, int, float, bool, type(None)})
 

@@ -19,7 +19,8 @@ from quotad.core.machine import (
 )
 from quotad.core.plans import Plan, Subscription, Window
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: users carry their number (the audit index's name for them)."""
 
 
 def core_to_plain(core: Core) -> dict[str, Any]:
@@ -27,6 +28,7 @@ def core_to_plain(core: Core) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "sequence": core.sequence,
         "last_record_ns": core.last_record_ns,
+        "users_numbered": core.users_numbered,
         "apps": {app_id: _app_to_plain(app) for app_id, app in sorted(core.apps.items())},
         "expiry": to_plain(core.expiry),
         "forget": to_plain(core.forget),
@@ -38,7 +40,7 @@ def _app_to_plain(app: AppState) -> dict[str, Any]:
     return {
         "plans": [to_plain(plan) for _, plan in sorted(app.plans.items())],
         "users": [
-            [user_id, to_plain(user.subscription), user.live_holds,
+            [user_id, user.number, to_plain(user.subscription), user.live_holds,
              [[key, window.name, to_plain(counter)]
               for (key, window), counter in user.counters.items()]]
             for user_id, user in app.users.items()
@@ -60,6 +62,7 @@ def core_from_plain(plain: dict[str, Any]) -> Core:
     core = Core()
     core.sequence = plain["sequence"]
     core.last_record_ns = plain["last_record_ns"]
+    core.users_numbered = plain["users_numbered"]
     core.apps = {app_id: _app_from_plain(app) for app_id, app in plain["apps"].items()}
     core.expiry = SortedList(tuple(entry) for entry in plain["expiry"])
     core.forget = SortedList(_forget_entry(entry) for entry in plain["forget"])
@@ -78,8 +81,8 @@ def _app_from_plain(plain: dict[str, Any]) -> AppState:
     app = AppState()
     for plan in plain["plans"]:
         app.plans[plan["id"]] = from_plain(plan, Plan)
-    for user_id, subscription, live_holds, counters in plain["users"]:
-        user = UserState(subscription=from_plain(subscription, Subscription),
+    for user_id, number, subscription, live_holds, counters in plain["users"]:
+        user = UserState(subscription=from_plain(subscription, Subscription), number=number,
                          live_holds=live_holds)
         for key, window, counter in counters:
             user.counters[(key, Window[window])] = CounterState(**counter)

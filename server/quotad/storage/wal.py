@@ -5,9 +5,9 @@ transactions belong to the thread that opened them: `append` is only ever called
 writer's one dedicated thread. The data directory is locked exclusively (one server each).
 
 Databases:
-    log        sequence (8 bytes BE) -> record (codec.py)
+    log        sequence (8 bytes BE) -> record (codec.py: header + protobuf)
     snapshot   b"latest" -> checksum, sequence, zlib(JSON of the core)   (snapshot.py)
-    events     app, user, time, sequence, index -> audit event JSON      (ListEvents)
+    events     user number, time, sequence, index -> audit event         (ListEvents)
     meta       format_version; batch_first_sequence (where the last batch began)
 
 A snapshot is written in the same transaction that prunes the log records it makes
@@ -32,12 +32,16 @@ from typing import Any
 import lmdb
 
 from quotad.storage.codec import (
-    CorruptRecord, decode_record, encode_record_and_events, from_plain, key_sequence, record_key,
+    EVENT_TAIL_BYTES, CorruptRecord, decode_event, decode_record, encode_event, encode_record,
+    event_key, event_prefix, event_tail, key_sequence, record_event_keys, record_key,
+    record_now_ns,
 )
 from quotad.core.commands import EVENT_CURSOR_BYTES, AuditEvent, Record
 
-FORMAT_VERSION = b"3"
-"""3: records carry threshold audit events (an older log would replay without them)."""
+FORMAT_VERSION = b"4"
+"""4: records are protobuf messages and audit events are stored once, in the events index
+keyed by user number. 3 (JSON records, events stored twice) is migrated by `quotad migrate`."""
+MIGRATABLE_FORMAT_VERSIONS = (b"3",)
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
 LMDB_OPTIONS: dict[str, Any] = dict(
     subdir=True, readonly=False, create=True, max_dbs=8, max_readers=126, sync=True,
@@ -51,8 +55,8 @@ FAULT_ENV = "QUOTAD_FAULT_INJECT"
 it (as a failed sync would). Unset in production."""
 
 _SNAPSHOT_HEADER = struct.Struct(">16sQ")
-_EVENT_TAIL = struct.Struct(">QQH")
-assert _EVENT_TAIL.size == EVENT_CURSOR_BYTES  # the size a ListEvents page token names
+if EVENT_TAIL_BYTES != EVENT_CURSOR_BYTES:  # the size a ListEvents page token names
+    raise AssertionError((EVENT_TAIL_BYTES, EVENT_CURSOR_BYTES))
 
 
 class DataDirLocked(Exception):
@@ -85,15 +89,6 @@ class StoredEvent:
     """Where a page that ends with this event continues from."""
 
 
-def event_prefix(app: str, user_id: str) -> bytes:
-    app_bytes, user_bytes = app.encode("utf-8"), user_id.encode("utf-8")
-    return bytes([len(app_bytes)]) + app_bytes + len(user_bytes).to_bytes(2, "big") + user_bytes
-
-
-def _event_key(event: AuditEvent, now_ns: int, sequence: int, index: int) -> bytes:
-    return event_prefix(event.app, event.user_id) + _EVENT_TAIL.pack(now_ns, sequence, index)
-
-
 class WriteAheadLog:
     def __init__(self, data_dir: Path, *, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -110,9 +105,12 @@ class WriteAheadLog:
             if version is None:
                 txn.put(b"format_version", FORMAT_VERSION)
             elif version != FORMAT_VERSION:
+                how = (f"; `quotad migrate --data-dir {data_dir}` brings it to format "
+                       f"{FORMAT_VERSION.decode()}" if version in MIGRATABLE_FORMAT_VERSIONS
+                       else "")
                 mismatch = DataFormatMismatch(
                     f"{data_dir}: holds data format {version.decode(errors='replace')}, this "
-                    f"server reads format {FORMAT_VERSION.decode()}; nothing was changed")
+                    f"server reads format {FORMAT_VERSION.decode()}; nothing was changed{how}")
         if version is not None and version != FORMAT_VERSION:
             self.close()
             raise mismatch
@@ -129,14 +127,15 @@ class WriteAheadLog:
         self._appends += 1
         fault_kind, fault_at = self._fault
         with self.env.begin(write=True) as txn:
+            put_event = txn.cursor(db=self.events_db).put
             for record in records:
-                value, event_values = encode_record_and_events(record)
-                stored = txn.put(record_key(record.sequence), value,
+                stored = txn.put(record_key(record.sequence), encode_record(record),
                                  append=True, overwrite=False, db=self.log_db)
                 assert stored, f"log already holds sequence {record.sequence}"
-                for index, (event, event_value) in enumerate(zip(record.events, event_values)):
-                    txn.put(_event_key(event, record.now_ns, record.sequence, index),
-                            event_value, db=self.events_db)
+                for index, (event, user) in enumerate(zip(record.events, record.event_users,
+                                                          strict=True)):
+                    put_event(event_key(user, record.now_ns, record.sequence, index),
+                              encode_event(event))
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
@@ -160,12 +159,11 @@ class WriteAheadLog:
         if not cursor.first():
             return 0
         while cursor.key():  # empty once the last record is deleted
-            record = decode_record(cursor.key(), cursor.value())
-            if record.sequence > up_to_sequence or record.now_ns >= before_ns:
+            key, value = cursor.key(), cursor.value()
+            if key_sequence(key) > up_to_sequence or record_now_ns(value) >= before_ns:
                 break
-            for index, event in enumerate(record.events):
-                txn.delete(_event_key(event, record.now_ns, record.sequence, index),
-                           db=self.events_db)
+            for events_key in record_event_keys(key, value):
+                txn.delete(events_key, db=self.events_db)
             cursor.delete()  # moves to the next record
             pruned += 1
         return pruned
@@ -200,7 +198,7 @@ class WriteAheadLog:
         """The server time of one log record; None if there is none (pruned, or not yet)."""
         with self.env.begin(db=self.log_db, buffers=False) as txn:
             value = txn.get(record_key(sequence))
-        return None if value is None else decode_record(record_key(sequence), value).now_ns
+        return None if value is None else record_now_ns(value)
 
     def records(self, after_sequence: int = 0) -> Iterator[Record]:
         """Every record after the given sequence, checked (checksum, order, no gaps)."""
@@ -236,12 +234,12 @@ class WriteAheadLog:
             cursor = txn.cursor()
             return key_sequence(cursor.key()) if cursor.last() else 0
 
-    def list_events(self, app: str, user_id: str, start_ns: int, end_ns: int, after: bytes,
-                    limit: int) -> list[StoredEvent]:
+    def list_events(self, app: str, user_id: str, user_number: int, start_ns: int, end_ns: int,
+                    after: bytes, limit: int) -> list[StoredEvent]:
         """A user's audit events with start_ns <= time < end_ns, after the cursor, oldest
-        first, at most limit of them."""
-        prefix = event_prefix(app, user_id)
-        first = prefix + (after if after else _EVENT_TAIL.pack(start_ns, 0, 0))
+        first, at most limit of them. user_number: the core's for (app, user_id)."""
+        prefix = event_prefix(user_number)
+        first = after and prefix + after or event_key(user_number, start_ns, 0, 0)
         found: list[StoredEvent] = []
         with self.env.begin(db=self.events_db, buffers=False) as txn:
             cursor = txn.cursor()
@@ -253,10 +251,11 @@ class WriteAheadLog:
                 tail = key[len(prefix):]
                 if after and tail == after:
                     continue
-                now_ns, sequence, _ = _EVENT_TAIL.unpack(tail)
+                now_ns, sequence, _ = event_tail(key)
                 if now_ns >= end_ns:
                     break
-                found.append(StoredEvent(now_ns, sequence, _decode_event(value), tail))
+                found.append(StoredEvent(now_ns, sequence, decode_event(value, app, user_id),
+                                         tail))
         return found
 
     def close(self) -> None:
@@ -289,10 +288,6 @@ class TornTail(Exception):
                          f"{dropped} records dropped")
         self.sequence = sequence
         self.dropped = dropped
-
-
-def _decode_event(value: bytes) -> AuditEvent:
-    return from_plain(json.loads(value), AuditEvent)
 
 
 def verify_snapshot(value: bytes) -> int:
