@@ -28,12 +28,11 @@ from collections import defaultdict
 import grpc
 import pytest
 
-import urllib.request
-
 from history_checker import LOAD_HI, Call, Observed, OutsideModel, check
 from quotad_client import AsyncQuotaClient, QuotadError
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
+from test_metrics import _scrape as scrape  # the server's metrics: what it saw, by RPC
 
 G, P = "all", "premium"  # limit groups: every event; premium events only
 
@@ -672,18 +671,6 @@ async def run_history(address: str, transport: str, ops: int, clients: int,
                 history.append(Call(-1, "usage", user, start, time.monotonic_ns(),
                                     groups=(G, P), counters=counters))
     return history, elapsed
-
-
-def scrape(address: str) -> dict[str, float]:
-    """The server's Prometheus metrics: what it saw arrive, by RPC."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=RPC_TIMEOUT_S) as answer:
-        text = answer.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 @pytest.mark.parametrize("transport", ["unary", "client"])
