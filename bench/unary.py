@@ -142,6 +142,12 @@ def main() -> None:
               f" {e['server_cpu_us_per_call']:>7.0f} |"
               f" {q['calls_per_s'] / e['calls_per_s']:>11.2f}"
               f" {q['server_cpu_us_per_call'] / e['server_cpu_us_per_call']:>9.2f}")
+        # Each run's own ratios (quotad and the echo run right after it): their spread is
+        # what the medians above hide.
+        for name, key in (("calls/s", "calls_per_s"), ("CPU", "server_cpu_us_per_call")):
+            ratios = sorted(qr[key] / er[key] for qr, er in zip(quotad_runs, echo_runs))
+            print(f"{'':>9}   quotad / echo {name} per run: median "
+                  f"{statistics.median(ratios):.2f}, range {ratios[0]:.2f} to {ratios[-1]:.2f}")
 
 
 if __name__ == "__main__":
