@@ -135,6 +135,14 @@ def main() -> None:
             echo_runs.append(run_echo(concurrency, args.seconds, args.pairs))
         q = {key: statistics.median(r[key] for r in quotad_runs) for key in quotad_runs[0]}
         e = {key: statistics.median(r[key] for r in echo_runs) for key in echo_runs[0]}
+        # Each run's own ratios (quotad and the echo run right after it): their spread is
+        # what the medians hide. Printed above the row, which stays the last line.
+        spread = []
+        for name, key in (("calls/s", "calls_per_s"), ("CPU", "server_cpu_us_per_call")):
+            ratios = sorted(qr[key] / er[key] for qr, er in zip(quotad_runs, echo_runs))
+            spread.append(f"{name} median {statistics.median(ratios):.2f}, range "
+                          f"{ratios[0]:.2f} to {ratios[-1]:.2f}")
+        print(f"{'':>9}   {concurrency} in flight, quotad / echo per run: {'; '.join(spread)}")
         print(f"{concurrency:>9} | {q['calls_per_s']:>14.0f} {q['reserve_p50_ms']:>7.2f} "
               f"{q['reserve_p99_ms']:>7.2f} {q['records_per_txn']:>8.1f}"
               f" {q['server_cpu_us_per_call']:>7.0f} |"
@@ -142,7 +150,6 @@ def main() -> None:
               f" {e['server_cpu_us_per_call']:>7.0f} |"
               f" {q['calls_per_s'] / e['calls_per_s']:>11.2f}"
               f" {q['server_cpu_us_per_call'] / e['server_cpu_us_per_call']:>9.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,12 @@ calls; every call is recorded with its start, its end, its request and its outco
 and used amounts above a quota, counts false denials, and checks every counter the answers
 carried. At the end GetUsage must equal what the history implies, exactly.
 
+The calls go two ways, one run each: `unary` (one RPC per call, raw stubs) and `client` (one
+AsyncQuotaClient with its defaults shared by every caller, as a process of users would: calls
+made together travel as one Batch RPC, each mutation with an idempotency key). A call in a
+batch is still its own entry in the history, its interval the time its caller awaited it,
+which holds the batch's whole RPC: applied somewhere in it, as the checker assumes.
+
 Sizes: 64 clients, 10^4 calls by default; QUOTAD_LONG=1 runs 10^6; QUOTAD_HISTORY_OPS=N and
 QUOTAD_HISTORY_CLIENTS=C set them explicitly.
 """
@@ -23,8 +29,10 @@ import grpc
 import pytest
 
 from history_checker import LOAD_HI, Call, Observed, OutsideModel, check
+from quotad_client import AsyncQuotaClient, QuotadError
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
+from test_metrics import _scrape as scrape  # the server's metrics: what it saw, by RPC
 
 G, P = "all", "premium"  # limit groups: every event; premium events only
 
@@ -191,6 +199,27 @@ def test_a_hold_is_certain_only_until_its_earliest_possible_expiry():
     shortened = [*history[:4], Call(3, "extend", "u", 320, 330, hold="c", ttl_ns=5,
                                     code="UNAVAILABLE"), reserve(4, 340, 350, 6, "d")]
     assert check(shortened, quotas_for("u")).over_admissions == []
+
+
+def test_calls_of_one_batch_share_its_interval_and_are_checked_one_by_one():
+    # One Batch RPC from 0 to 10 carried both Reserves: each is its own entry with the
+    # batch's interval. Both granted: 12 certainly held from 10 on, above the quota of 10.
+    batch = [reserve(1, 0, 10, 6, "a"), reserve(2, 0, 10, 6, "b")]
+    assert [v.kind for v in check(batch, quotas_for("u")).over_admissions] == ["instant"]
+    # Applied in order within the batch, the second is denied with the first one's hold in
+    # its counters: a raced denial, not a false one; a Release and a Reserve sharing a
+    # later batch may have been applied in either order: room either way.
+    history = [
+        reserve(1, 0, 10, 6, "a", counters=(Observed(G, 0, 6),)),
+        reserve(2, 0, 10, 6, "b", allowed=False, counters=(Observed(G, 0, 6),)),
+        end_call("release", 1, 20, 30, "a", counters=(Observed(G, 0, 6),)),
+        reserve(2, 20, 30, 6, "c", counters=(Observed(G, 0, 6),)),
+    ]
+    report = check(history, quotas_for("u"))
+    assert report.over_admissions == [] and report.anomalies == []
+    assert report.denials == report.undetermined_denials == 1 and report.false_denials == []
+    assert report.counter_mismatches == []
+    assert report.exact("u", G, 40) == (0, 6)
 
 
 def test_histories_outside_the_model_are_refused():
@@ -419,13 +448,84 @@ def observed(response) -> tuple[Observed, ...]:
     return tuple(Observed(c.key, c.used, c.held) for c in response.counters)
 
 
+class UnaryCalls:
+    """Each call its own unary RPC, through raw stubs."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.stub = stubs.QuotaServiceStub(channel)
+
+    async def reserve(self, user: str, event_type: str, amount: int):
+        r = await self.stub.Reserve(pb.ReserveRequest(
+            user_id=user, event_type=event_type, amount=amount, ttl={"seconds": TTL_S}),
+            timeout=RPC_TIMEOUT_S)
+        return r.allowed, r.denied_by, r.reservation_id, observed(r)
+
+    async def commit(self, reservation_id: str, amount: int | None):
+        request = pb.CommitRequest(reservation_id=reservation_id)
+        if amount is not None:
+            request.amount = amount
+        r = await self.stub.Commit(request, timeout=RPC_TIMEOUT_S)
+        return r.committed, observed(r)
+
+    async def release(self, reservation_id: str):
+        r = await self.stub.Release(pb.ReleaseRequest(reservation_id=reservation_id),
+                                    timeout=RPC_TIMEOUT_S)
+        return observed(r)
+
+    async def extend(self, reservation_id: str) -> None:
+        await self.stub.Extend(pb.ExtendRequest(reservation_id=reservation_id,
+                                                ttl={"seconds": TTL_S}), timeout=RPC_TIMEOUT_S)
+
+    async def track(self, user: str, event_type: str, amount: int, enforce: bool):
+        r = await self.stub.Track(pb.TrackRequest(
+            user_id=user, event_type=event_type, amount=amount, enforce=enforce),
+            timeout=RPC_TIMEOUT_S)
+        return r.allowed, r.denied_by, observed(r)
+
+    async def usage(self, user: str):
+        return observed(await self.stub.GetUsage(pb.GetUsageRequest(user_id=user),
+                                                 timeout=RPC_TIMEOUT_S))
+
+
+class ClientCalls:
+    """The same calls through one AsyncQuotaClient with its defaults: what the callers have
+    in flight together is coalesced into Batch RPCs, every mutation gets an idempotency key,
+    UNAVAILABLE is retried under that key."""
+
+    def __init__(self, client: AsyncQuotaClient) -> None:
+        self.client = client
+
+    async def reserve(self, user: str, event_type: str, amount: int):
+        hold = await self.client.reserve(user, event_type, amount, ttl_s=TTL_S,
+                                         raise_on_deny=False)
+        return hold.allowed, hold.denied_by, hold.reservation_id, observed(hold)
+
+    async def commit(self, reservation_id: str, amount: int | None):
+        result = await self.client.commit(reservation_id, amount)
+        return result.committed, observed(result)
+
+    async def release(self, reservation_id: str):
+        return observed(await self.client.release(reservation_id))
+
+    async def extend(self, reservation_id: str) -> None:
+        await self.client.extend(reservation_id, TTL_S)
+
+    async def track(self, user: str, event_type: str, amount: int, enforce: bool):
+        result = await self.client.track(user, event_type, amount, enforce=enforce,
+                                         raise_on_deny=False)
+        return result.allowed, result.denied_by, observed(result)
+
+    async def usage(self, user: str):
+        return observed(await self.client.usage(user))
+
+
 class Client:
     """One caller: its holds, what it has used per (user, group), its share of the calls."""
 
-    def __init__(self, index: int, stub: stubs.QuotaServiceStub, budget: int,
+    def __init__(self, index: int, calls: UnaryCalls | ClientCalls, budget: int,
                  deadline_ns: int, history: list[Call]) -> None:
         self.index = index
-        self.stub = stub
+        self.calls = calls
         self.budget = budget
         self.deadline_ns = deadline_ns
         self.history = history
@@ -438,12 +538,15 @@ class Client:
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         """The `used` of each (user, group) in the last answer that showed it."""
 
-    async def call(self, method, request):
+    async def call(self, method, *args):
+        """(start, end, what the call returned or None, the status code's name)."""
         start = time.monotonic_ns()
         try:
-            response, code = await method(request, timeout=RPC_TIMEOUT_S), "OK"
+            response, code = await method(*args), "OK"
         except grpc.aio.AioRpcError as error:
             response, code = None, error.code().name
+        except QuotadError as error:
+            response, code = None, error.code.name
         return start, time.monotonic_ns(), response, code
 
     async def run(self) -> None:
@@ -487,56 +590,50 @@ class Client:
     async def reserve(self, user: str, event_type: str, amount: int) -> None:
         self.serial += 1
         label = f"{self.index}.{self.serial}"
-        start, end, response, code = await self.call(self.stub.Reserve, pb.ReserveRequest(
-            user_id=user, event_type=event_type, amount=amount, ttl={"seconds": TTL_S}))
-        ok = response is not None
+        start, end, response, code = await self.call(self.calls.reserve, user, event_type,
+                                                     amount)
+        allowed, denied_by, reservation_id, counters = response or (False, "", "", ())
         self.record(Call(
             self.index, "reserve", user, start, end, groups=EVENT_GROUPS[event_type],
-            amount=amount, hold=label, ttl_ns=TTL_S * 10**9, code=code,
-            allowed=ok and response.allowed, denied_by=response.denied_by if ok else "",
-            counters=observed(response) if ok else ()))
-        if ok and response.allowed:
-            self.live.append((label, user, event_type, amount, response.reservation_id, start))
+            amount=amount, hold=label, ttl_ns=TTL_S * 10**9, code=code, allowed=allowed,
+            denied_by=denied_by, counters=counters))
+        if allowed:
+            self.live.append((label, user, event_type, amount, reservation_id, start))
 
     async def commit(self, hold) -> None:
         label, user, event_type, reserved, reservation_id, _ = hold
         amount = self.rng.choice([None, self.rng.randint(0, reserved)])
-        request = pb.CommitRequest(reservation_id=reservation_id)
-        if amount is not None:
-            request.amount = amount
-        start, end, response, code = await self.call(self.stub.Commit, request)
+        start, end, response, code = await self.call(self.calls.commit, reservation_id,
+                                                     amount)
         self.record(Call(self.index, "commit", user, start, end, amount=amount,
-                                 hold=label, code=code,
-                                 counters=observed(response) if response else ()))
+                         hold=label, code=code, counters=response[1] if response else ()))
         if response is not None:
-            assert response.committed == (reserved if amount is None else amount)
+            committed = response[0]
+            assert committed == (reserved if amount is None else amount)
             for group in EVENT_GROUPS[event_type]:
-                self.net[(user, group)] += response.committed
+                self.net[(user, group)] += committed
 
     async def release(self, hold) -> None:
         label, user, _, _, reservation_id, _ = hold
-        start, end, response, code = await self.call(
-            self.stub.Release, pb.ReleaseRequest(reservation_id=reservation_id))
+        start, end, response, code = await self.call(self.calls.release, reservation_id)
         self.record(Call(self.index, "release", user, start, end, hold=label,
-                                 code=code, counters=observed(response) if response else ()))
+                         code=code, counters=response or ()))
 
     async def extend(self, hold) -> None:
         label, user, _, _, reservation_id, _ = hold
-        start, end, response, code = await self.call(self.stub.Extend, pb.ExtendRequest(
-            reservation_id=reservation_id, ttl={"seconds": TTL_S}))
+        start, end, _, code = await self.call(self.calls.extend, reservation_id)
         self.record(Call(self.index, "extend", user, start, end, hold=label,
-                                 ttl_ns=TTL_S * 10**9, code=code))
+                         ttl_ns=TTL_S * 10**9, code=code))
 
     async def track(self, user: str, event_type: str, amount: int, enforce: bool = True) -> None:
-        start, end, response, code = await self.call(self.stub.Track, pb.TrackRequest(
-            user_id=user, event_type=event_type, amount=amount, enforce=enforce))
-        ok = response is not None
+        start, end, response, code = await self.call(self.calls.track, user, event_type,
+                                                     amount, enforce)
+        allowed, denied_by, counters = response or (False, "", ())
         self.record(Call(
             self.index, "track", user, start, end, groups=EVENT_GROUPS[event_type],
-            amount=amount, enforce=enforce, code=code, allowed=ok and response.allowed,
-            denied_by=response.denied_by if ok else "",
-            counters=observed(response) if ok else ()))
-        if ok and response.allowed or amount < 0:  # a refund that may have applied counts
+            amount=amount, enforce=enforce, code=code, allowed=allowed, denied_by=denied_by,
+            counters=counters))
+        if allowed or amount < 0:  # a refund that may have applied counts
             for group in EVENT_GROUPS[event_type]:
                 self.net[(user, group)] += amount
 
@@ -550,7 +647,7 @@ class Client:
         await self.track(user, event_type, -amount, enforce=rng.random() < 0.5)
 
 
-async def run_history(address: str, ops: int, clients: int,
+async def run_history(address: str, transport: str, ops: int, clients: int,
                       limit_s: float) -> tuple[list[Call], float]:
     async with grpc.aio.insecure_channel(address) as channel:
         admin = stubs.AdminServiceStub(channel)
@@ -558,27 +655,35 @@ async def run_history(address: str, ops: int, clients: int,
         for user in USERS:
             await admin.UpsertSubscription(pb.UpsertSubscriptionRequest(
                 user_id=user, plan_id=PLAN.id))
-        stub = stubs.QuotaServiceStub(channel)
-        history: list[Call] = []
-        began = time.monotonic()
-        deadline_ns = time.monotonic_ns() + int(limit_s * 1e9)
-        workers = [Client(i, stub, ops // clients + (i < ops % clients), deadline_ns, history)
-                   for i in range(clients)]
-        await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)),
-                               timeout=limit_s + 2 * RPC_TIMEOUT_S)
-        elapsed = time.monotonic() - began
-        for user in USERS:  # the final state, after every call finished
-            start = time.monotonic_ns()
-            response = await stub.GetUsage(pb.GetUsageRequest(user_id=user),
-                                           timeout=RPC_TIMEOUT_S)
-            history.append(Call(-1, "usage", user, start, time.monotonic_ns(), groups=(G, P),
-                                counters=observed(response)))
+        async with AsyncQuotaClient(address, timeout_s=RPC_TIMEOUT_S) as client:
+            calls = UnaryCalls(channel) if transport == "unary" else ClientCalls(client)
+            history: list[Call] = []
+            began = time.monotonic()
+            deadline_ns = time.monotonic_ns() + int(limit_s * 1e9)
+            workers = [Client(i, calls, ops // clients + (i < ops % clients), deadline_ns,
+                              history) for i in range(clients)]
+            await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)),
+                                   timeout=limit_s + 2 * RPC_TIMEOUT_S)
+            elapsed = time.monotonic() - began
+            for user in USERS:  # the final state, after every call finished
+                start = time.monotonic_ns()
+                counters = await calls.usage(user)
+                history.append(Call(-1, "usage", user, start, time.monotonic_ns(),
+                                    groups=(G, P), counters=counters))
     return history, elapsed
 
 
-def test_concurrent_history_against_the_real_server_has_no_over_admission(server):
+@pytest.mark.parametrize("transport", ["unary", "client"])
+def test_concurrent_history_against_the_real_server_has_no_over_admission(start_server,
+                                                                          transport):
     ops, clients, limit_s = workload_size()
-    history, elapsed = asyncio.run(run_history(server.address, ops, clients, limit_s))
+    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
+    history, elapsed = asyncio.run(run_history(server.address, transport, ops, clients,
+                                               limit_s))
+    seen = scrape(server.last("serving")["metrics"])
+    batches = seen.get("quotad_batch_operations_count", 0)
+    batched = seen.get("quotad_batch_operations_sum", 0)
+    single = seen.get('quotad_batch_operations_bucket{le="1.0"}', 0)
     quotas = {(u, G): QUOTA_ALL for u in USERS} | {(u, P): QUOTA_PREMIUM for u in USERS}
     checked = time.monotonic()
     report = check(history, quotas)
@@ -590,8 +695,18 @@ def test_concurrent_history_against_the_real_server_has_no_over_admission(server
           f"possible load {100 * report.peak(quotas, LOAD_HI):.1f}%")
     print(f"history: {elapsed:.1f} s of calls ({report.ops / elapsed:.0f} calls/s), checked in "
           f"{check_s:.1f} s; {attempts} reserve/track attempts, {report.denials} denied; "
-          f"codes {dict(report.codes)}")
+          f"codes {dict(report.codes)}; {transport}: {batches:.0f} Batch RPCs carried "
+          f"{batched:.0f} operations ({batched / max(batches, 1):.1f} each)")
 
+    # What the server saw arrive is what this run is named for.
+    unary = sum(value for name, value in seen.items() if name.startswith(
+        "quotad_requests_total") and any(f'method="{m}"' in name for m in (
+            "Reserve", "Commit", "Release", "Extend", "Track", "GetUsage")))
+    if transport == "unary":
+        assert batches == 0 and unary == ops + len(USERS), (batches, unary)
+    else:
+        assert unary == 0 and batched == ops + len(USERS), (unary, batched)
+        assert batches - single >= batches / 2, "most batches should carry several calls"
     assert report.ops == ops, f"only {report.ops} of {ops} calls within {limit_s} s"
     assert set(report.codes) == {"OK"}, report.codes
     assert report.anomalies == [], report.anomalies[:10]

@@ -7,10 +7,20 @@ Extend / Track, every one with an idempotency key of its own, and keep every ACK
 answer. From the answers alone the test keeps the exact (used, held) each (user, group) must
 have. A call that fails at the kill is "in flight": its effect is unknown.
 
-A quarter of the restarts are first SIGKILLed during their own start-up (before listening,
-while recovering, or just after serving). The servers take a snapshot every 1000 records
-(when the server has --snapshot-every-records), so kills also land while a snapshot is written
-and restarts load a snapshot and replay the log after it.
+The loop runs twice: `unary` (each operation its own RPC) and `batch` (each client sends
+Batch RPCs of 2 to 8 operations, as the asyncio client's coalescing does; the replays and
+retries after a restart go in Batch RPCs too). A Batch the kill interrupts puts every
+operation in it in flight.
+
+Where kills land is planned, kill by kill (KILL_PLAN), so that every run covers each case:
+- some loads run until the log has SNAPSHOT_EPOCH_RECORDS more records, several snapshots'
+  worth at --snapshot-every-records SNAPSHOT_EVERY_RECORDS: the restart after it must load a
+  snapshot newer than the state the load began with; the rest end at a random moment, and
+  land now and then while a snapshot child works;
+- some restarts are first SIGKILLed during their own start-up: right after they are spawned
+  (before listening), once they listen (while they recover), or at a random moment of it.
+The test asserts that both kinds of start-up kill landed before "serving", and that the
+snapshot each restart loads is never older than the one the restart before it loaded.
 
 After every restart, before anything else runs:
   - every operation acknowledged since the previous restart (and a sample of older ones) is
@@ -26,7 +36,7 @@ After every restart, before anything else runs:
 At the end the last server stops on SIGTERM, and `quotad verify` on its data directory is
 clean with the digest and record count of its "stopped" line.
 
-Sizes: 20 kills by default; QUOTAD_LONG=1 runs 200. QUOTAD_SIGKILL_SEED replays the same
+Sizes: 10 kills per transport by default; QUOTAD_LONG=1 runs 100 per transport. QUOTAD_SIGKILL_SEED replays the same
 choices (not the same timing); QUOTAD_SIGKILL_VERBOSE=1 prints one line per kill.
 Holds get a 1 h TTL so none expires during a run (checked: the run must stay well below it).
 """
@@ -47,16 +57,19 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2, text_format
+from google.rpc import code_pb2, status_pb2
 
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
-from server_process import ROOT, ServerProcess
+from server_process import ROOT, START_TIMEOUT_S, ServerProcess
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
 VERBOSE = os.environ.get("QUOTAD_SIGKILL_VERBOSE") == "1"  # one line per kill
-KILLS = 200 if LONG else 20
+KILLS = 100 if LONG else 10
 WORKERS = 6
+BATCH_OPS = (2, 8)  # operations per Batch RPC in the batch run
 USERS = tuple(f"sk-u{i}" for i in range(8))
 PLAN_ID = "sigkill"
 QUOTAS = {"units": 40_000, "chat": 15_000, "premium": 4_000}
@@ -65,14 +78,30 @@ MODELS = ("big", "small")
 TTL_S = 3600  # the longest allowed: no hold may expire during the run
 RUN_S_MAX = 3000  # the model assumes no expiry: the run must end well before TTL_S
 LOAD_S_MAX = 0.25 if LONG else 0.5  # a kill lands 0 ... this long after the clients start
-SNAPSHOT_EVERY_RECORDS = 1000
-STARTUP_KILL_P = 0.25  # chance that a restart is first killed during its own start-up
+SNAPSHOT_EVERY_RECORDS = 100
+SNAPSHOT_EPOCH_RECORDS = 3 * SNAPSHOT_EVERY_RECORDS
+"""A load that must end in a stored snapshot runs until the log has this many more records:
+the first child is forked within SNAPSHOT_EVERY_RECORDS, then has the time of 2x as many to
+encode a few users' state."""
+SNAPSHOT_EPOCH_S_MAX = 60.0
+KILL_PLAN_PERIOD = 10
+KILL_PLAN = {  # kill % KILL_PLAN_PERIOD -> (how the load ends, how the restart starts)
+    1: ("after snapshots", ""),
+    2: ("at random", "before listening"),
+    4: ("at random", "while recovering"),
+    6: ("after snapshots", ""),
+    7: ("at random", "before listening"),
+    8: ("at random", "at random"),
+    9: ("at random", "while recovering"),
+}
+"""Kills not named here end the load at a random moment and restart with no start-up kill."""
 OPS_PER_WORKER_EPOCH_MAX = 5_000
 LIVE_HOLDS_PER_WORKER_MAX = 24
 CALL_TIMEOUT_S = 5.0
 CHECK_TIMEOUT_S = 15.0
 REPLAY_OLDER_SAMPLE = 25
 REPLAY_CONCURRENCY = 16
+REPLAY_BATCH_OPS = 16
 IN_FLIGHT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.CANCELLED)
 """What a call the kill interrupts may end with. Before the kill, any error is a failure."""
@@ -207,12 +236,18 @@ class Run:
         self.acknowledged += 1
 
 
-class Worker:
-    """One client: its own channel, its own holds, one call at a time."""
+BATCH_FIELDS = {"Reserve": "reserve", "Commit": "commit", "Release": "release",
+                "Extend": "extend", "Track": "track"}
 
-    def __init__(self, index: int, rng: random.Random) -> None:
+
+class Worker:
+    """One client: its own channel, its own holds, one RPC at a time (unary: one operation;
+    batch: a Batch RPC of several)."""
+
+    def __init__(self, index: int, rng: random.Random, transport: str) -> None:
         self.index = index
         self.rng = rng
+        self.transport = transport
         self.live: list[Hold] = []
         self.credit = {(user, group): 0 for user in USERS for group in QUOTAS}
         """What this worker added to each counter and did not refund: it may refund up to
@@ -275,34 +310,57 @@ class Worker:
                                                ttl=duration_pb2.Duration(seconds=TTL_S),
                                                idempotency_key=key), self, user, groups)
 
-    async def call(self, op: Op, *, timeout: float, wait_for_ready: bool = False):
+    async def send(self, ops: list[Op], *, timeout: float,
+                   wait_for_ready: bool = False) -> list:
+        """One RPC carrying ops (unary: exactly one): each op's response, or the
+        google.rpc.Status its operation failed with in a Batch. A failed RPC raises."""
         assert self.stub is not None
-        return await getattr(self.stub, op.rpc)(op.request, timeout=timeout,
-                                                wait_for_ready=wait_for_ready)
+        if self.transport == "unary":
+            assert len(ops) == 1
+            return [await getattr(self.stub, ops[0].rpc)(ops[0].request, timeout=timeout,
+                                                         wait_for_ready=wait_for_ready)]
+        request = pb.BatchRequest()
+        for op in ops:
+            getattr(request.operations.add(), BATCH_FIELDS[op.rpc]).CopyFrom(op.request)
+        response = await self.stub.Batch(request, timeout=timeout,
+                                         wait_for_ready=wait_for_ready)
+        if len(response.results) != len(ops):
+            raise AssertionError(f"{len(ops)} operations, {len(response.results)} results")
+        return [getattr(result, result.WhichOneof("result")) for result in response.results]
+
+    def ops_per_rpc(self) -> int:
+        return 1 if self.transport == "unary" else self.rng.randint(*BATCH_OPS)
 
     async def load(self, run: Run, epoch: int, stop: asyncio.Event) -> None:
-        """Calls one after another until the kill; the call the kill interrupts (or the first
-        after it) is in flight. Any other error, and any error before the kill, is a failure.
-        (The kill blocks the event loop until the process is reaped, and `stop` is set right
-        after it: an error seen while `stop` is clear really came before the kill.)"""
+        """RPCs one after another until the kill; the operations of the RPC the kill
+        interrupts (or of the first after it) are in flight. Any other error, and any error
+        before the kill, is a failure. (The kill blocks the event loop until the process is
+        reaped, and `stop` is set right after it: an error seen while `stop` is clear really
+        came before the kill.)"""
         for _ in range(OPS_PER_WORKER_EPOCH_MAX):
             if stop.is_set():
                 return
-            op = self.next_op(epoch)
+            ops = [self.next_op(epoch) for _ in range(self.ops_per_rpc())]
             try:
-                response = await self.call(op, timeout=CALL_TIMEOUT_S)
+                answers = await self.send(ops, timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError as error:
                 if stop.is_set() and error.code() in IN_FLIGHT_CODES:
                     name = error.code().name
                     run.in_flight_codes[name] = run.in_flight_codes.get(name, 0) + 1
-                    op.in_flight = True
-                    self.in_flight.append(op)
+                    for op in ops:
+                        op.in_flight = True
+                        self.in_flight.append(op)
                 else:
-                    run.fail(f"{op.rpc} {op.request.idempotency_key} under load: "
-                             f"{error.code().name} {error.details()}")
+                    run.fail(f"{len(ops)} x {ops[0].rpc} {ops[0].request.idempotency_key}... "
+                             f"under load: {error.code().name} {error.details()}")
                 return
-            run.settle(op, response)
-            self.acknowledged.append(op)
+            for op, answer in zip(ops, answers):
+                if isinstance(answer, status_pb2.Status):
+                    run.fail(f"{op.rpc} {op.request.idempotency_key} in a Batch under load: "
+                             f"{code_pb2.Code.Name(answer.code)} {answer.message}")
+                    continue
+                run.settle(op, answer)
+                self.acknowledged.append(op)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -338,6 +396,8 @@ class Servers:
         self.wall_ms: list[float] = []
         self.records: list[int] = []
         self.replayed: list[int] = []
+        self.snapshot_sequences: list[int] = []
+        """The snapshot each restart loaded (0: none), from its "recovered" line."""
         self.torn_tails = 0
         self.startup_kills = {"before listening": 0, "while recovering": 0, "after serving": 0}
         self.port_changes = 0
@@ -369,13 +429,20 @@ class Servers:
             recovered = [line for line in process.log_lines
                          if line.get("message") == "recovered"]
             self.replayed.append(recovered[-1].get("replayed", -1) if recovered else -1)
+            self.snapshot_sequences.append(
+                recovered[-1].get("snapshot_sequence", -1) if recovered else -1)
             self.torn_tails += sum(line.get("message") == "dropped a torn log tail"
                                    for line in process.log_lines)
             return process
         raise RuntimeError(f"could not bind a loopback port: {self.spawned[-1].log_lines[-3:]}")
 
-    def start_and_kill_during_startup(self) -> None:
-        """Starts a server and SIGKILLs it at a random moment of its start-up."""
+    def start_and_kill_during_startup(self, when: str) -> None:
+        """Starts a server and SIGKILLs it during its start-up: "before listening" (within
+        half the shortest time a start took to listen), "while recovering" (once
+        it listens, within the first half of the last recovery), or "at random" (up to a
+        little past the time the last start took: before it listens, while it recovers,
+        reading the snapshot and the log and writing expiries and plans, or just after it
+        serves)."""
         process = ServerProcess(self.data_dir, extra_args=self.extra_args)
         self.spawned.append(process)
         thread = threading.Thread(target=self._start_quietly, args=(process,), daemon=True)
@@ -384,11 +451,20 @@ class Servers:
         while process.process is None and time.monotonic() < deadline:
             time.sleep(0.001)
         assert process.process is not None
-        # Up to a little past the time the last start took: kills before the process listens,
-        # while it recovers (reads the snapshot and the log, writes expiries and plans), and
-        # a few just after it serves.
         typical_s = self.wall_ms[-1] / 1000 if self.wall_ms else 0.3
-        time.sleep(self.rng.uniform(0.0, 1.2 * typical_s))
+        recovery_s = self.recovery_ms[-1] / 1000 if self.recovery_ms else 0.05
+        if when == "before listening":
+            listened_s = min((wall - recovery) / 1000 for wall, recovery
+                             in zip(self.wall_ms, self.recovery_ms)) if self.wall_ms else 0.1
+            time.sleep(self.rng.uniform(0.0, 0.5 * max(listened_s, 0.0)))
+        elif when == "while recovering":
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while time.monotonic() < deadline and process.process.poll() is None and not any(
+                    line.get("message") == "listening" for line in list(process.log_lines)):
+                time.sleep(0.001)
+            time.sleep(self.rng.uniform(0.0, 0.5 * recovery_s))
+        else:
+            time.sleep(self.rng.uniform(0.0, 1.2 * typical_s))
         try:
             os.kill(process.process.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -459,6 +535,29 @@ class Checker:
         return dict(zip(USERS, answers))
 
 
+async def resend(ops: list[Op]) -> list[tuple[Op, object, str]]:
+    """Sends ops again, each with its own key and request, as the run sends them (unary: one
+    RPC each; batch: Batch RPCs of up to REPLAY_BATCH_OPS): (op, its answer, "") or
+    (op, None, why it failed)."""
+    if not ops:
+        return []
+    per_rpc = 1 if ops[0].worker.transport == "unary" else REPLAY_BATCH_OPS
+    groups = [ops[i:i + per_rpc] for i in range(0, len(ops), per_rpc)]
+
+    async def one(group: list[Op]) -> list[tuple[Op, object, str]]:
+        try:
+            answers = await group[0].worker.send(group, timeout=CHECK_TIMEOUT_S,
+                                                 wait_for_ready=True)
+        except grpc.aio.AioRpcError as error:
+            return [(op, None, f"{error.code().name} {error.details()}") for op in group]
+        return [(op, None, f"{code_pb2.Code.Name(a.code)} {a.message}")
+                if isinstance(a, status_pb2.Status) else (op, a, "")
+                for op, a in zip(group, answers)]
+
+    done = await gather_bounded([one(group) for group in groups], REPLAY_CONCURRENCY)
+    return [outcome for group in done for outcome in group]
+
+
 async def check_restart(run: Run, checker: Checker, workers: list[Worker],
                         serving: dict, kill: int) -> None:
     """Everything acknowledged is there, in-flight calls resolve once, the state is exact."""
@@ -471,20 +570,15 @@ async def check_restart(run: Run, checker: Checker, workers: list[Worker],
     epoch_ops = [op for w in workers for op in w.acknowledged]
     older = run.rng.sample(run.verified_ops, min(REPLAY_OLDER_SAMPLE, len(run.verified_ops)))
 
-    async def replay(op: Op) -> None:
-        try:
-            again = await op.worker.call(op, timeout=CHECK_TIMEOUT_S, wait_for_ready=True)
-        except grpc.aio.AioRpcError as error:
+    for op, again, error in await resend(epoch_ops + older):
+        if error:
             run.lost += 1
             run.fail(f"{where}: acknowledged {op.rpc} {op.request.idempotency_key} "
-                     f"now fails: {error.code().name} {error.details()}")
-            return
-        if again != op.response:
+                     f"now fails: {error}")
+        elif again != op.response:
             run.lost += 1
             run.fail(f"{where}: acknowledged {op.rpc} {op.request.idempotency_key} answered "
                      f"{one_line(op.response)} before the kill, {one_line(again)} after")
-
-    await gather_bounded([replay(op) for op in epoch_ops + older], REPLAY_CONCURRENCY)
     replayed = await checker.digest()
     if (replayed.sequence, replayed.digest) != (serving["records"], serving["state_digest"]):
         run.fail(f"{where}: serving logged {serving['records']} {serving['state_digest']}; "
@@ -496,28 +590,19 @@ async def check_restart(run: Run, checker: Checker, workers: list[Worker],
     # a second retry must answer the same and make none.
     in_flight = [op for w in workers for op in w.in_flight]
 
-    async def retry(op: Op) -> None:
-        try:
-            answer = await op.worker.call(op, timeout=CHECK_TIMEOUT_S, wait_for_ready=True)
-        except grpc.aio.AioRpcError as error:
+    for op, answer, error in await resend(in_flight):
+        if error:
             run.fail(f"{where}: in-flight {op.rpc} {op.request.idempotency_key} retried: "
-                     f"{error.code().name} {error.details()}")
-            return
-        run.settle(op, answer)
-
-    async def retry_again(op: Op) -> None:
-        try:
-            again = await op.worker.call(op, timeout=CHECK_TIMEOUT_S, wait_for_ready=True)
-        except grpc.aio.AioRpcError as error:
+                     f"{error}")
+        else:
+            run.settle(op, answer)
+    for op, again, error in await resend([op for op in in_flight if op.response is not None]):
+        if error:
             run.fail(f"{where}: in-flight {op.rpc} {op.request.idempotency_key} answered "
-                     f"{one_line(op.response)} then {error.code().name} {error.details()}")
-            return
-        if again != op.response:
+                     f"{one_line(op.response)} then {error}")
+        elif again != op.response:
             run.fail(f"{where}: in-flight {op.rpc} {op.request.idempotency_key} answered "
                      f"{one_line(op.response)} then {one_line(again)}")
-
-    await asyncio.gather(*(retry(op) for op in in_flight))
-    await asyncio.gather(*(retry_again(op) for op in in_flight if op.response is not None))
     retried = await checker.digest()
     applied_now = retried.sequence - replayed.sequence
     if not 0 <= applied_now <= len(in_flight):
@@ -545,12 +630,26 @@ async def check_restart(run: Run, checker: Checker, workers: list[Worker],
         worker.in_flight = []
 
 
-async def sigkill_loop(run: Run, servers: Servers) -> ServerProcess:
+async def load_until_snapshots(run: Run, checker: Checker, start_sequence: int) -> None:
+    """Waits while the load writes SNAPSHOT_EPOCH_RECORDS records past start_sequence."""
+    deadline = time.monotonic() + SNAPSHOT_EPOCH_S_MAX
+    while time.monotonic() < deadline:
+        if (await checker.digest()).sequence >= start_sequence + SNAPSHOT_EPOCH_RECORDS:
+            return
+        if run.failures:
+            return
+        await asyncio.sleep(0.05)
+    run.fail(f"the load wrote fewer than {SNAPSHOT_EPOCH_RECORDS} records in "
+             f"{SNAPSHOT_EPOCH_S_MAX} s")
+
+
+async def sigkill_loop(run: Run, servers: Servers, transport: str) -> ServerProcess:
     started = time.monotonic()
     server = servers.start(restart=False)
     address = servers.listen
     checker = Checker(address)
-    workers = [Worker(index, random.Random(run.rng.random())) for index in range(WORKERS)]
+    workers = [Worker(index, random.Random(run.rng.random()), transport)
+               for index in range(WORKERS)]
     for worker in workers:
         worker.connect(address)
     await checker.admin.UpsertPlan(pb.UpsertPlanRequest(plan=PLAN), timeout=CHECK_TIMEOUT_S)
@@ -559,16 +658,29 @@ async def sigkill_loop(run: Run, servers: Servers) -> ServerProcess:
             pb.UpsertSubscriptionRequest(user_id=user, plan_id=PLAN_ID), timeout=CHECK_TIMEOUT_S)
 
     for kill in range(1, KILLS + 1):
+        load_ends, startup_kill = KILL_PLAN.get(kill % KILL_PLAN_PERIOD, ("at random", ""))
+        start_sequence = (await checker.digest()).sequence
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.load(run, kill, stop)) for w in workers]
-        await asyncio.sleep(run.rng.uniform(0.0, LOAD_S_MAX))
+        if load_ends == "after snapshots":
+            await load_until_snapshots(run, checker, start_sequence)
+        else:
+            await asyncio.sleep(run.rng.uniform(0.0, LOAD_S_MAX))
         assert server.kill() == -signal.SIGKILL
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), CALL_TIMEOUT_S + 10)
 
-        if run.rng.random() < STARTUP_KILL_P:
-            servers.start_and_kill_during_startup()
+        if startup_kill:
+            servers.start_and_kill_during_startup(startup_kill)
         server = servers.start()
+        loaded = servers.snapshot_sequences[-1]
+        if load_ends == "after snapshots" and not loaded > start_sequence:
+            run.fail(f"restart after kill {kill}: loaded snapshot {loaded}, after a load that "
+                     f"wrote records {start_sequence} to {servers.records[-1]} at a snapshot "
+                     f"every {SNAPSHOT_EVERY_RECORDS}")
+        if loaded < max(servers.snapshot_sequences[:-1], default=0):
+            run.fail(f"restart after kill {kill}: loaded snapshot {loaded}, older than the "
+                     f"one loaded before, {max(servers.snapshot_sequences[:-1])}")
         if servers.listen != address:  # the port was taken meanwhile: reconnect elsewhere
             address = servers.listen
             await checker.channel.close()
@@ -584,6 +696,7 @@ async def sigkill_loop(run: Run, servers: Servers) -> ServerProcess:
             print(f"kill {kill}: acknowledged {epoch_acked} in flight {epoch_in_flight}; "
                   f"restart: records {servers.records[-1]} (replayed {servers.replayed[-1]}) "
                   f"recovery {servers.recovery_ms[-1]:.0f} ms wall {servers.wall_ms[-1]:.0f} ms; "
+                  f"snapshot {servers.snapshot_sequences[-1]}; "
                   f"checks {(time.monotonic() - checked) * 1000:.0f} ms")
         if run.failures:
             break
@@ -595,13 +708,14 @@ async def sigkill_loop(run: Run, servers: Servers) -> ServerProcess:
     return server
 
 
-def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path):
+@pytest.mark.parametrize("transport", ["unary", "batch"])
+def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str):
     seed = int(os.environ.get("QUOTAD_SIGKILL_SEED", random.randrange(2**32)))
     run = Run(seed)
     servers = Servers(tmp_path / "data", run.rng, server_args())
     started = time.monotonic()
     try:
-        last = asyncio.run(sigkill_loop(run, servers))
+        last = asyncio.run(sigkill_loop(run, servers, transport))
         stop_code = last.stop()
     finally:
         servers.close_all()
@@ -611,7 +725,8 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path):
 
     kills = len(servers.recovery_ms)
     recovery, wall = servers.recovery_ms, servers.wall_ms
-    print(f"\nsigkill: {kills} kills, acknowledged ops {run.acknowledged}, lost {run.lost}, "
+    loaded = sum(sequence > 0 for sequence in servers.snapshot_sequences)
+    print(f"\nsigkill ({transport}): {kills} kills, acknowledged ops {run.acknowledged}, lost {run.lost}, "
           f"in-flight retried {run.retried} (applied once {run.applied_before_kill}), "
           f"recovery p50 {percentile(recovery, 0.5):.0f} ms "
           f"p99 {percentile(recovery, 0.99):.0f} ms")
@@ -621,8 +736,9 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path):
           f"{servers.records[-1]} (replayed {servers.replayed[-1]}); in-flight retries applied "
           f"by the retry {run.retried - run.applied_before_kill}; "
           f"reserve/track allowed {run.outcomes['allowed']} denied {run.outcomes['denied']}; "
-          f"in-flight errors {run.in_flight_codes}; kills during start-up "
-          f"{servers.startup_kills}; torn log tails dropped {servers.torn_tails}; "
+          f"in-flight RPC errors {run.in_flight_codes}; kills during start-up "
+          f"{servers.startup_kills}; restarts that loaded a snapshot {loaded} (the last "
+          f"{servers.snapshot_sequences[-1]}); torn log tails dropped {servers.torn_tails}; "
           f"server args {servers.extra_args}; port changes {servers.port_changes}; "
           f"verify {summary.get('seconds')} s; total {elapsed:.1f} s")
 
@@ -630,6 +746,12 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path):
     assert run.lost == 0
     assert kills == KILLS
     assert run.retried > 0, "no kill caught a call in flight"
+    # The planned kill points were reached: kills during start-up both before the server
+    # listened and while it recovered, and restarts that loaded a snapshot (each newer than
+    # the state its load began with: checked in the loop).
+    assert servers.startup_kills["before listening"] >= 1, servers.startup_kills
+    assert servers.startup_kills["while recovering"] >= 1, servers.startup_kills
+    assert loaded >= 1, servers.snapshot_sequences
     assert stop_code == 0
     assert code == 0 and summary["clean"], summary
     assert summary["records"] == stopped["records"]
