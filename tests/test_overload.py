@@ -17,9 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 import quotad_client as qc
-from quotad.api.admission import SHED_OVERLOADED, Admission
+from quotad.api.admission import SHED_OVERLOADED, Admission, overloaded
+from quotad.api.service import status_proto_of
 from quotad.core import limits
 from quotad.core.commands import Track
+from quotad.core.errors import ResourceExhausted
 from quotad.engine.recovery import recover
 from quotad.engine.writer import DeadlinePassed, Writer
 from quotad.server import Config
@@ -271,13 +273,14 @@ def test_a_call_whose_deadline_passes_before_it_is_applied_changes_nothing(start
 # --- the clients ----------------------------------------------------------------------------
 
 def test_a_shed_call_tells_the_client_to_retry_after_the_servers_delay_plus_backoff():
-    refusal = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "shed",
-                                _status_with_retry(ErrorReason.OVERLOADED, 0.1))
+    def received(refusal: Exception) -> qc.QuotadError:  # as the server sends it
+        status = status_proto_of(refusal)
+        return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, status.message, status)
+
+    refusal = received(overloaded("shed", 0.1))
     assert isinstance(refusal, qc.ResourceExhausted) and shed_delay_s(refusal) == 0.1
-    other = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "holds",
-                              _status_with_retry(ErrorReason.TOO_MANY_HOLDS, None))
-    too_big = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "batch",
-                                _status_with_retry(ErrorReason.OVERLOADED, None))
+    other = received(ResourceExhausted(ErrorReason.TOO_MANY_HOLDS, "holds"))
+    too_big = received(overloaded("a Batch over the whole limit", None))
     assert shed_delay_s(other) is None and shed_delay_s(too_big) is None
     policy = RetryPolicy(retries=2, initial_backoff_s=0.05, jitter=0.5)
     now = 100.0
@@ -291,22 +294,6 @@ def test_a_shed_call_tells_the_client_to_retry_after_the_servers_delay_plus_back
                             shed_delay_s=0.1) is None  # no time left for it
     assert policy.next_wait(retry=0, code=code, retryable=True, deadline=now + 10,
                             now=now) is None  # any other RESOURCE_EXHAUSTED is final
-
-
-def _status_with_retry(reason: str, delay_s: float | None):
-    from google.protobuf import any_pb2
-    from google.rpc import status_pb2
-    details = [error_details_pb2.ErrorInfo(reason=reason, domain="quotad")]
-    if delay_s is not None:
-        retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromNanoseconds(round(delay_s * 1e9))
-        details.append(retry)
-    packed = []
-    for detail in details:
-        envelope = any_pb2.Any()
-        envelope.Pack(detail)
-        packed.append(envelope)
-    return status_pb2.Status(code=8, message="m", details=packed)
 
 
 def test_the_async_client_retries_shed_calls_until_each_lands_exactly_once(start_server):
