@@ -7,7 +7,9 @@ it can answer in time, beside a bare grpc.aio echo server offered the same.
 Each client process keeps --concurrency loops, each sending a unary Reserve and, once it is
 answered, a unary Commit of its hold (raw stubs: no coalescing, no idempotency keys, no
 retries), every call with a deadline of --deadline-s; a loop starts its next pair as soon as
-the last one ends (after 10 ms when a call failed). A pair is *good* when both calls
+the last one ends (after 10 ms when a call failed; after a refusal that carries a
+google.rpc.RetryInfo, quotad's RESOURCE_EXHAUSTED OVERLOADED, after that delay with up to as
+much again of random jitter, as a polite client such as quotad_client waits). A pair is *good* when both calls
 succeeded, each within its deadline; goodput is good pairs per second.
 
 Each run, for each server (quotad on a fresh data directory, then the echo peer): a
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import random
 import signal
 import statistics
 import sys
@@ -124,7 +127,9 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
                 except grpc.aio.AioRpcError as error:
                     codes[error.code().name] += 1
                     details.setdefault(error.code().name, error.details() or "")
-                    await asyncio.sleep(FAILED_CALL_PAUSE_S)
+                    delay_s = _retry_delay_s(error)
+                    await asyncio.sleep(FAILED_CALL_PAUSE_S if delay_s is None
+                                        else delay_s * (1.0 + random.random()))
 
         warm = await quota.Reserve(pb.ReserveRequest(user_id=user_id(index % users),
                                                      event_type=EVENT_TYPE, amount=1),
@@ -146,6 +151,22 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
                 "seconds": max(1e-3, start_at + seconds - started),
                 "late_s": max(0.0, started - start_at),
                 "client_cpu_s": time.process_time() - cpu_started}
+
+
+def _retry_delay_s(error: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay of a RESOURCE_EXHAUSTED refusal, None when there is none."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return retry.retry_delay.ToNanoseconds() / 1e9
+    return None
 
 
 def _client(args: tuple[Any, ...]) -> dict[str, Any]:

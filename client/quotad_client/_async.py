@@ -29,7 +29,7 @@ from ._config import (
 )
 from ._convert import PlanLike
 from ._coalesce import BATCHABLE, Coalescer, OperationFailed
-from ._errors import DeadlineExceeded, error_from_rpc_error, error_from_status
+from ._errors import DeadlineExceeded, error_from_rpc_error, error_from_status, shed_delay_s
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -85,7 +85,9 @@ class AsyncQuotaClient:
     ``timeout_s=`` to override it. UNAVAILABLE is retried up to ``retries`` times with
     exponential backoff and jitter, for reads and for mutations that carry an idempotency key;
     with ``auto_idempotency_keys`` (the default) the client gives each mutation that has none a
-    fresh key, sent unchanged on every retry.
+    fresh key, sent unchanged on every retry. A call the server shed under overload
+    (RESOURCE_EXHAUSTED ``OVERLOADED``: it did nothing) is retried too, any call, waiting the
+    server's RetryInfo delay plus the backoff.
 
     ``api_key`` (default: the QUOTAD_API_KEY environment variable, else none) and
     ``user_token`` (with a pk_ key) go with every call. ``tls_root_cert`` (PEM bytes) or
@@ -158,7 +160,8 @@ class AsyncQuotaClient:
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
                 wait = config.policy.next_wait(retry=retry, code=error.code,
-                                               retryable=op.retryable, deadline=deadline)
+                                               retryable=op.retryable, deadline=deadline,
+                                               shed_delay_s=shed_delay_s(error))
                 if wait is None:
                     raise error from rpc_error
                 await asyncio.sleep(wait)

@@ -15,13 +15,16 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from quotad_contract.errors import ERROR_DOMAIN, ERRORS
+from quotad_contract.errors import ERROR_DOMAIN, ERRORS, ErrorReason
 
 from ._types import Counter, Reservation, TrackResult
 
 
 class QuotadError(Exception):
-    """A quotad call that failed. ``code`` is the gRPC status code, ``message`` its text."""
+    """A quotad call that failed. ``code`` is the gRPC status code, ``message`` its text.
+    ``retry_delay_s`` is the server's ``google.rpc.RetryInfo`` delay when it sent one."""
+
+    retry_delay_s: float | None = None
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}" if message else code.name)
@@ -55,7 +58,8 @@ class FailedPrecondition(_WithReason):
 
 class ResourceExhausted(_WithReason):
     """A server or transport limit; ``reason`` is set when quotad gave one (an ``ErrorReason``
-    such as ``TOO_MANY_HOLDS``)."""
+    such as ``TOO_MANY_HOLDS``). ``OVERLOADED``: the server shed the call, having done nothing
+    (the client retries it after ``retry_delay_s``, within the call's time budget)."""
 
 
 class AlreadyExists(QuotadError):
@@ -89,8 +93,13 @@ def error_from_status(code: grpc.StatusCode, message: str,
     """The exception for a gRPC status and its optional ``google.rpc.Status`` details."""
     violations: list[tuple[str, str]] = []
     reason = ""
+    retry_delay_s: float | None = None
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry_info = error_details_pb2.RetryInfo()
+            detail.Unpack(retry_info)
+            retry_delay_s = max(0.0, retry_info.retry_delay.ToNanoseconds() / 1e9)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations.extend((v.field, v.description) for v in bad.field_violations)
@@ -100,11 +109,26 @@ def error_from_status(code: grpc.StatusCode, message: str,
             if not reason or info.domain == ERROR_DOMAIN:
                 reason = info.reason
     error_class = _CLASSES.get(code, QuotadError)
+    error: QuotadError
     if issubclass(error_class, InvalidArgument):
-        return error_class(code, message, violations)
-    if issubclass(error_class, _WithReason):
-        return error_class(code, message, reason)
-    return error_class(code, message)
+        error = error_class(code, message, violations)
+    elif issubclass(error_class, _WithReason):
+        error = error_class(code, message, reason)
+    else:
+        error = error_class(code, message)
+    error.retry_delay_s = retry_delay_s
+    return error
+
+
+def shed_delay_s(error: QuotadError) -> float | None:
+    """The server's retry delay when it shed the call (RESOURCE_EXHAUSTED ``OVERLOADED`` with
+    a RetryInfo): it did nothing, so the call may be sent again, any call, after that long.
+    None for every other error (an OVERLOADED without a RetryInfo cannot succeed again: a
+    Batch over the server's whole admission limit)."""
+    if (isinstance(error, ResourceExhausted) and error.reason == ErrorReason.OVERLOADED
+            and error.retry_delay_s is not None):
+        return error.retry_delay_s
+    return None
 
 
 def error_from_rpc_error(error: grpc.RpcError) -> QuotadError:

@@ -1,9 +1,12 @@
 """When to retry a call, and how long to wait before the next attempt.
 
-Only UNAVAILABLE is retried (the server is starting, draining, or unreachable), and only for
-calls that are safe to send twice (see ``Op.retryable``). Waits grow exponentially with random
-jitter, and every attempt of one call shares one deadline: the call's ``timeout_s`` is the
-budget of the whole call, retries included.
+UNAVAILABLE is retried (the server is starting, draining, or unreachable) for calls that are
+safe to send twice (see ``Op.retryable``). A call the server shed (RESOURCE_EXHAUSTED
+``OVERLOADED`` with a RetryInfo) is retried whatever it is: the server did nothing with it,
+so it cannot land twice; the wait is at least the server's delay. Waits grow exponentially
+with random jitter (so shed callers do not come back together), retries are bounded, and every
+attempt of one call shares one deadline: the call's ``timeout_s`` is the budget of the whole
+call, retries included.
 """
 
 from __future__ import annotations
@@ -42,15 +45,20 @@ class RetryPolicy:
         return base * (1.0 - self.jitter * self.rng.random())
 
     def next_wait(self, *, retry: int, code: grpc.StatusCode, retryable: bool,
-                  deadline: float, now: float | None = None) -> float | None:
+                  deadline: float, now: float | None = None,
+                  shed_delay_s: float | None = None) -> float | None:
         """The wait before retry number ``retry``, or None when the call must fail now.
 
+        ``shed_delay_s``: the server shed the call and asks for that delay (see
+        ``_errors.shed_delay_s``); the wait is that delay plus the backoff, for any call.
         None when the code is not retried, the call is unsafe to repeat, the retries are used
         up, or the wait would leave no time of the deadline (``time.monotonic()`` based).
         """
-        if not retryable or code not in RETRYABLE_CODES or retry >= self.retries:
+        if retry >= self.retries:
             return None
-        wait = self.backoff(retry)
+        if shed_delay_s is None and (not retryable or code not in RETRYABLE_CODES):
+            return None
+        wait = self.backoff(retry) + (shed_delay_s or 0.0)
         now = time.monotonic() if now is None else now
         if now + wait >= deadline:
             return None

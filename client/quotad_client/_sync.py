@@ -19,7 +19,7 @@ from ._config import (
     merged_channel_options,
 )
 from ._convert import PlanLike
-from ._errors import DeadlineExceeded, error_from_rpc_error
+from ._errors import DeadlineExceeded, error_from_rpc_error, shed_delay_s
 from ._hold import Hold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -50,7 +50,9 @@ class QuotaClient:
     ``timeout_s=`` to override it. UNAVAILABLE is retried up to ``retries`` times with
     exponential backoff and jitter, for reads and for mutations that carry an idempotency key;
     with ``auto_idempotency_keys`` (the default) the client gives each mutation that has none a
-    fresh key, sent unchanged on every retry.
+    fresh key, sent unchanged on every retry. A call the server shed under overload
+    (RESOURCE_EXHAUSTED ``OVERLOADED``: it did nothing) is retried too, any call, waiting the
+    server's RetryInfo delay plus the backoff.
 
     ``api_key`` (default: the QUOTAD_API_KEY environment variable, else none) and
     ``user_token`` (with a pk_ key) go with every call. ``tls_root_cert`` (PEM bytes) or
@@ -106,7 +108,8 @@ class QuotaClient:
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
                 wait = config.policy.next_wait(retry=retry, code=error.code,
-                                               retryable=op.retryable, deadline=deadline)
+                                               retryable=op.retryable, deadline=deadline,
+                                               shed_delay_s=shed_delay_s(error))
                 if wait is None:
                     raise error from rpc_error
                 time.sleep(wait)

@@ -47,6 +47,9 @@ class ErrorReason(enum.StrEnum):
     """The server has WATCHERS_MAX usage watches."""
     WATCH_QUEUE_FULL = "WATCH_QUEUE_FULL"
     """The watcher fell behind; it resumes from its last sequence."""
+    OVERLOADED = "OVERLOADED"
+    """The server is at its admission limit and did nothing with the call: it may be sent
+    again, after the RetryInfo delay that comes with it."""
 
 
 @dataclass(frozen=True, slots=True)

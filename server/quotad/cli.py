@@ -121,6 +121,16 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      default=limits.HTTP_REQUEST_READ_TIMEOUT_S, metavar="SECONDS",
                      help="an HTTP request must arrive whole within this long of its first "
                           "byte, else 408 and the connection is closed (default: %(default)s)")
+    run.add_argument("--admission-operations", type=int, default=limits.ADMISSION_OPERATIONS,
+                     metavar="N",
+                     help="at most N operations admitted and not yet answered (a Batch counts "
+                          "its operations, other calls one; WatchUsage and health checks are "
+                          "not counted); past it a call is refused at once with "
+                          "RESOURCE_EXHAUSTED OVERLOADED and a retry delay, having done "
+                          f"nothing, rather than queued past its deadline. "
+                          f"{limits.ADMISSION_OPERATIONS_MIN} to "
+                          f"{limits.ADMISSION_OPERATIONS_MAX:,}; a Batch of more than N "
+                          "operations is always refused (default: %(default)s)")
     run.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=False,
                      help="enable gRPC server reflection (default: off)")
     run.add_argument("--log-state-digest", action=argparse.BooleanOptionalAction, default=False,

@@ -29,6 +29,7 @@ from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
 from quotad.core.commands import UpsertPlan
 from quotad.core.machine import Core
+from quotad.api.admission import Admission
 from quotad.api.http_api import HttpApi
 from quotad.api.metrics import Metrics, MetricsInterceptor
 from quotad.plans_file import load_plans
@@ -82,6 +83,9 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     """PEM certificate chain and private key: serve TLS (both, or neither)."""
+    admission_operations: int = limits.ADMISSION_OPERATIONS
+    """Operations admitted and not yet answered, at most; past it calls are shed
+    (RESOURCE_EXHAUSTED OVERLOADED). See api/admission.py."""
 
     def __post_init__(self) -> None:
         self._check_address("--listen", self.listen, callers=True)
@@ -104,6 +108,10 @@ class Config:
             self._check_address("--metrics-listen", self.metrics_listen, callers=False)
         if self.audit_retention_ns < 0:
             raise ValueError("--audit-retention-days must not be negative")
+        if not (limits.ADMISSION_OPERATIONS_MIN <= self.admission_operations
+                <= limits.ADMISSION_OPERATIONS_MAX):
+            raise ValueError(f"--admission-operations must be {limits.ADMISSION_OPERATIONS_MIN} "
+                             f"to {limits.ADMISSION_OPERATIONS_MAX:,}")
         self._check_http()
 
     def _check_address(self, flag: str, address: str, *, callers: bool) -> None:
@@ -204,7 +212,9 @@ class _Process:
             ("grpc.max_send_message_length", limits.RESPONSE_BYTES_MAX),
             ("grpc.so_reuseport", 0),
         ])
-        server.add_generic_rpc_handlers(generic_handlers(self.gate))
+        admission = Admission(config.admission_operations)
+        self.metrics.watch_admission(admission)
+        server.add_generic_rpc_handlers(generic_handlers(self.gate, admission))
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         if config.reflection:
             names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name

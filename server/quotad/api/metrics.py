@@ -12,6 +12,11 @@ own HTTP thread, never by the event loop.
     quotad_batch_operations                 operations per Batch call (client-side coalescing)
     quotad_log_bytes                        bytes of the LMDB file in use (read when scraped)
     quotad_log_map_bytes                    the most the LMDB file may grow to (--map-size-gib)
+    quotad_shed_calls_total{method, reason} calls refused without any work: reason
+                                            "overloaded" (RESOURCE_EXHAUSTED OVERLOADED at the
+                                            admission limit) or "deadline" (DEADLINE_EXCEEDED,
+                                            the deadline passed before the call started)
+    quotad_admitted_operations              operations admitted and not yet answered
 
 Denials inside a Batch count too, by group, like those of Reserve and Track.
 """
@@ -24,6 +29,7 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _FLUSH_BUCKETS_RECORDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 8192)
@@ -57,6 +63,9 @@ class Metrics:
                                registry=self.registry)
         self.log_map_bytes = Gauge("quotad_log_map_bytes", "Most bytes the LMDB file may use",
                                    registry=self.registry)
+        self.admitted_operations = Gauge("quotad_admitted_operations",
+                                         "Operations admitted and not yet answered",
+                                         registry=self.registry)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP endpoint; returns the port it listens on."""
@@ -87,6 +96,12 @@ class Metrics:
 
         self.log_bytes.set_function(used_bytes)
         self.log_map_bytes.set_function(map_bytes)
+
+    def watch_admission(self, admission: Any) -> None:
+        """Shed calls and admitted operations, read from the admission counters when scraped:
+        shedding costs no metrics work on the hot path."""
+        self.registry.register(_ShedCollector(admission))
+        self.admitted_operations.set_function(lambda: admission.admitted)
 
     def observe_response(self, method: str, request: Any, response: Any) -> None:
         """Denials by group (Batch results included) and Batch sizes."""
@@ -134,3 +149,17 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 metrics.latency.labels(method).observe(time.perf_counter() - started)
 
         return handler._replace(unary_unary=measured)
+
+
+class _ShedCollector:
+    """quotad_shed_calls_total{method, reason}, from the admission's own counter."""
+
+    def __init__(self, admission: Any) -> None:
+        self._admission = admission
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily("quotad_shed_calls", "Calls refused without any work",
+                                     labels=["method", "reason"])
+        for (method, reason), count in sorted(list(self._admission.shed.items())):
+            family.add_metric([method, reason], count)
+        yield family

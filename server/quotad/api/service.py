@@ -22,14 +22,15 @@ from quotad.core import commands as c
 from quotad.api import auth, convert
 from quotad.core import limits
 from quotad.api import requests, watch
+from quotad.api.admission import Admission
 from quotad.api.auth import Principal
 from quotad.api.gate import Gate
 from quotad.core.errors import (
     FieldViolation, InvalidArgument, PermissionDenied, Refusal,
 )
-from quotad_contract.errors import ERROR_DOMAIN, ERRORS, INTERNAL
+from quotad_contract.errors import ERROR_DOMAIN, ERRORS, INTERNAL, ErrorReason
 from quotad_contract.v1 import quotad_pb2 as pb
-from quotad.engine.writer import Writer
+from quotad.engine.writer import DeadlinePassed, Writer
 
 
 class Malformed:
@@ -68,6 +69,11 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
             ]))
         if error.reason is not None:
             details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+        retry_delay_s = getattr(error, "retry_delay_s", None)
+        if retry_delay_s is not None:
+            retry_info = error_details_pb2.RetryInfo()
+            retry_info.retry_delay.FromNanoseconds(round(retry_delay_s * 1e9))
+            details.append(retry_info)
     packed = []
     for detail in details:
         envelope = any_pb2.Any()
@@ -130,25 +136,40 @@ ADMIN_METHODS: list[_Method] = [
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One authenticated call: the writer to run it through, who makes it, and its metadata."""
+    """One authenticated call: the writer to run it through, who makes it, its metadata, and
+    its deadline (time.monotonic() based; None: the caller set none)."""
 
     writer: Writer
     principal: Principal
     metadata: Any
+    deadline_s: float | None = None
 
 
 _Handler = Callable[[Any, Any], Awaitable[Any]]
 _REFUSALS = (Refusal,)
 
 
-def open_call(gate: Gate, metadata: Any, rpc: str) -> Call:
+def open_call(gate: Gate, metadata: Any, rpc: str, deadline_s: float | None = None) -> Call:
     """The call's writer and caller, once the caller may call this RPC; else the refusal
     (UNAVAILABLE, UNAUTHENTICATED, PERMISSION_DENIED, or FAILED_PRECONDITION KEYS_DISABLED)."""
     writer = gate.open_writer()
     assert gate.auth is not None
     principal = gate.auth.authenticate(metadata)
     gate.auth.authorize(principal, rpc)
-    return Call(writer, principal, metadata)
+    return Call(writer, principal, metadata, deadline_s)
+
+
+def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic()'s scale; None when the caller set none."""
+    remaining_s = context.time_remaining()
+    return None if remaining_s is None else time.monotonic() + remaining_s
+
+
+def _operations(rpc: str, request: Any) -> int:
+    """What a call counts against the admission limit: a Batch its operations, others one."""
+    if rpc == "Batch" and not isinstance(request, Malformed):
+        return max(1, len(request.operations))
+    return 1
 
 
 def full_method(rpc: str) -> str:
@@ -156,27 +177,40 @@ def full_method(rpc: str) -> str:
     return f"/quotad.v1.{service}/{rpc}"
 
 
-def _answering(gate: Gate, rpc: str,
+def _answering(gate: Gate, admission: Admission, rpc: str,
                answer: Callable[[Any, Call], Awaitable[Any]]) -> _Handler:
-    """A gRPC handler around answer(request, call): the caller is authenticated first, then a
-    request protobuf could not parse, and every refusal on the way to the answer, become the
-    status they map to."""
+    """A gRPC handler around answer(request, call). A call whose deadline has passed is shed
+    first (DEADLINE_EXCEEDED), then the caller is authenticated, a request protobuf could not
+    parse is refused, and the call is admitted (or shed: RESOURCE_EXHAUSTED OVERLOADED);
+    every refusal on the way to the answer becomes the status it maps to. Shed calls did no
+    work and are counted, not logged: under overload a log line each would add to it."""
     method = full_method(rpc)
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         metadata = context.invocation_metadata() or ()
         echo = ((requests.REQUEST_ID_HEADER, requests.begin(metadata)),)
         started_s = time.perf_counter()
+        operations = 0
         try:
-            call = open_call(gate, metadata, rpc)
+            deadline_s = _deadline_s(context)
+            admission.check_deadline(rpc, deadline_s)
+            call = open_call(gate, metadata, rpc, deadline_s)
             if isinstance(request, Malformed):
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {request.error}")])
+            admitting = _operations(rpc, request)
+            admission.admit(rpc, admitting)
+            operations = admitting
             response = await answer(request, call)
         except _REFUSALS as error:
             status = status_of(error)
-            requests.refused(method, status.code.name, status.details)
+            if isinstance(error, DeadlinePassed):
+                admission.count_deadline_shed(rpc)
+            elif error.reason is not ErrorReason.OVERLOADED:
+                requests.refused(method, status.code.name, status.details)
             await context.abort(status.code, status.details, (*status.trailing_metadata, *echo))
+        finally:
+            admission.release(operations)
         if requests.access_log_on():  # a line names it: the caller gets it back to match
             context.set_trailing_metadata(echo)
             requests.served(method, started_s)
@@ -184,25 +218,25 @@ def _answering(gate: Gate, rpc: str,
     return handle
 
 
-def _handler(gate: Gate, rpc: str, to_command: Callable[[str, Any], Any],
+def _handler(gate: Gate, admission: Admission, rpc: str, to_command: Callable[[str, Any], Any],
              to_response: Callable[[Any], Any]) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         if rpc == "GetUsage":
             assert gate.auth is not None
             gate.auth.authorize_usage_read(call.principal, call.metadata, request.user_id)
         command = to_command(call.principal.app, request)
-        return to_response(await call.writer.execute(command))
-    return _answering(gate, rpc, answer)
+        return to_response(await call.writer.execute(command, call.deadline_s))
+    return _answering(gate, admission, rpc, answer)
 
 
-def _state_digest_handler(gate: Gate) -> _Handler:
+def _state_digest_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         digest, sequence = await call.writer.state_digest()
         return pb.GetStateDigestResponse(digest=digest, sequence=sequence)
-    return _answering(gate, "GetStateDigest", answer)
+    return _answering(gate, admission, "GetStateDigest", answer)
 
 
-def _list_events_handler(gate: Gate) -> _Handler:
+def _list_events_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         query = convert.list_events(call.principal.app, request)
         start_ns, end_ns = query.range_ns
@@ -214,7 +248,7 @@ def _list_events_handler(gate: Gate) -> _Handler:
         page = found[:page_size]
         return convert.events_response(
             page, page[-1].cursor.hex() if len(found) > page_size else "")
-    return _answering(gate, "ListEvents", answer)
+    return _answering(gate, admission, "ListEvents", answer)
 
 
 _BATCH_KINDS = {
@@ -229,7 +263,7 @@ def _error_result(error: Exception) -> pb.BatchResult:
     return pb.BatchResult(error=status_proto_of(error))
 
 
-def _batch_handler(gate: Gate) -> _Handler:
+def _batch_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         count = len(request.operations)
         if not 1 <= count <= limits.BATCH_OPERATIONS_MAX:
@@ -248,7 +282,8 @@ def _batch_handler(gate: Gate) -> _Handler:
                                                          getattr(operation, kind))))
             except InvalidArgument as error:
                 results[index] = _error_result(error)
-        outcomes = await call.writer.execute_many([command for _, _, command in accepted])
+        outcomes = await call.writer.execute_many([command for _, _, command in accepted],
+                                                  call.deadline_s)
         for (index, kind, _), outcome in zip(accepted, outcomes):
             results[index] = (kind, outcome.result) if outcome.error is None else \
                 _error_result(outcome.error)
@@ -260,7 +295,7 @@ def _batch_handler(gate: Gate) -> _Handler:
             else:
                 response.results.append(answer)
         return response
-    return _answering(gate, "Batch", answer)
+    return _answering(gate, admission, "Batch", answer)
 
 
 def _target_app(principal: Principal, requested: str) -> str:
@@ -272,41 +307,42 @@ def _target_app(principal: Principal, requested: str) -> str:
     return principal.app
 
 
-def _create_key_handler(gate: Gate) -> _Handler:
+def _create_key_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         spec = convert.key_spec(_target_app(call.principal, request.app), request)
         new = auth.new_key(spec.kind)
         result = await call.writer.execute(c.CreateKey(
             app=spec.app, key_id=new.key_id, kind=spec.kind, name=spec.name,
-            secret_sha256=new.secret_sha256, token_signing_key=new.token_signing_key))
+            secret_sha256=new.secret_sha256, token_signing_key=new.token_signing_key),
+            call.deadline_s)
         return pb.CreateKeyResponse(key=convert.api_key(result.key), secret=new.whole)
-    return _answering(gate, "CreateKey", answer)
+    return _answering(gate, admission, "CreateKey", answer)
 
 
-def _revoke_key_handler(gate: Gate) -> _Handler:
+def _revoke_key_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         result = await call.writer.execute(c.RevokeKey(app=call.principal.app,
-                                                       key_id=request.key_id))
+                                                       key_id=request.key_id), call.deadline_s)
         return pb.RevokeKeyResponse(key=convert.api_key(result.key))
-    return _answering(gate, "RevokeKey", answer)
+    return _answering(gate, admission, "RevokeKey", answer)
 
 
-def _list_keys_handler(gate: Gate) -> _Handler:
+def _list_keys_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         app = _target_app(call.principal, request.app)
-        result = await call.writer.execute(c.ListKeys(app=app))
+        result = await call.writer.execute(c.ListKeys(app=app), call.deadline_s)
         return pb.ListKeysResponse(keys=[convert.api_key(key) for key in result.keys])
-    return _answering(gate, "ListKeys", answer)
+    return _answering(gate, admission, "ListKeys", answer)
 
 
-def _mint_user_token_handler(gate: Gate) -> _Handler:
+def _mint_user_token_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         mint = convert.mint_user_token(call.principal.app, request)
         assert gate.auth is not None
         token, expires_at_s = gate.auth.mint_user_token(call.principal, mint)
         return pb.MintUserTokenResponse(
             token=token, expires_at=convert.timestamp(expires_at_s * limits.NS_PER_S))
-    return _answering(gate, "MintUserToken", answer)
+    return _answering(gate, admission, "MintUserToken", answer)
 
 
 def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> str:
@@ -337,13 +373,14 @@ def http_usage_authorizer(gate: Gate) -> Callable[[str | None, str | None, str],
     return authorize
 
 
-def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
+def generic_handlers(gate: Gate, admission: Admission) -> list[grpc.GenericRpcHandler]:
+    """Every RPC's handler; the unary ones admitted by `admission` (WatchUsage is not)."""
     handlers = []
     for service, methods in (("quotad.v1.QuotaService", QUOTA_METHODS),
                              ("quotad.v1.AdminService", ADMIN_METHODS)):
         table = {
             name: grpc.unary_unary_rpc_method_handler(
-                _handler(gate, name, to_command, to_response),
+                _handler(gate, admission, name, to_command, to_response),
                 request_deserializer=_safe_parser(request_type),
                 response_serializer=lambda message: message.SerializeToString(),
             )
@@ -359,7 +396,7 @@ def generic_handlers(gate: Gate) -> list[grpc.GenericRpcHandler]:
                     else (("Batch", pb.BatchRequest, _batch_handler),))
         for name, request_type, make in specials:
             table[name] = grpc.unary_unary_rpc_method_handler(
-                make(gate), request_deserializer=_safe_parser(request_type),
+                make(gate, admission), request_deserializer=_safe_parser(request_type),
                 response_serializer=lambda message: message.SerializeToString(),
             )
         if service.endswith("QuotaService"):

@@ -8,7 +8,7 @@ otherwise. Each limit is validated at the edge of the core and tested at its edg
 from __future__ import annotations
 
 from quotad_contract.limits import *  # noqa: F401,F403  (the wire limits, re-exported)
-from quotad_contract.limits import NS_PER_S
+from quotad_contract.limits import BATCH_OPERATIONS_MAX, NS_PER_S
 
 LIVE_HOLDS_PER_USER_MAX = 10_000
 """A user with this many live holds gets RESOURCE_EXHAUSTED on Reserve until some end."""
@@ -53,6 +53,20 @@ WATCH_DRAIN_POLL_S = 0.2
 """How often the watch hub looks whether the server started draining (one check for all
 watchers, only while some watch): a drain ends every watch within this."""
 
+ADMISSION_OPERATIONS = 1024
+"""Operations admitted and not yet answered, at most (a Batch counts its operations, any
+other unary call one; WatchUsage and health checks are not counted): past it a call is
+refused at once, RESOURCE_EXHAUSTED OVERLOADED, rather than queued behind more than the
+writer can answer in time. `--admission-operations` sets it within the bounds below. At
+least BATCH_OPERATIONS_MAX by default, so that a full Batch is admitted alone: a Batch of
+more operations than the limit is refused however idle the server is."""
+ADMISSION_OPERATIONS_MIN = 1
+ADMISSION_OPERATIONS_MAX = 1_000_000
+
+OVERLOAD_RETRY_DELAY_S = 0.1
+"""The RetryInfo delay of an OVERLOADED refusal: how long a caller waits before sending the
+call again (quotad_client adds its own backoff and jitter on top)."""
+
 # --- the browser endpoint (`--http-listen`) ----------------------------------------------
 
 HTTP_REQUEST_HEAD_BYTES_MAX = 8 * 1024
@@ -90,6 +104,11 @@ if not (0 < WATCH_THRESHOLDS_PERCENT[0]
         and all(low < high for low, high in zip(WATCH_THRESHOLDS_PERCENT,
                                                 WATCH_THRESHOLDS_PERCENT[1:]))):
     raise AssertionError("WATCH_THRESHOLDS_PERCENT are positive and ascending")
+if not ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS <= ADMISSION_OPERATIONS_MAX:
+    raise AssertionError("ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS "
+                         "<= ADMISSION_OPERATIONS_MAX")
+if ADMISSION_OPERATIONS < BATCH_OPERATIONS_MAX:
+    raise AssertionError("ADMISSION_OPERATIONS >= BATCH_OPERATIONS_MAX: a full Batch fits")
 if not (HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S
         <= HTTP_REQUEST_READ_TIMEOUT_S_MAX):
     raise AssertionError("HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S "

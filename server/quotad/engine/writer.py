@@ -43,6 +43,16 @@ class WriterStopped(Refusal):
     code = "UNAVAILABLE"
 
 
+class DeadlinePassed(Refusal):
+    """The call's deadline passed before its commands were applied: nothing was done."""
+
+    code = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class Writer:
     def __init__(self, core: Core, wal: WriteAheadLog, *, on_failure: Callable[[BaseException], None],
                  batch_records_max: int = limits.BATCH_RECORDS_MAX,
@@ -108,20 +118,26 @@ class Writer:
     def failed(self) -> bool:
         return self._failure is not None
 
-    async def execute(self, command: Command) -> Any:
+    async def execute(self, command: Command, deadline_s: float | None = None) -> Any:
         """Applies the command and answers once all it saw is durable. Raises the command's
-        QuotaError, or WriterStopped."""
-        (outcome,) = await self.execute_many([command])
+        QuotaError, WriterStopped, or DeadlinePassed."""
+        (outcome,) = await self.execute_many([command], deadline_s)
         if outcome.error is not None:
             raise outcome.error
         return outcome.result
 
-    async def execute_many(self, commands: list[Command]) -> list[Outcome]:
+    async def execute_many(self, commands: list[Command],
+                           deadline_s: float | None = None) -> list[Outcome]:
         """Applies the commands in order, one after another with no await between, then
-        answers them all once everything they saw is durable (one flush for all)."""
+        answers them all once everything they saw is durable (one flush for all).
+        DeadlinePassed, applying none, if time.monotonic() is past deadline_s; once applied,
+        they are answered whatever the time."""
         if self._failure is not None or self._closing:
             raise WriterStopped("the server is stopping" if self._closing else
                                 f"storage failed: {self._failure!r}")
+        if deadline_s is not None and time.monotonic() >= deadline_s:
+            raise DeadlinePassed("the call's deadline passed before it was applied: "
+                                 "nothing was done")
         outcomes = []
         for command in commands:
             try:
