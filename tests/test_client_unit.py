@@ -342,6 +342,30 @@ def test_mutations_get_one_key_before_the_first_attempt() -> None:
     assert not ops.commit("r", None, None, True).request.HasField("amount")
 
 
+
+def test_operations_encoded_one_by_one_join_into_the_batch_request_they_stand_for() -> None:
+    """The coalescer frames each operation itself and sends the concatenation as it is."""
+    from quotad_client._coalesce import encode_operation
+
+    long_metadata = {f"k{i}": "v" * 200 for i in range(16)}  # lengths of two and three bytes
+    calls: list[tuple[str, Message]] = [
+        ("Reserve", ops.reserve("u", "e", 7, {"model": "m"}, 30, None, True).request),
+        ("Commit", ops.commit("rsv_1", 3, None, True).request),
+        ("Release", ops.release("rsv_2", "k", True).request),
+        ("Extend", ops.extend("rsv_3", 5, None, True).request),
+        ("Track", ops.track("u", "e", -4, long_metadata, True, None, True).request),
+        ("GetUsage", ops.usage("u").request),
+        ("Track", ops.track("u" * 100, "e", 1, None, False, None, False).request),
+        ("GetUsage", quotad_pb2.GetUsageRequest()),  # empty
+    ]
+    encoded = b"".join(encode_operation(method, request) for method, request in calls)
+    expected = quotad_pb2.BatchRequest(operations=[
+        quotad_pb2.BatchOperation(**{field: request}) for field, (_, request) in zip(
+            ["reserve", "commit", "release", "extend", "track", "get_usage", "track",
+             "get_usage"], calls)])
+    assert quotad_pb2.BatchRequest.FromString(encoded) == expected
+    assert len(encoded) == expected.ByteSize()
+
 # --- the retry loop over a scripted test double of the transport -----------------------------
 
 @dataclass

@@ -28,7 +28,7 @@ from ._config import (
     merged_channel_options,
 )
 from ._convert import PlanLike
-from ._coalesce import BATCHABLE, Coalescer, OperationFailed
+from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
 from ._errors import DeadlineExceeded, error_from_rpc_error, error_from_status
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
@@ -120,7 +120,7 @@ class AsyncQuotaClient:
         self._stubs = ops.make_stubs(self._channel)
         # A pk_ key may not call Batch (it reads one user's usage, nothing else): no coalescing.
         public_key = (api_key_or_env(api_key) or "").startswith("pk_")
-        self._coalescer = (Coalescer(self._stubs[ops.QUOTA].Batch, self._config.budget(None),
+        self._coalescer = (Coalescer(batch_method(self._channel), self._config.budget(None),
                                      self._config.metadata)
                            if coalesce and not public_key else None)
 
