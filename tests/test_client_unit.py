@@ -403,7 +403,7 @@ def _rpc(name: str) -> Any:
 
 
 for _name in ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage", "UpsertPlan",
-              "DeletePlan"):
+              "DeletePlan", "Batch"):
     setattr(Scripted, _name, _rpc(_name))
 
 
@@ -578,6 +578,64 @@ def test_every_call_has_a_deadline(double: DoubleServer) -> None:
     with pytest.raises(qc.DeadlineExceeded):
         asyncio.run(scenario())
 
+
+
+def _usage_results(count: int) -> quotad_pb2.BatchResponse:
+    return quotad_pb2.BatchResponse(results=[
+        quotad_pb2.BatchResult(get_usage=quotad_pb2.GetUsageResponse(user_id="u"))] * count)
+
+
+def test_a_coalesced_call_fails_alone_at_its_own_deadline(double: DoubleServer) -> None:
+    """In flight: the others in its batch get their answers when the batch ends."""
+    double.servicer.script["Batch"] = [Delay(0.6, _usage_results(3))]
+
+    async def scenario() -> list[Any]:
+        async with qc.AsyncQuotaClient(double.target, timeout_s=30) as client:
+            started = time.monotonic()
+            short = asyncio.ensure_future(client.usage("a", timeout_s=0.1))
+            others = asyncio.gather(client.usage("b"), client.usage("c"))
+            with pytest.raises(qc.DeadlineExceeded, match="deadline exceeded in a batch"):
+                await short
+            assert time.monotonic() - started < 0.5
+            return list(await others)
+
+    assert [usage.user_id for usage in asyncio.run(scenario())] == ["u", "u"]
+    assert len(double.servicer.requests["Batch"]) == 1
+
+
+def test_a_queued_call_fails_at_its_deadline_while_batches_are_in_flight(
+        double: DoubleServer) -> None:
+    double.servicer.script["Batch"] = [Delay(0.6, _usage_results(1))]
+
+    async def scenario() -> list[Any]:
+        async with qc.AsyncQuotaClient(double.target, timeout_s=30) as client:
+            first = asyncio.ensure_future(client.usage("a"))
+            await asyncio.sleep(0.05)  # a batch of its own
+            second = asyncio.ensure_future(client.usage("b"))
+            await asyncio.sleep(0.05)  # as many batches in flight as may be: "c" waits
+            started = time.monotonic()
+            with pytest.raises(qc.DeadlineExceeded):
+                await client.usage("c", timeout_s=0.1)
+            assert time.monotonic() - started < 0.4
+            return [await first, await second]
+
+    assert len(asyncio.run(scenario())) == 2
+
+
+def test_cancelling_one_coalesced_call_leaves_the_others_of_its_batch(
+        double: DoubleServer) -> None:
+    double.servicer.script["Batch"] = [Delay(0.2, _usage_results(3))]
+
+    async def scenario() -> list[Any]:
+        async with qc.AsyncQuotaClient(double.target, timeout_s=30) as client:
+            calls = [asyncio.ensure_future(client.usage(user)) for user in "abc"]
+            await asyncio.sleep(0.05)
+            calls[1].cancel()
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    first, second, third = asyncio.run(scenario())
+    assert isinstance(second, asyncio.CancelledError)
+    assert first.user_id == third.user_id == "u"
 
 def test_client_settings_defaults_and_overrides() -> None:
     from quotad_client._config import ClientConfig, merged_channel_options
