@@ -53,7 +53,7 @@ async def _run(concurrency: int, rounds: int) -> tuple[float, float]:
                 for i in range(concurrency)]
     started_s = time.process_time()
     for _ in range(rounds):
-        await asyncio.gather(*(coalescer.call("Reserve", request) for request in requests))
+        await asyncio.gather(*(coalescer.call("Reserve", request, CALL_TIMEOUT_S) for request in requests))
     cpu_s = time.process_time() - started_s
     return cpu_s / (concurrency * rounds) * 1e6, coalescer.batches_sent / rounds
 

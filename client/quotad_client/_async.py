@@ -169,8 +169,7 @@ class AsyncQuotaClient:
     async def _coalesced(self, op: ops.Op[T], remaining_s: float) -> Any:
         assert self._coalescer is not None
         try:
-            async with asyncio.timeout(remaining_s):  # no task per call, unlike wait_for
-                return await self._coalescer.call(op.method, op.request)
+            return await self._coalescer.call(op.method, op.request, remaining_s)
         except TimeoutError:
             raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"{op.method}: deadline exceeded in a batch") from None

@@ -8,12 +8,16 @@ the concatenation of its entries, sent as bytes as they are. So its size is know
 and it is kept within the server's message limit (MESSAGE_BYTES_MAX): what does not fit waits
 for the next batch, as encoded. Each caller still gets its own response (a sub-message of the
 parsed BatchResponse, not a copy) or its own error; a failure of the whole batch (UNAVAILABLE)
-reaches every caller in it, whose retry loop then decides as for a unary call.
+reaches every caller in it, whose retry loop then decides as for a unary call. A call whose
+own deadline passes first, queued or in flight, fails alone with TimeoutError: one timer for
+the whole coalescer, set for the earliest deadline of the calls still waiting, does it (a
+timer per call cost more than the rest of the coalescing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
@@ -78,24 +82,59 @@ class Coalescer:
         self._batch_method = batch_method
         self._timeout_s = timeout_s
         self._metadata = metadata
-        # the operations waiting for a batch: each encoded, and its caller's future
+        # the operations waiting for a batch: each encoded, its caller's future and deadline
         self._encoded: list[bytes] = []
         self._futures: list[asyncio.Future[Message]] = []
+        self._deadlines: list[float] = []
+        # the batches in flight: the futures and deadlines of their callers
+        self._sent: list[tuple[list[asyncio.Future[Message]], list[float]]] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches_sent = 0
 
-    async def call(self, method: str, request: Message) -> Message:
-        """The operation's response; raises OperationFailed or the batch's grpc.RpcError."""
-        # A future each, not one per batch: a caller that gives up (timeout, cancellation)
-        # cancels its own future only.
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+    async def call(self, method: str, request: Message, timeout_s: float) -> Message:
+        """The operation's response; raises OperationFailed, the batch's grpc.RpcError, or
+        TimeoutError when no answer came within ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        # A future each, not one per batch: a caller that gives up (cancellation) cancels its
+        # own future only.
+        future: asyncio.Future[Message] = loop.create_future()
+        deadline = loop.time() + timeout_s
         self._encoded.append(encode_operation(method, request))
         self._futures.append(future)
+        self._deadlines.append(deadline)
+        if deadline < self._expiry_at:
+            self._expire_at(deadline)
         if not self._scheduled:
             self._schedule()
         return await future
+
+    def _expire_at(self, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = when
+        self._expiry = asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        """Fails the calls whose deadline has passed, queued or in flight (an expired call
+        still queued is sent all the same, its answer dropped), and sets the timer for the
+        next deadline. The timer is not moved when calls end: it may find nothing to do."""
+        self._expiry, self._expiry_at = None, math.inf
+        now = asyncio.get_running_loop().time()
+        upcoming = math.inf
+        for futures, deadlines in ((self._futures, self._deadlines), *self._sent):
+            for future, deadline in zip(futures, deadlines):
+                if future.done():
+                    continue
+                if deadline <= now:
+                    future.set_exception(TimeoutError())
+                elif deadline < upcoming:
+                    upcoming = deadline
+        if upcoming < math.inf:
+            self._expire_at(upcoming)
 
     def _schedule(self) -> None:
         if self._scheduled or self._in_flight >= IN_FLIGHT_BATCHES_MAX:
@@ -111,16 +150,19 @@ class Coalescer:
         if sum(map(len, encoded)) > limits.MESSAGE_BYTES_MAX:
             encoded = encoded[:_operations_fitting(encoded)]
         count = len(encoded)
-        futures = self._futures[:count]
-        del self._encoded[:count], self._futures[:count]
+        sent = self._futures[:count], self._deadlines[:count]
+        del self._encoded[:count], self._futures[:count], self._deadlines[:count]
+        self._sent.append(sent)
         self._in_flight += 1
-        task = asyncio.ensure_future(self._run(futures, b"".join(encoded)))
+        task = asyncio.ensure_future(self._run(sent, b"".join(encoded)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if self._encoded:
             self._schedule()
 
-    async def _run(self, futures: list[asyncio.Future[Message]], request: bytes) -> None:
+    async def _run(self, sent: tuple[list[asyncio.Future[Message]], list[float]],
+                   request: bytes) -> None:
+        futures = sent[0]
         try:
             self.batches_sent += 1
             response = await self._batch_method(request, timeout=self._timeout_s,
@@ -139,6 +181,7 @@ class Coalescer:
                 else:
                     future.set_result(getattr(result, which))
         finally:
+            self._sent.remove(sent)
             self._in_flight -= 1
             if self._encoded:
                 self._schedule()
