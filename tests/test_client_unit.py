@@ -342,6 +342,30 @@ def test_mutations_get_one_key_before_the_first_attempt() -> None:
     assert not ops.commit("r", None, None, True).request.HasField("amount")
 
 
+
+def test_operations_encoded_one_by_one_join_into_the_batch_request_they_stand_for() -> None:
+    """The coalescer frames each operation itself and sends the concatenation as it is."""
+    from quotad_client._coalesce import encode_operation
+
+    long_metadata = {f"k{i}": "v" * 200 for i in range(16)}  # lengths of two and three bytes
+    calls: list[tuple[str, Message]] = [
+        ("Reserve", ops.reserve("u", "e", 7, {"model": "m"}, 30, None, True).request),
+        ("Commit", ops.commit("rsv_1", 3, None, True).request),
+        ("Release", ops.release("rsv_2", "k", True).request),
+        ("Extend", ops.extend("rsv_3", 5, None, True).request),
+        ("Track", ops.track("u", "e", -4, long_metadata, True, None, True).request),
+        ("GetUsage", ops.usage("u").request),
+        ("Track", ops.track("u" * 100, "e", 1, None, False, None, False).request),
+        ("GetUsage", quotad_pb2.GetUsageRequest()),  # empty
+    ]
+    encoded = b"".join(encode_operation(method, request) for method, request in calls)
+    expected = quotad_pb2.BatchRequest(operations=[
+        quotad_pb2.BatchOperation(**{field: request}) for field, (_, request) in zip(
+            ["reserve", "commit", "release", "extend", "track", "get_usage", "track",
+             "get_usage"], calls)])
+    assert quotad_pb2.BatchRequest.FromString(encoded) == expected
+    assert len(encoded) == expected.ByteSize()
+
 # --- the retry loop over a scripted test double of the transport -----------------------------
 
 @dataclass
@@ -379,7 +403,7 @@ def _rpc(name: str) -> Any:
 
 
 for _name in ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage", "UpsertPlan",
-              "DeletePlan"):
+              "DeletePlan", "Batch"):
     setattr(Scripted, _name, _rpc(_name))
 
 
@@ -554,6 +578,64 @@ def test_every_call_has_a_deadline(double: DoubleServer) -> None:
     with pytest.raises(qc.DeadlineExceeded):
         asyncio.run(scenario())
 
+
+
+def _usage_results(count: int) -> quotad_pb2.BatchResponse:
+    return quotad_pb2.BatchResponse(results=[
+        quotad_pb2.BatchResult(get_usage=quotad_pb2.GetUsageResponse(user_id="u"))] * count)
+
+
+def test_a_coalesced_call_fails_alone_at_its_own_deadline(double: DoubleServer) -> None:
+    """In flight: the others in its batch get their answers when the batch ends."""
+    double.servicer.script["Batch"] = [Delay(0.6, _usage_results(3))]
+
+    async def scenario() -> list[Any]:
+        async with qc.AsyncQuotaClient(double.target, timeout_s=30) as client:
+            started = time.monotonic()
+            short = asyncio.ensure_future(client.usage("a", timeout_s=0.1))
+            others = asyncio.gather(client.usage("b"), client.usage("c"))
+            with pytest.raises(qc.DeadlineExceeded, match="deadline exceeded in a batch"):
+                await short
+            assert time.monotonic() - started < 0.5
+            return list(await others)
+
+    assert [usage.user_id for usage in asyncio.run(scenario())] == ["u", "u"]
+    assert len(double.servicer.requests["Batch"]) == 1
+
+
+def test_a_queued_call_fails_at_its_deadline_while_batches_are_in_flight(
+        double: DoubleServer) -> None:
+    double.servicer.script["Batch"] = [Delay(0.6, _usage_results(1))]
+
+    async def scenario() -> list[Any]:
+        async with qc.AsyncQuotaClient(double.target, timeout_s=30) as client:
+            first = asyncio.ensure_future(client.usage("a"))
+            await asyncio.sleep(0.05)  # a batch of its own
+            second = asyncio.ensure_future(client.usage("b"))
+            await asyncio.sleep(0.05)  # as many batches in flight as may be: "c" waits
+            started = time.monotonic()
+            with pytest.raises(qc.DeadlineExceeded):
+                await client.usage("c", timeout_s=0.1)
+            assert time.monotonic() - started < 0.4
+            return [await first, await second]
+
+    assert len(asyncio.run(scenario())) == 2
+
+
+def test_cancelling_one_coalesced_call_leaves_the_others_of_its_batch(
+        double: DoubleServer) -> None:
+    double.servicer.script["Batch"] = [Delay(0.2, _usage_results(3))]
+
+    async def scenario() -> list[Any]:
+        async with qc.AsyncQuotaClient(double.target, timeout_s=30) as client:
+            calls = [asyncio.ensure_future(client.usage(user)) for user in "abc"]
+            await asyncio.sleep(0.05)
+            calls[1].cancel()
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    first, second, third = asyncio.run(scenario())
+    assert isinstance(second, asyncio.CancelledError)
+    assert first.user_id == third.user_id == "u"
 
 def test_client_settings_defaults_and_overrides() -> None:
     from quotad_client._config import ClientConfig, merged_channel_options

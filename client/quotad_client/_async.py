@@ -28,7 +28,7 @@ from ._config import (
     merged_channel_options,
 )
 from ._convert import PlanLike
-from ._coalesce import BATCHABLE, Coalescer, OperationFailed
+from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
 from ._errors import DeadlineExceeded, error_from_rpc_error, error_from_status, shed_delay_s
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
@@ -122,7 +122,7 @@ class AsyncQuotaClient:
         self._stubs = ops.make_stubs(self._channel)
         # A pk_ key may not call Batch (it reads one user's usage, nothing else): no coalescing.
         public_key = (api_key_or_env(api_key) or "").startswith("pk_")
-        self._coalescer = (Coalescer(self._stubs[ops.QUOTA].Batch, self._config.budget(None),
+        self._coalescer = (Coalescer(batch_method(self._channel), self._config.budget(None),
                                      self._config.metadata)
                            if coalesce and not public_key else None)
 
@@ -172,8 +172,7 @@ class AsyncQuotaClient:
     async def _coalesced(self, op: ops.Op[T], remaining_s: float) -> Any:
         assert self._coalescer is not None
         try:
-            async with asyncio.timeout(remaining_s):  # no task per call, unlike wait_for
-                return await self._coalescer.call(op.method, op.request)
+            return await self._coalescer.call(op.method, op.request, remaining_s)
         except TimeoutError:
             raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"{op.method}: deadline exceeded in a batch") from None

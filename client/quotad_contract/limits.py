@@ -142,20 +142,6 @@ for _bound in (RESERVE_REQUEST_BYTES_BOUND, TRACK_REQUEST_BYTES_BOUND):
     if not _bytes_field_bytes(_bytes_field_bytes(_bound)) <= MESSAGE_BYTES_MAX:
         raise AssertionError("an operation with every field at its limit fits in a message")
 
-BATCH_OPERATION_ENVELOPE_BYTES_MAX = _bytes_field_bytes(MESSAGE_BYTES_MAX) - MESSAGE_BYTES_MAX
-"""What a BatchRequest adds around each encoded BatchOperation (one that fits in a message):
-its tag and its length."""
-COALESCED_BATCH_OPERATIONS_BYTES_MAX = (
-    MESSAGE_BYTES_MAX - BATCH_OPERATIONS_MAX * BATCH_OPERATION_ENVELOPE_BYTES_MAX)
-"""The client's coalescing puts in one Batch at most this many bytes of encoded operations
-(BatchOperation.ByteSize(), summed): with the envelope of each, even a batch of
-BATCH_OPERATIONS_MAX stays within MESSAGE_BYTES_MAX. An operation larger than this goes alone."""
-
-for _bound in (RESERVE_REQUEST_BYTES_BOUND, TRACK_REQUEST_BYTES_BOUND):
-    if not _bytes_field_bytes(_bound) <= COALESCED_BATCH_OPERATIONS_BYTES_MAX:
-        raise AssertionError("an operation with every field at its limit fits in a coalesced "
-                             "batch, with others")
-
 LIMIT_GROUP_BYTES_BOUND = (
     _bytes_field_bytes(GROUP_KEY_BYTES_MAX) + _bytes_field_bytes(GROUP_LABEL_BYTES_MAX)
     + _bytes_field_bytes(GROUP_UNIT_BYTES_MAX) + _scalar_field_bytes(QUOTA_MAX)
