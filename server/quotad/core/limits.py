@@ -53,13 +53,16 @@ WATCH_DRAIN_POLL_S = 0.2
 """How often the watch hub looks whether the server started draining (one check for all
 watchers, only while some watch): a drain ends every watch within this."""
 
-ADMISSION_OPERATIONS = 1024
+ADMISSION_OPERATIONS = 8192
 """Operations admitted and not yet answered, at most (a Batch counts its operations, any
 other unary call one; WatchUsage and health checks are not counted): past it a call is
 refused at once, RESOURCE_EXHAUSTED OVERLOADED, rather than queued behind more than the
 writer can answer in time. `--admission-operations` sets it within the bounds below. At
 least BATCH_OPERATIONS_MAX by default, so that a full Batch is admitted alone: a Batch of
-more operations than the limit is refused however idle the server is."""
+more operations than the limit is refused however idle the server is. 8192 is one
+transaction's worth of records (BATCH_RECORDS_MAX): well under a second of the writer's work
+at today's cost per operation, and room for several clients' full Batches at once (1024
+refused `python -m bench.batch`'s 3,000 operations in flight)."""
 ADMISSION_OPERATIONS_MIN = 1
 ADMISSION_OPERATIONS_MAX = 1_000_000
 
