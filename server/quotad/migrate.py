@@ -23,6 +23,7 @@ from typing import TextIO
 
 import lmdb
 
+from quotad.core import limits
 from quotad.core.commands import Record
 from quotad.core.machine import Core
 from quotad.storage import format3
@@ -32,8 +33,6 @@ from quotad.storage.wal import (
     Snapshot, WriteAheadLog, _lock_exclusively,
 )
 
-RECORDS_PER_TRANSACTION = 4096
-PROGRESS_EVERY_S = 1.0
 
 
 class MigrationError(Exception):
@@ -104,10 +103,10 @@ def _copy(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: i
             for old in format3.read_records(txn, log_db):
                 batch.append(_record(core, old, snapshot_sequence))
                 first, last, written = first or old.sequence, old.sequence, written + 1
-                if len(batch) == RECORDS_PER_TRANSACTION:
+                if len(batch) == limits.MIGRATE_RECORDS_PER_TRANSACTION:
                     wal.append(batch)
                     batch = []
-                if progress is not None and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
+                if progress is not None and time.monotonic() - shown_at >= limits.MIGRATE_PROGRESS_EVERY_S:
                     shown_at = time.monotonic()
                     print(f"migrating: {written:,} of {total:,} records "
                           f"({100 * written // max(total, 1)} %)", file=progress, flush=True)

@@ -70,6 +70,12 @@ OVERLOAD_RETRY_DELAY_S = 0.1
 """The RetryInfo delay of an OVERLOADED refusal: how long a caller waits before sending the
 call again (quotad_client adds its own backoff and jitter on top)."""
 
+MIGRATE_RECORDS_PER_TRANSACTION = 4096
+"""`quotad migrate` writes the new log this many records per LMDB transaction (at most
+BATCH_RECORDS_MAX, as the writer)."""
+MIGRATE_PROGRESS_EVERY_S = 1.0
+"""`quotad migrate` prints how far it is on stderr this often."""
+
 # --- the browser endpoint (`--http-listen`) ----------------------------------------------
 
 HTTP_REQUEST_HEAD_BYTES_MAX = 8 * 1024
@@ -110,6 +116,8 @@ if not (0 < WATCH_THRESHOLDS_PERCENT[0]
 if not ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS <= ADMISSION_OPERATIONS_MAX:
     raise AssertionError("ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS "
                          "<= ADMISSION_OPERATIONS_MAX")
+if not 1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX:
+    raise AssertionError("1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX")
 if ADMISSION_OPERATIONS < BATCH_OPERATIONS_MAX:
     raise AssertionError("ADMISSION_OPERATIONS >= BATCH_OPERATIONS_MAX: a full Batch fits")
 if not (HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S
