@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from functools import cache
 from collections import Counter as Tally
+from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
@@ -161,6 +162,14 @@ class Core:
         """(expires_at_ns, sequence, app, reservation_id) of every live hold."""
         self.forget: SortedList = SortedList()
         """(forget_at_ns, sequence, kind, app, key): finished holds and idempotency keys."""
+        self.durable_idempotency: Callable[[str, str, str, int],
+                                           IdempotencyEntry | None] | None = None
+        """Where idempotency keys live once their records are durable, (app, rpc, key, as of
+        sequence) -> the entry, or None: keys are then kept in memory only until durable
+        (`forget_durable_idempotency`). Unset (a core alone), memory keeps them for their
+        whole retention."""
+        self._idempotency_pending: deque[tuple[int, str, tuple[str, str]]] = deque()
+        """(sequence, app, slot) of keys in memory that a durable store will hold."""
         self._events: list[AuditEvent] = []
         """Audit events of the command being applied; they go into its record."""
         self._handlers: dict[type, Callable[[Any, int], tuple[Any, bool]]] = {
@@ -193,7 +202,8 @@ class Core:
         except QuotaError as error:
             return Outcome(None, error, tuple(records))
         if changed:
-            records.append(self._emit(command, now_ns))
+            records.append(self._emit(
+                command, now_ns, result if getattr(command, "idempotency_key", "") else None))
         return Outcome(result, None, tuple(records))
 
     def replay(self, record: Record) -> None:
@@ -220,14 +230,14 @@ class Core:
 
     # --- records, expiry, forgetting ------------------------------------------------------
 
-    def _emit(self, command: Command, now_ns: int) -> Record:
+    def _emit(self, command: Command, now_ns: int, answer: Any = None) -> Record:
         self.sequence += 1
         self.last_record_ns = now_ns
         self._forget_due(now_ns)
         events, self._events = tuple(self._events), []
         apps = self.apps
         event_users = tuple(apps[event.app].users[event.user_id].number for event in events)
-        return Record(self.sequence, now_ns, command, events, event_users)
+        return Record(self.sequence, now_ns, command, events, event_users, answer)
 
     def _audit(self, kind: str, app: str, user_id: str, event_type: str, amount: int,
                metadata: Metadata = (), reservation_id: str = "", allowed: bool = True) -> None:
@@ -260,8 +270,9 @@ class Core:
             _, _, kind, app_id, key = self.forget.pop(0)
             app = self.apps[app_id]
             if kind == "idempotency":
-                entry = app.idempotency[key]
-                if entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns:
+                entry = app.idempotency.get(key)  # gone already once durable elsewhere
+                if entry is not None and (
+                        entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns):
                     del app.idempotency[key]  # else the key was used anew since: keep it
             else:
                 assert kind == "reservation", kind
@@ -348,6 +359,8 @@ class Core:
         slot = (type(command).__name__, command.idempotency_key)
         request = _fingerprint(command)
         entry = self.apps.get(command.app, _EMPTY_APP).idempotency.get(slot)
+        if entry is None and self.durable_idempotency is not None:
+            entry = self.durable_idempotency(command.app, slot[0], slot[1], self.sequence)
         if entry is not None and entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns:
             entry = None  # past its retention; dropped with the next record
         if entry is not None:
@@ -359,9 +372,24 @@ class Core:
             return entry.result, False
         result, _ = handler(command, now_ns)
         self._app(command.app).idempotency[slot] = IdempotencyEntry(request, result, now_ns)
-        self.forget.add((now_ns + limits.IDEMPOTENCY_RETENTION_NS, self.sequence + 1,
-                         "idempotency", command.app, slot))
+        if self.durable_idempotency is None:
+            self.forget.add((now_ns + limits.IDEMPOTENCY_RETENTION_NS, self.sequence + 1,
+                             "idempotency", command.app, slot))
+        else:
+            self._idempotency_pending.append((self.sequence + 1, command.app, slot))
         return result, True
+
+    def forget_durable_idempotency(self, durable_sequence: int) -> None:
+        """Drops from memory the keys whose records are durable up to durable_sequence: the
+        durable store answers for them from now on. Memory holds only what is not yet."""
+        pending = self._idempotency_pending
+        while pending and pending[0][0] <= durable_sequence:
+            _, app_id, slot = pending.popleft()
+            self.apps[app_id].idempotency.pop(slot, None)
+
+    def idempotency_fingerprint(self, command: Any) -> str:
+        """What a repeat must match: the fingerprint of the request that made an entry."""
+        return _fingerprint(command)
 
     # --- lookups --------------------------------------------------------------------------
 

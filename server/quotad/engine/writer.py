@@ -202,6 +202,7 @@ class Writer:
                 if not batch:
                     continue
                 self.durable_sequence = batch[-1].sequence
+                self.core.forget_durable_idempotency(self.durable_sequence)
                 if self._on_flush is not None:
                     self._on_flush(len(batch), time.perf_counter() - started,
                                    self.durable_sequence)

@@ -8,6 +8,8 @@ Databases:
     log        sequence (8 bytes BE) -> record (codec.py: header + protobuf)
     snapshot   b"latest" -> checksum, sequence, zlib(JSON of the core)   (snapshot.py)
     events     user number, time, sequence, index -> audit event         (ListEvents)
+    idempotency  8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record that first
+               used the key, which holds the first answer (written with that record)
     meta       format_version; batch_first_sequence (where the last batch began)
 
 A snapshot is written in the same transaction that prunes the log records it makes
@@ -33,8 +35,8 @@ import lmdb
 
 from quotad.storage.codec import (
     EVENT_TAIL_BYTES, CorruptRecord, decode_event, decode_record, encode_event, encode_record,
-    event_key, event_prefix, event_tail, key_sequence, record_event_keys, record_key,
-    record_now_ns,
+    event_key, event_prefix, event_tail, idempotency_row_key, key_sequence, record_event_keys,
+    record_idempotency_row_key, record_key, record_now_ns,
 )
 from quotad.core.commands import EVENT_CURSOR_BYTES, AuditEvent, Record
 
@@ -114,6 +116,7 @@ class WriteAheadLog:
         if version is not None and version != FORMAT_VERSION:
             self.close()
             raise mismatch
+        self.idempotency_db = self.env.open_db(b"idempotency", create=True)  # new in format 4
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
 
@@ -136,6 +139,9 @@ class WriteAheadLog:
                                                           strict=True)):
                     put_event(event_key(user, record.now_ns, record.sequence, index),
                               encode_event(event))
+                row = record_idempotency_row_key(record)
+                if row is not None:
+                    txn.put(row, record_key(record.sequence), db=self.idempotency_db)
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
@@ -164,6 +170,9 @@ class WriteAheadLog:
                 break
             for events_key in record_event_keys(key, value):
                 txn.delete(events_key, db=self.events_db)
+            row = record_idempotency_row_key(decode_record(key, value))
+            if row is not None and txn.get(row, db=self.idempotency_db) == key:
+                txn.delete(row, db=self.idempotency_db)  # unless the key was used anew since
             cursor.delete()  # moves to the next record
             pruned += 1
         return pruned
@@ -218,6 +227,26 @@ class WriteAheadLog:
                                        f"found {key_sequence(key)}")
                 yield decode_record(key, value)
                 expected += 1
+
+    def idempotency_record(self, app: str, rpc: str, idempotency_key: str,
+                           as_of_sequence: int) -> Record | None:
+        """The record that first used this idempotency key, if it is at or before
+        as_of_sequence (a replay must not see what later records did) and is that key's (not
+        another's with the same row key). Called on the event loop: one or two page lookups."""
+        row = idempotency_row_key(app, rpc, idempotency_key)
+        with self.env.begin(buffers=False) as txn:
+            key = txn.get(row, db=self.idempotency_db)
+            if key is None or key_sequence(key) > as_of_sequence:
+                return None
+            value = txn.get(key, db=self.log_db)
+        if value is None:  # pruned with its record
+            return None
+        record = decode_record(key, value)
+        command = record.command
+        if (type(command).__name__ != rpc or command.app != app
+                or command.idempotency_key != idempotency_key):
+            return None
+        return record
 
     def batch_first_sequence(self) -> int:
         with self.env.begin(db=self.meta_db) as txn:
