@@ -13,12 +13,13 @@ import pytest
 from quotad.core.commands import (
     Commit, Release, Reserve, Track, UpsertPlan, UpsertSubscription,
 )
-from quotad.core.errors import AlreadyExists
+from quotad.core.errors import AlreadyExists, FailedPrecondition, PermissionDenied
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
 from quotad.storage.codec import state_digest
-from quotad.storage.wal import WriteAheadLog
+from quotad.storage.snapshot import core_to_plain
+from quotad.storage.wal import Snapshot, WriteAheadLog
 
 PLAN = Plan(id="p", limit_groups=(
     LimitGroup(key="tokens", label="Tokens", unit="tokens", quota=1000, window=Window.MONTH,
@@ -122,3 +123,62 @@ def test_a_replay_does_not_take_a_later_record_for_an_earlier_first_use(tmp_path
         assert core.sequence == 22 and state_digest(core) == digest
     finally:
         wal.close()
+
+
+def test_pruning_a_record_removes_its_events_idempotency_row_and_finished_hold(tmp_path: Path):
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> tuple[int, int, dict]:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        await writer.execute(Reserve(app="a", user_id="u", event_type="openai.chat", amount=2,
+                                     idempotency_key="r", reservation_id=_rid(1)))
+        await writer.execute(Release(app="a", reservation_id=_rid(1), idempotency_key="l"))
+        await writer.close()
+        core = writer.core
+        return core.user_number("a", "u"), core.sequence, core_to_plain(core)
+
+    number, sequence, plain = asyncio.run(run())
+    assert wal.finished_hold(_rid(1), sequence) is not None
+    assert wal.idempotency_record("a", "Reserve", "r", sequence) is not None
+    assert len(wal.list_events("a", "u", number, 0, 2**64 - 1, b"", 10)) == 2
+    wal.append([], Snapshot(sequence, plain), prune_before_ns=2**63)  # all old, all covered
+    assert wal.first_sequence() == 0  # every record pruned
+    assert wal.finished_hold(_rid(1), 10**6) is None
+    assert wal.idempotency_record("a", "Reserve", "r", 10**6) is None
+    assert wal.idempotency_record("a", "Release", "l", 10**6) is None
+    assert wal.list_events("a", "u", number, 0, 2**64 - 1, b"", 10) == []
+    with wal.env.begin() as txn:
+        for db in (wal.holds_db, wal.idempotency_db, wal.events_db):
+            assert txn.stat(db)["entries"] == 0
+    wal.close()
+
+
+def test_a_finished_hold_leaves_memory_once_durable_and_answers_from_the_log(tmp_path: Path):
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> None:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        await writer.execute(UpsertPlan(app="b", plan=PLAN))
+        for n in range(3):
+            await writer.execute(Reserve(app="a", user_id="u", event_type="openai.chat",
+                                         amount=10, reservation_id=_rid(n)))
+        await writer.execute(Commit(app="a", reservation_id=_rid(0), amount=4))
+        await writer.execute(Release(app="a", reservation_id=_rid(1)))
+        app = writer.core.apps["a"]
+        assert set(app.reservations) == {_rid(2)}  # only the live one in memory
+        with pytest.raises(FailedPrecondition):  # committed, from the log
+            await writer.execute(Commit(app="a", reservation_id=_rid(0)))
+        with pytest.raises(FailedPrecondition):  # released, from the log
+            await writer.execute(Commit(app="a", reservation_id=_rid(1)))
+        again = await writer.execute(Release(app="a", reservation_id=_rid(1)))  # a no-op
+        assert again.counters[0].held == 10 and again.counters[0].used == 4
+        with pytest.raises(PermissionDenied):
+            await writer.execute(Release(app="b", reservation_id=_rid(1)))
+        await writer.close()
+
+    asyncio.run(run())
+    wal.close()

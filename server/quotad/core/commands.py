@@ -526,6 +526,9 @@ class Record:
     answer: Any = None
     """The result, for a command with an idempotency key: what a repeat of it gets back, from
     the log once the key is no longer in memory."""
+    finished: tuple[Any, ...] = field(default=(), compare=False)
+    """Copies of the holds this record finished (the core's Reservation, as it was then):
+    where the log keeps them once memory no longer does."""
 
 
 # --- results ----------------------------------------------------------------------------

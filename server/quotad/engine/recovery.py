@@ -20,6 +20,7 @@ def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
     core = core_from_plain(snapshot.plain) if snapshot is not None else Core()
     assert snapshot is None or core.sequence == snapshot.sequence
     core.durable_idempotency = durable_idempotency(wal, core)
+    core.durable_hold = wal.finished_hold
     snapshot_sequence = core.sequence
     try:
         for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
@@ -30,7 +31,7 @@ def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
         log.warning("dropped a torn log tail", extra={"from_sequence": torn.sequence,
                                                       "records": torn.dropped,
                                                       "reason": str(torn)})
-    core.forget_durable_idempotency(core.sequence)  # every record replayed is durable
+    core.forget_durable(core.sequence)  # every record replayed is durable
     log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
                                  "replayed": core.sequence - snapshot_sequence,
                                  "log_first_sequence": wal.first_sequence()})

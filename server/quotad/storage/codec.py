@@ -29,6 +29,8 @@ from quotad.core.commands import (
     ExpiredHold, ExpireHolds, Extend, ExtendResult, Record, Release, ReleaseResult, Reserve,
     ReserveResult, RevokeKey, Track, TrackResult, UpsertPlan, UpsertSubscription,
 )
+from quotad.core.holds import HoldState
+from quotad.core.machine import HoldRef, Reservation
 from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2 as pb
 
@@ -398,6 +400,64 @@ _ANSWER_DECODERS: dict[type, Callable[[Any], Any]] = {
     Track: lambda m: TrackResult(allowed=m.allowed, counters=_counters(m),
                                  denied_by=m.denied_by),
 }
+
+
+# --- finished holds (the holds table) ----------------------------------------------------
+
+_HOLD_STATES = tuple(HoldState)
+
+
+def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int) -> bytes:
+    message = pb.FinishedHold()
+    message.app, message.user_id, message.event_type = hold.app, hold.user_id, hold.event_type
+    message.amount = hold.amount
+    _set_metadata(message.metadata, hold.metadata)
+    for ref in hold.holds:
+        part = message.holds.add()
+        part.key, part.window, part.window_start_ns = ref.key, int(ref.window), ref.window_start_ns
+    message.reserve_sequence = hold.sequence
+    message.created_at_ns, message.expires_at_ns = hold.created_at_ns, hold.expires_at_ns
+    message.status = _HOLD_STATES.index(hold.status)
+    message.finished_at_ns = hold.finished_at_ns
+    message.sequence, message.expired_sequence = sequence, expired_sequence
+    return message.SerializeToString()
+
+
+def finished_hold_row(value: bytes) -> tuple[HoldState, int, int]:
+    """(state, the sequence that wrote it, the sequence that expired it or 0) of a row."""
+    message = pb.FinishedHold.FromString(value)
+    return _HOLD_STATES[message.status], message.sequence, message.expired_sequence
+
+
+def decode_finished_hold(reservation_id_bytes: bytes, value: bytes,
+                         as_of_sequence: int) -> Reservation | None:
+    """The hold as it was once record as_of_sequence was applied; None if it was still live
+    then (a replay from before it finished)."""
+    message = pb.FinishedHold.FromString(value)
+    status = _HOLD_STATES[message.status]
+    if message.sequence > as_of_sequence:
+        if not (status is HoldState.COMMITTED and 0 < message.expired_sequence <= as_of_sequence):
+            return None
+        status = HoldState.EXPIRED  # committed later; expired as of then
+    return Reservation(
+        app=message.app, reservation_id=_reservation_id(reservation_id_bytes),
+        user_id=message.user_id, event_type=message.event_type, amount=message.amount,
+        metadata=_metadata(message.metadata),
+        holds=tuple(HoldRef(ref.key, Window(ref.window), ref.window_start_ns)
+                    for ref in message.holds),
+        sequence=message.reserve_sequence, created_at_ns=message.created_at_ns,
+        expires_at_ns=message.expires_at_ns, status=status,
+        finished_at_ns=message.finished_at_ns)
+
+
+def reservation_bytes(reservation_id: str) -> bytes:
+    return _reservation_bytes(reservation_id)
+
+
+def record_reserved_id(key: bytes, value: bytes) -> bytes | None:
+    """The 12 reservation id bytes of a stored Reserve record; None for any other record."""
+    _, _, message = _checked_message(key, value)
+    return message.reserve.reservation_id if message.WhichOneof("command") == "reserve" else None
 
 
 # --- audit events -------------------------------------------------------------------------

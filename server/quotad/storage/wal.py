@@ -8,6 +8,8 @@ Databases:
     log        sequence (8 bytes BE) -> record (codec.py: header + protobuf)
     snapshot   b"latest" -> checksum, sequence, zlib(JSON of the core)   (snapshot.py)
     events     user number, time, sequence, index -> audit event         (ListEvents)
+    holds      reservation id (12 bytes) -> a finished hold (written with the record that
+               finished it; removed with its Reserve record)
     idempotency  8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record that first
                used the key, which holds the first answer (written with that record)
     meta       format_version; batch_first_sequence (where the last batch began)
@@ -36,8 +38,10 @@ import lmdb
 from quotad.storage.codec import (
     EVENT_TAIL_BYTES, CorruptRecord, decode_event, decode_record, encode_event, encode_record,
     event_key, event_prefix, event_tail, idempotency_row_key, key_sequence, record_event_keys,
-    record_idempotency_row_key, record_key, record_now_ns,
+    decode_finished_hold, encode_finished_hold, finished_hold_row, record_idempotency_row_key,
+    record_key, record_now_ns, record_reserved_id, reservation_bytes,
 )
+from quotad.core.holds import HoldState
 from quotad.core.commands import EVENT_CURSOR_BYTES, AuditEvent, Record
 
 FORMAT_VERSION = b"4"
@@ -117,6 +121,7 @@ class WriteAheadLog:
             self.close()
             raise mismatch
         self.idempotency_db = self.env.open_db(b"idempotency", create=True)  # new in format 4
+        self.holds_db = self.env.open_db(b"holds", create=True)  # new in format 4
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
 
@@ -142,6 +147,8 @@ class WriteAheadLog:
                 row = record_idempotency_row_key(record)
                 if row is not None:
                     txn.put(row, record_key(record.sequence), db=self.idempotency_db)
+                for hold in record.finished:
+                    self._put_finished_hold(txn, hold, record.sequence)
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
@@ -156,6 +163,18 @@ class WriteAheadLog:
                 raise OSError(errno.EIO, "injected write error (QUOTAD_FAULT_INJECT)")
         if fault_kind == "sync-error" and self._appends == fault_at:
             raise OSError(errno.EIO, "injected sync error (QUOTAD_FAULT_INJECT)")
+
+    def _put_finished_hold(self, txn: lmdb.Transaction, hold: Any, sequence: int) -> None:
+        """A hold's row; a committed one that had expired keeps when it expired, so that a
+        replay from before the commit reads it as expired."""
+        key = reservation_bytes(hold.reservation_id)
+        expired_sequence = 0
+        earlier = txn.get(key, db=self.holds_db)
+        if earlier is not None:
+            state, written_by, _ = finished_hold_row(earlier)
+            if state is HoldState.EXPIRED:
+                expired_sequence = written_by
+        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence), db=self.holds_db)
 
     def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int) -> int:
         """Deletes log records (and their events) at or below the snapshot's sequence and
@@ -173,6 +192,9 @@ class WriteAheadLog:
             row = record_idempotency_row_key(decode_record(key, value))
             if row is not None and txn.get(row, db=self.idempotency_db) == key:
                 txn.delete(row, db=self.idempotency_db)  # unless the key was used anew since
+            reserved = record_reserved_id(key, value)
+            if reserved is not None:
+                txn.delete(reserved, db=self.holds_db)  # a hold's row goes with its Reserve
             cursor.delete()  # moves to the next record
             pruned += 1
         return pruned
@@ -247,6 +269,14 @@ class WriteAheadLog:
                 or command.idempotency_key != idempotency_key):
             return None
         return record
+
+    def finished_hold(self, reservation_id: str, as_of_sequence: int) -> Any:
+        """The finished hold (a core Reservation) as of that sequence, or None. Called on the
+        event loop: one page lookup."""
+        key = reservation_bytes(reservation_id)
+        with self.env.begin(db=self.holds_db, buffers=False) as txn:
+            value = txn.get(key)
+        return None if value is None else decode_finished_hold(key, value, as_of_sequence)
 
     def batch_first_sequence(self) -> int:
         with self.env.begin(db=self.meta_db) as txn:
