@@ -396,17 +396,25 @@ def test_snapshots_let_a_restart_replay_only_the_log_after_them(start_server):
     assert third.last("serving")["state_digest"] == second.last("stopped")["state_digest"]
 
 
-def test_log_records_older_than_the_audit_retention_are_pruned_with_a_snapshot(start_server):
+def test_log_records_stay_at_least_as_long_as_the_idempotency_keys_they_answer_for(
+        start_server):
+    """An audit retention of 0 prunes nothing younger than 24 h: a record is also where its
+    idempotency key's first answer and its finished holds are kept (pruning itself:
+    tests/test_idempotency_durable.py)."""
     args = ("--snapshot-every-records", "5", "--audit-retention-days", "0")
     first = start_server(extra_args=args)
     subscribe(first.address, "u1", plan_with(10**6))
-    for _ in range(20):
-        quota(first.address).Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    for n in range(20):
+        quota(first.address).Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1,
+                                                    idempotency_key=f"k{n}"))
     assert first.stop() == 0
     code, summary = _verify(first.data_dir)
     assert code == 0 and summary["clean"]
     second = start_server(first.data_dir, extra_args=args)
-    assert second.last("recovered")["log_first_sequence"] > 20
+    assert second.last("recovered")["log_first_sequence"] == 1
+    again = quota(second.address).Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1,
+                                                         idempotency_key="k0"))
+    assert again.counters[0].used == 1  # the first answer, from the log
     assert usage(second.address, "u1").counters[0].used == 20
 
 

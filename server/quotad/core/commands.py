@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from quotad.core import limits
 from quotad.core.errors import Violations
@@ -522,6 +523,12 @@ class Record:
     events: tuple[AuditEvent, ...] = field(default=(), compare=False)
     event_users: tuple[int, ...] = ()
     """The user number (UserState.number) of each event: where the index files it."""
+    answer: Any = None
+    """The result, for a command with an idempotency key: what a repeat of it gets back, from
+    the log once the key is no longer in memory."""
+    finished: tuple[Any, ...] = field(default=(), compare=False)
+    """Copies of the holds this record finished (the core's Reservation, as it was then):
+    where the log keeps them once memory no longer does."""
 
 
 # --- results ----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 from functools import cache
 from collections import Counter as Tally
-from dataclasses import dataclass, field, fields
+from collections import deque
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable
 
 from sortedcontainers import SortedList
@@ -161,6 +162,23 @@ class Core:
         """(expires_at_ns, sequence, app, reservation_id) of every live hold."""
         self.forget: SortedList = SortedList()
         """(forget_at_ns, sequence, kind, app, key): finished holds and idempotency keys."""
+        self.durable_idempotency: Callable[[str, str, str, int],
+                                           IdempotencyEntry | None] | None = None
+        """Where idempotency keys live once their records are durable, (app, rpc, key, as of
+        sequence) -> the entry, or None: keys are then kept in memory only until durable
+        (`forget_durable_idempotency`). Unset (a core alone), memory keeps them for their
+        whole retention."""
+        self._idempotency_pending: deque[tuple[int, str, tuple[str, str]]] = deque()
+        self.durable_hold: Callable[[str, int], Reservation | None] | None = None
+        """Where finished holds live once their records are durable: (reservation id, as of
+        sequence) -> the hold, or None. Unset (a core alone), memory keeps them 1 h."""
+        self._holds_pending: deque[tuple[int, str, str]] = deque()
+        """(sequence, app, reservation id) of finished holds in memory until durable."""
+        self._holds_latest: dict[str, int] = {}
+        """The latest pending sequence of each of those: an older one leaves it in memory."""
+        self._finished: list[Reservation] = []
+        """Copies of the holds the command being applied finished; they go into its record."""
+        """(sequence, app, slot) of keys in memory that a durable store will hold."""
         self._events: list[AuditEvent] = []
         """Audit events of the command being applied; they go into its record."""
         self._handlers: dict[type, Callable[[Any, int], tuple[Any, bool]]] = {
@@ -185,6 +203,7 @@ class Core:
             return Outcome(ExpireResult(expired=expired), None, tuple(records))
         handler = self._handlers[type(command)]
         self._events.clear()
+        self._finished.clear()
         try:
             if getattr(command, "idempotency_key", ""):
                 result, changed = self._idempotent(command, now_ns, handler)
@@ -193,7 +212,8 @@ class Core:
         except QuotaError as error:
             return Outcome(None, error, tuple(records))
         if changed:
-            records.append(self._emit(command, now_ns))
+            records.append(self._emit(
+                command, now_ns, result if getattr(command, "idempotency_key", "") else None))
         return Outcome(result, None, tuple(records))
 
     def replay(self, record: Record) -> None:
@@ -220,14 +240,15 @@ class Core:
 
     # --- records, expiry, forgetting ------------------------------------------------------
 
-    def _emit(self, command: Command, now_ns: int) -> Record:
+    def _emit(self, command: Command, now_ns: int, answer: Any = None) -> Record:
         self.sequence += 1
         self.last_record_ns = now_ns
         self._forget_due(now_ns)
         events, self._events = tuple(self._events), []
+        finished, self._finished = tuple(self._finished), []
         apps = self.apps
         event_users = tuple(apps[event.app].users[event.user_id].number for event in events)
-        return Record(self.sequence, now_ns, command, events, event_users)
+        return Record(self.sequence, now_ns, command, events, event_users, answer, finished)
 
     def _audit(self, kind: str, app: str, user_id: str, event_type: str, amount: int,
                metadata: Metadata = (), reservation_id: str = "", allowed: bool = True) -> None:
@@ -244,6 +265,7 @@ class Core:
             return []
         expired = []
         self._events.clear()
+        self._finished.clear()
         while self.expiry and self.expiry[0][0] <= now_ns:
             _, _, app_id, reservation_id = self.expiry.pop(0)
             reservation = self.apps[app_id].reservations[reservation_id]
@@ -260,8 +282,9 @@ class Core:
             _, _, kind, app_id, key = self.forget.pop(0)
             app = self.apps[app_id]
             if kind == "idempotency":
-                entry = app.idempotency[key]
-                if entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns:
+                entry = app.idempotency.get(key)  # gone already once durable elsewhere
+                if entry is not None and (
+                        entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns):
                     del app.idempotency[key]  # else the key was used anew since: keep it
             else:
                 assert kind == "reservation", kind
@@ -284,8 +307,20 @@ class Core:
         assert user.live_holds >= 0
         reservation.status = status
         reservation.finished_at_ns = now_ns
-        self.forget.add((now_ns + limits.RESERVATION_RETENTION_NS, reservation.sequence,
-                         "reservation", reservation.app, reservation.reservation_id))
+        if self.durable_hold is None:
+            self.forget.add((now_ns + limits.RESERVATION_RETENTION_NS, reservation.sequence,
+                             "reservation", reservation.app, reservation.reservation_id))
+        else:
+            self._hold_changed(reservation)
+
+    def _hold_changed(self, reservation: Reservation) -> None:
+        """A hold finished, or an expired one was committed: kept in memory until the record
+        that says so is durable, and handed to that record for the log's holds table."""
+        sequence = self.sequence + 1  # the record this command makes
+        self.apps[reservation.app].reservations[reservation.reservation_id] = reservation
+        self._holds_pending.append((sequence, reservation.app, reservation.reservation_id))
+        self._holds_latest[reservation.reservation_id] = sequence
+        self._finished.append(replace(reservation))
 
     @staticmethod
     def _expiry_entry(reservation: Reservation) -> tuple[int, int, str, str]:
@@ -348,6 +383,8 @@ class Core:
         slot = (type(command).__name__, command.idempotency_key)
         request = _fingerprint(command)
         entry = self.apps.get(command.app, _EMPTY_APP).idempotency.get(slot)
+        if entry is None and self.durable_idempotency is not None:
+            entry = self.durable_idempotency(command.app, slot[0], slot[1], self.sequence)
         if entry is not None and entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns:
             entry = None  # past its retention; dropped with the next record
         if entry is not None:
@@ -359,9 +396,32 @@ class Core:
             return entry.result, False
         result, _ = handler(command, now_ns)
         self._app(command.app).idempotency[slot] = IdempotencyEntry(request, result, now_ns)
-        self.forget.add((now_ns + limits.IDEMPOTENCY_RETENTION_NS, self.sequence + 1,
-                         "idempotency", command.app, slot))
+        if self.durable_idempotency is None:
+            self.forget.add((now_ns + limits.IDEMPOTENCY_RETENTION_NS, self.sequence + 1,
+                             "idempotency", command.app, slot))
+        else:
+            self._idempotency_pending.append((self.sequence + 1, command.app, slot))
         return result, True
+
+    def forget_durable(self, durable_sequence: int) -> None:
+        """Drops from memory the idempotency keys and finished holds whose records are durable
+        up to durable_sequence: the log answers for them from now on. Memory holds only what
+        is not yet durable."""
+        pending = self._idempotency_pending
+        while pending and pending[0][0] <= durable_sequence:
+            _, app_id, slot = pending.popleft()
+            self.apps[app_id].idempotency.pop(slot, None)
+        holds, latest = self._holds_pending, self._holds_latest
+        while holds and holds[0][0] <= durable_sequence:
+            sequence, app_id, reservation_id = holds.popleft()
+            if latest.get(reservation_id) == sequence:  # else a later record changed it again
+                del latest[reservation_id]
+                reservation = self.apps[app_id].reservations.pop(reservation_id)
+                assert reservation.status is not HoldState.LIVE, reservation
+
+    def idempotency_fingerprint(self, command: Any) -> str:
+        """What a repeat must match: the fingerprint of the request that made an entry."""
+        return _fingerprint(command)
 
     # --- lookups --------------------------------------------------------------------------
 
@@ -379,6 +439,10 @@ class Core:
 
     def _reservation(self, app_id: str, reservation_id: str, now_ns: int) -> Reservation:
         reservation = self.apps.get(app_id, _EMPTY_APP).reservations.get(reservation_id)
+        if reservation is None and self.durable_hold is not None:
+            reservation = self.durable_hold(reservation_id, self.sequence)
+            if reservation is not None and reservation.app != app_id:
+                raise PermissionDenied(f"reservation {reservation_id!r} belongs to another app")
         if reservation is None and any(reservation_id in other.reservations
                                        for other in self.apps.values()):
             raise PermissionDenied(f"reservation {reservation_id!r} belongs to another app")
@@ -493,6 +557,8 @@ class Core:
         if not expired:
             self._end_live_hold(reservation, status, now_ns, in_index=True)
         reservation.status = status
+        if expired and self.durable_hold is not None:
+            self._hold_changed(reservation)
         for counter in counters:
             if counter is not None:  # else its window is over: the usage counts there
                 counter.used += amount

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from quotad.core.machine import Core
+from quotad.core.machine import Core, IdempotencyEntry
 from quotad.storage.snapshot import core_from_plain
 from quotad.storage.wal import WriteAheadLog, TornTail, recover_records
 
@@ -19,6 +19,8 @@ def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
     snapshot = wal.load_snapshot()
     core = core_from_plain(snapshot.plain) if snapshot is not None else Core()
     assert snapshot is None or core.sequence == snapshot.sequence
+    core.durable_idempotency = durable_idempotency(wal, core)
+    core.durable_hold = wal.finished_hold
     snapshot_sequence = core.sequence
     try:
         for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
@@ -29,7 +31,20 @@ def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
         log.warning("dropped a torn log tail", extra={"from_sequence": torn.sequence,
                                                       "records": torn.dropped,
                                                       "reason": str(torn)})
+    core.forget_durable(core.sequence)  # every record replayed is durable
     log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
                                  "replayed": core.sequence - snapshot_sequence,
                                  "log_first_sequence": wal.first_sequence()})
     return core
+
+
+def durable_idempotency(wal: WriteAheadLog, core: Core):
+    """The core's lookup of idempotency keys that are durable and no longer in memory: the
+    record that first used the key, with its first answer, from the log."""
+    def lookup(app: str, rpc: str, key: str, as_of_sequence: int) -> IdempotencyEntry | None:
+        record = wal.idempotency_record(app, rpc, key, as_of_sequence)
+        if record is None:
+            return None
+        return IdempotencyEntry(core.idempotency_fingerprint(record.command), record.answer,
+                                record.now_ns)
+    return lookup

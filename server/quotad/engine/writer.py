@@ -202,6 +202,7 @@ class Writer:
                 if not batch:
                     continue
                 self.durable_sequence = batch[-1].sequence
+                self.core.forget_durable(self.durable_sequence)
                 if self._on_flush is not None:
                     self._on_flush(len(batch), time.perf_counter() - started,
                                    self.durable_sequence)
@@ -275,7 +276,11 @@ class Writer:
         return ready if ready.sequence > self._stored_sequence else None
 
     def _prune_before_ns(self) -> int:
-        return self.clock.last_ns - self._audit_retention_ns
+        """Records older than this may go (with their events, idempotency and hold rows): the
+        audit retention, and never before the keys and finished holds they answer for."""
+        return self.clock.last_ns - max(self._audit_retention_ns,
+                                        limits.IDEMPOTENCY_RETENTION_NS,
+                                        limits.RESERVATION_RETENTION_NS)
 
     def _fail(self, error: BaseException) -> None:
         log.critical("stopping: %r", error)

@@ -25,9 +25,12 @@ from functools import cache
 from typing import Any
 
 from quotad.core.commands import (
-    AUDIT_KINDS, AuditEvent, Command, Commit, CreateKey, DeletePlan, ExpiredHold, ExpireHolds,
-    Extend, Record, Release, Reserve, RevokeKey, Track, UpsertPlan, UpsertSubscription,
+    AUDIT_KINDS, AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
+    ExpiredHold, ExpireHolds, Extend, ExtendResult, Record, Release, ReleaseResult, Reserve,
+    ReserveResult, RevokeKey, Track, TrackResult, UpsertPlan, UpsertSubscription,
 )
+from quotad.core.holds import HoldState
+from quotad.core.machine import HoldRef, Reservation
 from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2 as pb
 
@@ -54,6 +57,22 @@ def key_sequence(key: bytes) -> int:
     return _KEY.unpack(key)[0]
 
 
+def idempotency_row_key(app: str, rpc: str, idempotency_key: str) -> bytes:
+    """The idempotency table's key of a key: 8 bytes of BLAKE2b of app, RPC and key. The
+    row names the record that first used the key, whose own fields confirm it (a different
+    key with the same 8 bytes is no match)."""
+    text = f"{app}\0{rpc}\0{idempotency_key}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=8).digest()
+
+
+def record_idempotency_row_key(record: Record) -> bytes | None:
+    """The idempotency row a record makes: one for a command with an idempotency key."""
+    key = getattr(record.command, "idempotency_key", "")
+    if not key:
+        return None
+    return idempotency_row_key(record.command.app, type(record.command).__name__, key)
+
+
 def event_key(user_number: int, now_ns: int, sequence: int, index: int) -> bytes:
     return _EVENT_KEY.pack(user_number, now_ns, sequence, index)
 
@@ -74,6 +93,8 @@ def encode_record(record: Record) -> bytes:
     message = pb.Record()
     _ENCODERS[type(record.command)](message, record.command)
     message.event_users.extend(record.event_users)
+    if record.answer is not None:
+        _encode_answer(message.answer, record.answer)
     body = message.SerializeToString()
     time_bytes = record.now_ns.to_bytes(8, "big")
     checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(_KEY.pack(record.sequence))))
@@ -98,9 +119,11 @@ def decode_record(key: bytes, value: bytes) -> Record:
     sequence, now_ns, message = _checked_message(key, value)
     try:
         command = _DECODERS[message.WhichOneof("command")](message)
+        answer = (_ANSWER_DECODERS[type(command)](message.answer)
+                  if message.HasField("answer") else None)
     except Exception as error:
         raise CorruptRecord(sequence, f"unreadable command: {error!r}") from error
-    return Record(sequence, now_ns, command, (), tuple(message.event_users))
+    return Record(sequence, now_ns, command, (), tuple(message.event_users), answer)
 
 
 def record_now_ns(value: bytes) -> int:
@@ -325,6 +348,116 @@ _DECODERS: dict[str, Callable[[Any], Command]] = {
     "upsert_subscription": _decode_upsert_subscription, "create_key": _decode_create_key,
     "revoke_key": _decode_revoke_key,
 }
+
+
+# --- first answers (of commands with an idempotency key) ---------------------------------
+
+
+def _encode_answer(message: Any, result: Any) -> None:
+    message.SetInParent()
+    for view in getattr(result, "counters", ()):
+        counter = message.counters.add()
+        counter.key, counter.label, counter.unit = view.key, view.label, view.unit
+        counter.window, counter.quota = int(view.window), view.quota
+        counter.used, counter.held = view.used, view.held
+        counter.window_start_ns = view.window_start_ns
+        if view.resets_at_ns is not None:
+            counter.resets_at_ns = view.resets_at_ns
+    kind = type(result)
+    if kind is ReserveResult:
+        message.allowed, message.denied_by = result.allowed, result.denied_by
+        message.expires_at_ns = result.expires_at_ns
+        message.reservation_id = result.reservation_id
+    elif kind is TrackResult:
+        message.allowed, message.denied_by = result.allowed, result.denied_by
+    elif kind is CommitResult:
+        message.committed, message.returned = result.committed, result.returned
+        message.expired = result.expired
+    elif kind is ExtendResult:
+        message.expires_at_ns = result.expires_at_ns
+    else:
+        assert kind is ReleaseResult, kind
+
+
+def _counters(message: Any) -> tuple[CounterView, ...]:
+    return tuple(
+        CounterView(key=c.key, label=c.label, unit=c.unit, window=Window(c.window),
+                    quota=c.quota, used=c.used, held=c.held,
+                    remaining=max(0, c.quota - c.used - c.held),
+                    window_start_ns=c.window_start_ns,
+                    resets_at_ns=c.resets_at_ns if c.HasField("resets_at_ns") else None)
+        for c in message.counters)
+
+
+_ANSWER_DECODERS: dict[type, Callable[[Any], Any]] = {
+    Reserve: lambda m: ReserveResult(
+        allowed=m.allowed, reservation_id=m.reservation_id, expires_at_ns=m.expires_at_ns,
+        counters=_counters(m), denied_by=m.denied_by),
+    Commit: lambda m: CommitResult(counters=_counters(m), committed=m.committed,
+                                   returned=m.returned, expired=m.expired),
+    Release: lambda m: ReleaseResult(counters=_counters(m)),
+    Extend: lambda m: ExtendResult(expires_at_ns=m.expires_at_ns),
+    Track: lambda m: TrackResult(allowed=m.allowed, counters=_counters(m),
+                                 denied_by=m.denied_by),
+}
+
+
+# --- finished holds (the holds table) ----------------------------------------------------
+
+_HOLD_STATES = tuple(HoldState)
+
+
+def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int) -> bytes:
+    message = pb.FinishedHold()
+    message.app, message.user_id, message.event_type = hold.app, hold.user_id, hold.event_type
+    message.amount = hold.amount
+    _set_metadata(message.metadata, hold.metadata)
+    for ref in hold.holds:
+        part = message.holds.add()
+        part.key, part.window, part.window_start_ns = ref.key, int(ref.window), ref.window_start_ns
+    message.reserve_sequence = hold.sequence
+    message.created_at_ns, message.expires_at_ns = hold.created_at_ns, hold.expires_at_ns
+    message.status = _HOLD_STATES.index(hold.status)
+    message.finished_at_ns = hold.finished_at_ns
+    message.sequence, message.expired_sequence = sequence, expired_sequence
+    return message.SerializeToString()
+
+
+def finished_hold_row(value: bytes) -> tuple[HoldState, int, int]:
+    """(state, the sequence that wrote it, the sequence that expired it or 0) of a row."""
+    message = pb.FinishedHold.FromString(value)
+    return _HOLD_STATES[message.status], message.sequence, message.expired_sequence
+
+
+def decode_finished_hold(reservation_id_bytes: bytes, value: bytes,
+                         as_of_sequence: int) -> Reservation | None:
+    """The hold as it was once record as_of_sequence was applied; None if it was still live
+    then (a replay from before it finished)."""
+    message = pb.FinishedHold.FromString(value)
+    status = _HOLD_STATES[message.status]
+    if message.sequence > as_of_sequence:
+        if not (status is HoldState.COMMITTED and 0 < message.expired_sequence <= as_of_sequence):
+            return None
+        status = HoldState.EXPIRED  # committed later; expired as of then
+    return Reservation(
+        app=message.app, reservation_id=_reservation_id(reservation_id_bytes),
+        user_id=message.user_id, event_type=message.event_type, amount=message.amount,
+        metadata=_metadata(message.metadata),
+        holds=tuple(HoldRef(ref.key, Window(ref.window), ref.window_start_ns)
+                    for ref in message.holds),
+        sequence=message.reserve_sequence, created_at_ns=message.created_at_ns,
+        expires_at_ns=message.expires_at_ns, status=status,
+        finished_at_ns=message.finished_at_ns)
+
+
+def reservation_bytes(reservation_id: str) -> bytes:
+    return _reservation_bytes(reservation_id)
+
+
+def record_reserved_id(key: bytes, value: bytes) -> bytes | None:
+    """The 12 reservation id bytes of a stored Reserve record; None for any other record."""
+    _, _, message = _checked_message(key, value)
+    return message.reserve.reservation_id if message.WhichOneof("command") == "reserve" else None
 
 
 # --- audit events -------------------------------------------------------------------------

@@ -8,6 +8,10 @@ Databases:
     log        sequence (8 bytes BE) -> record (codec.py: header + protobuf)
     snapshot   b"latest" -> checksum, sequence, zlib(JSON of the core)   (snapshot.py)
     events     user number, time, sequence, index -> audit event         (ListEvents)
+    holds      reservation id (12 bytes) -> a finished hold (written with the record that
+               finished it; removed with its Reserve record)
+    idempotency  8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record that first
+               used the key, which holds the first answer (written with that record)
     meta       format_version; batch_first_sequence (where the last batch began)
 
 A snapshot is written in the same transaction that prunes the log records it makes
@@ -33,9 +37,11 @@ import lmdb
 
 from quotad.storage.codec import (
     EVENT_TAIL_BYTES, CorruptRecord, decode_event, decode_record, encode_event, encode_record,
-    event_key, event_prefix, event_tail, key_sequence, record_event_keys, record_key,
-    record_now_ns,
+    event_key, event_prefix, event_tail, idempotency_row_key, key_sequence, record_event_keys,
+    decode_finished_hold, encode_finished_hold, finished_hold_row, record_idempotency_row_key,
+    record_key, record_now_ns, record_reserved_id, reservation_bytes,
 )
+from quotad.core.holds import HoldState
 from quotad.core.commands import EVENT_CURSOR_BYTES, AuditEvent, Record
 
 FORMAT_VERSION = b"4"
@@ -114,6 +120,8 @@ class WriteAheadLog:
         if version is not None and version != FORMAT_VERSION:
             self.close()
             raise mismatch
+        self.idempotency_db = self.env.open_db(b"idempotency", create=True)  # new in format 4
+        self.holds_db = self.env.open_db(b"holds", create=True)  # new in format 4
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
 
@@ -136,6 +144,11 @@ class WriteAheadLog:
                                                           strict=True)):
                     put_event(event_key(user, record.now_ns, record.sequence, index),
                               encode_event(event))
+                row = record_idempotency_row_key(record)
+                if row is not None:
+                    txn.put(row, record_key(record.sequence), db=self.idempotency_db)
+                for hold in record.finished:
+                    self._put_finished_hold(txn, hold, record.sequence)
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
@@ -151,6 +164,18 @@ class WriteAheadLog:
         if fault_kind == "sync-error" and self._appends == fault_at:
             raise OSError(errno.EIO, "injected sync error (QUOTAD_FAULT_INJECT)")
 
+    def _put_finished_hold(self, txn: lmdb.Transaction, hold: Any, sequence: int) -> None:
+        """A hold's row; a committed one that had expired keeps when it expired, so that a
+        replay from before the commit reads it as expired."""
+        key = reservation_bytes(hold.reservation_id)
+        expired_sequence = 0
+        earlier = txn.get(key, db=self.holds_db)
+        if earlier is not None:
+            state, written_by, _ = finished_hold_row(earlier)
+            if state is HoldState.EXPIRED:
+                expired_sequence = written_by
+        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence), db=self.holds_db)
+
     def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int) -> int:
         """Deletes log records (and their events) at or below the snapshot's sequence and
         older than the retention: the oldest first, so the log stays contiguous."""
@@ -164,6 +189,12 @@ class WriteAheadLog:
                 break
             for events_key in record_event_keys(key, value):
                 txn.delete(events_key, db=self.events_db)
+            row = record_idempotency_row_key(decode_record(key, value))
+            if row is not None and txn.get(row, db=self.idempotency_db) == key:
+                txn.delete(row, db=self.idempotency_db)  # unless the key was used anew since
+            reserved = record_reserved_id(key, value)
+            if reserved is not None:
+                txn.delete(reserved, db=self.holds_db)  # a hold's row goes with its Reserve
             cursor.delete()  # moves to the next record
             pruned += 1
         return pruned
@@ -218,6 +249,34 @@ class WriteAheadLog:
                                        f"found {key_sequence(key)}")
                 yield decode_record(key, value)
                 expected += 1
+
+    def idempotency_record(self, app: str, rpc: str, idempotency_key: str,
+                           as_of_sequence: int) -> Record | None:
+        """The record that first used this idempotency key, if it is at or before
+        as_of_sequence (a replay must not see what later records did) and is that key's (not
+        another's with the same row key). Called on the event loop: one or two page lookups."""
+        row = idempotency_row_key(app, rpc, idempotency_key)
+        with self.env.begin(buffers=False) as txn:
+            key = txn.get(row, db=self.idempotency_db)
+            if key is None or key_sequence(key) > as_of_sequence:
+                return None
+            value = txn.get(key, db=self.log_db)
+        if value is None:  # pruned with its record
+            return None
+        record = decode_record(key, value)
+        command = record.command
+        if (type(command).__name__ != rpc or command.app != app
+                or command.idempotency_key != idempotency_key):
+            return None
+        return record
+
+    def finished_hold(self, reservation_id: str, as_of_sequence: int) -> Any:
+        """The finished hold (a core Reservation) as of that sequence, or None. Called on the
+        event loop: one page lookup."""
+        key = reservation_bytes(reservation_id)
+        with self.env.begin(db=self.holds_db, buffers=False) as txn:
+            value = txn.get(key)
+        return None if value is None else decode_finished_hold(key, value, as_of_sequence)
 
     def batch_first_sequence(self) -> int:
         with self.env.begin(db=self.meta_db) as txn:

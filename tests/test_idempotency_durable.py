@@ -1,0 +1,184 @@
+"""Idempotency keys live in the log, not the heap: once a keyed command's record is durable,
+memory forgets the key, and a repeat is answered from the record (its first answer), across
+a restart too; the same key for another request is still ALREADY_EXISTS. Over a real LMDB log
+and the real writer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from quotad.core.commands import (
+    Commit, Release, Reserve, Track, UpsertPlan, UpsertSubscription,
+)
+from quotad.core.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from quotad.core.plans import LimitGroup, Match, Plan, Window
+from quotad.engine.recovery import recover
+from quotad.engine.writer import Writer
+from quotad.storage.codec import state_digest
+from quotad.storage.snapshot import core_to_plain
+from quotad.storage.wal import Snapshot, WriteAheadLog
+
+PLAN = Plan(id="p", limit_groups=(
+    LimitGroup(key="tokens", label="Tokens", unit="tokens", quota=1000, window=Window.MONTH,
+               match=Match(event_types=("openai.*",))),
+    LimitGroup(key="all", quota=10**9, window=Window.LIFETIME),
+))
+KEYS = 500
+
+
+def _rid(n: int) -> str:
+    return f"rsv_{n:024x}"
+
+
+async def _writer(wal: WriteAheadLog) -> Writer:
+    writer = Writer(recover(wal), wal, on_failure=lambda error: None)
+    writer.start()
+    return writer
+
+
+def _keyed_memory(writer: Writer) -> int:
+    return sum(len(app.idempotency) for app in writer.core.apps.values())
+
+
+def test_durable_keys_leave_memory_and_a_repeat_still_gets_the_first_answer(tmp_path: Path):
+    wal = WriteAheadLog(tmp_path)
+
+    async def first_run() -> dict:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        answers = {}
+        for n in range(KEYS):
+            answers[f"r{n}"] = await writer.execute(Reserve(
+                app="a", user_id="u", event_type="openai.chat", amount=1,
+                idempotency_key=f"r{n}", reservation_id=_rid(n)))
+        answers["c0"] = await writer.execute(Commit(app="a", reservation_id=_rid(0),
+                                                    amount=0, idempotency_key="c0"))
+        answers["t0"] = await writer.execute(Track(app="a", user_id="u", event_type="x",
+                                                   amount=-5, idempotency_key="t0"))
+        answers["l1"] = await writer.execute(Release(app="a", reservation_id=_rid(1),
+                                                     idempotency_key="l1"))
+        assert _keyed_memory(writer) == 0  # every record durable: nothing keyed in memory
+        sequence = writer.core.sequence
+        # repeats: the first answers, from the log, and nothing new is written
+        for n in (0, 7, KEYS - 1):
+            again = await writer.execute(Reserve(
+                app="a", user_id="u", event_type="openai.chat", amount=1,
+                idempotency_key=f"r{n}", reservation_id=_rid(KEYS + n)))
+            assert again == answers[f"r{n}"]
+        assert await writer.execute(Commit(app="a", reservation_id=_rid(0), amount=0,
+                                           idempotency_key="c0")) == answers["c0"]
+        assert writer.core.sequence == sequence
+        with pytest.raises(AlreadyExists):
+            await writer.execute(Track(app="a", user_id="u", event_type="x", amount=-6,
+                                       idempotency_key="t0"))
+        await writer.close()
+        return answers
+
+    answers = asyncio.run(first_run())
+    wal.close()
+
+    wal = WriteAheadLog(tmp_path)
+
+    async def after_restart() -> None:
+        writer = await _writer(wal)
+        assert _keyed_memory(writer) == 0
+        assert await writer.execute(Release(app="a", reservation_id=_rid(1),
+                                            idempotency_key="l1")) == answers["l1"]
+        assert await writer.execute(Track(app="a", user_id="u", event_type="x", amount=-5,
+                                          idempotency_key="t0")) == answers["t0"]
+        await writer.close()
+
+    asyncio.run(after_restart())
+    wal.close()
+
+
+def test_a_replay_does_not_take_a_later_record_for_an_earlier_first_use(tmp_path: Path):
+    """Recovery without a snapshot replays every keyed record while the idempotency table
+    already names them all: each must replay as a first use, as it was."""
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> str:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        for n in range(20):
+            await writer.execute(Track(app="a", user_id="u", event_type="openai.chat",
+                                       amount=3, idempotency_key=f"k{n}"))
+        digest = state_digest(writer.core)
+        for task in writer._tasks:  # stop without the final snapshot: a restart replays all
+            task.cancel()
+        await asyncio.gather(*writer._tasks, return_exceptions=True)
+        writer._executor.shutdown(wait=True)
+        return digest
+
+    digest = asyncio.run(run())
+    wal.close()
+    wal = WriteAheadLog(tmp_path)
+    try:
+        core = recover(wal, repair=False)  # replay checks each record is made again exactly
+        assert core.sequence == 22 and state_digest(core) == digest
+    finally:
+        wal.close()
+
+
+def test_pruning_a_record_removes_its_events_idempotency_row_and_finished_hold(tmp_path: Path):
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> tuple[int, int, dict]:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        await writer.execute(Reserve(app="a", user_id="u", event_type="openai.chat", amount=2,
+                                     idempotency_key="r", reservation_id=_rid(1)))
+        await writer.execute(Release(app="a", reservation_id=_rid(1), idempotency_key="l"))
+        await writer.close()
+        core = writer.core
+        return core.user_number("a", "u"), core.sequence, core_to_plain(core)
+
+    number, sequence, plain = asyncio.run(run())
+    assert wal.finished_hold(_rid(1), sequence) is not None
+    assert wal.idempotency_record("a", "Reserve", "r", sequence) is not None
+    assert len(wal.list_events("a", "u", number, 0, 2**64 - 1, b"", 10)) == 2
+    wal.append([], Snapshot(sequence, plain), prune_before_ns=2**63)  # all old, all covered
+    assert wal.first_sequence() == 0  # every record pruned
+    assert wal.finished_hold(_rid(1), 10**6) is None
+    assert wal.idempotency_record("a", "Reserve", "r", 10**6) is None
+    assert wal.idempotency_record("a", "Release", "l", 10**6) is None
+    assert wal.list_events("a", "u", number, 0, 2**64 - 1, b"", 10) == []
+    with wal.env.begin() as txn:
+        for db in (wal.holds_db, wal.idempotency_db, wal.events_db):
+            assert txn.stat(db)["entries"] == 0
+    wal.close()
+
+
+def test_a_finished_hold_leaves_memory_once_durable_and_answers_from_the_log(tmp_path: Path):
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> None:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        await writer.execute(UpsertPlan(app="b", plan=PLAN))
+        for n in range(3):
+            await writer.execute(Reserve(app="a", user_id="u", event_type="openai.chat",
+                                         amount=10, reservation_id=_rid(n)))
+        await writer.execute(Commit(app="a", reservation_id=_rid(0), amount=4))
+        await writer.execute(Release(app="a", reservation_id=_rid(1)))
+        app = writer.core.apps["a"]
+        assert set(app.reservations) == {_rid(2)}  # only the live one in memory
+        with pytest.raises(FailedPrecondition):  # committed, from the log
+            await writer.execute(Commit(app="a", reservation_id=_rid(0)))
+        with pytest.raises(FailedPrecondition):  # released, from the log
+            await writer.execute(Commit(app="a", reservation_id=_rid(1)))
+        again = await writer.execute(Release(app="a", reservation_id=_rid(1)))  # a no-op
+        assert again.counters[0].held == 10 and again.counters[0].used == 4
+        with pytest.raises(PermissionDenied):
+            await writer.execute(Release(app="b", reservation_id=_rid(1)))
+        await writer.close()
+
+    asyncio.run(run())
+    wal.close()
