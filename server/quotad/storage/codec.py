@@ -66,9 +66,11 @@ def idempotency_row_key(app: str, rpc: str, idempotency_key: str) -> bytes:
 
 
 def record_idempotency_row_key(record: Record) -> bytes | None:
-    """The idempotency row a record makes: one for a command with an idempotency key."""
+    """The idempotency row a record makes: one for a command with an idempotency key whose
+    first answer it holds (a record migrated from format 3 has none: its key is answered
+    from the snapshot's memory for its 24 h)."""
     key = getattr(record.command, "idempotency_key", "")
-    if not key:
+    if not key or record.answer is None:
         return None
     return idempotency_row_key(record.command.app, type(record.command).__name__, key)
 
