@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from quotad.core import commands as c
 from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage.codec import (
-    CorruptRecord, decode_event, decode_record, encode_event, encode_record, record_event_keys,
+    CorruptRecord, decode_event, decode_record, encode_event, encode_record, stored_record_rows,
     event_key, record_key,
 )
 
@@ -67,8 +67,10 @@ def test_every_logged_command_reads_back_as_it_was_written(user_id, event_type, 
         value = encode_record(record)
         read = decode_record(record_key(42), value)
         assert read == record and read.command == command
-        assert record_event_keys(record_key(42), value) == [
-            event_key(user, NOW_NS, 42, index) for index, user in enumerate(users)]
+        events, _, reserved = stored_record_rows(record_key(42), value)
+        assert events == [event_key(user, NOW_NS, 42, index) for index, user in enumerate(users)]
+        assert reserved == (bytes.fromhex(reservation_id[4:])
+                            if isinstance(command, c.Reserve) else None)
 
 
 @settings(max_examples=200, deadline=None)

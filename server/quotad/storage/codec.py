@@ -133,14 +133,29 @@ def record_now_ns(value: bytes) -> int:
     return _HEADER.unpack_from(value)[1]
 
 
-def record_event_keys(key: bytes, value: bytes) -> list[bytes]:
-    """The events index keys of a stored record's events (to delete them with it)."""
+_KEYED_COMMANDS = {"reserve": "Reserve", "commit": "Commit", "release": "Release",
+                   "extend": "Extend", "track": "Track"}
+"""The record's oneof field -> its RPC, for the commands that take an idempotency key."""
+
+
+def stored_record_rows(key: bytes, value: bytes) -> tuple[list[bytes], bytes | None,
+                                                          bytes | None]:
+    """What else a stored record put in the log, from one read of it, to delete with it: its
+    events index keys, its idempotency row key (a keyed command holding its first answer),
+    and the reservation id bytes of a Reserve (its hold's row)."""
     sequence, now_ns, message = _checked_message(key, value)
-    return [event_key(user, now_ns, sequence, index)
-            for index, user in enumerate(message.event_users)]
+    events = [event_key(user, now_ns, sequence, index)
+              for index, user in enumerate(message.event_users)]
+    kind = message.WhichOneof("command")
+    row = None
+    if kind in _KEYED_COMMANDS and message.HasField("answer"):
+        idempotency_key = getattr(message, kind).idempotency_key
+        if idempotency_key:
+            row = idempotency_row_key(message.app, _KEYED_COMMANDS[kind], idempotency_key)
+    return events, row, message.reserve.reservation_id if kind == "reserve" else None
 
 
-def _reservation_bytes(reservation_id: str) -> bytes:
+def reservation_bytes(reservation_id: str) -> bytes:
     return bytes.fromhex(reservation_id[len(RESERVATION_ID_PREFIX):])
 
 
@@ -168,7 +183,7 @@ def _encode_reserve(message: Any, command: Reserve) -> None:
     _set_metadata(part.metadata, command.metadata)
     part.ttl_ns = command.ttl_ns
     part.idempotency_key = command.idempotency_key
-    part.reservation_id = _reservation_bytes(command.reservation_id)
+    part.reservation_id = reservation_bytes(command.reservation_id)
 
 
 def _decode_reserve(message: Any) -> Reserve:
@@ -182,7 +197,7 @@ def _decode_reserve(message: Any) -> Reserve:
 def _encode_commit(message: Any, command: Commit) -> None:
     message.app = command.app
     part = message.commit
-    part.reservation_id = _reservation_bytes(command.reservation_id)
+    part.reservation_id = reservation_bytes(command.reservation_id)
     if command.amount is not None:
         part.amount = command.amount
     part.idempotency_key = command.idempotency_key
@@ -198,7 +213,7 @@ def _decode_commit(message: Any) -> Commit:
 def _encode_release(message: Any, command: Release) -> None:
     message.app = command.app
     part = message.release
-    part.reservation_id = _reservation_bytes(command.reservation_id)
+    part.reservation_id = reservation_bytes(command.reservation_id)
     part.idempotency_key = command.idempotency_key
 
 
@@ -211,7 +226,7 @@ def _decode_release(message: Any) -> Release:
 def _encode_extend(message: Any, command: Extend) -> None:
     message.app = command.app
     part = message.extend
-    part.reservation_id = _reservation_bytes(command.reservation_id)
+    part.reservation_id = reservation_bytes(command.reservation_id)
     part.ttl_ns = command.ttl_ns
     part.idempotency_key = command.idempotency_key
 
@@ -246,7 +261,7 @@ def _encode_expire_holds(message: Any, command: ExpireHolds) -> None:
     for hold in command.expired:
         entry = part.expired.add()
         entry.app = hold.app
-        entry.reservation_id = _reservation_bytes(hold.reservation_id)
+        entry.reservation_id = reservation_bytes(hold.reservation_id)
         entry.user_id = hold.user_id
 
 
@@ -452,16 +467,6 @@ def decode_finished_hold(reservation_id_bytes: bytes, value: bytes,
         finished_at_ns=message.finished_at_ns)
 
 
-def reservation_bytes(reservation_id: str) -> bytes:
-    return _reservation_bytes(reservation_id)
-
-
-def record_reserved_id(key: bytes, value: bytes) -> bytes | None:
-    """The 12 reservation id bytes of a stored Reserve record; None for any other record."""
-    _, _, message = _checked_message(key, value)
-    return message.reserve.reservation_id if message.WhichOneof("command") == "reserve" else None
-
-
 # --- audit events -------------------------------------------------------------------------
 
 _KIND_NUMBERS = {kind: number for number, kind in enumerate(AUDIT_KINDS)}
@@ -475,7 +480,7 @@ def encode_event(event: AuditEvent) -> bytes:
     message.amount = event.amount
     _set_metadata(message.metadata, event.metadata)
     if event.reservation_id:
-        message.reservation_id = _reservation_bytes(event.reservation_id)
+        message.reservation_id = reservation_bytes(event.reservation_id)
     message.denied = not event.allowed
     message.limit_group_key = event.limit_group_key
     message.threshold_percent = event.threshold_percent

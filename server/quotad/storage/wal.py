@@ -36,10 +36,10 @@ from typing import Any
 import lmdb
 
 from quotad.storage.codec import (
-    EVENT_TAIL_BYTES, CorruptRecord, decode_event, decode_record, encode_event, encode_record,
-    event_key, event_prefix, event_tail, idempotency_row_key, key_sequence, record_event_keys,
-    decode_finished_hold, encode_finished_hold, finished_hold_row, record_idempotency_row_key,
-    record_key, record_now_ns, record_reserved_id, reservation_bytes,
+    EVENT_TAIL_BYTES, CorruptRecord, decode_event, decode_finished_hold, decode_record,
+    encode_event, encode_finished_hold, encode_record, event_key, event_prefix, event_tail,
+    finished_hold_row, idempotency_row_key, key_sequence, record_idempotency_row_key,
+    record_key, record_now_ns, reservation_bytes, stored_record_rows,
 )
 from quotad.core.holds import HoldState
 from quotad.core.commands import EVENT_CURSOR_BYTES, AuditEvent, Record
@@ -187,12 +187,11 @@ class WriteAheadLog:
             key, value = cursor.key(), cursor.value()
             if key_sequence(key) > up_to_sequence or record_now_ns(value) >= before_ns:
                 break
-            for events_key in record_event_keys(key, value):
+            events, row, reserved = stored_record_rows(key, value)
+            for events_key in events:
                 txn.delete(events_key, db=self.events_db)
-            row = record_idempotency_row_key(decode_record(key, value))
             if row is not None and txn.get(row, db=self.idempotency_db) == key:
                 txn.delete(row, db=self.idempotency_db)  # unless the key was used anew since
-            reserved = record_reserved_id(key, value)
             if reserved is not None:
                 txn.delete(reserved, db=self.holds_db)  # a hold's row goes with its Reserve
             cursor.delete()  # moves to the next record
