@@ -166,7 +166,7 @@ class Core:
                                            IdempotencyEntry | None] | None = None
         """Where idempotency keys live once their records are durable, (app, rpc, key, as of
         sequence) -> the entry, or None: keys are then kept in memory only until durable
-        (`forget_durable_idempotency`). Unset (a core alone), memory keeps them for their
+        (`forget_durable`). Unset (a core alone), memory keeps them for their
         whole retention."""
         self._idempotency_pending: deque[tuple[int, str, tuple[str, str]]] = deque()
         self.durable_hold: Callable[[str, int], Reservation | None] | None = None
@@ -418,6 +418,12 @@ class Core:
                 del latest[reservation_id]
                 reservation = self.apps[app_id].reservations.pop(reservation_id)
                 assert reservation.status is not HoldState.LIVE, reservation
+
+    def pending_durable(self) -> tuple[frozenset[tuple[str, tuple[str, str]]], frozenset[str]]:
+        """The (app, slot) of idempotency keys, and the reservation ids of finished holds,
+        that memory holds only until their records are durable (empty for a core alone)."""
+        return (frozenset((app_id, slot) for _, app_id, slot in self._idempotency_pending),
+                frozenset(self._holds_latest))
 
     def idempotency_fingerprint(self, command: Any) -> str:
         """What a repeat must match: the fingerprint of the request that made an entry."""

@@ -29,14 +29,18 @@ def core_to_plain(core: Core) -> dict[str, Any]:
         "sequence": core.sequence,
         "last_record_ns": core.last_record_ns,
         "users_numbered": core.users_numbered,
-        "apps": {app_id: _app_to_plain(app) for app_id, app in sorted(core.apps.items())},
+        "apps": {app_id: _app_to_plain(app_id, app, *core.pending_durable())
+                 for app_id, app in sorted(core.apps.items())},
         "expiry": to_plain(core.expiry),
         "forget": to_plain(core.forget),
         "keys": [to_plain(key) for _, key in sorted(core.keys.items())],
     }
 
 
-def _app_to_plain(app: AppState) -> dict[str, Any]:
+def _app_to_plain(app_id: str, app: AppState, pending_keys: frozenset[tuple[str, Any]],
+                  pending_holds: frozenset[str]) -> dict[str, Any]:
+    """The app's state, less the keys and finished holds that are in memory only until their
+    records are durable: a snapshot is stored once those records are, and the log has them."""
     return {
         "plans": [to_plain(plan) for _, plan in sorted(app.plans.items())],
         "users": [
@@ -45,11 +49,13 @@ def _app_to_plain(app: AppState) -> dict[str, Any]:
               for (key, window), counter in user.counters.items()]]
             for user_id, user in app.users.items()
         ],
-        "reservations": [to_plain(r) for r in app.reservations.values()],
+        "reservations": [to_plain(r) for r in app.reservations.values()
+                         if r.reservation_id not in pending_holds],
         "idempotency": [
             [rpc, key, entry.request, type(entry.result).__name__, to_plain(entry.result),
              entry.created_at_ns]
             for (rpc, key), entry in app.idempotency.items()
+            if (app_id, (rpc, key)) not in pending_keys
         ],
         "plan_subscribers": sorted([plan_id, n] for plan_id, n in app.plan_subscribers.items()),
     }
