@@ -9,10 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quotad.core import commands as c
+from quotad.core.holds import HoldState
+from quotad.core.machine import HoldRef, Reservation
 from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
+from quotad.storage import log_pb2
 from quotad.storage.codec import (
-    CorruptRecord, decode_event, decode_record, encode_event, encode_record, stored_record_rows,
-    event_key, record_key,
+    COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_event, decode_finished_hold, decode_record,
+    encode_event, encode_finished_hold, encode_record, event_key, record_key, stored_record_rows,
 )
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
@@ -87,7 +90,15 @@ def test_audit_events_read_back_with_the_app_and_user_their_key_names(kind, even
                          limit_group_key="tokens" if threshold else "",
                          threshold_percent=80 if threshold else 0,
                          window_start_ns=NOW_NS if threshold else 0)
-    assert decode_event(encode_event(event), "default", user_id) == event
+    for command in _commands(user_id, event_type, abs(amount) or 1, metadata, "k",
+                             reservation_id or "rsv_" + "00" * 12, None, allowed):
+        value = encode_event(event, command)
+        assert decode_event(value, "default", user_id, lambda: command) == event
+        from_record = (type(command) in (c.Reserve, c.Track) and not threshold
+                       and (event_type, amount, metadata, reservation_id or "") == (
+                           command.event_type, command.amount, command.metadata,
+                           getattr(command, "reservation_id", "")))
+        assert log_pb2.Event.FromString(value).from_record == from_record, command
 
 
 def test_a_reserve_record_with_a_20_byte_user_and_one_metadata_entry_is_small():
@@ -109,3 +120,32 @@ def test_a_flipped_bit_or_a_record_under_another_key_is_corrupt():
         decode_record(record_key(9), bytes(value))
     with pytest.raises(CorruptRecord, match="shorter than a header"):
         decode_record(record_key(9), b"\x00" * 5)
+
+
+@pytest.mark.parametrize("age_ns", [0, COMPACT_HOLD_AGE_NS_MAX - 1, COMPACT_HOLD_AGE_NS_MAX])
+def test_a_finished_hold_row_reads_back_whole_with_or_without_its_reserve_record(age_ns):
+    reserve = c.Reserve(app="default", user_id="u" * 20, event_type="openai.chat", amount=700,
+                        metadata=(("model", "gpt-4o"),), idempotency_key="k",
+                        reservation_id="rsv_" + "ab" * 12)
+    stored = encode_record(c.Record(7, NOW_NS, reserve, (), (1,)))
+    hold = Reservation(app="default", reservation_id=reserve.reservation_id,
+                       user_id=reserve.user_id, event_type=reserve.event_type, amount=700,
+                       metadata=reserve.metadata,
+                       holds=(HoldRef("tokens", Window.MONTH, NOW_NS - 10**12),),
+                       sequence=7, created_at_ns=NOW_NS, expires_at_ns=NOW_NS + 60 * 10**9,
+                       status=HoldState.COMMITTED, finished_at_ns=NOW_NS + age_ns)
+    value = encode_finished_hold(hold, 9, 0, NOW_NS + age_ns)
+    compact = age_ns < COMPACT_HOLD_AGE_NS_MAX
+    assert log_pb2.FinishedHold.FromString(value).from_reserve_record == compact
+    reads = []
+
+    def reserve_record(sequence):
+        reads.append(sequence)
+        return decode_record(record_key(sequence), stored) if sequence == 7 else None
+    raw = bytes.fromhex(reserve.reservation_id[4:])
+    assert decode_finished_hold(raw, value, 9, reserve_record) == hold
+    assert reads == ([7] if compact else [])
+    assert decode_finished_hold(raw, value, 8, reserve_record) is None  # not finished yet then
+    if compact:
+        with pytest.raises(CorruptRecord, match="Reserve record"):
+            decode_finished_hold(raw, value, 9, lambda sequence: None)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from quotad.core import limits
 from quotad.core.commands import (
     AUDIT_KINDS, AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
     ExpiredHold, ExpireHolds, Extend, ExtendResult, Record, Release, ReleaseResult, Reserve,
@@ -40,6 +41,10 @@ _EVENT_KEY = struct.Struct(">IQQH")
 EVENT_TAIL_BYTES = 18
 """What follows the user number in an event key (time, sequence, index): a page cursor."""
 RESERVATION_ID_PREFIX = "rsv_"
+COMPACT_HOLD_AGE_NS_MAX = limits.IDEMPOTENCY_RETENTION_NS // 2
+"""A finished hold's row leaves out what its Reserve record says when that record is younger
+than this: the log keeps every record at least IDEMPOTENCY_RETENTION_NS, so it is there for
+as long as the row (which is pruned with it)."""
 
 
 class CorruptRecord(Exception):
@@ -424,16 +429,24 @@ _ANSWER_DECODERS: dict[type, Callable[[Any], Any]] = {
 _HOLD_STATES = tuple(HoldState)
 
 
-def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int) -> bytes:
+def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int,
+                         now_ns: int) -> bytes:
+    """A finished hold's row, written by record `sequence` at now_ns. What its Reserve record
+    says is left out when that record is sure to outlive the row: it was made less than the
+    log's shortest retention ago (the row is pruned with it)."""
     message = pb.FinishedHold()
-    message.app, message.user_id, message.event_type = hold.app, hold.user_id, hold.event_type
-    message.amount = hold.amount
-    _set_metadata(message.metadata, hold.metadata)
+    if now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX:
+        message.from_reserve_record = True
+    else:
+        message.app, message.user_id = hold.app, hold.user_id
+        message.event_type, message.amount = hold.event_type, hold.amount
+        _set_metadata(message.metadata, hold.metadata)
+        message.created_at_ns = hold.created_at_ns
     for ref in hold.holds:
         part = message.holds.add()
         part.key, part.window, part.window_start_ns = ref.key, int(ref.window), ref.window_start_ns
     message.reserve_sequence = hold.sequence
-    message.created_at_ns, message.expires_at_ns = hold.created_at_ns, hold.expires_at_ns
+    message.expires_at_ns = hold.expires_at_ns
     message.status = _HOLD_STATES.index(hold.status)
     message.finished_at_ns = hold.finished_at_ns
     message.sequence, message.expired_sequence = sequence, expired_sequence
@@ -446,22 +459,35 @@ def finished_hold_row(value: bytes) -> tuple[HoldState, int, int]:
     return _HOLD_STATES[message.status], message.sequence, message.expired_sequence
 
 
-def decode_finished_hold(reservation_id_bytes: bytes, value: bytes,
-                         as_of_sequence: int) -> Reservation | None:
+def decode_finished_hold(reservation_id_bytes: bytes, value: bytes, as_of_sequence: int,
+                         reserve_record: Callable[[int], Record | None]) -> Reservation | None:
     """The hold as it was once record as_of_sequence was applied; None if it was still live
-    then (a replay from before it finished)."""
+    then (a replay from before it finished). reserve_record(sequence): the stored record."""
     message = pb.FinishedHold.FromString(value)
     status = _HOLD_STATES[message.status]
     if message.sequence > as_of_sequence:
         if not (status is HoldState.COMMITTED and 0 < message.expired_sequence <= as_of_sequence):
             return None
         status = HoldState.EXPIRED  # committed later; expired as of then
+    holds = tuple(HoldRef(ref.key, Window(ref.window), ref.window_start_ns)
+                  for ref in message.holds)
+    reservation_id = _reservation_id(reservation_id_bytes)
+    if message.from_reserve_record:
+        record = reserve_record(message.reserve_sequence)
+        if record is None or type(record.command) is not Reserve:
+            raise CorruptRecord(message.reserve_sequence,
+                                f"the Reserve record of {reservation_id} is missing")
+        command = record.command
+        return Reservation(
+            app=command.app, reservation_id=reservation_id, user_id=command.user_id,
+            event_type=command.event_type, amount=command.amount, metadata=command.metadata,
+            holds=holds, sequence=message.reserve_sequence, created_at_ns=record.now_ns,
+            expires_at_ns=message.expires_at_ns, status=status,
+            finished_at_ns=message.finished_at_ns)
     return Reservation(
-        app=message.app, reservation_id=_reservation_id(reservation_id_bytes),
+        app=message.app, reservation_id=reservation_id,
         user_id=message.user_id, event_type=message.event_type, amount=message.amount,
-        metadata=_metadata(message.metadata),
-        holds=tuple(HoldRef(ref.key, Window(ref.window), ref.window_start_ns)
-                    for ref in message.holds),
+        metadata=_metadata(message.metadata), holds=holds,
         sequence=message.reserve_sequence, created_at_ns=message.created_at_ns,
         expires_at_ns=message.expires_at_ns, status=status,
         finished_at_ns=message.finished_at_ns)
@@ -472,15 +498,19 @@ def decode_finished_hold(reservation_id_bytes: bytes, value: bytes,
 _KIND_NUMBERS = {kind: number for number, kind in enumerate(AUDIT_KINDS)}
 
 
-def encode_event(event: AuditEvent) -> bytes:
-    """An event as the index stores it: without its app and user, which its key names."""
+def encode_event(event: AuditEvent, command: Command) -> bytes:
+    """An event as the index stores it: without its app and user, which its key names, nor
+    what the record's own Reserve or Track command says (the index reads that from it)."""
     message = pb.Event()
     message.kind = _KIND_NUMBERS[event.kind]
-    message.event_type = event.event_type
-    message.amount = event.amount
-    _set_metadata(message.metadata, event.metadata)
-    if event.reservation_id:
-        message.reservation_id = reservation_bytes(event.reservation_id)
+    if _from_command(event, command):
+        message.from_record = True
+    else:
+        message.event_type = event.event_type
+        message.amount = event.amount
+        _set_metadata(message.metadata, event.metadata)
+        if event.reservation_id:
+            message.reservation_id = reservation_bytes(event.reservation_id)
     message.denied = not event.allowed
     message.limit_group_key = event.limit_group_key
     message.threshold_percent = event.threshold_percent
@@ -488,12 +518,37 @@ def encode_event(event: AuditEvent) -> bytes:
     return message.SerializeToString()
 
 
-def decode_event(value: bytes, app: str, user_id: str) -> AuditEvent:
+def _from_command(event: AuditEvent, command: Command) -> bool:
+    kind = type(command)
+    if kind is Reserve:
+        reservation_id = command.reservation_id
+    elif kind is Track:
+        reservation_id = ""
+    else:
+        return False
+    return (event.kind != "threshold" and event.event_type == command.event_type
+            and event.amount == command.amount and event.metadata == command.metadata
+            and event.reservation_id == reservation_id)
+
+
+def decode_event(value: bytes, app: str, user_id: str,
+                 record_command: Callable[[], Command]) -> AuditEvent:
+    """record_command(): the event's record's command, read only for an event that needs it."""
     message = pb.Event.FromString(value)
+    if message.from_record:
+        command = record_command()
+        if type(command) not in (Reserve, Track):
+            raise ValueError(f"an audit event points at a {type(command).__name__} record")
+        event_type, amount, metadata = command.event_type, command.amount, command.metadata
+        reservation_id = getattr(command, "reservation_id", "")
+    else:
+        event_type, amount, metadata = message.event_type, message.amount, _metadata(
+            message.metadata)
+        reservation_id = (_reservation_id(message.reservation_id) if message.reservation_id
+                          else "")
     return AuditEvent(
-        kind=AUDIT_KINDS[message.kind], app=app, user_id=user_id, event_type=message.event_type,
-        amount=message.amount, metadata=_metadata(message.metadata),
-        reservation_id=_reservation_id(message.reservation_id) if message.reservation_id else "",
+        kind=AUDIT_KINDS[message.kind], app=app, user_id=user_id, event_type=event_type,
+        amount=amount, metadata=metadata, reservation_id=reservation_id,
         allowed=not message.denied, limit_group_key=message.limit_group_key,
         threshold_percent=message.threshold_percent, window_start_ns=message.window_start_ns)
 

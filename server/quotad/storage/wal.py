@@ -37,7 +37,8 @@ import lmdb
 
 from quotad.storage.codec import (
     EVENT_TAIL_BYTES, CorruptRecord, decode_event, decode_finished_hold, decode_record,
-    encode_event, encode_finished_hold, encode_record, event_key, event_prefix, event_tail,
+    encode_event, encode_finished_hold, encode_record, event_key, event_prefix,
+    event_tail,
     finished_hold_row, idempotency_row_key, key_sequence, record_idempotency_row_key,
     record_key, record_now_ns, reservation_bytes, stored_record_rows,
 )
@@ -143,12 +144,12 @@ class WriteAheadLog:
                 for index, (event, user) in enumerate(zip(record.events, record.event_users,
                                                           strict=True)):
                     put_event(event_key(user, record.now_ns, record.sequence, index),
-                              encode_event(event))
+                              encode_event(event, record.command))
                 row = record_idempotency_row_key(record)
                 if row is not None:
                     txn.put(row, record_key(record.sequence), db=self.idempotency_db)
                 for hold in record.finished:
-                    self._put_finished_hold(txn, hold, record.sequence)
+                    self._put_finished_hold(txn, hold, record.sequence, record.now_ns)
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
@@ -164,7 +165,8 @@ class WriteAheadLog:
         if fault_kind == "sync-error" and self._appends == fault_at:
             raise OSError(errno.EIO, "injected sync error (QUOTAD_FAULT_INJECT)")
 
-    def _put_finished_hold(self, txn: lmdb.Transaction, hold: Any, sequence: int) -> None:
+    def _put_finished_hold(self, txn: lmdb.Transaction, hold: Any, sequence: int,
+                           now_ns: int) -> None:
         """A hold's row; a committed one that had expired keeps when it expired, so that a
         replay from before the commit reads it as expired."""
         key = reservation_bytes(hold.reservation_id)
@@ -174,7 +176,8 @@ class WriteAheadLog:
             state, written_by, _ = finished_hold_row(earlier)
             if state is HoldState.EXPIRED:
                 expired_sequence = written_by
-        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence), db=self.holds_db)
+        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence, now_ns),
+                db=self.holds_db)
 
     def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int) -> int:
         """Deletes log records (and their events) at or below the snapshot's sequence and
@@ -273,9 +276,15 @@ class WriteAheadLog:
         """The finished hold (a core Reservation) as of that sequence, or None. Called on the
         event loop: one page lookup."""
         key = reservation_bytes(reservation_id)
-        with self.env.begin(db=self.holds_db, buffers=False) as txn:
-            value = txn.get(key)
-        return None if value is None else decode_finished_hold(key, value, as_of_sequence)
+        with self.env.begin(buffers=False) as txn:
+            value = txn.get(key, db=self.holds_db)
+            if value is None:
+                return None
+
+            def reserve_record(sequence: int) -> Record | None:
+                stored = txn.get(record_key(sequence), db=self.log_db)
+                return None if stored is None else decode_record(record_key(sequence), stored)
+            return decode_finished_hold(key, value, as_of_sequence, reserve_record)
 
     def batch_first_sequence(self) -> int:
         with self.env.begin(db=self.meta_db) as txn:
@@ -299,8 +308,8 @@ class WriteAheadLog:
         prefix = event_prefix(user_number)
         first = after and prefix + after or event_key(user_number, start_ns, 0, 0)
         found: list[StoredEvent] = []
-        with self.env.begin(db=self.events_db, buffers=False) as txn:
-            cursor = txn.cursor()
+        with self.env.begin(buffers=False) as txn:
+            cursor = txn.cursor(db=self.events_db)
             if not cursor.set_range(first):
                 return found
             for key, value in cursor:
@@ -312,7 +321,14 @@ class WriteAheadLog:
                 now_ns, sequence, _ = event_tail(key)
                 if now_ns >= end_ns:
                     break
-                found.append(StoredEvent(now_ns, sequence, decode_event(value, app, user_id),
+
+                def record_command(sequence: int = sequence) -> Any:
+                    stored = txn.get(record_key(sequence), db=self.log_db)
+                    if stored is None:
+                        raise CorruptRecord(sequence, "an audit event's record is missing")
+                    return decode_record(record_key(sequence), stored).command
+                found.append(StoredEvent(now_ns, sequence,
+                                         decode_event(value, app, user_id, record_command),
                                          tail))
         return found
 
