@@ -94,10 +94,12 @@ def test_audit_events_read_back_with_the_app_and_user_their_key_names(kind, even
                              reservation_id or "rsv_" + "00" * 12, None, allowed):
         value = encode_event(event, command)
         assert decode_event(value, "default", user_id, lambda: command) == event
-        from_record = (type(command) in (c.Reserve, c.Track) and not threshold
-                       and (event_type, amount, metadata, reservation_id or "") == (
-                           command.event_type, command.amount, command.metadata,
-                           getattr(command, "reservation_id", "")))
+        kind = type(command)
+        from_record = not threshold and (reservation_id or "") == getattr(
+            command, "reservation_id", "") and (
+            kind in (c.Commit, c.Release, c.Extend) or kind in (c.Reserve, c.Track) and (
+                event_type, amount, metadata) == (command.event_type, command.amount,
+                                                  command.metadata))
         assert log_pb2.Event.FromString(value).from_record == from_record, command
 
 
@@ -149,3 +151,34 @@ def test_a_finished_hold_row_reads_back_whole_with_or_without_its_reserve_record
     if compact:
         with pytest.raises(CorruptRecord, match="Reserve record"):
             decode_finished_hold(raw, value, 9, lambda sequence: None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(allowed=st.booleans(), same_hold=st.booleans(), used=st.integers(0, 10**12),
+       held=st.integers(0, 10**12), denied_by=texts)
+def test_first_answers_read_back_as_they_were_given(allowed, same_hold, used, held, denied_by):
+    reserve = c.Reserve(app="default", user_id="u", event_type="openai.chat", amount=5,
+                        ttl_ns=30 * 10**9, idempotency_key="k",
+                        reservation_id="rsv_" + "cd" * 12)
+    counters = (c.CounterView(key="tokens", label="Tokens", unit="tokens", window=Window.MONTH,
+                              quota=10**12, used=used, held=held,
+                              remaining=max(0, 10**12 - used - held),
+                              window_start_ns=NOW_NS - 10**15, resets_at_ns=NOW_NS + 10**15),)
+    if allowed:
+        reservation_id = reserve.reservation_id if same_hold else "rsv_" + "ef" * 12
+        expires_at_ns = NOW_NS + reserve.ttl_ns + (0 if same_hold else 1)
+        denied_by = ""
+    else:
+        reservation_id, expires_at_ns = "", 0
+    answers = [
+        (reserve, c.ReserveResult(allowed=allowed, reservation_id=reservation_id,
+                                  expires_at_ns=expires_at_ns, counters=counters,
+                                  denied_by=denied_by)),
+        (c.Commit(app="default", reservation_id=reserve.reservation_id, idempotency_key="k"),
+         c.CommitResult(counters=counters, committed=5, returned=0, expired=not allowed)),
+        (c.Track(app="default", user_id="u", event_type="e", amount=-3, idempotency_key="k"),
+         c.TrackResult(allowed=allowed, counters=counters, denied_by=denied_by)),
+    ]
+    for command, answer in answers:
+        record = c.Record(3, NOW_NS, command, (), (), answer)
+        assert decode_record(record_key(3), encode_record(record)).answer == answer

@@ -101,7 +101,7 @@ def encode_record(record: Record) -> bytes:
     _ENCODERS[type(record.command)](message, record.command)
     message.event_users.extend(record.event_users)
     if record.answer is not None:
-        _encode_answer(message.answer, record.answer)
+        _encode_answer(message.answer, record.answer, record)
     body = message.SerializeToString()
     time_bytes = record.now_ns.to_bytes(8, "big")
     checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(_KEY.pack(record.sequence))))
@@ -126,7 +126,7 @@ def decode_record(key: bytes, value: bytes) -> Record:
     sequence, now_ns, message = _checked_message(key, value)
     try:
         command = _DECODERS[message.WhichOneof("command")](message)
-        answer = (_ANSWER_DECODERS[type(command)](message.answer)
+        answer = (_ANSWER_DECODERS[type(command)](message.answer, command, now_ns)
                   if message.HasField("answer") else None)
     except Exception as error:
         raise CorruptRecord(sequence, f"unreadable command: {error!r}") from error
@@ -375,7 +375,9 @@ _DECODERS: dict[str, Callable[[Any], Command]] = {
 # --- first answers (of commands with an idempotency key) ---------------------------------
 
 
-def _encode_answer(message: Any, result: Any) -> None:
+def _encode_answer(message: Any, result: Any, record: Record) -> None:
+    """An allowed Reserve's reservation id and expiry are its command's id and its time plus
+    its TTL: left out (from_record), the decoder takes them from there."""
     message.SetInParent()
     for view in getattr(result, "counters", ()):
         counter = message.counters.add()
@@ -388,8 +390,13 @@ def _encode_answer(message: Any, result: Any) -> None:
     kind = type(result)
     if kind is ReserveResult:
         message.allowed, message.denied_by = result.allowed, result.denied_by
-        message.expires_at_ns = result.expires_at_ns
-        message.reservation_id = result.reservation_id
+        command = record.command
+        if result.allowed and (result.reservation_id, result.expires_at_ns) == (
+                command.reservation_id, record.now_ns + command.ttl_ns):
+            message.from_record = True
+        else:
+            message.expires_at_ns = result.expires_at_ns
+            message.reservation_id = result.reservation_id
     elif kind is TrackResult:
         message.allowed, message.denied_by = result.allowed, result.denied_by
     elif kind is CommitResult:
@@ -411,16 +418,24 @@ def _counters(message: Any) -> tuple[CounterView, ...]:
         for c in message.counters)
 
 
-_ANSWER_DECODERS: dict[type, Callable[[Any], Any]] = {
-    Reserve: lambda m: ReserveResult(
-        allowed=m.allowed, reservation_id=m.reservation_id, expires_at_ns=m.expires_at_ns,
-        counters=_counters(m), denied_by=m.denied_by),
-    Commit: lambda m: CommitResult(counters=_counters(m), committed=m.committed,
-                                   returned=m.returned, expired=m.expired),
-    Release: lambda m: ReleaseResult(counters=_counters(m)),
-    Extend: lambda m: ExtendResult(expires_at_ns=m.expires_at_ns),
-    Track: lambda m: TrackResult(allowed=m.allowed, counters=_counters(m),
-                                 denied_by=m.denied_by),
+def _reserve_answer(m: Any, command: Reserve, now_ns: int) -> ReserveResult:
+    if m.from_record:
+        reservation_id, expires_at_ns = command.reservation_id, now_ns + command.ttl_ns
+    else:
+        reservation_id, expires_at_ns = m.reservation_id, m.expires_at_ns
+    return ReserveResult(allowed=m.allowed, reservation_id=reservation_id,
+                         expires_at_ns=expires_at_ns, counters=_counters(m),
+                         denied_by=m.denied_by)
+
+
+_ANSWER_DECODERS: dict[type, Callable[[Any, Any, int], Any]] = {
+    Reserve: _reserve_answer,
+    Commit: lambda m, command, now_ns: CommitResult(
+        counters=_counters(m), committed=m.committed, returned=m.returned, expired=m.expired),
+    Release: lambda m, command, now_ns: ReleaseResult(counters=_counters(m)),
+    Extend: lambda m, command, now_ns: ExtendResult(expires_at_ns=m.expires_at_ns),
+    Track: lambda m, command, now_ns: TrackResult(allowed=m.allowed, counters=_counters(m),
+                                                  denied_by=m.denied_by),
 }
 
 
@@ -500,17 +515,20 @@ _KIND_NUMBERS = {kind: number for number, kind in enumerate(AUDIT_KINDS)}
 
 def encode_event(event: AuditEvent, command: Command) -> bytes:
     """An event as the index stores it: without its app and user, which its key names, nor
-    what the record's own Reserve or Track command says (the index reads that from it)."""
+    what its record's own command says (the index reads that from the record): the
+    reservation id of a Reserve, Commit, Release or Extend, and the event type, amount and
+    metadata of a Reserve or Track."""
     message = pb.Event()
     message.kind = _KIND_NUMBERS[event.kind]
-    if _from_command(event, command):
+    from_record = _from_command(event, command)
+    if from_record:
         message.from_record = True
-    else:
+    if not (from_record and type(command) in _SOURCE_COMMANDS):
         message.event_type = event.event_type
         message.amount = event.amount
         _set_metadata(message.metadata, event.metadata)
-        if event.reservation_id:
-            message.reservation_id = reservation_bytes(event.reservation_id)
+    if event.reservation_id and not from_record:
+        message.reservation_id = reservation_bytes(event.reservation_id)
     message.denied = not event.allowed
     message.limit_group_key = event.limit_group_key
     message.threshold_percent = event.threshold_percent
@@ -518,34 +536,40 @@ def encode_event(event: AuditEvent, command: Command) -> bytes:
     return message.SerializeToString()
 
 
+_SOURCE_COMMANDS = (Reserve, Track)
+"""Commands whose event type, amount and metadata are their events'."""
+_HOLD_COMMANDS = (Reserve, Commit, Release, Extend)
+"""Commands naming the hold their events are about."""
+
+
 def _from_command(event: AuditEvent, command: Command) -> bool:
-    kind = type(command)
-    if kind is Reserve:
-        reservation_id = command.reservation_id
-    elif kind is Track:
-        reservation_id = ""
-    else:
+    if event.kind == "threshold":
         return False
-    return (event.kind != "threshold" and event.event_type == command.event_type
-            and event.amount == command.amount and event.metadata == command.metadata
-            and event.reservation_id == reservation_id)
+    kind = type(command)
+    if kind not in _SOURCE_COMMANDS and kind not in _HOLD_COMMANDS:
+        return False
+    if event.reservation_id != getattr(command, "reservation_id", ""):
+        return False
+    return kind not in _SOURCE_COMMANDS or (
+        event.event_type == command.event_type and event.amount == command.amount
+        and event.metadata == command.metadata)
 
 
 def decode_event(value: bytes, app: str, user_id: str,
                  record_command: Callable[[], Command]) -> AuditEvent:
     """record_command(): the event's record's command, read only for an event that needs it."""
     message = pb.Event.FromString(value)
+    event_type, amount = message.event_type, message.amount
+    metadata = _metadata(message.metadata)
+    reservation_id = _reservation_id(message.reservation_id) if message.reservation_id else ""
     if message.from_record:
         command = record_command()
-        if type(command) not in (Reserve, Track):
-            raise ValueError(f"an audit event points at a {type(command).__name__} record")
-        event_type, amount, metadata = command.event_type, command.amount, command.metadata
+        kind = type(command)
+        if kind not in _SOURCE_COMMANDS and kind not in _HOLD_COMMANDS:
+            raise ValueError(f"an audit event points at a {kind.__name__} record")
         reservation_id = getattr(command, "reservation_id", "")
-    else:
-        event_type, amount, metadata = message.event_type, message.amount, _metadata(
-            message.metadata)
-        reservation_id = (_reservation_id(message.reservation_id) if message.reservation_id
-                          else "")
+        if kind in _SOURCE_COMMANDS:
+            event_type, amount, metadata = command.event_type, command.amount, command.metadata
     return AuditEvent(
         kind=AUDIT_KINDS[message.kind], app=app, user_id=user_id, event_type=event_type,
         amount=amount, metadata=metadata, reservation_id=reservation_id,
