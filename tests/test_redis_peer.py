@@ -235,9 +235,11 @@ def test_an_expired_hold_not_yet_reclaimed_is_still_settled_by_its_commit(peer: 
 
 def test_a_call_reclaims_at_most_100_expired_holds(peer: Peer):
     user = peer.new_user()
+    ttl_ms = 1000  # long enough that no hold expires while the 150 are made on a busy machine
     for _ in range(150):
-        assert peer.reserve(user, 1, "tokens", ttl_ms=SHORT_TTL_MS).ok
-    time.sleep(SHORT_TTL_MS / 1000 * 2.5)
+        assert peer.reserve(user, 1, "tokens", ttl_ms=ttl_ms).ok
+    assert peer.holds(user) == 150
+    time.sleep(ttl_ms / 1000 * 1.5)
     peer.release(f"{user}/0")
     assert peer.holds(user) == 50 and peer.state(user)["tokens"]["held"] == 50
     peer.release(f"{user}/0")
