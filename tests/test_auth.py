@@ -192,7 +192,7 @@ SK_OTHER_APP = {
     "Reserve": NO_PLAN, "Commit": DENIED, "Release": DENIED, "Extend": DENIED,
     "Track": NO_PLAN, "GetUsage": NO_PLAN, "WatchUsage": NO_PLAN, "Batch": OK, "UpsertPlan": OK, "GetPlan": NOT_FOUND,
     "ListPlans": OK, "DeletePlan": NOT_FOUND, "UpsertSubscription": NOT_FOUND,
-    "GetSubscription": NOT_FOUND, "ListEvents": OK, "GetStateDigest": OK, "CreateKey": DENIED,
+    "GetSubscription": NOT_FOUND, "ListEvents": OK, "GetStateDigest": DENIED, "CreateKey": DENIED,
     "RevokeKey": DENIED, "ListKeys": DENIED, "MintUserToken": OK,
 }
 PK_USAGE_READ = {"pk own user token": OK, "pk other user's token": DENIED,
@@ -204,9 +204,9 @@ def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
     if caller in ("no key", "invalid key", "revoked key"):
         return UNAUTHENTICATED
     if caller == "admin":
-        return OK if rpc in ("CreateKey", "RevokeKey", "ListKeys") else DENIED
+        return OK if rpc in ("CreateKey", "RevokeKey", "ListKeys", "GetStateDigest") else DENIED
     if caller == "sk own app":
-        return OK
+        return DENIED if rpc == "GetStateDigest" else OK  # the digest covers every app
     if caller == "sk other app":
         return SK_OTHER_APP[rpc]
     return PK_USAGE_READ[caller] if rpc in ("GetUsage", "WatchUsage") else DENIED
@@ -227,6 +227,19 @@ def test_a_refused_call_of_another_app_changes_nothing(keyed: Keyed) -> None:
         assert keyed.call(rpc, request, bearer(keyed.keys["sk_b"]))[0] == DENIED
     committed = keyed.ok("Commit", pb.CommitRequest(reservation_id=reservation_id), "sk_a")
     assert committed.committed == 1 and not committed.expired  # still live, untouched
+
+
+def test_the_state_digest_covers_every_app_so_only_the_admin_key_reads_it(keyed: Keyed) -> None:
+    """Two apps' sk_ keys would get the same digest and sequence: each would see the whole
+    server's activity. The admin key's digest moves with either app's change; theirs is refused."""
+    before = keyed.ok("GetStateDigest", pb.GetStateDigestRequest(), "admin")
+    for key in ("sk_a", "sk_b", "pk_a"):
+        code, error = keyed.call("GetStateDigest", pb.GetStateDigestRequest(),
+                                 bearer(keyed.keys[key]))
+        assert code == DENIED and "admin key" in error.details(), key
+    keyed.ok("Track", pb.TrackRequest(user_id="ann", event_type="chat", amount=1), "sk_a")
+    after = keyed.ok("GetStateDigest", pb.GetStateDigestRequest(), "admin")
+    assert after.sequence > before.sequence and after.digest != before.digest
 
 
 def test_malformed_credentials_are_unauthenticated(keyed: Keyed) -> None:

@@ -4,8 +4,9 @@ Two modes. Without an admin key ("open" mode) every call acts as app "default" a
 listens only on loopback. With one, every call carries `authorization: Bearer <key>`:
 
 - the admin key (configured, never stored) may create, list and revoke keys of any app, and
-  nothing else;
-- a secret key `sk_<key_id>_<secret>` may do everything within its own app;
+  read the whole server's state digest (GetStateDigest, which covers every app), nothing else;
+- a secret key `sk_<key_id>_<secret>` may do everything within its own app (GetStateDigest,
+  which would show other apps' activity, is not within an app);
 - a public key `pk_<key_id>_<secret>` may only read usage (GetUsage, WatchUsage) of the user
   named by a user token of its app, sent as `x-quotad-user-token`.
 
@@ -53,7 +54,9 @@ _KEY_PATTERN = re.compile(rf"(sk|pk)_({KEY_ID_PATTERN})_({KEY_SECRET_PATTERN})")
 _KINDS_BY_PREFIX = {prefix: kind for kind, prefix in KEY_PREFIXES.items()}
 
 KEY_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "MintUserToken"})
-ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys"})
+ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "GetStateDigest"})
+SERVER_RPCS = frozenset({"GetStateDigest"})
+"""RPCs about the whole server, every app at once: the admin key's alone when keys are on."""
 PUBLIC_RPCS = frozenset({"GetUsage", "WatchUsage"})
 """RPCs a pk key may call, each for the user its user token names."""
 
@@ -155,9 +158,13 @@ class Authenticator:
             return
         if principal.kind == ADMIN:
             if rpc not in ADMIN_RPCS:
-                raise PermissionDenied(f"the admin key may only create, list and revoke keys, "
-                                       f"not call {rpc}; use an sk_ key of the app")
+                raise PermissionDenied(f"the admin key may only create, list and revoke keys "
+                                       f"and read the state digest, not call {rpc}; use an "
+                                       "sk_ key of the app")
             return
+        if rpc in SERVER_RPCS:
+            raise PermissionDenied(f"{rpc} covers every app's state: only the admin key may "
+                                   "call it")
         if principal.kind == PUBLIC and rpc not in PUBLIC_RPCS:
             raise PermissionDenied(f"a pk_ key may only read usage, not call {rpc}")
 
