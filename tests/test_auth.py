@@ -263,6 +263,71 @@ def test_a_token_naming_another_app_than_its_signing_key_is_refused(keyed: Keyed
         UNAUTHENTICATED)
 
 
+# --- a watch lasts only as long as its credentials ---------------------------------------------
+
+WATCH_END_S_MAX = 1.0
+"""A watch whose key is revoked, or whose token expires, ends within this long."""
+
+
+def open_watch(env: Keyed, metadata: Any, user_id: str = "ann") -> Any:
+    """A WatchUsage stream past its first (initial) message."""
+    stream = quotad_pb2_grpc.QuotaServiceStub(env.channel).WatchUsage(
+        pb.WatchUsageRequest(user_id=user_id), metadata=tuple(metadata), timeout=CALL_TIMEOUT_S)
+    assert next(stream).reason == pb.WATCH_REASON_INITIAL
+    return stream
+
+
+def ended_with(stream: Any) -> tuple[grpc.StatusCode, str, float]:
+    """How the stream ended (code, details, time.time()), reading past any updates; the
+    call's own timeout bounds the wait."""
+    try:
+        for _ in stream:
+            pass
+    except grpc.RpcError as error:
+        return error.code(), error.details(), time.time()
+    raise AssertionError("the stream ended without a status")
+
+
+@pytest.mark.parametrize("kind", ["pk", "sk"])
+def test_a_watch_ends_unauthenticated_within_1_s_of_its_key_being_revoked(
+        keyed: Keyed, kind: str) -> None:
+    created = keyed.create_key(APP_A, pb.KEY_KIND_PUBLIC if kind == "pk" else pb.KEY_KIND_SECRET)
+    token = sign_user_token(keyed.keys["sk_a"], APP_A, "ann", int(time.time()) + 600)
+    metadata = bearer(created.secret) + ((("x-quotad-user-token", token),)
+                                         if kind == "pk" else ())
+    doomed = open_watch(keyed, metadata)
+    bystander = open_watch(keyed, bearer(keyed.keys["sk_a"]))
+    keyed.ok("RevokeKey", pb.RevokeKeyRequest(key_id=created.key.key_id), "admin")
+    revoked_at_s = time.time()
+    code, details, ended_at_s = ended_with(doomed)
+    assert code == UNAUTHENTICATED and "revoked" in details, details
+    assert ended_at_s - revoked_at_s <= WATCH_END_S_MAX
+    keyed.ok("Track", pb.TrackRequest(user_id="ann", event_type="chat", amount=1), "sk_a")
+    assert next(bystander).reason == pb.WATCH_REASON_CHANGE  # a watch on other keys goes on
+    bystander.cancel()
+
+
+def test_a_watch_ends_when_the_sk_key_that_signed_its_user_token_is_revoked(
+        keyed: Keyed) -> None:
+    signer = keyed.create_key(APP_A, pb.KEY_KIND_SECRET)
+    token = sign_user_token(signer.secret, APP_A, "ann", int(time.time()) + 600)
+    stream = open_watch(keyed, bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", token),))
+    keyed.ok("RevokeKey", pb.RevokeKeyRequest(key_id=signer.key.key_id), "admin")
+    revoked_at_s = time.time()
+    code, details, ended_at_s = ended_with(stream)
+    assert code == UNAUTHENTICATED and "signing key" in details, details
+    assert ended_at_s - revoked_at_s <= WATCH_END_S_MAX
+
+
+def test_a_watch_ends_unauthenticated_at_its_user_tokens_expiry(keyed: Keyed) -> None:
+    expires_at_s = int(time.time()) + 3
+    token = sign_user_token(keyed.keys["sk_a"], APP_A, "ann", expires_at_s)
+    stream = open_watch(keyed, bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", token),))
+    code, details, ended_at_s = ended_with(stream)
+    assert code == UNAUTHENTICATED and "expired" in details, details
+    assert expires_at_s <= ended_at_s <= expires_at_s + WATCH_END_S_MAX
+
+
 # --- keys and tokens through the client library -------------------------------------------------
 
 def test_keys_are_shown_once_listed_without_secrets_and_revoked_at_once(keyed: Keyed) -> None:

@@ -75,6 +75,40 @@ ADMIN_PRINCIPAL = Principal(app="", kind=ADMIN)
 
 
 @dataclass(frozen=True, slots=True)
+class UserToken:
+    """A user token that verified: whose it is, the sk key that signed it, when it expires."""
+
+    app: str
+    user_id: str
+    key_id: str
+    expires_at_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGrant:
+    """A usage read let in, and what its right rests on, so that a read that lasts (a watch)
+    ends when that right does: when a key named here is revoked, or at expires_at_s."""
+
+    principal: Principal
+    token: UserToken | None = None
+    """The user token a pk key came with (None for any other caller)."""
+
+    @property
+    def app(self) -> str:
+        return self.principal.app
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """The keys whose revocation ends the right: the caller's, and its token's signer."""
+        ids = {self.principal.key_id, self.token.key_id if self.token else ""}
+        return frozenset(ids - {""})
+
+    @property
+    def expires_at_s(self) -> int | None:
+        return None if self.token is None else self.token.expires_at_s
+
+
+@dataclass(frozen=True, slots=True)
 class NewKey:
     """A key just made: the whole key (shown once) and what is stored of it."""
 
@@ -169,20 +203,22 @@ class Authenticator:
             raise PermissionDenied(f"a pk_ key may only read usage, not call {rpc}")
 
     def authorize_usage_read(self, principal: Principal,
-                             metadata: Iterable[Any] | Mapping[str, str], user_id: str) -> None:
+                             metadata: Iterable[Any] | Mapping[str, str],
+                             user_id: str) -> UsageGrant:
         """May this caller read this user's usage (GetUsage, WatchUsage, HTTP)? A pk key needs
         a valid user token of its app naming exactly this user."""
         self.authorize(principal, "GetUsage")
         if principal.kind != PUBLIC:
-            return
-        app, token_user = self.verify_user_token(header(metadata, USER_TOKEN_HEADER))
-        if app != principal.app:
+            return UsageGrant(principal)
+        token = self.verify_user_token(header(metadata, USER_TOKEN_HEADER))
+        if token.app != principal.app:
             raise PermissionDenied("the user token belongs to another app")
-        if token_user != user_id:
+        if token.user_id != user_id:
             raise PermissionDenied("the user token names another user")
+        return UsageGrant(principal, token)
 
-    def verify_user_token(self, token: str | None) -> tuple[str, str]:
-        """(app, user_id) of a valid user token, or Unauthenticated."""
+    def verify_user_token(self, token: str | None) -> UserToken:
+        """The user token, once it verifies; else Unauthenticated."""
         if not token:
             raise Unauthenticated(f"a pk_ key needs a user token in '{USER_TOKEN_HEADER}'")
         if len(token) > limits.USER_TOKEN_BYTES_MAX:
@@ -213,7 +249,7 @@ class Authenticator:
             raise Unauthenticated("malformed user token")
         if expires_at_s <= self._now_s():
             raise Unauthenticated("the user token has expired")
-        return app, user_id
+        return UserToken(app=app, user_id=user_id, key_id=key_id, expires_at_s=expires_at_s)
 
     def mint_user_token(self, principal: Principal, request: MintUserToken) -> tuple[str, int]:
         """(token, expires_at_s) for a user of the caller's app, signed with the caller's sk

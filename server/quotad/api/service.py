@@ -345,19 +345,20 @@ def _mint_user_token_handler(gate: Gate, admission: Admission) -> _Handler:
     return _answering(gate, admission, "MintUserToken", answer)
 
 
-def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> str:
-    """The app a usage read (GetUsage, WatchUsage, the HTTP endpoint) reads from, once its
-    caller may read this user's usage: a pk_ key needs a user token naming the user. With
-    user_id None (a request that did not parse) only the caller is checked."""
+def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> auth.UsageGrant:
+    """What a usage read (GetUsage, WatchUsage, the HTTP endpoint) rests on, once its caller
+    may read this user's usage: a pk_ key needs a user token naming the user. The grant's app
+    is the one it reads from. With user_id None (a request that did not parse) only the caller
+    is checked."""
     call = open_call(gate, metadata, rpc)
-    if user_id is not None:
-        assert gate.auth is not None
-        gate.auth.authorize_usage_read(call.principal, metadata, user_id)
-    return call.principal.app
+    if user_id is None:
+        return auth.UsageGrant(call.principal)
+    assert gate.auth is not None
+    return gate.auth.authorize_usage_read(call.principal, metadata, user_id)
 
 
-def _watch_caller(gate: Gate) -> Callable[[Any, Any], str]:
-    def caller(metadata: Any, request: Any) -> str:
+def _watch_caller(gate: Gate) -> Callable[[Any, Any], auth.UsageGrant]:
+    def caller(metadata: Any, request: Any) -> auth.UsageGrant:
         user_id = request.user_id if isinstance(request, pb.WatchUsageRequest) else None
         return usage_reader(gate, metadata, "WatchUsage", user_id)
     return caller
@@ -369,7 +370,7 @@ def http_usage_authorizer(gate: Gate) -> Callable[[str | None, str | None, str],
         metadata = {name: value for name, value in ((auth.AUTHORIZATION_HEADER, authorization),
                                                     (auth.USER_TOKEN_HEADER, user_token))
                     if value is not None}
-        return usage_reader(gate, metadata, "GetUsage", user_id)
+        return usage_reader(gate, metadata, "GetUsage", user_id).app
     return authorize
 
 
