@@ -269,12 +269,64 @@ WATCH_END_S_MAX = 1.0
 """A watch whose key is revoked, or whose token expires, ends within this long."""
 
 
-def open_watch(env: Keyed, metadata: Any, user_id: str = "ann") -> Any:
+def open_watch(env: Keyed, metadata: Any, user_id: str = "ann",
+               timeout_s: float = CALL_TIMEOUT_S) -> Any:
     """A WatchUsage stream past its first (initial) message."""
     stream = quotad_pb2_grpc.QuotaServiceStub(env.channel).WatchUsage(
-        pb.WatchUsageRequest(user_id=user_id), metadata=tuple(metadata), timeout=CALL_TIMEOUT_S)
+        pb.WatchUsageRequest(user_id=user_id), metadata=tuple(metadata), timeout=timeout_s)
     assert next(stream).reason == pb.WATCH_REASON_INITIAL
     return stream
+
+
+def refused_watch(env: Keyed, metadata: Any, user_id: str) -> tuple[str, dict[str, str]]:
+    """The ErrorInfo reason and metadata of a watch refused RESOURCE_EXHAUSTED."""
+    stream = quotad_pb2_grpc.QuotaServiceStub(env.channel).WatchUsage(
+        pb.WatchUsageRequest(user_id=user_id), metadata=tuple(metadata), timeout=CALL_TIMEOUT_S)
+    with pytest.raises(grpc.RpcError) as refusal:
+        next(stream)
+    assert refusal.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.value
+    info = error_details_pb2.ErrorInfo()
+    [detail] = rpc_status.from_call(refusal.value).details
+    detail.Unpack(info)
+    return info.reason, dict(info.metadata)
+
+
+WATCH_CAP_TEST_TIMEOUT_S = 120.0
+"""The cap test holds its watches open this long at most (it opens over a hundred)."""
+
+
+def test_one_browser_key_cannot_take_every_watch_and_the_refusal_names_the_cap(
+        keyed: Keyed) -> None:
+    """One end user with a valid token on a browser-shipped pk_ key opened 1,024 watches, and
+    every other app was refused. Now a user gets WATCHERS_PER_USER_MAX, a key
+    WATCHERS_PER_KEY_MAX; the app's other keys and other apps keep watching."""
+    browser = keyed.create_key(APP_A, pb.KEY_KIND_PUBLIC).secret
+    users = [f"watcher-{index}" for index in range(
+        limits.WATCHERS_PER_KEY_MAX // limits.WATCHERS_PER_USER_MAX + 1)]
+    keyed.ok("UpsertPlan", pb.UpsertPlanRequest(plan=PLAN_A), "sk_b")
+    for user in users:
+        for key in ("sk_a", "sk_b"):
+            keyed.ok("UpsertSubscription", pb.UpsertSubscriptionRequest(
+                user_id=user, plan_id="plan-a"), key)
+
+    def as_user(user: str) -> tuple[tuple[str, str], ...]:
+        token = sign_user_token(keyed.keys["sk_a"], APP_A, user, int(time.time()) + 600)
+        return bearer(browser) + (("x-quotad-user-token", token),)
+
+    streams = []
+    try:
+        for user in users[:-1]:
+            for _ in range(limits.WATCHERS_PER_USER_MAX):
+                streams.append(open_watch(keyed, as_user(user), user, WATCH_CAP_TEST_TIMEOUT_S))
+            assert refused_watch(keyed, as_user(user), user) == ("TOO_MANY_WATCHERS", {
+                "limit": "WATCHERS_PER_USER_MAX", "max": str(limits.WATCHERS_PER_USER_MAX)})
+        assert refused_watch(keyed, as_user(users[-1]), users[-1]) == ("TOO_MANY_WATCHERS", {
+            "limit": "WATCHERS_PER_KEY_MAX", "max": str(limits.WATCHERS_PER_KEY_MAX)})
+        for key in ("sk_a", "sk_b"):  # the app's backend, and another app
+            streams.append(open_watch(keyed, bearer(keyed.keys[key]), users[-1]))
+    finally:
+        for stream in streams:
+            stream.cancel()
 
 
 def ended_with(stream: Any) -> tuple[grpc.StatusCode, str, float]:

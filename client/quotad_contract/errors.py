@@ -44,7 +44,8 @@ class ErrorReason(enum.StrEnum):
     TOO_MANY_KEYS = "TOO_MANY_KEYS"
     """The app has KEYS_PER_APP_MAX keys, revoked ones included."""
     TOO_MANY_WATCHERS = "TOO_MANY_WATCHERS"
-    """The server has WATCHERS_MAX usage watches."""
+    """A cap on usage watches was reached: the ErrorInfo metadata's "limit" names it
+    (WATCHERS_PER_USER_MAX, WATCHERS_PER_KEY_MAX, WATCHERS_PER_APP_MAX or WATCHERS_MAX)."""
     WATCH_QUEUE_FULL = "WATCH_QUEUE_FULL"
     """The watcher fell behind; it resumes from its last sequence."""
     OVERLOADED = "OVERLOADED"

@@ -68,7 +68,8 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
                 for v in error.violations
             ]))
         if error.reason is not None:
-            details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+            details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
+                                                       metadata=error.metadata))
         retry_delay_s = getattr(error, "retry_delay_s", None)
         if retry_delay_s is not None:
             retry_info = error_details_pb2.RetryInfo()

@@ -13,6 +13,10 @@ A watch lasts only as long as the right it was opened with: the writer's hook en
 UNAUTHENTICATED as soon as a revocation of its key, or of the sk key that signed its user
 token, is applied, and its stream ends it at the token's expiry (`exp`).
 
+No one takes more than a share of the watches: at most limits.WATCHERS_PER_USER_MAX per end
+user, WATCHERS_PER_KEY_MAX per key, WATCHERS_PER_APP_MAX per app and WATCHERS_MAX in all;
+one more is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS naming the cap in its ErrorInfo metadata.
+
 Nothing here makes the writer wait. A watcher's queue holds at most
 limits.WATCH_QUEUE_MESSAGES_MAX messages; past that the watch ends RESOURCE_EXHAUSTED
 (WATCH_QUEUE_FULL) and the client resumes with after_sequence. When the server drains or its
@@ -24,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -166,13 +170,22 @@ class WatchHub:
     """Every watcher of one server, fed by the writer's on_applied hook."""
 
     def __init__(self, open_writer: Callable[[], Writer], serving: Callable[[], bool],
-                 watchers_max: int = limits.WATCHERS_MAX) -> None:
+                 watchers_max: int = limits.WATCHERS_MAX,
+                 watchers_per_app_max: int = limits.WATCHERS_PER_APP_MAX,
+                 watchers_per_key_max: int = limits.WATCHERS_PER_KEY_MAX,
+                 watchers_per_user_max: int = limits.WATCHERS_PER_USER_MAX) -> None:
         self._open_writer = open_writer
         self._serving = serving
         self._watchers_max = watchers_max
+        self._watchers_per_app_max = watchers_per_app_max
+        self._watchers_per_key_max = watchers_per_key_max
+        self._watchers_per_user_max = watchers_per_user_max
         self._by_user: dict[tuple[str, str], list[Watcher]] = {}
         self._by_key: dict[str, list[Watcher]] = {}
         """Watchers by each key whose revocation ends them."""
+        self._per_app: Counter[str] = Counter()
+        self._per_key: Counter[str] = Counter()
+        """Watchers by the key that opened them (none counted without a key)."""
         self._count = 0
         self._writer: Writer | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -217,13 +230,34 @@ class WatchHub:
 
     # --- watchers come and go -------------------------------------------------------------
 
+    def _refuse_past_a_cap(self, watcher: Watcher) -> None:
+        """RESOURCE_EXHAUSTED TOO_MANY_WATCHERS naming the first cap one more watch would pass,
+        from the narrowest to the widest."""
+        app, user_id, key_id = watcher.app, watcher.user_id, watcher.key_id
+        caps = [
+            ("WATCHERS_PER_USER_MAX", self._watchers_per_user_max,
+             len(self._by_user.get((app, user_id), ())), f"user {user_id!r} of app {app!r}"),
+            ("WATCHERS_PER_KEY_MAX", self._watchers_per_key_max,
+             self._per_key[key_id] if key_id else 0, f"key {key_id}"),
+            ("WATCHERS_PER_APP_MAX", self._watchers_per_app_max, self._per_app[app],
+             f"app {app!r}"),
+            ("WATCHERS_MAX", self._watchers_max, self._count, "this server"),
+        ]
+        for name, most, count, whose in caps:
+            if count >= most:
+                raise ResourceExhausted(
+                    ErrorReason.TOO_MANY_WATCHERS,
+                    f"{whose} has {count} watches, the most allowed ({name})",
+                    metadata={"limit": name, "max": str(most)})
+
     def _add(self, writer: Writer, watcher: Watcher) -> None:
-        if self._count >= self._watchers_max:
-            raise ResourceExhausted(ErrorReason.TOO_MANY_WATCHERS,
-                                    f"this server has {self._count} watches, the most allowed")
+        self._refuse_past_a_cap(watcher)
         self._by_user.setdefault((watcher.app, watcher.user_id), []).append(watcher)
         for key_id in watcher.key_ids:
             self._by_key.setdefault(key_id, []).append(watcher)
+        self._per_app[watcher.app] += 1
+        if watcher.key_id:
+            self._per_key[watcher.key_id] += 1
         self._count += 1
         self._writer = writer
         writer.on_applied = self.on_applied
@@ -244,6 +278,9 @@ class WatchHub:
                 resting.remove(watcher)
                 if not resting:
                     del self._by_key[key_id]
+            _decrement(self._per_app, watcher.app)
+            if watcher.key_id:
+                _decrement(self._per_key, watcher.key_id)
         if not self._by_user and self._writer is not None:
             self._writer.on_applied = None  # nobody watches: the writer skips the hook
 
@@ -302,6 +339,14 @@ class WatchHub:
                 await _wait(watcher.wake, watcher.wake_at_ns())
         finally:
             self._remove(watcher)
+
+
+def _decrement(counts: Counter[str], key: str) -> None:
+    """One fewer; a count that reaches 0 is dropped, so the counters hold only live keys."""
+    assert counts[key] > 0, key
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
 
 
 async def _wait(wake: asyncio.Event, until_ns: int | None) -> None:

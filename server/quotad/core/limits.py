@@ -39,7 +39,18 @@ WATCH_THRESHOLDS_PERCENT = (80, 100)
 event, each at most once per user, group and window; ascending. Quota 0 groups have none."""
 
 WATCHERS_MAX = 1024
-"""Concurrent WatchUsage streams per server; one more is RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)."""
+"""Concurrent WatchUsage streams per server; one more is RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS,
+its ErrorInfo metadata naming the cap it hit: {"limit": "WATCHERS_MAX", "max": "1024"}), as
+for each cap below. The caps are checked from the narrowest (the user) to the widest."""
+WATCHERS_PER_APP_MAX = 256
+"""Concurrent watches of one app: a quarter of the server, so that no app, however many
+keys it makes, keeps the others from watching."""
+WATCHERS_PER_KEY_MAX = 128
+"""Concurrent watches opened with one key: half of its app's, so that a pk_ key shipped to
+browsers cannot take the app's backend's share. Not counted without keys (the open mode)."""
+WATCHERS_PER_USER_MAX = 16
+"""Concurrent watches of one end user (app and user_id): a user's tabs and devices, and no
+more, so that one user with a valid token cannot take the share of its key's other users."""
 
 WATCH_QUEUE_MESSAGES_MAX = 1024
 """Messages a watcher may have waiting to be sent. A reader that falls this far behind gets
@@ -113,6 +124,9 @@ if not (0 < WATCH_THRESHOLDS_PERCENT[0]
         and all(low < high for low, high in zip(WATCH_THRESHOLDS_PERCENT,
                                                 WATCH_THRESHOLDS_PERCENT[1:]))):
     raise AssertionError("WATCH_THRESHOLDS_PERCENT are positive and ascending")
+if not 1 <= WATCHERS_PER_USER_MAX <= WATCHERS_PER_KEY_MAX <= WATCHERS_PER_APP_MAX < WATCHERS_MAX:
+    raise AssertionError("1 <= WATCHERS_PER_USER_MAX <= WATCHERS_PER_KEY_MAX "
+                         "<= WATCHERS_PER_APP_MAX < WATCHERS_MAX: no app fills the server")
 if not ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS <= ADMISSION_OPERATIONS_MAX:
     raise AssertionError("ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS "
                          "<= ADMISSION_OPERATIONS_MAX")
