@@ -172,13 +172,74 @@ def test_a_method_other_than_get_head_options_is_405_with_allow(server):
 
 def test_an_oversized_body_is_413_and_an_oversized_head_431_then_closed(server, client):
     body = b"x" * (limits.HTTP_REQUEST_BODY_BYTES_MAX + 1)
-    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\n"
+    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     assert answer.startswith(b"HTTP/1.1 413 ")
     head = b"X-Filler: " + b"y" * limits.HTTP_REQUEST_HEAD_BYTES_MAX + b"\r\n"
-    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\n" + head)
+    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head)
     assert answer.startswith(b"HTTP/1.1 431 ")
     assert client.usage("u1").user_id == "u1"  # the gRPC side is unharmed
+
+
+def head_of(head_bytes: int) -> bytes:
+    """A whole GET request whose head (request line, headers, blank line) is head_bytes long."""
+    start = b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    end = b"\r\n\r\n"
+    filler = head_bytes - len(start) - len(b"X-Filler: ") - len(end)
+    assert filler > 0
+    return start + b"X-Filler: " + b"y" * filler + end
+
+
+def test_the_head_limit_holds_when_the_whole_head_arrives_in_one_write(server):
+    """h11 bounds only a head still incomplete: 12,000 bytes sent at once were answered 200."""
+    answer = raw_exchange(server, head_of(12_000))
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/1.1 ") == 1
+    answer = raw_exchange(server, head_of(limits.HTTP_REQUEST_HEAD_BYTES_MAX))
+    assert answer.startswith(b"HTTP/1.1 200 ")  # at the limit
+    answer = raw_exchange(server, head_of(limits.HTTP_REQUEST_HEAD_BYTES_MAX + 1))
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_content_length_with_transfer_encoding_is_400_and_the_connection_closed(server):
+    """RFC 9112 section 6.3: such a request may be smuggling a second one past a proxy."""
+    smuggled = b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"0\r\n\r\n" + smuggled)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.count(b"HTTP/1.1 ") == 1  # closed: the request behind it is never answered
+    assert b"Content-Length and Transfer-Encoding" in answer
+
+
+LOOPBACK_HOSTS = ["localhost", "localhost:8081", "127.0.0.1", "127.0.0.1:9", "127.1.2.3:80",
+                  "[::1]", "[::1]:8081", "LOCALHOST:8081"]
+FOREIGN_HOSTS = ["rebind.attacker.example:8081", "rebind.attacker.example", "localhost.evil",
+                 "127.0.0.1.nip.io", "0.0.0.0", "[::2]", "::1", "[127.0.0.1]", "localhost:x",
+                 "10.0.0.1:8081", ""]
+
+
+def with_host(server: ServerProcess, host: str | None, headers: dict[str, str] | None = None,
+              ) -> tuple[int, dict]:
+    """GET the usage of u1 with this Host header (None: none, as HTTP/1.0 allows)."""
+    lines = [b"GET /v1/usage?user_id=u1 HTTP/1.0" if host is None else
+             b"GET /v1/usage?user_id=u1 HTTP/1.1", b"Connection: close"]
+    if host is not None:
+        lines.append(b"Host: " + host.encode())
+    lines += [f"{name}: {value}".encode() for name, value in (headers or {}).items()]
+    answer = raw_exchange(server, b"\r\n".join(lines) + b"\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_without_keys_only_a_loopback_host_is_answered_so_dns_rebinding_reads_nothing(server):
+    for host in LOOPBACK_HOSTS:
+        status, document = with_host(server, host)
+        assert (status, document.get("user_id")) == (200, "u1"), host
+    for host in [*FOREIGN_HOSTS, None]:
+        status, document = with_host(server, host)
+        assert status == 421 and "counters" not in document, host
+        assert document["error"]["code"] == "MISDIRECTED_REQUEST"
+        assert "loopback" in document["error"]["message"]
 
 
 def test_two_requests_share_one_keep_alive_connection(server):
@@ -231,7 +292,7 @@ def test_a_preflight_from_an_allowed_origin_is_204_and_from_another_403(server):
 def test_a_slow_client_is_cut_off_by_the_read_timeout_while_grpc_answers(server, client):
     host, _, port = server.http_address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S) as sock:
-        sock.sendall(b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\nX-Half: ")
+        sock.sendall(b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: ")
         assert client.usage("u1").user_id == "u1"  # while the HTTP request stalls
         answer = read_until_closed(sock)  # the server closes it; SOCKET_TIMEOUT_S bounds it
     assert answer.startswith(b"HTTP/1.1 408 ")
@@ -261,9 +322,9 @@ def test_connections_beyond_the_limit_get_503_and_grpc_keeps_answering(start_ser
         for _ in range(limits.HTTP_CONNECTIONS_MAX):
             held.append(socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S))
         # Connections are taken in order: once the last one is answered, all are counted.
-        held[-1].sendall(b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: q\r\n\r\n")
+        held[-1].sendall(b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert held[-1].recv(65536).startswith(b"HTTP/1.1 409 ")
-        answer = raw_exchange(server, b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: q\r\n\r\n")
+        answer = raw_exchange(server, b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503 ")
         assert b"too many HTTP connections" in answer
         with qc.QuotaClient(server.address, timeout_s=10) as client:
@@ -355,7 +416,7 @@ def _ask_in_process(authorize, target: str = "/v1/usage?user_id=u1",
         port = await api.start("127.0.0.1", 0)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"GET {target} HTTP/1.1\r\nHost: q\r\nConnection: close\r\n".encode()
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n".encode()
                          + headers + b"\r\n")
             answer = await asyncio.wait_for(reader.read(), SOCKET_TIMEOUT_S)
             writer.close()
@@ -441,8 +502,58 @@ def test_with_keys_on_a_pk_key_and_a_user_token_read_only_that_user(tmp_path: Pa
         status, _ = get_json(process, "/v1/usage?user_id=u1",
                              {"Authorization": f"Bearer {secret}"})
         assert status == 200  # the app's own sk_ key reads any of its users
+        for host in FOREIGN_HOSTS[:2]:  # with keys and no --http-allowed-host: any Host
+            status, _ = with_host(process, host, {"Authorization": f"Bearer {secret}"})
+            assert status == 200, host
     finally:
         process.close()
+
+
+def test_with_keys_http_allowed_host_answers_only_those_hosts(tmp_path: Path) -> None:
+    admin_key = "ak_" + "h" * 40
+    process = ServerProcess(tmp_path / "data", plans=None, env={"QUOTAD_ADMIN_KEY": admin_key},
+                            extra_args=("--http-listen", "127.0.0.1:0",
+                                        "--http-allowed-host", "quota.example.com",
+                                        "--http-allowed-host", "[2001:db8::1]:8443"))
+    try:
+        process.start()
+        with qc.QuotaClient(process.address, api_key=admin_key, timeout_s=10) as admin:
+            secret = admin.create_key("secret", app="acme").secret
+        with qc.QuotaClient(process.address, api_key=secret, timeout_s=10) as backend:
+            backend.upsert_plan(PLAN)
+            backend.subscribe("u1", "p")
+        as_backend = {"Authorization": f"Bearer {secret}"}
+        for host in ("quota.example.com", "quota.example.com:443", "Quota.Example.com:8081",
+                     "[2001:db8::1]:8443"):
+            assert with_host(process, host, as_backend)[0] == 200, host
+        for host in ("quota.example.com.evil", "[2001:db8::1]:8444", "[2001:db8::1]",
+                     "127.0.0.1", "localhost", None):
+            status, document = with_host(process, host, as_backend)
+            assert status == 421 and "--http-allowed-host" in document["error"]["message"], host
+    finally:
+        process.close()
+
+
+@pytest.mark.parametrize("hosts, admin_key", [
+    (("quota.example.com",), ""),  # without keys: loopback only, no list
+    (("Quota.example.com",), "k" * 32),
+    (("https://quota.example.com",), "k" * 32),
+    (("quota.example.com/",), "k" * 32),
+    (("quota.example.com:99999x",), "k" * 32),
+    (("a" * (limits.HTTP_ALLOWED_HOST_BYTES_MAX + 1),), "k" * 32),
+    (tuple(f"h{i}.example.com" for i in range(limits.HTTP_ALLOWED_HOSTS_MAX + 1)), "k" * 32),
+])
+def test_config_refuses_bad_allowed_hosts_and_any_without_keys(hosts, admin_key):
+    with pytest.raises(ValueError, match="--http-allowed-host"):
+        Config(data_dir=Path("unused"), admin_key=admin_key, http_allowed_hosts=hosts)
+
+
+def test_config_takes_allowed_hosts_at_their_limits():
+    many = tuple(f"h{i}.example.com" for i in range(limits.HTTP_ALLOWED_HOSTS_MAX))
+    longest = ("a" * 63 + ".") * 3 + "a" * 63 + ":65535"
+    assert len(longest) == limits.HTTP_ALLOWED_HOST_BYTES_MAX
+    for hosts in (many, (longest,), ("localhost:8081", "[::1]", "10.1.2.3")):
+        Config(data_dir=Path("unused"), admin_key="k" * 32, http_allowed_hosts=hosts)
 
 
 def test_with_tls_the_browser_endpoint_serves_https(tls_files: tuple[Path, Path],

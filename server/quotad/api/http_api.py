@@ -10,6 +10,17 @@ Authorization is one injected callable, `authorize(authorization_header, user_to
 user_id) -> app`, raising Unauthenticated (401) or PermissionDenied (403): the server passes
 service.http_usage_authorizer, GetUsage's own rule.
 
+Host: a web page on the machine can point a name it controls at 127.0.0.1 (DNS rebinding)
+and read the endpoint as if it were its own origin, CORS notwithstanding. So in the open mode
+(no API keys) a request is answered only when its Host is a loopback name or address
+(`localhost`, 127.0.0.0/8, `[::1]`, with any port); with keys, only when it is in
+`--http-allowed-host`, if that list is given. Any other Host: 421, nothing read.
+
+Framing: a request with both Content-Length and Transfer-Encoding (a request smuggling
+attempt through a proxy that reads the other one) is refused with 400 and the connection
+closed (RFC 9112 section 6.3), as is a head over limits.HTTP_REQUEST_HEAD_BYTES_MAX, however
+its bytes arrive (431).
+
 CORS: an Origin in the allow-list gets `Access-Control-Allow-Origin: <that origin>`; any
 other origin gets no CORS header (the browser then withholds the answer from the page) and
 its preflight is refused with 403. Never `*`.
@@ -19,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ipaddress
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -77,6 +90,63 @@ class _BodyTooLarge(Exception):
 
 class _Idle(Exception):
     """No request began within the keep-alive idle timeout."""
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _AmbiguousFraming(Exception):
+    """Both Content-Length and Transfer-Encoding: which one ends the body is a guess."""
+
+
+_HOST_NAME = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+_HOST_PATTERN = re.compile(rf"({_HOST_NAME}|\[[0-9a-f:.]+\])(?::([0-9]{{1,5}}))?")
+"""A Host: a DNS name or IPv4 address, or an IPv6 address in brackets; then maybe a port."""
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """(host, port) of a Host header value or an allowed host, lowercased; None if it is not
+    one."""
+    match = _HOST_PATTERN.fullmatch(value.strip().lower())
+    if match is None:
+        return None
+    host, port = match.groups()
+    return host, None if port is None else int(port)
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or [::1]: what a Host may name in the open mode."""
+    if host == "localhost":
+        return True
+    literal = host[1:-1] if host.startswith("[") else host
+    if host.startswith("[") != (":" in literal):  # an IPv6 address, and only one, in brackets
+        return False
+    try:
+        return ipaddress.ip_address(literal).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(value: str | None, allowed_hosts: tuple[str, ...], *,
+                 loopback_only: bool) -> bool:
+    """May a request with this Host header (None: none) be answered? Loopback only: a
+    loopback name or address. Else, with allowed hosts, one of them (an allowed host without
+    a port allows every port); else any."""
+    if not loopback_only and not allowed_hosts:
+        return True
+    parts = None if value is None else split_host(value)
+    if parts is None:
+        return False
+    host, port = parts
+    if loopback_only:
+        return is_loopback_host(host)
+    for allowed in allowed_hosts:
+        allowed_parts = split_host(allowed)
+        assert allowed_parts is not None, allowed  # the config checked each
+        if allowed_parts[0] == host and allowed_parts[1] in (None, port):
+            return True
+    return False
 
 
 def rfc3339(at_ns: int) -> str:
@@ -164,9 +234,15 @@ class HttpApi:
     def __init__(self, gate: Gate, *, authorize: Authorize,
                  cors_origins: tuple[str, ...] = (),
                  read_timeout_s: float = limits.HTTP_REQUEST_READ_TIMEOUT_S,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, loopback_hosts_only: bool = True,
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
+        """loopback_hosts_only: the open mode's rule for Host (see the module's doc);
+        allowed_hosts: with keys, the Hosts answered (empty: any)."""
+        assert not (loopback_hosts_only and allowed_hosts)
         self._gate = gate
         self._authorize = authorize
+        self._loopback_hosts_only = loopback_hosts_only
+        self._allowed_hosts = allowed_hosts
         self._cors_origins = frozenset(cors_origins)
         self._read_timeout_s = read_timeout_s
         self._metrics = metrics
@@ -272,6 +348,17 @@ class HttpApi:
                     f"a request body may hold at most {limits.HTTP_REQUEST_BODY_BYTES_MAX} "
                     "bytes"))
                 return
+            except _HeadTooLarge:
+                await self._send_refusal(connection, stream, error_answer(
+                    431, "RESOURCE_EXHAUSTED",
+                    f"a request line and headers may take at most "
+                    f"{limits.HTTP_REQUEST_HEAD_BYTES_MAX} bytes"))
+                return
+            except _AmbiguousFraming:
+                await self._send_refusal(connection, stream, error_answer(
+                    400, "INVALID_ARGUMENT",
+                    "a request may not carry both Content-Length and Transfer-Encoding"))
+                return
             if request is None:
                 return
             peer.busy = True
@@ -290,6 +377,9 @@ class HttpApi:
         deadline: float | None = None  # set when the request's first byte is here
         request: h11.Request | None = None
         body_bytes = 0
+        # The head's size, counted here: h11 bounds only a head still incomplete, so one
+        # that arrives whole in a few reads would pass its limit.
+        received_bytes = len(connection.trailing_data[0])  # pipelined after the last one
         while True:
             event = connection.next_event()
             if event is h11.NEED_DATA:
@@ -303,12 +393,19 @@ class HttpApi:
                 else:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK_BYTES),
                                                   max(0.0, deadline - loop.time()))
+                received_bytes += len(data)
                 connection.receive_data(data)  # b"": the peer closed
                 continue
             if deadline is None:
                 deadline = loop.time() + self._read_timeout_s
             if isinstance(event, h11.Request):
                 request = event
+                head_bytes = received_bytes - len(connection.trailing_data[0])
+                if head_bytes > limits.HTTP_REQUEST_HEAD_BYTES_MAX:
+                    raise _HeadTooLarge()
+                names = {name for name, _ in event.headers}
+                if b"content-length" in names and b"transfer-encoding" in names:
+                    raise _AmbiguousFraming()
                 if _declared_body_bytes(event.headers) > limits.HTTP_REQUEST_BODY_BYTES_MAX:
                     raise _BodyTooLarge()
             elif isinstance(event, h11.Data):
@@ -350,6 +447,16 @@ class HttpApi:
     async def _answer(self, request: h11.Request) -> Answer:
         target = request.target.decode("ascii", "replace")
         path, _, query = target.partition("?")
+        try:
+            host = _header(request.headers, b"host")
+        except InvalidArgument:
+            host = None  # two Host headers: none to trust
+        if not host_allowed(host, self._allowed_hosts,
+                            loopback_only=self._loopback_hosts_only):
+            rule = ("a loopback name or address (localhost, 127.0.0.1, [::1]): the server has "
+                    "no API keys" if self._loopback_hosts_only else "one of --http-allowed-host")
+            return error_answer(421, "MISDIRECTED_REQUEST",
+                                f"Host {host!r} is not served here; it must be {rule}")
         if path != USAGE_PATH:
             return error_answer(404, "NOT_FOUND", f"no such path {path!r}; try {USAGE_PATH}")
         method = request.method.decode("ascii", "replace")

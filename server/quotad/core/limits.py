@@ -113,6 +113,11 @@ HTTP_REQUEST_READ_TIMEOUT_S_MAX = 60.0
 HTTP_RESPONSE_WRITE_TIMEOUT_S = 10.0
 """A client that does not read its answer within this long is disconnected."""
 
+HTTP_ALLOWED_HOSTS_MAX = 64
+HTTP_ALLOWED_HOST_BYTES_MAX = 261
+"""`--http-allowed-host`: this many hosts at most, each a DNS name of at most 255 bytes and a
+port (":65535"), or less."""
+
 HTTP_CORS_ORIGINS_MAX = 64
 HTTP_CORS_ORIGIN_BYTES_MAX = 256
 HTTP_CORS_MAX_AGE_S = 600
