@@ -19,6 +19,7 @@ import pytest
 import quotad_client as qc
 from quotad.core import limits
 from quotad.core.errors import PermissionDenied, InvalidArgument, Unauthenticated
+from quotad.api.auth import OPEN_PRINCIPAL, UsageGrant
 from quotad.api.http_api import HttpApi, query_user_id
 from quotad.server import Config
 from quotad.api.gate import Gate
@@ -314,21 +315,76 @@ def test_http_answers_are_counted_by_status_in_the_metrics(server):
     assert counts['status="200"'] >= 1 and counts['status="409"'] >= 1
 
 
+def connect_from(server: ServerProcess, source: str) -> socket.socket:
+    """A connection to the endpoint from this loopback address (Linux answers all of
+    127.0.0.0/8), so that one test can be many peers."""
+    host, _, port = server.http_address.rpartition(":")
+    return socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S,
+                                    source_address=(source, 0))
+
+
+def ask(sock: socket.socket, headers: dict[str, str] | None = None,
+        user_id: str = "nobody") -> bytes:
+    """One keep-alive request on an open connection; the answer's head and body as they come
+    in one read (each answer here is small)."""
+    lines = [f"GET /v1/usage?user_id={user_id} HTTP/1.1", "Host: 127.0.0.1",
+             *(f"{name}: {value}" for name, value in (headers or {}).items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return sock.recv(65536)
+
+
+def refusal_of(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nconnection: close" in head.lower(), head
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
+
+
 def test_connections_beyond_the_limit_get_503_and_grpc_keeps_answering(start_server):
     server = start_server(extra_args=("--http-listen", "127.0.0.1:0"))
-    host, _, port = server.http_address.rpartition(":")
+    per_peer = limits.HTTP_CONNECTIONS_PER_PEER_MAX
+    sources = [f"127.0.0.{2 + index}" for index in range(limits.HTTP_CONNECTIONS_MAX // per_peer)]
     held: list[socket.socket] = []
     try:
-        for _ in range(limits.HTTP_CONNECTIONS_MAX):
-            held.append(socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S))
+        for source in sources:
+            held += [connect_from(server, source) for _ in range(per_peer)]
         # Connections are taken in order: once the last one is answered, all are counted.
-        held[-1].sendall(b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert held[-1].recv(65536).startswith(b"HTTP/1.1 409 ")
-        answer = raw_exchange(server, b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 503 ")
-        assert b"too many HTTP connections" in answer
+        assert ask(held[-1]).startswith(b"HTTP/1.1 409 ")
+        with connect_from(server, "127.0.0.99") as one_more:
+            status, error = refusal_of(read_until_closed(one_more))
+        assert (status, error["code"], error["metadata"]) == (503, "UNAVAILABLE", {
+            "limit": "HTTP_CONNECTIONS_MAX", "max": str(limits.HTTP_CONNECTIONS_MAX)})
+        assert "too many HTTP connections" in error["message"]
         with qc.QuotaClient(server.address, timeout_s=10) as client:
             assert client.list_plans()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_one_address_gets_at_most_its_share_of_connections_and_others_still_connect(
+        start_server):
+    """256 idle connections from one address took every connection for everyone."""
+    server = start_server(extra_args=("--http-listen", "127.0.0.1:0"))
+    held = [connect_from(server, "127.0.0.2")
+            for _ in range(limits.HTTP_CONNECTIONS_PER_PEER_MAX)]
+    try:
+        assert ask(held[-1]).startswith(b"HTTP/1.1 409 ")  # at the cap: answered
+        with connect_from(server, "127.0.0.2") as one_more:
+            status, error = refusal_of(read_until_closed(one_more))
+        assert (status, error["code"], error["reason"], error["metadata"]) == (
+            429, "RESOURCE_EXHAUSTED", "TOO_MANY_CONNECTIONS",
+            {"limit": "HTTP_CONNECTIONS_PER_PEER_MAX",
+             "max": str(limits.HTTP_CONNECTIONS_PER_PEER_MAX)})
+        with connect_from(server, "127.0.0.3") as elsewhere:
+            assert ask(elsewhere).startswith(b"HTTP/1.1 409 ")
+        held.pop().close()  # one closes: its place is free again, once the server sees it
+        deadline = time.monotonic() + SOCKET_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with connect_from(server, "127.0.0.2") as again:
+                if ask(again).startswith(b"HTTP/1.1 409 "):
+                    break
+        else:
+            raise AssertionError("the closed connection's place never came back")
     finally:
         for sock in held:
             sock.close()
@@ -447,7 +503,8 @@ def test_authorize_refusals_are_401_and_403_with_the_error_json(error, status, c
 
 
 def test_an_authorized_read_before_serving_is_503_and_a_bad_user_id_never_reaches_authorize():
-    answer, calls = _ask_in_process(lambda authorization, user_token, user_id: "default")
+    answer, calls = _ask_in_process(
+        lambda authorization, user_token, user_id: UsageGrant(OPEN_PRINCIPAL))
     assert answer.startswith(b"HTTP/1.1 503 ") and calls == [(None, None, "u1")]
     answer, calls = _ask_in_process(_refuse(AssertionError("not called")),
                                     target="/v1/usage?user_id=")
@@ -506,6 +563,52 @@ def test_with_keys_on_a_pk_key_and_a_user_token_read_only_that_user(tmp_path: Pa
             status, _ = with_host(process, host, {"Authorization": f"Bearer {secret}"})
             assert status == 200, host
     finally:
+        process.close()
+
+
+def test_a_key_and_an_app_get_at_most_their_share_of_connections_naming_the_cap(
+        tmp_path: Path) -> None:
+    """A connection belongs to the key and app of its last authorized request: one more than
+    a key's or an app's cap is 429 TOO_MANY_CONNECTIONS naming it, and closed; the app's
+    other keys, and other apps, still connect."""
+    admin_key = "ak_" + "h" * 40
+    process = ServerProcess(tmp_path / "data", plans=None, env={"QUOTAD_ADMIN_KEY": admin_key},
+                            extra_args=("--http-listen", "127.0.0.1:0"))
+    held: list[socket.socket] = []
+    try:
+        process.start()
+        keys = {}
+        with qc.QuotaClient(process.address, api_key=admin_key, timeout_s=10) as admin:
+            for name, app in (("a1", "acme"), ("a2", "acme"), ("a3", "acme"), ("b", "other")):
+                keys[name] = {"Authorization": "Bearer " + admin.create_key(
+                    "secret", app=app).secret}
+        per_key = limits.HTTP_CONNECTIONS_PER_KEY_MAX
+        assert limits.HTTP_CONNECTIONS_PER_APP_MAX == 2 * per_key  # two keys fill the app
+        sources = iter(f"127.0.0.{index}" for index in range(2, 250))
+        for key in ("a1", "a2"):
+            source = next(sources)  # one address per key: its cap is per_key too
+            for _ in range(per_key):
+                held.append(connect_from(process, source))
+                assert ask(held[-1], keys[key]).startswith(b"HTTP/1.1 409 "), key
+            with connect_from(process, next(sources)) as one_more:
+                status, error = refusal_of(ask(one_more, keys[key]) + read_until_closed(
+                    one_more))
+            assert (status, error["reason"], error["metadata"]) == (
+                429, "TOO_MANY_CONNECTIONS", {"limit": "HTTP_CONNECTIONS_PER_KEY_MAX",
+                                              "max": str(per_key)})
+        with connect_from(process, next(sources)) as one_more:
+            status, error = refusal_of(ask(one_more, keys["a3"]) + read_until_closed(one_more))
+        assert (status, error["reason"], error["metadata"]) == (
+            429, "TOO_MANY_CONNECTIONS", {"limit": "HTTP_CONNECTIONS_PER_APP_MAX",
+                                          "max": str(limits.HTTP_CONNECTIONS_PER_APP_MAX)})
+        with connect_from(process, next(sources)) as other_app:
+            assert ask(other_app, keys["b"]).startswith(b"HTTP/1.1 409 ")
+        # A connection of a1 read next with a2's key moves to a2, which is full: refused.
+        status, error = refusal_of(ask(held[0], keys["a2"]) + read_until_closed(held[0]))
+        assert error["metadata"]["limit"] == "HTTP_CONNECTIONS_PER_KEY_MAX"
+    finally:
+        for sock in held:
+            sock.close()
         process.close()
 
 

@@ -51,6 +51,10 @@ class ErrorReason(enum.StrEnum):
     OVERLOADED = "OVERLOADED"
     """The server is at its admission limit and did nothing with the call: it may be sent
     again, after the RetryInfo delay that comes with it."""
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    """A cap on the browser endpoint's connections was reached (HTTP 429): the error's
+    metadata "limit" names it (HTTP_CONNECTIONS_PER_PEER_MAX, HTTP_CONNECTIONS_PER_KEY_MAX or
+    HTTP_CONNECTIONS_PER_APP_MAX). Never sent over gRPC."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,13 @@ Authorization is one injected callable, `authorize(authorization_header, user_to
 user_id) -> app`, raising Unauthenticated (401) or PermissionDenied (403): the server passes
 service.http_usage_authorizer, GetUsage's own rule.
 
+Connections: no one takes more than a share of them. Before its first request a connection
+is known only by its peer's address: at most limits.HTTP_CONNECTIONS_PER_PEER_MAX each. Once a
+request on it is authorized, it belongs to that request's key and app: at most
+HTTP_CONNECTIONS_PER_KEY_MAX and HTTP_CONNECTIONS_PER_APP_MAX each (the request that would
+pass one is answered 429 TOO_MANY_CONNECTIONS naming it, and the connection closed). And at
+most HTTP_CONNECTIONS_MAX in all: one more is answered 503 and closed.
+
 Host: a web page on the machine can point a name it controls at 127.0.0.1 (DNS rebinding)
 and read the endpoint as if it were its own origin, CORS notwithstanding. So in the open mode
 (no API keys) a request is answered only when its Host is a loopback name or address
@@ -29,6 +36,7 @@ its preflight is refused with 403. Never `*`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import http
 import ipaddress
 import json
@@ -45,11 +53,13 @@ import h11
 
 from quotad.core import limits
 from quotad.core.commands import CounterView, GetUsage, UsageResult, check_user_id
-from quotad.core.errors import FieldViolation, InvalidArgument, Refusal, Violations
+from quotad.core.errors import (
+    FieldViolation, InvalidArgument, Refusal, ResourceExhausted, Violations,
+)
 from quotad.api.metrics import Metrics
-from quotad.api.auth import USER_TOKEN_HEADER
+from quotad.api.auth import USER_TOKEN_HEADER, UsageGrant
 from quotad.api.gate import Gate
-from quotad_contract.errors import ERRORS
+from quotad_contract.errors import ERRORS, ErrorReason
 
 log = logging.getLogger("quotad.http")
 
@@ -63,8 +73,9 @@ LINGER_BYTES_MAX = 64 * 1024
 """Closing a connection waits at most LINGER_S for the peer to close its side, dropping at
 most LINGER_BYTES_MAX of what it still sends."""
 
-Authorize = Callable[[str | None, str | None, str], str]
-"""(Authorization header, X-Quotad-User-Token header, user_id) -> the app to read from."""
+Authorize = Callable[[str | None, str | None, str], UsageGrant]
+"""(Authorization header, X-Quotad-User-Token header, user_id) -> the grant to read with (its
+app the one to read from)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +86,22 @@ class Answer:
 
 
 class _Peer:
-    """One open connection: its stream, and whether a request on it is being answered."""
+    """One open connection: its stream, whether a request on it is being answered, the
+    address it comes from, and the (app, key id) of its last authorized request."""
 
-    __slots__ = ("stream", "busy")
+    __slots__ = ("stream", "busy", "address", "owner")
 
-    def __init__(self, stream: asyncio.StreamWriter) -> None:
+    def __init__(self, stream: asyncio.StreamWriter, address: str) -> None:
         self.stream = stream
         self.busy = False
+        self.address = address
+        self.owner: tuple[str, str] | None = None
+
+
+def peer_address(stream: asyncio.StreamWriter) -> str:
+    """The IP address a connection comes from ("" if the transport has none)."""
+    peername = stream.get_extra_info("peername")
+    return str(peername[0]) if isinstance(peername, tuple) and peername else ""
 
 
 class _BodyTooLarge(Exception):
@@ -177,10 +197,13 @@ def json_answer(status: int, document: Any, headers: tuple[tuple[str, str], ...]
 
 def error_answer(status: int, code: str, message: str, *, reason: str | None = None,
                  violations: tuple[FieldViolation, ...] = (),
+                 metadata: Any = None,
                  headers: tuple[tuple[str, str], ...] = ()) -> Answer:
     error: dict[str, Any] = {"code": code, "message": message}
     if reason is not None:
         error["reason"] = reason
+    if metadata:
+        error["metadata"] = dict(metadata)
     if violations:
         error["field_violations"] = [{"field": v.field, "description": v.description}
                                      for v in violations]
@@ -221,11 +244,27 @@ def _declared_body_bytes(headers: list[tuple[bytes, bytes]]) -> int:
     return max((int(value) for key, value in headers if key == b"content-length"), default=0)
 
 
-_BUSY_BODY = b'{"error":{"code":"UNAVAILABLE","message":"too many HTTP connections"}}'
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-         b"cache-control: no-store\r\nconnection: close\r\n"
-         + f"content-length: {len(_BUSY_BODY)}\r\n\r\n".encode() + _BUSY_BODY)
-"""The answer to a connection beyond HTTP_CONNECTIONS_MAX, written without parsing anything."""
+def _raw_answer(answer: Answer) -> bytes:
+    """An answer written without parsing anything, closing the connection."""
+    head = [f"HTTP/1.1 {answer.status} {http.HTTPStatus(answer.status).phrase}",
+            *(f"{name}: {value}" for name, value in answer.headers),
+            "cache-control: no-store", "connection: close",
+            f"content-length: {len(answer.body)}"]
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + answer.body
+
+
+_BUSY = _raw_answer(error_answer(
+    503, "UNAVAILABLE", "too many HTTP connections",
+    metadata={"limit": "HTTP_CONNECTIONS_MAX", "max": str(limits.HTTP_CONNECTIONS_MAX)},
+    headers=(("retry-after", "1"),)))
+"""The answer to a connection beyond HTTP_CONNECTIONS_MAX."""
+_TOO_MANY_FROM_PEER = _raw_answer(error_answer(
+    429, "RESOURCE_EXHAUSTED",
+    f"too many HTTP connections from this address (HTTP_CONNECTIONS_PER_PEER_MAX)",
+    reason=ErrorReason.TOO_MANY_CONNECTIONS,
+    metadata={"limit": "HTTP_CONNECTIONS_PER_PEER_MAX",
+              "max": str(limits.HTTP_CONNECTIONS_PER_PEER_MAX)}))
+"""The answer to a connection beyond HTTP_CONNECTIONS_PER_PEER_MAX from its address."""
 
 
 class HttpApi:
@@ -250,6 +289,11 @@ class HttpApi:
         self._connections: dict[asyncio.Task[Any], _Peer] = {}
         self._refused: set[asyncio.Task[Any]] = set()
         """Connections beyond the limit, being told so (each for at most LINGER_S)."""
+        self._per_peer: collections.Counter[str] = collections.Counter()
+        self._per_key: collections.Counter[str] = collections.Counter()
+        self._per_app: collections.Counter[str] = collections.Counter()
+        """Open connections by address, and by the key and app of their last authorized
+        request (keyless callers, the open mode, are not counted by key)."""
         self._closing = False
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
@@ -293,10 +337,15 @@ class HttpApi:
                           stream: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        address = peer_address(stream)
         if self._closing or len(self._connections) >= limits.HTTP_CONNECTIONS_MAX:
-            await self._refuse(reader, stream, task)
+            await self._refuse(reader, stream, task, 503, _BUSY)
             return
-        peer = self._connections[task] = _Peer(stream)
+        if self._per_peer[address] >= limits.HTTP_CONNECTIONS_PER_PEER_MAX:
+            await self._refuse(reader, stream, task, 429, _TOO_MANY_FROM_PEER)
+            return
+        peer = self._connections[task] = _Peer(stream, address)
+        self._per_peer[address] += 1
         connection = h11.Connection(h11.SERVER,
                                     max_incomplete_event_size=limits.HTTP_REQUEST_HEAD_BYTES_MAX)
         try:
@@ -308,20 +357,55 @@ class HttpApi:
                 await _close(reader, stream)
             finally:
                 del self._connections[task]
+                self._disown(peer)
+                _decrement(self._per_peer, address)
 
     async def _refuse(self, reader: asyncio.StreamReader, stream: asyncio.StreamWriter,
-                      task: asyncio.Task[Any]) -> None:
-        """503 to a connection beyond the limit; beyond as many again, a plain reset."""
-        self._count(503)
+                      task: asyncio.Task[Any], status: int, answer: bytes) -> None:
+        """The answer to a connection past a cap; beyond HTTP_CONNECTIONS_MAX such answers
+        at once, a plain reset."""
+        self._count(status)
         if len(self._refused) >= limits.HTTP_CONNECTIONS_MAX:
             stream.transport.abort()
             return
         self._refused.add(task)
         try:
-            stream.write(_BUSY)
+            stream.write(answer)
             await _close(reader, stream)
         finally:
             self._refused.discard(task)
+
+    def _own(self, peer: _Peer, grant: UsageGrant) -> None:
+        """The connection now belongs to the grant's key and app, if their caps allow one
+        more; else RESOURCE_EXHAUSTED TOO_MANY_CONNECTIONS naming the cap."""
+        owner = (grant.app, grant.principal.key_id)
+        if peer.owner == owner:
+            return
+        self._disown(peer)
+        app, key_id = owner
+        for name, most, count, whose in (
+                ("HTTP_CONNECTIONS_PER_KEY_MAX", limits.HTTP_CONNECTIONS_PER_KEY_MAX,
+                 self._per_key[key_id] if key_id else 0, f"key {key_id}"),
+                ("HTTP_CONNECTIONS_PER_APP_MAX", limits.HTTP_CONNECTIONS_PER_APP_MAX,
+                 self._per_app[app], f"app {app!r}")):
+            if count >= most:
+                raise ResourceExhausted(
+                    ErrorReason.TOO_MANY_CONNECTIONS,
+                    f"{whose} has {count} HTTP connections open, the most allowed ({name}); "
+                    "reuse one", metadata={"limit": name, "max": str(most)})
+        peer.owner = owner
+        self._per_app[app] += 1
+        if key_id:
+            self._per_key[key_id] += 1
+
+    def _disown(self, peer: _Peer) -> None:
+        if peer.owner is None:
+            return
+        app, key_id = peer.owner
+        peer.owner = None
+        _decrement(self._per_app, app)
+        if key_id:
+            _decrement(self._per_key, key_id)
 
     async def _converse(self, connection: h11.Connection, reader: asyncio.StreamReader,
                         stream: asyncio.StreamWriter, peer: _Peer) -> None:
@@ -362,7 +446,7 @@ class HttpApi:
             if request is None:
                 return
             peer.busy = True
-            answer = self._with_cors(request, await self._answer(request))
+            answer = self._with_cors(request, await self._answer(request, peer))
             await self._send(connection, stream, answer, head_only=request.method == b"HEAD")
             peer.busy = False
             if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
@@ -444,7 +528,7 @@ class HttpApi:
 
     # --- one request ---------------------------------------------------------------------
 
-    async def _answer(self, request: h11.Request) -> Answer:
+    async def _answer(self, request: h11.Request, peer: _Peer) -> Answer:
         target = request.target.decode("ascii", "replace")
         path, _, query = target.partition("?")
         try:
@@ -467,23 +551,27 @@ class HttpApi:
                                 f"{USAGE_PATH} takes {ALLOWED_METHODS}, not {method}",
                                 headers=(("allow", ALLOWED_METHODS),))
         try:
-            return json_answer(200, usage_json(await self._usage(request, query)))
+            return json_answer(200, usage_json(await self._usage(request, query, peer)))
         except Refusal as error:  # its status is its code's, in quotad_contract.errors.ERRORS
             kind = ERRORS[error.code]
             headers = (("www-authenticate", "Bearer"),) if kind.http_status == 401 else (
                 (("retry-after", "1"),) if kind.http_status == 503 else ())
+            if error.reason is ErrorReason.TOO_MANY_CONNECTIONS:
+                headers = (("connection", "close"),)  # it holds one connection too many
             return error_answer(kind.http_status, kind.code,
                                 getattr(error, "message", None) or str(error), reason=error.reason,
-                                violations=getattr(error, "violations", ()), headers=headers)
+                                violations=getattr(error, "violations", ()),
+                                metadata=error.metadata, headers=headers)
         except Exception:
             log.exception("HTTP usage read failed")
             return error_answer(500, "INTERNAL", "internal error")
 
-    async def _usage(self, request: h11.Request, query: str) -> UsageResult:
+    async def _usage(self, request: h11.Request, query: str, peer: _Peer) -> UsageResult:
         user_id = query_user_id(query)
-        app = self._authorize(_header(request.headers, b"authorization"),
-                              _header(request.headers, USER_TOKEN_HEADER.encode()), user_id)
-        command = GetUsage(app=app, user_id=user_id)
+        grant = self._authorize(_header(request.headers, b"authorization"),
+                                _header(request.headers, USER_TOKEN_HEADER.encode()), user_id)
+        self._own(peer, grant)
+        command = GetUsage(app=grant.app, user_id=user_id)
         result: UsageResult = await self._gate.open_writer().execute(command)
         return result
 
@@ -515,6 +603,14 @@ class HttpApi:
             return answer
         return Answer(answer.status, answer.body, (
             *answer.headers, ("access-control-allow-origin", origin), ("vary", "Origin")))
+
+
+def _decrement(counts: collections.Counter[str], key: str) -> None:
+    """One fewer; a count that reaches 0 is dropped, so the counters hold only live keys."""
+    assert counts[key] > 0, key
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
 
 
 async def _close(reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:

@@ -365,13 +365,15 @@ def _watch_caller(gate: Gate) -> Callable[[Any, Any], auth.UsageGrant]:
     return caller
 
 
-def http_usage_authorizer(gate: Gate) -> Callable[[str | None, str | None, str], str]:
+def http_usage_authorizer(
+        gate: Gate) -> Callable[[str | None, str | None, str], auth.UsageGrant]:
     """The browser endpoint's rule, the same as GetUsage's: its headers are the metadata."""
-    def authorize(authorization: str | None, user_token: str | None, user_id: str) -> str:
+    def authorize(authorization: str | None, user_token: str | None,
+                  user_id: str) -> auth.UsageGrant:
         metadata = {name: value for name, value in ((auth.AUTHORIZATION_HEADER, authorization),
                                                     (auth.USER_TOKEN_HEADER, user_token))
                     if value is not None}
-        return usage_reader(gate, metadata, "GetUsage", user_id).app
+        return usage_reader(gate, metadata, "GetUsage", user_id)
     return authorize
 
 

@@ -100,6 +100,17 @@ HTTP_QUERY_FIELDS_MAX = 16
 
 HTTP_CONNECTIONS_MAX = 256
 """Open HTTP connections at most; one more is answered 503 and closed at once."""
+HTTP_CONNECTIONS_PER_PEER_MAX = 32
+"""Open HTTP connections from one IP address (all a connection is known by before its first
+request): one more is answered 429 TOO_MANY_CONNECTIONS and closed at once. An eighth of the
+server: a browser opens at most 6 per host; a proxy in front of quotad reuses its own."""
+HTTP_CONNECTIONS_PER_APP_MAX = 64
+"""Open HTTP connections whose last authorized request was of one app: a quarter of the
+server. The request that would pass it is answered 429 TOO_MANY_CONNECTIONS and its
+connection closed."""
+HTTP_CONNECTIONS_PER_KEY_MAX = 32
+"""The same per key: half of its app's, so that a pk_ key shipped to browsers cannot take all
+of the app's. Not counted without keys (the open mode)."""
 
 HTTP_KEEP_ALIVE_IDLE_S = 30.0
 """An idle keep-alive connection is closed after this long without a new request."""
@@ -132,6 +143,11 @@ if not (0 < WATCH_THRESHOLDS_PERCENT[0]
 if not 1 <= WATCHERS_PER_USER_MAX <= WATCHERS_PER_KEY_MAX <= WATCHERS_PER_APP_MAX < WATCHERS_MAX:
     raise AssertionError("1 <= WATCHERS_PER_USER_MAX <= WATCHERS_PER_KEY_MAX "
                          "<= WATCHERS_PER_APP_MAX < WATCHERS_MAX: no app fills the server")
+if not (1 <= HTTP_CONNECTIONS_PER_KEY_MAX <= HTTP_CONNECTIONS_PER_APP_MAX < HTTP_CONNECTIONS_MAX
+        and 1 <= HTTP_CONNECTIONS_PER_PEER_MAX < HTTP_CONNECTIONS_MAX):
+    raise AssertionError("1 <= HTTP_CONNECTIONS_PER_KEY_MAX <= HTTP_CONNECTIONS_PER_APP_MAX "
+                         "< HTTP_CONNECTIONS_MAX and 1 <= HTTP_CONNECTIONS_PER_PEER_MAX "
+                         "< HTTP_CONNECTIONS_MAX: no app or address fills the server")
 if not ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS <= ADMISSION_OPERATIONS_MAX:
     raise AssertionError("ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS "
                          "<= ADMISSION_OPERATIONS_MAX")
