@@ -7,6 +7,7 @@ both services, called by every kind of caller, answers exactly the expected code
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import stat
@@ -378,6 +379,60 @@ def test_a_watch_ends_unauthenticated_at_its_user_tokens_expiry(keyed: Keyed) ->
     code, details, ended_at_s = ended_with(stream)
     assert code == UNAUTHENTICATED and "expired" in details, details
     assert expires_at_s <= ended_at_s <= expires_at_s + WATCH_END_S_MAX
+
+
+# --- refused lines say who, never with a secret -------------------------------------------------
+
+LOG_WAIT_S = 20.0
+"""Bound of the wait for a log line (never reached unless something is broken)."""
+
+
+def refused_line(env: Keyed, request_id: str) -> dict:
+    deadline = time.monotonic() + LOG_WAIT_S
+    while time.monotonic() < deadline:
+        for line in list(env.process.log_lines):
+            if line.get("message") == "refused" and line.get("request_id") == request_id:
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"no refused line for {request_id}")
+
+
+def test_every_refused_line_names_the_peer_app_and_key_id_and_no_secret(keyed: Keyed) -> None:
+    sk_a_id, sk_b_id = (keyed.keys[k].split("_")[1] for k in ("sk_a", "sk_b"))
+    pk_a_id, revoked_id = (keyed.keys[k].split("_")[1] for k in ("pk_a", "revoked"))
+    now_s = int(time.time())
+    expired = sign_user_token(keyed.keys["sk_a"], APP_A, "ann", now_s - 5)
+    other_user = sign_user_token(keyed.keys["sk_a"], APP_A, "bob", now_s + 600)
+    wrong_secret = f"sk_{sk_a_id}_{secrets.token_urlsafe(32)}"
+    reservation_id = fresh_reservation(keyed)
+    cases = [  # rpc, request, metadata, the app and key id the line must name
+        ("GetUsage", pb.GetUsageRequest(user_id="ann"), bearer(wrong_secret), APP_A, sk_a_id),
+        ("ListPlans", pb.ListPlansRequest(), bearer(keyed.keys["revoked"]), APP_A, revoked_id),
+        ("Commit", pb.CommitRequest(reservation_id=reservation_id), bearer(keyed.keys["sk_b"]),
+         APP_B, sk_b_id),
+        ("GetUsage", pb.GetUsageRequest(user_id="ann"),
+         bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", expired),), APP_A, pk_a_id),
+        ("WatchUsage", pb.WatchUsageRequest(user_id="ann"),
+         bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", other_user),), APP_A, pk_a_id),
+        ("Reserve", pb.ReserveRequest(user_id="ann", event_type="chat", amount=1),
+         bearer(ADMIN_KEY), "", "admin"),
+        ("GetStateDigest", pb.GetStateDigestRequest(), bearer(keyed.keys["sk_a"]), APP_A,
+         sk_a_id),
+        ("ListPlans", pb.ListPlansRequest(), (), "", ""),
+    ]
+    for index, (rpc, request, metadata, app, key_id) in enumerate(cases):
+        request_id = f"who-{index}-{secrets.token_hex(4)}"
+        code, _ = keyed.call(rpc, request, (*metadata, ("x-request-id", request_id)))
+        assert code != OK, rpc
+        line = refused_line(keyed, request_id)
+        assert line["method"].endswith(f"/{rpc}") and line["code"] == code.name
+        assert (line["app"], line["key_id"]) == (app, key_id), (rpc, line)
+        assert line["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:")), line
+    secret_parts = [key.rsplit("_", 1)[-1] for key in keyed.keys.values() if key != ADMIN_KEY]
+    logged = "\n".join(json.dumps(line) for line in list(keyed.process.log_lines))
+    for secret in [*keyed.keys.values(), *secret_parts, wrong_secret, expired, other_user,
+                   expired.rsplit(".", 1)[-1]]:
+        assert secret not in logged
 
 
 # --- keys and tokens through the client library -------------------------------------------------

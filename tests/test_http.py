@@ -612,6 +612,40 @@ def test_a_key_and_an_app_get_at_most_their_share_of_connections_naming_the_cap(
         process.close()
 
 
+def test_at_debug_each_request_gets_one_access_line_without_its_query(start_server):
+    server = start_server(extra_args=("--http-listen", "127.0.0.1:0", "--log-level", "debug"))
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.subscribe("u1", "free")
+    pk = "pk_" + "a" * 12 + "_" + "s" * 43  # a key of no server: refused, its id logged
+    asked = [
+        ("GET", "/v1/usage?user_id=u1&api_key=query-secret", {}, 200),
+        ("GET", "/v1/usage?user_id=nobody", {}, 409),
+        ("HEAD", "/v1/usage?user_id=u1", {}, 200),
+        ("GET", "/v1/elsewhere?token=query-secret", {"Authorization": f"Bearer {pk}"}, 404),
+        ("OPTIONS", "/v1/usage", {"Origin": ORIGIN, "Access-Control-Request-Method": "GET"},
+         403),
+    ]
+    for method, target, headers, status in asked:
+        response, _ = request(server, method, target, headers=headers)
+        assert response.status == status, target
+    answer = raw_exchange(server, head_of(limits.HTTP_REQUEST_HEAD_BYTES_MAX + 1))
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    deadline = time.monotonic() + SOCKET_TIMEOUT_S
+    lines: list[dict] = []
+    while time.monotonic() < deadline and len(lines) < len(asked) + 1:
+        lines = [line for line in list(server.log_lines) if line.get("message") == "http"]
+        time.sleep(0.02)
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        (method, target.partition("?")[0], status) for method, target, _, status in asked
+    ] + [("GET", "/v1/usage", 431)]
+    for line in lines:
+        assert line["level"] == "debug" and line["peer"] == "127.0.0.1"
+        assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+    assert (lines[0]["app"], lines[3]["key_id"]) == ("default", "a" * 12)
+    logged = "\n".join(json.dumps(line) for line in list(server.log_lines))
+    assert "query-secret" not in logged and pk not in logged
+
+
 def test_with_keys_http_allowed_host_answers_only_those_hosts(tmp_path: Path) -> None:
     admin_key = "ak_" + "h" * 40
     process = ServerProcess(tmp_path / "data", plans=None, env={"QUOTAD_ADMIN_KEY": admin_key},

@@ -143,8 +143,9 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      help="log a digest of the whole state at start and stop, to verify that "
                           "a restart recovers exactly the state the last run ended with")
     run.add_argument("--log-level", default="info", choices=config_file.LOG_LEVELS,
-                     help="debug logs one line per call (an access log); info logs one line "
-                          "per refused call (default: %(default)s)")
+                     help="debug logs one line per call and one per HTTP answer (an access "
+                          "log); info logs one line per refused call, naming its peer, app "
+                          "and key id (default: %(default)s)")
     if file_defaults:
         run.set_defaults(**file_defaults)
     check = commands.add_parser(

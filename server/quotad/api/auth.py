@@ -141,6 +141,17 @@ def header(metadata: Iterable[Any] | Mapping[str, str], name: str) -> str | None
     return None
 
 
+def presented_key_id(authorization: str | None) -> str:
+    """The key id of the API key an authorization header presents, read without checking the
+    key ("" if it presents none): what a log line may name, the id being no secret (ListKeys
+    shows it) and the rest of the key never read here."""
+    if authorization is None:
+        return ""
+    scheme, _, candidate = authorization.strip().partition(" ")
+    match = _KEY_PATTERN.fullmatch(candidate.strip())
+    return match.group(2) if scheme.lower() == "bearer" and match is not None else ""
+
+
 class Authenticator:
     """Turns call metadata into a Principal and applies the permission rules.
 
@@ -179,6 +190,21 @@ class Authenticator:
         if key.revoked_at_ns is not None:
             raise Unauthenticated(f"API key {key_id} is revoked")
         return Principal(app=key.app, kind=key.kind, key_id=key_id)
+
+    def identify(self, metadata: Iterable[Any] | Mapping[str, str]) -> tuple[str, str]:
+        """(app, key id) a call's credentials name, for its log lines, whether or not they
+        verify (a refused call's may not): the open mode's ("default", ""), the admin key's
+        ("", "admin"), a key's id and the app of the key known by that id ("" if none)."""
+        if not self.admin_key:
+            return DEFAULT_APP, ""
+        value = header(metadata, AUTHORIZATION_HEADER)
+        _, _, candidate = (value or "").strip().partition(" ")
+        if candidate and hmac.compare_digest(candidate.strip().encode("utf-8", "surrogatepass"),
+                                             self.admin_key.encode("utf-8")):
+            return "", ADMIN
+        key_id = presented_key_id(value)
+        key = self.keys.get(key_id)
+        return (key.app if key is not None else ""), key_id
 
     def authorize(self, principal: Principal, rpc: str) -> None:
         """May this caller call this RPC at all? (What it touches is checked later: the app

@@ -28,6 +28,9 @@ attempt through a proxy that reads the other one) is refused with 400 and the co
 closed (RFC 9112 section 6.3), as is a head over limits.HTTP_REQUEST_HEAD_BYTES_MAX, however
 its bytes arrive (431).
 
+At --log-level debug every answer writes one access line: method, path (never the query),
+status, peer address, app and key id, duration.
+
 CORS: an Origin in the allow-list gets `Access-Control-Allow-Origin: <that origin>`; any
 other origin gets no CORS header (the browser then withholds the answer from the page) and
 its preflight is refused with 403. Never `*`.
@@ -57,7 +60,7 @@ from quotad.core.errors import (
     FieldViolation, InvalidArgument, Refusal, ResourceExhausted, Violations,
 )
 from quotad.api.metrics import Metrics
-from quotad.api.auth import USER_TOKEN_HEADER, UsageGrant
+from quotad.api.auth import USER_TOKEN_HEADER, UsageGrant, presented_key_id
 from quotad.api.gate import Gate
 from quotad_contract.errors import ERRORS, ErrorReason
 
@@ -68,6 +71,8 @@ ALLOWED_METHODS = "GET, HEAD, OPTIONS"
 READ_CHUNK_BYTES = 4096
 CLOSE_GRACE_S = 2.0
 """On close, requests already being answered get this long to finish."""
+LOGGED_PATH_CHARS_MAX = 256
+"""An access line shows at most this much of a request's path."""
 LINGER_S = 1.0
 LINGER_BYTES_MAX = 64 * 1024
 """Closing a connection waits at most LINGER_S for the peer to close its side, dropping at
@@ -87,15 +92,37 @@ class Answer:
 
 class _Peer:
     """One open connection: its stream, whether a request on it is being answered, the
-    address it comes from, and the (app, key id) of its last authorized request."""
+    address it comes from, and the (app, key id) of its last authorized request; and, for
+    the access line, the request being answered: its head, its app once authorized, and when
+    its first byte came."""
 
-    __slots__ = ("stream", "busy", "address", "owner")
+    __slots__ = ("stream", "busy", "address", "owner", "request", "app", "started_s")
 
     def __init__(self, stream: asyncio.StreamWriter, address: str) -> None:
         self.stream = stream
         self.busy = False
         self.address = address
         self.owner: tuple[str, str] | None = None
+        self.request: h11.Request | None = None
+        self.app = ""
+        self.started_s = time.perf_counter()
+
+
+def _access_line(address: str, status: int, request: h11.Request | None, app: str,
+                 started_s: float) -> None:
+    """The debug line of one answer: method, path (never the query, which may carry what a
+    page should not have put there), status, peer, app and key id, duration."""
+    method = path = key_id = ""
+    if request is not None:
+        method = request.method.decode("ascii", "replace")
+        path = request.target.decode("ascii", "replace").partition("?")[0]
+        path = path[:LOGGED_PATH_CHARS_MAX]
+        authorization = [value for name, value in request.headers if name == b"authorization"]
+        if len(authorization) == 1:
+            key_id = presented_key_id(authorization[0].decode("latin-1"))
+    log.debug("http", extra={"method": method, "path": path, "status": status,
+                             "peer": address, "app": app, "key_id": key_id,
+                             "duration_ms": round((time.perf_counter() - started_s) * 1e3, 3)})
 
 
 def peer_address(stream: asyncio.StreamWriter) -> str:
@@ -371,6 +398,8 @@ class HttpApi:
         self._refused.add(task)
         try:
             stream.write(answer)
+            if log.isEnabledFor(logging.DEBUG):
+                _access_line(peer_address(stream), status, None, "", time.perf_counter())
             await _close(reader, stream)
         finally:
             self._refused.discard(task)
@@ -411,52 +440,50 @@ class HttpApi:
                         stream: asyncio.StreamWriter, peer: _Peer) -> None:
         """Answers requests one after another until either side closes."""
         while not self._closing:
+            peer.request, peer.app = None, ""
             try:
-                request = await self._receive(connection, reader)
+                request = await self._receive(connection, reader, peer)
             except _Idle:
                 return
-            except h11.RemoteProtocolError as error:
-                status = error.error_status_hint
-                await self._send_refusal(connection, stream, error_answer(
-                    status, "INVALID_ARGUMENT" if status != 431 else "RESOURCE_EXHAUSTED",
-                    f"bad HTTP request: {error}"))
-                return
-            except TimeoutError:
-                await self._send_refusal(connection, stream, error_answer(
-                    408, "DEADLINE_EXCEEDED",
-                    f"the request did not arrive within {self._read_timeout_s} s"))
-                return
-            except _BodyTooLarge:
-                await self._send_refusal(connection, stream, error_answer(
-                    413, "RESOURCE_EXHAUSTED",
-                    f"a request body may hold at most {limits.HTTP_REQUEST_BODY_BYTES_MAX} "
-                    "bytes"))
-                return
-            except _HeadTooLarge:
-                await self._send_refusal(connection, stream, error_answer(
-                    431, "RESOURCE_EXHAUSTED",
-                    f"a request line and headers may take at most "
-                    f"{limits.HTTP_REQUEST_HEAD_BYTES_MAX} bytes"))
-                return
-            except _AmbiguousFraming:
-                await self._send_refusal(connection, stream, error_answer(
-                    400, "INVALID_ARGUMENT",
-                    "a request may not carry both Content-Length and Transfer-Encoding"))
+            except (h11.RemoteProtocolError, TimeoutError, _BodyTooLarge, _HeadTooLarge,
+                    _AmbiguousFraming) as error:
+                await self._send_refusal(connection, stream, peer, self._unreadable(error))
                 return
             if request is None:
                 return
             peer.busy = True
             answer = self._with_cors(request, await self._answer(request, peer))
-            await self._send(connection, stream, answer, head_only=request.method == b"HEAD")
+            await self._send(connection, stream, peer, answer,
+                             head_only=request.method == b"HEAD")
             peer.busy = False
             if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                 return
             connection.start_next_cycle()
 
-    async def _receive(self, connection: h11.Connection,
-                       reader: asyncio.StreamReader) -> h11.Request | None:
+    def _unreadable(self, error: Exception) -> Answer:
+        """The answer to a request that could not be read whole."""
+        if isinstance(error, h11.RemoteProtocolError):
+            status = error.error_status_hint
+            return error_answer(status, "INVALID_ARGUMENT" if status != 431 else
+                                "RESOURCE_EXHAUSTED", f"bad HTTP request: {error}")
+        if isinstance(error, TimeoutError):
+            return error_answer(408, "DEADLINE_EXCEEDED",
+                                f"the request did not arrive within {self._read_timeout_s} s")
+        if isinstance(error, _BodyTooLarge):
+            return error_answer(413, "RESOURCE_EXHAUSTED", "a request body may hold at most "
+                                f"{limits.HTTP_REQUEST_BODY_BYTES_MAX} bytes")
+        if isinstance(error, _HeadTooLarge):
+            return error_answer(431, "RESOURCE_EXHAUSTED", "a request line and headers may "
+                                f"take at most {limits.HTTP_REQUEST_HEAD_BYTES_MAX} bytes")
+        assert isinstance(error, _AmbiguousFraming), error
+        return error_answer(400, "INVALID_ARGUMENT",
+                            "a request may not carry both Content-Length and Transfer-Encoding")
+
+    async def _receive(self, connection: h11.Connection, reader: asyncio.StreamReader,
+                       peer: _Peer) -> h11.Request | None:
         """The next whole request (its body read and dropped), or None if the peer closed
-        between requests."""
+        between requests. Its head, once read, and when its first byte came are kept in
+        peer, for the access line."""
         loop = asyncio.get_running_loop()
         deadline: float | None = None  # set when the request's first byte is here
         request: h11.Request | None = None
@@ -474,16 +501,18 @@ class HttpApi:
                     except TimeoutError:
                         raise _Idle() from None
                     deadline = loop.time() + self._read_timeout_s
+                    peer.started_s = time.perf_counter()
                 else:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK_BYTES),
                                                   max(0.0, deadline - loop.time()))
                 received_bytes += len(data)
                 connection.receive_data(data)  # b"": the peer closed
                 continue
-            if deadline is None:
+            if deadline is None:  # a request pipelined behind the last one
                 deadline = loop.time() + self._read_timeout_s
+                peer.started_s = time.perf_counter()
             if isinstance(event, h11.Request):
-                request = event
+                request = peer.request = event
                 head_bytes = received_bytes - len(connection.trailing_data[0])
                 if head_bytes > limits.HTTP_REQUEST_HEAD_BYTES_MAX:
                     raise _HeadTooLarge()
@@ -502,7 +531,7 @@ class HttpApi:
                 return None
 
     async def _send(self, connection: h11.Connection, stream: asyncio.StreamWriter,
-                    answer: Answer, *, head_only: bool = False) -> None:
+                    peer: _Peer, answer: Answer, *, head_only: bool = False) -> None:
         headers = [*answer.headers, ("cache-control", "no-store"),
                    ("x-content-type-options", "nosniff")]
         if answer.status != 204:
@@ -518,12 +547,14 @@ class HttpApi:
         self._count(answer.status)
         stream.write(data)
         await asyncio.wait_for(stream.drain(), limits.HTTP_RESPONSE_WRITE_TIMEOUT_S)
+        if log.isEnabledFor(logging.DEBUG):
+            _access_line(peer.address, answer.status, peer.request, peer.app, peer.started_s)
 
     async def _send_refusal(self, connection: h11.Connection, stream: asyncio.StreamWriter,
-                            answer: Answer) -> None:
+                            peer: _Peer, answer: Answer) -> None:
         """Answers a request that could not be read, if HTTP still allows an answer."""
         if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            await self._send(connection, stream, Answer(
+            await self._send(connection, stream, peer, Answer(
                 answer.status, answer.body, (*answer.headers, ("connection", "close"))))
 
     # --- one request ---------------------------------------------------------------------
@@ -571,6 +602,7 @@ class HttpApi:
         grant = self._authorize(_header(request.headers, b"authorization"),
                                 _header(request.headers, USER_TOKEN_HEADER.encode()), user_id)
         self._own(peer, grant)
+        peer.app = grant.app
         command = GetUsage(app=grant.app, user_id=user_id)
         result: UsageResult = await self._gate.open_writer().execute(command)
         return result

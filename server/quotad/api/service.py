@@ -160,6 +160,16 @@ def open_call(gate: Gate, metadata: Any, rpc: str, deadline_s: float | None = No
     return Call(writer, principal, metadata, deadline_s)
 
 
+def caller_of(gate: Gate, metadata: Any, context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Who made a call, for its refused line: the peer's address, and the app and key id its
+    credentials name (verified or not; never the secret)."""
+    if gate.auth is not None:
+        app, key_id = gate.auth.identify(metadata)
+    else:  # still starting: the keys are not loaded yet
+        app, key_id = "", auth.presented_key_id(auth.header(metadata, auth.AUTHORIZATION_HEADER))
+    return {"peer": context.peer() or "", "app": app, "key_id": key_id}
+
+
 def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on time.monotonic()'s scale; None when the caller set none."""
     remaining_s = context.time_remaining()
@@ -208,7 +218,8 @@ def _answering(gate: Gate, admission: Admission, rpc: str,
             if isinstance(error, DeadlinePassed):
                 admission.count_deadline_shed(rpc)
             elif error.reason is not ErrorReason.OVERLOADED:
-                requests.refused(method, status.code.name, status.details)
+                requests.refused(method, status.code.name, status.details,
+                                 **caller_of(gate, metadata, context))
             await context.abort(status.code, status.details, (*status.trailing_metadata, *echo))
         finally:
             admission.release(operations)
@@ -407,6 +418,7 @@ def generic_handlers(gate: Gate, admission: Admission) -> list[grpc.GenericRpcHa
             hub = watch.WatchHub(gate.open_writer, lambda: gate.serving)
             table["WatchUsage"] = watch.method_handler(
                 hub, _watch_caller(gate), _safe_parser(pb.WatchUsageRequest), status_of,
-                _REFUSALS, full_method("WatchUsage"))
+                _REFUSALS, full_method("WatchUsage"),
+                lambda metadata, context: caller_of(gate, metadata, context))
         handlers.append(grpc.method_handlers_generic_handler(service, table))
     return handlers

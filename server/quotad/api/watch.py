@@ -397,10 +397,12 @@ def response(update: Update) -> pb.WatchUsageResponse:
 def method_handler(hub: WatchHub, caller: Callable[[Any, Any], UsageGrant],
                    parse: Callable[[bytes], Any],
                    status_of: Callable[[Exception], grpc.Status],
-                   refusals: tuple[type[Exception], ...], method: str) -> grpc.RpcMethodHandler:
+                   refusals: tuple[type[Exception], ...], method: str,
+                   caller_of: Callable[[Any, Any], dict[str, str]]) -> grpc.RpcMethodHandler:
     """The WatchUsage gRPC handler: refusals (before or during the stream) end it with the
     status they map to, as every other handler's do. caller(metadata, request) authenticates
-    the call first and gives what its read rests on (the app it reads from among it)."""
+    the call first and gives what its read rests on (the app it reads from among it);
+    caller_of(metadata, context) names who made a refused call, for its log line."""
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         metadata = context.invocation_metadata() or ()
         await context.send_initial_metadata(
@@ -414,7 +416,8 @@ def method_handler(hub: WatchHub, caller: Callable[[Any, Any], UsageGrant],
                 yield message
         except refusals as error:
             status = status_of(error)
-            requests.refused(method, status.code.name, status.details)
+            requests.refused(method, status.code.name, status.details,
+                             **caller_of(metadata, context))
             await context.abort(status.code, status.details, status.trailing_metadata)
     return grpc.unary_stream_rpc_method_handler(
         handle, request_deserializer=parse,
