@@ -428,7 +428,7 @@ def test_every_refused_line_names_the_peer_app_and_key_id_and_no_secret(keyed: K
         assert line["method"].endswith(f"/{rpc}") and line["code"] == code.name
         assert (line["app"], line["key_id"]) == (app, key_id), (rpc, line)
         assert line["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:")), line
-    secret_parts = [key.rsplit("_", 1)[-1] for key in keyed.keys.values() if key != ADMIN_KEY]
+    secret_parts = [key.split("_", 2)[2] for key in keyed.keys.values() if key != ADMIN_KEY]
     logged = "\n".join(json.dumps(line) for line in list(keyed.process.log_lines))
     for secret in [*keyed.keys.values(), *secret_parts, wrong_secret, expired, other_user,
                    expired.rsplit(".", 1)[-1]]:
