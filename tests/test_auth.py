@@ -7,6 +7,7 @@ both services, called by every kind of caller, answers exactly the expected code
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import stat
@@ -192,7 +193,7 @@ SK_OTHER_APP = {
     "Reserve": NO_PLAN, "Commit": DENIED, "Release": DENIED, "Extend": DENIED,
     "Track": NO_PLAN, "GetUsage": NO_PLAN, "WatchUsage": NO_PLAN, "Batch": OK, "UpsertPlan": OK, "GetPlan": NOT_FOUND,
     "ListPlans": OK, "DeletePlan": NOT_FOUND, "UpsertSubscription": NOT_FOUND,
-    "GetSubscription": NOT_FOUND, "ListEvents": OK, "GetStateDigest": OK, "CreateKey": DENIED,
+    "GetSubscription": NOT_FOUND, "ListEvents": OK, "GetStateDigest": DENIED, "CreateKey": DENIED,
     "RevokeKey": DENIED, "ListKeys": DENIED, "MintUserToken": OK,
 }
 PK_USAGE_READ = {"pk own user token": OK, "pk other user's token": DENIED,
@@ -204,9 +205,9 @@ def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
     if caller in ("no key", "invalid key", "revoked key"):
         return UNAUTHENTICATED
     if caller == "admin":
-        return OK if rpc in ("CreateKey", "RevokeKey", "ListKeys") else DENIED
+        return OK if rpc in ("CreateKey", "RevokeKey", "ListKeys", "GetStateDigest") else DENIED
     if caller == "sk own app":
-        return OK
+        return DENIED if rpc == "GetStateDigest" else OK  # the digest covers every app
     if caller == "sk other app":
         return SK_OTHER_APP[rpc]
     return PK_USAGE_READ[caller] if rpc in ("GetUsage", "WatchUsage") else DENIED
@@ -229,6 +230,19 @@ def test_a_refused_call_of_another_app_changes_nothing(keyed: Keyed) -> None:
     assert committed.committed == 1 and not committed.expired  # still live, untouched
 
 
+def test_the_state_digest_covers_every_app_so_only_the_admin_key_reads_it(keyed: Keyed) -> None:
+    """Two apps' sk_ keys would get the same digest and sequence: each would see the whole
+    server's activity. The admin key's digest moves with either app's change; theirs is refused."""
+    before = keyed.ok("GetStateDigest", pb.GetStateDigestRequest(), "admin")
+    for key in ("sk_a", "sk_b", "pk_a"):
+        code, error = keyed.call("GetStateDigest", pb.GetStateDigestRequest(),
+                                 bearer(keyed.keys[key]))
+        assert code == DENIED and "admin key" in error.details(), key
+    keyed.ok("Track", pb.TrackRequest(user_id="ann", event_type="chat", amount=1), "sk_a")
+    after = keyed.ok("GetStateDigest", pb.GetStateDigestRequest(), "admin")
+    assert after.sequence > before.sequence and after.digest != before.digest
+
+
 def test_malformed_credentials_are_unauthenticated(keyed: Keyed) -> None:
     usage = pb.GetUsageRequest(user_id="ann")
     pk = bearer(keyed.keys["pk_a"])
@@ -248,6 +262,177 @@ def test_a_token_naming_another_app_than_its_signing_key_is_refused(keyed: Keyed
     metadata = bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", forged),)
     assert keyed.call("GetUsage", pb.GetUsageRequest(user_id="ann"), metadata)[0] == (
         UNAUTHENTICATED)
+
+
+# --- a watch lasts only as long as its credentials ---------------------------------------------
+
+WATCH_END_S_MAX = 1.0
+"""A watch whose key is revoked, or whose token expires, ends within this long."""
+
+
+def open_watch(env: Keyed, metadata: Any, user_id: str = "ann",
+               timeout_s: float = CALL_TIMEOUT_S) -> Any:
+    """A WatchUsage stream past its first (initial) message."""
+    stream = quotad_pb2_grpc.QuotaServiceStub(env.channel).WatchUsage(
+        pb.WatchUsageRequest(user_id=user_id), metadata=tuple(metadata), timeout=timeout_s)
+    assert next(stream).reason == pb.WATCH_REASON_INITIAL
+    return stream
+
+
+def refused_watch(env: Keyed, metadata: Any, user_id: str) -> tuple[str, dict[str, str]]:
+    """The ErrorInfo reason and metadata of a watch refused RESOURCE_EXHAUSTED."""
+    stream = quotad_pb2_grpc.QuotaServiceStub(env.channel).WatchUsage(
+        pb.WatchUsageRequest(user_id=user_id), metadata=tuple(metadata), timeout=CALL_TIMEOUT_S)
+    with pytest.raises(grpc.RpcError) as refusal:
+        next(stream)
+    assert refusal.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.value
+    info = error_details_pb2.ErrorInfo()
+    [detail] = rpc_status.from_call(refusal.value).details
+    detail.Unpack(info)
+    return info.reason, dict(info.metadata)
+
+
+WATCH_CAP_TEST_TIMEOUT_S = 120.0
+"""The cap test holds its watches open this long at most (it opens over a hundred)."""
+
+
+def test_one_browser_key_cannot_take_every_watch_and_the_refusal_names_the_cap(
+        keyed: Keyed) -> None:
+    """One end user with a valid token on a browser-shipped pk_ key opened 1,024 watches, and
+    every other app was refused. Now a user gets WATCHERS_PER_USER_MAX, a key
+    WATCHERS_PER_KEY_MAX; the app's other keys and other apps keep watching."""
+    browser = keyed.create_key(APP_A, pb.KEY_KIND_PUBLIC).secret
+    users = [f"watcher-{index}" for index in range(
+        limits.WATCHERS_PER_KEY_MAX // limits.WATCHERS_PER_USER_MAX + 1)]
+    keyed.ok("UpsertPlan", pb.UpsertPlanRequest(plan=PLAN_A), "sk_b")
+    for user in users:
+        for key in ("sk_a", "sk_b"):
+            keyed.ok("UpsertSubscription", pb.UpsertSubscriptionRequest(
+                user_id=user, plan_id="plan-a"), key)
+
+    def as_user(user: str) -> tuple[tuple[str, str], ...]:
+        token = sign_user_token(keyed.keys["sk_a"], APP_A, user, int(time.time()) + 600)
+        return bearer(browser) + (("x-quotad-user-token", token),)
+
+    streams = []
+    try:
+        for user in users[:-1]:
+            for _ in range(limits.WATCHERS_PER_USER_MAX):
+                streams.append(open_watch(keyed, as_user(user), user, WATCH_CAP_TEST_TIMEOUT_S))
+            assert refused_watch(keyed, as_user(user), user) == ("TOO_MANY_WATCHERS", {
+                "limit": "WATCHERS_PER_USER_MAX", "max": str(limits.WATCHERS_PER_USER_MAX)})
+        assert refused_watch(keyed, as_user(users[-1]), users[-1]) == ("TOO_MANY_WATCHERS", {
+            "limit": "WATCHERS_PER_KEY_MAX", "max": str(limits.WATCHERS_PER_KEY_MAX)})
+        for key in ("sk_a", "sk_b"):  # the app's backend, and another app
+            streams.append(open_watch(keyed, bearer(keyed.keys[key]), users[-1]))
+    finally:
+        for stream in streams:
+            stream.cancel()
+
+
+def ended_with(stream: Any) -> tuple[grpc.StatusCode, str, float]:
+    """How the stream ended (code, details, time.time()), reading past any updates; the
+    call's own timeout bounds the wait."""
+    try:
+        for _ in stream:
+            pass
+    except grpc.RpcError as error:
+        return error.code(), error.details(), time.time()
+    raise AssertionError("the stream ended without a status")
+
+
+@pytest.mark.parametrize("kind", ["pk", "sk"])
+def test_a_watch_ends_unauthenticated_within_1_s_of_its_key_being_revoked(
+        keyed: Keyed, kind: str) -> None:
+    created = keyed.create_key(APP_A, pb.KEY_KIND_PUBLIC if kind == "pk" else pb.KEY_KIND_SECRET)
+    token = sign_user_token(keyed.keys["sk_a"], APP_A, "ann", int(time.time()) + 600)
+    metadata = bearer(created.secret) + ((("x-quotad-user-token", token),)
+                                         if kind == "pk" else ())
+    doomed = open_watch(keyed, metadata)
+    bystander = open_watch(keyed, bearer(keyed.keys["sk_a"]))
+    keyed.ok("RevokeKey", pb.RevokeKeyRequest(key_id=created.key.key_id), "admin")
+    revoked_at_s = time.time()
+    code, details, ended_at_s = ended_with(doomed)
+    assert code == UNAUTHENTICATED and "revoked" in details, details
+    assert ended_at_s - revoked_at_s <= WATCH_END_S_MAX
+    keyed.ok("Track", pb.TrackRequest(user_id="ann", event_type="chat", amount=1), "sk_a")
+    assert next(bystander).reason == pb.WATCH_REASON_CHANGE  # a watch on other keys goes on
+    bystander.cancel()
+
+
+def test_a_watch_ends_when_the_sk_key_that_signed_its_user_token_is_revoked(
+        keyed: Keyed) -> None:
+    signer = keyed.create_key(APP_A, pb.KEY_KIND_SECRET)
+    token = sign_user_token(signer.secret, APP_A, "ann", int(time.time()) + 600)
+    stream = open_watch(keyed, bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", token),))
+    keyed.ok("RevokeKey", pb.RevokeKeyRequest(key_id=signer.key.key_id), "admin")
+    revoked_at_s = time.time()
+    code, details, ended_at_s = ended_with(stream)
+    assert code == UNAUTHENTICATED and "signing key" in details, details
+    assert ended_at_s - revoked_at_s <= WATCH_END_S_MAX
+
+
+def test_a_watch_ends_unauthenticated_at_its_user_tokens_expiry(keyed: Keyed) -> None:
+    expires_at_s = int(time.time()) + 3
+    token = sign_user_token(keyed.keys["sk_a"], APP_A, "ann", expires_at_s)
+    stream = open_watch(keyed, bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", token),))
+    code, details, ended_at_s = ended_with(stream)
+    assert code == UNAUTHENTICATED and "expired" in details, details
+    assert expires_at_s <= ended_at_s <= expires_at_s + WATCH_END_S_MAX
+
+
+# --- refused lines say who, never with a secret -------------------------------------------------
+
+LOG_WAIT_S = 20.0
+"""Bound of the wait for a log line (never reached unless something is broken)."""
+
+
+def refused_line(env: Keyed, request_id: str) -> dict:
+    deadline = time.monotonic() + LOG_WAIT_S
+    while time.monotonic() < deadline:
+        for line in list(env.process.log_lines):
+            if line.get("message") == "refused" and line.get("request_id") == request_id:
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"no refused line for {request_id}")
+
+
+def test_every_refused_line_names_the_peer_app_and_key_id_and_no_secret(keyed: Keyed) -> None:
+    sk_a_id, sk_b_id = (keyed.keys[k].split("_")[1] for k in ("sk_a", "sk_b"))
+    pk_a_id, revoked_id = (keyed.keys[k].split("_")[1] for k in ("pk_a", "revoked"))
+    now_s = int(time.time())
+    expired = sign_user_token(keyed.keys["sk_a"], APP_A, "ann", now_s - 5)
+    other_user = sign_user_token(keyed.keys["sk_a"], APP_A, "bob", now_s + 600)
+    wrong_secret = f"sk_{sk_a_id}_{secrets.token_urlsafe(32)}"
+    reservation_id = fresh_reservation(keyed)
+    cases = [  # rpc, request, metadata, the app and key id the line must name
+        ("GetUsage", pb.GetUsageRequest(user_id="ann"), bearer(wrong_secret), APP_A, sk_a_id),
+        ("ListPlans", pb.ListPlansRequest(), bearer(keyed.keys["revoked"]), APP_A, revoked_id),
+        ("Commit", pb.CommitRequest(reservation_id=reservation_id), bearer(keyed.keys["sk_b"]),
+         APP_B, sk_b_id),
+        ("GetUsage", pb.GetUsageRequest(user_id="ann"),
+         bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", expired),), APP_A, pk_a_id),
+        ("WatchUsage", pb.WatchUsageRequest(user_id="ann"),
+         bearer(keyed.keys["pk_a"]) + (("x-quotad-user-token", other_user),), APP_A, pk_a_id),
+        ("Reserve", pb.ReserveRequest(user_id="ann", event_type="chat", amount=1),
+         bearer(ADMIN_KEY), "", "admin"),
+        ("GetStateDigest", pb.GetStateDigestRequest(), bearer(keyed.keys["sk_a"]), APP_A,
+         sk_a_id),
+        ("ListPlans", pb.ListPlansRequest(), (), "", ""),
+    ]
+    for index, (rpc, request, metadata, app, key_id) in enumerate(cases):
+        request_id = f"who-{index}-{secrets.token_hex(4)}"
+        code, _ = keyed.call(rpc, request, (*metadata, ("x-request-id", request_id)))
+        assert code != OK, rpc
+        line = refused_line(keyed, request_id)
+        assert line["method"].endswith(f"/{rpc}") and line["code"] == code.name
+        assert (line["app"], line["key_id"]) == (app, key_id), (rpc, line)
+        assert line["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:")), line
+    secret_parts = [key.split("_", 2)[2] for key in keyed.keys.values() if key != ADMIN_KEY]
+    logged = "\n".join(json.dumps(line) for line in list(keyed.process.log_lines))
+    for secret in [*keyed.keys.values(), *secret_parts, wrong_secret, expired, other_user,
+                   expired.rsplit(".", 1)[-1]]:
+        assert secret not in logged
 
 
 # --- keys and tokens through the client library -------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 import quotad_client as qc
 from quotad.core import limits
 from quotad.core.errors import PermissionDenied, InvalidArgument, Unauthenticated
+from quotad.api.auth import OPEN_PRINCIPAL, UsageGrant
 from quotad.api.http_api import HttpApi, query_user_id
 from quotad.server import Config
 from quotad.api.gate import Gate
@@ -172,13 +173,74 @@ def test_a_method_other_than_get_head_options_is_405_with_allow(server):
 
 def test_an_oversized_body_is_413_and_an_oversized_head_431_then_closed(server, client):
     body = b"x" * (limits.HTTP_REQUEST_BODY_BYTES_MAX + 1)
-    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\n"
+    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     assert answer.startswith(b"HTTP/1.1 413 ")
     head = b"X-Filler: " + b"y" * limits.HTTP_REQUEST_HEAD_BYTES_MAX + b"\r\n"
-    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\n" + head)
+    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head)
     assert answer.startswith(b"HTTP/1.1 431 ")
     assert client.usage("u1").user_id == "u1"  # the gRPC side is unharmed
+
+
+def head_of(head_bytes: int) -> bytes:
+    """A whole GET request whose head (request line, headers, blank line) is head_bytes long."""
+    start = b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    end = b"\r\n\r\n"
+    filler = head_bytes - len(start) - len(b"X-Filler: ") - len(end)
+    assert filler > 0
+    return start + b"X-Filler: " + b"y" * filler + end
+
+
+def test_the_head_limit_holds_when_the_whole_head_arrives_in_one_write(server):
+    """h11 bounds only a head still incomplete: 12,000 bytes sent at once were answered 200."""
+    answer = raw_exchange(server, head_of(12_000))
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/1.1 ") == 1
+    answer = raw_exchange(server, head_of(limits.HTTP_REQUEST_HEAD_BYTES_MAX))
+    assert answer.startswith(b"HTTP/1.1 200 ")  # at the limit
+    answer = raw_exchange(server, head_of(limits.HTTP_REQUEST_HEAD_BYTES_MAX + 1))
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_content_length_with_transfer_encoding_is_400_and_the_connection_closed(server):
+    """RFC 9112 section 6.3: such a request may be smuggling a second one past a proxy."""
+    smuggled = b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answer = raw_exchange(server, b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"0\r\n\r\n" + smuggled)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.count(b"HTTP/1.1 ") == 1  # closed: the request behind it is never answered
+    assert b"Content-Length and Transfer-Encoding" in answer
+
+
+LOOPBACK_HOSTS = ["localhost", "localhost:8081", "127.0.0.1", "127.0.0.1:9", "127.1.2.3:80",
+                  "[::1]", "[::1]:8081", "LOCALHOST:8081"]
+FOREIGN_HOSTS = ["rebind.attacker.example:8081", "rebind.attacker.example", "localhost.evil",
+                 "127.0.0.1.nip.io", "0.0.0.0", "[::2]", "::1", "[127.0.0.1]", "localhost:x",
+                 "10.0.0.1:8081", ""]
+
+
+def with_host(server: ServerProcess, host: str | None, headers: dict[str, str] | None = None,
+              ) -> tuple[int, dict]:
+    """GET the usage of u1 with this Host header (None: none, as HTTP/1.0 allows)."""
+    lines = [b"GET /v1/usage?user_id=u1 HTTP/1.0" if host is None else
+             b"GET /v1/usage?user_id=u1 HTTP/1.1", b"Connection: close"]
+    if host is not None:
+        lines.append(b"Host: " + host.encode())
+    lines += [f"{name}: {value}".encode() for name, value in (headers or {}).items()]
+    answer = raw_exchange(server, b"\r\n".join(lines) + b"\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_without_keys_only_a_loopback_host_is_answered_so_dns_rebinding_reads_nothing(server):
+    for host in LOOPBACK_HOSTS:
+        status, document = with_host(server, host)
+        assert (status, document.get("user_id")) == (200, "u1"), host
+    for host in [*FOREIGN_HOSTS, None]:
+        status, document = with_host(server, host)
+        assert status == 421 and "counters" not in document, host
+        assert document["error"]["code"] == "MISDIRECTED_REQUEST"
+        assert "loopback" in document["error"]["message"]
 
 
 def test_two_requests_share_one_keep_alive_connection(server):
@@ -231,7 +293,7 @@ def test_a_preflight_from_an_allowed_origin_is_204_and_from_another_403(server):
 def test_a_slow_client_is_cut_off_by_the_read_timeout_while_grpc_answers(server, client):
     host, _, port = server.http_address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S) as sock:
-        sock.sendall(b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: q\r\nX-Half: ")
+        sock.sendall(b"GET /v1/usage?user_id=u1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: ")
         assert client.usage("u1").user_id == "u1"  # while the HTTP request stalls
         answer = read_until_closed(sock)  # the server closes it; SOCKET_TIMEOUT_S bounds it
     assert answer.startswith(b"HTTP/1.1 408 ")
@@ -253,21 +315,76 @@ def test_http_answers_are_counted_by_status_in_the_metrics(server):
     assert counts['status="200"'] >= 1 and counts['status="409"'] >= 1
 
 
+def connect_from(server: ServerProcess, source: str) -> socket.socket:
+    """A connection to the endpoint from this loopback address (Linux answers all of
+    127.0.0.0/8), so that one test can be many peers."""
+    host, _, port = server.http_address.rpartition(":")
+    return socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S,
+                                    source_address=(source, 0))
+
+
+def ask(sock: socket.socket, headers: dict[str, str] | None = None,
+        user_id: str = "nobody") -> bytes:
+    """One keep-alive request on an open connection; the answer's head and body as they come
+    in one read (each answer here is small)."""
+    lines = [f"GET /v1/usage?user_id={user_id} HTTP/1.1", "Host: 127.0.0.1",
+             *(f"{name}: {value}" for name, value in (headers or {}).items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return sock.recv(65536)
+
+
+def refusal_of(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nconnection: close" in head.lower(), head
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
+
+
 def test_connections_beyond_the_limit_get_503_and_grpc_keeps_answering(start_server):
     server = start_server(extra_args=("--http-listen", "127.0.0.1:0"))
-    host, _, port = server.http_address.rpartition(":")
+    per_peer = limits.HTTP_CONNECTIONS_PER_PEER_MAX
+    sources = [f"127.0.0.{2 + index}" for index in range(limits.HTTP_CONNECTIONS_MAX // per_peer)]
     held: list[socket.socket] = []
     try:
-        for _ in range(limits.HTTP_CONNECTIONS_MAX):
-            held.append(socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S))
+        for source in sources:
+            held += [connect_from(server, source) for _ in range(per_peer)]
         # Connections are taken in order: once the last one is answered, all are counted.
-        held[-1].sendall(b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: q\r\n\r\n")
-        assert held[-1].recv(65536).startswith(b"HTTP/1.1 409 ")
-        answer = raw_exchange(server, b"GET /v1/usage?user_id=nobody HTTP/1.1\r\nHost: q\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 503 ")
-        assert b"too many HTTP connections" in answer
+        assert ask(held[-1]).startswith(b"HTTP/1.1 409 ")
+        with connect_from(server, "127.0.0.99") as one_more:
+            status, error = refusal_of(read_until_closed(one_more))
+        assert (status, error["code"], error["metadata"]) == (503, "UNAVAILABLE", {
+            "limit": "HTTP_CONNECTIONS_MAX", "max": str(limits.HTTP_CONNECTIONS_MAX)})
+        assert "too many HTTP connections" in error["message"]
         with qc.QuotaClient(server.address, timeout_s=10) as client:
             assert client.list_plans()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_one_address_gets_at_most_its_share_of_connections_and_others_still_connect(
+        start_server):
+    """256 idle connections from one address took every connection for everyone."""
+    server = start_server(extra_args=("--http-listen", "127.0.0.1:0"))
+    held = [connect_from(server, "127.0.0.2")
+            for _ in range(limits.HTTP_CONNECTIONS_PER_PEER_MAX)]
+    try:
+        assert ask(held[-1]).startswith(b"HTTP/1.1 409 ")  # at the cap: answered
+        with connect_from(server, "127.0.0.2") as one_more:
+            status, error = refusal_of(read_until_closed(one_more))
+        assert (status, error["code"], error["reason"], error["metadata"]) == (
+            429, "RESOURCE_EXHAUSTED", "TOO_MANY_CONNECTIONS",
+            {"limit": "HTTP_CONNECTIONS_PER_PEER_MAX",
+             "max": str(limits.HTTP_CONNECTIONS_PER_PEER_MAX)})
+        with connect_from(server, "127.0.0.3") as elsewhere:
+            assert ask(elsewhere).startswith(b"HTTP/1.1 409 ")
+        held.pop().close()  # one closes: its place is free again, once the server sees it
+        deadline = time.monotonic() + SOCKET_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with connect_from(server, "127.0.0.2") as again:
+                if ask(again).startswith(b"HTTP/1.1 409 "):
+                    break
+        else:
+            raise AssertionError("the closed connection's place never came back")
     finally:
         for sock in held:
             sock.close()
@@ -355,7 +472,7 @@ def _ask_in_process(authorize, target: str = "/v1/usage?user_id=u1",
         port = await api.start("127.0.0.1", 0)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"GET {target} HTTP/1.1\r\nHost: q\r\nConnection: close\r\n".encode()
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n".encode()
                          + headers + b"\r\n")
             answer = await asyncio.wait_for(reader.read(), SOCKET_TIMEOUT_S)
             writer.close()
@@ -386,7 +503,8 @@ def test_authorize_refusals_are_401_and_403_with_the_error_json(error, status, c
 
 
 def test_an_authorized_read_before_serving_is_503_and_a_bad_user_id_never_reaches_authorize():
-    answer, calls = _ask_in_process(lambda authorization, user_token, user_id: "default")
+    answer, calls = _ask_in_process(
+        lambda authorization, user_token, user_id: UsageGrant(OPEN_PRINCIPAL))
     assert answer.startswith(b"HTTP/1.1 503 ") and calls == [(None, None, "u1")]
     answer, calls = _ask_in_process(_refuse(AssertionError("not called")),
                                     target="/v1/usage?user_id=")
@@ -441,8 +559,138 @@ def test_with_keys_on_a_pk_key_and_a_user_token_read_only_that_user(tmp_path: Pa
         status, _ = get_json(process, "/v1/usage?user_id=u1",
                              {"Authorization": f"Bearer {secret}"})
         assert status == 200  # the app's own sk_ key reads any of its users
+        for host in FOREIGN_HOSTS[:2]:  # with keys and no --http-allowed-host: any Host
+            status, _ = with_host(process, host, {"Authorization": f"Bearer {secret}"})
+            assert status == 200, host
     finally:
         process.close()
+
+
+def test_a_key_and_an_app_get_at_most_their_share_of_connections_naming_the_cap(
+        tmp_path: Path) -> None:
+    """A connection belongs to the key and app of its last authorized request: one more than
+    a key's or an app's cap is 429 TOO_MANY_CONNECTIONS naming it, and closed; the app's
+    other keys, and other apps, still connect."""
+    admin_key = "ak_" + "h" * 40
+    process = ServerProcess(tmp_path / "data", plans=None, env={"QUOTAD_ADMIN_KEY": admin_key},
+                            extra_args=("--http-listen", "127.0.0.1:0"))
+    held: list[socket.socket] = []
+    try:
+        process.start()
+        keys = {}
+        with qc.QuotaClient(process.address, api_key=admin_key, timeout_s=10) as admin:
+            for name, app in (("a1", "acme"), ("a2", "acme"), ("a3", "acme"), ("b", "other")):
+                keys[name] = {"Authorization": "Bearer " + admin.create_key(
+                    "secret", app=app).secret}
+        per_key = limits.HTTP_CONNECTIONS_PER_KEY_MAX
+        assert limits.HTTP_CONNECTIONS_PER_APP_MAX == 2 * per_key  # two keys fill the app
+        sources = iter(f"127.0.0.{index}" for index in range(2, 250))
+        for key in ("a1", "a2"):
+            source = next(sources)  # one address per key: its cap is per_key too
+            for _ in range(per_key):
+                held.append(connect_from(process, source))
+                assert ask(held[-1], keys[key]).startswith(b"HTTP/1.1 409 "), key
+            with connect_from(process, next(sources)) as one_more:
+                status, error = refusal_of(ask(one_more, keys[key]) + read_until_closed(
+                    one_more))
+            assert (status, error["reason"], error["metadata"]) == (
+                429, "TOO_MANY_CONNECTIONS", {"limit": "HTTP_CONNECTIONS_PER_KEY_MAX",
+                                              "max": str(per_key)})
+        with connect_from(process, next(sources)) as one_more:
+            status, error = refusal_of(ask(one_more, keys["a3"]) + read_until_closed(one_more))
+        assert (status, error["reason"], error["metadata"]) == (
+            429, "TOO_MANY_CONNECTIONS", {"limit": "HTTP_CONNECTIONS_PER_APP_MAX",
+                                          "max": str(limits.HTTP_CONNECTIONS_PER_APP_MAX)})
+        with connect_from(process, next(sources)) as other_app:
+            assert ask(other_app, keys["b"]).startswith(b"HTTP/1.1 409 ")
+        # A connection of a1 read next with a2's key moves to a2, which is full: refused.
+        status, error = refusal_of(ask(held[0], keys["a2"]) + read_until_closed(held[0]))
+        assert error["metadata"]["limit"] == "HTTP_CONNECTIONS_PER_KEY_MAX"
+    finally:
+        for sock in held:
+            sock.close()
+        process.close()
+
+
+def test_at_debug_each_request_gets_one_access_line_without_its_query(start_server):
+    server = start_server(extra_args=("--http-listen", "127.0.0.1:0", "--log-level", "debug"))
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.subscribe("u1", "free")
+    pk = "pk_" + "a" * 12 + "_" + "s" * 43  # a key of no server: refused, its id logged
+    asked = [
+        ("GET", "/v1/usage?user_id=u1&api_key=query-secret", {}, 200),
+        ("GET", "/v1/usage?user_id=nobody", {}, 409),
+        ("HEAD", "/v1/usage?user_id=u1", {}, 200),
+        ("GET", "/v1/elsewhere?token=query-secret", {"Authorization": f"Bearer {pk}"}, 404),
+        ("OPTIONS", "/v1/usage", {"Origin": ORIGIN, "Access-Control-Request-Method": "GET"},
+         403),
+    ]
+    for method, target, headers, status in asked:
+        response, _ = request(server, method, target, headers=headers)
+        assert response.status == status, target
+    answer = raw_exchange(server, head_of(limits.HTTP_REQUEST_HEAD_BYTES_MAX + 1))
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    deadline = time.monotonic() + SOCKET_TIMEOUT_S
+    lines: list[dict] = []
+    while time.monotonic() < deadline and len(lines) < len(asked) + 1:
+        lines = [line for line in list(server.log_lines) if line.get("message") == "http"]
+        time.sleep(0.02)
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        (method, target.partition("?")[0], status) for method, target, _, status in asked
+    ] + [("GET", "/v1/usage", 431)]
+    for line in lines:
+        assert line["level"] == "debug" and line["peer"] == "127.0.0.1"
+        assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+    assert (lines[0]["app"], lines[3]["key_id"]) == ("default", "a" * 12)
+    logged = "\n".join(json.dumps(line) for line in list(server.log_lines))
+    assert "query-secret" not in logged and pk not in logged
+
+
+def test_with_keys_http_allowed_host_answers_only_those_hosts(tmp_path: Path) -> None:
+    admin_key = "ak_" + "h" * 40
+    process = ServerProcess(tmp_path / "data", plans=None, env={"QUOTAD_ADMIN_KEY": admin_key},
+                            extra_args=("--http-listen", "127.0.0.1:0",
+                                        "--http-allowed-host", "quota.example.com",
+                                        "--http-allowed-host", "[2001:db8::1]:8443"))
+    try:
+        process.start()
+        with qc.QuotaClient(process.address, api_key=admin_key, timeout_s=10) as admin:
+            secret = admin.create_key("secret", app="acme").secret
+        with qc.QuotaClient(process.address, api_key=secret, timeout_s=10) as backend:
+            backend.upsert_plan(PLAN)
+            backend.subscribe("u1", "p")
+        as_backend = {"Authorization": f"Bearer {secret}"}
+        for host in ("quota.example.com", "quota.example.com:443", "Quota.Example.com:8081",
+                     "[2001:db8::1]:8443"):
+            assert with_host(process, host, as_backend)[0] == 200, host
+        for host in ("quota.example.com.evil", "[2001:db8::1]:8444", "[2001:db8::1]",
+                     "127.0.0.1", "localhost", None):
+            status, document = with_host(process, host, as_backend)
+            assert status == 421 and "--http-allowed-host" in document["error"]["message"], host
+    finally:
+        process.close()
+
+
+@pytest.mark.parametrize("hosts, admin_key", [
+    (("quota.example.com",), ""),  # without keys: loopback only, no list
+    (("Quota.example.com",), "k" * 32),
+    (("https://quota.example.com",), "k" * 32),
+    (("quota.example.com/",), "k" * 32),
+    (("quota.example.com:99999x",), "k" * 32),
+    (("a" * (limits.HTTP_ALLOWED_HOST_BYTES_MAX + 1),), "k" * 32),
+    (tuple(f"h{i}.example.com" for i in range(limits.HTTP_ALLOWED_HOSTS_MAX + 1)), "k" * 32),
+])
+def test_config_refuses_bad_allowed_hosts_and_any_without_keys(hosts, admin_key):
+    with pytest.raises(ValueError, match="--http-allowed-host"):
+        Config(data_dir=Path("unused"), admin_key=admin_key, http_allowed_hosts=hosts)
+
+
+def test_config_takes_allowed_hosts_at_their_limits():
+    many = tuple(f"h{i}.example.com" for i in range(limits.HTTP_ALLOWED_HOSTS_MAX))
+    longest = ("a" * 63 + ".") * 3 + "a" * 63 + ":65535"
+    assert len(longest) == limits.HTTP_ALLOWED_HOST_BYTES_MAX
+    for hosts in (many, (longest,), ("localhost:8081", "[::1]", "10.1.2.3")):
+        Config(data_dir=Path("unused"), admin_key="k" * 32, http_allowed_hosts=hosts)
 
 
 def test_with_tls_the_browser_endpoint_serves_https(tls_files: tuple[Path, Path],

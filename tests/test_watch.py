@@ -24,6 +24,7 @@ from quotad.core.errors import FailedPrecondition, InvalidArgument, ResourceExha
 from quotad.core.plans import Window
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad.storage.wal import WriteAheadLog
+from quotad.api.auth import Principal, UsageGrant
 from quotad.api.watch import Update, WatchHub, Watcher, next_reset_ns
 from quotad.engine.writer import Writer
 from server_process import ServerProcess
@@ -344,6 +345,80 @@ def test_the_hub_refuses_a_watch_past_its_limit_and_forgets_ended_ones(tmp_path:
             assert (await anext(second)).sequence == change.sequence
             await second.aclose()
         finally:
+            await writer.close()
+            wal.close()
+
+    asyncio.run(run())
+
+
+def test_each_watch_cap_refuses_one_more_at_its_edge_naming_itself(tmp_path: Path):
+    """Per user, per key, per app and per server, each at its real value: one watch more
+    than a cap allows is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS naming that cap, while
+    others, with room under every cap, still get theirs."""
+    per_user, per_key = limits.WATCHERS_PER_USER_MAX, limits.WATCHERS_PER_KEY_MAX
+    per_app, per_server = limits.WATCHERS_PER_APP_MAX, limits.WATCHERS_MAX
+    apps = [f"app{index}" for index in range(per_server // per_app + 1)]
+    users = [f"u{index}" for index in range(per_app // per_user + 1)]
+
+    def grant(app: str, key: str) -> UsageGrant:
+        return UsageGrant(Principal(app=app, kind="secret", key_id=key))
+
+    async def run() -> None:
+        wal = WriteAheadLog(tmp_path / "data")
+        writer = Writer(Core(), wal, on_failure=lambda error: None)
+        writer.start()
+        streams = []
+        try:
+            for app in apps:
+                await writer.execute(UpsertPlan(app=app, plan=plan(
+                    "p", group("calls", 10, Window.MINUTE))))
+                for user in users:
+                    await writer.execute(UpsertSubscription(app=app, user_id=user, plan_id="p"))
+            hub = WatchHub(lambda: writer, lambda: True)
+
+            async def watch(app: str, user: str, key: str) -> None:
+                stream = hub.watch(WatchUsage(app=app, user_id=user), grant(app, key))
+                assert (await anext(stream)).reason == pb.WATCH_REASON_INITIAL
+                streams.append(stream)
+
+            async def refused(app: str, user: str, key: str) -> str:
+                with pytest.raises(ResourceExhausted) as refusal:
+                    await anext(hub.watch(WatchUsage(app=app, user_id=user), grant(app, key)))
+                assert refusal.value.reason == "TOO_MANY_WATCHERS"
+                assert refusal.value.metadata["limit"] in str(refusal.value)
+                return refusal.value.metadata["limit"]
+
+            async def fill(app: str) -> None:
+                """The app at its cap: each user at its own, keys a and b at theirs."""
+                for index, user in enumerate(users[:per_app // per_user]):
+                    key = "a" if index < per_key // per_user else "b"
+                    for _ in range(per_user):
+                        await watch(app, user, f"{app}-{key}")
+
+            for _ in range(per_user):
+                await watch("app0", "u0", "app0-a")
+            assert await refused("app0", "u0", "app0-a") == "WATCHERS_PER_USER_MAX"
+            await watch("app0", "u1", "app0-a")  # the key and the app still have room
+            await streams.pop().aclose()
+            for user in users[1:per_key // per_user]:
+                for _ in range(per_user):
+                    await watch("app0", user, "app0-a")
+            assert await refused("app0", users[-1], "app0-a") == "WATCHERS_PER_KEY_MAX"
+            await watch("app0", users[-1], "app0-b")  # another key of the app has room
+            await streams.pop().aclose()
+            for user in users[per_key // per_user:per_app // per_user]:
+                for _ in range(per_user):
+                    await watch("app0", user, "app0-b")
+            assert await refused("app0", users[-1], "app0-c") == "WATCHERS_PER_APP_MAX"
+            for app in apps[1:-1]:
+                await fill(app)
+            assert len(streams) == per_server
+            assert await refused(apps[-1], "u0", f"{apps[-1]}-a") == "WATCHERS_MAX"
+            await streams.pop().aclose()  # one ends: its place is free again
+            await watch(apps[-1], "u0", f"{apps[-1]}-a")
+        finally:
+            for stream in streams:
+                await stream.aclose()
             await writer.close()
             wal.close()
 

@@ -44,12 +44,17 @@ class ErrorReason(enum.StrEnum):
     TOO_MANY_KEYS = "TOO_MANY_KEYS"
     """The app has KEYS_PER_APP_MAX keys, revoked ones included."""
     TOO_MANY_WATCHERS = "TOO_MANY_WATCHERS"
-    """The server has WATCHERS_MAX usage watches."""
+    """A cap on usage watches was reached: the ErrorInfo metadata's "limit" names it
+    (WATCHERS_PER_USER_MAX, WATCHERS_PER_KEY_MAX, WATCHERS_PER_APP_MAX or WATCHERS_MAX)."""
     WATCH_QUEUE_FULL = "WATCH_QUEUE_FULL"
     """The watcher fell behind; it resumes from its last sequence."""
     OVERLOADED = "OVERLOADED"
     """The server is at its admission limit and did nothing with the call: it may be sent
     again, after the RetryInfo delay that comes with it."""
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    """A cap on the browser endpoint's connections was reached (HTTP 429): the error's
+    metadata "limit" names it (HTTP_CONNECTIONS_PER_PEER_MAX, HTTP_CONNECTIONS_PER_KEY_MAX or
+    HTTP_CONNECTIONS_PER_APP_MAX). Never sent over gRPC."""
 
 
 @dataclass(frozen=True, slots=True)

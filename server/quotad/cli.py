@@ -117,6 +117,12 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      help="an origin such as https://app.example.com whose pages may read "
                           "--http-listen (exact match; repeat for several); none by default, "
                           "so browsers withhold the answers from every other site's pages")
+    run.add_argument("--http-allowed-host", action="append", default=[], metavar="HOST",
+                     help="with API keys: a Host header --http-listen answers, such as "
+                          "quota.example.com (any port) or quota.example.com:8443; repeat for "
+                          "several. Any other Host gets 421, which stops DNS rebinding. None "
+                          "by default: every Host. Without API keys only loopback names and "
+                          "addresses (localhost, 127.0.0.0/8, [::1]) are answered, always")
     run.add_argument("--http-read-timeout-s", type=float,
                      default=limits.HTTP_REQUEST_READ_TIMEOUT_S, metavar="SECONDS",
                      help="an HTTP request must arrive whole within this long of its first "
@@ -137,8 +143,9 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      help="log a digest of the whole state at start and stop, to verify that "
                           "a restart recovers exactly the state the last run ended with")
     run.add_argument("--log-level", default="info", choices=config_file.LOG_LEVELS,
-                     help="debug logs one line per call (an access log); info logs one line "
-                          "per refused call (default: %(default)s)")
+                     help="debug logs one line per call and one per HTTP answer (an access "
+                          "log); info logs one line per refused call, naming its peer, app "
+                          "and key id (default: %(default)s)")
     if file_defaults:
         run.set_defaults(**file_defaults)
     check = commands.add_parser(

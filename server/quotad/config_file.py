@@ -60,6 +60,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_listen", str, "http_listen"),
     Setting("cors_origins", list, "cors_origins", tuple),
     Setting("http_read_timeout_s", float, "http_read_timeout_s"),
+    Setting("http_allowed_host", list, "http_allowed_hosts", tuple),
     Setting("admission_operations", int, "admission_operations"),
 )
 BY_KEY = {setting.key: setting for setting in SETTINGS}

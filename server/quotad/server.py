@@ -30,7 +30,7 @@ from quotad.storage.codec import state_digest
 from quotad.core.commands import UpsertPlan
 from quotad.core.machine import Core
 from quotad.api.admission import Admission
-from quotad.api.http_api import HttpApi
+from quotad.api.http_api import HttpApi, split_host
 from quotad.api.metrics import Metrics, MetricsInterceptor
 from quotad.plans_file import load_plans
 from quotad.api.auth import DEFAULT_APP, Authenticator
@@ -77,6 +77,9 @@ class Config:
     """Origins (https://app.example.com) whose pages may read the browser endpoint."""
     http_read_timeout_s: float = limits.HTTP_REQUEST_READ_TIMEOUT_S
     """How long one HTTP request may take to arrive, from its first byte."""
+    http_allowed_hosts: tuple[str, ...] = ()
+    """With API keys: the Host headers (name or address, maybe with a port) the browser
+    endpoint answers; empty: any. Without keys it answers loopback names only, always."""
     admin_key: str = field(default="", repr=False)
     """Empty: "open" mode (no keys, app "default", loopback only). Set: every call needs a
     key, and this one may create, list and revoke the keys of every app."""
@@ -134,6 +137,21 @@ class Config:
             raise ValueError(f"--cors-origin: at most {limits.HTTP_CORS_ORIGINS_MAX} origins")
         for origin in self.cors_origins:
             check_origin(origin)
+        if self.http_allowed_hosts and not self.admin_key:
+            raise ValueError("--http-allowed-host: without API keys the browser endpoint "
+                             "answers loopback Host names only (localhost, 127.0.0.1, [::1]); "
+                             "set an admin key to serve other names")
+        if len(self.http_allowed_hosts) > limits.HTTP_ALLOWED_HOSTS_MAX:
+            raise ValueError(f"--http-allowed-host: at most {limits.HTTP_ALLOWED_HOSTS_MAX} "
+                             "hosts")
+        for host in self.http_allowed_hosts:
+            if (len(host.encode()) > limits.HTTP_ALLOWED_HOST_BYTES_MAX
+                    or host != host.strip().lower() or split_host(host) is None):
+                raise ValueError(
+                    f"--http-allowed-host {host!r}: expected a lowercase host name or address "
+                    "as a browser sends it in Host, with or without a port (quota.example.com, "
+                    f"quota.example.com:8443, [2001:db8::1]), of at most "
+                    f"{limits.HTTP_ALLOWED_HOST_BYTES_MAX} bytes")
         if not (limits.HTTP_REQUEST_READ_TIMEOUT_S_MIN <= self.http_read_timeout_s
                 <= limits.HTTP_REQUEST_READ_TIMEOUT_S_MAX):
             raise ValueError("--http-read-timeout-s must be "
@@ -199,7 +217,9 @@ class _Process:
         self.http_api = HttpApi(self.gate, authorize=http_usage_authorizer(self.gate),
                                 cors_origins=config.cors_origins,
                                 read_timeout_s=config.http_read_timeout_s,
-                                metrics=self.metrics if self.measured else None)
+                                metrics=self.metrics if self.measured else None,
+                                loopback_hosts_only=not config.admin_key,
+                                allowed_hosts=config.http_allowed_hosts)
         self.address = self.http_address = self.metrics_address = ""
         self.recovery_started = 0.0
 

@@ -4,8 +4,9 @@ Two modes. Without an admin key ("open" mode) every call acts as app "default" a
 listens only on loopback. With one, every call carries `authorization: Bearer <key>`:
 
 - the admin key (configured, never stored) may create, list and revoke keys of any app, and
-  nothing else;
-- a secret key `sk_<key_id>_<secret>` may do everything within its own app;
+  read the whole server's state digest (GetStateDigest, which covers every app), nothing else;
+- a secret key `sk_<key_id>_<secret>` may do everything within its own app (GetStateDigest,
+  which would show other apps' activity, is not within an app);
 - a public key `pk_<key_id>_<secret>` may only read usage (GetUsage, WatchUsage) of the user
   named by a user token of its app, sent as `x-quotad-user-token`.
 
@@ -53,7 +54,9 @@ _KEY_PATTERN = re.compile(rf"(sk|pk)_({KEY_ID_PATTERN})_({KEY_SECRET_PATTERN})")
 _KINDS_BY_PREFIX = {prefix: kind for kind, prefix in KEY_PREFIXES.items()}
 
 KEY_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "MintUserToken"})
-ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys"})
+ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "GetStateDigest"})
+SERVER_RPCS = frozenset({"GetStateDigest"})
+"""RPCs about the whole server, every app at once: the admin key's alone when keys are on."""
 PUBLIC_RPCS = frozenset({"GetUsage", "WatchUsage"})
 """RPCs a pk key may call, each for the user its user token names."""
 
@@ -69,6 +72,40 @@ class Principal:
 
 OPEN_PRINCIPAL = Principal(app=DEFAULT_APP, kind=OPEN)
 ADMIN_PRINCIPAL = Principal(app="", kind=ADMIN)
+
+
+@dataclass(frozen=True, slots=True)
+class UserToken:
+    """A user token that verified: whose it is, the sk key that signed it, when it expires."""
+
+    app: str
+    user_id: str
+    key_id: str
+    expires_at_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGrant:
+    """A usage read let in, and what its right rests on, so that a read that lasts (a watch)
+    ends when that right does: when a key named here is revoked, or at expires_at_s."""
+
+    principal: Principal
+    token: UserToken | None = None
+    """The user token a pk key came with (None for any other caller)."""
+
+    @property
+    def app(self) -> str:
+        return self.principal.app
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """The keys whose revocation ends the right: the caller's, and its token's signer."""
+        ids = {self.principal.key_id, self.token.key_id if self.token else ""}
+        return frozenset(ids - {""})
+
+    @property
+    def expires_at_s(self) -> int | None:
+        return None if self.token is None else self.token.expires_at_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +139,17 @@ def header(metadata: Iterable[Any] | Mapping[str, str], name: str) -> str | None
         if key.lower() == name:
             return value.decode("latin-1") if isinstance(value, bytes) else value
     return None
+
+
+def presented_key_id(authorization: str | None) -> str:
+    """The key id of the API key an authorization header presents, read without checking the
+    key ("" if it presents none): what a log line may name, the id being no secret (ListKeys
+    shows it) and the rest of the key never read here."""
+    if authorization is None:
+        return ""
+    scheme, _, candidate = authorization.strip().partition(" ")
+    match = _KEY_PATTERN.fullmatch(candidate.strip())
+    return match.group(2) if scheme.lower() == "bearer" and match is not None else ""
 
 
 class Authenticator:
@@ -143,6 +191,21 @@ class Authenticator:
             raise Unauthenticated(f"API key {key_id} is revoked")
         return Principal(app=key.app, kind=key.kind, key_id=key_id)
 
+    def identify(self, metadata: Iterable[Any] | Mapping[str, str]) -> tuple[str, str]:
+        """(app, key id) a call's credentials name, for its log lines, whether or not they
+        verify (a refused call's may not): the open mode's ("default", ""), the admin key's
+        ("", "admin"), a key's id and the app of the key known by that id ("" if none)."""
+        if not self.admin_key:
+            return DEFAULT_APP, ""
+        value = header(metadata, AUTHORIZATION_HEADER)
+        _, _, candidate = (value or "").strip().partition(" ")
+        if candidate and hmac.compare_digest(candidate.strip().encode("utf-8", "surrogatepass"),
+                                             self.admin_key.encode("utf-8")):
+            return "", ADMIN
+        key_id = presented_key_id(value)
+        key = self.keys.get(key_id)
+        return (key.app if key is not None else ""), key_id
+
     def authorize(self, principal: Principal, rpc: str) -> None:
         """May this caller call this RPC at all? (What it touches is checked later: the app
         of a reservation by the core, the user of a usage read by authorize_usage_read.)"""
@@ -155,27 +218,33 @@ class Authenticator:
             return
         if principal.kind == ADMIN:
             if rpc not in ADMIN_RPCS:
-                raise PermissionDenied(f"the admin key may only create, list and revoke keys, "
-                                       f"not call {rpc}; use an sk_ key of the app")
+                raise PermissionDenied(f"the admin key may only create, list and revoke keys "
+                                       f"and read the state digest, not call {rpc}; use an "
+                                       "sk_ key of the app")
             return
+        if rpc in SERVER_RPCS:
+            raise PermissionDenied(f"{rpc} covers every app's state: only the admin key may "
+                                   "call it")
         if principal.kind == PUBLIC and rpc not in PUBLIC_RPCS:
             raise PermissionDenied(f"a pk_ key may only read usage, not call {rpc}")
 
     def authorize_usage_read(self, principal: Principal,
-                             metadata: Iterable[Any] | Mapping[str, str], user_id: str) -> None:
+                             metadata: Iterable[Any] | Mapping[str, str],
+                             user_id: str) -> UsageGrant:
         """May this caller read this user's usage (GetUsage, WatchUsage, HTTP)? A pk key needs
         a valid user token of its app naming exactly this user."""
         self.authorize(principal, "GetUsage")
         if principal.kind != PUBLIC:
-            return
-        app, token_user = self.verify_user_token(header(metadata, USER_TOKEN_HEADER))
-        if app != principal.app:
+            return UsageGrant(principal)
+        token = self.verify_user_token(header(metadata, USER_TOKEN_HEADER))
+        if token.app != principal.app:
             raise PermissionDenied("the user token belongs to another app")
-        if token_user != user_id:
+        if token.user_id != user_id:
             raise PermissionDenied("the user token names another user")
+        return UsageGrant(principal, token)
 
-    def verify_user_token(self, token: str | None) -> tuple[str, str]:
-        """(app, user_id) of a valid user token, or Unauthenticated."""
+    def verify_user_token(self, token: str | None) -> UserToken:
+        """The user token, once it verifies; else Unauthenticated."""
         if not token:
             raise Unauthenticated(f"a pk_ key needs a user token in '{USER_TOKEN_HEADER}'")
         if len(token) > limits.USER_TOKEN_BYTES_MAX:
@@ -206,7 +275,7 @@ class Authenticator:
             raise Unauthenticated("malformed user token")
         if expires_at_s <= self._now_s():
             raise Unauthenticated("the user token has expired")
-        return app, user_id
+        return UserToken(app=app, user_id=user_id, key_id=key_id, expires_at_s=expires_at_s)
 
     def mint_user_token(self, principal: Principal, request: MintUserToken) -> tuple[str, int]:
         """(token, expires_at_s) for a user of the caller's app, signed with the caller's sk

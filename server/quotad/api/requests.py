@@ -10,7 +10,8 @@ initial metadata of a stream (which may run for hours). A call that succeeds at 
 logged nowhere, so it gets no id back: echoing one cost ~30 us of server CPU per call.
 
 Logged per call: one info line for each refused call (its code, method, request id and
-status message); with --log-level debug also one line for every call, an access log. A call
+status message, and who made it: the peer's address, the app and the key id its credentials
+name, never a secret); with --log-level debug also one line for every call, an access log. A call
 that succeeds costs no logging work at info.
 
 This is done inside the handlers rather than by a grpc.aio server interceptor: an
@@ -62,8 +63,12 @@ def access_log_on() -> bool:
     return log.isEnabledFor(logging.DEBUG)
 
 
-def refused(method: str, code: str, message: str) -> None:
-    log.info("refused", extra={"code": code, "method": method, "status_message": message})
+def refused(method: str, code: str, message: str, *, peer: str, app: str,
+            key_id: str) -> None:
+    """The refused call's line: what was refused, and who asked (peer address, app, key id;
+    empty when the call named none)."""
+    log.info("refused", extra={"code": code, "method": method, "status_message": message,
+                               "peer": peer, "app": app, "key_id": key_id})
 
 
 def served(method: str, started_s: float) -> None:

@@ -68,7 +68,8 @@ def status_proto_of(error: Exception) -> status_pb2.Status:
                 for v in error.violations
             ]))
         if error.reason is not None:
-            details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+            details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
+                                                       metadata=error.metadata))
         retry_delay_s = getattr(error, "retry_delay_s", None)
         if retry_delay_s is not None:
             retry_info = error_details_pb2.RetryInfo()
@@ -159,6 +160,16 @@ def open_call(gate: Gate, metadata: Any, rpc: str, deadline_s: float | None = No
     return Call(writer, principal, metadata, deadline_s)
 
 
+def caller_of(gate: Gate, metadata: Any, context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Who made a call, for its refused line: the peer's address, and the app and key id its
+    credentials name (verified or not; never the secret)."""
+    if gate.auth is not None:
+        app, key_id = gate.auth.identify(metadata)
+    else:  # still starting: the keys are not loaded yet
+        app, key_id = "", auth.presented_key_id(auth.header(metadata, auth.AUTHORIZATION_HEADER))
+    return {"peer": context.peer() or "", "app": app, "key_id": key_id}
+
+
 def _deadline_s(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on time.monotonic()'s scale; None when the caller set none."""
     remaining_s = context.time_remaining()
@@ -207,7 +218,8 @@ def _answering(gate: Gate, admission: Admission, rpc: str,
             if isinstance(error, DeadlinePassed):
                 admission.count_deadline_shed(rpc)
             elif error.reason is not ErrorReason.OVERLOADED:
-                requests.refused(method, status.code.name, status.details)
+                requests.refused(method, status.code.name, status.details,
+                                 **caller_of(gate, metadata, context))
             await context.abort(status.code, status.details, (*status.trailing_metadata, *echo))
         finally:
             admission.release(operations)
@@ -345,27 +357,30 @@ def _mint_user_token_handler(gate: Gate, admission: Admission) -> _Handler:
     return _answering(gate, admission, "MintUserToken", answer)
 
 
-def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> str:
-    """The app a usage read (GetUsage, WatchUsage, the HTTP endpoint) reads from, once its
-    caller may read this user's usage: a pk_ key needs a user token naming the user. With
-    user_id None (a request that did not parse) only the caller is checked."""
+def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> auth.UsageGrant:
+    """What a usage read (GetUsage, WatchUsage, the HTTP endpoint) rests on, once its caller
+    may read this user's usage: a pk_ key needs a user token naming the user. The grant's app
+    is the one it reads from. With user_id None (a request that did not parse) only the caller
+    is checked."""
     call = open_call(gate, metadata, rpc)
-    if user_id is not None:
-        assert gate.auth is not None
-        gate.auth.authorize_usage_read(call.principal, metadata, user_id)
-    return call.principal.app
+    if user_id is None:
+        return auth.UsageGrant(call.principal)
+    assert gate.auth is not None
+    return gate.auth.authorize_usage_read(call.principal, metadata, user_id)
 
 
-def _watch_caller(gate: Gate) -> Callable[[Any, Any], str]:
-    def caller(metadata: Any, request: Any) -> str:
+def _watch_caller(gate: Gate) -> Callable[[Any, Any], auth.UsageGrant]:
+    def caller(metadata: Any, request: Any) -> auth.UsageGrant:
         user_id = request.user_id if isinstance(request, pb.WatchUsageRequest) else None
         return usage_reader(gate, metadata, "WatchUsage", user_id)
     return caller
 
 
-def http_usage_authorizer(gate: Gate) -> Callable[[str | None, str | None, str], str]:
+def http_usage_authorizer(
+        gate: Gate) -> Callable[[str | None, str | None, str], auth.UsageGrant]:
     """The browser endpoint's rule, the same as GetUsage's: its headers are the metadata."""
-    def authorize(authorization: str | None, user_token: str | None, user_id: str) -> str:
+    def authorize(authorization: str | None, user_token: str | None,
+                  user_id: str) -> auth.UsageGrant:
         metadata = {name: value for name, value in ((auth.AUTHORIZATION_HEADER, authorization),
                                                     (auth.USER_TOKEN_HEADER, user_token))
                     if value is not None}
@@ -403,6 +418,7 @@ def generic_handlers(gate: Gate, admission: Admission) -> list[grpc.GenericRpcHa
             hub = watch.WatchHub(gate.open_writer, lambda: gate.serving)
             table["WatchUsage"] = watch.method_handler(
                 hub, _watch_caller(gate), _safe_parser(pb.WatchUsageRequest), status_of,
-                _REFUSALS, full_method("WatchUsage"))
+                _REFUSALS, full_method("WatchUsage"),
+                lambda metadata, context: caller_of(gate, metadata, context))
         handlers.append(grpc.method_handlers_generic_handler(service, table))
     return handlers

@@ -9,6 +9,14 @@ with the thresholds it crossed. A message leaves only once its record is durable
 sent is ever undone by a crash. At each window end of the user's groups a timer queues a
 WATCH_REASON_WINDOW_RESET message through the same queue, so messages stay in log order.
 
+A watch lasts only as long as the right it was opened with: the writer's hook ends it
+UNAUTHENTICATED as soon as a revocation of its key, or of the sk key that signed its user
+token, is applied, and its stream ends it at the token's expiry (`exp`).
+
+No one takes more than a share of the watches: at most limits.WATCHERS_PER_USER_MAX per end
+user, WATCHERS_PER_KEY_MAX per key, WATCHERS_PER_APP_MAX per app and WATCHERS_MAX in all;
+one more is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS naming the cap in its ErrorInfo metadata.
+
 Nothing here makes the writer wait. A watcher's queue holds at most
 limits.WATCH_QUEUE_MESSAGES_MAX messages; past that the watch ends RESOURCE_EXHAUSTED
 (WATCH_QUEUE_FULL) and the client resumes with after_sequence. When the server drains or its
@@ -20,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +38,14 @@ import grpc
 from quotad.api import convert
 from quotad.core import limits
 from quotad.api import requests
+from quotad.api.auth import UsageGrant
 from quotad.core.commands import (
-    CounterView, Record, UpsertSubscription, UsageResult, WatchUsage,
+    CounterView, Record, RevokeKey, UpsertSubscription, UsageResult, WatchUsage,
 )
 from quotad.core.machine import Core
-from quotad.core.errors import FieldViolation, InvalidArgument, QuotaError, ResourceExhausted
+from quotad.core.errors import (
+    FieldViolation, InvalidArgument, QuotaError, ResourceExhausted, Unauthenticated,
+)
 from quotad_contract.errors import ErrorReason
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad.storage.wal import WriteAheadLog
@@ -74,9 +85,17 @@ class Watcher:
     """One watch stream's queue and window timer. Pure bookkeeping: the stream drives it."""
 
     def __init__(self, app: str, user_id: str,
-                 queue_messages_max: int = limits.WATCH_QUEUE_MESSAGES_MAX) -> None:
+                 queue_messages_max: int = limits.WATCH_QUEUE_MESSAGES_MAX,
+                 grant: UsageGrant | None = None) -> None:
         self.app = app
         self.user_id = user_id
+        self.key_id = grant.principal.key_id if grant is not None else ""
+        """The caller's key ("" without one: the open mode)."""
+        self.key_ids = grant.key_ids if grant is not None else frozenset()
+        """Revoking any of these keys ends the watch."""
+        expires_at_s = grant.expires_at_s if grant is not None else None
+        self.expires_at_ns = None if expires_at_s is None else expires_at_s * limits.NS_PER_S
+        """Wall-clock time (time.time_ns()) at which the user token expires, and the watch."""
         self.queue: deque[Update] = deque()
         self.queue_messages_max = queue_messages_max
         self.wake = asyncio.Event()
@@ -112,6 +131,18 @@ class Watcher:
         self.push(Update(pb.WATCH_REASON_WINDOW_RESET, core.sequence, usage))
         return True
 
+    def expire_if_due(self, now_ns: int) -> None:
+        """Ends the watch UNAUTHENTICATED once its user token has expired."""
+        if self.expires_at_ns is not None and now_ns >= self.expires_at_ns:
+            self.end(Unauthenticated("the user token has expired; reopen the watch with a "
+                                     "fresh one"))
+
+    def wake_at_ns(self) -> int | None:
+        """When the stream must look again without being woken: the next window reset or
+        the token's expiry, whichever is first (None: neither)."""
+        times = [at for at in (self.reset_at_ns, self.expires_at_ns) if at is not None]
+        return min(times) if times else None
+
     def end(self, error: QuotaError | WriterStopped) -> None:
         if self.ended is None:
             self.ended = error
@@ -139,11 +170,22 @@ class WatchHub:
     """Every watcher of one server, fed by the writer's on_applied hook."""
 
     def __init__(self, open_writer: Callable[[], Writer], serving: Callable[[], bool],
-                 watchers_max: int = limits.WATCHERS_MAX) -> None:
+                 watchers_max: int = limits.WATCHERS_MAX,
+                 watchers_per_app_max: int = limits.WATCHERS_PER_APP_MAX,
+                 watchers_per_key_max: int = limits.WATCHERS_PER_KEY_MAX,
+                 watchers_per_user_max: int = limits.WATCHERS_PER_USER_MAX) -> None:
         self._open_writer = open_writer
         self._serving = serving
         self._watchers_max = watchers_max
+        self._watchers_per_app_max = watchers_per_app_max
+        self._watchers_per_key_max = watchers_per_key_max
+        self._watchers_per_user_max = watchers_per_user_max
         self._by_user: dict[tuple[str, str], list[Watcher]] = {}
+        self._by_key: dict[str, list[Watcher]] = {}
+        """Watchers by each key whose revocation ends them."""
+        self._per_app: Counter[str] = Counter()
+        self._per_key: Counter[str] = Counter()
+        """Watchers by the key that opened them (none counted without a key)."""
         self._count = 0
         self._writer: Writer | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -160,6 +202,8 @@ class WatchHub:
     def _forward(self, records: tuple[Record, ...]) -> None:
         touched: dict[tuple[str, str], tuple[int, list[Crossing]]] = {}
         for record in records:
+            if isinstance(record.command, RevokeKey):
+                self._end_revoked(record.command.key_id)
             for user in changed_users(record):
                 if user in self._by_user:
                     _, earlier = touched.get(user, (0, []))
@@ -171,18 +215,49 @@ class WatchHub:
         for (app, user_id), (sequence, thresholds) in touched.items():
             update = Update(pb.WATCH_REASON_CHANGE, sequence, core.usage(app, user_id, now_ns),
                             tuple(thresholds))
-            for watcher in list(self._by_user[(app, user_id)]):
+            for watcher in list(self._by_user.get((app, user_id), ())):  # revoked: gone
                 watcher.push(update)
                 if watcher.ended is not None:
                     self._remove(watcher)
 
+    def _end_revoked(self, key_id: str) -> None:
+        """Ends at once every watch that rests on this key, now revoked."""
+        for watcher in list(self._by_key.get(key_id, ())):
+            whose = ("API key" if watcher.key_id == key_id
+                     else "the user token's signing key")
+            watcher.end(Unauthenticated(f"{whose} {key_id} was revoked"))
+            self._remove(watcher)
+
     # --- watchers come and go -------------------------------------------------------------
 
+    def _refuse_past_a_cap(self, watcher: Watcher) -> None:
+        """RESOURCE_EXHAUSTED TOO_MANY_WATCHERS naming the first cap one more watch would pass,
+        from the narrowest to the widest."""
+        app, user_id, key_id = watcher.app, watcher.user_id, watcher.key_id
+        caps = [
+            ("WATCHERS_PER_USER_MAX", self._watchers_per_user_max,
+             len(self._by_user.get((app, user_id), ())), f"user {user_id!r} of app {app!r}"),
+            ("WATCHERS_PER_KEY_MAX", self._watchers_per_key_max,
+             self._per_key[key_id] if key_id else 0, f"key {key_id}"),
+            ("WATCHERS_PER_APP_MAX", self._watchers_per_app_max, self._per_app[app],
+             f"app {app!r}"),
+            ("WATCHERS_MAX", self._watchers_max, self._count, "this server"),
+        ]
+        for name, most, count, whose in caps:
+            if count >= most:
+                raise ResourceExhausted(
+                    ErrorReason.TOO_MANY_WATCHERS,
+                    f"{whose} has {count} watches, the most allowed ({name})",
+                    metadata={"limit": name, "max": str(most)})
+
     def _add(self, writer: Writer, watcher: Watcher) -> None:
-        if self._count >= self._watchers_max:
-            raise ResourceExhausted(ErrorReason.TOO_MANY_WATCHERS,
-                                    f"this server has {self._count} watches, the most allowed")
+        self._refuse_past_a_cap(watcher)
         self._by_user.setdefault((watcher.app, watcher.user_id), []).append(watcher)
+        for key_id in watcher.key_ids:
+            self._by_key.setdefault(key_id, []).append(watcher)
+        self._per_app[watcher.app] += 1
+        if watcher.key_id:
+            self._per_key[watcher.key_id] += 1
         self._count += 1
         self._writer = writer
         writer.on_applied = self.on_applied
@@ -198,6 +273,14 @@ class WatchHub:
             self._count -= 1
             if not watchers:
                 del self._by_user[key]
+            for key_id in watcher.key_ids:
+                resting = self._by_key[key_id]
+                resting.remove(watcher)
+                if not resting:
+                    del self._by_key[key_id]
+            _decrement(self._per_app, watcher.app)
+            if watcher.key_id:
+                _decrement(self._per_key, watcher.key_id)
         if not self._by_user and self._writer is not None:
             self._writer.on_applied = None  # nobody watches: the writer skips the hook
 
@@ -216,11 +299,14 @@ class WatchHub:
 
     # --- one stream -----------------------------------------------------------------------
 
-    async def watch(self, request: WatchUsage) -> AsyncIterator[pb.WatchUsageResponse]:
-        """The messages of one watch; raises the refusal that ends it."""
+    async def watch(self, request: WatchUsage,
+                    grant: UsageGrant | None = None) -> AsyncIterator[pb.WatchUsageResponse]:
+        """The messages of one watch; raises the refusal that ends it. `grant` is what the
+        caller's right to read rests on (None: nothing, the open mode); it was checked with no
+        await since, so a revocation applied later reaches the watch through the hook."""
         app = request.app
         writer = self._open_writer()
-        watcher = Watcher(app, request.user_id)
+        watcher = Watcher(app, request.user_id, grant=grant)
         # A user with no subscription: FailedPrecondition NO_PLAN, as GetUsage answers.
         usage = writer.core.usage(app, request.user_id, writer.clock.now_ns())
         sequence = writer.core.sequence  # no await since usage: the counters as of it
@@ -234,8 +320,12 @@ class WatchHub:
                     None, replay_thresholds, writer.wal, app, request.user_id,
                     writer.core.user_number(app, request.user_id), request.after_sequence,
                     sequence)
+            watcher.expire_if_due(time.time_ns())
+            if watcher.ended is not None:
+                raise watcher.ended
             yield response(Update(pb.WATCH_REASON_INITIAL, sequence, usage, replayed))
             while True:
+                watcher.expire_if_due(time.time_ns())
                 if watcher.ended is not None:
                     raise watcher.ended
                 if watcher.queue:
@@ -246,9 +336,17 @@ class WatchHub:
                 if watcher.reset_if_due(writer.core, writer.clock.now_ns()):
                     continue
                 watcher.wake.clear()
-                await _wait(watcher.wake, watcher.reset_at_ns)
+                await _wait(watcher.wake, watcher.wake_at_ns())
         finally:
             self._remove(watcher)
+
+
+def _decrement(counts: Counter[str], key: str) -> None:
+    """One fewer; a count that reaches 0 is dropped, so the counters hold only live keys."""
+    assert counts[key] > 0, key
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
 
 
 async def _wait(wake: asyncio.Event, until_ns: int | None) -> None:
@@ -296,27 +394,30 @@ def response(update: Update) -> pb.WatchUsageResponse:
             sequence=crossing.sequence) for crossing in update.thresholds])
 
 
-def method_handler(hub: WatchHub, caller: Callable[[Any, Any], str],
+def method_handler(hub: WatchHub, caller: Callable[[Any, Any], UsageGrant],
                    parse: Callable[[bytes], Any],
                    status_of: Callable[[Exception], grpc.Status],
-                   refusals: tuple[type[Exception], ...], method: str) -> grpc.RpcMethodHandler:
+                   refusals: tuple[type[Exception], ...], method: str,
+                   caller_of: Callable[[Any, Any], dict[str, str]]) -> grpc.RpcMethodHandler:
     """The WatchUsage gRPC handler: refusals (before or during the stream) end it with the
     status they map to, as every other handler's do. caller(metadata, request) authenticates
-    the call first and gives the app it reads from."""
+    the call first and gives what its read rests on (the app it reads from among it);
+    caller_of(metadata, context) names who made a refused call, for its log line."""
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         metadata = context.invocation_metadata() or ()
         await context.send_initial_metadata(
             ((requests.REQUEST_ID_HEADER, requests.begin(metadata)),))
         try:
-            app = caller(metadata, request)
+            grant = caller(metadata, request)
             if not isinstance(request, pb.WatchUsageRequest):  # protobuf could not parse it
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {getattr(request, 'error', request)}")])
-            async for message in hub.watch(convert.watch_usage(app, request)):
+            async for message in hub.watch(convert.watch_usage(grant.app, request), grant):
                 yield message
         except refusals as error:
             status = status_of(error)
-            requests.refused(method, status.code.name, status.details)
+            requests.refused(method, status.code.name, status.details,
+                             **caller_of(metadata, context))
             await context.abort(status.code, status.details, status.trailing_metadata)
     return grpc.unary_stream_rpc_method_handler(
         handle, request_deserializer=parse,

@@ -7,17 +7,21 @@ A refused request changes nothing. Field names in violations are the contract's 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from quotad_contract.errors import ErrorReason
 
 
 class Refusal(Exception):
     """A call the server refuses, whoever refuses it (the core, the keys, the gate, the
-    writer). Subclasses name their code; `reason`, when set, is sent as an ErrorInfo."""
+    writer). Subclasses name their code; `reason`, when set, is sent as an ErrorInfo, with
+    `metadata` as the ErrorInfo's metadata."""
 
     code = "INTERNAL"
     reason: ErrorReason | None = None
+    metadata: Mapping[str, str] = MappingProxyType({})
 
 
 class QuotaError(Refusal):
@@ -75,9 +79,12 @@ class Unauthenticated(QuotaError):
 class ResourceExhausted(QuotaError):
     code = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, reason: ErrorReason, message: str) -> None:
+    def __init__(self, reason: ErrorReason, message: str, *,
+                 metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        if metadata is not None:
+            self.metadata = MappingProxyType(dict(metadata))
 
 
 class Violations:

@@ -39,7 +39,18 @@ WATCH_THRESHOLDS_PERCENT = (80, 100)
 event, each at most once per user, group and window; ascending. Quota 0 groups have none."""
 
 WATCHERS_MAX = 1024
-"""Concurrent WatchUsage streams per server; one more is RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)."""
+"""Concurrent WatchUsage streams per server; one more is RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS,
+its ErrorInfo metadata naming the cap it hit: {"limit": "WATCHERS_MAX", "max": "1024"}), as
+for each cap below. The caps are checked from the narrowest (the user) to the widest."""
+WATCHERS_PER_APP_MAX = 256
+"""Concurrent watches of one app: a quarter of the server, so that no app, however many
+keys it makes, keeps the others from watching."""
+WATCHERS_PER_KEY_MAX = 128
+"""Concurrent watches opened with one key: half of its app's, so that a pk_ key shipped to
+browsers cannot take the app's backend's share. Not counted without keys (the open mode)."""
+WATCHERS_PER_USER_MAX = 16
+"""Concurrent watches of one end user (app and user_id): a user's tabs and devices, and no
+more, so that one user with a valid token cannot take the share of its key's other users."""
 
 WATCH_QUEUE_MESSAGES_MAX = 1024
 """Messages a watcher may have waiting to be sent. A reader that falls this far behind gets
@@ -89,6 +100,17 @@ HTTP_QUERY_FIELDS_MAX = 16
 
 HTTP_CONNECTIONS_MAX = 256
 """Open HTTP connections at most; one more is answered 503 and closed at once."""
+HTTP_CONNECTIONS_PER_PEER_MAX = 32
+"""Open HTTP connections from one IP address (all a connection is known by before its first
+request): one more is answered 429 TOO_MANY_CONNECTIONS and closed at once. An eighth of the
+server: a browser opens at most 6 per host; a proxy in front of quotad reuses its own."""
+HTTP_CONNECTIONS_PER_APP_MAX = 64
+"""Open HTTP connections whose last authorized request was of one app: a quarter of the
+server. The request that would pass it is answered 429 TOO_MANY_CONNECTIONS and its
+connection closed."""
+HTTP_CONNECTIONS_PER_KEY_MAX = 32
+"""The same per key: half of its app's, so that a pk_ key shipped to browsers cannot take all
+of the app's. Not counted without keys (the open mode)."""
 
 HTTP_KEEP_ALIVE_IDLE_S = 30.0
 """An idle keep-alive connection is closed after this long without a new request."""
@@ -102,6 +124,11 @@ HTTP_REQUEST_READ_TIMEOUT_S_MAX = 60.0
 HTTP_RESPONSE_WRITE_TIMEOUT_S = 10.0
 """A client that does not read its answer within this long is disconnected."""
 
+HTTP_ALLOWED_HOSTS_MAX = 64
+HTTP_ALLOWED_HOST_BYTES_MAX = 261
+"""`--http-allowed-host`: this many hosts at most, each a DNS name of at most 255 bytes and a
+port (":65535"), or less."""
+
 HTTP_CORS_ORIGINS_MAX = 64
 HTTP_CORS_ORIGIN_BYTES_MAX = 256
 HTTP_CORS_MAX_AGE_S = 600
@@ -113,6 +140,14 @@ if not (0 < WATCH_THRESHOLDS_PERCENT[0]
         and all(low < high for low, high in zip(WATCH_THRESHOLDS_PERCENT,
                                                 WATCH_THRESHOLDS_PERCENT[1:]))):
     raise AssertionError("WATCH_THRESHOLDS_PERCENT are positive and ascending")
+if not 1 <= WATCHERS_PER_USER_MAX <= WATCHERS_PER_KEY_MAX <= WATCHERS_PER_APP_MAX < WATCHERS_MAX:
+    raise AssertionError("1 <= WATCHERS_PER_USER_MAX <= WATCHERS_PER_KEY_MAX "
+                         "<= WATCHERS_PER_APP_MAX < WATCHERS_MAX: no app fills the server")
+if not (1 <= HTTP_CONNECTIONS_PER_KEY_MAX <= HTTP_CONNECTIONS_PER_APP_MAX < HTTP_CONNECTIONS_MAX
+        and 1 <= HTTP_CONNECTIONS_PER_PEER_MAX < HTTP_CONNECTIONS_MAX):
+    raise AssertionError("1 <= HTTP_CONNECTIONS_PER_KEY_MAX <= HTTP_CONNECTIONS_PER_APP_MAX "
+                         "< HTTP_CONNECTIONS_MAX and 1 <= HTTP_CONNECTIONS_PER_PEER_MAX "
+                         "< HTTP_CONNECTIONS_MAX: no app or address fills the server")
 if not ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS <= ADMISSION_OPERATIONS_MAX:
     raise AssertionError("ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS "
                          "<= ADMISSION_OPERATIONS_MAX")
