@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from quotad.core import limits
 from quotad.core.errors import Violations
+from quotad_contract.zones import time_zone_problem
 
 Metadata = tuple[tuple[str, str], ...]
 """Event metadata as (key, value) pairs sorted by key: hashable and canonical."""
@@ -161,16 +162,12 @@ class Subscription:
     time_zone: str = "UTC"
 
 
-@lru_cache(maxsize=1)
-def _known_zone_names() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones()) | {"UTC"}
-
-
 @lru_cache(maxsize=1024)
 def load_time_zone(name: str) -> zoneinfo.ZoneInfo | None:
-    """The zone for an IANA name, or None if there is no such zone. Only canonical IANA names
-    count (not the host's right/ or posix/ variants), so a log replays on any host."""
-    if name not in _known_zone_names():
+    """The zone for an IANA name, or None if a subscription may not name it (see
+    quotad_contract.zones: tzdata's zones, not the host's `localtime`, `posix/` or `right/`),
+    so that a log replays alike on any host."""
+    if time_zone_problem(name) is not None:
         return None
     try:
         return zoneinfo.ZoneInfo(name)
