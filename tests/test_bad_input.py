@@ -369,8 +369,12 @@ def group_violations(group: pb.LimitGroup, where: str) -> set[str]:
             bad.add(f"{where}.match.event_types[{j}]")
     if len(group.match.metadata) > MATCHES_MAX:
         bad.add(f"{where}.match.metadata")
+    keys_seen: set[str] = set()
     for j, constraint in enumerate(group.match.metadata):
         _text(bad, f"{where}.match.metadata[{j}].key", constraint.key, 1, METADATA_KEY_MAX)
+        if constraint.key in keys_seen:  # one constraint per key
+            bad.add(f"{where}.match.metadata[{j}].key")
+        keys_seen.add(constraint.key)
         if (not 1 <= len(constraint.values) <= MATCH_VALUES_MAX
                 or any(blen(value) > METADATA_VALUE_MAX for value in constraint.values)):
             bad.add(f"{where}.match.metadata[{j}].values")
@@ -1088,6 +1092,10 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
                 pb.MetadataMatch(key="", values=["v"])])}, "match.metadata[0].key"),
             ("constraint-key-257-bytes", {"match": pb.Match(metadata=[
                 pb.MetadataMatch(key="k" * 257, values=["v"])])}, "match.metadata[0].key"),
+            ("constraint-key-repeated", {"match": pb.Match(metadata=[
+                pb.MetadataMatch(key="model", values=["a"]),
+                pb.MetadataMatch(key="tier", values=["t"]),
+                pb.MetadataMatch(key="model", values=["b"])])}, "match.metadata[2].key"),
             ("constraint-no-values", {"match": pb.Match(metadata=[
                 pb.MetadataMatch(key="k", values=[])])}, "match.metadata[0].values"),
             (f"constraint-{MATCH_VALUES_MAX + 1}-values", {"match": pb.Match(metadata=[

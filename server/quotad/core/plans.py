@@ -133,10 +133,15 @@ def _validate_group(v: Violations, group: LimitGroup, field: str) -> None:
         f"{field}.match.metadata",
         f"at most {limits.METADATA_MATCHES_PER_GROUP_MAX} constraints",
     )
+    first_index_by_key: dict[str, int] = {}
     for i, constraint in enumerate(constraints):
         where = f"{field}.match.metadata[{i}]"
         v.text(constraint.key, f"{where}.key", bytes_min=1,
                bytes_max=limits.METADATA_KEY_BYTES_MAX)
+        first = first_index_by_key.setdefault(constraint.key, i)
+        v.check(first == i, f"{where}.key",
+                f"repeats the key of metadata[{first}]: one constraint per key, holding "
+                "every value it allows")
         v.check(
             1 <= len(constraint.values) <= limits.METADATA_MATCH_VALUES_MAX,
             f"{where}.values",
