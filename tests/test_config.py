@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import http.client
 import os
 import shutil
 import subprocess
@@ -124,12 +126,56 @@ def test_settings_reach_the_config_in_its_units(tmp_path):
 def test_the_example_config_holds_every_setting_at_its_default():
     values = config_file.load(EXAMPLE_CONFIG)
     defaults = vars(cli.parser().parse_args(["serve"]))
-    no_default = {"plans", "admin_key", "tls_cert", "tls_key"}  # commented out in the example
+    no_default = {"plans", "admin_key", "admin_key_file", "tls_cert", "tls_key"}  # commented out
     assert set(values) == {s.key for s in config_file.SETTINGS} - no_default
     for key, value in values.items():
         if key != "data_dir":  # a path relative to the file, not to the working directory
             assert value == defaults[key], key
     assert values["data_dir"] == EXAMPLE_CONFIG.parent / "quotad-data"
+
+
+def serve_flags() -> dict[str, str]:
+    """`quotad serve`'s flags, each with the name its value has (--cors-origin: cors_origin)."""
+    serve = next(action for action in cli.parser()._actions
+                 if isinstance(action, argparse._SubParsersAction)).choices["serve"]
+    return {action.option_strings[0]: action.dest for action in serve._actions
+            if action.option_strings and action.dest not in ("help", "config")}
+
+
+def test_every_serve_flag_is_a_config_key_of_its_name_and_no_other_key_is_taken():
+    keys = {setting.key for setting in config_file.SETTINGS}
+    flags = serve_flags()
+    assert {flag[2:].replace("-", "_") for flag in flags} == set(flags.values())
+    assert keys == set(flags.values()) | {"admin_key"}  # a key is never a command-line flag
+
+
+def test_the_readme_shows_the_example_config_file_as_it_is():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Configuration file"):]
+    snippet = section[section.index("```toml\n") + len("```toml\n"):section.index("```\n\n")]
+    assert snippet == EXAMPLE_CONFIG.read_text(encoding="utf-8")
+
+
+def test_the_cors_origin_key_lets_that_origin_read_and_the_old_plural_key_is_refused(
+        configured, tmp_path):
+    server = configured('listen = "127.0.0.1:0"\ndata_dir = "data"\nhttp_listen = "127.0.0.1:0"\n'
+                        'cors_origin = ["https://app.example.com"]\n')
+    host, _, port = server.last("serving")["http"].rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=LOG_WAIT_S)
+    try:
+        connection.request("OPTIONS", "/v1/usage?user_id=u1", headers={
+            "Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"})
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    assert response.status == 204
+    assert response.getheader("access-control-allow-origin") == "https://app.example.com"
+    config = tmp_path / "plural.toml"
+    config.write_text('cors_origins = ["https://app.example.com"]\n')
+    refused = subprocess.run([sys.executable, "-m", "quotad", "serve", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "unknown key 'cors_origins'" in refused.stderr
 
 
 def test_a_callers_request_id_is_echoed_and_names_its_refused_call_in_the_log(server):
@@ -207,6 +253,19 @@ def test_an_admin_key_from_the_config_file_turns_keys_on(configured, tmp_path):
         keys = admin.ListKeys(pb.ListKeysRequest(app="acme"),
                               metadata=[("authorization", f"Bearer {ADMIN_KEY}")])
         assert list(keys.keys) == []
+
+
+def test_an_admin_key_file_named_in_the_config_file_turns_keys_on(configured, tmp_path):
+    (tmp_path / "etc").mkdir()
+    key_file = tmp_path / "etc" / "admin.key"
+    key_file.write_text(ADMIN_KEY + "\n")
+    key_file.chmod(0o600)
+    server = configured('listen = "127.0.0.1:0"\ndata_dir = "data"\n'
+                        'admin_key_file = "admin.key"\n')  # relative to the file's folder
+    with grpc.insecure_channel(server.address) as channel:
+        keys = stubs.AdminServiceStub(channel).ListKeys(
+            pb.ListKeysRequest(app="acme"), metadata=[("authorization", f"Bearer {ADMIN_KEY}")])
+    assert list(keys.keys) == []
 
 
 def test_the_admin_key_may_not_come_from_two_places(tmp_path):

@@ -29,7 +29,8 @@ from ._config import (
 )
 from ._convert import PlanLike
 from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
-from ._errors import DeadlineExceeded, error_from_rpc_error, error_from_status, shed_delay_s
+from ._errors import (DeadlineExceeded, error_from_rpc_error, error_from_status, shed_delay_s,
+                      with_tls_hint)
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -113,6 +114,7 @@ class AsyncQuotaClient:
             retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
         credentials = channel_credentials(credentials, tls_root_cert, tls)
+        self._plaintext = credentials is None
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(target, credentials,
                                                     options=merged_channel_options(channel_options))
@@ -163,7 +165,7 @@ class AsyncQuotaClient:
                                                retryable=op.retryable, deadline=deadline,
                                                shed_delay_s=shed_delay_s(error))
                 if wait is None:
-                    raise error from rpc_error
+                    raise with_tls_hint(error, self._plaintext) from rpc_error
                 await asyncio.sleep(wait)
                 retry += 1
                 continue
@@ -262,7 +264,7 @@ class AsyncQuotaClient:
                 error = error_from_rpc_error(rpc_error)
                 wait = resume.next_wait(error)
                 if wait is None:
-                    raise error from rpc_error
+                    raise with_tls_hint(error, self._plaintext) from rpc_error
             finally:
                 call.cancel()
             await asyncio.sleep(wait)

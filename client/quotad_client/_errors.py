@@ -77,7 +77,11 @@ class Unauthenticated(QuotadError):
 
 
 class Unavailable(QuotadError):
-    """The server is starting, draining, stopped, or unreachable (retried by the client)."""
+    """The server is starting, draining, stopped, or unreachable (retried by the client).
+    ``may_need_tls``: a plaintext channel found no server it could speak to, which is what a
+    server serving TLS looks like to it (the message then says how to connect over TLS)."""
+
+    may_need_tls: bool = False
 
 
 class DeadlineExceeded(QuotadError):
@@ -129,6 +133,23 @@ def shed_delay_s(error: QuotadError) -> float | None:
             and error.retry_delay_s is not None):
         return error.retry_delay_s
     return None
+
+
+TLS_HINT = ("no server there, or one that requires TLS: pass tls_root_cert=<the CA's PEM "
+            "bytes>, or tls=True to trust the system's roots")
+_CONNECT_FAILURES = ("failed to connect", "Socket closed", "Connection reset")
+"""What gRPC says when a plaintext channel meets a TLS server (it closes the connection at
+the first bytes, which are no TLS ClientHello), and when nothing listens."""
+
+
+def with_tls_hint(error: QuotadError, plaintext: bool) -> QuotadError:
+    """The error a caller sees: on a plaintext channel that could not connect, it also says
+    that the server may require TLS and names the argument that turns it on."""
+    if (plaintext and isinstance(error, Unavailable)
+            and any(text in error.message for text in _CONNECT_FAILURES)):
+        error.may_need_tls = True
+        error.args = (f"{error.args[0]} ({TLS_HINT})",)
+    return error
 
 
 def error_from_rpc_error(error: grpc.RpcError) -> QuotadError:

@@ -19,7 +19,8 @@ from ._config import (
     merged_channel_options,
 )
 from ._convert import PlanLike
-from ._errors import DeadlineExceeded, error_from_rpc_error, shed_delay_s
+from ._errors import (DeadlineExceeded, error_from_rpc_error, shed_delay_s,
+                      with_tls_hint)
 from ._hold import Hold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -71,6 +72,7 @@ class QuotaClient:
             retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
         credentials = channel_credentials(credentials, tls_root_cert, tls)
+        self._plaintext = credentials is None
         if credentials is not None:
             self._channel = grpc.secure_channel(target, credentials,
                                                 options=merged_channel_options(channel_options))
@@ -111,7 +113,7 @@ class QuotaClient:
                                                retryable=op.retryable, deadline=deadline,
                                                shed_delay_s=shed_delay_s(error))
                 if wait is None:
-                    raise error from rpc_error
+                    raise with_tls_hint(error, self._plaintext) from rpc_error
                 time.sleep(wait)
                 retry += 1
                 continue
@@ -187,7 +189,7 @@ class QuotaClient:
                 error = error_from_rpc_error(rpc_error)
                 wait = resume.next_wait(error)
                 if wait is None:
-                    raise error from rpc_error
+                    raise with_tls_hint(error, self._plaintext) from rpc_error
             finally:
                 call.cancel()
             time.sleep(wait)

@@ -478,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         with connect(args.target, args.timeout_s, args.tls_root_cert, args.tls) as client:
             return int(args.run(client, args))
     except (Unavailable, DeadlineExceeded) as error:
-        print(f"quotactl: cannot reach quotad at {args.target}: {_refusal(error)}",
+        tls_hint = (f"; no server there, or one that requires TLS: --tls-root-cert CA.pem "
+                    f"(or ${TLS_ROOT_CERT_ENV}), or --tls to trust the system's roots"
+                    if getattr(error, "may_need_tls", False) else "")
+        print(f"quotactl: cannot reach quotad at {args.target}: {_refusal(error)}{tls_hint}",
               file=sys.stderr)
         return EXIT_USAGE
     except QuotadError as error:

@@ -112,7 +112,7 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      help="also serve GET /v1/usage?user_id=U as JSON over HTTP there, for web "
                           "pages showing what a user has left (HTTPS with --tls-cert/--tls-key; "
                           "port 0 picks one); off by default")
-    run.add_argument("--cors-origin", dest="cors_origins", action="append", default=[],
+    run.add_argument("--cors-origin", action="append", default=[],
                      metavar="ORIGIN",
                      help="an origin such as https://app.example.com whose pages may read "
                           "--http-listen (exact match; repeat for several); none by default, "

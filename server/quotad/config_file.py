@@ -1,8 +1,10 @@
 """`quotad serve --config FILE.toml`: every serve setting from a TOML file.
 
-Keys are the flag names with underscores (`--map-size-gib` is `map_size_gib`). Flags given on
-the command line win over the file; relative paths in the file are relative to the file's
-folder. An unknown key, a wrong type or a bad choice is refused naming the key.
+Keys are the flag names with underscores (`--map-size-gib` is `map_size_gib`, the repeatable
+`--cors-origin` is `cors_origin`, a list), every flag but --config has one, and the one key
+that is no flag is `admin_key` (a key is never given on the command line). Flags given on the
+command line win over the file; relative paths in the file are relative to the file's folder.
+An unknown key, a wrong type or a bad choice is refused naming the key.
 
 SETTINGS is the one table of what the file may hold: adding a setting is adding one entry.
 An entry whose `server.Config` field does not exist in this build is refused, cleanly.
@@ -55,10 +57,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_state_digest", bool, "log_state_digest"),
     Setting("log_level", str, "", choices=LOG_LEVELS),
     Setting("admin_key", str, "admin_key"),
+    Setting("admin_key_file", Path, ""),
     Setting("tls_cert", Path, "tls_cert"),
     Setting("tls_key", Path, "tls_key"),
     Setting("http_listen", str, "http_listen"),
-    Setting("cors_origins", list, "cors_origins", tuple),
+    Setting("cors_origin", list, "cors_origins", tuple),
     Setting("http_read_timeout_s", float, "http_read_timeout_s"),
     Setting("http_allowed_host", list, "http_allowed_hosts", tuple),
     Setting("admission_operations", int, "admission_operations"),

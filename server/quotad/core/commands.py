@@ -15,6 +15,7 @@ from quotad.core import limits
 from quotad.core.errors import Violations
 from quotad.core.plans import Metadata, Plan, Subscription, Window, load_time_zone
 from quotad_contract import tokens
+from quotad_contract.zones import time_zone_problem
 
 RESERVATION_ID_PATTERN = re.compile(r"rsv_[0-9a-f]{24}")
 KEY_ID_PATTERN = re.compile(tokens.KEY_ID_PATTERN)
@@ -242,7 +243,8 @@ class UpsertSubscription:
         _plan_id(v, self.plan_id, "plan_id")
         v.text(self.time_zone, "time_zone", bytes_min=0, bytes_max=limits.TIME_ZONE_BYTES_MAX)
         if self.time_zone and load_time_zone(self.time_zone) is None:
-            v.add("time_zone", f"unknown IANA time zone {self.time_zone!r}")
+            v.add("time_zone", time_zone_problem(self.time_zone)
+                  or f"time zone {self.time_zone!r} has no data on this host")
         v.raise_if_any()
 
 

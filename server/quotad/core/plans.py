@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from quotad.core import limits
 from quotad.core.errors import Violations
+from quotad_contract.zones import time_zone_problem
 
 Metadata = tuple[tuple[str, str], ...]
 """Event metadata as (key, value) pairs sorted by key: hashable and canonical."""
@@ -132,10 +133,15 @@ def _validate_group(v: Violations, group: LimitGroup, field: str) -> None:
         f"{field}.match.metadata",
         f"at most {limits.METADATA_MATCHES_PER_GROUP_MAX} constraints",
     )
+    first_index_by_key: dict[str, int] = {}
     for i, constraint in enumerate(constraints):
         where = f"{field}.match.metadata[{i}]"
         v.text(constraint.key, f"{where}.key", bytes_min=1,
                bytes_max=limits.METADATA_KEY_BYTES_MAX)
+        first = first_index_by_key.setdefault(constraint.key, i)
+        v.check(first == i, f"{where}.key",
+                f"repeats the key of metadata[{first}]: one constraint per key, holding "
+                "every value it allows")
         v.check(
             1 <= len(constraint.values) <= limits.METADATA_MATCH_VALUES_MAX,
             f"{where}.values",
@@ -161,16 +167,12 @@ class Subscription:
     time_zone: str = "UTC"
 
 
-@lru_cache(maxsize=1)
-def _known_zone_names() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones()) | {"UTC"}
-
-
 @lru_cache(maxsize=1024)
 def load_time_zone(name: str) -> zoneinfo.ZoneInfo | None:
-    """The zone for an IANA name, or None if there is no such zone. Only canonical IANA names
-    count (not the host's right/ or posix/ variants), so a log replays on any host."""
-    if name not in _known_zone_names():
+    """The zone for an IANA name, or None if a subscription may not name it (see
+    quotad_contract.zones: tzdata's zones, not the host's `localtime`, `posix/` or `right/`),
+    so that a log replays alike on any host."""
+    if time_zone_problem(name) is not None:
         return None
     try:
         return zoneinfo.ZoneInfo(name)
