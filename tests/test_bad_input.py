@@ -105,6 +105,8 @@ CODES_BY_NUMBER = {code.value[0]: code for code in Code}
 BATCHABLE_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage")
 QUOTA_RPCS = BATCHABLE_RPCS + ("Batch", "WatchUsage")
 KEY_RPCS = ("CreateKey", "RevokeKey", "ListKeys", "MintUserToken")
+ADMIN_ONLY_RPCS = ("GetStateDigest",)
+"""Refused to an app's key before the request is read (it covers every app's state)."""
 ADMIN_RPCS = ("UpsertPlan", "GetPlan", "ListPlans", "DeletePlan", "UpsertSubscription",
               "GetSubscription", "ListEvents", "GetStateDigest") + KEY_RPCS
 ALL_RPCS = QUOTA_RPCS + ADMIN_RPCS
@@ -219,6 +221,9 @@ class Env:
     mode: str = "open"
     metadata: tuple[tuple[str, str], ...] = ()
     """Sent with every call: in the keyed mode, an sk_ key of APP."""
+    digest_metadata: tuple[tuple[str, str], ...] = ()
+    """Sent with the checks' GetStateDigest: in the keyed mode, the admin key (an app's key
+    may not read the whole server's digest)."""
     key_ids: dict[str, str] = field(default_factory=dict)
     """key id -> live (APP's, the one in use), revoked (APP's) or other (another app's)."""
     plans: dict[str, pb.Plan] = field(default_factory=dict)
@@ -239,8 +244,9 @@ class Env:
                                                         metadata=self.metadata)
 
     def digest(self) -> tuple[str, int]:
-        response = pb.GetStateDigestResponse.FromString(
-            self.call("GetStateDigest", pb.GetStateDigestRequest()))
+        response = pb.GetStateDigestResponse.FromString(self.channel.unary_unary(
+            path_of("GetStateDigest"))(pb.GetStateDigestRequest().SerializeToString(),
+                                       timeout=CALL_TIMEOUT_S, metadata=self.digest_metadata))
         return response.digest, response.sequence
 
     def run(self, coroutine):
@@ -269,6 +275,7 @@ def _use_keys(env: Env) -> None:
         admin.revoke_key(revoked)
         other = admin.create_key("secret", app="other").key.key_id
     env.metadata = (("authorization", f"Bearer {secret.secret}"),)
+    env.digest_metadata = (("authorization", f"Bearer {ADMIN_KEY}"),)
     env.key_ids = {secret.key.key_id: "live", revoked: "revoked", other: "other"}
     for plan in load_plans_file(EXAMPLE_PLANS):  # --plans loads them into app `default`
         env.call("UpsertPlan", pb.UpsertPlanRequest(plan=plan))
@@ -476,6 +483,8 @@ def expect(env: Env, rpc: str, data: bytes) -> Expect | None:
         result = TOO_LARGE
     elif rpc in KEY_RPCS and env.mode == "open":  # refused before the bytes are read
         result = refused(PRECONDITION, "KEYS_DISABLED")
+    elif rpc in ADMIN_ONLY_RPCS and env.mode == "keyed":  # an app's key: refused likewise
+        result = refused(PERMISSION)
     else:
         try:
             message = request_type(rpc).FromString(data)
@@ -931,9 +940,12 @@ async def send(env: Env, case: Case) -> Reply:
 
 
 async def digest(env: Env) -> tuple[str, int]:
-    reply = await send(env, Case("GetStateDigest", b"", unchanged()))
-    assert reply.code is OK, f"GetStateDigest: {reply.code.name} {reply.details}"
-    response = pb.GetStateDigestResponse.FromString(reply.response)
+    try:
+        data = await env.aio.unary_unary(path_of("GetStateDigest"))(
+            b"", timeout=CALL_TIMEOUT_S, metadata=env.digest_metadata)
+    except grpc.aio.AioRpcError as error:
+        raise AssertionError(f"GetStateDigest: {error.code().name} {error.details()}") from None
+    response = pb.GetStateDigestResponse.FromString(data)
     return response.digest, response.sequence
 
 
@@ -1342,7 +1354,8 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
 
     # Bytes that are no protobuf, or hold invalid UTF-8, on every RPC.
     for rpc in ALL_RPCS:
-        expected = with_keys(MALFORMED) if rpc in KEY_RPCS else MALFORMED
+        expected = (with_keys(MALFORMED) if rpc in KEY_RPCS
+                    else admin_only(MALFORMED) if rpc in ADMIN_ONLY_RPCS else MALFORMED)
         for i, tail in enumerate(BAD_WIRE):
             add(f"wire-{i}-{tail[:4].hex()}", rpc, tail, expected)
         for path in STRING_PATHS[rpc][:6]:
@@ -1364,6 +1377,14 @@ def with_keys(keyed: Expect | Callable[[Env], Expect]) -> Callable[[Env], Expect
             return refused(PRECONDITION, "KEYS_DISABLED")
         return keyed if isinstance(keyed, Expect) else keyed(env)
     return expected
+
+
+def admin_only(expected: Expect) -> Callable[[Env], Expect]:
+    """An admin-only RPC's expectation: refused to the keyed mode's app key, whatever the
+    request."""
+    def by_mode(env: Env) -> Expect:
+        return refused(PERMISSION) if env.mode == "keyed" else expected
+    return by_mode
 
 
 def key_id(env: Env, state: str) -> str:
