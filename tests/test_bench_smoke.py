@@ -143,6 +143,14 @@ def test_the_batch_bench_drives_quotad_and_reports_its_cpu_per_pair():
     assert figures["server_us_per_pair"] > 0 and figures["records_per_txn"] >= 1
 
 
+def test_the_core_cost_bench_drives_the_real_core_and_log_and_prints_cpu_per_pair():
+    lines = _run_bench("bench.core_cost", "--pairs", "20", "--rounds", "2", "--warmup-rounds", "1")
+    assert lines[-1].split()[0] == "cpu_us_per_pair" and float(lines[-1].split()[1]) > 0
+    refused = subprocess.run([sys.executable, "-m", "bench.core_cost", "--pairs", "0"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "--pairs must be 1 to 4096" in refused.stderr
+
+
 def test_the_fsync_and_stream_benches_run():
     lines = _run_bench("bench.fsync", "--commits", "20", "--records", "1,10")
     assert [line.split()[0] for line in lines[1:]] == ["1", "10"]

@@ -1045,3 +1045,22 @@ def test_counters_stop_at_counter_max_and_the_refused_change_leaves_no_trace():
     assert refused.value.reason == "COUNTER_LIMIT"
     assert not h.reserve("u1", 1).allowed  # a denial, as for any user past the quota
     assert h.digest() == before
+
+
+def test_a_changed_plan_matches_by_its_new_rules_the_same_request_the_old_one_matched(
+        h: Harness) -> None:
+    assert [c.key for c in h.reserve("alice", 1, "openai.chat", GPT4O).counters] == [
+        "tokens", "premium"]
+    h.upsert_plan(plan("pro", group("tokens", 1000, Window.DAY, ["anthropic.*"])))
+    assert h.reserve("alice", 1, "openai.chat", GPT4O).counters == ()
+    assert [c.key for c in h.reserve("alice", 1, "anthropic.claude").counters] == ["tokens"]
+
+
+def test_the_core_remembers_at_most_match_cache_entries_max_request_shapes(h: Harness) -> None:
+    shapes = limits.MATCH_CACHE_ENTRIES_MAX + 10
+    for n in range(shapes):
+        result = h.reserve("alice", 1, "openai.chat", {"model": f"m{n}"})
+        assert [c.key for c in result.counters] == ["tokens"]
+        assert len(h.core._matched) <= limits.MATCH_CACHE_ENTRIES_MAX
+    assert [c.key for c in h.reserve("alice", 1, "openai.chat", GPT4O).counters] == [
+        "tokens", "premium"]

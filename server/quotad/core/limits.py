@@ -64,6 +64,11 @@ WATCH_DRAIN_POLL_S = 0.2
 """How often the watch hub looks whether the server started draining (one check for all
 watchers, only while some watch): a drain ends every watch within this."""
 
+MATCH_CACHE_ENTRIES_MAX = 4096
+"""Distinct (plan, event type, metadata) whose matched limit groups the core remembers; at
+the limit it forgets them all and starts again (metadata with ever-new values never grows
+it). Each entry is a few hundred bytes at most."""
+
 ADMISSION_OPERATIONS = 8192
 """Operations admitted and not yet answered, at most (a Batch counts its operations, any
 other unary call one; WatchUsage and health checks are not counted): past it a call is

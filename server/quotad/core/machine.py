@@ -12,7 +12,9 @@ with `expires_at_ns <= now_ns` and records that as an ExpireHolds record of its 
 from __future__ import annotations
 
 import hashlib
+import marshal
 from functools import cache
+from operator import attrgetter
 from collections import Counter as Tally
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
@@ -135,17 +137,20 @@ _EMPTY_APP = AppState()
 def _fingerprint(command: Any) -> str:
     """What makes two requests the same for idempotency: a digest of every field the caller
     chose (compact to keep for 24 h, and plain to put in a snapshot). The fields are str,
-    int, bool, None and tuples of those, whose repr is stable."""
-    chosen = tuple(getattr(command, name) for name in _chosen_fields(type(command)))
-    text = repr((type(command).__name__, chosen))
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    int, bool, None and tuples of those, which marshal's version 0 writes with their types
+    and lengths and without references, so equal requests give equal bytes."""
+    chosen = _chosen_fields(type(command))(command)
+    return hashlib.blake2b(marshal.dumps((type(command).__name__, chosen), 0),
+                           digest_size=16).hexdigest()
 
 
 @cache
-def _chosen_fields(command_type: type) -> tuple[str, ...]:
+def _chosen_fields(command_type: type) -> Callable[[Any], tuple[Any, ...]]:
     ignored = {"idempotency_key", "reservation_id"} if command_type is Reserve else {
         "idempotency_key"}
-    return tuple(f.name for f in fields(command_type) if f.name not in ignored)
+    names = [f.name for f in fields(command_type) if f.name not in ignored]
+    assert len(names) >= 2, command_type  # attrgetter of two or more names gives a tuple
+    return attrgetter(*names)
 
 
 class Core:
@@ -169,6 +174,7 @@ class Core:
         (`forget_durable`). Unset (a core alone), memory keeps them for their
         whole retention."""
         self._idempotency_pending: deque[tuple[int, str, tuple[str, str]]] = deque()
+        """(sequence, app, slot) of keys in memory that a durable store will hold."""
         self.durable_hold: Callable[[str, int], Reservation | None] | None = None
         """Where finished holds live once their records are durable: (reservation id, as of
         sequence) -> the hold, or None. Unset (a core alone), memory keeps them 1 h."""
@@ -178,7 +184,10 @@ class Core:
         """The latest pending sequence of each of those: an older one leaves it in memory."""
         self._finished: list[Reservation] = []
         """Copies of the holds the command being applied finished; they go into its record."""
-        """(sequence, app, slot) of keys in memory that a durable store will hold."""
+        self._matched: dict[tuple[int, str, Metadata], tuple[Plan, tuple[LimitGroup, ...]]] = {}
+        """(id(plan), event type, metadata) -> (plan, its groups they match): match rules run
+        once per distinct request shape. The entry holds the plan, so its id is not reused
+        while the entry lives."""
         self._events: list[AuditEvent] = []
         """Audit events of the command being applied; they go into its record."""
         self._handlers: dict[type, Callable[[Any, int], tuple[Any, bool]]] = {
@@ -437,6 +446,18 @@ class Core:
             app = self.apps[app_id] = AppState()
         return app
 
+    def _matched_groups(self, plan: Plan, event_type: str, metadata: Metadata
+                        ) -> tuple[LimitGroup, ...]:
+        key = (id(plan), event_type, metadata)
+        hit = self._matched.get(key)
+        if hit is not None and hit[0] is plan:
+            return hit[1]
+        groups = plan.matched_groups(event_type, metadata)
+        if len(self._matched) >= limits.MATCH_CACHE_ENTRIES_MAX:
+            self._matched.clear()
+        self._matched[key] = (plan, groups)
+        return groups
+
     def _subscriber(self, app_id: str, user_id: str) -> tuple[UserState, Plan]:
         user = self.apps.get(app_id, _EMPTY_APP).users.get(user_id)
         if user is None:
@@ -521,7 +542,7 @@ class Core:
         app = self.apps[command.app]
         if command.reservation_id in app.reservations:  # chosen by the caller, so checked
             raise AlreadyExists(f"reservation id {command.reservation_id!r} is taken")
-        groups = plan.matched_groups(command.event_type, command.metadata)
+        groups = self._matched_groups(plan, command.event_type, command.metadata)
         counters = [self._current(user, group, now_ns) for group in groups]
         denied_by = self._first_without_room(groups, counters, command.amount)
         if denied_by:
@@ -595,7 +616,7 @@ class Core:
 
     def _track(self, command: Track, now_ns: int) -> tuple[TrackResult, bool]:
         user, plan = self._subscriber(command.app, command.user_id)
-        groups = plan.matched_groups(command.event_type, command.metadata)
+        groups = self._matched_groups(plan, command.event_type, command.metadata)
         counters = [self._current(user, group, now_ns) for group in groups]
         if command.enforce and command.amount > 0:
             denied_by = self._first_without_room(groups, counters, command.amount)

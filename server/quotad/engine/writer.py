@@ -139,17 +139,18 @@ class Writer:
             raise DeadlinePassed("the call's deadline passed before it was applied: "
                                  "nothing was done")
         outcomes = []
-        for command in commands:
-            try:
-                outcome = self.core.apply(command, self.clock.now_ns())
-            except Exception as error:  # a broken invariant: the state can no longer be trusted
-                self._fail(error)
-                raise WriterStopped(f"internal invariant failed: {error!r}") from error
-            if outcome.records:
-                self._pending.extend(outcome.records)
-                if self.on_applied is not None:
-                    self.on_applied(outcome.records)
-            outcomes.append(outcome)
+        with self._wal.reading():  # no await inside: memory forgets nothing meanwhile
+            for command in commands:
+                try:
+                    outcome = self.core.apply(command, self.clock.now_ns())
+                except Exception as error:  # a broken invariant: the state is not trusted
+                    self._fail(error)
+                    raise WriterStopped(f"internal invariant failed: {error!r}") from error
+                if outcome.records:
+                    self._pending.extend(outcome.records)
+                    if self.on_applied is not None:
+                        self.on_applied(outcome.records)
+                outcomes.append(outcome)
         if self._pending:
             self._has_pending.set()
         await self.wait_durable(self.core.sequence)

@@ -29,6 +29,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ class WriteAheadLog:
         self.holds_db = self.env.open_db(b"holds", create=True)  # new in format 4
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
+        self._read_txn: lmdb.Transaction | None = None
 
     # --- writing (the writer's thread only) -----------------------------------------------
 
@@ -258,7 +260,7 @@ class WriteAheadLog:
         as_of_sequence (a replay must not see what later records did) and is that key's (not
         another's with the same row key). Called on the event loop: one or two page lookups."""
         row = idempotency_row_key(app, rpc, idempotency_key)
-        with self.env.begin(buffers=False) as txn:
+        with self._reader() as txn:
             key = txn.get(row, db=self.idempotency_db)
             if key is None or key_sequence(key) > as_of_sequence:
                 return None
@@ -276,7 +278,7 @@ class WriteAheadLog:
         """The finished hold (a core Reservation) as of that sequence, or None. Called on the
         event loop: one page lookup."""
         key = reservation_bytes(reservation_id)
-        with self.env.begin(buffers=False) as txn:
+        with self._reader() as txn:
             value = txn.get(key, db=self.holds_db)
             if value is None:
                 return None
@@ -285,6 +287,30 @@ class WriteAheadLog:
                 stored = txn.get(record_key(sequence), db=self.log_db)
                 return None if stored is None else decode_record(record_key(sequence), stored)
             return decode_finished_hold(key, value, as_of_sequence, reserve_record)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """The idempotency and finished-hold lookups made inside share one read transaction
+        (one Batch's commands), instead of one each. The event loop's thread only; what it
+        sees is what was durable when it began, which covers every key and hold memory
+        already forgot (they are forgotten only once durable, never while it is open)."""
+        if self._read_txn is not None:  # nested: the outer one serves
+            yield
+            return
+        self._read_txn = self.env.begin(buffers=False)
+        try:
+            yield
+        finally:
+            txn, self._read_txn = self._read_txn, None
+            txn.abort()
+
+    @contextmanager
+    def _reader(self) -> Iterator[lmdb.Transaction]:
+        if self._read_txn is not None:
+            yield self._read_txn
+        else:
+            with self.env.begin(buffers=False) as txn:
+                yield txn
 
     def batch_first_sequence(self) -> int:
         with self.env.begin(db=self.meta_db) as txn:
