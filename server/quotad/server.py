@@ -35,7 +35,7 @@ from quotad.api.metrics import Metrics, MetricsInterceptor
 from quotad.plans_file import load_plans
 from quotad.api.auth import DEFAULT_APP, Authenticator
 from quotad.api.gate import Gate, GateState, is_loopback
-from quotad.api.service import generic_handlers, http_usage_authorizer
+from quotad.api.service import http_usage_authorizer, method_handlers
 from quotad_contract.v1 import quotad_pb2
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
 from quotad.engine.recovery import recover
@@ -214,7 +214,10 @@ class _Process:
         ])
         admission = Admission(config.admission_operations)
         self.metrics.watch_admission(admission)
-        server.add_generic_rpc_handlers(generic_handlers(self.gate, admission))
+        for service, table in method_handlers(self.gate, admission).items():
+            # registered: grpc's core matches each method to its own queue of requested
+            # calls, rather than every call to one queue of unregistered ones
+            server.add_registered_method_handlers(service, table)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         if config.reflection:
             names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name

@@ -373,9 +373,10 @@ def http_usage_authorizer(gate: Gate) -> Callable[[str | None, str | None, str],
     return authorize
 
 
-def generic_handlers(gate: Gate, admission: Admission) -> list[grpc.GenericRpcHandler]:
-    """Every RPC's handler; the unary ones admitted by `admission` (WatchUsage is not)."""
-    handlers = []
+def method_handlers(gate: Gate, admission: Admission) -> dict[str, dict[str, Any]]:
+    """Every RPC's handler, by service and method name; the unary ones admitted by
+    `admission` (WatchUsage is not)."""
+    services = {}
     for service, methods in (("quotad.v1.QuotaService", QUOTA_METHODS),
                              ("quotad.v1.AdminService", ADMIN_METHODS)):
         table = {
@@ -404,5 +405,5 @@ def generic_handlers(gate: Gate, admission: Admission) -> list[grpc.GenericRpcHa
             table["WatchUsage"] = watch.method_handler(
                 hub, _watch_caller(gate), _safe_parser(pb.WatchUsageRequest), status_of,
                 _REFUSALS, full_method("WatchUsage"))
-        handlers.append(grpc.method_handlers_generic_handler(service, table))
-    return handlers
+        services[service] = table
+    return services
