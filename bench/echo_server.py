@@ -69,8 +69,17 @@ def _serialize(message: Any) -> bytes:
     return message.SerializeToString()
 
 
-async def serve(listen: str) -> None:
-    server = grpc.aio.server()
+def _option(text: str) -> tuple[str, int | str]:
+    """NAME=VALUE, VALUE an integer when it is one (as grpc's channel arguments take it)."""
+    name, equals, value = text.partition("=")
+    if not name or not equals:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    return name, int(value) if value.lstrip("-").isdigit() else value
+
+
+async def serve(listen: str, options: list[tuple[str, int | str]],
+                maximum_concurrent_rpcs: int | None, registered_methods: bool) -> None:
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=maximum_concurrent_rpcs)
     handlers = {}
     for name, response in RESPONSES.items():
         if name == "Reserve":
@@ -88,8 +97,11 @@ async def serve(listen: str) -> None:
 
     handlers["Batch"] = grpc.unary_unary_rpc_method_handler(
         batch, request_deserializer=pb.BatchRequest.FromString, response_serializer=_serialize)
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("quotad.v1.QuotaService", handlers)])
+    if registered_methods:  # as quotad registers its methods
+        server.add_registered_method_handlers("quotad.v1.QuotaService", handlers)
+    else:
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("quotad.v1.QuotaService", handlers)])
     port = server.add_insecure_port(listen)
     await server.start()
     print(port, flush=True)
@@ -100,4 +112,21 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                         help="address to listen on (port 0: a free one; it is printed)")
-    asyncio.run(serve(parser.parse_args().listen))
+    parser.add_argument("--option", type=_option, action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="a grpc server option (channel argument), repeatable")
+    parser.add_argument("--maximum-concurrent-rpcs", type=int, metavar="N",
+                        help="grpc.aio.server's maximum_concurrent_rpcs (default: none)")
+    parser.add_argument("--pending-calls-per-method", type=int, metavar="N",
+                        help="bound grpc's queue of calls not yet taken by a handler, per "
+                             "method, as `quotad serve --pending-calls-per-method` does "
+                             "(default: grpc's own bounds)")
+    parser.add_argument("--registered-methods", action="store_true",
+                        help="register the methods with grpc (as quotad does) rather than "
+                             "serving them through a generic handler")
+    arguments = parser.parse_args()
+    if arguments.pending_calls_per_method is not None:
+        from quotad.server import pending_calls_options
+        arguments.option += pending_calls_options(arguments.pending_calls_per_method)
+    asyncio.run(serve(arguments.listen, arguments.option, arguments.maximum_concurrent_rpcs,
+                      arguments.registered_methods))

@@ -5,12 +5,22 @@ it can answer in time, beside a bare grpc.aio echo server offered the same.
                              [--seconds 10] [--runs 3]
 
 Each client process keeps --concurrency loops, each sending a unary Reserve and, once it is
-answered, a unary Commit of its hold (raw stubs: no coalescing, no idempotency keys, no
-retries), every call with a deadline of --deadline-s; a loop starts its next pair as soon as
-the last one ends (after 10 ms when a call failed; after a refusal that carries a
-google.rpc.RetryInfo, quotad's RESOURCE_EXHAUSTED OVERLOADED, after that delay with up to as
-much again of random jitter, as a polite client such as quotad_client waits). A pair is *good* when both calls
-succeeded, each within its deadline; goodput is good pairs per second.
+answered, a unary Commit of its hold (raw stubs: no coalescing, no idempotency keys), every
+call with a deadline of --deadline-s; a loop starts its next pair as soon as the last one
+ends. After a failed call a loop waits as a polite client such as quotad_client does: after a
+refusal that carries a google.rpc.RetryInfo (quotad's RESOURCE_EXHAUSTED OVERLOADED), that
+delay plus up to as much again of jitter; after any other failure (CANCELLED from grpc's full
+queue, DEADLINE_EXCEEDED), exponential backoff from 50 ms, doubling with each failure in a
+row up to 1 s, the upper half random. A refused or failed Commit is sent again after the
+wait (up to 10 attempts: its hold is live, and a Commit without an idempotency key never
+counts twice); a pair is *good* when its Reserve and its Commit succeeded, each attempt
+within its deadline; goodput is good pairs per second. Every failed attempt is counted by
+its status code.
+
+Both servers get the same grpc treatment: their methods registered with grpc (each has its
+own queue of received calls) and the same bound on that queue (--pending-calls-per-method,
+quotad's default unless given). What stays different: quotad also refuses past its admission
+limit, with RESOURCE_EXHAUSTED OVERLOADED and a RetryInfo; the echo peer has no such limit.
 
 Each run, for each server (quotad on a fresh data directory, then the echo peer): a
 calibration phase at --calibration-concurrency per process measures its capacity (goodput
@@ -37,13 +47,19 @@ from typing import Any
 
 import grpc
 
+from quotad.core import limits
+
 from . import procfs, report, stats
 from .harness import _positive_float, _positive_int, _write_json
 from .targets import ROOT, EchoTarget, QuotadTarget, Target, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
 
 CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE")
-FAILED_CALL_PAUSE_S = 0.01
+FAILED_CALL_PAUSE_S = 0.05  # and BACKOFF_MAX_S: quotad_client's RetryPolicy defaults
+BACKOFF_MAX_S = 1.0
+COMMIT_ATTEMPTS_MAX = 10
+RETRIED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+                           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
 START_DELAY_S = 2.0  # for the client processes to connect and warm up before the start
 PHASE_GRACE_S = 60.0
 PROBE_EVERY_S = 0.5
@@ -57,6 +73,17 @@ examples:
   python -m bench.overload
   python -m bench.overload --processes 2 --concurrency 500 --seconds 5 --runs 1
 """
+
+
+TARGET_NAMES = ("quotad", "echo")
+
+
+def _target_names(text: str) -> str:
+    names = text.split(",")
+    if any(name not in TARGET_NAMES for name in names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected some of {', '.join(TARGET_NAMES)}, comma-separated, each once")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recovery-timeout-s", type=_positive_float, default=30.0, metavar="S",
                         help="how long the server has, after the overload phase, to answer "
                              "again (default: 30)")
+    parser.add_argument("--pending-calls-per-method", type=_positive_int, metavar="N",
+                        help="both servers: at most N calls of one method waiting in grpc's "
+                             "queue for a handler (quotad's flag of that name; default: "
+                             "quotad's default, and the echo peer the same)")
+    parser.add_argument("--targets", type=_target_names, default="quotad,echo", metavar="NAMES",
+                        help="servers to measure, comma-separated: quotad, echo "
+                             "(default: quotad,echo)")
+    parser.add_argument("--quotad-arg", action="append", default=[], metavar="ARG",
+                        help="one more `quotad serve` argument, repeatable "
+                             "(e.g. --quotad-arg=--admission-operations=256)")
+    parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
+                        help="one more bench.echo_server argument, repeatable "
+                             "(e.g. --echo-arg=--maximum-concurrent-rpcs=64)")
     parser.add_argument("--results", type=Path, metavar="DIR",
                         help="where results.json goes (default: "
                              "bench/results/overload-<timestamp>/, git-ignored)")
@@ -112,24 +152,40 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
             request = pb.ReserveRequest(user_id=user_id((index * concurrency + slot) % users),
                                         event_type=EVENT_TYPE, amount=1000,
                                         metadata={"model": MODEL})
+            failures = 0  # in a row: the backoff grows with them
+
+            async def back_off(error: grpc.aio.AioRpcError) -> None:
+                nonlocal failures
+                codes[error.code().name] += 1
+                details.setdefault(error.code().name, error.details() or "")
+                failures += 1
+                await asyncio.sleep(_wait_s(error, failures))
+
             while True:
                 started = time.monotonic()
                 try:
                     hold = await quota.Reserve(request, timeout=deadline_s)
-                    codes["OK"] += 1
-                    if not hold.allowed:
-                        denied += 1
-                        continue
-                    await quota.Commit(pb.CommitRequest(reservation_id=hold.reservation_id,
-                                                        amount=700), timeout=deadline_s)
-                    codes["OK"] += 1
-                    good_pair_latencies_s.append(time.monotonic() - started)
                 except grpc.aio.AioRpcError as error:
-                    codes[error.code().name] += 1
-                    details.setdefault(error.code().name, error.details() or "")
-                    delay_s = _retry_delay_s(error)
-                    await asyncio.sleep(FAILED_CALL_PAUSE_S if delay_s is None
-                                        else delay_s * (1.0 + random.random()))
+                    await back_off(error)
+                    continue
+                codes["OK"] += 1
+                failures = 0
+                if not hold.allowed:
+                    denied += 1
+                    continue
+                commit = pb.CommitRequest(reservation_id=hold.reservation_id, amount=700)
+                for _ in range(COMMIT_ATTEMPTS_MAX):  # the hold is live: commit it, not another
+                    try:
+                        await quota.Commit(commit, timeout=deadline_s)
+                    except grpc.aio.AioRpcError as error:
+                        await back_off(error)
+                        if error.code() in RETRIED_CODES:
+                            continue
+                        break  # e.g. a commit that landed, its answer lost: not good
+                    codes["OK"] += 1
+                    failures = 0
+                    good_pair_latencies_s.append(time.monotonic() - started)
+                    break
 
         warm = await quota.Reserve(pb.ReserveRequest(user_id=user_id(index % users),
                                                      event_type=EVENT_TYPE, amount=1),
@@ -151,6 +207,18 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
                 "seconds": max(1e-3, start_at + seconds - started),
                 "late_s": max(0.0, started - start_at),
                 "client_cpu_s": time.process_time() - cpu_started}
+
+
+def _wait_s(error: grpc.aio.AioRpcError, failures: int) -> float:
+    """How long a loop waits after its `failures`-th failed call in a row: a RetryInfo's
+    delay plus up to as much again of jitter; otherwise exponential backoff from
+    FAILED_CALL_PAUSE_S, doubling with each failure in a row up to BACKOFF_MAX_S, the
+    upper half of it random."""
+    delay_s = _retry_delay_s(error)
+    if delay_s is not None:
+        return delay_s * (1.0 + random.random())
+    base_s = min(BACKOFF_MAX_S, FAILED_CALL_PAUSE_S * 2 ** (failures - 1))
+    return base_s * (0.5 + 0.5 * random.random())
 
 
 def _retry_delay_s(error: grpc.aio.AioRpcError) -> float | None:
@@ -353,6 +421,15 @@ def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespac
               + ("—" if ratio is None else f"{ratio:.2f}"))
 
 
+def _targets(options: argparse.Namespace) -> list[Target]:
+    pending = options.pending_calls_per_method or limits.PENDING_CALLS_PER_METHOD
+    both = ("--pending-calls-per-method", str(pending))
+    made = {"quotad": lambda: QuotadTarget(extra_args=(*both, *options.quotad_arg)),
+            "echo": lambda: EchoTarget(extra_args=(*both, "--registered-methods",
+                                                   *options.echo_arg))}
+    return [made[name]() for name in options.targets.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     results_dir = options.results or ROOT / "bench" / "results" / time.strftime(
@@ -364,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     document: dict[str, Any] = {"version": 1, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                 "finished": False, "config": config,
                                 "machine": report.machine(None),
-                                "targets": {"quotad": {"runs": []}, "echo": {"runs": []}}}
+                                "targets": {name: {"runs": []}
+                                            for name in options.targets.split(",")}}
     print(f"overload: unary Reserve + Commit pairs, {options.processes} x "
           f"{options.calibration_concurrency:,} in flight to calibrate, then {options.processes} x "
           f"{options.concurrency:,}; {options.deadline_s:g} s deadline per call, "
@@ -374,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     initializer=_ignore_sigint)
     try:
         for run_index in range(options.runs):
-            for target in (QuotadTarget(), EchoTarget()):  # alternate: drift hits both
+            for target in _targets(options):  # alternate: drift hits both
                 print(f"{target.name} run {run_index + 1}/{options.runs}: calibration, then "
                       "overload ...", file=sys.stderr, flush=True)
                 run = run_target(pool, target, options)

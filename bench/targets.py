@@ -64,8 +64,10 @@ class QuotadTarget(Target):
 
     name = "quotad"
 
-    def __init__(self, external: str | None = None) -> None:
+    def __init__(self, external: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.external = external
+        self.extra_args = extra_args
+        """More `quotad serve` flags for the server this target starts."""
         self.description = DESCRIPTIONS["quotad"] + (f" at {external}" if external else "")
         self._server: ServerProcess | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -86,7 +88,7 @@ class QuotadTarget(Target):
         if self.external:
             return
         self._dir = tempfile.TemporaryDirectory(prefix="bench-quotad-")
-        server = ServerProcess(Path(self._dir.name) / "data")
+        server = ServerProcess(Path(self._dir.name) / "data", extra_args=self.extra_args)
         self._server = server
         try:
             server.start()
@@ -146,9 +148,11 @@ class EchoTarget(Target):
     name = "echo"
     description = DESCRIPTIONS["echo"]
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
         self._process: subprocess.Popen[str] | None = None
         self.address = ""
+        self.extra_args = extra_args
+        """More echo_server flags (--option, --maximum-concurrent-rpcs)."""
 
     @property
     def pid(self) -> int | None:
@@ -156,7 +160,8 @@ class EchoTarget(Target):
 
     def start(self) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0"],
+            [sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0",
+             *self.extra_args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert self._process.stdout is not None
         ready, _, _ = select.select([self._process.stdout], [], [], START_TIMEOUT_S)

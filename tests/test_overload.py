@@ -6,8 +6,11 @@ are served under overload; the limit's edge; the clients retry a shed call."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -18,13 +21,14 @@ from grpc_status import rpc_status
 
 import quotad_client as qc
 from quotad.api.admission import SHED_OVERLOADED, Admission, overloaded
-from quotad.api.service import status_proto_of
+from quotad.api.gate import Gate
+from quotad.api.service import method_handlers, status_proto_of
 from quotad.core import limits
 from quotad.core.commands import Track
 from quotad.core.errors import ResourceExhausted
 from quotad.engine.recovery import recover
 from quotad.engine.writer import DeadlinePassed, Writer
-from quotad.server import Config
+from quotad.server import SERVICE_NAMES, Config, pending_calls_options
 from quotad.storage.codec import state_digest
 from quotad.storage.wal import WriteAheadLog
 from quotad_client._errors import error_from_status, shed_delay_s
@@ -35,11 +39,14 @@ from quotad_contract.v1 import quotad_pb2_grpc as stubs
 from test_server_e2e import plan_with, subscribe, usage
 
 ONE_HOUR = {"seconds": 3600}
-BURST_CALLS = 400
+BURST_CALLS = 200
 BURST_ROUNDS_MAX = 5
 """A burst is repeated (a fresh user each time) until some of it is shed; far past the
-limit it is at the first round, unless the machine serialises everything."""
+limit it is at the first round, unless the machine serialises everything. Fewer calls than
+grpc's default queue per method (limits.PENDING_CALLS_PER_METHOD) holds, so that grpc refuses
+none of them and what is shed is admission's doing."""
 CALL_TIMEOUT_S = 60.0
+assert BURST_CALLS < limits.PENDING_CALLS_PER_METHOD
 
 
 def _details(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, float | None]:
@@ -210,6 +217,135 @@ def test_watch_streams_and_health_checks_are_not_counted_and_are_served_under_ov
         if not isinstance(answer, pb.ReserveResponse):
             _assert_shed(answer)
     assert any(not isinstance(answer, pb.ReserveResponse) for answer in answers)
+
+
+# --- grpc's queue in front of the handlers ----------------------------------------------------
+
+def test_every_rpc_is_registered_with_grpc_so_each_method_has_its_own_queue():
+    """Registered, grpc's core keeps one queue of received calls per method (bounded by
+    --pending-calls-per-method) rather than one for every unregistered call."""
+    services = method_handlers(Gate(), Admission())
+    assert set(services) == set(SERVICE_NAMES)
+    for service in SERVICE_NAMES:
+        descriptor = pb.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
+        assert set(services[service]) == {method.name for method in descriptor.methods}
+
+
+def test_the_pending_calls_limit_is_checked_at_its_bounds_and_is_grpcs_backlog_options():
+    for good in (limits.PENDING_CALLS_PER_METHOD_MIN, limits.PENDING_CALLS_PER_METHOD_MAX):
+        assert Config(pending_calls_per_method=good).pending_calls_per_method == good
+    for bad in (limits.PENDING_CALLS_PER_METHOD_MIN - 1, limits.PENDING_CALLS_PER_METHOD_MAX + 1):
+        with pytest.raises(ValueError, match="--pending-calls-per-method"):
+            Config(pending_calls_per_method=bad)
+    assert Config().pending_calls_per_method == limits.PENDING_CALLS_PER_METHOD
+    # grpc queues every call while fewer than the soft limit + 1 wait, refuses at random
+    # below the hard limit, and every call from it: one apart, the limit is exact
+    assert pending_calls_options(256) == [("grpc.server.max_pending_requests", 255),
+                                          ("grpc.server.max_pending_requests_hard_limit", 256)]
+    assert pending_calls_options(limits.PENDING_CALLS_PER_METHOD_MIN) == [
+        ("grpc.server.max_pending_requests", 0),
+        ("grpc.server.max_pending_requests_hard_limit", 1)]
+
+
+def test_quotad_serve_refuses_a_pending_calls_limit_past_its_bounds_naming_the_flag(tmp_path):
+    for bad in (limits.PENDING_CALLS_PER_METHOD_MIN - 1, limits.PENDING_CALLS_PER_METHOD_MAX + 1):
+        result = subprocess.run(
+            [sys.executable, "-m", "quotad", "serve", "--data-dir", str(tmp_path / "data"),
+             "--pending-calls-per-method", str(bad)],
+            capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
+        assert result.returncode == 2
+        assert "--pending-calls-per-method must be" in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was opened
+
+
+def _refusal_kind(error: grpc.aio.AioRpcError) -> str:
+    """How a call of a burst was refused: by grpc's queue (CANCELLED, before any handler ran)
+    or by admission (RESOURCE_EXHAUSTED OVERLOADED with its RetryInfo)."""
+    if error.code() == grpc.StatusCode.CANCELLED:
+        return "grpc queue"
+    _assert_shed(error)
+    return "admission"
+
+
+def test_a_burst_past_grpcs_queue_and_admission_is_refused_and_nothing_is_half_applied(
+        start_server, tmp_path):
+    """The smallest queue grpc may hold (1 call per method) and admission limit (1): a burst
+    of 400 Reserves is refused, by grpc's queue or by admission, except what was served;
+    each answered hold is held, no refused one; the server then serves, and a restart
+    recovers exactly the state the server had (nothing applied without its record)."""
+    data_dir = tmp_path / "data"
+    flags = ("--pending-calls-per-method", str(limits.PENDING_CALLS_PER_METHOD_MIN),
+             "--admission-operations", "1")
+    server = start_server(data_dir, extra_args=flags)
+    subscribe(server.address, "flood", plan_with(10**9))
+    served, refusals = 0, Counter()
+    for _ in range(BURST_ROUNDS_MAX):
+        answers = asyncio.run(_burst(server.address, [_reserve("flood", 3)] * BURST_CALLS))
+        served += sum(1 for answer in answers if isinstance(answer, pb.ReserveResponse))
+        refusals.update(_refusal_kind(answer) for answer in answers
+                        if not isinstance(answer, pb.ReserveResponse))
+        if refusals:
+            break
+    print(f"\n{served} served, refused: {dict(refusals)}")
+    assert refusals, f"no call of {BURST_ROUNDS_MAX} bursts of {BURST_CALLS} was refused"
+    (counter,) = usage(server.address, "flood").counters
+    assert (counter.used, counter.held) == (0, 3 * served)
+
+    status, hold, before = asyncio.run(_serves_then_digest(server.address, "flood"))
+    assert status == health_pb2.HealthCheckResponse.SERVING and hold.allowed
+    assert server.stop() == 0
+    restarted = start_server(data_dir, extra_args=flags)
+    after = asyncio.run(_digest(restarted.address))
+    assert (after.digest, after.sequence) == (before.digest, before.sequence)
+
+
+async def _serves_then_digest(address: str, user: str) -> tuple[
+        int, pb.ReserveResponse, pb.GetStateDigestResponse]:
+    """A health check, a Reserve of 3 for `user`, then the state digest."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+        hold = await stubs.QuotaServiceStub(channel).Reserve(_reserve(user, 3),
+                                                             timeout=CALL_TIMEOUT_S)
+    return health.status, hold, await _digest(address)
+
+
+async def _digest(address: str) -> pb.GetStateDigestResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await stubs.AdminServiceStub(channel).GetStateDigest(
+            pb.GetStateDigestRequest(), timeout=CALL_TIMEOUT_S)
+
+
+def test_a_watch_opens_while_grpcs_queue_of_reserves_overflows(start_server):
+    """WatchUsage has its own queue in grpc: Reserves refused by theirs (CANCELLED) do not
+    hold a watch back."""
+    server = start_server(extra_args=("--pending-calls-per-method",
+                                      str(limits.PENDING_CALLS_PER_METHOD_MIN)))
+    subscribe(server.address, "watched-flood", plan_with(10**9))
+
+    async def run() -> tuple[int, Counter]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            quota = stubs.QuotaServiceStub(channel)
+            burst = asyncio.gather(*(quota.Reserve(_reserve("watched-flood"),
+                                                   timeout=CALL_TIMEOUT_S)
+                                     for _ in range(BURST_CALLS)), return_exceptions=True)
+            watch = quota.WatchUsage(pb.WatchUsageRequest(user_id="watched-flood"),
+                                     timeout=CALL_TIMEOUT_S)
+            first = await asyncio.wait_for(watch.read(), CALL_TIMEOUT_S)
+            watch.cancel()
+            answers = await burst
+            return len(first.counters), Counter(
+                "OK" if isinstance(answer, pb.ReserveResponse) else answer.code().name
+                for answer in answers)
+
+    for _ in range(BURST_ROUNDS_MAX):
+        counters, codes = asyncio.run(run())
+        assert counters == 1
+        assert set(codes) <= {"OK", "CANCELLED"}, codes
+        if codes["CANCELLED"]:
+            print(f"\nthe watch opened beside a burst answered {dict(codes)}")
+            return
+    pytest.fail(f"no Reserve of {BURST_ROUNDS_MAX} bursts of {BURST_CALLS} overflowed the queue")
 
 
 # --- deadlines ------------------------------------------------------------------------------

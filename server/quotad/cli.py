@@ -137,6 +137,14 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                           f"{limits.ADMISSION_OPERATIONS_MIN} to "
                           f"{limits.ADMISSION_OPERATIONS_MAX:,}; a Batch of more than N "
                           "operations is always refused (default: %(default)s)")
+    run.add_argument("--pending-calls-per-method", type=int,
+                     default=limits.PENDING_CALLS_PER_METHOD, metavar="N",
+                     help="at most N calls of one method received and not yet taken by a "
+                          "handler (grpc's queue in front of quotad): one arriving while N "
+                          "wait is refused by grpc at once, before any work (the caller sees "
+                          "CANCELLED), rather than left to wait past its deadline. "
+                          f"{limits.PENDING_CALLS_PER_METHOD_MIN} to "
+                          f"{limits.PENDING_CALLS_PER_METHOD_MAX:,} (default: %(default)s)")
     run.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=False,
                      help="enable gRPC server reflection (default: off)")
     run.add_argument("--log-state-digest", action=argparse.BooleanOptionalAction, default=False,

@@ -65,6 +65,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_read_timeout_s", float, "http_read_timeout_s"),
     Setting("http_allowed_host", list, "http_allowed_hosts", tuple),
     Setting("admission_operations", int, "admission_operations"),
+    Setting("pending_calls_per_method", int, "pending_calls_per_method"),
 )
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 assert {s.field for s in SETTINGS if s.field} <= {f.name for f in dataclasses.fields(Config)}

@@ -35,7 +35,7 @@ from quotad.api.metrics import Metrics, MetricsInterceptor
 from quotad.plans_file import load_plans
 from quotad.api.auth import DEFAULT_APP, Authenticator
 from quotad.api.gate import Gate, GateState, is_loopback
-from quotad.api.service import generic_handlers, http_usage_authorizer
+from quotad.api.service import http_usage_authorizer, method_handlers
 from quotad_contract.v1 import quotad_pb2
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
 from quotad.engine.recovery import recover
@@ -90,6 +90,10 @@ class Config:
     """Operations admitted and not yet answered, at most; past it calls are shed
     (RESOURCE_EXHAUSTED OVERLOADED). See api/admission.py."""
 
+    pending_calls_per_method: int = limits.PENDING_CALLS_PER_METHOD
+    """Calls of one method received and not yet taken by a handler, at most; one arriving
+    while that many wait is refused by grpc's core (the caller sees CANCELLED)."""
+
     def __post_init__(self) -> None:
         self._check_address("--listen", self.listen, callers=True)
         if self.admin_key and not (
@@ -115,6 +119,11 @@ class Config:
                 <= limits.ADMISSION_OPERATIONS_MAX):
             raise ValueError(f"--admission-operations must be {limits.ADMISSION_OPERATIONS_MIN} "
                              f"to {limits.ADMISSION_OPERATIONS_MAX:,}")
+        if not (limits.PENDING_CALLS_PER_METHOD_MIN <= self.pending_calls_per_method
+                <= limits.PENDING_CALLS_PER_METHOD_MAX):
+            raise ValueError("--pending-calls-per-method must be "
+                             f"{limits.PENDING_CALLS_PER_METHOD_MIN} to "
+                             f"{limits.PENDING_CALLS_PER_METHOD_MAX:,}")
         self._check_http()
 
     def _check_address(self, flag: str, address: str, *, callers: bool) -> None:
@@ -157,6 +166,15 @@ class Config:
             raise ValueError("--http-read-timeout-s must be "
                              f"{limits.HTTP_REQUEST_READ_TIMEOUT_S_MIN} to "
                              f"{limits.HTTP_REQUEST_READ_TIMEOUT_S_MAX} seconds")
+
+
+def pending_calls_options(calls_max: int) -> list[tuple[str, int]]:
+    """grpc server options that bound each method's queue of calls not yet taken by a
+    handler to `calls_max`: a call that arrives while that many wait is refused by grpc's
+    core. (grpc refuses at random between its two limits, "random early detection"; one
+    apart, there is no random share: below the hard limit every call is queued.)"""
+    return [("grpc.server.max_pending_requests", calls_max - 1),
+            ("grpc.server.max_pending_requests_hard_limit", calls_max)]
 
 
 def check_origin(origin: str) -> None:
@@ -231,10 +249,14 @@ class _Process:
             ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", limits.RESPONSE_BYTES_MAX),
             ("grpc.so_reuseport", 0),
+            *pending_calls_options(config.pending_calls_per_method),
         ])
         admission = Admission(config.admission_operations)
         self.metrics.watch_admission(admission)
-        server.add_generic_rpc_handlers(generic_handlers(self.gate, admission))
+        for service, table in method_handlers(self.gate, admission).items():
+            # registered: grpc's core matches each method to its own queue of requested
+            # calls, rather than every call to one queue of unregistered ones
+            server.add_registered_method_handlers(service, table)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         if config.reflection:
             names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name

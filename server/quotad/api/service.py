@@ -388,9 +388,10 @@ def http_usage_authorizer(
     return authorize
 
 
-def generic_handlers(gate: Gate, admission: Admission) -> list[grpc.GenericRpcHandler]:
-    """Every RPC's handler; the unary ones admitted by `admission` (WatchUsage is not)."""
-    handlers = []
+def method_handlers(gate: Gate, admission: Admission) -> dict[str, dict[str, Any]]:
+    """Every RPC's handler, by service and method name; the unary ones admitted by
+    `admission` (WatchUsage is not)."""
+    services = {}
     for service, methods in (("quotad.v1.QuotaService", QUOTA_METHODS),
                              ("quotad.v1.AdminService", ADMIN_METHODS)):
         table = {
@@ -420,5 +421,5 @@ def generic_handlers(gate: Gate, admission: Admission) -> list[grpc.GenericRpcHa
                 hub, _watch_caller(gate), _safe_parser(pb.WatchUsageRequest), status_of,
                 _REFUSALS, full_method("WatchUsage"),
                 lambda metadata, context: caller_of(gate, metadata, context))
-        handlers.append(grpc.method_handlers_generic_handler(service, table))
-    return handlers
+        services[service] = table
+    return services

@@ -82,6 +82,21 @@ refused `python -m bench.batch`'s 3,000 operations in flight)."""
 ADMISSION_OPERATIONS_MIN = 1
 ADMISSION_OPERATIONS_MAX = 1_000_000
 
+PENDING_CALLS_PER_METHOD = 256
+"""Calls of one RPC method that grpc has received and quotad's handlers have not yet taken,
+at most. grpc.aio hands the handlers about one new call per method per event-loop turn, so
+under overload calls wait in grpc's queue, first in first out: with grpc's own bound (3,000,
+refusing at random from 1,000) a call waited there seconds, past its deadline, and nearly
+none was answered in time. A call that arrives while this many wait is refused by grpc's
+core at once, before any Python work: the caller sees CANCELLED, nothing was done. Each
+method has its own queue (registered methods), so a flood of unary calls never holds back
+WatchUsage or health checks. At ~600 calls/s per method, 256 waiting is ~0.4 s, inside a
+1 s deadline; a client with more than 256 calls of one method in flight at once gets some
+refused (quotad_client coalesces concurrent calls into Batch RPCs, so it sends few).
+`--pending-calls-per-method` sets it within the bounds below."""
+PENDING_CALLS_PER_METHOD_MIN = 1
+PENDING_CALLS_PER_METHOD_MAX = 100_000
+
 OVERLOAD_RETRY_DELAY_S = 0.1
 """The RetryInfo delay of an OVERLOADED refusal: how long a caller waits before sending the
 call again (quotad_client adds its own backoff and jitter on top)."""
@@ -156,6 +171,9 @@ if not (1 <= HTTP_CONNECTIONS_PER_KEY_MAX <= HTTP_CONNECTIONS_PER_APP_MAX < HTTP
 if not ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS <= ADMISSION_OPERATIONS_MAX:
     raise AssertionError("ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS "
                          "<= ADMISSION_OPERATIONS_MAX")
+if not PENDING_CALLS_PER_METHOD_MIN <= PENDING_CALLS_PER_METHOD <= PENDING_CALLS_PER_METHOD_MAX:
+    raise AssertionError("PENDING_CALLS_PER_METHOD_MIN <= PENDING_CALLS_PER_METHOD "
+                         "<= PENDING_CALLS_PER_METHOD_MAX")
 if not 1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX:
     raise AssertionError("1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX")
 if ADMISSION_OPERATIONS < BATCH_OPERATIONS_MAX:
