@@ -544,6 +544,10 @@ class CounterView:
     used: int
     held: int
     remaining: int
+    """max(0, quota - used - held)"""
+    overage: int
+    """max(0, used + held - quota): what a soft limit (or a recorded overage path) counted
+    past the quota."""
     window_start_ns: int
     resets_at_ns: int | None
 
