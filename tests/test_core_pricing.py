@@ -12,10 +12,16 @@ from dataclasses import replace
 
 import pytest
 
-from core_helpers import HOUR, S, Harness, digest, fields_of, group, plan, view_tuple
+from core_helpers import (
+    HOUR, S, Harness, digest, fields_of, group, plan, replay_all, view_tuple,
+)
 from quotad.core import limits
 from quotad.core.errors import InvalidArgument
 from quotad.core.plans import Cost, LimitGroup, Plan, Window
+from quotad.storage.codec import (
+    decode_finished_hold, decode_record, encode_finished_hold, encode_record, record_key,
+    reservation_bytes,
+)
 from quotad.storage.snapshot import core_from_plain, core_to_plain
 
 GPT4O, MINI = {"model": "gpt-4o"}, {"model": "gpt-4o-mini"}
@@ -223,3 +229,24 @@ def test_enforce_must_be_a_bool() -> None:
         plan("p", replace(group("g", 1), enforce=0))
     assert fields_of(refused.value) == {"plan.limit_groups[0].enforce"}
 
+
+# --- the log ------------------------------------------------------------------------------
+
+
+def test_records_and_finished_hold_rows_keep_costs_soft_limits_and_hold_rates() -> None:
+    """Through the log's own encoding: a replay of the decoded records gives the same state,
+    and a finished hold read back from its row has the rates it was taken at."""
+    h = Harness().setup(pricing_plan(spend(default_rate=2, enforce=False)), "alice")
+    hold = h.reserve("alice", 20, "openai.chat", GPT4O, key="k")
+    h.upsert_plan(pricing_plan(spend(rates=(("gpt-4o", 3),))))
+    h.commit(hold.reservation_id, 4)
+    decoded = [decode_record(record_key(r.sequence), encode_record(r)) for r in h.records]
+    assert decoded == h.records
+    assert decoded[0].command.plan == pricing_plan(spend(default_rate=2, enforce=False))
+    assert digest(replay_all(decoded)) == h.digest()
+    finished = h.core.apps["app"].reservations[hold.reservation_id]
+    for age_ns in (0, limits.IDEMPOTENCY_RETENTION_NS):  # the compact row and the whole one
+        row = encode_finished_hold(finished, h.core.sequence, 0, finished.created_at_ns + age_ns)
+        read = decode_finished_hold(reservation_bytes(hold.reservation_id), row,
+                                    h.core.sequence, lambda sequence: h.records[sequence - 1])
+        assert read == finished and [ref.rate for ref in read.holds] == [1, 10]
