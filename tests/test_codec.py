@@ -163,7 +163,6 @@ def test_first_answers_read_back_as_they_were_given(allowed, same_hold, used, he
     counters = (c.CounterView(key="tokens", label="Tokens", unit="tokens", window=Window.MONTH,
                               quota=10**12, used=used, held=held,
                               remaining=max(0, 10**12 - used - held),
-                              overage=max(0, used + held - 10**12),
                               window_start_ns=NOW_NS - 10**15, resets_at_ns=NOW_NS + 10**15),)
     if allowed:
         reservation_id = reserve.reservation_id if same_hold else "rsv_" + "ef" * 12

@@ -484,7 +484,6 @@ class Core:
             key=group.key, label=group.label, unit=group.unit, window=group.window,
             quota=group.quota, used=counter.used, held=counter.held,
             remaining=max(0, group.quota - counter.used - counter.held),
-            overage=max(0, counter.used + counter.held - group.quota),
             window_start_ns=counter.window_start_ns, resets_at_ns=counter.window_end_ns,
         )
 

@@ -432,7 +432,6 @@ def _counters(message: Any) -> tuple[CounterView, ...]:
         CounterView(key=c.key, label=c.label, unit=c.unit, window=Window(c.window),
                     quota=c.quota, used=c.used, held=c.held,
                     remaining=max(0, c.quota - c.used - c.held),
-                    overage=max(0, c.used + c.held - c.quota),
                     window_start_ns=c.window_start_ns,
                     resets_at_ns=c.resets_at_ns if c.HasField("resets_at_ns") else None)
         for c in message.counters)
