@@ -10,8 +10,10 @@ import json
 import signal
 
 import grpc
+import pytest
 
 import quotad_client as qc
+from quotad_contract import limits as qc_limits
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
 from server_process import EXAMPLE_PLANS
@@ -84,3 +86,18 @@ def test_costs_and_a_soft_limit_count_show_and_replay_exactly_after_kill_9(start
         assert client.usage("u1") == before
         late = client.commit(other.reservation_id)  # taken at the default rate, 2
         assert late.counter("spend").used == 2_504_010
+
+
+def test_a_commit_counting_past_amount_max_is_invalid_argument_amount_and_changes_nothing(
+        server):
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.subscribe("u2", "team")
+        hold = client.reserve("u2", "openai.chat", 10, metadata=GPT4O)
+        before = state_digest(server.address)
+        fits = qc_limits.AMOUNT_MAX // 10
+        with pytest.raises(qc.InvalidArgument) as refused:
+            client.commit(hold.reservation_id, fits + 1)  # 10 per unit in spend
+        assert [field for field, _ in refused.value.field_violations] == ["amount"]
+        assert "spend" in str(refused.value)
+        assert state_digest(server.address) == before
+        assert client.commit(hold.reservation_id, 20).counter("spend").used == 200
