@@ -45,7 +45,11 @@ from quotad.core import limits
 from quotad_contract.errors import ERROR_DOMAIN
 from quotad_contract.v1 import quotad_pb2 as pb
 from messages_at_limits import plan_of_bytes
-from server_process import ServerProcess
+from quotad_contract.plans import load_plans_file
+from server_process import ROOT, ServerProcess
+
+PRICING_PLANS = ROOT / "examples" / "pricing.toml"
+"""Its team plan prices spend per model (see `counted_by_cost`)."""
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
 TRIES = 10**5 if LONG else 10**4
@@ -245,7 +249,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
     env.channel = grpc.insecure_channel(process.address)
     env.loop = asyncio.new_event_loop()
     try:
-        for plan in (UNITS, ZERO):
+        for plan in (UNITS, ZERO, *load_plans_file(PRICING_PLANS)):
             env.call("UpsertPlan", pb.UpsertPlanRequest(plan=plan))
         listed = pb.ListPlansResponse.FromString(env.call("ListPlans", pb.ListPlansRequest()))
         env.plans = {plan.id: plan for plan in listed.plans}

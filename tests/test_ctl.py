@@ -55,67 +55,32 @@ def test_plans_apply_shows_a_diff_applies_and_a_second_run_is_unchanged(bare_ser
     assert first.returncode == 0, first.stderr
     assert "plan free (Free): new" in first.stdout
     assert "  + tokens (Tokens): 100000 tokens per month; events openai.*" in first.stdout
-    assert ("  + spend (Spend): 20000000 credits per month; events openai.*; amount x rate by "
-            "model (gpt-4o 10, gpt-4o-mini 1; else 2)") in first.stdout
-    assert ("  + tokens (Tokens): 2000000 tokens per month (soft: never denies); events openai.*"
-            in first.stdout)
-    assert "3 new, 0 changed, 0 unchanged; applied 3" in first.stdout
+    assert "2 new, 0 changed, 0 unchanged; applied 2" in first.stdout
 
     before = sequence(address)
     second = quotactl(address, "plans", "apply", str(EXAMPLE_PLANS))
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines() == [
         "plan free (Free): unchanged", "plan pro (Pro): unchanged",
-        "plan team (Team): unchanged", "0 new, 0 changed, 3 unchanged; nothing to apply"]
+        "0 new, 0 changed, 2 unchanged; nothing to apply"]
     assert sequence(address) == before
 
     changed = tmp_path / "plans.toml"
-    text = EXAMPLE_PLANS.read_text()
-    text = text[:text.index("[[plans]]\nid = \"team\"")].replace("2_000_000", "3_000_000")
-    text = text[:text.rindex("  [[plans.limit_groups]]")]  # pro loses premium
-    text += TEAM_CHANGED
-    changed.write_text(text)
+    text = EXAMPLE_PLANS.read_text().replace("2_000_000", "3_000_000")
+    changed.write_text(text[:text.rindex("  [[plans.limit_groups]]")])  # pro loses premium
     dry = quotactl(address, "plans", "apply", str(changed), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "plan pro (Pro): changed" in dry.stdout
     assert "  ~ tokens: quota 2000000 -> 3000000" in dry.stdout
     assert "  - premium_tokens: removed (was premium_tokens" in dry.stdout
-    assert "plan team (Team): changed" in dry.stdout
-    assert ("  ~ spend: cost 'amount x rate by model (gpt-4o 10, gpt-4o-mini 1; else 2)' -> "
-            "'amount x rate by model (gpt-4o 12; else no match)'") in dry.stdout
-    assert "  ~ tokens: enforce false -> true" in dry.stdout
     assert "dry run: nothing applied" in dry.stdout
     assert sequence(address) == before
 
     applied = quotactl(address, "plans", "apply", str(changed))
-    assert applied.returncode == 0 and "0 new, 2 changed, 1 unchanged; applied 2" in applied.stdout
+    assert applied.returncode == 0 and "0 new, 1 changed, 1 unchanged; applied 1" in applied.stdout
     with qc.QuotaClient(address, timeout_s=10) as client:
-        pro, team = client.get_plan("pro"), client.get_plan("team")
+        pro = client.get_plan("pro")
     assert [(g.key, g.quota) for g in pro.limit_groups] == [("tokens", 3_000_000)]
-    assert [(g.key, g.enforce, g.cost) for g in team.limit_groups] == [
-        ("spend", True, qc.Cost(by="model", rates={"gpt-4o": 12})), ("tokens", True, None)]
-
-
-TEAM_CHANGED = """
-[[plans]]
-id = "team"
-name = "Team"
-  [[plans.limit_groups]]
-  key = "spend"
-  label = "Spend"
-  unit = "credits"
-  quota = 20_000_000
-  window = "month"
-  match = { event_types = ["openai.*"] }
-  cost = { by = "model", rates = { "gpt-4o" = 12 } }
-  [[plans.limit_groups]]
-  key = "tokens"
-  label = "Tokens"
-  unit = "tokens"
-  quota = 2_000_000
-  window = "month"
-  match = { event_types = ["openai.*"] }
-"""
 
 
 def test_plans_list_and_show_readable_and_as_json(server):
@@ -123,19 +88,7 @@ def test_plans_list_and_show_readable_and_as_json(server):
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines() == ["ID    NAME  GROUPS",
                                           "free  Free  tokens, premium_tokens",
-                                          "pro   Pro   tokens, premium_tokens",
-                                          "team  Team  spend, tokens"]
-    team = quotactl(server.address, "plans", "show", "team")
-    assert team.stdout.splitlines() == [
-        "plan team (Team)",
-        "  spend (Spend): 20000000 credits per month; events openai.*; amount x rate by model "
-        "(gpt-4o 10, gpt-4o-mini 1; else 2)",
-        "  tokens (Tokens): 2000000 tokens per month (soft: never denies); events openai.*",
-    ]
-    team_json = json.loads(quotactl(server.address, "plans", "show", "team", "--json").stdout)
-    assert [team_json["limit_groups"][0]["cost"], team_json["limit_groups"][1]["enforce"]] == [
-        {"by": "model", "rates": {"gpt-4o": 10, "gpt-4o-mini": 1}, "default": 2}, False]
-    assert "enforce" not in team_json["limit_groups"][0]
+                                          "pro   Pro   tokens, premium_tokens"]
     shown = quotactl(server.address, "plans", "show", "pro")
     assert shown.stdout.splitlines() == [
         "plan pro (Pro)",

@@ -4,16 +4,21 @@ means the same through the file, a dict, the client's types and the server's ans
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 import quotad_client as qc
 from quotad_contract import limits
-from quotad_contract.plans import plan_from_dict
+from quotad_contract.plans import load_plans_file, plan_from_dict
 from server_process import ROOT
+from test_ctl import quotactl
+
+PRICING_PLANS = ROOT / "examples" / "pricing.toml"
 
 COST = {"by": "model", "rates": {"gpt-4o": 10, "gpt-4o-mini": 1}, "default": 2}
 
@@ -91,6 +96,13 @@ def test_quotad_serve_names_an_invalid_cost_field_as_it_is_in_the_file(tmp_path:
         refused.stderr)
 
 
+def test_the_pricing_example_means_the_same_through_the_file_and_a_dict():
+    [team] = load_plans_file(PRICING_PLANS)
+    assert team == qc.plan_to_proto(tomllib.loads(PRICING_PLANS.read_text())["plans"][0])
+    spend, tokens = team.limit_groups
+    assert (spend.cost.default_rate, tokens.enforce) == (2, False)
+
+
 def test_a_plan_with_costs_and_soft_limits_round_trips_through_the_client(server):
     """As a dict, as the client's types and as the server answers it: one plan."""
     plan = {"id": "metered", "limit_groups": [
@@ -104,3 +116,57 @@ def test_a_plan_with_costs_and_soft_limits_round_trips_through_the_client(server
         assert soft.cost is None and soft.enforce is False
         assert client.upsert_plan(stored).changed is False  # the typed plan, sent back
         assert client.get_plan("metered") == stored
+
+
+# --- quotactl ------------------------------------------------------------------------------
+
+TEAM_CHANGED = """
+[[plans]]
+id = "team"
+name = "Team"
+  [[plans.limit_groups]]
+  key = "spend"
+  label = "Spend"
+  unit = "credits"
+  quota = 20_000_000
+  window = "month"
+  match = { event_types = ["openai.*"] }
+  cost = { by = "model", rates = { "gpt-4o" = 12 } }
+  [[plans.limit_groups]]
+  key = "tokens"
+  label = "Tokens"
+  unit = "tokens"
+  quota = 2_000_000
+  window = "month"
+  match = { event_types = ["openai.*"] }
+"""
+
+
+def test_quotactl_applies_and_shows_costs_and_soft_limits(start_server, tmp_path: Path):
+    address = start_server(plans=None).address
+    first = quotactl(address, "plans", "apply", str(PRICING_PLANS))
+    assert first.returncode == 0, first.stderr
+    spend_line = ("spend (Spend): 20000000 credits per month; events openai.*; amount x rate "
+                  "by model (gpt-4o 10, gpt-4o-mini 1; else 2)")
+    soft_line = "tokens (Tokens): 2000000 tokens per month (soft: never denies); events openai.*"
+    assert f"  + {spend_line}" in first.stdout and f"  + {soft_line}" in first.stdout
+    again = quotactl(address, "plans", "apply", str(PRICING_PLANS))
+    assert "1 unchanged; nothing to apply" in again.stdout  # read back as it was written
+    shown = quotactl(address, "plans", "show", "team")
+    assert shown.stdout.splitlines() == ["plan team (Team)", f"  {spend_line}", f"  {soft_line}"]
+    as_json = json.loads(quotactl(address, "plans", "show", "team", "--json").stdout)
+    spend, soft = as_json["limit_groups"]
+    assert spend["cost"] == {"by": "model", "rates": {"gpt-4o": 10, "gpt-4o-mini": 1},
+                             "default": 2}
+    assert "enforce" not in spend and soft["enforce"] is False and "cost" not in soft
+    changed = tmp_path / "team.toml"
+    changed.write_text(TEAM_CHANGED)
+    dry = quotactl(address, "plans", "apply", str(changed), "--dry-run")
+    assert ("  ~ spend: cost 'amount x rate by model (gpt-4o 10, gpt-4o-mini 1; else 2)' -> "
+            "'amount x rate by model (gpt-4o 12; else no match)'") in dry.stdout
+    assert "  ~ tokens: enforce false -> true" in dry.stdout
+    assert quotactl(address, "plans", "apply", str(changed)).returncode == 0
+    with qc.QuotaClient(address, timeout_s=10) as client:
+        team = client.get_plan("team")
+    assert [(g.key, g.enforce, g.cost) for g in team.limit_groups] == [
+        ("spend", True, qc.Cost(by="model", rates={"gpt-4o": 12})), ("tokens", True, None)]

@@ -1,4 +1,4 @@
-"""Costs and soft limits through the real server: the example `team` plan (spend priced per
+"""Costs and soft limits through the real server: the `team` plan of examples/pricing.toml (spend priced per
 model, a soft token budget) through gRPC, the Python client's typed results, the HTTP usage
 JSON, the audit trail, and a kill -9 and restart that must replay to the same state even
 though the plan's rate changed between a Reserve and its Commit."""
@@ -16,7 +16,9 @@ import quotad_client as qc
 from quotad_contract import limits as qc_limits
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
-from server_process import EXAMPLE_PLANS
+from server_process import ROOT
+
+PRICING_PLANS = ROOT / "examples" / "pricing.toml"
 
 HTTP_ARGS = ("--log-state-digest", "--http-listen", "127.0.0.1:0")
 SOCKET_TIMEOUT_S = 10.0
@@ -53,8 +55,7 @@ def team_plan_with_gpt4o_rate(client: qc.QuotaClient, rate: int) -> dict:
 
 
 def test_costs_and_a_soft_limit_count_show_and_replay_exactly_after_kill_9(start_server):
-    first = start_server(extra_args=HTTP_ARGS)
-    assert EXAMPLE_PLANS.read_text().count('cost = { by = "model"') == 1
+    first = start_server(plans=PRICING_PLANS, extra_args=HTTP_ARGS)
     with qc.QuotaClient(first.address, timeout_s=10) as client:
         client.subscribe("u1", "team")
         hold = client.reserve("u1", "openai.chat", 1_000, metadata=GPT4O, ttl_s=3600)
@@ -89,7 +90,8 @@ def test_costs_and_a_soft_limit_count_show_and_replay_exactly_after_kill_9(start
 
 
 def test_a_commit_counting_past_amount_max_is_invalid_argument_amount_and_changes_nothing(
-        server):
+        start_server):
+    server = start_server(plans=PRICING_PLANS)
     with qc.QuotaClient(server.address, timeout_s=10) as client:
         client.subscribe("u2", "team")
         hold = client.reserve("u2", "openai.chat", 10, metadata=GPT4O)
