@@ -44,6 +44,11 @@ Checks, per (user, group) with quota q:
 - anomalies: answers no correct server gives (a hold committed twice, committed and released,
   a commit of a hold never granted, a refused refund, a denial whose own counters show room).
 
+Costs. A group with a cost counts amount x rate; a call's `rates` give the rate of each of its
+`groups` (none: 1 each), as the client knows them from the plan and the call's metadata. A
+hold's rates are its Reserve's, and its Commit counts at them (the server fixes them when the
+hold is taken). Every amount above, held, used, admitted or denied, is the counted one.
+
 `Report.exact(user, group, t)` gives (used, held) at time t when the bounds meet there (every
 call before t finished with a definite answer and no hold could be expiring around t), for the
 final cross-check against GetUsage.
@@ -92,8 +97,9 @@ class Call:
 
     `hold` names a hold: the label the client gave its Reserve (unique per Reserve), and the
     same label on the Commit/Release/Extend of that hold. `groups` are the limit groups the
-    event matches (Reserve, Track; usage: the groups whose counters were read). `amount`:
-    Reserve amount; Commit amount (None: the reserved amount); signed Track amount.
+    event matches (Reserve, Track; usage: the groups whose counters were read), and `rates`
+    what one unit of its amount counts in each (empty: 1 in every group). `amount`: Reserve
+    amount; Commit amount (None: the reserved amount); signed Track amount.
     `code` is "OK" or the gRPC status code's name; `allowed` the answer of a Reserve/Track.
     """
 
@@ -103,6 +109,7 @@ class Call:
     start_ns: int
     end_ns: int
     groups: tuple[str, ...] = ()
+    rates: tuple[int, ...] = ()
     amount: int | None = None
     hold: str = ""
     ttl_ns: int = 60_000_000_000
@@ -115,6 +122,11 @@ class Call:
     @property
     def ok(self) -> bool:
         return self.code == OK
+
+    @property
+    def rated(self) -> tuple[tuple[str, int], ...]:
+        """(group, rate) of each group the call's event matches."""
+        return tuple(zip(self.groups, self.rates or (1,) * len(self.groups)))
 
     @property
     def maybe_applied(self) -> bool:
@@ -245,6 +257,9 @@ def check(history: Sequence[Call], quotas: Mapping[tuple[str, str], int], *,
         for group in call.groups:
             if (call.user, group) not in quotas:
                 raise OutsideModel(f"call {index}: no quota for {(call.user, group)}")
+        if call.rates and (len(call.rates) != len(call.groups)
+                           or any(rate < 1 for rate in call.rates)):
+            raise OutsideModel(f"call {index}: needs one rate of at least 1 per group")
         if call.kind == "reserve":
             if call.hold in holds:
                 raise OutsideModel(f"call {index}: hold {call.hold!r} reserved twice")
@@ -272,11 +287,13 @@ def check(history: Sequence[Call], quotas: Mapping[tuple[str, str], int], *,
     # --- the bounds -----------------------------------------------------------------------
     changes: dict[tuple[str, str], list[tuple[int, int, int]]] = defaultdict(list)
 
-    def add(user: str, groups: Iterable[str], time_ns: float, which: int, delta: int) -> None:
+    def add(user: str, rated: Iterable[tuple[str, int]], time_ns: float, which: int,
+            amount: int) -> None:
+        """The amount, counted at each group's rate, changes series `which` at time_ns."""
         if time_ns == INF:
             return
-        for group in groups:
-            changes[(user, group)].append((int(time_ns), which, delta))
+        for group, rate in rated:
+            changes[(user, group)].append((int(time_ns), which, amount * rate))
 
     for label, hold in holds.items():
         reserve = history[hold.reserve]
@@ -301,7 +318,7 @@ def check(history: Sequence[Call], quotas: Mapping[tuple[str, str], int], *,
                               + [e.end_ns + e.ttl_ns for e in extends]) + clock_slack_ns
         certain_end = min([e.start_ns for e in ends] + [expiry_low])
         possible_end = min([e.end_ns for e in ends if e.ok] + [expiry_high])
-        groups, amount = reserve.groups, reserve.amount
+        groups, amount = reserve.rated, reserve.amount  # the hold's rates are its Reserve's
         if granted and certain_end > reserve.end_ns:
             add(reserve.user, groups, reserve.end_ns, HELD_LO, amount)
             add(reserve.user, groups, certain_end, HELD_LO, -amount)
@@ -328,13 +345,13 @@ def check(history: Sequence[Call], quotas: Mapping[tuple[str, str], int], *,
                 anomalies.append(f"call {index}: a refund was denied")
             continue
         if call.amount > 0:
-            add(call.user, call.groups, call.start_ns, USED_HI, call.amount)
+            add(call.user, call.rated, call.start_ns, USED_HI, call.amount)
             if call.ok:
-                add(call.user, call.groups, call.end_ns, USED_LO, call.amount)
+                add(call.user, call.rated, call.end_ns, USED_LO, call.amount)
         else:
-            add(call.user, call.groups, call.start_ns, USED_LO, call.amount)
+            add(call.user, call.rated, call.start_ns, USED_LO, call.amount)
             if call.ok:
-                add(call.user, call.groups, call.end_ns, USED_HI, call.amount)
+                add(call.user, call.rated, call.end_ns, USED_HI, call.amount)
 
     series = {key: _Series(key_changes) for key, key_changes in changes.items()}
     for (user, group), s in series.items():
@@ -358,10 +375,10 @@ def check(history: Sequence[Call], quotas: Mapping[tuple[str, str], int], *,
     for index, call in enumerate(history):
         if call.kind not in ("reserve", "track") or not call.ok or call.amount <= 0:
             continue
-        amount = call.amount
-        matched = [(g, series.get((call.user, g)), quotas[(call.user, g)]) for g in call.groups]
+        matched = [(g, series.get((call.user, g)), quotas[(call.user, g)], call.amount * rate)
+                   for g, rate in call.rated]  # each with the amount it counts there
         if call.allowed:
-            for group, s, quota in matched:
+            for group, s, quota, amount in matched:
                 # Before its own end the call's own amount is not in load_lo.
                 low = s.low(LOAD_LO, call.start_ns, call.end_ns - 1) if s else 0
                 if low + amount > quota:
@@ -373,10 +390,10 @@ def check(history: Sequence[Call], quotas: Mapping[tuple[str, str], int], *,
             anomalies.append(f"call {index}: denied although it matches no group")
             continue
         if all((s.high(LOAD_HI, call.start_ns, call.end_ns) if s else 0) + amount <= quota
-               for _, s, quota in matched):
+               for _, s, quota, amount in matched):
             false_denials.append(index)
         elif any(s and s.low(LOAD_LO, call.start_ns, call.end_ns) + amount > quota
-                 for _, s, quota in matched):
+                 for _, s, quota, amount in matched):
             justified += 1
         else:
             undetermined += 1
@@ -386,6 +403,7 @@ def check(history: Sequence[Call], quotas: Mapping[tuple[str, str], int], *,
                              f"counters {sorted(shown)}")
         else:
             c = shown[call.denied_by]
+            amount = next(a for g, _, _, a in matched if g == call.denied_by)
             if c.used + c.held + amount <= quotas[(call.user, call.denied_by)]:
                 anomalies.append(f"call {index}: denied by {call.denied_by!r} whose counter "
                                  f"shows room: {c}")

@@ -51,7 +51,13 @@ def group_at_every_limit(key_tail: str = "", quota: int = limits.QUOTA_MAX) -> p
                 key=text(limits.METADATA_KEY_BYTES_MAX, "k", f"{i:02d}"),
                 values=[text(limits.METADATA_VALUE_BYTES_MAX, "v", f"{j:03d}")
                         for j in range(limits.METADATA_MATCH_VALUES_MAX)])
-                for i in range(limits.METADATA_MATCHES_PER_GROUP_MAX)]))
+                for i in range(limits.METADATA_MATCHES_PER_GROUP_MAX)]),
+        enforce=False,  # set is the longer: unset is the default, true
+        cost=pb.Cost(by=text(limits.METADATA_KEY_BYTES_MAX, "k"),
+                     rates={text(limits.METADATA_VALUE_BYTES_MAX, "r", f"{i:03d}"):
+                            limits.COST_RATE_MAX
+                            for i in range(limits.COST_RATES_PER_GROUP_MAX)},
+                     default_rate=limits.COST_RATE_MAX))
 
 
 def plan_at_every_limit() -> pb.Plan:

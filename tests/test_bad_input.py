@@ -49,7 +49,10 @@ from quotad_contract.errors import ERROR_DOMAIN
 from quotad_contract.plans import load_plans_file
 from quotad_contract.v1 import quotad_pb2 as pb
 from messages_at_limits import plan_of_bytes
-from server_process import EXAMPLE_PLANS, ServerProcess
+from server_process import EXAMPLE_PLANS, ROOT, ServerProcess
+
+PRICING_PLANS = ROOT / "examples" / "pricing.toml"
+"""Its team plan prices spend per model (see `counted_by_cost`)."""
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
 TRIES = {"open": 10**5 if LONG else 10**4, "keyed": 10**5 if LONG else 2 * 10**3}
@@ -86,6 +89,8 @@ PATTERNS_MAX = limits.EVENT_TYPE_PATTERNS_PER_GROUP_MAX
 MATCHES_MAX = limits.METADATA_MATCHES_PER_GROUP_MAX
 MATCH_VALUES_MAX = limits.METADATA_MATCH_VALUES_MAX
 PLAN_BYTES_MAX = limits.PLAN_BYTES_MAX
+RATES_MAX = limits.COST_RATES_PER_GROUP_MAX
+RATE_MAX = limits.COST_RATE_MAX
 TIME_ZONE_MAX = limits.TIME_ZONE_BYTES_MAX
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -204,6 +209,7 @@ ZERO = pb.Plan(id="zero", name="Zero", limit_groups=[pb.LimitGroup(
 SUBSCRIPTIONS = {  # user -> (plan, time zone as sent); every plan is in use
     "sub-1": ("units", ""), "tz-1": ("units", "Europe/Berlin"), "exp-1": ("units", "UTC"),
     "zero-1": ("zero", ""), "free-1": ("free", "UTC"), "pro-1": ("pro", "Asia/Kathmandu"),
+    "team-1": ("team", ""),  # spend priced per model: amount x rate has an amount's limits
 }
 UNSUBSCRIBED = ("nobody", "ghost", "SUB-1", "sub-1 ", "u" * USER_ID_MAX)
 HOUR = Duration(seconds=3600)
@@ -293,11 +299,11 @@ def env(request, tmp_path_factory) -> Iterator[Env]:
     try:
         if mode == "keyed":
             _use_keys(env)
-        for plan in (UNITS, ZERO):
+        for plan in (UNITS, ZERO, *load_plans_file(PRICING_PLANS)):
             env.call("UpsertPlan", pb.UpsertPlanRequest(plan=plan))
         listed = pb.ListPlansResponse.FromString(env.call("ListPlans", pb.ListPlansRequest()))
         env.plans = {plan.id: plan for plan in listed.plans}
-        assert set(env.plans) == {"free", "pro", "units", "zero"}
+        assert set(env.plans) == {"free", "pro", "team", "units", "zero"}
         for user, (plan_id, zone) in SUBSCRIPTIONS.items():
             env.call("UpsertSubscription", pb.UpsertSubscriptionRequest(
                 user_id=user, plan_id=plan_id, time_zone=zone))
@@ -430,6 +436,23 @@ def group_violations(group: pb.LimitGroup, where: str) -> set[str]:
         if (not 1 <= len(constraint.values) <= MATCH_VALUES_MAX
                 or any(blen(value) > METADATA_VALUE_MAX for value in constraint.values)):
             bad.add(f"{where}.match.metadata[{j}].values")
+    if group.HasField("cost"):
+        bad |= cost_violations(group.cost, f"{where}.cost")
+    return bad
+
+
+def cost_violations(cost: pb.Cost, where: str) -> set[str]:
+    """A cost: a metadata key, at most RATES_MAX rates of 1 ... RATE_MAX for metadata values,
+    a default_rate of 1 ... RATE_MAX when set, and at least one of the two."""
+    bad: set[str] = set()
+    _text(bad, f"{where}.by", cost.by, 1, METADATA_KEY_MAX)
+    has_default = cost.HasField("default_rate")
+    if (len(cost.rates) > RATES_MAX or not (cost.rates or has_default)
+            or any(blen(value) > METADATA_VALUE_MAX or not 1 <= rate <= RATE_MAX
+                   for value, rate in cost.rates.items())):
+        bad.add(f"{where}.rates")
+    if has_default and not 1 <= cost.default_rate <= RATE_MAX:
+        bad.add(f"{where}.default_rate")
     return bad
 
 
@@ -529,6 +552,52 @@ def _plan_of(user_id: str) -> str | None:
     return SUBSCRIPTIONS[user_id][0] if user_id in SUBSCRIPTIONS else None
 
 
+def _event_type_matches(pattern: str, event_type: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.endswith(".*"):
+        return len(event_type) > len(pattern) - 1 and event_type.startswith(pattern[:-1])
+    return pattern == event_type
+
+
+def cost_expectation(env: Env, rpc: str, m) -> Expect | None:
+    """A Reserve's or Track's amount times the rate a cost of the user's plan picks for the
+    event: past AMOUNT_MAX in some matched group, INVALID_ARGUMENT `amount`; else past an
+    enforced cost group's quota, a denial (if it checks: Track only with enforce)."""
+    if counted_past_amount_max(env, m):
+        return invalid("amount")
+    if rpc == "Track" and not (m.enforce and m.amount > 0):
+        return None
+    if any(counted > group_.quota and (group_.enforce or not group_.HasField("enforce"))
+           for group_, counted in counted_by_cost(env, m)):
+        return unchanged(lambda data: denied(data, rpc))
+    return None
+
+
+def counted_past_amount_max(env: Env, m) -> bool:
+    return any(abs(counted) > AMOUNT_MAX for _, counted in counted_by_cost(env, m))
+
+
+def counted_by_cost(env: Env, m) -> list[tuple[pb.LimitGroup, int]]:
+    """(group, amount x rate) of each matched group with a cost, in the user's plan."""
+    counted = []
+    plan_id = _plan_of(m.user_id)
+    for group_ in env.plans[plan_id].limit_groups if plan_id else ():
+        match = group_.match
+        if not group_.HasField("cost") or not (
+                (not match.event_types or any(_event_type_matches(p, m.event_type)
+                                              for p in match.event_types))
+                and all(m.metadata.get(c.key) in list(c.values) for c in match.metadata)):
+            continue
+        cost = group_.cost
+        value = m.metadata.get(cost.by)
+        rate = (cost.rates[value] if value is not None and value in cost.rates
+                else cost.default_rate if cost.HasField("default_rate") else 0)
+        if rate:
+            counted.append((group_, m.amount * rate))
+    return counted
+
+
 def _expect_Reserve(env: Env, m) -> Expect | None:
     bad = _event_fields(m)
     if not 1 <= m.amount <= AMOUNT_MAX:
@@ -537,6 +606,8 @@ def _expect_Reserve(env: Env, m) -> Expect | None:
         bad.add("ttl")
     if bad:
         return invalid(*bad)
+    if (by_cost := cost_expectation(env, "Reserve", m)) is not None:
+        return _with_key(env, "Reserve", m, by_cost)
     plan = _plan_of(m.user_id)
     handler = (refused(PRECONDITION, "NO_PLAN") if plan is None
                else unchanged(lambda data: denied(data, "Reserve")) if plan == "zero" else None)
@@ -549,6 +620,8 @@ def _expect_Track(env: Env, m) -> Expect | None:
         bad.add("amount")
     if bad:
         return invalid(*bad)
+    if (by_cost := cost_expectation(env, "Track", m)) is not None:
+        return _with_key(env, "Track", m, by_cost)
     plan = _plan_of(m.user_id)
     handler = (refused(PRECONDITION, "NO_PLAN") if plan is None
                else unchanged(lambda data: denied(data, "Track"))
@@ -1051,6 +1124,34 @@ def plan(*groups: pb.LimitGroup, **fields) -> pb.UpsertPlanRequest:
                                              limit_groups=groups))
 
 
+def cost_cases(add) -> None:
+    """A group's cost, each field past its limit; at the limits the group is taken and only
+    its bad quota is named."""
+    rates = {f"model-{i:02d}": 1 for i in range(RATES_MAX)}
+    for name, cost, where in (
+            ("cost-by-empty", pb.Cost(by="", rates={"a": 1}), "by"),
+            ("cost-by-257-bytes", pb.Cost(by="k" * 257, rates={"a": 1}), "by"),
+            ("cost-rate-0", pb.Cost(by="model", rates={"a": 0}), "rates"),
+            ("cost-rate-negative", pb.Cost(by="model", rates={"a": 1, "b": -10}), "rates"),
+            ("cost-rate-past-max", pb.Cost(by="model", rates={"a": RATE_MAX + 1}), "rates"),
+            ("cost-rate-int64-max", pb.Cost(by="model", rates={"a": INT64_MAX}), "rates"),
+            (f"cost-{RATES_MAX + 1}-rates", pb.Cost(by="model", rates={**rates, "x": 1}),
+             "rates"),
+            ("cost-rate-value-257-bytes", pb.Cost(by="model", rates={"v" * 257: 1}), "rates"),
+            ("cost-neither-rates-nor-default", pb.Cost(by="model"), "rates"),
+            ("cost-default-0", pb.Cost(by="model", default_rate=0), "default_rate"),
+            ("cost-default-past-max", pb.Cost(by="model", rates={"a": 1},
+                                              default_rate=RATE_MAX + 1), "default_rate")):
+        add(name, "UpsertPlan", plan(group(cost=cost)),
+            invalid(f"plan.limit_groups[0].cost.{where}"))
+    add(f"cost-{RATES_MAX}-rates-of-{RATE_MAX}-and-a-bad-quota", "UpsertPlan", plan(group(
+        quota=-1, enforce=False, cost=pb.Cost(
+            by="k" * METADATA_KEY_MAX, default_rate=RATE_MAX,
+            rates={f"{i:02d}" + "v" * (METADATA_VALUE_MAX - 2): RATE_MAX
+                   for i in range(RATES_MAX)}))),
+        invalid("plan.limit_groups[0].quota"))
+
+
 def groups(n: int) -> list[pb.LimitGroup]:
     return [group(key=f"g{i}") for i in range(n)]
 
@@ -1250,6 +1351,22 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
                 pb.MetadataMatch(key="k", values=["ok", "v" * 257])])},
              "match.metadata[0].values")):
         add(name, "UpsertPlan", plan(group(**fields)), invalid(f"plan.limit_groups[0].{where}"))
+    cost_cases(add)
+    # team's spend counts 10 per gpt-4o unit, 2 per unit of an unpriced model
+    for name, rpc, request, expected in (
+            ("gpt-4o-amount-times-10-at-amount-max", "Reserve", pb.ReserveRequest(
+                user_id="team-1", event_type="openai.chat", amount=AMOUNT_MAX // 10,
+                metadata={"model": "gpt-4o"}), unchanged(lambda data: denied(data, "Reserve"))),
+            ("gpt-4o-amount-times-10-past-amount-max", "Reserve", pb.ReserveRequest(
+                user_id="team-1", event_type="openai.chat", amount=AMOUNT_MAX // 10 + 1,
+                metadata={"model": "gpt-4o"}, idempotency_key="cost-1"), invalid("amount")),
+            ("default-rate-amount-times-2-past-amount-max", "Track", pb.TrackRequest(
+                user_id="team-1", event_type="openai.chat", amount=AMOUNT_MAX // 2 + 1,
+                enforce=True), invalid("amount")),
+            ("refund-times-2-past-amount-max", "Track", pb.TrackRequest(
+                user_id="team-1", event_type="openai.chat", amount=-(AMOUNT_MAX // 2 + 1),
+                metadata={"model": "o1"}), invalid("amount"))):
+        add(name, rpc, request, expected)
     # At each count limit the group is taken: only its bad quota is named.
     add(f"{PATTERNS_MAX}-patterns-and-a-bad-quota", "UpsertPlan", plan(group(
         quota=-1, match=pb.Match(event_types=[f"e{i}" for i in range(PATTERNS_MAX)]))),

@@ -1061,6 +1061,6 @@ def test_the_core_remembers_at_most_match_cache_entries_max_request_shapes(h: Ha
     for n in range(shapes):
         result = h.reserve("alice", 1, "openai.chat", {"model": f"m{n}"})
         assert [c.key for c in result.counters] == ["tokens"]
-        assert len(h.core._matched) <= limits.MATCH_CACHE_ENTRIES_MAX
+        assert len(h.core._matched_cache) <= limits.MATCH_CACHE_ENTRIES_MAX
     assert [c.key for c in h.reserve("alice", 1, "openai.chat", GPT4O).counters] == [
         "tokens", "premium"]

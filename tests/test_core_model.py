@@ -1,7 +1,8 @@
 """The core against a small independent reference model, driven by a Hypothesis state machine.
 
 The model is plain dicts written from protos/DESIGN.md: which groups each event hits is a
-hand-made table (not the core's matcher), windows are computed with modular arithmetic for
+hand-made table (not the core's matcher), a cost's rate is a dict lookup made here (a group
+whose cost has no rate for the event does not match), every group may be drawn soft, windows are computed with modular arithmetic for
 fixed-offset zones (not zoneinfo), and every answer is predicted before the core gives it. After
 every step the invariants compare the core's state with the model and check the contract's
 invariants. Crashes are rules too: one drops every record after the last sync and rebuilds from
@@ -31,7 +32,7 @@ from quotad.core.commands import (
 from quotad.core.holds import HoldState
 from quotad.core.machine import Core
 from quotad.core.errors import AlreadyExists, FailedPrecondition, NotFound
-from quotad.core.plans import Window
+from quotad.core.plans import Cost, Window
 from quotad.storage.snapshot import core_from_plain, core_to_plain
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
@@ -48,19 +49,45 @@ GROUPS = (  # key, window, event types, metadata constraints; in plan order
     ("chat", Window.HOUR, ("openai.*",), None),
     ("prem", Window.DAY, ("openai.*",), {"model": ("gpt-4o",)}),
     ("life", Window.LIFETIME, ("image.render",), None),
+    ("spend", Window.HOUR, ("openai.*", "anthropic.*"), None),  # with a cost by model
 )
 KEYS = tuple(g[0] for g in GROUPS)
 WINDOW_OF = {g[0]: g[1] for g in GROUPS}
+COSTED = "spend"
 
-EVENTS = (  # event type, metadata, the groups it hits (by hand, from the match rules)
-    ("openai.chat", {"model": "gpt-4o"}, ("all", "chat", "prem")),
-    ("openai.chat", {"model": "gpt-3.5"}, ("all", "chat")),
-    ("openai.images", {}, ("all", "chat")),
-    ("anthropic.chat", {"model": "gpt-4o"}, ("all",)),
+EVENTS = (  # event type, metadata, the groups whose match rule it meets (by hand)
+    ("openai.chat", {"model": "gpt-4o"}, ("all", "chat", "prem", "spend")),
+    ("openai.chat", {"model": "gpt-3.5"}, ("all", "chat", "spend")),
+    ("openai.images", {}, ("all", "chat", "spend")),
+    ("anthropic.chat", {"model": "gpt-4o"}, ("all", "spend")),
     ("image.render", {}, ("all", "life")),
     ("openai", {"model": "gpt-4o"}, ()),  # the bare prefix matches nothing
     ("audio.speech", {}, ()),
 )
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What the plan says beyond quotas: spend's rates by model, and which groups are soft."""
+
+    rates: tuple[tuple[str, int], ...] = (("gpt-4o", 10),)
+    default_rate: int | None = None
+    soft: frozenset[str] = frozenset()
+
+    def rate(self, key: str, metadata: dict[str, str]) -> int | None:
+        if key != COSTED:
+            return 1
+        return dict(self.rates).get(metadata.get("model"), self.default_rate)
+
+
+PRICING = st.builds(
+    Pricing,
+    rates=st.lists(st.tuples(st.sampled_from(["gpt-4o", "gpt-3.5"]),
+                             st.sampled_from([1, 3, 10])),
+                   unique_by=lambda pair: pair[0], min_size=1, max_size=2).map(
+        lambda pairs: tuple(sorted(pairs))),
+    default_rate=st.sampled_from([None, None, 1, 4]),
+    soft=st.sets(st.sampled_from(KEYS), max_size=2).map(frozenset))
 
 USERS = {"u1": ("UTC", 0), "u2": ("Asia/Kolkata", 5 * 3600 + 1800)}  # fixed offsets (s)
 
@@ -71,9 +98,16 @@ ADVANCE = st.sampled_from([1, S, 7 * S, 59 * S, 61 * S, 10 * MINUTE, HOUR, 6 * H
                            RET + S])
 
 
-def plan_of(quota: dict[str, int]):
-    return plan("p", *(group(key, quota[key], window, types, constraints)
-                       for key, window, types, constraints in GROUPS))
+def plan_of(quota: dict[str, int], pricing: Pricing = Pricing()):
+    groups = []
+    for key, window, types, constraints in GROUPS:
+        made = dataclasses.replace(group(key, quota[key], window, types, constraints),
+                                   enforce=key not in pricing.soft)
+        if key == COSTED:
+            made = dataclasses.replace(made, cost=Cost(by="model", rates=pricing.rates,
+                                                       default_rate=pricing.default_rate))
+        groups.append(made)
+    return plan("p", *groups)
 
 
 def model_window(window: Window, offset_s: int, now: int) -> tuple[int, int | None]:
@@ -96,11 +130,16 @@ class MCounter:
 class MHold:
     user: str
     amount: int
-    holds: list[tuple[str, int]]  # (group key, window start)
+    holds: list[tuple[str, int, int]]  # (group key, window start, rate)
     expires_at: int
     order: int
     status: str = "live"
     finished_at: int = 0
+
+
+def vt(view) -> tuple:
+    """A counter view's numbers, overage last."""
+    return view_tuple(view) + (view.overage,)
 
 
 class QuotaMachine(RuleBasedStateMachine):
@@ -112,6 +151,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self.synced, self.synced_digest = 0, digest(Core())
         self.snapshot: tuple[int, dict] | None = None
         self.quota = {key: 0 for key in KEYS}
+        self.pricing = Pricing()
         self.counters: dict[tuple[str, str], MCounter] = {}
         self.holds: dict[str, MHold] = {}
         self.overage: set[tuple[str, str, int]] = set()
@@ -166,7 +206,20 @@ class QuotaMachine(RuleBasedStateMachine):
 
     def view(self, key: str, c: MCounter) -> tuple:
         quota = self.quota[key]
-        return (key, quota, c.used, c.held, max(0, quota - c.used - c.held), c.start, c.end)
+        return (key, quota, c.used, c.held, max(0, quota - c.used - c.held), c.start, c.end,
+                max(0, c.used + c.held - quota))
+
+    def hits(self, event_met: tuple[str, ...], metadata) -> list[tuple[str, int]]:
+        """(group, rate) of each group the event hits: those whose match rule it meets, less
+        a costed group with no rate for it."""
+        values = dict(metadata)
+        rated = [(key, self.pricing.rate(key, values)) for key in event_met]
+        return [(key, rate) for key, rate in rated if rate is not None]
+
+    def note_soft(self, user: str, key: str, start: int) -> None:
+        """A soft group counts past its quota: exempt from the invariant, like overage."""
+        if key in self.pricing.soft:
+            self.overage.add((user, key, start))
 
     def stored(self, user: str, key: str, start: int) -> MCounter | None:
         counter = self.counters.get((user, key))
@@ -174,14 +227,14 @@ class QuotaMachine(RuleBasedStateMachine):
 
     def end_hold(self, hold: MHold, status: str) -> None:
         assert hold.status == "live"
-        for key, start in hold.holds:
+        for key, start, rate in hold.holds:
             counter = self.stored(hold.user, key, start)
             if counter is not None:
-                counter.held -= hold.amount
+                counter.held -= hold.amount * rate
         hold.status, hold.finished_at = status, self.now
 
     def hold_views(self, hold: MHold) -> list:
-        return [self.view(key, self.current(hold.user, key)) for key, _ in hold.holds]
+        return [self.view(key, self.current(hold.user, key)) for key, _, _ in hold.holds]
 
     def known(self, reservation_id: str) -> bool:
         """As protos/DESIGN.md says, a finished hold is remembered RET after it finished."""
@@ -198,24 +251,31 @@ class QuotaMachine(RuleBasedStateMachine):
 
     # --- the operations, predicted then applied -------------------------------------------
 
-    def do_reserve(self, command: Reserve, hits: tuple[str, ...]) -> None:
+    def first_without_room(self, hits, counters, amount: int) -> str:
+        """The first hard group the amount, at its rate, does not fit in; soft ones never deny."""
+        return next((key for (key, rate), c in zip(hits, counters)
+                     if key not in self.pricing.soft
+                     and c.used + c.held + amount * rate > self.quota[key]), "")
+
+    def do_reserve(self, command: Reserve, event_met: tuple[str, ...]) -> None:
         expired = self.model_expire()
         user, amount = command.user_id, command.amount
-        counters = [self.current(user, key) for key in hits]
-        denied = next((key for key, c in zip(hits, counters)
-                       if c.used + c.held + amount > self.quota[key]), "")
+        hits = self.hits(event_met, command.metadata)
+        counters = [self.current(user, key) for key, _ in hits]
+        denied = self.first_without_room(hits, counters, amount)
         if not denied:
-            for key, c in zip(hits, counters):
-                c.held += amount
+            for (key, rate), c in zip(hits, counters):
+                c.held += amount * rate
                 self.counters[(user, key)] = c
+                self.note_soft(user, key, c.start)
             self.holds[command.reservation_id] = MHold(
-                user, amount, [(key, c.start) for key, c in zip(hits, counters)],
+                user, amount, [(key, c.start, rate) for (key, rate), c in zip(hits, counters)],
                 self.now + command.ttl_ns, self.next_serial())
-        views = [self.view(key, c) for key, c in zip(hits, counters)]
+        views = [self.view(key, c) for (key, _), c in zip(hits, counters)]
         main = 1 if (not denied or command.idempotency_key) else 0
         result = self.apply(command, expired, main).result
         assert result.allowed == (not denied) and result.denied_by == denied
-        assert [view_tuple(v) for v in result.counters] == views
+        assert [vt(v) for v in result.counters] == views
         if denied:
             assert result.reservation_id == "" and result.expires_at_ns == 0
         else:
@@ -223,25 +283,26 @@ class QuotaMachine(RuleBasedStateMachine):
             assert result.expires_at_ns == self.now + command.ttl_ns
         self.remember("Reserve", command, result)
 
-    def do_track(self, command: Track, hits: tuple[str, ...]) -> None:
+    def do_track(self, command: Track, event_met: tuple[str, ...]) -> None:
         expired = self.model_expire()
         user, amount = command.user_id, command.amount
-        counters = [self.current(user, key) for key in hits]
+        hits = self.hits(event_met, command.metadata)
+        counters = [self.current(user, key) for key, _ in hits]
         denied = ""
         if command.enforce and amount > 0:
-            denied = next((key for key, c in zip(hits, counters)
-                           if c.used + c.held + amount > self.quota[key]), "")
+            denied = self.first_without_room(hits, counters, amount)
         if not denied:
-            for key, c in zip(hits, counters):
-                c.used = max(0, c.used + amount)
+            for (key, rate), c in zip(hits, counters):
+                c.used = max(0, c.used + amount * rate)
                 self.counters[(user, key)] = c
                 if amount > 0 and not command.enforce:
                     self.overage.add((user, key, c.start))
-        views = [self.view(key, c) for key, c in zip(hits, counters)]
+                self.note_soft(user, key, c.start)
+        views = [self.view(key, c) for (key, _), c in zip(hits, counters)]
         main = 1 if (not denied or command.idempotency_key) else 0
         result = self.apply(command, expired, main).result
         assert result.allowed == (not denied) and result.denied_by == denied
-        assert [view_tuple(v) for v in result.counters] == views
+        assert [vt(v) for v in result.counters] == views
         self.remember("Track", command, result)
 
     def do_commit(self, command: Commit) -> None:
@@ -258,16 +319,17 @@ class QuotaMachine(RuleBasedStateMachine):
         if not was_expired:
             self.end_hold(hold, "committed")
         hold.status = "committed"
-        for key, start in hold.holds:
+        for key, start, rate in hold.holds:  # at the rate the hold was taken at
             counter = self.stored(hold.user, key, start)
             if counter is not None:
-                counter.used += amount
+                counter.used += amount * rate
                 if amount > hold.amount or was_expired:
                     self.overage.add((hold.user, key, start))
+                self.note_soft(hold.user, key, start)
         result = self.apply(command, expired, 1).result
         assert result.committed == amount and result.expired == was_expired
         assert result.returned == (0 if was_expired else max(0, hold.amount - amount))
-        assert [view_tuple(v) for v in result.counters] == self.hold_views(hold)
+        assert [vt(v) for v in result.counters] == self.hold_views(hold)
         self.remember("Commit", command, result)
 
     def do_release(self, command: Release) -> None:
@@ -284,7 +346,7 @@ class QuotaMachine(RuleBasedStateMachine):
             self.end_hold(hold, "released")
         main = 1 if (changed or command.idempotency_key) else 0
         result = self.apply(command, expired, main).result
-        assert [view_tuple(v) for v in result.counters] == self.hold_views(hold)
+        assert [vt(v) for v in result.counters] == self.hold_views(hold)
         self.remember("Release", command, result)
 
     def do_extend(self, command: Extend) -> None:
@@ -303,10 +365,11 @@ class QuotaMachine(RuleBasedStateMachine):
 
     # --- rules ----------------------------------------------------------------------------
 
-    @initialize(quotas=st.lists(QUOTA, min_size=len(KEYS), max_size=len(KEYS)))
-    def start(self, quotas: list[int]) -> None:
-        self.quota = dict(zip(KEYS, quotas))
-        self.apply(UpsertPlan(app=APP, plan=plan_of(self.quota)), [], 1)
+    @initialize(quotas=st.lists(QUOTA, min_size=len(KEYS), max_size=len(KEYS)),
+                pricing=PRICING)
+    def start(self, quotas: list[int], pricing: Pricing) -> None:
+        self.quota, self.pricing = dict(zip(KEYS, quotas)), pricing
+        self.apply(UpsertPlan(app=APP, plan=plan_of(self.quota, pricing)), [], 1)
         for user, (zone, _) in USERS.items():
             command = UpsertSubscription(app=APP, user_id=user, plan_id="p", time_zone=zone)
             assert self.apply(command, [], 1).result.changed
@@ -454,7 +517,7 @@ class QuotaMachine(RuleBasedStateMachine):
         if what == "usage":
             result = self.apply(GetUsage(app=APP, user_id=user), expired, 0).result
             assert result.plan_id == "p" and result.user_id == user
-            assert [view_tuple(v) for v in result.counters] == [
+            assert [vt(v) for v in result.counters] == [
                 self.view(key, self.current(user, key)) for key in KEYS]
         elif what == "expire":
             outcome = self.apply(ExpireHolds(), expired, 0)
@@ -463,18 +526,23 @@ class QuotaMachine(RuleBasedStateMachine):
             outcome = self.apply(Commit(app=APP, reservation_id=rid(10**12)), expired, 0)
             assert isinstance(outcome.error, NotFound)
 
-    @rule(quotas=st.lists(QUOTA, min_size=len(KEYS), max_size=len(KEYS)))
-    def upsert_plan(self, quotas) -> None:
+    @rule(quotas=st.lists(QUOTA, min_size=len(KEYS), max_size=len(KEYS)),
+          pricing=st.none() | PRICING)
+    def upsert_plan(self, quotas, pricing) -> None:
+        """New quotas, and now and then new rates and soft groups: live holds keep the rates
+        they were taken at."""
         new = dict(zip(KEYS, quotas))
-        changed = new != self.quota
+        pricing = pricing or self.pricing
+        changed = (new, pricing) != (self.quota, self.pricing)
         for key in KEYS:
-            if new[key] < self.quota[key]:  # a lower quota may leave counters above it
+            # a lower quota, or a soft group made hard, may leave counters above the quota
+            if new[key] < self.quota[key] or key in self.pricing.soft - pricing.soft:
                 for (user, k), c in self.counters.items():
                     if k == key:
                         self.overage.add((user, key, c.start))
-        self.quota = new
+        self.quota, self.pricing = new, pricing
         expired = self.model_expire()
-        result = self.apply(UpsertPlan(app=APP, plan=plan_of(new)), expired,
+        result = self.apply(UpsertPlan(app=APP, plan=plan_of(new, pricing)), expired,
                             1 if changed else 0).result
         assert result.changed == changed
 
@@ -562,7 +630,7 @@ class QuotaMachine(RuleBasedStateMachine):
             if r.status is HoldState.LIVE:
                 for hold in r.holds:
                     slot = (r.user_id, hold.key, hold.window, hold.window_start_ns)
-                    expected[slot] = expected.get(slot, 0) + r.amount
+                    expected[slot] = expected.get(slot, 0) + r.amount * hold.rate
         for user, state in app.users.items():
             for (key, window), c in state.counters.items():
                 assert c.held == expected.get((user, key, window, c.window_start_ns), 0)
@@ -572,7 +640,8 @@ class QuotaMachine(RuleBasedStateMachine):
     def used_plus_held_within_quota_unless_an_overage_path_touched_it(self) -> None:
         """protos/DESIGN.md's invariant names four overage paths, each flagged here: Track
         without enforce, a commit above the reserved amount, a commit after expiry (its room
-        may have been taken meanwhile) and a lowered quota."""
+        may have been taken meanwhile) and a lowered quota; and a soft group counts past its
+        quota by design."""
         app = self.app()
         if app is None or "p" not in app.plans:
             return

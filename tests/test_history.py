@@ -19,6 +19,7 @@ QUOTAD_HISTORY_CLIENTS=C set them explicitly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import os
 import random
@@ -45,9 +46,9 @@ def quotas_for(*users: str, all_: int = 10, premium: int = 4) -> dict[tuple[str,
 
 
 def reserve(client, start, end, amount, hold, *, allowed=True, groups=(G,), user="u",
-            counters=(), code="OK", denied_by=""):
+            counters=(), code="OK", denied_by="", rates=()):
     return Call(client, "reserve", user, start, end, groups=groups, amount=amount, hold=hold,
-                allowed=allowed, code=code, counters=counters,
+                allowed=allowed, code=code, counters=counters, rates=rates,
                 denied_by=denied_by or ("" if allowed else groups[-1]))
 
 
@@ -57,9 +58,9 @@ def end_call(kind, client, start, end, hold, amount=None, *, code="OK", user="u"
 
 
 def track(client, start, end, amount, *, enforce=True, allowed=True, groups=(G,), user="u",
-          code="OK", counters=()):
+          code="OK", counters=(), rates=()):
     return Call(client, "track", user, start, end, groups=groups, amount=amount,
-                enforce=enforce, allowed=allowed, code=code, counters=counters,
+                enforce=enforce, allowed=allowed, code=code, counters=counters, rates=rates,
                 denied_by="" if allowed else groups[-1])
 
 
@@ -222,6 +223,31 @@ def test_calls_of_one_batch_share_its_interval_and_are_checked_one_by_one():
     assert report.exact("u", G, 40) == (0, 6)
 
 
+def test_a_priced_group_counts_amount_times_rate_and_its_commit_the_holds_rate():
+    """premium counts 3 per unit: 2 units are 6 of its 4, though 2 of all's 10."""
+    priced = (G, P)
+    over = check([reserve(0, 0, 10, 2, "a", groups=priced, rates=(1, 3))], quotas_for("u"))
+    assert [(v.group, v.value) for v in over.over_admissions] == [(P, 6), (P, 6)]
+    history = [
+        reserve(0, 0, 10, 1, "a", groups=priced, rates=(1, 3),
+                counters=(Observed(G, 0, 1), Observed(P, 0, 3))),
+        end_call("commit", 0, 20, 30, "a", counters=(Observed(G, 1, 0), Observed(P, 3, 0))),
+        track(1, 40, 50, 1, groups=priced, rates=(1, 2), allowed=False,
+              counters=(Observed(G, 1, 0), Observed(P, 3, 0))),  # 3 + 2 > 4: justified
+        track(1, 60, 70, -1, groups=priced, rates=(1, 3),
+              counters=(Observed(G, 0, 0), Observed(P, 0, 0))),
+    ]
+    report = check(history, quotas_for("u"))
+    assert (report.over_admissions, report.false_denials, report.anomalies,
+            report.counter_mismatches) == ([], [], [], [])
+    assert report.justified_denials == 1
+    assert report.exact("u", P, 35) == (3, 0) and report.exact("u", G, 35) == (1, 0)
+    # the same denial at rate 1 had room: a false denial, and its counter shows the room
+    false = check(history[:2] + [dataclasses.replace(history[2], rates=(1, 1))],
+                  quotas_for("u"))
+    assert false.false_denials == [2] and false.anomalies
+
+
 def test_histories_outside_the_model_are_refused():
     with pytest.raises(OutsideModel, match="above the reserved"):
         check([reserve(1, 0, 10, 3, "a"), end_call("commit", 1, 20, 30, "a", 4)],
@@ -254,12 +280,14 @@ def test_answers_no_correct_server_gives_are_anomalies():
 def simulate(seed: int, *, bug: str = "", clients: int = 8, ops_per_client: int = 80,
              quota_all: int = 40, quota_premium: int = 15) -> tuple[list[Call], dict, dict]:
     """A single-writer model server under concurrent clients: each call is applied at a random
-    odd instant strictly between its even start and end. Returns the history, the quotas and
+    odd instant strictly between its even start and end. Premium is priced: a premium event
+    counts 1, 2 or 3 per unit there (its model's rate). Returns the history, the quotas and
     the model's final counters."""
     rng = random.Random(seed)
     quotas = {("u", G): quota_all, ("u", P): quota_premium}
     state = {G: [0, 0], P: [0, 0]}  # used, held
-    holds: dict[str, tuple[tuple[str, ...], int, str]] = {}  # label -> groups, amount, status
+    holds: dict[str, tuple[tuple[str, ...], int, str, tuple[int, ...]]] = {}
+    """label -> groups, amount, status, rates"""
     live: dict[int, list[str]] = defaultdict(list)
     net: dict[tuple[int, str], int] = defaultdict(int)
     left = {c: ops_per_client for c in range(clients)}
@@ -275,14 +303,19 @@ def simulate(seed: int, *, bug: str = "", clients: int = 8, ops_per_client: int 
     def counters(groups):
         return tuple(Observed(g, *state[g]) for g in groups)
 
-    def room(groups, amount):
-        for g in groups:
+    def room(groups, rates, amount):
+        for g, rate in zip(groups, rates):
             used, held = state[g]
             if bug == "ignore_held":
                 held = 0
-            if used + held + amount > quotas[("u", g)] - (3 if bug == "deny_early" else 0):
+            if used + held + amount * rate > quotas[("u", g)] - (3 if bug == "deny_early"
+                                                                   else 0):
                 return g
         return ""
+
+    def event():
+        """(groups, rates) of an event: every event is in all, a premium one in premium too."""
+        return rng.choice([((G,), (1,)), ((G, P), (1, rng.choice([1, 2, 3])))])
 
     def start(client: int, now: int) -> None:
         if left[client] == 0:
@@ -298,16 +331,21 @@ def simulate(seed: int, *, bug: str = "", clients: int = 8, ops_per_client: int 
         elif mine and r < 0.4:
             call["kind"], call["hold"] = "extend", rng.choice(mine)
         elif r < 0.55:
-            call.update(kind="track", amount=rng.randint(1, 8),
-                        groups=rng.choice([(G,), (G, P)]))
+            groups, rates = event()
+            call.update(kind="track", amount=rng.randint(1, 8), groups=groups, rates=rates)
         elif r < 0.7 and net[(client, G)] > 0:
-            groups = (G, P) if net[(client, P)] > 0 and rng.random() < 0.5 else (G,)
-            most = min(net[(client, g)] for g in groups)
-            call.update(kind="track", amount=-rng.randint(1, most), groups=groups)
+            groups, rates = (((G, P), (1, rng.choice([1, 2, 3])))
+                             if net[(client, P)] > 0 and rng.random() < 0.5 else ((G,), (1,)))
+            most = min(net[(client, g)] // rate for g, rate in zip(groups, rates))
+            if most == 0:
+                groups, rates, most = (G,), (1,), net[(client, G)]
+            call.update(kind="track", amount=-rng.randint(1, most), groups=groups,
+                        rates=rates)
         else:
             serial_label = f"{client}.{left[client]}"
+            groups, rates = event()
             call.update(kind="reserve", amount=rng.randint(1, 10), hold=serial_label,
-                        groups=rng.choice([(G,), (G, P)]))
+                        groups=groups, rates=rates)
         apply_at = now + 2 * rng.randint(0, 6) + 1
         push(apply_at, "apply", client, call)
         call["end"] = apply_at + 2 * rng.randint(0, 6) + 1
@@ -315,52 +353,52 @@ def simulate(seed: int, *, bug: str = "", clients: int = 8, ops_per_client: int 
     def apply(client: int, call: dict) -> None:
         kind = call["kind"]
         if kind == "reserve":
-            groups, amount = call["groups"], call["amount"]
-            call["denied_by"] = room(groups, amount)
+            groups, rates, amount = call["groups"], call["rates"], call["amount"]
+            call["denied_by"] = room(groups, rates, amount)
             call["allowed"] = not call["denied_by"]
             if call["allowed"]:
-                for g in groups:
-                    state[g][1] += amount
-                holds[call["hold"]] = (groups, amount, "live")
+                for g, rate in zip(groups, rates):
+                    state[g][1] += amount * rate
+                holds[call["hold"]] = (groups, amount, "live", rates)
             call["counters"] = counters(groups)
         elif kind == "track":
-            groups, amount = call["groups"], call["amount"]
-            call["denied_by"] = room(groups, amount) if amount > 0 else ""
+            groups, rates, amount = call["groups"], call["rates"], call["amount"]
+            call["denied_by"] = room(groups, rates, amount) if amount > 0 else ""
             call["allowed"] = not call["denied_by"]
             if call["allowed"]:
-                for g in groups:
-                    state[g][0] = max(0, state[g][0] + amount)
+                for g, rate in zip(groups, rates):
+                    state[g][0] = max(0, state[g][0] + amount * rate)
             call["counters"] = counters(groups)
         elif kind in ("commit", "release"):
-            groups, amount, _ = holds[call["hold"]]
+            groups, amount, _, rates = holds[call["hold"]]
             used = amount if call.get("amount") is None else call["amount"]
-            for g in groups:
+            for g, rate in zip(groups, rates):  # at the rates the hold was taken at
                 if not (bug == "lost_release" and kind == "release"):
-                    state[g][1] -= amount
+                    state[g][1] -= amount * rate
                 if kind == "commit":
-                    state[g][0] += used
-            holds[call["hold"]] = (groups, amount, kind)
+                    state[g][0] += used * rate
+            holds[call["hold"]] = (groups, amount, kind, rates)
             call["counters"] = counters(groups)
 
     def end(client: int, call: dict) -> None:
         kind = call["kind"]
-        groups = call.get("groups", ())
+        groups, rates = call.get("groups", ()), call.get("rates", ())
         if kind in ("commit", "release", "extend"):
-            groups = holds[call["hold"]][0]
+            groups, rates = holds[call["hold"]][0], holds[call["hold"]][3]
         history.append(Call(
             client, kind, "u", call["start"], call["end"], groups=call.get("groups", ()),
-            amount=call.get("amount"), hold=call.get("hold", ""),
+            rates=call.get("rates", ()), amount=call.get("amount"), hold=call.get("hold", ""),
             allowed=call.get("allowed", True), denied_by=call.get("denied_by", ""),
             counters=call.get("counters", ())))
         if kind == "reserve" and call["allowed"]:
             live[client].append(call["hold"])
         elif kind == "commit":
             used = holds[call["hold"]][1] if call["amount"] is None else call["amount"]
-            for g in groups:
-                net[(client, g)] += used
+            for g, rate in zip(groups, rates):
+                net[(client, g)] += used * rate
         elif kind == "track" and call["allowed"]:
-            for g in groups:
-                net[(client, g)] += call["amount"]
+            for g, rate in zip(groups, rates):
+                net[(client, g)] += call["amount"] * rate
         push(call["end"] + 2 * rng.randint(0, 3), "start", client, {})
 
     for client in range(clients):
@@ -419,6 +457,8 @@ def test_the_checker_catches_a_release_that_keeps_its_hold():
 
 USERS = ("hot0", "hot1", "hot2", "hot3")
 EVENT_GROUPS = {"chat": (G,), "premium.chat": (G, P)}
+MODEL_RATES = {"mini": 1, "large": 3}
+"""Premium is priced by model: a premium event counts its amount x this there."""
 QUOTA_ALL, QUOTA_PREMIUM = 1000, 300
 TTL_S = 60
 LIVE_HOLDS_PER_CLIENT = 2
@@ -440,8 +480,14 @@ PLAN = pb.Plan(id="history", name="History", limit_groups=[
     pb.LimitGroup(key=G, label="All", unit="units", quota=QUOTA_ALL, window=pb.LIFETIME,
                   match=pb.Match(event_types=["*"])),
     pb.LimitGroup(key=P, label="Premium", unit="units", quota=QUOTA_PREMIUM,
-                  window=pb.LIFETIME, match=pb.Match(event_types=["premium.*"])),
+                  window=pb.LIFETIME, match=pb.Match(event_types=["premium.*"]),
+                  cost=pb.Cost(by="model", rates=MODEL_RATES)),
 ])
+
+
+def rates_of(event_type: str, model: str) -> tuple[int, ...]:
+    """What one unit of the event counts in each of its groups."""
+    return tuple(MODEL_RATES[model] if group == P else 1 for group in EVENT_GROUPS[event_type])
 
 
 def observed(response) -> tuple[Observed, ...]:
@@ -454,10 +500,10 @@ class UnaryCalls:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.stub = stubs.QuotaServiceStub(channel)
 
-    async def reserve(self, user: str, event_type: str, amount: int):
+    async def reserve(self, user: str, event_type: str, amount: int, model: str):
         r = await self.stub.Reserve(pb.ReserveRequest(
-            user_id=user, event_type=event_type, amount=amount, ttl={"seconds": TTL_S}),
-            timeout=RPC_TIMEOUT_S)
+            user_id=user, event_type=event_type, amount=amount, ttl={"seconds": TTL_S},
+            metadata={"model": model}), timeout=RPC_TIMEOUT_S)
         return r.allowed, r.denied_by, r.reservation_id, observed(r)
 
     async def commit(self, reservation_id: str, amount: int | None):
@@ -476,10 +522,10 @@ class UnaryCalls:
         await self.stub.Extend(pb.ExtendRequest(reservation_id=reservation_id,
                                                 ttl={"seconds": TTL_S}), timeout=RPC_TIMEOUT_S)
 
-    async def track(self, user: str, event_type: str, amount: int, enforce: bool):
+    async def track(self, user: str, event_type: str, amount: int, enforce: bool, model: str):
         r = await self.stub.Track(pb.TrackRequest(
-            user_id=user, event_type=event_type, amount=amount, enforce=enforce),
-            timeout=RPC_TIMEOUT_S)
+            user_id=user, event_type=event_type, amount=amount, enforce=enforce,
+            metadata={"model": model}), timeout=RPC_TIMEOUT_S)
         return r.allowed, r.denied_by, observed(r)
 
     async def usage(self, user: str):
@@ -495,9 +541,9 @@ class ClientCalls:
     def __init__(self, client: AsyncQuotaClient) -> None:
         self.client = client
 
-    async def reserve(self, user: str, event_type: str, amount: int):
+    async def reserve(self, user: str, event_type: str, amount: int, model: str):
         hold = await self.client.reserve(user, event_type, amount, ttl_s=TTL_S,
-                                         raise_on_deny=False)
+                                         metadata={"model": model}, raise_on_deny=False)
         return hold.allowed, hold.denied_by, hold.reservation_id, observed(hold)
 
     async def commit(self, reservation_id: str, amount: int | None):
@@ -510,9 +556,9 @@ class ClientCalls:
     async def extend(self, reservation_id: str) -> None:
         await self.client.extend(reservation_id, TTL_S)
 
-    async def track(self, user: str, event_type: str, amount: int, enforce: bool):
+    async def track(self, user: str, event_type: str, amount: int, enforce: bool, model: str):
         result = await self.client.track(user, event_type, amount, enforce=enforce,
-                                         raise_on_deny=False)
+                                         metadata={"model": model}, raise_on_deny=False)
         return result.allowed, result.denied_by, observed(result)
 
     async def usage(self, user: str):
@@ -530,10 +576,10 @@ class Client:
         self.deadline_ns = deadline_ns
         self.history = history
         self.rng = random.Random(index)
-        self.live: list[tuple[str, str, str, int, str, int]] = []
-        """(label, user, event type, amount, reservation id, reserved at)."""
+        self.live: list[tuple[str, str, str, int, str, int, str]] = []
+        """(label, user, event type, amount, reservation id, reserved at, model)."""
         self.net: dict[tuple[str, str], int] = defaultdict(int)
-        """Usage this client recorded and did not refund yet: what it may refund."""
+        """Usage (counted) this client recorded and did not refund yet: what it may refund."""
         self.serial = 0
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         """The `used` of each (user, group) in the last answer that showed it."""
@@ -571,7 +617,8 @@ class Client:
             elif r < 0.55:
                 await self.track(user, event_type, rng.randint(1, 20))
             elif may_hold:
-                await self.reserve(user, event_type, rng.randint(1, 40))
+                await self.reserve(user, event_type, rng.randint(1, 40),
+                                   rng.choice(list(MODEL_RATES)))
             elif self.live:
                 await self.commit(self.live.pop(rng.randrange(len(self.live))))
             else:
@@ -587,21 +634,22 @@ class Client:
         return (self.seen[(user, G)] > CROWDED * QUOTA_ALL
                 or self.seen[(user, P)] > CROWDED * QUOTA_PREMIUM)
 
-    async def reserve(self, user: str, event_type: str, amount: int) -> None:
+    async def reserve(self, user: str, event_type: str, amount: int, model: str) -> None:
         self.serial += 1
         label = f"{self.index}.{self.serial}"
         start, end, response, code = await self.call(self.calls.reserve, user, event_type,
-                                                     amount)
+                                                     amount, model)
         allowed, denied_by, reservation_id, counters = response or (False, "", "", ())
         self.record(Call(
             self.index, "reserve", user, start, end, groups=EVENT_GROUPS[event_type],
-            amount=amount, hold=label, ttl_ns=TTL_S * 10**9, code=code, allowed=allowed,
-            denied_by=denied_by, counters=counters))
+            rates=rates_of(event_type, model), amount=amount, hold=label,
+            ttl_ns=TTL_S * 10**9, code=code, allowed=allowed, denied_by=denied_by,
+            counters=counters))
         if allowed:
-            self.live.append((label, user, event_type, amount, reservation_id, start))
+            self.live.append((label, user, event_type, amount, reservation_id, start, model))
 
     async def commit(self, hold) -> None:
-        label, user, event_type, reserved, reservation_id, _ = hold
+        label, user, event_type, reserved, reservation_id, _, model = hold
         amount = self.rng.choice([None, self.rng.randint(0, reserved)])
         start, end, response, code = await self.call(self.calls.commit, reservation_id,
                                                      amount)
@@ -610,41 +658,48 @@ class Client:
         if response is not None:
             committed = response[0]
             assert committed == (reserved if amount is None else amount)
-            for group in EVENT_GROUPS[event_type]:
-                self.net[(user, group)] += committed
+            for group, rate in zip(EVENT_GROUPS[event_type], rates_of(event_type, model)):
+                self.net[(user, group)] += committed * rate
 
     async def release(self, hold) -> None:
-        label, user, _, _, reservation_id, _ = hold
+        label, user, _, _, reservation_id, _, _ = hold
         start, end, response, code = await self.call(self.calls.release, reservation_id)
         self.record(Call(self.index, "release", user, start, end, hold=label,
                          code=code, counters=response or ()))
 
     async def extend(self, hold) -> None:
-        label, user, _, _, reservation_id, _ = hold
+        label, user, _, _, reservation_id, _, _ = hold
         start, end, _, code = await self.call(self.calls.extend, reservation_id)
         self.record(Call(self.index, "extend", user, start, end, hold=label,
                          ttl_ns=TTL_S * 10**9, code=code))
 
-    async def track(self, user: str, event_type: str, amount: int, enforce: bool = True) -> None:
+    async def track(self, user: str, event_type: str, amount: int, enforce: bool = True,
+                    model: str = "") -> None:
+        model = model or self.rng.choice(list(MODEL_RATES))
         start, end, response, code = await self.call(self.calls.track, user, event_type,
-                                                     amount, enforce)
+                                                     amount, enforce, model)
         allowed, denied_by, counters = response or (False, "", ())
+        rates = rates_of(event_type, model)
         self.record(Call(
             self.index, "track", user, start, end, groups=EVENT_GROUPS[event_type],
-            amount=amount, enforce=enforce, code=code, allowed=allowed, denied_by=denied_by,
-            counters=counters))
+            rates=rates, amount=amount, enforce=enforce, code=code, allowed=allowed,
+            denied_by=denied_by, counters=counters))
         if allowed or amount < 0:  # a refund that may have applied counts
-            for group in EVENT_GROUPS[event_type]:
-                self.net[(user, group)] += amount
+            for group, rate in zip(EVENT_GROUPS[event_type], rates):
+                self.net[(user, group)] += amount * rate
 
     async def refund(self, user: str) -> None:
         """Gives back part of what this client itself recorded: `used` never meets the 0
         clamp, so the history stays exactly checkable."""
         rng = self.rng
         event_type = "premium.chat" if self.net[(user, P)] > 0 and rng.random() < 0.5 else "chat"
-        most = min(self.net[(user, g)] for g in EVENT_GROUPS[event_type])
+        model = rng.choice(list(MODEL_RATES))
+        most = min(self.net[(user, g)] // rate
+                   for g, rate in zip(EVENT_GROUPS[event_type], rates_of(event_type, model)))
+        if most == 0:  # less premium left than one unit at this model's rate
+            event_type, most = "chat", self.net[(user, G)]
         amount = most if rng.random() < 0.5 else rng.randint(1, most)
-        await self.track(user, event_type, -amount, enforce=rng.random() < 0.5)
+        await self.track(user, event_type, -amount, enforce=rng.random() < 0.5, model=model)
 
 
 async def run_history(address: str, transport: str, ops: int, clients: int,

@@ -52,7 +52,8 @@ def blocks(language: str) -> list[str]:
 
 
 PYTHON_BLOCKS = {  # a call only that block makes -> its name here
-    "client.reserve(": "guard", "watch_usage(": "watch", "create_key(": "security flow"}
+    "call_the_model(": "guard", "watch_usage(": "watch", "create_key(": "security flow",
+    'hold.counter("spend")': "price per model"}
 
 
 def python_block(name: str) -> str:
@@ -101,7 +102,8 @@ def keyed_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
 def test_every_python_block_of_the_readme_is_one_run_here():
     named = [[name for call, name in PYTHON_BLOCKS.items() if call in block]
              for block in blocks("python")]
-    assert sorted(map(tuple, named)) == [("guard",), ("security flow",), ("watch",)]
+    assert sorted(map(tuple, named)) == [("guard",), ("price per model",), ("security flow",),
+                                         ("watch",)]
 
 
 # --- Python ----------------------------------------------------------------------------------
@@ -117,6 +119,16 @@ def test_guarding_an_llm_call_commits_what_the_model_used(open_server, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert "Tokens 1234 / 2000000 left: 1998766" in printed
     assert "Premium tokens 1234 / 50000 left: 48766" in printed
+
+
+def test_the_price_per_model_block_counts_tokens_at_their_rate(tmp_path, capsys):
+    server = ServerProcess(tmp_path / "data", plans=ROOT / "examples" / "pricing.toml").start()
+    try:
+        namespace = run_python(python_block("price per model"), {OPEN_TARGET: server.address})
+        namespace["client"].close()
+    finally:
+        server.close()
+    assert capsys.readouterr().out.splitlines() == ["10000", "4000"]
 
 
 class Crossed(Exception):

@@ -17,6 +17,7 @@ from ._types import (
     CreatedKey,
     UserToken,
     CommitResult,
+    Cost,
     Counter,
     Event,
     EventPage,
@@ -99,11 +100,17 @@ def _plan_as_data(plan: Mapping[str, Any] | Plan) -> Mapping[str, Any]:
 def _group_as_data(group: Any) -> Any:
     if isinstance(group, LimitGroup):
         group = {"key": group.key, "label": group.label, "unit": group.unit,
-                 "quota": group.quota, "window": group.window, "match": group.match}
+                 "quota": group.quota, "window": group.window, "match": group.match,
+                 "enforce": group.enforce,
+                 **({"cost": group.cost} if group.cost is not None else {})}
     if isinstance(group, Mapping) and isinstance(group.get("match"), Match):
         match = group["match"]
         group = {**group, "match": {"event_types": match.event_types,
                                     "metadata": match.metadata}}
+    if isinstance(group, Mapping) and isinstance(group.get("cost"), Cost):
+        cost = group["cost"]
+        group = {**group, "cost": {"by": cost.by, "rates": dict(cost.rates), **(
+            {"default": cost.default_rate} if cost.default_rate is not None else {})}}
     return group
 
 
@@ -129,7 +136,8 @@ def counter_from_proto(c: quotad_pb2.Counter) -> Counter:
     return Counter(
         key=c.key, label=c.label, unit=c.unit, window=window_name(c.window), quota=c.quota,
         used=c.used, held=c.held, remaining=c.remaining, window_start=to_datetime(c.window_start),
-        resets_at=to_datetime(c.resets_at) if c.HasField("resets_at") else None)
+        resets_at=to_datetime(c.resets_at) if c.HasField("resets_at") else None,
+        overage=c.overage)
 
 
 def counters_from_proto(counters: Sequence[quotad_pb2.Counter]) -> tuple[Counter, ...]:
@@ -161,13 +169,20 @@ def usage_from_proto(r: quotad_pb2.GetUsageResponse) -> Usage:
     return Usage(user_id=r.user_id, plan_id=r.plan_id, counters=counters_from_proto(r.counters))
 
 
+def cost_from_proto(c: quotad_pb2.Cost) -> Cost:
+    return Cost(by=c.by, rates=MappingProxyType(dict(sorted(c.rates.items()))),
+                default_rate=c.default_rate if c.HasField("default_rate") else None)
+
+
 def plan_from_proto(p: quotad_pb2.Plan) -> Plan:
     return Plan(id=p.id, name=p.name, limit_groups=tuple(
         LimitGroup(key=g.key, label=g.label, unit=g.unit, quota=g.quota,
                    window=window_name(g.window),
                    match=Match(event_types=tuple(g.match.event_types),
                                metadata=MappingProxyType({m.key: tuple(m.values)
-                                                          for m in g.match.metadata})))
+                                                          for m in g.match.metadata})),
+                   enforce=g.enforce if g.HasField("enforce") else True,
+                   cost=cost_from_proto(g.cost) if g.HasField("cost") else None)
         for g in p.limit_groups))
 
 

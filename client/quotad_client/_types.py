@@ -33,6 +33,9 @@ class Counter:
     window_start: datetime
     resets_at: datetime | None
     """``None`` for lifetime windows."""
+    overage: int = 0
+    """max(0, used + held - quota): what was counted past the quota (a soft limit's usage
+    beyond it, or a commit above its hold, a track without enforce)."""
 
 
 def _find(counters: tuple[Counter, ...], key: str) -> Counter | None:
@@ -120,6 +123,20 @@ class Match:
     """metadata[key] must be one of the values, for every key."""
 
 
+def _no_rates() -> Mapping[str, int]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """A limit group counts amount x rate, the rate picked by the event's ``metadata[by]``:
+    ``rates[value]``, else ``default_rate``; with neither, the group does not match."""
+
+    by: str
+    rates: Mapping[str, int] = field(default_factory=_no_rates)
+    default_rate: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class LimitGroup:
     key: str
@@ -128,6 +145,10 @@ class LimitGroup:
     quota: int
     window: str
     match: Match = field(default_factory=Match)
+    enforce: bool = True
+    """False: a soft limit, which counts and shows its overage but never denies."""
+    cost: Cost | None = None
+    """None: the group counts the amount itself."""
 
 
 @dataclass(frozen=True, slots=True)

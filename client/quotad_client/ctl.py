@@ -95,21 +95,48 @@ def _match_text(match: pb.Match) -> str:
     return "; ".join(parts) or "every event"
 
 
+def _cost_text(group: pb.LimitGroup) -> str:
+    """How the group counts: "amount x rate by model (gpt-4o 10, gpt-4o-mini 1; else 1)"."""
+    if not group.HasField("cost"):
+        return ""
+    cost = group.cost
+    rates = ", ".join(f"{value} {rate}" for value, rate in sorted(cost.rates.items()))
+    default = (f"else {cost.default_rate}" if cost.HasField("default_rate")
+               else "else no match")
+    return f"; amount x rate by {cost.by} ({'; '.join(filter(None, (rates, default)))})"
+
+
 def _group_text(group: pb.LimitGroup) -> str:
     unit = f" {group.unit}" if group.unit else ""
     label = f" ({group.label})" if group.label else ""
-    return (f"{group.key}{label}: {group.quota}{unit} per {window_name(group.window)}; "
-            f"{_match_text(group.match)}")
+    soft = " (soft: never denies)" if _soft(group) else ""
+    return (f"{group.key}{label}: {group.quota}{unit} per {window_name(group.window)}{soft}; "
+            f"{_match_text(group.match)}{_cost_text(group)}")
+
+
+def _soft(group: pb.LimitGroup) -> bool:
+    return group.HasField("enforce") and not group.enforce
+
+
+def _group_dict(g: pb.LimitGroup) -> dict[str, Any]:
+    group: dict[str, Any] = {
+        "key": g.key, "label": g.label, "unit": g.unit, "quota": g.quota,
+        "window": window_name(g.window),
+        "match": {"event_types": list(g.match.event_types),
+                  "metadata": {m.key: list(m.values) for m in g.match.metadata}}}
+    if _soft(g):  # as a plans file has it: only a soft limit says enforce
+        group["enforce"] = False
+    if g.HasField("cost"):
+        group["cost"] = {"by": g.cost.by, "rates": dict(sorted(g.cost.rates.items()))}
+        if g.cost.HasField("default_rate"):
+            group["cost"]["default"] = g.cost.default_rate
+    return group
 
 
 def _plan_dict(plan: pb.Plan) -> dict[str, Any]:
     """A plan in the shape of plans.toml."""
-    return {"id": plan.id, "name": plan.name, "limit_groups": [
-        {"key": g.key, "label": g.label, "unit": g.unit, "quota": g.quota,
-         "window": window_name(g.window),
-         "match": {"event_types": list(g.match.event_types),
-                   "metadata": {m.key: list(m.values) for m in g.match.metadata}}}
-        for g in plan.limit_groups]}
+    return {"id": plan.id, "name": plan.name,
+            "limit_groups": [_group_dict(g) for g in plan.limit_groups]}
 
 
 # --- plans -------------------------------------------------------------------------------------
@@ -123,6 +150,11 @@ def _group_changes(old: pb.LimitGroup, new: pb.LimitGroup) -> str:
         changes.append(f"window {window_name(old.window)} -> {window_name(new.window)}")
     if old.match != new.match:
         changes.append(f"match {_match_text(old.match)!r} -> {_match_text(new.match)!r}")
+    if _soft(old) != _soft(new):
+        changes.append(f"enforce {str(not _soft(old)).lower()} -> {str(not _soft(new)).lower()}")
+    if old.cost != new.cost:
+        changes.append(f"cost {_cost_text(old).removeprefix('; ') or 'none'!r} -> "
+                       f"{_cost_text(new).removeprefix('; ') or 'none'!r}")
     return "; ".join(changes)
 
 
@@ -230,9 +262,9 @@ def cmd_usage(client: QuotaClient, args: argparse.Namespace) -> int:
     if not usage.counters:
         _out("no limit groups")
         return 0
-    _table(("GROUP", "WINDOW", "USED", "HELD", "QUOTA", "REMAINING", "RESETS AT"),
+    _table(("GROUP", "WINDOW", "USED", "HELD", "QUOTA", "REMAINING", "OVERAGE", "RESETS AT"),
            [(c.key, c.window, str(c.used), str(c.held), str(c.quota), str(c.remaining),
-             _time(c.resets_at)) for c in usage.counters])
+             str(c.overage), _time(c.resets_at)) for c in usage.counters])
     return 0
 
 

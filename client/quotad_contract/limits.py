@@ -43,6 +43,14 @@ METADATA_MATCH_VALUES_MAX = 32
 metadata keys, each against a list of values (model names): room for any real plan, and
 little enough that a plan with one group at every limit fits in PLAN_BYTES_MAX. A match's
 key and values are event metadata, so they have its byte limits."""
+COST_RATES_PER_GROUP_MAX = 64
+"""A cost table prices one metadata key's values (model names): room for every model of a few
+providers, and little enough that a plan with one group at every limit fits in PLAN_BYTES_MAX.
+Its `by` key and its values are event metadata, so they have its byte limits."""
+COST_RATE_MAX = 10**9
+"""A rate is 1 ... COST_RATE_MAX units counted per unit of amount (a billion: micro-dollars
+per image, or per token at any price). What a call counts in a group, amount x rate, must be
+within AMOUNT_MAX as an amount is (else INVALID_ARGUMENT naming `amount`)."""
 PLAN_BYTES_MAX = 60 * 1024
 """A plan's protobuf encoding, at most; a larger `plan` is INVALID_ARGUMENT naming `plan`.
 
@@ -101,6 +109,8 @@ if not ADMIN_KEY_BYTES_MIN <= ADMIN_KEY_BYTES_MAX:
     raise AssertionError("ADMIN_KEY_BYTES_MIN <= ADMIN_KEY_BYTES_MAX")
 if not AMOUNT_MAX <= QUOTA_MAX <= COUNTER_MAX < 2**63:
     raise AssertionError("AMOUNT_MAX <= QUOTA_MAX <= COUNTER_MAX < 2**63 (int64)")
+if not 1 <= COST_RATE_MAX <= AMOUNT_MAX:
+    raise AssertionError("1 <= COST_RATE_MAX <= AMOUNT_MAX: an amount of 1 counts at any rate")
 
 
 # Upper bounds of encoded sizes, from the protobuf wire format: every field of these messages
@@ -150,7 +160,13 @@ LIMIT_GROUP_BYTES_BOUND = (
         EVENT_TYPE_PATTERNS_PER_GROUP_MAX * _bytes_field_bytes(EVENT_TYPE_BYTES_MAX)
         + METADATA_MATCHES_PER_GROUP_MAX * _bytes_field_bytes(
             _bytes_field_bytes(METADATA_KEY_BYTES_MAX)
-            + METADATA_MATCH_VALUES_MAX * _bytes_field_bytes(METADATA_VALUE_BYTES_MAX))))
+            + METADATA_MATCH_VALUES_MAX * _bytes_field_bytes(METADATA_VALUE_BYTES_MAX)))
+    + _scalar_field_bytes(1)  # enforce
+    + _bytes_field_bytes(  # the cost: by, rates (map entries of value and rate), default_rate
+        _bytes_field_bytes(METADATA_KEY_BYTES_MAX)
+        + COST_RATES_PER_GROUP_MAX * _bytes_field_bytes(
+            _bytes_field_bytes(METADATA_VALUE_BYTES_MAX) + _scalar_field_bytes(COST_RATE_MAX))
+        + _scalar_field_bytes(COST_RATE_MAX)))
 """A LimitGroup with every field at its limit is at most this long, encoded."""
 
 _PLAN_HEADER_BYTES = (_bytes_field_bytes(PLAN_ID_BYTES_MAX)

@@ -13,6 +13,8 @@ The one parser of that shape: `quotad serve --plans`, `quotactl plans apply` and
       quota = 50_000
       window = "month"          # minute, hour, day, week, month, lifetime
       match = { event_types = ["openai.*"], metadata = { model = ["gpt-4o"] } }
+      enforce = true            # false: a soft limit (counts, shows overage, never denies)
+      cost = { by = "model", rates = { "gpt-4o" = 10, "gpt-4o-mini" = 1 }, default = 1 }
 
 It is strict about the shape: an unknown key at any level is an error naming its path
 (`plans[1].limit_groups[0].match.metdata`: a misspelt key is never dropped, which would make
@@ -30,12 +32,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from quotad_contract import limits
 from quotad_contract.v1 import quotad_pb2 as pb
 
 PLANS_FILE_KEYS = ("plans",)
 PLAN_KEYS = ("id", "name", "limit_groups")
-LIMIT_GROUP_KEYS = ("key", "label", "unit", "quota", "window", "match")
+LIMIT_GROUP_KEYS = ("key", "label", "unit", "quota", "window", "match", "enforce", "cost")
 MATCH_KEYS = ("event_types", "metadata")
+COST_KEYS = ("by", "rates", "default")
+"""`default` is the contract's Cost.default_rate."""
 WINDOW_NAMES = tuple(name.lower() for name, value in pb.Window.items() if value)
 """minute, hour, day, week, month, lifetime: a plan names its windows in lower case."""
 
@@ -134,6 +139,39 @@ def _group(group: Any, where: str) -> pb.LimitGroup:
         message.window = _window(group["window"], f"{where}.window")
     if "match" in group:
         message.match.CopyFrom(_match(group["match"], f"{where}.match"))
+    enforce = group.get("enforce", True)
+    if not isinstance(enforce, bool):
+        raise TypeError(f"{where}.enforce: expected true or false, got {enforce!r}")
+    if not enforce:  # true is the contract's default: left unset, as the server answers it
+        message.enforce = False
+    if "cost" in group:
+        message.cost.CopyFrom(_cost(group["cost"], f"{where}.cost"))
+    return message
+
+
+def _rate(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: expected an integer rate, got {value!r}")
+    if not 1 <= value <= limits.COST_RATE_MAX:
+        raise ValueError(f"{where}: a rate is 1 to {limits.COST_RATE_MAX}, got {value}")
+    return value
+
+
+def _cost(cost: Any, where: str) -> pb.Cost:
+    _check_keys(cost, COST_KEYS, where)
+    rates = cost.get("rates", {})
+    if not isinstance(rates, Mapping):
+        raise TypeError(f"{where}.rates: expected a table of value = rate, got {rates!r}")
+    if len(rates) > limits.COST_RATES_PER_GROUP_MAX:
+        raise ValueError(f"{where}.rates: at most {limits.COST_RATES_PER_GROUP_MAX} rates, "
+                         f"got {len(rates)}")
+    message = pb.Cost(by=_text(cost, "by", where))
+    for value, rate in rates.items():
+        if not isinstance(value, str):
+            raise TypeError(f"{where}.rates: expected string keys, got {value!r}")
+        message.rates[value] = _rate(rate, f"{where}.rates.{value}")
+    if "default" in cost:
+        message.default_rate = _rate(cost["default"], f"{where}.default")
     return message
 
 

@@ -23,6 +23,12 @@ def load_plans(path: Path) -> list[Plan]:
             plans.append(convert.plan_from_proto(message))
         except InvalidArgument as error:  # fields named as in the file: plans[i].quota
             raise PlansFileError(f"{path}: " + "; ".join(
-                f"plans[{index}]{violation.field.removeprefix('plan')}: {violation.description}"
+                f"plans[{index}]{_file_field(violation.field)}: {violation.description}"
                 for violation in error.violations)) from error
     return plans
+
+
+def _file_field(field: str) -> str:
+    """A field of the contract's Plan as the file names it: a cost's default_rate is its
+    `default` there."""
+    return field.removeprefix("plan").replace(".cost.default_rate", ".cost.default")

@@ -15,7 +15,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from quotad.core import commands as c
 from quotad.core import limits
 from quotad.core.errors import FieldViolation, InvalidArgument
-from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Subscription, Window
+from quotad.core.plans import (
+    Cost, LimitGroup, Match, MetadataMatch, Plan, Subscription, Window,
+)
 from quotad.storage.wal import StoredEvent
 from quotad_contract.v1 import quotad_pb2 as pb
 
@@ -151,20 +153,38 @@ def plan_from_proto(plan: pb.Plan) -> Plan:
                 metadata=tuple(MetadataMatch(key=m.key, values=tuple(m.values))
                                for m in group.match.metadata),
             ),
+            enforce=group.enforce if group.HasField("enforce") else True,
+            cost=_cost_from_proto(group.cost) if group.HasField("cost") else None,
         ))
     return Plan(id=plan.id, name=plan.name, limit_groups=tuple(groups))
 
 
+def _cost_from_proto(cost: pb.Cost) -> Cost:
+    return Cost(by=cost.by, rates=tuple(sorted(cost.rates.items())),
+                default_rate=cost.default_rate if cost.HasField("default_rate") else None)
+
+
+def _group_to_proto(group: LimitGroup) -> pb.LimitGroup:
+    message = pb.LimitGroup(
+        key=group.key, label=group.label, unit=group.unit, quota=group.quota,
+        window=int(group.window),
+        match=pb.Match(event_types=group.match.event_types, metadata=[
+            pb.MetadataMatch(key=m.key, values=m.values) for m in group.match.metadata
+        ]),
+    )
+    if not group.enforce:  # a hard limit leaves it unset, as a plan written without it does
+        message.enforce = False
+    if group.cost is not None:
+        message.cost.by = group.cost.by
+        message.cost.rates.update(group.cost.rates)
+        if group.cost.default_rate is not None:
+            message.cost.default_rate = group.cost.default_rate
+    return message
+
+
 def plan_to_proto(plan: Plan) -> pb.Plan:
-    return pb.Plan(id=plan.id, name=plan.name, limit_groups=[
-        pb.LimitGroup(
-            key=g.key, label=g.label, unit=g.unit, quota=g.quota, window=int(g.window),
-            match=pb.Match(event_types=g.match.event_types, metadata=[
-                pb.MetadataMatch(key=m.key, values=m.values) for m in g.match.metadata
-            ]),
-        )
-        for g in plan.limit_groups
-    ])
+    return pb.Plan(id=plan.id, name=plan.name,
+                   limit_groups=[_group_to_proto(g) for g in plan.limit_groups])
 
 
 def upsert_plan(app: str, request: pb.UpsertPlanRequest) -> c.UpsertPlan:
@@ -214,6 +234,7 @@ def _fill_counter(message: pb.Counter, view: c.CounterView) -> None:
     message.used = view.used
     message.held = view.held
     message.remaining = view.remaining
+    message.overage = view.overage
     message.window = view.window
     _fill_timestamp(message.window_start, view.window_start_ns)
     if view.resets_at_ns is not None:

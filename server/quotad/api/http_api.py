@@ -206,7 +206,7 @@ def counter_json(view: CounterView) -> dict[str, Any]:
     return {
         "key": view.key, "label": view.label, "unit": view.unit, "quota": view.quota,
         "used": view.used, "held": view.held, "remaining": view.remaining,
-        "window": getattr(view.window, "name", "unspecified").lower(),
+        "overage": view.overage, "window": getattr(view.window, "name", "unspecified").lower(),
         "window_start": rfc3339(view.window_start_ns),
         "resets_at": None if view.resets_at_ns is None else rfc3339(view.resets_at_ns),
     }

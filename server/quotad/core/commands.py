@@ -546,8 +546,15 @@ class CounterView:
     used: int
     held: int
     remaining: int
+    """max(0, quota - used - held)"""
     window_start_ns: int
     resets_at_ns: int | None
+
+    @property
+    def overage(self) -> int:
+        """max(0, used + held - quota): what a soft limit (or a recorded overage path)
+        counted past the quota. Derived, so stored answers and snapshots need not hold it."""
+        return max(0, self.used + self.held - self.quota)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

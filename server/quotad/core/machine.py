@@ -31,7 +31,8 @@ from quotad.core.commands import (
     SubscriptionResult, Track, TrackResult, UpsertPlan, UpsertSubscription, UsageResult,
 )
 from quotad.core.errors import (
-    AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, QuotaError, ResourceExhausted,
+    AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
+    PermissionDenied, QuotaError, ResourceExhausted,
 )
 from quotad.core.holds import HoldEvent, HoldState, next_state
 from quotad.core.plans import LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone
@@ -59,6 +60,12 @@ class HoldRef:
     key: str
     window: Window
     window_start_ns: int
+    rate: int = 1
+    """What one unit of the hold's amount counts in this group: fixed when the hold is
+    taken, so that its commit counts at the same rate whatever the plan says by then."""
+
+    def counted(self, amount: int) -> int:
+        return amount * self.rate
 
 
 @dataclass(slots=True)
@@ -184,8 +191,10 @@ class Core:
         """The latest pending sequence of each of those: an older one leaves it in memory."""
         self._finished: list[Reservation] = []
         """Copies of the holds the command being applied finished; they go into its record."""
-        self._matched: dict[tuple[int, str, Metadata], tuple[Plan, tuple[LimitGroup, ...]]] = {}
-        """(id(plan), event type, metadata) -> (plan, its groups they match): match rules run
+        self._matched_cache: dict[tuple[int, str, Metadata],
+                                  tuple[Plan, tuple[tuple[LimitGroup, int], ...]]] = {}
+        """(id(plan), event type, metadata) -> (plan, the groups they match, with their
+        rates): match rules and costs run
         once per distinct request shape. The entry holds the plan, so its id is not reused
         while the entry lives."""
         self._events: list[AuditEvent] = []
@@ -310,7 +319,7 @@ class Core:
         for hold in reservation.holds:
             counter = self._counter_of(user, hold)
             if counter is not None:
-                counter.held -= reservation.amount
+                counter.held -= hold.counted(reservation.amount)
                 assert counter.held >= 0, (hold, counter)
         user.live_holds -= 1
         assert user.live_holds >= 0
@@ -446,16 +455,17 @@ class Core:
             app = self.apps[app_id] = AppState()
         return app
 
-    def _matched_groups(self, plan: Plan, event_type: str, metadata: Metadata
-                        ) -> tuple[LimitGroup, ...]:
+    def _matched(self, plan: Plan, event_type: str, metadata: Metadata
+                 ) -> tuple[tuple[LimitGroup, int], ...]:
+        """plan.matched(event_type, metadata), remembered (see self._matched_cache)."""
         key = (id(plan), event_type, metadata)
-        hit = self._matched.get(key)
+        hit = self._matched_cache.get(key)
         if hit is not None and hit[0] is plan:
             return hit[1]
-        groups = plan.matched_groups(event_type, metadata)
-        if len(self._matched) >= limits.MATCH_CACHE_ENTRIES_MAX:
-            self._matched.clear()
-        self._matched[key] = (plan, groups)
+        groups = plan.matched(event_type, metadata)
+        if len(self._matched_cache) >= limits.MATCH_CACHE_ENTRIES_MAX:
+            self._matched_cache.clear()
+        self._matched_cache[key] = (plan, groups)
         return groups
 
     def _subscriber(self, app_id: str, user_id: str) -> tuple[UserState, Plan]:
@@ -513,20 +523,38 @@ class Core:
         return tuple(views)
 
     @staticmethod
+    def _counted(amount: int, keys_and_rates: Iterable[tuple[str, int]]) -> list[int]:
+        """What the amount counts in each group, at its rate; INVALID_ARGUMENT naming `amount`
+        if that would be past AMOUNT_MAX either way (a cost's rate multiplies the amount, and
+        what a group counts has an amount's limits)."""
+        counted = []
+        for key, rate in keys_and_rates:
+            value = amount * rate
+            if abs(value) > limits.AMOUNT_MAX:
+                raise InvalidArgument([FieldViolation(
+                    "amount", f"counts {value} in limit group {key!r} (at a rate of {rate}), "
+                              f"past {limits.AMOUNT_MAX}")])
+            counted.append(value)
+        return counted
+
+    @staticmethod
     def _check_counter_room(counters: list[CounterState] | list[CounterState | None],
-                            used_add: int, held_add: int) -> None:
+                            used_adds: list[int], held_adds: list[int] | None = None) -> None:
         """Refuses a change that would take a counter past COUNTER_MAX."""
-        for counter in counters:
-            if counter is not None and (counter.used + used_add > limits.COUNTER_MAX
-                                        or counter.held + held_add > limits.COUNTER_MAX):
+        for index, counter in enumerate(counters):
+            if counter is not None and (
+                    counter.used + used_adds[index] > limits.COUNTER_MAX
+                    or counter.held + (held_adds[index] if held_adds else 0)
+                    > limits.COUNTER_MAX):
                 raise ResourceExhausted(ErrorReason.COUNTER_LIMIT,
                                         f"a counter would pass {limits.COUNTER_MAX}")
 
     @staticmethod
-    def _first_without_room(groups: tuple[LimitGroup, ...], counters: list[CounterState],
-                            amount: int) -> str:
-        for group, counter in zip(groups, counters):
-            if counter.used + counter.held + amount > group.quota:
+    def _first_without_room(groups: tuple[tuple[LimitGroup, int], ...],
+                            counters: list[CounterState], counted: list[int]) -> str:
+        """The first enforced group the amounts do not fit in; soft groups never deny."""
+        for (group, _), counter, amount in zip(groups, counters, counted):
+            if group.enforce and counter.used + counter.held + amount > group.quota:
                 return group.key
         return ""
 
@@ -542,24 +570,25 @@ class Core:
         app = self.apps[command.app]
         if command.reservation_id in app.reservations:  # chosen by the caller, so checked
             raise AlreadyExists(f"reservation id {command.reservation_id!r} is taken")
-        groups = self._matched_groups(plan, command.event_type, command.metadata)
-        counters = [self._current(user, group, now_ns) for group in groups]
-        denied_by = self._first_without_room(groups, counters, command.amount)
+        groups = self._matched(plan, command.event_type, command.metadata)
+        counted = self._counted(command.amount, ((g.key, rate) for g, rate in groups))
+        counters = [self._current(user, group, now_ns) for group, _ in groups]
+        denied_by = self._first_without_room(groups, counters, counted)
         if denied_by:
-            views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+            views = tuple(self._view(g, c) for (g, _), c in zip(groups, counters))
             self._audit("reserve", command.app, command.user_id, command.event_type,
                         command.amount, command.metadata, allowed=False)
             return ReserveResult(allowed=False, reservation_id="", expires_at_ns=0,
                                  counters=views, denied_by=denied_by), False
-        self._check_counter_room(counters, 0, command.amount)
-        for group, counter in zip(groups, counters):
-            counter.held += command.amount
+        self._check_counter_room(counters, [0] * len(counters), counted)
+        for (group, _), counter, amount in zip(groups, counters, counted):
+            counter.held += amount
             user.counters[(group.key, group.window)] = counter
         reservation = Reservation(
             app=command.app, reservation_id=command.reservation_id, user_id=command.user_id,
             event_type=command.event_type, amount=command.amount, metadata=command.metadata,
-            holds=tuple(HoldRef(g.key, g.window, c.window_start_ns)
-                        for g, c in zip(groups, counters)),
+            holds=tuple(HoldRef(g.key, g.window, c.window_start_ns, rate)
+                        for (g, rate), c in zip(groups, counters)),
             sequence=self.sequence + 1, created_at_ns=now_ns,
             expires_at_ns=now_ns + command.ttl_ns,
         )
@@ -568,8 +597,8 @@ class Core:
         self.expiry.add(self._expiry_entry(reservation))
         self._audit_hold("reserve", reservation, reservation.amount)
         self._check_thresholds(command.app, command.user_id, command.event_type,
-                               zip(groups, counters))
-        views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+                               ((g, c) for (g, _), c in zip(groups, counters)))
+        views = tuple(self._view(g, c) for (g, _), c in zip(groups, counters))
         return ReserveResult(allowed=True, reservation_id=reservation.reservation_id,
                              expires_at_ns=reservation.expires_at_ns, counters=views), True
 
@@ -580,15 +609,16 @@ class Core:
         expired = reservation.status is HoldState.EXPIRED
         user = self.apps[command.app].users[reservation.user_id]
         counters = [self._counter_of(user, hold) for hold in reservation.holds]
-        self._check_counter_room(counters, amount, 0)
+        counted = self._counted(amount, ((hold.key, hold.rate) for hold in reservation.holds))
+        self._check_counter_room(counters, counted)
         if not expired:
             self._end_live_hold(reservation, status, now_ns, in_index=True)
         reservation.status = status
         if expired and self.durable_hold is not None:
             self._hold_changed(reservation)
-        for counter in counters:
+        for counter, used in zip(counters, counted):
             if counter is not None:  # else its window is over: the usage counts there
-                counter.used += amount
+                counter.used += used
         returned = 0 if expired else max(0, reservation.amount - amount)
         self._audit_hold("commit", reservation, amount)
         self._check_hold_thresholds(reservation, counters)
@@ -616,24 +646,25 @@ class Core:
 
     def _track(self, command: Track, now_ns: int) -> tuple[TrackResult, bool]:
         user, plan = self._subscriber(command.app, command.user_id)
-        groups = self._matched_groups(plan, command.event_type, command.metadata)
-        counters = [self._current(user, group, now_ns) for group in groups]
+        groups = self._matched(plan, command.event_type, command.metadata)
+        counted = self._counted(command.amount, ((g.key, rate) for g, rate in groups))
+        counters = [self._current(user, group, now_ns) for group, _ in groups]
         if command.enforce and command.amount > 0:
-            denied_by = self._first_without_room(groups, counters, command.amount)
+            denied_by = self._first_without_room(groups, counters, counted)
             if denied_by:
-                views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+                views = tuple(self._view(g, c) for (g, _), c in zip(groups, counters))
                 self._audit("track", command.app, command.user_id, command.event_type,
                             command.amount, command.metadata, allowed=False)
                 return TrackResult(allowed=False, counters=views, denied_by=denied_by), False
-        self._check_counter_room(counters, command.amount, 0)
-        for group, counter in zip(groups, counters):
-            counter.used = max(0, counter.used + command.amount)
+        self._check_counter_room(counters, counted)
+        for (group, _), counter, amount in zip(groups, counters, counted):
+            counter.used = max(0, counter.used + amount)
             user.counters[(group.key, group.window)] = counter
-        views = tuple(self._view(g, c) for g, c in zip(groups, counters))
+        views = tuple(self._view(g, c) for (g, _), c in zip(groups, counters))
         self._audit("track", command.app, command.user_id, command.event_type, command.amount,
                     command.metadata)
         self._check_thresholds(command.app, command.user_id, command.event_type,
-                               zip(groups, counters))
+                               ((g, c) for (g, _), c in zip(groups, counters)))
         return TrackResult(allowed=True, counters=views), True
 
     def _get_usage(self, command: GetUsage, now_ns: int) -> tuple[UsageResult, bool]:

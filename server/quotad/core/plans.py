@@ -56,6 +56,26 @@ def event_type_matches(pattern: str, event_type: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Cost:
+    """A group that counts amount x rate, the rate chosen by the event's metadata[by]: the
+    rate of that value, else default_rate, else (None) the group does not match the event.
+    Rates are integers, so that a unit such as micro-dollars stays exact."""
+
+    by: str
+    rates: tuple[tuple[str, int], ...] = ()
+    """(metadata value, rate) pairs, sorted by value, each value once."""
+    default_rate: int | None = None
+
+    def rate_of(self, metadata: dict[str, str]) -> int | None:
+        value = metadata.get(self.by)
+        if value is not None:
+            for known, rate in self.rates:
+                if known == value:
+                    return rate
+        return self.default_rate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitGroup:
     key: str
     label: str = ""
@@ -63,6 +83,14 @@ class LimitGroup:
     quota: int
     window: Window
     match: Match = Match()
+    enforce: bool = True
+    """False: a soft limit. The group counts and shows its overage but never denies."""
+    cost: Cost | None = None
+    """None: the group counts the amount itself (a rate of 1)."""
+
+    def rate(self, metadata: dict[str, str]) -> int | None:
+        """What one unit of an event's amount counts here; None: the group does not match."""
+        return 1 if self.cost is None else self.cost.rate_of(metadata)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,9 +102,17 @@ class Plan:
     def __post_init__(self) -> None:
         validate_plan(self)
 
-    def matched_groups(self, event_type: str, metadata: Metadata) -> tuple[LimitGroup, ...]:
+    def matched(self, event_type: str, metadata: Metadata) -> tuple[tuple[LimitGroup, int], ...]:
+        """Every group the event hits, with the rate its amount counts at there (a group
+        with a cost and no rate for the event does not match)."""
         metadata_dict = dict(metadata)
-        return tuple(g for g in self.limit_groups if g.match.matches(event_type, metadata_dict))
+        matched = []
+        for group in self.limit_groups:
+            if group.match.matches(event_type, metadata_dict):
+                rate = group.rate(metadata_dict)
+                if rate is not None:
+                    matched.append((group, rate))
+        return tuple(matched)
 
     def group(self, key: str) -> LimitGroup | None:
         for group in self.limit_groups:
@@ -150,6 +186,31 @@ def _validate_group(v: Violations, group: LimitGroup, field: str) -> None:
         for value in constraint.values:
             v.text(value, f"{where}.values", bytes_min=0,
                    bytes_max=limits.METADATA_VALUE_BYTES_MAX)
+    v.check(type(group.enforce) is bool, f"{field}.enforce", "must be true or false")
+    if group.cost is not None:
+        _validate_cost(v, group.cost, f"{field}.cost")
+
+
+def _rate_is_valid(rate: object) -> bool:
+    return type(rate) is int and 1 <= rate <= limits.COST_RATE_MAX
+
+
+def _validate_cost(v: Violations, cost: Cost, field: str) -> None:
+    v.text(cost.by, f"{field}.by", bytes_min=1, bytes_max=limits.METADATA_KEY_BYTES_MAX)
+    rates = cost.rates
+    v.check(len(rates) <= limits.COST_RATES_PER_GROUP_MAX, f"{field}.rates",
+            f"at most {limits.COST_RATES_PER_GROUP_MAX} rates, got {len(rates)}")
+    values = [value for value, _ in rates]
+    v.check(values == sorted(set(values)), f"{field}.rates",
+            "values must be unique and sorted")
+    for value, rate in rates[: limits.COST_RATES_PER_GROUP_MAX]:
+        v.text(value, f"{field}.rates", bytes_min=0, bytes_max=limits.METADATA_VALUE_BYTES_MAX)
+        v.check(_rate_is_valid(rate), f"{field}.rates",
+                f"the rate of {value[:64]!r} must be 1 to {limits.COST_RATE_MAX}")
+    v.check(cost.default_rate is None or _rate_is_valid(cost.default_rate),
+            f"{field}.default_rate", f"must be 1 to {limits.COST_RATE_MAX} when set")
+    v.check(bool(rates) or cost.default_rate is not None, f"{field}.rates",
+            "a cost needs at least one rate or a default_rate")
 
 
 def _pattern_is_valid(pattern: str) -> bool:

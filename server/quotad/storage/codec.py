@@ -32,7 +32,7 @@ from quotad.core.commands import (
 )
 from quotad.core.holds import HoldState
 from quotad.core.machine import HoldRef, Reservation
-from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
+from quotad.core.plans import Cost, LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2 as pb
 
 _HEADER = struct.Struct(">IQ")
@@ -289,6 +289,23 @@ def plan_to_message(plan: Plan, message: Any) -> None:
             entry = part.metadata.add()
             entry.key = match.key
             entry.values.extend(match.values)
+        part.soft = not group.enforce
+        if group.cost is not None:
+            _cost_to_message(group.cost, part.cost)
+
+
+def _cost_to_message(cost: Cost, message: Any) -> None:
+    message.by = cost.by
+    for value, rate in cost.rates:
+        entry = message.rates.add()
+        entry.value, entry.rate = value, rate
+    if cost.default_rate is not None:
+        message.default_rate = cost.default_rate
+
+
+def _cost_from_message(message: Any) -> Cost:
+    return Cost(by=message.by, rates=tuple((entry.value, entry.rate) for entry in message.rates),
+                default_rate=message.default_rate if message.HasField("default_rate") else None)
 
 
 def plan_from_message(message: Any) -> Plan:
@@ -297,7 +314,9 @@ def plan_from_message(message: Any) -> Plan:
                    window=Window(group.window), match=Match(
                        event_types=tuple(group.event_types),
                        metadata=tuple(MetadataMatch(key=m.key, values=tuple(m.values))
-                                      for m in group.metadata)))
+                                      for m in group.metadata)),
+                   enforce=not group.soft,
+                   cost=_cost_from_message(group.cost) if group.HasField("cost") else None)
         for group in message.limit_groups))
 
 
@@ -458,14 +477,25 @@ def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int
         _set_metadata(message.metadata, hold.metadata)
         message.created_at_ns = hold.created_at_ns
     for ref in hold.holds:
-        part = message.holds.add()
-        part.key, part.window, part.window_start_ns = ref.key, int(ref.window), ref.window_start_ns
+        hold_ref_to_message(ref, message.holds.add())
     message.reserve_sequence = hold.sequence
     message.expires_at_ns = hold.expires_at_ns
     message.status = _HOLD_STATES.index(hold.status)
     message.finished_at_ns = hold.finished_at_ns
     message.sequence, message.expired_sequence = sequence, expired_sequence
     return message.SerializeToString()
+
+
+def hold_ref_to_message(ref: HoldRef, message: Any) -> None:
+    message.key, message.window, message.window_start_ns = (ref.key, int(ref.window),
+                                                            ref.window_start_ns)
+    if ref.rate != 1:
+        message.rate = ref.rate
+
+
+def hold_ref_from_message(message: Any) -> HoldRef:
+    return HoldRef(message.key, Window(message.window), message.window_start_ns,
+                   message.rate or 1)
 
 
 def finished_hold_row(value: bytes) -> tuple[HoldState, int, int]:
@@ -484,8 +514,7 @@ def decode_finished_hold(reservation_id_bytes: bytes, value: bytes, as_of_sequen
         if not (status is HoldState.COMMITTED and 0 < message.expired_sequence <= as_of_sequence):
             return None
         status = HoldState.EXPIRED  # committed later; expired as of then
-    holds = tuple(HoldRef(ref.key, Window(ref.window), ref.window_start_ns)
-                  for ref in message.holds)
+    holds = tuple(hold_ref_from_message(ref) for ref in message.holds)
     reservation_id = _reservation_id(reservation_id_bytes)
     if message.from_reserve_record:
         record = reserve_record(message.reserve_sequence)
