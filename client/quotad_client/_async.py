@@ -285,8 +285,11 @@ class AsyncQuotaClient:
         await self._run(ops.delete_plan(plan_id), timeout_s)
 
     async def subscribe(self, user_id: str, plan_id: str, time_zone: str = "UTC", *,
+                        billing_customer_id: str | None = None,
                         timeout_s: float | None = None) -> UpsertSubscriptionResult:
-        return await self._run(ops.subscribe(user_id, plan_id, time_zone), timeout_s)
+        """billing_customer_id None keeps the subscription's own; "" clears it."""
+        return await self._run(ops.subscribe(user_id, plan_id, time_zone, billing_customer_id),
+                               timeout_s)
 
     async def get_subscription(self, user_id: str, *,
                                timeout_s: float | None = None) -> Subscription:

@@ -191,7 +191,8 @@ def upsert_plan_from_proto(r: quotad_pb2.UpsertPlanResponse) -> UpsertPlanResult
 
 
 def subscription_from_proto(s: quotad_pb2.Subscription) -> Subscription:
-    return Subscription(user_id=s.user_id, plan_id=s.plan_id, time_zone=s.time_zone)
+    return Subscription(user_id=s.user_id, plan_id=s.plan_id, time_zone=s.time_zone,
+                        billing_customer_id=s.billing_customer_id)
 
 
 def upsert_subscription_from_proto(

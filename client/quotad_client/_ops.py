@@ -164,9 +164,12 @@ def delete_plan(plan_id: str) -> Op[None]:
               lambda r: None)
 
 
-def subscribe(user_id: str, plan_id: str, time_zone: str) -> Op[UpsertSubscriptionResult]:
+def subscribe(user_id: str, plan_id: str, time_zone: str,
+              billing_customer_id: str | None = None) -> Op[UpsertSubscriptionResult]:
     request = quotad_pb2.UpsertSubscriptionRequest(user_id=user_id, plan_id=plan_id,
                                                    time_zone=time_zone)
+    if billing_customer_id is not None:  # unset: the subscription keeps its own
+        request.billing_customer_id = billing_customer_id
     return Op(ADMIN, "UpsertSubscription", request, True, cv.upsert_subscription_from_proto)
 
 

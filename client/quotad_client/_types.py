@@ -171,6 +171,8 @@ class Subscription:
     plan_id: str
     time_zone: str
     """IANA time zone that anchors calendar windows; empty means UTC."""
+    billing_customer_id: str = ""
+    """Who pays in the billing system (a Stripe customer id); empty: none."""
 
 
 @dataclass(frozen=True, slots=True)

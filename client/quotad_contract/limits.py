@@ -64,6 +64,8 @@ key and unit, a 64-byte label, 8 patterns of 32 bytes and 16 model names of 40 b
 36 KB."""
 TIME_ZONE_BYTES_MAX = 64
 APP_ID_BYTES_MAX = 64
+BILLING_CUSTOMER_ID_BYTES_MAX = 256
+"""A subscription's billing_customer_id (a Stripe customer id is at most 255 characters)."""
 
 BATCH_OPERATIONS_MAX = 1000
 """Operations in one Batch RPC (and so in one coalesced batch of the client)."""

@@ -123,9 +123,7 @@ ADMIN_METHODS: list[_Method] = [
      lambda r: pb.ListPlansResponse(plans=[convert.plan_to_proto(p) for p in r.plans])),
     ("DeletePlan", pb.DeletePlanRequest, lambda app, q: c.DeletePlan(app=app, plan_id=q.id),
      lambda r: pb.DeletePlanResponse()),
-    ("UpsertSubscription", pb.UpsertSubscriptionRequest,
-     lambda app, q: c.UpsertSubscription(app=app, user_id=q.user_id, plan_id=q.plan_id,
-                                         time_zone=q.time_zone or "UTC"),
+    ("UpsertSubscription", pb.UpsertSubscriptionRequest, convert.upsert_subscription,
      lambda r: pb.UpsertSubscriptionResponse(
          subscription=convert.subscription_to_proto(r.subscription), changed=r.changed)),
     ("GetSubscription", pb.GetSubscriptionRequest,

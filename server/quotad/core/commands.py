@@ -235,6 +235,8 @@ class UpsertSubscription:
     user_id: str
     plan_id: str
     time_zone: str = "UTC"
+    billing_customer_id: str | None = None
+    """None: the subscription keeps the one it has (none for a new one); "": none."""
 
     def __post_init__(self) -> None:
         v = Violations()
@@ -245,6 +247,11 @@ class UpsertSubscription:
         if self.time_zone and load_time_zone(self.time_zone) is None:
             v.add("time_zone", time_zone_problem(self.time_zone)
                   or f"time zone {self.time_zone!r} has no data on this host")
+        if self.billing_customer_id is not None:
+            v.text(self.billing_customer_id, "billing_customer_id", bytes_min=0,
+                   bytes_max=limits.BILLING_CUSTOMER_ID_BYTES_MAX)
+            v.check(self.billing_customer_id.isprintable(), "billing_customer_id",
+                    "must be printable text")
         v.raise_if_any()
 
 

@@ -707,9 +707,13 @@ class Core:
         app = self.apps.get(command.app, _EMPTY_APP)
         if command.plan_id not in app.plans:
             raise NotFound(f"no plan {command.plan_id!r}")
-        subscription = Subscription(user_id=command.user_id, plan_id=command.plan_id,
-                                    time_zone=command.time_zone or "UTC")
         user = app.users.get(command.user_id)
+        billing_customer_id = command.billing_customer_id
+        if billing_customer_id is None:  # unset: kept
+            billing_customer_id = "" if user is None else user.subscription.billing_customer_id
+        subscription = Subscription(user_id=command.user_id, plan_id=command.plan_id,
+                                    time_zone=command.time_zone or "UTC",
+                                    billing_customer_id=billing_customer_id)
         if user is not None and user.subscription == subscription:
             return SubscriptionResult(subscription=subscription, changed=False), False
         if user is None:
