@@ -58,6 +58,8 @@ from ._types import (
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
+    UsageExportPage,
+    UsageLine,
     UserToken,
     WatchUpdate,
 )
@@ -100,6 +102,8 @@ __all__ = [
     "UpsertPlanResult",
     "UpsertSubscriptionResult",
     "Usage",
+    "UsageExportPage",
+    "UsageLine",
     "UserToken",
     "WatchUpdate",
     "error_from_rpc_error",

@@ -48,6 +48,7 @@ from ._types import (
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
+    UsageExportPage,
     WatchUpdate,
 )
 
@@ -290,6 +291,23 @@ class AsyncQuotaClient:
         """billing_customer_id None keeps the subscription's own; "" clears it."""
         return await self._run(ops.subscribe(user_id, plan_id, time_zone, billing_customer_id),
                                timeout_s)
+
+    async def export_usage(self, *, cursor: str = "", end: datetime | None = None,
+                           app: str = "",
+                           timeout_s: float | None = None) -> AsyncIterator[UsageExportPage]:
+        """The committed and tracked amounts after ``cursor`` (empty: from the oldest record
+        the log keeps) and before ``end``, page by page; each page's ``next_cursor`` resumes
+        right after it. Not retried: resume from the last page's cursor instead."""
+        call = self._stubs[ops.ADMIN].ExportUsage(
+            ops.export_usage_request(cursor, end, app), metadata=self._config.metadata,
+            timeout=timeout_s)
+        try:
+            async for message in call:
+                yield cv.usage_export_page_from_proto(message)
+        except grpc.RpcError as rpc_error:
+            raise with_tls_hint(error_from_rpc_error(rpc_error), self._plaintext) from rpc_error
+        finally:
+            call.cancel()
 
     async def get_subscription(self, user_id: str, *,
                                timeout_s: float | None = None) -> Subscription:

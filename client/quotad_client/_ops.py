@@ -178,6 +178,14 @@ def get_subscription(user_id: str) -> Op[Subscription]:
               lambda r: cv.subscription_from_proto(r.subscription))
 
 
+def export_usage_request(cursor: str, end: datetime | None,
+                         app: str) -> quotad_pb2.ExportUsageRequest:
+    request = quotad_pb2.ExportUsageRequest(app=app, cursor=cursor)
+    if end is not None:
+        request.end_time.CopyFrom(cv.to_timestamp(end))
+    return request
+
+
 def list_events(user_id: str, start: datetime | None, end: datetime | None, page_size: int,
                 page_token: str) -> Op[EventPage]:
     request = quotad_pb2.ListEventsRequest(user_id=user_id, page_size=page_size,

@@ -38,6 +38,7 @@ from ._types import (
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
+    UsageExportPage,
     WatchUpdate,
 )
 
@@ -214,6 +215,22 @@ class QuotaClient:
         """billing_customer_id None keeps the subscription's own; "" clears it."""
         return self._run(ops.subscribe(user_id, plan_id, time_zone, billing_customer_id),
                          timeout_s)
+
+    def export_usage(self, *, cursor: str = "", end: datetime | None = None, app: str = "",
+                     timeout_s: float | None = None) -> Iterator[UsageExportPage]:
+        """The committed and tracked amounts after ``cursor`` (empty: from the oldest record
+        the log keeps) and before ``end``, page by page; each page's ``next_cursor`` resumes
+        right after it. Not retried: resume from the last page's cursor instead."""
+        call = self._stubs[ops.ADMIN].ExportUsage(
+            ops.export_usage_request(cursor, end, app), metadata=self._config.metadata,
+            timeout=timeout_s)
+        try:
+            for message in call:
+                yield cv.usage_export_page_from_proto(message)
+        except grpc.RpcError as rpc_error:
+            raise with_tls_hint(error_from_rpc_error(rpc_error), self._plaintext) from rpc_error
+        finally:
+            call.cancel()
 
     def get_subscription(self, user_id: str, *, timeout_s: float | None = None) -> Subscription:
         return self._run(ops.get_subscription(user_id), timeout_s)

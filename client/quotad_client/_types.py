@@ -202,6 +202,34 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageLine:
+    """One committed or tracked amount, for billing (ExportUsage)."""
+
+    id: str
+    """"<sequence>-<index>": the same usage always has the same id."""
+    sequence: int
+    index: int
+    time: datetime
+    kind: str
+    """"commit" or "track"."""
+    user_id: str
+    billing_customer_id: str
+    event_type: str
+    amount: int
+    """In the request's unit; negative: a refund."""
+    metadata: Mapping[str, str]
+    reservation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageExportPage:
+    """One message of an export: its lines, and the cursor that resumes right after them."""
+
+    lines: tuple[UsageLine, ...]
+    next_cursor: str
+
+
+@dataclass(frozen=True, slots=True)
 class ThresholdCrossed:
     """A limit group's used + held reached ``percent`` of its quota (once per window)."""
 

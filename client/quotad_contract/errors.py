@@ -36,6 +36,8 @@ class ErrorReason(enum.StrEnum):
     """A subscription still names the plan."""
     KEYS_DISABLED = "KEYS_DISABLED"
     """The server runs without an admin key, so it has no API keys."""
+    EXPORT_CURSOR_PRUNED = "EXPORT_CURSOR_PRUNED"
+    """An export's cursor names log records pruned past the audit retention."""
     # RESOURCE_EXHAUSTED
     COUNTER_LIMIT = "COUNTER_LIMIT"
     """The change would push used or held past COUNTER_MAX."""

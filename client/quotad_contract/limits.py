@@ -72,6 +72,11 @@ BATCH_OPERATIONS_MAX = 1000
 EVENTS_PAGE_SIZE_MAX = 1000
 """Events in one ListEvents page; page_size 0 means EVENTS_PAGE_SIZE_DEFAULT."""
 EVENTS_PAGE_SIZE_DEFAULT = 100
+EXPORT_CURSOR_BYTES_MAX = 20
+"""An ExportUsage cursor: the decimal sequence of the last log record it covers."""
+EXPORT_LINES_PER_MESSAGE_MAX = 500
+"""Usage lines in one ExportUsage message (each under 2 KB, so a message stays under
+RESPONSE_BYTES_MAX)."""
 TIME_NS_MAX = 253_402_300_800 * NS_PER_S - 1
 """The latest time a request may name (ListEvents' start_time and end_time):
 9999-12-31T23:59:59.999999999Z, protobuf's own bound. The earliest is the Unix epoch."""

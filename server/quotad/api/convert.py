@@ -98,6 +98,16 @@ def upsert_subscription(app: str, request: pb.UpsertSubscriptionRequest) -> c.Up
                              if request.HasField("billing_customer_id") else None))
 
 
+def export_usage(app: str, request: pb.ExportUsageRequest) -> c.ExportUsage:
+    """The query; a cursor that is not one is refused here, naming `cursor`."""
+    cursor = c.export_cursor(request.cursor)
+    if cursor is False:
+        raise InvalidArgument([FieldViolation("cursor", "must be a next_cursor from ExportUsage")])
+    return c.ExportUsage(
+        app=app, after_sequence=cursor,
+        end_time_ns=_ns(request.end_time) if request.HasField("end_time") else None)
+
+
 def watch_usage(app: str, request: pb.WatchUsageRequest) -> c.WatchUsage:
     return c.WatchUsage(app=app, user_id=request.user_id,
                         after_sequence=request.after_sequence)

@@ -726,6 +726,12 @@ class Core:
         app.plan_subscribers[subscription.plan_id] += 1
         return SubscriptionResult(subscription=subscription, changed=True), True
 
+    def subscriptions_by_number(self, app_id: str) -> dict[int, Subscription]:
+        """The app's subscriptions by user number (UserState.number): whom the audit index's
+        entries are about."""
+        users = self.apps.get(app_id, _EMPTY_APP).users
+        return {user.number: user.subscription for user in users.values()}
+
     def _get_subscription(self, command: GetSubscription,
                           now_ns: int) -> tuple[SubscriptionResult, bool]:
         user = self.apps.get(command.app, _EMPTY_APP).users.get(command.user_id)
