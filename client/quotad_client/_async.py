@@ -44,6 +44,7 @@ from ._types import (
     Plan,
     ReleaseResult,
     Subscription,
+    SubscriptionPage,
     TrackResult,
     UpsertPlanResult,
     UpsertSubscriptionResult,
@@ -290,6 +291,13 @@ class AsyncQuotaClient:
                         timeout_s: float | None = None) -> UpsertSubscriptionResult:
         """billing_customer_id None keeps the subscription's own; "" clears it."""
         return await self._run(ops.subscribe(user_id, plan_id, time_zone, billing_customer_id),
+                               timeout_s)
+
+    async def list_subscriptions(self, *, plan_id: str = "", page_size: int = 0,
+                                 page_token: str = "",
+                                 timeout_s: float | None = None) -> SubscriptionPage:
+        """One page of the app's subscriptions (or one plan's), in user id order."""
+        return await self._run(ops.list_subscriptions(plan_id, page_size, page_token),
                                timeout_s)
 
     async def export_usage(self, *, cursor: str = "", end: datetime | None = None,

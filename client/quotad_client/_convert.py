@@ -27,6 +27,7 @@ from ._types import (
     ReleaseResult,
     Reservation,
     Subscription,
+    SubscriptionPage,
     ThresholdCrossed,
     TrackResult,
     UpsertPlanResult,
@@ -195,6 +196,12 @@ def upsert_plan_from_proto(r: quotad_pb2.UpsertPlanResponse) -> UpsertPlanResult
 def subscription_from_proto(s: quotad_pb2.Subscription) -> Subscription:
     return Subscription(user_id=s.user_id, plan_id=s.plan_id, time_zone=s.time_zone,
                         billing_customer_id=s.billing_customer_id)
+
+
+def subscription_page_from_proto(r: quotad_pb2.ListSubscriptionsResponse) -> SubscriptionPage:
+    return SubscriptionPage(subscriptions=tuple(subscription_from_proto(s)
+                                                for s in r.subscriptions),
+                            next_page_token=r.next_page_token)
 
 
 def usage_export_page_from_proto(r: quotad_pb2.ExportUsageResponse) -> UsageExportPage:

@@ -19,6 +19,7 @@ from quotad_contract.v1 import quotad_pb2, quotad_pb2_grpc
 from . import _convert as cv
 from ._errors import QuotaExceeded
 from ._types import (
+    SubscriptionPage,
     ApiKey,
     CommitResult,
     CreatedKey,
@@ -176,6 +177,12 @@ def subscribe(user_id: str, plan_id: str, time_zone: str,
 def get_subscription(user_id: str) -> Op[Subscription]:
     return Op(ADMIN, "GetSubscription", quotad_pb2.GetSubscriptionRequest(user_id=user_id), True,
               lambda r: cv.subscription_from_proto(r.subscription))
+
+
+def list_subscriptions(plan_id: str, page_size: int, page_token: str) -> Op[SubscriptionPage]:
+    request = quotad_pb2.ListSubscriptionsRequest(plan_id=plan_id, page_size=page_size,
+                                                  page_token=page_token)
+    return Op(ADMIN, "ListSubscriptions", request, True, cv.subscription_page_from_proto)
 
 
 def export_usage_request(cursor: str, end: datetime | None,

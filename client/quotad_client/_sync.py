@@ -34,6 +34,7 @@ from ._types import (
     Plan,
     ReleaseResult,
     Subscription,
+    SubscriptionPage,
     TrackResult,
     UpsertPlanResult,
     UpsertSubscriptionResult,
@@ -215,6 +216,12 @@ class QuotaClient:
         """billing_customer_id None keeps the subscription's own; "" clears it."""
         return self._run(ops.subscribe(user_id, plan_id, time_zone, billing_customer_id),
                          timeout_s)
+
+    def list_subscriptions(self, *, plan_id: str = "", page_size: int = 0,
+                           page_token: str = "",
+                           timeout_s: float | None = None) -> SubscriptionPage:
+        """One page of the app's subscriptions (or one plan's), in user id order."""
+        return self._run(ops.list_subscriptions(plan_id, page_size, page_token), timeout_s)
 
     def export_usage(self, *, cursor: str = "", end: datetime | None = None, app: str = "",
                      timeout_s: float | None = None) -> Iterator[UsageExportPage]:

@@ -176,6 +176,13 @@ class Subscription:
 
 
 @dataclass(frozen=True, slots=True)
+class SubscriptionPage:
+    subscriptions: tuple[Subscription, ...]
+    next_page_token: str
+    """Empty on the last page."""
+
+
+@dataclass(frozen=True, slots=True)
 class UpsertSubscriptionResult:
     subscription: Subscription
     changed: bool

@@ -98,6 +98,11 @@ def upsert_subscription(app: str, request: pb.UpsertSubscriptionRequest) -> c.Up
                              if request.HasField("billing_customer_id") else None))
 
 
+def list_subscriptions(app: str, request: pb.ListSubscriptionsRequest) -> c.ListSubscriptions:
+    return c.ListSubscriptions(app=app, plan_id=request.plan_id, page_size=request.page_size,
+                               after_user_id=request.page_token)
+
+
 def export_usage(app: str, request: pb.ExportUsageRequest) -> c.ExportUsage:
     """The query; a cursor that is not one is refused here, naming `cursor`."""
     cursor = c.export_cursor(request.cursor)

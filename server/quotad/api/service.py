@@ -130,6 +130,10 @@ ADMIN_METHODS: list[_Method] = [
      lambda app, q: c.GetSubscription(app=app, user_id=q.user_id),
      lambda r: pb.GetSubscriptionResponse(
          subscription=convert.subscription_to_proto(r.subscription))),
+    ("ListSubscriptions", pb.ListSubscriptionsRequest, convert.list_subscriptions,
+     lambda r: pb.ListSubscriptionsResponse(
+         subscriptions=[convert.subscription_to_proto(s) for s in r.subscriptions],
+         next_page_token=r.subscriptions[-1].user_id if r.more else "")),
 ]
 
 

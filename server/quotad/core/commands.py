@@ -256,6 +256,33 @@ class UpsertSubscription:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ListSubscriptions:
+    """One page of an app's subscriptions (or one plan's), in user id order."""
+
+    app: str
+    plan_id: str = ""
+    """Empty: every plan's."""
+    page_size: int = 0
+    """0: limits.SUBSCRIPTIONS_PAGE_SIZE_DEFAULT."""
+    after_user_id: str = ""
+    """The page starts after this user id; empty: at the first."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        v.text(self.plan_id, "plan_id", bytes_min=0, bytes_max=limits.PLAN_ID_BYTES_MAX)
+        v.check(_int(self.page_size) and 0 <= self.page_size <= limits.SUBSCRIPTIONS_PAGE_SIZE_MAX,
+                "page_size", f"must be 0 (meaning {limits.SUBSCRIPTIONS_PAGE_SIZE_DEFAULT}) to "
+                             f"{limits.SUBSCRIPTIONS_PAGE_SIZE_MAX}")
+        v.text(self.after_user_id, "page_token", bytes_min=0, bytes_max=limits.USER_ID_BYTES_MAX)
+        v.raise_if_any()
+
+    @property
+    def subscriptions_per_page(self) -> int:
+        return self.page_size or limits.SUBSCRIPTIONS_PAGE_SIZE_DEFAULT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GetSubscription:
     app: str
     user_id: str
@@ -508,14 +535,14 @@ class ExpireHolds:
 
 
 Command = (Reserve | Commit | Release | Extend | Track | GetUsage | UpsertPlan | DeletePlan
-           | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ExpireHolds
-           | CreateKey | RevokeKey | ListKeys)
+           | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ListSubscriptions
+           | ExpireHolds | CreateKey | RevokeKey | ListKeys)
 
 COMMAND_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Reserve, Commit, Release, Extend, Track, GetUsage, UpsertPlan, DeletePlan,
-                GetPlan, ListPlans, UpsertSubscription, GetSubscription, ExpireHolds,
-                CreateKey, RevokeKey, ListKeys)
+                GetPlan, ListPlans, UpsertSubscription, GetSubscription, ListSubscriptions,
+                ExpireHolds, CreateKey, RevokeKey, ListKeys)
 }
 
 
@@ -649,6 +676,13 @@ class PlansResult:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeletePlanResult:
     pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionsResult:
+    subscriptions: tuple[Subscription, ...]
+    more: bool = False
+    """True when subscriptions follow the last one of this page."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
