@@ -28,6 +28,7 @@ from quotad_client import (
     ApiKey, DeadlineExceeded, Event, InvalidArgument, NotFound, QuotaClient, QuotadError,
     Unavailable, plan_to_proto,
 )
+from quotad_client import billing
 from quotad_client._convert import window_name
 from quotad_contract import limits
 from quotad_contract.plans import PlansFileError, load_plans_file
@@ -248,11 +249,14 @@ def cmd_plans_show(client: QuotaClient, args: argparse.Namespace) -> int:
 # --- users -------------------------------------------------------------------------------------
 
 def cmd_subscribe(client: QuotaClient, args: argparse.Namespace) -> int:
-    result = client.subscribe(args.user_id, args.plan_id, args.time_zone)
+    result = client.subscribe(args.user_id, args.plan_id, args.time_zone,
+                              billing_customer_id=args.billing_customer_id)
     subscription = result.subscription
     state = "subscribed" if result.changed else "unchanged, already subscribed"
+    customer = (f", billing customer {subscription.billing_customer_id}"
+                if subscription.billing_customer_id else "")
     _out(f"{subscription.user_id}: {state} to plan {subscription.plan_id} "
-         f"(time zone {subscription.time_zone or 'UTC'})")
+         f"(time zone {subscription.time_zone or 'UTC'}{customer})")
     return 0
 
 
@@ -326,6 +330,42 @@ def cmd_events(client: QuotaClient, args: argparse.Namespace) -> int:
                 last_sequence, start = event.sequence, event.time
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+# --- export ------------------------------------------------------------------------------------
+
+NEXT_CURSOR_PREFIX = "quotactl: next cursor: "
+"""The last line `quotactl export` writes on stderr, followed by the cursor to resume from."""
+
+
+def _export_writer(args: argparse.Namespace) -> Callable[[Any], str]:
+    if args.format == "stripe-meter-events":
+        return lambda line: billing.json_line(billing.stripe_meter_event(line, args.event_name))
+    if args.format == "cloudevents":
+        return lambda line: billing.json_line(billing.cloudevent(line, args.source))
+    return lambda line: billing.csv_text(billing.csv_row(line)).rstrip("\n")
+
+
+def cmd_export(client: QuotaClient, args: argparse.Namespace) -> int:
+    """Writes every line, then the next cursor on stderr; the cursor of the last message
+    received is written even when the stream fails, so nothing is exported twice."""
+    write = _export_writer(args)
+    if args.format == "csv":
+        _out(billing.csv_text(billing.CSV_COLUMNS).rstrip("\n"))
+    cursor, uncustomered = args.since, 0
+    try:
+        for page in client.export_usage(cursor=args.since, end=args.until, app=args.app,
+                                        timeout_s=None):
+            for line in page.lines:
+                _out(write(line))
+                uncustomered += not line.billing_customer_id
+            cursor = page.next_cursor
+    finally:
+        if uncustomered and args.format == "stripe-meter-events":
+            print(f"quotactl: {uncustomered} lines have no billing customer id (quotactl "
+                  "subscribe --billing-customer-id)", file=sys.stderr)
+        print(f"{NEXT_CURSOR_PREFIX}{cursor}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -448,6 +488,10 @@ def parser() -> argparse.ArgumentParser:
     subscribe.add_argument("plan_id", metavar="PLAN")
     subscribe.add_argument("--time-zone", default="UTC", metavar="TZ",
                            help="IANA time zone name (default: %(default)s)")
+    subscribe.add_argument("--billing-customer-id", metavar="ID",
+                           help="who pays in the billing system (a Stripe customer id), "
+                                "carried into exports; '' clears it (default: keep the "
+                                "subscription's own)")
 
     usage = _add(groups, "usage", cmd_usage, "show a user's counters",
                  "Show USER's counters, one row per limit group of their plan: used, held by "
@@ -492,6 +536,31 @@ def parser() -> argparse.ArgumentParser:
     listing = _add(key_commands, "list", cmd_keys_list, "list keys",
                    "List the keys of an app (never their secrets).", "quotactl keys list")
     listing.add_argument("--app", default="", help="(default: the caller's own app)")
+
+    export = _add(groups, "export", cmd_export, "export committed and tracked usage for billing",
+                  "Write one line per committed or tracked amount (a refund negative) recorded "
+                  "after CURSOR, oldest first: Stripe meter events or CloudEvents 1.0 as JSON "
+                  "Lines, or CSV with a header. Each line has a stable id, so exporting a range "
+                  "twice never bills twice. The last line on stderr is "
+                  f"'{NEXT_CURSOR_PREFIX}N': pass N as --since next time to continue exactly "
+                  "where this export ended. The server keeps its log for its audit retention: "
+                  "an older cursor is refused (EXPORT_CURSOR_PRUNED).",
+                  "quotactl export --since 1042 --format stripe-meter-events > usage.jsonl")
+    export.add_argument("--since", default="", metavar="CURSOR",
+                        help="the cursor a previous export printed (default: from the oldest "
+                             "record the server keeps)")
+    export.add_argument("--until", type=since_time, metavar="ISO-TIME|1h",
+                        help="only usage recorded before this time (a time, or a duration "
+                             "ago); the cursor then resumes from there (default: all)")
+    export.add_argument("--format", required=True, choices=billing.FORMATS)
+    export.add_argument("--app", default="",
+                        help="the app to export (default: the caller's own; another needs "
+                             "the admin key)")
+    export.add_argument("--event-name", default=None, metavar="NAME",
+                        help="stripe-meter-events: the meter's event_name for every line "
+                             "(default: each line's event type)")
+    export.add_argument("--source", default=billing.CLOUDEVENT_SOURCE_DEFAULT, metavar="URI",
+                        help="cloudevents: the events' source (default: %(default)s)")
     return root
 
 
