@@ -10,6 +10,7 @@ Exit codes: 0 done; 1 the server said no (one line on stderr: its code and messa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -85,6 +86,25 @@ def _time(when: datetime | None) -> str:
     if when is None:
         return "never"
     return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _plain(value: Any) -> Any:
+    """A client result as JSON values: dataclasses as objects, times as RFC 3339 (UTC)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name))
+                for field in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "items"):  # metadata: a read-only mapping
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _json_out(value: Any) -> None:
+    """One JSON value on one line (for `jq`, and one per line for a stream)."""
+    _out(json.dumps(_plain(value), ensure_ascii=False, separators=(",", ":")))
 
 
 def _match_text(match: pb.Match) -> str:
@@ -225,6 +245,9 @@ def cmd_plans_apply(client: QuotaClient, args: argparse.Namespace) -> int:
 
 def cmd_plans_list(client: QuotaClient, args: argparse.Namespace) -> int:
     plans = client.list_plans()
+    if args.json:
+        _out(json.dumps([_plan_dict(plan_to_proto(p)) for p in plans], indent=2))
+        return 0
     if not plans:
         _out("no plans")
         return 0
@@ -262,6 +285,9 @@ def cmd_subscribe(client: QuotaClient, args: argparse.Namespace) -> int:
 
 def cmd_usage(client: QuotaClient, args: argparse.Namespace) -> int:
     usage = client.usage(args.user_id)
+    if args.json:
+        _json_out(usage)
+        return 0
     _out(f"user {usage.user_id}, plan {usage.plan_id}")
     if not usage.counters:
         _out("no limit groups")
@@ -314,8 +340,9 @@ def _events_after(client: QuotaClient, user_id: str, start: datetime | None,
 
 def cmd_events(client: QuotaClient, args: argparse.Namespace) -> int:
     last_sequence, start = 0, args.since
+    show = _json_out if args.json else (lambda event: _out(_event_line(event)))
     for event in _events_after(client, args.user_id, start, last_sequence):
-        _out(_event_line(event))
+        show(event)
         last_sequence, start = event.sequence, event.time
     if not args.follow:
         return 0
@@ -326,7 +353,7 @@ def cmd_events(client: QuotaClient, args: argparse.Namespace) -> int:
         # asks from the last time seen and skips what it already printed.
         while not stop.wait(args.interval_s):
             for event in _events_after(client, args.user_id, start, last_sequence):
-                _out(_event_line(event))
+                show(event)
                 last_sequence, start = event.sequence, event.time
     except KeyboardInterrupt:
         pass
@@ -392,6 +419,9 @@ def cmd_keys_revoke(client: QuotaClient, args: argparse.Namespace) -> int:
 
 def cmd_keys_list(client: QuotaClient, args: argparse.Namespace) -> int:
     keys = client.list_keys(app=args.app)
+    if args.json:
+        _out(json.dumps(_plain(keys), indent=2))
+        return 0
     for key in keys:
         _out(_key_line(key))
     if not keys:
@@ -471,8 +501,12 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("file", type=Path, metavar="FILE.toml")
     apply.add_argument("--dry-run", action="store_true",
                        help="print the difference, apply nothing")
-    _add(plan_commands, "list", cmd_plans_list, "list the plans",
-         "List every plan: id, name and the keys of its limit groups.", "quotactl plans list")
+    plans_list = _add(plan_commands, "list", cmd_plans_list, "list the plans",
+                      "List every plan: id, name and the keys of its limit groups.",
+                      "quotactl plans list --json")
+    plans_list.add_argument("--json", action="store_true",
+                            help="print a JSON array of plans, each in the shape of a "
+                                 "plans.toml entry")
     show = _add(plan_commands, "show", cmd_plans_show, "show one plan",
                 "Show one plan's limit groups: quota, unit, window and what each counts.",
                 "quotactl plans show pro --json")
@@ -498,6 +532,8 @@ def parser() -> argparse.ArgumentParser:
                  "live reservations, quota, remaining, and when the window resets (UTC).",
                  "quotactl usage u1")
     usage.add_argument("user_id", metavar="USER")
+    usage.add_argument("--json", action="store_true",
+                       help="print the counters as one JSON object")
 
     events = _add(groups, "events", cmd_events, "print a user's audit trail",
                   "Print USER's events (reserve, commit, release, expire, extend, track, "
@@ -511,6 +547,8 @@ def parser() -> argparse.ArgumentParser:
                              "or a time such as 2025-06-01T12:00:00Z (default: all)")
     events.add_argument("-f", "--follow", action="store_true",
                         help="keep printing new events as they come")
+    events.add_argument("--json", action="store_true",
+                        help="one JSON object per event, one per line")
     events.add_argument("--interval-s", type=_interval_s, default=FOLLOW_INTERVAL_S_DEFAULT,
                         metavar="SECONDS",
                         help=f"with -f, how often to poll ({FOLLOW_INTERVAL_S_MIN} to "
@@ -536,6 +574,7 @@ def parser() -> argparse.ArgumentParser:
     listing = _add(key_commands, "list", cmd_keys_list, "list keys",
                    "List the keys of an app (never their secrets).", "quotactl keys list")
     listing.add_argument("--app", default="", help="(default: the caller's own app)")
+    listing.add_argument("--json", action="store_true", help="print a JSON array of keys")
 
     export = _add(groups, "export", cmd_export, "export committed and tracked usage for billing",
                   "Write one line per committed or tracked amount (a refund negative) recorded "
