@@ -233,9 +233,10 @@ def test_bad_usage_a_bad_file_and_no_server_exit_2_without_a_traceback(server, t
 
 
 @pytest.mark.parametrize("args", [(), ("plans",), ("plans", "apply"), ("plans", "list"),
-                                  ("plans", "show"), ("subscribe",), ("usage",), ("events",),
-                                  ("keys",), ("keys", "create"), ("keys", "revoke"),
-                                  ("keys", "list"), ("export",)])
+                                  ("plans", "show"), ("plans", "delete"), ("subscribe",),
+                                  ("usage",), ("events",), ("keys",),
+                                  ("keys", "create"), ("keys", "revoke"), ("keys", "list"),
+                                  ("export",)])
 def test_every_help_explains_with_an_example(args, capsys):
     with pytest.raises(SystemExit) as exit_:
         ctl.main([*args, "--help"])
@@ -294,3 +295,15 @@ def test_keys_list_as_json_never_shows_a_secret(start_server):
     assert [(key["app"], key["kind"], key["revoked_at"]) for key in keys] == [
         ("acme", "public", None)]
     assert secret not in json.dumps(keys)
+
+
+def test_plans_delete_removes_an_unused_plan_and_refuses_one_in_use(server):
+    quotactl(server.address, "subscribe", "u1", "pro")
+    assert_one_line_error(quotactl(server.address, "plans", "delete", "pro"), 1,
+                          "quotactl: FAILED_PRECONDITION")
+    deleted = quotactl(server.address, "plans", "delete", "free")
+    assert deleted.returncode == 0 and deleted.stdout == "plan free: deleted\n", deleted
+    assert_one_line_error(quotactl(server.address, "plans", "delete", "free"), 1,
+                          "quotactl: NOT_FOUND")
+    assert [p["id"] for p in _json_document(quotactl(server.address, "plans", "list",
+                                                     "--json"))] == ["pro"]

@@ -269,6 +269,12 @@ def cmd_plans_show(client: QuotaClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plans_delete(client: QuotaClient, args: argparse.Namespace) -> int:
+    client.delete_plan(args.plan_id)
+    _out(f"plan {args.plan_id}: deleted")
+    return 0
+
+
 # --- users -------------------------------------------------------------------------------------
 
 def cmd_subscribe(client: QuotaClient, args: argparse.Namespace) -> int:
@@ -488,8 +494,8 @@ def parser() -> argparse.ArgumentParser:
                       help="connect over TLS, trusting the system's certificate authorities")
     groups = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    plans = groups.add_parser("plans", help="apply, list and show plans",
-                              description="Apply plans from a TOML file, list or show them.")
+    plans = groups.add_parser("plans", help="apply, list, show and delete plans",
+                              description="Apply plans from a TOML file, list, show or delete them.")
     plan_commands = plans.add_subparsers(dest="plans_command", required=True, metavar="COMMAND")
     apply = _add(plan_commands, "apply", cmd_plans_apply, "put the plans of a TOML file in place",
                  "Compare each plan of FILE.toml (the format of examples/plans.toml) with the "
@@ -513,6 +519,11 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("plan_id", metavar="ID")
     show.add_argument("--json", action="store_true",
                       help="print JSON in the shape of a plans.toml entry")
+    delete = _add(plan_commands, "delete", cmd_plans_delete, "delete a plan",
+                  "Delete a plan. A plan that a subscription still names is refused "
+                  "(FAILED_PRECONDITION PLAN_IN_USE): move its subscribers first.",
+                  "quotactl plans delete old-pro")
+    delete.add_argument("plan_id", metavar="ID")
 
     subscribe = _add(groups, "subscribe", cmd_subscribe, "put a user on a plan",
                      "Subscribe USER to PLAN (replacing their plan, if any). Calendar windows "
