@@ -234,7 +234,7 @@ def test_bad_usage_a_bad_file_and_no_server_exit_2_without_a_traceback(server, t
 
 @pytest.mark.parametrize("args", [(), ("plans",), ("plans", "apply"), ("plans", "list"),
                                   ("plans", "show"), ("plans", "delete"), ("subscribe",),
-                                  ("usage",), ("events",), ("keys",),
+                                  ("subscriptions",), ("usage",), ("events",), ("keys",),
                                   ("keys", "create"), ("keys", "revoke"), ("keys", "list"),
                                   ("export",)])
 def test_every_help_explains_with_an_example(args, capsys):
@@ -281,6 +281,9 @@ def test_every_read_prints_json_with_json(server):
     plans = _json_document(quotactl(server.address, "plans", "list", "--json"))
     assert [plan["id"] for plan in plans] == ["free", "pro"]
     assert plans[1]["limit_groups"][0]["key"] == "tokens"
+    (listed,) = _json_lines(quotactl(server.address, "subscriptions", "--json"))
+    assert listed == {"user_id": "u1", "plan_id": "pro", "time_zone": "UTC",
+                      "billing_customer_id": "cus_9"}
 
 
 def test_keys_list_as_json_never_shows_a_secret(start_server):
@@ -295,6 +298,21 @@ def test_keys_list_as_json_never_shows_a_secret(start_server):
     assert [(key["app"], key["kind"], key["revoked_at"]) for key in keys] == [
         ("acme", "public", None)]
     assert secret not in json.dumps(keys)
+
+
+def test_subscriptions_lists_every_page_by_plan(server):
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        for number in range(5):
+            client.subscribe(f"user-{number}", "pro" if number % 2 else "free")
+        page = client.list_subscriptions(page_size=2)
+        assert [s.user_id for s in page.subscriptions] == ["user-0", "user-1"]
+        rest = client.list_subscriptions(page_size=2, page_token=page.next_page_token)
+        assert [s.user_id for s in rest.subscriptions] == ["user-2", "user-3"]
+    listed = quotactl(server.address, "subscriptions", "--plan", "pro")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["user-1", "user-3"]
+    assert quotactl(server.address, "subscriptions", "--plan", "none").stdout == (
+        "no subscriptions\n")
 
 
 def test_plans_delete_removes_an_unused_plan_and_refuses_one_in_use(server):

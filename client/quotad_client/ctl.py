@@ -289,6 +289,32 @@ def cmd_subscribe(client: QuotaClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _subscriptions(client: QuotaClient, plan_id: str) -> Iterator[Any]:
+    token = ""
+    while True:
+        page = client.list_subscriptions(plan_id=plan_id, page_token=token,
+                                         page_size=limits.SUBSCRIPTIONS_PAGE_SIZE_MAX)
+        yield from page.subscriptions
+        if not page.next_page_token:
+            return
+        token = page.next_page_token
+
+
+def cmd_subscriptions(client: QuotaClient, args: argparse.Namespace) -> int:
+    found = 0
+    for subscription in _subscriptions(client, args.plan):
+        found += 1
+        if args.json:
+            _json_out(subscription)
+        else:
+            _out(f"{subscription.user_id}  plan={subscription.plan_id}  "
+                 f"tz={subscription.time_zone or 'UTC'}  "
+                 f"customer={subscription.billing_customer_id or '-'}")
+    if not found and not args.json:
+        _out("no subscriptions")
+    return 0
+
+
 def cmd_usage(client: QuotaClient, args: argparse.Namespace) -> int:
     usage = client.usage(args.user_id)
     if args.json:
@@ -537,6 +563,15 @@ def parser() -> argparse.ArgumentParser:
                            help="who pays in the billing system (a Stripe customer id), "
                                 "carried into exports; '' clears it (default: keep the "
                                 "subscription's own)")
+
+    subscriptions = _add(groups, "subscriptions", cmd_subscriptions, "list subscriptions",
+                         "List the app's subscriptions in user id order, or one plan's: "
+                         "user, plan, time zone and billing customer.",
+                         "quotactl subscriptions --plan pro --json")
+    subscriptions.add_argument("--plan", default="", metavar="PLAN",
+                               help="only this plan's subscribers (default: every plan's)")
+    subscriptions.add_argument("--json", action="store_true",
+                               help="one JSON object per subscription, one per line")
 
     usage = _add(groups, "usage", cmd_usage, "show a user's counters",
                  "Show USER's counters, one row per limit group of their plan: used, held by "
