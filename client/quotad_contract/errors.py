@@ -36,8 +36,6 @@ class ErrorReason(enum.StrEnum):
     """A subscription still names the plan."""
     KEYS_DISABLED = "KEYS_DISABLED"
     """The server runs without an admin key, so it has no API keys."""
-    EXPORT_CURSOR_PRUNED = "EXPORT_CURSOR_PRUNED"
-    """An export's cursor names log records pruned past the audit retention."""
     # RESOURCE_EXHAUSTED
     COUNTER_LIMIT = "COUNTER_LIMIT"
     """The change would push used or held past COUNTER_MAX."""
@@ -57,6 +55,9 @@ class ErrorReason(enum.StrEnum):
     """A cap on the browser endpoint's connections was reached (HTTP 429): the error's
     metadata "limit" names it (HTTP_CONNECTIONS_PER_PEER_MAX, HTTP_CONNECTIONS_PER_KEY_MAX or
     HTTP_CONNECTIONS_PER_APP_MAX). Never sent over gRPC."""
+    # FAILED_PRECONDITION, added after the RESOURCE_EXHAUSTED ones (the proto's numbers)
+    EXPORT_CURSOR_PRUNED = "EXPORT_CURSOR_PRUNED"
+    """An export's cursor names log records pruned past the audit retention."""
 
 
 @dataclass(frozen=True, slots=True)

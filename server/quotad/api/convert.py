@@ -104,12 +104,8 @@ def list_subscriptions(app: str, request: pb.ListSubscriptionsRequest) -> c.List
 
 
 def export_usage(app: str, request: pb.ExportUsageRequest) -> c.ExportUsage:
-    """The query; a cursor that is not one is refused here, naming `cursor`."""
-    cursor = c.export_cursor(request.cursor)
-    if cursor is False:
-        raise InvalidArgument([FieldViolation("cursor", "must be a next_cursor from ExportUsage")])
     return c.ExportUsage(
-        app=app, after_sequence=cursor,
+        app=app, cursor=request.cursor,
         end_time_ns=_ns(request.end_time) if request.HasField("end_time") else None)
 
 

@@ -474,28 +474,36 @@ class ExportUsage:
     the last record an export covered) and before end_time."""
 
     app: str
-    after_sequence: int | None = None
-    """None: from the oldest record the log keeps."""
+    cursor: str = ""
+    """The decimal sequence of the last record an export covered; empty: before the oldest
+    record the log keeps."""
     end_time_ns: int | None = None
     """None: up to the last durable record."""
 
     def __post_init__(self) -> None:
         v = Violations()
         _app(v, self.app)
-        v.check(self.after_sequence is None
-                or (_int(self.after_sequence) and 0 <= self.after_sequence < 2**63),
-                "cursor", "must be a next_cursor from ExportUsage")
+        v.check(_export_cursor(self.cursor) is not False, "cursor",
+                "must be a next_cursor from ExportUsage")
         _time(v, self.end_time_ns, "end_time")
         v.raise_if_any()
 
+    @property
+    def after_sequence(self) -> int | None:
+        """None: from the oldest record the log keeps."""
+        sequence = _export_cursor(self.cursor)
+        assert sequence is not False
+        return sequence
 
-def export_cursor(text: str) -> int | None | bool:
+
+def _export_cursor(text: str) -> int | None | bool:
     """The sequence an ExportUsage cursor names: None for empty, False if it is not one."""
     if not text:
         return None
     if len(text) > limits.EXPORT_CURSOR_BYTES_MAX or not (text.isascii() and text.isdigit()):
         return False
-    return int(text)
+    sequence = int(text)
+    return sequence if sequence < 2**63 else False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
