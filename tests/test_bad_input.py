@@ -766,19 +766,23 @@ def _own_app(env: Env) -> str:
 
 
 def _expect_ExportUsage(env: Env, m) -> Expect | None:
-    """Another app than the key's is refused first; then the cursor (the module's log holds
-    far fewer than 10**9 records, and none is pruned) and the end time."""
+    """Another app than the key's is refused first; then the cursor's form and the end time;
+    then, once both are good, a cursor past the log's last record (the module's log holds far
+    fewer than 10**9 records, and none is pruned)."""
     if m.app not in ("", _own_app(env)):
         return refused(PERMISSION)
     bad: set[str] = set()
     cursor = m.cursor
-    if cursor and not (blen(cursor) <= EXPORT_CURSOR_MAX and cursor.isascii()
-                       and cursor.isdigit() and int(cursor) < 10**9):
+    numeric = blen(cursor) <= EXPORT_CURSOR_MAX and cursor.isascii() and cursor.isdigit()
+    if cursor and not (numeric and int(cursor) < 2**63):
         bad.add("cursor")
     if m.HasField("end_time"):
         at = m.end_time
         if not (_timestamp_ok(at) and at.seconds >= 0):
             bad.add("end_time")
+    past_the_log = cursor and numeric and 10**9 <= int(cursor) < 2**63
+    if past_the_log and not bad:
+        return invalid("cursor")
     return invalid(*bad) if bad else unchanged()
 
 
