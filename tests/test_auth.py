@@ -74,9 +74,9 @@ class Keyed:
         stub = (quotad_pb2_grpc.QuotaServiceStub if service == "quota"
                 else quotad_pb2_grpc.AdminServiceStub)(self.channel)
         try:
-            if rpc == "WatchUsage":  # a stream: its first message, or its refusal
-                stream = stub.WatchUsage(request, metadata=tuple(metadata),
-                                         timeout=CALL_TIMEOUT_S)
+            if rpc in ("WatchUsage", "ExportUsage"):  # a stream: its first message, or its refusal
+                stream = getattr(stub, rpc)(request, metadata=tuple(metadata),
+                                            timeout=CALL_TIMEOUT_S)
                 first = next(stream)
                 stream.cancel()
                 return OK, first
@@ -123,8 +123,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
 QUOTA_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage", "Batch",
               "WatchUsage")
 ADMIN_RPCS = ("UpsertPlan", "GetPlan", "ListPlans", "DeletePlan", "UpsertSubscription",
-              "GetSubscription", "ListEvents", "GetStateDigest", "CreateKey", "RevokeKey",
-              "ListKeys", "MintUserToken")
+              "GetSubscription", "ListSubscriptions", "ListEvents", "GetStateDigest",
+              "CreateKey", "RevokeKey", "ListKeys", "MintUserToken", "ExportUsage")
 CALLERS = ("no key", "invalid key", "revoked key", "admin", "sk own app", "sk other app",
            "pk own user token", "pk other user's token", "pk other app's token",
            "pk without token", "pk expired token")
@@ -179,6 +179,8 @@ def request_for(env: Keyed, rpc: str) -> Any:
         "ListPlans": pb.ListPlansRequest(),
         "UpsertSubscription": pb.UpsertSubscriptionRequest(user_id="carl", plan_id="plan-a"),
         "GetSubscription": pb.GetSubscriptionRequest(user_id="ann"),
+        "ListSubscriptions": pb.ListSubscriptionsRequest(plan_id="plan-a"),
+        "ExportUsage": pb.ExportUsageRequest(app=APP_A),
         "ListEvents": pb.ListEventsRequest(user_id="ann"),
         "GetStateDigest": pb.GetStateDigestRequest(),
         "CreateKey": pb.CreateKeyRequest(app=APP_A, kind=pb.KEY_KIND_PUBLIC, name="t"),
@@ -193,7 +195,8 @@ SK_OTHER_APP = {
     "Reserve": NO_PLAN, "Commit": DENIED, "Release": DENIED, "Extend": DENIED,
     "Track": NO_PLAN, "GetUsage": NO_PLAN, "WatchUsage": NO_PLAN, "Batch": OK, "UpsertPlan": OK, "GetPlan": NOT_FOUND,
     "ListPlans": OK, "DeletePlan": NOT_FOUND, "UpsertSubscription": NOT_FOUND,
-    "GetSubscription": NOT_FOUND, "ListEvents": OK, "GetStateDigest": DENIED, "CreateKey": DENIED,
+    "GetSubscription": NOT_FOUND, "ListSubscriptions": OK, "ExportUsage": DENIED,
+    "ListEvents": OK, "GetStateDigest": DENIED, "CreateKey": DENIED,
     "RevokeKey": DENIED, "ListKeys": DENIED, "MintUserToken": OK,
 }
 PK_USAGE_READ = {"pk own user token": OK, "pk other user's token": DENIED,
@@ -205,7 +208,8 @@ def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
     if caller in ("no key", "invalid key", "revoked key"):
         return UNAUTHENTICATED
     if caller == "admin":
-        return OK if rpc in ("CreateKey", "RevokeKey", "ListKeys", "GetStateDigest") else DENIED
+        return OK if rpc in ("CreateKey", "RevokeKey", "ListKeys", "GetStateDigest",
+                             "ExportUsage") else DENIED
     if caller == "sk own app":
         return DENIED if rpc == "GetStateDigest" else OK  # the digest covers every app
     if caller == "sk other app":
@@ -712,3 +716,20 @@ def test_key_names_and_admin_keys_and_user_tokens_at_their_edges(tmp_path: Path)
         authenticator.verify_user_token("u" * (limits.USER_TOKEN_BYTES_MAX + 1))
     with pytest.raises(Unauthenticated, match="malformed"):  # at the limit: parsed, refused
         authenticator.verify_user_token("u" * limits.USER_TOKEN_BYTES_MAX)
+
+
+def test_an_export_holds_only_its_own_apps_usage(keyed: Keyed) -> None:
+    keyed.ok("Track", pb.TrackRequest(user_id="ann", event_type="chat", amount=3), "sk_a")
+
+    def exported(key: str, app: str = "") -> set[str]:
+        stub = quotad_pb2_grpc.AdminServiceStub(keyed.channel)
+        return {line.user_id + ":" + line.event_type
+                for message in stub.ExportUsage(pb.ExportUsageRequest(app=app),
+                                                metadata=bearer(keyed.keys[key]),
+                                                timeout=CALL_TIMEOUT_S)
+                for line in message.lines}
+    assert "ann:chat" in exported("sk_a")
+    assert exported("sk_a") == exported("admin", APP_A)
+    assert exported("sk_b") == exported("admin", APP_B) and "ann:chat" not in exported("sk_b")
+    code, _ = keyed.call("ExportUsage", pb.ExportUsageRequest(), bearer(ADMIN_KEY))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT  # the admin key names the app

@@ -92,6 +92,9 @@ PLAN_BYTES_MAX = limits.PLAN_BYTES_MAX
 RATES_MAX = limits.COST_RATES_PER_GROUP_MAX
 RATE_MAX = limits.COST_RATE_MAX
 TIME_ZONE_MAX = limits.TIME_ZONE_BYTES_MAX
+BILLING_CUSTOMER_ID_MAX = limits.BILLING_CUSTOMER_ID_BYTES_MAX
+SUBSCRIPTIONS_PAGE_SIZE_MAX = limits.SUBSCRIPTIONS_PAGE_SIZE_MAX
+EXPORT_CURSOR_MAX = limits.EXPORT_CURSOR_BYTES_MAX
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -113,9 +116,10 @@ KEY_RPCS = ("CreateKey", "RevokeKey", "ListKeys", "MintUserToken")
 ADMIN_ONLY_RPCS = ("GetStateDigest",)
 """Refused to an app's key before the request is read (it covers every app's state)."""
 ADMIN_RPCS = ("UpsertPlan", "GetPlan", "ListPlans", "DeletePlan", "UpsertSubscription",
-              "GetSubscription", "ListEvents", "GetStateDigest") + KEY_RPCS
+              "GetSubscription", "ListSubscriptions", "ListEvents", "GetStateDigest",
+              "ExportUsage") + KEY_RPCS
 ALL_RPCS = QUOTA_RPCS + ADMIN_RPCS
-STREAMING_RPCS = ("WatchUsage",)
+STREAMING_RPCS = ("WatchUsage", "ExportUsage")
 BATCH_KINDS = {"reserve": "Reserve", "commit": "Commit", "release": "Release",
                "extend": "Extend", "track": "Track", "get_usage": "GetUsage"}
 """A BatchOperation's field -> the RPC it is one of."""
@@ -725,11 +729,15 @@ def _expect_UpsertSubscription(env: Env, m) -> Expect | None:
         return None
     if not zone:
         bad.add("time_zone")
+    customer = m.billing_customer_id if m.HasField("billing_customer_id") else None
+    if customer is not None and (blen(customer) > BILLING_CUSTOMER_ID_MAX
+                                 or not customer.isprintable()):
+        bad.add("billing_customer_id")
     if bad:
         return invalid(*bad)
     if m.plan_id not in env.plans:
         return refused(NOT_FOUND)
-    if m.user_id in SUBSCRIPTIONS:
+    if m.user_id in SUBSCRIPTIONS and not customer:  # the module sets no customer
         plan_id, stored = SUBSCRIPTIONS[m.user_id]
         if plan_id == m.plan_id and (stored or "UTC") == (m.time_zone or "UTC"):
             return unchanged()  # the same subscription again changes nothing
@@ -742,6 +750,40 @@ def _expect_GetSubscription(env: Env, m) -> Expect | None:
     if bad:
         return invalid(*bad)
     return unchanged() if m.user_id in SUBSCRIPTIONS else refused(NOT_FOUND)
+
+
+def _expect_ListSubscriptions(env: Env, m) -> Expect | None:
+    bad: set[str] = set()
+    _text(bad, "plan_id", m.plan_id, 0, PLAN_ID_MAX)
+    if not 0 <= m.page_size <= SUBSCRIPTIONS_PAGE_SIZE_MAX:
+        bad.add("page_size")
+    _text(bad, "page_token", m.page_token, 0, USER_ID_MAX)
+    return invalid(*bad) if bad else unchanged()
+
+
+def _own_app(env: Env) -> str:
+    return APP if env.mode == "keyed" else "default"
+
+
+def _expect_ExportUsage(env: Env, m) -> Expect | None:
+    """Another app than the key's is refused first; then the cursor's form and the end time;
+    then, once both are good, a cursor past the log's last record (the module's log holds far
+    fewer than 10**9 records, and none is pruned)."""
+    if m.app not in ("", _own_app(env)):
+        return refused(PERMISSION)
+    bad: set[str] = set()
+    cursor = m.cursor
+    numeric = blen(cursor) <= EXPORT_CURSOR_MAX and cursor.isascii() and cursor.isdigit()
+    if cursor and not (numeric and int(cursor) < 2**63):
+        bad.add("cursor")
+    if m.HasField("end_time"):
+        at = m.end_time
+        if not (_timestamp_ok(at) and at.seconds >= 0):
+            bad.add("end_time")
+    past_the_log = cursor and numeric and 10**9 <= int(cursor) < 2**63
+    if past_the_log and not bad:
+        return invalid("cursor")
+    return invalid(*bad) if bad else unchanged()
 
 
 def _timestamp_ok(at: Timestamp) -> bool:
@@ -1428,6 +1470,44 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
     add("the-same-subscription-again", "UpsertSubscription",
         subscribe(user_id="sub-1", time_zone="UTC"), unchanged())
 
+    add("billing_customer_id-257-bytes", "UpsertSubscription",
+        subscribe(billing_customer_id="c" * 257), invalid("billing_customer_id"))
+    add("billing_customer_id-control-character", "UpsertSubscription",
+        subscribe(billing_customer_id="cus_\n1", time_zone="Nowhere/x"),
+        invalid("billing_customer_id", "time_zone"))
+    add("the-same-subscription-and-no-customer-again", "UpsertSubscription",
+        subscribe(user_id="sub-1", billing_customer_id=""), unchanged())
+
+    for name, request, fields in (
+            ("plan_id-129-bytes", pb.ListSubscriptionsRequest(plan_id="p" * 129), ("plan_id",)),
+            ("page_size-1001", pb.ListSubscriptionsRequest(page_size=1001), ("page_size",)),
+            ("page_size-negative", pb.ListSubscriptionsRequest(page_size=-1), ("page_size",)),
+            ("page_token-257-bytes", pb.ListSubscriptionsRequest(page_token="u" * 257),
+             ("page_token",)),
+            ("all-bad", pb.ListSubscriptionsRequest(plan_id="p" * 129, page_size=-5,
+                                                    page_token="é" * 129),
+             ("plan_id", "page_size", "page_token"))):
+        add(name, "ListSubscriptions", request, invalid(*fields))
+    add("one-plan", "ListSubscriptions", pb.ListSubscriptionsRequest(plan_id="units"),
+        unchanged())
+    add("a-plan-nobody-is-on", "ListSubscriptions", pb.ListSubscriptionsRequest(plan_id="nope"),
+        unchanged())
+
+    for name, cursor in (("not-digits", "abc"), ("negative", "-1"), ("21-digits", "1" * 21),
+                         ("past-int64", str(2**63)), ("past-the-log", "9999999999"),
+                         ("spaces", " 1")):
+        add(f"cursor-{name}", "ExportUsage", pb.ExportUsageRequest(cursor=cursor),
+            invalid("cursor"))
+    add("cursor-and-end_time-bad", "ExportUsage", pb.ExportUsageRequest(
+        cursor="x", end_time=Timestamp(seconds=1, nanos=NS)), invalid("cursor", "end_time"))
+    add("end_time-before-1970", "ExportUsage",
+        pb.ExportUsageRequest(end_time=Timestamp(seconds=-1)), invalid("end_time"))
+    add("another-app", "ExportUsage", pb.ExportUsageRequest(app="other", cursor="x"),
+        refused(PERMISSION))
+    add("everything", "ExportUsage", pb.ExportUsageRequest(), unchanged())
+    add("own-app-from-the-first-record", "ExportUsage",
+        lambda env: pb.ExportUsageRequest(app=_own_app(env), cursor="0"), unchanged())
+
     def events(**fields) -> pb.ListEventsRequest:
         return pb.ListEventsRequest(**{"user_id": U, **fields})
 
@@ -1754,6 +1834,15 @@ TOKEN_TTL_BAD = st.one_of(
     st.builds(Duration, seconds=st.integers(0, 86400),
               nanos=st.integers(INT32_MIN, -1) | st.integers(NS, INT32_MAX)))
 SEQUENCE = st.integers(0, 2**64 - 1)
+CUSTOMER_OK = st.none() | st.sampled_from(["", "cus_NffrFeUfNV2Hib"]) \
+    | text_between(0, BILLING_CUSTOMER_ID_MAX).filter(str.isprintable)
+CUSTOMER_BAD = text_over(BILLING_CUSTOMER_ID_MAX) | st.sampled_from(["cus_\x00", "a\nb", "\t"])
+CURSOR_OK = st.sampled_from(["", "0", "1", "2"])
+CURSOR_BAD = st.one_of(
+    st.sampled_from(["-1", " 1", "1 ", "x", "0x10", "1" * 21, str(2**63), str(2**64),
+                     "9999999999", "²"]),
+    st.text(alphabet=st.sampled_from(CHARS), min_size=1, max_size=8).filter(
+        lambda text: not text.isdigit()))
 
 
 class Draws:
@@ -1865,12 +1954,36 @@ class Draws:
         return pb.GetStateDigestRequest()
 
     def _UpsertSubscription(self, draw):
-        bad = draw(bad_subset("user_id", "plan_id", "time_zone"))
-        return pb.UpsertSubscriptionRequest(
+        bad = draw(bad_subset("user_id", "plan_id", "time_zone", "billing_customer_id"))
+        request = pb.UpsertSubscriptionRequest(
             user_id=self.field(draw, bad, "user_id", self.users, text_bad(1, USER_ID_MAX)),
             plan_id=self.field(draw, bad, "plan_id", self.subscribed_plans,
                                text_bad(1, PLAN_ID_MAX)),
             time_zone=self.field(draw, bad, "time_zone", ZONES_OK, ZONES_BAD))
+        customer = self.field(draw, bad, "billing_customer_id", CUSTOMER_OK, CUSTOMER_BAD)
+        if customer is not None:
+            request.billing_customer_id = customer
+        return request
+
+    def _ListSubscriptions(self, draw):
+        bad = draw(bad_subset("plan_id", "page_size", "page_token"))
+        return pb.ListSubscriptionsRequest(
+            plan_id=self.field(draw, bad, "plan_id", self.subscribed_plans | st.just(""),
+                               text_over(PLAN_ID_MAX)),
+            page_size=self.field(draw, bad, "page_size", PAGE_SIZE_OK, PAGE_SIZE_BAD),
+            page_token=self.field(draw, bad, "page_token", self.users | st.just(""),
+                                  text_over(USER_ID_MAX)))
+
+    def _ExportUsage(self, draw):
+        bad = draw(bad_subset("app", "cursor", "end_time"))
+        own = _own_app(self.env)
+        request = pb.ExportUsageRequest(
+            app=self.field(draw, bad, "app", st.sampled_from(["", own]), OTHER_APPS),
+            cursor=self.field(draw, bad, "cursor", CURSOR_OK, CURSOR_BAD))
+        at = self.field(draw, bad, "end_time", TIME_OK, TIME_BAD)
+        if at is not None:
+            request.end_time.CopyFrom(at)
+        return request
 
     def _group(self, draw, i: int, allow_bad: bool) -> pb.LimitGroup:
         bad = draw(GROUP_FAULTS) if allow_bad else frozenset()

@@ -233,9 +233,10 @@ def test_bad_usage_a_bad_file_and_no_server_exit_2_without_a_traceback(server, t
 
 
 @pytest.mark.parametrize("args", [(), ("plans",), ("plans", "apply"), ("plans", "list"),
-                                  ("plans", "show"), ("subscribe",), ("usage",), ("events",),
-                                  ("keys",), ("keys", "create"), ("keys", "revoke"),
-                                  ("keys", "list")])
+                                  ("plans", "show"), ("plans", "delete"), ("subscribe",),
+                                  ("subscriptions",), ("usage",), ("events",), ("keys",),
+                                  ("keys", "create"), ("keys", "revoke"), ("keys", "list"),
+                                  ("export",)])
 def test_every_help_explains_with_an_example(args, capsys):
     with pytest.raises(SystemExit) as exit_:
         ctl.main([*args, "--help"])
@@ -254,3 +255,73 @@ def test_the_api_key_comes_only_from_the_environment_as_a_bearer_token(monkeypat
     with ctl.connect("127.0.0.1:1", 1.0) as client:
         assert not any(key == "authorization" for key, _ in client._config.metadata)
     assert "--api-key" not in ctl.parser().format_help()
+
+
+def _json_lines(result: subprocess.CompletedProcess[str]) -> list:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _json_document(result: subprocess.CompletedProcess[str]):
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_every_read_prints_json_with_json(server):
+    quotactl(server.address, "subscribe", "u1", "pro", "--billing-customer-id", "cus_9")
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.commit(client.reserve("u1", "openai.chat", 500).reservation_id, 300)
+    (usage,) = _json_lines(quotactl(server.address, "usage", "u1", "--json"))
+    assert (usage["user_id"], usage["plan_id"]) == ("u1", "pro")
+    assert usage["counters"][0]["key"] == "tokens" and usage["counters"][0]["used"] == 300
+    assert usage["counters"][0]["resets_at"].endswith("Z")
+    events = _json_lines(quotactl(server.address, "events", "u1", "--json"))
+    assert [event["kind"] for event in events] == ["reserve", "commit"]
+    assert events[1]["amount"] == 300 and events[1]["reservation_id"].startswith("rsv_")
+    plans = _json_document(quotactl(server.address, "plans", "list", "--json"))
+    assert [plan["id"] for plan in plans] == ["free", "pro"]
+    assert plans[1]["limit_groups"][0]["key"] == "tokens"
+    (listed,) = _json_lines(quotactl(server.address, "subscriptions", "--json"))
+    assert listed == {"user_id": "u1", "plan_id": "pro", "time_zone": "UTC",
+                      "billing_customer_id": "cus_9"}
+
+
+def test_keys_list_as_json_never_shows_a_secret(start_server):
+    admin_key = "ak_" + "j" * 40
+    server = start_server(env={"QUOTAD_ADMIN_KEY": admin_key})
+    as_admin = {"QUOTAD_API_KEY": admin_key}
+    created = quotactl(server.address, "keys", "create", "--kind", "public", "--app", "acme",
+                       env=as_admin)
+    secret = created.stdout.splitlines()[1]
+    keys = _json_document(quotactl(server.address, "keys", "list", "--app", "acme", "--json",
+                                   env=as_admin))
+    assert [(key["app"], key["kind"], key["revoked_at"]) for key in keys] == [
+        ("acme", "public", None)]
+    assert secret not in json.dumps(keys)
+
+
+def test_subscriptions_lists_every_page_by_plan(server):
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        for number in range(5):
+            client.subscribe(f"user-{number}", "pro" if number % 2 else "free")
+        page = client.list_subscriptions(page_size=2)
+        assert [s.user_id for s in page.subscriptions] == ["user-0", "user-1"]
+        rest = client.list_subscriptions(page_size=2, page_token=page.next_page_token)
+        assert [s.user_id for s in rest.subscriptions] == ["user-2", "user-3"]
+    listed = quotactl(server.address, "subscriptions", "--plan", "pro")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["user-1", "user-3"]
+    assert quotactl(server.address, "subscriptions", "--plan", "none").stdout == (
+        "no subscriptions\n")
+
+
+def test_plans_delete_removes_an_unused_plan_and_refuses_one_in_use(server):
+    quotactl(server.address, "subscribe", "u1", "pro")
+    assert_one_line_error(quotactl(server.address, "plans", "delete", "pro"), 1,
+                          "quotactl: FAILED_PRECONDITION")
+    deleted = quotactl(server.address, "plans", "delete", "free")
+    assert deleted.returncode == 0 and deleted.stdout == "plan free: deleted\n", deleted
+    assert_one_line_error(quotactl(server.address, "plans", "delete", "free"), 1,
+                          "quotactl: NOT_FOUND")
+    assert [p["id"] for p in _json_document(quotactl(server.address, "plans", "list",
+                                                     "--json"))] == ["pro"]

@@ -274,7 +274,7 @@ def follow_until_a_line(process: subprocess.Popen[str]) -> tuple[int, list[str]]
 def test_the_readme_quotactl_lines_run_against_a_server_in_the_open_mode(open_server):
     commands = [command for line in quotactl_lines() for command in line
                 if " keys " not in command]
-    assert len(commands) == 7, commands
+    assert len(commands) == 9, commands
     outputs = []
     for command in commands:
         if command.endswith(" -f"):

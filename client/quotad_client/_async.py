@@ -44,10 +44,12 @@ from ._types import (
     Plan,
     ReleaseResult,
     Subscription,
+    SubscriptionPage,
     TrackResult,
     UpsertPlanResult,
     UpsertSubscriptionResult,
     Usage,
+    UsageExportPage,
     WatchUpdate,
 )
 
@@ -285,8 +287,35 @@ class AsyncQuotaClient:
         await self._run(ops.delete_plan(plan_id), timeout_s)
 
     async def subscribe(self, user_id: str, plan_id: str, time_zone: str = "UTC", *,
+                        billing_customer_id: str | None = None,
                         timeout_s: float | None = None) -> UpsertSubscriptionResult:
-        return await self._run(ops.subscribe(user_id, plan_id, time_zone), timeout_s)
+        """billing_customer_id None keeps the subscription's own; "" clears it."""
+        return await self._run(ops.subscribe(user_id, plan_id, time_zone, billing_customer_id),
+                               timeout_s)
+
+    async def list_subscriptions(self, *, plan_id: str = "", page_size: int = 0,
+                                 page_token: str = "",
+                                 timeout_s: float | None = None) -> SubscriptionPage:
+        """One page of the app's subscriptions (or one plan's), in user id order."""
+        return await self._run(ops.list_subscriptions(plan_id, page_size, page_token),
+                               timeout_s)
+
+    async def export_usage(self, *, cursor: str = "", end: datetime | None = None,
+                           app: str = "",
+                           timeout_s: float | None = None) -> AsyncIterator[UsageExportPage]:
+        """The committed and tracked amounts after ``cursor`` (empty: from the oldest record
+        the log keeps) and before ``end``, page by page; each page's ``next_cursor`` resumes
+        right after it. Not retried: resume from the last page's cursor instead."""
+        call = self._stubs[ops.ADMIN].ExportUsage(
+            ops.export_usage_request(cursor, end, app), metadata=self._config.metadata,
+            timeout=timeout_s)
+        try:
+            async for message in call:
+                yield cv.usage_export_page_from_proto(message)
+        except grpc.RpcError as rpc_error:
+            raise with_tls_hint(error_from_rpc_error(rpc_error), self._plaintext) from rpc_error
+        finally:
+            call.cancel()
 
     async def get_subscription(self, user_id: str, *,
                                timeout_s: float | None = None) -> Subscription:

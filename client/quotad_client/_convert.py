@@ -27,10 +27,13 @@ from ._types import (
     ReleaseResult,
     Reservation,
     Subscription,
+    SubscriptionPage,
     ThresholdCrossed,
     TrackResult,
     UpsertPlanResult,
     UpsertSubscriptionResult,
+    UsageExportPage,
+    UsageLine,
     WatchUpdate,
     Usage,
 )
@@ -191,7 +194,23 @@ def upsert_plan_from_proto(r: quotad_pb2.UpsertPlanResponse) -> UpsertPlanResult
 
 
 def subscription_from_proto(s: quotad_pb2.Subscription) -> Subscription:
-    return Subscription(user_id=s.user_id, plan_id=s.plan_id, time_zone=s.time_zone)
+    return Subscription(user_id=s.user_id, plan_id=s.plan_id, time_zone=s.time_zone,
+                        billing_customer_id=s.billing_customer_id)
+
+
+def subscription_page_from_proto(r: quotad_pb2.ListSubscriptionsResponse) -> SubscriptionPage:
+    return SubscriptionPage(subscriptions=tuple(subscription_from_proto(s)
+                                                for s in r.subscriptions),
+                            next_page_token=r.next_page_token)
+
+
+def usage_export_page_from_proto(r: quotad_pb2.ExportUsageResponse) -> UsageExportPage:
+    return UsageExportPage(lines=tuple(UsageLine(
+        id=line.id, sequence=line.sequence, index=line.index, time=to_datetime(line.time),
+        kind=event_kind_name(line.kind), user_id=line.user_id,
+        billing_customer_id=line.billing_customer_id, event_type=line.event_type,
+        amount=line.amount, metadata=MappingProxyType(dict(line.metadata)),
+        reservation_id=line.reservation_id) for line in r.lines), next_cursor=r.next_cursor)
 
 
 def upsert_subscription_from_proto(

@@ -19,6 +19,7 @@ from quotad_contract.v1 import quotad_pb2, quotad_pb2_grpc
 from . import _convert as cv
 from ._errors import QuotaExceeded
 from ._types import (
+    SubscriptionPage,
     ApiKey,
     CommitResult,
     CreatedKey,
@@ -164,15 +165,32 @@ def delete_plan(plan_id: str) -> Op[None]:
               lambda r: None)
 
 
-def subscribe(user_id: str, plan_id: str, time_zone: str) -> Op[UpsertSubscriptionResult]:
+def subscribe(user_id: str, plan_id: str, time_zone: str,
+              billing_customer_id: str | None = None) -> Op[UpsertSubscriptionResult]:
     request = quotad_pb2.UpsertSubscriptionRequest(user_id=user_id, plan_id=plan_id,
                                                    time_zone=time_zone)
+    if billing_customer_id is not None:  # unset: the subscription keeps its own
+        request.billing_customer_id = billing_customer_id
     return Op(ADMIN, "UpsertSubscription", request, True, cv.upsert_subscription_from_proto)
 
 
 def get_subscription(user_id: str) -> Op[Subscription]:
     return Op(ADMIN, "GetSubscription", quotad_pb2.GetSubscriptionRequest(user_id=user_id), True,
               lambda r: cv.subscription_from_proto(r.subscription))
+
+
+def list_subscriptions(plan_id: str, page_size: int, page_token: str) -> Op[SubscriptionPage]:
+    request = quotad_pb2.ListSubscriptionsRequest(plan_id=plan_id, page_size=page_size,
+                                                  page_token=page_token)
+    return Op(ADMIN, "ListSubscriptions", request, True, cv.subscription_page_from_proto)
+
+
+def export_usage_request(cursor: str, end: datetime | None,
+                         app: str) -> quotad_pb2.ExportUsageRequest:
+    request = quotad_pb2.ExportUsageRequest(app=app, cursor=cursor)
+    if end is not None:
+        request.end_time.CopyFrom(cv.to_timestamp(end))
+    return request
 
 
 def list_events(user_id: str, start: datetime | None, end: datetime | None, page_size: int,

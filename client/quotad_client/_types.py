@@ -171,6 +171,15 @@ class Subscription:
     plan_id: str
     time_zone: str
     """IANA time zone that anchors calendar windows; empty means UTC."""
+    billing_customer_id: str = ""
+    """Who pays in the billing system (a Stripe customer id); empty: none."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionPage:
+    subscriptions: tuple[Subscription, ...]
+    next_page_token: str
+    """Empty on the last page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +206,34 @@ class Event:
     """Threshold events: the limit group, the percent of its quota reached, and the window."""
     threshold_percent: int = 0
     window_start: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLine:
+    """One committed or tracked amount, for billing (ExportUsage)."""
+
+    id: str
+    """"<sequence>-<index>": the same usage always has the same id."""
+    sequence: int
+    index: int
+    time: datetime
+    kind: str
+    """"commit" or "track"."""
+    user_id: str
+    billing_customer_id: str
+    event_type: str
+    amount: int
+    """In the request's unit; negative: a refund."""
+    metadata: Mapping[str, str]
+    reservation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageExportPage:
+    """One message of an export: its lines, and the cursor that resumes right after them."""
+
+    lines: tuple[UsageLine, ...]
+    next_cursor: str
 
 
 @dataclass(frozen=True, slots=True)

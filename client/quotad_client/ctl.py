@@ -10,6 +10,7 @@ Exit codes: 0 done; 1 the server said no (one line on stderr: its code and messa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from quotad_client import (
     ApiKey, DeadlineExceeded, Event, InvalidArgument, NotFound, QuotaClient, QuotadError,
     Unavailable, plan_to_proto,
 )
+from quotad_client import billing
 from quotad_client._convert import window_name
 from quotad_contract import limits
 from quotad_contract.plans import PlansFileError, load_plans_file
@@ -84,6 +86,25 @@ def _time(when: datetime | None) -> str:
     if when is None:
         return "never"
     return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _plain(value: Any) -> Any:
+    """A client result as JSON values: dataclasses as objects, times as RFC 3339 (UTC)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name))
+                for field in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "items"):  # metadata: a read-only mapping
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _json_out(value: Any) -> None:
+    """One JSON value on one line (for `jq`, and one per line for a stream)."""
+    _out(json.dumps(_plain(value), ensure_ascii=False, separators=(",", ":")))
 
 
 def _match_text(match: pb.Match) -> str:
@@ -224,6 +245,9 @@ def cmd_plans_apply(client: QuotaClient, args: argparse.Namespace) -> int:
 
 def cmd_plans_list(client: QuotaClient, args: argparse.Namespace) -> int:
     plans = client.list_plans()
+    if args.json:
+        _out(json.dumps([_plan_dict(plan_to_proto(p)) for p in plans], indent=2))
+        return 0
     if not plans:
         _out("no plans")
         return 0
@@ -245,19 +269,57 @@ def cmd_plans_show(client: QuotaClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plans_delete(client: QuotaClient, args: argparse.Namespace) -> int:
+    client.delete_plan(args.plan_id)
+    _out(f"plan {args.plan_id}: deleted")
+    return 0
+
+
 # --- users -------------------------------------------------------------------------------------
 
 def cmd_subscribe(client: QuotaClient, args: argparse.Namespace) -> int:
-    result = client.subscribe(args.user_id, args.plan_id, args.time_zone)
+    result = client.subscribe(args.user_id, args.plan_id, args.time_zone,
+                              billing_customer_id=args.billing_customer_id)
     subscription = result.subscription
     state = "subscribed" if result.changed else "unchanged, already subscribed"
+    customer = (f", billing customer {subscription.billing_customer_id}"
+                if subscription.billing_customer_id else "")
     _out(f"{subscription.user_id}: {state} to plan {subscription.plan_id} "
-         f"(time zone {subscription.time_zone or 'UTC'})")
+         f"(time zone {subscription.time_zone or 'UTC'}{customer})")
+    return 0
+
+
+def _subscriptions(client: QuotaClient, plan_id: str) -> Iterator[Any]:
+    token = ""
+    while True:
+        page = client.list_subscriptions(plan_id=plan_id, page_token=token,
+                                         page_size=limits.SUBSCRIPTIONS_PAGE_SIZE_MAX)
+        yield from page.subscriptions
+        if not page.next_page_token:
+            return
+        token = page.next_page_token
+
+
+def cmd_subscriptions(client: QuotaClient, args: argparse.Namespace) -> int:
+    found = 0
+    for subscription in _subscriptions(client, args.plan):
+        found += 1
+        if args.json:
+            _json_out(subscription)
+        else:
+            _out(f"{subscription.user_id}  plan={subscription.plan_id}  "
+                 f"tz={subscription.time_zone or 'UTC'}  "
+                 f"customer={subscription.billing_customer_id or '-'}")
+    if not found and not args.json:
+        _out("no subscriptions")
     return 0
 
 
 def cmd_usage(client: QuotaClient, args: argparse.Namespace) -> int:
     usage = client.usage(args.user_id)
+    if args.json:
+        _json_out(usage)
+        return 0
     _out(f"user {usage.user_id}, plan {usage.plan_id}")
     if not usage.counters:
         _out("no limit groups")
@@ -310,8 +372,9 @@ def _events_after(client: QuotaClient, user_id: str, start: datetime | None,
 
 def cmd_events(client: QuotaClient, args: argparse.Namespace) -> int:
     last_sequence, start = 0, args.since
+    show = _json_out if args.json else (lambda event: _out(_event_line(event)))
     for event in _events_after(client, args.user_id, start, last_sequence):
-        _out(_event_line(event))
+        show(event)
         last_sequence, start = event.sequence, event.time
     if not args.follow:
         return 0
@@ -322,10 +385,46 @@ def cmd_events(client: QuotaClient, args: argparse.Namespace) -> int:
         # asks from the last time seen and skips what it already printed.
         while not stop.wait(args.interval_s):
             for event in _events_after(client, args.user_id, start, last_sequence):
-                _out(_event_line(event))
+                show(event)
                 last_sequence, start = event.sequence, event.time
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+# --- export ------------------------------------------------------------------------------------
+
+NEXT_CURSOR_PREFIX = "quotactl: next cursor: "
+"""The last line `quotactl export` writes on stderr, followed by the cursor to resume from."""
+
+
+def _export_writer(args: argparse.Namespace) -> Callable[[Any], str]:
+    if args.format == "stripe-meter-events":
+        return lambda line: billing.json_line(billing.stripe_meter_event(line, args.event_name))
+    if args.format == "cloudevents":
+        return lambda line: billing.json_line(billing.cloudevent(line, args.source))
+    return lambda line: billing.csv_text(billing.csv_row(line)).rstrip("\n")
+
+
+def cmd_export(client: QuotaClient, args: argparse.Namespace) -> int:
+    """Writes every line, then the next cursor on stderr; the cursor of the last message
+    received is written even when the stream fails, so nothing is exported twice."""
+    write = _export_writer(args)
+    if args.format == "csv":
+        _out(billing.csv_text(billing.CSV_COLUMNS).rstrip("\n"))
+    cursor, uncustomered = args.since, 0
+    try:
+        for page in client.export_usage(cursor=args.since, end=args.until, app=args.app,
+                                        timeout_s=None):
+            for line in page.lines:
+                _out(write(line))
+                uncustomered += not line.billing_customer_id
+            cursor = page.next_cursor
+    finally:
+        if uncustomered and args.format == "stripe-meter-events":
+            print(f"quotactl: {uncustomered} lines have no billing customer id (quotactl "
+                  "subscribe --billing-customer-id)", file=sys.stderr)
+        print(f"{NEXT_CURSOR_PREFIX}{cursor}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -352,6 +451,9 @@ def cmd_keys_revoke(client: QuotaClient, args: argparse.Namespace) -> int:
 
 def cmd_keys_list(client: QuotaClient, args: argparse.Namespace) -> int:
     keys = client.list_keys(app=args.app)
+    if args.json:
+        _out(json.dumps(_plain(keys), indent=2))
+        return 0
     for key in keys:
         _out(_key_line(key))
     if not keys:
@@ -418,8 +520,8 @@ def parser() -> argparse.ArgumentParser:
                       help="connect over TLS, trusting the system's certificate authorities")
     groups = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    plans = groups.add_parser("plans", help="apply, list and show plans",
-                              description="Apply plans from a TOML file, list or show them.")
+    plans = groups.add_parser("plans", help="apply, list, show and delete plans",
+                              description="Apply plans from a TOML file, list, show or delete them.")
     plan_commands = plans.add_subparsers(dest="plans_command", required=True, metavar="COMMAND")
     apply = _add(plan_commands, "apply", cmd_plans_apply, "put the plans of a TOML file in place",
                  "Compare each plan of FILE.toml (the format of examples/plans.toml) with the "
@@ -431,14 +533,23 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("file", type=Path, metavar="FILE.toml")
     apply.add_argument("--dry-run", action="store_true",
                        help="print the difference, apply nothing")
-    _add(plan_commands, "list", cmd_plans_list, "list the plans",
-         "List every plan: id, name and the keys of its limit groups.", "quotactl plans list")
+    plans_list = _add(plan_commands, "list", cmd_plans_list, "list the plans",
+                      "List every plan: id, name and the keys of its limit groups.",
+                      "quotactl plans list --json")
+    plans_list.add_argument("--json", action="store_true",
+                            help="print a JSON array of plans, each in the shape of a "
+                                 "plans.toml entry")
     show = _add(plan_commands, "show", cmd_plans_show, "show one plan",
                 "Show one plan's limit groups: quota, unit, window and what each counts.",
                 "quotactl plans show pro --json")
     show.add_argument("plan_id", metavar="ID")
     show.add_argument("--json", action="store_true",
                       help="print JSON in the shape of a plans.toml entry")
+    delete = _add(plan_commands, "delete", cmd_plans_delete, "delete a plan",
+                  "Delete a plan. A plan that a subscription still names is refused "
+                  "(FAILED_PRECONDITION PLAN_IN_USE): move its subscribers first.",
+                  "quotactl plans delete old-pro")
+    delete.add_argument("plan_id", metavar="ID")
 
     subscribe = _add(groups, "subscribe", cmd_subscribe, "put a user on a plan",
                      "Subscribe USER to PLAN (replacing their plan, if any). Calendar windows "
@@ -448,12 +559,27 @@ def parser() -> argparse.ArgumentParser:
     subscribe.add_argument("plan_id", metavar="PLAN")
     subscribe.add_argument("--time-zone", default="UTC", metavar="TZ",
                            help="IANA time zone name (default: %(default)s)")
+    subscribe.add_argument("--billing-customer-id", metavar="ID",
+                           help="who pays in the billing system (a Stripe customer id), "
+                                "carried into exports; '' clears it (default: keep the "
+                                "subscription's own)")
+
+    subscriptions = _add(groups, "subscriptions", cmd_subscriptions, "list subscriptions",
+                         "List the app's subscriptions in user id order, or one plan's: "
+                         "user, plan, time zone and billing customer.",
+                         "quotactl subscriptions --plan pro --json")
+    subscriptions.add_argument("--plan", default="", metavar="PLAN",
+                               help="only this plan's subscribers (default: every plan's)")
+    subscriptions.add_argument("--json", action="store_true",
+                               help="one JSON object per subscription, one per line")
 
     usage = _add(groups, "usage", cmd_usage, "show a user's counters",
                  "Show USER's counters, one row per limit group of their plan: used, held by "
                  "live reservations, quota, remaining, and when the window resets (UTC).",
                  "quotactl usage u1")
     usage.add_argument("user_id", metavar="USER")
+    usage.add_argument("--json", action="store_true",
+                       help="print the counters as one JSON object")
 
     events = _add(groups, "events", cmd_events, "print a user's audit trail",
                   "Print USER's events (reserve, commit, release, expire, extend, track, "
@@ -467,6 +593,8 @@ def parser() -> argparse.ArgumentParser:
                              "or a time such as 2025-06-01T12:00:00Z (default: all)")
     events.add_argument("-f", "--follow", action="store_true",
                         help="keep printing new events as they come")
+    events.add_argument("--json", action="store_true",
+                        help="one JSON object per event, one per line")
     events.add_argument("--interval-s", type=_interval_s, default=FOLLOW_INTERVAL_S_DEFAULT,
                         metavar="SECONDS",
                         help=f"with -f, how often to poll ({FOLLOW_INTERVAL_S_MIN} to "
@@ -492,6 +620,32 @@ def parser() -> argparse.ArgumentParser:
     listing = _add(key_commands, "list", cmd_keys_list, "list keys",
                    "List the keys of an app (never their secrets).", "quotactl keys list")
     listing.add_argument("--app", default="", help="(default: the caller's own app)")
+    listing.add_argument("--json", action="store_true", help="print a JSON array of keys")
+
+    export = _add(groups, "export", cmd_export, "export committed and tracked usage for billing",
+                  "Write one line per committed or tracked amount (a refund negative) recorded "
+                  "after CURSOR, oldest first: Stripe meter events or CloudEvents 1.0 as JSON "
+                  "Lines, or CSV with a header. Each line has a stable id, so exporting a range "
+                  "twice never bills twice. The last line on stderr is "
+                  f"'{NEXT_CURSOR_PREFIX}N': pass N as --since next time to continue exactly "
+                  "where this export ended. The server keeps its log for its audit retention: "
+                  "an older cursor is refused (EXPORT_CURSOR_PRUNED).",
+                  "quotactl export --since 1042 --format stripe-meter-events > usage.jsonl")
+    export.add_argument("--since", default="", metavar="CURSOR",
+                        help="the cursor a previous export printed (default: from the oldest "
+                             "record the server keeps)")
+    export.add_argument("--until", type=since_time, metavar="ISO-TIME|1h",
+                        help="only usage recorded before this time (a time, or a duration "
+                             "ago); the cursor then resumes from there (default: all)")
+    export.add_argument("--format", required=True, choices=billing.FORMATS)
+    export.add_argument("--app", default="",
+                        help="the app to export (default: the caller's own; another needs "
+                             "the admin key)")
+    export.add_argument("--event-name", default=None, metavar="NAME",
+                        help="stripe-meter-events: the meter's event_name for every line "
+                             "(default: each line's event type)")
+    export.add_argument("--source", default=billing.CLOUDEVENT_SOURCE_DEFAULT, metavar="URI",
+                        help="cloudevents: the events' source (default: %(default)s)")
     return root
 
 

@@ -55,6 +55,9 @@ class ErrorReason(enum.StrEnum):
     """A cap on the browser endpoint's connections was reached (HTTP 429): the error's
     metadata "limit" names it (HTTP_CONNECTIONS_PER_PEER_MAX, HTTP_CONNECTIONS_PER_KEY_MAX or
     HTTP_CONNECTIONS_PER_APP_MAX). Never sent over gRPC."""
+    # FAILED_PRECONDITION, added after the RESOURCE_EXHAUSTED ones (the proto's numbers)
+    EXPORT_CURSOR_PRUNED = "EXPORT_CURSOR_PRUNED"
+    """An export's cursor names log records pruned past the audit retention."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,12 +64,23 @@ key and unit, a 64-byte label, 8 patterns of 32 bytes and 16 model names of 40 b
 36 KB."""
 TIME_ZONE_BYTES_MAX = 64
 APP_ID_BYTES_MAX = 64
+BILLING_CUSTOMER_ID_BYTES_MAX = 256
+"""A subscription's billing_customer_id (a Stripe customer id is at most 255 characters)."""
 
 BATCH_OPERATIONS_MAX = 1000
 """Operations in one Batch RPC (and so in one coalesced batch of the client)."""
 EVENTS_PAGE_SIZE_MAX = 1000
 """Events in one ListEvents page; page_size 0 means EVENTS_PAGE_SIZE_DEFAULT."""
 EVENTS_PAGE_SIZE_DEFAULT = 100
+SUBSCRIPTIONS_PAGE_SIZE_MAX = 1000
+"""Subscriptions in one ListSubscriptions page; page_size 0 means
+SUBSCRIPTIONS_PAGE_SIZE_DEFAULT."""
+SUBSCRIPTIONS_PAGE_SIZE_DEFAULT = 100
+EXPORT_CURSOR_BYTES_MAX = 20
+"""An ExportUsage cursor: the decimal sequence of the last log record it covers."""
+EXPORT_LINES_PER_MESSAGE_MAX = 500
+"""Usage lines in one ExportUsage message (each under 2 KB, so a message stays under
+RESPONSE_BYTES_MAX)."""
 TIME_NS_MAX = 253_402_300_800 * NS_PER_S - 1
 """The latest time a request may name (ListEvents' start_time and end_time):
 9999-12-31T23:59:59.999999999Z, protobuf's own bound. The earliest is the Unix epoch."""
@@ -105,6 +116,8 @@ if not USER_TOKEN_TTL_NS_MIN <= USER_TOKEN_TTL_NS_DEFAULT <= USER_TOKEN_TTL_NS_M
         "USER_TOKEN_TTL_NS_MIN <= USER_TOKEN_TTL_NS_DEFAULT <= USER_TOKEN_TTL_NS_MAX")
 if not 1 <= EVENTS_PAGE_SIZE_DEFAULT <= EVENTS_PAGE_SIZE_MAX:
     raise AssertionError("1 <= EVENTS_PAGE_SIZE_DEFAULT <= EVENTS_PAGE_SIZE_MAX")
+if not 1 <= SUBSCRIPTIONS_PAGE_SIZE_DEFAULT <= SUBSCRIPTIONS_PAGE_SIZE_MAX:
+    raise AssertionError("1 <= SUBSCRIPTIONS_PAGE_SIZE_DEFAULT <= SUBSCRIPTIONS_PAGE_SIZE_MAX")
 if not ADMIN_KEY_BYTES_MIN <= ADMIN_KEY_BYTES_MAX:
     raise AssertionError("ADMIN_KEY_BYTES_MIN <= ADMIN_KEY_BYTES_MAX")
 if not AMOUNT_MAX <= QUOTA_MAX <= COUNTER_MAX < 2**63:

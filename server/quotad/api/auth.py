@@ -3,8 +3,9 @@
 Two modes. Without an admin key ("open" mode) every call acts as app "default" and the server
 listens only on loopback. With one, every call carries `authorization: Bearer <key>`:
 
-- the admin key (configured, never stored) may create, list and revoke keys of any app, and
-  read the whole server's state digest (GetStateDigest, which covers every app), nothing else;
+- the admin key (configured, never stored) may create, list and revoke keys of any app,
+  export any app's usage (ExportUsage), and read the whole server's state digest
+  (GetStateDigest, which covers every app), nothing else;
 - a secret key `sk_<key_id>_<secret>` may do everything within its own app (GetStateDigest,
   which would show other apps' activity, is not within an app);
 - a public key `pk_<key_id>_<secret>` may only read usage (GetUsage, WatchUsage) of the user
@@ -54,7 +55,7 @@ _KEY_PATTERN = re.compile(rf"(sk|pk)_({KEY_ID_PATTERN})_({KEY_SECRET_PATTERN})")
 _KINDS_BY_PREFIX = {prefix: kind for kind, prefix in KEY_PREFIXES.items()}
 
 KEY_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "MintUserToken"})
-ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "GetStateDigest"})
+ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "GetStateDigest", "ExportUsage"})
 SERVER_RPCS = frozenset({"GetStateDigest"})
 """RPCs about the whole server, every app at once: the admin key's alone when keys are on."""
 PUBLIC_RPCS = frozenset({"GetUsage", "WatchUsage"})
@@ -218,9 +219,9 @@ class Authenticator:
             return
         if principal.kind == ADMIN:
             if rpc not in ADMIN_RPCS:
-                raise PermissionDenied(f"the admin key may only create, list and revoke keys "
-                                       f"and read the state digest, not call {rpc}; use an "
-                                       "sk_ key of the app")
+                raise PermissionDenied(f"the admin key may only create, list and revoke keys, "
+                                       f"read the state digest and export usage, not call "
+                                       f"{rpc}; use an sk_ key of the app")
             return
         if rpc in SERVER_RPCS:
             raise PermissionDenied(f"{rpc} covers every app's state: only the admin key may "

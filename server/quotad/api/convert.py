@@ -90,6 +90,25 @@ def list_events(app: str, request: pb.ListEventsRequest) -> c.ListEvents:
         page_size=request.page_size, page_token=request.page_token)
 
 
+def upsert_subscription(app: str, request: pb.UpsertSubscriptionRequest) -> c.UpsertSubscription:
+    return c.UpsertSubscription(
+        app=app, user_id=request.user_id, plan_id=request.plan_id,
+        time_zone=request.time_zone or "UTC",
+        billing_customer_id=(request.billing_customer_id
+                             if request.HasField("billing_customer_id") else None))
+
+
+def list_subscriptions(app: str, request: pb.ListSubscriptionsRequest) -> c.ListSubscriptions:
+    return c.ListSubscriptions(app=app, plan_id=request.plan_id, page_size=request.page_size,
+                               after_user_id=request.page_token)
+
+
+def export_usage(app: str, request: pb.ExportUsageRequest) -> c.ExportUsage:
+    return c.ExportUsage(
+        app=app, cursor=request.cursor,
+        end_time_ns=_ns(request.end_time) if request.HasField("end_time") else None)
+
+
 def watch_usage(app: str, request: pb.WatchUsageRequest) -> c.WatchUsage:
     return c.WatchUsage(app=app, user_id=request.user_id,
                         after_sequence=request.after_sequence)
@@ -194,7 +213,8 @@ def upsert_plan(app: str, request: pb.UpsertPlanRequest) -> c.UpsertPlan:
 
 def subscription_to_proto(subscription: Subscription) -> pb.Subscription:
     return pb.Subscription(user_id=subscription.user_id, plan_id=subscription.plan_id,
-                           time_zone=subscription.time_zone)
+                           time_zone=subscription.time_zone,
+                           billing_customer_id=subscription.billing_customer_id)
 
 
 def timestamp(at_ns: int) -> timestamp_pb2.Timestamp:

@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 from quotad.core import commands as c
 from quotad.api import auth, convert
 from quotad.core import limits
-from quotad.api import requests, watch
+from quotad.api import export, requests, watch
 from quotad.api.admission import Admission
 from quotad.api.auth import Principal
 from quotad.api.gate import Gate
@@ -123,15 +123,17 @@ ADMIN_METHODS: list[_Method] = [
      lambda r: pb.ListPlansResponse(plans=[convert.plan_to_proto(p) for p in r.plans])),
     ("DeletePlan", pb.DeletePlanRequest, lambda app, q: c.DeletePlan(app=app, plan_id=q.id),
      lambda r: pb.DeletePlanResponse()),
-    ("UpsertSubscription", pb.UpsertSubscriptionRequest,
-     lambda app, q: c.UpsertSubscription(app=app, user_id=q.user_id, plan_id=q.plan_id,
-                                         time_zone=q.time_zone or "UTC"),
+    ("UpsertSubscription", pb.UpsertSubscriptionRequest, convert.upsert_subscription,
      lambda r: pb.UpsertSubscriptionResponse(
          subscription=convert.subscription_to_proto(r.subscription), changed=r.changed)),
     ("GetSubscription", pb.GetSubscriptionRequest,
      lambda app, q: c.GetSubscription(app=app, user_id=q.user_id),
      lambda r: pb.GetSubscriptionResponse(
          subscription=convert.subscription_to_proto(r.subscription))),
+    ("ListSubscriptions", pb.ListSubscriptionsRequest, convert.list_subscriptions,
+     lambda r: pb.ListSubscriptionsResponse(
+         subscriptions=[convert.subscription_to_proto(s) for s in r.subscriptions],
+         next_page_token=r.subscriptions[-1].user_id if r.more else "")),
 ]
 
 
@@ -357,6 +359,32 @@ def _mint_user_token_handler(gate: Gate, admission: Admission) -> _Handler:
     return _answering(gate, admission, "MintUserToken", answer)
 
 
+def _export_usage_handler(gate: Gate) -> grpc.RpcMethodHandler:
+    """ExportUsage, a stream: refusals before or during it end it with their status."""
+    method = full_method("ExportUsage")
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = context.invocation_metadata() or ()
+        await context.send_initial_metadata(
+            ((requests.REQUEST_ID_HEADER, requests.begin(metadata)),))
+        try:
+            call = open_call(gate, metadata, "ExportUsage")
+            if isinstance(request, Malformed):
+                raise InvalidArgument([FieldViolation(
+                    "request", f"cannot be parsed: {request.error}")])
+            query = convert.export_usage(_target_app(call.principal, request.app), request)
+            async for message in export.messages(call.writer, query):
+                yield message
+        except _REFUSALS as error:
+            status = status_of(error)
+            requests.refused(method, status.code.name, status.details,
+                             **caller_of(gate, metadata, context))
+            await context.abort(status.code, status.details, status.trailing_metadata)
+    return grpc.unary_stream_rpc_method_handler(
+        handle, request_deserializer=_safe_parser(pb.ExportUsageRequest),
+        response_serializer=lambda message: message.SerializeToString())
+
+
 def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> auth.UsageGrant:
     """What a usage read (GetUsage, WatchUsage, the HTTP endpoint) rests on, once its caller
     may read this user's usage: a pk_ key needs a user token naming the user. The grant's app
@@ -421,5 +449,7 @@ def method_handlers(gate: Gate, admission: Admission) -> dict[str, dict[str, Any
                 hub, _watch_caller(gate), _safe_parser(pb.WatchUsageRequest), status_of,
                 _REFUSALS, full_method("WatchUsage"),
                 lambda metadata, context: caller_of(gate, metadata, context))
+        else:
+            table["ExportUsage"] = _export_usage_handler(gate)
         services[service] = table
     return services

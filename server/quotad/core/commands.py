@@ -235,6 +235,8 @@ class UpsertSubscription:
     user_id: str
     plan_id: str
     time_zone: str = "UTC"
+    billing_customer_id: str | None = None
+    """None: the subscription keeps the one it has (none for a new one); "": none."""
 
     def __post_init__(self) -> None:
         v = Violations()
@@ -245,7 +247,39 @@ class UpsertSubscription:
         if self.time_zone and load_time_zone(self.time_zone) is None:
             v.add("time_zone", time_zone_problem(self.time_zone)
                   or f"time zone {self.time_zone!r} has no data on this host")
+        if self.billing_customer_id is not None:
+            v.text(self.billing_customer_id, "billing_customer_id", bytes_min=0,
+                   bytes_max=limits.BILLING_CUSTOMER_ID_BYTES_MAX)
+            v.check(self.billing_customer_id.isprintable(), "billing_customer_id",
+                    "must be printable text")
         v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListSubscriptions:
+    """One page of an app's subscriptions (or one plan's), in user id order."""
+
+    app: str
+    plan_id: str = ""
+    """Empty: every plan's."""
+    page_size: int = 0
+    """0: limits.SUBSCRIPTIONS_PAGE_SIZE_DEFAULT."""
+    after_user_id: str = ""
+    """The page starts after this user id; empty: at the first."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        v.text(self.plan_id, "plan_id", bytes_min=0, bytes_max=limits.PLAN_ID_BYTES_MAX)
+        v.check(_int(self.page_size) and 0 <= self.page_size <= limits.SUBSCRIPTIONS_PAGE_SIZE_MAX,
+                "page_size", f"must be 0 (meaning {limits.SUBSCRIPTIONS_PAGE_SIZE_DEFAULT}) to "
+                             f"{limits.SUBSCRIPTIONS_PAGE_SIZE_MAX}")
+        v.text(self.after_user_id, "page_token", bytes_min=0, bytes_max=limits.USER_ID_BYTES_MAX)
+        v.raise_if_any()
+
+    @property
+    def subscriptions_per_page(self) -> int:
+        return self.page_size or limits.SUBSCRIPTIONS_PAGE_SIZE_DEFAULT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -435,6 +469,44 @@ class ListEvents:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ExportUsage:
+    """Committed and tracked amounts of one app from the log, after a cursor (the sequence of
+    the last record an export covered) and before end_time."""
+
+    app: str
+    cursor: str = ""
+    """The decimal sequence of the last record an export covered; empty: before the oldest
+    record the log keeps."""
+    end_time_ns: int | None = None
+    """None: up to the last durable record."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        v.check(_export_cursor(self.cursor) is not False, "cursor",
+                "must be a next_cursor from ExportUsage")
+        _time(v, self.end_time_ns, "end_time")
+        v.raise_if_any()
+
+    @property
+    def after_sequence(self) -> int | None:
+        """None: from the oldest record the log keeps."""
+        sequence = _export_cursor(self.cursor)
+        assert sequence is not False
+        return sequence
+
+
+def _export_cursor(text: str) -> int | None | bool:
+    """The sequence an ExportUsage cursor names: None for empty, False if it is not one."""
+    if not text:
+        return None
+    if len(text) > limits.EXPORT_CURSOR_BYTES_MAX or not (text.isascii() and text.isdigit()):
+        return False
+    sequence = int(text)
+    return sequence if sequence < 2**63 else False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WatchUsage:
     """A stream of a user's counters as they change."""
 
@@ -471,14 +543,14 @@ class ExpireHolds:
 
 
 Command = (Reserve | Commit | Release | Extend | Track | GetUsage | UpsertPlan | DeletePlan
-           | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ExpireHolds
-           | CreateKey | RevokeKey | ListKeys)
+           | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ListSubscriptions
+           | ExpireHolds | CreateKey | RevokeKey | ListKeys)
 
 COMMAND_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Reserve, Commit, Release, Extend, Track, GetUsage, UpsertPlan, DeletePlan,
-                GetPlan, ListPlans, UpsertSubscription, GetSubscription, ExpireHolds,
-                CreateKey, RevokeKey, ListKeys)
+                GetPlan, ListPlans, UpsertSubscription, GetSubscription, ListSubscriptions,
+                ExpireHolds, CreateKey, RevokeKey, ListKeys)
 }
 
 
@@ -612,6 +684,13 @@ class PlansResult:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeletePlanResult:
     pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionsResult:
+    subscriptions: tuple[Subscription, ...]
+    more: bool = False
+    """True when subscriptions follow the last one of this page."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,8 +27,9 @@ from quotad.core.commands import (
     AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
     DeletePlanResult, ExpiredHold, KeyResult, KeysResult, KeyView, ListKeys, RevokeKey,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
-    ListPlans, PlanResult, PlansResult, Record, Release, ReleaseResult, Reserve, ReserveResult,
-    SubscriptionResult, Track, TrackResult, UpsertPlan, UpsertSubscription, UsageResult,
+    ListPlans, ListSubscriptions, PlanResult, PlansResult, Record, Release, ReleaseResult,
+    Reserve, ReserveResult, SubscriptionResult, SubscriptionsResult, Track, TrackResult,
+    UpsertPlan, UpsertSubscription, UsageResult,
 )
 from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
@@ -206,6 +207,7 @@ class Core:
             GetPlan: self._get_plan, ListPlans: self._list_plans,
             UpsertSubscription: self._upsert_subscription,
             GetSubscription: self._get_subscription,
+            ListSubscriptions: self._list_subscriptions,
             CreateKey: self._create_key, RevokeKey: self._revoke_key, ListKeys: self._list_keys,
         }
 
@@ -707,9 +709,13 @@ class Core:
         app = self.apps.get(command.app, _EMPTY_APP)
         if command.plan_id not in app.plans:
             raise NotFound(f"no plan {command.plan_id!r}")
-        subscription = Subscription(user_id=command.user_id, plan_id=command.plan_id,
-                                    time_zone=command.time_zone or "UTC")
         user = app.users.get(command.user_id)
+        billing_customer_id = command.billing_customer_id
+        if billing_customer_id is None:  # unset: kept
+            billing_customer_id = "" if user is None else user.subscription.billing_customer_id
+        subscription = Subscription(user_id=command.user_id, plan_id=command.plan_id,
+                                    time_zone=command.time_zone or "UTC",
+                                    billing_customer_id=billing_customer_id)
         if user is not None and user.subscription == subscription:
             return SubscriptionResult(subscription=subscription, changed=False), False
         if user is None:
@@ -721,6 +727,29 @@ class Core:
             user.subscription = subscription
         app.plan_subscribers[subscription.plan_id] += 1
         return SubscriptionResult(subscription=subscription, changed=True), True
+
+    def _list_subscriptions(self, command: ListSubscriptions,
+                            now_ns: int) -> tuple[SubscriptionsResult, bool]:
+        """Sorts the app's user ids on every page: a pass over them, for an admin's listing."""
+        users = self.apps.get(command.app, _EMPTY_APP).users
+        plan_id, after = command.plan_id, command.after_user_id
+        page: list[Subscription] = []
+        for user_id in sorted(users):
+            if user_id <= after:
+                continue
+            subscription = users[user_id].subscription
+            if plan_id and subscription.plan_id != plan_id:
+                continue
+            if len(page) == command.subscriptions_per_page:
+                return SubscriptionsResult(subscriptions=tuple(page), more=True), False
+            page.append(subscription)
+        return SubscriptionsResult(subscriptions=tuple(page)), False
+
+    def subscriptions_by_number(self, app_id: str) -> dict[int, Subscription]:
+        """The app's subscriptions by user number (UserState.number): whom the audit index's
+        entries are about."""
+        users = self.apps.get(app_id, _EMPTY_APP).users
+        return {user.number: user.subscription for user in users.values()}
 
     def _get_subscription(self, command: GetSubscription,
                           now_ns: int) -> tuple[SubscriptionResult, bool]:

@@ -226,6 +226,7 @@ class Subscription:
     user_id: str
     plan_id: str
     time_zone: str = "UTC"
+    billing_customer_id: str = ""
 
 
 @lru_cache(maxsize=1024)

@@ -343,12 +343,16 @@ def _encode_upsert_subscription(message: Any, command: UpsertSubscription) -> No
     part = message.upsert_subscription
     part.user_id, part.plan_id, part.time_zone = (command.user_id, command.plan_id,
                                                   command.time_zone)
+    if command.billing_customer_id is not None:
+        part.billing_customer_id = command.billing_customer_id
 
 
 def _decode_upsert_subscription(message: Any) -> UpsertSubscription:
     part = message.upsert_subscription
-    return UpsertSubscription(app=message.app, user_id=part.user_id, plan_id=part.plan_id,
-                              time_zone=part.time_zone)
+    return UpsertSubscription(
+        app=message.app, user_id=part.user_id, plan_id=part.plan_id, time_zone=part.time_zone,
+        billing_customer_id=(part.billing_customer_id if part.HasField("billing_customer_id")
+                             else None))
 
 
 def _encode_create_key(message: Any, command: CreateKey) -> None:

@@ -44,7 +44,9 @@ from quotad.storage.codec import (
     record_key, record_now_ns, reservation_bytes, stored_record_rows,
 )
 from quotad.core.holds import HoldState
-from quotad.core.commands import EVENT_CURSOR_BYTES, AuditEvent, Record
+from quotad.core.commands import (
+    AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Track,
+)
 
 FORMAT_VERSION = b"4"
 """4: records are protobuf messages and audit events are stored once, in the events index
@@ -95,6 +97,30 @@ class StoredEvent:
     event: AuditEvent
     cursor: bytes
     """Where a page that ends with this event continues from."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEntry:
+    """A commit or track audit event, for export: its record's sequence, its index in that
+    record, and the user number the index files it under (its event's user_id is empty)."""
+
+    sequence: int
+    index: int
+    now_ns: int
+    user_number: int
+    event: AuditEvent
+
+
+class LogPruned(Exception):
+    """The log no longer holds the record a read must start at."""
+
+    def __init__(self, wanted_sequence: int, first_sequence: int) -> None:
+        super().__init__(f"the log starts at sequence {first_sequence}, record "
+                         f"{wanted_sequence} was pruned past the audit retention")
+        self.first_sequence = first_sequence
+
+
+_USAGE_KINDS = frozenset(AUDIT_KINDS.index(kind) for kind in ("commit", "track"))
 
 
 class WriteAheadLog:
@@ -253,6 +279,62 @@ class WriteAheadLog:
                                        f"found {key_sequence(key)}")
                 yield decode_record(key, value)
                 expected += 1
+
+    def export_range(self, after_sequence: int | None) -> tuple[int, int]:
+        """(after, through): an export after `after` (None: before the oldest record kept)
+        runs through the last durable record. LogPruned if the log no longer holds the
+        record after `after`."""
+        with self.env.begin(db=self.log_db) as txn:
+            cursor = txn.cursor()
+            first = key_sequence(cursor.key()) if cursor.first() else 0
+            last = key_sequence(cursor.key()) if cursor.last() else 0
+        if last == 0:  # every record pruned (or none yet): the snapshot covers them all
+            last = self.snapshot_sequence()
+            first = last + 1
+        after = first - 1 if after_sequence is None else after_sequence
+        if after + 1 < first:
+            raise LogPruned(after + 1, first)
+        return after, last
+
+    def usage_entries(self, app: str, after_sequence: int, through_sequence: int,
+                      end_ns: int, records_max: int) -> tuple[list[UsageEntry], int, bool]:
+        """The allowed commit and track events of app's records after after_sequence, through
+        through_sequence and before end_ns, reading at most records_max records: the entries,
+        the sequence of the last record read (where the next read continues), and whether
+        the range is done. LogPruned if the log no longer holds the first record."""
+        entries: list[UsageEntry] = []
+        expected = after_sequence + 1
+        with self.env.begin(buffers=False) as txn:
+            cursor = txn.cursor(db=self.log_db)
+            if expected > through_sequence:
+                return entries, after_sequence, True
+            if not (cursor.set_range(record_key(expected))
+                    and key_sequence(cursor.key()) == expected):
+                raise LogPruned(expected, key_sequence(cursor.key()) if cursor.first() else 0)
+            for key, value in cursor:
+                sequence = key_sequence(key)
+                if record_now_ns(value) >= end_ns or sequence > through_sequence:
+                    return entries, expected - 1, True
+                if sequence - after_sequence > records_max:
+                    return entries, expected - 1, False
+                assert sequence == expected, f"log gap: expected {expected}, found {sequence}"
+                self._usage_of(txn, decode_record(key, value), app, entries)
+                expected += 1
+        return entries, expected - 1, True
+
+    def _usage_of(self, txn: lmdb.Transaction, record: Record, app: str,
+                  entries: list[UsageEntry]) -> None:
+        command = record.command
+        if not isinstance(command, (Commit, Track)) or command.app != app:
+            return
+        for index, user in enumerate(record.event_users):
+            value = txn.get(event_key(user, record.now_ns, record.sequence, index),
+                            db=self.events_db)
+            if value is None:
+                raise CorruptRecord(record.sequence, f"audit event {index} is missing")
+            event = decode_event(value, app, "", lambda: command)
+            if event.allowed and AUDIT_KINDS.index(event.kind) in _USAGE_KINDS:
+                entries.append(UsageEntry(record.sequence, index, record.now_ns, user, event))
 
     def idempotency_record(self, app: str, rpc: str, idempotency_key: str,
                            as_of_sequence: int) -> Record | None:
