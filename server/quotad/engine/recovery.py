@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from quotad.core.machine import Core, IdempotencyEntry
-from quotad.storage.snapshot import core_from_plain
+from quotad.storage.snapshot import core_from_snapshot
 from quotad.storage.wal import WriteAheadLog, TornTail, recover_records
 
 log = logging.getLogger("quotad.writer")
@@ -17,7 +17,7 @@ def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
     it replayed and checked. A torn tail that was never acknowledged is dropped and logged
     (with repair=False it is raised as TornTail and nothing is changed)."""
     snapshot = wal.load_snapshot()
-    core = core_from_plain(snapshot.plain) if snapshot is not None else Core()
+    core = core_from_snapshot(snapshot.encoded) if snapshot is not None else Core()
     assert snapshot is None or core.sequence == snapshot.sequence
     core.durable_idempotency = durable_idempotency(wal, core)
     core.durable_hold = wal.finished_hold
