@@ -28,6 +28,7 @@ import sys
 from collections import Counter as Tally
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -295,8 +296,8 @@ def _app(message: Any) -> AppState:
 
 
 def _users(users_message: Any, counters_message: Any) -> dict[str, UserState]:
-    """Every user with its counters, from the columns: one pass, one object per thing the
-    core holds, the shared strings and counter slots taken from their tables."""
+    """Every user with its counters, from the columns: each kind of object made in bulk, the
+    shared strings and counter slots taken from their tables."""
     user_ids = list(users_message.user_ids)
     rows = len(user_ids)
     numbers = _unpacked(_INT64, users_message.numbers, rows, "numbers")
@@ -307,15 +308,11 @@ def _users(users_message: Any, counters_message: Any) -> dict[str, UserState]:
     live_holds = _unpacked(_UINT32, users_message.live_holds, rows, "live holds")
     counts = _unpacked(_UINT32, users_message.counter_counts, rows, "counter counts")
     slots, counters = _counters(counters_message, sum(counts))
-    users: dict[str, UserState] = {}
-    start = 0
-    for user_id, number, plan_id, zone, live, count in zip(user_ids, numbers, plans, zone_of,
-                                                          live_holds, counts):
-        end = start + count
-        users[user_id] = UserState(
-            Subscription(user_id=user_id, plan_id=plan_id, time_zone=zone), number,
-            dict(zip(slots[start:end], counters[start:end])), live)
-        start = end
+    subscriptions = [Subscription(user_id=user_id, plan_id=plan_id, time_zone=zone)
+                     for user_id, plan_id, zone in zip(user_ids, plans, zone_of)]
+    rows_in_order = iter(zip(slots, counters))
+    counters_of = [dict(islice(rows_in_order, count)) for count in counts]
+    users = dict(zip(user_ids, map(UserState, subscriptions, numbers, counters_of, live_holds)))
     if len(users) != rows:
         raise CorruptSnapshot(f"{rows} user rows but {len(users)} distinct users")
     return users
