@@ -157,9 +157,10 @@ def test_a_column_of_the_wrong_length_is_refused_naming_it():
 
     h = _busy_harness()
     encoded = snapshot_of(h.core)
-    message = snapshot_pb2.CoreSnapshot.FromString(snapshot_body(encoded)[6:])
+    message = snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(snapshot_body(encoded)[6:]))
     message.apps[0].counters.used = message.apps[0].counters.used[:-8]  # one row short
-    body = MAGIC + FORMAT_VERSION.to_bytes(2, "big") + message.SerializeToString()
+    body = MAGIC + FORMAT_VERSION.to_bytes(2, "big") + zlib.compress(
+        message.SerializeToString())
     with pytest.raises(CorruptSnapshot, match="column used"):
         core_from_snapshot(_resigned(encoded, body))
 
