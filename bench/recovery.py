@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from quotad.core.commands import Commit, Reserve, UpsertPlan, UpsertSubscription
@@ -136,9 +137,10 @@ def build(data_dir: Path, users: int, tail_records: int, seed: int,
     return facts
 
 
-def _timed(runs: int, measure) -> tuple[list[float], list[float]]:
-    """(wall-clock s, this process's CPU s) of each run. The machine is shared: CPU time
-    shows the work alone, wall-clock what a restart would wait."""
+def _timed(runs: int, measure, check=None) -> tuple[list[float], list[float]]:
+    """(wall-clock s, this process's CPU s) of each run of measure, its result then checked
+    (untimed). The machine is shared: CPU time shows the work alone, wall-clock what a
+    restart would wait."""
     wall_s, cpu_s = [], []
     for _ in range(runs):
         gc.collect()
@@ -146,6 +148,8 @@ def _timed(runs: int, measure) -> tuple[list[float], list[float]]:
         result = measure()
         wall_s.append(time.perf_counter() - started)
         cpu_s.append(time.process_time() - started_cpu)
+        if check is not None:
+            check(result)
         del result
     return wall_s, cpu_s
 
@@ -174,9 +178,10 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
     try:
         stored = wal.load_snapshot()
         assert stored is not None and stored.sequence == facts["snapshot_sequence"]
+        check = partial(_check, facts["live_digest"])
         load_s = _timed(runs, lambda: core_from_snapshot(stored.encoded))
-        restart_s = _timed(runs, lambda: _recovered(wal, facts))
-        replay_s = _timed(replay_runs, lambda: _recovered(_SnapshotLost(wal), facts))
+        restart_s = _timed(runs, lambda: recover(wal, repair=False), check)
+        replay_s = _timed(replay_runs, lambda: recover(_SnapshotLost(wal), repair=False), check)
         if replay_runs == 0:  # measured once already: shown again from the facts kept
             replay_s = facts.get("replay_s", ([], []))
         facts["replay_s"] = replay_s
@@ -198,10 +203,8 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
               f"(CPU: {records / statistics.median(replay_s[1]):,.0f})")
 
 
-def _recovered(wal: WriteAheadLog | _SnapshotLost, facts: dict) -> Core:
-    core = recover(wal, repair=False)
-    assert state_digest(core) == facts["live_digest"], "recovered another state"
-    return core
+def _check(live_digest: str, recovered: Core) -> None:
+    assert state_digest(recovered) == live_digest, "recovered another state"
 
 
 def build_parser() -> argparse.ArgumentParser:
