@@ -16,7 +16,8 @@ leave memory once their records are durable.
 It prints, each a median of --runs (with the range) unless noted:
   - snapshot fork:   the event-loop stall while serving (forking the child); one run
   - snapshot child:  fork to encoded bytes, and their size; one run
-  - snapshot load:   the stored snapshot to a core (checksum, decode, objects)
+  - snapshot load:   the stored snapshot to a core (checksum, decode, objects), and the
+                     same state in the format before (zlib'd JSON), the peer
   - restart:         start-up recovery as the server does it: snapshot + log after it
   - full replay:     every record from sequence 1 (what a lost snapshot costs), records/s
 Each shows wall-clock seconds and this process's CPU seconds: the machine may be shared.
@@ -37,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from functools import partial
 from pathlib import Path
 
@@ -48,7 +50,8 @@ from quotad.engine.writer import SNAPSHOT_EVERY_RECORDS_DEFAULT
 from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
 from quotad.storage.snapshot import core_from_snapshot
-from quotad.storage.wal import SNAPSHOT_KEY, Snapshot, WriteAheadLog
+from quotad.storage.snapshot_json import core_to_plain
+from quotad.storage.wal import Snapshot, WriteAheadLog, encode_snapshot
 
 BATCH_RECORDS = 8192
 MAP_SIZE_BYTES = 256 * 1024**3
@@ -180,6 +183,8 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         assert stored is not None and stored.sequence == facts["snapshot_sequence"]
         check = partial(_check, facts["live_digest"])
         load_s = _timed(runs, lambda: core_from_snapshot(stored.encoded))
+        as_json = _json_snapshot(core_from_snapshot(stored.encoded))
+        json_load_s = _timed(runs, lambda: core_from_snapshot(as_json))
         restart_s = _timed(runs, lambda: recover(wal, repair=False), check)
         replay_s = _timed(replay_runs, lambda: recover(_SnapshotLost(wal), repair=False), check)
         if replay_runs == 0:  # measured once already: shown again from the facts kept
@@ -196,11 +201,21 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
     print(f"snapshot child, fork to bytes     {facts['child_s']:7.2f} s, "
           f"{facts['snapshot_bytes'] / 1e6:,.2f} MB")
     print(f"snapshot load                     {_summary(load_s)}")
+    print(f"  the same as JSON (before), {len(as_json) / 1e6:,.2f} MB "
+          f"{_summary(json_load_s)}: binary / JSON CPU "
+          f"{statistics.median(load_s[1]) / statistics.median(json_load_s[1]):.2f}")
     print(f"restart (snapshot + {tail:,} records) {_summary(restart_s)}")
     if replay_s[0]:
         print(f"full replay of the log            {_summary(replay_s)}: "
               f"{records / statistics.median(replay_s[0]):,.0f} records/s "
               f"(CPU: {records / statistics.median(replay_s[1]):,.0f})")
+
+
+def _json_snapshot(core: Core) -> bytes:
+    """The core as the format before binary snapshots stored it (zlib'd JSON), the peer."""
+    body = zlib.compress(json.dumps(core_to_plain(core), separators=(",", ":"),
+                                    ensure_ascii=False).encode("utf-8"), 1)
+    return encode_snapshot(core.sequence, body)
 
 
 def _check(live_digest: str, recovered: Core) -> None:

@@ -159,7 +159,8 @@ def test_the_recovery_bench_restarts_from_its_snapshot_and_replays_the_whole_log
     args = ("--users", "40", "--tail-records", "30", "--runs", "1", "--dir", str(tmp_path))
     lines = _run_bench("bench.recovery", *args)
     assert lines[0].startswith("users 40 (2 counters each), log records 151, 30 after")
-    assert [line.split()[0] for line in lines[1:]] == ["snapshot"] * 3 + ["restart", "full"]
+    assert [line.split()[0] for line in lines[1:]] == ["snapshot"] * 3 + ["the", "restart",
+                                                                         "full"]
     assert "records/s" in lines[-1]
     again = _run_bench("bench.recovery", *args[:-2], "--replay-runs", "0", "--dir",
                        str(tmp_path))  # the kept directory, measured again
