@@ -35,7 +35,7 @@ from quotad.core.errors import (
     InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
 )
 from quotad.server import Config
-from quotad.storage.snapshot import core_from_plain, core_to_plain
+from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc
 from quotad_client._token import sign_user_token
@@ -673,7 +673,7 @@ def test_keys_in_the_core_replay_and_snapshot_to_the_same_state() -> None:
     replayed = Core()
     for record in records:
         replayed.replay(record)
-    restored = core_from_plain(core_to_plain(core))
+    restored = core_from_snapshot(snapshot_of(core))
     assert state_digest(replayed) == state_digest(core) == state_digest(restored)
     assert [k.key_id for k in core.apply(c.ListKeys(app="b"), 11).result.keys] == ["b" * 12]
     assert core.keys["b" * 12].revoked_at_ns == 3

@@ -162,6 +162,30 @@ def test_the_fsync_and_stream_benches_run():
     assert all(float(row[0].replace(",", "")) > 0 for row in rows.values())
 
 
+def test_the_recovery_bench_restarts_from_its_snapshot_and_replays_the_whole_log(
+        tmp_path: Path):
+    args = ("--users", "40", "--tail-records", "30", "--runs", "1", "--dir", str(tmp_path))
+    lines = _run_bench("bench.recovery", *args)
+    assert lines[0].startswith("users 40 (2 counters each), log records 151, 30 after")
+    assert [line.split()[0] for line in lines[1:]] == ["snapshot"] * 3 + ["the", "restart",
+                                                                         "full"]
+    assert "records/s" in lines[-1]
+    again = _run_bench("bench.recovery", *args[:-2], "--replay-runs", "0", "--dir",
+                       str(tmp_path))  # the kept directory, measured again
+    assert again[1:3] == lines[1:3] and again[-1] == lines[-1]
+
+
+def test_the_recovery_bench_help_explains_every_flag():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import recovery
+    finally:
+        sys.path.remove(str(ROOT))
+    for action in recovery.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 15, action.option_strings
+
+
 def _run_json_bench(tmp_path: Path, module: str, *args: str) -> tuple[list[str], dict]:
     results = tmp_path / "results"
     lines = _run_bench(module, "--results", str(results), *args)

@@ -14,7 +14,6 @@ QUOTAD_LONG=1 scales the run from 200 examples x 50 steps to 2000 x 100.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ from quotad.core.holds import HoldState
 from quotad.core.machine import Core
 from quotad.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from quotad.core.plans import Cost, Window
-from quotad.storage.snapshot import core_from_plain, core_to_plain
+from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
 MAX_EXAMPLES = 2000 if LONG else 200
@@ -149,7 +148,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self.now = T0
         self.records: list = []
         self.synced, self.synced_digest = 0, digest(Core())
-        self.snapshot: tuple[int, dict] | None = None
+        self.snapshot: tuple[int, bytes] | None = None
         self.quota = {key: 0 for key in KEYS}
         self.pricing = Pricing()
         self.counters: dict[tuple[str, str], MCounter] = {}
@@ -571,15 +570,14 @@ class QuotaMachine(RuleBasedStateMachine):
     def take_snapshot(self) -> None:
         """A snapshot, written with (so synced with) every record it includes."""
         self.sync()
-        plain = json.loads(json.dumps(core_to_plain(self.core)))
-        self.snapshot = (self.core.sequence, plain)
+        self.snapshot = (self.core.sequence, snapshot_of(self.core))
 
     @rule()
     def crash_dropping_what_was_not_synced(self) -> None:
         """A crash loses the records after the last sync: recovery from the snapshot and the
         synced log must give exactly the state as it was at that sync."""
-        sequence, plain = self.snapshot if self.snapshot else (0, None)
-        recovered = core_from_plain(json.loads(json.dumps(plain))) if plain else Core()
+        sequence, encoded = self.snapshot if self.snapshot else (0, None)
+        recovered = core_from_snapshot(encoded) if encoded else Core()
         for record in self.records[sequence:self.synced]:
             recovered.replay(record)
         assert digest(recovered) == self.synced_digest

@@ -7,7 +7,6 @@ denies. Every run here is replayed into a fresh core to the same digest.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -22,7 +21,7 @@ from quotad.storage.codec import (
     decode_finished_hold, decode_record, encode_finished_hold, encode_record, record_key,
     reservation_bytes,
 )
-from quotad.storage.snapshot import core_from_plain, core_to_plain
+from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 
 GPT4O, MINI = {"model": "gpt-4o"}, {"model": "gpt-4o-mini"}
 
@@ -118,7 +117,7 @@ def test_a_hold_taken_under_a_cost_and_committed_after_a_snapshot_counts_at_its_
     h = Harness().setup(pricing_plan(spend()), "alice")
     hold = h.reserve("alice", 20, "openai.chat", GPT4O)
     h.upsert_plan(pricing_plan(spend(rates=(("gpt-4o", 2),))))
-    restored = core_from_plain(json.loads(json.dumps(core_to_plain(h.core))))
+    restored = core_from_snapshot(snapshot_of(h.core))
     assert digest(restored) == h.digest()
     h.core = restored
     assert h.commit(hold.reservation_id).counters[1].used == 200

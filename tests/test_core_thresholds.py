@@ -4,13 +4,12 @@ quota is recorded once per user, group and window, in the log, so replay and sna
 
 from __future__ import annotations
 
-import json
 
 from core_helpers import MINUTE, S, Harness, digest, group, plan
 from quotad.core import limits
 from quotad.core.commands import AuditEvent, UpsertPlan
 from quotad.core.plans import Window
-from quotad.storage.snapshot import core_from_plain, core_to_plain
+from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 
 
 def _minute_harness(quota: int = 10) -> Harness:
@@ -102,7 +101,7 @@ def test_replay_and_a_snapshot_keep_what_already_fired() -> None:
     h = _minute_harness(10)
     h.track("alice", 9)
     assert digest(h.replayed()) == h.digest()  # and replay checked every record's events
-    restored = core_from_plain(json.loads(json.dumps(core_to_plain(h.core))))
+    restored = core_from_snapshot(snapshot_of(h.core))
     assert restored.apps[h.app].users["alice"].counters == h.core.apps[h.app].users[
         "alice"].counters
     outcome = restored.apply(h.track_command("alice", 1), h.now)

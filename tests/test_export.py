@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from quotad.engine.recovery import recover
-from quotad.storage.snapshot import core_to_plain
+from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import Snapshot, WriteAheadLog
 from quotad_client import billing, ctl
 from quotad_contract.v1 import quotad_pb2 as pb
@@ -194,7 +194,7 @@ def test_a_cursor_older_than_the_log_is_refused_and_an_empty_one_starts_at_the_o
     wal = WriteAheadLog(data_dir)  # what the retention does to records past it
     try:
         core = recover(wal, repair=False)
-        wal.append([], Snapshot(core.sequence, core_to_plain(core)), prune_before_ns=2**63)
+        wal.append([], Snapshot(core.sequence, snapshot_of(core)), prune_before_ns=2**63)
         assert wal.first_sequence() == 0
     finally:
         wal.close()

@@ -18,7 +18,7 @@ from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
 from quotad.storage.codec import state_digest
-from quotad.storage.snapshot import core_to_plain
+from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import Snapshot, WriteAheadLog
 
 PLAN = Plan(id="p", limit_groups=(
@@ -137,13 +137,13 @@ def test_pruning_a_record_removes_its_events_idempotency_row_and_finished_hold(t
         await writer.execute(Release(app="a", reservation_id=_rid(1), idempotency_key="l"))
         await writer.close()
         core = writer.core
-        return core.user_number("a", "u"), core.sequence, core_to_plain(core)
+        return core.user_number("a", "u"), core.sequence, snapshot_of(core)
 
-    number, sequence, plain = asyncio.run(run())
+    number, sequence, encoded = asyncio.run(run())
     assert wal.finished_hold(_rid(1), sequence) is not None
     assert wal.idempotency_record("a", "Reserve", "r", sequence) is not None
     assert len(wal.list_events("a", "u", number, 0, 2**64 - 1, b"", 10)) == 2
-    wal.append([], Snapshot(sequence, plain), prune_before_ns=2**63)  # all old, all covered
+    wal.append([], Snapshot(sequence, encoded), prune_before_ns=2**63)  # all old, all covered
     assert wal.first_sequence() == 0  # every record pruned
     assert wal.finished_hold(_rid(1), 10**6) is None
     assert wal.idempotency_record("a", "Reserve", "r", 10**6) is None

@@ -1,15 +1,31 @@
 """A snapshot holds the whole core: restoring it, then applying the same commands, gives the
-same records and the same state as never having stopped."""
+same records and the same state as never having stopped. What cannot be read back whole is
+refused, naming the snapshot and what is wrong, never loaded in part."""
 
 from __future__ import annotations
 
 import json
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
 
 from core_helpers import Harness, digest, group, plan
 from quotad.core import limits
+from quotad.core.commands import UpsertSubscription
+from quotad.core.machine import Core
+from quotad.core.plans import Cost, Window
+from quotad.engine.recovery import recover
+from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
-from quotad.core.plans import Window
-from quotad.storage.snapshot import core_from_plain, core_to_plain
+from quotad.storage.snapshot import (
+    FORMAT_VERSION, MAGIC, core_from_snapshot, encode_core, snapshot_of,
+)
+from quotad.storage.snapshot_json import core_to_plain
+from quotad.storage.wal import (
+    CorruptSnapshot, Snapshot, WriteAheadLog, encode_snapshot, snapshot_body,
+)
 
 S = limits.NS_PER_S
 
@@ -17,9 +33,11 @@ S = limits.NS_PER_S
 def _busy_harness() -> Harness:
     h = Harness()
     h.setup(plan("p", group("tokens", 1000, Window.DAY, ["openai.*"]),
-                 group("premium", 100, Window.MONTH, metadata={"model": ["gpt-4o"]})),
+                 group("premium", 100, Window.MONTH, metadata={"model": ["gpt-4o"]}),
+                 group("ever", 10**6, Window.LIFETIME)),
             "alice", time_zone="Europe/Paris")
     h.subscribe("bob", "p", time_zone="Asia/Kolkata")
+    h.subscribe("zoë ☃", "p")
     live = h.reserve("alice", 80, metadata={"model": "gpt-4o"}, key="k-live", ttl_ns=600 * S)
     assert live.allowed
     committed = h.reserve("alice", 50)
@@ -30,26 +48,42 @@ def _busy_harness() -> Harness:
     h.advance(2 * S)
     h.expire()
     h.track("bob", 5, enforce=True, key="k-track")
+    h.track("zoë ☃", 900)  # past 80 %: a threshold fired, kept in the counter
     h.reserve("alice", 5000, key="k-denied")  # denied, remembered under its key
     h.extend(live.reservation_id, 900 * S)
+    priced = replace(group("spend", 10**6, Window.DAY, ["openai.*"]),
+                     cost=Cost(by="model", rates=(("gpt-4o", 10),), default_rate=2))
+    h.upsert_plan(plan("priced", priced))
+    h.run(UpsertSubscription(app=h.app, user_id="carol", plan_id="priced",
+                             billing_customer_id="cus_123"))
+    assert h.reserve("carol", 7, metadata={"model": "gpt-4o"}, ttl_ns=600 * S).allowed
+    assert h.reserve("carol", 3, ttl_ns=600 * S).allowed  # at the default rate
     return h
 
 
-def _restored(h: Harness):
-    plain = json.loads(json.dumps(core_to_plain(h.core)))  # as stored: through JSON
-    return core_from_plain(plain)
+def _resigned(encoded: bytes, body: bytes) -> bytes:
+    """A stored snapshot with another body and a checksum that holds: what a bug, not a
+    torn write, would store."""
+    return encode_snapshot(int.from_bytes(encoded[16:24], "big"), body)
 
 
 def test_a_restored_snapshot_equals_the_state_it_was_taken_from():
     h = _busy_harness()
-    restored = _restored(h)
+    restored = core_from_snapshot(snapshot_of(h.core))
     assert digest(restored) == digest(h.core)
+    carol = restored.apps[h.app].users["carol"]
+    assert carol.subscription.billing_customer_id == "cus_123"
+    assert sorted(ref.rate for hold in restored.apps[h.app].reservations.values()
+                  if hold.user_id == "carol" for ref in hold.holds) == [2, 10]
     assert state_digest(restored) == state_digest(h.core)
+    assert restored.apps[h.app].users["alice"].counters == h.core.apps[h.app].users[
+        "alice"].counters
+    assert list(restored.expiry) == list(h.core.expiry)  # rebuilt from the live holds
 
 
 def test_a_restored_core_makes_the_same_records_as_the_original_from_then_on():
     h = _busy_harness()
-    restored = _restored(h)
+    restored = core_from_snapshot(snapshot_of(h.core))
     follow_up = [
         h.reserve_command("alice", 80, "openai.chat", {"model": "gpt-4o"}, key="k-live",
                           ttl_ns=600 * S),
@@ -66,3 +100,108 @@ def test_a_restored_core_makes_the_same_records_as_the_original_from_then_on():
     final = h.reserve_command("alice", 1)
     assert h.core.apply(final, h.now).records == restored.apply(final, h.now).records
     assert digest(restored) == digest(h.core)
+
+
+def test_an_empty_core_round_trips():
+    core = core_from_snapshot(snapshot_of(Core()))
+    assert state_digest(core) == state_digest(Core())
+
+
+def test_a_snapshot_stored_in_the_log_loads_back_at_its_sequence(tmp_path: Path):
+    h = _busy_harness()
+    wal = WriteAheadLog(tmp_path)
+    try:
+        wal.append(h.records)
+        wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
+        stored = wal.load_snapshot()
+        assert stored is not None and stored.sequence == h.core.sequence
+        assert state_digest(core_from_snapshot(stored.encoded)) == state_digest(h.core)
+    finally:
+        wal.close()
+
+
+def test_a_json_snapshot_from_before_the_binary_format_still_loads(tmp_path: Path):
+    h = _busy_harness()
+    body = zlib.compress(json.dumps(core_to_plain(h.core)).encode("utf-8"), 1)
+    wal = WriteAheadLog(tmp_path)
+    try:
+        wal.append(h.records)
+        wal.append([], Snapshot(h.core.sequence, encode_snapshot(h.core.sequence, body)))
+        recovered = recover(wal, repair=False)
+    finally:
+        wal.close()
+    assert digest(recovered) == digest(h.core)
+
+
+def test_a_snapshot_made_by_the_forked_child_loads_to_the_same_state(tmp_path: Path):
+    h = _busy_harness()
+    pid, sequence, path = snapshot_child.start(h.core, tmp_path)
+    encoded = snapshot_child.finish(pid, sequence, path)
+    assert sequence == h.core.sequence and not path.exists()
+    assert state_digest(core_from_snapshot(encoded)) == state_digest(h.core)
+
+
+def test_a_snapshot_with_a_flipped_byte_is_refused_by_its_checksum():
+    h = _busy_harness()
+    encoded = bytearray(snapshot_of(h.core))
+    encoded[len(encoded) // 2] ^= 0x01
+    with pytest.raises(CorruptSnapshot, match=f"at sequence {h.core.sequence} fails its checksum"):
+        core_from_snapshot(bytes(encoded))
+
+
+def test_a_snapshot_shorter_than_its_header_is_refused():
+    with pytest.raises(CorruptSnapshot, match="shorter than its header"):
+        core_from_snapshot(snapshot_of(Core())[:20])
+
+
+def test_a_truncated_body_is_refused_even_when_its_checksum_holds():
+    h = _busy_harness()
+    encoded = snapshot_of(h.core)
+    body = snapshot_body(encoded)
+    with pytest.raises(CorruptSnapshot, match=f"snapshot at sequence {h.core.sequence}: "
+                                              "unreadable"):
+        core_from_snapshot(_resigned(encoded, body[:len(body) // 2]))
+    with pytest.raises(CorruptSnapshot, match="neither binary nor JSON"):
+        core_from_snapshot(_resigned(encoded, b"QSN"))
+
+
+def test_a_column_of_the_wrong_length_is_refused_naming_it():
+    from quotad.storage import snapshot_pb2
+
+    h = _busy_harness()
+    encoded = snapshot_of(h.core)
+    message = snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(snapshot_body(encoded)[6:]))
+    message.apps[0].counters.used = message.apps[0].counters.used[:-8]  # one row short
+    body = MAGIC + FORMAT_VERSION.to_bytes(2, "big") + zlib.compress(
+        message.SerializeToString())
+    with pytest.raises(CorruptSnapshot, match="column used"):
+        core_from_snapshot(_resigned(encoded, body))
+
+
+def test_a_snapshot_of_another_format_version_is_refused_naming_both():
+    encoded = snapshot_of(Core())
+    body = MAGIC + (FORMAT_VERSION + 1).to_bytes(2, "big") + encode_core(Core())[6:]
+    with pytest.raises(CorruptSnapshot, match=f"format {FORMAT_VERSION + 1}, this server reads "
+                                              f"{FORMAT_VERSION}"):
+        core_from_snapshot(_resigned(encoded, body))
+
+
+def test_a_snapshot_holding_another_sequence_than_its_header_is_refused():
+    h = _busy_harness()
+    body = encode_core(h.core)
+    with pytest.raises(CorruptSnapshot, match="holds the state at sequence"):
+        core_from_snapshot(encode_snapshot(h.core.sequence + 1, body))
+
+
+def test_recovery_refuses_a_corrupt_stored_snapshot_and_changes_nothing(tmp_path: Path):
+    h = _busy_harness()
+    encoded = snapshot_of(h.core)
+    wal = WriteAheadLog(tmp_path)
+    try:
+        wal.append(h.records)
+        wal.append([], Snapshot(h.core.sequence, _resigned(encoded, snapshot_body(encoded)[:-9])))
+        with pytest.raises(CorruptSnapshot, match=f"at sequence {h.core.sequence}"):
+            recover(wal)
+        assert wal.last_sequence() == h.core.sequence
+    finally:
+        wal.close()

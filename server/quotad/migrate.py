@@ -27,7 +27,8 @@ from quotad.core import limits
 from quotad.core.commands import Record
 from quotad.core.machine import Core
 from quotad.storage import format3
-from quotad.storage.snapshot import core_from_plain, core_to_plain
+from quotad.storage.snapshot import snapshot_of
+from quotad.storage.snapshot_json import core_from_plain
 from quotad.storage.wal import (
     FORMAT_VERSION, LOCK_FILE_NAME, MAP_SIZE_BYTES_DEFAULT, SNAPSHOT_KEY, DataFormatMismatch,
     Snapshot, WriteAheadLog, _lock_exclusively,
@@ -112,7 +113,7 @@ def _copy(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: i
                           f"({100 * written // max(total, 1)} %)", file=progress, flush=True)
             if core.sequence != max(last, snapshot_sequence):
                 raise MigrationError(f"the log ends at {last} but the state at {core.sequence}")
-            wal.append(batch, Snapshot(core.sequence, core_to_plain(core)), prune_before_ns=0)
+            wal.append(batch, Snapshot(core.sequence, snapshot_of(core)), prune_before_ns=0)
         except format3.Unreadable as error:
             raise MigrationError(f"{data_dir}: {error}") from error
         finally:

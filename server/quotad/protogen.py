@@ -14,9 +14,11 @@ from pathlib import Path
 STUBS: dict[str, tuple[str, bool]] = {
     "quotad/v1/quotad.proto": ("client/quotad_contract/v1", True),
     "quotad/internal/log.proto": ("server/quotad/storage", False),
+    "quotad/internal/snapshot.proto": ("server/quotad/storage", False),
 }
 """Each proto -> (the folder, from the repository's root, its modules go to; gRPC services?).
-The contract's stubs go to the contract package; the log's records are the server's own."""
+The contract's stubs go to the contract package; the log's records and snapshots are the
+server's own."""
 PROTOC_PACKAGE = "quotad.v1"
 CONTRACT_PACKAGE = "quotad_contract.v1"
 

@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from quotad.core.machine import Core, IdempotencyEntry
-from quotad.storage.snapshot import core_from_plain
+from quotad.storage.snapshot import core_from_snapshot
 from quotad.storage.wal import WriteAheadLog, TornTail, recover_records
 
 log = logging.getLogger("quotad.writer")
 """The logger name its lines have always carried."""
+FORGET_EVERY_RECORDS = 8192
+"""While replaying, memory lets go of the keys and finished holds that the log answers for
+this often (every record replayed is durable), as the writer does after each batch: replay's
+memory stays that of the live state, not of every hold the log finished."""
 
 
-def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
+def recover(wal: WriteAheadLog, *, repair: bool = True,
+            forget_every_records: int = FORGET_EVERY_RECORDS) -> Core:
     """The core as the data directory left it: the latest snapshot, then every record after
     it replayed and checked. A torn tail that was never acknowledged is dropped and logged
     (with repair=False it is raised as TornTail and nothing is changed)."""
+    assert forget_every_records >= 1
+    with _collector_paused():
+        return _recover(wal, repair, forget_every_records)
+
+
+def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Core:
     snapshot = wal.load_snapshot()
-    core = core_from_plain(snapshot.plain) if snapshot is not None else Core()
+    core = core_from_snapshot(snapshot.encoded) if snapshot is not None else Core()
     assert snapshot is None or core.sequence == snapshot.sequence
     core.durable_idempotency = durable_idempotency(wal, core)
     core.durable_hold = wal.finished_hold
@@ -25,6 +39,8 @@ def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
     try:
         for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
             core.replay(record)
+            if record.sequence % forget_every_records == 0:
+                core.forget_durable(record.sequence)
     except TornTail as torn:
         if not repair:
             raise
@@ -48,3 +64,16 @@ def durable_idempotency(wal: WriteAheadLog, core: Core):
         return IdempotencyEntry(core.idempotency_fingerprint(record.command), record.answer,
                                 record.now_ns)
     return lookup
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Recovery makes millions of objects that live as long as the server and frees few that
+    are cyclic: the cyclic collector would walk the growing heap again and again for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -24,7 +24,7 @@ from quotad.core.errors import Refusal
 from quotad.core.machine import Core, Outcome
 from quotad.engine.clock import ServerClock
 from quotad.storage import snapshot_child
-from quotad.storage.snapshot import core_to_plain
+from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import WriteAheadLog, Snapshot
 
 log = logging.getLogger("quotad.writer")
@@ -198,7 +198,7 @@ class Writer:
                     return
                 if snapshot is not None:
                     self._stored_sequence = snapshot.sequence
-                    if snapshot.encoded is not None:
+                    if self._fork_snapshots:
                         self.snapshots += 1
                 if not batch:
                     continue
@@ -226,7 +226,7 @@ class Writer:
         if not (self._due() or (force and self.core.sequence > self._stored_sequence)):
             return None
         started = time.perf_counter()
-        snapshot = Snapshot(self.core.sequence, core_to_plain(self.core))
+        snapshot = Snapshot(self.core.sequence, snapshot_of(self.core))
         if not force:  # the one at a clean stop stalls nothing: nothing is served then
             self.snapshot_stall_s_max = max(self.snapshot_stall_s_max,
                                             time.perf_counter() - started)
@@ -262,7 +262,7 @@ class Writer:
                 log.warning("a snapshot child failed; the next one is due as usual",
                             extra={"error": str(error)})
         else:
-            self._ready = Snapshot(sequence, None, encoded=encoded)
+            self._ready = Snapshot(sequence, encoded)
             self._has_pending.set()
         finally:
             self._child = None

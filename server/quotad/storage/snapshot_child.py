@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 
 from quotad.core.machine import Core
-from quotad.storage.snapshot import core_to_plain
-from quotad.storage.wal import CorruptSnapshot, encode_snapshot, verify_snapshot
+from quotad.storage.snapshot import snapshot_of
+from quotad.storage.wal import CorruptSnapshot, verify_snapshot
 
 PARTIAL_GLOB = "snapshot-*.partial"
 _FD_MAX = 1 << 20
@@ -45,7 +45,7 @@ def start(core: Core, data_dir: Path) -> tuple[int, int, Path]:
             os.closerange(3, _FD_MAX)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
-            encoded = encode_snapshot(sequence, core_to_plain(core))
+            encoded = snapshot_of(core)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 view = memoryview(encoded)

@@ -6,7 +6,7 @@ writer's one dedicated thread. The data directory is locked exclusively (one ser
 
 Databases:
     log        sequence (8 bytes BE) -> record (codec.py: header + protobuf)
-    snapshot   b"latest" -> checksum, sequence, zlib(JSON of the core)   (snapshot.py)
+    snapshot   b"latest" -> checksum, sequence, the core (snapshot.py; before: zlib'd JSON)
     events     user number, time, sequence, index -> audit event         (ListEvents)
     holds      reservation id (12 bytes) -> a finished hold (written with the record that
                finished it; removed with its Reserve record)
@@ -24,10 +24,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,10 +82,8 @@ class CorruptSnapshot(Exception):
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     sequence: int
-    plain: dict[str, Any] | None
-    encoded: bytes | None = None
-    """The stored form when it was made elsewhere (by a snapshot child process); else it is
-    encoded from plain on the log thread."""
+    encoded: bytes
+    """The stored form: checksum, sequence, body (encode_snapshot)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,11 +178,8 @@ class WriteAheadLog:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
             if snapshot is not None:
-                encoded = snapshot.encoded
-                if encoded is None:
-                    assert snapshot.plain is not None
-                    encoded = encode_snapshot(snapshot.sequence, snapshot.plain)
-                txn.put(SNAPSHOT_KEY, encoded, db=self.snapshot_db)
+                assert _SNAPSHOT_HEADER.unpack_from(snapshot.encoded)[1] == snapshot.sequence
+                txn.put(SNAPSHOT_KEY, snapshot.encoded, db=self.snapshot_db)
                 self._prune(txn, snapshot.sequence, prune_before_ns)
             if fault_kind == "write-error" and self._appends == fault_at:
                 raise OSError(errno.EIO, "injected write error (QUOTAD_FAULT_INJECT)")
@@ -242,12 +235,12 @@ class WriteAheadLog:
     # --- reading --------------------------------------------------------------------------
 
     def load_snapshot(self) -> Snapshot | None:
+        """The latest snapshot, its checksum checked (CorruptSnapshot), or None."""
         with self.env.begin(db=self.snapshot_db, buffers=False) as txn:
             value = txn.get(SNAPSHOT_KEY)
         if value is None:
             return None
-        sequence = verify_snapshot(value)
-        return Snapshot(sequence, json.loads(zlib.decompress(value[_SNAPSHOT_HEADER.size:])))
+        return Snapshot(verify_snapshot(value), value)
 
     def snapshot_sequence(self) -> int:
         """The sequence the latest snapshot covers (0: none), without reading it whole."""
@@ -482,12 +475,15 @@ def verify_snapshot(value: bytes) -> int:
     return sequence
 
 
-def encode_snapshot(sequence: int, plain: dict[str, Any]) -> bytes:
-    """The stored form of a snapshot: checksum, sequence, zlib'd JSON."""
-    body = zlib.compress(json.dumps(plain, separators=(",", ":"),
-                                    ensure_ascii=False).encode("utf-8"), 1)
+def encode_snapshot(sequence: int, body: bytes) -> bytes:
+    """The stored form of a snapshot: checksum, sequence, the body (snapshot.py)."""
     unsigned = struct.pack(">Q", sequence) + body
     return hashlib.blake2b(unsigned, digest_size=16).digest() + unsigned
+
+
+def snapshot_body(encoded: bytes) -> bytes:
+    """What follows a stored snapshot's header (check it first: verify_snapshot)."""
+    return encoded[_SNAPSHOT_HEADER.size:]
 
 
 def _parse_fault(text: str) -> tuple[str, int]:

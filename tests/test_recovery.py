@@ -1,0 +1,98 @@
+"""Recovery over a real LMDB log: whether memory lets go of durable keys and finished holds
+after every replayed record or only at the end, replay makes every record again (answers
+included) and ends in the state the run ended with; and from a snapshot taken midway too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core_helpers import DAY, S, T0, group, plan, rid
+from quotad.core.commands import (
+    Commit, ExpireHolds, Release, Reserve, Track, UpsertPlan, UpsertSubscription,
+)
+from quotad.core.machine import Core
+from quotad.core.plans import Window
+from quotad.engine.recovery import durable_idempotency, recover
+from quotad.storage.codec import state_digest
+from quotad.storage.snapshot import snapshot_of
+from quotad.storage.wal import Snapshot, WriteAheadLog
+
+APP = "a"
+
+
+class _Run:
+    """A core driven as the writer drives it: each command's records made durable in their
+    own transaction, then what the log answers for leaves memory."""
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self.wal = wal
+        self.core = Core()
+        self.core.durable_idempotency = durable_idempotency(wal, self.core)
+        self.core.durable_hold = wal.finished_hold
+        self.now = T0
+
+    def apply(self, command: object, *, advance_ns: int = S) -> object:
+        self.now += advance_ns
+        outcome = self.core.apply(command, self.now)
+        if outcome.records:
+            self.wal.append(list(outcome.records))
+            self.core.forget_durable(self.core.sequence)
+        return outcome
+
+
+def _busy_log(wal: WriteAheadLog) -> tuple[_Run, bytes]:
+    run = _Run(wal)
+    run.apply(UpsertPlan(app=APP, plan=plan("p", group("tokens", 1000, Window.DAY),
+                                            group("all", 10**9, Window.LIFETIME))))
+    for user in ("u1", "u2"):
+        run.apply(UpsertSubscription(app=APP, user_id=user, plan_id="p"))
+    keyed = Reserve(app=APP, user_id="u1", event_type="chat", amount=10, ttl_ns=5 * S,
+                    idempotency_key="k1", reservation_id=rid(1))
+    assert run.apply(keyed).error is None
+    run.apply(Reserve(app=APP, user_id="u2", event_type="chat", amount=20,
+                      reservation_id=rid(2)))
+    run.apply(Release(app=APP, reservation_id=rid(2), idempotency_key="l2"))
+    midway = snapshot_of(run.core)
+    assert not run.apply(keyed).records  # a retry: the first answer, from the log
+    run.apply(ExpireHolds(), advance_ns=10 * S)  # rid(1) expires
+    assert run.apply(Commit(app=APP, reservation_id=rid(1), amount=7)).error is None
+    assert run.apply(Commit(app=APP, reservation_id=rid(2))).error is not None  # released
+    run.apply(Release(app=APP, reservation_id=rid(2), idempotency_key="l2"))  # retry: no-op
+    run.apply(Track(app=APP, user_id="u2", event_type="chat", amount=5, idempotency_key="t1"))
+    assert run.apply(Track(app=APP, user_id="u2", event_type="chat", amount=6,
+                           idempotency_key="t1")).error is not None  # another request
+    reused = Reserve(app=APP, user_id="u1", event_type="chat", amount=3,
+                     idempotency_key="k1", reservation_id=rid(3))
+    assert run.apply(reused, advance_ns=DAY + S).records  # past the key's retention: anew
+    assert run.apply(Commit(app=APP, reservation_id=rid(1))).error is not None  # forgotten
+    run.apply(Commit(app=APP, reservation_id=rid(3), amount=3, idempotency_key="c3"))
+    return run, midway
+
+
+@pytest.mark.parametrize("forget_every_records", [1, 3, 10**6])
+def test_replay_ends_in_the_live_state_however_often_memory_lets_go(
+        tmp_path: Path, forget_every_records: int):
+    wal = WriteAheadLog(tmp_path)
+    try:
+        run, _ = _busy_log(wal)
+        recovered = recover(wal, repair=False, forget_every_records=forget_every_records)
+        assert recovered.sequence == run.core.sequence
+        assert state_digest(recovered) == state_digest(run.core)
+    finally:
+        wal.close()
+
+
+@pytest.mark.parametrize("forget_every_records", [1, 10**6])
+def test_a_restart_from_a_snapshot_taken_midway_ends_in_the_live_state(
+        tmp_path: Path, forget_every_records: int):
+    wal = WriteAheadLog(tmp_path)
+    try:
+        run, midway = _busy_log(wal)
+        sequence = int.from_bytes(midway[16:24], "big")
+        wal.append([], Snapshot(sequence, midway))
+        recovered = recover(wal, repair=False, forget_every_records=forget_every_records)
+        assert state_digest(recovered) == state_digest(run.core)
+    finally:
+        wal.close()
