@@ -30,7 +30,8 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from pydantic import BaseModel, Field
-from quotad_client import AsyncHold, AsyncQuotaClient, FailedPrecondition, QuotadError, QuotaExceeded
+from quotad_client import (AsyncHold, AsyncQuotaClient, FailedPrecondition, QuotadError,
+                           QuotaExceeded)
 
 EVENT_TYPE = "openai.chat"
 PROMPT_OVERHEAD_TOKENS_MAX = 8
@@ -121,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import uvicorn  # only to serve: the tests drive the app through fastapi's TestClient
 
-    subscriptions = tuple(tuple(item.split(":", 1)) for item in args.subscribe)
+    subscriptions = tuple((user, plan) for user, _, plan in
+                          (item.partition(":") for item in args.subscribe))
     host, _, port = args.listen.rpartition(":")
     print(f"POST http://{args.listen}/v1/generate, guarded by quotad at {args.quotad}",
           flush=True)
-    uvicorn.run(create_app(args.quotad, subscriptions), host=host, port=int(port))  # type: ignore[arg-type]
+    uvicorn.run(create_app(args.quotad, subscriptions), host=host, port=int(port))
     return 0
 
 
