@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from quotad.core import limits
-from quotad import logs
+from quotad import health_check, logs
+from quotad.health_check import HEALTH_TIMEOUT_S_DEFAULT
 from quotad_contract.plans import PlansFileError
 from quotad.storage.codec import state_digest
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog
@@ -174,6 +175,21 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
     )
     move.add_argument("--data-dir", type=Path, default=Path("./quotad-data"), metavar="DIR",
                       help="(default: %(default)s)")
+    probe = commands.add_parser(
+        "health", help="ask a running server whether it serves (grpc.health.v1)",
+        description="Ask a running server over grpc.health.v1 whether it serves, for container "
+                    "and orchestrator health checks. Prints what it answered; exits 0 when it "
+                    "is SERVING, 1 otherwise (starting, draining, unreachable, no answer in "
+                    "time). Needs no API key.",
+    )
+    probe.add_argument("--target", default="127.0.0.1:50051", metavar="HOST:PORT",
+                       help="the server's gRPC address (default: %(default)s)")
+    probe.add_argument("--tls-root-cert", type=Path, metavar="CA.pem",
+                       help="connect over TLS, trusting this PEM root certificate "
+                            "(default: plaintext)")
+    probe.add_argument("--timeout-s", type=float, default=HEALTH_TIMEOUT_S_DEFAULT,
+                       metavar="SECONDS", help="wait at most this long for the answer "
+                                               "(default: %(default)s)")
     return root
 
 
@@ -202,11 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     # which is below: the server is imported only now. Set here, in the server's process, and
     # not on importing quotad, since a library must leave its user's process as it finds it.
     os.environ.setdefault(FORK_SUPPORT_ENV, "false")
+    args = parser().parse_args(argv)
+    if args.command == "health":
+        return health_check.check(args.target, tls_root_cert=args.tls_root_cert,
+                                  timeout_s=args.timeout_s)
     from quotad import config_file
     from quotad.config_file import ConfigFileError
     from quotad.server import Config, serve
 
-    args = parser().parse_args(argv)
     if sys.flags.optimize:  # serve and verify both apply commands to the core
         print("quotad: refusing to run under python -O or PYTHONOPTIMIZE (sys.flags.optimize="
               f"{sys.flags.optimize}): it strips the asserts that check the core's invariants",
