@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import self_signed_certificate
 from server_process import ServerProcess
 
 COMMAND_TIMEOUT_S = 60.0
@@ -25,12 +26,7 @@ def quotad_health(*args: str) -> subprocess.CompletedProcess[str]:
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
     """One server with TLS (a self-signed certificate for 127.0.0.1) for the whole module."""
     folder = tmp_path_factory.mktemp("health")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=COMMAND_TIMEOUT_S)
+    cert, key = self_signed_certificate(folder)
     process = ServerProcess(folder / "data",
                             extra_args=("--tls-cert", str(cert), "--tls-key", str(key))).start()
     try:

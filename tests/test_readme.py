@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import OPENSSL_TIMEOUT_S
+from conftest import self_signed_certificate
 from quotad_client import QuotaClient
 from quotad_contract.plans import load_plans_file
 from server_process import EXAMPLE_PLANS, ROOT, ServerProcess
@@ -83,12 +83,7 @@ def open_server(tmp_path_factory) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
     folder = tmp_path_factory.mktemp("keyed")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=OPENSSL_TIMEOUT_S)
+    cert, key = self_signed_certificate(folder)
     process = ServerProcess(
         folder / "data", plans=None, env={"QUOTAD_ADMIN_KEY": ADMIN_KEY},
         extra_args=("--tls-cert", str(cert), "--tls-key", str(key),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import quotad_client as qc
-from conftest import OPENSSL_TIMEOUT_S
+from conftest import self_signed_certificate
 from server_process import ServerProcess
 
 CALL_TIMEOUT_S = 3.0
@@ -22,12 +22,7 @@ SUBPROCESS_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
     folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=OPENSSL_TIMEOUT_S)
+    cert, key = self_signed_certificate(folder)
     process = ServerProcess(folder / "data",
                             extra_args=("--tls-cert", str(cert), "--tls-key", str(key))).start()
     try:
