@@ -11,10 +11,12 @@ from dataclasses import replace
 
 import pytest
 
-from core_helpers import MINUTE, S, Harness, digest, fields_of, group, plan
+from core_helpers import MINUTE, S, Harness, digest, fields_of, group, plan, replay_all
 from quotad.core import limits
 from quotad.core.errors import InvalidArgument
 from quotad.core.plans import Cost, Kind, LimitGroup, Plan, Window
+from quotad.storage.codec import decode_record, encode_record, record_key
+from quotad.storage.snapshot import core_from_plain, core_to_plain
 
 
 def bucket(quota: int = 60, period_ns: int = MINUTE, *, key: str = "tpm",
@@ -187,6 +189,23 @@ def test_reads_change_nothing_and_a_denial_makes_no_record() -> None:
     h.usage("alice")
     h.reserve("alice", 60)
     assert h.digest() == before and len(h.records) == records
+
+
+# --- replay, the log and snapshots --------------------------------------------------------
+
+
+def test_a_bucket_replays_through_the_log_encoding_and_a_snapshot_to_the_same_state() -> None:
+    h = Harness().setup(bucket_plan(bucket(quota=13, period_ns=11 * S)), "alice")
+    for step in range(20):
+        h.advance(S // 3 + step)
+        outcome = h.reserve("alice", 1 + step % 4, ttl_ns=2 * S)
+        if outcome.allowed and step % 3 == 0:
+            h.commit(outcome.reservation_id, step % 2)
+        h.expire()
+    decoded = [decode_record(record_key(r.sequence), encode_record(r)) for r in h.records]
+    assert decoded == h.records
+    assert digest(replay_all(decoded)) == h.digest()
+    assert digest(core_from_plain(core_to_plain(h.core))) == h.digest()
 
 
 # --- validation ---------------------------------------------------------------------------
