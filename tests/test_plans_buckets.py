@@ -26,7 +26,7 @@ def plan_with(**group_fields) -> dict:
 def test_a_rate_group_reads_as_the_contracts_kind_and_period():
     group = plan_from_dict(plan_with(kind="rate", period_s=60)).limit_groups[0]
     assert (group.kind, group.period.seconds, group.period.nanos) == (pb.LIMIT_KIND_RATE, 60, 0)
-    assert group.window == pb.WINDOW_UNSPECIFIED  # a bucket has no calendar window
+    assert group.window == pb.LIFETIME  # a bucket has no calendar window
     quota = plan_from_dict(plan_with(kind="quota", window="day")).limit_groups[0]
     assert quota.kind == pb.LIMIT_KIND_UNSPECIFIED and not quota.HasField("period")
 
@@ -74,3 +74,25 @@ def test_quotad_serve_names_a_rate_groups_missing_period_and_window_as_in_the_fi
         refused.stderr)
     assert "plans[0].limit_groups[0].window: a rate group refills over its period" in (
         refused.stderr)
+
+
+BUCKET_PLANS = ROOT / "examples" / "buckets.toml"
+
+
+def test_quotactl_applies_and_shows_a_rate_bucket_and_reads_it_back_unchanged(start_server):
+    import json
+
+    from test_ctl import quotactl
+
+    address = start_server(plans=None).address
+    first = quotactl(address, "plans", "apply", str(BUCKET_PLANS))
+    assert first.returncode == 0, first.stderr
+    line = ("tokens_per_minute (Tokens per minute): 40000 tokens a bucket refilled every 60 s; "
+            "events openai.*")
+    assert f"  + {line}" in first.stdout
+    again = quotactl(address, "plans", "apply", str(BUCKET_PLANS))
+    assert "1 unchanged; nothing to apply" in again.stdout  # read back as it was written
+    assert quotactl(address, "plans", "show", "chat").stdout.splitlines()[1] == f"  {line}"
+    bucket = json.loads(quotactl(address, "plans", "show", "chat", "--json").stdout)[
+        "limit_groups"][0]
+    assert (bucket["kind"], bucket["period_s"], "window" in bucket) == ("rate", 60, False)

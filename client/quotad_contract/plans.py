@@ -169,6 +169,8 @@ def _kind_and_period(group: Mapping[str, Any], message: pb.LimitGroup, where: st
                          f"{', '.join(KIND_NAMES)}")
     if kind.lower() != "quota":  # the contract's default: left unset, as the server answers it
         message.kind = pb.LimitKind.Value(f"LIMIT_KIND_{kind.upper()}")
+    if message.kind == pb.LIMIT_KIND_RATE and "window" not in group:
+        message.window = pb.LIFETIME  # a bucket has no calendar window: as the server answers
     if "period_s" not in group:  # a rate group without one: the server names it
         return
     period_s = group["period_s"]
