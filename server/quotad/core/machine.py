@@ -719,6 +719,8 @@ class Core:
         self._check_counter_room(counters, counted)
         for (group, _), counter, amount in zip(groups, counters, counted):
             counter.used = max(0, counter.used + amount)
+            if counter.used == 0:  # a bucket a refund fills has no part-token refilled
+                counter.refill_carry = 0
             user.counters[(group.key, group.window)] = counter
         views = tuple(self._view(g, c) for (g, _), c in zip(groups, counters))
         self._audit("track", command.app, command.user_id, command.event_type, command.amount,
