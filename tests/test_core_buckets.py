@@ -202,6 +202,11 @@ def test_a_bucket_replays_through_the_log_encoding_and_a_snapshot_to_the_same_st
         if outcome.allowed and step % 3 == 0:
             h.commit(outcome.reservation_id, step % 2)
         h.expire()
+    h.advance(3 * S)  # every hold has expired
+    h.track("alice", 13)
+    denied = h.reserve("alice", 5, key="denied")  # a keyed answer: the log keeps it whole
+    assert denied.fits_at_ns is not None and denied.counters[0].full_at_ns is not None
+    assert h.track("alice", 5, enforce=True, key="refused").fits_at_ns == denied.fits_at_ns
     decoded = [decode_record(record_key(r.sequence), encode_record(r)) for r in h.records]
     assert decoded == h.records
     assert digest(replay_all(decoded)) == h.digest()
