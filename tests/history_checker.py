@@ -49,6 +49,17 @@ Costs. A group with a cost counts amount x rate; a call's `rates` give the rate 
 hold's rates are its Reserve's, and its Commit counts at them (the server fixes them when the
 hold is taken). Every amount above, held, used, admitted or denied, is the counted one.
 
+Rate buckets. `check_buckets` proves the bucket invariant from the server's own times: no
+bucket ever grants more than its capacity plus its refill. For every interval [a, b] of the
+server times of allowed Reserves, what the holds taken in it kept for good (a successful
+Commit's counted amount; a hold released, expired or of unknown end keeps at least nothing)
+is at most capacity + capacity x (b - a) // period + 1. Why it holds for a correct server:
+what is taken in [a, b] and not given back by b sits in the bucket at b (at most its
+capacity), or has refilled within [a, b] (at most that much, the 1 for the carried part of a
+token); a hold's tokens refill only from its commit, which makes it stricter still. Only
+Reserve and Commit of at most the reserved amount may touch a checked bucket: a Track could
+take tokens with no time of its own to check.
+
 `Report.exact(user, group, t)` gives (used, held) at time t when the bounds meet there (every
 call before t finished with a definite answer and no hold could be expiring around t), for the
 final cross-check against GetUsage.
@@ -118,6 +129,9 @@ class Call:
     allowed: bool = True
     denied_by: str = ""
     counters: tuple[Observed, ...] = ()
+    server_ns: int | None = None
+    """The server's time the call was applied at, when its answer says so (an allowed
+    Reserve's: its expires_at less its ttl). Rate buckets are checked on it."""
 
     @property
     def ok(self) -> bool:
@@ -430,3 +444,94 @@ def check(history: Sequence[Call], quotas: Mapping[tuple[str, str], int], *,
                   justified_denials=justified, undetermined_denials=undetermined,
                   counter_mismatches=mismatches, anomalies=anomalies, codes=codes,
                   series=series)
+
+
+# --- rate buckets ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BucketOverdraw:
+    """Holds taken from start_ns to end_ns (server time) kept more than the bucket allows."""
+
+    user: str
+    group: str
+    start_ns: int
+    end_ns: int
+    kept: int
+    allowed: int
+
+
+@dataclass
+class BucketReport:
+    grants: int
+    overdraws: list[BucketOverdraw]
+    least_slack: float | None
+    """The least any interval kept below its bound (capacity + refill + 1), in tokens: near
+    0 is a bucket taken to its very limit, negative an overdraw; None without grants."""
+
+
+def check_buckets(history: Sequence[Call],
+                  buckets: Mapping[tuple[str, str], tuple[int, int]]) -> BucketReport:
+    """Checks every (user, group) of `buckets`, each (capacity, period_ns), against the
+    bucket invariant (see the module's prose)."""
+    commits: dict[str, int] = {}
+    reserves: dict[str, Call] = {}
+    for index, call in enumerate(history):
+        touched = [g for g in call.groups if (call.user, g) in buckets]
+        if call.kind == "track" and touched:
+            raise OutsideModel(f"call {index}: a Track of a checked bucket")
+        if call.kind == "reserve":
+            reserves[call.hold] = call
+            if touched and call.ok and call.allowed and call.server_ns is None:
+                raise OutsideModel(f"call {index}: an allowed Reserve without its server time")
+        elif call.kind == "commit" and call.ok:
+            reserved = reserves[call.hold].amount
+            amount = reserved if call.amount is None else call.amount
+            if amount > reserved:
+                raise OutsideModel(f"call {index}: commit above the reserved amount")
+            if call.hold in commits:
+                raise OutsideModel(f"call {index}: hold {call.hold!r} committed twice")
+            commits[call.hold] = amount
+    taken: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    for label, reserve in reserves.items():
+        if not (reserve.ok and reserve.allowed):
+            continue
+        for group, rate in reserve.rated:
+            if (reserve.user, group) in buckets:
+                taken[(reserve.user, group)].append(
+                    (reserve.server_ns, commits.get(label, 0) * rate))
+    overdraws: list[BucketOverdraw] = []
+    slacks = []
+    for (user, group), grants in sorted(taken.items()):
+        capacity, period_ns = buckets[(user, group)]
+        found, slack = _overdraws(user, group, sorted(grants), capacity, period_ns)
+        overdraws.extend(found)
+        slacks.append(slack)
+    return BucketReport(grants=sum(len(g) for g in taken.values()), overdraws=overdraws,
+                        least_slack=min(slacks, default=None))
+
+
+def _overdraws(user: str, group: str, grants: list[tuple[int, int]], capacity: int,
+               period_ns: int) -> tuple[list[BucketOverdraw], float]:
+    """Every interval [t_i, t_j] of the grants, sorted by time: kept(i..j) <= capacity +
+    refill + 1, with refill = capacity x (t_j - t_i) / period_ns exact (so at least its
+    floor). Times period_ns: (kept(..j) x P - capacity x t_j) - (kept(..i-1) x P - capacity x
+    t_i) <= (capacity + 1) x P, so one pass keeping the least second term so far finds the
+    worst interval ending at each grant. Returns those that overdraw, and the least slack in
+    tokens."""
+    found: list[BucketOverdraw] = []
+    kept_before = [0]  # kept_before[i]: what grants[:i] kept
+    least = (INF, 0)  # (kept_before[i] x P - capacity x t_i, i)
+    bound = (capacity + 1) * period_ns
+    least_slack = INF
+    for j, (time_ns, kept) in enumerate(grants):
+        least = min(least, (kept_before[j] * period_ns - capacity * time_ns, j))
+        kept_before.append(kept_before[j] + kept)
+        slack = bound - (kept_before[j + 1] * period_ns - capacity * time_ns - least[0])
+        least_slack = min(least_slack, slack / period_ns)
+        if slack < 0:
+            start_ns = grants[least[1]][0]
+            found.append(BucketOverdraw(
+                user, group, start_ns, time_ns, kept_before[j + 1] - kept_before[least[1]],
+                capacity + capacity * (time_ns - start_ns) // period_ns + 1))
+    return found, least_slack

@@ -53,6 +53,9 @@ def group_at_every_limit(key_tail: str = "", quota: int = limits.QUOTA_MAX) -> p
                         for j in range(limits.METADATA_MATCH_VALUES_MAX)])
                 for i in range(limits.METADATA_MATCHES_PER_GROUP_MAX)]),
         enforce=False,  # set is the longer: unset is the default, true
+        kind=pb.LIMIT_KIND_RATE,  # a bucket, with the longest period within the limit
+        period=Duration(seconds=limits.RATE_PERIOD_NS_MAX // limits.NS_PER_S - 1,
+                        nanos=limits.NS_PER_S - 1),
         cost=pb.Cost(by=text(limits.METADATA_KEY_BYTES_MAX, "k"),
                      rates={text(limits.METADATA_VALUE_BYTES_MAX, "r", f"{i:03d}"):
                             limits.COST_RATE_MAX

@@ -91,6 +91,8 @@ MATCH_VALUES_MAX = limits.METADATA_MATCH_VALUES_MAX
 PLAN_BYTES_MAX = limits.PLAN_BYTES_MAX
 RATES_MAX = limits.COST_RATES_PER_GROUP_MAX
 RATE_MAX = limits.COST_RATE_MAX
+PERIOD_NS_MIN, PERIOD_NS_MAX = limits.RATE_PERIOD_NS_MIN, limits.RATE_PERIOD_NS_MAX
+NS_PER_S = limits.NS_PER_S
 TIME_ZONE_MAX = limits.TIME_ZONE_BYTES_MAX
 BILLING_CUSTOMER_ID_MAX = limits.BILLING_CUSTOMER_ID_BYTES_MAX
 SUBSCRIPTIONS_PAGE_SIZE_MAX = limits.SUBSCRIPTIONS_PAGE_SIZE_MAX
@@ -422,8 +424,15 @@ def group_violations(group: pb.LimitGroup, where: str) -> set[str]:
     _text(bad, f"{where}.unit", group.unit, 0, GROUP_UNIT_MAX)
     if not 0 <= group.quota <= QUOTA_MAX:
         bad.add(f"{where}.quota")
-    if group.window not in (pb.MINUTE, pb.HOUR, pb.DAY, pb.WEEK, pb.MONTH, pb.LIFETIME):
-        bad.add(f"{where}.window")
+    rate = group.kind == pb.LIMIT_KIND_RATE
+    if group.kind not in (pb.LIMIT_KIND_UNSPECIFIED, pb.LIMIT_KIND_QUOTA, pb.LIMIT_KIND_RATE):
+        bad.add(f"{where}.kind")
+    if group.window not in ((pb.WINDOW_UNSPECIFIED, pb.LIFETIME) if rate else (
+            pb.MINUTE, pb.HOUR, pb.DAY, pb.WEEK, pb.MONTH, pb.LIFETIME)):
+        bad.add(f"{where}.window")  # a bucket has no calendar window
+    period_ns = duration_ns(group.period) if group.HasField("period") else 0
+    if not (PERIOD_NS_MIN <= period_ns <= PERIOD_NS_MAX if rate else period_ns == 0):
+        bad.add(f"{where}.period")  # a rate group's, 1 s ... 31 days; a quota has none
     if len(group.match.event_types) > PATTERNS_MAX:
         bad.add(f"{where}.match.event_types")
     for j, pattern in enumerate(group.match.event_types):
@@ -443,6 +452,17 @@ def group_violations(group: pb.LimitGroup, where: str) -> set[str]:
     if group.HasField("cost"):
         bad |= cost_violations(group.cost, f"{where}.cost")
     return bad
+
+
+def duration_ns(duration: Duration) -> int:
+    """A Duration's ns; -1 for one the wire cannot mean (nanos outside 0 ... 10^9 - 1)."""
+    if not 0 <= duration.nanos < NS_PER_S:
+        return -1
+    return duration.seconds * NS_PER_S + duration.nanos
+
+
+def period(ns: int) -> Duration:
+    return Duration(seconds=ns // NS_PER_S, nanos=ns % NS_PER_S)
 
 
 def cost_violations(cost: pb.Cost, where: str) -> set[str]:
@@ -1194,6 +1214,36 @@ def cost_cases(add) -> None:
         invalid("plan.limit_groups[0].quota"))
 
 
+def bucket_cases(add) -> None:
+    """A rate group's kind, period and window, each past its limit; at the limits the group
+    is taken and only its bad quota is named."""
+    def bucket(**fields) -> pb.LimitGroup:
+        return group(**{"kind": pb.LIMIT_KIND_RATE, "window": pb.WINDOW_UNSPECIFIED,
+                        "period": Duration(seconds=60), **fields})
+
+    without_period = bucket()
+    without_period.ClearField("period")
+    for name, made, where in (
+            ("rate-without-period", without_period, "period"),
+            ("rate-period-0", bucket(period=Duration()), "period"),
+            ("rate-period-below-1-s", bucket(period=period(PERIOD_NS_MIN - 1)), "period"),
+            ("rate-period-past-31-days", bucket(period=period(PERIOD_NS_MAX + 1)), "period"),
+            ("rate-period-negative", bucket(period=Duration(seconds=-60)), "period"),
+            ("rate-period-malformed-nanos", bucket(period=Duration(seconds=60, nanos=-1)),
+             "period"),
+            ("rate-period-int64-seconds", bucket(period=Duration(seconds=INT64_MAX)), "period"),
+            ("rate-window-day", bucket(window=pb.DAY), "window"),
+            ("rate-window-unknown", bucket(window=7), "window"),
+            ("quota-with-period", group(period=Duration(seconds=60)), "period"),
+            ("kind-unknown", group(kind=7), "kind"),
+            ("kind-negative", group(kind=-1), "kind")):
+        add(name, "UpsertPlan", plan(made), invalid(f"plan.limit_groups[0].{where}"))
+    for ns in (PERIOD_NS_MIN, PERIOD_NS_MAX):
+        add(f"rate-period-of-{ns}-ns-and-a-bad-quota", "UpsertPlan",
+            plan(bucket(period=period(ns), window=pb.LIFETIME, quota=-1)),
+            invalid("plan.limit_groups[0].quota"))
+
+
 def groups(n: int) -> list[pb.LimitGroup]:
     return [group(key=f"g{i}") for i in range(n)]
 
@@ -1394,6 +1444,7 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
              "match.metadata[0].values")):
         add(name, "UpsertPlan", plan(group(**fields)), invalid(f"plan.limit_groups[0].{where}"))
     cost_cases(add)
+    bucket_cases(add)
     # team's spend counts 10 per gpt-4o unit, 2 per unit of an unpriced model
     for name, rpc, request, expected in (
             ("gpt-4o-amount-times-10-at-amount-max", "Reserve", pb.ReserveRequest(
@@ -1780,7 +1831,20 @@ ZONES_BAD = st.one_of(st.sampled_from(BAD_ZONES), text_over(TIME_ZONE_MAX),
                       text_between(0, 40).map(lambda t: "Nowhere/" + t))
 GROUP_FAULTS = st.frozensets(st.sampled_from(
     ["key", "label", "unit", "quota", "window", "patterns", "pattern", "constraints",
-     "constraint_key", "values", "value"]), max_size=2)
+     "constraint_key", "values", "value", "kind", "period"]), max_size=2)
+KIND_OK = st.sampled_from([pb.LIMIT_KIND_UNSPECIFIED] * 3 + [pb.LIMIT_KIND_QUOTA,
+                                                             pb.LIMIT_KIND_RATE])
+KIND_BAD = st.sampled_from([3, 7, -1, INT32_MAX, INT32_MIN])
+RATE_WINDOW_OK = st.sampled_from([pb.WINDOW_UNSPECIFIED, pb.LIFETIME])
+RATE_WINDOW_BAD = st.sampled_from([pb.MINUTE, pb.HOUR, pb.DAY, pb.WEEK, pb.MONTH, 7, -1])
+PERIOD_OK = st.builds(period, st.integers(PERIOD_NS_MIN, PERIOD_NS_MAX))
+PERIOD_BAD = st.one_of(
+    st.none(), st.builds(period, st.integers(0, PERIOD_NS_MIN - 1)),
+    st.builds(period, st.integers(PERIOD_NS_MAX + 1, 2**62)),
+    st.builds(Duration, seconds=st.integers(-(2**40), -1)),
+    st.builds(Duration, seconds=st.integers(1, 100),
+              nanos=st.sampled_from([-1, NS_PER_S, INT32_MIN])))
+"""A rate group's period past its limits (None: left out)."""
 PATTERNS_OK = st.lists(st.sampled_from(["*", "openai.*", "chat", "a.b.*", "x.y", "."])
                        | text_between(1, EVENT_TYPE_MAX), max_size=3)
 PATTERN_BAD = st.one_of(st.sampled_from(BAD_PATTERNS), text_over(EVENT_TYPE_MAX),
@@ -2014,8 +2078,21 @@ class Draws:
             unit=self.field(draw, bad, "unit", text_between(0, GROUP_UNIT_MAX),
                             text_over(GROUP_UNIT_MAX)),
             quota=self.field(draw, bad, "quota", ints_in(0, QUOTA_MAX), ints_out(0, QUOTA_MAX)),
-            window=self.field(draw, bad, "window", WINDOW_OK, WINDOW_BAD),
-            match=pb.Match(event_types=patterns, metadata=constraints))
+            match=pb.Match(event_types=patterns, metadata=constraints),
+            **self._kind_window_period(draw, bad))
+
+    def _kind_window_period(self, draw, bad: frozenset) -> dict:
+        """A calendar quota's window, or a rate group's period and no calendar window."""
+        kind = self.field(draw, bad, "kind", KIND_OK, KIND_BAD)
+        rate = kind == pb.LIMIT_KIND_RATE
+        fields = dict(kind=kind, window=self.field(
+            draw, bad, "window", RATE_WINDOW_OK if rate else WINDOW_OK,
+            RATE_WINDOW_BAD if rate else WINDOW_BAD))
+        period_ = self.field(draw, bad, "period", PERIOD_OK if rate else st.none(),
+                             PERIOD_BAD if rate else PERIOD_OK)
+        if period_ is not None:
+            fields["period"] = period_
+        return fields
 
     def _UpsertPlan(self, draw):
         shape = draw(st.integers(0, 19))

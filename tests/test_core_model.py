@@ -2,7 +2,9 @@
 
 The model is plain dicts written from protos/DESIGN.md: which groups each event hits is a
 hand-made table (not the core's matcher), a cost's rate is a dict lookup made here (a group
-whose cost has no rate for the event does not match), every group may be drawn soft, windows are computed with modular arithmetic for
+whose cost has no rate for the event does not match), every group may be drawn soft, a rate
+bucket is kept as its debt in tokens x period_ns (not the core's tokens and carried remainder),
+windows are computed with modular arithmetic for
 fixed-offset zones (not zoneinfo), and every answer is predicted before the core gives it. After
 every step the invariants compare the core's state with the model and check the contract's
 invariants. Crashes are rules too: one drops every record after the last sync and rebuilds from
@@ -31,7 +33,7 @@ from quotad.core.commands import (
 from quotad.core.holds import HoldState
 from quotad.core.machine import Core
 from quotad.core.errors import AlreadyExists, FailedPrecondition, NotFound
-from quotad.core.plans import Cost, Window
+from quotad.core.plans import Cost, Kind, Window
 from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
@@ -49,16 +51,20 @@ GROUPS = (  # key, window, event types, metadata constraints; in plan order
     ("prem", Window.DAY, ("openai.*",), {"model": ("gpt-4o",)}),
     ("life", Window.LIFETIME, ("image.render",), None),
     ("spend", Window.HOUR, ("openai.*", "anthropic.*"), None),  # with a cost by model
+    ("rate", Window.LIFETIME, ("openai.*", "anthropic.*"), None),  # a token bucket
 )
 KEYS = tuple(g[0] for g in GROUPS)
 WINDOW_OF = {g[0]: g[1] for g in GROUPS}
 COSTED = "spend"
+BUCKET = "rate"
+PERIOD = st.sampled_from([7 * S, HOUR, DAY, DAY])
+"""A bucket's period, drawn once a run: a plan edit changes its quota, never its period."""
 
 EVENTS = (  # event type, metadata, the groups whose match rule it meets (by hand)
-    ("openai.chat", {"model": "gpt-4o"}, ("all", "chat", "prem", "spend")),
-    ("openai.chat", {"model": "gpt-3.5"}, ("all", "chat", "spend")),
-    ("openai.images", {}, ("all", "chat", "spend")),
-    ("anthropic.chat", {"model": "gpt-4o"}, ("all", "spend")),
+    ("openai.chat", {"model": "gpt-4o"}, ("all", "chat", "prem", "spend", "rate")),
+    ("openai.chat", {"model": "gpt-3.5"}, ("all", "chat", "spend", "rate")),
+    ("openai.images", {}, ("all", "chat", "spend", "rate")),
+    ("anthropic.chat", {"model": "gpt-4o"}, ("all", "spend", "rate")),
     ("image.render", {}, ("all", "life")),
     ("openai", {"model": "gpt-4o"}, ()),  # the bare prefix matches nothing
     ("audio.speech", {}, ()),
@@ -93,15 +99,17 @@ USERS = {"u1": ("UTC", 0), "u2": ("Asia/Kolkata", 5 * 3600 + 1800)}  # fixed off
 QUOTA = st.sampled_from([0, 20, 30, 45, 60, 80, 100, 150])  # 0 only now and then
 AMOUNT = st.integers(min_value=1, max_value=30)
 TTL = st.sampled_from([1 * S, 5 * S, 30 * S, 60 * S, 3600 * S])
-ADVANCE = st.sampled_from([1, S, 7 * S, 59 * S, 61 * S, 10 * MINUTE, HOUR, 6 * HOUR, DAY,
-                           RET + S])
+ADVANCE = st.sampled_from([1, S // 3, S, 7 * S, 59 * S, 61 * S, 10 * MINUTE, HOUR, 6 * HOUR,
+                           DAY, RET + S])
 
 
-def plan_of(quota: dict[str, int], pricing: Pricing = Pricing()):
+def plan_of(quota: dict[str, int], pricing: Pricing = Pricing(), period_ns: int = MINUTE):
     groups = []
     for key, window, types, constraints in GROUPS:
         made = dataclasses.replace(group(key, quota[key], window, types, constraints),
                                    enforce=key not in pricing.soft)
+        if key == BUCKET:
+            made = dataclasses.replace(made, kind=Kind.RATE, period_ns=period_ns)
         if key == COSTED:
             made = dataclasses.replace(made, cost=Cost(by="model", rates=pricing.rates,
                                                        default_rate=pricing.default_rate))
@@ -123,6 +131,11 @@ class MCounter:
     end: int | None
     used: int = 0
     held: int = 0
+    debt: int = 0
+    """The bucket's: tokens x period_ns not yet refilled; its used is debt / period_ns,
+    rounded up (a token is back only whole)."""
+    at: int = 0
+    """The bucket's: the time its debt was last refilled to."""
 
 
 @dataclass
@@ -137,8 +150,8 @@ class MHold:
 
 
 def vt(view) -> tuple:
-    """A counter view's numbers, overage last."""
-    return view_tuple(view) + (view.overage,)
+    """A counter view's numbers, then its overage and when it is full."""
+    return view_tuple(view) + (view.overage, view.full_at_ns)
 
 
 class QuotaMachine(RuleBasedStateMachine):
@@ -151,6 +164,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self.snapshot: tuple[int, bytes] | None = None
         self.quota = {key: 0 for key in KEYS}
         self.pricing = Pricing()
+        self.period = MINUTE
         self.counters: dict[tuple[str, str], MCounter] = {}
         self.holds: dict[str, MHold] = {}
         self.overage: set[tuple[str, str, int]] = set()
@@ -199,14 +213,56 @@ class QuotaMachine(RuleBasedStateMachine):
 
     def current(self, user: str, key: str) -> MCounter:
         counter = self.counters.get((user, key))
+        if key == BUCKET:
+            return self.refilled(counter or MCounter(0, None, at=self.now))
         if counter is not None and (counter.end is None or self.now < counter.end):
             return counter
         return MCounter(*model_window(WINDOW_OF[key], USERS[user][1], self.now))
 
+    def refilled(self, c: MCounter) -> MCounter:
+        """A copy of the bucket as it is now: a read stores nothing."""
+        debt = max(0, c.debt - self.quota[BUCKET] * (self.now - c.at))
+        return dataclasses.replace(c, debt=debt, at=self.now)
+
+    def used(self, key: str, c: MCounter) -> int:
+        return -(-c.debt // self.period) if key == BUCKET else c.used
+
+    def add_used(self, key: str, c: MCounter, amount: int) -> None:
+        if key == BUCKET:
+            c.debt = max(0, c.debt + amount * self.period)
+        else:
+            c.used = max(0, c.used + amount)
+
+    def after_refill(self, debt_to_drop: int) -> int | None:
+        """When the bucket will have refilled debt_to_drop (tokens x period_ns)."""
+        if debt_to_drop <= 0:
+            return self.now
+        quota = self.quota[BUCKET]
+        return None if quota == 0 else self.now + -(-debt_to_drop // quota)
+
     def view(self, key: str, c: MCounter) -> tuple:
-        quota = self.quota[key]
-        return (key, quota, c.used, c.held, max(0, quota - c.used - c.held), c.start, c.end,
-                max(0, c.used + c.held - quota))
+        quota, used = self.quota[key], self.used(key, c)
+        full_at = self.after_refill(c.debt) if key == BUCKET else None
+        return (key, quota, used, c.held, max(0, quota - used - c.held), c.start, c.end,
+                max(0, used + c.held - quota), full_at)
+
+    def fits_at(self, hits, counters, amount: int) -> int | None:
+        """When a denied request fits every hard group: a bucket refilled, a window reset."""
+        at = self.now
+        for (key, rate), c in zip(hits, counters):
+            counted = amount * rate
+            if key in self.pricing.soft or self.used(key, c) + c.held + counted <= self.quota[
+                    key]:
+                continue
+            if key == BUCKET:
+                room = self.quota[key] - c.held - counted
+                fits = None if room < 0 else self.after_refill(c.debt - room * self.period)
+            else:
+                fits = c.end if counted <= self.quota[key] else None
+            if fits is None:
+                return None
+            at = max(at, fits)
+        return at
 
     def hits(self, event_met: tuple[str, ...], metadata) -> list[tuple[str, int]]:
         """(group, rate) of each group the event hits: those whose match rule it meets, less
@@ -254,7 +310,7 @@ class QuotaMachine(RuleBasedStateMachine):
         """The first hard group the amount, at its rate, does not fit in; soft ones never deny."""
         return next((key for (key, rate), c in zip(hits, counters)
                      if key not in self.pricing.soft
-                     and c.used + c.held + amount * rate > self.quota[key]), "")
+                     and self.used(key, c) + c.held + amount * rate > self.quota[key]), "")
 
     def do_reserve(self, command: Reserve, event_met: tuple[str, ...]) -> None:
         expired = self.model_expire()
@@ -275,6 +331,7 @@ class QuotaMachine(RuleBasedStateMachine):
         result = self.apply(command, expired, main).result
         assert result.allowed == (not denied) and result.denied_by == denied
         assert [vt(v) for v in result.counters] == views
+        assert result.fits_at_ns == (self.fits_at(hits, counters, amount) if denied else None)
         if denied:
             assert result.reservation_id == "" and result.expires_at_ns == 0
         else:
@@ -292,7 +349,7 @@ class QuotaMachine(RuleBasedStateMachine):
             denied = self.first_without_room(hits, counters, amount)
         if not denied:
             for (key, rate), c in zip(hits, counters):
-                c.used = max(0, c.used + amount * rate)
+                self.add_used(key, c, amount * rate)
                 self.counters[(user, key)] = c
                 if amount > 0 and not command.enforce:
                     self.overage.add((user, key, c.start))
@@ -302,6 +359,7 @@ class QuotaMachine(RuleBasedStateMachine):
         result = self.apply(command, expired, main).result
         assert result.allowed == (not denied) and result.denied_by == denied
         assert [vt(v) for v in result.counters] == views
+        assert result.fits_at_ns == (self.fits_at(hits, counters, amount) if denied else None)
         self.remember("Track", command, result)
 
     def do_commit(self, command: Commit) -> None:
@@ -321,7 +379,9 @@ class QuotaMachine(RuleBasedStateMachine):
         for key, start, rate in hold.holds:  # at the rate the hold was taken at
             counter = self.stored(hold.user, key, start)
             if counter is not None:
-                counter.used += amount * rate
+                if key == BUCKET:  # refilled to now before its debt grows
+                    counter = self.counters[(hold.user, key)] = self.refilled(counter)
+                self.add_used(key, counter, amount * rate)
                 if amount > hold.amount or was_expired:
                     self.overage.add((hold.user, key, start))
                 self.note_soft(hold.user, key, start)
@@ -365,10 +425,10 @@ class QuotaMachine(RuleBasedStateMachine):
     # --- rules ----------------------------------------------------------------------------
 
     @initialize(quotas=st.lists(QUOTA, min_size=len(KEYS), max_size=len(KEYS)),
-                pricing=PRICING)
-    def start(self, quotas: list[int], pricing: Pricing) -> None:
-        self.quota, self.pricing = dict(zip(KEYS, quotas)), pricing
-        self.apply(UpsertPlan(app=APP, plan=plan_of(self.quota, pricing)), [], 1)
+                pricing=PRICING, period=PERIOD)
+    def start(self, quotas: list[int], pricing: Pricing, period: int) -> None:
+        self.quota, self.pricing, self.period = dict(zip(KEYS, quotas)), pricing, period
+        self.apply(UpsertPlan(app=APP, plan=plan_of(self.quota, pricing, period)), [], 1)
         for user, (zone, _) in USERS.items():
             command = UpsertSubscription(app=APP, user_id=user, plan_id="p", time_zone=zone)
             assert self.apply(command, [], 1).result.changed
@@ -541,7 +601,7 @@ class QuotaMachine(RuleBasedStateMachine):
                         self.overage.add((user, key, c.start))
         self.quota, self.pricing = new, pricing
         expired = self.model_expire()
-        result = self.apply(UpsertPlan(app=APP, plan=plan_of(new, pricing)), expired,
+        result = self.apply(UpsertPlan(app=APP, plan=plan_of(new, pricing, self.period)), expired,
                             1 if changed else 0).result
         assert result.changed == changed
 
@@ -610,11 +670,14 @@ class QuotaMachine(RuleBasedStateMachine):
         if app is None:
             return
         for user, state in app.users.items():
-            core = {key: (c.window_start_ns, c.window_end_ns, c.used, c.held)
+            core = {key: (c.window_start_ns, c.window_end_ns, c.used, c.held,
+                          c.refill_carry, c.refilled_at_ns if key == BUCKET else 0)
                     for (key, window), c in state.counters.items()}
             for (key, window) in state.counters:
                 assert window is WINDOW_OF[key]
-            model = {key: (c.start, c.end, c.used, c.held)
+            model = {key: (c.start, c.end, self.used(key, c), c.held,
+                           self.used(key, c) * self.period - c.debt if key == BUCKET else 0,
+                           c.at)
                      for (u, key), c in self.counters.items() if u == user}
             assert core == model, (user, core, model)
 

@@ -115,7 +115,7 @@ def test_subscribe_then_usage_shows_used_held_and_remaining(server):
     lines = usage.stdout.splitlines()
     assert lines[0] == "user u1, plan pro"
     assert lines[1].split() == ["GROUP", "WINDOW", "USED", "HELD", "QUOTA", "REMAINING",
-                                "OVERAGE", "RESETS", "AT"]
+                                "OVERAGE", "RESETS", "AT", "FULL", "AT"]
     tokens, premium = (line.split() for line in lines[2:])
     assert tokens[:7] == ["tokens", "month", "300", "200", "2000000", "1999500", "0"]
     assert premium[:7] == ["premium_tokens", "month", "0", "200", "50000", "49800", "0"]

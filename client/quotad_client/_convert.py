@@ -79,8 +79,14 @@ def _enum_names(enum: Any, prefix: str) -> dict[int, str]:
 
 
 _WINDOW_NAMES = _enum_names(quotad_pb2.Window, "")
+_KIND_NAMES = _enum_names(quotad_pb2.LimitKind, "LIMIT_KIND_")
 _EVENT_KIND_NAMES = _enum_names(quotad_pb2.EventKind, "EVENT_KIND_")
 _WATCH_REASON_NAMES = _enum_names(quotad_pb2.WatchReason, "WATCH_REASON_")
+
+
+def kind_name(value: int) -> str:
+    """The lower-case name of a proto LimitKind: "quota" for unset, "rate", else "unknown"."""
+    return "quota" if value == 0 else _KIND_NAMES.get(value, "unknown")
 
 
 def window_name(value: int) -> str:
@@ -105,7 +111,9 @@ def _group_as_data(group: Any) -> Any:
         group = {"key": group.key, "label": group.label, "unit": group.unit,
                  "quota": group.quota, "window": group.window, "match": group.match,
                  "enforce": group.enforce,
-                 **({"cost": group.cost} if group.cost is not None else {})}
+                 **({"cost": group.cost} if group.cost is not None else {}),
+                 **({"kind": group.kind} if group.kind != "quota" else {}),
+                 **({"period_s": group.period_s} if group.period_s is not None else {})}
     if isinstance(group, Mapping) and isinstance(group.get("match"), Match):
         match = group["match"]
         group = {**group, "match": {"event_types": match.event_types,
@@ -140,7 +148,8 @@ def counter_from_proto(c: quotad_pb2.Counter) -> Counter:
         key=c.key, label=c.label, unit=c.unit, window=window_name(c.window), quota=c.quota,
         used=c.used, held=c.held, remaining=c.remaining, window_start=to_datetime(c.window_start),
         resets_at=to_datetime(c.resets_at) if c.HasField("resets_at") else None,
-        overage=c.overage)
+        overage=c.overage, kind=kind_name(c.kind),
+        full_at=to_datetime(c.full_at) if c.HasField("full_at") else None)
 
 
 def counters_from_proto(counters: Sequence[quotad_pb2.Counter]) -> tuple[Counter, ...]:
@@ -151,7 +160,8 @@ def reservation_from_proto(r: quotad_pb2.ReserveResponse, amount: int) -> Reserv
     return Reservation(
         allowed=r.allowed, reservation_id=r.reservation_id,
         expires_at=to_datetime(r.expires_at) if r.HasField("expires_at") else None,
-        counters=counters_from_proto(r.counters), denied_by=r.denied_by, amount=amount)
+        counters=counters_from_proto(r.counters), denied_by=r.denied_by, amount=amount,
+        fits_at=to_datetime(r.fits_at) if r.HasField("fits_at") else None)
 
 
 def commit_from_proto(r: quotad_pb2.CommitResponse) -> CommitResult:
@@ -165,7 +175,8 @@ def release_from_proto(r: quotad_pb2.ReleaseResponse) -> ReleaseResult:
 
 def track_from_proto(r: quotad_pb2.TrackResponse) -> TrackResult:
     return TrackResult(allowed=r.allowed, counters=counters_from_proto(r.counters),
-                       denied_by=r.denied_by)
+                       denied_by=r.denied_by,
+                       fits_at=to_datetime(r.fits_at) if r.HasField("fits_at") else None)
 
 
 def usage_from_proto(r: quotad_pb2.GetUsageResponse) -> Usage:
@@ -185,7 +196,9 @@ def plan_from_proto(p: quotad_pb2.Plan) -> Plan:
                                metadata=MappingProxyType({m.key: tuple(m.values)
                                                           for m in g.match.metadata})),
                    enforce=g.enforce if g.HasField("enforce") else True,
-                   cost=cost_from_proto(g.cost) if g.HasField("cost") else None)
+                   cost=cost_from_proto(g.cost) if g.HasField("cost") else None,
+                   kind=kind_name(g.kind),
+                   period_s=g.period.seconds if g.HasField("period") else None)
         for g in p.limit_groups))
 
 

@@ -186,7 +186,11 @@ class QuotaExceeded(Exception):
         denying = result.counter(result.denied_by)
         self.remaining: int = denying.remaining if denying is not None else 0
         self.resets_at: datetime | None = denying.resets_at if denying is not None else None
+        self.fits_at: datetime | None = result.fits_at
+        """When the same request would fit if nothing else happened; None: not by waiting."""
         when = f", resets at {self.resets_at.isoformat()}" if self.resets_at else ""
+        if self.fits_at is not None:
+            when += f", fits at {self.fits_at.isoformat()}"
         super().__init__(
             f"quota exceeded for user {user_id!r}, event {event_type!r}, amount {amount}: "
             f"limit group {self.denied_by!r} has {self.remaining} left{when}")

@@ -36,6 +36,12 @@ class Counter:
     overage: int = 0
     """max(0, used + held - quota): what was counted past the quota (a soft limit's usage
     beyond it, or a commit above its hold, a track without enforce)."""
+    kind: str = "quota"
+    """"quota" (a calendar quota) or "rate" (a token bucket: ``remaining`` is the tokens
+    available now, ``used`` what commits and tracks took that has not refilled yet)."""
+    full_at: datetime | None = None
+    """A rate bucket's: when everything commits and tracks took is back, if nothing else
+    happens (live holds keep their tokens until they end); ``None`` for a quota."""
 
 
 def _find(counters: tuple[Counter, ...], key: str) -> Counter | None:
@@ -59,6 +65,9 @@ class Reservation:
     """The key of the first group that had no room, when denied."""
     amount: int
     """The amount that was asked for (and is held, when allowed)."""
+    fits_at: datetime | None = None
+    """Denied: when the same request would fit if nothing else happened (a rate bucket
+    refilled, a window reset); ``None`` when allowed or when waiting alone never fits."""
 
     def counter(self, key: str) -> Counter | None:
         return _find(self.counters, key)
@@ -90,6 +99,8 @@ class TrackResult:
     allowed: bool
     counters: tuple[Counter, ...]
     denied_by: str
+    fits_at: datetime | None = None
+    """Denied (enforce): when it would fit, as ``Reservation.fits_at``."""
 
     def counter(self, key: str) -> Counter | None:
         return _find(self.counters, key)
@@ -149,6 +160,11 @@ class LimitGroup:
     """False: a soft limit, which counts and shows its overage but never denies."""
     cost: Cost | None = None
     """None: the group counts the amount itself."""
+    kind: str = "quota"
+    """"quota", or "rate": a token bucket of capacity ``quota`` refilled over ``period_s``
+    (its window is "lifetime": it has no calendar window)."""
+    period_s: int | None = None
+    """A rate group's refill period in seconds; ``None`` for a quota."""
 
 
 @dataclass(frozen=True, slots=True)

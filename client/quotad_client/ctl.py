@@ -131,8 +131,20 @@ def _group_text(group: pb.LimitGroup) -> str:
     unit = f" {group.unit}" if group.unit else ""
     label = f" ({group.label})" if group.label else ""
     soft = " (soft: never denies)" if _soft(group) else ""
-    return (f"{group.key}{label}: {group.quota}{unit} per {window_name(group.window)}{soft}; "
+    return (f"{group.key}{label}: {group.quota}{unit} {_per_text(group)}{soft}; "
             f"{_match_text(group.match)}{_cost_text(group)}")
+
+
+def _per_text(group: pb.LimitGroup) -> str:
+    """"per month", or for a rate bucket "a bucket refilled every 60 s"."""
+    if group.kind == pb.LIMIT_KIND_RATE:
+        return f"a bucket refilled every {_period_s(group)} s"
+    return f"per {window_name(group.window)}"
+
+
+def _period_s(group: pb.LimitGroup) -> int | float:
+    period = group.period
+    return period.seconds if not period.nanos else period.seconds + period.nanos / 1e9
 
 
 def _soft(group: pb.LimitGroup) -> bool:
@@ -145,6 +157,9 @@ def _group_dict(g: pb.LimitGroup) -> dict[str, Any]:
         "window": window_name(g.window),
         "match": {"event_types": list(g.match.event_types),
                   "metadata": {m.key: list(m.values) for m in g.match.metadata}}}
+    if g.kind == pb.LIMIT_KIND_RATE:  # as a plans file has it: a bucket has no window
+        del group["window"]
+        group["kind"], group["period_s"] = "rate", _period_s(g)
     if _soft(g):  # as a plans file has it: only a soft limit says enforce
         group["enforce"] = False
     if g.HasField("cost"):
@@ -176,6 +191,8 @@ def _group_changes(old: pb.LimitGroup, new: pb.LimitGroup) -> str:
     if old.cost != new.cost:
         changes.append(f"cost {_cost_text(old).removeprefix('; ') or 'none'!r} -> "
                        f"{_cost_text(new).removeprefix('; ') or 'none'!r}")
+    if (old.kind, old.period) != (new.kind, new.period):
+        changes.append(f"{_per_text(old)!r} -> {_per_text(new)!r}")
     return "; ".join(changes)
 
 
@@ -324,9 +341,11 @@ def cmd_usage(client: QuotaClient, args: argparse.Namespace) -> int:
     if not usage.counters:
         _out("no limit groups")
         return 0
-    _table(("GROUP", "WINDOW", "USED", "HELD", "QUOTA", "REMAINING", "OVERAGE", "RESETS AT"),
-           [(c.key, c.window, str(c.used), str(c.held), str(c.quota), str(c.remaining),
-             str(c.overage), _time(c.resets_at)) for c in usage.counters])
+    _table(("GROUP", "WINDOW", "USED", "HELD", "QUOTA", "REMAINING", "OVERAGE", "RESETS AT",
+            "FULL AT"),
+           [(c.key, "rate" if c.kind == "rate" else c.window, str(c.used), str(c.held),
+             str(c.quota), str(c.remaining), str(c.overage), _time(c.resets_at),
+             _time(c.full_at) if c.kind == "rate" else "-") for c in usage.counters])
     return 0
 
 

@@ -51,6 +51,11 @@ COST_RATE_MAX = 10**9
 """A rate is 1 ... COST_RATE_MAX units counted per unit of amount (a billion: micro-dollars
 per image, or per token at any price). What a call counts in a group, amount x rate, must be
 within AMOUNT_MAX as an amount is (else INVALID_ARGUMENT naming `amount`)."""
+RATE_PERIOD_NS_MIN = 1 * NS_PER_S
+RATE_PERIOD_NS_MAX = 31 * 24 * 3600 * NS_PER_S
+"""A rate group's bucket refills its whole quota over its period, 1 s ... 31 days (a
+second-long bucket down to one with a month's patience); outside it INVALID_ARGUMENT naming
+the group's period."""
 PLAN_BYTES_MAX = 60 * 1024
 """A plan's protobuf encoding, at most; a larger `plan` is INVALID_ARGUMENT naming `plan`.
 
@@ -179,7 +184,10 @@ LIMIT_GROUP_BYTES_BOUND = (
         _bytes_field_bytes(METADATA_KEY_BYTES_MAX)
         + COST_RATES_PER_GROUP_MAX * _bytes_field_bytes(
             _bytes_field_bytes(METADATA_VALUE_BYTES_MAX) + _scalar_field_bytes(COST_RATE_MAX))
-        + _scalar_field_bytes(COST_RATE_MAX)))
+        + _scalar_field_bytes(COST_RATE_MAX))
+    + _scalar_field_bytes(2)  # the kind, RATE the highest
+    + _bytes_field_bytes(  # the period, a Duration: seconds, then nanos
+        _scalar_field_bytes(RATE_PERIOD_NS_MAX // NS_PER_S) + _scalar_field_bytes(NS_PER_S - 1)))
 """A LimitGroup with every field at its limit is at most this long, encoded."""
 
 _PLAN_HEADER_BYTES = (_bytes_field_bytes(PLAN_ID_BYTES_MAX)

@@ -15,6 +15,11 @@ The one parser of that shape: `quotad serve --plans`, `quotactl plans apply` and
       match = { event_types = ["openai.*"], metadata = { model = ["gpt-4o"] } }
       enforce = true            # false: a soft limit (counts, shows overage, never denies)
       cost = { by = "model", rates = { "gpt-4o" = 10, "gpt-4o-mini" = 1 }, default = 1 }
+      [[plans.limit_groups]]
+      key = "tokens_per_minute"
+      quota = 40_000            # a rate group: a bucket of 40,000 tokens...
+      kind = "rate"             # quota (the default: a calendar quota) or rate
+      period_s = 60             # ...refilled over 60 s; a rate group has no window
 
 It is strict about the shape: an unknown key at any level is an error naming its path
 (`plans[1].limit_groups[0].match.metdata`: a misspelt key is never dropped, which would make
@@ -37,12 +42,17 @@ from quotad_contract.v1 import quotad_pb2 as pb
 
 PLANS_FILE_KEYS = ("plans",)
 PLAN_KEYS = ("id", "name", "limit_groups")
-LIMIT_GROUP_KEYS = ("key", "label", "unit", "quota", "window", "match", "enforce", "cost")
+LIMIT_GROUP_KEYS = ("key", "label", "unit", "quota", "window", "match", "enforce", "cost",
+                    "kind", "period_s")
+"""`period_s` is the contract's LimitGroup.period, in whole seconds."""
 MATCH_KEYS = ("event_types", "metadata")
 COST_KEYS = ("by", "rates", "default")
 """`default` is the contract's Cost.default_rate."""
 WINDOW_NAMES = tuple(name.lower() for name, value in pb.Window.items() if value)
 """minute, hour, day, week, month, lifetime: a plan names its windows in lower case."""
+KIND_NAMES = tuple(name.removeprefix("LIMIT_KIND_").lower()
+                   for name, value in pb.LimitKind.items() if value)
+"""quota, rate: a plan names a group's kind in lower case."""
 
 
 class PlansFileError(ValueError):
@@ -146,7 +156,33 @@ def _group(group: Any, where: str) -> pb.LimitGroup:
         message.enforce = False
     if "cost" in group:
         message.cost.CopyFrom(_cost(group["cost"], f"{where}.cost"))
+    _kind_and_period(group, message, where)
     return message
+
+
+def _kind_and_period(group: Mapping[str, Any], message: pb.LimitGroup, where: str) -> None:
+    kind = group.get("kind", "quota")
+    if not isinstance(kind, str):
+        raise TypeError(f"{where}.kind: expected a kind name such as 'rate', got {kind!r}")
+    if kind.lower() not in KIND_NAMES:
+        raise ValueError(f"{where}.kind: unknown kind {kind!r}; expected one of "
+                         f"{', '.join(KIND_NAMES)}")
+    if kind.lower() != "quota":  # the contract's default: left unset, as the server answers it
+        message.kind = pb.LimitKind.Value(f"LIMIT_KIND_{kind.upper()}")
+    if message.kind == pb.LIMIT_KIND_RATE and "window" not in group:
+        message.window = pb.LIFETIME  # a bucket has no calendar window: as the server answers
+    if "period_s" not in group:  # a rate group without one: the server names it
+        return
+    period_s = group["period_s"]
+    if isinstance(period_s, bool) or not isinstance(period_s, int):
+        raise TypeError(f"{where}.period_s: expected whole seconds, got {period_s!r}")
+    low_s = limits.RATE_PERIOD_NS_MIN // limits.NS_PER_S
+    high_s = limits.RATE_PERIOD_NS_MAX // limits.NS_PER_S
+    if not low_s <= period_s <= high_s:
+        raise ValueError(f"{where}.period_s: a period is {low_s} to {high_s} s, got {period_s}")
+    if message.kind != pb.LIMIT_KIND_RATE:
+        raise ValueError(f"{where}.period_s: only a group of kind = \"rate\" has a period")
+    message.period.seconds = period_s
 
 
 def _rate(value: Any, where: str) -> int:

@@ -30,5 +30,6 @@ def load_plans(path: Path) -> list[Plan]:
 
 def _file_field(field: str) -> str:
     """A field of the contract's Plan as the file names it: a cost's default_rate is its
-    `default` there."""
-    return field.removeprefix("plan").replace(".cost.default_rate", ".cost.default")
+    `default` there, a rate group's period its `period_s`."""
+    field = field.removeprefix("plan").replace(".cost.default_rate", ".cost.default")
+    return field + "_s" if field.endswith(".period") else field

@@ -16,7 +16,7 @@ from quotad.core import commands as c
 from quotad.core import limits
 from quotad.core.errors import FieldViolation, InvalidArgument
 from quotad.core.plans import (
-    Cost, LimitGroup, Match, MetadataMatch, Plan, Subscription, Window,
+    Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, Subscription, Window,
 )
 from quotad.storage.wal import StoredEvent
 from quotad_contract.v1 import quotad_pb2 as pb
@@ -163,10 +163,16 @@ def plan_from_proto(plan: pb.Plan) -> Plan:
             "plan", f"at most {limits.PLAN_BYTES_MAX} bytes encoded, got {size_bytes}")])
     groups = []
     for group in plan.limit_groups:
-        known = group.window in Window._value2member_map_
+        kind = Kind(group.kind) if group.kind in Kind._value2member_map_ else (
+            Kind.QUOTA if group.kind == 0 else group.kind)  # unknown: an int the plan names
+        window = group.window
+        if kind is Kind.RATE and window == 0:
+            window = Window.LIFETIME  # a bucket has no calendar window
+        known = window in Window._value2member_map_
         groups.append(LimitGroup(  # an unknown window stays an int: the plan names it
             key=group.key, label=group.label, unit=group.unit, quota=group.quota,
-            window=Window(group.window) if known else group.window,
+            window=Window(window) if known else window,
+            kind=kind, period_ns=_ns(group.period) if group.HasField("period") else 0,
             match=Match(
                 event_types=tuple(group.match.event_types),
                 metadata=tuple(MetadataMatch(key=m.key, values=tuple(m.values))
@@ -193,6 +199,9 @@ def _group_to_proto(group: LimitGroup) -> pb.LimitGroup:
     )
     if not group.enforce:  # a hard limit leaves it unset, as a plan written without it does
         message.enforce = False
+    if group.kind is not Kind.QUOTA:
+        message.kind = int(group.kind)
+        message.period.seconds, message.period.nanos = divmod(group.period_ns, limits.NS_PER_S)
     if group.cost is not None:
         message.cost.by = group.cost.by
         message.cost.rates.update(group.cost.rates)
@@ -259,6 +268,10 @@ def _fill_counter(message: pb.Counter, view: c.CounterView) -> None:
     _fill_timestamp(message.window_start, view.window_start_ns)
     if view.resets_at_ns is not None:
         _fill_timestamp(message.resets_at, view.resets_at_ns)
+    if view.kind is not Kind.QUOTA:
+        message.kind = view.kind
+        if view.full_at_ns is not None:
+            _fill_timestamp(message.full_at, view.full_at_ns)
 
 
 def _fill_counters(repeated, views: tuple[c.CounterView, ...]) -> None:
@@ -273,6 +286,8 @@ def fill_reserve_response(message: pb.ReserveResponse, result: c.ReserveResult) 
     _fill_counters(message.counters, result.counters)
     if result.allowed:
         _fill_timestamp(message.expires_at, result.expires_at_ns)
+    elif result.fits_at_ns is not None:
+        _fill_timestamp(message.fits_at, result.fits_at_ns)
 
 
 def fill_commit_response(message: pb.CommitResponse, result: c.CommitResult) -> None:
@@ -294,6 +309,8 @@ def fill_track_response(message: pb.TrackResponse, result: c.TrackResult) -> Non
     message.allowed = result.allowed
     _fill_counters(message.counters, result.counters)
     message.denied_by = result.denied_by
+    if result.fits_at_ns is not None:
+        _fill_timestamp(message.fits_at, result.fits_at_ns)
 
 
 def fill_usage_response(message: pb.GetUsageResponse, result: c.UsageResult) -> None:

@@ -209,6 +209,8 @@ def counter_json(view: CounterView) -> dict[str, Any]:
         "overage": view.overage, "window": getattr(view.window, "name", "unspecified").lower(),
         "window_start": rfc3339(view.window_start_ns),
         "resets_at": None if view.resets_at_ns is None else rfc3339(view.resets_at_ns),
+        "kind": view.kind.name.lower(),
+        "full_at": None if view.full_at_ns is None else rfc3339(view.full_at_ns),
     }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from quotad.core import limits
 from quotad.core.errors import Violations
-from quotad.core.plans import Metadata, Plan, Subscription, Window, load_time_zone
+from quotad.core.plans import Kind, Metadata, Plan, Subscription, Window, load_time_zone
 from quotad_contract import tokens
 from quotad_contract.zones import time_zone_problem
 
@@ -621,6 +621,11 @@ class CounterView:
     """max(0, quota - used - held)"""
     window_start_ns: int
     resets_at_ns: int | None
+    kind: Kind = Kind.QUOTA
+    full_at_ns: int | None = None
+    """A rate bucket's: when every token commits and tracks took is back, if nothing else
+    happens (live holds keep theirs until they end); None for a quota, or a bucket that
+    never refills (quota 0)."""
 
     @property
     def overage(self) -> int:
@@ -636,6 +641,10 @@ class ReserveResult:
     expires_at_ns: int
     counters: tuple[CounterView, ...]
     denied_by: str = ""
+    fits_at_ns: int | None = None
+    """Denied: when the same request would fit every group if nothing else happened (a
+    bucket refilled, a window reset); None when allowed, or when waiting alone never makes
+    room."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -661,6 +670,10 @@ class TrackResult:
     allowed: bool
     counters: tuple[CounterView, ...]
     denied_by: str = ""
+    fits_at_ns: int | None = None
+    """Denied: when the same request would fit every group if nothing else happened (a
+    bucket refilled, a window reset); None when allowed, or when waiting alone never makes
+    room."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

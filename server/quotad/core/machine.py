@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 from sortedcontainers import SortedList
 
-from quotad.core import limits
+from quotad.core import buckets, limits
 from quotad.core.commands import (
     AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
     DeletePlanResult, ExpiredHold, KeyResult, KeysResult, KeyView, ListKeys, RevokeKey,
@@ -36,7 +36,9 @@ from quotad.core.errors import (
     PermissionDenied, QuotaError, ResourceExhausted,
 )
 from quotad.core.holds import HoldEvent, HoldState, next_state
-from quotad.core.plans import LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone
+from quotad.core.plans import (
+    Kind, LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone,
+)
 from quotad.core.windows import window_bounds
 from quotad_contract.errors import ErrorReason
 
@@ -52,6 +54,10 @@ class CounterState:
     threshold_percent_fired: int = 0
     """The highest of limits.WATCH_THRESHOLDS_PERCENT already recorded for this window (0:
     none); a new window starts a new CounterState, so each threshold fires once per window."""
+    refilled_at_ns: int = 0
+    """A RATE group's bucket: the time `used` was last refilled to (see core.buckets)."""
+    refill_carry: int = 0
+    """A RATE group's bucket: quota x ns refilled past the last whole token, below period_ns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +361,17 @@ class Core:
             return None
         return counter
 
+    @classmethod
+    def _refilled_counter_of(cls, user: UserState, plan: Plan, hold: HoldRef,
+                             now_ns: int) -> CounterState | None:
+        """_counter_of, and for a bucket the copy refilled to now_ns (stored by a change)."""
+        counter = cls._counter_of(user, hold)
+        group = plan.group(hold.key)
+        if (counter is None or group is None or group.kind is not Kind.RATE
+                or group.window is not hold.window):
+            return counter
+        return buckets.refilled(counter, group.quota, group.period_ns, now_ns)
+
     # --- thresholds ------------------------------------------------------------------------
 
     def _check_thresholds(self, app_id: str, user_id: str, event_type: str,
@@ -365,9 +382,10 @@ class Core:
         Used + held is what `remaining` is computed from, so a hold that fills the quota
         already warns, before its commit. Quota 0 groups have no thresholds. Only a change of
         the counter checks: a plan edit that lowers a quota below the usage fires nothing
-        until the counter next changes."""
+        until the counter next changes. A rate bucket has no thresholds: it refills without a
+        change, so a percentage of it is no event."""
         for group, counter in changed:
-            if group.quota == 0:
+            if group.quota == 0 or group.kind is Kind.RATE:
                 continue
             consumed = counter.used + counter.held
             for percent in limits.WATCH_THRESHOLDS_PERCENT:
@@ -496,6 +514,10 @@ class Core:
         """The group's counter for the window holding now. A new window's counter is not
         stored here: only a change stores it, so that reads change nothing."""
         counter = user.counters.get((group.key, group.window))
+        if group.kind is Kind.RATE:
+            if counter is None:
+                return CounterState(0, None, refilled_at_ns=now_ns)
+            return buckets.refilled(counter, group.quota, group.period_ns, now_ns)
         if counter is not None and (counter.window_end_ns is None
                                     or now_ns < counter.window_end_ns):
             return counter
@@ -506,6 +528,14 @@ class Core:
 
     @staticmethod
     def _view(group: LimitGroup, counter: CounterState) -> CounterView:
+        """A counter as of the time it was read (a bucket's: refilled to then)."""
+        if group.kind is Kind.RATE:
+            return CounterView(
+                key=group.key, label=group.label, unit=group.unit, window=group.window,
+                quota=group.quota, used=counter.used, held=counter.held,
+                remaining=max(0, group.quota - counter.used - counter.held),
+                window_start_ns=counter.window_start_ns, resets_at_ns=None, kind=Kind.RATE,
+                full_at_ns=buckets.full_at_ns(counter, group.quota, group.period_ns))
         return CounterView(
             key=group.key, label=group.label, unit=group.unit, window=group.window,
             quota=group.quota, used=counter.used, held=counter.held,
@@ -560,6 +590,28 @@ class Core:
                 return group.key
         return ""
 
+    @staticmethod
+    def _fits_at(groups: tuple[tuple[LimitGroup, int], ...], counters: list[CounterState],
+                 counted: list[int], now_ns: int) -> int | None:
+        """When a denied request would fit every group, if nothing else happened: a bucket
+        once it has refilled enough, a calendar quota once its window resets. None when
+        waiting alone never makes room (more than the quota, a lifetime window, or a bucket
+        whose live holds leave too little of its capacity)."""
+        fits_at_ns = now_ns
+        for (group, _), counter, amount in zip(groups, counters, counted):
+            if not group.enforce or counter.used + counter.held + amount <= group.quota:
+                continue
+            if group.kind is Kind.RATE:
+                at_ns = buckets.fits_at_ns(counter, group.quota, group.period_ns, amount)
+            elif amount <= group.quota:
+                at_ns = counter.window_end_ns
+            else:
+                at_ns = None
+            if at_ns is None:
+                return None
+            fits_at_ns = max(fits_at_ns, at_ns)
+        return fits_at_ns
+
     # --- the hot path ---------------------------------------------------------------------
 
     def _reserve(self, command: Reserve, now_ns: int) -> tuple[ReserveResult, bool]:
@@ -581,7 +633,9 @@ class Core:
             self._audit("reserve", command.app, command.user_id, command.event_type,
                         command.amount, command.metadata, allowed=False)
             return ReserveResult(allowed=False, reservation_id="", expires_at_ns=0,
-                                 counters=views, denied_by=denied_by), False
+                                 counters=views, denied_by=denied_by,
+                                 fits_at_ns=self._fits_at(groups, counters, counted, now_ns)
+                                 ), False
         self._check_counter_room(counters, [0] * len(counters), counted)
         for (group, _), counter, amount in zip(groups, counters, counted):
             counter.held += amount
@@ -609,10 +663,14 @@ class Core:
         status = next_state(reservation.status, HoldEvent.COMMIT)
         amount = reservation.amount if command.amount is None else command.amount
         expired = reservation.status is HoldState.EXPIRED
-        user = self.apps[command.app].users[reservation.user_id]
-        counters = [self._counter_of(user, hold) for hold in reservation.holds]
+        user, plan = self._subscriber(command.app, reservation.user_id)
+        counters = [self._refilled_counter_of(user, plan, hold, now_ns)
+                    for hold in reservation.holds]
         counted = self._counted(amount, ((hold.key, hold.rate) for hold in reservation.holds))
         self._check_counter_room(counters, counted)
+        for hold, counter in zip(reservation.holds, counters):
+            if counter is not None:  # a bucket refilled to now before its used grows
+                user.counters[(hold.key, hold.window)] = counter
         if not expired:
             self._end_live_hold(reservation, status, now_ns, in_index=True)
         reservation.status = status
@@ -657,10 +715,14 @@ class Core:
                 views = tuple(self._view(g, c) for (g, _), c in zip(groups, counters))
                 self._audit("track", command.app, command.user_id, command.event_type,
                             command.amount, command.metadata, allowed=False)
-                return TrackResult(allowed=False, counters=views, denied_by=denied_by), False
+                return TrackResult(allowed=False, counters=views, denied_by=denied_by,
+                                   fits_at_ns=self._fits_at(groups, counters, counted, now_ns)
+                                   ), False
         self._check_counter_room(counters, counted)
         for (group, _), counter, amount in zip(groups, counters, counted):
             counter.used = max(0, counter.used + amount)
+            if counter.used == 0:  # a bucket a refund fills has no part-token refilled
+                counter.refill_carry = 0
             user.counters[(group.key, group.window)] = counter
         views = tuple(self._view(g, c) for (g, _), c in zip(groups, counters))
         self._audit("track", command.app, command.user_id, command.event_type, command.amount,

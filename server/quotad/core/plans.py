@@ -26,6 +26,15 @@ class Window(enum.IntEnum):
     LIFETIME = 6
 
 
+class Kind(enum.IntEnum):
+    """What a limit group is; numbered as in the proto enum LimitKind."""
+
+    QUOTA = 1
+    """A calendar quota: used + held within the quota in each window."""
+    RATE = 2
+    """A token bucket of capacity `quota`, refilled continuously over `period_ns`."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MetadataMatch:
     key: str
@@ -87,6 +96,10 @@ class LimitGroup:
     """False: a soft limit. The group counts and shows its overage but never denies."""
     cost: Cost | None = None
     """None: the group counts the amount itself (a rate of 1)."""
+    kind: Kind = Kind.QUOTA
+    period_ns: int = 0
+    """A RATE group's: its bucket refills `quota` tokens over this long (0 for QUOTA). A
+    RATE group has no calendar window: its window is LIFETIME, and it has no thresholds."""
 
     def rate(self, metadata: dict[str, str]) -> int | None:
         """What one unit of an event's amount counts here; None: the group does not match."""
@@ -187,8 +200,23 @@ def _validate_group(v: Violations, group: LimitGroup, field: str) -> None:
             v.text(value, f"{where}.values", bytes_min=0,
                    bytes_max=limits.METADATA_VALUE_BYTES_MAX)
     v.check(type(group.enforce) is bool, f"{field}.enforce", "must be true or false")
+    _validate_kind(v, group, field)
     if group.cost is not None:
         _validate_cost(v, group.cost, f"{field}.cost")
+
+
+def _validate_kind(v: Violations, group: LimitGroup, field: str) -> None:
+    if group.kind is Kind.RATE:
+        v.check(type(group.period_ns) is int
+                and limits.RATE_PERIOD_NS_MIN <= group.period_ns <= limits.RATE_PERIOD_NS_MAX,
+                f"{field}.period", f"must be {limits.RATE_PERIOD_NS_MIN // limits.NS_PER_S} s to "
+                f"{limits.RATE_PERIOD_NS_MAX // limits.NS_PER_S} s for a rate group")
+        v.check(group.window is Window.LIFETIME, f"{field}.window",
+                "a rate group refills over its period and has no calendar window: leave it "
+                "unset (or LIFETIME)")
+    else:
+        v.check(group.kind is Kind.QUOTA, f"{field}.kind", "must be QUOTA or RATE")
+        v.check(group.period_ns == 0, f"{field}.period", "only a rate group has a period")
 
 
 def _rate_is_valid(rate: object) -> bool:

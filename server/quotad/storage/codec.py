@@ -32,7 +32,7 @@ from quotad.core.commands import (
 )
 from quotad.core.holds import HoldState
 from quotad.core.machine import HoldRef, Reservation
-from quotad.core.plans import Cost, LimitGroup, Match, MetadataMatch, Plan, Window
+from quotad.core.plans import Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2 as pb
 
 _HEADER = struct.Struct(">IQ")
@@ -290,6 +290,8 @@ def plan_to_message(plan: Plan, message: Any) -> None:
             entry.key = match.key
             entry.values.extend(match.values)
         part.soft = not group.enforce
+        if group.kind is not Kind.QUOTA:
+            part.kind, part.period_ns = int(group.kind), group.period_ns
         if group.cost is not None:
             _cost_to_message(group.cost, part.cost)
 
@@ -316,7 +318,8 @@ def plan_from_message(message: Any) -> Plan:
                        metadata=tuple(MetadataMatch(key=m.key, values=tuple(m.values))
                                       for m in group.metadata)),
                    enforce=not group.soft,
-                   cost=_cost_from_message(group.cost) if group.HasField("cost") else None)
+                   cost=_cost_from_message(group.cost) if group.HasField("cost") else None,
+                   kind=Kind(group.kind or Kind.QUOTA), period_ns=group.period_ns)
         for group in message.limit_groups))
 
 
@@ -410,6 +413,12 @@ def _encode_answer(message: Any, result: Any, record: Record) -> None:
         counter.window_start_ns = view.window_start_ns
         if view.resets_at_ns is not None:
             counter.resets_at_ns = view.resets_at_ns
+        if view.kind is not Kind.QUOTA:
+            counter.kind = int(view.kind)
+        if view.full_at_ns is not None:
+            counter.full_at_ns = view.full_at_ns
+    if getattr(result, "fits_at_ns", None) is not None:
+        message.fits_at_ns = result.fits_at_ns
     kind = type(result)
     if kind is ReserveResult:
         message.allowed, message.denied_by = result.allowed, result.denied_by
@@ -437,8 +446,14 @@ def _counters(message: Any) -> tuple[CounterView, ...]:
                     quota=c.quota, used=c.used, held=c.held,
                     remaining=max(0, c.quota - c.used - c.held),
                     window_start_ns=c.window_start_ns,
-                    resets_at_ns=c.resets_at_ns if c.HasField("resets_at_ns") else None)
+                    resets_at_ns=c.resets_at_ns if c.HasField("resets_at_ns") else None,
+                    kind=Kind(c.kind or Kind.QUOTA),
+                    full_at_ns=c.full_at_ns if c.HasField("full_at_ns") else None)
         for c in message.counters)
+
+
+def _fits_at(message: Any) -> int | None:
+    return message.fits_at_ns if message.HasField("fits_at_ns") else None
 
 
 def _reserve_answer(m: Any, command: Reserve, now_ns: int) -> ReserveResult:
@@ -448,7 +463,7 @@ def _reserve_answer(m: Any, command: Reserve, now_ns: int) -> ReserveResult:
         reservation_id, expires_at_ns = m.reservation_id, m.expires_at_ns
     return ReserveResult(allowed=m.allowed, reservation_id=reservation_id,
                          expires_at_ns=expires_at_ns, counters=_counters(m),
-                         denied_by=m.denied_by)
+                         denied_by=m.denied_by, fits_at_ns=_fits_at(m))
 
 
 _ANSWER_DECODERS: dict[type, Callable[[Any, Any, int], Any]] = {
@@ -458,7 +473,7 @@ _ANSWER_DECODERS: dict[type, Callable[[Any, Any, int], Any]] = {
     Release: lambda m, command, now_ns: ReleaseResult(counters=_counters(m)),
     Extend: lambda m, command, now_ns: ExtendResult(expires_at_ns=m.expires_at_ns),
     Track: lambda m, command, now_ns: TrackResult(allowed=m.allowed, counters=_counters(m),
-                                                  denied_by=m.denied_by),
+                                                  denied_by=m.denied_by, fits_at_ns=_fits_at(m)),
 }
 
 

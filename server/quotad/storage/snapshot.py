@@ -177,6 +177,11 @@ def _encode_users(users_message: Any, counters_message: Any,
     counters_message.held = _packed(_column(_INT64, map(attrgetter("held"), counters)))
     counters_message.threshold_percent_fired = _packed(
         _column(_UINT32, map(attrgetter("threshold_percent_fired"), counters)))
+    refilled_at = _column(_INT64, map(attrgetter("refilled_at_ns"), counters))
+    carries = _column(_INT64, map(attrgetter("refill_carry"), counters))
+    if any(refilled_at) or any(carries):  # only rate buckets have them
+        counters_message.refilled_at_ns = _packed(refilled_at)
+        counters_message.refill_carry = _packed(carries)
 
 
 def _indexed(table: Any, values: Iterator[Any]) -> array.array:
@@ -353,13 +358,16 @@ def _counters(message: Any, rows: int) -> tuple[list[tuple[str, Window]], list[C
                                                                       windows)]
     slots = [table[i] for i in _unpacked(_UINT32, message.group_index, rows, "counter slots")]
     ends = _unpacked(_INT64, message.window_end_ns, rows, "window ends")
+    zeros = bytes(rows * array.array(_INT64).itemsize)
     counters = list(map(
         CounterState,
         _unpacked(_INT64, message.window_start_ns, rows, "window starts"),
         [None if end_ns == NO_WINDOW_END_NS else end_ns for end_ns in ends],
         _unpacked(_INT64, message.used, rows, "used"),
         _unpacked(_INT64, message.held, rows, "held"),
-        _unpacked(_UINT32, message.threshold_percent_fired, rows, "thresholds")))
+        _unpacked(_UINT32, message.threshold_percent_fired, rows, "thresholds"),
+        _unpacked(_INT64, message.refilled_at_ns or zeros, rows, "refilled at"),
+        _unpacked(_INT64, message.refill_carry or zeros, rows, "refill carries")))
     return slots, counters
 
 
