@@ -19,7 +19,9 @@ import pytest
 from server_process import ROOT
 
 SCRIPT_TIMEOUT_S = 60.0
-INSTALL_INPUTS = ("pyproject.toml", "server/quotad_build.py", "server/quotad/protogen.py",
+INSTALL_INPUTS = ("pyproject.toml", "setup.py", "server/quotad_build.py",
+                  "server/quotad/protogen.py", "client/pyproject.toml",
+                  "client/quotad_client_build.py", "client/quotad_client", "client/quotad_contract",
                   "protos")
 GENERATED = ("client/quotad_contract/v1/quotad_pb2.py", "server/quotad/storage/log_pb2.py")
 
@@ -65,7 +67,9 @@ def test_the_first_start_installs_and_a_second_serves_without_installing(checkou
 
 
 @pytest.mark.parametrize("change", ["a changed proto", "a new proto", "a changed pyproject",
-                                    "a changed build backend", "stubs deleted"])
+                                    "a changed build backend", "a changed setup.py",
+                                    "a changed client module", "a changed client pyproject",
+                                    "stubs deleted"])
 def test_a_start_after_what_an_install_depends_on_changed_installs_again(checkout, change):
     start(checkout)
     if change == "a changed proto":
@@ -79,9 +83,22 @@ def test_a_start_after_what_an_install_depends_on_changed_installs_again(checkou
     elif change == "a changed build backend":
         with (checkout / "server/quotad_build.py").open("a") as backend:
             backend.write("\n")
+    elif change in ("a changed setup.py", "a changed client module",
+                    "a changed client pyproject"):
+        name = {"a changed setup.py": "setup.py", "a changed client module":
+                "client/quotad_client/ctl.py", "a changed client pyproject":
+                "client/pyproject.toml"}[change]
+        with (checkout / name).open("a") as changed:
+            changed.write("\n")
     else:
         (checkout / GENERATED[0]).unlink()
     assert start(checkout) == ["exit 0", f"pip install -q -e {checkout}", "quotad serve"]
+    assert start(checkout) == ["exit 0", "quotad serve"]
+
+
+def test_a_generated_stub_changing_installs_nothing_again(checkout):
+    start(checkout)
+    (checkout / "client/quotad_contract/v1/quotad_pb2_grpc.py").write_text("# regenerated\n")
     assert start(checkout) == ["exit 0", "quotad serve"]
 
 
