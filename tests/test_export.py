@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -110,8 +110,9 @@ def test_each_format_parses_to_its_documented_shape(start_server):
         assert event["type"] == ("dev.quotad.usage.commit"
                                  if line.kind == pb.EVENT_KIND_COMMIT
                                  else "dev.quotad.usage.track")
-        assert datetime.fromisoformat(event["time"]).timestamp() == pytest.approx(
-            line.time.ToNanoseconds() / 1e9, abs=1e-6)
+        # to the microsecond, as datetime keeps it: the server's nanoseconds cut, not rounded
+        assert datetime.fromisoformat(event["time"]) == line.time.ToDatetime(
+            tzinfo=timezone.utc)
         assert event["subject"] == line.user_id
         assert event["data"]["amount"] == line.amount
         assert event["data"]["metadata"] == dict(line.metadata)
