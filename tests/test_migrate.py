@@ -1,5 +1,5 @@
 """`quotad migrate` brings a data directory that the format-3 release wrote
-(tests/data/format3.tar.gz, made by tests/data/make_format3.py) to this format: the same
+(tests/data/format3.tar.gz, made by tests/data/make_old_format.py) to this format: the same
 state, the same audit trail, served by this server; the old data kept and never written."""
 
 from __future__ import annotations

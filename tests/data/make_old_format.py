@@ -1,10 +1,13 @@
-"""Writes tests/data/format3.tar.gz and format3.json: a data directory of format 3, as the release before
-format 4 wrote it, for `quotad migrate`'s test. It must run with that release installed
-(`git checkout ba92d53 && pip install -e .`), not with this tree, whose server writes format 4:
+"""Writes a data directory of an earlier data format, as the release that wrote it left it, for
+`quotad migrate`'s tests: tests/data/formatN.tar.gz and formatN.json. It must run with that
+release installed, not with this tree:
 
-    python tests/data/make_format3.py tests/data/format3.tar.gz
+    format 3 (JSON records):                     git checkout ba92d53 && pip install -e .
+    format 4 (events in an index of their own):  git checkout 73676eb && pip install -e '.[test]'
 
-format3.json holds what that release answered last: every user's counters (GetUsage) and
+    python tests/data/make_old_format.py tests/data/format3.tar.gz
+
+formatN.json holds what that release answered last: every user's counters (GetUsage) and
 audit events (ListEvents), which a migrated directory must answer the same.
 
 The directory holds plans, subscriptions in two apps' worth of users, holds committed,
