@@ -16,16 +16,15 @@ from pathlib import Path
 
 import lmdb
 
-TABLES = ("log", "events", "holds", "idempotency", "snapshot", "meta")
-
-
 def table_bytes(data_dir: Path) -> list[dict[str, int | str]]:
     """One row per table: entries, key bytes, value bytes, pages and page bytes."""
     env = lmdb.open(str(data_dir), readonly=True, lock=False, max_dbs=8, subdir=True)
     try:
         rows = []
-        for name in TABLES:
-            db = env.open_db(name.encode(), create=False)
+        with env.begin() as txn:  # the main table lists the named ones
+            names = [bytes(key) for key, _ in txn.cursor()]
+        for name in names:
+            db = env.open_db(name, create=False)
             with env.begin(db=db, buffers=True) as txn:
                 stat = txn.stat(db)
                 key_bytes = value_bytes = 0
@@ -33,7 +32,7 @@ def table_bytes(data_dir: Path) -> list[dict[str, int | str]]:
                     key_bytes += len(key)
                     value_bytes += len(value)
             pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
-            rows.append({"table": name, "entries": stat["entries"], "key_bytes": key_bytes,
+            rows.append({"table": name.decode(), "entries": stat["entries"], "key_bytes": key_bytes,
                          "value_bytes": value_bytes, "pages": pages,
                          "page_bytes": pages * stat["psize"]})
         return rows
