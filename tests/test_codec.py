@@ -1,5 +1,4 @@
-"""The log's binary records and the audit index's events read back exactly as they were
-written, for any text (quotes, control characters, non-ASCII) and every command the log
+"""The log's binary records and their audit events read back exactly as they were written, for any text (quotes, control characters, non-ASCII) and every command the log
 holds; a flipped bit or a record under another key is caught by the checksum."""
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from quotad.core.machine import HoldRef, Reservation
 from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2
 from quotad.storage.codec import (
-    COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_event, decode_finished_hold, decode_record,
-    encode_event, encode_finished_hold, encode_record, event_key, record_key, stored_record_rows,
+    COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_finished_hold, decode_record,
+    encode_finished_hold, encode_record, event_tail, event_tail_fields, record_event, record_key,
+    stored_record_rows,
 )
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
@@ -66,12 +66,21 @@ def test_every_logged_command_reads_back_as_it_was_written(user_id, event_type, 
                                                            commit_amount, flag, users):
     for command in _commands(user_id, event_type, amount, metadata, key, reservation_id,
                              commit_amount, flag):
-        record = c.Record(42, NOW_NS, command, (), tuple(users))
+        events = tuple(c.AuditEvent(kind="threshold", app=getattr(command, "app", ""),
+                                    user_id="", event_type=event_type, amount=amount,
+                                    limit_group_key=event_type,
+                                    threshold_percent=index + 1, window_start_ns=NOW_NS)
+                       for index in range(len(users)))
+        record = c.Record(42, NOW_NS, command, events, tuple(users))
         value = encode_record(record)
         read = decode_record(record_key(42), value)
-        assert read == record and read.command == command
-        events, _, reserved = stored_record_rows(record_key(42), value)
-        assert events == [event_key(user, NOW_NS, 42, index) for index, user in enumerate(users)]
+        assert read == record and read.command == command and read.events == ()
+        assert decode_record(record_key(42), value, with_events=True).events == events
+        entries, _, reserved = stored_record_rows(record_key(42), value)
+        assert entries == [(user.to_bytes(4, "big"), event_tail(NOW_NS, 42, index))
+                           for index, user in enumerate(users)]
+        assert [event_tail_fields(tail) for _, tail in entries] == [
+            (NOW_NS, 42, index) for index in range(len(users))]
         assert reserved == (bytes.fromhex(reservation_id[4:])
                             if isinstance(command, c.Reserve) else None)
 
@@ -80,7 +89,7 @@ def test_every_logged_command_reads_back_as_it_was_written(user_id, event_type, 
 @given(kind=st.sampled_from(c.AUDIT_KINDS), event_type=texts,
        amount=st.integers(-(2**53), 2**53), metadata=metadata,
        reservation_id=st.none() | reservation_ids, allowed=st.booleans(), user_id=texts)
-def test_audit_events_read_back_with_the_app_and_user_their_key_names(kind, event_type, amount,
+def test_audit_events_read_back_with_the_app_and_user_the_index_names(kind, event_type, amount,
                                                                       metadata, reservation_id,
                                                                       allowed, user_id):
     threshold = kind == "threshold"
@@ -92,23 +101,29 @@ def test_audit_events_read_back_with_the_app_and_user_their_key_names(kind, even
                          window_start_ns=NOW_NS if threshold else 0)
     for command in _commands(user_id, event_type, abs(amount) or 1, metadata, "k",
                              reservation_id or "rsv_" + "00" * 12, None, allowed):
-        value = encode_event(event, command)
-        assert decode_event(value, "default", user_id, lambda: command) == event
+        value = encode_record(c.Record(5, NOW_NS, command, (event,), (1,)))
+        assert record_event(record_key(5), value, 0, "default", user_id) == event
+        with pytest.raises(CorruptRecord, match="audit event 1 is missing"):
+            record_event(record_key(5), value, 1, "default", user_id)
         kind = type(command)
         from_record = not threshold and (reservation_id or "") == getattr(
             command, "reservation_id", "") and (
             kind in (c.Commit, c.Release, c.Extend) or kind in (c.Reserve, c.Track) and (
                 event_type, amount, metadata) == (command.event_type, command.amount,
                                                   command.metadata))
-        assert log_pb2.Event.FromString(value).from_record == from_record, command
+        stored = log_pb2.Record.FromString(value[12:]).events[0]
+        assert stored.from_record == from_record, command
 
 
 def test_a_reserve_record_with_a_20_byte_user_and_one_metadata_entry_is_small():
     command = c.Reserve(app="default", user_id="u" * 20, event_type="openai.chat",
                         amount=1000, metadata=(("model", "gpt-4o"),),
                         idempotency_key="k" * 32, reservation_id="rsv_" + "ab" * 12)
-    value = encode_record(c.Record(7, NOW_NS, command, (), (1,)))
-    print(f"\nReserve record: {len(value)} bytes")
+    event = c.AuditEvent(kind="reserve", app="default", user_id="u" * 20,
+                         event_type="openai.chat", amount=1000, metadata=(("model", "gpt-4o"),),
+                         reservation_id="rsv_" + "ab" * 12)
+    value = encode_record(c.Record(7, NOW_NS, command, (event,), (1,)))
+    print(f"\nReserve record with its audit event: {len(value)} bytes")
     assert len(value) <= 150
 
 
@@ -129,7 +144,7 @@ def test_a_finished_hold_row_reads_back_whole_with_or_without_its_reserve_record
     reserve = c.Reserve(app="default", user_id="u" * 20, event_type="openai.chat", amount=700,
                         metadata=(("model", "gpt-4o"),), idempotency_key="k",
                         reservation_id="rsv_" + "ab" * 12)
-    stored = encode_record(c.Record(7, NOW_NS, reserve, (), (1,)))
+    stored = encode_record(c.Record(7, NOW_NS, reserve))
     hold = Reservation(app="default", reservation_id=reserve.reservation_id,
                        user_id=reserve.user_id, event_type=reserve.event_type, amount=700,
                        metadata=reserve.metadata,

@@ -150,7 +150,7 @@ def test_pruning_a_record_removes_its_events_idempotency_row_and_finished_hold(t
     assert wal.idempotency_record("a", "Release", "l", 10**6) is None
     assert wal.list_events("a", "u", number, 0, 2**64 - 1, b"", 10) == []
     with wal.env.begin() as txn:
-        for db in (wal.holds_db, wal.idempotency_db, wal.events_db):
+        for db in (wal.holds_db, wal.idempotency_db, wal.event_index_db):
             assert txn.stat(db)["entries"] == 0
     wal.close()
 

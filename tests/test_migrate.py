@@ -1,6 +1,7 @@
-"""`quotad migrate` brings a data directory that the format-3 release wrote
-(tests/data/format3.tar.gz, made by tests/data/make_old_format.py) to this format: the same
-state, the same audit trail, served by this server; the old data kept and never written."""
+"""`quotad migrate` brings a data directory that the format-3 or the format-4 release wrote
+(tests/data/formatN.tar.gz, made by tests/data/make_old_format.py with that release) to this
+format: the same state, the same audit trail and first answers, served by this server; the old
+data kept and never written."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import tarfile
 from datetime import datetime
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from quotad.engine.recovery import recover
+from quotad.storage import log_pb2
+from quotad.storage.codec import decode_event, decode_record, event_tail
 from quotad.storage.wal import WriteAheadLog
 from quotad_client import QuotaClient
 from server_process import ROOT, ServerProcess
 
-FIXTURE = ROOT / "tests" / "data" / "format3.tar.gz"
-EXPECTED = json.loads((ROOT / "tests" / "data" / "format3.json").read_text())
+DATA = ROOT / "tests" / "data"
+OLD_FORMATS = ("3", "4")
+EXPECTED = {old: json.loads((DATA / f"format{old}.json").read_text()) for old in OLD_FORMATS}
 COMMAND_TIMEOUT_S = 60
 
 
@@ -33,22 +38,30 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(params=OLD_FORMATS)
+def old_format(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-def old_dir(tmp_path: Path) -> Path:
-    with tarfile.open(FIXTURE) as archive:
+def old_dir(tmp_path: Path, old_format: str) -> Path:
+    with tarfile.open(DATA / f"format{old_format}.tar.gz") as archive:
         archive.extractall(tmp_path, filter="data")
     return tmp_path / "data"
 
 
-def test_this_server_refuses_format_3_naming_the_command_that_migrates_it(old_dir: Path):
+def test_this_server_refuses_an_old_format_naming_the_command_that_migrates_it(
+        old_dir: Path, old_format: str):
     before = _digest(old_dir / "data.mdb")
     done = _quotad("serve", "--listen", "127.0.0.1:0", "--data-dir", str(old_dir))
     assert done.returncode == 2
-    assert "format 3" in done.stderr and f"quotad migrate --data-dir {old_dir}" in done.stderr
+    assert f"format {old_format}" in done.stderr
+    assert f"quotad migrate --data-dir {old_dir}" in done.stderr
     assert _digest(old_dir / "data.mdb") == before
 
 
-def test_a_migrated_directory_holds_the_same_counters_and_every_record(old_dir: Path):
+def test_a_migrated_directory_holds_the_same_counters_and_every_record(old_dir: Path,
+                                                                       old_format: str):
     old_bytes = _digest(old_dir / "data.mdb")
     done = _quotad("migrate", "--data-dir", str(old_dir))
     assert done.returncode == 0, done.stderr
@@ -66,8 +79,8 @@ def test_a_migrated_directory_holds_the_same_counters_and_every_record(old_dir: 
     finally:
         wal.close()
     users = core.apps["default"].users
-    assert sorted(users) == sorted(EXPECTED)
-    for user_id, expected in EXPECTED.items():
+    assert sorted(users) == sorted(EXPECTED[old_format])
+    for user_id, expected in EXPECTED[old_format].items():
         window = {group.key: group.window
                   for group in core.apps["default"].plans["pro"].limit_groups}
         for key, _quota, used, held, _remaining, window_start, _resets in expected["counters"]:
@@ -79,12 +92,13 @@ def test_a_migrated_directory_holds_the_same_counters_and_every_record(old_dir: 
                     datetime.fromisoformat(window_start).timestamp()) * 10**9
 
 
-def test_this_server_serves_a_migrated_directory_with_its_whole_audit_trail(old_dir: Path):
+def test_this_server_serves_a_migrated_directory_with_its_whole_audit_trail(old_dir: Path,
+                                                                          old_format: str):
     assert _quotad("migrate", "--data-dir", str(old_dir)).returncode == 0
     server = ServerProcess(old_dir, plans=None).start()
     try:
         with QuotaClient(server.address) as client:
-            for user_id, expected in EXPECTED.items():
+            for user_id, expected in EXPECTED[old_format].items():
                 events = [[e.sequence, e.time.isoformat(), e.kind, e.event_type, e.amount,
                            dict(e.metadata), e.reservation_id, e.allowed, e.limit_group_key,
                            e.threshold_percent] for e in client.iter_events(user_id)]
@@ -96,15 +110,56 @@ def test_this_server_serves_a_migrated_directory_with_its_whole_audit_trail(old_
         assert server.stop() == 0
 
 
-def test_migrating_twice_or_over_a_kept_copy_is_refused_and_changes_nothing(old_dir: Path):
+def test_migrating_twice_or_over_a_kept_copy_is_refused_and_changes_nothing(old_dir: Path,
+                                                                           old_format: str):
     assert _quotad("migrate", "--data-dir", str(old_dir)).returncode == 0
     again = _quotad("migrate", "--data-dir", str(old_dir))
-    assert again.returncode == 2 and "already format 4" in again.stderr
-    backup = old_dir.with_name("data.format3")
+    assert again.returncode == 2 and "already format 5" in again.stderr
+    backup = old_dir.with_name(f"data.format{old_format}")
     restored = old_dir.with_name("restored")
     backup.rename(restored)
-    restored.with_name("restored.format3").mkdir()
+    restored.with_name(f"restored.format{old_format}").mkdir()
     refused = _quotad("migrate", "--data-dir", str(restored))
     assert refused.returncode == 2 and "exists" in refused.stderr
     assert (restored / "data.mdb").exists()
     assert not restored.with_name("restored.migrating").exists()
+
+
+def test_from_format_4_every_record_keeps_its_command_answer_and_events(tmp_path: Path):
+    with tarfile.open(DATA / "format4.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    data_dir = tmp_path / "data"
+    assert _quotad("migrate", "--data-dir", str(data_dir)).returncode == 0
+    old = lmdb.open(str(tmp_path / "data.format4"), readonly=True, lock=False, max_dbs=8)
+    new = WriteAheadLog(data_dir)
+    try:
+        with old.begin(buffers=False) as txn:
+            tables = {name: old.open_db(name.encode(), txn=txn, create=False)
+                      for name in ("log", "events", "holds", "idempotency", "snapshot")}
+            old_records = [decode_record(key, value)
+                           for key, value in txn.cursor(db=tables["log"])]
+            old_index = dict(txn.cursor(db=tables["events"]))  # user, time, sequence, index
+            old_rows = {name: dict(txn.cursor(db=tables[name]))
+                        for name in ("holds", "idempotency", "snapshot")}
+        migrated = list(new.records())
+        assert [(r.sequence, r.now_ns, r.command, r.event_users, r.answer)
+                for r in migrated] == [(r.sequence, r.now_ns, r.command, r.event_users, r.answer)
+                                       for r in old_records]
+        assert sum(r.answer is not None for r in migrated) > 30  # keyed calls' first answers
+        with new.env.begin(buffers=False) as txn:
+            index = {user + tail for user, tail in txn.cursor(db=new.event_index_db)}
+            assert index == set(old_index) and len(index) > 80
+            for name, db in (("holds", new.holds_db), ("idempotency", new.idempotency_db),
+                             ("snapshot", new.snapshot_db)):
+                assert dict(txn.cursor(db=db)) == old_rows[name], name
+            for key, value in txn.cursor(db=new.log_db):
+                record = decode_record(key, value, with_events=True)
+                app = getattr(record.command, "app", "")
+                assert list(record.events) == [
+                    decode_event(log_pb2.Event.FromString(old_index[
+                        user.to_bytes(4, "big") + event_tail(record.now_ns, record.sequence, i)]),
+                        app, "", lambda: record.command)
+                    for i, user in enumerate(record.event_users)]
+    finally:
+        new.close()
+        old.close()

@@ -167,9 +167,10 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                        help="(default: %(default)s)")
     move = commands.add_parser(
         "migrate", help="bring a stopped server's data directory to this server's format",
-        description="Rewrite a data directory of format 3 in this server's format (4), "
+        description="Rewrite a data directory of format 3 or 4 in this server's format (5), "
                     "offline: DIR is read, the new data is written beside it and swapped in "
-                    "once whole; the old directory is kept as DIR.format3. Takes the "
+                    "once whole; the old directory is kept as DIR.formatN (N: its format). "
+                    "Prints its progress on stderr. Takes the "
                     "directory's lock: stop the server first. Prints a JSON summary; exits 2 "
                     "with the reason if it cannot migrate, leaving DIR as it was.",
     )

@@ -1,39 +1,48 @@
-"""`quotad migrate --data-dir DIR`: brings a stopped server's data directory from format 3 to
-the format this server reads, offline.
+"""`quotad migrate --data-dir DIR`: brings a stopped server's data directory from format 3 or
+4 to the format this server reads (5), offline.
 
 It reads DIR (locked, never written), writes the new directory beside it (DIR.migrating), and
 only once that is whole and synced swaps the two: DIR becomes the new one, and the old one is
-kept as DIR.format3 for the operator to delete. Interrupted at any point, DIR is as it was
-(a leftover DIR.migrating is removed by the next run).
+kept as DIR.formatN (N: the old format) for the operator to delete. Interrupted at any point,
+DIR is as it was (a leftover DIR.migrating is removed by the next run).
 
-Every record keeps its sequence and time. Records the old snapshot covers keep the audit
-events the old log stored with them; the records after it are applied to the core again, and
-must make exactly the events the old log holds. The new directory starts with a snapshot of
-the whole state, so its first start replays nothing.
+Every record keeps its sequence and time.
+- From format 3: records the old snapshot covers keep the audit events the old log stored
+  with them; the records after it are applied to the core again, and must make exactly the
+  events the old log holds. The new directory starts with a snapshot of the whole state, so
+  its first start replays nothing.
+- From format 4: each record takes in its audit events from the old events index, and the
+  snapshot, the finished holds and the idempotency rows are copied as they are. No record is
+  applied again: the first start replays what the old one would have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import lmdb
 
 from quotad.core import limits
 from quotad.core.commands import Record
 from quotad.core.machine import Core
-from quotad.storage import format3
+from quotad.storage import format3, log_pb2
+from quotad.storage.codec import (
+    CorruptRecord, decode_event, decode_record, event_tail, event_user_key,
+)
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.snapshot_json import core_from_plain
 from quotad.storage.wal import (
     FORMAT_VERSION, LOCK_FILE_NAME, MAP_SIZE_BYTES_DEFAULT, SNAPSHOT_KEY, DataFormatMismatch,
-    Snapshot, WriteAheadLog, _lock_exclusively,
+    CorruptSnapshot, Snapshot, WriteAheadLog, _lock_exclusively, verify_snapshot,
 )
 
+FORMAT_4 = b"4"
 
 
 class MigrationError(Exception):
@@ -56,18 +65,19 @@ def migrate(data_dir: Path, *, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
     if not (data_dir / "data.mdb").exists():
         raise MigrationError(f"{data_dir} holds no quotad data")
     target = data_dir.with_name(data_dir.name + ".migrating")
-    backup = data_dir.with_name(data_dir.name + ".format3")
     started = time.monotonic()
     lock = _lock_exclusively(data_dir / LOCK_FILE_NAME)
     try:
         env = lmdb.open(str(data_dir), readonly=True, max_dbs=8, lock=False, subdir=True)
         try:
-            _check_version(env, data_dir)
+            version = _check_version(env, data_dir)
+            backup = data_dir.with_name(f"{data_dir.name}.format{version.decode()}")
             if backup.exists():
                 raise MigrationError(f"{backup} exists (an earlier migration's copy of the old "
                                      "data): move it away first")
             shutil.rmtree(target, ignore_errors=True)  # an interrupted run's: never swapped in
-            summary = _copy(env, data_dir, target, map_size_bytes, progress)
+            copy = _copy_format4 if version == FORMAT_4 else _copy
+            summary = copy(env, data_dir, target, map_size_bytes, progress)
         finally:
             env.close()
         data_dir.rename(backup)
@@ -78,14 +88,30 @@ def migrate(data_dir: Path, *, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
     return Migrated(*summary, backup=backup, seconds=round(time.monotonic() - started, 3))
 
 
-def _check_version(env: lmdb.Environment, data_dir: Path) -> None:
+def _check_version(env: lmdb.Environment, data_dir: Path) -> bytes:
     with env.begin() as txn:
         version = txn.get(b"format_version", db=env.open_db(b"meta", txn=txn, create=False))
     if version == FORMAT_VERSION:
         raise MigrationError(f"{data_dir} is already format {FORMAT_VERSION.decode()}: "
                              "nothing to do")
-    if version != format3.FORMAT_VERSION:
-        raise MigrationError(f"{data_dir} holds format {version!r}; only format 3 migrates")
+    if version not in (format3.FORMAT_VERSION, FORMAT_4):
+        raise MigrationError(f"{data_dir} holds format {version!r}; only formats 3 and 4 "
+                             "migrate")
+    return version
+
+
+class _Progress:
+    """A line on stderr every MIGRATE_PROGRESS_EVERY_S: records written of the total."""
+
+    def __init__(self, total: int, out: TextIO | None) -> None:
+        self.total, self.out, self.shown_at = total, out, time.monotonic()
+
+    def show(self, written: int) -> None:
+        if self.out is None or time.monotonic() - self.shown_at < limits.MIGRATE_PROGRESS_EVERY_S:
+            return
+        self.shown_at = time.monotonic()
+        print(f"migrating: {written:,} of {self.total:,} records "
+              f"({100 * written // max(self.total, 1)} %)", file=self.out, flush=True)
 
 
 def _copy(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: int,
@@ -100,17 +126,14 @@ def _copy(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: i
         try:
             first, last, written = 0, 0, 0
             batch: list[Record] = []
-            shown_at = time.monotonic()
+            shown = _Progress(total, progress)
             for old in format3.read_records(txn, log_db):
                 batch.append(_record(core, old, snapshot_sequence))
                 first, last, written = first or old.sequence, old.sequence, written + 1
                 if len(batch) == limits.MIGRATE_RECORDS_PER_TRANSACTION:
                     wal.append(batch)
                     batch = []
-                if progress is not None and time.monotonic() - shown_at >= limits.MIGRATE_PROGRESS_EVERY_S:
-                    shown_at = time.monotonic()
-                    print(f"migrating: {written:,} of {total:,} records "
-                          f"({100 * written // max(total, 1)} %)", file=progress, flush=True)
+                shown.show(written)
             if core.sequence != max(last, snapshot_sequence):
                 raise MigrationError(f"the log ends at {last} but the state at {core.sequence}")
             wal.append(batch, Snapshot(core.sequence, snapshot_of(core)), prune_before_ns=0)
@@ -119,6 +142,75 @@ def _copy(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: i
         finally:
             wal.close()
     return written, first, last, snapshot_sequence
+
+
+def _copy_format4(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: int,
+                  progress: TextIO | None) -> tuple[int, int, int, int]:
+    with env.begin(buffers=False) as txn:
+        tables = {name: env.open_db(name.encode(), txn=txn, create=False)
+                  for name in ("log", "snapshot", "events", "holds", "idempotency")}
+        encoded = txn.get(SNAPSHOT_KEY, db=tables["snapshot"])
+        try:
+            snapshot = Snapshot(verify_snapshot(encoded), encoded) if encoded else None
+        except CorruptSnapshot as error:
+            raise MigrationError(f"{data_dir}: {error}") from error
+        shown = _Progress(txn.stat(tables["log"])["entries"], progress)
+        wal = WriteAheadLog(target, map_size_bytes=map_size_bytes)
+        try:
+            first, last, written = 0, 0, 0
+            batch: list[Record] = []
+            for key, value in txn.cursor(db=tables["log"]):
+                record = _record_with_events(txn, tables["events"], key, value, data_dir)
+                if last and record.sequence != last + 1:
+                    raise MigrationError(f"{data_dir}: the log skips from record {last} to "
+                                         f"{record.sequence}")
+                batch.append(record)
+                first, last, written = first or record.sequence, record.sequence, written + 1
+                if len(batch) == limits.MIGRATE_RECORDS_PER_TRANSACTION:
+                    wal.append(batch)
+                    batch = []
+                shown.show(written)
+            for name, db in (("holds", wal.holds_db), ("idempotency", wal.idempotency_db)):
+                _copy_table(txn, tables[name], wal, db)
+            if batch or snapshot is not None:
+                wal.append(batch, snapshot, prune_before_ns=0)
+        finally:
+            wal.close()
+    return written, first, last, snapshot.sequence if snapshot is not None else 0
+
+
+def _record_with_events(txn: lmdb.Transaction, events_db: Any, key: bytes, value: bytes,
+                        data_dir: Path) -> Record:
+    """A format-4 record with the audit events its events index held (key: the user number,
+    then the time, the sequence and the index)."""
+    try:
+        record = decode_record(key, value)
+    except CorruptRecord as error:
+        raise MigrationError(f"{data_dir}: {error}") from error
+    app = getattr(record.command, "app", "")
+    events = []
+    for index, user in enumerate(record.event_users):
+        stored = txn.get(event_user_key(user) + event_tail(record.now_ns, record.sequence, index),
+                         db=events_db)
+        if stored is None:
+            raise MigrationError(f"{data_dir}: audit event {index} of record "
+                                 f"{record.sequence} is missing")
+        events.append(decode_event(log_pb2.Event.FromString(stored), app, "",
+                                   lambda: record.command))
+    return dataclasses.replace(record, events=tuple(events))
+
+
+def _copy_table(txn: lmdb.Transaction, source: Any, wal: WriteAheadLog, db: Any) -> None:
+    """Every row of a table, as it is, in transactions of MIGRATE_RECORDS_PER_TRANSACTION."""
+    cursor = txn.cursor(db=source)
+    more = cursor.first()
+    while more:
+        with wal.env.begin(write=True, db=db) as out:
+            for _ in range(limits.MIGRATE_RECORDS_PER_TRANSACTION):
+                out.put(cursor.key(), cursor.value())
+                more = cursor.next()
+                if not more:
+                    break
 
 
 def _record(core: Core, old: format3.OldRecord, snapshot_sequence: int) -> Record:

@@ -7,7 +7,10 @@ Its value is a 12-byte header and a `quotad.internal.Record` (protos/quotad/inte
     now_ns     8 bytes  the server time the command was applied at
     message             the command as the request carried it, with what the server chose
 
-Audit events are stored once, in the events index (`event_key` -> `quotad.internal.Event`).
+A record holds the audit events it made. The event index files each under its user: the key
+is the user number (4 bytes), and each event is one fixed-size duplicate of it, its tail (the
+time, the record's sequence, the event's index in the record: 18 bytes), which sorts a user's
+events by time and is appended, so the index's pages stay full.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from quotad.storage import log_pb2 as pb
 
 _HEADER = struct.Struct(">IQ")
 _KEY = struct.Struct(">Q")
-_EVENT_KEY = struct.Struct(">IQQH")
-EVENT_TAIL_BYTES = 18
-"""What follows the user number in an event key (time, sequence, index): a page cursor."""
+_EVENT_TAIL = struct.Struct(">QQH")
+EVENT_TAIL_BYTES = _EVENT_TAIL.size
+"""An event's entry under its user in the event index (time, sequence, index): also a page
+cursor."""
 RESERVATION_ID_PREFIX = "rsv_"
 COMPACT_HOLD_AGE_NS_MAX = limits.IDEMPOTENCY_RETENTION_NS // 2
 """A finished hold's row leaves out what its Reserve record says when that record is younger
@@ -80,17 +84,19 @@ def record_idempotency_row_key(record: Record) -> bytes | None:
     return idempotency_row_key(record.command.app, type(record.command).__name__, key)
 
 
-def event_key(user_number: int, now_ns: int, sequence: int, index: int) -> bytes:
-    return _EVENT_KEY.pack(user_number, now_ns, sequence, index)
-
-
-def event_prefix(user_number: int) -> bytes:
+def event_user_key(user_number: int) -> bytes:
+    """The event index's key of a user's events."""
     return user_number.to_bytes(4, "big")
 
 
-def event_tail(key: bytes) -> tuple[int, int, int]:
-    """(now_ns, sequence, index) of an event key."""
-    return _EVENT_KEY.unpack(key)[1:]
+def event_tail(now_ns: int, sequence: int, index: int) -> bytes:
+    """An event's entry under its user's key in the event index."""
+    return _EVENT_TAIL.pack(now_ns, sequence, index)
+
+
+def event_tail_fields(tail: bytes) -> tuple[int, int, int]:
+    """(now_ns, sequence, index) of an event's entry."""
+    return _EVENT_TAIL.unpack(tail)
 
 
 # --- records ------------------------------------------------------------------------------
@@ -100,6 +106,9 @@ def encode_record(record: Record) -> bytes:
     message = pb.Record()
     _ENCODERS[type(record.command)](message, record.command)
     message.event_users.extend(record.event_users)
+    assert len(record.events) == len(record.event_users), record
+    for event in record.events:
+        _encode_event(message.events.add(), event, record.command)
     if record.answer is not None:
         _encode_answer(message.answer, record.answer, record)
     body = message.SerializeToString()
@@ -122,15 +131,23 @@ def _checked_message(key: bytes, value: bytes) -> tuple[int, int, Any]:
     return sequence, now_ns, message
 
 
-def decode_record(key: bytes, value: bytes) -> Record:
+def decode_record(key: bytes, value: bytes, *, with_events: bool = False) -> Record:
+    """The record; its audit events only if asked (replay needs none), each with the
+    command's app and an empty user id (the event index names the user, by number)."""
     sequence, now_ns, message = _checked_message(key, value)
     try:
         command = _DECODERS[message.WhichOneof("command")](message)
         answer = (_ANSWER_DECODERS[type(command)](message.answer, command, now_ns)
                   if message.HasField("answer") else None)
+        app = getattr(command, "app", "")
+        events = tuple(decode_event(event, app, "", lambda: command)
+                       for event in message.events) if with_events else ()
     except Exception as error:
         raise CorruptRecord(sequence, f"unreadable command: {error!r}") from error
-    return Record(sequence, now_ns, command, (), tuple(message.event_users), answer)
+    if with_events and len(events) != len(message.event_users):
+        raise CorruptRecord(sequence, f"{len(events)} audit events for "
+                            f"{len(message.event_users)} users")
+    return Record(sequence, now_ns, command, events, tuple(message.event_users), answer)
 
 
 def record_now_ns(value: bytes) -> int:
@@ -143,13 +160,13 @@ _KEYED_COMMANDS = {"reserve": "Reserve", "commit": "Commit", "release": "Release
 """The record's oneof field -> its RPC, for the commands that take an idempotency key."""
 
 
-def stored_record_rows(key: bytes, value: bytes) -> tuple[list[bytes], bytes | None,
-                                                          bytes | None]:
+def stored_record_rows(key: bytes, value: bytes) -> tuple[list[tuple[bytes, bytes]],
+                                                          bytes | None, bytes | None]:
     """What else a stored record put in the log, from one read of it, to delete with it: its
-    events index keys, its idempotency row key (a keyed command holding its first answer),
-    and the reservation id bytes of a Reserve (its hold's row)."""
+    event index entries (user key, tail), its idempotency row key (a keyed command holding
+    its first answer), and the reservation id bytes of a Reserve (its hold's row)."""
     sequence, now_ns, message = _checked_message(key, value)
-    events = [event_key(user, now_ns, sequence, index)
+    events = [(event_user_key(user), event_tail(now_ns, sequence, index))
               for index, user in enumerate(message.event_users)]
     kind = message.WhichOneof("command")
     row = None
@@ -561,12 +578,11 @@ def decode_finished_hold(reservation_id_bytes: bytes, value: bytes, as_of_sequen
 _KIND_NUMBERS = {kind: number for number, kind in enumerate(AUDIT_KINDS)}
 
 
-def encode_event(event: AuditEvent, command: Command) -> bytes:
-    """An event as the index stores it: without its app and user, which its key names, nor
-    what its record's own command says (the index reads that from the record): the
-    reservation id of a Reserve, Commit, Release or Extend, and the event type, amount and
-    metadata of a Reserve or Track."""
-    message = pb.Event()
+def _encode_event(message: Any, event: AuditEvent, command: Command) -> None:
+    """An event as its record stores it: without its app and user, which the event index's
+    key names, nor what the record's own command says: the reservation id of a Reserve,
+    Commit, Release or Extend, and the event type, amount and metadata of a Reserve or
+    Track."""
     message.kind = _KIND_NUMBERS[event.kind]
     from_record = _from_command(event, command)
     if from_record:
@@ -581,7 +597,6 @@ def encode_event(event: AuditEvent, command: Command) -> bytes:
     message.limit_group_key = event.limit_group_key
     message.threshold_percent = event.threshold_percent
     message.window_start_ns = event.window_start_ns
-    return message.SerializeToString()
 
 
 _SOURCE_COMMANDS = (Reserve, Track)
@@ -603,10 +618,22 @@ def _from_command(event: AuditEvent, command: Command) -> bool:
         and event.metadata == command.metadata)
 
 
-def decode_event(value: bytes, app: str, user_id: str,
+def record_event(key: bytes, value: bytes, index: int, app: str, user_id: str) -> AuditEvent:
+    """Event number index of a stored record, as app's user_id's (the event index's)."""
+    sequence, _, message = _checked_message(key, value)
+    if index >= len(message.events):
+        raise CorruptRecord(sequence, f"audit event {index} is missing")
+    try:
+        return decode_event(message.events[index], app, user_id,
+                            lambda: _DECODERS[message.WhichOneof("command")](message))
+    except Exception as error:
+        raise CorruptRecord(sequence, f"unreadable audit event {index}: {error!r}") from error
+
+
+def decode_event(message: Any, app: str, user_id: str,
                  record_command: Callable[[], Command]) -> AuditEvent:
-    """record_command(): the event's record's command, read only for an event that needs it."""
-    message = pb.Event.FromString(value)
+    """message: a `quotad.internal.Event`; record_command(): the event's record's command,
+    read only for an event that needs it."""
     event_type, amount = message.event_type, message.amount
     metadata = _metadata(message.metadata)
     reservation_id = _reservation_id(message.reservation_id) if message.reservation_id else ""

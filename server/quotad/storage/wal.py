@@ -5,9 +5,11 @@ transactions belong to the thread that opened them: `append` is only ever called
 writer's one dedicated thread. The data directory is locked exclusively (one server each).
 
 Databases:
-    log        sequence (8 bytes BE) -> record (codec.py: header + protobuf)
+    log        sequence (8 bytes BE) -> record (codec.py: header + protobuf, with the audit
+               events it made)
     snapshot   b"latest" -> checksum, sequence, the core (snapshot.py; before: zlib'd JSON)
-    events     user number, time, sequence, index -> audit event         (ListEvents)
+    event_index  user number (4 bytes) -> time, sequence, index: one fixed-size duplicate per
+               event of the user's, in time order; appended, so its pages stay full (ListEvents)
     holds      reservation id (12 bytes) -> a finished hold (written with the record that
                finished it; removed with its Reserve record)
     idempotency  8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record that first
@@ -35,21 +37,21 @@ from typing import Any
 import lmdb
 
 from quotad.storage.codec import (
-    EVENT_TAIL_BYTES, CorruptRecord, decode_event, decode_finished_hold, decode_record,
-    encode_event, encode_finished_hold, encode_record, event_key, event_prefix,
-    event_tail,
-    finished_hold_row, idempotency_row_key, key_sequence, record_idempotency_row_key,
-    record_key, record_now_ns, reservation_bytes, stored_record_rows,
+    EVENT_TAIL_BYTES, CorruptRecord, decode_finished_hold, decode_record, encode_finished_hold,
+    encode_record, event_tail, event_tail_fields, event_user_key, finished_hold_row,
+    idempotency_row_key, key_sequence, record_event, record_idempotency_row_key, record_key,
+    record_now_ns, reservation_bytes, stored_record_rows,
 )
 from quotad.core.holds import HoldState
 from quotad.core.commands import (
     AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Track,
 )
 
-FORMAT_VERSION = b"4"
-"""4: records are protobuf messages and audit events are stored once, in the events index
-keyed by user number. 3 (JSON records, events stored twice) is migrated by `quotad migrate`."""
-MIGRATABLE_FORMAT_VERSIONS = (b"3",)
+FORMAT_VERSION = b"5"
+"""5: records are protobuf messages holding their audit events; the event index files them
+under their users. `quotad migrate` brings 4 (events in an index of their own, keyed by user,
+time and record) and 3 (JSON records, events stored twice) to it."""
+MIGRATABLE_FORMAT_VERSIONS = (b"3", b"4")
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
 LMDB_OPTIONS: dict[str, Any] = dict(
     subdir=True, readonly=False, create=True, max_dbs=8, max_readers=126, sync=True,
@@ -129,7 +131,6 @@ class WriteAheadLog:
         self.meta_db = self.env.open_db(b"meta", create=True)
         self.log_db = self.env.open_db(b"log", create=True)
         self.snapshot_db = self.env.open_db(b"snapshot", create=True)
-        self.events_db = self.env.open_db(b"events", create=True)
         with self.env.begin(write=True, db=self.meta_db) as txn:
             version = txn.get(b"format_version")
             if version is None:
@@ -146,6 +147,8 @@ class WriteAheadLog:
             raise mismatch
         self.idempotency_db = self.env.open_db(b"idempotency", create=True)  # new in format 4
         self.holds_db = self.env.open_db(b"holds", create=True)  # new in format 4
+        self.event_index_db = self.env.open_db(  # new in format 5
+            b"event_index", create=True, dupsort=True, dupfixed=True)
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
         self._read_txn: lmdb.Transaction | None = None
@@ -160,15 +163,17 @@ class WriteAheadLog:
         self._appends += 1
         fault_kind, fault_at = self._fault
         with self.env.begin(write=True) as txn:
-            put_event = txn.cursor(db=self.events_db).put
+            put_event = txn.cursor(db=self.event_index_db).put
             for record in records:
                 stored = txn.put(record_key(record.sequence), encode_record(record),
                                  append=True, overwrite=False, db=self.log_db)
                 assert stored, f"log already holds sequence {record.sequence}"
-                for index, (event, user) in enumerate(zip(record.events, record.event_users,
-                                                          strict=True)):
-                    put_event(event_key(user, record.now_ns, record.sequence, index),
-                              encode_event(event, record.command))
+                for index, user in enumerate(record.event_users):
+                    # after every entry of the user's: time and sequence only grow
+                    appended = put_event(event_user_key(user),
+                                         event_tail(record.now_ns, record.sequence, index),
+                                         append=True)
+                    assert appended, (record.sequence, index, user)
                 row = record_idempotency_row_key(record)
                 if row is not None:
                     txn.put(row, record_key(record.sequence), db=self.idempotency_db)
@@ -212,8 +217,8 @@ class WriteAheadLog:
             if key_sequence(key) > up_to_sequence or record_now_ns(value) >= before_ns:
                 break
             events, row, reserved = stored_record_rows(key, value)
-            for events_key in events:
-                txn.delete(events_key, db=self.events_db)
+            for user_key, tail in events:
+                txn.delete(user_key, tail, db=self.event_index_db)
             if row is not None and txn.get(row, db=self.idempotency_db) == key:
                 txn.delete(row, db=self.idempotency_db)  # unless the key was used anew since
             if reserved is not None:
@@ -311,23 +316,9 @@ class WriteAheadLog:
                 if sequence - after_sequence > records_max:
                     return entries, expected - 1, False
                 assert sequence == expected, f"log gap: expected {expected}, found {sequence}"
-                self._usage_of(txn, decode_record(key, value), app, entries)
+                _usage_of(decode_record(key, value, with_events=True), app, entries)
                 expected += 1
         return entries, expected - 1, True
-
-    def _usage_of(self, txn: lmdb.Transaction, record: Record, app: str,
-                  entries: list[UsageEntry]) -> None:
-        command = record.command
-        if not isinstance(command, (Commit, Track)) or command.app != app:
-            return
-        for index, user in enumerate(record.event_users):
-            value = txn.get(event_key(user, record.now_ns, record.sequence, index),
-                            db=self.events_db)
-            if value is None:
-                raise CorruptRecord(record.sequence, f"audit event {index} is missing")
-            event = decode_event(value, app, "", lambda: command)
-            if event.allowed and AUDIT_KINDS.index(event.kind) in _USAGE_KINDS:
-                entries.append(UsageEntry(record.sequence, index, record.now_ns, user, event))
 
     def idempotency_record(self, app: str, rpc: str, idempotency_key: str,
                            as_of_sequence: int) -> Record | None:
@@ -406,36 +397,41 @@ class WriteAheadLog:
                     after: bytes, limit: int) -> list[StoredEvent]:
         """A user's audit events with start_ns <= time < end_ns, after the cursor, oldest
         first, at most limit of them. user_number: the core's for (app, user_id)."""
-        prefix = event_prefix(user_number)
-        first = after and prefix + after or event_key(user_number, start_ns, 0, 0)
+        user_key = event_user_key(user_number)
+        first = after or event_tail(start_ns, 0, 0)
         found: list[StoredEvent] = []
         with self.env.begin(buffers=False) as txn:
-            cursor = txn.cursor(db=self.events_db)
-            if not cursor.set_range(first):
+            cursor = txn.cursor(db=self.event_index_db)
+            if not cursor.set_range_dup(user_key, first):
                 return found
-            for key, value in cursor:
-                if not key.startswith(prefix) or len(found) >= limit:
+            for tail in cursor.iternext_dup(keys=False, values=True):
+                if len(found) >= limit:
                     break
-                tail = key[len(prefix):]
                 if after and tail == after:
                     continue
-                now_ns, sequence, _ = event_tail(key)
+                now_ns, sequence, index = event_tail_fields(tail)
                 if now_ns >= end_ns:
                     break
-
-                def record_command(sequence: int = sequence) -> Any:
-                    stored = txn.get(record_key(sequence), db=self.log_db)
-                    if stored is None:
-                        raise CorruptRecord(sequence, "an audit event's record is missing")
-                    return decode_record(record_key(sequence), stored).command
+                key = record_key(sequence)
+                stored = txn.get(key, db=self.log_db)
+                if stored is None:
+                    raise CorruptRecord(sequence, "an audit event's record is missing")
                 found.append(StoredEvent(now_ns, sequence,
-                                         decode_event(value, app, user_id, record_command),
-                                         tail))
+                                         record_event(key, stored, index, app, user_id), tail))
         return found
 
     def close(self) -> None:
         self.env.close()
         self._lock_file.close()
+
+
+def _usage_of(record: Record, app: str, entries: list[UsageEntry]) -> None:
+    command = record.command
+    if not isinstance(command, (Commit, Track)) or command.app != app:
+        return
+    for index, (event, user) in enumerate(zip(record.events, record.event_users, strict=True)):
+        if event.allowed and AUDIT_KINDS.index(event.kind) in _USAGE_KINDS:
+            entries.append(UsageEntry(record.sequence, index, record.now_ns, user, event))
 
 
 def recover_records(wal: WriteAheadLog, after_sequence: int, *, drop_torn_tail: bool) -> Iterator[Record]:
