@@ -4,6 +4,8 @@ holds; a flipped bit or a record under another key is caught by the checksum."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,8 @@ from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2
 from quotad.storage.codec import (
     COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_event, decode_finished_hold, decode_record,
-    encode_event, encode_finished_hold, encode_record, event_key, record_key, stored_record_rows,
+    encode_event, encode_finished_hold, encode_record, event_key, idempotency_row_key, record_key,
+    stored_record_rows,
 )
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
@@ -101,6 +104,60 @@ def test_audit_events_read_back_with_the_app_and_user_their_key_names(kind, even
                 event_type, amount, metadata) == (command.event_type, command.amount,
                                                   command.metadata))
         assert log_pb2.Event.FromString(value).from_record == from_record, command
+
+
+idempotency_keys = (st.text("0123456789abcdef", max_size=40)
+                    | st.text("0123456789abcdefABCDEF", max_size=40)
+                    | st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=idempotency_keys, reservation_id=reservation_ids)
+def test_an_idempotency_key_reads_back_as_the_exact_text_sent(key, reservation_id):
+    commands = [command for command in _commands("u", "e", 5, (), key, reservation_id, None,
+                                                 True)
+                if hasattr(command, "idempotency_key") and not isinstance(command, c.Track)]
+    commands.append(c.Track(app="default", user_id="u", event_type="e", amount=1,
+                            idempotency_key=key))
+    packed = len(key) % 2 == 0 and all(char in "0123456789abcdef" for char in key)
+    for command in commands:
+        answer = _ANSWERS[type(command)]
+        value = encode_record(c.Record(5, NOW_NS, command, (), (), answer))
+        read = decode_record(record_key(5), value)
+        assert read.command == command and read.command.idempotency_key == key
+        part = getattr(log_pb2.Record.FromString(value[12:]), type(command).__name__.lower())
+        assert part.idempotency_key == ("" if packed else key)
+        assert part.idempotency_key_hex == (bytes.fromhex(key) if packed else b"")
+        _, row, _ = stored_record_rows(record_key(5), value)
+        assert row == (idempotency_row_key(command.app, type(command).__name__, key)
+                       if key else None)
+
+
+def test_a_record_with_its_idempotency_key_as_text_still_reads_back():
+    """Records written before keys were packed hold every key as text."""
+    command = c.Commit(app="default", reservation_id="rsv_" + "ab" * 12,
+                       idempotency_key="0123456789abcdef0123456789abcdef")
+    value = encode_record(c.Record(5, NOW_NS, command, (), (), _ANSWERS[c.Commit]))
+    message = log_pb2.Record.FromString(value[12:])
+    message.commit.ClearField("idempotency_key_hex")
+    message.commit.idempotency_key = command.idempotency_key
+    body = message.SerializeToString()
+    time_bytes = NOW_NS.to_bytes(8, "big")
+    checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(record_key(5))))
+    old = checksum.to_bytes(4, "big") + time_bytes + body
+    assert decode_record(record_key(5), old).command == command
+    assert stored_record_rows(record_key(5), old)[1] == idempotency_row_key(
+        "default", "Commit", command.idempotency_key)
+
+
+_ANSWERS = {
+    c.Reserve: c.ReserveResult(allowed=False, reservation_id="", expires_at_ns=0, counters=(),
+                               denied_by="tokens"),
+    c.Commit: c.CommitResult(counters=(), committed=5, returned=0, expired=False),
+    c.Release: c.ReleaseResult(counters=()),
+    c.Extend: c.ExtendResult(expires_at_ns=NOW_NS + 1),
+    c.Track: c.TrackResult(allowed=True, counters=(), denied_by=""),
+}
 
 
 def test_a_reserve_record_with_a_20_byte_user_and_one_metadata_entry_is_small():

@@ -154,7 +154,7 @@ def stored_record_rows(key: bytes, value: bytes) -> tuple[list[bytes], bytes | N
     kind = message.WhichOneof("command")
     row = None
     if kind in _KEYED_COMMANDS and message.HasField("answer"):
-        idempotency_key = getattr(message, kind).idempotency_key
+        idempotency_key = _idempotency_key(getattr(message, kind))
         if idempotency_key:
             row = idempotency_row_key(message.app, _KEYED_COMMANDS[kind], idempotency_key)
     return events, row, message.reserve.reservation_id if kind == "reserve" else None
@@ -166,6 +166,22 @@ def reservation_bytes(reservation_id: str) -> bytes:
 
 def _reservation_id(raw: bytes) -> str:
     return RESERVATION_ID_PREFIX + raw.hex()
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _set_idempotency_key(part: Any, idempotency_key: str) -> None:
+    """Lowercase hex digits, even in number, as the bytes they spell (half the size; .hex()
+    gives the same text back); any other key as it was sent."""
+    if len(idempotency_key) % 2 == 0 and _HEX_DIGITS.issuperset(idempotency_key):
+        part.idempotency_key_hex = bytes.fromhex(idempotency_key)
+    else:
+        part.idempotency_key = idempotency_key
+
+
+def _idempotency_key(part: Any) -> str:
+    return part.idempotency_key or part.idempotency_key_hex.hex()
 
 
 def _set_metadata(repeated: Any, metadata: tuple[tuple[str, str], ...]) -> None:
@@ -187,7 +203,7 @@ def _encode_reserve(message: Any, command: Reserve) -> None:
     part.amount = command.amount
     _set_metadata(part.metadata, command.metadata)
     part.ttl_ns = command.ttl_ns
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
     part.reservation_id = reservation_bytes(command.reservation_id)
 
 
@@ -195,7 +211,7 @@ def _decode_reserve(message: Any) -> Reserve:
     part = message.reserve
     return Reserve(app=message.app, user_id=part.user_id, event_type=part.event_type,
                    amount=part.amount, metadata=_metadata(part.metadata), ttl_ns=part.ttl_ns,
-                   idempotency_key=part.idempotency_key,
+                   idempotency_key=_idempotency_key(part),
                    reservation_id=_reservation_id(part.reservation_id))
 
 
@@ -205,27 +221,27 @@ def _encode_commit(message: Any, command: Commit) -> None:
     part.reservation_id = reservation_bytes(command.reservation_id)
     if command.amount is not None:
         part.amount = command.amount
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
 
 
 def _decode_commit(message: Any) -> Commit:
     part = message.commit
     return Commit(app=message.app, reservation_id=_reservation_id(part.reservation_id),
                   amount=part.amount if part.HasField("amount") else None,
-                  idempotency_key=part.idempotency_key)
+                  idempotency_key=_idempotency_key(part))
 
 
 def _encode_release(message: Any, command: Release) -> None:
     message.app = command.app
     part = message.release
     part.reservation_id = reservation_bytes(command.reservation_id)
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
 
 
 def _decode_release(message: Any) -> Release:
     part = message.release
     return Release(app=message.app, reservation_id=_reservation_id(part.reservation_id),
-                   idempotency_key=part.idempotency_key)
+                   idempotency_key=_idempotency_key(part))
 
 
 def _encode_extend(message: Any, command: Extend) -> None:
@@ -233,13 +249,13 @@ def _encode_extend(message: Any, command: Extend) -> None:
     part = message.extend
     part.reservation_id = reservation_bytes(command.reservation_id)
     part.ttl_ns = command.ttl_ns
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
 
 
 def _decode_extend(message: Any) -> Extend:
     part = message.extend
     return Extend(app=message.app, reservation_id=_reservation_id(part.reservation_id),
-                  ttl_ns=part.ttl_ns, idempotency_key=part.idempotency_key)
+                  ttl_ns=part.ttl_ns, idempotency_key=_idempotency_key(part))
 
 
 def _encode_track(message: Any, command: Track) -> None:
@@ -249,7 +265,7 @@ def _encode_track(message: Any, command: Track) -> None:
     part.event_type = command.event_type
     part.amount = command.amount
     _set_metadata(part.metadata, command.metadata)
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
     part.enforce = command.enforce
 
 
@@ -257,7 +273,7 @@ def _decode_track(message: Any) -> Track:
     part = message.track
     return Track(app=message.app, user_id=part.user_id, event_type=part.event_type,
                  amount=part.amount, metadata=_metadata(part.metadata),
-                 idempotency_key=part.idempotency_key, enforce=part.enforce)
+                 idempotency_key=_idempotency_key(part), enforce=part.enforce)
 
 
 def _encode_expire_holds(message: Any, command: ExpireHolds) -> None:
