@@ -201,13 +201,58 @@ def test_a_finished_hold_row_reads_back_whole_with_or_without_its_reserve_record
     def reserve_record(sequence):
         reads.append(sequence)
         return decode_record(record_key(sequence), stored) if sequence == 7 else None
+    def record_time_ns(sequence):
+        return {7: NOW_NS, 9: NOW_NS + age_ns}.get(sequence)
     raw = bytes.fromhex(reserve.reservation_id[4:])
-    assert decode_finished_hold(raw, value, 9, reserve_record) == hold
+    assert decode_finished_hold(raw, value, 9, reserve_record, record_time_ns) == hold
     assert reads == ([7] if compact else [])
-    assert decode_finished_hold(raw, value, 8, reserve_record) is None  # not finished yet then
+    assert decode_finished_hold(raw, value, 8, reserve_record, record_time_ns) is None
     if compact:
         with pytest.raises(CorruptRecord, match="Reserve record"):
-            decode_finished_hold(raw, value, 9, lambda sequence: None)
+            decode_finished_hold(raw, value, 9, lambda sequence: None, record_time_ns)
+        with pytest.raises(CorruptRecord, match="record that finished"):
+            decode_finished_hold(raw, value, 9, reserve_record, lambda sequence: None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(age_ns=st.integers(0, COMPACT_HOLD_AGE_NS_MAX - 1) | st.integers(
+           COMPACT_HOLD_AGE_NS_MAX, 2 * COMPACT_HOLD_AGE_NS_MAX),
+       ttl_ns=st.integers(10**9, 3600 * 10**9), extended_by_ns=st.sampled_from([0, 0, 1, 10**9]),
+       expired_before_ns=st.sampled_from([0, 0, 1, 10**9]), remembered=st.booleans())
+def test_a_compact_finished_hold_row_reads_its_finish_and_expiry_from_its_records(
+        age_ns, ttl_ns, extended_by_ns, expired_before_ns, remembered):
+    """A young hold's row leaves out when it finished when that is its writing record's time
+    (not so for an expired hold committed later), and its expiry when that is its Reserve
+    record's time plus ttl_ns (not so once extended, or when the writer did not know it)."""
+    reserve = c.Reserve(app="default", user_id="u", event_type="e", amount=7, ttl_ns=ttl_ns,
+                        reservation_id="rsv_" + "cd" * 12)
+    stored = {7: c.Record(7, NOW_NS, reserve), 9: c.Record(9, NOW_NS + age_ns, c.Commit(
+        app="default", reservation_id=reserve.reservation_id))}
+    written_at_ns = NOW_NS + age_ns
+    hold = Reservation(app="default", reservation_id=reserve.reservation_id, user_id="u",
+                       event_type="e", amount=7, metadata=(),
+                       holds=(HoldRef("tokens", Window.DAY, NOW_NS - 5),), sequence=7,
+                       created_at_ns=NOW_NS, expires_at_ns=NOW_NS + ttl_ns + extended_by_ns,
+                       status=HoldState.COMMITTED,
+                       finished_at_ns=written_at_ns - min(expired_before_ns, age_ns))
+    reserve_expires_at_ns = NOW_NS + ttl_ns if remembered else 0
+    value = encode_finished_hold(hold, 9, 0, written_at_ns, reserve_expires_at_ns)
+    message = log_pb2.FinishedHold.FromString(value)
+    compact = age_ns < COMPACT_HOLD_AGE_NS_MAX
+    assert message.from_reserve_record == compact
+    assert message.HasField("finished_at_ns") == (
+        not compact or hold.finished_at_ns != written_at_ns)
+    assert message.HasField("expires_at_ns") == (
+        not compact or not remembered or extended_by_ns != 0)
+    raw = bytes.fromhex(reserve.reservation_id[4:])
+
+    def record_time_ns(sequence):
+        return stored[sequence].now_ns if sequence in stored else None
+    assert decode_finished_hold(raw, value, 9, stored.get, record_time_ns) == hold
+    # A row written before either was left out (both set) still reads back the same.
+    message.finished_at_ns, message.expires_at_ns = hold.finished_at_ns, hold.expires_at_ns
+    assert decode_finished_hold(raw, message.SerializeToString(), 9, stored.get,
+                                record_time_ns) == hold
 
 
 @settings(max_examples=100, deadline=None)

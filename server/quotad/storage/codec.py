@@ -499,12 +499,16 @@ _HOLD_STATES = tuple(HoldState)
 
 
 def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int,
-                         now_ns: int) -> bytes:
+                         now_ns: int, reserve_expires_at_ns: int = 0) -> bytes:
     """A finished hold's row, written by record `sequence` at now_ns. What its Reserve record
     says is left out when that record is sure to outlive the row: it was made less than the
-    log's shortest retention ago (the row is pruned with it)."""
+    log's shortest retention ago (the row is pruned with it). Then so are the time it finished
+    when that is now_ns (the writing record's time), and its expiry when that is
+    reserve_expires_at_ns, the one its Reserve record set (its time plus its ttl_ns; 0: not
+    known)."""
     message = pb.FinishedHold()
-    if now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX:
+    compact = now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX
+    if compact:
         message.from_reserve_record = True
     else:
         message.app, message.user_id = hold.app, hold.user_id
@@ -514,9 +518,11 @@ def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int
     for ref in hold.holds:
         hold_ref_to_message(ref, message.holds.add())
     message.reserve_sequence = hold.sequence
-    message.expires_at_ns = hold.expires_at_ns
+    if not (compact and hold.expires_at_ns == reserve_expires_at_ns):
+        message.expires_at_ns = hold.expires_at_ns
     message.status = _HOLD_STATES.index(hold.status)
-    message.finished_at_ns = hold.finished_at_ns
+    if not (compact and hold.finished_at_ns == now_ns):
+        message.finished_at_ns = hold.finished_at_ns
     message.sequence, message.expired_sequence = sequence, expired_sequence
     return message.SerializeToString()
 
@@ -540,9 +546,11 @@ def finished_hold_row(value: bytes) -> tuple[HoldState, int, int]:
 
 
 def decode_finished_hold(reservation_id_bytes: bytes, value: bytes, as_of_sequence: int,
-                         reserve_record: Callable[[int], Record | None]) -> Reservation | None:
+                         reserve_record: Callable[[int], Record | None],
+                         record_time_ns: Callable[[int], int | None]) -> Reservation | None:
     """The hold as it was once record as_of_sequence was applied; None if it was still live
-    then (a replay from before it finished). reserve_record(sequence): the stored record."""
+    then (a replay from before it finished). reserve_record(sequence): the stored record;
+    record_time_ns(sequence): its time alone (None for either: no such record)."""
     message = pb.FinishedHold.FromString(value)
     status = _HOLD_STATES[message.status]
     if message.sequence > as_of_sequence:
@@ -557,12 +565,21 @@ def decode_finished_hold(reservation_id_bytes: bytes, value: bytes, as_of_sequen
             raise CorruptRecord(message.reserve_sequence,
                                 f"the Reserve record of {reservation_id} is missing")
         command = record.command
+        if message.HasField("finished_at_ns"):
+            finished_at_ns = message.finished_at_ns
+        else:
+            written_at_ns = record_time_ns(message.sequence)
+            if written_at_ns is None:
+                raise CorruptRecord(message.sequence,
+                                    f"the record that finished {reservation_id} is missing")
+            finished_at_ns = written_at_ns
         return Reservation(
             app=command.app, reservation_id=reservation_id, user_id=command.user_id,
             event_type=command.event_type, amount=command.amount, metadata=command.metadata,
             holds=holds, sequence=message.reserve_sequence, created_at_ns=record.now_ns,
-            expires_at_ns=message.expires_at_ns, status=status,
-            finished_at_ns=message.finished_at_ns)
+            expires_at_ns=(message.expires_at_ns if message.HasField("expires_at_ns")
+                           else record.now_ns + command.ttl_ns),
+            status=status, finished_at_ns=finished_at_ns)
     return Reservation(
         app=message.app, reservation_id=reservation_id,
         user_id=message.user_id, event_type=message.event_type, amount=message.amount,

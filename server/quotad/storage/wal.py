@@ -9,7 +9,9 @@ Databases:
     snapshot   b"latest" -> checksum, sequence, the core (snapshot.py; before: zlib'd JSON)
     events     user number, time, sequence, index -> audit event         (ListEvents)
     holds      reservation id (12 bytes) -> a finished hold (written with the record that
-               finished it; removed with its Reserve record)
+               finished it; removed with its Reserve record). A young hold's row leaves out
+               what its Reserve record says, when it finished (its writing record's time)
+               and, unless extended, its expiry
     idempotency  8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record that first
                used the key, which holds the first answer (written with that record)
     meta       format_version; batch_first_sequence (where the last batch began)
@@ -41,9 +43,10 @@ from quotad.storage.codec import (
     finished_hold_row, idempotency_row_key, key_sequence, record_idempotency_row_key,
     record_key, record_now_ns, reservation_bytes, stored_record_rows,
 )
+from quotad.core import limits
 from quotad.core.holds import HoldState
 from quotad.core.commands import (
-    AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Track,
+    AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Reserve, Track,
 )
 
 FORMAT_VERSION = b"4"
@@ -146,6 +149,9 @@ class WriteAheadLog:
             raise mismatch
         self.idempotency_db = self.env.open_db(b"idempotency", create=True)  # new in format 4
         self.holds_db = self.env.open_db(b"holds", create=True)  # new in format 4
+        self._reserve_expiries_ns: dict[str, int] = {}
+        """Reservation id -> the expiry its Reserve record set, until the hold's row is
+        written (the writer's thread only; at most RESERVE_EXPIRIES_REMEMBERED_MAX)."""
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
         self._read_txn: lmdb.Transaction | None = None
@@ -172,6 +178,8 @@ class WriteAheadLog:
                 row = record_idempotency_row_key(record)
                 if row is not None:
                     txn.put(row, record_key(record.sequence), db=self.idempotency_db)
+                if type(record.command) is Reserve:
+                    self._remember_reserve_expiry(record)
                 for hold in record.finished:
                     self._put_finished_hold(txn, hold, record.sequence, record.now_ns)
             if records:
@@ -197,8 +205,16 @@ class WriteAheadLog:
             state, written_by, _ = finished_hold_row(earlier)
             if state is HoldState.EXPIRED:
                 expired_sequence = written_by
-        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence, now_ns),
-                db=self.holds_db)
+        reserve_expires_at_ns = self._reserve_expiries_ns.pop(hold.reservation_id, 0)
+        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence, now_ns,
+                                          reserve_expires_at_ns), db=self.holds_db)
+
+    def _remember_reserve_expiry(self, record: Record) -> None:
+        expiries = self._reserve_expiries_ns
+        if len(expiries) >= limits.RESERVE_EXPIRIES_REMEMBERED_MAX:
+            expiries.clear()  # those holds' rows keep their expiry
+        command = record.command
+        expiries[command.reservation_id] = record.now_ns + command.ttl_ns
 
     def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int) -> int:
         """Deletes log records (and their events) at or below the snapshot's sequence and
@@ -361,7 +377,12 @@ class WriteAheadLog:
             def reserve_record(sequence: int) -> Record | None:
                 stored = txn.get(record_key(sequence), db=self.log_db)
                 return None if stored is None else decode_record(record_key(sequence), stored)
-            return decode_finished_hold(key, value, as_of_sequence, reserve_record)
+
+            def record_time_ns(sequence: int) -> int | None:
+                stored = txn.get(record_key(sequence), db=self.log_db)
+                return None if stored is None else record_now_ns(stored)
+            return decode_finished_hold(key, value, as_of_sequence, reserve_record,
+                                        record_time_ns)
 
     @contextmanager
     def reading(self) -> Iterator[None]:
