@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lmdb
 
-TABLES = ("log", "events", "holds", "idempotency", "snapshot", "meta")
+TABLES = ("log", "events", "holds", "idempotency", "shapes", "snapshot", "meta")
 
 
 def table_bytes(data_dir: Path) -> list[dict[str, int | str]]:
@@ -25,7 +25,10 @@ def table_bytes(data_dir: Path) -> list[dict[str, int | str]]:
     try:
         rows = []
         for name in TABLES:
-            db = env.open_db(name.encode(), create=False)
+            try:
+                db = env.open_db(name.encode(), create=False)
+            except lmdb.NotFoundError:  # a directory from before the table
+                continue
             with env.begin(db=db, buffers=True) as txn:
                 stat = txn.stat(db)
                 key_bytes = value_bytes = 0

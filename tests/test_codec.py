@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from quotad.core import commands as c
 from quotad.core.holds import HoldState
 from quotad.core.machine import HoldRef, Reservation
-from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
+from quotad.core.plans import Kind, LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2
 from quotad.storage.codec import (
-    COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_event, decode_finished_hold, decode_record,
-    encode_event, encode_finished_hold, encode_record, event_key, idempotency_row_key, record_key,
-    stored_record_rows,
+    COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_counter_shape, decode_event,
+    decode_finished_hold, decode_record, encode_counter_shape, encode_event, encode_finished_hold,
+    encode_record, event_key, idempotency_row_key, record_key, stored_record_rows,
 )
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
@@ -284,3 +284,68 @@ def test_first_answers_read_back_as_they_were_given(allowed, same_hold, used, he
     for command, answer in answers:
         record = c.Record(3, NOW_NS, command, (), (), answer)
         assert decode_record(record_key(3), encode_record(record)).answer == answer
+
+
+def _shapes_table():
+    """A shapes table in a dict: shape_id for encode_record, lookup for decode_record."""
+    table: dict[bytes, bytes] = {}
+
+    def shape_id(shape):
+        found, value = encode_counter_shape(shape)
+        assert table.setdefault(found, value) == value
+        return found
+    return table, shape_id, lambda found: decode_counter_shape(table[found])
+
+
+@settings(max_examples=100, deadline=None)
+@given(label=texts, unit=texts, quota=st.integers(0, 10**15), used=st.integers(0, 10**12),
+       window=st.sampled_from(list(Window)), rate=st.booleans(),
+       resets_after_ns=st.none() | st.integers(1, 10**16))
+def test_an_answer_names_its_counters_shapes_and_reads_back_as_it_was_given(
+        label, unit, quota, used, window, rate, resets_after_ns):
+    window_start_ns = NOW_NS - 10**12
+    counters = tuple(
+        c.CounterView(key=key, label=label, unit=unit, window=window, quota=quota, used=used,
+                      held=1, remaining=max(0, quota - used - 1),
+                      window_start_ns=window_start_ns,
+                      resets_at_ns=(None if resets_after_ns is None
+                                    else window_start_ns + resets_after_ns),
+                      kind=Kind.RATE if rate else Kind.QUOTA,
+                      full_at_ns=NOW_NS + 5 if rate else None)
+        for key in ("tokens", "premium_tokens"))
+    command = c.Commit(app="default", reservation_id="rsv_" + "ab" * 12, idempotency_key="k")
+    record = c.Record(3, NOW_NS, command, (), (),
+                      c.CommitResult(counters=counters, committed=5, returned=0, expired=False))
+    table, shape_id, lookup = _shapes_table()
+    value = encode_record(record, shape_id)
+    assert len(table) == 2
+    assert all(counter.shape and not counter.key and not counter.label
+               for counter in log_pb2.Record.FromString(value[12:]).answer.counters)
+    assert decode_record(record_key(3), value, lookup) == record
+    assert decode_record(record_key(3), value).answer is None  # no lookup: the command alone
+    assert decode_record(record_key(3), value).command == command
+    whole = encode_record(record)
+    assert decode_record(record_key(3), whole) == record
+    assert len(whole) - len(value) >= 2 * (len("tokens") + len(label) + len(unit))
+    with pytest.raises(CorruptRecord):  # a shape the table does not hold
+        decode_record(record_key(3), value, lambda found: {}[found])
+
+
+def test_an_answer_with_counters_stored_whole_still_reads_back():
+    """Records written before shapes hold every counter whole, its reset as a time."""
+    counter = c.CounterView(key="tokens", label="Tokens", unit="tokens", window=Window.MONTH,
+                            quota=10**6, used=5, held=0, remaining=10**6 - 5,
+                            window_start_ns=NOW_NS - 10**15, resets_at_ns=NOW_NS + 10**15)
+    record = c.Record(3, NOW_NS, c.Release(app="a", reservation_id="rsv_" + "ab" * 12,
+                                           idempotency_key="k"),
+                      (), (), c.ReleaseResult(counters=(counter,)))
+    message = log_pb2.Record.FromString(encode_record(record)[12:])
+    stored = message.answer.counters[0]
+    stored.ClearField("resets_after_ns")
+    stored.resets_at_ns = counter.resets_at_ns
+    body = message.SerializeToString()
+    time_bytes = NOW_NS.to_bytes(8, "big")
+    checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(record_key(3))))
+    old = checksum.to_bytes(4, "big") + time_bytes + body
+    assert decode_record(record_key(3), old) == record
+    assert decode_record(record_key(3), old, _shapes_table()[2]) == record

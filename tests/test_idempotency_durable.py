@@ -231,3 +231,64 @@ def test_a_finished_hold_row_reads_its_finish_and_expiry_from_its_records(tmp_pa
         assert wal.finished_hold(_rid(0), core.sequence) == committed
     finally:
         wal.close()
+
+
+def test_a_first_answer_reads_its_counters_shapes_back_after_a_plan_changed_them(
+        tmp_path: Path):
+    """First answers store each counter's group definition once, in the shapes table: a
+    repeat after a restart, with nothing in memory, gets exactly the first answer, the one a
+    plan that changed the group since did not change."""
+    wal = WriteAheadLog(tmp_path)
+    renamed = Plan(id="p", limit_groups=(
+        LimitGroup(key="tokens", label="Tokens (new)", unit="tokens", quota=2000,
+                   window=Window.MONTH, match=Match(event_types=("openai.*",))),
+        PLAN.limit_groups[1],
+    ))
+
+    async def first_run() -> dict:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        answers = {}
+        for n in range(3):
+            answers[f"old{n}"] = await writer.execute(Reserve(
+                app="a", user_id="u", event_type="openai.chat", amount=1,
+                idempotency_key=f"{n:032x}", reservation_id=_rid(n)))
+        await writer.execute(UpsertPlan(app="a", plan=renamed))
+        answers["new"] = await writer.execute(Reserve(
+            app="a", user_id="u", event_type="openai.chat", amount=1,
+            idempotency_key="new", reservation_id=_rid(9)))
+        answers["commit"] = await writer.execute(Commit(app="a", reservation_id=_rid(0),
+                                                        idempotency_key="c0"))
+        await writer.close()
+        return answers
+
+    answers = asyncio.run(first_run())
+    assert answers["old0"].counters[0].label == "Tokens"
+    assert answers["new"].counters[0].label == "Tokens (new)"
+    with wal.env.begin() as txn:
+        assert txn.stat(wal.shapes_db)["entries"] == 3  # two groups, one of them changed
+        counters = [counter for _, value in txn.cursor(db=wal.log_db)
+                    for counter in log_pb2.Record.FromString(value[12:]).answer.counters]
+    assert len(counters) == 3 * 2 + 2 + 2 and all(
+        counter.shape and not counter.key for counter in counters)
+    wal.close()
+
+    wal = WriteAheadLog(tmp_path)
+
+    async def after_restart() -> None:
+        writer = await _writer(wal)
+        assert _keyed_memory(writer) == 0
+        for n in range(3):
+            assert await writer.execute(Reserve(
+                app="a", user_id="u", event_type="openai.chat", amount=1,
+                idempotency_key=f"{n:032x}", reservation_id=_rid(20 + n))) == answers[f"old{n}"]
+        assert await writer.execute(Reserve(
+            app="a", user_id="u", event_type="openai.chat", amount=1,
+            idempotency_key="new", reservation_id=_rid(30))) == answers["new"]
+        assert await writer.execute(Commit(app="a", reservation_id=_rid(0),
+                                           idempotency_key="c0")) == answers["commit"]
+        await writer.close()
+
+    asyncio.run(after_restart())
+    wal.close()

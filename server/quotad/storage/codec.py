@@ -22,7 +22,7 @@ import typing
 import zlib
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from quotad.core import limits
 from quotad.core.commands import (
@@ -96,12 +96,49 @@ def event_tail(key: bytes) -> tuple[int, int, int]:
 # --- records ------------------------------------------------------------------------------
 
 
-def encode_record(record: Record) -> bytes:
+class CounterShape(NamedTuple):
+    """What a counter in an answer shows that is its group's definition, the same in every
+    answer until a plan changes it: stored once, in the shapes table, under its id."""
+
+    key: str
+    label: str
+    unit: str
+    window: Window
+    quota: int
+    kind: Kind
+
+
+ShapeId = Callable[[CounterShape], bytes | None]
+"""The id under which the shapes table holds a shape, which the caller stores with the
+record; None: the counter is stored whole."""
+ShapeLookup = Callable[[bytes], CounterShape]
+"""The stored shape of an id (raises if the shapes table has none)."""
+
+
+def encode_counter_shape(shape: CounterShape) -> tuple[bytes, bytes]:
+    """(its id: 8 bytes of BLAKE2b of the message, the message) of a shape."""
+    message = pb.CounterShape(key=shape.key, label=shape.label, unit=shape.unit,
+                              window=int(shape.window), quota=shape.quota)
+    if shape.kind is not Kind.QUOTA:
+        message.kind = int(shape.kind)
+    value = message.SerializeToString(deterministic=True)
+    return hashlib.blake2b(value, digest_size=8).digest(), value
+
+
+def decode_counter_shape(value: bytes) -> CounterShape:
+    m = pb.CounterShape.FromString(value)
+    return CounterShape(m.key, m.label, m.unit, Window(m.window), m.quota,
+                        Kind(m.kind or Kind.QUOTA))
+
+
+def encode_record(record: Record, shape_id: ShapeId | None = None) -> bytes:
+    """shape_id: the id of each counter shape its answer shows (see ShapeId); None: the
+    answer's counters are stored whole."""
     message = pb.Record()
     _ENCODERS[type(record.command)](message, record.command)
     message.event_users.extend(record.event_users)
     if record.answer is not None:
-        _encode_answer(message.answer, record.answer, record)
+        _encode_answer(message.answer, record.answer, record, shape_id)
     body = message.SerializeToString()
     time_bytes = record.now_ns.to_bytes(8, "big")
     checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(_KEY.pack(record.sequence))))
@@ -122,12 +159,16 @@ def _checked_message(key: bytes, value: bytes) -> tuple[int, int, Any]:
     return sequence, now_ns, message
 
 
-def decode_record(key: bytes, value: bytes) -> Record:
+def decode_record(key: bytes, value: bytes, shape: ShapeLookup | None = None) -> Record:
+    """shape: the shapes table's lookup; without it, a record whose answer's counters name
+    shapes is read without its answer (for readers of the command alone)."""
     sequence, now_ns, message = _checked_message(key, value)
     try:
         command = _DECODERS[message.WhichOneof("command")](message)
-        answer = (_ANSWER_DECODERS[type(command)](message.answer, command, now_ns)
-                  if message.HasField("answer") else None)
+        answer = None
+        if message.HasField("answer") and (shape is not None or not any(
+                counter.shape for counter in message.answer.counters)):
+            answer = _ANSWER_DECODERS[type(command)](message.answer, command, now_ns, shape)
     except Exception as error:
         raise CorruptRecord(sequence, f"unreadable command: {error!r}") from error
     return Record(sequence, now_ns, command, (), tuple(message.event_users), answer)
@@ -417,20 +458,28 @@ _DECODERS: dict[str, Callable[[Any], Command]] = {
 # --- first answers (of commands with an idempotency key) ---------------------------------
 
 
-def _encode_answer(message: Any, result: Any, record: Record) -> None:
+def _encode_answer(message: Any, result: Any, record: Record,
+                   shape_id: ShapeId | None) -> None:
     """An allowed Reserve's reservation id and expiry are its command's id and its time plus
-    its TTL: left out (from_record), the decoder takes them from there."""
+    its TTL: left out (from_record), the decoder takes them from there. A counter names its
+    shape (shape_id) rather than repeat it, and its reset is an offset from its window's
+    start."""
     message.SetInParent()
     for view in getattr(result, "counters", ()):
         counter = message.counters.add()
-        counter.key, counter.label, counter.unit = view.key, view.label, view.unit
-        counter.window, counter.quota = int(view.window), view.quota
+        found = None if shape_id is None else shape_id(CounterShape(
+            view.key, view.label, view.unit, view.window, view.quota, view.kind))
+        if found is not None:
+            counter.shape = found
+        else:
+            counter.key, counter.label, counter.unit = view.key, view.label, view.unit
+            counter.window, counter.quota = int(view.window), view.quota
+            if view.kind is not Kind.QUOTA:
+                counter.kind = int(view.kind)
         counter.used, counter.held = view.used, view.held
         counter.window_start_ns = view.window_start_ns
         if view.resets_at_ns is not None:
-            counter.resets_at_ns = view.resets_at_ns
-        if view.kind is not Kind.QUOTA:
-            counter.kind = int(view.kind)
+            counter.resets_after_ns = view.resets_at_ns - view.window_start_ns
         if view.full_at_ns is not None:
             counter.full_at_ns = view.full_at_ns
     if getattr(result, "fits_at_ns", None) is not None:
@@ -456,40 +505,52 @@ def _encode_answer(message: Any, result: Any, record: Record) -> None:
         assert kind is ReleaseResult, kind
 
 
-def _counters(message: Any) -> tuple[CounterView, ...]:
-    return tuple(
-        CounterView(key=c.key, label=c.label, unit=c.unit, window=Window(c.window),
-                    quota=c.quota, used=c.used, held=c.held,
-                    remaining=max(0, c.quota - c.used - c.held),
-                    window_start_ns=c.window_start_ns,
-                    resets_at_ns=c.resets_at_ns if c.HasField("resets_at_ns") else None,
-                    kind=Kind(c.kind or Kind.QUOTA),
-                    full_at_ns=c.full_at_ns if c.HasField("full_at_ns") else None)
-        for c in message.counters)
+def _counters(message: Any, shape: ShapeLookup | None) -> tuple[CounterView, ...]:
+    views = []
+    for c in message.counters:
+        if c.shape:
+            assert shape is not None, "decode_record reads shaped counters only with a lookup"
+            key, label, unit, window, quota, kind = shape(c.shape)
+        else:  # stored whole (records written before shapes, or a shape id taken)
+            key, label, unit, window, quota, kind = (
+                c.key, c.label, c.unit, Window(c.window), c.quota, Kind(c.kind or Kind.QUOTA))
+        if c.HasField("resets_after_ns"):
+            resets_at_ns = c.window_start_ns + c.resets_after_ns
+        else:
+            resets_at_ns = c.resets_at_ns if c.HasField("resets_at_ns") else None
+        views.append(CounterView(
+            key=key, label=label, unit=unit, window=window, quota=quota, used=c.used,
+            held=c.held, remaining=max(0, quota - c.used - c.held),
+            window_start_ns=c.window_start_ns, resets_at_ns=resets_at_ns, kind=kind,
+            full_at_ns=c.full_at_ns if c.HasField("full_at_ns") else None))
+    return tuple(views)
 
 
 def _fits_at(message: Any) -> int | None:
     return message.fits_at_ns if message.HasField("fits_at_ns") else None
 
 
-def _reserve_answer(m: Any, command: Reserve, now_ns: int) -> ReserveResult:
+def _reserve_answer(m: Any, command: Reserve, now_ns: int,
+                    shape: ShapeLookup | None) -> ReserveResult:
     if m.from_record:
         reservation_id, expires_at_ns = command.reservation_id, now_ns + command.ttl_ns
     else:
         reservation_id, expires_at_ns = m.reservation_id, m.expires_at_ns
     return ReserveResult(allowed=m.allowed, reservation_id=reservation_id,
-                         expires_at_ns=expires_at_ns, counters=_counters(m),
+                         expires_at_ns=expires_at_ns, counters=_counters(m, shape),
                          denied_by=m.denied_by, fits_at_ns=_fits_at(m))
 
 
-_ANSWER_DECODERS: dict[type, Callable[[Any, Any, int], Any]] = {
+_ANSWER_DECODERS: dict[type, Callable[[Any, Any, int, ShapeLookup | None], Any]] = {
     Reserve: _reserve_answer,
-    Commit: lambda m, command, now_ns: CommitResult(
-        counters=_counters(m), committed=m.committed, returned=m.returned, expired=m.expired),
-    Release: lambda m, command, now_ns: ReleaseResult(counters=_counters(m)),
-    Extend: lambda m, command, now_ns: ExtendResult(expires_at_ns=m.expires_at_ns),
-    Track: lambda m, command, now_ns: TrackResult(allowed=m.allowed, counters=_counters(m),
-                                                  denied_by=m.denied_by, fits_at_ns=_fits_at(m)),
+    Commit: lambda m, command, now_ns, shape: CommitResult(
+        counters=_counters(m, shape), committed=m.committed, returned=m.returned,
+        expired=m.expired),
+    Release: lambda m, command, now_ns, shape: ReleaseResult(counters=_counters(m, shape)),
+    Extend: lambda m, command, now_ns, shape: ExtendResult(expires_at_ns=m.expires_at_ns),
+    Track: lambda m, command, now_ns, shape: TrackResult(
+        allowed=m.allowed, counters=_counters(m, shape), denied_by=m.denied_by,
+        fits_at_ns=_fits_at(m)),
 }
 
 
