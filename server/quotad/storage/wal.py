@@ -41,8 +41,8 @@ from typing import Any
 import lmdb
 
 from quotad.storage.codec import (
-    EVENT_TAIL_BYTES, CorruptRecord, CounterShape, decode_counter_shape, decode_event,
-    decode_finished_hold, decode_record, encode_counter_shape, encode_event,
+    EVENT_TAIL_BYTES, CorruptRecord, CounterShape, ShapeLookup, decode_counter_shape,
+    decode_event, decode_finished_hold, decode_record, encode_counter_shape, encode_event,
     encode_finished_hold, encode_record, event_key, event_prefix,
     event_tail,
     finished_hold_row, idempotency_row_key, key_sequence, record_idempotency_row_key,
@@ -229,7 +229,7 @@ class WriteAheadLog:
             return None
         return found
 
-    def _shape_lookup(self, txn: lmdb.Transaction) -> Any:
+    def _shape_lookup(self, txn: lmdb.Transaction) -> ShapeLookup:
         """The shapes table's lookup for decode_record, in this read transaction."""
         def shape(found: bytes) -> CounterShape:
             known = self._shapes_read.get(found)
@@ -400,7 +400,8 @@ class WriteAheadLog:
                            as_of_sequence: int) -> Record | None:
         """The record that first used this idempotency key, if it is at or before
         as_of_sequence (a replay must not see what later records did) and is that key's (not
-        another's with the same row key). Called on the event loop: one or two page lookups."""
+        another's with the same row key). Called on the event loop: one or two page lookups,
+        and one more for a counter shape not read before."""
         row = idempotency_row_key(app, rpc, idempotency_key)
         with self._reader() as txn:
             key = txn.get(row, db=self.idempotency_db)
