@@ -3,6 +3,8 @@ holds; a flipped bit or a record under another key is caught by the checksum."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,12 +12,12 @@ from hypothesis import strategies as st
 from quotad.core import commands as c
 from quotad.core.holds import HoldState
 from quotad.core.machine import HoldRef, Reservation
-from quotad.core.plans import LimitGroup, Match, MetadataMatch, Plan, Window
+from quotad.core.plans import Kind, LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2
 from quotad.storage.codec import (
-    COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_finished_hold, decode_record,
-    encode_finished_hold, encode_record, event_tail, event_tail_fields, record_event, record_key,
-    stored_record_rows,
+    COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_counter_shape, decode_finished_hold,
+    decode_record, encode_counter_shape, encode_finished_hold, encode_record, event_tail,
+    event_tail_fields, idempotency_row_key, record_event, record_key, stored_record_rows,
 )
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
@@ -115,6 +117,60 @@ def test_audit_events_read_back_with_the_app_and_user_the_index_names(kind, even
         assert stored.from_record == from_record, command
 
 
+idempotency_keys = (st.text("0123456789abcdef", max_size=40)
+                    | st.text("0123456789abcdefABCDEF", max_size=40)
+                    | st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=idempotency_keys, reservation_id=reservation_ids)
+def test_an_idempotency_key_reads_back_as_the_exact_text_sent(key, reservation_id):
+    commands = [command for command in _commands("u", "e", 5, (), key, reservation_id, None,
+                                                 True)
+                if hasattr(command, "idempotency_key") and not isinstance(command, c.Track)]
+    commands.append(c.Track(app="default", user_id="u", event_type="e", amount=1,
+                            idempotency_key=key))
+    packed = len(key) % 2 == 0 and all(char in "0123456789abcdef" for char in key)
+    for command in commands:
+        answer = _ANSWERS[type(command)]
+        value = encode_record(c.Record(5, NOW_NS, command, (), (), answer))
+        read = decode_record(record_key(5), value)
+        assert read.command == command and read.command.idempotency_key == key
+        part = getattr(log_pb2.Record.FromString(value[12:]), type(command).__name__.lower())
+        assert part.idempotency_key == ("" if packed else key)
+        assert part.idempotency_key_hex == (bytes.fromhex(key) if packed else b"")
+        _, row, _ = stored_record_rows(record_key(5), value)
+        assert row == (idempotency_row_key(command.app, type(command).__name__, key)
+                       if key else None)
+
+
+def test_a_record_with_its_idempotency_key_as_text_still_reads_back():
+    """Records written before keys were packed hold every key as text."""
+    command = c.Commit(app="default", reservation_id="rsv_" + "ab" * 12,
+                       idempotency_key="0123456789abcdef0123456789abcdef")
+    value = encode_record(c.Record(5, NOW_NS, command, (), (), _ANSWERS[c.Commit]))
+    message = log_pb2.Record.FromString(value[12:])
+    message.commit.ClearField("idempotency_key_hex")
+    message.commit.idempotency_key = command.idempotency_key
+    body = message.SerializeToString()
+    time_bytes = NOW_NS.to_bytes(8, "big")
+    checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(record_key(5))))
+    old = checksum.to_bytes(4, "big") + time_bytes + body
+    assert decode_record(record_key(5), old).command == command
+    assert stored_record_rows(record_key(5), old)[1] == idempotency_row_key(
+        "default", "Commit", command.idempotency_key)
+
+
+_ANSWERS = {
+    c.Reserve: c.ReserveResult(allowed=False, reservation_id="", expires_at_ns=0, counters=(),
+                               denied_by="tokens"),
+    c.Commit: c.CommitResult(counters=(), committed=5, returned=0, expired=False),
+    c.Release: c.ReleaseResult(counters=()),
+    c.Extend: c.ExtendResult(expires_at_ns=NOW_NS + 1),
+    c.Track: c.TrackResult(allowed=True, counters=(), denied_by=""),
+}
+
+
 def test_a_reserve_record_with_a_20_byte_user_and_one_metadata_entry_is_small():
     command = c.Reserve(app="default", user_id="u" * 20, event_type="openai.chat",
                         amount=1000, metadata=(("model", "gpt-4o"),),
@@ -159,13 +215,58 @@ def test_a_finished_hold_row_reads_back_whole_with_or_without_its_reserve_record
     def reserve_record(sequence):
         reads.append(sequence)
         return decode_record(record_key(sequence), stored) if sequence == 7 else None
+    def record_time_ns(sequence):
+        return {7: NOW_NS, 9: NOW_NS + age_ns}.get(sequence)
     raw = bytes.fromhex(reserve.reservation_id[4:])
-    assert decode_finished_hold(raw, value, 9, reserve_record) == hold
+    assert decode_finished_hold(raw, value, 9, reserve_record, record_time_ns) == hold
     assert reads == ([7] if compact else [])
-    assert decode_finished_hold(raw, value, 8, reserve_record) is None  # not finished yet then
+    assert decode_finished_hold(raw, value, 8, reserve_record, record_time_ns) is None
     if compact:
         with pytest.raises(CorruptRecord, match="Reserve record"):
-            decode_finished_hold(raw, value, 9, lambda sequence: None)
+            decode_finished_hold(raw, value, 9, lambda sequence: None, record_time_ns)
+        with pytest.raises(CorruptRecord, match="record that finished"):
+            decode_finished_hold(raw, value, 9, reserve_record, lambda sequence: None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(age_ns=st.integers(0, COMPACT_HOLD_AGE_NS_MAX - 1) | st.integers(
+           COMPACT_HOLD_AGE_NS_MAX, 2 * COMPACT_HOLD_AGE_NS_MAX),
+       ttl_ns=st.integers(10**9, 3600 * 10**9), extended_by_ns=st.sampled_from([0, 0, 1, 10**9]),
+       expired_before_ns=st.sampled_from([0, 0, 1, 10**9]), remembered=st.booleans())
+def test_a_compact_finished_hold_row_reads_its_finish_and_expiry_from_its_records(
+        age_ns, ttl_ns, extended_by_ns, expired_before_ns, remembered):
+    """A young hold's row leaves out when it finished when that is its writing record's time
+    (not so for an expired hold committed later), and its expiry when that is its Reserve
+    record's time plus ttl_ns (not so once extended, or when the writer did not know it)."""
+    reserve = c.Reserve(app="default", user_id="u", event_type="e", amount=7, ttl_ns=ttl_ns,
+                        reservation_id="rsv_" + "cd" * 12)
+    stored = {7: c.Record(7, NOW_NS, reserve), 9: c.Record(9, NOW_NS + age_ns, c.Commit(
+        app="default", reservation_id=reserve.reservation_id))}
+    written_at_ns = NOW_NS + age_ns
+    hold = Reservation(app="default", reservation_id=reserve.reservation_id, user_id="u",
+                       event_type="e", amount=7, metadata=(),
+                       holds=(HoldRef("tokens", Window.DAY, NOW_NS - 5),), sequence=7,
+                       created_at_ns=NOW_NS, expires_at_ns=NOW_NS + ttl_ns + extended_by_ns,
+                       status=HoldState.COMMITTED,
+                       finished_at_ns=written_at_ns - min(expired_before_ns, age_ns))
+    reserve_expires_at_ns = NOW_NS + ttl_ns if remembered else 0
+    value = encode_finished_hold(hold, 9, 0, written_at_ns, reserve_expires_at_ns)
+    message = log_pb2.FinishedHold.FromString(value)
+    compact = age_ns < COMPACT_HOLD_AGE_NS_MAX
+    assert message.from_reserve_record == compact
+    assert message.HasField("finished_at_ns") == (
+        not compact or hold.finished_at_ns != written_at_ns)
+    assert message.HasField("expires_at_ns") == (
+        not compact or not remembered or extended_by_ns != 0)
+    raw = bytes.fromhex(reserve.reservation_id[4:])
+
+    def record_time_ns(sequence):
+        return stored[sequence].now_ns if sequence in stored else None
+    assert decode_finished_hold(raw, value, 9, stored.get, record_time_ns) == hold
+    # A row written before either was left out (both set) still reads back the same.
+    message.finished_at_ns, message.expires_at_ns = hold.finished_at_ns, hold.expires_at_ns
+    assert decode_finished_hold(raw, message.SerializeToString(), 9, stored.get,
+                                record_time_ns) == hold
 
 
 @settings(max_examples=100, deadline=None)
@@ -197,3 +298,68 @@ def test_first_answers_read_back_as_they_were_given(allowed, same_hold, used, he
     for command, answer in answers:
         record = c.Record(3, NOW_NS, command, (), (), answer)
         assert decode_record(record_key(3), encode_record(record)).answer == answer
+
+
+def _shapes_table():
+    """A shapes table in a dict: shape_id for encode_record, lookup for decode_record."""
+    table: dict[bytes, bytes] = {}
+
+    def shape_id(shape):
+        found, value = encode_counter_shape(shape)
+        assert table.setdefault(found, value) == value
+        return found
+    return table, shape_id, lambda found: decode_counter_shape(table[found])
+
+
+@settings(max_examples=100, deadline=None)
+@given(label=texts, unit=texts, quota=st.integers(0, 10**15), used=st.integers(0, 10**12),
+       window=st.sampled_from(list(Window)), rate=st.booleans(),
+       resets_after_ns=st.none() | st.integers(1, 10**16))
+def test_an_answer_names_its_counters_shapes_and_reads_back_as_it_was_given(
+        label, unit, quota, used, window, rate, resets_after_ns):
+    window_start_ns = NOW_NS - 10**12
+    counters = tuple(
+        c.CounterView(key=key, label=label, unit=unit, window=window, quota=quota, used=used,
+                      held=1, remaining=max(0, quota - used - 1),
+                      window_start_ns=window_start_ns,
+                      resets_at_ns=(None if resets_after_ns is None
+                                    else window_start_ns + resets_after_ns),
+                      kind=Kind.RATE if rate else Kind.QUOTA,
+                      full_at_ns=NOW_NS + 5 if rate else None)
+        for key in ("tokens", "premium_tokens"))
+    command = c.Commit(app="default", reservation_id="rsv_" + "ab" * 12, idempotency_key="k")
+    record = c.Record(3, NOW_NS, command, (), (),
+                      c.CommitResult(counters=counters, committed=5, returned=0, expired=False))
+    table, shape_id, lookup = _shapes_table()
+    value = encode_record(record, shape_id)
+    assert len(table) == 2
+    assert all(counter.shape and not counter.key and not counter.label
+               for counter in log_pb2.Record.FromString(value[12:]).answer.counters)
+    assert decode_record(record_key(3), value, lookup) == record
+    assert decode_record(record_key(3), value).answer is None  # no lookup: the command alone
+    assert decode_record(record_key(3), value).command == command
+    whole = encode_record(record)
+    assert decode_record(record_key(3), whole) == record
+    assert len(whole) - len(value) >= 2 * (len("tokens") + len(label) + len(unit))
+    with pytest.raises(CorruptRecord):  # a shape the table does not hold
+        decode_record(record_key(3), value, lambda found: {}[found])
+
+
+def test_an_answer_with_counters_stored_whole_still_reads_back():
+    """Records written before shapes hold every counter whole, its reset as a time."""
+    counter = c.CounterView(key="tokens", label="Tokens", unit="tokens", window=Window.MONTH,
+                            quota=10**6, used=5, held=0, remaining=10**6 - 5,
+                            window_start_ns=NOW_NS - 10**15, resets_at_ns=NOW_NS + 10**15)
+    record = c.Record(3, NOW_NS, c.Release(app="a", reservation_id="rsv_" + "ab" * 12,
+                                           idempotency_key="k"),
+                      (), (), c.ReleaseResult(counters=(counter,)))
+    message = log_pb2.Record.FromString(encode_record(record)[12:])
+    stored = message.answer.counters[0]
+    stored.ClearField("resets_after_ns")
+    stored.resets_at_ns = counter.resets_at_ns
+    body = message.SerializeToString()
+    time_bytes = NOW_NS.to_bytes(8, "big")
+    checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(record_key(3))))
+    old = checksum.to_bytes(4, "big") + time_bytes + body
+    assert decode_record(record_key(3), old) == record
+    assert decode_record(record_key(3), old, _shapes_table()[2]) == record

@@ -247,5 +247,6 @@ def test_records_and_finished_hold_rows_keep_costs_soft_limits_and_hold_rates() 
     for age_ns in (0, limits.IDEMPOTENCY_RETENTION_NS):  # the compact row and the whole one
         row = encode_finished_hold(finished, h.core.sequence, 0, finished.created_at_ns + age_ns)
         read = decode_finished_hold(reservation_bytes(hold.reservation_id), row,
-                                    h.core.sequence, lambda sequence: h.records[sequence - 1])
+                                    h.core.sequence, lambda sequence: h.records[sequence - 1],
+                                    lambda sequence: h.records[sequence - 1].now_ns)
         assert read == finished and [ref.rate for ref in read.holds] == [1, 10]

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 
 from quotad.core.commands import (
-    Commit, Release, Reserve, Track, UpsertPlan, UpsertSubscription,
+    Commit, Extend, Release, Reserve, Track, UpsertPlan, UpsertSubscription,
 )
 from quotad.core.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from quotad.core.holds import HoldState
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
-from quotad.storage.codec import state_digest
+from quotad.storage import log_pb2
+from quotad.storage.codec import reservation_bytes, state_digest
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import Snapshot, WriteAheadLog
 
@@ -181,4 +183,112 @@ def test_a_finished_hold_leaves_memory_once_durable_and_answers_from_the_log(tmp
         await writer.close()
 
     asyncio.run(run())
+    wal.close()
+
+
+def test_a_finished_hold_row_reads_its_finish_and_expiry_from_its_records(tmp_path: Path):
+    """A young hold's row leaves out when it finished (its writing record's time) and, for a
+    hold never extended, its expiry (its Reserve's time plus TTL): read back, they are those."""
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> dict[str, int]:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        at = {}
+        for n in range(2):
+            await writer.execute(Reserve(app="a", user_id="u", event_type="openai.chat",
+                                         amount=10, ttl_ns=30 * 10**9, reservation_id=_rid(n)))
+            at[f"reserve{n}"] = writer.core.sequence
+        await writer.execute(Extend(app="a", reservation_id=_rid(1), ttl_ns=90 * 10**9))
+        at["extend"] = writer.core.sequence
+        await writer.execute(Commit(app="a", reservation_id=_rid(0), amount=4))
+        at["commit"] = writer.core.sequence
+        await writer.execute(Release(app="a", reservation_id=_rid(1)))
+        at["release"] = writer.core.sequence
+        await writer.close()
+        return at
+
+    at = asyncio.run(run())
+    with wal.env.begin(db=wal.holds_db) as txn:
+        rows = [log_pb2.FinishedHold.FromString(txn.get(reservation_bytes(_rid(n))))
+                for n in range(2)]
+    assert all(row.from_reserve_record and not row.HasField("finished_at_ns") for row in rows)
+    assert not rows[0].HasField("expires_at_ns") and rows[1].HasField("expires_at_ns")
+    time_ns = wal.record_now_ns
+    committed = wal.finished_hold(_rid(0), at["release"])
+    assert committed.status is HoldState.COMMITTED
+    assert committed.finished_at_ns == time_ns(at["commit"])
+    assert committed.expires_at_ns == time_ns(at["reserve0"]) + 30 * 10**9
+    released = wal.finished_hold(_rid(1), at["release"])
+    assert released.status is HoldState.RELEASED
+    assert released.finished_at_ns == time_ns(at["release"])
+    assert released.expires_at_ns == time_ns(at["extend"]) + 90 * 10**9
+    wal.close()
+    wal = WriteAheadLog(tmp_path)  # what a restart reads back is what the writer had
+    try:
+        core = recover(wal, repair=False)
+        assert wal.finished_hold(_rid(0), core.sequence) == committed
+    finally:
+        wal.close()
+
+
+def test_a_first_answer_reads_its_counters_shapes_back_after_a_plan_changed_them(
+        tmp_path: Path):
+    """First answers store each counter's group definition once, in the shapes table: a
+    repeat after a restart, with nothing in memory, gets exactly the first answer, the one a
+    plan that changed the group since did not change."""
+    wal = WriteAheadLog(tmp_path)
+    renamed = Plan(id="p", limit_groups=(
+        LimitGroup(key="tokens", label="Tokens (new)", unit="tokens", quota=2000,
+                   window=Window.MONTH, match=Match(event_types=("openai.*",))),
+        PLAN.limit_groups[1],
+    ))
+
+    async def first_run() -> dict:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        answers = {}
+        for n in range(3):
+            answers[f"old{n}"] = await writer.execute(Reserve(
+                app="a", user_id="u", event_type="openai.chat", amount=1,
+                idempotency_key=f"{n:032x}", reservation_id=_rid(n)))
+        await writer.execute(UpsertPlan(app="a", plan=renamed))
+        answers["new"] = await writer.execute(Reserve(
+            app="a", user_id="u", event_type="openai.chat", amount=1,
+            idempotency_key="new", reservation_id=_rid(9)))
+        answers["commit"] = await writer.execute(Commit(app="a", reservation_id=_rid(0),
+                                                        idempotency_key="c0"))
+        await writer.close()
+        return answers
+
+    answers = asyncio.run(first_run())
+    assert answers["old0"].counters[0].label == "Tokens"
+    assert answers["new"].counters[0].label == "Tokens (new)"
+    with wal.env.begin() as txn:
+        assert txn.stat(wal.shapes_db)["entries"] == 3  # two groups, one of them changed
+        counters = [counter for _, value in txn.cursor(db=wal.log_db)
+                    for counter in log_pb2.Record.FromString(value[12:]).answer.counters]
+    assert len(counters) == 3 * 2 + 2 + 2 and all(
+        counter.shape and not counter.key for counter in counters)
+    wal.close()
+
+    wal = WriteAheadLog(tmp_path)
+
+    async def after_restart() -> None:
+        writer = await _writer(wal)
+        assert _keyed_memory(writer) == 0
+        for n in range(3):
+            assert await writer.execute(Reserve(
+                app="a", user_id="u", event_type="openai.chat", amount=1,
+                idempotency_key=f"{n:032x}", reservation_id=_rid(20 + n))) == answers[f"old{n}"]
+        assert await writer.execute(Reserve(
+            app="a", user_id="u", event_type="openai.chat", amount=1,
+            idempotency_key="new", reservation_id=_rid(30))) == answers["new"]
+        assert await writer.execute(Commit(app="a", reservation_id=_rid(0),
+                                           idempotency_key="c0")) == answers["commit"]
+        await writer.close()
+
+    asyncio.run(after_restart())
     wal.close()

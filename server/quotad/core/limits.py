@@ -69,6 +69,18 @@ MATCH_CACHE_ENTRIES_MAX = 4096
 the limit it forgets them all and starts again (metadata with ever-new values never grows
 it). Each entry is a few hundred bytes at most."""
 
+COUNTER_SHAPES_REMEMBERED_MAX = 4096
+"""Counter shapes (a limit group's key, label, unit, window, quota and kind as an answer shows
+them) the log remembers having stored, and, apart, having read: at the limit it forgets them
+all and starts again (storing a shape again is harmless: the same id, the same bytes). Each
+entry is a few hundred bytes at most."""
+
+RESERVE_EXPIRIES_REMEMBERED_MAX = 16_384
+"""Holds whose Reserve's expiry (its time plus its TTL) the log remembers until their finished
+row is written, which then leaves out an expiry equal to it (the row reads it from the Reserve
+record). At the limit it forgets them all and starts again: a row of a hold it forgot keeps
+its expiry. Each entry is ~150 bytes."""
+
 ADMISSION_OPERATIONS = 8192
 """Operations admitted and not yet answered, at most (a Batch counts its operations, any
 other unary call one; WatchUsage and health checks are not counted): past it a call is

@@ -25,7 +25,7 @@ import typing
 import zlib
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from quotad.core import limits
 from quotad.core.commands import (
@@ -102,7 +102,44 @@ def event_tail_fields(tail: bytes) -> tuple[int, int, int]:
 # --- records ------------------------------------------------------------------------------
 
 
-def encode_record(record: Record) -> bytes:
+class CounterShape(NamedTuple):
+    """What a counter in an answer shows that is its group's definition, the same in every
+    answer until a plan changes it: stored once, in the shapes table, under its id."""
+
+    key: str
+    label: str
+    unit: str
+    window: Window
+    quota: int
+    kind: Kind
+
+
+ShapeId = Callable[[CounterShape], bytes | None]
+"""The id under which the shapes table holds a shape, which the caller stores with the
+record; None: the counter is stored whole."""
+ShapeLookup = Callable[[bytes], CounterShape]
+"""The stored shape of an id (raises if the shapes table has none)."""
+
+
+def encode_counter_shape(shape: CounterShape) -> tuple[bytes, bytes]:
+    """(its id: 8 bytes of BLAKE2b of the message, the message) of a shape."""
+    message = pb.CounterShape(key=shape.key, label=shape.label, unit=shape.unit,
+                              window=int(shape.window), quota=shape.quota)
+    if shape.kind is not Kind.QUOTA:
+        message.kind = int(shape.kind)
+    value = message.SerializeToString(deterministic=True)
+    return hashlib.blake2b(value, digest_size=8).digest(), value
+
+
+def decode_counter_shape(value: bytes) -> CounterShape:
+    m = pb.CounterShape.FromString(value)
+    return CounterShape(m.key, m.label, m.unit, Window(m.window), m.quota,
+                        Kind(m.kind or Kind.QUOTA))
+
+
+def encode_record(record: Record, shape_id: ShapeId | None = None) -> bytes:
+    """shape_id: the id of each counter shape its answer shows (see ShapeId); None: the
+    answer's counters are stored whole."""
     message = pb.Record()
     _ENCODERS[type(record.command)](message, record.command)
     message.event_users.extend(record.event_users)
@@ -110,7 +147,7 @@ def encode_record(record: Record) -> bytes:
     for event in record.events:
         _encode_event(message.events.add(), event, record.command)
     if record.answer is not None:
-        _encode_answer(message.answer, record.answer, record)
+        _encode_answer(message.answer, record.answer, record, shape_id)
     body = message.SerializeToString()
     time_bytes = record.now_ns.to_bytes(8, "big")
     checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(_KEY.pack(record.sequence))))
@@ -131,14 +168,19 @@ def _checked_message(key: bytes, value: bytes) -> tuple[int, int, Any]:
     return sequence, now_ns, message
 
 
-def decode_record(key: bytes, value: bytes, *, with_events: bool = False) -> Record:
-    """The record; its audit events only if asked (replay needs none), each with the
-    command's app and an empty user id (the event index names the user, by number)."""
+def decode_record(key: bytes, value: bytes, shape: ShapeLookup | None = None, *,
+                  with_events: bool = False) -> Record:
+    """shape: the shapes table's lookup; without it, a record whose answer's counters name
+    shapes is read without its answer (for readers of the command alone). Its audit events
+    only if asked (replay needs none), each with the command's app and an empty user id (the
+    event index names the user, by number)."""
     sequence, now_ns, message = _checked_message(key, value)
     try:
         command = _DECODERS[message.WhichOneof("command")](message)
-        answer = (_ANSWER_DECODERS[type(command)](message.answer, command, now_ns)
-                  if message.HasField("answer") else None)
+        answer = None
+        if message.HasField("answer") and (shape is not None or not any(
+                counter.shape for counter in message.answer.counters)):
+            answer = _ANSWER_DECODERS[type(command)](message.answer, command, now_ns, shape)
         app = getattr(command, "app", "")
         events = tuple(decode_event(event, app, "", lambda: command)
                        for event in message.events) if with_events else ()
@@ -171,7 +213,7 @@ def stored_record_rows(key: bytes, value: bytes) -> tuple[list[tuple[bytes, byte
     kind = message.WhichOneof("command")
     row = None
     if kind in _KEYED_COMMANDS and message.HasField("answer"):
-        idempotency_key = getattr(message, kind).idempotency_key
+        idempotency_key = _idempotency_key(getattr(message, kind))
         if idempotency_key:
             row = idempotency_row_key(message.app, _KEYED_COMMANDS[kind], idempotency_key)
     return events, row, message.reserve.reservation_id if kind == "reserve" else None
@@ -183,6 +225,22 @@ def reservation_bytes(reservation_id: str) -> bytes:
 
 def _reservation_id(raw: bytes) -> str:
     return RESERVATION_ID_PREFIX + raw.hex()
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _set_idempotency_key(part: Any, idempotency_key: str) -> None:
+    """Lowercase hex digits, even in number, as the bytes they spell (half the size; .hex()
+    gives the same text back); any other key as it was sent."""
+    if len(idempotency_key) % 2 == 0 and _HEX_DIGITS.issuperset(idempotency_key):
+        part.idempotency_key_hex = bytes.fromhex(idempotency_key)
+    else:
+        part.idempotency_key = idempotency_key
+
+
+def _idempotency_key(part: Any) -> str:
+    return part.idempotency_key or part.idempotency_key_hex.hex()
 
 
 def _set_metadata(repeated: Any, metadata: tuple[tuple[str, str], ...]) -> None:
@@ -204,7 +262,7 @@ def _encode_reserve(message: Any, command: Reserve) -> None:
     part.amount = command.amount
     _set_metadata(part.metadata, command.metadata)
     part.ttl_ns = command.ttl_ns
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
     part.reservation_id = reservation_bytes(command.reservation_id)
 
 
@@ -212,7 +270,7 @@ def _decode_reserve(message: Any) -> Reserve:
     part = message.reserve
     return Reserve(app=message.app, user_id=part.user_id, event_type=part.event_type,
                    amount=part.amount, metadata=_metadata(part.metadata), ttl_ns=part.ttl_ns,
-                   idempotency_key=part.idempotency_key,
+                   idempotency_key=_idempotency_key(part),
                    reservation_id=_reservation_id(part.reservation_id))
 
 
@@ -222,27 +280,27 @@ def _encode_commit(message: Any, command: Commit) -> None:
     part.reservation_id = reservation_bytes(command.reservation_id)
     if command.amount is not None:
         part.amount = command.amount
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
 
 
 def _decode_commit(message: Any) -> Commit:
     part = message.commit
     return Commit(app=message.app, reservation_id=_reservation_id(part.reservation_id),
                   amount=part.amount if part.HasField("amount") else None,
-                  idempotency_key=part.idempotency_key)
+                  idempotency_key=_idempotency_key(part))
 
 
 def _encode_release(message: Any, command: Release) -> None:
     message.app = command.app
     part = message.release
     part.reservation_id = reservation_bytes(command.reservation_id)
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
 
 
 def _decode_release(message: Any) -> Release:
     part = message.release
     return Release(app=message.app, reservation_id=_reservation_id(part.reservation_id),
-                   idempotency_key=part.idempotency_key)
+                   idempotency_key=_idempotency_key(part))
 
 
 def _encode_extend(message: Any, command: Extend) -> None:
@@ -250,13 +308,13 @@ def _encode_extend(message: Any, command: Extend) -> None:
     part = message.extend
     part.reservation_id = reservation_bytes(command.reservation_id)
     part.ttl_ns = command.ttl_ns
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
 
 
 def _decode_extend(message: Any) -> Extend:
     part = message.extend
     return Extend(app=message.app, reservation_id=_reservation_id(part.reservation_id),
-                  ttl_ns=part.ttl_ns, idempotency_key=part.idempotency_key)
+                  ttl_ns=part.ttl_ns, idempotency_key=_idempotency_key(part))
 
 
 def _encode_track(message: Any, command: Track) -> None:
@@ -266,7 +324,7 @@ def _encode_track(message: Any, command: Track) -> None:
     part.event_type = command.event_type
     part.amount = command.amount
     _set_metadata(part.metadata, command.metadata)
-    part.idempotency_key = command.idempotency_key
+    _set_idempotency_key(part, command.idempotency_key)
     part.enforce = command.enforce
 
 
@@ -274,7 +332,7 @@ def _decode_track(message: Any) -> Track:
     part = message.track
     return Track(app=message.app, user_id=part.user_id, event_type=part.event_type,
                  amount=part.amount, metadata=_metadata(part.metadata),
-                 idempotency_key=part.idempotency_key, enforce=part.enforce)
+                 idempotency_key=_idempotency_key(part), enforce=part.enforce)
 
 
 def _encode_expire_holds(message: Any, command: ExpireHolds) -> None:
@@ -418,20 +476,28 @@ _DECODERS: dict[str, Callable[[Any], Command]] = {
 # --- first answers (of commands with an idempotency key) ---------------------------------
 
 
-def _encode_answer(message: Any, result: Any, record: Record) -> None:
+def _encode_answer(message: Any, result: Any, record: Record,
+                   shape_id: ShapeId | None) -> None:
     """An allowed Reserve's reservation id and expiry are its command's id and its time plus
-    its TTL: left out (from_record), the decoder takes them from there."""
+    its TTL: left out (from_record), the decoder takes them from there. A counter names its
+    shape (shape_id) rather than repeat it, and its reset is an offset from its window's
+    start."""
     message.SetInParent()
     for view in getattr(result, "counters", ()):
         counter = message.counters.add()
-        counter.key, counter.label, counter.unit = view.key, view.label, view.unit
-        counter.window, counter.quota = int(view.window), view.quota
+        found = None if shape_id is None else shape_id(CounterShape(
+            view.key, view.label, view.unit, view.window, view.quota, view.kind))
+        if found is not None:
+            counter.shape = found
+        else:
+            counter.key, counter.label, counter.unit = view.key, view.label, view.unit
+            counter.window, counter.quota = int(view.window), view.quota
+            if view.kind is not Kind.QUOTA:
+                counter.kind = int(view.kind)
         counter.used, counter.held = view.used, view.held
         counter.window_start_ns = view.window_start_ns
         if view.resets_at_ns is not None:
-            counter.resets_at_ns = view.resets_at_ns
-        if view.kind is not Kind.QUOTA:
-            counter.kind = int(view.kind)
+            counter.resets_after_ns = view.resets_at_ns - view.window_start_ns
         if view.full_at_ns is not None:
             counter.full_at_ns = view.full_at_ns
     if getattr(result, "fits_at_ns", None) is not None:
@@ -457,40 +523,52 @@ def _encode_answer(message: Any, result: Any, record: Record) -> None:
         assert kind is ReleaseResult, kind
 
 
-def _counters(message: Any) -> tuple[CounterView, ...]:
-    return tuple(
-        CounterView(key=c.key, label=c.label, unit=c.unit, window=Window(c.window),
-                    quota=c.quota, used=c.used, held=c.held,
-                    remaining=max(0, c.quota - c.used - c.held),
-                    window_start_ns=c.window_start_ns,
-                    resets_at_ns=c.resets_at_ns if c.HasField("resets_at_ns") else None,
-                    kind=Kind(c.kind or Kind.QUOTA),
-                    full_at_ns=c.full_at_ns if c.HasField("full_at_ns") else None)
-        for c in message.counters)
+def _counters(message: Any, shape: ShapeLookup | None) -> tuple[CounterView, ...]:
+    views = []
+    for c in message.counters:
+        if c.shape:
+            assert shape is not None, "decode_record reads shaped counters only with a lookup"
+            key, label, unit, window, quota, kind = shape(c.shape)
+        else:  # stored whole (records written before shapes, or a shape id taken)
+            key, label, unit, window, quota, kind = (
+                c.key, c.label, c.unit, Window(c.window), c.quota, Kind(c.kind or Kind.QUOTA))
+        if c.HasField("resets_after_ns"):
+            resets_at_ns = c.window_start_ns + c.resets_after_ns
+        else:
+            resets_at_ns = c.resets_at_ns if c.HasField("resets_at_ns") else None
+        views.append(CounterView(
+            key=key, label=label, unit=unit, window=window, quota=quota, used=c.used,
+            held=c.held, remaining=max(0, quota - c.used - c.held),
+            window_start_ns=c.window_start_ns, resets_at_ns=resets_at_ns, kind=kind,
+            full_at_ns=c.full_at_ns if c.HasField("full_at_ns") else None))
+    return tuple(views)
 
 
 def _fits_at(message: Any) -> int | None:
     return message.fits_at_ns if message.HasField("fits_at_ns") else None
 
 
-def _reserve_answer(m: Any, command: Reserve, now_ns: int) -> ReserveResult:
+def _reserve_answer(m: Any, command: Reserve, now_ns: int,
+                    shape: ShapeLookup | None) -> ReserveResult:
     if m.from_record:
         reservation_id, expires_at_ns = command.reservation_id, now_ns + command.ttl_ns
     else:
         reservation_id, expires_at_ns = m.reservation_id, m.expires_at_ns
     return ReserveResult(allowed=m.allowed, reservation_id=reservation_id,
-                         expires_at_ns=expires_at_ns, counters=_counters(m),
+                         expires_at_ns=expires_at_ns, counters=_counters(m, shape),
                          denied_by=m.denied_by, fits_at_ns=_fits_at(m))
 
 
-_ANSWER_DECODERS: dict[type, Callable[[Any, Any, int], Any]] = {
+_ANSWER_DECODERS: dict[type, Callable[[Any, Any, int, ShapeLookup | None], Any]] = {
     Reserve: _reserve_answer,
-    Commit: lambda m, command, now_ns: CommitResult(
-        counters=_counters(m), committed=m.committed, returned=m.returned, expired=m.expired),
-    Release: lambda m, command, now_ns: ReleaseResult(counters=_counters(m)),
-    Extend: lambda m, command, now_ns: ExtendResult(expires_at_ns=m.expires_at_ns),
-    Track: lambda m, command, now_ns: TrackResult(allowed=m.allowed, counters=_counters(m),
-                                                  denied_by=m.denied_by, fits_at_ns=_fits_at(m)),
+    Commit: lambda m, command, now_ns, shape: CommitResult(
+        counters=_counters(m, shape), committed=m.committed, returned=m.returned,
+        expired=m.expired),
+    Release: lambda m, command, now_ns, shape: ReleaseResult(counters=_counters(m, shape)),
+    Extend: lambda m, command, now_ns, shape: ExtendResult(expires_at_ns=m.expires_at_ns),
+    Track: lambda m, command, now_ns, shape: TrackResult(
+        allowed=m.allowed, counters=_counters(m, shape), denied_by=m.denied_by,
+        fits_at_ns=_fits_at(m)),
 }
 
 
@@ -500,12 +578,16 @@ _HOLD_STATES = tuple(HoldState)
 
 
 def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int,
-                         now_ns: int) -> bytes:
+                         now_ns: int, reserve_expires_at_ns: int = 0) -> bytes:
     """A finished hold's row, written by record `sequence` at now_ns. What its Reserve record
     says is left out when that record is sure to outlive the row: it was made less than the
-    log's shortest retention ago (the row is pruned with it)."""
+    log's shortest retention ago (the row is pruned with it). Then so are the time it finished
+    when that is now_ns (the writing record's time), and its expiry when that is
+    reserve_expires_at_ns, the one its Reserve record set (its time plus its ttl_ns; 0: not
+    known)."""
     message = pb.FinishedHold()
-    if now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX:
+    compact = now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX
+    if compact:
         message.from_reserve_record = True
     else:
         message.app, message.user_id = hold.app, hold.user_id
@@ -515,9 +597,11 @@ def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int
     for ref in hold.holds:
         hold_ref_to_message(ref, message.holds.add())
     message.reserve_sequence = hold.sequence
-    message.expires_at_ns = hold.expires_at_ns
+    if not (compact and hold.expires_at_ns == reserve_expires_at_ns):
+        message.expires_at_ns = hold.expires_at_ns
     message.status = _HOLD_STATES.index(hold.status)
-    message.finished_at_ns = hold.finished_at_ns
+    if not (compact and hold.finished_at_ns == now_ns):
+        message.finished_at_ns = hold.finished_at_ns
     message.sequence, message.expired_sequence = sequence, expired_sequence
     return message.SerializeToString()
 
@@ -541,9 +625,11 @@ def finished_hold_row(value: bytes) -> tuple[HoldState, int, int]:
 
 
 def decode_finished_hold(reservation_id_bytes: bytes, value: bytes, as_of_sequence: int,
-                         reserve_record: Callable[[int], Record | None]) -> Reservation | None:
+                         reserve_record: Callable[[int], Record | None],
+                         record_time_ns: Callable[[int], int | None]) -> Reservation | None:
     """The hold as it was once record as_of_sequence was applied; None if it was still live
-    then (a replay from before it finished). reserve_record(sequence): the stored record."""
+    then (a replay from before it finished). reserve_record(sequence): the stored record;
+    record_time_ns(sequence): its time alone (None for either: no such record)."""
     message = pb.FinishedHold.FromString(value)
     status = _HOLD_STATES[message.status]
     if message.sequence > as_of_sequence:
@@ -558,12 +644,21 @@ def decode_finished_hold(reservation_id_bytes: bytes, value: bytes, as_of_sequen
             raise CorruptRecord(message.reserve_sequence,
                                 f"the Reserve record of {reservation_id} is missing")
         command = record.command
+        if message.HasField("finished_at_ns"):
+            finished_at_ns = message.finished_at_ns
+        else:
+            written_at_ns = record_time_ns(message.sequence)
+            if written_at_ns is None:
+                raise CorruptRecord(message.sequence,
+                                    f"the record that finished {reservation_id} is missing")
+            finished_at_ns = written_at_ns
         return Reservation(
             app=command.app, reservation_id=reservation_id, user_id=command.user_id,
             event_type=command.event_type, amount=command.amount, metadata=command.metadata,
             holds=holds, sequence=message.reserve_sequence, created_at_ns=record.now_ns,
-            expires_at_ns=message.expires_at_ns, status=status,
-            finished_at_ns=message.finished_at_ns)
+            expires_at_ns=(message.expires_at_ns if message.HasField("expires_at_ns")
+                           else record.now_ns + command.ttl_ns),
+            status=status, finished_at_ns=finished_at_ns)
     return Reservation(
         app=message.app, reservation_id=reservation_id,
         user_id=message.user_id, event_type=message.event_type, amount=message.amount,

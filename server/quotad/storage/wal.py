@@ -11,9 +11,15 @@ Databases:
     event_index  user number (4 bytes) -> time, sequence, index: one fixed-size duplicate per
                event of the user's, in time order; appended, so its pages stay full (ListEvents)
     holds      reservation id (12 bytes) -> a finished hold (written with the record that
-               finished it; removed with its Reserve record)
+               finished it; removed with its Reserve record). A young hold's row leaves out
+               what its Reserve record says, when it finished (its writing record's time)
+               and, unless extended, its expiry
     idempotency  8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record that first
                used the key, which holds the first answer (written with that record)
+    shapes     8 bytes of BLAKE2b of a counter shape -> the shape (a group's key, label,
+               unit, window, quota and kind), which first answers name instead of repeating
+               it; written with the first record that names it. Never pruned: one row per
+               distinct group definition ever answered (a few dozen bytes each)
     meta       format_version; batch_first_sequence (where the last batch began)
 
 A snapshot is written in the same transaction that prunes the log records it makes
@@ -37,14 +43,16 @@ from typing import Any
 import lmdb
 
 from quotad.storage.codec import (
-    EVENT_TAIL_BYTES, CorruptRecord, decode_finished_hold, decode_record, encode_finished_hold,
+    EVENT_TAIL_BYTES, CorruptRecord, CounterShape, ShapeLookup, decode_counter_shape,
+    decode_finished_hold, decode_record, encode_counter_shape, encode_finished_hold,
     encode_record, event_tail, event_tail_fields, event_user_key, finished_hold_row,
     idempotency_row_key, key_sequence, record_event, record_idempotency_row_key, record_key,
     record_now_ns, reservation_bytes, stored_record_rows,
 )
+from quotad.core import limits
 from quotad.core.holds import HoldState
 from quotad.core.commands import (
-    AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Track,
+    AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Reserve, Track,
 )
 
 FORMAT_VERSION = b"5"
@@ -149,6 +157,14 @@ class WriteAheadLog:
         self.holds_db = self.env.open_db(b"holds", create=True)  # new in format 4
         self.event_index_db = self.env.open_db(  # new in format 5
             b"event_index", create=True, dupsort=True, dupfixed=True)
+        self.shapes_db = self.env.open_db(b"shapes", create=True)
+        self._shapes_stored: dict[CounterShape, bytes] = {}
+        """Shapes the shapes table holds -> their ids (the writer's thread only)."""
+        self._shapes_read: dict[bytes, CounterShape] = {}
+        """Ids -> shapes read from the shapes table (the readers'; a shape never changes)."""
+        self._reserve_expiries_ns: dict[str, int] = {}
+        """Reservation id -> the expiry its Reserve record set, until the hold's row is
+        written (the writer's thread only; at most RESERVE_EXPIRIES_REMEMBERED_MAX)."""
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
         self._read_txn: lmdb.Transaction | None = None
@@ -162,10 +178,19 @@ class WriteAheadLog:
         assert records or snapshot
         self._appends += 1
         fault_kind, fault_at = self._fault
+        shapes_stored: dict[CounterShape, bytes] = {}
         with self.env.begin(write=True) as txn:
             put_event = txn.cursor(db=self.event_index_db).put
+
+            def shape_id(shape: CounterShape) -> bytes | None:
+                found = self._shapes_stored.get(shape) or shapes_stored.get(shape)
+                if found is None:
+                    found = self._store_shape(txn, shape)
+                    if found is not None:
+                        shapes_stored[shape] = found
+                return found
             for record in records:
-                stored = txn.put(record_key(record.sequence), encode_record(record),
+                stored = txn.put(record_key(record.sequence), encode_record(record, shape_id),
                                  append=True, overwrite=False, db=self.log_db)
                 assert stored, f"log already holds sequence {record.sequence}"
                 for index, user in enumerate(record.event_users):
@@ -177,6 +202,8 @@ class WriteAheadLog:
                 row = record_idempotency_row_key(record)
                 if row is not None:
                     txn.put(row, record_key(record.sequence), db=self.idempotency_db)
+                if type(record.command) is Reserve:
+                    self._remember_reserve_expiry(record)
                 for hold in record.finished:
                     self._put_finished_hold(txn, hold, record.sequence, record.now_ns)
             if records:
@@ -188,8 +215,39 @@ class WriteAheadLog:
                 self._prune(txn, snapshot.sequence, prune_before_ns)
             if fault_kind == "write-error" and self._appends == fault_at:
                 raise OSError(errno.EIO, "injected write error (QUOTAD_FAULT_INJECT)")
+        if shapes_stored:  # committed: the table holds them
+            if (len(self._shapes_stored) + len(shapes_stored)
+                    > limits.COUNTER_SHAPES_REMEMBERED_MAX):
+                self._shapes_stored.clear()
+            self._shapes_stored.update(shapes_stored)
         if fault_kind == "sync-error" and self._appends == fault_at:
             raise OSError(errno.EIO, "injected sync error (QUOTAD_FAULT_INJECT)")
+
+    def _store_shape(self, txn: lmdb.Transaction, shape: CounterShape) -> bytes | None:
+        """Puts a shape in the shapes table (unless it is there): its id; None if another
+        shape has that id (its counters are then stored whole)."""
+        found, value = encode_counter_shape(shape)
+        stored = txn.get(found, db=self.shapes_db)
+        if stored is None:
+            txn.put(found, value, db=self.shapes_db)
+        elif stored != value:
+            return None
+        return found
+
+    def _shape_lookup(self, txn: lmdb.Transaction) -> ShapeLookup:
+        """The shapes table's lookup for decode_record, in this read transaction."""
+        def shape(found: bytes) -> CounterShape:
+            known = self._shapes_read.get(found)
+            if known is None:
+                value = txn.get(found, db=self.shapes_db)
+                if value is None:
+                    raise ValueError(f"counter shape {found.hex()} is missing")
+                known = decode_counter_shape(value)
+                if len(self._shapes_read) >= limits.COUNTER_SHAPES_REMEMBERED_MAX:
+                    self._shapes_read.clear()
+                self._shapes_read[found] = known
+            return known
+        return shape
 
     def _put_finished_hold(self, txn: lmdb.Transaction, hold: Any, sequence: int,
                            now_ns: int) -> None:
@@ -202,8 +260,16 @@ class WriteAheadLog:
             state, written_by, _ = finished_hold_row(earlier)
             if state is HoldState.EXPIRED:
                 expired_sequence = written_by
-        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence, now_ns),
-                db=self.holds_db)
+        reserve_expires_at_ns = self._reserve_expiries_ns.pop(hold.reservation_id, 0)
+        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence, now_ns,
+                                          reserve_expires_at_ns), db=self.holds_db)
+
+    def _remember_reserve_expiry(self, record: Record) -> None:
+        expiries = self._reserve_expiries_ns
+        if len(expiries) >= limits.RESERVE_EXPIRIES_REMEMBERED_MAX:
+            expiries.clear()  # those holds' rows keep their expiry
+        command = record.command
+        expiries[command.reservation_id] = record.now_ns + command.ttl_ns
 
     def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int) -> int:
         """Deletes log records (and their events) at or below the snapshot's sequence and
@@ -264,6 +330,7 @@ class WriteAheadLog:
         expected = after_sequence + 1
         with self.env.begin(db=self.log_db, buffers=False) as txn:
             cursor = txn.cursor()
+            shape = self._shape_lookup(txn)
             if not cursor.first():
                 return
             if key_sequence(cursor.key()) > expected:
@@ -275,7 +342,7 @@ class WriteAheadLog:
                 if key_sequence(key) != expected:
                     raise RuntimeError(f"log gap: expected sequence {expected}, "
                                        f"found {key_sequence(key)}")
-                yield decode_record(key, value)
+                yield decode_record(key, value, shape)
                 expected += 1
 
     def export_range(self, after_sequence: int | None) -> tuple[int, int]:
@@ -324,16 +391,17 @@ class WriteAheadLog:
                            as_of_sequence: int) -> Record | None:
         """The record that first used this idempotency key, if it is at or before
         as_of_sequence (a replay must not see what later records did) and is that key's (not
-        another's with the same row key). Called on the event loop: one or two page lookups."""
+        another's with the same row key). Called on the event loop: one or two page lookups,
+        and one more for a counter shape not read before."""
         row = idempotency_row_key(app, rpc, idempotency_key)
         with self._reader() as txn:
             key = txn.get(row, db=self.idempotency_db)
             if key is None or key_sequence(key) > as_of_sequence:
                 return None
             value = txn.get(key, db=self.log_db)
-        if value is None:  # pruned with its record
-            return None
-        record = decode_record(key, value)
+            if value is None:  # pruned with its record
+                return None
+            record = decode_record(key, value, self._shape_lookup(txn))
         command = record.command
         if (type(command).__name__ != rpc or command.app != app
                 or command.idempotency_key != idempotency_key):
@@ -351,8 +419,14 @@ class WriteAheadLog:
 
             def reserve_record(sequence: int) -> Record | None:
                 stored = txn.get(record_key(sequence), db=self.log_db)
-                return None if stored is None else decode_record(record_key(sequence), stored)
-            return decode_finished_hold(key, value, as_of_sequence, reserve_record)
+                return None if stored is None else decode_record(
+                    record_key(sequence), stored, self._shape_lookup(txn))
+
+            def record_time_ns(sequence: int) -> int | None:
+                stored = txn.get(record_key(sequence), db=self.log_db)
+                return None if stored is None else record_now_ns(stored)
+            return decode_finished_hold(key, value, as_of_sequence, reserve_record,
+                                        record_time_ns)
 
     @contextmanager
     def reading(self) -> Iterator[None]:
