@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -22,6 +23,17 @@ def _scrape(address: str) -> dict[str, float]:
     return samples
 
 
+def _scrape_showing(address: str, name: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """A scrape that shows `name`: a failed call is counted just after its status is sent,
+    so the client can scrape before the count lands."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = _scrape(address)
+        if name in samples or time.monotonic() >= deadline:
+            return samples
+        time.sleep(0.05)
+
+
 def test_metrics_count_calls_codes_denials_holds_and_flushes(start_server):
     server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
     subscribe(server.address, "u1", plan_with(10))
@@ -30,7 +42,8 @@ def test_metrics_count_calls_codes_denials_holds_and_flushes(start_server):
     assert not stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="x", amount=7)).allowed
     with pytest.raises(grpc.RpcError):
         stub.Reserve(pb.ReserveRequest(user_id="u1", event_type="x", amount=0))
-    samples = _scrape(server.last("serving")["metrics"])
+    samples = _scrape_showing(server.last("serving")["metrics"],
+                                   'quotad_requests_total{code="INVALID_ARGUMENT",method="Reserve"}')
     assert samples['quotad_requests_total{code="OK",method="Reserve"}'] == 2
     assert samples['quotad_requests_total{code="INVALID_ARGUMENT",method="Reserve"}'] == 1
     assert samples['quotad_denials_total{group="units"}'] == 1
