@@ -17,7 +17,8 @@ from quotad.storage import log_pb2
 from quotad.storage.codec import (
     COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_counter_shape, decode_finished_hold,
     decode_record, encode_counter_shape, encode_finished_hold, encode_record, event_tail,
-    event_tail_fields, idempotency_row_key, record_event, record_key, stored_record_rows,
+    event_tail_fields, hold_ref_from_message, hold_ref_to_message, idempotency_row_key,
+    record_event, record_key, stored_record_rows,
 )
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
@@ -314,10 +315,11 @@ def _shapes_table():
 @settings(max_examples=100, deadline=None)
 @given(label=texts, unit=texts, quota=st.integers(0, 10**15), used=st.integers(0, 10**12),
        window=st.sampled_from(list(Window)), rate=st.booleans(),
-       resets_after_ns=st.none() | st.integers(1, 10**16))
+       resets_after_ns=st.none() | st.integers(1, 10**16)
+       | st.integers(1, 10**7).map(lambda s: s * 10**9),
+       window_start_ns=st.sampled_from([NOW_NS - 10**12, 1_700_000_000 * 10**9, 0]))
 def test_an_answer_names_its_counters_shapes_and_reads_back_as_it_was_given(
-        label, unit, quota, used, window, rate, resets_after_ns):
-    window_start_ns = NOW_NS - 10**12
+        label, unit, quota, used, window, rate, resets_after_ns, window_start_ns):
     counters = tuple(
         c.CounterView(key=key, label=label, unit=unit, window=window, quota=quota, used=used,
                       held=1, remaining=max(0, quota - used - 1),
@@ -363,3 +365,25 @@ def test_an_answer_with_counters_stored_whole_still_reads_back():
     old = checksum.to_bytes(4, "big") + time_bytes + body
     assert decode_record(record_key(3), old) == record
     assert decode_record(record_key(3), old, _shapes_table()[2]) == record
+
+
+@settings(max_examples=100, deadline=None)
+@given(ttl_ns=st.integers(10**9, 3600 * 10**9) | st.integers(1, 3600).map(lambda s: s * 10**9),
+       window_start_ns=st.integers(0, 2**62) | st.integers(0, 2**32).map(lambda s: s * 10**9))
+def test_times_in_whole_seconds_are_stored_as_seconds_and_read_back_exactly(ttl_ns,
+                                                                            window_start_ns):
+    reserve = c.Reserve(app="default", user_id="u", event_type="e", amount=5, ttl_ns=ttl_ns,
+                        reservation_id="rsv_" + "ab" * 12)
+    extend = c.Extend(app="default", reservation_id=reserve.reservation_id, ttl_ns=ttl_ns)
+    whole = ttl_ns % 10**9 == 0
+    for command in (reserve, extend):
+        value = encode_record(c.Record(5, NOW_NS, command))
+        assert decode_record(record_key(5), value).command == command
+        part = getattr(log_pb2.Record.FromString(value[12:]), type(command).__name__.lower())
+        assert (part.ttl_s, part.ttl_ns) == ((ttl_ns // 10**9, 0) if whole else (0, ttl_ns))
+    ref = HoldRef("tokens", Window.MONTH, window_start_ns, 3)
+    message = log_pb2.HoldRef()
+    hold_ref_to_message(ref, message)
+    assert hold_ref_from_message(message) == ref
+    if window_start_ns % 10**9 == 0:
+        assert message.window_start_ns == 0

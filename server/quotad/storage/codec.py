@@ -254,6 +254,27 @@ def _metadata(repeated: Any) -> tuple[tuple[str, str], ...]:
     return tuple((entry.key, entry.value) for entry in repeated)
 
 
+_NS_PER_S = 10**9
+
+
+def _whole_s(ns: int) -> int | None:
+    """ns in seconds when whole (a varint of seconds is 4 bytes shorter), else None."""
+    seconds, rest = divmod(ns, _NS_PER_S)
+    return seconds if rest == 0 else None
+
+
+def _set_ttl(part: Any, ttl_ns: int) -> None:
+    ttl_s = _whole_s(ttl_ns)
+    if ttl_s is None:
+        part.ttl_ns = ttl_ns
+    else:
+        part.ttl_s = ttl_s
+
+
+def _ttl_ns(part: Any) -> int:
+    return part.ttl_ns or part.ttl_s * _NS_PER_S
+
+
 def _encode_reserve(message: Any, command: Reserve) -> None:
     message.app = command.app
     part = message.reserve
@@ -261,7 +282,7 @@ def _encode_reserve(message: Any, command: Reserve) -> None:
     part.event_type = command.event_type
     part.amount = command.amount
     _set_metadata(part.metadata, command.metadata)
-    part.ttl_ns = command.ttl_ns
+    _set_ttl(part, command.ttl_ns)
     _set_idempotency_key(part, command.idempotency_key)
     part.reservation_id = reservation_bytes(command.reservation_id)
 
@@ -269,7 +290,7 @@ def _encode_reserve(message: Any, command: Reserve) -> None:
 def _decode_reserve(message: Any) -> Reserve:
     part = message.reserve
     return Reserve(app=message.app, user_id=part.user_id, event_type=part.event_type,
-                   amount=part.amount, metadata=_metadata(part.metadata), ttl_ns=part.ttl_ns,
+                   amount=part.amount, metadata=_metadata(part.metadata), ttl_ns=_ttl_ns(part),
                    idempotency_key=_idempotency_key(part),
                    reservation_id=_reservation_id(part.reservation_id))
 
@@ -307,14 +328,14 @@ def _encode_extend(message: Any, command: Extend) -> None:
     message.app = command.app
     part = message.extend
     part.reservation_id = reservation_bytes(command.reservation_id)
-    part.ttl_ns = command.ttl_ns
+    _set_ttl(part, command.ttl_ns)
     _set_idempotency_key(part, command.idempotency_key)
 
 
 def _decode_extend(message: Any) -> Extend:
     part = message.extend
     return Extend(app=message.app, reservation_id=_reservation_id(part.reservation_id),
-                  ttl_ns=part.ttl_ns, idempotency_key=_idempotency_key(part))
+                  ttl_ns=_ttl_ns(part), idempotency_key=_idempotency_key(part))
 
 
 def _encode_track(message: Any, command: Track) -> None:
@@ -495,9 +516,18 @@ def _encode_answer(message: Any, result: Any, record: Record,
             if view.kind is not Kind.QUOTA:
                 counter.kind = int(view.kind)
         counter.used, counter.held = view.used, view.held
-        counter.window_start_ns = view.window_start_ns
+        window_start_s = _whole_s(view.window_start_ns)
+        if window_start_s is None:
+            counter.window_start_ns = view.window_start_ns
+        else:
+            counter.window_start_s = window_start_s
         if view.resets_at_ns is not None:
-            counter.resets_after_ns = view.resets_at_ns - view.window_start_ns
+            resets_after_ns = view.resets_at_ns - view.window_start_ns
+            resets_after_s = _whole_s(resets_after_ns)
+            if resets_after_s is None:
+                counter.resets_after_ns = resets_after_ns
+            else:
+                counter.resets_after_s = resets_after_s
         if view.full_at_ns is not None:
             counter.full_at_ns = view.full_at_ns
     if getattr(result, "fits_at_ns", None) is not None:
@@ -532,14 +562,17 @@ def _counters(message: Any, shape: ShapeLookup | None) -> tuple[CounterView, ...
         else:  # stored whole (records written before shapes, or a shape id taken)
             key, label, unit, window, quota, kind = (
                 c.key, c.label, c.unit, Window(c.window), c.quota, Kind(c.kind or Kind.QUOTA))
-        if c.HasField("resets_after_ns"):
-            resets_at_ns = c.window_start_ns + c.resets_after_ns
+        window_start_ns = c.window_start_ns or c.window_start_s * _NS_PER_S
+        if c.HasField("resets_after_s"):
+            resets_at_ns = window_start_ns + c.resets_after_s * _NS_PER_S
+        elif c.HasField("resets_after_ns"):
+            resets_at_ns = window_start_ns + c.resets_after_ns
         else:
             resets_at_ns = c.resets_at_ns if c.HasField("resets_at_ns") else None
         views.append(CounterView(
             key=key, label=label, unit=unit, window=window, quota=quota, used=c.used,
             held=c.held, remaining=max(0, quota - c.used - c.held),
-            window_start_ns=c.window_start_ns, resets_at_ns=resets_at_ns, kind=kind,
+            window_start_ns=window_start_ns, resets_at_ns=resets_at_ns, kind=kind,
             full_at_ns=c.full_at_ns if c.HasField("full_at_ns") else None))
     return tuple(views)
 
@@ -607,14 +640,19 @@ def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int
 
 
 def hold_ref_to_message(ref: HoldRef, message: Any) -> None:
-    message.key, message.window, message.window_start_ns = (ref.key, int(ref.window),
-                                                            ref.window_start_ns)
+    message.key, message.window = ref.key, int(ref.window)
+    window_start_s = _whole_s(ref.window_start_ns)
+    if window_start_s is None:
+        message.window_start_ns = ref.window_start_ns
+    else:
+        message.window_start_s = window_start_s
     if ref.rate != 1:
         message.rate = ref.rate
 
 
 def hold_ref_from_message(message: Any) -> HoldRef:
-    return HoldRef(message.key, Window(message.window), message.window_start_ns,
+    return HoldRef(message.key, Window(message.window),
+                   message.window_start_ns or message.window_start_s * _NS_PER_S,
                    message.rate or 1)
 
 
