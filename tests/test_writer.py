@@ -122,10 +122,11 @@ def test_a_forked_child_makes_the_snapshots_while_the_writer_keeps_serving(tmp_p
         writer.start()
         await writer.execute(UpsertPlan(app="a", plan=PLAN))
         await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
-        for round_ in range(40):
+        for round_ in range(400):  # bounded; children take longer on a busy machine
             await asyncio.gather(*(writer.execute(_track(f"k{round_}-{i}")) for i in range(20)))
             if writer.snapshots >= 3:
                 break
+            await asyncio.sleep(0.005)  # a finished child is collected on the event loop
         for _ in range(500):  # bounded: the last child's snapshot reaches the log
             if writer._child is None and writer._ready is None:
                 break
