@@ -11,11 +11,15 @@ from dataclasses import replace
 
 import pytest
 
-from core_helpers import DAY, HOUR, MINUTE, S, T0, Harness, digest, fields_of, group, plan
+from core_helpers import (
+    DAY, HOUR, MINUTE, S, T0, Harness, digest, fields_of, group, plan, replay_all,
+)
 from quotad.core import limits
 from quotad.core.commands import GrantCredits, GrantResult, ListGrants
 from quotad.core.errors import InvalidArgument, ResourceExhausted
 from quotad.core.plans import Cost, Kind, LimitGroup, Plan, RecurringGrant, Window
+from quotad.storage.codec import decode_record, encode_record, record_key
+from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 from quotad_contract.errors import ErrorReason
 
 
@@ -310,3 +314,30 @@ def test_a_cost_counts_on_a_balance_and_soft_balances_never_deny() -> None:
     assert h.reserve("alice", 11, metadata={"model": "big"}).allowed
     assert available(h) == 0 and h.counter("alice", "soft").overage == 11
     assert replays_to_the_same_state(h)
+
+
+# --- the log and snapshots ----------------------------------------------------------------
+
+
+def test_the_log_and_a_snapshot_carry_grants_expiries_and_keyed_answers() -> None:
+    daily = RecurringGrant(amount=100, every=Window.DAY, rollover_max=40, priority=2)
+    h = Harness().setup(balance_plan(balance(grant=daily)), "alice", time_zone="US/Pacific")
+    keyed = grant(h, 500, expires_at_ns=T0 + MINUTE, priority=1, idempotency_key="order-7")
+    assert keyed.grant.expires_at_ns == T0 + MINUTE and keyed.grant.priority == 1
+    grant(h, 20)
+    hold = h.reserve("alice", 550, ttl_ns=HOUR)
+    h.track("alice", 60)
+    h.at(T0 + MINUTE)
+    h.expire()
+    h.commit(hold.reservation_id, 500)
+    h.track("alice", -25, key="refund-1")
+    h.advance(DAY)
+    h.track("alice", 5)
+    decoded = [decode_record(record_key(r.sequence), encode_record(r)) for r in h.records]
+    assert decoded == h.records
+    assert any(r.command.__class__.__name__ == "ExpireHolds" and r.command.grants
+               for r in decoded)
+    assert digest(replay_all(decoded)) == h.digest()
+    restored = core_from_snapshot(snapshot_of(h.core))
+    assert digest(restored) == h.digest()
+    assert list(restored.grant_expiry) == list(h.core.grant_expiry)
