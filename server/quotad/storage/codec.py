@@ -443,9 +443,8 @@ def _encode_answer(message: Any, result: Any, record: Record) -> None:
     """An allowed Reserve's reservation id and expiry are its command's id and its time plus
     its TTL: left out (from_record), the decoder takes them from there."""
     message.SetInParent()
-    counters = getattr(result, "counters", None)
-    if counters is None:  # a GrantResult: its one counter
-        counters = (result.counter,)
+    counters = (result.counter,) if type(result) is GrantResult else getattr(
+        result, "counters", ())
     for view in counters:
         counter = message.counters.add()
         counter.key, counter.label, counter.unit = view.key, view.label, view.unit
