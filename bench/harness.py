@@ -45,11 +45,11 @@ workloads (one unit = what one in-flight slot does before starting the next):
            a denied unit asks for the premium model (quota 0 in the bench plan, so quotad
            denies it); an expire unit reserves with a 1 s TTL and never settles. About 90 %
            of reserves are allowed, 10 % denied, 1 % left to expire.
-  credits  Reserve + Commit as pairs, of a credit model: a credit balance priced per model
-           holds and spends credits too (quotad and echo only: Redis keeps no balances)
+  credits  Reserve + Commit as pairs, of a credits.chat event: a credit balance priced per
+           model holds and spends its credits (quotad and echo only: Redis keeps no balances)
   Every user has the same plan: tokens (10^12/month, matches openai.*), premium_tokens
-  (0/month, matches model=gpt-4o) and credits (a balance granted 10^15 a month, matches the
-  credit models only), so the denial rate does not drift with throughput.
+  (0/month, matches model=gpt-4o) and credits (a balance granted 10^15 a month, matches
+  credits.*), so the denial rate does not drift with throughput.
 
 targets:
   quotad         started by the bench on a fresh data directory per run (or --target)

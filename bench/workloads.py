@@ -8,9 +8,9 @@ The plan (one per user, the same for everyone) mirrors examples/plans.toml's "fr
 
     tokens          quota 10^12 per month   matches openai.*   (never runs out in a run)
     premium_tokens  quota 0     per month   matches model=gpt-4o (denies every request for it)
-    credits         a credit balance        matches the credit models only, priced per model
-                    (x1, x4), its recurring grant of 10^15 a month made at a user's first
-                    use (never runs out in a run)
+    credits         a credit balance        matches credits.*, priced per model (x1, x4), its
+                    recurring grant of 10^15 a month made at a user's first use (never runs
+                    out in a run)
 
 So a denial is a real quota decision (quotad checks every matched group and finds no room in
 premium_tokens), and the denial rate is exactly the share of units that ask for the premium
@@ -24,9 +24,9 @@ Workloads (shares are of units):
     mix      80 % reserve + commit, 9 % reserve + release, 1 % reserve with a 1 s TTL left to
              expire, 10 % reserve of the premium model (denied): about 90 % of reserves are
              allowed, 10 % denied, 1 % expire
-    credits  reserve + commit as pairs, of a credit model: each event also holds and spends
-             credits of the balance, amount x the model's rate (quotad and echo only: the
-             Redis peers keep no balances)
+    credits  reserve + commit as pairs, of a credits.chat event: it holds and spends credits
+             of the balance alone, amount x the model's rate, as a pairs event counts in the
+             tokens quota alone (quotad and echo only: the Redis peers keep no balances)
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ QUOTAS = {"tokens": TOKENS_QUOTA, "premium_tokens": 0}
 CREDIT_MODELS = {"credit-small": 1, "credit-large": 4}
 """The models the credits workload asks for, with the credits they cost per token."""
 CREDITS_MONTHLY = 10**15
+CREDITS_EVENT_TYPE = "credits.chat"
+EVENT_TYPES = {model: CREDITS_EVENT_TYPE for model in CREDIT_MODELS}
+"""The event type of a model's events: EVENT_TYPE unless named here."""
 GROUPS = {MODEL: ("tokens",), PREMIUM_MODEL: ("tokens", "premium_tokens"),
-          **{model: ("tokens", "credits") for model in CREDIT_MODELS}}
+          **{model: ("credits",) for model in CREDIT_MODELS}}
 PLAN = {
     "id": PLAN_ID,
     "name": "Bench",
@@ -61,7 +64,7 @@ PLAN = {
          "quota": QUOTAS["premium_tokens"], "window": "month",
          "match": {"metadata": {"model": [PREMIUM_MODEL]}}},
         {"key": "credits", "label": "Credits", "unit": "credits", "kind": "balance",
-         "match": {"metadata": {"model": list(CREDIT_MODELS)}},
+         "match": {"event_types": ["credits.*"]},
          "cost": {"by": "model", "rates": CREDIT_MODELS, "default": 1},
          "grant": {"amount": CREDITS_MONTHLY, "every": "month"}},
     ],

@@ -143,10 +143,14 @@ class Balance:
         """Takes amount from what expired grants keep, then live grants in spend order; the
         rest is owed."""
         assert amount >= 0
-        kept = sorted((g for g in self.grants if g.expired and g.kept),
-                      key=lambda g: (g.expires_at_ns or 0, g.number))
-        live = sorted(self.live_grants(), key=Grant.spend_key)
-        for grant in kept + live:
+        grants = self.grants
+        if len(grants) == 1:  # the common case: nothing to order
+            order = grants
+        else:
+            kept = sorted((g for g in grants if g.expired and g.kept),
+                          key=lambda g: (g.expires_at_ns or 0, g.number))
+            order = kept + sorted(self.live_grants(), key=Grant.spend_key)
+        for grant in order:
             if amount == 0:
                 break
             take = min(amount, grant.remaining)
@@ -210,13 +214,21 @@ class Balance:
     def _forget_spent(self) -> None:
         """Expired grants that keep nothing and had nothing consumed go; past
         SPENT_GRANTS_PER_BALANCE_MAX grants with nothing left, the one taken from longest
-        ago is folded into forgotten_consumed."""
-        self.grants = [g for g in self.grants if not g.expired or g.kept or g.consumed]
-        spent = [g for g in self.grants if not g.remaining]
-        if len(spent) <= limits.SPENT_GRANTS_PER_BALANCE_MAX:
+        ago is folded into forgotten_consumed. One pass when there is nothing to do."""
+        spent = 0
+        gone = False
+        for g in self.grants:
+            if g.expired and not g.kept and not g.consumed:
+                gone = True
+            elif not g.remaining:
+                spent += 1
+        if gone:
+            self.grants = [g for g in self.grants if not g.expired or g.kept or g.consumed]
+        if spent <= limits.SPENT_GRANTS_PER_BALANCE_MAX:
             return
-        spent.sort(key=lambda g: (g.consumed_order, g.number))
-        for grant in spent[:len(spent) - limits.SPENT_GRANTS_PER_BALANCE_MAX]:
+        spent_grants = sorted((g for g in self.grants if not g.remaining),
+                              key=lambda g: (g.consumed_order, g.number))
+        for grant in spent_grants[:len(spent_grants) - limits.SPENT_GRANTS_PER_BALANCE_MAX]:
             self.grants.remove(grant)
             self.forgotten_consumed += grant.consumed
             self.forgotten_consumed_order = max(self.forgotten_consumed_order,

@@ -451,6 +451,10 @@ class Core:
     def _renewed_balance_of(self, user: UserState, hold: HoldRef, counter: CounterState,
                             app_id: str, now_ns: int) -> CounterState:
         """A balance's counter with its recurring grant renewed to now_ns, stored."""
+        assert counter.balance is not None
+        end_ns = counter.balance.recurring_window_end_ns
+        if end_ns is not None and now_ns < end_ns:
+            return counter  # this window's recurring grant is made
         group = self.apps[app_id].plans[user.subscription.plan_id].group(hold.key)
         if group is None or group.kind is not Kind.BALANCE or group.window is not hold.window:
             return counter
