@@ -341,3 +341,25 @@ def test_the_log_and_a_snapshot_carry_grants_expiries_and_keyed_answers() -> Non
     restored = core_from_snapshot(snapshot_of(h.core))
     assert digest(restored) == h.digest()
     assert list(restored.grant_expiry) == list(h.core.grant_expiry)
+
+
+# --- thresholds (what WatchUsage carries) ---------------------------------------------------
+
+
+def test_thresholds_fire_on_a_balance_and_a_grant_re_arms_those_it_drops_below() -> None:
+    h = Harness().setup(balance_plan(), "alice")
+    grant(h, 100)
+
+    def crossed(outcome_records) -> list[int]:
+        return [e.threshold_percent for r in outcome_records for e in r.events
+                if e.kind == "threshold"]
+
+    assert crossed(h.apply(h.track_command("alice", 79)).records) == []
+    assert crossed(h.apply(h.track_command("alice", 1)).records) == [80]
+    assert crossed(h.apply(h.reserve_command("alice", 20)).records) == [100]  # a hold counts
+    assert crossed(h.apply(h.track_command("alice", -1)).records) == []  # once, until re-armed
+    outcome = h.apply(GrantCredits(app=h.app, user_id="alice", group_key="credits",
+                                   amount=100))
+    assert crossed(outcome.records) == []  # 99 of 200: below both again
+    assert crossed(h.apply(h.track_command("alice", 61)).records) == [80]  # 160 of 200
+    assert replays_to_the_same_state(h)

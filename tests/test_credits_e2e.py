@@ -90,7 +90,8 @@ def test_credits_are_granted_spent_refunded_listed_and_replayed_after_kill_9(sta
     assert next(line.split() for line in usage if line.startswith("credits "))[:7] == [
         "credits", "balance", "150", "7", "1125", "968", "0"]
     shown_plan = quotactl(first.address, "plans", "show", "credits").stdout.splitlines()
-    assert "a balance of grants, 100 granted every month (rollover up to 50)" in shown_plan[1]
+    assert "a balance of grants, 100 credits granted every month (rollover up to 50)" in (
+        shown_plan[1])
     digest = state_digest(first.address)
     assert first.kill() == -signal.SIGKILL
 

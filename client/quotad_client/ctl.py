@@ -131,13 +131,14 @@ def _group_text(group: pb.LimitGroup) -> str:
     unit = f" {group.unit}" if group.unit else ""
     label = f" ({group.label})" if group.label else ""
     soft = " (soft: never denies)" if _soft(group) else ""
-    return (f"{group.key}{label}: {group.quota}{unit} {_per_text(group)}{soft}; "
+    quota = "" if group.kind == pb.LIMIT_KIND_BALANCE else f"{group.quota}{unit} "
+    return (f"{group.key}{label}: {quota}{_per_text(group)}{soft}; "
             f"{_match_text(group.match)}{_cost_text(group)}")
 
 
 def _per_text(group: pb.LimitGroup) -> str:
     """"per month", for a rate bucket "a bucket refilled every 60 s", for a balance "a
-    balance of grants, 1000 granted every month (rollover up to 200)"."""
+    balance of grants, 1000 credits granted every month (rollover up to 200)"."""
     if group.kind == pb.LIMIT_KIND_RATE:
         return f"a bucket refilled every {_period_s(group)} s"
     if group.kind == pb.LIMIT_KIND_BALANCE:
@@ -146,7 +147,8 @@ def _per_text(group: pb.LimitGroup) -> str:
         grant = group.grant
         rollover = f" (rollover up to {grant.rollover_max})" if grant.rollover_max else ""
         priority = f" at priority {grant.priority}" if grant.priority else ""
-        return (f"a balance of grants, {grant.amount} granted every "
+        unit = f" {group.unit}" if group.unit else ""
+        return (f"a balance of grants, {grant.amount}{unit} granted every "
                 f"{window_name(grant.every)}{priority}{rollover}")
     return f"per {window_name(group.window)}"
 
