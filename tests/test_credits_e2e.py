@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -102,3 +103,31 @@ def test_credits_are_granted_spent_refunded_listed_and_replayed_after_kill_9(sta
                                      priority=1, idempotency_key="order-1")
         assert again.grant == granted.grant  # the key, remembered across the restart
         assert client.release(live.reservation_id).counter("credits").remaining == 975
+
+
+def test_a_grant_expires_by_itself_as_a_logged_change_and_a_restart_keeps_it(start_server):
+    first = start_server(plans=None)
+    with qc.QuotaClient(first.address, timeout_s=10) as client:
+        client.upsert_plan({"id": "prepaid", "limit_groups": [
+            {"key": "credits", "kind": "balance", "match": {"event_types": ["image.*"]}}]})
+        client.subscribe("u2", "prepaid")
+        soon = client.grant_credits("u2", "credits", 50,
+                                    expires_at=datetime.now(timezone.utc) + timedelta(seconds=2))
+        lasting = client.grant_credits("u2", "credits", 30)
+        hold = client.reserve("u2", "image.render", 60, ttl_s=3600)  # 20 of `soon` needed
+        deadline = time.monotonic() + 30
+        while not client.list_grants("u2")[-1].expired:  # no call of ours expires it
+            assert time.monotonic() < deadline, "the grant never expired"
+            time.sleep(0.1)
+        grants = {g.grant_id: g for g in client.list_grants("u2")}
+        assert grants[soon.grant.grant_id].expired
+        assert grants[soon.grant.grant_id].remaining == 30  # kept for the hold: 60 - 30
+        events = [e for e in client.list_events("u2").events if e.kind == "expire_grant"]
+        assert [e.amount for e in events] == [20]  # what was available of it, dropped
+        assert client.commit(hold.reservation_id, 60).counter("credits").remaining == 0
+        assert client.usage("u2")["credits"].quota == 30
+        assert lasting.grant.grant_id in {g.grant_id for g in client.list_grants("u2")}
+    digest = state_digest(first.address)
+    assert first.kill() == -signal.SIGKILL
+    second = start_server(first.data_dir, plans=None)
+    assert state_digest(second.address) == digest
