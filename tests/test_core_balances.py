@@ -363,3 +363,25 @@ def test_thresholds_fire_on_a_balance_and_a_grant_re_arms_those_it_drops_below()
     assert crossed(outcome.records) == []  # 99 of 200: below both again
     assert crossed(h.apply(h.track_command("alice", 61)).records) == [80]  # 160 of 200
     assert replays_to_the_same_state(h)
+
+
+def test_a_plan_edit_that_makes_a_group_a_balance_or_no_longer_one_keeps_live_holds_whole(
+) -> None:
+    lifetime = replace(group("credits", 100, Window.LIFETIME, ["openai.*"]))
+    h = Harness().setup(plan("p", lifetime), "alice")
+    as_quota = h.reserve("alice", 30, ttl_ns=HOUR)
+    h.track("alice", 10)
+    h.upsert_plan(balance_plan())  # the same key and window, now a balance
+    view = h.counter("alice", "credits")
+    assert (view.kind, view.quota, view.used, view.held) == (Kind.BALANCE, 0, 0, 30)
+    grant(h, 50)
+    assert h.reserve("alice", 21).allowed is False and available(h) == 20
+    as_balance = h.reserve("alice", 20, ttl_ns=HOUR)
+    h.release(as_quota.reservation_id)  # given back to the counter it now is
+    assert h.counter("alice", "credits").held == 20
+    h.upsert_plan(plan("p", lifetime))  # and back to a quota
+    view = h.counter("alice", "credits")
+    assert (view.kind, view.quota, view.used, view.held) == (Kind.QUOTA, 100, 0, 20)
+    h.commit(as_balance.reservation_id, 5)
+    assert (h.counter("alice", "credits").used, h.counter("alice", "credits").held) == (5, 0)
+    assert replays_to_the_same_state(h)

@@ -456,7 +456,7 @@ class Core:
         if end_ns is not None and now_ns < end_ns:
             return counter  # this window's recurring grant is made
         group = self.apps[app_id].plans[user.subscription.plan_id].group(hold.key)
-        if group is None or group.kind is not Kind.BALANCE or group.window is not hold.window:
+        if group is None or group.window is not hold.window:
             return counter
         renewed = self._current(user, group, now_ns)
         user.counters[(hold.key, hold.window)] = renewed
@@ -469,8 +469,8 @@ class Core:
         with its recurring grant renewed (either stored by a change)."""
         counter = cls._counter_of(user, hold)
         group = plan.group(hold.key)
-        if (counter is not None and counter.balance is not None and group is not None
-                and group.kind is Kind.BALANCE and group.window is hold.window):
+        if (counter is not None and group is not None and group.window is hold.window
+                and (counter.balance is not None or group.kind is Kind.BALANCE)):
             return cls._current(user, group, now_ns)
         if (counter is None or group is None or group.kind is not Kind.RATE
                 or group.window is not hold.window):
@@ -621,8 +621,14 @@ class Core:
         stored here: only a change stores it, so that reads change nothing (a balance's:
         a copy with its recurring grant renewed, when one is due)."""
         counter = user.counters.get((group.key, group.window))
+        if counter is not None and (counter.balance is None) == (group.kind is Kind.BALANCE):
+            # a plan edit made the group a balance, or no longer one: its counter starts
+            # afresh but for what live holds hold, which their ends give back
+            counter = CounterState(counter.window_start_ns, counter.window_end_ns,
+                                   held=counter.held, refilled_at_ns=now_ns,
+                                   balance=Balance() if group.kind is Kind.BALANCE else None)
         if group.kind is Kind.BALANCE:
-            if counter is None or counter.balance is None:
+            if counter is None:
                 counter = CounterState(0, None, balance=Balance())
             if group.grant is None:
                 return counter
