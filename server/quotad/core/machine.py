@@ -657,7 +657,8 @@ class Core:
         """threshold_percent_fired once a balance's quota changed (a grant): the thresholds
         its usage is now below fire again when it reaches them."""
         consumed = counter.used + counter.held
-        reached = [p for p in limits.WATCH_THRESHOLDS_PERCENT if quota and consumed * 100 >= p * quota]
+        reached = [percent for percent in limits.WATCH_THRESHOLDS_PERCENT
+                   if quota and consumed * 100 >= percent * quota]
         return min(counter.threshold_percent_fired, reached[-1] if reached else 0)
 
     @staticmethod
