@@ -385,3 +385,24 @@ def test_a_plan_edit_that_makes_a_group_a_balance_or_no_longer_one_keeps_live_ho
     h.commit(as_balance.reservation_id, 5)
     assert (h.counter("alice", "credits").used, h.counter("alice", "credits").held) == (5, 0)
     assert replays_to_the_same_state(h)
+
+
+def test_spent_grants_past_their_bound_fold_into_one_count_that_refunds_reach_and_lose(
+) -> None:
+    h = Harness().setup(balance_plan(), "alice")
+    spent_max = limits.SPENT_GRANTS_PER_BALANCE_MAX
+    first = grant(h, 10).grant.grant_id
+    h.track("alice", 10)  # the first grant spent: the one taken from longest ago
+    for _ in range(spent_max):
+        grant(h, 1)
+        h.track("alice", 1)
+    counter = h.core.apps[h.app].users["alice"].counters[("credits", Window.LIFETIME)]
+    balance_state = counter.balance
+    assert balance_state is not None
+    assert len(balance_state.grants) == spent_max and first not in remaining_by_grant(h)
+    assert balance_state.forgotten_consumed == 10
+    standing = grant(h, 100).grant.grant_id
+    h.track("alice", -(spent_max + 4))  # every later take back, then 4 to the forgotten one
+    assert balance_state.forgotten_consumed == 6 and remaining_by_grant(h)[standing] == 100
+    assert available(h) == 100 + spent_max  # what reached the forgotten grant is lost
+    assert replays_to_the_same_state(h)
