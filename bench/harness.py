@@ -45,8 +45,11 @@ workloads (one unit = what one in-flight slot does before starting the next):
            a denied unit asks for the premium model (quota 0 in the bench plan, so quotad
            denies it); an expire unit reserves with a 1 s TTL and never settles. About 90 %
            of reserves are allowed, 10 % denied, 1 % left to expire.
-  Every user has the same plan: tokens (10^12/month, matches openai.*) and premium_tokens
-  (0/month, matches model=gpt-4o), so the denial rate does not drift with throughput.
+  credits  Reserve + Commit as pairs, of a credits.chat event: a credit balance priced per
+           model holds and spends its credits (quotad and echo only: Redis keeps no balances)
+  Every user has the same plan: tokens (10^12/month, matches openai.*), premium_tokens
+  (0/month, matches model=gpt-4o) and credits (a balance granted 10^15 a month, matches
+  credits.*), so the denial rate does not drift with throughput.
 
 targets:
   quotad         started by the bench on a fresh data directory per run (or --target)
@@ -257,6 +260,8 @@ def _make_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str
             targets.append(EchoTarget())
         elif redis_reason is not None:
             skipped[name] = redis_reason
+        elif "credits" in args.workload:
+            skipped[name] = "credit balances are quotad's alone: the Redis peer has none"
         else:
             targets.append(RedisTarget(name.split("-", 1)[1], args.redis_server))
     return targets, skipped

@@ -19,7 +19,7 @@ from typing import Any
 from quotad.testing import ServerProcess
 
 from . import redis_peer
-from .workloads import DEFAULT_TTL_S, EVENT_TYPE, PLAN, user_id
+from .workloads import DEFAULT_TTL_S, EVENT_TYPE, EVENT_TYPES, PLAN, user_id
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
@@ -252,7 +252,8 @@ class GrpcDriver:
 
     async def reserve(self, user: str, amount: int, model: str, ttl_s: float,
                       groups: tuple[str, ...]) -> tuple[bool, str]:
-        hold = await self._client.reserve(user, EVENT_TYPE, amount, metadata=self._meta(model),
+        hold = await self._client.reserve(user, EVENT_TYPES.get(model, EVENT_TYPE), amount,
+                                          metadata=self._meta(model),
                                           ttl_s=None if ttl_s == DEFAULT_TTL_S else ttl_s,
                                           raise_on_deny=False)
         return hold.allowed, hold.reservation_id
@@ -265,7 +266,8 @@ class GrpcDriver:
 
     async def track(self, user: str, amount: int, model: str, enforce: bool,
                     groups: tuple[str, ...]) -> bool:
-        result = await self._client.track(user, EVENT_TYPE, amount, metadata=self._meta(model),
+        result = await self._client.track(user, EVENT_TYPES.get(model, EVENT_TYPE), amount,
+                                          metadata=self._meta(model),
                                           enforce=enforce, raise_on_deny=False)
         return result.allowed
 

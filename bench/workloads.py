@@ -8,6 +8,9 @@ The plan (one per user, the same for everyone) mirrors examples/plans.toml's "fr
 
     tokens          quota 10^12 per month   matches openai.*   (never runs out in a run)
     premium_tokens  quota 0     per month   matches model=gpt-4o (denies every request for it)
+    credits         a credit balance        matches credits.*, priced per model (x1, x4), its
+                    recurring grant of 10^15 a month made at a user's first use (never runs
+                    out in a run)
 
 So a denial is a real quota decision (quotad checks every matched group and finds no room in
 premium_tokens), and the denial rate is exactly the share of units that ask for the premium
@@ -21,6 +24,9 @@ Workloads (shares are of units):
     mix      80 % reserve + commit, 9 % reserve + release, 1 % reserve with a 1 s TTL left to
              expire, 10 % reserve of the premium model (denied): about 90 % of reserves are
              allowed, 10 % denied, 1 % expire
+    credits  reserve + commit as pairs, of a credits.chat event: it holds and spends credits
+             of the balance alone, amount x the model's rate, as a pairs event counts in the
+             tokens quota alone (quotad and echo only: the Redis peers keep no balances)
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
-WORKLOADS = ("pairs", "release", "track", "mix")
+WORKLOADS = ("pairs", "release", "track", "mix", "credits")
 
 PLAN_ID = "bench"
 EVENT_TYPE = "openai.chat"
@@ -40,7 +46,14 @@ TOKENS_QUOTA = 10**12
 QUOTAS = {"tokens": TOKENS_QUOTA, "premium_tokens": 0}
 # The groups each model's events match (what quotad works out from the plan's match rules;
 # the Redis peer is told by its client).
-GROUPS = {MODEL: ("tokens",), PREMIUM_MODEL: ("tokens", "premium_tokens")}
+CREDIT_MODELS = {"credit-small": 1, "credit-large": 4}
+"""The models the credits workload asks for, with the credits they cost per token."""
+CREDITS_MONTHLY = 10**15
+CREDITS_EVENT_TYPE = "credits.chat"
+EVENT_TYPES = {model: CREDITS_EVENT_TYPE for model in CREDIT_MODELS}
+"""The event type of a model's events: EVENT_TYPE unless named here."""
+GROUPS = {MODEL: ("tokens",), PREMIUM_MODEL: ("tokens", "premium_tokens"),
+          **{model: ("credits",) for model in CREDIT_MODELS}}
 PLAN = {
     "id": PLAN_ID,
     "name": "Bench",
@@ -50,6 +63,10 @@ PLAN = {
         {"key": "premium_tokens", "label": "Premium tokens", "unit": "tokens",
          "quota": QUOTAS["premium_tokens"], "window": "month",
          "match": {"metadata": {"model": [PREMIUM_MODEL]}}},
+        {"key": "credits", "label": "Credits", "unit": "credits", "kind": "balance",
+         "match": {"event_types": ["credits.*"]},
+         "cost": {"by": "model", "rates": CREDIT_MODELS, "default": 1},
+         "grant": {"amount": CREDITS_MONTHLY, "every": "month"}},
     ],
 }
 
@@ -63,7 +80,8 @@ _MIX_CUMULATIVE = tuple(itertools.accumulate(share for _, share in MIX_SHARES))
 _MIX_KINDS = tuple(kind for kind, _ in MIX_SHARES)
 
 # the kind of unit each plain workload repeats
-_PLAIN = {"pairs": "commit", "release": "release", "track": "track"}
+_PLAIN = {"pairs": "commit", "release": "release", "track": "track", "credits": "commit"}
+_CREDIT_MODEL_NAMES = tuple(CREDIT_MODELS)
 # operations (RPCs or scripts) a unit of each kind makes
 OPS_PER_UNIT = {"commit": 2, "release": 2, "track": 1, "expire": 1, "denied": 1}
 
@@ -136,6 +154,10 @@ class UnitMaker:
             kind = _PLAIN[self._workload]
         amount = rng.randint(AMOUNT_MIN, AMOUNT_MAX)
         actual = int(amount * rng.uniform(0.3, 1.0))
+        if self._workload == "credits":
+            model = _CREDIT_MODEL_NAMES[rng.random() < 0.5]
+        else:
+            model = PREMIUM_MODEL if kind == "denied" else MODEL
         return Unit(kind=kind, user=self._users.pick(), amount=amount, actual=actual,
-                    model=PREMIUM_MODEL if kind == "denied" else MODEL,
+                    model=model,
                     ttl_s=EXPIRE_TTL_S if kind == "expire" else DEFAULT_TTL_S)

@@ -100,6 +100,8 @@ class Observed:
     group: str
     used: int
     held: int
+    quota: int | None = None
+    """A credit balance's quota as shown (its live grants); None where the plan's is known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,3 +537,80 @@ def _overdraws(user: str, group: str, grants: list[tuple[int, int]], capacity: i
                 user, group, start_ns, time_ns, kept_before[j + 1] - kept_before[least[1]],
                 capacity + capacity * (time_ns - start_ns) // period_ns + 1))
     return found, least_slack
+
+
+# --- credit balances --------------------------------------------------------------------------
+
+
+@dataclass
+class CreditsReport:
+    """What a history of one balance group shows: every problem found, and the totals."""
+
+    problems: list[str]
+    granted: int
+    """What the distinct grants (by idempotency key) added up to."""
+    committed: int
+    reserves: int
+    denied: int
+    observed: int
+    """Counters of the balance checked in answers."""
+
+
+def check_credits(history: list[Call], group: str, grants: dict[str, int],
+                  final_counter: Observed, final_grants: list[tuple[int, int]]) -> CreditsReport:
+    """A balance group that only Reserve, Commit (at most the reserved amount), Release and
+    GrantCredits (each key sent more than once) touched, none of whose holds or grants
+    expired:
+
+    - never below zero through holds: every counter an answer showed has used + held within
+      its quota (the live grants), as the server held it at that instant;
+    - no credit consumed twice, none lost: what the grants lost (granted - remaining, each
+      within 0 ... granted) is exactly what the commits committed, which is the final used,
+      within what was granted;
+    - a grant repeated with its key granted once: the final quota is the distinct grants'.
+    """
+    problems: list[str] = []
+    reserved: dict[str, int] = {}
+    committed = reserves = denied = observed = 0
+    for call in history:
+        if call.code != OK:
+            problems.append(f"call {call.kind} of client {call.client}: {call.code}")
+        for counter in call.counters:
+            if counter.group != group:
+                continue
+            observed += 1
+            assert counter.quota is not None, "a balance's counters carry their quota"
+            if counter.used + counter.held > counter.quota:
+                problems.append(f"{call.kind} of client {call.client} showed used {counter.used}"
+                                f" + held {counter.held} past the balance's {counter.quota}")
+        if call.kind == "reserve":
+            reserves += 1
+            if call.allowed:
+                reserved[call.hold] = call.amount or 0
+            else:
+                denied += 1
+        elif call.kind == "commit":
+            held = reserved.pop(call.hold)
+            amount = held if call.amount is None else call.amount
+            if amount > held:
+                raise OutsideModel("a commit above its hold is outside the credits model")
+            committed += amount
+        elif call.kind == "release":
+            reserved.pop(call.hold)
+        elif call.kind != "grant":
+            raise OutsideModel(f"{call.kind} is outside the credits model")
+    granted = sum(grants.values())
+    consumed = 0
+    for amount, remaining in final_grants:
+        if not 0 <= remaining <= amount:
+            problems.append(f"a grant of {amount} shows {remaining} remaining")
+        consumed += amount - remaining
+    if consumed != committed:
+        problems.append(f"the grants lost {consumed} credits, the commits committed {committed}")
+    if final_counter.used != committed or final_counter.held != 0:
+        problems.append(f"the balance ends with used {final_counter.used} and held "
+                        f"{final_counter.held}, after {committed} committed and every hold ended")
+    if final_counter.quota != granted or committed > granted:
+        problems.append(f"the balance ends with quota {final_counter.quota} after {granted} "
+                        f"granted, and {committed} committed")
+    return CreditsReport(problems, granted, committed, reserves, denied, observed)

@@ -53,7 +53,9 @@ NO_PLAN = grpc.StatusCode.FAILED_PRECONDITION
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 PLAN_A = pb.Plan(id="plan-a", name="A", limit_groups=[pb.LimitGroup(
-    key="tokens", label="Tokens", unit="tokens", quota=10**9, window=pb.DAY)])
+    key="tokens", label="Tokens", unit="tokens", quota=10**9, window=pb.DAY), pb.LimitGroup(
+    key="credits", kind=pb.LIMIT_KIND_BALANCE, window=pb.LIFETIME,
+    match=pb.Match(event_types=["credit.*"]))])
 
 
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
@@ -121,7 +123,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
 # --- the permission table ---------------------------------------------------------------------
 
 QUOTA_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage", "Batch",
-              "WatchUsage")
+              "WatchUsage", "GrantCredits", "ListGrants")
 ADMIN_RPCS = ("UpsertPlan", "GetPlan", "ListPlans", "DeletePlan", "UpsertSubscription",
               "GetSubscription", "ListSubscriptions", "ListEvents", "GetStateDigest",
               "CreateKey", "RevokeKey", "ListKeys", "MintUserToken", "ExportUsage")
@@ -172,6 +174,8 @@ def request_for(env: Keyed, rpc: str) -> Any:
         "Track": pb.TrackRequest(user_id="ann", event_type="chat", amount=1),
         "GetUsage": pb.GetUsageRequest(user_id="ann"),
         "WatchUsage": pb.WatchUsageRequest(user_id="ann"),
+        "GrantCredits": pb.GrantCreditsRequest(user_id="ann", group_key="credits", amount=1),
+        "ListGrants": pb.ListGrantsRequest(user_id="ann"),
         "Batch": pb.BatchRequest(operations=[pb.BatchOperation(
             get_usage=pb.GetUsageRequest(user_id="ann"))]),
         "UpsertPlan": pb.UpsertPlanRequest(plan=pb.Plan(id="any-plan", name="any")),
@@ -194,6 +198,7 @@ SK_OTHER_APP = {
     # A's reservations and keys are refused outright.
     "Reserve": NO_PLAN, "Commit": DENIED, "Release": DENIED, "Extend": DENIED,
     "Track": NO_PLAN, "GetUsage": NO_PLAN, "WatchUsage": NO_PLAN, "Batch": OK, "UpsertPlan": OK, "GetPlan": NOT_FOUND,
+    "GrantCredits": NO_PLAN, "ListGrants": NO_PLAN,
     "ListPlans": OK, "DeletePlan": NOT_FOUND, "UpsertSubscription": NOT_FOUND,
     "GetSubscription": NOT_FOUND, "ListSubscriptions": OK, "ExportUsage": DENIED,
     "ListEvents": OK, "GetStateDigest": DENIED, "CreateKey": DENIED,
@@ -214,7 +219,7 @@ def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
         return DENIED if rpc == "GetStateDigest" else OK  # the digest covers every app
     if caller == "sk other app":
         return SK_OTHER_APP[rpc]
-    return PK_USAGE_READ[caller] if rpc in ("GetUsage", "WatchUsage") else DENIED
+    return PK_USAGE_READ[caller] if rpc in ("GetUsage", "WatchUsage", "ListGrants") else DENIED
 
 
 @pytest.mark.parametrize("caller", CALLERS)

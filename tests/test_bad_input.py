@@ -97,6 +97,8 @@ TIME_ZONE_MAX = limits.TIME_ZONE_BYTES_MAX
 BILLING_CUSTOMER_ID_MAX = limits.BILLING_CUSTOMER_ID_BYTES_MAX
 SUBSCRIPTIONS_PAGE_SIZE_MAX = limits.SUBSCRIPTIONS_PAGE_SIZE_MAX
 EXPORT_CURSOR_MAX = limits.EXPORT_CURSOR_BYTES_MAX
+GRANT_AMOUNT_MAX = limits.GRANT_AMOUNT_MAX
+GRANT_PRIORITY_MAX = limits.GRANT_PRIORITY_MAX
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -113,7 +115,7 @@ PERMISSION = Code.PERMISSION_DENIED
 CODES_BY_NUMBER = {code.value[0]: code for code in Code}
 
 BATCHABLE_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage")
-QUOTA_RPCS = BATCHABLE_RPCS + ("Batch", "WatchUsage")
+QUOTA_RPCS = BATCHABLE_RPCS + ("Batch", "WatchUsage", "GrantCredits", "ListGrants")
 KEY_RPCS = ("CreateKey", "RevokeKey", "ListKeys", "MintUserToken")
 ADMIN_ONLY_RPCS = ("GetStateDigest",)
 """Refused to an app's key before the request is read (it covers every app's state)."""
@@ -212,10 +214,18 @@ UNITS = pb.Plan(id="units", name="Units", limit_groups=[pb.LimitGroup(
 ZERO = pb.Plan(id="zero", name="Zero", limit_groups=[pb.LimitGroup(
     key="zero", label="Nothing", unit="units", quota=0, window=pb.DAY,
     match=pb.Match(event_types=["*"]))])
+CREDITS = pb.Plan(id="credits", name="Credits", limit_groups=[pb.LimitGroup(
+    key="credits", label="Credits", unit="credits", kind=pb.LIMIT_KIND_BALANCE,
+    window=pb.LIFETIME, match=pb.Match(event_types=["credit.*"]),
+    grant=pb.RecurringGrant(amount=100, every=pb.MONTH, rollover_max=10)), pb.LimitGroup(
+    key="units", label="Units", unit="units", quota=1000, window=pb.LIFETIME)])
+PLANS_BY_ID: dict[str, pb.Plan] = {}
+"""Every plan of the module's server, as stored: filled when it starts."""
 SUBSCRIPTIONS = {  # user -> (plan, time zone as sent); every plan is in use
     "sub-1": ("units", ""), "tz-1": ("units", "Europe/Berlin"), "exp-1": ("units", "UTC"),
     "zero-1": ("zero", ""), "free-1": ("free", "UTC"), "pro-1": ("pro", "Asia/Kathmandu"),
     "team-1": ("team", ""),  # spend priced per model: amount x rate has an amount's limits
+    "cred-1": ("credits", ""),  # a balance of credits, with one grant given at start
 }
 UNSUBSCRIBED = ("nobody", "ghost", "SUB-1", "sub-1 ", "u" * USER_ID_MAX)
 HOUR = Duration(seconds=3600)
@@ -305,11 +315,12 @@ def env(request, tmp_path_factory) -> Iterator[Env]:
     try:
         if mode == "keyed":
             _use_keys(env)
-        for plan in (UNITS, ZERO, *load_plans_file(PRICING_PLANS)):
+        for plan in (UNITS, ZERO, CREDITS, *load_plans_file(PRICING_PLANS)):
             env.call("UpsertPlan", pb.UpsertPlanRequest(plan=plan))
         listed = pb.ListPlansResponse.FromString(env.call("ListPlans", pb.ListPlansRequest()))
         env.plans = {plan.id: plan for plan in listed.plans}
-        assert set(env.plans) == {"free", "pro", "team", "units", "zero"}
+        PLANS_BY_ID.update(env.plans)
+        assert set(env.plans) == {"free", "pro", "team", "units", "zero", "credits"}
         for user, (plan_id, zone) in SUBSCRIPTIONS.items():
             env.call("UpsertSubscription", pb.UpsertSubscriptionRequest(
                 user_id=user, plan_id=plan_id, time_zone=zone))
@@ -339,6 +350,9 @@ def env(request, tmp_path_factory) -> Iterator[Env]:
                                                  idempotency_key="used-extend"))
         _use_key(env, "Track", pb.TrackRequest(user_id="sub-1", event_type="chat", amount=2,
                                                idempotency_key="used-track"))
+        _use_key(env, "GrantCredits", pb.GrantCreditsRequest(
+            user_id="cred-1", group_key="credits", amount=500, priority=1,
+            idempotency_key="used-grant"))
         # Wait for the 1 s hold to expire (the server's expiry task releases it).
         time.sleep(max(0.0, expires_by - time.monotonic()))
         deadline = time.monotonic() + 10
@@ -380,6 +394,9 @@ def payload(rpc: str, m) -> tuple:
         return (m.reservation_id,)
     if rpc == "Extend":
         return (m.reservation_id, _ttl_ns(m.ttl) if m.HasField("ttl") else None)
+    if rpc == "GrantCredits":
+        return (m.user_id, m.group_key, m.amount,
+                _timestamp_ns(m.expires_at) if m.HasField("expires_at") else None, m.priority)
     assert rpc == "Track", rpc
     return (m.user_id, m.event_type, m.amount, metadata, m.enforce)
 
@@ -425,11 +442,18 @@ def group_violations(group: pb.LimitGroup, where: str) -> set[str]:
     if not 0 <= group.quota <= QUOTA_MAX:
         bad.add(f"{where}.quota")
     rate = group.kind == pb.LIMIT_KIND_RATE
-    if group.kind not in (pb.LIMIT_KIND_UNSPECIFIED, pb.LIMIT_KIND_QUOTA, pb.LIMIT_KIND_RATE):
+    balance = group.kind == pb.LIMIT_KIND_BALANCE
+    if group.kind not in (pb.LIMIT_KIND_UNSPECIFIED, pb.LIMIT_KIND_QUOTA, pb.LIMIT_KIND_RATE,
+                          pb.LIMIT_KIND_BALANCE):
         bad.add(f"{where}.kind")
-    if group.window not in ((pb.WINDOW_UNSPECIFIED, pb.LIFETIME) if rate else (
+    if group.window not in ((pb.WINDOW_UNSPECIFIED, pb.LIFETIME) if rate or balance else (
             pb.MINUTE, pb.HOUR, pb.DAY, pb.WEEK, pb.MONTH, pb.LIFETIME)):
-        bad.add(f"{where}.window")  # a bucket has no calendar window
+        bad.add(f"{where}.window")  # a bucket or a balance has no calendar window
+    if balance and group.quota != 0:
+        bad.add(f"{where}.quota")  # a balance's quota is its grants
+    if group.HasField("grant"):
+        bad |= ({f"{where}.grant"} if not balance else
+                grant_violations(group.grant, f"{where}.grant"))
     period_ns = duration_ns(group.period) if group.HasField("period") else 0
     if not (PERIOD_NS_MIN <= period_ns <= PERIOD_NS_MAX if rate else period_ns == 0):
         bad.add(f"{where}.period")  # a rate group's, 1 s ... 31 days; a quota has none
@@ -451,6 +475,20 @@ def group_violations(group: pb.LimitGroup, where: str) -> set[str]:
             bad.add(f"{where}.match.metadata[{j}].values")
     if group.HasField("cost"):
         bad |= cost_violations(group.cost, f"{where}.cost")
+    return bad
+
+
+def grant_violations(grant: pb.RecurringGrant, where: str) -> set[str]:
+    bad: set[str] = set()
+    amount_ok = 1 <= grant.amount <= GRANT_AMOUNT_MAX
+    if not amount_ok:
+        bad.add(f"{where}.amount")
+    if grant.every not in (pb.MINUTE, pb.HOUR, pb.DAY, pb.WEEK, pb.MONTH):
+        bad.add(f"{where}.every")
+    if grant.rollover_max < 0 or (amount_ok and grant.rollover_max > grant.amount):
+        bad.add(f"{where}.rollover_max")
+    if not 0 <= grant.priority <= GRANT_PRIORITY_MAX:
+        bad.add(f"{where}.priority")
     return bad
 
 
@@ -808,6 +846,62 @@ def _expect_ExportUsage(env: Env, m) -> Expect | None:
 
 def _timestamp_ok(at: Timestamp) -> bool:
     return TIMESTAMP_MIN_S <= at.seconds <= TIMESTAMP_MAX_S and 0 <= at.nanos < NS
+
+
+def _timestamp_ns(at: Timestamp) -> int:
+    return at.seconds * NS + at.nanos
+
+
+def _balance_groups(user_id: str) -> set[str]:
+    plan_id = _plan_of(user_id)
+    return {group_.key for group_ in (PLANS_BY_ID[plan_id].limit_groups if plan_id else ())
+            if group_.kind == pb.LIMIT_KIND_BALANCE}
+
+
+GRANT_EXPIRY_UNSURE_S = 300
+"""An expires_at this close to now may be past or not by the time the server applies it."""
+
+
+def _expect_GrantCredits(env: Env, m) -> Expect | None:
+    """Must: each field within its limits; then NO_PLAN, a group_key that is no balance group
+    of the user's plan, an expires_at already past (in that order, after the key's check)."""
+    bad: set[str] = set()
+    _text(bad, "user_id", m.user_id, 1, USER_ID_MAX)
+    _text(bad, "group_key", m.group_key, 1, GROUP_KEY_MAX)
+    if not 1 <= m.amount <= GRANT_AMOUNT_MAX:
+        bad.add("amount")
+    if m.HasField("expires_at") and not (_timestamp_ok(m.expires_at)
+                                         and m.expires_at.seconds >= 0):
+        bad.add("expires_at")
+    if not 0 <= m.priority <= GRANT_PRIORITY_MAX:
+        bad.add("priority")
+    _text(bad, "idempotency_key", m.idempotency_key, 0, IDEMPOTENCY_KEY_MAX)
+    if bad:
+        return invalid(*bad)
+    handler: Expect | None = None
+    now_s = time.time()
+    if _plan_of(m.user_id) is None:
+        handler = refused(PRECONDITION, "NO_PLAN")
+    elif m.group_key not in _balance_groups(m.user_id):
+        handler = invalid("group_key")
+    elif m.HasField("expires_at") and m.expires_at.seconds < now_s - GRANT_EXPIRY_UNSURE_S:
+        handler = invalid("expires_at")
+    elif m.HasField("expires_at") and m.expires_at.seconds < now_s + GRANT_EXPIRY_UNSURE_S:
+        return None  # past or not when it arrives: either answer is fair, so it is not sent
+    return _with_key(env, "GrantCredits", m, handler)
+
+
+def _expect_ListGrants(env: Env, m) -> Expect | None:
+    bad: set[str] = set()
+    _text(bad, "user_id", m.user_id, 1, USER_ID_MAX)
+    _text(bad, "group_key", m.group_key, 0, GROUP_KEY_MAX)
+    if bad:
+        return invalid(*bad)
+    if _plan_of(m.user_id) is None:
+        return refused(PRECONDITION, "NO_PLAN")
+    if m.group_key and m.group_key not in _balance_groups(m.user_id):
+        return invalid("group_key")
+    return unchanged()
 
 
 def _expect_ListEvents(env: Env, m) -> Expect | None:
@@ -1244,6 +1338,89 @@ def bucket_cases(add) -> None:
             invalid("plan.limit_groups[0].quota"))
 
 
+def credits_cases(add) -> None:
+    """A balance group's plan fields, GrantCredits and ListGrants, each past its limit; at the
+    limits a plan is taken and only its bad quota is named; nothing is granted."""
+    def balance(**fields) -> pb.LimitGroup:
+        return group(**{"kind": pb.LIMIT_KIND_BALANCE, "window": pb.WINDOW_UNSPECIFIED,
+                        "quota": 0, **fields})
+
+    def recurring(**fields) -> pb.RecurringGrant:
+        return pb.RecurringGrant(**{"amount": 100, "every": pb.MONTH, **fields})
+
+    amount_max = limits.GRANT_AMOUNT_MAX
+    for name, made, where in (
+            ("balance-with-quota", balance(quota=10), "quota"),
+            ("balance-window-day", balance(window=pb.DAY), "window"),
+            ("balance-with-period", balance(period=Duration(seconds=60)), "period"),
+            ("grant-on-a-quota", group(grant=recurring()), "grant"),
+            ("grant-amount-0", balance(grant=recurring(amount=0)), "grant.amount"),
+            ("grant-amount-past-max", balance(grant=recurring(amount=amount_max + 1)),
+             "grant.amount"),
+            ("grant-every-unset", balance(grant=recurring(every=0)), "grant.every"),
+            ("grant-every-lifetime", balance(grant=recurring(every=pb.LIFETIME)),
+             "grant.every"),
+            ("grant-every-unknown", balance(grant=recurring(every=9)), "grant.every"),
+            ("grant-rollover-past-amount", balance(grant=recurring(rollover_max=101)),
+             "grant.rollover_max"),
+            ("grant-rollover-negative", balance(grant=recurring(rollover_max=-1)),
+             "grant.rollover_max"),
+            ("grant-priority-past-max", balance(grant=recurring(priority=1001)),
+             "grant.priority"),
+            ("grant-priority-negative", balance(grant=recurring(priority=-1)),
+             "grant.priority")):
+        add(name, "UpsertPlan", plan(made), invalid(f"plan.limit_groups[0].{where}"))
+    add("balance-at-every-grant-limit-and-a-bad-quota", "UpsertPlan", plan(balance(
+        quota=-1, grant=recurring(amount=amount_max, rollover_max=amount_max,
+                                  priority=limits.GRANT_PRIORITY_MAX, every=pb.MINUTE))),
+        invalid("plan.limit_groups[0].quota"))
+
+    def grant(**fields) -> pb.GrantCreditsRequest:
+        return pb.GrantCreditsRequest(**{"user_id": "cred-1", "group_key": "credits",
+                                         "amount": 1, **fields})
+    far_past, far_future = Timestamp(seconds=86400), Timestamp(seconds=4_000_000_000)
+    for name, request, fields in (
+            ("amount-0", grant(amount=0), ("amount",)),
+            ("amount-negative", grant(amount=-5), ("amount",)),
+            ("amount-past-max", grant(amount=amount_max + 1), ("amount",)),
+            ("amount-int64-max", grant(amount=INT64_MAX), ("amount",)),
+            ("priority-negative", grant(priority=-1), ("priority",)),
+            ("priority-past-max", grant(priority=limits.GRANT_PRIORITY_MAX + 1), ("priority",)),
+            ("group_key-empty", grant(group_key=""), ("group_key",)),
+            ("group_key-129-bytes", grant(group_key="g" * 129), ("group_key",)),
+            ("user_id-empty", grant(user_id=""), ("user_id",)),
+            ("expires_at-before-1970", grant(expires_at=Timestamp(seconds=-1)),
+             ("expires_at",)),
+            ("expires_at-bad-nanos", grant(expires_at=Timestamp(seconds=far_future.seconds,
+                                                                nanos=-1)), ("expires_at",)),
+            ("expires_at-past-9999", grant(expires_at=Timestamp(seconds=TIMESTAMP_MAX_S + 1)),
+             ("expires_at",)),
+            ("expires_at-in-the-past", grant(expires_at=far_past), ("expires_at",)),
+            ("group-not-a-balance", grant(group_key="units"), ("group_key",)),
+            ("group-unknown", grant(group_key="nope", expires_at=far_future), ("group_key",)),
+            ("everything-bad", grant(user_id="", group_key="", amount=0, priority=-1,
+                                     idempotency_key="k" * 129),
+             ("user_id", "group_key", "amount", "priority", "idempotency_key"))):
+        add(name, "GrantCredits", request, invalid(*fields))
+    add("no-subscription", "GrantCredits", grant(user_id="nobody"),
+        refused(PRECONDITION, "NO_PLAN"))
+    add("used-key-other-amount", "GrantCredits", grant(amount=7, idempotency_key="used-grant"),
+        refused(EXISTS))
+    add("used-key-same-request", "GrantCredits", grant(amount=500, priority=1,
+                                                       idempotency_key="used-grant"),
+        lambda env: unchanged(same_answer(env.keys[("GrantCredits", "used-grant")].response)))
+    for name, request, expected in (
+            ("user_id-empty", pb.ListGrantsRequest(), invalid("user_id")),
+            ("group_key-129-bytes", pb.ListGrantsRequest(user_id="cred-1", group_key="g" * 129),
+             invalid("group_key")),
+            ("group-not-a-balance", pb.ListGrantsRequest(user_id="cred-1", group_key="units"),
+             invalid("group_key")),
+            ("no-subscription", pb.ListGrantsRequest(user_id="nobody"),
+             refused(PRECONDITION, "NO_PLAN")),
+            ("every-grant", pb.ListGrantsRequest(user_id="cred-1"), unchanged())):
+        add(name, "ListGrants", request, expected)
+
+
 def groups(n: int) -> list[pb.LimitGroup]:
     return [group(key=f"g{i}") for i in range(n)]
 
@@ -1445,6 +1622,7 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
         add(name, "UpsertPlan", plan(group(**fields)), invalid(f"plan.limit_groups[0].{where}"))
     cost_cases(add)
     bucket_cases(add)
+    credits_cases(add)
     # team's spend counts 10 per gpt-4o unit, 2 per unit of an unpriced model
     for name, rpc, request, expected in (
             ("gpt-4o-amount-times-10-at-amount-max", "Reserve", pb.ReserveRequest(
@@ -1831,7 +2009,24 @@ ZONES_BAD = st.one_of(st.sampled_from(BAD_ZONES), text_over(TIME_ZONE_MAX),
                       text_between(0, 40).map(lambda t: "Nowhere/" + t))
 GROUP_FAULTS = st.frozensets(st.sampled_from(
     ["key", "label", "unit", "quota", "window", "patterns", "pattern", "constraints",
-     "constraint_key", "values", "value", "kind", "period"]), max_size=2)
+     "constraint_key", "values", "value", "kind", "period", "grant"]), max_size=2)
+RECURRING_GRANT_OK = st.builds(
+    lambda amount, every, share, priority: pb.RecurringGrant(
+        amount=amount, every=every, rollover_max=amount * share // 100, priority=priority),
+    ints_in(1, limits.GRANT_AMOUNT_MAX), st.integers(1, 5), st.integers(0, 100),
+    ints_in(0, limits.GRANT_PRIORITY_MAX))
+RECURRING_GRANT_BAD = st.builds(
+    pb.RecurringGrant, amount=st.integers(INT64_MIN, INT64_MAX),
+    every=st.sampled_from([0, 6, 7, -1, INT32_MAX]) | st.integers(1, 5),
+    rollover_max=st.integers(INT64_MIN, INT64_MAX),
+    priority=st.integers(INT32_MIN, INT32_MAX))
+"""A balance group's recurring grant, likely bad (the oracle judges each field)."""
+GROUP_KEYS_OK = st.sampled_from(["credits", "units", "zero", "spend", "nope"]) \
+    | text_between(1, limits.GROUP_KEY_BYTES_MAX)
+GRANT_AMOUNT_OK = ints_in(1, limits.GRANT_AMOUNT_MAX)
+GRANT_AMOUNT_BAD = ints_out(1, limits.GRANT_AMOUNT_MAX)
+GRANT_PRIORITY_OK = ints_in(0, limits.GRANT_PRIORITY_MAX)
+GRANT_PRIORITY_BAD = ints_out(0, limits.GRANT_PRIORITY_MAX, INT32_MIN, INT32_MAX)
 KIND_OK = st.sampled_from([pb.LIMIT_KIND_UNSPECIFIED] * 3 + [pb.LIMIT_KIND_QUOTA,
                                                              pb.LIMIT_KIND_RATE])
 KIND_BAD = st.sampled_from([3, 7, -1, INT32_MAX, INT32_MIN])
@@ -1997,6 +2192,30 @@ class Draws:
     def _GetUsage(self, draw):
         return self._user_only(draw, "GetUsage")
 
+    def _GrantCredits(self, draw):
+        bad = draw(bad_subset("user_id", "group_key", "amount", "expires_at", "priority",
+                              "idempotency_key"))
+        request = pb.GrantCreditsRequest(
+            user_id=self.field(draw, bad, "user_id", self.users, text_bad(1, USER_ID_MAX)),
+            group_key=self.field(draw, bad, "group_key", GROUP_KEYS_OK,
+                                 text_bad(1, GROUP_KEY_MAX)),
+            amount=self.field(draw, bad, "amount", GRANT_AMOUNT_OK, GRANT_AMOUNT_BAD),
+            priority=self.field(draw, bad, "priority", GRANT_PRIORITY_OK, GRANT_PRIORITY_BAD),
+            idempotency_key=self.field(draw, bad, "idempotency_key",
+                                       st.sampled_from(["", "", "used-grant"]) | self.keys,
+                                       text_over(IDEMPOTENCY_KEY_MAX)))
+        at = self.field(draw, bad, "expires_at", TIME_OK, TIME_BAD)
+        if at is not None:
+            request.expires_at.CopyFrom(at)
+        return request
+
+    def _ListGrants(self, draw):
+        bad = draw(bad_subset("user_id", "group_key"))
+        return pb.ListGrantsRequest(
+            user_id=self.field(draw, bad, "user_id", self.users, text_bad(1, USER_ID_MAX)),
+            group_key=self.field(draw, bad, "group_key", GROUP_KEYS_OK | st.just(""),
+                                 text_over(GROUP_KEY_MAX)))
+
     def _GetSubscription(self, draw):
         return self._user_only(draw, "GetSubscription")
 
@@ -2092,6 +2311,10 @@ class Draws:
                              PERIOD_BAD if rate else PERIOD_OK)
         if period_ is not None:
             fields["period"] = period_
+        if kind == pb.LIMIT_KIND_BALANCE or "grant" in bad:  # a recurring grant, maybe bad
+            grant = draw(st.none() | RECURRING_GRANT_OK | RECURRING_GRANT_BAD)
+            if grant is not None:
+                fields["grant"] = grant
         return fields
 
     def _UpsertPlan(self, draw):

@@ -74,7 +74,7 @@ def test_the_bench_runs_every_workload_against_quotad_and_the_echo_peer(tmp_path
     # A Redis peer whose server binary is missing is skipped, with the reason recorded.
     document = _bench(tmp_path, "--workload", "all", "--seconds", "1.5",
                       "--peers", "echo,redis-none", "--redis-server", "/nonexistent/redis-server")
-    _check(document, ["pairs", "release", "track", "mix"], {"quotad", "echo"})
+    _check(document, ["pairs", "release", "track", "mix", "credits"], {"quotad", "echo"})
     assert "redis-none" in document["skipped"]
 
 

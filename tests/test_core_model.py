@@ -4,7 +4,8 @@ The model is plain dicts written from protos/DESIGN.md: which groups each event 
 hand-made table (not the core's matcher), a cost's rate is a dict lookup made here (a group
 whose cost has no rate for the event does not match), every group may be drawn soft, a rate
 bucket is kept as its debt in tokens x period_ns (not the core's tokens and carried remainder),
-windows are computed with modular arithmetic for
+a credit balance is a list of grants spent, refunded and expired by protos/DESIGN.md's rules
+(with a recurring daily grant and its rollover), windows are computed with modular arithmetic for
 fixed-offset zones (not zoneinfo), and every answer is predicted before the core gives it. After
 every step the invariants compare the core's state with the model and check the contract's
 invariants. Crashes are rules too: one drops every record after the last sync and rebuilds from
@@ -27,13 +28,13 @@ from core_helpers import (
 )
 from quotad.core import limits
 from quotad.core.commands import (
-    Commit, ExpiredHold, ExpireHolds, Extend, GetUsage, Release, Reserve, Track, UpsertPlan,
-    UpsertSubscription,
+    Commit, ExpiredGrant, ExpiredHold, ExpireHolds, Extend, GetUsage, GrantCredits, ListGrants,
+    Release, Reserve, Track, UpsertPlan, UpsertSubscription,
 )
 from quotad.core.holds import HoldState
 from quotad.core.machine import Core
 from quotad.core.errors import AlreadyExists, FailedPrecondition, NotFound
-from quotad.core.plans import Cost, Kind, Window
+from quotad.core.plans import Cost, Kind, RecurringGrant, Window
 from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
@@ -52,11 +53,15 @@ GROUPS = (  # key, window, event types, metadata constraints; in plan order
     ("life", Window.LIFETIME, ("image.render",), None),
     ("spend", Window.HOUR, ("openai.*", "anthropic.*"), None),  # with a cost by model
     ("rate", Window.LIFETIME, ("openai.*", "anthropic.*"), None),  # a token bucket
+    ("cred", Window.LIFETIME, ("anthropic.*", "image.render"), None),  # a credit balance
 )
 KEYS = tuple(g[0] for g in GROUPS)
 WINDOW_OF = {g[0]: g[1] for g in GROUPS}
 COSTED = "spend"
 BUCKET = "rate"
+CREDITS = "cred"
+RECURRING = st.sampled_from([None, (50, 0), (40, 15), (30, 30)])
+"""The balance's recurring daily grant (amount, rollover_max), drawn once a run, or none."""
 PERIOD = st.sampled_from([7 * S, HOUR, DAY, DAY])
 """A bucket's period, drawn once a run: a plan edit changes its quota, never its period."""
 
@@ -64,8 +69,8 @@ EVENTS = (  # event type, metadata, the groups whose match rule it meets (by han
     ("openai.chat", {"model": "gpt-4o"}, ("all", "chat", "prem", "spend", "rate")),
     ("openai.chat", {"model": "gpt-3.5"}, ("all", "chat", "spend", "rate")),
     ("openai.images", {}, ("all", "chat", "spend", "rate")),
-    ("anthropic.chat", {"model": "gpt-4o"}, ("all", "spend", "rate")),
-    ("image.render", {}, ("all", "life")),
+    ("anthropic.chat", {"model": "gpt-4o"}, ("all", "spend", "rate", "cred")),
+    ("image.render", {}, ("all", "life", "cred")),
     ("openai", {"model": "gpt-4o"}, ()),  # the bare prefix matches nothing
     ("audio.speech", {}, ()),
 )
@@ -103,11 +108,16 @@ ADVANCE = st.sampled_from([1, S // 3, S, 7 * S, 59 * S, 61 * S, 10 * MINUTE, HOU
                            DAY, RET + S])
 
 
-def plan_of(quota: dict[str, int], pricing: Pricing = Pricing(), period_ns: int = MINUTE):
+def plan_of(quota: dict[str, int], pricing: Pricing = Pricing(), period_ns: int = MINUTE,
+            recurring: tuple[int, int] | None = None):
     groups = []
     for key, window, types, constraints in GROUPS:
         made = dataclasses.replace(group(key, quota[key], window, types, constraints),
                                    enforce=key not in pricing.soft)
+        if key == CREDITS:  # its quota is its grants
+            made = dataclasses.replace(made, kind=Kind.BALANCE, quota=0, grant=None if (
+                recurring is None) else RecurringGrant(amount=recurring[0], every=Window.DAY,
+                                                       rollover_max=recurring[1]))
         if key == BUCKET:
             made = dataclasses.replace(made, kind=Kind.RATE, period_ns=period_ns)
         if key == COSTED:
@@ -136,6 +146,108 @@ class MCounter:
     rounded up (a token is back only whole)."""
     at: int = 0
     """The bucket's: the time its debt was last refilled to."""
+    balance: MBalance | None = None
+    """The credit balance's grants."""
+
+
+@dataclass
+class MGrant:
+    grant_id: str
+    amount: int
+    granted_at: int
+    expires_at: int | None
+    priority: int
+    number: int
+    consumed: int = 0
+    last_take: int = 0
+    expired: bool = False
+    kept: int = 0
+    recurring: bool = False
+
+    def left(self) -> int:
+        return self.kept if self.expired else self.amount - self.consumed
+
+    def order(self) -> tuple:
+        """Spend order: priority, then earliest expiry (none last), then oldest."""
+        return (self.priority, self.expires_at is None, self.expires_at or 0, self.number)
+
+    def shown(self) -> tuple:
+        return (self.grant_id, self.amount, self.left(), self.granted_at, self.expires_at,
+                self.priority, self.expired, self.recurring)
+
+
+@dataclass
+class MBalance:
+    grants: list[MGrant] = dataclasses.field(default_factory=list)
+    owed: int = 0
+    made: int = 0
+    takes: int = 0
+    recurring_end: int | None = None
+
+    def copy(self) -> "MBalance":
+        return dataclasses.replace(self, grants=[dataclasses.replace(g) for g in self.grants])
+
+    def quota(self) -> int:
+        return sum(g.kept if g.expired else g.amount for g in self.grants)
+
+    def used(self) -> int:
+        return sum(g.consumed for g in self.grants if not g.expired) + self.owed
+
+    def available(self, held: int) -> int:
+        return sum(g.left() for g in self.grants) - held - self.owed
+
+    def tidy(self) -> None:
+        self.grants = [g for g in self.grants if not g.expired or g.kept or g.consumed]
+        assert sum(1 for g in self.grants if not g.left()) <= limits.SPENT_GRANTS_PER_BALANCE_MAX
+
+    def add(self, grant: MGrant) -> None:
+        self.made += 1
+        grant.number = self.made
+        self.grants.append(grant)
+        self.take(grant, min(self.owed, grant.amount), from_owed=True)
+
+    def take(self, grant: MGrant, amount: int, from_owed: bool = False) -> None:
+        if amount:
+            self.takes += 1
+            grant.consumed += amount
+            grant.last_take = self.takes
+            if grant.expired:
+                grant.kept -= amount
+            if from_owed:
+                self.owed -= amount
+
+    def consume(self, amount: int) -> None:
+        kept = sorted((g for g in self.grants if g.expired and g.kept),
+                      key=lambda g: (g.expires_at, g.number))
+        for g in kept + sorted((g for g in self.grants if not g.expired), key=MGrant.order):
+            take = min(amount, g.left())
+            self.take(g, take)
+            amount -= take
+        self.owed += amount
+        self.tidy()
+
+    def refund(self, amount: int) -> None:
+        back = min(self.owed, amount)
+        self.owed, amount = self.owed - back, amount - back
+        for g in sorted((g for g in self.grants if g.consumed), key=lambda g: -g.last_take):
+            back = min(amount, g.consumed)
+            g.consumed, amount = g.consumed - back, amount - back  # on an expired one: lost
+        self.tidy()
+
+    def expire(self, grant: MGrant, held: int) -> int:
+        left = grant.amount - grant.consumed
+        dropped = min(left, max(0, self.available(held)))
+        grant.expired, grant.kept = True, left - dropped
+        self.tidy()
+        return dropped
+
+    def holds_ended(self, held: int) -> None:
+        excess = sum(g.kept for g in self.grants if g.expired) - held
+        for g in sorted((g for g in self.grants if g.expired and g.kept),
+                        key=lambda g: (g.expires_at, g.number), reverse=True):
+            drop = min(excess, g.kept)
+            g.kept, excess = g.kept - drop, excess - drop
+        self.tidy()
 
 
 @dataclass
@@ -171,6 +283,9 @@ class QuotaMachine(RuleBasedStateMachine):
         self.keys: dict[tuple[str, str], tuple] = {}  # (rpc, key) -> (command, result, at)
         self.free_keys: list[tuple[str, str]] = []  # keys whose request was refused
         self.serial = 0
+        self.recurring: tuple[int, int] | None = None
+        self.due_grants: list[tuple[str, str]] = []
+        """(user, grant id) of the grants the last model_expire ended, in order."""
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -189,23 +304,43 @@ class QuotaMachine(RuleBasedStateMachine):
         return f"key{self.next_serial()}"
 
     def model_expire(self) -> list[str]:
-        """Expires every live hold due at now, as the core must before any command."""
+        """Expires every live hold and credit grant due at now, as the core must before any
+        command, in the order of their times (holds first at equal times); the grants that
+        ended are left in self.due_grants."""
         due = sorted((h.expires_at, h.order, r) for r, h in self.holds.items()
                      if h.status == "live" and h.expires_at <= self.now)
-        for _, _, reservation_id in due:
-            self.end_hold(self.holds[reservation_id], "expired")
-        return [r for _, _, r in due]
+        grants = sorted((g.expires_at, user, g.grant_id)
+                        for (user, key), c in self.counters.items() if key == CREDITS
+                        for g in c.balance.grants
+                        if not g.expired and not g.recurring and g.expires_at is not None
+                        and g.expires_at <= self.now)
+        self.due_grants, ended = [], []
+        while due or grants:
+            if due and (not grants or due[0][0] <= grants[0][0]):
+                ended.append(due.pop(0)[2])
+                self.end_hold(self.holds[ended[-1]], "expired")
+                continue
+            _, user, grant_id = grants.pop(0)
+            c = self.counters[(user, CREDITS)] = self.renewed(user, self.counters[
+                (user, CREDITS)])
+            grant = next(g for g in c.balance.grants if g.grant_id == grant_id)
+            c.balance.expire(grant, c.held)
+            self.due_grants.append((user, grant_id))
+        return ended
 
     def apply(self, command, expired: list[str], main_records: int):
         """Applies to the core; checks the expiry record and how many records it made."""
         outcome = self.core.apply(command, self.now)
         self.records.extend(outcome.records)
         records = list(outcome.records)
-        if expired:
+        if expired or self.due_grants:
             first = records.pop(0)
             assert first.command == ExpireHolds(expired=tuple(
                 ExpiredHold(app=APP, reservation_id=r, user_id=self.holds[r].user)
-                for r in expired)), first
+                for r in expired), grants=tuple(
+                ExpiredGrant(app=APP, user_id=user, group_key=CREDITS, grant_id=grant_id)
+                for user, grant_id in self.due_grants)), first
+        self.due_grants = []
         assert len(records) == main_records, (command, outcome)
         if main_records:
             assert records[0].command == command and records[0].now_ns == self.now
@@ -213,11 +348,36 @@ class QuotaMachine(RuleBasedStateMachine):
 
     def current(self, user: str, key: str) -> MCounter:
         counter = self.counters.get((user, key))
+        if key == CREDITS:
+            return self.renewed(user, counter or MCounter(0, None, balance=MBalance()))
         if key == BUCKET:
             return self.refilled(counter or MCounter(0, None, at=self.now))
         if counter is not None and (counter.end is None or self.now < counter.end):
             return counter
         return MCounter(*model_window(WINDOW_OF[key], USERS[user][1], self.now))
+
+    def renewed(self, user: str, c: MCounter) -> MCounter:
+        """A copy of the balance with today's recurring grant made (the previous one ended
+        first), when it is not made yet: a read stores nothing."""
+        balance = c.balance
+        if self.recurring is None or (balance.recurring_end is not None
+                                      and self.now < balance.recurring_end):
+            return c
+        start, end = model_window(Window.DAY, USERS[user][1], self.now)
+        new = balance.copy()
+        previous = next((g for g in new.grants if g.recurring and not g.expired), None)
+        dropped = 0 if previous is None else new.expire(previous, c.held)
+        amount, rollover_max = self.recurring
+        rollover = (0 if balance.recurring_end is None
+                    else min(rollover_max, dropped) if balance.recurring_end == start
+                    else rollover_max)  # a whole day without a change: its grant was whole
+        new.add(MGrant(f"grt_r{start:016x}", amount + rollover, start, end, 0, 0,
+                       recurring=True))
+        new.recurring_end = end
+        return dataclasses.replace(c, balance=new)
+
+    def quota_of(self, key: str, c: MCounter) -> int:
+        return c.balance.quota() if key == CREDITS else self.quota[key]
 
     def refilled(self, c: MCounter) -> MCounter:
         """A copy of the bucket as it is now: a read stores nothing."""
@@ -225,10 +385,17 @@ class QuotaMachine(RuleBasedStateMachine):
         return dataclasses.replace(c, debt=debt, at=self.now)
 
     def used(self, key: str, c: MCounter) -> int:
+        if key == CREDITS:
+            return c.balance.used()
         return -(-c.debt // self.period) if key == BUCKET else c.used
 
     def add_used(self, key: str, c: MCounter, amount: int) -> None:
-        if key == BUCKET:
+        if key == CREDITS:
+            if amount > 0:
+                c.balance.consume(amount)
+            else:
+                c.balance.refund(-amount)
+        elif key == BUCKET:
             c.debt = max(0, c.debt + amount * self.period)
         else:
             c.used = max(0, c.used + amount)
@@ -241,9 +408,10 @@ class QuotaMachine(RuleBasedStateMachine):
         return None if quota == 0 else self.now + -(-debt_to_drop // quota)
 
     def view(self, key: str, c: MCounter) -> tuple:
-        quota, used = self.quota[key], self.used(key, c)
+        quota, used = self.quota_of(key, c), self.used(key, c)
         full_at = self.after_refill(c.debt) if key == BUCKET else None
-        return (key, quota, used, c.held, max(0, quota - used - c.held), c.start, c.end,
+        end = c.balance.recurring_end if key == CREDITS else c.end
+        return (key, quota, used, c.held, max(0, quota - used - c.held), c.start, end,
                 max(0, used + c.held - quota), full_at)
 
     def fits_at(self, hits, counters, amount: int) -> int | None:
@@ -251,9 +419,11 @@ class QuotaMachine(RuleBasedStateMachine):
         at = self.now
         for (key, rate), c in zip(hits, counters):
             counted = amount * rate
-            if key in self.pricing.soft or self.used(key, c) + c.held + counted <= self.quota[
-                    key]:
+            if key in self.pricing.soft or self.used(key, c) + c.held + counted <= self.quota_of(
+                    key, c):
                 continue
+            if key == CREDITS:
+                return None  # only a grant makes room
             if key == BUCKET:
                 room = self.quota[key] - c.held - counted
                 fits = None if room < 0 else self.after_refill(c.debt - room * self.period)
@@ -284,8 +454,12 @@ class QuotaMachine(RuleBasedStateMachine):
         assert hold.status == "live"
         for key, start, rate in hold.holds:
             counter = self.stored(hold.user, key, start)
+            if counter is not None and key == CREDITS:  # its recurring grant made first
+                counter = self.counters[(hold.user, key)] = self.renewed(hold.user, counter)
             if counter is not None:
                 counter.held -= hold.amount * rate
+                if key == CREDITS:
+                    counter.balance.holds_ended(counter.held)
         hold.status, hold.finished_at = status, self.now
 
     def hold_views(self, hold: MHold) -> list:
@@ -310,7 +484,7 @@ class QuotaMachine(RuleBasedStateMachine):
         """The first hard group the amount, at its rate, does not fit in; soft ones never deny."""
         return next((key for (key, rate), c in zip(hits, counters)
                      if key not in self.pricing.soft
-                     and self.used(key, c) + c.held + amount * rate > self.quota[key]), "")
+                     and self.used(key, c) + c.held + amount * rate > self.quota_of(key, c)), "")
 
     def do_reserve(self, command: Reserve, event_met: tuple[str, ...]) -> None:
         expired = self.model_expire()
@@ -373,12 +547,20 @@ class QuotaMachine(RuleBasedStateMachine):
             return
         amount = hold.amount if command.amount is None else command.amount
         was_expired = hold.status == "expired"
+        for key, start, rate in hold.holds:  # a balance consumes before its hold ends
+            counter = self.stored(hold.user, key, start)
+            if counter is not None and key == CREDITS:
+                counter = self.counters[(hold.user, key)] = self.renewed(hold.user, counter)
+                counter.balance.consume(amount * rate)
+                if amount > hold.amount or was_expired:
+                    self.overage.add((hold.user, key, start))
+                self.note_soft(hold.user, key, start)
         if not was_expired:
             self.end_hold(hold, "committed")
         hold.status = "committed"
         for key, start, rate in hold.holds:  # at the rate the hold was taken at
             counter = self.stored(hold.user, key, start)
-            if counter is not None:
+            if counter is not None and key != CREDITS:
                 if key == BUCKET:  # refilled to now before its debt grows
                     counter = self.counters[(hold.user, key)] = self.refilled(counter)
                 self.add_used(key, counter, amount * rate)
@@ -425,10 +607,13 @@ class QuotaMachine(RuleBasedStateMachine):
     # --- rules ----------------------------------------------------------------------------
 
     @initialize(quotas=st.lists(QUOTA, min_size=len(KEYS), max_size=len(KEYS)),
-                pricing=PRICING, period=PERIOD)
-    def start(self, quotas: list[int], pricing: Pricing, period: int) -> None:
+                pricing=PRICING, period=PERIOD, recurring=RECURRING)
+    def start(self, quotas: list[int], pricing: Pricing, period: int,
+              recurring: tuple[int, int] | None) -> None:
         self.quota, self.pricing, self.period = dict(zip(KEYS, quotas)), pricing, period
-        self.apply(UpsertPlan(app=APP, plan=plan_of(self.quota, pricing, period)), [], 1)
+        self.quota[CREDITS], self.recurring = 0, recurring
+        self.apply(UpsertPlan(app=APP, plan=plan_of(self.quota, pricing, period, recurring)),
+                   [], 1)
         for user, (zone, _) in USERS.items():
             command = UpsertSubscription(app=APP, user_id=user, plan_id="p", time_zone=zone)
             assert self.apply(command, [], 1).result.changed
@@ -461,6 +646,45 @@ class QuotaMachine(RuleBasedStateMachine):
                         metadata=md(metadata), enforce=enforce,
                         idempotency_key=self.new_key("Track", data, use_key))
         self.do_track(command, hits)
+
+    @rule(data=st.data())
+    def grant(self, data) -> None:
+        user = data.draw(st.sampled_from(sorted(USERS)), label="user")
+        amount = data.draw(st.integers(min_value=1, max_value=60), label="amount")
+        expires_in = data.draw(st.sampled_from([None, None, 5 * S, MINUTE, HOUR, DAY]),
+                               label="expires in")
+        priority = data.draw(st.sampled_from([0, 0, 1, 3]), label="priority")
+        use_key = data.draw(st.booleans(), label="use_key")
+        self.do_grant(GrantCredits(
+            app=APP, user_id=user, group_key=CREDITS, amount=amount, priority=priority,
+            expires_at_ns=None if expires_in is None else self.now + expires_in,
+            idempotency_key=self.new_key("GrantCredits", data, use_key)))
+
+    def do_grant(self, command: GrantCredits) -> None:
+        expired = self.model_expire()
+        user = command.user_id
+        c = self.current(user, CREDITS)
+        room = limits.GRANTS_PER_BALANCE_MAX - (0 if self.recurring is None else 1)
+        if sum(1 for g in c.balance.grants if not g.expired and g.consumed < g.amount) >= room:
+            outcome = self.apply(command, expired, 0)
+            assert outcome.error is not None and outcome.error.reason == "TOO_MANY_GRANTS"
+            self.refused("GrantCredits", command)
+            return
+        sequence = len(self.records) + (1 if expired or self.due_grants else 0) + 1
+        grant = MGrant(f"grt_{sequence:016x}", command.amount, self.now,
+                       command.expires_at_ns, command.priority, 0)
+        c.balance.add(grant)
+        self.counters[(user, CREDITS)] = c
+        result = self.apply(command, expired, 1).result
+        g = result.grant
+        assert (g.grant_id, g.amount, g.remaining, g.granted_at_ns, g.expires_at_ns, g.priority,
+                g.expired, g.recurring) == grant.shown() and g.group_key == CREDITS
+        assert vt(result.counter) == self.view(CREDITS, c)
+        self.remember("GrantCredits", command, result)
+
+    def model_grants(self, user: str) -> list[tuple]:
+        balance = self.current(user, CREDITS).balance
+        return [g.shown() for g in sorted(balance.grants, key=lambda g: (g.expired, g.order()))]
 
     def targets(self) -> list[str]:
         return sorted(r for r in self.holds if self.known(r))
@@ -543,6 +767,8 @@ class QuotaMachine(RuleBasedStateMachine):
                                         else command.amount + 1)
         elif isinstance(command, Release):
             other = dataclasses.replace(command, reservation_id=rid(10**12 + 1))
+        elif isinstance(command, GrantCredits):
+            other = dataclasses.replace(command, amount=command.amount + 1)
         else:
             other = dataclasses.replace(command, ttl_ns=command.ttl_ns % (3600 * S) + S)
         expired = self.model_expire()
@@ -568,12 +794,17 @@ class QuotaMachine(RuleBasedStateMachine):
         else:
             self.do_track(dataclasses.replace(command, amount=amount), hits)
 
-    @rule(what=st.sampled_from(["usage", "expire", "unknown"]),
+    @rule(what=st.sampled_from(["usage", "expire", "unknown", "grants"]),
           user=st.sampled_from(sorted(USERS)))
     def observe(self, what, user) -> None:
         """A read (changes nothing), the expiry timer's command, or an unknown id."""
         expired = self.model_expire()
-        if what == "usage":
+        if what == "grants":
+            result = self.apply(ListGrants(app=APP, user_id=user), expired, 0).result
+            assert [(g.grant_id, g.amount, g.remaining, g.granted_at_ns, g.expires_at_ns,
+                     g.priority, g.expired, g.recurring) for g in result.grants] == \
+                self.model_grants(user)
+        elif what == "usage":
             result = self.apply(GetUsage(app=APP, user_id=user), expired, 0).result
             assert result.plan_id == "p" and result.user_id == user
             assert [vt(v) for v in result.counters] == [
@@ -591,6 +822,7 @@ class QuotaMachine(RuleBasedStateMachine):
         """New quotas, and now and then new rates and soft groups: live holds keep the rates
         they were taken at."""
         new = dict(zip(KEYS, quotas))
+        new[CREDITS] = 0  # a balance's quota is its grants
         pricing = pricing or self.pricing
         changed = (new, pricing) != (self.quota, self.pricing)
         for key in KEYS:
@@ -601,7 +833,8 @@ class QuotaMachine(RuleBasedStateMachine):
                         self.overage.add((user, key, c.start))
         self.quota, self.pricing = new, pricing
         expired = self.model_expire()
-        result = self.apply(UpsertPlan(app=APP, plan=plan_of(new, pricing, self.period)), expired,
+        result = self.apply(UpsertPlan(app=APP, plan=plan_of(new, pricing, self.period,
+                                                             self.recurring)), expired,
                             1 if changed else 0).result
         assert result.changed == changed
 
@@ -620,6 +853,16 @@ class QuotaMachine(RuleBasedStateMachine):
     def advance_to_next_expiry(self, offset) -> None:
         due = min(h.expires_at for h in self.holds.values() if h.status == "live")
         self.now = max(self.now, due + offset)
+
+    def grant_expiries(self) -> list[int]:
+        return [g.expires_at for (_, key), c in self.counters.items() if key == CREDITS
+                for g in c.balance.grants
+                if not g.expired and not g.recurring and g.expires_at is not None]
+
+    @precondition(lambda self: self.grant_expiries())
+    @rule(offset=st.sampled_from([-1, 0]))
+    def advance_to_next_grant_expiry(self, offset) -> None:
+        self.now = max(self.now, min(self.grant_expiries()) + offset)
 
     @rule()
     def sync(self) -> None:
@@ -710,7 +953,31 @@ class QuotaMachine(RuleBasedStateMachine):
         for user, state in app.users.items():
             for (key, _), c in state.counters.items():
                 if (user, key, c.window_start_ns) not in self.overage:
-                    assert c.used + c.held <= quota[key], (user, key, c)
+                    limit = c.balance.quota() if key == CREDITS else quota[key]
+                    assert c.used + c.held <= limit, (user, key, c)
+
+    @invariant()
+    def balances_agree_with_the_model(self) -> None:
+        """Every grant as the model has it, what is owed, and the grant expiry index."""
+        app = self.app()
+        if app is None:
+            return
+        index = []
+        for user, state in app.users.items():
+            c = state.counters.get((CREDITS, Window.LIFETIME))
+            model = self.counters.get((user, CREDITS))
+            assert (c is None) == (model is None)
+            if c is None:
+                continue
+            core = [(g.grant_id, g.amount, g.remaining, g.granted_at_ns, g.expires_at_ns,
+                     g.priority, g.expired, g.recurring, g.consumed) for g in c.balance.grants]
+            assert core == [g.shown() + (g.consumed,) for g in model.balance.grants]
+            assert c.balance.owed == model.balance.owed and c.used == c.balance.used()
+            assert sum(g.kept for g in c.balance.grants) <= c.held  # kept only for holds
+            index.extend((g.expires_at, APP, user, CREDITS, g.grant_id)
+                         for g in model.balance.grants
+                         if not g.expired and not g.recurring and g.expires_at is not None)
+        assert list(self.core.grant_expiry) == sorted(index)
 
     @invariant()
     def expiry_index_holds_exactly_the_live_holds(self) -> None:

@@ -29,7 +29,9 @@ from collections import defaultdict
 import grpc
 import pytest
 
-from history_checker import LOAD_HI, Call, Observed, OutsideModel, check, check_buckets
+from history_checker import (
+    LOAD_HI, Call, Observed, OutsideModel, check, check_buckets, check_credits,
+)
 from quotad_client import AsyncQuotaClient, QuotadError
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
@@ -913,3 +915,137 @@ def test_no_bucket_grants_more_than_its_capacity_plus_refill_under_64_clients(st
     # The check has teeth on this very history: a bucket 10 % smaller is overdrawn.
     tighter = {key: (capacity * 9 // 10, period) for key, (capacity, period) in buckets.items()}
     assert check_buckets(history, tighter).overdraws
+
+
+# --- credit balances: hand-built histories, then 64 clients against the real server ----------
+
+C = "credits"
+
+
+def credit_reserve(client: int, amount: int, hold: str, used: int, held: int, quota: int,
+                   allowed: bool = True) -> Call:
+    return Call(client, "reserve", "u", 0, 1, groups=(C,), amount=amount, hold=hold,
+                allowed=allowed, counters=(Observed(C, used, held, quota),))
+
+
+def test_a_balance_spent_within_its_grants_passes_and_its_totals_add_up():
+    history = [credit_reserve(1, 6, "a", 0, 6, 10), credit_reserve(2, 5, "b", 0, 6, 10, False),
+               end_call("commit", 1, 2, 3, "a", 4), credit_reserve(2, 5, "c", 4, 5, 10),
+               end_call("release", 2, 4, 5, "c")]
+    report = check_credits(history, C, {"order-1": 10}, Observed(C, 4, 0, 10), [(10, 6)])
+    assert report.problems == [] and (report.committed, report.denied) == (4, 1)
+
+
+def test_a_balance_below_zero_or_credit_consumed_twice_is_found():
+    history = [credit_reserve(1, 6, "a", 0, 6, 10), credit_reserve(2, 5, "b", 0, 11, 10),
+               end_call("commit", 1, 2, 3, "a"), end_call("commit", 2, 2, 3, "b")]
+    problems = check_credits(history, C, {"k": 10}, Observed(C, 11, 0, 10),
+                             [(10, 0)]).problems
+    assert any("past the balance's 10" in p for p in problems)
+    assert any("the grants lost 10 credits, the commits committed 11" in p for p in problems)
+    assert any("quota 10 after 10 granted, and 11 committed" in p for p in problems)
+    twice = check_credits([], C, {"k": 10, "k-again": 10}, Observed(C, 0, 0, 10), [(10, 10)])
+    assert any("quota 10 after 20 granted" in p for p in twice.problems)
+
+
+CREDITS_GRANT, CREDITS_TOP_UP, CREDITS_TOP_UPS = 1500, 200, 10
+CREDITS_USER = "spender"
+CREDITS_PLAN = pb.Plan(id="credits", name="Credits", limit_groups=[
+    pb.LimitGroup(key=C, label="Credits", unit="credits", kind=pb.LIMIT_KIND_BALANCE,
+                  match=pb.Match(event_types=["*"]))])
+
+
+def observed_with_quota(response) -> tuple[Observed, ...]:
+    return tuple(Observed(c.key, c.used, c.held, c.quota) for c in response.counters)
+
+
+async def credits_client(index: int, stub: stubs.QuotaServiceStub, budget: int,
+                         history: list[Call]) -> None:
+    """Reserves 1 .. 40 credits, then commits all of it, commits less, or releases it."""
+    rng = random.Random(2000 + index)
+    serial = 0
+    while budget > 0:
+        amount = rng.randint(1, 40)
+        serial += 1
+        label = f"{index}.{serial}"
+        start = time.monotonic_ns()
+        r = await stub.Reserve(pb.ReserveRequest(
+            user_id=CREDITS_USER, event_type="chat", amount=amount, ttl={"seconds": TTL_S}),
+            timeout=RPC_TIMEOUT_S)
+        history.append(Call(index, "reserve", CREDITS_USER, start, time.monotonic_ns(),
+                            groups=(C,), amount=amount, hold=label, allowed=r.allowed,
+                            denied_by=r.denied_by, counters=observed_with_quota(r)))
+        budget -= 1
+        if not r.allowed:
+            await asyncio.sleep(0.001)  # out of credits until a top-up
+            continue
+        how = rng.random()
+        start = time.monotonic_ns()
+        if how < 0.3:
+            released = await stub.Release(pb.ReleaseRequest(reservation_id=r.reservation_id),
+                                          timeout=RPC_TIMEOUT_S)
+            history.append(Call(index, "release", CREDITS_USER, start, time.monotonic_ns(),
+                                hold=label, counters=observed_with_quota(released)))
+        else:
+            committed = amount if how < 0.7 else rng.randint(0, amount)
+            response = await stub.Commit(pb.CommitRequest(reservation_id=r.reservation_id,
+                                                          amount=committed),
+                                         timeout=RPC_TIMEOUT_S)
+            history.append(Call(index, "commit", CREDITS_USER, start, time.monotonic_ns(),
+                                amount=committed, hold=label,
+                                counters=observed_with_quota(response)))
+        budget -= 1
+
+
+async def credits_granter(stub: stubs.QuotaServiceStub, history: list[Call],
+                          grants: dict[str, int]) -> None:
+    """Tops the balance up now and then, each top-up sent twice at once with its key."""
+    for n in range(CREDITS_TOP_UPS):
+        await asyncio.sleep(0.05)
+        key = f"top-up-{n}"
+        grants[key] = CREDITS_TOP_UP
+        request = pb.GrantCreditsRequest(user_id=CREDITS_USER, group_key=C,
+                                         amount=CREDITS_TOP_UP, idempotency_key=key)
+        start = time.monotonic_ns()
+        answers = await asyncio.gather(*(stub.GrantCredits(request, timeout=RPC_TIMEOUT_S)
+                                         for _ in range(2)))
+        assert answers[0] == answers[1]  # the same grant, answered twice
+        history.extend(Call(0, "grant", CREDITS_USER, start, time.monotonic_ns(),
+                            counters=(Observed(C, a.counter.used, a.counter.held,
+                                               a.counter.quota),)) for a in answers)
+
+
+def test_no_credit_is_consumed_twice_and_holds_never_overdraw_under_64_clients(start_server):
+    ops, clients, limit_s = workload_size()
+    ops //= 2
+    server = start_server()
+
+    async def run() -> tuple[list[Call], dict[str, int], Observed, list[tuple[int, int]]]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            admin = stubs.AdminServiceStub(channel)
+            await admin.UpsertPlan(pb.UpsertPlanRequest(plan=CREDITS_PLAN))
+            await admin.UpsertSubscription(pb.UpsertSubscriptionRequest(
+                user_id=CREDITS_USER, plan_id=CREDITS_PLAN.id))
+            stub = stubs.QuotaServiceStub(channel)
+            grants = {"first": CREDITS_GRANT}
+            await stub.GrantCredits(pb.GrantCreditsRequest(
+                user_id=CREDITS_USER, group_key=C, amount=CREDITS_GRANT, priority=1,
+                idempotency_key="first"), timeout=RPC_TIMEOUT_S)
+            history: list[Call] = []
+            await asyncio.wait_for(asyncio.gather(
+                credits_granter(stub, history, grants), *(
+                    credits_client(i, stub, ops // clients + (i < ops % clients), history)
+                    for i in range(clients))), timeout=limit_s + 2 * RPC_TIMEOUT_S)
+            usage = await stub.GetUsage(pb.GetUsageRequest(user_id=CREDITS_USER))
+            listed = await stub.ListGrants(pb.ListGrantsRequest(user_id=CREDITS_USER))
+            [counter] = observed_with_quota(usage)
+            return history, grants, counter, [(g.granted, g.remaining) for g in listed.grants]
+
+    history, grants, final, listed = asyncio.run(run())
+    report = check_credits(history, C, grants, final, listed)
+    print(f"\ncredits: {len(history)} calls, {clients} clients, {report.granted} granted in "
+          f"{len(grants)} grants, {report.committed} committed, {report.denied} of "
+          f"{report.reserves} reserves denied, {report.observed} counters checked")
+    assert report.problems == [], report.problems[:10]
+    assert len(listed) == len(grants) and report.observed >= report.reserves
+    assert report.denied > 0.05 * report.reserves, "the balance should have run dry"

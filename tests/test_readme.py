@@ -53,7 +53,7 @@ def blocks(language: str) -> list[str]:
 
 PYTHON_BLOCKS = {  # a call only that block makes -> its name here
     "call_the_model(": "guard", "watch_usage(": "watch", "create_key(": "security flow",
-    'hold.counter("spend")': "price per model"}
+    'hold.counter("spend")': "price per model", "client.grant_credits(": "credit balances"}
 
 
 def python_block(name: str) -> str:
@@ -97,8 +97,8 @@ def keyed_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
 def test_every_python_block_of_the_readme_is_one_run_here():
     named = [[name for call, name in PYTHON_BLOCKS.items() if call in block]
              for block in blocks("python")]
-    assert sorted(map(tuple, named)) == [("guard",), ("price per model",), ("security flow",),
-                                         ("watch",)]
+    assert sorted(map(tuple, named)) == [("credit balances",), ("guard",), ("price per model",),
+                                         ("security flow",), ("watch",)]
 
 
 # --- Python ----------------------------------------------------------------------------------
@@ -124,6 +124,17 @@ def test_the_price_per_model_block_counts_tokens_at_their_rate(tmp_path, capsys)
     finally:
         server.close()
     assert capsys.readouterr().out.splitlines() == ["10000", "4000"]
+
+
+def test_the_credit_balances_block_grants_spends_and_refunds_in_order(tmp_path, capsys):
+    server = ServerProcess(tmp_path / "data", plans=ROOT / "examples" / "credits.toml").start()
+    try:
+        namespace = run_python(python_block("credit balances"), {OPEN_TARGET: server.address})
+        namespace["client"].close()
+    finally:
+        server.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "6000", "1000 0 True", "5000 4800 False", "5000"]
 
 
 class Crossed(Exception):
@@ -269,7 +280,7 @@ def follow_until_a_line(process: subprocess.Popen[str]) -> tuple[int, list[str]]
 def test_the_readme_quotactl_lines_run_against_a_server_in_the_open_mode(open_server):
     commands = [command for line in quotactl_lines() for command in line
                 if " keys " not in command]
-    assert len(commands) == 9, commands
+    assert len(commands) == 13, commands
     outputs = []
     for command in commands:
         if command.endswith(" -f"):
@@ -280,9 +291,15 @@ def test_the_readme_quotactl_lines_run_against_a_server_in_the_open_mode(open_se
             continue
         code, out, err = finished(quotactl(command, open_server.address))
         assert code == 0, (command, err)
-        outputs.append(out)
-    assert "unchanged" in outputs[1]  # the second apply
-    assert json.loads(outputs[3])["id"] == "pro"  # plans show pro --json
+        outputs.append((command, out))
+    applies = [out for command, out in outputs if "apply examples/plans.toml" in command]
+    assert "unchanged" in applies[1]  # the second apply
+    [shown] = [out for command, out in outputs if "show pro --json" in command]
+    assert json.loads(shown)["id"] == "pro"
+    [granted] = [out for command, out in outputs if " grant " in command]
+    assert "granted 5000 credits" in granted
+    [grants] = [out for command, out in outputs if " grants " in command]
+    assert "5000" in grants and "recurring" in grants
 
 
 def test_the_readme_quotactl_key_lines_run_against_a_server_with_keys(keyed_server):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from core_helpers import Harness, digest, group, plan
+from core_helpers import T0, Harness, digest, group, plan
 from quotad.core import limits
-from quotad.core.commands import UpsertSubscription
+from quotad.core.commands import GrantCredits, UpsertSubscription
 from quotad.core.machine import Core
-from quotad.core.plans import Cost, Window
+from quotad.core.plans import Cost, Kind, RecurringGrant, Window
 from quotad.engine.recovery import recover
 from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
@@ -28,6 +28,10 @@ from quotad.storage.wal import (
 )
 
 S = limits.NS_PER_S
+
+
+KEYED_GRANT = GrantCredits(app="app", user_id="dave", group_key="credits", amount=500,
+                           expires_at_ns=T0 + 7200 * S, priority=1, idempotency_key="k-grant")
 
 
 def _busy_harness() -> Harness:
@@ -58,6 +62,19 @@ def _busy_harness() -> Harness:
                              billing_customer_id="cus_123"))
     assert h.reserve("carol", 7, metadata={"model": "gpt-4o"}, ttl_ns=600 * S).allowed
     assert h.reserve("carol", 3, ttl_ns=600 * S).allowed  # at the default rate
+    credits = replace(group("credits", 0, Window.LIFETIME, ["image.*"]), kind=Kind.BALANCE,
+                      grant=RecurringGrant(amount=100, every=Window.DAY, rollover_max=20))
+    h.upsert_plan(plan("credits", credits))
+    h.subscribe("dave", "credits", time_zone="America/New_York")
+    h.run(KEYED_GRANT)
+    for amount, expires_at_ns, priority in ((50, h.now + 5 * S, 3), (70, None, 2)):
+        h.run(GrantCredits(app=h.app, user_id="dave", group_key="credits", amount=amount,
+                           expires_at_ns=expires_at_ns, priority=priority))
+    h.track("dave", 620, "image.render")  # all but 50 of the 70 and the 50
+    assert h.reserve("dave", 60, "image.render", ttl_ns=600 * S).allowed
+    h.advance(5 * S)
+    h.expire()  # the 50 expired: 10 of it kept for the hold, which the rest cannot cover
+    h.track("dave", -10, "image.render")
     return h
 
 
@@ -79,6 +96,10 @@ def test_a_restored_snapshot_equals_the_state_it_was_taken_from():
     assert restored.apps[h.app].users["alice"].counters == h.core.apps[h.app].users[
         "alice"].counters
     assert list(restored.expiry) == list(h.core.expiry)  # rebuilt from the live holds
+    dave = restored.apps[h.app].users["dave"].counters[("credits", Window.LIFETIME)]
+    assert dave == h.core.apps[h.app].users["dave"].counters[("credits", Window.LIFETIME)]
+    assert dave.balance is not None and any(g.expired and g.kept for g in dave.balance.grants)
+    assert list(restored.grant_expiry) == list(h.core.grant_expiry) != []  # rebuilt too
 
 
 def test_a_restored_core_makes_the_same_records_as_the_original_from_then_on():
@@ -89,6 +110,9 @@ def test_a_restored_core_makes_the_same_records_as_the_original_from_then_on():
                           ttl_ns=600 * S),
         h.track_command("bob", -3),
         h.reserve_command("bob", 7, ttl_ns=1 * S),
+        h.reserve_command("dave", 400, "image.render", key="k-dave"),
+        h.track_command("dave", -30, "image.render"),
+        KEYED_GRANT,
     ]
     for command in follow_up:
         h.advance(1 * S)
@@ -99,6 +123,8 @@ def test_a_restored_core_makes_the_same_records_as_the_original_from_then_on():
     h.advance(limits.RESERVATION_RETENTION_NS + 10 * S)  # past every expiry and the holds' retention
     final = h.reserve_command("alice", 1)
     assert h.core.apply(final, h.now).records == restored.apply(final, h.now).records
+    final_credits = h.track_command("dave", 1, "image.render")  # a new day's recurring grant
+    assert h.core.apply(final_credits, h.now) == restored.apply(final_credits, h.now)
     assert digest(restored) == digest(h.core)
 
 

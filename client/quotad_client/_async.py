@@ -35,6 +35,8 @@ from ._hold import AsyncHold
 from ._retry import RetryPolicy
 from ._watch import Resume
 from ._types import (
+    Grant,
+    GrantResult,
     ApiKey,
     CommitResult,
     CreatedKey,
@@ -237,6 +239,24 @@ class AsyncQuotaClient:
         return ops.check_denial(await self._run(op, timeout_s), user_id=user_id,
                                 event_type=event_type, amount=amount,
                                 raise_on_deny=raise_on_deny)
+
+    async def grant_credits(self, user_id: str, group_key: str, amount: int, *,
+                      expires_at: datetime | None = None, priority: int = 0,
+                      idempotency_key: str | None = None,
+                      timeout_s: float | None = None) -> GrantResult:
+        """Grants ``amount`` credits to the user's balance group ``group_key`` (a top-up is
+        one more grant): spent by ``priority`` (lowest first), then earliest expiry, then
+        oldest; ``expires_at`` ``None``: never expires. With a key, a repeat gets the first
+        answer and grants nothing more."""
+        return await self._run(ops.grant_credits(user_id, group_key, amount, expires_at, priority,
+                                         idempotency_key, self._config.auto_idempotency_keys),
+                         timeout_s)
+
+    async def list_grants(self, user_id: str, *, group_key: str = "",
+                    timeout_s: float | None = None) -> tuple[Grant, ...]:
+        """The user's credit grants (of one balance group, or all): live ones in spend
+        order, then expired ones kept for refunds."""
+        return await self._run(ops.list_grants(user_id, group_key), timeout_s)
 
     async def usage(self, user_id: str, *, timeout_s: float | None = None) -> Usage:
         return await self._run(ops.usage(user_id), timeout_s)

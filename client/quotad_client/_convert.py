@@ -13,6 +13,9 @@ from quotad_contract.plans import plan_from_dict
 from quotad_contract.v1 import quotad_pb2
 
 from ._types import (
+    Grant,
+    GrantResult,
+    RecurringGrant,
     ApiKey,
     CreatedKey,
     UserToken,
@@ -113,11 +116,17 @@ def _group_as_data(group: Any) -> Any:
                  "enforce": group.enforce,
                  **({"cost": group.cost} if group.cost is not None else {}),
                  **({"kind": group.kind} if group.kind != "quota" else {}),
-                 **({"period_s": group.period_s} if group.period_s is not None else {})}
+                 **({"period_s": group.period_s} if group.period_s is not None else {}),
+                 **({"grant": group.grant} if group.grant is not None else {})}
     if isinstance(group, Mapping) and isinstance(group.get("match"), Match):
         match = group["match"]
         group = {**group, "match": {"event_types": match.event_types,
                                     "metadata": match.metadata}}
+    if isinstance(group, Mapping) and isinstance(group.get("grant"), RecurringGrant):
+        recurring = group["grant"]
+        group = {**group, "grant": {"amount": recurring.amount, "every": recurring.every,
+                                    "rollover_max": recurring.rollover_max,
+                                    "priority": recurring.priority}}
     if isinstance(group, Mapping) and isinstance(group.get("cost"), Cost):
         cost = group["cost"]
         group = {**group, "cost": {"by": cost.by, "rates": dict(cost.rates), **(
@@ -198,8 +207,27 @@ def plan_from_proto(p: quotad_pb2.Plan) -> Plan:
                    enforce=g.enforce if g.HasField("enforce") else True,
                    cost=cost_from_proto(g.cost) if g.HasField("cost") else None,
                    kind=kind_name(g.kind),
-                   period_s=g.period.seconds if g.HasField("period") else None)
+                   period_s=g.period.seconds if g.HasField("period") else None,
+                   grant=RecurringGrant(amount=g.grant.amount, every=window_name(g.grant.every),
+                                        rollover_max=g.grant.rollover_max,
+                                        priority=g.grant.priority)
+                   if g.HasField("grant") else None)
         for g in p.limit_groups))
+
+
+def grant_from_proto(g: quotad_pb2.Grant) -> Grant:
+    return Grant(grant_id=g.grant_id, group_key=g.group_key, granted=g.granted,
+                 remaining=g.remaining, granted_at=to_datetime(g.granted_at),
+                 expires_at=to_datetime(g.expires_at) if g.HasField("expires_at") else None,
+                 priority=g.priority, expired=g.expired, recurring=g.recurring)
+
+
+def grant_result_from_proto(r: quotad_pb2.GrantCreditsResponse) -> GrantResult:
+    return GrantResult(grant=grant_from_proto(r.grant), counter=counter_from_proto(r.counter))
+
+
+def grants_from_proto(r: quotad_pb2.ListGrantsResponse) -> tuple[Grant, ...]:
+    return tuple(grant_from_proto(g) for g in r.grants)
 
 
 def upsert_plan_from_proto(r: quotad_pb2.UpsertPlanResponse) -> UpsertPlanResult:

@@ -19,6 +19,8 @@ from quotad_contract.v1 import quotad_pb2, quotad_pb2_grpc
 from . import _convert as cv
 from ._errors import QuotaExceeded
 from ._types import (
+    Grant,
+    GrantResult,
     SubscriptionPage,
     ApiKey,
     CommitResult,
@@ -134,6 +136,24 @@ def track(user_id: str, event_type: str, amount: int, metadata: Mapping[str, str
                                       enforce=enforce, idempotency_key=key)
     _set_metadata(request.metadata, metadata)
     return Op(QUOTA, "Track", request, retryable, cv.track_from_proto)
+
+
+def grant_credits(user_id: str, group_key: str, amount: int, expires_at: datetime | None,
+                  priority: int, idempotency_key: str | None,
+                  auto_key: bool) -> Op[GrantResult]:
+    key, retryable = _key(idempotency_key, auto_key)
+    request = quotad_pb2.GrantCreditsRequest(user_id=user_id, group_key=group_key,
+                                             amount=amount, priority=priority,
+                                             idempotency_key=key)
+    if expires_at is not None:
+        request.expires_at.CopyFrom(cv.to_timestamp(expires_at))
+    return Op(QUOTA, "GrantCredits", request, retryable, cv.grant_result_from_proto)
+
+
+def list_grants(user_id: str, group_key: str) -> Op[tuple[Grant, ...]]:
+    return Op(QUOTA, "ListGrants", quotad_pb2.ListGrantsRequest(user_id=user_id,
+                                                                group_key=group_key),
+              True, cv.grants_from_proto)
 
 
 def usage(user_id: str) -> Op[Usage]:

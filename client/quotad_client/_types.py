@@ -37,8 +37,11 @@ class Counter:
     """max(0, used + held - quota): what was counted past the quota (a soft limit's usage
     beyond it, or a commit above its hold, a track without enforce)."""
     kind: str = "quota"
-    """"quota" (a calendar quota) or "rate" (a token bucket: ``remaining`` is the tokens
-    available now, ``used`` what commits and tracks took that has not refilled yet)."""
+    """"quota" (a calendar quota), "rate" (a token bucket: ``remaining`` is the tokens
+    available now, ``used`` what commits and tracks took that has not refilled yet) or
+    "balance" (credits: ``quota`` is the live grants' total, ``used`` what was consumed from
+    them, ``held`` what live holds reserved, ``remaining`` what is left to reserve, and
+    ``resets_at`` when the next recurring grant comes)."""
     full_at: datetime | None = None
     """A rate bucket's: when everything commits and tracks took is back, if nothing else
     happens (live holds keep their tokens until they end); ``None`` for a quota."""
@@ -149,6 +152,43 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True)
+class RecurringGrant:
+    """A balance group's grant made at the start of every window of ``every`` (minute ...
+    month, in the user's time zone), expiring at its end; what the previous one had left,
+    at most ``rollover_max``, is added to it."""
+
+    amount: int
+    every: str
+    rollover_max: int = 0
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One credit grant of a user's balance group."""
+
+    grant_id: str
+    group_key: str
+    granted: int
+    remaining: int
+    """What is left to spend (an expired grant's: what it keeps for live holds)."""
+    granted_at: datetime
+    expires_at: datetime | None
+    """``None``: never expires."""
+    priority: int
+    expired: bool = False
+    recurring: bool = False
+    """Made by the plan's recurring grant."""
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    grant: Grant
+    counter: Counter
+    """The balance group's counter after the grant."""
+
+
+@dataclass(frozen=True, slots=True)
 class LimitGroup:
     key: str
     label: str
@@ -161,10 +201,13 @@ class LimitGroup:
     cost: Cost | None = None
     """None: the group counts the amount itself."""
     kind: str = "quota"
-    """"quota", or "rate": a token bucket of capacity ``quota`` refilled over ``period_s``
-    (its window is "lifetime": it has no calendar window)."""
+    """"quota", "rate": a token bucket of capacity ``quota`` refilled over ``period_s``
+    (its window is "lifetime": it has no calendar window), or "balance": credits, the
+    quota being the user's live grants (its quota is 0 and its window "lifetime")."""
     period_s: int | None = None
     """A rate group's refill period in seconds; ``None`` for a quota."""
+    grant: RecurringGrant | None = None
+    """A balance group's recurring grant; ``None``: none."""
 
 
 @dataclass(frozen=True, slots=True)

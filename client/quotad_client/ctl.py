@@ -131,14 +131,25 @@ def _group_text(group: pb.LimitGroup) -> str:
     unit = f" {group.unit}" if group.unit else ""
     label = f" ({group.label})" if group.label else ""
     soft = " (soft: never denies)" if _soft(group) else ""
-    return (f"{group.key}{label}: {group.quota}{unit} {_per_text(group)}{soft}; "
+    quota = "" if group.kind == pb.LIMIT_KIND_BALANCE else f"{group.quota}{unit} "
+    return (f"{group.key}{label}: {quota}{_per_text(group)}{soft}; "
             f"{_match_text(group.match)}{_cost_text(group)}")
 
 
 def _per_text(group: pb.LimitGroup) -> str:
-    """"per month", or for a rate bucket "a bucket refilled every 60 s"."""
+    """"per month", for a rate bucket "a bucket refilled every 60 s", for a balance "a
+    balance of grants, 1000 credits granted every month (rollover up to 200)"."""
     if group.kind == pb.LIMIT_KIND_RATE:
         return f"a bucket refilled every {_period_s(group)} s"
+    if group.kind == pb.LIMIT_KIND_BALANCE:
+        if not group.HasField("grant"):
+            return "a balance of grants"
+        grant = group.grant
+        rollover = f" (rollover up to {grant.rollover_max})" if grant.rollover_max else ""
+        priority = f" at priority {grant.priority}" if grant.priority else ""
+        unit = f" {group.unit}" if group.unit else ""
+        return (f"a balance of grants, {grant.amount}{unit} granted every "
+                f"{window_name(grant.every)}{priority}{rollover}")
     return f"per {window_name(group.window)}"
 
 
@@ -160,6 +171,13 @@ def _group_dict(g: pb.LimitGroup) -> dict[str, Any]:
     if g.kind == pb.LIMIT_KIND_RATE:  # as a plans file has it: a bucket has no window
         del group["window"]
         group["kind"], group["period_s"] = "rate", _period_s(g)
+    if g.kind == pb.LIMIT_KIND_BALANCE:  # nor a balance, whose quota is its grants
+        del group["window"], group["quota"]
+        group["kind"] = "balance"
+        if g.HasField("grant"):
+            group["grant"] = {"amount": g.grant.amount, "every": window_name(g.grant.every),
+                              "rollover_max": g.grant.rollover_max,
+                              "priority": g.grant.priority}
     if _soft(g):  # as a plans file has it: only a soft limit says enforce
         group["enforce"] = False
     if g.HasField("cost"):
@@ -191,7 +209,7 @@ def _group_changes(old: pb.LimitGroup, new: pb.LimitGroup) -> str:
     if old.cost != new.cost:
         changes.append(f"cost {_cost_text(old).removeprefix('; ') or 'none'!r} -> "
                        f"{_cost_text(new).removeprefix('; ') or 'none'!r}")
-    if (old.kind, old.period) != (new.kind, new.period):
+    if (old.kind, old.period, old.grant) != (new.kind, new.period, new.grant):
         changes.append(f"{_per_text(old)!r} -> {_per_text(new)!r}")
     return "; ".join(changes)
 
@@ -343,10 +361,58 @@ def cmd_usage(client: QuotaClient, args: argparse.Namespace) -> int:
         return 0
     _table(("GROUP", "WINDOW", "USED", "HELD", "QUOTA", "REMAINING", "OVERAGE", "RESETS AT",
             "FULL AT"),
-           [(c.key, "rate" if c.kind == "rate" else c.window, str(c.used), str(c.held),
+           [(c.key, c.kind if c.kind in ("rate", "balance") else c.window, str(c.used),
+             str(c.held),
              str(c.quota), str(c.remaining), str(c.overage), _time(c.resets_at),
              _time(c.full_at) if c.kind == "rate" else "-") for c in usage.counters])
     return 0
+
+
+def cmd_grant(client: QuotaClient, args: argparse.Namespace) -> int:
+    result = client.grant_credits(args.user_id, args.group_key, args.amount,
+                                  expires_at=args.expires_at, priority=args.priority,
+                                  idempotency_key=args.idempotency_key)
+    if args.json:
+        _json_out(result)
+        return 0
+    grant, counter = result.grant, result.counter
+    _out(f"{args.user_id}: granted {grant.granted} {args.group_key} as {grant.grant_id} "
+         f"(priority {grant.priority}, expires {_time(grant.expires_at)}); balance "
+         f"{counter.remaining} available of {counter.quota}, {counter.held} held")
+    return 0
+
+
+def cmd_grants(client: QuotaClient, args: argparse.Namespace) -> int:
+    grants = client.list_grants(args.user_id, group_key=args.group)
+    if args.json:
+        for grant in grants:
+            _json_out(grant)
+        return 0
+    if not grants:
+        _out("no grants")
+        return 0
+    _table(("GRANT", "GROUP", "GRANTED", "REMAINING", "PRIORITY", "EXPIRES AT", "GRANTED AT",
+            "STATE"),
+           [(g.grant_id, g.group_key, str(g.granted), str(g.remaining), str(g.priority),
+             _time(g.expires_at), _time(g.granted_at),
+             ("expired" if g.expired else "live") + (", recurring" if g.recurring else ""))
+            for g in grants])
+    return 0
+
+
+def _expires_at(text: str) -> datetime:
+    """An ISO 8601 time (UTC unless it says), or a duration from now: "30d", "12h"."""
+    found = _SINCE.match(text.strip())
+    if found:
+        return datetime.now(timezone.utc) + timedelta(
+            **{_SINCE_UNITS[found.group(2)]: int(found.group(1))})
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a duration from now (90s, 15m, 12h, 30d, 1w) or an ISO "
+            "8601 time such as 2026-12-31T00:00:00Z") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 _SINCE = re.compile(r"^(\d+)([smhdw])$")
@@ -599,6 +665,34 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("user_id", metavar="USER")
     usage.add_argument("--json", action="store_true",
                        help="print the counters as one JSON object")
+
+    grant = _add(groups, "grant", cmd_grant, "grant credits to a user's balance",
+                 "Grant AMOUNT credits to USER's balance group GROUP (a limit group of kind "
+                 "balance): a new grant, spent by priority (lowest first), then earliest "
+                 "expiry, then oldest. Give --idempotency-key (an order id) so that running "
+                 "it again grants nothing more.",
+                 "quotactl grant u1 credits 5000 --expires-at 30d --idempotency-key order-42")
+    grant.add_argument("user_id", metavar="USER")
+    grant.add_argument("group_key", metavar="GROUP")
+    grant.add_argument("amount", type=int, metavar="AMOUNT")
+    grant.add_argument("--expires-at", type=_expires_at, metavar="30d|ISO-TIME",
+                       help="when the grant expires: a duration from now or a time "
+                            "(default: never)")
+    grant.add_argument("--priority", type=int, default=0, metavar="N",
+                       help="spent lowest first, 0 to 1000 (default: %(default)s)")
+    grant.add_argument("--idempotency-key", metavar="KEY",
+                       help="a repeat with the same key grants nothing more")
+    grant.add_argument("--json", action="store_true",
+                       help="print the grant and the balance's counter as one JSON object")
+    grants = _add(groups, "grants", cmd_grants, "list a user's credit grants",
+                  "List USER's credit grants: live ones in spend order, then expired ones "
+                  "kept for refunds, with what each granted and has left.",
+                  "quotactl grants u1 --group credits")
+    grants.add_argument("user_id", metavar="USER")
+    grants.add_argument("--group", default="", metavar="GROUP",
+                        help="only this balance group's (default: every balance group's)")
+    grants.add_argument("--json", action="store_true",
+                        help="one JSON object per grant, one per line")
 
     events = _add(groups, "events", cmd_events, "print a user's audit trail",
                   "Print USER's events (reserve, commit, release, expire, extend, track, "

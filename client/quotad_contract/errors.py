@@ -58,6 +58,9 @@ class ErrorReason(enum.StrEnum):
     # FAILED_PRECONDITION, added after the RESOURCE_EXHAUSTED ones (the proto's numbers)
     EXPORT_CURSOR_PRUNED = "EXPORT_CURSOR_PRUNED"
     """An export's cursor names log records pruned past the audit retention."""
+    # RESOURCE_EXHAUSTED
+    TOO_MANY_GRANTS = "TOO_MANY_GRANTS"
+    """The user's balance group has GRANTS_PER_BALANCE_MAX grants with credit left."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,12 @@ RATE_PERIOD_NS_MAX = 31 * 24 * 3600 * NS_PER_S
 """A rate group's bucket refills its whole quota over its period, 1 s ... 31 days (a
 second-long bucket down to one with a month's patience); outside it INVALID_ARGUMENT naming
 the group's period."""
+GRANT_PRIORITY_MAX = 1000
+"""A credit grant's priority is 0 ... GRANT_PRIORITY_MAX: spent lowest first (0 unless given)."""
+GRANT_AMOUNT_MAX = AMOUNT_MAX
+"""A grant (GrantCredits, a plan's recurring grant) is 1 ... GRANT_AMOUNT_MAX credits, an
+amount's limits; a recurring grant's rollover_max is 0 ... its amount, so that what rolls
+over is at most one window's grant."""
 PLAN_BYTES_MAX = 60 * 1024
 """A plan's protobuf encoding, at most; a larger `plan` is INVALID_ARGUMENT naming `plan`.
 

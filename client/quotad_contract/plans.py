@@ -18,8 +18,14 @@ The one parser of that shape: `quotad serve --plans`, `quotactl plans apply` and
       [[plans.limit_groups]]
       key = "tokens_per_minute"
       quota = 40_000            # a rate group: a bucket of 40,000 tokens...
-      kind = "rate"             # quota (the default: a calendar quota) or rate
+      kind = "rate"             # quota (the default: a calendar quota), rate or balance
       period_s = 60             # ...refilled over 60 s; a rate group has no window
+      [[plans.limit_groups]]
+      key = "credits"
+      kind = "balance"          # a credit balance: its quota is the user's live grants
+      grant = { amount = 1000, every = "month", rollover_max = 200, priority = 0 }
+                                # a recurring grant each month, what is left of the last
+                                # one (up to 200) rolled over; optional
 
 It is strict about the shape: an unknown key at any level is an error naming its path
 (`plans[1].limit_groups[0].match.metdata`: a misspelt key is never dropped, which would make
@@ -43,16 +49,18 @@ from quotad_contract.v1 import quotad_pb2 as pb
 PLANS_FILE_KEYS = ("plans",)
 PLAN_KEYS = ("id", "name", "limit_groups")
 LIMIT_GROUP_KEYS = ("key", "label", "unit", "quota", "window", "match", "enforce", "cost",
-                    "kind", "period_s")
+                    "kind", "period_s", "grant")
 """`period_s` is the contract's LimitGroup.period, in whole seconds."""
 MATCH_KEYS = ("event_types", "metadata")
+GRANT_KEYS = ("amount", "every", "rollover_max", "priority")
+"""A balance group's recurring grant; `every` is a window name (minute ... month)."""
 COST_KEYS = ("by", "rates", "default")
 """`default` is the contract's Cost.default_rate."""
 WINDOW_NAMES = tuple(name.lower() for name, value in pb.Window.items() if value)
 """minute, hour, day, week, month, lifetime: a plan names its windows in lower case."""
 KIND_NAMES = tuple(name.removeprefix("LIMIT_KIND_").lower()
                    for name, value in pb.LimitKind.items() if value)
-"""quota, rate: a plan names a group's kind in lower case."""
+"""quota, rate, balance: a plan names a group's kind in lower case."""
 
 
 class PlansFileError(ValueError):
@@ -169,8 +177,12 @@ def _kind_and_period(group: Mapping[str, Any], message: pb.LimitGroup, where: st
                          f"{', '.join(KIND_NAMES)}")
     if kind.lower() != "quota":  # the contract's default: left unset, as the server answers it
         message.kind = pb.LimitKind.Value(f"LIMIT_KIND_{kind.upper()}")
-    if message.kind == pb.LIMIT_KIND_RATE and "window" not in group:
-        message.window = pb.LIFETIME  # a bucket has no calendar window: as the server answers
+    if message.kind in (pb.LIMIT_KIND_RATE, pb.LIMIT_KIND_BALANCE) and "window" not in group:
+        message.window = pb.LIFETIME  # no calendar window: as the server answers
+    if "grant" in group:
+        message.grant.CopyFrom(_recurring_grant(group["grant"], f"{where}.grant"))
+        if message.kind != pb.LIMIT_KIND_BALANCE:
+            raise ValueError(f"{where}.grant: only a group of kind = \"balance\" has a grant")
     if "period_s" not in group:  # a rate group without one: the server names it
         return
     period_s = group["period_s"]
@@ -183,6 +195,25 @@ def _kind_and_period(group: Mapping[str, Any], message: pb.LimitGroup, where: st
     if message.kind != pb.LIMIT_KIND_RATE:
         raise ValueError(f"{where}.period_s: only a group of kind = \"rate\" has a period")
     message.period.seconds = period_s
+
+
+def _integer(table: Mapping[str, Any], key: str, where: str) -> int:
+    value = table.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_path(where, key)}: expected an integer, got {value!r}")
+    return value
+
+
+def _recurring_grant(grant: Any, where: str) -> pb.RecurringGrant:
+    """What the values may be (amount, rollover_max within it, priority) is the server's to
+    check; here only the shape."""
+    _check_keys(grant, GRANT_KEYS, where)
+    message = pb.RecurringGrant(amount=_integer(grant, "amount", where),
+                                rollover_max=_integer(grant, "rollover_max", where),
+                                priority=_integer(grant, "priority", where))
+    if "every" in grant:  # left out, it stays unspecified: the server names it
+        message.every = _window(grant["every"], f"{where}.every")
+    return message
 
 
 def _rate(value: Any, where: str) -> int:

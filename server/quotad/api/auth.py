@@ -8,8 +8,8 @@ listens only on loopback. With one, every call carries `authorization: Bearer <k
   (GetStateDigest, which covers every app), nothing else;
 - a secret key `sk_<key_id>_<secret>` may do everything within its own app (GetStateDigest,
   which would show other apps' activity, is not within an app);
-- a public key `pk_<key_id>_<secret>` may only read usage (GetUsage, WatchUsage) of the user
-  named by a user token of its app, sent as `x-quotad-user-token`.
+- a public key `pk_<key_id>_<secret>` may only read usage (GetUsage, WatchUsage, ListGrants)
+  of the user named by a user token of its app, sent as `x-quotad-user-token`.
 
 Keys are stored as SHA-256 only and compared in constant time. A user token is
 `ut1.<key_id>.<b64url(json {"app","user","exp"})>.<b64url(mac)>`, the MAC an HMAC-SHA256
@@ -58,7 +58,7 @@ KEY_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "MintUserToken"})
 ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "GetStateDigest", "ExportUsage"})
 SERVER_RPCS = frozenset({"GetStateDigest"})
 """RPCs about the whole server, every app at once: the admin key's alone when keys are on."""
-PUBLIC_RPCS = frozenset({"GetUsage", "WatchUsage"})
+PUBLIC_RPCS = frozenset({"GetUsage", "WatchUsage", "ListGrants"})
 """RPCs a pk key may call, each for the user its user token names."""
 
 

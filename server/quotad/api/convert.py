@@ -16,7 +16,7 @@ from quotad.core import commands as c
 from quotad.core import limits
 from quotad.core.errors import FieldViolation, InvalidArgument
 from quotad.core.plans import (
-    Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, Subscription, Window,
+    Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Subscription, Window,
 )
 from quotad.storage.wal import StoredEvent
 from quotad_contract.v1 import quotad_pb2 as pb
@@ -76,6 +76,35 @@ def track(app: str, request: pb.TrackRequest) -> c.Track:
     return c.Track(app=app, user_id=request.user_id, event_type=request.event_type,
                    amount=request.amount, metadata=tuple(sorted(request.metadata.items())),
                    idempotency_key=request.idempotency_key, enforce=request.enforce)
+
+
+def grant_credits(app: str, request: pb.GrantCreditsRequest) -> c.GrantCredits:
+    return c.GrantCredits(
+        app=app, user_id=request.user_id, group_key=request.group_key, amount=request.amount,
+        expires_at_ns=_ns(request.expires_at) if request.HasField("expires_at") else None,
+        priority=request.priority, idempotency_key=request.idempotency_key)
+
+
+def list_grants(app: str, request: pb.ListGrantsRequest) -> c.ListGrants:
+    return c.ListGrants(app=app, user_id=request.user_id, group_key=request.group_key)
+
+
+def grant(view: c.GrantView) -> pb.Grant:
+    message = pb.Grant(grant_id=view.grant_id, group_key=view.group_key, granted=view.amount,
+                       remaining=view.remaining, priority=view.priority,
+                       granted_at=timestamp(view.granted_at_ns), expired=view.expired,
+                       recurring=view.recurring)
+    if view.expires_at_ns is not None:
+        message.expires_at.CopyFrom(timestamp(view.expires_at_ns))
+    return message
+
+
+def grant_credits_response(result: c.GrantResult) -> pb.GrantCreditsResponse:
+    return pb.GrantCreditsResponse(grant=grant(result.grant), counter=counter(result.counter))
+
+
+def list_grants_response(result: c.GrantsResult) -> pb.ListGrantsResponse:
+    return pb.ListGrantsResponse(grants=[grant(view) for view in result.grants])
 
 
 def get_usage(app: str, request: pb.GetUsageRequest) -> c.GetUsage:
@@ -166,8 +195,8 @@ def plan_from_proto(plan: pb.Plan) -> Plan:
         kind = Kind(group.kind) if group.kind in Kind._value2member_map_ else (
             Kind.QUOTA if group.kind == 0 else group.kind)  # unknown: an int the plan names
         window = group.window
-        if kind is Kind.RATE and window == 0:
-            window = Window.LIFETIME  # a bucket has no calendar window
+        if kind in (Kind.RATE, Kind.BALANCE) and window == 0:
+            window = Window.LIFETIME  # a bucket or a balance has no calendar window
         known = window in Window._value2member_map_
         groups.append(LimitGroup(  # an unknown window stays an int: the plan names it
             key=group.key, label=group.label, unit=group.unit, quota=group.quota,
@@ -180,8 +209,16 @@ def plan_from_proto(plan: pb.Plan) -> Plan:
             ),
             enforce=group.enforce if group.HasField("enforce") else True,
             cost=_cost_from_proto(group.cost) if group.HasField("cost") else None,
+            grant=_recurring_grant_from_proto(group.grant) if group.HasField("grant") else None,
         ))
     return Plan(id=plan.id, name=plan.name, limit_groups=tuple(groups))
+
+
+def _recurring_grant_from_proto(grant: pb.RecurringGrant) -> RecurringGrant:
+    known = grant.every in Window._value2member_map_
+    return RecurringGrant(amount=grant.amount,
+                          every=Window(grant.every) if known else grant.every,
+                          rollover_max=grant.rollover_max, priority=grant.priority)
 
 
 def _cost_from_proto(cost: pb.Cost) -> Cost:
@@ -201,7 +238,12 @@ def _group_to_proto(group: LimitGroup) -> pb.LimitGroup:
         message.enforce = False
     if group.kind is not Kind.QUOTA:
         message.kind = int(group.kind)
+    if group.kind is Kind.RATE:
         message.period.seconds, message.period.nanos = divmod(group.period_ns, limits.NS_PER_S)
+    if group.grant is not None:
+        message.grant.amount, message.grant.every = group.grant.amount, int(group.grant.every)
+        message.grant.rollover_max = group.grant.rollover_max
+        message.grant.priority = group.grant.priority
     if group.cost is not None:
         message.cost.by = group.cost.by
         message.cost.rates.update(group.cost.rates)

@@ -99,6 +99,9 @@ QUOTA_METHODS: list[_Method] = [
      lambda r: _filled(pb.TrackResponse(), convert.fill_track_response, r)),
     ("GetUsage", pb.GetUsageRequest, convert.get_usage,
      lambda r: _filled(pb.GetUsageResponse(), convert.fill_usage_response, r)),
+    ("GrantCredits", pb.GrantCreditsRequest, convert.grant_credits,
+     convert.grant_credits_response),
+    ("ListGrants", pb.ListGrantsRequest, convert.list_grants, convert.list_grants_response),
 ]
 _QUOTA_RPCS = frozenset([name for name, *_ in QUOTA_METHODS] + ["Batch", "WatchUsage"])
 _FILL_BATCH_RESULT = {
@@ -235,7 +238,7 @@ def _answering(gate: Gate, admission: Admission, rpc: str,
 def _handler(gate: Gate, admission: Admission, rpc: str, to_command: Callable[[str, Any], Any],
              to_response: Callable[[Any], Any]) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
-        if rpc == "GetUsage":
+        if rpc in auth.PUBLIC_RPCS:  # a usage read: a pk_ key's token must name the user
             assert gate.auth is not None
             gate.auth.authorize_usage_read(call.principal, call.metadata, request.user_id)
         command = to_command(call.principal.app, request)

@@ -185,6 +185,49 @@ class GetUsage:
         v.raise_if_any()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrantCredits:
+    """Credits for a user's balance group: a new grant (a top-up is one more)."""
+
+    app: str
+    user_id: str
+    group_key: str
+    amount: int
+    expires_at_ns: int | None = None
+    """None: never expires. Must be after the time it is applied at (checked by the core)."""
+    priority: int = 0
+    idempotency_key: str = ""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _common(v, self.app, self.idempotency_key)
+        check_user_id(v, self.user_id)
+        v.text(self.group_key, "group_key", bytes_min=1, bytes_max=limits.GROUP_KEY_BYTES_MAX)
+        v.check(_int(self.amount) and 1 <= self.amount <= limits.GRANT_AMOUNT_MAX,
+                "amount", f"must be 1 to {limits.GRANT_AMOUNT_MAX}")
+        _time(v, self.expires_at_ns, "expires_at")
+        v.check(_int(self.priority) and 0 <= self.priority <= limits.GRANT_PRIORITY_MAX,
+                "priority", f"must be 0 to {limits.GRANT_PRIORITY_MAX}")
+        v.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListGrants:
+    """A user's credit grants, of every balance group of their plan or of one."""
+
+    app: str
+    user_id: str
+    group_key: str = ""
+    """Empty: every balance group's."""
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _app(v, self.app)
+        check_user_id(v, self.user_id)
+        v.text(self.group_key, "group_key", bytes_min=0, bytes_max=limits.GROUP_KEY_BYTES_MAX)
+        v.raise_if_any()
+
+
 # --- administration ---------------------------------------------------------------------
 
 
@@ -535,22 +578,33 @@ class ExpiredHold:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ExpiredGrant:
+    app: str
+    user_id: str
+    group_key: str
+    grant_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ExpireHolds:
-    """Releases every hold whose expires_at <= now. The core makes this command itself, before
-    any other at the same time; the list is what expired, checked again on replay."""
+    """Releases every hold whose expires_at <= now, and ends every credit grant whose
+    expires_at <= now, in the order of their times (holds first at equal times). The core
+    makes this command itself, before any other at the same time; the lists are what
+    expired, checked again on replay."""
 
     expired: tuple[ExpiredHold, ...] = ()
+    grants: tuple[ExpiredGrant, ...] = ()
 
 
 Command = (Reserve | Commit | Release | Extend | Track | GetUsage | UpsertPlan | DeletePlan
            | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ListSubscriptions
-           | ExpireHolds | CreateKey | RevokeKey | ListKeys)
+           | ExpireHolds | CreateKey | RevokeKey | ListKeys | GrantCredits | ListGrants)
 
 COMMAND_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Reserve, Commit, Release, Extend, Track, GetUsage, UpsertPlan, DeletePlan,
                 GetPlan, ListPlans, UpsertSubscription, GetSubscription, ListSubscriptions,
-                ExpireHolds, CreateKey, RevokeKey, ListKeys)
+                ExpireHolds, CreateKey, RevokeKey, ListKeys, GrantCredits, ListGrants)
 }
 
 
@@ -560,7 +614,9 @@ class AuditEvent:
     metadata the caller chose."""
 
     kind: str
-    """reserve, commit, release, expire, extend, track or threshold."""
+    """reserve, commit, release, expire, extend, track, threshold, grant (credits granted:
+    event_type is the balance group's key, amount the grant's) or expire_grant (a grant
+    ended: amount is what its expiry dropped)."""
     app: str
     user_id: str
     event_type: str
@@ -581,7 +637,9 @@ class AuditEvent:
         assert is_threshold == bool(self.limit_group_key) == (self.threshold_percent > 0), self
 
 
-AUDIT_KINDS = ("reserve", "commit", "release", "expire", "extend", "track", "threshold")
+AUDIT_KINDS = ("reserve", "commit", "release", "expire", "extend", "track", "threshold",
+               "grant", "expire_grant")
+"""Appended to, never reordered: the log stores an event's kind as its index here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -684,6 +742,33 @@ class UsageResult:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class GrantView:
+    grant_id: str
+    group_key: str
+    amount: int
+    """Granted."""
+    remaining: int
+    """Left to spend (an expired grant's: what it keeps for live holds)."""
+    granted_at_ns: int
+    expires_at_ns: int | None
+    priority: int
+    expired: bool = False
+    recurring: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrantResult:
+    grant: GrantView
+    counter: CounterView
+    """The balance group's counter after the grant."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrantsResult:
+    grants: tuple[GrantView, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PlanResult:
     plan: Plan
     changed: bool = False
@@ -743,5 +828,5 @@ RESULT_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (ReserveResult, CommitResult, ReleaseResult, ExtendResult, TrackResult,
                 UsageResult, PlanResult, PlansResult, DeletePlanResult, SubscriptionResult,
-                ExpireResult, KeyResult, KeysResult)
+                ExpireResult, KeyResult, KeysResult, GrantResult, GrantsResult)
 }

@@ -13,6 +13,16 @@ from quotad_contract.limits import BATCH_OPERATIONS_MAX, NS_PER_S
 LIVE_HOLDS_PER_USER_MAX = 10_000
 """A user with this many live holds gets RESOURCE_EXHAUSTED on Reserve until some end."""
 
+GRANTS_PER_BALANCE_MAX = 64
+"""Credit grants with credit left, per user and balance group: one more GrantCredits is
+RESOURCE_EXHAUSTED (TOO_MANY_GRANTS) until some are spent or expire (a recurring grant takes
+a place too). Each spend walks them in order: 64 keeps that a few microseconds."""
+
+SPENT_GRANTS_PER_BALANCE_MAX = 64
+"""Grants with nothing left to spend (all consumed, or expired) kept per user and balance
+group for refunds to find: past it, the one taken from longest ago is folded into a single
+count of consumption that refunds still find, and lose."""
+
 IDEMPOTENCY_RETENTION_NS = 24 * 3600 * NS_PER_S
 """An idempotency key is remembered at least this long after its first use."""
 

@@ -22,10 +22,12 @@ from typing import Any, Callable, Iterable
 
 from sortedcontainers import SortedList
 
-from quotad.core import buckets, limits
+from quotad.core import balances, buckets, limits
+from quotad.core.balances import Balance, Grant
 from quotad.core.commands import (
     AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
-    DeletePlanResult, ExpiredHold, KeyResult, KeysResult, KeyView, ListKeys, RevokeKey,
+    DeletePlanResult, ExpiredGrant, ExpiredHold, GrantCredits, GrantResult, GrantsResult,
+    GrantView, KeyResult, KeysResult, KeyView, ListGrants, ListKeys, RevokeKey,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
     ListPlans, ListSubscriptions, PlanResult, PlansResult, Record, Release, ReleaseResult,
     Reserve, ReserveResult, SubscriptionResult, SubscriptionsResult, Track, TrackResult,
@@ -58,6 +60,9 @@ class CounterState:
     """A RATE group's bucket: the time `used` was last refilled to (see core.buckets)."""
     refill_carry: int = 0
     """A RATE group's bucket: quota x ns refilled past the last whole token, below period_ns."""
+    balance: Balance | None = None
+    """A BALANCE group's grants (core.balances); `used` is then balance.used(), kept in step,
+    and `held` what live holds reserved on the balance."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +184,10 @@ class Core:
         self.last_record_ns = 0
         self.expiry: SortedList = SortedList()
         """(expires_at_ns, sequence, app, reservation_id) of every live hold."""
+        self.grant_expiry: SortedList = SortedList()
+        """(expires_at_ns, app, user_id, group key, grant_id) of every live credit grant
+        with an expiry, but recurring ones (they end with their window, at the balance's
+        next change). Derived from the balances: rebuilt by rebuild_grant_expiry()."""
         self.forget: SortedList = SortedList()
         """(forget_at_ns, sequence, kind, app, key): finished holds and idempotency keys."""
         self.durable_idempotency: Callable[[str, str, str, int],
@@ -215,6 +224,7 @@ class Core:
             GetSubscription: self._get_subscription,
             ListSubscriptions: self._list_subscriptions,
             CreateKey: self._create_key, RevokeKey: self._revoke_key, ListKeys: self._list_keys,
+            GrantCredits: self._grant_credits, ListGrants: self._list_grants,
         }
 
     # --- the way in -----------------------------------------------------------------------
@@ -252,7 +262,35 @@ class Core:
             )
 
     def next_expiry_ns(self) -> int | None:
-        return self.expiry[0][0] if self.expiry else None
+        """When the next hold or credit grant expires; None if none will."""
+        hold_ns = self.expiry[0][0] if self.expiry else None
+        grant_ns = self.grant_expiry[0][0] if self.grant_expiry else None
+        if hold_ns is None or grant_ns is None:
+            return grant_ns if hold_ns is None else hold_ns
+        return min(hold_ns, grant_ns)
+
+    def rebuild_grant_expiry(self) -> None:
+        """The grant expiry index from the balances (after a snapshot is loaded)."""
+        entries = []
+        for app_id, app in self.apps.items():
+            for user_id, user in app.users.items():
+                for (key, _), counter in user.counters.items():
+                    if counter.balance is None:
+                        continue
+                    entries.extend(self._grant_expiry_entry(app_id, user_id, key, grant)
+                                   for grant in counter.balance.grants
+                                   if self._expires_by_index(grant))
+        self.grant_expiry = SortedList(entries)
+
+    @staticmethod
+    def _expires_by_index(grant: Grant) -> bool:
+        return not grant.expired and not grant.recurring and grant.expires_at_ns is not None
+
+    @staticmethod
+    def _grant_expiry_entry(app_id: str, user_id: str, key: str,
+                            grant: Grant) -> tuple[int, str, str, str, str]:
+        assert grant.expires_at_ns is not None
+        return (grant.expires_at_ns, app_id, user_id, key, grant.grant_id)
 
     def user_number(self, app_id: str, user_id: str) -> int | None:
         """The audit index's number for a subscriber; None for a user that never subscribed."""
@@ -287,21 +325,64 @@ class Core:
                     reservation.metadata, reservation.reservation_id)
 
     def _expire_due(self, now_ns: int) -> list[Record]:
-        if not self.expiry or self.expiry[0][0] > now_ns:
+        """Expires the holds and credit grants due by now_ns, in the order of their times
+        (holds first at equal times), as one ExpireHolds record."""
+        expiry, grant_expiry = self.expiry, self.grant_expiry
+        if ((not expiry or expiry[0][0] > now_ns)
+                and (not grant_expiry or grant_expiry[0][0] > now_ns)):
             return []
-        expired = []
+        expired: list[ExpiredHold] = []
+        grants: list[ExpiredGrant] = []
         self._events.clear()
         self._finished.clear()
-        while self.expiry and self.expiry[0][0] <= now_ns:
-            _, _, app_id, reservation_id = self.expiry.pop(0)
-            reservation = self.apps[app_id].reservations[reservation_id]
-            self._end_live_hold(reservation, next_state(reservation.status, HoldEvent.EXPIRE),
-                                now_ns, in_index=False)
-            self._audit_hold("expire", reservation, reservation.amount)
-            self._check_hold_thresholds(reservation)
-            expired.append(ExpiredHold(app=app_id, reservation_id=reservation_id,
-                                       user_id=reservation.user_id))
-        return [self._emit(ExpireHolds(expired=tuple(expired)), now_ns)]
+        while True:
+            hold_due = bool(expiry) and expiry[0][0] <= now_ns
+            grant_due = bool(grant_expiry) and grant_expiry[0][0] <= now_ns
+            if hold_due and (not grant_due or expiry[0][0] <= grant_expiry[0][0]):
+                _, _, app_id, reservation_id = expiry.pop(0)
+                reservation = self.apps[app_id].reservations[reservation_id]
+                self._end_live_hold(reservation,
+                                    next_state(reservation.status, HoldEvent.EXPIRE),
+                                    now_ns, in_index=False)
+                self._audit_hold("expire", reservation, reservation.amount)
+                self._check_hold_thresholds(reservation)
+                expired.append(ExpiredHold(app=app_id, reservation_id=reservation_id,
+                                           user_id=reservation.user_id))
+            elif grant_due:
+                _, app_id, user_id, key, grant_id = grant_expiry.pop(0)
+                if self._expire_grant(app_id, user_id, key, grant_id, now_ns):
+                    grants.append(ExpiredGrant(app=app_id, user_id=user_id, group_key=key,
+                                               grant_id=grant_id))
+            else:
+                break
+        if not expired and not grants:
+            return []
+        return [self._emit(ExpireHolds(expired=tuple(expired), grants=tuple(grants)), now_ns)]
+
+    def _expire_grant(self, app_id: str, user_id: str, key: str, grant_id: str,
+                      now_ns: int) -> bool:
+        """Ends a credit grant (its recurring grant renewed first, if due): what it has left
+        is dropped, but for what live holds need. False if it is gone already (spent and
+        forgotten)."""
+        user = self.apps[app_id].users[user_id]
+        counter = user.counters.get((key, Window.LIFETIME))
+        if counter is None or counter.balance is None:
+            return False
+        plan = self.apps[app_id].plans[user.subscription.plan_id]
+        group = plan.group(key)
+        if group is not None and group.kind is Kind.BALANCE and group.window is Window.LIFETIME:
+            counter = self._current(user, group, now_ns)
+            user.counters[(key, Window.LIFETIME)] = counter
+        balance = counter.balance
+        assert balance is not None
+        grant = next((g for g in balance.grants if g.grant_id == grant_id and not g.expired),
+                     None)
+        if grant is None:
+            return False
+        dropped = balance.expire(grant, counter.held)
+        counter.used = balance.used()
+        self._audit("expire_grant", app_id, user_id, key, dropped)
+        return True
 
     def _forget_due(self, now_ns: int) -> None:
         while self.forget and self.forget[0][0] <= now_ns:
@@ -327,8 +408,14 @@ class Core:
         for hold in reservation.holds:
             counter = self._counter_of(user, hold)
             if counter is not None:
+                if counter.balance is not None:
+                    counter = self._renewed_balance_of(user, hold, counter, reservation.app,
+                                                       now_ns)
                 counter.held -= hold.counted(reservation.amount)
                 assert counter.held >= 0, (hold, counter)
+                if counter.balance is not None:
+                    counter.balance.holds_ended(counter.held)
+                    counter.used = counter.balance.used()
         user.live_holds -= 1
         assert user.live_holds >= 0
         reservation.status = status
@@ -361,12 +448,30 @@ class Core:
             return None
         return counter
 
+    def _renewed_balance_of(self, user: UserState, hold: HoldRef, counter: CounterState,
+                            app_id: str, now_ns: int) -> CounterState:
+        """A balance's counter with its recurring grant renewed to now_ns, stored."""
+        assert counter.balance is not None
+        end_ns = counter.balance.recurring_window_end_ns
+        if end_ns is not None and now_ns < end_ns:
+            return counter  # this window's recurring grant is made
+        group = self.apps[app_id].plans[user.subscription.plan_id].group(hold.key)
+        if group is None or group.window is not hold.window:
+            return counter
+        renewed = self._current(user, group, now_ns)
+        user.counters[(hold.key, hold.window)] = renewed
+        return renewed
+
     @classmethod
     def _refilled_counter_of(cls, user: UserState, plan: Plan, hold: HoldRef,
                              now_ns: int) -> CounterState | None:
-        """_counter_of, and for a bucket the copy refilled to now_ns (stored by a change)."""
+        """_counter_of, and for a bucket the copy refilled to now_ns, for a balance the copy
+        with its recurring grant renewed (either stored by a change)."""
         counter = cls._counter_of(user, hold)
         group = plan.group(hold.key)
+        if (counter is not None and group is not None and group.window is hold.window
+                and (counter.balance is not None or group.kind is Kind.BALANCE)):
+            return cls._current(user, group, now_ns)
         if (counter is None or group is None or group.kind is not Kind.RATE
                 or group.window is not hold.window):
             return counter
@@ -385,12 +490,13 @@ class Core:
         until the counter next changes. A rate bucket has no thresholds: it refills without a
         change, so a percentage of it is no event."""
         for group, counter in changed:
-            if group.quota == 0 or group.kind is Kind.RATE:
+            quota = self._quota(group, counter)
+            if quota == 0 or group.kind is Kind.RATE:
                 continue
             consumed = counter.used + counter.held
             for percent in limits.WATCH_THRESHOLDS_PERCENT:
                 if percent > counter.threshold_percent_fired and consumed * 100 >= (
-                        percent * group.quota):
+                        percent * quota):
                     counter.threshold_percent_fired = percent
                     self._events.append(AuditEvent(
                         kind="threshold", app=app_id, user_id=user_id, event_type=event_type,
@@ -512,8 +618,28 @@ class Core:
     @staticmethod
     def _current(user: UserState, group: LimitGroup, now_ns: int) -> CounterState:
         """The group's counter for the window holding now. A new window's counter is not
-        stored here: only a change stores it, so that reads change nothing."""
+        stored here: only a change stores it, so that reads change nothing (a balance's:
+        a copy with its recurring grant renewed, when one is due)."""
         counter = user.counters.get((group.key, group.window))
+        if counter is not None and (counter.balance is None) == (group.kind is Kind.BALANCE):
+            # a plan edit made the group a balance, or no longer one: its counter starts
+            # afresh but for what live holds hold, which their ends give back
+            counter = CounterState(counter.window_start_ns, counter.window_end_ns,
+                                   held=counter.held, refilled_at_ns=now_ns,
+                                   balance=Balance() if group.kind is Kind.BALANCE else None)
+        if group.kind is Kind.BALANCE:
+            if counter is None:
+                counter = CounterState(0, None, balance=Balance())
+            if group.grant is None:
+                return counter
+            zone = load_time_zone(user.subscription.time_zone)
+            assert zone is not None, user.subscription
+            renewed = balances.renewed(counter.balance, group.grant, zone, counter.held, now_ns)
+            if renewed is None:
+                return counter
+            counter = replace(counter, balance=renewed, used=renewed.used())
+            counter.threshold_percent_fired = Core._rearmed(counter, renewed.quota())
+            return counter
         if group.kind is Kind.RATE:
             if counter is None:
                 return CounterState(0, None, refilled_at_ns=now_ns)
@@ -527,8 +653,36 @@ class Core:
         return CounterState(start_ns, end_ns)
 
     @staticmethod
+    def _rearmed(counter: CounterState, quota: int) -> int:
+        """threshold_percent_fired once a balance's quota changed (a grant): the thresholds
+        its usage is now below fire again when it reaches them."""
+        consumed = counter.used + counter.held
+        reached = [percent for percent in limits.WATCH_THRESHOLDS_PERCENT
+                   if quota and consumed * 100 >= percent * quota]
+        return min(counter.threshold_percent_fired, reached[-1] if reached else 0)
+
+    @staticmethod
+    def _quota(group: LimitGroup, counter: CounterState) -> int:
+        """The group's quota: a balance's is its live grants' (core.balances)."""
+        if group.kind is Kind.BALANCE:
+            assert counter.balance is not None
+            return counter.balance.quota()
+        return group.quota
+
+    @staticmethod
     def _view(group: LimitGroup, counter: CounterState) -> CounterView:
         """A counter as of the time it was read (a bucket's: refilled to then)."""
+        if group.kind is Kind.BALANCE:
+            balance = counter.balance
+            assert balance is not None and counter.used == balance.used(), counter
+            quota = balance.quota()
+            return CounterView(
+                key=group.key, label=group.label, unit=group.unit, window=group.window,
+                quota=quota, used=counter.used, held=counter.held,
+                remaining=max(0, quota - counter.used - counter.held),
+                window_start_ns=counter.window_start_ns,
+                resets_at_ns=balance.recurring_window_end_ns if group.grant else None,
+                kind=Kind.BALANCE)
         if group.kind is Kind.RATE:
             return CounterView(
                 key=group.key, label=group.label, unit=group.unit, window=group.window,
@@ -586,7 +740,8 @@ class Core:
                             counters: list[CounterState], counted: list[int]) -> str:
         """The first enforced group the amounts do not fit in; soft groups never deny."""
         for (group, _), counter, amount in zip(groups, counters, counted):
-            if group.enforce and counter.used + counter.held + amount > group.quota:
+            if group.enforce and counter.used + counter.held + amount > (
+                    group.quota if counter.balance is None else counter.balance.quota()):
                 return group.key
         return ""
 
@@ -599,8 +754,11 @@ class Core:
         whose live holds leave too little of its capacity)."""
         fits_at_ns = now_ns
         for (group, _), counter, amount in zip(groups, counters, counted):
-            if not group.enforce or counter.used + counter.held + amount <= group.quota:
+            if (not group.enforce
+                    or counter.used + counter.held + amount <= Core._quota(group, counter)):
                 continue
+            if group.kind is Kind.BALANCE:
+                return None  # only a grant makes room (a recurring one: resets_at)
             if group.kind is Kind.RATE:
                 at_ns = buckets.fits_at_ns(counter, group.quota, group.period_ns, amount)
             elif amount <= group.quota:
@@ -671,14 +829,18 @@ class Core:
         for hold, counter in zip(reservation.holds, counters):
             if counter is not None:  # a bucket refilled to now before its used grows
                 user.counters[(hold.key, hold.window)] = counter
+        for counter, used in zip(counters, counted):
+            if counter is not None and counter.balance is not None:  # before its hold ends:
+                counter.balance.consume(used)  # what expired grants keep for it is taken
+                counter.used = counter.balance.used()
         if not expired:
             self._end_live_hold(reservation, status, now_ns, in_index=True)
         reservation.status = status
         if expired and self.durable_hold is not None:
             self._hold_changed(reservation)
         for counter, used in zip(counters, counted):
-            if counter is not None:  # else its window is over: the usage counts there
-                counter.used += used
+            if counter is not None and counter.balance is None:  # else its window is over:
+                counter.used += used  # the usage counts there
         returned = 0 if expired else max(0, reservation.amount - amount)
         self._audit_hold("commit", reservation, amount)
         self._check_hold_thresholds(reservation, counters)
@@ -720,7 +882,14 @@ class Core:
                                    ), False
         self._check_counter_room(counters, counted)
         for (group, _), counter, amount in zip(groups, counters, counted):
-            counter.used = max(0, counter.used + amount)
+            if counter.balance is not None:
+                if amount > 0:
+                    counter.balance.consume(amount)
+                else:
+                    counter.balance.refund(-amount)
+                counter.used = counter.balance.used()
+            else:
+                counter.used = max(0, counter.used + amount)
             if counter.used == 0:  # a bucket a refund fills has no part-token refilled
                 counter.refill_carry = 0
             user.counters[(group.key, group.window)] = counter
@@ -735,6 +904,63 @@ class Core:
         user, plan = self._subscriber(command.app, command.user_id)
         views = tuple(self._view(g, self._current(user, g, now_ns)) for g in plan.limit_groups)
         return UsageResult(user_id=command.user_id, plan_id=plan.id, counters=views), False
+
+    # --- credit balances --------------------------------------------------------------------
+
+    def _balance_group(self, plan: Plan, key: str) -> LimitGroup:
+        group = plan.group(key)
+        if group is None or group.kind is not Kind.BALANCE:
+            raise InvalidArgument([FieldViolation(
+                "group_key", f"plan {plan.id!r} has no balance group {key[:128]!r}")])
+        return group
+
+    def _grant_credits(self, command: GrantCredits, now_ns: int) -> tuple[GrantResult, bool]:
+        user, plan = self._subscriber(command.app, command.user_id)
+        group = self._balance_group(plan, command.group_key)
+        if command.expires_at_ns is not None and command.expires_at_ns <= now_ns:
+            raise InvalidArgument([FieldViolation(
+                "expires_at", f"must be after now ({now_ns} ns, the server's time)")])
+        counter = self._current(user, group, now_ns)
+        balance = counter.balance
+        assert balance is not None
+        room = limits.GRANTS_PER_BALANCE_MAX - (1 if group.grant is not None else 0)
+        if balance.grants_with_credit() >= room:
+            raise ResourceExhausted(
+                ErrorReason.TOO_MANY_GRANTS,
+                f"user {command.user_id!r} has {balance.grants_with_credit()} grants with "
+                f"credit left in {group.key!r}, the most allowed (GRANTS_PER_BALANCE_MAX, a "
+                "place kept for the plan's recurring grant)")
+        grant = balance.add(balances.credit_grant_id(self.sequence + 1), command.amount,
+                            now_ns, command.expires_at_ns, command.priority)
+        counter.used = balance.used()
+        counter.threshold_percent_fired = self._rearmed(counter, balance.quota())
+        user.counters[(group.key, group.window)] = counter
+        if self._expires_by_index(grant):
+            self.grant_expiry.add(self._grant_expiry_entry(command.app, command.user_id,
+                                                           group.key, grant))
+        self._audit("grant", command.app, command.user_id, group.key, command.amount)
+        return GrantResult(grant=self._grant_view(group.key, grant),
+                           counter=self._view(group, counter)), True
+
+    def _list_grants(self, command: ListGrants, now_ns: int) -> tuple[GrantsResult, bool]:
+        user, plan = self._subscriber(command.app, command.user_id)
+        groups = ([self._balance_group(plan, command.group_key)] if command.group_key else
+                  [g for g in plan.limit_groups if g.kind is Kind.BALANCE])
+        views = []
+        for group in groups:
+            balance = self._current(user, group, now_ns).balance
+            assert balance is not None
+            views.extend(self._grant_view(group.key, grant)
+                         for grant in sorted(balance.grants, key=lambda g: (
+                             g.expired, g.spend_key())))
+        return GrantsResult(grants=tuple(views)), False
+
+    @staticmethod
+    def _grant_view(key: str, grant: Grant) -> GrantView:
+        return GrantView(grant_id=grant.grant_id, group_key=key, amount=grant.amount,
+                         remaining=grant.remaining, granted_at_ns=grant.granted_at_ns,
+                         expires_at_ns=grant.expires_at_ns, priority=grant.priority,
+                         expired=grant.expired, recurring=grant.recurring)
 
     # --- administration -------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ class Kind(enum.IntEnum):
     """A calendar quota: used + held within the quota in each window."""
     RATE = 2
     """A token bucket of capacity `quota`, refilled continuously over `period_ns`."""
+    BALANCE = 3
+    """A credit balance: its quota is the sum of the user's live grants (core.balances)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +87,18 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RecurringGrant:
+    """A BALANCE group's grant made at the start of every window of `every`, in the user's
+    time zone, expiring at its end; what the previous one left (up to rollover_max) is
+    added to it."""
+
+    amount: int
+    every: Window
+    rollover_max: int = 0
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitGroup:
     key: str
     label: str = ""
@@ -100,6 +114,8 @@ class LimitGroup:
     period_ns: int = 0
     """A RATE group's: its bucket refills `quota` tokens over this long (0 for QUOTA). A
     RATE group has no calendar window: its window is LIFETIME, and it has no thresholds."""
+    grant: RecurringGrant | None = None
+    """A BALANCE group's recurring grant; None: grants come from GrantCredits alone."""
 
     def rate(self, metadata: dict[str, str]) -> int | None:
         """What one unit of an event's amount counts here; None: the group does not match."""
@@ -214,9 +230,31 @@ def _validate_kind(v: Violations, group: LimitGroup, field: str) -> None:
         v.check(group.window is Window.LIFETIME, f"{field}.window",
                 "a rate group refills over its period and has no calendar window: leave it "
                 "unset (or LIFETIME)")
-    else:
-        v.check(group.kind is Kind.QUOTA, f"{field}.kind", "must be QUOTA or RATE")
+    elif group.kind is Kind.BALANCE:
         v.check(group.period_ns == 0, f"{field}.period", "only a rate group has a period")
+        v.check(group.quota == 0, f"{field}.quota",
+                "a balance group's quota is the sum of its grants: leave it 0")
+        v.check(group.window is Window.LIFETIME, f"{field}.window",
+                "a balance group has no calendar window: leave it unset (or LIFETIME)")
+        if group.grant is not None:
+            _validate_recurring_grant(v, group.grant, f"{field}.grant")
+    else:
+        v.check(group.kind is Kind.QUOTA, f"{field}.kind", "must be QUOTA, RATE or BALANCE")
+        v.check(group.period_ns == 0, f"{field}.period", "only a rate group has a period")
+    if group.kind is not Kind.BALANCE:
+        v.check(group.grant is None, f"{field}.grant", "only a balance group has a grant")
+
+
+def _validate_recurring_grant(v: Violations, grant: RecurringGrant, field: str) -> None:
+    amount_ok = type(grant.amount) is int and 1 <= grant.amount <= limits.GRANT_AMOUNT_MAX
+    v.check(amount_ok, f"{field}.amount", f"must be 1 to {limits.GRANT_AMOUNT_MAX}")
+    v.check(isinstance(grant.every, Window) and grant.every is not Window.LIFETIME,
+            f"{field}.every", "must be one of MINUTE, HOUR, DAY, WEEK, MONTH")
+    v.check(type(grant.rollover_max) is int and 0 <= grant.rollover_max
+            and (not amount_ok or grant.rollover_max <= grant.amount),
+            f"{field}.rollover_max", "must be 0 to the grant's amount")
+    v.check(type(grant.priority) is int and 0 <= grant.priority <= limits.GRANT_PRIORITY_MAX,
+            f"{field}.priority", f"must be 0 to {limits.GRANT_PRIORITY_MAX}")
 
 
 def _rate_is_valid(rate: object) -> bool:

@@ -30,12 +30,15 @@ from typing import Any, NamedTuple
 from quotad.core import limits
 from quotad.core.commands import (
     AUDIT_KINDS, AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
-    ExpiredHold, ExpireHolds, Extend, ExtendResult, Record, Release, ReleaseResult, Reserve,
-    ReserveResult, RevokeKey, Track, TrackResult, UpsertPlan, UpsertSubscription,
+    ExpiredGrant, ExpiredHold, ExpireHolds, Extend, ExtendResult, GrantCredits, GrantResult,
+    GrantView, Record, Release, ReleaseResult, Reserve, ReserveResult, RevokeKey, Track,
+    TrackResult, UpsertPlan, UpsertSubscription,
 )
 from quotad.core.holds import HoldState
 from quotad.core.machine import HoldRef, Reservation
-from quotad.core.plans import Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, Window
+from quotad.core.plans import (
+    Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Window,
+)
 from quotad.storage import log_pb2 as pb
 
 _HEADER = struct.Struct(">IQ")
@@ -198,7 +201,7 @@ def record_now_ns(value: bytes) -> int:
 
 
 _KEYED_COMMANDS = {"reserve": "Reserve", "commit": "Commit", "release": "Release",
-                   "extend": "Extend", "track": "Track"}
+                   "extend": "Extend", "track": "Track", "grant_credits": "GrantCredits"}
 """The record's oneof field -> its RPC, for the commands that take an idempotency key."""
 
 
@@ -364,13 +367,39 @@ def _encode_expire_holds(message: Any, command: ExpireHolds) -> None:
         entry.app = hold.app
         entry.reservation_id = reservation_bytes(hold.reservation_id)
         entry.user_id = hold.user_id
+    for grant in command.grants:
+        entry = part.grants.add()
+        entry.app, entry.user_id = grant.app, grant.user_id
+        entry.group_key, entry.grant_id = grant.group_key, grant.grant_id
 
 
 def _decode_expire_holds(message: Any) -> ExpireHolds:
     return ExpireHolds(expired=tuple(
         ExpiredHold(app=hold.app, reservation_id=_reservation_id(hold.reservation_id),
                     user_id=hold.user_id)
-        for hold in message.expire_holds.expired))
+        for hold in message.expire_holds.expired), grants=tuple(
+        ExpiredGrant(app=grant.app, user_id=grant.user_id, group_key=grant.group_key,
+                     grant_id=grant.grant_id)
+        for grant in message.expire_holds.grants))
+
+
+def _encode_grant_credits(message: Any, command: GrantCredits) -> None:
+    message.app = command.app
+    part = message.grant_credits
+    part.user_id, part.group_key, part.amount = (command.user_id, command.group_key,
+                                                 command.amount)
+    if command.expires_at_ns is not None:
+        part.expires_at_ns = command.expires_at_ns
+    part.priority = command.priority
+    _set_idempotency_key(part, command.idempotency_key)
+
+
+def _decode_grant_credits(message: Any) -> GrantCredits:
+    part = message.grant_credits
+    return GrantCredits(
+        app=message.app, user_id=part.user_id, group_key=part.group_key, amount=part.amount,
+        expires_at_ns=part.expires_at_ns if part.HasField("expires_at_ns") else None,
+        priority=part.priority, idempotency_key=_idempotency_key(part))
 
 
 def plan_to_message(plan: Plan, message: Any) -> None:
@@ -390,6 +419,11 @@ def plan_to_message(plan: Plan, message: Any) -> None:
             part.kind, part.period_ns = int(group.kind), group.period_ns
         if group.cost is not None:
             _cost_to_message(group.cost, part.cost)
+        if group.grant is not None:
+            recurring = part.grant
+            recurring.amount, recurring.every = group.grant.amount, int(group.grant.every)
+            recurring.rollover_max = group.grant.rollover_max
+            recurring.priority = group.grant.priority
 
 
 def _cost_to_message(cost: Cost, message: Any) -> None:
@@ -415,7 +449,11 @@ def plan_from_message(message: Any) -> Plan:
                                       for m in group.metadata)),
                    enforce=not group.soft,
                    cost=_cost_from_message(group.cost) if group.HasField("cost") else None,
-                   kind=Kind(group.kind or Kind.QUOTA), period_ns=group.period_ns)
+                   kind=Kind(group.kind or Kind.QUOTA), period_ns=group.period_ns,
+                   grant=RecurringGrant(amount=group.grant.amount, every=Window(group.grant.every),
+                                        rollover_max=group.grant.rollover_max,
+                                        priority=group.grant.priority)
+                   if group.HasField("grant") else None)
         for group in message.limit_groups))
 
 
@@ -482,7 +520,7 @@ _ENCODERS: dict[type, Callable[[Any, Any], None]] = {
     Extend: _encode_extend, Track: _encode_track, ExpireHolds: _encode_expire_holds,
     UpsertPlan: _encode_upsert_plan, DeletePlan: _encode_delete_plan,
     UpsertSubscription: _encode_upsert_subscription, CreateKey: _encode_create_key,
-    RevokeKey: _encode_revoke_key,
+    RevokeKey: _encode_revoke_key, GrantCredits: _encode_grant_credits,
 }
 """Only commands that change the state are logged: reads never make a record."""
 _DECODERS: dict[str, Callable[[Any], Command]] = {
@@ -490,7 +528,7 @@ _DECODERS: dict[str, Callable[[Any], Command]] = {
     "extend": _decode_extend, "track": _decode_track, "expire_holds": _decode_expire_holds,
     "upsert_plan": _decode_upsert_plan, "delete_plan": _decode_delete_plan,
     "upsert_subscription": _decode_upsert_subscription, "create_key": _decode_create_key,
-    "revoke_key": _decode_revoke_key,
+    "revoke_key": _decode_revoke_key, "grant_credits": _decode_grant_credits,
 }
 
 
@@ -504,7 +542,9 @@ def _encode_answer(message: Any, result: Any, record: Record,
     shape (shape_id) rather than repeat it, and its reset is an offset from its window's
     start."""
     message.SetInParent()
-    for view in getattr(result, "counters", ()):
+    counters = (result.counter,) if type(result) is GrantResult else getattr(
+        result, "counters", ())
+    for view in counters:
         counter = message.counters.add()
         found = None if shape_id is None else shape_id(CounterShape(
             view.key, view.label, view.unit, view.window, view.quota, view.kind))
@@ -549,6 +589,13 @@ def _encode_answer(message: Any, result: Any, record: Record,
         message.expired = result.expired
     elif kind is ExtendResult:
         message.expires_at_ns = result.expires_at_ns
+    elif kind is GrantResult:
+        grant, part = result.grant, message.grant
+        part.grant_id, part.amount, part.remaining = grant.grant_id, grant.amount, grant.remaining
+        part.granted_at_ns, part.priority = grant.granted_at_ns, grant.priority
+        if grant.expires_at_ns is not None:
+            part.expires_at_ns = grant.expires_at_ns
+        part.expired, part.recurring = grant.expired, grant.recurring
     else:
         assert kind is ReleaseResult, kind
 
@@ -602,6 +649,12 @@ _ANSWER_DECODERS: dict[type, Callable[[Any, Any, int, ShapeLookup | None], Any]]
     Track: lambda m, command, now_ns, shape: TrackResult(
         allowed=m.allowed, counters=_counters(m, shape), denied_by=m.denied_by,
         fits_at_ns=_fits_at(m)),
+    GrantCredits: lambda m, command, now_ns, shape: GrantResult(grant=GrantView(
+        grant_id=m.grant.grant_id, group_key=command.group_key, amount=m.grant.amount,
+        remaining=m.grant.remaining, granted_at_ns=m.grant.granted_at_ns,
+        expires_at_ns=m.grant.expires_at_ns if m.grant.HasField("expires_at_ns") else None,
+        priority=m.grant.priority, expired=m.grant.expired, recurring=m.grant.recurring),
+        counter=_counters(m, shape)[0]),
 }
 
 

@@ -11,8 +11,8 @@ costs the objects the core is made of and little else; both ways, each kind of o
 made or read in bulk, by loops that run in C. What is small or in memory only until durable (API keys, idempotency entries, a core
 alone's forget index) is JSON of the core's plain form.
 
-The expiry index is not stored: it is every live hold's (expires_at_ns, sequence, app, id),
-rebuilt from the holds.
+The expiry indexes are not stored: they are every live hold's (expires_at_ns, sequence, app,
+id), rebuilt from the holds, and every credit grant's expiry, rebuilt from the balances.
 
 Keys and finished holds that are in memory only until their records are durable are left
 out: a snapshot is stored once those records are, and the log answers for them.
@@ -39,6 +39,7 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
+from quotad.core.balances import Balance, Grant
 from quotad.core.commands import RESULT_TYPES
 from quotad.core.holds import HoldState
 from quotad.core.machine import (
@@ -182,6 +183,43 @@ def _encode_users(users_message: Any, counters_message: Any,
     if any(refilled_at) or any(carries):  # only rate buckets have them
         counters_message.refilled_at_ns = _packed(refilled_at)
         counters_message.refill_carry = _packed(carries)
+    for row, counter in enumerate(counters):
+        if counter.balance is not None:  # few: a message each
+            _encode_balance(counters_message.balances.add(), row, counter.balance)
+
+
+_BALANCE_NUMBERS = ("owed", "grants_made", "takes", "forgotten_consumed",
+                    "forgotten_consumed_order")
+_GRANT_FIELDS = ("grant_id", "amount", "granted_at_ns", "priority", "number", "consumed",
+                 "consumed_order", "expired", "kept", "recurring")
+
+
+def _encode_balance(message: Any, row: int, balance: Balance) -> None:
+    message.counter_row = row
+    for name in _BALANCE_NUMBERS:
+        setattr(message, name, getattr(balance, name))
+    if balance.recurring_window_start_ns is not None:
+        message.recurring_window_start_ns = balance.recurring_window_start_ns
+    if balance.recurring_window_end_ns is not None:
+        message.recurring_window_end_ns = balance.recurring_window_end_ns
+    for grant in balance.grants:
+        part = message.grants.add()
+        for name in _GRANT_FIELDS:
+            setattr(part, name, getattr(grant, name))
+        if grant.expires_at_ns is not None:
+            part.expires_at_ns = grant.expires_at_ns
+
+
+def _balance(message: Any) -> Balance:
+    balance = Balance(grants=[
+        Grant(**{name: getattr(part, name) for name in _GRANT_FIELDS},
+              expires_at_ns=part.expires_at_ns if part.HasField("expires_at_ns") else None)
+        for part in message.grants], **{name: getattr(message, name) for name in _BALANCE_NUMBERS})
+    if message.HasField("recurring_window_start_ns"):
+        balance.recurring_window_start_ns = message.recurring_window_start_ns
+    if message.HasField("recurring_window_end_ns"):
+        balance.recurring_window_end_ns = message.recurring_window_end_ns
+    return balance
 
 
 def _indexed(table: Any, values: Iterator[Any]) -> array.array:
@@ -275,6 +313,7 @@ def _core(message: Any) -> Core:
         expiry.extend((r.expires_at_ns, r.sequence, app_message.app, r.reservation_id)
                       for r in app.reservations.values() if r.status is HoldState.LIVE)
     core.expiry = SortedList(expiry)
+    core.rebuild_grant_expiry()
     core.forget = SortedList(_forget_entry(entry) for entry in json.loads(message.forget_json))
     for key in json.loads(message.keys_json):
         restored = from_plain(key, KeyState)
@@ -368,6 +407,11 @@ def _counters(message: Any, rows: int) -> tuple[list[tuple[str, Window]], list[C
         _unpacked(_UINT32, message.threshold_percent_fired, rows, "thresholds"),
         _unpacked(_INT64, message.refilled_at_ns or zeros, rows, "refilled at"),
         _unpacked(_INT64, message.refill_carry or zeros, rows, "refill carries")))
+    for balance_message in message.balances:
+        if balance_message.counter_row >= rows:
+            raise CorruptSnapshot(f"a balance of counter row {balance_message.counter_row}, "
+                                  f"past the {rows} rows")
+        counters[balance_message.counter_row].balance = _balance(balance_message)
     return slots, counters
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from sortedcontainers import SortedList
 
 from quotad.storage.codec import from_plain, to_plain
+from quotad.core.balances import Balance, Grant
 from quotad.core.commands import RESULT_TYPES
 from quotad.core.machine import (
     AppState, Core, CounterState, IdempotencyEntry, KeyState, Reservation, UserState,
@@ -73,6 +74,7 @@ def core_from_plain(plain: dict[str, Any]) -> Core:
     core.users_numbered = plain["users_numbered"]
     core.apps = {app_id: _app_from_plain(app) for app_id, app in plain["apps"].items()}
     core.expiry = SortedList(tuple(entry) for entry in plain["expiry"])
+    core.rebuild_grant_expiry()
     core.forget = SortedList(_forget_entry(entry) for entry in plain["forget"])
     for key in plain["keys"]:
         restored = from_plain(key, KeyState)
@@ -85,6 +87,11 @@ def _forget_entry(entry: list[Any]) -> tuple[Any, ...]:
     return (forget_at_ns, sequence, kind, app_id, tuple(key) if kind == "idempotency" else key)
 
 
+def _balance(plain: dict[str, Any]) -> Balance:
+    grants = [Grant(**grant) for grant in plain.pop("grants")]
+    return Balance(grants=grants, **plain)
+
+
 def _app_from_plain(plain: dict[str, Any]) -> AppState:
     app = AppState()
     for plan in plain["plans"]:
@@ -93,7 +100,9 @@ def _app_from_plain(plain: dict[str, Any]) -> AppState:
         user = UserState(subscription=from_plain(subscription, Subscription), number=number,
                          live_holds=live_holds)
         for key, window, counter in counters:
-            user.counters[(key, Window[window])] = CounterState(**counter)
+            balance = counter.pop("balance", None)  # absent before credit balances
+            user.counters[(key, Window[window])] = CounterState(
+                **counter, balance=None if balance is None else _balance(balance))
         app.users[user_id] = user
     for reservation in plain["reservations"]:
         restored = from_plain(reservation, Reservation)
