@@ -8,12 +8,13 @@ in violations are the contract's. A command that changes the state becomes a log
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from quotad.core import limits
 from quotad.core.errors import Violations
 from quotad.core.plans import Kind, Metadata, Plan, Subscription, Window, load_time_zone
+from quotad.core.values import value_type
 from quotad_contract import tokens
 from quotad_contract.zones import time_zone_problem
 
@@ -85,7 +86,7 @@ def _int(value: object) -> bool:
 # --- the hot path -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class Reserve:
     app: str
     user_id: str
@@ -108,7 +109,7 @@ class Reserve:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class Commit:
     app: str
     reservation_id: str
@@ -125,7 +126,7 @@ class Commit:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class Release:
     app: str
     reservation_id: str
@@ -138,7 +139,7 @@ class Release:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class Extend:
     app: str
     reservation_id: str
@@ -154,7 +155,7 @@ class Extend:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class Track:
     app: str
     user_id: str
@@ -173,7 +174,7 @@ class Track:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class GetUsage:
     app: str
     user_id: str
@@ -185,7 +186,7 @@ class GetUsage:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class GrantCredits:
     """Credits for a user's balance group: a new grant (a top-up is one more)."""
 
@@ -211,7 +212,7 @@ class GrantCredits:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ListGrants:
     """A user's credit grants, of every balance group of their plan or of one."""
 
@@ -231,7 +232,7 @@ class ListGrants:
 # --- administration ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class UpsertPlan:
     app: str
     plan: Plan  # validated when built
@@ -243,7 +244,7 @@ class UpsertPlan:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class DeletePlan:
     app: str
     plan_id: str
@@ -255,7 +256,7 @@ class DeletePlan:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class GetPlan:
     app: str
     plan_id: str
@@ -267,12 +268,12 @@ class GetPlan:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ListPlans:
     app: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class UpsertSubscription:
     app: str
     user_id: str
@@ -298,7 +299,7 @@ class UpsertSubscription:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ListSubscriptions:
     """One page of an app's subscriptions (or one plan's), in user id order."""
 
@@ -325,7 +326,7 @@ class ListSubscriptions:
         return self.page_size or limits.SUBSCRIPTIONS_PAGE_SIZE_DEFAULT
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class GetSubscription:
     app: str
     user_id: str
@@ -350,7 +351,7 @@ def _key_kind_and_name(v: Violations, kind: str, name: str) -> None:
     v.text(name, "name", bytes_min=0, bytes_max=limits.KEY_NAME_BYTES_MAX)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class KeySpec:
     """The key a CreateKey request asks for, checked before the service makes the key (and
     then applies CreateKey with it). Never applied by the core itself."""
@@ -367,7 +368,7 @@ class KeySpec:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class CreateKey:
     """A new API key of an app. The key itself is made by the service and never stored: only
     its SHA-256, and for a secret key the HMAC key its user tokens are signed with."""
@@ -395,7 +396,7 @@ class CreateKey:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class RevokeKey:
     app: str
     """The caller's app: only its own keys may be revoked. Empty: the admin key, any app."""
@@ -408,7 +409,7 @@ class RevokeKey:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ListKeys:
     app: str
 
@@ -418,7 +419,7 @@ class ListKeys:
         v.raise_if_any()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class MintUserToken:
     """A user token for a user of the caller's app. The service signs it; the core keeps no
     state of tokens."""
@@ -463,7 +464,7 @@ def _cursor(page_token: str) -> bytes | None:
     return cursor if len(cursor) in (0, EVENT_CURSOR_BYTES) else None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ListEvents:
     """One page of a user's audit events, oldest first, with start_time <= time < end_time."""
 
@@ -511,7 +512,7 @@ class ListEvents:
         return self.page_size or limits.EVENTS_PAGE_SIZE_DEFAULT
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ExportUsage:
     """Committed and tracked amounts of one app from the log, after a cursor (the sequence of
     the last record an export covered) and before end_time."""
@@ -549,7 +550,7 @@ def _export_cursor(text: str) -> int | None | bool:
     return sequence if sequence < 2**63 else False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class WatchUsage:
     """A stream of a user's counters as they change."""
 
@@ -570,14 +571,14 @@ class WatchUsage:
 # --- internal ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ExpiredHold:
     app: str
     reservation_id: str
     user_id: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ExpiredGrant:
     app: str
     user_id: str
@@ -585,7 +586,7 @@ class ExpiredGrant:
     grant_id: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ExpireHolds:
     """Releases every hold whose expires_at <= now, and ends every credit grant whose
     expires_at <= now, in the order of their times (holds first at equal times). The core
@@ -608,7 +609,7 @@ COMMAND_TYPES: dict[str, type] = {
 }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class AuditEvent:
     """One entry of the audit trail: what changed for a user. Never any content beyond the
     metadata the caller chose."""
@@ -642,7 +643,7 @@ AUDIT_KINDS = ("reserve", "commit", "release", "expire", "extend", "track", "thr
 """Appended to, never reordered: the log stores an event's kind as its index here."""
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Record:
     """One entry of the write-ahead log: the command, applied at now_ns, as number sequence,
     with the audit events it made. The log stores the events once, in the events index, so a
@@ -666,7 +667,7 @@ class Record:
 # --- results ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class CounterView:
     key: str
     label: str
@@ -692,7 +693,7 @@ class CounterView:
         return max(0, self.used + self.held - self.quota)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ReserveResult:
     allowed: bool
     reservation_id: str
@@ -705,7 +706,7 @@ class ReserveResult:
     room."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class CommitResult:
     counters: tuple[CounterView, ...]
     committed: int
@@ -713,17 +714,17 @@ class CommitResult:
     expired: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ReleaseResult:
     counters: tuple[CounterView, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ExtendResult:
     expires_at_ns: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class TrackResult:
     allowed: bool
     counters: tuple[CounterView, ...]
@@ -734,14 +735,14 @@ class TrackResult:
     room."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class UsageResult:
     user_id: str
     plan_id: str
     counters: tuple[CounterView, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class GrantView:
     grant_id: str
     group_key: str
@@ -756,53 +757,53 @@ class GrantView:
     recurring: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class GrantResult:
     grant: GrantView
     counter: CounterView
     """The balance group's counter after the grant."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class GrantsResult:
     grants: tuple[GrantView, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class PlanResult:
     plan: Plan
     changed: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class PlansResult:
     plans: tuple[Plan, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class DeletePlanResult:
     pass
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class SubscriptionsResult:
     subscriptions: tuple[Subscription, ...]
     more: bool = False
     """True when subscriptions follow the last one of this page."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class SubscriptionResult:
     subscription: Subscription
     changed: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ExpireResult:
     expired: tuple[ExpiredHold, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class KeyView:
     """What may be shown of a key: never its hash or signing key."""
 
@@ -814,12 +815,12 @@ class KeyView:
     revoked_at_ns: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class KeyResult:
     key: KeyView
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class KeysResult:
     keys: tuple[KeyView, ...]
 

@@ -38,6 +38,7 @@ from quotad.core.errors import (
     PermissionDenied, QuotaError, ResourceExhausted,
 )
 from quotad.core.holds import HoldEvent, HoldState, next_state
+from quotad.core.values import value_type
 from quotad.core.plans import (
     Kind, LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone,
 )
@@ -65,7 +66,7 @@ class CounterState:
     and `held` what live holds reserved on the balance."""
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class HoldRef:
     """Which counter (group and window) a hold counts in, for as long as it lives."""
 
@@ -106,7 +107,7 @@ class UserState:
     live_holds: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class IdempotencyEntry:
     request: str
     result: Any
@@ -141,7 +142,7 @@ class KeyState:
                        created_at_ns=self.created_at_ns, revoked_at_ns=self.revoked_at_ns)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Outcome:
     """What apply() gives back: a result or an error, and the records to make durable."""
 

@@ -1,0 +1,91 @@
+"""`value_type` builds the same immutable values a frozen, slotted dataclass does, through a
+faster __init__: the same fields, defaults, validation, equality, hash, repr, replace, pickle,
+and assigning a field still fails."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+
+from quotad.core import commands, machine
+from quotad.core.values import value_type
+
+
+@value_type(kw_only=True)
+class Keyed:
+    name: str
+    amount: int = 1
+    tags: tuple[str, ...] = ()
+    hidden: int = dataclasses.field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.amount < 0:
+            raise ValueError("amount")
+
+
+@value_type
+class Positional:
+    sequence: int
+    now_ns: int
+    note: str = "-"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class KeyedReference:
+    name: str
+    amount: int = 1
+    tags: tuple[str, ...] = ()
+    hidden: int = dataclasses.field(default=0, compare=False)
+
+
+def test_a_value_is_built_compared_hashed_and_printed_as_a_frozen_dataclass_would_be():
+    value = Keyed(name="a", tags=("x",), hidden=4)
+    reference = KeyedReference(name="a", tags=("x",), hidden=4)
+    assert dataclasses.astuple(value) == dataclasses.astuple(reference)
+    assert repr(value).removeprefix("Keyed") == repr(reference).removeprefix("KeyedReference")
+    assert value == Keyed(name="a", tags=("x",), hidden=5)  # compare=False kept
+    assert hash(value) == hash(Keyed(name="a", tags=("x",)))
+    assert Positional(1, 2) == Positional(1, 2, "-") != Positional(1, 2, "+")
+    assert dataclasses.replace(value, amount=3).amount == 3
+    assert pickle.loads(pickle.dumps(value)) == value
+    with pytest.raises(TypeError):
+        Keyed("a")  # keyword-only stays keyword-only
+    with pytest.raises(TypeError):
+        Keyed(amount=2)  # a field without a default is required
+
+
+def test_a_value_stays_immutable_and_validated():
+    value = Keyed(name="a")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        value.amount = 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del value.name  # type: ignore[misc]
+    with pytest.raises(ValueError, match="amount"):
+        Keyed(name="a", amount=-1)
+    with pytest.raises(ValueError, match="amount"):
+        dataclasses.replace(value, amount=-1)
+
+
+def test_the_core_values_keep_their_defaults_and_validation():
+    """Each frozen value of the core whose fields all have defaults builds with them, and a
+    command still validates itself."""
+    checked = 0
+    for module in (commands, machine):
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)
+                    and cls.__dataclass_params__.frozen and cls.__module__ == module.__name__):
+                continue
+            fields = dataclasses.fields(cls)
+            if fields and all(f.default is not dataclasses.MISSING for f in fields):
+                built = cls()
+                assert [getattr(built, f.name) for f in fields] == [f.default for f in fields]
+            checked += 1
+    assert checked > 40
+    reserve = commands.Reserve(app="a", user_id="u", event_type="e", amount=5,
+                               reservation_id="rsv_" + "00" * 12)
+    assert (reserve.metadata, reserve.ttl_ns, reserve.idempotency_key) == ((), 60 * 10**9, "")
+    with pytest.raises(Exception, match="amount"):
+        commands.Reserve(app="a", user_id="u", event_type="e", amount=0,
+                         reservation_id="rsv_" + "00" * 12)
