@@ -1,0 +1,136 @@
+"""A cluster of shards, each a real quotad process on 127.0.0.1 with a static shard map:
+reservation ids carry their user's slot, a shard refuses another shard's users with
+WRONG_SHARD (having changed nothing), GetShardMap, and the clients' routing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+import quotad_client as qc
+from quotad_contract.errors import ErrorReason
+from quotad_contract.shards import ShardMap, slot_of, slot_of_reservation
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc as pb_grpc
+from server_process import ServerProcess
+
+APP = "default"
+"""Without API keys every call is app default's."""
+THREE_SHARDS = ("0-1364", "1365-2729", "2730-4095")
+MOVED_SHARDS = ("0-1000", "1001-2729,4000-4095", "2730-3999")
+"""THREE_SHARDS with slots 1001-1364 moved from shard 0 to 1 and 4000-4095 from 2 to 1."""
+CALL_TIMEOUT_S = 10.0
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (the map names its addresses before the shards start)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def write_map(path: Path, addresses: list[str], slots: tuple[str, ...]) -> ShardMap:
+    path.write_text(json.dumps({"shards": [
+        {"id": shard_id, "address": address, "slots": text}
+        for shard_id, (address, text) in enumerate(zip(addresses, slots))]}))
+    return ShardMap.from_json(path.read_text())
+
+
+class Cluster:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.addresses = [f"127.0.0.1:{port}" for port in free_ports(3)]
+        self.map_file = folder / "shards.json"
+        self.shard_map = write_map(self.map_file, self.addresses, THREE_SHARDS)
+        self.shards: list[ServerProcess | None] = [None, None, None]
+
+    def start(self) -> Cluster:
+        for shard_id, address in enumerate(self.addresses):
+            self.shards[shard_id] = ServerProcess(
+                self.folder / f"data-{shard_id}",
+                extra_args=("--log-state-digest", "--shard-map", str(self.map_file),
+                            "--shard-id", str(shard_id))).start(address)
+        return self
+
+    def stop(self) -> None:
+        for shard in self.shards:
+            if shard is not None:
+                assert shard.stop() == 0
+
+    def close(self) -> None:
+        for shard in self.shards:
+            if shard is not None:
+                shard.close()
+
+    def owner(self, user_id: str) -> int:
+        return self.shard_map.owner(slot_of(APP, user_id)).shard_id
+
+    def users(self, shard_id: int, count: int, prefix: str = "user") -> list[str]:
+        """The first `count` users named prefix-N that shard_id owns."""
+        found = [f"{prefix}-{n}" for n in range(10_000) if self.owner(f"{prefix}-{n}") == shard_id]
+        assert len(found) >= count
+        return found[:count]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    cluster = Cluster(tmp_path).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def digest(channel: grpc.Channel) -> bytes:
+    stub = pb_grpc.AdminServiceStub(channel)
+    return stub.GetStateDigest(pb.GetStateDigestRequest(), timeout=CALL_TIMEOUT_S).digest
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    raise AssertionError(f"no ErrorInfo in {status}")
+
+
+def assert_wrong_shard(status: grpc.StatusCode, info: error_details_pb2.ErrorInfo,
+                       cluster: Cluster, slot: int) -> None:
+    owner = cluster.shard_map.owner(slot)
+    assert status == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.reason == ErrorReason.WRONG_SHARD and info.domain == "quotad"
+    assert dict(info.metadata) == {"slot": str(slot), "shard_id": str(owner.shard_id),
+                                   "address": owner.address}
+
+
+def test_every_reservation_id_a_server_hands_out_starts_with_its_users_slot(server):
+    users = [f"rsv-user-{n}" for n in range(40)]
+    with qc.QuotaClient(server.address, timeout_s=CALL_TIMEOUT_S) as client:
+        for user in users:
+            client.subscribe(user, "free")
+        ids = {user: client.reserve(user, "openai.chat", 1).reservation_id for user in users}
+
+    async def coalesced() -> dict[str, str]:
+        async with qc.AsyncQuotaClient(server.address, timeout_s=CALL_TIMEOUT_S) as client:
+            holds = await asyncio.gather(*(client.reserve(user, "openai.chat", 1)
+                                           for user in users))
+            return {user: hold.reservation_id for user, hold in zip(users, holds)}
+
+    for found in (ids, asyncio.run(coalesced())):  # Reserve alone, and inside Batch RPCs
+        for user, reservation_id in found.items():
+            assert reservation_id.startswith(f"rsv_{slot_of(APP, user):03x}")
+            assert slot_of_reservation(reservation_id) == slot_of(APP, user)
