@@ -134,3 +134,98 @@ def test_every_reservation_id_a_server_hands_out_starts_with_its_users_slot(serv
         for user, reservation_id in found.items():
             assert reservation_id.startswith(f"rsv_{slot_of(APP, user):03x}")
             assert slot_of_reservation(reservation_id) == slot_of(APP, user)
+
+
+def foreign_requests(user: str, reservation_id: str) -> list[tuple[str, str, object]]:
+    """(service, RPC, request) for every unary RPC that names a user or a hold."""
+    return [
+        ("quota", "Reserve", pb.ReserveRequest(user_id=user, event_type="openai.chat", amount=1)),
+        ("quota", "Commit", pb.CommitRequest(reservation_id=reservation_id)),
+        ("quota", "Release", pb.ReleaseRequest(reservation_id=reservation_id)),
+        ("quota", "Extend", pb.ExtendRequest(reservation_id=reservation_id)),
+        ("quota", "Track", pb.TrackRequest(user_id=user, event_type="openai.chat", amount=1)),
+        ("quota", "GetUsage", pb.GetUsageRequest(user_id=user)),
+        ("quota", "GrantCredits", pb.GrantCreditsRequest(user_id=user, group_key="tokens",
+                                                         amount=5)),
+        ("quota", "ListGrants", pb.ListGrantsRequest(user_id=user)),
+        ("admin", "UpsertSubscription", pb.UpsertSubscriptionRequest(user_id=user,
+                                                                     plan_id="pro")),
+        ("admin", "GetSubscription", pb.GetSubscriptionRequest(user_id=user)),
+        ("admin", "ListEvents", pb.ListEventsRequest(user_id=user)),
+    ]
+
+
+def test_a_shard_refuses_every_call_for_another_shards_user_having_changed_nothing(cluster):
+    mine, theirs = cluster.users(0, 1)[0], cluster.users(1, 1)[0]
+    with qc.QuotaClient(cluster.addresses[1], timeout_s=CALL_TIMEOUT_S) as owner:
+        owner.subscribe(theirs, "free")
+        reservation_id = owner.reserve(theirs, "openai.chat", 10).reservation_id
+    with qc.QuotaClient(cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as first:
+        first.subscribe(mine, "free")
+    slot = slot_of(APP, theirs)
+    assert slot_of_reservation(reservation_id) == slot
+    channels = [grpc.insecure_channel(address) for address in cluster.addresses]
+    try:
+        before = [digest(channel) for channel in channels]
+        stubs = {"quota": pb_grpc.QuotaServiceStub(channels[0]),
+                 "admin": pb_grpc.AdminServiceStub(channels[0])}
+        for service, rpc, request in foreign_requests(theirs, reservation_id):
+            with pytest.raises(grpc.RpcError) as refused:
+                getattr(stubs[service], rpc)(request, timeout=CALL_TIMEOUT_S)
+            assert_wrong_shard(refused.value.code(), error_info(refused.value), cluster, slot)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(stubs["quota"].WatchUsage(pb.WatchUsageRequest(user_id=theirs),
+                                                timeout=CALL_TIMEOUT_S)))
+        assert_wrong_shard(refused.value.code(), error_info(refused.value), cluster, slot)
+        operations = [pb.BatchOperation(**{rpc.lower() if rpc != "GetUsage" else "get_usage":
+                                           request})
+                      for service, rpc, request in foreign_requests(theirs, reservation_id)
+                      if rpc in ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage")]
+        response = stubs["quota"].Batch(pb.BatchRequest(operations=operations),
+                                        timeout=CALL_TIMEOUT_S)
+        assert len(response.results) == 6
+        for result in response.results:
+            assert result.WhichOneof("result") == "error"
+            info = error_details_pb2.ErrorInfo()
+            assert result.error.details[-1].Unpack(info)
+            assert_wrong_shard(grpc.StatusCode.FAILED_PRECONDITION, info, cluster, slot)
+            assert result.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert [digest(channel) for channel in channels] == before
+        # Each operation of a Batch is checked alone: this shard's user's is applied.
+        mixed = stubs["quota"].Batch(pb.BatchRequest(operations=[
+            pb.BatchOperation(track=pb.TrackRequest(user_id=mine, event_type="openai.chat",
+                                                    amount=3)),
+            pb.BatchOperation(track=pb.TrackRequest(user_id=theirs, event_type="openai.chat",
+                                                    amount=3))]), timeout=CALL_TIMEOUT_S)
+        assert [r.WhichOneof("result") for r in mixed.results] == ["track", "error"]
+        # Plans are the catalog: every shard takes them.
+        stubs["admin"].GetPlan(pb.GetPlanRequest(id="free"), timeout=CALL_TIMEOUT_S)
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+@pytest.mark.parametrize("shards, flags, named", [
+    ([{"id": 0, "address": "127.0.0.1:1", "slots": "0-4094"}], ("--shard-id", "0"),
+     "slots 4095 are owned by no shard"),
+    ([{"id": 0, "address": "127.0.0.1:1", "slots": "0-4095"},
+      {"id": 1, "address": "127.0.0.1:2", "slots": "7"}], ("--shard-id", "0"),
+     "slot 7 is owned by shards 0 and 1"),
+    ([{"id": 0, "address": "nowhere", "slots": "0-4095"}], ("--shard-id", "0"),
+     "'nowhere' is not HOST:PORT"),
+    ([{"id": 0, "address": "127.0.0.1:1", "slots": "0-4095"}], ("--shard-id", "3"),
+     "no shard 3"),
+    ([{"id": 0, "address": "127.0.0.1:1", "slots": "0-4095"}], (),
+     "--shard-map and --shard-id go together"),
+])
+def test_a_bad_shard_map_exits_2_naming_the_problem(tmp_path, shards, flags, named):
+    import subprocess
+    import sys
+    map_file = tmp_path / "shards.json"
+    map_file.write_text(json.dumps({"shards": shards}))
+    done = subprocess.run([sys.executable, "-m", "quotad", "serve", "--listen", "127.0.0.1:0",
+                           "--data-dir", str(tmp_path / "data"), "--shard-map", str(map_file),
+                           *flags], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was made
