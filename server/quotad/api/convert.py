@@ -20,7 +20,7 @@ from quotad.core.plans import (
 )
 from quotad.storage.wal import StoredEvent
 from quotad_contract.limits import SLOT_HEX_DIGITS, SLOTS
-from quotad_contract.shards import slot_of
+from quotad_contract.shards import ShardMap, slot_of, slot_ranges
 from quotad_contract.v1 import quotad_pb2 as pb
 
 
@@ -365,3 +365,12 @@ def fill_usage_response(message: pb.GetUsageResponse, result: c.UsageResult) -> 
     message.user_id = result.user_id
     message.plan_id = result.plan_id
     _fill_counters(message.counters, result.counters)
+
+
+def shard_map_response(shard_map: ShardMap, shard_id: int, app: str) -> pb.GetShardMapResponse:
+    return pb.GetShardMapResponse(
+        shards=[pb.Shard(shard_id=shard.shard_id, address=shard.address,
+                         slots=[pb.SlotRange(first=first, last=last)
+                                for first, last in slot_ranges(shard.slots)])
+                for shard in shard_map.shards],
+        shard_id=shard_id, app=app)

@@ -103,7 +103,8 @@ QUOTA_METHODS: list[_Method] = [
      convert.grant_credits_response),
     ("ListGrants", pb.ListGrantsRequest, convert.list_grants, convert.list_grants_response),
 ]
-_QUOTA_RPCS = frozenset([name for name, *_ in QUOTA_METHODS] + ["Batch", "WatchUsage"])
+_QUOTA_RPCS = frozenset([name for name, *_ in QUOTA_METHODS]
+                        + ["Batch", "WatchUsage", "GetShardMap"])
 _FILL_BATCH_RESULT = {
     "reserve": convert.fill_reserve_response, "commit": convert.fill_commit_response,
     "release": convert.fill_release_response, "extend": convert.fill_extend_response,
@@ -271,6 +272,15 @@ def _state_digest_handler(gate: Gate, admission: Admission) -> _Handler:
         digest, sequence = await call.writer.state_digest()
         return pb.GetStateDigestResponse(digest=digest, sequence=sequence)
     return _answering(gate, admission, "GetStateDigest", answer)
+
+
+def _shard_map_handler(gate: Gate, admission: Admission) -> _Handler:
+    async def answer(request: Any, call: Call) -> Any:
+        ownership = gate.ownership
+        assert ownership is not None  # set before serving
+        return convert.shard_map_response(ownership.shard_map, ownership.shard_id,
+                                          call.principal.app)
+    return _answering(gate, admission, "GetShardMap", answer)
 
 
 def _list_events_handler(gate: Gate, admission: Admission) -> _Handler:
@@ -466,7 +476,8 @@ def method_handlers(gate: Gate, admission: Admission) -> dict[str, dict[str, Any
                      ("ListKeys", pb.ListKeysRequest, _list_keys_handler),
                      ("MintUserToken", pb.MintUserTokenRequest, _mint_user_token_handler))
                     if service.endswith("AdminService")
-                    else (("Batch", pb.BatchRequest, _batch_handler),))
+                    else (("Batch", pb.BatchRequest, _batch_handler),
+                          ("GetShardMap", pb.GetShardMapRequest, _shard_map_handler)))
         for name, request_type, make in specials:
             table[name] = grpc.unary_unary_rpc_method_handler(
                 make(gate, admission), request_deserializer=_safe_parser(request_type),
