@@ -229,3 +229,124 @@ def test_a_bad_shard_map_exits_2_naming_the_problem(tmp_path, shards, flags, nam
     assert done.returncode == 2, done.stderr
     assert named in done.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_every_shard_answers_the_whole_map_and_which_shard_it_is(cluster):
+    for shard_id, address in enumerate(cluster.addresses):
+        with grpc.insecure_channel(address) as channel:
+            answer = pb_grpc.QuotaServiceStub(channel).GetShardMap(pb.GetShardMapRequest(),
+                                                                   timeout=CALL_TIMEOUT_S)
+        assert answer.shard_id == shard_id and answer.app == APP
+        assert [(s.shard_id, s.address, [(r.first, r.last) for r in s.slots])
+                for s in answer.shards] == [
+            (0, cluster.addresses[0], [(0, 1364)]), (1, cluster.addresses[1], [(1365, 2729)]),
+            (2, cluster.addresses[2], [(2730, 4095)])]
+
+
+def test_a_server_alone_answers_one_shard_owning_every_slot_at_its_address(server):
+    with grpc.insecure_channel(server.address) as channel:
+        answer = pb_grpc.QuotaServiceStub(channel).GetShardMap(pb.GetShardMapRequest(),
+                                                               timeout=CALL_TIMEOUT_S)
+    assert answer.shard_id == 0 and answer.app == APP
+    assert [(s.shard_id, s.address, [(r.first, r.last) for r in s.slots])
+            for s in answer.shards] == [(0, server.address, [(0, 4095)])]
+
+
+def test_one_client_reaches_users_on_all_three_shards_and_commits_a_hold_through_them(cluster):
+    users = [user for shard_id in range(3) for user in cluster.users(shard_id, 3, "sync")]
+    with qc.QuotaClient(cluster=cluster.addresses[1], timeout_s=CALL_TIMEOUT_S) as client:
+        client.upsert_plan({"id": "p", "name": "P", "limit_groups": [
+            {"key": "tokens", "label": "Tokens", "unit": "tokens", "quota": 1000,
+             "window": "month", "match": {"event_types": ["openai.*"]}}]})
+        for user in users:
+            client.subscribe(user, "free")
+            hold = client.reserve(user, "openai.chat", 100)
+            assert slot_of_reservation(hold.reservation_id) == slot_of(APP, user)
+            client.commit(hold.reservation_id, 40)
+            with client.reserve(user, "openai.chat", 50) as guarded:
+                guarded.actual = 7
+            client.track(user, "openai.chat", 3)
+            assert client.usage(user)["tokens"].used == 50
+    # each user is on its own shard only
+    for shard_id, address in enumerate(cluster.addresses):
+        with qc.QuotaClient(address, timeout_s=CALL_TIMEOUT_S) as direct:
+            for user in users:
+                if cluster.owner(user) == shard_id:
+                    assert direct.usage(user)["tokens"].used == 50
+                else:
+                    with pytest.raises(qc.FailedPrecondition) as refused:
+                        direct.usage(user)
+                    assert refused.value.reason == ErrorReason.WRONG_SHARD
+
+
+def test_the_async_client_coalesces_per_shard_and_reaches_every_shard(cluster):
+    users = [user for shard_id in range(3) for user in cluster.users(shard_id, 4, "async")]
+
+    async def scenario() -> tuple[list[int], int]:
+        async with qc.AsyncQuotaClient(cluster=cluster.addresses[2],
+                                       timeout_s=CALL_TIMEOUT_S) as client:
+            for user in users:
+                await client.subscribe(user, "free")
+
+            async def spend(user: str) -> None:
+                async with client.reserve(user, "openai.chat", 20) as hold:
+                    hold.actual = 5
+                await client.track(user, "openai.chat", 1)
+
+            await asyncio.gather(*(spend(user) for user in users for _ in range(5)))
+            used = [(await client.usage(user))["tokens"].used for user in users]
+            return used, len(client._shards)
+
+    used, other_shards = asyncio.run(scenario())
+    assert used == [5 * 6] * len(users)
+    assert other_shards == 2  # a channel and a coalescer for each shard besides the target
+
+
+def test_a_direct_call_to_the_wrong_shard_names_the_right_one(cluster):
+    user = cluster.users(2, 1, "direct")[0]
+    with qc.QuotaClient(cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as direct:
+        with pytest.raises(qc.FailedPrecondition) as refused:
+            direct.subscribe(user, "free")
+    assert refused.value.reason == ErrorReason.WRONG_SHARD
+    assert cluster.addresses[2] in str(refused.value)
+
+
+def test_after_the_map_moves_slots_the_clients_fetch_it_again_and_succeed(cluster):
+    moving = [user for user in cluster.users(0, 800, "moving")
+              if 1001 <= slot_of(APP, user) <= 1364]
+    by_sync, by_async = moving[:3], moving[3:6]
+    assert len(by_async) == 3
+
+    def move_slots() -> None:
+        cluster.stop()
+        cluster.shard_map = write_map(cluster.map_file, cluster.addresses, MOVED_SHARDS)
+        cluster.start()
+
+    async def scenario() -> list[int]:
+        with qc.QuotaClient(cluster=cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as sync:
+            async with qc.AsyncQuotaClient(cluster=cluster.addresses[0],
+                                           timeout_s=CALL_TIMEOUT_S) as client:
+                for user in by_sync:
+                    sync.subscribe(user, "free")      # on shard 0, under the first map
+                for user in by_async:
+                    await client.subscribe(user, "free")
+                await asyncio.to_thread(move_slots)
+                assert {cluster.owner(user) for user in moving[:6]} == {1}
+                # Both clients still route by the old map: shard 0 refuses, each fetches the
+                # map again and the call goes to shard 1. (The users' data stays on shard 0:
+                # moving it is not part of this step, so they subscribe again there.)
+                for user in by_sync:
+                    sync.subscribe(user, "free")
+                    hold = sync.reserve(user, "openai.chat", 10)
+                    assert sync.commit(hold.reservation_id, 4).committed == 4
+                for user in by_async:  # a coalesced call: WRONG_SHARD inside a Batch, then
+                    with pytest.raises(qc.FailedPrecondition) as refused:  # shard 1's answer
+                        await client.track(user, "openai.chat", 1)
+                    assert refused.value.reason == ErrorReason.NO_PLAN
+                    await client.subscribe(user, "free")
+                for user in by_async:
+                    async with client.reserve(user, "openai.chat", 10) as hold:
+                        hold.actual = 3
+                return [(await client.usage(user))["tokens"].used for user in moving[:6]]
+
+    assert asyncio.run(scenario()) == [4, 4, 4, 3, 3, 3]
