@@ -323,13 +323,15 @@ def test_after_the_map_moves_slots_the_clients_fetch_it_again_and_succeed(cluste
         cluster.start()
 
     async def scenario() -> list[int]:
-        with qc.QuotaClient(cluster=cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as sync:
+        with qc.QuotaClient(cluster=cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as sync, \
+                qc.QuotaClient(cluster=cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as watcher:
             async with qc.AsyncQuotaClient(cluster=cluster.addresses[0],
                                            timeout_s=CALL_TIMEOUT_S) as client:
                 for user in by_sync:
                     sync.subscribe(user, "free")      # on shard 0, under the first map
                 for user in by_async:
                     await client.subscribe(user, "free")
+                watcher.usage(by_sync[0])  # the watcher has the first map too
                 await asyncio.to_thread(move_slots)
                 assert {cluster.owner(user) for user in moving[:6]} == {1}
                 # Both clients still route by the old map: shard 0 refuses, each fetches the
@@ -339,6 +341,9 @@ def test_after_the_map_moves_slots_the_clients_fetch_it_again_and_succeed(cluste
                     sync.subscribe(user, "free")
                     hold = sync.reserve(user, "openai.chat", 10)
                     assert sync.commit(hold.reservation_id, 4).committed == 4
+                watch = watcher.watch_usage(by_sync[0], reconnect=False)
+                assert next(watch).counter("tokens").used == 4  # opened again on shard 1
+                watch.close()
                 for user in by_async:  # a coalesced call: WRONG_SHARD inside a Batch, then
                     with pytest.raises(qc.FailedPrecondition) as refused:  # shard 1's answer
                         await client.track(user, "openai.chat", 1)
@@ -350,3 +355,4 @@ def test_after_the_map_moves_slots_the_clients_fetch_it_again_and_succeed(cluste
                 return [(await client.usage(user))["tokens"].used for user in moving[:6]]
 
     assert asyncio.run(scenario()) == [4, 4, 4, 3, 3, 3]
+

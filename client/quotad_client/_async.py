@@ -352,6 +352,7 @@ class AsyncQuotaClient:
         user has no subscription). ``after_sequence`` resumes a watch from an earlier run.
         """
         resume = Resume(user_id, after_sequence, self._config.policy, reconnect=reconnect)
+        rerouted = False
         while True:
             stubs, _ = await self._shard_for(quotad_pb2.WatchUsageRequest(user_id=user_id))
             stub = stubs[ops.QUOTA]
@@ -364,6 +365,10 @@ class AsyncQuotaClient:
                 return
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
+                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                    rerouted = True  # the map moved: fetch it again, open the watch there
+                    await self._refresh_routes(self._routes)
+                    continue
                 wait = resume.next_wait(error)
                 if wait is None:
                     raise with_tls_hint(error, self._plaintext) from rpc_error

@@ -259,6 +259,7 @@ class QuotaClient:
         window reset, in log order; the same as ``AsyncQuotaClient.watch_usage``, blocking.
         Close the generator (or leave the loop) to end the watch."""
         resume = Resume(user_id, after_sequence, self._config.policy, reconnect=reconnect)
+        rerouted = False
         while True:
             stub = self._stubs_for(quotad_pb2.WatchUsageRequest(user_id=user_id))[ops.QUOTA]
             call = stub.WatchUsage(resume.request(), metadata=self._config.metadata)
@@ -270,6 +271,10 @@ class QuotaClient:
                 return
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
+                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                    rerouted = True  # the map moved: fetch it again, open the watch there
+                    self._refresh_routes()
+                    continue
                 wait = resume.next_wait(error)
                 if wait is None:
                     raise with_tls_hint(error, self._plaintext) from rpc_error
