@@ -356,3 +356,22 @@ def test_after_the_map_moves_slots_the_clients_fetch_it_again_and_succeed(cluste
 
     assert asyncio.run(scenario()) == [4, 4, 4, 3, 3, 3]
 
+
+def test_a_server_alone_is_a_one_shard_cluster_reached_where_the_client_asked(start_server):
+    server = start_server(listen="localhost:0")  # it answers the map naming localhost:PORT
+    target = "127.0.0.1:" + server.address.rpartition(":")[2]
+    with qc.QuotaClient(cluster=target, timeout_s=CALL_TIMEOUT_S) as client:
+        for user in ("alone-1", "alone-2", "alone-3"):
+            client.subscribe(user, "free")
+            with client.reserve(user, "openai.chat", 10) as hold:
+                hold.actual = 2
+            assert client.usage(user)["tokens"].used == 2
+        assert client._shard_stubs == {}  # no second channel to the same server
+
+    async def through_async() -> int:
+        async with qc.AsyncQuotaClient(cluster=target, timeout_s=CALL_TIMEOUT_S) as client:
+            await asyncio.gather(*(client.track("alone-1", "openai.chat", 1) for _ in range(9)))
+            assert client._shards == {}
+            return (await client.usage("alone-1"))["tokens"].used
+
+    assert asyncio.run(through_async()) == 11

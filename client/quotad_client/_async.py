@@ -141,6 +141,8 @@ class AsyncQuotaClient:
         self._target = target
         self._clustered = cluster is not None
         self._routes: Routes | None = None
+        self._target_in_map = ""
+        """The map's address of the shard at target (once the target answered the map)."""
         self._routes_lock = asyncio.Lock()
         self._shards: dict[str, tuple[grpc.aio.Channel, dict[str, Any], Coalescer | None]] = {}
 
@@ -158,7 +160,7 @@ class AsyncQuotaClient:
 
     def _shard_at(self, address: str | None) -> tuple[dict[str, Any], Coalescer | None]:
         """The stubs and coalescer of the shard at ``address`` (None: the target)."""
-        if address is None or address == self._target:
+        if address is None or address in (self._target, self._target_in_map):
             return self._stubs, self._coalescer
         if address not in self._shards:
             channel = self._open_channel(address)
@@ -194,6 +196,8 @@ class AsyncQuotaClient:
                     failure = rpc_error
                     continue
                 self._routes = Routes.from_proto(response)
+                if address == self._target:
+                    self._target_in_map = self._routes.answered_by
                 return
             assert failure is not None
             raise with_tls_hint(error_from_rpc_error(failure), self._plaintext) from failure

@@ -30,14 +30,18 @@ class Routes:
 
     shard_map: ShardMap
     app: str
+    answered_by: str
+    """The map's address of the shard that answered: the client reaches it where it asked
+    (a server alone names its listen address, which may be a wildcard such as 0.0.0.0)."""
 
     @classmethod
     def from_proto(cls, response: quotad_pb2.GetShardMapResponse) -> Routes:
-        return cls(ShardMap.of(
+        shard_map = ShardMap.of(
             Shard(shard.shard_id, shard.address,
                   frozenset(slot for part in shard.slots
                             for slot in range(part.first, part.last + 1)))
-            for shard in response.shards), response.app)
+            for shard in response.shards)
+        return cls(shard_map, response.app, shard_map.shard(response.shard_id).address)
 
     def address_for(self, request: Message) -> str | None:
         """The address of the shard that owns the request's user or hold; None when it

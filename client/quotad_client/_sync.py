@@ -95,6 +95,8 @@ class QuotaClient:
         self._target = target
         self._clustered = cluster is not None
         self._routes: Routes | None = None
+        self._target_in_map = ""
+        """The map's address of the shard at target (once the target answered the map)."""
         self._shard_stubs: dict[str, tuple[grpc.Channel, dict[str, Any]]] = {}
 
     def _open_channel(self, target: str) -> grpc.Channel:
@@ -105,7 +107,7 @@ class QuotaClient:
     # --- routing (cluster=) ------------------------------------------------------------------
 
     def _stubs_at(self, address: str | None) -> dict[str, Any]:
-        if address is None or address == self._target:
+        if address is None or address in (self._target, self._target_in_map):
             return self._stubs
         if address not in self._shard_stubs:
             channel = self._open_channel(address)
@@ -135,6 +137,8 @@ class QuotaClient:
                 failure = rpc_error
                 continue
             self._routes = Routes.from_proto(response)
+            if address == self._target:
+                self._target_in_map = self._routes.answered_by
             return
         assert failure is not None
         raise with_tls_hint(error_from_rpc_error(failure), self._plaintext) from failure
