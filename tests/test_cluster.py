@@ -232,6 +232,10 @@ def test_a_bad_shard_map_exits_2_naming_the_problem(tmp_path, shards, flags, nam
 
 
 def test_every_shard_answers_the_whole_map_and_which_shard_it_is(cluster):
+    for shard_id, shard in enumerate(cluster.shards):
+        assert shard is not None
+        serving = shard.last("serving")
+        assert (serving["shard_id"], serving["slots"]) == (shard_id, THREE_SHARDS[shard_id])
     for shard_id, address in enumerate(cluster.addresses):
         with grpc.insecure_channel(address) as channel:
             answer = pb_grpc.QuotaServiceStub(channel).GetShardMap(pb.GetShardMapRequest(),

@@ -37,6 +37,7 @@ from quotad.api.auth import DEFAULT_APP, Authenticator
 from quotad.api.gate import Gate, GateState, is_loopback
 from quotad.api.service import http_usage_authorizer, method_handlers
 from quotad.cluster import FileShardMapSource, Ownership, ShardMapError
+from quotad_contract.shards import format_slots
 from quotad_contract.v1 import quotad_pb2
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
 from quotad.engine.recovery import recover
@@ -221,6 +222,14 @@ async def serve(config: Config) -> int:
     return await process.drain_flush_and_exit()
 
 
+def _shard(ownership: Ownership | None) -> dict[str, object]:
+    """For the serving line of a shard of a cluster: its id and slots (nothing when alone)."""
+    if ownership is None or not ownership.clustered:
+        return {}
+    slots = ownership.shard_map.shard(ownership.shard_id).slots
+    return {"shard_id": ownership.shard_id, "slots": format_slots(slots)}
+
+
 def load_ownership(config: Config) -> Ownership | None:
     """This shard's slots from --shard-map and --shard-id; None for a server alone.
     ValueError naming what is wrong with the map."""
@@ -375,6 +384,7 @@ class _Process:
                                    "keys": "on" if config.admin_key else "off",
                                    "tls": config.tls_cert is not None,
                                    "http": self.http_address,
+                                   **_shard(self.gate.ownership),
                                    **_digest(config, core)})
 
     async def drain_flush_and_exit(self) -> int:
