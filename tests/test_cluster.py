@@ -379,3 +379,27 @@ def test_a_server_alone_is_a_one_shard_cluster_reached_where_the_client_asked(st
             return (await client.usage("alone-1"))["tokens"].used
 
     assert asyncio.run(through_async()) == 11
+
+
+def test_the_browser_endpoint_refuses_another_shards_user_as_grpc_does(tmp_path):
+    import http.client
+    ports = free_ports(2)
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    shard_map = write_map(tmp_path / "shards.json", addresses, ("0-2047", "2048-4095"))
+    shard = ServerProcess(tmp_path / "data", extra_args=(
+        "--shard-map", str(tmp_path / "shards.json"), "--shard-id", "0",
+        "--http-listen", "127.0.0.1:0")).start(addresses[0])
+    try:
+        theirs = next(f"web-{n}" for n in range(1000) if slot_of(APP, f"web-{n}") >= 2048)
+        host, _, port = shard.http_address.rpartition(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=CALL_TIMEOUT_S)
+        connection.request("GET", f"/v1/usage?user_id={theirs}")
+        response = connection.getresponse()
+        error = json.loads(response.read())["error"]
+        connection.close()
+        assert (response.status, error["code"], error["reason"]) == (
+            409, "FAILED_PRECONDITION", "WRONG_SHARD")
+        assert error["metadata"] == {"slot": str(slot_of(APP, theirs)), "shard_id": "1",
+                                     "address": shard_map.owner(2048).address}
+    finally:
+        shard.close()
