@@ -306,6 +306,25 @@ def test_the_async_client_coalesces_per_shard_and_reaches_every_shard(cluster):
     assert other_shards == 2  # a channel and a coalescer for each shard besides the target
 
 
+def test_quotactl_with_cluster_sends_each_users_command_to_its_shard(cluster):
+    import subprocess
+    import sys
+    user = cluster.users(2, 1, "ctl")[0]
+
+    def quotactl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "quotad_client.ctl", "--target",
+                               cluster.addresses[0], *args], capture_output=True, text=True,
+                              timeout=60)
+
+    refused = quotactl("subscribe", user, "free")
+    assert refused.returncode == 1 and "belongs to shard 2" in refused.stderr
+    assert quotactl("--cluster", "subscribe", user, "free").returncode == 0
+    shown = quotactl("--cluster", "usage", user, "--json")
+    assert shown.returncode == 0, shown.stderr
+    with qc.QuotaClient(cluster.addresses[2], timeout_s=CALL_TIMEOUT_S) as owner:
+        assert owner.get_subscription(user).plan_id == "free"
+
+
 def test_a_direct_call_to_the_wrong_shard_names_the_right_one(cluster):
     user = cluster.users(2, 1, "direct")[0]
     with qc.QuotaClient(cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as direct:
