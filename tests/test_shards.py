@@ -88,6 +88,9 @@ def _shard(shard_id: int, slots: str, address: str = "127.0.0.1:1") -> dict:
     ([_shard(0, "0-2000"), _shard(0, "2001-4095")], "shard id 0 appears twice"),
     ([_shard(0, "0-4095", "localhost")], "is not HOST:PORT"),
     ([_shard(0, "0-4095", "localhost:0")], "is not HOST:PORT"),
+    ([_shard(0, "0-4095", "local host:1")], "is not HOST:PORT"),
+    ([_shard(0, "0-4095", ":1")], "is not HOST:PORT"),
+    ([_shard(0, "0-4095", "h" * 254 + ":1")], "at most 255 bytes"),
     ([_shard(-1, "0-4095")], "is not 0 to"),
     ([], "1 to 4096 shards"),
 ])
@@ -135,6 +138,8 @@ def test_ownership_refuses_other_shards_users_naming_the_owner():
     mine.check_reservation("rsv_000" + "0" * 21)
     mine.check_reservation("not-an-id")   # left to the request's own check
     mine.check_user("app", "")
+    for address in ("my_host.internal:7000", "[::1]:7000", "0.0.0.0:7000"):
+        assert Ownership.alone(address).shard_map.owner(0).address == address
     alone = Ownership.alone("127.0.0.1:7000")
     alone.check_user("app", theirs)
     alone.check_reservation("rsv_fff" + "0" * 21)

@@ -219,3 +219,6 @@ assert 16**SLOT_HEX_DIGITS == SLOTS
 SHARDS_MAX = SLOTS
 """A shard map has at most one shard per slot (every shard owns at least one)."""
 SHARD_ID_MAX = 2**31 - 1
+SHARD_ADDRESS_BYTES_MAX = 255
+"""A shard's HOST:PORT in the map."""
+PORT_MAX = 65535

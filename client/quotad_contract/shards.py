@@ -16,11 +16,15 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from quotad_contract.limits import SHARD_ID_MAX, SHARDS_MAX, SLOT_HEX_DIGITS, SLOTS
+from quotad_contract.limits import (
+    PORT_MAX, SHARD_ADDRESS_BYTES_MAX, SHARD_ID_MAX, SHARDS_MAX, SLOT_HEX_DIGITS, SLOTS,
+)
 
 RESERVATION_ID_PREFIX = "rsv_"
 _RESERVATION_ID = re.compile(r"rsv_[0-9a-f]{24}")
-_ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+_ADDRESS = re.compile(r"\S+:([0-9]{1,5})")
+"""HOST:PORT as a server's --listen takes it: any host without spaces (a name, an address,
+[v6]), a port 1 ... 65535."""
 _RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
@@ -81,8 +85,10 @@ def format_slots(slots: Iterable[int]) -> str:
 
 def check_address(address: str) -> None:
     match = _ADDRESS.fullmatch(address)
-    if match is None or not 1 <= int(match.group(1)) <= 65535:
-        raise ShardMapError(f"address {address!r} is not HOST:PORT")
+    if (match is None or not 1 <= int(match.group(1)) <= PORT_MAX
+            or len(address.encode("utf-8", "surrogatepass")) > SHARD_ADDRESS_BYTES_MAX):
+        raise ShardMapError(f"address {address!r} is not HOST:PORT (at most "
+                            f"{SHARD_ADDRESS_BYTES_MAX} bytes)")
 
 
 @dataclass(frozen=True, slots=True)
