@@ -123,7 +123,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
 # --- the permission table ---------------------------------------------------------------------
 
 QUOTA_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage", "Batch",
-              "WatchUsage", "GrantCredits", "ListGrants")
+              "WatchUsage", "GrantCredits", "ListGrants", "GetShardMap")
 ADMIN_RPCS = ("UpsertPlan", "GetPlan", "ListPlans", "DeletePlan", "UpsertSubscription",
               "GetSubscription", "ListSubscriptions", "ListEvents", "GetStateDigest",
               "CreateKey", "RevokeKey", "ListKeys", "MintUserToken", "ExportUsage")
@@ -187,6 +187,7 @@ def request_for(env: Keyed, rpc: str) -> Any:
         "ExportUsage": pb.ExportUsageRequest(app=APP_A),
         "ListEvents": pb.ListEventsRequest(user_id="ann"),
         "GetStateDigest": pb.GetStateDigestRequest(),
+        "GetShardMap": pb.GetShardMapRequest(),
         "CreateKey": pb.CreateKeyRequest(app=APP_A, kind=pb.KEY_KIND_PUBLIC, name="t"),
         "ListKeys": pb.ListKeysRequest(app=APP_A),
         "MintUserToken": pb.MintUserTokenRequest(user_id="ann"),
@@ -212,6 +213,8 @@ PK_USAGE_READ = {"pk own user token": OK, "pk other user's token": DENIED,
 def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
     if caller in ("no key", "invalid key", "revoked key"):
         return UNAUTHENTICATED
+    if rpc == "GetShardMap":  # every valid key may ask where users are
+        return OK
     if caller == "admin":
         return OK if rpc in ("CreateKey", "RevokeKey", "ListKeys", "GetStateDigest",
                              "ExportUsage") else DENIED

@@ -115,7 +115,8 @@ PERMISSION = Code.PERMISSION_DENIED
 CODES_BY_NUMBER = {code.value[0]: code for code in Code}
 
 BATCHABLE_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage")
-QUOTA_RPCS = BATCHABLE_RPCS + ("Batch", "WatchUsage", "GrantCredits", "ListGrants")
+QUOTA_RPCS = BATCHABLE_RPCS + ("Batch", "WatchUsage", "GrantCredits", "ListGrants",
+                                "GetShardMap")
 KEY_RPCS = ("CreateKey", "RevokeKey", "ListKeys", "MintUserToken")
 ADMIN_ONLY_RPCS = ("GetStateDigest",)
 """Refused to an app's key before the request is read (it covers every app's state)."""
@@ -775,6 +776,10 @@ def _expect_ListPlans(env: Env, m) -> Expect | None:
 
 
 def _expect_GetStateDigest(env: Env, m) -> Expect | None:
+    return unchanged()
+
+
+def _expect_GetShardMap(env: Env, m) -> Expect | None:
     return unchanged()
 
 
@@ -2069,7 +2074,8 @@ WIRE_BAD = st.sampled_from(BAD_WIRE)
 BYTE = st.integers(0, 255)
 CASE_KIND = st.sampled_from(["structured"] * 7 + ["raw"] * 3)
 ONE_IN_1000 = st.integers(0, 999)
-STRUCTURED_RPCS = st.sampled_from([r for r in ALL_RPCS if r not in ("ListPlans", "GetStateDigest")])
+STRUCTURED_RPCS = st.sampled_from([r for r in ALL_RPCS
+                                   if r not in ("ListPlans", "GetStateDigest", "GetShardMap")])
 ANY_RPC = st.sampled_from(ALL_RPCS)
 OVERSIZES = st.sampled_from([MESSAGE_MAX + 1, MESSAGE_MAX + 2, 70_000, 100_000])
 BATCH_SHAPE = st.integers(0, 29)
@@ -2235,6 +2241,9 @@ class Draws:
 
     def _GetStateDigest(self, draw):
         return pb.GetStateDigestRequest()
+
+    def _GetShardMap(self, draw):
+        return pb.GetShardMapRequest()
 
     def _UpsertSubscription(self, draw):
         bad = draw(bad_subset("user_id", "plan_id", "time_zone", "billing_customer_id"))

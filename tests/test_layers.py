@@ -31,7 +31,8 @@ def test_the_core_imports_no_asyncio_grpc_or_lmdb():
 @pytest.mark.parametrize("module", ["quotad_client", "quotad_client.ctl", "quotad_contract",
                                     "quotad_contract.limits", "quotad_contract.plans",
                                     "quotad_contract.tokens", "quotad_contract.errors",
-                                    "quotad_contract.zones", "quotad_contract.v1.quotad_pb2"])
+                                    "quotad_contract.zones", "quotad_contract.shards",
+                                    "quotad_contract.v1.quotad_pb2"])
 def test_the_client_and_the_contract_never_import_the_server_package(module: str):
     assert _loaded_after_importing((module,), ("quotad",)) == []
 
@@ -39,5 +40,5 @@ def test_the_client_and_the_contract_never_import_the_server_package(module: str
 def test_the_contract_imports_no_grpc_until_its_services_are_asked_for():
     assert _loaded_after_importing(("quotad_contract", "quotad_contract.limits",
                                     "quotad_contract.plans", "quotad_contract.tokens",
-                                    "quotad_contract.errors"),
+                                    "quotad_contract.errors", "quotad_contract.shards"),
                                    IO_MODULES) == []

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from quotad_contract.v1 import quotad_pb2
+
 from . import _convert as cv
 from . import _ops as ops
 from ._config import (
@@ -29,8 +31,9 @@ from ._config import (
 )
 from ._convert import PlanLike
 from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
-from ._errors import (DeadlineExceeded, error_from_rpc_error, error_from_status, shed_delay_s,
-                      with_tls_hint)
+from ._errors import (DeadlineExceeded, FailedPrecondition, error_from_rpc_error,
+                      error_from_status, shed_delay_s, with_tls_hint)
+from ._cluster import WRONG_SHARD, Routes
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -103,6 +106,12 @@ class AsyncQuotaClient:
     accumulates while a batch is in flight goes in the next one. Each call keeps its own
     result and errors; ``coalesce=False`` sends each as its own unary RPC (always so with a
     pk_ key, which may not call Batch).
+
+    ``cluster="HOST:PORT"`` (any shard of a cluster, instead of ``target``) routes each call
+    to the shard that owns its user or hold, from the map GetShardMap answers, with one
+    channel (and one coalescer) per shard; a WRONG_SHARD refusal fetches the map again and
+    sends the call once more. Calls that name no user (plans, lists, exports, keys) go to
+    the shard given.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
@@ -112,30 +121,93 @@ class AsyncQuotaClient:
                  channel_options: Sequence[tuple[str, Any]] = (),
                  metadata: Sequence[tuple[str, str]] = (), user_token: str | None = None,
                  tls_root_cert: bytes | None = None, tls: bool = False,
-                 coalesce: bool = True) -> None:
+                 coalesce: bool = True, cluster: str | None = None) -> None:
+        if cluster is not None:
+            target = cluster
         self._config = ClientConfig.make(
             api_key=api_key_or_env(api_key), user_token=user_token, timeout_s=timeout_s,
             retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
         credentials = channel_credentials(credentials, tls_root_cert, tls)
         self._plaintext = credentials is None
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, credentials,
-                                                    options=merged_channel_options(channel_options))
-        else:
-            self._channel = grpc.aio.insecure_channel(
-                target, options=merged_channel_options(channel_options))
+        self._credentials = credentials
+        self._channel_options = merged_channel_options(channel_options)
+        self._channel = self._open_channel(target)
         self._stubs = ops.make_stubs(self._channel)
         # A pk_ key may not call Batch (it reads one user's usage, nothing else): no coalescing.
         public_key = (api_key_or_env(api_key) or "").startswith("pk_")
-        self._coalescer = (Coalescer(batch_method(self._channel), self._config.budget(None),
-                                     self._config.metadata)
-                           if coalesce and not public_key else None)
+        self._coalescing = coalesce and not public_key
+        self._coalescer = self._new_coalescer(self._channel)
+        self._target = target
+        self._clustered = cluster is not None
+        self._routes: Routes | None = None
+        self._target_in_map = ""
+        """The map's address of the shard at target (once the target answered the map)."""
+        self._routes_lock = asyncio.Lock()
+        self._shards: dict[str, tuple[grpc.aio.Channel, dict[str, Any], Coalescer | None]] = {}
+
+    def _open_channel(self, target: str) -> grpc.aio.Channel:
+        if self._credentials is not None:
+            return grpc.aio.secure_channel(target, self._credentials,
+                                           options=self._channel_options)
+        return grpc.aio.insecure_channel(target, options=self._channel_options)
+
+    def _new_coalescer(self, channel: grpc.aio.Channel) -> Coalescer | None:
+        return (Coalescer(batch_method(channel), self._config.budget(None),
+                          self._config.metadata) if self._coalescing else None)
+
+    # --- routing (cluster=) ------------------------------------------------------------------
+
+    def _shard_at(self, address: str | None) -> tuple[dict[str, Any], Coalescer | None]:
+        """The stubs and coalescer of the shard at ``address`` (None: the target)."""
+        if address is None or address in (self._target, self._target_in_map):
+            return self._stubs, self._coalescer
+        if address not in self._shards:
+            channel = self._open_channel(address)
+            self._shards[address] = (channel, ops.make_stubs(channel),
+                                     self._new_coalescer(channel))
+        _, stubs, coalescer = self._shards[address]
+        return stubs, coalescer
+
+    async def _shard_for(self, request: Any) -> tuple[dict[str, Any], Coalescer | None]:
+        """The shard that owns the request's user or hold (cluster=), else the target."""
+        if not self._clustered:
+            return self._stubs, self._coalescer
+        if self._routes is None:
+            await self._refresh_routes(None)
+        assert self._routes is not None
+        return self._shard_at(self._routes.address_for(request))
+
+    async def _refresh_routes(self, stale: Routes | None) -> None:
+        """The map again (unless another call fetched it since ``stale`` was current), from
+        the shard given, else from any other shard known."""
+        async with self._routes_lock:
+            if self._routes is not None and self._routes is not stale:
+                return
+            known = self._routes.addresses if self._routes is not None else ()
+            failure: grpc.RpcError | None = None
+            for address in dict.fromkeys((self._target, *known)):
+                stubs, _ = self._shard_at(address)
+                try:
+                    response = await stubs[ops.QUOTA].GetShardMap(
+                        quotad_pb2.GetShardMapRequest(), timeout=self._config.budget(None),
+                        metadata=self._config.metadata)
+                except grpc.RpcError as rpc_error:
+                    failure = rpc_error
+                    continue
+                self._routes = Routes.from_proto(response)
+                if address == self._target:
+                    self._target_in_map = self._routes.answered_by
+                return
+            assert failure is not None
+            raise with_tls_hint(error_from_rpc_error(failure), self._plaintext) from failure
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def close(self) -> None:
         await self._channel.close()
+        for channel, _, _ in self._shards.values():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncQuotaClient:
         return self
@@ -148,23 +220,35 @@ class AsyncQuotaClient:
 
     async def _run(self, op: ops.Op[T], timeout_s: float | None) -> T:
         config = self._config
-        method = getattr(self._stubs[op.service], op.method)
         deadline = time.monotonic() + config.budget(timeout_s)
         retry = 0
+        rerouted = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"{op.method}: no time left for another attempt")
+            routes = self._routes
+            stubs, coalescer = await self._shard_for(op.request)
             try:
-                if self._coalescer is not None and op.method in BATCHABLE and (
+                if coalescer is not None and op.method in BATCHABLE and (
                         op.service == ops.QUOTA):
-                    response = await self._coalesced(op, remaining)
+                    response = await self._coalesced(coalescer, op, remaining)
                 else:
-                    response = await method(op.request, timeout=remaining,
-                                            metadata=config.metadata)
+                    response = await getattr(stubs[op.service], op.method)(
+                        op.request, timeout=remaining, metadata=config.metadata)
+            except FailedPrecondition as refused:  # one operation of a batch
+                if self._clustered and refused.reason == WRONG_SHARD and not rerouted:
+                    rerouted = True  # the map moved: fetch it again, send the call once more
+                    await self._refresh_routes(routes or self._routes)
+                    continue
+                raise
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
+                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                    rerouted = True
+                    await self._refresh_routes(routes or self._routes)
+                    continue
                 wait = config.policy.next_wait(retry=retry, code=error.code,
                                                retryable=op.retryable, deadline=deadline,
                                                shed_delay_s=shed_delay_s(error))
@@ -175,10 +259,9 @@ class AsyncQuotaClient:
                 continue
             return op.convert(response)
 
-    async def _coalesced(self, op: ops.Op[T], remaining_s: float) -> Any:
-        assert self._coalescer is not None
+    async def _coalesced(self, coalescer: Coalescer, op: ops.Op[T], remaining_s: float) -> Any:
         try:
-            return await self._coalescer.call(op.method, op.request, remaining_s)
+            return await coalescer.call(op.method, op.request, remaining_s)
         except TimeoutError:
             raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"{op.method}: deadline exceeded in a batch") from None
@@ -273,8 +356,10 @@ class AsyncQuotaClient:
         user has no subscription). ``after_sequence`` resumes a watch from an earlier run.
         """
         resume = Resume(user_id, after_sequence, self._config.policy, reconnect=reconnect)
-        stub = self._stubs[ops.QUOTA]
+        rerouted = False
         while True:
+            stubs, _ = await self._shard_for(quotad_pb2.WatchUsageRequest(user_id=user_id))
+            stub = stubs[ops.QUOTA]
             call = stub.WatchUsage(resume.request(), metadata=self._config.metadata)
             try:
                 async for message in call:
@@ -284,6 +369,10 @@ class AsyncQuotaClient:
                 return
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
+                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                    rerouted = True  # the map moved: fetch it again, open the watch there
+                    await self._refresh_routes(self._routes)
+                    continue
                 wait = resume.next_wait(error)
                 if wait is None:
                     raise with_tls_hint(error, self._plaintext) from rpc_error

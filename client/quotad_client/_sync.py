@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from quotad_contract.v1 import quotad_pb2
+
 from . import _convert as cv
 from . import _ops as ops
 from ._config import (
@@ -21,6 +23,7 @@ from ._config import (
 from ._convert import PlanLike
 from ._errors import (DeadlineExceeded, error_from_rpc_error, shed_delay_s,
                       with_tls_hint)
+from ._cluster import WRONG_SHARD, Routes
 from ._hold import Hold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -62,6 +65,11 @@ class QuotaClient:
     ``api_key`` (default: the QUOTAD_API_KEY environment variable, else none) and
     ``user_token`` (with a pk_ key) go with every call. ``tls_root_cert`` (PEM bytes) or
     ``tls=True`` (the system's roots) make the channel TLS.
+
+    ``cluster="HOST:PORT"`` (any shard of a cluster, instead of ``target``) routes each call
+    to the shard that owns its user or hold, from the map GetShardMap answers, with one
+    channel per shard; a WRONG_SHARD refusal fetches the map again and sends the call once
+    more. Calls that name no user (plans, lists, exports, keys) go to the shard given.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
@@ -70,25 +78,77 @@ class QuotaClient:
                  credentials: grpc.ChannelCredentials | None = None,
                  channel_options: Sequence[tuple[str, Any]] = (),
                  metadata: Sequence[tuple[str, str]] = (), user_token: str | None = None,
-                 tls_root_cert: bytes | None = None, tls: bool = False) -> None:
+                 tls_root_cert: bytes | None = None, tls: bool = False,
+                 cluster: str | None = None) -> None:
+        if cluster is not None:
+            target = cluster
         self._config = ClientConfig.make(
             api_key=api_key_or_env(api_key), user_token=user_token, timeout_s=timeout_s,
             retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
         credentials = channel_credentials(credentials, tls_root_cert, tls)
         self._plaintext = credentials is None
-        if credentials is not None:
-            self._channel = grpc.secure_channel(target, credentials,
-                                                options=merged_channel_options(channel_options))
-        else:
-            self._channel = grpc.insecure_channel(
-                target, options=merged_channel_options(channel_options))
+        self._credentials = credentials
+        self._channel_options = merged_channel_options(channel_options)
+        self._channel = self._open_channel(target)
         self._stubs = ops.make_stubs(self._channel)
+        self._target = target
+        self._clustered = cluster is not None
+        self._routes: Routes | None = None
+        self._target_in_map = ""
+        """The map's address of the shard at target (once the target answered the map)."""
+        self._shard_stubs: dict[str, tuple[grpc.Channel, dict[str, Any]]] = {}
+
+    def _open_channel(self, target: str) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(target, self._credentials, options=self._channel_options)
+        return grpc.insecure_channel(target, options=self._channel_options)
+
+    # --- routing (cluster=) ------------------------------------------------------------------
+
+    def _stubs_at(self, address: str | None) -> dict[str, Any]:
+        if address is None or address in (self._target, self._target_in_map):
+            return self._stubs
+        if address not in self._shard_stubs:
+            channel = self._open_channel(address)
+            self._shard_stubs[address] = (channel, ops.make_stubs(channel))
+        return self._shard_stubs[address][1]
+
+    def _stubs_for(self, request: Any) -> dict[str, Any]:
+        """The stubs of the shard that owns the request's user or hold (cluster=), else the
+        target's."""
+        if not self._clustered:
+            return self._stubs
+        if self._routes is None:
+            self._refresh_routes()
+        assert self._routes is not None
+        return self._stubs_at(self._routes.address_for(request))
+
+    def _refresh_routes(self) -> None:
+        """The map again, from the shard given, else from any other shard known."""
+        known = self._routes.addresses if self._routes is not None else ()
+        failure: grpc.RpcError | None = None
+        for address in dict.fromkeys((self._target, *known)):
+            try:
+                response = self._stubs_at(address)[ops.QUOTA].GetShardMap(
+                    quotad_pb2.GetShardMapRequest(), timeout=self._config.budget(None),
+                    metadata=self._config.metadata)
+            except grpc.RpcError as rpc_error:
+                failure = rpc_error
+                continue
+            self._routes = Routes.from_proto(response)
+            if address == self._target:
+                self._target_in_map = self._routes.answered_by
+            return
+        assert failure is not None
+        raise with_tls_hint(error_from_rpc_error(failure), self._plaintext) from failure
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
         self._channel.close()
+        for channel, _ in self._shard_stubs.values():
+            channel.close()
 
     def __enter__(self) -> QuotaClient:
         return self
@@ -101,18 +161,23 @@ class QuotaClient:
 
     def _run(self, op: ops.Op[T], timeout_s: float | None) -> T:
         config = self._config
-        method = getattr(self._stubs[op.service], op.method)
         deadline = time.monotonic() + config.budget(timeout_s)
         retry = 0
+        rerouted = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"{op.method}: no time left for another attempt")
+            method = getattr(self._stubs_for(op.request)[op.service], op.method)
             try:
                 response = method(op.request, timeout=remaining, metadata=config.metadata)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
+                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                    rerouted = True  # the map moved: fetch it again, send the call once more
+                    self._refresh_routes()
+                    continue
                 wait = config.policy.next_wait(retry=retry, code=error.code,
                                                retryable=op.retryable, deadline=deadline,
                                                shed_delay_s=shed_delay_s(error))
@@ -198,8 +263,9 @@ class QuotaClient:
         window reset, in log order; the same as ``AsyncQuotaClient.watch_usage``, blocking.
         Close the generator (or leave the loop) to end the watch."""
         resume = Resume(user_id, after_sequence, self._config.policy, reconnect=reconnect)
-        stub = self._stubs[ops.QUOTA]
+        rerouted = False
         while True:
+            stub = self._stubs_for(quotad_pb2.WatchUsageRequest(user_id=user_id))[ops.QUOTA]
             call = stub.WatchUsage(resume.request(), metadata=self._config.metadata)
             try:
                 for message in call:
@@ -209,6 +275,10 @@ class QuotaClient:
                 return
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
+                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                    rerouted = True  # the map moved: fetch it again, open the watch there
+                    self._refresh_routes()
+                    continue
                 wait = resume.next_wait(error)
                 if wait is None:
                     raise with_tls_hint(error, self._plaintext) from rpc_error

@@ -56,7 +56,7 @@ class UsageError(Exception):
 # --- the connection ----------------------------------------------------------------------------
 
 def connect(target: str, timeout_s: float, tls_root_cert: Path | None = None,
-            tls: bool = False) -> QuotaClient:
+            tls: bool = False, cluster: bool = False) -> QuotaClient:
     """The client for every call. The API key comes only from QUOTAD_API_KEY (never a flag,
     which would show in `ps` and shell history) and travels as `authorization: Bearer`."""
     api_key = os.environ.get(API_KEY_ENV) or None
@@ -67,7 +67,7 @@ def connect(target: str, timeout_s: float, tls_root_cert: Path | None = None,
         except OSError as error:
             raise UsageError(f"--tls-root-cert {tls_root_cert}: {error.strerror}") from error
     return QuotaClient(target, api_key=api_key, timeout_s=timeout_s, retries=1,
-                       tls_root_cert=root_cert, tls=tls)
+                       tls_root_cert=root_cert, tls=tls, cluster=target if cluster else None)
 
 
 # --- output helpers ----------------------------------------------------------------------------
@@ -593,6 +593,11 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--target", default=os.environ.get(TARGET_ENV) or TARGET_DEFAULT,
                       metavar="HOST:PORT",
                       help=f"the quotad server (default: ${TARGET_ENV}, else {TARGET_DEFAULT})")
+    root.add_argument("--cluster", action="store_true",
+                      help="--target is any shard of a cluster: send a command about a user "
+                           "(subscribe, usage, events) to the shard that owns the user; other "
+                           "commands (plans, subscriptions, export, keys) reach --target's "
+                           "shard only")
     root.add_argument("--timeout-s", type=_timeout_s, default=TIMEOUT_S_DEFAULT,
                       metavar="SECONDS",
                       help="time budget of each call, retries included (default: %(default)s)")
@@ -774,7 +779,8 @@ def _refusal(error: QuotadError) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        with connect(args.target, args.timeout_s, args.tls_root_cert, args.tls) as client:
+        with connect(args.target, args.timeout_s, args.tls_root_cert, args.tls,
+                     args.cluster) as client:
             return int(args.run(client, args))
     except (Unavailable, DeadlineExceeded) as error:
         tls_hint = (f"; no server there, or one that requires TLS: --tls-root-cert CA.pem "

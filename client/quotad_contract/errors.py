@@ -61,6 +61,11 @@ class ErrorReason(enum.StrEnum):
     # RESOURCE_EXHAUSTED
     TOO_MANY_GRANTS = "TOO_MANY_GRANTS"
     """The user's balance group has GRANTS_PER_BALANCE_MAX grants with credit left."""
+    # FAILED_PRECONDITION
+    WRONG_SHARD = "WRONG_SHARD"
+    """The user (or the reservation id's slot) belongs to another shard of the cluster; the
+    ErrorInfo metadata names it: "slot", "shard_id" and "address" of the shard that owns it.
+    Nothing changed: send the call there."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,3 +209,16 @@ if not _bytes_field_bytes(PLAN_BYTES_MAX) + _scalar_field_bytes(1) <= MESSAGE_BY
     raise AssertionError("a plan of PLAN_BYTES_MAX fits in one message with its envelope")
 
 __all__ = [name for name in dir() if name.isupper() and not name.startswith("_")]
+
+SLOTS = 4096
+"""A user belongs to one of SLOTS slots (crc32 of app, NUL, user id, modulo SLOTS); a shard of
+a cluster owns a set of slots. A reservation id's first SLOT_HEX_DIGITS hex digits are its
+user's slot."""
+SLOT_HEX_DIGITS = 3
+assert 16**SLOT_HEX_DIGITS == SLOTS
+SHARDS_MAX = SLOTS
+"""A shard map has at most one shard per slot (every shard owns at least one)."""
+SHARD_ID_MAX = 2**31 - 1
+SHARD_ADDRESS_BYTES_MAX = 255
+"""A shard's HOST:PORT in the map."""
+PORT_MAX = 65535

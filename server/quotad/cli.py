@@ -146,6 +146,18 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                           "CANCELLED), rather than left to wait past its deadline. "
                           f"{limits.PENDING_CALLS_PER_METHOD_MIN} to "
                           f"{limits.PENDING_CALLS_PER_METHOD_MAX:,} (default: %(default)s)")
+    run.add_argument("--shard-map", type=Path, metavar="FILE.json",
+                     help="serve as one shard of a cluster: the shard map, a JSON file "
+                          '{"shards": [{"id": 0, "address": "HOST:PORT", "slots": '
+                          '"0-1364,4000-4095"}, ...]} in which every slot 0 to 4095 is owned by '
+                          "exactly one shard, ids are unique and addresses HOST:PORT (a bad "
+                          "map exits 2 naming the problem). A call for a user of another "
+                          "shard's slot is refused, having changed nothing, with "
+                          "FAILED_PRECONDITION WRONG_SHARD naming that shard; GetShardMap "
+                          "answers the map. Needs --shard-id. Default: none, a server alone "
+                          "owning every user")
+    run.add_argument("--shard-id", type=int, metavar="N",
+                     help="this shard's id in --shard-map (both, or neither)")
     run.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=False,
                      help="enable gRPC server reflection (default: off)")
     run.add_argument("--log-state-digest", action=argparse.BooleanOptionalAction, default=False,

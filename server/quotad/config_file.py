@@ -66,6 +66,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_allowed_host", list, "http_allowed_hosts", tuple),
     Setting("admission_operations", int, "admission_operations"),
     Setting("pending_calls_per_method", int, "pending_calls_per_method"),
+    Setting("shard_map", Path, "shard_map_file"),
+    Setting("shard_id", int, "shard_id"),
 )
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 assert {s.field for s in SETTINGS if s.field} <= {f.name for f in dataclasses.fields(Config)}

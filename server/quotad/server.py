@@ -36,6 +36,8 @@ from quotad.plans_file import load_plans
 from quotad.api.auth import DEFAULT_APP, Authenticator
 from quotad.api.gate import Gate, GateState, is_loopback
 from quotad.api.service import http_usage_authorizer, method_handlers
+from quotad.cluster import FileShardMapSource, Ownership, ShardMapError
+from quotad_contract.shards import format_slots
 from quotad_contract.v1 import quotad_pb2
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
 from quotad.engine.recovery import recover
@@ -93,6 +95,10 @@ class Config:
     pending_calls_per_method: int = limits.PENDING_CALLS_PER_METHOD
     """Calls of one method received and not yet taken by a handler, at most; one arriving
     while that many wait is refused by grpc's core (the caller sees CANCELLED)."""
+    shard_map_file: Path | None = None
+    shard_id: int | None = None
+    """A shard of a cluster: the shard map (JSON) and this shard's id in it (both, or
+    neither: a server alone, owning every user)."""
 
     def __post_init__(self) -> None:
         self._check_address("--listen", self.listen, callers=True)
@@ -125,6 +131,8 @@ class Config:
                              f"{limits.PENDING_CALLS_PER_METHOD_MIN} to "
                              f"{limits.PENDING_CALLS_PER_METHOD_MAX:,}")
         self._check_http()
+        if (self.shard_map_file is None) != (self.shard_id is None):
+            raise ValueError("--shard-map and --shard-id go together: give both or neither")
 
     def _check_address(self, flag: str, address: str, *, callers: bool) -> None:
         """HOST:PORT (port 0 picks one). An address that takes callers' calls (gRPC, the
@@ -197,8 +205,10 @@ async def serve(config: Config) -> int:
     """Runs until SIGTERM/SIGINT (returns 0) or a storage failure (returns 1)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     plans = load_plans(config.plans) if config.plans else []
+    ownership = load_ownership(config)
     wal = WriteAheadLog(config.data_dir, map_size_bytes=config.map_size_bytes)  # locks the dir
     process = _Process(config, wal)
+    process.gate.ownership = ownership
     await process.listen_not_serving()
     core = await process.recover_core()
     if core is None:
@@ -210,6 +220,25 @@ async def serve(config: Config) -> int:
     await process.report_serving(plans_loaded=len(plans))
     await process.stop.wait()
     return await process.drain_flush_and_exit()
+
+
+def _shard(ownership: Ownership | None) -> dict[str, object]:
+    """For the serving line of a shard of a cluster: its id and slots (nothing when alone)."""
+    if ownership is None or not ownership.clustered:
+        return {}
+    slots = ownership.shard_map.shard(ownership.shard_id).slots
+    return {"shard_id": ownership.shard_id, "slots": format_slots(slots)}
+
+
+def load_ownership(config: Config) -> Ownership | None:
+    """This shard's slots from --shard-map and --shard-id; None for a server alone.
+    ValueError naming what is wrong with the map."""
+    if config.shard_map_file is None or config.shard_id is None:
+        return None
+    try:
+        return Ownership.of(FileShardMapSource(config.shard_map_file).load(), config.shard_id)
+    except ShardMapError as error:
+        raise ValueError(f"--shard-map {config.shard_map_file}: {error}") from None
 
 
 class _Process:
@@ -289,6 +318,8 @@ class _Process:
         await _set_health(self.health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self.address = f"{config.listen.rpartition(':')[0]}:{port}"
+        if self.gate.ownership is None:  # alone: the one shard of a map of its own
+            self.gate.ownership = Ownership.alone(self.address)
         if config.http_listen:
             http_host, _, http_port = config.http_listen.rpartition(":")
             try:
@@ -353,6 +384,7 @@ class _Process:
                                    "keys": "on" if config.admin_key else "off",
                                    "tls": config.tls_cert is not None,
                                    "http": self.http_address,
+                                   **_shard(self.gate.ownership),
                                    **_digest(config, core)})
 
     async def drain_flush_and_exit(self) -> int:

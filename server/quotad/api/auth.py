@@ -60,6 +60,8 @@ SERVER_RPCS = frozenset({"GetStateDigest"})
 """RPCs about the whole server, every app at once: the admin key's alone when keys are on."""
 PUBLIC_RPCS = frozenset({"GetUsage", "WatchUsage", "ListGrants"})
 """RPCs a pk key may call, each for the user its user token names."""
+ANY_CALLER_RPCS = frozenset({"GetShardMap"})
+"""RPCs every caller whose key is valid may call (any kind, the admin key's too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +218,8 @@ class Authenticator:
                     ErrorReason.KEYS_DISABLED,
                     "API keys are off: start quotad with an admin key (QUOTAD_ADMIN_KEY or "
                     "--admin-key-file) to create and use them")
+            return
+        if rpc in ANY_CALLER_RPCS:
             return
         if principal.kind == ADMIN:
             if rpc not in ADMIN_RPCS:

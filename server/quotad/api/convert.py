@@ -19,20 +19,25 @@ from quotad.core.plans import (
     Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Subscription, Window,
 )
 from quotad.storage.wal import StoredEvent
+from quotad_contract.limits import SLOT_HEX_DIGITS, SLOTS
+from quotad_contract.shards import ShardMap, slot_of, slot_ranges
 from quotad_contract.v1 import quotad_pb2 as pb
 
 
 _RESERVATION_IDS_PER_READ = 256
-_reservation_ids: list[str] = []
+_random_hex: list[str] = []
 
 
-def new_reservation_id() -> str:
-    """rsv_ and 12 random bytes from the OS's CSPRNG, read for 256 ids at a time (one read
-    per id cost more than the rest of a Reserve's conversion)."""
-    if not _reservation_ids:
+def new_reservation_id(slot: int) -> str:
+    """rsv_ and 24 hex digits: the user's slot in the first SLOT_HEX_DIGITS (so a cluster
+    routes and checks a hold by its id alone), the other 84 bits random from the OS's CSPRNG,
+    read for 256 ids at a time (one read per id cost more than the rest of a Reserve's
+    conversion)."""
+    assert 0 <= slot < SLOTS, slot
+    if not _random_hex:
         text = secrets.token_hex(12 * _RESERVATION_IDS_PER_READ)
-        _reservation_ids.extend("rsv_" + text[at: at + 24] for at in range(0, len(text), 24))
-    return _reservation_ids.pop()
+        _random_hex.extend(text[at + SLOT_HEX_DIGITS: at + 24] for at in range(0, len(text), 24))
+    return f"rsv_{slot:03x}{_random_hex.pop()}"
 
 
 _MALFORMED_NS = -1
@@ -52,7 +57,8 @@ def reserve(app: str, request: pb.ReserveRequest) -> c.Reserve:
         app=app, user_id=request.user_id, event_type=request.event_type, amount=request.amount,
         metadata=tuple(sorted(request.metadata.items())),
         ttl_ns=_ns(request.ttl) if request.HasField("ttl") else limits.TTL_NS_DEFAULT,
-        idempotency_key=request.idempotency_key, reservation_id=new_reservation_id())
+        idempotency_key=request.idempotency_key,
+        reservation_id=new_reservation_id(slot_of(app, request.user_id)))
 
 
 def commit(app: str, request: pb.CommitRequest) -> c.Commit:
@@ -359,3 +365,12 @@ def fill_usage_response(message: pb.GetUsageResponse, result: c.UsageResult) -> 
     message.user_id = result.user_id
     message.plan_id = result.plan_id
     _fill_counters(message.counters, result.counters)
+
+
+def shard_map_response(shard_map: ShardMap, shard_id: int, app: str) -> pb.GetShardMapResponse:
+    return pb.GetShardMapResponse(
+        shards=[pb.Shard(shard_id=shard.shard_id, address=shard.address,
+                         slots=[pb.SlotRange(first=first, last=last)
+                                for first, last in slot_ranges(shard.slots)])
+                for shard in shard_map.shards],
+        shard_id=shard_id, app=app)

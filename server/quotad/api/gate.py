@@ -6,6 +6,7 @@ import enum
 import ipaddress
 
 from quotad.api.auth import Authenticator
+from quotad.cluster import Ownership
 from quotad.core.errors import Refusal
 from quotad.engine.writer import Writer
 
@@ -40,6 +41,8 @@ class Gate:
         self.auth: Authenticator | None = None
         """Set with the writer, once the core it reads keys from exists."""
         self.state = GateState.STARTING
+        self.ownership: Ownership | None = None
+        """The slots this server owns: set before it serves (a server alone owns all)."""
 
     @property
     def serving(self) -> bool:

@@ -26,7 +26,7 @@ from quotad.api.admission import Admission
 from quotad.api.auth import Principal
 from quotad.api.gate import Gate
 from quotad.core.errors import (
-    FieldViolation, InvalidArgument, PermissionDenied, Refusal,
+    FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied, Refusal,
 )
 from quotad_contract.errors import ERROR_DOMAIN, ERRORS, INTERNAL, ErrorReason
 from quotad_contract.v1 import quotad_pb2 as pb
@@ -103,7 +103,8 @@ QUOTA_METHODS: list[_Method] = [
      convert.grant_credits_response),
     ("ListGrants", pb.ListGrantsRequest, convert.list_grants, convert.list_grants_response),
 ]
-_QUOTA_RPCS = frozenset([name for name, *_ in QUOTA_METHODS] + ["Batch", "WatchUsage"])
+_QUOTA_RPCS = frozenset([name for name, *_ in QUOTA_METHODS]
+                        + ["Batch", "WatchUsage", "GetShardMap"])
 _FILL_BATCH_RESULT = {
     "reserve": convert.fill_reserve_response, "commit": convert.fill_commit_response,
     "release": convert.fill_release_response, "extend": convert.fill_extend_response,
@@ -235,12 +236,32 @@ def _answering(gate: Gate, admission: Admission, rpc: str,
     return handle
 
 
+USER_RPCS = frozenset({"Reserve", "Track", "GetUsage", "GrantCredits", "ListGrants",
+                       "UpsertSubscription", "GetSubscription", "ListEvents", "WatchUsage"})
+"""RPCs that name one user (request.user_id): a shard takes them for its own users only."""
+RESERVATION_RPCS = frozenset({"Commit", "Release", "Extend"})
+"""RPCs that name one hold (request.reservation_id), whose first hex digits are its slot."""
+
+
+def check_shard(gate: Gate, rpc: str, app: str, request: Any) -> None:
+    """FAILED_PRECONDITION WRONG_SHARD, before anything changes, when the request names a
+    user (or a hold) whose slot another shard of the cluster owns. A server alone owns all."""
+    ownership = gate.ownership
+    if ownership is None or not ownership.clustered:
+        return
+    if rpc in RESERVATION_RPCS:
+        ownership.check_reservation(request.reservation_id)
+    elif rpc in USER_RPCS:
+        ownership.check_user(app, request.user_id)
+
+
 def _handler(gate: Gate, admission: Admission, rpc: str, to_command: Callable[[str, Any], Any],
              to_response: Callable[[Any], Any]) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         if rpc in auth.PUBLIC_RPCS:  # a usage read: a pk_ key's token must name the user
             assert gate.auth is not None
             gate.auth.authorize_usage_read(call.principal, call.metadata, request.user_id)
+        check_shard(gate, rpc, call.principal.app, request)
         command = to_command(call.principal.app, request)
         return to_response(await call.writer.execute(command, call.deadline_s))
     return _answering(gate, admission, rpc, answer)
@@ -253,8 +274,18 @@ def _state_digest_handler(gate: Gate, admission: Admission) -> _Handler:
     return _answering(gate, admission, "GetStateDigest", answer)
 
 
+def _shard_map_handler(gate: Gate, admission: Admission) -> _Handler:
+    async def answer(request: Any, call: Call) -> Any:
+        ownership = gate.ownership
+        assert ownership is not None  # set before serving
+        return convert.shard_map_response(ownership.shard_map, ownership.shard_id,
+                                          call.principal.app)
+    return _answering(gate, admission, "GetShardMap", answer)
+
+
 def _list_events_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
+        check_shard(gate, "ListEvents", call.principal.app, request)
         query = convert.list_events(call.principal.app, request)
         start_ns, end_ns = query.range_ns
         page_size = query.events_per_page
@@ -294,10 +325,12 @@ def _batch_handler(gate: Gate, admission: Admission) -> _Handler:
                 if kind is None:
                     raise InvalidArgument([FieldViolation(
                         f"operations[{index}]", "must hold one operation")])
-                to_command = _QUOTA_TABLE[_BATCH_KINDS[kind]][0]
+                rpc = _BATCH_KINDS[kind]
+                check_shard(gate, rpc, call.principal.app, getattr(operation, kind))
+                to_command = _QUOTA_TABLE[rpc][0]
                 accepted.append((index, kind, to_command(call.principal.app,
                                                          getattr(operation, kind))))
-            except InvalidArgument as error:
+            except (InvalidArgument, FailedPrecondition) as error:
                 results[index] = _error_result(error)
         outcomes = await call.writer.execute_many([command for _, _, command in accepted],
                                                   call.deadline_s)
@@ -397,7 +430,10 @@ def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> au
     if user_id is None:
         return auth.UsageGrant(call.principal)
     assert gate.auth is not None
-    return gate.auth.authorize_usage_read(call.principal, metadata, user_id)
+    grant = gate.auth.authorize_usage_read(call.principal, metadata, user_id)
+    if gate.ownership is not None and gate.ownership.clustered:
+        gate.ownership.check_user(grant.app, user_id)
+    return grant
 
 
 def _watch_caller(gate: Gate) -> Callable[[Any, Any], auth.UsageGrant]:
@@ -440,7 +476,8 @@ def method_handlers(gate: Gate, admission: Admission) -> dict[str, dict[str, Any
                      ("ListKeys", pb.ListKeysRequest, _list_keys_handler),
                      ("MintUserToken", pb.MintUserTokenRequest, _mint_user_token_handler))
                     if service.endswith("AdminService")
-                    else (("Batch", pb.BatchRequest, _batch_handler),))
+                    else (("Batch", pb.BatchRequest, _batch_handler),
+                          ("GetShardMap", pb.GetShardMapRequest, _shard_map_handler)))
         for name, request_type, make in specials:
             table[name] = grpc.unary_unary_rpc_method_handler(
                 make(gate, admission), request_deserializer=_safe_parser(request_type),

@@ -54,9 +54,12 @@ class NotFound(QuotaError):
 class FailedPrecondition(QuotaError):
     code = "FAILED_PRECONDITION"
 
-    def __init__(self, reason: ErrorReason, message: str) -> None:
+    def __init__(self, reason: ErrorReason, message: str, *,
+                 metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        if metadata is not None:
+            self.metadata = MappingProxyType(dict(metadata))
 
 
 class AlreadyExists(QuotaError):

@@ -1,0 +1,68 @@
+"""Routing a client's calls across the shards of a cluster (``cluster="HOST:PORT"``).
+
+The client asks any shard for the map (GetShardMap), keeps one channel per shard, and sends
+each call to the shard that owns it: a call naming a user by the user's slot, one naming a
+hold (commit, release, extend) by its reservation id's first hex digits. A call that names
+neither (plans, subscription lists, exports, keys) goes to the shard the client was given:
+plans and keys are the catalog every shard takes; a list or an export there covers that
+shard's users only. A WRONG_SHARD refusal (the map moved) makes the client fetch the map
+again and send the call once more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from quotad_contract.errors import ErrorReason
+from quotad_contract.shards import Shard, ShardMap, slot_of, slot_of_reservation
+from quotad_contract.v1 import quotad_pb2
+
+WRONG_SHARD = ErrorReason.WRONG_SHARD
+GET_SHARD_MAP = "GetShardMap"
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    """The shard map as the client last fetched it, and the app its key acts in (a user's
+    slot is computed with it)."""
+
+    shard_map: ShardMap
+    app: str
+    answered_by: str
+    """The map's address of the shard that answered: the client reaches it where it asked
+    (a server alone names its listen address, which may be a wildcard such as 0.0.0.0)."""
+
+    @classmethod
+    def from_proto(cls, response: quotad_pb2.GetShardMapResponse) -> Routes:
+        shard_map = ShardMap.of(
+            Shard(shard.shard_id, shard.address,
+                  frozenset(slot for part in shard.slots
+                            for slot in range(part.first, part.last + 1)))
+            for shard in response.shards)
+        return cls(shard_map, response.app, shard_map.shard(response.shard_id).address)
+
+    def address_for(self, request: Message) -> str | None:
+        """The address of the shard that owns the request's user or hold; None when it
+        names neither."""
+        slot = request_slot(self.app, request)
+        return None if slot is None else self.shard_map.owner(slot).address
+
+    def address_for_user(self, user_id: str) -> str:
+        return self.shard_map.owner(slot_of(self.app, user_id)).address
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(shard.address for shard in self.shard_map.shards)
+
+
+def request_slot(app: str, request: Message) -> int | None:
+    """The slot a request is routed by: its reservation id's (a well-formed one), else its
+    user's; None when it has neither."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if "reservation_id" in fields:
+        return slot_of_reservation(getattr(request, "reservation_id"))
+    if "user_id" in fields and getattr(request, "user_id"):
+        return slot_of(app, getattr(request, "user_id"))
+    return None
