@@ -14,6 +14,7 @@ from quotad.core.commands import (
     Commit, Extend, Release, Reserve, Track, UpsertPlan, UpsertSubscription,
 )
 from quotad.core.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from quotad.core import limits
 from quotad.core.holds import HoldState
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
@@ -233,11 +234,48 @@ def test_a_finished_hold_row_reads_its_finish_and_expiry_from_its_records(tmp_pa
         wal.close()
 
 
+def test_past_the_reserve_expiries_remembered_a_hold_row_keeps_its_expiry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The log remembers each Reserve's expiry until its hold's row is written, at most
+    RESERVE_EXPIRIES_REMEMBERED_MAX of them: a hold it forgot writes its expiry in its row,
+    one it remembers leaves it out, and both read back the same."""
+    monkeypatch.setattr(limits, "RESERVE_EXPIRIES_REMEMBERED_MAX", 1)
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> dict[str, int]:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        at = {}
+        for n in range(2):  # the second Reserve's append forgets the first's expiry
+            await writer.execute(Reserve(app="a", user_id="u", event_type="openai.chat",
+                                         amount=10, ttl_ns=30 * 10**9, reservation_id=_rid(n)))
+            at[f"reserve{n}"] = writer.core.sequence
+        for n in range(2):
+            await writer.execute(Commit(app="a", reservation_id=_rid(n)))
+        at["end"] = writer.core.sequence
+        await writer.close()
+        return at
+
+    at = asyncio.run(run())
+    with wal.env.begin(db=wal.holds_db) as txn:
+        rows = [log_pb2.FinishedHold.FromString(txn.get(reservation_bytes(_rid(n))))
+                for n in range(2)]
+    assert [row.HasField("expires_at_ns") for row in rows] == [True, False]
+    for n in range(2):
+        hold = wal.finished_hold(_rid(n), at["end"])
+        assert hold.expires_at_ns == wal.record_now_ns(at[f"reserve{n}"]) + 30 * 10**9
+    wal.close()
+
+
+@pytest.mark.parametrize("shapes_remembered_max", [limits.COUNTER_SHAPES_REMEMBERED_MAX, 1])
 def test_a_first_answer_reads_its_counters_shapes_back_after_a_plan_changed_them(
-        tmp_path: Path):
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shapes_remembered_max: int):
     """First answers store each counter's group definition once, in the shapes table: a
     repeat after a restart, with nothing in memory, gets exactly the first answer, the one a
-    plan that changed the group since did not change."""
+    plan that changed the group since did not change. With room in memory for one shape,
+    written or read, the table and the answers are the same."""
+    monkeypatch.setattr(limits, "COUNTER_SHAPES_REMEMBERED_MAX", shapes_remembered_max)
     wal = WriteAheadLog(tmp_path)
     renamed = Plan(id="p", limit_groups=(
         LimitGroup(key="tokens", label="Tokens (new)", unit="tokens", quota=2000,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from quotad.cluster import FileShardMapSource, Ownership
 from quotad.core.errors import FailedPrecondition
 from quotad_contract.errors import ErrorReason
-from quotad_contract.limits import SLOTS
+from quotad_contract.limits import SHARD_ADDRESS_BYTES_MAX, SHARD_ID_MAX, SLOTS
 from quotad_contract.shards import (
     Shard, ShardMap, ShardMapError, format_slots, parse_slots, slot_of, slot_of_reservation,
 )
@@ -80,6 +80,18 @@ def test_bad_slot_ranges_are_refused_naming_the_range(text, problem):
 
 def _shard(shard_id: int, slots: str, address: str = "127.0.0.1:1") -> dict:
     return {"id": shard_id, "address": address, "slots": slots}
+
+
+def test_a_shard_id_and_an_address_at_their_limits_are_taken_and_one_past_is_refused():
+    import json
+    at_limit = [_shard(SHARD_ID_MAX, "0-4095", "h" * (SHARD_ADDRESS_BYTES_MAX - 2) + ":1")]
+    taken = ShardMap.from_json(json.dumps({"shards": at_limit}))
+    assert taken.owner(0).shard_id == SHARD_ID_MAX
+    with pytest.raises(ShardMapError, match="is not 0 to"):
+        ShardMap.from_json(json.dumps({"shards": [_shard(SHARD_ID_MAX + 1, "0-4095")]}))
+    with pytest.raises(ShardMapError, match=f"at most {SHARD_ADDRESS_BYTES_MAX} bytes"):
+        ShardMap.from_json(json.dumps({"shards": [
+            _shard(0, "0-4095", "h" * (SHARD_ADDRESS_BYTES_MAX - 1) + ":1")]}))
 
 
 @pytest.mark.parametrize("shards, problem", [
