@@ -159,17 +159,17 @@ class WriteAheadLog:
             b"event_index", create=True, dupsort=True, dupfixed=True)
         self.shapes_db = self.env.open_db(b"shapes", create=True)
         self._shapes_stored: dict[CounterShape, bytes] = {}
-        """Shapes the shapes table holds -> their ids (the writer's thread only)."""
+        """Shapes the shapes table holds -> their ids (appends only)."""
         self._shapes_read: dict[bytes, CounterShape] = {}
         """Ids -> shapes read from the shapes table (the readers'; a shape never changes)."""
         self._reserve_expiries_ns: dict[str, int] = {}
         """Reservation id -> the expiry its Reserve record set, until the hold's row is
-        written (the writer's thread only; at most RESERVE_EXPIRIES_REMEMBERED_MAX)."""
+        written (appends only; at most RESERVE_EXPIRIES_REMEMBERED_MAX)."""
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
         self._read_txn: lmdb.Transaction | None = None
 
-    # --- writing (the writer's thread only) -----------------------------------------------
+    # --- writing (the writer only: one append at a time) -------------------------------
 
     def append(self, records: list[Record], snapshot: Snapshot | None = None,
                prune_before_ns: int = 0) -> None:
