@@ -89,3 +89,21 @@ def test_the_core_values_keep_their_defaults_and_validation():
     with pytest.raises(Exception, match="amount"):
         commands.Reserve(app="a", user_id="u", event_type="e", amount=0,
                          reservation_id="rsv_" + "00" * 12)
+
+
+def test_a_hold_copy_keeps_every_field_and_is_its_own_object() -> None:
+    """Reservation.copy names each field by hand: a field it left out would read as its
+    default, so every field here differs from its default."""
+    from quotad.core.holds import HoldState
+    from quotad.core.plans import Window
+
+    hold = machine.Reservation(
+        app="a", reservation_id="rsv_" + "1" * 24, user_id="u", event_type="e", amount=5,
+        metadata=(("k", "v"),), holds=(machine.HoldRef("g", Window.DAY, 7, 2),), sequence=3,
+        created_at_ns=11, expires_at_ns=13, status=HoldState.COMMITTED, finished_at_ns=12)
+    copy = hold.copy()
+    assert copy == hold and copy is not hold
+    assert [getattr(copy, f.name) for f in dataclasses.fields(hold)] == [
+        getattr(hold, f.name) for f in dataclasses.fields(hold)]
+    copy.status = HoldState.RELEASED
+    assert hold.status is HoldState.COMMITTED

@@ -96,6 +96,13 @@ class Reservation:
     status: HoldState = HoldState.LIVE
     finished_at_ns: int = 0
 
+    def copy(self) -> Reservation:
+        """The hold as it is now (dataclasses.replace, at a third of its cost)."""
+        return Reservation(self.app, self.reservation_id, self.user_id, self.event_type,
+                           self.amount, self.metadata, self.holds, self.sequence,
+                           self.created_at_ns, self.expires_at_ns, self.status,
+                           self.finished_at_ns)
+
 
 @dataclass(slots=True)
 class UserState:
@@ -312,7 +319,7 @@ class Core:
         events, self._events = tuple(self._events), []
         finished, self._finished = tuple(self._finished), []
         apps = self.apps
-        event_users = tuple(apps[event.app].users[event.user_id].number for event in events)
+        event_users = tuple([apps[event.app].users[event.user_id].number for event in events])
         return Record(self.sequence, now_ns, command, events, event_users, answer, finished)
 
     def _audit(self, kind: str, app: str, user_id: str, event_type: str, amount: int,
@@ -434,7 +441,7 @@ class Core:
         self.apps[reservation.app].reservations[reservation.reservation_id] = reservation
         self._holds_pending.append((sequence, reservation.app, reservation.reservation_id))
         self._holds_latest[reservation.reservation_id] = sequence
-        self._finished.append(replace(reservation))
+        self._finished.append(reservation.copy())
 
     @staticmethod
     def _expiry_entry(reservation: Reservation) -> tuple[int, int, str, str]:

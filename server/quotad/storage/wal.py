@@ -394,19 +394,29 @@ class WriteAheadLog:
         another's with the same row key). Called on the event loop: one or two page lookups,
         and one more for a counter shape not read before."""
         row = idempotency_row_key(app, rpc, idempotency_key)
-        with self._reader() as txn:
-            key = txn.get(row, db=self.idempotency_db)
-            if key is None or key_sequence(key) > as_of_sequence:
-                return None
-            value = txn.get(key, db=self.log_db)
-            if value is None:  # pruned with its record
-                return None
-            record = decode_record(key, value, self._shape_lookup(txn))
+        txn = self._read_txn  # a new key's lookup is the common case: no context manager
+        if txn is None:
+            with self.env.begin(buffers=False) as txn:
+                record = self._row_record(txn, row, as_of_sequence)
+        else:
+            record = self._row_record(txn, row, as_of_sequence)
+        if record is None:
+            return None
         command = record.command
         if (type(command).__name__ != rpc or command.app != app
                 or command.idempotency_key != idempotency_key):
             return None
         return record
+
+    def _row_record(self, txn: lmdb.Transaction, row: bytes,
+                    as_of_sequence: int) -> Record | None:
+        key = txn.get(row, db=self.idempotency_db)
+        if key is None or key_sequence(key) > as_of_sequence:
+            return None
+        value = txn.get(key, db=self.log_db)
+        if value is None:  # pruned with its record
+            return None
+        return decode_record(key, value, self._shape_lookup(txn))
 
     def finished_hold(self, reservation_id: str, as_of_sequence: int) -> Any:
         """The finished hold (a core Reservation) as of that sequence, or None. Called on the
