@@ -1,13 +1,19 @@
-"""CPU per keyed reserve + commit pair in the core and the log alone, in one process.
+"""CPU per keyed reserve + commit pair in the server's own steps, in one process, stage by
+stage.
 
     .venv/bin/python -m bench.core_cost [--pairs 500] [--rounds 15] [--warmup-rounds 5]
 
-What the writer does for a Batch, without gRPC, the request conversion or the answers: each
-round applies --pairs Reserves (each with its own idempotency key, so each looks its key up
-in the log first), appends their records in one synced LMDB transaction, lets memory forget
-what is durable, then does the same for their Commits. The figure is the process's CPU per
-pair (time.process_time), the median of the rounds and their range: a floor under what the
-server spends per pair, which also pays for gRPC, conversion and the hop to the log thread.
+What the server does for a Batch, without gRPC and the event loop: each round parses a
+BatchRequest of --pairs Reserves (each with its own idempotency key, so each looks its key up
+in the log first) from its bytes, converts each operation to its command as the Batch handler
+does, applies them, fills and encodes the BatchResponse, appends their records in one synced
+LMDB transaction and lets memory forget what is durable; then the same for a Batch committing
+their holds. Each stage is timed with the thread's CPU clock (time.thread_time), so a busy
+machine slows it less than a wall clock would.
+
+Prints, per stage, the median of the rounds and the fastest round, in microseconds of CPU per
+operation of that stage's Batch, then the whole pair: a floor under what the server spends per
+pair, which also pays for gRPC, the event loop and the request's authentication.
 """
 
 from __future__ import annotations
@@ -18,15 +24,24 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from quotad.api import convert
+from quotad.api.service import _FILL_BATCH_RESULT
 from quotad.core import commands as c
 from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.storage.wal import WriteAheadLog
+from quotad_contract.v1 import quotad_pb2 as pb
 
 USERS = 1000
 NS_PER_S = 10**9
+APP = "default"
+STAGES = ("parse", "convert", "apply", "fill", "encode", "append", "forget")
+"""The request's bytes parsed; its operations made commands; the commands applied (with the
+idempotency lookups); the response filled and encoded; the records written and synced; memory
+told what is durable (which frees what only the records held)."""
 
 
 class Run:
@@ -35,46 +50,77 @@ class Run:
         self.core: Core = recover(self.wal)
         self.now_ns = 1_800_000_000 * NS_PER_S
         self.serials = itertools.count(1)
+        self.cpu_s: dict[str, list[float]] = {}
+        """(Reserve|Commit, stage) -> CPU seconds of each round's Batch, once measuring."""
         plan = Plan(id="bench", limit_groups=(LimitGroup(
             key="tokens", label="Tokens", unit="tokens", quota=10**15, window=Window.MONTH,
             match=Match(event_types=("openai.*",))),))
-        records = list(self._apply(c.UpsertPlan(app="default", plan=plan)).records)
+        records = list(self._apply(c.UpsertPlan(app=APP, plan=plan)).records)
         for user in range(USERS):
             records += self._apply(c.UpsertSubscription(
-                app="default", user_id=f"user-{user:07d}", plan_id="bench")).records
-        self._append(records)
+                app=APP, user_id=f"user-{user:07d}", plan_id="bench")).records
+        self.wal.append(records)
+        self.core.forget_durable(self.core.sequence)
 
-    def _apply(self, command: object) -> object:
+    def _apply(self, command: object) -> Any:
         self.now_ns += 1000
         outcome = self.core.apply(command, self.now_ns)
         assert outcome.error is None, outcome.error
         return outcome
 
-    def _append(self, records: list) -> None:
-        self.wal.append(records)
-        self.core.forget_durable(self.core.sequence)
-
-    def _batch(self, commands: list) -> list:
-        records, results = [], []
+    def _batch(self, kind: str, request_bytes: bytes, measure: bool) -> pb.BatchResponse:
+        """One Batch of `kind` operations through every stage; the response."""
+        to_command = getattr(convert, kind)
+        times = [time.thread_time()]
+        request = pb.BatchRequest.FromString(request_bytes)
+        times.append(time.thread_time())
+        commands = [to_command(APP, getattr(operation, kind))
+                    for operation in request.operations]
+        times.append(time.thread_time())
+        outcomes, records = [], []
         with self.wal.reading():
             for command in commands:
                 outcome = self._apply(command)
+                outcomes.append(outcome)
                 records += outcome.records
-                results.append(outcome.result)
-        self._append(records)
-        return results
+        times.append(time.thread_time())
+        response = pb.BatchResponse()
+        fill = _FILL_BATCH_RESULT[kind]
+        for outcome in outcomes:
+            fill(getattr(response.results.add(), kind), outcome.result)
+        times.append(time.thread_time())
+        response_bytes = response.SerializeToString()
+        times.append(time.thread_time())
+        self.wal.append(records)
+        times.append(time.thread_time())
+        del outcomes, records, commands, request
+        self.core.forget_durable(self.core.sequence)
+        times.append(time.thread_time())
+        if measure:
+            for stage, started, ended in zip(STAGES, times, times[1:]):
+                self.cpu_s.setdefault((kind, stage), []).append(ended - started)
+        return pb.BatchResponse.FromString(response_bytes)
 
-    def round(self, pairs: int) -> None:
-        reserves = []
+    def round(self, pairs: int, measure: bool = True) -> None:
+        reserves = pb.BatchRequest()
         for _ in range(pairs):
             serial = next(self.serials)
-            reserves.append(c.Reserve(
-                app="default", user_id=f"user-{serial % USERS:07d}", event_type="openai.chat",
-                amount=1000, metadata=(("model", "gpt-4o-mini"),),
-                idempotency_key=f"r{serial:031x}", reservation_id=f"rsv_{serial:024x}"))
-        holds = [result.reservation_id for result in self._batch(reserves)]
-        self._batch([c.Commit(app="default", reservation_id=hold, amount=900,
-                              idempotency_key=f"c{next(self.serials):031x}") for hold in holds])
+            reserve = reserves.operations.add().reserve
+            reserve.user_id = f"user-{serial % USERS:07d}"
+            reserve.event_type = "openai.chat"
+            reserve.amount = 1000
+            reserve.metadata["model"] = "gpt-4o-mini"
+            reserve.idempotency_key = f"r{serial:031x}"
+        reserved = self._batch("reserve", reserves.SerializeToString(), measure)
+        commits = pb.BatchRequest()
+        for result in reserved.results:
+            assert result.reserve.allowed, result
+            commit = commits.operations.add().commit
+            commit.reservation_id = result.reserve.reservation_id
+            commit.amount = 900
+            commit.idempotency_key = f"c{next(self.serials):031x}"
+        committed = self._batch("commit", commits.SerializeToString(), measure)
+        assert all(result.HasField("commit") for result in committed.results)
 
 
 def main() -> None:
@@ -84,7 +130,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=500, metavar="N",
                         help="pairs per round: one Batch of Reserves, one of Commits (default: 500)")
     parser.add_argument("--rounds", type=int, default=15, metavar="N",
-                        help="measured rounds; the figure is their median (default: 15)")
+                        help="measured rounds; the figures are their medians (default: 15)")
     parser.add_argument("--warmup-rounds", type=int, default=5, metavar="N",
                         help="rounds run first and not measured (default: 5)")
     options = parser.parse_args()
@@ -94,17 +140,22 @@ def main() -> None:
         run = Run(Path(directory) / "data")
         try:
             for _ in range(options.warmup_rounds):
-                run.round(options.pairs)
-            per_pair_us = []
+                run.round(options.pairs, measure=False)
             for _ in range(options.rounds):
-                started = time.process_time()
                 run.round(options.pairs)
-                per_pair_us.append((time.process_time() - started) / options.pairs * 1e6)
         finally:
             run.wal.close()
-    print(f"core + log, keyed reserve + commit pairs, {options.pairs} per Batch, "
-          f"median of {options.rounds} rounds")
-    print(f"  cpu_us_per_pair  {statistics.median(per_pair_us):8.1f}   "
+    per_op_us = {key: [cpu_s / options.pairs * 1e6 for cpu_s in rounds]
+                 for key, rounds in run.cpu_s.items()}
+    per_pair_us = [sum(round_us) for round_us in zip(*per_op_us.values())]
+    print(f"server steps, keyed reserve + commit pairs, {options.pairs} per Batch, "
+          f"{options.rounds} rounds: us of CPU per operation, median (fastest)")
+    print(f"  {'stage':10s} {'reserve':>16s} {'commit':>16s}")
+    for stage in STAGES:
+        cells = [f"{statistics.median(per_op_us[kind, stage]):7.2f} "
+                 f"({min(per_op_us[kind, stage]):6.2f})" for kind in ("reserve", "commit")]
+        print(f"  {stage:10s} {cells[0]:>16s} {cells[1]:>16s}")
+    print(f"cpu_us_per_pair  {statistics.median(per_pair_us):8.1f}   "
           f"range {min(per_pair_us):.1f}-{max(per_pair_us):.1f}")
 
 

@@ -37,10 +37,11 @@ def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Cor
     core.durable_hold = wal.finished_hold
     snapshot_sequence = core.sequence
     try:
-        for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
-            core.replay(record)
-            if record.sequence % forget_every_records == 0:
-                core.forget_durable(record.sequence)
+        with wal.reading():  # one read transaction for the lookups of every record replayed
+            for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
+                core.replay(record)
+                if record.sequence % forget_every_records == 0:
+                    core.forget_durable(record.sequence)
     except TornTail as torn:
         if not repair:
             raise

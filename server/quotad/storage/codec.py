@@ -779,10 +779,13 @@ def _encode_event(message: Any, event: AuditEvent, command: Command) -> None:
         _set_metadata(message.metadata, event.metadata)
     if event.reservation_id and not from_record:
         message.reservation_id = reservation_bytes(event.reservation_id)
-    message.denied = not event.allowed
-    message.limit_group_key = event.limit_group_key
-    message.threshold_percent = event.threshold_percent
-    message.window_start_ns = event.window_start_ns
+    if not event.allowed:  # each field set only when not its default: the same bytes, sooner
+        message.denied = True
+    if event.kind == "threshold":  # only a threshold names these two (AuditEvent checks)
+        message.limit_group_key = event.limit_group_key
+        message.threshold_percent = event.threshold_percent
+    if event.window_start_ns:
+        message.window_start_ns = event.window_start_ns
 
 
 _SOURCE_COMMANDS = (Reserve, Track)
