@@ -208,3 +208,29 @@ def test_an_in_process_snapshot_never_covers_records_a_later_transaction_writes(
     assert with_snapshot, appended
     assert all(covered <= last for last, covered in with_snapshot if last), appended
     wal.close()
+
+
+def test_a_large_batch_is_written_on_the_event_loop_and_a_small_one_on_the_log_thread(
+        tmp_path: Path):
+    """Both ways write the same records, durable before their answers."""
+    from quotad.core import limits
+
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> Writer:
+        writer = await _writer_on(wal, [])
+        small_before = writer.batches_on_log_thread
+        await writer.execute(_track("alone"))
+        assert writer.batches_on_log_thread == small_before + 1
+        many = [_track(f"many-{index}") for index in range(limits.INLINE_BATCH_RECORDS_MIN)]
+        outcomes = await writer.execute_many(many)
+        assert all(outcome.error is None for outcome in outcomes)
+        assert writer.batches_on_log_thread == small_before + 1  # that one went inline
+        on_disk = {getattr(r.command, "idempotency_key", "") for r in wal.records()}
+        assert {"alone", *(command.idempotency_key for command in many)} <= on_disk
+        await writer.close()
+        return writer
+
+    writer = asyncio.run(run())
+    assert writer.records_written == 2 + 1 + limits.INLINE_BATCH_RECORDS_MIN
+    wal.close()

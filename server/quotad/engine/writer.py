@@ -6,12 +6,17 @@ Records applied while a flush runs pile up and go to disk together in the next o
 transaction and one sync per batch. A failed flush is fail-stop: the writer refuses
 everything from then on and reports the failure to its owner.
 
-A batch of records is written on the event loop's own thread, which waits for its sync (a
-fraction of a millisecond on a local SSD; see `python -m bench.fsync`). Written from a
-thread of its own, the same batch cost ~45 % more CPU per record: the two threads take the
-GIL from each other around every LMDB call, and neither runs while the other holds it. A
-batch that carries a snapshot (a large put, and the pruning of every record it covers past
-the retention) is written on the log thread, so that serving goes on meanwhile.
+Where a batch is written depends on its size (limits.INLINE_BATCH_RECORDS_MIN):
+- A large batch (Batch RPCs) is written on the event loop's own thread, which waits for its
+  sync (a fraction of a millisecond on a local SSD; see `python -m bench.fsync`). Written from
+  a thread of its own, such a batch cost ~45 % more CPU per record: the two threads take the
+  GIL from each other around every LMDB call, and neither runs while the other holds it.
+- A small batch (unary calls) is written on the log thread. gRPC hands the loop new calls
+  only while the loop is free, about one per turn: it must go on taking them during the sync
+  for the next batch to grow (written inline, such calls went one record per sync).
+- A batch that carries a snapshot (a large put, and the pruning of every record it covers past
+  the retention) is written on the log thread too, so that serving goes on meanwhile.
+Either way, one batch is written at a time.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ class Writer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quotad-log")
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
+        self.batches_on_log_thread = 0
+        """Of those, the ones written on the log thread (the small ones, and snapshots')."""
         self.records_written = 0
         self._on_flush = on_flush
         """Called with (records, seconds, last sequence) after each durable flush."""
@@ -198,11 +205,13 @@ class Writer:
                     break  # a child's snapshot waits for records it covers to be written
                 started = time.perf_counter()
                 try:
-                    if snapshot is None:
-                        self._wal.append(batch)
-                    else:  # a snapshot's put and the pruning it allows may take long
+                    on_log_thread = (snapshot is not None
+                                     or len(batch) < limits.INLINE_BATCH_RECORDS_MIN)
+                    if on_log_thread:
                         await loop.run_in_executor(self._executor, self._wal.append, batch,
                                                    snapshot, self._prune_before_ns())
+                    else:
+                        self._wal.append(batch)
                 except BaseException as error:  # fail-stop: memory is ahead of disk
                     self._fail(error)
                     return
@@ -218,6 +227,7 @@ class Writer:
                     self._on_flush(len(batch), time.perf_counter() - started,
                                    self.durable_sequence)
                 self.batches += 1
+                self.batches_on_log_thread += on_log_thread
                 self.records_written += len(batch)
                 flushed, self._flushed = self._flushed, asyncio.Event()
                 flushed.set()
