@@ -78,7 +78,7 @@ class _Builder:
     def __init__(self, data_dir: Path, spacing_ns: int, total_records: int) -> None:
         self.wal = WriteAheadLog(data_dir, map_size_bytes=MAP_SIZE_BYTES)
         self.core = Core()
-        self.core.durable_idempotency = durable_idempotency(self.wal, self.core)
+        self.core.durable_idempotency = durable_idempotency(self.wal)
         self.core.durable_hold = self.wal.finished_hold
         self.now_ns = time.time_ns()
         self.spacing_ns = spacing_ns

@@ -90,7 +90,7 @@ def digest(core: Core) -> str:
             sorted((k, repr(p)) for k, p in app.plans.items()),
             users,
             sorted((k, repr(r)) for k, r in app.reservations.items()),
-            sorted((repr(k), repr(e)) for k, e in app.idempotency.items()),
+            sorted((repr(k), repr(e.fingerprinted())) for k, e in app.idempotency.items()),
             sorted(app.plan_subscribers.items()),
         ))
     return repr((apps, core.sequence, core.last_record_ns, list(core.expiry), list(core.forget)))

@@ -430,6 +430,26 @@ def test_same_key_with_a_different_request_is_already_exists(h: Harness) -> None
     assert h.digest() == before
 
 
+def test_a_key_read_back_from_a_snapshot_still_tells_a_repeat_from_another_request(
+        h: Harness) -> None:
+    """In memory an entry keeps the command that made it; a snapshot keeps its fingerprint.
+    Either way the same request gets the first answer and another one ALREADY_EXISTS."""
+    from quotad.storage.snapshot import core_from_snapshot, snapshot_of
+
+    first = h.reserve("alice", 10, "openai.chat", GPT4O, key="k")
+    h.core = core_from_snapshot(snapshot_of(h.core))
+    (entry,) = h.core.apps[h.app].idempotency.values()
+    assert type(entry.request) is str  # the fingerprint
+    before = h.digest()
+    assert h.reserve("alice", 10, "openai.chat", GPT4O, key="k") == first
+    for command in [h.reserve_command("alice", 11, "openai.chat", GPT4O, key="k"),
+                    h.reserve_command("alice", 10, "openai.chat", key="k")]:
+        outcome = h.apply(command)
+        assert isinstance(outcome.error, AlreadyExists), command
+        assert outcome.records == ()
+    assert h.digest() == before
+
+
 def test_same_key_on_a_different_rpc_or_app_is_independent(h: Harness) -> None:
     held = h.reserve("alice", 10, "openai.chat", key="k")
     tracked = h.track("alice", 3, "openai.chat", key="k")

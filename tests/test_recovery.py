@@ -29,7 +29,7 @@ class _Run:
     def __init__(self, wal: WriteAheadLog) -> None:
         self.wal = wal
         self.core = Core()
-        self.core.durable_idempotency = durable_idempotency(wal, self.core)
+        self.core.durable_idempotency = durable_idempotency(wal)
         self.core.durable_hold = wal.finished_hold
         self.now = T0
 

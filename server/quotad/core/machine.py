@@ -116,9 +116,18 @@ class UserState:
 
 @value_type
 class IdempotencyEntry:
-    request: str
+    request: Any
+    """The request that made the entry: its command; once read back from a snapshot, that
+    command's fingerprint (`request_fingerprint`). A repeat is matched against either
+    (`_same_request`)."""
     result: Any
     created_at_ns: int
+
+    def fingerprinted(self) -> IdempotencyEntry:
+        """The entry as a snapshot keeps it: its request's fingerprint in place of it."""
+        if type(self.request) is str:
+            return self
+        return IdempotencyEntry(_fingerprint(self.request), self.result, self.created_at_ns)
 
 
 @dataclass(slots=True)
@@ -169,6 +178,23 @@ def _fingerprint(command: Any) -> str:
     chosen = _chosen_fields(type(command))(command)
     return hashlib.blake2b(marshal.dumps((type(command).__name__, chosen), 0),
                            digest_size=16).hexdigest()
+
+
+def request_fingerprint(request: Any) -> str:
+    """An idempotency entry's request as a snapshot keeps it: its fingerprint."""
+    return request if type(request) is str else _fingerprint(request)
+
+
+def _same_request(made: Any, command: Any) -> bool:
+    """Whether a command repeats the request that made an idempotency entry: field by field
+    against the command that made it (the fields a fingerprint digests, compared rather than
+    hashed: a key's first use then costs no digest); against its fingerprint once read back
+    from a snapshot. The fields are validated values of fixed types (no bool where an int
+    goes), so equal fields are equal fingerprints."""
+    if type(made) is str:
+        return made == _fingerprint(command)
+    chosen = _chosen_fields(type(command))
+    return type(made) is type(command) and chosen(made) == chosen(command)
 
 
 @cache
@@ -533,21 +559,20 @@ class Core:
         """Same key, same request: the first answer, nothing changed. Same key, another
         request: ALREADY_EXISTS. A key belongs to one app and one RPC."""
         slot = (type(command).__name__, command.idempotency_key)
-        request = _fingerprint(command)
         entry = self.apps.get(command.app, _EMPTY_APP).idempotency.get(slot)
         if entry is None and self.durable_idempotency is not None:
             entry = self.durable_idempotency(command.app, slot[0], slot[1], self.sequence)
         if entry is not None and entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns:
             entry = None  # past its retention; dropped with the next record
         if entry is not None:
-            if entry.request != request:
+            if not _same_request(entry.request, command):
                 raise AlreadyExists(
                     f"idempotency key {command.idempotency_key!r} was used for another "
                     f"{slot[0]} request"
                 )
             return entry.result, False
         result, _ = handler(command, now_ns)
-        self._app(command.app).idempotency[slot] = IdempotencyEntry(request, result, now_ns)
+        self._app(command.app).idempotency[slot] = IdempotencyEntry(command, result, now_ns)
         if self.durable_idempotency is None:
             self.forget.add((now_ns + limits.IDEMPOTENCY_RETENTION_NS, self.sequence + 1,
                              "idempotency", command.app, slot))
@@ -576,10 +601,6 @@ class Core:
         that memory holds only until their records are durable (empty for a core alone)."""
         return (frozenset((app_id, slot) for _, app_id, slot in self._idempotency_pending),
                 frozenset(self._holds_latest))
-
-    def idempotency_fingerprint(self, command: Any) -> str:
-        """What a repeat must match: the fingerprint of the request that made an entry."""
-        return _fingerprint(command)
 
     # --- lookups --------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Cor
     snapshot = wal.load_snapshot()
     core = core_from_snapshot(snapshot.encoded) if snapshot is not None else Core()
     assert snapshot is None or core.sequence == snapshot.sequence
-    core.durable_idempotency = durable_idempotency(wal, core)
+    core.durable_idempotency = durable_idempotency(wal)
     core.durable_hold = wal.finished_hold
     snapshot_sequence = core.sequence
     try:
@@ -55,15 +55,14 @@ def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Cor
     return core
 
 
-def durable_idempotency(wal: WriteAheadLog, core: Core):
+def durable_idempotency(wal: WriteAheadLog):
     """The core's lookup of idempotency keys that are durable and no longer in memory: the
     record that first used the key, with its first answer, from the log."""
     def lookup(app: str, rpc: str, key: str, as_of_sequence: int) -> IdempotencyEntry | None:
         record = wal.idempotency_record(app, rpc, key, as_of_sequence)
         if record is None:
             return None
-        return IdempotencyEntry(core.idempotency_fingerprint(record.command), record.answer,
-                                record.now_ns)
+        return IdempotencyEntry(record.command, record.answer, record.now_ns)
     return lookup
 
 

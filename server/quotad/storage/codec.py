@@ -35,7 +35,7 @@ from quotad.core.commands import (
     TrackResult, UpsertPlan, UpsertSubscription,
 )
 from quotad.core.holds import HoldState
-from quotad.core.machine import HoldRef, Reservation
+from quotad.core.machine import HoldRef, IdempotencyEntry, Reservation
 from quotad.core.plans import (
     Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Window,
 )
@@ -861,6 +861,8 @@ def to_plain(value: Any) -> Any:
         return value
     if cls is tuple or cls is list:
         return [to_plain(item) for item in value]
+    if cls is IdempotencyEntry:  # as a snapshot keeps it, so that a state read back is equal
+        value = value.fingerprinted()
     names = _field_names(cls)
     if names is not None:
         return {name: to_plain(getattr(value, name)) for name in names}

@@ -44,6 +44,7 @@ from quotad.core.commands import RESULT_TYPES
 from quotad.core.holds import HoldState
 from quotad.core.machine import (
     AppState, Core, CounterState, HoldRef, IdempotencyEntry, KeyState, Reservation, UserState,
+    request_fingerprint,
 )
 from quotad.core.plans import Subscription, Window
 from quotad.storage import log_pb2, snapshot_pb2
@@ -138,8 +139,8 @@ def _encode_app(message: Any, app_id: str, app: AppState,
         if reservation.reservation_id not in pending_holds:
             _encode_hold(message.holds.add(), reservation)
     message.idempotency_json = _json([
-        [rpc, key, entry.request, type(entry.result).__name__, to_plain(entry.result),
-         entry.created_at_ns]
+        [rpc, key, request_fingerprint(entry.request), type(entry.result).__name__,
+         to_plain(entry.result), entry.created_at_ns]
         for (rpc, key), entry in app.idempotency.items()
         if (app_id, (rpc, key)) not in pending_keys])
 

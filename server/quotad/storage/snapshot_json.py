@@ -19,6 +19,7 @@ from quotad.core.balances import Balance, Grant
 from quotad.core.commands import RESULT_TYPES
 from quotad.core.machine import (
     AppState, Core, CounterState, IdempotencyEntry, KeyState, Reservation, UserState,
+    request_fingerprint,
 )
 from quotad.core.plans import Plan, Subscription, Window
 
@@ -55,8 +56,8 @@ def _app_to_plain(app_id: str, app: AppState, pending_keys: frozenset[tuple[str,
         "reservations": [to_plain(r) for r in app.reservations.values()
                          if r.reservation_id not in pending_holds],
         "idempotency": [
-            [rpc, key, entry.request, type(entry.result).__name__, to_plain(entry.result),
-             entry.created_at_ns]
+            [rpc, key, request_fingerprint(entry.request), type(entry.result).__name__,
+             to_plain(entry.result), entry.created_at_ns]
             for (rpc, key), entry in app.idempotency.items()
             if (app_id, (rpc, key)) not in pending_keys
         ],
