@@ -10,6 +10,7 @@ import pickle
 import pytest
 
 from quotad.core import commands, machine
+from quotad.core.errors import InvalidArgument
 from quotad.core.values import value_type
 
 
@@ -107,3 +108,19 @@ def test_a_hold_copy_keeps_every_field_and_is_its_own_object() -> None:
         getattr(hold, f.name) for f in dataclasses.fields(hold)]
     copy.status = HoldState.RELEASED
     assert hold.status is HoldState.COMMITTED
+
+
+def test_unchecked_builds_the_same_value_without_the_checks() -> None:
+    fields = dict(app="a", user_id="u", event_type="e", amount=5, metadata=(("k", "v"),),
+                  ttl_ns=60 * 10**9, idempotency_key="key", reservation_id="rsv_" + "0" * 24)
+    checked, unchecked = commands.Reserve(**fields), commands.Reserve.unchecked(**fields)
+    assert unchecked == checked and type(unchecked) is commands.Reserve
+    assert hash(unchecked) == hash(checked)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        unchecked.amount = 6  # type: ignore[misc]
+    assert commands.Commit.unchecked(app="a", reservation_id="rsv_" + "0" * 24) == \
+        commands.Commit(app="a", reservation_id="rsv_" + "0" * 24)  # defaults kept
+    with pytest.raises(InvalidArgument):  # the checked constructor still checks
+        commands.Reserve(**{**fields, "amount": 0})
+    assert commands.Reserve.unchecked(**{**fields, "amount": 0}).amount == 0  # this one not
+    assert not hasattr(commands.CounterView, "unchecked")  # no checks, nothing to skip

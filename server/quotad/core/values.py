@@ -11,6 +11,11 @@ per operation (commands, results, counter views, audit events, records).
 
 A class with no field, or with a field that takes a default_factory or is left out of
 `__init__`, keeps the generated `__init__` (its body does something else than set fields).
+
+A class with a `__post_init__` (a command's checks) also gets `unchecked(...)`: the same
+value, built without running them, for fields that passed them once already (a command read
+back from the checksummed log that a checked one was written to). Its `__post_init__` must
+only check, never change a field.
 """
 
 from __future__ import annotations
@@ -44,10 +49,21 @@ def _set_fields_through_slots(cls: type) -> None:
         f"_set_{name}": cls.__dict__[name].__set__ for name in positional + keyword}
     parameters = ", ".join(["self", *positional] + (["*", *keyword] if keyword else []))
     body = [f"    _set_{name}(self, {name})" for name in positional + keyword]
-    if hasattr(cls, "__post_init__"):
+    checked = hasattr(cls, "__post_init__")
+    if checked:
         body.append("    self.__post_init__()")
     exec(f"def __init__({parameters}):\n" + "\n".join(body), namespace)
     fast = namespace["__init__"]
+    if checked:
+        namespace["_new"] = object.__new__
+        exec(f"def unchecked({parameters.replace('self', 'cls', 1)}):\n"
+             "    self = _new(cls)\n" + "\n".join(body[:-1]) + "\n    return self", namespace)
+        unchecked = namespace["unchecked"]
+        unchecked.__defaults__ = generated.__defaults__
+        unchecked.__kwdefaults__ = generated.__kwdefaults__
+        unchecked.__qualname__ = f"{cls.__qualname__}.unchecked"
+        unchecked.__doc__ = "The value, built without its __post_init__ checks (see values)."
+        cls.unchecked = classmethod(unchecked)  # type: ignore[attr-defined]
     fast.__defaults__ = generated.__defaults__
     fast.__kwdefaults__ = generated.__kwdefaults__
     fast.__qualname__ = f"{cls.__qualname__}.__init__"

@@ -176,7 +176,9 @@ def decode_record(key: bytes, value: bytes, shape: ShapeLookup | None = None, *,
     """shape: the shapes table's lookup; without it, a record whose answer's counters name
     shapes is read without its answer (for readers of the command alone). Its audit events
     only if asked (replay needs none), each with the command's app and an empty user id (the
-    event index names the user, by number)."""
+    event index names the user, by number). Reserve, Commit, Release, Extend and Track are
+    built unchecked: they passed their checks before they were written, and the record's
+    checksum holds (replay and repeats then skip checks that cost ~2 µs a record)."""
     sequence, now_ns, message = _checked_message(key, value)
     try:
         command = _DECODERS[message.WhichOneof("command")](message)
@@ -292,10 +294,10 @@ def _encode_reserve(message: Any, command: Reserve) -> None:
 
 def _decode_reserve(message: Any) -> Reserve:
     part = message.reserve
-    return Reserve(app=message.app, user_id=part.user_id, event_type=part.event_type,
-                   amount=part.amount, metadata=_metadata(part.metadata), ttl_ns=_ttl_ns(part),
-                   idempotency_key=_idempotency_key(part),
-                   reservation_id=_reservation_id(part.reservation_id))
+    return Reserve.unchecked(
+        app=message.app, user_id=part.user_id, event_type=part.event_type, amount=part.amount,
+        metadata=_metadata(part.metadata), ttl_ns=_ttl_ns(part),
+        idempotency_key=_idempotency_key(part), reservation_id=_reservation_id(part.reservation_id))
 
 
 def _encode_commit(message: Any, command: Commit) -> None:
@@ -309,9 +311,9 @@ def _encode_commit(message: Any, command: Commit) -> None:
 
 def _decode_commit(message: Any) -> Commit:
     part = message.commit
-    return Commit(app=message.app, reservation_id=_reservation_id(part.reservation_id),
-                  amount=part.amount if part.HasField("amount") else None,
-                  idempotency_key=_idempotency_key(part))
+    return Commit.unchecked(app=message.app, reservation_id=_reservation_id(part.reservation_id),
+                            amount=part.amount if part.HasField("amount") else None,
+                            idempotency_key=_idempotency_key(part))
 
 
 def _encode_release(message: Any, command: Release) -> None:
@@ -323,8 +325,9 @@ def _encode_release(message: Any, command: Release) -> None:
 
 def _decode_release(message: Any) -> Release:
     part = message.release
-    return Release(app=message.app, reservation_id=_reservation_id(part.reservation_id),
-                   idempotency_key=_idempotency_key(part))
+    return Release.unchecked(app=message.app,
+                             reservation_id=_reservation_id(part.reservation_id),
+                             idempotency_key=_idempotency_key(part))
 
 
 def _encode_extend(message: Any, command: Extend) -> None:
@@ -337,8 +340,8 @@ def _encode_extend(message: Any, command: Extend) -> None:
 
 def _decode_extend(message: Any) -> Extend:
     part = message.extend
-    return Extend(app=message.app, reservation_id=_reservation_id(part.reservation_id),
-                  ttl_ns=_ttl_ns(part), idempotency_key=_idempotency_key(part))
+    return Extend.unchecked(app=message.app, reservation_id=_reservation_id(part.reservation_id),
+                            ttl_ns=_ttl_ns(part), idempotency_key=_idempotency_key(part))
 
 
 def _encode_track(message: Any, command: Track) -> None:
@@ -354,9 +357,9 @@ def _encode_track(message: Any, command: Track) -> None:
 
 def _decode_track(message: Any) -> Track:
     part = message.track
-    return Track(app=message.app, user_id=part.user_id, event_type=part.event_type,
-                 amount=part.amount, metadata=_metadata(part.metadata),
-                 idempotency_key=_idempotency_key(part), enforce=part.enforce)
+    return Track.unchecked(app=message.app, user_id=part.user_id, event_type=part.event_type,
+                           amount=part.amount, metadata=_metadata(part.metadata),
+                           idempotency_key=_idempotency_key(part), enforce=part.enforce)
 
 
 def _encode_expire_holds(message: Any, command: ExpireHolds) -> None:
