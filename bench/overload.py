@@ -29,6 +29,10 @@ printed as a % of that capacity. After the overload phase the server must still 
 (quotad: a health check saying SERVING; the echo peer, which has no health service: a
 Reserve) within --recovery-timeout-s. Figures are medians of the runs; status codes of the
 overload phase's calls are summed over the runs.
+
+The clients and the server share the machine's cores, so each phase also says where the CPU
+went: attempts per second (every call sent, answered or refused), the clients' CPU per
+attempt, and the server's CPU per good pair; each run notes the load average before it.
 """
 
 from __future__ import annotations
@@ -270,6 +274,10 @@ def run_phase(pool: Any, target: Target, concurrency: int,
         codes.update(client["codes"])
     good = sum(client["good_pairs"] for client in clients)
     latencies = sorted(value for client in clients for value in client["latencies_s"])
+    attempts = sum(codes.values())
+    client_cpu_s = sum(client["client_cpu_s"] for client in clients)
+    server_cpu_s = (cpu_after - cpu_before
+                    if cpu_before is not None and cpu_after is not None else None)
     return {
         "concurrency": concurrency,
         "in_flight": concurrency * options.processes,
@@ -284,9 +292,16 @@ def run_phase(pool: Any, target: Target, concurrency: int,
         "details": {code: text for client in clients for code, text in client["details"].items()},
         "denied": sum(client["denied"] for client in clients),
         "rss_peak_sampled_bytes": rss_peak or None,
-        "server_cpu_util": ((cpu_after - cpu_before) / options.seconds
-                            if cpu_before is not None and cpu_after is not None else None),
-        "client_cpu_util": sum(client["client_cpu_s"] for client in clients) / options.seconds,
+        "server_cpu_util": (server_cpu_s / options.seconds
+                            if server_cpu_s is not None else None),
+        "client_cpu_util": client_cpu_s / options.seconds,
+        # where the machine's CPU goes: every attempt (answered or refused) costs its client,
+        # and the server's CPU is spread over the pairs it got done in time
+        "attempts_per_s": sum(sum(client["codes"].values()) / client["seconds"]
+                              for client in clients),
+        "client_cpu_per_attempt_us": client_cpu_s / attempts * 1e6 if attempts else None,
+        "server_cpu_per_good_pair_us": (server_cpu_s / good * 1e6
+                                        if server_cpu_s is not None and good else None),
     }
 
 
@@ -324,6 +339,7 @@ def recovery_s(target: Target, timeout_s: float) -> float | None:
 
 
 def run_target(pool: Any, target: Target, options: argparse.Namespace) -> dict[str, Any]:
+    loadavg = report.loadavg()  # the machine is shared: what else ran, next to the figures
     target.start()
     try:
         target.set_up(options.users)
@@ -341,6 +357,7 @@ def run_target(pool: Any, target: Target, options: argparse.Namespace) -> dict[s
         "peak_rss_bytes": (memory or {}).get("VmHWM"),
         "survived": recovered_s is not None,
         "recovery_s": recovered_s,
+        "loadavg_at_start": loadavg,
         "calibration": calibration,
         "overload": overload,
         "server": server,
@@ -353,13 +370,28 @@ def _run_line(name: str, run_index: int, runs: int, run: dict[str, Any]) -> str:
     share = run["goodput_share"]
     codes = run["overload"]["codes"]
     rss = run["peak_rss_bytes"]
+    load = run.get("loadavg_at_start")
     return (f"{name:<7} run {run_index + 1}/{runs}: capacity {run['capacity_pairs_per_s']:,.0f} "
             f"pairs/s, overload goodput {run['goodput_pairs_per_s']:,.0f} pairs/s "
             f"({'—' if share is None else f'{share:.0%}'}); "
             + " ".join(f"{code} {count:,}" for code, count in codes.items() if count)
+            + f"; {_cpu_text(run['calibration'])} calibrating, "
+            + f"{_cpu_text(run['overload'])} overloaded"
             + f"; peak RSS {'—' if rss is None else f'{rss / MB:,.0f} MB'}; "
             + ("answered again" + (f" after {run['recovery_s']:.1f} s" if run["recovery_s"]
-                                   else "") if run["survived"] else "DID NOT ANSWER AGAIN"))
+                                   else "") if run["survived"] else "DID NOT ANSWER AGAIN")
+            + ("" if load is None else f"; load average {load[0]:.1f} before the run"))
+
+
+def _us(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f} µs"
+
+
+def _cpu_text(phase: dict[str, Any]) -> str:
+    """Attempts per second, the clients' CPU per attempt, the server's per good pair."""
+    return (f"{phase['attempts_per_s']:,.0f} attempts/s, client CPU "
+            f"{_us(phase['client_cpu_per_attempt_us'])}/attempt, server CPU "
+            f"{_us(phase['server_cpu_per_good_pair_us'])}/good pair")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -383,7 +415,18 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             run["overload"]["server_cpu_util"] or 0.0 for run in runs),
         "overload_client_cpu_util": statistics.median(
             run["overload"]["client_cpu_util"] for run in runs),
+        **{f"{phase}_{key}": _median_present(run[phase].get(key) for run in runs)
+           for phase in ("calibration", "overload")
+           for key in ("attempts_per_s", "client_cpu_per_attempt_us",
+                       "server_cpu_per_good_pair_us")},
+        "loadavg_at_start": [run["loadavg_at_start"][0] for run in runs
+                             if run.get("loadavg_at_start")],
     }
+
+
+def _median_present(values: Any) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
 
 
 def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespace) -> None:
@@ -401,6 +444,19 @@ def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespac
               f"{share:>13} {rss:>11} {survived:>9} {m['overload_server_cpu_util']:>10.0%} "
               f"{m['overload_client_cpu_util']:>10.0%}")
     print("(CPU: in the overload phase, share of one core: the server; all client processes)")
+    print()
+    print(f"{'server':<7} {'phase':<12} {'attempts/s':>10} {'client CPU/attempt':>18} "
+          f"{'server CPU/good pair':>20}")
+    for name, m in medians.items():
+        for phase in ("calibration", "overload"):
+            attempts = m[f"{phase}_attempts_per_s"]
+            print(f"{name:<7} {phase:<12} "
+                  f"{'—' if attempts is None else f'{attempts:,.0f}':>10} "
+                  f"{_us(m[f'{phase}_client_cpu_per_attempt_us']):>18} "
+                  f"{_us(m[f'{phase}_server_cpu_per_good_pair_us']):>20}")
+    loads = [load for m in medians.values() for load in m["loadavg_at_start"]]
+    if loads:
+        print(f"load average (1 min) before the runs: {min(loads):.1f} to {max(loads):.1f}")
     names = list(medians)
     print()
     print(f"overload status codes (calls, all runs): {'':<14}" + "".join(

@@ -240,10 +240,15 @@ def test_the_overload_bench_measures_goodput_against_capacity_for_quotad_and_ech
         assert set(run["overload"]["codes"]) >= {"OK", "CANCELLED", "DEADLINE_EXCEEDED",
                                                  "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
         assert run["calibration"]["in_flight"] == 16 and run["overload"]["in_flight"] == 100
+        for phase in ("calibration", "overload"):  # where the machine's CPU went
+            assert run[phase]["attempts_per_s"] > 0, (name, phase)
+            assert run[phase]["client_cpu_per_attempt_us"] > 0, (name, phase)
+        assert median["calibration_server_cpu_per_good_pair_us"] > 0, name
     text = "\n".join(lines)
     assert "quotad / echo, goodput as a share of capacity:" in text
     assert any(line.startswith("quotad ") and "%" in line for line in lines)
     assert any(line.strip().startswith("DEADLINE_EXCEEDED") for line in lines)
+    assert any(line.startswith("quotad  overload") and "µs" in line for line in lines)
 
 
 def test_the_soak_and_overload_help_explain_every_flag():
