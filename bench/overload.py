@@ -33,6 +33,11 @@ overload phase's calls are summed over the runs.
 The clients and the server share the machine's cores, so each phase also says where the CPU
 went: attempts per second (every call sent, answered or refused), the clients' CPU per
 attempt, and the server's CPU per good pair; each run notes the load average before it.
+Sharing is what collapses goodput on a small machine: every refused attempt costs its client
+CPU, the busy clients take the server's share of the cores, and the server then answers
+fewer calls. --separate-cpus runs the server on a CPU of its own and the clients on the
+others (both servers alike), as a server is deployed; other work on the machine is not
+kept off either.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import random
 import signal
 import statistics
@@ -130,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
                         help="one more bench.echo_server argument, repeatable "
                              "(e.g. --echo-arg=--maximum-concurrent-rpcs=64)")
+    parser.add_argument("--separate-cpus", action="store_true",
+                        help="run each server (every thread) on this machine's last CPU and "
+                             "the client processes on the others, as a server deployed on "
+                             "cores of its own; the same for quotad and the echo peer "
+                             "(default: all share every CPU)")
     parser.add_argument("--results", type=Path, metavar="DIR",
                         help="where results.json goes (default: "
                              "bench/results/overload-<timestamp>/, git-ignored)")
@@ -245,8 +256,28 @@ def _client(args: tuple[Any, ...]) -> dict[str, Any]:
     return asyncio.run(_drive(*args))
 
 
-def _ignore_sigint() -> None:
+def _start_client_process(cpus: frozenset[int] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
+def separate_cpus() -> tuple[frozenset[int], frozenset[int]]:
+    """--separate-cpus: (the server's CPU, the clients' CPUs): the last CPU this process may
+    run on for the server, the others for the clients. ValueError with fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise ValueError(f"--separate-cpus needs at least 2 CPUs; this process may use {cpus}")
+    return frozenset(cpus[-1:]), frozenset(cpus[:-1])
+
+
+def pin_process(pid: int, cpus: frozenset[int]) -> None:
+    """Every thread of process `pid` onto `cpus` (threads it starts later inherit it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
 
 
 # --- one phase, one server ---------------------------------------------------------------------
@@ -342,6 +373,8 @@ def run_target(pool: Any, target: Target, options: argparse.Namespace) -> dict[s
     loadavg = report.loadavg()  # the machine is shared: what else ran, next to the figures
     target.start()
     try:
+        if options.separate_cpus and target.pid is not None:
+            pin_process(target.pid, separate_cpus()[0])
         target.set_up(options.users)
         calibration = run_phase(pool, target, options.calibration_concurrency, options)
         overload = run_phase(pool, target, options.concurrency, options)
@@ -487,7 +520,17 @@ def _targets(options: argparse.Namespace) -> list[Target]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    placement = ""
+    client_cpus: frozenset[int] | None = None  # None: every CPU, shared with the server
+    if options.separate_cpus:
+        try:
+            server_cpus, client_cpus = separate_cpus()
+        except ValueError as error:
+            parser.error(str(error))
+        placement = (f"; servers on CPU {','.join(map(str, sorted(server_cpus)))}, clients on "
+                     f"{','.join(map(str, sorted(client_cpus)))}")
     results_dir = options.results or ROOT / "bench" / "results" / time.strftime(
         "overload-%Y%m%d-%H%M%S")
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -502,10 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overload: unary Reserve + Commit pairs, {options.processes} x "
           f"{options.calibration_concurrency:,} in flight to calibrate, then {options.processes} x "
           f"{options.concurrency:,}; {options.deadline_s:g} s deadline per call, "
-          f"{options.seconds:g} s per phase, {options.runs} run(s); quotad, then the echo peer; "
-          f"results in {results_dir}", flush=True)
+          f"{options.seconds:g} s per phase, {options.runs} run(s); quotad, then the echo peer"
+          f"{placement}; results in {results_dir}", flush=True)
     pool = multiprocessing.get_context("spawn").Pool(options.processes,
-                                                    initializer=_ignore_sigint)
+                                                    initializer=_start_client_process,
+                                                    initargs=(client_cpus,))
     try:
         for run_index in range(options.runs):
             for target in _targets(options):  # alternate: drift hits both
