@@ -82,6 +82,7 @@ outputs (in --results DIR, default bench/results/overload-<timestamp>/, git-igno
 examples:
   python -m bench.overload
   python -m bench.overload --processes 2 --concurrency 500 --seconds 5 --runs 1
+  python -m bench.overload --separate-cpus
 """
 
 
