@@ -29,6 +29,15 @@ printed as a % of that capacity. After the overload phase the server must still 
 (quotad: a health check saying SERVING; the echo peer, which has no health service: a
 Reserve) within --recovery-timeout-s. Figures are medians of the runs; status codes of the
 overload phase's calls are summed over the runs.
+
+The clients and the server share the machine's cores, so each phase also says where the CPU
+went: attempts per second (every call sent, answered or refused), the clients' CPU per
+attempt, and the server's CPU per good pair; each run notes the load average before it.
+Sharing is what collapses goodput on a small machine: every refused attempt costs its client
+CPU, the busy clients take the server's share of the cores, and the server then answers
+fewer calls. --separate-cpus runs the server on a CPU of its own and the clients on the
+others (both servers alike), as a server is deployed; other work on the machine is not
+kept off either.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import random
 import signal
 import statistics
@@ -72,6 +82,7 @@ outputs (in --results DIR, default bench/results/overload-<timestamp>/, git-igno
 examples:
   python -m bench.overload
   python -m bench.overload --processes 2 --concurrency 500 --seconds 5 --runs 1
+  python -m bench.overload --separate-cpus
 """
 
 
@@ -126,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
                         help="one more bench.echo_server argument, repeatable "
                              "(e.g. --echo-arg=--maximum-concurrent-rpcs=64)")
+    parser.add_argument("--separate-cpus", action="store_true",
+                        help="run each server (every thread) on this machine's last CPU and "
+                             "the client processes on the others, as a server deployed on "
+                             "cores of its own; the same for quotad and the echo peer "
+                             "(default: all share every CPU)")
     parser.add_argument("--results", type=Path, metavar="DIR",
                         help="where results.json goes (default: "
                              "bench/results/overload-<timestamp>/, git-ignored)")
@@ -241,8 +257,28 @@ def _client(args: tuple[Any, ...]) -> dict[str, Any]:
     return asyncio.run(_drive(*args))
 
 
-def _ignore_sigint() -> None:
+def _start_client_process(cpus: frozenset[int] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
+def separate_cpus() -> tuple[frozenset[int], frozenset[int]]:
+    """--separate-cpus: (the server's CPU, the clients' CPUs): the last CPU this process may
+    run on for the server, the others for the clients. ValueError with fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise ValueError(f"--separate-cpus needs at least 2 CPUs; this process may use {cpus}")
+    return frozenset(cpus[-1:]), frozenset(cpus[:-1])
+
+
+def pin_process(pid: int, cpus: frozenset[int]) -> None:
+    """Every thread of process `pid` onto `cpus` (threads it starts later inherit it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
 
 
 # --- one phase, one server ---------------------------------------------------------------------
@@ -270,6 +306,10 @@ def run_phase(pool: Any, target: Target, concurrency: int,
         codes.update(client["codes"])
     good = sum(client["good_pairs"] for client in clients)
     latencies = sorted(value for client in clients for value in client["latencies_s"])
+    attempts = sum(codes.values())
+    client_cpu_s = sum(client["client_cpu_s"] for client in clients)
+    server_cpu_s = (cpu_after - cpu_before
+                    if cpu_before is not None and cpu_after is not None else None)
     return {
         "concurrency": concurrency,
         "in_flight": concurrency * options.processes,
@@ -284,9 +324,16 @@ def run_phase(pool: Any, target: Target, concurrency: int,
         "details": {code: text for client in clients for code, text in client["details"].items()},
         "denied": sum(client["denied"] for client in clients),
         "rss_peak_sampled_bytes": rss_peak or None,
-        "server_cpu_util": ((cpu_after - cpu_before) / options.seconds
-                            if cpu_before is not None and cpu_after is not None else None),
-        "client_cpu_util": sum(client["client_cpu_s"] for client in clients) / options.seconds,
+        "server_cpu_util": (server_cpu_s / options.seconds
+                            if server_cpu_s is not None else None),
+        "client_cpu_util": client_cpu_s / options.seconds,
+        # where the machine's CPU goes: every attempt (answered or refused) costs its client,
+        # and the server's CPU is spread over the pairs it got done in time
+        "attempts_per_s": sum(sum(client["codes"].values()) / client["seconds"]
+                              for client in clients),
+        "client_cpu_per_attempt_us": client_cpu_s / attempts * 1e6 if attempts else None,
+        "server_cpu_per_good_pair_us": (server_cpu_s / good * 1e6
+                                        if server_cpu_s is not None and good else None),
     }
 
 
@@ -324,8 +371,11 @@ def recovery_s(target: Target, timeout_s: float) -> float | None:
 
 
 def run_target(pool: Any, target: Target, options: argparse.Namespace) -> dict[str, Any]:
+    loadavg = report.loadavg()  # the machine is shared: what else ran, next to the figures
     target.start()
     try:
+        if options.separate_cpus and target.pid is not None:
+            pin_process(target.pid, separate_cpus()[0])
         target.set_up(options.users)
         calibration = run_phase(pool, target, options.calibration_concurrency, options)
         overload = run_phase(pool, target, options.concurrency, options)
@@ -341,6 +391,7 @@ def run_target(pool: Any, target: Target, options: argparse.Namespace) -> dict[s
         "peak_rss_bytes": (memory or {}).get("VmHWM"),
         "survived": recovered_s is not None,
         "recovery_s": recovered_s,
+        "loadavg_at_start": loadavg,
         "calibration": calibration,
         "overload": overload,
         "server": server,
@@ -353,13 +404,28 @@ def _run_line(name: str, run_index: int, runs: int, run: dict[str, Any]) -> str:
     share = run["goodput_share"]
     codes = run["overload"]["codes"]
     rss = run["peak_rss_bytes"]
+    load = run.get("loadavg_at_start")
     return (f"{name:<7} run {run_index + 1}/{runs}: capacity {run['capacity_pairs_per_s']:,.0f} "
             f"pairs/s, overload goodput {run['goodput_pairs_per_s']:,.0f} pairs/s "
             f"({'—' if share is None else f'{share:.0%}'}); "
             + " ".join(f"{code} {count:,}" for code, count in codes.items() if count)
+            + f"; {_cpu_text(run['calibration'])} calibrating, "
+            + f"{_cpu_text(run['overload'])} overloaded"
             + f"; peak RSS {'—' if rss is None else f'{rss / MB:,.0f} MB'}; "
             + ("answered again" + (f" after {run['recovery_s']:.1f} s" if run["recovery_s"]
-                                   else "") if run["survived"] else "DID NOT ANSWER AGAIN"))
+                                   else "") if run["survived"] else "DID NOT ANSWER AGAIN")
+            + ("" if load is None else f"; load average {load[0]:.1f} before the run"))
+
+
+def _us(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f} µs"
+
+
+def _cpu_text(phase: dict[str, Any]) -> str:
+    """Attempts per second, the clients' CPU per attempt, the server's per good pair."""
+    return (f"{phase['attempts_per_s']:,.0f} attempts/s, client CPU "
+            f"{_us(phase['client_cpu_per_attempt_us'])}/attempt, server CPU "
+            f"{_us(phase['server_cpu_per_good_pair_us'])}/good pair")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -383,7 +449,18 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             run["overload"]["server_cpu_util"] or 0.0 for run in runs),
         "overload_client_cpu_util": statistics.median(
             run["overload"]["client_cpu_util"] for run in runs),
+        **{f"{phase}_{key}": _median_present(run[phase].get(key) for run in runs)
+           for phase in ("calibration", "overload")
+           for key in ("attempts_per_s", "client_cpu_per_attempt_us",
+                       "server_cpu_per_good_pair_us")},
+        "loadavg_at_start": [run["loadavg_at_start"][0] for run in runs
+                             if run.get("loadavg_at_start")],
     }
+
+
+def _median_present(values: Any) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
 
 
 def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespace) -> None:
@@ -401,6 +478,19 @@ def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespac
               f"{share:>13} {rss:>11} {survived:>9} {m['overload_server_cpu_util']:>10.0%} "
               f"{m['overload_client_cpu_util']:>10.0%}")
     print("(CPU: in the overload phase, share of one core: the server; all client processes)")
+    print()
+    print(f"{'server':<7} {'phase':<12} {'attempts/s':>10} {'client CPU/attempt':>18} "
+          f"{'server CPU/good pair':>20}")
+    for name, m in medians.items():
+        for phase in ("calibration", "overload"):
+            attempts = m[f"{phase}_attempts_per_s"]
+            print(f"{name:<7} {phase:<12} "
+                  f"{'—' if attempts is None else f'{attempts:,.0f}':>10} "
+                  f"{_us(m[f'{phase}_client_cpu_per_attempt_us']):>18} "
+                  f"{_us(m[f'{phase}_server_cpu_per_good_pair_us']):>20}")
+    loads = [load for m in medians.values() for load in m["loadavg_at_start"]]
+    if loads:
+        print(f"load average (1 min) before the runs: {min(loads):.1f} to {max(loads):.1f}")
     names = list(medians)
     print()
     print(f"overload status codes (calls, all runs): {'':<14}" + "".join(
@@ -431,7 +521,17 @@ def _targets(options: argparse.Namespace) -> list[Target]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    placement = ""
+    client_cpus: frozenset[int] | None = None  # None: every CPU, shared with the server
+    if options.separate_cpus:
+        try:
+            server_cpus, client_cpus = separate_cpus()
+        except ValueError as error:
+            parser.error(str(error))
+        placement = (f"; servers on CPU {','.join(map(str, sorted(server_cpus)))}, clients on "
+                     f"{','.join(map(str, sorted(client_cpus)))}")
     results_dir = options.results or ROOT / "bench" / "results" / time.strftime(
         "overload-%Y%m%d-%H%M%S")
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -446,10 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overload: unary Reserve + Commit pairs, {options.processes} x "
           f"{options.calibration_concurrency:,} in flight to calibrate, then {options.processes} x "
           f"{options.concurrency:,}; {options.deadline_s:g} s deadline per call, "
-          f"{options.seconds:g} s per phase, {options.runs} run(s); quotad, then the echo peer; "
-          f"results in {results_dir}", flush=True)
+          f"{options.seconds:g} s per phase, {options.runs} run(s); quotad, then the echo peer"
+          f"{placement}; results in {results_dir}", flush=True)
     pool = multiprocessing.get_context("spawn").Pool(options.processes,
-                                                    initializer=_ignore_sigint)
+                                                    initializer=_start_client_process,
+                                                    initargs=(client_cpus,))
     try:
         for run_index in range(options.runs):
             for target in _targets(options):  # alternate: drift hits both

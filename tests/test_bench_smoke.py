@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -240,10 +241,27 @@ def test_the_overload_bench_measures_goodput_against_capacity_for_quotad_and_ech
         assert set(run["overload"]["codes"]) >= {"OK", "CANCELLED", "DEADLINE_EXCEEDED",
                                                  "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
         assert run["calibration"]["in_flight"] == 16 and run["overload"]["in_flight"] == 100
+        for phase in ("calibration", "overload"):  # where the machine's CPU went
+            assert run[phase]["attempts_per_s"] > 0, (name, phase)
+            assert run[phase]["client_cpu_per_attempt_us"] > 0, (name, phase)
+        assert median["calibration_server_cpu_per_good_pair_us"] > 0, name
     text = "\n".join(lines)
     assert "quotad / echo, goodput as a share of capacity:" in text
     assert any(line.startswith("quotad ") and "%" in line for line in lines)
     assert any(line.strip().startswith("DEADLINE_EXCEEDED") for line in lines)
+    assert any(line.startswith("quotad  overload") and "µs" in line for line in lines)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to separate")
+def test_the_overload_bench_can_keep_the_server_on_a_cpu_of_its_own(tmp_path: Path):
+    lines, document = _run_json_bench(
+        tmp_path, "bench.overload", "--targets", "echo", "--separate-cpus", "--processes", "1",
+        "--concurrency", "20", "--calibration-concurrency", "4", "--seconds", "1",
+        "--runs", "1", "--users", "10")
+    cpus = sorted(os.sched_getaffinity(0))
+    assert f"servers on CPU {cpus[-1]}, clients on " in lines[0]
+    assert document["config"]["separate_cpus"] is True
+    assert document["targets"]["echo"]["median"]["survived_runs"] == 1
 
 
 def test_the_soak_and_overload_help_explain_every_flag():
