@@ -20,6 +20,11 @@ from quotad.cluster.limits import ETCD_REQUEST_TIMEOUT_S
 __all__ = ["Etcd", "EtcdUnavailable", "KeyValue", "WatchEvent"]
 
 KeyValue = kv_pb2.KeyValue
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000))
+"""Reconnect to an etcd that was down within a second of it being back (grpc's default
+backoff grows to two minutes): a shard that lost its lease resumes as soon as it can."""
 
 
 class EtcdUnavailable(Exception):
@@ -40,7 +45,7 @@ class Etcd:
     def __init__(self, endpoint: str, *, timeout_s: float = ETCD_REQUEST_TIMEOUT_S) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(endpoint)
+        self._channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self._kv = rpc_pb2_grpc.KVStub(self._channel)
         self._watch = rpc_pb2_grpc.WatchStub(self._channel)
         self._lease = rpc_pb2_grpc.LeaseStub(self._channel)
