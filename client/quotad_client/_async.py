@@ -245,7 +245,7 @@ class AsyncQuotaClient:
                 raise
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
-                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True
                     await self._refresh_routes(routes or self._routes)
                     continue
@@ -369,7 +369,7 @@ class AsyncQuotaClient:
                 return
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
-                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, open the watch there
                     await self._refresh_routes(self._routes)
                     continue

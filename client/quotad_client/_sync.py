@@ -174,7 +174,7 @@ class QuotaClient:
                 response = method(op.request, timeout=remaining, metadata=config.metadata)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
-                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, send the call once more
                     self._refresh_routes()
                     continue
@@ -275,7 +275,7 @@ class QuotaClient:
                 return
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
-                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, open the watch there
                     self._refresh_routes()
                     continue
