@@ -375,3 +375,96 @@ def test_with_etcd_stopped_shards_serve_while_their_lease_lasts_then_refuse_and_
         stop_load.set()
         cluster.close()
         etcd.close()
+
+
+# --- clients with an etcd:// target ------------------------------------------------------------
+
+def test_the_clients_and_quotactl_read_the_map_from_etcd_and_reach_every_shard(cluster):
+    shard_map = cluster.shard_map
+    users = [user for shard_id in range(3) for user in users_of(shard_map, shard_id, 2, "etcd")]
+    for address in cluster.addresses:
+        with qc.QuotaClient(address, timeout_s=CALL_TIMEOUT_S) as direct:
+            direct.upsert_plan(PLAN)
+    with qc.QuotaClient(cluster=cluster.target, timeout_s=CALL_TIMEOUT_S) as client:
+        for user in users:
+            client.subscribe(user, "p")
+            hold = client.reserve(user, "openai.chat", 100)
+            assert client.commit(hold.reservation_id, 40).committed == 40
+
+    async def through_the_async_client() -> list[int]:
+        async with qc.AsyncQuotaClient(cluster=cluster.target,
+                                       timeout_s=CALL_TIMEOUT_S) as client:
+            async def one(user: str) -> int:
+                async with client.reserve(user, "openai.chat", 10) as hold:
+                    hold.actual = 2
+                return (await client.usage(user))["tokens"].used
+            return list(await asyncio.gather(*(one(user) for user in users)))
+    assert asyncio.run(asyncio.wait_for(through_the_async_client(), WAIT_S)) == [42] * len(users)
+    for user in users:  # each user's counters are on its own shard
+        owner = cluster.addresses[shard_map.owner(slot_of(APP, user)).shard_id]
+        with qc.QuotaClient(owner, timeout_s=CALL_TIMEOUT_S) as direct:
+            assert direct.usage(user)["tokens"].used == 42
+    done = subprocess.run([sys.executable, "-m", "quotad_client.ctl", "--cluster", cluster.target,
+                           "usage", users[-1]], capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert "42" in done.stdout
+
+
+def test_after_a_slot_moves_in_etcd_the_clients_refresh_on_wrong_shard_and_succeed(cluster):
+    shard_map = cluster.shard_map
+    user = users_of(shard_map, 0, 1, "refresh")[0]
+    slot = slot_of(APP, user)
+    for address in cluster.addresses:
+        with qc.QuotaClient(address, timeout_s=CALL_TIMEOUT_S) as direct:
+            direct.upsert_plan(PLAN)
+    with qc.QuotaClient(cluster=cluster.target, timeout_s=CALL_TIMEOUT_S) as sync:
+        sync.subscribe(user, "p")
+        assert sync.usage(user)["tokens"].used == 0  # routed to shard 0, by the map as it was
+
+        async def open_async() -> qc.AsyncQuotaClient:
+            client = qc.AsyncQuotaClient(cluster=cluster.target, timeout_s=CALL_TIMEOUT_S)
+            await client.usage(user)  # its routes: the map as it was
+            return client
+
+        async def scenario() -> None:
+            client = await open_async()
+            try:
+                zero, one, two = shard_map.shards
+                await asyncio.to_thread(put_map, cluster.target, ShardMap.of([
+                    Shard(0, zero.address, zero.slots - {slot}),
+                    Shard(1, one.address, one.slots | {slot}), two]))
+                with qc.QuotaClient(cluster.addresses[1], timeout_s=CALL_TIMEOUT_S) as new_owner:
+                    def taken() -> bool:
+                        try:
+                            new_owner.subscribe(user, "p")
+                            return True
+                        except qc.FailedPrecondition as error:
+                            assert error.reason == ErrorReason.WRONG_SHARD
+                            return False
+                    await asyncio.to_thread(wait_until, taken, "shard 1 takes the moved user")
+                # both clients still route the user to shard 0: WRONG_SHARD, refresh, shard 1
+                async with client.reserve(user, "openai.chat", 5) as hold:
+                    hold.actual = 5
+                hold = sync.reserve(user, "openai.chat", 7)
+                sync.commit(hold.reservation_id, 7)
+                assert (await client.usage(user))["tokens"].used == 12
+            finally:
+                await client.close()
+        asyncio.run(asyncio.wait_for(scenario(), 2 * WAIT_S))
+
+
+def test_an_etcd_target_that_is_bad_unreachable_or_holds_no_map_is_refused_clearly(etcd):
+    with pytest.raises(ValueError, match="etcd://HOST:PORT/NAME"):
+        qc.QuotaClient(cluster="etcd://127.0.0.1/prod")
+    with pytest.raises(ValueError, match="etcd://HOST:PORT/NAME"):
+        qc.AsyncQuotaClient(cluster="etcd://127.0.0.1:2379/")
+    with pytest.raises(qc.Unavailable, match="cannot read the shard map from etcd"):
+        qc.QuotaClient(cluster=f"etcd://127.0.0.1:{free_port()}/prod", timeout_s=1.0)
+    with pytest.raises(ValueError, match="no shard map"):
+        qc.QuotaClient(cluster=new_target(etcd))
+    done = subprocess.run([sys.executable, "-m", "quotad_client.ctl", "--cluster",
+                           f"etcd://127.0.0.1:{free_port()}/prod", "usage", "u1"],
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    assert done.returncode == 2 and "cannot read the shard map" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
