@@ -265,6 +265,8 @@ def _cluster_commands(commands: Any) -> None:
                            "address each shard serves on (its --listen, a wildcard aside)")
     init.add_argument("--replace", action="store_true",
                       help="overwrite a map already there (see below)")
+    from quotad.cluster import up
+    up.add_parser(actions)
 
 
 def cluster_init(args: argparse.Namespace) -> int:
