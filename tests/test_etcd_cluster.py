@@ -468,3 +468,44 @@ def test_an_etcd_target_that_is_bad_unreachable_or_holds_no_map_is_refused_clear
                           capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     assert done.returncode == 2 and "cannot read the shard map" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_shard_whose_lease_key_another_lease_takes_stops_serving_and_takes_it_back_after(
+        tmp_path, etcd):
+    target = new_target(etcd)
+    address = f"127.0.0.1:{free_port()}"
+    assert init(target, [address]).returncode == 0
+    process = shard(tmp_path, target, 0).start(address)
+    key = EtcdTarget.parse(target).lease_key(0)
+
+    async def take_key() -> int:
+        client = Etcd(etcd.endpoint)
+        try:
+            lease_id, _ = await client.grant_lease(30)
+            await client.delete(key)
+            await client.put(key, b'{"address": "elsewhere"}', lease_id=lease_id)
+            return lease_id
+        finally:
+            await client.close()
+
+    async def revoke(lease_id: int) -> None:
+        client = Etcd(etcd.endpoint)
+        try:
+            await client.revoke_lease(lease_id)
+        finally:
+            await client.close()
+
+    try:
+        assert health(address) == health_pb2.HealthCheckResponse.SERVING
+        other = asyncio.run(take_key())
+        wait_until(lambda: health(address) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                   "the shard stops serving once its key is another lease's", LEASE_TTL_S * 2)
+        with qc.QuotaClient(address, timeout_s=CALL_TIMEOUT_S, retries=0) as client:
+            with pytest.raises(qc.Unavailable, match="lease"):
+                client.usage("anyone")
+        asyncio.run(revoke(other))  # the other holder is gone: the shard takes its id back
+        wait_until(lambda: health(address) == health_pb2.HealthCheckResponse.SERVING,
+                   "the shard serves again")
+        assert process.stop() == 0
+    finally:
+        process.close()

@@ -142,8 +142,9 @@ class MapFollower:
 class ShardLease:
     """The etcd lease of one shard id, which this process must hold to serve (fencing).
 
-    Held: the key /quotad/NAME/shards/ID/lease exists, attached to this process's lease. A
-    second process with the same id finds the key attached to another lease and waits. Each
+    Held: the key /quotad/NAME/shards/ID/lease exists, attached to this process's lease
+    (checked with each renewal). A second process with the same id finds the key attached to
+    another lease and waits. Each
     renewal moves `held_until_ns` to its send time + TTL * (1 - LEASE_SAFETY_FRACTION): etcd
     counts the TTL from when it receives the renewal, later, so a shard that cannot renew
     stops serving before its lease can expire in etcd and another process take the id."""
@@ -214,6 +215,12 @@ class ShardLease:
                 log.warning("the shard's lease expired in etcd; taking it again",
                             extra={"shard_id": self.shard_id})
                 self.lease_id = 0
+                self._extend(0, 0)
+                return
+            found, _ = await self.etcd.get(self.key)  # still this lease's key?
+            if found is None or found.lease != self.lease_id:
+                log.warning("the shard's lease key was deleted or taken in etcd; taking it "
+                            "again", extra={"shard_id": self.shard_id})
                 self._extend(0, 0)
                 return
             self._extend(sent_ns, ttl_s)
