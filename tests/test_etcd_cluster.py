@@ -509,3 +509,59 @@ def test_a_shard_whose_lease_key_another_lease_takes_stops_serving_and_takes_it_
         assert process.stop() == 0
     finally:
         process.close()
+
+
+def test_kill_9_of_one_shard_under_load_spares_the_others_and_loses_nothing_acknowledged(
+        cluster):
+    shard_map = cluster.shard_map
+    users = [users_of(shard_map, shard_id, 1, "kill")[0] for shard_id in range(3)]
+    for address in cluster.addresses:
+        with qc.QuotaClient(address, timeout_s=CALL_TIMEOUT_S) as direct:
+            direct.upsert_plan(PLAN)
+    acknowledged = [0, 0, 0]
+    refused: list[tuple[float, int]] = []
+    stop_load = threading.Event()
+
+    def load(shard_id: int) -> None:
+        user = users[shard_id]
+        with qc.QuotaClient(cluster=cluster.target, timeout_s=CALL_TIMEOUT_S,
+                            retries=0) as client:
+            client.subscribe(user, "p")
+            deadline = time.monotonic() + 4 * WAIT_S
+            while not stop_load.is_set() and time.monotonic() < deadline:
+                try:
+                    client.track(user, "openai.chat", 1)
+                    acknowledged[shard_id] += 1
+                except qc.QuotadError as error:
+                    assert error.code == grpc.StatusCode.UNAVAILABLE, error
+                    refused.append((time.monotonic(), shard_id))
+                    time.sleep(POLL_S)
+
+    loaders = [threading.Thread(target=load, args=(shard_id,), daemon=True)
+               for shard_id in range(3)]
+    try:
+        for loader in loaders:
+            loader.start()
+        wait_until(lambda: min(acknowledged) > 20, "the load runs on every shard")
+        cluster.shards[1].kill()
+        killed_at = time.monotonic()
+        before = list(acknowledged)
+        wait_until(lambda: any(sid == 1 for _, sid in refused), "shard 1's user is refused")
+        wait_until(lambda: all(acknowledged[s] > before[s] + 20 for s in (0, 2)),
+                   "the other shards' users are served meanwhile")
+        assert {sid for _, sid in refused} == {1}
+        # restarted on its data: it waits for the killed process's lease to expire, then serves
+        cluster.shards[1] = shard(cluster.folder, cluster.target, 1).start(cluster.addresses[1])
+        print(f"shard 1 served again {time.monotonic() - killed_at:.2f} s after kill -9 "
+              f"(lease TTL {LEASE_TTL_S} s)")
+        mark = acknowledged[1]
+        wait_until(lambda: acknowledged[1] > mark + 20, "shard 1's user is served again")
+        stop_load.set()
+        for loader in loaders:
+            loader.join(timeout=WAIT_S)
+        with qc.QuotaClient(cluster=cluster.target, timeout_s=CALL_TIMEOUT_S) as client:
+            for shard_id, user in enumerate(users):  # every acknowledged track is there
+                assert client.usage(user)["tokens"].used >= acknowledged[shard_id]
+                assert client.usage(user)["tokens"].used <= acknowledged[shard_id] + 1
+    finally:
+        stop_load.set()
