@@ -443,6 +443,14 @@ def test_after_a_slot_moves_in_etcd_the_clients_refresh_on_wrong_shard_and_succe
                             assert error.reason == ErrorReason.WRONG_SHARD
                             return False
                     await asyncio.to_thread(wait_until, taken, "shard 1 takes the moved user")
+                with qc.QuotaClient(cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as old_owner:
+                    def released() -> bool:  # each shard follows etcd on its own time
+                        try:
+                            old_owner.usage(user)
+                            return False
+                        except qc.FailedPrecondition as error:
+                            return error.reason == ErrorReason.WRONG_SHARD
+                    await asyncio.to_thread(wait_until, released, "shard 0 lets the user go")
                 # both clients still route the user to shard 0: WRONG_SHARD, refresh, shard 1
                 async with client.reserve(user, "openai.chat", 5) as hold:
                     hold.actual = 5
