@@ -573,3 +573,58 @@ def test_kill_9_of_one_shard_under_load_spares_the_others_and_loses_nothing_ackn
                 assert client.usage(user)["tokens"].used <= acknowledged[shard_id] + 1
     finally:
         stop_load.set()
+
+
+# --- the catalog in etcd -----------------------------------------------------------------------
+
+def plan_quota(client: qc.QuotaClient, plan_id: str) -> int | None:
+    try:
+        plan = client.get_plan(plan_id)
+    except qc.NotFound:
+        return None
+    return plan.limit_groups[0].quota
+
+
+def test_a_plan_upserted_on_one_shard_is_every_shards_and_a_restarted_shard_catches_up(
+        cluster):
+    plan = {**PLAN, "id": "shared"}
+    with qc.QuotaClient(cluster.addresses[1], timeout_s=CALL_TIMEOUT_S) as one:
+        assert one.upsert_plan(plan).changed  # answered once applied on shard 1
+        assert plan_quota(one, "shared") == 1_000_000
+        assert not one.upsert_plan(plan).changed
+    for address in cluster.addresses:
+        with qc.QuotaClient(address, timeout_s=CALL_TIMEOUT_S) as direct:
+            wait_until(lambda: plan_quota(direct, "shared") == 1_000_000,
+                       f"shard at {address} applies the plan")
+    user = users_of(cluster.shard_map, 2, 1, "catalog")[0]
+    with qc.QuotaClient(cluster=cluster.target, timeout_s=CALL_TIMEOUT_S) as client:
+        client.subscribe(user, "shared")  # on shard 2, with the plan written through shard 1
+        client.reserve(user, "openai.chat", 10).release()
+    assert cluster.shards[2].stop() == 0
+    changed = {**plan, "limit_groups": [{**PLAN["limit_groups"][0], "quota": 7}]}
+    with qc.QuotaClient(cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as zero:
+        assert zero.upsert_plan(changed).changed  # shard 2 is down meanwhile
+    cluster.shards[2] = shard(cluster.folder, cluster.target, 2).start(cluster.addresses[2])
+    with qc.QuotaClient(cluster.addresses[2], timeout_s=CALL_TIMEOUT_S) as two:
+        assert plan_quota(two, "shared") == 7  # applied before it served
+    assert cluster.shards[2].last("catalog applied")["plans"] >= 1
+
+
+def test_an_invalid_plan_is_refused_before_the_catalog_and_no_shard_sees_it(cluster):
+    bad = {**PLAN, "id": "bad", "limit_groups": [PLAN["limit_groups"][0]] * 2}  # keys twice
+    with qc.QuotaClient(cluster.addresses[0], timeout_s=CALL_TIMEOUT_S) as zero:
+        with pytest.raises(qc.InvalidArgument, match="unique"):
+            zero.upsert_plan(bad)
+    parsed = EtcdTarget.parse(cluster.target)
+
+    async def stored() -> int:
+        etcd = Etcd(parsed.endpoint)
+        try:
+            found, _ = await etcd.get_prefix(parsed.prefix + b"catalog/")
+            return len(found)
+        finally:
+            await etcd.close()
+    assert asyncio.run(stored()) == 0
+    for address in cluster.addresses:
+        with qc.QuotaClient(address, timeout_s=CALL_TIMEOUT_S) as direct:
+            assert plan_quota(direct, "bad") is None

@@ -37,7 +37,11 @@ from quotad.api.auth import DEFAULT_APP, Authenticator
 from quotad.api.gate import Gate, GateState, is_loopback
 from quotad.api.service import http_usage_authorizer, method_handlers
 from quotad.cluster import FileShardMapSource, Ownership, ShardMapError
+from quotad.cluster.catalog import Catalog
 from quotad.cluster.control import ControlPlane
+from quotad.cluster.etcd import EtcdUnavailable
+from quotad.api.convert import plan_from_proto
+from quotad.core.plans import Plan
 from quotad.cluster.limits import LEASE_TTL_S_DEFAULT, LEASE_TTL_S_MAX, LEASE_TTL_S_MIN
 from quotad_contract.limits import SHARD_ID_MAX
 from quotad_contract.shards import EtcdTarget, format_slots
@@ -251,6 +255,8 @@ async def serve(config: Config) -> int:
     await writer.expire_due()
     for plan in plans:
         await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
+    if control is not None:
+        await process.join_catalog(control, writer)
     if control is not None and not await process.hold_lease(control):
         return await process.drain_flush_and_exit()  # stopped while waiting for the lease
     await process.report_serving(plans_loaded=len(plans))
@@ -424,6 +430,21 @@ class _Process:
         self.writer, self.core = writer, core
         return writer
 
+    async def join_catalog(self, control: ControlPlane, writer: Writer) -> None:
+        """Applies the cluster's plans in etcd, then follows them; UpsertPlan calls write
+        there from now on."""
+        catalog = Catalog(control.etcd, control.target, decode=_plan_from_value,
+                          execute=writer.execute)
+        try:
+            plans = await catalog.sync()
+            log.info("catalog applied", extra={"plans": plans,
+                                               "revision": catalog.applied_revision})
+        except EtcdUnavailable as error:
+            log.warning("cannot read the catalog from etcd now; applying it once etcd answers",
+                        extra={"error": str(error)})
+        control.follow_catalog(catalog)
+        self.gate.catalog = catalog
+
     async def hold_lease(self, control: ControlPlane) -> bool:
         """Follows the map and takes the shard id's lease, waiting (NOT_SERVING, calls
         refused UNAVAILABLE) while another process holds it: True once held, False when
@@ -490,6 +511,11 @@ class _Process:
                                        writer.snapshot_stall_s_max * 1e3, 3),
                                    **_digest(self.config, core)})
         return 0
+
+
+def _plan_from_value(value: bytes) -> Plan:
+    """A plan of the catalog in etcd: a quotad.v1.Plan message."""
+    return plan_from_proto(quotad_pb2.Plan.FromString(value))
 
 
 def _https_context(config: Config) -> ssl.SSLContext | None:

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from quotad.api.auth import Authenticator
 from quotad.cluster import Ownership
+from quotad.cluster.catalog import Catalog
 from quotad.core.errors import Refusal
 from quotad.engine.writer import Writer
 
@@ -58,6 +59,8 @@ class Gate:
         """The slots this server owns: set before it serves (a server alone owns all)."""
         self.fence: Fence | None = None
         """A shard of a cluster in etcd: calls pass only while it holds its lease."""
+        self.catalog: Catalog | None = None
+        """A shard of a cluster in etcd: where UpsertPlan writes (every shard applies it)."""
 
     @property
     def serving(self) -> bool:

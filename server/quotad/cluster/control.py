@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from quotad.cluster import Ownership
+from quotad.cluster.catalog import Catalog
 from quotad.cluster.etcd import Etcd, EtcdUnavailable
 from quotad.cluster.limits import (
     ETCD_CONNECT_TIMEOUT_S, ETCD_RETRY_S, KEEP_ALIVES_PER_TTL, LEASE_SAFETY_FRACTION,
@@ -301,6 +302,9 @@ class ControlPlane:
         self._tasks = [asyncio.create_task(self.follower.run(), name="shard-map-follower"),
                        asyncio.create_task(self.lease.run(), name="shard-lease")]
         return self.lease
+
+    def follow_catalog(self, catalog: Catalog) -> None:
+        self._tasks.append(asyncio.create_task(catalog.follow(), name="catalog-follower"))
 
     async def close(self) -> None:
         """Stops following, gives the lease back (revoked: another process may take the

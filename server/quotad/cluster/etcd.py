@@ -27,16 +27,25 @@ CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100),
 backoff grows to two minutes): a shard that lost its lease resumes as soon as it can."""
 
 
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that makes [prefix, end) every key starting with prefix (etcd's rule:
+    the prefix with its last byte below 0xff plus one)."""
+    trimmed = prefix.rstrip(b"\xff")
+    assert trimmed, "a prefix of 0xff bytes only has no end"
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
 class EtcdUnavailable(Exception):
     """etcd did not answer a call (down, unreachable, too slow, or it refused it)."""
 
 
 @dataclass(frozen=True, slots=True)
 class WatchEvent:
-    """A change of the watched key: its new value (None: deleted) at this revision."""
+    """A change of a watched key: its new value (None: deleted) at this revision."""
 
     revision: int
     value: bytes | None
+    key: bytes = b""
 
 
 class Etcd:
@@ -68,6 +77,13 @@ class Etcd:
         response = await self._call("range", self._kv.Range, rpc_pb2.RangeRequest(key=key))
         assert isinstance(response, rpc_pb2.RangeResponse)
         return (response.kvs[0] if response.kvs else None), response.header.revision
+
+    async def get_prefix(self, prefix: bytes) -> tuple[list[KeyValue], int]:
+        """Every key under the prefix, in key order, and the store's revision."""
+        response = await self._call("range", self._kv.Range, rpc_pb2.RangeRequest(
+            key=prefix, range_end=prefix_end(prefix)))
+        assert isinstance(response, rpc_pb2.RangeResponse)
+        return list(response.kvs), response.header.revision
 
     async def put(self, key: bytes, value: bytes, *, lease_id: int = 0) -> int:
         """The revision of the put."""
@@ -115,13 +131,16 @@ class Etcd:
 
     # --- Watch -------------------------------------------------------------------------------
 
-    async def watch(self, key: bytes, start_revision: int) -> AsyncIterator[WatchEvent]:
-        """The changes of one key from start_revision on (inclusive), as they happen, until
-        the caller stops iterating or etcd fails (EtcdUnavailable: watch again from the
-        revision after the last event seen)."""
+    async def watch(self, key: bytes, start_revision: int, *,
+                    prefix: bool = False) -> AsyncIterator[WatchEvent]:
+        """The changes of one key (or, with prefix, of every key under it) from
+        start_revision on (inclusive), as they happen, until the caller stops iterating or
+        etcd fails (EtcdUnavailable: watch again from the revision after the last event
+        seen)."""
         requests: asyncio.Queue[rpc_pb2.WatchRequest | None] = asyncio.Queue()
         await requests.put(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
-            key=key, start_revision=start_revision)))
+            key=key, range_end=prefix_end(key) if prefix else b"",
+            start_revision=start_revision)))
 
         async def sent() -> AsyncIterator[rpc_pb2.WatchRequest]:
             while (request := await requests.get()) is not None:
@@ -136,7 +155,8 @@ class Etcd:
                         f"compact revision {response.compact_revision})")
                 for event in response.events:
                     deleted = event.type == kv_pb2.Event.DELETE
-                    yield WatchEvent(event.kv.mod_revision, None if deleted else event.kv.value)
+                    yield WatchEvent(event.kv.mod_revision, None if deleted else event.kv.value,
+                                     event.kv.key)
         except grpc.aio.AioRpcError as error:
             raise EtcdUnavailable(f"etcd at {self.endpoint}: watch failed: "
                                   f"{error.code().name} {error.details()}") from error

@@ -25,6 +25,11 @@ LEASE_WAIT_POLL_S = 0.5
 """How often a shard whose id's lease another process holds looks again."""
 SHARD_MAP_VALUE_BYTES_MAX = 1024 * 1024
 """A shard map in etcd, at most (etcd's own request limit is 1.5 MiB)."""
+CATALOG_RESULTS_KEPT = 1024
+"""A shard remembers what applying each of the last this many catalog changes answered, for
+the UpsertPlan calls that wrote them to etcd and wait for it."""
+CATALOG_APPLY_TIMEOUT_S = 10.0
+"""An UpsertPlan without a deadline waits at most this long for its own shard to apply it."""
 CLUSTER_UP_SHARDS_MAX = 16
 """`quotad cluster up` starts at most this many shards on one machine."""
 
