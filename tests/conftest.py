@@ -58,3 +58,20 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     return self_signed_certificate(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real etcd on free loopback ports with its own data directory, for a module's tests
+    (installed from Debian's package when missing; see etcd_server.py)."""
+    from etcd_server import EtcdProcess, install_etcd
+
+    why = install_etcd()
+    if why is not None:
+        pytest.skip(why)
+    process = EtcdProcess(tmp_path_factory.mktemp("etcd") / "data").start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        process.close()

@@ -127,7 +127,7 @@ def test_the_example_config_holds_every_setting_at_its_default():
     values = config_file.load(EXAMPLE_CONFIG)
     defaults = vars(cli.parser().parse_args(["serve"]))
     no_default = {"plans", "admin_key", "admin_key_file", "tls_cert", "tls_key",  # commented out
-                  "shard_map", "shard_id"}
+                  "shard_map", "shard_id", "cluster"}
     assert set(values) == {s.key for s in config_file.SETTINGS} - no_default
     for key, value in values.items():
         if key != "data_dir":  # a path relative to the file, not to the working directory

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from quotad_contract.shards import EtcdTarget, ShardMapError
 from quotad_contract.v1 import quotad_pb2
 
 from . import _convert as cv
@@ -31,9 +32,10 @@ from ._config import (
 )
 from ._convert import PlanLike
 from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
-from ._errors import (DeadlineExceeded, FailedPrecondition, error_from_rpc_error,
+from ._errors import (DeadlineExceeded, FailedPrecondition, QuotadError, error_from_rpc_error,
                       error_from_status, shed_delay_s, with_tls_hint)
 from ._cluster import WRONG_SHARD, Routes
+from ._etcd import read_shard_map
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -111,7 +113,10 @@ class AsyncQuotaClient:
     to the shard that owns its user or hold, from the map GetShardMap answers, with one
     channel (and one coalescer) per shard; a WRONG_SHARD refusal fetches the map again and
     sends the call once more. Calls that name no user (plans, lists, exports, keys) go to
-    the shard given.
+    the shard given. ``cluster="etcd://HOST:PORT/NAME"`` reads the map from the cluster's
+    etcd instead (over etcd's JSON gateway, within ``timeout_s``, when the client is made,
+    blocking, and again after a WRONG_SHARD), and the first shard of that map stands for the
+    shard given.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
@@ -122,12 +127,17 @@ class AsyncQuotaClient:
                  metadata: Sequence[tuple[str, str]] = (), user_token: str | None = None,
                  tls_root_cert: bytes | None = None, tls: bool = False,
                  coalesce: bool = True, cluster: str | None = None) -> None:
+        etcd = (EtcdTarget.parse(cluster) if cluster is not None and EtcdTarget.is_etcd(cluster)
+                else None)
         if cluster is not None:
             target = cluster
         self._config = ClientConfig.make(
             api_key=api_key_or_env(api_key), user_token=user_token, timeout_s=timeout_s,
             retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
+        if etcd is not None:  # the map's first shard stands for the cluster
+            target = read_shard_map(etcd, self._config.budget(None)).shards[0].address
+        self._etcd = etcd
         credentials = channel_credentials(credentials, tls_root_cert, tls)
         self._plaintext = credentials is None
         self._credentials = credentials
@@ -185,6 +195,8 @@ class AsyncQuotaClient:
             if self._routes is not None and self._routes is not stale:
                 return
             known = self._routes.addresses if self._routes is not None else ()
+            if self._etcd is not None:
+                known = (*await asyncio.to_thread(self._etcd_addresses), *known)
             failure: grpc.RpcError | None = None
             for address in dict.fromkeys((self._target, *known)):
                 stubs, _ = self._shard_at(address)
@@ -201,6 +213,16 @@ class AsyncQuotaClient:
                 return
             assert failure is not None
             raise with_tls_hint(error_from_rpc_error(failure), self._plaintext) from failure
+
+    def _etcd_addresses(self) -> tuple[str, ...]:
+        """The shards etcd's map names now (none when etcd cannot say: the shards known
+        still answer the map)."""
+        assert self._etcd is not None
+        try:
+            shard_map = read_shard_map(self._etcd, self._config.budget(None))
+        except (QuotadError, ShardMapError):
+            return ()
+        return tuple(shard.address for shard in shard_map.shards)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -245,7 +267,7 @@ class AsyncQuotaClient:
                 raise
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
-                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True
                     await self._refresh_routes(routes or self._routes)
                     continue
@@ -369,7 +391,7 @@ class AsyncQuotaClient:
                 return
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
-                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, open the watch there
                     await self._refresh_routes(self._routes)
                     continue

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from quotad_contract.shards import EtcdTarget, ShardMapError
 from quotad_contract.v1 import quotad_pb2
 
 from . import _convert as cv
@@ -21,9 +22,10 @@ from ._config import (
     merged_channel_options,
 )
 from ._convert import PlanLike
-from ._errors import (DeadlineExceeded, error_from_rpc_error, shed_delay_s,
+from ._errors import (DeadlineExceeded, QuotadError, error_from_rpc_error, shed_delay_s,
                       with_tls_hint)
 from ._cluster import WRONG_SHARD, Routes
+from ._etcd import read_shard_map
 from ._hold import Hold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -70,6 +72,9 @@ class QuotaClient:
     to the shard that owns its user or hold, from the map GetShardMap answers, with one
     channel per shard; a WRONG_SHARD refusal fetches the map again and sends the call once
     more. Calls that name no user (plans, lists, exports, keys) go to the shard given.
+    ``cluster="etcd://HOST:PORT/NAME"`` reads the map from the cluster's etcd instead (over
+    etcd's JSON gateway, within ``timeout_s``, when the client is made and again after a
+    WRONG_SHARD), and the first shard of that map stands for the shard given.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
@@ -80,12 +85,17 @@ class QuotaClient:
                  metadata: Sequence[tuple[str, str]] = (), user_token: str | None = None,
                  tls_root_cert: bytes | None = None, tls: bool = False,
                  cluster: str | None = None) -> None:
+        etcd = (EtcdTarget.parse(cluster) if cluster is not None and EtcdTarget.is_etcd(cluster)
+                else None)
         if cluster is not None:
             target = cluster
         self._config = ClientConfig.make(
             api_key=api_key_or_env(api_key), user_token=user_token, timeout_s=timeout_s,
             retries=retries, retry_policy=retry_policy,
             auto_idempotency_keys=auto_idempotency_keys, metadata=metadata)
+        if etcd is not None:  # the map's first shard stands for the cluster
+            target = read_shard_map(etcd, self._config.budget(None)).shards[0].address
+        self._etcd = etcd
         credentials = channel_credentials(credentials, tls_root_cert, tls)
         self._plaintext = credentials is None
         self._credentials = credentials
@@ -127,6 +137,8 @@ class QuotaClient:
     def _refresh_routes(self) -> None:
         """The map again, from the shard given, else from any other shard known."""
         known = self._routes.addresses if self._routes is not None else ()
+        if self._etcd is not None:
+            known = (*self._etcd_addresses(), *known)
         failure: grpc.RpcError | None = None
         for address in dict.fromkeys((self._target, *known)):
             try:
@@ -142,6 +154,16 @@ class QuotaClient:
             return
         assert failure is not None
         raise with_tls_hint(error_from_rpc_error(failure), self._plaintext) from failure
+
+    def _etcd_addresses(self) -> tuple[str, ...]:
+        """The shards etcd's map names now (none when etcd cannot say: the shards known
+        still answer the map)."""
+        assert self._etcd is not None
+        try:
+            shard_map = read_shard_map(self._etcd, self._config.budget(None))
+        except (QuotadError, ShardMapError):
+            return ()
+        return tuple(shard.address for shard in shard_map.shards)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -174,7 +196,7 @@ class QuotaClient:
                 response = method(op.request, timeout=remaining, metadata=config.metadata)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
-                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, send the call once more
                     self._refresh_routes()
                     continue
@@ -275,7 +297,7 @@ class QuotaClient:
                 return
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
-                if self._clustered and error.reason == WRONG_SHARD and not rerouted:
+                if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, open the watch there
                     self._refresh_routes()
                     continue

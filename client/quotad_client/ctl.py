@@ -33,6 +33,7 @@ from quotad_client import billing
 from quotad_client._convert import window_name
 from quotad_contract import limits
 from quotad_contract.plans import PlansFileError, load_plans_file
+from quotad_contract.shards import ETCD_SCHEME
 from quotad_contract.v1 import quotad_pb2 as pb
 
 T = TypeVar("T")
@@ -66,8 +67,29 @@ def connect(target: str, timeout_s: float, tls_root_cert: Path | None = None,
             root_cert = tls_root_cert.read_bytes()
         except OSError as error:
             raise UsageError(f"--tls-root-cert {tls_root_cert}: {error.strerror}") from error
+    clustered = cluster or target.startswith(ETCD_SCHEME)
     return QuotaClient(target, api_key=api_key, timeout_s=timeout_s, retries=1,
-                       tls_root_cert=root_cert, tls=tls, cluster=target if cluster else None)
+                       tls_root_cert=root_cert, tls=tls, cluster=target if clustered else None)
+
+
+def cluster_target_as_flags(argv: list[str]) -> list[str]:
+    """`--cluster etcd://HOST:PORT/NAME` (or `--cluster=etcd://...`) is `--target
+    etcd://... --cluster`: the bare `--cluster` (the target is a shard) stays a switch."""
+    flags: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--cluster" and index + 1 < len(argv) and argv[index + 1].startswith(
+                ETCD_SCHEME):
+            flags += ["--target", argv[index + 1], "--cluster"]
+            index += 2
+            continue
+        if arg.startswith("--cluster=" + ETCD_SCHEME):
+            flags += ["--target", arg.removeprefix("--cluster="), "--cluster"]
+        else:
+            flags.append(arg)
+        index += 1
+    return flags
 
 
 # --- output helpers ----------------------------------------------------------------------------
@@ -594,10 +616,12 @@ def parser() -> argparse.ArgumentParser:
                       metavar="HOST:PORT",
                       help=f"the quotad server (default: ${TARGET_ENV}, else {TARGET_DEFAULT})")
     root.add_argument("--cluster", action="store_true",
-                      help="--target is any shard of a cluster: send a command about a user "
+                      help="--target is any shard of a cluster, or `--cluster "
+                           "etcd://HOST:PORT/NAME` (the same as --target etcd://...) a cluster "
+                           "whose map is read from etcd: send a command about a user "
                            "(subscribe, usage, events) to the shard that owns the user; other "
-                           "commands (plans, subscriptions, export, keys) reach --target's "
-                           "shard only")
+                           "commands (plans, subscriptions, export, keys) reach one shard "
+                           "only (--target's, or the first of etcd's map)")
     root.add_argument("--timeout-s", type=_timeout_s, default=TIMEOUT_S_DEFAULT,
                       metavar="SECONDS",
                       help="time budget of each call, retries included (default: %(default)s)")
@@ -777,7 +801,8 @@ def _refusal(error: QuotadError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(cluster_target_as_flags(
+        sys.argv[1:] if argv is None else list(argv)))
     try:
         with connect(args.target, args.timeout_s, args.tls_root_cert, args.tls,
                      args.cluster) as client:

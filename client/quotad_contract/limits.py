@@ -222,3 +222,5 @@ SHARD_ID_MAX = 2**31 - 1
 SHARD_ADDRESS_BYTES_MAX = 255
 """A shard's HOST:PORT in the map."""
 PORT_MAX = 65535
+CLUSTER_NAME_BYTES_MAX = 64
+"""The NAME of a cluster target etcd://HOST:PORT/NAME: its keys in etcd are under /quotad/NAME/."""

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from quotad_contract.limits import (
-    PORT_MAX, SHARD_ADDRESS_BYTES_MAX, SHARD_ID_MAX, SHARDS_MAX, SLOT_HEX_DIGITS, SLOTS,
+    CLUSTER_NAME_BYTES_MAX, PORT_MAX, SHARD_ADDRESS_BYTES_MAX, SHARD_ID_MAX, SHARDS_MAX,
+    SLOT_HEX_DIGITS, SLOTS,
 )
 
 RESERVATION_ID_PREFIX = "rsv_"
@@ -26,6 +27,8 @@ _ADDRESS = re.compile(r"\S+:([0-9]{1,5})")
 """HOST:PORT as a server's --listen takes it: any host without spaces (a name, an address,
 [v6]), a port 1 ... 65535."""
 _RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+ETCD_SCHEME = "etcd://"
+_ETCD_TARGET = re.compile(r"etcd://([^/\s]+):([0-9]{1,5})/([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
 class ShardMapError(ValueError):
@@ -187,3 +190,65 @@ class ShardMap:
             except ShardMapError as error:
                 raise ShardMapError(f"shards[{index}]: {error}") from error
         return cls.of(shards)
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTarget:
+    """A cluster whose control plane is etcd: etcd://HOST:PORT/NAME. Its keys are under
+    /quotad/NAME/: the shard map at /quotad/NAME/shard-map (ShardMap.to_json's form), each
+    shard's lease key at /quotad/NAME/shards/ID/lease."""
+
+    host: str
+    port: int
+    name: str
+
+    @classmethod
+    def parse(cls, target: str) -> EtcdTarget:
+        """ShardMapError naming what is wrong with the target."""
+        match = _ETCD_TARGET.fullmatch(target)
+        if match is None or not 1 <= int(match.group(2)) <= PORT_MAX:
+            raise ShardMapError(f"cluster target {target!r} is not etcd://HOST:PORT/NAME "
+                                "(NAME: letters, digits, '.', '_', '-')")
+        name = match.group(3)
+        if len(name) > CLUSTER_NAME_BYTES_MAX:
+            raise ShardMapError(f"cluster target {target!r}: NAME is over "
+                                f"{CLUSTER_NAME_BYTES_MAX} characters")
+        return cls(match.group(1), int(match.group(2)), name)
+
+    @staticmethod
+    def is_etcd(target: str) -> bool:
+        return target.startswith(ETCD_SCHEME)
+
+    @property
+    def endpoint(self) -> str:
+        """etcd's HOST:PORT."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def prefix(self) -> bytes:
+        return f"/quotad/{self.name}/".encode()
+
+    @property
+    def shard_map_key(self) -> bytes:
+        return self.prefix + b"shard-map"
+
+    def lease_key(self, shard_id: int) -> bytes:
+        return self.prefix + f"shards/{shard_id}/lease".encode()
+
+    def __str__(self) -> str:
+        return f"{ETCD_SCHEME}{self.endpoint}/{self.name}"
+
+
+def split_evenly(addresses: Iterable[str]) -> ShardMap:
+    """A map of one shard per address, ids 0, 1, ... in order, the slots split evenly in
+    contiguous ranges (the first SLOTS % n shards own one slot more)."""
+    listed = list(addresses)
+    if not 1 <= len(listed) <= SHARDS_MAX:
+        raise ShardMapError(f"a shard map holds 1 to {SHARDS_MAX} shards, got {len(listed)}")
+    size, extra = divmod(SLOTS, len(listed))
+    shards, first = [], 0
+    for shard_id, address in enumerate(listed):
+        count = size + (1 if shard_id < extra else 0)
+        shards.append(Shard(shard_id, address, frozenset(range(first, first + count))))
+        first += count
+    return ShardMap.of(shards)

@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from quotad.core import limits
+from quotad_contract import limits as limits_contract
 from quotad import health_check, logs
 from quotad.health_check import HEALTH_TIMEOUT_S_DEFAULT
+from quotad.cluster.limits import (
+    ETCD_CONNECT_TIMEOUT_S, LEASE_TTL_S_DEFAULT, LEASE_TTL_S_MAX, LEASE_TTL_S_MIN,
+)
 from quotad_contract.plans import PlansFileError
 from quotad.storage.codec import state_digest
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog
@@ -157,7 +161,20 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                           "answers the map. Needs --shard-id. Default: none, a server alone "
                           "owning every user")
     run.add_argument("--shard-id", type=int, metavar="N",
-                     help="this shard's id in --shard-map (both, or neither)")
+                     help="this shard's id in --shard-map or --cluster")
+    run.add_argument("--cluster", metavar="etcd://HOST:PORT/NAME",
+                     help="serve as one shard of a cluster whose control plane is etcd: the "
+                          "shard map is read from etcd (written by `quotad cluster init`) and "
+                          "followed as it changes. The shard serves only while it holds its "
+                          "shard id's etcd lease: a second process with the same --shard-id "
+                          "waits for it, NOT_SERVING, and a shard that cannot renew it stops "
+                          "serving (UNAVAILABLE) before it could expire. Needs --shard-id; "
+                          "not with --shard-map. etcd must answer within "
+                          f"{ETCD_CONNECT_TIMEOUT_S:g} s at start (else exit 2)")
+    run.add_argument("--lease-ttl-s", type=int, default=LEASE_TTL_S_DEFAULT, metavar="SECONDS",
+                     help=f"with --cluster: the TTL of the shard's etcd lease, renewed every "
+                          f"third of it; {LEASE_TTL_S_MIN} to {LEASE_TTL_S_MAX} "
+                          "(default: %(default)s)")
     run.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=False,
                      help="enable gRPC server reflection (default: off)")
     run.add_argument("--log-state-digest", action=argparse.BooleanOptionalAction, default=False,
@@ -203,7 +220,92 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
     probe.add_argument("--timeout-s", type=float, default=HEALTH_TIMEOUT_S_DEFAULT,
                        metavar="SECONDS", help="wait at most this long for the answer "
                                                "(default: %(default)s)")
+    _cluster_commands(commands)
     return root
+
+
+CLUSTER_EPILOG = """\
+A cluster's control plane is etcd; its keys are under /quotad/NAME/ of the etcd at
+HOST:PORT. On one machine:
+
+    quotad cluster up --shards 3 --data-dir ./cluster       # etcd and 3 shards, Ctrl-C stops
+    QuotaClient(cluster="etcd://127.0.0.1:2379/local")      # what it prints
+
+Across machines, once etcd runs:
+
+    quotad cluster init --cluster etcd://10.0.0.9:2379/prod --shards 3 \\
+        --address 10.0.0.1:50051 --address 10.0.0.2:50051 --address 10.0.0.3:50051
+    quotad serve --cluster etcd://10.0.0.9:2379/prod --shard-id 0 ...   # on 10.0.0.1, ...
+"""
+
+
+def _cluster_commands(commands: Any) -> None:
+    cluster = commands.add_parser(
+        "cluster", help="set up or run a cluster of shards coordinated by etcd",
+        description="A cluster of quotad shards: users split by slot over single-writer "
+                    "processes, with etcd holding the shard map and each shard's lease.",
+        epilog=CLUSTER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    init = actions.add_parser(
+        "init", help="write a cluster's initial shard map to etcd",
+        description="Write the shard map of a new cluster to etcd: one shard per --address "
+                    "(ids 0, 1, ... in order), the 4096 slots split evenly in contiguous "
+                    "ranges. Refused, with nothing changed, when a map is already there "
+                    "(unless --replace) or any argument is wrong (exit 2). Prints the map.",
+        epilog="--replace only rewrites who owns which slot: users' data stays on the shard "
+               "that has it. Use it before a cluster holds data, not to move slots.")
+    init.add_argument("--cluster", required=True, metavar="etcd://HOST:PORT/NAME",
+                      help="the etcd to write to, and the cluster's NAME (its keys are under "
+                           "/quotad/NAME/)")
+    init.add_argument("--shards", type=int, required=True, metavar="N",
+                      help="how many shards (one --address each)")
+    init.add_argument("--address", action="append", default=[], required=True,
+                      metavar="HOST:PORT",
+                      help="where clients reach shard 0, then 1, ... (repeat N times); the "
+                           "address each shard serves on (its --listen, a wildcard aside)")
+    init.add_argument("--replace", action="store_true",
+                      help="overwrite a map already there (see below)")
+    from quotad.cluster import up
+    up.add_parser(actions)
+
+
+def cluster_init(args: argparse.Namespace) -> int:
+    """`quotad cluster init`: 0 with the map printed, 2 with the reason (nothing changed)."""
+    from quotad.cluster import control
+    from quotad.cluster.etcd import EtcdUnavailable
+    from quotad_contract.shards import EtcdTarget, ShardMapError, check_address
+
+    try:
+        target = EtcdTarget.parse(args.cluster)
+        if not 1 <= args.shards <= limits_contract.SHARDS_MAX:
+            raise ShardMapError(f"--shards must be 1 to {limits_contract.SHARDS_MAX}")
+        if len(args.address) != args.shards:
+            raise ShardMapError(f"--shards {args.shards} needs {args.shards} --address "
+                                f"(one per shard, in id order), got {len(args.address)}")
+        for address in args.address:
+            check_address(address)
+        if len(set(args.address)) != len(args.address):
+            raise ShardMapError("each --address must be a different shard's")
+    except ShardMapError as error:
+        print(f"quotad cluster init: {error}", file=sys.stderr)
+        return 2
+
+    async def write() -> Any:
+        etcd = await control.connect(target)
+        try:
+            return await control.init_map(etcd, target, args.address, replace=args.replace)
+        finally:
+            await etcd.close()
+
+    try:
+        shard_map = asyncio.run(write())
+    except (ShardMapError, EtcdUnavailable) as error:
+        print(f"quotad cluster init: {error}", file=sys.stderr)
+        return 2
+    print(shard_map.to_json())
+    print(f"quotad cluster init: wrote the shard map of {args.shards} shard(s) to {target}",
+          file=sys.stderr)
+    return 0
 
 
 def verify(data_dir: Path) -> int:
@@ -232,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     # not on importing quotad, since a library must leave its user's process as it finds it.
     os.environ.setdefault(FORK_SUPPORT_ENV, "false")
     args = parser().parse_args(argv)
+    if args.command == "cluster":
+        if args.cluster_command == "init":
+            return cluster_init(args)
+        from quotad.cluster import up
+        return up.main(args)
     if args.command == "health":
         return health_check.check(args.target, tls_root_cert=args.tls_root_cert,
                                   timeout_s=args.timeout_s)

@@ -68,6 +68,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pending_calls_per_method", int, "pending_calls_per_method"),
     Setting("shard_map", Path, "shard_map_file"),
     Setting("shard_id", int, "shard_id"),
+    Setting("cluster", str, "cluster"),
+    Setting("lease_ttl_s", int, "lease_ttl_s"),
 )
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 assert {s.field for s in SETTINGS if s.field} <= {f.name for f in dataclasses.fields(Config)}

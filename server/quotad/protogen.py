@@ -1,5 +1,8 @@
 """Generates the Python gRPC stubs from protos/ with grpcio-tools (used by the build).
 
+etcd's own API (protos/etcd/, trimmed from etcd's published rpc.proto and kv.proto) is
+generated the same way, into the server's quotad.cluster.etcdpb.
+
 The public stubs belong to the contract package, `quotad_contract.v1`, which server and client both
 import. protoc names Python modules after the .proto path (`quotad/v1/quotad.proto` ->
 `quotad.v1`), so the one import the gRPC module makes of its messages is rewritten to the
@@ -15,12 +18,17 @@ STUBS: dict[str, tuple[str, bool]] = {
     "quotad/v1/quotad.proto": ("client/quotad_contract/v1", True),
     "quotad/internal/log.proto": ("server/quotad/storage", False),
     "quotad/internal/snapshot.proto": ("server/quotad/storage", False),
+    "etcd/kv.proto": ("server/quotad/cluster/etcdpb", False),
+    "etcd/rpc.proto": ("server/quotad/cluster/etcdpb", True),
 }
 """Each proto -> (the folder, from the repository's root, its modules go to; gRPC services?).
 The contract's stubs go to the contract package; the log's records and snapshots are the
-server's own."""
+server's own, and so is its etcd client's part of etcd's API."""
 PROTOC_PACKAGE = "quotad.v1"
 CONTRACT_PACKAGE = "quotad_contract.v1"
+IMPORTS = {f"from {PROTOC_PACKAGE} import": f"from {CONTRACT_PACKAGE} import",
+           "from etcd import": "from quotad.cluster.etcdpb import"}
+"""protoc's module names (after the .proto paths) -> the packages the modules live in."""
 
 
 def generate_stubs(proto_root: Path, out_root: Path) -> list[Path]:
@@ -54,8 +62,9 @@ def generate_stubs(proto_root: Path, out_root: Path) -> list[Path]:
             for suffix in ("_pb2.py", "_pb2.pyi", *(["_pb2_grpc.py"] if services else [])):
                 generated = Path(scratch) / f"{stem}{suffix}"
                 assert generated.exists(), generated
-                text = generated.read_text().replace(
-                    f"from {PROTOC_PACKAGE} import", f"from {CONTRACT_PACKAGE} import")
+                text = generated.read_text()
+                for protoc_import, package_import in IMPORTS.items():
+                    text = text.replace(protoc_import, package_import)
                 path = out_dir / generated.name
                 path.write_text(text)
                 written.append(path)

@@ -37,7 +37,14 @@ from quotad.api.auth import DEFAULT_APP, Authenticator
 from quotad.api.gate import Gate, GateState, is_loopback
 from quotad.api.service import http_usage_authorizer, method_handlers
 from quotad.cluster import FileShardMapSource, Ownership, ShardMapError
-from quotad_contract.shards import format_slots
+from quotad.cluster.catalog import Catalog
+from quotad.cluster.control import ControlPlane
+from quotad.cluster.etcd import EtcdUnavailable
+from quotad.api.convert import plan_from_proto
+from quotad.core.plans import Plan
+from quotad.cluster.limits import LEASE_TTL_S_DEFAULT, LEASE_TTL_S_MAX, LEASE_TTL_S_MIN
+from quotad_contract.limits import SHARD_ID_MAX
+from quotad_contract.shards import EtcdTarget, format_slots
 from quotad_contract.v1 import quotad_pb2
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
 from quotad.engine.recovery import recover
@@ -99,6 +106,12 @@ class Config:
     shard_id: int | None = None
     """A shard of a cluster: the shard map (JSON) and this shard's id in it (both, or
     neither: a server alone, owning every user)."""
+    cluster: str = ""
+    """A shard of a cluster whose control plane is etcd: etcd://HOST:PORT/NAME (with
+    shard_id, instead of shard_map_file). Empty: none."""
+    lease_ttl_s: int = LEASE_TTL_S_DEFAULT
+    """With cluster: the TTL of the shard id's etcd lease, which it serves only while it
+    holds."""
 
     def __post_init__(self) -> None:
         self._check_address("--listen", self.listen, callers=True)
@@ -131,8 +144,27 @@ class Config:
                              f"{limits.PENDING_CALLS_PER_METHOD_MIN} to "
                              f"{limits.PENDING_CALLS_PER_METHOD_MAX:,}")
         self._check_http()
-        if (self.shard_map_file is None) != (self.shard_id is None):
-            raise ValueError("--shard-map and --shard-id go together: give both or neither")
+        self._check_shard()
+
+    def _check_shard(self) -> None:
+        if self.cluster and self.shard_map_file is not None:
+            raise ValueError("--cluster and --shard-map are two sources of the shard map: "
+                             "give one")
+        if self.cluster:
+            try:
+                EtcdTarget.parse(self.cluster)
+            except ShardMapError as error:
+                raise ValueError(f"--cluster: {error}") from None
+            if self.shard_id is None:
+                raise ValueError("--cluster needs --shard-id: this shard's id in the map")
+        elif (self.shard_map_file is None) != (self.shard_id is None):
+            raise ValueError("--shard-map and --shard-id go together: give both or neither "
+                             "(or --cluster with --shard-id)")
+        if self.shard_id is not None and not 0 <= self.shard_id <= SHARD_ID_MAX:
+            raise ValueError(f"--shard-id must be 0 to {SHARD_ID_MAX}")
+        if not LEASE_TTL_S_MIN <= self.lease_ttl_s <= LEASE_TTL_S_MAX:
+            raise ValueError(f"--lease-ttl-s must be {LEASE_TTL_S_MIN} to {LEASE_TTL_S_MAX} "
+                             "seconds")
 
     def _check_address(self, flag: str, address: str, *, callers: bool) -> None:
         """HOST:PORT (port 0 picks one). An address that takes callers' calls (gRPC, the
@@ -205,9 +237,15 @@ async def serve(config: Config) -> int:
     """Runs until SIGTERM/SIGINT (returns 0) or a storage failure (returns 1)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     plans = load_plans(config.plans) if config.plans else []
-    ownership = load_ownership(config)
-    wal = WriteAheadLog(config.data_dir, map_size_bytes=config.map_size_bytes)  # locks the dir
-    process = _Process(config, wal)
+    control = await open_control_plane(config)
+    ownership = control.ownership if control is not None else load_ownership(config)
+    try:
+        wal = WriteAheadLog(config.data_dir, map_size_bytes=config.map_size_bytes)  # the lock
+    except BaseException:
+        if control is not None:
+            await control.close()
+        raise
+    process = _Process(config, wal, control)
     process.gate.ownership = ownership
     await process.listen_not_serving()
     core = await process.recover_core()
@@ -217,6 +255,10 @@ async def serve(config: Config) -> int:
     await writer.expire_due()
     for plan in plans:
         await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
+    if control is not None:
+        await process.join_catalog(control, writer)
+    if control is not None and not await process.hold_lease(control):
+        return await process.drain_flush_and_exit()  # stopped while waiting for the lease
     await process.report_serving(plans_loaded=len(plans))
     await process.stop.wait()
     return await process.drain_flush_and_exit()
@@ -226,8 +268,18 @@ def _shard(ownership: Ownership | None) -> dict[str, object]:
     """For the serving line of a shard of a cluster: its id and slots (nothing when alone)."""
     if ownership is None or not ownership.clustered:
         return {}
-    slots = ownership.shard_map.shard(ownership.shard_id).slots
+    slots = ownership.owned
     return {"shard_id": ownership.shard_id, "slots": format_slots(slots)}
+
+
+async def open_control_plane(config: Config) -> ControlPlane | None:
+    """With --cluster: etcd reached, the map loaded and this shard id in it (ValueError
+    naming what is wrong otherwise); None without."""
+    if not config.cluster:
+        return None
+    assert config.shard_id is not None  # checked by Config
+    return await ControlPlane.open(EtcdTarget.parse(config.cluster), config.shard_id,
+                                   config.lease_ttl_s)
 
 
 def load_ownership(config: Config) -> Ownership | None:
@@ -247,9 +299,13 @@ class _Process:
     writer: Writer
     core: Core
 
-    def __init__(self, config: Config, wal: WriteAheadLog) -> None:
+    def __init__(self, config: Config, wal: WriteAheadLog,
+                 control: ControlPlane | None = None) -> None:
         self.config = config
         self.wal = wal
+        self.control = control
+        """A shard of a cluster in etcd: the map it follows and the lease it must hold."""
+        self._health_updates: set[asyncio.Task[None]] = set()
         self.stop = asyncio.Event()
         """Set by SIGTERM, SIGINT or a storage failure."""
         self.failure: list[BaseException] = []
@@ -346,6 +402,8 @@ class _Process:
             await self.http_api.close()
             await self.server.stop(0)
             self.wal.close()
+            if self.control is not None:
+                await self.control.close()
             return None
         gc.freeze()  # the recovered state is long-lived: cyclic GC never scans it again
         gc.set_threshold(*GC_THRESHOLDS)
@@ -372,12 +430,54 @@ class _Process:
         self.writer, self.core = writer, core
         return writer
 
+    async def join_catalog(self, control: ControlPlane, writer: Writer) -> None:
+        """Applies the cluster's plans in etcd, then follows them; UpsertPlan calls write
+        there from now on."""
+        catalog = Catalog(control.etcd, control.target, decode=_plan_from_value,
+                          execute=writer.execute)
+        try:
+            plans = await catalog.sync()
+            log.info("catalog applied", extra={"plans": plans,
+                                               "revision": catalog.applied_revision})
+        except EtcdUnavailable as error:
+            log.warning("cannot read the catalog from etcd now; applying it once etcd answers",
+                        extra={"error": str(error)})
+        control.follow_catalog(catalog)
+        self.gate.catalog = catalog
+
+    async def hold_lease(self, control: ControlPlane) -> bool:
+        """Follows the map and takes the shard id's lease, waiting (NOT_SERVING, calls
+        refused UNAVAILABLE) while another process holds it: True once held, False when
+        stopped first. From then on the gate lets calls through only while it is held."""
+        lease = control.start(holder={"address": self.address},
+                              on_change=self._lease_changed)
+        self.gate.fence = lease
+        acquired = asyncio.create_task(lease.acquired.wait())
+        stopped = asyncio.create_task(self.stop.wait())
+        await asyncio.wait((acquired, stopped), return_when=asyncio.FIRST_COMPLETED)
+        acquired.cancel()
+        stopped.cancel()
+        return lease.acquired.is_set() and not self.stop.is_set()
+
+    def _lease_changed(self, held: bool) -> None:
+        """The lease was taken again, or not renewed in time: health says so (calls are
+        let through, or refused, by the gate itself)."""
+        if self.gate.state is not GateState.SERVING:
+            return
+        status = (health_pb2.HealthCheckResponse.SERVING if held
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        update = asyncio.create_task(_set_health(self.health_servicer, status))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
+
     async def report_serving(self, *, plans_loaded: int) -> None:
         """Opens the gate to calls and reports SERVING."""
         config, core = self.config, self.core
         self.gate.auth = Authenticator(config.admin_key, core.keys)
         self.gate.writer, self.gate.state = self.writer, GateState.SERVING
-        await _set_health(self.health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        await _set_health(self.health_servicer,
+                          health_pb2.HealthCheckResponse.SERVING if self.gate.serving
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("serving", extra={"address": self.address, "records": core.sequence,
                                    "recovery_s": round(time.monotonic() - self.recovery_started, 3),
                                    "plans_loaded": plans_loaded, "metrics": self.metrics_address,
@@ -398,6 +498,8 @@ class _Process:
         await self.http_api.close()
         await writer.close()
         self.wal.close()
+        if self.control is not None:
+            await self.control.close()
         if failure:
             log.critical("stopped after a failure", extra={"error": repr(failure[0])})
             return 1
@@ -409,6 +511,11 @@ class _Process:
                                        writer.snapshot_stall_s_max * 1e3, 3),
                                    **_digest(self.config, core)})
         return 0
+
+
+def _plan_from_value(value: bytes) -> Plan:
+    """A plan of the catalog in etcd: a quotad.v1.Plan message."""
+    return plan_from_proto(quotad_pb2.Plan.FromString(value))
 
 
 def _https_context(config: Config) -> ssl.SSLContext | None:

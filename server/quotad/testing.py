@@ -49,6 +49,13 @@ class ServerProcess:
 
     def start(self, listen: str = "127.0.0.1:0") -> Self:
         """Starts the server and waits until it serves (its "serving" log line)."""
+        self.launch(listen)
+        serving = self.wait_for("serving", START_TIMEOUT_S)
+        self.address, self.http_address = serving["address"], serving.get("http", "")
+        return self
+
+    def launch(self, listen: str = "127.0.0.1:0") -> Self:
+        """Starts the server without waiting for it to serve (wait_for what it should log)."""
         args = [sys.executable, "-m", "quotad", "serve", "--listen", listen,
                 "--data-dir", str(self.data_dir), *self.extra_args]
         if self.plans is not None:
@@ -58,8 +65,6 @@ class ServerProcess:
                                         env={**os.environ, **(self.env or {})})
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
-        serving = self.wait_for("serving", START_TIMEOUT_S)
-        self.address, self.http_address = serving["address"], serving.get("http", "")
         return self
 
     def _read_log(self) -> None:

@@ -24,6 +24,7 @@ from quotad.core import limits
 from quotad.api import export, requests, watch
 from quotad.api.admission import Admission
 from quotad.api.auth import Principal
+from quotad.cluster.limits import CATALOG_APPLY_TIMEOUT_S
 from quotad.api.gate import Gate
 from quotad.core.errors import (
     FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied, Refusal,
@@ -257,12 +258,19 @@ def check_shard(gate: Gate, rpc: str, app: str, request: Any) -> None:
 
 def _handler(gate: Gate, admission: Admission, rpc: str, to_command: Callable[[str, Any], Any],
              to_response: Callable[[Any], Any]) -> _Handler:
+    in_catalog = rpc == "UpsertPlan"  # a cluster in etcd: written there, applied by all
+
     async def answer(request: Any, call: Call) -> Any:
         if rpc in auth.PUBLIC_RPCS:  # a usage read: a pk_ key's token must name the user
             assert gate.auth is not None
             gate.auth.authorize_usage_read(call.principal, call.metadata, request.user_id)
         check_shard(gate, rpc, call.principal.app, request)
         command = to_command(call.principal.app, request)
+        if in_catalog and gate.catalog is not None and command.plan is not None:
+            deadline_s = (call.deadline_s if call.deadline_s is not None
+                          else time.monotonic() + CATALOG_APPLY_TIMEOUT_S)
+            return to_response(await gate.catalog.upsert(
+                command, request.plan.SerializeToString(deterministic=True), deadline_s))
         return to_response(await call.writer.execute(command, call.deadline_s))
     return _answering(gate, admission, rpc, answer)
 

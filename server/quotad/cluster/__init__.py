@@ -21,7 +21,7 @@ __all__ = ["FileShardMapSource", "Ownership", "ShardMapError", "ShardMapSource",
 
 
 class ShardMapSource(Protocol):
-    """Where a shard's map comes from (a file now; etcd later)."""
+    """Where a shard's map comes from when it is a file (etcd's is quotad.cluster.control)."""
 
     def load(self) -> ShardMap:
         """The map as the source holds it now; ShardMapError naming what is wrong with it."""
@@ -65,6 +65,20 @@ class Ownership:
     def of(cls, shard_map: ShardMap, shard_id: int) -> Ownership:
         shard = shard_map.shard(shard_id)  # ShardMapError when the map has no such shard
         return cls(shard_map, shard_id, True, shard.slots)
+
+    @property
+    def owned(self) -> frozenset[int]:
+        return self._owned
+
+    def follow(self, shard_map: ShardMap) -> None:
+        """The map changed (in etcd): own what it gives this shard id from now on; nothing
+        when it no longer names this shard (every call is then refused with the owner's
+        address)."""
+        self.shard_map = shard_map
+        try:
+            self._owned = shard_map.shard(self.shard_id).slots
+        except ShardMapError:
+            self._owned = frozenset()
 
     @classmethod
     def alone(cls, address: str) -> Ownership:
