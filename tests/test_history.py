@@ -617,8 +617,11 @@ class Client:
     """One caller: its holds, what it has used per (user, group), its share of the calls."""
 
     def __init__(self, index: int, calls: UnaryCalls | ClientCalls, budget: int,
-                 deadline_ns: int, history: list[Call]) -> None:
+                 deadline_ns: int, history: list[Call],
+                 users: tuple[str, ...] = USERS) -> None:
         self.index = index
+        self.users = users
+        """The hot users it picks from."""
         self.calls = calls
         self.budget = budget
         self.deadline_ns = deadline_ns
@@ -652,7 +655,7 @@ class Client:
             if closing and not self.live:
                 return
             may_hold = left >= len(self.live) + 2 and len(self.live) < LIVE_HOLDS_PER_CLIENT
-            r, user = rng.random(), rng.choice(USERS)
+            r, user = rng.random(), rng.choice(self.users)
             event_type = rng.choice(list(EVENT_GROUPS))
             if self.live and (closing or r < 0.3 or now - self.live[0][5] > HOLD_AGE_MAX_NS):
                 oldest = now - self.live[0][5] > HOLD_AGE_MAX_NS
