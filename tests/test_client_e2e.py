@@ -12,6 +12,7 @@ import pytest
 
 import quotad_client as qc
 from quotad.core import limits
+from quotad_contract.shards import slot_of
 
 PLAN = {
     "id": "p", "name": "P",
@@ -58,6 +59,8 @@ def client(request):
 
 
 PLAN_REACHES_SHARDS_S = 15.0
+USERS_LISTED = 30
+"""Users the async cluster listing subscribes: enough to land on each of 3 shards."""
 
 
 def test_a_hold_commits_what_the_work_really_used(client):
@@ -135,6 +138,57 @@ def test_plan_and_subscription_helpers(client):
     assert "p" in [plan.id for plan in client.list_plans()]
     assert client.upsert_plan(PLAN).changed is False
     assert client.get_subscription("u1").time_zone == "Europe/Paris"
+
+
+def test_the_subscription_list_pages_through_every_user_once_in_order(client, request):
+    """With cluster=, every shard's users: each page merged from the shards' pages."""
+    users = [f"list-{number:02d}" for number in range(23)]
+    for user in users:
+        client.subscribe(user, "p")
+    listed, token = [], ""
+    for _ in range(10):  # bounded: 25 users, 7 a page
+        page = client.list_subscriptions(plan_id="p", page_size=7, page_token=token)
+        assert len(page.subscriptions) <= 7
+        listed += [subscription.user_id for subscription in page.subscriptions]
+        token = page.next_page_token
+        if not token:
+            break
+    subscribed = ["u1"] if request.node.callspec.params["client"] == "alone" else ["u1", "u2"]
+    assert listed == sorted([*users, *subscribed])
+
+
+def test_the_async_client_lists_a_clusters_subscriptions_from_every_shard(tmp_path, etcd):
+    from test_etcd_cluster import EtcdCluster
+
+    cluster = EtcdCluster(tmp_path, etcd).start()
+
+    async def scenario() -> list[str]:
+        async with qc.AsyncQuotaClient(cluster=cluster.target, timeout_s=10) as client:
+            await client.upsert_plan(PLAN)
+            deadline = time.monotonic() + PLAN_REACHES_SHARDS_S
+            for number in range(USERS_LISTED):
+                while True:
+                    try:
+                        await client.subscribe(f"a-{number:02d}", "p")
+                        break
+                    except qc.NotFound:  # the plan has not reached that shard yet
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.05)
+            listed, token = [], ""
+            for _ in range(10):
+                page = await client.list_subscriptions(page_size=7, page_token=token)
+                listed += [subscription.user_id for subscription in page.subscriptions]
+                token = page.next_page_token
+                if not token:
+                    return listed
+            raise AssertionError("the pages never ended")
+
+    try:
+        listed = asyncio.run(scenario())
+    finally:
+        cluster.close()
+    owners = {cluster.shard_map.owner(slot_of("default", user)).shard_id for user in listed}
+    assert listed == [f"a-{number:02d}" for number in range(USERS_LISTED)] and len(owners) == 3
 
 
 def test_the_async_client_guards_work_the_same_way(server):
