@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -24,17 +25,19 @@ from .targets import (
     DESCRIPTIONS,
     PEERS,
     ROOT,
+    ClusterTarget,
     EchoTarget,
     QuotadTarget,
     RedisTarget,
     Target,
-    process_cpu_s,
 )
 from .worker import WorkerError, WorkerPool
 from .workloads import MIX_SHARES, WORKLOADS, ZipfUsers, parse_workloads
 
 MAX_SECONDS_WITH_OPS = 600.0
 DEFAULT_SECONDS = 10.0
+SHARDS_BENCH_MAX = 16
+"""--shards: the most shards one bench cluster has (each a process on this machine)."""
 
 EPILOG = f"""\
 workloads (one unit = what one in-flight slot does before starting the next):
@@ -115,6 +118,19 @@ def _peers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _shard_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(not 1 <= count <= SHARDS_BENCH_MAX for count in counts) \
+            or len(set(counts)) < len(counts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected shard counts 1 to {SHARDS_BENCH_MAX}, comma-separated, "
+            "each once")
+    return counts
+
+
 def _address(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -137,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--peers", type=_peers, default=list(PEERS), metavar="LIST",
                       help="peers measured in the same run, a comma list of "
                            f"{', '.join(PEERS)}; all or none (default: all)")
+    what.add_argument("--shards", type=_shard_counts, default=[], metavar="N[,N]",
+                      help="also measure a cluster of N shards on loopback for each N (etcd "
+                           "and N quotad processes, routed by the client; needs etcd on PATH, "
+                           "see deploy/install_etcd.sh), and print throughput and server CPU "
+                           "per operation by shard count")
     what.add_argument("--redis-server", default="redis-server", metavar="PATH",
                       help="the redis-server binary for the Redis peers (default: redis-server "
                            "on PATH)")
@@ -254,6 +275,12 @@ def _run_line(label: str, run: dict[str, Any]) -> str:
 def _make_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
     targets: list[Target] = [QuotadTarget(args.target)]
     skipped: dict[str, str] = {}
+    if args.shards:
+        from quotad.cluster.etcd_process import ETCD_BINARY, INSTALL_HINT
+
+        if shutil.which(ETCD_BINARY) is None:
+            raise SystemExit(f"python -m bench: error: --shards: {INSTALL_HINT}")
+        targets += [ClusterTarget(count) for count in args.shards]
     redis_reason = redis_peer.unavailable_reason(args.redis_server)
     for name in args.peers:
         if name == "echo":
@@ -293,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "processes": args.processes, "seconds": args.seconds, "ops": args.ops,
         "runs": args.runs, "track_enforce": args.track_enforce,
         "idempotency_keys": not args.no_idempotency_keys, "coalesce": not args.no_coalesce,
-        "call_timeout_s": args.call_timeout,
+        "call_timeout_s": args.call_timeout, "shards": args.shards,
         "seed": args.seed, "mix_shares": dict(MIX_SHARES),
         "zipf_share_of_hottest_1pct": ZipfUsers(args.users, args.zipf_s,
                                                 random.Random(0)).share_of_top(0.01),
@@ -343,12 +370,12 @@ def main(argv: list[str] | None = None) -> int:
                             "track_enforce": args.track_enforce,
                         }
                         progress.begin(label, args.seconds, args.ops)
-                        cpu_before = process_cpu_s(target.pid)
+                        cpu_before = target.cpu_s()
                         try:
                             parts = pool.run(job, timeout_s=timeout_s, tick=progress.tick)
                         finally:
                             progress.end()
-                        cpu_after = process_cpu_s(target.pid)
+                        cpu_after = target.cpu_s()
                         server_cpu = (cpu_after - cpu_before
                                       if cpu_before is not None and cpu_after is not None
                                       else None)

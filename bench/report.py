@@ -15,7 +15,8 @@ from . import stats
 from .worker import OPS
 
 SUMMARY_KEYS = ("ops_per_s", "pairs_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms",
-                "server_cpu_util", "client_cpu_util", "denied_share", "ops_per_batch_rpc")
+                "server_cpu_util", "server_cpu_us_per_op", "client_cpu_util", "denied_share",
+                "ops_per_batch_rpc")
 RATIO_KEYS = ("ops_per_s", "pairs_per_s", "p50_ms", "p99_ms")
 
 
@@ -70,6 +71,8 @@ def merge_run(parts: list[dict[str, Any]], *, workload: str, bucket_s: float,
         "client_cpu_util": sum(part["client_cpu_s"] for part in parts) / elapsed,
         "server_cpu_s": server_cpu_s,
         "server_cpu_util": (server_cpu_s / elapsed) if server_cpu_s is not None else None,
+        "server_cpu_us_per_op": (server_cpu_s / ops * 1e6
+                                 if server_cpu_s is not None and ops else None),
         "stopped_early": any(part["stopped_early"] for part in parts),
     }
     batches = [part.get("batches_sent") for part in parts]
@@ -220,11 +223,33 @@ def markdown(document: dict[str, Any]) -> str:
         "quotad is slower. CPU: share of one core (server process; all client processes). "
         "Ops per RPC: operations per Batch RPC when the client coalesces (— : one per call).",
     ]
+    lines += shard_lines(document)
     lines += ["", *asymmetries(document)]
     if document.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{name}: {why}"
                                              for name, why in document["skipped"].items())]
     return "\n".join(lines) + "\n"
+
+
+def shard_lines(document: dict[str, Any]) -> list[str]:
+    """With --shards: quotad alone, then each cluster, by shard count: throughput and the
+    server CPU per operation (the shards' together); none without."""
+    if not document["config"].get("shards"):
+        return []
+    lines = ["", "By shard count (quotad alone is one process without etcd; a cluster's server "
+             "CPU is its shards' together, etcd's apart):", "",
+             "| workload | shards | ops/s | server CPU (cores) | server CPU µs per operation |",
+             "|---|---:|---:|---:|---:|"]
+    for workload, entry in document["workloads"].items():
+        for name, target in entry["targets"].items():
+            if name != "quotad" and not name.startswith("cluster-"):
+                continue
+            m = target["median"]
+            shards = "1 (alone)" if name == "quotad" else name.split("-", 1)[1]
+            cores = "—" if m["server_cpu_util"] is None else f"{m['server_cpu_util']:.2f}"
+            lines.append(f"| {workload} | {shards} | {_num(m['ops_per_s'])} | {cores} "
+                         f"| {_num(m['server_cpu_us_per_op'], 1)} |")
+    return lines
 
 
 def asymmetries(document: dict[str, Any]) -> list[str]:

@@ -58,6 +58,10 @@ class Target:
     def pid(self) -> int | None:
         return None
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds its server processes used so far (None: unknown)."""
+        return process_cpu_s(self.pid)
+
 
 class QuotadTarget(Target):
     """quotad on a fresh data directory each start (or an external server at `external`)."""
@@ -126,20 +130,124 @@ class QuotadTarget(Target):
         return stats
 
 
-async def _set_up_quotad(address: str, users: int) -> None:
-    from quotad_client import AsyncQuotaClient
+async def _set_up_quotad(address: str, users: int, cluster: str | None = None) -> None:
+    from quotad_client import AsyncQuotaClient, NotFound
 
-    async with AsyncQuotaClient(address, timeout_s=30.0) as client:
+    client = (AsyncQuotaClient(cluster=cluster, timeout_s=30.0) if cluster
+              else AsyncQuotaClient(address, timeout_s=30.0))
+    async with client:
         await client.upsert_plan(PLAN)
         next_user = 0
+
+        async def subscribe(user: str) -> None:
+            """In a cluster the plan reaches the other shards through etcd: until it has,
+            theirs answer NOT_FOUND."""
+            deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
+            while True:
+                try:
+                    await client.subscribe(user, PLAN["id"])
+                    return
+                except NotFound:
+                    if cluster is None or asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
 
         async def subscriber() -> None:
             nonlocal next_user
             while next_user < users:
                 index, next_user = next_user, next_user + 1
-                await client.subscribe(user_id(index), PLAN["id"])
+                await subscribe(user_id(index))
 
         await asyncio.gather(*(subscriber() for _ in range(min(users, SETUP_CONCURRENCY))))
+
+
+class ClusterTarget(Target):
+    """A cluster on loopback, fresh each start: one etcd (quotad.cluster.etcd_process), the
+    shard map written by `quotad cluster init` (slots split evenly), and `shards` quotad
+    processes serving with --cluster. Driven through AsyncQuotaClient(cluster=...), which
+    routes each call to its user's shard; its server CPU is the shards' together (etcd's
+    apart: nothing on a call's path talks to it)."""
+
+    def __init__(self, shards: int) -> None:
+        assert shards >= 1
+        self.shards = shards
+        self.name = f"cluster-{shards}"
+        self.description = f"quotad cluster: {shards} shard(s) + etcd, routed by the client"
+        self.target = ""
+        self._servers: list[ServerProcess] = []
+        self._etcd: Any = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [server.process.pid for server in self._servers if server.process is not None]
+
+    def cpu_s(self) -> float | None:
+        used = [process_cpu_s(pid) for pid in self.pids]
+        return None if not used or None in used else sum(used)  # type: ignore[arg-type]
+
+    def etcd_cpu_s(self) -> float | None:
+        process = getattr(self._etcd, "process", None)
+        return process_cpu_s(process.pid) if process is not None else None
+
+    def start(self) -> None:
+        from quotad.cluster.etcd_process import EtcdProcess, free_port
+
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-cluster-")
+        folder = Path(self._dir.name)
+        try:
+            self._etcd = EtcdProcess(folder / "etcd" / "data").start()
+            self.target = f"etcd://{self._etcd.endpoint}/bench"
+            addresses = [f"127.0.0.1:{free_port()}" for _ in range(self.shards)]
+            init = subprocess.run(
+                [sys.executable, "-m", "quotad", "cluster", "init", "--cluster", self.target,
+                 "--shards", str(self.shards),
+                 *[flag for address in addresses for flag in ("--address", address)]],
+                capture_output=True, text=True, timeout=START_TIMEOUT_S, cwd=ROOT)
+            if init.returncode != 0:
+                raise RuntimeError(f"quotad cluster init failed: {init.stderr.strip()}")
+            for shard_id, address in enumerate(addresses):
+                server = ServerProcess(folder / f"shard-{shard_id}",
+                                       extra_args=("--cluster", self.target,
+                                                   "--shard-id", str(shard_id)))
+                self._servers.append(server)
+                server.launch(address)
+            for server in self._servers:
+                server.wait_for("serving", START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+
+    def set_up(self, users: int) -> None:
+        asyncio.run(_set_up_quotad("", users, cluster=self.target))
+
+    def driver(self) -> dict[str, Any]:
+        return {"kind": "grpc", "address": "", "cluster": self.target}
+
+    def stop(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"shards": self.shards, "etcd_cpu_s": self.etcd_cpu_s()}
+        written = batches = 0
+        for server in self._servers:
+            try:
+                if server.process is not None and server.process.poll() is None:
+                    server.stop()
+                stopped = [line for line in server.log_lines if line.get("message") == "stopped"]
+                if stopped:
+                    written += stopped[-1].get("records_written") or 0
+                    batches += stopped[-1].get("batches") or 0
+            finally:
+                server.close()
+        self._servers = []
+        if batches:
+            stats["records_per_txn"] = written / batches
+        if self._etcd is not None:
+            self._etcd.stop()
+            self._etcd.close()
+            self._etcd = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+        return stats
 
 
 class EchoTarget(Target):
@@ -220,8 +328,10 @@ class GrpcDriver:
     """quotad (or the echo peer) through the project's own AsyncQuotaClient."""
 
     def __init__(self, address: str, call_timeout_s: float, idempotency_keys: bool,
-                 coalesce: bool) -> None:
+                 coalesce: bool, cluster: str | None = None) -> None:
         self._address = address
+        self._cluster = cluster
+        """A cluster target (etcd://...): the client routes each call to its shard."""
         self._timeout_s = call_timeout_s
         self._keys = idempotency_keys
         self._coalesce = coalesce
@@ -232,7 +342,11 @@ class GrpcDriver:
 
         # the client's defaults (coalescing included), unless --no-coalesce
         options: dict[str, Any] = {} if self._coalesce else {"coalesce": False}
-        self._client = AsyncQuotaClient(self._address, timeout_s=self._timeout_s,
+        if self._cluster:
+            options["cluster"] = self._cluster
+        else:
+            options["target"] = self._address
+        self._client = AsyncQuotaClient(timeout_s=self._timeout_s,
                                         auto_idempotency_keys=self._keys, **options)
 
     async def close(self) -> None:
@@ -275,7 +389,8 @@ class GrpcDriver:
 def make_driver(spec: dict[str, Any], *, concurrency: int, call_timeout_s: float,
                 idempotency_keys: bool, coalesce: bool) -> Any:
     if spec["kind"] == "grpc":
-        return GrpcDriver(spec["address"], call_timeout_s, idempotency_keys, coalesce)
+        return GrpcDriver(spec["address"], call_timeout_s, idempotency_keys, coalesce,
+                          spec.get("cluster"))
     if spec["kind"] == "redis":
         return redis_peer.RedisDriver(spec["address"], concurrency, call_timeout_s)
     raise ValueError(f"unknown driver kind {spec['kind']!r}")

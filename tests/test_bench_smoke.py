@@ -98,6 +98,28 @@ def test_the_bench_runs_the_redis_peers_in_two_client_processes(tmp_path: Path):
     assert document["machine"]["redis_server"]
 
 
+def test_the_bench_runs_clusters_by_shard_count_and_reports_cpu_per_operation(tmp_path: Path):
+    # etcd is installed from Debian's package when it is missing (skipped, with the reason,
+    # only where that cannot be done: not root, no apt), as for the cluster's own tests
+    from etcd_server import install_etcd
+
+    why = install_etcd()
+    if why is not None:
+        pytest.skip(why)
+    document = _bench(tmp_path, "--workload", "pairs", "--seconds", "1.5", "--peers", "none",
+                      "--shards", "1,2")
+    _check(document, ["pairs"], {"quotad", "cluster-1", "cluster-2"})
+    targets = document["workloads"]["pairs"]["targets"]
+    for name in ("quotad", "cluster-1", "cluster-2"):
+        assert targets[name]["median"]["server_cpu_us_per_op"] > 0, name
+    assert [server["shards"] for server in targets["cluster-2"]["server"]] == [2]
+    table = document["table_markdown"]
+    assert "By shard count" in table and "| pairs | 2 |" in table
+    refused = subprocess.run([sys.executable, "-m", "bench", "--shards", "0"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "--shards" in refused.stderr
+
+
 def test_the_bench_help_explains_every_flag():
     sys.path.insert(0, str(ROOT))
     try:

@@ -617,8 +617,11 @@ class Client:
     """One caller: its holds, what it has used per (user, group), its share of the calls."""
 
     def __init__(self, index: int, calls: UnaryCalls | ClientCalls, budget: int,
-                 deadline_ns: int, history: list[Call]) -> None:
+                 deadline_ns: int, history: list[Call],
+                 users: tuple[str, ...] = USERS) -> None:
         self.index = index
+        self.users = users
+        """The hot users it picks from."""
         self.calls = calls
         self.budget = budget
         self.deadline_ns = deadline_ns
@@ -652,7 +655,7 @@ class Client:
             if closing and not self.live:
                 return
             may_hold = left >= len(self.live) + 2 and len(self.live) < LIVE_HOLDS_PER_CLIENT
-            r, user = rng.random(), rng.choice(USERS)
+            r, user = rng.random(), rng.choice(self.users)
             event_type = rng.choice(list(EVENT_GROUPS))
             if self.live and (closing or r < 0.3 or now - self.live[0][5] > HOLD_AGE_MAX_NS):
                 oldest = now - self.live[0][5] > HOLD_AGE_MAX_NS
@@ -750,6 +753,57 @@ class Client:
         await self.track(user, event_type, -amount, enforce=rng.random() < 0.5, model=model)
 
 
+async def run_calls(calls: UnaryCalls | ClientCalls, users: tuple[str, ...], ops: int,
+                    clients: int, limit_s: float) -> tuple[list[Call], float]:
+    """`clients` callers making `ops` calls in all on the users, then a GetUsage of each once
+    every call finished: the history, and the seconds the calls took."""
+    history: list[Call] = []
+    began = time.monotonic()
+    deadline_ns = time.monotonic_ns() + int(limit_s * 1e9)
+    workers = [Client(i, calls, ops // clients + (i < ops % clients), deadline_ns, history,
+                      users) for i in range(clients)]
+    await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)),
+                           timeout=limit_s + 2 * RPC_TIMEOUT_S)
+    elapsed = time.monotonic() - began
+    for user in users:  # the final state, after every call finished
+        start = time.monotonic_ns()
+        counters = await calls.usage(user)
+        history.append(Call(-1, "usage", user, start, time.monotonic_ns(),
+                            groups=(G, P), counters=counters))
+    return history, elapsed
+
+
+def assert_sound(history: list[Call], quotas: dict[tuple[str, str], int], report, ops: int,
+                 limit_s: float, users: tuple[str, ...]) -> None:
+    """What a correct server's history shows: every call answered OK, no anomaly, counters
+    as the history implies, no over-admission, no false denial, a run that contended and
+    came close to the quotas (so that the check had teeth), and GetUsage at the end exactly
+    what the history implies."""
+    attempts = sum(1 for c in history if c.kind == "reserve" or (
+        c.kind == "track" and c.amount > 0))
+    assert report.ops == ops, f"only {report.ops} of {ops} calls within {limit_s} s"
+    assert set(report.codes) == {"OK"}, report.codes
+    assert report.anomalies == [], report.anomalies[:10]
+    assert report.counter_mismatches == [], report.counter_mismatches[:10]
+    assert report.over_admissions == [], report.over_admissions[:10]
+    # The server is a single writer: it denies only when the state it applies the call to
+    # has no room, and that state is within the possible bounds. So no denial can be false.
+    assert report.false_denials == [], [history[i] for i in report.false_denials[:10]]
+    # The run contended: denials happened, and most calls were admitted.
+    assert 0.02 * attempts < report.denials < 0.6 * attempts, (report.denials, attempts)
+    # The check has teeth on this very history: the certain load came close to a quota, so
+    # quotas 10% lower make it an over-admission.
+    assert report.peak(quotas) >= 0.9
+    tighter = {key: quota * 9 // 10 for key, quota in quotas.items()}
+    assert check(history, tighter).over_admissions
+    # GetUsage after the last call equals what the history implies, exactly.
+    for call in history[-len(users):]:
+        for counter in call.counters:
+            expected = report.exact(call.user, counter.group, call.start_ns)
+            assert expected == (counter.used, counter.held), (call.user, counter, expected)
+            assert counter.held == 0  # every client ended its holds
+
+
 async def run_history(address: str, transport: str, ops: int, clients: int,
                       limit_s: float) -> tuple[list[Call], float]:
     async with grpc.aio.insecure_channel(address) as channel:
@@ -760,20 +814,7 @@ async def run_history(address: str, transport: str, ops: int, clients: int,
                 user_id=user, plan_id=PLAN.id))
         async with AsyncQuotaClient(address, timeout_s=RPC_TIMEOUT_S) as client:
             calls = UnaryCalls(channel) if transport == "unary" else ClientCalls(client)
-            history: list[Call] = []
-            began = time.monotonic()
-            deadline_ns = time.monotonic_ns() + int(limit_s * 1e9)
-            workers = [Client(i, calls, ops // clients + (i < ops % clients), deadline_ns,
-                              history) for i in range(clients)]
-            await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)),
-                                   timeout=limit_s + 2 * RPC_TIMEOUT_S)
-            elapsed = time.monotonic() - began
-            for user in USERS:  # the final state, after every call finished
-                start = time.monotonic_ns()
-                counters = await calls.usage(user)
-                history.append(Call(-1, "usage", user, start, time.monotonic_ns(),
-                                    groups=(G, P), counters=counters))
-    return history, elapsed
+            return await run_calls(calls, USERS, ops, clients, limit_s)
 
 
 @pytest.mark.parametrize("transport", ["unary", "client"])
@@ -810,27 +851,7 @@ def test_concurrent_history_against_the_real_server_has_no_over_admission(start_
     else:
         assert unary == 0 and batched == ops + len(USERS), (unary, batched)
         assert batches - single >= batches / 2, "most batches should carry several calls"
-    assert report.ops == ops, f"only {report.ops} of {ops} calls within {limit_s} s"
-    assert set(report.codes) == {"OK"}, report.codes
-    assert report.anomalies == [], report.anomalies[:10]
-    assert report.counter_mismatches == [], report.counter_mismatches[:10]
-    assert report.over_admissions == [], report.over_admissions[:10]
-    # The server is a single writer: it denies only when the state it applies the call to
-    # has no room, and that state is within the possible bounds. So no denial can be false.
-    assert report.false_denials == [], [history[i] for i in report.false_denials[:10]]
-    # The run contended: denials happened, and most calls were admitted.
-    assert 0.02 * attempts < report.denials < 0.6 * attempts, (report.denials, attempts)
-    # The check has teeth on this very history: the certain load came close to a quota, so
-    # quotas 10% lower make it an over-admission.
-    assert report.peak(quotas) >= 0.9
-    tighter = {key: quota * 9 // 10 for key, quota in quotas.items()}
-    assert check(history, tighter).over_admissions
-    # GetUsage after the last call equals what the history implies, exactly.
-    for call in history[-len(USERS):]:
-        for counter in call.counters:
-            expected = report.exact(call.user, counter.group, call.start_ns)
-            assert expected == (counter.used, counter.held), (call.user, counter, expected)
-            assert counter.held == 0  # every client ended its holds
+    assert_sound(history, quotas, report, ops, limit_s, USERS)
 
 
 # --- rate buckets under 64 clients against the real server -----------------------------------

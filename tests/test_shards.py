@@ -157,3 +157,39 @@ def test_ownership_refuses_other_shards_users_naming_the_owner():
     alone.check_reservation("rsv_fff" + "0" * 21)
     with pytest.raises(ShardMapError, match="no shard 9"):
         Ownership.of(shard_map, 9)
+
+
+# --- a cluster's subscription list, merged from its shards' pages ------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(users=st.sets(st.text("abcxyz019", min_size=1, max_size=4), max_size=60),
+       shards=st.integers(1, 4), page_size=st.integers(0, 9), seed=st.integers(0, 2**16))
+def test_merged_subscription_pages_list_every_user_once_in_order(users, shards, page_size,
+                                                                 seed):
+    """Each shard answers as the server does (its first N users after the token, `more` when
+    it has others); paging through the merged pages gives every user once, in order."""
+    from quotad_client._cluster import merged_subscription_page
+    from quotad_client._types import Subscription, SubscriptionPage
+    from quotad_contract.limits import SUBSCRIPTIONS_PAGE_SIZE_DEFAULT
+
+    rng = random.Random(seed)
+    owned: list[list[str]] = [[] for _ in range(shards)]
+    for user in users:
+        owned[rng.randrange(shards)].append(user)
+
+    def shard_page(mine: list[str], token: str) -> SubscriptionPage:
+        after = sorted(user for user in mine if user > token)
+        size = page_size or SUBSCRIPTIONS_PAGE_SIZE_DEFAULT
+        page = after[:size]
+        return SubscriptionPage(
+            tuple(Subscription(user_id=user, plan_id="p", time_zone="UTC") for user in page),
+            page[-1] if len(after) > size else "")
+
+    listed, token = [], ""
+    for _ in range(len(users) + 2):  # bounded: each page but the last holds a user
+        page = merged_subscription_page([shard_page(mine, token) for mine in owned], page_size)
+        listed += [subscription.user_id for subscription in page.subscriptions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == sorted(users)

@@ -34,7 +34,7 @@ from ._convert import PlanLike
 from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
 from ._errors import (DeadlineExceeded, FailedPrecondition, QuotadError, error_from_rpc_error,
                       error_from_status, shed_delay_s, with_tls_hint)
-from ._cluster import WRONG_SHARD, Routes
+from ._cluster import WRONG_SHARD, Routes, merged_subscription_page
 from ._etcd import read_shard_map
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
@@ -240,9 +240,13 @@ class AsyncQuotaClient:
 
     # --- the call loop -----------------------------------------------------------------------
 
-    async def _run(self, op: ops.Op[T], timeout_s: float | None) -> T:
+    async def _run(self, op: ops.Op[T], timeout_s: float | None, *,
+                   address: str | None = None, deadline: float | None = None) -> T:
+        """The op, retried as its policy says until the deadline (time.monotonic(); None:
+        timeout_s from now); to the shard at ``address`` when given, else routed."""
         config = self._config
-        deadline = time.monotonic() + config.budget(timeout_s)
+        if deadline is None:
+            deadline = time.monotonic() + config.budget(timeout_s)
         retry = 0
         rerouted = False
         while True:
@@ -251,7 +255,8 @@ class AsyncQuotaClient:
                 raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"{op.method}: no time left for another attempt")
             routes = self._routes
-            stubs, coalescer = await self._shard_for(op.request)
+            stubs, coalescer = (self._shard_at(address) if address is not None
+                                else await self._shard_for(op.request))
             try:
                 if coalescer is not None and op.method in BATCHABLE and (
                         op.service == ops.QUOTA):
@@ -427,9 +432,19 @@ class AsyncQuotaClient:
     async def list_subscriptions(self, *, plan_id: str = "", page_size: int = 0,
                                  page_token: str = "",
                                  timeout_s: float | None = None) -> SubscriptionPage:
-        """One page of the app's subscriptions (or one plan's), in user id order."""
-        return await self._run(ops.list_subscriptions(plan_id, page_size, page_token),
-                               timeout_s)
+        """One page of the app's subscriptions (or one plan's), in user id order. With
+        cluster=, every shard's, merged."""
+        op = ops.list_subscriptions(plan_id, page_size, page_token)
+        if not self._clustered:
+            return await self._run(op, timeout_s)
+        if self._routes is None:
+            await self._refresh_routes(None)
+        assert self._routes is not None
+        deadline = time.monotonic() + self._config.budget(timeout_s)
+        pages = await asyncio.gather(*(self._run(op, timeout_s, address=address,
+                                                 deadline=deadline)
+                                       for address in self._routes.addresses))
+        return merged_subscription_page(pages, page_size)
 
     async def export_usage(self, *, cursor: str = "", end: datetime | None = None,
                            app: str = "",

@@ -2,22 +2,27 @@
 
 The client asks any shard for the map (GetShardMap), keeps one channel per shard, and sends
 each call to the shard that owns it: a call naming a user by the user's slot, one naming a
-hold (commit, release, extend) by its reservation id's first hex digits. A call that names
-neither (plans, subscription lists, exports, keys) goes to the shard the client was given:
-plans and keys are the catalog every shard takes; a list or an export there covers that
-shard's users only. A WRONG_SHARD refusal (the map moved) makes the client fetch the map
-again and send the call once more.
+hold (commit, release, extend) by its reservation id's first hex digits. A subscription
+list asks every shard for the page and merges theirs (`merged_subscription_page`). Any other
+call that names neither (plans, exports, keys) goes to the shard the client was given: plans
+and keys are the catalog every shard takes; an export there covers that shard's users only.
+A WRONG_SHARD refusal (the map moved) makes the client fetch the map again and send the call
+once more.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
 from quotad_contract.errors import ErrorReason
+from quotad_contract.limits import SUBSCRIPTIONS_PAGE_SIZE_DEFAULT
 from quotad_contract.shards import Shard, ShardMap, slot_of, slot_of_reservation
 from quotad_contract.v1 import quotad_pb2
+
+from ._types import SubscriptionPage
 
 WRONG_SHARD = ErrorReason.WRONG_SHARD
 GET_SHARD_MAP = "GetShardMap"
@@ -66,3 +71,18 @@ def request_slot(app: str, request: Message) -> int | None:
     if "user_id" in fields and getattr(request, "user_id"):
         return slot_of(app, getattr(request, "user_id"))
     return None
+
+
+def merged_subscription_page(pages: Sequence[SubscriptionPage],
+                             page_size: int) -> SubscriptionPage:
+    """One page of a cluster's subscriptions from each shard's page after the same token
+    (every shard orders by user id, and the token is the last user id a page showed): the
+    first page_size of them all, in user id order. The cluster's first N users after the
+    token are among each shard's first N, so the page is exact; its token is its last user
+    id while any shard has more."""
+    size = page_size or SUBSCRIPTIONS_PAGE_SIZE_DEFAULT
+    merged = sorted((subscription for page in pages for subscription in page.subscriptions),
+                    key=lambda subscription: subscription.user_id)
+    page = merged[:size]
+    more = len(merged) > size or any(page.next_page_token for page in pages)
+    return SubscriptionPage(tuple(page), page[-1].user_id if more and page else "")

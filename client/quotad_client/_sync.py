@@ -24,7 +24,7 @@ from ._config import (
 from ._convert import PlanLike
 from ._errors import (DeadlineExceeded, QuotadError, error_from_rpc_error, shed_delay_s,
                       with_tls_hint)
-from ._cluster import WRONG_SHARD, Routes
+from ._cluster import WRONG_SHARD, Routes, merged_subscription_page
 from ._etcd import read_shard_map
 from ._hold import Hold
 from ._retry import RetryPolicy
@@ -181,9 +181,13 @@ class QuotaClient:
 
     # --- the call loop -----------------------------------------------------------------------
 
-    def _run(self, op: ops.Op[T], timeout_s: float | None) -> T:
+    def _run(self, op: ops.Op[T], timeout_s: float | None, *, address: str | None = None,
+             deadline: float | None = None) -> T:
+        """The op, retried as its policy says until the deadline (time.monotonic(); None:
+        timeout_s from now); to the shard at ``address`` when given, else routed."""
         config = self._config
-        deadline = time.monotonic() + config.budget(timeout_s)
+        if deadline is None:
+            deadline = time.monotonic() + config.budget(timeout_s)
         retry = 0
         rerouted = False
         while True:
@@ -191,7 +195,9 @@ class QuotaClient:
             if remaining <= 0:
                 raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"{op.method}: no time left for another attempt")
-            method = getattr(self._stubs_for(op.request)[op.service], op.method)
+            stubs = (self._stubs_at(address) if address is not None
+                     else self._stubs_for(op.request))
+            method = getattr(stubs[op.service], op.method)
             try:
                 response = method(op.request, timeout=remaining, metadata=config.metadata)
             except grpc.RpcError as rpc_error:
@@ -332,8 +338,18 @@ class QuotaClient:
     def list_subscriptions(self, *, plan_id: str = "", page_size: int = 0,
                            page_token: str = "",
                            timeout_s: float | None = None) -> SubscriptionPage:
-        """One page of the app's subscriptions (or one plan's), in user id order."""
-        return self._run(ops.list_subscriptions(plan_id, page_size, page_token), timeout_s)
+        """One page of the app's subscriptions (or one plan's), in user id order. With
+        cluster=, every shard's, merged."""
+        op = ops.list_subscriptions(plan_id, page_size, page_token)
+        if not self._clustered:
+            return self._run(op, timeout_s)
+        if self._routes is None:
+            self._refresh_routes()
+        assert self._routes is not None
+        deadline = time.monotonic() + self._config.budget(timeout_s)
+        return merged_subscription_page(
+            [self._run(op, timeout_s, address=address, deadline=deadline)
+             for address in self._routes.addresses], page_size)
 
     def export_usage(self, *, cursor: str = "", end: datetime | None = None, app: str = "",
                      timeout_s: float | None = None) -> Iterator[UsageExportPage]:
