@@ -35,6 +35,7 @@ from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
 from ._errors import (DeadlineExceeded, FailedPrecondition, QuotadError, error_from_rpc_error,
                       error_from_status, shed_delay_s, with_tls_hint)
 from ._cluster import WRONG_SHARD, Routes, merged_subscription_page
+from ._throttle import AdaptiveThrottle, throttled
 from ._etcd import read_shard_map
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
@@ -97,7 +98,11 @@ class AsyncQuotaClient:
     with ``auto_idempotency_keys`` (the default) the client gives each mutation that has none a
     fresh key, sent unchanged on every retry. A call the server shed under overload
     (RESOURCE_EXHAUSTED ``OVERLOADED``: it did nothing) is retried too, any call, waiting the
-    server's RetryInfo delay plus the backoff.
+    server's RetryInfo delay plus the backoff. With ``adaptive_throttle`` (the default), while
+    the server takes less than half of what this client sends (over the last 10 s), the client
+    refuses some attempts itself, before sending, and waits as if they were shed; a call whose
+    attempts it keeps refusing raises RESOURCE_EXHAUSTED ``CLIENT_THROTTLED``
+    (quotad_client._throttle).
 
     ``api_key`` (default: the QUOTAD_API_KEY environment variable, else none) and
     ``user_token`` (with a pk_ key) go with every call. ``tls_root_cert`` (PEM bytes) or
@@ -126,7 +131,8 @@ class AsyncQuotaClient:
                  channel_options: Sequence[tuple[str, Any]] = (),
                  metadata: Sequence[tuple[str, str]] = (), user_token: str | None = None,
                  tls_root_cert: bytes | None = None, tls: bool = False,
-                 coalesce: bool = True, cluster: str | None = None) -> None:
+                 coalesce: bool = True, cluster: str | None = None,
+                 adaptive_throttle: bool = True) -> None:
         etcd = (EtcdTarget.parse(cluster) if cluster is not None and EtcdTarget.is_etcd(cluster)
                 else None)
         if cluster is not None:
@@ -138,6 +144,9 @@ class AsyncQuotaClient:
         if etcd is not None:  # the map's first shard stands for the cluster
             target = read_shard_map(etcd, self._config.budget(None)).shards[0].address
         self._etcd = etcd
+        self.throttle = AdaptiveThrottle() if adaptive_throttle else None
+        """Refuses some calls before sending them while quotad refuses most for overload
+        (see quotad_client._throttle); None: off."""
         credentials = channel_credentials(credentials, tls_root_cert, tls)
         self._plaintext = credentials is None
         self._credentials = credentials
@@ -257,6 +266,16 @@ class AsyncQuotaClient:
             routes = self._routes
             stubs, coalescer = (self._shard_at(address) if address is not None
                                 else await self._shard_for(op.request))
+            throttle = self.throttle
+            if throttle is not None and throttle.refuse():  # not sent: retried as if shed
+                wait = config.policy.next_wait(retry=retry, code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                               retryable=True, deadline=deadline,
+                                               shed_delay_s=0.0)
+                if wait is None:
+                    raise throttled()
+                await asyncio.sleep(wait)
+                retry += 1
+                continue
             try:
                 if coalescer is not None and op.method in BATCHABLE and (
                         op.service == ops.QUOTA):
@@ -265,13 +284,21 @@ class AsyncQuotaClient:
                     response = await getattr(stubs[op.service], op.method)(
                         op.request, timeout=remaining, metadata=config.metadata)
             except FailedPrecondition as refused:  # one operation of a batch
+                if throttle is not None:
+                    throttle.accepted()
                 if self._clustered and refused.reason == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, send the call once more
                     await self._refresh_routes(routes or self._routes)
                     continue
                 raise
+            except QuotadError as failed:  # one operation of a batch, or its time ran out
+                if throttle is not None:
+                    throttle.failed(failed)
+                raise
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
+                if throttle is not None:
+                    throttle.failed(error)
                 if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True
                     await self._refresh_routes(routes or self._routes)
@@ -284,6 +311,8 @@ class AsyncQuotaClient:
                 await asyncio.sleep(wait)
                 retry += 1
                 continue
+            if throttle is not None:
+                throttle.accepted()
             return op.convert(response)
 
     async def _coalesced(self, coalescer: Coalescer, op: ops.Op[T], remaining_s: float) -> Any:
