@@ -15,7 +15,10 @@ row up to 1 s, the upper half random. A refused or failed Commit is sent again a
 wait (up to 10 attempts: its hold is live, and a Commit without an idempotency key never
 counts twice); a pair is *good* when its Reserve and its Commit succeeded, each attempt
 within its deadline; goodput is good pairs per second. Every failed attempt is counted by
-its status code.
+its status code. As quotad_client does by default, each client process also throttles itself
+(quotad_client._throttle, one throttle per process): while the server takes less than half
+of what the process sends, it refuses some attempts before sending them, counted as
+THROTTLED and waited out as a failure (--no-client-throttle: every attempt is sent).
 
 Both servers get the same grpc treatment: their methods registered with grpc (each has its
 own queue of received calls) and the same bound on that queue (--pending-calls-per-method,
@@ -64,12 +67,18 @@ from .harness import _positive_float, _positive_int, _write_json
 from .targets import ROOT, EchoTarget, QuotadTarget, Target, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
 
-CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE")
+THROTTLED = "THROTTLED"
+"""An attempt the client's adaptive throttle refused: never sent."""
+CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+         THROTTLED)
 FAILED_CALL_PAUSE_S = 0.05  # and BACKOFF_MAX_S: quotad_client's RetryPolicy defaults
 BACKOFF_MAX_S = 1.0
 COMMIT_ATTEMPTS_MAX = 10
 RETRIED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
                            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
+NOT_ACCEPTED_CODES = RETRIED_CODES
+"""What the client's throttle counts as not taken by the server: every code this bench's
+calls fail with under overload (its RESOURCE_EXHAUSTED is always OVERLOADED)."""
 START_DELAY_S = 2.0  # for the client processes to connect and warm up before the start
 PHASE_GRACE_S = 60.0
 PROBE_EVERY_S = 0.5
@@ -137,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
                         help="one more bench.echo_server argument, repeatable "
                              "(e.g. --echo-arg=--maximum-concurrent-rpcs=64)")
+    parser.add_argument("--no-client-throttle", action="store_true",
+                        help="the client processes send every attempt, as quotad_client with "
+                             "adaptive_throttle=False (default: each process refuses some "
+                             "attempts itself while the server refuses most, as quotad_client "
+                             "does by default; see quotad_client._throttle)")
     parser.add_argument("--separate-cpus", action="store_true",
                         help="run each server (every thread) on this machine's last CPU and "
                              "the client processes on the others, as a server deployed on "
@@ -151,9 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 # --- the client processes ----------------------------------------------------------------------
 
 async def _drive(address: str, index: int, concurrency: int, deadline_s: float, users: int,
-                 start_at: float, seconds: float) -> dict[str, Any]:
+                 start_at: float, seconds: float, client_throttle: bool) -> dict[str, Any]:
+    from quotad_client._throttle import AdaptiveThrottle
     from quotad_contract.v1 import quotad_pb2 as pb
     from quotad_contract.v1 import quotad_pb2_grpc as stubs
+
+    throttle = AdaptiveThrottle() if client_throttle else None
+    """One per client process, as one quotad_client per process has (its default)."""
 
     codes: Counter[str] = Counter()
     details: dict[str, str] = {}  # the first error message of each status code
@@ -174,23 +192,45 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
                 nonlocal failures
                 codes[error.code().name] += 1
                 details.setdefault(error.code().name, error.details() or "")
+                if throttle is not None:
+                    throttle.ended(accepted=error.code() not in NOT_ACCEPTED_CODES)
                 failures += 1
                 await asyncio.sleep(_wait_s(error, failures))
 
+            async def throttled() -> bool:
+                """The client's throttle refused the attempt: waited out as a failure."""
+                nonlocal failures
+                if throttle is None or not throttle.refuse():
+                    return False
+                codes[THROTTLED] += 1
+                failures += 1
+                await asyncio.sleep(_backoff_s(failures))
+                return True
+
+            def answered() -> None:
+                nonlocal failures
+                codes["OK"] += 1
+                failures = 0
+                if throttle is not None:
+                    throttle.accepted()
+
             while True:
                 started = time.monotonic()
+                if await throttled():
+                    continue
                 try:
                     hold = await quota.Reserve(request, timeout=deadline_s)
                 except grpc.aio.AioRpcError as error:
                     await back_off(error)
                     continue
-                codes["OK"] += 1
-                failures = 0
+                answered()
                 if not hold.allowed:
                     denied += 1
                     continue
                 commit = pb.CommitRequest(reservation_id=hold.reservation_id, amount=700)
                 for _ in range(COMMIT_ATTEMPTS_MAX):  # the hold is live: commit it, not another
+                    if await throttled():
+                        continue
                     try:
                         await quota.Commit(commit, timeout=deadline_s)
                     except grpc.aio.AioRpcError as error:
@@ -198,8 +238,7 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
                         if error.code() in RETRIED_CODES:
                             continue
                         break  # e.g. a commit that landed, its answer lost: not good
-                    codes["OK"] += 1
-                    failures = 0
+                    answered()
                     good_pair_latencies_s.append(time.monotonic() - started)
                     break
 
@@ -233,6 +272,10 @@ def _wait_s(error: grpc.aio.AioRpcError, failures: int) -> float:
     delay_s = _retry_delay_s(error)
     if delay_s is not None:
         return delay_s * (1.0 + random.random())
+    return _backoff_s(failures)
+
+
+def _backoff_s(failures: int) -> float:
     base_s = min(BACKOFF_MAX_S, FAILED_CALL_PAUSE_S * 2 ** (failures - 1))
     return base_s * (0.5 + 0.5 * random.random())
 
@@ -289,7 +332,8 @@ def run_phase(pool: Any, target: Target, concurrency: int,
     pid = target.pid
     start_at = time.time() + START_DELAY_S
     jobs = [(target.driver()["address"], index, concurrency, options.deadline_s, options.users,
-             start_at, options.seconds) for index in range(options.processes)]
+             start_at, options.seconds, not options.no_client_throttle)
+            for index in range(options.processes)]
     pending = pool.map_async(_client, jobs)
     time.sleep(max(0.0, start_at - time.time()))
     cpu_before = process_cpu_s(pid)
