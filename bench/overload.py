@@ -76,9 +76,10 @@ BACKOFF_MAX_S = 1.0
 COMMIT_ATTEMPTS_MAX = 10
 RETRIED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
                            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
-NOT_ACCEPTED_CODES = RETRIED_CODES
-"""What the client's throttle counts as not taken by the server: every code this bench's
-calls fail with under overload (its RESOURCE_EXHAUSTED is always OVERLOADED)."""
+NOT_ACCEPTED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+                                grpc.StatusCode.DEADLINE_EXCEEDED})
+"""What the client's throttle counts as not taken by the server, as quotad_client's does (this
+bench's RESOURCE_EXHAUSTED is always OVERLOADED); UNAVAILABLE, no server, it leaves out."""
 START_DELAY_S = 2.0  # for the client processes to connect and warm up before the start
 PHASE_GRACE_S = 60.0
 PROBE_EVERY_S = 0.5
@@ -192,7 +193,7 @@ async def _drive(address: str, index: int, concurrency: int, deadline_s: float, 
                 nonlocal failures
                 codes[error.code().name] += 1
                 details.setdefault(error.code().name, error.details() or "")
-                if throttle is not None:
+                if throttle is not None and error.code() is not grpc.StatusCode.UNAVAILABLE:
                     throttle.ended(accepted=error.code() not in NOT_ACCEPTED_CODES)
                 failures += 1
                 await asyncio.sleep(_wait_s(error, failures))

@@ -78,7 +78,7 @@ def test_the_window_forgets_old_refusals():
     throttle = make(clock)
     for _ in range(100):  # nothing accepted
         if not throttle.refuse():
-            throttle.failed(qc.Unavailable(grpc.StatusCode.UNAVAILABLE, "down"))
+            throttle.failed(SHED)
     assert throttle.refusal_probability() > 0.9
     clock.now_s += WINDOW_S + WINDOW_S / BUCKETS
     assert throttle.refusal_probability() == 0
@@ -88,10 +88,7 @@ def test_the_window_forgets_old_refusals():
 def test_only_overload_counts_against_the_server():
     clock = Clock()
     throttle = make(clock)
-    overload = [qc.ResourceExhausted(grpc.StatusCode.RESOURCE_EXHAUSTED, "shed",
-                                     ErrorReason.OVERLOADED),
-                qc.Unavailable(grpc.StatusCode.UNAVAILABLE, "down"),
-                qc.QuotadError(grpc.StatusCode.CANCELLED, "queue full"),
+    overload = [SHED, qc.QuotadError(grpc.StatusCode.CANCELLED, "queue full"),
                 qc.DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "late")]
     answered = [qc.NotFound(grpc.StatusCode.NOT_FOUND, "no such hold"),
                 qc.ResourceExhausted(grpc.StatusCode.RESOURCE_EXHAUSTED, "holds",
@@ -104,12 +101,21 @@ def test_only_overload_counts_against_the_server():
     assert throttle.refusal_probability() == 0
 
 
+def test_no_server_answering_is_not_counted_at_all():
+    """UNAVAILABLE (stopped, restarting): sparing it saves nobody work, and counting it would
+    keep refusing calls for a window once it is back."""
+    throttle = make(Clock())
+    for _ in range(1000):
+        throttle.failed(qc.Unavailable(grpc.StatusCode.UNAVAILABLE, "down"))
+    assert throttle.refusal_probability() == 0 and not throttle.refuse()
+
+
 def test_a_few_failures_are_no_overload():
     throttle = make(Clock())
     for _ in range(REQUESTS_MIN - 1):
-        throttle.failed(qc.Unavailable(grpc.StatusCode.UNAVAILABLE, "restarting"))
+        throttle.failed(SHED)
     assert throttle.refusal_probability() == 0 and not throttle.refuse()
-    throttle.failed(qc.Unavailable(grpc.StatusCode.UNAVAILABLE, "restarting"))
+    throttle.failed(SHED)
     assert throttle.refusal_probability() > 0.9
 
 
@@ -130,26 +136,53 @@ def closed_port() -> tuple[socket.socket, str]:
     return bound, f"127.0.0.1:{bound.getsockname()[1]}"
 
 
-def test_a_client_whose_server_is_gone_soon_refuses_calls_itself():
+def test_a_client_whose_server_is_gone_sends_every_call():
     bound, address = closed_port()
-    refusals = []
     with bound, qc.QuotaClient(address, timeout_s=0.5, retries=0) as client:
-        for _ in range(40):
-            with pytest.raises(qc.QuotadError) as failed:
-                client.usage("u")
-            refusals.append(getattr(failed.value, "reason", "") == THROTTLED)
-        assert client.throttle is not None and client.throttle.refused == sum(refusals)
-    assert not any(refusals[:REQUESTS_MIN]) and sum(refusals[REQUESTS_MIN:]) >= 10
-
-
-def test_a_client_without_the_throttle_sends_every_call():
-    bound, address = closed_port()
-    with bound, qc.QuotaClient(address, timeout_s=0.5, retries=0,
-                               adaptive_throttle=False) as client:
-        assert client.throttle is None
-        for _ in range(20):
+        for _ in range(3 * REQUESTS_MIN):
             with pytest.raises(qc.Unavailable):
                 client.usage("u")
+        assert client.throttle is not None and client.throttle.refused == 0
+
+
+def test_a_client_refuses_calls_itself_while_the_server_sheds_most_then_stops(start_server):
+    """A real server whose admission limit is 1 operation, offered waves of 50 unary calls at
+    once: it sheds most (OVERLOADED); from the second wave on, the client refuses many itself,
+    never sending them; once the waves have left the throttle's window, calls one at a time
+    are all sent and served."""
+    import asyncio
+
+    process = start_server(extra_args=("--admission-operations", "1"))
+    with qc.QuotaClient(process.address, timeout_s=10) as admin:
+        admin.upsert_plan({"id": "p", "limit_groups": [
+            {"key": "t", "quota": 10**9, "window": "day"}]})
+        admin.subscribe("u", "p")
+
+    async def scenario() -> tuple[int, list[str], int]:
+        async with qc.AsyncQuotaClient(process.address, timeout_s=2, retries=0,
+                                       coalesce=False) as client:
+            client.throttle = AdaptiveThrottle(window_s=SHORT_WINDOW_S)  # a quicker test
+            reasons = []
+            for _ in range(WAVES):  # waves of calls at once: the later see the earlier's end
+                outcomes = await asyncio.gather(
+                    *(client.track("u", "chat", 1) for _ in range(WAVE_CALLS)),
+                    return_exceptions=True)
+                reasons += [getattr(outcome, "reason", "ok") for outcome in outcomes]
+            refused_in_burst = client.throttle.refused
+            await asyncio.sleep(SHORT_WINDOW_S * 1.2)  # the waves leave the window
+            for _ in range(30):  # one at a time, the server takes each: none refused
+                await client.track("u", "chat", 1)
+            return refused_in_burst, reasons, client.throttle.refused
+
+    refused_in_burst, reasons, refused = asyncio.run(scenario())
+    assert set(reasons) <= {"ok", str(ErrorReason.OVERLOADED), THROTTLED}, set(reasons)
+    assert reasons.count(str(ErrorReason.OVERLOADED)) >= REQUESTS_MIN
+    assert refused_in_burst > 0 and reasons.count(THROTTLED) == refused_in_burst
+    assert refused == refused_in_burst
+
+
+SHORT_WINDOW_S = 1.0
+WAVES, WAVE_CALLS = 4, 50
 
 
 def test_a_serving_server_is_never_throttled_through_either_client(server):

@@ -146,7 +146,9 @@ class AsyncQuotaClient:
         self._etcd = etcd
         self.throttle = AdaptiveThrottle() if adaptive_throttle else None
         """Refuses some calls before sending them while quotad refuses most for overload
-        (see quotad_client._throttle); None: off."""
+        (see quotad_client._throttle); None: off. With cluster=, the target shard's: each
+        other shard has its own."""
+        self._shard_throttles: dict[str, AdaptiveThrottle] = {}
         credentials = channel_credentials(credentials, tls_root_cert, tls)
         self._plaintext = credentials is None
         self._credentials = credentials
@@ -188,14 +190,30 @@ class AsyncQuotaClient:
         _, stubs, coalescer = self._shards[address]
         return stubs, coalescer
 
-    async def _shard_for(self, request: Any) -> tuple[dict[str, Any], Coalescer | None]:
-        """The shard that owns the request's user or hold (cluster=), else the target."""
+    async def _address_for(self, request: Any) -> str | None:
+        """The address of the shard that owns the request's user or hold (cluster=); None:
+        the target."""
         if not self._clustered:
-            return self._stubs, self._coalescer
+            return None
         if self._routes is None:
             await self._refresh_routes(None)
         assert self._routes is not None
-        return self._shard_at(self._routes.address_for(request))
+        return self._routes.address_for(request)
+
+    async def _shard_for(self, request: Any) -> tuple[dict[str, Any], Coalescer | None]:
+        """The shard that owns the request's user or hold (cluster=), else the target."""
+        return self._shard_at(await self._address_for(request))
+
+    def _throttle_at(self, address: str | None) -> AdaptiveThrottle | None:
+        """The throttle of the server at ``address`` (None: the target's): one per shard, so
+        that a shard refusing for overload makes the client spare that shard alone."""
+        if self.throttle is None or address is None or address in (self._target,
+                                                                    self._target_in_map):
+            return self.throttle
+        found = self._shard_throttles.get(address)
+        if found is None:
+            found = self._shard_throttles[address] = AdaptiveThrottle()
+        return found
 
     async def _refresh_routes(self, stale: Routes | None) -> None:
         """The map again (unless another call fetched it since ``stale`` was current), from
@@ -264,9 +282,9 @@ class AsyncQuotaClient:
                 raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"{op.method}: no time left for another attempt")
             routes = self._routes
-            stubs, coalescer = (self._shard_at(address) if address is not None
-                                else await self._shard_for(op.request))
-            throttle = self.throttle
+            route = address if address is not None else await self._address_for(op.request)
+            stubs, coalescer = self._shard_at(route)
+            throttle = self._throttle_at(route)
             if throttle is not None and throttle.refuse():  # not sent: retried as if shed
                 wait = config.policy.next_wait(retry=retry, code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                                                retryable=True, deadline=deadline,

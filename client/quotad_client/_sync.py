@@ -103,7 +103,9 @@ class QuotaClient:
         self._etcd = etcd
         self.throttle = AdaptiveThrottle() if adaptive_throttle else None
         """Refuses some calls before sending them while quotad refuses most for overload
-        (see quotad_client._throttle); None: off."""
+        (see quotad_client._throttle); None: off. With cluster=, the target shard's: each
+        other shard has its own."""
+        self._shard_throttles: dict[str, AdaptiveThrottle] = {}
         credentials = channel_credentials(credentials, tls_root_cert, tls)
         self._plaintext = credentials is None
         self._credentials = credentials
@@ -132,15 +134,31 @@ class QuotaClient:
             self._shard_stubs[address] = (channel, ops.make_stubs(channel))
         return self._shard_stubs[address][1]
 
-    def _stubs_for(self, request: Any) -> dict[str, Any]:
-        """The stubs of the shard that owns the request's user or hold (cluster=), else the
-        target's."""
+    def _address_for(self, request: Any) -> str | None:
+        """The address of the shard that owns the request's user or hold (cluster=); None:
+        the target."""
         if not self._clustered:
-            return self._stubs
+            return None
         if self._routes is None:
             self._refresh_routes()
         assert self._routes is not None
-        return self._stubs_at(self._routes.address_for(request))
+        return self._routes.address_for(request)
+
+    def _stubs_for(self, request: Any) -> dict[str, Any]:
+        """The stubs of the shard that owns the request's user or hold (cluster=), else the
+        target's."""
+        return self._stubs_at(self._address_for(request))
+
+    def _throttle_at(self, address: str | None) -> AdaptiveThrottle | None:
+        """The throttle of the server at ``address`` (None: the target's): one per shard, so
+        that a shard refusing for overload makes the client spare that shard alone."""
+        if self.throttle is None or address is None or address in (self._target,
+                                                                    self._target_in_map):
+            return self.throttle
+        found = self._shard_throttles.get(address)
+        if found is None:
+            found = self._shard_throttles[address] = AdaptiveThrottle()
+        return found
 
     def _refresh_routes(self) -> None:
         """The map again, from the shard given, else from any other shard known."""
@@ -203,10 +221,9 @@ class QuotaClient:
             if remaining <= 0:
                 raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"{op.method}: no time left for another attempt")
-            stubs = (self._stubs_at(address) if address is not None
-                     else self._stubs_for(op.request))
-            method = getattr(stubs[op.service], op.method)
-            throttle = self.throttle
+            route = address if address is not None else self._address_for(op.request)
+            method = getattr(self._stubs_at(route)[op.service], op.method)
+            throttle = self._throttle_at(route)
             if throttle is not None and throttle.refuse():  # not sent: retried as if shed
                 wait = config.policy.next_wait(retry=retry, code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                                                retryable=True, deadline=deadline,

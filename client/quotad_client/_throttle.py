@@ -44,11 +44,14 @@ BUCKETS = 10
 THROTTLED = "CLIENT_THROTTLED"
 """The reason of a ResourceExhausted the client raised itself: its throttle refused the
 attempt, which never reached the server."""
-NOT_ACCEPTED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                grpc.StatusCode.DEADLINE_EXCEEDED})
+NOT_ACCEPTED_CODES = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
 """Failures that count as not accepted, with RESOURCE_EXHAUSTED OVERLOADED (shed): refused by
-gRPC's full queue, not answered in time, or no server. Any other answer, an error included
-(a RESOURCE_EXHAUSTED about the user's holds, say), was the server's to give."""
+gRPC's full queue, or not answered in time. Any other answer, an error included (a
+RESOURCE_EXHAUSTED about the user's holds, say), was the server's to give."""
+UNCOUNTED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+"""Failures the throttle leaves out: no server answered (stopped, restarting, unreachable).
+Sparing it saves nobody any work, and counting them would keep refusing calls for a window
+after it is back; the client's retries and backoff are what deal with a server away."""
 
 
 class AdaptiveThrottle:
@@ -126,7 +129,10 @@ class AdaptiveThrottle:
             self._accepts[index] += accepted
 
     def failed(self, error: QuotadError) -> None:
-        """An attempt sent ended in an error: taken by the server unless it is overload."""
+        """An attempt sent ended in an error: taken by the server unless it is overload; not
+        counted when no server answered."""
+        if error.code in UNCOUNTED_CODES:
+            return
         self.ended(accepted=not (error.code in NOT_ACCEPTED_CODES or (
             isinstance(error, ResourceExhausted) and error.reason == ErrorReason.OVERLOADED)))
 
