@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quotad.testing import run_install_script
+
 from .workloads import QUOTAS, user_id
 
 MODES = {
@@ -45,7 +47,6 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
 INSTALL_SCRIPT = Path(__file__).resolve().parent / "install_redis.sh"
 INSTALL_TIMEOUT_S = 1500.0  # apt-get update and install, each bounded inside the script too
-CANNOT_INSTALL = 2  # the script's exit code when this machine cannot install (not root, ...)
 
 _COMMON = r"""
 local C, X, H = KEYS[1], KEYS[2], KEYS[3]
@@ -201,30 +202,11 @@ def install_server(binary: str = "redis-server") -> str | None:
     if binary != "redis-server":
         return f"{binary} is not on PATH"
     if not _install_outcome:
-        _install_outcome.append(_run_install_script(binary))
+        _install_outcome.append(run_install_script(INSTALL_SCRIPT, binary, INSTALL_TIMEOUT_S))
     outcome = _install_outcome[0]
     if isinstance(outcome, RuntimeError):
         raise outcome
     return outcome
-
-
-def _run_install_script(binary: str) -> str | RuntimeError | None:
-    # its own process group, so that a timeout stops apt-get and dpkg too, not only bash
-    process = subprocess.Popen(["bash", str(INSTALL_SCRIPT)], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=INSTALL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate(timeout=STOP_TIMEOUT_S)
-        return RuntimeError(f"{INSTALL_SCRIPT.name} took over {INSTALL_TIMEOUT_S:g} s")
-    if process.returncode == CANNOT_INSTALL:
-        return stderr.strip() or "redis-server cannot be installed here"
-    if process.returncode != 0 or shutil.which(binary) is None:
-        return RuntimeError(f"{INSTALL_SCRIPT.name} failed ({process.returncode}): "
-                            f"{stderr[-2000:]}")
-    return None
 
 
 def server_version(binary: str = "redis-server") -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,3 +122,32 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=STOP_TIMEOUT_S)
+
+
+INSTALL_CANNOT_EXIT_CODE = 2
+"""The exit code of deploy/install_debian_package.sh (and its wrappers) when this machine
+cannot install: not root, or no apt-get."""
+INSTALL_STOP_TIMEOUT_S = 30.0
+
+
+def run_install_script(script: Path, program: str,
+                       timeout_s: float) -> str | RuntimeError | None:
+    """Runs an install script (deploy/install_etcd.sh, bench/install_redis.sh): None once
+    `program` is on PATH, the script's reason when this machine cannot install it (the caller
+    skips), a RuntimeError when the install failed or took over timeout_s. The script runs in
+    its own process group, so that a timeout stops apt-get and dpkg too, not only bash."""
+    process = subprocess.Popen(["bash", str(script)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=INSTALL_STOP_TIMEOUT_S)
+        return RuntimeError(f"{script.name} took over {timeout_s:g} s")
+    if process.returncode == INSTALL_CANNOT_EXIT_CODE:
+        return stderr.strip() or f"{program} cannot be installed here"
+    if process.returncode != 0 or shutil.which(program) is None:
+        return RuntimeError(f"{script.name} failed ({process.returncode}): "
+                            f"{stderr.strip()[-2000:]}")
+    return None
