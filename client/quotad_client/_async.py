@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from quotad_contract.shards import EtcdTarget, ShardMapError
+from quotad_contract.shards import EtcdTarget
 from quotad_contract.v1 import quotad_pb2
 
 from . import _convert as cv
@@ -35,8 +35,8 @@ from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
 from ._errors import (DeadlineExceeded, FailedPrecondition, QuotadError, error_from_rpc_error,
                       error_from_status, shed_delay_s, with_tls_hint)
 from ._cluster import WRONG_SHARD, Routes, merged_subscription_page
-from ._throttle import AdaptiveThrottle, throttled
-from ._etcd import read_shard_map
+from ._throttle import AdaptiveThrottle, throttle_at, throttled
+from ._etcd import read_shard_map, shard_addresses
 from ._hold import AsyncHold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -205,15 +205,8 @@ class AsyncQuotaClient:
         return self._shard_at(await self._address_for(request))
 
     def _throttle_at(self, address: str | None) -> AdaptiveThrottle | None:
-        """The throttle of the server at ``address`` (None: the target's): one per shard, so
-        that a shard refusing for overload makes the client spare that shard alone."""
-        if self.throttle is None or address is None or address in (self._target,
-                                                                    self._target_in_map):
-            return self.throttle
-        found = self._shard_throttles.get(address)
-        if found is None:
-            found = self._shard_throttles[address] = AdaptiveThrottle()
-        return found
+        return throttle_at(self.throttle, self._shard_throttles, address,
+                           (self._target, self._target_in_map))
 
     async def _refresh_routes(self, stale: Routes | None) -> None:
         """The map again (unless another call fetched it since ``stale`` was current), from
@@ -245,11 +238,7 @@ class AsyncQuotaClient:
         """The shards etcd's map names now (none when etcd cannot say: the shards known
         still answer the map)."""
         assert self._etcd is not None
-        try:
-            shard_map = read_shard_map(self._etcd, self._config.budget(None))
-        except (QuotadError, ShardMapError):
-            return ()
-        return tuple(shard.address for shard in shard_map.shards)
+        return shard_addresses(self._etcd, self._config.budget(None))
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -52,3 +52,13 @@ def read_shard_map(target: EtcdTarget, timeout_s: float) -> ShardMap:
         return ShardMap.from_json(text)
     except ShardMapError as error:
         raise ShardMapError(f"the shard map at {target}: {error}") from None
+
+
+def shard_addresses(target: EtcdTarget, timeout_s: float) -> tuple[str, ...]:
+    """The shards etcd's map names now; none when etcd cannot say (the shards a client knows
+    still answer the map)."""
+    try:
+        shard_map = read_shard_map(target, timeout_s)
+    except (Unavailable, ShardMapError):
+        return ()
+    return tuple(shard.address for shard in shard_map.shards)

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from quotad_contract.shards import EtcdTarget, ShardMapError
+from quotad_contract.shards import EtcdTarget
 from quotad_contract.v1 import quotad_pb2
 
 from . import _convert as cv
@@ -25,8 +25,8 @@ from ._convert import PlanLike
 from ._errors import (DeadlineExceeded, QuotadError, error_from_rpc_error, shed_delay_s,
                       with_tls_hint)
 from ._cluster import WRONG_SHARD, Routes, merged_subscription_page
-from ._throttle import AdaptiveThrottle, throttled
-from ._etcd import read_shard_map
+from ._throttle import AdaptiveThrottle, throttle_at, throttled
+from ._etcd import read_shard_map, shard_addresses
 from ._hold import Hold
 from ._retry import RetryPolicy
 from ._watch import Resume
@@ -150,15 +150,8 @@ class QuotaClient:
         return self._stubs_at(self._address_for(request))
 
     def _throttle_at(self, address: str | None) -> AdaptiveThrottle | None:
-        """The throttle of the server at ``address`` (None: the target's): one per shard, so
-        that a shard refusing for overload makes the client spare that shard alone."""
-        if self.throttle is None or address is None or address in (self._target,
-                                                                    self._target_in_map):
-            return self.throttle
-        found = self._shard_throttles.get(address)
-        if found is None:
-            found = self._shard_throttles[address] = AdaptiveThrottle()
-        return found
+        return throttle_at(self.throttle, self._shard_throttles, address,
+                           (self._target, self._target_in_map))
 
     def _refresh_routes(self) -> None:
         """The map again, from the shard given, else from any other shard known."""
@@ -185,11 +178,7 @@ class QuotaClient:
         """The shards etcd's map names now (none when etcd cannot say: the shards known
         still answer the map)."""
         assert self._etcd is not None
-        try:
-            shard_map = read_shard_map(self._etcd, self._config.budget(None))
-        except (QuotadError, ShardMapError):
-            return ()
-        return tuple(shard.address for shard in shard_map.shards)
+        return shard_addresses(self._etcd, self._config.budget(None))
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -143,3 +143,17 @@ def throttled() -> ResourceExhausted:
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "refused by this client's adaptive throttle, not sent: quotad has been refusing most "
         "calls for overload (quotad_client._throttle)", THROTTLED)
+
+
+def throttle_at(own: AdaptiveThrottle | None, shards: dict[str, AdaptiveThrottle],
+                address: str | None, own_addresses: tuple[str, ...]) -> AdaptiveThrottle | None:
+    """The throttle of the server at ``address`` (None, or one of ``own_addresses``: the
+    client's target, whose throttle is ``own``), made on first use: one per shard, so that a
+    shard refusing for overload makes the client spare that shard alone. None: throttling is
+    off."""
+    if own is None or address is None or address in own_addresses:
+        return own
+    found = shards.get(address)
+    if found is None:
+        found = shards[address] = AdaptiveThrottle()
+    return found
