@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -158,6 +160,31 @@ def test_events_lists_the_trail_and_follow_prints_new_events_until_sigterm(serve
             follow.send_signal(signal.SIGTERM)
             assert follow.wait(timeout=CTL_TIMEOUT_S) == 0
             assert lines.empty()  # nothing printed twice
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait(timeout=CTL_TIMEOUT_S)
+
+
+def test_ctrl_c_ends_events_follow_at_once_whenever_it_lands(server):
+    """SIGINT at random moments of a follow that polls every 0.1 s, so that some land in the
+    middle of a call: each time the process exits 0, within the bound, printing nothing
+    twice."""
+    rng = random.Random(5)
+    with qc.QuotaClient(server.address, timeout_s=10) as client:
+        client.subscribe("u1", "pro")
+        client.track("u1", "openai.embed", 1)
+    for _ in range(6):
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "quotad_client.ctl", "--target", server.address, "events",
+             "u1", "-f", "--interval-s", "0.1"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            lines = _lines_of(follow)
+            assert lines.get(timeout=CTL_TIMEOUT_S).split()[1] == "track"
+            time.sleep(rng.uniform(0, 0.35))
+            follow.send_signal(signal.SIGINT)
+            assert follow.wait(timeout=CTL_TIMEOUT_S) == 0, follow.stderr.read()
         finally:
             if follow.poll() is None:
                 follow.kill()

@@ -478,24 +478,27 @@ def _events_after(client: QuotaClient, user_id: str, start: datetime | None,
 
 
 def cmd_events(client: QuotaClient, args: argparse.Namespace) -> int:
+    """With --follow, Ctrl-C (SIGINT) and SIGTERM end the loop between two polls: a signal
+    only sets a flag, so it never interrupts a call in the middle (a KeyboardInterrupt inside
+    gRPC's blocking call could leave its channel unable to close, and the process unable to
+    exit)."""
     last_sequence, start = 0, args.since
     show = _json_out if args.json else (lambda event: _out(_event_line(event)))
+    stop = threading.Event()
+    if args.follow:
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signal_number, lambda *_: stop.set())
     for event in _events_after(client, args.user_id, start, last_sequence):
         show(event)
         last_sequence, start = event.sequence, event.time
     if not args.follow:
         return 0
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        # Event times only grow (the server's clock is strictly increasing), so each poll
-        # asks from the last time seen and skips what it already printed.
-        while not stop.wait(args.interval_s):
-            for event in _events_after(client, args.user_id, start, last_sequence):
-                show(event)
-                last_sequence, start = event.sequence, event.time
-    except KeyboardInterrupt:
-        pass
+    # Event times only grow (the server's clock is strictly increasing), so each poll asks
+    # from the last time seen and skips what it already printed.
+    while not stop.wait(args.interval_s):
+        for event in _events_after(client, args.user_id, start, last_sequence):
+            show(event)
+            last_sequence, start = event.sequence, event.time
     return 0
 
 
