@@ -115,9 +115,17 @@ def test_the_bench_runs_clusters_by_shard_count_and_reports_cpu_per_operation(tm
     assert [server["shards"] for server in targets["cluster-2"]["server"]] == [2]
     table = document["table_markdown"]
     assert "By shard count" in table and "| pairs | 2 |" in table
-    refused = subprocess.run([sys.executable, "-m", "bench", "--shards", "0"],
-                             capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert refused.returncode == 2 and "--shards" in refused.stderr
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.harness import SHARDS_BENCH_MAX, build_parser
+    finally:
+        sys.path.remove(str(ROOT))
+    assert build_parser().parse_args(["--shards", f"1,{SHARDS_BENCH_MAX}"]).shards == [
+        1, SHARDS_BENCH_MAX]
+    for bad in ("0", str(SHARDS_BENCH_MAX + 1), "2,2", "x"):
+        refused = subprocess.run([sys.executable, "-m", "bench", "--shards", bad],
+                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert refused.returncode == 2 and "--shards" in refused.stderr, bad
 
 
 def test_the_bench_help_explains_every_flag():

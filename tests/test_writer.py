@@ -210,7 +210,7 @@ def test_an_in_process_snapshot_never_covers_records_a_later_transaction_writes(
     wal.close()
 
 
-def test_a_large_batch_is_written_on_the_event_loop_and_a_small_one_on_the_log_thread(
+def test_a_batch_of_inline_batch_records_min_is_written_on_the_loop_one_fewer_on_the_log_thread(
         tmp_path: Path):
     """Both ways write the same records, durable before their answers."""
     from quotad.core import limits
@@ -222,15 +222,19 @@ def test_a_large_batch_is_written_on_the_event_loop_and_a_small_one_on_the_log_t
         small_before = writer.batches_on_log_thread
         await writer.execute(_track("alone"))
         assert writer.batches_on_log_thread == small_before + 1
+        fewer = [_track(f"fewer-{index}")  # one short of inline: the log thread's
+                 for index in range(limits.INLINE_BATCH_RECORDS_MIN - 1)]
+        assert all(outcome.error is None for outcome in await writer.execute_many(fewer))
+        assert writer.batches_on_log_thread == small_before + 2
         many = [_track(f"many-{index}") for index in range(limits.INLINE_BATCH_RECORDS_MIN)]
         outcomes = await writer.execute_many(many)
         assert all(outcome.error is None for outcome in outcomes)
-        assert writer.batches_on_log_thread == small_before + 1  # that one went inline
+        assert writer.batches_on_log_thread == small_before + 2  # that one went inline
         on_disk = {getattr(r.command, "idempotency_key", "") for r in wal.records()}
-        assert {"alone", *(command.idempotency_key for command in many)} <= on_disk
+        assert {"alone", *(command.idempotency_key for command in [*fewer, *many])} <= on_disk
         await writer.close()
         return writer
 
     writer = asyncio.run(run())
-    assert writer.records_written == 2 + 1 + limits.INLINE_BATCH_RECORDS_MIN
+    assert writer.records_written == 2 + 1 + 2 * limits.INLINE_BATCH_RECORDS_MIN - 1
     wal.close()
