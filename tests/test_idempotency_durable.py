@@ -211,9 +211,7 @@ def test_a_finished_hold_row_reads_its_finish_and_expiry_from_its_records(tmp_pa
         return at
 
     at = asyncio.run(run())
-    with wal.env.begin(db=wal.holds_db) as txn:
-        rows = [log_pb2.FinishedHold.FromString(txn.get(reservation_bytes(_rid(n))))
-                for n in range(2)]
+    rows = _hold_rows(wal, 2)
     assert all(row.from_reserve_record and not row.HasField("finished_at_ns") for row in rows)
     assert not rows[0].HasField("expires_at_ns") and rows[1].HasField("expires_at_ns")
     time_ns = wal.record_now_ns
@@ -232,6 +230,13 @@ def test_a_finished_hold_row_reads_its_finish_and_expiry_from_its_records(tmp_pa
         assert wal.finished_hold(_rid(0), core.sequence) == committed
     finally:
         wal.close()
+
+
+def _hold_rows(wal: WriteAheadLog, count: int) -> list:
+    """The holds table's rows of holds _rid(0) to _rid(count - 1), as stored."""
+    with wal.env.begin(db=wal.holds_db) as txn:
+        return [log_pb2.FinishedHold.FromString(txn.get(reservation_bytes(_rid(n))))
+                for n in range(count)]
 
 
 def test_past_the_reserve_expiries_remembered_a_hold_row_keeps_its_expiry(
@@ -258,9 +263,7 @@ def test_past_the_reserve_expiries_remembered_a_hold_row_keeps_its_expiry(
         return at
 
     at = asyncio.run(run())
-    with wal.env.begin(db=wal.holds_db) as txn:
-        rows = [log_pb2.FinishedHold.FromString(txn.get(reservation_bytes(_rid(n))))
-                for n in range(2)]
+    rows = _hold_rows(wal, 2)
     assert [row.HasField("expires_at_ns") for row in rows] == [True, False]
     for n in range(2):
         hold = wal.finished_hold(_rid(n), at["end"])
