@@ -13,6 +13,7 @@ import pytest
 
 import quotad_client as qc
 from quotad.cluster.etcd import Etcd
+from quotad.cluster.limits import CATALOG_VALUE_BYTES_MAX
 from quotad_contract.shards import EtcdTarget, slot_of
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as pb_grpc
@@ -192,3 +193,45 @@ def test_a_restarted_shard_applies_exactly_the_changes_it_missed_from_its_logged
                                   "compacted in etcd; reading the whole catalog")
     with client(cluster, 1, kept) as one:
         assert plan_quota(one, "compacted-away") is not None
+
+
+def test_a_user_token_signed_on_one_shard_lets_a_pk_key_read_usage_on_another(cluster):
+    user = next(f"reader-{n}" for n in range(10_000)
+                if cluster.shard_map.owner(slot_of(APP, f"reader-{n}")).shard_id == 1)
+    with client(cluster, 0) as admin:
+        secret = admin.create_key("secret", app=APP).secret
+        public = admin.create_key("public", app=APP).secret
+    wait_until(lambda: authenticates(cluster, 1, secret), "shard 1 takes the sk key")
+    with client(cluster, 0, secret) as zero:
+        zero.upsert_plan({**PLAN, "id": "readable"})
+        token = zero.mint_user_token(user).token  # signed on shard 0
+    with client(cluster, 1, secret) as one:
+        one.subscribe(user, "readable")
+    with qc.QuotaClient(cluster.addresses[1], api_key=public, user_token=token,
+                        timeout_s=CALL_TIMEOUT_S) as browser:
+        assert browser.usage(user)["tokens"].used == 0  # verified on shard 1
+
+
+def test_a_value_in_etcd_that_is_not_what_its_key_holds_is_skipped_and_following_goes_on(
+        cluster):
+    parsed = EtcdTarget.parse(cluster.target)
+    too_big = b"x" * (CATALOG_VALUE_BYTES_MAX + 1)
+
+    async def put_by_hand() -> None:
+        etcd = Etcd(parsed.endpoint)
+        try:
+            await etcd.put(parsed.prefix + b"catalog/plans/" + APP.encode() + b"\0big", too_big)
+            await etcd.put(parsed.prefix + b"catalog/keys/bbbbbbbbbbbb", b"{not json")
+        finally:
+            await etcd.close()
+    asyncio.run(put_by_hand())
+    with client(cluster, 0) as admin:
+        key = admin.create_key("secret", app=APP).secret  # applied after the two bad ones
+    for shard_id in (0, 1):
+        wait_until(lambda: authenticates(cluster, shard_id, key), f"shard {shard_id} follows")
+        skipped = [line["key"] for line in cluster.shards[shard_id].log_lines if line.get(
+            "message") == "a value in the catalog is not what its key holds; skipped"]
+        assert [key[-3:] for key in skipped[-2:]] == ["big", "bbb"], skipped
+        with client(cluster, shard_id, key) as direct:
+            assert plan_quota(direct, "big") is None
+    assert all(key.key_id != "bbbbbbbbbbbb" for key in listed(cluster, 0))
