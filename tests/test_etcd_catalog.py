@@ -165,21 +165,27 @@ def test_a_restarted_shard_applies_exactly_the_changes_it_missed_from_its_logged
     with client(cluster, 0) as admin:
         kept = admin.create_key("secret", app=APP).secret
     wait_until(lambda: authenticates(cluster, 1, kept), "shard 1 takes the key")
+    with client(cluster, 0, kept) as zero:
+        zero.upsert_plan({**PLAN, "id": "deleted-while-down"})
+    with client(cluster, 1, kept) as one:
+        wait_until(lambda: plan_quota(one, "deleted-while-down"), "shard 1 has the plan")
     assert cluster.shards[1].stop() == 0
     last_applied, _ = etcd_state(cluster)
     with client(cluster, 0) as admin:
-        missed = admin.create_key("secret", app=APP)  # three changes while shard 1 is down
+        missed = admin.create_key("secret", app=APP)  # four changes while shard 1 is down
         admin.revoke_key(missed.key.key_id)
     with client(cluster, 0, kept) as zero:
         zero.upsert_plan({**PLAN, "id": "while-down"})
+        zero.delete_plan("deleted-while-down")  # the last change: a delete
     after_changes, _ = etcd_state(cluster)
     cluster.shards[1] = cluster.start_shard(1)
-    applied = cluster.shards[1].last("catalog applied")
-    assert applied["changes"] == 3 and applied["applied_revision"] == after_changes
+    applied = cluster.shards[1].last("catalog applied")  # before it served
+    assert applied["changes"] == 4 and applied["applied_revision"] == after_changes
     assert applied["resumed_from_revision"] <= last_applied  # its log's, not a full read
     assert not authenticates(cluster, 1, missed.secret)
     with client(cluster, 1, kept) as one:
         assert plan_quota(one, "while-down") is not None
+        assert plan_quota(one, "deleted-while-down") is None
 
     assert cluster.shards[1].stop() == 0  # again, with etcd compacting the missed change
     with client(cluster, 0, kept) as zero:

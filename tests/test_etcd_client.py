@@ -89,6 +89,11 @@ def test_a_watch_from_a_compacted_revision_says_so_and_which_is_the_oldest_kept(
                 async for _ in client.watch(key, first):
                     pass
             assert compacted.value.compact_revision == latest
+            with pytest.raises(EtcdCompacted):  # a read as of then is refused alike
+                await client.get_prefix(b"/test/watch/", revision=first)
+            (then,), _ = await client.get_prefix(b"/test/watch/", revision=latest,
+                                                 keys_only=True)
+            assert (then.key, then.value, then.mod_revision) == (key, b"", latest)
             async for event in client.watch(key, latest):  # the oldest kept is still there
                 assert (event.revision, event.value) == (latest, b"b")
                 break

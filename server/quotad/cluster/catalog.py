@@ -105,6 +105,8 @@ class Catalog:
         """Catalog changes applied since this process started (each one log record)."""
         self.plans_read: frozenset[tuple[str, str]] = frozenset()
         """(app, plan id) of every plan in the catalog when catch_up read it."""
+        self._deletes_awaited: set[bytes] = set()
+        """Keys deleted while this shard was down whose deletes its catch-up waits for."""
         self._results: OrderedDict[int, Any] = OrderedDict()
         """What applying the change at each recent revision answered here (or the refusal)."""
         self._followed = asyncio.Condition()
@@ -202,13 +204,19 @@ class Catalog:
         before = self.changes_applied
         newer = max((kv.mod_revision for kv in stored if kv.mod_revision > self.applied_revision),
                     default=0)
+        try:  # the keys deleted since: the watch brings their deletes, at revisions unknown
+            then, _ = await self.etcd.get_prefix(self.prefix, revision=self.applied_revision,
+                                                 keys_only=True)
+            self._deletes_awaited = {kv.key for kv in then} - {kv.key for kv in stored}
+        except EtcdCompacted:
+            pass  # the watch finds it compacted too and reads the whole catalog instead
         await self._follow_until(newer)
         return self.changes_applied - before
 
     async def _follow_until(self, revision: int) -> None:
-        """Follows until every change up to revision is applied (the deletes after the last
-        put then follow in the background, in order)."""
-        if self.followed_revision >= revision:
+        """Follows until every change up to revision is applied and every delete awaited
+        seen."""
+        if self.followed_revision >= revision and not self._deletes_awaited:
             return
         waiter = asyncio.create_task(self._wait_followed(revision))
         follower = asyncio.create_task(self.follow())
@@ -221,7 +229,8 @@ class Catalog:
 
     async def _wait_followed(self, revision: int) -> None:
         async with self._followed:
-            await self._followed.wait_for(lambda: self.followed_revision >= revision)
+            await self._followed.wait_for(
+                lambda: self.followed_revision >= revision and not self._deletes_awaited)
 
     async def _apply_stored(self, stored: list[KeyValue], revision: int) -> int:
         """Applies every key of a whole read of the catalog changed after the last revision
@@ -247,8 +256,11 @@ class Catalog:
                                  extra={"revision": event.revision})
                         failing = False
                     await self._apply(event.key, event.value, event.revision)
+                    if event.value is None:
+                        self._deletes_awaited.discard(event.key)
                     await self._advance(event.revision)
             except EtcdCompacted as error:
+                self._deletes_awaited.clear()  # gone with the compacted revisions
                 log.warning("the catalog's changes since the last applied are compacted in "
                             "etcd; reading the whole catalog", extra={
                                 "applied_revision": self.applied_revision,

@@ -46,7 +46,7 @@ class EtcdCompacted(EtcdUnavailable):
     def __init__(self, message: str, compact_revision: int) -> None:
         super().__init__(message)
         self.compact_revision = compact_revision
-        """The oldest revision etcd still has."""
+        """The oldest revision etcd still has (0: etcd did not say)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +88,22 @@ class Etcd:
         assert isinstance(response, rpc_pb2.RangeResponse)
         return (response.kvs[0] if response.kvs else None), response.header.revision
 
-    async def get_prefix(self, prefix: bytes) -> tuple[list[KeyValue], int]:
-        """Every key under the prefix, in key order, and the store's revision."""
-        response = await self._call("range", self._kv.Range, rpc_pb2.RangeRequest(
-            key=prefix, range_end=prefix_end(prefix)))
+    async def get_prefix(self, prefix: bytes, *, revision: int = 0,
+                         keys_only: bool = False) -> tuple[list[KeyValue], int]:
+        """Every key under the prefix, in key order, and the store's revision; as they were
+        at revision when given (EtcdCompacted when etcd no longer has it), without their
+        values when keys_only."""
+        try:
+            response = await self._call("range", self._kv.Range, rpc_pb2.RangeRequest(
+                key=prefix, range_end=prefix_end(prefix), revision=revision,
+                keys_only=keys_only))
+        except EtcdUnavailable as error:
+            cause = error.__cause__
+            if (revision and isinstance(cause, grpc.aio.AioRpcError)
+                    and cause.code() == grpc.StatusCode.OUT_OF_RANGE):
+                raise EtcdCompacted(f"etcd at {self.endpoint}: revision {revision} is "
+                                    f"compacted ({cause.details()})", 0) from error
+            raise
         assert isinstance(response, rpc_pb2.RangeResponse)
         return list(response.kvs), response.header.revision
 
