@@ -17,9 +17,9 @@ from quotad.cluster.limits import CATALOG_VALUE_BYTES_MAX
 from quotad_contract.shards import EtcdTarget, slot_of
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as pb_grpc
-from etcd_server import compact
+from etcd_server import EtcdProcess, compact
 from test_etcd_cluster import (
-    CALL_TIMEOUT_S, PLAN, EtcdCluster, plan_quota, wait_until,
+    CALL_TIMEOUT_S, PLAN, EtcdCluster, init, plan_quota, shard, wait_until,
 )
 
 ADMIN_KEY = "admin-" + "k" * 32
@@ -241,3 +241,27 @@ def test_a_value_in_etcd_that_is_not_what_its_key_holds_is_skipped_and_following
         with client(cluster, shard_id, key) as direct:
             assert plan_quota(direct, "big") is None
     assert all(key.key_id != "bbbbbbbbbbbb" for key in listed(cluster, 0))
+
+
+def test_a_shard_whose_data_applied_a_revision_its_etcd_has_not_reached_exits_2(
+        cluster, tmp_path):
+    with client(cluster, 0) as admin:
+        kept = admin.create_key("secret", app=APP).secret
+    wait_until(lambda: authenticates(cluster, 1, kept), "shard 1 takes the key")
+    assert cluster.shards[1].stop() == 0
+    other = EtcdProcess(tmp_path / "other-etcd").start()  # a new etcd: its revisions restart
+    try:
+        target = f"etcd://{other.endpoint}/other"
+        assert init(target, cluster.addresses).returncode == 0
+        stray = shard(cluster.folder, target, 1, env=cluster.env).launch(cluster.addresses[1])
+        assert stray.process.wait(timeout=CALL_TIMEOUT_S * 4) == 2
+        refused = stray.last("cannot join the cluster's catalog")
+        assert "belongs with another etcd" in refused["error"]
+        assert not any(line.get("message") == "serving" for line in stray.log_lines)
+        stray.close()
+    finally:
+        other.stop()
+        other.close()
+    cluster.shards[1] = cluster.start_shard(1)  # its own cluster again: as it was
+    assert cluster.shards[1].last("catalog applied")["changes"] == 0
+    assert authenticates(cluster, 1, kept)
