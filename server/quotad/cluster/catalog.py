@@ -234,8 +234,8 @@ class Catalog:
 
     async def _apply_stored(self, stored: list[KeyValue], revision: int) -> int:
         """Applies every key of a whole read of the catalog changed after the last revision
-        applied, oldest change first (so that a restart midway resumes after the last)."""
-        newer = sorted((kv for kv in stored if kv.mod_revision > self.applied_revision),
+        followed, oldest change first (so that a restart midway resumes after the last)."""
+        newer = sorted((kv for kv in stored if kv.mod_revision > self.followed_revision),
                        key=lambda kv: (kv.mod_revision, kv.key))
         for kv in newer:
             await self._apply(kv.key, kv.value, kv.mod_revision)
@@ -302,6 +302,8 @@ class Catalog:
         return None
 
     async def _apply(self, key: bytes, value: bytes | None, revision: int) -> None:
+        assert revision >= self.followed_revision, (
+            "changes are applied in revision order", revision, self.followed_revision)
         outcome: Any
         try:
             command = self._command(key, value, revision)

@@ -300,6 +300,7 @@ class Core:
         anything here or this server refuses it (the record says the revision was applied,
         so a restart follows the catalog on from the next one). One older than the last
         applied is refused, unrecorded: it was applied already."""
+        assert revision > 0, revision
         if revision < self.catalog_revision:
             return Outcome(None, AlreadyExists(
                 f"the catalog change at etcd revision {revision} is older than the last one "
@@ -311,6 +312,7 @@ class Core:
             result, error = None, refused
         self.catalog_revision = revision
         records.append(self._emit(command, now_ns))
+        assert records[-1].command.catalog_revision == self.catalog_revision
         return Outcome(result, error, tuple(records))
 
     def check(self, command: CreateKey | RevokeKey | DeletePlan) -> None:
