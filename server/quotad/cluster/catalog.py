@@ -30,7 +30,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quotad.cluster.etcd import Etcd, EtcdCompacted, EtcdUnavailable, KeyValue
-from quotad.cluster.limits import CATALOG_RESULTS_KEPT, CATALOG_VALUE_BYTES_MAX, ETCD_RETRY_S
+from quotad.cluster.limits import (
+    CATALOG_CATCH_UP_TIMEOUT_S, CATALOG_RESULTS_KEPT, CATALOG_VALUE_BYTES_MAX, ETCD_RETRY_S,
+)
 from quotad.core.commands import CreateKey, DeletePlan, RevokeKey, UpsertPlan
 from quotad.core.errors import AlreadyExists, NotFound, QuotaError, Refusal
 from quotad.core.machine import KeyState
@@ -220,12 +222,16 @@ class Catalog:
             return
         waiter = asyncio.create_task(self._wait_followed(revision))
         follower = asyncio.create_task(self.follow())
-        done, _ = await asyncio.wait((waiter, follower), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait((waiter, follower), timeout=CATALOG_CATCH_UP_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
         follower.cancel()
         waiter.cancel()
         await asyncio.gather(follower, waiter, return_exceptions=True)
-        if waiter not in done:
-            raise EtcdUnavailable("the catalog's watch stopped before it caught up")
+        if waiter not in done:  # etcd failed meanwhile: the shard follows on once it answers
+            raise EtcdUnavailable(
+                f"the catalog's changes up to etcd revision {revision} were not all applied "
+                f"within {CATALOG_CATCH_UP_TIMEOUT_S:g} s (applied up to "
+                f"{self.followed_revision})")
 
     async def _wait_followed(self, revision: int) -> None:
         async with self._followed:

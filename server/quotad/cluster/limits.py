@@ -35,6 +35,10 @@ value found in etcd is skipped, logged."""
 CATALOG_APPLY_TIMEOUT_S = 10.0
 """A catalog change (UpsertPlan, DeletePlan, CreateKey, RevokeKey) without a deadline waits
 at most this long for its own shard to apply it."""
+CATALOG_CATCH_UP_TIMEOUT_S = 30.0
+"""A starting shard waits at most this long for the catalog's changes it missed; past it
+(etcd failed meanwhile) it goes on starting and applies them once etcd answers. It cannot
+serve without etcd anyway: its lease is there."""
 CLUSTER_UP_SHARDS_MAX = 16
 """`quotad cluster up` starts at most this many shards on one machine."""
 
