@@ -112,6 +112,7 @@ class Catalog:
         self._results: OrderedDict[int, Any] = OrderedDict()
         """What applying the change at each recent revision answered here (or the refusal)."""
         self._followed = asyncio.Condition()
+        self._follower: asyncio.Task[None] | None = None
 
     def plan_key(self, app: str, plan_id: str) -> bytes:
         return self.prefix + PLANS + app.encode() + b"\0" + plan_id.encode()
@@ -221,12 +222,11 @@ class Catalog:
         if self.followed_revision >= revision and not self._deletes_awaited:
             return
         waiter = asyncio.create_task(self._wait_followed(revision))
-        follower = asyncio.create_task(self.follow())
-        done, _ = await asyncio.wait((waiter, follower), timeout=CATALOG_CATCH_UP_TIMEOUT_S,
+        done, _ = await asyncio.wait((waiter, self.following()),
+                                     timeout=CATALOG_CATCH_UP_TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)
-        follower.cancel()
-        waiter.cancel()
-        await asyncio.gather(follower, waiter, return_exceptions=True)
+        waiter.cancel()  # the follower goes on: stopped midway, it could apply a change twice
+        await asyncio.gather(waiter, return_exceptions=True)
         if waiter not in done:  # etcd failed meanwhile: the shard follows on once it answers
             raise EtcdUnavailable(
                 f"the catalog's changes up to etcd revision {revision} were not all applied "
@@ -247,6 +247,12 @@ class Catalog:
             await self._apply(kv.key, kv.value, kv.mod_revision)
         await self._advance(revision)
         return len(newer)
+
+    def following(self) -> asyncio.Task[None]:
+        """The one task that follows the catalog (`follow`), started the first time."""
+        if self._follower is None:
+            self._follower = asyncio.create_task(self.follow(), name="catalog-follower")
+        return self._follower
 
     async def follow(self) -> None:
         """Applies each change of the catalog as it happens, in revision order, from the one
