@@ -6,6 +6,7 @@ checks the answers, the counters and the records against protos/DESIGN.md's cont
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -1036,6 +1037,22 @@ def test_replay_detects_a_log_missing_an_expiry_record() -> None:
     tampered = h.records[:-2] + h.records[-1:]
     with pytest.raises(AssertionError, match="replay diverged"):
         replay_all(tampered)
+
+
+def test_replay_checks_the_counters_a_keyed_record_answered_with() -> None:
+    """Replay leaves out the counter views of records that keep no answer, never of those
+    that do: an answer whose counters differ from what the state gives is a divergence."""
+    h = Harness().setup(chat_plan(), "alice")
+    held = h.reserve("alice", 5, "openai.chat", key="k1")
+    h.commit(held.reservation_id, 3, key="k2")
+    h.track("alice", 2, "openai.chat")  # no key: no answer kept, no views on replay
+    assert digest(replay_all(h.records)) == h.digest()
+    keyed = h.records[-2]
+    assert keyed.answer is not None and keyed.answer.counters, keyed
+    (view,) = keyed.answer.counters
+    wrong = replace(keyed, answer=replace(keyed.answer, counters=(replace(view, used=99),)))
+    with pytest.raises(AssertionError, match="replay diverged"):
+        replay_all(h.records[:-2] + [wrong] + h.records[-1:])
 
 
 def test_scenario_is_deterministic() -> None:

@@ -193,3 +193,28 @@ def test_merged_subscription_pages_list_every_user_once_in_order(users, shards, 
         if not token:
             break
     assert listed == sorted(users)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cursors=st.dictionaries(st.integers(0, 10**6), st.integers(0, 2**63).map(str),
+                               max_size=20))
+def test_a_cluster_export_cursor_gives_back_each_shards_own(cursors):
+    from quotad_client._cluster import export_cursor, export_cursors
+
+    assert export_cursors(export_cursor(cursors)) == cursors
+
+
+@pytest.mark.parametrize("cursor", [
+    "123",  # one shard's bare cursor
+    "shards:0",  # no cursor
+    "shards:0=1,0=2",  # a shard twice
+    "shards:x=1",
+    "shards:0=-1",
+    "shards:0=1,",
+    "shards:0=1;1=2",
+])
+def test_a_cluster_export_cursor_not_of_the_form_is_refused_naming_it(cursor):
+    from quotad_client._cluster import EXPORT_CURSOR_PREFIX, export_cursors
+
+    with pytest.raises(ValueError, match=EXPORT_CURSOR_PREFIX if cursor == "123" else "SHARD_ID"):
+        export_cursors(cursor)

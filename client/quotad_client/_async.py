@@ -34,7 +34,8 @@ from ._convert import PlanLike
 from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
 from ._errors import (DeadlineExceeded, FailedPrecondition, QuotadError, error_from_rpc_error,
                       error_from_status, shed_delay_s, with_tls_hint)
-from ._cluster import WRONG_SHARD, Routes, merged_subscription_page
+from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors,
+                       merged_subscription_page)
 from ._throttle import AdaptiveThrottle, throttle_at, throttled
 from ._etcd import read_shard_map, shard_addresses
 from ._hold import AsyncHold
@@ -487,8 +488,28 @@ class AsyncQuotaClient:
                            timeout_s: float | None = None) -> AsyncIterator[UsageExportPage]:
         """The committed and tracked amounts after ``cursor`` (empty: from the oldest record
         the log keeps) and before ``end``, page by page; each page's ``next_cursor`` resumes
-        right after it. Not retried: resume from the last page's cursor instead."""
-        call = self._stubs[ops.ADMIN].ExportUsage(
+        right after it. Not retried: resume from the last page's cursor instead. With
+        cluster=, every shard's, one shard after another (in shard id order); the cursor is
+        then the cluster's (``shards:...``), holding each shard's own, and ``timeout_s``
+        bounds each shard's part."""
+        if not self._clustered:
+            async for page in self._export_usage_at(None, cursor, end, app, timeout_s):
+                yield page
+            return
+        cursors = export_cursors(cursor)
+        if self._routes is None:
+            await self._refresh_routes(None)
+        assert self._routes is not None
+        for shard in self._routes.shard_map.shards:
+            async for page in self._export_usage_at(
+                    shard.address, cursors.get(shard.shard_id, ""), end, app, timeout_s):
+                cursors[shard.shard_id] = page.next_cursor
+                yield UsageExportPage(page.lines, export_cursor(cursors))
+
+    async def _export_usage_at(self, address: str | None, cursor: str, end: datetime | None,
+                               app: str, timeout_s: float | None
+                               ) -> AsyncIterator[UsageExportPage]:
+        call = self._shard_at(address)[0][ops.ADMIN].ExportUsage(
             ops.export_usage_request(cursor, end, app), metadata=self._config.metadata,
             timeout=timeout_s)
         try:

@@ -3,16 +3,18 @@
 The client asks any shard for the map (GetShardMap), keeps one channel per shard, and sends
 each call to the shard that owns it: a call naming a user by the user's slot, one naming a
 hold (commit, release, extend) by its reservation id's first hex digits. A subscription
-list asks every shard for the page and merges theirs (`merged_subscription_page`). Any other
-call that names neither (plans, exports, keys) goes to the shard the client was given: plans
-and keys are the catalog every shard takes; an export there covers that shard's users only.
+list asks every shard for the page and merges theirs (`merged_subscription_page`); a usage
+export asks every shard in turn, and its cursor holds each shard's own (`ExportCursor`). Any
+other call that names neither (plans, keys) goes to the shard the client was given: plans and
+keys are the catalog every shard takes.
 A WRONG_SHARD refusal (the map moved) makes the client fetch the map again and send the call
 once more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -86,3 +88,33 @@ def merged_subscription_page(pages: Sequence[SubscriptionPage],
     page = merged[:size]
     more = len(merged) > size or any(page.next_page_token for page in pages)
     return SubscriptionPage(tuple(page), page[-1].user_id if more and page else "")
+
+
+EXPORT_CURSOR_PREFIX = "shards:"
+_SHARD_CURSOR = re.compile(r"(\d{1,9})=(\d{1,20})")
+
+
+def export_cursors(cursor: str) -> dict[int, str]:
+    """Each shard's own export cursor in a cluster's (``shards:0=123,2=45``; empty: every shard
+    from the oldest record its log keeps). A shard the cursor does not name exports from its
+    oldest. ValueError for anything else, such as one shard's bare cursor."""
+    if not cursor:
+        return {}
+    if not cursor.startswith(EXPORT_CURSOR_PREFIX):
+        raise ValueError(f"cursor {cursor[:64]!r} is not a cluster's export cursor: a cluster "
+                         f"export resumes from the {EXPORT_CURSOR_PREFIX}... cursor it gave")
+    cursors: dict[int, str] = {}
+    parts = cursor.removeprefix(EXPORT_CURSOR_PREFIX)
+    for part in parts.split(",") if parts else ():
+        matched = _SHARD_CURSOR.fullmatch(part)
+        if matched is None or int(matched[1]) in cursors:
+            raise ValueError(f"cursor {cursor[:64]!r}: {part[:32]!r} is not SHARD_ID=CURSOR "
+                             "(each shard once)")
+        cursors[int(matched[1])] = matched[2]
+    return cursors
+
+
+def export_cursor(cursors: Mapping[int, str]) -> str:
+    """The cluster's export cursor that holds each shard's (those with one), by shard id."""
+    return EXPORT_CURSOR_PREFIX + ",".join(
+        f"{shard_id}={cursors[shard_id]}" for shard_id in sorted(cursors) if cursors[shard_id])

@@ -251,7 +251,8 @@ def usage_export_page_from_proto(r: quotad_pb2.ExportUsageResponse) -> UsageExpo
         kind=event_kind_name(line.kind), user_id=line.user_id,
         billing_customer_id=line.billing_customer_id, event_type=line.event_type,
         amount=line.amount, metadata=MappingProxyType(dict(line.metadata)),
-        reservation_id=line.reservation_id) for line in r.lines), next_cursor=r.next_cursor)
+        reservation_id=line.reservation_id, shard_id=line.shard_id) for line in r.lines),
+        next_cursor=r.next_cursor)
 
 
 def upsert_subscription_from_proto(

@@ -24,7 +24,8 @@ from ._config import (
 from ._convert import PlanLike
 from ._errors import (DeadlineExceeded, QuotadError, error_from_rpc_error, shed_delay_s,
                       with_tls_hint)
-from ._cluster import WRONG_SHARD, Routes, merged_subscription_page
+from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors,
+                       merged_subscription_page)
 from ._throttle import AdaptiveThrottle, throttle_at, throttled
 from ._etcd import read_shard_map, shard_addresses
 from ._hold import Hold
@@ -383,8 +384,26 @@ class QuotaClient:
                      timeout_s: float | None = None) -> Iterator[UsageExportPage]:
         """The committed and tracked amounts after ``cursor`` (empty: from the oldest record
         the log keeps) and before ``end``, page by page; each page's ``next_cursor`` resumes
-        right after it. Not retried: resume from the last page's cursor instead."""
-        call = self._stubs[ops.ADMIN].ExportUsage(
+        right after it. Not retried: resume from the last page's cursor instead. With
+        cluster=, every shard's, one shard after another (in shard id order); the cursor is
+        then the cluster's (``shards:...``), holding each shard's own, and ``timeout_s``
+        bounds each shard's part."""
+        if not self._clustered:
+            yield from self._export_usage_at(None, cursor, end, app, timeout_s)
+            return
+        cursors = export_cursors(cursor)
+        if self._routes is None:
+            self._refresh_routes()
+        assert self._routes is not None
+        for shard in self._routes.shard_map.shards:
+            for page in self._export_usage_at(shard.address, cursors.get(shard.shard_id, ""),
+                                              end, app, timeout_s):
+                cursors[shard.shard_id] = page.next_cursor
+                yield UsageExportPage(page.lines, export_cursor(cursors))
+
+    def _export_usage_at(self, address: str | None, cursor: str, end: datetime | None,
+                         app: str, timeout_s: float | None) -> Iterator[UsageExportPage]:
+        call = self._stubs_at(address)[ops.ADMIN].ExportUsage(
             ops.export_usage_request(cursor, end, app), metadata=self._config.metadata,
             timeout=timeout_s)
         try:

@@ -272,7 +272,8 @@ class UsageLine:
     """One committed or tracked amount, for billing (ExportUsage)."""
 
     id: str
-    """"<sequence>-<index>": the same usage always has the same id."""
+    """"<sequence>-<index>" (a shard's: "<shard_id>:<sequence>-<index>"): the same usage
+    always has the same id."""
     sequence: int
     index: int
     time: datetime
@@ -285,6 +286,8 @@ class UsageLine:
     """In the request's unit; negative: a refund."""
     metadata: Mapping[str, str]
     reservation_id: str
+    shard_id: int = 0
+    """The shard whose log holds it (0 for a server alone)."""
 
 
 @dataclass(frozen=True, slots=True)

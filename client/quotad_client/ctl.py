@@ -774,7 +774,9 @@ def parser() -> argparse.ArgumentParser:
                   "twice never bills twice. The last line on stderr is "
                   f"'{NEXT_CURSOR_PREFIX}N': pass N as --since next time to continue exactly "
                   "where this export ended. The server keeps its log for its audit retention: "
-                  "an older cursor is refused (EXPORT_CURSOR_PRUNED).",
+                  "an older cursor is refused (EXPORT_CURSOR_PRUNED). With --cluster, every "
+                  "shard's usage, shard after shard; ids are SHARD_ID:..., and the cursor "
+                  "(shards:0=N0,1=N1,...) holds each shard's.",
                   "quotactl export --since 1042 --format stripe-meter-events > usage.jsonl")
     export.add_argument("--since", default="", metavar="CURSOR",
                         help="the cursor a previous export printed (default: from the oldest "

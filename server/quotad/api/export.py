@@ -3,8 +3,9 @@
 The log is read on the default executor's threads, a bounded number of records at a time,
 from the cursor (the sequence of the last record an export covered) through the last record
 durable when the export began. Each commit or track makes at most one usage line, with the
-id `<sequence>-<index>`, so an export's lines and cursors never depend on how it was cut
-into messages, and exporting a range twice gives the same ids.
+id `<sequence>-<index>` (a shard's: `<shard_id>:<sequence>-<index>`), so an export's lines
+and cursors never depend on how it was cut into messages, and exporting a range twice gives
+the same ids.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ def _pruned(error: LogPruned) -> FailedPrecondition:
         "retention (--audit-retention-days); an empty cursor exports from the oldest kept")
 
 
-async def messages(writer: Writer, query: c.ExportUsage) -> AsyncIterator[pb.ExportUsageResponse]:
+async def messages(writer: Writer, query: c.ExportUsage, shard_id: int | None = None
+                   ) -> AsyncIterator[pb.ExportUsageResponse]:
     """The export's messages, each with the cursor that resumes right after its lines; the
     last one carries the cursor of the whole range. Refusals come before the first message
     (a bad cursor, or one past the retention) or, if the log is pruned past the export while
-    it runs, instead of the next one."""
+    it runs, instead of the next one. shard_id: the shard this server is of a cluster, which
+    each line's id names (None: a server alone)."""
     loop = asyncio.get_running_loop()
     wal = writer.wal
     try:
@@ -64,17 +67,20 @@ async def messages(writer: Writer, query: c.ExportUsage) -> AsyncIterator[pb.Exp
             last = start + step >= len(entries)
             cursor = after if last else chunk[-1].sequence
             yield pb.ExportUsageResponse(
-                lines=[usage_line(entry, subscriptions) for entry in chunk],
+                lines=[usage_line(entry, subscriptions, shard_id) for entry in chunk],
                 next_cursor=str(cursor))
         if done and not entries:
             yield pb.ExportUsageResponse(next_cursor=str(after))
 
 
-def usage_line(entry: UsageEntry, subscriptions: dict[int, Subscription]) -> pb.UsageLine:
+def usage_line(entry: UsageEntry, subscriptions: dict[int, Subscription],
+               shard_id: int | None = None) -> pb.UsageLine:
     event = entry.event
     subscription = subscriptions[entry.user_number]
+    line_id = f"{entry.sequence}-{entry.index}"
     return pb.UsageLine(
-        id=f"{entry.sequence}-{entry.index}", sequence=entry.sequence, index=entry.index,
+        id=line_id if shard_id is None else f"{shard_id}:{line_id}", shard_id=shard_id or 0,
+        sequence=entry.sequence, index=entry.index,
         time=convert.timestamp(entry.now_ns), kind=_KINDS[event.kind],
         user_id=subscription.user_id, billing_customer_id=subscription.billing_customer_id,
         event_type=event.event_type, amount=event.amount, metadata=dict(event.metadata),

@@ -433,7 +433,10 @@ def _export_usage_handler(gate: Gate) -> grpc.RpcMethodHandler:
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {request.error}")])
             query = convert.export_usage(_target_app(call.principal, request.app), request)
-            async for message in export.messages(call.writer, query):
+            ownership = gate.ownership
+            shard_id = (ownership.shard_id
+                        if ownership is not None and ownership.clustered else None)
+            async for message in export.messages(call.writer, query, shard_id):
                 yield message
         except _REFUSALS as error:
             status = status_of(error)
