@@ -4,7 +4,9 @@ this machine cannot install it: not root, no apt-get)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import urllib.request
 
 from quotad.cluster.etcd_process import ETCD_BINARY, EtcdProcess
 from quotad.testing import run_install_script
@@ -13,7 +15,7 @@ from server_process import ROOT
 INSTALL_SCRIPT = ROOT / "deploy" / "install_etcd.sh"
 INSTALL_TIMEOUT_S = 900.0
 
-__all__ = ["EtcdProcess", "install_etcd"]
+__all__ = ["EtcdProcess", "compact", "install_etcd"]
 
 _install_outcome: list[str | RuntimeError | None] = []
 
@@ -30,3 +32,13 @@ def install_etcd() -> str | None:
     if isinstance(outcome, RuntimeError):
         raise outcome
     return outcome
+
+
+def compact(endpoint: str, revision: int, timeout_s: float = 5.0) -> None:
+    """etcd at endpoint ("HOST:PORT") forgets every change before revision: its compaction
+    call, through its JSON gateway (a watch from an older revision is then refused)."""
+    request = urllib.request.Request(f"http://{endpoint}/v3/kv/compaction",
+                                     data=json.dumps({"revision": revision}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        assert response.status == 200, response.status

@@ -28,6 +28,7 @@ MANIFEST = ROOT / "deploy" / "k8s" / "cluster" / "quotad-cluster.yaml"
 COMMAND_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 10.0
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+ADMIN_KEY = "admin-" + "d" * 32
 _K8S_VARIABLE = re.compile(r"\$\((\w+)\)")
 
 
@@ -116,6 +117,14 @@ def test_every_flag_the_manifest_uses_is_in_the_commands_help(command: tuple[str
                         for flag in used), used
 
 
+def _authenticates(client: qc.QuotaClient) -> bool:
+    try:
+        client.list_plans()
+    except qc.Unauthenticated:
+        return False
+    return True
+
+
 def test_the_manifests_commands_make_a_cluster_whose_shards_serve_their_users(tmp_path, etcd):
     found = documents()
     replicas = found["StatefulSet"]["spec"]["replicas"]
@@ -141,10 +150,9 @@ def test_the_manifests_commands_make_a_cluster_whose_shards_serve_their_users(tm
             argv = replaced(argv, "--data-dir", [str(tmp_path / f"data-{ordinal}")])
             argv = replaced(argv, "--metrics-listen", ["127.0.0.1:0"])
             argv = replaced(argv, "--listen", [address])
-            # without the admin key: API keys are each shard's own (not yet in etcd), so one
-            # client's key would reach one shard only; loopback serves without keys
+            # with the admin key, as the manifest's Secret gives each pod
             process = ServerProcess(tmp_path / f"data-{ordinal}", extra_args=tuple(argv[2:]),
-                                    env={"QUOTAD_ADMIN_KEY": ""})
+                                    env={"QUOTAD_ADMIN_KEY": ADMIN_KEY})
             shards.append(process.launch(address))
         for process in shards:
             process.wait_for("serving", COMMAND_TIMEOUT_S)
@@ -154,7 +162,15 @@ def test_the_manifests_commands_make_a_cluster_whose_shards_serve_their_users(tm
                     health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S).status
             assert status == health_pb2.HealthCheckResponse.SERVING
 
-        with qc.QuotaClient(cluster=target) as client:
+        with qc.QuotaClient(addresses[-1], api_key=ADMIN_KEY) as admin:
+            key = admin.create_key("secret", app="default").secret  # made on one shard,
+        for address in addresses:  # taken by every one, within moments
+            with qc.QuotaClient(address, api_key=key) as direct:
+                deadline = time.monotonic() + COMMAND_TIMEOUT_S
+                while not _authenticates(direct):
+                    assert time.monotonic() < deadline, f"the key never reached {address}"
+                    time.sleep(0.1)
+        with qc.QuotaClient(cluster=target, api_key=key) as client:
             client.upsert_plan({"id": "p", "limit_groups": [
                 {"key": "t", "quota": 100, "window": "day"}]})
             owners = {}

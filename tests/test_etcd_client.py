@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from quotad.cluster.etcd import Etcd, EtcdUnavailable
+from etcd_server import compact
+from quotad.cluster.etcd import Etcd, EtcdCompacted, EtcdUnavailable
 from quotad.cluster.etcd_process import free_port
 
 WAIT_S = 10.0
@@ -54,6 +55,48 @@ def test_a_watch_sees_puts_and_deletes_from_its_start_revision(etcd):
                 if len(seen) == 3:
                     break
             assert seen == [b"a", b"b", None]
+        finally:
+            await client.close()
+    run(scenario())
+
+
+def test_create_at_and_delete_at_answer_the_revision_of_their_change(etcd):
+    async def scenario():
+        client = Etcd(etcd.endpoint)
+        try:
+            key = b"/test/kv/revisions"
+            created = await client.create_at(key, b"first")
+            assert created is not None and (await client.get(key))[0].mod_revision == created
+            assert await client.create_at(key, b"second") is None  # exists: nothing written
+            assert (await client.get(key))[0].value == b"first"
+            deleted, revision = await client.delete_at(key)
+            assert deleted == 1 and revision > created
+            assert await client.delete_at(key) == (0, revision)  # nothing: no new revision
+        finally:
+            await client.close()
+    run(scenario())
+
+
+def test_a_watch_from_a_compacted_revision_says_so_and_which_is_the_oldest_kept(etcd):
+    async def scenario():
+        client = Etcd(etcd.endpoint)
+        try:
+            key = b"/test/watch/compacted"
+            first = await client.put(key, b"a")
+            latest = await client.put(key, b"b")
+            compact(etcd.endpoint, latest)
+            with pytest.raises(EtcdCompacted) as compacted:
+                async for _ in client.watch(key, first):
+                    pass
+            assert compacted.value.compact_revision == latest
+            with pytest.raises(EtcdCompacted):  # a read as of then is refused alike
+                await client.get_prefix(b"/test/watch/", revision=first)
+            (then,), _ = await client.get_prefix(b"/test/watch/", revision=latest,
+                                                 keys_only=True)
+            assert (then.key, then.value, then.mod_revision) == (key, b"", latest)
+            async for event in client.watch(key, latest):  # the oldest kept is still there
+                assert (event.revision, event.value) == (latest, b"b")
+                break
         finally:
             await client.close()
     run(scenario())

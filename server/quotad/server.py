@@ -37,7 +37,7 @@ from quotad.api.auth import DEFAULT_APP, Authenticator
 from quotad.api.gate import Gate, GateState, is_loopback
 from quotad.api.service import http_usage_authorizer, method_handlers
 from quotad.cluster import FileShardMapSource, Ownership, ShardMapError
-from quotad.cluster.catalog import Catalog
+from quotad.cluster.catalog import Catalog, CatalogBehind
 from quotad.cluster.control import ControlPlane
 from quotad.cluster.etcd import EtcdUnavailable
 from quotad.api.convert import plan_from_proto
@@ -253,10 +253,18 @@ async def serve(config: Config) -> int:
         return 1
     writer = process.start_writer(core)
     await writer.expire_due()
-    for plan in plans:
-        await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
+    in_catalog: frozenset[str] = frozenset()
     if control is not None:
-        await process.join_catalog(control, writer)
+        try:
+            in_catalog = await process.join_catalog(control, writer, core)
+        except CatalogBehind as error:
+            log.error("cannot join the cluster's catalog", extra={"error": str(error)})
+            await process.drain_flush_and_exit()
+            return 2
+    for plan in plans:
+        if plan.id in in_catalog:  # the catalog's plan wins over the file's
+            continue
+        await writer.execute(UpsertPlan(app=DEFAULT_APP, plan=plan))
     if control is not None and not await process.hold_lease(control):
         return await process.drain_flush_and_exit()  # stopped while waiting for the lease
     await process.report_serving(plans_loaded=len(plans))
@@ -430,20 +438,31 @@ class _Process:
         self.writer, self.core = writer, core
         return writer
 
-    async def join_catalog(self, control: ControlPlane, writer: Writer) -> None:
-        """Applies the cluster's plans in etcd, then follows them; UpsertPlan calls write
-        there from now on."""
-        catalog = Catalog(control.etcd, control.target, decode=_plan_from_value,
-                          execute=writer.execute)
+    async def join_catalog(self, control: ControlPlane, writer: Writer,
+                           core: Core) -> frozenset[str]:
+        """Applies what changed in the cluster's catalog in etcd since this shard's state last
+        applied a change of it (the whole catalog the first time), then follows it; the
+        catalog's changes go there from now on. The ids of the default app's plans in the
+        catalog (a --plans file does not override them); CatalogBehind when this shard's
+        state is ahead of etcd."""
+        catalog = Catalog(control.etcd, control.target, decode_plan=_plan_from_value,
+                          execute=writer.execute, applied_revision=core.catalog_revision)
+        resumed_from = catalog.applied_revision
+        in_catalog: frozenset[str] = frozenset()
         try:
-            plans = await catalog.sync()
-            log.info("catalog applied", extra={"plans": plans,
-                                               "revision": catalog.applied_revision})
+            changes = await catalog.catch_up()
+            in_catalog = frozenset(plan_id for app, plan_id in catalog.plans_read
+                                   if app == DEFAULT_APP)
+            log.info("catalog applied", extra={"changes": changes,
+                                               "resumed_from_revision": resumed_from,
+                                               "applied_revision": catalog.applied_revision,
+                                               "revision": catalog.followed_revision})
         except EtcdUnavailable as error:
             log.warning("cannot read the catalog from etcd now; applying it once etcd answers",
                         extra={"error": str(error)})
         control.follow_catalog(catalog)
         self.gate.catalog = catalog
+        return in_catalog
 
     async def hold_lease(self, control: ControlPlane) -> bool:
         """Follows the map and takes the shard id's lease, waiting (NOT_SERVING, calls

@@ -60,7 +60,8 @@ class Gate:
         self.fence: Fence | None = None
         """A shard of a cluster in etcd: calls pass only while it holds its lease."""
         self.catalog: Catalog | None = None
-        """A shard of a cluster in etcd: where UpsertPlan writes (every shard applies it)."""
+        """A shard of a cluster in etcd: where UpsertPlan, DeletePlan, CreateKey and RevokeKey
+        write (every shard applies them)."""
 
     @property
     def serving(self) -> bool:

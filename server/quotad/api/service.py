@@ -258,19 +258,20 @@ def check_shard(gate: Gate, rpc: str, app: str, request: Any) -> None:
 
 def _handler(gate: Gate, admission: Admission, rpc: str, to_command: Callable[[str, Any], Any],
              to_response: Callable[[Any], Any]) -> _Handler:
-    in_catalog = rpc == "UpsertPlan"  # a cluster in etcd: written there, applied by all
-
     async def answer(request: Any, call: Call) -> Any:
         if rpc in auth.PUBLIC_RPCS:  # a usage read: a pk_ key's token must name the user
             assert gate.auth is not None
             gate.auth.authorize_usage_read(call.principal, call.metadata, request.user_id)
         check_shard(gate, rpc, call.principal.app, request)
         command = to_command(call.principal.app, request)
-        if in_catalog and gate.catalog is not None and command.plan is not None:
-            deadline_s = (call.deadline_s if call.deadline_s is not None
-                          else time.monotonic() + CATALOG_APPLY_TIMEOUT_S)
-            return to_response(await gate.catalog.upsert(
-                command, request.plan.SerializeToString(deterministic=True), deadline_s))
+        catalog = gate.catalog  # a cluster in etcd: plans are written there, applied by all
+        if catalog is not None and rpc == "UpsertPlan" and command.plan is not None:
+            return to_response(await catalog.upsert_plan(
+                command, request.plan.SerializeToString(deterministic=True),
+                _catalog_deadline_s(call)))
+        if catalog is not None and rpc == "DeletePlan":
+            call.writer.core.check(command)  # refused here first: nothing written to etcd
+            return to_response(await catalog.delete_plan(command, _catalog_deadline_s(call)))
         return to_response(await call.writer.execute(command, call.deadline_s))
     return _answering(gate, admission, rpc, answer)
 
@@ -365,22 +366,37 @@ def _target_app(principal: Principal, requested: str) -> str:
     return principal.app
 
 
+def _catalog_deadline_s(call: Call) -> float:
+    """Until when a change of the cluster's catalog waits for this shard to apply it."""
+    return (call.deadline_s if call.deadline_s is not None
+            else time.monotonic() + CATALOG_APPLY_TIMEOUT_S)
+
+
 def _create_key_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
         spec = convert.key_spec(_target_app(call.principal, request.app), request)
         new = auth.new_key(spec.kind)
-        result = await call.writer.execute(c.CreateKey(
+        command = c.CreateKey(
             app=spec.app, key_id=new.key_id, kind=spec.kind, name=spec.name,
-            secret_sha256=new.secret_sha256, token_signing_key=new.token_signing_key),
-            call.deadline_s)
+            secret_sha256=new.secret_sha256, token_signing_key=new.token_signing_key)
+        if gate.catalog is not None:  # a cluster in etcd: every shard takes the key
+            call.writer.core.check(command)  # refused here first: nothing written to etcd
+            result = await gate.catalog.create_key(command, _catalog_deadline_s(call))
+        else:
+            result = await call.writer.execute(command, call.deadline_s)
         return pb.CreateKeyResponse(key=convert.api_key(result.key), secret=new.whole)
     return _answering(gate, admission, "CreateKey", answer)
 
 
 def _revoke_key_handler(gate: Gate, admission: Admission) -> _Handler:
     async def answer(request: Any, call: Call) -> Any:
-        result = await call.writer.execute(c.RevokeKey(app=call.principal.app,
-                                                       key_id=request.key_id), call.deadline_s)
+        command = c.RevokeKey(app=call.principal.app, key_id=request.key_id)
+        key = call.writer.core.keys.get(command.key_id)
+        if gate.catalog is not None and key is not None and key.revoked_at_ns is None:
+            call.writer.core.check(command)  # another app's key: refused, nothing written
+            result = await gate.catalog.revoke_key(key, _catalog_deadline_s(call))
+        else:  # alone, or nothing to write: the core answers (NotFound, already revoked)
+            result = await call.writer.execute(command, call.deadline_s)
         return pb.RevokeKeyResponse(key=convert.api_key(result.key))
     return _answering(gate, admission, "RevokeKey", answer)
 

@@ -304,7 +304,7 @@ class ControlPlane:
         return self.lease
 
     def follow_catalog(self, catalog: Catalog) -> None:
-        self._tasks.append(asyncio.create_task(catalog.follow(), name="catalog-follower"))
+        self._tasks.append(catalog.following())
 
     async def close(self) -> None:
         """Stops following, gives the lease back (revoked: another process may take the

@@ -17,7 +17,7 @@ import grpc
 from quotad.cluster.etcdpb import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from quotad.cluster.limits import ETCD_REQUEST_TIMEOUT_S
 
-__all__ = ["Etcd", "EtcdUnavailable", "KeyValue", "WatchEvent"]
+__all__ = ["Etcd", "EtcdCompacted", "EtcdUnavailable", "KeyValue", "WatchEvent"]
 
 KeyValue = kv_pb2.KeyValue
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100),
@@ -37,6 +37,16 @@ def prefix_end(prefix: bytes) -> bytes:
 
 class EtcdUnavailable(Exception):
     """etcd did not answer a call (down, unreachable, too slow, or it refused it)."""
+
+
+class EtcdCompacted(EtcdUnavailable):
+    """A watch asked for changes from a revision etcd has compacted away: they are gone,
+    only the keys as they are now can be read."""
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
+        """The oldest revision etcd still has (0: etcd did not say)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +88,22 @@ class Etcd:
         assert isinstance(response, rpc_pb2.RangeResponse)
         return (response.kvs[0] if response.kvs else None), response.header.revision
 
-    async def get_prefix(self, prefix: bytes) -> tuple[list[KeyValue], int]:
-        """Every key under the prefix, in key order, and the store's revision."""
-        response = await self._call("range", self._kv.Range, rpc_pb2.RangeRequest(
-            key=prefix, range_end=prefix_end(prefix)))
+    async def get_prefix(self, prefix: bytes, *, revision: int = 0,
+                         keys_only: bool = False) -> tuple[list[KeyValue], int]:
+        """Every key under the prefix, in key order, and the store's revision; as they were
+        at revision when given (EtcdCompacted when etcd no longer has it), without their
+        values when keys_only."""
+        try:
+            response = await self._call("range", self._kv.Range, rpc_pb2.RangeRequest(
+                key=prefix, range_end=prefix_end(prefix), revision=revision,
+                keys_only=keys_only))
+        except EtcdUnavailable as error:
+            cause = error.__cause__
+            if (revision and isinstance(cause, grpc.aio.AioRpcError)
+                    and cause.code() == grpc.StatusCode.OUT_OF_RANGE):
+                raise EtcdCompacted(f"etcd at {self.endpoint}: revision {revision} is "
+                                    f"compacted ({cause.details()})", 0) from error
+            raise
         assert isinstance(response, rpc_pb2.RangeResponse)
         return list(response.kvs), response.header.revision
 
@@ -122,6 +144,26 @@ class Etcd:
         found = response.responses[0].response_range.kvs
         return False, (found[0] if found else None)
 
+    async def create_at(self, key: bytes, value: bytes) -> int | None:
+        """Puts the key only if it does not exist, in one transaction: the revision of the
+        put, or None when the key exists (nothing written)."""
+        request = rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(result=rpc_pb2.Compare.EQUAL,
+                                     target=rpc_pb2.Compare.CREATE, key=key,
+                                     create_revision=0)],
+            success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=value))])
+        response = await self._call("txn", self._kv.Txn, request)
+        assert isinstance(response, rpc_pb2.TxnResponse)
+        return response.header.revision if response.succeeded else None
+
+    async def delete_at(self, key: bytes) -> tuple[int, int]:
+        """Deletes the key: (how many keys were deleted, 0 or 1; the store's revision after,
+        the delete's own when there was one)."""
+        response = await self._call("delete", self._kv.DeleteRange,
+                                    rpc_pb2.DeleteRangeRequest(key=key))
+        assert isinstance(response, rpc_pb2.DeleteRangeResponse)
+        return response.deleted, response.header.revision
+
     async def delete(self, key: bytes) -> int:
         """How many keys were deleted (0 or 1)."""
         response = await self._call("delete", self._kv.DeleteRange,
@@ -136,7 +178,7 @@ class Etcd:
         """The changes of one key (or, with prefix, of every key under it) from
         start_revision on (inclusive), as they happen, until the caller stops iterating or
         etcd fails (EtcdUnavailable: watch again from the revision after the last event
-        seen)."""
+        seen; EtcdCompacted: start_revision is compacted away, read the keys instead)."""
         requests: asyncio.Queue[rpc_pb2.WatchRequest | None] = asyncio.Queue()
         await requests.put(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
             key=key, range_end=prefix_end(key) if prefix else b"",
@@ -149,6 +191,11 @@ class Etcd:
         call = self._watch.Watch(sent())
         try:
             async for response in call:
+                if response.canceled and response.compact_revision:
+                    raise EtcdCompacted(
+                        f"etcd at {self.endpoint}: revision {start_revision} is compacted "
+                        f"(the oldest kept is {response.compact_revision})",
+                        response.compact_revision)
                 if response.canceled:
                     raise EtcdUnavailable(
                         f"etcd at {self.endpoint}: watch canceled ({response.cancel_reason or 'compacted'}, "

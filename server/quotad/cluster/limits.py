@@ -28,8 +28,17 @@ SHARD_MAP_VALUE_BYTES_MAX = 1024 * 1024
 CATALOG_RESULTS_KEPT = 1024
 """A shard remembers what applying each of the last this many catalog changes answered, for
 the UpsertPlan calls that wrote them to etcd and wait for it."""
+CATALOG_VALUE_BYTES_MAX = 64 * 1024
+"""One value of the catalog in etcd (a plan, an API key), at most: a plan arrives in a
+message of at most 64 KiB (the contract's limit), a key is a few hundred bytes. A larger
+value found in etcd is skipped, logged."""
 CATALOG_APPLY_TIMEOUT_S = 10.0
-"""An UpsertPlan without a deadline waits at most this long for its own shard to apply it."""
+"""A catalog change (UpsertPlan, DeletePlan, CreateKey, RevokeKey) without a deadline waits
+at most this long for its own shard to apply it."""
+CATALOG_CATCH_UP_TIMEOUT_S = 30.0
+"""A starting shard waits at most this long for the catalog's changes it missed; past it
+(etcd failed meanwhile) it goes on starting and applies them once etcd answers. It cannot
+serve without etcd anyway: its lease is there."""
 CLUSTER_UP_SHARDS_MAX = 16
 """`quotad cluster up` starts at most this many shards on one machine."""
 

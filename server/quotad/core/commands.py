@@ -83,6 +83,13 @@ def _int(value: object) -> bool:
     return type(value) is int
 
 
+def _catalog_revision(v: Violations, revision: int) -> None:
+    """The etcd revision of a change of a cluster's catalog (0: a change of this server's
+    own, not from a catalog)."""
+    v.check(_int(revision) and 0 <= revision <= limits.CATALOG_REVISION_MAX, "catalog_revision",
+            f"must be 0 to {limits.CATALOG_REVISION_MAX}")
+
+
 # --- the hot path -------------------------------------------------------------------------
 
 
@@ -236,10 +243,13 @@ class ListGrants:
 class UpsertPlan:
     app: str
     plan: Plan  # validated when built
+    catalog_revision: int = 0
+    """A cluster's catalog change at this etcd revision (0: this server's own)."""
 
     def __post_init__(self) -> None:
         v = Violations()
         _app(v, self.app)
+        _catalog_revision(v, self.catalog_revision)
         v.check(isinstance(self.plan, Plan), "plan", "is required")
         v.raise_if_any()
 
@@ -248,10 +258,13 @@ class UpsertPlan:
 class DeletePlan:
     app: str
     plan_id: str
+    catalog_revision: int = 0
+    """A cluster's catalog change at this etcd revision (0: this server's own)."""
 
     def __post_init__(self) -> None:
         v = Violations()
         _app(v, self.app)
+        _catalog_revision(v, self.catalog_revision)
         _plan_id(v, self.plan_id, "id")
         v.raise_if_any()
 
@@ -382,11 +395,17 @@ class CreateKey:
     """Hex SHA-256 of the whole key ("sk_<key_id>_<secret>")."""
     token_signing_key: str = ""
     """Hex HMAC-SHA256 key for user tokens (secret keys only; empty for public ones)."""
+    created_at_ns: int = 0
+    """When the key was made, as a cluster's catalog says (0: when applied)."""
+    catalog_revision: int = 0
+    """A cluster's catalog change at this etcd revision (0: this server's own)."""
 
     def __post_init__(self) -> None:
         v = Violations()
         _app(v, self.app)
         _key_id(v, self.key_id)
+        _time(v, self.created_at_ns, "created_at")
+        _catalog_revision(v, self.catalog_revision)
         _key_kind_and_name(v, self.kind, self.name)
         v.check(bool(_SHA256_HEX.fullmatch(self.secret_sha256)), "secret_sha256",
                 "must be 64 lowercase hex digits")
@@ -401,11 +420,17 @@ class RevokeKey:
     app: str
     """The caller's app: only its own keys may be revoked. Empty: the admin key, any app."""
     key_id: str
+    revoked_at_ns: int = 0
+    """When the key was revoked, as a cluster's catalog says (0: when applied)."""
+    catalog_revision: int = 0
+    """A cluster's catalog change at this etcd revision (0: this server's own)."""
 
     def __post_init__(self) -> None:
         v = Violations()
         _app(v, self.app, bytes_min=0)
         _key_id(v, self.key_id)
+        _time(v, self.revoked_at_ns, "revoked_at")
+        _catalog_revision(v, self.catalog_revision)
         v.raise_if_any()
 
 
@@ -596,6 +621,10 @@ class ExpireHolds:
     expired: tuple[ExpiredHold, ...] = ()
     grants: tuple[ExpiredGrant, ...] = ()
 
+
+CATALOG_COMMANDS = (UpsertPlan, DeletePlan, CreateKey, RevokeKey)
+"""The changes of what a cluster's shards share (plans, API keys): each may carry the etcd
+revision of the catalog change it applies."""
 
 Command = (Reserve | Commit | Release | Extend | Track | GetUsage | UpsertPlan | DeletePlan
            | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ListSubscriptions

@@ -23,6 +23,9 @@ SPENT_GRANTS_PER_BALANCE_MAX = 64
 group for refunds to find: past it, the one taken from longest ago is folded into a single
 count of consumption that refunds still find, and lose."""
 
+CATALOG_REVISION_MAX = 2**63 - 1
+"""An etcd revision (int64) that a change of a cluster's catalog carries into the log."""
+
 IDEMPOTENCY_RETENTION_NS = 24 * 3600 * NS_PER_S
 """An idempotency key is remembered at least this long after its first use."""
 

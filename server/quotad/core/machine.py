@@ -25,7 +25,7 @@ from sortedcontainers import SortedList
 from quotad.core import balances, buckets, limits
 from quotad.core.balances import Balance, Grant
 from quotad.core.commands import (
-    AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
+    CATALOG_COMMANDS, AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
     DeletePlanResult, ExpiredGrant, ExpiredHold, GrantCredits, GrantResult, GrantsResult,
     GrantView, KeyResult, KeysResult, KeyView, ListGrants, ListKeys, RevokeKey,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
@@ -168,6 +168,7 @@ class Outcome:
 
 
 _EMPTY_APP = AppState()
+_CATALOG_TYPES = frozenset(CATALOG_COMMANDS)
 
 
 def _fingerprint(command: Any) -> str:
@@ -213,6 +214,9 @@ class Core:
         """API keys by key_id, of every app."""
         self.sequence = 0
         """Sequence number of the last record made."""
+        self.catalog_revision = 0
+        """The etcd revision of the last change of a cluster's catalog applied (0: none):
+        a shard follows the catalog on from the next one."""
         self.users_numbered = 0
         """The number the latest new subscriber got (UserState.number)."""
         self.last_record_ns = 0
@@ -278,6 +282,9 @@ class Core:
         handler = self._handlers[type(command)]
         self._events.clear()
         self._finished.clear()
+        revision = command.catalog_revision if type(command) in _CATALOG_TYPES else 0
+        if revision:
+            return self._apply_catalog_change(command, revision, handler, now_ns, records)
         try:
             if getattr(command, "idempotency_key", ""):
                 result, changed = self._idempotent(command, now_ns, handler)
@@ -289,6 +296,38 @@ class Core:
             records.append(self._emit(
                 command, now_ns, result if getattr(command, "idempotency_key", "") else None))
         return Outcome(result, None, tuple(records))
+
+    def _apply_catalog_change(self, command: Command, revision: int,
+                              handler: Callable[[Any, int], tuple[Any, bool]], now_ns: int,
+                              records: list[Record]) -> Outcome:
+        """A change of a cluster's catalog at an etcd revision: recorded whether it changes
+        anything here or this server refuses it (the record says the revision was applied,
+        so a restart follows the catalog on from the next one). One older than the last
+        applied is refused, unrecorded: it was applied already."""
+        assert revision > 0, revision
+        if revision < self.catalog_revision:
+            return Outcome(None, AlreadyExists(
+                f"the catalog change at etcd revision {revision} is older than the last one "
+                f"applied here, at {self.catalog_revision}"), tuple(records))
+        try:
+            result, _ = handler(command, now_ns)
+            error = None
+        except QuotaError as refused:
+            result, error = None, refused
+        self.catalog_revision = revision
+        records.append(self._emit(command, now_ns))
+        assert records[-1].command.catalog_revision == self.catalog_revision
+        return Outcome(result, error, tuple(records))
+
+    def check(self, command: CreateKey | RevokeKey | DeletePlan) -> None:
+        """Raises the QuotaError applying the command now would: what a shard checks before
+        it writes a change to its cluster's catalog. Changes nothing."""
+        if isinstance(command, DeletePlan):
+            self._check_delete_plan(command)
+        elif isinstance(command, CreateKey):
+            self._check_create_key(command)
+        else:
+            self._check_revoke_key(command)
 
     def replay(self, record: Record) -> None:
         """Applies a record read back from the log; it must make exactly that record again."""
@@ -1018,7 +1057,7 @@ class Core:
         self._app(command.app).plans[command.plan.id] = command.plan
         return PlanResult(plan=command.plan, changed=True), True
 
-    def _delete_plan(self, command: DeletePlan, now_ns: int) -> tuple[DeletePlanResult, bool]:
+    def _check_delete_plan(self, command: DeletePlan) -> AppState:
         app = self.apps.get(command.app, _EMPTY_APP)
         if command.plan_id not in app.plans:
             raise NotFound(f"no plan {command.plan_id!r}")
@@ -1026,6 +1065,10 @@ class Core:
         if subscribers:
             raise FailedPrecondition(ErrorReason.PLAN_IN_USE,
                                      f"plan {command.plan_id!r} has {subscribers} subscribers")
+        return app
+
+    def _delete_plan(self, command: DeletePlan, now_ns: int) -> tuple[DeletePlanResult, bool]:
+        app = self._check_delete_plan(command)
         del app.plans[command.plan_id]
         return DeletePlanResult(), True
 
@@ -1095,29 +1138,44 @@ class Core:
 
     # --- API keys -------------------------------------------------------------------------
 
-    def _create_key(self, command: CreateKey, now_ns: int) -> tuple[KeyResult, bool]:
-        if command.key_id in self.keys:
+    def _check_create_key(self, command: CreateKey) -> KeyState | None:
+        """The same key, when a catalog applies one this server has already (None if new)."""
+        known = self.keys.get(command.key_id)
+        if known is not None:
+            if (command.catalog_revision and known.app == command.app
+                    and known.secret_sha256 == command.secret_sha256):
+                return known
             raise AlreadyExists(f"key id {command.key_id!r} is taken")
         count = sum(1 for key in self.keys.values() if key.app == command.app)
         if count >= limits.KEYS_PER_APP_MAX:
             raise ResourceExhausted(ErrorReason.TOO_MANY_KEYS,
                                     f"app {command.app!r} has {count} keys, the most allowed "
                                     "(revoked keys count too)")
+        return None
+
+    def _create_key(self, command: CreateKey, now_ns: int) -> tuple[KeyResult, bool]:
+        known = self._check_create_key(command)
+        if known is not None:
+            return KeyResult(key=known.view()), False
         key = self.keys[command.key_id] = KeyState(
             key_id=command.key_id, app=command.app, kind=command.kind, name=command.name,
             secret_sha256=command.secret_sha256, token_signing_key=command.token_signing_key,
-            created_at_ns=now_ns)
+            created_at_ns=command.created_at_ns or now_ns)
         return KeyResult(key=key.view()), True
 
-    def _revoke_key(self, command: RevokeKey, now_ns: int) -> tuple[KeyResult, bool]:
+    def _check_revoke_key(self, command: RevokeKey) -> KeyState:
         key = self.keys.get(command.key_id)
         if key is None:
             raise NotFound(f"no key {command.key_id!r}")
         if command.app and key.app != command.app:
             raise PermissionDenied(f"key {command.key_id!r} belongs to another app")
+        return key
+
+    def _revoke_key(self, command: RevokeKey, now_ns: int) -> tuple[KeyResult, bool]:
+        key = self._check_revoke_key(command)
         if key.revoked_at_ns is not None:
             return KeyResult(key=key.view()), False
-        key.revoked_at_ns = now_ns
+        key.revoked_at_ns = command.revoked_at_ns or now_ns
         return KeyResult(key=key.view()), True
 
     def _list_keys(self, command: ListKeys, now_ns: int) -> tuple[KeysResult, bool]:

@@ -462,20 +462,24 @@ def plan_from_message(message: Any) -> Plan:
 
 def _encode_upsert_plan(message: Any, command: UpsertPlan) -> None:
     message.app = command.app
+    message.catalog_revision = command.catalog_revision
     plan_to_message(command.plan, message.upsert_plan.plan)
 
 
 def _decode_upsert_plan(message: Any) -> UpsertPlan:
-    return UpsertPlan(app=message.app, plan=plan_from_message(message.upsert_plan.plan))
+    return UpsertPlan(app=message.app, plan=plan_from_message(message.upsert_plan.plan),
+                      catalog_revision=message.catalog_revision)
 
 
 def _encode_delete_plan(message: Any, command: DeletePlan) -> None:
     message.app = command.app
+    message.catalog_revision = command.catalog_revision
     message.delete_plan.plan_id = command.plan_id
 
 
 def _decode_delete_plan(message: Any) -> DeletePlan:
-    return DeletePlan(app=message.app, plan_id=message.delete_plan.plan_id)
+    return DeletePlan(app=message.app, plan_id=message.delete_plan.plan_id,
+                      catalog_revision=message.catalog_revision)
 
 
 def _encode_upsert_subscription(message: Any, command: UpsertSubscription) -> None:
@@ -501,21 +505,28 @@ def _encode_create_key(message: Any, command: CreateKey) -> None:
     part.key_id, part.kind, part.name = command.key_id, command.kind, command.name
     part.secret_sha256 = command.secret_sha256
     part.token_signing_key = command.token_signing_key
+    part.created_at_ns = command.created_at_ns
+    message.catalog_revision = command.catalog_revision
 
 
 def _decode_create_key(message: Any) -> CreateKey:
     part = message.create_key
     return CreateKey(app=message.app, key_id=part.key_id, kind=part.kind, name=part.name,
-                     secret_sha256=part.secret_sha256, token_signing_key=part.token_signing_key)
+                     secret_sha256=part.secret_sha256, token_signing_key=part.token_signing_key,
+                     created_at_ns=part.created_at_ns, catalog_revision=message.catalog_revision)
 
 
 def _encode_revoke_key(message: Any, command: RevokeKey) -> None:
     message.app = command.app
     message.revoke_key.key_id = command.key_id
+    message.revoke_key.revoked_at_ns = command.revoked_at_ns
+    message.catalog_revision = command.catalog_revision
 
 
 def _decode_revoke_key(message: Any) -> RevokeKey:
-    return RevokeKey(app=message.app, key_id=message.revoke_key.key_id)
+    return RevokeKey(app=message.app, key_id=message.revoke_key.key_id,
+                     revoked_at_ns=message.revoke_key.revoked_at_ns,
+                     catalog_revision=message.catalog_revision)
 
 
 _ENCODERS: dict[type, Callable[[Any, Any], None]] = {
@@ -920,6 +931,8 @@ def state_digest(core: Any) -> str:
     """A digest of everything the core holds: equal digests, equal states."""
     plain = to_plain({"apps": core.apps, "sequence": core.sequence,
                       "last_record_ns": core.last_record_ns, "expiry": core.expiry,
-                      "forget": core.forget, "keys": core.keys})
+                      "forget": core.forget, "keys": core.keys,
+                      **({"catalog_revision": core.catalog_revision}
+                         if core.catalog_revision else {})})
     text = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

@@ -112,7 +112,7 @@ def encode_core(core: Core) -> bytes:
     pending_keys, pending_holds = core.pending_durable()
     message = snapshot_pb2.CoreSnapshot(
         sequence=core.sequence, last_record_ns=core.last_record_ns,
-        users_numbered=core.users_numbered,
+        users_numbered=core.users_numbered, catalog_revision=core.catalog_revision,
         keys_json=_json([to_plain(key) for _, key in sorted(core.keys.items())]),
         forget_json=_json(to_plain(core.forget)))
     for app_id, app in sorted(core.apps.items()):
@@ -308,6 +308,7 @@ def _core(message: Any) -> Core:
     core.sequence = message.sequence
     core.last_record_ns = message.last_record_ns
     core.users_numbered = message.users_numbered
+    core.catalog_revision = message.catalog_revision
     expiry = []
     for app_message in message.apps:
         app = core.apps[app_message.app] = _app(app_message)

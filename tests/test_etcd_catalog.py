@@ -1,0 +1,267 @@
+"""The catalog every shard of a cluster shares, in a real etcd, applied by real shard
+processes: plans deleted and API keys made or revoked through any shard reach every shard,
+a shard that was down applies exactly the changes it missed (from the revision its log
+holds), and a refused change writes nothing to etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+
+import quotad_client as qc
+from quotad.cluster.etcd import Etcd
+from quotad.cluster.limits import CATALOG_VALUE_BYTES_MAX
+from quotad_contract.shards import EtcdTarget, slot_of
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc as pb_grpc
+from etcd_server import EtcdProcess, compact
+from test_etcd_cluster import (
+    CALL_TIMEOUT_S, PLAN, EtcdCluster, init, plan_quota, shard, wait_until,
+)
+
+ADMIN_KEY = "admin-" + "k" * 32
+APP = "acme"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, etcd):
+    cluster = EtcdCluster(tmp_path_factory.mktemp("catalog"), etcd, count=2,
+                          env={"QUOTAD_ADMIN_KEY": ADMIN_KEY}).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def client(cluster: EtcdCluster, shard_id: int, api_key: str = ADMIN_KEY) -> qc.QuotaClient:
+    return qc.QuotaClient(cluster.addresses[shard_id], api_key=api_key,
+                          timeout_s=CALL_TIMEOUT_S)
+
+
+def etcd_state(cluster: EtcdCluster) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """etcd's revision and every key of the cluster's catalog, with its value."""
+    parsed = EtcdTarget.parse(cluster.target)
+
+    async def read() -> tuple[int, list[tuple[bytes, bytes]]]:
+        etcd = Etcd(parsed.endpoint)
+        try:
+            found, revision = await etcd.get_prefix(parsed.prefix + b"catalog/")
+            return revision, [(kv.key, kv.value) for kv in found]
+        finally:
+            await etcd.close()
+    return asyncio.run(read())
+
+
+def delete_by_hand(cluster: EtcdCluster, key: bytes) -> None:
+    parsed = EtcdTarget.parse(cluster.target)
+
+    async def delete() -> None:
+        etcd = Etcd(parsed.endpoint)
+        try:
+            assert await etcd.delete(parsed.prefix + key) == 1
+        finally:
+            await etcd.close()
+    asyncio.run(delete())
+
+
+def authenticates(cluster: EtcdCluster, shard_id: int, api_key: str) -> bool:
+    with client(cluster, shard_id, api_key) as caller:
+        try:
+            caller.list_plans()
+            return True
+        except qc.Unauthenticated:
+            return False
+
+
+def listed(cluster: EtcdCluster, shard_id: int) -> list[qc.ApiKey]:
+    with client(cluster, shard_id) as admin:
+        return admin.list_keys(app=APP)
+
+
+def test_a_key_made_on_one_shard_authenticates_on_every_shard_until_revoked_on_another(
+        cluster):
+    with client(cluster, 0) as admin:
+        made = admin.create_key("secret", name="backend", app=APP)  # answered once applied
+    assert authenticates(cluster, 0, made.secret)
+    wait_until(lambda: authenticates(cluster, 1, made.secret), "shard 1 takes the key")
+    _, stored = etcd_state(cluster)
+    (value,) = [value for key, value in stored if key.endswith(made.key.key_id.encode())]
+    assert made.secret.encode() not in value and json.loads(value)["secret_sha256"]
+    assert listed(cluster, 0) == listed(cluster, 1), "both shards list the key alike"
+    with client(cluster, 1, made.secret) as own:  # the key revokes itself, on shard 1
+        assert own.revoke_key(made.key.key_id).revoked_at is not None
+    assert not authenticates(cluster, 1, made.secret)
+    wait_until(lambda: not authenticates(cluster, 0, made.secret), "shard 0 refuses it")
+    assert listed(cluster, 0) == listed(cluster, 1)
+    assert listed(cluster, 0)[-1].revoked_at is not None
+
+
+def test_a_plan_deleted_on_one_shard_or_in_etcd_by_hand_is_gone_on_every_shard(cluster):
+    with client(cluster, 0) as admin:
+        key = admin.create_key("secret", app=APP).secret
+    wait_until(lambda: authenticates(cluster, 1, key), "shard 1 takes the key")
+    for plan_id in ("doomed", "by-hand"):
+        with client(cluster, 0, key) as zero:
+            zero.upsert_plan({**PLAN, "id": plan_id})
+    with client(cluster, 1, key) as one:
+        wait_until(lambda: plan_quota(one, "doomed") and plan_quota(one, "by-hand"),
+                   "shard 1 has both plans")
+        one.delete_plan("doomed")  # answered once deleted on shard 1
+        assert plan_quota(one, "doomed") is None
+    with client(cluster, 0, key) as zero:
+        wait_until(lambda: plan_quota(zero, "doomed") is None, "shard 0 deletes it too")
+    delete_by_hand(cluster, b"catalog/plans/" + APP.encode() + b"\0by-hand")
+    for shard_id in (0, 1):
+        with client(cluster, shard_id, key) as direct:
+            wait_until(lambda: plan_quota(direct, "by-hand") is None,
+                       f"shard {shard_id} deletes the plan deleted in etcd")
+
+
+def test_refused_catalog_changes_write_nothing_to_etcd_nor_any_shard(cluster):
+    with client(cluster, 0) as admin:
+        key = admin.create_key("secret", app=APP).secret
+    wait_until(lambda: authenticates(cluster, 1, key), "shard 1 takes the key")
+    user = next(f"user-{n}" for n in range(10_000)
+                if cluster.shard_map.owner(slot_of(APP, f"user-{n}")).shard_id == 0)
+    with client(cluster, 0, key) as zero:
+        zero.upsert_plan({**PLAN, "id": "in-use"})
+        zero.subscribe(user, "in-use")
+    before = etcd_state(cluster)
+    keys_before = [listed(cluster, shard_id) for shard_id in (0, 1)]
+    metadata = (("authorization", f"Bearer {ADMIN_KEY}"),)
+    with client(cluster, 0, key) as zero:
+        with pytest.raises(qc.FailedPrecondition, match="subscribers"):
+            zero.delete_plan("in-use")  # a subscriber on this shard
+        with pytest.raises(qc.NotFound):
+            zero.delete_plan("never-made")
+    for shard_id, address in enumerate(cluster.addresses):
+        with grpc.insecure_channel(address) as channel:
+            admin = pb_grpc.AdminServiceStub(channel)
+            refusals = [
+                (admin.CreateKey, pb.CreateKeyRequest(app=APP), "kind"),
+                (admin.CreateKey, pb.CreateKeyRequest(kind=pb.KEY_KIND_SECRET), "app"),
+                (admin.RevokeKey, pb.RevokeKeyRequest(key_id="not-a-key-id"), "key_id"),
+            ]
+            for call, request, field in refusals:
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, shard_id
+                assert field in refused.value.details()
+            with pytest.raises(grpc.RpcError) as unknown:
+                admin.RevokeKey(pb.RevokeKeyRequest(key_id="a" * 12), metadata=metadata,
+                                timeout=CALL_TIMEOUT_S)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert etcd_state(cluster) == before
+    assert [listed(cluster, shard_id) for shard_id in (0, 1)] == keys_before
+    with client(cluster, 1, key) as one:
+        assert plan_quota(one, "in-use") == PLAN["limit_groups"][0]["quota"]
+
+
+def test_a_restarted_shard_applies_exactly_the_changes_it_missed_from_its_logged_revision(
+        cluster):
+    with client(cluster, 0) as admin:
+        kept = admin.create_key("secret", app=APP).secret
+    wait_until(lambda: authenticates(cluster, 1, kept), "shard 1 takes the key")
+    with client(cluster, 0, kept) as zero:
+        zero.upsert_plan({**PLAN, "id": "deleted-while-down"})
+    with client(cluster, 1, kept) as one:
+        wait_until(lambda: plan_quota(one, "deleted-while-down"), "shard 1 has the plan")
+    assert cluster.shards[1].stop() == 0
+    last_applied, _ = etcd_state(cluster)
+    with client(cluster, 0) as admin:
+        missed = admin.create_key("secret", app=APP)  # four changes while shard 1 is down
+        admin.revoke_key(missed.key.key_id)
+    with client(cluster, 0, kept) as zero:
+        zero.upsert_plan({**PLAN, "id": "while-down"})
+        zero.delete_plan("deleted-while-down")  # the last change: a delete
+    after_changes, _ = etcd_state(cluster)
+    cluster.shards[1] = cluster.start_shard(1)
+    applied = cluster.shards[1].last("catalog applied")  # before it served
+    assert applied["changes"] == 4 and applied["applied_revision"] == after_changes
+    assert applied["resumed_from_revision"] <= last_applied  # its log's, not a full read
+    assert not authenticates(cluster, 1, missed.secret)
+    with client(cluster, 1, kept) as one:
+        assert plan_quota(one, "while-down") is not None
+        assert plan_quota(one, "deleted-while-down") is None
+
+    assert cluster.shards[1].stop() == 0  # again, with etcd compacting the missed change
+    with client(cluster, 0, kept) as zero:
+        zero.upsert_plan({**PLAN, "id": "compacted-away"})
+    revision, stored = etcd_state(cluster)
+    compact(EtcdTarget.parse(cluster.target).endpoint, revision)
+    cluster.shards[1] = cluster.start_shard(1)
+    applied = cluster.shards[1].last("catalog applied")
+    assert applied["changes"] == 1 and applied["applied_revision"] == revision
+    assert cluster.shards[1].last("the catalog's changes since the last applied are "
+                                  "compacted in etcd; reading the whole catalog")
+    with client(cluster, 1, kept) as one:
+        assert plan_quota(one, "compacted-away") is not None
+
+
+def test_a_user_token_signed_on_one_shard_lets_a_pk_key_read_usage_on_another(cluster):
+    user = next(f"reader-{n}" for n in range(10_000)
+                if cluster.shard_map.owner(slot_of(APP, f"reader-{n}")).shard_id == 1)
+    with client(cluster, 0) as admin:
+        secret = admin.create_key("secret", app=APP).secret
+        public = admin.create_key("public", app=APP).secret
+    wait_until(lambda: authenticates(cluster, 1, secret), "shard 1 takes the sk key")
+    with client(cluster, 0, secret) as zero:
+        zero.upsert_plan({**PLAN, "id": "readable"})
+        token = zero.mint_user_token(user).token  # signed on shard 0
+    with client(cluster, 1, secret) as one:
+        one.subscribe(user, "readable")
+    with qc.QuotaClient(cluster.addresses[1], api_key=public, user_token=token,
+                        timeout_s=CALL_TIMEOUT_S) as browser:
+        assert browser.usage(user)["tokens"].used == 0  # verified on shard 1
+
+
+def test_a_value_in_etcd_that_is_not_what_its_key_holds_is_skipped_and_following_goes_on(
+        cluster):
+    parsed = EtcdTarget.parse(cluster.target)
+    too_big = b"x" * (CATALOG_VALUE_BYTES_MAX + 1)
+
+    async def put_by_hand() -> None:
+        etcd = Etcd(parsed.endpoint)
+        try:
+            await etcd.put(parsed.prefix + b"catalog/plans/" + APP.encode() + b"\0big", too_big)
+            await etcd.put(parsed.prefix + b"catalog/keys/bbbbbbbbbbbb", b"{not json")
+        finally:
+            await etcd.close()
+    asyncio.run(put_by_hand())
+    with client(cluster, 0) as admin:
+        key = admin.create_key("secret", app=APP).secret  # applied after the two bad ones
+    for shard_id in (0, 1):
+        wait_until(lambda: authenticates(cluster, shard_id, key), f"shard {shard_id} follows")
+        skipped = [line["key"] for line in cluster.shards[shard_id].log_lines if line.get(
+            "message") == "a value in the catalog is not what its key holds; skipped"]
+        assert [key[-3:] for key in skipped[-2:]] == ["big", "bbb"], skipped
+        with client(cluster, shard_id, key) as direct:
+            assert plan_quota(direct, "big") is None
+    assert all(key.key_id != "bbbbbbbbbbbb" for key in listed(cluster, 0))
+
+
+def test_a_shard_whose_data_applied_a_revision_its_etcd_has_not_reached_exits_2(
+        cluster, tmp_path):
+    with client(cluster, 0) as admin:
+        kept = admin.create_key("secret", app=APP).secret
+    wait_until(lambda: authenticates(cluster, 1, kept), "shard 1 takes the key")
+    assert cluster.shards[1].stop() == 0
+    other = EtcdProcess(tmp_path / "other-etcd").start()  # a new etcd: its revisions restart
+    try:
+        target = f"etcd://{other.endpoint}/other"
+        assert init(target, cluster.addresses).returncode == 0
+        stray = shard(cluster.folder, target, 1, env=cluster.env).launch(cluster.addresses[1])
+        assert stray.process.wait(timeout=CALL_TIMEOUT_S * 4) == 2
+        refused = stray.last("cannot join the cluster's catalog")
+        assert "belongs with another etcd" in refused["error"]
+        assert not any(line.get("message") == "serving" for line in stray.log_lines)
+        stray.close()
+    finally:
+        other.stop()
+        other.close()
+    cluster.shards[1] = cluster.start_shard(1)  # its own cluster again: as it was
+    assert cluster.shards[1].last("catalog applied")["changes"] == 0
+    assert authenticates(cluster, 1, kept)
