@@ -1,0 +1,194 @@
+"""Moving slots with their users' state between two shards of a cluster in a real etcd, each
+shard a real quotad process on loopback, while 64 callers run through one
+AsyncQuotaClient(cluster=...): `quotactl cluster move-slots` freezes the slots on the source,
+hands their users' state to the target's log, flips the map in one etcd transaction and has
+the source forget them. The history checker (test_history's) then proves that no call was
+admitted twice or denied falsely and that the final usage is exactly what the history implies;
+a hold taken before the move commits after it, on the target; a key used before the move gets
+its first answer after it; a kill -9 of the target loses nothing of what it took in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from history_checker import check
+from quotad_client import AsyncQuotaClient, NotFound
+from quotad_contract.shards import ShardMap, format_slots, slot_of
+from quotad_contract.v1 import quotad_pb2 as pb
+from quotad_contract.v1 import quotad_pb2_grpc
+from server_process import ROOT
+from test_etcd_cluster import (
+    APP, COMMAND_TIMEOUT_S, EtcdCluster, shard, stored_map, users_of, wait_until,
+)
+from test_history import G, P, PLAN, QUOTA_ALL, QUOTA_PREMIUM, ClientCalls, assert_sound, run_calls
+
+OPS = 6_000
+CLIENTS = 64
+LIMIT_S = 40.0
+MOVE_AFTER_S = 1.0
+"""The move starts this long into the load."""
+RPC_TIMEOUT_S = 30.0
+PLAN_WAIT_S = 15.0
+KEY = "before-the-move"
+
+
+def quotactl(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "quotad_client.ctl", "--cluster", target,
+                           "--timeout-s", "10", *args], capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT_S, cwd=ROOT)
+
+
+def admin(address: str) -> quotad_pb2_grpc.AdminServiceStub:
+    return quotad_pb2_grpc.AdminServiceStub(grpc.insecure_channel(address))
+
+
+def digest(address: str) -> pb.GetStateDigestResponse:
+    return admin(address).GetStateDigest(pb.GetStateDigestRequest(), timeout=RPC_TIMEOUT_S)
+
+
+@pytest.fixture
+def two_shards(tmp_path: Path, etcd):
+    cluster = EtcdCluster(tmp_path, etcd, count=2).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+async def subscribed(client: AsyncQuotaClient, users: list[str]) -> None:
+    await client.upsert_plan(PLAN)  # to one shard, through etcd to both
+    deadline = time.monotonic() + PLAN_WAIT_S
+    for user in users:
+        while True:
+            try:
+                await client.subscribe(user, PLAN.id)
+                break
+            except NotFound:
+                assert time.monotonic() < deadline, f"the plan never reached {user}'s shard"
+                await asyncio.sleep(0.05)
+
+
+def test_slots_move_under_load_with_their_users_state_and_nothing_lost_or_admitted_twice(
+        two_shards: EtcdCluster, tmp_path: Path):
+    cluster = two_shards
+    shard_map = cluster.shard_map
+    source_users = users_of(shard_map, 0, 2, "hot")
+    users = tuple(source_users + users_of(shard_map, 1, 2, "hot"))
+    [keeper] = [u for u in users_of(shard_map, 0, 3, "keeper")
+                if slot_of(APP, u) not in {slot_of(APP, s) for s in source_users}][:1]
+    moved = frozenset(slot_of(APP, user) for user in (*source_users, keeper))
+    slots = format_slots(moved)
+
+    async def scenario():
+        async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
+            await subscribed(client, [*users, keeper])
+            # before the move: a hold left live, a keyed track, on the moved keeper
+            hold = await client.reserve(keeper, "chat", 40, ttl_s=600)
+            first = await client.track(keeper, "chat", 7, idempotency_key=KEY)
+            load = asyncio.create_task(run_calls(ClientCalls(client), users, OPS, CLIENTS,
+                                                 LIMIT_S))
+            await asyncio.sleep(MOVE_AFTER_S)
+            began_ns = time.monotonic_ns()
+            moving = await asyncio.to_thread(quotactl, cluster.target, "cluster", "move-slots",
+                                             "--from", "0", "--to", "1", "--slots", slots)
+            moved_ns = time.monotonic_ns()
+            history, _ = await load
+            # after the move, on the target: the hold commits, the key gets its first answer
+            committed = await client.commit(hold.reservation_id, 30)
+            again = await client.track(keeper, "chat", 7, idempotency_key=KEY)
+            usage = await client.usage(keeper)
+            return (moving, began_ns, moved_ns, history, first, committed, again, usage)
+
+    moving, began_ns, moved_ns, history, first, committed, again, usage = asyncio.run(scenario())
+    assert moving.returncode == 0, moving.stdout + moving.stderr
+    print(f"\n{moving.stdout}move took {(moved_ns - began_ns) / 1e9:.2f} s")
+    for step in ("frozen on shard 0", "adopted by shard 1", "map flipped at etcd revision",
+                 "forgotten on shard 0: 3 users"):
+        assert step in moving.stdout, moving.stdout
+    # the load ran before, during and after the move, and every call was answered OK
+    assert any(c.start_ns < began_ns for c in history)
+    assert any(c.start_ns > moved_ns for c in history if c.kind != "usage")
+    quotas = {(u, G): QUOTA_ALL for u in users} | {(u, P): QUOTA_PREMIUM for u in users}
+    report = check(history, quotas)
+    print(report.summary(CLIENTS))
+    assert_sound(history, quotas, report, OPS, LIMIT_S, users)
+    # the hold taken before the move was committed after it, on the target
+    assert (committed.committed, committed.returned, committed.expired) == (30, 10, False)
+    assert again.counters == first.counters  # the first answer, nothing counted twice
+    [counter] = [c for c in usage.counters if c.key == G]
+    assert (counter.used, counter.held) == (7 + 30, 0)
+    # the map names the target; the source sends the users there
+    assert ShardMap.from_json(stored_map(cluster.target).decode()).owner(
+        min(moved)).shard_id == 1
+    with pytest.raises(grpc.RpcError) as refused:
+        admin(cluster.addresses[0]).GetSubscription(pb.GetSubscriptionRequest(
+            user_id=keeper), timeout=RPC_TIMEOUT_S)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "shard 1" in refused.value.details()
+
+    # kill -9 of the target: its restart replays the adopted state exactly
+    before = digest(cluster.addresses[1])
+    cluster.shards[1].kill()
+    cluster.shards[1].close()
+    cluster.shards[1] = shard(cluster.folder, cluster.target, 1,
+                              ttl_s=cluster.ttl_s).start(cluster.addresses[1])
+    after = wait_until(lambda: digest(cluster.addresses[1]), "the target serving again")
+    assert (after.digest, after.sequence) == (before.digest, before.sequence)
+
+    async def usage_after_restart():
+        async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
+            return await client.usage(keeper)
+    assert asyncio.run(usage_after_restart()).counters == usage.counters
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--from", "0", "--to", "7", "--slots", "0"], "no shard 7"),
+    (["--from", "1", "--to", "1", "--slots", "0"], "both shard 1"),
+    (["--from", "0", "--to", "1", "--slots", "4096"], "within 0-4095"),
+    (["--from", "0", "--to", "1", "--slots", "5-"], "not FIRST-LAST"),
+    (["--from", "0", "--to", "1", "--slots", "3000"], "not shard 0's"),
+])
+def test_a_bad_move_is_refused_naming_what_is_wrong_and_changes_nothing(
+        two_shards: EtcdCluster, args: list[str], named: str):
+    cluster = two_shards
+    map_before = stored_map(cluster.target)
+    digests = [digest(address).digest for address in cluster.addresses]
+    done = quotactl(cluster.target, "cluster", "move-slots", *args)
+    assert done.returncode == 2 and named in done.stderr, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert stored_map(cluster.target) == map_before
+    assert [digest(address).digest for address in cluster.addresses] == digests
+
+
+def test_the_move_rpcs_refuse_bad_input_with_nothing_changed(two_shards: EtcdCluster):
+    cluster = two_shards
+    source, target = (admin(address) for address in cluster.addresses)
+    owned = format_slots(cluster.shard_map.shard(0).slots)
+    digests = [digest(address).digest for address in cluster.addresses]
+    refusals = [
+        (source.FreezeSlots, pb.FreezeSlotsRequest(slots="x"), "slots"),
+        (source.FreezeSlots, pb.FreezeSlotsRequest(slots="4000"), "not this shard's"),
+        (source.AdoptSlots, pb.AdoptSlotsRequest(slots="0", first=True), "this shard's"),
+        (target.AdoptSlots, pb.AdoptSlotsRequest(slots="0", first=True, state=b"{"), "state"),
+        (target.AdoptSlots, pb.AdoptSlotsRequest(slots="0", first=False, state=b"[]"),
+         "first chunk"),
+        (source.ForgetSlots, pb.ForgetSlotsRequest(slots=owned), "this shard's"),
+    ]
+    for method, request, named in refusals:
+        with pytest.raises(grpc.RpcError) as refused:
+            method(request, timeout=RPC_TIMEOUT_S)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        assert named in refused.value.details(), (request, refused.value.details())
+    with pytest.raises(grpc.RpcError) as refused:  # nothing is read of slots not frozen
+        list(source.ExportSlots(pb.ExportSlotsRequest(slots="0"), timeout=RPC_TIMEOUT_S))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not frozen" in refused.value.details()
+    assert [digest(address).digest for address in cluster.addresses] == digests
