@@ -20,7 +20,8 @@ from quotad.core.holds import HoldState
 from quotad.core.machine import Core
 from quotad.core.plans import Window
 from quotad.storage.codec import (
-    decode_record, decode_slot_state, encode_record, encode_slot_state, record_key, to_plain,
+    decode_finished_hold, decode_record, decode_slot_state, encode_finished_hold, encode_record,
+    encode_slot_state, record_key, reservation_bytes, to_plain,
 )
 from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 from quotad_contract.errors import ErrorReason
@@ -234,3 +235,21 @@ def test_bad_moves_are_refused_with_nothing_changed():
     assert isinstance(outcome.error, InvalidArgument)
     with pytest.raises(ValueError):
         decode_slot_state(b'[["user", "app"]]')
+
+
+def test_a_moved_hold_finished_on_the_target_is_stored_whole_in_its_holds_table():
+    """It has no Reserve record in the target's log to be read back with."""
+    moved, _, slots = users_in_slots(1, 0)
+    source = make_source(moved, [])
+    target = Harness(now=source.now).setup(PLAN)
+    move(source, target, slots)
+    user = moved[0]
+    target.commit(hold_id(user, 1), 2)
+    finished = target.core.apps[APP].reservations[hold_id(user, 1)]
+    assert finished.sequence == 0 and finished.status is HoldState.COMMITTED
+    row = encode_finished_hold(finished, target.core.sequence, 0, target.now)
+
+    def no_record(sequence):
+        raise AssertionError(f"record {sequence} read: the row was not whole")
+    assert decode_finished_hold(reservation_bytes(finished.reservation_id), row,
+                                target.core.sequence, no_record, no_record) == finished

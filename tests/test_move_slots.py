@@ -20,7 +20,8 @@ import grpc
 import pytest
 
 from history_checker import check
-from quotad_client import AsyncQuotaClient, NotFound
+from quotad_client import AsyncQuotaClient, FailedPrecondition, NotFound
+from quotad_contract.errors import ErrorReason
 from quotad_contract.shards import ShardMap, format_slots, slot_of
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc
@@ -103,6 +104,9 @@ def test_slots_move_under_load_with_their_users_state_and_nothing_lost_or_admitt
             history, _ = await load
             # after the move, on the target: the hold commits, the key gets its first answer
             committed = await client.commit(hold.reservation_id, 30)
+            with pytest.raises(FailedPrecondition) as twice:  # read back from the target's log
+                await client.commit(hold.reservation_id, 30)
+            assert twice.value.reason == ErrorReason.RESERVATION_COMMITTED
             again = await client.track(keeper, "chat", 7, idempotency_key=KEY)
             usage = await client.usage(keeper)
             return (moving, began_ns, moved_ns, history, first, committed, again, usage)

@@ -785,7 +785,8 @@ def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int
     reserve_expires_at_ns, the one its Reserve record set (its time plus its ttl_ns; 0: not
     known)."""
     message = pb.FinishedHold()
-    compact = now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX
+    # a hold a move brought in (sequence 0) has no Reserve record here: it is stored whole
+    compact = hold.sequence > 0 and now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX
     if compact:
         message.from_reserve_record = True
     else:
