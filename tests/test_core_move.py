@@ -87,8 +87,7 @@ def move(source: Harness, target: Harness, slots: frozenset[int]) -> None:
     items = [("u", u) for u in users] + [("h", h) for h in holds] + [("k", k) for k in keys]
     for start in range(0, len(items), 3):
         part = items[start:start + 3]
-        chunk = encode_slot_state([i for t, i in part if t == "u"], [i for t, i in part if t == "h"],
-                                  [i for t, i in part if t == "k"])
+        chunk = encode_slot_state(*([i for t, i in part if t == kind] for kind in "uhk"))
         u, h, k = decode_slot_state(chunk)
         outcome = target.apply(AdoptSlots(slots=tuple(sorted(slots)), first=start == 0,
                                           users=u, holds=h, keys=k))

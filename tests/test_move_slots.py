@@ -21,6 +21,7 @@ import pytest
 
 from history_checker import check
 from quotad_client import AsyncQuotaClient, FailedPrecondition, NotFound
+from quotad_client._errors import error_from_rpc_error
 from quotad_contract.errors import ErrorReason
 from quotad_contract.shards import ShardMap, format_slots, slot_of
 from quotad_contract.v1 import quotad_pb2 as pb
@@ -196,3 +197,56 @@ def test_the_move_rpcs_refuse_bad_input_with_nothing_changed(two_shards: EtcdClu
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not frozen" in refused.value.details()
     assert [digest(address).digest for address in cluster.addresses] == digests
+
+
+def test_a_move_whose_mover_crashed_is_run_again_and_a_frozen_source_restarts_frozen(
+        two_shards: EtcdCluster):
+    """The mover stopped after the freeze and one chunk; then the source is killed (kill -9)
+    and restarted: it still refuses the frozen user. The same command, run again, finishes
+    the move, and the user's state is on the target as it was."""
+    cluster = two_shards
+    [user] = users_of(cluster.shard_map, 0, 1, "crash")
+    slot = str(slot_of(APP, user))
+
+    async def before_move():
+        async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
+            await subscribed(client, [user])
+            hold = await client.reserve(user, "chat", 25, ttl_s=600)
+            await client.track(user, "chat", 11, idempotency_key=KEY)
+            return hold, await client.usage(user)
+    hold, usage = asyncio.run(before_move())
+    source, target = (admin(address) for address in cluster.addresses)
+    assert source.FreezeSlots(pb.FreezeSlotsRequest(slots=slot),
+                              timeout=RPC_TIMEOUT_S).step.users == 1
+    [chunk] = list(source.ExportSlots(pb.ExportSlotsRequest(slots=slot), timeout=RPC_TIMEOUT_S))
+    assert (chunk.users, chunk.holds, chunk.keys) == (1, 1, 2)  # the reserve's key too
+    target.AdoptSlots(pb.AdoptSlotsRequest(slots=slot, first=True, state=chunk.state),
+                      timeout=RPC_TIMEOUT_S)
+    cluster.shards[0].kill()  # the source dies while its slot is frozen
+    cluster.shards[0].close()
+    cluster.shards[0] = shard(cluster.folder, cluster.target, 0,
+                              ttl_s=cluster.ttl_s).start(cluster.addresses[0])
+    quota = quotad_pb2_grpc.QuotaServiceStub(grpc.insecure_channel(cluster.addresses[0]))
+    with pytest.raises(grpc.RpcError) as refused:
+        quota.GetUsage(pb.GetUsageRequest(user_id=user), timeout=RPC_TIMEOUT_S)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_from_rpc_error(refused.value).reason == ErrorReason.SLOTS_MOVING
+
+    again = quotactl(cluster.target, "cluster", "move-slots", "--from", "0", "--to", "1",
+                     "--slots", slot)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "frozen on shard 0: 1 slots (0 newly)" in again.stdout, again.stdout
+    assert "forgotten on shard 0: 1 users" in again.stdout, again.stdout
+
+    async def after_move():
+        async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
+            moved_usage = await client.usage(user)
+            committed = await client.commit(hold.reservation_id)
+            return moved_usage, committed
+    moved_usage, committed = asyncio.run(after_move())
+    assert moved_usage.counters == usage.counters
+    assert committed.committed == 25
+    # run once more, the move is done: nothing to move, nothing changed
+    done = quotactl(cluster.target, "cluster", "move-slots", "--from", "0", "--to", "1",
+                    "--slots", slot)
+    assert done.returncode == 2 and "not shard 0's" in done.stderr, done.stdout + done.stderr
