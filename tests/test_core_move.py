@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 
 from core_helpers import APP, HOUR, MINUTE, S, Harness, group, plan, replay_all
+from quotad.core import limits
 from quotad.core.commands import (
-    AdoptSlots, Commit, ForgetSlots, FreezeSlots, GetUsage, Reserve, ThawSlots, Track,
+    AdoptSlots, MovedKey, Commit, ForgetSlots, FreezeSlots, GetUsage, Reserve, ThawSlots, Track,
 )
 from quotad.core.errors import InvalidArgument, NotFound, SlotsMoving
 from quotad.core.holds import HoldState
@@ -252,3 +253,20 @@ def test_a_moved_hold_finished_on_the_target_is_stored_whole_in_its_holds_table(
         raise AssertionError(f"record {sequence} read: the row was not whole")
     assert decode_finished_hold(reservation_bytes(finished.reservation_id), row,
                                 target.core.sequence, no_record, no_record) == finished
+
+
+def test_a_chunk_holds_at_most_move_chunk_items_max_users_holds_and_keys():
+    moved, _, slots = users_in_slots(1, 0)
+    source = make_source(moved, [])
+    source.run(FreezeSlots(slots=tuple(sorted(slots))))
+    key = source.core.export_slots(slots, source.now)[2][0]
+    many = tuple(MovedKey(app=key.app, rpc=key.rpc, key=f"k{n}", request=key.request,
+                          result=key.result, created_at_ns=key.created_at_ns, slot=key.slot)
+                 for n in range(limits.MOVE_CHUNK_ITEMS_MAX + 1))
+    full = AdoptSlots(slots=tuple(sorted(slots)), first=True,
+                      keys=many[:limits.MOVE_CHUNK_ITEMS_MAX])
+    target = Harness(now=source.now).setup(PLAN)
+    assert target.run(full).keys == limits.MOVE_CHUNK_ITEMS_MAX
+    with pytest.raises(InvalidArgument) as refused:
+        AdoptSlots(slots=tuple(sorted(slots)), first=True, keys=many)
+    assert {v.field for v in refused.value.violations} == {"state"}

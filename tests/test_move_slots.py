@@ -1,8 +1,9 @@
 """Moving slots with their users' state between two shards of a cluster in a real etcd, each
 shard a real quotad process on loopback, while 64 callers run through one
-AsyncQuotaClient(cluster=...): `quotactl cluster move-slots` freezes the slots on the source,
-hands their users' state to the target's log, flips the map in one etcd transaction and has
-the source forget them. The history checker (test_history's) then proves that no call was
+AsyncQuotaClient(cluster=...): the move (quotactl cluster move-slots' steps, in process so
+that it starts within the load) freezes the slots on the source, hands their users' state to
+the target's log, flips the map in one etcd transaction and has the source forget them; a
+second load runs after it, on the target. The history checker (test_history's) then proves that no call was
 admitted twice or denied falsely and that the final usage is exactly what the history implies;
 a hold taken before the move commits after it, on the target; a key used before the move gets
 its first answer after it; a kill -9 of the target loses nothing of what it took in.
@@ -11,19 +12,23 @@ its first answer after it; a kill -9 of the target loses nothing of what it took
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
 from history_checker import check
+from quotad.core.limits import MOVE_CHUNK_BYTES_MAX
 from quotad_client import AsyncQuotaClient, FailedPrecondition, NotFound
 from quotad_client._errors import error_from_rpc_error
 from quotad_contract.errors import ErrorReason
-from quotad_contract.shards import ShardMap, format_slots, slot_of
+from quotad_client.moves import move_slots
+from quotad_contract.shards import EtcdTarget, ShardMap, format_slots, slot_of
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc
 from server_process import ROOT
@@ -32,11 +37,13 @@ from test_etcd_cluster import (
 )
 from test_history import G, P, PLAN, QUOTA_ALL, QUOTA_PREMIUM, ClientCalls, assert_sound, run_calls
 
-OPS = 6_000
+OPS_DURING, OPS_AFTER = 8_000, 2_000
+"""Calls of the load the move starts in (it outlasts the freeze by far), then of a load that
+starts once the move is done (on the target)."""
 CLIENTS = 64
 LIMIT_S = 40.0
-MOVE_AFTER_S = 1.0
-"""The move starts this long into the load."""
+MOVE_AFTER_S = 0.2
+"""The move starts this long into the first load."""
 RPC_TIMEOUT_S = 30.0
 PLAN_WAIT_S = 15.0
 KEY = "before-the-move"
@@ -87,7 +94,6 @@ def test_slots_move_under_load_with_their_users_state_and_nothing_lost_or_admitt
     [keeper] = [u for u in users_of(shard_map, 0, 3, "keeper")
                 if slot_of(APP, u) not in {slot_of(APP, s) for s in source_users}][:1]
     moved = frozenset(slot_of(APP, user) for user in (*source_users, keeper))
-    slots = format_slots(moved)
 
     async def scenario():
         async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
@@ -95,14 +101,20 @@ def test_slots_move_under_load_with_their_users_state_and_nothing_lost_or_admitt
             # before the move: a hold left live, a keyed track, on the moved keeper
             hold = await client.reserve(keeper, "chat", 40, ttl_s=600)
             first = await client.track(keeper, "chat", 7, idempotency_key=KEY)
-            load = asyncio.create_task(run_calls(ClientCalls(client), users, OPS, CLIENTS,
-                                                 LIMIT_S))
+            load = asyncio.create_task(run_calls(ClientCalls(client), users, OPS_DURING,
+                                                 CLIENTS, LIMIT_S))
             await asyncio.sleep(MOVE_AFTER_S)
+            steps: list[tuple[int, str]] = []
             began_ns = time.monotonic_ns()
-            moving = await asyncio.to_thread(quotactl, cluster.target, "cluster", "move-slots",
-                                             "--from", "0", "--to", "1", "--slots", slots)
+            await asyncio.to_thread(
+                move_slots, EtcdTarget.parse(cluster.target), 0, 1, moved, timeout_s=10.0,
+                progress=lambda line: steps.append((time.monotonic_ns(), line)))
             moved_ns = time.monotonic_ns()
-            history, _ = await load
+            during, _ = await load
+            after, _ = await run_calls(ClientCalls(client), users, OPS_AFTER, CLIENTS, LIMIT_S)
+            # the second load's holds are labelled apart from the first's
+            history = during + [replace(c, hold=f"after.{c.hold}") if c.hold else c
+                                for c in after]
             # after the move, on the target: the hold commits, the key gets its first answer
             committed = await client.commit(hold.reservation_id, 30)
             with pytest.raises(FailedPrecondition) as twice:  # read back from the target's log
@@ -110,21 +122,27 @@ def test_slots_move_under_load_with_their_users_state_and_nothing_lost_or_admitt
             assert twice.value.reason == ErrorReason.RESERVATION_COMMITTED
             again = await client.track(keeper, "chat", 7, idempotency_key=KEY)
             usage = await client.usage(keeper)
-            return (moving, began_ns, moved_ns, history, first, committed, again, usage)
+            return steps, began_ns, moved_ns, during, history, first, committed, again, usage
 
-    moving, began_ns, moved_ns, history, first, committed, again, usage = asyncio.run(scenario())
-    assert moving.returncode == 0, moving.stdout + moving.stderr
-    print(f"\n{moving.stdout}move took {(moved_ns - began_ns) / 1e9:.2f} s")
+    (steps, began_ns, moved_ns, during, history, first, committed, again,
+     usage) = asyncio.run(scenario())
+    output = "\n".join(line for _, line in steps)
+    print(f"\n{output}\nmove took {(moved_ns - began_ns) / 1e9:.2f} s")
     for step in ("frozen on shard 0", "adopted by shard 1", "map flipped at etcd revision",
                  "forgotten on shard 0: 3 users"):
-        assert step in moving.stdout, moving.stdout
-    # the load ran before, during and after the move, and every call was answered OK
-    assert any(c.start_ns < began_ns for c in history)
-    assert any(c.start_ns > moved_ns for c in history if c.kind != "usage")
+        assert step in output, output
+    chunk_bytes = [int(n) for n in re.findall(r"\((\d+) bytes\)", output)]
+    assert len(chunk_bytes) > 1 and max(chunk_bytes) <= MOVE_CHUNK_BYTES_MAX, chunk_bytes
+    # the load ran before and during the freeze (calls of the moved users among them), and
+    # after the move; every call was answered OK
+    [frozen_ns] = [at for at, line in steps if line.startswith("frozen on shard 0")]
+    assert any(c.start_ns < began_ns for c in during)
+    assert any(c.end_ns > frozen_ns for c in during if c.user in source_users), (
+        "the first load ended before the freeze")
     quotas = {(u, G): QUOTA_ALL for u in users} | {(u, P): QUOTA_PREMIUM for u in users}
     report = check(history, quotas)
     print(report.summary(CLIENTS))
-    assert_sound(history, quotas, report, OPS, LIMIT_S, users)
+    assert_sound(history, quotas, report, OPS_DURING + OPS_AFTER, LIMIT_S, users)
     # the hold taken before the move was committed after it, on the target
     assert (committed.committed, committed.returned, committed.expired) == (30, 10, False)
     assert again.counters == first.counters  # the first answer, nothing counted twice
@@ -250,3 +268,37 @@ def test_a_move_whose_mover_crashed_is_run_again_and_a_frozen_source_restarts_fr
     done = quotactl(cluster.target, "cluster", "move-slots", "--from", "0", "--to", "1",
                     "--slots", slot)
     assert done.returncode == 2 and "not shard 0's" in done.stderr, done.stdout + done.stderr
+    late = quotactl(cluster.target, "cluster", "move-slots", "--from", "0", "--to", "1",
+                    "--slots", slot, "--abort")  # flipped: it can only be finished
+    assert late.returncode == 2 and "finish it" in late.stderr, late.stdout + late.stderr
+
+
+def test_a_move_given_up_before_its_flip_leaves_the_source_serving_and_the_target_clean(
+        two_shards: EtcdCluster):
+    cluster = two_shards
+    [user] = users_of(cluster.shard_map, 0, 1, "abort")
+    slot = str(slot_of(APP, user))
+
+    async def setup():
+        async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
+            await subscribed(client, [user])
+            await client.track(user, "chat", 5)
+    asyncio.run(setup())
+    source, target = (admin(address) for address in cluster.addresses)
+    source.FreezeSlots(pb.FreezeSlotsRequest(slots=slot), timeout=RPC_TIMEOUT_S)
+    [chunk] = list(source.ExportSlots(pb.ExportSlotsRequest(slots=slot), timeout=RPC_TIMEOUT_S))
+    target.AdoptSlots(pb.AdoptSlotsRequest(slots=slot, first=True, state=chunk.state),
+                      timeout=RPC_TIMEOUT_S)
+    map_before = stored_map(cluster.target)
+    aborted = quotactl(cluster.target, "cluster", "move-slots", "--from", "0", "--to", "1",
+                       "--slots", slot, "--abort")
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    assert "thawed on shard 0: 1 slots" in aborted.stdout, aborted.stdout
+    assert "forgotten on shard 1: 1 slots, 1 users" in aborted.stdout, aborted.stdout
+    assert stored_map(cluster.target) == map_before
+    quota = quotad_pb2_grpc.QuotaServiceStub(grpc.insecure_channel(cluster.addresses[0]))
+    usage = quota.GetUsage(pb.GetUsageRequest(user_id=user), timeout=RPC_TIMEOUT_S)
+    assert [c.used for c in usage.counters if c.key == G] == [5]  # the source serves again
+    with pytest.raises(grpc.RpcError) as refused:  # the target sends the user to the source
+        target.GetSubscription(pb.GetSubscriptionRequest(user_id=user), timeout=RPC_TIMEOUT_S)
+    assert error_from_rpc_error(refused.value).reason == ErrorReason.WRONG_SHARD

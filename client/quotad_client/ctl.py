@@ -31,7 +31,7 @@ from quotad_client import (
 )
 from quotad_client import billing
 from quotad_client._convert import window_name
-from quotad_client.moves import move_slots
+from quotad_client.moves import abort_move, move_slots
 from quotad_contract import limits
 from quotad_contract.plans import PlansFileError, load_plans_file
 from quotad_contract.shards import ETCD_SCHEME, EtcdTarget, parse_slots
@@ -606,6 +606,13 @@ def cmd_cluster_move_slots(client: QuotaClient, args: argparse.Namespace) -> int
     if args.tls_root_cert is not None or args.tls:
         root_cert = args.tls_root_cert.read_bytes() if args.tls_root_cert is not None else None
         credentials = grpc.ssl_channel_credentials(root_cert)
+    if args.abort:
+        abort_move(EtcdTarget.parse(args.target), args.from_id, args.to_id, slots,
+                   metadata=metadata, timeout_s=args.timeout_s, credentials=credentials,
+                   progress=lambda line: print(line, flush=True))
+        print(f"gave up moving {len(slots)} slots from shard {args.from_id} to shard "
+              f"{args.to_id}: shard {args.from_id} serves them")
+        return 0
     report = move_slots(EtcdTarget.parse(args.target), args.from_id, args.to_id, slots,
                         metadata=metadata, timeout_s=args.timeout_s, credentials=credentials,
                         progress=lambda line: print(line, flush=True))
@@ -830,7 +837,9 @@ def parser() -> argparse.ArgumentParser:
                 "nothing, if the map changed since (1); (5) once FROM and TO follow the new "
                 "map, FROM forgets those users. Each step is printed. Every step may be run "
                 "again: after a crash, run the same command again (a move whose flip was "
-                "done goes on with (5)). A move refused before (2) changed nothing.",
+                "done goes on with (5)). A move refused before (2) changed nothing. --abort gives "
+                "up a move before its flip: FROM takes the slots' calls again and TO forgets "
+                "what it adopted.",
                 "quotactl --cluster etcd://127.0.0.1:2379/prod cluster move-slots --from 0 "
                 "--to 2 --slots 0-99,105")
     move.add_argument("--from", dest="from_id", type=int, required=True, metavar="A",
@@ -840,6 +849,9 @@ def parser() -> argparse.ArgumentParser:
     move.add_argument("--slots", required=True, metavar="RANGE",
                       help="comma-separated FIRST-LAST ranges or single slots, 0 to "
                            f"{limits.SLOTS - 1} (0-99,105,200-299)")
+    move.add_argument("--abort", action="store_true",
+                      help="give up a move of these slots that was not flipped (refused once "
+                           "it was: run the move again to finish it)")
     return root
 
 

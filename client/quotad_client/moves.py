@@ -13,6 +13,9 @@ The steps, each safe to run again after a crash of the mover at any point:
 4. the map flips in one etcd transaction that compares the map key's mod revision with the
    one read in 1: a map changed meanwhile is not overwritten (nothing flipped; run again);
 5. once both shards follow the new map, ForgetSlots on the source.
+
+A move given up before its flip (`abort_move`) thaws the slots on the source and has the
+target forget what it adopted of them; after the flip it can only be finished.
 """
 
 from __future__ import annotations
@@ -144,6 +147,41 @@ def move_slots(target: EtcdTarget, from_id: int, to_id: int, slots: frozenset[in
         progress(f"forgotten on shard {from_id}: {step.users} users, {step.holds} holds, "
                  f"{step.keys} idempotency keys kept in memory")
     return report
+
+
+def abort_move(target: EtcdTarget, from_id: int, to_id: int, slots: frozenset[int], *,
+               metadata: tuple[tuple[str, str], ...] = (), timeout_s: float = 10.0,
+               credentials: grpc.ChannelCredentials | None = None,
+               progress: Callable[[str], None] = lambda line: None) -> None:
+    """Gives up a move whose map was not flipped: ThawSlots on the source (it serves the
+    slots' users again), ForgetSlots on the target (it drops what it adopted). MoveRefused,
+    nothing changed, once the map gives the slots to the target (finish the move instead)."""
+    if from_id == to_id:
+        raise MoveRefused(f"--from and --to are both shard {from_id}: nothing to give up")
+    shard_map, _ = read_shard_map_revision(target, timeout_s)
+    try:
+        source, destination = shard_map.shard(from_id), shard_map.shard(to_id)
+    except ShardMapError as error:
+        raise MoveRefused(str(error)) from None
+    text = format_slots(slots)
+    if not slots <= source.slots:
+        raise MoveRefused(f"slots {text} are not all shard {from_id}'s in the map (a flip was "
+                          "done, or they are another shard's): run the move itself again to "
+                          "finish it; nothing was changed")
+    with _channel(source.address, credentials) as source_channel, \
+            _channel(destination.address, credentials) as target_channel:
+        for name, channel, method, request in (
+                (f"thawed on shard {from_id}", source_channel, "ThawSlots",
+                 pb.ThawSlotsRequest(slots=text)),
+                (f"forgotten on shard {to_id}", target_channel, "ForgetSlots",
+                 pb.ForgetSlotsRequest(slots=text))):
+            try:
+                step = getattr(quotad_pb2_grpc.AdminServiceStub(channel), method)(
+                    request, timeout=timeout_s, metadata=metadata).step
+            except grpc.RpcError as error:
+                raise error_from_rpc_error(error) from error
+            progress(f"{name}: {step.slots_changed} slots, {step.users} users, {step.holds} "
+                     f"holds, {step.keys} idempotency keys")
 
 
 def _wait_following(quota: quotad_pb2_grpc.QuotaServiceStub, slots: frozenset[int],

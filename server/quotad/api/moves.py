@@ -1,5 +1,6 @@
-"""The admin RPCs that move slots between shards: FreezeSlots, ExportSlots, AdoptSlots,
-ForgetSlots and ThawSlots (`quotactl cluster move-slots` calls them in that order).
+"""The admin RPCs that move slots between shards: FreezeSlots, ExportSlots, AdoptSlots and
+ForgetSlots (`quotactl cluster move-slots` calls them in that order), and ThawSlots (with
+ForgetSlots on the target: `--abort`, a move given up before its flip).
 
 Each step but the export is a logged command applied by the writer and answered once durable.
 The export reads the frozen users from memory and, in the same event-loop turn, opens a read
@@ -144,8 +145,8 @@ async def export_chunks(writer: Any, slots: tuple[int, ...]) -> AsyncIterator[
             raise InvalidArgument([FieldViolation(
                 "slots", f"one of their {kind} is {len(item)} bytes, past the "
                          f"{limits.MOVE_CHUNK_BYTES_MAX} of a chunk (MOVE_CHUNK_BYTES_MAX): "
-                         f"it cannot be moved; ThawSlots {format_slots(slots)} gives the "
-                         "slots back to their shard")])
+                         f"it cannot be moved; `quotactl cluster move-slots --abort` gives "
+                         f"slots {format_slots(slots)} back to this shard")])
         if chunk and (size + len(item) + 1 > limits.MOVE_CHUNK_BYTES_MAX
                       or len(chunk) == limits.MOVE_CHUNK_ITEMS_MAX):
             yield pb.ExportSlotsResponse(state=slot_state_chunk(chunk), **counts)

@@ -191,8 +191,8 @@ MOVE_CHUNK_BYTES_MAX = 40 * 1024
 request and one record in the target's log) of at most this many bytes of JSON: within
 MESSAGE_BYTES_MAX with room for the request's other fields. One user's state (its
 subscription and counters), one hold or one idempotency entry larger than this is not cut:
-the export refuses it (FAILED_PRECONDITION naming the user) and the move stops before the
-map changes."""
+the export refuses it (INVALID_ARGUMENT naming `slots`) and the move stops before the map
+changes (`quotactl cluster move-slots --abort` gives the slots back)."""
 MOVE_CHUNK_ITEMS_MAX = 512
 """Users, holds and idempotency entries in one chunk, at most."""
 MOVE_SCAN_ROWS_PER_PAGE = 1024
