@@ -27,13 +27,13 @@ from quotad.core.limits import MOVE_CHUNK_BYTES_MAX
 from quotad_client import AsyncQuotaClient, FailedPrecondition, NotFound
 from quotad_client._errors import error_from_rpc_error
 from quotad_contract.errors import ErrorReason
-from quotad_client.moves import move_slots
+from quotad_client.moves import MoveRefused, move_slots
 from quotad_contract.shards import EtcdTarget, ShardMap, format_slots, slot_of
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc
 from server_process import ROOT
 from test_etcd_cluster import (
-    APP, COMMAND_TIMEOUT_S, EtcdCluster, shard, stored_map, users_of, wait_until,
+    APP, COMMAND_TIMEOUT_S, EtcdCluster, put_map, shard, stored_map, users_of, wait_until,
 )
 from test_history import G, P, PLAN, QUOTA_ALL, QUOTA_PREMIUM, ClientCalls, assert_sound, run_calls
 
@@ -302,3 +302,41 @@ def test_a_move_given_up_before_its_flip_leaves_the_source_serving_and_the_targe
     with pytest.raises(grpc.RpcError) as refused:  # the target sends the user to the source
         target.GetSubscription(pb.GetSubscriptionRequest(user_id=user), timeout=RPC_TIMEOUT_S)
     assert error_from_rpc_error(refused.value).reason == ErrorReason.WRONG_SHARD
+
+
+def test_a_map_changed_during_a_move_is_not_overwritten_and_the_move_run_again_finishes(
+        two_shards: EtcdCluster):
+    """Someone writes the map between the hand-over and the flip: the flip's transaction
+    compares the map key's mod revision and fails, writing nothing; the slots stay frozen;
+    the move run again reads the new map and finishes."""
+    cluster = two_shards
+    [user] = users_of(cluster.shard_map, 0, 1, "race")
+    slot = slot_of(APP, user)
+
+    async def setup():
+        async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
+            await subscribed(client, [user])
+            await client.track(user, "chat", 9)
+    asyncio.run(setup())
+    target = EtcdTarget.parse(cluster.target)
+    written: list[bytes] = []
+
+    def meanwhile(line: str) -> None:
+        if line.startswith("exported from shard 0"):  # after the hand-over, before the flip
+            put_map(cluster.target, cluster.shard_map)  # the same map: a new mod revision
+            written.append(stored_map(cluster.target))
+    with pytest.raises(MoveRefused) as refused:
+        move_slots(target, 0, 1, frozenset({slot}), progress=meanwhile)
+    assert "changed since it was read" in str(refused.value)
+    assert stored_map(cluster.target) == written[0]  # not overwritten
+    quota = quotad_pb2_grpc.QuotaServiceStub(grpc.insecure_channel(cluster.addresses[0]))
+    with pytest.raises(grpc.RpcError) as frozen:
+        quota.GetUsage(pb.GetUsageRequest(user_id=user), timeout=RPC_TIMEOUT_S)
+    assert error_from_rpc_error(frozen.value).reason == ErrorReason.SLOTS_MOVING
+    report = move_slots(target, 0, 1, frozenset({slot}))
+    assert report.flipped_at_revision and report.forgotten_users == 1
+
+    async def usage():
+        async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
+            return await client.usage(user)
+    assert [c.used for c in asyncio.run(usage()).counters if c.key == G] == [9]
