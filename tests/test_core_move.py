@@ -14,7 +14,7 @@ import pytest
 from core_helpers import APP, HOUR, MINUTE, S, Harness, group, plan, replay_all
 from quotad.core import limits
 from quotad.core.commands import (
-    AdoptSlots, MovedKey, Commit, ForgetSlots, FreezeSlots, GetUsage, Reserve, ThawSlots, Track,
+    AdoptSlots, Commit, ForgetSlots, FreezeSlots, GetUsage, MovedKey, Reserve, ThawSlots, Track,
 )
 from quotad.core.errors import InvalidArgument, NotFound, SlotsMoving
 from quotad.core.holds import HoldState

@@ -23,7 +23,16 @@ import grpc
 import pytest
 
 from history_checker import check
+from core_helpers import APP as CORE_APP
+from quotad.api.moves import export_chunks, scan_keys
+from quotad.core.commands import FreezeSlots, Track, UpsertPlan, UpsertSubscription
 from quotad.core.limits import MOVE_CHUNK_BYTES_MAX
+from quotad.engine.recovery import recover
+from quotad.engine.writer import Writer
+from quotad.storage.codec import decode_slot_state
+from quotad.storage.wal import WriteAheadLog
+from test_core_move import PLAN as CORE_PLAN
+from test_core_move import users_in_slots
 from quotad_client import AsyncQuotaClient, FailedPrecondition, NotFound
 from quotad_client._errors import error_from_rpc_error
 from quotad_contract.errors import ErrorReason
@@ -340,3 +349,36 @@ def test_a_map_changed_during_a_move_is_not_overwritten_and_the_move_run_again_f
         async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
             return await client.usage(user)
     assert [c.used for c in asyncio.run(usage()).counters if c.key == G] == [9]
+
+
+def test_the_export_finds_keys_before_the_scan_and_after_it_each_once(tmp_path: Path):
+    """Over a real writer and LMDB log: keys used before the scan that precedes the freeze
+    (read from the scan), between the scan and the freeze (read from the log records after
+    it), and both ways the same export without a scan (a pass over the whole table)."""
+    moved, stay, slots = users_in_slots(2, 4)
+    wal = WriteAheadLog(tmp_path)
+
+    async def run():
+        writer = Writer(recover(wal), wal, on_failure=lambda error: None)
+        writer.start()
+        await writer.execute(UpsertPlan(app=CORE_APP, plan=CORE_PLAN))
+        for user in moved + stay:
+            await writer.execute(UpsertSubscription(app=CORE_APP, user_id=user, plan_id="pro"))
+            await writer.execute(Track(app=CORE_APP, user_id=user, event_type="e", amount=1,
+                                       idempotency_key=f"early-{user}"))
+        scan = await scan_keys(wal, slots)
+        for user in moved + stay:
+            await writer.execute(Track(app=CORE_APP, user_id=user, event_type="e", amount=2,
+                                       idempotency_key=f"late-{user}"))
+        await writer.execute(FreezeSlots(slots=tuple(sorted(slots))))
+        exported = [[chunk async for chunk in export_chunks(writer, tuple(sorted(slots)), how)]
+                    for how in (scan, None)]
+        await writer.close()
+        return scan, exported
+    scan, exported = asyncio.run(run())
+    wal.close()
+    assert {r.command.idempotency_key for r in scan.records} == {f"early-{u}" for u in moved}
+    expected = {f"{when}-{u}" for u in moved for when in ("early", "late")}
+    for chunks in exported:
+        keys = [k.key for chunk in chunks for k in decode_slot_state(chunk.state)[2]]
+        assert sorted(keys) == sorted(expected)

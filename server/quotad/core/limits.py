@@ -198,6 +198,9 @@ MOVE_CHUNK_ITEMS_MAX = 512
 MOVE_SCAN_ROWS_PER_PAGE = 1024
 """The export reads the log's holds and idempotency tables this many rows at a time, letting
 the event loop serve other calls between pages."""
+MOVE_KEY_SCANS_MAX = 4
+"""A source keeps the scans of the idempotency table it made before freezing (the slots'
+keyed records, to export) for at most this many slot sets at once."""
 SLOTS_MOVING_RETRY_DELAY_S = 0.05
 """What a call refused SLOTS_MOVING (UNAVAILABLE, nothing done) is told to wait, in its
 RetryInfo, before it is sent again."""
@@ -237,5 +240,5 @@ MOVE_SLOTS_TEXT_BYTES_MAX = 16 * 1024
 if not 0 < MOVE_CHUNK_BYTES_MAX + MOVE_SLOTS_TEXT_BYTES_MAX + 1024 <= MESSAGE_BYTES_MAX:
     raise AssertionError("an AdoptSlots request of a full chunk (MOVE_CHUNK_BYTES_MAX and "
                          "MOVE_SLOTS_TEXT_BYTES_MAX of slots) fits in MESSAGE_BYTES_MAX")
-if not (1 <= MOVE_CHUNK_ITEMS_MAX and 1 <= MOVE_SCAN_ROWS_PER_PAGE):
+if not (1 <= MOVE_CHUNK_ITEMS_MAX and 1 <= MOVE_SCAN_ROWS_PER_PAGE and 1 <= MOVE_KEY_SCANS_MAX):
     raise AssertionError("MOVE_CHUNK_ITEMS_MAX and MOVE_SCAN_ROWS_PER_PAGE are at least 1")

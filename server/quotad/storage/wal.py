@@ -478,6 +478,23 @@ class WriteAheadLog:
             if stored is not None:  # else pruned with its record
                 yield decode_record(bytes(sequence_key), stored, shape)
 
+    def last_sequence_in(self, txn: lmdb.Transaction) -> int:
+        """The last record's sequence a read transaction sees (0: none)."""
+        cursor = txn.cursor(db=self.log_db)
+        return key_sequence(cursor.key()) if cursor.last() else 0
+
+    def records_in(self, txn: lmdb.Transaction, after_sequence: int,
+                   through_sequence: int) -> Iterator[Record]:
+        """The records after one sequence through another that a read transaction sees."""
+        shape = self._shape_lookup(txn)
+        cursor = txn.cursor(db=self.log_db)
+        if not cursor.set_range(record_key(after_sequence + 1)):
+            return
+        for key, value in cursor:
+            if key_sequence(key) > through_sequence:
+                return
+            yield decode_record(bytes(key), value, shape)
+
     @contextmanager
     def reading(self) -> Iterator[None]:
         """The idempotency and finished-hold lookups made inside share one read transaction
