@@ -258,7 +258,7 @@ def method_handlers(gate: Gate, admission: Admission) -> dict[str, Any]:
     from quotad.api.service import _safe_parser
     scans = KeyScans()
     table: dict[str, Any] = {"ExportSlots": _export_handler(gate, scans)}
-    for rpc in ("FreezeSlots", "AdoptSlots", "ForgetSlots", "ThawSlots"):
+    for rpc in (rpc for rpc in MOVE_RPCS if rpc != "ExportSlots"):
         table[rpc] = grpc.unary_unary_rpc_method_handler(
             _unary(gate, admission, rpc, scans),
             request_deserializer=_safe_parser(getattr(pb, f"{rpc}Request")),
