@@ -298,6 +298,15 @@ def test_a_move_given_up_before_its_flip_leaves_the_source_serving_and_the_targe
     [chunk] = list(source.ExportSlots(pb.ExportSlotsRequest(slots=slot), timeout=RPC_TIMEOUT_S))
     target.AdoptSlots(pb.AdoptSlotsRequest(slots=slot, first=True, state=chunk.state),
                       timeout=RPC_TIMEOUT_S)
+    # adopted, not flipped: the target asks the user's callers to wait, a read or a watch
+    target_quota = quotad_pb2_grpc.QuotaServiceStub(grpc.insecure_channel(cluster.addresses[1]))
+    for read in (lambda: target_quota.GetUsage(pb.GetUsageRequest(user_id=user),
+                                               timeout=RPC_TIMEOUT_S),
+                 lambda: next(target_quota.WatchUsage(pb.WatchUsageRequest(user_id=user),
+                                                      timeout=RPC_TIMEOUT_S))):
+        with pytest.raises(grpc.RpcError) as waiting:
+            read()
+        assert error_from_rpc_error(waiting.value).reason == ErrorReason.SLOTS_MOVING
     map_before = stored_map(cluster.target)
     aborted = quotactl(cluster.target, "cluster", "move-slots", "--from", "0", "--to", "1",
                        "--slots", slot, "--abort")

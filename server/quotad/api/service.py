@@ -256,12 +256,18 @@ def check_shard(gate: Gate, rpc: str, app: str, request: Any) -> None:
         elif rpc in USER_RPCS:
             ownership.check_user(app, request.user_id)
     except FailedPrecondition as wrong:
-        slot = int(wrong.metadata.get("slot", -1))
-        if gate.writer is not None and slot in gate.writer.core.incoming_slots:
-            raise SlotsMoving(f"slot {slot} is moving to this shard, whose map does not name "
-                              "it the owner yet: nothing was done; send the call again "
-                              "shortly", slot=slot) from None
-        raise
+        raise _moving_here_or(gate, wrong) from None
+
+
+def _moving_here_or(gate: Gate, wrong: FailedPrecondition) -> Refusal:
+    """SLOTS_MOVING rather than WRONG_SHARD for a slot this shard adopted and its map does not
+    give it yet: the caller waits for the map instead of being sent back to the source."""
+    slot = int(wrong.metadata.get("slot", -1))
+    if gate.writer is not None and slot in gate.writer.core.incoming_slots:
+        return SlotsMoving(f"slot {slot} is moving to this shard, whose map does not name it "
+                           "the owner yet: nothing was done; send the call again shortly",
+                           slot=slot)
+    return wrong
 
 
 def _handler(gate: Gate, admission: Admission, rpc: str, to_command: Callable[[str, Any], Any],
@@ -448,7 +454,10 @@ def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> au
     assert gate.auth is not None
     grant = gate.auth.authorize_usage_read(call.principal, metadata, user_id)
     if gate.ownership is not None and gate.ownership.clustered:
-        gate.ownership.check_user(grant.app, user_id)
+        try:
+            gate.ownership.check_user(grant.app, user_id)
+        except FailedPrecondition as wrong:
+            raise _moving_here_or(gate, wrong) from None
     return grant
 
 
