@@ -76,7 +76,8 @@ class Keyed:
         stub = (quotad_pb2_grpc.QuotaServiceStub if service == "quota"
                 else quotad_pb2_grpc.AdminServiceStub)(self.channel)
         try:
-            if rpc in ("WatchUsage", "ExportUsage"):  # a stream: its first message, or its refusal
+            if rpc in ("WatchUsage", "ExportUsage", "ExportSlots"):  # a stream: its first
+                # message, or its refusal
                 stream = getattr(stub, rpc)(request, metadata=tuple(metadata),
                                             timeout=CALL_TIMEOUT_S)
                 first = next(stream)
@@ -223,6 +224,24 @@ def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
     if caller == "sk other app":
         return SK_OTHER_APP[rpc]
     return PK_USAGE_READ[caller] if rpc in ("GetUsage", "WatchUsage", "ListGrants") else DENIED
+
+
+MOVE_RPCS = ("FreezeSlots", "ExportSlots", "AdoptSlots", "ForgetSlots", "ThawSlots")
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("rpc", MOVE_RPCS)
+def test_only_the_admin_key_moves_slots_since_a_move_covers_every_apps_users(
+        keyed: Keyed, rpc: str, caller: str) -> None:
+    """Past the keys, a server alone has no slots to move: INVALID_ARGUMENT, nothing done."""
+    request = getattr(pb, f"{rpc}Request")(slots="0")
+    code, error = keyed.call(rpc, request, caller_metadata(keyed, caller))
+    if caller in ("no key", "invalid key", "revoked key"):
+        assert code == UNAUTHENTICATED
+    elif caller == "admin":
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a shard" in error.details()
+    else:
+        assert code == DENIED and "admin key" in error.details(), (rpc, caller)
 
 
 @pytest.mark.parametrize("caller", CALLERS)

@@ -33,13 +33,14 @@ from ._config import (
 from ._convert import PlanLike
 from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
 from ._errors import (DeadlineExceeded, FailedPrecondition, QuotadError, error_from_rpc_error,
+                      slots_moving_delay_s,
                       error_from_status, shed_delay_s, with_tls_hint)
 from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors,
                        merged_subscription_page)
 from ._throttle import AdaptiveThrottle, throttle_at, throttled
 from ._etcd import read_shard_map, shard_addresses
 from ._hold import AsyncHold
-from ._retry import RetryPolicy
+from ._retry import SLOTS_MOVING_RETRIES_MAX, RetryPolicy
 from ._watch import Resume
 from ._types import (
     Grant,
@@ -266,6 +267,7 @@ class AsyncQuotaClient:
             deadline = time.monotonic() + config.budget(timeout_s)
         retry = 0
         rerouted = False
+        moving_retries = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -302,6 +304,12 @@ class AsyncQuotaClient:
             except QuotadError as failed:  # one operation of a batch, or its time ran out
                 if throttle is not None:
                     throttle.failed(failed)
+                moving_s = slots_moving_delay_s(failed)
+                if moving_s is not None and moving_retries < SLOTS_MOVING_RETRIES_MAX and (
+                        time.monotonic() + moving_s < deadline):
+                    moving_retries += 1  # nothing was done: the same call, a moment later
+                    await asyncio.sleep(moving_s)
+                    continue
                 raise
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc_error(rpc_error)
@@ -310,6 +318,12 @@ class AsyncQuotaClient:
                 if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True
                     await self._refresh_routes(routes or self._routes)
+                    continue
+                moving_s = slots_moving_delay_s(error)
+                if moving_s is not None and moving_retries < SLOTS_MOVING_RETRIES_MAX and (
+                        time.monotonic() + moving_s < deadline):
+                    moving_retries += 1
+                    await asyncio.sleep(moving_s)
                     continue
                 wait = config.policy.next_wait(retry=retry, code=error.code,
                                                retryable=op.retryable, deadline=deadline,

@@ -76,8 +76,10 @@ class Unauthenticated(QuotadError):
     a valid user token (missing, malformed, badly signed, expired)."""
 
 
-class Unavailable(QuotadError):
+class Unavailable(_WithReason):
     """The server is starting, draining, stopped, or unreachable (retried by the client).
+    ``reason`` ``SLOTS_MOVING``: the user's slot is moving between shards and nothing was
+    done (the client sends the call again after ``retry_delay_s``, whatever it is).
     ``may_need_tls``: a plaintext channel found no server it could speak to, which is what a
     server serving TLS looks like to it (the message then says how to connect over TLS)."""
 
@@ -132,6 +134,15 @@ def shed_delay_s(error: QuotadError) -> float | None:
     if (isinstance(error, ResourceExhausted) and error.reason == ErrorReason.OVERLOADED
             and error.retry_delay_s is not None):
         return error.retry_delay_s
+    return None
+
+
+def slots_moving_delay_s(error: QuotadError) -> float | None:
+    """The wait before sending a call again that a shard refused because its user's slot is
+    moving (UNAVAILABLE ``SLOTS_MOVING``: nothing was done, so any call may be sent again);
+    None for every other error."""
+    if isinstance(error, Unavailable) and error.reason == ErrorReason.SLOTS_MOVING:
+        return error.retry_delay_s if error.retry_delay_s is not None else 0.05
     return None
 
 

@@ -23,13 +23,14 @@ from ._config import (
 )
 from ._convert import PlanLike
 from ._errors import (DeadlineExceeded, QuotadError, error_from_rpc_error, shed_delay_s,
+                      slots_moving_delay_s,
                       with_tls_hint)
 from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors,
                        merged_subscription_page)
 from ._throttle import AdaptiveThrottle, throttle_at, throttled
 from ._etcd import read_shard_map, shard_addresses
 from ._hold import Hold
-from ._retry import RetryPolicy
+from ._retry import SLOTS_MOVING_RETRIES_MAX, RetryPolicy
 from ._watch import Resume
 from ._types import (
     Grant,
@@ -206,6 +207,7 @@ class QuotaClient:
             deadline = time.monotonic() + config.budget(timeout_s)
         retry = 0
         rerouted = False
+        moving_retries = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -232,6 +234,12 @@ class QuotaClient:
                 if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, send the call once more
                     self._refresh_routes()
+                    continue
+                moving_s = slots_moving_delay_s(error)
+                if moving_s is not None and moving_retries < SLOTS_MOVING_RETRIES_MAX and (
+                        time.monotonic() + moving_s < deadline):
+                    moving_retries += 1  # nothing was done: the same call, a moment later
+                    time.sleep(moving_s)
                     continue
                 wait = config.policy.next_wait(retry=retry, code=error.code,
                                                retryable=op.retryable, deadline=deadline,

@@ -31,9 +31,10 @@ from quotad_client import (
 )
 from quotad_client import billing
 from quotad_client._convert import window_name
+from quotad_client.moves import abort_move, move_slots
 from quotad_contract import limits
 from quotad_contract.plans import PlansFileError, load_plans_file
-from quotad_contract.shards import ETCD_SCHEME
+from quotad_contract.shards import ETCD_SCHEME, EtcdTarget, parse_slots
 from quotad_contract.v1 import quotad_pb2 as pb
 
 T = TypeVar("T")
@@ -594,6 +595,32 @@ def _timeout_s(text: str) -> float:
     return value
 
 
+def cmd_cluster_move_slots(client: QuotaClient, args: argparse.Namespace) -> int:
+    if not args.target.startswith(ETCD_SCHEME):
+        raise UsageError("cluster move-slots needs the cluster in etcd: --cluster "
+                         "etcd://HOST:PORT/NAME")
+    slots = parse_slots(args.slots)  # a ShardMapError (ValueError) names what is wrong
+    api_key = os.environ.get(API_KEY_ENV) or None
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    credentials = None
+    if args.tls_root_cert is not None or args.tls:
+        root_cert = args.tls_root_cert.read_bytes() if args.tls_root_cert is not None else None
+        credentials = grpc.ssl_channel_credentials(root_cert)
+    if args.abort:
+        abort_move(EtcdTarget.parse(args.target), args.from_id, args.to_id, slots,
+                   metadata=metadata, timeout_s=args.timeout_s, credentials=credentials,
+                   progress=lambda line: print(line, flush=True))
+        print(f"gave up moving {len(slots)} slots from shard {args.from_id} to shard "
+              f"{args.to_id}: shard {args.from_id} serves them")
+        return 0
+    report = move_slots(EtcdTarget.parse(args.target), args.from_id, args.to_id, slots,
+                        metadata=metadata, timeout_s=args.timeout_s, credentials=credentials,
+                        progress=lambda line: print(line, flush=True))
+    print(f"moved {len(slots)} slots from shard {args.from_id} to shard {args.to_id}: "
+          f"{report.users} users, {report.holds} holds, {report.keys} idempotency keys")
+    return 0
+
+
 def _add(commands: Any, name: str, run: Callable[..., int], summary: str, description: str,
          example: str) -> argparse.ArgumentParser:
     command = commands.add_parser(name, help=summary, description=textwrap.fill(description, 79),
@@ -793,6 +820,40 @@ def parser() -> argparse.ArgumentParser:
                              "(default: each line's event type)")
     export.add_argument("--source", default=billing.CLOUDEVENT_SOURCE_DEFAULT, metavar="URI",
                         help="cloudevents: the events' source (default: %(default)s)")
+
+    cluster = groups.add_parser("cluster", help="change a cluster's shard map",
+                                description="Commands on a cluster in etcd (--cluster "
+                                            "etcd://HOST:PORT/NAME).")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True,
+                                              metavar="COMMAND")
+    move = _add(cluster_commands, "move-slots", cmd_cluster_move_slots,
+                "move slots, with their users' state, to another shard",
+                "Move the slots RANGE from shard FROM to shard TO, under load, with every "
+                "user's state of those slots: counters, live holds (with their absolute "
+                "expiry), finished holds, idempotency entries. The steps: (1) read the shard "
+                "map and its etcd revision, and check that FROM owns every slot; (2) freeze "
+                "the slots on FROM: from then on it refuses their users' calls UNAVAILABLE "
+                "SLOTS_MOVING, having done nothing (clients send them again after 50 ms); "
+                "(3) export their users' state from FROM in chunks, each taken into TO's log "
+                "(AdoptSlots); (4) flip the map in one etcd transaction that fails, flipping "
+                "nothing, if the map changed since (1); (5) once FROM and TO follow the new "
+                "map, FROM forgets those users. Each step is printed. Every step may be run "
+                "again: after a crash, run the same command again (a move whose flip was "
+                "done goes on with (5)). A move refused before (2) changed nothing. --abort gives "
+                "up a move before its flip: FROM takes the slots' calls again and TO forgets "
+                "what it adopted.",
+                "quotactl --cluster etcd://127.0.0.1:2379/prod cluster move-slots --from 0 "
+                "--to 2 --slots 0-99,105")
+    move.add_argument("--from", dest="from_id", type=int, required=True, metavar="A",
+                      help="the shard id the slots leave")
+    move.add_argument("--to", dest="to_id", type=int, required=True, metavar="B",
+                      help="the shard id the slots go to")
+    move.add_argument("--slots", required=True, metavar="RANGE",
+                      help="comma-separated FIRST-LAST ranges or single slots, 0 to "
+                           f"{limits.SLOTS - 1} (0-99,105,200-299)")
+    move.add_argument("--abort", action="store_true",
+                      help="give up a move of these slots that was not flipped (refused once "
+                           "it was: run the move again to finish it)")
     return root
 
 

@@ -66,6 +66,11 @@ class ErrorReason(enum.StrEnum):
     """The user (or the reservation id's slot) belongs to another shard of the cluster; the
     ErrorInfo metadata names it: "slot", "shard_id" and "address" of the shard that owns it.
     Nothing changed: send the call there."""
+    # UNAVAILABLE
+    SLOTS_MOVING = "SLOTS_MOVING"
+    """The user's slot is being moved to another shard (frozen on its source, or adopted by
+    its target before the shard map names it the owner): nothing was done. Send the call
+    again after the RetryInfo delay, to the shard the map then names."""
 
 
 @dataclass(frozen=True, slots=True)

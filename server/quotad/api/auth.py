@@ -55,8 +55,11 @@ _KEY_PATTERN = re.compile(rf"(sk|pk)_({KEY_ID_PATTERN})_({KEY_SECRET_PATTERN})")
 _KINDS_BY_PREFIX = {prefix: kind for kind, prefix in KEY_PREFIXES.items()}
 
 KEY_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "MintUserToken"})
-ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "GetStateDigest", "ExportUsage"})
-SERVER_RPCS = frozenset({"GetStateDigest"})
+MOVE_RPCS = frozenset({"FreezeSlots", "ExportSlots", "AdoptSlots", "ForgetSlots", "ThawSlots"})
+"""Moving slots between shards: they cover every app's users of the slots."""
+ADMIN_RPCS = frozenset({"CreateKey", "RevokeKey", "ListKeys", "GetStateDigest",
+                        "ExportUsage"}) | MOVE_RPCS
+SERVER_RPCS = frozenset({"GetStateDigest"}) | MOVE_RPCS
 """RPCs about the whole server, every app at once: the admin key's alone when keys are on."""
 PUBLIC_RPCS = frozenset({"GetUsage", "WatchUsage", "ListGrants"})
 """RPCs a pk key may call, each for the user its user token names."""
@@ -224,12 +227,13 @@ class Authenticator:
         if principal.kind == ADMIN:
             if rpc not in ADMIN_RPCS:
                 raise PermissionDenied(f"the admin key may only create, list and revoke keys, "
-                                       f"read the state digest and export usage, not call "
+                                       f"read the state digest, export usage and move "
+                                       f"slots, not call "
                                        f"{rpc}; use an sk_ key of the app")
             return
         if rpc in SERVER_RPCS:
             raise PermissionDenied(f"{rpc} covers every app's state: only the admin key may "
-                                   "call it")
+                                   "call it")  # the state digest, and the moves of slots
         if principal.kind == PUBLIC and rpc not in PUBLIC_RPCS:
             raise PermissionDenied(f"a pk_ key may only read usage, not call {rpc}")
 

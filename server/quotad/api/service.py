@@ -27,7 +27,7 @@ from quotad.api.auth import Principal
 from quotad.cluster.limits import CATALOG_APPLY_TIMEOUT_S
 from quotad.api.gate import Gate
 from quotad.core.errors import (
-    FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied, Refusal,
+    FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied, Refusal, SlotsMoving,
 )
 from quotad_contract.errors import ERROR_DOMAIN, ERRORS, INTERNAL, ErrorReason
 from quotad_contract.v1 import quotad_pb2 as pb
@@ -250,10 +250,24 @@ def check_shard(gate: Gate, rpc: str, app: str, request: Any) -> None:
     ownership = gate.ownership
     if ownership is None or not ownership.clustered:
         return
-    if rpc in RESERVATION_RPCS:
-        ownership.check_reservation(request.reservation_id)
-    elif rpc in USER_RPCS:
-        ownership.check_user(app, request.user_id)
+    try:
+        if rpc in RESERVATION_RPCS:
+            ownership.check_reservation(request.reservation_id)
+        elif rpc in USER_RPCS:
+            ownership.check_user(app, request.user_id)
+    except FailedPrecondition as wrong:
+        raise _moving_here_or(gate, wrong) from None
+
+
+def _moving_here_or(gate: Gate, wrong: FailedPrecondition) -> Refusal:
+    """SLOTS_MOVING rather than WRONG_SHARD for a slot this shard adopted and its map does not
+    give it yet: the caller waits for the map instead of being sent back to the source."""
+    slot = int(wrong.metadata.get("slot", -1))
+    if gate.writer is not None and slot in gate.writer.core.incoming_slots:
+        return SlotsMoving(f"slot {slot} is moving to this shard, whose map does not name it "
+                           "the owner yet: nothing was done; send the call again shortly",
+                           slot=slot)
+    return wrong
 
 
 def _handler(gate: Gate, admission: Admission, rpc: str, to_command: Callable[[str, Any], Any],
@@ -339,7 +353,7 @@ def _batch_handler(gate: Gate, admission: Admission) -> _Handler:
                 to_command = _QUOTA_TABLE[rpc][0]
                 accepted.append((index, kind, to_command(call.principal.app,
                                                          getattr(operation, kind))))
-            except (InvalidArgument, FailedPrecondition) as error:
+            except (InvalidArgument, FailedPrecondition, SlotsMoving) as error:
                 results[index] = _error_result(error)
         outcomes = await call.writer.execute_many([command for _, _, command in accepted],
                                                   call.deadline_s)
@@ -459,7 +473,10 @@ def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> au
     assert gate.auth is not None
     grant = gate.auth.authorize_usage_read(call.principal, metadata, user_id)
     if gate.ownership is not None and gate.ownership.clustered:
-        gate.ownership.check_user(grant.app, user_id)
+        try:
+            gate.ownership.check_user(grant.app, user_id)
+        except FailedPrecondition as wrong:
+            raise _moving_here_or(gate, wrong) from None
     return grant
 
 
@@ -518,5 +535,7 @@ def method_handlers(gate: Gate, admission: Admission) -> dict[str, dict[str, Any
                 lambda metadata, context: caller_of(gate, metadata, context))
         else:
             table["ExportUsage"] = _export_usage_handler(gate)
+            from quotad.api import moves
+            table.update(moves.method_handlers(gate, admission))
         services[service] = table
     return services

@@ -16,6 +16,7 @@ from quotad.core.errors import Violations
 from quotad.core.plans import Kind, Metadata, Plan, Subscription, Window, load_time_zone
 from quotad.core.values import value_type
 from quotad_contract import tokens
+from quotad_contract.limits import SLOTS
 from quotad_contract.zones import time_zone_problem
 
 RESERVATION_ID_PATTERN = re.compile(r"rsv_[0-9a-f]{24}")
@@ -626,15 +627,130 @@ CATALOG_COMMANDS = (UpsertPlan, DeletePlan, CreateKey, RevokeKey)
 """The changes of what a cluster's shards share (plans, API keys): each may carry the etcd
 revision of the catalog change it applies."""
 
+
+# --- moving slots between shards -------------------------------------------------------
+
+
+def _slot_set(v: Violations, slots: tuple[int, ...]) -> None:
+    if not slots:
+        v.add("slots", "at least one slot")
+    elif (any(type(slot) is not int or not 0 <= slot < SLOTS for slot in slots)
+          or list(slots) != sorted(set(slots))):
+        v.add("slots", f"slots 0 ... {SLOTS - 1}, each once, in order")
+
+
+@value_type(kw_only=True)
+class FreezeSlots:
+    """The source's first step of a move: from now on every call for a user (or a hold) of
+    these slots is refused UNAVAILABLE SLOTS_MOVING, having done nothing, until ForgetSlots
+    (or ThawSlots). Logged, so a restart keeps the slots frozen. Freezing a frozen slot
+    changes nothing."""
+
+    slots: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _slot_set(v, self.slots)
+        v.raise_if_any()
+
+
+@value_type(kw_only=True)
+class ThawSlots:
+    """Ends a freeze without moving anything (a move given up before the map changed)."""
+
+    slots: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _slot_set(v, self.slots)
+        v.raise_if_any()
+
+
+@value_type(kw_only=True)
+class MovedUser:
+    """A user's state as a move carries it: its subscription and counters (the core's
+    CounterState, each with its group key and window)."""
+
+    app: str
+    user_id: str
+    subscription: Subscription
+    counters: tuple[tuple[str, Window, Any], ...]
+
+
+@value_type(kw_only=True)
+class MovedKey:
+    """An idempotency entry as a move carries it: its request's fingerprint, its first
+    answer, and when it was made (its retention runs from then)."""
+
+    app: str
+    rpc: str
+    key: str
+    request: str
+    result: Any
+    created_at_ns: int
+    slot: int
+    """The slot of the user (or hold) whose request made it."""
+
+
+@value_type(kw_only=True)
+class AdoptSlots:
+    """The target's step of a move: one chunk of the slots' state, applied as a logged
+    command (so a replay is exact). `first`: the chunk that starts the move, which drops
+    whatever the target held for those slots (a move run again starts afresh). Holds are the
+    core's Reservation, live ones with their absolute expiry. Until the shard map names this
+    shard their owner, calls for those slots are refused SLOTS_MOVING rather than
+    WRONG_SHARD."""
+
+    slots: tuple[int, ...]
+    first: bool
+    users: tuple[MovedUser, ...] = ()
+    holds: tuple[Any, ...] = ()
+    keys: tuple[MovedKey, ...] = ()
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _slot_set(v, self.slots)
+        if len(self.users) + len(self.holds) + len(self.keys) > limits.MOVE_CHUNK_ITEMS_MAX:
+            v.add("state", f"at most {limits.MOVE_CHUNK_ITEMS_MAX} users, holds and keys in "
+                           "one chunk")
+        v.raise_if_any()
+
+
+@value_type(kw_only=True)
+class ForgetSlots:
+    """The source's last step of a move, once the map names the target: drops every user of
+    these slots with their holds and idempotency entries in memory, and ends their freeze."""
+
+    slots: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        _slot_set(v, self.slots)
+        v.raise_if_any()
+
+
+@value_type(kw_only=True)
+class SlotsResult:
+    """What a step of a move did: the slots it changed, and the users, holds and
+    idempotency entries it took in or dropped."""
+
+    slots: int = 0
+    users: int = 0
+    holds: int = 0
+    keys: int = 0
+
+
 Command = (Reserve | Commit | Release | Extend | Track | GetUsage | UpsertPlan | DeletePlan
            | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ListSubscriptions
-           | ExpireHolds | CreateKey | RevokeKey | ListKeys | GrantCredits | ListGrants)
+           | ExpireHolds | CreateKey | RevokeKey | ListKeys | GrantCredits | ListGrants
+           | FreezeSlots | ThawSlots | AdoptSlots | ForgetSlots)
 
 COMMAND_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Reserve, Commit, Release, Extend, Track, GetUsage, UpsertPlan, DeletePlan,
                 GetPlan, ListPlans, UpsertSubscription, GetSubscription, ListSubscriptions,
-                ExpireHolds, CreateKey, RevokeKey, ListKeys, GrantCredits, ListGrants)
+                ExpireHolds, CreateKey, RevokeKey, ListKeys, GrantCredits, ListGrants,
+                FreezeSlots, ThawSlots, AdoptSlots, ForgetSlots)
 }
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from quotad.core.limits import SLOTS_MOVING_RETRY_DELAY_S
 from quotad_contract.errors import ErrorReason
 
 
@@ -88,6 +89,21 @@ class ResourceExhausted(QuotaError):
         self.reason = reason
         if metadata is not None:
             self.metadata = MappingProxyType(dict(metadata))
+
+
+class SlotsMoving(QuotaError):
+    """The user's (or the hold's) slot is being moved between shards: nothing was done; the
+    caller sends the call again after retry_delay_s, to the shard the map then names."""
+
+    code = "UNAVAILABLE"
+    reason = ErrorReason.SLOTS_MOVING
+
+    def __init__(self, message: str, *, slot: int | None = None,
+                 retry_delay_s: float = SLOTS_MOVING_RETRY_DELAY_S) -> None:
+        super().__init__(message)
+        if slot is not None:
+            self.metadata = MappingProxyType({"slot": str(slot)})
+        self.retry_delay_s = retry_delay_s
 
 
 class Violations:

@@ -187,6 +187,27 @@ HTTP_CORS_ORIGIN_BYTES_MAX = 256
 HTTP_CORS_MAX_AGE_S = 600
 """How long a browser may cache a preflight answer."""
 
+# --- moving slots between shards (quotactl cluster move-slots) -------------------------------
+
+MOVE_CHUNK_BYTES_MAX = 40 * 1024
+"""A moved slot set's state travels in chunks (ExportSlots' messages, each one AdoptSlots
+request and one record in the target's log) of at most this many bytes of JSON: within
+MESSAGE_BYTES_MAX with room for the request's other fields. One user's state (its
+subscription and counters), one hold or one idempotency entry larger than this is not cut:
+the export refuses it (INVALID_ARGUMENT naming `slots`) and the move stops before the map
+changes (`quotactl cluster move-slots --abort` gives the slots back)."""
+MOVE_CHUNK_ITEMS_MAX = 512
+"""Users, holds and idempotency entries in one chunk, at most."""
+MOVE_SCAN_ROWS_PER_PAGE = 1024
+"""The export reads the log's holds and idempotency tables this many rows at a time, letting
+the event loop serve other calls between pages."""
+MOVE_KEY_SCANS_MAX = 4
+"""A source keeps the scans of the idempotency table it made before freezing (the slots'
+keyed records, to export) for at most this many slot sets at once."""
+SLOTS_MOVING_RETRY_DELAY_S = 0.05
+"""What a call refused SLOTS_MOVING (UNAVAILABLE, nothing done) is told to wait, in its
+RetryInfo, before it is sent again."""
+
 # --- the limits fit together (checked on import, as plain ifs so `python -O` checks them) --
 
 if not (0 < WATCH_THRESHOLDS_PERCENT[0]
@@ -217,3 +238,10 @@ if not (HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S
         <= HTTP_REQUEST_READ_TIMEOUT_S_MAX):
     raise AssertionError("HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S "
                          "<= HTTP_REQUEST_READ_TIMEOUT_S_MAX")
+MOVE_SLOTS_TEXT_BYTES_MAX = 16 * 1024
+"""A slot set as text ("0-99,105,200-4095"): every other slot of 4,096 alone is ~10 KB."""
+if not 0 < MOVE_CHUNK_BYTES_MAX + MOVE_SLOTS_TEXT_BYTES_MAX + 1024 <= MESSAGE_BYTES_MAX:
+    raise AssertionError("an AdoptSlots request of a full chunk (MOVE_CHUNK_BYTES_MAX and "
+                         "MOVE_SLOTS_TEXT_BYTES_MAX of slots) fits in MESSAGE_BYTES_MAX")
+if not (1 <= MOVE_CHUNK_ITEMS_MAX and 1 <= MOVE_SCAN_ROWS_PER_PAGE and 1 <= MOVE_KEY_SCANS_MAX):
+    raise AssertionError("MOVE_CHUNK_ITEMS_MAX and MOVE_SCAN_ROWS_PER_PAGE are at least 1")

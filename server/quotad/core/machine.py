@@ -25,7 +25,8 @@ from sortedcontainers import SortedList
 from quotad.core import balances, buckets, limits
 from quotad.core.balances import Balance, Grant
 from quotad.core.commands import (
-    CATALOG_COMMANDS, AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
+    CATALOG_COMMANDS, AdoptSlots, ForgetSlots, FreezeSlots, MovedKey, MovedUser, SlotsResult,
+    ThawSlots, AuditEvent, Command, Commit, CommitResult, CounterView, CreateKey, DeletePlan,
     DeletePlanResult, ExpiredGrant, ExpiredHold, GrantCredits, GrantResult, GrantsResult,
     GrantView, KeyResult, KeysResult, KeyView, ListGrants, ListKeys, RevokeKey,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
@@ -35,7 +36,7 @@ from quotad.core.commands import (
 )
 from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
-    PermissionDenied, QuotaError, ResourceExhausted,
+    PermissionDenied, QuotaError, ResourceExhausted, SlotsMoving,
 )
 from quotad.core.holds import HoldEvent, HoldState, next_state
 from quotad.core.values import value_type
@@ -44,6 +45,7 @@ from quotad.core.plans import (
 )
 from quotad.core.windows import window_bounds
 from quotad_contract.errors import ErrorReason
+from quotad_contract.shards import slot_of, slot_of_reservation
 
 
 @dataclass(slots=True)
@@ -171,6 +173,21 @@ _EMPTY_APP = AppState()
 _CATALOG_TYPES = frozenset(CATALOG_COMMANDS)
 
 
+def _copied_counter(counter: CounterState) -> CounterState:
+    """A counter that shares nothing mutable with the one copied."""
+    copied = replace(counter)
+    if counter.balance is not None:
+        copied.balance = counter.balance.copy()
+    return copied
+
+
+def moved_key(app_id: str, key: tuple[str, str], entry: IdempotencyEntry,
+              slot: int) -> MovedKey:
+    """An idempotency entry as a move carries it."""
+    return MovedKey(app=app_id, rpc=key[0], key=key[1], request=request_fingerprint(entry.request),
+                    result=entry.result, created_at_ns=entry.created_at_ns, slot=slot)
+
+
 def _fingerprint(command: Any) -> str:
     """What makes two requests the same for idempotency: a digest of every field the caller
     chose (compact to keep for 24 h, and plain to put in a snapshot). The fields are str,
@@ -205,6 +222,21 @@ def _chosen_fields(command_type: type) -> Callable[[Any], tuple[Any, ...]]:
     names = [f.name for f in fields(command_type) if f.name not in ignored]
     assert len(names) >= 2, command_type  # attrgetter of two or more names gives a tuple
     return attrgetter(*names)
+
+
+_USER_COMMANDS = frozenset({Reserve, Track, GetUsage, GrantCredits, ListGrants,
+                            UpsertSubscription, GetSubscription})
+_HOLD_COMMANDS = frozenset({Commit, Release, Extend})
+
+
+def command_slot(command: Any) -> int | None:
+    """The slot of the user (or hold) a command is about; None for one about no user."""
+    kind = type(command)
+    if kind in _USER_COMMANDS:
+        return slot_of(command.app, command.user_id)
+    if kind in _HOLD_COMMANDS:
+        return slot_of_reservation(command.reservation_id)
+    return None
 
 
 class Core:
@@ -257,6 +289,13 @@ class Core:
         """False while a record that keeps no answer is replayed: nothing reads its result,
         so the counter views a commit, release, track or allowed reserve answers with are
         left out (a tenth of replay's time). Set by replay() only."""
+        self.frozen_slots: set[int] = set()
+        """Slots moving away (FreezeSlots): their users' calls are refused SLOTS_MOVING."""
+        self.incoming_slots: set[int] = set()
+        """Slots moving in (AdoptSlots) that the shard map may not name this shard's yet."""
+        self.moved_key_slots: dict[tuple[str, tuple[str, str]], int] = {}
+        """(app, (rpc, key)) -> slot of the idempotency entries a move brought in: memory
+        keeps them (as fingerprints, which name no user) for their retention."""
         self._handlers: dict[type, Callable[[Any, int], tuple[Any, bool]]] = {
             Reserve: self._reserve, Commit: self._commit, Release: self._release,
             Extend: self._extend, Track: self._track, GetUsage: self._get_usage,
@@ -267,6 +306,8 @@ class Core:
             ListSubscriptions: self._list_subscriptions,
             CreateKey: self._create_key, RevokeKey: self._revoke_key, ListKeys: self._list_keys,
             GrantCredits: self._grant_credits, ListGrants: self._list_grants,
+            FreezeSlots: self._freeze_slots, ThawSlots: self._thaw_slots,
+            AdoptSlots: self._adopt_slots, ForgetSlots: self._forget_slots,
         }
 
     # --- the way in -----------------------------------------------------------------------
@@ -286,6 +327,8 @@ class Core:
         if revision:
             return self._apply_catalog_change(command, revision, handler, now_ns, records)
         try:
+            if self.frozen_slots:
+                self._refuse_frozen(command)
             if getattr(command, "idempotency_key", ""):
                 result, changed = self._idempotent(command, now_ns, handler)
             else:
@@ -474,10 +517,11 @@ class Core:
                 if entry is not None and (
                         entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns):
                     del app.idempotency[key]  # else the key was used anew since: keep it
+                    self.moved_key_slots.pop((app_id, key), None)
             else:
                 assert kind == "reservation", kind
-                assert app.reservations[key].status is not HoldState.LIVE
-                del app.reservations[key]
+                reservation = app.reservations.pop(key, None)  # None: the log holds it now
+                assert reservation is None or reservation.status is not HoldState.LIVE
 
     def _end_live_hold(self, reservation: Reservation, status: HoldState, now_ns: int, *,
                        in_index: bool) -> None:
@@ -640,8 +684,9 @@ class Core:
             sequence, app_id, reservation_id = holds.popleft()
             if latest.get(reservation_id) == sequence:  # else a later record changed it again
                 del latest[reservation_id]
-                reservation = self.apps[app_id].reservations.pop(reservation_id)
-                assert reservation.status is not HoldState.LIVE, reservation
+                reservation = self.apps[app_id].reservations.pop(reservation_id, None)
+                assert reservation is None or reservation.status is not HoldState.LIVE, (
+                    reservation)  # None: a move took it away (ForgetSlots)
 
     def pending_durable(self) -> tuple[frozenset[tuple[str, tuple[str, str]]], frozenset[str]]:
         """The (app, slot) of idempotency keys, and the reservation ids of finished holds,
@@ -1135,6 +1180,203 @@ class Core:
         if user is None:
             raise NotFound(f"user {command.user_id!r} has no subscription")
         return SubscriptionResult(subscription=user.subscription), False
+
+    # --- moving slots between shards ---------------------------------------------------------
+
+    def _refuse_frozen(self, command: Command) -> None:
+        slot = command_slot(command)
+        if slot is not None and slot in self.frozen_slots:
+            raise SlotsMoving(f"slot {slot} is moving to another shard: nothing was done; "
+                              "send the call again shortly (fetch the shard map)", slot=slot)
+
+    def _slot_users(self, slots: frozenset[int]) -> Iterable[tuple[str, str, UserState]]:
+        """(app, user id, state) of every user of these slots: a pass over every user."""
+        for app_id, app in self.apps.items():
+            for user_id, user in app.users.items():
+                if slot_of(app_id, user_id) in slots:
+                    yield app_id, user_id, user
+
+    def _key_slot(self, app_id: str, key: tuple[str, str], entry: IdempotencyEntry) -> int | None:
+        if type(entry.request) is not str:
+            return command_slot(entry.request)
+        return self.moved_key_slots.get((app_id, key))
+
+    def _freeze_slots(self, command: FreezeSlots, now_ns: int) -> tuple[SlotsResult, bool]:
+        slots = frozenset(command.slots)
+        new = slots - self.frozen_slots
+        users = list(self._slot_users(slots))
+        result = SlotsResult(slots=len(new), users=len(users),
+                             holds=sum(user.live_holds for _, _, user in users))
+        if not new:
+            return result, False
+        self.frozen_slots |= new
+        self.incoming_slots -= new
+        return result, True
+
+    def _thaw_slots(self, command: ThawSlots, now_ns: int) -> tuple[SlotsResult, bool]:
+        thawed = self.frozen_slots & frozenset(command.slots)
+        self.frozen_slots -= thawed
+        return SlotsResult(slots=len(thawed)), bool(thawed)
+
+    def export_slots(self, slots: frozenset[int], now_ns: int
+                     ) -> tuple[list[MovedUser], list[Reservation], list[MovedKey]]:
+        """What memory holds of the users of these frozen slots, copied: the users with their
+        counters, their holds (live, and finished ones memory still keeps), and the
+        idempotency entries memory keeps (those not yet durable, and those a move brought
+        in). The log's holds and idempotency tables hold the rest (a reader of the log adds
+        them). InvalidArgument naming `slots` unless every one is frozen: nothing of them may
+        change while they are read."""
+        unfrozen = sorted(slots - self.frozen_slots)
+        if unfrozen:
+            raise InvalidArgument([FieldViolation(
+                "slots", f"{len(unfrozen)} of them are not frozen (slot {unfrozen[0]} the "
+                         "first): FreezeSlots first")])
+        users = [MovedUser(app=app_id, user_id=user_id, subscription=user.subscription,
+                           counters=tuple((key, window, _copied_counter(counter))
+                                          for (key, window), counter in user.counters.items()))
+                 for app_id, user_id, user in self._slot_users(slots)]
+        holds, keys = [], []
+        for app_id, app in self.apps.items():
+            holds.extend(reservation.copy() for reservation in app.reservations.values()
+                         if slot_of(app_id, reservation.user_id) in slots)
+            for key, entry in app.idempotency.items():
+                slot = self._key_slot(app_id, key, entry)
+                if (slot in slots and now_ns
+                        < entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS):
+                    keys.append(moved_key(app_id, key, entry, slot))
+        return users, holds, keys
+
+    def _adopt_slots(self, command: AdoptSlots, now_ns: int) -> tuple[SlotsResult, bool]:
+        """Checks the whole chunk, then takes it in (see AdoptSlots)."""
+        slots = frozenset(command.slots)
+        frozen = slots & self.frozen_slots
+        if frozen:
+            raise InvalidArgument([FieldViolation(
+                "slots", f"slot {min(frozen)} is frozen here, moving away from this shard")])
+        if not command.first and not slots <= self.incoming_slots:
+            raise InvalidArgument([FieldViolation(
+                "first", f"slot {min(slots - self.incoming_slots)} has not begun moving in: "
+                         "the first chunk of a move comes first")])
+        chunk_users: set[tuple[str, str]] = set()
+        for moved in command.users:
+            place = (moved.app, moved.user_id)
+            if slot_of(*place) not in slots or place in chunk_users:
+                raise InvalidArgument([FieldViolation(
+                    "state", f"user {moved.user_id!r} is not of the slots, or twice")])
+            if not command.first and moved.user_id in self.apps.get(
+                    moved.app, _EMPTY_APP).users:
+                raise InvalidArgument([FieldViolation(
+                    "state", f"user {moved.user_id!r} was adopted by an earlier chunk")])
+            if moved.subscription.plan_id not in self.apps.get(moved.app, _EMPTY_APP).plans:
+                raise NotFound(f"user {moved.user_id!r} subscribes to plan "
+                               f"{moved.subscription.plan_id!r}, which this shard does not "
+                               "have: upsert it here first")
+            chunk_users.add(place)
+        for hold in command.holds:
+            place = (hold.app, hold.user_id)
+            known = place in chunk_users or (not command.first and hold.user_id in self.apps.get(
+                hold.app, _EMPTY_APP).users)
+            if slot_of(*place) not in slots or not known:
+                raise InvalidArgument([FieldViolation(
+                    "state", f"hold {hold.reservation_id!r} is of no user of the move")])
+            if hold.reservation_id in self.apps.get(hold.app, _EMPTY_APP).reservations and (
+                    not command.first):
+                raise AlreadyExists(f"hold {hold.reservation_id!r} was adopted already")
+        for key in command.keys:
+            if key.slot not in slots:
+                raise InvalidArgument([FieldViolation(
+                    "state", f"idempotency key {key.key!r} is of no slot of the move")])
+        # checked: from here on nothing refuses
+        if command.first:
+            self._drop_slots(slots)
+            self.incoming_slots |= slots
+        for moved in command.users:
+            app = self._app(moved.app)
+            self.users_numbered += 1
+            user = app.users[moved.user_id] = UserState(
+                subscription=moved.subscription, number=self.users_numbered,
+                counters={(key, window): _copied_counter(counter)
+                          for key, window, counter in moved.counters})
+            app.plan_subscribers[moved.subscription.plan_id] += 1
+            for (key, _), counter in user.counters.items():
+                if counter.balance is not None:
+                    for grant in counter.balance.grants:
+                        if self._expires_by_index(grant):
+                            self.grant_expiry.add(self._grant_expiry_entry(
+                                moved.app, moved.user_id, key, grant))
+        for hold in command.holds:
+            app = self.apps[hold.app]
+            reservation = hold.copy()
+            reservation.sequence = 0  # reserved on another shard: no Reserve record here
+            app.reservations[reservation.reservation_id] = reservation
+            if reservation.status is HoldState.LIVE:
+                app.users[reservation.user_id].live_holds += 1
+                self.expiry.add(self._expiry_entry(reservation))
+            else:
+                self.forget.add((reservation.finished_at_ns + limits.RESERVATION_RETENTION_NS,
+                                 0, "reservation", hold.app, reservation.reservation_id))
+        keys_taken = 0
+        for moved_key_ in command.keys:
+            app = self._app(moved_key_.app)
+            key = (moved_key_.rpc, moved_key_.key)
+            if key in app.idempotency:  # this shard's own use of the key wins
+                continue
+            app.idempotency[key] = IdempotencyEntry(moved_key_.request, moved_key_.result,
+                                                    moved_key_.created_at_ns)
+            self.moved_key_slots[(moved_key_.app, key)] = moved_key_.slot
+            self.forget.add((moved_key_.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS,
+                             self.sequence + 1, "idempotency", moved_key_.app, key))
+            keys_taken += 1
+        return SlotsResult(slots=len(slots) if command.first else 0,
+                           users=len(command.users), holds=len(command.holds),
+                           keys=keys_taken), True
+
+    def _forget_slots(self, command: ForgetSlots, now_ns: int) -> tuple[SlotsResult, bool]:
+        slots = frozenset(command.slots)
+        ended = slots & (self.frozen_slots | self.incoming_slots)
+        users, holds, keys = self._drop_slots(slots)
+        self.frozen_slots -= slots
+        self.incoming_slots -= slots
+        changed = bool(ended or users or holds or keys)
+        return SlotsResult(slots=len(ended), users=users, holds=holds, keys=keys), changed
+
+    def _drop_slots(self, slots: frozenset[int]) -> tuple[int, int, int]:
+        """Drops the users of these slots, their holds and the idempotency entries memory
+        keeps of them: (users, holds, keys) dropped."""
+        users = holds = keys = 0
+        dropped_holds: set[tuple[str, str]] = set()
+        dropped_keys: set[tuple[str, tuple[str, str]]] = set()
+        dropped_users: set[tuple[str, str]] = set()
+        for app_id, app in self.apps.items():
+            for reservation_id, reservation in list(app.reservations.items()):
+                if slot_of(app_id, reservation.user_id) not in slots:
+                    continue
+                if reservation.status is HoldState.LIVE:
+                    self.expiry.remove(self._expiry_entry(reservation))
+                del app.reservations[reservation_id]
+                self._holds_latest.pop(reservation_id, None)
+                dropped_holds.add((app_id, reservation_id))
+                holds += 1
+            for key, entry in list(app.idempotency.items()):
+                if self._key_slot(app_id, key, entry) in slots:
+                    del app.idempotency[key]
+                    self.moved_key_slots.pop((app_id, key), None)
+                    dropped_keys.add((app_id, key))
+                    keys += 1
+            for user_id in [u for u in app.users if slot_of(app_id, u) in slots]:
+                app.plan_subscribers[app.users.pop(user_id).subscription.plan_id] -= 1
+                dropped_users.add((app_id, user_id))
+                users += 1
+        if dropped_holds or dropped_keys:
+            self.forget = SortedList(
+                entry for entry in self.forget
+                if (entry[3], entry[4]) not in (dropped_holds if entry[2] == "reservation"
+                                                else dropped_keys))
+        if dropped_users:
+            self.grant_expiry = SortedList(
+                entry for entry in self.grant_expiry
+                if (entry[1], entry[2]) not in dropped_users)
+        return users, holds, keys
 
     # --- API keys -------------------------------------------------------------------------
 

@@ -33,11 +33,13 @@ from quotad.core.commands import (
     ExpiredGrant, ExpiredHold, ExpireHolds, Extend, ExtendResult, GrantCredits, GrantResult,
     GrantView, Record, Release, ReleaseResult, Reserve, ReserveResult, RevokeKey, Track,
     TrackResult, UpsertPlan, UpsertSubscription,
+    RESULT_TYPES, AdoptSlots, ForgetSlots, FreezeSlots, MovedKey, MovedUser, ThawSlots,
 )
+from quotad.core.balances import Balance, Grant
 from quotad.core.holds import HoldState
-from quotad.core.machine import HoldRef, IdempotencyEntry, Reservation
+from quotad.core.machine import CounterState, HoldRef, IdempotencyEntry, Reservation
 from quotad.core.plans import (
-    Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Window,
+    Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Subscription, Window,
 )
 from quotad.storage import log_pb2 as pb
 
@@ -529,12 +531,116 @@ def _decode_revoke_key(message: Any) -> RevokeKey:
                      catalog_revision=message.catalog_revision)
 
 
+def _encode_slots_only(field: str) -> Callable[[Any, Any], None]:
+    def encode(message: Any, command: Any) -> None:
+        part = getattr(message, field)
+        part.slots.extend(command.slots)
+    return encode
+
+
+def _decode_slots_only(field: str, command_type: type) -> Callable[[Any], Any]:
+    return lambda message: command_type(slots=tuple(getattr(message, field).slots))
+
+
+def _encode_adopt_slots(message: Any, command: AdoptSlots) -> None:
+    part = message.adopt_slots
+    part.slots.extend(command.slots)
+    part.first = command.first
+    part.state = encode_slot_state(command.users, command.holds, command.keys)
+
+
+def _decode_adopt_slots(message: Any) -> AdoptSlots:
+    part = message.adopt_slots
+    users, holds, keys = decode_slot_state(part.state)
+    return AdoptSlots(slots=tuple(part.slots), first=part.first, users=users, holds=holds,
+                      keys=keys)
+
+
+# --- a moved slot set's state (AdoptSlots records, ExportSlots messages) ------------------
+
+
+def slot_state_items(users: Any, holds: Any, keys: Any) -> list[bytes]:
+    """Each user, hold and idempotency entry as one JSON item (in that order: a hold after
+    its user), for chunks of at most limits.MOVE_CHUNK_BYTES_MAX (slot_state_chunk)."""
+    items = [_json_item(["user", user.app, user.user_id, to_plain(user.subscription),
+                         [[key, window.name, to_plain(counter)]
+                          for key, window, counter in user.counters]]) for user in users]
+    items += [_json_item(["hold", to_plain(hold)]) for hold in holds]
+    items += [_json_item(["key", key.app, key.rpc, key.key, key.request,
+                          type(key.result).__name__, to_plain(key.result), key.created_at_ns,
+                          key.slot]) for key in keys]
+    return items
+
+
+def _json_item(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def slot_state_chunk(items: list[bytes]) -> bytes:
+    """Items (slot_state_items) as one chunk: a JSON list."""
+    return b"[" + b",".join(items) + b"]"
+
+
+def encode_slot_state(users: Any, holds: Any, keys: Any) -> bytes:
+    return slot_state_chunk(slot_state_items(users, holds, keys))
+
+
+def decode_slot_state(state: bytes) -> tuple[tuple[MovedUser, ...], tuple[Reservation, ...],
+                                             tuple[MovedKey, ...]]:
+    """The users, holds and idempotency entries of a chunk; ValueError (naming what) if it
+    is not one."""
+    try:
+        items = json.loads(state)
+        if type(items) is not list:
+            raise ValueError("a chunk is a JSON list")
+        users, holds, keys = [], [], []
+        for item in items:
+            kind = item[0]
+            if kind == "user":
+                _, app, user_id, subscription, counters = item
+                users.append(MovedUser(
+                    app=app, user_id=user_id, subscription=from_plain(subscription, Subscription),
+                    counters=tuple((key, Window[window], _counter_from_plain(dict(counter)))
+                                   for key, window, counter in counters)))
+            elif kind == "hold":
+                holds.append(from_plain(item[1], Reservation))
+            elif kind == "key":
+                _, app, rpc, key, request, result_type, result, created_at_ns, slot = item
+                if type(request) is not str or type(created_at_ns) is not int or (
+                        type(slot) is not int):
+                    raise ValueError("an idempotency entry's request, time or slot")
+                keys.append(MovedKey(app=app, rpc=rpc, key=key, request=request,
+                                     result=from_plain(result, RESULT_TYPES[result_type]),
+                                     created_at_ns=created_at_ns, slot=slot))
+            else:
+                raise ValueError(f"an item of kind {kind!r}")
+    except (ValueError, TypeError, KeyError, IndexError, AssertionError) as error:
+        raise ValueError(f"not a slot state chunk: {error!r}") from error
+    return tuple(users), tuple(holds), tuple(keys)
+
+
+def _counter_from_plain(plain: dict[str, Any]) -> CounterState:
+    balance = plain.pop("balance", None)
+    if balance is not None:
+        grants = [Grant(**grant) for grant in balance.pop("grants")]
+        balance = Balance(grants=grants, **balance)
+    counter = CounterState(**plain, balance=balance)
+    if not all(type(getattr(counter, name)) is int for name in (
+            "window_start_ns", "used", "held", "threshold_percent_fired", "refilled_at_ns",
+            "refill_carry")) or not (counter.window_end_ns is None
+                                     or type(counter.window_end_ns) is int):
+        raise ValueError("a counter's fields are integers")
+    return counter
+
+
 _ENCODERS: dict[type, Callable[[Any, Any], None]] = {
     Reserve: _encode_reserve, Commit: _encode_commit, Release: _encode_release,
     Extend: _encode_extend, Track: _encode_track, ExpireHolds: _encode_expire_holds,
     UpsertPlan: _encode_upsert_plan, DeletePlan: _encode_delete_plan,
     UpsertSubscription: _encode_upsert_subscription, CreateKey: _encode_create_key,
     RevokeKey: _encode_revoke_key, GrantCredits: _encode_grant_credits,
+    FreezeSlots: _encode_slots_only("freeze_slots"), ThawSlots: _encode_slots_only("thaw_slots"),
+    ForgetSlots: _encode_slots_only("forget_slots"), AdoptSlots: _encode_adopt_slots,
 }
 """Only commands that change the state are logged: reads never make a record."""
 _DECODERS: dict[str, Callable[[Any], Command]] = {
@@ -543,6 +649,10 @@ _DECODERS: dict[str, Callable[[Any], Command]] = {
     "upsert_plan": _decode_upsert_plan, "delete_plan": _decode_delete_plan,
     "upsert_subscription": _decode_upsert_subscription, "create_key": _decode_create_key,
     "revoke_key": _decode_revoke_key, "grant_credits": _decode_grant_credits,
+    "freeze_slots": _decode_slots_only("freeze_slots", FreezeSlots),
+    "thaw_slots": _decode_slots_only("thaw_slots", ThawSlots),
+    "forget_slots": _decode_slots_only("forget_slots", ForgetSlots),
+    "adopt_slots": _decode_adopt_slots,
 }
 
 
@@ -686,7 +796,8 @@ def encode_finished_hold(hold: Reservation, sequence: int, expired_sequence: int
     reserve_expires_at_ns, the one its Reserve record set (its time plus its ttl_ns; 0: not
     known)."""
     message = pb.FinishedHold()
-    compact = now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX
+    # a hold a move brought in (sequence 0) has no Reserve record here: it is stored whole
+    compact = hold.sequence > 0 and now_ns - hold.created_at_ns < COMPACT_HOLD_AGE_NS_MAX
     if compact:
         message.from_reserve_record = True
     else:
@@ -931,8 +1042,13 @@ def state_digest(core: Any) -> str:
     """A digest of everything the core holds: equal digests, equal states."""
     plain = to_plain({"apps": core.apps, "sequence": core.sequence,
                       "last_record_ns": core.last_record_ns, "expiry": core.expiry,
-                      "forget": core.forget, "keys": core.keys,
-                      **({"catalog_revision": core.catalog_revision}
-                         if core.catalog_revision else {})})
+                      "forget": core.forget, "keys": core.keys}
+                     | ({"catalog_revision": core.catalog_revision}
+                        if core.catalog_revision else {})
+                     | ({"frozen_slots": sorted(core.frozen_slots),
+                         "incoming_slots": sorted(core.incoming_slots),
+                         "moved_key_slots": core.moved_key_slots}
+                        if core.frozen_slots or core.incoming_slots or core.moved_key_slots
+                        else {}))
     text = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

@@ -114,7 +114,10 @@ def encode_core(core: Core) -> bytes:
         sequence=core.sequence, last_record_ns=core.last_record_ns,
         users_numbered=core.users_numbered, catalog_revision=core.catalog_revision,
         keys_json=_json([to_plain(key) for _, key in sorted(core.keys.items())]),
-        forget_json=_json(to_plain(core.forget)))
+        forget_json=_json(to_plain(core.forget)),
+        frozen_slots=sorted(core.frozen_slots), incoming_slots=sorted(core.incoming_slots),
+        moved_key_slots_json=_json(sorted([app_id, rpc, key, slot] for (app_id, (rpc, key)), slot
+                                          in core.moved_key_slots.items())))
     for app_id, app in sorted(core.apps.items()):
         _encode_app(message.apps.add(), app_id, app, pending_keys, pending_holds)
     body = message.SerializeToString()
@@ -320,6 +323,11 @@ def _core(message: Any) -> Core:
     for key in json.loads(message.keys_json):
         restored = from_plain(key, KeyState)
         core.keys[restored.key_id] = restored
+    core.frozen_slots = set(message.frozen_slots)
+    core.incoming_slots = set(message.incoming_slots)
+    if message.moved_key_slots_json:
+        core.moved_key_slots = {(app_id, (rpc, key)): slot for app_id, rpc, key, slot
+                                in json.loads(message.moved_key_slots_json)}
     return core
 
 

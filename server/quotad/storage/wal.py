@@ -438,6 +438,63 @@ class WriteAheadLog:
             return decode_finished_hold(key, value, as_of_sequence, reserve_record,
                                         record_time_ns)
 
+    # --- a moved slot set's rows (ExportSlots) ----------------------------------------------
+
+    def slot_holds(self, txn: lmdb.Transaction, slots: frozenset[int],
+                   as_of_sequence: int) -> Iterator[Any]:
+        """The finished holds of these slots in the holds table, as of that sequence (core
+        Reservations): a range of rows per slot, since a row's key begins with its
+        reservation id's slot. Each row costs a B-tree step, and a young hold's one more read
+        and decode of its Reserve record."""
+        def reserve_record(sequence: int) -> Record | None:
+            stored = txn.get(record_key(sequence), db=self.log_db)
+            return None if stored is None else decode_record(
+                record_key(sequence), stored, self._shape_lookup(txn))
+
+        def record_time_ns(sequence: int) -> int | None:
+            stored = txn.get(record_key(sequence), db=self.log_db)
+            return None if stored is None else record_now_ns(stored)
+        for slot in sorted(slots):
+            cursor = txn.cursor(db=self.holds_db)
+            if not cursor.set_range(bytes([slot >> 4, (slot & 0xF) << 4])):
+                continue
+            for key, value in cursor:
+                if (key[0] << 4) | (key[1] >> 4) != slot:
+                    break
+                hold = decode_finished_hold(key, value, as_of_sequence, reserve_record,
+                                            record_time_ns)
+                if hold is not None:
+                    yield hold
+
+    def keyed_records(self, txn: lmdb.Transaction, as_of_sequence: int) -> Iterator[Record]:
+        """The record holding the first answer of every idempotency key the table keeps (at
+        or before that sequence): the whole table, each row one read and decode of its record
+        (the table is keyed by a digest of app, RPC and key, which names no user)."""
+        shape = self._shape_lookup(txn)
+        for _, sequence_key in txn.cursor(db=self.idempotency_db):
+            if key_sequence(sequence_key) > as_of_sequence:
+                continue
+            stored = txn.get(sequence_key, db=self.log_db)
+            if stored is not None:  # else pruned with its record
+                yield decode_record(bytes(sequence_key), stored, shape)
+
+    def last_sequence_in(self, txn: lmdb.Transaction) -> int:
+        """The last record's sequence a read transaction sees (0: none)."""
+        cursor = txn.cursor(db=self.log_db)
+        return key_sequence(cursor.key()) if cursor.last() else 0
+
+    def records_in(self, txn: lmdb.Transaction, after_sequence: int,
+                   through_sequence: int) -> Iterator[Record]:
+        """The records after one sequence through another that a read transaction sees."""
+        shape = self._shape_lookup(txn)
+        cursor = txn.cursor(db=self.log_db)
+        if not cursor.set_range(record_key(after_sequence + 1)):
+            return
+        for key, value in cursor:
+            if key_sequence(key) > through_sequence:
+                return
+            yield decode_record(bytes(key), value, shape)
+
     @contextmanager
     def reading(self) -> Iterator[None]:
         """The idempotency and finished-hold lookups made inside share one read transaction
