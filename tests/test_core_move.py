@@ -121,6 +121,23 @@ def test_a_moved_slot_set_is_on_the_target_as_it_was_on_the_source_and_gone_from
         assert user_state(restored, moved if shard is target else []) == user_state(
             shard.core, moved if shard is target else [])
         assert restored.incoming_slots == shard.core.incoming_slots
+        assert restored.apps[APP].departed == shard.core.apps[APP].departed
+
+
+def test_the_source_still_names_the_users_it_moved_away_in_its_usage_export():
+    """Their audit events from before the move stay in the source's log, which names users
+    by number: an export there must still give each line its user id."""
+    moved, stay, slots = users_in_slots(3, 2)
+    source = make_source(moved, stay)
+    numbers = {source.core.apps[APP].users[u].number: source.core.apps[APP].users[u].subscription
+               for u in moved + stay}
+    target = Harness(now=source.now).setup(PLAN)
+    move(source, target, slots)
+    assert source.core.subscriptions_by_number(APP) == numbers
+    assert {n: s.user_id for n, s in source.core.apps[APP].departed.items()} == {
+        n: s.user_id for n, s in numbers.items() if s.user_id in moved}
+    assert replay_all(logged(r) for r in source.records).apps[APP].departed == (
+        source.core.apps[APP].departed)
 
 
 def test_after_a_move_a_hold_commits_on_the_target_and_keys_get_their_first_answers():

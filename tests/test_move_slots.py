@@ -131,10 +131,13 @@ def test_slots_move_under_load_with_their_users_state_and_nothing_lost_or_admitt
             assert twice.value.reason == ErrorReason.RESERVATION_COMMITTED
             again = await client.track(keeper, "chat", 7, idempotency_key=KEY)
             usage = await client.usage(keeper)
-            return steps, began_ns, moved_ns, during, history, first, committed, again, usage
+            exported = [line async for page in client.export_usage(timeout_s=RPC_TIMEOUT_S)
+                        for line in page.lines]
+            return (steps, began_ns, moved_ns, during, history, first, committed, again, usage,
+                    exported)
 
     (steps, began_ns, moved_ns, during, history, first, committed, again,
-     usage) = asyncio.run(scenario())
+     usage, exported) = asyncio.run(scenario())
     output = "\n".join(line for _, line in steps)
     print(f"\n{output}\nmove took {(moved_ns - began_ns) / 1e9:.2f} s")
     for step in ("frozen on shard 0", "adopted by shard 1", "map flipped at etcd revision",
@@ -157,6 +160,10 @@ def test_slots_move_under_load_with_their_users_state_and_nothing_lost_or_admitt
     assert again.counters == first.counters  # the first answer, nothing counted twice
     [counter] = [c for c in usage.counters if c.key == G]
     assert (counter.used, counter.held) == (7 + 30, 0)
+    # the cluster's export: the track before the move from the source's log (which still
+    # names the user), the commit after it from the target's
+    assert sorted((line.shard_id, line.kind, line.amount) for line in exported
+                  if line.user_id == keeper) == [(0, "track", 7), (1, "commit", 30)]
     # the map names the target; the source sends the users there
     assert ShardMap.from_json(stored_map(cluster.target).decode()).owner(
         min(moved)).shard_id == 1

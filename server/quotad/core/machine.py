@@ -139,6 +139,10 @@ class AppState:
     reservations: dict[str, Reservation] = field(default_factory=dict)
     idempotency: dict[tuple[str, str], IdempotencyEntry] = field(default_factory=dict)
     plan_subscribers: Tally[str] = field(default_factory=Tally)
+    departed: dict[int, Subscription] = field(default_factory=dict)
+    """The subscriptions of users whose slots moved to another shard, by their number here:
+    their audit events from before the move stay in this shard's log, which names them by
+    number, and a usage export names them by user id (one entry per user moved away)."""
 
 
 @dataclass(slots=True)
@@ -1170,9 +1174,9 @@ class Core:
 
     def subscriptions_by_number(self, app_id: str) -> dict[int, Subscription]:
         """The app's subscriptions by user number (UserState.number): whom the audit index's
-        entries are about."""
-        users = self.apps.get(app_id, _EMPTY_APP).users
-        return {user.number: user.subscription for user in users.values()}
+        entries are about (users moved to another shard's included)."""
+        app = self.apps.get(app_id, _EMPTY_APP)
+        return app.departed | {user.number: user.subscription for user in app.users.values()}
 
     def _get_subscription(self, command: GetSubscription,
                           now_ns: int) -> tuple[SubscriptionResult, bool]:
@@ -1364,7 +1368,9 @@ class Core:
                     dropped_keys.add((app_id, key))
                     keys += 1
             for user_id in [u for u in app.users if slot_of(app_id, u) in slots]:
-                app.plan_subscribers[app.users.pop(user_id).subscription.plan_id] -= 1
+                user = app.users.pop(user_id)
+                app.plan_subscribers[user.subscription.plan_id] -= 1
+                app.departed[user.number] = user.subscription
                 dropped_users.add((app_id, user_id))
                 users += 1
         if dropped_holds or dropped_keys:

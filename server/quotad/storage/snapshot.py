@@ -146,6 +146,10 @@ def _encode_app(message: Any, app_id: str, app: AppState,
          to_plain(entry.result), entry.created_at_ns]
         for (rpc, key), entry in app.idempotency.items()
         if (app_id, (rpc, key)) not in pending_keys])
+    if app.departed:
+        message.departed_json = _json([
+            [number, s.user_id, s.plan_id, s.time_zone, s.billing_customer_id]
+            for number, s in sorted(app.departed.items())])
 
 
 def _encode_users(users_message: Any, counters_message: Any,
@@ -346,6 +350,10 @@ def _app(message: Any) -> AppState:
     app.plan_subscribers = Tally(dict(zip(message.subscriber_plan_ids,
                                           message.subscriber_counts)))
     app.users, live_holds = _users(message.users, message.counters)
+    app.departed = {number: Subscription(user_id=user_id, plan_id=plan_id, time_zone=zone,
+                                         billing_customer_id=customer)
+                    for number, user_id, plan_id, zone, customer in json.loads(
+                        message.departed_json or "[]")}
     for hold in message.holds:
         reservation = _hold(message.app, hold)
         app.reservations[reservation.reservation_id] = reservation
