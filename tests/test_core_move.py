@@ -138,6 +138,9 @@ def test_the_source_still_names_the_users_it_moved_away_in_its_usage_export():
         n: s.user_id for n, s in numbers.items() if s.user_id in moved}
     assert replay_all(logged(r) for r in source.records).apps[APP].departed == (
         source.core.apps[APP].departed)
+    # a state digests as before the moves existed until a user moves away
+    assert "departed" in to_plain(source.core.apps[APP])
+    assert "departed" not in to_plain(target.core.apps[APP])
 
 
 def test_after_a_move_a_hold_commits_on_the_target_and_keys_get_their_first_answers():

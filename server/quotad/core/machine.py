@@ -139,7 +139,8 @@ class AppState:
     reservations: dict[str, Reservation] = field(default_factory=dict)
     idempotency: dict[tuple[str, str], IdempotencyEntry] = field(default_factory=dict)
     plan_subscribers: Tally[str] = field(default_factory=Tally)
-    departed: dict[int, Subscription] = field(default_factory=dict)
+    departed: dict[int, Subscription] = field(default_factory=dict,
+                                              metadata={"plain": "omit_empty"})
     """The subscriptions of users whose slots moved to another shard, by their number here:
     their audit events from before the move stay in this shard's log, which names them by
     number, and a usage export names them by user id (one entry per user moved away)."""

@@ -978,6 +978,15 @@ def _field_names(cls: type) -> tuple[str, ...] | None:
     return None
 
 
+@cache
+def _omitted_when_empty(cls: type) -> tuple[str, ...]:
+    """The fields a dataclass marks `metadata={"plain": "omit_empty"}`: left out of its plain
+    form while empty, so that a state without them reads (and digests) as it did before they
+    existed."""
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if f.metadata.get("plain") == "omit_empty")
+
+
 def to_plain(value: Any) -> Any:
     """Dataclasses, enums, tuples, dicts and sorted containers as JSON-able values.
     Dicts become [key, value] pairs sorted by key, so equal states give equal output."""
@@ -990,7 +999,11 @@ def to_plain(value: Any) -> Any:
         value = value.fingerprinted()
     names = _field_names(cls)
     if names is not None:
-        return {name: to_plain(getattr(value, name)) for name in names}
+        plain = {name: to_plain(getattr(value, name)) for name in names}
+        for name in _omitted_when_empty(cls):
+            if not plain[name]:
+                del plain[name]
+        return plain
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, dict):
