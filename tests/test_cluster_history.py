@@ -15,6 +15,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -50,19 +51,25 @@ def hot_users(shard_map: ShardMap) -> tuple[str, ...]:
     return tuple(user for users in found.values() for user in users)
 
 
+async def subscribed(client: AsyncQuotaClient, users: Iterable[str]) -> None:
+    """PLAN upserted through one shard and each user subscribed to it, on its own shard once
+    the plan has reached that shard through etcd."""
+    await client.upsert_plan(PLAN)
+    deadline = time.monotonic() + PLAN_WAIT_S
+    for user in users:
+        while True:
+            try:
+                await client.subscribe(user, PLAN.id)
+                break
+            except NotFound:
+                assert time.monotonic() < deadline, f"the plan never reached {user}'s shard"
+                await asyncio.sleep(0.05)
+
+
 async def run_cluster_history(target: str, users: tuple[str, ...], ops: int, clients: int,
                               limit_s: float) -> tuple[list[Call], float]:
     async with AsyncQuotaClient(cluster=target, timeout_s=RPC_TIMEOUT_S) as client:
-        await client.upsert_plan(PLAN)  # to one shard, through etcd to every shard
-        deadline = time.monotonic() + PLAN_WAIT_S
-        for user in users:  # the plan reaches the other shards through etcd
-            while True:
-                try:
-                    await client.subscribe(user, PLAN.id)
-                    break
-                except NotFound:
-                    assert time.monotonic() < deadline, f"the plan never reached {user}'s shard"
-                    await asyncio.sleep(0.05)
+        await subscribed(client, users)
         return await run_calls(ClientCalls(client), users, ops, clients, limit_s)
 
 

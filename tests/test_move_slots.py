@@ -32,8 +32,9 @@ from quotad.engine.writer import Writer
 from quotad.storage.codec import decode_slot_state
 from quotad.storage.wal import WriteAheadLog
 from test_core_move import PLAN as CORE_PLAN
+from test_cluster_history import subscribed
 from test_core_move import users_in_slots
-from quotad_client import AsyncQuotaClient, FailedPrecondition, NotFound
+from quotad_client import AsyncQuotaClient, FailedPrecondition
 from quotad_client._errors import error_from_rpc_error
 from quotad_contract.errors import ErrorReason
 from quotad_client.moves import MoveRefused, move_slots
@@ -54,7 +55,6 @@ LIMIT_S = 40.0
 MOVE_AFTER_S = 0.2
 """The move starts this long into the first load."""
 RPC_TIMEOUT_S = 30.0
-PLAN_WAIT_S = 15.0
 KEY = "before-the-move"
 
 
@@ -79,19 +79,6 @@ def two_shards(tmp_path: Path, etcd):
         yield cluster
     finally:
         cluster.close()
-
-
-async def subscribed(client: AsyncQuotaClient, users: list[str]) -> None:
-    await client.upsert_plan(PLAN)  # to one shard, through etcd to both
-    deadline = time.monotonic() + PLAN_WAIT_S
-    for user in users:
-        while True:
-            try:
-                await client.subscribe(user, PLAN.id)
-                break
-            except NotFound:
-                assert time.monotonic() < deadline, f"the plan never reached {user}'s shard"
-                await asyncio.sleep(0.05)
 
 
 def test_slots_move_under_load_with_their_users_state_and_nothing_lost_or_admitted_twice(

@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 
-from quotad.api import requests
 from quotad.api.admission import Admission
 from quotad.api.gate import Gate
 from quotad.core import commands as c
@@ -227,30 +226,14 @@ async def export_chunks(writer: Any, slots: tuple[int, ...],
 
 
 def _export_handler(gate: Gate, scans: KeyScans) -> grpc.RpcMethodHandler:
-    from quotad.api.service import (
-        _REFUSALS, Malformed, _safe_parser, caller_of, full_method, open_call, status_of,
-    )
-    method = full_method("ExportSlots")
+    from quotad.api.service import streaming_handler
 
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        metadata = context.invocation_metadata() or ()
-        try:
-            call = open_call(gate, metadata, "ExportSlots")
-            if isinstance(request, Malformed):
-                raise InvalidArgument([FieldViolation(
-                    "request", f"cannot be parsed: {request.error}")])
-            slots = requested_slots(request.slots)
-            _check_owned(gate, slots, owned=True)
-            async for message in export_chunks(call.writer, slots, scans.get(slots)):
-                yield message
-        except _REFUSALS as error:
-            status = status_of(error)
-            requests.refused(method, status.code.name, status.details,
-                             **caller_of(gate, metadata, context))
-            await context.abort(status.code, status.details, status.trailing_metadata)
-    return grpc.unary_stream_rpc_method_handler(
-        handle, request_deserializer=_safe_parser(pb.ExportSlotsRequest),
-        response_serializer=lambda message: message.SerializeToString())
+    async def messages(request: Any, call: Any) -> AsyncIterator[Any]:
+        slots = requested_slots(request.slots)
+        _check_owned(gate, slots, owned=True)
+        async for message in export_chunks(call.writer, slots, scans.get(slots)):
+            yield message
+    return streaming_handler(gate, "ExportSlots", pb.ExportSlotsRequest, messages)
 
 
 def method_handlers(gate: Gate, admission: Admission) -> dict[str, Any]:

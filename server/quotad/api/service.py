@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -433,24 +433,24 @@ def _mint_user_token_handler(gate: Gate, admission: Admission) -> _Handler:
     return _answering(gate, admission, "MintUserToken", answer)
 
 
-def _export_usage_handler(gate: Gate) -> grpc.RpcMethodHandler:
-    """ExportUsage, a stream: refusals before or during it end it with their status."""
-    method = full_method("ExportUsage")
+def streaming_handler(gate: Gate, rpc: str, request_type: type,
+                      messages: Callable[[Any, Call], AsyncIterator[Any]]
+                      ) -> grpc.RpcMethodHandler:
+    """A server-streaming RPC around messages(request, call): the caller authenticated and a
+    request that could not be parsed refused first; a refusal before or during the stream
+    ends it with its status."""
+    method = full_method(rpc)
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         metadata = context.invocation_metadata() or ()
         await context.send_initial_metadata(
             ((requests.REQUEST_ID_HEADER, requests.begin(metadata)),))
         try:
-            call = open_call(gate, metadata, "ExportUsage")
+            call = open_call(gate, metadata, rpc)
             if isinstance(request, Malformed):
                 raise InvalidArgument([FieldViolation(
                     "request", f"cannot be parsed: {request.error}")])
-            query = convert.export_usage(_target_app(call.principal, request.app), request)
-            ownership = gate.ownership
-            shard_id = (ownership.shard_id
-                        if ownership is not None and ownership.clustered else None)
-            async for message in export.messages(call.writer, query, shard_id):
+            async for message in messages(request, call):
                 yield message
         except _REFUSALS as error:
             status = status_of(error)
@@ -458,8 +458,19 @@ def _export_usage_handler(gate: Gate) -> grpc.RpcMethodHandler:
                              **caller_of(gate, metadata, context))
             await context.abort(status.code, status.details, status.trailing_metadata)
     return grpc.unary_stream_rpc_method_handler(
-        handle, request_deserializer=_safe_parser(pb.ExportUsageRequest),
+        handle, request_deserializer=_safe_parser(request_type),
         response_serializer=lambda message: message.SerializeToString())
+
+
+def _export_usage_handler(gate: Gate) -> grpc.RpcMethodHandler:
+    """ExportUsage: the log's usage lines, each naming this shard in a cluster."""
+    async def messages(request: Any, call: Call) -> AsyncIterator[Any]:
+        query = convert.export_usage(_target_app(call.principal, request.app), request)
+        ownership = gate.ownership
+        shard_id = ownership.shard_id if ownership is not None and ownership.clustered else None
+        async for message in export.messages(call.writer, query, shard_id):
+            yield message
+    return streaming_handler(gate, "ExportUsage", pb.ExportUsageRequest, messages)
 
 
 def usage_reader(gate: Gate, metadata: Any, rpc: str, user_id: str | None) -> auth.UsageGrant:

@@ -639,6 +639,13 @@ def _slot_set(v: Violations, slots: tuple[int, ...]) -> None:
         v.add("slots", f"slots 0 ... {SLOTS - 1}, each once, in order")
 
 
+def _check_slots(command: Any) -> None:
+    """The __post_init__ of a step of a move that names only its slots."""
+    v = Violations()
+    _slot_set(v, command.slots)
+    v.raise_if_any()
+
+
 @value_type(kw_only=True)
 class FreezeSlots:
     """The source's first step of a move: from now on every call for a user (or a hold) of
@@ -648,10 +655,7 @@ class FreezeSlots:
 
     slots: tuple[int, ...]
 
-    def __post_init__(self) -> None:
-        v = Violations()
-        _slot_set(v, self.slots)
-        v.raise_if_any()
+    __post_init__ = _check_slots
 
 
 @value_type(kw_only=True)
@@ -660,10 +664,7 @@ class ThawSlots:
 
     slots: tuple[int, ...]
 
-    def __post_init__(self) -> None:
-        v = Violations()
-        _slot_set(v, self.slots)
-        v.raise_if_any()
+    __post_init__ = _check_slots
 
 
 @value_type(kw_only=True)
@@ -723,10 +724,7 @@ class ForgetSlots:
 
     slots: tuple[int, ...]
 
-    def __post_init__(self) -> None:
-        v = Violations()
-        _slot_set(v, self.slots)
-        v.raise_if_any()
+    __post_init__ = _check_slots
 
 
 @value_type(kw_only=True)

@@ -34,7 +34,7 @@ import fcntl
 import hashlib
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,17 +426,21 @@ class WriteAheadLog:
             value = txn.get(key, db=self.holds_db)
             if value is None:
                 return None
+            return decode_finished_hold(key, value, as_of_sequence, *self._hold_lookups(txn))
 
-            def reserve_record(sequence: int) -> Record | None:
-                stored = txn.get(record_key(sequence), db=self.log_db)
-                return None if stored is None else decode_record(
-                    record_key(sequence), stored, self._shape_lookup(txn))
+    def _hold_lookups(self, txn: lmdb.Transaction) -> tuple[
+            Callable[[int], Record | None], Callable[[int], int | None]]:
+        """What decode_finished_hold reads of the log, in this transaction: a record by its
+        sequence (a young hold's Reserve record), and a record's time alone."""
+        def reserve_record(sequence: int) -> Record | None:
+            stored = txn.get(record_key(sequence), db=self.log_db)
+            return None if stored is None else decode_record(
+                record_key(sequence), stored, self._shape_lookup(txn))
 
-            def record_time_ns(sequence: int) -> int | None:
-                stored = txn.get(record_key(sequence), db=self.log_db)
-                return None if stored is None else record_now_ns(stored)
-            return decode_finished_hold(key, value, as_of_sequence, reserve_record,
-                                        record_time_ns)
+        def record_time_ns(sequence: int) -> int | None:
+            stored = txn.get(record_key(sequence), db=self.log_db)
+            return None if stored is None else record_now_ns(stored)
+        return reserve_record, record_time_ns
 
     # --- a moved slot set's rows (ExportSlots) ----------------------------------------------
 
@@ -446,14 +450,7 @@ class WriteAheadLog:
         Reservations): a range of rows per slot, since a row's key begins with its
         reservation id's slot. Each row costs a B-tree step, and a young hold's one more read
         and decode of its Reserve record."""
-        def reserve_record(sequence: int) -> Record | None:
-            stored = txn.get(record_key(sequence), db=self.log_db)
-            return None if stored is None else decode_record(
-                record_key(sequence), stored, self._shape_lookup(txn))
-
-        def record_time_ns(sequence: int) -> int | None:
-            stored = txn.get(record_key(sequence), db=self.log_db)
-            return None if stored is None else record_now_ns(stored)
+        lookups = self._hold_lookups(txn)
         for slot in sorted(slots):
             cursor = txn.cursor(db=self.holds_db)
             if not cursor.set_range(bytes([slot >> 4, (slot & 0xF) << 4])):
@@ -461,8 +458,7 @@ class WriteAheadLog:
             for key, value in cursor:
                 if (key[0] << 4) | (key[1] >> 4) != slot:
                     break
-                hold = decode_finished_hold(key, value, as_of_sequence, reserve_record,
-                                            record_time_ns)
+                hold = decode_finished_hold(key, value, as_of_sequence, *lookups)
                 if hold is not None:
                     yield hold
 
