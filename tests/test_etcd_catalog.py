@@ -265,3 +265,19 @@ def test_a_shard_whose_data_applied_a_revision_its_etcd_has_not_reached_exits_2(
     cluster.shards[1] = cluster.start_shard(1)  # its own cluster again: as it was
     assert cluster.shards[1].last("catalog applied")["changes"] == 0
     assert authenticates(cluster, 1, kept)
+
+
+@pytest.mark.parametrize("size", [CATALOG_VALUE_BYTES_MAX, CATALOG_VALUE_BYTES_MAX + 1])
+def test_a_catalog_value_is_read_up_to_its_size_limit_and_skipped_unread_past_it(size):
+    """At CATALOG_VALUE_BYTES_MAX bytes a value is decoded (here it is no plan, so the
+    decoder refuses it); one byte more and it is refused before anything reads it."""
+    from quotad.cluster.catalog import PLANS, Catalog
+
+    def decode_plan(value: bytes):
+        raise ValueError("decoded: not a plan")
+    catalog = Catalog(None, EtcdTarget.parse("etcd://127.0.0.1:1/edge"),
+                      decode_plan=decode_plan, execute=None, applied_revision=0)
+    with pytest.raises(ValueError) as refused:
+        catalog._command(catalog.prefix + PLANS + APP.encode() + b"\0p", b"x" * size, 1)
+    expected = "decoded" if size <= CATALOG_VALUE_BYTES_MAX else f"over {CATALOG_VALUE_BYTES_MAX}"
+    assert expected in str(refused.value)
