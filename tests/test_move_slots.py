@@ -385,3 +385,60 @@ def test_the_export_finds_keys_before_the_scan_and_after_it_each_once(tmp_path: 
     for chunks in exported:
         keys = [k.key for chunk in chunks for k in decode_slot_state(chunk.state)[2]]
         assert sorted(keys) == sorted(expected)
+
+
+# --- the move's limits at their edges (no cluster needed) ----------------------------------
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_a_slot_set_is_read_up_to_its_text_limit_and_refused_past_it(extra):
+    from quotad.api.moves import requested_slots
+    from quotad.core.errors import InvalidArgument
+    from quotad.core.limits import MOVE_SLOTS_TEXT_BYTES_MAX
+
+    text = "0-4095".ljust(MOVE_SLOTS_TEXT_BYTES_MAX + extra)  # spaces around a range are read
+    if extra:
+        with pytest.raises(InvalidArgument, match=f"at most {MOVE_SLOTS_TEXT_BYTES_MAX} bytes"):
+            requested_slots(text)
+    else:
+        assert requested_slots(text) == tuple(range(4096))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_a_source_keeps_the_key_scans_of_at_most_move_key_scans_max_slot_sets(extra):
+    from quotad.api.moves import KeyScan, KeyScans
+    from quotad.core.limits import MOVE_KEY_SCANS_MAX
+
+    scans = KeyScans()
+    sets = [(slot,) for slot in range(MOVE_KEY_SCANS_MAX + extra)]
+    for slots in sets:
+        scans.put(slots, KeyScan(through_sequence=slots[0], records=()))
+    kept = [slots for slots in sets if scans.get(slots) is not None]
+    assert kept == sets[extra:]  # past the limit, the oldest scan is the one dropped
+
+
+@pytest.mark.parametrize("short", [1, 0])
+def test_a_pass_over_the_log_lets_other_calls_in_once_every_move_scan_rows_per_page(short):
+    """One row short of a page, no other call gets a turn; a whole page, one does."""
+    from quotad.api.moves import _paced
+    from quotad.core.limits import MOVE_SCAN_ROWS_PER_PAGE
+
+    count = MOVE_SCAN_ROWS_PER_PAGE - short
+
+    async def turns_given() -> tuple[list[int], int]:
+        turns = 0
+
+        async def other_call() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+        other = asyncio.create_task(other_call())
+        await asyncio.sleep(0)  # it ran once
+        before = turns
+        rows = [row async for row in _paced(iter(range(count)))]
+        given = turns - before
+        other.cancel()
+        return rows, given
+    rows, given = asyncio.run(turns_given())
+    assert rows == list(range(count))
+    assert given == (0 if short else 1)

@@ -137,12 +137,18 @@ def shed_delay_s(error: QuotadError) -> float | None:
     return None
 
 
+SLOTS_MOVING_DELAY_S_DEFAULT = 0.05
+"""The wait before sending a call refused SLOTS_MOVING again when the refusal names none (a
+shard names its own, in a RetryInfo)."""
+
+
 def slots_moving_delay_s(error: QuotadError) -> float | None:
     """The wait before sending a call again that a shard refused because its user's slot is
     moving (UNAVAILABLE ``SLOTS_MOVING``: nothing was done, so any call may be sent again);
     None for every other error."""
     if isinstance(error, Unavailable) and error.reason == ErrorReason.SLOTS_MOVING:
-        return error.retry_delay_s if error.retry_delay_s is not None else 0.05
+        return (error.retry_delay_s if error.retry_delay_s is not None
+                else SLOTS_MOVING_DELAY_S_DEFAULT)
     return None
 
 

@@ -15,7 +15,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -30,6 +30,7 @@ from quotad.storage.codec import decode_slot_state, slot_state_chunk, slot_state
 from quotad_contract.shards import ShardMapError, format_slots, parse_slots
 from quotad_contract.v1 import quotad_pb2 as pb
 
+T = TypeVar("T")
 MOVE_RPCS = ("FreezeSlots", "ExportSlots", "AdoptSlots", "ForgetSlots", "ThawSlots")
 
 
@@ -69,10 +70,11 @@ def _keyed(record: Record) -> bool:
     return bool(getattr(record.command, "idempotency_key", "")) and record.answer is not None
 
 
-async def _paced(records: Iterator[Record]) -> AsyncIterator[Record]:
-    """The records, letting the event loop serve other calls every MOVE_SCAN_ROWS_PER_PAGE."""
-    for read, record in enumerate(records, 1):
-        yield record
+async def _paced(rows: Iterator[T]) -> AsyncIterator[T]:
+    """The rows (records, holds), letting the event loop serve other calls every
+    MOVE_SCAN_ROWS_PER_PAGE."""
+    for read, row in enumerate(rows, 1):
+        yield row
         if read % limits.MOVE_SCAN_ROWS_PER_PAGE == 0:
             await asyncio.sleep(0)
 
@@ -175,14 +177,10 @@ async def export_chunks(writer: Any, slots: tuple[int, ...],
     txn = wal.env.begin(buffers=False)  # no await since the export of memory: one picture
     try:
         known_holds = {hold.reservation_id for hold in holds}
-        read = 0
-        for hold in wal.slot_holds(txn, wanted, as_of_sequence):
+        async for hold in _paced(wal.slot_holds(txn, wanted, as_of_sequence)):
             if hold.reservation_id not in known_holds and (
                     now_ns < hold.finished_at_ns + limits.RESERVATION_RETENTION_NS):
                 holds.append(hold)
-            read += 1
-            if read % limits.MOVE_SCAN_ROWS_PER_PAGE == 0:
-                await asyncio.sleep(0)
         in_memory = {(key.app, key.rpc, key.key) for key in keys}
         if scan is None or scan.through_sequence > as_of_sequence:
             found = _paced(wal.keyed_records(txn, as_of_sequence))

@@ -166,10 +166,8 @@ class Etcd:
 
     async def delete(self, key: bytes) -> int:
         """How many keys were deleted (0 or 1)."""
-        response = await self._call("delete", self._kv.DeleteRange,
-                                    rpc_pb2.DeleteRangeRequest(key=key))
-        assert isinstance(response, rpc_pb2.DeleteRangeResponse)
-        return response.deleted
+        deleted, _ = await self.delete_at(key)
+        return deleted
 
     # --- Watch -------------------------------------------------------------------------------
 

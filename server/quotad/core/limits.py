@@ -204,6 +204,8 @@ the event loop serve other calls between pages."""
 MOVE_KEY_SCANS_MAX = 4
 """A source keeps the scans of the idempotency table it made before freezing (the slots'
 keyed records, to export) for at most this many slot sets at once."""
+MOVE_SLOTS_TEXT_BYTES_MAX = 16 * 1024
+"""A slot set as text ("0-99,105,200-4095"): every other slot of 4,096 alone is ~10 KB."""
 SLOTS_MOVING_RETRY_DELAY_S = 0.05
 """What a call refused SLOTS_MOVING (UNAVAILABLE, nothing done) is told to wait, in its
 RetryInfo, before it is sent again."""
@@ -238,10 +240,9 @@ if not (HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S
         <= HTTP_REQUEST_READ_TIMEOUT_S_MAX):
     raise AssertionError("HTTP_REQUEST_READ_TIMEOUT_S_MIN <= HTTP_REQUEST_READ_TIMEOUT_S "
                          "<= HTTP_REQUEST_READ_TIMEOUT_S_MAX")
-MOVE_SLOTS_TEXT_BYTES_MAX = 16 * 1024
-"""A slot set as text ("0-99,105,200-4095"): every other slot of 4,096 alone is ~10 KB."""
 if not 0 < MOVE_CHUNK_BYTES_MAX + MOVE_SLOTS_TEXT_BYTES_MAX + 1024 <= MESSAGE_BYTES_MAX:
     raise AssertionError("an AdoptSlots request of a full chunk (MOVE_CHUNK_BYTES_MAX and "
                          "MOVE_SLOTS_TEXT_BYTES_MAX of slots) fits in MESSAGE_BYTES_MAX")
 if not (1 <= MOVE_CHUNK_ITEMS_MAX and 1 <= MOVE_SCAN_ROWS_PER_PAGE and 1 <= MOVE_KEY_SCANS_MAX):
-    raise AssertionError("MOVE_CHUNK_ITEMS_MAX and MOVE_SCAN_ROWS_PER_PAGE are at least 1")
+    raise AssertionError("MOVE_CHUNK_ITEMS_MAX, MOVE_SCAN_ROWS_PER_PAGE and MOVE_KEY_SCANS_MAX "
+                         "are at least 1")

@@ -527,8 +527,7 @@ class WriteAheadLog:
 
     def last_sequence(self) -> int:
         with self.env.begin(db=self.log_db) as txn:
-            cursor = txn.cursor()
-            return key_sequence(cursor.key()) if cursor.last() else 0
+            return self.last_sequence_in(txn)
 
     def list_events(self, app: str, user_id: str, user_number: int, start_ns: int, end_ns: int,
                     after: bytes, limit: int) -> list[StoredEvent]:
