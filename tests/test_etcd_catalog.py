@@ -18,6 +18,7 @@ from quotad_contract.shards import EtcdTarget, slot_of
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as pb_grpc
 from etcd_server import EtcdProcess, compact
+from server_process import ServerProcess
 from test_etcd_cluster import (
     CALL_TIMEOUT_S, PLAN, EtcdCluster, init, plan_quota, shard, wait_until,
 )
@@ -199,6 +200,67 @@ def test_a_restarted_shard_applies_exactly_the_changes_it_missed_from_its_logged
                                   "compacted in etcd; reading the whole catalog")
     with client(cluster, 1, kept) as one:
         assert plan_quota(one, "compacted-away") is not None
+
+
+def test_a_restarted_shard_whose_missed_deletes_etcd_compacted_away_deletes_what_etcd_lacks(
+        cluster):
+    """A plan deleted and a key deleted from etcd while shard 1 is down, with etcd compacted
+    past them: shard 1 reads the whole catalog and deletes here what it lacks (the key:
+    revoked), but a plan its own user still subscribes to (kept, the refusal logged) and the
+    plans of its own --plans file."""
+    with client(cluster, 0) as admin:
+        kept = admin.create_key("secret", app=APP).secret
+        doomed = admin.create_key("secret", app=APP)
+        default_app = admin.create_key("secret", app="default").secret  # a --plans file's app
+    wait_until(lambda: authenticates(cluster, 1, doomed.secret), "shard 1 takes the keys")
+    with client(cluster, 0, kept) as zero:
+        for plan_id in ("gone-while-down", "subscribed-on-1"):
+            zero.upsert_plan({**PLAN, "id": plan_id})
+    user = next(f"subscriber-{n}" for n in range(10_000)
+                if cluster.shard_map.owner(slot_of(APP, f"subscriber-{n}")).shard_id == 1)
+    with client(cluster, 1, kept) as one:
+        wait_until(lambda: plan_quota(one, "gone-while-down") and plan_quota(
+            one, "subscribed-on-1"), "shard 1 has both plans")
+        one.subscribe(user, "subscribed-on-1")
+    assert cluster.shards[1].stop() == 0  # with its own --plans file from now on
+    own = ServerProcess(cluster.folder / "data-1", extra_args=(
+        "--cluster", cluster.target, "--shard-id", "1", "--lease-ttl-s", str(cluster.ttl_s)),
+        env=cluster.env)
+    cluster.shards[1] = own.start(cluster.addresses[1])
+    with client(cluster, 1, default_app) as one:
+        own_plans = [plan.id for plan in one.list_plans()]
+    assert own_plans
+    assert cluster.shards[1].stop() == 0
+    with client(cluster, 0, kept) as zero:  # no subscriber on shard 0: deleted from etcd
+        zero.delete_plan("gone-while-down")
+        zero.delete_plan("subscribed-on-1")
+    delete_by_hand(cluster, b"catalog/keys/" + doomed.key.key_id.encode())
+    revision, _ = etcd_state(cluster)
+    compact(EtcdTarget.parse(cluster.target).endpoint, revision)
+    own = ServerProcess(cluster.folder / "data-1", extra_args=own.extra_args, env=cluster.env)
+    cluster.shards[1] = own.start(cluster.addresses[1])
+
+    applied = cluster.shards[1].last("catalog applied")  # before it served
+    assert applied["changes"] == 3 and applied["applied_revision"] == revision
+    assert cluster.shards[1].last("the catalog's changes since the last applied are "
+                                  "compacted in etcd; reading the whole catalog")
+    deleted = [line for line in cluster.shards[1].log_lines if line.get("message") == (
+        "deleting here what the catalog no longer holds: its delete is compacted away in etcd")]
+    assert sorted(line["key"].rpartition("/")[2].rpartition("\0")[2] for line in deleted) == \
+        sorted(["gone-while-down", "subscribed-on-1", doomed.key.key_id])
+    assert all(line["revision"] == revision for line in deleted)
+    refused = cluster.shards[1].last("a change of the catalog was refused by this shard")
+    assert refused["key"].endswith("subscribed-on-1") and refused["revision"] == revision
+    assert "subscribers" in refused["error"]
+    assert not authenticates(cluster, 1, doomed.secret)
+    assert [key.revoked_at is not None for key in listed(cluster, 1)
+            if key.key_id == doomed.key.key_id] == [True]
+    with client(cluster, 1, kept) as one:
+        assert plan_quota(one, "gone-while-down") is None
+        assert plan_quota(one, "subscribed-on-1") == PLAN["limit_groups"][0]["quota"]
+        one.reserve(user, "openai.chat", 10).release()  # its subscriber served as before
+    with client(cluster, 1, default_app) as one:
+        assert [plan.id for plan in one.list_plans()] == own_plans
 
 
 def test_a_user_token_signed_on_one_shard_lets_a_pk_key_read_usage_on_another(cluster):
