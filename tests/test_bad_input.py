@@ -15,7 +15,10 @@ subscriptions, holds in each state, used idempotency keys). Hypothesis draws the
 those the oracle says are refused, or answered without a change (a denial, a read, an idempotent
 replay), are sent, so the state digest must never move while they run. One server serves the
 whole module, in each mode: open (no keys: app `default`, the key RPCs refused KEYS_DISABLED)
-and keyed (every call with an `sk_` key of app `acme`).
+and keyed (every call with an `sk_` key of app `acme`). The five move RPCs (FreezeSlots,
+ExportSlots, AdoptSlots, ForgetSlots, ThawSlots) are drawn there too: a lone server has no
+slots to move and refuses each, naming `slots`; they are drawn again against each shard of
+a 2-shard cluster in a real etcd, where the oracle knows the slots each shard owns.
 
 10**4 drawn requests in the open mode and 2 * 10**3 in the keyed mode by default;
 QUOTAD_LONG=1 draws 10**5 in each.
@@ -47,6 +50,7 @@ from quotad.core import limits
 from quotad_client import QuotaClient
 from quotad_contract.errors import ERROR_DOMAIN
 from quotad_contract.plans import load_plans_file
+from quotad_contract.shards import ShardMapError, parse_slots
 from quotad_contract.v1 import quotad_pb2 as pb
 from messages_at_limits import plan_of_bytes
 from server_process import EXAMPLE_PLANS, ROOT, ServerProcess
@@ -56,6 +60,11 @@ PRICING_PLANS = ROOT / "examples" / "pricing.toml"
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
 TRIES = {"open": 10**5 if LONG else 10**4, "keyed": 10**5 if LONG else 2 * 10**3}
+MOVE_TRIES = 10**4 if LONG else 2 * 10**3
+"""Drawn move requests sent to each shard of the cluster."""
+SHARD_MOVE_RPCS = ("ExportSlots", "FreezeSlots", "AdoptSlots", "ForgetSlots", "ThawSlots")
+"""The move RPCs, the one a shard refuses whatever the slots (none is frozen) first: a
+Hypothesis example's simplest request must be sendable."""
 MODES = ("open", "keyed")
 ADMIN_KEY = "ak_" + "b" * 40
 APP = "acme"
@@ -118,13 +127,15 @@ BATCHABLE_RPCS = ("Reserve", "Commit", "Release", "Extend", "Track", "GetUsage")
 QUOTA_RPCS = BATCHABLE_RPCS + ("Batch", "WatchUsage", "GrantCredits", "ListGrants",
                                 "GetShardMap")
 KEY_RPCS = ("CreateKey", "RevokeKey", "ListKeys", "MintUserToken")
-ADMIN_ONLY_RPCS = ("GetStateDigest",)
+MOVE_RPCS = ("FreezeSlots", "ExportSlots", "AdoptSlots", "ForgetSlots", "ThawSlots")
+"""Moving slots between shards: every app's users of the slots, the admin key's alone."""
+ADMIN_ONLY_RPCS = ("GetStateDigest",) + MOVE_RPCS
 """Refused to an app's key before the request is read (it covers every app's state)."""
 ADMIN_RPCS = ("UpsertPlan", "GetPlan", "ListPlans", "DeletePlan", "UpsertSubscription",
               "GetSubscription", "ListSubscriptions", "ListEvents", "GetStateDigest",
-              "ExportUsage") + KEY_RPCS
+              "ExportUsage") + KEY_RPCS + MOVE_RPCS
 ALL_RPCS = QUOTA_RPCS + ADMIN_RPCS
-STREAMING_RPCS = ("WatchUsage", "ExportUsage")
+STREAMING_RPCS = ("WatchUsage", "ExportUsage", "ExportSlots")
 BATCH_KINDS = {"reserve": "Reserve", "commit": "Commit", "release": "Release",
                "extend": "Extend", "track": "Track", "get_usage": "GetUsage"}
 """A BatchOperation's field -> the RPC it is one of."""
@@ -134,6 +145,10 @@ KEY_NAME_MAX = limits.KEY_NAME_BYTES_MAX
 USER_TOKEN_TTL_MIN_NS, USER_TOKEN_TTL_MAX_NS = (limits.USER_TOKEN_TTL_NS_MIN,
                                                 limits.USER_TOKEN_TTL_NS_MAX)
 KEY_ID = re.compile(r"[a-z2-7]{12}")
+SLOTS = 4096
+MOVE_SLOTS_TEXT_MAX = limits.MOVE_SLOTS_TEXT_BYTES_MAX
+EMPTY_CHUNK = b"[]"
+"""A move's chunk of state holding nothing: the only well-formed `state` drawn."""
 
 
 def path_of(rpc: str) -> str:
@@ -259,6 +274,8 @@ class Env:
     loop: asyncio.AbstractEventLoop | None = None
     aio: grpc.aio.Channel | None = None
     callables: dict[str, object] = field(default_factory=dict)
+    owned_slots: frozenset[int] | None = None
+    """A shard of a cluster: the slots its map gives it (None: a lone server, no slots)."""
 
     def call(self, rpc: str, request) -> bytes:
         """A request that must succeed (set-up and the final checks)."""
@@ -365,19 +382,49 @@ def env(request, tmp_path_factory) -> Iterator[Env]:
         for name, reservation_id in env.named.items():
             env.holds[reservation_id] = name.split("_")[0]
 
-        async def open_channel() -> grpc.aio.Channel:
-            return grpc.aio.insecure_channel(process.address)
-
-        env.aio = env.run(open_channel())
-        env.callables = {rpc: (env.aio.unary_stream if rpc in STREAMING_RPCS
-                               else env.aio.unary_unary)(path_of(rpc)) for rpc in ALL_RPCS}
+        open_calls(env)
         yield env
     finally:
-        if env.aio is not None:
-            env.run(env.aio.close())
-        env.loop.close()
-        env.channel.close()
+        close_calls(env)
         process.close()
+
+
+def open_calls(env: Env) -> None:
+    """The asyncio channel the drawn requests go through, and a callable per RPC."""
+    async def open_channel() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(env.process.address)
+
+    env.aio = env.run(open_channel())
+    env.callables = {rpc: (env.aio.unary_stream if rpc in STREAMING_RPCS
+                           else env.aio.unary_unary)(path_of(rpc)) for rpc in ALL_RPCS}
+
+
+def close_calls(env: Env) -> None:
+    if env.aio is not None:
+        env.run(env.aio.close())
+    env.loop.close()
+    env.channel.close()
+
+
+@pytest.fixture(scope="module")
+def shard_envs(tmp_path_factory, etcd) -> Iterator[list[Env]]:
+    """Both shards of a 2-shard cluster in a real etcd (no keys), each knowing its slots."""
+    from test_etcd_cluster import EtcdCluster
+
+    cluster = EtcdCluster(tmp_path_factory.mktemp("bad-moves"), etcd, count=2).start()
+    envs = []
+    try:
+        for shard_id, process in enumerate(cluster.shards):
+            env = Env(process, owned_slots=cluster.shard_map.shard(shard_id).slots)
+            env.channel = grpc.insecure_channel(process.address)
+            env.loop = asyncio.new_event_loop()
+            envs.append(env)
+            open_calls(env)
+        yield envs
+    finally:
+        for env in envs:
+            close_calls(env)
+        cluster.close()
 
 
 # --- the oracle ---------------------------------------------------------------------------
@@ -1016,6 +1063,62 @@ def _expect_MintUserToken(env: Env, m) -> Expect | None:
             and USER_TOKEN_TTL_MIN_NS <= _ttl_ns(m.ttl) <= USER_TOKEN_TTL_MAX_NS):
         bad.add("ttl")
     return invalid(*bad) if bad else unchanged()
+
+
+def requested_slots(text: str) -> frozenset[int] | None:
+    """The slots a move's `slots` names; None when it names none well."""
+    if blen(text) > MOVE_SLOTS_TEXT_MAX:
+        return None
+    try:
+        return parse_slots(text)
+    except ShardMapError:
+        return None
+
+
+def _expect_move(env: Env, rpc: str, m) -> Expect | None:
+    """A lone server refuses every move, naming `slots`. A shard (that no move has touched:
+    no slot frozen or moving in, no user but of its own slots) takes FreezeSlots, ThawSlots
+    and ExportSlots of its own slots only, AdoptSlots and ForgetSlots of others' only; it
+    exports no slot that is not frozen; thawing its unfrozen slots and forgetting others' it
+    holds nothing of change nothing; AdoptSlots needs a well-formed chunk and, without one
+    before it, `first`."""
+    slots = requested_slots(m.slots)
+    if slots is None or env.owned_slots is None:
+        return invalid("slots")
+    if rpc in ("FreezeSlots", "ThawSlots", "ExportSlots"):
+        if not slots <= env.owned_slots:
+            return invalid("slots")
+    elif slots & env.owned_slots:
+        return invalid("slots")
+    if rpc == "FreezeSlots":
+        return None
+    if rpc == "ExportSlots":
+        return invalid("slots")  # none is frozen
+    if rpc in ("ThawSlots", "ForgetSlots"):
+        return unchanged()
+    if m.state != EMPTY_CHUNK:
+        return invalid("state")
+    return None if m.first else invalid("first")
+
+
+def _expect_FreezeSlots(env: Env, m) -> Expect | None:
+    return _expect_move(env, "FreezeSlots", m)
+
+
+def _expect_ExportSlots(env: Env, m) -> Expect | None:
+    return _expect_move(env, "ExportSlots", m)
+
+
+def _expect_AdoptSlots(env: Env, m) -> Expect | None:
+    return _expect_move(env, "AdoptSlots", m)
+
+
+def _expect_ForgetSlots(env: Env, m) -> Expect | None:
+    return _expect_move(env, "ForgetSlots", m)
+
+
+def _expect_ThawSlots(env: Env, m) -> Expect | None:
+    return _expect_move(env, "ThawSlots", m)
 
 
 # --- raw protobuf ------------------------------------------------------------------------
@@ -1782,6 +1885,7 @@ def hand_picked() -> list[tuple[str, Callable[[Env], tuple[str, object, Expect]]
             Expect(frozenset({OK, INVALID}), may_name=frozenset(may)))
 
     add_batches_and_keys(add)
+    add_moves(add)
 
     # Bytes that are no protobuf, or hold invalid UTF-8, on every RPC.
     for rpc in ALL_RPCS:
@@ -1883,6 +1987,19 @@ def add_batches_and_keys(add: Callable) -> None:
             with_keys(invalid("ttl")))
     add("a-token-changes-nothing", "MintUserToken",
         pb.MintUserTokenRequest(user_id=U, ttl=Duration(seconds=86400)), with_keys(unchanged()))
+
+
+def add_moves(add: Callable) -> None:
+    """The module's lone server has no slots: every move is refused, naming `slots`."""
+    lone = admin_only(invalid("slots"))
+    for name, text in (("empty", ""), ("not-a-range", "x"), ("past-4095", "4096"),
+                       ("backwards", "7-5"), ("overlapping", "0-9,5"),
+                       (f"{MOVE_SLOTS_TEXT_MAX + 1}-bytes", "0" * (MOVE_SLOTS_TEXT_MAX + 1)),
+                       ("well-formed", "0-99"), ("every-slot", f"0-{SLOTS - 1}")):
+        for rpc in MOVE_RPCS:
+            add(f"slots-{name}", rpc, request_type(rpc)(slots=text), lone)
+    add("bad-state-named-after-slots", "AdoptSlots",
+        pb.AdoptSlotsRequest(slots="0", first=True, state=b"{"), lone)
 
 
 HAND_PICKED = hand_picked()
@@ -2074,9 +2191,6 @@ WIRE_BAD = st.sampled_from(BAD_WIRE)
 BYTE = st.integers(0, 255)
 CASE_KIND = st.sampled_from(["structured"] * 7 + ["raw"] * 3)
 ONE_IN_1000 = st.integers(0, 999)
-STRUCTURED_RPCS = st.sampled_from([r for r in ALL_RPCS
-                                   if r not in ("ListPlans", "GetStateDigest", "GetShardMap")])
-ANY_RPC = st.sampled_from(ALL_RPCS)
 OVERSIZES = st.sampled_from([MESSAGE_MAX + 1, MESSAGE_MAX + 2, 70_000, 100_000])
 BATCH_SHAPE = st.integers(0, 29)
 BATCH_OPERATIONS = st.integers(1, 4)
@@ -2099,6 +2213,22 @@ TOKEN_TTL_BAD = st.one_of(
     st.builds(Duration, seconds=st.integers(0, 86400),
               nanos=st.integers(INT32_MIN, -1) | st.integers(NS, INT32_MAX)))
 SEQUENCE = st.integers(0, 2**64 - 1)
+SLOT = st.integers(0, SLOTS - 1)
+SLOT_RANGE = st.tuples(SLOT, st.integers(0, 64)).map(
+    lambda r: f"{r[0]}-{min(SLOTS - 1, r[0] + r[1])}" if r[1] else str(r[0]))
+SLOTS_OK = st.one_of(
+    SLOT_RANGE, st.sampled_from(["0", f"{SLOTS - 1}", f"0-{SLOTS - 1}", "5,7,100-200",
+                                 f"{SLOTS // 2 - 1}-{SLOTS // 2}", " 3 , 9"]),
+    st.lists(SLOT, min_size=2, max_size=5, unique=True).map(
+        lambda slots: ",".join(map(str, sorted(slots)))))
+SLOTS_BAD = st.one_of(
+    st.sampled_from(["", "x", str(SLOTS), "5-", "-1", "7-5", "1,,2", "0-9,5", "1 2", "0x10",
+                     "1-2-3", ",", "+1", "1.0", "0-4096", "0" * (MOVE_SLOTS_TEXT_MAX + 1)]),
+    text_over(MOVE_SLOTS_TEXT_MAX), st.text(alphabet=st.sampled_from(CHARS), max_size=12))
+STATE_BAD = st.one_of(
+    st.sampled_from([b"", b"{", b"[", b"null", b"{}", b"[1]", b"[[]]", b'["user"]',
+                     b'[["hold", {}]]', b'[["key"]]', b'[["nope", 1]]', b"[]x"]),
+    st.binary(max_size=40).map(lambda data: b"\xff" + data))
 CUSTOMER_OK = st.none() | st.sampled_from(["", "cus_NffrFeUfNV2Hib"]) \
     | text_between(0, BILLING_CUSTOMER_ID_MAX).filter(str.isprintable)
 CUSTOMER_BAD = text_over(BILLING_CUSTOMER_ID_MAX) | st.sampled_from(["cus_\x00", "a\nb", "\t"])
@@ -2113,8 +2243,11 @@ CURSOR_BAD = st.one_of(
 class Draws:
     """Hypothesis strategies for requests of every RPC, biased to bad input."""
 
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: Env, rpcs: tuple[str, ...] = ALL_RPCS) -> None:
         self.env = env
+        self.structured_rpcs = st.sampled_from([r for r in rpcs if r not in (
+            "ListPlans", "GetStateDigest", "GetShardMap")])
+        self.any_rpc = st.sampled_from(rpcs)
         # The first of each pool is refused: Hypothesis's simplest example must be sendable.
         self.users = st.one_of(st.sampled_from(list(UNSUBSCRIBED) + sorted(SUBSCRIPTIONS)),
                                st.sampled_from(list(UNSUBSCRIBED)), text_between(1, USER_ID_MAX))
@@ -2134,7 +2267,7 @@ class Draws:
         self.plans = st.sampled_from([env.plans[key] for key in sorted(env.plans)])
         self.key_ids = st.sampled_from(sorted(env.key_ids) or ["abcdefabcdef"]) | KEY_ID_OK
         self.requests = {rpc: st.composite(lambda draw, method=getattr(self, f"_{rpc}"):
-                                           method(draw))() for rpc in ALL_RPCS}
+                                           method(draw))() for rpc in rpcs}
 
     @staticmethod
     def field(draw, bad: frozenset, name: str, good, wrong):
@@ -2397,6 +2530,29 @@ class Draws:
             request.ttl.CopyFrom(ttl)
         return request
 
+    def _move(self, draw, rpc: str):
+        bad = draw(bad_subset("slots", "state") if rpc == "AdoptSlots" else bad_subset("slots"))
+        request = request_type(rpc)(slots=self.field(draw, bad, "slots", SLOTS_OK, SLOTS_BAD))
+        if rpc == "AdoptSlots":
+            request.first = draw(st.booleans())
+            request.state = self.field(draw, bad, "state", st.just(EMPTY_CHUNK), STATE_BAD)
+        return request
+
+    def _FreezeSlots(self, draw):
+        return self._move(draw, "FreezeSlots")
+
+    def _ExportSlots(self, draw):
+        return self._move(draw, "ExportSlots")
+
+    def _AdoptSlots(self, draw):
+        return self._move(draw, "AdoptSlots")
+
+    def _ForgetSlots(self, draw):
+        return self._move(draw, "ForgetSlots")
+
+    def _ThawSlots(self, draw):
+        return self._move(draw, "ThawSlots")
+
     def _ListEvents(self, draw):
         bad = draw(bad_subset("user_id", "page_size", "page_token", "start_time", "end_time"))
         request = pb.ListEventsRequest(
@@ -2434,13 +2590,13 @@ class Draws:
         hand-picked table sends one to every RPC). None if the oracle may accept it."""
         kind = draw(CASE_KIND)
         if kind == "structured":
-            rpc = draw(STRUCTURED_RPCS)
+            rpc = draw(self.structured_rpcs)
             data = draw(self.requests[rpc]).SerializeToString()
         elif draw(ONE_IN_1000) != 617:  # Hypothesis favours the ends of a range: not those
-            rpc = draw(ANY_RPC)
+            rpc = draw(self.any_rpc)
             data = self.raw(draw, rpc)
         else:
-            rpc = draw(ANY_RPC)
+            rpc = draw(self.any_rpc)
             data = oversized(draw(self.requests[rpc]).SerializeToString()[:1000], draw(OVERSIZES))
         expected = expect(self.env, rpc, data)
         return None if expected is None else Case(rpc, data, expected)
@@ -2456,7 +2612,15 @@ def test_drawn_bad_input_on_every_rpc_gets_its_code_and_changes_nothing(env):
     """TRIES[mode] drawn requests in Hypothesis examples of BATCH: the first of each alone (state
     digest right before and after it), the rest concurrently (digest after the lot). Every
     answer is judged; all failures are collected, then reported together."""
-    draws = Draws(env)
+    score, start, elapsed = fuzzed(env, Draws(env), TRIES[env.mode])
+    print(f"\n{env.mode} mode: {score.line()} ({elapsed:.1f} s)")
+    assert env.digest() == start or score.state_changes
+    assert not score.problems, score.report()
+
+
+def fuzzed(env: Env, draws: Draws, tries_wanted: int) -> tuple[Score, tuple[str, int], float]:
+    """At least tries_wanted drawn requests sent and judged, the server's error log lines and
+    its health checked after them: the score, the state digest before, the seconds taken."""
     score = Score()
     log_mark = len(env.process.log_lines)
     state = [env.run(digest(env))]
@@ -2482,7 +2646,6 @@ def test_drawn_bad_input_on_every_rpc_gets_its_code_and_changes_nothing(env):
             env.run(go())
 
     started = time.monotonic()
-    tries_wanted = TRIES[env.mode]
     while score.tries < tries_wanted:  # Hypothesis may run a few examples fewer than asked
         tries = score.tries
         settings(max_examples=-(-(tries_wanted - score.tries) // BATCH), deadline=None,
@@ -2498,9 +2661,20 @@ def test_drawn_bad_input_on_every_rpc_gets_its_code_and_changes_nothing(env):
         service="quotad.v1.QuotaService"), timeout=CALL_TIMEOUT_S)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert env.process.process.poll() is None
-    assert env.digest() == start or score.state_changes
-    print(f"\n{env.mode} mode: {score.line()} ({elapsed:.1f} s)")
-    assert not score.problems, score.report()
+    return score, start, elapsed
+
+
+def test_drawn_bad_moves_on_each_shard_of_a_cluster_get_their_code_and_change_nothing(
+        shard_envs):
+    """MOVE_TRIES drawn move requests to each shard, those `_expect_move` says are refused or
+    change nothing: each judged, neither shard's state digest moved."""
+    before = [env.digest() for env in shard_envs]
+    for shard_id, env in enumerate(shard_envs):
+        score, start, elapsed = fuzzed(env, Draws(env, SHARD_MOVE_RPCS), MOVE_TRIES)
+        print(f"\nshard {shard_id}: {score.line()} ({elapsed:.1f} s)")
+        assert not score.problems, score.report()
+        assert score.codes["INVALID_ARGUMENT"] and score.codes["OK"], score.codes
+    assert [env.digest() for env in shard_envs] == before
 
 
 # --- beyond int64: a counter's `used` grows past what a Counter can carry ---------------------

@@ -81,3 +81,15 @@ def test_a_revision_outside_int64_is_refused(revision: int) -> None:
     with pytest.raises(InvalidArgument, match="catalog_revision"):
         UpsertPlan(app=APP, plan=plan("p", group("t", 1)), catalog_revision=revision)
     UpsertPlan(app=APP, plan=plan("p", group("t", 1)), catalog_revision=CATALOG_REVISION_MAX)
+
+
+def test_catalog_entries_are_every_plan_and_every_key_not_revoked_and_change_nothing() -> None:
+    h = Harness()
+    h.run(UpsertPlan(app=APP, plan=plan("p", group("t", 10)), catalog_revision=3))
+    h.run(UpsertPlan(app="other", plan=plan("q", group("t", 10))))
+    h.run(_key("aaaaaaaaaaaa", revision=4))
+    h.run(_key("bbbbbbbbbbbb", revision=5))
+    h.run(RevokeKey(app="", key_id="bbbbbbbbbbbb", catalog_revision=6))
+    before = state_digest(h.core)
+    assert h.core.catalog_entries() == ([(APP, "p"), ("other", "q")], ["aaaaaaaaaaaa"])
+    assert state_digest(h.core) == before

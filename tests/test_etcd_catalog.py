@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 
 import grpc
 import pytest
@@ -18,6 +21,7 @@ from quotad_contract.shards import EtcdTarget, slot_of
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as pb_grpc
 from etcd_server import EtcdProcess, compact
+from server_process import ServerProcess
 from test_etcd_cluster import (
     CALL_TIMEOUT_S, PLAN, EtcdCluster, init, plan_quota, shard, wait_until,
 )
@@ -201,6 +205,67 @@ def test_a_restarted_shard_applies_exactly_the_changes_it_missed_from_its_logged
         assert plan_quota(one, "compacted-away") is not None
 
 
+def test_a_restarted_shard_whose_missed_deletes_etcd_compacted_away_deletes_what_etcd_lacks(
+        cluster):
+    """A plan deleted and a key deleted from etcd while shard 1 is down, with etcd compacted
+    past them: shard 1 reads the whole catalog and deletes here what it lacks (the key:
+    revoked), but a plan its own user still subscribes to (kept, the refusal logged) and the
+    plans of its own --plans file."""
+    with client(cluster, 0) as admin:
+        kept = admin.create_key("secret", app=APP).secret
+        doomed = admin.create_key("secret", app=APP)
+        default_app = admin.create_key("secret", app="default").secret  # a --plans file's app
+    wait_until(lambda: authenticates(cluster, 1, doomed.secret), "shard 1 takes the keys")
+    with client(cluster, 0, kept) as zero:
+        for plan_id in ("gone-while-down", "subscribed-on-1"):
+            zero.upsert_plan({**PLAN, "id": plan_id})
+    user = next(f"subscriber-{n}" for n in range(10_000)
+                if cluster.shard_map.owner(slot_of(APP, f"subscriber-{n}")).shard_id == 1)
+    with client(cluster, 1, kept) as one:
+        wait_until(lambda: plan_quota(one, "gone-while-down") and plan_quota(
+            one, "subscribed-on-1"), "shard 1 has both plans")
+        one.subscribe(user, "subscribed-on-1")
+    assert cluster.shards[1].stop() == 0  # with its own --plans file from now on
+    own = ServerProcess(cluster.folder / "data-1", extra_args=(
+        "--cluster", cluster.target, "--shard-id", "1", "--lease-ttl-s", str(cluster.ttl_s)),
+        env=cluster.env)
+    cluster.shards[1] = own.start(cluster.addresses[1])
+    with client(cluster, 1, default_app) as one:
+        own_plans = [plan.id for plan in one.list_plans()]
+    assert own_plans
+    assert cluster.shards[1].stop() == 0
+    with client(cluster, 0, kept) as zero:  # no subscriber on shard 0: deleted from etcd
+        zero.delete_plan("gone-while-down")
+        zero.delete_plan("subscribed-on-1")
+    delete_by_hand(cluster, b"catalog/keys/" + doomed.key.key_id.encode())
+    revision, _ = etcd_state(cluster)
+    compact(EtcdTarget.parse(cluster.target).endpoint, revision)
+    own = ServerProcess(cluster.folder / "data-1", extra_args=own.extra_args, env=cluster.env)
+    cluster.shards[1] = own.start(cluster.addresses[1])
+
+    applied = cluster.shards[1].last("catalog applied")  # before it served
+    assert applied["changes"] == 3 and applied["applied_revision"] == revision
+    assert cluster.shards[1].last("the catalog's changes since the last applied are "
+                                  "compacted in etcd; reading the whole catalog")
+    deleted = [line for line in cluster.shards[1].log_lines if line.get("message") == (
+        "deleting here what the catalog no longer holds: its delete is compacted away in etcd")]
+    assert sorted(line["key"].rpartition("/")[2].rpartition("\0")[2] for line in deleted) == \
+        sorted(["gone-while-down", "subscribed-on-1", doomed.key.key_id])
+    assert all(line["revision"] == revision for line in deleted)
+    refused = cluster.shards[1].last("a change of the catalog was refused by this shard")
+    assert refused["key"].endswith("subscribed-on-1") and refused["revision"] == revision
+    assert "subscribers" in refused["error"]
+    assert not authenticates(cluster, 1, doomed.secret)
+    assert [key.revoked_at is not None for key in listed(cluster, 1)
+            if key.key_id == doomed.key.key_id] == [True]
+    with client(cluster, 1, kept) as one:
+        assert plan_quota(one, "gone-while-down") is None
+        assert plan_quota(one, "subscribed-on-1") == PLAN["limit_groups"][0]["quota"]
+        one.reserve(user, "openai.chat", 10).release()  # its subscriber served as before
+    with client(cluster, 1, default_app) as one:
+        assert [plan.id for plan in one.list_plans()] == own_plans
+
+
 def test_a_user_token_signed_on_one_shard_lets_a_pk_key_read_usage_on_another(cluster):
     user = next(f"reader-{n}" for n in range(10_000)
                 if cluster.shard_map.owner(slot_of(APP, f"reader-{n}")).shard_id == 1)
@@ -281,3 +346,110 @@ def test_a_catalog_value_is_read_up_to_its_size_limit_and_skipped_unread_past_it
         catalog._command(catalog.prefix + PLANS + APP.encode() + b"\0p", b"x" * size, 1)
     expected = "decoded" if size <= CATALOG_VALUE_BYTES_MAX else f"over {CATALOG_VALUE_BYTES_MAX}"
     assert expected in str(refused.value)
+
+
+class EtcdPausedAtWatch(Etcd):
+    """Our etcd client, with the etcd process it talks to paused (SIGSTOP) as the first watch
+    opens: a catch-up has read the catalog, and the changes it then waits for cannot come
+    until etcd is resumed (SIGCONT)."""
+
+    def __init__(self, process: EtcdProcess) -> None:
+        super().__init__(process.endpoint)
+        self.pid = process.process.pid
+        self.paused = False
+
+    def watch(self, key: bytes, start_revision: int, *, prefix: bool = False):
+        if not self.paused:
+            os.kill(self.pid, signal.SIGSTOP)
+            self.paused = True
+        return super().watch(key, start_revision, prefix=prefix)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("resumed", [True, False], ids=["etcd-back-before-the-limit",
+                                                         "etcd-back-past-the-limit"])
+def test_a_starting_shard_waits_for_missed_changes_up_to_catalog_catch_up_timeout_s(
+        tmp_path, monkeypatch, resumed):
+    """A shard that restarts with a change to catch up on, its etcd pausing as the catalog's
+    watch opens. etcd back at half of CATALOG_CATCH_UP_TIMEOUT_S: the catch-up waited for it
+    and applied the change. Not back: the catch-up gives up at the limit (EtcdUnavailable,
+    on which the shard goes on starting, server.join_catalog), and the change is applied
+    once etcd answers. A real etcd, writer and log; the limit set to 1 s."""
+    from quotad.cluster import catalog as catalog_module
+    from quotad.cluster.catalog import Catalog
+    from quotad.cluster.etcd import EtcdUnavailable
+    from quotad.engine.recovery import recover
+    from quotad.engine.writer import Writer
+    from quotad.server import _plan_from_value
+    from quotad.storage.wal import WriteAheadLog
+
+    limit_s = 1.0
+    monkeypatch.setattr(catalog_module, "CATALOG_CATCH_UP_TIMEOUT_S", limit_s)
+    etcd_process = EtcdProcess(tmp_path / "etcd").start()
+    target = EtcdTarget.parse(f"etcd://{etcd_process.endpoint}/edge")
+    wal = WriteAheadLog(tmp_path / "data")
+
+    def plan_value(plan_id: str) -> bytes:
+        return pb.Plan(id=plan_id, name=plan_id, limit_groups=[pb.LimitGroup(
+            key="t", quota=10, window=pb.DAY, match=pb.Match(event_types=["*"]))]
+        ).SerializeToString()
+
+    async def scenario() -> tuple[float, int | None, bool, bool]:
+        writer = Writer(recover(wal), wal, on_failure=lambda error: None)
+        writer.start()
+        etcd = Etcd(etcd_process.endpoint)
+        paused = EtcdPausedAtWatch(etcd_process)
+        restarted = None
+        try:
+            first = Catalog(etcd, target, decode_plan=_plan_from_value, execute=writer.execute,
+                            applied_revision=writer.core.catalog_revision)
+            await etcd.put(first.plan_key(APP, "before"), plan_value("before"))
+            assert await first.catch_up() == 1  # its first start: the whole catalog
+            await etcd.put(first.plan_key(APP, "missed"), plan_value("missed"))  # while down
+
+            def missed_applied() -> bool:
+                return "missed" in writer.core.apps[APP].plans
+
+            restarted = Catalog(paused, target, decode_plan=_plan_from_value,
+                                execute=writer.execute,
+                                applied_revision=writer.core.catalog_revision)
+            began = time.monotonic()
+            if resumed:
+                asyncio.get_running_loop().call_later(limit_s / 2, paused.resume)
+            try:
+                changes = await restarted.catch_up()
+            except EtcdUnavailable as error:
+                assert f"not all applied within {limit_s:g} s" in str(error)
+                changes = None
+            took_s = time.monotonic() - began
+            applied_when_done = missed_applied()
+            paused.resume()
+            for _ in range(200):  # then followed on, once etcd answers: within 10 s
+                if missed_applied():
+                    break
+                await asyncio.sleep(0.05)
+            return took_s, changes, applied_when_done, missed_applied()
+        finally:
+            paused.resume()
+            if restarted is not None and restarted._follower is not None:
+                restarted._follower.cancel()
+                await asyncio.gather(restarted._follower, return_exceptions=True)
+            await paused.close()
+            await etcd.close()
+            await writer.close()
+
+    try:
+        took_s, changes, applied_when_done, applied_after = asyncio.run(scenario())
+    finally:
+        wal.close()
+        etcd_process.stop()
+        etcd_process.close()
+    if resumed:  # it waited for etcd, then applied the change, before the limit
+        assert limit_s / 2 <= took_s < limit_s, took_s
+        assert changes == 1 and applied_when_done
+    else:  # it waited the limit, no more, and went on; the change came once etcd answered
+        assert limit_s <= took_s < limit_s + 0.5, took_s
+        assert changes is None and not applied_when_done
+    assert applied_after

@@ -442,3 +442,98 @@ def test_a_pass_over_the_log_lets_other_calls_in_once_every_move_scan_rows_per_p
     rows, given = asyncio.run(turns_given())
     assert rows == list(range(count))
     assert given == (0 if short else 1)
+
+
+# --- a call refused SLOTS_MOVING is sent again at most SLOTS_MOVING_RETRIES_MAX times -------
+
+CALLED_METHODS = ("Reserve", "GetUsage", "Batch")
+"""What the clients' reserve and usage go out as (the async client's coalesced in a Batch)."""
+
+
+def calls_answered(metrics_address: str) -> int:
+    """The server's count of the calls it answered, of CALLED_METHODS, any code."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return int(sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                   if line.startswith("quotad_requests_total{") and any(
+                       f'method="{method}"' in line for method in CALLED_METHODS)))
+
+
+def settled_calls_answered(metrics_address: str, settle_s: float = 0.5) -> int:
+    """calls_answered once it stayed the same for settle_s (a call is counted just after its
+    answer is sent)."""
+    count = calls_answered(metrics_address)
+    while True:
+        time.sleep(settle_s)
+        again = calls_answered(metrics_address)
+        if again == count:
+            return count
+        count = again
+
+
+@pytest.fixture
+def frozen_user(tmp_path: Path):
+    """A server that is the one shard of a static map, with the slot of a subscribed user of
+    app `default` frozen (FreezeSlots, as a move's first step does): (address, metrics
+    address, user)."""
+    import json
+
+    from quotad.cluster.etcd_process import free_port
+    from server_process import ServerProcess
+
+    address = f"127.0.0.1:{free_port()}"
+    shard_map = tmp_path / "shards.json"
+    shard_map.write_text(json.dumps({"shards": [
+        {"id": 0, "address": address, "slots": "0-4095"}]}))
+    server = ServerProcess(tmp_path / "data", extra_args=(
+        "--shard-map", str(shard_map), "--shard-id", "0",
+        "--metrics-listen", "127.0.0.1:0")).start(address)
+    try:
+        user = "frozen-user"
+        stub = admin(address)
+        stub.UpsertSubscription(pb.UpsertSubscriptionRequest(user_id=user, plan_id="free"),
+                                timeout=RPC_TIMEOUT_S)
+        stub.FreezeSlots(pb.FreezeSlotsRequest(slots=str(slot_of("default", user))),
+                         timeout=RPC_TIMEOUT_S)
+        yield address, server.last("serving")["metrics"], user
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("call", ["reserve", "usage"])
+@pytest.mark.parametrize("kind", ["sync", "async", "async-uncoalesced"])
+def test_a_call_refused_slots_moving_is_sent_again_exactly_slots_moving_retries_max_times(
+        frozen_user, kind: str, call: str):
+    """The slot stays frozen: each client sends the call (the async one in a Batch, or alone),
+    then again after each refusal's 50 ms RetryInfo, SLOTS_MOVING_RETRIES_MAX times (101
+    attempts in all, the server's count of calls answered; not one more as an UNAVAILABLE
+    its retry policy would send again), and gives up with the refusal well before its
+    deadline."""
+    from quotad_client import QuotaClient, Unavailable
+    from quotad_client._retry import SLOTS_MOVING_RETRIES_MAX
+
+    address, metrics, user = frozen_user
+    deadline_s = 60.0  # 100 waits of 50 ms and 101 round trips fit many times over
+
+    async def attempt_async() -> None:
+        async with AsyncQuotaClient(address, timeout_s=deadline_s,
+                                    coalesce=kind == "async") as client:
+            await (client.reserve(user, "chat", 1) if call == "reserve" else client.usage(user))
+
+    def attempt() -> None:
+        if kind.startswith("async"):
+            asyncio.run(attempt_async())
+            return
+        with QuotaClient(address, timeout_s=deadline_s) as client:
+            client.reserve(user, "chat", 1) if call == "reserve" else client.usage(user)
+
+    before = settled_calls_answered(metrics)
+    began = time.monotonic()
+    with pytest.raises(Unavailable) as refused:
+        attempt()
+    took_s = time.monotonic() - began
+    assert refused.value.reason == ErrorReason.SLOTS_MOVING
+    assert settled_calls_answered(metrics) - before == 1 + SLOTS_MOVING_RETRIES_MAX
+    assert SLOTS_MOVING_RETRIES_MAX * 0.05 <= took_s < deadline_s / 2, took_s

@@ -325,6 +325,8 @@ class AsyncQuotaClient:
                     moving_retries += 1
                     await asyncio.sleep(moving_s)
                     continue
+                if moving_s is not None:  # its resends used up: not retried as UNAVAILABLE
+                    raise error from rpc_error
                 wait = config.policy.next_wait(retry=retry, code=error.code,
                                                retryable=op.retryable, deadline=deadline,
                                                shed_delay_s=shed_delay_s(error))

@@ -20,8 +20,9 @@ import grpc
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 SLOTS_MOVING_RETRIES_MAX = 100
 """A call refused SLOTS_MOVING (its user's slot is moving between shards, nothing done) is sent
-again after the server's delay (50 ms) at most this many times, within its deadline: a move
-freezes its slots for well under a second."""
+again after the server's delay (50 ms) at most this many times, within its deadline, then the
+caller gets the refusal (not retried again as an UNAVAILABLE): a move freezes its slots for
+well under a second."""
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,8 @@ class QuotaClient:
                     moving_retries += 1  # nothing was done: the same call, a moment later
                     time.sleep(moving_s)
                     continue
+                if moving_s is not None:  # its resends used up: not retried as UNAVAILABLE
+                    raise error from rpc_error
                 wait = config.policy.next_wait(retry=retry, code=error.code,
                                                retryable=op.retryable, deadline=deadline,
                                                shed_delay_s=shed_delay_s(error))

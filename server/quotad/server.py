@@ -256,7 +256,8 @@ async def serve(config: Config) -> int:
     in_catalog: frozenset[str] = frozenset()
     if control is not None:
         try:
-            in_catalog = await process.join_catalog(control, writer, core)
+            in_catalog = await process.join_catalog(
+                control, writer, core, own_plan_ids=frozenset(plan.id for plan in plans))
         except CatalogBehind as error:
             log.error("cannot join the cluster's catalog", extra={"error": str(error)})
             await process.drain_flush_and_exit()
@@ -438,15 +439,18 @@ class _Process:
         self.writer, self.core = writer, core
         return writer
 
-    async def join_catalog(self, control: ControlPlane, writer: Writer,
-                           core: Core) -> frozenset[str]:
+    async def join_catalog(self, control: ControlPlane, writer: Writer, core: Core, *,
+                           own_plan_ids: frozenset[str] = frozenset()) -> frozenset[str]:
         """Applies what changed in the cluster's catalog in etcd since this shard's state last
         applied a change of it (the whole catalog the first time), then follows it; the
-        catalog's changes go there from now on. The ids of the default app's plans in the
-        catalog (a --plans file does not override them); CatalogBehind when this shard's
-        state is ahead of etcd."""
+        catalog's changes go there from now on. own_plan_ids: the default app's plans of this
+        shard's --plans file, its own (never deleted for being absent from the catalog). The
+        ids of the default app's plans in the catalog (a --plans file does not override
+        them); CatalogBehind when this shard's state is ahead of etcd."""
         catalog = Catalog(control.etcd, control.target, decode_plan=_plan_from_value,
-                          execute=writer.execute, applied_revision=core.catalog_revision)
+                          execute=writer.execute, applied_revision=core.catalog_revision,
+                          held=core.catalog_entries,
+                          own_plans=frozenset((DEFAULT_APP, plan_id) for plan_id in own_plan_ids))
         resumed_from = catalog.applied_revision
         in_catalog: frozenset[str] = frozenset()
         try:

@@ -7,9 +7,9 @@ each change through its writer as a logged command tagged with the change's etcd
 (the core records it, applied or refused: see Core._apply_catalog_change). The last revision
 applied is thus part of the shard's state, replayed from its log: a shard that restarts
 follows the catalog on from the revision after it, and so applies exactly the changes it
-missed. When etcd has compacted that revision away, the shard reads the whole catalog and
-applies every key changed after it (a delete etcd no longer remembers is then missed: see
-the README).
+missed. When etcd has compacted that revision away, the shard reads the whole catalog,
+applies every key changed after it, then deletes what it holds that the catalog no longer
+does (the delete etcd no longer remembers), as the watch would have.
 
 Keys, under /quotad/NAME/:
 - catalog/plans/APP NUL PLAN_ID: a quotad.v1.Plan message (the contract's form);
@@ -26,7 +26,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from quotad.cluster.etcd import Etcd, EtcdCompacted, EtcdUnavailable, KeyValue
@@ -91,13 +91,19 @@ class Catalog:
     """One shard's view of its cluster's catalog in etcd.
 
     `decode_plan` turns a stored plan into the core's; `execute` applies a command through the
-    shard's writer. Both are given by the server, which owns the conversions and the writer.
-    `applied_revision` is the last catalog revision the shard's state applied (its core's
-    catalog_revision, as replayed)."""
+    shard's writer; `held` says what the shard's state holds that the catalog may (its core's
+    catalog_entries). They are given by the server, which owns the conversions, the writer
+    and the state. `applied_revision` is the last catalog revision the shard's state applied
+    (its core's catalog_revision, as replayed). `own_plans`: (app, plan id) of the plans of
+    the shard's own --plans file, which a whole read of the catalog never deletes."""
 
     def __init__(self, etcd: Etcd, target: EtcdTarget, *, decode_plan: Callable[[bytes], Plan],
-                 execute: Callable[[Any], Awaitable[Any]], applied_revision: int) -> None:
+                 execute: Callable[[Any], Awaitable[Any]], applied_revision: int,
+                 held: Callable[[], tuple[Iterable[tuple[str, str]], Iterable[str]]] = (
+                     lambda: ((), ())),
+                 own_plans: frozenset[tuple[str, str]] = frozenset()) -> None:
         self.etcd, self.decode_plan, self.execute = etcd, decode_plan, execute
+        self.held, self.own_plans = held, own_plans
         self.prefix = target.prefix + CATALOG
         self.applied_revision = applied_revision
         """The etcd revision of the last catalog change this shard's log holds."""
@@ -210,9 +216,11 @@ class Catalog:
         try:  # the keys deleted since: the watch brings their deletes, at revisions unknown
             then, _ = await self.etcd.get_prefix(self.prefix, revision=self.applied_revision,
                                                  keys_only=True)
-            self._deletes_awaited = {kv.key for kv in then} - {kv.key for kv in stored}
-        except EtcdCompacted:
-            pass  # the watch finds it compacted too and reads the whole catalog instead
+        except EtcdCompacted:  # the changes are gone: what was read is all there is
+            self._log_compacted(0)
+            await self._apply_stored(stored, revision, deletes_missed=True)
+            return self.changes_applied - before
+        self._deletes_awaited = {kv.key for kv in then} - {kv.key for kv in stored}
         await self._follow_until(newer)
         return self.changes_applied - before
 
@@ -238,15 +246,35 @@ class Catalog:
             await self._followed.wait_for(
                 lambda: self.followed_revision >= revision and not self._deletes_awaited)
 
-    async def _apply_stored(self, stored: list[KeyValue], revision: int) -> int:
-        """Applies every key of a whole read of the catalog changed after the last revision
-        followed, oldest change first (so that a restart midway resumes after the last)."""
+    async def _apply_stored(self, stored: list[KeyValue], revision: int, *,
+                            deletes_missed: bool = False) -> int:
+        """Applies every key of a whole read of the catalog at revision changed after the
+        last revision followed, oldest change first (so that a restart midway resumes after
+        the last). deletes_missed: etcd compacted the changes since the last followed away,
+        deletes too; each plan and key this shard holds that the read lacks is then deleted
+        here as its watched delete would have been, tagged with the read's revision."""
         newer = sorted((kv for kv in stored if kv.mod_revision > self.followed_revision),
                        key=lambda kv: (kv.mod_revision, kv.key))
         for kv in newer:
             await self._apply(kv.key, kv.value, kv.mod_revision)
+        vanished = self._vanished(stored) if deletes_missed else []
+        for key in vanished:
+            log.warning("deleting here what the catalog no longer holds: its delete is "
+                        "compacted away in etcd", extra={
+                            "revision": revision, "key": key.decode(errors="replace")})
+            await self._apply(key, None, revision, answers=False)
         await self._advance(revision)
-        return len(newer)
+        return len(newer) + len(vanished)
+
+    def _vanished(self, stored: list[KeyValue]) -> list[bytes]:
+        """The catalog's key of each plan and key not revoked that this shard holds and a
+        whole read of the catalog lacks, but for the plans of its own --plans file."""
+        plans, key_ids = self.held()
+        held = [self.plan_key(app, plan_id) for app, plan_id in plans
+                if (app, plan_id) not in self.own_plans]
+        held += [self.api_key_key(key_id) for key_id in key_ids]
+        read = {kv.key for kv in stored}
+        return [key for key in held if key not in read]
 
     def following(self) -> asyncio.Task[None]:
         """The one task that follows the catalog (`follow`), started the first time."""
@@ -273,13 +301,10 @@ class Catalog:
                     await self._advance(event.revision)
             except EtcdCompacted as error:
                 self._deletes_awaited.clear()  # gone with the compacted revisions
-                log.warning("the catalog's changes since the last applied are compacted in "
-                            "etcd; reading the whole catalog", extra={
-                                "applied_revision": self.applied_revision,
-                                "compact_revision": error.compact_revision})
+                self._log_compacted(error.compact_revision)
                 try:
                     stored, revision = await self.etcd.get_prefix(self.prefix)
-                    await self._apply_stored(stored, revision)
+                    await self._apply_stored(stored, revision, deletes_missed=True)
                 except EtcdUnavailable:
                     await asyncio.sleep(ETCD_RETRY_S)
             except EtcdUnavailable as error:
@@ -288,6 +313,12 @@ class Catalog:
                                 extra={"error": str(error)})
                 failing = True
                 await asyncio.sleep(ETCD_RETRY_S)
+
+    def _log_compacted(self, compact_revision: int) -> None:
+        log.warning("the catalog's changes since the last applied are compacted in etcd; "
+                    "reading the whole catalog", extra={
+                        "applied_revision": self.applied_revision,
+                        "compact_revision": compact_revision})
 
     def _command(self, key: bytes, value: bytes | None, revision: int) -> Any:
         """The command that applies a change of one catalog key; None for a key that is not
@@ -313,7 +344,11 @@ class Catalog:
             return key_command(value, key_id, revision)
         return None
 
-    async def _apply(self, key: bytes, value: bytes | None, revision: int) -> None:
+    async def _apply(self, key: bytes, value: bytes | None, revision: int, *,
+                     answers: bool = True) -> None:
+        """Applies one change through the writer, logging a refusal. answers: what it
+        answered is kept for a call waiting on its revision (not for a delete a whole read
+        found missing: the revision is the read's, not the delete's)."""
         assert revision >= self.followed_revision, (
             "changes are applied in revision order", revision, self.followed_revision)
         outcome: Any
@@ -340,7 +375,8 @@ class Catalog:
             log.log(level, "a change of the catalog was refused by this shard", extra={
                 "revision": revision, "key": key.decode(errors="replace"),
                 "error": str(outcome)})
-        self._results[revision] = outcome
+        if answers:
+            self._results[revision] = outcome
         while len(self._results) > CATALOG_RESULTS_KEPT:
             self._results.popitem(last=False)
 

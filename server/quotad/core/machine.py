@@ -367,6 +367,14 @@ class Core:
         assert records[-1].command.catalog_revision == self.catalog_revision
         return Outcome(result, error, tuple(records))
 
+    def catalog_entries(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """What this server holds that a cluster's catalog may hold: (app, plan id) of every
+        plan, and the id of every key not revoked. Changes nothing."""
+        plans = [(app_id, plan_id) for app_id, app in sorted(self.apps.items())
+                 for plan_id in sorted(app.plans)]
+        keys = sorted(key_id for key_id, key in self.keys.items() if key.revoked_at_ns is None)
+        return plans, keys
+
     def check(self, command: CreateKey | RevokeKey | DeletePlan) -> None:
         """Raises the QuotaError applying the command now would: what a shard checks before
         it writes a change to its cluster's catalog. Changes nothing."""
