@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 from quotad.core import limits
 from quotad.testing import ServerProcess
+from quotad_client import new_idempotency_key
 
 from .targets import EchoTarget, _set_up_quotad, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
@@ -54,15 +55,12 @@ async def _drive(address: str, index: int, batch: int, in_flight: int, start_at:
             user_id=user_id((index * 7919 + i) % USERS), event_type=EVENT_TYPE, amount=1000,
             metadata={"model": MODEL})) for i in range(batch)]
         fixed = pb.BatchRequest(operations=reserves).SerializeToString()
-        serial = 0
 
         def reserve_batch() -> bytes:
-            nonlocal serial
             if not idempotency_keys:
                 return fixed
             for operation in reserves:
-                serial += 1
-                operation.reserve.idempotency_key = f"r{index}-{serial}"
+                operation.reserve.idempotency_key = new_idempotency_key()
             return pb.BatchRequest(operations=reserves).SerializeToString()
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -71,7 +69,7 @@ async def _drive(address: str, index: int, batch: int, in_flight: int, start_at:
         pairs = errors = 0
 
         async def loop() -> None:
-            nonlocal pairs, errors, serial
+            nonlocal pairs, errors
             while time.time() < deadline:
                 answer = await send(reserve_batch(), timeout=30)
                 commits = pb.BatchRequest()
@@ -83,8 +81,7 @@ async def _drive(address: str, index: int, batch: int, in_flight: int, start_at:
                     commit.reservation_id = result.reserve.reservation_id
                     commit.amount = 700
                     if idempotency_keys:
-                        serial += 1
-                        commit.idempotency_key = f"c{index}-{serial}"
+                        commit.idempotency_key = new_idempotency_key()
                 if not commits.operations:
                     continue
                 answer = await send(commits.SerializeToString(), timeout=30)
@@ -186,8 +183,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, metavar="N",
                         help="runs; figures are medians (default: 3)")
     parser.add_argument("--idempotency-keys", action="store_true",
-                        help="give every operation its own idempotency key, as "
-                             "AsyncQuotaClient does by default (quotad stores each durably)")
+                        help="give every operation its own idempotency key, made as "
+                             "AsyncQuotaClient makes them by default (quotad stores each "
+                             "durably)")
     parser.add_argument("--target", metavar="HOST:PORT",
                         help="a running quotad (loopback, no API keys) instead of a fresh one")
     parser.add_argument("--echo", action="store_true",

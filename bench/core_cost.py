@@ -33,6 +33,7 @@ from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.storage.wal import WriteAheadLog
+from quotad_client import new_idempotency_key
 from quotad_contract.v1 import quotad_pb2 as pb
 
 USERS = 1000
@@ -110,7 +111,7 @@ class Run:
             reserve.event_type = "openai.chat"
             reserve.amount = 1000
             reserve.metadata["model"] = "gpt-4o-mini"
-            reserve.idempotency_key = f"r{serial:031x}"
+            reserve.idempotency_key = new_idempotency_key()
         reserved = self._batch("reserve", reserves.SerializeToString(), measure)
         commits = pb.BatchRequest()
         for result in reserved.results:
@@ -118,7 +119,7 @@ class Run:
             commit = commits.operations.add().commit
             commit.reservation_id = result.reserve.reservation_id
             commit.amount = 900
-            commit.idempotency_key = f"c{next(self.serials):031x}"
+            commit.idempotency_key = new_idempotency_key()
         committed = self._batch("commit", commits.SerializeToString(), measure)
         assert all(result.HasField("commit") for result in committed.results)
 

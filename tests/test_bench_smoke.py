@@ -182,6 +182,18 @@ def test_the_core_cost_bench_drives_the_real_core_and_log_and_prints_cpu_per_pai
     assert refused.returncode == 2 and "--pairs must be 1 to 4096" in refused.stderr
 
 
+def test_the_lmdb_inserts_bench_puts_rows_in_both_orders_and_prints_their_cost():
+    lines = _run_bench("bench.lmdb_inserts", "--rows-before", "2000", "--transactions", "3",
+                       "--rows-per-transaction", "50", "--runs", "1")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[-2:]}
+    assert set(rows) == {"random", "growing"}
+    assert all(float(cell) >= 0 for row in rows.values() for cell in row[::2])
+    assert float(rows["random"][-2]) > 0  # KiB written per transaction
+    refused = subprocess.run([sys.executable, "-m", "bench.lmdb_inserts", "--runs", "0"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "must be 1 or more" in refused.stderr
+
+
 def test_the_fsync_and_stream_benches_run():
     lines = _run_bench("bench.fsync", "--commits", "20", "--records", "1,10")
     assert [line.split()[0] for line in lines[1:]] == ["1", "10"]

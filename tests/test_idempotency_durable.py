@@ -333,3 +333,46 @@ def test_a_first_answer_reads_its_counters_shapes_back_after_a_plan_changed_them
 
     asyncio.run(after_restart())
     wal.close()
+
+
+def test_keys_that_begin_with_their_time_are_filed_in_the_order_they_were_made(
+        tmp_path: Path):
+    """The clients' keys begin with the milliseconds they were made at: their rows go to the
+    table's last pages, which fill. A key from a client whose clock is behind, and a key
+    with no time at all, are filed in their place and answered all the same."""
+    wal = WriteAheadLog(tmp_path)
+    made_at_ms = 1_800_000_000_000
+    keys = [f"{made_at_ms + n // 8:012x}{n:020x}" for n in range(2000)]
+    keys[1000:1010] = [f"{made_at_ms - 60_000 + n:012x}{n:020x}" for n in range(10)]  # behind
+    keys[1500:1505] = [f"no time {n}" for n in range(5)]
+
+    async def run() -> None:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        answers = {}
+        for at in range(0, len(keys), 100):  # 100 at a time: the writer groups them
+            done = await asyncio.gather(*(writer.execute(Track(
+                app="a", user_id="u", event_type="x", amount=1, idempotency_key=key))
+                for key in keys[at:at + 100]))
+            answers.update(zip(keys[at:at + 100], done))
+        assert _keyed_memory(writer) == 0
+        sequence = writer.core.sequence
+        for key in keys[::97] + keys[1000:1010] + keys[1500:1505]:
+            again = await writer.execute(Track(app="a", user_id="u", event_type="x", amount=1,
+                                               idempotency_key=key))
+            assert again == answers[key], key
+        assert writer.core.sequence == sequence  # each a repeat: nothing written
+        await writer.close()
+
+    asyncio.run(run())
+    with wal.env.begin() as txn:
+        rows = [bytes(row) for row, _ in txn.cursor(db=wal.idempotency_db)]
+        stat = txn.stat(wal.idempotency_db)
+    wal.close()
+    assert len(rows) == len(keys)
+    assert sum(row.startswith(bytes(6)) for row in rows) == 5  # the keys with no time
+    # then the others by the time they begin with: the clock behind's first
+    assert [row[:6].hex() for row in rows[5:15]] == [key[:12] for key in keys[1000:1010]]
+    # 14-byte key, 8-byte value, 8 bytes of node and 2 of pointer: 127 rows per 4 KiB page
+    assert stat["leaf_pages"] <= len(keys) // 127 + 2, stat  # full: split where they grow

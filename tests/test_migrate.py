@@ -1,4 +1,4 @@
-"""`quotad migrate` brings a data directory that the format-3 or the format-4 release wrote
+"""`quotad migrate` brings a data directory that the format-3, 4 or 5 release wrote
 (tests/data/formatN.tar.gz, made by tests/data/make_old_format.py with that release) to this
 format: the same state, the same audit trail and first answers, served by this server; the old
 data kept and never written."""
@@ -18,13 +18,15 @@ import pytest
 
 from quotad.engine.recovery import recover
 from quotad.storage import log_pb2
-from quotad.storage.codec import decode_event, decode_record, event_tail
+from quotad.storage.codec import (
+    decode_event, decode_record, event_tail, idempotency_row_key, key_sequence,
+)
 from quotad.storage.wal import WriteAheadLog
 from quotad_client import QuotaClient
 from server_process import ROOT, ServerProcess
 
 DATA = ROOT / "tests" / "data"
-OLD_FORMATS = ("3", "4")
+OLD_FORMATS = ("3", "4", "5")
 EXPECTED = {old: json.loads((DATA / f"format{old}.json").read_text()) for old in OLD_FORMATS}
 COMMAND_TIMEOUT_S = 60
 
@@ -114,7 +116,7 @@ def test_migrating_twice_or_over_a_kept_copy_is_refused_and_changes_nothing(old_
                                                                            old_format: str):
     assert _quotad("migrate", "--data-dir", str(old_dir)).returncode == 0
     again = _quotad("migrate", "--data-dir", str(old_dir))
-    assert again.returncode == 2 and "already format 5" in again.stderr
+    assert again.returncode == 2 and "already format 6" in again.stderr
     backup = old_dir.with_name(f"data.format{old_format}")
     restored = old_dir.with_name("restored")
     backup.rename(restored)
@@ -149,9 +151,10 @@ def test_from_format_4_every_record_keeps_its_command_answer_and_events(tmp_path
         with new.env.begin(buffers=False) as txn:
             index = {user + tail for user, tail in txn.cursor(db=new.event_index_db)}
             assert index == set(old_index) and len(index) > 80
-            for name, db in (("holds", new.holds_db), ("idempotency", new.idempotency_db),
-                             ("snapshot", new.snapshot_db)):
+            for name, db in (("holds", new.holds_db), ("snapshot", new.snapshot_db)):
                 assert dict(txn.cursor(db=db)) == old_rows[name], name
+            assert dict(txn.cursor(db=new.idempotency_db)) == _filed_anew(
+                old_rows["idempotency"], old_records)
             for key, value in txn.cursor(db=new.log_db):
                 record = decode_record(key, value, with_events=True)
                 app = getattr(record.command, "app", "")
@@ -163,3 +166,54 @@ def test_from_format_4_every_record_keeps_its_command_answer_and_events(tmp_path
     finally:
         new.close()
         old.close()
+
+
+def _filed_anew(old_rows: dict[bytes, bytes], records: list) -> dict[bytes, bytes]:
+    """The old idempotency rows under this format's keys: each the key of its record's key."""
+    by_sequence = {record.sequence: record.command for record in records}
+    rows = {}
+    for sequence_key in old_rows.values():
+        command = by_sequence[key_sequence(sequence_key)]
+        rows[idempotency_row_key(command.app, type(command).__name__,
+                                 command.idempotency_key)] = sequence_key
+    return rows
+
+
+def test_from_format_5_every_table_is_copied_and_every_key_filed_anew(tmp_path: Path):
+    with tarfile.open(DATA / "format5.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    data_dir = tmp_path / "data"
+    assert _quotad("migrate", "--data-dir", str(data_dir)).returncode == 0
+    old = lmdb.open(str(tmp_path / "data.format5"), readonly=True, lock=False, max_dbs=8)
+    new = WriteAheadLog(data_dir)
+    try:
+        with old.begin(buffers=False) as txn, new.env.begin(buffers=False) as new_txn:
+            for name, db in (("log", new.log_db), ("snapshot", new.snapshot_db),
+                             ("holds", new.holds_db), ("shapes", new.shapes_db)):
+                old_db = old.open_db(name.encode(), txn=txn, create=False)
+                assert list(new_txn.cursor(db=db)) == list(txn.cursor(db=old_db)), name
+            old_index = old.open_db(b"event_index", txn=txn, create=False, dupsort=True,
+                                    dupfixed=True)
+            assert list(new_txn.cursor(db=new.event_index_db)) == list(txn.cursor(
+                db=old_index))
+            old_rows = dict(txn.cursor(db=old.open_db(b"idempotency", txn=txn, create=False)))
+            records = [decode_record(key, value) for key, value in txn.cursor(
+                db=old.open_db(b"log", txn=txn, create=False))]
+            assert len(old_rows) > 30  # keyed calls: the fixture's own keys and the client's
+            assert any(row.startswith(bytes(6)) for row in dict(new_txn.cursor(
+                db=new.idempotency_db)))
+            assert dict(new_txn.cursor(db=new.idempotency_db)) == _filed_anew(old_rows, records)
+    finally:
+        new.close()
+        old.close()
+    server = ServerProcess(data_dir, plans=None).start()  # a repeat gets its first answer
+    try:
+        with QuotaClient(server.address) as client:
+            first = next(record for record in records
+                         if type(record.command).__name__ == "Reserve"
+                         and record.command.idempotency_key == "r-4")
+            again = client.reserve("user-04", "openai.chat", 40,
+                                   metadata={"model": "gpt-4o-mini"}, idempotency_key="r-4")
+            assert again.reservation_id == first.command.reservation_id
+    finally:
+        assert server.stop() == 0

@@ -7,6 +7,7 @@ is safe, and how to turn the response into the client's Python type. The clients
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,6 +42,7 @@ T = TypeVar("T")
 
 QUOTA = "quota"
 ADMIN = "admin"
+NS_PER_MS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +66,14 @@ def make_stubs(channel: Any) -> dict[str, Any]:
 
 
 def new_idempotency_key() -> str:
-    """A fresh key: 32 hex characters, 128 random bits (the server allows up to 128 bytes).
+    """A fresh key: 32 hex characters, the milliseconds since the epoch in the first 12 (as
+    a UUIDv7 begins) and 80 random bits (the server allows up to 128 bytes).
 
-    Straight from os.urandom: a quarter of the CPU of uuid4().hex, which builds a UUID object
-    around the same bytes. Never from a pool drawn ahead, which a fork would copy into two
-    processes."""
-    return os.urandom(16).hex()
+    The time first: the server files a key's row under the 12 hex digits it begins with, so
+    that keys made at about the same time are written side by side (a page or two per
+    transaction) rather than each to a page of its own. The random bits straight from
+    os.urandom, never from a pool drawn ahead, which a fork would copy into two processes."""
+    return f"{time.time_ns() // NS_PER_MS:012x}{os.urandom(10).hex()}"
 
 
 def _key(given: str | None, auto: bool) -> tuple[str, bool]:

@@ -71,12 +71,34 @@ def key_sequence(key: bytes) -> int:
     return _KEY.unpack(key)[0]
 
 
+IDEMPOTENCY_TIME_HEX_DIGITS = 12
+"""A key that begins with this many hex digits (the clients' keys begin with the
+milliseconds since the epoch) files its row under them: keys made at about the same time
+sit side by side in the table."""
+IDEMPOTENCY_ROW_KEY_BYTES = IDEMPOTENCY_TIME_HEX_DIGITS // 2 + 8
+_NO_TIME = bytes(IDEMPOTENCY_TIME_HEX_DIGITS // 2)
+
+
 def idempotency_row_key(app: str, rpc: str, idempotency_key: str) -> bytes:
-    """The idempotency table's key of a key: 8 bytes of BLAKE2b of app, RPC and key. The
-    row names the record that first used the key, whose own fields confirm it (a different
-    key with the same 8 bytes is no match)."""
+    """The idempotency table's key of a key: the key's first 12 hex digits as 6 bytes
+    (6 zero bytes when it does not begin with 12 hex digits), then 8 bytes of BLAKE2b of
+    app, RPC and key. The row names the record that first used the key, whose own fields
+    confirm it (a different key with the same 14 bytes is no match).
+
+    The time first: with the clients' keys, each transaction's new rows go to the table's
+    last pages, where a digest alone sent each to a page of its own anywhere in the table
+    (in a table of a million rows, one 4 KiB page written per key: ~8 us of CPU, most of it
+    the kernel's, against ~1 us for rows in key order: `python -m bench.lmdb_inserts`)."""
     text = f"{app}\0{rpc}\0{idempotency_key}".encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(text, digest_size=8).digest()
+    digest = hashlib.blake2b(text, digest_size=8).digest()
+    head = idempotency_key[:IDEMPOTENCY_TIME_HEX_DIGITS]
+    try:
+        time_part = bytes.fromhex(head)
+    except ValueError:
+        return _NO_TIME + digest
+    if len(time_part) != len(_NO_TIME):  # fromhex skips spaces between digit pairs
+        return _NO_TIME + digest
+    return time_part + digest
 
 
 def record_idempotency_row_key(record: Record) -> bytes | None:

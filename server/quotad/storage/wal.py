@@ -14,8 +14,10 @@ Databases:
                finished it; removed with its Reserve record). A young hold's row leaves out
                what its Reserve record says, when it finished (its writing record's time)
                and, unless extended, its expiry
-    idempotency  8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record that first
-               used the key, which holds the first answer (written with that record)
+    idempotency  the key's first 12 hex digits as 6 bytes (a client's key: the time it was
+               made), then 8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record
+               that first used the key, which holds the first answer (written with that
+               record, in key order: new keys fill the table's last pages)
     shapes     8 bytes of BLAKE2b of a counter shape -> the shape (a group's key, label,
                unit, window, quota and kind), which first answers name instead of repeating
                it; written with the first record that names it. Never pruned: one row per
@@ -55,11 +57,12 @@ from quotad.core.commands import (
     AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Reserve, Track,
 )
 
-FORMAT_VERSION = b"5"
-"""5: records are protobuf messages holding their audit events; the event index files them
-under their users. `quotad migrate` brings 4 (events in an index of their own, keyed by user,
-time and record) and 3 (JSON records, events stored twice) to it."""
-MIGRATABLE_FORMAT_VERSIONS = (b"3", b"4")
+FORMAT_VERSION = b"6"
+"""6: the idempotency table files a key's row under the time its key begins with. 5: records
+are protobuf messages holding their audit events; the event index files them under their
+users. `quotad migrate` brings 5 (rows under a digest alone), 4 (events in an index of their
+own, keyed by user, time and record) and 3 (JSON records, events stored twice) to it."""
+MIGRATABLE_FORMAT_VERSIONS = (b"3", b"4", b"5")
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
 LMDB_OPTIONS: dict[str, Any] = dict(
     subdir=True, readonly=False, create=True, max_dbs=8, max_readers=126, sync=True,
@@ -179,6 +182,7 @@ class WriteAheadLog:
         self._appends += 1
         fault_kind, fault_at = self._fault
         shapes_stored: dict[CounterShape, bytes] = {}
+        rows: list[tuple[bytes, bytes]] = []
         with self.env.begin(write=True) as txn:
             put_event = txn.cursor(db=self.event_index_db).put
 
@@ -201,11 +205,12 @@ class WriteAheadLog:
                     assert appended, (record.sequence, index, user)
                 row = record_idempotency_row_key(record)
                 if row is not None:
-                    txn.put(row, record_key(record.sequence), db=self.idempotency_db)
+                    rows.append((row, record_key(record.sequence)))
                 if type(record.command) is Reserve:
                     self._remember_reserve_expiry(record)
                 for hold in record.finished:
                     self._put_finished_hold(txn, hold, record.sequence, record.now_ns)
+            self._put_idempotency_rows(txn, rows)
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
@@ -248,6 +253,16 @@ class WriteAheadLog:
                 self._shapes_read[found] = known
             return known
         return shape
+
+    def _put_idempotency_rows(self, txn: lmdb.Transaction,
+                              rows: list[tuple[bytes, bytes]]) -> None:
+        """In key order: the clients' keys, made just now, sort after every row the table
+        holds, and rows put at its end in order fill its last pages (LMDB then splits a
+        full page at the new row rather than in the middle)."""
+        rows.sort()
+        put = txn.cursor(db=self.idempotency_db).put
+        for row, sequence_key in rows:
+            put(row, sequence_key)
 
     def _put_finished_hold(self, txn: lmdb.Transaction, hold: Any, sequence: int,
                            now_ns: int) -> None:
