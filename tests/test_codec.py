@@ -3,6 +3,8 @@ holds; a flipped bit or a record under another key is caught by the checksum."""
 
 from __future__ import annotations
 
+import re
+import time
 import zlib
 
 import pytest
@@ -14,7 +16,9 @@ from quotad.core.holds import HoldState
 from quotad.core.machine import HoldRef, Reservation
 from quotad.core.plans import Kind, LimitGroup, Match, MetadataMatch, Plan, Window
 from quotad.storage import log_pb2
+from quotad.api.convert import new_reservation_id
 from quotad.storage.codec import (
+    hold_row_key, hold_row_reservation_bytes, hold_row_slot, reservation_bytes,
     COMPACT_HOLD_AGE_NS_MAX, CorruptRecord, decode_counter_shape, decode_finished_hold,
     decode_record, encode_counter_shape, encode_finished_hold, encode_record, event_tail,
     event_tail_fields, hold_ref_from_message, hold_ref_to_message, idempotency_row_key,
@@ -390,3 +394,27 @@ def test_times_in_whole_seconds_are_stored_as_seconds_and_read_back_exactly(ttl_
     assert hold_ref_from_message(message) == ref
     if window_start_ns % 10**9 == 0:
         assert message.window_start_ns == 0
+
+
+@given(st.binary(min_size=12, max_size=12))
+def test_a_holds_table_key_puts_the_time_first_and_gives_back_the_reservation_id(raw: bytes):
+    key = hold_row_key(raw)
+    assert len(key) == 12 and hold_row_reservation_bytes(key) == raw
+    text = raw.hex()
+    assert key.hex().startswith(text[3:12])  # the time, then the slot and the rest
+    assert hold_row_slot(key) == int(text[:3], 16)
+
+
+def test_reservation_ids_carry_their_slot_then_the_time_they_were_made_at():
+    before_ms = time.time_ns() // 10**6
+    ids = [new_reservation_id(slot) for slot in (0, 7, 4095)]
+    after_ms = time.time_ns() // 10**6
+    assert all(re.fullmatch(r"rsv_[0-9a-f]{24}", rid) for rid in ids)
+    assert [int(rid[4:7], 16) for rid in ids] == [0, 7, 4095]
+    for rid in ids:
+        assert before_ms % 16**9 <= int(rid[7:16], 16) <= after_ms % 16**9
+    assert len({rid[16:] for rid in ids}) == 3  # 48 random bits each
+    keys = [hold_row_key(reservation_bytes(rid)) for rid in ids]
+    time.sleep(0.002)
+    later = hold_row_key(reservation_bytes(new_reservation_id(0)))
+    assert all(later > key for key in keys)  # a hold made later is filed after

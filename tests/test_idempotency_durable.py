@@ -20,7 +20,7 @@ from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
 from quotad.storage import log_pb2
-from quotad.storage.codec import reservation_bytes, state_digest
+from quotad.storage.codec import hold_row_key, reservation_bytes, state_digest
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import Snapshot, WriteAheadLog
 
@@ -235,8 +235,8 @@ def test_a_finished_hold_row_reads_its_finish_and_expiry_from_its_records(tmp_pa
 def _hold_rows(wal: WriteAheadLog, count: int) -> list:
     """The holds table's rows of holds _rid(0) to _rid(count - 1), as stored."""
     with wal.env.begin(db=wal.holds_db) as txn:
-        return [log_pb2.FinishedHold.FromString(txn.get(reservation_bytes(_rid(n))))
-                for n in range(count)]
+        return [log_pb2.FinishedHold.FromString(txn.get(hold_row_key(reservation_bytes(
+            _rid(n))))) for n in range(count)]
 
 
 def test_past_the_reserve_expiries_remembered_a_hold_row_keeps_its_expiry(

@@ -19,7 +19,7 @@ import pytest
 from quotad.engine.recovery import recover
 from quotad.storage import log_pb2
 from quotad.storage.codec import (
-    decode_event, decode_record, event_tail, idempotency_row_key, key_sequence,
+    decode_event, decode_record, event_tail, hold_row_key, idempotency_row_key, key_sequence,
 )
 from quotad.storage.wal import WriteAheadLog
 from quotad_client import QuotaClient
@@ -151,8 +151,9 @@ def test_from_format_4_every_record_keeps_its_command_answer_and_events(tmp_path
         with new.env.begin(buffers=False) as txn:
             index = {user + tail for user, tail in txn.cursor(db=new.event_index_db)}
             assert index == set(old_index) and len(index) > 80
-            for name, db in (("holds", new.holds_db), ("snapshot", new.snapshot_db)):
-                assert dict(txn.cursor(db=db)) == old_rows[name], name
+            assert dict(txn.cursor(db=new.snapshot_db)) == old_rows["snapshot"]
+            assert dict(txn.cursor(db=new.holds_db)) == {  # filed under the time first
+                hold_row_key(key): value for key, value in old_rows["holds"].items()}
             assert dict(txn.cursor(db=new.idempotency_db)) == _filed_anew(
                 old_rows["idempotency"], old_records)
             for key, value in txn.cursor(db=new.log_db):
@@ -189,9 +190,13 @@ def test_from_format_5_every_table_is_copied_and_every_key_filed_anew(tmp_path: 
     try:
         with old.begin(buffers=False) as txn, new.env.begin(buffers=False) as new_txn:
             for name, db in (("log", new.log_db), ("snapshot", new.snapshot_db),
-                             ("holds", new.holds_db), ("shapes", new.shapes_db)):
+                             ("shapes", new.shapes_db)):
                 old_db = old.open_db(name.encode(), txn=txn, create=False)
                 assert list(new_txn.cursor(db=db)) == list(txn.cursor(db=old_db)), name
+            old_holds = dict(txn.cursor(db=old.open_db(b"holds", txn=txn, create=False)))
+            assert len(old_holds) > 5
+            assert dict(new_txn.cursor(db=new.holds_db)) == {
+                hold_row_key(key): value for key, value in old_holds.items()}
             old_index = old.open_db(b"event_index", txn=txn, create=False, dupsort=True,
                                     dupfixed=True)
             assert list(new_txn.cursor(db=new.event_index_db)) == list(txn.cursor(

@@ -12,9 +12,10 @@ Every record keeps its sequence and time.
   events the old log holds. The new directory starts with a snapshot of the whole state, so
   its first start replays nothing.
 - From format 4: each record takes in its audit events from the old events index, and the
-  snapshot and the finished holds are copied as they are. No record is applied again: the
-  first start replays what the old one would have.
-- From format 5: every table is copied as it is, byte for byte.
+  snapshot and the finished holds are copied as they are (the holds under this format's
+  keys). No record is applied again: the first start replays what the old one would have.
+- From format 5: every table is copied as it is, byte for byte, the holds table's rows
+  under this format's keys (the reservation id's time first).
 - From formats 4 and 5, each idempotency row is filed again under this format's key of the
   key its record holds (a read and a decode of that record per row, ~10 us).
 """
@@ -25,6 +26,7 @@ import dataclasses
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,8 +38,8 @@ from quotad.core.commands import Record
 from quotad.core.machine import Core
 from quotad.storage import format3, log_pb2
 from quotad.storage.codec import (
-    CorruptRecord, decode_event, decode_record, event_tail, event_user_key, idempotency_row_key,
-    key_sequence,
+    CorruptRecord, decode_event, decode_record, event_tail, event_user_key, hold_row_key,
+    idempotency_row_key, key_sequence,
 )
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.snapshot_json import core_from_plain
@@ -179,7 +181,7 @@ def _copy_format4(env: lmdb.Environment, data_dir: Path, target: Path, map_size_
                     wal.append(batch)
                     batch = []
                 shown.show(written)
-            _copy_table(txn, tables["holds"], wal, wal.holds_db)
+            _copy_table(txn, tables["holds"], wal, wal.holds_db, rekey=hold_row_key)
             _file_idempotency_rows(txn, tables["log"], tables["idempotency"], wal, data_dir,
                                    progress)
             if batch or snapshot is not None:
@@ -215,7 +217,8 @@ def _copy_format5(env: lmdb.Environment, data_dir: Path, target: Path, map_size_
                     "event_index": wal.event_index_db, "holds": wal.holds_db,
                     "shapes": wal.shapes_db}
             for name in FORMAT_5_TABLES:
-                _copy_table(txn, tables[name], wal, into[name], shown if name == "log" else None)
+                _copy_table(txn, tables[name], wal, into[name], shown if name == "log" else None,
+                            rekey=hold_row_key if name == "holds" else None)
             batch_first = txn.get(b"batch_first_sequence", db=tables["meta"])
             if batch_first is not None:
                 with wal.env.begin(write=True, db=wal.meta_db) as out:
@@ -275,17 +278,22 @@ def _record_with_events(txn: lmdb.Transaction, events_db: Any, key: bytes, value
 
 
 def _copy_table(txn: lmdb.Transaction, source: Any, wal: WriteAheadLog, db: Any,
-                shown: _Progress | None = None, copied: int = 0) -> int:
-    """Every row of a table, as it is, in key order into an empty table (appended: its pages
-    fill), in transactions of MIGRATE_RECORDS_PER_TRANSACTION; the rows copied so far."""
+                shown: _Progress | None = None, copied: int = 0, *,
+                rekey: Callable[[bytes], bytes] | None = None) -> int:
+    """Every row of a table, as it is (or under rekey(its key)), in key order into an empty
+    table (appended: its pages fill), in transactions of MIGRATE_RECORDS_PER_TRANSACTION;
+    the rows copied so far."""
     cursor = txn.cursor(db=source)
     more = cursor.first()
     while more:
         with wal.env.begin(write=True, db=db) as out:
             put = out.cursor().put
             for _ in range(limits.MIGRATE_RECORDS_PER_TRANSACTION):
-                appended = put(cursor.key(), cursor.value(), append=True)
-                assert appended, "a table's rows come in key order"
+                if rekey is None:
+                    appended = put(cursor.key(), cursor.value(), append=True)
+                    assert appended, "a table's rows come in key order"
+                else:
+                    put(rekey(cursor.key()), cursor.value())
                 copied += 1
                 more = cursor.next()
                 if not more:

@@ -42,6 +42,7 @@ from quotad.core.plans import (
     Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Subscription, Window,
 )
 from quotad.storage import log_pb2 as pb
+from quotad_contract.limits import SLOT_HEX_DIGITS
 
 _HEADER = struct.Struct(">IQ")
 _KEY = struct.Struct(">Q")
@@ -250,6 +251,35 @@ def stored_record_rows(key: bytes, value: bytes) -> tuple[list[tuple[bytes, byte
 
 def reservation_bytes(reservation_id: str) -> bytes:
     return bytes.fromhex(reservation_id[len(RESERVATION_ID_PREFIX):])
+
+
+RESERVATION_TIME_HEX_DIGITS = 9
+"""A reservation id's hex digits after its slot's: the milliseconds since the epoch it was
+made at, modulo 16^9 (they wrap every ~2.2 years)."""
+_TIME_FROM, _TIME_TO = SLOT_HEX_DIGITS, SLOT_HEX_DIGITS + RESERVATION_TIME_HEX_DIGITS
+
+
+def hold_row_key(reservation_id_bytes: bytes) -> bytes:
+    """The holds table's key of a hold: its reservation id with the time first, then the
+    slot and the rest. Holds made at about the same time sit side by side, so that the rows
+    a transaction writes share the table's last pages, where the slot first spread them
+    over the whole table (a 4 KiB page written per finished hold: `python -m
+    bench.lmdb_inserts`). A slot's holds are then read in one pass over the table."""
+    text = reservation_id_bytes.hex()
+    return bytes.fromhex(text[_TIME_FROM:_TIME_TO] + text[:_TIME_FROM] + text[_TIME_TO:])
+
+
+def hold_row_reservation_bytes(key: bytes) -> bytes:
+    """The reservation id's bytes of a holds table key (hold_row_key's inverse)."""
+    text = key.hex()
+    slot_to = RESERVATION_TIME_HEX_DIGITS + SLOT_HEX_DIGITS
+    return bytes.fromhex(text[RESERVATION_TIME_HEX_DIGITS:slot_to]
+                         + text[:RESERVATION_TIME_HEX_DIGITS] + text[slot_to:])
+
+
+def hold_row_slot(key: bytes) -> int:
+    """The slot of a holds table key: the 12 bits after the time's 36."""
+    return ((key[4] & 0xF) << 8) | key[5]
 
 
 def _reservation_id(raw: bytes) -> str:

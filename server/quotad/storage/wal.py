@@ -10,7 +10,7 @@ Databases:
     snapshot   b"latest" -> checksum, sequence, the core (snapshot.py; before: zlib'd JSON)
     event_index  user number (4 bytes) -> time, sequence, index: one fixed-size duplicate per
                event of the user's, in time order; appended, so its pages stay full (ListEvents)
-    holds      reservation id (12 bytes) -> a finished hold (written with the record that
+    holds      reservation id (12 bytes, its time first: hold_row_key) -> a finished hold (written with the record that
                finished it; removed with its Reserve record). A young hold's row leaves out
                what its Reserve record says, when it finished (its writing record's time)
                and, unless extended, its expiry
@@ -48,8 +48,9 @@ from quotad.storage.codec import (
     EVENT_TAIL_BYTES, CorruptRecord, CounterShape, ShapeLookup, decode_counter_shape,
     decode_finished_hold, decode_record, encode_counter_shape, encode_finished_hold,
     encode_record, event_tail, event_tail_fields, event_user_key, finished_hold_row,
-    idempotency_row_key, key_sequence, record_event, record_idempotency_row_key, record_key,
-    record_now_ns, reservation_bytes, stored_record_rows,
+    hold_row_key, hold_row_reservation_bytes, hold_row_slot, idempotency_row_key,
+    key_sequence, record_event, record_idempotency_row_key, record_key, record_now_ns,
+    reservation_bytes, stored_record_rows,
 )
 from quotad.core import limits
 from quotad.core.holds import HoldState
@@ -58,9 +59,10 @@ from quotad.core.commands import (
 )
 
 FORMAT_VERSION = b"6"
-"""6: the idempotency table files a key's row under the time its key begins with. 5: records
-are protobuf messages holding their audit events; the event index files them under their
-users. `quotad migrate` brings 5 (rows under a digest alone), 4 (events in an index of their
+"""6: the idempotency table files a key's row under the time its key begins with, and the
+holds table a hold under the time its reservation id holds. 5: records are protobuf messages
+holding their audit events; the event index files them under their users. `quotad migrate`
+brings 5 (rows under a digest alone, holds under their slot), 4 (events in an index of their
 own, keyed by user, time and record) and 3 (JSON records, events stored twice) to it."""
 MIGRATABLE_FORMAT_VERSIONS = (b"3", b"4", b"5")
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
@@ -268,7 +270,7 @@ class WriteAheadLog:
                            now_ns: int) -> None:
         """A hold's row; a committed one that had expired keeps when it expired, so that a
         replay from before the commit reads it as expired."""
-        key = reservation_bytes(hold.reservation_id)
+        key = hold_row_key(reservation_bytes(hold.reservation_id))
         expired_sequence = 0
         earlier = txn.get(key, db=self.holds_db)
         if earlier is not None:
@@ -303,7 +305,7 @@ class WriteAheadLog:
             if row is not None and txn.get(row, db=self.idempotency_db) == key:
                 txn.delete(row, db=self.idempotency_db)  # unless the key was used anew since
             if reserved is not None:
-                txn.delete(reserved, db=self.holds_db)  # a hold's row goes with its Reserve
+                txn.delete(hold_row_key(reserved), db=self.holds_db)  # goes with its Reserve
             cursor.delete()  # moves to the next record
             pruned += 1
         return pruned
@@ -436,12 +438,13 @@ class WriteAheadLog:
     def finished_hold(self, reservation_id: str, as_of_sequence: int) -> Any:
         """The finished hold (a core Reservation) as of that sequence, or None. Called on the
         event loop: one page lookup."""
-        key = reservation_bytes(reservation_id)
+        reservation = reservation_bytes(reservation_id)
         with self._reader() as txn:
-            value = txn.get(key, db=self.holds_db)
+            value = txn.get(hold_row_key(reservation), db=self.holds_db)
             if value is None:
                 return None
-            return decode_finished_hold(key, value, as_of_sequence, *self._hold_lookups(txn))
+            return decode_finished_hold(reservation, value, as_of_sequence,
+                                        *self._hold_lookups(txn))
 
     def _hold_lookups(self, txn: lmdb.Transaction) -> tuple[
             Callable[[int], Record | None], Callable[[int], int | None]]:
@@ -462,18 +465,14 @@ class WriteAheadLog:
     def slot_holds(self, txn: lmdb.Transaction, slots: frozenset[int],
                    as_of_sequence: int) -> Iterator[Any]:
         """The finished holds of these slots in the holds table, as of that sequence (core
-        Reservations): a range of rows per slot, since a row's key begins with its
-        reservation id's slot. Each row costs a B-tree step, and a young hold's one more read
-        and decode of its Reserve record."""
+        Reservations): one pass over the whole table, since a row's key begins with its
+        reservation id's time (hold_row_key). Each row costs a B-tree step, a hold of these
+        slots a decode, and a young one's one more read and decode of its Reserve record."""
         lookups = self._hold_lookups(txn)
-        for slot in sorted(slots):
-            cursor = txn.cursor(db=self.holds_db)
-            if not cursor.set_range(bytes([slot >> 4, (slot & 0xF) << 4])):
-                continue
-            for key, value in cursor:
-                if (key[0] << 4) | (key[1] >> 4) != slot:
-                    break
-                hold = decode_finished_hold(key, value, as_of_sequence, *lookups)
+        for key, value in txn.cursor(db=self.holds_db):
+            if hold_row_slot(key) in slots:
+                hold = decode_finished_hold(hold_row_reservation_bytes(key), value,
+                                            as_of_sequence, *lookups)
                 if hold is not None:
                     yield hold
 
