@@ -127,13 +127,18 @@ def test_migrating_twice_or_over_a_kept_copy_is_refused_and_changes_nothing(old_
     assert not restored.with_name("restored.migrating").exists()
 
 
-def test_from_format_4_every_record_keeps_its_command_answer_and_events(tmp_path: Path):
-    with tarfile.open(DATA / "format4.tar.gz") as archive:
+def _migrated(tmp_path: Path, old_format: str) -> tuple[lmdb.Environment, WriteAheadLog]:
+    """The fixture of that format migrated in tmp_path/data: the old data (read-only) and
+    the new log."""
+    with tarfile.open(DATA / f"format{old_format}.tar.gz") as archive:
         archive.extractall(tmp_path, filter="data")
-    data_dir = tmp_path / "data"
-    assert _quotad("migrate", "--data-dir", str(data_dir)).returncode == 0
-    old = lmdb.open(str(tmp_path / "data.format4"), readonly=True, lock=False, max_dbs=8)
-    new = WriteAheadLog(data_dir)
+    assert _quotad("migrate", "--data-dir", str(tmp_path / "data")).returncode == 0
+    return (lmdb.open(str(tmp_path / f"data.format{old_format}"), readonly=True, lock=False,
+                      max_dbs=8), WriteAheadLog(tmp_path / "data"))
+
+
+def test_from_format_4_every_record_keeps_its_command_answer_and_events(tmp_path: Path):
+    old, new = _migrated(tmp_path, "4")
     try:
         with old.begin(buffers=False) as txn:
             tables = {name: old.open_db(name.encode(), txn=txn, create=False)
@@ -181,12 +186,7 @@ def _filed_anew(old_rows: dict[bytes, bytes], records: list) -> dict[bytes, byte
 
 
 def test_from_format_5_every_table_is_copied_and_every_key_filed_anew(tmp_path: Path):
-    with tarfile.open(DATA / "format5.tar.gz") as archive:
-        archive.extractall(tmp_path, filter="data")
-    data_dir = tmp_path / "data"
-    assert _quotad("migrate", "--data-dir", str(data_dir)).returncode == 0
-    old = lmdb.open(str(tmp_path / "data.format5"), readonly=True, lock=False, max_dbs=8)
-    new = WriteAheadLog(data_dir)
+    old, new = _migrated(tmp_path, "5")
     try:
         with old.begin(buffers=False) as txn, new.env.begin(buffers=False) as new_txn:
             for name, db in (("log", new.log_db), ("snapshot", new.snapshot_db),
@@ -211,7 +211,7 @@ def test_from_format_5_every_table_is_copied_and_every_key_filed_anew(tmp_path: 
     finally:
         new.close()
         old.close()
-    server = ServerProcess(data_dir, plans=None).start()  # a repeat gets its first answer
+    server = ServerProcess(tmp_path / "data", plans=None).start()  # a repeat gets its first answer
     try:
         with QuotaClient(server.address) as client:
             first = next(record for record in records
