@@ -353,10 +353,14 @@ class GrpcDriver:
         await self._client.close()
 
     def batches_sent(self) -> int | None:
-        """Batch RPCs the client's coalescing sent so far (None: not coalescing, or unknown)."""
-        coalescer = getattr(self._client, "_coalescer", None)
-        sent = getattr(coalescer, "batches_sent", None)
-        return sent if isinstance(sent, int) else None
+        """Batch RPCs the client's coalescing sent so far, to every shard (None: not
+        coalescing, or unknown). In a cluster the client keeps a coalescer per shard: the
+        first shard's is the target's, the others' sit with their channels."""
+        coalescers = [getattr(self._client, "_coalescer", None)]
+        coalescers += [entry[2] for entry in getattr(self._client, "_shards", {}).values()]
+        sent = [getattr(coalescer, "batches_sent", None) for coalescer in coalescers
+                if coalescer is not None]
+        return sum(sent) if sent and all(isinstance(n, int) for n in sent) else None
 
     def _meta(self, model: str) -> dict[str, str]:
         meta = self._metadata.get(model)
