@@ -85,7 +85,7 @@ sent"), and the achieved ops/s is what was answered.
 examples:
   python -m bench --workload pairs --concurrency 64 --seconds 10 --runs 3
   python -m bench --workload pairs --peers none --shards 1,2,3 --zipf-s 0 \\
-      --ops-per-s-per-shard 1000 --processes 2 --seconds 10 --runs 3
+      --ops-per-s-per-shard 300 --processes 2 --seconds 10 --runs 3
   python -m bench --workload all --peers echo --seconds 5 --runs 1
   python -m bench --target 127.0.0.1:50051 --peers none --workload mix --ops 100000
 """
