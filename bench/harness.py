@@ -38,6 +38,9 @@ MAX_SECONDS_WITH_OPS = 600.0
 DEFAULT_SECONDS = 10.0
 SHARDS_BENCH_MAX = 16
 """--shards: the most shards one bench cluster has (each a process on this machine)."""
+UNEVEN_SHARE = 1.2
+"""A run says its shards were unevenly loaded when the busiest answered this many times its
+even share of the operations."""
 PACED_OPS_PER_S_MAX = 100_000.0
 """--ops-per-s-per-shard: the highest pace asked of one shard (well past what one serves)."""
 
@@ -455,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
                         document["workloads"][workload]["targets"][target.name]["runs"].append(
                             summary)
                         print(_run_line(label, summary), flush=True)
+                        busiest = summary.get("busiest_shard_share")
+                        shards = len(summary.get("ops_per_s_by_shard", {}))
+                        if busiest and shards > 1 and busiest > UNEVEN_SHARE * (1 / shards):
+                            print(f"  uneven: the busiest shard answered {busiest:.0%} of the "
+                                  f"operations ({1 / shards:.0%} each if even); --zipf-s 0 "
+                                  "spreads the users evenly", flush=True)
                         if summary.get("not_sent_share"):
                             print(f"  behind: the clients did not send "
                                   f"{summary['not_sent_share']:.1%} of the operations asked "
