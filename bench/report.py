@@ -18,7 +18,7 @@ SUMMARY_KEYS = ("ops_per_s", "pairs_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_
                 "server_cpu_util", "server_cpu_us_per_op", "client_cpu_util", "denied_share",
                 "ops_per_batch_rpc", "asked_ops_per_s", "not_sent_share", "busiest_shard_share")
 RANGE_KEYS = ("ops_per_s", "server_cpu_util", "server_cpu_us_per_op", "ops_per_batch_rpc",
-              "p50_ms", "p99_ms")
+              "p50_ms", "p99_ms", "not_sent_share")
 """The figures whose range over the runs (lowest, highest) goes with their median."""
 RATIO_KEYS = ("ops_per_s", "pairs_per_s", "p50_ms", "p99_ms")
 
@@ -260,16 +260,18 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _with_range(median: dict[str, Any], key: str, digits: int) -> str:
+def _with_range(median: dict[str, Any], key: str, digits: int, shown: Any = None) -> str:
     """A median with its range over the runs: "80.2 (78.1-83.0)"; the median alone for one
-    run."""
+    run. shown(value, digits) writes each figure (default: a number)."""
+    shown = shown or _num
     value = median.get(key)
     if value is None:
         return "—"
     low_high = median.get("ranges", {}).get(key)
     if not low_high or median.get("runs", 1) < 2:
-        return _num(value, digits)
-    return f"{_num(value, digits)} ({_num(low_high[0], digits)}–{_num(low_high[1], digits)})"
+        return shown(value, digits)
+    return (f"{shown(value, digits)} ({shown(low_high[0], digits)}–"
+            f"{shown(low_high[1], digits)})")
 
 
 def shard_lines(document: dict[str, Any]) -> list[str]:
@@ -318,7 +320,7 @@ def shard_lines(document: dict[str, Any]) -> list[str]:
                 each = " / ".join(_num(v) for v in m.get("ops_per_s_by_shard", {}).values())
                 lines.append(
                     f"| {workload} | {shards} | {_num(m['asked_ops_per_s'])} | {ops} "
-                    f"| {_pct(m['not_sent_share'], 1)} | {each or '—'} | {cores} | {per_op} "
+                    f"| {_with_range(m, 'not_sent_share', 1, _pct)} | {each or '—'} | {cores} | {per_op} "
                     f"| {batch} | {_num(m['p50_ms'], 2)} | {_num(m['p99_ms'], 2)} |")
             else:
                 lines.append(f"| {workload} | {shards} | {ops} | {cores} | {per_op} | {batch} |")
