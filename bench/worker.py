@@ -39,7 +39,8 @@ from .workloads import GROUPS, UnitMaker, ZipfUsers
 
 MAX_ERRORS = 1000
 PACE_LATE_S = 0.05
-"""Paced runs: a unit reached this long after its scheduled time is not sent (counted)."""
+"""Paced runs: a process this far behind its schedule does not send the operations of the
+time it missed (it counts them) and goes on from where it is."""
 READY_TIMEOUT_S = 120.0
 OPS = ("reserve", "commit", "release", "track")
 
@@ -181,7 +182,7 @@ async def run_job(job: dict[str, Any], index: int, conn: Any, progress_ops: Any,
             if now - due > PACE_LATE_S:
                 # behind (the process or the machine was busy): the operations of the time
                 # missed are not sent, only counted, and the schedule goes on from now
-                missed = round((now - due) * paced_rate)
+                missed = round((min(now, deadline) - due) * paced_rate)
                 asked_ops += missed
                 not_sent_late += missed
                 due = now
