@@ -81,9 +81,9 @@ start units on a fixed schedule (open loop): R operations/s for quotad alone and
 cluster of N shards, split evenly over --processes, with at most --concurrency units in flight
 per process. Each shard then sees the same load whatever the shard count (with --zipf-s 0:
 a Zipf spread puts its hot users on some shards), so the server CPU per operation compares
-shard counts at equal batch sizes. Bounded: a unit due while --concurrency are in flight, or
-operations due while a process was more than {PACE_LATE_S * 1000:g} ms behind, are not sent but counted ("not
-sent"), and the achieved ops/s is what was answered.
+shard counts at equal batch sizes. Bounded: a unit due while --concurrency are in flight,
+or operations due while a process was more than {PACE_LATE_S * 1000:g} ms behind, are not
+sent but counted ("not sent"), and the achieved ops/s is what was answered.
 
 examples:
   python -m bench --workload pairs --concurrency 64 --seconds 10 --runs 3

@@ -293,9 +293,9 @@ def shard_lines(document: dict[str, Any]) -> list[str]:
             f"{config['processes']} client process(es), at most {config['concurrency']} units "
             "in flight in each; server CPU over the measured seconds. Not sent: operations the "
             "clients skipped because they fell behind (that many units in flight, or more than "
-            f"{PACE_LATE_S * 1000:g} ms late); the achieved ops/s is what was answered. Each shard: ops/s each "
-            "shard answered, by shard id (users spread by Zipf load the shards unevenly; "
-            "--zipf-s 0 spreads them evenly).",
+            f"{PACE_LATE_S * 1000:g} ms behind their schedule); the achieved ops/s is what was "
+            "answered. Each shard: ops/s each shard answered, by shard id (users spread by "
+            "Zipf load the shards unevenly; --zipf-s 0 spreads them evenly).",
             "",
             "| workload | shards | asked ops/s | achieved ops/s | not sent | each shard ops/s "
             "| server CPU (cores) | server CPU µs per operation | ops per Batch | p50 ms "
@@ -320,8 +320,8 @@ def shard_lines(document: dict[str, Any]) -> list[str]:
                 each = " / ".join(_num(v) for v in m.get("ops_per_s_by_shard", {}).values())
                 lines.append(
                     f"| {workload} | {shards} | {_num(m['asked_ops_per_s'])} | {ops} "
-                    f"| {_with_range(m, 'not_sent_share', 1, _pct)} | {each or '—'} | {cores} | {per_op} "
-                    f"| {batch} | {_num(m['p50_ms'], 2)} | {_num(m['p99_ms'], 2)} |")
+                    f"| {_with_range(m, 'not_sent_share', 1, _pct)} | {each or '—'} | {cores} "
+                    f"| {per_op} | {batch} | {_num(m['p50_ms'], 2)} | {_num(m['p99_ms'], 2)} |")
             else:
                 lines.append(f"| {workload} | {shards} | {ops} | {cores} | {per_op} | {batch} |")
     return lines
