@@ -31,13 +31,18 @@ from .targets import (
     RedisTarget,
     Target,
 )
-from .worker import WorkerError, WorkerPool
+from .worker import PACE_LATE_S, WorkerError, WorkerPool
 from .workloads import MIX_SHARES, WORKLOADS, ZipfUsers, parse_workloads
 
 MAX_SECONDS_WITH_OPS = 600.0
 DEFAULT_SECONDS = 10.0
 SHARDS_BENCH_MAX = 16
 """--shards: the most shards one bench cluster has (each a process on this machine)."""
+UNEVEN_SHARE = 1.2
+"""A run says its shards were unevenly loaded when the busiest answered this many times its
+even share of the operations."""
+PACED_OPS_PER_S_MAX = 100_000.0
+"""--ops-per-s-per-shard: the highest pace asked of one shard (well past what one serves)."""
 
 EPILOG = f"""\
 workloads (one unit = what one in-flight slot does before starting the next):
@@ -70,8 +75,20 @@ targets:
 outputs (in --results DIR): results.json (config, machine, every run, medians, ratios),
 results.md (the table), latency-<workload>.png, throughput-<workload>.png.
 
+paced load (--ops-per-s-per-shard R, with --shards): instead of starting the next unit as
+soon as one ends (closed loop: the load follows the servers' speed), the client processes
+start units on a fixed schedule (open loop): R operations/s for quotad alone and R x N for a
+cluster of N shards, split evenly over --processes, with at most --concurrency units in flight
+per process. Each shard then sees the same load whatever the shard count (with --zipf-s 0:
+a Zipf spread puts its hot users on some shards), so the server CPU per operation compares
+shard counts at equal batch sizes. Bounded: a unit due while --concurrency are in flight,
+or operations due while a process was more than {PACE_LATE_S * 1000:g} ms behind, are not
+sent but counted ("not sent"), and the achieved ops/s is what was answered.
+
 examples:
   python -m bench --workload pairs --concurrency 64 --seconds 10 --runs 3
+  python -m bench --workload pairs --peers none --shards 1,2,3 --zipf-s 0 \\
+      --ops-per-s-per-shard 300 --processes 2 --seconds 10 --runs 3
   python -m bench --workload all --peers echo --seconds 5 --runs 1
   python -m bench --target 127.0.0.1:50051 --peers none --workload mix --ops 100000
 """
@@ -95,6 +112,18 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _paced_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected operations per second, got {text!r}") \
+            from None
+    if not 0 < value <= PACED_OPS_PER_S_MAX:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be above 0 and at most {PACED_OPS_PER_S_MAX:,.0f} operations/s, got {text}")
     return value
 
 
@@ -169,7 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Zipf exponent of the users' hot/cold spread: P(k-th user) ~ 1/k^S; "
                            "0 is uniform (default: 0.99)")
     load.add_argument("--concurrency", type=_positive_int, default=64, metavar="N",
-                      help="units in flight per client process (default: 64)")
+                      help="units in flight per client process; with --ops-per-s-per-shard "
+                           "the most in flight per process (default: 64)")
+    load.add_argument("--ops-per-s-per-shard", type=_paced_rate, metavar="R",
+                      help="paced (open-loop) load, with --shards and --seconds: the clients "
+                           "start R operations/s for quotad alone (and each single-server "
+                           "peer), R x N for a cluster of N shards, spread evenly over the "
+                           "client processes; operations they cannot send in time are counted, "
+                           "not queued (see below). Default: closed loop, each unit started "
+                           "when the last one ends")
     load.add_argument("--processes", type=_positive_int, default=1, metavar="N",
                       help="client processes (multiprocessing, each with its own client and "
                            "connection; default: 1)")
@@ -267,9 +304,22 @@ def _run_line(label: str, run: dict[str, Any]) -> str:
            if run.get("server_cpu_util") is not None else "")
     if run.get("ops_per_batch_rpc"):
         cpu += f"  {run['ops_per_batch_rpc']:.1f} ops/Batch RPC"
+    if run.get("server_cpu_us_per_op") is not None:
+        cpu += f"  {run['server_cpu_us_per_op']:.1f} µs server CPU/op"
+    if run.get("asked_ops_per_s") is not None:
+        cpu += f"  (asked {run['asked_ops_per_s']:,.0f} ops/s)"
+    if run.get("ops_per_s_by_shard"):
+        cpu += "  by shard " + " / ".join(f"{v:,.0f}" for v in run["ops_per_s_by_shard"].values())
     return (f"{label:<32} {run['ops_per_s']:>9,.0f} ops/s{pairs}  p50 {run['p50_ms']:7.2f} ms  "
             f"p99 {run['p99_ms']:7.2f} ms  p99.9 {run['p999_ms']:7.2f} ms  "
             f"{run['errors']:,} errors{denied}{cpu}")
+
+
+def _paced_total(per_shard: float | None, target: Target) -> float | None:
+    """The pace asked of a target in all: per_shard times its shards (1 for one server)."""
+    if per_shard is None:
+        return None
+    return per_shard * (target.shards if isinstance(target, ClusterTarget) else 1)
 
 
 def _make_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
@@ -301,7 +351,15 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ops_per_s_per_shard is not None:
+        if not args.shards:
+            parser.error("--ops-per-s-per-shard paces the comparison by shard count: give "
+                         "--shards too (e.g. --shards 1,2,3)")
+        if args.ops is not None:
+            parser.error("--ops-per-s-per-shard: a paced run lasts a time: give --seconds, "
+                         "not --ops")
     if args.seconds is None and args.ops is None:
         args.seconds = DEFAULT_SECONDS
     workloads: list[str] = args.workload
@@ -321,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs, "track_enforce": args.track_enforce,
         "idempotency_keys": not args.no_idempotency_keys, "coalesce": not args.no_coalesce,
         "call_timeout_s": args.call_timeout, "shards": args.shards,
+        "ops_per_s_per_shard": args.ops_per_s_per_shard,
         "seed": args.seed, "mix_shares": dict(MIX_SHARES),
         "zipf_share_of_hottest_1pct": ZipfUsers(args.users, args.zipf_s,
                                                 random.Random(0)).share_of_top(0.01),
@@ -340,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
                       for w in workloads},
     }
     how = f"{args.seconds:g} s" if args.seconds is not None else f"{args.ops:,} operations"
+    load = (f"paced at {args.ops_per_s_per_shard:,g} ops/s per shard, at most "
+            f"{args.concurrency} in flight" if args.ops_per_s_per_shard is not None
+            else f"{args.concurrency} in flight")
     print(f"bench: {', '.join(workloads)} on {', '.join(t.name for t in targets)}; "
-          f"{args.users:,} users (Zipf s={args.zipf_s:g}), {args.concurrency} in flight × "
+          f"{args.users:,} users (Zipf s={args.zipf_s:g}), {load} × "
           f"{args.processes} process(es), {how} × {args.runs} run(s); results in {results_dir}",
           flush=True)
     pool = WorkerPool(args.processes)
@@ -368,14 +430,25 @@ def main(argv: list[str] | None = None) -> int:
                             "idempotency_keys": not args.no_idempotency_keys,
                             "coalesce": not args.no_coalesce,
                             "track_enforce": args.track_enforce,
+                            "ops_per_s": _paced_total(args.ops_per_s_per_shard, target),
                         }
                         progress.begin(label, args.seconds, args.ops)
                         cpu_before = target.cpu_s()
+                        measured: list[float | None] = []
+
+                        def at_start(target: Target = target) -> None:
+                            measured.append(target.cpu_s())
+
                         try:
-                            parts = pool.run(job, timeout_s=timeout_s, tick=progress.tick)
+                            # paced: the server CPU of the measured seconds alone (not the
+                            # warm-up's, which would weigh on a low pace)
+                            parts = pool.run(job, timeout_s=timeout_s, tick=progress.tick,
+                                             on_start=at_start if job["ops_per_s"] else None)
                         finally:
                             progress.end()
                         cpu_after = target.cpu_s()
+                        if measured:
+                            cpu_before = measured[0]
                         server_cpu = (cpu_after - cpu_before
                                       if cpu_before is not None and cpu_after is not None
                                       else None)
@@ -385,6 +458,19 @@ def main(argv: list[str] | None = None) -> int:
                         document["workloads"][workload]["targets"][target.name]["runs"].append(
                             summary)
                         print(_run_line(label, summary), flush=True)
+                        busiest = summary.get("busiest_shard_share")
+                        shards = len(summary.get("ops_per_s_by_shard", {}))
+                        if busiest and shards > 1 and busiest > UNEVEN_SHARE * (1 / shards):
+                            print(f"  uneven: the busiest shard answered {busiest:.0%} of the "
+                                  f"operations ({1 / shards:.0%} each if even); --zipf-s 0 "
+                                  "spreads the users evenly", flush=True)
+                        if summary.get("not_sent_share"):
+                            print(f"  behind: the clients did not send "
+                                  f"{summary['not_sent_share']:.1%} of the operations asked "
+                                  f"({summary['not_sent_busy_ops']:,} with every slot in "
+                                  f"flight, {summary['not_sent_late_ops']:,} too late); "
+                                  f"achieved {summary['ops_per_s']:,.0f} of "
+                                  f"{summary['asked_ops_per_s']:,.0f} ops/s asked", flush=True)
                         _write_json(json_path, document)
                 finally:
                     progress.status(f"{target.name}: stopping")

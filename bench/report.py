@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from . import stats
-from .worker import OPS
+from .worker import OPS, PACE_LATE_S
 
 SUMMARY_KEYS = ("ops_per_s", "pairs_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms",
                 "server_cpu_util", "server_cpu_us_per_op", "client_cpu_util", "denied_share",
-                "ops_per_batch_rpc")
+                "ops_per_batch_rpc", "asked_ops_per_s", "not_sent_share", "busiest_shard_share")
+RANGE_KEYS = ("ops_per_s", "server_cpu_util", "server_cpu_us_per_op", "ops_per_batch_rpc",
+              "p50_ms", "p99_ms", "not_sent_share")
+"""The figures whose range over the runs (lowest, highest) goes with their median."""
 RATIO_KEYS = ("ops_per_s", "pairs_per_s", "p50_ms", "p99_ms")
 
 
@@ -79,6 +82,24 @@ def merge_run(parts: list[dict[str, Any]], *, workload: str, bucket_s: float,
     if all(isinstance(b, int) for b in batches) and sum(batches):
         summary["batch_rpcs"] = sum(batches)
         summary["ops_per_batch_rpc"] = ops / sum(batches)
+    by_shard: dict[str, int] = {}
+    for part in parts:
+        for shard, count in part.get("ops_by_shard", {}).items():
+            by_shard[shard] = by_shard.get(shard, 0) + count
+    if by_shard:
+        summary["ops_per_s_by_shard"] = {shard: count / elapsed
+                                         for shard, count in sorted(by_shard.items(),
+                                                                    key=lambda kv: int(kv[0]))}
+        # 1 / shards when the shards see the same load; the busiest one's share otherwise
+        summary["busiest_shard_share"] = max(by_shard.values()) / sum(by_shard.values())
+    if parts[0].get("paced_ops_per_s") is not None:
+        asked = sum(part["asked_ops"] for part in parts)
+        busy = sum(part["not_sent_busy_ops"] for part in parts)
+        late = sum(part["not_sent_late_ops"] for part in parts)
+        summary["asked_ops_per_s"] = sum(part["paced_ops_per_s"] for part in parts)
+        summary["not_sent_busy_ops"] = busy
+        summary["not_sent_late_ops"] = late
+        summary["not_sent_share"] = (busy + late) / asked if asked else 0.0
     return summary, everything
 
 
@@ -86,6 +107,14 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {key: stats.median_of(runs, key) for key in SUMMARY_KEYS}
     out["errors"] = sum(run["errors"] for run in runs)
     out["runs"] = len(runs)
+    out["ranges"] = {key: [min(values), max(values)] for key in RANGE_KEYS
+                     if (values := [run[key] for run in runs if run.get(key) is not None])}
+    shards = sorted({shard for run in runs for shard in run.get("ops_per_s_by_shard", {})},
+                    key=int)
+    if shards:
+        out["ops_per_s_by_shard"] = {
+            shard: stats.median_of([run.get("ops_per_s_by_shard", {}) for run in runs], shard)
+            for shard in shards}
     return out
 
 
@@ -231,24 +260,70 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_range(median: dict[str, Any], key: str, digits: int, shown: Any = None) -> str:
+    """A median with its range over the runs: "80.2 (78.1-83.0)"; the median alone for one
+    run. shown(value, digits) writes each figure (default: a number)."""
+    shown = shown or _num
+    value = median.get(key)
+    if value is None:
+        return "—"
+    low_high = median.get("ranges", {}).get(key)
+    if not low_high or median.get("runs", 1) < 2:
+        return shown(value, digits)
+    return (f"{shown(value, digits)} ({shown(low_high[0], digits)}–"
+            f"{shown(low_high[1], digits)})")
+
+
 def shard_lines(document: dict[str, Any]) -> list[str]:
     """With --shards: quotad alone, then each cluster, by shard count: throughput and the
-    server CPU per operation (the shards' together); none without."""
-    if not document["config"].get("shards"):
+    server CPU per operation (the shards' together), medians with their ranges over the
+    runs; with --ops-per-s-per-shard also the rate asked, what was not sent, and what each
+    shard answered. None without --shards."""
+    config = document["config"]
+    if not config.get("shards"):
         return []
+    paced = config.get("ops_per_s_per_shard")
     lines = ["", "By shard count (quotad alone is one process without etcd; a cluster's server "
-             "CPU is its shards' together, etcd's apart):", "",
-             "| workload | shards | ops/s | server CPU (cores) | server CPU µs per operation |",
-             "|---|---:|---:|---:|---:|"]
+             "CPU is its shards' together, etcd's apart; medians, (lowest–highest) of the runs):"]
+    if paced:
+        lines += [
+            "",
+            f"Paced (open loop): {paced:,g} operations/s asked of each shard (N × {paced:,g} "
+            f"in all for N shards, {paced:,g} for quotad alone), spread evenly over "
+            f"{config['processes']} client process(es), at most {config['concurrency']} units "
+            "in flight in each; server CPU over the measured seconds. Not sent: operations the "
+            "clients skipped because they fell behind (that many units in flight, or more than "
+            f"{PACE_LATE_S * 1000:g} ms behind their schedule); the achieved ops/s is what was "
+            "answered. Each shard: ops/s each shard answered, by shard id (users spread by "
+            "Zipf load the shards unevenly; --zipf-s 0 spreads them evenly).",
+            "",
+            "| workload | shards | asked ops/s | achieved ops/s | not sent | each shard ops/s "
+            "| server CPU (cores) | server CPU µs per operation | ops per Batch | p50 ms "
+            "| p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["",
+                  "| workload | shards | ops/s | server CPU (cores) | server CPU µs per operation "
+                  "| ops per Batch |",
+                  "|---|---:|---:|---:|---:|---:|"]
     for workload, entry in document["workloads"].items():
         for name, target in entry["targets"].items():
             if name != "quotad" and not name.startswith("cluster-"):
                 continue
             m = target["median"]
             shards = "1 (alone)" if name == "quotad" else name.split("-", 1)[1]
-            cores = "—" if m["server_cpu_util"] is None else f"{m['server_cpu_util']:.2f}"
-            lines.append(f"| {workload} | {shards} | {_num(m['ops_per_s'])} | {cores} "
-                         f"| {_num(m['server_cpu_us_per_op'], 1)} |")
+            ops = _with_range(m, "ops_per_s", 0)
+            cores = _with_range(m, "server_cpu_util", 2)
+            per_op = _with_range(m, "server_cpu_us_per_op", 1)
+            batch = _with_range(m, "ops_per_batch_rpc", 1)
+            if paced:
+                each = " / ".join(_num(v) for v in m.get("ops_per_s_by_shard", {}).values())
+                lines.append(
+                    f"| {workload} | {shards} | {_num(m['asked_ops_per_s'])} | {ops} "
+                    f"| {_with_range(m, 'not_sent_share', 1, _pct)} | {each or '—'} | {cores} "
+                    f"| {per_op} | {batch} | {_num(m['p50_ms'], 2)} | {_num(m['p99_ms'], 2)} |")
+            else:
+                lines.append(f"| {workload} | {shards} | {ops} | {cores} | {per_op} | {batch} |")
     return lines
 
 

@@ -336,6 +336,7 @@ class GrpcDriver:
         self._keys = idempotency_keys
         self._coalesce = coalesce
         self._metadata: dict[str, dict[str, str]] = {}
+        self._shard_ids: dict[str, int] = {}
 
     async def open(self) -> None:
         from quotad_client import AsyncQuotaClient
@@ -353,10 +354,28 @@ class GrpcDriver:
         await self._client.close()
 
     def batches_sent(self) -> int | None:
-        """Batch RPCs the client's coalescing sent so far (None: not coalescing, or unknown)."""
-        coalescer = getattr(self._client, "_coalescer", None)
-        sent = getattr(coalescer, "batches_sent", None)
-        return sent if isinstance(sent, int) else None
+        """Batch RPCs the client's coalescing sent so far, to every shard (None: not
+        coalescing, or unknown). In a cluster the client keeps a coalescer per shard: the
+        first shard's is the target's, the others' sit with their channels."""
+        coalescers = [getattr(self._client, "_coalescer", None)]
+        coalescers += [entry[2] for entry in getattr(self._client, "_shards", {}).values()]
+        sent = [getattr(coalescer, "batches_sent", None) for coalescer in coalescers
+                if coalescer is not None]
+        return sum(sent) if sent and all(isinstance(n, int) for n in sent) else None
+
+    def shard_of(self, user: str) -> int | None:
+        """The id of the shard that owns the user in the client's map (None: not a cluster,
+        or no map fetched yet)."""
+        shard = self._shard_ids.get(user)
+        if shard is None and self._cluster:
+            routes = getattr(self._client, "_routes", None)
+            if routes is None:
+                return None
+            from quotad_contract.shards import slot_of
+
+            shard = self._shard_ids[user] = routes.shard_map.owner(
+                slot_of(routes.app, user)).shard_id
+        return shard
 
     def _meta(self, model: str) -> dict[str, str]:
         meta = self._metadata.get(model)

@@ -9,6 +9,15 @@ published every 0.1 s in shared arrays for the parent's progress bar.
 
 Every loop is bounded: by the deadline, or by the op budget plus a hard time cap, and a
 process stops early after MAX_ERRORS failed units.
+
+Closed loop (the default): each of the `concurrency` slots starts its next unit as soon as its
+last one ends. Paced (open loop, job["ops_per_s"] set): the process starts units on a fixed
+schedule of that many operations per second (a unit of n operations takes n / rate of it),
+whatever the answers, with at most `concurrency` units in flight. A unit whose time comes
+while `concurrency` are in flight is not sent, and when the process finds itself more than
+PACE_LATE_S behind its schedule, the operations of the time it missed are not sent either
+(both counted: "not_sent_busy_ops", "not_sent_late_ops"): nothing queues behind a client
+that fell behind, and the achieved rate says what was done.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from .targets import make_driver
 from .workloads import GROUPS, UnitMaker, ZipfUsers
 
 MAX_ERRORS = 1000
+PACE_LATE_S = 0.05
+"""Paced runs: a process this far behind its schedule does not send the operations of the
+time it missed (it counts them) and goes on from where it is."""
 READY_TIMEOUT_S = 120.0
 OPS = ("reserve", "commit", "release", "track")
 
@@ -67,11 +79,19 @@ async def run_job(job: dict[str, Any], index: int, conn: Any, progress_ops: Any,
     ops_done = pairs = claimed = error_count = 0
     last_end = 0.0
     stop = False
+    paced_rate = job.get("ops_per_s")
+    asked_ops = not_sent_busy = not_sent_late = 0
+    shard_of = getattr(driver, "shard_of", None)
+    ops_by_shard: Counter[int] = Counter()
 
-    def done(op: str, t0: float) -> None:
+    def done(op: str, t0: float, user: str) -> None:
         nonlocal ops_done, last_end
         if not measuring:
             return
+        if shard_of is not None:
+            shard = shard_of(user)
+            if shard is not None:
+                ops_by_shard[shard] += 1
         t1 = mono()
         if keep_latencies:
             latencies[op].append(t1 - t0)
@@ -92,13 +112,13 @@ async def run_job(job: dict[str, Any], index: int, conn: Any, progress_ops: Any,
         if unit.kind == "track":
             t0 = mono()
             allowed = await driver.track(unit.user, unit.amount, unit.model, enforce, groups)
-            done("track", t0)
+            done("track", t0, unit.user)
             outcome("tracked" if allowed else "track_denied")
             return
         t0 = mono()
         allowed, hold = await driver.reserve(unit.user, unit.amount, unit.model, unit.ttl_s,
                                              groups)
-        done("reserve", t0)
+        done("reserve", t0, unit.user)
         if not allowed:
             outcome("denied")
             if unit.kind != "denied":
@@ -111,31 +131,74 @@ async def run_job(job: dict[str, Any], index: int, conn: Any, progress_ops: Any,
         if unit.kind == "commit":
             t0 = mono()
             await driver.commit(hold, unit.actual)
-            done("commit", t0)
+            done("commit", t0, unit.user)
             outcome("committed")
         else:
             if unit.kind == "denied":
                 outcome("unexpected_allowed")
             t0 = mono()
             await driver.release(hold)
-            done("release", t0)
+            done("release", t0, unit.user)
             outcome("released")
         if measuring:
             pairs += 1
 
+    def failed(error: Exception) -> None:
+        nonlocal error_count, stop
+        errors[error_name(error)] += 1
+        error_count += 1
+        if error_count >= MAX_ERRORS:
+            stop = True
+
     async def slot(deadline: float, budget: int | None) -> None:
-        nonlocal claimed, error_count, stop
+        nonlocal claimed
         while not stop and mono() < deadline and (budget is None or claimed < budget):
             unit = maker.next()
             claimed += unit.ops
             try:
                 await execute(unit)
             except Exception as error:  # noqa: BLE001 - counted and reported, run goes on
-                errors[error_name(error)] += 1
-                error_count += 1
-                if error_count >= MAX_ERRORS:
-                    stop = True
+                failed(error)
                 await asyncio.sleep(0.01)
+
+    async def paced_unit(unit: Any) -> None:
+        try:
+            await execute(unit)
+        except Exception as error:  # noqa: BLE001 - counted and reported, run goes on
+            failed(error)
+
+    async def paced(first_at: float, deadline: float) -> None:
+        """Starts units on the schedule (paced_rate operations/s from first_at until the
+        deadline), never more than `concurrency` in flight and never more than PACE_LATE_S
+        late; then waits for those in flight."""
+        nonlocal claimed, asked_ops, not_sent_busy, not_sent_late
+        in_flight: set[asyncio.Task[None]] = set()
+        due = first_at
+        while not stop and due < deadline:
+            now = mono()
+            if due > now:
+                await asyncio.sleep(due - now)
+                continue
+            if now - due > PACE_LATE_S:
+                # behind (the process or the machine was busy): the operations of the time
+                # missed are not sent, only counted, and the schedule goes on from now
+                missed = round((min(now, deadline) - due) * paced_rate)
+                asked_ops += missed
+                not_sent_late += missed
+                due = now
+                continue
+            unit = maker.next()
+            asked_ops += unit.ops
+            if len(in_flight) >= concurrency:
+                not_sent_busy += unit.ops
+            else:
+                claimed += unit.ops
+                task = asyncio.ensure_future(paced_unit(unit))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            due += unit.ops / paced_rate
+        if in_flight:
+            await asyncio.gather(*in_flight)
 
     async def publish() -> None:
         while True:
@@ -168,7 +231,11 @@ async def run_job(job: dict[str, Any], index: int, conn: Any, progress_ops: Any,
         else:
             deadline, budget = start + job["max_seconds"], job["ops"]
         try:
-            await asyncio.gather(*(slot(deadline, budget) for _ in range(concurrency)))
+            if paced_rate is not None:
+                # the processes' schedules interleave: each starts its own share of one gap
+                await paced(start + job.get("pace_offset", 0.0) / paced_rate, deadline)
+            else:
+                await asyncio.gather(*(slot(deadline, budget) for _ in range(concurrency)))
         finally:
             publisher.cancel()
         cpu_after = os.times()
@@ -192,6 +259,11 @@ async def run_job(job: dict[str, Any], index: int, conn: Any, progress_ops: Any,
         "batches_sent": (batches_after - batches_before
                          if batches_before is not None and batches_after is not None else None),
         "warmup_errors": len(failures),
+        "paced_ops_per_s": paced_rate,
+        "asked_ops": asked_ops if paced_rate is not None else None,
+        "not_sent_busy_ops": not_sent_busy,
+        "not_sent_late_ops": not_sent_late,
+        "ops_by_shard": {str(shard): count for shard, count in sorted(ops_by_shard.items())},
     }
 
 
@@ -274,8 +346,12 @@ class WorkerPool:
                 tick()
         return results
 
-    def run(self, job: dict[str, Any], *, timeout_s: float, tick: Any = None) -> list[dict]:
-        """Runs one job on every process; the per-process results."""
+    def run(self, job: dict[str, Any], *, timeout_s: float, tick: Any = None,
+            on_start: Any = None) -> list[dict]:
+        """Runs one job on every process; the per-process results. A paced job's
+        "ops_per_s" is the total: each process gets an even share, its schedule shifted by
+        its index's share of one gap. on_start() is called once every process is warm and
+        told when to start, just before the measured time."""
         for index in range(self.size):
             self.progress_ops[index] = 0
             self.progress_errors[index] = 0
@@ -284,11 +360,16 @@ class WorkerPool:
             if job["ops"] is not None:  # split the op budget
                 per_process["ops"] = job["ops"] // self.size + (
                     1 if index < job["ops"] % self.size else 0)
+            if job.get("ops_per_s") is not None:  # split the pace
+                per_process["ops_per_s"] = job["ops_per_s"] / self.size
+                per_process["pace_offset"] = index / self.size
             conn.send(("job", per_process))
         self._receive_all("ready", READY_TIMEOUT_S)
         start = time.monotonic() + 0.05
         for conn in self._conns:
             conn.send(("go", start))
+        if on_start is not None:
+            on_start()
         return self._receive_all("done", timeout_s, tick)
 
     def close(self) -> None:

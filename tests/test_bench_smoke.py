@@ -128,6 +128,90 @@ def test_the_bench_runs_clusters_by_shard_count_and_reports_cpu_per_operation(tm
         assert refused.returncode == 2 and "--shards" in refused.stderr, bad
 
 
+def test_the_bench_paces_clusters_at_a_rate_per_shard_and_reports_what_it_achieved(
+        tmp_path: Path):
+    # Open loop at a low pace: a check that the pacing works end to end (the rate asked is
+    # reached within a loose bound, each shard answers its share), not a performance figure.
+    from etcd_server import install_etcd
+
+    why = install_etcd()
+    if why is not None:
+        pytest.skip(why)
+    per_shard = 200
+    document = _bench(tmp_path, "--workload", "pairs", "--seconds", "2", "--peers", "none",
+                      "--shards", "1,2", "--zipf-s", "0", "--processes", "2",
+                      "--ops-per-s-per-shard", str(per_shard))
+    _check(document, ["pairs"], {"quotad", "cluster-1", "cluster-2"})
+    assert document["config"]["ops_per_s_per_shard"] == per_shard
+    targets = document["workloads"]["pairs"]["targets"]
+    for name, shards in (("quotad", 1), ("cluster-1", 1), ("cluster-2", 2)):
+        median, run = targets[name]["median"], targets[name]["runs"][0]
+        asked = per_shard * shards
+        assert median["asked_ops_per_s"] == asked, name
+        assert 0.5 * asked <= median["ops_per_s"] <= 1.5 * asked, (name, median["ops_per_s"])
+        assert 0 <= median["not_sent_share"] < 0.5, name
+        assert median["server_cpu_us_per_op"] > 0 and median["ops_per_batch_rpc"] >= 1, name
+        assert set(median["ranges"]) >= {"ops_per_s", "server_cpu_us_per_op"}, name
+        if name != "quotad":  # what each shard answered: every shard its part
+            by_shard = run["ops_per_s_by_shard"]
+            assert sorted(by_shard) == [str(shard) for shard in range(shards)], name
+            assert all(rate > 0.2 * per_shard for rate in by_shard.values()), (name, by_shard)
+    table = document["table_markdown"]
+    assert "Paced (open loop): 200 operations/s asked of each shard" in table
+    assert "| pairs | 2 | 400 |" in table and "| pairs | 1 (alone) | 200 |" in table
+
+
+def test_a_pace_the_clients_cannot_keep_is_counted_not_queued(tmp_path: Path):
+    # 4 units in flight cannot carry 50,000 operations/s here: what is not sent is counted
+    # and said, the run still ends on time, and the achieved rate is what was answered.
+    from etcd_server import install_etcd
+
+    why = install_etcd()
+    if why is not None:
+        pytest.skip(why)
+    results = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--results", str(results), "--runs", "1",
+         "--concurrency", "4", "--users", "50", "--workload", "pairs", "--seconds", "1",
+         "--peers", "none", "--shards", "1", "--ops-per-s-per-shard", "50000", "--no-plots"],
+        capture_output=True, text=True, timeout=150, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "behind: the clients did not send" in result.stdout
+    median = json.loads((results / "results.json").read_text())[
+        "workloads"]["pairs"]["targets"]["cluster-1"]["median"]
+    assert median["not_sent_share"] > 0.5 and 0 < median["ops_per_s"] < 50_000
+    run = json.loads((results / "results.json").read_text())[
+        "workloads"]["pairs"]["targets"]["cluster-1"]["runs"][0]
+    assert run["seconds"] < 3 and run["not_sent_busy_ops"] > 0
+
+
+def test_the_bench_refuses_a_bad_pace_and_a_pace_without_shards(
+        capsys: pytest.CaptureFixture[str]):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.harness import PACED_OPS_PER_S_MAX, build_parser, main
+    finally:
+        sys.path.remove(str(ROOT))
+    assert build_parser().parse_args(["--ops-per-s-per-shard", "1500"]).ops_per_s_per_shard \
+        == 1500.0
+    refusals = {
+        "must be above 0": [["--shards", "1", "--ops-per-s-per-shard", bad]
+                            for bad in ("0", "-200", "nan", "inf",
+                                        str(PACED_OPS_PER_S_MAX * 2))],
+        "expected operations per second": [["--shards", "1", "--ops-per-s-per-shard", "fast"]],
+        "give --shards too": [["--ops-per-s-per-shard", "200"]],
+        "give --seconds, not --ops": [["--shards", "1", "--ops-per-s-per-shard", "200",
+                                       "--ops", "1000"]],
+    }
+    for why, cases in refusals.items():
+        for argv in cases:
+            with pytest.raises(SystemExit) as refused:
+                main(argv)
+            assert refused.value.code == 2, argv
+            error = capsys.readouterr().err
+            assert "--ops-per-s-per-shard" in error and why in error, (argv, error)
+
+
 def test_the_bench_help_explains_every_flag():
     sys.path.insert(0, str(ROOT))
     try:
