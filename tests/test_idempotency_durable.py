@@ -376,3 +376,32 @@ def test_keys_that_begin_with_their_time_are_filed_in_the_order_they_were_made(
     assert [row[:6].hex() for row in rows[5:15]] == [key[:12] for key in keys[1000:1010]]
     # 14-byte key, 8-byte value, 8 bytes of node and 2 of pointer: 127 rows per 4 KiB page
     assert stat["leaf_pages"] <= len(keys) // 127 + 2, stat  # full: split where they grow
+
+
+def test_a_slot_sets_finished_holds_are_read_in_one_pass_with_an_item_per_row(tmp_path: Path):
+    """The holds table files holds by time, so a move reads its slots' holds in a pass over
+    the whole table: one item per row (None for another slot's), so that the pass can let
+    the server serve other calls every so many rows, whichever slots the rows belong to."""
+    wal = WriteAheadLog(tmp_path)
+    ids = [f"rsv_{slot:03x}{n:021x}" for n in range(12) for slot in (5, 9, 4095)]
+
+    async def run() -> None:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        for rid in ids:
+            await writer.execute(Reserve(app="a", user_id="u", event_type="openai.chat",
+                                         amount=1, reservation_id=rid))
+            await writer.execute(Commit(app="a", reservation_id=rid, amount=1))
+        await writer.close()
+
+    asyncio.run(run())
+    with wal.env.begin(buffers=False) as txn:
+        items = list(wal.slot_holds(txn, frozenset({9, 4095}), wal.last_sequence()))
+        none_yet = list(wal.slot_holds(txn, frozenset({9}), 1))  # before any finished
+    wal.close()
+    assert len(items) == len(ids)  # an item per row
+    found = sorted(hold.reservation_id for hold in items if hold is not None)
+    assert found == sorted(rid for rid in ids if rid[4:7] in ("009", "fff"))
+    assert all(hold.status is HoldState.COMMITTED for hold in items if hold is not None)
+    assert len(none_yet) == len(ids) and not any(none_yet)

@@ -178,7 +178,7 @@ async def export_chunks(writer: Any, slots: tuple[int, ...],
     try:
         known_holds = {hold.reservation_id for hold in holds}
         async for hold in _paced(wal.slot_holds(txn, wanted, as_of_sequence)):
-            if hold.reservation_id not in known_holds and (
+            if hold is not None and hold.reservation_id not in known_holds and (
                     now_ns < hold.finished_at_ns + limits.RESERVATION_RETENTION_NS):
                 holds.append(hold)
         in_memory = {(key.app, key.rpc, key.key) for key in keys}

@@ -463,18 +463,20 @@ class WriteAheadLog:
     # --- a moved slot set's rows (ExportSlots) ----------------------------------------------
 
     def slot_holds(self, txn: lmdb.Transaction, slots: frozenset[int],
-                   as_of_sequence: int) -> Iterator[Any]:
+                   as_of_sequence: int) -> Iterator[Any | None]:
         """The finished holds of these slots in the holds table, as of that sequence (core
-        Reservations): one pass over the whole table, since a row's key begins with its
-        reservation id's time (hold_row_key). Each row costs a B-tree step, a hold of these
-        slots a decode, and a young one's one more read and decode of its Reserve record."""
+        Reservations), in one pass over the whole table, since a row's key begins with its
+        reservation id's time (hold_row_key): one item per row, so that the caller can pace
+        the pass, None for a row of another slot (or a hold still live as of that sequence).
+        Each row costs a B-tree step, a hold of these slots a decode, and a young one's one
+        more read and decode of its Reserve record."""
         lookups = self._hold_lookups(txn)
         for key, value in txn.cursor(db=self.holds_db):
-            if hold_row_slot(key) in slots:
-                hold = decode_finished_hold(hold_row_reservation_bytes(key), value,
-                                            as_of_sequence, *lookups)
-                if hold is not None:
-                    yield hold
+            if hold_row_slot(key) not in slots:
+                yield None
+                continue
+            yield decode_finished_hold(hold_row_reservation_bytes(key), value, as_of_sequence,
+                                       *lookups)
 
     def keyed_records(self, txn: lmdb.Transaction, as_of_sequence: int) -> Iterator[Record]:
         """The record holding the first answer of every idempotency key the table keeps (at
