@@ -76,7 +76,6 @@ IDEMPOTENCY_TIME_HEX_DIGITS = 12
 """A key that begins with this many hex digits (the clients' keys begin with the
 milliseconds since the epoch) files its row under them: keys made at about the same time
 sit side by side in the table."""
-IDEMPOTENCY_ROW_KEY_BYTES = IDEMPOTENCY_TIME_HEX_DIGITS // 2 + 8
 _NO_TIME = bytes(IDEMPOTENCY_TIME_HEX_DIGITS // 2)
 
 
@@ -278,8 +277,12 @@ def hold_row_reservation_bytes(key: bytes) -> bytes:
 
 
 def hold_row_slot(key: bytes) -> int:
-    """The slot of a holds table key: the 12 bits after the time's 36."""
+    """The slot of a holds table key: the 12 bits after the time's 36 (its bytes 4 and 5)."""
     return ((key[4] & 0xF) << 8) | key[5]
+
+
+if (SLOT_HEX_DIGITS, RESERVATION_TIME_HEX_DIGITS) != (3, 9):
+    raise AssertionError("hold_row_slot reads the slot at bits 36-47 of a holds table key")
 
 
 def _reservation_id(raw: bytes) -> str:

@@ -10,10 +10,10 @@ Databases:
     snapshot   b"latest" -> checksum, sequence, the core (snapshot.py; before: zlib'd JSON)
     event_index  user number (4 bytes) -> time, sequence, index: one fixed-size duplicate per
                event of the user's, in time order; appended, so its pages stay full (ListEvents)
-    holds      reservation id (12 bytes, its time first: hold_row_key) -> a finished hold (written with the record that
-               finished it; removed with its Reserve record). A young hold's row leaves out
-               what its Reserve record says, when it finished (its writing record's time)
-               and, unless extended, its expiry
+    holds      reservation id (12 bytes, its time first: hold_row_key) -> a finished hold
+               (written with the record that finished it; removed with its Reserve
+               record). A young hold's row leaves out what its Reserve record says, when it
+               finished (its writing record's time) and, unless extended, its expiry
     idempotency  the key's first 12 hex digits as 6 bytes (a client's key: the time it was
                made), then 8 bytes of BLAKE2b(app, rpc, key) -> the sequence of the record
                that first used the key, which holds the first answer (written with that
@@ -481,7 +481,8 @@ class WriteAheadLog:
     def keyed_records(self, txn: lmdb.Transaction, as_of_sequence: int) -> Iterator[Record]:
         """The record holding the first answer of every idempotency key the table keeps (at
         or before that sequence): the whole table, each row one read and decode of its record
-        (the table is keyed by a digest of app, RPC and key, which names no user)."""
+        (a row's key is its key's time and a digest of app, RPC and key, which name no
+        user)."""
         shape = self._shape_lookup(txn)
         for _, sequence_key in txn.cursor(db=self.idempotency_db):
             if key_sequence(sequence_key) > as_of_sequence:
