@@ -1,8 +1,9 @@
 """The write-ahead log in LMDB: one write transaction per batch of records, synced on commit.
 
 Every option is explicit: a large map, sync and metasync on, writemap off. py-lmdb write
-transactions belong to the thread that opened them: `append` is only ever called from the
-writer's one dedicated thread. The data directory is locked exclusively (one server each).
+transactions belong to the thread that opened them: the writer calls `append` one batch at
+a time, which opens, fills and commits its transaction on one thread (the event loop's, or
+the log thread). The data directory is locked exclusively (one server each).
 
 Databases:
     log        sequence (8 bytes BE) -> record (codec.py: header + protobuf, with the audit
@@ -201,7 +202,9 @@ class WriteAheadLog:
     def append(self, records: list[Record], snapshot: Snapshot | None = None,
                prune_before_ns: int = 0) -> None:
         """Writes the records (and a snapshot, pruning what it makes redundant) in one
-        transaction and syncs it. Raises on any failure; the caller must then stop."""
+        transaction and syncs it; their event index entries wait in memory, or go into the
+        table with every entry waiting once EVENT_INDEX_BUFFERED_RECORDS_MAX records have
+        gathered, or with a snapshot. Raises on any failure; the caller must then stop."""
         assert records or snapshot
         pending = self._loaded_events_pending()
         self._appends += 1
