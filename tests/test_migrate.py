@@ -1,4 +1,4 @@
-"""`quotad migrate` brings a data directory that the format-3, 4 or 5 release wrote
+"""`quotad migrate` brings a data directory that the format-3, 4, 5 or 6 release wrote
 (tests/data/formatN.tar.gz, made by tests/data/make_old_format.py with that release) to this
 format: the same state, the same audit trail and first answers, served by this server; the old
 data kept and never written."""
@@ -21,12 +21,12 @@ from quotad.storage import log_pb2
 from quotad.storage.codec import (
     decode_event, decode_record, event_tail, hold_row_key, idempotency_row_key, key_sequence,
 )
-from quotad.storage.wal import WriteAheadLog
+from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, WriteAheadLog
 from quotad_client import QuotaClient
 from server_process import ROOT, ServerProcess
 
 DATA = ROOT / "tests" / "data"
-OLD_FORMATS = ("3", "4", "5")
+OLD_FORMATS = ("3", "4", "5", "6")
 EXPECTED = {old: json.loads((DATA / f"format{old}.json").read_text()) for old in OLD_FORMATS}
 COMMAND_TIMEOUT_S = 60
 
@@ -116,7 +116,7 @@ def test_migrating_twice_or_over_a_kept_copy_is_refused_and_changes_nothing(old_
                                                                            old_format: str):
     assert _quotad("migrate", "--data-dir", str(old_dir)).returncode == 0
     again = _quotad("migrate", "--data-dir", str(old_dir))
-    assert again.returncode == 2 and "already format 6" in again.stderr
+    assert again.returncode == 2 and "already format 7" in again.stderr
     backup = old_dir.with_name(f"data.format{old_format}")
     restored = old_dir.with_name("restored")
     backup.rename(restored)
@@ -222,3 +222,25 @@ def test_from_format_5_every_table_is_copied_and_every_key_filed_anew(tmp_path: 
             assert again.reservation_id == first.command.reservation_id
     finally:
         assert server.stop() == 0
+
+
+def test_from_format_6_every_table_is_copied_and_the_index_holds_every_record(
+        tmp_path: Path):
+    old, new = _migrated(tmp_path, "6")
+    try:
+        with old.begin(buffers=False) as txn, new.env.begin(buffers=False) as new_txn:
+            for name, db in (("log", new.log_db), ("snapshot", new.snapshot_db),
+                             ("shapes", new.shapes_db), ("holds", new.holds_db),
+                             ("idempotency", new.idempotency_db)):
+                old_db = old.open_db(name.encode(), txn=txn, create=False)
+                rows = list(txn.cursor(db=old_db))
+                assert list(new_txn.cursor(db=db)) == rows and rows, name
+            old_index = old.open_db(b"event_index", txn=txn, create=False, dupsort=True,
+                                    dupfixed=True)
+            assert list(new_txn.cursor(db=new.event_index_db)) == list(txn.cursor(
+                db=old_index))
+            through = new_txn.get(EVENTS_INDEXED_THROUGH_KEY, db=new.meta_db)
+            assert key_sequence(through) == new.last_sequence_in(new_txn) > 0
+    finally:
+        new.close()
+        old.close()

@@ -99,6 +99,7 @@ OPS_PER_WORKER_EPOCH_MAX = 5_000
 LIVE_HOLDS_PER_WORKER_MAX = 24
 CALL_TIMEOUT_S = 5.0
 CHECK_TIMEOUT_S = 15.0
+AUDIT_PAGES_MAX = 1000  # of 1,000 events, per user
 REPLAY_OLDER_SAMPLE = 25
 REPLAY_CONCURRENCY = 16
 REPLAY_BATCH_OPS = 16
@@ -171,6 +172,8 @@ class Run:
         self.verified_ops: list[Op] = []
         self.outcomes = {"allowed": 0, "denied": 0}
         self.in_flight_codes: dict[str, int] = {}
+        self.audit_trails: dict[str, list[tuple[int, int]]] = {}
+        """Each user's audit trail as ListEvents gave it after the last kill."""
 
     def fail(self, message: str) -> None:
         if len(self.failures) < 200:
@@ -534,6 +537,42 @@ class Checker:
             for user in USERS))
         return dict(zip(USERS, answers))
 
+    async def audit_trails(self) -> dict[str, list[tuple[int, int]]]:
+        """Each user's whole audit trail, page after page: (sequence, kind) of each event."""
+        trails: dict[str, list[tuple[int, int]]] = {}
+        for user in USERS:
+            trail, token = trails.setdefault(user, []), ""
+            for _ in range(AUDIT_PAGES_MAX):
+                page = await self.admin.ListEvents(pb.ListEventsRequest(
+                    user_id=user, page_size=1000, page_token=token), timeout=CHECK_TIMEOUT_S)
+                trail += [(event.sequence, event.kind) for event in page.events]
+                token = page.next_page_token
+                if not token:
+                    break
+            else:
+                raise AssertionError(f"{user}'s audit trail has over {AUDIT_PAGES_MAX} pages")
+        return trails
+
+
+def logged_audit_trails(data_dir: Path) -> dict[str, list[tuple[int, int]]]:
+    """Each user's audit events as the log's records hold them, read from the stopped
+    server's data directory."""
+    from quotad.engine.recovery import recover
+    from quotad.storage.wal import WriteAheadLog
+
+    wal = WriteAheadLog(data_dir)
+    try:
+        core = recover(wal, repair=False)
+        users = {core.user_number("default", user): user for user in USERS}
+        trails: dict[str, list[tuple[int, int]]] = {user: [] for user in USERS}
+        for record in wal.records():
+            for index, number in enumerate(record.event_users):
+                if number in users:
+                    trails[users[number]].append((record.sequence, index))
+    finally:
+        wal.close()
+    return trails
+
 
 async def resend(ops: list[Op]) -> list[tuple[Op, object, str]]:
     """Sends ops again, each with its own key and request, as the run sends them (unary: one
@@ -702,6 +741,8 @@ async def sigkill_loop(run: Run, servers: Servers, transport: str) -> ServerProc
             break
         assert time.monotonic() - started < RUN_S_MAX, "holds would start to expire"
 
+    # after a kill: the event index entries not yet filed were read again from the records
+    run.audit_trails = await checker.audit_trails()
     await checker.channel.close()
     for worker in workers:
         await worker.channel.close()
@@ -756,3 +797,9 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
     assert code == 0 and summary["clean"], summary
     assert summary["records"] == stopped["records"]
     assert summary["state_digest"] == stopped["state_digest"]
+    # ListEvents listed every event of the log once, in order, right after the last kill
+    logged = logged_audit_trails(servers.data_dir)
+    assert sum(map(len, logged.values())) > 100, logged
+    assert {user: [sequence for sequence, _ in trail]
+            for user, trail in run.audit_trails.items()} == {
+        user: [sequence for sequence, _ in trail] for user, trail in logged.items()}

@@ -1,5 +1,5 @@
-"""`quotad migrate --data-dir DIR`: brings a stopped server's data directory from format 3, 4
-or 5 to the format this server reads (6), offline.
+"""`quotad migrate --data-dir DIR`: brings a stopped server's data directory from format 3, 4,
+5 or 6 to the format this server reads (7), offline.
 
 It reads DIR (locked, never written), writes the new directory beside it (DIR.migrating), and
 only once that is whole and synced swaps the two: DIR becomes the new one, and the old one is
@@ -16,6 +16,9 @@ Every record keeps its sequence and time.
   keys). No record is applied again: the first start replays what the old one would have.
 - From format 5: every table is copied as it is, byte for byte, the holds table's rows
   under this format's keys (the reservation id's time first).
+- From format 6: every table is copied as it is, byte for byte.
+- From formats 5 and 6, the event index holds every record's entries: meta says so
+  (events_indexed_through is the last record's sequence).
 - From formats 4 and 5, each idempotency row is filed again under this format's key of the
   key its record holds (a read and a decode of that record per row, ~10 us).
 """
@@ -39,20 +42,22 @@ from quotad.core.machine import Core
 from quotad.storage import format3, log_pb2
 from quotad.storage.codec import (
     CorruptRecord, decode_event, decode_record, event_tail, event_user_key, hold_row_key,
-    idempotency_row_key, key_sequence,
+    idempotency_row_key, key_sequence, record_key,
 )
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.snapshot_json import core_from_plain
 from quotad.storage.wal import (
-    FORMAT_VERSION, LOCK_FILE_NAME, MAP_SIZE_BYTES_DEFAULT, SNAPSHOT_KEY, DataFormatMismatch,
+    EVENTS_INDEXED_THROUGH_KEY, FORMAT_VERSION, LOCK_FILE_NAME, MAP_SIZE_BYTES_DEFAULT,
+    SNAPSHOT_KEY, DataFormatMismatch,
     CorruptSnapshot, Snapshot, WriteAheadLog, _lock_exclusively, verify_snapshot,
 )
 
 FORMAT_4 = b"4"
 FORMAT_5 = b"5"
+FORMAT_6 = b"6"
 FORMAT_5_TABLES = ("log", "snapshot", "event_index", "holds", "shapes")
 """The tables format 5 and this format share, row for row (the idempotency table's keys
-differ; meta holds the format)."""
+differ; meta holds the format). Format 6 shares the idempotency table too."""
 
 
 class MigrationError(Exception):
@@ -86,7 +91,8 @@ def migrate(data_dir: Path, *, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
                 raise MigrationError(f"{backup} exists (an earlier migration's copy of the old "
                                      "data): move it away first")
             shutil.rmtree(target, ignore_errors=True)  # an interrupted run's: never swapped in
-            copy = {FORMAT_4: _copy_format4, FORMAT_5: _copy_format5}.get(version, _copy)
+            copy = {FORMAT_4: _copy_format4, FORMAT_5: _copy_format5,
+                    FORMAT_6: _copy_format6}.get(version, _copy)
             summary = copy(env, data_dir, target, map_size_bytes, progress)
         finally:
             env.close()
@@ -104,9 +110,9 @@ def _check_version(env: lmdb.Environment, data_dir: Path) -> bytes:
     if version == FORMAT_VERSION:
         raise MigrationError(f"{data_dir} is already format {FORMAT_VERSION.decode()}: "
                              "nothing to do")
-    if version not in (format3.FORMAT_VERSION, FORMAT_4, FORMAT_5):
-        raise MigrationError(f"{data_dir} holds format {version!r}; only formats 3, 4 and 5 "
-                             "migrate")
+    if version not in (format3.FORMAT_VERSION, FORMAT_4, FORMAT_5, FORMAT_6):
+        raise MigrationError(f"{data_dir} holds format {version!r}; only formats 3, 4, 5 "
+                             "and 6 migrate")
     return version
 
 
@@ -193,6 +199,17 @@ def _copy_format4(env: lmdb.Environment, data_dir: Path, target: Path, map_size_
 
 def _copy_format5(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: int,
                   progress: TextIO | None) -> tuple[int, int, int, int]:
+    return _copy_tables(env, data_dir, target, map_size_bytes, progress, refile=True)
+
+
+def _copy_format6(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: int,
+                  progress: TextIO | None) -> tuple[int, int, int, int]:
+    return _copy_tables(env, data_dir, target, map_size_bytes, progress, refile=False)
+
+
+def _copy_tables(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: int,
+                 progress: TextIO | None, *, refile: bool) -> tuple[int, int, int, int]:
+    """Formats 5 (refile: the idempotency and holds rows under this format's keys) and 6."""
     with env.begin(buffers=False) as txn:
         index = {"dupsort": True, "dupfixed": True}  # as WriteAheadLog opens it
         tables = {name: env.open_db(name.encode(), txn=txn, create=False,
@@ -215,16 +232,18 @@ def _copy_format5(env: lmdb.Environment, data_dir: Path, target: Path, map_size_
             shown = _Progress(written, progress)
             into = {"log": wal.log_db, "snapshot": wal.snapshot_db,
                     "event_index": wal.event_index_db, "holds": wal.holds_db,
-                    "shapes": wal.shapes_db}
-            for name in FORMAT_5_TABLES:
+                    "shapes": wal.shapes_db, "idempotency": wal.idempotency_db}
+            for name in (*FORMAT_5_TABLES, *(() if refile else ("idempotency",))):
                 _copy_table(txn, tables[name], wal, into[name], shown if name == "log" else None,
-                            rekey=hold_row_key if name == "holds" else None)
+                            rekey=hold_row_key if name == "holds" and refile else None)
             batch_first = txn.get(b"batch_first_sequence", db=tables["meta"])
-            if batch_first is not None:
-                with wal.env.begin(write=True, db=wal.meta_db) as out:
+            with wal.env.begin(write=True, db=wal.meta_db) as out:
+                if batch_first is not None:
                     out.put(b"batch_first_sequence", batch_first)
-            _file_idempotency_rows(txn, tables["log"], tables["idempotency"], wal, data_dir,
-                                   progress)
+                out.put(EVENTS_INDEXED_THROUGH_KEY, record_key(max(last, snapshot_sequence)))
+            if refile:
+                _file_idempotency_rows(txn, tables["log"], tables["idempotency"], wal,
+                                       data_dir, progress)
         finally:
             wal.close()
     return written, first, last, snapshot_sequence

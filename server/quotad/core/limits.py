@@ -96,6 +96,14 @@ them) the log remembers having stored, and, apart, having read: at the limit it 
 all and starts again (storing a shape again is harmless: the same id, the same bytes). Each
 entry is a few hundred bytes at most."""
 
+EVENT_INDEX_BUFFERED_RECORDS_MAX = 16_384
+"""Log records whose audit events' index entries the log keeps in memory before it files
+them in the event index, all at once, in one transaction (also with every snapshot). Filed
+per record, each entry dirtied a page of its user's of its own: ~17 us of server CPU per
+reserve + commit pair at 1,000 users (`python -m bench.batch --idempotency-keys`). What is
+not yet filed is read again from those records when the log is opened: at most this many
+records, ~20 bytes of memory per entry."""
+
 RESERVE_EXPIRIES_REMEMBERED_MAX = 16_384
 """Holds whose Reserve's expiry (its time plus its TTL) the log remembers until their finished
 row is written, which then leaves out an expiry equal to it (the row reads it from the Reserve

@@ -1,15 +1,20 @@
 """The write-ahead log in LMDB: one write transaction per batch of records, synced on commit.
 
 Every option is explicit: a large map, sync and metasync on, writemap off. py-lmdb write
-transactions belong to the thread that opened them: `append` is only ever called from the
-writer's one dedicated thread. The data directory is locked exclusively (one server each).
+transactions belong to the thread that opened them: the writer calls `append` one batch at
+a time, which opens, fills and commits its transaction on one thread (the event loop's, or
+the log thread). The data directory is locked exclusively (one server each).
 
 Databases:
     log        sequence (8 bytes BE) -> record (codec.py: header + protobuf, with the audit
                events it made)
     snapshot   b"latest" -> checksum, sequence, the core (snapshot.py; before: zlib'd JSON)
     event_index  user number (4 bytes) -> time, sequence, index: one fixed-size duplicate per
-               event of the user's, in time order; appended, so its pages stay full (ListEvents)
+               event of the user's, in time order; appended, so its pages stay full
+               (ListEvents). Filed in bulk: the entries of the records after
+               meta's events_indexed_through are in memory (read again from those records
+               when the log is opened), and go in all at once with the batch that passes
+               limits.EVENT_INDEX_BUFFERED_RECORDS_MAX records, or that carries a snapshot
     holds      reservation id (12 bytes, its time first: hold_row_key) -> a finished hold
                (written with the record that finished it; removed with its Reserve
                record). A young hold's row leaves out what its Reserve record says, when it
@@ -22,7 +27,9 @@ Databases:
                unit, window, quota and kind), which first answers name instead of repeating
                it; written with the first record that names it. Never pruned: one row per
                distinct group definition ever answered (a few dozen bytes each)
-    meta       format_version; batch_first_sequence (where the last batch began)
+    meta       format_version; batch_first_sequence (where the last batch began);
+               events_indexed_through (the event index holds the entries of every record
+               up to this sequence; absent: 0)
 
 A snapshot is written in the same transaction that prunes the log records it makes
 redundant and that are older than the audit retention, so the log always reaches back to
@@ -36,6 +43,7 @@ import fcntl
 import hashlib
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,13 +66,15 @@ from quotad.core.commands import (
     AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Reserve, Track,
 )
 
-FORMAT_VERSION = b"6"
-"""6: the idempotency table files a key's row under the time its key begins with, and the
+FORMAT_VERSION = b"7"
+"""7: the event index is filed in bulk (meta's events_indexed_through says how far). 6: the
+idempotency table files a key's row under the time its key begins with, and the
 holds table a hold under the time its reservation id holds. 5: records are protobuf messages
 holding their audit events; the event index files them under their users. `quotad migrate`
-brings 5 (rows under a digest alone, holds under their slot), 4 (events in an index of their
-own, keyed by user, time and record) and 3 (JSON records, events stored twice) to it."""
-MIGRATABLE_FORMAT_VERSIONS = (b"3", b"4", b"5")
+brings 6 (every entry filed with its record), 5 (rows under a digest alone, holds under
+their slot), 4 (events in an index of their own, keyed by user, time and record) and 3 (JSON
+records, events stored twice) to it."""
+MIGRATABLE_FORMAT_VERSIONS = (b"3", b"4", b"5", b"6")
 MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
 LMDB_OPTIONS: dict[str, Any] = dict(
     subdir=True, readonly=False, create=True, max_dbs=8, max_readers=126, sync=True,
@@ -73,6 +83,7 @@ LMDB_OPTIONS: dict[str, Any] = dict(
 """Every lmdb.open option of the log, explicit: a synced commit is durable."""
 LOCK_FILE_NAME = "quotad.lock"
 SNAPSHOT_KEY = b"latest"
+EVENTS_INDEXED_THROUGH_KEY = b"events_indexed_through"
 FAULT_ENV = "QUOTAD_FAULT_INJECT"
 """Test hook: "write-error@N" fails the Nth append before its commit, "sync-error@N" after
 it (as a failed sync would). Unset in production."""
@@ -135,7 +146,10 @@ _USAGE_KINDS = frozenset(AUDIT_KINDS.index(kind) for kind in ("commit", "track")
 
 
 class WriteAheadLog:
-    def __init__(self, data_dir: Path, *, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT) -> None:
+    def __init__(self, data_dir: Path, *, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
+                 events_buffered_records_max: int = limits.EVENT_INDEX_BUFFERED_RECORDS_MAX
+                 ) -> None:
+        assert events_buffered_records_max >= 1
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self._lock_file = _lock_exclusively(data_dir / LOCK_FILE_NAME)
@@ -173,21 +187,35 @@ class WriteAheadLog:
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
         self._read_txn: lmdb.Transaction | None = None
+        self._events_buffered_records_max = events_buffered_records_max
+        self._events_pending: dict[int, bytearray] | None = None
+        """User number -> the event index entries (event_tail) of the durable records after
+        _events_indexed_through, oldest first; None until read from the log (on first use,
+        after recovery has dropped any torn tail). Replaced whole when they are filed, never
+        changed in place but by extending a user's entries (readers copy them)."""
+        self._events_indexed_through = 0
+        self._last_written_sequence = 0
+        self._events_loading = threading.Lock()
 
     # --- writing (the writer only: one append at a time) -------------------------------
 
     def append(self, records: list[Record], snapshot: Snapshot | None = None,
                prune_before_ns: int = 0) -> None:
         """Writes the records (and a snapshot, pruning what it makes redundant) in one
-        transaction and syncs it. Raises on any failure; the caller must then stop."""
+        transaction and syncs it; their event index entries wait in memory, or go into the
+        table with every entry waiting once EVENT_INDEX_BUFFERED_RECORDS_MAX records have
+        gathered, or with a snapshot. Raises on any failure; the caller must then stop."""
         assert records or snapshot
+        pending = self._loaded_events_pending()
         self._appends += 1
         fault_kind, fault_at = self._fault
         shapes_stored: dict[CounterShape, bytes] = {}
         rows: list[tuple[bytes, bytes]] = []
+        events: list[tuple[int, bytes]] = []
+        last_sequence = records[-1].sequence if records else self._last_written_sequence
+        file_events = (snapshot is not None or last_sequence - self._events_indexed_through
+                       >= self._events_buffered_records_max)
         with self.env.begin(write=True) as txn:
-            put_event = txn.cursor(db=self.event_index_db).put
-
             def shape_id(shape: CounterShape) -> bytes | None:
                 found = self._shapes_stored.get(shape) or shapes_stored.get(shape)
                 if found is None:
@@ -200,11 +228,7 @@ class WriteAheadLog:
                                  append=True, overwrite=False, db=self.log_db)
                 assert stored, f"log already holds sequence {record.sequence}"
                 for index, user in enumerate(record.event_users):
-                    # after every entry of the user's: time and sequence only grow
-                    appended = put_event(event_user_key(user),
-                                         event_tail(record.now_ns, record.sequence, index),
-                                         append=True)
-                    assert appended, (record.sequence, index, user)
+                    events.append((user, event_tail(record.now_ns, record.sequence, index)))
                 row = record_idempotency_row_key(record)
                 if row is not None:
                     rows.append((row, record_key(record.sequence)))
@@ -213,6 +237,8 @@ class WriteAheadLog:
                 for hold in record.finished:
                     self._put_finished_hold(txn, hold, record.sequence, record.now_ns)
             self._put_idempotency_rows(txn, rows)
+            if file_events:  # before any pruning: it deletes the entries of what it prunes
+                self._file_events(txn, pending, events, last_sequence)
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
@@ -222,6 +248,16 @@ class WriteAheadLog:
                 self._prune(txn, snapshot.sequence, prune_before_ns)
             if fault_kind == "write-error" and self._appends == fault_at:
                 raise OSError(errno.EIO, "injected write error (QUOTAD_FAULT_INJECT)")
+        self._last_written_sequence = last_sequence
+        if file_events:
+            self._events_pending, self._events_indexed_through = {}, last_sequence
+        else:
+            for user, tail in events:
+                found = pending.get(user)
+                if found is None:
+                    pending[user] = bytearray(tail)
+                else:
+                    found += tail
         if shapes_stored:  # committed: the table holds them
             if (len(self._shapes_stored) + len(shapes_stored)
                     > limits.COUNTER_SHAPES_REMEMBERED_MAX):
@@ -229,6 +265,48 @@ class WriteAheadLog:
             self._shapes_stored.update(shapes_stored)
         if fault_kind == "sync-error" and self._appends == fault_at:
             raise OSError(errno.EIO, "injected sync error (QUOTAD_FAULT_INJECT)")
+
+    def _file_events(self, txn: lmdb.Transaction, pending: dict[int, bytearray],
+                     events: list[tuple[int, bytes]], through_sequence: int) -> None:
+        """Puts the pending entries and the batch's in the event index, in key order: each at
+        the end of its user's (time and sequence only grow), a page of the user's written
+        once for them all."""
+        entries = [(event_user_key(user), bytes(tails[at:at + EVENT_TAIL_BYTES]))
+                   for user, tails in pending.items()
+                   for at in range(0, len(tails), EVENT_TAIL_BYTES)]
+        entries.extend((event_user_key(user), tail) for user, tail in events)
+        entries.sort()
+        assert through_sequence >= self._events_indexed_through, through_sequence
+        consumed, added = txn.cursor(db=self.event_index_db).putmulti(
+            entries, dupdata=True, append=True)
+        assert consumed == added == len(entries), (consumed, added, len(entries))
+        txn.put(EVENTS_INDEXED_THROUGH_KEY, record_key(through_sequence), db=self.meta_db)
+
+    def _loaded_events_pending(self) -> dict[int, bytearray]:
+        """The entries not yet filed, read from their records the first time (at most
+        events_buffered_records_max records, and the snapshot's batch files them all)."""
+        pending = self._events_pending
+        if pending is not None:
+            return pending
+        with self._events_loading:
+            if self._events_pending is None:
+                pending = {}
+                with self.env.begin(buffers=False) as txn:
+                    stored = txn.get(EVENTS_INDEXED_THROUGH_KEY, db=self.meta_db)
+                    through = key_sequence(stored) if stored else 0
+                    last = self.last_sequence_in(txn)
+                    cursor = txn.cursor(db=self.log_db)
+                    more = cursor.set_range(record_key(through + 1))
+                    while more:
+                        for user, tail in stored_record_rows(cursor.key(), cursor.value())[0]:
+                            pending.setdefault(int.from_bytes(user, "big"),
+                                               bytearray()).extend(tail)
+                        more = cursor.next()
+                # every record may be pruned (the snapshot covers them): through is then last
+                self._events_indexed_through = through
+                self._last_written_sequence = max(last, through)
+                self._events_pending = pending
+            return self._events_pending
 
     def _store_shape(self, txn: lmdb.Transaction, shape: CounterShape) -> bytes | None:
         """Puts a shape in the shapes table (unless it is there): its id; None if another
@@ -318,6 +396,11 @@ class WriteAheadLog:
             if cursor.set_range(record_key(from_sequence)):
                 while cursor.delete():
                     dropped += 1
+            stored = txn.get(EVENTS_INDEXED_THROUGH_KEY, db=self.meta_db)
+            if stored and key_sequence(stored) >= from_sequence:
+                txn.put(EVENTS_INDEXED_THROUGH_KEY, record_key(from_sequence - 1),
+                        db=self.meta_db)
+        self._events_pending = None  # read again from the records left
         return dropped
 
     # --- reading --------------------------------------------------------------------------
@@ -553,24 +636,32 @@ class WriteAheadLog:
         user_key = event_user_key(user_number)
         first = after or event_tail(start_ns, 0, 0)
         found: list[StoredEvent] = []
+        # Copied before the read begins, so that it sees every record these name; entries
+        # filed meanwhile are in both, and are taken once (from the table).
+        pending = bytes(self._loaded_events_pending().get(user_number, b""))
         with self.env.begin(buffers=False) as txn:
             cursor = txn.cursor(db=self.event_index_db)
-            if not cursor.set_range_dup(user_key, first):
-                return found
-            for tail in cursor.iternext_dup(keys=False, values=True):
-                if len(found) >= limit:
-                    break
-                if after and tail == after:
-                    continue
-                now_ns, sequence, index = event_tail_fields(tail)
-                if now_ns >= end_ns:
-                    break
-                key = record_key(sequence)
-                stored = txn.get(key, db=self.log_db)
-                if stored is None:
-                    raise CorruptRecord(sequence, "an audit event's record is missing")
-                found.append(StoredEvent(now_ns, sequence,
-                                         record_event(key, stored, index, app, user_id), tail))
+            filed: Iterator[bytes] = iter(())
+            if cursor.set_range_dup(user_key, first):
+                filed = cursor.iternext_dup(keys=False, values=True)
+            last_filed = first
+            for tails in (filed, (pending[at:at + EVENT_TAIL_BYTES]
+                                  for at in range(0, len(pending), EVENT_TAIL_BYTES))):
+                for tail in tails:
+                    if len(found) >= limit:
+                        return found
+                    if tail < last_filed or tail == after:
+                        continue
+                    now_ns, sequence, index = event_tail_fields(tail)
+                    if now_ns >= end_ns:
+                        return found
+                    key = record_key(sequence)
+                    stored = txn.get(key, db=self.log_db)
+                    if stored is None:
+                        raise CorruptRecord(sequence, "an audit event's record is missing")
+                    found.append(StoredEvent(
+                        now_ns, sequence, record_event(key, stored, index, app, user_id), tail))
+                    last_filed = tail + b"\0"  # just past it: a pending copy is skipped
         return found
 
     def close(self) -> None:

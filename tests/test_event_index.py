@@ -1,0 +1,109 @@
+"""The event index is filed in bulk: the entries of the records written since it was last
+filed wait in memory (read again from those records when the log is opened), and go into
+the table together. ListEvents answers from both, in order, each event once, across pages
+and time ranges, before and after a crash. Over a real LMDB log and the real writer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from quotad.core import limits
+from quotad.core.commands import Reserve, Track, UpsertPlan, UpsertSubscription
+from quotad.core.plans import LimitGroup, Plan, Window
+from quotad.engine.recovery import recover
+from quotad.engine.writer import Writer
+from quotad.storage.codec import event_tail, key_sequence
+from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, WriteAheadLog
+
+PLAN = Plan(id="p", limit_groups=(
+    LimitGroup(key="tokens", label="Tokens", unit="tokens", quota=10**6, window=Window.MONTH),))
+BUFFERED_RECORDS_MAX = 8
+USERS = ("ann", "bob")
+
+
+def _expected(wal: WriteAheadLog, number: int) -> list[bytes]:
+    """Every entry of the user's the records hold, oldest first."""
+    return [event_tail(record.now_ns, record.sequence, index)
+            for record in wal.records() for index, user in enumerate(record.event_users)
+            if user == number]
+
+
+def _listed(wal: WriteAheadLog, user_id: str, number: int, *, start_ns: int = 0,
+            end_ns: int = limits.END_OF_TIME_NS, page: int = 1000) -> list[bytes]:
+    """Every entry ListEvents gives, page after page."""
+    listed: list[bytes] = []
+    while True:
+        found = wal.list_events("a", user_id, number, start_ns, end_ns,
+                                listed[-1] if listed else b"", page)
+        assert all(stored.event.user_id == user_id for stored in found)
+        listed += [stored.cursor for stored in found]
+        if len(found) < page:
+            return listed
+
+
+def _filed(wal: WriteAheadLog) -> tuple[int, int]:
+    """(entries in the table, the sequence meta says it holds every record's entries to)."""
+    with wal.env.begin() as txn:
+        stored = txn.get(EVENTS_INDEXED_THROUGH_KEY, db=wal.meta_db)
+        return txn.stat(wal.event_index_db)["entries"], key_sequence(stored) if stored else 0
+
+
+async def _writer(wal: WriteAheadLog) -> Writer:
+    writer = Writer(recover(wal), wal, on_failure=lambda error: None)
+    writer.start()
+    return writer
+
+
+def test_entries_wait_in_memory_are_filed_together_and_listed_once_in_order(tmp_path: Path):
+    wal = WriteAheadLog(tmp_path, events_buffered_records_max=BUFFERED_RECORDS_MAX)
+
+    async def run() -> dict[str, int]:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        for user_id in USERS:
+            await writer.execute(UpsertSubscription(app="a", user_id=user_id, plan_id="p"))
+        numbers = {user_id: writer.core.user_number("a", user_id) for user_id in USERS}
+        filed_while_pending = 0
+        for n in range(3 * BUFFERED_RECORDS_MAX + 3):  # one record (one append) each
+            user_id = USERS[n % 3 == 0]
+            if n % 2:
+                await writer.execute(Track(app="a", user_id=user_id, event_type="x", amount=n))
+            else:
+                await writer.execute(Reserve(app="a", user_id=user_id, event_type="x",
+                                             amount=n + 1, reservation_id=f"rsv_{n:024x}"))
+            entries, through = _filed(wal)
+            last = writer.core.sequence
+            assert last - through < BUFFERED_RECORDS_MAX  # filed once that many wait
+            filed_while_pending += entries > 0 and through < last
+            for user_id, number in numbers.items():
+                assert _listed(wal, user_id, number) == _expected(wal, number)
+        assert filed_while_pending > 0  # listed from the table and from memory at once
+        return numbers
+    numbers = asyncio.run(run())
+    for user_id, number in numbers.items():
+        expected = _expected(wal, number)
+        assert len(expected) > BUFFERED_RECORDS_MAX
+        assert _listed(wal, user_id, number, page=3) == expected  # pages of 3
+        start_ns, end_ns = (int.from_bytes(expected[at][:8], "big") for at in (2, -2))
+        assert _listed(wal, user_id, number, start_ns=start_ns, end_ns=end_ns, page=2) == [
+            tail for tail in expected if start_ns <= int.from_bytes(tail[:8], "big") < end_ns]
+    entries, through = _filed(wal)
+    assert 0 < through < wal.last_sequence() and entries > 0
+    wal.close()  # as a crash leaves it: no snapshot, the last entries not filed
+
+    reopened = WriteAheadLog(tmp_path, events_buffered_records_max=BUFFERED_RECORDS_MAX)
+    for user_id, number in numbers.items():  # the entries in memory, read from the records
+        assert _listed(reopened, user_id, number) == _expected(reopened, number)
+
+    async def stop_cleanly() -> None:
+        writer = await _writer(reopened)
+        await writer.execute(Track(app="a", user_id="ann", event_type="x", amount=1))
+        await writer.close()  # its snapshot files every entry
+    asyncio.run(stop_cleanly())
+    entries, through = _filed(reopened)
+    assert through == reopened.last_sequence()
+    assert entries == sum(len(record.event_users) for record in reopened.records())
+    for user_id, number in numbers.items():
+        assert _listed(reopened, user_id, number) == _expected(reopened, number)
+    reopened.close()
