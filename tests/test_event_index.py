@@ -14,7 +14,8 @@ from quotad.core.plans import LimitGroup, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
 from quotad.storage.codec import event_tail, key_sequence
-from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, WriteAheadLog
+from quotad.storage.snapshot import snapshot_of
+from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, Snapshot, WriteAheadLog
 
 PLAN = Plan(id="p", limit_groups=(
     LimitGroup(key="tokens", label="Tokens", unit="tokens", quota=10**6, window=Window.MONTH),))
@@ -106,4 +107,28 @@ def test_entries_wait_in_memory_are_filed_together_and_listed_once_in_order(tmp_
     assert entries == sum(len(record.event_users) for record in reopened.records())
     for user_id, number in numbers.items():
         assert _listed(reopened, user_id, number) == _expected(reopened, number)
+    reopened.close()
+
+
+def test_a_snapshot_files_the_waiting_entries_before_it_prunes_their_records(tmp_path: Path):
+    wal = WriteAheadLog(tmp_path)  # the default limit: nothing filed by count here
+
+    async def run() -> tuple[int, int]:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="ann", plan_id="p"))
+        for n in range(5):
+            await writer.execute(Track(app="a", user_id="ann", event_type="x", amount=n + 1))
+        return writer.core.user_number("a", "ann"), writer.core.sequence
+    number, sequence = asyncio.run(run())
+    assert _filed(wal) == (0, 0)  # every entry waits in memory
+    assert len(_listed(wal, "ann", number)) == 5
+    snapshot = Snapshot(sequence, snapshot_of(recover(wal)))
+    wal.append([], snapshot, prune_before_ns=2**63)  # every record old and covered
+    assert wal.first_sequence() == 0
+    assert _filed(wal) == (0, sequence)  # filed, then deleted with their records
+    assert _listed(wal, "ann", number) == []
+    wal.close()
+    reopened = WriteAheadLog(tmp_path)  # nothing to read again: no record after the filing
+    assert _listed(reopened, "ann", number) == []
     reopened.close()
