@@ -322,6 +322,15 @@ def _paced_total(per_shard: float | None, target: Target) -> float | None:
     return per_shard * (target.shards if isinstance(target, ClusterTarget) else 1)
 
 
+REDIS_HAS_NO_CREDITS = "credit balances are quotad's alone: the Redis peer has none"
+
+
+def _measures(target: Target | type, workload: str) -> bool:
+    """Whether a target runs a workload: the Redis peer has no credit balances."""
+    kind = target if isinstance(target, type) else type(target)
+    return not (issubclass(kind, RedisTarget) and workload == "credits")
+
+
 def _make_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
     targets: list[Target] = [QuotadTarget(args.target)]
     skipped: dict[str, str] = {}
@@ -337,8 +346,8 @@ def _make_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str
             targets.append(EchoTarget())
         elif redis_reason is not None:
             skipped[name] = redis_reason
-        elif "credits" in args.workload:
-            skipped[name] = "credit balances are quotad's alone: the Redis peer has none"
+        elif not any(_measures(RedisTarget, workload) for workload in args.workload):
+            skipped[name] = REDIS_HAS_NO_CREDITS
         else:
             targets.append(RedisTarget(name.split("-", 1)[1], args.redis_server))
     return targets, skipped
@@ -366,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     targets, skipped = _make_targets(args)
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", file=sys.stderr)
+    skipped_workloads = {workload: (names, REDIS_HAS_NO_CREDITS) for workload in workloads
+                         if (names := [t.name for t in targets if not _measures(t, workload)])}
+    for workload, (names, why) in skipped_workloads.items():
+        print(f"not running {' and '.join(names)} on {workload}: {why}", file=sys.stderr)
     results_dir = args.results or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / "results.json"
@@ -392,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         "config": config,
         "machine": report.machine(redis_version),
         "skipped": skipped,
+        "skipped_workloads": skipped_workloads,
         "workloads": {w: {"targets": {t.name: {"description": t.description, "runs": [],
                                                 "server": []}
-                                       for t in targets},
+                                       for t in targets if _measures(t, w)},
                           "ratios": {}}
                       for w in workloads},
     }
@@ -418,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     target.set_up(args.users)
                     progress.end()
-                    for workload in workloads:
+                    for workload in (w for w in workloads if _measures(target, w)):
                         label = f"{target.name} run {run_index + 1}/{args.runs} {workload}"
                         job = {
                             "driver": target.driver(), "workload": workload,
@@ -476,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     progress.status(f"{target.name}: stopping")
                     server_stats = {"covers_workloads": workloads, **target.stop()}
                     progress.end()
-                for workload in workloads:
+                for workload in (w for w in workloads if _measures(target, w)):
                     document["workloads"][workload]["targets"][target.name]["server"].append(
                         server_stats)
     except KeyboardInterrupt:

@@ -257,6 +257,10 @@ def markdown(document: dict[str, Any]) -> str:
     if document.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{name}: {why}"
                                              for name, why in document["skipped"].items())]
+    if document.get("skipped_workloads"):
+        lines += ["", "Not run: " + "; ".join(
+            f"{' and '.join(names)} on {workload} ({why})"
+            for workload, (names, why) in document["skipped_workloads"].items())]
     return "\n".join(lines) + "\n"
 
 

@@ -41,13 +41,16 @@ def _bench(tmp_path: Path, *args: str) -> dict:
     return document
 
 
-def _check(document: dict, workloads: list[str], targets: set[str]) -> None:
+def _check(document: dict, workloads: list[str],
+           targets_of: set[str] | dict[str, set[str]]) -> None:
+    """targets_of: the targets every workload ran on, or each workload's."""
     assert {"version", "config", "machine", "workloads", "skipped", "table_markdown"} <= set(
         document)
     assert document["finished"] is True
     assert document["machine"]["nproc"] >= 1 and document["machine"]["cpu_model"]
     assert list(document["workloads"]) == workloads
     for workload, entry in document["workloads"].items():
+        targets = targets_of if isinstance(targets_of, set) else targets_of[workload]
         assert set(entry["targets"]) == targets
         assert set(entry["ratios"]) == targets - {"quotad"}
         for name, target in entry["targets"].items():
@@ -90,9 +93,14 @@ def test_the_bench_runs_the_redis_peers_in_two_client_processes(tmp_path: Path):
     why = install_server()
     if why is not None:
         pytest.skip(why)
-    document = _bench(tmp_path, "--workload", "mix", "--ops", "1500", "--processes", "2",
-                      "--peers", "redis-always,redis-none")
-    _check(document, ["mix"], {"quotad", "redis-always", "redis-none"})
+    document = _bench(tmp_path, "--workload", "mix,credits", "--ops", "1500",
+                      "--processes", "2", "--peers", "redis-always,redis-none")
+    # the Redis peers run every workload but credits, which they have no balances for
+    _check(document, ["mix", "credits"], {"mix": {"quotad", "redis-always", "redis-none"},
+                                          "credits": {"quotad"}})
+    assert document["skipped"] == {}
+    assert document["skipped_workloads"]["credits"][0] == ["redis-always", "redis-none"]
+    assert "Not run: redis-always and redis-none on credits" in document["table_markdown"]
     stated = " ".join(document["asymmetries"])
     assert "Redis is not pipelined" in stated and "no idempotency keys" in stated
     assert document["machine"]["redis_server"]
