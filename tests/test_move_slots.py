@@ -72,6 +72,12 @@ def digest(address: str) -> pb.GetStateDigestResponse:
     return admin(address).GetStateDigest(pb.GetStateDigestRequest(), timeout=RPC_TIMEOUT_S)
 
 
+def with_a_user_of_the_target(cluster: EtcdCluster, user: str) -> list[str]:
+    """A user of shard 0, and one of shard 1: subscribing both waits until the plan has
+    reached both shards through etcd (shard 1 adopts only users whose plan it has)."""
+    return [user, *users_of(cluster.shard_map, 1, 1, f"{user}-target")]
+
+
 @pytest.fixture
 def two_shards(tmp_path: Path, etcd):
     cluster = EtcdCluster(tmp_path, etcd, count=2).start()
@@ -231,7 +237,7 @@ def test_a_move_whose_mover_crashed_is_run_again_and_a_frozen_source_restarts_fr
 
     async def before_move():
         async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
-            await subscribed(client, [user])
+            await subscribed(client, with_a_user_of_the_target(cluster, user))
             hold = await client.reserve(user, "chat", 25, ttl_s=600)
             await client.track(user, "chat", 11, idempotency_key=KEY)
             return hold, await client.usage(user)
@@ -284,7 +290,7 @@ def test_a_move_given_up_before_its_flip_leaves_the_source_serving_and_the_targe
 
     async def setup():
         async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
-            await subscribed(client, [user])
+            await subscribed(client, with_a_user_of_the_target(cluster, user))
             await client.track(user, "chat", 5)
     asyncio.run(setup())
     source, target = (admin(address) for address in cluster.addresses)
@@ -327,7 +333,7 @@ def test_a_map_changed_during_a_move_is_not_overwritten_and_the_move_run_again_f
 
     async def setup():
         async with AsyncQuotaClient(cluster=cluster.target, timeout_s=RPC_TIMEOUT_S) as client:
-            await subscribed(client, [user])
+            await subscribed(client, with_a_user_of_the_target(cluster, user))
             await client.track(user, "chat", 9)
     asyncio.run(setup())
     target = EtcdTarget.parse(cluster.target)
