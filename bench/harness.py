@@ -325,9 +325,8 @@ def _paced_total(per_shard: float | None, target: Target) -> float | None:
 REDIS_HAS_NO_CREDITS = "credit balances are quotad's alone: the Redis peer has none"
 
 
-def _measures(target: Target | type, workload: str) -> bool:
-    """Whether a target runs a workload: the Redis peer has no credit balances."""
-    kind = target if isinstance(target, type) else type(target)
+def _measures(kind: type[Target], workload: str) -> bool:
+    """Whether a kind of target runs a workload: the Redis peer has no credit balances."""
     return not (issubclass(kind, RedisTarget) and workload == "credits")
 
 
@@ -375,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     targets, skipped = _make_targets(args)
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", file=sys.stderr)
-    skipped_workloads = {workload: (names, REDIS_HAS_NO_CREDITS) for workload in workloads
-                         if (names := [t.name for t in targets if not _measures(t, workload)])}
+    skipped_workloads = {
+        workload: (names, REDIS_HAS_NO_CREDITS) for workload in workloads
+        if (names := [t.name for t in targets if not _measures(type(t), workload)])}
     for workload, (names, why) in skipped_workloads.items():
         print(f"not running {' and '.join(names)} on {workload}: {why}", file=sys.stderr)
     results_dir = args.results or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped_workloads": skipped_workloads,
         "workloads": {w: {"targets": {t.name: {"description": t.description, "runs": [],
                                                 "server": []}
-                                       for t in targets if _measures(t, w)},
+                                       for t in targets if _measures(type(t), w)},
                           "ratios": {}}
                       for w in workloads},
     }
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     target.set_up(args.users)
                     progress.end()
-                    for workload in (w for w in workloads if _measures(target, w)):
+                    for workload in (w for w in workloads if _measures(type(target), w)):
                         label = f"{target.name} run {run_index + 1}/{args.runs} {workload}"
                         job = {
                             "driver": target.driver(), "workload": workload,
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     progress.status(f"{target.name}: stopping")
                     server_stats = {"covers_workloads": workloads, **target.stop()}
                     progress.end()
-                for workload in (w for w in workloads if _measures(target, w)):
+                for workload in (w for w in workloads if _measures(type(target), w)):
                     document["workloads"][workload]["targets"][target.name]["server"].append(
                         server_stats)
     except KeyboardInterrupt:

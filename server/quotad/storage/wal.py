@@ -271,9 +271,8 @@ class WriteAheadLog:
         """Puts the pending entries and the batch's in the event index, in key order: each at
         the end of its user's (time and sequence only grow), a page of the user's written
         once for them all."""
-        entries = [(event_user_key(user), bytes(tails[at:at + EVENT_TAIL_BYTES]))
-                   for user, tails in pending.items()
-                   for at in range(0, len(tails), EVENT_TAIL_BYTES)]
+        entries = [(event_user_key(user), tail)
+                   for user, tails in pending.items() for tail in _tails(tails)]
         entries.extend((event_user_key(user), tail) for user, tail in events)
         entries.sort()
         assert through_sequence >= self._events_indexed_through, through_sequence
@@ -645,8 +644,7 @@ class WriteAheadLog:
             if cursor.set_range_dup(user_key, first):
                 filed = cursor.iternext_dup(keys=False, values=True)
             last_filed = first
-            for tails in (filed, (pending[at:at + EVENT_TAIL_BYTES]
-                                  for at in range(0, len(pending), EVENT_TAIL_BYTES))):
+            for tails in (filed, _tails(pending)):
                 for tail in tails:
                     if len(found) >= limit:
                         return found
@@ -667,6 +665,12 @@ class WriteAheadLog:
     def close(self) -> None:
         self.env.close()
         self._lock_file.close()
+
+
+def _tails(entries: bytes | bytearray) -> Iterator[bytes]:
+    """Each event index entry (event_tail) of a user's run of them in memory."""
+    for at in range(0, len(entries), EVENT_TAIL_BYTES):
+        yield bytes(entries[at:at + EVENT_TAIL_BYTES])
 
 
 def _usage_of(record: Record, app: str, entries: list[UsageEntry]) -> None:
