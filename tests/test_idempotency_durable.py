@@ -20,7 +20,9 @@ from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
 from quotad.storage import log_pb2
-from quotad.storage.codec import hold_row_key, reservation_bytes, state_digest
+from quotad.storage.codec import (
+    hold_row_key, idempotency_row_key, reservation_bytes, state_digest,
+)
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import Snapshot, WriteAheadLog
 
@@ -269,6 +271,45 @@ def test_past_the_reserve_expiries_remembered_a_hold_row_keeps_its_expiry(
         hold = wal.finished_hold(_rid(n), at["end"])
         assert hold.expires_at_ns == wal.record_now_ns(at[f"reserve{n}"]) + 30 * 10**9
     wal.close()
+
+
+@pytest.mark.parametrize("rows_remembered_max", [limits.IDEMPOTENCY_ROWS_REMEMBERED_MAX, 2])
+def test_a_new_keys_row_is_filed_under_the_key_its_lookup_computed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows_remembered_max: int):
+    """The lookup of a new key remembers its row key for the record it makes, at most
+    IDEMPOTENCY_ROWS_REMEMBERED_MAX of them: a refused command's lookup makes no record,
+    and memory forgets its row key at the limit. Every row is filed under its key's
+    idempotency_row_key, remembered or computed again, and answers a repeat."""
+    monkeypatch.setattr(limits, "IDEMPOTENCY_ROWS_REMEMBERED_MAX", rows_remembered_max)
+    wal = WriteAheadLog(tmp_path)
+    keys = [f"k{n}" for n in range(40)]
+
+    async def run() -> None:
+        writer = await _writer(wal)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        answers = {}
+        for n, key in enumerate(keys):
+            if n % 4 == 0:  # refused after its lookup: no subscription
+                with pytest.raises(FailedPrecondition):
+                    await writer.execute(Track(app="a", user_id="nobody", event_type="x",
+                                               amount=1, idempotency_key=f"refused {key}"))
+            answers[key] = await writer.execute(Track(app="a", user_id="u", event_type="x",
+                                                      amount=1, idempotency_key=key))
+            assert len(wal._rows_looked_up) <= rows_remembered_max
+        assert _keyed_memory(writer) == 0
+        sequence = writer.core.sequence
+        for key in keys:
+            assert await writer.execute(Track(app="a", user_id="u", event_type="x", amount=1,
+                                              idempotency_key=key)) == answers[key]
+        assert writer.core.sequence == sequence  # each a repeat: nothing written
+        await writer.close()
+
+    asyncio.run(run())
+    with wal.env.begin() as txn:
+        rows = {bytes(row) for row, _ in txn.cursor(db=wal.idempotency_db)}
+    wal.close()
+    assert rows == {idempotency_row_key("a", "Track", key) for key in keys}
 
 
 @pytest.mark.parametrize("shapes_remembered_max", [limits.COUNTER_SHAPES_REMEMBERED_MAX, 1])

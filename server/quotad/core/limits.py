@@ -110,6 +110,11 @@ row is written, which then leaves out an expiry equal to it (the row reads it fr
 record). At the limit it forgets them all and starts again: a row of a hold it forgot keeps
 its expiry. Each entry is ~150 bytes."""
 
+IDEMPOTENCY_ROWS_REMEMBERED_MAX = 16_384
+"""New idempotency keys the log remembers the row key of, from their lookup until the record
+they make is written (so it is computed once). At the limit it forgets them all and starts
+again: a forgotten one is computed again. Each entry is ~300 bytes."""
+
 ADMISSION_OPERATIONS = 8192
 """Operations admitted and not yet answered, at most (a Batch counts its operations, any
 other unary call one; WatchUsage and health checks are not counted): past it a call is

@@ -184,6 +184,10 @@ class WriteAheadLog:
         self._reserve_expiries_ns: dict[str, int] = {}
         """Reservation id -> the expiry its Reserve record set, until the hold's row is
         written (appends only; at most RESERVE_EXPIRIES_REMEMBERED_MAX)."""
+        self._rows_looked_up: dict[tuple[str, str, str], bytes] = {}
+        """(app, RPC, idempotency key) -> its row key, for keys looked up and not found: the
+        record a new key makes then files its row without computing the key again (at most
+        IDEMPOTENCY_ROWS_REMEMBERED_MAX; a refused command leaves its entry until then)."""
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._appends = 0
         self._read_txn: lmdb.Transaction | None = None
@@ -229,7 +233,7 @@ class WriteAheadLog:
                 assert stored, f"log already holds sequence {record.sequence}"
                 for index, user in enumerate(record.event_users):
                     events.append((user, event_tail(record.now_ns, record.sequence, index)))
-                row = record_idempotency_row_key(record)
+                row = self._record_row_key(record)
                 if row is not None:
                     rows.append((row, record_key(record.sequence)))
                 if type(record.command) is Reserve:
@@ -332,6 +336,15 @@ class WriteAheadLog:
                 self._shapes_read[found] = known
             return known
         return shape
+
+    def _record_row_key(self, record: Record) -> bytes | None:
+        """record_idempotency_row_key, taken from the lookup of a new key when it made one."""
+        key = getattr(record.command, "idempotency_key", "")
+        if not key or record.answer is None:
+            return None
+        command = record.command
+        row = self._rows_looked_up.pop((command.app, type(command).__name__, key), None)
+        return row if row is not None else record_idempotency_row_key(record)
 
     def _put_idempotency_rows(self, txn: lmdb.Transaction,
                               rows: list[tuple[bytes, bytes]]) -> None:
@@ -500,6 +513,10 @@ class WriteAheadLog:
         else:
             record = self._row_record(txn, row, as_of_sequence)
         if record is None:
+            rows = self._rows_looked_up
+            if len(rows) >= limits.IDEMPOTENCY_ROWS_REMEMBERED_MAX:
+                rows.clear()
+            rows[(app, rpc, idempotency_key)] = row
             return None
         command = record.command
         if (type(command).__name__ != rpc or command.app != app
