@@ -22,6 +22,7 @@ setup(install_requires=[
     "googleapis-common-protos>=1.63",
     "protobuf>=6.31",
     "sortedcontainers>=2.4",
+    "msgspec>=0.18",
     "lmdb>=1.4",
     "prometheus-client>=0.20",
     "tzdata>=2024.1",

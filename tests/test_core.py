@@ -6,7 +6,6 @@ checks the answers, the counters and the records against protos/DESIGN.md's cont
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -26,6 +25,7 @@ from quotad.core.errors import (
     ResourceExhausted,
 )
 from quotad.core.plans import Plan, Window
+from quotad.core.values import replace
 
 TTL = limits.TTL_NS_DEFAULT
 

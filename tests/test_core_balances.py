@@ -7,8 +7,6 @@ into a fresh core to the same digest.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from core_helpers import (
@@ -18,6 +16,7 @@ from quotad.core import limits
 from quotad.core.commands import GrantCredits, GrantResult, ListGrants
 from quotad.core.errors import InvalidArgument, ResourceExhausted
 from quotad.core.plans import Cost, Kind, LimitGroup, Plan, RecurringGrant, Window
+from quotad.core.values import replace
 from quotad.storage.codec import decode_record, encode_record, record_key
 from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 from quotad_contract.errors import ErrorReason

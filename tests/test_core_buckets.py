@@ -7,14 +7,13 @@ a fresh core to the same digest.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from core_helpers import MINUTE, S, Harness, digest, fields_of, group, plan, replay_all
 from quotad.core import limits
 from quotad.core.errors import InvalidArgument
 from quotad.core.plans import Cost, Kind, LimitGroup, Plan, Window
+from quotad.core.values import replace
 from quotad.storage.codec import decode_record, encode_record, record_key
 from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 

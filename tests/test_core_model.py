@@ -35,6 +35,7 @@ from quotad.core.holds import HoldState
 from quotad.core.machine import Core
 from quotad.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from quotad.core.plans import Cost, Kind, RecurringGrant, Window
+from quotad.core.values import replace
 from quotad.storage.snapshot import core_from_snapshot, snapshot_of
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
@@ -746,7 +747,7 @@ class QuotaMachine(RuleBasedStateMachine):
         slot = data.draw(st.sampled_from(self.retryable()), label="key")
         command, first, _ = self.keys[slot]
         if isinstance(command, Reserve):  # the server names every attempt anew
-            command = dataclasses.replace(command, reservation_id=rid(self.next_serial()))
+            command = replace(command, reservation_id=rid(self.next_serial()))
         expired = self.model_expire()
         outcome = self.apply(command, expired, 0)
         assert outcome.error is None and outcome.result == first
@@ -757,20 +758,20 @@ class QuotaMachine(RuleBasedStateMachine):
         slot = data.draw(st.sampled_from(self.retryable()), label="key")
         command, _, _ = self.keys[slot]
         if isinstance(command, Reserve):
-            other = dataclasses.replace(command, amount=command.amount % 30 + 1,
-                                        reservation_id=rid(self.next_serial()))
+            other = replace(command, amount=command.amount % 30 + 1,
+                            reservation_id=rid(self.next_serial()))
         elif isinstance(command, Track):
-            other = dataclasses.replace(command, amount=command.amount + (1 if command.amount
-                                                                          != -1 else 2))
+            other = replace(command, amount=command.amount + (1 if command.amount
+                                                              != -1 else 2))
         elif isinstance(command, Commit):
-            other = dataclasses.replace(command, amount=0 if command.amount is None
-                                        else command.amount + 1)
+            other = replace(command, amount=0 if command.amount is None
+                            else command.amount + 1)
         elif isinstance(command, Release):
-            other = dataclasses.replace(command, reservation_id=rid(10**12 + 1))
+            other = replace(command, reservation_id=rid(10**12 + 1))
         elif isinstance(command, GrantCredits):
-            other = dataclasses.replace(command, amount=command.amount + 1)
+            other = replace(command, amount=command.amount + 1)
         else:
-            other = dataclasses.replace(command, ttl_ns=command.ttl_ns % (3600 * S) + S)
+            other = replace(command, ttl_ns=command.ttl_ns % (3600 * S) + S)
         expired = self.model_expire()
         outcome = self.apply(other, expired, 0)
         assert isinstance(outcome.error, AlreadyExists), outcome
@@ -789,10 +790,10 @@ class QuotaMachine(RuleBasedStateMachine):
         hits = next(e[2] for e in EVENTS if e[0] == command.event_type
                     and md(e[1]) == command.metadata)
         if isinstance(command, Reserve):
-            self.do_reserve(dataclasses.replace(command, amount=amount,
-                                                reservation_id=rid(self.next_serial())), hits)
+            self.do_reserve(replace(command, amount=amount,
+                                    reservation_id=rid(self.next_serial())), hits)
         else:
-            self.do_track(dataclasses.replace(command, amount=amount), hits)
+            self.do_track(replace(command, amount=amount), hits)
 
     @rule(what=st.sampled_from(["usage", "expire", "unknown", "grants"]),
           user=st.sampled_from(sorted(USERS)))

@@ -7,8 +7,6 @@ denies. Every run here is replayed into a fresh core to the same digest.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from core_helpers import (
@@ -17,6 +15,7 @@ from core_helpers import (
 from quotad.core import limits
 from quotad.core.errors import InvalidArgument
 from quotad.core.plans import Cost, LimitGroup, Plan, Window
+from quotad.core.values import replace
 from quotad.storage.codec import (
     decode_finished_hold, decode_record, encode_finished_hold, encode_record, record_key,
     reservation_bytes,

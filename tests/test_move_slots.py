@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -27,6 +26,7 @@ from core_helpers import APP as CORE_APP
 from quotad.api.moves import export_chunks, scan_keys
 from quotad.core.commands import FreezeSlots, Track, UpsertPlan, UpsertSubscription
 from quotad.core.limits import MOVE_CHUNK_BYTES_MAX
+from quotad.core.values import replace
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
 from quotad.storage.codec import decode_slot_state

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from quotad.core import limits
 from quotad.core.commands import GrantCredits, UpsertSubscription
 from quotad.core.machine import Core
 from quotad.core.plans import Cost, Kind, RecurringGrant, Window
+from quotad.core.values import replace
 from quotad.engine.recovery import recover
 from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest

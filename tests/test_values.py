@@ -1,17 +1,20 @@
-"""`value_type` builds the same immutable values a frozen, slotted dataclass does, through a
-faster __init__: the same fields, defaults, validation, equality, hash, repr, replace, pickle,
-and assigning a field still fails."""
+"""`value_type` builds the same immutable values a frozen, slotted dataclass does, as msgspec
+Structs built in C: the same fields, defaults, validation, equality, hash, repr, replace,
+pickle, and assigning a field still fails."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import pickle
+import sys
+import threading
 
 import pytest
 
 from quotad.core import commands, machine
 from quotad.core.errors import InvalidArgument
-from quotad.core.values import value_type
+from quotad.core.values import is_value_type, replace, value_fields, value_type
 
 
 @value_type(kw_only=True)
@@ -44,13 +47,16 @@ class KeyedReference:
 def test_a_value_is_built_compared_hashed_and_printed_as_a_frozen_dataclass_would_be():
     value = Keyed(name="a", tags=("x",), hidden=4)
     reference = KeyedReference(name="a", tags=("x",), hidden=4)
-    assert dataclasses.astuple(value) == dataclasses.astuple(reference)
+    assert value_fields(Keyed) == tuple(f.name for f in dataclasses.fields(reference))
+    assert [getattr(value, name) for name in value_fields(Keyed)] == list(
+        dataclasses.astuple(reference))
     assert repr(value).removeprefix("Keyed") == repr(reference).removeprefix("KeyedReference")
     assert value == Keyed(name="a", tags=("x",), hidden=5)  # compare=False kept
     assert hash(value) == hash(Keyed(name="a", tags=("x",)))
     assert Positional(1, 2) == Positional(1, 2, "-") != Positional(1, 2, "+")
-    assert dataclasses.replace(value, amount=3).amount == 3
+    assert replace(value, amount=3) == Keyed(name="a", amount=3, tags=("x",))
     assert pickle.loads(pickle.dumps(value)) == value
+    assert not gc.is_tracked(value)  # values refer to values: no cycles for the collector
     with pytest.raises(TypeError):
         Keyed("a")  # keyword-only stays keyword-only
     with pytest.raises(TypeError):
@@ -59,14 +65,14 @@ def test_a_value_is_built_compared_hashed_and_printed_as_a_frozen_dataclass_woul
 
 def test_a_value_stays_immutable_and_validated():
     value = Keyed(name="a")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # as a frozen dataclass's FrozenInstanceError is
         value.amount = 2  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         del value.name  # type: ignore[misc]
     with pytest.raises(ValueError, match="amount"):
         Keyed(name="a", amount=-1)
     with pytest.raises(ValueError, match="amount"):
-        dataclasses.replace(value, amount=-1)
+        replace(value, amount=-1)
 
 
 def test_the_core_values_keep_their_defaults_and_validation():
@@ -75,13 +81,13 @@ def test_the_core_values_keep_their_defaults_and_validation():
     checked = 0
     for module in (commands, machine):
         for cls in vars(module).values():
-            if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)
-                    and cls.__dataclass_params__.frozen and cls.__module__ == module.__name__):
+            if not (is_value_type(cls) and cls.__module__ == module.__name__):
                 continue
-            fields = dataclasses.fields(cls)
-            if fields and all(f.default is not dataclasses.MISSING for f in fields):
+            names = value_fields(cls)
+            if names and len(cls.__struct_defaults__) == len(names):
                 built = cls()
-                assert [getattr(built, f.name) for f in fields] == [f.default for f in fields]
+                assert [getattr(built, name) for name in names] == list(
+                    cls.__struct_defaults__)
             checked += 1
     assert checked > 40
     reserve = commands.Reserve(app="a", user_id="u", event_type="e", amount=5,
@@ -116,7 +122,7 @@ def test_unchecked_builds_the_same_value_without_the_checks() -> None:
     checked, unchecked = commands.Reserve(**fields), commands.Reserve.unchecked(**fields)
     assert unchecked == checked and type(unchecked) is commands.Reserve
     assert hash(unchecked) == hash(checked)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         unchecked.amount = 6  # type: ignore[misc]
     assert commands.Commit.unchecked(app="a", reservation_id="rsv_" + "0" * 24) == \
         commands.Commit(app="a", reservation_id="rsv_" + "0" * 24)  # defaults kept
@@ -124,3 +130,38 @@ def test_unchecked_builds_the_same_value_without_the_checks() -> None:
         commands.Reserve(**{**fields, "amount": 0})
     assert commands.Reserve.unchecked(**{**fields, "amount": 0}).amount == 0  # this one not
     assert not hasattr(commands.CounterView, "unchecked")  # no checks, nothing to skip
+
+
+def test_unchecked_skips_the_checks_of_its_own_thread_only() -> None:
+    """The checks are skipped by a flag of the thread that builds unchecked: checked values
+    built meanwhile on another thread are all still checked, and the flag is back once
+    built, or once building failed."""
+    fields = dict(app="a", reservation_id="rsv_" + "0" * 24)
+    rounds = 20_000
+    passed: list[int] = []
+
+    def checked_elsewhere() -> None:
+        slipped = 0
+        for _ in range(rounds):
+            try:
+                commands.Commit(app="a", reservation_id="bad")
+                slipped += 1
+            except InvalidArgument:
+                pass
+        passed.append(slipped)
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns as often as they can
+    try:
+        thread = threading.Thread(target=checked_elsewhere)
+        thread.start()
+        while thread.is_alive():
+            commands.Commit.unchecked(app="a", reservation_id="bad")
+        thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert passed == [0]
+    with pytest.raises(TypeError):
+        commands.Commit.unchecked(**fields, unknown=1)  # fails while building
+    with pytest.raises(InvalidArgument):
+        commands.Commit(app="a", reservation_id="bad")  # checked again

@@ -25,7 +25,6 @@ Every record keeps its sequence and time.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import sys
 import time
@@ -39,6 +38,7 @@ import lmdb
 from quotad.core import limits
 from quotad.core.commands import Record
 from quotad.core.machine import Core
+from quotad.core.values import replace
 from quotad.storage import format3, log_pb2
 from quotad.storage.codec import (
     CorruptRecord, decode_event, decode_record, event_tail, event_user_key, hold_row_key,
@@ -293,7 +293,7 @@ def _record_with_events(txn: lmdb.Transaction, events_db: Any, key: bytes, value
                                  f"{record.sequence} is missing")
         events.append(decode_event(log_pb2.Event.FromString(stored), app, "",
                                    lambda: record.command))
-    return dataclasses.replace(record, events=tuple(events))
+    return replace(record, events=tuple(events))
 
 
 def _copy_table(txn: lmdb.Transaction, source: Any, wal: WriteAheadLog, db: Any,

@@ -25,7 +25,6 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import replace
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -37,6 +36,7 @@ from quotad.core.commands import CreateKey, DeletePlan, RevokeKey, UpsertPlan
 from quotad.core.errors import AlreadyExists, NotFound, QuotaError, Refusal
 from quotad.core.machine import KeyState
 from quotad.core.plans import Plan, validate_plan
+from quotad.core.values import replace
 from quotad_contract.shards import EtcdTarget
 
 log = logging.getLogger("quotad.cluster")

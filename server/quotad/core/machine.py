@@ -17,7 +17,7 @@ from functools import cache
 from operator import attrgetter
 from collections import Counter as Tally
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 from sortedcontainers import SortedList
@@ -39,7 +39,7 @@ from quotad.core.errors import (
     PermissionDenied, QuotaError, ResourceExhausted, SlotsMoving,
 )
 from quotad.core.holds import HoldEvent, HoldState, next_state
-from quotad.core.values import value_type
+from quotad.core.values import value_fields, value_type
 from quotad.core.plans import (
     Kind, LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone,
 )
@@ -224,7 +224,7 @@ def _same_request(made: Any, command: Any) -> bool:
 def _chosen_fields(command_type: type) -> Callable[[Any], tuple[Any, ...]]:
     ignored = {"idempotency_key", "reservation_id"} if command_type is Reserve else {
         "idempotency_key"}
-    names = [f.name for f in fields(command_type) if f.name not in ignored]
+    names = [name for name in value_fields(command_type) if name not in ignored]
     assert len(names) >= 2, command_type  # attrgetter of two or more names gives a tuple
     return attrgetter(*names)
 

@@ -1,16 +1,13 @@
-"""`value_type`: the core's immutable values, built fast.
+"""`value_type`: the core's immutable values, built fast (msgspec Structs).
 
-`@value_type(...)` is `@dataclass(frozen=True, slots=True, ...)` with one change: its
-`__init__` sets each field through the field's slot descriptor rather than through
-`object.__setattr__`, which is what a frozen dataclass's generated `__init__` calls, once per
-field, to get past its own `__setattr__`. The value is as immutable as before (assigning or
-deleting a field raises FrozenInstanceError), equal, hashed, printed and replaced
-(`dataclasses.replace`) as before, and its `__post_init__` (the command's validation) still
-runs. Building one costs about a quarter of what it did: the hot path builds about a dozen
-per operation (commands, results, counter views, audit events, records).
+`@value_type(...)` turns the class it decorates, written like a dataclass (annotated fields,
+defaults, a `__post_init__` that checks them, methods), into a frozen `msgspec.Struct` with
+the same fields: built in C (a CounterView of 13 fields in ~0.12 us, against ~0.8 us for the
+frozen dataclass it was), equal and hashed by its fields, not tracked by the cyclic garbage
+collector (a value only refers to other values, strings, numbers and tuples: no cycles).
 
-A class with no field, or with a field that takes a default_factory or is left out of
-`__init__`, keeps the generated `__init__` (its body does something else than set fields).
+A field whose default is `dataclasses.field(default=..., compare=False)` is left out of
+equality and hashing, as a dataclass would.
 
 A class with a `__post_init__` (a command's checks) also gets `unchecked(...)`: the same
 value, built without running them, for fields that passed them once already (a command read
@@ -21,52 +18,82 @@ only check, never change a field.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, TypeVar
+import threading
+import types
+from typing import Any, TypeVar
+
+import msgspec
 
 T = TypeVar("T")
 
 
-def value_type(cls: type[T] | None = None, /, **options: Any) -> Any:
-    """@dataclass(frozen=True, slots=True, **options) with a fast __init__."""
+class _Checking(threading.local):
+    on = True
+    """False while `unchecked` builds a value on this thread."""
+
+
+_checking = _Checking()
+
+
+def value_type(cls: type[T] | None = None, /, *, kw_only: bool = False) -> Any:
+    """A frozen msgspec.Struct with the decorated class's fields, defaults and methods."""
     def wrap(target: type[T]) -> type[T]:
-        made = dataclasses.dataclass(target, frozen=True, slots=True, **options)
-        _set_fields_through_slots(made)
-        return made
+        return _struct_of(target, kw_only)
     return wrap if cls is None else wrap(cls)
 
 
-def _set_fields_through_slots(cls: type) -> None:
-    fields = dataclasses.fields(cls)
-    if not fields or any(not f.init or f.default_factory is not dataclasses.MISSING
-                         for f in fields):
-        return
-    generated = cls.__init__  # type: ignore[misc]
-    code = generated.__code__
-    positional = code.co_varnames[1:code.co_argcount]
-    keyword = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
-    assert sorted(positional + keyword) == sorted(f.name for f in fields), cls
-    namespace: dict[str, Callable[..., None]] = {
-        f"_set_{name}": cls.__dict__[name].__set__ for name in positional + keyword}
-    parameters = ", ".join(["self", *positional] + (["*", *keyword] if keyword else []))
-    body = [f"    _set_{name}(self, {name})" for name in positional + keyword]
-    checked = hasattr(cls, "__post_init__")
-    if checked:
-        body.append("    self.__post_init__()")
-    exec(f"def __init__({parameters}):\n" + "\n".join(body), namespace)
-    fast = namespace["__init__"]
-    if checked:
-        namespace["_new"] = object.__new__
-        exec(f"def unchecked({parameters.replace('self', 'cls', 1)}):\n"
-             "    self = _new(cls)\n" + "\n".join(body[:-1]) + "\n    return self", namespace)
-        unchecked = namespace["unchecked"]
-        unchecked.__defaults__ = generated.__defaults__
-        unchecked.__kwdefaults__ = generated.__kwdefaults__
-        unchecked.__qualname__ = f"{cls.__qualname__}.unchecked"
-        unchecked.__doc__ = "The value, built without its __post_init__ checks (see values)."
-        cls.unchecked = classmethod(unchecked)  # type: ignore[attr-defined]
-    fast.__defaults__ = generated.__defaults__
-    fast.__kwdefaults__ = generated.__kwdefaults__
-    fast.__qualname__ = f"{cls.__qualname__}.__init__"
-    fast.__doc__ = generated.__doc__
-    fast.__annotations__ = generated.__annotations__
-    cls.__init__ = fast  # type: ignore[misc]
+def value_fields(cls: type) -> tuple[str, ...]:
+    """The field names of a value type, in order."""
+    return cls.__struct_fields__  # type: ignore[attr-defined,no-any-return]
+
+
+def is_value_type(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, msgspec.Struct)
+
+
+def _struct_of(target: type, kw_only: bool) -> Any:
+    namespace = {name: value for name, value in vars(target).items()
+                 if name not in ("__dict__", "__weakref__")}
+    uncompared = []
+    for name in namespace.get("__annotations__", {}):
+        default = namespace.get(name)
+        if isinstance(default, dataclasses.Field):
+            assert default.default is not dataclasses.MISSING, (target, name)
+            namespace[name] = default.default
+            if not default.compare:
+                uncompared.append(name)
+    if uncompared:
+        compared = [name for name in namespace["__annotations__"] if name not in uncompared]
+        code = (f"def __eq__(self, other):\n"
+                f"    return type(other) is type(self) and "
+                + " and ".join(f"self.{n} == other.{n}" for n in compared) + "\n"
+                f"def __hash__(self):\n"
+                f"    return hash((" + "".join(f"self.{n}, " for n in compared) + "))\n")
+        exec(code, namespace)
+    check = namespace.get("__post_init__")
+    if check is not None:
+        def __post_init__(self: Any, _check: Any = check, _checking: _Checking = _checking
+                          ) -> None:
+            if _checking.on:
+                _check(self)
+        namespace["__post_init__"] = __post_init__
+
+        def unchecked(made: type, *args: Any, **kwargs: Any) -> Any:
+            """The value, built without its __post_init__ checks (see values)."""
+            _checking.on = False
+            try:
+                return made(*args, **kwargs)
+            finally:
+                _checking.on = True
+        namespace["unchecked"] = classmethod(unchecked)
+    return types.new_class(target.__name__, (msgspec.Struct,),
+                           {"frozen": True, "kw_only": kw_only, "gc": False},
+                           lambda ns: ns.update(namespace))
+
+
+def replace(value: T, /, **changes: Any) -> T:
+    """The value with these fields changed, checked again: dataclasses.replace, for a value
+    type as for a dataclass."""
+    if isinstance(value, msgspec.Struct):
+        return msgspec.structs.replace(value, **changes)  # type: ignore[no-any-return]
+    return dataclasses.replace(value, **changes)  # type: ignore[type-var]

@@ -38,6 +38,7 @@ from quotad.core.commands import (
 from quotad.core.balances import Balance, Grant
 from quotad.core.holds import HoldState
 from quotad.core.machine import CounterState, HoldRef, IdempotencyEntry, Reservation
+from quotad.core.values import is_value_type, value_fields
 from quotad.core.plans import (
     Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Subscription, Window,
 )
@@ -1028,6 +1029,9 @@ _PRIMITIVE_TYPES = frozenset({str, int, float, bool, type(None)})
 
 @cache
 def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The fields of a dataclass or a value type (None for any other class)."""
+    if is_value_type(cls):
+        return value_fields(cls)
     if dataclasses.is_dataclass(cls):
         return tuple(f.name for f in dataclasses.fields(cls))
     return None
@@ -1038,6 +1042,8 @@ def _omitted_when_empty(cls: type) -> tuple[str, ...]:
     """The fields a dataclass marks `metadata={"plain": "omit_empty"}`: left out of its plain
     form while empty, so that a state without them reads (and digests) as it did before they
     existed."""
+    if is_value_type(cls):
+        return ()
     return tuple(f.name for f in dataclasses.fields(cls)
                  if f.metadata.get("plain") == "omit_empty")
 
@@ -1076,7 +1082,7 @@ def from_plain(value: Any, hint: Any) -> Any:
 @cache
 def _decoder(hint: Any) -> Callable[[Any], Any]:
     """A function that rebuilds values of this type from plain data, made once per type."""
-    if dataclasses.is_dataclass(hint):
+    if dataclasses.is_dataclass(hint) or is_value_type(hint):
         fields = {name: _decoder(field_hint) for name, field_hint in _hints(hint).items()}
         return lambda value: hint(**{name: fields[name](item) for name, item in value.items()})
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
