@@ -48,6 +48,7 @@ def value_fields(cls: type) -> tuple[str, ...]:
 
 
 def is_value_type(cls: Any) -> bool:
+    """Whether cls is a class value_type made."""
     return isinstance(cls, type) and issubclass(cls, msgspec.Struct)
 
 

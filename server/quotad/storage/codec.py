@@ -102,14 +102,20 @@ def idempotency_row_key(app: str, rpc: str, idempotency_key: str) -> bytes:
     return time_part + digest
 
 
-def record_idempotency_row_key(record: Record) -> bytes | None:
+def record_idempotency_row_key(
+        record: Record, computed: Callable[[tuple[str, str, str], None], bytes | None]
+        | None = None) -> bytes | None:
     """The idempotency row a record makes: one for a command with an idempotency key whose
     first answer it holds (a record migrated from format 3 has none: its key is answered
-    from the snapshot's memory for its 24 h)."""
-    key = getattr(record.command, "idempotency_key", "")
+    from the snapshot's memory for its 24 h). computed: (app, RPC, key) -> the row key
+    already computed for them, or None."""
+    command = record.command
+    key = getattr(command, "idempotency_key", "")
     if not key or record.answer is None:
         return None
-    return idempotency_row_key(record.command.app, type(record.command).__name__, key)
+    rpc = type(command).__name__
+    row = None if computed is None else computed((command.app, rpc, key), None)
+    return row if row is not None else idempotency_row_key(command.app, rpc, key)
 
 
 def event_user_key(user_number: int) -> bytes:

@@ -233,7 +233,7 @@ class WriteAheadLog:
                 assert stored, f"log already holds sequence {record.sequence}"
                 for index, user in enumerate(record.event_users):
                     events.append((user, event_tail(record.now_ns, record.sequence, index)))
-                row = self._record_row_key(record)
+                row = record_idempotency_row_key(record, self._rows_looked_up.pop)
                 if row is not None:
                     rows.append((row, record_key(record.sequence)))
                 if type(record.command) is Reserve:
@@ -336,15 +336,6 @@ class WriteAheadLog:
                 self._shapes_read[found] = known
             return known
         return shape
-
-    def _record_row_key(self, record: Record) -> bytes | None:
-        """record_idempotency_row_key, taken from the lookup of a new key when it made one."""
-        key = getattr(record.command, "idempotency_key", "")
-        if not key or record.answer is None:
-            return None
-        command = record.command
-        row = self._rows_looked_up.pop((command.app, type(command).__name__, key), None)
-        return row if row is not None else record_idempotency_row_key(record)
 
     def _put_idempotency_rows(self, txn: lmdb.Transaction,
                               rows: list[tuple[bytes, bytes]]) -> None:
