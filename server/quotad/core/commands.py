@@ -53,9 +53,10 @@ def _event(v: Violations, user_id: str, event_type: str, metadata: Metadata) -> 
     v.text(event_type, "event_type", bytes_min=1, bytes_max=limits.EVENT_TYPE_BYTES_MAX)
     if len(metadata) > limits.METADATA_ENTRIES_MAX:
         v.add("metadata", f"at most {limits.METADATA_ENTRIES_MAX} entries, got {len(metadata)}")
-    keys = [key for key, _ in metadata]
-    if keys != sorted(set(keys)):
-        v.add("metadata", "keys must be unique and sorted")
+    if len(metadata) > 1:  # one entry or none is sorted
+        keys = [key for key, _ in metadata]
+        if keys != sorted(set(keys)):
+            v.add("metadata", "keys must be unique and sorted")
     for key, value in metadata[: limits.METADATA_ENTRIES_MAX]:
         v.text(key, "metadata", bytes_min=1, bytes_max=limits.METADATA_KEY_BYTES_MAX)
         v.text(value, "metadata", bytes_min=0, bytes_max=limits.METADATA_VALUE_BYTES_MAX)
@@ -110,8 +111,8 @@ class Reserve:
         v = Violations()
         _common(v, self.app, self.idempotency_key)
         _event(v, self.user_id, self.event_type, self.metadata)
-        v.check(_int(self.amount) and 1 <= self.amount <= limits.AMOUNT_MAX,
-                "amount", f"must be 1 to {limits.AMOUNT_MAX}")
+        if not (_int(self.amount) and 1 <= self.amount <= limits.AMOUNT_MAX):
+            v.add("amount", f"must be 1 to {limits.AMOUNT_MAX}")
         _ttl(v, self.ttl_ns)
         _reservation_id(v, self.reservation_id)
         v.raise_if_any()
@@ -129,8 +130,9 @@ class Commit:
         v = Violations()
         _common(v, self.app, self.idempotency_key)
         _reservation_id(v, self.reservation_id)
-        v.check(self.amount is None or (_int(self.amount) and 0 <= self.amount <= limits.AMOUNT_MAX),
-                "amount", f"must be 0 to {limits.AMOUNT_MAX}")
+        if not (self.amount is None
+                or (_int(self.amount) and 0 <= self.amount <= limits.AMOUNT_MAX)):
+            v.add("amount", f"must be 0 to {limits.AMOUNT_MAX}")
         v.raise_if_any()
 
 
@@ -177,8 +179,8 @@ class Track:
         v = Violations()
         _common(v, self.app, self.idempotency_key)
         _event(v, self.user_id, self.event_type, self.metadata)
-        v.check(_int(self.amount) and self.amount != 0 and abs(self.amount) <= limits.AMOUNT_MAX,
-                "amount", f"must be non-zero, at most {limits.AMOUNT_MAX} either way")
+        if not (_int(self.amount) and self.amount != 0 and abs(self.amount) <= limits.AMOUNT_MAX):
+            v.add("amount", f"must be non-zero, at most {limits.AMOUNT_MAX} either way")
         v.raise_if_any()
 
 
