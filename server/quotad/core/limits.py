@@ -96,6 +96,12 @@ them) the log remembers having stored, and, apart, having read: at the limit it 
 all and starts again (storing a shape again is harmless: the same id, the same bytes). Each
 entry is a few hundred bytes at most."""
 
+COUNTER_HEADS_REMEMBERED_MAX = 4096
+"""Counters' unchanging parts (a quota group's key, label, unit, window, quota and window
+bounds), encoded once as a response's Counter, that the server remembers to copy into the
+next response showing them. At the limit it forgets them all and starts again. Each entry is
+a few hundred bytes at most."""
+
 EVENT_INDEX_BUFFERED_RECORDS_MAX = 16_384
 """Log records whose audit events' index entries the log keeps in memory before it files
 them in the event index, all at once, in one transaction (also with every snapshot). Filed
