@@ -110,10 +110,13 @@ def test_a_hold_copy_keeps_every_field_and_is_its_own_object() -> None:
         created_at_ns=11, expires_at_ns=13, status=HoldState.COMMITTED, finished_at_ns=12)
     copy = hold.copy()
     assert copy == hold and copy is not hold
-    assert [getattr(copy, f.name) for f in dataclasses.fields(hold)] == [
-        getattr(hold, f.name) for f in dataclasses.fields(hold)]
+    names = value_fields(machine.Reservation)
+    assert [getattr(copy, name) for name in names] == [getattr(hold, name) for name in names]
     copy.status = HoldState.RELEASED
     assert hold.status is HoldState.COMMITTED
+    assert not gc.is_tracked(hold) and not gc.is_tracked(copy)
+    with pytest.raises(TypeError):
+        hash(hold)  # changes in place: no hash
 
 
 def test_unchecked_builds_the_same_value_without_the_checks() -> None:

@@ -1,4 +1,4 @@
-"""`value_type`: the core's immutable values, built fast (msgspec Structs).
+"""`value_type`: the core's immutable values, built fast (msgspec Structs); `state_type`.
 
 `@value_type(...)` turns the class it decorates, written like a dataclass (annotated fields,
 defaults, a `__post_init__` that checks them, methods), into a frozen `msgspec.Struct` with
@@ -8,6 +8,9 @@ collector (a value only refers to other values, strings, numbers and tuples: no 
 
 A field whose default is `dataclasses.field(default=..., compare=False)` is left out of
 equality and hashing, as a dataclass would.
+
+`@state_type` does the same for a part of the core's state that changes in place (a hold):
+a Struct that is not frozen, so neither hashed nor a value, built in C all the same.
 
 A class with a `__post_init__` (a command's checks) also gets `unchecked(...)`: the same
 value, built without running them, for fields that passed them once already (a command read
@@ -42,6 +45,14 @@ def value_type(cls: type[T] | None = None, /, *, kw_only: bool = False) -> Any:
     return wrap if cls is None else wrap(cls)
 
 
+def state_type(cls: type[T]) -> type[T]:
+    """A mutable msgspec.Struct with the decorated class's fields, defaults and methods: a part
+    of the core's state that changes in place (a hold), built in C, equal by its fields, not
+    hashable, not tracked by the cyclic collector (its fields must hold only values, strings,
+    numbers, enums and tuples of them: no cycles)."""
+    return _struct_of(cls, kw_only=False, frozen=False)  # type: ignore[no-any-return]
+
+
 def value_fields(cls: type) -> tuple[str, ...]:
     """The field names of a value type, in order."""
     return cls.__struct_fields__  # type: ignore[attr-defined,no-any-return]
@@ -52,7 +63,7 @@ def is_value_type(cls: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, msgspec.Struct)
 
 
-def _struct_of(target: type, kw_only: bool) -> Any:
+def _struct_of(target: type, kw_only: bool, frozen: bool = True) -> Any:
     namespace = {name: value for name, value in vars(target).items()
                  if name not in ("__dict__", "__weakref__")}
     uncompared = []
@@ -88,7 +99,7 @@ def _struct_of(target: type, kw_only: bool) -> Any:
                 _checking.on = True
         namespace["unchecked"] = classmethod(unchecked)
     return types.new_class(target.__name__, (msgspec.Struct,),
-                           {"frozen": True, "kw_only": kw_only, "gc": False},
+                           {"frozen": frozen, "kw_only": kw_only, "gc": False},
                            lambda ns: ns.update(namespace))
 
 
