@@ -124,6 +124,7 @@ def test_audit_events_read_back_with_the_app_and_user_the_index_names(kind, even
 
 idempotency_keys = (st.text("0123456789abcdef", max_size=40)
                     | st.text("0123456789abcdefABCDEF", max_size=40)
+                    | st.text("0123456789abcdef \t\n", max_size=40)  # fromhex skips spaces
                     | st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))
 
 

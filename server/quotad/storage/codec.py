@@ -296,14 +296,18 @@ def _reservation_id(raw: bytes) -> str:
     return RESERVATION_ID_PREFIX + raw.hex()
 
 
-_HEX_DIGITS = frozenset("0123456789abcdef")
-
-
 def _set_idempotency_key(part: Any, idempotency_key: str) -> None:
     """Lowercase hex digits, even in number, as the bytes they spell (half the size; .hex()
-    gives the same text back); any other key as it was sent."""
-    if len(idempotency_key) % 2 == 0 and _HEX_DIGITS.issuperset(idempotency_key):
-        part.idempotency_key_hex = bytes.fromhex(idempotency_key)
+    gives the same text back); any other key as it was sent. A key is such digits exactly
+    when the bytes it spells give it back (.hex() writes nothing else; fromhex also takes
+    capitals and spaces, which it does not give back)."""
+    try:
+        spelled = bytes.fromhex(idempotency_key)
+    except ValueError:
+        part.idempotency_key = idempotency_key
+        return
+    if spelled.hex() == idempotency_key:
+        part.idempotency_key_hex = spelled
     else:
         part.idempotency_key = idempotency_key
 
