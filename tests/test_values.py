@@ -99,8 +99,7 @@ def test_the_core_values_keep_their_defaults_and_validation():
 
 
 def test_a_hold_copy_keeps_every_field_and_is_its_own_object() -> None:
-    """Reservation.copy names each field by hand: a field it left out would read as its
-    default, so every field here differs from its default."""
+    """Every field here differs from its default, so a copy that left one out would show."""
     from quotad.core.holds import HoldState
     from quotad.core.plans import Window
 

@@ -337,13 +337,16 @@ def _fill_counter(message: pb.Counter, view: c.CounterView) -> None:
     message.overage = view.overage
 
 
+_COUNTER_USAGE_FIELDS = ("used", "held", "remaining", "overage")
+
+
 def _counter_head(view: c.CounterView) -> bytes:
-    """The encoded fields of a quota counter that only its plan and window change."""
-    message = pb.Counter(key=view.key, label=view.label, unit=view.unit, window=view.window,
-                         quota=view.quota)
-    _fill_timestamp(message.window_start, view.window_start_ns)
-    if view.resets_at_ns is not None:
-        _fill_timestamp(message.resets_at, view.resets_at_ns)
+    """The encoded fields of a quota counter that only its plan and window change: all but
+    its usage."""
+    message = pb.Counter()
+    _fill_counter_fields(message, view)
+    for name in _COUNTER_USAGE_FIELDS:
+        message.ClearField(name)
     return message.SerializeToString()
 
 

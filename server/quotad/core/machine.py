@@ -99,11 +99,8 @@ class Reservation:
     finished_at_ns: int = 0
 
     def copy(self) -> Reservation:
-        """The hold as it is now."""
-        return Reservation(self.app, self.reservation_id, self.user_id, self.event_type,
-                           self.amount, self.metadata, self.holds, self.sequence,
-                           self.created_at_ns, self.expires_at_ns, self.status,
-                           self.finished_at_ns)
+        """The hold as it is now (its fields are values: a shallow copy is whole)."""
+        return self.__copy__()  # type: ignore[attr-defined,no-any-return]
 
 
 @dataclass(slots=True)
