@@ -243,7 +243,7 @@ class MBalance:
         return dropped
 
     def holds_ended(self, held: int) -> None:
-        excess = sum(g.kept for g in self.grants if g.expired) - held
+        excess = max(0, sum(g.kept for g in self.grants if g.expired) - held)  # never adds
         for g in sorted((g for g in self.grants if g.expired and g.kept),
                         key=lambda g: (g.expires_at, g.number), reverse=True):
             drop = min(excess, g.kept)
