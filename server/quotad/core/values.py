@@ -54,12 +54,13 @@ def state_type(cls: type[T]) -> type[T]:
 
 
 def value_fields(cls: type) -> tuple[str, ...]:
-    """The field names of a value type, in order."""
+    """The field names of a class value_type or state_type made, in order."""
     return cls.__struct_fields__  # type: ignore[attr-defined,no-any-return]
 
 
 def is_value_type(cls: Any) -> bool:
-    """Whether cls is a class value_type made."""
+    """Whether cls is a class value_type or state_type made (the plain-data codec reads and
+    builds both by their fields)."""
     return isinstance(cls, type) and issubclass(cls, msgspec.Struct)
 
 
