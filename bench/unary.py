@@ -57,8 +57,10 @@ async def _drive(address: str, concurrency: int, seconds: float, pairs: bool,
 
         async def worker(index: int) -> int:
             done = 0
-            user = f"u{index % USERS}"
             while time.perf_counter() < deadline:
+                # each call the next user: holds left live (without --pairs) spread over all
+                # of them, far below the live holds a user may have
+                user = f"u{(index + done * concurrency) % USERS}"
                 started = time.perf_counter()
                 hold = await quota.Reserve(pb.ReserveRequest(user_id=user, event_type="chat",
                                                              amount=10))
