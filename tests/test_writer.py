@@ -238,3 +238,98 @@ def test_a_batch_of_inline_batch_records_min_is_written_on_the_loop_one_fewer_on
     writer = asyncio.run(run())
     assert writer.records_written == 2 + 1 + 2 * limits.INLINE_BATCH_RECORDS_MIN - 1
     wal.close()
+
+
+def test_calls_that_come_one_at_a_time_are_written_inline_but_for_a_probe_every_so_often(
+        tmp_path: Path):
+    """LONE_CALL_QUIET_FLUSHES lone calls in a row on the log thread, and the next are written
+    on the loop; after LONE_CALL_PROBE_EVERY_FLUSHES of those, one goes to the log thread; a
+    batch of more than one record goes there too, and the count starts over. Every call is on
+    disk before its answer either way."""
+    from quotad.core import limits
+
+    wal = WriteAheadLog(tmp_path)
+    keys: list[str] = []
+
+    async def lone(key: str) -> None:
+        await writer.execute(_track(key))
+        keys.append(key)
+        assert key in {getattr(r.command, "idempotency_key", "") for r in wal.records()}
+
+    async def run() -> None:
+        nonlocal writer
+        writer = await _writer_on(wal, [])  # two lone calls already, each on the log thread
+        for index in range(limits.LONE_CALL_QUIET_FLUSHES - 2):
+            await lone(f"quiet-{index}")
+        assert writer.batches_on_log_thread == writer.batches == limits.LONE_CALL_QUIET_FLUSHES
+        for index in range(limits.LONE_CALL_PROBE_EVERY_FLUSHES):
+            await lone(f"inline-{index}")
+        assert writer.batches_on_log_thread == limits.LONE_CALL_QUIET_FLUSHES
+        await lone("probe")
+        assert writer.batches_on_log_thread == limits.LONE_CALL_QUIET_FLUSHES + 1
+        await lone("after-a-quiet-probe")  # still alone: inline again
+        assert writer.batches_on_log_thread == limits.LONE_CALL_QUIET_FLUSHES + 1
+        together = [f"together-{index}" for index in range(3)]
+        await asyncio.gather(*(writer.execute(_track(key)) for key in together))
+        keys.extend(together)
+        assert writer.batches_on_log_thread == limits.LONE_CALL_QUIET_FLUSHES + 2
+        await lone("alone-again")  # counted from none again: the log thread's
+        assert writer.batches_on_log_thread == limits.LONE_CALL_QUIET_FLUSHES + 3
+        await writer.close()
+
+    writer: Writer
+    asyncio.run(run())
+    assert keys[-1] == "alone-again"
+    on_disk = [getattr(r.command, "idempotency_key", "") for r in wal.records()]
+    assert on_disk[2:] == keys  # in order, once each
+    wal.close()
+
+
+def test_a_probe_that_ends_with_calls_waiting_writes_small_batches_on_the_log_thread_again(
+        tmp_path: Path):
+    """A call that arrives while the probe's sync runs shows that calls no longer come alone:
+    from then on small batches go to the log thread, until LONE_CALL_QUIET_FLUSHES quiet ones
+    in a row again."""
+    import threading
+
+    from quotad.core import limits
+
+    wal = WriteAheadLog(tmp_path)
+    append = wal.append
+    in_probe, go_on = threading.Event(), threading.Event()
+
+    def append_held(records, snapshot=None, prune_before_ns=0):
+        if any(getattr(r.command, "idempotency_key", "") == "probe" for r in records):
+            in_probe.set()
+            assert go_on.wait(10)
+        append(records, snapshot, prune_before_ns)
+
+    wal.append = append_held
+
+    async def run() -> Writer:
+        writer = await _writer_on(wal, [])
+        for index in range(limits.LONE_CALL_QUIET_FLUSHES - 2
+                           + limits.LONE_CALL_PROBE_EVERY_FLUSHES):
+            await writer.execute(_track(f"lone-{index}"))
+        on_log_thread = writer.batches_on_log_thread
+        probe = asyncio.create_task(writer.execute(_track("probe")))
+        assert await asyncio.to_thread(in_probe.wait, 10)
+        meanwhile = asyncio.create_task(writer.execute(_track("meanwhile")))
+        await asyncio.sleep(0)  # applied: pending while the probe's sync runs
+        go_on.set()
+        await asyncio.gather(probe, meanwhile)
+        # the probe, and the one after it (the first quiet one of a new count)
+        assert writer.batches_on_log_thread == on_log_thread + 2
+        for index in range(limits.LONE_CALL_QUIET_FLUSHES - 1):
+            await writer.execute(_track(f"quiet-again-{index}"))
+        again = on_log_thread + 1 + limits.LONE_CALL_QUIET_FLUSHES
+        assert writer.batches_on_log_thread == again
+        await writer.execute(_track("inline-again"))
+        assert writer.batches_on_log_thread == again
+        await writer.close()
+        return writer
+
+    asyncio.run(run())
+    on_disk = {getattr(r.command, "idempotency_key", "") for r in wal.records()}
+    assert {"probe", "meanwhile", "inline-again"} <= on_disk
+    wal.close()

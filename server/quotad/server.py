@@ -528,6 +528,7 @@ class _Process:
             return 1
         log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
                                    "records_written": writer.records_written,
+                                   "batches_on_log_thread": writer.batches_on_log_thread,
                                    "snapshots": writer.snapshots,
                                    "snapshot_children_failed": writer.snapshot_children_failed,
                                    "snapshot_stall_ms_max": round(

@@ -45,6 +45,18 @@ around every LMDB call); a small one from calls that trickle in one by one, whic
 the loop only while it is free, so the loop must go on taking them during the sync for them
 to group."""
 
+LONE_CALL_QUIET_FLUSHES = 32
+"""After this many flushes in a row on the log thread of one record each, with nothing new
+pending when each ended, calls are taken to come one at a time: a batch of one record is then
+written on the loop's thread too, which spares it the two hand-offs between threads (nobody
+waits meanwhile to join the next batch). Any batch of more records, or a probe (below) that
+ends with records pending, goes back to the log thread."""
+
+LONE_CALL_PROBE_EVERY_FLUSHES = 16
+"""While calls come one at a time, after this many such batches written on the loop's thread
+the next goes to the log thread, to see whether calls now arrive during a sync (gRPC hands
+the loop new calls only while it is free, so inline writes alone would never show them)."""
+
 EXPIRY_POLL_S_MAX = 1.0
 """The expiry task sleeps at most this long; every command expires what is due anyway."""
 
@@ -251,6 +263,8 @@ if not PENDING_CALLS_PER_METHOD_MIN <= PENDING_CALLS_PER_METHOD <= PENDING_CALLS
                          "<= PENDING_CALLS_PER_METHOD_MAX")
 if not 1 <= INLINE_BATCH_RECORDS_MIN <= BATCH_RECORDS_MAX:
     raise AssertionError("1 <= INLINE_BATCH_RECORDS_MIN <= BATCH_RECORDS_MAX")
+if not (1 <= LONE_CALL_QUIET_FLUSHES and 1 <= LONE_CALL_PROBE_EVERY_FLUSHES):
+    raise AssertionError("1 <= LONE_CALL_QUIET_FLUSHES and 1 <= LONE_CALL_PROBE_EVERY_FLUSHES")
 if not 1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX:
     raise AssertionError("1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX")
 if ADMISSION_OPERATIONS < BATCH_OPERATIONS_MAX:

@@ -14,6 +14,10 @@ Where a batch is written depends on its size (limits.INLINE_BATCH_RECORDS_MIN):
 - A small batch (unary calls) is written on the log thread. gRPC hands the loop new calls
   only while the loop is free, about one per turn: it must go on taking them during the sync
   for the next batch to grow (written inline, such calls went one record per sync).
+- Except when calls come one at a time (limits.LONE_CALL_QUIET_FLUSHES): then nobody joins
+  the next batch anyway, and a batch of one record is written inline, sparing its call the
+  hand-offs to the log thread and back. Every so often one goes to the log thread all the
+  same (limits.LONE_CALL_PROBE_EVERY_FLUSHES), to see whether calls now arrive during a sync.
 - A batch that carries a snapshot (a large put, and the pruning of every record it covers past
   the retention) is written on the log thread too, so that serving goes on meanwhile.
 Either way, one batch is written at a time.
@@ -90,6 +94,10 @@ class Writer:
         self.batches = 0
         self.batches_on_log_thread = 0
         """Of those, the ones written on the log thread (the small ones, and snapshots')."""
+        self._quiet_flushes = 0
+        """Flushes in a row on the log thread of one record each, nothing pending at their end."""
+        self._lone_inline_flushes = 0
+        """Batches of a lone call written inline since the last one on the log thread."""
         self.records_written = 0
         self._on_flush = on_flush
         """Called with (records, seconds, last sequence) after each durable flush."""
@@ -205,8 +213,7 @@ class Writer:
                     break  # a child's snapshot waits for records it covers to be written
                 started = time.perf_counter()
                 try:
-                    on_log_thread = (snapshot is not None
-                                     or len(batch) < limits.INLINE_BATCH_RECORDS_MIN)
+                    on_log_thread = not self._inline(batch, snapshot)
                     if on_log_thread:
                         await loop.run_in_executor(self._executor, self._wal.append, batch,
                                                    snapshot, self._prune_before_ns())
@@ -226,11 +233,27 @@ class Writer:
                 if self._on_flush is not None:
                     self._on_flush(len(batch), time.perf_counter() - started,
                                    self.durable_sequence)
+                if on_log_thread and snapshot is None:
+                    quiet = len(batch) == 1 and not self._pending
+                    self._quiet_flushes = self._quiet_flushes + 1 if quiet else 0
                 self.batches += 1
                 self.batches_on_log_thread += on_log_thread
                 self.records_written += len(batch)
                 flushed, self._flushed = self._flushed, asyncio.Event()
                 flushed.set()
+
+    def _inline(self, batch: list[Record], snapshot: Snapshot | None) -> bool:
+        """Whether this batch is written on the loop's thread (see the module's docstring)."""
+        if snapshot is not None:
+            return False
+        if len(batch) >= limits.INLINE_BATCH_RECORDS_MIN:
+            return True
+        if (len(batch) == 1 and self._quiet_flushes >= limits.LONE_CALL_QUIET_FLUSHES
+                and self._lone_inline_flushes < limits.LONE_CALL_PROBE_EVERY_FLUSHES):
+            self._lone_inline_flushes += 1
+            return True
+        self._lone_inline_flushes = 0  # a probe, or calls that do not come alone
+        return False
 
     def _due(self) -> bool:
         since = self.core.sequence - self._snapshot_sequence
