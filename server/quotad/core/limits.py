@@ -40,8 +40,8 @@ BATCH_RECORDS_MAX = 8192
 INLINE_BATCH_RECORDS_MIN = 64
 """A batch of at least this many records is written on the event loop's own thread, a
 smaller one on the log thread (see quotad.engine.writer): a large batch comes from Batch
-RPCs, whose records cost ~45 % more CPU written from a second thread (the GIL changes hands
-around every LMDB call); a small one from calls that trickle in one by one, which gRPC hands
+RPCs, whose records cost ~20 % more CPU written from a second thread (the two threads take
+turns with the GIL); a small one from calls that trickle in one by one, which gRPC hands
 the loop only while it is free, so the loop must go on taking them during the sync for them
 to group."""
 
