@@ -23,6 +23,10 @@ COUNTER_MAX = 2**62
 """used and held never exceed this (int64 with room to spare): a change that would push one
 past it is refused (RESOURCE_EXHAUSTED, COUNTER_LIMIT) and nothing changes."""
 
+OVERAGE_MAX = 2**63 - 1
+"""A counter's overage (used + held - quota) is reported as at most this, int64's largest: with
+used and held each at COUNTER_MAX over a quota of 0 it would be one more."""
+
 QUOTA_MAX = 2**53
 """A limit group's quota is 0 ... QUOTA_MAX."""
 

@@ -833,9 +833,13 @@ class CounterView:
 
     @property
     def overage(self) -> int:
-        """max(0, used + held - quota): what a soft limit (or a recorded overage path)
-        counted past the quota. Derived, so stored answers and snapshots need not hold it."""
-        return max(0, self.used + self.held - self.quota)
+        """max(0, used + held - quota), at most OVERAGE_MAX: what a soft limit (or a
+        recorded overage path) counted past the quota. Derived, so stored answers and snapshots
+        need not hold it."""
+        overage = self.used + self.held - self.quota
+        if overage <= 0:
+            return 0
+        return overage if overage <= limits.OVERAGE_MAX else limits.OVERAGE_MAX
 
 
 @value_type(kw_only=True)
