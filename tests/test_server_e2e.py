@@ -121,6 +121,29 @@ def test_graceful_restart_recovers_exactly_the_state_the_last_run_ended_with(sta
     assert again.reservation_id == hold.reservation_id
 
 
+def test_one_caller_at_a_time_gets_its_records_written_on_the_loop_and_none_is_lost(
+        start_server):
+    """Sequential calls: after LONE_CALL_QUIET_FLUSHES on the log thread, the server writes
+    a lone call's record inline, but for a probe every LONE_CALL_PROBE_EVERY_FLUSHES + 1;
+    every acknowledged call is in the state a restart recovers."""
+    from quotad.core import limits
+
+    first = start_server()
+    subscribe(first.address, "u1", plan_with(10**6))
+    stub = quota(first.address)
+    calls = 2 * (limits.LONE_CALL_QUIET_FLUSHES + limits.LONE_CALL_PROBE_EVERY_FLUSHES)
+    for _ in range(calls):
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    assert first.stop() == 0
+    stopped = first.last("stopped")
+    inline = stopped["batches"] - stopped["batches_on_log_thread"]
+    assert inline >= calls - limits.LONE_CALL_QUIET_FLUSHES - (
+        calls // limits.LONE_CALL_PROBE_EVERY_FLUSHES), stopped
+    second = start_server(first.data_dir)
+    assert second.last("serving")["state_digest"] == stopped["state_digest"]
+    assert usage(second.address, "u1").counters[0].used == calls
+
+
 def test_holds_survive_a_restart_and_still_expire_at_their_time(start_server):
     first = start_server()
     subscribe(first.address, "u1", plan_with(100))
