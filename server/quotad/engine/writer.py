@@ -95,7 +95,8 @@ class Writer:
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
         self.batches_on_log_thread = 0
-        """Of those, the ones written on the log thread (the small ones, and snapshots')."""
+        """Of those, the ones written on the log thread (the small ones, but a lone call's while
+        calls come one at a time, and every one that carries a snapshot)."""
         self._quiet_flushes = 0
         """Flushes in a row on the log thread of one record each, nothing pending at their end."""
         self._lone_inline_flushes = 0
@@ -245,7 +246,8 @@ class Writer:
                 flushed.set()
 
     def _inline(self, batch: list[Record], snapshot: Snapshot | None) -> bool:
-        """Whether this batch is written on the loop's thread (see the module's docstring)."""
+        """Whether this batch is written on the loop's thread (see the module's docstring);
+        counts the lone calls' batches so written, towards the next probe."""
         if snapshot is not None:
             return False
         if len(batch) >= limits.INLINE_BATCH_RECORDS_MIN:
