@@ -243,9 +243,9 @@ def test_a_batch_of_inline_batch_records_min_is_written_on_the_loop_one_fewer_on
 def test_calls_that_come_one_at_a_time_are_written_inline_but_for_a_probe_every_so_often(
         tmp_path: Path):
     """LONE_CALL_QUIET_FLUSHES lone calls in a row on the log thread, and the next are written
-    on the loop; after LONE_CALL_PROBE_EVERY_FLUSHES of those, one goes to the log thread; a
-    batch of more than one record goes there too, and the count starts over. Every call is on
-    disk before its answer either way."""
+    on the loop (by the call itself); after LONE_CALL_PROBE_EVERY_FLUSHES of those, one goes to
+    the log thread; a batch of more than one record (one call's) goes there too, and the count
+    starts over. Every call is on disk before its answer either way."""
     from quotad.core import limits
 
     wal = WriteAheadLog(tmp_path)
@@ -270,7 +270,7 @@ def test_calls_that_come_one_at_a_time_are_written_inline_but_for_a_probe_every_
         await lone("after-a-quiet-probe")  # still alone: inline again
         assert writer.batches_on_log_thread == limits.LONE_CALL_QUIET_FLUSHES + 1
         together = [f"together-{index}" for index in range(3)]
-        await asyncio.gather(*(writer.execute(_track(key)) for key in together))
+        await writer.execute_many([_track(key) for key in together])
         keys.extend(together)
         assert writer.batches_on_log_thread == limits.LONE_CALL_QUIET_FLUSHES + 2
         await lone("alone-again")  # counted from none again: the log thread's
@@ -332,4 +332,41 @@ def test_a_probe_that_ends_with_calls_waiting_writes_small_batches_on_the_log_th
     asyncio.run(run())
     on_disk = {getattr(r.command, "idempotency_key", "") for r in wal.records()}
     assert {"probe", "meanwhile", "inline-again"} <= on_disk
+    wal.close()
+
+
+@pytest.mark.parametrize("fork_snapshots", [False, True])
+def test_snapshots_stay_due_and_made_while_lone_calls_are_written_inline(
+        tmp_path: Path, fork_snapshots: bool):
+    """A lone call writes its own record only when no snapshot is due: a due one goes through
+    the flush task, which makes it (in-process, or by a forked child) as with any batch."""
+    from quotad.core import limits
+
+    wal = WriteAheadLog(tmp_path)
+    every = 5
+
+    async def run() -> Writer:
+        writer = Writer(recover(wal), wal, on_failure=pytest.fail, snapshot_every_records=every,
+                        fork_snapshots=fork_snapshots)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        calls = 2 * (limits.LONE_CALL_QUIET_FLUSHES + limits.LONE_CALL_PROBE_EVERY_FLUSHES)
+        for index in range(calls):
+            await writer.execute(_track(f"k{index}"))
+            if fork_snapshots:
+                await asyncio.sleep(0.002)  # a child gets time to finish now and then
+        assert writer.batches - writer.batches_on_log_thread > limits.LONE_CALL_QUIET_FLUSHES
+        assert writer.snapshots >= 2
+        assert wal.snapshot_sequence() > calls // 2  # made well after lone calls went inline
+        if not fork_snapshots:  # made as soon as due, with the record that made it due
+            assert writer.core.sequence - wal.snapshot_sequence() < every
+        digest = state_digest(writer.core)
+        await writer.close()
+        return digest
+
+    digest = asyncio.run(run())
+    wal.close()
+    wal = WriteAheadLog(tmp_path)
+    assert state_digest(recover(wal)) == digest
     wal.close()

@@ -18,8 +18,11 @@ Where a batch is written depends on its size (limits.INLINE_BATCH_RECORDS_MIN):
   for the next batch to grow (written inline, such calls went one record per sync).
 - Except when calls come one at a time (limits.LONE_CALL_QUIET_FLUSHES): then nobody joins
   the next batch anyway, and a batch of one record is written inline, sparing its call the
-  hand-offs to the log thread and back. Every so often one goes to the log thread all the
-  same (limits.LONE_CALL_PROBE_EVERY_FLUSHES), to see whether calls now arrive during a sync.
+  hand-offs to the log thread and back; the call writes it itself, right after applying it,
+  when nothing else is pending or being written and no snapshot is due (it then needs no
+  turn of the loop to wake the flush task, nor one to be woken). Every so often one goes to
+  the log thread all the same (limits.LONE_CALL_PROBE_EVERY_FLUSHES), to see whether calls
+  now arrive during a sync.
 - A batch that carries a snapshot (a large put, and the pruning of every record it covers past
   the retention) is written on the log thread too, so that serving goes on meanwhile.
 Either way, one batch is written at a time.
@@ -97,6 +100,8 @@ class Writer:
         self.batches_on_log_thread = 0
         """Of those, the ones written on the log thread (the small ones, but a lone call's while
         calls come one at a time, and every one that carries a snapshot)."""
+        self._flushing = False
+        """The flush task is writing (or about to): only it may write then."""
         self._quiet_flushes = 0
         """Flushes in a row on the log thread of one record each, nothing pending at their end."""
         self._lone_inline_flushes = 0
@@ -177,9 +182,31 @@ class Writer:
                         self.on_applied(outcome.records)
                 outcomes.append(outcome)
         if self._pending:
+            if self._wrote_alone():
+                return outcomes
             self._has_pending.set()
         await self.wait_durable(self.core.sequence)
         return outcomes
+
+    def _wrote_alone(self) -> bool:
+        """Writes the record just applied here and now, if it is all there is to write and a
+        lone call's record is written inline (_inline): the call then needs no turn of the
+        loop for the flush task, nor another for its own answer. Anything else (more records,
+        a batch being written, a snapshot due) is left to the flush task."""
+        if (self._flushing or len(self._pending) != 1 or self._ready is not None
+                or self._due() or not self._inline(self._pending, None)):
+            return False
+        batch, self._pending = self._pending, []
+        self._count_small(batch, inline=True)
+        assert batch[0].sequence == self.durable_sequence + 1, (batch, self.durable_sequence)
+        started = time.perf_counter()
+        try:
+            self._wal.append(batch)
+        except BaseException as error:  # fail-stop: memory is ahead of disk
+            self._fail(error)
+            raise WriterStopped(f"storage failed: {error!r}") from error
+        self._written(batch, started, on_log_thread=False)
+        return True
 
     async def wait_durable(self, sequence: int) -> None:
         while self.durable_sequence < sequence:
@@ -202,8 +229,10 @@ class Writer:
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._flushing = False
             await self._has_pending.wait()
             self._has_pending.clear()
+            self._flushing = True
             while self._pending or self._ready is not None:
                 if self._fork_snapshots:
                     self._start_child_if_due()
@@ -217,6 +246,8 @@ class Writer:
                 started = time.perf_counter()
                 try:
                     on_log_thread = not self._inline(batch, snapshot)
+                    if snapshot is None:
+                        self._count_small(batch, inline=not on_log_thread)
                     if on_log_thread:
                         await loop.run_in_executor(self._executor, self._wal.append, batch,
                                                    snapshot, self._prune_before_ns())
@@ -231,33 +262,38 @@ class Writer:
                         self.snapshots += 1
                 if not batch:
                     continue
-                self.durable_sequence = batch[-1].sequence
-                self.core.forget_durable(self.durable_sequence)
-                if self._on_flush is not None:
-                    self._on_flush(len(batch), time.perf_counter() - started,
-                                   self.durable_sequence)
                 if on_log_thread and snapshot is None:
                     quiet = len(batch) == 1 and not self._pending
                     self._quiet_flushes = self._quiet_flushes + 1 if quiet else 0
-                self.batches += 1
-                self.batches_on_log_thread += on_log_thread
-                self.records_written += len(batch)
-                flushed, self._flushed = self._flushed, asyncio.Event()
-                flushed.set()
+                self._written(batch, started, on_log_thread)
+
+    def _written(self, batch: list[Record], started: float, on_log_thread: bool) -> None:
+        """After a batch is durable: memory forgets what the log now answers for, and the
+        calls waiting for it are woken."""
+        self.durable_sequence = batch[-1].sequence
+        self.core.forget_durable(self.durable_sequence)
+        if self._on_flush is not None:
+            self._on_flush(len(batch), time.perf_counter() - started, self.durable_sequence)
+        self.batches += 1
+        self.batches_on_log_thread += on_log_thread
+        self.records_written += len(batch)
+        flushed, self._flushed = self._flushed, asyncio.Event()
+        flushed.set()
 
     def _inline(self, batch: list[Record], snapshot: Snapshot | None) -> bool:
-        """Whether this batch is written on the loop's thread (see the module's docstring);
-        counts the lone calls' batches so written, towards the next probe."""
+        """Whether this batch is written on the loop's thread (see the module's docstring)."""
         if snapshot is not None:
             return False
         if len(batch) >= limits.INLINE_BATCH_RECORDS_MIN:
             return True
-        if (len(batch) == 1 and self._quiet_flushes >= limits.LONE_CALL_QUIET_FLUSHES
-                and self._lone_inline_flushes < limits.LONE_CALL_PROBE_EVERY_FLUSHES):
-            self._lone_inline_flushes += 1
-            return True
-        self._lone_inline_flushes = 0  # a probe, or calls that do not come alone
-        return False
+        return (len(batch) == 1 and self._quiet_flushes >= limits.LONE_CALL_QUIET_FLUSHES
+                and self._lone_inline_flushes < limits.LONE_CALL_PROBE_EVERY_FLUSHES)
+
+    def _count_small(self, batch: list[Record], inline: bool) -> None:
+        """Counts a small batch (no snapshot) towards the next probe: one written inline adds
+        one; one on the log thread (a probe, or calls that do not come alone) starts over."""
+        if len(batch) < limits.INLINE_BATCH_RECORDS_MIN:
+            self._lone_inline_flushes = self._lone_inline_flushes + 1 if inline else 0
 
     def _due(self) -> bool:
         since = self.core.sequence - self._snapshot_sequence
