@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from quotad.core import limits
 from quotad.storage.codec import state_digest
 from quotad.core.commands import Track, UpsertPlan, UpsertSubscription
 from quotad.core.plans import LimitGroup, Plan, Window
@@ -213,8 +214,6 @@ def test_an_in_process_snapshot_never_covers_records_a_later_transaction_writes(
 def test_a_batch_of_inline_batch_records_min_is_written_on_the_loop_one_fewer_on_the_log_thread(
         tmp_path: Path):
     """Both ways write the same records, durable before their answers."""
-    from quotad.core import limits
-
     wal = WriteAheadLog(tmp_path)
 
     async def run() -> Writer:
@@ -246,8 +245,6 @@ def test_calls_that_come_one_at_a_time_are_written_inline_but_for_a_probe_every_
     on the loop (by the call itself); after LONE_CALL_PROBE_EVERY_FLUSHES of those, one goes to
     the log thread; a batch of more than one record (one call's) goes there too, and the count
     starts over. Every call is on disk before its answer either way."""
-    from quotad.core import limits
-
     wal = WriteAheadLog(tmp_path)
     keys: list[str] = []
 
@@ -291,8 +288,6 @@ def test_a_probe_that_ends_with_calls_waiting_writes_small_batches_on_the_log_th
     from then on small batches go to the log thread, until LONE_CALL_QUIET_FLUSHES quiet ones
     in a row again."""
     import threading
-
-    from quotad.core import limits
 
     wal = WriteAheadLog(tmp_path)
     append = wal.append
@@ -340,8 +335,6 @@ def test_snapshots_stay_due_and_made_while_lone_calls_are_written_inline(
         tmp_path: Path, fork_snapshots: bool):
     """A lone call writes its own record only when no snapshot is due: a due one goes through
     the flush task, which makes it (in-process, or by a forked child) as with any batch."""
-    from quotad.core import limits
-
     wal = WriteAheadLog(tmp_path)
     every = 5
 

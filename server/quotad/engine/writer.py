@@ -101,7 +101,9 @@ class Writer:
         """Of those, the ones written on the log thread (the small ones, but a lone call's while
         calls come one at a time, and every one that carries a snapshot)."""
         self._flushing = False
-        """The flush task is writing (or about to): only it may write then."""
+        """The flush task is at work (from its waking until it waits again): only it writes
+        then. Between the event that wakes it and its waking, the records pending keep a
+        lone call from writing (it writes only when its own record is all there is)."""
         self._quiet_flushes = 0
         """Flushes in a row on the log thread of one record each, nothing pending at their end."""
         self._lone_inline_flushes = 0
@@ -193,8 +195,8 @@ class Writer:
         lone call's record is written inline (_inline): the call then needs no turn of the
         loop for the flush task, nor another for its own answer. Anything else (more records,
         a batch being written, a snapshot due) is left to the flush task."""
-        if (self._flushing or len(self._pending) != 1 or self._ready is not None
-                or self._due() or not self._inline(self._pending, None)):
+        if (self._flushing or len(self._pending) != 1 or not self._inline(self._pending, None)
+                or self._ready is not None or self._due()):
             return False
         batch, self._pending = self._pending, []
         self._count_small(batch, inline=True)
