@@ -479,21 +479,21 @@ def settled_calls_answered(metrics_address: str, settle_s: float = 0.5) -> int:
         count = again
 
 
-@pytest.fixture
-def frozen_user(tmp_path: Path):
+def start_frozen_user(data_dir: Path):
     """A server that is the one shard of a static map, with the slot of a subscribed user of
-    app `default` frozen (FreezeSlots, as a move's first step does): (address, metrics
-    address, user)."""
+    app `default` frozen (FreezeSlots, as a move's first step does): (server, address,
+    metrics address, user). The caller closes the server."""
     import json
 
     from quotad.cluster.etcd_process import free_port
     from server_process import ServerProcess
 
     address = f"127.0.0.1:{free_port()}"
-    shard_map = tmp_path / "shards.json"
+    data_dir.mkdir(parents=True)
+    shard_map = data_dir / "shards.json"
     shard_map.write_text(json.dumps({"shards": [
         {"id": 0, "address": address, "slots": "0-4095"}]}))
-    server = ServerProcess(tmp_path / "data", extra_args=(
+    server = ServerProcess(data_dir / "data", extra_args=(
         "--shard-map", str(shard_map), "--shard-id", "0",
         "--metrics-listen", "127.0.0.1:0")).start(address)
     try:
@@ -503,25 +503,24 @@ def frozen_user(tmp_path: Path):
                                 timeout=RPC_TIMEOUT_S)
         stub.FreezeSlots(pb.FreezeSlotsRequest(slots=str(slot_of("default", user))),
                          timeout=RPC_TIMEOUT_S)
-        yield address, server.last("serving")["metrics"], user
-    finally:
+        return server, address, server.last("serving")["metrics"], user
+    except BaseException:
         server.close()
+        raise
 
 
-@pytest.mark.parametrize("call", ["reserve", "usage"])
-@pytest.mark.parametrize("kind", ["sync", "async", "async-uncoalesced"])
-def test_a_call_refused_slots_moving_is_sent_again_exactly_slots_moving_retries_max_times(
-        frozen_user, kind: str, call: str):
-    """The slot stays frozen: each client sends the call (the async one in a Batch, or alone),
-    then again after each refusal's 50 ms RetryInfo, SLOTS_MOVING_RETRIES_MAX times (101
-    attempts in all, the server's count of calls answered; not one more as an UNAVAILABLE
-    its retry policy would send again), and gives up with the refusal well before its
-    deadline."""
-    from quotad_client import QuotaClient, Unavailable
-    from quotad_client._retry import SLOTS_MOVING_RETRIES_MAX
+CLIENT_KINDS = ("sync", "async", "async-uncoalesced")
+REFUSED_CALL_DEADLINE_S = 60.0
+"""100 waits of 50 ms and 101 round trips fit many times over."""
 
-    address, metrics, user = frozen_user
-    deadline_s = 60.0  # 100 waits of 50 ms and 101 round trips fit many times over
+
+def refused_slots_moving(kind: str, call: str, address: str, metrics: str,
+                         user: str) -> tuple[BaseException | None, int, float]:
+    """One client of `kind` makes `call` for the frozen user until it gives up: what it
+    raised, how many calls the server answered meanwhile, and how long it took (s)."""
+    from quotad_client import QuotaClient
+
+    deadline_s = REFUSED_CALL_DEADLINE_S
 
     async def attempt_async() -> None:
         async with AsyncQuotaClient(address, timeout_s=deadline_s,
@@ -537,9 +536,43 @@ def test_a_call_refused_slots_moving_is_sent_again_exactly_slots_moving_retries_
 
     before = settled_calls_answered(metrics)
     began = time.monotonic()
-    with pytest.raises(Unavailable) as refused:
+    raised = None
+    try:
         attempt()
+    except Exception as error:
+        raised = error
     took_s = time.monotonic() - began
-    assert refused.value.reason == ErrorReason.SLOTS_MOVING
-    assert settled_calls_answered(metrics) - before == 1 + SLOTS_MOVING_RETRIES_MAX
-    assert SLOTS_MOVING_RETRIES_MAX * 0.05 <= took_s < deadline_s / 2, took_s
+    return raised, settled_calls_answered(metrics) - before, took_s
+
+
+@pytest.mark.parametrize("call", ["reserve", "usage"])
+def test_a_call_refused_slots_moving_is_sent_again_exactly_slots_moving_retries_max_times(
+        tmp_path: Path, call: str):
+    """The slot stays frozen: each client (sync, async coalescing it into a Batch, async
+    sending it alone) sends the call, then again after each refusal's 50 ms RetryInfo,
+    SLOTS_MOVING_RETRIES_MAX times (101 attempts in all, the server's count of calls
+    answered; not one more as an UNAVAILABLE its retry policy would send again), and gives
+    up with the refusal well before its deadline. The three clients run side by side, each
+    against a server of its own, so each count is its client's alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quotad_client import Unavailable
+    from quotad_client._retry import SLOTS_MOVING_RETRIES_MAX
+
+    with ThreadPoolExecutor(len(CLIENT_KINDS)) as pool:
+        starting = [pool.submit(start_frozen_user, tmp_path / kind) for kind in CLIENT_KINDS]
+        try:
+            servers = [future.result() for future in starting]
+            outcomes = list(pool.map(
+                lambda kind, started: refused_slots_moving(kind, call, *started[1:]),
+                CLIENT_KINDS, servers))
+        finally:
+            for future in starting:
+                if future.exception() is None:
+                    future.result()[0].close()
+    for kind, (raised, answered, took_s) in zip(CLIENT_KINDS, outcomes):
+        assert isinstance(raised, Unavailable), (kind, raised)
+        assert raised.reason == ErrorReason.SLOTS_MOVING, kind
+        assert answered == 1 + SLOTS_MOVING_RETRIES_MAX, kind
+        assert SLOTS_MOVING_RETRIES_MAX * 0.05 <= took_s < REFUSED_CALL_DEADLINE_S / 2, (
+            kind, took_s)
