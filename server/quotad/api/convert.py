@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -60,10 +60,16 @@ def _ns(message: duration_pb2.Duration | timestamp_pb2.Timestamp) -> int:
     return message.seconds * limits.NS_PER_S + nanos
 
 
+def _metadata(entries: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A request's metadata map as (key, value) pairs sorted by key. Read key by key: upb's
+    items() costs ~0.5 us even for an empty map, this ~0.3 us for one entry (timeit)."""
+    return tuple([(key, entries[key]) for key in sorted(entries)]) if entries else ()
+
+
 def reserve(app: str, request: pb.ReserveRequest) -> c.Reserve:
     return c.Reserve(
         app=app, user_id=request.user_id, event_type=request.event_type, amount=request.amount,
-        metadata=tuple(sorted(request.metadata.items())),
+        metadata=_metadata(request.metadata),
         ttl_ns=_ns(request.ttl) if request.HasField("ttl") else limits.TTL_NS_DEFAULT,
         idempotency_key=request.idempotency_key,
         reservation_id=new_reservation_id(slot_of(app, request.user_id)))
@@ -88,7 +94,7 @@ def extend(app: str, request: pb.ExtendRequest) -> c.Extend:
 
 def track(app: str, request: pb.TrackRequest) -> c.Track:
     return c.Track(app=app, user_id=request.user_id, event_type=request.event_type,
-                   amount=request.amount, metadata=tuple(sorted(request.metadata.items())),
+                   amount=request.amount, metadata=_metadata(request.metadata),
                    idempotency_key=request.idempotency_key, enforce=request.enforce)
 
 
