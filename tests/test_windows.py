@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 from quotad.core.limits import NS_PER_S as S
 from quotad.core.plans import Window
-from quotad.core.windows import window_bounds
+from quotad.core.windows import latest_window_bounds, window_bounds
 
 UTC_ZONE = zoneinfo.ZoneInfo("UTC")
 NEW_YORK = zoneinfo.ZoneInfo("America/New_York")
@@ -401,7 +401,8 @@ def test_property_windows_near_dst_changes_hold_now_and_are_contiguous(
 @given(zone_name=st.sampled_from(DST_ZONES), window=st.sampled_from(TIMED), data=st.data())
 def test_property_windows_near_dst_changes_are_the_same_for_every_instant_in_them(
         zone_name: str, window: Window, data) -> None:
-    """Every instant of a window maps to that window: windows never overlap."""
+    """Every instant of a window maps to that window: windows never overlap (what the core's
+    latest_window_bounds rests on)."""
     at_s = data.draw(st.sampled_from(transitions(zone_name))) + data.draw(
         st.integers(min_value=-3 * 3600, max_value=3 * 3600))
     zone = zoneinfo.ZoneInfo(zone_name)
@@ -409,3 +410,21 @@ def test_property_windows_near_dst_changes_are_the_same_for_every_instant_in_the
     inside = data.draw(st.integers(min_value=start, max_value=end - 1))
     assert window_bounds(window, zone, inside) == (start, end)
     assert window_bounds(window, zone, start) == (start, end)
+    assert window_bounds(window, zone, end - 1) == (start, end)
+
+
+@settings(max_examples=200, deadline=None)
+@given(zone_name=st.sampled_from(DST_ZONES), window=st.sampled_from(TIMED), data=st.data())
+def test_property_latest_window_bounds_answers_as_window_bounds_whatever_was_asked_before(
+        zone_name: str, window: Window, data) -> None:
+    """The core asks latest_window_bounds, which answers from the window it computed last
+    for that window and zone: instants near a zone's offset changes, asked in any order,
+    get what window_bounds computes (the test above is why)."""
+    zone = zoneinfo.ZoneInfo(zone_name)
+    around_s = data.draw(st.sampled_from(transitions(zone_name)))
+    instants_s = data.draw(st.lists(
+        st.integers(min_value=around_s - 2 * 86400, max_value=around_s + 2 * 86400),
+        min_size=1, max_size=12))
+    for at_s in instants_s:
+        for at_ns in (at_s * S, at_s * S + S - 1):
+            assert latest_window_bounds(window, zone, at_ns) == window_bounds(window, zone, at_ns)

@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo
 
 from quotad.core import limits
 from quotad.core.plans import RecurringGrant
-from quotad.core.windows import window_bounds
+from quotad.core.windows import latest_window_bounds
 
 
 @dataclass(slots=True)
@@ -253,7 +253,7 @@ def renewed(balance: Balance, grant: RecurringGrant, zone: ZoneInfo, held: int,
     read changes nothing; a change stores the copy."""
     if balance.recurring_window_end_ns is not None and now_ns < balance.recurring_window_end_ns:
         return None
-    start_ns, end_ns = window_bounds(grant.every, zone, now_ns)
+    start_ns, end_ns = latest_window_bounds(grant.every, zone, now_ns)
     assert end_ns is not None
     renewed_balance = balance.copy()
     previous = next((g for g in renewed_balance.grants if g.recurring and not g.expired), None)

@@ -43,7 +43,7 @@ from quotad.core.values import state_type, value_fields, value_type
 from quotad.core.plans import (
     Kind, LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone,
 )
-from quotad.core.windows import window_bounds
+from quotad.core.windows import latest_window_bounds
 from quotad_contract.errors import ErrorReason
 from quotad_contract.shards import slot_of, slot_of_reservation
 
@@ -780,7 +780,7 @@ class Core:
             return counter
         zone = load_time_zone(user.subscription.time_zone)
         assert zone is not None, user.subscription
-        start_ns, end_ns = window_bounds(group.window, zone, now_ns)
+        start_ns, end_ns = latest_window_bounds(group.window, zone, now_ns)
         return CounterState(start_ns, end_ns)
 
     @staticmethod

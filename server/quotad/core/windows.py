@@ -35,6 +35,26 @@ def window_bounds(window: Window, zone: ZoneInfo, now_ns: int) -> tuple[int, int
     return start_ns, end_ns
 
 
+_latest: dict[tuple[Window, ZoneInfo], tuple[int, int | None]] = {}
+"""The bounds last computed for each window and zone. At most one entry per window and tzdata
+zone (subscriptions name no others)."""
+
+
+def latest_window_bounds(window: Window, zone: ZoneInfo, now_ns: int) -> tuple[int, int | None]:
+    """window_bounds, answered from the bounds last computed for that window and zone when
+    now_ns falls within them: most instants asked about fall in the window asked about just
+    before (1.6-3.8 us to compute, ~0.2 to find here; `timeit`). Every instant of a window
+    has that same window (tests/test_windows.py), so the answer does not depend on what was
+    asked before."""
+    key = (window, zone)
+    latest = _latest.get(key)
+    if latest is not None and latest[0] <= now_ns and (latest[1] is None or now_ns < latest[1]):
+        return latest
+    bounds = window_bounds(window, zone, now_ns)
+    _latest[key] = bounds
+    return bounds
+
+
 def _period(window: Window, local_date: date) -> tuple[date, date]:
     """The first local date of the day, week or month holding local_date, and the next one's."""
     if window is Window.DAY:
