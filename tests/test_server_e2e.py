@@ -253,6 +253,12 @@ def test_map_full_stops_the_server_and_a_larger_map_recovers_every_acknowledged_
     assert small.process.wait(timeout=30) == 1
     assert small.last("stopped after a failure")
     print(f"\nmap full after {acknowledged} acknowledged tracks")
+    # it said so before: the file grew toward its 1 MiB map, to be full within a day
+    warned = [line for line in small.log_lines
+              if line["message"].startswith("the log will fill its map within a day")]
+    assert warned and warned[0]["level"] == "warning", small.log_lines[-5:]
+    assert warned[0]["bound"] == "map" and 0 < warned[0]["left_bytes"] < 1024**2
+    assert 0 < warned[0]["fills_in_h"] <= 24 and warned[0]["growth_bytes_per_s"] > 0
 
     larger = start_server(data_dir, extra_args=("--map-size-gib", "0.1"))
     assert usage(larger.address, "u1").counters[0].used == acknowledged

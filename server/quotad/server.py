@@ -47,6 +47,7 @@ from quotad_contract.limits import SHARD_ID_MAX
 from quotad_contract.shards import EtcdTarget, format_slots
 from quotad_contract.v1 import quotad_pb2
 from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, WriteAheadLog
+from quotad.engine.headroom import LogHeadroom
 from quotad.engine.recovery import recover
 from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT, Writer,
@@ -307,6 +308,8 @@ class _Process:
 
     writer: Writer
     core: Core
+    _headroom_task: asyncio.Task[None]
+    """Warns while the log would fill its map or disk within a day (from start_writer on)."""
 
     def __init__(self, config: Config, wal: WriteAheadLog,
                  control: ControlPlane | None = None) -> None:
@@ -431,13 +434,36 @@ class _Process:
                         audit_retention_ns=config.audit_retention_ns)
         writer.start()
         metrics.watch_live_holds(lambda: len(core.expiry))
-        metrics.watch_log(self.wal.env)
+        metrics.watch_log(self.wal)
         if config.metrics_listen:
             metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
             bound = metrics.serve(metrics_host, int(metrics_port))
             self.metrics_address = f"{metrics_host}:{bound}"
         self.writer, self.core = writer, core
+        self._headroom_task = asyncio.create_task(self._watch_headroom(),
+                                                  name="quotad-log-headroom")
         return writer
+
+    async def _watch_headroom(self) -> None:
+        """Logs a warning while the log would fill its map or disk within a day at the rate
+        it grows (engine/headroom.py); samples every LOG_GROWTH_SAMPLE_EVERY_S."""
+        headroom, wal = LogHeadroom(), self.wal
+        while True:
+            try:
+                soon = headroom.sample(time.monotonic(), wal.used_bytes(), wal.map_bytes(),
+                                       wal.disk_free_bytes())
+            except OSError as error:  # the disk's figures cannot be read: say so, go on
+                log.warning("cannot read the log's size", extra={"error": str(error)})
+                soon = None
+            if soon is not None:
+                log.warning("the log will fill its %s within a day at its rate of growth; "
+                            "raise --map-size-gib or give the data directory a larger disk, "
+                            "or lower --audit-retention-days", soon.bound, extra={
+                                "bound": soon.bound, "used_bytes": soon.used_bytes,
+                                "left_bytes": soon.left_bytes,
+                                "growth_bytes_per_s": round(soon.growth_bytes_per_s),
+                                "fills_in_h": round(soon.fills_in_s / 3600, 2)})
+            await asyncio.sleep(limits.LOG_GROWTH_SAMPLE_EVERY_S)
 
     async def join_catalog(self, control: ControlPlane, writer: Writer, core: Core, *,
                            own_plan_ids: frozenset[str] = frozenset()) -> frozenset[str]:
@@ -520,6 +546,7 @@ class _Process:
         await self.server.stop(0 if failure else limits.DRAIN_S)
         await self.http_api.close()
         await writer.close()
+        self._headroom_task.cancel()
         self.wal.close()
         if self.control is not None:
             await self.control.close()

@@ -80,17 +80,17 @@ class Metrics:
     def watch_live_holds(self, count: Callable[[], int]) -> None:
         self.live_holds.set_function(count)
 
-    def watch_log(self, env: Any) -> None:
+    def watch_log(self, wal: Any) -> None:
         """Reads the LMDB environment's size when scraped: two cheap meta-page reads."""
         def used_bytes() -> float:
             try:
-                return float((env.info()["last_pgno"] + 1) * env.stat()["psize"])
+                return float(wal.used_bytes())
             except Exception:  # closed at shutdown: no figure rather than a failed scrape
                 return float("nan")
 
         def map_bytes() -> float:
             try:
-                return float(env.info()["map_size"])
+                return float(wal.map_bytes())
             except Exception:
                 return float("nan")
 

@@ -67,6 +67,17 @@ without end_time reads up to here, and a later time is clamped to just before it
 DRAIN_S = 5.0
 """How long in-flight calls get to finish after SIGTERM."""
 
+LOG_GROWTH_SAMPLE_EVERY_S = 1.0
+"""How often the server reads the LMDB file's bytes in use, its map and the disk's free bytes
+(engine/headroom.py: a few microseconds each time)."""
+LOG_GROWTH_SMOOTHING_S = 600.0
+"""The log's growth rate is a mean weighted over about this long: a burst moves it little."""
+LOG_FULL_WARN_WITHIN_S = 24 * 3600.0
+"""A warning is logged while the log, growing at that rate, would fill its map or its disk
+within this long."""
+LOG_FULL_WARN_REPEAT_S = 600.0
+"""Such a warning is logged again at most this often while it holds."""
+
 WATCH_THRESHOLDS_PERCENT = (80, 100)
 """A limit group's usage (used + held) reaching these percents of its quota is a threshold
 event, each at most once per user, group and window; ascending. Quota 0 groups have none."""
@@ -263,6 +274,10 @@ if not PENDING_CALLS_PER_METHOD_MIN <= PENDING_CALLS_PER_METHOD <= PENDING_CALLS
                          "<= PENDING_CALLS_PER_METHOD_MAX")
 if not 1 <= INLINE_BATCH_RECORDS_MIN <= BATCH_RECORDS_MAX:
     raise AssertionError("1 <= INLINE_BATCH_RECORDS_MIN <= BATCH_RECORDS_MAX")
+if not (0 < LOG_GROWTH_SAMPLE_EVERY_S <= LOG_GROWTH_SMOOTHING_S
+        and 0 < LOG_FULL_WARN_REPEAT_S <= LOG_FULL_WARN_WITHIN_S):
+    raise AssertionError("0 < LOG_GROWTH_SAMPLE_EVERY_S <= LOG_GROWTH_SMOOTHING_S and "
+                         "0 < LOG_FULL_WARN_REPEAT_S <= LOG_FULL_WARN_WITHIN_S")
 if not (1 <= LONE_CALL_QUIET_FLUSHES and 1 <= LONE_CALL_PROBE_EVERY_FLUSHES):
     raise AssertionError("1 <= LONE_CALL_QUIET_FLUSHES and 1 <= LONE_CALL_PROBE_EVERY_FLUSHES")
 if not 1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX:

@@ -670,6 +670,20 @@ class WriteAheadLog:
                     last_filed = tail + b"\0"  # just past it: a pending copy is skipped
         return found
 
+    def used_bytes(self) -> int:
+        """Bytes of the LMDB file in use: its high-water mark (pages freed by pruning are
+        reused below it). Two meta-page reads."""
+        return (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+
+    def map_bytes(self) -> int:
+        """The most the LMDB file may grow to (--map-size-gib)."""
+        return int(self.env.info()["map_size"])
+
+    def disk_free_bytes(self) -> int:
+        """Bytes free on the data directory's file system, for an unprivileged writer."""
+        stat = os.statvfs(self.data_dir)
+        return stat.f_bavail * stat.f_frsize
+
     def close(self) -> None:
         self.env.close()
         self._lock_file.close()

@@ -1,0 +1,64 @@
+"""How long the log has room left: a warning while, at the rate the LMDB file has been growing,
+it would fill its map (`--map-size-gib`) or the disk under it within a day.
+
+Pure: the server samples the file's bytes in use (LMDB's high-water mark: pages freed by
+pruning are reused below it, so it stops growing once the audit retention is reached), the map
+and the disk's free bytes, and passes the time in. A full map or disk stops the server
+(fail-stop, Guarantees); this says so hours before, in the log, with what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from quotad.core import limits
+
+
+@dataclass(frozen=True)
+class LogFillsSoon:
+    """What a warning says: the bytes in use, the bound that runs out first ("map" or
+    "disk"), the bytes left before it, the growth rate and when it fills at that rate."""
+
+    used_bytes: int
+    bound: str
+    left_bytes: int
+    growth_bytes_per_s: float
+    fills_in_s: float
+
+
+class LogHeadroom:
+    """The growth rate of the bytes in use, smoothed over LOG_GROWTH_SMOOTHING_S (an
+    exponentially weighted mean: two numbers, whatever the sampling); a warning when that rate
+    fills the map or the disk within LOG_FULL_WARN_WITHIN_S, at most once per
+    LOG_FULL_WARN_REPEAT_S."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None
+        self.growth_bytes_per_s = 0.0
+        self._warned_at_s: float | None = None
+
+    def sample(self, now_s: float, used_bytes: int, map_bytes: int,
+               disk_free_bytes: int) -> LogFillsSoon | None:
+        """Takes a sample (now_s from a monotonic clock); the warning when one is due."""
+        assert used_bytes >= 0 and map_bytes > 0 and disk_free_bytes >= 0
+        last, self._last = self._last, (now_s, used_bytes)
+        if last is None or now_s <= last[0]:
+            return None
+        elapsed_s = now_s - last[0]
+        rate = (used_bytes - last[1]) / elapsed_s  # < 0 never: LMDB's file does not shrink
+        weight = 1.0 - math.exp(-elapsed_s / limits.LOG_GROWTH_SMOOTHING_S)
+        self.growth_bytes_per_s += weight * (rate - self.growth_bytes_per_s)
+        if self.growth_bytes_per_s <= 0:
+            return None
+        map_left = max(0, map_bytes - used_bytes)
+        bound, left = ("map", map_left) if map_left <= disk_free_bytes else (
+            "disk", disk_free_bytes)
+        fills_in_s = left / self.growth_bytes_per_s
+        if fills_in_s > limits.LOG_FULL_WARN_WITHIN_S:
+            return None
+        if (self._warned_at_s is not None
+                and now_s - self._warned_at_s < limits.LOG_FULL_WARN_REPEAT_S):
+            return None
+        self._warned_at_s = now_s
+        return LogFillsSoon(used_bytes, bound, left, self.growth_bytes_per_s, fills_in_s)

@@ -1,0 +1,93 @@
+"""The warning that the log will fill its map or disk (engine/headroom.py), with the time passed
+in. The server's own warning, from a map that really fills, is checked in test_server_e2e
+(test_map_full_stops_the_server_and_a_larger_map_recovers_every_acknowledged_change)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from quotad.core.limits import (
+    LOG_FULL_WARN_REPEAT_S, LOG_FULL_WARN_WITHIN_S, LOG_GROWTH_SMOOTHING_S,
+)
+from quotad.engine.headroom import LogHeadroom
+
+GIB = 1024**3
+DAY_S = 24 * 3600
+DISK_FREE = 10**15
+
+
+def grow(headroom: LogHeadroom, *, start_s: float, seconds: int, used_bytes: int,
+         bytes_per_s: float, map_bytes: int = 64 * GIB, disk_free_bytes: int = DISK_FREE):
+    """A sample a second for `seconds` while the file grows at bytes_per_s: every warning
+    (time, what it said) and the bytes in use at the end."""
+    warnings = []
+    for second in range(seconds + 1):
+        now_s = start_s + second
+        used = used_bytes + int(bytes_per_s * second)
+        soon = headroom.sample(now_s, used, map_bytes, disk_free_bytes)
+        if soon is not None:
+            warnings.append((now_s, soon))
+    return warnings, used_bytes + int(bytes_per_s * seconds)
+
+
+def test_a_first_sample_and_a_file_that_does_not_grow_warn_of_nothing_however_full() -> None:
+    headroom = LogHeadroom()
+    assert headroom.sample(0.0, 63 * GIB, 64 * GIB, DISK_FREE) is None
+    warnings, _ = grow(headroom, start_s=1.0, seconds=3600, used_bytes=63 * GIB, bytes_per_s=0)
+    assert warnings == []  # past the retention, pruning frees what new records take
+    assert headroom.growth_bytes_per_s == 0
+
+
+def test_steady_growth_that_fills_the_map_within_a_day_warns_with_the_time_left() -> None:
+    headroom = LogHeadroom()
+    rate = 2_700_000  # 10,000 operations/s at ~270 bytes each
+    warnings, used = grow(headroom, start_s=0.0, seconds=4 * int(LOG_GROWTH_SMOOTHING_S),
+                          used_bytes=GIB, bytes_per_s=rate)
+    assert warnings, "64 GiB at 2.7 MB/s fills in ~7 hours"
+    _, last = warnings[-1]
+    assert last.bound == "map" and last.left_bytes == 64 * GIB - last.used_bytes
+    assert last.fills_in_s == pytest.approx(last.left_bytes / last.growth_bytes_per_s)
+    assert 6 * 3600 < last.fills_in_s < 8 * 3600
+    assert used > last.used_bytes
+    assert headroom.growth_bytes_per_s == pytest.approx(rate, rel=0.03)  # smoothed, converged
+    times = [at for at, _ in warnings]
+    assert all(later - earlier >= LOG_FULL_WARN_REPEAT_S
+               for earlier, later in zip(times, times[1:]))
+
+
+def test_the_disk_is_the_bound_when_it_has_less_room_than_the_map() -> None:
+    headroom = LogHeadroom()
+    warnings, _ = grow(headroom, start_s=0.0, seconds=3 * int(LOG_GROWTH_SMOOTHING_S),
+                       used_bytes=GIB, bytes_per_s=1_000_000, disk_free_bytes=20 * GIB)
+    assert warnings and {soon.bound for _, soon in warnings} == {"disk"}
+    assert warnings[-1][1].left_bytes == 20 * GIB
+
+
+def test_growth_that_lasts_more_than_a_day_warns_of_nothing() -> None:
+    headroom = LogHeadroom()
+    rate = 63 * GIB / (2 * DAY_S)  # two days to the map
+    warnings, _ = grow(headroom, start_s=0.0, seconds=4 * int(LOG_GROWTH_SMOOTHING_S),
+                       used_bytes=GIB, bytes_per_s=rate)
+    assert warnings == []
+    assert headroom.growth_bytes_per_s == pytest.approx(rate, rel=0.03)
+    assert LOG_FULL_WARN_WITHIN_S == DAY_S
+
+
+def test_a_burst_moves_the_rate_by_its_share_of_the_smoothing_time() -> None:
+    """A snapshot of 100 MB written at once (one second's growth) counts as 100 MB over
+    LOG_GROWTH_SMOOTHING_S, not as 100 MB/s."""
+    headroom = LogHeadroom()
+    assert headroom.sample(0.0, GIB, 64 * GIB, DISK_FREE) is None
+    assert headroom.sample(1.0, GIB + 100_000_000, 64 * GIB, DISK_FREE) is None
+    weight = 1 - math.exp(-1 / LOG_GROWTH_SMOOTHING_S)
+    assert headroom.growth_bytes_per_s == pytest.approx(100_000_000 * weight)
+
+
+def test_samples_out_of_order_or_at_the_same_instant_change_nothing() -> None:
+    headroom = LogHeadroom()
+    headroom.sample(10.0, GIB, 64 * GIB, DISK_FREE)
+    assert headroom.sample(10.0, 2 * GIB, 64 * GIB, DISK_FREE) is None
+    assert headroom.sample(5.0, 3 * GIB, 64 * GIB, DISK_FREE) is None
+    assert headroom.growth_bytes_per_s == 0
