@@ -446,15 +446,21 @@ class _Process:
 
     async def _watch_headroom(self) -> None:
         """Logs a warning while the log would fill its map or disk within a day at the rate
-        it grows (engine/headroom.py); samples every LOG_GROWTH_SAMPLE_EVERY_S."""
+        it grows (engine/headroom.py); samples every LOG_GROWTH_SAMPLE_EVERY_S (~4 us each,
+        `timeit`)."""
         headroom, wal = LogHeadroom(), self.wal
+        disk_unread = False
         while True:
+            map_bytes = wal.map_bytes()
             try:
-                soon = headroom.sample(time.monotonic(), wal.used_bytes(), wal.map_bytes(),
-                                       wal.disk_free_bytes())
-            except OSError as error:  # the disk's figures cannot be read: say so, go on
-                log.warning("cannot read the log's size", extra={"error": str(error)})
-                soon = None
+                disk_free_bytes = wal.disk_free_bytes()
+            except OSError as error:  # watch the map alone; say so once
+                if not disk_unread:
+                    log.warning("cannot read the data directory's free disk space; "
+                                "watching the map alone", extra={"error": str(error)})
+                disk_unread, disk_free_bytes = True, map_bytes
+            soon = headroom.sample(time.monotonic(), wal.used_bytes(), map_bytes,
+                                   disk_free_bytes)
             if soon is not None:
                 log.warning("the log will fill its %s within a day at its rate of growth; "
                             "raise --map-size-gib or give the data directory a larger disk, "
