@@ -91,3 +91,23 @@ def test_samples_out_of_order_or_at_the_same_instant_change_nothing() -> None:
     assert headroom.sample(10.0, 2 * GIB, 64 * GIB, DISK_FREE) is None
     assert headroom.sample(5.0, 3 * GIB, 64 * GIB, DISK_FREE) is None
     assert headroom.growth_bytes_per_s == 0
+
+
+@pytest.mark.parametrize("extra_bytes, warned", [(0, True), (1, False)])
+def test_a_map_that_fills_in_exactly_a_day_warns_and_a_byte_more_does_not(
+        extra_bytes: int, warned: bool) -> None:
+    """Two samples LOG_GROWTH_SMOOTHING_S x 100 apart: the rate is then the step's own (the
+    older mean weighs exp(-100), nothing in a float), so the time left is exact."""
+    headroom = LogHeadroom()
+    elapsed_s = 100 * LOG_GROWTH_SMOOTHING_S
+    grown = 10**9
+    rate = grown / elapsed_s
+    used = GIB + grown
+    map_bytes = used + int(rate * LOG_FULL_WARN_WITHIN_S) + extra_bytes
+    assert rate * LOG_FULL_WARN_WITHIN_S == int(rate * LOG_FULL_WARN_WITHIN_S)
+    headroom.sample(0.0, GIB, map_bytes, DISK_FREE)
+    soon = headroom.sample(elapsed_s, used, map_bytes, DISK_FREE)
+    assert headroom.growth_bytes_per_s == rate
+    assert (soon is not None) is warned
+    if soon is not None:
+        assert soon.fills_in_s == LOG_FULL_WARN_WITHIN_S and soon.bound == "map"
