@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from quotad.core import commands as c
 from quotad.core import limits
 from quotad.core.errors import FieldViolation, InvalidArgument
+from quotad.core.memo import remember
 from quotad.core.plans import (
     Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Subscription, Window,
 )
@@ -333,9 +334,7 @@ def _fill_counter(message: pb.Counter, view: c.CounterView) -> None:
     encoded = _counter_heads.get(head)
     if encoded is None:
         encoded = _counter_head(view)
-        if len(_counter_heads) >= limits.COUNTER_HEADS_REMEMBERED_MAX:
-            _counter_heads.clear()
-        _counter_heads[head] = encoded
+        remember(_counter_heads, head, encoded, limits.COUNTER_HEADS_REMEMBERED_MAX)
     message.MergeFromString(encoded)
     message.used = view.used
     message.held = view.held

@@ -39,6 +39,7 @@ from quotad.core.errors import (
     PermissionDenied, QuotaError, ResourceExhausted, SlotsMoving,
 )
 from quotad.core.holds import HoldEvent, HoldState, next_state
+from quotad.core.memo import remember
 from quotad.core.values import state_type, value_fields, value_type
 from quotad.core.plans import (
     Kind, LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone,
@@ -720,9 +721,7 @@ class Core:
         if hit is not None and hit[0] is plan:
             return hit[1]
         groups = plan.matched(event_type, metadata)
-        if len(self._matched_cache) >= limits.MATCH_CACHE_ENTRIES_MAX:
-            self._matched_cache.clear()
-        self._matched_cache[key] = (plan, groups)
+        remember(self._matched_cache, key, (plan, groups), limits.MATCH_CACHE_ENTRIES_MAX)
         return groups
 
     def _subscriber(self, app_id: str, user_id: str) -> tuple[UserState, Plan]:

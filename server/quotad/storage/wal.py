@@ -62,6 +62,7 @@ from quotad.storage.codec import (
 )
 from quotad.core import limits
 from quotad.core.holds import HoldState
+from quotad.core.memo import remember
 from quotad.core.commands import (
     AUDIT_KINDS, EVENT_CURSOR_BYTES, AuditEvent, Commit, Record, Reserve, Track,
 )
@@ -331,9 +332,7 @@ class WriteAheadLog:
                 if value is None:
                     raise ValueError(f"counter shape {found.hex()} is missing")
                 known = decode_counter_shape(value)
-                if len(self._shapes_read) >= limits.COUNTER_SHAPES_REMEMBERED_MAX:
-                    self._shapes_read.clear()
-                self._shapes_read[found] = known
+                remember(self._shapes_read, found, known, limits.COUNTER_SHAPES_REMEMBERED_MAX)
             return known
         return shape
 
@@ -363,11 +362,9 @@ class WriteAheadLog:
                                           reserve_expires_at_ns), db=self.holds_db)
 
     def _remember_reserve_expiry(self, record: Record) -> None:
-        expiries = self._reserve_expiries_ns
-        if len(expiries) >= limits.RESERVE_EXPIRIES_REMEMBERED_MAX:
-            expiries.clear()  # those holds' rows keep their expiry
-        command = record.command
-        expiries[command.reservation_id] = record.now_ns + command.ttl_ns
+        command = record.command  # a hold forgotten here stores its expiry in its row
+        remember(self._reserve_expiries_ns, command.reservation_id,
+                 record.now_ns + command.ttl_ns, limits.RESERVE_EXPIRIES_REMEMBERED_MAX)
 
     def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int) -> int:
         """Deletes log records (and their events) at or below the snapshot's sequence and
@@ -504,10 +501,8 @@ class WriteAheadLog:
         else:
             record = self._row_record(txn, row, as_of_sequence)
         if record is None:
-            rows = self._rows_looked_up
-            if len(rows) >= limits.IDEMPOTENCY_ROWS_REMEMBERED_MAX:
-                rows.clear()
-            rows[(app, rpc, idempotency_key)] = row
+            remember(self._rows_looked_up, (app, rpc, idempotency_key), row,
+                     limits.IDEMPOTENCY_ROWS_REMEMBERED_MAX)
             return None
         command = record.command
         if (type(command).__name__ != rpc or command.app != app
