@@ -449,9 +449,9 @@ class _Process:
         it grows (engine/headroom.py); samples every LOG_GROWTH_SAMPLE_EVERY_S (~4 us each,
         `timeit`)."""
         headroom, wal = LogHeadroom(), self.wal
+        map_bytes = wal.map_bytes()  # set when the environment was opened
         disk_unread = False
         while True:
-            map_bytes = wal.map_bytes()
             try:
                 disk_free_bytes = wal.disk_free_bytes()
             except OSError as error:  # watch the map alone; say so once
