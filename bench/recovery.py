@@ -20,6 +20,10 @@ It prints, each a median of --runs (with the range) unless noted:
                      same state in the format before (zlib'd JSON), the peer
   - restart:         start-up recovery as the server does it: snapshot + log after it
   - full replay:     every record from sequence 1 (what a lost snapshot costs), records/s
+  - pruning (--prune): every record the snapshot covers pruned from a copy of the log, as the
+                     server prunes records past the retention: in transactions of
+                     limits.PRUNED_RECORDS_PER_TRANSACTION_MAX, CPU per record and each
+                     transaction's wall time (median, most); one run
 Each shows wall-clock seconds and this process's CPU seconds: the machine may be shared.
 Every recovered state is checked against the live one (equal state digests).
 
@@ -51,7 +55,8 @@ from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
 from quotad.storage.snapshot import core_from_snapshot
 from quotad.storage.snapshot_json import core_to_plain
-from quotad.storage.wal import Snapshot, WriteAheadLog, encode_snapshot
+from quotad.core import limits
+from quotad.storage.wal import LOCK_FILE_NAME, Retention, Snapshot, WriteAheadLog, encode_snapshot
 
 BATCH_RECORDS = 8192
 MAP_SIZE_BYTES = 256 * 1024**3
@@ -211,6 +216,36 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
               f"(CPU: {records / statistics.median(replay_s[1]):,.0f})")
 
 
+def measure_pruning(data_dir: Path) -> None:
+    """Prunes a copy of the log as the server does once its records pass the retention."""
+    copy = Path(tempfile.mkdtemp(prefix="quotad-prune-")) / "data"
+    try:
+        shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(LOCK_FILE_NAME))
+        wal = WriteAheadLog(copy, map_size_bytes=MAP_SIZE_BYTES)
+        try:
+            covered = wal.snapshot_sequence()
+            transactions_s: list[float] = []
+            records = 0
+            started_cpu = time.process_time()
+            while True:
+                started = time.perf_counter()
+                pruned = wal.prune(covered, Retention(before_ns=2**63))
+                transactions_s.append(time.perf_counter() - started)
+                records += pruned.records
+                if not pruned.more:
+                    break
+            cpu_s = time.process_time() - started_cpu
+            assert wal.first_sequence() == covered + 1, (wal.first_sequence(), covered)
+        finally:
+            wal.close()
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+    print(f"pruning {records:,} records, {limits.PRUNED_RECORDS_PER_TRANSACTION_MAX:,} a "
+          f"transaction: {cpu_s / max(records, 1) * 1e6:.2f} us of CPU per record; "
+          f"transactions: {len(transactions_s)}, median {statistics.median(transactions_s) * 1e3:.1f} "
+          f"ms, most {max(transactions_s) * 1e3:.1f} ms")
+
+
 def _json_snapshot(core: Core) -> bytes:
     """The core as the format before binary snapshots stored it (zlib'd JSON), the peer."""
     body = zlib.compress(json.dumps(core_to_plain(core), separators=(",", ":"),
@@ -246,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "first one of each user (default: %(default)s)")
     parser.add_argument("--spacing-ms", type=float, default=1.0,
                         help="server time between two records (default: %(default)s)")
+    parser.add_argument("--prune", action="store_true",
+                        help="also prune every record the snapshot covers from a copy of the "
+                             "log, as the server does past the retention, and show its cost")
     return parser
 
 
@@ -262,6 +300,8 @@ def main() -> None:
             facts = build(data_dir, args.users, args.tail_records, args.seed,
                           int(args.spacing_ms * 1_000_000))
         measure(data_dir, facts, args.runs, args.replay_runs)
+        if args.prune:
+            measure_pruning(data_dir)
     finally:
         if args.dir is None:
             shutil.rmtree(data_dir, ignore_errors=True)

@@ -305,9 +305,11 @@ def test_the_recovery_bench_restarts_from_its_snapshot_and_replays_the_whole_log
     assert [line.split()[0] for line in lines[1:]] == ["snapshot"] * 3 + ["the", "restart",
                                                                          "full"]
     assert "records/s" in lines[-1]
-    again = _run_bench("bench.recovery", *args[:-2], "--replay-runs", "0", "--dir",
-                       str(tmp_path))  # the kept directory, measured again
-    assert again[1:3] == lines[1:3] and again[-1] == lines[-1]
+    again = _run_bench("bench.recovery", *args[:-2], "--replay-runs", "0", "--prune", "--dir",
+                       str(tmp_path))  # the kept directory, measured again, then pruned
+    assert again[1:3] == lines[1:3] and again[-2] == lines[-1]
+    assert again[-1].startswith("pruning 121 records, 1,024 a transaction: ")
+    assert "transactions: 1, median" in again[-1]
 
 
 def test_the_recovery_bench_help_explains_every_flag():

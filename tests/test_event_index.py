@@ -15,7 +15,7 @@ from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
 from quotad.storage.codec import event_tail, key_sequence
 from quotad.storage.snapshot import snapshot_of
-from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, Snapshot, WriteAheadLog
+from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, Retention, Snapshot, WriteAheadLog
 
 PLAN = Plan(id="p", limit_groups=(
     LimitGroup(key="tokens", label="Tokens", unit="tokens", quota=10**6, window=Window.MONTH),))
@@ -124,7 +124,8 @@ def test_a_snapshot_files_the_waiting_entries_before_it_prunes_their_records(tmp
     assert _filed(wal) == (0, 0)  # every entry waits in memory
     assert len(_listed(wal, "ann", number)) == 5
     snapshot = Snapshot(sequence, snapshot_of(recover(wal)))
-    wal.append([], snapshot, prune_before_ns=2**63)  # every record old and covered
+    wal.append([], snapshot)
+    wal.prune(sequence, Retention(before_ns=2**63))  # every record old and covered
     assert wal.first_sequence() == 0
     assert _filed(wal) == (0, sequence)  # filed, then deleted with their records
     assert _listed(wal, "ann", number) == []

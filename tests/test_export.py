@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 
 from quotad.engine.recovery import recover
 from quotad.storage.snapshot import snapshot_of
-from quotad.storage.wal import Snapshot, WriteAheadLog
+from quotad.storage.wal import Retention, Snapshot, WriteAheadLog
 from quotad_client import billing, ctl
 from quotad_contract.v1 import quotad_pb2 as pb
 from test_ctl import quotactl
@@ -195,7 +195,8 @@ def test_a_cursor_older_than_the_log_is_refused_and_an_empty_one_starts_at_the_o
     wal = WriteAheadLog(data_dir)  # what the retention does to records past it
     try:
         core = recover(wal, repair=False)
-        wal.append([], Snapshot(core.sequence, snapshot_of(core)), prune_before_ns=2**63)
+        wal.append([], Snapshot(core.sequence, snapshot_of(core)))
+        wal.prune(core.sequence, Retention(before_ns=2**63))
         assert wal.first_sequence() == 0
     finally:
         wal.close()

@@ -24,7 +24,7 @@ from quotad.storage.codec import (
     hold_row_key, idempotency_row_key, reservation_bytes, state_digest,
 )
 from quotad.storage.snapshot import snapshot_of
-from quotad.storage.wal import Snapshot, WriteAheadLog
+from quotad.storage.wal import Retention, Snapshot, WriteAheadLog
 
 PLAN = Plan(id="p", limit_groups=(
     LimitGroup(key="tokens", label="Tokens", unit="tokens", quota=1000, window=Window.MONTH,
@@ -148,7 +148,8 @@ def test_pruning_a_record_removes_its_events_idempotency_row_and_finished_hold(t
     assert wal.finished_hold(_rid(1), sequence) is not None
     assert wal.idempotency_record("a", "Reserve", "r", sequence) is not None
     assert len(wal.list_events("a", "u", number, 0, 2**64 - 1, b"", 10)) == 2
-    wal.append([], Snapshot(sequence, encoded), prune_before_ns=2**63)  # all old, all covered
+    wal.append([], Snapshot(sequence, encoded))
+    wal.prune(sequence, Retention(before_ns=2**63))  # all old, all covered
     assert wal.first_sequence() == 0  # every record pruned
     assert wal.finished_hold(_rid(1), 10**6) is None
     assert wal.idempotency_record("a", "Reserve", "r", 10**6) is None

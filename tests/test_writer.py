@@ -187,10 +187,10 @@ def test_an_in_process_snapshot_never_covers_records_a_later_transaction_writes(
     appended: list[tuple[int, int | None]] = []
     append = wal.append
 
-    def recording_append(records, snapshot=None, prune_before_ns=0):
+    def recording_append(records, snapshot=None):
         appended.append((records[-1].sequence if records else 0,
                          snapshot.sequence if snapshot else None))
-        append(records, snapshot, prune_before_ns)
+        append(records, snapshot)
 
     wal.append = recording_append
 
@@ -293,11 +293,11 @@ def test_a_probe_that_ends_with_calls_waiting_writes_small_batches_on_the_log_th
     append = wal.append
     in_probe, go_on = threading.Event(), threading.Event()
 
-    def append_held(records, snapshot=None, prune_before_ns=0):
+    def append_held(records, snapshot=None):
         if any(getattr(r.command, "idempotency_key", "") == "probe" for r in records):
             in_probe.set()
             assert go_on.wait(10)
-        append(records, snapshot, prune_before_ns)
+        append(records, snapshot)
 
     wal.append = append_held
 

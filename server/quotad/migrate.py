@@ -153,7 +153,7 @@ def _copy(env: lmdb.Environment, data_dir: Path, target: Path, map_size_bytes: i
                 shown.show(written)
             if core.sequence != max(last, snapshot_sequence):
                 raise MigrationError(f"the log ends at {last} but the state at {core.sequence}")
-            wal.append(batch, Snapshot(core.sequence, snapshot_of(core)), prune_before_ns=0)
+            wal.append(batch, Snapshot(core.sequence, snapshot_of(core)))
         except format3.Unreadable as error:
             raise MigrationError(f"{data_dir}: {error}") from error
         finally:
@@ -191,7 +191,7 @@ def _copy_format4(env: lmdb.Environment, data_dir: Path, target: Path, map_size_
             _file_idempotency_rows(txn, tables["log"], tables["idempotency"], wal, data_dir,
                                    progress)
             if batch or snapshot is not None:
-                wal.append(batch, snapshot, prune_before_ns=0)
+                wal.append(batch, snapshot)
         finally:
             wal.close()
     return written, first, last, snapshot.sequence if snapshot is not None else 0

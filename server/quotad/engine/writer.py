@@ -23,9 +23,12 @@ Where a batch is written depends on its size (limits.INLINE_BATCH_RECORDS_MIN):
   turn of the loop to wake the flush task, nor one to be woken). Every so often one goes to
   the log thread all the same (limits.LONE_CALL_PROBE_EVERY_FLUSHES), to see whether calls
   now arrive during a sync.
-- A batch that carries a snapshot (a large put, and the pruning of every record it covers past
-  the retention) is written on the log thread too, so that serving goes on meanwhile.
-Either way, one batch is written at a time.
+- A batch that carries a snapshot (a large put) is written on the log thread too, so that
+  serving goes on meanwhile.
+Either way, one batch is written at a time. Once a snapshot is stored, the records it covers
+that the retention lets go are pruned on the log thread, a bounded transaction after each
+batch (limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) until none is due: the next batch waits
+for one such transaction at most.
 """
 
 from __future__ import annotations
@@ -46,15 +49,15 @@ from quotad.core.machine import Core, Outcome
 from quotad.engine.clock import ServerClock
 from quotad.storage import snapshot_child
 from quotad.storage.snapshot import snapshot_of
-from quotad.storage.wal import WriteAheadLog, Snapshot
+from quotad.storage.wal import Pruned, Retention, WriteAheadLog, Snapshot
 
 log = logging.getLogger("quotad.writer")
 
 SNAPSHOT_EVERY_RECORDS_DEFAULT = 100_000
 SNAPSHOT_EVERY_S_DEFAULT = 300.0
 AUDIT_RETENTION_NS_DEFAULT = 30 * 24 * 3600 * limits.NS_PER_S
-"""Log records (the audit trail) are kept at least this long; older ones that a snapshot
-covers are pruned when the next snapshot is written."""
+"""Log records (the audit trail) are kept at least this long (unless the log's size bound
+needs their room); older ones that a snapshot covers are pruned once it is stored."""
 
 
 class WriterStopped(Refusal):
@@ -80,11 +83,14 @@ class Writer:
                  snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS_DEFAULT,
                  snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT,
                  audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT,
+                 audit_retention_bytes: int = 0,
                  on_flush: Callable[[int, float, int], None] | None = None,
-                 fork_snapshots: bool = False) -> None:
+                 fork_snapshots: bool = False,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
         assert snapshot_every_records >= 1 and snapshot_every_s > 0 and audit_retention_ns >= 0
+        assert audit_retention_bytes >= 0
         self.core = core
-        self.clock = ServerClock(core.last_record_ns)
+        self.clock = ServerClock(core.last_record_ns, wall_ns)
         self.durable_sequence = core.sequence
         self._wal = wal
         self._on_failure = on_failure
@@ -118,6 +124,15 @@ class Writer:
         self._snapshot_every_records = snapshot_every_records
         self._snapshot_every_s = snapshot_every_s
         self._audit_retention_ns = audit_retention_ns
+        self._audit_retention_bytes = audit_retention_bytes
+        """The log's live data is kept under this (0: no bound): past it, the oldest records
+        go even inside the audit retention, never inside the keys' and holds' retention."""
+        self._prune_due = True
+        """Records a stored snapshot covers may be due for pruning (at start: what the last
+        run left)."""
+        self._trimmed_warned_at = -limits.AUDIT_TRIMMED_WARN_REPEAT_S
+        """time.monotonic() of the last warning that the size bound cut the audit trail."""
+        self.records_pruned = 0
         self._snapshot_sequence = wal.snapshot_sequence()
         """The sequence of the latest snapshot started (what "due" counts from)."""
         self._stored_sequence = self._snapshot_sequence
@@ -252,7 +267,7 @@ class Writer:
                         self._count_small(batch, inline=not on_log_thread)
                     if on_log_thread:
                         await loop.run_in_executor(self._executor, self._wal.append, batch,
-                                                   snapshot, self._prune_before_ns())
+                                                   snapshot)
                     else:
                         self._wal.append(batch)
                 except BaseException as error:  # fail-stop: memory is ahead of disk
@@ -260,14 +275,23 @@ class Writer:
                     return
                 if snapshot is not None:
                     self._stored_sequence = snapshot.sequence
+                    self._prune_due = True
                     if self._fork_snapshots:
                         self.snapshots += 1
-                if not batch:
-                    continue
-                if on_log_thread and snapshot is None:
-                    quiet = len(batch) == 1 and not self._pending
-                    self._quiet_flushes = self._quiet_flushes + 1 if quiet else 0
-                self._written(batch, started, on_log_thread)
+                if batch:
+                    if on_log_thread and snapshot is None:
+                        quiet = len(batch) == 1 and not self._pending
+                        self._quiet_flushes = self._quiet_flushes + 1 if quiet else 0
+                    self._written(batch, started, on_log_thread)
+                if self._prune_due and self._stored_sequence:
+                    try:
+                        pruned = await loop.run_in_executor(
+                            self._executor, self._wal.prune, self._stored_sequence,
+                            self._retention())
+                    except BaseException as error:  # fail-stop, as for a batch
+                        self._fail(error)
+                        return
+                    self._pruned(pruned)
 
     def _written(self, batch: list[Record], started: float, on_log_thread: bool) -> None:
         """After a batch is durable: memory forgets what the log now answers for, and the
@@ -361,12 +385,43 @@ class Writer:
         self._ready = None
         return ready if ready.sequence > self._stored_sequence else None
 
-    def _prune_before_ns(self) -> int:
-        """Records older than this may go (with their events, idempotency and hold rows): the
-        audit retention, and never before the keys and finished holds they answer for."""
-        return self.clock.last_ns - max(self._audit_retention_ns,
-                                        limits.IDEMPOTENCY_RETENTION_NS,
-                                        limits.RESERVATION_RETENTION_NS)
+    def _retention(self) -> Retention:
+        """What pruning keeps: records younger than the audit retention, and past the size
+        bound only those younger than the keys and finished holds they answer for."""
+        kept_from_ns = self.clock.last_ns - max(limits.IDEMPOTENCY_RETENTION_NS,
+                                                limits.RESERVATION_RETENTION_NS)
+        return Retention(before_ns=min(kept_from_ns,
+                                       self.clock.last_ns - self._audit_retention_ns),
+                         live_bytes_max=self._audit_retention_bytes, kept_from_ns=kept_from_ns)
+
+    def _pruned(self, pruned: Pruned) -> None:
+        """After a pruning transaction: due again only if it stopped at its bound; a warning
+        while the size bound cuts into the audit retention or cannot hold."""
+        self._prune_due = pruned.more
+        self.records_pruned += pruned.records
+        if not (pruned.beyond_retention or pruned.held_by_keys):
+            return
+        now_s = time.monotonic()
+        if now_s - self._trimmed_warned_at < limits.AUDIT_TRIMMED_WARN_REPEAT_S:
+            return
+        self._trimmed_warned_at = now_s
+        kept_s = (None if pruned.oldest_ns is None
+                  else round((self.clock.last_ns - pruned.oldest_ns) / limits.NS_PER_S))
+        extra = {"live_bytes": pruned.live_bytes,
+                 "audit_retention_bytes": self._audit_retention_bytes,
+                 "audit_trail_kept_s": kept_s,
+                 "audit_retention_s": self._audit_retention_ns // limits.NS_PER_S}
+        if pruned.held_by_keys:
+            log.warning("the log's live data is over --audit-retention-gib and its records of "
+                        "the last %d h stay (idempotency keys' first answers and finished "
+                        "holds): raise --audit-retention-gib and --map-size-gib, or the log "
+                        "fills its map", limits.IDEMPOTENCY_RETENTION_NS // (3600 * limits.NS_PER_S),
+                        extra=extra)
+        else:
+            log.warning("the audit trail was pruned inside --audit-retention-days to keep the "
+                        "log under --audit-retention-gib: it now reaches back %s s; raise "
+                        "--audit-retention-gib (and the disk) to keep it longer", kept_s,
+                        extra=extra)
 
     def _fail(self, error: BaseException) -> None:
         log.critical("stopping: %r", error)
@@ -401,7 +456,7 @@ class Writer:
             snapshot = self._snapshot_if_due(force=True)  # so that a restart replays nothing
             if snapshot is not None:
                 await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._wal.append, [], snapshot, self._prune_before_ns())
+                    self._executor, self._wal.append, [], snapshot)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

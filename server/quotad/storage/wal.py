@@ -31,9 +31,11 @@ Databases:
                events_indexed_through (the event index holds the entries of every record
                up to this sequence; absent: 0)
 
-A snapshot is written in the same transaction that prunes the log records it makes
-redundant and that are older than the audit retention, so the log always reaches back to
-the snapshot and the audit trail keeps its retention.
+Pruning (`prune`) deletes, oldest first, records a stored snapshot covers that are older than
+the audit retention, or that the log's size bound (Retention.live_bytes_max) no longer has
+room for, never one younger than the keys and finished holds they answer for: so the log
+always reaches back to the snapshot. It goes in transactions of at most
+limits.PRUNED_RECORDS_PER_TRANSACTION_MAX records, between the writer's batches.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -134,6 +136,37 @@ class UsageEntry:
     event: AuditEvent
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """What pruning keeps of the records a snapshot covers."""
+
+    before_ns: int
+    """Records older than this go (the audit retention)."""
+    live_bytes_max: int = 0
+    """While the log's live data (every table's pages in use) is over this, older records
+    go too, the oldest first; 0: no bound ..."""
+    kept_from_ns: int = 0
+    """... but never one at or after this: the keys' first answers and finished holds they
+    hold for their retention."""
+
+
+class Pruned(NamedTuple):
+    """What one pruning transaction did."""
+
+    records: int
+    beyond_retention: int
+    """Of them, those younger than Retention.before_ns: gone for the size bound."""
+    more: bool
+    """It stopped at its most records with more due: prune again."""
+    held_by_keys: bool
+    """It stopped, over the size bound, at a record of the keys' retention
+    (Retention.kept_from_ns): the bound cannot hold."""
+    live_bytes: int
+    """The live data after it."""
+    oldest_ns: int | None
+    """The time of the oldest record left (None: none)."""
+
+
 class LogPruned(Exception):
     """The log no longer holds the record a read must start at."""
 
@@ -204,12 +237,12 @@ class WriteAheadLog:
 
     # --- writing (the writer only: one append at a time) -------------------------------
 
-    def append(self, records: list[Record], snapshot: Snapshot | None = None,
-               prune_before_ns: int = 0) -> None:
-        """Writes the records (and a snapshot, pruning what it makes redundant) in one
-        transaction and syncs it; their event index entries wait in memory, or go into the
-        table with every entry waiting once EVENT_INDEX_BUFFERED_RECORDS_MAX records have
-        gathered, or with a snapshot. Raises on any failure; the caller must then stop."""
+    def append(self, records: list[Record], snapshot: Snapshot | None = None) -> None:
+        """Writes the records (and a snapshot) in one transaction and syncs it; their event
+        index entries wait in memory, or go into the table with every entry waiting once
+        EVENT_INDEX_BUFFERED_RECORDS_MAX records have gathered, or with a snapshot (so that
+        pruning finds the entries of what it deletes in the table). Raises on any failure;
+        the caller must then stop."""
         assert records or snapshot
         pending = self._loaded_events_pending()
         self._appends += 1
@@ -242,7 +275,7 @@ class WriteAheadLog:
                 for hold in record.finished:
                     self._put_finished_hold(txn, hold, record.sequence, record.now_ns)
             self._put_idempotency_rows(txn, rows)
-            if file_events:  # before any pruning: it deletes the entries of what it prunes
+            if file_events:
                 self._file_events(txn, pending, events, last_sequence)
             if records:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
@@ -250,7 +283,6 @@ class WriteAheadLog:
             if snapshot is not None:
                 assert _SNAPSHOT_HEADER.unpack_from(snapshot.encoded)[1] == snapshot.sequence
                 txn.put(SNAPSHOT_KEY, snapshot.encoded, db=self.snapshot_db)
-                self._prune(txn, snapshot.sequence, prune_before_ns)
             if fault_kind == "write-error" and self._appends == fault_at:
                 raise OSError(errno.EIO, "injected write error (QUOTAD_FAULT_INJECT)")
         self._last_written_sequence = last_sequence
@@ -366,17 +398,64 @@ class WriteAheadLog:
         remember(self._reserve_expiries_ns, command.reservation_id,
                  record.now_ns + command.ttl_ns, limits.RESERVE_EXPIRIES_REMEMBERED_MAX)
 
-    def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int) -> int:
-        """Deletes log records (and their events) at or below the snapshot's sequence and
-        older than the retention: the oldest first, so the log stays contiguous."""
+    def prune(self, up_to_sequence: int, retention: Retention,
+              records_max: int = limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) -> Pruned:
+        """Deletes, in one synced transaction, at most records_max log records (with their
+        events, idempotency and hold rows) at or below up_to_sequence (a stored snapshot's)
+        that the retention lets go: the oldest first, so the log stays contiguous. Past the
+        size bound, the records to go beyond the time retention are estimated from the
+        average record's share of the live data, again at each call (so successive calls
+        converge on the bound). Raises on any failure; the caller must then stop."""
+        assert records_max >= 1
+        self._loaded_events_pending()
+        assert up_to_sequence <= self._events_indexed_through, (  # their entries are filed
+            up_to_sequence, self._events_indexed_through)
+        with self.env.begin(write=True) as txn:
+            live_bytes = self._live_bytes(txn)
+            beyond_max = 0
+            if retention.live_bytes_max and live_bytes > retention.live_bytes_max:
+                records = txn.stat(self.log_db)["entries"]
+                over = live_bytes - retention.live_bytes_max
+                beyond_max = -(-over * records // live_bytes)  # rounded up
+            pruned, beyond, stop = self._prune(
+                txn, up_to_sequence, retention.before_ns, records_max,
+                beyond_max, retention.kept_from_ns)
+            cursor = txn.cursor(db=self.log_db)
+            oldest_ns = record_now_ns(cursor.value()) if cursor.first() else None
+            return Pruned(pruned, beyond, stop == "records_max", stop == "kept_from_ns",
+                          self._live_bytes(txn), oldest_ns)
+
+    def _live_bytes(self, txn: lmdb.Transaction) -> int:
+        """Bytes of every table's pages in use (free pages, which LMDB reuses, not counted)."""
+        pages = 0
+        for db in (None, self.meta_db, self.log_db, self.snapshot_db, self.idempotency_db,
+                   self.holds_db, self.event_index_db, self.shapes_db):
+            stat = txn.stat(db) if db is not None else self.env.stat()
+            pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+        return pages * stat["psize"]
+
+    def _prune(self, txn: lmdb.Transaction, up_to_sequence: int, before_ns: int,
+               records_max: int, beyond_max: int = 0, kept_from_ns: int = 0
+               ) -> tuple[int, int, str]:
+        """(records deleted, of them younger than before_ns, what stopped it: "records_max",
+        "kept_from_ns" (with more over the size bound), or "" (nothing more due))."""
         cursor = txn.cursor(db=self.log_db)
-        pruned = 0
+        pruned = beyond = 0
         if not cursor.first():
-            return 0
+            return 0, 0, ""
         while cursor.key():  # empty once the last record is deleted
+            if pruned == records_max:
+                return pruned, beyond, "records_max"
             key, value = cursor.key(), cursor.value()
-            if key_sequence(key) > up_to_sequence or record_now_ns(value) >= before_ns:
+            if key_sequence(key) > up_to_sequence:
                 break
+            now_ns = record_now_ns(value)
+            if now_ns >= before_ns:
+                if beyond == beyond_max:
+                    break
+                if now_ns >= kept_from_ns:
+                    return pruned, beyond, "kept_from_ns"
+                beyond += 1
             events, row, reserved = stored_record_rows(key, value)
             for user_key, tail in events:
                 txn.delete(user_key, tail, db=self.event_index_db)
@@ -386,7 +465,7 @@ class WriteAheadLog:
                 txn.delete(hold_row_key(reserved), db=self.holds_db)  # goes with its Reserve
             cursor.delete()  # moves to the next record
             pruned += 1
-        return pruned
+        return pruned, beyond, ""
 
     def drop_tail(self, from_sequence: int) -> int:
         """Deletes records from from_sequence on (a torn tail that was never acknowledged)."""
@@ -669,6 +748,11 @@ class WriteAheadLog:
         """Bytes of the LMDB file in use: its high-water mark (pages freed by pruning are
         reused below it). Two meta-page reads."""
         return (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+
+    def live_bytes(self) -> int:
+        """Bytes of every table's pages in use: what pruning keeps under its size bound."""
+        with self.env.begin() as txn:
+            return self._live_bytes(txn)
 
     def map_bytes(self) -> int:
         """The most the LMDB file may grow to (--map-size-gib)."""
