@@ -74,3 +74,4 @@ def test_metrics_show_batch_sizes_denials_inside_batches_and_the_log_size(start_
     assert samples["quotad_log_bytes"] >= 4096
     assert samples["quotad_log_bytes"] <= samples["quotad_log_map_bytes"]
     assert samples["quotad_log_map_bytes"] == 64 * 1024**3
+    assert 4096 <= samples["quotad_log_live_bytes"] <= samples["quotad_log_bytes"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +18,12 @@ from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
+from quotad.server import Config
 from quotad.storage.codec import state_digest
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import Retention, Snapshot, WriteAheadLog
 
+ROOT = Path(__file__).resolve().parent.parent
 PLAN = Plan(id="p", limit_groups=(LimitGroup(key="units", quota=10**15, window=Window.LIFETIME),))
 HOUR_NS = 3600 * limits.NS_PER_S
 START_NS = 1_800_000_000 * limits.NS_PER_S
@@ -167,3 +171,17 @@ def test_a_bound_the_keys_day_does_not_fit_keeps_that_day_and_says_so(
     assert first_ns <= last_ns - limits.IDEMPOTENCY_RETENTION_NS  # the last day is all there
     assert any("its records of the last 24 h stay" in r.getMessage() for r in caplog.records)
     wal.close()
+
+
+def test_the_bound_defaults_to_three_quarters_of_the_map_and_must_be_below_it(tmp_path: Path):
+    assert Config(map_size_bytes=4 * 1024**3).log_bytes_max == 3 * 1024**3
+    assert Config(map_size_bytes=4 * 1024**3, audit_retention_bytes=10).log_bytes_max == 10
+    for gib in ("64", "-1"):
+        refused = subprocess.run(
+            [sys.executable, "-m", "quotad", "serve", "--data-dir", str(tmp_path / "d"),
+             "--listen", "127.0.0.1:0", "--audit-retention-gib", gib],
+            capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert refused.returncode == 2, refused.stderr
+        assert "--audit-retention-gib must be" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert not (tmp_path / "d").exists()  # refused before anything was made

@@ -447,6 +447,27 @@ def test_log_records_stay_at_least_as_long_as_the_idempotency_keys_they_answer_f
     assert usage(second.address, "u1").counters[0].used == 20
 
 
+def test_a_log_size_bound_the_last_day_passes_keeps_that_day_and_says_so(start_server):
+    """--audit-retention-gib reaches the writer: a bound of 100 KiB, which the day's records
+    pass, is logged once, and they all stay (pruning to the bound, with days of server time
+    passing: tests/test_prune.py)."""
+    args = ("--snapshot-every-records", "20", "--audit-retention-gib", str(100 / 1024**2))
+    first = start_server(extra_args=args)
+    subscribe(first.address, "u1", plan_with(10**6))
+    stub = quota(first.address)
+    for n in range(400):
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1,
+                                   idempotency_key=f"k{n}", metadata={"pad": "p" * 200}))
+    assert first.stop() == 0
+    warned = [line for line in first.log_lines if line["message"].startswith(
+        "the log's live data is over --audit-retention-gib")]
+    assert len(warned) == 1 and warned[0]["level"] == "warning", first.log_lines[-5:]
+    assert warned[0]["live_bytes"] > warned[0]["audit_retention_bytes"] == 100 * 1024
+    second = start_server(first.data_dir, extra_args=args)
+    assert second.last("recovered")["log_first_sequence"] == 1
+    assert usage(second.address, "u1").counters[0].used == 400
+
+
 def test_an_address_in_use_is_refused_with_one_clear_line(server):
     result = subprocess.run(
         [sys.executable, "-m", "quotad", "serve", "--listen", server.address,

@@ -99,8 +99,13 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                                              "(default: %(default)s)")
     run.add_argument("--audit-retention-days", type=float,
                      default=AUDIT_RETENTION_NS_DEFAULT / config_file.NS_PER_DAY, metavar="DAYS",
-                     help="keep log records (the audit trail) at least this long "
-                          "(default: %(default)s)")
+                     help="keep log records (the audit trail) at least this long, unless "
+                          "--audit-retention-gib needs their room (default: %(default)s)")
+    run.add_argument("--audit-retention-gib", type=float, default=0.0, metavar="GIB",
+                     help="keep the log's live data under this: past it the oldest records go "
+                          "even inside --audit-retention-days, never those of the last 24 h "
+                          "(idempotency keys' first answers); below --map-size-gib "
+                          "(default: %(default)s, three quarters of --map-size-gib)")
     run.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                      help="serve Prometheus metrics over HTTP there (port 0 picks one); "
                           "off by default")

@@ -52,6 +52,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("snapshot_every_s", float, "snapshot_every_s"),
     Setting("audit_retention_days", float, "audit_retention_ns",
             lambda days: int(days * NS_PER_DAY)),
+    Setting("audit_retention_gib", float, "audit_retention_bytes", lambda gib: int(gib * 1024**3)),
     Setting("metrics_listen", str, "metrics_listen"),
     Setting("reflection", bool, "reflection"),
     Setting("log_state_digest", bool, "log_state_digest"),

@@ -76,6 +76,10 @@ class Config:
     snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS_DEFAULT
     snapshot_every_s: float = SNAPSHOT_EVERY_S_DEFAULT
     audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT
+    audit_retention_bytes: int = 0
+    """The log's live data is kept under this: past it, the oldest records go even inside
+    audit_retention_ns, never those of the keys' retention (24 h). 0: three quarters of the
+    map (limits.LOG_RETENTION_BYTES_SHARE_OF_MAP)."""
     log_state_digest: bool = False
     """Log a digest of the whole state when serving starts and when stopped (costs a pass
     over the state): a restart must start from the digest the last stop ended with."""
@@ -135,6 +139,10 @@ class Config:
             self._check_address("--metrics-listen", self.metrics_listen, callers=False)
         if self.audit_retention_ns < 0:
             raise ValueError("--audit-retention-days must not be negative")
+        if not 0 <= self.audit_retention_bytes < self.map_size_bytes:
+            raise ValueError("--audit-retention-gib must be at least 0 (0: three quarters of "
+                             "the map) and below --map-size-gib: the log needs room to grow "
+                             "between prunes")
         if not (limits.ADMISSION_OPERATIONS_MIN <= self.admission_operations
                 <= limits.ADMISSION_OPERATIONS_MAX):
             raise ValueError(f"--admission-operations must be {limits.ADMISSION_OPERATIONS_MIN} "
@@ -146,6 +154,12 @@ class Config:
                              f"{limits.PENDING_CALLS_PER_METHOD_MAX:,}")
         self._check_http()
         self._check_shard()
+
+    @property
+    def log_bytes_max(self) -> int:
+        """The bound on the log's live data that pruning keeps (audit_retention_bytes)."""
+        return self.audit_retention_bytes or int(
+            self.map_size_bytes * limits.LOG_RETENTION_BYTES_SHARE_OF_MAP)
 
     def _check_shard(self) -> None:
         if self.cluster and self.shard_map_file is not None:
@@ -431,7 +445,8 @@ class _Process:
                         on_flush=metrics.observe_flush if self.measured else None,
                         snapshot_every_records=config.snapshot_every_records,
                         snapshot_every_s=config.snapshot_every_s,
-                        audit_retention_ns=config.audit_retention_ns)
+                        audit_retention_ns=config.audit_retention_ns,
+                        audit_retention_bytes=config.log_bytes_max)
         writer.start()
         metrics.watch_live_holds(lambda: len(core.expiry))
         metrics.watch_log(self.wal)

@@ -12,6 +12,8 @@ own HTTP thread, never by the event loop.
     quotad_batch_operations                 operations per Batch call (client-side coalescing)
     quotad_log_bytes                        bytes of the LMDB file in use (read when scraped)
     quotad_log_map_bytes                    the most the LMDB file may grow to (--map-size-gib)
+    quotad_log_live_bytes                   bytes of its pages holding data (read when scraped):
+                                            what --audit-retention-gib bounds
     quotad_shed_calls_total{method, reason} calls refused without any work: reason
                                             "overloaded" (RESOURCE_EXHAUSTED OVERLOADED at the
                                             admission limit) or "deadline" (DEADLINE_EXCEEDED,
@@ -63,6 +65,9 @@ class Metrics:
                                registry=self.registry)
         self.log_map_bytes = Gauge("quotad_log_map_bytes", "Most bytes the LMDB file may use",
                                    registry=self.registry)
+        self.log_live_bytes = Gauge("quotad_log_live_bytes",
+                                    "Bytes of the LMDB file's pages holding data",
+                                    registry=self.registry)
         self.admitted_operations = Gauge("quotad_admitted_operations",
                                          "Operations admitted and not yet answered",
                                          registry=self.registry)
@@ -81,21 +86,19 @@ class Metrics:
         self.live_holds.set_function(count)
 
     def watch_log(self, wal: Any) -> None:
-        """Reads the LMDB environment's size when scraped: two cheap meta-page reads."""
-        def used_bytes() -> float:
-            try:
-                return float(wal.used_bytes())
-            except Exception:  # closed at shutdown: no figure rather than a failed scrape
-                return float("nan")
+        """Reads the LMDB environment's sizes when scraped: meta-page reads, and one read
+        transaction for the tables' page counts."""
+        def read(size: Callable[[], int]) -> Callable[[], float]:
+            def value() -> float:
+                try:
+                    return float(size())
+                except Exception:  # closed at shutdown: no figure rather than a failed scrape
+                    return float("nan")
+            return value
 
-        def map_bytes() -> float:
-            try:
-                return float(wal.map_bytes())
-            except Exception:
-                return float("nan")
-
-        self.log_bytes.set_function(used_bytes)
-        self.log_map_bytes.set_function(map_bytes)
+        self.log_bytes.set_function(read(wal.used_bytes))
+        self.log_map_bytes.set_function(read(wal.map_bytes))
+        self.log_live_bytes.set_function(read(wal.live_bytes))
 
     def watch_admission(self, admission: Any) -> None:
         """Shed calls and admitted operations, read from the admission counters when scraped:
