@@ -207,6 +207,7 @@ def test_a_cursor_older_than_the_log_is_refused_and_an_empty_one_starts_at_the_o
     assert _refusal(refused.value)[:2] == (grpc.StatusCode.FAILED_PRECONDITION,
                                            "EXPORT_CURSOR_PRUNED")
     assert "audit retention" in refused.value.details()
+    assert "--audit-retention-gib" in refused.value.details()
     lines, _ = export(server.address, old_cursor)  # nothing it covers was pruned
     assert [line.amount for line in lines] == [2, 1, -1]
     assert {line.billing_customer_id for line in lines} == {"cus_kept"}  # from the snapshot

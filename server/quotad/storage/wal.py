@@ -172,7 +172,8 @@ class LogPruned(Exception):
 
     def __init__(self, wanted_sequence: int, first_sequence: int) -> None:
         super().__init__(f"the log starts at sequence {first_sequence}, record "
-                         f"{wanted_sequence} was pruned past the audit retention")
+                         f"{wanted_sequence} was pruned past the audit retention or the log's size "
+                         f"bound (--audit-retention-days, --audit-retention-gib)")
         self.first_sequence = first_sequence
 
 
