@@ -111,3 +111,40 @@ def test_a_map_that_fills_in_exactly_a_day_warns_and_a_byte_more_does_not(
     assert (soon is not None) is warned
     if soon is not None:
         assert soon.fills_in_s == LOG_FULL_WARN_WITHIN_S and soon.bound == "map"
+
+
+ONE_THOUSAND_OPS_BYTES_PER_S = 270_000
+"""1,000 operations/s at ~270 bytes each: a day of records is ~23 GB."""
+
+
+def test_below_a_size_bound_that_holds_a_day_of_records_the_map_is_out_of_reach() -> None:
+    """At 45 GiB of a 64 GiB map, 270 KB/s fills the map in ~21 h; but the log's size bound
+    (48 GiB) stops the growth first, since a day of records (~23 GB) fits under it."""
+    args = dict(start_s=0.0, seconds=4 * int(LOG_GROWTH_SMOOTHING_S), used_bytes=45 * GIB,
+                bytes_per_s=ONE_THOUSAND_OPS_BYTES_PER_S)
+    unbounded, _ = grow(LogHeadroom(), **args)
+    assert unbounded and unbounded[-1][1].bound == "map"
+    bounded, used = grow(LogHeadroom(live_bytes_max=48 * GIB), **args)
+    assert bounded == [] and used < 48 * GIB
+
+
+def test_a_size_bound_a_day_of_records_passes_does_not_keep_the_map_from_filling() -> None:
+    rate = 2_700_000  # 10,000 operations/s: a day is ~233 GB, more than the 48 GiB bound
+    warnings, _ = grow(LogHeadroom(live_bytes_max=48 * GIB), start_s=0.0,
+                       seconds=4 * int(LOG_GROWTH_SMOOTHING_S), used_bytes=GIB,
+                       bytes_per_s=rate)
+    assert warnings and warnings[-1][1].bound == "map"
+    assert 6 * 3600 < warnings[-1][1].fills_in_s < 8 * 3600
+
+
+def test_below_a_size_bound_a_disk_with_less_room_than_it_is_warned_of() -> None:
+    warnings, _ = grow(LogHeadroom(live_bytes_max=48 * GIB), start_s=0.0,
+                       seconds=4 * int(LOG_GROWTH_SMOOTHING_S), used_bytes=10 * GIB,
+                       bytes_per_s=ONE_THOUSAND_OPS_BYTES_PER_S, disk_free_bytes=5 * GIB)
+    assert warnings, "5 GiB of disk at 270 KB/s is ~5.5 h, before the bound's 38 GiB"
+    _, last = warnings[-1]
+    assert last.bound == "disk" and last.left_bytes == 5 * GIB
+    warnings, _ = grow(LogHeadroom(live_bytes_max=48 * GIB), start_s=0.0,
+                       seconds=4 * int(LOG_GROWTH_SMOOTHING_S), used_bytes=10 * GIB,
+                       bytes_per_s=ONE_THOUSAND_OPS_BYTES_PER_S, disk_free_bytes=39 * GIB)
+    assert warnings == []  # the bound comes first

@@ -463,7 +463,7 @@ class _Process:
         """Logs a warning while the log would fill its map or disk within a day at the rate
         it grows (engine/headroom.py); samples every LOG_GROWTH_SAMPLE_EVERY_S (~4 us each,
         `timeit`)."""
-        headroom, wal = LogHeadroom(), self.wal
+        headroom, wal = LogHeadroom(self.config.log_bytes_max), self.wal
         map_bytes = wal.map_bytes()  # set when the environment was opened
         disk_unread = False
         while True:

@@ -5,6 +5,10 @@ Pure: the server samples the file's bytes in use (LMDB's high-water mark: pages 
 pruning are reused below it, so it stops growing once the audit retention is reached), the map
 and the disk's free bytes, and passes the time in. A full map or disk stops the server
 (fail-stop, Guarantees); this says so hours before, in the log, with what to change.
+
+Below the log's size bound (--audit-retention-gib), pruning stops the growth at the bound
+while a day of records (what the keys' retention keeps whatever the bound) fits under it: the
+map is then out of reach, and only a disk with less room than the bound is warned of.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ class LogHeadroom:
     fills the map or the disk within LOG_FULL_WARN_WITHIN_S, at most once per
     LOG_FULL_WARN_REPEAT_S."""
 
-    def __init__(self) -> None:
+    def __init__(self, live_bytes_max: int = 0) -> None:
+        assert live_bytes_max >= 0
+        self._live_bytes_max = live_bytes_max
+        """The log's size bound (0: none)."""
         self._last: tuple[float, int] | None = None
         self.growth_bytes_per_s = 0.0
         self._warned_at_s: float | None = None
@@ -51,9 +58,15 @@ class LogHeadroom:
         self.growth_bytes_per_s += weight * (rate - self.growth_bytes_per_s)
         if self.growth_bytes_per_s <= 0:
             return None
-        map_left = max(0, map_bytes - used_bytes)
-        bound, left = ("map", map_left) if map_left <= disk_free_bytes else (
-            "disk", disk_free_bytes)
+        kept_bytes = self.growth_bytes_per_s * limits.IDEMPOTENCY_RETENTION_NS / limits.NS_PER_S
+        if used_bytes < self._live_bytes_max and kept_bytes < self._live_bytes_max:
+            if disk_free_bytes >= self._live_bytes_max - used_bytes:
+                return None  # pruning stops the growth at the bound, before the disk or map
+            bound, left = "disk", disk_free_bytes
+        else:
+            map_left = max(0, map_bytes - used_bytes)
+            bound, left = ("map", map_left) if map_left <= disk_free_bytes else (
+                "disk", disk_free_bytes)
         fills_in_s = left / self.growth_bytes_per_s
         if fills_in_s > limits.LOG_FULL_WARN_WITHIN_S:
             return None
