@@ -14,6 +14,10 @@ own HTTP thread, never by the event loop.
     quotad_log_map_bytes                    the most the LMDB file may grow to (--map-size-gib)
     quotad_log_live_bytes                   bytes of its pages holding data (read when scraped):
                                             what --audit-retention-gib bounds
+    quotad_audit_trail_seconds              how far back the log reaches: the age of its oldest
+                                            record (read when scraped)
+    quotad_log_records_pruned_total         log records pruned, past the retention or the size
+                                            bound
     quotad_shed_calls_total{method, reason} calls refused without any work: reason
                                             "overloaded" (RESOURCE_EXHAUSTED OVERLOADED at the
                                             admission limit) or "deadline" (DEADLINE_EXCEEDED,
@@ -68,6 +72,9 @@ class Metrics:
         self.log_live_bytes = Gauge("quotad_log_live_bytes",
                                     "Bytes of the LMDB file's pages holding data",
                                     registry=self.registry)
+        self.audit_trail_seconds = Gauge("quotad_audit_trail_seconds",
+                                         "Age of the log's oldest record",
+                                         registry=self.registry)
         self.admitted_operations = Gauge("quotad_admitted_operations",
                                          "Operations admitted and not yet answered",
                                          registry=self.registry)
@@ -88,7 +95,7 @@ class Metrics:
     def watch_log(self, wal: Any) -> None:
         """Reads the LMDB environment's sizes when scraped: meta-page reads, and one read
         transaction for the tables' page counts."""
-        def read(size: Callable[[], int]) -> Callable[[], float]:
+        def read(size: Callable[[], float]) -> Callable[[], float]:
             def value() -> float:
                 try:
                     return float(size())
@@ -99,6 +106,16 @@ class Metrics:
         self.log_bytes.set_function(read(wal.used_bytes))
         self.log_map_bytes.set_function(read(wal.map_bytes))
         self.log_live_bytes.set_function(read(wal.live_bytes))
+
+        def audit_trail_s() -> float:
+            oldest_ns = wal.record_now_ns(wal.first_sequence())
+            return 0.0 if oldest_ns is None else max(0, time.time_ns() - oldest_ns) / 1e9
+
+        self.audit_trail_seconds.set_function(read(audit_trail_s))
+
+    def watch_pruning(self, records_pruned: Callable[[], int]) -> None:
+        """quotad_log_records_pruned_total, read from the writer's count when scraped."""
+        self.registry.register(_PrunedCollector(records_pruned))
 
     def watch_admission(self, admission: Any) -> None:
         """Shed calls and admitted operations, read from the admission counters when scraped:
@@ -152,6 +169,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 metrics.latency.labels(method).observe(time.perf_counter() - started)
 
         return handler._replace(unary_unary=measured)
+
+
+class _PrunedCollector:
+    """quotad_log_records_pruned_total, from the writer's own count."""
+
+    def __init__(self, records_pruned: Callable[[], int]) -> None:
+        self._records_pruned = records_pruned
+
+    def collect(self) -> Any:
+        yield CounterMetricFamily("quotad_log_records_pruned",
+                                  "Log records pruned, past the retention or the size bound",
+                                  value=self._records_pruned())
 
 
 class _ShedCollector:
