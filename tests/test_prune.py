@@ -83,6 +83,18 @@ def test_the_retention_prunes_what_is_older_and_covered_in_bounded_transactions(
     reopened.close()
 
 
+def test_a_transaction_prunes_pruned_records_per_transaction_max_at_most(tmp_path: Path):
+    wal = WriteAheadLog(tmp_path)
+    most = limits.PRUNED_RECORDS_PER_TRANSACTION_MAX
+    core = _hourly_log(wal, most - 1)  # with the set-up's 2 records: one more than a transaction
+    everything = Retention(before_ns=2**63)
+    first = wal.prune(core.sequence, everything)
+    assert (first.records, first.more) == (most, True)
+    last = wal.prune(core.sequence, everything)
+    assert (last.records, last.more, last.oldest_ns) == (1, False, None)
+    wal.close()
+
+
 def test_nothing_after_the_snapshot_goes(tmp_path: Path):
     wal = WriteAheadLog(tmp_path)
     core = _hourly_log(wal, 10)
