@@ -468,6 +468,21 @@ def test_a_log_size_bound_the_last_day_passes_keeps_that_day_and_says_so(start_s
     assert usage(second.address, "u1").counters[0].used == 400
 
 
+def test_a_size_bound_the_disk_has_no_room_for_is_said_at_start(start_server, tmp_path: Path):
+    """A 2 TiB bound (in a 4 TiB map: address space, not disk) on a disk with less free than
+    that: the disk would fill first, and the server says so as it starts."""
+    args = ("--map-size-gib", "4096", "--audit-retention-gib", "2048")
+    server = start_server(extra_args=args)
+    warned = [line for line in server.log_lines if line["message"].startswith(
+        "the disk under the data directory has less room than the log may grow")]
+    assert len(warned) == 1 and warned[0]["level"] == "warning"
+    assert warned[0]["disk_free_bytes"] < warned[0]["growth_left_bytes"] < 2048 * 1024**3
+    assert warned[0]["audit_retention_bytes"] == 2048 * 1024**3
+    small = start_server(tmp_path / "small", extra_args=("--audit-retention-gib", "0.001"))
+    assert not [line for line in small.log_lines
+                if line["message"].startswith("the disk under the data directory")]
+
+
 def test_an_address_in_use_is_refused_with_one_clear_line(server):
     result = subprocess.run(
         [sys.executable, "-m", "quotad", "serve", "--listen", server.address,

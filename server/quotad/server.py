@@ -447,6 +447,7 @@ class _Process:
                         snapshot_every_s=config.snapshot_every_s,
                         audit_retention_ns=config.audit_retention_ns,
                         audit_retention_bytes=config.log_bytes_max)
+        self._check_disk_room()
         writer.start()
         metrics.watch_live_holds(lambda: len(core.expiry))
         metrics.watch_log(self.wal)
@@ -459,6 +460,23 @@ class _Process:
         self._headroom_task = asyncio.create_task(self._watch_headroom(),
                                                   name="quotad-log-headroom")
         return writer
+
+    def _check_disk_room(self) -> None:
+        """Says at start when the disk has less room than the log may still grow before its
+        size bound stops it: the disk would fill first, and stop the server (fail-stop)."""
+        try:
+            disk_free_bytes = self.wal.disk_free_bytes()
+        except OSError:
+            return  # the headroom task says once that it cannot read it
+        growth_left_bytes = self.config.log_bytes_max - self.wal.used_bytes()
+        if disk_free_bytes < growth_left_bytes:
+            log.warning("the disk under the data directory has less room than the log may "
+                        "grow under --audit-retention-gib: it would fill first and stop the "
+                        "server; lower --audit-retention-gib or give the data directory a "
+                        "larger disk", extra={
+                            "disk_free_bytes": disk_free_bytes,
+                            "growth_left_bytes": growth_left_bytes,
+                            "audit_retention_bytes": self.config.log_bytes_max})
 
     async def _watch_headroom(self) -> None:
         """Logs a warning while the log would fill its map or disk within a day at the rate
