@@ -34,6 +34,10 @@ RESERVATION_RETENTION_NS = 3600 * NS_PER_S
 still takes its commit within it. Past it, the reservation id is NOT_FOUND. Finished holds
 are kept in memory, so this bounds memory at about one hour of Reserve traffic."""
 
+LOG_KEPT_NS_MIN = max(IDEMPOTENCY_RETENTION_NS, RESERVATION_RETENTION_NS)
+"""Log records are kept at least this long, whatever the audit retention or the log's size
+bound: they hold the keys' first answers and the finished holds for their retention."""
+
 BATCH_RECORDS_MAX = 8192
 """Records written in one LMDB transaction at most; more wait for the next flush."""
 

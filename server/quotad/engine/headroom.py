@@ -58,7 +58,7 @@ class LogHeadroom:
         self.growth_bytes_per_s += weight * (rate - self.growth_bytes_per_s)
         if self.growth_bytes_per_s <= 0:
             return None
-        kept_bytes = self.growth_bytes_per_s * limits.IDEMPOTENCY_RETENTION_NS / limits.NS_PER_S
+        kept_bytes = self.growth_bytes_per_s * limits.LOG_KEPT_NS_MIN / limits.NS_PER_S
         if used_bytes < self._live_bytes_max and kept_bytes < self._live_bytes_max:
             if disk_free_bytes >= self._live_bytes_max - used_bytes:
                 return None  # pruning stops the growth at the bound, before the disk or map

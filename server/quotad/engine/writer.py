@@ -388,8 +388,7 @@ class Writer:
     def _retention(self) -> Retention:
         """What pruning keeps: records younger than the audit retention, and past the size
         bound only those younger than the keys and finished holds they answer for."""
-        kept_from_ns = self.clock.last_ns - max(limits.IDEMPOTENCY_RETENTION_NS,
-                                                limits.RESERVATION_RETENTION_NS)
+        kept_from_ns = self.clock.last_ns - limits.LOG_KEPT_NS_MIN
         return Retention(before_ns=min(kept_from_ns,
                                        self.clock.last_ns - self._audit_retention_ns),
                          live_bytes_max=self._audit_retention_bytes, kept_from_ns=kept_from_ns)
@@ -415,7 +414,7 @@ class Writer:
             log.warning("the log's live data is over --audit-retention-gib and its records of "
                         "the last %d h stay (idempotency keys' first answers and finished "
                         "holds): raise --audit-retention-gib and --map-size-gib, or the log "
-                        "fills its map", limits.IDEMPOTENCY_RETENTION_NS // (3600 * limits.NS_PER_S),
+                        "fills its map", limits.LOG_KEPT_NS_MIN // (3600 * limits.NS_PER_S),
                         extra=extra)
         else:
             log.warning("the audit trail was pruned inside --audit-retention-days to keep the "
