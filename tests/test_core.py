@@ -480,12 +480,12 @@ def test_invalid_request_leaves_no_trace_under_its_key(h: Harness) -> None:
 def test_idempotency_key_is_remembered_within_retention_and_forgotten_after(
         h: Harness) -> None:
     first = h.track("alice", 5, "openai.chat", key="k")
-    h.at(T0 + limits.IDEMPOTENCY_RETENTION_NS - 1)
+    h.at(T0 + limits.IDEMPOTENCY_RETENTION_NS_MIN - 1)
     h.track("alice", 1, "anthropic.chat")  # any record: the core forgets what is due
     assert h.track("alice", 5, "openai.chat", key="k") == first  # still remembered
     with pytest.raises(AlreadyExists):
         h.track("alice", 6, "openai.chat", key="k")
-    h.at(T0 + limits.IDEMPOTENCY_RETENTION_NS)
+    h.at(T0 + limits.IDEMPOTENCY_RETENTION_NS_MIN)
     h.track("alice", 1, "anthropic.chat")
     used = h.counter("alice", "tokens").used
     again = h.track("alice", 6, "openai.chat", key="k")  # a new request, answered fresh
@@ -536,14 +536,14 @@ def test_finished_hold_past_retention_is_not_found_even_if_nothing_else_happened
 def test_idempotency_key_past_retention_is_free_even_if_nothing_else_happened(
         h: Harness) -> None:
     h.track("alice", 5, "openai.chat", key="k")
-    h.at(T0 + limits.IDEMPOTENCY_RETENTION_NS)  # no record in between
+    h.at(T0 + limits.IDEMPOTENCY_RETENTION_NS_MIN)  # no record in between
     used = h.counter("alice", "tokens").used
     again = h.track("alice", 6, "openai.chat", key="k")  # not ALREADY_EXISTS: fresh
     assert again.allowed and again.counters[0].used == used + 6
     # remembered anew, for its own full retention (the first use's forgetting, due when the
     # new use made its record, must not drop it)
     assert h.track("alice", 6, "openai.chat", key="k") == again
-    h.at(T0 + 2 * limits.IDEMPOTENCY_RETENTION_NS - 1)
+    h.at(T0 + 2 * limits.IDEMPOTENCY_RETENTION_NS_MIN - 1)
     h.track("alice", 1, "anthropic.chat")
     assert h.track("alice", 6, "openai.chat", key="k") == again
     with pytest.raises(AlreadyExists):

@@ -43,7 +43,7 @@ MAX_EXAMPLES = 2000 if LONG else 200
 STEPS = 100 if LONG else 50
 
 RET = limits.RESERVATION_RETENTION_NS
-KEY_RET = limits.IDEMPOTENCY_RETENTION_NS
+KEY_RET = limits.IDEMPOTENCY_RETENTION_NS_MIN
 
 # --- the world: one plan, two users, a fixed table of events ------------------------------
 

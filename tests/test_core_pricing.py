@@ -243,7 +243,7 @@ def test_records_and_finished_hold_rows_keep_costs_soft_limits_and_hold_rates() 
     assert decoded[0].command.plan == pricing_plan(spend(default_rate=2, enforce=False))
     assert digest(replay_all(decoded)) == h.digest()
     finished = h.core.apps["app"].reservations[hold.reservation_id]
-    for age_ns in (0, limits.IDEMPOTENCY_RETENTION_NS):  # the compact row and the whole one
+    for age_ns in (0, limits.IDEMPOTENCY_RETENTION_NS_MIN):  # the compact row and the whole one
         row = encode_finished_hold(finished, h.core.sequence, 0, finished.created_at_ns + age_ns)
         read = decode_finished_hold(reservation_bytes(hold.reservation_id), row,
                                     h.core.sequence, lambda sequence: h.records[sequence - 1],

@@ -180,7 +180,7 @@ def test_a_bound_the_keys_day_does_not_fit_keeps_that_day_and_says_so(
     wal, writer, digest, last_ns = _writer_run(tmp_path, 16 * 1024, 400, spacing_ns)
     assert writer.records_pruned > 0
     first_ns = wal.record_now_ns(wal.first_sequence())
-    assert first_ns <= last_ns - limits.IDEMPOTENCY_RETENTION_NS  # the last day is all there
+    assert first_ns <= last_ns - limits.IDEMPOTENCY_RETENTION_NS_MIN  # the last day is all there
     assert any("its records of the last 24 h stay" in r.getMessage() for r in caplog.records)
     wal.close()
 

@@ -483,6 +483,29 @@ def test_a_size_bound_the_disk_has_no_room_for_is_said_at_start(start_server, tm
                 if line["message"].startswith("the disk under the data directory")]
 
 
+def _retention_lines(server) -> list[dict]:
+    return [line for line in server.log_lines
+            if line["message"].startswith("idempotency keys are remembered")]
+
+
+def test_a_server_logs_the_retention_when_it_changes_and_keeps_it_across_restarts(start_server):
+    first = start_server(extra_args=("--idempotency-retention-hours", "48"))
+    (changed,) = _retention_lines(first)
+    assert (changed["idempotency_retention_s"], changed["previous_s"]) == (48 * 3600, 24 * 3600)
+    subscribe(first.address, "u1", plan_with(10**6))
+    track = pb.TrackRequest(user_id="u1", event_type="x", amount=2, idempotency_key="k")
+    quota(first.address).Track(track)
+    assert first.stop() == 0
+    same = start_server(first.data_dir, extra_args=("--idempotency-retention-hours", "48"))
+    assert _retention_lines(same) == []  # in force already: no record
+    quota(same.address).Track(track)  # a repeat: the first answer, counted once
+    assert usage(same.address, "u1").counters[0].used == 2
+    assert same.stop() == 0
+    default = start_server(first.data_dir)
+    (back,) = _retention_lines(default)
+    assert (back["idempotency_retention_s"], back["previous_s"]) == (24 * 3600, 48 * 3600)
+
+
 def test_an_address_in_use_is_refused_with_one_clear_line(server):
     result = subprocess.run(
         [sys.executable, "-m", "quotad", "serve", "--listen", server.address,

@@ -103,9 +103,16 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                           "--audit-retention-gib needs their room (default: %(default)s)")
     run.add_argument("--audit-retention-gib", type=float, default=0.0, metavar="GIB",
                      help="keep the log's live data under this: past it the oldest records go "
-                          "even inside --audit-retention-days, never those of the last 24 h "
-                          "(idempotency keys' first answers); below --map-size-gib "
+                          "even inside --audit-retention-days, never those of "
+                          "--idempotency-retention-hours (keys' first answers); below "
+                          "--map-size-gib "
                           "(default: %(default)s, three quarters of --map-size-gib)")
+    run.add_argument("--idempotency-retention-hours", type=float,
+                     default=limits.IDEMPOTENCY_RETENTION_NS_MIN / config_file.NS_PER_HOUR,
+                     metavar="HOURS",
+                     help="answer a repeated idempotency key with its first answer this long "
+                          "after its first use, 24 to 2,160 (90 days); its log records stay as "
+                          "long, whatever --audit-retention-gib (default: %(default)s)")
     run.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                      help="serve Prometheus metrics over HTTP there (port 0 picks one); "
                           "off by default")

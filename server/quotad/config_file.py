@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quotad.server import Config
+from quotad.server import NS_PER_HOUR, Config
 
 NS_PER_DAY = 24 * 3600 * 1_000_000_000
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -53,6 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audit_retention_days", float, "audit_retention_ns",
             lambda days: int(days * NS_PER_DAY)),
     Setting("audit_retention_gib", float, "audit_retention_bytes", lambda gib: int(gib * 1024**3)),
+    Setting("idempotency_retention_hours", float, "idempotency_retention_ns",
+            lambda hours: int(hours * NS_PER_HOUR)),
     Setting("metrics_listen", str, "metrics_listen"),
     Setting("reflection", bool, "reflection"),
     Setting("log_state_digest", bool, "log_state_digest"),

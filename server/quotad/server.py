@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from quotad.core import limits
 from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
-from quotad.core.commands import UpsertPlan
+from quotad.core.commands import SetIdempotencyRetention, UpsertPlan
 from quotad.core.machine import Core
 from quotad.api.admission import Admission
 from quotad.api.http_api import HttpApi, split_host
@@ -64,6 +64,7 @@ the young generation every 700 allocations; each call allocates dozens of object
 state is acyclic (dataclasses, dicts, tuples), so collecting less often cut the p99 of
 coalesced pairs about in half (`python -m bench`) at no cost in memory worth measuring."""
 SERVICE_NAMES = ("quotad.v1.QuotaService", "quotad.v1.AdminService")
+NS_PER_HOUR = 3600 * limits.NS_PER_S
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,8 +79,11 @@ class Config:
     audit_retention_ns: int = AUDIT_RETENTION_NS_DEFAULT
     audit_retention_bytes: int = 0
     """The log's live data is kept under this: past it, the oldest records go even inside
-    audit_retention_ns, never those of the keys' retention (24 h). 0: three quarters of the
-    map (limits.LOG_RETENTION_BYTES_SHARE_OF_MAP)."""
+    audit_retention_ns, never those of the keys' retention (idempotency_retention_ns). 0:
+    three quarters of the map (limits.LOG_RETENTION_BYTES_SHARE_OF_MAP)."""
+    idempotency_retention_ns: int = limits.IDEMPOTENCY_RETENTION_NS_MIN
+    """How long an idempotency key is remembered after its first use (logged when it
+    changes: SetIdempotencyRetention). Its records stay at least that long."""
     log_state_digest: bool = False
     """Log a digest of the whole state when serving starts and when stopped (costs a pass
     over the state): a restart must start from the digest the last stop ended with."""
@@ -139,6 +143,11 @@ class Config:
             self._check_address("--metrics-listen", self.metrics_listen, callers=False)
         if self.audit_retention_ns < 0:
             raise ValueError("--audit-retention-days must not be negative")
+        if not (limits.IDEMPOTENCY_RETENTION_NS_MIN <= self.idempotency_retention_ns
+                <= limits.IDEMPOTENCY_RETENTION_NS_MAX):
+            raise ValueError("--idempotency-retention-hours must be "
+                             f"{limits.IDEMPOTENCY_RETENTION_NS_MIN // NS_PER_HOUR} to "
+                             f"{limits.IDEMPOTENCY_RETENTION_NS_MAX // NS_PER_HOUR:,} (90 days)")
         if not 0 <= self.audit_retention_bytes < self.map_size_bytes:
             raise ValueError("--audit-retention-gib must be at least 0 (0: three quarters of "
                              "the map) and below --map-size-gib: the log needs room to grow "
@@ -268,6 +277,7 @@ async def serve(config: Config) -> int:
         return 1
     writer = process.start_writer(core)
     await writer.expire_due()
+    await process.set_idempotency_retention(writer)
     in_catalog: frozenset[str] = frozenset()
     if control is not None:
         try:
@@ -482,7 +492,9 @@ class _Process:
         """Logs a warning while the log would fill its map or disk within a day at the rate
         it grows (engine/headroom.py); samples every LOG_GROWTH_SAMPLE_EVERY_S (~4 us each,
         `timeit`)."""
-        headroom, wal = LogHeadroom(self.config.log_bytes_max), self.wal
+        headroom = LogHeadroom(self.config.log_bytes_max, kept_ns=max(
+            limits.LOG_KEPT_NS_MIN, self.config.idempotency_retention_ns))
+        wal = self.wal
         map_bytes = wal.map_bytes()  # set when the environment was opened
         disk_unread = False
         while True:
@@ -504,6 +516,18 @@ class _Process:
                                 "growth_bytes_per_s": round(soon.growth_bytes_per_s),
                                 "fills_in_h": round(soon.fills_in_s / 3600, 2)})
             await asyncio.sleep(limits.LOG_GROWTH_SAMPLE_EVERY_S)
+
+    async def set_idempotency_retention(self, writer: Writer) -> None:
+        """Logs --idempotency-retention-hours when it is not the one in force (a record:
+        replay then answers each repeat as it was answered)."""
+        wanted_ns = self.config.idempotency_retention_ns
+        if writer.core.idempotency_retention_ns == wanted_ns:
+            return
+        result = await writer.execute(SetIdempotencyRetention(retention_ns=wanted_ns))
+        log.info("idempotency keys are remembered %s h from their first use (they were %s h)",
+                 _hours(result.retention_ns), _hours(result.previous_ns), extra={
+                     "idempotency_retention_s": result.retention_ns // limits.NS_PER_S,
+                     "previous_s": result.previous_ns // limits.NS_PER_S})
 
     async def join_catalog(self, control: ControlPlane, writer: Writer, core: Core, *,
                            own_plan_ids: frozenset[str] = frozenset()) -> frozenset[str]:
@@ -602,6 +626,11 @@ class _Process:
                                        writer.snapshot_stall_s_max * 1e3, 3),
                                    **_digest(self.config, core)})
         return 0
+
+
+def _hours(duration_ns: int) -> str:
+    """A duration as hours, without a fraction when whole."""
+    return f"{duration_ns / NS_PER_HOUR:g}"
 
 
 def _plan_from_value(value: bytes) -> Plan:

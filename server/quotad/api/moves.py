@@ -196,7 +196,7 @@ async def export_chunks(writer: Any, slots: tuple[int, ...],
             if slot in wanted and place not in in_memory and record.answer is not None:
                 latest[place] = (record, slot)
         for (app, rpc, key), (record, slot) in latest.items():
-            if now_ns < record.now_ns + limits.IDEMPOTENCY_RETENTION_NS:
+            if now_ns < record.now_ns + core.idempotency_retention_ns:
                 keys.append(moved_key(app, (rpc, key), IdempotencyEntry(
                     record.command, record.answer, record.now_ns), slot))
     finally:

@@ -740,17 +740,43 @@ class SlotsResult:
     keys: int = 0
 
 
+@value_type(kw_only=True)
+class SetIdempotencyRetention:
+    """How long idempotency keys are remembered after their first use, from this record on
+    (quotad serve --idempotency-retention-hours): a key is answered as a repeat while the
+    retention in force is not over since its first use. Logged, so that replay answers each
+    repeat as it was answered. Setting the retention in force changes nothing."""
+
+    retention_ns: int
+
+    def __post_init__(self) -> None:
+        v = Violations()
+        v.check(type(self.retention_ns) is int and limits.IDEMPOTENCY_RETENTION_NS_MIN
+                <= self.retention_ns <= limits.IDEMPOTENCY_RETENTION_NS_MAX, "retention_ns",
+                f"{limits.IDEMPOTENCY_RETENTION_NS_MIN} to {limits.IDEMPOTENCY_RETENTION_NS_MAX} "
+                "ns (24 h to 90 days)")
+        v.raise_if_any()
+
+
+@value_type(kw_only=True)
+class RetentionResult:
+    """The idempotency retention before a SetIdempotencyRetention, and from it on."""
+
+    previous_ns: int
+    retention_ns: int
+
+
 Command = (Reserve | Commit | Release | Extend | Track | GetUsage | UpsertPlan | DeletePlan
            | GetPlan | ListPlans | UpsertSubscription | GetSubscription | ListSubscriptions
            | ExpireHolds | CreateKey | RevokeKey | ListKeys | GrantCredits | ListGrants
-           | FreezeSlots | ThawSlots | AdoptSlots | ForgetSlots)
+           | FreezeSlots | ThawSlots | AdoptSlots | ForgetSlots | SetIdempotencyRetention)
 
 COMMAND_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Reserve, Commit, Release, Extend, Track, GetUsage, UpsertPlan, DeletePlan,
                 GetPlan, ListPlans, UpsertSubscription, GetSubscription, ListSubscriptions,
                 ExpireHolds, CreateKey, RevokeKey, ListKeys, GrantCredits, ListGrants,
-                FreezeSlots, ThawSlots, AdoptSlots, ForgetSlots)
+                FreezeSlots, ThawSlots, AdoptSlots, ForgetSlots, SetIdempotencyRetention)
 }
 
 

@@ -26,17 +26,23 @@ count of consumption that refunds still find, and lose."""
 CATALOG_REVISION_MAX = 2**63 - 1
 """An etcd revision (int64) that a change of a cluster's catalog carries into the log."""
 
-IDEMPOTENCY_RETENTION_NS = 24 * 3600 * NS_PER_S
-"""An idempotency key is remembered at least this long after its first use."""
+IDEMPOTENCY_RETENTION_NS_MIN = 24 * 3600 * NS_PER_S
+"""An idempotency key is remembered at least this long after its first use: the default of
+quotad serve --idempotency-retention-hours, and the least it takes."""
+
+IDEMPOTENCY_RETENTION_NS_MAX = 90 * 24 * 3600 * NS_PER_S
+"""The longest retention --idempotency-retention-hours takes (90 days). Keys live in the log,
+not the heap: a longer retention costs disk (their records stay), never memory."""
 
 RESERVATION_RETENTION_NS = 3600 * NS_PER_S
 """A finished hold (committed, released, expired) is remembered this long; an expired hold
 still takes its commit within it. Past it, the reservation id is NOT_FOUND. Finished holds
 are kept in memory, so this bounds memory at about one hour of Reserve traffic."""
 
-LOG_KEPT_NS_MIN = max(IDEMPOTENCY_RETENTION_NS, RESERVATION_RETENTION_NS)
+LOG_KEPT_NS_MIN = max(IDEMPOTENCY_RETENTION_NS_MIN, RESERVATION_RETENTION_NS)
 """Log records are kept at least this long, whatever the audit retention or the log's size
-bound: they hold the keys' first answers and the finished holds for their retention."""
+bound: they hold the keys' first answers and the finished holds for their retention (and
+at least the idempotency retention in force, when it is longer: Writer._retention)."""
 
 BATCH_RECORDS_MAX = 8192
 """Records written in one LMDB transaction at most; more wait for the next flush."""
@@ -300,6 +306,9 @@ if not (1 <= PRUNED_RECORDS_PER_TRANSACTION_MAX and 0 < LOG_RETENTION_BYTES_SHAR
         and 0 < AUDIT_TRIMMED_WARN_REPEAT_S):
     raise AssertionError("1 <= PRUNED_RECORDS_PER_TRANSACTION_MAX, "
                          "0 < LOG_RETENTION_BYTES_SHARE_OF_MAP < 1, 0 < AUDIT_TRIMMED_WARN_REPEAT_S")
+if not RESERVATION_RETENTION_NS <= IDEMPOTENCY_RETENTION_NS_MIN <= IDEMPOTENCY_RETENTION_NS_MAX:
+    raise AssertionError("RESERVATION_RETENTION_NS <= IDEMPOTENCY_RETENTION_NS_MIN "
+                         "<= IDEMPOTENCY_RETENTION_NS_MAX")
 if not 1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX:
     raise AssertionError("1 <= MIGRATE_RECORDS_PER_TRANSACTION <= BATCH_RECORDS_MAX")
 if ADMISSION_OPERATIONS < BATCH_OPERATIONS_MAX:

@@ -31,8 +31,8 @@ from quotad.core.commands import (
     GrantView, KeyResult, KeysResult, KeyView, ListGrants, ListKeys, RevokeKey,
     ExpireHolds, ExpireResult, Extend, ExtendResult, GetPlan, GetSubscription, GetUsage,
     ListPlans, ListSubscriptions, PlanResult, PlansResult, Record, Release, ReleaseResult,
-    Reserve, ReserveResult, SubscriptionResult, SubscriptionsResult, Track, TrackResult,
-    UpsertPlan, UpsertSubscription, UsageResult,
+    Reserve, ReserveResult, RetentionResult, SetIdempotencyRetention, SubscriptionResult,
+    SubscriptionsResult, Track, TrackResult, UpsertPlan, UpsertSubscription, UsageResult,
 )
 from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
@@ -263,6 +263,9 @@ class Core:
         next change). Derived from the balances: rebuilt by rebuild_grant_expiry()."""
         self.forget: SortedList = SortedList()
         """(forget_at_ns, sequence, kind, app, key): finished holds and idempotency keys."""
+        self.idempotency_retention_ns = limits.IDEMPOTENCY_RETENTION_NS_MIN
+        """How long a key is answered as a repeat after its first use: the retention in force
+        (SetIdempotencyRetention), whatever it was when the key was first used."""
         self.durable_idempotency: Callable[[str, str, str, int],
                                            IdempotencyEntry | None] | None = None
         """Where idempotency keys live once their records are durable, (app, rpc, key, as of
@@ -311,6 +314,7 @@ class Core:
             GrantCredits: self._grant_credits, ListGrants: self._list_grants,
             FreezeSlots: self._freeze_slots, ThawSlots: self._thaw_slots,
             AdoptSlots: self._adopt_slots, ForgetSlots: self._forget_slots,
+            SetIdempotencyRetention: self._set_idempotency_retention,
         }
 
     # --- the way in -----------------------------------------------------------------------
@@ -525,10 +529,16 @@ class Core:
             app = self.apps[app_id]
             if kind == "idempotency":
                 entry = app.idempotency.get(key)  # gone already once durable elsewhere
-                if entry is not None and (
-                        entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns):
-                    del app.idempotency[key]  # else the key was used anew since: keep it
+                if entry is None:
+                    continue
+                forget_at_ns = entry.created_at_ns + self.idempotency_retention_ns
+                if forget_at_ns <= now_ns:
+                    del app.idempotency[key]
                     self.moved_key_slots.pop((app_id, key), None)
+                elif not any(queued[2:] == (kind, app_id, key) for queued in self.forget.irange(
+                        (forget_at_ns,), (forget_at_ns + 1,), inclusive=(True, False))):
+                    # the retention grew since it was queued (a key used anew is queued anew)
+                    self.forget.add((forget_at_ns, self.sequence + 1, kind, app_id, key))
             else:
                 assert kind == "reservation", kind
                 reservation = app.reservations.pop(key, None)  # None: the log holds it now
@@ -664,7 +674,7 @@ class Core:
         entry = self.apps.get(command.app, _EMPTY_APP).idempotency.get(slot)
         if entry is None and self.durable_idempotency is not None:
             entry = self.durable_idempotency(command.app, slot[0], slot[1], self.sequence)
-        if entry is not None and entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS <= now_ns:
+        if entry is not None and entry.created_at_ns + self.idempotency_retention_ns <= now_ns:
             entry = None  # past its retention; dropped with the next record
         if entry is not None:
             if not _same_request(entry.request, command):
@@ -676,11 +686,18 @@ class Core:
         result, _ = handler(command, now_ns)
         self._app(command.app).idempotency[slot] = IdempotencyEntry(command, result, now_ns)
         if self.durable_idempotency is None:
-            self.forget.add((now_ns + limits.IDEMPOTENCY_RETENTION_NS, self.sequence + 1,
+            self.forget.add((now_ns + self.idempotency_retention_ns, self.sequence + 1,
                              "idempotency", command.app, slot))
         else:
             self._idempotency_pending.append((self.sequence + 1, command.app, slot))
         return result, True
+
+    def _set_idempotency_retention(self, command: SetIdempotencyRetention,
+                                   now_ns: int) -> tuple[RetentionResult, bool]:
+        previous_ns = self.idempotency_retention_ns
+        self.idempotency_retention_ns = command.retention_ns
+        return RetentionResult(previous_ns=previous_ns, retention_ns=command.retention_ns), (
+            command.retention_ns != previous_ns)
 
     def forget_durable(self, durable_sequence: int) -> None:
         """Drops from memory the idempotency keys and finished holds whose records are durable
@@ -1251,7 +1268,7 @@ class Core:
             for key, entry in app.idempotency.items():
                 slot = self._key_slot(app_id, key, entry)
                 if (slot in slots and now_ns
-                        < entry.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS):
+                        < entry.created_at_ns + self.idempotency_retention_ns):
                     keys.append(moved_key(app_id, key, entry, slot))
         return users, holds, keys
 
@@ -1333,7 +1350,7 @@ class Core:
             app.idempotency[key] = IdempotencyEntry(moved_key_.request, moved_key_.result,
                                                     moved_key_.created_at_ns)
             self.moved_key_slots[(moved_key_.app, key)] = moved_key_.slot
-            self.forget.add((moved_key_.created_at_ns + limits.IDEMPOTENCY_RETENTION_NS,
+            self.forget.add((moved_key_.created_at_ns + self.idempotency_retention_ns,
                              self.sequence + 1, "idempotency", moved_key_.app, key))
             keys_taken += 1
         return SlotsResult(slots=len(slots) if command.first else 0,

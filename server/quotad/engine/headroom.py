@@ -7,8 +7,8 @@ and the disk's free bytes, and passes the time in. A full map or disk stops the 
 (fail-stop, Guarantees); this says so hours before, in the log, with what to change.
 
 Below the log's size bound (--audit-retention-gib), pruning stops the growth at the bound
-while a day of records (what the keys' retention keeps whatever the bound) fits under it: the
-map is then out of reach, and only a disk with less room than the bound is warned of.
+while the records every prune keeps (those of the keys' retention, a day by default) fit under
+it: the map is then out of reach, and only a disk with less room than the bound is warned of.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ class LogHeadroom:
     fills the map or the disk within LOG_FULL_WARN_WITHIN_S, at most once per
     LOG_FULL_WARN_REPEAT_S."""
 
-    def __init__(self, live_bytes_max: int = 0) -> None:
-        assert live_bytes_max >= 0
+    def __init__(self, live_bytes_max: int = 0, kept_ns: int = limits.LOG_KEPT_NS_MIN) -> None:
+        assert live_bytes_max >= 0 and kept_ns >= limits.LOG_KEPT_NS_MIN
         self._live_bytes_max = live_bytes_max
         """The log's size bound (0: none)."""
+        self._kept_ns = kept_ns
+        """How long every record stays, whatever the bound (Writer.kept_ns)."""
         self._last: tuple[float, int] | None = None
         self.growth_bytes_per_s = 0.0
         self._warned_at_s: float | None = None
@@ -58,7 +60,7 @@ class LogHeadroom:
         self.growth_bytes_per_s += weight * (rate - self.growth_bytes_per_s)
         if self.growth_bytes_per_s <= 0:
             return None
-        kept_bytes = self.growth_bytes_per_s * limits.LOG_KEPT_NS_MIN / limits.NS_PER_S
+        kept_bytes = self.growth_bytes_per_s * self._kept_ns / limits.NS_PER_S
         if used_bytes < self._live_bytes_max and kept_bytes < self._live_bytes_max:
             if disk_free_bytes >= self._live_bytes_max - used_bytes:
                 return None  # pruning stops the growth at the bound, before the disk or map

@@ -385,10 +385,15 @@ class Writer:
         self._ready = None
         return ready if ready.sequence > self._stored_sequence else None
 
+    def kept_ns(self) -> int:
+        """How long every record stays, whatever the size bound: the keys and finished holds
+        it answers for are remembered that long."""
+        return max(limits.LOG_KEPT_NS_MIN, self.core.idempotency_retention_ns)
+
     def _retention(self) -> Retention:
         """What pruning keeps: records younger than the audit retention, and past the size
         bound only those younger than the keys and finished holds they answer for."""
-        kept_from_ns = self.clock.last_ns - limits.LOG_KEPT_NS_MIN
+        kept_from_ns = self.clock.last_ns - self.kept_ns()
         return Retention(before_ns=min(kept_from_ns,
                                        self.clock.last_ns - self._audit_retention_ns),
                          live_bytes_max=self._audit_retention_bytes, kept_from_ns=kept_from_ns)
@@ -412,9 +417,10 @@ class Writer:
                  "audit_retention_s": self._audit_retention_ns // limits.NS_PER_S}
         if pruned.held_by_keys:
             log.warning("the log's live data is over --audit-retention-gib and its records of "
-                        "the last %d h stay (idempotency keys' first answers and finished "
-                        "holds): raise --audit-retention-gib and --map-size-gib, or the log "
-                        "fills its map", limits.LOG_KEPT_NS_MIN // (3600 * limits.NS_PER_S),
+                        "the last %d h stay (idempotency keys' first answers, for "
+                        "--idempotency-retention-hours, and finished holds): raise "
+                        "--audit-retention-gib and --map-size-gib, or the log fills its map",
+                        self.kept_ns() // (3600 * limits.NS_PER_S),
                         extra=extra)
         else:
             log.warning("the audit trail was pruned inside --audit-retention-days to keep the "

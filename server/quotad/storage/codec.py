@@ -34,6 +34,7 @@ from quotad.core.commands import (
     GrantView, Record, Release, ReleaseResult, Reserve, ReserveResult, RevokeKey, Track,
     TrackResult, UpsertPlan, UpsertSubscription,
     RESULT_TYPES, AdoptSlots, ForgetSlots, FreezeSlots, MovedKey, MovedUser, ThawSlots,
+    SetIdempotencyRetention,
 )
 from quotad.core.balances import Balance, Grant
 from quotad.core.holds import HoldState
@@ -52,9 +53,9 @@ EVENT_TAIL_BYTES = _EVENT_TAIL.size
 """An event's entry under its user in the event index (time, sequence, index): also a page
 cursor."""
 RESERVATION_ID_PREFIX = "rsv_"
-COMPACT_HOLD_AGE_NS_MAX = limits.IDEMPOTENCY_RETENTION_NS // 2
+COMPACT_HOLD_AGE_NS_MAX = limits.IDEMPOTENCY_RETENTION_NS_MIN // 2
 """A finished hold's row leaves out what its Reserve record says when that record is younger
-than this: the log keeps every record at least IDEMPOTENCY_RETENTION_NS, so it is there for
+than this: the log keeps every record at least IDEMPOTENCY_RETENTION_NS_MIN, so it is there for
 as long as the row (which is pruned with it)."""
 
 
@@ -608,6 +609,14 @@ def _decode_slots_only(field: str, command_type: type) -> Callable[[Any], Any]:
     return lambda message: command_type(slots=tuple(getattr(message, field).slots))
 
 
+def _encode_set_idempotency_retention(message: Any, command: SetIdempotencyRetention) -> None:
+    message.set_idempotency_retention.retention_ns = command.retention_ns
+
+
+def _decode_set_idempotency_retention(message: Any) -> SetIdempotencyRetention:
+    return SetIdempotencyRetention(retention_ns=message.set_idempotency_retention.retention_ns)
+
+
 def _encode_adopt_slots(message: Any, command: AdoptSlots) -> None:
     part = message.adopt_slots
     part.slots.extend(command.slots)
@@ -707,6 +716,7 @@ _ENCODERS: dict[type, Callable[[Any, Any], None]] = {
     RevokeKey: _encode_revoke_key, GrantCredits: _encode_grant_credits,
     FreezeSlots: _encode_slots_only("freeze_slots"), ThawSlots: _encode_slots_only("thaw_slots"),
     ForgetSlots: _encode_slots_only("forget_slots"), AdoptSlots: _encode_adopt_slots,
+    SetIdempotencyRetention: _encode_set_idempotency_retention,
 }
 """Only commands that change the state are logged: reads never make a record."""
 _DECODERS: dict[str, Callable[[Any], Command]] = {
@@ -719,6 +729,7 @@ _DECODERS: dict[str, Callable[[Any], Command]] = {
     "thaw_slots": _decode_slots_only("thaw_slots", ThawSlots),
     "forget_slots": _decode_slots_only("forget_slots", ForgetSlots),
     "adopt_slots": _decode_adopt_slots,
+    "set_idempotency_retention": _decode_set_idempotency_retention,
 }
 
 
@@ -1123,12 +1134,15 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _optional_state(core: Any) -> dict[str, Any]:
-    """What only a shard of a cluster holds: left out of the digest while empty, so a state
-    without any digests as it did before it existed."""
+    """What only a shard of a cluster holds, and a retention set longer than the least: left
+    out of the digest while empty, so a state without any digests as it did before it
+    existed."""
     return {"catalog_revision": core.catalog_revision,
             "frozen_slots": sorted(core.frozen_slots),
             "incoming_slots": sorted(core.incoming_slots),
-            "moved_key_slots": core.moved_key_slots}
+            "moved_key_slots": core.moved_key_slots,
+            "idempotency_retention_ns": 0 if core.idempotency_retention_ns
+            == limits.IDEMPOTENCY_RETENTION_NS_MIN else core.idempotency_retention_ns}
 
 
 def state_digest(core: Any) -> str:

@@ -39,6 +39,7 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
+from quotad.core import limits
 from quotad.core.balances import Balance, Grant
 from quotad.core.commands import RESULT_TYPES
 from quotad.core.holds import HoldState
@@ -118,6 +119,8 @@ def encode_core(core: Core) -> bytes:
         frozen_slots=sorted(core.frozen_slots), incoming_slots=sorted(core.incoming_slots),
         moved_key_slots_json=_json(sorted([app_id, rpc, key, slot] for (app_id, (rpc, key)), slot
                                           in core.moved_key_slots.items())))
+    if core.idempotency_retention_ns != limits.IDEMPOTENCY_RETENTION_NS_MIN:
+        message.idempotency_retention_ns = core.idempotency_retention_ns
     for app_id, app in sorted(core.apps.items()):
         _encode_app(message.apps.add(), app_id, app, pending_keys, pending_holds)
     body = message.SerializeToString()
@@ -316,6 +319,8 @@ def _core(message: Any) -> Core:
     core.last_record_ns = message.last_record_ns
     core.users_numbered = message.users_numbered
     core.catalog_revision = message.catalog_revision
+    core.idempotency_retention_ns = (message.idempotency_retention_ns
+                                     or limits.IDEMPOTENCY_RETENTION_NS_MIN)
     expiry = []
     for app_message in message.apps:
         app = core.apps[app_message.app] = _app(app_message)
