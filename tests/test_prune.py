@@ -185,10 +185,13 @@ def test_a_bound_the_keys_day_does_not_fit_keeps_that_day_and_says_so(
     wal.close()
 
 
-def test_the_bound_defaults_to_three_quarters_of_the_map_and_must_be_below_it(tmp_path: Path):
-    assert Config(map_size_bytes=4 * 1024**3).log_bytes_max == 3 * 1024**3
-    assert Config(map_size_bytes=4 * 1024**3, audit_retention_bytes=10).log_bytes_max == 10
-    for gib in ("64", "-1"):
+def test_the_bound_defaults_to_three_quarters_of_the_disk_or_map_and_must_be_below_the_map(tmp_path: Path):
+    gib = 1024**3
+    assert Config(map_size_bytes=4 * gib).log_bytes_max(100 * gib) == 3 * gib  # the map's
+    assert Config(map_size_bytes=4 * gib).log_bytes_max(2 * gib) == int(1.5 * gib)  # the disk's
+    assert Config().log_bytes_max(100 * gib) == 75 * gib
+    assert Config(map_size_bytes=4 * gib, audit_retention_bytes=10).log_bytes_max(gib) == 10
+    for gib in ("1024", "-1"):
         refused = subprocess.run(
             [sys.executable, "-m", "quotad", "serve", "--data-dir", str(tmp_path / "d"),
              "--listen", "127.0.0.1:0", "--audit-retention-gib", gib],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -481,6 +482,28 @@ def test_a_size_bound_the_disk_has_no_room_for_is_said_at_start(start_server, tm
     small = start_server(tmp_path / "small", extra_args=("--audit-retention-gib", "0.001"))
     assert not [line for line in small.log_lines
                 if line["message"].startswith("the disk under the data directory")]
+
+
+def test_the_log_is_bounded_by_its_disk_by_default_and_the_bound_is_logged(
+        start_server, tmp_path: Path):
+    """Without --audit-retention-gib the bound is three quarters of the log's room on its disk
+    (its file's bytes and the disk's free bytes, as it starts), or of the map if smaller."""
+    def bound(server: ServerProcess) -> dict:
+        (line,) = [line for line in server.log_lines
+                   if line["message"].startswith("the log's live data is kept under")]
+        return line
+
+    disk = start_server()
+    by_disk = bound(disk)
+    stat = os.statvfs(disk.data_dir)
+    assert by_disk["map_bytes"] == 1024**4  # the default map: address space, not disk
+    assert abs(by_disk["room_bytes"] - stat.f_bavail * stat.f_frsize) < 1024**3  # others write
+    assert by_disk["audit_retention_bytes"] == int(by_disk["room_bytes"] * 0.75)
+    by_map = bound(start_server(tmp_path / "m", extra_args=("--map-size-gib", "1")))
+    assert by_map["audit_retention_bytes"] == 768 * 1024**2
+    set_ = bound(start_server(tmp_path / "s", extra_args=("--audit-retention-gib", "0.5")))
+    assert set_["audit_retention_bytes"] == 512 * 1024**2
+    assert "three quarters" not in set_["message"]
 
 
 def _retention_lines(server) -> list[dict]:

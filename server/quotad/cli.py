@@ -88,8 +88,8 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
     run.add_argument("--plans", type=Path, metavar="FILE.toml",
                      help="plans to load at start-up, idempotently (see examples/plans.toml)")
     run.add_argument("--map-size-gib", type=float, default=MAP_SIZE_BYTES_DEFAULT / 1024**3,
-                     metavar="GIB", help="largest size the LMDB file may grow to "
-                                         "(default: %(default)s)")
+                     metavar="GIB", help="largest size the LMDB file may grow to: address "
+                                         "space, not disk (default: %(default)s)")
     run.add_argument("--snapshot-every-records", type=int,
                      default=SNAPSHOT_EVERY_RECORDS_DEFAULT, metavar="N",
                      help="write a snapshot of the state after this many log records "
@@ -105,8 +105,8 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      help="keep the log's live data under this: past it the oldest records go "
                           "even inside --audit-retention-days, never those of "
                           "--idempotency-retention-hours (keys' first answers); below "
-                          "--map-size-gib "
-                          "(default: %(default)s, three quarters of --map-size-gib)")
+                          "--map-size-gib (default: %(default)s: three quarters of the log's "
+                          "room on its disk at start, or of --map-size-gib if smaller)")
     run.add_argument("--idempotency-retention-hours", type=float,
                      default=limits.IDEMPOTENCY_RETENTION_NS_MIN / config_file.NS_PER_HOUR,
                      metavar="HOURS",

@@ -80,7 +80,8 @@ class Config:
     audit_retention_bytes: int = 0
     """The log's live data is kept under this: past it, the oldest records go even inside
     audit_retention_ns, never those of the keys' retention (idempotency_retention_ns). 0:
-    three quarters of the map (limits.LOG_RETENTION_BYTES_SHARE_OF_MAP)."""
+    three quarters of the log's room on its disk at start, or of the map if smaller
+    (log_bytes_max)."""
     idempotency_retention_ns: int = limits.IDEMPOTENCY_RETENTION_NS_MIN
     """How long an idempotency key is remembered after its first use (logged when it
     changes: SetIdempotencyRetention). Its records stay at least that long."""
@@ -164,11 +165,13 @@ class Config:
         self._check_http()
         self._check_shard()
 
-    @property
-    def log_bytes_max(self) -> int:
-        """The bound on the log's live data that pruning keeps (audit_retention_bytes)."""
-        return self.audit_retention_bytes or int(
-            self.map_size_bytes * limits.LOG_RETENTION_BYTES_SHARE_OF_MAP)
+    def log_bytes_max(self, room_bytes: int) -> int:
+        """The bound on the log's live data that pruning keeps: audit_retention_bytes, or by
+        default a share (LOG_RETENTION_BYTES_SHARE) of the log's room, room_bytes (what its
+        file uses and the disk's free bytes, at start), or of the map if smaller."""
+        assert room_bytes >= 0
+        return self.audit_retention_bytes or max(1, int(
+            min(room_bytes, self.map_size_bytes) * limits.LOG_RETENTION_BYTES_SHARE))
 
     def _check_shard(self) -> None:
         if self.cluster and self.shard_map_file is not None:
@@ -334,6 +337,8 @@ class _Process:
     core: Core
     _headroom_task: asyncio.Task[None]
     """Warns while the log would fill its map or disk within a day (from start_writer on)."""
+    log_bytes_max: int
+    """The bound on the log's live data that pruning keeps (from start_writer on)."""
 
     def __init__(self, config: Config, wal: WriteAheadLog,
                  control: ControlPlane | None = None) -> None:
@@ -448,6 +453,7 @@ class _Process:
     def start_writer(self, core: Core) -> Writer:
         """The writer over the recovered core, and the metrics that watch it."""
         config, metrics = self.config, self.metrics
+        self._set_log_bytes_max()
         leftovers = snapshot_child.remove_leftovers(config.data_dir)
         if leftovers:
             log.info("removed unfinished snapshot files", extra={"files": leftovers})
@@ -456,7 +462,7 @@ class _Process:
                         snapshot_every_records=config.snapshot_every_records,
                         snapshot_every_s=config.snapshot_every_s,
                         audit_retention_ns=config.audit_retention_ns,
-                        audit_retention_bytes=config.log_bytes_max)
+                        audit_retention_bytes=self.log_bytes_max)
         self._check_disk_room()
         writer.start()
         metrics.watch_live_holds(lambda: len(core.expiry))
@@ -471,6 +477,23 @@ class _Process:
                                                   name="quotad-log-headroom")
         return writer
 
+    def _set_log_bytes_max(self) -> None:
+        """The bound on the log's live data, logged: --audit-retention-gib, or by default
+        three quarters of its room on the disk as it starts (of the map if smaller)."""
+        used_bytes, map_bytes = self.wal.used_bytes(), self.wal.map_bytes()
+        try:
+            room_bytes = used_bytes + self.wal.disk_free_bytes()
+        except OSError:
+            room_bytes = map_bytes  # the headroom task says once that it cannot read it
+        self.log_bytes_max = self.config.log_bytes_max(room_bytes)
+        assert 0 < self.log_bytes_max < map_bytes, (self.log_bytes_max, map_bytes)
+        log.info("the log's live data is kept under %.1f GiB%s", self.log_bytes_max / 1024**3,
+                 "" if self.config.audit_retention_bytes else
+                 " (three quarters of its room on the disk, or of the map if smaller: "
+                 "--audit-retention-gib sets it)",
+                 extra={"audit_retention_bytes": self.log_bytes_max, "room_bytes": room_bytes,
+                        "map_bytes": map_bytes})
+
     def _check_disk_room(self) -> None:
         """Says at start when the disk has less room than the log may still grow before its
         size bound stops it: the disk would fill first, and stop the server (fail-stop)."""
@@ -478,7 +501,7 @@ class _Process:
             disk_free_bytes = self.wal.disk_free_bytes()
         except OSError:
             return  # the headroom task says once that it cannot read it
-        growth_left_bytes = self.config.log_bytes_max - self.wal.used_bytes()
+        growth_left_bytes = self.log_bytes_max - self.wal.used_bytes()
         if disk_free_bytes < growth_left_bytes:
             log.warning("the disk under the data directory has less room than the log may "
                         "grow under --audit-retention-gib: it would fill first and stop the "
@@ -486,13 +509,13 @@ class _Process:
                         "larger disk", extra={
                             "disk_free_bytes": disk_free_bytes,
                             "growth_left_bytes": growth_left_bytes,
-                            "audit_retention_bytes": self.config.log_bytes_max})
+                            "audit_retention_bytes": self.log_bytes_max})
 
     async def _watch_headroom(self) -> None:
         """Logs a warning while the log would fill its map or disk within a day at the rate
         it grows (engine/headroom.py); samples every LOG_GROWTH_SAMPLE_EVERY_S (~4 us each,
         `timeit`)."""
-        headroom = LogHeadroom(self.config.log_bytes_max, kept_ns=max(
+        headroom = LogHeadroom(self.log_bytes_max, kept_ns=max(
             limits.LOG_KEPT_NS_MIN, self.config.idempotency_retention_ns))
         wal = self.wal
         map_bytes = wal.map_bytes()  # set when the environment was opened

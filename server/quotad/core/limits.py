@@ -93,9 +93,11 @@ batch waits for one such transaction at most (~10 ms on a shared 2-core machine,
 bench.recovery --prune`), and the writer prunes again after each batch until nothing more is
 due. In one transaction, the 100,000 records of a snapshot's interval held the log thread
 ~3 s there."""
-LOG_RETENTION_BYTES_SHARE_OF_MAP = 0.75
-"""Without --audit-retention-gib, the log's live data is kept under this share of its map: the
-rest is room for growth between prunes and for pages freed but not yet reused."""
+LOG_RETENTION_BYTES_SHARE = 0.75
+"""Without --audit-retention-gib, the log's live data is kept under this share of its room: the
+disk's free bytes at start and what the log uses there, or its map if smaller. The rest is
+room for growth between prunes, for pages freed but not yet reused, and for the disk's other
+users."""
 AUDIT_TRIMMED_WARN_REPEAT_S = 600.0
 """While the size bound prunes records inside the audit retention, or cannot prune enough
 (its records of the keys' retention are more), a warning is logged at most this often."""
@@ -302,10 +304,10 @@ if not (0 < LOG_GROWTH_SAMPLE_EVERY_S <= LOG_GROWTH_SMOOTHING_S
                          "0 < LOG_FULL_WARN_REPEAT_S <= LOG_FULL_WARN_WITHIN_S")
 if not (1 <= LONE_CALL_QUIET_FLUSHES and 1 <= LONE_CALL_PROBE_EVERY_FLUSHES):
     raise AssertionError("1 <= LONE_CALL_QUIET_FLUSHES and 1 <= LONE_CALL_PROBE_EVERY_FLUSHES")
-if not (1 <= PRUNED_RECORDS_PER_TRANSACTION_MAX and 0 < LOG_RETENTION_BYTES_SHARE_OF_MAP < 1
+if not (1 <= PRUNED_RECORDS_PER_TRANSACTION_MAX and 0 < LOG_RETENTION_BYTES_SHARE < 1
         and 0 < AUDIT_TRIMMED_WARN_REPEAT_S):
     raise AssertionError("1 <= PRUNED_RECORDS_PER_TRANSACTION_MAX, "
-                         "0 < LOG_RETENTION_BYTES_SHARE_OF_MAP < 1, 0 < AUDIT_TRIMMED_WARN_REPEAT_S")
+                         "0 < LOG_RETENTION_BYTES_SHARE < 1, 0 < AUDIT_TRIMMED_WARN_REPEAT_S")
 if not RESERVATION_RETENTION_NS <= IDEMPOTENCY_RETENTION_NS_MIN <= IDEMPOTENCY_RETENTION_NS_MAX:
     raise AssertionError("RESERVATION_RETENTION_NS <= IDEMPOTENCY_RETENTION_NS_MIN "
                          "<= IDEMPOTENCY_RETENTION_NS_MAX")

@@ -78,7 +78,9 @@ brings 6 (every entry filed with its record), 5 (rows under a digest alone, hold
 their slot), 4 (events in an index of their own, keyed by user, time and record) and 3 (JSON
 records, events stored twice) to it."""
 MIGRATABLE_FORMAT_VERSIONS = (b"3", b"4", b"5", b"6")
-MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3
+MAP_SIZE_BYTES_DEFAULT = 1024**4
+"""The most the LMDB file may grow to by default (1 TiB): address space, not disk (the file
+grows as pages are used), so that the disk, not the map, bounds the log by default."""
 LMDB_OPTIONS: dict[str, Any] = dict(
     subdir=True, readonly=False, create=True, max_dbs=8, max_readers=126, sync=True,
     metasync=True, writemap=False, map_async=False, lock=True, readahead=False, meminit=False,
