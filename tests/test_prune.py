@@ -8,6 +8,8 @@ import asyncio
 import logging
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -132,8 +134,9 @@ def test_past_the_size_bound_the_oldest_go_inside_the_retention_never_inside_the
     wal.close()
 
 
-def _writer_run(tmp_path: Path, retention_bytes: int, tracks: int,
-                spacing_ns: int) -> tuple[WriteAheadLog, Writer, str, int]:
+def _writer_run(tmp_path: Path, retention_bytes: int, tracks: int, spacing_ns: int,
+                monotonic_s: Callable[[], float] = time.monotonic,
+                ) -> tuple[WriteAheadLog, Writer, str, int]:
     """A writer whose wall clock moves spacing_ns per call, over `tracks` calls with a
     snapshot every 100 records; its state digest and server time at the end."""
     wall = iter(range(START_NS, START_NS + (tracks + 10) * spacing_ns, spacing_ns))
@@ -141,7 +144,8 @@ def _writer_run(tmp_path: Path, retention_bytes: int, tracks: int,
 
     async def run() -> tuple[Writer, str, int]:
         writer = Writer(recover(wal), wal, on_failure=pytest.fail, snapshot_every_records=100,
-                        audit_retention_bytes=retention_bytes, wall_ns=lambda: next(wall))
+                        audit_retention_bytes=retention_bytes, wall_ns=lambda: next(wall),
+                        monotonic_s=monotonic_s)
         writer.start()
         await writer.execute(UpsertPlan(app="a", plan=PLAN))
         await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
@@ -171,6 +175,25 @@ def test_a_writer_keeps_its_log_under_the_bound_cutting_into_the_retention_with_
     assert state_digest(recover(reopened)) == digest
     assert reopened.record_now_ns(reopened.last_sequence()) == last_ns
     reopened.close()
+
+
+def test_the_warning_is_said_again_after_audit_trimmed_warn_repeat_s_not_before(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """The writer's monotonic clock is the test's: it reads 0 at the first warning due, then
+    just under AUDIT_TRIMMED_WARN_REPEAT_S, then exactly it, then stays there."""
+    caplog.set_level(logging.WARNING, logger="quotad.writer")
+    repeat_s = limits.AUDIT_TRIMMED_WARN_REPEAT_S
+    readings = iter((0.0, repeat_s - 0.001, repeat_s))
+    clock_s = [0.0]
+
+    def monotonic_s() -> float:
+        clock_s[0] = next(readings, clock_s[0])
+        return clock_s[0]
+
+    _writer_run(tmp_path, 256 * 1024, 1500, 10 * 60 * limits.NS_PER_S, monotonic_s)
+    trimmed = [r for r in caplog.records if "pruned inside --audit-retention-days" in r.getMessage()]
+    assert len(trimmed) == 2  # at 0 and at repeat_s; not at repeat_s - 0.001, nor after
+    assert next(readings, None) is None  # every reading was taken: more warnings were due
 
 
 def test_a_bound_the_keys_day_does_not_fit_keeps_that_day_and_says_so(

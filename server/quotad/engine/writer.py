@@ -86,7 +86,8 @@ class Writer:
                  audit_retention_bytes: int = 0,
                  on_flush: Callable[[int, float, int], None] | None = None,
                  fork_snapshots: bool = False,
-                 wall_ns: Callable[[], int] = time.time_ns) -> None:
+                 wall_ns: Callable[[], int] = time.time_ns,
+                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
         assert snapshot_every_records >= 1 and snapshot_every_s > 0 and audit_retention_ns >= 0
         assert audit_retention_bytes >= 0
         self.core = core
@@ -130,8 +131,10 @@ class Writer:
         self._prune_due = True
         """Records a stored snapshot covers may be due for pruning (at start: what the last
         run left)."""
+        self._monotonic_s = monotonic_s
+        """Times the pruning warnings' repeats (AUDIT_TRIMMED_WARN_REPEAT_S)."""
         self._trimmed_warned_at = -limits.AUDIT_TRIMMED_WARN_REPEAT_S
-        """time.monotonic() of the last warning that the size bound cut the audit trail."""
+        """monotonic_s() at the last warning that the size bound cut the audit trail."""
         self.records_pruned = 0
         self._snapshot_sequence = wal.snapshot_sequence()
         """The sequence of the latest snapshot started (what "due" counts from)."""
@@ -405,7 +408,7 @@ class Writer:
         self.records_pruned += pruned.records
         if not (pruned.beyond_retention or pruned.held_by_keys):
             return
-        now_s = time.monotonic()
+        now_s = self._monotonic_s()
         if now_s - self._trimmed_warned_at < limits.AUDIT_TRIMMED_WARN_REPEAT_S:
             return
         self._trimmed_warned_at = now_s
