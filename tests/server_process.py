@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from quotad import testing
@@ -10,7 +12,21 @@ from quotad.testing import START_TIMEOUT_S, STOP_TIMEOUT_S
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLANS = ROOT / "examples" / "plans.toml"
 
-__all__ = ["EXAMPLE_PLANS", "ROOT", "START_TIMEOUT_S", "STOP_TIMEOUT_S", "ServerProcess"]
+__all__ = ["EXAMPLE_PLANS", "ROOT", "START_TIMEOUT_S", "STOP_TIMEOUT_S", "ServerProcess",
+           "refused_serve"]
+
+
+def refused_serve(data_dir: Path, *flags: str) -> str:
+    """`quotad serve` with these flags, which must refuse them: exit 2, a message and no
+    traceback on stderr (returned), nothing made at data_dir."""
+    refused = subprocess.run(
+        [sys.executable, "-m", "quotad", "serve", "--data-dir", str(data_dir),
+         "--listen", "127.0.0.1:0", *flags],
+        capture_output=True, text=True, timeout=START_TIMEOUT_S, cwd=ROOT)
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not data_dir.exists()  # refused before anything was made
+    return refused.stderr
 
 
 class ServerProcess(testing.ServerProcess):
