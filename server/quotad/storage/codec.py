@@ -245,8 +245,9 @@ def stored_record_rows(key: bytes, value: bytes) -> tuple[list[tuple[bytes, byte
     event index entries (user key, tail), its idempotency row key (a keyed command holding
     its first answer), and the reservation id bytes of a Reserve (its hold's row)."""
     sequence, now_ns, message = _checked_message(key, value)
-    events = [(event_user_key(user), event_tail(now_ns, sequence, index))
-              for index, user in enumerate(message.event_users)]
+    users = message.event_users
+    events = [(user.to_bytes(4, "big"), _EVENT_TAIL.pack(now_ns, sequence, index))
+              for index, user in enumerate(users)] if users else []
     kind = message.WhichOneof("command")
     row = None
     if kind in _KEYED_COMMANDS and message.HasField("answer"):

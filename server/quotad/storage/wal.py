@@ -446,12 +446,17 @@ class WriteAheadLog:
         pruned = beyond = 0
         if not cursor.first():
             return 0, 0, ""
-        while cursor.key():  # empty once the last record is deleted
+        up_to_key = record_key(up_to_sequence)  # keys sort as their sequences
+        delete, get = txn.delete, txn.get
+        while True:
+            key = cursor.key()
+            if not key:  # the last record was deleted
+                break
             if pruned == records_max:
                 return pruned, beyond, "records_max"
-            key, value = cursor.key(), cursor.value()
-            if key_sequence(key) > up_to_sequence:
+            if key > up_to_key:
                 break
+            value = cursor.value()
             now_ns = record_now_ns(value)
             if now_ns >= before_ns:
                 if beyond == beyond_max:
@@ -461,11 +466,11 @@ class WriteAheadLog:
                 beyond += 1
             events, row, reserved = stored_record_rows(key, value)
             for user_key, tail in events:
-                txn.delete(user_key, tail, db=self.event_index_db)
-            if row is not None and txn.get(row, db=self.idempotency_db) == key:
-                txn.delete(row, db=self.idempotency_db)  # unless the key was used anew since
+                delete(user_key, tail, db=self.event_index_db)
+            if row is not None and get(row, db=self.idempotency_db) == key:
+                delete(row, db=self.idempotency_db)  # unless the key was used anew since
             if reserved is not None:
-                txn.delete(hold_row_key(reserved), db=self.holds_db)  # goes with its Reserve
+                delete(hold_row_key(reserved), db=self.holds_db)  # goes with its Reserve
             cursor.delete()  # moves to the next record
             pruned += 1
         return pruned, beyond, ""
