@@ -16,7 +16,8 @@ apparent size, the sum of file sizes) and the operations completed so far.
 
 At the end it prints operations/s, the RSS and disk bytes per operation (the slope of a
 least-squares line through the samples after the warm-up), the RSS growth in % (from the
-sample at --rss-growth-from-minutes, or the warm-up's end in a shorter run, to the last), and
+sample at --rss-growth-from-minutes, or the warm-up's end in a shorter run, to the last), for
+a server it started how long its log's size bound (its start line's) holds at that rate, and
 a PASS / FAIL line for each target; and writes results.json and soak.png (RSS and disk over
 time, throughput below) into --results DIR.
 """
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quotad.core import limits
+
 from . import procfs, report, stats
 from .harness import _address, _non_negative_float, _positive_float, _positive_int, _write_json
 from .targets import ROOT, QuotadTarget, process_cpu_s
@@ -39,6 +42,7 @@ WARMUP_DEFAULT_S = 60.0
 WARMUP_DEFAULT_SHARE = 0.2
 LIVE_LINE_EVERY_S = 30.0  # off a terminal: one progress line this often
 MB = 1e6
+DAY_S = 24 * 3600.0
 
 EPILOG = """\
 outputs (in --results DIR, default bench/results/soak-<timestamp>/, git-ignored):
@@ -200,6 +204,21 @@ def analyse(samples: list[dict[str, Any]], *, warmup_s: float,
     return figures
 
 
+def sizing(figures: dict[str, Any], log_bytes_max: int | None) -> dict[str, Any] | None:
+    """How long the server's log bound (its start line's) holds at the rate and disk bytes
+    per operation measured: the days of audit trail it keeps, and whether the keys' 24 h
+    (what no bound prunes) fit under it. None without a bound or a fit."""
+    rate = figures.get("ops_per_s_after_warmup")
+    per_op = figures.get("disk_allocated_bytes_per_op")
+    if not (log_bytes_max and rate and per_op and per_op > 0):
+        return None
+    bytes_per_day = rate * per_op * DAY_S
+    return {"log_bytes_max": log_bytes_max, "bytes_per_day": bytes_per_day,
+            "days_kept": log_bytes_max / bytes_per_day,
+            "keys_day_fits": bytes_per_day <= log_bytes_max,
+            "hours_to_fill": log_bytes_max / (rate * per_op) / 3600}
+
+
 def verdicts(figures: dict[str, Any], max_rss_growth_pct: float,
              max_disk_bytes_per_op: float) -> list[dict[str, Any]]:
     checks = []
@@ -288,6 +307,18 @@ def print_figures(figures: dict[str, Any], run: dict[str, Any], server: dict[str
         print(f"server stop         {server['stop_error']}")
     if run.get("server_cpu_util") is not None:
         print(f"server CPU          {run['server_cpu_util']:.0%} of one core")
+    sized = figures.get("sizing")
+    if sized:
+        day_gb = sized["bytes_per_day"] / 1e9
+        print(f"log size bound      {sized['log_bytes_max'] / 1024**3:,.1f} GiB; at this rate a "
+              f"day of records is {day_gb:,.1f} GB: "
+              + (f"it keeps {sized['days_kept']:,.1f} days of audit trail (at most "
+                 "--audit-retention-days), for as long as the server runs"
+                 if sized["keys_day_fits"] else
+                 f"the keys' 24 h do not fit; the log passes it after "
+                 f"{sized['hours_to_fill']:,.1f} h and grows until its disk or map is full "
+                 f"(give the log {day_gb / limits.LOG_RETENTION_BYTES_SHARE:,.0f} GB of disk; "
+                 "README, Limits)"))
     for check in checks:
         value = "—" if check["value"] is None else f"{check['value']:,.1f}"
         print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['text']}: {value}")
@@ -373,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         run.pop(key, None)
     figures = analyse(document["samples"], warmup_s=warmup_s,
                       rss_growth_from_s=args.rss_growth_from_minutes * 60)
+    figures["sizing"] = sizing(figures, document["server"].get("log_bytes_max"))
     checks = verdicts(figures, args.max_rss_growth_pct, args.max_disk_bytes_per_op)
     document.update(run=run, figures=figures, verdicts=checks)
     print_figures(figures, run, document["server"], checks)

@@ -113,6 +113,10 @@ class QuotadTarget(Target):
             try:
                 if self._server.process is not None and self._server.process.poll() is None:
                     stats["exit_code"] = self._server.stop()
+                bounds = [line for line in self._server.log_lines if str(
+                    line.get("message", "")).startswith("the log's live data is kept under")]
+                if bounds:  # the size bound pruning keeps the log under, as it started
+                    stats["log_bytes_max"] = bounds[-1].get("audit_retention_bytes")
                 stopped = [line for line in self._server.log_lines
                            if line.get("message") == "stopped"]
                 if stopped:

@@ -348,8 +348,14 @@ def test_the_soak_samples_the_server_and_fits_bytes_per_operation(tmp_path: Path
     assert {check["name"] for check in document["verdicts"]} == {"rss_growth_pct",
                                                                   "disk_bytes_per_op"}
     text = "\n".join(lines)
-    for label in ("operations/s", "RSS per operation", "disk per operation", "RSS growth"):
+    for label in ("operations/s", "RSS per operation", "disk per operation", "RSS growth",
+                  "log size bound"):
         assert label in text
+    sized = figures["sizing"]  # the server's default bound: three quarters of its disk room
+    assert sized["log_bytes_max"] == document["server"]["log_bytes_max"] > 0
+    assert sized["bytes_per_day"] == pytest.approx(
+        figures["ops_per_s_after_warmup"] * figures["disk_allocated_bytes_per_op"] * 86400)
+    assert sized["keys_day_fits"] == (sized["days_kept"] >= 1)
     assert sum(line.startswith(("PASS ", "FAIL ")) for line in lines) == 2
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "results" / "soak.png").stat().st_size > 0
