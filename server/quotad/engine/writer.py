@@ -422,7 +422,8 @@ class Writer:
             log.warning("the log's live data is over --audit-retention-gib and its records of "
                         "the last %d h stay (idempotency keys' first answers, for "
                         "--idempotency-retention-hours, and finished holds): raise "
-                        "--audit-retention-gib and --map-size-gib, or the log fills its map",
+                        "--audit-retention-gib (and the disk under it) or lower "
+                        "--idempotency-retention-hours, or the log fills its disk or map",
                         self.kept_ns() // (3600 * limits.NS_PER_S),
                         extra=extra)
         else:
