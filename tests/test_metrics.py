@@ -75,5 +75,8 @@ def test_metrics_show_batch_sizes_denials_inside_batches_and_the_log_size(start_
     assert samples["quotad_log_bytes"] <= samples["quotad_log_map_bytes"]
     assert samples["quotad_log_map_bytes"] == 1024**4  # the default map
     assert 4096 <= samples["quotad_log_live_bytes"] <= samples["quotad_log_bytes"]
+    (bound,) = [line["audit_retention_bytes"] for line in server.log_lines
+                if line["message"].startswith("the log's live data is kept under")]
+    assert samples["quotad_log_live_bytes_max"] == bound > samples["quotad_log_live_bytes"]
     assert 0 < samples["quotad_audit_trail_seconds"] < 600  # its first record: this test's
     assert samples["quotad_log_records_pruned_total"] == 0  # none older than 24 h

@@ -467,6 +467,7 @@ class _Process:
         writer.start()
         metrics.watch_live_holds(lambda: len(core.expiry))
         metrics.watch_log(self.wal)
+        metrics.log_live_bytes_max.set(self.log_bytes_max)
         metrics.watch_pruning(lambda: writer.records_pruned)
         if config.metrics_listen:
             metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")

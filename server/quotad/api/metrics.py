@@ -14,6 +14,8 @@ own HTTP thread, never by the event loop.
     quotad_log_map_bytes                    the most the LMDB file may grow to (--map-size-gib)
     quotad_log_live_bytes                   bytes of its pages holding data (read when scraped):
                                             what --audit-retention-gib bounds
+    quotad_log_live_bytes_max               that bound, as the server took it at start (by
+                                            default three quarters of the disk's room)
     quotad_audit_trail_seconds              how far back the log reaches: the age of its oldest
                                             record (read when scraped)
     quotad_log_records_pruned_total         log records pruned, past the retention or the size
@@ -72,6 +74,9 @@ class Metrics:
         self.log_live_bytes = Gauge("quotad_log_live_bytes",
                                     "Bytes of the LMDB file's pages holding data",
                                     registry=self.registry)
+        self.log_live_bytes_max = Gauge("quotad_log_live_bytes_max",
+                                        "The bound pruning keeps the log's live data under",
+                                        registry=self.registry)
         self.audit_trail_seconds = Gauge("quotad_audit_trail_seconds",
                                          "Age of the log's oldest record",
                                          registry=self.registry)
