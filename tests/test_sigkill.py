@@ -393,9 +393,14 @@ def pick_port(rng: random.Random) -> int:
 class Servers:
     """Starts, kills and restarts quotad on one data directory and (if it can) one port."""
 
-    def __init__(self, data_dir: Path, rng: random.Random, extra_args: tuple[str, ...]) -> None:
+    def __init__(self, data_dir: Path, rng: random.Random, extra_args: tuple[str, ...],
+                 retention_hours: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.extra_args = extra_args
+        self.retention_hours = retention_hours
+        """--idempotency-retention-hours for each start in turn (none if empty): a start
+        whose flag differs from the retention in force writes a record as it starts, which
+        kills during start-up and replays then meet."""
         self.rng = rng
         self.port = pick_port(rng)
         self.spawned: list[ServerProcess] = []
@@ -413,9 +418,20 @@ class Servers:
     def listen(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _next_args(self) -> tuple[str, ...]:
+        if not self.retention_hours:
+            return self.extra_args
+        hours = self.retention_hours[len(self.spawned) % len(self.retention_hours)]
+        return (*self.extra_args, "--idempotency-retention-hours", hours)
+
+    def retention_changes(self) -> int:
+        """Starts that logged a change of the idempotency retention."""
+        return sum(line.get("message", "").startswith("idempotency keys are remembered")
+                   for process in self.spawned for line in process.log_lines)
+
     def start(self, *, restart: bool = True) -> ServerProcess:
         for _ in range(3):
-            process = ServerProcess(self.data_dir, extra_args=self.extra_args)
+            process = ServerProcess(self.data_dir, extra_args=self._next_args())
             self.spawned.append(process)
             started = time.monotonic()
             try:
@@ -450,7 +466,7 @@ class Servers:
         little past the time the last start took: before it listens, while it recovers,
         reading the snapshot and the log and writing expiries and plans, or just after it
         serves)."""
-        process = ServerProcess(self.data_dir, extra_args=self.extra_args)
+        process = ServerProcess(self.data_dir, extra_args=self._next_args())
         self.spawned.append(process)
         thread = threading.Thread(target=self._start_quietly, args=(process,), daemon=True)
         thread.start()
@@ -499,11 +515,20 @@ class Servers:
 def server_args() -> tuple[str, ...]:
     """ServerProcess's --log-state-digest, plus frequent snapshots when this server takes
     them: kills then also land while a snapshot is written, and restarts load one."""
-    help_text = subprocess.run([sys.executable, "-m", "quotad", "serve", "--help"],
-                               capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+    help_text = _serve_help()
     if "--snapshot-every-records" in help_text:
         return ("--log-state-digest", "--snapshot-every-records", str(SNAPSHOT_EVERY_RECORDS))
     return ("--log-state-digest",)
+
+
+def retention_hours() -> tuple[str, ...]:
+    """The idempotency retentions the starts take in turn, when this server takes the flag."""
+    return ("48", "24") if "--idempotency-retention-hours" in _serve_help() else ()
+
+
+def _serve_help() -> str:
+    return subprocess.run([sys.executable, "-m", "quotad", "serve", "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
 
 
 def verify_data_dir(data_dir: Path) -> tuple[int, dict]:
@@ -762,7 +787,7 @@ async def sigkill_loop(run: Run, servers: Servers, transport: str) -> ServerProc
 def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str):
     seed = int(os.environ.get("QUOTAD_SIGKILL_SEED", random.randrange(2**32)))
     run = Run(seed)
-    servers = Servers(tmp_path / "data", run.rng, server_args())
+    servers = Servers(tmp_path / "data", run.rng, server_args(), retention_hours())
     started = time.monotonic()
     try:
         last = asyncio.run(sigkill_loop(run, servers, transport))
@@ -789,7 +814,9 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
           f"in-flight RPC errors {run.in_flight_codes}; kills during start-up "
           f"{servers.startup_kills}; restarts that loaded a snapshot {loaded} (the last "
           f"{servers.snapshot_sequences[-1]}); torn log tails dropped {servers.torn_tails}; "
-          f"server args {servers.extra_args}; port changes {servers.port_changes}; "
+          f"server args {servers.extra_args}, retention hours in turn "
+          f"{servers.retention_hours} ({servers.retention_changes()} starts changed it); "
+          f"port changes {servers.port_changes}; "
           f"verify {summary.get('seconds')} s; total {elapsed:.1f} s")
 
     assert not run.failures, f"seed {seed}:\n" + "\n".join(run.failures[:20])
@@ -802,6 +829,7 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
     assert servers.startup_kills["before listening"] >= 1, servers.startup_kills
     assert servers.startup_kills["while recovering"] >= 1, servers.startup_kills
     assert loaded >= 1, servers.snapshot_sequences
+    assert not servers.retention_hours or servers.retention_changes() >= 2
     assert stop_code == 0
     assert code == 0 and summary["clean"], summary
     assert summary["records"] == stopped["records"]
