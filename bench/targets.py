@@ -195,14 +195,14 @@ class ClusterTarget(Target):
         return process_cpu_s(process.pid) if process is not None else None
 
     def start(self) -> None:
-        from quotad.cluster.etcd_process import EtcdProcess, free_port
+        from quotad.cluster.etcd_process import EtcdProcess, free_ports
 
         self._dir = tempfile.TemporaryDirectory(prefix="bench-cluster-")
         folder = Path(self._dir.name)
         try:
             self._etcd = EtcdProcess(folder / "etcd" / "data").start()
             self.target = f"etcd://{self._etcd.endpoint}/bench"
-            addresses = [f"127.0.0.1:{free_port()}" for _ in range(self.shards)]
+            addresses = [f"127.0.0.1:{port}" for port in free_ports(self.shards)]
             init = subprocess.run(
                 [sys.executable, "-m", "quotad", "cluster", "init", "--cluster", self.target,
                  "--shards", str(self.shards),

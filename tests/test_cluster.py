@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import grpc
@@ -19,6 +18,7 @@ from quotad_contract.errors import ErrorReason
 from quotad_contract.shards import ShardMap, slot_of, slot_of_reservation
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as pb_grpc
+from quotad.cluster.etcd_process import free_ports
 from server_process import ServerProcess
 
 APP = "default"
@@ -27,18 +27,6 @@ THREE_SHARDS = ("0-1364", "1365-2729", "2730-4095")
 MOVED_SHARDS = ("0-1000", "1001-2729,4000-4095", "2730-3999")
 """THREE_SHARDS with slots 1001-1364 moved from shard 0 to 1 and 4000-4095 from 2 to 1."""
 CALL_TIMEOUT_S = 10.0
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now (the map names its addresses before the shards start)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def write_map(path: Path, addresses: list[str], slots: tuple[str, ...]) -> ShardMap:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from history_checker import Call, check
-from quotad.cluster.etcd_process import free_port
+from quotad.cluster.etcd_process import free_ports
 from quotad_client import AsyncQuotaClient, NotFound
 from quotad_contract.shards import ShardMap, slot_of
 from server_process import ROOT, ServerProcess
@@ -77,7 +77,7 @@ def test_a_history_across_three_shards_has_no_over_admission_and_no_false_denial
         tmp_path: Path, etcd):
     ops, clients, limit_s = workload_size()
     target = f"etcd://{etcd.endpoint}/history-{int(time.time() * 1000) % 100000}"
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(SHARDS)]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(SHARDS)]
     init = subprocess.run(
         [sys.executable, "-m", "quotad", "cluster", "init", "--cluster", target,
          "--shards", str(SHARDS), *[f for a in addresses for f in ("--address", a)]],

@@ -19,7 +19,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import quotad_client as qc
-from quotad.cluster.etcd_process import free_port
+from quotad.cluster.etcd_process import free_ports
 from quotad.testing import ServerProcess
 from quotad_contract.shards import ShardMap, slot_of
 from server_process import ROOT
@@ -128,7 +128,7 @@ def _authenticates(client: qc.QuotaClient) -> bool:
 def test_the_manifests_commands_make_a_cluster_whose_shards_serve_their_users(tmp_path, etcd):
     found = documents()
     replicas = found["StatefulSet"]["spec"]["replicas"]
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(replicas)]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(replicas)]
     target = f"etcd://{etcd.endpoint}/k8s-{int(time.time() * 1000) % 100000}"
     init = replaced(container_of(found["Job"])["command"], "--address", addresses)
     init = replaced(init, "--cluster", [target])

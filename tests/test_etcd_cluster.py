@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import quotad_client as qc
 from quotad.cluster.etcd import Etcd
-from quotad.cluster.etcd_process import free_port
+from quotad.cluster.etcd_process import free_port, free_ports
 from quotad_contract.errors import ErrorReason
 from quotad_contract.shards import EtcdTarget, Shard, ShardMap, slot_of
 from server_process import ROOT, ServerProcess
@@ -115,7 +115,7 @@ class EtcdCluster:
     def __init__(self, folder: Path, etcd, count: int = 3, ttl_s: int = LEASE_TTL_S,
                  env: dict[str, str] | None = None) -> None:
         self.folder, self.target, self.ttl_s, self.env = folder, new_target(etcd), ttl_s, env
-        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+        self.addresses = [f"127.0.0.1:{port}" for port in free_ports(count)]
         done = init(self.target, self.addresses)
         assert done.returncode == 0, done.stderr
         self.shard_map = ShardMap.from_json(done.stdout)
@@ -276,7 +276,7 @@ def test_a_shard_follows_the_map_in_etcd_as_it_changes(cluster):
 def test_a_second_process_with_a_taken_shard_id_never_serves_until_the_first_stops(
         tmp_path, etcd):
     target = new_target(etcd)
-    addresses = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
     assert init(target, addresses[:1]).returncode == 0
     first = shard(tmp_path, target, 0).start(addresses[0])
     second = shard(tmp_path, target, 0, data="data-second")

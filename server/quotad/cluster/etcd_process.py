@@ -33,9 +33,21 @@ INSTALL_HINT = ("etcd is not on PATH: install it (Debian: apt-get install etcd-s
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now (the OS's pick; free until someone else binds it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """count different ports nothing listens on now: each probe stays bound until all are
+    picked, since the OS may hand a port just closed out again (two picks one after the
+    other can be the same port)."""
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind((host, 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 class EtcdProcess:
@@ -44,8 +56,9 @@ class EtcdProcess:
     def __init__(self, data_dir: Path, *, client_port: int = 0, peer_port: int = 0,
                  log_path: Path | None = None) -> None:
         self.data_dir = data_dir
-        self.client_port = client_port or free_port()
-        self.peer_port = peer_port or free_port()
+        picked = iter(free_ports(2))
+        self.client_port = client_port or next(picked)
+        self.peer_port = peer_port or next(picked)
         self.log_path = log_path if log_path is not None else data_dir.parent / "etcd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

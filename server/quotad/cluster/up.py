@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from quotad.cluster.etcd_process import EtcdProcess, free_port
+from quotad.cluster.etcd_process import EtcdProcess, free_ports
 from quotad.cluster.limits import CLUSTER_UP_SHARDS_MAX, LEASE_TTL_S_MAX, LEASE_TTL_S_MIN
 from quotad_contract.shards import EtcdTarget, ShardMapError, split_evenly
 
@@ -90,11 +90,12 @@ def layout(args: argparse.Namespace) -> dict[str, Any]:
                           f"shard(s), not {args.shards}: give --shards "
                           f"{len(recorded['addresses'])}, or another --data-dir")
         return recorded
-    etcd_port = args.etcd_port or free_port()
+    picked = iter(free_ports(2 + args.shards))  # different ports, whichever are used
+    etcd_port = args.etcd_port or next(picked)
     recorded = {
         "name": args.name, "etcd_client_port": etcd_port,
-        "etcd_peer_port": (etcd_port + 1) if args.etcd_port else free_port(),
-        "addresses": [f"127.0.0.1:{args.port + shard_id if args.port else free_port()}"
+        "etcd_peer_port": (etcd_port + 1) if args.etcd_port else next(picked),
+        "addresses": [f"127.0.0.1:{args.port + shard_id if args.port else next(picked)}"
                       for shard_id in range(args.shards)]}
     args.data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(recorded, indent=2) + "\n", encoding="utf-8")
