@@ -453,17 +453,16 @@ class _Process:
     def start_writer(self, core: Core) -> Writer:
         """The writer over the recovered core, and the metrics that watch it."""
         config, metrics = self.config, self.metrics
-        self._set_log_bytes_max()
         leftovers = snapshot_child.remove_leftovers(config.data_dir)
         if leftovers:
             log.info("removed unfinished snapshot files", extra={"files": leftovers})
+        self._set_log_bytes_max()  # after the leftovers: their room is the log's again
         writer = Writer(core, self.wal, on_failure=self._fail, fork_snapshots=hasattr(os, "fork"),
                         on_flush=metrics.observe_flush if self.measured else None,
                         snapshot_every_records=config.snapshot_every_records,
                         snapshot_every_s=config.snapshot_every_s,
                         audit_retention_ns=config.audit_retention_ns,
                         audit_retention_bytes=self.log_bytes_max)
-        self._check_disk_room()
         writer.start()
         metrics.watch_live_holds(lambda: len(core.expiry))
         metrics.watch_log(self.wal)
@@ -480,12 +479,15 @@ class _Process:
 
     def _set_log_bytes_max(self) -> None:
         """The bound on the log's live data, logged: --audit-retention-gib, or by default
-        three quarters of its room on the disk as it starts (of the map if smaller)."""
+        three quarters of its room on the disk as it starts (of the map if smaller). A bound
+        set larger than the disk's room is said once: the disk would fill first, and stop the
+        server (fail-stop)."""
         used_bytes, map_bytes = self.wal.used_bytes(), self.wal.map_bytes()
         try:
-            room_bytes = used_bytes + self.wal.disk_free_bytes()
+            disk_free_bytes: int | None = self.wal.disk_free_bytes()
         except OSError:
-            room_bytes = map_bytes  # the headroom task says once that it cannot read it
+            disk_free_bytes = None  # the headroom task says once that it cannot read it
+        room_bytes = map_bytes if disk_free_bytes is None else used_bytes + disk_free_bytes
         self.log_bytes_max = self.config.log_bytes_max(room_bytes)
         assert 0 < self.log_bytes_max < map_bytes, (self.log_bytes_max, map_bytes)
         log.info("the log's live data is kept under %.1f GiB%s", self.log_bytes_max / 1024**3,
@@ -494,16 +496,8 @@ class _Process:
                  "--audit-retention-gib sets it)",
                  extra={"audit_retention_bytes": self.log_bytes_max, "room_bytes": room_bytes,
                         "map_bytes": map_bytes})
-
-    def _check_disk_room(self) -> None:
-        """Says at start when the disk has less room than the log may still grow before its
-        size bound stops it: the disk would fill first, and stop the server (fail-stop)."""
-        try:
-            disk_free_bytes = self.wal.disk_free_bytes()
-        except OSError:
-            return  # the headroom task says once that it cannot read it
-        growth_left_bytes = self.log_bytes_max - self.wal.used_bytes()
-        if disk_free_bytes < growth_left_bytes:
+        growth_left_bytes = self.log_bytes_max - used_bytes
+        if disk_free_bytes is not None and disk_free_bytes < growth_left_bytes:
             log.warning("the disk under the data directory has less room than the log may "
                         "grow under --audit-retention-gib: it would fill first and stop the "
                         "server; lower --audit-retention-gib or give the data directory a "
