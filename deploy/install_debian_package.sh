@@ -36,6 +36,17 @@ if ! command -v apt-get >/dev/null 2>&1; then
     exit 2
 fi
 
+# One install at a time on this machine: the test suite's workers may each find the program
+# missing at once, and the policy-rc.d below must stay in place until the last install ends.
+exec 9>/tmp/quotad-install-debian-package.lock
+if ! flock -w "$LOCK_TIMEOUT_S" 9; then
+    echo "another install held the lock for over $LOCK_TIMEOUT_S s" >&2
+    exit 1
+fi
+if command -v "$program" >/dev/null 2>&1; then
+    exit 0
+fi
+
 policy=/usr/sbin/policy-rc.d
 if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\n# in place only while %s is installed\nexit 101\n' "$package" >"$policy"
