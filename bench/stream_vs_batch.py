@@ -88,7 +88,6 @@ async def drive(address: str, mode: str, options: argparse.Namespace, pid: int) 
         done = 0
 
         async def unary_batches() -> None:
-            nonlocal done
             call = channel.unary_unary(BATCH, request_serializer=_serialize,
                                        response_deserializer=pb.BatchResponse.FromString)
             request = pb.BatchRequest(operations=[_operation(i) for i in range(options.batch)])
@@ -103,7 +102,6 @@ async def drive(address: str, mode: str, options: argparse.Namespace, pid: int) 
                                                              // options.batch))))
 
         async def stream(per_message: int) -> None:
-            nonlocal done
             if per_message == 1:
                 call = channel.stream_stream(
                     STREAM_OPERATIONS, request_serializer=_serialize,

@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import pytest
 
 from history_checker import Call, check
 from quotad.cluster.etcd_process import free_ports

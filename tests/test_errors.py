@@ -16,7 +16,7 @@ import quotad.server  # noqa: F401  (imports every module that defines a refusal
 from quotad.api.gate import Unavailable
 from quotad.api.service import status_proto_of
 from quotad.core.errors import (
-    FailedPrecondition, FieldViolation, InvalidArgument, QuotaError, Refusal, ResourceExhausted,
+    FailedPrecondition, FieldViolation, InvalidArgument, QuotaError, Refusal,
 )
 from quotad.engine.writer import WriterStopped
 from quotad_contract.errors import ERROR_DOMAIN, ERRORS, ErrorReason

@@ -45,7 +45,7 @@ from server_process import ROOT
 from test_etcd_cluster import (
     APP, COMMAND_TIMEOUT_S, EtcdCluster, put_map, shard, stored_map, users_of, wait_until,
 )
-from test_history import G, P, PLAN, QUOTA_ALL, QUOTA_PREMIUM, ClientCalls, assert_sound, run_calls
+from test_history import G, P, QUOTA_ALL, QUOTA_PREMIUM, ClientCalls, assert_sound, run_calls
 
 OPS_DURING, OPS_AFTER = 8_000, 2_000
 """Calls of the load the move starts in (it outlasts the freeze by far), then of a load that

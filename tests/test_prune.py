@@ -97,7 +97,7 @@ def test_a_transaction_prunes_pruned_records_per_transaction_max_at_most(tmp_pat
 
 def test_nothing_after_the_snapshot_goes(tmp_path: Path):
     wal = WriteAheadLog(tmp_path)
-    core = _hourly_log(wal, 10)
+    _hourly_log(wal, 10)
     pruned = wal.prune(5, Retention(before_ns=2**63, live_bytes_max=1, kept_from_ns=2**63))
     assert pruned.records == 5 and wal.first_sequence() == 6
     wal.close()

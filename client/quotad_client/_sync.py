@@ -22,7 +22,7 @@ from ._config import (
     merged_channel_options,
 )
 from ._convert import PlanLike
-from ._errors import (DeadlineExceeded, QuotadError, error_from_rpc_error, shed_delay_s,
+from ._errors import (DeadlineExceeded, error_from_rpc_error, shed_delay_s,
                       slots_moving_delay_s,
                       with_tls_hint)
 from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors,

@@ -289,7 +289,7 @@ _BUSY = _raw_answer(error_answer(
 """The answer to a connection beyond HTTP_CONNECTIONS_MAX."""
 _TOO_MANY_FROM_PEER = _raw_answer(error_answer(
     429, "RESOURCE_EXHAUSTED",
-    f"too many HTTP connections from this address (HTTP_CONNECTIONS_PER_PEER_MAX)",
+    "too many HTTP connections from this address (HTTP_CONNECTIONS_PER_PEER_MAX)",
     reason=ErrorReason.TOO_MANY_CONNECTIONS,
     metadata={"limit": "HTTP_CONNECTIONS_PER_PEER_MAX",
               "max": str(limits.HTTP_CONNECTIONS_PER_PEER_MAX)}))

@@ -77,11 +77,11 @@ def _struct_of(target: type, kw_only: bool, frozen: bool = True) -> Any:
                 uncompared.append(name)
     if uncompared:
         compared = [name for name in namespace["__annotations__"] if name not in uncompared]
-        code = (f"def __eq__(self, other):\n"
-                f"    return type(other) is type(self) and "
+        code = ("def __eq__(self, other):\n"
+                "    return type(other) is type(self) and "
                 + " and ".join(f"self.{n} == other.{n}" for n in compared) + "\n"
-                f"def __hash__(self):\n"
-                f"    return hash((" + "".join(f"self.{n}, " for n in compared) + "))\n")
+                "def __hash__(self):\n"
+                "    return hash((" + "".join(f"self.{n}, " for n in compared) + "))\n")
         exec(code, namespace)
     check = namespace.get("__post_init__")
     if check is not None:
