@@ -9,7 +9,8 @@ import math
 import pytest
 
 from quotad.core.limits import (
-    LOG_FULL_WARN_REPEAT_S, LOG_FULL_WARN_WITHIN_S, LOG_GROWTH_SMOOTHING_S,
+    IDEMPOTENCY_RETENTION_NS_MAX, LOG_FULL_WARN_REPEAT_S, LOG_FULL_WARN_WITHIN_S,
+    LOG_GROWTH_SMOOTHING_S, LOG_KEPT_NS_MIN,
 )
 from quotad.engine.headroom import LogHeadroom
 
@@ -19,14 +20,15 @@ DISK_FREE = 10**15
 
 
 def grow(headroom: LogHeadroom, *, start_s: float, seconds: int, used_bytes: int,
-         bytes_per_s: float, map_bytes: int = 64 * GIB, disk_free_bytes: int = DISK_FREE):
+         bytes_per_s: float, map_bytes: int = 64 * GIB, disk_free_bytes: int = DISK_FREE,
+         kept_ns: int = LOG_KEPT_NS_MIN):
     """A sample a second for `seconds` while the file grows at bytes_per_s: every warning
     (time, what it said) and the bytes in use at the end."""
     warnings = []
     for second in range(seconds + 1):
         now_s = start_s + second
         used = used_bytes + int(bytes_per_s * second)
-        soon = headroom.sample(now_s, used, map_bytes, disk_free_bytes)
+        soon = headroom.sample(now_s, used, map_bytes, disk_free_bytes, kept_ns)
         if soon is not None:
             warnings.append((now_s, soon))
     return warnings, used_bytes + int(bytes_per_s * seconds)
@@ -135,6 +137,20 @@ def test_a_size_bound_a_day_of_records_passes_does_not_keep_the_map_from_filling
                        bytes_per_s=rate)
     assert warnings and warnings[-1][1].bound == "map"
     assert 6 * 3600 < warnings[-1][1].fills_in_s < 8 * 3600
+
+
+def test_records_kept_longer_than_the_bound_holds_do_not_keep_the_map_from_filling() -> None:
+    """At 1,000 operations/s a day of records (~23 GB) fits under a 48 GiB bound, so the bound
+    stops the growth; with the keys kept 90 days (--idempotency-retention-hours 2160, ~2 TB of
+    records) pruning cannot hold it there and the map fills: the warning follows the
+    retention each sample is given."""
+    args = dict(start_s=0.0, seconds=4 * int(LOG_GROWTH_SMOOTHING_S), used_bytes=45 * GIB,
+                bytes_per_s=ONE_THOUSAND_OPS_BYTES_PER_S)
+    day, _ = grow(LogHeadroom(live_bytes_max=48 * GIB), kept_ns=LOG_KEPT_NS_MIN, **args)
+    assert day == []
+    ninety_days, _ = grow(LogHeadroom(live_bytes_max=48 * GIB),
+                          kept_ns=IDEMPOTENCY_RETENTION_NS_MAX, **args)
+    assert ninety_days and ninety_days[-1][1].bound == "map"
 
 
 def test_below_a_size_bound_a_disk_with_less_room_than_it_is_warned_of() -> None:

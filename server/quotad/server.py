@@ -510,8 +510,7 @@ class _Process:
         """Logs a warning while the log would fill its map or disk within a day at the rate
         it grows (engine/headroom.py); samples every LOG_GROWTH_SAMPLE_EVERY_S (~4 us each,
         `timeit`)."""
-        headroom = LogHeadroom(self.log_bytes_max, kept_ns=max(
-            limits.LOG_KEPT_NS_MIN, self.config.idempotency_retention_ns))
+        headroom = LogHeadroom(self.log_bytes_max)
         wal = self.wal
         map_bytes = wal.map_bytes()  # set when the environment was opened
         disk_unread = False
@@ -524,7 +523,7 @@ class _Process:
                                 "watching the map alone", extra={"error": str(error)})
                 disk_unread, disk_free_bytes = True, map_bytes
             soon = headroom.sample(time.monotonic(), wal.used_bytes(), map_bytes,
-                                   disk_free_bytes)
+                                   disk_free_bytes, self.writer.kept_ns())
             if soon is not None:
                 log.warning("the log will fill its %s within a day at its rate of growth; "
                             "raise --map-size-gib or give the data directory a larger disk, "

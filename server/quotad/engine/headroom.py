@@ -37,20 +37,21 @@ class LogHeadroom:
     fills the map or the disk within LOG_FULL_WARN_WITHIN_S, at most once per
     LOG_FULL_WARN_REPEAT_S."""
 
-    def __init__(self, live_bytes_max: int = 0, kept_ns: int = limits.LOG_KEPT_NS_MIN) -> None:
-        assert live_bytes_max >= 0 and kept_ns >= limits.LOG_KEPT_NS_MIN
+    def __init__(self, live_bytes_max: int = 0) -> None:
+        assert live_bytes_max >= 0
         self._live_bytes_max = live_bytes_max
         """The log's size bound (0: none)."""
-        self._kept_ns = kept_ns
-        """How long every record stays, whatever the bound (Writer.kept_ns)."""
         self._last: tuple[float, int] | None = None
         self.growth_bytes_per_s = 0.0
         self._warned_at_s: float | None = None
 
-    def sample(self, now_s: float, used_bytes: int, map_bytes: int,
-               disk_free_bytes: int) -> LogFillsSoon | None:
-        """Takes a sample (now_s from a monotonic clock); the warning when one is due."""
+    def sample(self, now_s: float, used_bytes: int, map_bytes: int, disk_free_bytes: int,
+               kept_ns: int = limits.LOG_KEPT_NS_MIN) -> LogFillsSoon | None:
+        """Takes a sample (now_s from a monotonic clock); the warning when one is due.
+        kept_ns: how long every record stays whatever the bound, as pruning keeps it now
+        (Writer.kept_ns)."""
         assert used_bytes >= 0 and map_bytes > 0 and disk_free_bytes >= 0
+        assert kept_ns >= limits.LOG_KEPT_NS_MIN
         last, self._last = self._last, (now_s, used_bytes)
         if last is None or now_s <= last[0]:
             return None
@@ -60,7 +61,7 @@ class LogHeadroom:
         self.growth_bytes_per_s += weight * (rate - self.growth_bytes_per_s)
         if self.growth_bytes_per_s <= 0:
             return None
-        kept_bytes = self.growth_bytes_per_s * self._kept_ns / limits.NS_PER_S
+        kept_bytes = self.growth_bytes_per_s * kept_ns / limits.NS_PER_S
         if used_bytes < self._live_bytes_max and kept_bytes < self._live_bytes_max:
             if disk_free_bytes >= self._live_bytes_max - used_bytes:
                 return None  # pruning stops the growth at the bound, before the disk or map
