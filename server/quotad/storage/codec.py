@@ -246,7 +246,7 @@ def stored_record_rows(key: bytes, value: bytes) -> tuple[list[tuple[bytes, byte
     its first answer), and the reservation id bytes of a Reserve (its hold's row)."""
     sequence, now_ns, message = _checked_message(key, value)
     users = message.event_users
-    events = [(user.to_bytes(4, "big"), _EVENT_TAIL.pack(now_ns, sequence, index))
+    events = [(event_user_key(user), event_tail(now_ns, sequence, index))
               for index, user in enumerate(users)] if users else []
     kind = message.WhichOneof("command")
     row = None
