@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import threading
 import time
 
 import pytest
 
 import quotad_client as qc
+from quotad.cluster.etcd_process import free_port
 from quotad.core import limits
 from quotad_contract.shards import slot_of
 
@@ -207,14 +207,8 @@ def test_the_async_client_guards_work_the_same_way(server):
     assert asyncio.run(scenario()) == (250, 0)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_commit_retried_across_a_kill_and_restart_counts_once(start_server, tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     first = start_server(tmp_path / "data", listen=address)
     with qc.QuotaClient(address, timeout_s=20, retries=30) as client:
         client.upsert_plan(PLAN)
