@@ -363,3 +363,29 @@ def test_snapshots_stay_due_and_made_while_lone_calls_are_written_inline(
     wal = WriteAheadLog(tmp_path)
     assert state_digest(recover(wal)) == digest
     wal.close()
+
+
+def test_a_close_while_the_flush_task_waits_on_the_log_thread_is_not_a_storage_failure(
+        tmp_path: Path):
+    """close() ends the flush task once all is durable; if that task is then waiting for the
+    log thread (here: the prune that follows each snapshot), its cancellation is the stop,
+    not a failure of the storage (which would make the server exit 1)."""
+    wal = WriteAheadLog(tmp_path)
+    failures: list[BaseException] = []
+
+    async def run() -> Writer:
+        writer = Writer(recover(wal), wal, on_failure=failures.append, snapshot_every_records=1)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        tracked = asyncio.create_task(writer.execute(_track("k")))
+        await asyncio.sleep(0)  # applied; its batch and snapshot go to the log thread
+        await writer.close()  # durable, then the flush task waits for the prune
+        await tracked
+        return writer
+
+    writer = asyncio.run(run())
+    assert failures == [] and not writer.failed
+    assert writer.records_pruned >= 0 and writer.snapshots >= 2
+    wal.close()
+    assert state_digest(recover(WriteAheadLog(tmp_path))) == state_digest(writer.core)

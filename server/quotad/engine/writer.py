@@ -273,6 +273,8 @@ class Writer:
                                                    snapshot)
                     else:
                         self._wal.append(batch)
+                except asyncio.CancelledError:  # close(), all durable: the thread ends the
+                    raise                       # write and close() waits for the thread
                 except BaseException as error:  # fail-stop: memory is ahead of disk
                     self._fail(error)
                     return
@@ -291,6 +293,8 @@ class Writer:
                         pruned = await loop.run_in_executor(
                             self._executor, self._wal.prune, self._stored_sequence,
                             self._retention())
+                    except asyncio.CancelledError:  # close(), as above: not a failure
+                        raise
                     except BaseException as error:  # fail-stop, as for a batch
                         self._fail(error)
                         return
