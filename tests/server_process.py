@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from quotad.testing import START_TIMEOUT_S, STOP_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLANS = ROOT / "examples" / "plans.toml"
+STOP_LOG_LINES_SHOWN = 10
 
 __all__ = ["EXAMPLE_PLANS", "ROOT", "START_TIMEOUT_S", "STOP_TIMEOUT_S", "ServerProcess",
            "refused_serve"]
@@ -37,3 +39,12 @@ class ServerProcess(testing.ServerProcess):
                  extra_args: tuple[str, ...] = ("--log-state-digest",),
                  env: dict[str, str] | None = None) -> None:
         super().__init__(data_dir, plans=plans, extra_args=extra_args, env=env, cwd=ROOT)
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code; when it is not 0, the server's last log lines are
+        printed, so that the failing test shows why it exited so."""
+        code = super().stop()
+        if code != 0:
+            for line in self.log_lines[-STOP_LOG_LINES_SHOWN:]:
+                print(json.dumps(line), file=sys.stderr)
+        return code
