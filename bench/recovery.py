@@ -127,10 +127,14 @@ def build(data_dir: Path, users: int, tail_records: int, seed: int,
     builder.flush()
     # As the server does while serving: the event loop pauses only to fork the child.
     started = time.perf_counter()
-    pid, sequence, path = snapshot_child.start(builder.core, data_dir)
+    child = snapshot_child.start(builder.core, data_dir)
     fork_s = time.perf_counter() - started
-    encoded = snapshot_child.finish(pid, sequence, path)
+    try:
+        encoded = snapshot_child.finish(child)
+    finally:
+        snapshot_child.close(child)
     child_s = time.perf_counter() - started
+    sequence = child.sequence
     builder.wal.append([], Snapshot(sequence, encoded))
     number = users
     while builder.core.sequence < sequence + tail_records:

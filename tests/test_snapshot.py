@@ -4,7 +4,9 @@ refused, naming the snapshot and what is wrong, never loaded in part."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import zlib
 from pathlib import Path
 
@@ -161,9 +163,12 @@ def test_a_json_snapshot_from_before_the_binary_format_still_loads(tmp_path: Pat
 
 def test_a_snapshot_made_by_the_forked_child_loads_to_the_same_state(tmp_path: Path):
     h = _busy_harness()
-    pid, sequence, path = snapshot_child.start(h.core, tmp_path)
-    encoded = snapshot_child.finish(pid, sequence, path)
-    assert sequence == h.core.sequence and not path.exists()
+    child = snapshot_child.start(h.core, tmp_path)
+    try:
+        encoded = snapshot_child.finish(child)
+    finally:
+        snapshot_child.close(child)
+    assert child.sequence == h.core.sequence and not child.path.exists()
     assert state_digest(core_from_snapshot(encoded)) == state_digest(h.core)
 
 
@@ -231,3 +236,19 @@ def test_recovery_refuses_a_corrupt_stored_snapshot_and_changes_nothing(tmp_path
         assert wal.last_sequence() == h.core.sequence
     finally:
         wal.close()
+
+
+def test_a_snapshot_child_is_killed_through_a_handle_that_names_it_alone(tmp_path: Path):
+    """stop() signals the child while it is ours to reap (alive, or a zombie), and nothing
+    once it is reaped: its pid may name another process by then, its pidfd never does."""
+    h = _busy_harness()
+    child = snapshot_child.start(h.core, tmp_path)
+    try:
+        assert child.pidfd is not None or not sys.platform.startswith("linux")
+        assert snapshot_child.stop(child)  # not reaped yet: signalled
+        with contextlib.suppress(snapshot_child.SnapshotChildFailed):  # killed, or done before
+            snapshot_child.finish(child)
+        assert not snapshot_child.stop(child)  # reaped: nothing is signalled
+    finally:
+        snapshot_child.close(child)
+    assert not child.path.exists()

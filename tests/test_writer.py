@@ -162,10 +162,10 @@ def test_a_snapshot_child_that_is_killed_is_reported_and_the_next_one_is_due(tmp
             await writer.execute(_track(f"k{i}"))  # a later one succeed
             child = writer._child
             if child is not None and not writer.snapshot_children_failed and \
-                    child[0] not in killed:
-                killed.add(child[0])
+                    child.pid not in killed:
+                killed.add(child.pid)
                 try:
-                    os.kill(child[0], signal.SIGKILL)
+                    os.kill(child.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass  # it ended (and was reaped) already: the next one, then
             if writer.snapshot_children_failed and writer.snapshots:

@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from quotad.core import limits
@@ -149,8 +148,8 @@ class Writer:
         self._fork_snapshots = fork_snapshots
         """Periodic snapshots are made by a child process (snapshot_child); the one at a clean
         stop is made in-process, nothing being served then."""
-        self._child: tuple[int, int, Path] | None = None
-        """(pid, sequence, file) of the snapshot child at work."""
+        self._child: snapshot_child.Child | None = None
+        """The snapshot child at work."""
         self._child_task: asyncio.Task[None] | None = None
         self._ready: Snapshot | None = None
         """A child's snapshot waiting to be stored with the next flush."""
@@ -363,24 +362,25 @@ class Writer:
             self._snapshot_at = time.monotonic()
             return
         self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, time.perf_counter() - started)
-        self._snapshot_sequence, self._snapshot_at = self._child[1], time.monotonic()
+        self._snapshot_sequence, self._snapshot_at = self._child.sequence, time.monotonic()
         self._child_task = asyncio.create_task(self._await_child(), name="quotad-snapshot")
 
     async def _await_child(self) -> None:
-        assert self._child is not None
-        pid, sequence, path = self._child
+        child = self._child
+        assert child is not None
         try:
             encoded = await asyncio.get_running_loop().run_in_executor(
-                None, snapshot_child.finish, pid, sequence, path)
+                None, snapshot_child.finish, child)
         except (snapshot_child.SnapshotChildFailed, OSError) as error:
             if not self._closing:  # at close it was stopped on purpose
                 self.snapshot_children_failed += 1
                 log.warning("a snapshot child failed; the next one is due as usual",
                             extra={"error": str(error)})
         else:
-            self._ready = Snapshot(sequence, encoded)
+            self._ready = Snapshot(child.sequence, encoded)
             self._has_pending.set()
-        finally:
+        finally:  # reaped: from here close() must not signal it (see snapshot_child)
+            snapshot_child.close(child)
             self._child = None
 
     def _ready_snapshot(self, batch: list[Record]) -> Snapshot | None:
@@ -460,7 +460,7 @@ class Writer:
         """Flushes what is pending, then stops the tasks and the log thread."""
         self._closing = True
         if self._child is not None:  # the final snapshot below makes it redundant
-            snapshot_child.stop(self._child[0])
+            snapshot_child.stop(self._child)
         if self._child_task is not None:
             await asyncio.gather(self._child_task, return_exceptions=True)
         self._ready = None

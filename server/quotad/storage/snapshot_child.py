@@ -10,6 +10,11 @@ The child touches nothing but the core and its own file. It first closes every d
 it inherited (the data directory's lock, LMDB, gRPC's sockets), so it never holds them once
 the parent is gone, restores default signal handling, and leaves by os._exit: no atexit
 handlers, no gRPC shutdown, no logging.
+
+The parent reaps the child on a thread (finish) and may kill it from its event loop (stop).
+Once reaped, a pid names nothing of ours and may be given to another process, so the kill
+goes through a pidfd (Linux 5.3+), which always names this child; its owner closes it
+(close) only after the reap, on the thread that may kill.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import signal
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from quotad.core.machine import Core
 from quotad.storage.snapshot import snapshot_of
@@ -31,9 +37,20 @@ class SnapshotChildFailed(Exception):
     pass
 
 
-def start(core: Core, data_dir: Path) -> tuple[int, int, Path]:
-    """Forks the child that writes a snapshot of the core as it is now: (pid, the sequence
-    the snapshot covers, the file it writes). Call only between two commands."""
+class Child(NamedTuple):
+    """A snapshot child at work."""
+    pid: int
+    sequence: int
+    """The sequence the snapshot covers."""
+    path: Path
+    """The file it writes."""
+    pidfd: int | None
+    """A pidfd of the child, to kill it by (None where the system has none: by its pid)."""
+
+
+def start(core: Core, data_dir: Path) -> Child:
+    """Forks the child that writes a snapshot of the core as it is now. Call only between
+    two commands; close() the child once finish() has returned or raised."""
     sequence = core.sequence
     path = data_dir / f"snapshot-{os.getpid()}-{sequence}.partial"  # one writer per file
     with warnings.catch_warnings():  # Python 3.12+ warns of fork() beside threads; the
@@ -56,12 +73,17 @@ def start(core: Core, data_dir: Path) -> tuple[int, int, Path]:
             code = 0
         finally:
             os._exit(code)
-    return pid, sequence, path
+    try:  # not reaped before finish(): the pid still names the child (a zombie at worst)
+        pidfd: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux 5.3+
+        pidfd = None
+    return Child(pid, sequence, path, pidfd)
 
 
-def finish(pid: int, sequence: int, path: Path) -> bytes:
+def finish(child: Child) -> bytes:
     """Waits for the child (blocking: run it in a thread) and returns the encoded snapshot,
     checked; the file is removed either way. SnapshotChildFailed if the child failed."""
+    pid, sequence, path, _ = child
     try:
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
@@ -80,13 +102,23 @@ def finish(pid: int, sequence: int, path: Path) -> bytes:
         path.unlink(missing_ok=True)
 
 
-def stop(pid: int) -> None:
-    """Kills a child that is no longer wanted (shutdown); finish() still reaps it and
-    removes its file."""
+def stop(child: Child) -> bool:
+    """Kills a child that is no longer wanted (shutdown): whether it was signalled (False once
+    it was reaped). finish() still reaps it and removes its file. Never after close()."""
     try:
-        os.kill(pid, signal.SIGKILL)
+        if child.pidfd is not None:
+            signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        else:
+            os.kill(child.pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return False
+    return True
+
+
+def close(child: Child) -> None:
+    """Lets go of the child's pidfd, once finish() has reaped it (or failed)."""
+    if child.pidfd is not None:
+        os.close(child.pidfd)
 
 
 def remove_leftovers(data_dir: Path) -> int:
