@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from core_helpers import T0
+
 from quotad.core import limits
 from quotad.storage.codec import state_digest
 from quotad.core.commands import Track, UpsertPlan, UpsertSubscription
@@ -389,3 +391,61 @@ def test_a_close_while_the_flush_task_waits_on_the_log_thread_is_not_a_storage_f
     assert writer.records_pruned >= 0 and writer.snapshots >= 2
     wal.close()
     assert state_digest(recover(WriteAheadLog(tmp_path))) == state_digest(writer.core)
+
+
+CLOSE_POINTS = 24
+"""Loop turns after which close() is called, one writer each: from before the first call is
+applied to after the last answer."""
+CALLS = 40
+CALL_WAVES = 8
+"""The calls are applied over this many turns of the loop, so that batches, snapshots and
+prunes follow one another while close() comes."""
+
+
+@pytest.mark.parametrize("fork_snapshots", [False, True], ids=["in-process", "forked"])
+def test_a_close_at_any_point_of_a_busy_flush_stops_cleanly_with_every_answer_durable(
+        tmp_path: Path, fork_snapshots: bool):
+    """Calls in flight, a snapshot due at every record and a prune after each one stored (an
+    hour of server time between calls, so that records pass the keys' retention): wherever
+    close() lands, the writer does not fail, every call it applied is answered and counted,
+    and the log recovers to the state the writer closed with."""
+    hour_ns = 3600 * limits.NS_PER_S
+    for turns in range(CLOSE_POINTS):
+        wal = WriteAheadLog(tmp_path / str(turns))
+        failures: list[BaseException] = []
+        wall = iter(range(T0, T0 + 10_000 * hour_ns, hour_ns))
+
+        async def run() -> tuple[Writer, list[str]]:
+            writer = Writer(recover(wal), wal, on_failure=failures.append,
+                            snapshot_every_records=1, audit_retention_bytes=1,
+                            fork_snapshots=fork_snapshots, wall_ns=lambda: next(wall))
+            writer.start()
+            await writer.execute(UpsertPlan(app="a", plan=PLAN))
+            await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+            answered: list[str] = []
+
+            async def one(index: int) -> None:
+                for _ in range(index % CALL_WAVES):
+                    await asyncio.sleep(0)
+                try:
+                    await writer.execute(_track(f"k{index}", pad="p" * 100))
+                except WriterStopped:  # came after close() began: refused, nothing applied
+                    return
+                answered.append(f"k{index}")
+
+            calls = [asyncio.create_task(one(index)) for index in range(CALLS)]
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            await writer.close()
+            await asyncio.gather(*calls)
+            return writer, answered
+
+        writer, answered = asyncio.run(run())
+        assert failures == [] and not writer.failed, (turns, failures)
+        assert writer.durable_sequence == writer.core.sequence, turns
+        usage = writer.core.usage("a", "u", writer.clock.last_ns)
+        assert usage.counters[0].used == len(answered), turns  # each applied call answered
+        wal.close()
+        reopened = WriteAheadLog(tmp_path / str(turns))
+        assert state_digest(recover(reopened)) == state_digest(writer.core), turns
+        reopened.close()
