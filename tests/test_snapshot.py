@@ -238,17 +238,21 @@ def test_recovery_refuses_a_corrupt_stored_snapshot_and_changes_nothing(tmp_path
         wal.close()
 
 
-def test_a_snapshot_child_is_killed_through_a_handle_that_names_it_alone(tmp_path: Path):
+@pytest.mark.parametrize("by", ["pidfd", "pid"])
+def test_a_snapshot_child_is_killed_through_a_handle_that_names_it_alone(tmp_path: Path,
+                                                                        by: str):
     """stop() signals the child while it is ours to reap (alive, or a zombie), and nothing
-    once it is reaped: its pid may name another process by then, its pidfd never does."""
+    once it is reaped: its pid may name another process by then, its pidfd never does.
+    Where the system has no pidfd, stop() falls back to the pid ("pid")."""
     h = _busy_harness()
     child = snapshot_child.start(h.core, tmp_path)
+    handle = child if by == "pidfd" else child._replace(pidfd=None)
     try:
         assert child.pidfd is not None or not sys.platform.startswith("linux")
-        assert snapshot_child.stop(child)  # not reaped yet: signalled
+        assert snapshot_child.stop(handle)  # not reaped yet: signalled
         with contextlib.suppress(snapshot_child.SnapshotChildFailed):  # killed, or done before
-            snapshot_child.finish(child)
-        assert not snapshot_child.stop(child)  # reaped: nothing is signalled
+            snapshot_child.finish(handle)
+        assert not snapshot_child.stop(handle)  # reaped: nothing is signalled
     finally:
         snapshot_child.close(child)
     assert not child.path.exists()
