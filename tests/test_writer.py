@@ -388,9 +388,11 @@ def test_a_close_while_the_flush_task_waits_on_the_log_thread_is_not_a_storage_f
 
     writer = asyncio.run(run())
     assert failures == [] and not writer.failed
-    assert writer.records_pruned >= 0 and writer.snapshots >= 2
+    assert writer.snapshots >= 2  # the Track's batch went with a snapshot, then its prune
     wal.close()
-    assert state_digest(recover(WriteAheadLog(tmp_path))) == state_digest(writer.core)
+    reopened = WriteAheadLog(tmp_path)
+    assert state_digest(recover(reopened)) == state_digest(writer.core)
+    reopened.close()
 
 
 CLOSE_POINTS = 24
