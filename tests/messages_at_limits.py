@@ -71,6 +71,19 @@ def plan_at_every_limit() -> pb.Plan:
                                  for i in range(limits.LIMIT_GROUPS_PER_PLAN_MAX)])
 
 
+def plan_for_scale() -> pb.Plan:
+    """A large real plan (limits.PLAN_BYTES_MAX's docstring): 32 groups, each with a 32-byte
+    key and unit, a 64-byte label, 8 event-type patterns of 32 bytes and 16 model names of
+    40 bytes."""
+    return pb.Plan(id="scale", name="Scale", limit_groups=[pb.LimitGroup(
+        key=text(32, "g", f"{group:02d}"), label=text(64, "L"), unit=text(32, "u"),
+        quota=limits.QUOTA_MAX, window=pb.MONTH,
+        match=pb.Match(event_types=[text(32, "e", f"{i:02d}") for i in range(8)],
+                       metadata=[pb.MetadataMatch(key="model", values=[
+                           text(40, "m", f"{j:02d}") for j in range(16)])]))
+        for group in range(32)])
+
+
 def plan_of_bytes(size_bytes: int, plan_id: str = "sized",
                   first_quota: int = limits.QUOTA_MAX) -> pb.Plan:
     """A plan of exactly size_bytes encoded: one group at every limit (of first_quota: valid

@@ -14,8 +14,8 @@ from grpc_status import rpc_status
 from quotad.core import limits
 from quotad_contract.v1 import quotad_pb2 as pb
 from messages_at_limits import (
-    group_at_every_limit, plan_at_every_limit, plan_of_bytes, reserve_at_every_limit,
-    track_at_every_limit,
+    group_at_every_limit, plan_at_every_limit, plan_for_scale, plan_of_bytes,
+    reserve_at_every_limit, track_at_every_limit,
 )
 from server_process import ROOT
 from test_server_e2e import admin, plan_with, quota, subscribe
@@ -38,6 +38,11 @@ def test_a_group_at_every_limit_fits_its_bound_and_a_plan_holds_one_but_not_32()
     assert every_limit.ByteSize() > limits.PLAN_BYTES_MAX  # why PLAN_BYTES_MAX exists
     one_group = pb.Plan(id=every_limit.id, name=every_limit.name, limit_groups=[group])
     assert one_group.ByteSize() <= limits.PLAN_BYTES_MAX
+
+
+def test_a_large_real_plan_takes_about_35_kb_well_within_the_plan_bound():
+    scale = plan_for_scale()  # the figure limits.PLAN_BYTES_MAX's docstring and the README give
+    assert 34_000 <= scale.ByteSize() <= 36_000 < limits.PLAN_BYTES_MAX
 
 
 def test_a_plan_of_plan_bytes_max_fits_every_message_that_carries_a_plan():

@@ -70,13 +70,13 @@ PLAN_BYTES_MAX = 60 * 1024
 """A plan's protobuf encoding, at most; a larger `plan` is INVALID_ARGUMENT naming `plan`.
 
 The per-field limits bound one group, this bounds a plan: 32 groups at every limit would
-take about 1.2 MB (see PLAN_BYTES_AT_EVERY_LIMIT), and per-field limits small enough for
+take about 1.7 MB (see PLAN_BYTES_AT_EVERY_LIMIT), and per-field limits small enough for
 32 of them to fit in MESSAGE_BYTES_MAX leave 2 KiB a group, about 4 patterns and 8 model
 names, too few for a real plan. So each field may use its limit, the plan as a whole may
 not, and whatever is accepted fits in one message: UpsertPlanRequest and its response,
 GetPlanResponse, one entry of ListPlansResponse. For scale: 32 groups, each with a 32-byte
 key and unit, a 64-byte label, 8 patterns of 32 bytes and 16 model names of 40 bytes, take
-36 KB."""
+35 KB (tests/test_limits.py)."""
 TIME_ZONE_BYTES_MAX = 64
 APP_ID_BYTES_MAX = 64
 BILLING_CUSTOMER_ID_BYTES_MAX = 256
