@@ -295,6 +295,7 @@ def test_the_async_client_coalesces_per_shard_and_reaches_every_shard(cluster):
 
 
 def test_quotactl_with_cluster_sends_each_users_command_to_its_shard(cluster):
+    import json
     import subprocess
     import sys
     user = cluster.users(2, 1, "ctl")[0]
@@ -309,6 +310,12 @@ def test_quotactl_with_cluster_sends_each_users_command_to_its_shard(cluster):
     assert quotactl("--cluster", "subscribe", user, "free").returncode == 0
     shown = quotactl("--cluster", "usage", user, "--json")
     assert shown.returncode == 0, shown.stderr
+    listed = quotactl("--cluster", "subscriptions", "--json")  # every shard's, merged
+    assert listed.returncode == 0, listed.stderr
+    assert user in [json.loads(line)["user_id"] for line in listed.stdout.splitlines()]
+    alone = quotactl("subscriptions", "--json")  # the target's own: the user is not there
+    assert alone.returncode == 0, alone.stderr
+    assert user not in [json.loads(line)["user_id"] for line in alone.stdout.splitlines()]
     with qc.QuotaClient(cluster.addresses[2], timeout_s=CALL_TIMEOUT_S) as owner:
         assert owner.get_subscription(user).plan_id == "free"
 

@@ -649,9 +649,10 @@ def parser() -> argparse.ArgumentParser:
                       help="--target is any shard of a cluster, or `--cluster "
                            "etcd://HOST:PORT/NAME` (the same as --target etcd://...) a cluster "
                            "whose map is read from etcd: send a command about a user "
-                           "(subscribe, usage, events) to the shard that owns the user; other "
-                           "commands (plans, subscriptions, export, keys) reach one shard "
-                           "only (--target's, or the first of etcd's map)")
+                           "(subscribe, usage, events) to the shard that owns the user; "
+                           "subscriptions and export ask every shard and merge their "
+                           "answers; plans and keys go to one shard (--target's, or the first "
+                           "of etcd's map)")
     root.add_argument("--timeout-s", type=_timeout_s, default=TIMEOUT_S_DEFAULT,
                       metavar="SECONDS",
                       help="time budget of each call, retries included (default: %(default)s)")
