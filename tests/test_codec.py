@@ -181,15 +181,21 @@ _ANSWERS = {
 
 
 def test_a_reserve_record_with_a_20_byte_user_and_one_metadata_entry_is_small():
-    command = c.Reserve(app="default", user_id="u" * 20, event_type="openai.chat",
-                        amount=1000, metadata=(("model", "gpt-4o"),),
-                        idempotency_key="k" * 32, reservation_id="rsv_" + "ab" * 12)
+    def reserve(idempotency_key: str) -> c.Reserve:
+        return c.Reserve(app="default", user_id="u" * 20, event_type="openai.chat",
+                         amount=1000, metadata=(("model", "gpt-4o"),),
+                         idempotency_key=idempotency_key, reservation_id="rsv_" + "ab" * 12)
+    command = reserve("k" * 32)
     event = c.AuditEvent(kind="reserve", app="default", user_id="u" * 20,
                          event_type="openai.chat", amount=1000, metadata=(("model", "gpt-4o"),),
                          reservation_id="rsv_" + "ab" * 12)
     value = encode_record(c.Record(7, NOW_NS, command, (event,), (1,)))
-    print(f"\nReserve record with its audit event: {len(value)} bytes")
+    hex_keyed = encode_record(c.Record(7, NOW_NS, reserve("0123456789abcdef" * 2), (event,),
+                                       (1,)))
+    print(f"\nReserve record with its audit event: {len(value)} bytes, "
+          f"{len(hex_keyed)} with a key of 32 hex digits")
     assert len(value) <= 150
+    assert len(hex_keyed) == len(value) - 16  # the digits stored as the 16 bytes they spell
 
 
 def test_a_flipped_bit_or_a_record_under_another_key_is_corrupt():
