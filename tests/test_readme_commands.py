@@ -1,8 +1,9 @@
 """Every command the README names (in its text and in its code blocks) uses subcommands and
 flags its program has: `quotad`, `quotactl` and the `bench` modules. A command in the text
 may leave out what it does not talk about (a file, an id), so its words are checked, not run:
-each subcommand must be one of its parser's, each `--flag` one of the parser's (or its
-parents'), each flag that takes no value given none."""
+each subcommand must be one of its parser's, each `--flag` one of the parser it is given to
+(argparse takes a program's own flags before its subcommand, a subcommand's after it), each
+flag that takes no value given none."""
 
 from __future__ import annotations
 
@@ -94,8 +95,8 @@ def _positionals_max(parser: argparse.ArgumentParser) -> float:
 
 
 def problems(parser: argparse.ArgumentParser, words: list[str]) -> Iterator[str]:
-    """What in words the parser does not have: flags looked up in the parser of each
-    subcommand named so far and in those before it. "..." stands for words left out."""
+    """What in words the parser does not have: each flag looked up in the parser of the
+    last subcommand named before it (or the program's). "..." stands for words left out."""
     options = _options(parser)
     subcommands = _subcommands(parser)
     positionals, positionals_max = 0, _positionals_max(parser)
@@ -120,7 +121,7 @@ def problems(parser: argparse.ArgumentParser, words: list[str]) -> Iterator[str]
                 yield f"no subcommand {word!r} (there are {sorted(subcommands)})"
                 return
             parser = subcommands[word]
-            options = {**options, **_options(parser)}
+            options = _options(parser)
             subcommands = _subcommands(parser)
             positionals, positionals_max = 0, _positionals_max(parser)
         else:
@@ -147,7 +148,8 @@ def test_a_command_the_readme_names_uses_what_its_program_has(command):
 
 def test_a_wrong_flag_subcommand_or_word_is_caught():
     from quotad_client import ctl
-    assert list(problems(ctl.parser(), ["export", "--cluster"])) == []  # a parent's flag
+    assert list(problems(ctl.parser(), ["--cluster", "export"])) == []
+    assert list(problems(ctl.parser(), ["export", "--cluster"])) == ["no flag --cluster"]
     assert list(problems(ctl.parser(), ["subscriptions", "list"])) == [
         "'list': more words than the command takes"]
     assert list(problems(ctl.parser(), ["plans", "list", "--jsn"])) == ["no flag --jsn"]
