@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from server_process import ROOT
+from test_readme import README, blocks
 
-README = ROOT / "README.md"
 NOT_COMMANDS = {"quotad user token v1"}  # the message a user token's HMAC signs
 COMMAND_START = re.compile(
     r"^(?:\.venv/bin/)?(?:python3? -m (?P<module>bench(?:\.\w+)?|quotad(?:_client\.ctl)?)"
@@ -27,12 +26,11 @@ COMMAND_START = re.compile(
 def readme_commands() -> list[str]:
     """Each command, whitespace collapsed: inline `code` that starts with a program, and the
     lines of fenced blocks that do (a trailing backslash joins the next line)."""
-    text = README.read_text()
     commands = []
-    for block in re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S):
+    for block in blocks(r"[^\n]*"):  # of every language
         joined = re.sub(r"\\\n\s*", " ", block)
         commands.extend(line.split(" #")[0].strip() for line in joined.splitlines())
-    inline = re.sub(r"```.*?```", "", text, flags=re.S)
+    inline = re.sub(r"```.*?```", "", README, flags=re.S)
     for span in re.findall(r"`([^`]+)`", inline):
         commands.extend(part.strip() for part in " ".join(span.split()).split("&&"))
     return sorted({command for command in commands
