@@ -80,3 +80,29 @@ def test_metrics_show_batch_sizes_denials_inside_batches_and_the_log_size(start_
     assert samples["quotad_log_live_bytes_max"] == bound > samples["quotad_log_live_bytes"]
     assert 0 < samples["quotad_audit_trail_seconds"] < 600  # its first record: this test's
     assert samples["quotad_log_records_pruned_total"] == 0  # none older than 24 h
+
+
+def test_each_snapshot_childs_cpu_is_logged_and_counted_with_the_snapshots(start_server):
+    """A snapshot costs its forked child CPU in proportion to the state, outside the server's
+    own: each child's is logged ("snapshot made") and summed in a counter beside the
+    snapshots stored, and the stop line gives the sum."""
+    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0",
+                                      "--snapshot-every-records", "5"))
+    subscribe(server.address, "u1", plan_with(10**6))
+    stub = quota(server.address)
+    for _ in range(12):
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    made = server.wait_for("snapshot made", timeout_s=30)
+    assert made["bytes"] > 0 and made["child_cpu_s"] > 0 and made["child_s"] > 0
+    samples = _scrape(server.last("serving")["metrics"])
+    assert samples["quotad_log_sequence"] >= made["sequence"] >= 5
+    assert samples["quotad_snapshots_total"] >= 1
+    assert samples["quotad_snapshot_children_failed_total"] == 0
+    # the first child's at least (its line is logged once it is counted)
+    assert samples["quotad_snapshot_children_cpu_seconds_total"] >= made["child_cpu_s"] - 0.001
+    assert server.stop() == 0
+    stopped = server.last("stopped")
+    logged_cpu_s = [line["child_cpu_s"] for line in server.log_lines
+                    if line["message"] == "snapshot made"]
+    assert stopped["snapshot_children_cpu_s"] == pytest.approx(sum(logged_cpu_s),
+                                                                abs=0.001 * len(logged_cpu_s))

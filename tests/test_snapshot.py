@@ -165,11 +165,12 @@ def test_a_snapshot_made_by_the_forked_child_loads_to_the_same_state(tmp_path: P
     h = _busy_harness()
     child = snapshot_child.start(h.core, tmp_path)
     try:
-        encoded = snapshot_child.finish(child)
+        made = snapshot_child.finish(child)
     finally:
         snapshot_child.close(child)
     assert child.sequence == h.core.sequence and not child.path.exists()
-    assert state_digest(core_from_snapshot(encoded)) == state_digest(h.core)
+    assert state_digest(core_from_snapshot(made.encoded)) == state_digest(h.core)
+    assert made.cpu_s > 0  # the child's own, from its reap: it encoded the whole state
 
 
 def test_a_snapshot_with_a_flipped_byte_is_refused_by_its_checksum():

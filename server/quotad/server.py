@@ -468,6 +468,7 @@ class _Process:
         metrics.watch_log(self.wal)
         metrics.log_live_bytes_max.set(self.log_bytes_max)
         metrics.watch_pruning(lambda: writer.records_pruned)
+        metrics.watch_snapshots(writer)
         if config.metrics_listen:
             metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
             bound = metrics.serve(metrics_host, int(metrics_port))
@@ -639,6 +640,8 @@ class _Process:
                                    "batches_on_log_thread": writer.batches_on_log_thread,
                                    "snapshots": writer.snapshots,
                                    "snapshot_children_failed": writer.snapshot_children_failed,
+                                   "snapshot_children_cpu_s": round(
+                                       writer.snapshot_children_cpu_s, 3),
                                    "snapshot_stall_ms_max": round(
                                        writer.snapshot_stall_s_max * 1e3, 3),
                                    **_digest(self.config, core)})

@@ -25,6 +25,13 @@ own HTTP thread, never by the event loop.
                                             admission limit) or "deadline" (DEADLINE_EXCEEDED,
                                             the deadline passed before the call started)
     quotad_admitted_operations              operations admitted and not yet answered
+    quotad_snapshots_total                  snapshots of the state stored in the log
+    quotad_snapshot_children_cpu_seconds_total
+                                            CPU time (user + system) of the forked children
+                                            that made them: per operation, divide its rate
+                                            by quotad_log_sequence's
+    quotad_snapshot_children_failed_total   snapshot children that failed (the next one is
+                                            due as usual)
 
 Denials inside a Batch count too, by group, like those of Reserve and Track.
 """
@@ -122,6 +129,11 @@ class Metrics:
         """quotad_log_records_pruned_total, read from the writer's count when scraped."""
         self.registry.register(_PrunedCollector(records_pruned))
 
+    def watch_snapshots(self, writer: Any) -> None:
+        """Snapshots stored, and their children's CPU and failures, read from the writer's
+        counts when scraped."""
+        self.registry.register(_SnapshotsCollector(writer))
+
     def watch_admission(self, admission: Any) -> None:
         """Shed calls and admitted operations, read from the admission counters when scraped:
         shedding costs no metrics work on the hot path."""
@@ -186,6 +198,24 @@ class _PrunedCollector:
         yield CounterMetricFamily("quotad_log_records_pruned",
                                   "Log records pruned, past the retention or the size bound",
                                   value=self._records_pruned())
+
+
+class _SnapshotsCollector:
+    """quotad_snapshots_total and the children's, from the writer's own counts."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+
+    def collect(self) -> Any:
+        writer = self._writer
+        yield CounterMetricFamily("quotad_snapshots", "Snapshots of the state stored in the log",
+                                  value=writer.snapshots)
+        yield CounterMetricFamily("quotad_snapshot_children_cpu_seconds",
+                                  "CPU time (user + system) of the snapshot children",
+                                  value=writer.snapshot_children_cpu_s)
+        yield CounterMetricFamily("quotad_snapshot_children_failed",
+                                  "Snapshot children that failed",
+                                  value=writer.snapshot_children_failed)
 
 
 class _ShedCollector:

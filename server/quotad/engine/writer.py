@@ -154,6 +154,9 @@ class Writer:
         self._ready: Snapshot | None = None
         """A child's snapshot waiting to be stored with the next flush."""
         self.snapshot_children_failed = 0
+        self.snapshot_children_cpu_s = 0.0
+        """CPU time (user + system) of every snapshot child that made its snapshot: the
+        state's size times the snapshots' rate, paid beside the server's own CPU."""
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._flush_loop(), name="quotad-flush"),
@@ -368,8 +371,9 @@ class Writer:
     async def _await_child(self) -> None:
         child = self._child
         assert child is not None
+        started_s = self._monotonic_s()
         try:
-            encoded = await asyncio.get_running_loop().run_in_executor(
+            made = await asyncio.get_running_loop().run_in_executor(
                 None, snapshot_child.finish, child)
         except (snapshot_child.SnapshotChildFailed, OSError) as error:
             if not self._closing:  # at close it was stopped on purpose
@@ -377,7 +381,12 @@ class Writer:
                 log.warning("a snapshot child failed; the next one is due as usual",
                             extra={"error": str(error)})
         else:
-            self._ready = Snapshot(child.sequence, encoded)
+            self.snapshot_children_cpu_s += made.cpu_s
+            log.info("snapshot made", extra={
+                "sequence": child.sequence, "bytes": len(made.encoded),
+                "child_cpu_s": round(made.cpu_s, 3),
+                "child_s": round(self._monotonic_s() - started_s, 3)})
+            self._ready = Snapshot(child.sequence, made.encoded)
             self._has_pending.set()
         finally:  # reaped: from here close() must not signal it (see snapshot_child)
             snapshot_child.close(child)

@@ -11,10 +11,13 @@ it inherited (the data directory's lock, LMDB, gRPC's sockets), so it never hold
 the parent is gone, restores default signal handling, and leaves by os._exit: no atexit
 handlers, no gRPC shutdown, no logging.
 
-The parent reaps the child on a thread (finish) and may kill it from its event loop (stop).
-Once reaped, a pid names nothing of ours and may be given to another process, so the kill
-goes through a pidfd (Linux 5.3+), which always names this child; its owner closes it
-(close) only after the reap, on the thread that may kill.
+The parent reaps the child on a thread (finish), and learns what it cost from the reap
+(os.wait4's rusage): a snapshot's CPU grows with the state, not with the records since the
+last one, so at a fixed cadence its share per operation grows with the users (see the
+README's Limits). It may kill the child from its event loop (stop). Once reaped, a pid
+names nothing of ours and may be given to another process, so the kill goes through a pidfd
+(Linux 5.3+), which always names this child; its owner closes it (close) only after the
+reap, on the thread that may kill.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ _FD_MAX = 1 << 20
 
 class SnapshotChildFailed(Exception):
     pass
+
+
+class Made(NamedTuple):
+    """A child's snapshot, checked, and what the child cost."""
+    encoded: bytes
+    cpu_s: float
+    """The child's CPU time from fork to exit, user + system."""
 
 
 class Child(NamedTuple):
@@ -80,12 +90,13 @@ def start(core: Core, data_dir: Path) -> Child:
     return Child(pid, sequence, path, pidfd)
 
 
-def finish(child: Child) -> bytes:
+def finish(child: Child) -> Made:
     """Waits for the child (blocking: run it in a thread) and returns the encoded snapshot,
-    checked; the file is removed either way. SnapshotChildFailed if the child failed."""
+    checked, with the child's CPU time; the file is removed either way.
+    SnapshotChildFailed if the child failed."""
     pid, sequence, path, _ = child
     try:
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SnapshotChildFailed(
                 f"the snapshot child {pid} ended with {os.waitstatus_to_exitcode(status)}")
@@ -97,7 +108,7 @@ def finish(child: Child) -> bytes:
         if covered != sequence:
             raise SnapshotChildFailed(f"the snapshot child {pid} covered {covered}, "
                                       f"not {sequence}")
-        return encoded
+        return Made(encoded, usage.ru_utime + usage.ru_stime)
     finally:
         path.unlink(missing_ok=True)
 
