@@ -15,7 +15,10 @@ leave memory once their records are durable.
 
 It prints, each a median of --runs (with the range) unless noted:
   - snapshot fork:   the event-loop stall while serving (forking the child); one run
-  - snapshot child:  fork to encoded bytes, and their size; one run
+  - snapshot child:  fork to encoded bytes, and their size; the child's CPU (user + system),
+                     also per record at the server's snapshot cadence; one run
+  - snapshot children of the restarted state: the CPU of --runs children forked one after
+                     the other, as a serving server forks them
   - snapshot load:   the stored snapshot to a core (checksum, decode, objects), and the
                      same state in the format before (zlib'd JSON), the peer
   - restart:         start-up recovery as the server does it: snapshot + log after it
@@ -51,6 +54,7 @@ from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import durable_idempotency, recover
 from quotad.engine.writer import SNAPSHOT_EVERY_RECORDS_DEFAULT
+from quotad.server import GC_THRESHOLDS
 from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
 from quotad.storage.snapshot import core_from_snapshot
@@ -130,10 +134,11 @@ def build(data_dir: Path, users: int, tail_records: int, seed: int,
     child = snapshot_child.start(builder.core, data_dir)
     fork_s = time.perf_counter() - started
     try:
-        encoded = snapshot_child.finish(child)
+        made = snapshot_child.finish(child)
     finally:
         snapshot_child.close(child)
     child_s = time.perf_counter() - started
+    encoded = made.encoded
     sequence = child.sequence
     builder.wal.append([], Snapshot(sequence, encoded))
     number = users
@@ -143,6 +148,7 @@ def build(data_dir: Path, users: int, tail_records: int, seed: int,
     builder.flush()
     facts = {"users": users, "records": builder.core.sequence, "snapshot_sequence": sequence,
              "snapshot_bytes": len(encoded), "fork_s": fork_s, "child_s": child_s,
+             "child_cpu_s": made.cpu_s,
              "spacing_ms": spacing_ns / 1e6, "live_digest": state_digest(builder.core)}
     builder.wal.close()
     (data_dir / FACTS_FILE).write_text(json.dumps(facts))
@@ -185,6 +191,26 @@ class _SnapshotLost:
         return getattr(self._wal, name)
 
 
+def _snapshot_children_cpu_s(core: Core, data_dir: Path, runs: int) -> list[float]:
+    """The CPU of `runs` snapshot children forked one after the other from a restarted
+    server's state, the collector set as the server sets it once it has recovered."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        cpu_s = []
+        for _ in range(runs):
+            child = snapshot_child.start(core, data_dir)
+            try:
+                cpu_s.append(snapshot_child.finish(child).cpu_s)
+            finally:
+                snapshot_child.close(child)
+        return cpu_s
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
 def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
     wal = WriteAheadLog(data_dir, map_size_bytes=MAP_SIZE_BYTES)
     try:
@@ -195,6 +221,7 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         as_json = _json_snapshot(core_from_snapshot(stored.encoded))
         json_load_s = _timed(runs, lambda: core_from_snapshot(as_json))
         restart_s = _timed(runs, lambda: recover(wal, repair=False), check)
+        children_cpu_s = _snapshot_children_cpu_s(recover(wal, repair=False), data_dir, runs)
         replay_s = _timed(replay_runs, lambda: recover(_SnapshotLost(wal), repair=False), check)
         if replay_runs == 0:  # measured once already: shown again from the facts kept
             replay_s = facts.get("replay_s", ([], []))
@@ -209,6 +236,16 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
     print(f"snapshot fork (event-loop stall)  {facts['fork_s']:7.3f} s")
     print(f"snapshot child, fork to bytes     {facts['child_s']:7.2f} s, "
           f"{facts['snapshot_bytes'] / 1e6:,.2f} MB")
+    if "child_cpu_s" in facts:  # not in a directory built before it was measured
+        cpu_s = facts["child_cpu_s"]
+        print(f"  the child's CPU                 {cpu_s:7.2f} s: "
+              f"{cpu_s / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f} us per record at the "
+              f"server's cadence (a snapshot every {SNAPSHOT_EVERY_RECORDS_DEFAULT:,} records)")
+    print(f"snapshot children of the restarted state, CPU "
+          f"{statistics.median(children_cpu_s):.2f} s (range {min(children_cpu_s):.2f} to "
+          f"{max(children_cpu_s):.2f}, {len(children_cpu_s)} runs): "
+          f"{statistics.median(children_cpu_s) / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f} us "
+          f"per record at the server's cadence")
     print(f"snapshot load                     {_summary(load_s)}")
     print(f"  the same as JSON (before), {len(as_json) / 1e6:,.2f} MB "
           f"{_summary(json_load_s)}: binary / JSON CPU "

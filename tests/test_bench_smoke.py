@@ -302,12 +302,16 @@ def test_the_recovery_bench_restarts_from_its_snapshot_and_replays_the_whole_log
     args = ("--users", "40", "--tail-records", "30", "--runs", "1", "--dir", str(tmp_path))
     lines = _run_bench("bench.recovery", *args)
     assert lines[0].startswith("users 40 (2 counters each), log records 151, 30 after")
-    assert [line.split()[0] for line in lines[1:]] == ["snapshot"] * 3 + ["the", "restart",
-                                                                         "full"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        "snapshot", "snapshot", "the", "snapshot", "snapshot", "the", "restart", "full"]
+    assert lines[3].lstrip().startswith("the child's CPU ")
+    assert "us per record at the server's cadence (a snapshot every 100,000 records)" in lines[3]
+    assert lines[4].startswith("snapshot children of the restarted state, CPU ")
+    assert "1 runs): " in lines[4] and lines[4].endswith(" us per record at the server's cadence")
     assert "records/s" in lines[-1]
     again = _run_bench("bench.recovery", *args[:-2], "--replay-runs", "0", "--prune", "--dir",
                        str(tmp_path))  # the kept directory, measured again, then pruned
-    assert again[1:3] == lines[1:3] and again[-2] == lines[-1]
+    assert again[1:4] == lines[1:4] and again[-2] == lines[-1]
     assert again[-1].startswith("pruning 121 records, 1,024 a transaction: ")
     assert "transactions: 1, median" in again[-1]
 
