@@ -9,6 +9,12 @@ and the quotad / echo ratio, and each server's CPU time per call (user + system,
 /proc) over the measured seconds, with its quotad / echo ratio. Also prints how group
 commit behaved: records per LMDB transaction (from quotad's stop line).
 
+One asymmetry beyond the work itself: quotad registers each of its methods with grpc (each
+its own queue of received calls), the echo serves its own through one generic handler, and
+grpc.aio's server loop waits on one pending request per registered method each time it takes
+a call (asyncio.wait over ~33 futures against 1). That is a few percent of quotad's CPU per
+call, inside this bench's run-to-run spread.
+
 The full harness (workloads, Redis peers, client processes, JSON and plots) is
 `python -m bench`; this one stays as the smallest raw-stub check of the transport.
 """
