@@ -93,12 +93,15 @@ def test_each_snapshot_childs_cpu_is_logged_and_counted_with_the_snapshots(start
     for _ in range(12):
         stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
     made = server.wait_for("snapshot made", timeout_s=30)
-    assert made["bytes"] > 0 and made["child_cpu_s"] > 0 and made["child_s"] > 0
+    assert made["bytes"] > 0
+    # one process from fork to reap: its CPU fits in that time (each rounded to 1 ms)
+    assert 0 <= made["child_cpu_s"] <= made["child_s"] + 0.002
     samples = _scrape(server.last("serving")["metrics"])
     assert samples["quotad_log_sequence"] >= made["sequence"] >= 5
     assert samples["quotad_snapshots_total"] >= 1
     assert samples["quotad_snapshot_children_failed_total"] == 0
-    # the first child's at least (its line is logged once it is counted)
+    # at least the first child's, unrounded (its line is logged once it is counted)
+    assert samples["quotad_snapshot_children_cpu_seconds_total"] > 0
     assert samples["quotad_snapshot_children_cpu_seconds_total"] >= made["child_cpu_s"] - 0.001
     assert server.stop() == 0
     stopped = server.last("stopped")

@@ -371,7 +371,6 @@ class Writer:
     async def _await_child(self) -> None:
         child = self._child
         assert child is not None
-        started_s = self._monotonic_s()
         try:
             made = await asyncio.get_running_loop().run_in_executor(
                 None, snapshot_child.finish, child)
@@ -385,7 +384,7 @@ class Writer:
             log.info("snapshot made", extra={
                 "sequence": child.sequence, "bytes": len(made.encoded),
                 "child_cpu_s": round(made.cpu_s, 3),
-                "child_s": round(self._monotonic_s() - started_s, 3)})
+                "child_s": round(time.monotonic() - self._snapshot_at, 3)})  # from its fork
             self._ready = Snapshot(child.sequence, made.encoded)
             self._has_pending.set()
         finally:  # reaped: from here close() must not signal it (see snapshot_child)
