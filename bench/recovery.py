@@ -18,7 +18,10 @@ It prints, each a median of --runs (with the range) unless noted:
   - snapshot child:  fork to encoded bytes, and their size; the child's CPU (user + system),
                      also per record at the server's snapshot cadence; one run
   - snapshot children of the restarted state: the CPU of --runs children forked one after
-                     the other, as a serving server forks them
+                     the other, as a serving server forks them; and this process's CPU per
+                     command (a Track of a random user) applied while each child works,
+                     against the same without one: a page the server writes while a child
+                     shares it is copied first
   - snapshot load:   the stored snapshot to a core (checksum, decode, objects), and the
                      same state in the format before (zlib'd JSON), the peer
   - restart:         start-up recovery as the server does it: snapshot + log after it
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import shutil
 import statistics
@@ -48,8 +52,9 @@ import time
 import zlib
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
-from quotad.core.commands import Commit, Reserve, UpsertPlan, UpsertSubscription
+from quotad.core.commands import Commit, Reserve, Track, UpsertPlan, UpsertSubscription
 from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import durable_idempotency, recover
@@ -191,21 +196,55 @@ class _SnapshotLost:
         return getattr(self._wal, name)
 
 
-def _snapshot_children_cpu_s(core: Core, data_dir: Path, runs: int) -> list[float]:
-    """The CPU of `runs` snapshot children forked one after the other from a restarted
-    server's state, the collector set as the server sets it once it has recovered."""
+BESIDE_CHILD_COMMANDS = 20_000
+"""Commands applied in this process without a snapshot child, then again while one runs."""
+
+
+class _ChildrenCost(NamedTuple):
+    cpu_s: list[float]
+    """Each child's CPU."""
+    alone_us: list[float]
+    """CPU per command applied by this process with no child."""
+    beside_us: list[float]
+    """The same, right after forking the child: each page written is copied while it lives."""
+    alive_throughout: int
+    """Runs whose child was still at work after the commands beside it."""
+
+
+def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int) -> _ChildrenCost:
+    """`runs` snapshot children forked one after the other from a restarted server's state,
+    the collector set as the server sets it once it has recovered; around each fork, the CPU
+    of BESIDE_CHILD_COMMANDS Tracks of random users applied by the core, before the fork and
+    while the child works."""
+    rng = random.Random(users)
+    now_ns = [core.last_record_ns]
+
+    def applied_us() -> float:
+        started = time.process_time()
+        for _ in range(BESIDE_CHILD_COMMANDS):
+            now_ns[0] += 1000
+            outcome = core.apply(Track(app="default", user_id=f"user-{rng.randrange(users)}",
+                                       event_type="openai.chat", amount=1), now_ns[0])
+            assert outcome.error is None, outcome.error
+        return (time.process_time() - started) / BESIDE_CHILD_COMMANDS * 1e6
+
     thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    cost = _ChildrenCost([], [], [], 0)
     try:
-        cpu_s = []
         for _ in range(runs):
+            cost.alone_us.append(applied_us())
             child = snapshot_child.start(core, data_dir)
             try:
-                cpu_s.append(snapshot_child.finish(child).cpu_s)
+                cost.beside_us.append(applied_us())
+                if os.waitid(os.P_PID, child.pid,  # still at work? (WNOWAIT: not reaped)
+                             os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    cost = cost._replace(alive_throughout=cost.alive_throughout + 1)
+                cost.cpu_s.append(snapshot_child.finish(child).cpu_s)
             finally:
                 snapshot_child.close(child)
-        return cpu_s
+        return cost
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
@@ -221,7 +260,8 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         as_json = _json_snapshot(core_from_snapshot(stored.encoded))
         json_load_s = _timed(runs, lambda: core_from_snapshot(as_json))
         restart_s = _timed(runs, lambda: recover(wal, repair=False), check)
-        children_cpu_s = _snapshot_children_cpu_s(recover(wal, repair=False), data_dir, runs)
+        children = _snapshot_children(recover(wal, repair=False), data_dir, facts["users"],
+                                      runs)
         replay_s = _timed(replay_runs, lambda: recover(_SnapshotLost(wal), repair=False), check)
         if replay_runs == 0:  # measured once already: shown again from the facts kept
             replay_s = facts.get("replay_s", ([], []))
@@ -241,11 +281,17 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         print(f"  the child's CPU                 {cpu_s:7.2f} s: "
               f"{cpu_s / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f} us per record at the "
               f"server's cadence (a snapshot every {SNAPSHOT_EVERY_RECORDS_DEFAULT:,} records)")
-    print(f"snapshot children of the restarted state, CPU "
-          f"{statistics.median(children_cpu_s):.2f} s (range {min(children_cpu_s):.2f} to "
-          f"{max(children_cpu_s):.2f}, {len(children_cpu_s)} runs): "
-          f"{statistics.median(children_cpu_s) / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f} us "
+    cpu_s = children.cpu_s
+    print(f"snapshot children of the restarted state, CPU {statistics.median(cpu_s):.2f} s "
+          f"(range {min(cpu_s):.2f} to {max(cpu_s):.2f}, {len(cpu_s)} runs): "
+          f"{statistics.median(cpu_s) / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f} us "
           f"per record at the server's cadence")
+    print(f"  commands applied beside a child {statistics.median(children.beside_us):7.2f} us "
+          f"of CPU each (range {min(children.beside_us):.2f} to {max(children.beside_us):.2f}), "
+          f"without one {statistics.median(children.alone_us):.2f} "
+          f"({min(children.alone_us):.2f} to {max(children.alone_us):.2f}); "
+          f"{BESIDE_CHILD_COMMANDS:,} a run, the child at work throughout "
+          f"{children.alive_throughout} of {len(cpu_s)}")
     print(f"snapshot load                     {_summary(load_s)}")
     print(f"  the same as JSON (before), {len(as_json) / 1e6:,.2f} MB "
           f"{_summary(json_load_s)}: binary / JSON CPU "

@@ -303,11 +303,15 @@ def test_the_recovery_bench_restarts_from_its_snapshot_and_replays_the_whole_log
     lines = _run_bench("bench.recovery", *args)
     assert lines[0].startswith("users 40 (2 counters each), log records 151, 30 after")
     assert [line.split()[0] for line in lines[1:]] == [
-        "snapshot", "snapshot", "the", "snapshot", "snapshot", "the", "restart", "full"]
+        "snapshot", "snapshot", "the", "snapshot", "commands", "snapshot", "the", "restart",
+        "full"]
     assert lines[3].lstrip().startswith("the child's CPU ")
     assert "us per record at the server's cadence (a snapshot every 100,000 records)" in lines[3]
     assert lines[4].startswith("snapshot children of the restarted state, CPU ")
     assert "1 runs): " in lines[4] and lines[4].endswith(" us per record at the server's cadence")
+    assert lines[5].lstrip().startswith("commands applied beside a child ")
+    assert lines[5].endswith("20,000 a run, the child at work throughout 0 of 1") or (
+        lines[5].endswith("20,000 a run, the child at work throughout 1 of 1"))
     assert "records/s" in lines[-1]
     again = _run_bench("bench.recovery", *args[:-2], "--replay-runs", "0", "--prune", "--dir",
                        str(tmp_path))  # the kept directory, measured again, then pruned
