@@ -109,3 +109,23 @@ def test_each_snapshot_childs_cpu_is_logged_and_counted_with_the_snapshots(start
                     if line["message"] == "snapshot made"]
     assert stopped["snapshot_children_cpu_s"] == pytest.approx(sum(logged_cpu_s),
                                                                 abs=0.001 * len(logged_cpu_s))
+
+
+def test_metrics_give_the_servers_own_cpu_memory_and_collections_beside_its_childrens(
+        start_server):
+    """prometheus-client's process and Python collectors: the server's own CPU (its snapshot
+    children's apart, in their own counter), its memory, descriptors and cyclic collections."""
+    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
+    subscribe(server.address, "u1", plan_with(10))
+    address = server.last("serving")["metrics"]
+    first = _scrape(address)
+    stub = quota(server.address)
+    for _ in range(50):
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    then = _scrape(address)
+    assert 0 < first["process_cpu_seconds_total"] <= then["process_cpu_seconds_total"]
+    assert then["process_resident_memory_bytes"] > 10 * 2**20  # an interpreter with grpc
+    assert then["process_open_fds"] >= 3
+    assert 0 < then["process_start_time_seconds"] <= time.time()
+    assert {f'python_gc_collections_total{{generation="{g}"}}' for g in "012"} <= set(then)
+    assert any(name.startswith("python_info{") for name in then)

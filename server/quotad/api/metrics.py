@@ -33,6 +33,11 @@ own HTTP thread, never by the event loop.
     quotad_snapshot_children_failed_total   snapshot children that failed (the next one is
                                             due as usual)
 
+And prometheus-client's standard process and Python collectors, read when scraped:
+process_cpu_seconds_total (the server's own CPU, its snapshot children's apart),
+process_resident_memory_bytes, process_open_fds, python_gc_collections_total{generation} and
+the like.
+
 Denials inside a Batch count too, by group, like those of Reserve and Track.
 """
 
@@ -43,7 +48,8 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
+                               PlatformCollector, ProcessCollector, start_http_server)
 from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -54,6 +60,9 @@ _BATCH_BUCKETS_OPERATIONS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.requests = Counter("quotad_requests", "Calls answered, by RPC and status code",
                                 ["method", "code"], registry=self.registry)
         self.latency = Histogram("quotad_request_seconds", "Latency of a call, in to out",
