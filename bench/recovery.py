@@ -231,20 +231,19 @@ def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int) -> _Ch
     thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    cost = _ChildrenCost([], [], [], 0)
+    cpu_s, alone_us, beside_us, alive_throughout = [], [], [], 0
     try:
         for _ in range(runs):
-            cost.alone_us.append(applied_us())
+            alone_us.append(applied_us())
             child = snapshot_child.start(core, data_dir)
             try:
-                cost.beside_us.append(applied_us())
-                if os.waitid(os.P_PID, child.pid,  # still at work? (WNOWAIT: not reaped)
-                             os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    cost = cost._replace(alive_throughout=cost.alive_throughout + 1)
-                cost.cpu_s.append(snapshot_child.finish(child).cpu_s)
+                beside_us.append(applied_us())
+                alive_throughout += os.waitid(  # still at work? (WNOWAIT: not reaped)
+                    os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+                cpu_s.append(snapshot_child.finish(child).cpu_s)
             finally:
                 snapshot_child.close(child)
-        return cost
+        return _ChildrenCost(cpu_s, alone_us, beside_us, alive_throughout)
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
