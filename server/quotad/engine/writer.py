@@ -384,7 +384,7 @@ class Writer:
             log.info("snapshot made", extra={
                 "sequence": child.sequence, "bytes": len(made.encoded),
                 "child_cpu_s": round(made.cpu_s, 3),
-                "child_s": round(time.monotonic() - self._snapshot_at, 3)})  # from its fork
+                "child_s": round(time.monotonic() - child.forked_at_s, 3)})
             self._ready = Snapshot(child.sequence, made.encoded)
             self._has_pending.set()
         finally:  # reaped: from here close() must not signal it (see snapshot_child)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -56,6 +57,8 @@ class Child(NamedTuple):
     """The file it writes."""
     pidfd: int | None
     """A pidfd of the child, to kill it by (None where the system has none: by its pid)."""
+    forked_at_s: float
+    """When it was forked, on time.monotonic()'s scale."""
 
 
 def start(core: Core, data_dir: Path) -> Child:
@@ -65,6 +68,7 @@ def start(core: Core, data_dir: Path) -> Child:
     path = data_dir / f"snapshot-{os.getpid()}-{sequence}.partial"  # one writer per file
     with warnings.catch_warnings():  # Python 3.12+ warns of fork() beside threads; the
         warnings.simplefilter("ignore", DeprecationWarning)  # child runs none of them
+        forked_at_s = time.monotonic()
         pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 1
@@ -87,14 +91,14 @@ def start(core: Core, data_dir: Path) -> Child:
         pidfd: int | None = os.pidfd_open(pid)
     except (AttributeError, OSError):  # not Linux 5.3+
         pidfd = None
-    return Child(pid, sequence, path, pidfd)
+    return Child(pid, sequence, path, pidfd, forked_at_s)
 
 
 def finish(child: Child) -> Made:
     """Waits for the child (blocking: run it in a thread) and returns the encoded snapshot,
     checked, with the child's CPU time; the file is removed either way.
     SnapshotChildFailed if the child failed."""
-    pid, sequence, path, _ = child
+    pid, sequence, path = child.pid, child.sequence, child.path
     try:
         _, status, usage = os.wait4(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
