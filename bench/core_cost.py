@@ -11,8 +11,8 @@ LMDB transaction and lets memory forget what is durable; then the same for a Bat
 their holds. Each stage is timed with the thread's CPU clock (time.thread_time), so a busy
 machine slows it less than a wall clock would.
 
-The cyclic collector runs as in the server: the state set up is frozen (gc.freeze) and the
-thresholds are the server's (quotad.server.GC_THRESHOLDS); with Python's defaults a pair
+The cyclic collector runs as in the server (quotad.server.collect_as_serving: the state set
+up is frozen, the thresholds are the server's); with Python's defaults a pair
 measured ~5 % more, the young generation collected every 700 allocations.
 
 Prints, per stage, the median of the rounds and the fastest round, in microseconds of CPU per
@@ -23,7 +23,6 @@ pair, which also pays for gRPC, the event loop and the request's authentication.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import statistics
 import tempfile
@@ -37,7 +36,7 @@ from quotad.core import commands as c
 from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
-from quotad.server import GC_THRESHOLDS
+from quotad.server import collect_as_serving
 from quotad.storage.wal import WriteAheadLog
 from quotad_client import new_idempotency_key
 from quotad_contract.v1 import quotad_pb2 as pb
@@ -145,8 +144,7 @@ def main() -> None:
         parser.error("--pairs must be 1 to 4096, --rounds at least 1, --warmup-rounds 0 or more")
     with tempfile.TemporaryDirectory(prefix="quotad-core-cost-") as directory:
         run = Run(Path(directory) / "data")
-        gc.freeze()  # as the server does once it has recovered
-        gc.set_threshold(*GC_THRESHOLDS)
+        collect_as_serving()
         try:
             for _ in range(options.warmup_rounds):
                 run.round(options.pairs, measure=False)

@@ -59,7 +59,7 @@ from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import durable_idempotency, recover
 from quotad.engine.writer import SNAPSHOT_EVERY_RECORDS_DEFAULT
-from quotad.server import GC_THRESHOLDS
+from quotad.server import collect_as_serving
 from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
 from quotad.storage.snapshot import core_from_snapshot
@@ -229,8 +229,7 @@ def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int) -> _Ch
         return (time.process_time() - started) / BESIDE_CHILD_COMMANDS * 1e6
 
     thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    collect_as_serving()
     cpu_s, alone_us, beside_us, alive_throughout = [], [], [], 0
     try:
         for _ in range(runs):

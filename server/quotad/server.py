@@ -67,6 +67,14 @@ SERVICE_NAMES = ("quotad.v1.QuotaService", "quotad.v1.AdminService")
 NS_PER_HOUR = 3600 * limits.NS_PER_S
 
 
+def collect_as_serving() -> None:
+    """The cyclic collector as the server runs it once recovered: what lives now is frozen
+    (long-lived: never scanned again) and the thresholds are GC_THRESHOLDS. The benches that
+    measure the server's steps in-process call it too."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     listen: str = "127.0.0.1:50051"
@@ -446,8 +454,7 @@ class _Process:
             if self.control is not None:
                 await self.control.close()
             return None
-        gc.freeze()  # the recovered state is long-lived: cyclic GC never scans it again
-        gc.set_threshold(*GC_THRESHOLDS)
+        collect_as_serving()
         return core
 
     def start_writer(self, core: Core) -> Writer:
