@@ -9,7 +9,8 @@ a credit balance is a list of grants spent, refunded and expired by protos/DESIG
 fixed-offset zones (not zoneinfo), and every answer is predicted before the core gives it. After
 every step the invariants compare the core's state with the model and check the contract's
 invariants. Crashes are rules too: one drops every record after the last sync and rebuilds from
-the latest snapshot and the synced log, which must give exactly the state at that sync.
+the latest snapshot (whole, or a whole one and its latest delta) and the synced log, which must
+give exactly the state at that sync.
 
 QUOTAD_LONG=1 scales the run from 200 examples x 50 steps to 2000 x 100.
 """
@@ -36,7 +37,7 @@ from quotad.core.machine import Core
 from quotad.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from quotad.core.plans import Cost, Kind, RecurringGrant, Window
 from quotad.core.values import replace
-from quotad.storage.snapshot import core_from_snapshot, snapshot_of
+from quotad.storage.snapshot import core_from_snapshot, core_with_delta, snapshot_of
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
 MAX_EXAMPLES = 2000 if LONG else 200
@@ -275,6 +276,9 @@ class QuotaMachine(RuleBasedStateMachine):
         self.records: list = []
         self.synced, self.synced_digest = 0, digest(Core())
         self.snapshot: tuple[int, bytes] | None = None
+        """(sequence, stored form) of the latest whole snapshot."""
+        self.delta: bytes | None = None
+        """The latest delta snapshot of that whole one, if any since."""
         self.quota = {key: 0 for key in KEYS}
         self.pricing = Pricing()
         self.period = MINUTE
@@ -870,11 +874,16 @@ class QuotaMachine(RuleBasedStateMachine):
         """The log is durable up to here (what a group commit acknowledges)."""
         self.synced, self.synced_digest = len(self.records), digest(self.core)
 
-    @rule()
-    def take_snapshot(self) -> None:
-        """A snapshot, written with (so synced with) every record it includes."""
+    @rule(delta=st.booleans())
+    def take_snapshot(self, delta) -> None:
+        """A snapshot, written with (so synced with) every record it includes: whole, or a
+        delta of the latest whole one (the users changed since)."""
         self.sync()
-        self.snapshot = (self.core.sequence, snapshot_of(self.core))
+        if delta and self.snapshot is not None:
+            self.delta = snapshot_of(self.core, delta_of_sequence=self.snapshot[0])
+            return
+        self.snapshot, self.delta = (self.core.sequence, snapshot_of(self.core)), None
+        self.core.clear_users_changed()
 
     @rule()
     def crash_dropping_what_was_not_synced(self) -> None:
@@ -882,6 +891,9 @@ class QuotaMachine(RuleBasedStateMachine):
         synced log must give exactly the state as it was at that sync."""
         sequence, encoded = self.snapshot if self.snapshot else (0, None)
         recovered = core_from_snapshot(encoded) if encoded else Core()
+        if self.delta is not None:
+            recovered = core_with_delta(recovered, self.delta)
+            sequence = recovered.sequence
         for record in self.records[sequence:self.synced]:
             recovered.replay(record)
         assert digest(recovered) == self.synced_digest

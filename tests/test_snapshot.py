@@ -14,20 +14,21 @@ import pytest
 
 from core_helpers import T0, Harness, digest, group, plan
 from quotad.core import limits
-from quotad.core.commands import GrantCredits, UpsertSubscription
+from quotad.core.commands import ForgetSlots, GrantCredits, UpsertSubscription
 from quotad.core.machine import Core
 from quotad.core.plans import Cost, Kind, RecurringGrant, Window
 from quotad.core.values import replace
 from quotad.engine.recovery import recover
-from quotad.storage import snapshot_child
+from quotad.storage import snapshot_child, snapshot_pb2
 from quotad.storage.codec import state_digest
 from quotad.storage.snapshot import (
-    FORMAT_VERSION, MAGIC, core_from_snapshot, encode_core, snapshot_of,
+    FORMAT_VERSION, MAGIC, core_from_snapshot, core_with_delta, encode_core, snapshot_of,
 )
 from quotad.storage.snapshot_json import core_to_plain
 from quotad.storage.wal import (
     CorruptSnapshot, Snapshot, WriteAheadLog, encode_snapshot, snapshot_body,
 )
+from quotad_contract.shards import slot_of
 
 S = limits.NS_PER_S
 
@@ -133,6 +134,140 @@ def test_a_restored_core_makes_the_same_records_as_the_original_from_then_on():
 def test_an_empty_core_round_trips():
     core = core_from_snapshot(snapshot_of(Core()))
     assert state_digest(core) == state_digest(Core())
+
+
+def _delta_message(encoded: bytes):
+    body = snapshot_body(encoded)
+    return snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(body[len(MAGIC) + 2:]))
+
+
+def _whole_then_more(h: Harness) -> bytes:
+    """A whole snapshot of the busy state, then more commands: a few users changed, one new,
+    one gone (its slot moved away), the rest untouched."""
+    for n in range(40):
+        h.subscribe(f"idle-{n}", "p")
+    whole = snapshot_of(h.core)
+    h.core.clear_users_changed()
+    h.advance(1 * S)
+    h.track("alice", 3)
+    h.subscribe("erin", "p", time_zone="Asia/Tokyo")
+    h.track("erin", 7)
+    h.run(GrantCredits(app=h.app, user_id="dave", group_key="credits", amount=9))
+    h.advance(limits.RESERVATION_RETENTION_NS)
+    h.expire()  # every live hold expires: their users change
+    h.run(ForgetSlots(slots=(slot_of(h.app, "bob"),)))
+    return whole
+
+
+def test_a_delta_read_over_its_whole_snapshot_is_the_state_it_was_taken_from():
+    h = _busy_harness()
+    whole = _whole_then_more(h)
+    whole_sequence = core_from_snapshot(whole).sequence
+    delta = snapshot_of(h.core, delta_of_sequence=whole_sequence)
+    restored = core_with_delta(core_from_snapshot(whole), delta)
+    assert digest(restored) == digest(h.core)
+    assert state_digest(restored) == state_digest(h.core)
+    assert list(restored.expiry) == list(h.core.expiry)
+    assert list(restored.grant_expiry) == list(h.core.grant_expiry)
+    # it holds the users changed since the whole one, and the one gone by its id alone
+    (app,) = _delta_message(delta).apps
+    assert sorted(app.users.user_ids) == sorted(h.core.users_changed[h.app] - {"bob"})
+    assert "erin" in app.users.user_ids and not any(
+        user_id.startswith("idle-") for user_id in app.users.user_ids)
+    assert list(app.removed_user_ids) == ["bob"] and "bob" not in restored.apps[h.app].users
+    # and the core read back counts them as changed: the next delta holds them again
+    assert restored.users_changed == h.core.users_changed
+    assert len(delta) < len(whole)
+
+
+def test_a_core_restored_from_a_delta_makes_the_same_records_from_then_on():
+    h = _busy_harness()
+    whole = _whole_then_more(h)
+    delta = snapshot_of(h.core, delta_of_sequence=core_from_snapshot(whole).sequence)
+    restored = core_with_delta(core_from_snapshot(whole), delta)
+    for command in (h.track_command("alice", 2), h.track_command("idle-3", 5),
+                    h.reserve_command("erin", 4), h.track_command("dave", 1, "image.render")):
+        h.advance(1 * S)
+        assert h.core.apply(command, h.now) == restored.apply(command, h.now)
+    assert digest(restored) == digest(h.core)
+
+
+def test_a_delta_of_another_whole_snapshot_or_read_as_a_whole_one_is_refused():
+    h = _busy_harness()
+    whole = _whole_then_more(h)
+    whole_sequence = core_from_snapshot(whole).sequence
+    delta = snapshot_of(h.core, delta_of_sequence=whole_sequence - 1)
+    with pytest.raises(CorruptSnapshot, match=f"a delta of the snapshot at sequence "
+                                              f"{whole_sequence - 1}, not of the one at "
+                                              f"{whole_sequence}"):
+        core_with_delta(core_from_snapshot(whole), delta)
+    with pytest.raises(CorruptSnapshot, match="not a whole one"):
+        core_from_snapshot(snapshot_of(h.core, delta_of_sequence=whole_sequence))
+
+
+def test_recovery_reads_the_latest_delta_over_the_whole_snapshot(tmp_path: Path):
+    h = _busy_harness()
+    wal = WriteAheadLog(tmp_path)
+    try:
+        wal.append(h.records)
+        wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
+        whole_sequence = h.core.sequence
+        h.core.clear_users_changed()
+        for n, user in enumerate(("alice", "bob", "alice")):
+            written = len(h.records)
+            h.advance(1 * S)
+            h.track(user, n + 1)
+            wal.append(h.records[written:], Snapshot(
+                h.core.sequence, snapshot_of(h.core, whole_sequence), whole_sequence))
+        h.advance(1 * S)
+        written = len(h.records)
+        h.track("zoë ☃", 1)
+        wal.append(h.records[written:])
+        assert wal.snapshot_sequence() == h.core.sequence - 1  # the last delta's
+        assert wal.whole_snapshot_sequence() == whole_sequence
+        recovered = recover(wal, repair=False)
+        assert digest(recovered) == digest(h.core)
+        assert recovered.users_changed == {h.app: {"alice", "bob", "zoë ☃"}}
+        # a whole snapshot replaces the delta too
+        wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
+        assert wal.load_delta() is None
+        assert digest(recover(wal, repair=False)) == digest(h.core)
+    finally:
+        wal.close()
+
+
+def test_a_delta_is_stored_only_over_the_whole_snapshot_it_is_a_delta_of(tmp_path: Path):
+    h = _busy_harness()
+    wal = WriteAheadLog(tmp_path)
+    try:
+        wal.append(h.records)
+        with pytest.raises(ValueError, match="whole snapshot stored is at 0"):
+            wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core, 3), 3))
+        assert wal.load_delta() is None
+    finally:
+        wal.close()
+
+
+def test_recovery_replays_the_log_from_the_whole_snapshot_when_the_delta_is_corrupt(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    h = _busy_harness()
+    wal = WriteAheadLog(tmp_path)
+    try:
+        wal.append(h.records)
+        whole_sequence = h.core.sequence
+        wal.append([], Snapshot(whole_sequence, snapshot_of(h.core)))
+        written = len(h.records)
+        h.advance(1 * S)
+        h.track("alice", 4)
+        delta = snapshot_of(h.core, whole_sequence)
+        wal.append(h.records[written:], Snapshot(
+            h.core.sequence, _resigned(delta, snapshot_body(delta)[:-9]), whole_sequence))
+        with caplog.at_level("WARNING", logger="quotad.writer"):
+            recovered = recover(wal, repair=False)
+        assert digest(recovered) == digest(h.core)
+        assert any("left out a delta snapshot" in r.getMessage() for r in caplog.records)
+    finally:
+        wal.close()
 
 
 def test_a_snapshot_stored_in_the_log_loads_back_at_its_sequence(tmp_path: Path):

@@ -302,6 +302,11 @@ class Core:
         self.moved_key_slots: dict[tuple[str, tuple[str, str]], int] = {}
         """(app, (rpc, key)) -> slot of the idempotency entries a move brought in: memory
         keeps them (as fingerprints, which name no user) for their retention."""
+        self.users_changed: dict[str, set[str]] = {}
+        """app -> the ids of its users that a command may have changed (or removed) since
+        clear_users_changed(): what a delta snapshot holds of the users. Marked where a
+        command takes a user's state in hand, so a read through apply may mark one too (a
+        delta then holds it unchanged). At most every user: bounded by the state."""
         self._handlers: dict[type, Callable[[Any, int], tuple[Any, bool]]] = {
             Reserve: self._reserve, Commit: self._commit, Release: self._release,
             Extend: self._extend, Track: self._track, GetUsage: self._get_usage,
@@ -504,6 +509,7 @@ class Core:
         is dropped, but for what live holds need. False if it is gone already (spent and
         forgotten)."""
         user = self.apps[app_id].users[user_id]
+        self._user_changed(app_id, user_id)
         counter = user.counters.get((key, Window.LIFETIME))
         if counter is None or counter.balance is None:
             return False
@@ -551,6 +557,7 @@ class Core:
         if in_index:
             self.expiry.remove(self._expiry_entry(reservation))
         user = self.apps[reservation.app].users[reservation.user_id]
+        self._user_changed(reservation.app, reservation.user_id)
         for hold in reservation.holds:
             counter = self._counter_of(user, hold)
             if counter is not None:
@@ -745,7 +752,25 @@ class Core:
         user = self.apps.get(app_id, _EMPTY_APP).users.get(user_id)
         if user is None:
             raise FailedPrecondition(ErrorReason.NO_PLAN, f"user {user_id!r} has no subscription")
-        return user, self.apps[app_id].plans[user.subscription.plan_id]
+        subscription = user.subscription
+        self._user_changed(app_id, subscription.user_id)  # the id the state keeps, not a copy
+        return user, self.apps[app_id].plans[subscription.plan_id]
+
+    def _user_changed(self, app_id: str, user_id: str) -> None:
+        changed = self.users_changed.get(app_id)
+        if changed is None:
+            changed = self.users_changed[app_id] = set()
+        changed.add(user_id)
+
+    def clear_users_changed(self) -> None:
+        """From now on, users_changed counts from here (a whole snapshot taken now)."""
+        self.users_changed = {}
+
+    def users_changed_count(self) -> int:
+        return sum(map(len, self.users_changed.values()))
+
+    def users_count(self) -> int:
+        return sum(len(app.users) for app in self.apps.values())
 
     def _reservation(self, app_id: str, reservation_id: str, now_ns: int) -> Reservation:
         reservation = self.apps.get(app_id, _EMPTY_APP).reservations.get(reservation_id)
@@ -1167,6 +1192,7 @@ class Core:
                                     billing_customer_id=billing_customer_id)
         if user is not None and user.subscription == subscription:
             return SubscriptionResult(subscription=subscription, changed=False), False
+        self._user_changed(command.app, command.user_id)
         if user is None:
             self.users_numbered += 1
             user = app.users[command.user_id] = UserState(subscription=subscription,
@@ -1318,6 +1344,7 @@ class Core:
             self.incoming_slots |= slots
         for moved in command.users:
             app = self._app(moved.app)
+            self._user_changed(moved.app, moved.user_id)
             self.users_numbered += 1
             user = app.users[moved.user_id] = UserState(
                 subscription=moved.subscription, number=self.users_numbered,
@@ -1337,6 +1364,7 @@ class Core:
             app.reservations[reservation.reservation_id] = reservation
             if reservation.status is HoldState.LIVE:
                 app.users[reservation.user_id].live_holds += 1
+                self._user_changed(hold.app, reservation.user_id)
                 self.expiry.add(self._expiry_entry(reservation))
             else:
                 self.forget.add((reservation.finished_at_ns + limits.RESERVATION_RETENTION_NS,
@@ -1391,6 +1419,7 @@ class Core:
                     keys += 1
             for user_id in [u for u in app.users if slot_of(app_id, u) in slots]:
                 user = app.users.pop(user_id)
+                self._user_changed(app_id, user_id)
                 app.plan_subscribers[user.subscription.plan_id] -= 1
                 app.departed[user.number] = user.subscription
                 dropped_users.add((app_id, user_id))

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from quotad.core.machine import Core, IdempotencyEntry
-from quotad.storage.snapshot import core_from_snapshot
-from quotad.storage.wal import WriteAheadLog, TornTail, recover_records
+from quotad.storage.snapshot import core_from_snapshot, core_with_delta
+from quotad.storage.wal import CorruptSnapshot, WriteAheadLog, TornTail, recover_records
 
 log = logging.getLogger("quotad.writer")
 """The logger name its lines have always carried."""
@@ -30,9 +30,7 @@ def recover(wal: WriteAheadLog, *, repair: bool = True,
 
 
 def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Core:
-    snapshot = wal.load_snapshot()
-    core = core_from_snapshot(snapshot.encoded) if snapshot is not None else Core()
-    assert snapshot is None or core.sequence == snapshot.sequence
+    core = loaded_snapshots(wal)
     core.durable_idempotency = durable_idempotency(wal)
     core.durable_hold = wal.finished_hold
     snapshot_sequence = core.sequence
@@ -52,6 +50,28 @@ def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Cor
     log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
                                  "replayed": core.sequence - snapshot_sequence,
                                  "log_first_sequence": wal.first_sequence()})
+    return core
+
+
+def loaded_snapshots(wal: WriteAheadLog) -> Core:
+    """The core of the latest whole snapshot with its latest delta over it (an empty core if
+    none). A whole snapshot that cannot be read is refused (CorruptSnapshot). A delta that
+    cannot be read is logged and left: the log keeps every record after the whole snapshot,
+    so a replay from there makes the same state (longer)."""
+    snapshot = wal.load_snapshot()
+    if snapshot is None:
+        return Core()
+    core = core_from_snapshot(snapshot.encoded)
+    assert core.sequence == snapshot.sequence
+    try:
+        delta = wal.load_delta()
+        if delta is not None:
+            return core_with_delta(core, delta.encoded)
+    except CorruptSnapshot as error:
+        log.warning("left out a delta snapshot that cannot be read: replaying the log from "
+                    "the whole snapshot instead", extra={"reason": str(error),
+                                                         "snapshot_sequence": snapshot.sequence})
+        return core_from_snapshot(snapshot.encoded)  # again: the delta took its users
     return core
 
 

@@ -11,6 +11,11 @@ costs the objects the core is made of and little else; both ways, each kind of o
 made or read in bulk, by loops that run in C. What is small or in memory only until durable (API keys, idempotency entries, a core
 alone's forget index) is JSON of the core's plain form.
 
+A delta snapshot (CoreSnapshot.delta_of_sequence) is the same message with only the users
+changed since a whole snapshot (the core's users_changed), and the ids of those removed since;
+everything else, small or bounded by what is live, is whole in it too. Read over that whole
+snapshot's core (core_with_delta), it is the state at its own sequence.
+
 The expiry indexes are not stored: they are every live hold's (expires_at_ns, sequence, app,
 id), rebuilt from the holds, and every credit grant's expiry, rebuilt from the balances.
 
@@ -74,9 +79,10 @@ if array.array(_INT64).itemsize != 8 or array.array(_UINT32).itemsize != 4:
 # --- the stored form ------------------------------------------------------------------------
 
 
-def snapshot_of(core: Core) -> bytes:
-    """The stored form of a snapshot of the core as it is now: header, prefix, message."""
-    return encode_snapshot(core.sequence, encode_core(core))
+def snapshot_of(core: Core, delta_of_sequence: int = 0) -> bytes:
+    """The stored form of a snapshot of the core as it is now: header, prefix, message. With
+    delta_of_sequence, a delta of the whole snapshot taken at that sequence (encode_core)."""
+    return encode_snapshot(core.sequence, encode_core(core, delta_of_sequence))
 
 
 def core_from_snapshot(encoded: bytes) -> Core:
@@ -108,11 +114,17 @@ def _core_from_json(body: bytes) -> Core:
 # --- encoding ---------------------------------------------------------------------------------
 
 
-def encode_core(core: Core) -> bytes:
-    """The snapshot body of the core as it is now (call between two commands)."""
+def encode_core(core: Core, delta_of_sequence: int = 0) -> bytes:
+    """The snapshot body of the core as it is now (call between two commands). With
+    delta_of_sequence, a delta of the whole snapshot taken at that sequence, when the core's
+    users_changed were cleared: of the users, only those in users_changed (those gone as
+    removed ids); all else whole. Its cost then grows with the users changed, not with all
+    of them; core_with_delta() reads it over that whole snapshot."""
+    assert 0 <= delta_of_sequence <= core.sequence, (delta_of_sequence, core.sequence)
     pending_keys, pending_holds = core.pending_durable()
     message = snapshot_pb2.CoreSnapshot(
         sequence=core.sequence, last_record_ns=core.last_record_ns,
+        delta_of_sequence=delta_of_sequence,
         users_numbered=core.users_numbered, catalog_revision=core.catalog_revision,
         keys_json=_json([to_plain(key) for _, key in sorted(core.keys.items())]),
         forget_json=_json(to_plain(core.forget)),
@@ -122,7 +134,13 @@ def encode_core(core: Core) -> bytes:
     if core.idempotency_retention_ns != limits.IDEMPOTENCY_RETENTION_NS_MIN:
         message.idempotency_retention_ns = core.idempotency_retention_ns
     for app_id, app in sorted(core.apps.items()):
-        _encode_app(message.apps.add(), app_id, app, pending_keys, pending_holds)
+        app_message = message.apps.add()
+        users = app.users
+        if delta_of_sequence:
+            changed = core.users_changed.get(app_id, set())
+            users = {user_id: app.users[user_id] for user_id in changed if user_id in app.users}
+            app_message.removed_user_ids.extend(sorted(changed - users.keys()))
+        _encode_app(app_message, app_id, app, users, pending_keys, pending_holds)
     body = message.SerializeToString()
     if len(body) > SNAPSHOT_MESSAGE_BYTES_MAX:
         raise ValueError(f"a snapshot of {len(body)} bytes passes the "
@@ -130,7 +148,7 @@ def encode_core(core: Core) -> bytes:
     return MAGIC + FORMAT_VERSION.to_bytes(2, "big") + zlib.compress(body, COMPRESSION_LEVEL)
 
 
-def _encode_app(message: Any, app_id: str, app: AppState,
+def _encode_app(message: Any, app_id: str, app: AppState, users: dict[str, UserState],
                 pending_keys: frozenset[tuple[str, Any]], pending_holds: frozenset[str]) -> None:
     message.app = app_id
     for _, plan in sorted(app.plans.items()):
@@ -140,7 +158,7 @@ def _encode_app(message: Any, app_id: str, app: AppState,
     for plan_id, count in sorted(app.plan_subscribers.items()):
         message.subscriber_plan_ids.append(plan_id)
         message.subscriber_counts.append(count)
-    _encode_users(message.users, message.counters, app.users)
+    _encode_users(message.users, message.counters, users)
     for reservation in app.reservations.values():
         if reservation.reservation_id not in pending_holds:
             _encode_hold(message.holds.add(), reservation)
@@ -284,6 +302,26 @@ def _json(value: Any) -> str:
 
 def decode_core(body: bytes) -> Core:
     """The core a snapshot body holds; CorruptSnapshot if it is not one, whole."""
+    return _decoded(body, None)
+
+
+def core_with_delta(base: Core, encoded: bytes) -> Core:
+    """The core a stored delta snapshot holds, read over the core of the whole snapshot it is
+    a delta of (whose users it takes over: use only the core returned). Its users_changed are
+    the delta's users, so that the next delta holds them too. CorruptSnapshot as for
+    core_from_snapshot, and for a delta of another snapshot than base's."""
+    sequence = verify_snapshot(encoded)
+    try:
+        core = _decoded(snapshot_body(encoded), base)
+    except CorruptSnapshot as error:
+        raise CorruptSnapshot(f"the delta snapshot at sequence {sequence}: {error}") from error
+    if core.sequence != sequence:
+        raise CorruptSnapshot(f"the delta snapshot at sequence {sequence} holds the state at "
+                              f"sequence {core.sequence}")
+    return core
+
+
+def _decoded(body: bytes, base: Core | None) -> Core:
     if len(body) < _PREFIX_BYTES or body[:len(MAGIC)] != MAGIC:
         raise CorruptSnapshot("not a binary snapshot (no magic)")
     version = int.from_bytes(body[len(MAGIC):_PREFIX_BYTES], "big")
@@ -292,11 +330,20 @@ def decode_core(body: bytes) -> Core:
                               f"{FORMAT_VERSION}")
     try:
         message = snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(body[_PREFIX_BYTES:]))
+    except Exception as error:  # whatever a damaged body makes the decoding trip on
+        raise CorruptSnapshot(f"unreadable: {error!r}") from error
+    if base is None and message.delta_of_sequence:
+        raise CorruptSnapshot(f"a delta of the snapshot at sequence "
+                              f"{message.delta_of_sequence}, not a whole one")
+    if base is not None and message.delta_of_sequence != base.sequence:
+        raise CorruptSnapshot(f"a delta of the snapshot at sequence "
+                              f"{message.delta_of_sequence}, not of the one at {base.sequence}")
+    try:
         with _collector_paused():
-            return _core(message)
+            return _core(message, base)
     except CorruptSnapshot:
         raise
-    except Exception as error:  # whatever a damaged body makes the decoding trip on
+    except Exception as error:
         raise CorruptSnapshot(f"unreadable: {error!r}") from error
 
 
@@ -313,7 +360,8 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _core(message: Any) -> Core:
+def _core(message: Any, base: Core | None) -> Core:
+    """The core a snapshot message holds; with base, a delta's over base's users."""
     core = Core()
     core.sequence = message.sequence
     core.last_record_ns = message.last_record_ns
@@ -323,7 +371,12 @@ def _core(message: Any) -> Core:
                                      or limits.IDEMPOTENCY_RETENTION_NS_MIN)
     expiry = []
     for app_message in message.apps:
-        app = core.apps[app_message.app] = _app(app_message)
+        base_users = None
+        if base is not None:
+            base_users = base.apps[app_message.app].users if app_message.app in base.apps else {}
+            core.users_changed[app_message.app] = set(app_message.users.user_ids).union(
+                app_message.removed_user_ids)
+        app = core.apps[app_message.app] = _app(app_message, base_users)
         expiry.extend((r.expires_at_ns, r.sequence, app_message.app, r.reservation_id)
                       for r in app.reservations.values() if r.status is HoldState.LIVE)
     core.expiry = SortedList(expiry)
@@ -345,7 +398,9 @@ def _forget_entry(entry: list[Any]) -> tuple[Any, ...]:
     return (forget_at_ns, sequence, kind, app_id, tuple(key) if kind == "idempotency" else key)
 
 
-def _app(message: Any) -> AppState:
+def _app(message: Any, base_users: dict[str, UserState] | None) -> AppState:
+    """An app from its message; a delta's (base_users given) with the users of the whole
+    snapshot it is a delta of, less those removed, its own put over them."""
     app = AppState()
     for encoded in message.plans:
         plan = plan_from_message(log_pb2.Plan.FromString(encoded))
@@ -355,6 +410,14 @@ def _app(message: Any) -> AppState:
     app.plan_subscribers = Tally(dict(zip(message.subscriber_plan_ids,
                                           message.subscriber_counts)))
     app.users, live_holds = _users(message.users, message.counters)
+    if base_users is not None:
+        for user_id in message.removed_user_ids:
+            base_users.pop(user_id, None)
+        base_users.update(app.users)
+        app.users = base_users
+        live_holds = sum(map(attrgetter("live_holds"), base_users.values()))
+    elif message.removed_user_ids:
+        raise CorruptSnapshot(f"app {message.app!r}: removed users in a whole snapshot")
     app.departed = {number: Subscription(user_id=user_id, plan_id=plan_id, time_zone=zone,
                                          billing_customer_id=customer)
                     for number, user_id, plan_id, zone, customer in json.loads(

@@ -88,6 +88,8 @@ LMDB_OPTIONS: dict[str, Any] = dict(
 """Every lmdb.open option of the log, explicit: a synced commit is durable."""
 LOCK_FILE_NAME = "quotad.lock"
 SNAPSHOT_KEY = b"latest"
+DELTA_KEY = b"delta"
+"""The latest delta snapshot (of the whole one under SNAPSHOT_KEY), if any since that one."""
 EVENTS_INDEXED_THROUGH_KEY = b"events_indexed_through"
 FAULT_ENV = "QUOTAD_FAULT_INJECT"
 """Test hook: "write-error@N" fails the Nth append before its commit, "sync-error@N" after
@@ -115,6 +117,8 @@ class Snapshot:
     sequence: int
     encoded: bytes
     """The stored form: checksum, sequence, body (encode_snapshot)."""
+    delta_of_sequence: int = 0
+    """0: a whole snapshot. Else a delta of the whole one stored at that sequence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,8 +288,7 @@ class WriteAheadLog:
                 txn.put(b"batch_first_sequence", record_key(records[0].sequence),
                         db=self.meta_db)
             if snapshot is not None:
-                assert _SNAPSHOT_HEADER.unpack_from(snapshot.encoded)[1] == snapshot.sequence
-                txn.put(SNAPSHOT_KEY, snapshot.encoded, db=self.snapshot_db)
+                self._put_snapshot(txn, snapshot)
             if fault_kind == "write-error" and self._appends == fault_at:
                 raise OSError(errno.EIO, "injected write error (QUOTAD_FAULT_INJECT)")
         self._last_written_sequence = last_sequence
@@ -305,6 +308,21 @@ class WriteAheadLog:
             self._shapes_stored.update(shapes_stored)
         if fault_kind == "sync-error" and self._appends == fault_at:
             raise OSError(errno.EIO, "injected sync error (QUOTAD_FAULT_INJECT)")
+
+    def _put_snapshot(self, txn: lmdb.Transaction, snapshot: Snapshot) -> None:
+        """A whole snapshot replaces the last and any delta of it; a delta replaces the
+        last delta, and must be one of the whole snapshot stored."""
+        assert _SNAPSHOT_HEADER.unpack_from(snapshot.encoded)[1] == snapshot.sequence
+        if not snapshot.delta_of_sequence:
+            txn.put(SNAPSHOT_KEY, snapshot.encoded, db=self.snapshot_db)
+            txn.delete(DELTA_KEY, db=self.snapshot_db)
+            return
+        whole = txn.get(SNAPSHOT_KEY, db=self.snapshot_db)
+        whole_sequence = _SNAPSHOT_HEADER.unpack_from(whole)[1] if whole is not None else 0
+        if whole_sequence != snapshot.delta_of_sequence:
+            raise ValueError(f"a delta snapshot of sequence {snapshot.delta_of_sequence}, "
+                             f"but the whole snapshot stored is at {whole_sequence}")
+        txn.put(DELTA_KEY, snapshot.encoded, db=self.snapshot_db)
 
     def _file_events(self, txn: lmdb.Transaction, pending: dict[int, bytearray],
                      events: list[tuple[int, bytes]], through_sequence: int) -> None:
@@ -500,11 +518,31 @@ class WriteAheadLog:
             return None
         return Snapshot(verify_snapshot(value), value)
 
+    def load_delta(self) -> Snapshot | None:
+        """The latest delta snapshot of the whole one (load_snapshot), its checksum checked
+        (CorruptSnapshot), or None. Its delta_of_sequence is left 0: it is in its body."""
+        with self.env.begin(db=self.snapshot_db, buffers=False) as txn:
+            value = txn.get(DELTA_KEY)
+        if value is None:
+            return None
+        return Snapshot(verify_snapshot(value), value)
+
     def snapshot_sequence(self) -> int:
-        """The sequence the latest snapshot covers (0: none), without reading it whole."""
+        """The sequence the latest snapshot, whole or delta, covers (0: none), without
+        reading it whole."""
         with self.env.begin(db=self.snapshot_db, buffers=True) as txn:
-            value = txn.get(SNAPSHOT_KEY)  # a view into the map: the header alone is read
-            return _SNAPSHOT_HEADER.unpack_from(value)[1] if value is not None else 0
+            return max(map(self._stored_sequence, (txn.get(SNAPSHOT_KEY), txn.get(DELTA_KEY))))
+
+    def whole_snapshot_sequence(self) -> int:
+        """The sequence the latest whole snapshot covers (0: none): records up to it may be
+        pruned; those after it stay, so that it and the log alone rebuild the state."""
+        with self.env.begin(db=self.snapshot_db, buffers=True) as txn:
+            return self._stored_sequence(txn.get(SNAPSHOT_KEY))
+
+    @staticmethod
+    def _stored_sequence(value: Any) -> int:
+        # a view into the map: the header alone is read
+        return _SNAPSHOT_HEADER.unpack_from(value)[1] if value is not None else 0
 
     def record_now_ns(self, sequence: int) -> int | None:
         """The server time of one log record; None if there is none (pruned, or not yet)."""
