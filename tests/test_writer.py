@@ -451,3 +451,52 @@ def test_a_close_at_any_point_of_a_busy_flush_stops_cleanly_with_every_answer_du
         reopened = WriteAheadLog(tmp_path / str(turns))
         assert state_digest(recover(reopened)) == state_digest(writer.core), turns
         reopened.close()
+
+
+@pytest.mark.parametrize("fork_snapshots", [False, True])
+def test_snapshots_are_deltas_while_few_users_change_and_a_restart_reads_them(
+        tmp_path: Path, fork_snapshots: bool):
+    """40 subscribers, of whom 2 then change: after the whole snapshots that cover the
+    subscriptions, each snapshot holds those 2 alone (a delta), until the log holds
+    SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records after the whole one: the next is whole
+    again. A restart reads the whole one and the latest delta over it."""
+    wal = WriteAheadLog(tmp_path)
+    wholes_wanted = 2
+
+    async def run() -> tuple[str, Writer, list[int]]:
+        writer = Writer(recover(wal), wal, on_failure=pytest.fail, snapshot_every_records=5,
+                        fork_snapshots=fork_snapshots)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        for n in range(40):
+            await writer.execute(UpsertSubscription(app="a", user_id=f"u{n}", plan_id="p"))
+        wholes_seen = [wal.whole_snapshot_sequence()]
+        for index in range(3000):  # bounded; children take longer on a busy machine
+            await writer.execute(Track(app="a", user_id=f"u{index % 2}", event_type="e",
+                                       amount=1))
+            if fork_snapshots:
+                await asyncio.sleep(0.002)  # a finished child is collected on the event loop
+            if wal.whole_snapshot_sequence() != wholes_seen[-1]:
+                wholes_seen.append(wal.whole_snapshot_sequence())
+            if (len(wholes_seen) > wholes_wanted + 1
+                    and wal.snapshot_sequence() > wal.whole_snapshot_sequence()):
+                break  # and a delta of the last whole one is stored
+        assert writer.snapshot_children_failed == 0
+        digest = state_digest(writer.core)
+        await writer.close()
+        return digest, writer, wholes_seen
+
+    digest, writer, wholes_seen = asyncio.run(run())
+    assert len(wholes_seen) > wholes_wanted + 1, (wholes_seen, writer.snapshot_deltas)
+    whole_every = 5 * limits.SNAPSHOT_WHOLE_EVERY_CADENCES
+    assert writer.snapshot_deltas >= limits.SNAPSHOT_WHOLE_EVERY_CADENCES - 1
+    assert whole_every <= wholes_seen[-1] - wholes_seen[-2] < 2 * whole_every
+    assert wal.first_sequence() == 1  # nothing is past the retention: all kept
+    wal.close()
+    reopened = WriteAheadLog(tmp_path)
+    delta = reopened.load_delta()
+    assert delta is not None and delta.sequence > reopened.whole_snapshot_sequence()
+    recovered = recover(reopened)
+    assert state_digest(recovered) == digest
+    assert set(recovered.users_changed["a"]) <= {"u0", "u1"}
+    reopened.close()

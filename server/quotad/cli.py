@@ -94,10 +94,11 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      default=SNAPSHOT_EVERY_RECORDS_DEFAULT, metavar="N",
                      help="write a snapshot of the state after this many log records: a "
                           "restart after a crash replays at most about this many, and each "
-                          "snapshot costs a forked child CPU in proportion to the users "
-                          "(seconds at a million; each logged as 'snapshot made' with it), so "
-                          "a larger N costs less per operation and makes a slower restart "
-                          "(default: %(default)s)")
+                          "snapshot costs a forked child CPU in proportion to the users it "
+                          "holds: all of them for a whole one (seconds at a million), those "
+                          "changed since the last whole one for a delta (each logged as "
+                          "'snapshot made' with it), so a larger N costs less per operation "
+                          "and makes a slower restart (default: %(default)s)")
     run.add_argument("--snapshot-every-s", type=float, default=SNAPSHOT_EVERY_S_DEFAULT,
                      metavar="SECONDS", help="... or after this many seconds with new records "
                                              "(default: %(default)s)")

@@ -646,6 +646,7 @@ class _Process:
                                    "records_written": writer.records_written,
                                    "batches_on_log_thread": writer.batches_on_log_thread,
                                    "snapshots": writer.snapshots,
+                                   "snapshot_deltas": writer.snapshot_deltas,
                                    "snapshot_children_failed": writer.snapshot_children_failed,
                                    "snapshot_children_cpu_s": round(
                                        writer.snapshot_children_cpu_s, 3),

@@ -26,6 +26,8 @@ own HTTP thread, never by the event loop.
                                             the deadline passed before the call started)
     quotad_admitted_operations              operations admitted and not yet answered
     quotad_snapshots_total                  snapshots of the state stored in the log
+    quotad_snapshot_deltas_total            of those, deltas (the users changed since the
+                                            last whole one)
     quotad_snapshot_children_cpu_seconds_total
                                             CPU time (user + system) of the forked children
                                             that made them: per operation, divide its rate
@@ -219,6 +221,9 @@ class _SnapshotsCollector:
         writer = self._writer
         yield CounterMetricFamily("quotad_snapshots", "Snapshots of the state stored in the log",
                                   value=writer.snapshots)
+        yield CounterMetricFamily("quotad_snapshot_deltas",
+                                  "Of those, deltas of the last whole one (the users changed "
+                                  "since)", value=writer.snapshot_deltas)
         yield CounterMetricFamily("quotad_snapshot_children_cpu_seconds",
                                   "CPU time (user + system) of the snapshot children",
                                   value=writer.snapshot_children_cpu_s)

@@ -137,6 +137,17 @@ MATCH_CACHE_ENTRIES_MAX = 4096
 the limit it forgets them all and starts again (metadata with ever-new values never grows
 it). Each entry is a few hundred bytes at most."""
 
+SNAPSHOT_DELTA_USERS_PERCENT_MAX = 10
+"""A snapshot is a delta of the last whole one (only the users changed since) while at most
+this share of the users changed since; past it, whole. A restart reads the whole snapshot
+and the delta over it, so this also bounds what a delta adds to a restart."""
+
+SNAPSHOT_WHOLE_EVERY_CADENCES = 20
+"""A snapshot is whole once the log holds this many --snapshot-every-records of records after
+the latest whole one: pruning never goes past the latest whole snapshot, so at most these
+records (2,000,000 at the default cadence) stay past the retention, and a restart that cannot
+read the delta replays at most these."""
+
 COUNTER_SHAPES_REMEMBERED_MAX = 4096
 """Counter shapes (a limit group's key, label, unit, window, quota and kind as an answer shows
 them) the log remembers having stored, and, apart, having read: at the limit it forgets them

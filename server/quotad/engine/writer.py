@@ -25,10 +25,18 @@ Where a batch is written depends on its size (limits.INLINE_BATCH_RECORDS_MIN):
   now arrive during a sync.
 - A batch that carries a snapshot (a large put) is written on the log thread too, so that
   serving goes on meanwhile.
-Either way, one batch is written at a time. Once a snapshot is stored, the records it covers
-that the retention lets go are pruned on the log thread, a bounded transaction after each
-batch (limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) until none is due: the next batch waits
+Either way, one batch is written at a time. Once a whole snapshot is stored, the records it
+covers that the retention lets go are pruned on the log thread, a bounded transaction after
+each batch (limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) until none is due: the next batch waits
 for one such transaction at most.
+
+A snapshot is whole, or a delta of the last whole one: the users changed since (and every
+other part whole). A delta is made while the users changed since the whole snapshot are at
+most limits.SNAPSHOT_DELTA_USERS_PERCENT_MAX of them, so that a snapshot's cost grows with the
+users that change rather than with all of them; restart reads the whole snapshot and its
+latest delta over it. Records after the whole snapshot are never pruned, so that it and the
+log alone rebuild the state should the delta be lost; a whole one is taken at least every
+limits.SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records, so that pruning goes on.
 """
 
 from __future__ import annotations
@@ -139,7 +147,16 @@ class Writer:
         """The sequence of the latest snapshot started (what "due" counts from)."""
         self._stored_sequence = self._snapshot_sequence
         """The sequence of the latest snapshot in the log: a later one never gives way to an
-        older one (the log records between them may be pruned already)."""
+        older one."""
+        self._whole_sequence = wal.whole_snapshot_sequence()
+        """The sequence of the latest whole snapshot in the log: what records may be pruned
+        up to, and what a delta is a delta of."""
+        self._users_changed_since = self._whole_sequence
+        """The sequence the core's users_changed count from (recover() leaves them counting
+        from the whole snapshot it loaded). A delta is made only of a whole snapshot stored
+        at that sequence: while a whole one is being made, or after one failed, none is."""
+        self.snapshot_deltas = 0
+        """How many of the snapshots stored were deltas."""
         self._snapshot_at = time.monotonic()
         self.snapshots = 0
         self.snapshot_stall_s_max = 0.0
@@ -281,19 +298,16 @@ class Writer:
                     self._fail(error)
                     return
                 if snapshot is not None:
-                    self._stored_sequence = snapshot.sequence
-                    self._prune_due = True
-                    if self._fork_snapshots:
-                        self.snapshots += 1
+                    self._stored(snapshot)
                 if batch:
                     if on_log_thread and snapshot is None:
                         quiet = len(batch) == 1 and not self._pending
                         self._quiet_flushes = self._quiet_flushes + 1 if quiet else 0
                     self._written(batch, started, on_log_thread)
-                if self._prune_due and self._stored_sequence:
+                if self._prune_due and self._whole_sequence:
                     try:
                         pruned = await loop.run_in_executor(
-                            self._executor, self._wal.prune, self._stored_sequence,
+                            self._executor, self._wal.prune, self._whole_sequence,
                             self._retention())
                     except asyncio.CancelledError:  # close(), as above: not a failure
                         raise
@@ -301,6 +315,16 @@ class Writer:
                         self._fail(error)
                         return
                     self._pruned(pruned)
+
+    def _stored(self, snapshot: Snapshot) -> None:
+        self._stored_sequence = snapshot.sequence
+        if snapshot.delta_of_sequence:
+            self.snapshot_deltas += 1
+        else:
+            self._whole_sequence = snapshot.sequence
+            self._prune_due = True
+        if self._fork_snapshots:
+            self.snapshots += 1
 
     def _written(self, batch: list[Record], started: float, on_log_thread: bool) -> None:
         """After a batch is durable: memory forgets what the log now answers for, and the
@@ -344,7 +368,10 @@ class Writer:
         if not (self._due() or (force and self.core.sequence > self._stored_sequence)):
             return None
         started = time.perf_counter()
-        snapshot = Snapshot(self.core.sequence, snapshot_of(self.core))
+        delta_of_sequence = self._delta_of()
+        snapshot = Snapshot(self.core.sequence, snapshot_of(self.core, delta_of_sequence),
+                            delta_of_sequence)
+        self._taken(delta_of_sequence)
         if not force:  # the one at a clean stop stalls nothing: nothing is served then
             self.snapshot_stall_s_max = max(self.snapshot_stall_s_max,
                                             time.perf_counter() - started)
@@ -358,15 +385,38 @@ class Writer:
         if self._child is not None or self._ready is not None or not self._due():
             return
         started = time.perf_counter()
+        delta_of_sequence = self._delta_of()
         try:
-            self._child = snapshot_child.start(self.core, self._wal.data_dir)
+            self._child = snapshot_child.start(self.core, self._wal.data_dir, delta_of_sequence)
         except OSError as error:  # no fork (memory, process limits): try again when due
             log.warning("cannot fork a snapshot child", extra={"error": str(error)})
             self._snapshot_at = time.monotonic()
             return
+        self._taken(delta_of_sequence)
         self.snapshot_stall_s_max = max(self.snapshot_stall_s_max, time.perf_counter() - started)
         self._snapshot_sequence, self._snapshot_at = self._child.sequence, time.monotonic()
         self._child_task = asyncio.create_task(self._await_child(), name="quotad-snapshot")
+
+    def _delta_of(self) -> int:
+        """The sequence of the whole snapshot the one to take now is a delta of; 0 for a
+        whole one: when no whole one is stored that the users changed count from, when more
+        than limits.SNAPSHOT_DELTA_USERS_PERCENT_MAX of the users changed since, or when the
+        log holds limits.SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records since."""
+        whole_every = limits.SNAPSHOT_WHOLE_EVERY_CADENCES * self._snapshot_every_records
+        if (not self._whole_sequence or self._users_changed_since != self._whole_sequence
+                or self.core.sequence - self._whole_sequence >= whole_every):
+            return 0
+        changed = self.core.users_changed_count()
+        if changed * 100 > self.core.users_count() * limits.SNAPSHOT_DELTA_USERS_PERCENT_MAX:
+            return 0
+        return self._whole_sequence
+
+    def _taken(self, delta_of_sequence: int) -> None:
+        """A snapshot of the core as it is now is being made; a whole one: the users changed
+        count from here."""
+        if not delta_of_sequence:
+            self.core.clear_users_changed()
+            self._users_changed_since = self.core.sequence
 
     async def _await_child(self) -> None:
         child = self._child
@@ -382,10 +432,11 @@ class Writer:
         else:
             self.snapshot_children_cpu_s += made.cpu_s
             log.info("snapshot made", extra={
-                "sequence": child.sequence, "bytes": len(made.encoded),
+                "sequence": child.sequence, "delta_of_sequence": child.delta_of_sequence,
+                "bytes": len(made.encoded),
                 "child_cpu_s": round(made.cpu_s, 3),
                 "child_s": round(time.monotonic() - child.forked_at_s, 3)})
-            self._ready = Snapshot(child.sequence, made.encoded)
+            self._ready = Snapshot(child.sequence, made.encoded, child.delta_of_sequence)
             self._has_pending.set()
         finally:  # reaped: from here close() must not signal it (see snapshot_child)
             snapshot_child.close(child)

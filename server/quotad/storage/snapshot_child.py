@@ -12,9 +12,9 @@ the parent is gone, restores default signal handling, and leaves by os._exit: no
 handlers, no gRPC shutdown, no logging.
 
 The parent reaps the child on a thread (finish), and learns what it cost from the reap
-(os.wait4's rusage): a snapshot's CPU grows with the state, not with the records since the
-last one, so at a fixed cadence its share per operation grows with the users (see the
-README's Limits). It may kill the child from its event loop (stop). Once reaped, a pid
+(os.wait4's rusage): a whole snapshot's CPU grows with the state, not with the records since
+the last one, so at a fixed cadence its share per operation grows with the users; a delta's
+grows with the users changed since the whole one (see the writer and the README's Limits). It may kill the child from its event loop (stop). Once reaped, a pid
 names nothing of ours and may be given to another process, so the kill goes through a pidfd
 (Linux 5.3+), which always names this child; its owner closes it (close) only after the
 reap, on the thread that may kill.
@@ -59,11 +59,14 @@ class Child(NamedTuple):
     """A pidfd of the child, to kill it by (None where the system has none: by its pid)."""
     forked_at_s: float
     """When it was forked, on time.monotonic()'s scale."""
+    delta_of_sequence: int = 0
+    """0: a whole snapshot; else a delta of the whole one at that sequence."""
 
 
-def start(core: Core, data_dir: Path) -> Child:
-    """Forks the child that writes a snapshot of the core as it is now. Call only between
-    two commands; close() the child once finish() has returned or raised."""
+def start(core: Core, data_dir: Path, delta_of_sequence: int = 0) -> Child:
+    """Forks the child that writes a snapshot of the core as it is now (a delta of the whole
+    one at delta_of_sequence, if given: snapshot_of). Call only between two commands; close()
+    the child once finish() has returned or raised."""
     sequence = core.sequence
     path = data_dir / f"snapshot-{os.getpid()}-{sequence}.partial"  # one writer per file
     with warnings.catch_warnings():  # Python 3.12+ warns of fork() beside threads; the
@@ -76,7 +79,7 @@ def start(core: Core, data_dir: Path) -> Child:
             os.closerange(3, _FD_MAX)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
-            encoded = snapshot_of(core)
+            encoded = snapshot_of(core, delta_of_sequence)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 view = memoryview(encoded)
@@ -91,7 +94,7 @@ def start(core: Core, data_dir: Path) -> Child:
         pidfd: int | None = os.pidfd_open(pid)
     except (AttributeError, OSError):  # not Linux 5.3+
         pidfd = None
-    return Child(pid, sequence, path, pidfd, forked_at_s)
+    return Child(pid, sequence, path, pidfd, forked_at_s, delta_of_sequence)
 
 
 def finish(child: Child) -> Made:
