@@ -21,10 +21,15 @@ It prints, each a median of --runs (with the range) unless noted:
                      the other, as a serving server forks them; and this process's CPU per
                      command (a Track of a random user) applied while each child works,
                      against the same without one: a page the server writes while a child
-                     shares it is copied first
+                     shares it is copied first. Whole snapshots, then deltas of the stored
+                     one: the users changed since it, those the tail's records and that
+                     run's Tracks before the fork touched (at --tail-records 100,000, about
+                     the users one snapshot cadence of records changes)
   - snapshot load:   the stored snapshot to a core (checksum, decode, objects), and the
                      same state in the format before (zlib'd JSON), the peer
-  - restart:         start-up recovery as the server does it: snapshot + log after it
+  - restart:         start-up recovery as the server does it: snapshot + log after it; and
+                     the same state from the snapshot and a delta of it that holds the users
+                     the log after it changed (the log then replayed is empty)
   - full replay:     every record from sequence 1 (what a lost snapshot costs), records/s
   - pruning (--prune): every record the snapshot covers pruned from a copy of the log, as the
                      server prunes records past the retention: in transactions of
@@ -62,7 +67,7 @@ from quotad.engine.writer import SNAPSHOT_EVERY_RECORDS_DEFAULT
 from quotad.server import collect_as_serving
 from quotad.storage import snapshot_child
 from quotad.storage.codec import state_digest
-from quotad.storage.snapshot import core_from_snapshot
+from quotad.storage.snapshot import core_from_snapshot, core_with_delta, snapshot_of
 from quotad.storage.snapshot_json import core_to_plain
 from quotad.core import limits
 from quotad.storage.wal import LOCK_FILE_NAME, Retention, Snapshot, WriteAheadLog, encode_snapshot
@@ -209,14 +214,19 @@ class _ChildrenCost(NamedTuple):
     """The same, right after forking the child: each page written is copied while it lives."""
     alive_throughout: int
     """Runs whose child was still at work after the commands beside it."""
+    users_changed: list[int]
+    """The users each child's snapshot held as changed (a delta's)."""
 
 
-def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int) -> _ChildrenCost:
+def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int,
+                       delta_of_sequence: int = 0) -> _ChildrenCost:
     """`runs` snapshot children forked one after the other from a restarted server's state,
     the collector set as the server sets it once it has recovered; around each fork, the CPU
     of BESIDE_CHILD_COMMANDS Tracks of random users applied by the core, before the fork and
-    while the child works."""
-    rng = random.Random(users)
+    while the child works. With delta_of_sequence, deltas of the whole snapshot at that
+    sequence, each of the users the restart's replay changed and the Tracks before its fork."""
+    replayed_changed = {app: set(ids) for app, ids in core.users_changed.items()}
+    rng = random.Random(users + delta_of_sequence)
     now_ns = [core.last_record_ns]
 
     def applied_us() -> float:
@@ -230,11 +240,13 @@ def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int) -> _Ch
 
     thresholds = gc.get_threshold()
     collect_as_serving()
-    cpu_s, alone_us, beside_us, alive_throughout = [], [], [], 0
+    cpu_s, alone_us, beside_us, alive_throughout, users_changed = [], [], [], 0, []
     try:
         for _ in range(runs):
+            core.users_changed = {app: set(ids) for app, ids in replayed_changed.items()}
             alone_us.append(applied_us())
-            child = snapshot_child.start(core, data_dir)
+            users_changed.append(core.users_changed_count())
+            child = snapshot_child.start(core, data_dir, delta_of_sequence)
             try:
                 beside_us.append(applied_us())
                 alive_throughout += os.waitid(  # still at work? (WNOWAIT: not reaped)
@@ -242,7 +254,7 @@ def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int) -> _Ch
                 cpu_s.append(snapshot_child.finish(child).cpu_s)
             finally:
                 snapshot_child.close(child)
-        return _ChildrenCost(cpu_s, alone_us, beside_us, alive_throughout)
+        return _ChildrenCost(cpu_s, alone_us, beside_us, alive_throughout, users_changed)
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
@@ -258,8 +270,16 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         as_json = _json_snapshot(core_from_snapshot(stored.encoded))
         json_load_s = _timed(runs, lambda: core_from_snapshot(as_json))
         restart_s = _timed(runs, lambda: recover(wal, repair=False), check)
+        replayed = recover(wal, repair=False)
+        tail_users = replayed.users_changed_count()
+        delta = snapshot_of(replayed, stored.sequence)  # what the tail's records changed
+        del replayed
+        delta_restart_s = _timed(runs, lambda: core_with_delta(
+            core_from_snapshot(stored.encoded), delta), check)
         children = _snapshot_children(recover(wal, repair=False), data_dir, facts["users"],
                                       runs)
+        deltas = _snapshot_children(recover(wal, repair=False), data_dir, facts["users"], runs,
+                                    stored.sequence)
         replay_s = _timed(replay_runs, lambda: recover(_SnapshotLost(wal), repair=False), check)
         if replay_runs == 0:  # measured once already: shown again from the facts kept
             replay_s = facts.get("replay_s", ([], []))
@@ -279,22 +299,27 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         print(f"  the child's CPU                 {cpu_s:7.2f} s: "
               f"{cpu_s / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f} us per record at the "
               f"server's cadence (a snapshot every {SNAPSHOT_EVERY_RECORDS_DEFAULT:,} records)")
-    cpu_s = children.cpu_s
-    print(f"snapshot children of the restarted state, CPU {statistics.median(cpu_s):.2f} s "
-          f"(range {min(cpu_s):.2f} to {max(cpu_s):.2f}, {len(cpu_s)} runs): "
-          f"{statistics.median(cpu_s) / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f} us "
-          f"per record at the server's cadence")
-    print(f"  commands applied beside a child {statistics.median(children.beside_us):7.2f} us "
-          f"of CPU each (range {min(children.beside_us):.2f} to {max(children.beside_us):.2f}), "
-          f"without one {statistics.median(children.alone_us):.2f} "
-          f"({min(children.alone_us):.2f} to {max(children.alone_us):.2f}); "
-          f"{BESIDE_CHILD_COMMANDS:,} a run, the child at work throughout "
-          f"{children.alive_throughout} of {len(cpu_s)}")
+    for kind, cost in (("whole", children), ("deltas", deltas)):
+        cpu_s = cost.cpu_s
+        changed = (f", of {statistics.median(cost.users_changed):,.0f} users changed"
+                   if kind == "deltas" else "")
+        print(f"snapshot children of the restarted state, {kind}{changed}: CPU "
+              f"{statistics.median(cpu_s):.2f} s (range {min(cpu_s):.2f} to {max(cpu_s):.2f}, "
+              f"{len(cpu_s)} runs): {statistics.median(cpu_s) / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f}"
+              f" us per record at the server's cadence")
+        print(f"  commands applied beside a child {statistics.median(cost.beside_us):7.2f} us "
+              f"of CPU each (range {min(cost.beside_us):.2f} to {max(cost.beside_us):.2f}), "
+              f"without one {statistics.median(cost.alone_us):.2f} "
+              f"({min(cost.alone_us):.2f} to {max(cost.alone_us):.2f}); "
+              f"{BESIDE_CHILD_COMMANDS:,} a run, the child at work throughout "
+              f"{cost.alive_throughout} of {len(cpu_s)}")
     print(f"snapshot load                     {_summary(load_s)}")
     print(f"  the same as JSON (before), {len(as_json) / 1e6:,.2f} MB "
           f"{_summary(json_load_s)}: binary / JSON CPU "
           f"{statistics.median(load_s[1]) / statistics.median(json_load_s[1]):.2f}")
     print(f"restart (snapshot + {tail:,} records) {_summary(restart_s)}")
+    print(f"restart (snapshot + a delta of the {tail_users:,} users they changed, "
+          f"{len(delta) / 1e6:,.2f} MB) {_summary(delta_restart_s)}")
     if replay_s[0]:
         print(f"full replay of the log            {_summary(replay_s)}: "
               f"{records / statistics.median(replay_s[0]):,.0f} records/s "

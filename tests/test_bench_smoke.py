@@ -303,15 +303,21 @@ def test_the_recovery_bench_restarts_from_its_snapshot_and_replays_the_whole_log
     lines = _run_bench("bench.recovery", *args)
     assert lines[0].startswith("users 40 (2 counters each), log records 151, 30 after")
     assert [line.split()[0] for line in lines[1:]] == [
-        "snapshot", "snapshot", "the", "snapshot", "commands", "snapshot", "the", "restart",
-        "full"]
+        "snapshot", "snapshot", "the", "snapshot", "commands", "snapshot", "commands",
+        "snapshot", "the", "restart", "restart", "full"]
+    assert lines[-2].startswith("restart (snapshot + a delta of the ")
     assert lines[3].lstrip().startswith("the child's CPU ")
     assert "us per record at the server's cadence (a snapshot every 100,000 records)" in lines[3]
-    assert lines[4].startswith("snapshot children of the restarted state, CPU ")
-    assert "1 runs): " in lines[4] and lines[4].endswith(" us per record at the server's cadence")
-    assert lines[5].lstrip().startswith("commands applied beside a child ")
-    assert lines[5].endswith("20,000 a run, the child at work throughout 0 of 1") or (
-        lines[5].endswith("20,000 a run, the child at work throughout 1 of 1"))
+    assert lines[4].startswith("snapshot children of the restarted state, whole: CPU ")
+    # the delta's users: every one of the 40 (the tail's 30 records and 20,000 Tracks)
+    assert lines[6].startswith("snapshot children of the restarted state, deltas, of 40 users "
+                               "changed: CPU ")
+    for line in (lines[4], lines[6]):
+        assert "1 runs): " in line and line.endswith(" us per record at the server's cadence")
+    for line in (lines[5], lines[7]):
+        assert line.lstrip().startswith("commands applied beside a child ")
+        assert line.endswith("20,000 a run, the child at work throughout 0 of 1") or (
+            line.endswith("20,000 a run, the child at work throughout 1 of 1"))
     assert "records/s" in lines[-1]
     again = _run_bench("bench.recovery", *args[:-2], "--replay-runs", "0", "--prune", "--dir",
                        str(tmp_path))  # the kept directory, measured again, then pruned
