@@ -21,7 +21,9 @@ Where kills land is planned, kill by kill (KILL_PLAN), so that every run covers 
 - some restarts are first SIGKILLed during their own start-up: right after they are spawned
   (before listening), once they listen (while they recover), or at a random moment of it.
 The test asserts that both kinds of start-up kill landed before "serving", and that the
-snapshot each restart loads is never older than the one the restart before it loaded.
+snapshot each restart loads is never older than the one the restart before it loaded. Most
+subscribers stay idle, so most snapshots are deltas of a whole one, and some restarts must
+load one.
 
 After every restart, before anything else runs:
   - every operation acknowledged since the previous restart (and a sample of older ones) is
@@ -75,6 +77,9 @@ some do (~4 in 10 did)."""
 WORKERS = 6
 BATCH_OPS = (2, 8)  # operations per Batch RPC in the batch run
 USERS = tuple(f"sk-u{i}" for i in range(8))
+IDLE_USERS = tuple(f"sk-idle{i}" for i in range(152))
+"""Subscribed and never used: the 8 users at work are 5 % of them all, so the snapshots
+after a whole one are deltas (SNAPSHOT_DELTA_USERS_PERCENT_MAX), and restarts load them."""
 PLAN_ID = "sigkill"
 QUOTAS = {"units": 40_000, "chat": 15_000, "premium": 4_000}
 EVENT_TYPES = ("chat.gpt", "render")
@@ -410,6 +415,8 @@ class Servers:
         self.replayed: list[int] = []
         self.snapshot_sequences: list[int] = []
         """The snapshot each restart loaded (0: none), from its "recovered" line."""
+        self.deltas_loaded = 0
+        """Restarts that loaded a delta snapshot over the whole one."""
         self.torn_tails = 0
         self.startup_kills = {"before listening": 0, "while recovering": 0, "after serving": 0}
         self.port_changes = 0
@@ -454,6 +461,9 @@ class Servers:
             self.replayed.append(recovered[-1].get("replayed", -1) if recovered else -1)
             self.snapshot_sequences.append(
                 recovered[-1].get("snapshot_sequence", -1) if recovered else -1)
+            self.deltas_loaded += bool(recovered) and (
+                recovered[-1].get("snapshot_sequence", 0)
+                > recovered[-1].get("whole_snapshot_sequence", 0))
             self.torn_tails += sum(line.get("message") == "dropped a torn log tail"
                                    for line in process.log_lines)
             return process
@@ -726,7 +736,7 @@ async def sigkill_loop(run: Run, servers: Servers, transport: str) -> ServerProc
     for worker in workers:
         worker.connect(address)
     await checker.admin.UpsertPlan(pb.UpsertPlanRequest(plan=PLAN), timeout=CHECK_TIMEOUT_S)
-    for user in USERS:
+    for user in USERS + IDLE_USERS:
         await checker.admin.UpsertSubscription(
             pb.UpsertSubscriptionRequest(user_id=user, plan_id=PLAN_ID), timeout=CHECK_TIMEOUT_S)
 
@@ -813,7 +823,7 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
           f"reserve/track allowed {run.outcomes['allowed']} denied {run.outcomes['denied']}; "
           f"in-flight RPC errors {run.in_flight_codes}; kills during start-up "
           f"{servers.startup_kills}; restarts that loaded a snapshot {loaded} (the last "
-          f"{servers.snapshot_sequences[-1]}); torn log tails dropped {servers.torn_tails}; "
+          f"{servers.snapshot_sequences[-1]}; {servers.deltas_loaded} with a delta); torn log tails dropped {servers.torn_tails}; "
           f"server args {servers.extra_args}, retention hours in turn "
           f"{servers.retention_hours} ({servers.retention_changes()} starts changed it); "
           f"port changes {servers.port_changes}; "
@@ -829,6 +839,7 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
     assert servers.startup_kills["before listening"] >= 1, servers.startup_kills
     assert servers.startup_kills["while recovering"] >= 1, servers.startup_kills
     assert loaded >= 1, servers.snapshot_sequences
+    assert servers.deltas_loaded >= 1, servers.snapshot_sequences
     assert not servers.retention_hours or servers.retention_changes() >= 2
     assert stop_code == 0
     assert code == 0 and summary["clean"], summary

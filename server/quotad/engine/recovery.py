@@ -48,6 +48,7 @@ def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Cor
                                                       "reason": str(torn)})
     core.forget_durable(core.sequence)  # every record replayed is durable
     log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
+                                 "whole_snapshot_sequence": wal.whole_snapshot_sequence(),
                                  "replayed": core.sequence - snapshot_sequence,
                                  "log_first_sequence": wal.first_sequence()})
     return core
