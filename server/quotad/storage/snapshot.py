@@ -36,7 +36,7 @@ import zlib
 import dataclasses
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import chain, islice, repeat
 from operator import attrgetter
@@ -88,17 +88,23 @@ def snapshot_of(core: Core, delta_of_sequence: int = 0) -> bytes:
 def core_from_snapshot(encoded: bytes) -> Core:
     """The core a stored snapshot holds, once its checksum holds; CorruptSnapshot (naming
     the sequence and what is wrong) for anything that cannot be read back whole."""
-    sequence = verify_snapshot(encoded)
-    body = snapshot_body(encoded)
-    try:
+    def decode(body: bytes) -> Core:
         if body[:len(MAGIC)] == MAGIC:
-            core = decode_core(body)
-        else:  # written before this format, or by quotad migrate's source
-            core = _core_from_json(body)
+            return decode_core(body)
+        return _core_from_json(body)  # written before this format, or by quotad migrate's source
+    return _read("snapshot", encoded, decode)
+
+
+def _read(kind: str, encoded: bytes, decode: Callable[[bytes], Core]) -> Core:
+    """The core a stored snapshot's body decodes to, once its checksum holds, at the
+    sequence its header names; CorruptSnapshot naming the kind and sequence if not."""
+    sequence = verify_snapshot(encoded)
+    try:
+        core = decode(snapshot_body(encoded))
     except CorruptSnapshot as error:
-        raise CorruptSnapshot(f"the snapshot at sequence {sequence}: {error}") from error
+        raise CorruptSnapshot(f"the {kind} at sequence {sequence}: {error}") from error
     if core.sequence != sequence:
-        raise CorruptSnapshot(f"the snapshot at sequence {sequence} holds the state at "
+        raise CorruptSnapshot(f"the {kind} at sequence {sequence} holds the state at "
                               f"sequence {core.sequence}")
     return core
 
@@ -310,15 +316,7 @@ def core_with_delta(base: Core, encoded: bytes) -> Core:
     a delta of (whose users it takes over: use only the core returned). Its users_changed are
     the delta's users, so that the next delta holds them too. CorruptSnapshot as for
     core_from_snapshot, and for a delta of another snapshot than base's."""
-    sequence = verify_snapshot(encoded)
-    try:
-        core = _decoded(snapshot_body(encoded), base)
-    except CorruptSnapshot as error:
-        raise CorruptSnapshot(f"the delta snapshot at sequence {sequence}: {error}") from error
-    if core.sequence != sequence:
-        raise CorruptSnapshot(f"the delta snapshot at sequence {sequence} holds the state at "
-                              f"sequence {core.sequence}")
-    return core
+    return _read("delta snapshot", encoded, lambda body: _decoded(body, base))
 
 
 def _decoded(body: bytes, base: Core | None) -> Core:
