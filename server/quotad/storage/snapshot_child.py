@@ -9,7 +9,9 @@ copying the page tables, milliseconds where an in-process copy took seconds at s
 The child touches nothing but the core and its own file. It first closes every descriptor
 it inherited (the data directory's lock, LMDB, gRPC's sockets), so it never holds them once
 the parent is gone, restores default signal handling, and leaves by os._exit: no atexit
-handlers, no gRPC shutdown, no logging.
+handlers, no gRPC shutdown, no logging. It never runs the cyclic collector, which would walk
+the heap it shares with the parent for garbage it has no time to make: at 1,000,000 users a
+whole snapshot's child took 3.1-3.2 s of CPU without it against 3.5-3.9 s with it.
 
 The parent reaps the child on a thread (finish), and learns what it cost from the reap
 (os.wait4's rusage): a whole snapshot's CPU grows with the state, not with the records since
@@ -22,6 +24,7 @@ reap, on the thread that may kill.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -76,6 +79,7 @@ def start(core: Core, data_dir: Path, delta_of_sequence: int = 0) -> Child:
     if pid == 0:  # the child: never returns
         code = 1
         try:
+            gc.disable()  # it ends within seconds: collecting would only walk the heap
             os.closerange(3, _FD_MAX)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
