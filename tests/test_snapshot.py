@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -262,12 +263,20 @@ def test_recovery_replays_the_log_from_the_whole_snapshot_when_the_delta_is_corr
         delta = snapshot_of(h.core, whole_sequence)
         wal.append(h.records[written:], Snapshot(
             h.core.sequence, _resigned(delta, snapshot_body(delta)[:-9]), whole_sequence))
+        with pytest.raises(CorruptSnapshot, match=f"the delta snapshot at sequence "
+                                                  f"{h.core.sequence}"):
+            recover(wal, repair=False)  # as quotad verify reads it: refused
         with caplog.at_level("WARNING", logger="quotad.writer"):
-            recovered = recover(wal, repair=False)
+            recovered = recover(wal)  # as the server starts: left, and the log replayed
         assert digest(recovered) == digest(h.core)
         assert any("left out a delta snapshot" in r.getMessage() for r in caplog.records)
     finally:
         wal.close()
+    verified = subprocess.run([sys.executable, "-m", "quotad", "verify", "--data-dir",
+                               str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 1, verified.stderr
+    summary = json.loads(verified.stdout)
+    assert not summary["clean"] and "the delta snapshot at sequence" in summary["error"]
 
 
 def test_a_snapshot_stored_in_the_log_loads_back_at_its_sequence(tmp_path: Path):

@@ -23,14 +23,15 @@ def recover(wal: WriteAheadLog, *, repair: bool = True,
             forget_every_records: int = FORGET_EVERY_RECORDS) -> Core:
     """The core as the data directory left it: the latest snapshot, then every record after
     it replayed and checked. A torn tail that was never acknowledged is dropped and logged
-    (with repair=False it is raised as TornTail and nothing is changed)."""
+    (with repair=False it is raised as TornTail and nothing is changed), and so is a delta
+    snapshot that cannot be read (with repair=False, CorruptSnapshot)."""
     assert forget_every_records >= 1
     with _collector_paused():
         return _recover(wal, repair, forget_every_records)
 
 
 def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Core:
-    core = loaded_snapshots(wal)
+    core = loaded_snapshots(wal, repair)
     core.durable_idempotency = durable_idempotency(wal)
     core.durable_hold = wal.finished_hold
     snapshot_sequence = core.sequence
@@ -54,11 +55,11 @@ def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Cor
     return core
 
 
-def loaded_snapshots(wal: WriteAheadLog) -> Core:
+def loaded_snapshots(wal: WriteAheadLog, repair: bool = True) -> Core:
     """The core of the latest whole snapshot with its latest delta over it (an empty core if
     none). A whole snapshot that cannot be read is refused (CorruptSnapshot). A delta that
     cannot be read is logged and left: the log keeps every record after the whole snapshot,
-    so a replay from there makes the same state (longer)."""
+    so a replay from there makes the same state (longer); with repair=False it is refused."""
     snapshot = wal.load_snapshot()
     if snapshot is None:
         return Core()
@@ -69,6 +70,8 @@ def loaded_snapshots(wal: WriteAheadLog) -> Core:
         if delta is not None:
             return core_with_delta(core, delta.encoded)
     except CorruptSnapshot as error:
+        if not repair:
+            raise
         log.warning("left out a delta snapshot that cannot be read: replaying the log from "
                     "the whole snapshot instead", extra={"reason": str(error),
                                                          "snapshot_sequence": snapshot.sequence})
