@@ -489,8 +489,13 @@ def test_snapshots_are_deltas_while_few_users_change_and_a_restart_reads_them(
     digest, writer, wholes_seen = asyncio.run(run())
     assert len(wholes_seen) > wholes_wanted + 1, (wholes_seen, writer.snapshot_deltas)
     whole_every = 5 * limits.SNAPSHOT_WHOLE_EVERY_CADENCES
-    assert writer.snapshot_deltas >= limits.SNAPSHOT_WHOLE_EVERY_CADENCES - 1
-    assert whole_every <= wholes_seen[-1] - wholes_seen[-2] < 2 * whole_every
+    assert writer.snapshot_deltas >= 1
+    # the last whole one came once the log held whole_every records after the one before;
+    # in-process, as soon as that was so (a child may be at work when it is due)
+    gap = wholes_seen[-1] - wholes_seen[-2]
+    assert gap == whole_every if not fork_snapshots else gap >= whole_every, wholes_seen
+    if not fork_snapshots:  # a delta every 5 records in between
+        assert writer.snapshot_deltas >= limits.SNAPSHOT_WHOLE_EVERY_CADENCES - 1
     assert wal.first_sequence() == 1  # nothing is past the retention: all kept
     wal.close()
     reopened = WriteAheadLog(tmp_path)
