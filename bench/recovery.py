@@ -303,10 +303,10 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         cpu_s = cost.cpu_s
         changed = (f", of {statistics.median(cost.users_changed):,.0f} users changed"
                    if kind == "deltas" else "")
+        per_record_us = statistics.median(cpu_s) / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6
         print(f"snapshot children of the restarted state, {kind}{changed}: CPU "
               f"{statistics.median(cpu_s):.2f} s (range {min(cpu_s):.2f} to {max(cpu_s):.2f}, "
-              f"{len(cpu_s)} runs): {statistics.median(cpu_s) / SNAPSHOT_EVERY_RECORDS_DEFAULT * 1e6:.2f}"
-              f" us per record at the server's cadence")
+              f"{len(cpu_s)} runs): {per_record_us:.2f} us per record at the server's cadence")
         print(f"  commands applied beside a child {statistics.median(cost.beside_us):7.2f} us "
               f"of CPU each (range {min(cost.beside_us):.2f} to {max(cost.beside_us):.2f}), "
               f"without one {statistics.median(cost.alone_us):.2f} "
