@@ -505,3 +505,33 @@ def test_snapshots_are_deltas_while_few_users_change_and_a_restart_reads_them(
     assert state_digest(recovered) == digest
     assert set(recovered.users_changed["a"]) <= {"u0", "u1"}
     reopened.close()
+
+
+@pytest.mark.parametrize("changed, delta", [(4, True), (5, False)])
+def test_a_delta_holds_at_most_snapshot_delta_users_percent_max_of_the_users(
+        tmp_path: Path, changed: int, delta: bool):
+    """40 subscribers, a whole snapshot of them, then `changed` of them changed: the
+    snapshot at a clean stop is a delta while they are at most 10 % of the users (4 of 40),
+    and whole past it (5)."""
+    assert limits.SNAPSHOT_DELTA_USERS_PERCENT_MAX == 10
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> str:
+        writer = Writer(recover(wal), wal, on_failure=pytest.fail, snapshot_every_records=41)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        for n in range(40):  # the 41st record: a whole snapshot of them
+            await writer.execute(UpsertSubscription(app="a", user_id=f"u{n}", plan_id="p"))
+        assert wal.whole_snapshot_sequence() == 41 and wal.load_delta() is None
+        for n in range(changed):
+            await writer.execute(Track(app="a", user_id=f"u{n}", event_type="e", amount=1))
+        digest = state_digest(writer.core)
+        await writer.close()  # a snapshot of the last records
+        return digest
+
+    digest = asyncio.run(run())
+    assert wal.snapshot_sequence() == 41 + changed
+    assert (wal.load_delta() is not None) is delta
+    assert wal.whole_snapshot_sequence() == (41 if delta else 41 + changed)
+    assert state_digest(recover(wal)) == digest
+    wal.close()
