@@ -77,9 +77,9 @@ some do (~4 in 10 did)."""
 WORKERS = 6
 BATCH_OPS = (2, 8)  # operations per Batch RPC in the batch run
 USERS = tuple(f"sk-u{i}" for i in range(8))
-IDLE_USERS = tuple(f"sk-idle{i}" for i in range(152))
-"""Subscribed and never used: the 8 users at work are 5 % of them all, so the snapshots
-after a whole one are deltas (SNAPSHOT_DELTA_USERS_PERCENT_MAX), and restarts load them."""
+IDLE_USERS = tuple(f"sk-idle{i}" for i in range(312))
+"""Subscribed and never used: the 8 users at work are 2.5 % of them all, so most snapshots
+after a whole one are deltas (SNAPSHOT_DELTA_USER_COST), and restarts load them."""
 PLAN_ID = "sigkill"
 QUOTAS = {"units": 40_000, "chat": 15_000, "premium": 4_000}
 EVENT_TYPES = ("chat.gpt", "render")

@@ -456,10 +456,11 @@ def test_a_close_at_any_point_of_a_busy_flush_stops_cleanly_with_every_answer_du
 @pytest.mark.parametrize("fork_snapshots", [False, True])
 def test_snapshots_are_deltas_while_few_users_change_and_a_restart_reads_them(
         tmp_path: Path, fork_snapshots: bool):
-    """40 subscribers, of whom 2 then change: after the whole snapshots that cover the
+    """400 subscribers, of whom 2 then change: after the whole snapshots that cover the
     subscriptions, each snapshot holds those 2 alone (a delta), until the log holds
-    SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records after the whole one: the next is whole
-    again. A restart reads the whole one and the latest delta over it."""
+    SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records after the whole one (before their
+    deltas cost a whole one): the next is whole again. A restart reads the whole one and
+    the latest delta over it."""
     wal = WriteAheadLog(tmp_path)
     wholes_wanted = 2
 
@@ -468,7 +469,7 @@ def test_snapshots_are_deltas_while_few_users_change_and_a_restart_reads_them(
                         fork_snapshots=fork_snapshots)
         writer.start()
         await writer.execute(UpsertPlan(app="a", plan=PLAN))
-        for n in range(40):
+        for n in range(400):
             await writer.execute(UpsertSubscription(app="a", user_id=f"u{n}", plan_id="p"))
         wholes_seen = [wal.whole_snapshot_sequence()]
         for index in range(3000):  # bounded; children take longer on a busy machine
@@ -507,13 +508,13 @@ def test_snapshots_are_deltas_while_few_users_change_and_a_restart_reads_them(
     reopened.close()
 
 
-@pytest.mark.parametrize("changed, delta", [(4, True), (5, False)])
-def test_a_delta_holds_at_most_snapshot_delta_users_percent_max_of_the_users(
+@pytest.mark.parametrize("changed, delta", [(8, True), (9, False)])
+def test_a_delta_is_taken_while_the_deltas_cost_less_than_a_whole_snapshot(
         tmp_path: Path, changed: int, delta: bool):
     """40 subscribers, a whole snapshot of them, then `changed` of them changed: the
-    snapshot at a clean stop is a delta while they are at most 10 % of the users (4 of 40),
-    and whole past it (5)."""
-    assert limits.SNAPSHOT_DELTA_USERS_PERCENT_MAX == 10
+    snapshot at a clean stop is a delta while its users times SNAPSHOT_DELTA_USER_COST are
+    at most all the users (8 x 5 = 40), and whole past it (9)."""
+    assert limits.SNAPSHOT_DELTA_USER_COST == 5
     wal = WriteAheadLog(tmp_path)
 
     async def run() -> str:
@@ -534,4 +535,35 @@ def test_a_delta_holds_at_most_snapshot_delta_users_percent_max_of_the_users(
     assert (wal.load_delta() is not None) is delta
     assert wal.whole_snapshot_sequence() == (41 if delta else 41 + changed)
     assert state_digest(recover(wal)) == digest
+    wal.close()
+
+
+def test_deltas_are_taken_until_together_they_would_cost_a_whole_snapshot(tmp_path: Path):
+    """40 subscribers and a whole snapshot of them; then the same 4 users change before each
+    snapshot. Each delta holds them (4 x SNAPSHOT_DELTA_USER_COST = 20 of the 40 users' worth):
+    two deltas cost 40, a whole snapshot's worth, so the third snapshot is whole."""
+    wal = WriteAheadLog(tmp_path)
+
+    async def set_up() -> None:
+        writer = Writer(recover(wal), wal, on_failure=pytest.fail)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        for n in range(40):
+            await writer.execute(UpsertSubscription(app="a", user_id=f"u{n}", plan_id="p"))
+        await writer.close()  # a whole snapshot at a clean stop, the first
+
+    async def run() -> list[tuple[int, bool]]:
+        writer = Writer(recover(wal), wal, on_failure=pytest.fail, snapshot_every_records=4)
+        writer.start()
+        seen = []
+        for _ in range(3):
+            for n in range(4):
+                await writer.execute(Track(app="a", user_id=f"u{n}", event_type="e", amount=1))
+            seen.append((wal.whole_snapshot_sequence(), wal.load_delta() is not None))
+        await writer.close()
+        return seen
+
+    asyncio.run(set_up())
+    assert wal.whole_snapshot_sequence() == 41 and wal.load_delta() is None
+    assert asyncio.run(run()) == [(41, True), (41, True), (53, False)]
     wal.close()

@@ -31,9 +31,9 @@ each batch (limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) until none is due: the ne
 for one such transaction at most.
 
 A snapshot is whole, or a delta of the last whole one: the users changed since (and every
-other part whole). A delta is made while the users changed since the whole snapshot are at
-most limits.SNAPSHOT_DELTA_USERS_PERCENT_MAX of them, so that a snapshot's cost grows with the
-users that change rather than with all of them; restart reads the whole snapshot and its
+other part whole), so that a snapshot's cost grows with the users that change rather than
+with all of them. Deltas are taken until, together, they would have cost what a whole one
+costs (limits.SNAPSHOT_DELTA_USER_COST: a rent-or-buy choice); restart reads the whole snapshot and its
 latest delta over it. Records after the whole snapshot are never pruned, so that it and the
 log alone rebuild the state should the delta be lost; a whole one is taken at least every
 limits.SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records, so that pruning goes on.
@@ -157,6 +157,9 @@ class Writer:
         at that sequence: while a whole one is being made, or after one failed, none is."""
         self.snapshot_deltas = 0
         """How many of the snapshots stored were deltas."""
+        self._delta_users_taken = 0
+        """The users the deltas taken since the latest whole snapshot taken held, summed
+        (each holds every user changed since it). Not known across a restart: 0 there."""
         self._snapshot_at = time.monotonic()
         self.snapshots = 0
         self.snapshot_stall_s_max = 0.0
@@ -399,24 +402,28 @@ class Writer:
 
     def _delta_of(self) -> int:
         """The sequence of the whole snapshot the one to take now is a delta of; 0 for a
-        whole one: when no whole one is stored that the users changed count from, when more
-        than limits.SNAPSHOT_DELTA_USERS_PERCENT_MAX of the users changed since, or when the
-        log holds limits.SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records since."""
+        whole one: when no whole one is stored that the users changed count from, when the
+        deltas since it, this one included, would cost more than a whole one
+        (limits.SNAPSHOT_DELTA_USER_COST), or when the log holds
+        limits.SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records since."""
         whole_every = limits.SNAPSHOT_WHOLE_EVERY_CADENCES * self._snapshot_every_records
         if (not self._whole_sequence or self._users_changed_since != self._whole_sequence
                 or self.core.sequence - self._whole_sequence >= whole_every):
             return 0
-        changed = self.core.users_changed_count()
-        if changed * 100 > self.core.users_count() * limits.SNAPSHOT_DELTA_USERS_PERCENT_MAX:
+        held = self._delta_users_taken + self.core.users_changed_count()
+        if held * limits.SNAPSHOT_DELTA_USER_COST > self.core.users_count():
             return 0
         return self._whole_sequence
 
     def _taken(self, delta_of_sequence: int) -> None:
         """A snapshot of the core as it is now is being made; a whole one: the users changed
         count from here."""
-        if not delta_of_sequence:
-            self.core.clear_users_changed()
-            self._users_changed_since = self.core.sequence
+        if delta_of_sequence:
+            self._delta_users_taken += self.core.users_changed_count()
+            return
+        self.core.clear_users_changed()
+        self._users_changed_since = self.core.sequence
+        self._delta_users_taken = 0
 
     async def _await_child(self) -> None:
         child = self._child
