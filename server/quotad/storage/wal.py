@@ -317,8 +317,7 @@ class WriteAheadLog:
             txn.put(SNAPSHOT_KEY, snapshot.encoded, db=self.snapshot_db)
             txn.delete(DELTA_KEY, db=self.snapshot_db)
             return
-        whole = txn.get(SNAPSHOT_KEY, db=self.snapshot_db)
-        whole_sequence = _SNAPSHOT_HEADER.unpack_from(whole)[1] if whole is not None else 0
+        whole_sequence = self._stored_sequence(txn.get(SNAPSHOT_KEY, db=self.snapshot_db))
         if whole_sequence != snapshot.delta_of_sequence:
             raise ValueError(f"a delta snapshot of sequence {snapshot.delta_of_sequence}, "
                              f"but the whole snapshot stored is at {whole_sequence}")
