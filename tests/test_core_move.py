@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from core_helpers import APP, HOUR, MINUTE, S, Harness, group, plan, replay_all
+from core_helpers import APP, HOUR, MINUTE, S, Harness, digest, group, plan, replay_all
 from quotad.core import limits
 from quotad.core.commands import (
     AdoptSlots, Commit, ForgetSlots, FreezeSlots, GetUsage, MovedKey, Reserve, ThawSlots, Track,
@@ -24,7 +24,7 @@ from quotad.storage.codec import (
     decode_finished_hold, decode_record, decode_slot_state, encode_finished_hold, encode_record,
     encode_slot_state, record_key, reservation_bytes, to_plain,
 )
-from quotad.storage.snapshot import core_from_snapshot, snapshot_of
+from quotad.storage.snapshot import core_from_snapshot, core_with_delta, snapshot_of
 from quotad_contract.errors import ErrorReason
 from quotad_contract.shards import slot_of
 
@@ -120,6 +120,33 @@ def test_a_moved_slot_set_is_on_the_target_as_it_was_on_the_source_and_gone_from
         restored = core_from_snapshot(snapshot_of(shard.core))
         assert user_state(restored, moved if shard is target else []) == user_state(
             shard.core, moved if shard is target else [])
+        assert restored.incoming_slots == shard.core.incoming_slots
+        assert restored.apps[APP].departed == shard.core.apps[APP].departed
+
+
+def test_a_delta_snapshot_of_each_shard_after_a_move_is_its_state():
+    """Whole snapshots of both shards before the move, deltas after it: the target's holds
+    the users it adopted, the source's names those it dropped, and each, read over its whole
+    snapshot, is the shard's state (the users that stayed on the source, untouched, are
+    in the whole one only)."""
+    moved, stay, slots = users_in_slots(4, 6)
+    source = make_source(moved, stay)
+    source.release(hold_id(moved[0], 1))  # a user that moves with no live hold
+    target = Harness(now=source.now).setup(PLAN)
+    wholes = {}
+    for shard in (source, target):
+        wholes[id(shard)] = (shard.core.sequence, snapshot_of(shard.core))
+        shard.core.clear_users_changed()
+
+    move(source, target, slots)
+
+    assert source.core.users_changed[APP] == set(moved)
+    assert target.core.users_changed[APP] == set(moved)
+    for shard in (source, target):
+        sequence, whole = wholes[id(shard)]
+        restored = core_with_delta(core_from_snapshot(whole), snapshot_of(shard.core, sequence))
+        assert digest(restored) == digest(shard.core)
+        assert restored.frozen_slots == shard.core.frozen_slots
         assert restored.incoming_slots == shard.core.incoming_slots
         assert restored.apps[APP].departed == shard.core.apps[APP].departed
 
