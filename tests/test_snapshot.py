@@ -193,6 +193,20 @@ def test_a_core_restored_from_a_delta_makes_the_same_records_from_then_on():
     assert digest(restored) == digest(h.core)
 
 
+def test_a_delta_holds_the_users_whose_credit_grants_expired_since_the_whole_snapshot():
+    """Nothing but the expiry of a grant changes the user: the delta holds them all the same."""
+    h = _busy_harness()
+    h.run(GrantCredits(app=h.app, user_id="dave", group_key="credits", amount=40,
+                       expires_at_ns=h.now + 10 * S))
+    whole, whole_sequence = snapshot_of(h.core), h.core.sequence
+    h.core.clear_users_changed()
+    h.advance(20 * S)
+    h.expire()
+    assert h.core.users_changed == {h.app: {"dave"}}
+    restored = core_with_delta(core_from_snapshot(whole), snapshot_of(h.core, whole_sequence))
+    assert digest(restored) == digest(h.core)
+
+
 def test_a_delta_of_another_whole_snapshot_or_read_as_a_whole_one_is_refused():
     h = _busy_harness()
     whole = _whole_then_more(h)
