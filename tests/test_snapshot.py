@@ -153,6 +153,8 @@ def _whole_then_more(h: Harness) -> bytes:
     h.track("alice", 3)
     h.subscribe("erin", "p", time_zone="Asia/Tokyo")
     h.track("erin", 7)
+    h.subscribe("frank", "p")  # subscribed, nothing else
+    h.subscribe("zoë ☃", "priced")  # a plan changed, nothing else
     h.run(GrantCredits(app=h.app, user_id="dave", group_key="credits", amount=9))
     h.advance(limits.RESERVATION_RETENTION_NS)
     h.expire()  # every live hold expires: their users change
@@ -173,7 +175,7 @@ def test_a_delta_read_over_its_whole_snapshot_is_the_state_it_was_taken_from():
     # it holds the users changed since the whole one, and the one gone by its id alone
     (app,) = _delta_message(delta).apps
     assert sorted(app.users.user_ids) == sorted(h.core.users_changed[h.app] - {"bob"})
-    assert "erin" in app.users.user_ids and not any(
+    assert {"erin", "frank", "zoë ☃"} <= set(app.users.user_ids) and not any(
         user_id.startswith("idle-") for user_id in app.users.user_ids)
     assert list(app.removed_user_ids) == ["bob"] and "bob" not in restored.apps[h.app].users
     # and the core read back counts them as changed: the next delta holds them again
