@@ -33,10 +33,11 @@ for one such transaction at most.
 A snapshot is whole, or a delta of the last whole one: the users changed since (and every
 other part whole), so that a snapshot's cost grows with the users that change rather than
 with all of them. Deltas are taken until, together, they would have cost what a whole one
-costs (limits.SNAPSHOT_DELTA_USER_COST: a rent-or-buy choice); restart reads the whole snapshot and its
-latest delta over it. Records after the whole snapshot are never pruned, so that it and the
-log alone rebuild the state should the delta be lost; a whole one is taken at least every
-limits.SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records, so that pruning goes on.
+costs (limits.SNAPSHOT_DELTA_USER_COST: a rent-or-buy choice); restart reads the whole
+snapshot and its latest delta over it. Records after the whole snapshot are never pruned, so
+that it and the log alone rebuild the state should the delta be lost; a whole one is taken
+at least every limits.SNAPSHOT_WHOLE_EVERY_CADENCES cadences of records, so that pruning
+goes on.
 """
 
 from __future__ import annotations

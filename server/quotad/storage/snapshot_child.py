@@ -16,10 +16,11 @@ whole snapshot's child took 3.1-3.2 s of CPU without it against 3.5-3.9 s with i
 The parent reaps the child on a thread (finish), and learns what it cost from the reap
 (os.wait4's rusage): a whole snapshot's CPU grows with the state, not with the records since
 the last one, so at a fixed cadence its share per operation grows with the users; a delta's
-grows with the users changed since the whole one (see the writer and the README's Limits). It may kill the child from its event loop (stop). Once reaped, a pid
-names nothing of ours and may be given to another process, so the kill goes through a pidfd
-(Linux 5.3+), which always names this child; its owner closes it (close) only after the
-reap, on the thread that may kill.
+grows with the users changed since the whole one (see the writer and the README's Limits).
+It may kill the child from its event loop (stop). Once reaped, a pid names nothing of ours
+and may be given to another process, so the kill goes through a pidfd (Linux 5.3+), which
+always names this child; its owner closes it (close) only after the reap, on the thread that
+may kill.
 """
 
 from __future__ import annotations
