@@ -510,18 +510,17 @@ class WriteAheadLog:
     # --- reading --------------------------------------------------------------------------
 
     def load_snapshot(self) -> Snapshot | None:
-        """The latest snapshot, its checksum checked (CorruptSnapshot), or None."""
-        with self.env.begin(db=self.snapshot_db, buffers=False) as txn:
-            value = txn.get(SNAPSHOT_KEY)
-        if value is None:
-            return None
-        return Snapshot(verify_snapshot(value), value)
+        """The latest whole snapshot, its checksum checked (CorruptSnapshot), or None."""
+        return self._load_snapshot(SNAPSHOT_KEY)
 
     def load_delta(self) -> Snapshot | None:
         """The latest delta snapshot of the whole one (load_snapshot), its checksum checked
         (CorruptSnapshot), or None. Its delta_of_sequence is left 0: it is in its body."""
+        return self._load_snapshot(DELTA_KEY)
+
+    def _load_snapshot(self, key: bytes) -> Snapshot | None:
         with self.env.begin(db=self.snapshot_db, buffers=False) as txn:
-            value = txn.get(DELTA_KEY)
+            value = txn.get(key)
         if value is None:
             return None
         return Snapshot(verify_snapshot(value), value)
