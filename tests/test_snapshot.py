@@ -137,6 +137,14 @@ def test_an_empty_core_round_trips():
     assert state_digest(core) == state_digest(Core())
 
 
+@pytest.fixture
+def wal(tmp_path: Path):
+    """A log in the test's own directory, closed after the test."""
+    log = WriteAheadLog(tmp_path)
+    yield log
+    log.close()
+
+
 def _delta_message(encoded: bytes):
     body = snapshot_body(encoded)
     return snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(body[len(MAGIC) + 2:]))
@@ -222,47 +230,39 @@ def test_a_delta_of_another_whole_snapshot_or_read_as_a_whole_one_is_refused():
         core_from_snapshot(snapshot_of(h.core, delta_of_sequence=whole_sequence))
 
 
-def test_recovery_reads_the_latest_delta_over_the_whole_snapshot(tmp_path: Path):
+def test_recovery_reads_the_latest_delta_over_the_whole_snapshot(wal: WriteAheadLog):
     h = _busy_harness()
-    wal = WriteAheadLog(tmp_path)
-    try:
-        wal.append(h.records)
-        wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
-        whole_sequence = h.core.sequence
-        h.core.clear_users_changed()
-        for n, user in enumerate(("alice", "bob", "alice")):
-            written = len(h.records)
-            h.advance(1 * S)
-            h.track(user, n + 1)
-            wal.append(h.records[written:], Snapshot(
-                h.core.sequence, snapshot_of(h.core, whole_sequence), whole_sequence))
-        h.advance(1 * S)
+    wal.append(h.records)
+    wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
+    whole_sequence = h.core.sequence
+    h.core.clear_users_changed()
+    for n, user in enumerate(("alice", "bob", "alice")):
         written = len(h.records)
-        h.track("zoë ☃", 1)
-        wal.append(h.records[written:])
-        assert wal.snapshot_sequence() == h.core.sequence - 1  # the last delta's
-        assert wal.whole_snapshot_sequence() == whole_sequence
-        recovered = recover(wal, repair=False)
-        assert digest(recovered) == digest(h.core)
-        assert recovered.users_changed == {h.app: {"alice", "bob", "zoë ☃"}}
-        # a whole snapshot replaces the delta too
-        wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
-        assert wal.load_delta() is None
-        assert digest(recover(wal, repair=False)) == digest(h.core)
-    finally:
-        wal.close()
+        h.advance(1 * S)
+        h.track(user, n + 1)
+        wal.append(h.records[written:], Snapshot(
+            h.core.sequence, snapshot_of(h.core, whole_sequence), whole_sequence))
+    h.advance(1 * S)
+    written = len(h.records)
+    h.track("zoë ☃", 1)
+    wal.append(h.records[written:])
+    assert wal.snapshot_sequence() == h.core.sequence - 1  # the last delta's
+    assert wal.whole_snapshot_sequence() == whole_sequence
+    recovered = recover(wal, repair=False)
+    assert digest(recovered) == digest(h.core)
+    assert recovered.users_changed == {h.app: {"alice", "bob", "zoë ☃"}}
+    # a whole snapshot replaces the delta too
+    wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
+    assert wal.load_delta() is None
+    assert digest(recover(wal, repair=False)) == digest(h.core)
 
 
-def test_a_delta_is_stored_only_over_the_whole_snapshot_it_is_a_delta_of(tmp_path: Path):
+def test_a_delta_is_stored_only_over_the_whole_snapshot_it_is_a_delta_of(wal: WriteAheadLog):
     h = _busy_harness()
-    wal = WriteAheadLog(tmp_path)
-    try:
-        wal.append(h.records)
-        with pytest.raises(ValueError, match="whole snapshot stored is at 0"):
-            wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core, 3), 3))
-        assert wal.load_delta() is None
-    finally:
-        wal.close()
+    wal.append(h.records)
+    with pytest.raises(ValueError, match="whole snapshot stored is at 0"):
+        wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core, 3), 3))
+    assert wal.load_delta() is None
 
 
 def test_recovery_replays_the_log_from_the_whole_snapshot_when_the_delta_is_corrupt(
@@ -295,29 +295,21 @@ def test_recovery_replays_the_log_from_the_whole_snapshot_when_the_delta_is_corr
     assert not summary["clean"] and "the delta snapshot at sequence" in summary["error"]
 
 
-def test_a_snapshot_stored_in_the_log_loads_back_at_its_sequence(tmp_path: Path):
+def test_a_snapshot_stored_in_the_log_loads_back_at_its_sequence(wal: WriteAheadLog):
     h = _busy_harness()
-    wal = WriteAheadLog(tmp_path)
-    try:
-        wal.append(h.records)
-        wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
-        stored = wal.load_snapshot()
-        assert stored is not None and stored.sequence == h.core.sequence
-        assert state_digest(core_from_snapshot(stored.encoded)) == state_digest(h.core)
-    finally:
-        wal.close()
+    wal.append(h.records)
+    wal.append([], Snapshot(h.core.sequence, snapshot_of(h.core)))
+    stored = wal.load_snapshot()
+    assert stored is not None and stored.sequence == h.core.sequence
+    assert state_digest(core_from_snapshot(stored.encoded)) == state_digest(h.core)
 
 
-def test_a_json_snapshot_from_before_the_binary_format_still_loads(tmp_path: Path):
+def test_a_json_snapshot_from_before_the_binary_format_still_loads(wal: WriteAheadLog):
     h = _busy_harness()
     body = zlib.compress(json.dumps(core_to_plain(h.core)).encode("utf-8"), 1)
-    wal = WriteAheadLog(tmp_path)
-    try:
-        wal.append(h.records)
-        wal.append([], Snapshot(h.core.sequence, encode_snapshot(h.core.sequence, body)))
-        recovered = recover(wal, repair=False)
-    finally:
-        wal.close()
+    wal.append(h.records)
+    wal.append([], Snapshot(h.core.sequence, encode_snapshot(h.core.sequence, body)))
+    recovered = recover(wal, repair=False)
     assert digest(recovered) == digest(h.core)
 
 
@@ -385,18 +377,14 @@ def test_a_snapshot_holding_another_sequence_than_its_header_is_refused():
         core_from_snapshot(encode_snapshot(h.core.sequence + 1, body))
 
 
-def test_recovery_refuses_a_corrupt_stored_snapshot_and_changes_nothing(tmp_path: Path):
+def test_recovery_refuses_a_corrupt_stored_snapshot_and_changes_nothing(wal: WriteAheadLog):
     h = _busy_harness()
     encoded = snapshot_of(h.core)
-    wal = WriteAheadLog(tmp_path)
-    try:
-        wal.append(h.records)
-        wal.append([], Snapshot(h.core.sequence, _resigned(encoded, snapshot_body(encoded)[:-9])))
-        with pytest.raises(CorruptSnapshot, match=f"at sequence {h.core.sequence}"):
-            recover(wal)
-        assert wal.last_sequence() == h.core.sequence
-    finally:
-        wal.close()
+    wal.append(h.records)
+    wal.append([], Snapshot(h.core.sequence, _resigned(encoded, snapshot_body(encoded)[:-9])))
+    with pytest.raises(CorruptSnapshot, match=f"at sequence {h.core.sequence}"):
+        recover(wal)
+    assert wal.last_sequence() == h.core.sequence
 
 
 @pytest.mark.parametrize("by", ["pidfd", "pid"])
