@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import gc
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from quotad.core.machine import Core, IdempotencyEntry
-from quotad.storage.snapshot import core_from_snapshot, core_with_delta
+from quotad.storage.snapshot import collector_paused, core_from_snapshot, core_with_delta
 from quotad.storage.wal import CorruptSnapshot, WriteAheadLog, TornTail, recover_records
 
 log = logging.getLogger("quotad.writer")
@@ -26,7 +23,7 @@ def recover(wal: WriteAheadLog, *, repair: bool = True,
     (with repair=False it is raised as TornTail and nothing is changed), and so is a delta
     snapshot that cannot be read (with repair=False, CorruptSnapshot)."""
     assert forget_every_records >= 1
-    with _collector_paused():
+    with collector_paused():
         return _recover(wal, repair, forget_every_records)
 
 
@@ -88,16 +85,3 @@ def durable_idempotency(wal: WriteAheadLog):
             return None
         return IdempotencyEntry(record.command, record.answer, record.now_ns)
     return lookup
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Recovery makes millions of objects that live as long as the server and frees few that
-    are cyclic: the cyclic collector would walk the growing heap again and again for nothing."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()

@@ -337,7 +337,7 @@ def _decoded(body: bytes, base: Core | None) -> Core:
         raise CorruptSnapshot(f"a delta of the snapshot at sequence "
                               f"{message.delta_of_sequence}, not of the one at {base.sequence}")
     try:
-        with _collector_paused():
+        with collector_paused():
             return _core(message, base)
     except CorruptSnapshot:
         raise
@@ -346,15 +346,23 @@ def _decoded(body: bytes, base: Core | None) -> Core:
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Millions of objects are made at once: the cyclic collector would walk the growing
-    heap again and again meanwhile, for nothing (none of them is garbage)."""
+    heap again and again meanwhile, for nothing (none of them is garbage). On the way out,
+    what was made joins the long-lived objects without a scan: frozen if the process froze
+    any (as a serving server does), else in the oldest generation. Re-enabled as it was, the
+    collector would otherwise walk all of it at its next young collection (0.32 s of a
+    restart at 1,000,000 users)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
+            frozen_before = gc.get_freeze_count()
+            gc.freeze()  # every generation into the permanent one; the young count to 0
+            if frozen_before == 0:
+                gc.unfreeze()  # ...and from there into the oldest, still unscanned
             gc.enable()
 
 
