@@ -5,6 +5,7 @@ included) and ends in the state the run ended with; and from a snapshot taken mi
 from __future__ import annotations
 
 import gc
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -101,9 +102,9 @@ def test_a_restart_from_a_snapshot_taken_midway_ends_in_the_live_state(
 
 def _tracked_objects_of(root: object, count_max: int) -> list[object]:
     """Up to count_max objects the collector tracks, reachable from root, breadth first."""
-    found, seen, frontier = [], {id(root)}, [root]
+    found, seen, frontier = [], {id(root)}, deque([root])
     while frontier and len(found) < count_max:
-        obj = frontier.pop(0)
+        obj = frontier.popleft()
         if gc.is_tracked(obj):
             found.append(obj)
         for referent in gc.get_referents(obj):
@@ -118,7 +119,7 @@ def _tracked_objects_of(root: object, count_max: int) -> list[object]:
 def test_what_recovery_made_is_handed_to_the_collector_as_long_lived(
         tmp_path: Path, with_snapshot: bool, heap_frozen: bool):
     """Re-enabled as it was, the cyclic collector would walk every object recovery made at
-    its next young collection (0.63 s of a restart at 1,000,000 users): they leave recovery
+    its next young collections (0.63 s of a restart at 1,000,000 users): they leave recovery
     out of the young generations, without a scan; frozen, in a process that froze its
     long-lived heap (as a serving server does)."""
     assert gc.isenabled()

@@ -351,7 +351,7 @@ def collector_paused() -> Iterator[None]:
     heap again and again meanwhile, for nothing (none of them is garbage). On the way out,
     what was made joins the long-lived objects without a scan: frozen if the process froze
     any (as a serving server does), else in the oldest generation. Re-enabled as it was, the
-    collector would otherwise walk all of it at its next young collection (0.32 s of a
+    collector would otherwise walk all of it at its next young collections (0.63-0.66 s of a
     restart at 1,000,000 users)."""
     enabled = gc.isenabled()
     gc.disable()
