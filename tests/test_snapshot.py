@@ -155,6 +155,9 @@ def _whole_then_more(h: Harness) -> bytes:
     one gone (its slot moved away), the rest untouched."""
     for n in range(40):
         h.subscribe(f"idle-{n}", "p")
+    h.subscribe("gus", "credits")  # a grant that expires long after, and nothing else
+    h.run(GrantCredits(app=h.app, user_id="gus", group_key="credits", amount=5,
+                       expires_at_ns=h.now + 30 * 86_400 * S))
     whole = snapshot_of(h.core)
     h.core.clear_users_changed()
     h.advance(1 * S)
@@ -180,6 +183,7 @@ def test_a_delta_read_over_its_whole_snapshot_is_the_state_it_was_taken_from():
     assert state_digest(restored) == state_digest(h.core)
     assert list(restored.expiry) == list(h.core.expiry)
     assert list(restored.grant_expiry) == list(h.core.grant_expiry)
+    assert "gus" in {user_id for _, _, user_id, _, _ in restored.grant_expiry}  # from the whole
     # it holds the users changed since the whole one, and the one gone by its id alone
     (app,) = _delta_message(delta).apps
     assert sorted(app.users.user_ids) == sorted(h.core.users_changed[h.app] - {"bob"})

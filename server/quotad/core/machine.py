@@ -414,17 +414,21 @@ class Core:
         return min(hold_ns, grant_ns)
 
     def rebuild_grant_expiry(self) -> None:
-        """The grant expiry index from the balances (after a snapshot is loaded)."""
-        entries = []
-        for app_id, app in self.apps.items():
-            for user_id, user in app.users.items():
-                for (key, _), counter in user.counters.items():
-                    if counter.balance is None:
-                        continue
-                    entries.extend(self._grant_expiry_entry(app_id, user_id, key, grant)
-                                   for grant in counter.balance.grants
-                                   if self._expires_by_index(grant))
-        self.grant_expiry = SortedList(entries)
+        """The grant expiry index from every user's balances (after a snapshot is loaded)."""
+        self.grant_expiry = SortedList()
+        self.index_grant_expiry(
+            (app_id, user_id, key, counter.balance)
+            for app_id, app in self.apps.items() for user_id, user in app.users.items()
+            for (key, _), counter in user.counters.items() if counter.balance is not None)
+
+    def index_grant_expiry(self, owned: Iterable[tuple[str, str, str, Balance]]) -> None:
+        """Adds to the grant expiry index the grants of these balances (app, user id, group
+        key, balance): a snapshot's reader names them, where rebuild_grant_expiry would walk
+        every counter of every user to find them (0.13 s at 1,000,000 users)."""
+        self.grant_expiry.update(
+            self._grant_expiry_entry(app_id, user_id, key, grant)
+            for app_id, user_id, key, balance in owned for grant in balance.grants
+            if self._expires_by_index(grant))
 
     @staticmethod
     def _expires_by_index(grant: Grant) -> bool:

@@ -29,6 +29,7 @@ this format) load through `core_from_snapshot` too; the next snapshot stored is 
 from __future__ import annotations
 
 import array
+import bisect
 import gc
 import json
 import sys
@@ -38,7 +39,7 @@ from collections import Counter as Tally
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from itertools import chain, islice, repeat
+from itertools import accumulate, chain, islice, repeat
 from operator import attrgetter
 from typing import Any
 
@@ -376,17 +377,26 @@ def _core(message: Any, base: Core | None) -> Core:
     core.idempotency_retention_ns = (message.idempotency_retention_ns
                                      or limits.IDEMPOTENCY_RETENTION_NS_MIN)
     expiry = []
+    balances: list[tuple[str, str, str, Balance]] = []
     for app_message in message.apps:
         base_users = None
         if base is not None:
             base_users = base.apps[app_message.app].users if app_message.app in base.apps else {}
             core.users_changed[app_message.app] = set(app_message.users.user_ids).union(
                 app_message.removed_user_ids)
-        app = core.apps[app_message.app] = _app(app_message, base_users)
+        app, owned = _app(app_message, base_users)
+        core.apps[app_message.app] = app
         expiry.extend((r.expires_at_ns, r.sequence, app_message.app, r.reservation_id)
                       for r in app.reservations.values() if r.status is HoldState.LIVE)
+        balances.extend((app_message.app, user_id, key, balance)
+                        for user_id, key, balance in owned)
     core.expiry = SortedList(expiry)
-    core.rebuild_grant_expiry()
+    if base is not None:  # the grants of the users the delta left as the whole one had them
+        changed = core.users_changed
+        core.grant_expiry = SortedList(
+            entry for entry in base.grant_expiry
+            if entry[1] in core.apps and entry[2] not in changed[entry[1]])
+    core.index_grant_expiry(balances)
     core.forget = SortedList(_forget_entry(entry) for entry in json.loads(message.forget_json))
     for key in json.loads(message.keys_json):
         restored = from_plain(key, KeyState)
@@ -404,9 +414,11 @@ def _forget_entry(entry: list[Any]) -> tuple[Any, ...]:
     return (forget_at_ns, sequence, kind, app_id, tuple(key) if kind == "idempotency" else key)
 
 
-def _app(message: Any, base_users: dict[str, UserState] | None) -> AppState:
+def _app(message: Any, base_users: dict[str, UserState] | None
+         ) -> tuple[AppState, list[tuple[str, str, Balance]]]:
     """An app from its message; a delta's (base_users given) with the users of the whole
-    snapshot it is a delta of, less those removed, its own put over them."""
+    snapshot it is a delta of, less those removed, its own put over them. With it, the
+    balances of the message's own users: (user id, group key, balance)."""
     app = AppState()
     for encoded in message.plans:
         plan = plan_from_message(log_pb2.Plan.FromString(encoded))
@@ -415,7 +427,7 @@ def _app(message: Any, base_users: dict[str, UserState] | None) -> AppState:
         raise CorruptSnapshot(f"app {message.app!r}: plan subscribers and counts differ")
     app.plan_subscribers = Tally(dict(zip(message.subscriber_plan_ids,
                                           message.subscriber_counts)))
-    app.users, live_holds = _users(message.users, message.counters)
+    app.users, live_holds, owned = _users(message.users, message.counters)
     if base_users is not None:
         for user_id in message.removed_user_ids:
             base_users.pop(user_id, None)
@@ -439,12 +451,14 @@ def _app(message: Any, base_users: dict[str, UserState] | None) -> AppState:
             message.idempotency_json):
         app.idempotency[(rpc, key)] = IdempotencyEntry(
             request, from_plain(result, RESULT_TYPES[result_type]), created_at_ns)
-    return app
+    return app, owned
 
 
-def _users(users_message: Any, counters_message: Any) -> tuple[dict[str, UserState], int]:
+def _users(users_message: Any, counters_message: Any
+           ) -> tuple[dict[str, UserState], int, list[tuple[str, str, Balance]]]:
     """Every user with its counters, from the columns (each kind of object made in bulk, the
-    shared strings and counter slots taken from their tables), and their live holds."""
+    shared strings and counter slots taken from their tables), their live holds, and the
+    balances among the counters: (user id, group key, balance)."""
     user_ids = list(users_message.user_ids)
     rows = len(user_ids)
     numbers = _unpacked(_INT64, users_message.numbers, rows, "numbers")
@@ -454,7 +468,7 @@ def _users(users_message: Any, counters_message: Any) -> tuple[dict[str, UserSta
     zone_of = [zones[i] for i in _unpacked(_UINT32, users_message.zone_index, rows, "zones")]
     live_holds = _unpacked(_UINT32, users_message.live_holds, rows, "live holds")
     counts = _unpacked(_UINT32, users_message.counter_counts, rows, "counter counts")
-    slots, counters = _counters(counters_message, sum(counts))
+    slots, counters, balance_rows = _counters(counters_message, sum(counts))
     customers = list(users_message.billing_customer_ids) or [""] * rows
     if len(customers) != rows:
         raise CorruptSnapshot(f"column billing customer ids: {len(customers)} for {rows} rows")
@@ -465,7 +479,12 @@ def _users(users_message: Any, counters_message: Any) -> tuple[dict[str, UserSta
     users = dict(zip(user_ids, map(UserState, subscriptions, numbers, counters_of, live_holds)))
     if len(users) != rows:
         raise CorruptSnapshot(f"{rows} user rows but {len(users)} distinct users")
-    return users, sum(live_holds)
+    owned = []
+    if balance_rows:
+        rows_to = list(accumulate(counts))  # a user's counters: the rows up to its entry here
+        owned = [(user_ids[bisect.bisect_right(rows_to, row)], slots[row][0],
+                  counters[row].balance) for row in balance_rows]
+    return users, sum(live_holds), owned
 
 
 def _frozen_in_bulk(cls: type, rows: int, **columns: list[Any]) -> list[Any]:
@@ -482,8 +501,9 @@ def _frozen_in_bulk(cls: type, rows: int, **columns: list[Any]) -> list[Any]:
     return objects
 
 
-def _counters(message: Any, rows: int) -> tuple[list[tuple[str, Window]], list[CounterState]]:
-    """(the slot, the counter) of every counter row, in order."""
+def _counters(message: Any, rows: int
+              ) -> tuple[list[tuple[str, Window]], list[CounterState], list[int]]:
+    """(the slot, the counter) of every counter row, in order, and the rows with a balance."""
     windows = _unpacked(_UINT32, message.group_windows, len(message.group_keys), "windows")
     table = [(sys.intern(key), Window(window)) for key, window in zip(message.group_keys,
                                                                       windows)]
@@ -499,12 +519,15 @@ def _counters(message: Any, rows: int) -> tuple[list[tuple[str, Window]], list[C
         _unpacked(_UINT32, message.threshold_percent_fired, rows, "thresholds"),
         _unpacked(_INT64, message.refilled_at_ns or zeros, rows, "refilled at"),
         _unpacked(_INT64, message.refill_carry or zeros, rows, "refill carries")))
+    balance_rows = []
     for balance_message in message.balances:
-        if balance_message.counter_row >= rows:
-            raise CorruptSnapshot(f"a balance of counter row {balance_message.counter_row}, "
-                                  f"past the {rows} rows")
-        counters[balance_message.counter_row].balance = _balance(balance_message)
-    return slots, counters
+        row = balance_message.counter_row
+        if row >= rows or (balance_rows and row <= balance_rows[-1]):
+            raise CorruptSnapshot(f"a balance of counter row {row}, past the {rows} rows "
+                                  f"or not after the row before")
+        counters[row].balance = _balance(balance_message)
+        balance_rows.append(row)
+    return slots, counters, balance_rows
 
 
 def _unpacked(typecode: str, packed: bytes, rows: int, name: str) -> list[int]:
