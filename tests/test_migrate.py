@@ -21,7 +21,7 @@ from quotad.storage import log_pb2
 from quotad.storage.codec import (
     decode_event, decode_record, event_tail, hold_row_key, idempotency_row_key, key_sequence,
 )
-from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, WriteAheadLog
+from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, FORMAT_VERSION, WriteAheadLog
 from quotad_client import QuotaClient
 from server_process import ROOT, ServerProcess
 
@@ -110,6 +110,12 @@ def test_this_server_serves_a_migrated_directory_with_its_whole_audit_trail(old_
             client.track("user-03", "openai.chat", 1)  # and it goes on from there
     finally:
         assert server.stop() == 0
+
+
+def test_its_help_names_the_formats_it_migrates_from_and_to():
+    shown = " ".join(_quotad("migrate", "--help").stdout.split())
+    formats = " ".join(OLD_FORMATS[:-1]).replace(" ", ", ") + f" or {OLD_FORMATS[-1]}"
+    assert f"format {formats} in this server's format ({FORMAT_VERSION.decode()})" in shown
 
 
 def test_migrating_twice_or_over_a_kept_copy_is_refused_and_changes_nothing(old_dir: Path,

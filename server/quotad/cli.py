@@ -20,7 +20,10 @@ from quotad.cluster.limits import (
 )
 from quotad_contract.plans import PlansFileError
 from quotad.storage.codec import state_digest
-from quotad.storage.wal import MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog
+from quotad.storage.wal import FORMAT_VERSION as DATA_FORMAT_VERSION
+from quotad.storage.wal import (
+    MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog,
+)
 from quotad.engine.recovery import recover
 from quotad.engine.writer import (
     AUDIT_RETENTION_NS_DEFAULT, SNAPSHOT_EVERY_RECORDS_DEFAULT, SNAPSHOT_EVERY_S_DEFAULT,
@@ -213,7 +216,8 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                        help="(default: %(default)s)")
     move = commands.add_parser(
         "migrate", help="bring a stopped server's data directory to this server's format",
-        description="Rewrite a data directory of format 3 or 4 in this server's format (5), "
+        description="Rewrite a data directory of format 3, 4, 5 or 6 in this server's format "
+                    f"({DATA_FORMAT_VERSION.decode()}), "
                     "offline: DIR is read, the new data is written beside it and swapped in "
                     "once whole; the old directory is kept as DIR.formatN (N: its format). "
                     "Prints its progress on stderr. Takes the "
