@@ -176,8 +176,8 @@ def test_a_burst_far_past_the_limit_sheds_the_excess_and_the_state_is_what_the_a
     else:
         pytest.fail(f"no call of {BURST_ROUNDS_MAX} bursts of {BURST_CALLS} was shed")
     samples = _scrape(server.last("serving")["metrics"])
-    assert samples['quotad_shed_calls_total{method="Reserve",reason="overloaded"}'] + \
-        samples.get('quotad_shed_calls_total{method="Commit",reason="overloaded"}', 0) >= shed
+    assert sum(samples.get(f'quotad_shed_calls_total{{method="{method}",reason="overloaded"}}', 0)
+               for method in ("Reserve", "Commit")) >= shed > 0  # a round may shed commits alone
     assert samples["quotad_admitted_operations"] == 0
 
 
