@@ -6,6 +6,8 @@ release installed, not with this tree:
     format 4 (events in an index of their own):  git checkout 73676eb && pip install -e '.[test]'
     format 5 (records hold their events):        git checkout 7c385c6 && pip install -e '.[test]'
     format 6 (rows filed by time):               git checkout bd2d996 && pip install -e '.[test]'
+    format 7, snapshot format 3 (window bounds in a column per counter; tests/test_snapshot.py
+    starts this server on it, no migration): git checkout 37db7a4 && pip install -e '.[test]'
 
     python tests/data/make_old_format.py tests/data/format3.tar.gz
 

@@ -5,11 +5,12 @@ A snapshot's body is the magic b"QSNP", the format version (2 bytes, big-endian)
 7 MB instead of 117 MB for 0.3 s of the child's CPU and 0.2 s of a load). Users and their
 counters, the tables that grow with the business, are columns: packed arrays of fixed-size
 integers decoded with one call each, text in `repeated string` fields that protobuf's C
-runtime turns into a list at once, and small string tables (plan ids, time zones, group
-keys) that every row shares, so each distinct string exists once in memory. Loading then
-costs the objects the core is made of and little else; both ways, each kind of object is
-made or read in bulk, by loops that run in C. What is small or in memory only until durable (API keys, idempotency entries, a core
-alone's forget index) is JSON of the core's plain form.
+runtime turns into a list at once, and small tables (plan ids, time zones, group keys,
+window bounds) that the rows index, so each distinct value exists once in memory. Loading
+then costs the objects the core is made of and little else; both ways, each kind of object
+is made or read in bulk, by loops that run in C. What is small or in memory only until
+durable (API keys, idempotency entries, a core alone's forget index) is JSON of the core's
+plain form.
 
 A delta snapshot (CoreSnapshot.delta_of_sequence) is the same message with only the users
 changed since a whole snapshot (the core's users_changed), and the ids of those removed since;
@@ -63,8 +64,11 @@ from quotad.storage.snapshot_json import core_from_plain
 from quotad.storage.wal import CorruptSnapshot, encode_snapshot, snapshot_body, verify_snapshot
 
 MAGIC = b"QSNP"
-FORMAT_VERSION = 3
-"""1 and 2 were JSON (snapshot_json.py); 3: binary, users and counters in columns."""
+FORMAT_VERSION = 4
+"""1 and 2 were JSON (snapshot_json.py); 3: binary, users and counters in columns; 4: the
+counters' window bounds as indexes into tables of the distinct ones."""
+READABLE_FORMAT_VERSIONS = (3, 4)
+"""What a snapshot may be in: the one written, and the one the release before wrote."""
 _PREFIX_BYTES = len(MAGIC) + 2
 SNAPSHOT_MESSAGE_BYTES_MAX = 2**31 - 1
 """protobuf's own limit on one message: about 20 million users with two counters each."""
@@ -73,7 +77,8 @@ NO_WINDOW_END_NS = -1
 """window_end_ns of a counter whose window never ends (lifetime)."""
 _HOLD_STATES = tuple(HoldState)
 _INT64, _UINT32 = "q", "I"
-if array.array(_INT64).itemsize != 8 or array.array(_UINT32).itemsize != 4:
+_INT64_BYTES = 8
+if array.array(_INT64).itemsize != _INT64_BYTES or array.array(_UINT32).itemsize != 4:
     raise AssertionError("array typecodes q and I are 8 and 4 bytes on this platform")
 
 
@@ -204,11 +209,15 @@ def _encode_users(users_message: Any, counters_message: Any,
     counters_message.group_index = _packed(_indexed(group_keys, slots))
     counters_message.group_keys.extend(key for key, _ in group_keys)
     counters_message.group_windows = _packed(_column(_UINT32, (w for _, w in group_keys)))
-    ends = list(map(attrgetter("window_end_ns"), counters))
+    starts: list[int] = []
+    counters_message.window_start_index = _packed(
+        _indexed(starts, map(attrgetter("window_start_ns"), counters)))
+    counters_message.window_starts_ns = _packed(_column(_INT64, starts))
+    ends: list[int | None] = []
+    counters_message.window_end_index = _packed(
+        _indexed(ends, map(attrgetter("window_end_ns"), counters)))
     assert all(end_ns >= 0 for end_ns in ends if end_ns is not None)
-    counters_message.window_start_ns = _packed(
-        _column(_INT64, map(attrgetter("window_start_ns"), counters)))
-    counters_message.window_end_ns = _packed(_column(
+    counters_message.window_ends_ns = _packed(_column(
         _INT64, [NO_WINDOW_END_NS if end_ns is None else end_ns for end_ns in ends]))
     counters_message.used = _packed(_column(_INT64, map(attrgetter("used"), counters)))
     counters_message.held = _packed(_column(_INT64, map(attrgetter("held"), counters)))
@@ -324,9 +333,9 @@ def _decoded(body: bytes, base: Core | None) -> Core:
     if len(body) < _PREFIX_BYTES or body[:len(MAGIC)] != MAGIC:
         raise CorruptSnapshot("not a binary snapshot (no magic)")
     version = int.from_bytes(body[len(MAGIC):_PREFIX_BYTES], "big")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise CorruptSnapshot(f"binary snapshot format {version}, this server reads "
-                              f"{FORMAT_VERSION}")
+                              f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     try:
         message = snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(body[_PREFIX_BYTES:]))
     except Exception as error:  # whatever a damaged body makes the decoding trip on
@@ -464,8 +473,8 @@ def _users(users_message: Any, counters_message: Any
     numbers = _unpacked(_INT64, users_message.numbers, rows, "numbers")
     plan_ids = [sys.intern(plan_id) for plan_id in users_message.plan_ids]
     zones = [sys.intern(zone) for zone in users_message.time_zones]
-    plans = [plan_ids[i] for i in _unpacked(_UINT32, users_message.plan_index, rows, "plans")]
-    zone_of = [zones[i] for i in _unpacked(_UINT32, users_message.zone_index, rows, "zones")]
+    plans = _from_table(plan_ids, users_message.plan_index, rows, "plans")
+    zone_of = _from_table(zones, users_message.zone_index, rows, "zones")
     live_holds = _unpacked(_UINT32, users_message.live_holds, rows, "live holds")
     counts = _unpacked(_UINT32, users_message.counter_counts, rows, "counter counts")
     slots, counters, balance_rows = _counters(counters_message, sum(counts))
@@ -507,13 +516,11 @@ def _counters(message: Any, rows: int
     windows = _unpacked(_UINT32, message.group_windows, len(message.group_keys), "windows")
     table = [(sys.intern(key), Window(window)) for key, window in zip(message.group_keys,
                                                                       windows)]
-    slots = [table[i] for i in _unpacked(_UINT32, message.group_index, rows, "counter slots")]
-    ends = _unpacked(_INT64, message.window_end_ns, rows, "window ends")
-    zeros = bytes(rows * array.array(_INT64).itemsize)
+    slots = _from_table(table, message.group_index, rows, "counter slots")
+    starts, ends = _window_bounds(message, rows)
+    zeros = bytes(rows * _INT64_BYTES)
     counters = list(map(
-        CounterState,
-        _unpacked(_INT64, message.window_start_ns, rows, "window starts"),
-        [None if end_ns == NO_WINDOW_END_NS else end_ns for end_ns in ends],
+        CounterState, starts, ends,
         _unpacked(_INT64, message.used, rows, "used"),
         _unpacked(_INT64, message.held, rows, "held"),
         _unpacked(_UINT32, message.threshold_percent_fired, rows, "thresholds"),
@@ -528,6 +535,37 @@ def _counters(message: Any, rows: int
         counters[row].balance = _balance(balance_message)
         balance_rows.append(row)
     return slots, counters, balance_rows
+
+
+def _window_bounds(message: Any, rows: int) -> tuple[list[int], list[int | None]]:
+    """Each counter row's window start and end. Format 4 names them by index in tables of
+    the distinct bounds: a bound that many counters share is then one object, as in the
+    core that wrote them (core.windows hands out the bounds it computed last), where a
+    column of every row's (format 3) made one per row: 128 bytes per user of two counters."""
+    if message.window_start_ns or message.window_end_ns:  # format 3
+        starts = _unpacked(_INT64, message.window_start_ns, rows, "window starts")
+        ends = _unpacked(_INT64, message.window_end_ns, rows, "window ends")
+        return starts, [None if end_ns == NO_WINDOW_END_NS else end_ns for end_ns in ends]
+    start_table = _table(message.window_starts_ns, "window start table")
+    end_table = [None if end_ns == NO_WINDOW_END_NS else end_ns
+                 for end_ns in _table(message.window_ends_ns, "window end table")]
+    return (_from_table(start_table, message.window_start_index, rows, "window starts"),
+            _from_table(end_table, message.window_end_index, rows, "window ends"))
+
+
+def _table(packed: bytes, name: str) -> list[int]:
+    """A table of int64 values, as many as its bytes hold."""
+    return _unpacked(_INT64, packed, len(packed) // _INT64_BYTES, name)
+
+
+def _from_table(table: list[Any], index: bytes, rows: int, name: str) -> list[Any]:
+    """A column given as indexes (uint32) into a table of its distinct values: the rows
+    refer to the table's objects, none made per row."""
+    rows_index = _unpacked(_UINT32, index, rows, f"{name} index")
+    if rows_index and max(rows_index) >= len(table):
+        raise CorruptSnapshot(f"column {name} index: {max(rows_index)} past the table's "
+                              f"{len(table)} entries")
+    return list(map(table.__getitem__, rows_index))
 
 
 def _unpacked(typecode: str, packed: bytes, rows: int, name: str) -> list[int]:
