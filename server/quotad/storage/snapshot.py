@@ -543,14 +543,17 @@ def _window_bounds(message: Any, rows: int) -> tuple[list[int], list[int | None]
     core that wrote them (core.windows hands out the bounds it computed last), where a
     column of every row's (format 3) made one per row: 128 bytes per user of two counters."""
     if message.window_start_ns or message.window_end_ns:  # format 3
-        starts = _unpacked(_INT64, message.window_start_ns, rows, "window starts")
-        ends = _unpacked(_INT64, message.window_end_ns, rows, "window ends")
-        return starts, [None if end_ns == NO_WINDOW_END_NS else end_ns for end_ns in ends]
+        return (_unpacked(_INT64, message.window_start_ns, rows, "window starts"),
+                _ends(_unpacked(_INT64, message.window_end_ns, rows, "window ends")))
     start_table = _table(message.window_starts_ns, "window start table")
-    end_table = [None if end_ns == NO_WINDOW_END_NS else end_ns
-                 for end_ns in _table(message.window_ends_ns, "window end table")]
+    end_table = _ends(_table(message.window_ends_ns, "window end table"))
     return (_from_table(start_table, message.window_start_index, rows, "window starts"),
             _from_table(end_table, message.window_end_index, rows, "window ends"))
+
+
+def _ends(stored: list[int]) -> list[int | None]:
+    """Window ends as stored to the core's: None for a window that never ends."""
+    return [None if end_ns == NO_WINDOW_END_NS else end_ns for end_ns in stored]
 
 
 def _table(packed: bytes, name: str) -> list[int]:
