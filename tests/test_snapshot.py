@@ -372,6 +372,26 @@ def test_a_column_of_the_wrong_length_is_refused_naming_it():
         core_from_snapshot(_resigned(encoded, body))
 
 
+@pytest.mark.parametrize("row", ["past the rows", "repeated"])
+def test_a_balance_of_a_counter_row_past_the_rows_or_repeated_is_refused(row: str):
+    h = _busy_harness()
+    encoded = snapshot_of(h.core)
+    message = snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(snapshot_body(encoded)[6:]))
+    counters = message.apps[0].counters
+    rows = len(counters.used) // 8
+    (balance,) = counters.balances
+    if row == "past the rows":
+        balance.counter_row = rows
+    else:
+        counters.balances.add().CopyFrom(balance)
+    body = MAGIC + FORMAT_VERSION.to_bytes(2, "big") + zlib.compress(
+        message.SerializeToString())
+    with pytest.raises(CorruptSnapshot, match=f"a balance of counter row "
+                                              f"{balance.counter_row}, past the {rows} rows "
+                                              f"or not after the row before"):
+        core_from_snapshot(_resigned(encoded, body))
+
+
 def test_a_snapshot_of_another_format_version_is_refused_naming_both():
     encoded = snapshot_of(Core())
     body = MAGIC + (FORMAT_VERSION + 1).to_bytes(2, "big") + encode_core(Core())[6:]
