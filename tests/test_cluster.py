@@ -375,6 +375,43 @@ def test_after_the_map_moves_slots_the_clients_fetch_it_again_and_succeed(cluste
     assert asyncio.run(scenario()) == [4, 4, 4, 3, 3, 3]
 
 
+def test_a_client_given_a_shard_with_an_older_map_asks_the_refusing_shard_for_its_map(
+        cluster):
+    # Shards 0 and 1 restart on the moved map; shard 2, the one the clients are given, keeps
+    # the first (as a shard may for a moment while a map spreads). Its map routes the users
+    # to shard 0, which refuses them: the clients must take the refusing shard's map.
+    moving = [user for user in cluster.users(0, 800, "stale")
+              if 1001 <= slot_of(APP, user) <= 1364][:3]
+    assert len(moving) == 3
+    moved_file = cluster.folder / "shards-moved.json"
+    write_map(moved_file, cluster.addresses, MOVED_SHARDS)
+    for shard_id in (0, 1):
+        shard = cluster.shards[shard_id]
+        assert shard is not None and shard.stop() == 0
+        cluster.shards[shard_id] = ServerProcess(
+            cluster.folder / f"data-{shard_id}",
+            extra_args=("--shard-map", str(moved_file), "--shard-id", str(shard_id)),
+        ).start(cluster.addresses[shard_id])
+
+    async def scenario() -> list[int]:
+        with qc.QuotaClient(cluster=cluster.addresses[2], timeout_s=CALL_TIMEOUT_S) as sync:
+            async with qc.AsyncQuotaClient(cluster=cluster.addresses[2],
+                                           timeout_s=CALL_TIMEOUT_S) as client:
+                sync.subscribe(moving[0], "free")
+                sync.commit(sync.reserve(moving[0], "openai.chat", 10).reservation_id, 4)
+                watch = sync.watch_usage(moving[0], reconnect=False)
+                assert next(watch).counter("tokens").used == 4
+                watch.close()
+                for user in moving[1:]:
+                    await client.subscribe(user, "free")
+                    await client.track(user, "openai.chat", 3)  # coalesced: inside a Batch
+                return [(await client.usage(user))["tokens"].used for user in moving]
+
+    assert asyncio.run(scenario()) == [4, 3, 3]
+    with qc.QuotaClient(cluster.addresses[1], timeout_s=CALL_TIMEOUT_S) as owner:
+        assert [owner.usage(user)["tokens"].used for user in moving] == [4, 3, 3]
+
+
 def test_a_server_alone_is_a_one_shard_cluster_reached_where_the_client_asked(start_server):
     server = start_server(listen="localhost:0")  # it answers the map naming localhost:PORT
     target = "127.0.0.1:" + server.address.rpartition(":")[2]

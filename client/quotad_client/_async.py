@@ -118,12 +118,12 @@ class AsyncQuotaClient:
 
     ``cluster="HOST:PORT"`` (any shard of a cluster, instead of ``target``) routes each call
     to the shard that owns its user or hold, from the map GetShardMap answers, with one
-    channel (and one coalescer) per shard; a WRONG_SHARD refusal fetches the map again and
-    sends the call once more. Calls that name no user (plans, lists, exports, keys) go to
-    the shard given. ``cluster="etcd://HOST:PORT/NAME"`` reads the map from the cluster's
-    etcd instead (over etcd's JSON gateway, within ``timeout_s``, when the client is made,
-    blocking, and again after a WRONG_SHARD), and the first shard of that map stands for the
-    shard given.
+    channel (and one coalescer) per shard; a WRONG_SHARD refusal fetches the map again (from
+    the refusing shard first) and sends the call once more. Calls that name no user (plans,
+    lists, exports, keys) go to the shard given. ``cluster="etcd://HOST:PORT/NAME"`` reads
+    the map from the cluster's etcd instead (over etcd's JSON gateway, within ``timeout_s``,
+    when the client is made, blocking, and again after a WRONG_SHARD), and the first shard
+    of that map stands for the shard given.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
@@ -202,17 +202,14 @@ class AsyncQuotaClient:
         assert self._routes is not None
         return self._routes.address_for(request)
 
-    async def _shard_for(self, request: Any) -> tuple[dict[str, Any], Coalescer | None]:
-        """The shard that owns the request's user or hold (cluster=), else the target."""
-        return self._shard_at(await self._address_for(request))
-
     def _throttle_at(self, address: str | None) -> AdaptiveThrottle | None:
         return throttle_at(self.throttle, self._shard_throttles, address,
                            (self._target, self._target_in_map))
 
-    async def _refresh_routes(self, stale: Routes | None) -> None:
-        """The map again (unless another call fetched it since ``stale`` was current), from
-        the shard given, else from any other shard known."""
+    async def _refresh_routes(self, stale: Routes | None, refused_by: str | None = None) -> None:
+        """The map again (unless another call fetched it since ``stale`` was current): from
+        the shard that refused a call as another's (its map is at least as new as the
+        refusal), else the shard given, else any other shard known."""
         async with self._routes_lock:
             if self._routes is not None and self._routes is not stale:
                 return
@@ -220,7 +217,8 @@ class AsyncQuotaClient:
             if self._etcd is not None:
                 known = (*await asyncio.to_thread(self._etcd_addresses), *known)
             failure: grpc.RpcError | None = None
-            for address in dict.fromkeys((self._target, *known)):
+            asked = (refused_by,) if refused_by is not None else ()
+            for address in dict.fromkeys((*asked, self._target, *known)):
                 stubs, _ = self._shard_at(address)
                 try:
                     response = await stubs[ops.QUOTA].GetShardMap(
@@ -298,7 +296,7 @@ class AsyncQuotaClient:
                     throttle.accepted()
                 if self._clustered and refused.reason == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, send the call once more
-                    await self._refresh_routes(routes or self._routes)
+                    await self._refresh_routes(routes or self._routes, refused_by=route)
                     continue
                 raise
             except QuotadError as failed:  # one operation of a batch, or its time ran out
@@ -317,7 +315,7 @@ class AsyncQuotaClient:
                     throttle.failed(error)
                 if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True
-                    await self._refresh_routes(routes or self._routes)
+                    await self._refresh_routes(routes or self._routes, refused_by=route)
                     continue
                 moving_s = slots_moving_delay_s(error)
                 if moving_s is not None and moving_retries < SLOTS_MOVING_RETRIES_MAX and (
@@ -438,7 +436,8 @@ class AsyncQuotaClient:
         resume = Resume(user_id, after_sequence, self._config.policy, reconnect=reconnect)
         rerouted = False
         while True:
-            stubs, _ = await self._shard_for(quotad_pb2.WatchUsageRequest(user_id=user_id))
+            route = await self._address_for(quotad_pb2.WatchUsageRequest(user_id=user_id))
+            stubs, _ = self._shard_at(route)
             stub = stubs[ops.QUOTA]
             call = stub.WatchUsage(resume.request(), metadata=self._config.metadata)
             try:
@@ -451,7 +450,7 @@ class AsyncQuotaClient:
                 error = error_from_rpc_error(rpc_error)
                 if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, open the watch there
-                    await self._refresh_routes(self._routes)
+                    await self._refresh_routes(self._routes, refused_by=route)
                     continue
                 wait = resume.next_wait(error)
                 if wait is None:

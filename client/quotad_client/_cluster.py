@@ -7,8 +7,9 @@ list asks every shard for the page and merges theirs (`merged_subscription_page`
 export asks every shard in turn, and its cursor holds each shard's own (`ExportCursor`). Any
 other call that names neither (plans, keys) goes to the shard the client was given: plans and
 keys are the catalog every shard takes.
-A WRONG_SHARD refusal (the map moved) makes the client fetch the map again and send the call
-once more.
+A WRONG_SHARD refusal (the map moved) makes the client fetch the map again, first from the
+shard that refused (its map is at least as new as its refusal; the shard the client was given
+may not have the new map yet), and send the call once more.
 """
 
 from __future__ import annotations

@@ -77,8 +77,9 @@ class QuotaClient:
 
     ``cluster="HOST:PORT"`` (any shard of a cluster, instead of ``target``) routes each call
     to the shard that owns its user or hold, from the map GetShardMap answers, with one
-    channel per shard; a WRONG_SHARD refusal fetches the map again and sends the call once
-    more. Calls that name no user (plans, lists, exports, keys) go to the shard given.
+    channel per shard; a WRONG_SHARD refusal fetches the map again (from the refusing shard
+    first) and sends the call once more. Calls that name no user (plans, lists, exports,
+    keys) go to the shard given.
     ``cluster="etcd://HOST:PORT/NAME"`` reads the map from the cluster's etcd instead (over
     etcd's JSON gateway, within ``timeout_s``, when the client is made and again after a
     WRONG_SHARD), and the first shard of that map stands for the shard given.
@@ -146,22 +147,19 @@ class QuotaClient:
         assert self._routes is not None
         return self._routes.address_for(request)
 
-    def _stubs_for(self, request: Any) -> dict[str, Any]:
-        """The stubs of the shard that owns the request's user or hold (cluster=), else the
-        target's."""
-        return self._stubs_at(self._address_for(request))
-
     def _throttle_at(self, address: str | None) -> AdaptiveThrottle | None:
         return throttle_at(self.throttle, self._shard_throttles, address,
                            (self._target, self._target_in_map))
 
-    def _refresh_routes(self) -> None:
-        """The map again, from the shard given, else from any other shard known."""
+    def _refresh_routes(self, refused_by: str | None = None) -> None:
+        """The map again: from the shard that refused a call as another's (its map is at
+        least as new as the refusal), else the shard given, else any other shard known."""
         known = self._routes.addresses if self._routes is not None else ()
         if self._etcd is not None:
             known = (*self._etcd_addresses(), *known)
         failure: grpc.RpcError | None = None
-        for address in dict.fromkeys((self._target, *known)):
+        asked = (refused_by,) if refused_by is not None else ()
+        for address in dict.fromkeys((*asked, self._target, *known)):
             try:
                 response = self._stubs_at(address)[ops.QUOTA].GetShardMap(
                     quotad_pb2.GetShardMapRequest(), timeout=self._config.budget(None),
@@ -233,7 +231,7 @@ class QuotaClient:
                     throttle.failed(error)
                 if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, send the call once more
-                    self._refresh_routes()
+                    self._refresh_routes(refused_by=route)
                     continue
                 moving_s = slots_moving_delay_s(error)
                 if moving_s is not None and moving_retries < SLOTS_MOVING_RETRIES_MAX and (
@@ -332,7 +330,8 @@ class QuotaClient:
         resume = Resume(user_id, after_sequence, self._config.policy, reconnect=reconnect)
         rerouted = False
         while True:
-            stub = self._stubs_for(quotad_pb2.WatchUsageRequest(user_id=user_id))[ops.QUOTA]
+            route = self._address_for(quotad_pb2.WatchUsageRequest(user_id=user_id))
+            stub = self._stubs_at(route)[ops.QUOTA]
             call = stub.WatchUsage(resume.request(), metadata=self._config.metadata)
             try:
                 for message in call:
@@ -344,7 +343,7 @@ class QuotaClient:
                 error = error_from_rpc_error(rpc_error)
                 if self._clustered and getattr(error, "reason", "") == WRONG_SHARD and not rerouted:
                     rerouted = True  # the map moved: fetch it again, open the watch there
-                    self._refresh_routes()
+                    self._refresh_routes(refused_by=route)
                     continue
                 wait = resume.next_wait(error)
                 if wait is None:
