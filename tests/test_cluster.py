@@ -396,12 +396,17 @@ def test_a_client_given_a_shard_with_an_older_map_asks_the_refusing_shard_for_it
     async def scenario() -> list[int]:
         with qc.QuotaClient(cluster=cluster.addresses[2], timeout_s=CALL_TIMEOUT_S) as sync:
             async with qc.AsyncQuotaClient(cluster=cluster.addresses[2],
-                                           timeout_s=CALL_TIMEOUT_S) as client:
+                                           timeout_s=CALL_TIMEOUT_S) as client, \
+                    qc.AsyncQuotaClient(cluster=cluster.addresses[2],
+                                        timeout_s=CALL_TIMEOUT_S) as watcher:
                 sync.subscribe(moving[0], "free")
                 sync.commit(sync.reserve(moving[0], "openai.chat", 10).reservation_id, 4)
                 watch = sync.watch_usage(moving[0], reconnect=False)
                 assert next(watch).counter("tokens").used == 4
                 watch.close()
+                updates = watcher.watch_usage(moving[0], reconnect=False)  # its first call
+                assert (await anext(updates)).counter("tokens").used == 4
+                await updates.aclose()
                 for user in moving[1:]:
                     await client.subscribe(user, "free")
                     await client.track(user, "openai.chat", 3)  # coalesced: inside a Batch
