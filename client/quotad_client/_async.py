@@ -35,7 +35,7 @@ from ._coalesce import BATCHABLE, Coalescer, OperationFailed, batch_method
 from ._errors import (DeadlineExceeded, FailedPrecondition, QuotadError, error_from_rpc_error,
                       slots_moving_delay_s,
                       error_from_status, shed_delay_s, with_tls_hint)
-from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors,
+from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors, map_sources,
                        merged_subscription_page)
 from ._throttle import AdaptiveThrottle, throttle_at, throttled
 from ._etcd import read_shard_map, shard_addresses
@@ -207,9 +207,8 @@ class AsyncQuotaClient:
                            (self._target, self._target_in_map))
 
     async def _refresh_routes(self, stale: Routes | None, refused_by: str | None = None) -> None:
-        """The map again (unless another call fetched it since ``stale`` was current): from
-        the shard that refused a call as another's (its map is at least as new as the
-        refusal), else the shard given, else any other shard known."""
+        """The map again (unless another call fetched it since ``stale`` was current), from
+        the first shard of `map_sources` that answers."""
         async with self._routes_lock:
             if self._routes is not None and self._routes is not stale:
                 return
@@ -217,8 +216,7 @@ class AsyncQuotaClient:
             if self._etcd is not None:
                 known = (*await asyncio.to_thread(self._etcd_addresses), *known)
             failure: grpc.RpcError | None = None
-            asked = (refused_by,) if refused_by is not None else ()
-            for address in dict.fromkeys((*asked, self._target, *known)):
+            for address in map_sources(refused_by, self._target, known):
                 stubs, _ = self._shard_at(address)
                 try:
                     response = await stubs[ops.QUOTA].GetShardMap(

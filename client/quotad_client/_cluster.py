@@ -65,6 +65,15 @@ class Routes:
         return tuple(shard.address for shard in self.shard_map.shards)
 
 
+def map_sources(refused_by: str | None, target: str, known: Sequence[str]) -> list[str]:
+    """The shards to ask for the map again, in order, each once: the one that refused a call
+    as another's first (it refused by a map at least as new as the call needs, where the
+    shard the client was given may not have that map yet), then the given one, then the
+    others known."""
+    first = (refused_by,) if refused_by is not None else ()
+    return list(dict.fromkeys((*first, target, *known)))
+
+
 def request_slot(app: str, request: Message) -> int | None:
     """The slot a request is routed by: its reservation id's (a well-formed one), else its
     user's; None when it has neither."""

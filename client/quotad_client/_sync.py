@@ -25,7 +25,7 @@ from ._convert import PlanLike
 from ._errors import (DeadlineExceeded, error_from_rpc_error, shed_delay_s,
                       slots_moving_delay_s,
                       with_tls_hint)
-from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors,
+from ._cluster import (WRONG_SHARD, Routes, export_cursor, export_cursors, map_sources,
                        merged_subscription_page)
 from ._throttle import AdaptiveThrottle, throttle_at, throttled
 from ._etcd import read_shard_map, shard_addresses
@@ -152,14 +152,12 @@ class QuotaClient:
                            (self._target, self._target_in_map))
 
     def _refresh_routes(self, refused_by: str | None = None) -> None:
-        """The map again: from the shard that refused a call as another's (its map is at
-        least as new as the refusal), else the shard given, else any other shard known."""
+        """The map again, from the first shard of `map_sources` that answers."""
         known = self._routes.addresses if self._routes is not None else ()
         if self._etcd is not None:
             known = (*self._etcd_addresses(), *known)
         failure: grpc.RpcError | None = None
-        asked = (refused_by,) if refused_by is not None else ()
-        for address in dict.fromkeys((*asked, self._target, *known)):
+        for address in map_sources(refused_by, self._target, known):
             try:
                 response = self._stubs_at(address)[ops.QUOTA].GetShardMap(
                     quotad_pb2.GetShardMapRequest(), timeout=self._config.budget(None),
