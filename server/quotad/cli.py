@@ -20,9 +20,9 @@ from quotad.cluster.limits import (
 )
 from quotad_contract.plans import PlansFileError
 from quotad.storage.codec import state_digest
-from quotad.storage.wal import FORMAT_VERSION as DATA_FORMAT_VERSION
 from quotad.storage.wal import (
-    MAP_SIZE_BYTES_DEFAULT, DataDirLocked, DataFormatMismatch, WriteAheadLog,
+    FORMAT_VERSION as DATA_FORMAT_VERSION, MAP_SIZE_BYTES_DEFAULT, DataDirLocked,
+    DataFormatMismatch, WriteAheadLog,
 )
 from quotad.engine.recovery import recover
 from quotad.engine.writer import (
