@@ -507,6 +507,22 @@ def test_a_window_bound_index_past_its_table_is_refused_naming_it():
         core_from_snapshot(_resigned(encoded, body))
 
 
+@pytest.mark.parametrize("version", [3, FORMAT_VERSION])
+def test_window_bound_columns_of_the_other_format_are_refused_naming_them(version: int):
+    h = _busy_harness()
+    encoded = snapshot_of(h.core)
+    if version == 3:
+        encoded = _as_format_3(encoded)
+    message = snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(snapshot_body(encoded)[6:]))
+    counters = message.apps[0].counters
+    column = "window_start_index" if version == 3 else "window_end_ns"
+    setattr(counters, column, bytes(len(counters.used)))  # what the other format would hold
+    body = MAGIC + version.to_bytes(2, "big") + zlib.compress(message.SerializeToString())
+    with pytest.raises(CorruptSnapshot, match=f"a format {version} snapshot with column "
+                                              f"{column}"):
+        core_from_snapshot(_resigned(encoded, body))
+
+
 def test_a_snapshot_holding_another_sequence_than_its_header_is_refused():
     h = _busy_harness()
     body = encode_core(h.core)

@@ -340,6 +340,7 @@ def _decoded(body: bytes, base: Core | None) -> Core:
         message = snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(body[_PREFIX_BYTES:]))
     except Exception as error:  # whatever a damaged body makes the decoding trip on
         raise CorruptSnapshot(f"unreadable: {error!r}") from error
+    _check_bound_columns(message, version)
     if base is None and message.delta_of_sequence:
         raise CorruptSnapshot(f"a delta of the snapshot at sequence "
                               f"{message.delta_of_sequence}, not a whole one")
@@ -353,6 +354,22 @@ def _decoded(body: bytes, base: Core | None) -> Core:
         raise
     except Exception as error:
         raise CorruptSnapshot(f"unreadable: {error!r}") from error
+
+
+_FORMAT_3_BOUNDS = ("window_start_ns", "window_end_ns")
+_FORMAT_4_BOUNDS = ("window_starts_ns", "window_start_index", "window_ends_ns",
+                    "window_end_index")
+
+
+def _check_bound_columns(message: Any, version: int) -> None:
+    """The counters hold their window bounds as the snapshot's format says (the reader,
+    _window_bounds, goes by the columns present): no column of the other format."""
+    other = _FORMAT_4_BOUNDS if version == 3 else _FORMAT_3_BOUNDS
+    for app_message in message.apps:
+        found = [name for name in other if getattr(app_message.counters, name)]
+        if found:
+            raise CorruptSnapshot(f"app {app_message.app!r}: a format {version} snapshot with "
+                                  f"column {found[0]}")
 
 
 @contextmanager
@@ -541,7 +558,8 @@ def _window_bounds(message: Any, rows: int) -> tuple[list[int], list[int | None]
     """Each counter row's window start and end. Format 4 names them by index in tables of
     the distinct bounds: a bound that many counters share is then one object, as in the
     core that wrote them (core.windows hands out the bounds it computed last), where a
-    column of every row's (format 3) made one per row: 128 bytes per user of two counters."""
+    column of every row's (format 3) made one per row: 128 bytes per user of two counters.
+    The columns present say which (_check_bound_columns held them to the format's version)."""
     if message.window_start_ns or message.window_end_ns:  # format 3
         return (_unpacked(_INT64, message.window_start_ns, rows, "window starts"),
                 _ends(_unpacked(_INT64, message.window_end_ns, rows, "window ends")))
