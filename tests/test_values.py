@@ -118,6 +118,38 @@ def test_a_hold_copy_keeps_every_field_and_is_its_own_object() -> None:
         hash(hold)  # changes in place: no hash
 
 
+def test_a_users_state_has_its_own_counters_and_costs_the_collector_nothing() -> None:
+    """A user's state and its counters change in place, each user with a dict of its own
+    (a default made per instance, not shared), none of them tracked by the cyclic collector,
+    and a counter replaced keeps every field it is not given."""
+    from quotad.core.balances import Balance
+    from quotad.core.plans import Subscription, Window
+
+    subscription = Subscription(user_id="u", plan_id="p")
+    assert subscription == Subscription("u", "p", "UTC", "")  # the order the snapshot builds
+    first, second = machine.UserState(subscription, 1), machine.UserState(subscription, 2)
+    counter = machine.CounterState(7, 11, used=3, held=2, threshold_percent_fired=50,
+                                   refilled_at_ns=5, refill_carry=1, balance=Balance())
+    first.counters[("g", Window.DAY)] = counter
+    first.live_holds += 1
+    assert second.counters == {} and second.live_holds == 0
+    counter.held -= 2
+    assert first.counters[("g", Window.DAY)].held == 0
+    renewed = replace(counter, used=4)
+    names = value_fields(machine.CounterState)
+    assert [getattr(renewed, name) for name in names] == [7, 11, 4, 0, 50, 5, 1, counter.balance]
+    assert not any(map(gc.is_tracked, (subscription, first, second, counter, renewed)))
+    with pytest.raises(TypeError):
+        hash(first)
+    balance = counter.balance
+    assert balance is not None
+    grant = balance.add("g1", 100, 0, None, 0)
+    copied = balance.copy()  # a move or a renewal changes the copy alone
+    copied.grants[0].consumed = 40
+    assert copied != balance and grant.remaining == 100 and copied.grants[0].remaining == 60
+    assert not any(map(gc.is_tracked, (balance, grant, copied)))
+
+
 def test_unchecked_builds_the_same_value_without_the_checks() -> None:
     fields = dict(app="a", user_id="u", event_type="e", amount=5, metadata=(("k", "v"),),
                   ttl_ns=60 * 10**9, idempotency_key="key", reservation_id="rsv_" + "0" * 24)

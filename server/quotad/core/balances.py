@@ -34,15 +34,16 @@ folded into one count (`forgotten_consumed`) that refunds reach at its last take
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import field
 from zoneinfo import ZoneInfo
 
 from quotad.core import limits
 from quotad.core.plans import RecurringGrant
+from quotad.core.values import replace, state_type
 from quotad.core.windows import latest_window_bounds
 
 
-@dataclass(slots=True)
+@state_type
 class Grant:
     grant_id: str
     amount: int
@@ -71,7 +72,7 @@ class Grant:
         return (self.priority, expires is None, expires or 0, self.number)
 
 
-@dataclass(slots=True)
+@state_type
 class Balance:
     grants: list[Grant] = field(default_factory=list)
     """Live grants, and expired ones that keep something for holds or were consumed from."""

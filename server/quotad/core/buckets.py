@@ -15,8 +15,9 @@ Time is the `now_ns` the core is given, never a clock of its own.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
+
+from quotad.core.values import replace
 
 if TYPE_CHECKING:
     from quotad.core.machine import CounterState

@@ -17,7 +17,7 @@ from functools import cache
 from operator import attrgetter
 from collections import Counter as Tally
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from sortedcontainers import SortedList
@@ -40,7 +40,7 @@ from quotad.core.errors import (
 )
 from quotad.core.holds import HoldEvent, HoldState, next_state
 from quotad.core.memo import remember
-from quotad.core.values import state_type, value_fields, value_type
+from quotad.core.values import replace, state_type, value_fields, value_type
 from quotad.core.plans import (
     Kind, LimitGroup, Metadata, Plan, Subscription, Window, load_time_zone,
 )
@@ -49,7 +49,7 @@ from quotad_contract.errors import ErrorReason
 from quotad_contract.shards import slot_of, slot_of_reservation
 
 
-@dataclass(slots=True)
+@state_type
 class CounterState:
     """Usage of one limit group in one window. Only the latest window is kept."""
 
@@ -104,7 +104,7 @@ class Reservation:
         return self.__copy__()  # type: ignore[attr-defined,no-any-return]
 
 
-@dataclass(slots=True)
+@state_type
 class UserState:
     subscription: Subscription
     number: int

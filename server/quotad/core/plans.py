@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from quotad.core import limits
 from quotad.core.errors import Violations
+from quotad.core.values import value_type
 from quotad_contract.zones import time_zone_problem
 
 Metadata = tuple[tuple[str, str], ...]
@@ -287,7 +288,7 @@ def _pattern_is_valid(pattern: str) -> bool:
     return "*" not in pattern
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type
 class Subscription:
     user_id: str
     plan_id: str

@@ -9,8 +9,11 @@ collector (a value only refers to other values, strings, numbers and tuples: no 
 A field whose default is `dataclasses.field(default=..., compare=False)` is left out of
 equality and hashing, as a dataclass would.
 
-`@state_type` does the same for a part of the core's state that changes in place (a hold):
-a Struct that is not frozen, so neither hashed nor a value, built in C all the same.
+`@state_type` does the same for a part of the core's state that changes in place (a hold, a
+counter, a user): a Struct that is not frozen, so neither hashed nor a value, built in C all
+the same. A field written `dataclasses.field(default_factory=...)` gets a fresh default per
+instance. Being untracked, a user's state costs the collector nothing and 16 bytes less per
+object: at 1,000,000 users, 4,000,000 fewer objects for a full collection to scan.
 
 A class with a `__post_init__` (a command's checks) also gets `unchecked(...)`: the same
 value, built without running them, for fields that passed them once already (a command read
@@ -47,9 +50,10 @@ def value_type(cls: type[T] | None = None, /, *, kw_only: bool = False) -> Any:
 
 def state_type(cls: type[T]) -> type[T]:
     """A mutable msgspec.Struct with the decorated class's fields, defaults and methods: a part
-    of the core's state that changes in place (a hold), built in C, equal by its fields, not
-    hashable, not tracked by the cyclic collector (its fields must hold only values, strings,
-    numbers, enums and tuples of them: no cycles)."""
+    of the core's state that changes in place, built in C, equal by its fields, not hashable,
+    not tracked by the cyclic collector. So it must never be part of a reference cycle: its
+    fields hold values, strings, numbers, enums, tuples, and containers or states that never
+    refer back to it (a user's dict of counters, a counter's balance)."""
     return _struct_of(cls, kw_only=False, frozen=False)  # type: ignore[no-any-return]
 
 
@@ -71,8 +75,11 @@ def _struct_of(target: type, kw_only: bool, frozen: bool = True) -> Any:
     for name in namespace.get("__annotations__", {}):
         default = namespace.get(name)
         if isinstance(default, dataclasses.Field):
-            assert default.default is not dataclasses.MISSING, (target, name)
-            namespace[name] = default.default
+            if default.default_factory is not dataclasses.MISSING:  # a mutable state's
+                namespace[name] = msgspec.field(default_factory=default.default_factory)
+            else:
+                assert default.default is not dataclasses.MISSING, (target, name)
+                namespace[name] = default.default
             if not default.compare:
                 uncompared.append(name)
     if uncompared:

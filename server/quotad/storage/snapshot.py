@@ -35,12 +35,10 @@ import gc
 import json
 import sys
 import zlib
-import dataclasses
 from collections import Counter as Tally
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from itertools import accumulate, chain, islice, repeat
+from itertools import accumulate, chain, islice
 from operator import attrgetter
 from typing import Any
 
@@ -498,8 +496,7 @@ def _users(users_message: Any, counters_message: Any
     customers = list(users_message.billing_customer_ids) or [""] * rows
     if len(customers) != rows:
         raise CorruptSnapshot(f"column billing customer ids: {len(customers)} for {rows} rows")
-    subscriptions = _frozen_in_bulk(Subscription, rows, user_id=user_ids, plan_id=plans,
-                                    time_zone=zone_of, billing_customer_id=customers)
+    subscriptions = list(map(Subscription, user_ids, plans, zone_of, customers))  # in C
     rows_in_order = iter(zip(slots, counters))
     counters_of = [dict(islice(rows_in_order, count)) for count in counts]
     users = dict(zip(user_ids, map(UserState, subscriptions, numbers, counters_of, live_holds)))
@@ -511,20 +508,6 @@ def _users(users_message: Any, counters_message: Any
         owned = [(user_ids[bisect.bisect_right(rows_to, row)], slots[row][0],
                   counters[row].balance) for row in balance_rows]
     return users, sum(live_holds), owned
-
-
-def _frozen_in_bulk(cls: type, rows: int, **columns: list[Any]) -> list[Any]:
-    """Instances of a frozen dataclass, made a column at a time by loops that run in C: its
-    __init__ would set each field through object.__setattr__ from Python, 4 times the cost.
-    Only for a class whose __init__ does nothing else (no defaults left out, no
-    __post_init__), with values that were checked when first built."""
-    assert not hasattr(cls, "__post_init__"), cls
-    assert set(columns) == {f.name for f in dataclasses.fields(cls)}, (cls, set(columns))
-    objects = list(map(object.__new__, repeat(cls, rows)))
-    for name, column in columns.items():
-        assert len(column) == rows, name
-        deque(map(getattr(cls, name).__set__, objects, column), maxlen=0)  # the slot's setter
-    return objects
 
 
 def _counters(message: Any, rows: int
