@@ -62,6 +62,25 @@ def test_reserve_holds_the_amount_on_every_matched_group(h: Harness) -> None:
     assert h.counter("alice", "premium").held == 30
 
 
+def test_every_users_counters_are_filed_under_one_shared_key_per_group_and_window() -> None:
+    """A user's counter dict files a new counter under the (group key, window) tuple that
+    every user's shares: no tuple of its own per user and counter (~128 bytes a user of two
+    counters), whichever command made the counter first."""
+    h = Harness().setup(chat_plan(), "alice", "bob", "carol")
+    h.reserve("alice", 10, "openai.chat", GPT4O)
+    h.track("bob", 5, "openai.chat", GPT4O)
+    h.commit(h.reserve("carol", 7, "openai.chat", GPT4O).reservation_id)
+    h.advance(DAY)  # a new window: the counters are replaced, their keys kept
+    h.track("alice", 1, "openai.chat", GPT4O)
+    users = h.core.apps[APP].users
+    keys = [list(users[name].counters) for name in ("alice", "bob", "carol")]
+    assert keys[0] == keys[1] == keys[2] == [("tokens", Window.DAY), ("premium", Window.DAY)]
+    for slot_index in range(2):
+        assert len({id(user_keys[slot_index]) for user_keys in keys}) == 1
+    assert users["alice"].counters[("tokens", Window.DAY)].used == 1  # the new window's
+    assert users["carol"].counters[("tokens", Window.DAY)].used == 7  # the window before's
+
+
 def test_reserve_denied_by_first_group_without_room_holds_nothing_anywhere() -> None:
     h = Harness().setup(plan("p",
                              group("big", 100, Window.DAY),

@@ -289,6 +289,9 @@ class Core:
         rates): match rules and costs run
         once per distinct request shape. The entry holds the plan, so its id is not reused
         while the entry lives."""
+        self._counter_slots: dict[tuple[str, Window], tuple[str, Window]] = {}
+        """(group key, window) -> the one tuple of it that users' counter dicts are keyed by
+        (_store). Bounded: limits.COUNTER_SLOT_ENTRIES_MAX."""
         self._events: list[AuditEvent] = []
         """Audit events of the command being applied; they go into its record."""
         self._answering = True
@@ -521,7 +524,7 @@ class Core:
         group = plan.group(key)
         if group is not None and group.kind is Kind.BALANCE and group.window is Window.LIFETIME:
             counter = self._current(user, group, now_ns)
-            user.counters[(key, Window.LIFETIME)] = counter
+            self._store(user, key, Window.LIFETIME, counter)
         balance = counter.balance
         assert balance is not None
         grant = next((g for g in balance.grants if g.grant_id == grant_id and not g.expired),
@@ -597,6 +600,18 @@ class Core:
         return (reservation.expires_at_ns, reservation.sequence, reservation.app,
                 reservation.reservation_id)
 
+    def _store(self, user: UserState, key: str, window: Window, counter: CounterState) -> None:
+        """Files the counter in the user's dict; a new one under the (key, window) that
+        every user's shares, not a tuple of its own (~128 bytes a user of two counters)."""
+        counters, slot = user.counters, (key, window)
+        if slot not in counters:
+            shared = self._counter_slots.get(slot)
+            if shared is None:
+                remember(self._counter_slots, slot, slot, limits.COUNTER_SLOT_ENTRIES_MAX)
+            else:
+                slot = shared
+        counters[slot] = counter
+
     @staticmethod
     def _counter_of(user: UserState, hold: HoldRef) -> CounterState | None:
         """The counter a hold counts in, unless its window has since been replaced."""
@@ -616,7 +631,7 @@ class Core:
         if group is None or group.window is not hold.window:
             return counter
         renewed = self._current(user, group, now_ns)
-        user.counters[(hold.key, hold.window)] = renewed
+        self._store(user, hold.key, hold.window, renewed)
         return renewed
 
     @classmethod
@@ -983,7 +998,7 @@ class Core:
         self._check_counter_room(counters, [0] * len(counters), counted)
         for (group, _), counter, amount in zip(groups, counters, counted):
             counter.held += amount
-            user.counters[(group.key, group.window)] = counter
+            self._store(user, group.key, group.window, counter)
         reservation = Reservation(
             app=command.app, reservation_id=command.reservation_id, user_id=command.user_id,
             event_type=command.event_type, amount=command.amount, metadata=command.metadata,
@@ -1014,7 +1029,7 @@ class Core:
         self._check_counter_room(counters, counted)
         for hold, counter in zip(reservation.holds, counters):
             if counter is not None:  # a bucket refilled to now before its used grows
-                user.counters[(hold.key, hold.window)] = counter
+                self._store(user, hold.key, hold.window, counter)
         for counter, used in zip(counters, counted):
             if counter is not None and counter.balance is not None:  # before its hold ends:
                 counter.balance.consume(used)  # what expired grants keep for it is taken
@@ -1078,7 +1093,7 @@ class Core:
                 counter.used = max(0, counter.used + amount)
             if counter.used == 0:  # a bucket a refund fills has no part-token refilled
                 counter.refill_carry = 0
-            user.counters[(group.key, group.window)] = counter
+            self._store(user, group.key, group.window, counter)
         views = self._views(groups, counters)
         self._audit("track", command.app, command.user_id, command.event_type, command.amount,
                     command.metadata)
@@ -1120,7 +1135,7 @@ class Core:
                             now_ns, command.expires_at_ns, command.priority)
         counter.used = balance.used()
         counter.threshold_percent_fired = self._rearmed(counter, balance.quota())
-        user.counters[(group.key, group.window)] = counter
+        self._store(user, group.key, group.window, counter)
         if self._expires_by_index(grant):
             self.grant_expiry.add(self._grant_expiry_entry(command.app, command.user_id,
                                                            group.key, grant))
@@ -1351,9 +1366,9 @@ class Core:
             self._user_changed(moved.app, moved.user_id)
             self.users_numbered += 1
             user = app.users[moved.user_id] = UserState(
-                subscription=moved.subscription, number=self.users_numbered,
-                counters={(key, window): _copied_counter(counter)
-                          for key, window, counter in moved.counters})
+                subscription=moved.subscription, number=self.users_numbered)
+            for key, window, counter in moved.counters:
+                self._store(user, key, window, _copied_counter(counter))
             app.plan_subscribers[moved.subscription.plan_id] += 1
             for (key, _), counter in user.counters.items():
                 if counter.balance is not None:
