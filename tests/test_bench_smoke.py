@@ -274,6 +274,17 @@ def test_the_core_cost_bench_drives_the_real_core_and_log_and_prints_cpu_per_pai
     assert refused.returncode == 2 and "--pairs must be 1 to 4096" in refused.stderr
 
 
+def test_the_user_memory_bench_subscribes_users_live_and_prints_their_cost():
+    lines = _run_bench("bench.user_memory", "--users", "10000")
+    assert lines[0] == "10,000 users subscribed live, two counters each in use"
+    figures = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    assert figures["bytes_per_user"] > 0 and figures["cpu_us_per_user"] > 0
+    assert figures["tracked_objects_per_user"] >= 1  # a user's counter dict, at least
+    refused = subprocess.run([sys.executable, "-m", "bench.user_memory", "--users", "0"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "--users must be 1 to 5,000,000" in refused.stderr
+
+
 def test_the_lmdb_inserts_bench_puts_rows_in_both_orders_and_prints_their_cost():
     lines = _run_bench("bench.lmdb_inserts", "--rows-before", "2000", "--transactions", "3",
                        "--rows-per-transaction", "50", "--runs", "1")
