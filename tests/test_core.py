@@ -81,6 +81,22 @@ def test_every_users_counters_are_filed_under_one_shared_key_per_group_and_windo
     assert users["carol"].counters[("tokens", Window.DAY)].used == 7  # the window before's
 
 
+def test_the_shared_counter_keys_stay_within_their_limit_and_counters_stay_right(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At COUNTER_SLOT_ENTRIES_MAX the core forgets the shared keys and starts again: a user's
+    dict keeps the key it has, and every counter is still filed where it belongs."""
+    monkeypatch.setattr(limits, "COUNTER_SLOT_ENTRIES_MAX", 1)
+    h = Harness().setup(chat_plan(), "alice", "bob")
+    for user in ("alice", "bob", "alice"):
+        h.track(user, 5, "openai.chat", GPT4O)
+        assert len(h.core._counter_slots) == 1
+    assert [(h.counter(u, "tokens").used, h.counter(u, "premium").used)
+            for u in ("alice", "bob")] == [(10, 10), (5, 5)]
+    users = h.core.apps[APP].users
+    assert list(users["alice"].counters) == list(users["bob"].counters) == [
+        ("tokens", Window.DAY), ("premium", Window.DAY)]
+
+
 def test_reserve_denied_by_first_group_without_room_holds_nothing_anywhere() -> None:
     h = Harness().setup(plan("p",
                              group("big", 100, Window.DAY),
