@@ -496,7 +496,8 @@ def _users(users_message: Any, counters_message: Any
     customers = list(users_message.billing_customer_ids) or [""] * rows
     if len(customers) != rows:
         raise CorruptSnapshot(f"column billing customer ids: {len(customers)} for {rows} rows")
-    subscriptions = list(map(Subscription, user_ids, plans, zone_of, customers))  # in C
+    # built in C, positionally: in Subscription's field order (tests/test_values.py holds it)
+    subscriptions = list(map(Subscription, user_ids, plans, zone_of, customers))
     rows_in_order = iter(zip(slots, counters))
     counters_of = [dict(islice(rows_in_order, count)) for count in counts]
     users = dict(zip(user_ids, map(UserState, subscriptions, numbers, counters_of, live_holds)))
