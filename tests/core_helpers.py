@@ -83,7 +83,7 @@ def digest(core: Core) -> str:
         users = []
         for user_id in sorted(app.users):
             user = app.users[user_id]
-            counters = sorted((repr(k), repr(c)) for k, c in user.counters.items())
+            counters = sorted((repr(k), repr(c)) for k, c in user.counter_items())
             users.append((user_id, repr(user.subscription), counters, user.live_holds))
         apps.append((
             app_id,

@@ -19,6 +19,7 @@ from quotad.core.commands import (
     Commit, DeletePlan, ExpiredHold, ExpireHolds, Extend, GetUsage, Release, Reserve, UpsertPlan,
     UpsertSubscription,
 )
+from quotad.core import machine
 from quotad.core.machine import Core
 from quotad.core.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
@@ -62,38 +63,45 @@ def test_reserve_holds_the_amount_on_every_matched_group(h: Harness) -> None:
     assert h.counter("alice", "premium").held == 30
 
 
-def test_every_users_counters_are_filed_under_one_shared_key_per_group_and_window() -> None:
-    """A user's counter dict files a new counter under the (group key, window) tuple that
-    every user's shares: no tuple of its own per user and counter (~128 bytes a user of two
-    counters), whichever command made the counter first."""
-    h = Harness().setup(chat_plan(), "alice", "bob", "carol")
+def test_users_whose_counters_came_in_one_order_share_one_layout_and_never_change_it() -> None:
+    """A user's counters are a tuple, placed by a layout that every user whose counters came
+    in the same order shares (no dict of its own: ~170 bytes a user of two counters),
+    whichever command made them; a user's new slot gives it the layout with that slot, and
+    the layout it had stays as it was for the others."""
+    h = Harness().setup(chat_plan(), "alice", "bob", "carol", "dave")
     h.reserve("alice", 10, "openai.chat", GPT4O)
     h.track("bob", 5, "openai.chat", GPT4O)
     h.commit(h.reserve("carol", 7, "openai.chat", GPT4O).reservation_id)
-    h.advance(DAY)  # a new window: the counters are replaced, their keys kept
-    h.track("alice", 1, "openai.chat", GPT4O)
+    h.track("dave", 3, "anthropic.chat", {})  # tokens only
     users = h.core.apps[APP].users
-    keys = [list(users[name].counters) for name in ("alice", "bob", "carol")]
-    assert keys[0] == keys[1] == keys[2] == [("tokens", Window.DAY), ("premium", Window.DAY)]
-    for slot_index in range(2):
-        assert len({id(user_keys[slot_index]) for user_keys in keys}) == 1
-    assert users["alice"].counters[("tokens", Window.DAY)].used == 1  # the new window's
-    assert users["carol"].counters[("tokens", Window.DAY)].used == 7  # the window before's
+    only_tokens = users["dave"].layout
+    assert list(only_tokens) == [("tokens", Window.DAY)]
+    h.track("dave", 2, "openai.chat", GPT4O)  # premium too, after tokens: alice's order
+    h.advance(DAY)  # a new window: the counters are replaced, in their places
+    h.track("alice", 1, "openai.chat", GPT4O)
+    assert list(only_tokens) == [("tokens", Window.DAY)]
+    assert list(users["alice"].layout) == [("tokens", Window.DAY), ("premium", Window.DAY)]
+    assert len({id(users[name].layout) for name in ("alice", "bob", "carol", "dave")}) == 1
+    assert users["alice"].counter("tokens", Window.DAY).used == 1  # the new window's
+    assert users["carol"].counter("tokens", Window.DAY).used == 7  # the window before's
+    assert [c.used for c in users["dave"].counters] == [5, 2]
+    assert users["dave"].counter("tokens", Window.HOUR) is None
 
 
-def test_the_shared_counter_keys_stay_within_their_limit_and_counters_stay_right(
+def test_the_shared_counter_layouts_stay_within_their_limit_and_counters_stay_right(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """At COUNTER_SLOT_ENTRIES_MAX the core forgets the shared keys and starts again: a user's
-    dict keeps the key it has, and every counter is still filed where it belongs."""
-    monkeypatch.setattr(limits, "COUNTER_SLOT_ENTRIES_MAX", 1)
+    """At COUNTER_LAYOUTS_MAX the layouts are forgotten and made again: a user keeps the
+    layout it has, and every counter is still filed where it belongs."""
+    monkeypatch.setattr(limits, "COUNTER_LAYOUTS_MAX", 1)
+    monkeypatch.setattr(machine, "_layouts", {})  # shared by every core: as a process starts
     h = Harness().setup(chat_plan(), "alice", "bob")
     for user in ("alice", "bob", "alice"):
         h.track(user, 5, "openai.chat", GPT4O)
-        assert len(h.core._counter_slots) == 1
+        assert len(machine._layouts) == 1
     assert [(h.counter(u, "tokens").used, h.counter(u, "premium").used)
             for u in ("alice", "bob")] == [(10, 10), (5, 5)]
     users = h.core.apps[APP].users
-    assert list(users["alice"].counters) == list(users["bob"].counters) == [
+    assert list(users["alice"].layout) == list(users["bob"].layout) == [
         ("tokens", Window.DAY), ("premium", Window.DAY)]
 
 

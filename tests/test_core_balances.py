@@ -395,7 +395,7 @@ def test_spent_grants_past_their_bound_fold_into_one_count_that_refunds_reach_an
     for _ in range(spent_max):
         grant(h, 1)
         h.track("alice", 1)
-    counter = h.core.apps[h.app].users["alice"].counters[("credits", Window.LIFETIME)]
+    counter = h.core.apps[h.app].users["alice"].counter("credits", Window.LIFETIME)
     balance_state = counter.balance
     assert balance_state is not None
     assert len(balance_state.grants) == spent_max and first not in remaining_by_grant(h)

@@ -56,7 +56,7 @@ def test_the_refill_is_exact_in_integers_and_carries_what_is_past_the_last_whole
         h.at(start + k * 3 * S // 9)
         seen.append(available(h))
     assert seen == [0, 1, 2, 3, 3, 4, 5, 6, 7]  # floor(7 x k/9)
-    state = h.core.apps["app"].users["alice"].counters[("tpm", Window.LIFETIME)]
+    state = h.core.apps["app"].users["alice"].counter("tpm", Window.LIFETIME)
     assert type(state.used) is int and type(state.refill_carry) is int
     h.advance(10 * S)
     assert available(h) == 7  # never past the capacity

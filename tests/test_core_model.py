@@ -928,8 +928,8 @@ class QuotaMachine(RuleBasedStateMachine):
         for user, state in app.users.items():
             core = {key: (c.window_start_ns, c.window_end_ns, c.used, c.held,
                           c.refill_carry, c.refilled_at_ns if key == BUCKET else 0)
-                    for (key, window), c in state.counters.items()}
-            for (key, window) in state.counters:
+                    for (key, window), c in state.counter_items()}
+            for (key, window) in state.layout:
                 assert window is WINDOW_OF[key]
             model = {key: (c.start, c.end, self.used(key, c), c.held,
                            self.used(key, c) * self.period - c.debt if key == BUCKET else 0,
@@ -949,7 +949,7 @@ class QuotaMachine(RuleBasedStateMachine):
                     slot = (r.user_id, hold.key, hold.window, hold.window_start_ns)
                     expected[slot] = expected.get(slot, 0) + r.amount * hold.rate
         for user, state in app.users.items():
-            for (key, window), c in state.counters.items():
+            for (key, window), c in state.counter_items():
                 assert c.held == expected.get((user, key, window, c.window_start_ns), 0)
                 assert c.used >= 0 and c.held >= 0
 
@@ -964,7 +964,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return
         quota = {g.key: g.quota for g in app.plans["p"].limit_groups}
         for user, state in app.users.items():
-            for (key, _), c in state.counters.items():
+            for (key, _), c in state.counter_items():
                 if (user, key, c.window_start_ns) not in self.overage:
                     limit = c.balance.quota() if key == CREDITS else quota[key]
                     assert c.used + c.held <= limit, (user, key, c)
@@ -977,7 +977,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return
         index = []
         for user, state in app.users.items():
-            c = state.counters.get((CREDITS, Window.LIFETIME))
+            c = state.counter(CREDITS, Window.LIFETIME)
             model = self.counters.get((user, CREDITS))
             assert (c is None) == (model is None)
             if c is None:

@@ -50,7 +50,7 @@ def user_state(core: Core, users: list[str]) -> object:
     its own)."""
     app = core.apps[APP]
     return to_plain({
-        "users": {u: (app.users[u].subscription, sorted(app.users[u].counters.items()),
+        "users": {u: (app.users[u].subscription, sorted(app.users[u].counter_items()),
                       app.users[u].live_holds) for u in users},
         "holds": {r.reservation_id: (r.user_id, r.amount, r.holds, r.expires_at_ns, r.status,
                                      r.finished_at_ns, r.created_at_ns)

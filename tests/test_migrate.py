@@ -86,7 +86,7 @@ def test_a_migrated_directory_holds_the_same_counters_and_every_record(old_dir: 
         window = {group.key: group.window
                   for group in core.apps["default"].plans["pro"].limit_groups}
         for key, _quota, used, held, _remaining, window_start, _resets in expected["counters"]:
-            counter = users[user_id].counters.get((key, window[key]))
+            counter = users[user_id].counter(key, window[key])
             stored = (0, 0) if counter is None else (counter.used, counter.held)
             assert stored == (used, held), (user_id, key)
             if counter is not None:

@@ -106,8 +106,8 @@ def test_a_restored_snapshot_equals_the_state_it_was_taken_from():
     assert restored.apps[h.app].users["alice"].counters == h.core.apps[h.app].users[
         "alice"].counters
     assert list(restored.expiry) == list(h.core.expiry)  # rebuilt from the live holds
-    dave = restored.apps[h.app].users["dave"].counters[("credits", Window.LIFETIME)]
-    assert dave == h.core.apps[h.app].users["dave"].counters[("credits", Window.LIFETIME)]
+    dave = restored.apps[h.app].users["dave"].counter("credits", Window.LIFETIME)
+    assert dave == h.core.apps[h.app].users["dave"].counter("credits", Window.LIFETIME)
     assert dave.balance is not None and any(g.expired and g.kept for g in dave.balance.grants)
     assert list(restored.grant_expiry) == list(h.core.grant_expiry) != []  # rebuilt too
 
@@ -450,7 +450,7 @@ def test_a_data_directory_the_release_before_left_starts_with_its_snapshot(tmp_p
     assert sorted(app.users) == sorted(expected)
     for user_id, answered in expected.items():
         for key, _quota, used, held, _remaining, window_start, _resets in answered["counters"]:
-            counter = app.users[user_id].counters.get((key, window[key]))
+            counter = app.users[user_id].counter(key, window[key])
             if counter is None:  # never counted in: nothing stored
                 assert (used, held) == (0, 0), (user_id, key)
                 continue
@@ -486,7 +486,7 @@ def test_counters_share_each_distinct_window_bound_once_loaded():
         h.track(f"user-{n}", 1)
     restored = core_from_snapshot(snapshot_of(h.core))
     counters = [counter for user in restored.apps[h.app].users.values()
-                for counter in user.counters.values()]
+                for counter in user.counters]
     assert len(counters) > 60
     for bound in ("window_start_ns", "window_end_ns"):
         values = [getattr(counter, bound) for counter in counters]

@@ -119,9 +119,9 @@ def test_a_hold_copy_keeps_every_field_and_is_its_own_object() -> None:
 
 
 def test_a_users_state_has_its_own_counters_and_costs_the_collector_nothing() -> None:
-    """A user's state and its counters change in place, each user with a dict of its own
-    (a default made per instance, not shared), none of them tracked by the cyclic collector,
-    and a counter replaced keeps every field it is not given."""
+    """A user's state and its counters change in place, each user with counters of its own
+    (a tuple; the layout placing them is shared and never changed), none of them tracked by
+    the cyclic collector, and a counter replaced keeps every field it is not given."""
     from quotad.core.balances import Balance
     from quotad.core.plans import Subscription, Window
 
@@ -130,11 +130,11 @@ def test_a_users_state_has_its_own_counters_and_costs_the_collector_nothing() ->
     first, second = machine.UserState(subscription, 1), machine.UserState(subscription, 2)
     counter = machine.CounterState(7, 11, used=3, held=2, threshold_percent_fired=50,
                                    refilled_at_ns=5, refill_carry=1, balance=Balance())
-    first.counters[("g", Window.DAY)] = counter
+    machine.file_counter(first, "g", Window.DAY, counter)
     first.live_holds += 1
-    assert second.counters == {} and second.live_holds == 0
+    assert second.counters == () and second.layout == {} and second.live_holds == 0
     counter.held -= 2
-    assert first.counters[("g", Window.DAY)].held == 0
+    assert first.counter("g", Window.DAY).held == 0
     renewed = replace(counter, used=4)
     names = value_fields(machine.CounterState)
     assert [getattr(renewed, name) for name in names] == [7, 11, 4, 0, 50, 5, 1, counter.balance]

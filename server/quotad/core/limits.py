@@ -136,10 +136,10 @@ MATCH_CACHE_ENTRIES_MAX = 4096
 """Distinct (plan, event type, metadata) whose matched limit groups the core remembers; at
 the limit it forgets them all and starts again (metadata with ever-new values never grows
 it). Each entry is a few hundred bytes at most."""
-COUNTER_SLOT_ENTRIES_MAX = 4096
-"""Distinct (group key, window) whose one shared key every user's counter dict files its
-counter under; at the limit the core forgets them and starts again (a user's dict keeps
-the key it has). Each entry is ~150 bytes."""
+COUNTER_LAYOUTS_MAX = 4096
+"""Distinct counter layouts (the slots a user has counters in, in order: core.machine's
+CounterLayout) remembered for users to share; at the limit they are forgotten and made
+again as users need them (a user keeps the layout it has). Each is a few hundred bytes."""
 
 SNAPSHOT_DELTA_USER_COST = 5
 """What a changed user costs a delta snapshot's child, in users of a whole snapshot (at

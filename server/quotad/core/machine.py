@@ -18,7 +18,7 @@ from operator import attrgetter
 from collections import Counter as Tally
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from sortedcontainers import SortedList
 
@@ -104,14 +104,62 @@ class Reservation:
         return self.__copy__()  # type: ignore[attr-defined,no-any-return]
 
 
+CounterSlot = tuple[str, Window]
+"""Where a user's counter is filed: (limit group key, window)."""
+CounterLayout = dict[CounterSlot, int]
+"""Each slot a user has a counter in -> the counter's place in the user's tuple of them, in
+the order they came. One layout is shared by every user whose counters came in that order,
+and is never changed: a user's new slot gives it another (file_counter)."""
+_NO_COUNTERS: CounterLayout = {}
+
+
 @state_type
 class UserState:
     subscription: Subscription
     number: int
     """Given at the first subscription, once per (app, user) and never again: the audit
     index's short name for the user."""
-    counters: dict[tuple[str, Window], CounterState] = field(default_factory=dict)
+    layout: CounterLayout = field(default_factory=lambda: _NO_COUNTERS)
+    """Where each of `counters` is: shared, never changed (see CounterLayout)."""
+    counters: tuple[CounterState, ...] = ()
+    """The user's counters, in the layout's order. A tuple and a shared layout, where a dict
+    of its own would cost each user of two counters ~170 bytes more."""
     live_holds: int = 0
+
+    def counter(self, key: str, window: Window) -> CounterState | None:
+        """The counter filed at (key, window); None if the user has none there."""
+        index = self.layout.get((key, window))
+        return None if index is None else self.counters[index]
+
+    def counter_items(self) -> Iterator[tuple[CounterSlot, CounterState]]:
+        """((key, window), counter) of every counter, in the order they came."""
+        return zip(self.layout, self.counters, strict=True)
+
+
+def file_counter(user: UserState, key: str, window: Window, counter: CounterState) -> None:
+    """Files the counter at (key, window): in the place of the one there, else after the
+    user's others (the user then takes the layout with that slot too)."""
+    counters = user.counters
+    index = user.layout.get((key, window))
+    if index is None:
+        user.layout = layout_of((*user.layout, (key, window)))
+        user.counters = (*counters, counter)
+    elif counters[index] is not counter:
+        user.counters = (*counters[:index], counter, *counters[index + 1:])
+
+
+_layouts: dict[tuple[CounterSlot, ...], CounterLayout] = {}
+"""The slots of each layout, in order -> the layout. Bounded: limits.COUNTER_LAYOUTS_MAX."""
+
+
+def layout_of(slots: tuple[CounterSlot, ...]) -> CounterLayout:
+    """The shared layout of these slots, in this order (each slot once)."""
+    layout = _layouts.get(slots)
+    if layout is None:
+        layout = {slot: index for index, slot in enumerate(slots)}
+        assert len(layout) == len(slots), slots
+        remember(_layouts, slots, layout, limits.COUNTER_LAYOUTS_MAX)
+    return layout
 
 
 @value_type
@@ -289,9 +337,6 @@ class Core:
         rates): match rules and costs run
         once per distinct request shape. The entry holds the plan, so its id is not reused
         while the entry lives."""
-        self._counter_slots: dict[tuple[str, Window], tuple[str, Window]] = {}
-        """(group key, window) -> the one tuple of it that users' counter dicts are keyed by
-        (_store). Bounded: limits.COUNTER_SLOT_ENTRIES_MAX."""
         self._events: list[AuditEvent] = []
         """Audit events of the command being applied; they go into its record."""
         self._answering = True
@@ -422,7 +467,7 @@ class Core:
         self.index_grant_expiry(
             (app_id, user_id, key, counter.balance)
             for app_id, app in self.apps.items() for user_id, user in app.users.items()
-            for (key, _), counter in user.counters.items() if counter.balance is not None)
+            for (key, _), counter in user.counter_items() if counter.balance is not None)
 
     def index_grant_expiry(self, owned: Iterable[tuple[str, str, str, Balance]]) -> None:
         """Adds to the grant expiry index the grants of these balances (app, user id, group
@@ -517,14 +562,14 @@ class Core:
         forgotten)."""
         user = self.apps[app_id].users[user_id]
         self._user_changed(app_id, user_id)
-        counter = user.counters.get((key, Window.LIFETIME))
+        counter = user.counter(key, Window.LIFETIME)
         if counter is None or counter.balance is None:
             return False
         plan = self.apps[app_id].plans[user.subscription.plan_id]
         group = plan.group(key)
         if group is not None and group.kind is Kind.BALANCE and group.window is Window.LIFETIME:
             counter = self._current(user, group, now_ns)
-            self._store(user, key, Window.LIFETIME, counter)
+            file_counter(user, key, Window.LIFETIME, counter)
         balance = counter.balance
         assert balance is not None
         grant = next((g for g in balance.grants if g.grant_id == grant_id and not g.expired),
@@ -600,22 +645,11 @@ class Core:
         return (reservation.expires_at_ns, reservation.sequence, reservation.app,
                 reservation.reservation_id)
 
-    def _store(self, user: UserState, key: str, window: Window, counter: CounterState) -> None:
-        """Files the counter in the user's dict; a new one under the (key, window) that
-        every user's shares, not a tuple of its own (~128 bytes a user of two counters)."""
-        counters, slot = user.counters, (key, window)
-        if slot not in counters:
-            shared = self._counter_slots.get(slot)
-            if shared is None:
-                remember(self._counter_slots, slot, slot, limits.COUNTER_SLOT_ENTRIES_MAX)
-            else:
-                slot = shared
-        counters[slot] = counter
-
     @staticmethod
     def _counter_of(user: UserState, hold: HoldRef) -> CounterState | None:
         """The counter a hold counts in, unless its window has since been replaced."""
-        counter = user.counters.get((hold.key, hold.window))
+        index = user.layout.get((hold.key, hold.window))  # user.counter(), inline: hot
+        counter = None if index is None else user.counters[index]
         if counter is None or counter.window_start_ns != hold.window_start_ns:
             return None
         return counter
@@ -631,7 +665,7 @@ class Core:
         if group is None or group.window is not hold.window:
             return counter
         renewed = self._current(user, group, now_ns)
-        self._store(user, hold.key, hold.window, renewed)
+        file_counter(user, hold.key, hold.window, renewed)
         return renewed
 
     @classmethod
@@ -811,7 +845,8 @@ class Core:
         """The group's counter for the window holding now. A new window's counter is not
         stored here: only a change stores it, so that reads change nothing (a balance's:
         a copy with its recurring grant renewed, when one is due)."""
-        counter = user.counters.get((group.key, group.window))
+        index = user.layout.get((group.key, group.window))  # user.counter(), inline: hot
+        counter = None if index is None else user.counters[index]
         if counter is not None and (counter.balance is None) == (group.kind is Kind.BALANCE):
             # a plan edit made the group a balance, or no longer one: its counter starts
             # afresh but for what live holds hold, which their ends give back
@@ -998,7 +1033,7 @@ class Core:
         self._check_counter_room(counters, [0] * len(counters), counted)
         for (group, _), counter, amount in zip(groups, counters, counted):
             counter.held += amount
-            self._store(user, group.key, group.window, counter)
+            file_counter(user, group.key, group.window, counter)
         reservation = Reservation(
             app=command.app, reservation_id=command.reservation_id, user_id=command.user_id,
             event_type=command.event_type, amount=command.amount, metadata=command.metadata,
@@ -1029,7 +1064,7 @@ class Core:
         self._check_counter_room(counters, counted)
         for hold, counter in zip(reservation.holds, counters):
             if counter is not None:  # a bucket refilled to now before its used grows
-                self._store(user, hold.key, hold.window, counter)
+                file_counter(user, hold.key, hold.window, counter)
         for counter, used in zip(counters, counted):
             if counter is not None and counter.balance is not None:  # before its hold ends:
                 counter.balance.consume(used)  # what expired grants keep for it is taken
@@ -1093,7 +1128,7 @@ class Core:
                 counter.used = max(0, counter.used + amount)
             if counter.used == 0:  # a bucket a refund fills has no part-token refilled
                 counter.refill_carry = 0
-            self._store(user, group.key, group.window, counter)
+            file_counter(user, group.key, group.window, counter)
         views = self._views(groups, counters)
         self._audit("track", command.app, command.user_id, command.event_type, command.amount,
                     command.metadata)
@@ -1135,7 +1170,7 @@ class Core:
                             now_ns, command.expires_at_ns, command.priority)
         counter.used = balance.used()
         counter.threshold_percent_fired = self._rearmed(counter, balance.quota())
-        self._store(user, group.key, group.window, counter)
+        file_counter(user, group.key, group.window, counter)
         if self._expires_by_index(grant):
             self.grant_expiry.add(self._grant_expiry_entry(command.app, command.user_id,
                                                            group.key, grant))
@@ -1304,7 +1339,7 @@ class Core:
                          "first): FreezeSlots first")])
         users = [MovedUser(app=app_id, user_id=user_id, subscription=user.subscription,
                            counters=tuple((key, window, _copied_counter(counter))
-                                          for (key, window), counter in user.counters.items()))
+                                          for (key, window), counter in user.counter_items()))
                  for app_id, user_id, user in self._slot_users(slots)]
         holds, keys = [], []
         for app_id, app in self.apps.items():
@@ -1368,9 +1403,9 @@ class Core:
             user = app.users[moved.user_id] = UserState(
                 subscription=moved.subscription, number=self.users_numbered)
             for key, window, counter in moved.counters:
-                self._store(user, key, window, _copied_counter(counter))
+                file_counter(user, key, window, _copied_counter(counter))
             app.plan_subscribers[moved.subscription.plan_id] += 1
-            for (key, _), counter in user.counters.items():
+            for (key, _), counter in user.counter_items():
                 if counter.balance is not None:
                     for grant in counter.balance.grants:
                         if self._expires_by_index(grant):

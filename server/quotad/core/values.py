@@ -53,7 +53,7 @@ def state_type(cls: type[T]) -> type[T]:
     of the core's state that changes in place, built in C, equal by its fields, not hashable,
     not tracked by the cyclic collector. So it must never be part of a reference cycle: its
     fields hold values, strings, numbers, enums, tuples, and containers or states that never
-    refer back to it (a user's dict of counters, a counter's balance)."""
+    refer back to it (a user's tuple of counters, a counter's balance)."""
     return _struct_of(cls, kw_only=False, frozen=False)  # type: ignore[no-any-return]
 
 

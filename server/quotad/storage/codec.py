@@ -38,7 +38,9 @@ from quotad.core.commands import (
 )
 from quotad.core.balances import Balance, Grant
 from quotad.core.holds import HoldState
-from quotad.core.machine import CounterState, HoldRef, IdempotencyEntry, Reservation
+from quotad.core.machine import (
+    CounterState, HoldRef, IdempotencyEntry, Reservation, UserState,
+)
 from quotad.core.values import is_value_type, value_fields
 from quotad.core.plans import (
     Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Subscription, Window,
@@ -1080,6 +1082,10 @@ def to_plain(value: Any) -> Any:
         return [to_plain(item) for item in value]
     if cls is IdempotencyEntry:  # as a snapshot keeps it, so that a state read back is equal
         value = value.fingerprinted()
+    if cls is UserState:  # its counters as the dict of them they were: the same digest
+        return {"subscription": to_plain(value.subscription), "number": value.number,
+                "counters": to_plain(dict(value.counter_items())),
+                "live_holds": value.live_holds}
     names = _field_names(cls)
     if names is not None:
         plain = {name: to_plain(getattr(value, name)) for name in names}

@@ -49,8 +49,8 @@ from quotad.core.balances import Balance, Grant
 from quotad.core.commands import RESULT_TYPES
 from quotad.core.holds import HoldState
 from quotad.core.machine import (
-    AppState, Core, CounterState, HoldRef, IdempotencyEntry, KeyState, Reservation, UserState,
-    request_fingerprint,
+    AppState, Core, CounterLayout, CounterSlot, CounterState, HoldRef, IdempotencyEntry,
+    KeyState, Reservation, UserState, layout_of, request_fingerprint,
 )
 from quotad.core.plans import Subscription, Window
 from quotad.storage import log_pb2, snapshot_pb2
@@ -191,18 +191,18 @@ def _encode_users(users_message: Any, counters_message: Any,
     subscriptions = list(map(attrgetter("subscription"), rows))
     plan_ids = _indexed(users_message.plan_ids, map(attrgetter("plan_id"), subscriptions))
     zones = _indexed(users_message.time_zones, map(attrgetter("time_zone"), subscriptions))
-    counter_dicts = list(map(attrgetter("counters"), rows))
+    counter_tuples = list(map(attrgetter("counters"), rows))
     users_message.user_ids.extend(users)
     users_message.numbers = _packed(_column(_INT64, map(attrgetter("number"), rows)))
     users_message.plan_index = _packed(plan_ids)
     users_message.zone_index = _packed(zones)
     users_message.live_holds = _packed(_column(_UINT32, map(attrgetter("live_holds"), rows)))
-    users_message.counter_counts = _packed(_column(_UINT32, map(len, counter_dicts)))
+    users_message.counter_counts = _packed(_column(_UINT32, map(len, counter_tuples)))
     customers = list(map(attrgetter("billing_customer_id"), subscriptions))
     if any(customers):
         users_message.billing_customer_ids.extend(customers)
-    slots = chain.from_iterable(map(dict.keys, counter_dicts))
-    counters = list(chain.from_iterable(map(dict.values, counter_dicts)))
+    slots = chain.from_iterable(map(attrgetter("layout"), rows))  # in each layout's order
+    counters = list(chain.from_iterable(counter_tuples))
     group_keys: list[str] = []
     counters_message.group_index = _packed(_indexed(group_keys, slots))
     counters_message.group_keys.extend(key for key, _ in group_keys)
@@ -481,7 +481,7 @@ def _app(message: Any, base_users: dict[str, UserState] | None
 def _users(users_message: Any, counters_message: Any
            ) -> tuple[dict[str, UserState], int, list[tuple[str, str, Balance]]]:
     """Every user with its counters, from the columns (each kind of object made in bulk, the
-    shared strings and counter slots taken from their tables), their live holds, and the
+    shared strings and counter layouts taken from their tables), their live holds, and the
     balances among the counters: (user id, group key, balance)."""
     user_ids = list(users_message.user_ids)
     rows = len(user_ids)
@@ -492,32 +492,51 @@ def _users(users_message: Any, counters_message: Any
     zone_of = _from_table(zones, users_message.zone_index, rows, "zones")
     live_holds = _unpacked(_UINT32, users_message.live_holds, rows, "live holds")
     counts = _unpacked(_UINT32, users_message.counter_counts, rows, "counter counts")
-    slots, counters, balance_rows = _counters(counters_message, sum(counts))
+    slot_table, slot_rows, counters, balance_rows = _counters(counters_message, sum(counts))
     customers = list(users_message.billing_customer_ids) or [""] * rows
     if len(customers) != rows:
         raise CorruptSnapshot(f"column billing customer ids: {len(customers)} for {rows} rows")
     # built in C, positionally: in Subscription's field order (tests/test_values.py holds it)
     subscriptions = list(map(Subscription, user_ids, plans, zone_of, customers))
-    rows_in_order = iter(zip(slots, counters))
-    counters_of = [dict(islice(rows_in_order, count)) for count in counts]
-    users = dict(zip(user_ids, map(UserState, subscriptions, numbers, counters_of, live_holds)))
+    layouts = _layouts(slot_table, slot_rows, counts)
+    counters_in_order = iter(counters)
+    counters_of = [tuple(islice(counters_in_order, count)) for count in counts]
+    # in UserState's field order too
+    users = dict(zip(user_ids, map(UserState, subscriptions, numbers, layouts, counters_of,
+                                   live_holds)))
     if len(users) != rows:
         raise CorruptSnapshot(f"{rows} user rows but {len(users)} distinct users")
     owned = []
     if balance_rows:
         rows_to = list(accumulate(counts))  # a user's counters: the rows up to its entry here
-        owned = [(user_ids[bisect.bisect_right(rows_to, row)], slots[row][0],
+        owned = [(user_ids[bisect.bisect_right(rows_to, row)], slot_table[slot_rows[row]][0],
                   counters[row].balance) for row in balance_rows]
     return users, sum(live_holds), owned
 
 
+def _layouts(slot_table: list[CounterSlot], slot_rows: list[int], counts: list[int]
+             ) -> list[CounterLayout]:
+    """Each user's counter layout, from the slots of its counter rows (indexes into the
+    table): the core's shared layouts, one made per distinct run of slots, none per user."""
+    rows_in_order = iter(slot_rows)
+    runs = [tuple(islice(rows_in_order, count)) for count in counts]
+    made = {}
+    for run in set(runs):
+        slots = tuple(map(slot_table.__getitem__, run))
+        if len(set(slots)) != len(slots):
+            raise CorruptSnapshot(f"a user with two counters at one slot: {slots!r}")
+        made[run] = layout_of(slots)
+    return list(map(made.__getitem__, runs))
+
+
 def _counters(message: Any, rows: int
-              ) -> tuple[list[tuple[str, Window]], list[CounterState], list[int]]:
-    """(the slot, the counter) of every counter row, in order, and the rows with a balance."""
+              ) -> tuple[list[CounterSlot], list[int], list[CounterState], list[int]]:
+    """The table of slots, the index in it of every counter row's slot, the counter of every
+    row (all in order), and the rows with a balance."""
     windows = _unpacked(_UINT32, message.group_windows, len(message.group_keys), "windows")
     table = [(sys.intern(key), Window(window)) for key, window in zip(message.group_keys,
                                                                       windows)]
-    slots = _from_table(table, message.group_index, rows, "counter slots")
+    slot_rows = _table_rows(table, message.group_index, rows, "counter slots")
     starts, ends = _window_bounds(message, rows)
     zeros = bytes(rows * _INT64_BYTES)
     counters = list(map(
@@ -535,7 +554,7 @@ def _counters(message: Any, rows: int
                                   f"or not after the row before")
         counters[row].balance = _balance(balance_message)
         balance_rows.append(row)
-    return slots, counters, balance_rows
+    return table, slot_rows, counters, balance_rows
 
 
 def _window_bounds(message: Any, rows: int) -> tuple[list[int], list[int | None]]:
@@ -566,11 +585,16 @@ def _table(packed: bytes, name: str) -> list[int]:
 def _from_table(table: list[Any], index: bytes, rows: int, name: str) -> list[Any]:
     """A column given as indexes (uint32) into a table of its distinct values: the rows
     refer to the table's objects, none made per row."""
+    return list(map(table.__getitem__, _table_rows(table, index, rows, name)))
+
+
+def _table_rows(table: list[Any], index: bytes, rows: int, name: str) -> list[int]:
+    """The indexes (uint32) of such a column, each checked to be in the table."""
     rows_index = _unpacked(_UINT32, index, rows, f"{name} index")
     if rows_index and max(rows_index) >= len(table):
         raise CorruptSnapshot(f"column {name} index: {max(rows_index)} past the table's "
                               f"{len(table)} entries")
-    return list(map(table.__getitem__, rows_index))
+    return rows_index
 
 
 def _unpacked(typecode: str, packed: bytes, rows: int, name: str) -> list[int]:

@@ -19,7 +19,7 @@ from quotad.core.balances import Balance, Grant
 from quotad.core.commands import RESULT_TYPES
 from quotad.core.machine import (
     AppState, Core, CounterState, IdempotencyEntry, KeyState, Reservation, UserState,
-    request_fingerprint,
+    file_counter, request_fingerprint,
 )
 from quotad.core.plans import Plan, Subscription, Window
 
@@ -50,7 +50,7 @@ def _app_to_plain(app_id: str, app: AppState, pending_keys: frozenset[tuple[str,
         "users": [
             [user_id, user.number, to_plain(user.subscription), user.live_holds,
              [[key, window.name, to_plain(counter)]
-              for (key, window), counter in user.counters.items()]]
+              for (key, window), counter in user.counter_items()]]
             for user_id, user in app.users.items()
         ],
         "reservations": [to_plain(r) for r in app.reservations.values()
@@ -102,8 +102,8 @@ def _app_from_plain(plain: dict[str, Any]) -> AppState:
                          live_holds=live_holds)
         for key, window, counter in counters:
             balance = counter.pop("balance", None)  # absent before credit balances
-            user.counters[(key, Window[window])] = CounterState(
-                **counter, balance=None if balance is None else _balance(balance))
+            file_counter(user, key, Window[window], CounterState(
+                **counter, balance=None if balance is None else _balance(balance)))
         app.users[user_id] = user
     for reservation in plain["reservations"]:
         restored = from_plain(reservation, Reservation)
