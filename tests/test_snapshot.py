@@ -493,6 +493,66 @@ def test_counters_share_each_distinct_window_bound_once_loaded():
         assert len({id(value) for value in values}) == len(set(values)) < len(counters) / 4
 
 
+def _message(encoded: bytes) -> snapshot_pb2.CoreSnapshot:
+    return snapshot_pb2.CoreSnapshot.FromString(zlib.decompress(snapshot_body(encoded)[6:]))
+
+
+def _with_message(encoded: bytes, message: snapshot_pb2.CoreSnapshot) -> bytes:
+    body = MAGIC + FORMAT_VERSION.to_bytes(2, "big") + zlib.compress(
+        message.SerializeToString())
+    return _resigned(encoded, body)
+
+
+def test_loaded_users_share_the_counter_layouts_the_snapshot_tables():
+    """Each user's layout is read from the snapshot's table of the distinct ones, not from
+    its rows, and users with the same slots in the same order share one, as in the core
+    that wrote them; a snapshot without the table (as written before it) reads the same."""
+    h = _busy_harness()
+    encoded = snapshot_of(h.core)
+    app_message = next(a for a in _message(encoded).apps if a.app == h.app)
+    layouts_written = len(app_message.users.layout_slot_counts) // 4
+    restored = core_from_snapshot(encoded)
+    users = restored.apps[h.app].users
+    by_slots: dict[tuple[object, ...], set[int]] = {}
+    for user_id, user in users.items():
+        assert user.layout == h.core.apps[h.app].users[user_id].layout
+        by_slots.setdefault(tuple(user.layout), set()).add(id(user.layout))
+    assert all(len(ids) == 1 for ids in by_slots.values())
+    assert len(by_slots) == layouts_written < len(users)
+    message = _message(encoded)
+    for app in message.apps:
+        for column in ("layout_index", "layout_slot_counts", "layout_slots"):
+            app.users.ClearField(column)
+    without_table = core_from_snapshot(_with_message(encoded, message))
+    assert digest(without_table) == digest(restored) == digest(h.core)
+    assert {id(user.layout) for user in without_table.apps[h.app].users.values()} == {
+        id(user.layout) for user in users.values()}  # the same shared layouts
+
+
+@pytest.mark.parametrize("damage", ["slot order", "counts", "slot past the table"])
+def test_layouts_that_disagree_with_the_counters_rows_are_refused(damage: str):
+    h = _busy_harness()
+    encoded = snapshot_of(h.core)
+    message = _message(encoded)
+    users = next(a for a in message.apps if a.app == h.app).users
+    slots = array.array("I", users.layout_slots)
+    counts = array.array("I", users.layout_slot_counts)
+    if damage == "slot order":  # a layout's first two slots the other way round
+        at = sum(counts[:next(n for n, count in enumerate(counts) if count >= 2)])
+        slots[at], slots[at + 1] = slots[at + 1], slots[at]
+        expected = "the users' layouts and their counters' slots differ"
+    elif damage == "counts":
+        counts[0] += 1
+        slots.append(slots[0])
+        expected = "a user with two counters at one slot|layouts and their counters' slots"
+    else:
+        slots[0] = 10**6
+        expected = "layouts of .* slots in all"
+    users.layout_slots, users.layout_slot_counts = slots.tobytes(), counts.tobytes()
+    with pytest.raises(CorruptSnapshot, match=expected):
+        core_from_snapshot(_with_message(encoded, message))
+
+
 def test_a_window_bound_index_past_its_table_is_refused_naming_it():
     h = _busy_harness()
     encoded = snapshot_of(h.core)

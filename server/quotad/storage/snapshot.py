@@ -201,12 +201,11 @@ def _encode_users(users_message: Any, counters_message: Any,
     customers = list(map(attrgetter("billing_customer_id"), subscriptions))
     if any(customers):
         users_message.billing_customer_ids.extend(customers)
-    slots = chain.from_iterable(map(attrgetter("layout"), rows))  # in each layout's order
     counters = list(chain.from_iterable(counter_tuples))
-    group_keys: list[str] = []
-    counters_message.group_index = _packed(_indexed(group_keys, slots))
-    counters_message.group_keys.extend(key for key, _ in group_keys)
-    counters_message.group_windows = _packed(_column(_UINT32, (w for _, w in group_keys)))
+    slot_table = _encode_layouts(users_message, counters_message,
+                                 list(map(attrgetter("layout"), rows)))
+    counters_message.group_keys.extend(key for key, _ in slot_table)
+    counters_message.group_windows = _packed(_column(_UINT32, (w for _, w in slot_table)))
     starts: list[int] = []
     counters_message.window_start_index = _packed(
         _indexed(starts, map(attrgetter("window_start_ns"), counters)))
@@ -229,6 +228,28 @@ def _encode_users(users_message: Any, counters_message: Any,
     for row, counter in enumerate(counters):
         if counter.balance is not None:  # few: a message each
             _encode_balance(counters_message.balances.add(), row, counter.balance)
+
+
+def _encode_layouts(users_message: Any, counters_message: Any,
+                    layouts: list[CounterLayout]) -> list[CounterSlot]:
+    """Each user's layout as an index into a table of the distinct ones (told apart by
+    identity: the core shares them), and each of those as its slots' indexes into the
+    table of slots, returned; every counter row's slot index (group_index) follows from
+    them, with no walk of the rows."""
+    layout_ids = list(map(id, layouts))
+    by_id = dict(zip(layout_ids, layouts))
+    number_of = dict(zip(by_id, range(len(by_id))))
+    layout_index = list(map(number_of.__getitem__, layout_ids))
+    distinct = list(by_id.values())
+    slot_table = list(dict.fromkeys(chain.from_iterable(distinct)))
+    slot_number = {slot: number for number, slot in enumerate(slot_table)}
+    layout_slots = [_packed(_column(_UINT32, map(slot_number.__getitem__, layout)))
+                    for layout in distinct]
+    users_message.layout_index = _packed(_column(_UINT32, layout_index))
+    users_message.layout_slot_counts = _packed(_column(_UINT32, map(len, distinct)))
+    users_message.layout_slots = b"".join(layout_slots)
+    counters_message.group_index = b"".join(map(layout_slots.__getitem__, layout_index))
+    return slot_table
 
 
 _BALANCE_NUMBERS = ("owed", "grants_made", "takes", "forgotten_consumed",
@@ -492,13 +513,18 @@ def _users(users_message: Any, counters_message: Any
     zone_of = _from_table(zones, users_message.zone_index, rows, "zones")
     live_holds = _unpacked(_UINT32, users_message.live_holds, rows, "live holds")
     counts = _unpacked(_UINT32, users_message.counter_counts, rows, "counter counts")
-    slot_table, slot_rows, counters, balance_rows = _counters(counters_message, sum(counts))
+    slot_table, counters, balance_rows = _counters(counters_message, sum(counts))
     customers = list(users_message.billing_customer_ids) or [""] * rows
     if len(customers) != rows:
         raise CorruptSnapshot(f"column billing customer ids: {len(customers)} for {rows} rows")
     # built in C, positionally: in Subscription's field order (tests/test_values.py holds it)
     subscriptions = list(map(Subscription, user_ids, plans, zone_of, customers))
-    layouts = _layouts(slot_table, slot_rows, counts)
+    if users_message.layout_index:
+        layouts = _tabled_layouts(users_message, slot_table, counts,
+                                  counters_message.group_index)
+    else:  # written before the layouts' table
+        layouts = _layouts(slot_table, _table_rows(
+            slot_table, counters_message.group_index, len(counters), "counter slots"), counts)
     counters_in_order = iter(counters)
     counters_of = [tuple(islice(counters_in_order, count)) for count in counts]
     # in UserState's field order too
@@ -509,34 +535,59 @@ def _users(users_message: Any, counters_message: Any
     owned = []
     if balance_rows:
         rows_to = list(accumulate(counts))  # a user's counters: the rows up to its entry here
-        owned = [(user_ids[bisect.bisect_right(rows_to, row)], slot_table[slot_rows[row]][0],
-                  counters[row].balance) for row in balance_rows]
+        for row in balance_rows:
+            user = bisect.bisect_right(rows_to, row)
+            key, _ = list(layouts[user])[row - (rows_to[user - 1] if user else 0)]
+            owned.append((user_ids[user], key, counters[row].balance))
     return users, sum(live_holds), owned
+
+
+def _tabled_layouts(users_message: Any, slot_table: list[CounterSlot], counts: list[int],
+                    group_index: bytes) -> list[CounterLayout]:
+    """Each user's counter layout, from the table of the distinct ones; CorruptSnapshot
+    unless they place as many counters as the users have, at the slots their rows name."""
+    slot_counts = _table_of(_UINT32, users_message.layout_slot_counts, "layout slot counts")
+    numbers = _table_of(_UINT32, users_message.layout_slots, "layout slots")
+    if sum(slot_counts) != len(numbers) or (numbers and max(numbers) >= len(slot_table)):
+        raise CorruptSnapshot(f"layouts of {sum(slot_counts)} slots in all, {len(numbers)} "
+                              f"given, of a table of {len(slot_table)}")
+    numbers_in_order = iter(numbers)
+    table, table_rows = [], []
+    for count in slot_counts:
+        layout_numbers = tuple(islice(numbers_in_order, count))
+        table.append(_layout(tuple(map(slot_table.__getitem__, layout_numbers))))
+        table_rows.append(_packed(_column(_UINT32, layout_numbers)))  # as group_index has it
+    users_layout = _table_rows(table, users_message.layout_index, len(counts), "layouts")
+    if (list(map(slot_counts.__getitem__, users_layout)) != counts
+            or b"".join(map(table_rows.__getitem__, users_layout)) != group_index):
+        raise CorruptSnapshot("the users' layouts and their counters' slots differ")
+    return list(map(table.__getitem__, users_layout))
 
 
 def _layouts(slot_table: list[CounterSlot], slot_rows: list[int], counts: list[int]
              ) -> list[CounterLayout]:
     """Each user's counter layout, from the slots of its counter rows (indexes into the
-    table): the core's shared layouts, one made per distinct run of slots, none per user."""
+    table), for a snapshot written without the layouts' table: the core's shared layouts,
+    one made per distinct run of slots, none per user."""
     rows_in_order = iter(slot_rows)
     runs = [tuple(islice(rows_in_order, count)) for count in counts]
-    made = {}
-    for run in set(runs):
-        slots = tuple(map(slot_table.__getitem__, run))
-        if len(set(slots)) != len(slots):
-            raise CorruptSnapshot(f"a user with two counters at one slot: {slots!r}")
-        made[run] = layout_of(slots)
+    made = {run: _layout(tuple(map(slot_table.__getitem__, run))) for run in set(runs)}
     return list(map(made.__getitem__, runs))
 
 
+def _layout(slots: tuple[CounterSlot, ...]) -> CounterLayout:
+    if len(set(slots)) != len(slots):
+        raise CorruptSnapshot(f"a user with two counters at one slot: {slots!r}")
+    return layout_of(slots)
+
+
 def _counters(message: Any, rows: int
-              ) -> tuple[list[CounterSlot], list[int], list[CounterState], list[int]]:
-    """The table of slots, the index in it of every counter row's slot, the counter of every
-    row (all in order), and the rows with a balance."""
+              ) -> tuple[list[CounterSlot], list[CounterState], list[int]]:
+    """The table of slots, the counter of every row (in order), and the rows with a
+    balance."""
     windows = _unpacked(_UINT32, message.group_windows, len(message.group_keys), "windows")
     table = [(sys.intern(key), Window(window)) for key, window in zip(message.group_keys,
                                                                       windows)]
-    slot_rows = _table_rows(table, message.group_index, rows, "counter slots")
     starts, ends = _window_bounds(message, rows)
     zeros = bytes(rows * _INT64_BYTES)
     counters = list(map(
@@ -554,7 +605,7 @@ def _counters(message: Any, rows: int
                                   f"or not after the row before")
         counters[row].balance = _balance(balance_message)
         balance_rows.append(row)
-    return table, slot_rows, counters, balance_rows
+    return table, counters, balance_rows
 
 
 def _window_bounds(message: Any, rows: int) -> tuple[list[int], list[int | None]]:
@@ -579,7 +630,12 @@ def _ends(stored: list[int]) -> list[int | None]:
 
 def _table(packed: bytes, name: str) -> list[int]:
     """A table of int64 values, as many as its bytes hold."""
-    return _unpacked(_INT64, packed, len(packed) // _INT64_BYTES, name)
+    return _table_of(_INT64, packed, name)
+
+
+def _table_of(typecode: str, packed: bytes, name: str) -> list[int]:
+    """A table of values of this type code, as many as its bytes hold."""
+    return _unpacked(typecode, packed, len(packed) // array.array(typecode).itemsize, name)
 
 
 def _from_table(table: list[Any], index: bytes, rows: int, name: str) -> list[Any]:
