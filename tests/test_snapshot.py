@@ -529,27 +529,54 @@ def test_loaded_users_share_the_counter_layouts_the_snapshot_tables():
         id(user.layout) for user in users.values()}  # the same shared layouts
 
 
-@pytest.mark.parametrize("damage", ["slot order", "counts", "slot past the table"])
-def test_layouts_that_disagree_with_the_counters_rows_are_refused(damage: str):
+@pytest.mark.parametrize("damage, expected", [
+    ("slot order", "the users' layouts and their counters' slots differ"),
+    ("another layout", "the users' layouts and their counters' slots differ"),
+    ("one slot twice", "a user with two counters at one slot"),
+    ("a slot past the table", "column layout slots index: 1000000 past the table's"),
+    ("a slot too few", "column layout slots index: .* bytes for .* rows of 4"),
+])
+def test_layouts_that_disagree_with_the_counters_rows_are_refused(damage: str, expected: str):
     h = _busy_harness()
     encoded = snapshot_of(h.core)
     message = _message(encoded)
     users = next(a for a in message.apps if a.app == h.app).users
     slots = array.array("I", users.layout_slots)
     counts = array.array("I", users.layout_slot_counts)
-    if damage == "slot order":  # a layout's first two slots the other way round
-        at = sum(counts[:next(n for n, count in enumerate(counts) if count >= 2)])
+    chosen = array.array("I", users.layout_index)
+    two = next(n for n, count in enumerate(counts) if count >= 2)  # a layout of 2 slots or more
+    at = sum(counts[:two])
+    if damage == "slot order":  # its first two slots the other way round
         slots[at], slots[at + 1] = slots[at + 1], slots[at]
-        expected = "the users' layouts and their counters' slots differ"
-    elif damage == "counts":
-        counts[0] += 1
-        slots.append(slots[0])
-        expected = "a user with two counters at one slot|layouts and their counters' slots"
-    else:
+    elif damage == "another layout":  # a user of it placed by another
+        chosen[list(chosen).index(two)] = (two + 1) % len(counts)
+    elif damage == "one slot twice":
+        slots[at + 1] = slots[at]
+    elif damage == "a slot past the table":
         slots[0] = 10**6
-        expected = "layouts of .* slots in all"
+    else:
+        counts[two] += 1
     users.layout_slots, users.layout_slot_counts = slots.tobytes(), counts.tobytes()
+    users.layout_index = chosen.tobytes()
     with pytest.raises(CorruptSnapshot, match=expected):
+        core_from_snapshot(_with_message(encoded, message))
+
+
+def test_a_user_with_two_counters_at_one_slot_is_refused_without_the_layouts_table():
+    """A snapshot written before the table, whose rows file two of a user's counters at one
+    slot: refused, where a dict of them would have kept one and lost the other."""
+    h = _busy_harness()
+    encoded = snapshot_of(h.core)
+    message = _message(encoded)
+    app = next(a for a in message.apps if a.app == h.app)
+    for column in ("layout_index", "layout_slot_counts", "layout_slots"):
+        app.users.ClearField(column)
+    counts = array.array("I", app.users.counter_counts)
+    rows = array.array("I", app.counters.group_index)
+    at = sum(counts[:next(n for n, count in enumerate(counts) if count >= 2)])
+    rows[at + 1] = rows[at]
+    app.counters.group_index = rows.tobytes()
+    with pytest.raises(CorruptSnapshot, match="a user with two counters at one slot"):
         core_from_snapshot(_with_message(encoded, message))
 
 

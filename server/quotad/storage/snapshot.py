@@ -547,10 +547,8 @@ def _tabled_layouts(users_message: Any, slot_table: list[CounterSlot], counts: l
     """Each user's counter layout, from the table of the distinct ones; CorruptSnapshot
     unless they place as many counters as the users have, at the slots their rows name."""
     slot_counts = _table_of(_UINT32, users_message.layout_slot_counts, "layout slot counts")
-    numbers = _table_of(_UINT32, users_message.layout_slots, "layout slots")
-    if sum(slot_counts) != len(numbers) or (numbers and max(numbers) >= len(slot_table)):
-        raise CorruptSnapshot(f"layouts of {sum(slot_counts)} slots in all, {len(numbers)} "
-                              f"given, of a table of {len(slot_table)}")
+    numbers = _table_rows(slot_table, users_message.layout_slots, sum(slot_counts),
+                          "layout slots")
     numbers_in_order = iter(numbers)
     table, table_rows = [], []
     for count in slot_counts:
