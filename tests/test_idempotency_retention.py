@@ -167,6 +167,63 @@ def test_a_writer_answers_a_repeat_from_the_log_for_the_longer_retention_across_
     control.close()
 
 
+def test_no_keyed_record_finds_an_earlier_use_of_its_key_in_the_log_so_replay_skips_it(
+        tmp_path: Path):
+    """Why replay never asks the log for a key (Core.replay): each keyed record in the log is
+    its key's first use or a use past the first's retention, and the idempotency table names
+    a key's latest use, so the log's lookup as of the record before finds nothing for any of
+    them. Repeats within the retention made no record; a restart replays to the same state."""
+    clock_ns = [T0]
+    wal = WriteAheadLog(tmp_path)
+
+    async def run() -> str:
+        writer = _writer(wal, clock_ns)
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        first = await writer.execute(_track("k", amount=2))
+        await writer.execute(_track("j", amount=5))
+        clock_ns[0] = T0 + HOUR_NS  # repeats within the retention: answered, no record
+        sequence = writer.core.sequence
+        assert await writer.execute(_track("k", amount=2)) == first
+        assert writer.core.sequence == sequence
+        clock_ns[0] = T0 + 25 * HOUR_NS  # past it: used anew, a record each
+        second = await writer.execute(_track("k", amount=2))
+        assert second != first
+        await writer.execute(_track("j", amount=5))
+        await writer.execute(SetIdempotencyRetention(retention_ns=48 * HOUR_NS))
+        clock_ns[0] = T0 + 50 * HOUR_NS  # 25 h after the second use, within 48: from the log
+        assert await writer.execute(_track("k", amount=2)) == second
+        clock_ns[0] = T0 + 74 * HOUR_NS  # 49 h after it: used anew
+        third = await writer.execute(_track("k", amount=2))
+        assert writer.core.sequence == sequence + 4 and third.counters[0].used == 2 + 5 + 2 + 5 + 2
+        digest = state_digest(writer.core)
+        for task in writer._tasks:  # stop without the final snapshot: a restart replays all
+            task.cancel()
+        await asyncio.gather(*writer._tasks, return_exceptions=True)
+        writer._executor.shutdown(wait=True)
+        return digest
+
+    digest = asyncio.run(run())
+    keyed = [record for record in wal.records() if getattr(record.command, "idempotency_key", "")]
+    assert [record.command.idempotency_key for record in keyed] == ["k", "j", "k", "j", "k"]
+    for record in keyed:
+        assert wal.idempotency_record("a", "Track", record.command.idempotency_key,
+                                      record.sequence - 1) is None
+    latest = wal.idempotency_record("a", "Track", "k", keyed[-1].sequence)
+    assert latest is not None and latest.sequence == keyed[-1].sequence
+    wal.close()
+    wal = WriteAheadLog(tmp_path)
+    asked = []
+    lookup = wal.idempotency_record
+    wal.idempotency_record = lambda *key: asked.append(key) or lookup(*key)  # type: ignore
+    try:
+        core = recover(wal, repair=False)  # each record made again exactly, asking nothing
+        assert state_digest(core) == digest and core.idempotency_retention_ns == 48 * HOUR_NS
+        assert asked == [] and not core.apps["a"].idempotency
+    finally:
+        wal.close()
+
+
 def test_the_flag_takes_24_to_2160_hours_and_refuses_the_rest_having_made_nothing(
         tmp_path: Path):
     assert Config().idempotency_retention_ns == limits.IDEMPOTENCY_RETENTION_NS_MIN

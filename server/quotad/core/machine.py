@@ -343,6 +343,15 @@ class Core:
         """False while a record that keeps no answer is replayed: nothing reads its result,
         so the counter views a commit, release, track or allowed reserve answers with are
         left out (a tenth of replay's time). Set by replay() only."""
+        self._replaying = False
+        """True while a record read back from the log is applied (replay()). A keyed record
+        in the log is its key's first use, or a use past the first's retention: a repeat
+        within it made no record. So replay neither looks its key up (in memory it would find
+        nothing unexpired; the log's lookup, durable_idempotency, finds the use the
+        idempotency table's row names, the key's latest, never one before the record
+        replayed) nor keeps it (every record replayed is durable: the log answers for it).
+        A core alone (no durable_idempotency) keeps keys in memory, as its state: its replay
+        makes them as apply() did."""
         self.frozen_slots: set[int] = set()
         """Slots moving away (FreezeSlots): their users' calls are refused SLOTS_MOVING."""
         self.incoming_slots: set[int] = set()
@@ -443,10 +452,12 @@ class Core:
     def replay(self, record: Record) -> None:
         """Applies a record read back from the log; it must make exactly that record again."""
         self._answering = record.answer is not None
+        self._replaying = True
         try:
             outcome = self.apply(record.command, record.now_ns)
         finally:
             self._answering = True
+            self._replaying = False
         if outcome.records != (record,):
             raise AssertionError(
                 f"replay diverged at sequence {record.sequence}: the log holds {record!r}, "
@@ -730,6 +741,8 @@ class Core:
                     handler: Callable[[Any, int], tuple[Any, bool]]) -> tuple[Any, bool]:
         """Same key, same request: the first answer, nothing changed. Same key, another
         request: ALREADY_EXISTS. A key belongs to one app and one RPC."""
+        if self._replaying and self.durable_idempotency is not None:  # see _replaying
+            return handler(command, now_ns)[0], True
         slot = (type(command).__name__, command.idempotency_key)
         entry = self.apps.get(command.app, _EMPTY_APP).idempotency.get(slot)
         if entry is None and self.durable_idempotency is not None:
