@@ -2,6 +2,7 @@
 snapshot, to restart from it (snapshot + the log after it) and to replay the whole log.
 
     .venv/bin/python -m bench.recovery [--users 1000000] [--tail-records 100000] [--runs 3]
+                                       [--idempotency-keys]
 
 Builds the data directory offline with the real core and log, as the server would have
 written it: one plan of two limit groups that every event hits; every user subscribed, then
@@ -11,7 +12,9 @@ records (reserve + commit pairs over random users): the log a restart replays af
 snapshot. The default is the server's snapshot cadence, 100,000 records: the most a crash
 leaves to replay. Records are written 8,192 per synced LMDB transaction, --spacing-ms of
 server time apart. The core is run as the server runs it: idempotency keys and finished holds
-leave memory once their records are durable.
+leave memory once their records are durable. With --idempotency-keys every Reserve and Commit
+carries its own key, made as AsyncQuotaClient makes them by default: each record then holds
+its first answer, which a replay makes again and checks.
 
 It prints, each a median of --runs (with the range) unless noted:
   - snapshot fork:   the event-loop stall while serving (forking the child); one run
@@ -71,6 +74,7 @@ from quotad.storage.snapshot import core_from_snapshot, core_with_delta, snapsho
 from quotad.storage.snapshot_json import core_to_plain
 from quotad.core import limits
 from quotad.storage.wal import LOCK_FILE_NAME, Retention, Snapshot, WriteAheadLog, encode_snapshot
+from quotad_client import new_idempotency_key
 
 BATCH_RECORDS = 8192
 MAP_SIZE_BYTES = 256 * 1024**3
@@ -94,7 +98,8 @@ def _progress(label: str, done: int, total: int, started: float) -> None:
 class _Builder:
     """The core and the log, driven as the writer drives them."""
 
-    def __init__(self, data_dir: Path, spacing_ns: int, total_records: int) -> None:
+    def __init__(self, data_dir: Path, spacing_ns: int, total_records: int,
+                 idempotency_keys: bool) -> None:
         self.wal = WriteAheadLog(data_dir, map_size_bytes=MAP_SIZE_BYTES)
         self.core = Core()
         self.core.durable_idempotency = durable_idempotency(self.wal)
@@ -103,6 +108,7 @@ class _Builder:
         self.spacing_ns = spacing_ns
         self.pending: list = []
         self.total_records = total_records
+        self.idempotency_keys = idempotency_keys
         self.started = time.perf_counter()
 
     def apply(self, command: object) -> object:
@@ -124,15 +130,19 @@ class _Builder:
     def pair(self, user: int, number: int, rng: random.Random) -> None:
         held = self.apply(Reserve(app="default", user_id=f"user-{user}",
                                   event_type="openai.chat", amount=1000,
-                                  reservation_id=f"rsv_{number:024x}"))
+                                  reservation_id=f"rsv_{number:024x}",
+                                  idempotency_key=self._key()))
         self.apply(Commit(app="default", reservation_id=held.reservation_id,
-                          amount=rng.randrange(1001)))
+                          amount=rng.randrange(1001), idempotency_key=self._key()))
+
+    def _key(self) -> str:
+        return new_idempotency_key() if self.idempotency_keys else ""
 
 
 def build(data_dir: Path, users: int, tail_records: int, seed: int,
-          spacing_ns: int) -> dict:
+          spacing_ns: int, idempotency_keys: bool) -> dict:
     rng = random.Random(seed)
-    builder = _Builder(data_dir, spacing_ns, 1 + 3 * users + tail_records)
+    builder = _Builder(data_dir, spacing_ns, 1 + 3 * users + tail_records, idempotency_keys)
     builder.apply(UpsertPlan(app="default", plan=PLAN))
     for user in range(users):
         builder.apply(UpsertSubscription(app="default", user_id=f"user-{user}", plan_id="pro"))
@@ -159,7 +169,8 @@ def build(data_dir: Path, users: int, tail_records: int, seed: int,
     facts = {"users": users, "records": builder.core.sequence, "snapshot_sequence": sequence,
              "snapshot_bytes": len(encoded), "fork_s": fork_s, "child_s": child_s,
              "child_cpu_s": made.cpu_s,
-             "spacing_ms": spacing_ns / 1e6, "live_digest": state_digest(builder.core)}
+             "spacing_ms": spacing_ns / 1e6, "idempotency_keys": idempotency_keys,
+             "live_digest": state_digest(builder.core)}
     builder.wal.close()
     (data_dir / FACTS_FILE).write_text(json.dumps(facts))
     return facts
@@ -296,8 +307,9 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         wal.close()
     size_mb = sum(f.stat().st_size for f in data_dir.iterdir()) / 1e6
     records, tail = facts["records"], facts["records"] - facts["snapshot_sequence"]
+    keyed = ", each Reserve and Commit keyed" if facts.get("idempotency_keys") else ""
     print(f"users {facts['users']:,} (2 counters each), log records {records:,}, "
-          f"{tail:,} after the snapshot; data dir {size_mb:,.0f} MB")
+          f"{tail:,} after the snapshot{keyed}; data dir {size_mb:,.0f} MB")
     print(f"snapshot fork (event-loop stall)  {facts['fork_s']:7.3f} s")
     print(f"snapshot child, fork to bytes     {facts['child_s']:7.2f} s, "
           f"{facts['snapshot_bytes'] / 1e6:,.2f} MB")
@@ -398,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "first one of each user (default: %(default)s)")
     parser.add_argument("--spacing-ms", type=float, default=1.0,
                         help="server time between two records (default: %(default)s)")
+    parser.add_argument("--idempotency-keys", action="store_true",
+                        help="give every Reserve and Commit its own idempotency key, made as "
+                             "AsyncQuotaClient makes them by default (each record then holds "
+                             "its first answer); ignored for an existing --dir")
     parser.add_argument("--prune", action="store_true",
                         help="also prune every record the snapshot covers from a copy of the "
                              "log, as the server does past the retention, and show its cost")
@@ -415,7 +431,7 @@ def main() -> None:
             facts = json.loads(facts_path.read_text())
         else:
             facts = build(data_dir, args.users, args.tail_records, args.seed,
-                          int(args.spacing_ms * 1_000_000))
+                          int(args.spacing_ms * 1_000_000), args.idempotency_keys)
         measure(data_dir, facts, args.runs, args.replay_runs)
         if args.prune:
             measure_pruning(data_dir)
