@@ -25,6 +25,7 @@ from quotad.storage.codec import (
 )
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import Retention, Snapshot, WriteAheadLog
+from writer_helpers import stop_without_final_snapshot
 
 PLAN = Plan(id="p", limit_groups=(
     LimitGroup(key="tokens", label="Tokens", unit="tokens", quota=1000, window=Window.MONTH,
@@ -114,10 +115,7 @@ def test_a_replay_does_not_take_a_later_record_for_an_earlier_first_use(tmp_path
             await writer.execute(Track(app="a", user_id="u", event_type="openai.chat",
                                        amount=3, idempotency_key=f"k{n}"))
         digest = state_digest(writer.core)
-        for task in writer._tasks:  # stop without the final snapshot: a restart replays all
-            task.cancel()
-        await asyncio.gather(*writer._tasks, return_exceptions=True)
-        writer._executor.shutdown(wait=True)
+        await stop_without_final_snapshot(writer)  # a restart replays all
         return digest
 
     digest = asyncio.run(run())

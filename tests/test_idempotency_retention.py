@@ -25,6 +25,7 @@ from quotad.storage.codec import decode_record, encode_record, record_key, state
 from quotad.storage.snapshot import decode_core, encode_core
 from quotad.storage.wal import WriteAheadLog
 from server_process import refused_serve
+from writer_helpers import stop_without_final_snapshot
 
 HOUR_NS = 3600 * limits.NS_PER_S
 T0 = 1_800_000_000 * limits.NS_PER_S
@@ -197,10 +198,7 @@ def test_no_keyed_record_finds_an_earlier_use_of_its_key_in_the_log_so_replay_sk
         third = await writer.execute(_track("k", amount=2))
         assert writer.core.sequence == sequence + 4 and third.counters[0].used == 2 + 5 + 2 + 5 + 2
         digest = state_digest(writer.core)
-        for task in writer._tasks:  # stop without the final snapshot: a restart replays all
-            task.cancel()
-        await asyncio.gather(*writer._tasks, return_exceptions=True)
-        writer._executor.shutdown(wait=True)
+        await stop_without_final_snapshot(writer)  # a restart replays all
         return digest
 
     digest = asyncio.run(run())
