@@ -351,7 +351,8 @@ class Core:
         idempotency table's row names, the key's latest, never one before the record
         replayed) nor keeps it (every record replayed is durable: the log answers for it).
         A core alone (no durable_idempotency) keeps keys in memory, as its state: its replay
-        makes them as apply() did."""
+        makes them as apply() did. Finished holds likewise leave memory as they finish
+        (_hold_changed)."""
         self.frozen_slots: set[int] = set()
         """Slots moving away (FreezeSlots): their users' calls are refused SLOTS_MOVING."""
         self.incoming_slots: set[int] = set()
@@ -644,7 +645,14 @@ class Core:
 
     def _hold_changed(self, reservation: Reservation) -> None:
         """A hold finished, or an expired one was committed: kept in memory until the record
-        that says so is durable, and handed to that record for the log's holds table."""
+        that says so is durable, and handed to that record for the log's holds table. A
+        record replayed is durable already, its row in the table: memory lets the hold go at
+        once, as it would at the next forget_durable (and durable_hold answers for it as of
+        any later record, as it does past that forget)."""
+        if self._replaying:
+            assert reservation.reservation_id not in self._holds_latest, reservation
+            self.apps[reservation.app].reservations.pop(reservation.reservation_id, None)
+            return
         sequence = self.sequence + 1  # the record this command makes
         self.apps[reservation.app].reservations[reservation.reservation_id] = reservation
         self._holds_pending.append((sequence, reservation.app, reservation.reservation_id))
