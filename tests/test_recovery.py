@@ -1,6 +1,6 @@
-"""Recovery over a real LMDB log: whether memory lets go of durable keys and finished holds
-after every replayed record or only at the end, replay makes every record again (answers
-included) and ends in the state the run ended with; and from a snapshot taken midway too."""
+"""Recovery over a real LMDB log: replay makes every record again (answers included), keeps
+none of the durable keys and finished holds the log answers for, and ends in the state the
+run ended with; and from a snapshot taken midway too."""
 
 from __future__ import annotations
 
@@ -73,28 +73,24 @@ def _busy_log(wal: WriteAheadLog) -> tuple[_Run, bytes]:
     return run, midway
 
 
-@pytest.mark.parametrize("forget_every_records", [1, 3, 10**6])
-def test_replay_ends_in_the_live_state_however_often_memory_lets_go(
-        tmp_path: Path, forget_every_records: int):
+def test_replay_ends_in_the_live_state_keeping_nothing_the_log_answers_for(tmp_path: Path):
     wal = WriteAheadLog(tmp_path)
     try:
         run, _ = _busy_log(wal)
-        recovered = recover(wal, repair=False, forget_every_records=forget_every_records)
+        recovered = recover(wal, repair=False)
         assert recovered.sequence == run.core.sequence
         assert state_digest(recovered) == state_digest(run.core)
     finally:
         wal.close()
 
 
-@pytest.mark.parametrize("forget_every_records", [1, 10**6])
-def test_a_restart_from_a_snapshot_taken_midway_ends_in_the_live_state(
-        tmp_path: Path, forget_every_records: int):
+def test_a_restart_from_a_snapshot_taken_midway_ends_in_the_live_state(tmp_path: Path):
     wal = WriteAheadLog(tmp_path)
     try:
         run, midway = _busy_log(wal)
         sequence = int.from_bytes(midway[16:24], "big")
         wal.append([], Snapshot(sequence, midway))
-        recovered = recover(wal, repair=False, forget_every_records=forget_every_records)
+        recovered = recover(wal, repair=False)
         assert state_digest(recovered) == state_digest(run.core)
     finally:
         wal.close()

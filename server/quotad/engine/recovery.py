@@ -10,24 +10,20 @@ from quotad.storage.wal import CorruptSnapshot, WriteAheadLog, TornTail, recover
 
 log = logging.getLogger("quotad.writer")
 """The logger name its lines have always carried."""
-FORGET_EVERY_RECORDS = 8192
-"""While replaying, memory lets go of the keys and finished holds that the log answers for
-this often (every record replayed is durable), as the writer does after each batch: replay's
-memory stays that of the live state, not of every hold the log finished."""
 
 
-def recover(wal: WriteAheadLog, *, repair: bool = True,
-            forget_every_records: int = FORGET_EVERY_RECORDS) -> Core:
+def recover(wal: WriteAheadLog, *, repair: bool = True) -> Core:
     """The core as the data directory left it: the latest snapshot, then every record after
     it replayed and checked. A torn tail that was never acknowledged is dropped and logged
     (with repair=False it is raised as TornTail and nothing is changed), and so is a delta
-    snapshot that cannot be read (with repair=False, CorruptSnapshot)."""
-    assert forget_every_records >= 1
+    snapshot that cannot be read (with repair=False, CorruptSnapshot). Every record replayed
+    is durable, so replay keeps none of the keys and finished holds the log answers for
+    (Core._replaying): its memory is that of the live state."""
     with collector_paused():
-        return _recover(wal, repair, forget_every_records)
+        return _recover(wal, repair)
 
 
-def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Core:
+def _recover(wal: WriteAheadLog, repair: bool) -> Core:
     core = loaded_snapshots(wal, repair)
     core.durable_idempotency = durable_idempotency(wal)
     core.durable_hold = wal.finished_hold
@@ -36,15 +32,13 @@ def _recover(wal: WriteAheadLog, repair: bool, forget_every_records: int) -> Cor
         with wal.reading():  # one read transaction for the lookups of every record replayed
             for record in recover_records(wal, core.sequence, drop_torn_tail=repair):
                 core.replay(record)
-                if record.sequence % forget_every_records == 0:
-                    core.forget_durable(record.sequence)
     except TornTail as torn:
         if not repair:
             raise
         log.warning("dropped a torn log tail", extra={"from_sequence": torn.sequence,
                                                       "records": torn.dropped,
                                                       "reason": str(torn)})
-    core.forget_durable(core.sequence)  # every record replayed is durable
+    assert core.pending_durable() == (frozenset(), frozenset()), "replay kept what is durable"
     log.info("recovered", extra={"snapshot_sequence": snapshot_sequence,
                                  "whole_snapshot_sequence": wal.whole_snapshot_sequence(),
                                  "replayed": core.sequence - snapshot_sequence,
