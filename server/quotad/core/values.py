@@ -15,8 +15,8 @@ the same. A field written `dataclasses.field(default_factory=...)` gets a fresh 
 instance. Being untracked, a user's state costs the collector nothing and 16 bytes less per
 object: at 1,000,000 users, 4,000,000 fewer objects for a full collection to scan.
 
-A class with a `__post_init__` (a command's checks) also gets `unchecked(...)`: the same
-value, built without running them, for fields that passed them once already (a command read
+A class with a `__post_init__` (a command's checks) also gets `unchecked(...)`, every field
+named: the same value, built without running them, for fields that passed them once already (a command read
 back from the checksummed log that a checked one was written to). Its `__post_init__` must
 only check, never change a field.
 """
@@ -97,18 +97,39 @@ def _struct_of(target: type, kw_only: bool, frozen: bool = True) -> Any:
             if _checking.on:
                 _check(self)
         namespace["__post_init__"] = __post_init__
-
-        def unchecked(made: type, *args: Any, **kwargs: Any) -> Any:
-            """The value, built without its __post_init__ checks (see values)."""
-            _checking.on = False
-            try:
-                return made(*args, **kwargs)
-            finally:
-                _checking.on = True
-        namespace["unchecked"] = classmethod(unchecked)
-    return types.new_class(target.__name__, (msgspec.Struct,),
+    made = types.new_class(target.__name__, (msgspec.Struct,),
                            {"frozen": frozen, "kw_only": kw_only, "gc": False},
                            lambda ns: ns.update(namespace))
+    if check is not None:
+        assert not any(isinstance(default, dataclasses.Field)
+                       and default.default_factory is not dataclasses.MISSING
+                       for default in vars(target).values()), target  # a state's, unchecked
+        made.unchecked = _unchecked_of(made)
+    return made
+
+
+def _unchecked_of(made: Any) -> classmethod:
+    """made.unchecked(**fields): the value, built without its __post_init__ checks (see
+    values). Written out for the class's fields and defaults: forwarding *args and **kwargs
+    cost ~0.4 us more for a Reserve (~0.78 against ~0.37 us)."""
+    fields, defaults = made.__struct_fields__, made.__struct_defaults__
+    first_default = len(fields) - len(defaults)
+    parameters = []
+    for index, name in enumerate(fields):
+        default = defaults[index - first_default] if index >= first_default else msgspec.NODEFAULT
+        parameters.append(name if default is msgspec.NODEFAULT
+                          else f"{name}=_defaults[{index - first_default}]")
+    code = ("def unchecked(made, *, " + ", ".join(parameters) + "):\n"
+            "    _checking.on = False\n"
+            "    try:\n"
+            "        return made(" + ", ".join(f"{name}={name}" for name in fields) + ")\n"
+            "    finally:\n"
+            "        _checking.on = True\n")
+    namespace: dict[str, Any] = {"_checking": _checking, "_defaults": defaults}
+    exec(code, namespace)
+    unchecked = namespace["unchecked"]
+    unchecked.__doc__ = "The value, built without its __post_init__ checks (see values)."
+    return classmethod(unchecked)
 
 
 def replace(value: T, /, **changes: Any) -> T:
