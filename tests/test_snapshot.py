@@ -112,6 +112,28 @@ def test_a_restored_snapshot_equals_the_state_it_was_taken_from():
     assert list(restored.grant_expiry) == list(h.core.grant_expiry) != []  # rebuilt too
 
 
+@pytest.mark.parametrize("reserving", ["nobody", "everyone", "every other user"])
+def test_users_with_as_many_counters_each_or_not_load_each_with_their_own(reserving: str):
+    """A load cuts each user's counters from one column: users who all have as many (none,
+    or two each) are cut in bulk, users of different counts one by one; each user gets back
+    the counters it had, in its layout's order."""
+    h = Harness()
+    users = [f"user-{number}" for number in range(7)]
+    h.setup(plan("p", group("tokens", 1000, Window.DAY, ["openai.*"]),
+                 group("ever", 10**6, Window.LIFETIME)), *users)
+    for number, user in enumerate(users):
+        if reserving == "everyone" or (reserving == "every other user" and number % 2):
+            h.reserve(user, 10 + number)
+    restored = core_from_snapshot(snapshot_of(h.core))
+    counts = set()
+    for user in users:
+        loaded, original = restored.apps[h.app].users[user], h.core.apps[h.app].users[user]
+        assert list(loaded.counter_items()) == list(original.counter_items())
+        counts.add(len(loaded.counters))
+    assert counts == {"nobody": {0}, "everyone": {2}, "every other user": {0, 2}}[reserving]
+    assert digest(restored) == digest(h.core)
+
+
 def test_a_restored_core_makes_the_same_records_as_the_original_from_then_on():
     h = _busy_harness()
     restored = core_from_snapshot(snapshot_of(h.core))
