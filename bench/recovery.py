@@ -33,7 +33,9 @@ It prints, each a median of --runs (with the range) unless noted:
   - restart:         start-up recovery as the server does it: snapshot + log after it; and
                      the same state from the snapshot and a delta of it that holds the users
                      the log after it changed (the log then replayed is empty)
-  - full replay:     every record from sequence 1 (what a lost snapshot costs), records/s
+  - full replay:     every record from sequence 1 (what a lost snapshot costs), records/s;
+                     and the same records read back alone (checksum, decode), us per record:
+                     the part of replay that is not the core applying them again
   - pruning (--prune): every record the snapshot covers pruned from a copy of the log, as the
                      server prunes records past the retention: in transactions of
                      limits.PRUNED_RECORDS_PER_TRANSACTION_MAX, CPU per record and each
@@ -299,9 +301,11 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         deltas = _snapshot_children(recover(wal, repair=False), data_dir, facts["users"], runs,
                                     stored.sequence)
         replay_s = _timed(replay_runs, lambda: recover(_SnapshotLost(wal), repair=False), check)
+        decode_s = _timed(replay_runs, lambda: sum(1 for _ in wal.records(0)))
         if replay_runs == 0:  # measured once already: shown again from the facts kept
             replay_s = facts.get("replay_s", ([], []))
-        facts["replay_s"] = replay_s
+            decode_s = facts.get("decode_s", ([], []))
+        facts["replay_s"], facts["decode_s"] = replay_s, decode_s
         (data_dir / FACTS_FILE).write_text(json.dumps(facts))
     finally:
         wal.close()
@@ -343,6 +347,9 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
         print(f"full replay of the log            {_summary(replay_s)}: "
               f"{records / statistics.median(replay_s[0]):,.0f} records/s "
               f"(CPU: {records / statistics.median(replay_s[1]):,.0f})")
+    if decode_s[0]:
+        print(f"  the records read back alone     {_summary(decode_s)}: "
+              f"{statistics.median(decode_s[1]) / records * 1e6:.2f} us of CPU per record")
 
 
 def measure_pruning(data_dir: Path) -> None:
