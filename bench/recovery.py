@@ -32,7 +32,11 @@ It prints, each a median of --runs (with the range) unless noted:
                      same state in the format before (zlib'd JSON), the peer
   - restart:         start-up recovery as the server does it: snapshot + log after it; and
                      the same state from the snapshot and a delta of it that holds the users
-                     the log after it changed (the log then replayed is empty)
+                     the log after it changed (the log then replayed is empty); these follow
+                     the loads in this process, whose heap pages are then mapped already
+  - restart in a new process: the same as a server's start: each run a process of its own,
+                     which also has the kernel hand out its heap's pages (its system CPU
+                     shown apart)
   - full replay:     every record from sequence 1 (what a lost snapshot costs), records/s;
                      and the same records read back alone (checksum, decode), us per record:
                      the part of replay that is not the core applying them again
@@ -56,6 +60,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -208,6 +213,10 @@ def _summary(times: tuple[list[float], list[float]]) -> str:
             f"{max(wall_s):.2f}, {len(wall_s)} runs; CPU {statistics.median(cpu_s):.2f} s)")
 
 
+NEW_PROCESS_RESTART_TIMEOUT_S = 600
+"""A restart in a process of its own that takes longer is a failure of the bench."""
+
+
 class _SnapshotLost:
     """The log as a restart sees it when the snapshot is lost: every record is replayed."""
 
@@ -280,7 +289,43 @@ def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int,
         gc.set_threshold(*thresholds)
 
 
+def restart_here(data_dir: str, live_digest: str) -> None:
+    """A restart in this process, new: recover(), checked, then one line of JSON with its
+    wall-clock, CPU and system CPU seconds (what _new_process_restarts runs)."""
+    wal = WriteAheadLog(Path(data_dir), map_size_bytes=MAP_SIZE_BYTES)
+    try:
+        usage = os.times()
+        started = time.perf_counter()
+        core = recover(wal, repair=False)
+        wall_s = time.perf_counter() - started
+        ended = os.times()
+        _check(live_digest, core)
+    finally:
+        wal.close()
+    print(json.dumps({"wall_s": wall_s, "cpu_s": ended.user + ended.system - usage.user
+                      - usage.system, "system_s": ended.system - usage.system}))
+
+
+def _new_process_restarts(data_dir: Path, live_digest: str, runs: int
+                          ) -> tuple[list[float], list[float], list[float]]:
+    """(wall-clock, CPU, system CPU) seconds of each restart, each in a new process."""
+    wall_s, cpu_s, system_s = [], [], []
+    for _ in range(runs):
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys; from bench.recovery import restart_here; "
+             "restart_here(sys.argv[1], sys.argv[2])", str(data_dir), live_digest],
+            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+            timeout=NEW_PROCESS_RESTART_TIMEOUT_S, check=True)
+        times = json.loads(child.stdout.splitlines()[-1])
+        wall_s.append(times["wall_s"])
+        cpu_s.append(times["cpu_s"])
+        system_s.append(times["system_s"])
+    return wall_s, cpu_s, system_s
+
+
 def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
+    # first, while no other process holds the directory
+    new_process_s = _new_process_restarts(data_dir, facts["live_digest"], runs)
     wal = WriteAheadLog(data_dir, map_size_bytes=MAP_SIZE_BYTES)
     try:
         stored = wal.load_snapshot()
@@ -343,6 +388,9 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
     print(f"restart (snapshot + {tail:,} records) {_summary(restart_s)}")
     print(f"restart (snapshot + a delta of the {tail_users:,} users they changed, "
           f"{len(delta) / 1e6:,.2f} MB) {_summary(delta_restart_s)}")
+    print(f"restart in a new process (snapshot + {tail:,} records) "
+          f"{_summary(new_process_s[:2])}, of it system "
+          f"{statistics.median(new_process_s[2]):.2f} s")
     if replay_s[0]:
         print(f"full replay of the log            {_summary(replay_s)}: "
               f"{records / statistics.median(replay_s[0]):,.0f} records/s "
