@@ -37,6 +37,10 @@ It prints, each a median of --runs (with the range) unless noted:
   - restart in a new process: the same as a server's start: each run a process of its own,
                      which also has the kernel hand out its heap's pages (its system CPU
                      shown apart)
+  - a server's own start: `quotad serve` on a copy of the directory (the copy untimed), its
+                     serving line's recovery_s (recovery runs on a thread beside the event
+                     loop, which answers health checks meanwhile); and the exec to its
+                     listening line, which comes before (interpreter, imports, the port)
   - full replay:     every record from sequence 1 (what a lost snapshot costs), records/s;
                      and the same records read back alone (checksum, decode), us per record:
                      the part of replay that is not the core applying them again
@@ -65,6 +69,7 @@ import sys
 import tempfile
 import time
 import zlib
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -81,6 +86,7 @@ from quotad.storage.snapshot import core_from_snapshot, core_with_delta, snapsho
 from quotad.storage.snapshot_json import core_to_plain
 from quotad.core import limits
 from quotad.storage.wal import LOCK_FILE_NAME, Retention, Snapshot, WriteAheadLog, encode_snapshot
+from quotad.testing import ServerProcess
 from quotad_client import new_idempotency_key
 
 BATCH_RECORDS = 8192
@@ -215,6 +221,8 @@ def _summary(times: tuple[list[float], list[float]]) -> str:
 
 NEW_PROCESS_RESTART_TIMEOUT_S = 600
 """A restart in a process of its own that takes longer is a failure of the bench."""
+SERVER_START_TIMEOUT_S = 600
+"""A server's start on a copy of the directory that takes longer is a failure of the bench."""
 
 
 class _SnapshotLost:
@@ -323,9 +331,43 @@ def _new_process_restarts(data_dir: Path, live_digest: str, runs: int
     return wall_s, cpu_s, system_s
 
 
+class _ServerStarts(NamedTuple):
+    listening_s: list[float]
+    """Exec to the listening line (the interpreter, imports, the log opened, the port bound):
+    the time of the line, in ms, less the wall-clock time of the exec."""
+    recovery_s: list[float]
+    """The serving line's recovery_s: from the listening line to serving (the snapshot and the
+    log after it, on a thread beside the event loop that answers health checks meanwhile)."""
+
+
+def _server_starts(data_dir: Path, live_digest: str, runs: int) -> _ServerStarts:
+    """A server's own start, `quotad serve` on a fresh copy of the directory each run (the
+    copy untimed), checked: the state digest of its serving line is the live state's (that
+    line comes after the digest's pass over the state, so its own time is not the start's)."""
+    starts = _ServerStarts([], [])
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="quotad-start-") as scratch:
+            copy = Path(scratch) / "data"
+            shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(FACTS_FILE))
+            server = ServerProcess(copy, extra_args=("--log-state-digest",),
+                                   cwd=Path(__file__).resolve().parent.parent)
+            try:
+                launched_at_s = time.time()
+                server.launch()
+                serving = server.wait_for("serving", SERVER_START_TIMEOUT_S)
+            finally:
+                server.close()
+            assert serving["state_digest"] == live_digest, "the server recovered another state"
+            listening = datetime.fromisoformat(server.last("listening")["time"])
+            starts.listening_s.append(listening.timestamp() - launched_at_s)
+            starts.recovery_s.append(serving["recovery_s"])
+    return starts
+
+
 def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
     # first, while no other process holds the directory
     new_process_s = _new_process_restarts(data_dir, facts["live_digest"], runs)
+    server_starts = _server_starts(data_dir, facts["live_digest"], runs)
     wal = WriteAheadLog(data_dir, map_size_bytes=MAP_SIZE_BYTES)
     try:
         stored = wal.load_snapshot()
@@ -391,6 +433,12 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
     print(f"restart in a new process (snapshot + {tail:,} records) "
           f"{_summary(new_process_s[:2])}, of it system "
           f"{statistics.median(new_process_s[2]):.2f} s")
+    recovery_s, listening_s = server_starts.recovery_s, server_starts.listening_s
+    print(f"a server's own start (quotad serve on a copy), its recovery_s "
+          f"{statistics.median(recovery_s):.2f} s (range {min(recovery_s):.2f} to "
+          f"{max(recovery_s):.2f}, {len(recovery_s)} runs); exec to listening before it "
+          f"{statistics.median(listening_s):.2f} s ({min(listening_s):.2f} to "
+          f"{max(listening_s):.2f})")
     if replay_s[0]:
         print(f"full replay of the log            {_summary(replay_s)}: "
               f"{records / statistics.median(replay_s[0]):,.0f} records/s "

@@ -315,10 +315,13 @@ def test_the_recovery_bench_restarts_from_its_snapshot_and_replays_the_whole_log
     assert lines[0].startswith("users 40 (2 counters each), log records 151, 30 after")
     assert [line.split()[0] for line in lines[1:]] == [
         "snapshot", "snapshot", "the", "snapshot", "commands", "snapshot", "commands",
-        "snapshot", "the", "restart", "restart", "restart", "full", "the"]
-    assert lines[-4].startswith("restart (snapshot + a delta of the ")
-    assert lines[-3].startswith("restart in a new process (snapshot + 30 records) ")
-    assert ", 1 runs; CPU " in lines[-3] and lines[-3].split(", of it system ")[1].endswith(" s")
+        "snapshot", "the", "restart", "restart", "restart", "a", "full", "the"]
+    assert lines[-5].startswith("restart (snapshot + a delta of the ")
+    assert lines[-4].startswith("restart in a new process (snapshot + 30 records) ")
+    assert ", 1 runs; CPU " in lines[-4] and lines[-4].split(", of it system ")[1].endswith(" s")
+    # a server of its own on a copy, its serving line's digest checked against the live one's
+    assert lines[-3].startswith("a server's own start (quotad serve on a copy), its recovery_s ")
+    assert ", 1 runs); exec to listening before it " in lines[-3]
     assert lines[3].lstrip().startswith("the child's CPU ")
     assert "us per record at the server's cadence (a snapshot every 100,000 records)" in lines[3]
     assert lines[4].startswith("snapshot children of the restarted state, whole: CPU ")
@@ -349,8 +352,9 @@ def test_the_recovery_bench_replays_a_log_of_keyed_records_to_the_live_state(tmp
                        "--idempotency-keys", "--dir", str(tmp_path))
     assert lines[0].startswith("users 20 (2 counters each), log records 81, 20 after the "
                                "snapshot, each Reserve and Commit keyed; ")
-    assert lines[-5].startswith("restart (snapshot + 20 records) ")
-    assert lines[-3].startswith("restart in a new process (snapshot + 20 records) ")
+    assert lines[-6].startswith("restart (snapshot + 20 records) ")
+    assert lines[-4].startswith("restart in a new process (snapshot + 20 records) ")
+    assert lines[-3].startswith("a server's own start (quotad serve on a copy), its recovery_s ")
     assert "records/s" in lines[-2] and "us of CPU per record" in lines[-1]
 
 
