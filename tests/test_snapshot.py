@@ -394,6 +394,39 @@ def test_a_column_of_the_wrong_length_is_refused_naming_it():
         core_from_snapshot(_resigned(encoded, body))
 
 
+ZERO_USER_COLUMNS = ("plan_index", "zone_index", "live_holds", "layout_index")
+ZERO_COUNTER_COLUMNS = ("held", "threshold_percent_fired", "window_start_index",
+                        "window_end_index")
+
+
+def test_columns_of_zeros_load_as_any_column_does():
+    """Users of one plan and zone, no live hold, no threshold fired, counters of one window
+    each: those columns are 0 in every row, and a load makes their rows at once; the state
+    is the one written, and a short column of zeros, or indexes into an empty table, are
+    still refused."""
+    h = Harness()
+    h.setup(plan("p", group("tokens", 1000, Window.DAY, ["*"])), "u0")
+    for number in range(1, 40):
+        h.subscribe(f"u{number}", "p")
+    for number in range(40):
+        h.track(f"u{number}", number + 1)
+    encoded = snapshot_of(h.core)
+    message = _message(encoded)
+    (app_message,) = message.apps
+    columns = ([getattr(app_message.users, name) for name in ZERO_USER_COLUMNS]
+               + [getattr(app_message.counters, name) for name in ZERO_COUNTER_COLUMNS])
+    assert all(column and column == bytes(len(column)) for column in columns)
+    assert state_digest(core_from_snapshot(encoded)) == state_digest(h.core)
+
+    app_message.counters.held = app_message.counters.held[:-8]  # one row short
+    with pytest.raises(CorruptSnapshot, match="column held"):
+        core_from_snapshot(_with_message(encoded, message))
+    message = _message(encoded)
+    del message.apps[0].users.plan_ids[:]  # every row index 0, of a table with no entry
+    with pytest.raises(CorruptSnapshot, match="column plans index: 0 past the table's 0"):
+        core_from_snapshot(_with_message(encoded, message))
+
+
 @pytest.mark.parametrize("row", ["past the rows", "repeated"])
 def test_a_balance_of_a_counter_row_past_the_rows_or_repeated_is_refused(row: str):
     h = _busy_harness()
