@@ -76,7 +76,8 @@ NO_WINDOW_END_NS = -1
 _HOLD_STATES = tuple(HoldState)
 _INT64, _UINT32 = "q", "I"
 _INT64_BYTES, _UINT32_BYTES = 8, 4
-if array.array(_INT64).itemsize != _INT64_BYTES or array.array(_UINT32).itemsize != 4:
+if (array.array(_INT64).itemsize != _INT64_BYTES
+        or array.array(_UINT32).itemsize != _UINT32_BYTES):
     raise AssertionError("array typecodes q and I are 8 and 4 bytes on this platform")
 
 
