@@ -95,6 +95,8 @@ PLAN = Plan(id="pro", limit_groups=(
     LimitGroup(key="tokens", quota=10**12, window=Window.MONTH, match=Match(event_types=("*",))),
     LimitGroup(key="requests", quota=10**9, window=Window.DAY, match=Match(event_types=("*",))),
 ))
+ROOT = Path(__file__).resolve().parent.parent
+"""The checkout: the working directory of the processes the bench starts."""
 FACTS_FILE = "bench-facts.json"
 """What a kept --dir holds beside the log: what the build found and the live state's digest."""
 
@@ -322,7 +324,7 @@ def _new_process_restarts(data_dir: Path, live_digest: str, runs: int
         child = subprocess.run(
             [sys.executable, "-c", "import sys; from bench.recovery import restart_here; "
              "restart_here(sys.argv[1], sys.argv[2])", str(data_dir), live_digest],
-            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+            cwd=ROOT, capture_output=True, text=True,
             timeout=NEW_PROCESS_RESTART_TIMEOUT_S, check=True)
         times = json.loads(child.stdout.splitlines()[-1])
         wall_s.append(times["wall_s"])
@@ -350,7 +352,7 @@ def _server_starts(data_dir: Path, live_digest: str, runs: int) -> _ServerStarts
             copy = Path(scratch) / "data"
             shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(FACTS_FILE))
             server = ServerProcess(copy, extra_args=("--log-state-digest",),
-                                   cwd=Path(__file__).resolve().parent.parent)
+                                   cwd=ROOT)
             try:
                 launched_at_s = time.time()
                 server.launch()
