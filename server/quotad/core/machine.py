@@ -549,11 +549,12 @@ class Core:
             if hold_due and (not grant_due or expiry[0][0] <= grant_expiry[0][0]):
                 _, _, app_id, reservation_id = expiry.pop(0)
                 reservation = self.apps[app_id].reservations[reservation_id]
-                self._end_live_hold(reservation,
+                user, plan = self._subscriber(app_id, reservation.user_id)
+                self._end_live_hold(reservation, user,
                                     next_state(reservation.status, HoldEvent.EXPIRE),
                                     now_ns, in_index=False)
                 self._audit_hold("expire", reservation, reservation.amount)
-                self._check_hold_thresholds(reservation)
+                self._check_hold_thresholds(reservation, user, plan)
                 expired.append(ExpiredHold(app=app_id, reservation_id=reservation_id,
                                            user_id=reservation.user_id))
             elif grant_due:
@@ -614,14 +615,13 @@ class Core:
                 reservation = app.reservations.pop(key, None)  # None: the log holds it now
                 assert reservation is None or reservation.status is not HoldState.LIVE
 
-    def _end_live_hold(self, reservation: Reservation, status: HoldState, now_ns: int, *,
-                       in_index: bool) -> None:
-        """Returns a live hold's amount to its counters and marks how it ended."""
+    def _end_live_hold(self, reservation: Reservation, user: UserState, status: HoldState,
+                       now_ns: int, *, in_index: bool) -> None:
+        """Returns a live hold's amount to its counters and marks how it ended. user: the
+        hold's, as _subscriber gave it (which marked it changed)."""
         assert reservation.status is HoldState.LIVE and status is not HoldState.LIVE
         if in_index:
             self.expiry.remove(self._expiry_entry(reservation))
-        user = self.apps[reservation.app].users[reservation.user_id]
-        self._user_changed(reservation.app, reservation.user_id)
         for hold in reservation.holds:
             counter = self._counter_of(user, hold)
             if counter is not None:
@@ -728,11 +728,11 @@ class Core:
                         amount=consumed, limit_group_key=group.key, threshold_percent=percent,
                         window_start_ns=counter.window_start_ns))
 
-    def _check_hold_thresholds(self, reservation: Reservation,
+    def _check_hold_thresholds(self, reservation: Reservation, user: UserState, plan: Plan,
                                counters: list[CounterState | None] | None = None) -> None:
-        """Thresholds of the counters a hold counts in (in the window it was taken in);
-        counters: those of reservation.holds, when the caller has them already."""
-        user, plan = self._subscriber(reservation.app, reservation.user_id)
+        """Thresholds of the counters a hold counts in (in the window it was taken in); user
+        and plan: the hold's subscriber's; counters: those of reservation.holds, when the
+        caller has them already."""
         if counters is None:
             counters = [self._counter_of(user, hold) for hold in reservation.holds]
         changed = []
@@ -951,13 +951,12 @@ class Core:
             return ()
         return tuple([self._view(g, c) for (g, _), c in zip(groups, counters)])
 
-    def _hold_views(self, reservation: Reservation, now_ns: int) -> tuple[CounterView, ...]:
-        """The counters of the groups a hold was taken on, as the plan has them now (none if
-        unanswered)."""
+    def _hold_views(self, reservation: Reservation, user: UserState, plan: Plan,
+                    now_ns: int) -> tuple[CounterView, ...]:
+        """The counters of the groups a hold was taken on, as the plan (user's) has them now
+        (none if unanswered)."""
         if not self._answering:
             return ()
-        user = self.apps[reservation.app].users[reservation.user_id]
-        plan = self.apps[reservation.app].plans[user.subscription.plan_id]
         views = []
         for hold in reservation.holds:
             group = plan.group(hold.key)
@@ -1091,7 +1090,7 @@ class Core:
                 counter.balance.consume(used)  # what expired grants keep for it is taken
                 counter.used = counter.balance.used()
         if not expired:
-            self._end_live_hold(reservation, status, now_ns, in_index=True)
+            self._end_live_hold(reservation, user, status, now_ns, in_index=True)
         reservation.status = status
         if expired and self.durable_hold is not None:
             self._hold_changed(reservation)
@@ -1100,19 +1099,21 @@ class Core:
                 counter.used += used  # the usage counts there
         returned = 0 if expired else max(0, reservation.amount - amount)
         self._audit_hold("commit", reservation, amount)
-        self._check_hold_thresholds(reservation, counters)
-        return CommitResult(counters=self._hold_views(reservation, now_ns), committed=amount,
-                            returned=returned, expired=expired), True
+        self._check_hold_thresholds(reservation, user, plan, counters)
+        return CommitResult(counters=self._hold_views(reservation, user, plan, now_ns),
+                            committed=amount, returned=returned, expired=expired), True
 
     def _release(self, command: Release, now_ns: int) -> tuple[ReleaseResult, bool]:
         reservation = self._reservation(command.app, command.reservation_id, now_ns)
         status = next_state(reservation.status, HoldEvent.RELEASE)
         changed = status is not reservation.status
+        user, plan = self._subscriber(command.app, reservation.user_id)
         if changed:
-            self._end_live_hold(reservation, status, now_ns, in_index=True)
+            self._end_live_hold(reservation, user, status, now_ns, in_index=True)
             self._audit_hold("release", reservation, reservation.amount)
-            self._check_hold_thresholds(reservation)
-        return ReleaseResult(counters=self._hold_views(reservation, now_ns)), changed
+            self._check_hold_thresholds(reservation, user, plan)
+        views = self._hold_views(reservation, user, plan, now_ns)
+        return ReleaseResult(counters=views), changed
 
     def _extend(self, command: Extend, now_ns: int) -> tuple[ExtendResult, bool]:
         reservation = self._reservation(command.app, command.reservation_id, now_ns)
