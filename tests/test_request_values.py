@@ -99,6 +99,18 @@ def test_a_reserve_with_every_field_bad_names_each_one_once():
         "amount", "event_type", "idempotency_key", "metadata", "ttl", "user_id"]
 
 
+@pytest.mark.parametrize("entries", [{}, {"model": "gpt-4o"}, {"": "v"},
+                                     {"z": "1", "a": "2", "m": "3"}])
+def test_a_metadata_map_becomes_its_pairs_sorted_by_key(entries):
+    for to_command, message in ((convert.reserve, pb.ReserveRequest),
+                                (convert.track, pb.TrackRequest)):
+        request = message(user_id="u", event_type="e", amount=1, metadata=entries)
+        if "" in entries:  # a key must have a byte: refused, as any bad field
+            assert fields_of(lambda: to_command("a", request)) == ["metadata"]
+        else:
+            assert to_command("a", request).metadata == tuple(sorted(entries.items()))
+
+
 @pytest.mark.parametrize("ttl", [Duration(seconds=2, nanos=-1), Duration(seconds=1, nanos=S),
                                  Duration(seconds=-5), Duration(seconds=0, nanos=S - 1)])
 def test_a_malformed_or_out_of_range_duration_is_a_bad_ttl_everywhere(ttl):

@@ -63,8 +63,14 @@ def _ns(message: duration_pb2.Duration | timestamp_pb2.Timestamp) -> int:
 
 def _metadata(entries: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """A request's metadata map as (key, value) pairs sorted by key. Read key by key: upb's
-    items() costs ~0.5 us even for an empty map, this ~0.3 us for one entry (timeit)."""
-    return tuple([(key, entries[key]) for key in sorted(entries)]) if entries else ()
+    items() costs ~0.5 us even for an empty map. One entry, the usual, is sorted already:
+    0.25 us against 0.88 through sorted() (timeit)."""
+    if not entries:
+        return ()
+    if len(entries) == 1:
+        for key in entries:
+            return ((key, entries[key]),)
+    return tuple([(key, entries[key]) for key in sorted(entries)])
 
 
 def reserve(app: str, request: pb.ReserveRequest) -> c.Reserve:
