@@ -31,6 +31,7 @@ _RESERVATION_IDS_PER_READ = 256
 _RESERVATION_RANDOM_HEX_DIGITS = 24 - SLOT_HEX_DIGITS - RESERVATION_TIME_HEX_DIGITS
 _random_hex: list[str] = []
 NS_PER_MS = 1_000_000
+_RESERVATION_TIME_MODULUS = 16**RESERVATION_TIME_HEX_DIGITS
 
 
 def new_reservation_id(slot: int) -> str:
@@ -45,7 +46,7 @@ def new_reservation_id(slot: int) -> str:
         text = secrets.token_hex(_RESERVATION_RANDOM_HEX_DIGITS * _RESERVATION_IDS_PER_READ // 2)
         _random_hex.extend(text[at: at + _RESERVATION_RANDOM_HEX_DIGITS]
                            for at in range(0, len(text), _RESERVATION_RANDOM_HEX_DIGITS))
-    made_at_ms = time.time_ns() // NS_PER_MS % 16**RESERVATION_TIME_HEX_DIGITS
+    made_at_ms = time.time_ns() // NS_PER_MS % _RESERVATION_TIME_MODULUS
     return f"rsv_{slot:03x}{made_at_ms:09x}{_random_hex.pop()}"
 
 
