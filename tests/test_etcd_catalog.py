@@ -376,7 +376,8 @@ def test_a_starting_shard_waits_for_missed_changes_up_to_catalog_catch_up_timeou
     watch opens. etcd back at half of CATALOG_CATCH_UP_TIMEOUT_S: the catch-up waited for it
     and applied the change. Not back: the catch-up gives up at the limit (EtcdUnavailable,
     on which the shard goes on starting, server.join_catalog), and the change is applied
-    once etcd answers. A real etcd, writer and log; the limit set to 1 s."""
+    once etcd answers. A real etcd, writer and log; the limit set to 2 s, each bound on the
+    time taken a second from what it rules out, so a loaded machine passes it."""
     from quotad.cluster import catalog as catalog_module
     from quotad.cluster.catalog import Catalog
     from quotad.cluster.etcd import EtcdUnavailable
@@ -385,7 +386,7 @@ def test_a_starting_shard_waits_for_missed_changes_up_to_catalog_catch_up_timeou
     from quotad.server import _plan_from_value
     from quotad.storage.wal import WriteAheadLog
 
-    limit_s = 1.0
+    limit_s = 2.0
     monkeypatch.setattr(catalog_module, "CATALOG_CATCH_UP_TIMEOUT_S", limit_s)
     etcd_process = EtcdProcess(tmp_path / "etcd").start()
     target = EtcdTarget.parse(f"etcd://{etcd_process.endpoint}/edge")
@@ -450,6 +451,6 @@ def test_a_starting_shard_waits_for_missed_changes_up_to_catalog_catch_up_timeou
         assert limit_s / 2 <= took_s < limit_s, took_s
         assert changes == 1 and applied_when_done
     else:  # it waited the limit, no more, and went on; the change came once etcd answered
-        assert limit_s <= took_s < limit_s + 0.5, took_s
+        assert limit_s <= took_s < limit_s + 1.0, took_s
         assert changes is None and not applied_when_done
     assert applied_after
