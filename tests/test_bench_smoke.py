@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -269,6 +270,12 @@ def test_the_batch_bench_drives_quotad_and_reports_its_cpu_per_pair():
 def test_the_core_cost_bench_drives_the_real_core_and_log_and_prints_cpu_per_pair():
     lines = _run_bench("bench.core_cost", "--pairs", "20", "--rounds", "2", "--warmup-rounds", "1")
     assert lines[-1].split()[0] == "cpu_us_per_pair" and float(lines[-1].split()[1]) > 0
+    stages = {line.split()[0]: [float(n) for n in re.findall(r"[0-9.]+", line)]
+              for line in lines[-10:-3] + lines[-2:-1]}  # median (fastest), Reserve and Commit
+    assert list(stages) == ["parse", "convert", "apply", "fill", "encode", "append", "forget",
+                            "records"]  # the stages, then the append's records encoded alone
+    assert all(len(figures) == 4 and figures[0] > 0 and figures[2] > 0
+               for figures in (stages["append"], stages["records"]))
     refused = subprocess.run([sys.executable, "-m", "bench.core_cost", "--pairs", "0"],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert refused.returncode == 2 and "--pairs must be 1 to 4096" in refused.stderr
