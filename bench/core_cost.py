@@ -51,11 +51,11 @@ USERS = 1000
 NS_PER_S = 10**9
 APP = "default"
 STAGES = ("parse", "convert", "apply", "fill", "encode", "append", "forget")
-ENCODING = "records"
-"""The records encoded again after their append, alone (not a stage: not in the pair)."""
 """The request's bytes parsed; its operations made commands; the commands applied (with the
 idempotency lookups); the response filled and encoded; the records written and synced; memory
 told what is durable (which frees what only the records held)."""
+ENCODING = "records"
+"""The records encoded again after their append, alone (not a stage: not in the pair)."""
 
 
 class Run:
