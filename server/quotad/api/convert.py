@@ -69,8 +69,8 @@ def _metadata(entries: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     if not entries:
         return ()
     if len(entries) == 1:
-        for key in entries:
-            return ((key, entries[key]),)
+        (key,) = entries
+        return ((key, entries[key]),)
     return tuple([(key, entries[key]) for key in sorted(entries)])
 
 
