@@ -335,8 +335,8 @@ def _new_process_restarts(data_dir: Path, live_digest: str, runs: int
 
 class _ServerStarts(NamedTuple):
     listening_s: list[float]
-    """Exec to the listening line (the interpreter, imports, the log opened, the port bound):
-    the time of the line, in ms, less the wall-clock time of the exec."""
+    """Exec to the listening line (the interpreter, imports, the log opened, the port bound),
+    in seconds: the line's time (to the millisecond) less the wall-clock time of the exec."""
     recovery_s: list[float]
     """The serving line's recovery_s: from the listening line to serving (the snapshot and the
     log after it, on a thread beside the event loop that answers health checks meanwhile)."""
@@ -351,8 +351,7 @@ def _server_starts(data_dir: Path, live_digest: str, runs: int) -> _ServerStarts
         with tempfile.TemporaryDirectory(prefix="quotad-start-") as scratch:
             copy = Path(scratch) / "data"
             shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(FACTS_FILE))
-            server = ServerProcess(copy, extra_args=("--log-state-digest",),
-                                   cwd=ROOT)
+            server = ServerProcess(copy, extra_args=("--log-state-digest",), cwd=ROOT)
             try:
                 launched_at_s = time.time()
                 server.launch()
