@@ -190,6 +190,22 @@ def test_sigterm_drains_and_exits_zero_and_health_reports_serving_before(server)
     assert server.last("stopped")
 
 
+def test_the_server_runs_on_uvloop_and_names_its_loop_as_it_listens(server):
+    assert server.last("listening")["event_loop"] == "uvloop"
+
+
+def test_without_uvloop_the_server_coroutine_runs_on_asyncio_s_own_loop(monkeypatch):
+    from quotad.cli import run_server
+    from quotad.server import event_loop_name
+
+    async def named() -> str:
+        return event_loop_name()
+
+    assert run_server(named()) == "uvloop"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as where it is not installed
+    assert run_server(named()) == "asyncio"
+
+
 def test_a_second_server_on_the_same_data_directory_refuses_to_start(server):
     result = subprocess.run(
         [sys.executable, "-m", "quotad", "serve", "--listen", "127.0.0.1:0",

@@ -9,7 +9,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from quotad.core import limits
 from quotad_contract import limits as limits_contract
@@ -347,6 +348,22 @@ def verify(data_dir: Path) -> int:
     return 0
 
 
+T = TypeVar("T")
+
+
+def run_server(main: Coroutine[Any, Any, T]) -> T:
+    """Runs the server's coroutine to its end on uvloop's event loop (libuv's, in C), where
+    installed (everywhere but Windows); on asyncio's own otherwise. gRPC's asyncio server
+    takes each call through several turns of the loop, and uvloop's are cheaper: at 64 unary
+    Reserves in flight ~9 % less server CPU per call (`bench.unary`, README Measured); the
+    Batch path's share of loop turns per operation is small, and its figures did not move."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Snapshots are written by a forked child process (storage/snapshot_child.py) that never
     # uses gRPC. gRPC's own fork handlers would restart its threads in that child, polling
@@ -399,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the admin key is set twice (the --config file and "
                              f"--admin-key-file or {ADMIN_KEY_ENV}): use one")
         config = Config(**{**settings, **({"admin_key": key} if key else {})})
-        return asyncio.run(serve(config))
+        return run_server(serve(config))
     except (ValueError, PlansFileError, DataDirLocked, DataFormatMismatch) as error:
         print(f"quotad: {error}", file=sys.stderr)
         return 2

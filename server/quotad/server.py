@@ -268,6 +268,11 @@ def check_origin(origin: str) -> None:
         raise ValueError(problem)
 
 
+def event_loop_name() -> str:
+    """The running event loop's package: "uvloop", or "asyncio" (quotad.cli.run_server)."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
 async def serve(config: Config) -> int:
     """Runs until SIGTERM/SIGINT (returns 0) or a storage failure (returns 1)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -437,7 +442,7 @@ class _Process:
                 raise ValueError(f"--http-listen {config.http_listen}: cannot listen there "
                                  f"({error})") from error
         log.info("listening", extra={"address": self.address, "http": self.http_address,
-                                     "state": "starting"})
+                                     "state": "starting", "event_loop": event_loop_name()})
 
     async def recover_core(self) -> Core | None:
         """The core from the snapshot and the log; None, having stopped listening, if the
