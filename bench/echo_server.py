@@ -124,9 +124,17 @@ if __name__ == "__main__":
     parser.add_argument("--registered-methods", action="store_true",
                         help="register the methods with grpc (as quotad does) rather than "
                              "serving them through a generic handler")
+    parser.add_argument("--uvloop", action="store_true",
+                        help="run on uvloop's event loop, as `quotad serve` does (default: "
+                             "asyncio's own, a bare grpc.aio server's)")
     arguments = parser.parse_args()
     if arguments.pending_calls_per_method is not None:
         from quotad.server import pending_calls_options
         arguments.option += pending_calls_options(arguments.pending_calls_per_method)
-    asyncio.run(serve(arguments.listen, arguments.option, arguments.maximum_concurrent_rpcs,
-                      arguments.registered_methods))
+    serving = serve(arguments.listen, arguments.option, arguments.maximum_concurrent_rpcs,
+                    arguments.registered_methods)
+    if arguments.uvloop:
+        import uvloop
+        uvloop.run(serving)
+    else:
+        asyncio.run(serving)

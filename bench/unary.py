@@ -2,6 +2,7 @@
 bare grpc.aio echo server answering the same messages (the transport's own cost).
 
     .venv/bin/python -m bench.unary [--seconds 5] [--runs 3] [--concurrency 1,64] [--pairs]
+                                    [--echo-arg ARG]
 
 Starts its own servers on free loopback ports (quotad on a fresh data directory each run),
 drives each with one grpc.aio client process in alternation, and prints medians of the runs
@@ -13,7 +14,8 @@ One asymmetry beyond the work itself: quotad registers each of its methods with 
 its own queue of received calls), the echo serves its own through one generic handler, and
 grpc.aio's server loop waits on one pending request per registered method each time it takes
 a call (asyncio.wait over ~33 futures against 1). That is a few percent of quotad's CPU per
-call, inside this bench's run-to-run spread.
+call, inside this bench's run-to-run spread. And one more: quotad runs on uvloop's event loop,
+the echo on asyncio's own, as a bare grpc.aio server does, unless `--echo-arg=--uvloop`.
 
 The full harness (workloads, Redis peers, client processes, JSON and plots) is
 `python -m bench`; this one stays as the smallest raw-stub check of the transport.
@@ -109,9 +111,11 @@ def run_quotad(concurrency: int, seconds: float, pairs: bool) -> dict[str, float
     return figures
 
 
-def run_echo(concurrency: int, seconds: float, pairs: bool) -> dict[str, float]:
-    echo = subprocess.Popen([sys.executable, "-m", "bench.echo_server"], stdout=subprocess.PIPE,
-                            text=True, cwd=Path(__file__).resolve().parent.parent)
+def run_echo(concurrency: int, seconds: float, pairs: bool,
+             echo_args: tuple[str, ...] = ()) -> dict[str, float]:
+    echo = subprocess.Popen([sys.executable, "-m", "bench.echo_server", *echo_args],
+                            stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
     try:
         assert echo.stdout is not None
         port = int(echo.stdout.readline())
@@ -130,6 +134,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--pairs", action="store_true", help="Reserve then Commit each time")
+    parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
+                        help="one more bench.echo_server argument, repeatable (e.g. "
+                             "--echo-arg=--uvloop: the echo on the event loop quotad runs on)")
     args = parser.parse_args()
     what = "Reserve+Commit" if args.pairs else "Reserve"
     print(f"{what}, median of {args.runs} runs of {args.seconds:g} s each, one client process")
@@ -140,7 +147,8 @@ def main() -> None:
         quotad_runs, echo_runs = [], []
         for _ in range(args.runs):  # alternate, so drift on a shared machine hits both
             quotad_runs.append(run_quotad(concurrency, args.seconds, args.pairs))
-            echo_runs.append(run_echo(concurrency, args.seconds, args.pairs))
+            echo_runs.append(run_echo(concurrency, args.seconds, args.pairs,
+                                      tuple(args.echo_arg)))
         q = {key: statistics.median(r[key] for r in quotad_runs) for key in quotad_runs[0]}
         e = {key: statistics.median(r[key] for r in echo_runs) for key in echo_runs[0]}
         # Each run's own ratios (quotad and the echo run right after it): their spread is

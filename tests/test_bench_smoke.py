@@ -252,6 +252,26 @@ def test_the_unary_bench_runs_against_its_own_servers_and_prints_a_ratio():
     assert float(row[1].split()[0]) > 0 and ratio > 0 and cpu_ratio > 0
 
 
+@pytest.mark.parametrize("loop_args", [(), ("--uvloop",)], ids=["asyncio", "uvloop"])
+def test_the_echo_peer_answers_a_reserve_on_either_event_loop(loop_args: tuple[str, ...]):
+    import grpc
+    from quotad_contract.v1 import quotad_pb2 as pb
+    from quotad_contract.v1 import quotad_pb2_grpc as stubs
+
+    echo = subprocess.Popen([sys.executable, "-m", "bench.echo_server", *loop_args],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert echo.stdout is not None
+        port = int(echo.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = stubs.QuotaServiceStub(channel).Reserve(
+                pb.ReserveRequest(user_id="u", event_type="chat", amount=1), timeout=30)
+        assert answer.allowed and answer.reservation_id.startswith("rsv_")
+    finally:
+        echo.kill()
+        echo.wait(timeout=30)
+
+
 def _run_bench(module: str, *args: str) -> list[str]:
     result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
                             text=True, timeout=120, cwd=ROOT)
