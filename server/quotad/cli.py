@@ -8,8 +8,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from quotad.core import limits
@@ -348,10 +348,10 @@ def verify(data_dir: Path) -> int:
     return 0
 
 
-T = TypeVar("T")
+Result = TypeVar("Result")
 
 
-def run_server(main: Coroutine[Any, Any, T]) -> T:
+def run_server(main: Coroutine[Any, Any, Result]) -> Result:
     """Runs the server's coroutine to its end on uvloop's event loop (libuv's, in C), where
     installed (everywhere but Windows); on asyncio's own otherwise. gRPC's asyncio server
     takes each call through several turns of the loop, and uvloop's are cheaper: at 64 unary
