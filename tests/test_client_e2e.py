@@ -231,36 +231,49 @@ def test_a_commit_retried_across_a_kill_and_restart_counts_once(start_server, tm
         assert (tokens.used, tokens.held) == (55, 0)
 
 
+async def _concurrent_guarded_reserves(address: str, user: str,
+                                       coalesce: bool) -> tuple[int, int, int, int]:
+    """303 concurrent guarded reserves for one new user (150 of 5, one of 0, one of 10,000):
+    (held and committed, refused as invalid, tokens used, Batch RPCs sent or -1)."""
+    async with qc.AsyncQuotaClient(address, timeout_s=20, coalesce=coalesce) as client:
+        await client.upsert_plan(PLAN)
+        await client.subscribe(user, "p")
+
+        async def guarded(amount: int) -> str:
+            try:
+                async with client.reserve(user, "openai.chat", amount) as hold:
+                    hold.actual = amount - 1
+                return "ok"
+            except qc.QuotaExceeded:
+                return "denied"
+            except qc.InvalidArgument as invalid:
+                assert [f for f, _ in invalid.field_violations] == ["amount"]
+                return "invalid"
+
+        outcomes = await asyncio.gather(*(guarded(amount) for amount in
+                                          [5] * 150 + [0] + [10_000]))
+        tokens = (await client.usage(user))["tokens"]
+        batches = client._coalescer.batches_sent if coalesce else -1
+        return outcomes.count("ok"), outcomes.count("invalid"), tokens.used, batches
+
+
 def test_concurrent_async_calls_travel_in_batches_and_keep_their_own_results(server):
-    async def scenario(coalesce: bool) -> tuple[int, int, int, int]:
-        async with qc.AsyncQuotaClient(server.address, timeout_s=20,
-                                       coalesce=coalesce) as client:
-            await client.upsert_plan(PLAN)
-            user = f"c-{coalesce}"
-            await client.subscribe(user, "p")
-
-            async def guarded(amount: int) -> str:
-                try:
-                    async with client.reserve(user, "openai.chat", amount) as hold:
-                        hold.actual = amount - 1
-                    return "ok"
-                except qc.QuotaExceeded:
-                    return "denied"
-                except qc.InvalidArgument as invalid:
-                    assert [f for f, _ in invalid.field_violations] == ["amount"]
-                    return "invalid"
-
-            outcomes = await asyncio.gather(*(guarded(amount) for amount in
-                                              [5] * 150 + [0] + [10_000]))
-            tokens = (await client.usage(user))["tokens"]
-            batches = client._coalescer.batches_sent if coalesce else -1
-            return outcomes.count("ok"), outcomes.count("invalid"), tokens.used, batches
-
-    ok, invalid, used, batches = asyncio.run(scenario(coalesce=True))
+    ok, invalid, used, batches = asyncio.run(
+        _concurrent_guarded_reserves(server.address, "c-True", coalesce=True))
     assert (ok, invalid, used) == (150, 1, 150 * 4)
     assert 0 < batches < 150, batches  # 303 calls in far fewer Batch RPCs
     print(f"\n303 calls in {batches} batches")
-    assert asyncio.run(scenario(coalesce=False))[:3] == (150, 1, 150 * 4)
+    assert asyncio.run(_concurrent_guarded_reserves(
+        server.address, "c-False", coalesce=False))[:3] == (150, 1, 150 * 4)
+
+
+def test_the_async_client_coalesces_on_uvloop_s_event_loop_too(server):
+    import uvloop
+
+    ok, invalid, used, batches = uvloop.run(
+        _concurrent_guarded_reserves(server.address, "c-uvloop", coalesce=True))
+    assert (ok, invalid, used) == (150, 1, 150 * 4)
+    assert 0 < batches < 150, batches
 
 
 def test_more_concurrent_calls_than_one_batch_holds_go_in_two_batches(server):
