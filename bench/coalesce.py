@@ -1,7 +1,7 @@
 """The asyncio client's coalescing, alone: CPU per operation of gathering concurrent calls
 into Batch requests and handing each caller its result.
 
-    .venv/bin/python -m bench.coalesce [--concurrency 1000] [--rounds 200] [--runs 5]
+    .venv/bin/python -m bench.coalesce [--concurrency 1000] [--rounds 200] [--runs 5] [--uvloop]
 
 Each round makes --concurrency concurrent Reserve calls through one Coalescer whose Batch
 method answers at once in this process (no network, no server), so what is timed is the
@@ -64,9 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--uvloop", action="store_true",
+                        help="run on uvloop's event loop (default: asyncio's own)")
     options = parser.parse_args(argv)
-    figures = [asyncio.run(_run(options.concurrency, options.rounds))
-               for _ in range(options.runs)]
+    if options.uvloop:
+        import uvloop
+        run = uvloop.run
+    else:
+        run = asyncio.run
+    figures = [run(_run(options.concurrency, options.rounds)) for _ in range(options.runs)]
     us_per_op = statistics.median(us for us, _ in figures)
     print(f"coalescing: {us_per_op:.2f} us CPU per operation, "
           f"{figures[0][1]:.1f} batches per {options.concurrency} concurrent calls")

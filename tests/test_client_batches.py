@@ -11,6 +11,8 @@ import sys
 from collections import Counter
 from datetime import timedelta
 
+import pytest
+
 import quotad_client as qc
 from messages_at_limits import metadata_at_every_limit, text
 from quotad_contract import limits
@@ -106,8 +108,11 @@ def test_an_operation_too_large_for_any_batch_fails_alone(server):
     assert outcomes[:50] + outcomes[51:] == ["ok"] * 100
 
 
-def test_the_coalescing_bench_runs_and_cuts_a_thousand_reserves_in_two():
-    done = subprocess.run([sys.executable, "-m", "bench.coalesce", "--rounds", "2", "--runs", "1"],
+@pytest.mark.parametrize("loop_args", [(), ("--uvloop",)], ids=["asyncio", "uvloop"])
+def test_the_coalescing_bench_runs_and_cuts_a_thousand_reserves_in_two(
+        loop_args: tuple[str, ...]):
+    done = subprocess.run([sys.executable, "-m", "bench.coalesce", "--rounds", "2", "--runs", "1",
+                           *loop_args],
                           capture_output=True, text=True, check=True, cwd=ROOT,
                           timeout=BENCH_TIMEOUT_S)
     assert re.fullmatch(r"coalescing: \d+\.\d+ us CPU per operation, "
