@@ -27,7 +27,7 @@ setup(install_requires=[
     "prometheus-client>=0.20",
     "tzdata>=2024.1",
     "h11>=0.14",
-    # the server's event loop (quotad.cli.run_server): libuv's loop in C, ~9 % less CPU per
-    # unary call than asyncio's own; none for Windows, where asyncio's runs instead
+    # the server's event loop (quotad.cli.run_server says why); none for Windows, where
+    # asyncio's own runs instead
     "uvloop>=0.19; sys_platform != 'win32'",
 ])
