@@ -145,6 +145,38 @@ def test_one_caller_at_a_time_gets_its_records_written_on_the_loop_and_none_is_l
     assert usage(second.address, "u1").counters[0].used == calls
 
 
+def test_with_a_commit_delay_concurrent_callers_share_transactions_and_none_is_lost(
+        start_server):
+    """--commit-delay-ms: 32 callers at once, each a few Tracks; small batches wait for more
+    (the stopped line counts them), every acknowledged call is in the state a restart
+    recovers, and a lone call afterwards is answered at once."""
+    first = start_server(extra_args=("--commit-delay-ms", "5", "--log-state-digest"))
+    subscribe(first.address, "u1", plan_with(10**6))
+    callers, calls_each = 32, 8
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            stub = stubs.QuotaServiceStub(channel)
+
+            async def caller() -> None:
+                for _ in range(calls_each):
+                    await stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+
+            await asyncio.gather(*(caller() for _ in range(callers)))
+
+    asyncio.run(run())
+    assert usage(first.address, "u1").counters[0].used == callers * calls_each
+    assert first.stop() == 0
+    stopped = first.last("stopped")
+    print(f"\n{stopped['records_written']} records in {stopped['batches']} transactions, "
+          f"{stopped['lingered_batches']} of them waited for more")
+    assert stopped["lingered_batches"] > 0, stopped
+    assert stopped["records_written"] >= 2 * stopped["batches"], stopped
+    second = start_server(first.data_dir)
+    assert second.last("serving")["state_digest"] == stopped["state_digest"]
+    assert usage(second.address, "u1").counters[0].used == callers * calls_each
+
+
 def test_holds_survive_a_restart_and_still_expire_at_their_time(start_server):
     first = start_server()
     subscribe(first.address, "u1", plan_with(100))

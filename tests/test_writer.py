@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -330,6 +332,75 @@ def test_a_probe_that_ends_with_calls_waiting_writes_small_batches_on_the_log_th
     on_disk = {getattr(r.command, "idempotency_key", "") for r in wal.records()}
     assert {"probe", "meanwhile", "inline-again"} <= on_disk
     wal.close()
+
+
+def test_with_a_commit_delay_overlapping_calls_share_one_transaction_and_lone_ones_do_not_wait(
+        tmp_path: Path):
+    """With commit_delay_s, a small batch cut while calls overlap waits that long and takes
+    what was applied meanwhile: three calls, one transaction. A call that comes alone after
+    a quiet batch is written at once. Every call is on disk before its answer, in order."""
+    wal = WriteAheadLog(tmp_path)
+    answered: list[str] = []
+
+    async def call(key: str) -> None:
+        await writer.execute(_track(key))
+        answered.append(key)
+        assert key in {getattr(r.command, "idempotency_key", "") for r in wal.records()}
+
+    async def run() -> None:
+        nonlocal writer
+        writer = Writer(recover(wal), wal, on_failure=failures.append,
+                        commit_delay_s=limits.COMMIT_DELAY_MS_MAX / 1000)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))  # alone, at once
+        assert writer.lingered_batches == 0
+        await writer.execute_many([UpsertSubscription(app="a", user_id="u", plan_id="p"),
+                                   _track("two-in-one-call")])  # calls overlap from here
+        answered.append("two-in-one-call")
+        batches = writer.batches
+        first = asyncio.create_task(call("first"))
+        for _ in range(100):  # until the flush task took it: it waits for more now
+            await asyncio.sleep(0)
+            if not writer._pending:
+                break
+        assert writer.batches == batches and not first.done()
+        joined = [asyncio.create_task(call(key)) for key in ("second", "third")]
+        await asyncio.gather(first, *joined)
+        assert (writer.batches, writer.lingered_batches) == (batches + 1, 1)
+        assert writer.batches_on_log_thread == writer.batches
+        await call("alone")  # follows a batch of three: it waits once, nobody joins
+        assert (writer.batches, writer.lingered_batches) == (batches + 2, 2)
+        for index in range(3):  # alone after a quiet batch: at once
+            await call(f"alone-{index}")
+        assert (writer.batches, writer.lingered_batches) == (batches + 5, 2)
+        await writer.close()
+
+    writer: Writer
+    failures: list[BaseException] = []
+    asyncio.run(run())
+    assert failures == []
+    on_disk = [getattr(r.command, "idempotency_key", "") for r in wal.records()][2:]
+    assert on_disk == ["two-in-one-call", "first", "second", "third", "alone",
+                       "alone-0", "alone-1", "alone-2"]
+    assert answered == on_disk
+    wal.close()
+
+
+def test_a_commit_delay_is_checked_at_its_bounds_and_refused_naming_the_flag(tmp_path: Path):
+    from quotad.server import Config
+
+    for good in (0, limits.COMMIT_DELAY_MS_MAX):
+        assert Config(commit_delay_ms=good).commit_delay_ms == good
+    assert Config().commit_delay_ms == 0
+    for bad in (-1, limits.COMMIT_DELAY_MS_MAX + 1):
+        with pytest.raises(ValueError, match="--commit-delay-ms must be 0 to"):
+            Config(commit_delay_ms=bad)
+        result = subprocess.run(
+            [sys.executable, "-m", "quotad", "serve", "--data-dir", str(tmp_path / "data"),
+             "--commit-delay-ms", str(bad)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert f"--commit-delay-ms must be 0 to {limits.COMMIT_DELAY_MS_MAX}" in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was opened
 
 
 @pytest.mark.parametrize("fork_snapshots", [False, True])

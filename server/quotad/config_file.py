@@ -68,6 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_read_timeout_s", float, "http_read_timeout_s"),
     Setting("http_allowed_host", list, "http_allowed_hosts", tuple),
     Setting("admission_operations", int, "admission_operations"),
+    Setting("commit_delay_ms", int, "commit_delay_ms"),
     Setting("pending_calls_per_method", int, "pending_calls_per_method"),
     Setting("shard_map", Path, "shard_map_file"),
     Setting("shard_id", int, "shard_id"),

@@ -117,6 +117,9 @@ class Config:
     """Operations admitted and not yet answered, at most; past it calls are shed
     (RESOURCE_EXHAUSTED OVERLOADED). See api/admission.py."""
 
+    commit_delay_ms: int = 0
+    """While calls overlap, a small batch of records waits this long for more before it is
+    written (limits.COMMIT_DELAY_MS_MAX); 0: none."""
     pending_calls_per_method: int = limits.PENDING_CALLS_PER_METHOD
     """Calls of one method received and not yet taken by a handler, at most; one arriving
     while that many wait is refused by grpc's core (the caller sees CANCELLED)."""
@@ -165,6 +168,8 @@ class Config:
                 <= limits.ADMISSION_OPERATIONS_MAX):
             raise ValueError(f"--admission-operations must be {limits.ADMISSION_OPERATIONS_MIN} "
                              f"to {limits.ADMISSION_OPERATIONS_MAX:,}")
+        if not 0 <= self.commit_delay_ms <= limits.COMMIT_DELAY_MS_MAX:
+            raise ValueError(f"--commit-delay-ms must be 0 to {limits.COMMIT_DELAY_MS_MAX}")
         if not (limits.PENDING_CALLS_PER_METHOD_MIN <= self.pending_calls_per_method
                 <= limits.PENDING_CALLS_PER_METHOD_MAX):
             raise ValueError("--pending-calls-per-method must be "
@@ -474,7 +479,8 @@ class _Process:
                         snapshot_every_records=config.snapshot_every_records,
                         snapshot_every_s=config.snapshot_every_s,
                         audit_retention_ns=config.audit_retention_ns,
-                        audit_retention_bytes=self.log_bytes_max)
+                        audit_retention_bytes=self.log_bytes_max,
+                        commit_delay_s=config.commit_delay_ms / 1000)
         writer.start()
         metrics.watch_live_holds(lambda: len(core.expiry))
         metrics.watch_log(self.wal)
@@ -650,6 +656,7 @@ class _Process:
         log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
                                    "records_written": writer.records_written,
                                    "batches_on_log_thread": writer.batches_on_log_thread,
+                                   "lingered_batches": writer.lingered_batches,
                                    "snapshots": writer.snapshots,
                                    "snapshot_deltas": writer.snapshot_deltas,
                                    "snapshot_children_failed": writer.snapshot_children_failed,

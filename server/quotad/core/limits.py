@@ -67,6 +67,13 @@ LONE_CALL_PROBE_EVERY_FLUSHES = 16
 the next goes to the log thread, to see whether calls now arrive during a sync (gRPC hands
 the loop new calls only while it is free, so inline writes alone would never show them)."""
 
+COMMIT_DELAY_MS_MAX = 20
+"""`--commit-delay-ms` (0 by default: none) at most. While calls overlap, a small batch on
+the log thread (unary calls) waits this long for more records before it is written: its
+calls wait that much longer, and the transaction's fixed cost (the sync, the commit, the
+hops between threads) is shared by more records (quotad.engine.writer; README, Unary calls).
+Beyond 20 ms a wait would cost callers more than any sync it shares."""
+
 EXPIRY_POLL_S_MAX = 1.0
 """The expiry task sleeps at most this long; every command expires what is due anyway."""
 

@@ -23,6 +23,10 @@ Where a batch is written depends on its size (limits.INLINE_BATCH_RECORDS_MIN):
   turn of the loop to wake the flush task, nor one to be woken). Every so often one goes to
   the log thread all the same (limits.LONE_CALL_PROBE_EVERY_FLUSHES), to see whether calls
   now arrive during a sync.
+- With a commit delay (`--commit-delay-ms`, 0 by default), a small batch on the log thread
+  waits that long for more records while calls overlap, then takes them along: its calls
+  wait that much longer, and each transaction's fixed cost (the sync, the commit, the hops
+  between threads) is shared by more of them. Lone calls do not wait (_lingers).
 - A batch that carries a snapshot (a large put) is written on the log thread too, so that
   serving goes on meanwhile.
 Either way, one batch is written at a time. Once a whole snapshot is stored, the records it
@@ -94,10 +98,12 @@ class Writer:
                  audit_retention_bytes: int = 0,
                  on_flush: Callable[[int, float, int], None] | None = None,
                  fork_snapshots: bool = False,
+                 commit_delay_s: float = 0.0,
                  wall_ns: Callable[[], int] = time.time_ns,
                  monotonic_s: Callable[[], float] = time.monotonic) -> None:
         assert snapshot_every_records >= 1 and snapshot_every_s > 0 and audit_retention_ns >= 0
         assert audit_retention_bytes >= 0
+        assert 0 <= commit_delay_s <= limits.COMMIT_DELAY_MS_MAX / 1000, commit_delay_s
         self.core = core
         self.clock = ServerClock(core.last_record_ns, wall_ns)
         self.durable_sequence = core.sequence
@@ -124,6 +130,14 @@ class Writer:
         self._lone_inline_flushes = 0
         """Batches of a lone call written inline since the last one on the log thread."""
         self.records_written = 0
+        self._commit_delay_s = commit_delay_s
+        """How long a small batch on the log thread waits for more records while calls
+        overlap (_lingers); 0: it is written at once."""
+        self._calls_overlap = False
+        """The last batch on the log thread held more than one record, or records were
+        pending when it was written: the next small one waits commit_delay_s."""
+        self.lingered_batches = 0
+        """Batches that waited commit_delay_s for more records."""
         self._on_flush = on_flush
         """Called with (records, seconds, last sequence) after each durable flush."""
         self.on_applied: Callable[[tuple[Record, ...]], None] | None = None
@@ -292,6 +306,8 @@ class Writer:
                     if snapshot is None:
                         self._count_small(batch, inline=not on_log_thread)
                     if on_log_thread:
+                        if snapshot is None and self._lingers():
+                            await self._linger(batch)
                         await loop.run_in_executor(self._executor, self._wal.append, batch,
                                                    snapshot)
                     else:
@@ -307,6 +323,7 @@ class Writer:
                     if on_log_thread and snapshot is None:
                         quiet = len(batch) == 1 and not self._pending
                         self._quiet_flushes = self._quiet_flushes + 1 if quiet else 0
+                        self._calls_overlap = not quiet
                     self._written(batch, started, on_log_thread)
                 if self._prune_due and self._whole_sequence:
                     try:
@@ -319,6 +336,23 @@ class Writer:
                         self._fail(error)
                         return
                     self._pruned(pruned)
+
+    def _lingers(self) -> bool:
+        """Whether a small batch waits commit_delay_s for more records before it is written:
+        with a delay set, while calls overlap (the last batch on the log thread was not a
+        lone record with nothing pending after it). Calls that come one at a time do not
+        wait (nobody would join them), but for the first after calls overlapped."""
+        return self._commit_delay_s > 0 and self._calls_overlap
+
+    async def _linger(self, batch: list[Record]) -> None:
+        """Waits commit_delay_s, then takes into the batch what was applied meanwhile (up to
+        batch_records_max): its calls wait that much longer, and each transaction's fixed
+        cost (the sync, the commit, the hops between threads) is shared by more records."""
+        await asyncio.sleep(self._commit_delay_s)
+        more = self._pending[: self._batch_records_max - len(batch)]
+        del self._pending[: len(more)]
+        batch.extend(more)
+        self.lingered_batches += 1
 
     def _stored(self, snapshot: Snapshot) -> None:
         self._stored_sequence = snapshot.sequence
