@@ -96,9 +96,10 @@ def _figures(calls: int, latencies_s: list[float], seconds: float,
     }
 
 
-def run_quotad(concurrency: int, seconds: float, pairs: bool) -> dict[str, float]:
+def run_quotad(concurrency: int, seconds: float, pairs: bool,
+               quotad_args: tuple[str, ...] = ()) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as data_dir:
-        server = ServerProcess(Path(data_dir)).start()
+        server = ServerProcess(Path(data_dir), extra_args=quotad_args).start()
         try:
             calls, latencies_s, server_cpu_s = asyncio.run(_drive(
                 server.address, concurrency, seconds, pairs, set_up=True,
@@ -134,6 +135,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--pairs", action="store_true", help="Reserve then Commit each time")
+    parser.add_argument("--quotad-arg", action="append", default=[], metavar="ARG",
+                        help="one more `quotad serve` argument, repeatable (e.g. "
+                             "--quotad-arg=--commit-delay-ms=4)")
     parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
                         help="one more bench.echo_server argument, repeatable (e.g. "
                              "--echo-arg=--uvloop: the echo on the event loop quotad runs on)")
@@ -146,7 +150,8 @@ def main() -> None:
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         quotad_runs, echo_runs = [], []
         for _ in range(args.runs):  # alternate, so drift on a shared machine hits both
-            quotad_runs.append(run_quotad(concurrency, args.seconds, args.pairs))
+            quotad_runs.append(run_quotad(concurrency, args.seconds, args.pairs,
+                                          tuple(args.quotad_arg)))
             echo_runs.append(run_echo(concurrency, args.seconds, args.pairs,
                                       tuple(args.echo_arg)))
         q = {key: statistics.median(r[key] for r in quotad_runs) for key in quotad_runs[0]}

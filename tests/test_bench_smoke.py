@@ -239,10 +239,13 @@ def test_the_bench_help_explains_every_flag():
         assert action.option_strings[-1] in shown.stdout
 
 
-def test_the_unary_bench_runs_against_its_own_servers_and_prints_a_ratio():
+@pytest.mark.parametrize("quotad_args", [(), ("--quotad-arg=--commit-delay-ms=2",)],
+                         ids=["defaults", "commit-delay"])
+def test_the_unary_bench_runs_against_its_own_servers_and_prints_a_ratio(
+        quotad_args: tuple[str, ...]):
     result = subprocess.run(
         [sys.executable, "-m", "bench.unary", "--seconds", "0.5", "--runs", "1",
-         "--concurrency", "2", "--pairs"],
+         "--concurrency", "2", "--pairs", *quotad_args],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
