@@ -39,6 +39,14 @@ def _track(key: str, pad: str = "") -> Track:
                  metadata=(("pad", pad),) if pad else ())
 
 
+async def _track_durably(writer: Writer, wal: WriteAheadLog, key: str,
+                         answered: list[str]) -> None:
+    """A Track under key, answered (noted in answered) only once it is on disk."""
+    await writer.execute(_track(key))
+    answered.append(key)
+    assert key in {getattr(r.command, "idempotency_key", "") for r in wal.records()}
+
+
 def test_concurrent_commands_share_transactions_and_each_is_on_disk_before_its_answer(
         tmp_path: Path):
     wal = WriteAheadLog(tmp_path)
@@ -253,9 +261,7 @@ def test_calls_that_come_one_at_a_time_are_written_inline_but_for_a_probe_every_
     keys: list[str] = []
 
     async def lone(key: str) -> None:
-        await writer.execute(_track(key))
-        keys.append(key)
-        assert key in {getattr(r.command, "idempotency_key", "") for r in wal.records()}
+        await _track_durably(writer, wal, key, keys)
 
     async def run() -> None:
         nonlocal writer
@@ -343,9 +349,7 @@ def test_with_a_commit_delay_overlapping_calls_share_one_transaction_and_lone_on
     answered: list[str] = []
 
     async def call(key: str) -> None:
-        await writer.execute(_track(key))
-        answered.append(key)
-        assert key in {getattr(r.command, "idempotency_key", "") for r in wal.records()}
+        await _track_durably(writer, wal, key, answered)
 
     async def run() -> None:
         nonlocal writer
