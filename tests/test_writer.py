@@ -340,43 +340,62 @@ def test_a_probe_that_ends_with_calls_waiting_writes_small_batches_on_the_log_th
     wal.close()
 
 
-def test_with_a_commit_delay_overlapping_calls_share_one_transaction_and_lone_ones_do_not_wait(
+def test_a_commit_delay_is_taken_while_it_fills_probed_while_it_does_not_and_lone_calls_never_wait(
         tmp_path: Path):
-    """With commit_delay_s, a small batch cut while calls overlap waits that long and takes
-    what was applied meanwhile: three calls, one transaction. A call that comes alone after
-    a quiet batch is written at once. Every call is on disk before its answer, in order."""
+    """With commit_delay_s, while calls overlap, a small batch is written at once until a
+    probe (every COMMIT_DELAY_PROBE_EVERY_MIN batches) waits and takes what was applied
+    meanwhile; one that gathers COMMIT_DELAY_JOINED_PER_MS_MIN records a millisecond turns the
+    wait on, one in one transaction with its joiners. Waits that gather nothing turn it off
+    again, and the probes then come twice as far apart. Calls that come alone never wait.
+    Every call is on disk before its answer, in the order applied."""
     wal = WriteAheadLog(tmp_path)
-    answered: list[str] = []
+    delay_s = limits.COMMIT_DELAY_MS_MAX / 1000
+    fills = int(limits.COMMIT_DELAY_JOINED_PER_MS_MIN * limits.COMMIT_DELAY_MS_MAX)
+    issued: list[str] = []
 
-    async def call(key: str) -> None:
-        await _track_durably(writer, wal, key, answered)
+    async def pair(tag: str) -> None:
+        """Two records in one call: a batch of more than one, so calls overlap."""
+        keys = [f"{tag}-a", f"{tag}-b"]
+        issued.extend(keys)
+        await writer.execute_many([_track(key) for key in keys])
+        on_disk = {getattr(r.command, "idempotency_key", "") for r in wal.records()}
+        assert set(keys) <= on_disk, f"{tag} answered before it was durable"
+
+    async def taken_by_the_flush_task() -> None:
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if not writer._pending:
+                return
+        raise AssertionError("the flush task did not take the batch")
 
     async def run() -> None:
         nonlocal writer
-        writer = Writer(recover(wal), wal, on_failure=failures.append,
-                        commit_delay_s=limits.COMMIT_DELAY_MS_MAX / 1000)
+        writer = Writer(recover(wal), wal, on_failure=failures.append, commit_delay_s=delay_s)
         writer.start()
-        await writer.execute(UpsertPlan(app="a", plan=PLAN))  # alone, at once
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        for index in range(limits.COMMIT_DELAY_PROBE_EVERY_MIN):  # from the first on, overlapping
+            await pair(f"at-once-{index}")
         assert writer.lingered_batches == 0
-        await writer.execute_many([UpsertSubscription(app="a", user_id="u", plan_id="p"),
-                                   _track("two-in-one-call")])  # calls overlap from here
-        answered.append("two-in-one-call")
         batches = writer.batches
-        first = asyncio.create_task(call("first"))
-        for _ in range(100):  # until the flush task took it: it waits for more now
-            await asyncio.sleep(0)
-            if not writer._pending:
-                break
-        assert writer.batches == batches and not first.done()
-        joined = [asyncio.create_task(call(key)) for key in ("second", "third")]
-        await asyncio.gather(first, *joined)
+        probe = asyncio.create_task(pair("probe"))
+        await taken_by_the_flush_task()  # it waits for more now
+        joiners = [f"joined-{index}" for index in range(fills)]
+        issued.extend(joiners)
+        await asyncio.gather(probe, writer.execute_many([_track(key) for key in joiners]))
         assert (writer.batches, writer.lingered_batches) == (batches + 1, 1)
-        assert writer.batches_on_log_thread == writer.batches
-        await call("alone")  # follows a batch of three: it waits once, nobody joins
+        assert writer.lingered_records == fills
+        await pair("waits")  # the wait fills: taken, nobody joins, the average falls
         assert (writer.batches, writer.lingered_batches) == (batches + 2, 2)
-        for index in range(3):  # alone after a quiet batch: at once
-            await call(f"alone-{index}")
-        assert (writer.batches, writer.lingered_batches) == (batches + 5, 2)
+        for index in range(2 * limits.COMMIT_DELAY_PROBE_EVERY_MIN - 1):
+            await pair(f"off-{index}")  # off: at once, the next probe twice as far
+        assert writer.lingered_batches == 2
+        await pair("second-probe")
+        assert writer.lingered_batches == 3
+        for index in range(limits.LONE_CALL_QUIET_FLUSHES + 3):  # alone: at once
+            await _track_durably(writer, wal, f"alone-{index}", issued)
+        assert writer.lingered_batches == 3
+        assert writer.batches_on_log_thread <= writer.batches
         await writer.close()
 
     writer: Writer
@@ -384,9 +403,7 @@ def test_with_a_commit_delay_overlapping_calls_share_one_transaction_and_lone_on
     asyncio.run(run())
     assert failures == []
     on_disk = [getattr(r.command, "idempotency_key", "") for r in wal.records()][2:]
-    assert on_disk == ["two-in-one-call", "first", "second", "third", "alone",
-                       "alone-0", "alone-1", "alone-2"]
-    assert answered == on_disk
+    assert on_disk == issued
     wal.close()
 
 

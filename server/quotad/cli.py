@@ -163,15 +163,18 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                           f"{limits.ADMISSION_OPERATIONS_MIN} to "
                           f"{limits.ADMISSION_OPERATIONS_MAX:,}; a Batch of more than N "
                           "operations is always refused (default: %(default)s)")
-    run.add_argument("--commit-delay-ms", type=int, default=0, metavar="MS",
+    run.add_argument("--commit-delay-ms", type=int, default=limits.COMMIT_DELAY_MS_DEFAULT,
+                     metavar="MS",
                      help="while calls overlap, a small batch of records (unary calls) waits "
                           "MS milliseconds for more before its transaction is written and "
                           "synced: each of its calls waits that much longer, and the "
                           "transaction's fixed cost is shared by more calls, so a server busy "
                           "with many unary calls in flight spends less CPU on each and "
-                          "answers more of them; with few in flight it costs calls/s. Calls "
-                          "that come one at a time do not wait. "
-                          f"0 to {limits.COMMIT_DELAY_MS_MAX} (default: %(default)s: none)")
+                          "answers more of them. The wait is taken only while it gathers at "
+                          f"least {limits.COMMIT_DELAY_JOINED_PER_MS_MIN} records a "
+                          "millisecond (with few callers, a rare probe); calls that come one "
+                          "at a time never wait. "
+                          f"0 (none) to {limits.COMMIT_DELAY_MS_MAX} (default: %(default)s)")
     run.add_argument("--pending-calls-per-method", type=int,
                      default=limits.PENDING_CALLS_PER_METHOD, metavar="N",
                      help="at most N calls of one method received and not yet taken by a "

@@ -117,7 +117,7 @@ class Config:
     """Operations admitted and not yet answered, at most; past it calls are shed
     (RESOURCE_EXHAUSTED OVERLOADED). See api/admission.py."""
 
-    commit_delay_ms: int = 0
+    commit_delay_ms: int = limits.COMMIT_DELAY_MS_DEFAULT
     """While calls overlap, a small batch of records waits this long for more before it is
     written (limits.COMMIT_DELAY_MS_MAX); 0: none."""
     pending_calls_per_method: int = limits.PENDING_CALLS_PER_METHOD
@@ -657,6 +657,8 @@ class _Process:
                                    "records_written": writer.records_written,
                                    "batches_on_log_thread": writer.batches_on_log_thread,
                                    "lingered_batches": writer.lingered_batches,
+                                   "lingered_records": writer.lingered_records,
+                                   "lingered_records": writer.lingered_records,
                                    "snapshots": writer.snapshots,
                                    "snapshot_deltas": writer.snapshot_deltas,
                                    "snapshot_children_failed": writer.snapshot_children_failed,

@@ -67,12 +67,25 @@ LONE_CALL_PROBE_EVERY_FLUSHES = 16
 the next goes to the log thread, to see whether calls now arrive during a sync (gRPC hands
 the loop new calls only while it is free, so inline writes alone would never show them)."""
 
+COMMIT_DELAY_MS_DEFAULT = 0
 COMMIT_DELAY_MS_MAX = 20
-"""`--commit-delay-ms` (0 by default: none) at most. While calls overlap, a small batch on
-the log thread (unary calls) waits this long for more records before it is written: its
+"""`--commit-delay-ms` at most. While calls overlap and the wait fills (below), a small batch
+on the log thread (unary calls) waits this long for more records before it is written: its
 calls wait that much longer, and the transaction's fixed cost (the sync, the commit, the
 hops between threads) is shared by more records (quotad.engine.writer; README, Unary calls).
 Beyond 20 ms a wait would cost callers more than any sync it shares."""
+
+COMMIT_DELAY_JOINED_PER_MS_MIN = 2
+"""A commit delay goes on being taken while it gathers at least this many records per
+millisecond it waits, on average (2,000 calls/s): with few calls in flight each caller waits
+in the batch and nobody else comes, so the wait would cost calls/s for nothing."""
+COMMIT_DELAY_JOINED_AVERAGE_WEIGHT = 0.25
+"""The weight of the last wait in the moving average of the records the waits gather."""
+COMMIT_DELAY_PROBE_EVERY_MIN = 8
+COMMIT_DELAY_PROBE_EVERY_MAX = 256
+"""While the delay does not fill, one small batch in this many (while calls overlap) waits all
+the same, to see whether it now would: every 8th at first, twice as far apart after each
+probe that did not fill, up to every 256th, so that few callers rarely pay the wait."""
 
 EXPIRY_POLL_S_MAX = 1.0
 """The expiry task sleeps at most this long; every command expires what is due anyway."""
@@ -315,6 +328,9 @@ if not (1 <= HTTP_CONNECTIONS_PER_KEY_MAX <= HTTP_CONNECTIONS_PER_APP_MAX < HTTP
     raise AssertionError("1 <= HTTP_CONNECTIONS_PER_KEY_MAX <= HTTP_CONNECTIONS_PER_APP_MAX "
                          "< HTTP_CONNECTIONS_MAX and 1 <= HTTP_CONNECTIONS_PER_PEER_MAX "
                          "< HTTP_CONNECTIONS_MAX: no app or address fills the server")
+if not (1 <= COMMIT_DELAY_PROBE_EVERY_MIN <= COMMIT_DELAY_PROBE_EVERY_MAX
+        and 0 < COMMIT_DELAY_JOINED_AVERAGE_WEIGHT <= 1 and COMMIT_DELAY_JOINED_PER_MS_MIN > 0):
+    raise AssertionError("the commit delay's probes and average are bounded")
 if not ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS <= ADMISSION_OPERATIONS_MAX:
     raise AssertionError("ADMISSION_OPERATIONS_MIN <= ADMISSION_OPERATIONS "
                          "<= ADMISSION_OPERATIONS_MAX")

@@ -23,10 +23,11 @@ Where a batch is written depends on its size (limits.INLINE_BATCH_RECORDS_MIN):
   turn of the loop to wake the flush task, nor one to be woken). Every so often one goes to
   the log thread all the same (limits.LONE_CALL_PROBE_EVERY_FLUSHES), to see whether calls
   now arrive during a sync.
-- With a commit delay (`--commit-delay-ms`, 0 by default), a small batch on the log thread
-  waits that long for more records while calls overlap, then takes them along: its calls
+- With a commit delay (`--commit-delay-ms`), a small batch on the log thread waits that long
+  for more records while calls overlap and the wait fills, then takes them along: its calls
   wait that much longer, and each transaction's fixed cost (the sync, the commit, the hops
-  between threads) is shared by more of them. Lone calls do not wait (_lingers).
+  between threads) is shared by more of them. While the wait would not fill (few callers,
+  who all wait in the batch) only a rare probe waits; lone calls never do (_lingers).
 - A batch that carries a snapshot (a large put) is written on the log thread too, so that
   serving goes on meanwhile.
 Either way, one batch is written at a time. Once a whole snapshot is stored, the records it
@@ -132,12 +133,22 @@ class Writer:
         self.records_written = 0
         self._commit_delay_s = commit_delay_s
         """How long a small batch on the log thread waits for more records while calls
-        overlap (_lingers); 0: it is written at once."""
+        overlap and the wait fills (_lingers); 0: it is written at once."""
         self._calls_overlap = False
         """The last batch on the log thread held more than one record, or records were
-        pending when it was written: the next small one waits commit_delay_s."""
+        pending when it was written: the next small one may wait commit_delay_s."""
         self.lingered_batches = 0
         """Batches that waited commit_delay_s for more records."""
+        self.lingered_records = 0
+        """Records that joined those batches while they waited."""
+        self._delay_fills = False
+        """The delay gathers enough records to be worth its wait (_linger): small batches wait
+        while calls overlap. Otherwise only a probe every _probe_every batches does."""
+        self._joined_average = 0.0
+        """Records a wait gathered, a moving average (a probe's alone when off)."""
+        self._probe_every = limits.COMMIT_DELAY_PROBE_EVERY_MIN
+        self._unwaited_batches = 0
+        """Small batches written at once while calls overlap, since the last wait."""
         self._on_flush = on_flush
         """Called with (records, seconds, last sequence) after each durable flush."""
         self.on_applied: Callable[[tuple[Record, ...]], None] | None = None
@@ -340,19 +351,39 @@ class Writer:
     def _lingers(self) -> bool:
         """Whether a small batch waits commit_delay_s for more records before it is written:
         with a delay set, while calls overlap (the last batch on the log thread was not a
-        lone record with nothing pending after it). Calls that come one at a time do not
-        wait (nobody would join them), but for the first after calls overlapped."""
-        return self._commit_delay_s > 0 and self._calls_overlap
+        lone record with nothing pending after it) and the delay fills (_linger), or as a
+        probe of whether it would. Calls that come one at a time do not wait (nobody would
+        join them)."""
+        if not (self._commit_delay_s > 0 and self._calls_overlap):
+            return False
+        if self._delay_fills:
+            return True
+        self._unwaited_batches += 1
+        return self._unwaited_batches >= self._probe_every
 
     async def _linger(self, batch: list[Record]) -> None:
         """Waits commit_delay_s, then takes into the batch what was applied meanwhile (up to
         batch_records_max): its calls wait that much longer, and each transaction's fixed
-        cost (the sync, the commit, the hops between threads) is shared by more records."""
+        cost (the sync, the commit, the hops between threads) is shared by more records.
+        The wait goes on being taken while it gathers at least
+        COMMIT_DELAY_JOINED_PER_MS_MIN records per millisecond, on average: with few callers
+        it would not (they wait in the batch, and nobody else comes), and then only a probe
+        waits, every COMMIT_DELAY_PROBE_EVERY_MIN small batches, twice as far apart after
+        each probe that did not fill, up to COMMIT_DELAY_PROBE_EVERY_MAX."""
+        probing = not self._delay_fills
         await asyncio.sleep(self._commit_delay_s)
         more = self._pending[: self._batch_records_max - len(batch)]
         del self._pending[: len(more)]
         batch.extend(more)
         self.lingered_batches += 1
+        self.lingered_records += len(more)
+        self._unwaited_batches = 0
+        self._joined_average = len(more) if probing else self._joined_average + (
+            len(more) - self._joined_average) * limits.COMMIT_DELAY_JOINED_AVERAGE_WEIGHT
+        self._delay_fills = self._joined_average >= (
+            limits.COMMIT_DELAY_JOINED_PER_MS_MIN * self._commit_delay_s * 1000)
+        self._probe_every = limits.COMMIT_DELAY_PROBE_EVERY_MIN if self._delay_fills else min(
+            2 * self._probe_every, limits.COMMIT_DELAY_PROBE_EVERY_MAX)
 
     def _stored(self, snapshot: Snapshot) -> None:
         self._stored_sequence = snapshot.sequence
