@@ -412,7 +412,7 @@ def test_a_commit_delay_is_checked_at_its_bounds_and_refused_naming_the_flag(tmp
 
     for good in (0, limits.COMMIT_DELAY_MS_MAX):
         assert Config(commit_delay_ms=good).commit_delay_ms == good
-    assert Config().commit_delay_ms == 0
+    assert Config().commit_delay_ms == limits.COMMIT_DELAY_MS_DEFAULT > 0
     for bad in (-1, limits.COMMIT_DELAY_MS_MAX + 1):
         with pytest.raises(ValueError, match="--commit-delay-ms must be 0 to"):
             Config(commit_delay_ms=bad)
