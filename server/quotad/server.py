@@ -118,8 +118,8 @@ class Config:
     (RESOURCE_EXHAUSTED OVERLOADED). See api/admission.py."""
 
     commit_delay_ms: int = limits.COMMIT_DELAY_MS_DEFAULT
-    """While calls overlap, a small batch of records waits this long for more before it is
-    written (limits.COMMIT_DELAY_MS_MAX); 0: none."""
+    """While calls overlap and the wait fills, a small batch of records waits this long for
+    more before it is written (limits.COMMIT_DELAY_MS_MAX; Writer._linger); 0: none."""
     pending_calls_per_method: int = limits.PENDING_CALLS_PER_METHOD
     """Calls of one method received and not yet taken by a handler, at most; one arriving
     while that many wait is refused by grpc's core (the caller sees CANCELLED)."""
@@ -657,7 +657,6 @@ class _Process:
                                    "records_written": writer.records_written,
                                    "batches_on_log_thread": writer.batches_on_log_thread,
                                    "lingered_batches": writer.lingered_batches,
-                                   "lingered_records": writer.lingered_records,
                                    "lingered_records": writer.lingered_records,
                                    "snapshots": writer.snapshots,
                                    "snapshot_deltas": writer.snapshot_deltas,

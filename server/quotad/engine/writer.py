@@ -147,6 +147,7 @@ class Writer:
         self._joined_average = 0.0
         """Records a wait gathered, a moving average (a probe's alone when off)."""
         self._probe_every = limits.COMMIT_DELAY_PROBE_EVERY_MIN
+        """While the delay does not fill, one small batch in this many waits as a probe."""
         self._unwaited_batches = 0
         """Small batches written at once while calls overlap, since the last wait."""
         self._on_flush = on_flush
