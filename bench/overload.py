@@ -64,7 +64,8 @@ from quotad.core import limits
 
 from . import procfs, report, stats
 from .harness import _positive_float, _positive_int, _write_json
-from .targets import ROOT, EchoTarget, QuotadTarget, Target, process_cpu_s
+from .targets import (ROOT, EchoTarget, QuotadTarget, Target, add_server_arguments,
+                      process_cpu_s)
 from .workloads import EVENT_TYPE, MODEL, user_id
 
 THROTTLED = "THROTTLED"
@@ -141,12 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--targets", type=_target_names, default="quotad,echo", metavar="NAMES",
                         help="servers to measure, comma-separated: quotad, echo "
                              "(default: quotad,echo)")
-    parser.add_argument("--quotad-arg", action="append", default=[], metavar="ARG",
-                        help="one more `quotad serve` argument, repeatable "
-                             "(e.g. --quotad-arg=--admission-operations=256)")
-    parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
-                        help="one more bench.echo_server argument, repeatable "
-                             "(e.g. --echo-arg=--maximum-concurrent-rpcs=64)")
+    add_server_arguments(parser, quotad_example="--admission-operations=256",
+                         echo_example="--maximum-concurrent-rpcs=64")
     parser.add_argument("--no-client-throttle", action="store_true",
                         help="the client processes send every attempt, as quotad_client with "
                              "adaptive_throttle=False (default: each process refuses some "

@@ -34,6 +34,17 @@ DESCRIPTIONS = {
 PEERS = ("redis-always", "redis-none", "echo")
 
 
+def add_server_arguments(parser: Any, quotad_example: str, echo_example: str) -> None:
+    """--quotad-arg and --echo-arg: one more argument for the server each bench starts,
+    repeatable (read back as args.quotad_arg and args.echo_arg, lists)."""
+    parser.add_argument("--quotad-arg", action="append", default=[], metavar="ARG",
+                        help="one more `quotad serve` argument, repeatable "
+                             f"(e.g. --quotad-arg={quotad_example})")
+    parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
+                        help="one more bench.echo_server argument, repeatable "
+                             f"(e.g. --echo-arg={echo_example})")
+
+
 def process_cpu_s(pid: int | None) -> float | None:
     """User + system CPU seconds of a process so far (Linux /proc), None when unknown."""
     if pid is None:

@@ -38,7 +38,7 @@ from quotad.testing import ServerProcess
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
 
-from bench.targets import process_cpu_s
+from bench.targets import add_server_arguments, process_cpu_s
 
 USERS = 1000
 
@@ -135,12 +135,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--pairs", action="store_true", help="Reserve then Commit each time")
-    parser.add_argument("--quotad-arg", action="append", default=[], metavar="ARG",
-                        help="one more `quotad serve` argument, repeatable (e.g. "
-                             "--quotad-arg=--commit-delay-ms=4)")
-    parser.add_argument("--echo-arg", action="append", default=[], metavar="ARG",
-                        help="one more bench.echo_server argument, repeatable (e.g. "
-                             "--echo-arg=--uvloop: the echo on the event loop quotad runs on)")
+    add_server_arguments(parser, quotad_example="--commit-delay-ms=0",
+                         echo_example="--uvloop, the echo on the event loop quotad runs on")
     args = parser.parse_args()
     what = "Reserve+Commit" if args.pairs else "Reserve"
     print(f"{what}, median of {args.runs} runs of {args.seconds:g} s each, one client process")
