@@ -407,6 +407,40 @@ def test_a_commit_delay_is_taken_while_it_fills_probed_while_it_does_not_and_lon
     wal.close()
 
 
+def test_probes_of_a_delay_that_never_fills_come_twice_as_far_apart_up_to_their_cap(
+        tmp_path: Path):
+    """Overlapping batches whose waits gather nothing: a probe after
+    COMMIT_DELAY_PROBE_EVERY_MIN of them, then twice as far apart each time, never further
+    than COMMIT_DELAY_PROBE_EVERY_MAX."""
+    wal = WriteAheadLog(tmp_path)
+    gaps: list[int] = []
+
+    async def run() -> None:
+        writer = Writer(recover(wal), wal, on_failure=failures.append, commit_delay_s=0.001)
+        writer.start()
+        await writer.execute(UpsertPlan(app="a", plan=PLAN))
+        await writer.execute_many([UpsertSubscription(app="a", user_id="u", plan_id="p"),
+                                   _track("overlap")])  # from here every batch overlaps
+        since, lingered = 0, writer.lingered_batches
+        while len(gaps) < 8:
+            await writer.execute_many([_track(f"{len(gaps)}-{since}-{half}")
+                                       for half in ("a", "b")])
+            since += 1
+            if writer.lingered_batches > lingered:
+                gaps.append(since)
+                since, lingered = 0, writer.lingered_batches
+        assert writer.lingered_records == 0
+        await writer.close()
+
+    failures: list[BaseException] = []
+    asyncio.run(run())
+    assert failures == []
+    first, cap = limits.COMMIT_DELAY_PROBE_EVERY_MIN, limits.COMMIT_DELAY_PROBE_EVERY_MAX
+    assert gaps == [min(first * 2**index, cap) for index in range(8)]
+    assert gaps[-2:] == [cap, cap]
+    wal.close()
+
+
 def test_a_commit_delay_is_checked_at_its_bounds_and_refused_naming_the_flag(tmp_path: Path):
     from quotad.server import Config
 
