@@ -354,7 +354,8 @@ class Writer:
         with a delay set, while calls overlap (the last batch on the log thread was not a
         lone record with nothing pending after it) and the delay fills (_linger), or as a
         probe of whether it would. Calls that come one at a time do not wait (nobody would
-        join them)."""
+        join them). Called once per small batch on the log thread: one that overlaps and does
+        not wait counts towards the next probe."""
         if not (self._commit_delay_s > 0 and self._calls_overlap):
             return False
         if self._delay_fills:
