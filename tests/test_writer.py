@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,8 +27,10 @@ from quotad.engine.writer import Writer, WriterStopped
 PLAN = Plan(id="p", limit_groups=(LimitGroup(key="units", quota=10**15, window=Window.LIFETIME),))
 
 
-async def _writer_on(wal: WriteAheadLog, failures: list[BaseException]) -> Writer:
-    writer = Writer(recover(wal), wal, on_failure=failures.append)
+async def _writer_on(wal: WriteAheadLog, failures: list[BaseException],
+                     **writer_args: Any) -> Writer:
+    """A writer on wal with the plan and its user in place (two lone calls)."""
+    writer = Writer(recover(wal), wal, on_failure=failures.append, **writer_args)
     writer.start()
     await writer.execute(UpsertPlan(app="a", plan=PLAN))
     await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
@@ -370,10 +373,7 @@ def test_a_commit_delay_is_taken_while_it_fills_probed_while_it_does_not_and_lon
 
     async def run() -> None:
         nonlocal writer
-        writer = Writer(recover(wal), wal, on_failure=failures.append, commit_delay_s=delay_s)
-        writer.start()
-        await writer.execute(UpsertPlan(app="a", plan=PLAN))
-        await writer.execute(UpsertSubscription(app="a", user_id="u", plan_id="p"))
+        writer = await _writer_on(wal, failures, commit_delay_s=delay_s)
         for index in range(limits.COMMIT_DELAY_PROBE_EVERY_MIN):  # from the first on, overlapping
             await pair(f"at-once-{index}")
         assert writer.lingered_batches == 0
@@ -416,11 +416,8 @@ def test_probes_of_a_delay_that_never_fills_come_twice_as_far_apart_up_to_their_
     gaps: list[int] = []
 
     async def run() -> None:
-        writer = Writer(recover(wal), wal, on_failure=failures.append, commit_delay_s=0.001)
-        writer.start()
-        await writer.execute(UpsertPlan(app="a", plan=PLAN))
-        await writer.execute_many([UpsertSubscription(app="a", user_id="u", plan_id="p"),
-                                   _track("overlap")])  # from here every batch overlaps
+        writer = await _writer_on(wal, failures, commit_delay_s=0.001)
+        await writer.execute_many([_track("overlap-a"), _track("overlap-b")])  # from here on
         since, lingered = 0, writer.lingered_batches
         while len(gaps) < 8:
             await writer.execute_many([_track(f"{len(gaps)}-{since}-{half}")
