@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 import quotad_client as qc
 from quotad.api.admission import SHED_OVERLOADED, Admission, overloaded
 from quotad.api.gate import Gate
-from quotad.api.service import method_handlers, status_proto_of
+from quotad.api.service import REGISTERED_METHODS, method_handlers, status_proto_of
 from quotad.core import limits
 from quotad.core.commands import Track
 from quotad.core.errors import ResourceExhausted
@@ -225,14 +225,19 @@ def test_watch_streams_and_health_checks_are_not_counted_and_are_served_under_ov
 
 # --- grpc's queue in front of the handlers ----------------------------------------------------
 
-def test_every_rpc_is_registered_with_grpc_so_each_method_has_its_own_queue():
+def test_the_data_path_is_registered_with_grpc_so_each_of_its_methods_has_its_own_queue():
     """Registered, grpc's core keeps one queue of received calls per method (bounded by
-    --pending-calls-per-method) rather than one for every unregistered call."""
+    --pending-calls-per-method): Commits never wait behind Reserves, nor WatchUsage behind
+    either. The other methods share the queue of unregistered calls; every RPC is served."""
     services = method_handlers(Gate(), Admission())
     assert set(services) == set(SERVICE_NAMES)
     for service in SERVICE_NAMES:
         descriptor = pb.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
         assert set(services[service]) == {method.name for method in descriptor.methods}
+    assert set(REGISTERED_METHODS) == {"quotad.v1.QuotaService"}
+    assert REGISTERED_METHODS["quotad.v1.QuotaService"] == {
+        "Reserve", "Commit", "Release", "Extend", "Track", "GetUsage", "Batch", "WatchUsage"}
+    assert REGISTERED_METHODS["quotad.v1.QuotaService"] < set(services["quotad.v1.QuotaService"])
 
 
 def test_the_pending_calls_limit_is_checked_at_its_bounds_and_is_grpcs_backlog_options():

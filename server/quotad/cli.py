@@ -180,7 +180,10 @@ def parser(file_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPars
                      help="at most N calls of one method received and not yet taken by a "
                           "handler (grpc's queue in front of quotad): one arriving while N "
                           "wait is refused by grpc at once, before any work (the caller sees "
-                          "CANCELLED), rather than left to wait past its deadline. "
+                          "CANCELLED), rather than left to wait past its deadline. Each method "
+                          "of the data path (Reserve, Commit, Release, Extend, Track, "
+                          "GetUsage, Batch, WatchUsage) has its own queue; the others share "
+                          "one. "
                           f"{limits.PENDING_CALLS_PER_METHOD_MIN} to "
                           f"{limits.PENDING_CALLS_PER_METHOD_MAX:,} (default: %(default)s)")
     run.add_argument("--shard-map", type=Path, metavar="FILE.json",

@@ -35,7 +35,7 @@ from quotad.api.metrics import Metrics, MetricsInterceptor
 from quotad.plans_file import load_plans
 from quotad.api.auth import DEFAULT_APP, Authenticator
 from quotad.api.gate import Gate, GateState, is_loopback
-from quotad.api.service import http_usage_authorizer, method_handlers
+from quotad.api.service import REGISTERED_METHODS, http_usage_authorizer, method_handlers
 from quotad.cluster import FileShardMapSource, Ownership, ShardMapError
 from quotad.cluster.catalog import Catalog, CatalogBehind
 from quotad.cluster.control import ControlPlane
@@ -122,7 +122,8 @@ class Config:
     more before it is written (limits.COMMIT_DELAY_MS_MAX; Writer._linger); 0: none."""
     pending_calls_per_method: int = limits.PENDING_CALLS_PER_METHOD
     """Calls of one method received and not yet taken by a handler, at most; one arriving
-    while that many wait is refused by grpc's core (the caller sees CANCELLED)."""
+    while that many wait is refused by grpc's core (the caller sees CANCELLED). The methods
+    outside the data path share one such queue (service.REGISTERED_METHODS)."""
     shard_map_file: Path | None = None
     shard_id: int | None = None
     """A shard of a cluster: the shard map (JSON) and this shard's id in it (both, or
@@ -398,9 +399,15 @@ class _Process:
         admission = Admission(config.admission_operations)
         self.metrics.watch_admission(admission)
         for service, table in method_handlers(self.gate, admission).items():
-            # registered: grpc's core matches each method to its own queue of requested
-            # calls, rather than every call to one queue of unregistered ones
-            server.add_registered_method_handlers(service, table)
+            # the data path registered: grpc's core matches each of its methods to its own
+            # queue of received calls; the rest share the one queue of unregistered calls
+            registered = REGISTERED_METHODS.get(service, frozenset())
+            if registered:
+                server.add_registered_method_handlers(
+                    service, {name: table[name] for name in registered})
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                service, {name: handler for name, handler in table.items()
+                          if name not in registered}),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         if config.reflection:
             names = [quotad_pb2.DESCRIPTOR.services_by_name[n.split(".")[-1]].full_name
