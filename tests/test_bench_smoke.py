@@ -327,6 +327,18 @@ def test_the_lmdb_inserts_bench_puts_rows_in_both_orders_and_prints_their_cost()
     assert refused.returncode == 2 and "must be 1 or more" in refused.stderr
 
 
+def test_the_server_loop_bench_times_a_wait_over_quotads_pending_requests_and_every_method():
+    lines = _run_bench("bench.server_loop", "--rounds", "200", "--runs", "1")
+    rows = {line[:32].strip(): line[32:].split() for line in lines[1:]}
+    assert set(rows) == {"quotad (data path registered)", "every method registered"}
+    assert int(rows["quotad (data path registered)"][0]) == 12  # 8 + health's 3 + the rest
+    assert int(rows["every method registered"][0]) == 34  # 30 + health's 3 + the rest
+    assert all(float(row[1]) > 0 for row in rows.values())
+    refused = subprocess.run([sys.executable, "-m", "bench.server_loop", "--runs", "0"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "--runs" in refused.stderr
+
+
 def test_the_fsync_and_stream_benches_run():
     lines = _run_bench("bench.fsync", "--commits", "20", "--records", "1,10")
     assert [line.split()[0] for line in lines[1:]] == ["1", "10"]
