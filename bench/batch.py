@@ -30,6 +30,7 @@ from quotad.core import limits
 from quotad.testing import ServerProcess
 from quotad_client import new_idempotency_key
 
+from .harness import doc_parser
 from .targets import EchoTarget, _set_up_quotad, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
 
@@ -168,9 +169,7 @@ def _measure(options: argparse.Namespace, address: str, pid: int | None) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.batch", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.batch", __doc__)
     parser.add_argument("--batch", type=int, default=BATCH_DEFAULT, metavar="N",
                         help=f"operations per Batch RPC, 1 to {BATCH_MAX} (default: "
                              f"{BATCH_DEFAULT})")

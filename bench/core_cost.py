@@ -27,7 +27,6 @@ holds and events, the commit and its sync.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 import tempfile
@@ -46,6 +45,8 @@ from quotad.storage.codec import CounterShape, encode_counter_shape, encode_reco
 from quotad.storage.wal import WriteAheadLog
 from quotad_client import new_idempotency_key
 from quotad_contract.v1 import quotad_pb2 as pb
+
+from .harness import doc_parser
 
 USERS = 1000
 NS_PER_S = 10**9
@@ -153,9 +154,7 @@ class Run:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.core_cost",
-                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split(
-                                         "\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.core_cost", __doc__)
     parser.add_argument("--pairs", type=int, default=500, metavar="N",
                         help="pairs per round: one Batch of Reserves, one of Commits (default: 500)")
     parser.add_argument("--rounds", type=int, default=15, metavar="N",

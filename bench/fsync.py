@@ -12,7 +12,6 @@ call at one in flight cannot be answered faster than the p50 with one record.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import lmdb
 from quotad.storage.wal import LMDB_OPTIONS
+
+from .harness import doc_parser
 
 RECORD_BYTES = 400
 
@@ -54,9 +55,7 @@ def measure(directory: Path, commits: int, records: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.fsync", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.fsync", __doc__)
     parser.add_argument("--commits", type=int, default=2000, metavar="N",
                         help="synced transactions per size (default: 2000)")
     parser.add_argument("--records", default="1,100", metavar="N[,N]",

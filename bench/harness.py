@@ -94,6 +94,16 @@ examples:
 """
 
 
+def doc_parser(module: str, doc: str, epilog_more: str = "") -> argparse.ArgumentParser:
+    """A bench module's command line, its help made of its docstring: the first paragraph
+    says what it measures, the paragraphs after its usage line close the help (then
+    `epilog_more`)."""
+    epilog = doc.split("\n\n", 2)[2] + ("\n" + epilog_more if epilog_more else "")
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
+                                   epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

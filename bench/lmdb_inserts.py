@@ -28,6 +28,8 @@ import lmdb
 
 from quotad.storage.wal import LMDB_OPTIONS
 
+from .harness import doc_parser
+
 ORDERS = ("random", "growing")
 KIB = 1024
 
@@ -85,10 +87,7 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.lmdb_inserts",
-                                     description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.lmdb_inserts", __doc__)
     parser.add_argument("--rows-before", type=_positive_int, default=1_000_000, metavar="N",
                         help="rows in the table before the measured puts (default: 1000000)")
     parser.add_argument("--transactions", type=_positive_int, default=200, metavar="N",

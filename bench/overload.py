@@ -63,7 +63,7 @@ import grpc
 from quotad.core import limits
 
 from . import procfs, report, stats
-from .harness import _positive_float, _positive_int, _write_json
+from .harness import doc_parser, _positive_float, _positive_int, _write_json
 from .targets import (ROOT, EchoTarget, QuotadTarget, Target, add_server_arguments,
                       process_cpu_s)
 from .workloads import EVENT_TYPE, MODEL, user_id
@@ -109,10 +109,7 @@ def _target_names(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.overload", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2] + "\n" + EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.overload", __doc__, EPILOG)
     parser.add_argument("--processes", type=_positive_int, default=4, metavar="N",
                         help="client processes, each with its own channel (default: 4)")
     parser.add_argument("--concurrency", type=_positive_int, default=2000, metavar="N",

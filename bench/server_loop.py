@@ -17,7 +17,6 @@ thread's clock) in microseconds, and the fastest run.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
@@ -28,7 +27,7 @@ from grpc_health.v1 import health_pb2
 from quotad.api.service import REGISTERED_METHODS
 from quotad_contract.v1 import quotad_pb2 as pb
 
-from .harness import _positive_int
+from .harness import doc_parser, _positive_int
 
 
 def pending_requests() -> dict[str, int]:
@@ -56,10 +55,7 @@ async def _wait_cost_us(pending: int, rounds: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.server_loop", description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.server_loop", __doc__)
     parser.add_argument("--rounds", type=_positive_int, default=20_000, metavar="N",
                         help="waits timed per run (default: %(default)s)")
     parser.add_argument("--runs", type=_positive_int, default=3, metavar="N",

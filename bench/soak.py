@@ -34,7 +34,7 @@ from typing import Any
 from quotad.core import limits
 
 from . import procfs, report, stats
-from .harness import _address, _non_negative_float, _positive_float, _positive_int, _write_json
+from .harness import (doc_parser, _address, _non_negative_float, _positive_float, _positive_int, _write_json)
 from .targets import ROOT, QuotadTarget, process_cpu_s
 from .worker import WorkerError, WorkerPool
 
@@ -57,10 +57,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.soak", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2] + "\n" + EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.soak", __doc__, EPILOG)
     what = parser.add_argument_group("what to run")
     what.add_argument("--minutes", type=_positive_float, default=3.0, metavar="M",
                       help="length of the soak in minutes (default: 3)")

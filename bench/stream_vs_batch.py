@@ -31,6 +31,7 @@ import grpc
 from quotad_contract.v1 import quotad_pb2 as pb
 
 from .echo_server import _batch_result
+from .harness import doc_parser
 from .targets import ROOT, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL
 
@@ -144,9 +145,7 @@ async def drive(address: str, mode: str, options: argparse.Namespace, pid: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.stream_vs_batch", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.stream_vs_batch", __doc__)
     parser.add_argument("--seconds", type=float, default=4.0, metavar="S",
                         help="measured length of each run (default: 4)")
     parser.add_argument("--runs", type=int, default=3, metavar="N",

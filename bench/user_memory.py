@@ -12,7 +12,6 @@ cyclic collector tracks per user (each one a full collection walks).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import time
@@ -21,6 +20,8 @@ from bench.procfs import memory_bytes
 from quotad.core import commands as c
 from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
+
+from .harness import doc_parser
 
 APP = "default"
 USERS_MAX = 5_000_000
@@ -71,9 +72,7 @@ def measure(users: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.user_memory", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser("bench.user_memory", __doc__)
     parser.add_argument("--users", type=int, default=200_000, metavar="N",
                         help=f"users to subscribe, 1 to {USERS_MAX:,} (default: 200,000)")
     options = parser.parse_args()
