@@ -515,9 +515,9 @@ REGISTERED_METHODS = {"quotad.v1.QuotaService": frozenset(
 """The methods registered with grpc, by service: the data path's. grpc's core gives each its
 own queue of received calls (bounded by --pending-calls-per-method), so a flood of one never
 holds back another; every other method is served through one generic handler, and their calls
-share one queue. Not all: grpc.aio's server loop waits on one pending request per registered
-method (and one for the rest) each time it takes a call, at ~0.4 µs each (34 pending requests
-cost ~19 µs a wait where 12 cost ~10, `asyncio.wait` on uvloop)."""
+share one queue. Only these, because grpc.aio's server loop waits on one pending request per
+registered method (and one for the rest) each time it takes a call, at ~0.4 µs each: 34
+pending requests cost ~19 µs a wait where 12 cost ~10 (`python -m bench.server_loop`)."""
 
 
 def method_handlers(gate: Gate, admission: Admission) -> dict[str, dict[str, Any]]:
