@@ -2,7 +2,7 @@
 bare grpc.aio echo server answering the same messages (the transport's own cost).
 
     .venv/bin/python -m bench.unary [--seconds 5] [--runs 3] [--concurrency 1,64] [--pairs]
-                                    [--echo-arg ARG]
+                                    [--quotad-arg ARG] [--echo-arg ARG]
 
 Starts its own servers on free loopback ports (quotad on a fresh data directory each run),
 drives each with one grpc.aio client process in alternation, and prints medians of the runs
@@ -10,12 +10,13 @@ and the quotad / echo ratio, and each server's CPU time per call (user + system,
 /proc) over the measured seconds, with its quotad / echo ratio. Also prints how group
 commit behaved: records per LMDB transaction (from quotad's stop line).
 
-One asymmetry beyond the work itself: quotad registers each of its methods with grpc (each
-its own queue of received calls), the echo serves its own through one generic handler, and
-grpc.aio's server loop waits on one pending request per registered method each time it takes
-a call (asyncio.wait over ~33 futures against 1). That is a few percent of quotad's CPU per
-call, inside this bench's run-to-run spread. And one more: quotad runs on uvloop's event loop,
-the echo on asyncio's own, as a bare grpc.aio server does, unless `--echo-arg=--uvloop`.
+One asymmetry beyond the work itself: quotad registers its data path's methods with grpc
+(each its own queue of received calls; the rest share one), the echo serves its own through
+one generic handler, and grpc.aio's server loop waits on one pending request per registered
+method each time it takes a call (asyncio.wait over 12 futures against 1: ~10 against ~6 us
+of CPU, `python -m bench.server_loop`), inside this bench's run-to-run spread. And one more:
+quotad runs on uvloop's event loop, the echo on asyncio's own, as a bare grpc.aio server
+does, unless `--echo-arg=--uvloop`.
 
 The full harness (workloads, Redis peers, client processes, JSON and plots) is
 `python -m bench`; this one stays as the smallest raw-stub check of the transport.

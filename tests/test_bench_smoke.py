@@ -330,9 +330,11 @@ def test_the_lmdb_inserts_bench_puts_rows_in_both_orders_and_prints_their_cost()
 def test_the_server_loop_bench_times_a_wait_over_quotads_pending_requests_and_every_method():
     lines = _run_bench("bench.server_loop", "--rounds", "200", "--runs", "1")
     rows = {line[:32].strip(): line[32:].split() for line in lines[1:]}
-    assert set(rows) == {"quotad (data path registered)", "every method registered"}
+    assert set(rows) == {"quotad (data path registered)", "every method registered",
+                         "the echo peer (generic handler)"}
     assert int(rows["quotad (data path registered)"][0]) == 12  # 8 + health's 3 + the rest
     assert int(rows["every method registered"][0]) == 34  # 30 + health's 3 + the rest
+    assert int(rows["the echo peer (generic handler)"][0]) == 1
     assert all(float(row[1]) > 0 for row in rows.values())
     refused = subprocess.run([sys.executable, "-m", "bench.server_loop", "--runs", "0"],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
