@@ -12,13 +12,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import quotad_client as qc
+from quotad.cluster.control import ShardLease
 from quotad.cluster.etcd import Etcd
+from quotad.cluster.limits import LEASE_SAFETY_FRACTION
 from quotad.cluster.etcd_process import free_port, free_ports
 from quotad_contract.errors import ErrorReason
 from quotad_contract.shards import EtcdTarget, Shard, ShardMap, slot_of
@@ -311,6 +314,32 @@ def test_a_second_process_with_a_taken_shard_id_never_serves_until_the_first_sto
     finally:
         first.close()
         second.close()
+
+
+def test_a_lease_timer_that_fires_before_the_lapse_is_set_again_and_the_lapse_still_published():
+    """The lapse timer may fire a little before the monotonic clock reaches the lapse (a
+    loop's timers count whole milliseconds), while held() still holds: it must be set again,
+    not dropped, or health would say SERVING for as long as etcd stays away while the gate
+    refuses every call. No etcd is reached: only the lease's clock and its timer run."""
+    lapse_in_s = 0.2
+
+    async def run() -> list[bool]:
+        published: list[bool] = []
+        no_etcd: Any = None  # never reached: the lapse timer reads the clock alone
+        lease = ShardLease(no_etcd, EtcdTarget.parse("etcd://127.0.0.1:2379/t"), 0, 1,
+                           holder={}, on_change=published.append)
+        held_ns = int(1e9 * (1 - LEASE_SAFETY_FRACTION))  # a 1 s TTL renewal's hold
+        lease._extend(time.monotonic_ns() - held_ns + int(lapse_in_s * 1e9), 1)
+        assert published == [True] and lease.held()
+        assert lease._timer is not None
+        lease._timer.cancel()  # it fires early: as if it ran now, well before the lapse
+        lease._lapse_due()
+        assert published == [True] and lease.held()  # nothing to publish yet: set again
+        await asyncio.sleep(lapse_in_s + 0.3)
+        assert not lease.held()
+        return published
+
+    assert asyncio.run(run()) == [True, False]
 
 
 def test_with_etcd_stopped_shards_serve_while_their_lease_lasts_then_refuse_and_resume(

@@ -233,10 +233,23 @@ class ShardLease:
         self._publish()
         if self._timer is not None:
             self._timer.cancel()
+        self._arm_lapse()
+
+    def _arm_lapse(self) -> None:
+        """A timer for when the lease lapses unrenewed, to publish it (health follows)."""
         if self.held_until_ns:
             delay_s = (self.held_until_ns - time.monotonic_ns()) / NS_PER_S
             self._timer = asyncio.get_running_loop().call_later(max(0.0, delay_s) + 0.001,
-                                                                self._publish)
+                                                                self._lapse_due)
+
+    def _lapse_due(self) -> None:
+        """The lapse timer fired. A loop's timer may fire a little before the monotonic
+        clock reaches its time (uvloop counts whole milliseconds), and held() reads that
+        clock: still held, the timer is set again for what is left rather than dropped, which
+        would leave health SERVING while the gate refuses every call."""
+        self._publish()
+        if self.held():
+            self._arm_lapse()
 
     def _publish(self) -> None:
         held = self.held()
