@@ -1,5 +1,6 @@
-"""Every command the README names (in its text and in its code blocks) uses subcommands and
-flags its program has: `quotad`, `quotactl` and the `bench` modules. A command in the text
+"""Every command the README names (in its text and in its code blocks), and bench's own
+documents (bench/README.md, and bench/RESULTS.md, which keeps every measured run), uses
+subcommands and flags its program has: `quotad`, `quotactl` and the `bench` modules. A command in the text
 may leave out what it does not talk about (a file, an id), so its words are checked, not run:
 each subcommand must be one of its parser's, each `--flag` one of the parser it is given to
 (argparse takes a program's own flags before its subcommand, a subcommand's after it), each
@@ -15,7 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from test_readme import README, blocks
+from test_readme import README, ROOT
+
+BENCH_DOCUMENTS = ("bench/README.md", "bench/RESULTS.md")
 
 NOT_COMMANDS = {"quotad user token v1"}  # the message a user token's HMAC signs
 COMMAND_START = re.compile(
@@ -23,14 +26,14 @@ COMMAND_START = re.compile(
     r"|(?P<program>quotactl|quotad)(?= |$))")
 
 
-def readme_commands() -> list[str]:
+def readme_commands(text: str = README) -> list[str]:
     """Each command, whitespace collapsed: inline `code` that starts with a program, and the
     lines of fenced blocks that do (a trailing backslash joins the next line)."""
     commands = []
-    for block in blocks(r"[^\n]*"):  # of every language
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```$", text, re.S | re.M):  # any language
         joined = re.sub(r"\\\n\s*", " ", block)
         commands.extend(line.split(" #")[0].strip() for line in joined.splitlines())
-    inline = re.sub(r"```.*?```", "", README, flags=re.S)
+    inline = re.sub(r"```.*?```", "", text, flags=re.S)
     for span in re.findall(r"`([^`]+)`", inline):
         commands.extend(part.strip() for part in " ".join(span.split()).split("&&"))
     return sorted({command for command in commands
@@ -129,6 +132,9 @@ def problems(parser: argparse.ArgumentParser, words: list[str]) -> Iterator[str]
 
 
 COMMANDS = readme_commands()
+BENCH_COMMANDS = sorted({command for name in BENCH_DOCUMENTS for command in
+                         readme_commands((ROOT / name).read_text(encoding="utf-8"))}
+                        - set(COMMANDS))
 
 
 def test_the_readme_names_commands_of_every_program():
@@ -138,7 +144,13 @@ def test_the_readme_names_commands_of_every_program():
     assert len(COMMANDS) >= 40, COMMANDS
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+def test_benchs_documents_name_commands_of_its_modules():
+    modules = {found["module"] for found in map(COMMAND_START.match, BENCH_COMMANDS) if found}
+    assert {"bench", "bench.batch", "bench.recovery", "bench.unary", "bench.overload",
+            "bench.soak"} <= modules, modules
+
+
+@pytest.mark.parametrize("command", COMMANDS + BENCH_COMMANDS)
 def test_a_command_the_readme_names_uses_what_its_program_has(command):
     parser, words = program_parser(command)
     assert list(problems(parser, words)) == [], command
