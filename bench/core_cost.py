@@ -20,7 +20,8 @@ operation of that stage's Batch, then the whole pair: a floor under what the ser
 pair, which also pays for gRPC, the event loop and the request's authentication.
 
 Under the stages, what of the append is encoding the records: after each append, the same
-records are encoded again, alone, as the append encoded them (counters naming their shapes);
+records are encoded again, alone, as the append encoded them (counters naming their shapes,
+their unchanging parts copied from the bytes they encoded to before);
 not counted in the pair. The rest of the append is LMDB's: the puts, the rows of keys,
 holds and events, the commit and its sync.
 """
@@ -41,7 +42,7 @@ from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.server import collect_as_serving
-from quotad.storage.codec import CounterShape, encode_counter_shape, encode_record
+from quotad.storage.codec import CounterHeads, CounterShape, encode_counter_shape, encode_record
 from quotad.storage.wal import WriteAheadLog
 from quotad_client import new_idempotency_key
 from quotad_contract.v1 import quotad_pb2 as pb
@@ -66,6 +67,8 @@ class Run:
         self.now_ns = 1_800_000_000 * NS_PER_S
         self.serials = itertools.count(1)
         self.shape_ids: dict[CounterShape, bytes] = {}
+        self.counter_heads: CounterHeads = {}
+        """The encoded unchanging parts of the counters encoded again, as the log keeps them."""
         self.cpu_s: dict[str, list[float]] = {}
         """(Reserve|Commit, stage) -> CPU seconds of each round's Batch, once measuring."""
         self.encoding_s: dict[str, list[float]] = {}
@@ -119,7 +122,7 @@ class Run:
         self.wal.append(records)
         times.append(time.thread_time())
         for record in records:
-            encode_record(record, self._shape_id)
+            encode_record(record, self._shape_id, self.counter_heads)
         forget_started = time.thread_time()
         encoding_s = forget_started - times[-1]
         del outcomes, records, commands, request

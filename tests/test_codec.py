@@ -334,21 +334,29 @@ def _shapes_table():
        window_start_ns=st.sampled_from([NOW_NS - 10**12, 1_700_000_000 * 10**9, 0]))
 def test_an_answer_names_its_counters_shapes_and_reads_back_as_it_was_given(
         label, unit, quota, used, window, rate, resets_after_ns, window_start_ns):
-    counters = tuple(
-        c.CounterView(key=key, label=label, unit=unit, window=window, quota=quota, used=used,
-                      held=1, remaining=max(0, quota - used - 1),
-                      window_start_ns=window_start_ns,
-                      resets_at_ns=(None if resets_after_ns is None
-                                    else window_start_ns + resets_after_ns),
-                      kind=Kind.RATE if rate else Kind.QUOTA,
-                      full_at_ns=NOW_NS + 5 if rate else None)
-        for key in ("tokens", "premium_tokens"))
+    def record_at(sequence: int, used: int) -> c.Record:
+        counters = tuple(
+            c.CounterView(key=key, label=label, unit=unit, window=window, quota=quota,
+                          used=used, held=1, remaining=max(0, quota - used - 1),
+                          window_start_ns=window_start_ns,
+                          resets_at_ns=(None if resets_after_ns is None
+                                        else window_start_ns + resets_after_ns),
+                          kind=Kind.RATE if rate else Kind.QUOTA,
+                          full_at_ns=NOW_NS + 5 if rate else None)
+            for key in ("tokens", "premium_tokens"))
+        return c.Record(sequence, NOW_NS, command, (), (), c.CommitResult(
+            counters=counters, committed=5, returned=0, expired=False))
     command = c.Commit(app="default", reservation_id="rsv_" + "ab" * 12, idempotency_key="k")
-    record = c.Record(3, NOW_NS, command, (), (),
-                      c.CommitResult(counters=counters, committed=5, returned=0, expired=False))
+    record = record_at(3, used)
     table, shape_id, lookup = _shapes_table()
     value = encode_record(record, shape_id)
     assert len(table) == 2
+    heads: dict = {}  # each counter's unchanging part, remembered as it is first encoded
+    assert encode_record(record, shape_id, heads) == value and len(heads) == 2
+    assert encode_record(record, shape_id, heads) == value  # copied from heads
+    later = record_at(4, used + 7)
+    assert encode_record(later, shape_id, heads) == encode_record(later, shape_id)
+    assert decode_record(record_key(4), encode_record(later, shape_id, heads), lookup) == later
     assert all(counter.shape and not counter.key and not counter.label
                for counter in log_pb2.Record.FromString(value[12:]).answer.counters)
     assert decode_record(record_key(3), value, lookup) == record

@@ -16,6 +16,7 @@ from quotad.core.commands import (
 from quotad.core.errors import AlreadyExists, FailedPrecondition, PermissionDenied
 from quotad.core import limits
 from quotad.core.holds import HoldState
+from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Match, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
@@ -24,7 +25,7 @@ from quotad.storage.codec import (
     hold_row_key, idempotency_row_key, reservation_bytes, state_digest,
 )
 from quotad.storage.snapshot import snapshot_of
-from quotad.storage.wal import Retention, Snapshot, WriteAheadLog
+from quotad.storage.wal import FAULT_ENV, Retention, Snapshot, WriteAheadLog
 from writer_helpers import stop_without_final_snapshot
 
 PLAN = Plan(id="p", limit_groups=(
@@ -445,3 +446,41 @@ def test_a_slot_sets_finished_holds_are_read_in_one_pass_with_an_item_per_row(tm
     assert found == sorted(rid for rid in ids if rid[4:7] in ("009", "fff"))
     assert all(hold.status is HoldState.COMMITTED for hold in items if hold is not None)
     assert len(none_yet) == len(ids) and not any(none_yet)
+
+
+def test_a_write_that_fails_leaves_the_next_one_to_store_the_counter_shapes_it_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The log copies a counter's unchanging part into each answer it stores from the bytes
+    it encoded to the first time, which name the counter's shape in the shapes table. The
+    first write naming a shape stores it; if that write fails, the next one must store it
+    again, or its answers would name a shape the table never held."""
+    monkeypatch.setenv(FAULT_ENV, "write-error@2")
+    wal = WriteAheadLog(tmp_path)
+    core = Core()
+    now_ns = 1_800_000_000 * 10**9
+
+    def applied(command) -> list:
+        nonlocal now_ns
+        now_ns += 1000
+        outcome = core.apply(command, now_ns)
+        assert outcome.error is None, outcome.error
+        return list(outcome.records)
+
+    wal.append(applied(UpsertPlan(app="a", plan=PLAN))
+               + applied(UpsertSubscription(app="a", user_id="u", plan_id="p")))
+    keyed = applied(Reserve(app="a", user_id="u", event_type="openai.chat", amount=5,
+                            idempotency_key="k1", reservation_id=_rid(1)))
+    assert keyed[0].answer.counters, "an answer showing counters, so naming their shapes"
+    with pytest.raises(OSError, match="injected write error"):
+        wal.append(keyed)  # the shapes it stored are undone with it
+    wal.append(keyed)  # the server stops at a failed write; the log itself recovers here
+    committed = applied(Commit(app="a", reservation_id=_rid(1), idempotency_key="k2"))
+    wal.append(committed)
+    wal.close()
+    monkeypatch.delenv(FAULT_ENV)
+    reopened = WriteAheadLog(tmp_path)
+    try:  # each answer read back whole, its counters' shapes from the table
+        assert [record.answer for record in list(reopened.records())[-2:]] == [
+            keyed[0].answer, committed[0].answer]
+    finally:
+        reopened.close()

@@ -186,10 +186,11 @@ all and starts again (storing a shape again is harmless: the same id, the same b
 entry is a few hundred bytes at most."""
 
 COUNTER_HEADS_REMEMBERED_MAX = 4096
-"""Counters' unchanging parts (a quota group's key, label, unit, window, quota and window
-bounds), encoded once as a response's Counter, that the server remembers to copy into the
-next response showing them. At the limit it forgets them all and starts again. Each entry is
-a few hundred bytes at most."""
+"""Counters' unchanging parts (a group's key, label, unit, window, quota and window bounds),
+encoded once as a response's Counter (quota groups), and once as a stored answer's (the
+log's), that the server remembers to copy into the next response or record showing them: two
+memos of at most this many each. At the limit one forgets them all and starts again. Each
+entry is a few hundred bytes at most."""
 
 EVENT_INDEX_BUFFERED_RECORDS_MAX = 16_384
 """Log records whose audit events' index entries the log keeps in memory before it files

@@ -41,6 +41,7 @@ from quotad.core.holds import HoldState
 from quotad.core.machine import (
     CounterState, HoldRef, IdempotencyEntry, Reservation, UserState,
 )
+from quotad.core.memo import remember
 from quotad.core.values import is_value_type, value_fields
 from quotad.core.plans import (
     Cost, Kind, LimitGroup, Match, MetadataMatch, Plan, RecurringGrant, Subscription, Window,
@@ -156,6 +157,11 @@ ShapeId = Callable[[CounterShape], bytes | None]
 record; None: the counter is stored whole."""
 ShapeLookup = Callable[[bytes], CounterShape]
 """The stored shape of an id (raises if the shapes table has none)."""
+CounterHeads = dict[tuple[object, ...], bytes]
+"""A stored counter's unchanging part (its group's definition, as _counter_head names it, and
+its window's bounds) -> the bytes it encodes to in a record's answer: its shape's id (or the
+shape whole) and the window's start and reset. Kept by the log's writer, for the shapes its
+table holds (see encode_record)."""
 
 
 def encode_counter_shape(shape: CounterShape) -> tuple[bytes, bytes]:
@@ -174,9 +180,13 @@ def decode_counter_shape(value: bytes) -> CounterShape:
                         Kind(m.kind or Kind.QUOTA))
 
 
-def encode_record(record: Record, shape_id: ShapeId | None = None) -> bytes:
+def encode_record(record: Record, shape_id: ShapeId | None = None,
+                  heads: CounterHeads | None = None) -> bytes:
     """shape_id: the id of each counter shape its answer shows (see ShapeId); None: the
-    answer's counters are stored whole."""
+    answer's counters are stored whole. heads: the encoded unchanging parts of the counters
+    encoded before with this shape_id, copied in rather than encoded again (~0.6 us less per
+    counter, bench.core_cost), and remembered here as they are made: only for a shape_id whose ids hold for
+    as long as heads is kept (the caller empties it when a write fails)."""
     message = pb.Record()
     _ENCODERS[type(record.command)](message, record.command)
     message.event_users.extend(record.event_users)
@@ -184,7 +194,8 @@ def encode_record(record: Record, shape_id: ShapeId | None = None) -> bytes:
     for event in record.events:
         _encode_event(message.events.add(), event, record.command)
     if record.answer is not None:
-        _encode_answer(message.answer, record.answer, record, shape_id)
+        assert heads is None or shape_id is not None, "heads name the shapes of a shape_id"
+        _encode_answer(message.answer, record.answer, record, shape_id, heads)
     body = message.SerializeToString()
     time_bytes = record.now_ns.to_bytes(8, "big")
     checksum = zlib.crc32(body, zlib.crc32(time_bytes, zlib.crc32(_KEY.pack(record.sequence))))
@@ -739,8 +750,8 @@ _DECODERS: dict[str, Callable[[Any], Command]] = {
 # --- first answers (of commands with an idempotency key) ---------------------------------
 
 
-def _encode_answer(message: Any, result: Any, record: Record,
-                   shape_id: ShapeId | None) -> None:
+def _encode_answer(message: Any, result: Any, record: Record, shape_id: ShapeId | None,
+                   heads: CounterHeads | None) -> None:
     """An allowed Reserve's reservation id and expiry are its command's id and its time plus
     its TTL: left out (from_record), the decoder takes them from there. A counter names its
     shape (shape_id) rather than repeat it, and its reset is an offset from its window's
@@ -750,30 +761,19 @@ def _encode_answer(message: Any, result: Any, record: Record,
         result, "counters", ())
     for view in counters:
         counter = message.counters.add()
-        found = None if shape_id is None else shape_id(CounterShape(
-            view.key, view.label, view.unit, view.window, view.quota, view.kind))
-        if found is not None:
-            counter.shape = found
-        else:
-            counter.key, counter.label, counter.unit = view.key, view.label, view.unit
-            counter.window, counter.quota = int(view.window), view.quota
-            if view.kind is not Kind.QUOTA:
-                counter.kind = int(view.kind)
-        counter.used, counter.held = view.used, view.held
-        window_start_s = _whole_s(view.window_start_ns)
-        if window_start_s is None:
-            counter.window_start_ns = view.window_start_ns
-        else:
-            counter.window_start_s = window_start_s
-        if view.resets_at_ns is not None:
-            resets_after_ns = view.resets_at_ns - view.window_start_ns
-            resets_after_s = _whole_s(resets_after_ns)
-            if resets_after_s is None:
-                counter.resets_after_ns = resets_after_ns
-            else:
-                counter.resets_after_s = resets_after_s
-        if view.full_at_ns is not None:
-            counter.full_at_ns = view.full_at_ns
+        head = None
+        if heads is not None:
+            head = _counter_head(view)
+            encoded = heads.get(head)
+            if encoded is not None:
+                counter.MergeFromString(encoded)
+                _set_counter_usage(counter, view)
+                continue
+        _set_counter_head(counter, view, shape_id)
+        if head is not None:
+            remember(heads, head, counter.SerializeToString(),
+                     limits.COUNTER_HEADS_REMEMBERED_MAX)
+        _set_counter_usage(counter, view)
     if getattr(result, "fits_at_ns", None) is not None:
         message.fits_at_ns = result.fits_at_ns
     kind = type(result)
@@ -802,6 +802,42 @@ def _encode_answer(message: Any, result: Any, record: Record,
         part.expired, part.recurring = grant.expired, grant.recurring
     else:
         assert kind is ReleaseResult, kind
+
+
+def _counter_head(view: CounterView) -> tuple[object, ...]:
+    """What a stored counter shows that only its plan and window change: all but its usage."""
+    return (view.key, view.label, view.unit, view.window, view.quota, view.kind,
+            view.window_start_ns, view.resets_at_ns)
+
+
+def _set_counter_head(counter: Any, view: CounterView, shape_id: ShapeId | None) -> None:
+    found = None if shape_id is None else shape_id(CounterShape(
+        view.key, view.label, view.unit, view.window, view.quota, view.kind))
+    if found is not None:
+        counter.shape = found
+    else:
+        counter.key, counter.label, counter.unit = view.key, view.label, view.unit
+        counter.window, counter.quota = int(view.window), view.quota
+        if view.kind is not Kind.QUOTA:
+            counter.kind = int(view.kind)
+    window_start_s = _whole_s(view.window_start_ns)
+    if window_start_s is None:
+        counter.window_start_ns = view.window_start_ns
+    else:
+        counter.window_start_s = window_start_s
+    if view.resets_at_ns is not None:
+        resets_after_ns = view.resets_at_ns - view.window_start_ns
+        resets_after_s = _whole_s(resets_after_ns)
+        if resets_after_s is None:
+            counter.resets_after_ns = resets_after_ns
+        else:
+            counter.resets_after_s = resets_after_s
+
+
+def _set_counter_usage(counter: Any, view: CounterView) -> None:
+    counter.used, counter.held = view.used, view.held
+    if view.full_at_ns is not None:
+        counter.full_at_ns = view.full_at_ns
 
 
 def _counters(message: Any, shape: ShapeLookup | None) -> tuple[CounterView, ...]:

@@ -55,12 +55,12 @@ from typing import Any, NamedTuple
 import lmdb
 
 from quotad.storage.codec import (
-    EVENT_TAIL_BYTES, CorruptRecord, CounterShape, ShapeLookup, decode_counter_shape,
-    decode_finished_hold, decode_record, encode_counter_shape, encode_finished_hold,
-    encode_record, event_tail, event_tail_fields, event_user_key, finished_hold_row,
-    hold_row_key, hold_row_reservation_bytes, hold_row_slot, idempotency_row_key,
-    key_sequence, record_event, record_idempotency_row_key, record_key, record_now_ns,
-    reservation_bytes, stored_record_rows,
+    EVENT_TAIL_BYTES, CorruptRecord, CounterHeads, CounterShape, ShapeLookup,
+    decode_counter_shape, decode_finished_hold, decode_record, encode_counter_shape,
+    encode_finished_hold, encode_record, event_tail, event_tail_fields, event_user_key,
+    finished_hold_row, hold_row_key, hold_row_reservation_bytes, hold_row_slot,
+    idempotency_row_key, key_sequence, record_event, record_idempotency_row_key, record_key,
+    record_now_ns, reservation_bytes, stored_record_rows,
 )
 from quotad.core import limits
 from quotad.core.holds import HoldState
@@ -220,6 +220,9 @@ class WriteAheadLog:
         self.shapes_db = self.env.open_db(b"shapes", create=True)
         self._shapes_stored: dict[CounterShape, bytes] = {}
         """Shapes the shapes table holds -> their ids (appends only)."""
+        self._counter_heads: CounterHeads = {}
+        """The encoded unchanging parts of the counters in answers written (encode_record's
+        heads), each naming a shape the shapes table holds: emptied when a write fails."""
         self._shapes_read: dict[bytes, CounterShape] = {}
         """Ids -> shapes read from the shapes table (the readers'; a shape never changes)."""
         self._reserve_expiries_ns: dict[str, int] = {}
@@ -260,7 +263,7 @@ class WriteAheadLog:
         last_sequence = records[-1].sequence if records else self._last_written_sequence
         file_events = (snapshot is not None or last_sequence - self._events_indexed_through
                        >= self._events_buffered_records_max)
-        with self.env.begin(write=True) as txn:
+        with self._counter_heads_kept_if_written(), self.env.begin(write=True) as txn:
             def shape_id(shape: CounterShape) -> bytes | None:
                 found = self._shapes_stored.get(shape) or shapes_stored.get(shape)
                 if found is None:
@@ -269,7 +272,8 @@ class WriteAheadLog:
                         shapes_stored[shape] = found
                 return found
             for record in records:
-                stored = txn.put(record_key(record.sequence), encode_record(record, shape_id),
+                stored = txn.put(record_key(record.sequence),
+                                 encode_record(record, shape_id, self._counter_heads),
                                  append=True, overwrite=False, db=self.log_db)
                 assert stored, f"log already holds sequence {record.sequence}"
                 for index, user in enumerate(record.event_users):
@@ -308,6 +312,15 @@ class WriteAheadLog:
             self._shapes_stored.update(shapes_stored)
         if fault_kind == "sync-error" and self._appends == fault_at:
             raise OSError(errno.EIO, "injected sync error (QUOTAD_FAULT_INJECT)")
+
+    @contextmanager
+    def _counter_heads_kept_if_written(self) -> Iterator[None]:
+        """A write that fails may have remembered heads naming shapes it stored: forgotten."""
+        try:
+            yield
+        except BaseException:
+            self._counter_heads.clear()
+            raise
 
     def _put_snapshot(self, txn: lmdb.Transaction, snapshot: Snapshot) -> None:
         """A whole snapshot replaces the last and any delta of it; a delta replaces the
