@@ -158,10 +158,10 @@ record; None: the counter is stored whole."""
 ShapeLookup = Callable[[bytes], CounterShape]
 """The stored shape of an id (raises if the shapes table has none)."""
 CounterHeads = dict[tuple[object, ...], bytes]
-"""A stored counter's unchanging part (its group's definition, as _counter_head names it, and
-its window's bounds) -> the bytes it encodes to in a record's answer: its shape's id (or the
-shape whole) and the window's start and reset. Kept by the log's writer, for the shapes its
-table holds (see encode_record)."""
+"""A stored counter's unchanging part (its group's definition and its window's bounds, as
+_unchanging_part names them) -> the bytes it encodes to in a record's answer: its shape's id
+(or the shape whole) and the window's start and reset. Kept by the log's writer, for the
+shapes its table holds (see encode_record)."""
 
 
 def encode_counter_shape(shape: CounterShape) -> tuple[bytes, bytes]:
@@ -763,7 +763,7 @@ def _encode_answer(message: Any, result: Any, record: Record, shape_id: ShapeId 
         counter = message.counters.add()
         head = None
         if heads is not None:
-            head = _counter_head(view)
+            head = _unchanging_part(view)
             encoded = heads.get(head)
             if encoded is not None:
                 counter.MergeFromString(encoded)
@@ -804,7 +804,7 @@ def _encode_answer(message: Any, result: Any, record: Record, shape_id: ShapeId 
         assert kind is ReleaseResult, kind
 
 
-def _counter_head(view: CounterView) -> tuple[object, ...]:
+def _unchanging_part(view: CounterView) -> tuple[object, ...]:
     """What a stored counter shows that only its plan and window change: all but its usage."""
     return (view.key, view.label, view.unit, view.window, view.quota, view.kind,
             view.window_start_ns, view.resets_at_ns)
