@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quotad.core import commands as c
+from quotad.core import limits
 from quotad.core.holds import HoldState
 from quotad.core.machine import HoldRef, Reservation
 from quotad.core.plans import Kind, LimitGroup, Match, MetadataMatch, Plan, Window
@@ -367,6 +368,27 @@ def test_an_answer_names_its_counters_shapes_and_reads_back_as_it_was_given(
     assert len(whole) - len(value) >= 2 * (len("tokens") + len(label) + len(unit))
     with pytest.raises(CorruptRecord):  # a shape the table does not hold
         decode_record(record_key(3), value, lambda found: {}[found])
+
+
+def test_the_logs_remembered_counter_heads_stay_within_their_limit_and_encode_the_same(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past COUNTER_HEADS_REMEMBERED_MAX the memo forgets them all; every record still encodes
+    to the bytes it does field by field."""
+    monkeypatch.setattr(limits, "COUNTER_HEADS_REMEMBERED_MAX", 2)
+    table, shape_id, lookup = _shapes_table()
+    heads: dict = {}
+    command = c.Release(app="a", reservation_id="rsv_" + "ab" * 12, idempotency_key="k")
+    records = [c.Record(n + 1, NOW_NS, command, (), (), c.ReleaseResult(counters=(
+        c.CounterView(key="tokens", label="Tokens", unit="tokens", window=Window.DAY,
+                      quota=1000, used=n, held=0, remaining=1000 - n,
+                      window_start_ns=n * 86_400 * 10**9,
+                      resets_at_ns=(n + 1) * 86_400 * 10**9),)))
+               for n in range(5)]
+    for record in records + records[::-1]:
+        value = encode_record(record, shape_id, heads)
+        assert value == encode_record(record, shape_id)
+        assert decode_record(record_key(record.sequence), value, lookup) == record
+        assert 1 <= len(heads) <= 2
 
 
 def test_an_answer_with_counters_stored_whole_still_reads_back():
