@@ -185,8 +185,8 @@ def encode_record(record: Record, shape_id: ShapeId | None = None,
     """shape_id: the id of each counter shape its answer shows (see ShapeId); None: the
     answer's counters are stored whole. heads: the encoded unchanging parts of the counters
     encoded before with this shape_id, copied in rather than encoded again (~0.6 us less per
-    counter, bench.core_cost), and remembered here as they are made: only for a shape_id whose ids hold for
-    as long as heads is kept (the caller empties it when a write fails)."""
+    counter, bench.core_cost), and remembered here as they are made: only for a shape_id
+    whose ids hold for as long as heads is kept (the caller empties it when a write fails)."""
     message = pb.Record()
     _ENCODERS[type(record.command)](message, record.command)
     message.event_users.extend(record.event_users)
@@ -761,18 +761,15 @@ def _encode_answer(message: Any, result: Any, record: Record, shape_id: ShapeId 
         result, "counters", ())
     for view in counters:
         counter = message.counters.add()
-        head = None
-        if heads is not None:
-            head = _unchanging_part(view)
-            encoded = heads.get(head)
-            if encoded is not None:
-                counter.MergeFromString(encoded)
-                _set_counter_usage(counter, view)
-                continue
-        _set_counter_head(counter, view, shape_id)
-        if head is not None:
-            remember(heads, head, counter.SerializeToString(),
-                     limits.COUNTER_HEADS_REMEMBERED_MAX)
+        head = None if heads is None else _unchanging_part(view)
+        encoded = None if head is None else heads.get(head)
+        if encoded is not None:
+            counter.MergeFromString(encoded)
+        else:
+            _set_counter_head(counter, view, shape_id)
+            if head is not None:
+                remember(heads, head, counter.SerializeToString(),
+                         limits.COUNTER_HEADS_REMEMBERED_MAX)
         _set_counter_usage(counter, view)
     if getattr(result, "fits_at_ns", None) is not None:
         message.fits_at_ns = result.fits_at_ns
