@@ -8,7 +8,11 @@ Starts its own servers on free loopback ports (quotad on a fresh data directory 
 drives each with one grpc.aio client process in alternation, and prints medians of the runs
 and the quotad / echo ratio, and each server's CPU time per call (user + system, from
 /proc) over the measured seconds, with its quotad / echo ratio. Also prints how group
-commit behaved: records per LMDB transaction (from quotad's stop line).
+commit behaved: records per LMDB transaction (from quotad's stop line). With quotad's access
+log on (`--quotad-arg=--log-level=debug`), also how much of a Reserve's time is quotad's
+handler (the median of its access lines' duration_ms: from the call reaching the handler to
+its answer, the synced commit included), the rest being gRPC and the client's; the log lines
+cost the server CPU of their own, so take the other figures from a run without it.
 
 One asymmetry beyond the work itself: quotad registers its data path's methods with grpc
 (each its own queue of received calls; the rest share one), the echo serves its own through
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import grpc
 
+from quotad.api.service import full_method
 from quotad.testing import ServerProcess
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
@@ -42,6 +47,8 @@ from quotad_contract.v1 import quotad_pb2_grpc as stubs
 from bench.targets import add_server_arguments, process_cpu_s
 
 USERS = 1000
+RESERVE_METHOD = full_method("Reserve")
+"""The method an access log line names for a Reserve."""
 
 
 async def _set_up(channel: grpc.aio.Channel) -> None:
@@ -110,6 +117,10 @@ def run_quotad(concurrency: int, seconds: float, pairs: bool,
         stopped = server.last("stopped")
     figures = _figures(calls, latencies_s, seconds, server_cpu_s)
     figures["records_per_txn"] = stopped["records_written"] / max(1, stopped["batches"])
+    handler_ms = [line["duration_ms"] for line in server.log_lines
+                  if line.get("message") == "call" and line.get("method") == RESERVE_METHOD]
+    if handler_ms:
+        figures["handler_p50_ms"] = statistics.median(handler_ms)
     return figures
 
 
@@ -161,6 +172,9 @@ def main() -> None:
             spread.append(f"{name} median {statistics.median(ratios):.2f}, range "
                           f"{ratios[0]:.2f} to {ratios[-1]:.2f}")
         print(f"{'':>9}   {concurrency} in flight, quotad / echo per run: {'; '.join(spread)}")
+        if "handler_p50_ms" in q:
+            print(f"{'':>9}   {concurrency} in flight, quotad's handler (access log): Reserve "
+                  f"p50 {q['handler_p50_ms']:.3f} ms of the call's {q['reserve_p50_ms']:.3f} ms")
         print(f"{concurrency:>9} | {q['calls_per_s']:>14.0f} {q['reserve_p50_ms']:>7.2f} "
               f"{q['reserve_p99_ms']:>7.2f} {q['records_per_txn']:>8.1f}"
               f" {q['server_cpu_us_per_call']:>7.0f} |"

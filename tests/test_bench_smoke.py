@@ -239,8 +239,9 @@ def test_the_bench_help_explains_every_flag():
         assert action.option_strings[-1] in shown.stdout
 
 
-@pytest.mark.parametrize("quotad_args", [(), ("--quotad-arg=--commit-delay-ms=2",)],
-                         ids=["defaults", "commit-delay"])
+@pytest.mark.parametrize("quotad_args", [(), ("--quotad-arg=--commit-delay-ms=2",),
+                                         ("--quotad-arg=--log-level=debug",)],
+                         ids=["defaults", "commit-delay", "access-log"])
 def test_the_unary_bench_runs_against_its_own_servers_and_prints_a_ratio(
         quotad_args: tuple[str, ...]):
     result = subprocess.run(
@@ -249,10 +250,18 @@ def test_the_unary_bench_runs_against_its_own_servers_and_prints_a_ratio(
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    row = result.stdout.strip().splitlines()[-1].split("|")
+    lines = result.stdout.strip().splitlines()
+    row = lines[-1].split("|")
     assert row[0].strip() == "2"
     ratio, cpu_ratio = (float(figure) for figure in row[-1].split())
     assert float(row[1].split()[0]) > 0 and ratio > 0 and cpu_ratio > 0
+    handler = [line for line in lines if "quotad's handler (access log)" in line]
+    if "--quotad-arg=--log-level=debug" not in quotad_args:
+        assert handler == []
+        return
+    # each Reserve's time in the handler is part of its time at the client: so is the median
+    handler_ms, call_ms = (float(figure) for figure in re.findall(r"([0-9.]+) ms", handler[0]))
+    assert 0 < handler_ms <= call_ms and f"{call_ms:.2f}" == row[1].split()[1]
 
 
 @pytest.mark.parametrize("loop_args", [(), ("--uvloop",)], ids=["asyncio", "uvloop"])
