@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from quotad.testing import ServerProcess
 from quotad_client import new_idempotency_key
 
 from .harness import doc_parser
-from .targets import EchoTarget, _set_up_quotad, process_cpu_s
+from .targets import EchoTarget, _set_up_quotad, add_server_arguments, process_cpu_s
 from .workloads import EVENT_TYPE, MODEL, user_id
 
 USERS = 1000
@@ -114,7 +115,7 @@ def run_once(options: argparse.Namespace) -> dict[str, float]:
     data_dir = None
     address = options.target
     if options.echo:
-        echo = EchoTarget()
+        echo = EchoTarget(tuple(options.echo_arg))
         echo.start()
         try:
             return _measure(options, echo.address, echo.pid)
@@ -122,7 +123,7 @@ def run_once(options: argparse.Namespace) -> dict[str, float]:
             echo.stop()
     if address is None:
         data_dir = tempfile.TemporaryDirectory(prefix="bench-batch-")
-        server = ServerProcess(Path(data_dir.name) / "data")
+        server = ServerProcess(Path(data_dir.name) / "data", extra_args=tuple(options.quotad_arg))
         server.start()
         address = server.address
     try:
@@ -190,12 +191,19 @@ def main() -> None:
     parser.add_argument("--echo", action="store_true",
                         help="measure bench/echo_server.py instead (fixed answers, no state, "
                              "no I/O): the transport's own ceiling for the same messages")
+    add_server_arguments(parser, quotad_example="--snapshot-every-records=1000000",
+                         echo_example="--uvloop")
     options = parser.parse_args()
+    if options.target and options.quotad_arg:
+        parser.error("--quotad-arg is for the server the bench starts, not one at --target")
     if not 1 <= options.batch <= BATCH_MAX:
         parser.error(f"--batch must be 1 to {BATCH_MAX}")
     if options.in_flight < 1 or options.processes < 1 or options.runs < 1:
         parser.error("--in-flight, --processes and --runs must be >= 1")
-    runs = [run_once(options) for _ in range(options.runs)]
+    try:
+        runs = [run_once(options) for _ in range(options.runs)]
+    except RuntimeError as error:  # the server did not start: its own words say why
+        sys.exit(f"bench.batch: {error}")
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     print(f"{'echo' if options.echo else 'quotad'}: Batch of {options.batch}, "
           f"{options.in_flight} in flight x {options.processes} "

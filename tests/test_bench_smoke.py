@@ -299,6 +299,22 @@ def test_the_batch_bench_drives_quotad_and_reports_its_cpu_per_pair():
     assert figures["server_us_per_pair"] > 0 and figures["records_per_txn"] >= 1
 
 
+
+def test_the_batch_bench_starts_quotad_with_the_arguments_given_and_refuses_them_with_target():
+    lines = _run_bench("bench.batch", "--seconds", "0.5", "--runs", "1", "--processes", "1",
+                       "--batch", "50", "--in-flight", "1", "--quotad-arg=--commit-delay-ms=0")
+    figures = {line.split()[0]: float(line.split()[1].replace(",", "")) for line in lines[1:]}
+    assert figures["pairs_per_s"] > 0 and figures["errors"] == 0
+    refused = subprocess.run(  # the server refuses the value: the bench fails with its words
+        [sys.executable, "-m", "bench.batch", "--seconds", "0.5", "--runs", "1",
+         "--quotad-arg=--admission-operations=0"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode != 0 and "admission-operations" in refused.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "bench.batch", "--target", "127.0.0.1:1", "--quotad-arg=--x"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "not one at --target" in refused.stderr
+
 def test_the_core_cost_bench_drives_the_real_core_and_log_and_prints_cpu_per_pair():
     lines = _run_bench("bench.core_cost", "--pairs", "20", "--rounds", "2", "--warmup-rounds", "1")
     assert lines[-1].split()[0] == "cpu_us_per_pair" and float(lines[-1].split()[1]) > 0
