@@ -194,8 +194,11 @@ def main() -> None:
     add_server_arguments(parser, quotad_example="--snapshot-every-records=1000000",
                          echo_example="--uvloop")
     options = parser.parse_args()
-    if options.target and options.quotad_arg:
-        parser.error("--quotad-arg is for the server the bench starts, not one at --target")
+    if options.quotad_arg and (options.target or options.echo):
+        parser.error("--quotad-arg is for the server the bench starts: not with --target or "
+                     "--echo")
+    if options.echo_arg and not options.echo:
+        parser.error("--echo-arg is for the server the bench starts: only with --echo")
     if not 1 <= options.batch <= BATCH_MAX:
         parser.error(f"--batch must be 1 to {BATCH_MAX}")
     if options.in_flight < 1 or options.processes < 1 or options.runs < 1:

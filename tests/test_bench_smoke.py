@@ -299,7 +299,6 @@ def test_the_batch_bench_drives_quotad_and_reports_its_cpu_per_pair():
     assert figures["server_us_per_pair"] > 0 and figures["records_per_txn"] >= 1
 
 
-
 def test_the_batch_bench_starts_quotad_with_the_arguments_given_and_refuses_them_with_target():
     lines = _run_bench("bench.batch", "--seconds", "0.5", "--runs", "1", "--processes", "1",
                        "--batch", "50", "--in-flight", "1", "--quotad-arg=--commit-delay-ms=0")
@@ -310,10 +309,11 @@ def test_the_batch_bench_starts_quotad_with_the_arguments_given_and_refuses_them
          "--quotad-arg=--admission-operations=0"],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert refused.returncode != 0 and "admission-operations" in refused.stderr
-    refused = subprocess.run(
-        [sys.executable, "-m", "bench.batch", "--target", "127.0.0.1:1", "--quotad-arg=--x"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert refused.returncode == 2 and "not one at --target" in refused.stderr
+    for flags in (("--target", "127.0.0.1:1", "--quotad-arg=--x"),
+                  ("--echo", "--quotad-arg=--x"), ("--echo-arg=--uvloop",)):
+        refused = subprocess.run([sys.executable, "-m", "bench.batch", *flags],
+                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert refused.returncode == 2 and "is for the server the bench starts" in refused.stderr
 
 def test_the_core_cost_bench_drives_the_real_core_and_log_and_prints_cpu_per_pair():
     lines = _run_bench("bench.core_cost", "--pairs", "20", "--rounds", "2", "--warmup-rounds", "1")
