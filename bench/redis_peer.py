@@ -28,13 +28,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from quotad.cluster.etcd_process import free_port
 from quotad.testing import run_install_script
 
 from .workloads import QUOTAS, user_id
@@ -221,12 +221,6 @@ def server_version(binary: str = "redis-server") -> str | None:
     return out.strip() or None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class RedisServer:
     """One redis-server process on 127.0.0.1 in a temporary directory, in one MODES mode."""
 
@@ -254,7 +248,7 @@ class RedisServer:
         log_path = Path(self._dir.name) / "redis.log"
         last_error = ""
         for _ in range(3):  # a free port can be taken between probing and binding it
-            self.port = _free_port()
+            self.port = free_port()
             args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
                     "--dir", self._dir.name, "--daemonize", "no", "--protected-mode", "yes",
                     "--logfile", str(log_path), *MODES[self.mode]]

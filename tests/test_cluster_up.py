@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import quotad_client as qc
-from quotad.cluster.etcd_process import free_port
+from quotad.cluster import etcd_process
+from quotad.cluster.etcd_process import free_port, free_ports
 from quotad_contract.shards import slot_of, split_evenly
 from server_process import EXAMPLE_PLANS, ROOT
 
@@ -119,3 +120,32 @@ def test_cluster_up_refuses_another_shard_count_for_a_data_dir_that_holds_a_clus
                            str(data_dir), "--shards", "3"], capture_output=True, text=True,
                           timeout=UP_TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 2 and "holds a cluster of 2 shard(s), not 3" in done.stderr
+
+
+def test_picked_ports_are_free_distinct_and_below_the_ports_the_kernel_hands_out():
+    """Ports named before their servers start (a cluster's map) are picked where no outgoing
+    connection or bind to port 0 can take them meanwhile."""
+    first_ephemeral = etcd_process._first_ephemeral_port()
+    ports = free_ports(20)
+    assert len(set(ports)) == 20 and all(1024 <= port < first_ephemeral for port in ports)
+    holders = []
+    try:
+        for port in ports:  # free now: each binds
+            holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            holders.append(holder)
+            holder.bind(("127.0.0.1", port))
+    finally:
+        for holder in holders:
+            holder.close()
+
+
+def test_port_picks_read_the_kernels_range_and_take_its_own_picks_when_too_few_lie_below(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(etcd_process, "EPHEMERAL_PORTS_FILE", tmp_path / "missing")
+    assert etcd_process._first_ephemeral_port() == etcd_process.EPHEMERAL_PORTS_FIRST_DEFAULT
+    low = tmp_path / "ip_local_port_range"
+    low.write_text("1500\t60999\n")  # 476 ports below it: fewer than PICKED_PORTS_MIN
+    monkeypatch.setattr(etcd_process, "EPHEMERAL_PORTS_FILE", low)
+    assert etcd_process._first_ephemeral_port() == 1500
+    ports = free_ports(5)
+    assert len(set(ports)) == 5 and all(port >= 1500 for port in ports)

@@ -11,6 +11,7 @@ is bounded. Standard library only.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,23 +32,53 @@ INSTALL_HINT = ("etcd is not on PATH: install it (Debian: apt-get install etcd-s
                 "deploy/install_etcd.sh from quotad's repository)")
 
 
+EPHEMERAL_PORTS_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+EPHEMERAL_PORTS_FIRST_DEFAULT = 32768
+"""Linux's first ephemeral port unless EPHEMERAL_PORTS_FILE says otherwise."""
+PICKED_PORTS_MIN = 1000
+"""Ports below the ephemeral ones that free_ports needs (else it takes the OS's picks)."""
+PORT_PICK_TRIES_MAX = 1000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the OS's pick; free until someone else binds it)."""
+    """A port nothing listens on now (free until someone else binds it: see free_ports)."""
     return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """count different ports nothing listens on now: each probe stays bound until all are
-    picked, since the OS may hand a port just closed out again (two picks one after the
-    other can be the same port)."""
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    """count different ports nothing listens on now, for servers that are told their port
+    before they start (a cluster's map names them). Picked at random below the kernel's
+    ephemeral ports, which it hands to every outgoing connection and every bind to port 0:
+    a port from among those could be taken by any of them before its server binds it (a
+    test's cluster lost its third shard's port so). Each probe stays bound until all are
+    picked, so no port is picked twice."""
+    candidates = range(1024, _first_ephemeral_port())
+    probes: list[socket.socket] = []
+    tries = 0
     try:
-        for probe in probes:
-            probe.bind((host, 0))
+        while len(probes) < count:
+            if tries == PORT_PICK_TRIES_MAX:
+                raise OSError(f"found {len(probes)} of {count} free ports below "
+                              f"{candidates.stop} in {PORT_PICK_TRIES_MAX} tries")
+            tries += 1
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probes.append(probe)
+            try:  # an unusual ephemeral range leaves too few below it: the OS's picks
+                probe.bind((host, random.choice(candidates)
+                            if len(candidates) >= PICKED_PORTS_MIN else 0))
+            except OSError:  # in use, or picked already: another
+                probes.pop().close()
         return [int(probe.getsockname()[1]) for probe in probes]
     finally:
         for probe in probes:
             probe.close()
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        return int(EPHEMERAL_PORTS_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_PORTS_FIRST_DEFAULT
 
 
 class EtcdProcess:
