@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import grpc
@@ -45,11 +46,16 @@ class Cluster:
         self.shards: list[ServerProcess | None] = [None, None, None]
 
     def start(self) -> Cluster:
-        for shard_id, address in enumerate(self.addresses):
-            self.shards[shard_id] = ServerProcess(
-                self.folder / f"data-{shard_id}",
-                extra_args=("--log-state-digest", "--shard-map", str(self.map_file),
-                            "--shard-id", str(shard_id))).start(address)
+        """Starts the shards; if one does not start, those started are killed."""
+        try:
+            for shard_id, address in enumerate(self.addresses):
+                self.shards[shard_id] = ServerProcess(
+                    self.folder / f"data-{shard_id}",
+                    extra_args=("--log-state-digest", "--shard-map", str(self.map_file),
+                                "--shard-id", str(shard_id))).start(address)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def stop(self) -> None:
@@ -80,6 +86,19 @@ def cluster(tmp_path: Path):
     finally:
         cluster.close()
 
+
+
+def test_a_cluster_whose_shard_cannot_start_leaves_none_of_its_shards_running(tmp_path: Path):
+    cluster = Cluster(tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:  # shard 2's port
+        taken.bind(("127.0.0.1", int(cluster.addresses[2].rsplit(":", 1)[1])))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="cannot listen there"):
+            cluster.start()
+    started = [shard for shard in cluster.shards if shard is not None]
+    assert len(started) == 2
+    assert all(shard.process is not None and shard.process.poll() is not None
+               for shard in started)
 
 def digest(channel: grpc.Channel) -> bytes:
     stub = pb_grpc.AdminServiceStub(channel)

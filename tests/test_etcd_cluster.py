@@ -136,8 +136,13 @@ class EtcdCluster:
         self.shards: list[ServerProcess] = []
 
     def start(self) -> EtcdCluster:
-        for shard_id in range(len(self.addresses)):
-            self.shards.append(self.start_shard(shard_id))
+        """Starts the shards; if one does not start, those started are killed."""
+        try:
+            for shard_id in range(len(self.addresses)):
+                self.shards.append(self.start_shard(shard_id))
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def start_shard(self, shard_id: int) -> ServerProcess:

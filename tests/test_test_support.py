@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+from quotad import testing
 from server_process import ROOT
 
 SUBPROCESS_TIMEOUT_S = 60
@@ -35,3 +39,12 @@ def test_the_bench_gets_its_server_from_quotad_testing_not_from_tests():
                 "                  'server_process': 'server_process' in sys.modules,\n"
                 "                  'testing': 'quotad.testing' in sys.modules}))\n")
     assert seen == {"path_changed": False, "server_process": False, "testing": True}
+
+
+def test_a_server_that_does_not_serve_in_time_is_killed_before_start_raises(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(testing, "START_TIMEOUT_S", 0.0)  # no time to serve: it must not live on
+    server = testing.ServerProcess(tmp_path / "data")
+    with pytest.raises(TimeoutError, match="no 'serving'"):
+        server.start()
+    assert server.process is not None and server.process.poll() is not None

@@ -49,9 +49,14 @@ class ServerProcess:
         self._reader: threading.Thread | None = None
 
     def start(self, listen: str = "127.0.0.1:0") -> Self:
-        """Starts the server and waits until it serves (its "serving" log line)."""
+        """Starts the server and waits until it serves (its "serving" log line); one that
+        does not serve in time is killed before the error is raised."""
         self.launch(listen)
-        serving = self.wait_for("serving", START_TIMEOUT_S)
+        try:
+            serving = self.wait_for("serving", START_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
         self.address, self.http_address = serving["address"], serving.get("http", "")
         return self
 
