@@ -149,3 +149,11 @@ def test_port_picks_read_the_kernels_range_and_take_its_own_picks_when_too_few_l
     assert etcd_process._first_ephemeral_port() == 1500
     ports = free_ports(5)
     assert len(set(ports)) == 5 and all(port >= 1500 for port in ports)
+
+
+def test_port_picks_give_up_after_their_tries_with_what_they_found():
+    """An address no port can be bound on (not this machine's): every try fails, and after
+    PORT_PICK_TRIES_MAX of them free_ports says so rather than trying on."""
+    with pytest.raises(OSError, match=f"found 0 of 2 free ports below [0-9]+ in "
+                                      f"{etcd_process.PORT_PICK_TRIES_MAX} tries"):
+        free_ports(2, host="192.0.2.1")

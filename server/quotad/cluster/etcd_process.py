@@ -38,6 +38,7 @@ EPHEMERAL_PORTS_FIRST_DEFAULT = 32768
 PICKED_PORTS_MIN = 1000
 """Ports below the ephemeral ones that free_ports needs (else it takes the OS's picks)."""
 PORT_PICK_TRIES_MAX = 1000
+"""Binds free_ports tries before it gives up (OSError): each failed one a port in use."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,6 +54,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     test's cluster lost its third shard's port so). Each probe stays bound until all are
     picked, so no port is picked twice."""
     candidates = range(1024, _first_ephemeral_port())
+    below = len(candidates) >= PICKED_PORTS_MIN  # else an unusual range: the OS's picks
     probes: list[socket.socket] = []
     tries = 0
     try:
@@ -63,9 +65,8 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             tries += 1
             probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             probes.append(probe)
-            try:  # an unusual ephemeral range leaves too few below it: the OS's picks
-                probe.bind((host, random.choice(candidates)
-                            if len(candidates) >= PICKED_PORTS_MIN else 0))
+            try:
+                probe.bind((host, random.choice(candidates) if below else 0))
             except OSError:  # in use, or picked already: another
                 probes.pop().close()
         return [int(probe.getsockname()[1]) for probe in probes]
