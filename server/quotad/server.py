@@ -662,6 +662,7 @@ class _Process:
             return 1
         log.info("stopped", extra={"records": core.sequence, "batches": writer.batches,
                                    "records_written": writer.records_written,
+                                   "records_pruned": writer.records_pruned,
                                    "batches_on_log_thread": writer.batches_on_log_thread,
                                    "lingered_batches": writer.lingered_batches,
                                    "lingered_records": writer.lingered_records,
