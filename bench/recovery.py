@@ -114,12 +114,13 @@ class _Builder:
     """The core and the log, driven as the writer drives them."""
 
     def __init__(self, data_dir: Path, spacing_ns: int, total_records: int,
-                 idempotency_keys: bool) -> None:
+                 idempotency_keys: bool, first_ns: int | None = None) -> None:
+        """first_ns: the server time of the first record (default: now)."""
         self.wal = WriteAheadLog(data_dir, map_size_bytes=MAP_SIZE_BYTES)
         self.core = Core()
         self.core.durable_idempotency = durable_idempotency(self.wal)
         self.core.durable_hold = self.wal.finished_hold
-        self.now_ns = time.time_ns()
+        self.now_ns = (time.time_ns() if first_ns is None else first_ns) - spacing_ns
         self.spacing_ns = spacing_ns
         self.pending: list = []
         self.total_records = total_records
@@ -154,17 +155,22 @@ class _Builder:
         return new_idempotency_key() if self.idempotency_keys else ""
 
 
-def build(data_dir: Path, users: int, tail_records: int, seed: int,
-          spacing_ns: int, idempotency_keys: bool) -> dict:
-    rng = random.Random(seed)
-    builder = _Builder(data_dir, spacing_ns, 1 + 3 * users + tail_records, idempotency_keys)
+def _subscribe_users(builder: _Builder, users: int, rng: random.Random) -> None:
+    """The plan, every user subscribed, then one pair each (so every user has both counters)."""
     builder.apply(UpsertPlan(app="default", plan=PLAN))
     for user in range(users):
         builder.apply(UpsertSubscription(app="default", user_id=f"user-{user}", plan_id="pro"))
-    for user in range(users):  # every user gets both counters
+    for user in range(users):
         builder.pair(user, user + 1, rng)
     builder.flush()
-    # As the server does while serving: the event loop pauses only to fork the child.
+
+
+def _store_whole_snapshot(builder: _Builder, data_dir: Path) -> tuple[int, bytes, float, float,
+                                                                     float]:
+    """A whole snapshot of the state built, made as the server makes it while serving (the
+    event loop pauses only to fork the child) and stored in the log: (its sequence, its
+    bytes, the fork's seconds, fork to bytes in seconds, the child's CPU seconds)."""
+    builder.flush()
     started = time.perf_counter()
     child = snapshot_child.start(builder.core, data_dir)
     fork_s = time.perf_counter() - started
@@ -173,9 +179,16 @@ def build(data_dir: Path, users: int, tail_records: int, seed: int,
     finally:
         snapshot_child.close(child)
     child_s = time.perf_counter() - started
-    encoded = made.encoded
-    sequence = child.sequence
-    builder.wal.append([], Snapshot(sequence, encoded))
+    builder.wal.append([], Snapshot(child.sequence, made.encoded))
+    return child.sequence, made.encoded, fork_s, child_s, made.cpu_s
+
+
+def build(data_dir: Path, users: int, tail_records: int, seed: int,
+          spacing_ns: int, idempotency_keys: bool) -> dict:
+    rng = random.Random(seed)
+    builder = _Builder(data_dir, spacing_ns, 1 + 3 * users + tail_records, idempotency_keys)
+    _subscribe_users(builder, users, rng)
+    sequence, encoded, fork_s, child_s, child_cpu_s = _store_whole_snapshot(builder, data_dir)
     number = users
     while builder.core.sequence < sequence + tail_records:
         number += 1
@@ -183,12 +196,40 @@ def build(data_dir: Path, users: int, tail_records: int, seed: int,
     builder.flush()
     facts = {"users": users, "records": builder.core.sequence, "snapshot_sequence": sequence,
              "snapshot_bytes": len(encoded), "fork_s": fork_s, "child_s": child_s,
-             "child_cpu_s": made.cpu_s,
+             "child_cpu_s": child_cpu_s,
              "spacing_ms": spacing_ns / 1e6, "idempotency_keys": idempotency_keys,
              "live_digest": state_digest(builder.core)}
     builder.wal.close()
     (data_dir / FACTS_FILE).write_text(json.dumps(facts))
     return facts
+
+
+AGED_USERS = 1000
+"""The users of an aged log (build_aged), apart from a soak's own."""
+AGED_RECORDS_MIN = 1 + 3 * AGED_USERS
+
+
+def build_aged(data_dir: Path, records: int, first_ns: int, span_ns: int, seed: int = 7) -> int:
+    """A log as a server that served keyed reserve + commit pairs (AGED_USERS users, every
+    call with its own idempotency key, as AsyncQuotaClient makes them) from server time
+    first_ns for span_ns would have left it: `records` records, evenly spaced, then a whole
+    snapshot of them all (so a server started on it replays nothing, and may prune any of
+    them once they pass its retention). Returns the records' count."""
+    if records < AGED_RECORDS_MIN or span_ns <= 0:
+        raise ValueError(f"an aged log holds at least {AGED_RECORDS_MIN} records (the plan, "
+                         f"{AGED_USERS} users subscribed and a pair each) over a span > 0")
+    rng = random.Random(seed)
+    builder = _Builder(data_dir, span_ns // records, records, idempotency_keys=True,
+                       first_ns=first_ns)
+    _subscribe_users(builder, AGED_USERS, rng)
+    number = AGED_USERS
+    while builder.core.sequence < records - 1:
+        number += 1
+        builder.pair(rng.randrange(AGED_USERS), number, rng)
+    _store_whole_snapshot(builder, data_dir)
+    count = builder.core.sequence
+    builder.wal.close()
+    return count
 
 
 COLLECTOR_DUE_ALLOCATIONS = 1000
