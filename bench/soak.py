@@ -20,6 +20,16 @@ sample at --rss-growth-from-minutes, or the warm-up's end in a shorter run, to t
 a server it started how long its log's size bound (its start line's) holds at that rate, and
 a PASS / FAIL line for each target; and writes results.json and soak.png (RSS and disk over
 time, throughput below) into --results DIR.
+
+A fresh server's log only grows: it prunes nothing younger than the keys' retention, 24 h.
+--aged-records N gives the server a log that reached it: before it starts, N keyed reserve +
+commit records are written into its data directory by the real core and log (as
+bench.recovery builds one), spread evenly over --aged-minutes of server time whose start is
+24 h ago when the build ends, with a whole snapshot of them; the server is started with
+--audit-retention-days 1, so while the soak writes new records it prunes the aged ones as they
+pass 24 h, at the rate they were spread. With that rate at or above the soak's, the data
+directory should stay where it is (pruned pages are reused) and the server's CPU per operation
+includes pruning's: a server that has served at full rate for a day, and keeps on.
 """
 
 from __future__ import annotations
@@ -27,13 +37,14 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from quotad.core import limits
 
-from . import procfs, report, stats
+from . import procfs, recovery, report, stats
 from .harness import (doc_parser, _address, _non_negative_float, _positive_float, _positive_int, _write_json)
 from .targets import ROOT, QuotadTarget, process_cpu_s
 from .worker import WorkerError, WorkerPool
@@ -43,6 +54,8 @@ WARMUP_DEFAULT_SHARE = 0.2
 LIVE_LINE_EVERY_S = 30.0  # off a terminal: one progress line this often
 MB = 1e6
 DAY_S = 24 * 3600.0
+NS_PER_S = 10**9
+NS_PER_DAY = 86400 * NS_PER_S
 
 EPILOG = """\
 outputs (in --results DIR, default bench/results/soak-<timestamp>/, git-ignored):
@@ -53,6 +66,7 @@ examples:
   python -m bench.soak --minutes 3
   python -m bench.soak --minutes 60 --warmup-minutes 5 --sample-s 10
   python -m bench.soak --target 127.0.0.1:50051 --pid 4242 --data-dir ./quotad-data --minutes 10
+  python -m bench.soak --minutes 10 --aged-records 12000000 --aged-minutes 15
 """
 
 
@@ -68,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --target: the server's process id, for its memory")
     what.add_argument("--data-dir", type=Path, metavar="DIR",
                       help="with --target: the server's data directory, for its bytes on disk")
+    what.add_argument("--quotad-arg", action="append", default=[], metavar="ARG",
+                      help="one more `quotad serve` argument for the server the soak starts, "
+                           "repeatable (e.g. --quotad-arg=--snapshot-every-records=50000)")
+    aged = parser.add_argument_group(
+        "a log at its retention (the steady state of a server that has served for a day)")
+    aged.add_argument("--aged-records", type=_positive_int, metavar="N",
+                      help="before the server starts, give its data directory N keyed reserve "
+                           "+ commit records (at least 3,001), evenly spread over --aged-minutes "
+                           "of server time from 24 h ago, the keys' retention, and a whole "
+                           "snapshot of them; the server, started with --audit-retention-days 1, "
+                           "prunes them as they pass 24 h while the soak writes new ones")
+    aged.add_argument("--aged-minutes", type=_positive_float, default=10.0, metavar="M",
+                      help="the server time the aged records span: spread over it at about the "
+                           "soak's rate, they pass the retention as fast as it writes (default: "
+                           "10)")
     load = parser.add_argument_group("the load")
     load.add_argument("--concurrency", type=_positive_int, default=128, metavar="N",
                       help="pairs in flight per client process (default: 128, so 256 over "
@@ -168,6 +197,32 @@ class Sampler:
     def end_line(self) -> None:
         if self._live:
             sys.stderr.write("\n")
+
+
+AGED_BUILD_NS_PER_RECORD = 40_000
+"""What the aged log's build is expected to take per record at most (~25 us here): the first
+record is stamped this much per record less than 24 h before the build starts, so that it
+reaches 24 h about when the build ends."""
+
+
+def build_aged(data_dir: Path, records: int, minutes: float) -> dict[str, Any]:
+    """The aged log (--aged-records), then a wait, at most what its build was allowed, until
+    its first record is 24 h old (the retention the server is started with): from then on its
+    records pass the retention at the rate they were spread."""
+    span_ns = int(minutes * 60 * NS_PER_S)
+    first_ns = time.time_ns() - limits.LOG_KEPT_NS_MIN + records * AGED_BUILD_NS_PER_RECORD
+    print(f"aged log: {records:,} keyed records over {minutes:g} min of server time, the "
+          "first 24 h old once built", flush=True)
+    started = time.monotonic()
+    count = recovery.build_aged(data_dir, records, first_ns, span_ns)
+    build_s = time.monotonic() - started
+    wait_s = max(0.0, (first_ns + limits.LOG_KEPT_NS_MIN - time.time_ns()) / NS_PER_S)
+    if wait_s > 0:
+        print(f"aged log: built in {build_s:.0f} s; waiting {wait_s:.0f} s for its first record "
+              "to be 24 h old", flush=True)
+        time.sleep(wait_s)
+    return {"records": count, "first_ns": first_ns, "span_s": span_ns / NS_PER_S,
+            "build_s": build_s, "waited_s": wait_s}
 
 
 def analyse(samples: list[dict[str, Any]], *, warmup_s: float,
@@ -276,7 +331,7 @@ def _fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
 
 
 def print_figures(figures: dict[str, Any], run: dict[str, Any], server: dict[str, Any],
-                  checks: list[dict[str, Any]]) -> None:
+                  checks: list[dict[str, Any]], aged: dict[str, Any] | None = None) -> None:
     print(f"operations/s        {_fmt(run['ops_per_s'])} (pairs/s {_fmt(run['pairs_per_s'])}; "
           f"after the warm-up {_fmt(figures.get('ops_per_s_after_warmup'))})")
     print(f"operations          {run['ops']:,} in {run['seconds']:.1f} s, "
@@ -303,7 +358,14 @@ def print_figures(figures: dict[str, Any], run: dict[str, Any], server: dict[str
     elif server.get("stop_error"):
         print(f"server stop         {server['stop_error']}")
     if run.get("server_cpu_util") is not None:
-        print(f"server CPU          {run['server_cpu_util']:.0%} of one core")
+        per_op = (f", {run['server_cpu_us_per_op']:,.1f} µs per operation"
+                  if run.get("server_cpu_us_per_op") is not None else "")
+        print(f"server CPU          {run['server_cpu_util']:.0%} of one core{per_op}")
+    if aged is not None:
+        pruned = server.get("log_records_pruned")
+        print(f"aged log            {aged['records']:,} records over {aged['span_s'] / 60:g} "
+              f"min of server time from 24 h ago (built in {aged['build_s']:.0f} s); "
+              f"pruned while serving: {'—' if pruned is None else f'{pruned:,}'}")
     sized = figures.get("sizing")
     if sized:
         day_gb = sized["bytes_per_day"] / 1e9
@@ -341,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--target needs --pid and --data-dir (the soak reads its memory and disk)")
     if not args.target and (args.pid is not None or args.data_dir is not None):
         parser.error("--pid and --data-dir go with --target")
+    if args.target and (args.quotad_arg or args.aged_records):
+        parser.error("--quotad-arg and --aged-records are for a server the soak starts, "
+                     "not with --target")
+    if args.aged_records is not None and args.aged_records < recovery.AGED_RECORDS_MIN:
+        parser.error(f"--aged-records must be at least {recovery.AGED_RECORDS_MIN:,} (the "
+                     f"plan, {recovery.AGED_USERS:,} users subscribed and a pair each)")
     duration_s = args.minutes * 60
     warmup_s = (args.warmup_minutes * 60 if args.warmup_minutes is not None
                 else min(WARMUP_DEFAULT_S, WARMUP_DEFAULT_SHARE * duration_s))
@@ -358,7 +426,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({config['users_spread']}), {args.concurrency} in flight x {args.processes} "
           f"process(es) through AsyncQuotaClient (coalescing, idempotency keys); a sample every "
           f"{args.sample_s:g} s, warm-up {warmup_s:g} s; results in {results_dir}", flush=True)
-    target = QuotadTarget(args.target)
+    aged_dir = None
+    quotad_args = tuple(args.quotad_arg)
+    if args.aged_records:
+        aged_dir = tempfile.TemporaryDirectory(prefix="bench-soak-aged-")
+        document["aged"] = build_aged(Path(aged_dir.name) / "data", args.aged_records,
+                                      args.aged_minutes)
+        quotad_args = (f"--audit-retention-days={limits.LOG_KEPT_NS_MIN / NS_PER_DAY:g}",
+                       *quotad_args)
+    target = QuotadTarget(args.target, extra_args=quotad_args,
+                          data_dir=Path(aged_dir.name) / "data" if aged_dir else None)
     pool: WorkerPool | None = None
     sampler: Sampler | None = None
     try:
@@ -396,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(json_path, document)  # before the stop, which may take long
         document["server"] = stop(target)
         _write_json(json_path, document)
+        if aged_dir is not None:
+            aged_dir.cleanup()
 
     for key in ("histogram_counts", "latency_ms_by_op"):  # no latencies kept in a soak
         run.pop(key, None)
@@ -404,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["sizing"] = sizing(figures, document["server"].get("log_bytes_max"))
     checks = verdicts(figures, args.max_rss_growth_pct, args.max_disk_bytes_per_op)
     document.update(run=run, figures=figures, verdicts=checks)
-    print_figures(figures, run, document["server"], checks)
+    print_figures(figures, run, document["server"], checks, document.get("aged"))
     if not args.no_plots:
         why = plot(document["samples"], warmup_s, results_dir / "soak.png")
         document["plot"] = None if why else "soak.png"

@@ -79,10 +79,14 @@ class QuotadTarget(Target):
 
     name = "quotad"
 
-    def __init__(self, external: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, external: str | None = None, extra_args: tuple[str, ...] = (),
+                 data_dir: Path | None = None) -> None:
         self.external = external
         self.extra_args = extra_args
         """More `quotad serve` flags for the server this target starts."""
+        self.given_data_dir = data_dir
+        """The data directory the server this target starts serves (kept after it stops);
+        None: a fresh one, removed after."""
         self.description = DESCRIPTIONS["quotad"] + (f" at {external}" if external else "")
         self._server: ServerProcess | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -102,8 +106,12 @@ class QuotadTarget(Target):
     def start(self) -> None:
         if self.external:
             return
-        self._dir = tempfile.TemporaryDirectory(prefix="bench-quotad-")
-        server = ServerProcess(Path(self._dir.name) / "data", extra_args=self.extra_args)
+        if self.given_data_dir is not None:
+            data_dir = self.given_data_dir
+        else:
+            self._dir = tempfile.TemporaryDirectory(prefix="bench-quotad-")
+            data_dir = Path(self._dir.name) / "data"
+        server = ServerProcess(data_dir, extra_args=self.extra_args)
         self._server = server
         try:
             server.start()
@@ -133,6 +141,7 @@ class QuotadTarget(Target):
                 if stopped:
                     line = stopped[-1]
                     stats["log_records_written"] = line.get("records_written")
+                    stats["log_records_pruned"] = line.get("records_pruned")
                     stats["log_batches"] = line.get("batches")
                     if line.get("batches"):
                         stats["records_per_txn"] = line["records_written"] / line["batches"]

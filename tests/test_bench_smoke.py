@@ -477,6 +477,43 @@ def test_the_soak_samples_the_server_and_fits_bytes_per_operation(tmp_path: Path
         assert (tmp_path / "results" / "soak.png").stat().st_size > 0
 
 
+def test_the_soak_on_an_aged_log_prunes_its_records_as_they_pass_the_retention(tmp_path: Path):
+    lines, document = _run_json_bench(
+        tmp_path, "bench.soak", "--minutes", "0.15", "--sample-s", "1", "--users", "20",
+        "--concurrency", "4", "--warmup-minutes", "0.01", "--aged-records", "6000",
+        "--aged-minutes", "0.1", "--quotad-arg=--snapshot-every-records=2000")
+    aged = document["aged"]
+    assert aged["records"] in (5999, 6000)  # whole pairs after the 3,001 of the set-up
+    assert aged["span_s"] == pytest.approx(6.0)
+    assert 0 <= aged["waited_s"] <= 6000 * soak_module().AGED_BUILD_NS_PER_RECORD / 1e9
+    pruned = document["server"]["log_records_pruned"]  # the server's own stop line says it
+    assert 0 < pruned <= aged["records"]
+    assert document["run"]["errors"] == 0 and document["run"]["ops"] > 0
+    assert any(line.startswith("aged log ") and f"pruned while serving: {pruned:,}" in line
+               for line in lines)
+    assert any(line.startswith("server CPU ") and "µs per operation" in line for line in lines)
+
+
+def test_the_soak_refuses_an_aged_log_too_small_or_server_arguments_with_target():
+    for args, said in ((["--aged-records", "3000"], "at least 3,001"),
+                       (["--target", "127.0.0.1:1", "--pid", "1", "--data-dir", "d",
+                         "--aged-records", "5000"], "not with --target"),
+                       (["--target", "127.0.0.1:1", "--pid", "1", "--data-dir", "d",
+                         "--quotad-arg=--log-level=debug"], "not with --target")):
+        result = subprocess.run([sys.executable, "-m", "bench.soak", *args],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 2 and said in result.stderr, (args, result.stderr)
+
+
+def soak_module():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import soak
+    finally:
+        sys.path.remove(str(ROOT))
+    return soak
+
+
 def test_the_soak_needs_the_pid_and_data_dir_of_a_server_it_did_not_start():
     result = subprocess.run([sys.executable, "-m", "bench.soak", "--target", "127.0.0.1:1"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
