@@ -101,12 +101,21 @@ FACTS_FILE = "bench-facts.json"
 """What a kept --dir holds beside the log: what the build found and the live state's digest."""
 
 
+PROGRESS_LINE_EVERY_S = 30.0
+"""Off a terminal, a progress line this often (on one, the bar is redrawn at each step)."""
+_progress_line_at = [0.0]
+
+
 def _progress(label: str, done: int, total: int, started: float) -> None:
-    rate = done / max(1e-9, time.perf_counter() - started)
+    now = time.perf_counter()
+    rate = done / max(1e-9, now - started)
     bar = "#" * int(30 * done / max(1, total))
-    sys.stderr.write(f"\r{label:<10} [{bar:<30}] {done:>11,}/{total:,} {rate:>9,.0f}/s")
-    if done >= total:
-        sys.stderr.write("\n")
+    line = f"{label:<10} [{bar:<30}] {done:>11,}/{total:,} {rate:>9,.0f}/s"
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{line}" + ("\n" if done >= total else ""))
+    elif done >= total or now - _progress_line_at[0] >= PROGRESS_LINE_EVERY_S:
+        _progress_line_at[0] = now
+        sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
