@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -20,6 +21,15 @@ RUN_KEYS = {"seconds", "ops", "pairs", "ops_per_s", "pairs_per_s", "p50_ms", "p9
             "throughput_ops_per_s", "latency_ms_by_op", "server_cpu_util", "client_cpu_util"}
 MEDIAN_KEYS = {"ops_per_s", "pairs_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "errors",
                "runs"}
+
+
+def _bench_module(name: str) -> ModuleType:
+    """bench.<name>, imported from the checkout (the bench is not an installed package)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module(f"bench.{name}")
+    finally:
+        sys.path.remove(str(ROOT))
 
 
 def _bench(tmp_path: Path, *args: str) -> dict:
@@ -86,11 +96,7 @@ def test_the_bench_runs_every_workload_against_quotad_and_the_echo_peer(tmp_path
 def test_the_bench_runs_the_redis_peers_in_two_client_processes(tmp_path: Path):
     # redis-py is in the test extra; redis-server is installed from Debian's package when it
     # is missing (skipped, with the reason, only where that cannot be done: not root, no apt)
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.redis_peer import install_server
-    finally:
-        sys.path.remove(str(ROOT))
+    install_server = _bench_module("redis_peer").install_server
     why = install_server()
     if why is not None:
         pytest.skip(why)
@@ -124,11 +130,8 @@ def test_the_bench_runs_clusters_by_shard_count_and_reports_cpu_per_operation(tm
     assert [server["shards"] for server in targets["cluster-2"]["server"]] == [2]
     table = document["table_markdown"]
     assert "By shard count" in table and "| pairs | 2 |" in table
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.harness import SHARDS_BENCH_MAX, build_parser
-    finally:
-        sys.path.remove(str(ROOT))
+    harness = _bench_module("harness")
+    SHARDS_BENCH_MAX, build_parser = harness.SHARDS_BENCH_MAX, harness.build_parser
     assert build_parser().parse_args(["--shards", f"1,{SHARDS_BENCH_MAX}"]).shards == [
         1, SHARDS_BENCH_MAX]
     for bad in ("0", str(SHARDS_BENCH_MAX + 1), "2,2", "x"):
@@ -196,11 +199,9 @@ def test_a_pace_the_clients_cannot_keep_is_counted_not_queued(tmp_path: Path):
 
 def test_the_bench_refuses_a_bad_pace_and_a_pace_without_shards(
         capsys: pytest.CaptureFixture[str]):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.harness import PACED_OPS_PER_S_MAX, build_parser, main
-    finally:
-        sys.path.remove(str(ROOT))
+    harness = _bench_module("harness")
+    PACED_OPS_PER_S_MAX, build_parser, main = (harness.PACED_OPS_PER_S_MAX,
+                                               harness.build_parser, harness.main)
     assert build_parser().parse_args(["--ops-per-s-per-shard", "1500"]).ops_per_s_per_shard \
         == 1500.0
     refusals = {
@@ -222,11 +223,7 @@ def test_the_bench_refuses_a_bad_pace_and_a_pace_without_shards(
 
 
 def test_the_bench_help_explains_every_flag():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.harness import build_parser
-    finally:
-        sys.path.remove(str(ROOT))
+    build_parser = _bench_module("harness").build_parser
     parser = build_parser()
     flags = [action for action in parser._actions if action.option_strings]
     assert len(flags) > 15
@@ -429,11 +426,7 @@ def test_the_recovery_bench_replays_a_log_of_keyed_records_to_the_live_state(tmp
 
 
 def test_the_recovery_bench_help_explains_every_flag():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench import recovery
-    finally:
-        sys.path.remove(str(ROOT))
+    recovery = _bench_module("recovery")
     for action in recovery.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 15, action.option_strings
@@ -485,7 +478,7 @@ def test_the_soak_on_an_aged_log_prunes_its_records_as_they_pass_the_retention(t
     aged = document["aged"]
     assert aged["records"] in (5999, 6000)  # whole pairs after the 3,001 of the set-up
     assert aged["span_s"] == pytest.approx(6.0)
-    assert 0 <= aged["waited_s"] <= 6000 * soak_module().AGED_BUILD_NS_PER_RECORD / 1e9
+    assert 0 <= aged["waited_s"] <= 6000 * _bench_module("soak").AGED_BUILD_NS_PER_RECORD / 1e9
     pruned = document["server"]["log_records_pruned"]  # the server's own stop line says it
     assert 0 < pruned <= aged["records"]
     assert document["run"]["errors"] == 0 and document["run"]["ops"] > 0
@@ -503,15 +496,6 @@ def test_the_soak_refuses_an_aged_log_too_small_or_server_arguments_with_target(
         result = subprocess.run([sys.executable, "-m", "bench.soak", *args],
                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == 2 and said in result.stderr, (args, result.stderr)
-
-
-def soak_module():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench import soak
-    finally:
-        sys.path.remove(str(ROOT))
-    return soak
 
 
 def test_the_soak_needs_the_pid_and_data_dir_of_a_server_it_did_not_start():
@@ -560,11 +544,8 @@ def test_the_overload_bench_can_keep_the_server_on_a_cpu_of_its_own(tmp_path: Pa
 
 
 def test_the_soak_and_overload_help_explain_every_flag():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench import overload, soak
-    finally:
-        sys.path.remove(str(ROOT))
+    overload = _bench_module("overload")
+    soak = _bench_module("soak")
     for module in (soak, overload):
         flags = [action for action in module.build_parser()._actions if action.option_strings]
         for action in flags:
