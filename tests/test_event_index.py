@@ -10,10 +10,11 @@ from pathlib import Path
 
 from quotad.core import limits
 from quotad.core.commands import Reserve, Track, UpsertPlan, UpsertSubscription
+from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Plan, Window
 from quotad.engine.recovery import recover
 from quotad.engine.writer import Writer
-from quotad.storage.codec import event_tail, key_sequence
+from quotad.storage.codec import event_tail, event_tail_fields, key_sequence
 from quotad.storage.snapshot import snapshot_of
 from quotad.storage.wal import EVENTS_INDEXED_THROUGH_KEY, Retention, Snapshot, WriteAheadLog
 
@@ -24,10 +25,10 @@ USERS = ("ann", "bob")
 
 
 def _expected(wal: WriteAheadLog, number: int) -> list[bytes]:
-    """Every entry of the user's the records hold, oldest first."""
+    """Every entry of the user's the records (those left) hold, oldest first."""
     return [event_tail(record.now_ns, record.sequence, index)
-            for record in wal.records() for index, user in enumerate(record.event_users)
-            if user == number]
+            for record in wal.records(max(0, wal.first_sequence() - 1))
+            for index, user in enumerate(record.event_users) if user == number]
 
 
 def _listed(wal: WriteAheadLog, user_id: str, number: int, *, start_ns: int = 0,
@@ -111,7 +112,8 @@ def test_entries_wait_in_memory_are_filed_together_and_listed_once_in_order(tmp_
 
 
 def test_a_snapshot_files_the_waiting_entries_before_it_prunes_their_records(tmp_path: Path):
-    wal = WriteAheadLog(tmp_path)  # the default limit: nothing filed by count here
+    # the default limit: nothing filed by count here; a sweep with every pruning transaction
+    wal = WriteAheadLog(tmp_path, event_sweep_records=1)
 
     async def run() -> tuple[int, int]:
         writer = await _writer(wal)
@@ -133,3 +135,58 @@ def test_a_snapshot_files_the_waiting_entries_before_it_prunes_their_records(tmp
     reopened = WriteAheadLog(tmp_path)  # nothing to read again: no record after the filing
     assert _listed(reopened, "ann", number) == []
     reopened.close()
+
+
+def _stale_entries(wal: WriteAheadLog, numbers: list[int]) -> list[int]:
+    """Each user's entries in the table of records the log no longer holds."""
+    first = wal.first_sequence()
+    stale = dict.fromkeys(numbers, 0)
+    with wal.env.begin() as txn:
+        for user, tail in txn.cursor(db=wal.event_index_db):
+            if event_tail_fields(tail)[1] < first:
+                stale[int.from_bytes(user, "big")] += 1
+    return [stale[number] for number in numbers]
+
+
+def test_pruned_records_entries_are_never_listed_and_go_in_sweeps_of_bounded_users(
+        tmp_path: Path):
+    """A pruned record's entries stay in the table, never listed, until a sweep (due once
+    event_sweep_records are pruned) takes each user's together, event_sweep_users users a
+    pruning transaction, the pass going on in the next ones."""
+    wal = WriteAheadLog(tmp_path, event_sweep_records=10, event_sweep_users=2)
+    users = ("ann", "bob", "cy", "di", "ed")
+    core, now_ns, records = Core(), 1_800_000_000 * limits.NS_PER_S, []
+    for command in (UpsertPlan(app="a", plan=PLAN),
+                    *(UpsertSubscription(app="a", user_id=user, plan_id="p") for user in users),
+                    *(Track(app="a", user_id=users[n % 5], event_type="x", amount=1)
+                      for n in range(40))):
+        now_ns += limits.NS_PER_S
+        records += core.apply(command, now_ns).records
+    wal.append(records)
+    wal.append([], Snapshot(core.sequence, snapshot_of(core)))  # files every entry
+    numbers = [core.user_number("a", user) for user in users]
+    assert numbers == sorted(numbers)  # the sweep takes them in this order
+    old_ns = records[6 + 15].now_ns  # the set-up and 15 Tracks, 3 of each user's, go
+
+    def listed_as_held() -> bool:
+        return all(_listed(wal, user, number) == _expected(wal, number)
+                   for user, number in zip(users, numbers))
+
+    pruned = wal.prune(core.sequence, Retention(before_ns=old_ns))
+    assert pruned.records == 21 and pruned.more  # a pass began: 21 pruned, over 10
+    assert _stale_entries(wal, numbers) == [0, 0, 3, 3, 3]  # two users swept
+    assert listed_as_held()
+    pruned = wal.prune(core.sequence, Retention(before_ns=old_ns))
+    assert pruned.records == 0 and pruned.more
+    assert _stale_entries(wal, numbers) == [0, 0, 0, 0, 3]
+    assert listed_as_held()
+    pruned = wal.prune(core.sequence, Retention(before_ns=old_ns))
+    assert not pruned.more  # the pass is over
+    assert _stale_entries(wal, numbers) == [0, 0, 0, 0, 0]
+    with wal.env.begin() as txn:
+        assert txn.stat(wal.event_index_db)["entries"] == 25  # the Tracks left, one each
+    pruned = wal.prune(core.sequence, Retention(before_ns=records[6 + 20].now_ns))
+    assert pruned.records == 5 and not pruned.more  # 5 since the pass began: none due
+    assert _stale_entries(wal, numbers) == [1, 1, 1, 1, 1]
+    assert listed_as_held()
+    wal.close()

@@ -130,7 +130,7 @@ def test_a_replay_does_not_take_a_later_record_for_an_earlier_first_use(tmp_path
 
 
 def test_pruning_a_record_removes_its_events_idempotency_row_and_finished_hold(tmp_path: Path):
-    wal = WriteAheadLog(tmp_path)
+    wal = WriteAheadLog(tmp_path, event_sweep_records=1)  # events swept with every pruning
 
     async def run() -> tuple[int, int, dict]:
         writer = await _writer(wal)

@@ -14,7 +14,10 @@ Databases:
                (ListEvents). Filed in bulk: the entries of the records after
                meta's events_indexed_through are in memory (read again from those records
                when the log is opened), and go in all at once with the batch that passes
-               limits.EVENT_INDEX_BUFFERED_RECORDS_MAX records, or that carries a snapshot
+               limits.EVENT_INDEX_BUFFERED_RECORDS_MAX records, or that carries a snapshot.
+               Deleted in bulk too: the entries of pruned records stay (never listed)
+               until a sweep, every limits.EVENT_INDEX_SWEEP_RECORDS records pruned, takes
+               each user's together
     holds      reservation id (12 bytes, its time first: hold_row_key) -> a finished hold
                (written with the record that finished it; removed with its Reserve
                record). A young hold's row leaves out what its Reserve record says, when it
@@ -163,7 +166,8 @@ class Pruned(NamedTuple):
     beyond_retention: int
     """Of them, those younger than Retention.before_ns: gone for the size bound."""
     more: bool
-    """It stopped at its most records with more due: prune again."""
+    """It stopped at its most records with more due, or a sweep of the event index goes on:
+    prune again."""
     held_by_keys: bool
     """It stopped, over the size bound, at a record of the keys' retention
     (Retention.kept_from_ns): the bound cannot hold."""
@@ -188,9 +192,12 @@ _USAGE_KINDS = frozenset(AUDIT_KINDS.index(kind) for kind in ("commit", "track")
 
 class WriteAheadLog:
     def __init__(self, data_dir: Path, *, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
-                 events_buffered_records_max: int = limits.EVENT_INDEX_BUFFERED_RECORDS_MAX
+                 events_buffered_records_max: int = limits.EVENT_INDEX_BUFFERED_RECORDS_MAX,
+                 event_sweep_records: int = limits.EVENT_INDEX_SWEEP_RECORDS,
+                 event_sweep_users: int = limits.EVENT_INDEX_SWEEP_USERS_PER_TRANSACTION
                  ) -> None:
-        assert events_buffered_records_max >= 1
+        assert events_buffered_records_max >= 1 and event_sweep_records >= 1
+        assert event_sweep_users >= 1
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self._lock_file = _lock_exclusively(data_dir / LOCK_FILE_NAME)
@@ -244,6 +251,16 @@ class WriteAheadLog:
         self._events_indexed_through = 0
         self._last_written_sequence = 0
         self._events_loading = threading.Lock()
+        self._event_sweep_records = event_sweep_records
+        self._event_sweep_users = event_sweep_users
+        self._pruned_since_sweep = 0
+        """Records pruned since the last sweep of the event index began (a restart counts
+        from 0 again: what it left is swept by the next pass)."""
+        self._sweep_from: bytes | None = None
+        """The user key the sweep in progress goes on at; None: none in progress."""
+        self._sweep_below = 0
+        """The sweep in progress deletes the entries of the records before this sequence
+        (the log's first as it began)."""
 
     # --- writing (the writer only: one append at a time) -------------------------------
 
@@ -454,9 +471,36 @@ class WriteAheadLog:
                 txn, up_to_sequence, retention.before_ns, records_max,
                 beyond_max, retention.kept_from_ns)
             cursor = txn.cursor(db=self.log_db)
-            oldest_ns = record_now_ns(cursor.value()) if cursor.first() else None
-            return Pruned(pruned, beyond, stop == "records_max", stop == "kept_from_ns",
-                          self._live_bytes(txn), oldest_ns)
+            oldest = cursor.first()
+            oldest_ns = record_now_ns(cursor.value()) if oldest else None
+            self._pruned_since_sweep += pruned
+            if self._sweep_from is None and self._pruned_since_sweep >= self._event_sweep_records:
+                self._pruned_since_sweep = 0
+                self._sweep_from = b""
+                self._sweep_below = key_sequence(cursor.key()) if oldest else 2**64 - 1
+            if self._sweep_from is not None:
+                self._sweep_event_index(txn)
+            return Pruned(pruned, beyond, stop == "records_max" or self._sweep_from is not None,
+                          stop == "kept_from_ns", self._live_bytes(txn), oldest_ns)
+
+    def _sweep_event_index(self, txn: lmdb.Transaction) -> int:
+        """One step of the sweep in progress: the entries of pruned records (sequence below
+        _sweep_below) of at most _event_sweep_users users, from _sweep_from on; the pass is
+        over (_sweep_from None) once it passes the last user. The entries deleted."""
+        assert self._sweep_from is not None
+        cursor = txn.cursor(db=self.event_index_db)
+        below, deleted = self._sweep_below, 0
+        found = cursor.set_range(self._sweep_from)
+        for _ in range(self._event_sweep_users):
+            if not found:
+                break
+            user = cursor.key()
+            while cursor.key() == user and event_tail_fields(cursor.value())[1] < below:
+                cursor.delete()  # moves to the next entry, the user's or the next user's
+                deleted += 1
+            found = cursor.next_nodup() if cursor.key() == user else bool(cursor.key())
+        self._sweep_from = cursor.key() if found else None
+        return deleted
 
     def _live_bytes(self, txn: lmdb.Transaction) -> int:
         """Bytes of every table's pages in use (free pages, which LMDB reuses, not counted)."""
@@ -494,9 +538,7 @@ class WriteAheadLog:
                 if now_ns >= kept_from_ns:
                     return pruned, beyond, "kept_from_ns"
                 beyond += 1
-            events, row, reserved = stored_record_rows(key, value)
-            for user_key, tail in events:
-                delete(user_key, tail, db=self.event_index_db)
+            _, row, reserved = stored_record_rows(key, value)  # its events: swept later
             if row is not None and get(row, db=self.idempotency_db) == key:
                 delete(row, db=self.idempotency_db)  # unless the key was used anew since
             if reserved is not None:
@@ -778,6 +820,12 @@ class WriteAheadLog:
         # filed meanwhile are in both, and are taken once (from the table).
         pending = bytes(self._loaded_events_pending().get(user_number, b""))
         with self.env.begin(buffers=False) as txn:
+            oldest = txn.cursor(db=self.log_db)
+            if not oldest.first():
+                return found  # every record pruned: no event listed
+            # from the oldest record's time on: what is before it was pruned (its entries
+            # wait for the event index's next sweep)
+            first = max(first, event_tail(record_now_ns(oldest.value()), 0, 0))
             cursor = txn.cursor(db=self.event_index_db)
             filed: Iterator[bytes] = iter(())
             if cursor.set_range_dup(user_key, first):
