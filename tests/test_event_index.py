@@ -190,3 +190,8 @@ def test_pruned_records_entries_are_never_listed_and_go_in_sweeps_of_bounded_use
     assert _stale_entries(wal, numbers) == [1, 1, 1, 1, 1]
     assert listed_as_held()
     wal.close()
+    reopened = WriteAheadLog(tmp_path, event_sweep_records=10, event_sweep_users=5)
+    pruned = reopened.prune(core.sequence, Retention(before_ns=old_ns))  # nothing more due
+    assert pruned.records == 0 and not pruned.more  # but a restart's first pruning sweeps
+    assert _stale_entries(reopened, numbers) == [0, 0, 0, 0, 0]
+    reopened.close()

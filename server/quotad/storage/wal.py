@@ -253,9 +253,10 @@ class WriteAheadLog:
         self._events_loading = threading.Lock()
         self._event_sweep_records = event_sweep_records
         self._event_sweep_users = event_sweep_users
-        self._pruned_since_sweep = 0
-        """Records pruned since the last sweep of the event index began (a restart counts
-        from 0 again: what it left is swept by the next pass)."""
+        self._pruned_since_sweep = event_sweep_records
+        """Records pruned since the last sweep of the event index began; as it opens, as if
+        a pass were due, so that the first pruning begins one: what an earlier run left is
+        swept however often the server restarts."""
         self._sweep_from: bytes | None = None
         """The user key the sweep in progress goes on at; None: none in progress."""
         self._sweep_below = 0
