@@ -252,22 +252,26 @@ _KEYED_COMMANDS = {"reserve": "Reserve", "commit": "Commit", "release": "Release
 """The record's oneof field -> its RPC, for the commands that take an idempotency key."""
 
 
-def stored_record_rows(key: bytes, value: bytes) -> tuple[list[tuple[bytes, bytes]],
-                                                          bytes | None, bytes | None]:
-    """What else a stored record put in the log, from one read of it, to delete with it: its
-    event index entries (user key, tail), its idempotency row key (a keyed command holding
-    its first answer), and the reservation id bytes of a Reserve (its hold's row)."""
+def stored_event_entries(key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    """A stored record's event index entries (user key, tail), from one read of it."""
     sequence, now_ns, message = _checked_message(key, value)
-    users = message.event_users
-    events = [(event_user_key(user), event_tail(now_ns, sequence, index))
-              for index, user in enumerate(users)] if users else []
+    return [(event_user_key(user), event_tail(now_ns, sequence, index))
+            for index, user in enumerate(message.event_users)]
+
+
+def stored_record_rows(key: bytes, value: bytes) -> tuple[bytes | None, bytes | None]:
+    """What else a stored record put in the log that goes with it, from one read of it: its
+    idempotency row key (a keyed command holding its first answer) and the reservation id
+    bytes of a Reserve (its hold's row). Its event index entries go apart, in sweeps
+    (WriteAheadLog.prune)."""
+    _, _, message = _checked_message(key, value)
     kind = message.WhichOneof("command")
     row = None
     if kind in _KEYED_COMMANDS and message.HasField("answer"):
         idempotency_key = _idempotency_key(getattr(message, kind))
         if idempotency_key:
             row = idempotency_row_key(message.app, _KEYED_COMMANDS[kind], idempotency_key)
-    return events, row, message.reserve.reservation_id if kind == "reserve" else None
+    return row, message.reserve.reservation_id if kind == "reserve" else None
 
 
 def reservation_bytes(reservation_id: str) -> bytes:

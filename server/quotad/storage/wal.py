@@ -63,7 +63,7 @@ from quotad.storage.codec import (
     encode_finished_hold, encode_record, event_tail, event_tail_fields, event_user_key,
     finished_hold_row, hold_row_key, hold_row_reservation_bytes, hold_row_slot,
     idempotency_row_key, key_sequence, record_event, record_idempotency_row_key, record_key,
-    record_now_ns, reservation_bytes, stored_record_rows,
+    record_now_ns, reservation_bytes, stored_event_entries, stored_record_rows,
 )
 from quotad.core import limits
 from quotad.core.holds import HoldState
@@ -385,7 +385,7 @@ class WriteAheadLog:
                     cursor = txn.cursor(db=self.log_db)
                     more = cursor.set_range(record_key(through + 1))
                     while more:
-                        for user, tail in stored_record_rows(cursor.key(), cursor.value())[0]:
+                        for user, tail in stored_event_entries(cursor.key(), cursor.value()):
                             pending.setdefault(int.from_bytes(user, "big"),
                                                bytearray()).extend(tail)
                         more = cursor.next()
@@ -484,13 +484,13 @@ class WriteAheadLog:
             return Pruned(pruned, beyond, stop == "records_max" or self._sweep_from is not None,
                           stop == "kept_from_ns", self._live_bytes(txn), oldest_ns)
 
-    def _sweep_event_index(self, txn: lmdb.Transaction) -> int:
+    def _sweep_event_index(self, txn: lmdb.Transaction) -> None:
         """One step of the sweep in progress: the entries of pruned records (sequence below
         _sweep_below) of at most _event_sweep_users users, from _sweep_from on; the pass is
-        over (_sweep_from None) once it passes the last user. The entries deleted."""
+        over (_sweep_from None) once it passes the last user."""
         assert self._sweep_from is not None
         cursor = txn.cursor(db=self.event_index_db)
-        below, deleted = self._sweep_below, 0
+        below = self._sweep_below
         found = cursor.set_range(self._sweep_from)
         for _ in range(self._event_sweep_users):
             if not found:
@@ -498,10 +498,8 @@ class WriteAheadLog:
             user = cursor.key()
             while cursor.key() == user and event_tail_fields(cursor.value())[1] < below:
                 cursor.delete()  # moves to the next entry, the user's or the next user's
-                deleted += 1
             found = cursor.next_nodup() if cursor.key() == user else bool(cursor.key())
         self._sweep_from = cursor.key() if found else None
-        return deleted
 
     def _live_bytes(self, txn: lmdb.Transaction) -> int:
         """Bytes of every table's pages in use (free pages, which LMDB reuses, not counted)."""
@@ -539,7 +537,7 @@ class WriteAheadLog:
                 if now_ns >= kept_from_ns:
                     return pruned, beyond, "kept_from_ns"
                 beyond += 1
-            _, row, reserved = stored_record_rows(key, value)  # its events: swept later
+            row, reserved = stored_record_rows(key, value)  # its events: swept later
             if row is not None and get(row, db=self.idempotency_db) == key:
                 delete(row, db=self.idempotency_db)  # unless the key was used anew since
             if reserved is not None:
