@@ -174,6 +174,15 @@ def _subscribe_users(builder: _Builder, users: int, rng: random.Random) -> None:
     builder.flush()
 
 
+def _pairs_until(builder: _Builder, sequence: int, users: int, rng: random.Random) -> None:
+    """Reserve + commit pairs of random users until the log reaches the sequence; once, after
+    _subscribe_users, whose holds took numbers 1 to users."""
+    number = users
+    while builder.core.sequence < sequence:
+        number += 1
+        builder.pair(rng.randrange(users), number, rng)
+
+
 def _store_whole_snapshot(builder: _Builder, data_dir: Path) -> tuple[int, bytes, float, float,
                                                                      float]:
     """A whole snapshot of the state built, made as the server makes it while serving (the
@@ -198,10 +207,7 @@ def build(data_dir: Path, users: int, tail_records: int, seed: int,
     builder = _Builder(data_dir, spacing_ns, 1 + 3 * users + tail_records, idempotency_keys)
     _subscribe_users(builder, users, rng)
     sequence, encoded, fork_s, child_s, child_cpu_s = _store_whole_snapshot(builder, data_dir)
-    number = users
-    while builder.core.sequence < sequence + tail_records:
-        number += 1
-        builder.pair(rng.randrange(users), number, rng)
+    _pairs_until(builder, sequence + tail_records, users, rng)
     builder.flush()
     facts = {"users": users, "records": builder.core.sequence, "snapshot_sequence": sequence,
              "snapshot_bytes": len(encoded), "fork_s": fork_s, "child_s": child_s,
@@ -231,10 +237,7 @@ def build_aged(data_dir: Path, records: int, first_ns: int, span_ns: int, seed: 
     builder = _Builder(data_dir, span_ns // records, records, idempotency_keys=True,
                        first_ns=first_ns)
     _subscribe_users(builder, AGED_USERS, rng)
-    number = AGED_USERS
-    while builder.core.sequence < records - 1:
-        number += 1
-        builder.pair(rng.randrange(AGED_USERS), number, rng)
+    _pairs_until(builder, records - 1, AGED_USERS, rng)
     _store_whole_snapshot(builder, data_dir)
     count = builder.core.sequence
     builder.wal.close()

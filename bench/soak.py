@@ -206,7 +206,7 @@ starts, so that it reaches 24 h about when the build ends (a slower build: the f
 are past 24 h when the server starts, and go in its first pruning)."""
 
 
-def build_aged(data_dir: Path, records: int, minutes: float) -> dict[str, Any]:
+def prepare_aged_log(data_dir: Path, records: int, minutes: float) -> dict[str, Any]:
     """The aged log (--aged-records), then a wait, at most what its build was allowed, until
     its first record is 24 h old (the retention the server is started with): from then on its
     records pass the retention at the rate they were spread."""
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     quotad_args = tuple(args.quotad_arg)
     if args.aged_records:
         aged_dir = tempfile.TemporaryDirectory(prefix="bench-soak-aged-")
-        document["aged"] = build_aged(Path(aged_dir.name) / "data", args.aged_records,
+        document["aged"] = prepare_aged_log(Path(aged_dir.name) / "data", args.aged_records,
                                       args.aged_minutes)
         quotad_args = (f"--audit-retention-days={limits.LOG_KEPT_NS_MIN / NS_PER_DAY:g}",
                        *quotad_args)
