@@ -46,8 +46,8 @@ It prints, each a median of --runs (with the range) unless noted:
                      the part of replay that is not the core applying them again
   - pruning (--prune): every record the snapshot covers pruned from a copy of the log, as the
                      server prunes records past the retention: in transactions of
-                     limits.PRUNED_RECORDS_PER_TRANSACTION_MAX, CPU per record and each
-                     transaction's wall time (median, most); one run
+                     limits.PRUNED_RECORDS_PER_TRANSACTION_MAX (--prune-transaction-records),
+                     CPU per record and each transaction's wall time (median, most); one run
 Each shows wall-clock seconds and this process's CPU seconds: the machine may be shared.
 Every recovered state is checked against the live one (equal state digests).
 
@@ -502,8 +502,11 @@ def measure(data_dir: Path, facts: dict, runs: int, replay_runs: int) -> None:
               f"{statistics.median(decode_s[1]) / records * 1e6:.2f} us of CPU per record")
 
 
-def measure_pruning(data_dir: Path) -> None:
-    """Prunes a copy of the log as the server does once its records pass the retention."""
+def measure_pruning(data_dir: Path,
+                    transaction_records: int = limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) -> None:
+    """Prunes a copy of the log as the server does once its records pass the retention, in
+    transactions of transaction_records at most."""
+    assert transaction_records >= 1
     copy = Path(tempfile.mkdtemp(prefix="quotad-prune-")) / "data"
     try:
         shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(LOCK_FILE_NAME))
@@ -515,7 +518,7 @@ def measure_pruning(data_dir: Path) -> None:
             started_cpu = time.process_time()
             while True:
                 started = time.perf_counter()
-                pruned = wal.prune(covered, Retention(before_ns=2**63))
+                pruned = wal.prune(covered, Retention(before_ns=2**63), transaction_records)
                 transactions_s.append(time.perf_counter() - started)
                 records += pruned.records
                 if not pruned.more:
@@ -526,7 +529,7 @@ def measure_pruning(data_dir: Path) -> None:
             wal.close()
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
-    print(f"pruning {records:,} records, {limits.PRUNED_RECORDS_PER_TRANSACTION_MAX:,} a "
+    print(f"pruning {records:,} records, {transaction_records:,} a "
           f"transaction: {cpu_s / max(records, 1) * 1e6:.2f} us of CPU per record; "
           f"transactions: {len(transactions_s)}, median {statistics.median(transactions_s) * 1e3:.1f} "
           f"ms, most {max(transactions_s) * 1e3:.1f} ms")
@@ -574,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prune", action="store_true",
                         help="also prune every record the snapshot covers from a copy of the "
                              "log, as the server does past the retention, and show its cost")
+    parser.add_argument("--prune-transaction-records", type=int,
+                        default=limits.PRUNED_RECORDS_PER_TRANSACTION_MAX, metavar="N",
+                        help="with --prune: records pruned in one transaction at most, to see "
+                             "what a transaction costs besides its records (default: the "
+                             "server's, %(default)s)")
     return parser
 
 
@@ -581,6 +589,8 @@ def main() -> None:
     args = build_parser().parse_args()
     assert args.users >= 1 and args.tail_records >= 0 and args.runs >= 1
     assert args.replay_runs >= 0
+    if args.prune_transaction_records < 1:
+        build_parser().error("--prune-transaction-records must be at least 1")
     data_dir = args.dir or Path(tempfile.mkdtemp(prefix="quotad-recovery-"))
     try:
         facts_path = data_dir / FACTS_FILE
@@ -591,7 +601,7 @@ def main() -> None:
                           int(args.spacing_ms * 1_000_000), args.idempotency_keys)
         measure(data_dir, facts, args.runs, args.replay_runs)
         if args.prune:
-            measure_pruning(data_dir)
+            measure_pruning(data_dir, args.prune_transaction_records)
     finally:
         if args.dir is None:
             shutil.rmtree(data_dir, ignore_errors=True)

@@ -409,6 +409,10 @@ def test_the_recovery_bench_restarts_from_its_snapshot_and_replays_the_whole_log
     assert again[1:4] == lines[1:4] and again[-3:-1] == lines[-2:]
     assert again[-1].startswith("pruning 121 records, 1,024 a transaction: ")
     assert "transactions: 1, median" in again[-1]
+    smaller = _run_bench("bench.recovery", *args[:-2], "--replay-runs", "0", "--prune",
+                         "--prune-transaction-records", "50", "--dir", str(tmp_path))
+    assert smaller[-1].startswith("pruning 121 records, 50 a transaction: ")
+    assert "transactions: 3, median" in smaller[-1]
 
 
 def test_the_recovery_bench_replays_a_log_of_keyed_records_to_the_live_state(tmp_path: Path):
@@ -423,6 +427,14 @@ def test_the_recovery_bench_replays_a_log_of_keyed_records_to_the_live_state(tmp
     assert lines[-4].startswith("restart in a new process (snapshot + 20 records) ")
     assert lines[-3].startswith("a server's own start (quotad serve on a copy), its recovery_s ")
     assert "records/s" in lines[-2] and "us of CPU per record" in lines[-1]
+
+
+def test_the_recovery_bench_refuses_a_pruning_transaction_of_no_records():
+    result = subprocess.run([sys.executable, "-m", "bench.recovery", "--prune",
+                             "--prune-transaction-records", "0"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    assert "--prune-transaction-records must be at least 1" in result.stderr
 
 
 def test_the_recovery_bench_help_explains_every_flag():
