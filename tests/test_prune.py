@@ -17,7 +17,7 @@ from quotad.core.commands import Track, UpsertPlan, UpsertSubscription
 from quotad.core.machine import Core
 from quotad.core.plans import LimitGroup, Plan, Window
 from quotad.engine.recovery import recover
-from quotad.engine.writer import Writer
+from quotad.engine.writer import Writer, prune_records
 from quotad.server import Config
 from quotad.storage.codec import state_digest
 from quotad.storage.snapshot import snapshot_of
@@ -92,6 +92,51 @@ def test_a_transaction_prunes_pruned_records_per_transaction_max_at_most(tmp_pat
     assert (first.records, first.more) == (most, True)
     last = wal.prune(core.sequence, everything)
     assert (last.records, last.more, last.oldest_ns) == (1, False, None)
+    wal.close()
+
+
+def test_after_a_batch_the_writer_prunes_a_transaction_or_twice_the_batch_when_larger(
+        tmp_path: Path):
+    """5,002 records all past the retention: a lone call's batch is followed by one full
+    transaction of pruning, batches of 600 and 900 records by twice theirs (more than a
+    transaction), a last lone call's by what is left."""
+    assert (limits.PRUNED_RECORDS_PER_RECORD_WRITTEN,
+            limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) == (2, 1024)
+    wal = WriteAheadLog(tmp_path)
+    core = _hourly_log(wal, 5000)
+    wall = iter(range(START_NS + 7000 * HOUR_NS, START_NS + 7001 * HOUR_NS))
+    pruned_after = []
+
+    async def run() -> None:
+        writer = Writer(core, wal, on_failure=pytest.fail, wall_ns=lambda: next(wall))
+        writer.start()
+        keys = iter(range(10_000, 20_000))  # keys of their own: each Track a new record
+        for tracks in (1, 600, 900, 1):
+            done = writer.records_pruned
+            await writer.execute_many([_track(next(keys)) for _ in range(tracks)])
+            for _ in range(200):  # bounded: the pruning after the batch ends on the log thread
+                if writer.records_pruned > done:
+                    break
+                await asyncio.sleep(0.01)
+            pruned_after.append(writer.records_pruned - done)
+        await writer.close()
+    asyncio.run(run())
+    assert pruned_after == [1024, 1200, 1800, 978]
+    assert wal.first_sequence() == 1 + sum(pruned_after)
+    wal.close()
+
+
+def test_a_budget_past_a_transaction_goes_in_transactions_of_the_max_until_none_is_due(
+        tmp_path: Path):
+    wal = WriteAheadLog(tmp_path)
+    core = _hourly_log(wal, 2998)  # 3,000 records with the set-up's
+    everything = Retention(before_ns=2**63)
+    transactions = prune_records(wal, core.sequence, everything, 2500)
+    assert [(t.records, t.more) for t in transactions] == [(1024, True), (1024, True),
+                                                          (452, True)]
+    transactions = prune_records(wal, core.sequence, everything, 2500)
+    assert [(t.records, t.more) for t in transactions] == [(500, False)]  # none left
+    assert prune_records(wal, core.sequence, everything, 64)[0].records == 0
     wal.close()
 
 

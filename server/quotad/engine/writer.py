@@ -31,9 +31,10 @@ Where a batch is written depends on its size (limits.INLINE_BATCH_RECORDS_MIN):
 - A batch that carries a snapshot (a large put) is written on the log thread too, so that
   serving goes on meanwhile.
 Either way, one batch is written at a time. Once a whole snapshot is stored, the records it
-covers that the retention lets go are pruned on the log thread, a bounded transaction after
-each batch (limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) until none is due: the next batch waits
-for one such transaction at most.
+covers that the retention lets go are pruned on the log thread after each batch until none
+is due: a transaction of bounded size (limits.PRUNED_RECORDS_PER_TRANSACTION_MAX), or as many
+as prune twice the records of a larger batch (prune_budget), so that the log shrinks while
+anything is due; the next batch waits for them.
 
 A snapshot is whole, or a delta of the last whole one: the users changed since (and every
 other part whole), so that a snapshot's cost grows with the users that change rather than
@@ -88,6 +89,33 @@ class DeadlinePassed(Refusal):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+def prune_budget(records_written: int) -> int:
+    """The records that may be pruned after a batch of records_written: one transaction's,
+    or more than the batch wrote, so that the log shrinks while anything is due whatever
+    the batches' size."""
+    assert records_written >= 0
+    return max(limits.PRUNED_RECORDS_PER_RECORD_WRITTEN * records_written,
+               limits.PRUNED_RECORDS_PER_TRANSACTION_MAX)
+
+
+def prune_records(wal: WriteAheadLog, up_to_sequence: int, retention: Retention,
+                  budget: int) -> list[Pruned]:
+    """On the log thread: up to `budget` records pruned, in transactions of at most
+    limits.PRUNED_RECORDS_PER_TRANSACTION_MAX, as many as the budget needs at most; stops
+    once one finds nothing more due."""
+    assert budget >= 1
+    most = limits.PRUNED_RECORDS_PER_TRANSACTION_MAX
+    transactions = []
+    left = budget
+    for _ in range(-(-budget // most)):
+        pruned = wal.prune(up_to_sequence, retention, min(left, most))
+        transactions.append(pruned)
+        left -= pruned.records
+        if not pruned.more or left <= 0:
+            break
+    return transactions
 
 
 class Writer:
@@ -339,15 +367,16 @@ class Writer:
                     self._written(batch, started, on_log_thread)
                 if self._prune_due and self._whole_sequence:
                     try:
-                        pruned = await loop.run_in_executor(
-                            self._executor, self._wal.prune, self._whole_sequence,
-                            self._retention())
+                        transactions = await loop.run_in_executor(
+                            self._executor, prune_records, self._wal, self._whole_sequence,
+                            self._retention(), prune_budget(len(batch)))
                     except asyncio.CancelledError:  # close(), as above: not a failure
                         raise
                     except BaseException as error:  # fail-stop, as for a batch
                         self._fail(error)
                         return
-                    self._pruned(pruned)
+                    for pruned in transactions:
+                        self._pruned(pruned)
 
     def _lingers(self) -> bool:
         """Whether a small batch waits commit_delay_s for more records before it is written:
