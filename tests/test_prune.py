@@ -98,8 +98,8 @@ def test_a_transaction_prunes_pruned_records_per_transaction_max_at_most(tmp_pat
 def test_after_a_batch_the_writer_prunes_a_transaction_or_twice_the_batch_when_larger(
         tmp_path: Path):
     """5,002 records all past the retention: a lone call's batch is followed by one full
-    transaction of pruning, batches of 600 and 900 records by twice theirs (more than a
-    transaction), a last lone call's by what is left."""
+    transaction of pruning, batches of 513 and 900 records (just past half a transaction, and
+    far) by twice theirs, in two transactions each, a last lone call's by a transaction again."""
     assert (limits.PRUNED_RECORDS_PER_RECORD_WRITTEN,
             limits.PRUNED_RECORDS_PER_TRANSACTION_MAX) == (2, 1024)
     wal = WriteAheadLog(tmp_path)
@@ -111,7 +111,7 @@ def test_after_a_batch_the_writer_prunes_a_transaction_or_twice_the_batch_when_l
         writer = Writer(core, wal, on_failure=pytest.fail, wall_ns=lambda: next(wall))
         writer.start()
         keys = iter(range(10_000, 20_000))  # keys of their own: each Track a new record
-        for tracks in (1, 600, 900, 1):
+        for tracks in (1, 513, 900, 1):
             done = writer.records_pruned
             await writer.execute_many([_track(next(keys)) for _ in range(tracks)])
             for _ in range(200):  # bounded: the pruning after the batch ends on the log thread
@@ -121,7 +121,7 @@ def test_after_a_batch_the_writer_prunes_a_transaction_or_twice_the_batch_when_l
             pruned_after.append(writer.records_pruned - done)
         await writer.close()
     asyncio.run(run())
-    assert pruned_after == [1024, 1200, 1800, 978]
+    assert pruned_after == [1024, 1026, 1800, 1024]
     assert wal.first_sequence() == 1 + sum(pruned_after)
     wal.close()
 
