@@ -195,3 +195,31 @@ def test_pruned_records_entries_are_never_listed_and_go_in_sweeps_of_bounded_use
     assert pruned.records == 0 and not pruned.more  # but a restart's first pruning sweeps
     assert _stale_entries(reopened, numbers) == [0, 0, 0, 0, 0]
     reopened.close()
+
+
+def test_a_pruned_record_at_the_same_time_as_the_oldest_one_left_is_not_listed(
+        tmp_path: Path):
+    """A command that expires a hold makes two records at one time: the expiry, then the
+    command. Pruning that stops between them leaves the expiry's entry (until a sweep) at
+    the oldest record's time: it is not listed, and its missing record is no corruption."""
+    wal = WriteAheadLog(tmp_path)
+    core, now_ns, records = Core(), 1_800_000_000 * limits.NS_PER_S, []
+    for command in (UpsertPlan(app="a", plan=PLAN),
+                    UpsertSubscription(app="a", user_id="ann", plan_id="p"),
+                    Reserve(app="a", user_id="ann", event_type="x", amount=1,
+                            ttl_ns=limits.NS_PER_S, reservation_id=f"rsv_{1:024x}"),
+                    Track(app="a", user_id="ann", event_type="x", amount=1)):
+        now_ns += 10 * limits.NS_PER_S  # the hold expires before the Track
+        records += core.apply(command, now_ns).records
+    number = core.user_number("a", "ann")
+    expiry, track = records[3], records[4]
+    assert expiry.now_ns == track.now_ns and number in expiry.event_users
+    wal.append(records)
+    wal.append([], Snapshot(core.sequence, snapshot_of(core)))  # files every entry
+    assert wal.prune(core.sequence, Retention(before_ns=2**63), records_max=1).records == 1
+    pruned = wal.prune(core.sequence, Retention(before_ns=2**63), records_max=3)
+    assert pruned.records == 3 and wal.first_sequence() == track.sequence
+    assert _stale_entries(wal, [number]) == [2]  # the Reserve's and the expiry's, unswept
+    assert _listed(wal, "ann", number) == _expected(wal, number) == [
+        event_tail(track.now_ns, track.sequence, 0)]
+    wal.close()

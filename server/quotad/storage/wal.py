@@ -822,9 +822,11 @@ class WriteAheadLog:
             oldest = txn.cursor(db=self.log_db)
             if not oldest.first():
                 return found  # every record pruned: no event listed
-            # from the oldest record's time on: what is before it was pruned (its entries
-            # wait for the event index's next sweep)
-            first = max(first, event_tail(record_now_ns(oldest.value()), 0, 0))
+            # from the oldest record on (entries sort by time, then record): what is before
+            # it was pruned, even a record of the same time (a command's expiries come
+            # first), and its entries wait for the event index's next sweep
+            first = max(first, event_tail(record_now_ns(oldest.value()),
+                                          key_sequence(oldest.key()), 0))
             cursor = txn.cursor(db=self.event_index_db)
             filed: Iterator[bytes] = iter(())
             if cursor.set_range_dup(user_key, first):
