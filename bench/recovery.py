@@ -119,6 +119,11 @@ def _progress(label: str, done: int, total: int, started: float) -> None:
     sys.stderr.flush()
 
 
+def user_id(user: int) -> str:
+    """The user id of a built log's user number."""
+    return f"user-{user}"
+
+
 class _Builder:
     """The core and the log, driven as the writer drives them."""
 
@@ -153,7 +158,7 @@ class _Builder:
         _progress("build", self.core.sequence, self.total_records, self.started)
 
     def pair(self, user: int, number: int, rng: random.Random) -> None:
-        held = self.apply(Reserve(app="default", user_id=f"user-{user}",
+        held = self.apply(Reserve(app="default", user_id=user_id(user),
                                   event_type="openai.chat", amount=1000,
                                   reservation_id=f"rsv_{number:024x}",
                                   idempotency_key=self._key()))
@@ -168,7 +173,7 @@ def _subscribe_users(builder: _Builder, users: int, rng: random.Random) -> None:
     """The plan, every user subscribed, then one pair each (so every user has both counters)."""
     builder.apply(UpsertPlan(app="default", plan=PLAN))
     for user in range(users):
-        builder.apply(UpsertSubscription(app="default", user_id=f"user-{user}", plan_id="pro"))
+        builder.apply(UpsertSubscription(app="default", user_id=user_id(user), plan_id="pro"))
     for user in range(users):
         builder.pair(user, user + 1, rng)
     builder.flush()
@@ -325,7 +330,7 @@ def _snapshot_children(core: Core, data_dir: Path, users: int, runs: int,
         started = time.process_time()
         for _ in range(BESIDE_CHILD_COMMANDS):
             now_ns[0] += 1000
-            outcome = core.apply(Track(app="default", user_id=f"user-{rng.randrange(users)}",
+            outcome = core.apply(Track(app="default", user_id=user_id(rng.randrange(users)),
                                        event_type="openai.chat", amount=1), now_ns[0])
             assert outcome.error is None, outcome.error
         return (time.process_time() - started) / BESIDE_CHILD_COMMANDS * 1e6

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from quotad import testing
 from quotad.testing import START_TIMEOUT_S, STOP_TIMEOUT_S
@@ -15,7 +17,16 @@ EXAMPLE_PLANS = ROOT / "examples" / "plans.toml"
 STOP_LOG_LINES_SHOWN = 10
 
 __all__ = ["EXAMPLE_PLANS", "ROOT", "START_TIMEOUT_S", "STOP_TIMEOUT_S", "ServerProcess",
-           "refused_serve"]
+           "bench_module", "refused_serve"]
+
+
+def bench_module(name: str) -> ModuleType:
+    """bench.<name>, imported from the checkout (the bench is not an installed package)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module(f"bench.{name}")
+    finally:
+        sys.path.remove(str(ROOT))
 
 
 def refused_serve(data_dir: Path, *flags: str) -> str:

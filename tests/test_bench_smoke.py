@@ -10,26 +10,16 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from server_process import ROOT
+from server_process import ROOT, bench_module
 
 RUN_KEYS = {"seconds", "ops", "pairs", "ops_per_s", "pairs_per_s", "p50_ms", "p90_ms", "p99_ms",
             "p999_ms", "errors", "error_kinds", "outcomes", "denied_share", "histogram_counts",
             "throughput_ops_per_s", "latency_ms_by_op", "server_cpu_util", "client_cpu_util"}
 MEDIAN_KEYS = {"ops_per_s", "pairs_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "errors",
                "runs"}
-
-
-def _bench_module(name: str) -> ModuleType:
-    """bench.<name>, imported from the checkout (the bench is not an installed package)."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        return importlib.import_module(f"bench.{name}")
-    finally:
-        sys.path.remove(str(ROOT))
 
 
 def _bench(tmp_path: Path, *args: str) -> dict:
@@ -96,7 +86,7 @@ def test_the_bench_runs_every_workload_against_quotad_and_the_echo_peer(tmp_path
 def test_the_bench_runs_the_redis_peers_in_two_client_processes(tmp_path: Path):
     # redis-py is in the test extra; redis-server is installed from Debian's package when it
     # is missing (skipped, with the reason, only where that cannot be done: not root, no apt)
-    install_server = _bench_module("redis_peer").install_server
+    install_server = bench_module("redis_peer").install_server
     why = install_server()
     if why is not None:
         pytest.skip(why)
@@ -130,7 +120,7 @@ def test_the_bench_runs_clusters_by_shard_count_and_reports_cpu_per_operation(tm
     assert [server["shards"] for server in targets["cluster-2"]["server"]] == [2]
     table = document["table_markdown"]
     assert "By shard count" in table and "| pairs | 2 |" in table
-    harness = _bench_module("harness")
+    harness = bench_module("harness")
     SHARDS_BENCH_MAX, build_parser = harness.SHARDS_BENCH_MAX, harness.build_parser
     assert build_parser().parse_args(["--shards", f"1,{SHARDS_BENCH_MAX}"]).shards == [
         1, SHARDS_BENCH_MAX]
@@ -199,7 +189,7 @@ def test_a_pace_the_clients_cannot_keep_is_counted_not_queued(tmp_path: Path):
 
 def test_the_bench_refuses_a_bad_pace_and_a_pace_without_shards(
         capsys: pytest.CaptureFixture[str]):
-    harness = _bench_module("harness")
+    harness = bench_module("harness")
     PACED_OPS_PER_S_MAX, build_parser, main = (harness.PACED_OPS_PER_S_MAX,
                                                harness.build_parser, harness.main)
     assert build_parser().parse_args(["--ops-per-s-per-shard", "1500"]).ops_per_s_per_shard \
@@ -223,7 +213,7 @@ def test_the_bench_refuses_a_bad_pace_and_a_pace_without_shards(
 
 
 def test_the_bench_help_explains_every_flag():
-    build_parser = _bench_module("harness").build_parser
+    build_parser = bench_module("harness").build_parser
     parser = build_parser()
     flags = [action for action in parser._actions if action.option_strings]
     assert len(flags) > 15
@@ -438,7 +428,7 @@ def test_the_recovery_bench_refuses_a_pruning_transaction_of_no_records():
 
 
 def test_the_recovery_bench_help_explains_every_flag():
-    recovery = _bench_module("recovery")
+    recovery = bench_module("recovery")
     for action in recovery.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 15, action.option_strings
@@ -490,7 +480,7 @@ def test_the_soak_on_an_aged_log_prunes_its_records_as_they_pass_the_retention(t
     aged = document["aged"]
     assert aged["records"] in (5999, 6000)  # whole pairs after the 3,001 of the set-up
     assert aged["span_s"] == pytest.approx(6.0)
-    assert 0 <= aged["waited_s"] <= 6000 * _bench_module("soak").AGED_BUILD_NS_PER_RECORD / 1e9
+    assert 0 <= aged["waited_s"] <= 6000 * bench_module("soak").AGED_BUILD_NS_PER_RECORD / 1e9
     pruned = document["server"]["log_records_pruned"]  # the server's own stop line says it
     assert 0 < pruned <= aged["records"]
     assert document["run"]["errors"] == 0 and document["run"]["ops"] > 0
@@ -556,8 +546,8 @@ def test_the_overload_bench_can_keep_the_server_on_a_cpu_of_its_own(tmp_path: Pa
 
 
 def test_the_soak_and_overload_help_explain_every_flag():
-    overload = _bench_module("overload")
-    soak = _bench_module("soak")
+    overload = bench_module("overload")
+    soak = bench_module("soak")
     for module in (soak, overload):
         flags = [action for action in module.build_parser()._actions if action.option_strings]
         for action in flags:
