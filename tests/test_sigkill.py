@@ -39,6 +39,17 @@ After every restart, before anything else runs:
 At the end the last server stops on SIGTERM, and `quotad verify` on its data directory is
 clean with the digest and record count of its "stopped" line.
 
+The log is at its retention, as a server's that has served for long: before the first start
+the data directory holds an aged log (bench.recovery's: AGED_RECORDS keyed records of 1,000
+users of their own, with a whole snapshot of them), spread over AGED_SPAN_S of server time
+from 24 h and AGED_DUE_AT_START_S ago. The server keeps the audit trail a day
+(--audit-retention-days 1), so the starts that remember keys 24 h prune the aged records as
+they pass 24 h, after each batch, while the load runs and kills land (in a pruning
+transaction, or in a sweep of the event index's entries); the starts that remember them 48 h
+keep them. The log's first record must move on at several restarts and never back, and right
+after the last kill ListEvents must list of each aged user a whole tail of their events
+(never a pruned one), holding every event the log still has once the server stops.
+
 Sizes: 10 kills per run by default (20 for unary-alone); QUOTAD_LONG=1 runs 100 per run. QUOTAD_SIGKILL_SEED replays the same
 choices (not the same timing); QUOTAD_SIGKILL_VERBOSE=1 prints one line per kill.
 Holds get a 1 h TTL so none expires during a run (checked: the run must stay well below it).
@@ -66,7 +77,7 @@ from google.rpc import code_pb2, status_pb2
 
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
-from server_process import ROOT, START_TIMEOUT_S, ServerProcess
+from server_process import ROOT, START_TIMEOUT_S, ServerProcess, bench_module
 
 LONG = os.environ.get("QUOTAD_LONG") == "1"
 VERBOSE = os.environ.get("QUOTAD_SIGKILL_VERBOSE") == "1"  # one line per kill
@@ -112,6 +123,13 @@ AUDIT_PAGES_MAX = 1000  # of 1,000 events, per user
 REPLAY_OLDER_SAMPLE = 25
 REPLAY_CONCURRENCY = 16
 REPLAY_BATCH_OPS = 16
+AGED_RECORDS = 12_000 if LONG else 6_000
+AGED_SPAN_S = 900 if LONG else 300
+AGED_DUE_AT_START_S = AGED_SPAN_S // 3
+"""A third of the aged records are due when the first start prunes (past the plan and the
+subscriptions, which have no events, into the users' first pairs); the rest pass 24 h at
+AGED_RECORDS / AGED_SPAN_S a second (20; ~13 when long), most of them after the run ends."""
+AUDIT_RETENTION_DAYS = "1"
 IN_FLIGHT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.CANCELLED)
 """What a call the kill interrupts may end with. Before the kill, any error is a failure."""
@@ -183,6 +201,8 @@ class Run:
         self.in_flight_codes: dict[str, int] = {}
         self.audit_trails: dict[str, list[tuple[int, int]]] = {}
         """Each user's audit trail as ListEvents gave it after the last kill."""
+        self.aged_trails: dict[str, list[tuple[int, int]]] = {}
+        """The same of each aged user (none without an aged log)."""
 
     def fail(self, message: str) -> None:
         if len(self.failures) < 200:
@@ -415,6 +435,9 @@ class Servers:
         self.replayed: list[int] = []
         self.snapshot_sequences: list[int] = []
         """The snapshot each restart loaded (0: none), from its "recovered" line."""
+        self.log_first_sequences: list[int] = []
+        """The log's first record at each restart (records before it pruned), from its
+        "recovered" line."""
         self.deltas_loaded = 0
         """Restarts that loaded a delta snapshot over the whole one."""
         self.torn_tails = 0
@@ -461,6 +484,8 @@ class Servers:
             self.replayed.append(recovered[-1].get("replayed", -1) if recovered else -1)
             self.snapshot_sequences.append(
                 recovered[-1].get("snapshot_sequence", -1) if recovered else -1)
+            self.log_first_sequences.append(
+                recovered[-1].get("log_first_sequence", -1) if recovered else -1)
             self.deltas_loaded += bool(recovered) and (
                 recovered[-1].get("snapshot_sequence", 0)
                 > recovered[-1].get("whole_snapshot_sequence", 0))
@@ -524,11 +549,29 @@ class Servers:
 
 def server_args() -> tuple[str, ...]:
     """ServerProcess's --log-state-digest, plus frequent snapshots when this server takes
-    them: kills then also land while a snapshot is written, and restarts load one."""
+    them: kills then also land while a snapshot is written, and restarts load one; and an
+    audit trail kept a day, when it takes that, so that it prunes the aged log."""
     help_text = _serve_help()
+    args: tuple[str, ...] = ("--log-state-digest",)
     if "--snapshot-every-records" in help_text:
-        return ("--log-state-digest", "--snapshot-every-records", str(SNAPSHOT_EVERY_RECORDS))
-    return ("--log-state-digest",)
+        args += ("--snapshot-every-records", str(SNAPSHOT_EVERY_RECORDS))
+    if "--audit-retention-days" in help_text:
+        args += ("--audit-retention-days", AUDIT_RETENTION_DAYS)
+    return args
+
+
+def aged_users() -> tuple[str, ...]:
+    recovery = bench_module("recovery")
+    return tuple(map(recovery.user_id, range(recovery.AGED_USERS)))
+
+
+def build_aged_log(data_dir: Path, seed: int) -> dict[str, list[tuple[int, int]]]:
+    """The aged log (the module's docstring), in data_dir before any server starts: each aged
+    user's audit events as its records hold them."""
+    first_ns = time.time_ns() - (24 * 3600 + AGED_DUE_AT_START_S) * 10**9
+    bench_module("recovery").build_aged(data_dir, AGED_RECORDS, first_ns, AGED_SPAN_S * 10**9,
+                                        seed)
+    return logged_audit_trails(data_dir, aged_users())
 
 
 def retention_hours() -> tuple[str, ...]:
@@ -576,10 +619,10 @@ class Checker:
             for user in USERS))
         return dict(zip(USERS, answers))
 
-    async def audit_trails(self) -> dict[str, list[tuple[int, int]]]:
+    async def audit_trails(self, users: tuple[str, ...]) -> dict[str, list[tuple[int, int]]]:
         """Each user's whole audit trail, page after page: (sequence, kind) of each event."""
         trails: dict[str, list[tuple[int, int]]] = {}
-        for user in USERS:
+        for user in users:
             trail, token = trails.setdefault(user, []), ""
             for _ in range(AUDIT_PAGES_MAX):
                 page = await self.admin.ListEvents(pb.ListEventsRequest(
@@ -593,21 +636,22 @@ class Checker:
         return trails
 
 
-def logged_audit_trails(data_dir: Path) -> dict[str, list[tuple[int, int]]]:
-    """Each user's audit events as the log's records hold them, read from the stopped
-    server's data directory."""
+def logged_audit_trails(data_dir: Path, users: tuple[str, ...] = USERS
+                        ) -> dict[str, list[tuple[int, int]]]:
+    """Each user's audit events as the log's records left hold them, read from the stopped
+    server's data directory: (sequence, index in its record) of each."""
     from quotad.engine.recovery import recover
     from quotad.storage.wal import WriteAheadLog
 
     wal = WriteAheadLog(data_dir)
     try:
         core = recover(wal, repair=False)
-        users = {core.user_number("default", user): user for user in USERS}
-        trails: dict[str, list[tuple[int, int]]] = {user: [] for user in USERS}
-        for record in wal.records():
+        numbers = {core.user_number("default", user): user for user in users}
+        trails: dict[str, list[tuple[int, int]]] = {user: [] for user in users}
+        for record in wal.records(max(0, wal.first_sequence() - 1)):
             for index, number in enumerate(record.event_users):
-                if number in users:
-                    trails[users[number]].append((record.sequence, index))
+                if number in numbers:
+                    trails[numbers[number]].append((record.sequence, index))
     finally:
         wal.close()
     return trails
@@ -725,7 +769,8 @@ def kills_of(transport: str) -> int:
     return ALONE_KILLS if transport == "unary-alone" else KILLS
 
 
-async def sigkill_loop(run: Run, servers: Servers, transport: str) -> ServerProcess:
+async def sigkill_loop(run: Run, servers: Servers, transport: str, aged: bool
+                       ) -> ServerProcess:
     started = time.monotonic()
     server = servers.start(restart=False)
     address = servers.listen
@@ -786,7 +831,9 @@ async def sigkill_loop(run: Run, servers: Servers, transport: str) -> ServerProc
         assert time.monotonic() - started < RUN_S_MAX, "holds would start to expire"
 
     # after a kill: the event index entries not yet filed were read again from the records
-    run.audit_trails = await checker.audit_trails()
+    run.audit_trails = await checker.audit_trails(USERS)
+    if aged:
+        run.aged_trails = await checker.audit_trails(aged_users())
     await checker.channel.close()
     for worker in workers:
         await worker.channel.close()
@@ -799,8 +846,10 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
     run = Run(seed)
     servers = Servers(tmp_path / "data", run.rng, server_args(), retention_hours())
     started = time.monotonic()
+    aged = "--audit-retention-days" in servers.extra_args and bool(servers.retention_hours)
+    aged_built = build_aged_log(servers.data_dir, seed) if aged else {}
     try:
-        last = asyncio.run(sigkill_loop(run, servers, transport))
+        last = asyncio.run(sigkill_loop(run, servers, transport, aged))
         stop_code = last.stop()
     finally:
         servers.close_all()
@@ -828,6 +877,7 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
           f"server args {servers.extra_args}, retention hours in turn "
           f"{servers.retention_hours} ({servers.retention_changes()} starts changed it); "
           f"port changes {servers.port_changes}; "
+          f"{aged_summary(servers, aged_built, run.aged_trails)}"
           f"verify {summary.get('seconds')} s; total {elapsed:.1f} s")
 
     assert not run.failures, f"seed {seed}:\n" + "\n".join(run.failures[:20])
@@ -852,3 +902,37 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
     assert {user: [sequence for sequence, _ in trail]
             for user, trail in run.audit_trails.items()} == {
         user: [sequence for sequence, _ in trail] for user, trail in logged.items()}
+    if aged:
+        check_aged_log(servers, aged_built, run.aged_trails)
+
+
+def aged_summary(servers: Servers, built: dict[str, list[tuple[int, int]]],
+                 listed: dict[str, list[tuple[int, int]]]) -> str:
+    if not built:
+        return "no aged log; "
+    firsts = servers.log_first_sequences
+    moves = sum(later > earlier for earlier, later in zip(firsts, firsts[1:]))
+    return (f"aged log of {AGED_RECORDS:,} records: the log's first record {firsts[0]} at the "
+            f"first restart, {firsts[-1]} at the last, moved on at {moves} restarts; aged "
+            f"users' events listed after the last kill {sum(map(len, listed.values())):,} of "
+            f"{sum(map(len, built.values())):,}; ")
+
+
+def check_aged_log(servers: Servers, built: dict[str, list[tuple[int, int]]],
+                   listed: dict[str, list[tuple[int, int]]]) -> None:
+    """The aged records were pruned as they passed 24 h while kills landed, and ListEvents
+    never listed a pruned one (the module's docstring)."""
+    firsts = servers.log_first_sequences
+    assert firsts == sorted(firsts), f"the log's first record moved back: {firsts}"
+    assert len(set(firsts)) >= 3, f"pruned at fewer than two restarts: {firsts}"
+    assert firsts[-1] <= AGED_RECORDS, f"pruned past the aged log: {firsts}"
+    left = logged_audit_trails(servers.data_dir, aged_users())
+    for user, events in built.items():
+        events_listed = [sequence for sequence, _ in listed[user]]
+        events_built = [sequence for sequence, _ in events]
+        events_left = [sequence for sequence, _ in left[user]]
+        assert events_listed == events_built[len(events_built) - len(events_listed):], user
+        assert events_left == events_listed[len(events_listed) - len(events_left):], user
+        assert all(sequence >= firsts[-1] for sequence in events_listed), user
+    listed_count = sum(map(len, listed.values()))
+    assert 0 < listed_count < sum(map(len, built.values())), listed_count
