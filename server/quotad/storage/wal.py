@@ -520,7 +520,8 @@ class WriteAheadLog:
         if not cursor.first():
             return 0, 0, ""
         up_to_key = record_key(up_to_sequence)  # keys sort as their sequences
-        delete, get = txn.delete, txn.get
+        delete = txn.delete
+        rows = txn.cursor(db=self.idempotency_db)  # a row looked up and deleted in one descent
         while True:
             key = cursor.key()
             if not key:  # the last record was deleted
@@ -538,8 +539,8 @@ class WriteAheadLog:
                     return pruned, beyond, "kept_from_ns"
                 beyond += 1
             row, reserved = stored_record_rows(key, value)  # its events: swept later
-            if row is not None and get(row, db=self.idempotency_db) == key:
-                delete(row, db=self.idempotency_db)  # unless the key was used anew since
+            if row is not None and rows.set_key(row) and rows.value() == key:
+                rows.delete()  # unless the key was used anew since
             if reserved is not None:
                 delete(hold_row_key(reserved), db=self.holds_db)  # goes with its Reserve
             cursor.delete()  # moves to the next record
