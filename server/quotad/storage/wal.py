@@ -282,6 +282,9 @@ class WriteAheadLog:
         file_events = (snapshot is not None or last_sequence - self._events_indexed_through
                        >= self._events_buffered_records_max)
         with self._counter_heads_kept_if_written(), self.env.begin(write=True) as txn:
+            # cursors of the tables: a call through one costs about half a transaction's
+            log, holds = txn.cursor(db=self.log_db), txn.cursor(db=self.holds_db)
+
             def shape_id(shape: CounterShape) -> bytes | None:
                 found = self._shapes_stored.get(shape) or shapes_stored.get(shape)
                 if found is None:
@@ -290,9 +293,9 @@ class WriteAheadLog:
                         shapes_stored[shape] = found
                 return found
             for record in records:
-                stored = txn.put(record_key(record.sequence),
+                stored = log.put(record_key(record.sequence),
                                  encode_record(record, shape_id, self._counter_heads),
-                                 append=True, overwrite=False, db=self.log_db)
+                                 append=True, overwrite=False)
                 assert stored, f"log already holds sequence {record.sequence}"
                 for index, user in enumerate(record.event_users):
                     events.append((user, event_tail(record.now_ns, record.sequence, index)))
@@ -302,7 +305,7 @@ class WriteAheadLog:
                 if type(record.command) is Reserve:
                     self._remember_reserve_expiry(record)
                 for hold in record.finished:
-                    self._put_finished_hold(txn, hold, record.sequence, record.now_ns)
+                    self._put_finished_hold(holds, hold, record.sequence, record.now_ns)
             self._put_idempotency_rows(txn, rows)
             if file_events:
                 self._file_events(txn, pending, events, last_sequence)
@@ -429,20 +432,19 @@ class WriteAheadLog:
         for row, sequence_key in rows:
             put(row, sequence_key)
 
-    def _put_finished_hold(self, txn: lmdb.Transaction, hold: Any, sequence: int,
+    def _put_finished_hold(self, holds: lmdb.Cursor, hold: Any, sequence: int,
                            now_ns: int) -> None:
         """A hold's row; a committed one that had expired keeps when it expired, so that a
         replay from before the commit reads it as expired."""
         key = hold_row_key(reservation_bytes(hold.reservation_id))
         expired_sequence = 0
-        earlier = txn.get(key, db=self.holds_db)
-        if earlier is not None:
-            state, written_by, _ = finished_hold_row(earlier)
+        if holds.set_key(key):
+            state, written_by, _ = finished_hold_row(holds.value())
             if state is HoldState.EXPIRED:
                 expired_sequence = written_by
         reserve_expires_at_ns = self._reserve_expiries_ns.pop(hold.reservation_id, 0)
-        txn.put(key, encode_finished_hold(hold, sequence, expired_sequence, now_ns,
-                                          reserve_expires_at_ns), db=self.holds_db)
+        holds.put(key, encode_finished_hold(hold, sequence, expired_sequence, now_ns,
+                                            reserve_expires_at_ns))
 
     def _remember_reserve_expiry(self, record: Record) -> None:
         command = record.command  # a hold forgotten here stores its expiry in its row
