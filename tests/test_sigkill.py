@@ -39,16 +39,19 @@ After every restart, before anything else runs:
 At the end the last server stops on SIGTERM, and `quotad verify` on its data directory is
 clean with the digest and record count of its "stopped" line.
 
-The log is at its retention, as a server's that has served for long: before the first start
-the data directory holds an aged log (bench.recovery's: AGED_RECORDS keyed records of 1,000
-users of their own, with a whole snapshot of them), spread over AGED_SPAN_S of server time
-from 24 h and AGED_DUE_AT_START_S ago. The server keeps the audit trail a day
-(--audit-retention-days 1), so the starts that remember keys 24 h prune the aged records as
-they pass 24 h, after each batch, while the load runs and kills land (in a pruning
-transaction, or in a sweep of the event index's entries); the starts that remember them 48 h
-keep them. The log's first record must move on at several restarts and never back, and right
-after the last kill ListEvents must list of each aged user a whole tail of their events
-(never a pruned one), holding every event the log still has once the server stops.
+The log is at its retention, as a server's that has served for long: before the first start the
+data directory holds an aged log (bench.recovery's: AGED_RECORDS keyed records of 1,000 users of
+their own, with a whole snapshot of them), spread over AGED_SPAN_S of server time from 24 h and
+AGED_DUE_AT_START_S ago. The server keeps the audit trail a day (--audit-retention-days 1), so
+the starts that remember keys 24 h prune the aged records past 24 h (after their first batches,
+and again after each whole snapshot) while the load runs and kills land (in a pruning
+transaction, or in a sweep of the event index's entries, which each start begins with); the
+starts that remember them 48 h keep them. The log's first record must move on at several
+restarts and never back. ListEvents must list of each aged user a whole tail of their events
+(never a pruned one), under load once the loads that run until snapshots are done (a whole
+snapshot lets pruning go on past what the start's sweep swept: the pruned records' entries are
+then in the index, unlisted), and right after the last kill, then holding every event the log
+still has once the server stops.
 
 Sizes: 10 kills per run by default (20 for unary-alone); QUOTAD_LONG=1 runs 100 per run. QUOTAD_SIGKILL_SEED replays the same
 choices (not the same timing); QUOTAD_SIGKILL_VERBOSE=1 prints one line per kill.
@@ -203,6 +206,8 @@ class Run:
         """Each user's audit trail as ListEvents gave it after the last kill."""
         self.aged_trails: dict[str, list[tuple[int, int]]] = {}
         """The same of each aged user (none without an aged log)."""
+        self.aged_checks_under_load = 0
+        """Times every aged user's ListEvents was checked while the load ran."""
 
     def fail(self, message: str) -> None:
         if len(self.failures) < 200:
@@ -769,8 +774,8 @@ def kills_of(transport: str) -> int:
     return ALONE_KILLS if transport == "unary-alone" else KILLS
 
 
-async def sigkill_loop(run: Run, servers: Servers, transport: str, aged: bool
-                       ) -> ServerProcess:
+async def sigkill_loop(run: Run, servers: Servers, transport: str,
+                       aged_built: dict[str, list[tuple[int, int]]]) -> ServerProcess:
     started = time.monotonic()
     server = servers.start(restart=False)
     address = servers.listen
@@ -792,6 +797,10 @@ async def sigkill_loop(run: Run, servers: Servers, transport: str, aged: bool
         tasks = [asyncio.create_task(w.load(run, kill, stop)) for w in workers]
         if load_ends == "after snapshots":
             await load_until_snapshots(run, checker, start_sequence)
+            if aged_built:  # under load, after snapshots: a whole one may have let it prune
+                check_aged_tails(run, f"before kill {kill}", aged_built,
+                                 await checker.audit_trails(aged_users()))
+                run.aged_checks_under_load += 1
         else:
             await asyncio.sleep(run.rng.uniform(0.0, LOAD_S_MAX))
         assert server.kill() == -signal.SIGKILL
@@ -832,8 +841,9 @@ async def sigkill_loop(run: Run, servers: Servers, transport: str, aged: bool
 
     # after a kill: the event index entries not yet filed were read again from the records
     run.audit_trails = await checker.audit_trails(USERS)
-    if aged:
+    if aged_built:
         run.aged_trails = await checker.audit_trails(aged_users())
+        check_aged_tails(run, "after the last kill", aged_built, run.aged_trails)
     await checker.channel.close()
     for worker in workers:
         await worker.channel.close()
@@ -849,7 +859,7 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
     aged = "--audit-retention-days" in servers.extra_args and bool(servers.retention_hours)
     aged_built = build_aged_log(servers.data_dir, seed) if aged else {}
     try:
-        last = asyncio.run(sigkill_loop(run, servers, transport, aged))
+        last = asyncio.run(sigkill_loop(run, servers, transport, aged_built))
         stop_code = last.stop()
     finally:
         servers.close_all()
@@ -877,7 +887,7 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
           f"server args {servers.extra_args}, retention hours in turn "
           f"{servers.retention_hours} ({servers.retention_changes()} starts changed it); "
           f"port changes {servers.port_changes}; "
-          f"{aged_summary(servers, aged_built, run.aged_trails)}"
+          f"{aged_summary(run, servers, aged_built)}"
           f"verify {summary.get('seconds')} s; total {elapsed:.1f} s")
 
     assert not run.failures, f"seed {seed}:\n" + "\n".join(run.failures[:20])
@@ -903,35 +913,46 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
             for user, trail in run.audit_trails.items()} == {
         user: [sequence for sequence, _ in trail] for user, trail in logged.items()}
     if aged:
-        check_aged_log(servers, aged_built, run.aged_trails)
+        check_aged_log(run, servers, aged_built)
 
 
-def aged_summary(servers: Servers, built: dict[str, list[tuple[int, int]]],
-                 listed: dict[str, list[tuple[int, int]]]) -> str:
+def aged_summary(run: Run, servers: Servers, built: dict[str, list[tuple[int, int]]]) -> str:
+    listed = run.aged_trails
     if not built:
         return "no aged log; "
     firsts = servers.log_first_sequences
     moves = sum(later > earlier for earlier, later in zip(firsts, firsts[1:]))
     return (f"aged log of {AGED_RECORDS:,} records: the log's first record {firsts[0]} at the "
             f"first restart, {firsts[-1]} at the last, moved on at {moves} restarts; aged "
-            f"users' events listed after the last kill {sum(map(len, listed.values())):,} of "
+            f"users' trails checked under load {run.aged_checks_under_load} times; their "
+            f"events listed after the last kill {sum(map(len, listed.values())):,} of "
             f"{sum(map(len, built.values())):,}; ")
 
 
-def check_aged_log(servers: Servers, built: dict[str, list[tuple[int, int]]],
-                   listed: dict[str, list[tuple[int, int]]]) -> None:
+def check_aged_tails(run: Run, where: str, built: dict[str, list[tuple[int, int]]],
+                     listed: dict[str, list[tuple[int, int]]]) -> None:
+    """Each aged user's ListEvents is a whole tail of the events the aged log gave them."""
+    for user, events in built.items():
+        events_listed = [sequence for sequence, _ in listed[user]]
+        events_built = [sequence for sequence, _ in events]
+        if events_listed != events_built[len(events_built) - len(events_listed):]:
+            run.fail(f"{where}: {user}'s audit trail lists {events_listed}, not a tail of "
+                     f"{events_built}")
+
+
+def check_aged_log(run: Run, servers: Servers, built: dict[str, list[tuple[int, int]]]) -> None:
     """The aged records were pruned as they passed 24 h while kills landed, and ListEvents
     never listed a pruned one (the module's docstring)."""
+    listed = run.aged_trails
+    assert run.aged_checks_under_load >= 1
     firsts = servers.log_first_sequences
     assert firsts == sorted(firsts), f"the log's first record moved back: {firsts}"
     assert len(set(firsts)) >= 3, f"pruned at fewer than two restarts: {firsts}"
     assert firsts[-1] <= AGED_RECORDS, f"pruned past the aged log: {firsts}"
     left = logged_audit_trails(servers.data_dir, aged_users())
-    for user, events in built.items():
+    for user in built:  # listed: a whole tail of the user's events (check_aged_tails)
         events_listed = [sequence for sequence, _ in listed[user]]
-        events_built = [sequence for sequence, _ in events]
         events_left = [sequence for sequence, _ in left[user]]
-        assert events_listed == events_built[len(events_built) - len(events_listed):], user
         assert events_left == events_listed[len(events_listed) - len(events_left):], user
         assert all(sequence >= firsts[-1] for sequence in events_listed), user
     listed_count = sum(map(len, listed.values()))
