@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad_contract.v1 import quotad_pb2_grpc as stubs
+from quotad.storage.wal import WriteAheadLog
 from server_process import ROOT, ServerProcess
 
 ONE_HOUR = {"seconds": 3600}
@@ -428,6 +429,40 @@ def test_a_corrupt_record_in_the_last_batch_is_a_torn_tail_dropped_with_a_log_li
     assert second.stop() == 0
     code, summary = _verify(first.data_dir)
     assert code == 0 and summary["clean"]
+
+
+def test_a_corrupt_record_a_snapshot_covers_is_internal_to_the_read_that_meets_it(
+        start_server):
+    first = start_server(extra_args=("--snapshot-every-records", "4"))
+    subscribe(first.address, "u1", plan_with(100))  # records 3 and 4, after the plans
+    stub = quota(first.address)
+    for _ in range(4):  # records 5 to 8: a snapshot of them is made
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    deadline = time.monotonic() + 30
+    while not first.last("snapshot made") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))  # stores it
+    assert first.stop() == 0
+    wal = WriteAheadLog(first.data_dir)
+    try:
+        assert wal.whole_snapshot_sequence() >= 5  # a start replays nothing up to record 5
+    finally:
+        wal.close()
+    _flip_a_byte_of_record(first.data_dir, 5)
+
+    second = start_server(first.data_dir)
+    digest = admin(second.address).GetStateDigest(pb.GetStateDigestRequest())
+    with pytest.raises(grpc.RpcError) as error:
+        admin(second.address).ListEvents(pb.ListEventsRequest(user_id="u1"))
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert error.value.details().startswith(
+        "quotad cannot read its log record 5 (checksum mismatch): nothing was done")
+    assert "quotad verify" in error.value.details()
+    refused = second.last("refused")
+    assert (refused["level"], refused["code"], refused["method"]) == (
+        "error", "INTERNAL", "/quotad.v1.AdminService/ListEvents")
+    assert usage(second.address, "u1").counters[0].used == 5  # it serves on, unchanged
+    assert admin(second.address).GetStateDigest(pb.GetStateDigestRequest()) == digest
 
 
 def _verify(data_dir: Path) -> tuple[int, dict]:

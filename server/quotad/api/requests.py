@@ -66,9 +66,10 @@ def access_log_on() -> bool:
 def refused(method: str, code: str, message: str, *, peer: str, app: str,
             key_id: str) -> None:
     """The refused call's line: what was refused, and who asked (peer address, app, key id;
-    empty when the call named none)."""
-    log.info("refused", extra={"code": code, "method": method, "status_message": message,
-                               "peer": peer, "app": app, "key_id": key_id})
+    empty when the call named none). An error line for INTERNAL: a fault of the server's."""
+    log.log(logging.ERROR if code == "INTERNAL" else logging.INFO, "refused", extra={
+        "code": code, "method": method, "status_message": message, "peer": peer, "app": app,
+        "key_id": key_id})
 
 
 def served(method: str, started_s: float) -> None:

@@ -32,6 +32,7 @@ from quotad.core.errors import (
 from quotad_contract.errors import ERROR_DOMAIN, ERRORS, INTERNAL, ErrorReason
 from quotad_contract.v1 import quotad_pb2 as pb
 from quotad.engine.writer import DeadlinePassed, Writer
+from quotad.storage.codec import CorruptRecord
 
 
 class Malformed:
@@ -154,7 +155,9 @@ class Call:
 
 
 _Handler = Callable[[Any, Any], Awaitable[Any]]
-_REFUSALS = (Refusal,)
+_REFUSALS = (Refusal, CorruptRecord)
+"""What a handler answers with a status: a refusal, with its code; a log record a read found
+corrupt, INTERNAL (status_of: the data directory's fault, not the call's)."""
 
 
 def open_call(gate: Gate, metadata: Any, rpc: str, deadline_s: float | None = None) -> Call:

@@ -63,10 +63,18 @@ as long as the row (which is pruned with it)."""
 
 
 class CorruptRecord(Exception):
+    """A log record that fails its checksum or cannot be read: the data directory's fault,
+    never the caller's. A start refuses it (unless it is a torn tail); a read that meets it is
+    answered INTERNAL with `message`, having changed nothing; a write's lookup that meets it
+    stops the server (Writer.execute_many)."""
+
     def __init__(self, sequence: int, reason: str) -> None:
         super().__init__(f"log record {sequence}: {reason}")
         self.sequence = sequence
         self.reason = reason
+        self.message = (f"quotad cannot read its log record {sequence} ({reason}): nothing "
+                        "was done; `quotad verify --data-dir DIR` on a stopped server names "
+                        "every such record")
 
 
 def record_key(sequence: int) -> bytes:
