@@ -227,7 +227,7 @@ def _answering(gate: Gate, admission: Admission, rpc: str,
             status = status_of(error)
             if isinstance(error, DeadlinePassed):
                 admission.count_deadline_shed(rpc)
-            elif error.reason is not ErrorReason.OVERLOADED:
+            elif not (isinstance(error, Refusal) and error.reason is ErrorReason.OVERLOADED):
                 requests.refused(method, status.code.name, status.details,
                                  **caller_of(gate, metadata, context))
             await context.abort(status.code, status.details, (*status.trailing_metadata, *echo))
