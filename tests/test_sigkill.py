@@ -912,7 +912,7 @@ def test_sigkill_loop_loses_nothing_acknowledged(tmp_path: Path, transport: str)
     assert {user: [sequence for sequence, _ in trail]
             for user, trail in run.audit_trails.items()} == {
         user: [sequence for sequence, _ in trail] for user, trail in logged.items()}
-    if aged:
+    if aged_built:
         check_aged_log(run, servers, aged_built)
 
 
