@@ -35,7 +35,9 @@ overload phase's calls are summed over the runs.
 
 The clients and the server share the machine's cores, so each phase also says where the CPU
 went: attempts per second (every call sent, answered or refused), the clients' CPU per
-attempt, and the server's CPU per good pair; each run notes the load average before it.
+attempt, the server's CPU per good pair, and the shares of the phase the server's event loop
+thread was on a CPU and was ready to run but waiting for one (/proc's schedstat: every core
+was taken); each run notes the load average before it.
 Sharing is what collapses goodput on a small machine: every refused attempt costs its client
 CPU, the busy clients take the server's share of the cores, and the server then answers
 fewer calls. --separate-cpus runs the server on a CPU of its own and the clients on the
@@ -332,6 +334,8 @@ def run_phase(pool: Any, target: Target, concurrency: int,
     pending = pool.map_async(_client, jobs)
     time.sleep(max(0.0, start_at - time.time()))
     cpu_before = process_cpu_s(pid)
+    sched_before = procfs.threads_schedstat_ns(pid) if pid is not None else None
+    sched_started = time.monotonic()
     rss_peak = 0
     end = start_at + options.seconds
     while time.time() < end and not pending.ready():  # bounded by the phase's length
@@ -339,6 +343,8 @@ def run_phase(pool: Any, target: Target, concurrency: int,
         rss_peak = max(rss_peak, (memory or {}).get("VmRSS", 0))
         time.sleep(min(0.2, max(0.0, end - time.time())))
     cpu_after = process_cpu_s(pid)
+    sched_after = procfs.threads_schedstat_ns(pid) if pid is not None else None
+    sched_s = time.monotonic() - sched_started
     clients = pending.get(timeout=options.seconds + options.deadline_s * 2 + PHASE_GRACE_S)
     codes: Counter[str] = Counter()
     for client in clients:
@@ -373,7 +379,26 @@ def run_phase(pool: Any, target: Target, concurrency: int,
         "client_cpu_per_attempt_us": client_cpu_s / attempts * 1e6 if attempts else None,
         "server_cpu_per_good_pair_us": (server_cpu_s / good * 1e6
                                         if server_cpu_s is not None and good else None),
+        **_waits(pid, sched_before, sched_after, sched_s),
     }
+
+
+def _waits(pid: int | None, before: dict[int, tuple[int, int]] | None,
+           after: dict[int, tuple[int, int]] | None, seconds: float) -> dict[str, float | None]:
+    """Shares of the phase the server's event loop thread (its main thread) was on a CPU and
+    was ready to run but waiting for one (every core taken), and the CPUs' worth all its
+    threads waited for: on shared cores, what the clients took from it. None where the
+    kernel keeps no such figures."""
+    shares: dict[str, float | None] = dict.fromkeys(
+        ("loop_on_cpu_share", "loop_waiting_share", "server_waiting_cpus"))
+    if pid is None or before is None or after is None or pid not in before or pid not in after:
+        return shares
+    phase_ns = seconds * 1e9
+    shares["loop_on_cpu_share"] = (after[pid][0] - before[pid][0]) / phase_ns
+    shares["loop_waiting_share"] = (after[pid][1] - before[pid][1]) / phase_ns
+    shares["server_waiting_cpus"] = sum(
+        after[tid][1] - before[tid][1] for tid in after if tid in before) / phase_ns
+    return shares
 
 
 async def _answers(target: Target, timeout_s: float) -> bool:
@@ -460,11 +485,18 @@ def _us(value: float | None) -> str:
     return "—" if value is None else f"{value:,.0f} µs"
 
 
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
 def _cpu_text(phase: dict[str, Any]) -> str:
-    """Attempts per second, the clients' CPU per attempt, the server's per good pair."""
+    """Attempts per second, the clients' CPU per attempt, the server's per good pair, and its
+    event loop's shares of the phase on a CPU and waiting for one."""
     return (f"{phase['attempts_per_s']:,.0f} attempts/s, client CPU "
             f"{_us(phase['client_cpu_per_attempt_us'])}/attempt, server CPU "
-            f"{_us(phase['server_cpu_per_good_pair_us'])}/good pair")
+            f"{_us(phase['server_cpu_per_good_pair_us'])}/good pair, its loop on a CPU "
+            f"{_share(phase['loop_on_cpu_share'])} and waiting for one "
+            f"{_share(phase['loop_waiting_share'])}")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -491,7 +523,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         **{f"{phase}_{key}": _median_present(run[phase].get(key) for run in runs)
            for phase in ("calibration", "overload")
            for key in ("attempts_per_s", "client_cpu_per_attempt_us",
-                       "server_cpu_per_good_pair_us")},
+                       "server_cpu_per_good_pair_us", "loop_on_cpu_share",
+                       "loop_waiting_share", "server_waiting_cpus")},
         "loadavg_at_start": [run["loadavg_at_start"][0] for run in runs
                              if run.get("loadavg_at_start")],
     }
@@ -519,14 +552,18 @@ def print_summary(medians: dict[str, dict[str, Any]], options: argparse.Namespac
     print("(CPU: in the overload phase, share of one core: the server; all client processes)")
     print()
     print(f"{'server':<7} {'phase':<12} {'attempts/s':>10} {'client CPU/attempt':>18} "
-          f"{'server CPU/good pair':>20}")
+          f"{'server CPU/good pair':>20} {'loop on a CPU':>13} {'loop waiting':>12}")
     for name, m in medians.items():
         for phase in ("calibration", "overload"):
             attempts = m[f"{phase}_attempts_per_s"]
             print(f"{name:<7} {phase:<12} "
                   f"{'—' if attempts is None else f'{attempts:,.0f}':>10} "
                   f"{_us(m[f'{phase}_client_cpu_per_attempt_us']):>18} "
-                  f"{_us(m[f'{phase}_server_cpu_per_good_pair_us']):>20}")
+                  f"{_us(m[f'{phase}_server_cpu_per_good_pair_us']):>20} "
+                  f"{_share(m[f'{phase}_loop_on_cpu_share']):>13} "
+                  f"{_share(m[f'{phase}_loop_waiting_share']):>12}")
+    print("(the server's event loop thread, as a share of the phase: on a CPU, and ready to run "
+          "but waiting for one)")
     loads = [load for m in medians.values() for load in m["loadavg_at_start"]]
     if loads:
         print(f"load average (1 min) before the runs: {min(loads):.1f} to {max(loads):.1f}")

@@ -1,5 +1,6 @@
 """What Linux says about a server process and its data directory: memory from
-/proc/PID/status, forked children from /proc/*/stat, and a directory's bytes on disk."""
+/proc/PID/status, forked children from /proc/*/stat, its threads' time on a CPU and waiting
+for one from /proc/PID/task/*/schedstat, and a directory's bytes on disk."""
 
 from __future__ import annotations
 
@@ -37,6 +38,25 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             children.append(int(entry.name))
     return children
+
+
+def threads_schedstat_ns(pid: int) -> dict[int, tuple[int, int]] | None:
+    """Each thread's (on a CPU, runnable and waiting for a CPU) nanoseconds so far, by thread
+    id (the main thread's id is the pid), or None when the process is gone or the kernel
+    keeps no such figures. A thread waiting for a CPU is ready to run while others hold every
+    core: on shared cores, what the server loses to its neighbours."""
+    try:
+        entries = list(os.scandir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+    found = {}
+    for entry in entries:
+        try:
+            on_cpu_ns, waiting_ns, _ = Path(entry.path, "schedstat").read_text().split()
+        except (OSError, ValueError):  # a thread ended meanwhile, or no schedstat
+            continue
+        found[int(entry.name)] = (int(on_cpu_ns), int(waiting_ns))
+    return found or None
 
 
 def directory_bytes(path: Path) -> tuple[int, int]:

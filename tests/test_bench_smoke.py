@@ -525,12 +525,17 @@ def test_the_overload_bench_measures_goodput_against_capacity_for_quotad_and_ech
         for phase in ("calibration", "overload"):  # where the machine's CPU went
             assert run[phase]["attempts_per_s"] > 0, (name, phase)
             assert run[phase]["client_cpu_per_attempt_us"] > 0, (name, phase)
+            if Path("/proc/self/schedstat").exists():  # the server's loop: ran, maybe waited
+                assert 0 < run[phase]["loop_on_cpu_share"] <= 1.05, (name, phase)
+                assert 0 <= run[phase]["loop_waiting_share"] <= 1.05, (name, phase)
+                assert run[phase]["server_waiting_cpus"] >= run[phase]["loop_waiting_share"]
         assert median["calibration_server_cpu_per_good_pair_us"] > 0, name
     text = "\n".join(lines)
     assert "quotad / echo, goodput as a share of capacity:" in text
     assert any(line.startswith("quotad ") and "%" in line for line in lines)
     assert any(line.strip().startswith("DEADLINE_EXCEEDED") for line in lines)
     assert any(line.startswith("quotad  overload") and "µs" in line for line in lines)
+    assert any(line.startswith("(the server's event loop thread") for line in lines)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to separate")
