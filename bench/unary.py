@@ -22,6 +22,13 @@ of CPU, `python -m bench.server_loop`), inside this bench's run-to-run spread. A
 quotad runs on uvloop's event loop, the echo on asyncio's own, as a bare grpc.aio server
 does, unless `--echo-arg=--uvloop`.
 
+With `--busy-cpus`, every CPU the bench may use also runs a spinner process at the lowest
+priority (nice 19, pinned to it) throughout: the servers and the client take what they need
+ahead of it, and no CPU ever goes idle. On a virtual machine a CPU left idle is given back
+to the host, and waking it again (a request arriving, a sync completing) costs more than the
+work of a call at one in flight: the flag shows the latency without those wake-ups, which a
+server busy with other calls never pays. The spinners end with the bench.
+
 The full harness (workloads, Redis peers, client processes, JSON and plots) is
 `python -m bench`; this one stays as the smallest raw-stub check of the transport.
 """
@@ -30,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -141,17 +150,61 @@ def run_echo(concurrency: int, seconds: float, pairs: bool,
     return _figures(calls, latencies_s, seconds, server_cpu_s)
 
 
+SPINNER_MARK = "quotad-bench-busy-cpu"
+"""The last argument of each --busy-cpus spinner process, naming it in a process list."""
+_SPINNER = """
+import os, sys, time
+os.nice(19)
+parent = int(sys.argv[1])
+while os.getppid() == parent:  # ends with the bench, or within 0.5 s of its end
+    until = time.monotonic() + 0.5
+    while time.monotonic() < until:
+        pass
+"""
+
+
+@contextlib.contextmanager
+def busy_cpus(on: bool):
+    """With on, one spinner process per CPU this process may use, pinned to it at nice 19,
+    for as long as the block runs (killed after it; each also ends within 0.5 s of this
+    process's end)."""
+    spinners: list[subprocess.Popen] = []
+    try:
+        for cpu in sorted(os.sched_getaffinity(0)) if on else ():
+            spinner = subprocess.Popen([sys.executable, "-c", _SPINNER, str(os.getpid()),
+                                        SPINNER_MARK])
+            spinners.append(spinner)
+            os.sched_setaffinity(spinner.pid, {cpu})
+        yield len(spinners)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+        for spinner in spinners:
+            spinner.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--pairs", action="store_true", help="Reserve then Commit each time")
+    parser.add_argument("--busy-cpus", action="store_true",
+                        help="keep every CPU busy with a spinner at nice 19 while measuring, "
+                             "so that none goes idle: the latency without a virtual "
+                             "machine's wake-ups of idle CPUs (default: off)")
     add_server_arguments(parser, quotad_example="--commit-delay-ms=0",
                          echo_example="--uvloop, the echo on the event loop quotad runs on")
     args = parser.parse_args()
+    with busy_cpus(args.busy_cpus) as spinners:
+        _measure(args, spinners)
+
+
+def _measure(args: argparse.Namespace, spinners: int) -> None:
     what = "Reserve+Commit" if args.pairs else "Reserve"
-    print(f"{what}, median of {args.runs} runs of {args.seconds:g} s each, one client process")
+    busy = f"; {spinners} CPUs kept busy by spinners at nice 19" if spinners else ""
+    print(f"{what}, median of {args.runs} runs of {args.seconds:g} s each, one client "
+          f"process{busy}")
     print(f"{'in flight':>9} | {'quotad calls/s':>14} {'p50 ms':>7} {'p99 ms':>7} {'rec/txn':>8}"
           f" {'CPU us':>7} | {'echo calls/s':>12} {'p50 ms':>7} {'CPU us':>7} |"
           f" {'quotad/echo':>11} {'CPU ratio':>9}")

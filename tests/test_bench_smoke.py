@@ -252,6 +252,34 @@ def test_the_unary_bench_runs_against_its_own_servers_and_prints_a_ratio(
     assert 0 < handler_ms <= call_ms and abs(call_ms - float(row[1].split()[1])) <= 0.0051
 
 
+def _spinners_left() -> list[int]:
+    """Live processes whose command line carries bench.unary's spinner mark."""
+    mark = bench_module("unary").SPINNER_MARK.encode()
+    left = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and mark in (entry / "cmdline").read_bytes():
+                left.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            continue
+    return left
+
+
+def test_the_unary_bench_keeps_every_cpu_busy_while_it_measures_and_no_longer():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.unary", "--seconds", "0.5", "--runs", "1",
+         "--concurrency", "1", "--busy-cpus"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    cpus = len(os.sched_getaffinity(0))
+    assert lines[0].endswith(f"; {cpus} CPUs kept busy by spinners at nice 19"), lines[0]
+    row = lines[-1].split("|")
+    assert row[0].strip() == "1" and float(row[1].split()[0]) > 0
+    assert _spinners_left() == []  # killed with the bench's end
+
+
 @pytest.mark.parametrize("loop_args", [(), ("--uvloop",)], ids=["asyncio", "uvloop"])
 def test_the_echo_peer_answers_a_reserve_on_either_event_loop(loop_args: tuple[str, ...]):
     import grpc
