@@ -458,7 +458,8 @@ def test_a_corrupt_record_a_snapshot_covers_is_internal_to_the_read_that_meets_i
     assert error.value.details().startswith(
         "quotad cannot read its log record 5 (checksum mismatch): nothing was done")
     assert "quotad verify" in error.value.details()
-    refused = second.last("refused")
+    refused = second.wait_for("refused", 10)  # the only one; written before the answer, read
+    # from the server's stderr by a thread of this process, which may come after the answer
     assert (refused["level"], refused["code"], refused["method"]) == (
         "error", "INTERNAL", "/quotad.v1.AdminService/ListEvents")
     assert usage(second.address, "u1").counters[0].used == 5  # it serves on, unchanged
