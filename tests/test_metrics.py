@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -129,3 +130,22 @@ def test_metrics_give_the_servers_own_cpu_memory_and_collections_beside_its_chil
     assert 0 < then["process_start_time_seconds"] <= time.time()
     assert {f'python_gc_collections_total{{generation="{g}"}}' for g in "012"} <= set(then)
     assert any(name.startswith("python_info{") for name in then)
+
+
+@pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="no schedstat here")
+def test_metrics_give_the_event_loops_time_on_a_cpu_and_waiting_for_one(start_server):
+    """The event loop thread's schedstat: its time on a CPU grows with the calls it serves and
+    is part of the process's CPU; its wait for a CPU is there, and only grows."""
+    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
+    subscribe(server.address, "u1", plan_with(10**6))
+    address = server.last("serving")["metrics"]
+    first = _scrape(address)
+    stub = quota(server.address)
+    for _ in range(200):
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    then = _scrape(address)
+    on_cpu = "quotad_event_loop_cpu_seconds_total"
+    waiting = "quotad_event_loop_waiting_seconds_total"
+    assert 0 < first[on_cpu] < then[on_cpu]
+    assert then[on_cpu] <= then["process_cpu_seconds_total"] + 0.02  # one thread of the process
+    assert 0 <= first[waiting] <= then[waiting]

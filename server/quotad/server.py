@@ -15,6 +15,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,6 +495,7 @@ class _Process:
         metrics.log_live_bytes_max.set(self.log_bytes_max)
         metrics.watch_pruning(lambda: writer.records_pruned)
         metrics.watch_snapshots(writer)
+        metrics.watch_event_loop(threading.get_native_id())  # called on the loop's thread
         if config.metrics_listen:
             metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
             bound = metrics.serve(metrics_host, int(metrics_port))

@@ -34,6 +34,12 @@ own HTTP thread, never by the event loop.
                                             by quotad_log_sequence's
     quotad_snapshot_children_failed_total   snapshot children that failed (the next one is
                                             due as usual)
+    quotad_event_loop_cpu_seconds_total     time the event loop's thread ran on a CPU
+    quotad_event_loop_waiting_seconds_total time it was ready to run but waited for a CPU
+                                            (every core held by other processes or the
+                                            server's own threads): a rate that rises under
+                                            load says the server is short of CPU, not of work
+                                            (Linux's /proc schedstat, read when scraped)
 
 And prometheus-client's standard process and Python collectors, read when scraped:
 process_cpu_seconds_total (the server's own CPU, its snapshot children's apart),
@@ -46,6 +52,7 @@ Denials inside a Batch count too, by group, like those of Reserve and Track.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -145,6 +152,13 @@ class Metrics:
         counts when scraped."""
         self.registry.register(_SnapshotsCollector(writer))
 
+    def watch_event_loop(self, thread_id: int) -> None:
+        """The event loop thread's time on a CPU and waiting for one, read when scraped from
+        /proc/self/task/THREAD_ID/schedstat (threading.get_native_id() on that thread);
+        nothing where the kernel keeps no such figures."""
+        self.registry.register(_EventLoopCollector(
+            Path(f"/proc/self/task/{thread_id}/schedstat")))
+
     def watch_admission(self, admission: Any) -> None:
         """Shed calls and admitted operations, read from the admission counters when scraped:
         shedding costs no metrics work on the hot path."""
@@ -230,6 +244,25 @@ class _SnapshotsCollector:
         yield CounterMetricFamily("quotad_snapshot_children_failed",
                                   "Snapshot children that failed",
                                   value=writer.snapshot_children_failed)
+
+
+class _EventLoopCollector:
+    """quotad_event_loop_cpu_seconds_total and quotad_event_loop_waiting_seconds_total."""
+
+    def __init__(self, schedstat: Path) -> None:
+        self._schedstat = schedstat
+
+    def collect(self) -> Any:
+        try:
+            on_cpu_ns, waiting_ns, _ = self._schedstat.read_text().split()
+        except (OSError, ValueError):  # no schedstat here: no figures rather than a failed scrape
+            return
+        yield CounterMetricFamily("quotad_event_loop_cpu_seconds",
+                                  "Time the event loop's thread ran on a CPU",
+                                  value=int(on_cpu_ns) / 1e9)
+        yield CounterMetricFamily("quotad_event_loop_waiting_seconds",
+                                  "Time the event loop's thread was ready to run but waited "
+                                  "for a CPU", value=int(waiting_ns) / 1e9)
 
 
 class _ShedCollector:
