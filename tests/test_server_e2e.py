@@ -438,9 +438,7 @@ def test_a_corrupt_record_a_snapshot_covers_is_internal_to_the_read_that_meets_i
     stub = quota(first.address)
     for _ in range(4):  # records 5 to 8: a snapshot of them is made
         stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
-    deadline = time.monotonic() + 30
-    while not first.last("snapshot made") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    first.wait_for("snapshot made", 30)  # its child's file, stored by the next write
     stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))  # stores it
     assert first.stop() == 0
     wal = WriteAheadLog(first.data_dir)
