@@ -112,18 +112,24 @@ def test_each_snapshot_childs_cpu_is_logged_and_counted_with_the_snapshots(start
                                                                 abs=0.001 * len(logged_cpu_s))
 
 
+def _scrapes_around_tracks(start_server, tracks: int) -> tuple[dict[str, float],
+                                                              dict[str, float]]:
+    """A server with metrics, scraped before and after `tracks` Tracks of one user."""
+    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
+    subscribe(server.address, "u1", plan_with(10**6))
+    address = server.last("serving")["metrics"]
+    first = _scrape(address)
+    stub = quota(server.address)
+    for _ in range(tracks):
+        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
+    return first, _scrape(address)
+
+
 def test_metrics_give_the_servers_own_cpu_memory_and_collections_beside_its_childrens(
         start_server):
     """prometheus-client's process and Python collectors: the server's own CPU (its snapshot
     children's apart, in their own counter), its memory, descriptors and cyclic collections."""
-    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
-    subscribe(server.address, "u1", plan_with(10))
-    address = server.last("serving")["metrics"]
-    first = _scrape(address)
-    stub = quota(server.address)
-    for _ in range(50):
-        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
-    then = _scrape(address)
+    first, then = _scrapes_around_tracks(start_server, 50)
     assert 0 < first["process_cpu_seconds_total"] <= then["process_cpu_seconds_total"]
     assert then["process_resident_memory_bytes"] > 10 * 2**20  # an interpreter with grpc
     assert then["process_open_fds"] >= 3
@@ -136,14 +142,7 @@ def test_metrics_give_the_servers_own_cpu_memory_and_collections_beside_its_chil
 def test_metrics_give_the_event_loops_time_on_a_cpu_and_waiting_for_one(start_server):
     """The event loop thread's schedstat: its time on a CPU grows with the calls it serves and
     is part of the process's CPU; its wait for a CPU is there, and only grows."""
-    server = start_server(extra_args=("--metrics-listen", "127.0.0.1:0"))
-    subscribe(server.address, "u1", plan_with(10**6))
-    address = server.last("serving")["metrics"]
-    first = _scrape(address)
-    stub = quota(server.address)
-    for _ in range(200):
-        stub.Track(pb.TrackRequest(user_id="u1", event_type="x", amount=1))
-    then = _scrape(address)
+    first, then = _scrapes_around_tracks(start_server, 200)
     on_cpu = "quotad_event_loop_cpu_seconds_total"
     waiting = "quotad_event_loop_waiting_seconds_total"
     assert 0 < first[on_cpu] < then[on_cpu]
