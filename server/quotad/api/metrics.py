@@ -52,8 +52,8 @@ Denials inside a Batch count too, by group, like those of Reserve and Track.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
